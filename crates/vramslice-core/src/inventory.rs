@@ -1,0 +1,259 @@
+//! The GPUs of one node as the device plugin advertises them: units per GPU, device IDs with
+//! their health, the check that an allocation names real units, and the choice of preferred units.
+
+use std::collections::BTreeMap;
+
+use crate::device_id::{DeviceId, GpuSelection};
+use crate::units::VramUnit;
+
+/// What the inventory needs to know about one GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuUnitsView {
+    /// NVML's UUID of the GPU.
+    pub uuid: String,
+    /// NVML's index of the GPU on its node.
+    pub index: u32,
+    /// Total memory in bytes.
+    pub total_bytes: u64,
+    /// Whether the GPU may take work.
+    pub healthy: bool,
+}
+
+/// One advertised device (one unit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertisedDevice {
+    /// `<uuid>::<k>`.
+    pub id: DeviceId,
+    /// Health of the unit's GPU.
+    pub healthy: bool,
+}
+
+/// An allocation that names units the node does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InventoryError {
+    /// The GPU is not on this node (or has disappeared).
+    #[error("GPU {0} is not on this node")]
+    UnknownGpu(String),
+    /// The unit index is past the GPU's advertised units.
+    #[error("device ID {id} is unknown: GPU {gpu} advertises units 0..{units}")]
+    UnknownUnit {
+        /// The offending ID.
+        id: String,
+        /// The GPU's UUID.
+        gpu: String,
+        /// The GPU's unit count.
+        units: u64,
+    },
+}
+
+/// The GPUs of one node and the unit they are counted in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInventory {
+    unit: VramUnit,
+    gpus: Vec<GpuUnitsView>,
+}
+
+impl GpuInventory {
+    /// An inventory of `gpus`, ordered by index then UUID.
+    pub fn new(unit: VramUnit, mut gpus: Vec<GpuUnitsView>) -> Self {
+        gpus.sort_by(|a, b| a.index.cmp(&b.index).then_with(|| a.uuid.cmp(&b.uuid)));
+        GpuInventory { unit, gpus }
+    }
+
+    /// The unit devices are counted in.
+    pub fn unit(&self) -> VramUnit {
+        self.unit
+    }
+
+    /// The GPUs, by index.
+    pub fn gpus(&self) -> &[GpuUnitsView] {
+        &self.gpus
+    }
+
+    /// The GPU with this UUID.
+    pub fn gpu(&self, uuid: &str) -> Option<&GpuUnitsView> {
+        self.gpus.iter().find(|g| g.uuid == uuid)
+    }
+
+    /// Units the GPU advertises: floor(total / unit).
+    pub fn units_of(&self, gpu: &GpuUnitsView) -> u64 {
+        self.unit.units_in(gpu.total_bytes)
+    }
+
+    /// Every advertised device, GPU by GPU, units in order.
+    pub fn advertised_devices(&self) -> Vec<AdvertisedDevice> {
+        self.gpus
+            .iter()
+            .flat_map(|gpu| {
+                (0..self.units_of(gpu)).map(move |k| AdvertisedDevice {
+                    id: DeviceId::new(gpu.uuid.clone(), k),
+                    healthy: gpu.healthy,
+                })
+            })
+            .collect()
+    }
+
+    /// Check that every unit of the selection exists here; returns the GPU.
+    pub fn resolve(&self, selection: &GpuSelection) -> Result<&GpuUnitsView, InventoryError> {
+        let gpu = self
+            .gpu(&selection.gpu_uuid)
+            .ok_or_else(|| InventoryError::UnknownGpu(selection.gpu_uuid.clone()))?;
+        let units = self.units_of(gpu);
+        if let Some(bad) = selection.units.iter().find(|k| **k >= units) {
+            return Err(InventoryError::UnknownUnit {
+                id: DeviceId::new(gpu.uuid.clone(), *bad).to_string(),
+                gpu: gpu.uuid.clone(),
+                units,
+            });
+        }
+        Ok(gpu)
+    }
+
+    /// The memory limit a selection grants: units × unit bytes.
+    pub fn limit_bytes(&self, selection: &GpuSelection) -> u64 {
+        self.unit.bytes_for(selection.unit_count())
+    }
+}
+
+/// Choose `size` unit IDs out of `available`, always including `must_include`, all from one GPU.
+///
+/// The GPU is, in order: the GPU of `must_include`; `preferred_gpu` when it has enough available
+/// units; otherwise the GPU with the fewest available units that still has enough (binpacking the
+/// node). Units are taken lowest index first. Returns an empty list when no single GPU can serve
+/// the request, which tells the kubelet we have no preference.
+pub fn preferred_units(
+    available: &[DeviceId],
+    must_include: &[DeviceId],
+    size: usize,
+    preferred_gpu: Option<&str>,
+) -> Vec<DeviceId> {
+    let mut by_gpu: BTreeMap<&str, Vec<&DeviceId>> = BTreeMap::new();
+    for id in available {
+        by_gpu.entry(id.gpu_uuid.as_str()).or_default().push(id);
+    }
+    let fits = |gpu: &str| by_gpu.get(gpu).is_some_and(|ids| ids.len() >= size);
+    let chosen: Option<&str> = if let Some(first) = must_include.first() {
+        let gpu = first.gpu_uuid.as_str();
+        (must_include.iter().all(|id| id.gpu_uuid == gpu) && fits(gpu)).then_some(gpu)
+    } else if let Some(gpu) = preferred_gpu.filter(|g| fits(g)) {
+        Some(gpu)
+    } else {
+        by_gpu
+            .iter()
+            .filter(|(_, ids)| ids.len() >= size)
+            .min_by_key(|(gpu, ids)| (ids.len(), **gpu))
+            .map(|(gpu, _)| *gpu)
+    };
+    let Some(gpu) = chosen else {
+        return Vec::new();
+    };
+    let mut picked: Vec<DeviceId> = must_include.to_vec();
+    let mut rest: Vec<&DeviceId> = by_gpu
+        .get(gpu)
+        .map(|ids| ids.iter().copied().filter(|id| !must_include.contains(id)).collect())
+        .unwrap_or_default();
+    rest.sort_by_key(|id| id.unit);
+    for id in rest {
+        if picked.len() >= size {
+            break;
+        }
+        picked.push(id.clone());
+    }
+    picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn two_gpus() -> GpuInventory {
+        GpuInventory::new(
+            VramUnit::Gib1,
+            vec![
+                GpuUnitsView { uuid: "GPU-b".into(), index: 1, total_bytes: (24 << 30) + 5, healthy: false },
+                GpuUnitsView { uuid: "GPU-a".into(), index: 0, total_bytes: 80 << 30, healthy: true },
+            ],
+        )
+    }
+
+    #[test]
+    fn advertises_one_device_per_whole_unit() {
+        let inv = two_gpus();
+        let devices = inv.advertised_devices();
+        assert_eq!(devices.len(), 80 + 24);
+        assert_eq!(devices[0].id.to_string(), "GPU-a::0");
+        assert!(devices[0].healthy);
+        assert_eq!(devices[80].id.to_string(), "GPU-b::0");
+        assert!(!devices[80].healthy);
+    }
+
+    #[test]
+    fn resolve_names_unknown_gpus_and_units() {
+        let inv = two_gpus();
+        let sel = GpuSelection::from_ids(&["GPU-b::23", "GPU-b::0"]).unwrap();
+        assert_eq!(inv.resolve(&sel).unwrap().uuid, "GPU-b");
+        assert_eq!(inv.limit_bytes(&sel), 2 << 30);
+        let sel = GpuSelection::from_ids(&["GPU-b::24"]).unwrap();
+        assert_eq!(
+            inv.resolve(&sel).unwrap_err().to_string(),
+            "device ID GPU-b::24 is unknown: GPU GPU-b advertises units 0..24"
+        );
+        let sel = GpuSelection::from_ids(&["GPU-z::0"]).unwrap();
+        assert_eq!(inv.resolve(&sel).unwrap_err(), InventoryError::UnknownGpu("GPU-z".into()));
+    }
+
+    fn ids(gpu: &str, units: std::ops::Range<u64>) -> Vec<DeviceId> {
+        units.map(|k| DeviceId::new(gpu, k)).collect()
+    }
+
+    #[test]
+    fn prefers_the_assigned_gpu() {
+        let mut available = ids("GPU-a", 0..10);
+        available.extend(ids("GPU-b", 0..4));
+        let picked = preferred_units(&available, &[], 3, Some("GPU-a"));
+        assert_eq!(picked, ids("GPU-a", 0..3));
+        // Without a preference, binpack onto the fuller GPU (fewest available units).
+        let picked = preferred_units(&available, &[], 3, None);
+        assert_eq!(picked, ids("GPU-b", 0..3));
+        // A preferred GPU that cannot hold the request is not forced.
+        let picked = preferred_units(&available, &[], 5, Some("GPU-b"));
+        assert_eq!(picked, ids("GPU-a", 0..5));
+        // Nothing fits on one GPU: no preference.
+        assert!(preferred_units(&available, &[], 11, None).is_empty());
+        // must_include decides the GPU.
+        let must = vec![DeviceId::new("GPU-a", 7)];
+        let picked = preferred_units(&available, &must, 2, Some("GPU-b"));
+        assert_eq!(picked, vec![DeviceId::new("GPU-a", 7), DeviceId::new("GPU-a", 0)]);
+    }
+
+    proptest! {
+        #[test]
+        fn never_advertises_more_than_the_card_holds(total in any::<u64>(), unit_ix in 0usize..4) {
+            let unit = VramUnit::ALL[unit_ix];
+            let inv = GpuInventory::new(unit, vec![GpuUnitsView {
+                uuid: "GPU-x".into(), index: 0, total_bytes: total % (1 << 44), healthy: true,
+            }]);
+            let units = inv.units_of(&inv.gpus()[0]);
+            prop_assert!(unit.bytes_for(units) <= inv.gpus()[0].total_bytes);
+            prop_assert!(unit.bytes_for(units + 1) > inv.gpus()[0].total_bytes);
+        }
+
+        #[test]
+        fn preferred_units_are_one_gpu_of_the_right_size(
+            a in 0u64..20, b in 0u64..20, size in 1usize..25, pref in proptest::option::of(0usize..2)
+        ) {
+            let mut available = ids("GPU-a", 0..a);
+            available.extend(ids("GPU-b", 0..b));
+            let pref = pref.map(|i| ["GPU-a", "GPU-b"][i]);
+            let picked = preferred_units(&available, &[], size, pref);
+            if picked.is_empty() {
+                prop_assert!(a < size as u64 && b < size as u64);
+            } else {
+                prop_assert_eq!(picked.len(), size);
+                prop_assert!(picked.iter().all(|id| id.gpu_uuid == picked[0].gpu_uuid));
+                prop_assert!(picked.iter().all(|id| available.contains(id)));
+            }
+        }
+    }
+}

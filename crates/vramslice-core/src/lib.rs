@@ -1,0 +1,17 @@
+//! The pure core of vramslice: every decision the system makes, with no I/O.
+//!
+//! Data enters as plain values (byte counts, unit names, GPU readings, device IDs, pod requests)
+//! and leaves as plain values (advertised devices, resource names, fit verdicts, scores). The
+//! binaries (device plugin, extender, kubectl plugin) read the world, call into this crate, and
+//! write the answer back; nothing here touches a socket, a file or a clock.
+
+pub mod accounting;
+pub mod device_id;
+pub mod inventory;
+pub mod quantity;
+pub mod units;
+
+pub use device_id::{DeviceId, DeviceIdError, GpuSelection};
+pub use inventory::{AdvertisedDevice, GpuInventory, GpuUnitsView};
+pub use quantity::{QuantityError, format_bytes, parse_bytes};
+pub use units::{RESOURCE_PREFIX, UnitError, VramUnit};
