@@ -7,11 +7,13 @@
 
 pub mod accounting;
 pub mod device_id;
+pub mod duration;
 pub mod inventory;
 pub mod quantity;
 pub mod units;
 
 pub use device_id::{DeviceId, DeviceIdError, GpuSelection};
+pub use duration::{DurationError, format_duration, parse_duration};
 pub use inventory::{AdvertisedDevice, GpuInventory, GpuUnitsView};
 pub use quantity::{QuantityError, format_bytes, parse_bytes};
 pub use units::{RESOURCE_PREFIX, UnitError, VramUnit};
