@@ -6,9 +6,15 @@
 //! write the answer back; nothing here touches a socket, a file or a clock.
 
 pub mod accounting;
+pub mod admission;
+pub mod allocation;
+pub mod cgroup;
 pub mod device_id;
 pub mod duration;
 pub mod inventory;
+pub mod ledger;
+pub mod placement;
+pub mod publish;
 pub mod quantity;
 pub mod units;
 
