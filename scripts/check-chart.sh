@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# CI check of the Helm chart: lint, render under several value sets, reject bad values through
+# values.schema.json, scan the RBAC for wildcards/cluster-admin, and fail on manifests/ drift.
+#
+#   scripts/check-chart.sh
+#
+# Prints "N passed, 0 failed" at the end; exits non-zero on the first failure.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CHART="$ROOT/charts/vramslice"
+HELM="${HELM:-$("$ROOT/scripts/install-helm.sh")}"
+export HELM
+KV=(--kube-version v1.34.2)
+passed=0
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+
+ok() { passed=$((passed + 1)); echo "ok   $*"; }
+fail() { echo "FAIL $*" >&2; echo "$passed passed, 1 failed"; exit 1; }
+
+# Value sets every release must render and lint with.
+variants=(
+  "defaults|"
+  "ha|--set scheduler.replicas=3"
+  "spread-512mi|--set extender.policy=spread --set unit=512Mi --set devicePlugin.injection.mode=ld-preload-env"
+  "cert-manager|--set webhook.certManager.enabled=true --set metrics.serviceMonitor.enabled=true"
+  "no-webhook|--set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi"
+  "fake-gpus|--set devicePlugin.backend=fake --set devicePlugin.fakeGpuFile=/etc/fake/gpus.yaml --set devicePlugin.extraConfig.publish.heartbeat=10s"
+)
+for v in "${variants[@]}"; do
+  name="${v%%|*}"; args="${v#*|}"
+  # shellcheck disable=SC2086
+  "$HELM" lint --strict "$CHART" $args "${KV[@]}" > "$tmp/lint.log" 2>&1 || { cat "$tmp/lint.log"; fail "helm lint ($name)"; }
+  ok "helm lint --strict ($name)"
+  # shellcheck disable=SC2086
+  "$HELM" template vramslice "$CHART" --namespace vramslice-system $args "${KV[@]}" > "$tmp/$name.yaml" 2> "$tmp/tpl.log" \
+    || { cat "$tmp/tpl.log"; fail "helm template ($name)"; }
+  ok "helm template ($name): $(grep -c '^kind:' "$tmp/$name.yaml") objects"
+done
+
+# Facts the rendering must hold.
+expect() { # file, grep pattern, description
+  grep -qE -- "$2" "$1" || fail "$3 (pattern '$2' not in $(basename "$1"))"
+  ok "$3"
+}
+reject() {
+  if grep -qE -- "$2" "$1"; then fail "$3 (pattern '$2' found in $(basename "$1"))"; fi
+  ok "$3"
+}
+d="$tmp/defaults.yaml"
+expect "$d" 'image: "?registry.k8s.io/kube-scheduler:v1\.34\.2' "scheduler image follows the cluster version"
+expect "$d" 'leaderElect: false' "one replica: no leader election"
+expect "$d" 'type: Recreate' "one replica: Recreate strategy"
+expect "$d" 'failurePolicy: Ignore' "webhook failurePolicy Ignore"
+expect "$d" 'hostPID: true' "device plugin uses hostPID"
+expect "$d" 'fieldPath: spec.nodeName' "NODE_NAME from the downward API"
+expect "$d" 'mode: ld-so-preload-file' "default injection mode"
+expect "$d" 'name: vramslice.io/vram-gib' "extender manages vramslice.io/vram-gib"
+reject "$d" 'kind: PodDisruptionBudget' "one replica: no PDB"
+reject "$d" 'cluster-admin' "no cluster-admin"
+reject "$d" "verbs: \[[^]]*['\"]?\*" "no wildcard verbs"
+reject "$d" "(resources|apiGroups): \[[^]]*['\"]\*['\"]" "no wildcard resources or groups"
+reject "$d" "^ *- ['\"]?\*['\"]? *$" "no wildcard list items"
+h="$tmp/ha.yaml"
+expect "$h" 'leaderElect: true' "replicas > 1: leader election"
+expect "$h" 'kind: PodDisruptionBudget' "replicas > 1: PDB"
+expect "$h" 'resourceNames: \[vramslice-scheduler\]' "lease RBAC limited to the scheduler's Lease"
+expect "$tmp/spread-512mi.yaml" 'name: vramslice.io/vram-512mib' "512Mi unit renames the resource"
+expect "$tmp/cert-manager.yaml" 'cert-manager.io/inject-ca-from' "cert-manager injects the CA"
+expect "$tmp/cert-manager.yaml" 'kind: ServiceMonitor' "ServiceMonitor rendered on request"
+reject "$tmp/no-webhook.yaml" 'MutatingWebhookConfiguration' "webhook off: no webhook configuration"
+expect "$tmp/fake-gpus.yaml" 'heartbeat: 10s' "extraConfig merges into the plugin config"
+
+# values.schema.json must turn these away at install time.
+bad=(
+  "--set unit=1G"
+  "--set extender.policy=fastest"
+  "--set devicePlugin.injection.mode=env"
+  "--set devicePlugin.deviceListStrategy=volume"
+  "--set scheduler.replicas=0"
+  "--set extender.headroom=lots"
+  "--set extender.staleness=90"
+  "--set scheduler.name=other"
+  "--set typo=true"
+  "--set devicePlugin.pollIntervall=1s"
+)
+for b in "${bad[@]}"; do
+  # shellcheck disable=SC2086
+  if "$HELM" template vramslice "$CHART" $b "${KV[@]}" > /dev/null 2> "$tmp/err.log"; then
+    fail "values.schema.json accepted bad values: $b"
+  fi
+  grep -q "values don't meet the specifications of the schema" "$tmp/err.log" || { cat "$tmp/err.log"; fail "unexpected error for $b"; }
+  ok "rejected: $b"
+done
+
+"$ROOT/scripts/render-manifests.sh" --check > "$tmp/drift.log" 2>&1 || { cat "$tmp/drift.log"; fail "manifests/ drift"; }
+ok "manifests/vramslice.yaml matches the chart"
+
+echo "chart: $passed passed, 0 failed"
