@@ -1,1 +1,266 @@
-//! (placeholder; filled by its owner)
+//! Placement policies: how much VRAM a pod asks for, which GPU of a node takes it (binpack or
+//! spread) and the 0–10 score a node gets for it.
+//!
+//! Everything here works on plain numbers: the [`ledger`](crate::ledger) supplies each GPU's
+//! effective free memory and capacity, and the extender turns a pod spec into a [`PodRequest`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::units::VramUnit;
+
+/// The highest score a node can get (kube-scheduler's `MaxExtenderPriority`).
+pub const MAX_SCORE: u8 = 10;
+
+/// How to choose among GPUs (and nodes) that can all take a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Policy {
+    /// Prefer the GPU left with the least effective free memory after placing: fill GPUs up
+    /// and keep whole GPUs free for large pods.
+    #[default]
+    Binpack,
+    /// Prefer the GPU left with the most effective free memory: spread load and blast radius.
+    Spread,
+}
+
+/// A policy name that is neither `binpack` nor `spread`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown placement policy {0:?}: expected binpack or spread")]
+pub struct PolicyError(pub String);
+
+impl Policy {
+    /// The policy as written in configuration and annotations.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Policy::Binpack => "binpack",
+            Policy::Spread => "spread",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = PolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "binpack" => Ok(Policy::Binpack),
+            "spread" => Ok(Policy::Spread),
+            other => Err(PolicyError(other.to_string())),
+        }
+    }
+}
+
+impl Serialize for Policy {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Policy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        raw.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a pod asks for: a number of units of one VRAM resource. All of it lands on one GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PodRequest {
+    /// The unit of the resource the pod names.
+    pub unit: VramUnit,
+    /// Units requested (the pod-level total; see [`pod_units`]).
+    pub units: u64,
+}
+
+impl PodRequest {
+    /// A request of `units` units of `unit`.
+    pub const fn new(unit: VramUnit, units: u64) -> Self {
+        PodRequest { unit, units }
+    }
+
+    /// The request in bytes: the pod's limit on its GPU.
+    pub const fn bytes(self) -> u64 {
+        self.unit.bytes_for(self.units)
+    }
+}
+
+/// Units an init container asks for, and whether it is a sidecar (`restartPolicy: Always`),
+/// which keeps running beside the app containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitUnits {
+    /// Units of the VRAM resource in the container's limits (or requests).
+    pub units: u64,
+    /// A restartable (sidecar) init container.
+    pub sidecar: bool,
+}
+
+/// A pod's total units as Kubernetes computes effective pod requests: the larger of (app
+/// containers plus sidecars) and, for each ordinary init container, itself plus the sidecars
+/// started before it. Without sidecars: max(sum of app containers, largest init container).
+pub fn pod_units(app: &[u64], init: &[InitUnits]) -> u64 {
+    let mut sidecars: u64 = 0;
+    let mut peak_init: u64 = 0;
+    for c in init {
+        if c.sidecar {
+            sidecars = sidecars.saturating_add(c.units);
+        } else {
+            peak_init = peak_init.max(sidecars.saturating_add(c.units));
+        }
+    }
+    let steady = app
+        .iter()
+        .fold(0u64, |acc, u| acc.saturating_add(*u))
+        .saturating_add(sidecars);
+    steady.max(peak_init)
+}
+
+/// One GPU that could take a pod, as placement sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// The GPU's index on its node (ties go to the lowest).
+    pub index: u32,
+    /// Effective free memory, bytes.
+    pub effective_free: u64,
+    /// Memory the GPU advertises (units × unit bytes).
+    pub advertised_bytes: u64,
+}
+
+/// The GPU the policy picks among `candidates` for a pod of `need` bytes: binpack takes the one
+/// left with the least effective free memory, spread the most; ties go to the lowest index.
+/// `None` when no candidate has `need` bytes free.
+pub fn choose(
+    candidates: impl IntoIterator<Item = Candidate>,
+    need: u64,
+    policy: Policy,
+) -> Option<Candidate> {
+    let mut best: Option<Candidate> = None;
+    for c in candidates {
+        if c.effective_free < need {
+            continue;
+        }
+        best = match best {
+            None => Some(c),
+            Some(b) => {
+                let better = match policy {
+                    Policy::Binpack => c.effective_free < b.effective_free,
+                    Policy::Spread => c.effective_free > b.effective_free,
+                };
+                let tie_won = c.effective_free == b.effective_free && c.index < b.index;
+                Some(if better || tie_won { c } else { b })
+            }
+        };
+    }
+    best
+}
+
+/// Score 1..=10 for placing `need` bytes on `chosen`: by the share of the GPU left free after
+/// placing, low share scores high under binpack and low under spread. Nodes that cannot take the
+/// pod score 0, so every fitting node outranks every non-fitting one.
+pub fn score(chosen: Candidate, need: u64, policy: Policy) -> u8 {
+    let left = u128::from(chosen.effective_free.saturating_sub(need));
+    let cap = u128::from(chosen.advertised_bytes.max(1));
+    let ninths = (9 * left.min(cap) / cap) as u8; // 0..=9
+    match policy {
+        Policy::Binpack => MAX_SCORE - ninths,
+        Policy::Spread => 1 + ninths,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn cand(index: u32, free_gib: u64) -> Candidate {
+        Candidate {
+            index,
+            effective_free: free_gib * GIB,
+            advertised_bytes: 80 * GIB,
+        }
+    }
+
+    #[test]
+    fn policies_parse_and_print() {
+        assert_eq!("binpack".parse::<Policy>(), Ok(Policy::Binpack));
+        assert_eq!(" spread ".parse::<Policy>(), Ok(Policy::Spread));
+        let err = "random".parse::<Policy>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown placement policy \"random\": expected binpack or spread"
+        );
+        assert_eq!(Policy::default(), Policy::Binpack);
+        assert_eq!(Policy::Spread.to_string(), "spread");
+    }
+
+    #[test]
+    fn pod_units_follow_kubernetes_effective_requests() {
+        assert_eq!(pod_units(&[2, 3], &[]), 5);
+        let init = |units, sidecar| InitUnits { units, sidecar };
+        // A large init container dominates.
+        assert_eq!(pod_units(&[2, 3], &[init(8, false)]), 8);
+        // A small one does not.
+        assert_eq!(pod_units(&[2, 3], &[init(4, false)]), 5);
+        // Sidecars add to the app containers and to later init containers.
+        assert_eq!(pod_units(&[2], &[init(1, true), init(4, false)]), 5);
+        assert_eq!(pod_units(&[2], &[init(4, false), init(1, true)]), 4);
+        assert_eq!(pod_units(&[], &[]), 0);
+        assert_eq!(pod_units(&[u64::MAX, 1], &[]), u64::MAX);
+    }
+
+    #[test]
+    fn binpack_takes_the_tightest_gpu_and_spread_the_emptiest() {
+        let gpus = [cand(0, 10), cand(1, 7), cand(2, 30), cand(3, 5)];
+        let need = 6 * GIB;
+        assert_eq!(
+            choose(gpus, need, Policy::Binpack).map(|c| c.index),
+            Some(1)
+        );
+        assert_eq!(choose(gpus, need, Policy::Spread).map(|c| c.index), Some(2));
+        assert_eq!(choose(gpus, 31 * GIB, Policy::Spread), None);
+        assert_eq!(choose([], need, Policy::Binpack), None);
+    }
+
+    #[test]
+    fn ties_go_to_the_lowest_index_whatever_the_order() {
+        let gpus = [cand(3, 8), cand(1, 8), cand(2, 8)];
+        for policy in [Policy::Binpack, Policy::Spread] {
+            assert_eq!(choose(gpus, GIB, policy).map(|c| c.index), Some(1));
+        }
+    }
+
+    #[test]
+    fn scores_span_one_to_ten() {
+        let full = cand(0, 6);
+        let empty = cand(0, 80);
+        let need = 6 * GIB;
+        assert_eq!(score(full, need, Policy::Binpack), 10);
+        assert_eq!(score(empty, need, Policy::Binpack), 2);
+        assert_eq!(score(full, need, Policy::Spread), 1);
+        assert_eq!(score(empty, need, Policy::Spread), 9);
+        let all_free = Candidate {
+            index: 0,
+            effective_free: 80 * GIB,
+            advertised_bytes: 80 * GIB,
+        };
+        assert_eq!(score(all_free, 0, Policy::Binpack), 1);
+        assert_eq!(score(all_free, 0, Policy::Spread), 10);
+    }
+
+    #[test]
+    fn request_bytes_follow_the_unit() {
+        assert_eq!(PodRequest::new(VramUnit::Gib1, 6).bytes(), 6 * GIB);
+        assert_eq!(
+            PodRequest::new(VramUnit::Mib512, 3).bytes(),
+            (3 * 512) << 20
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! Property tests of the ledger: random interleavings of reserve, bind success and failure,
+//! deletion, readings (with same-size pods swapping GPUs), clock ticks and extender restarts,
+//! checked against a model of the world after every step.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+const NODES: [&str; 2] = ["n0", "n1"];
+const UNITS_PER_GPU: u64 = 8;
+const GPUS: u32 = 2;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve {
+        node: usize,
+        units: u64,
+        spread: bool,
+    },
+    BindOk(usize),
+    BindFail(usize),
+    Delete(usize),
+    Reading {
+        node: usize,
+        listed: u8,
+        usage_pct: u8,
+        noise_mib: u64,
+        swap: bool,
+    },
+    Tick(u64),
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..2usize, 1..=5u64, any::<bool>())
+            .prop_map(|(node, units, spread)| Op::Reserve { node, units, spread }),
+        3 => any::<usize>().prop_map(Op::BindOk),
+        1 => any::<usize>().prop_map(Op::BindFail),
+        1 => any::<usize>().prop_map(Op::Delete),
+        3 => (0..2usize, any::<u8>(), 0..=100u8, 0..2048u64, any::<bool>()).prop_map(
+            |(node, listed, usage_pct, noise_mib, swap)| Op::Reading {
+                node, listed, usage_pct, noise_mib, swap
+            }
+        ),
+        1 => (1..60u64).prop_map(Op::Tick),
+        1 => Just(Op::Restart),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct WorldPod {
+    node: usize,
+    /// The GPU the pod really holds (the kubelet's truth; starts as the ledger's choice).
+    gpu: String,
+    /// The annotation written at bind (never changes).
+    annotated: String,
+    units: u64,
+    bound: bool,
+    /// The kubelet has allocated its units (it appears in readings from now on).
+    started: bool,
+    assigned_at: SystemTime,
+}
+
+struct World {
+    now: SystemTime,
+    pods: BTreeMap<String, WorldPod>,
+    readings: BTreeMap<usize, NodeReading>,
+    /// Pods each node's last reading listed.
+    listed: BTreeMap<usize, Vec<String>>,
+    next: u64,
+}
+
+fn config() -> LedgerConfig {
+    LedgerConfig {
+        headroom_bytes: 256 << 20,
+        staleness: Duration::from_secs(90),
+    }
+}
+
+fn uuid(node: usize, gpu: u32) -> String {
+    format!("GPU-{node}-{gpu}")
+}
+
+fn record(uid: &str, p: &WorldPod) -> PodRecord {
+    PodRecord {
+        uid: uid.to_string(),
+        namespace: "ns".into(),
+        name: uid.to_string(),
+        node: NODES[p.node].to_string(),
+        gpu_uuid: Some(p.annotated.clone()),
+        assigned_at: Some(p.assigned_at),
+        request: PodRequest::new(VramUnit::Gib1, p.units),
+    }
+}
+
+fn pick<'a>(world: &'a World, n: usize, want_bound: Option<bool>) -> Option<String> {
+    let uids: Vec<&'a String> = world
+        .pods
+        .iter()
+        .filter(|(_, p)| want_bound.is_none_or(|b| p.bound == b))
+        .map(|(u, _)| u)
+        .collect();
+    (!uids.is_empty()).then(|| uids[n % uids.len()].clone())
+}
+
+/// Build a reading for `node` from the world. Bound pods whose mask bit is set start now (the
+/// kubelet allocates their units, possibly swapping two same-size pods that start together);
+/// started pods stay listed. Usage is a share of each limit; live free = total − usage − noise.
+fn make_reading(world: &mut World, node: usize, mask: u8, pct: u8, noise: u64, swap: bool) {
+    let starting: Vec<String> = world
+        .pods
+        .iter()
+        .filter(|(_, p)| p.node == node && p.bound && !p.started)
+        .enumerate()
+        .filter(|(k, _)| mask & (1 << (k % 8)) != 0)
+        .map(|(_, (u, _))| u.clone())
+        .collect();
+    if swap {
+        'outer: for i in 0..starting.len() {
+            for j in i + 1..starting.len() {
+                let (a, b) = (&world.pods[&starting[i]], &world.pods[&starting[j]]);
+                if a.units == b.units && a.gpu != b.gpu {
+                    let (ga, gb) = (a.gpu.clone(), b.gpu.clone());
+                    world.pods.get_mut(&starting[i]).unwrap().gpu = gb;
+                    world.pods.get_mut(&starting[j]).unwrap().gpu = ga;
+                    break 'outer;
+                }
+            }
+        }
+    }
+    for uid in &starting {
+        world.pods.get_mut(uid).unwrap().started = true;
+    }
+    let mut gpus = Vec::new();
+    let mut listed_uids = Vec::new();
+    for g in 0..GPUS {
+        let id = uuid(node, g);
+        let total = UNITS_PER_GPU * GIB + GIB / 2;
+        let mut used_total = noise << 20;
+        let mut pods = Vec::new();
+        for (uid, p) in world.pods.iter().filter(|(_, p)| p.node == node) {
+            if p.gpu != id || !p.started {
+                continue;
+            }
+            let limit = p.units * GIB;
+            let used = limit / 100 * u64::from(pct);
+            used_total += used;
+            listed_uids.push(uid.clone());
+            pods.push(ListedPod {
+                uid: Some(uid.clone()),
+                namespace: "ns".into(),
+                name: uid.clone(),
+                limit_bytes: limit,
+                used_bytes: Some(used),
+            });
+        }
+        gpus.push(GpuReading {
+            index: g,
+            uuid: id,
+            free_bytes: total.saturating_sub(used_total),
+            units: UNITS_PER_GPU,
+            healthy: true,
+            health_reason: None,
+            pods,
+        });
+    }
+    world.readings.insert(
+        node,
+        NodeReading {
+            observed_at: world.now,
+            unit: VramUnit::Gib1,
+            gpus,
+        },
+    );
+    world.listed.insert(node, listed_uids);
+}
+
+fn check_invariants(ledger: &Ledger, world: &World) {
+    let headroom = config().headroom_bytes;
+    for (n, name) in NODES.iter().enumerate() {
+        let Some(views) = ledger.gpu_views(name) else {
+            continue;
+        };
+        let listed = world.listed.get(&n).cloned().unwrap_or_default();
+        for v in views {
+            let on_gpu: Vec<(&String, &WorldPod)> = world
+                .pods
+                .iter()
+                .filter(|(_, p)| p.node == n && p.gpu == v.uuid)
+                .collect();
+            let world_units: u64 = on_gpu.iter().map(|(_, p)| p.units).sum();
+            // Never promised more than advertised.
+            assert!(
+                world_units * GIB <= v.advertised_bytes,
+                "GPU {} holds {world_units} units of {}",
+                v.uuid,
+                v.advertised_bytes / GIB
+            );
+            // The ledger never undercounts what is assigned.
+            assert!(v.assigned_bytes >= world_units * GIB, "{v:?}");
+            // Pods the reading cannot show count in full.
+            let reading_at = world.readings.get(&n).map(|r| r.observed_at);
+            let unseen: u64 = on_gpu
+                .iter()
+                .filter(|(u, p)| {
+                    !listed.contains(u) || reading_at.is_none_or(|t| p.assigned_at > t)
+                })
+                .map(|(_, p)| p.units * GIB)
+                .sum();
+            assert!(v.unobserved >= unseen, "{v:?} unseen {unseen}");
+            let live_bound = v
+                .live_free
+                .saturating_sub(v.unobserved)
+                .saturating_sub(headroom);
+            assert!(v.effective_free <= live_bound, "{v:?}");
+            assert!(v.effective_free <= v.declared_free, "{v:?}");
+            assert!(
+                v.effective_free <= v.live_free.saturating_sub(unseen),
+                "{v:?}"
+            );
+            assert_eq!(
+                v.declared_free,
+                v.advertised_bytes.saturating_sub(v.assigned_bytes)
+            );
+        }
+    }
+}
+
+/// A restarted extender: readings and bound pods from the API server, nothing else.
+fn rebuild(world: &World) -> Ledger {
+    let mut ledger = Ledger::new(config());
+    ledger.replace_readings(
+        world
+            .readings
+            .iter()
+            .map(|(n, r)| (NODES[*n].to_string(), Ok(r.clone())))
+            .collect(),
+    );
+    ledger.replace_pods(
+        world
+            .pods
+            .iter()
+            .filter(|(_, p)| p.bound)
+            .map(|(u, p)| record(u, p))
+            .collect(),
+    );
+    ledger
+}
+
+fn run(ops: Vec<Op>) {
+    let mut world = World {
+        now: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        pods: BTreeMap::new(),
+        readings: BTreeMap::new(),
+        listed: BTreeMap::new(),
+        next: 0,
+    };
+    let mut ledger = Ledger::new(config());
+    for (n, name) in NODES.iter().enumerate() {
+        make_reading(&mut world, n, 0, 0, 0, false);
+        let r = world.readings[&n].clone();
+        ledger.set_reading(name, r);
+    }
+    for op in ops {
+        match op {
+            Op::Reserve {
+                node,
+                units,
+                spread,
+            } => {
+                world.next += 1;
+                let uid = format!("p{}", world.next);
+                let policy = if spread {
+                    Policy::Spread
+                } else {
+                    Policy::Binpack
+                };
+                let req = ReserveRequest {
+                    uid: uid.clone(),
+                    namespace: "ns".into(),
+                    name: uid.clone(),
+                    request: PodRequest::new(VramUnit::Gib1, units),
+                };
+                let fit = ledger.check(NODES[node], req.request, world.now);
+                match ledger.reserve(req, NODES[node], policy, world.now) {
+                    Ok(p) => {
+                        assert!(fit.is_ok());
+                        world.pods.insert(
+                            uid,
+                            WorldPod {
+                                node,
+                                gpu: p.gpu_uuid.clone(),
+                                annotated: p.gpu_uuid,
+                                units,
+                                bound: false,
+                                started: false,
+                                assigned_at: world.now,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        assert!(fit.is_err(), "check passed but reserve failed: {e}");
+                        assert!(!e.to_string().is_empty());
+                    }
+                }
+            }
+            Op::BindOk(n) => {
+                if let Some(uid) = pick(&world, n, Some(false)) {
+                    let p = world.pods.get_mut(&uid).unwrap();
+                    p.bound = true;
+                    let rec = record(&uid, p);
+                    ledger.observe_pod(rec);
+                }
+            }
+            Op::BindFail(n) => {
+                if let Some(uid) = pick(&world, n, Some(false)) {
+                    world.pods.remove(&uid);
+                    assert!(ledger.release(&uid));
+                }
+            }
+            Op::Delete(n) => {
+                if let Some(uid) = pick(&world, n, None) {
+                    world.pods.remove(&uid);
+                    assert!(ledger.forget_pod(&uid));
+                }
+            }
+            Op::Reading {
+                node,
+                listed,
+                usage_pct,
+                noise_mib,
+                swap,
+            } => {
+                make_reading(&mut world, node, listed, usage_pct, noise_mib, swap);
+                let r = world.readings[&node].clone();
+                ledger.set_reading(NODES[node], r);
+            }
+            Op::Tick(secs) => world.now += Duration::from_secs(secs),
+            Op::Restart => {
+                // Binds in flight die with the extender.
+                world.pods.retain(|_, p| p.bound);
+                ledger = rebuild(&world);
+            }
+        }
+        check_invariants(&ledger, &world);
+        // A restart from the same API state always reaches the same books for bound pods.
+        let unbound = world.pods.values().any(|p| !p.bound);
+        if !unbound {
+            let fresh = rebuild(&world);
+            for name in NODES {
+                assert_eq!(fresh.gpu_views(name), ledger.gpu_views(name), "node {name}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn no_interleaving_overcommits_or_overstates_free_memory(ops in proptest::collection::vec(op(), 1..80)) {
+        run(ops);
+    }
+}

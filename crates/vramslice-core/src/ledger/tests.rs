@@ -1,0 +1,427 @@
+//! Unit tests of the ledger: the effective-free rule, reasons, reservations and reconciliation.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn config(headroom: u64) -> LedgerConfig {
+    LedgerConfig {
+        headroom_bytes: headroom,
+        staleness: Duration::from_secs(90),
+    }
+}
+
+fn gpu(index: u32, units: u64, free_gib: u64) -> GpuReading {
+    GpuReading {
+        index,
+        uuid: format!("GPU-{index}"),
+        free_bytes: free_gib * GIB,
+        units,
+        healthy: true,
+        health_reason: None,
+        pods: Vec::new(),
+    }
+}
+
+fn reading(observed: u64, gpus: Vec<GpuReading>) -> NodeReading {
+    NodeReading {
+        observed_at: at(observed),
+        unit: VramUnit::Gib1,
+        gpus,
+    }
+}
+
+fn listed(uid: &str, limit_gib: u64, used_gib: u64) -> ListedPod {
+    ListedPod {
+        uid: Some(uid.to_string()),
+        namespace: "ns".into(),
+        name: uid.to_string(),
+        limit_bytes: limit_gib * GIB,
+        used_bytes: Some(used_gib * GIB),
+    }
+}
+
+fn bound(uid: &str, node: &str, gpu: Option<&str>, gib: u64, assigned: u64) -> PodRecord {
+    PodRecord {
+        uid: uid.to_string(),
+        namespace: "ns".into(),
+        name: uid.to_string(),
+        node: node.to_string(),
+        gpu_uuid: gpu.map(str::to_string),
+        assigned_at: Some(at(assigned)),
+        request: PodRequest::new(VramUnit::Gib1, gib),
+    }
+}
+
+fn want(uid: &str, gib: u64) -> ReserveRequest {
+    ReserveRequest {
+        uid: uid.to_string(),
+        namespace: "ns".into(),
+        name: uid.to_string(),
+        request: PodRequest::new(VramUnit::Gib1, gib),
+    }
+}
+
+fn gib(n: u64) -> PodRequest {
+    PodRequest::new(VramUnit::Gib1, n)
+}
+
+#[test]
+fn the_reason_names_live_free_unobserved_and_need() {
+    let mut ledger = Ledger::new(config(0));
+    let mut sick = gpu(0, 16, 16);
+    sick.healthy = false;
+    sick.health_reason = Some("XID 79".into());
+    let mut busy = gpu(1, 16, 5);
+    busy.pods.push(listed("running", 9, 9));
+    ledger.set_reading("n1", reading(0, vec![sick, busy]));
+    ledger.observe_pod(bound("running", "n1", Some("GPU-1"), 9, 0));
+    // Assigned after the reading: the reading cannot show it yet.
+    ledger.observe_pod(bound("pending", "n1", Some("GPU-1"), 2, 10));
+
+    let views = ledger.gpu_views("n1").unwrap();
+    assert_eq!(views[1].live_free, 5 * GIB);
+    assert_eq!(views[1].unobserved, 2 * GIB);
+    assert_eq!(views[1].declared_free, 5 * GIB);
+    assert_eq!(views[1].effective_free, 3 * GIB);
+
+    let err = ledger.check("n1", gib(6), at(20)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "GPU 0: unhealthy (XID 79); GPU 1: 3 GiB effective free (live 5 GiB, 2 GiB reserved by \
+         pods not yet running), need 6 GiB"
+    );
+    assert!(!err.is_unresolvable());
+    assert_eq!(ledger.check("n1", gib(3), at(20)), Ok(()));
+}
+
+#[test]
+fn headroom_is_kept_and_named() {
+    let mut ledger = Ledger::new(config(512 << 20));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 4)]));
+    let err = ledger.check("n1", gib(4), at(1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "GPU 0: 3.5 GiB effective free (live 4 GiB, 0 B reserved by pods not yet running, \
+         512 MiB headroom), need 4 GiB"
+    );
+}
+
+#[test]
+fn declared_units_bound_effective_free_even_when_live_memory_is_idle() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8)]));
+    // Two pods that hold 6 units but use nothing yet, listed in the reading.
+    let mut g = gpu(0, 8, 8);
+    g.pods = vec![listed("a", 3, 0), listed("b", 3, 0)];
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 3, 0));
+    ledger.observe_pod(bound("b", "n1", Some("GPU-0"), 3, 0));
+    ledger.set_reading("n1", reading(5, vec![g]));
+    let err = ledger.check("n1", gib(3), at(6)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "GPU 0: 2 GiB effective free (live 8 GiB, 6 GiB reserved by pods not yet running), \
+         need 3 GiB"
+    );
+    // Live memory plentiful, units not: the declared side is named.
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 80)]));
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 6, 0));
+    let views = ledger.gpu_views("n1").unwrap();
+    assert_eq!(views[0].effective_free, 2 * GIB);
+    let err = ledger.check("n1", gib(3), at(1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "GPU 0: 2 GiB effective free (6 GiB of 8 GiB assigned), need 3 GiB"
+    );
+}
+
+#[test]
+fn stale_and_missing_readings_take_no_pods() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8)]));
+    assert_eq!(ledger.check("n1", gib(1), at(90)), Ok(()));
+    let err = ledger.check("n1", gib(1), at(95)).unwrap_err();
+    assert_eq!(err.to_string(), "GPU 0: reading 95 s old");
+    assert_eq!(ledger.stale_node_count(at(95)), 1);
+    assert_eq!(ledger.stale_node_count(at(10)), 0);
+    // A reading from the future (clock skew) is fresh.
+    ledger.set_reading("n2", reading(500, vec![gpu(0, 8, 8)]));
+    assert_eq!(ledger.check("n2", gib(1), at(100)), Ok(()));
+
+    let err = ledger.check("ghost", gib(1), at(0)).unwrap_err();
+    assert_eq!(err.to_string(), "no GpuNode reading for node ghost");
+    ledger.set_reading_invalid("n3", "observedAt \"yesterday\" is not RFC 3339");
+    let err = ledger.check("n3", gib(1), at(0)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "GpuNode n3 is unusable: observedAt \"yesterday\" is not RFC 3339"
+    );
+    ledger.set_reading("n4", reading(0, vec![]));
+    assert_eq!(
+        ledger.check("n4", gib(1), at(0)).unwrap_err().to_string(),
+        "node n4 reports no GPUs"
+    );
+    ledger.remove_reading("n1");
+    assert_eq!(
+        ledger.check("n1", gib(1), at(0)).unwrap_err().to_string(),
+        "no GpuNode reading for node n1"
+    );
+}
+
+#[test]
+fn unhealthy_without_reason_and_unresolvable_requests() {
+    let mut ledger = Ledger::new(config(0));
+    let mut g = gpu(0, 8, 8);
+    g.healthy = false;
+    ledger.set_reading("n1", reading(0, vec![g, gpu(1, 16, 9)]));
+    let err = ledger.check("n1", gib(10), at(0)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "GPU 0: unhealthy; GPU 1: 9 GiB effective free (live 9 GiB, 0 B reserved by pods \
+         not yet running), need 10 GiB"
+    );
+    // Healthy GPU 1 has room for 9: only the unhealthy one is skipped.
+    assert_eq!(ledger.check("n1", gib(9), at(0)), Ok(()));
+    let too_big = ledger.check("n1", gib(17), at(0)).unwrap_err();
+    assert!(too_big.is_unresolvable());
+    assert_eq!(
+        too_big.to_string(),
+        "pod needs 17 GiB, more than any GPU on node n1 advertises (largest 16 GiB)"
+    );
+    let other_unit = ledger
+        .check("n1", PodRequest::new(VramUnit::Mib512, 2), at(0))
+        .unwrap_err();
+    assert!(other_unit.is_unresolvable());
+    assert_eq!(
+        other_unit.to_string(),
+        "node n1 advertises vramslice.io/vram-gib, the pod requests vramslice.io/vram-512mib"
+    );
+    assert_eq!(ledger.largest_gpu_bytes(), Some(16 * GIB));
+    ledger.set_reading("n2", reading(0, vec![gpu(0, 80, 80)]));
+    assert_eq!(ledger.largest_gpu_bytes(), Some(80 * GIB));
+    ledger.set_reading("n2", reading(0, vec![gpu(0, 40, 40)]));
+    assert_eq!(ledger.largest_gpu_bytes(), Some(40 * GIB));
+    ledger.remove_reading("n2");
+    assert_eq!(ledger.largest_gpu_bytes(), Some(16 * GIB));
+}
+
+#[test]
+fn reservations_never_overcommit_and_release_frees() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8)]));
+    let mut placed = Vec::new();
+    for i in 0..10 {
+        match ledger.reserve(want(&format!("p{i}"), 3), "n1", Policy::Binpack, at(1)) {
+            Ok(p) => placed.push(p),
+            Err(e) => assert!(
+                e.to_string().contains("need 3 GiB"),
+                "unexpected refusal: {e}"
+            ),
+        }
+    }
+    // 8 units per GPU hold two 3-unit pods each.
+    assert_eq!(placed.len(), 4);
+    assert_eq!(placed[0].gpu_index, 0);
+    assert_eq!(placed[1].gpu_index, 0, "binpack fills GPU 0 first");
+    assert_eq!(placed[2].gpu_index, 1);
+    for v in ledger.gpu_views("n1").unwrap() {
+        assert!(v.assigned_bytes <= v.advertised_bytes);
+        assert_eq!(v.effective_free, 2 * GIB);
+    }
+    assert_eq!(ledger.reservation_count(), 4);
+    assert!(ledger.release("p0"));
+    assert!(!ledger.release("p0"));
+    assert!(!ledger.release("never"));
+    let again = ledger
+        .reserve(want("p9", 3), "n1", Policy::Binpack, at(2))
+        .unwrap();
+    assert_eq!(again.gpu_uuid, "GPU-0");
+}
+
+#[test]
+fn spread_takes_the_emptiest_gpu() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8)]));
+    let a = ledger
+        .reserve(want("a", 2), "n1", Policy::Spread, at(1))
+        .unwrap();
+    let b = ledger
+        .reserve(want("b", 2), "n1", Policy::Spread, at(1))
+        .unwrap();
+    assert_eq!((a.gpu_index, b.gpu_index), (0, 1));
+}
+
+#[test]
+fn double_binds_are_refused_with_the_reason() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8)]));
+    ledger
+        .reserve(want("a", 1), "n1", Policy::Binpack, at(1))
+        .unwrap();
+    let err = ledger
+        .reserve(want("a", 1), "n1", Policy::Binpack, at(1))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pod ns/a already has a bind in flight to node n1"
+    );
+    ledger.observe_pod(bound("a", "n1", None, 1, 1));
+    let info = ledger.pod("a").unwrap();
+    assert!(!info.reserved);
+    assert_eq!(
+        info.gpu_uuid.as_deref(),
+        Some("GPU-0"),
+        "the reserved GPU is kept"
+    );
+    assert!(!ledger.release("a"), "a bound pod is not released");
+    let err = ledger
+        .reserve(want("a", 1), "n1", Policy::Binpack, at(1))
+        .unwrap_err();
+    assert_eq!(err.to_string(), "pod ns/a is already bound to node n1");
+}
+
+#[test]
+fn the_kubelet_placement_wins_over_the_annotation() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8)]));
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 2, 1));
+    ledger.observe_pod(bound("b", "n1", Some("GPU-1"), 2, 1));
+    let (mut g0, mut g1) = (gpu(0, 8, 6), gpu(1, 8, 6));
+    g0.pods.push(listed("b", 2, 2));
+    g1.pods.push(listed("a", 2, 2));
+    ledger.set_reading("n1", reading(5, vec![g0, g1]));
+    assert_eq!(ledger.pod("a").unwrap().gpu_uuid.as_deref(), Some("GPU-1"));
+    assert_eq!(ledger.pod("b").unwrap().gpu_uuid.as_deref(), Some("GPU-0"));
+    // A later pod update with the old annotation does not undo it.
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 2, 1));
+    assert_eq!(ledger.pod("a").unwrap().gpu_uuid.as_deref(), Some("GPU-1"));
+    // And a restart (fresh ledger, pods first, reading second or first) reaches the same books.
+    let before = ledger.gpu_views("n1").unwrap().to_vec();
+    let mut fresh = Ledger::new(config(0));
+    let (mut g0, mut g1) = (gpu(0, 8, 6), gpu(1, 8, 6));
+    g0.pods.push(listed("b", 2, 2));
+    g1.pods.push(listed("a", 2, 2));
+    fresh.set_reading("n1", reading(5, vec![g0, g1]));
+    fresh.replace_pods(vec![
+        bound("a", "n1", Some("GPU-0"), 2, 1),
+        bound("b", "n1", Some("GPU-1"), 2, 1),
+    ]);
+    assert_eq!(fresh.gpu_views("n1").unwrap(), before.as_slice());
+    assert_eq!(fresh.pod("a").unwrap().gpu_uuid.as_deref(), Some("GPU-1"));
+}
+
+#[test]
+fn pods_of_unknown_gpu_count_everywhere_and_unknown_listed_pods_count() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8)]));
+    ledger.observe_pod(bound("mystery", "n1", None, 3, 1));
+    ledger.observe_pod(bound("gone-gpu", "n1", Some("GPU-9"), 1, 1));
+    for v in ledger.gpu_views("n1").unwrap() {
+        assert_eq!(v.assigned_bytes, 4 * GIB);
+        assert_eq!(v.effective_free, 4 * GIB);
+    }
+    // A pod only the kubelet knows about (the ledger has not seen it).
+    let mut g0 = gpu(0, 8, 5);
+    g0.pods.push(listed("stranger", 2, 1));
+    ledger.set_reading("n1", reading(5, vec![g0, gpu(1, 8, 8)]));
+    let v = &ledger.gpu_views("n1").unwrap()[0];
+    assert_eq!(v.assigned_bytes, 6 * GIB);
+    assert_eq!(v.unobserved, 5 * GIB);
+    assert_eq!(v.effective_free, 0);
+}
+
+#[test]
+fn listed_pods_without_uid_match_by_name() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 4, 1));
+    let mut g1 = gpu(1, 8, 7);
+    g1.pods.push(ListedPod {
+        uid: None,
+        ..listed("a", 4, 1)
+    });
+    ledger.set_reading("n1", reading(5, vec![gpu(0, 8, 8), g1]));
+    assert_eq!(ledger.pod("a").unwrap().gpu_uuid.as_deref(), Some("GPU-1"));
+    let v = &ledger.gpu_views("n1").unwrap()[1];
+    assert_eq!((v.assigned_bytes, v.unobserved), (4 * GIB, 3 * GIB));
+    assert_eq!(ledger.gpu_views("n1").unwrap()[0].assigned_bytes, 0);
+}
+
+#[test]
+fn relists_replace_bound_pods_but_keep_binds_in_flight() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 16, 16)]));
+    ledger.observe_pod(bound("old", "n1", Some("GPU-0"), 4, 1));
+    ledger
+        .reserve(want("flying", 4), "n1", Policy::Binpack, at(2))
+        .unwrap();
+    ledger.replace_pods(vec![bound("new", "n1", Some("GPU-0"), 2, 1)]);
+    assert!(ledger.pod("old").is_none());
+    assert!(ledger.pod("flying").unwrap().reserved);
+    assert!(ledger.pod("new").is_some());
+    assert_eq!(ledger.pod_count(), 2);
+    assert_eq!(ledger.gpu_views("n1").unwrap()[0].assigned_bytes, 6 * GIB);
+
+    assert_eq!(
+        ledger.expire_reservations(at(60), Duration::from_secs(120)),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ledger.expire_reservations(at(200), Duration::from_secs(120)),
+        vec!["flying".to_string()]
+    );
+    assert_eq!(ledger.gpu_views("n1").unwrap()[0].assigned_bytes, 2 * GIB);
+
+    ledger.replace_readings(vec![("n2".into(), Err("bad".into()))]);
+    assert_eq!(ledger.node_count(), 0);
+    assert!(ledger.check("n1", gib(1), at(0)).is_err());
+    assert_eq!(ledger.largest_gpu_bytes(), None);
+}
+
+#[test]
+fn scores_follow_the_policy_and_are_zero_for_misfits() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("full", reading(0, vec![gpu(0, 8, 8)]));
+    ledger.observe_pod(bound("x", "full", Some("GPU-0"), 5, 0));
+    ledger.set_reading("empty", reading(0, vec![gpu(0, 8, 8)]));
+    let need = gib(2);
+    let (full, empty) = (
+        ledger.score("full", need, Policy::Binpack, at(1)),
+        ledger.score("empty", need, Policy::Binpack, at(1)),
+    );
+    assert!(
+        full > empty,
+        "binpack prefers the fuller node: {full} vs {empty}"
+    );
+    let (full, empty) = (
+        ledger.score("full", need, Policy::Spread, at(1)),
+        ledger.score("empty", need, Policy::Spread, at(1)),
+    );
+    assert!(
+        full < empty,
+        "spread prefers the emptier node: {full} vs {empty}"
+    );
+    assert_eq!(ledger.score("full", gib(4), Policy::Binpack, at(1)), 0);
+    assert_eq!(ledger.score("nowhere", need, Policy::Binpack, at(1)), 0);
+    assert_eq!(ledger.score("empty", need, Policy::Binpack, at(1000)), 0);
+}
+
+#[test]
+fn pods_moving_nodes_and_forgetting_update_both_nodes() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8)]));
+    ledger.set_reading("n2", reading(0, vec![gpu(0, 8, 8)]));
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 4, 1));
+    ledger.observe_pod(bound("a", "n2", Some("GPU-0"), 4, 1));
+    assert_eq!(ledger.gpu_views("n1").unwrap()[0].assigned_bytes, 0);
+    assert_eq!(ledger.gpu_views("n2").unwrap()[0].assigned_bytes, 4 * GIB);
+    assert!(ledger.forget_pod("a"));
+    assert!(!ledger.forget_pod("a"));
+    assert_eq!(ledger.gpu_views("n2").unwrap()[0].assigned_bytes, 0);
+}
