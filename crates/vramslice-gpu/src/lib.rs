@@ -3,7 +3,19 @@
 //! driven by a YAML file that tests and the demo rewrite to script live usage and health.
 //!
 //! Data enters from NVML or the fake file and leaves as plain [`GpuReading`]s; nothing here
-//! knows about Kubernetes or units.
+//! knows about Kubernetes or units. [`open`] builds the configured backend; [`procfs::ProcRoot`]
+//! maps the host PIDs in a reading to pods through `/proc/<pid>/cgroup`.
+
+pub mod fake;
+pub mod nvml;
+pub mod procfs;
+
+use std::path::PathBuf;
+
+pub use fake::{FakeBackend, FakeBytes, FakeGpu, FakeNode, FakeProcess, write_fake_file};
+pub use nvml::NvmlBackend;
+pub use procfs::ProcRoot;
+pub use vramslice_core::cgroup::PodCgroup;
 
 /// A point-in-time reading of one GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +73,9 @@ pub struct GpuProcess {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// NVML could not be loaded or initialised (no driver, no GPU).
-    #[error("NVML is not available: {0} (is the NVIDIA driver installed and libnvidia-ml.so.1 on the library path?)")]
+    #[error(
+        "NVML is not available: {0} (is the NVIDIA driver installed and libnvidia-ml.so.1 on the library path?)"
+    )]
     NvmlUnavailable(String),
     /// An NVML call failed.
     #[error("NVML call {call} failed: {message}")]
@@ -97,4 +111,30 @@ pub trait GpuBackend: Send + Sync {
     /// Read every GPU now. GPUs that vanished are simply absent; GPUs hit by a critical event
     /// since the last call are reported unhealthy.
     fn read(&self) -> Result<Vec<GpuReading>, BackendError>;
+}
+
+/// Which backend to open (the device plugin's `backend` configuration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Real GPUs through NVML.
+    Nvml,
+    /// GPUs described in a fake-GPU YAML file (see [`fake`]).
+    Fake {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Open the backend `kind` names. NVML fails with [`BackendError::NvmlUnavailable`] when the
+/// library or driver is absent; the fake backend reads and validates its file once here, so a
+/// wrong path or a broken file is reported at start-up rather than on the first poll.
+pub fn open(kind: &BackendKind) -> Result<Box<dyn GpuBackend>, BackendError> {
+    match kind {
+        BackendKind::Nvml => Ok(Box::new(NvmlBackend::new()?)),
+        BackendKind::Fake { path } => {
+            let backend = FakeBackend::new(path.clone());
+            backend.read()?;
+            Ok(Box::new(backend))
+        }
+    }
 }
