@@ -1,0 +1,251 @@
+//! Runtime configuration and how it is read from the environment (pure: the caller passes a
+//! lookup function, so tests need no process environment).
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `VRAMSLICE_VRAM_LIMIT_BYTES` | the container's limit (set by the device plugin) | the GPU's total |
+//! | `VRAMSLICE_ACCOUNTING_DIR` | the guard's accounting directory (usage source) | `cuMemGetInfo` |
+//! | `VRAMSLICE_PROFILE_DIR` | where learned peaks persist | in memory only |
+//! | `VRAMSLICE_HIGH_WATER` | fraction of the limit admitted at once | `0.85` |
+//! | `VRAMSLICE_FIRST_RUN_FRACTION` | reservation of a job with no known peak | `0.8` |
+//! | `VRAMSLICE_PEAK_MARGIN` | reservation = learned peak × this | `1.2` |
+//! | `VRAMSLICE_QUEUE_MAX` | most jobs waiting at once | `64` |
+//! | `VRAMSLICE_QUEUE_TIMEOUT` | longest wait for admission (`30s`, `500ms`) | `30s` |
+//! | `VRAMSLICE_OOM_RETRIES` | retries after out-of-memory | `3` |
+//! | `VRAMSLICE_OOM_BACKOFF` | first backoff wait; doubles, capped at 4× | `500ms` |
+//! | `VRAMSLICE_METRICS_ADDR` | `host:port` to serve `/metrics` on | not served |
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vramslice_core::{parse_bytes, parse_duration};
+
+use crate::policy::{Backoff, Policy};
+
+/// Everything a [`Runtime`](crate::Runtime) needs besides its usage source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The container's limit in bytes; `None` means the usage source's total (the GPU's size).
+    pub limit: Option<u64>,
+    /// Where the guard writes accounting; `None` means ask the CUDA driver.
+    pub accounting_dir: Option<PathBuf>,
+    /// Where learned peaks persist; `None` keeps them in memory.
+    pub profile_dir: Option<PathBuf>,
+    /// Sizing rules.
+    pub policy: Policy,
+    /// Most jobs waiting at once.
+    pub queue_max: usize,
+    /// Longest wait for admission.
+    pub queue_timeout: Duration,
+    /// Retries after an out-of-memory error.
+    pub oom_retries: u32,
+    /// Waits between retries.
+    pub backoff: Backoff,
+    /// How often live usage is sampled while jobs run (peaks) or wait (frees elsewhere).
+    pub sample_interval: Duration,
+    /// Address to serve `/metrics` on.
+    pub metrics_addr: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            accounting_dir: None,
+            profile_dir: None,
+            policy: Policy::default(),
+            queue_max: 64,
+            queue_timeout: Duration::from_secs(30),
+            oom_retries: 3,
+            backoff: Backoff::default(),
+            sample_interval: Duration::from_millis(10),
+            metrics_addr: None,
+        }
+    }
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The variable.
+    pub var: String,
+    /// Its value.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn fraction(var: &str, value: &str, max: f64) -> Result<f64, ConfigError> {
+    match value.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= max => Ok(f),
+        _ => Err(ConfigError {
+            var: var.to_string(),
+            value: value.to_string(),
+            reason: format!("expected a number above 0 and at most {max}"),
+        }),
+    }
+}
+
+impl Config {
+    /// Read the variables in the module table through `lookup` (normally `std::env::var`),
+    /// starting from the defaults.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Config::default();
+        let get = |var: &str| lookup(var).filter(|v| !v.trim().is_empty());
+        let bad = |var: &str, value: &str, reason: String| ConfigError {
+            var: var.to_string(),
+            value: value.to_string(),
+            reason,
+        };
+        if let Some(v) = get("VRAMSLICE_VRAM_LIMIT_BYTES") {
+            let bytes = parse_bytes(&v)
+                .map_err(|e| bad("VRAMSLICE_VRAM_LIMIT_BYTES", &v, e.to_string()))?;
+            if bytes == 0 {
+                return Err(bad(
+                    "VRAMSLICE_VRAM_LIMIT_BYTES",
+                    &v,
+                    "the limit must be above 0".into(),
+                ));
+            }
+            c.limit = Some(bytes);
+        }
+        c.accounting_dir = get("VRAMSLICE_ACCOUNTING_DIR").map(PathBuf::from);
+        c.profile_dir = get("VRAMSLICE_PROFILE_DIR").map(PathBuf::from);
+        if let Some(v) = get("VRAMSLICE_HIGH_WATER") {
+            c.policy.high_water = fraction("VRAMSLICE_HIGH_WATER", &v, 1.0)?;
+        }
+        if let Some(v) = get("VRAMSLICE_FIRST_RUN_FRACTION") {
+            c.policy.first_run_fraction = fraction("VRAMSLICE_FIRST_RUN_FRACTION", &v, 1.0)?;
+        }
+        if let Some(v) = get("VRAMSLICE_PEAK_MARGIN") {
+            let m = fraction("VRAMSLICE_PEAK_MARGIN", &v, 10.0)?;
+            if m < 1.0 {
+                return Err(bad(
+                    "VRAMSLICE_PEAK_MARGIN",
+                    &v,
+                    "a margin below 1 reserves less than the peak".into(),
+                ));
+            }
+            c.policy.peak_margin = m;
+        }
+        if let Some(v) = get("VRAMSLICE_QUEUE_MAX") {
+            c.queue_max = v.trim().parse().map_err(|_| {
+                bad(
+                    "VRAMSLICE_QUEUE_MAX",
+                    &v,
+                    "expected a whole number of jobs".into(),
+                )
+            })?;
+        }
+        if let Some(v) = get("VRAMSLICE_QUEUE_TIMEOUT") {
+            c.queue_timeout = parse_duration(&v)
+                .map_err(|e| bad("VRAMSLICE_QUEUE_TIMEOUT", &v, e.to_string()))?;
+        }
+        if let Some(v) = get("VRAMSLICE_OOM_RETRIES") {
+            c.oom_retries = v.trim().parse().map_err(|_| {
+                bad(
+                    "VRAMSLICE_OOM_RETRIES",
+                    &v,
+                    "expected a whole number of retries".into(),
+                )
+            })?;
+        }
+        if let Some(v) = get("VRAMSLICE_OOM_BACKOFF") {
+            let base =
+                parse_duration(&v).map_err(|e| bad("VRAMSLICE_OOM_BACKOFF", &v, e.to_string()))?;
+            c.backoff = Backoff {
+                base,
+                factor: 2.0,
+                max: base * 4,
+            };
+        }
+        c.metrics_addr = get("VRAMSLICE_METRICS_ADDR");
+        Ok(c)
+    }
+
+    /// Read the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|var| std::env::var(var).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn read(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn empty_environment_gives_defaults() {
+        assert_eq!(read(&[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let c = read(&[
+            ("VRAMSLICE_VRAM_LIMIT_BYTES", "4294967296"),
+            ("VRAMSLICE_ACCOUNTING_DIR", "/run/vramslice"),
+            ("VRAMSLICE_PROFILE_DIR", "/profiles"),
+            ("VRAMSLICE_HIGH_WATER", "0.9"),
+            ("VRAMSLICE_FIRST_RUN_FRACTION", "0.5"),
+            ("VRAMSLICE_PEAK_MARGIN", "1.5"),
+            ("VRAMSLICE_QUEUE_MAX", "8"),
+            ("VRAMSLICE_QUEUE_TIMEOUT", "2s"),
+            ("VRAMSLICE_OOM_RETRIES", "5"),
+            ("VRAMSLICE_OOM_BACKOFF", "10ms"),
+            ("VRAMSLICE_METRICS_ADDR", "127.0.0.1:9400"),
+        ])
+        .unwrap();
+        assert_eq!(c.limit, Some(4 << 30));
+        assert_eq!(c.accounting_dir, Some(PathBuf::from("/run/vramslice")));
+        assert_eq!(c.profile_dir, Some(PathBuf::from("/profiles")));
+        assert_eq!(c.policy.high_water, 0.9);
+        assert_eq!(c.policy.first_run_fraction, 0.5);
+        assert_eq!(c.policy.peak_margin, 1.5);
+        assert_eq!(c.queue_max, 8);
+        assert_eq!(c.queue_timeout, Duration::from_secs(2));
+        assert_eq!(c.oom_retries, 5);
+        assert_eq!(
+            c.backoff.schedule(3),
+            vec![
+                Duration::from_millis(10),
+                Duration::from_millis(20),
+                Duration::from_millis(40)
+            ]
+        );
+        assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9400"));
+        assert_eq!(
+            read(&[("VRAMSLICE_VRAM_LIMIT_BYTES", "6Gi")])
+                .unwrap()
+                .limit,
+            Some(6 << 30)
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("VRAMSLICE_VRAM_LIMIT_BYTES", "lots"),
+            ("VRAMSLICE_VRAM_LIMIT_BYTES", "0"),
+            ("VRAMSLICE_HIGH_WATER", "1.2"),
+            ("VRAMSLICE_HIGH_WATER", "-1"),
+            ("VRAMSLICE_PEAK_MARGIN", "0.5"),
+            ("VRAMSLICE_QUEUE_MAX", "many"),
+            ("VRAMSLICE_QUEUE_TIMEOUT", "soon"),
+            ("VRAMSLICE_OOM_RETRIES", "-1"),
+            ("VRAMSLICE_OOM_BACKOFF", "x"),
+        ] {
+            let err = read(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(value), "{err}");
+        }
+    }
+}

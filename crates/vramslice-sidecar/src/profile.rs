@@ -1,0 +1,258 @@
+//! Learned peaks, kept in memory and (when a directory is configured) on disk, shared by every
+//! worker process that points at the same directory.
+//!
+//! One JSON file per job identity (see [`crate::profile_key`] for the name), e.g.
+//! `dc1fd69a40726c97.json`:
+//! `{"version":1,"key":"whisper","params":{"batch":"8"},"peak_bytes":3221225472}`.
+//! A writer takes an exclusive lock on `<hash>.lock` beside it, re-reads the file, and only if its
+//! peak is higher writes a uniquely named temporary file, fsyncs it, renames it over the profile
+//! and fsyncs the directory. Readers take no lock: a rename is atomic, so they see the old or the
+//! new file whole. A higher peak replaces a lower one, never the reverse.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::profile_key::{profile_file_name, profile_hash};
+
+/// A profile directory that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// Creating, locking, writing or renaming failed.
+    #[error("profile directory {dir}: {what}: {source}")]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// The step that failed.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The stored form of one profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    /// Format version, 1.
+    pub version: u32,
+    /// The job key.
+    pub key: String,
+    /// The job parameters.
+    pub params: BTreeMap<String, String>,
+    /// Highest peak seen, in bytes.
+    pub peak_bytes: u64,
+}
+
+/// Learned peaks: an in-memory map, backed by a directory when one is given.
+#[derive(Debug)]
+pub struct Profiles {
+    dir: Option<PathBuf>,
+    memory: Mutex<HashMap<u64, u64>>,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Profiles {
+    /// Peaks kept in this process only.
+    pub fn in_memory() -> Self {
+        Self {
+            dir: None,
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Peaks persisted in `dir` (created if missing).
+    pub fn in_dir(dir: impl Into<PathBuf>) -> Result<Self, ProfileError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|source| ProfileError::Io {
+            dir: dir.clone(),
+            what: "create",
+            source,
+        })?;
+        Ok(Self {
+            dir: Some(dir),
+            memory: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The directory, if persisted.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    fn remember(&self, hash: u64, peak: u64) -> u64 {
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = memory.entry(hash).or_insert(0);
+        *slot = (*slot).max(peak);
+        *slot
+    }
+
+    /// The highest known peak of `key` + `params`: the larger of this process's and the
+    /// directory's. A missing, unreadable or foreign file counts as unknown.
+    pub fn peak(&self, key: &str, params: &BTreeMap<String, String>) -> Option<u64> {
+        let hash = profile_hash(key, params);
+        let in_memory = self
+            .memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&hash)
+            .copied();
+        let on_disk = self
+            .dir
+            .as_deref()
+            .and_then(|dir| read_record(&dir.join(profile_file_name(key, params))))
+            .filter(|r| r.key == key && &r.params == params)
+            .map(|r| r.peak_bytes);
+        match (in_memory, on_disk) {
+            (Some(a), Some(b)) => Some(self.remember(hash, a.max(b))),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Record `peak` for `key` + `params` if it is higher than what is known; returns the peak
+    /// now stored.
+    pub fn record(
+        &self,
+        key: &str,
+        params: &BTreeMap<String, String>,
+        peak: u64,
+    ) -> Result<u64, ProfileError> {
+        let hash = profile_hash(key, params);
+        let known = self.remember(hash, peak);
+        let Some(dir) = self.dir.as_deref() else {
+            return Ok(known);
+        };
+        let io = |what: &'static str| {
+            let dir = dir.to_path_buf();
+            move |source| ProfileError::Io { dir, what, source }
+        };
+        let name = profile_file_name(key, params);
+        let path = dir.join(&name);
+        let lock_path = dir.join(format!("{}.lock", name.trim_end_matches(".json")));
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("open lock file"))?;
+        lock.lock().map_err(io("lock"))?;
+        let current = read_record(&path)
+            .filter(|r| r.key == key && &r.params == params)
+            .map(|r| r.peak_bytes);
+        if let Some(current) = current
+            && current >= known
+        {
+            return Ok(self.remember(hash, current));
+        }
+        let record = ProfileRecord {
+            version: 1,
+            key: key.to_string(),
+            params: params.clone(),
+            peak_bytes: known,
+        };
+        let body = serde_json::to_vec(&record).map_err(|e| ProfileError::Io {
+            dir: dir.to_path_buf(),
+            what: "encode",
+            source: io::Error::other(e),
+        })?;
+        let tmp = dir.join(format!(
+            ".{name}.{}.{}.tmp",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map_err(io("write"))?;
+        drop(lock);
+        Ok(known)
+    }
+}
+
+/// Read and decode one profile file; `None` when missing or not a version-1 record.
+pub fn read_record(path: &Path) -> Option<ProfileRecord> {
+    let bytes = fs::read(path).ok()?;
+    match serde_json::from_slice::<ProfileRecord>(&bytes) {
+        Ok(r) if r.version == 1 => Some(r),
+        Ok(_) | Err(_) => {
+            tracing::warn!(path = %path.display(), "ignoring unreadable profile file");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(batch: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("batch".to_string(), batch.to_string())])
+    }
+
+    #[test]
+    fn higher_replaces_lower_never_the_reverse() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Profiles::in_dir(dir.path()).unwrap();
+        assert_eq!(p.peak("m", &params("8")), None);
+        assert_eq!(p.record("m", &params("8"), 100).unwrap(), 100);
+        assert_eq!(p.record("m", &params("8"), 50).unwrap(), 100);
+        assert_eq!(p.record("m", &params("8"), 300).unwrap(), 300);
+        assert_eq!(p.peak("m", &params("8")), Some(300));
+        assert_eq!(p.peak("m", &params("16")), None);
+        // A fresh process (fresh memory) reads it back from disk.
+        let again = Profiles::in_dir(dir.path()).unwrap();
+        assert_eq!(again.peak("m", &params("8")), Some(300));
+        assert_eq!(again.record("m", &params("8"), 200).unwrap(), 300);
+        let file = dir.path().join(profile_file_name("m", &params("8")));
+        let rec = read_record(&file).unwrap();
+        assert_eq!(rec.peak_bytes, 300);
+        assert_eq!(rec.key, "m");
+        // No temporary files left behind.
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn foreign_or_torn_files_read_as_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Profiles::in_dir(dir.path()).unwrap();
+        let file = dir.path().join(profile_file_name("m", &params("8")));
+        fs::write(
+            &file,
+            b"{\"version\":1,\"key\":\"other\",\"params\":{},\"peak_bytes\":9}",
+        )
+        .unwrap();
+        assert_eq!(p.peak("m", &params("8")), None);
+        fs::write(&file, b"{\"version\":1,\"ke").unwrap();
+        assert_eq!(p.peak("m", &params("8")), None);
+        // and a record replaces the junk
+        assert_eq!(p.record("m", &params("8"), 7).unwrap(), 7);
+        assert_eq!(read_record(&file).unwrap().peak_bytes, 7);
+    }
+
+    #[test]
+    fn memory_only_profiles_still_learn() {
+        let p = Profiles::in_memory();
+        p.record("m", &BTreeMap::new(), 5).unwrap();
+        p.record("m", &BTreeMap::new(), 3).unwrap();
+        assert_eq!(p.peak("m", &BTreeMap::new()), Some(5));
+        assert!(p.dir().is_none());
+    }
+}

@@ -1,0 +1,60 @@
+//! An optional `/metrics` endpoint for embedders that do not serve metrics themselves: a
+//! minimal HTTP/1.1 responder on a background thread (one connection at a time; Prometheus
+//! scrapes are rare and small).
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use crate::runtime::Runtime;
+
+/// Serve `GET /metrics` on `addr` (`127.0.0.1:9400`, `0.0.0.0:0`) until the process exits;
+/// returns the bound address. Other paths answer 404.
+pub fn serve_metrics(rt: &Runtime, addr: &str) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    let rt = rt.clone();
+    std::thread::Builder::new()
+        .name("vramslice-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = answer(&rt, stream) {
+                    tracing::debug!(error = %e, "metrics connection failed");
+                }
+            }
+        })?;
+    Ok(bound)
+}
+
+fn answer(rt: &Runtime, stream: TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Drain the headers.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = if request_line.starts_with("GET ") && path == "/metrics" {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            rt.render_metrics(),
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "only GET /metrics is served\n".to_string(),
+        )
+    };
+    let mut out = stream;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}

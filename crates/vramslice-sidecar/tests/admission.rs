@@ -1,0 +1,246 @@
+//! Admission through the public API: order and fairness, queue timeout, never-fits errors, the
+//! high-water mark, memory freed elsewhere, async cancellation, and profiling.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vramslice_sidecar::policy::ReserveSource;
+use vramslice_sidecar::{AdmitError, Config, Job, ManualUsage, Runtime};
+
+const GIB: u64 = 1 << 30;
+
+fn runtime(limit: u64, tweak: impl FnOnce(&mut Config)) -> (Runtime, ManualUsage) {
+    let usage = ManualUsage::new(0, 0);
+    let mut config = Config {
+        limit: Some(limit),
+        sample_interval: Duration::from_millis(2),
+        ..Config::default()
+    };
+    tweak(&mut config);
+    (Runtime::new(config, usage.clone()).unwrap(), usage)
+}
+
+/// Poll `cond` until it holds; panics after 10 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_large_job_at_the_head_is_not_overtaken_by_small_ones() {
+    let (rt, _) = runtime(10 * GIB, |_| {});
+    let first = rt.admit_blocking(&Job::new("a").need(6 * GIB)).unwrap();
+    let mut threads = Vec::new();
+    // big (5 GiB) queues first, then three small (1 GiB) ones that would fit right now.
+    for (i, need) in [(0, 5 * GIB), (1, GIB), (2, GIB), (3, GIB)] {
+        let rt2 = rt.clone();
+        threads.push(std::thread::spawn(move || {
+            rt2.admit_blocking(&Job::new(format!("j{i}")).need(need))
+                .unwrap()
+        }));
+        wait_until("queued", || rt.stats().queued == i + 1);
+    }
+    std::thread::sleep(Duration::from_millis(20)); // let the sampler pump a few times
+    assert_eq!(rt.stats().running, 1, "small jobs overtook the large one");
+    assert_eq!(rt.stats().queued, 4);
+    drop(first);
+    let permits: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(rt.stats().running, 4);
+    assert_eq!(rt.stats().reserved, 8 * GIB);
+    drop(permits);
+    assert_eq!(rt.stats().running, 0);
+}
+
+#[test]
+fn waiters_are_admitted_in_arrival_order() {
+    let (rt, _) = runtime(10 * GIB, |_| {});
+    let first = rt.admit_blocking(&Job::new("a").need(5 * GIB)).unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    for i in 0..4 {
+        let (rt2, order2) = (rt.clone(), order.clone());
+        // 5 GiB each: only one fits at a time under the 8.5 GiB high-water mark.
+        threads.push(std::thread::spawn(move || {
+            let p = rt2
+                .admit_blocking(&Job::new(format!("j{i}")).need(5 * GIB))
+                .unwrap();
+            order2.lock().unwrap().push(i);
+            drop(p);
+        }));
+        wait_until("queued", || rt.stats().queued == i + 1);
+    }
+    drop(first);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn queue_timeout_names_need_free_and_queue() {
+    let (rt, _) = runtime(4 * GIB, |c| c.queue_timeout = Duration::from_millis(50));
+    let _held = rt.admit_blocking(&Job::new("a").need(3 * GIB)).unwrap();
+    let err = rt.admit_blocking(&Job::new("b").need(2 * GIB)).unwrap_err();
+    assert!(matches!(err, AdmitError::Timeout { need, .. } if need == 2 * GIB));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("needs 2.0 GiB, 409.6 MiB free, 0 jobs queued"),
+        "{msg}"
+    );
+    assert_eq!(rt.stats().queued, 0, "a timed-out job leaves the queue");
+    assert!(
+        rt.render_metrics()
+            .contains("vramslice_sidecar_admission_rejected_total 1")
+    );
+}
+
+#[test]
+fn never_fits_fails_at_once_even_with_a_long_timeout() {
+    let (rt, _) = runtime(4 * GIB, |c| c.queue_timeout = Duration::from_secs(3600));
+    let err = rt
+        .admit_blocking(&Job::new("big").need(6 * GIB))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("needs 6.0 GiB, limit 4.0 GiB"),
+        "{err}"
+    );
+    assert!(matches!(err, AdmitError::Refused { .. }));
+}
+
+#[test]
+fn queue_full_is_refused_with_the_numbers() {
+    let (rt, _) = runtime(10 * GIB, |c| c.queue_max = 2);
+    let _held = rt.admit_blocking(&Job::new("a").need(7 * GIB)).unwrap();
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        let rt2 = rt.clone();
+        waiting.push(std::thread::spawn(move || {
+            rt2.admit_blocking(&Job::new("w").need(6 * GIB)).map(drop)
+        }));
+        wait_until("queued", || rt.stats().queued == i + 1);
+    }
+    let err = rt.admit_blocking(&Job::new("c").need(6 * GIB)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("needs 6.0 GiB, 1.5 GiB free, 2 jobs queued"),
+        "{err}"
+    );
+    drop(_held);
+    for w in waiting {
+        w.join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn high_water_mark_stops_admission_below_the_limit() {
+    let (rt, usage) = runtime(10 * GIB, |c| c.queue_timeout = Duration::from_millis(30));
+    usage.set(GIB);
+    // 1 + 8 = 9 GiB is under the 10 GiB limit but over the 8.5 GiB high-water mark.
+    assert!(matches!(
+        rt.admit_blocking(&Job::new("a").need(8 * GIB)),
+        Err(AdmitError::Timeout { .. })
+    ));
+    let (loose, usage) = runtime(10 * GIB, |c| c.policy.high_water = 0.95);
+    usage.set(GIB);
+    loose.admit_blocking(&Job::new("a").need(8 * GIB)).unwrap();
+}
+
+#[test]
+fn memory_freed_elsewhere_admits_a_waiter() {
+    let (rt, usage) = runtime(10 * GIB, |_| {});
+    usage.set(8 * GIB); // another worker holds 8 GiB
+    let rt2 = rt.clone();
+    let waiter = std::thread::spawn(move || rt2.admit_blocking(&Job::new("w").need(2 * GIB)));
+    wait_until("queued", || rt.stats().queued == 1);
+    usage.set(GIB); // the other worker freed its memory
+    let permit = waiter.join().unwrap().unwrap();
+    assert_eq!(permit.reserved(), 2 * GIB);
+}
+
+#[test]
+fn live_growth_counts_against_later_jobs() {
+    let (rt, usage) = runtime(10 * GIB, |c| c.queue_timeout = Duration::from_millis(30));
+    let p = rt.admit_blocking(&Job::new("a").need(GIB)).unwrap();
+    usage.add(6 * GIB); // it grew far past its declared need
+    wait_until("sampled", || rt.stats().live == 6 * GIB);
+    assert_eq!(rt.stats().free, 17 * GIB / 2 - 6 * GIB);
+    assert!(rt.admit_blocking(&Job::new("b").need(3 * GIB)).is_err());
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_waiters_admit_in_order_and_cancel_cleanly() {
+    let (rt, _) = runtime(10 * GIB, |_| {});
+    let first = rt.admit(&Job::new("a").need(8 * GIB)).await.unwrap();
+    // A waiter whose future is dropped gives up its place.
+    let rt2 = rt.clone();
+    let abandoned = tokio::spawn(async move { rt2.admit(&Job::new("gone").need(4 * GIB)).await });
+    while rt.stats().queued == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert_eq!(rt.stats().queued, 0);
+    let rt3 = rt.clone();
+    let next = tokio::spawn(async move { rt3.admit(&Job::new("b").need(4 * GIB)).await });
+    while rt.stats().queued == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(first);
+    let p = next.await.unwrap().unwrap();
+    assert_eq!(p.reserved(), 4 * GIB);
+    assert_eq!(rt.stats().running, 1);
+}
+
+#[test]
+fn first_run_reserves_default_then_learned_peak_with_margin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rt, usage) = runtime(10 * GIB, |c| c.profile_dir = Some(dir.path().to_path_buf()));
+    let job = Job::new("whisper").param("batch", 8);
+    let p = rt.admit_blocking(&job).unwrap();
+    assert_eq!(p.source(), ReserveSource::FirstRun);
+    assert_eq!(p.reserved(), 8 * GIB);
+    usage.add(3 * GIB); // peak
+    wait_until("peak sampled", || p.peak_so_far() == 3 * GIB);
+    usage.sub(2 * GIB); // frees most before finishing
+    assert_eq!(p.complete(), Some(3 * GIB));
+    usage.set(0);
+
+    let p = rt.admit_blocking(&job).unwrap();
+    assert_eq!(p.source(), ReserveSource::Profile);
+    assert_eq!(p.reserved(), vramslice_sidecar::policy::scale(3 * GIB, 1.2));
+    usage.add(GIB); // a smaller run never lowers the peak
+    assert_eq!(p.complete(), Some(3 * GIB));
+
+    // Another process (a fresh runtime on the same directory) starts from the learned peak.
+    let (other, _) = runtime(10 * GIB, |c| c.profile_dir = Some(dir.path().to_path_buf()));
+    assert_eq!(other.learned_peak(&job), Some(3 * GIB));
+    assert_eq!(
+        other.learned_peak(&Job::new("whisper").param("batch", 16)),
+        None
+    );
+    let metrics = rt.render_metrics();
+    assert!(
+        metrics.contains("vramslice_sidecar_profile_hits_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vramslice_sidecar_profile_misses_total 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn overlapping_jobs_do_not_record_contaminated_peaks() {
+    let (rt, usage) = runtime(10 * GIB, |_| {});
+    let a = rt.admit_blocking(&Job::new("a").need(GIB)).unwrap();
+    let b = rt.admit_blocking(&Job::new("b").need(GIB)).unwrap();
+    usage.add(2 * GIB);
+    assert_eq!(a.complete(), None);
+    assert_eq!(b.complete(), None);
+    assert_eq!(rt.learned_peak(&Job::new("a")), None);
+}

@@ -1,0 +1,70 @@
+//! Metrics content and the optional `/metrics` port.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use vramslice_sidecar::{Config, Job, ManualUsage, Runtime};
+
+const GIB: u64 = 1 << 30;
+
+fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn metrics_report_usage_jobs_and_profiles() {
+    let usage = ManualUsage::new(GIB, 0);
+    let rt = Runtime::new(
+        Config {
+            limit: Some(8 * GIB),
+            ..Config::default()
+        },
+        usage.clone(),
+    )
+    .unwrap();
+    let p = rt.admit_blocking(&Job::new("m").need(2 * GIB)).unwrap();
+    let text = rt.render_metrics();
+    for needle in [
+        "vramslice_sidecar_limit_bytes 8589934592",
+        "vramslice_sidecar_used_bytes 3221225472", // 1 GiB live + 2 GiB reserved
+        "vramslice_sidecar_available_bytes 4080218932", // 6.8 GiB - 3 GiB, rounded up
+        "vramslice_sidecar_jobs_running 1",
+        "vramslice_sidecar_jobs_queued 0",
+        "vramslice_sidecar_admission_wait_seconds_count 1",
+        "vramslice_sidecar_profile_misses_total 1",
+        "# TYPE vramslice_sidecar_job_duration_seconds histogram",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    drop(p);
+    assert!(
+        rt.render_metrics()
+            .contains("vramslice_sidecar_job_duration_seconds_count 1")
+    );
+}
+
+#[test]
+fn metrics_port_serves_prometheus_text() {
+    let rt = Runtime::new(
+        Config {
+            limit: Some(GIB),
+            ..Config::default()
+        },
+        ManualUsage::default(),
+    )
+    .unwrap();
+    let addr = vramslice_sidecar::serve::serve_metrics(&rt, "127.0.0.1:0").unwrap();
+    let ok = get(addr, "/metrics");
+    assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+    assert!(
+        ok.contains("vramslice_sidecar_limit_bytes 1073741824"),
+        "{ok}"
+    );
+    assert!(ok.trim_end().ends_with("# EOF"));
+    assert!(get(addr, "/").starts_with("HTTP/1.1 404"));
+}
