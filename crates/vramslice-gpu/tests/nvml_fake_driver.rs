@@ -1,0 +1,270 @@
+//! The NVML backend against a fake `libnvidia-ml` (tests/fake_nvml/fake_nvml.c), compiled here
+//! with the system C compiler (`$CC`, default `cc`: the same one cargo links with). Each test
+//! copies the library into its own directory and scripts the "driver" through the state file
+//! next to it, so tests run in parallel without sharing driver state.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use vramslice_gpu::{BackendError, GpuBackend, GpuProcess, Health, NvmlBackend};
+
+const GIB: u64 = 1 << 30;
+const UUID0: &str = "GPU-00000000-aaaa-bbbb-cccc-000000000000";
+const UUID1: &str = "GPU-11111111-aaaa-bbbb-cccc-111111111111";
+
+/// Compile the fake library once per test binary.
+fn fake_library() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_nvml/fake_nvml.c");
+        let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-nvml");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let out = out_dir.join(format!("libnvidia-ml-fake-{}.so", std::process::id()));
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+        let status = Command::new(&cc)
+            .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .arg("-ldl")
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
+        assert!(status.success(), "compiling {} failed", source.display());
+        out
+    })
+}
+
+/// A private copy of the fake driver with its own state file.
+struct Driver {
+    dir: tempfile::TempDir,
+    lib: PathBuf,
+}
+
+impl Driver {
+    fn new(state: &str) -> Driver {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libnvidia-ml.so.1");
+        std::fs::copy(fake_library(), &lib).unwrap();
+        let driver = Driver { dir, lib };
+        driver.set(state);
+        driver
+    }
+
+    fn set(&self, state: &str) {
+        let tmp = self.dir.path().join("fake-nvml-state.tmp");
+        std::fs::write(&tmp, state).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("fake-nvml-state")).unwrap();
+    }
+
+    fn append(&self, line: &str) {
+        let path = self.dir.path().join("fake-nvml-state");
+        let mut state = std::fs::read_to_string(&path).unwrap();
+        state.push_str(line);
+        state.push('\n');
+        self.set(&state);
+    }
+
+    fn backend(&self) -> NvmlBackend {
+        NvmlBackend::with_library_path(self.lib.as_os_str()).unwrap()
+    }
+}
+
+fn two_gpus() -> String {
+    format!(
+        "gpu 0 {UUID0} {} {} NVIDIA H100 80GB HBM3\n\
+         gpu 1 {UUID1} {} {} NVIDIA A100-SXM4-40GB\n",
+        80 * GIB,
+        70 * GIB,
+        40 * GIB,
+        40 * GIB
+    )
+}
+
+fn unhealthy(reason: &str) -> Health {
+    Health::Unhealthy {
+        reason: reason.to_string(),
+    }
+}
+
+#[test]
+fn reads_devices_memory_and_processes() {
+    let driver = Driver::new(&format!(
+        "{}proc 0 compute 300 {}\nproc 0 compute 100 {}\nproc 0 graphics 100 {}\nproc 0 graphics 200 na\n",
+        two_gpus(),
+        3 * GIB,
+        GIB,
+        2 * GIB
+    ));
+    let backend = driver.backend();
+    assert_eq!(backend.name(), "nvml");
+    let readings = backend.read().unwrap();
+    assert_eq!(readings.len(), 2);
+    let g0 = &readings[0];
+    assert_eq!((g0.index, g0.uuid.as_str()), (0, UUID0));
+    assert_eq!(g0.model, "NVIDIA H100 80GB HBM3");
+    // used = total − free, including the memory the driver reserves.
+    assert_eq!(
+        (g0.total_bytes, g0.used_bytes, g0.free_bytes),
+        (80 * GIB, 10 * GIB, 70 * GIB)
+    );
+    assert_eq!(g0.health, Health::Healthy);
+    let process = |pid, used_bytes| GpuProcess {
+        pid,
+        used_bytes,
+        pod_uid: None,
+    };
+    // PID 100 is in both lists (its larger figure counts); "not available" counts 0.
+    assert_eq!(
+        g0.processes,
+        vec![
+            process(100, 2 * GIB),
+            process(200, 0),
+            process(300, 3 * GIB)
+        ]
+    );
+    let g1 = &readings[1];
+    assert_eq!((g1.index, g1.uuid.as_str(), g1.used_bytes), (1, UUID1, 0));
+    assert!(g1.processes.is_empty());
+}
+
+#[test]
+fn critical_xid_is_sticky_and_application_xids_are_ignored() {
+    let driver = Driver::new(&two_gpus());
+    let backend = driver.backend();
+    assert!(
+        backend
+            .read()
+            .unwrap()
+            .iter()
+            .all(|r| r.health.is_healthy())
+    );
+
+    driver.append("xid 1 13");
+    driver.append("xid 1 31");
+    driver.append("xid 0 79");
+    let readings = backend.read().unwrap();
+    assert_eq!(readings[0].health, unhealthy("XID 79"));
+    assert_eq!(readings[1].health, Health::Healthy);
+
+    // The event is consumed; the verdict stays until restart, and later XIDs don't rename it.
+    driver.append("xid 0 48");
+    for _ in 0..2 {
+        let readings = backend.read().unwrap();
+        assert_eq!(readings[0].health, unhealthy("XID 79"));
+        assert_eq!(readings[1].health, Health::Healthy);
+    }
+}
+
+#[test]
+fn double_bit_ecc_marks_unhealthy() {
+    let driver = Driver::new(&two_gpus());
+    let backend = driver.backend();
+    driver.append("dbe 1");
+    let readings = backend.read().unwrap();
+    assert_eq!(readings[0].health, Health::Healthy);
+    assert_eq!(readings[1].health, unhealthy("double-bit ECC error"));
+}
+
+#[test]
+fn events_before_construction_are_not_replayed() {
+    let driver = Driver::new(&format!("{}xid 0 79\n", two_gpus()));
+    let readings = driver.backend().read().unwrap();
+    assert!(readings.iter().all(|r| r.health.is_healthy()));
+}
+
+#[test]
+fn lost_gpu_is_reported_unhealthy_with_last_known_figures_and_stays_so() {
+    let driver = Driver::new(&format!(
+        "gpu 0 {UUID0} {} {} H100\ngpu 1 {UUID1} {} {} A100\nproc 1 compute 7 {}\n",
+        80 * GIB,
+        80 * GIB,
+        40 * GIB,
+        39 * GIB,
+        GIB
+    ));
+    let backend = driver.backend();
+    let before = backend.read().unwrap();
+    assert_eq!((before[1].used_bytes, before[1].processes.len()), (GIB, 1));
+
+    driver.append("lost 1");
+    let during = backend.read().unwrap();
+    assert_eq!(during.len(), 2);
+    assert_eq!(during[0].health, Health::Healthy);
+    let lost = &during[1];
+    assert_eq!(lost.uuid, UUID1);
+    assert!(matches!(&lost.health, Health::Unhealthy { reason } if reason.contains("GPU lost")));
+    assert_eq!((lost.total_bytes, lost.used_bytes), (40 * GIB, GIB));
+    assert!(lost.processes.is_empty(), "stale processes are dropped");
+
+    // The GPU answers again (say, after a reset): still unhealthy until restart.
+    driver.set(&two_gpus());
+    let after = backend.read().unwrap();
+    assert!(
+        matches!(&after[1].health, Health::Unhealthy { reason } if reason.contains("GPU lost"))
+    );
+}
+
+#[test]
+fn vanished_gpu_is_left_out() {
+    let driver = Driver::new(&two_gpus());
+    let backend = driver.backend();
+    assert_eq!(backend.read().unwrap().len(), 2);
+    driver.append("gone 0");
+    let readings = backend.read().unwrap();
+    assert_eq!(readings.len(), 1);
+    assert_eq!(readings[0].uuid, UUID1);
+}
+
+#[test]
+fn gpu_without_event_support_is_still_read() {
+    let driver = Driver::new(&format!("{}noevents 0\n", two_gpus()));
+    let backend = driver.backend();
+    driver.append("xid 0 79");
+    driver.append("xid 1 79");
+    let readings = backend.read().unwrap();
+    assert_eq!(readings.len(), 2);
+    // GPU 0 cannot deliver events (so its XID goes unseen); GPU 1 can.
+    assert_eq!(readings[0].health, Health::Healthy);
+    assert_eq!(readings[1].health, unhealthy("XID 79"));
+}
+
+#[test]
+fn gpu_lost_from_the_start_is_left_out() {
+    let driver = Driver::new(&format!("{}lost 0\n", two_gpus()));
+    let readings = driver.backend().read().unwrap();
+    assert_eq!(readings.len(), 1);
+    assert_eq!(readings[0].uuid, UUID1);
+}
+
+#[test]
+fn driver_not_loaded_is_unavailable() {
+    let driver = Driver::new("");
+    std::fs::remove_file(driver.dir.path().join("fake-nvml-state")).unwrap();
+    let err = NvmlBackend::with_library_path(driver.lib.as_os_str()).unwrap_err();
+    match &err {
+        BackendError::NvmlUnavailable(message) => {
+            assert!(message.contains("driver is not loaded"), "{message}")
+        }
+        other => panic!("expected NvmlUnavailable, got {other:?}"),
+    }
+}
+
+#[test]
+fn device_count_failure_is_an_error_not_a_panic() {
+    let driver = Driver::new(&two_gpus());
+    let backend = driver.backend();
+    std::fs::remove_file(driver.dir.path().join("fake-nvml-state")).unwrap();
+    let err = backend.read().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::Nvml {
+                call: "nvmlDeviceGetCount",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
