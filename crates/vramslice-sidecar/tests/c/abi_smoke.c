@@ -1,0 +1,56 @@
+/* Exercises the C ABI through the committed header: refusal text, admission, peaks, metrics,
+ * NULL handling. Built and run by tests/c_abi.rs; prints "ok" and exits 0 on success. */
+#include <stdio.h>
+#include <string.h>
+#include "vramslice_sidecar.h"
+
+#define GIB (1ull << 30)
+#define CHECK(cond) do { if (!(cond)) { fprintf(stderr, "check failed line %d: %s\n", __LINE__, #cond); return 1; } } while (0)
+
+int main(void) {
+    char err[256] = {0};
+    vramslice_runtime *rt = NULL;
+    CHECK(vramslice_runtime_new_manual(4 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_OK);
+    CHECK(rt != NULL);
+
+    vramslice_permit *p = NULL;
+    vramslice_status s = vramslice_admit(rt, "llama-70b", NULL, NULL, 0, 6 * GIB, &p, err, sizeof err);
+    CHECK(s == VRAMSLICE_STATUS_REFUSED);
+    CHECK(strstr(err, "needs 6.0 GiB, limit 4.0 GiB") != NULL);
+    CHECK(p == NULL);
+
+    const char *names[] = {"batch"};
+    const char *values[] = {"8"};
+    CHECK(vramslice_admit(rt, "whisper", names, values, 1, GIB, &p, err, sizeof err) == VRAMSLICE_STATUS_OK);
+    CHECK(vramslice_permit_reserved(p) == GIB);
+    CHECK(vramslice_runtime_set_usage(rt, GIB / 2) == VRAMSLICE_STATUS_OK);
+    CHECK(vramslice_permit_complete(p) == GIB / 2);
+
+    /* Learned: no declared need now reserves peak x 1.2. */
+    CHECK(vramslice_admit(rt, "whisper", names, values, 1, 0, &p, err, sizeof err) == VRAMSLICE_STATUS_OK);
+    CHECK(vramslice_permit_reserved(p) > GIB / 2);
+    CHECK(vramslice_permit_out_of_memory(p) > GIB / 2);
+
+    char small[8];
+    size_t need = vramslice_render_metrics(rt, small, sizeof small);
+    CHECK(need > sizeof small && strlen(small) == sizeof small - 1);
+    char big[8192];
+    CHECK(vramslice_render_metrics(rt, big, sizeof big) == need);
+    CHECK(strstr(big, "vramslice_sidecar_oom_errors_total 1") != NULL);
+
+    CHECK(vramslice_is_out_of_memory(2));
+    CHECK(!vramslice_is_out_of_memory(1));
+    CHECK(vramslice_backoff_ms(rt, 0) == 500 && vramslice_backoff_ms(rt, 2) == 2000);
+    CHECK(vramslice_oom_retries(rt) == 3);
+
+    /* NULLs are refused, not dereferenced. */
+    CHECK(vramslice_admit(NULL, "x", NULL, NULL, 0, 1, &p, err, sizeof err) == VRAMSLICE_STATUS_INVALID_ARGUMENT);
+    CHECK(vramslice_admit(rt, NULL, NULL, NULL, 0, 1, &p, NULL, 0) == VRAMSLICE_STATUS_INVALID_ARGUMENT);
+    CHECK(vramslice_admit(rt, "x", NULL, NULL, 2, 1, &p, err, sizeof err) == VRAMSLICE_STATUS_INVALID_ARGUMENT);
+    vramslice_permit_release(NULL);
+    vramslice_runtime_free(NULL);
+
+    vramslice_runtime_free(rt);
+    printf("ok\n");
+    return 0;
+}

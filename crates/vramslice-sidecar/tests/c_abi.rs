@@ -1,0 +1,53 @@
+//! Compiles `tests/c/abi_smoke.c` against the committed header with the system C compiler
+//! (`$CC`, default `cc`), links it to this crate's cdylib (built by cargo next to this test) and
+//! runs it.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn cdylib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    for dir in [deps, deps.parent().unwrap()] {
+        if dir.join("libvramslice_sidecar.so").exists() {
+            return dir.to_path_buf();
+        }
+    }
+    panic!(
+        "libvramslice_sidecar.so not found next to {}",
+        exe.display()
+    );
+}
+
+#[test]
+fn c_program_uses_the_abi() {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib_dir = cdylib_dir();
+    let out_dir = tempfile::tempdir().unwrap();
+    let bin = out_dir.path().join("abi_smoke");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&bin)
+        .arg(crate_dir.join("tests/c/abi_smoke.c"))
+        .arg("-I")
+        .arg(crate_dir.join("include"))
+        .arg("-L")
+        .arg(&lib_dir)
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-lvramslice_sidecar")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run C compiler {cc:?}: {e}"));
+    assert!(status.success(), "compiling abi_smoke.c failed");
+    let out = Command::new(&bin)
+        .env_remove("VRAMSLICE_VRAM_LIMIT_BYTES")
+        .env_remove("VRAMSLICE_PROFILE_DIR")
+        .env_remove("VRAMSLICE_OOM_BACKOFF")
+        .env_remove("VRAMSLICE_OOM_RETRIES")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "abi_smoke failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
