@@ -1,0 +1,372 @@
+/*
+ * Test program for the guard: reaches the driver the three ways real programs do
+ * (direct linking, dlopen+dlsym, cuGetProcAddress as the CUDA runtime does) and runs one
+ * scenario. Checks print "ok: ..." or "FAIL: ..."; the last line is "N passed, M failed" and the
+ * exit status is non-zero when a check failed.
+ *
+ *   probe entrypoints <direct|dlsym|gpa|gpa_ptsz> <limited|unlimited> <limit-bytes>
+ *   probe contexts <estimate-bytes> <ctx-bytes> <module-bytes>
+ *   probe race <threads> <iterations> <max-bytes>
+ *   probe hold <bytes>          (allocates, prints "ready", waits for stdin to close)
+ *   probe alloc <bytes>         (allocates once, prints the result code)
+ *   probe fork <bytes> <limit>  (parent and child each hold <bytes>; see tests)
+ *   probe bench <iterations> <bytes>
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef void *H;
+typedef struct { size_t Width, Height; int Format; unsigned NumChannels; } ARRAY_DESC;
+typedef struct { size_t Width, Height, Depth; int Format; unsigned NumChannels, Flags; } ARRAY3D_DESC;
+typedef struct { int type; int handleTypes; struct { int type; int id; } location; void *win32; unsigned char flags[8]; } MEM_PROP;
+
+CUresult cuInit(unsigned);
+CUresult cuDeviceGet(int *, int);
+CUresult cuCtxCreate_v2(H *, unsigned, int);
+CUresult cuCtxDestroy_v2(H);
+CUresult cuCtxSetCurrent(H);
+CUresult cuDevicePrimaryCtxRetain(H *, int);
+CUresult cuDevicePrimaryCtxRelease_v2(int);
+CUresult cuMemGetInfo_v2(size_t *, size_t *);
+CUresult cuDeviceTotalMem_v2(size_t *, int);
+CUresult cuMemAlloc_v2(CUdeviceptr *, size_t);
+CUresult cuMemAllocPitch_v2(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+CUresult cuMemAllocManaged(CUdeviceptr *, size_t, unsigned);
+CUresult cuMemFree_v2(CUdeviceptr);
+CUresult cuMemAllocAsync(CUdeviceptr *, size_t, H);
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, H, H);
+CUresult cuMemFreeAsync(CUdeviceptr, H);
+CUresult cuMemPoolTrimTo(H, size_t);
+CUresult cuDeviceGetMemPool(H *, int);
+CUresult cuMemCreate(unsigned long long *, size_t, const MEM_PROP *, unsigned long long);
+CUresult cuMemRelease(unsigned long long);
+CUresult cuArrayCreate_v2(H *, const ARRAY_DESC *);
+CUresult cuArray3DCreate_v2(H *, const ARRAY3D_DESC *);
+CUresult cuMipmappedArrayCreate(H *, const ARRAY3D_DESC *, unsigned);
+CUresult cuArrayDestroy(H);
+CUresult cuMipmappedArrayDestroy(H);
+CUresult cuModuleLoadData(H *, const void *);
+CUresult cuModuleUnload(H);
+CUresult cuLibraryLoadData(H *, const void *, void *, void **, unsigned, void *, void **, unsigned);
+CUresult cuLibraryUnload(H);
+CUresult cuGetProcAddress_v2(const char *, void **, int, unsigned long long, int *);
+
+struct api {
+    CUresult (*alloc)(CUdeviceptr *, size_t);
+    CUresult (*pitch)(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+    CUresult (*managed)(CUdeviceptr *, size_t, unsigned);
+    CUresult (*free_)(CUdeviceptr);
+    CUresult (*alloc_async)(CUdeviceptr *, size_t, H);
+    CUresult (*alloc_pool)(CUdeviceptr *, size_t, H, H);
+    CUresult (*free_async)(CUdeviceptr, H);
+    CUresult (*trim)(H, size_t);
+    CUresult (*create)(unsigned long long *, size_t, const MEM_PROP *, unsigned long long);
+    CUresult (*release)(unsigned long long);
+    CUresult (*array)(H *, const ARRAY_DESC *);
+    CUresult (*array3d)(H *, const ARRAY3D_DESC *);
+    CUresult (*mipmap)(H *, const ARRAY3D_DESC *, unsigned);
+    CUresult (*array_destroy)(H);
+    CUresult (*mipmap_destroy)(H);
+    CUresult (*info)(size_t *, size_t *);
+    CUresult (*total)(size_t *, int);
+};
+
+static int passed, failed;
+static void check(int cond, const char *what) {
+    if (cond) { passed++; printf("ok: %s\n", what); }
+    else { failed++; printf("FAIL: %s\n", what); }
+    fflush(stdout);
+}
+static int finish(void) {
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
+static void die(const char *msg) { fprintf(stderr, "probe: %s\n", msg); exit(2); }
+
+static void *need(void *p, const char *name) {
+    if (!p) { fprintf(stderr, "probe: cannot resolve %s\n", name); exit(2); }
+    return p;
+}
+
+static void load_api(struct api *a, const char *mode) {
+    if (!strcmp(mode, "direct")) {
+        *a = (struct api){ cuMemAlloc_v2, cuMemAllocPitch_v2, cuMemAllocManaged, cuMemFree_v2, cuMemAllocAsync,
+            cuMemAllocFromPoolAsync, cuMemFreeAsync, cuMemPoolTrimTo, cuMemCreate, cuMemRelease, cuArrayCreate_v2,
+            cuArray3DCreate_v2, cuMipmappedArrayCreate, cuArrayDestroy, cuMipmappedArrayDestroy, cuMemGetInfo_v2,
+            cuDeviceTotalMem_v2 };
+        return;
+    }
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) die(dlerror());
+    if (!strcmp(mode, "dlsym")) {
+#define S(field, name) *(void **)&a->field = need(dlsym(lib, name), name)
+        S(alloc, "cuMemAlloc_v2"); S(pitch, "cuMemAllocPitch_v2"); S(managed, "cuMemAllocManaged");
+        S(free_, "cuMemFree_v2"); S(alloc_async, "cuMemAllocAsync"); S(alloc_pool, "cuMemAllocFromPoolAsync");
+        S(free_async, "cuMemFreeAsync"); S(trim, "cuMemPoolTrimTo"); S(create, "cuMemCreate");
+        S(release, "cuMemRelease"); S(array, "cuArrayCreate_v2"); S(array3d, "cuArray3DCreate_v2");
+        S(mipmap, "cuMipmappedArrayCreate"); S(array_destroy, "cuArrayDestroy");
+        S(mipmap_destroy, "cuMipmappedArrayDestroy"); S(info, "cuMemGetInfo_v2"); S(total, "cuDeviceTotalMem_v2");
+        return;
+    }
+    unsigned long long flags = !strcmp(mode, "gpa_ptsz") ? 2 : 0;
+    CUresult (*gpa)(const char *, void **, int, unsigned long long, int *) =
+        need(dlsym(lib, "cuGetProcAddress_v2"), "cuGetProcAddress_v2");
+    /* Like the CUDA runtime: fetch cuGetProcAddress itself through cuGetProcAddress. */
+    void *self = NULL;
+    if (gpa("cuGetProcAddress", &self, 12040, 0, NULL) || !self) die("cuGetProcAddress(cuGetProcAddress)");
+    gpa = self;
+#define G(field, name) do { void *p_ = NULL; int st_ = -1; \
+        if (gpa(name, &p_, 12040, flags, &st_) || !p_ || st_ != 0) die("cuGetProcAddress " name); \
+        *(void **)&a->field = p_; } while (0)
+    G(alloc, "cuMemAlloc"); G(pitch, "cuMemAllocPitch"); G(managed, "cuMemAllocManaged"); G(free_, "cuMemFree");
+    G(alloc_async, "cuMemAllocAsync"); G(alloc_pool, "cuMemAllocFromPoolAsync"); G(free_async, "cuMemFreeAsync");
+    G(trim, "cuMemPoolTrimTo"); G(create, "cuMemCreate"); G(release, "cuMemRelease"); G(array, "cuArrayCreate");
+    G(array3d, "cuArray3DCreate"); G(mipmap, "cuMipmappedArrayCreate"); G(array_destroy, "cuArrayDestroy");
+    G(mipmap_destroy, "cuMipmappedArrayDestroy"); G(info, "cuMemGetInfo"); G(total, "cuDeviceTotalMem");
+}
+
+static H make_ctx(void) {
+    int dev;
+    H ctx;
+    if (cuInit(0) || cuDeviceGet(&dev, 0) || cuCtxCreate_v2(&ctx, 0, dev)) die("context");
+    return ctx;
+}
+
+#define MIB (1024ULL * 1024ULL)
+#define CHUNK (60 * MIB)
+
+/* One allocate/refuse/free/allocate/free cycle through a pair of functions. */
+typedef CUresult (*alloc_fn)(struct api *, void **, size_t);
+typedef CUresult (*free_fn)(struct api *, void *);
+static CUresult a_alloc(struct api *a, void **h, size_t n) { return a->alloc((CUdeviceptr *)h, n); }
+static CUresult a_managed(struct api *a, void **h, size_t n) { return a->managed((CUdeviceptr *)h, n, 1); }
+static CUresult a_pitch(struct api *a, void **h, size_t n) { size_t p; return a->pitch((CUdeviceptr *)h, &p, 4000, n / 4096, 4); }
+static CUresult f_free(struct api *a, void *h) { return a->free_((CUdeviceptr)h); }
+static CUresult a_async(struct api *a, void **h, size_t n) { return a->alloc_async((CUdeviceptr *)h, n, NULL); }
+static H pool;
+static CUresult a_pool(struct api *a, void **h, size_t n) { return a->alloc_pool((CUdeviceptr *)h, n, pool, NULL); }
+static CUresult f_async(struct api *a, void *h) { return a->free_async((CUdeviceptr)h, NULL); }
+static CUresult a_create(struct api *a, void **h, size_t n) {
+    MEM_PROP p = { 1, 0, { 1, 0 }, NULL, { 0 } };
+    return a->create((unsigned long long *)h, n, &p, 0);
+}
+static CUresult f_release(struct api *a, void *h) { return a->release((unsigned long long)h); }
+static CUresult a_array(struct api *a, void **h, size_t n) { ARRAY_DESC d = { 4096, n / 4096 / 4, 0x20, 1 }; return a->array(h, &d); }
+static CUresult a_array3d(struct api *a, void **h, size_t n) { ARRAY3D_DESC d = { 4096, n / 4096 / 4 / 4, 4, 0x20, 1, 0 }; return a->array3d(h, &d); }
+static CUresult f_array(struct api *a, void *h) { return a->array_destroy(h); }
+static CUresult a_mipmap(struct api *a, void **h, size_t n) { ARRAY3D_DESC d = { 4096, n / 4096 / 4, 0, 0x20, 1, 0 }; return a->mipmap(h, &d, 1); }
+static CUresult f_mipmap(struct api *a, void *h) { return a->mipmap_destroy(h); }
+
+static size_t used_now(struct api *a) {
+    size_t f = 0, t = 0;
+    if (a->info(&f, &t)) return (size_t)-1;
+    return t - f;
+}
+
+static void cycle(struct api *a, const char *name, alloc_fn al, free_fn fr, int limited) {
+    char what[160];
+    void *h1 = NULL, *h2 = NULL, *h3 = NULL;
+    size_t base = used_now(a);
+    snprintf(what, sizeof what, "%s: first allocation within the limit succeeds", name);
+    check(al(a, &h1, CHUNK) == 0 && h1, what);
+    CUresult second = al(a, &h2, CHUNK);
+    if (limited) {
+        snprintf(what, sizeof what, "%s: allocation past the limit gets CUDA_ERROR_OUT_OF_MEMORY (got %d)", name, second);
+        check(second == 2, what);
+        snprintf(what, sizeof what, "%s: cuMemGetInfo shows the allocation as used", name);
+        check(used_now(a) >= base + CHUNK - 8 * MIB, what);
+    } else {
+        snprintf(what, sizeof what, "%s: without a limit the second allocation passes (got %d)", name, second);
+        check(second == 0, what);
+        if (second == 0) fr(a, h2);
+    }
+    snprintf(what, sizeof what, "%s: free succeeds", name);
+    check(fr(a, h1) == 0, what);
+    snprintf(what, sizeof what, "%s: freed memory can be allocated again", name);
+    check(al(a, &h3, CHUNK) == 0, what);
+    fr(a, h3);
+}
+
+static int entrypoints(const char *mode, int limited, size_t limit) {
+    struct api a;
+    H ctx = make_ctx();
+    load_api(&a, mode);
+    if (cuDeviceGetMemPool(&pool, 0)) die("pool");
+    cycle(&a, "cuMemAlloc_v2", a_alloc, f_free, limited);
+    cycle(&a, "cuMemAllocPitch_v2", a_pitch, f_free, limited);
+    cycle(&a, "cuMemAllocManaged", a_managed, f_free, limited);
+    cycle(&a, "cuMemAllocAsync", a_async, f_async, limited);
+    cycle(&a, "cuMemAllocFromPoolAsync", a_pool, f_async, limited);
+    cycle(&a, "cuMemCreate", a_create, f_release, limited);
+    cycle(&a, "cuArrayCreate_v2", a_array, f_array, limited);
+    cycle(&a, "cuArray3DCreate_v2", a_array3d, f_array, limited);
+    cycle(&a, "cuMipmappedArrayCreate", a_mipmap, f_mipmap, limited);
+    /* memory held in a pool after async frees is given back by a trim */
+    CUdeviceptr p;
+    check(a.alloc_async(&p, CHUNK, NULL) == 0 && a.free_async(p, NULL) == 0, "async alloc+free for the trim check");
+    check(a.trim(pool, 0) == 0, "cuMemPoolTrimTo succeeds");
+    size_t f = 0, t = 0;
+    check(a.info(&f, &t) == 0, "cuMemGetInfo succeeds");
+    size_t tot = 0;
+    check(a.total(&tot, 0) == 0, "cuDeviceTotalMem succeeds");
+    if (limited) {
+        check(t == limit, "cuMemGetInfo total is the limit");
+        check(tot == limit, "cuDeviceTotalMem is the limit");
+        check(f <= limit && f >= limit - 8 * MIB, "cuMemGetInfo free is the limit minus what is held (pool trimmed)");
+    } else {
+        check(t > limit, "cuMemGetInfo total is the device size");
+    }
+    /* host-located cuMemCreate is never counted */
+    unsigned long long hh;
+    MEM_PROP hp = { 1, 0, { 2, 0 }, NULL, { 0 } };
+    check(a.create(&hh, 4 * limit, &hp, 0) == 0 && a.release(hh) == 0, "host-located cuMemCreate is not counted");
+    cuCtxDestroy_v2(ctx);
+    return finish();
+}
+
+static int contexts(size_t estimate, size_t ctx_bytes, size_t module_bytes) {
+    int dev;
+    H c1, c2, m, l;
+    size_t f, t, u0, u1, u2, u3, u4;
+    if (cuInit(0) || cuDeviceGet(&dev, 0)) die("init");
+    check(cuCtxCreate_v2(&c1, 0, dev) == 0, "first context (none current: charged the estimate)");
+    cuMemGetInfo_v2(&f, &t); u0 = t - f;
+    check(u0 == estimate, "first context charged VRAMSLICE_CONTEXT_ESTIMATE_BYTES");
+    check(cuCtxCreate_v2(&c2, 0, dev) == 0, "second context created");
+    cuMemGetInfo_v2(&f, &t); u1 = t - f;
+    check(u1 == estimate + ctx_bytes, "second context charged what it measurably took");
+    check(cuModuleLoadData(&m, "x") == 0, "module loaded");
+    cuMemGetInfo_v2(&f, &t); u2 = t - f;
+    check(u2 == u1 + module_bytes, "module charged what it measurably took");
+    check(cuLibraryLoadData(&l, "x", NULL, NULL, 0, NULL, NULL, 0) == 0, "library loaded");
+    cuMemGetInfo_v2(&f, &t); u3 = t - f;
+    check(u3 == u2 + module_bytes, "library charged what it measurably took");
+    check(cuLibraryUnload(l) == 0 && cuModuleUnload(m) == 0, "unloaded");
+    cuMemGetInfo_v2(&f, &t);
+    check(t - f == u1, "unloading returns the module and library charges");
+    check(cuCtxDestroy_v2(c2) == 0, "second context destroyed");
+    cuCtxSetCurrent(c1);
+    cuMemGetInfo_v2(&f, &t); u4 = t - f;
+    check(u4 == estimate, "destroying a context returns its charge");
+    H p1, p2;
+    check(cuDevicePrimaryCtxRetain(&p1, dev) == 0 && cuDevicePrimaryCtxRetain(&p2, dev) == 0, "primary context retained twice");
+    cuMemGetInfo_v2(&f, &t);
+    check(t - f == u4 + ctx_bytes, "primary context charged once");
+    check(cuDevicePrimaryCtxRelease_v2(dev) == 0 && cuDevicePrimaryCtxRelease_v2(dev) == 0, "primary context released twice");
+    cuMemGetInfo_v2(&f, &t);
+    check(t - f == u4, "last primary release returns the charge");
+    return finish();
+}
+
+struct race_arg { int iters; size_t max; unsigned seed; long ok, oom, other; };
+static void *race_thread(void *p) {
+    struct race_arg *r = p;
+    for (int i = 0; i < r->iters; i++) {
+        size_t n = (size_t)(rand_r(&r->seed) % r->max) + 1;
+        CUdeviceptr d;
+        CUresult rc;
+        int path = i % 3;
+        if (path == 0) rc = cuMemAlloc_v2(&d, n);
+        else if (path == 1) rc = cuMemAllocManaged(&d, n, 1);
+        else rc = cuMemAllocAsync(&d, n, NULL);
+        if (rc == 0) {
+            r->ok++;
+            if (i % 7 == 0) sched_yield();
+            if (path == 2) cuMemFreeAsync(d, NULL); else cuMemFree_v2(d);
+        } else if (rc == 2) r->oom++;
+        else r->other++;
+    }
+    return NULL;
+}
+static int race(int threads, int iters, size_t max) {
+    pthread_t th[64];
+    struct race_arg args[64];
+    if (threads > 64) threads = 64;
+    cuInit(0);
+    for (int i = 0; i < threads; i++) {
+        args[i] = (struct race_arg){ iters, max, (unsigned)(getpid() * 131 + i), 0, 0, 0 };
+        pthread_create(&th[i], NULL, race_thread, &args[i]);
+    }
+    long ok = 0, oom = 0, other = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(th[i], NULL);
+        ok += args[i].ok; oom += args[i].oom; other += args[i].other;
+    }
+    printf("race ok=%ld oom=%ld other=%ld\n", ok, oom, other);
+    check(other == 0, "no error other than out-of-memory");
+    return finish();
+}
+
+static int hold(size_t n) {
+    CUdeviceptr d;
+    CUresult rc = cuMemAlloc_v2(&d, n);
+    printf("hold rc=%d pid=%d\nready\n", rc, (int)getpid());
+    fflush(stdout);
+    char buf[16];
+    while (read(0, buf, sizeof buf) > 0) {}
+    return rc;
+}
+
+static int fork_test(size_t n, size_t limit) {
+    CUdeviceptr d;
+    check(cuMemAlloc_v2(&d, n) == 0, "parent allocation");
+    fflush(stdout);
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        CUdeviceptr c;
+        check(cuMemAlloc_v2(&c, n) == 0, "child allocation");
+        check(cuMemAlloc_v2(&c, limit - 2 * n + 1) == 2, "child is refused past the shared container total");
+        printf("child ready pid=%d\n", (int)getpid());
+        fflush(stdout);
+        char buf[16];
+        while (read(0, buf, sizeof buf) > 0) {}
+        exit(finish());
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    check(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child passed its checks");
+    CUdeviceptr e;
+    check(cuMemAlloc_v2(&e, limit - n) == 0, "after the child exits its memory is reclaimed");
+    return finish();
+}
+
+static int bench(long iters, size_t n) {
+    CUdeviceptr d;
+    struct timespec a, b;
+    for (long i = 0; i < iters / 10; i++) { cuMemAlloc_v2(&d, n); cuMemFree_v2(d); }
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < iters; i++) {
+        if (cuMemAlloc_v2(&d, n)) die("alloc in bench");
+        cuMemFree_v2(d);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double ns = (double)(b.tv_sec - a.tv_sec) * 1e9 + (double)(b.tv_nsec - a.tv_nsec);
+    printf("%.2f\n", ns / (double)iters);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) die("usage: probe <scenario> ...");
+    const char *s = argv[1];
+    if (!strcmp(s, "entrypoints") && argc == 5) return entrypoints(argv[2], !strcmp(argv[3], "limited"), strtoull(argv[4], 0, 10));
+    if (!strcmp(s, "contexts") && argc == 5) return contexts(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
+    if (!strcmp(s, "race") && argc == 5) return race(atoi(argv[2]), atoi(argv[3]), strtoull(argv[4], 0, 10));
+    if (!strcmp(s, "hold") && argc == 3) return hold(strtoull(argv[2], 0, 10));
+    if (!strcmp(s, "alloc") && argc == 3) { CUdeviceptr d; int rc = cuMemAlloc_v2(&d, strtoull(argv[2], 0, 10)); printf("alloc rc=%d\n", rc); return 0; }
+    if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "bench") && argc == 4) return bench(atol(argv[2]), strtoull(argv[3], 0, 10));
+    die("unknown scenario or wrong arguments");
+    return 2;
+}

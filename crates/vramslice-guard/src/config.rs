@@ -1,0 +1,184 @@
+//! The guard's settings, read once from the environment through a lookup function so that the
+//! parsing is testable without touching the process environment.
+//!
+//! Malformed values never stop the program: each produces a message (printed once to stderr by
+//! the caller) and a safe fallback — a malformed limit turns the guard into pass-through.
+
+use std::path::PathBuf;
+
+/// Environment variable holding the container's limit in bytes (or a quantity such as `2Gi`).
+pub const ENV_LIMIT: &str = "VRAMSLICE_VRAM_LIMIT_BYTES";
+/// Directory holding the shared accounting file.
+pub const ENV_ACCOUNTING_DIR: &str = "VRAMSLICE_ACCOUNTING_DIR";
+/// Path or soname of the real CUDA driver.
+pub const ENV_REAL_LIBCUDA: &str = "VRAMSLICE_REAL_LIBCUDA";
+/// Path or soname of the real NVML library.
+pub const ENV_REAL_LIBNVML: &str = "VRAMSLICE_REAL_LIBNVML";
+/// GPU UUID recorded in the accounting file.
+pub const ENV_GPU_UUID: &str = "VRAMSLICE_GPU_UUID";
+/// `0` stops counting `cuMemAllocManaged`.
+pub const ENV_COUNT_MANAGED: &str = "VRAMSLICE_COUNT_MANAGED";
+/// `0` stops virtualising NVML's memory info.
+pub const ENV_VIRTUALIZE_NVML: &str = "VRAMSLICE_VIRTUALIZE_NVML";
+/// Bytes charged for a context when the driver cannot be asked before it exists.
+pub const ENV_CONTEXT_ESTIMATE: &str = "VRAMSLICE_CONTEXT_ESTIMATE_BYTES";
+
+/// Default real driver soname.
+pub const DEFAULT_REAL_LIBCUDA: &str = "libcuda.so.1";
+/// Default real NVML soname.
+pub const DEFAULT_REAL_LIBNVML: &str = "libnvidia-ml.so.1";
+/// Default context charge when it cannot be measured (no context current before creation).
+pub const DEFAULT_CONTEXT_ESTIMATE: u64 = 256 << 20;
+
+/// What the guard does, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The limit; `None` means pass everything through.
+    pub limit: Option<u64>,
+    /// Where the shared accounting file lives; `None` means per-process accounting.
+    pub accounting_dir: Option<PathBuf>,
+    /// The real driver to load.
+    pub real_libcuda: String,
+    /// The real NVML to load.
+    pub real_libnvml: String,
+    /// GPU UUID to record in the accounting file.
+    pub gpu_uuid: String,
+    /// Count `cuMemAllocManaged`.
+    pub count_managed: bool,
+    /// Virtualise NVML memory info.
+    pub virtualize_nvml: bool,
+    /// Context charge when it cannot be measured.
+    pub context_estimate: u64,
+}
+
+fn parse_bool(name: &str, value: Option<String>, default: bool, msgs: &mut Vec<String>) -> bool {
+    let Some(v) = value else { return default };
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => true,
+        "0" | "false" | "no" | "off" => false,
+        _ => {
+            msgs.push(format!(
+                "{name}={v:?} is not a boolean (use 1 or 0); using {}",
+                u8::from(default)
+            ));
+            default
+        }
+    }
+}
+
+fn parse_amount(name: &str, value: &str) -> Result<u64, String> {
+    vramslice_core::parse_bytes(value.trim())
+        .map_err(|e| format!("{name}={value:?} is malformed: {e}"))
+}
+
+impl Config {
+    /// Reads the settings through `get` (normally `std::env::var`), returning the messages to print.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> (Config, Vec<String>) {
+        let mut msgs = Vec::new();
+        let limit = match get(ENV_LIMIT) {
+            None => None,
+            Some(v) if v.trim().is_empty() => None,
+            Some(v) => match parse_amount(ENV_LIMIT, &v) {
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    msgs.push(format!("{e}; the limit is NOT enforced (pass-through)"));
+                    None
+                }
+            },
+        };
+        let accounting_dir = get(ENV_ACCOUNTING_DIR)
+            .filter(|d| !d.trim().is_empty())
+            .map(PathBuf::from);
+        let context_estimate = match get(ENV_CONTEXT_ESTIMATE) {
+            None => DEFAULT_CONTEXT_ESTIMATE,
+            Some(v) => parse_amount(ENV_CONTEXT_ESTIMATE, &v).unwrap_or_else(|e| {
+                msgs.push(format!("{e}; using {DEFAULT_CONTEXT_ESTIMATE}"));
+                DEFAULT_CONTEXT_ESTIMATE
+            }),
+        };
+        let config = Config {
+            limit,
+            accounting_dir,
+            real_libcuda: get(ENV_REAL_LIBCUDA)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| DEFAULT_REAL_LIBCUDA.to_owned()),
+            real_libnvml: get(ENV_REAL_LIBNVML)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| DEFAULT_REAL_LIBNVML.to_owned()),
+            gpu_uuid: get(ENV_GPU_UUID).unwrap_or_default(),
+            count_managed: parse_bool(ENV_COUNT_MANAGED, get(ENV_COUNT_MANAGED), true, &mut msgs),
+            virtualize_nvml: parse_bool(
+                ENV_VIRTUALIZE_NVML,
+                get(ENV_VIRTUALIZE_NVML),
+                true,
+                &mut msgs,
+            ),
+            context_estimate,
+        };
+        (config, msgs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> (Config, Vec<String>) {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn empty_environment_is_pass_through_with_defaults() {
+        let (c, msgs) = cfg(&[]);
+        assert!(msgs.is_empty());
+        assert_eq!(c.limit, None);
+        assert_eq!(c.accounting_dir, None);
+        assert_eq!(c.real_libcuda, "libcuda.so.1");
+        assert!(c.count_managed && c.virtualize_nvml);
+        assert_eq!(c.context_estimate, DEFAULT_CONTEXT_ESTIMATE);
+    }
+
+    #[test]
+    fn limit_accepts_bytes_and_quantities() {
+        assert_eq!(cfg(&[(ENV_LIMIT, "2147483648")]).0.limit, Some(2 << 30));
+        assert_eq!(cfg(&[(ENV_LIMIT, " 2Gi ")]).0.limit, Some(2 << 30));
+        assert_eq!(cfg(&[(ENV_LIMIT, "0")]).0.limit, Some(0));
+    }
+
+    #[test]
+    fn malformed_limit_is_reported_and_passes_through() {
+        for bad in ["lots", "-5", "1.5.5Gi", "99999999999999999999999"] {
+            let (c, msgs) = cfg(&[(ENV_LIMIT, bad)]);
+            assert_eq!(c.limit, None, "{bad}");
+            assert_eq!(msgs.len(), 1);
+            assert!(
+                msgs[0].contains(ENV_LIMIT) && msgs[0].contains("NOT enforced"),
+                "{}",
+                msgs[0]
+            );
+        }
+    }
+
+    #[test]
+    fn booleans_and_estimate() {
+        let (c, msgs) = cfg(&[
+            (ENV_COUNT_MANAGED, "0"),
+            (ENV_VIRTUALIZE_NVML, "maybe"),
+            (ENV_CONTEXT_ESTIMATE, "1Mi"),
+            (ENV_ACCOUNTING_DIR, "/run/vs"),
+            (ENV_REAL_LIBCUDA, "/x/libcuda.so"),
+        ]);
+        assert!(!c.count_managed);
+        assert!(c.virtualize_nvml);
+        assert_eq!(msgs.len(), 1);
+        assert!(msgs[0].contains(ENV_VIRTUALIZE_NVML));
+        assert_eq!(c.context_estimate, 1 << 20);
+        assert_eq!(c.accounting_dir, Some(PathBuf::from("/run/vs")));
+        assert_eq!(c.real_libcuda, "/x/libcuda.so");
+    }
+}

@@ -1,0 +1,433 @@
+//! Exported allocation and free entry points of the driver API.
+#![allow(non_snake_case)]
+
+use super::types::*;
+use super::{boundary, config, guard, read_out, real_fn};
+use crate::sizes;
+use crate::tracker::Kind;
+use std::ffi::c_uint;
+
+/// Reserve, call the real allocator, then track the handle it produced (or undo the reservation).
+#[inline(always)]
+fn counted(
+    bytes: u64,
+    kind: Kind,
+    call: impl FnOnce() -> CUresult,
+    out: impl FnOnce() -> Option<u64>,
+) -> CUresult {
+    let Some(g) = guard() else { return call() };
+    if g.reserve(bytes).is_err() {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let rc = call();
+    match (rc == CUDA_SUCCESS).then(out).flatten() {
+        Some(handle) => g.track(kind, handle, bytes),
+        None => g.release(bytes),
+    }
+    rc
+}
+
+/// Take the handle out, call the real free, then give its bytes back (or put it back on failure).
+#[inline(always)]
+fn freeing(kind: Kind, handle: u64, call: impl FnOnce() -> CUresult) -> CUresult {
+    let Some(g) = guard() else { return call() };
+    let entry = g.untrack(kind, handle);
+    let rc = call();
+    if let Some(e) = entry {
+        if rc == CUDA_SUCCESS {
+            g.freed(e);
+        } else {
+            g.retrack(kind, handle, e);
+        }
+    }
+    rc
+}
+
+/// The memory pool `cuMemAllocAsync` draws from: the current device's current pool.
+fn current_pool() -> u64 {
+    let Some(r) = super::real::real() else {
+        return 1;
+    };
+    let (Some(get_dev), Some(get_pool)) = (r.cuCtxGetDevice, r.cuDeviceGetMemPool) else {
+        return 1;
+    };
+    let mut dev: CUdevice = 0;
+    let mut pool: Handle = std::ptr::null_mut();
+    // SAFETY: both out-pointers point at live locals of the declared types.
+    let ok = unsafe {
+        get_dev(&raw mut dev) == CUDA_SUCCESS && get_pool(&raw mut pool, dev) == CUDA_SUCCESS
+    };
+    if ok { (pool as usize as u64).max(1) } else { 1 }
+}
+
+#[inline(always)]
+fn async_counted(
+    pool: u64,
+    bytes: u64,
+    dptr: *mut CUdeviceptr,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let Some(g) = guard() else { return call() };
+    let pool = pool.max(1);
+    let Ok(reused) = g.reserve_async(pool, bytes) else {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    };
+    let rc = call();
+    // SAFETY: dptr is the caller's out-pointer, written by the driver on success.
+    match (rc == CUDA_SUCCESS)
+        .then(|| unsafe { read_out(dptr) })
+        .flatten()
+    {
+        Some(p) => g.track_async(p, pool, bytes),
+        None => g.async_failed(pool, bytes, reused, true),
+    }
+    rc
+}
+
+/// Interposed `cuMemAlloc_v2`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemAlloc_v2);
+        // SAFETY: the caller's arguments are passed unchanged to the real function of this
+        // signature; dptr is read only after the driver reported success.
+        counted(
+            size as u64,
+            Kind::DevicePtr,
+            || unsafe { f(dptr, size) },
+            || unsafe { read_out(dptr) },
+        )
+    })
+}
+
+/// Interposed `cuMemAllocManaged` (counted unless `VRAMSLICE_COUNT_MANAGED=0`).
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocManaged(
+    dptr: *mut CUdeviceptr,
+    size: usize,
+    flags: c_uint,
+) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemAllocManaged);
+        // SAFETY: arguments forwarded unchanged to the real function of this signature.
+        let call = || unsafe { f(dptr, size, flags) };
+        if !config().count_managed {
+            return call();
+        }
+        // SAFETY: dptr is read only after the driver reported success.
+        counted(size as u64, Kind::DevicePtr, call, || unsafe {
+            read_out(dptr)
+        })
+    })
+}
+
+/// Interposed `cuMemAllocPitch_v2`: reserves width × height first, then the padding the driver chose.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut CUdeviceptr,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    elem: c_uint,
+) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemAllocPitch_v2);
+        // SAFETY: arguments forwarded unchanged to the real function of this signature.
+        let call = || unsafe { f(dptr, pitch, width, height, elem) };
+        let Some(g) = guard() else { return call() };
+        let first = (width as u64).saturating_mul(height as u64);
+        if g.reserve(first).is_err() {
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        let rc = call();
+        // SAFETY: both out-pointers are read only after the driver reported success.
+        let out = (rc == CUDA_SUCCESS)
+            .then(|| unsafe { read_out(dptr).zip(read_out(pitch)) })
+            .flatten();
+        let Some((p, real_pitch)) = out else {
+            g.release(first);
+            return rc;
+        };
+        let total = (real_pitch as u64).saturating_mul(height as u64).max(first);
+        if g.reserve(total - first).is_err() {
+            if let Some(free) = super::real::real().and_then(|r| r.cuMemFree_v2) {
+                // SAFETY: p is the allocation the driver just made; nobody else has seen it.
+                unsafe { free(p) };
+            }
+            g.release(first);
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        g.track(Kind::DevicePtr, p, total);
+        rc
+    })
+}
+
+/// Interposed `cuMemFree_v2`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemFree_v2);
+        // SAFETY: argument forwarded unchanged.
+        freeing(Kind::DevicePtr, dptr, || unsafe { f(dptr) })
+    })
+}
+
+macro_rules! alloc_async {
+    ($name:ident) => {
+        /// Interposed asynchronous allocation from the current pool.
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            dptr: *mut CUdeviceptr,
+            size: usize,
+            stream: Handle,
+        ) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                let pool = if guard().is_some() { current_pool() } else { 1 };
+                // SAFETY: arguments forwarded unchanged.
+                async_counted(pool, size as u64, dptr, || unsafe { f(dptr, size, stream) })
+            })
+        }
+    };
+}
+alloc_async!(cuMemAllocAsync);
+alloc_async!(cuMemAllocAsync_ptsz);
+
+macro_rules! alloc_from_pool {
+    ($name:ident) => {
+        /// Interposed asynchronous allocation from a given pool.
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            dptr: *mut CUdeviceptr,
+            size: usize,
+            pool: Handle,
+            stream: Handle,
+        ) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                // SAFETY: arguments forwarded unchanged.
+                async_counted(pool as usize as u64, size as u64, dptr, || unsafe {
+                    f(dptr, size, pool, stream)
+                })
+            })
+        }
+    };
+}
+alloc_from_pool!(cuMemAllocFromPoolAsync);
+alloc_from_pool!(cuMemAllocFromPoolAsync_ptsz);
+
+macro_rules! free_async {
+    ($name:ident) => {
+        /// Interposed asynchronous free (the bytes stay charged to the pool until it is trimmed
+        /// or found to have released them).
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(dptr: CUdeviceptr, stream: Handle) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                // SAFETY: arguments forwarded unchanged.
+                freeing(Kind::DevicePtr, dptr, || unsafe { f(dptr, stream) })
+            })
+        }
+    };
+}
+free_async!(cuMemFreeAsync);
+free_async!(cuMemFreeAsync_ptsz);
+
+/// Interposed `cuMemPoolTrimTo`: afterwards the pool's retained bytes are re-read.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPoolTrimTo(pool: Handle, keep: usize) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemPoolTrimTo);
+        // SAFETY: arguments forwarded unchanged.
+        let rc = unsafe { f(pool, keep) };
+        if rc == CUDA_SUCCESS
+            && let Some(g) = guard()
+        {
+            g.reconcile_pool((pool as usize as u64).max(1), Some(keep as u64));
+        }
+        rc
+    })
+}
+
+/// Interposed `cuMemCreate`: counted when the location is a device.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    size: usize,
+    prop: *const MemAllocationProp,
+    flags: u64,
+) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemCreate);
+        // SAFETY: arguments forwarded unchanged.
+        let call = || unsafe { f(handle, size, prop, flags) };
+        // SAFETY: prop is null or points at a CUmemAllocationProp, whose first four ints we read.
+        let on_device = unsafe { prop.as_ref() }
+            .is_some_and(|p| p.location_type == CU_MEM_LOCATION_TYPE_DEVICE);
+        if !on_device {
+            return call();
+        }
+        // SAFETY: handle is read only after the driver reported success.
+        counted(size as u64, Kind::Physical, call, || unsafe {
+            read_out(handle)
+        })
+    })
+}
+
+/// Interposed `cuMemRelease`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemRelease);
+        // SAFETY: argument forwarded unchanged.
+        freeing(Kind::Physical, handle, || unsafe { f(handle) })
+    })
+}
+
+/// Interposed `cuArrayCreate_v2`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayCreate_v2(
+    array: *mut Handle,
+    desc: *const ArrayDescriptor,
+) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuArrayCreate_v2);
+        // SAFETY: arguments forwarded unchanged.
+        let call = || unsafe { f(array, desc) };
+        // SAFETY: desc is null or a valid descriptor, per the API.
+        let Some(d) = (unsafe { desc.as_ref() }) else {
+            return call();
+        };
+        let bytes =
+            sizes::array_bytes(d.width as u64, d.height as u64, 0, d.format, d.num_channels);
+        // SAFETY: array is read only after the driver reported success.
+        counted(bytes, Kind::Array, call, || {
+            unsafe { read_out(array) }.map(|h| h as usize as u64)
+        })
+    })
+}
+
+/// Interposed `cuArray3DCreate_v2`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArray3DCreate_v2(
+    array: *mut Handle,
+    desc: *const Array3dDescriptor,
+) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuArray3DCreate_v2);
+        // SAFETY: arguments forwarded unchanged.
+        let call = || unsafe { f(array, desc) };
+        // SAFETY: desc is null or a valid descriptor, per the API.
+        let Some(d) = (unsafe { desc.as_ref() }) else {
+            return call();
+        };
+        let bytes = sizes::array_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format,
+            d.num_channels,
+        );
+        // SAFETY: array is read only after the driver reported success.
+        counted(bytes, Kind::Array, call, || {
+            unsafe { read_out(array) }.map(|h| h as usize as u64)
+        })
+    })
+}
+
+/// Interposed `cuMipmappedArrayCreate`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    array: *mut Handle,
+    desc: *const Array3dDescriptor,
+    levels: c_uint,
+) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMipmappedArrayCreate);
+        // SAFETY: arguments forwarded unchanged.
+        let call = || unsafe { f(array, desc, levels) };
+        // SAFETY: desc is null or a valid descriptor, per the API.
+        let Some(d) = (unsafe { desc.as_ref() }) else {
+            return call();
+        };
+        let bytes = sizes::mipmapped_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format,
+            d.num_channels,
+            levels,
+        );
+        // SAFETY: array is read only after the driver reported success.
+        counted(bytes, Kind::Mipmapped, call, || {
+            unsafe { read_out(array) }.map(|h| h as usize as u64)
+        })
+    })
+}
+
+/// Interposed `cuArrayDestroy`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayDestroy(array: Handle) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuArrayDestroy);
+        // SAFETY: argument forwarded unchanged.
+        freeing(Kind::Array, array as usize as u64, || unsafe { f(array) })
+    })
+}
+
+/// Interposed `cuMipmappedArrayDestroy`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayDestroy(array: Handle) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMipmappedArrayDestroy);
+        // SAFETY: argument forwarded unchanged.
+        freeing(Kind::Mipmapped, array as usize as u64, || unsafe {
+            f(array)
+        })
+    })
+}

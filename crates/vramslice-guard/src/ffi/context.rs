@@ -1,0 +1,313 @@
+//! Exported context, module and memory-information entry points (driver API and NVML).
+//!
+//! Contexts and modules take device memory the caller never names; the guard measures it as the
+//! drop in the real free memory across the call. A context created while no context is current
+//! cannot be measured (the driver answers memory queries only inside a context) and is charged
+//! `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` instead.
+#![allow(non_snake_case)]
+
+use super::types::*;
+use super::{boundary, config, guard, read_out, real_fn};
+use crate::tracker::Kind;
+use std::ffi::{c_char, c_int, c_uint, c_void};
+
+/// Real free bytes of the current context's device, if a context is current.
+fn real_free() -> Option<u64> {
+    let f = super::real::real()?.cuMemGetInfo_v2?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: two out-pointers to live locals.
+    let rc = unsafe { f(&raw mut free, &raw mut total) };
+    (rc == CUDA_SUCCESS).then_some(free as u64)
+}
+
+fn measured_bytes(before: Option<u64>, estimate: u64) -> u64 {
+    match (before, real_free()) {
+        (Some(b), Some(a)) => b.saturating_sub(a),
+        _ => estimate,
+    }
+}
+
+/// Measures what `call` takes and charges it to the handle it produced.
+#[inline(always)]
+fn measured(
+    kind: Kind,
+    estimate: u64,
+    call: impl FnOnce() -> CUresult,
+    out: impl FnOnce() -> Option<u64>,
+) -> CUresult {
+    let Some(g) = guard() else { return call() };
+    let before = real_free();
+    let rc = call();
+    if rc == CUDA_SUCCESS
+        && let Some(h) = out()
+    {
+        g.charge(kind, h, measured_bytes(before, estimate));
+    }
+    rc
+}
+
+fn released(kind: Kind, handle: Handle, call: impl FnOnce() -> CUresult) -> CUresult {
+    let Some(g) = guard() else { return call() };
+    let key = handle as usize as u64;
+    let entry = g.untrack(kind, key);
+    let rc = call();
+    if let Some(e) = entry {
+        if rc == CUDA_SUCCESS {
+            g.freed(e)
+        } else {
+            g.retrack(kind, key, e)
+        }
+    }
+    rc
+}
+
+macro_rules! ctx_create {
+    ($name:ident ( $($arg:ident : $ty:ty),* )) => {
+        /// Interposed context creation: the context's memory is measured and charged.
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(ctx: *mut Handle, $($arg: $ty),*) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                let estimate = config().context_estimate;
+                // SAFETY: arguments forwarded unchanged; ctx read only after success.
+                measured(Kind::Context, estimate, || unsafe { f(ctx, $($arg),*) }, || unsafe { read_out(ctx) }.map(|h| h as usize as u64))
+            })
+        }
+    };
+}
+ctx_create!(cuCtxCreate_v2(flags: c_uint, dev: CUdevice));
+ctx_create!(cuCtxCreate_v3(params: *mut c_void, n: c_int, flags: c_uint, dev: CUdevice));
+ctx_create!(cuCtxCreate_v4(params: *mut c_void, flags: c_uint, dev: CUdevice));
+
+/// Interposed `cuCtxDestroy_v2`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Handle) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuCtxDestroy_v2);
+        // SAFETY: argument forwarded unchanged.
+        released(Kind::Context, ctx, || unsafe { f(ctx) })
+    })
+}
+
+/// Interposed `cuDevicePrimaryCtxRetain`: the first retain of a device is measured and charged.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: CUdevice) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuDevicePrimaryCtxRetain);
+        // SAFETY: arguments forwarded unchanged.
+        let call = || unsafe { f(ctx, dev) };
+        let Some(g) = guard() else { return call() };
+        let before = real_free();
+        let rc = call();
+        if rc == CUDA_SUCCESS {
+            g.primary_retained(dev as u64, || {
+                measured_bytes(before, config().context_estimate)
+            });
+        }
+        rc
+    })
+}
+
+/// Interposed `cuDevicePrimaryCtxRelease_v2`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuDevicePrimaryCtxRelease_v2);
+        // SAFETY: argument forwarded unchanged.
+        let rc = unsafe { f(dev) };
+        if rc == CUDA_SUCCESS
+            && let Some(g) = guard()
+        {
+            g.primary_released(dev as u64, false);
+        }
+        rc
+    })
+}
+
+/// Interposed `cuDevicePrimaryCtxReset_v2`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuDevicePrimaryCtxReset_v2);
+        // SAFETY: argument forwarded unchanged.
+        let rc = unsafe { f(dev) };
+        if rc == CUDA_SUCCESS
+            && let Some(g) = guard()
+        {
+            g.primary_released(dev as u64, true);
+        }
+        rc
+    })
+}
+
+macro_rules! module_load {
+    ($name:ident, $kind:expr, ( $($arg:ident : $ty:ty),* )) => {
+        /// Interposed module/library load: the memory it takes is measured and charged.
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(out: *mut Handle, $($arg: $ty),*) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                // SAFETY: arguments forwarded unchanged; out read only after success.
+                measured($kind, 0, || unsafe { f(out, $($arg),*) }, || unsafe { read_out(out) }.map(|h| h as usize as u64))
+            })
+        }
+    };
+}
+module_load!(cuModuleLoad, Kind::Module, (fname: *const c_char));
+module_load!(cuModuleLoadData, Kind::Module, (image: *const c_void));
+module_load!(cuModuleLoadDataEx, Kind::Module, (image: *const c_void, n: c_uint, opts: *mut c_void, vals: *mut *mut c_void));
+module_load!(cuModuleLoadFatBinary, Kind::Module, (image: *const c_void));
+module_load!(cuLibraryLoadData, Kind::Library, (code: *const c_void, jo: *mut c_void, jv: *mut *mut c_void, nj: c_uint, lo: *mut c_void, lv: *mut *mut c_void, nl: c_uint));
+module_load!(cuLibraryLoadFromFile, Kind::Library, (file: *const c_char, jo: *mut c_void, jv: *mut *mut c_void, nj: c_uint, lo: *mut c_void, lv: *mut *mut c_void, nl: c_uint));
+
+/// Interposed `cuModuleUnload`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleUnload(m: Handle) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuModuleUnload);
+        // SAFETY: argument forwarded unchanged.
+        released(Kind::Module, m, || unsafe { f(m) })
+    })
+}
+
+/// Interposed `cuLibraryUnload`.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLibraryUnload(l: Handle) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuLibraryUnload);
+        // SAFETY: argument forwarded unchanged.
+        released(Kind::Library, l, || unsafe { f(l) })
+    })
+}
+
+/// Interposed `cuMemGetInfo_v2`: total = limit, free = min(limit − used, real free).
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemGetInfo_v2);
+        // SAFETY: arguments forwarded unchanged.
+        let rc = unsafe { f(free, total) };
+        if rc != CUDA_SUCCESS || free.is_null() || total.is_null() {
+            return rc;
+        }
+        if let Some(g) = guard() {
+            g.reconcile_pools();
+            // SAFETY: both pointers are non-null and were just written by the driver.
+            unsafe {
+                let (fr, to) = g.mem_info(*free as u64);
+                *free = usize::try_from(fr).unwrap_or(usize::MAX);
+                *total = usize::try_from(to).unwrap_or(usize::MAX);
+            }
+        }
+        rc
+    })
+}
+
+/// Interposed `cuDeviceTotalMem_v2`: at most the limit.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuDeviceTotalMem_v2);
+        // SAFETY: arguments forwarded unchanged.
+        let rc = unsafe { f(bytes, dev) };
+        if rc == CUDA_SUCCESS
+            && !bytes.is_null()
+            && let Some(g) = guard()
+        {
+            // SAFETY: non-null and just written by the driver.
+            unsafe { *bytes = (*bytes).min(usize::try_from(g.limit()).unwrap_or(usize::MAX)) };
+        }
+        rc
+    })
+}
+
+fn nvml_boundary(f: impl FnOnce() -> c_int) -> c_int {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(NVML_ERROR_UNKNOWN)
+}
+
+/// (total, free, used) as the slice shows them, from NVML's real free bytes.
+fn nvml_view(real_free: u64) -> Option<(u64, u64, u64)> {
+    if !config().virtualize_nvml {
+        return None;
+    }
+    let g = guard()?;
+    let (free, total) = g.mem_info(real_free);
+    Some((total, free, g.used()))
+}
+
+/// Interposed `nvmlDeviceGetMemoryInfo` (virtualised unless `VRAMSLICE_VIRTUALIZE_NVML=0`).
+///
+/// # Safety
+/// As NVML requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(dev: *mut c_void, mem: *mut NvmlMemory) -> c_int {
+    nvml_boundary(|| {
+        let Some(f) = super::real::real_nvml().and_then(|n| n.get_memory_info) else {
+            return NVML_ERROR_UNINITIALIZED;
+        };
+        // SAFETY: arguments forwarded unchanged.
+        let rc = unsafe { f(dev, mem) };
+        // SAFETY: mem is null or valid, per the API, and was written on success.
+        if let (0, Some(m)) = (rc, unsafe { mem.as_mut() })
+            && let Some((total, free, used)) = nvml_view(m.free)
+        {
+            (m.total, m.free, m.used) = (total, free, used);
+        }
+        rc
+    })
+}
+
+/// Interposed `nvmlDeviceGetMemoryInfo_v2`.
+///
+/// # Safety
+/// As NVML requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    dev: *mut c_void,
+    mem: *mut NvmlMemoryV2,
+) -> c_int {
+    nvml_boundary(|| {
+        let Some(f) = super::real::real_nvml().and_then(|n| n.get_memory_info_v2) else {
+            return NVML_ERROR_UNINITIALIZED;
+        };
+        // SAFETY: arguments forwarded unchanged.
+        let rc = unsafe { f(dev, mem) };
+        // SAFETY: mem is null or valid, per the API, and was written on success.
+        if let (0, Some(m)) = (rc, unsafe { mem.as_mut() })
+            && let Some((total, free, used)) = nvml_view(m.free)
+        {
+            (m.total, m.free, m.used, m.reserved) = (total, free, used, 0);
+        }
+        rc
+    })
+}

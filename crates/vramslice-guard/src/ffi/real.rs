@@ -1,0 +1,183 @@
+//! The real driver: the real `dlsym`, the real `libcuda` (and NVML) loaded with `RTLD_LOCAL`,
+//! and a table of its entry points typed as the CUDA headers declare them.
+#![allow(non_snake_case)]
+
+use super::types::*;
+use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Signature of `dlsym`.
+pub type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+
+static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+/// The C library's `dlsym`, found with `dlvsym(RTLD_NEXT, ...)` (never through the interposed
+/// `dlsym`, so looking it up cannot recurse).
+pub fn real_dlsym() -> Option<DlsymFn> {
+    let mut p = REAL_DLSYM.load(Ordering::Acquire);
+    if p == 0 {
+        for version in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"] {
+            // SAFETY: dlvsym with RTLD_NEXT and two NUL-terminated literals has no other precondition.
+            let q = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
+            if !q.is_null() {
+                p = q as usize;
+                REAL_DLSYM.store(p, Ordering::Release);
+                break;
+            }
+        }
+    }
+    // SAFETY: p is 0 or the address of glibc's dlsym, whose C signature is DlsymFn.
+    (p != 0).then(|| unsafe { std::mem::transmute::<usize, DlsymFn>(p) })
+}
+
+/// Looks `name` up in `handle` with the real dlsym.
+pub fn lookup(handle: *mut c_void, name: &CStr) -> *mut c_void {
+    match real_dlsym() {
+        // SAFETY: handle came from dlopen (or is a pseudo-handle); name is NUL-terminated.
+        Some(f) => unsafe { f(handle, name.as_ptr()) },
+        None => std::ptr::null_mut(),
+    }
+}
+
+fn open(path: &str) -> Result<*mut c_void, String> {
+    let c = CString::new(path).map_err(|_| format!("library path {path:?} contains a NUL byte"))?;
+    // SAFETY: c is NUL-terminated; dlopen has no other precondition.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if h.is_null() {
+        // SAFETY: dlerror returns NULL or a NUL-terminated message valid until the next dl call.
+        let err = unsafe { libc::dlerror() };
+        let msg = if err.is_null() {
+            "unknown error".to_owned()
+        } else {
+            // SAFETY: non-null dlerror result is a NUL-terminated string.
+            unsafe { CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        return Err(format!("cannot load {path}: {msg}"));
+    }
+    Ok(h)
+}
+
+macro_rules! real_table {
+    ($( $name:ident : fn($($arg:ty),*) -> $ret:ty; )*) => {
+        /// Entry points of the real driver (`None` where it does not export one).
+        #[allow(non_snake_case)]
+        pub struct Real {
+            $( pub $name: Option<unsafe extern "C" fn($($arg),*) -> $ret>, )*
+            /// Name and address of every entry point (0 when absent): to recognise what
+            /// `cuGetProcAddress` returned.
+            pub addrs: Vec<(&'static str, usize)>,
+        }
+
+        impl Real {
+            fn load(handle: *mut c_void) -> Real {
+                let mut addrs = Vec::new();
+                $(
+                    let $name = {
+                        let name = concat!(stringify!($name), "\0");
+                        let p = CStr::from_bytes_with_nul(name.as_bytes())
+                            .map(|n| lookup(handle, n))
+                            .unwrap_or(std::ptr::null_mut());
+                        addrs.push((stringify!($name), p as usize));
+                        // SAFETY: the symbol of this name in the CUDA driver has exactly this C
+                        // signature (cuda.h); a null pointer stays None.
+                        (!p.is_null()).then(|| unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) -> $ret>(p)
+                        })
+                    };
+                )*
+                Real { $($name,)* addrs }
+            }
+        }
+    };
+}
+
+real_table! {
+    cuGetProcAddress: fn(*const c_char, *mut *mut c_void, c_int, u64) -> CUresult;
+    cuGetProcAddress_v2: fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CUresult;
+    cuMemAlloc_v2: fn(*mut CUdeviceptr, usize) -> CUresult;
+    cuMemAllocPitch_v2: fn(*mut CUdeviceptr, *mut usize, usize, usize, c_uint) -> CUresult;
+    cuMemAllocManaged: fn(*mut CUdeviceptr, usize, c_uint) -> CUresult;
+    cuMemAllocAsync: fn(*mut CUdeviceptr, usize, Handle) -> CUresult;
+    cuMemAllocAsync_ptsz: fn(*mut CUdeviceptr, usize, Handle) -> CUresult;
+    cuMemAllocFromPoolAsync: fn(*mut CUdeviceptr, usize, Handle, Handle) -> CUresult;
+    cuMemAllocFromPoolAsync_ptsz: fn(*mut CUdeviceptr, usize, Handle, Handle) -> CUresult;
+    cuMemFree_v2: fn(CUdeviceptr) -> CUresult;
+    cuMemFreeAsync: fn(CUdeviceptr, Handle) -> CUresult;
+    cuMemFreeAsync_ptsz: fn(CUdeviceptr, Handle) -> CUresult;
+    cuMemPoolTrimTo: fn(Handle, usize) -> CUresult;
+    cuMemCreate: fn(*mut u64, usize, *const MemAllocationProp, u64) -> CUresult;
+    cuMemRelease: fn(u64) -> CUresult;
+    cuArrayCreate_v2: fn(*mut Handle, *const ArrayDescriptor) -> CUresult;
+    cuArray3DCreate_v2: fn(*mut Handle, *const Array3dDescriptor) -> CUresult;
+    cuMipmappedArrayCreate: fn(*mut Handle, *const Array3dDescriptor, c_uint) -> CUresult;
+    cuArrayDestroy: fn(Handle) -> CUresult;
+    cuMipmappedArrayDestroy: fn(Handle) -> CUresult;
+    cuMemGetInfo_v2: fn(*mut usize, *mut usize) -> CUresult;
+    cuDeviceTotalMem_v2: fn(*mut usize, CUdevice) -> CUresult;
+    cuCtxCreate_v2: fn(*mut Handle, c_uint, CUdevice) -> CUresult;
+    cuCtxCreate_v3: fn(*mut Handle, *mut c_void, c_int, c_uint, CUdevice) -> CUresult;
+    cuCtxCreate_v4: fn(*mut Handle, *mut c_void, c_uint, CUdevice) -> CUresult;
+    cuCtxDestroy_v2: fn(Handle) -> CUresult;
+    cuDevicePrimaryCtxRetain: fn(*mut Handle, CUdevice) -> CUresult;
+    cuDevicePrimaryCtxRelease_v2: fn(CUdevice) -> CUresult;
+    cuDevicePrimaryCtxReset_v2: fn(CUdevice) -> CUresult;
+    cuModuleLoad: fn(*mut Handle, *const c_char) -> CUresult;
+    cuModuleLoadData: fn(*mut Handle, *const c_void) -> CUresult;
+    cuModuleLoadDataEx: fn(*mut Handle, *const c_void, c_uint, *mut c_void, *mut *mut c_void) -> CUresult;
+    cuModuleLoadFatBinary: fn(*mut Handle, *const c_void) -> CUresult;
+    cuModuleUnload: fn(Handle) -> CUresult;
+    cuLibraryLoadData: fn(*mut Handle, *const c_void, *mut c_void, *mut *mut c_void, c_uint, *mut c_void, *mut *mut c_void, c_uint) -> CUresult;
+    cuLibraryLoadFromFile: fn(*mut Handle, *const c_char, *mut c_void, *mut *mut c_void, c_uint, *mut c_void, *mut *mut c_void, c_uint) -> CUresult;
+    cuLibraryUnload: fn(Handle) -> CUresult;
+    cuCtxGetDevice: fn(*mut CUdevice) -> CUresult;
+    cuDeviceGetMemPool: fn(*mut Handle, CUdevice) -> CUresult;
+    cuMemPoolGetAttribute: fn(Handle, c_int, *mut c_void) -> CUresult;
+}
+
+/// NVML's memory queries.
+pub struct RealNvml {
+    /// `nvmlDeviceGetMemoryInfo`.
+    pub get_memory_info: Option<unsafe extern "C" fn(*mut c_void, *mut NvmlMemory) -> c_int>,
+    /// `nvmlDeviceGetMemoryInfo_v2`.
+    pub get_memory_info_v2: Option<unsafe extern "C" fn(*mut c_void, *mut NvmlMemoryV2) -> c_int>,
+}
+
+static REAL: OnceLock<Option<Real>> = OnceLock::new();
+static REAL_NVML: OnceLock<Option<RealNvml>> = OnceLock::new();
+
+/// The real driver, loaded on first use from `VRAMSLICE_REAL_LIBCUDA`.
+pub fn real() -> Option<&'static Real> {
+    REAL.get_or_init(|| match open(&super::config().real_libcuda) {
+        Ok(h) => Some(Real::load(h)),
+        Err(e) => {
+            eprintln!("vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// The real NVML, loaded on first use from `VRAMSLICE_REAL_LIBNVML`.
+pub fn real_nvml() -> Option<&'static RealNvml> {
+    REAL_NVML
+        .get_or_init(|| {
+            let h = open(&super::config().real_libnvml)
+                .inspect_err(|e| eprintln!("vramslice-guard: {e}"))
+                .ok()?;
+            let a = lookup(h, c"nvmlDeviceGetMemoryInfo");
+            let b = lookup(h, c"nvmlDeviceGetMemoryInfo_v2");
+            // SAFETY: these NVML symbols have exactly these C signatures (nvml.h); null stays None.
+            Some(unsafe {
+                RealNvml {
+                    get_memory_info: (!a.is_null())
+                        .then(|| std::mem::transmute::<*mut c_void, _>(a)),
+                    get_memory_info_v2: (!b.is_null())
+                        .then(|| std::mem::transmute::<*mut c_void, _>(b)),
+                }
+            })
+        })
+        .as_ref()
+}

@@ -1,0 +1,101 @@
+//! The shared accounting file: create or validate it under an exclusive `flock` (held only while
+//! attaching, never per allocation), map it shared, and claim this process's slot.
+
+use crate::ledger::Ledger;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use vramslice_core::accounting::{self as layout, ACCOUNTING_FILE_NAME};
+
+struct Locked<'a>(&'a File);
+
+impl<'a> Locked<'a> {
+    fn new(file: &'a File) -> Result<Self, String> {
+        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!(
+                "cannot lock the accounting file: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Locked(file))
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as above; unlocking a lock we hold.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Opens (creating or rebuilding when invalid) the accounting file in `dir`, maps it, reaps dead
+/// processes' slots and claims one for (`pid`, `start`).
+pub fn attach(dir: &Path, limit: u64, uuid: &str, pid: u32, start: u64) -> Result<Ledger, String> {
+    let path = dir.join(ACCOUNTING_FILE_NAME);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o666)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| format!("cannot open accounting file {}: {e}", path.display()))?;
+    let lock = Locked::new(&file)?;
+    let mut bytes = Vec::new();
+    (&file)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let len = match layout::parse(&bytes) {
+        Ok(snap) => layout::file_len(snap.slot_count),
+        Err(e) => {
+            if !bytes.is_empty() {
+                eprintln!("vramslice-guard: {}: {e}; rebuilding it", path.display());
+            }
+            let image = layout::initial_image(limit, uuid, layout::DEFAULT_SLOT_COUNT);
+            file.set_len(0)
+                .and_then(|()| file.write_all_at(&image, 0))
+                .map_err(|e| format!("cannot write accounting file {}: {e}", path.display()))?;
+            image.len()
+        }
+    };
+    // SAFETY: mapping `len` bytes of a file at least that long, shared and read-write; the
+    // mapping is never unmapped, so the words live for the rest of the process.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!(
+            "cannot map {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: p is page aligned (so 8-byte aligned), valid for `len` bytes for 'static, and
+    // AtomicU64 has the layout of u64; all access from here on is atomic.
+    let words: &'static [AtomicU64] =
+        unsafe { std::slice::from_raw_parts(p.cast::<AtomicU64>(), len / 8) };
+    let ledger =
+        Ledger::new(words).ok_or_else(|| format!("{}: inconsistent size", path.display()))?;
+    ledger.reap(super::liveness);
+    ledger.reset_if_unowned();
+    if ledger.claim(pid, start).is_none() {
+        eprintln!(
+            "vramslice-guard: every slot of {} is taken; this process is counted in the total only",
+            path.display()
+        );
+    }
+    drop(lock);
+    Ok(ledger)
+}

@@ -1,0 +1,20 @@
+//! `libvramslice_guard.so`: preloaded into a container's processes, it enforces the container's
+//! VRAM limit at the CUDA driver API.
+//!
+//! Data enters through the environment (`VRAMSLICE_VRAM_LIMIT_BYTES`, `VRAMSLICE_ACCOUNTING_DIR`,
+//! `VRAMSLICE_REAL_LIBCUDA`, see [`config`]) and through every interposed driver call (sizes,
+//! handles); it leaves as the real driver's results, `CUDA_ERROR_OUT_OF_MEMORY` for requests
+//! past the limit, virtualised memory information, and the shared accounting file whose layout
+//! is `vramslice_core::accounting` (read by the device plugin and the sidecar).
+//!
+//! Safe modules decide ([`config`], [`ledger`], [`tracker`], [`guard`], [`sizes`]); the one
+//! module `ffi` owns every raw pointer, exported symbol, `dlsym` lookup and `mmap`.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+#[cfg(not(test))]
+mod ffi;
+pub mod guard;
+pub mod ledger;
+pub mod sizes;
+pub mod tracker;

@@ -1,0 +1,129 @@
+//! Shared by the integration tests and the benchmark: builds the fake CUDA driver and the probe
+//! program with the system C compiler (`$CC`, default `cc`) into cargo's target tmpdir, finds the
+//! guard library next to the test binary, and runs the probe under it.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub const MIB: u64 = 1 << 20;
+
+pub struct Artifacts {
+    pub dir: PathBuf,
+    pub fake: PathBuf,
+    pub probe: PathBuf,
+    pub guard: PathBuf,
+}
+
+fn cc(args: &[&str]) {
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    let out = Command::new(&compiler)
+        .args(args)
+        .output()
+        .expect("run the C compiler");
+    assert!(
+        out.status.success(),
+        "{compiler} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The guard library built by cargo for this profile: `target/<profile>/libvramslice_guard.so`.
+fn guard_library() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let lib = profile_dir.join("libvramslice_guard.so");
+    assert!(lib.exists(), "guard library not built at {}", lib.display());
+    lib
+}
+
+pub fn artifacts() -> &'static Artifacts {
+    static A: OnceLock<Artifacts> = OnceLock::new();
+    A.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fake-cuda");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("vramslice-guard-c-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("libcuda.so.1");
+        cc(&[
+            "-O2",
+            "-g",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-fPIC",
+            "-shared",
+            "-Wl,-Bsymbolic",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+            fake.to_str().unwrap(),
+            src.join("fake_cuda.c").to_str().unwrap(),
+        ]);
+        std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so")).ok();
+        let probe = dir.join("probe");
+        let rpath = format!("-Wl,-rpath,{}", dir.display());
+        cc(&[
+            "-O2",
+            "-g",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            probe.to_str().unwrap(),
+            src.join("probe.c").to_str().unwrap(),
+            "-L",
+            dir.to_str().unwrap(),
+            &rpath,
+            "-lcuda",
+            "-ldl",
+            "-lpthread",
+        ]);
+        Artifacts {
+            dir,
+            fake,
+            probe,
+            guard: guard_library(),
+        }
+    })
+}
+
+/// A probe command with the fake driver; `guarded` adds the preload. The environment is
+/// cleared of every VRAMSLICE_/FAKE_CUDA_ variable the caller did not set.
+pub fn probe(guarded: bool, envs: &[(&str, String)], args: &[&str]) -> Command {
+    let a = artifacts();
+    let mut cmd = Command::new(&a.probe);
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VRAMSLICE_") || k.starts_with("FAKE_CUDA_") || k == "LD_PRELOAD" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("VRAMSLICE_REAL_LIBCUDA", &a.fake)
+        .env("VRAMSLICE_REAL_LIBNVML", &a.fake);
+    if guarded {
+        cmd.env("LD_PRELOAD", &a.guard);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+pub fn run(mut cmd: Command) -> (Output, String, String) {
+    let out = cmd.output().unwrap();
+    let so = String::from_utf8_lossy(&out.stdout).into_owned();
+    let se = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, so, se)
+}
+
+/// Asserts the probe's own checks all passed and that it ran at least `min` of them.
+pub fn assert_checks(out: &Output, stdout: &str, stderr: &str, min: usize) {
+    let passed = stdout.lines().filter(|l| l.starts_with("ok: ")).count();
+    assert!(
+        out.status.success() && !stdout.contains("FAIL") && passed >= min,
+        "probe failed ({:?}, {passed} checks passed, expected >= {min}):\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+}

@@ -1,0 +1,175 @@
+//! The guard preloaded into a C program over the fake driver: every covered entry point, every
+//! way of reaching the driver, memory information, contexts and modules, configuration errors.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::{MIB, assert_checks, probe, run};
+
+const LIMIT: u64 = 100 * MIB;
+
+fn limited_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("VRAMSLICE_VRAM_LIMIT_BYTES", LIMIT.to_string()),
+        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", "0".into()),
+        ("FAKE_CUDA_DEVICE_BYTES", (1024 * MIB).to_string()),
+    ]
+}
+
+fn entrypoints(mode: &str) {
+    let (out, so, se) = run(probe(
+        true,
+        &limited_env(),
+        &["entrypoints", mode, "limited", &LIMIT.to_string()],
+    ));
+    assert_checks(&out, &so, &se, 40);
+    assert!(
+        se.contains("requested 62914560 bytes"),
+        "OOM logged with numbers:\n{se}"
+    );
+    assert_eq!(
+        se.matches("out of memory").count(),
+        1,
+        "logged once per process:\n{se}"
+    );
+}
+
+#[test]
+fn limit_enforced_on_every_entry_point_when_linked_directly() {
+    entrypoints("direct");
+}
+
+#[test]
+fn limit_enforced_through_dlopen_and_dlsym() {
+    entrypoints("dlsym");
+}
+
+#[test]
+fn limit_enforced_through_cu_get_proc_address() {
+    entrypoints("gpa");
+}
+
+#[test]
+fn limit_enforced_through_cu_get_proc_address_per_thread_stream_variants() {
+    entrypoints("gpa_ptsz");
+}
+
+#[test]
+fn without_the_guard_the_probe_sees_the_whole_device() {
+    let (out, so, se) = run(probe(
+        false,
+        &limited_env(),
+        &["entrypoints", "direct", "unlimited", &LIMIT.to_string()],
+    ));
+    assert_checks(&out, &so, &se, 30);
+}
+
+#[test]
+fn no_limit_passes_everything_through() {
+    let env = vec![("FAKE_CUDA_DEVICE_BYTES", (1024 * MIB).to_string())];
+    for mode in ["direct", "gpa"] {
+        let (out, so, se) = run(probe(
+            true,
+            &env,
+            &["entrypoints", mode, "unlimited", &LIMIT.to_string()],
+        ));
+        assert_checks(&out, &so, &se, 30);
+        assert!(se.is_empty(), "pass-through is silent:\n{se}");
+    }
+}
+
+#[test]
+fn malformed_limit_is_reported_and_passes_through() {
+    let mut env = limited_env();
+    env[0].1 = "a lot".into();
+    let (out, so, se) = run(probe(
+        true,
+        &env,
+        &["entrypoints", "direct", "unlimited", &LIMIT.to_string()],
+    ));
+    assert_checks(&out, &so, &se, 30);
+    assert!(
+        se.contains("VRAMSLICE_VRAM_LIMIT_BYTES=\"a lot\" is malformed"),
+        "{se}"
+    );
+    assert!(se.contains("NOT enforced"), "{se}");
+}
+
+#[test]
+fn malformed_optional_settings_are_reported_and_defaulted() {
+    let mut env = limited_env();
+    env.push(("VRAMSLICE_COUNT_MANAGED", "perhaps".into()));
+    let (out, so, se) = run(probe(
+        true,
+        &env,
+        &["entrypoints", "direct", "limited", &LIMIT.to_string()],
+    ));
+    assert_checks(&out, &so, &se, 40);
+    assert!(
+        se.contains("VRAMSLICE_COUNT_MANAGED=\"perhaps\" is not a boolean"),
+        "{se}"
+    );
+}
+
+#[test]
+fn managed_memory_can_be_left_uncounted() {
+    let mut env = limited_env();
+    env.push(("VRAMSLICE_COUNT_MANAGED", "0".into()));
+    let (out, so, _se) = run(probe(
+        true,
+        &env,
+        &["entrypoints", "direct", "limited", &LIMIT.to_string()],
+    ));
+    assert!(!out.status.success());
+    let fails: Vec<&str> = so.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        !fails.is_empty() && fails.iter().all(|l| l.contains("cuMemAllocManaged")),
+        "{so}"
+    );
+}
+
+#[test]
+fn missing_real_driver_is_an_error_code_not_a_crash() {
+    let mut cmd = probe(true, &limited_env(), &["alloc", "1024"]);
+    cmd.env("VRAMSLICE_REAL_LIBCUDA", "/nonexistent/libcuda.so.1");
+    let (out, so, se) = run(cmd);
+    assert!(out.status.success(), "{so}{se}");
+    assert!(
+        so.contains("alloc rc=3"),
+        "CUDA_ERROR_NOT_INITIALIZED:\n{so}"
+    );
+    assert!(se.contains("cannot load /nonexistent/libcuda.so.1"), "{se}");
+}
+
+#[test]
+fn contexts_and_modules_are_measured_and_charged() {
+    let env = vec![
+        ("VRAMSLICE_VRAM_LIMIT_BYTES", (1024 * MIB).to_string()),
+        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", (10 * MIB).to_string()),
+        ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
+        ("FAKE_CUDA_CTX_BYTES", (64 * MIB).to_string()),
+        ("FAKE_CUDA_MODULE_BYTES", MIB.to_string()),
+    ];
+    let args = [
+        "contexts",
+        &(10 * MIB).to_string(),
+        &(64 * MIB).to_string(),
+        &MIB.to_string(),
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, so, se) = run(probe(true, &env, &args));
+    assert_checks(&out, &so, &se, 14);
+}
+
+#[test]
+fn per_process_accounting_is_announced() {
+    let (out, so, se) = run(probe(true, &limited_env(), &["alloc", "1024"]));
+    assert!(
+        out.status.success() && so.contains("alloc rc=0"),
+        "{so}{se}"
+    );
+    assert!(
+        se.contains("VRAMSLICE_ACCOUNTING_DIR is not set: per-process accounting only"),
+        "{se}"
+    );
+}
