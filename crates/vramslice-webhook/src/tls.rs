@@ -1,0 +1,142 @@
+//! The TLS listener: a rustls acceptor whose certificate can be swapped at run time, serving an
+//! axum router over HTTP/1.1.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rustls::crypto::ring;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// A serving certificate that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The PEM holds no certificate or no key, or cannot be read.
+    #[error("cannot read the serving certificate: {0}")]
+    Pem(String),
+    /// rustls refuses the key or configuration.
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Holds the certificate handed to each new TLS handshake. Until one is set, handshakes fail
+/// (the API server then applies `failurePolicy: Ignore`).
+#[derive(Debug, Default)]
+pub struct CertSlot {
+    current: RwLock<Option<(String, Arc<CertifiedKey>)>>,
+}
+
+impl CertSlot {
+    /// An empty slot.
+    pub fn new() -> Arc<CertSlot> {
+        Arc::new(CertSlot::default())
+    }
+
+    /// Install `cert_pem` (leaf first, optionally its chain) and `key_pem`. Returns whether the
+    /// certificate changed.
+    pub fn set(&self, cert_pem: &str, key_pem: &str) -> Result<bool, TlsError> {
+        if self.current_pem().as_deref() == Some(cert_pem) {
+            return Ok(false);
+        }
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(TlsError::Pem("no certificate in PEM".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(format!("private key: {e}")))?;
+        let signer = ring::sign::any_supported_type(&key)?;
+        let certified = Arc::new(CertifiedKey::new(certs, signer));
+        let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
+        *slot = Some((cert_pem.to_string(), certified));
+        Ok(true)
+    }
+
+    /// PEM of the certificate being served, if any.
+    pub fn current_pem(&self) -> Option<String> {
+        let slot = self.current.read().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|(pem, _)| pem.clone())
+    }
+}
+
+#[derive(Debug)]
+struct Resolver(Arc<CertSlot>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let slot = self.0.current.read().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|(_, key)| key.clone())
+    }
+}
+
+/// The rustls acceptor serving whatever certificate `slot` holds.
+pub fn acceptor(slot: Arc<CertSlot>) -> Result<TlsAcceptor, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver(slot)));
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Bind `addr`.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TlsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| TlsError::Bind { addr, source })
+}
+
+/// Serve `router` over TLS on `listener` until `shutdown` completes. Connection errors (failed
+/// handshakes, resets) are logged and never end the loop.
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    tracing::warn!(%err, "webhook: accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(err) => {
+                    tracing::debug!(%peer, %err, "webhook: TLS handshake failed");
+                    return;
+                }
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service);
+            if let Err(err) = conn.await {
+                tracing::debug!(%peer, %err, "webhook: connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,184 @@
+//! The self-signed CA and serving certificate: they chain, rotate without breaking trust, and
+//! survive the trip through the Secret's data.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use vramslice_webhook::certs::{CertSettings, Plan, StoredCerts, keys, plan, renew};
+
+const DAY: i64 = 86_400;
+const NOW: i64 = 1_800_000_000;
+
+fn settings() -> CertSettings {
+    CertSettings {
+        cert_validity: Duration::from_secs(90 * DAY as u64),
+        ca_validity: Duration::from_secs(3650 * DAY as u64),
+        dns_names: vec![
+            "vramslice-webhook".into(),
+            "vramslice-webhook.vramslice-system.svc".into(),
+        ],
+    }
+}
+
+/// Whether `leaf_pem` verifies for `host` at `at` against the CA bundle `bundle_pem`.
+fn verifies(bundle_pem: &str, leaf_pem: &str, host: &str, at: i64) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let leaf = CertificateDer::from_pem_slice(leaf_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let time = UnixTime::since_unix_epoch(Duration::from_secs(at as u64));
+    verifier
+        .verify_server_cert(&leaf, &[], &name, &[], time)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn fresh_certificates_chain_to_the_bundle_for_the_service_names() {
+    let s = settings();
+    assert_eq!(plan(None, NOW, &s), Plan::NewCa);
+    let certs = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    assert_eq!(certs.tls_not_after, NOW + 90 * DAY);
+    assert_eq!(certs.ca_not_after, NOW + 3650 * DAY);
+    assert!(certs.previous_ca.is_none());
+    verifies(
+        &certs.ca_bundle(),
+        &certs.tls_cert,
+        "vramslice-webhook.vramslice-system.svc",
+        NOW,
+    )
+    .unwrap();
+    verifies(
+        &certs.ca_bundle(),
+        &certs.tls_cert,
+        "vramslice-webhook",
+        NOW,
+    )
+    .unwrap();
+    let wrong = verifies(&certs.ca_bundle(), &certs.tls_cert, "other.example", NOW);
+    assert!(
+        wrong.is_err(),
+        "a name outside the certificate must not verify"
+    );
+    let expired = verifies(
+        &certs.ca_bundle(),
+        &certs.tls_cert,
+        "vramslice-webhook",
+        NOW + 91 * DAY,
+    );
+    assert!(expired.is_err(), "the serving certificate must expire");
+}
+
+#[test]
+fn plan_renews_with_a_third_of_validity_left() {
+    let s = settings();
+    let certs = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    assert_eq!(plan(Some(&certs), NOW, &s), Plan::Keep);
+    assert_eq!(plan(Some(&certs), NOW + 59 * DAY, &s), Plan::Keep);
+    assert_eq!(plan(Some(&certs), NOW + 60 * DAY, &s), Plan::NewServing);
+    assert_eq!(plan(Some(&certs), NOW + 200 * DAY, &s), Plan::NewServing);
+    assert_eq!(plan(Some(&certs), NOW + 2434 * DAY, &s), Plan::NewCa);
+    let mut renamed = s.clone();
+    renamed.dns_names.push("extra.svc".into());
+    assert_eq!(
+        plan(Some(&certs), NOW, &renamed),
+        Plan::NewServing,
+        "new DNS names need a new certificate"
+    );
+}
+
+#[test]
+fn serving_renewal_keeps_the_ca_bundle() {
+    let s = settings();
+    let first = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    let later = NOW + 61 * DAY;
+    let second = renew(Some(&first), Plan::NewServing, later, &s).unwrap();
+    assert_eq!(
+        second.ca_bundle(),
+        first.ca_bundle(),
+        "CA bundle must not change"
+    );
+    assert_ne!(second.tls_cert, first.tls_cert);
+    assert_eq!(second.tls_not_after, later + 90 * DAY);
+    verifies(
+        &first.ca_bundle(),
+        &second.tls_cert,
+        "vramslice-webhook",
+        later,
+    )
+    .unwrap();
+}
+
+#[test]
+fn ca_rotation_trusts_old_and_new_until_the_old_expires() {
+    let mut s = settings();
+    s.ca_validity = Duration::from_secs(300 * DAY as u64);
+    let first = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    let t = NOW + 250 * DAY;
+    assert_eq!(plan(Some(&first), t, &s), Plan::NewCa);
+    let second = renew(Some(&first), Plan::NewCa, t, &s).unwrap();
+    assert_ne!(second.ca_cert, first.ca_cert);
+    let bundle = second.ca_bundle();
+    verifies(&bundle, &second.tls_cert, "vramslice-webhook", t).unwrap();
+    verifies(
+        &bundle,
+        &first.tls_cert,
+        "vramslice-webhook",
+        NOW + 80 * DAY,
+    )
+    .unwrap();
+    assert!(second.ca_bundle().starts_with(&second.ca_cert));
+    // Once the old CA has expired, the next renewal drops it.
+    let third = renew(Some(&second), Plan::NewServing, NOW + 301 * DAY, &s).unwrap();
+    assert!(third.previous_ca.is_none());
+    assert_eq!(third.ca_bundle(), second.ca_cert);
+    // A serving certificate never outlives its CA.
+    let late = renew(Some(&first), Plan::NewServing, NOW + 280 * DAY, &s).unwrap();
+    assert_eq!(late.tls_not_after, first.ca_not_after);
+}
+
+#[test]
+fn secret_data_round_trips_and_partial_data_means_start_over() {
+    let s = settings();
+    let first = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    let rotated = renew(Some(&first), Plan::NewCa, NOW + DAY, &s).unwrap();
+    let data = rotated.to_data();
+    assert_eq!(data[keys::CA_BUNDLE], rotated.ca_bundle());
+    assert_eq!(StoredCerts::from_data(&data), Some(rotated.clone()));
+    for key in [
+        keys::CA_KEY,
+        keys::TLS_CERT,
+        keys::TLS_NOT_AFTER,
+        keys::CA_NAME,
+    ] {
+        let mut partial = data.clone();
+        partial.remove(key);
+        assert_eq!(StoredCerts::from_data(&partial), None, "without {key}");
+    }
+    let mut garbled = data.clone();
+    garbled.insert(keys::TLS_NOT_AFTER.into(), "soon".into());
+    assert_eq!(StoredCerts::from_data(&garbled), None);
+    assert_eq!(StoredCerts::from_data(&Default::default()), None);
+}
+
+#[test]
+fn a_corrupt_stored_ca_key_is_an_error_not_a_panic() {
+    let s = settings();
+    let mut certs = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    certs.ca_key = "-----BEGIN PRIVATE KEY-----\nbm9wZQ==\n-----END PRIVATE KEY-----\n".into();
+    let err = renew(Some(&certs), Plan::NewServing, NOW, &s).unwrap_err();
+    assert!(err.to_string().contains("stored CA is unusable"), "{err}");
+}

@@ -1,0 +1,254 @@
+//! Self-signed rotation against a recorded-style in-memory API server: the first check fills
+//! the Secret and the CA bundle, the next one changes nothing, a lost race is a conflict, and a
+//! second replica adopts the first one's certificate.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{Method, Request, Response, StatusCode};
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use vramslice_webhook::WebhookMetrics;
+use vramslice_webhook::certs::keys;
+use vramslice_webhook::config::SelfSigned;
+use vramslice_webhook::rotation::{CheckResult, check_self_signed};
+use vramslice_webhook::tls::CertSlot;
+
+const SECRET: &str = "/api/v1/namespaces/vramslice-system/secrets/vramslice-webhook-tls";
+const MWC: &str =
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/vramslice-webhook";
+
+#[derive(Default)]
+struct ApiState {
+    secret: Value,
+    mwc: Value,
+    log: Vec<String>,
+    refuse_updates: bool,
+}
+
+fn fake_api() -> Arc<Mutex<ApiState>> {
+    Arc::new(Mutex::new(ApiState {
+        secret: json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "vramslice-webhook-tls", "namespace": "vramslice-system", "resourceVersion": "1"}}),
+        mwc: json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "vramslice-webhook", "resourceVersion": "1"},
+            "webhooks": [{"name": "scheduler-name.pods.vramslice.io", "admissionReviewVersions": ["v1"],
+                "sideEffects": "None", "failurePolicy": "Ignore",
+                "clientConfig": {"service": {"name": "vramslice-webhook", "namespace": "vramslice-system", "path": "/mutate-pods", "port": 443}}}]}),
+        ..ApiState::default()
+    }))
+}
+
+fn respond(code: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": reason, "reason": reason, "code": code})
+}
+
+fn client(state: Arc<Mutex<ApiState>>) -> kube::Client {
+    let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
+        let state = state.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            let mut s = state.lock().unwrap();
+            let path = parts.uri.path().to_string();
+            s.log.push(format!("{} {}", parts.method, path));
+            let resp = match (parts.method.clone(), path.as_str()) {
+                (Method::GET, SECRET) => respond(StatusCode::OK, s.secret.clone()),
+                (Method::PUT, SECRET) => {
+                    let new: Value = serde_json::from_slice(&body).unwrap();
+                    if s.refuse_updates
+                        || new["metadata"]["resourceVersion"]
+                            != s.secret["metadata"]["resourceVersion"]
+                    {
+                        respond(StatusCode::CONFLICT, status(409, "Conflict"))
+                    } else {
+                        let rv: u64 = s.secret["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        let mut stored = new;
+                        stored["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+                        s.secret = stored.clone();
+                        respond(StatusCode::OK, stored)
+                    }
+                }
+                (Method::GET, MWC) => respond(StatusCode::OK, s.mwc.clone()),
+                (Method::PATCH, MWC) => {
+                    let content_type = parts.headers["content-type"].to_str().unwrap().to_string();
+                    assert_eq!(content_type, "application/strategic-merge-patch+json");
+                    let patch: Value = serde_json::from_slice(&body).unwrap();
+                    for w in patch["webhooks"].as_array().unwrap() {
+                        let hooks = s.mwc["webhooks"].as_array_mut().unwrap();
+                        let hook = hooks.iter_mut().find(|h| h["name"] == w["name"]).unwrap();
+                        hook["clientConfig"]["caBundle"] = w["clientConfig"]["caBundle"].clone();
+                    }
+                    respond(StatusCode::OK, s.mwc.clone())
+                }
+                _ => respond(StatusCode::NOT_FOUND, status(404, "NotFound")),
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    kube::Client::new(svc, "default")
+}
+
+fn cfg() -> SelfSigned {
+    SelfSigned {
+        namespace: "vramslice-system".into(),
+        secret_name: "vramslice-webhook-tls".into(),
+        webhook_config_name: "vramslice-webhook".into(),
+        service_name: "vramslice-webhook".into(),
+        cert_validity: Duration::from_secs(90 * 86_400),
+        ca_validity: Duration::from_secs(3650 * 86_400),
+    }
+}
+
+fn secret_value(state: &Arc<Mutex<ApiState>>, key: &str) -> String {
+    let s = state.lock().unwrap();
+    let b64 = s.secret["data"][key]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+const NOW: i64 = 1_800_000_000;
+
+#[tokio::test]
+async fn first_check_fills_secret_and_ca_bundle_then_settles() {
+    let api = fake_api();
+    let c = client(api.clone());
+    let slot = CertSlot::new();
+    let metrics = WebhookMetrics::default();
+    let r = check_self_signed(&c, &cfg(), &slot, &metrics, NOW)
+        .await
+        .unwrap();
+    assert!(matches!(r, CheckResult::Renewed(_)), "{r:?}");
+    let tls_cert = secret_value(&api, keys::TLS_CERT);
+    assert!(tls_cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(
+        slot.current_pem().as_deref(),
+        Some(tls_cert.as_str()),
+        "the stored certificate is served"
+    );
+    let bundle_b64 = api.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bundle = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(bundle_b64)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(bundle, secret_value(&api, keys::CA_BUNDLE));
+    assert_eq!(metrics.cert_expiry.get(), NOW + 90 * 86_400);
+    assert_eq!(
+        api.lock().unwrap().log,
+        vec![
+            format!("GET {SECRET}"),
+            format!("PUT {SECRET}"),
+            format!("GET {MWC}"),
+            format!("PATCH {MWC}")
+        ]
+    );
+
+    api.lock().unwrap().log.clear();
+    let r = check_self_signed(&c, &cfg(), &slot, &metrics, NOW + 3600)
+        .await
+        .unwrap();
+    assert_eq!(r, CheckResult::Current);
+    assert_eq!(
+        api.lock().unwrap().log,
+        vec![format!("GET {SECRET}"), format!("GET {MWC}")],
+        "nothing written"
+    );
+
+    // Two thirds into its life the serving certificate is replaced; the bundle stays.
+    api.lock().unwrap().log.clear();
+    let r = check_self_signed(&c, &cfg(), &slot, &metrics, NOW + 61 * 86_400)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            r,
+            CheckResult::Renewed(vramslice_webhook::certs::Plan::NewServing)
+        ),
+        "{r:?}"
+    );
+    assert_ne!(secret_value(&api, keys::TLS_CERT), tls_cert);
+    assert_eq!(secret_value(&api, keys::CA_BUNDLE), bundle);
+    assert!(
+        !api.lock()
+            .unwrap()
+            .log
+            .iter()
+            .any(|l| l.starts_with("PATCH")),
+        "CA bundle unchanged: no patch"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_race_is_a_conflict_and_the_winner_is_adopted() {
+    let api = fake_api();
+    let c = client(api.clone());
+    api.lock().unwrap().refuse_updates = true;
+    let loser = CertSlot::new();
+    let r = check_self_signed(&c, &cfg(), &loser, &WebhookMetrics::default(), NOW)
+        .await
+        .unwrap();
+    assert_eq!(r, CheckResult::Conflict);
+    assert_eq!(
+        loser.current_pem(),
+        None,
+        "nothing served from a write that lost"
+    );
+
+    api.lock().unwrap().refuse_updates = false;
+    let winner = CertSlot::new();
+    check_self_signed(&c, &cfg(), &winner, &WebhookMetrics::default(), NOW)
+        .await
+        .unwrap();
+    let r = check_self_signed(&c, &cfg(), &loser, &WebhookMetrics::default(), NOW + 5)
+        .await
+        .unwrap();
+    assert_eq!(r, CheckResult::Current);
+    assert_eq!(
+        loser.current_pem(),
+        winner.current_pem(),
+        "every replica serves the same certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_a_clear_error() {
+    let api = fake_api();
+    let c = client(api.clone());
+    let mut bad = cfg();
+    bad.secret_name = "absent".into();
+    let err = check_self_signed(&c, &bad, &CertSlot::new(), &WebhookMetrics::default(), NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("get Secret vramslice-system/absent"),
+        "{err}"
+    );
+}
