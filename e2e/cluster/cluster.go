@@ -1,0 +1,477 @@
+// Package cluster runs a real, local Kubernetes control plane for vramslice's
+// end-to-end tests, demo and benchmark: embedded etcd, kube-apiserver (RBAC,
+// service accounts) and kube-scheduler built from Kubernetes' own Go modules,
+// plus "hollow" GPU nodes that run the kubelet's real device manager. Our Rust
+// binaries (device plugin, extender) run as host processes against it under
+// the chart's least-privilege service-account identities.
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	logsapi "k8s.io/component-base/logs/api/v1"
+	kubeapiservertesting "k8s.io/kubernetes/cmd/kube-apiserver/app/testing"
+)
+
+// Fixed names (see the design contract).
+const (
+	ResourceName      = "vramslice.io/vram-gib"
+	SchedulerName     = "vramslice-scheduler"
+	PlainScheduler    = "plain-scheduler"
+	SystemNamespace   = "vramslice-system"
+	PluginSA          = "vramslice-device-plugin"
+	ExtenderSA        = "vramslice-extender"
+	AnnotationGPUUUID = "vramslice.io/gpu-uuid"
+)
+
+// Options configure a Cluster.
+type Options struct {
+	// Dir is the working directory (kubeconfigs, sockets, logs). Empty: a new temp dir, removed on Stop.
+	Dir string
+	// RepoRoot is the vramslice checkout (for manifests/crds). Empty: found from the working directory.
+	RepoRoot string
+	// BinDir holds vramslice-device-plugin and vramslice-extender. Empty: $VRAMSLICE_BIN_DIR or <repo>/target/debug.
+	BinDir string
+	// PlainScheduler also runs a second kube-scheduler (profile "plain-scheduler") without the extender.
+	PlainScheduler bool
+	// ExtenderExtraConfig is appended verbatim to the extender's YAML config.
+	ExtenderExtraConfig string
+	// PluginPollInterval for the device plugins (default 500ms).
+	PluginPollInterval string
+}
+
+// Node is one hollow node with its fake GPUs and its device plugin process.
+type Node struct {
+	*HollowNode
+	FakeGPUFile  string
+	PluginConfig string
+	Plugin       *Process
+	gpus         []FakeGPU
+}
+
+// Cluster is a running e2e cluster.
+type Cluster struct {
+	Opts            Options
+	Dir             string
+	AdminKubeconfig string
+	AdminConfig     *rest.Config
+	Client          kubernetes.Interface
+	Dynamic         dynamic.Interface
+	Applier         *Applier
+	ExtenderURL     string
+	Extender        *Process
+
+	mu           sync.Mutex
+	nodes        map[string]*Node
+	tb           *processTB
+	etcd         *embed.Etcd
+	api          kubeapiservertesting.TestServer
+	cancel       context.CancelFunc
+	ctx          context.Context
+	ownDir       bool
+	extenderPort int
+	pluginKC     string
+	extenderKC   string
+	nextMetrics  int
+}
+
+// FindRepoRoot walks up from the working directory to the checkout root
+// (the directory holding Cargo.toml and crates/).
+func FindRepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if st, err := os.Stat(filepath.Join(dir, "crates")); err == nil && st.IsDir() {
+			if _, err := os.Stat(filepath.Join(dir, "Cargo.toml")); err == nil {
+				return dir, nil
+			}
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no vramslice checkout (Cargo.toml + crates/) above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Start brings the control plane up: etcd, kube-apiserver, the GpuNode CRD, the
+// RBAC of e2e/testdata/rbac.yaml, service-account kubeconfigs and kube-scheduler(s).
+// Nodes, the extender and plugins are added afterwards.
+func Start(ctx context.Context, opts Options) (*Cluster, error) {
+	logsapi.ReapplyHandling = logsapi.ReapplyHandlingIgnoreUnchanged
+	c := &Cluster{Opts: opts, nodes: map[string]*Node{}, tb: newProcessTB("vramslice-e2e")}
+	var err error
+	if opts.RepoRoot == "" {
+		if c.Opts.RepoRoot, err = FindRepoRoot(); err != nil {
+			return nil, err
+		}
+	}
+	if c.Opts.BinDir == "" {
+		c.Opts.BinDir = os.Getenv("VRAMSLICE_BIN_DIR")
+		if c.Opts.BinDir == "" {
+			c.Opts.BinDir = filepath.Join(c.Opts.RepoRoot, "target", "debug")
+		}
+	}
+	if c.Opts.PluginPollInterval == "" {
+		c.Opts.PluginPollInterval = "500ms"
+	}
+	c.Dir = opts.Dir
+	if c.Dir == "" {
+		// Short path: unix socket paths must stay under 108 bytes.
+		if c.Dir, err = os.MkdirTemp("", "vse2e-"); err != nil {
+			return nil, err
+		}
+		c.ownDir = true
+	} else if err := os.MkdirAll(c.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	c.ctx, c.cancel = context.WithCancel(ctx)
+	ok := false
+	defer func() {
+		if !ok {
+			c.Stop()
+		}
+	}()
+
+	var etcdURL string
+	if c.etcd, etcdURL, err = startEtcd(c.Dir); err != nil {
+		return nil, err
+	}
+	if c.api, err = startAPIServer(c.tb, etcdURL); err != nil {
+		return nil, fmt.Errorf("starting kube-apiserver: %w", err)
+	}
+	ca, err := servingCA(c.api.TmpDir)
+	if err != nil {
+		return nil, fmt.Errorf("reading the apiserver's serving CA: %w", err)
+	}
+	server := c.api.ClientConfig.Host
+	c.AdminKubeconfig = filepath.Join(c.Dir, "admin.kubeconfig")
+	if err := writeKubeconfig(c.AdminKubeconfig, server, ca, "admin", c.api.ClientConfig.BearerToken); err != nil {
+		return nil, err
+	}
+	if c.AdminConfig, c.Client, err = clientFromKubeconfig(c.AdminKubeconfig); err != nil {
+		return nil, err
+	}
+	if c.Dynamic, err = dynamic.NewForConfig(c.AdminConfig); err != nil {
+		return nil, err
+	}
+	if c.Applier, err = NewApplier(c.AdminConfig); err != nil {
+		return nil, err
+	}
+	if _, err := c.Applier.ApplyFile(c.ctx, filepath.Join(c.Opts.RepoRoot, "manifests", "crds", "gpunodes.vramslice.io.yaml"), ""); err != nil {
+		return nil, fmt.Errorf("applying the GpuNode CRD: %w", err)
+	}
+	if _, err := c.Applier.ApplyFile(c.ctx, filepath.Join(c.Opts.RepoRoot, "e2e", "testdata", "rbac.yaml"), ""); err != nil {
+		return nil, fmt.Errorf("applying RBAC: %w", err)
+	}
+	// No controller-manager runs, so create the service account pods in "default" use.
+	if err := c.EnsureNamespace("default"); err != nil {
+		return nil, err
+	}
+	if c.pluginKC, err = c.serviceAccountKubeconfig(server, ca, PluginSA); err != nil {
+		return nil, err
+	}
+	if c.extenderKC, err = c.serviceAccountKubeconfig(server, ca, ExtenderSA); err != nil {
+		return nil, err
+	}
+	if c.extenderPort, err = freePort(); err != nil {
+		return nil, err
+	}
+	c.ExtenderURL = "http://127.0.0.1:" + strconv.Itoa(c.extenderPort)
+	if _, err := startScheduler(c.ctx, c.Dir, c.AdminKubeconfig, SchedulerOptions{Name: SchedulerName, ExtenderURL: c.ExtenderURL, ResourceName: ResourceName}); err != nil {
+		return nil, err
+	}
+	if opts.PlainScheduler {
+		if _, err := startScheduler(c.ctx, c.Dir, c.AdminKubeconfig, SchedulerOptions{Name: PlainScheduler}); err != nil {
+			return nil, err
+		}
+	}
+	ok = true
+	return c, nil
+}
+
+// EnsureNamespace creates ns (if missing) and its "default" service account.
+func (c *Cluster) EnsureNamespace(ns string) error {
+	_, err := c.Client.CoreV1().Namespaces().Create(c.ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("namespace %s: %w", ns, err)
+	}
+	_, err = c.Client.CoreV1().ServiceAccounts(ns).Create(c.ctx, &v1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("service account %s/default: %w", ns, err)
+	}
+	return nil
+}
+
+// serviceAccountKubeconfig writes a kubeconfig holding a TokenRequest token of sa.
+func (c *Cluster) serviceAccountKubeconfig(server string, ca []byte, sa string) (string, error) {
+	exp := int64(48 * 3600)
+	tr, err := c.Client.CoreV1().ServiceAccounts(SystemNamespace).CreateToken(c.ctx, sa,
+		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("token for %s: %w", sa, err)
+	}
+	path := filepath.Join(c.Dir, sa+".kubeconfig")
+	if err := writeKubeconfig(path, server, ca, sa, tr.Status.Token); err != nil {
+		return "", err
+	}
+	return path, nil
+}
+
+// Context is the cluster's lifetime context.
+func (c *Cluster) Context() context.Context { return c.ctx }
+
+// Bin is the path of one of our binaries.
+func (c *Cluster) Bin(name string) string { return filepath.Join(c.Opts.BinDir, name) }
+
+// AddNode registers a hollow node with the given fake GPUs and starts its device plugin.
+func (c *Cluster) AddNode(name string, gpus []FakeGPU) (*Node, error) {
+	n, err := c.AddBareNode(name, gpus)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.StartPlugin(name); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// AddBareNode registers a hollow node and writes its fake-GPU file and plugin
+// config, without starting the device plugin.
+func (c *Cluster) AddBareNode(name string, gpus []FakeGPU) (*Node, error) {
+	dir := filepath.Join(c.Dir, "n", name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	n := &Node{FakeGPUFile: filepath.Join(dir, "fake-gpus.yaml"), PluginConfig: filepath.Join(dir, "plugin.yaml"), gpus: gpus}
+	if err := writeFakeGPUs(n.FakeGPUFile, gpus); err != nil {
+		return nil, err
+	}
+	hn, err := startHollowNode(c.ctx, c.Client, name, dir)
+	if err != nil {
+		return nil, err
+	}
+	n.HollowNode = hn
+	c.mu.Lock()
+	c.nodes[name] = n
+	c.mu.Unlock()
+	if err := c.writePluginConfig(n); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+func (c *Cluster) writePluginConfig(n *Node) error {
+	for _, f := range []string{"lib/libvramslice_guard.so", "ld.so.preload"} {
+		p := filepath.Join(n.Dir, f)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			return err
+		}
+	}
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	cfg := fmt.Sprintf(`backend: fake
+fakeGpuFile: %q
+unit: 1Gi
+socketDir: %q
+podResourcesSocket: %q
+nodeName: %q
+pollInterval: %s
+publish:
+  thresholdBytes: 256Mi
+  heartbeat: 30s
+injection:
+  mode: ld-preload-env
+  guardLibraryHostPath: %q
+  preloadFileHostPath: %q
+deviceListStrategy: envvar
+accountingRoot: %q
+metricsAddr: 127.0.0.1:%d
+`, n.FakeGPUFile, n.SocketDir(), n.PodResourcesSocket(), n.Name, c.Opts.PluginPollInterval,
+		filepath.Join(n.Dir, "lib/libvramslice_guard.so"), filepath.Join(n.Dir, "ld.so.preload"),
+		filepath.Join(n.Dir, "accounting"), port)
+	return os.WriteFile(n.PluginConfig, []byte(cfg), 0o644)
+}
+
+// Node returns a node by name (nil if unknown).
+func (c *Cluster) Node(name string) *Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nodes[name]
+}
+
+// Nodes returns all hollow nodes.
+func (c *Cluster) Nodes() []*Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]*Node, 0, len(c.nodes))
+	for _, n := range c.nodes {
+		out = append(out, n)
+	}
+	return out
+}
+
+// StartPlugin starts (or restarts) the device plugin of a node.
+func (c *Cluster) StartPlugin(name string) error {
+	n := c.Node(name)
+	if n == nil {
+		return fmt.Errorf("no node %s", name)
+	}
+	p, err := startProcess("device-plugin/"+name, c.Bin("vramslice-device-plugin"),
+		[]string{"--config", n.PluginConfig, "--kubeconfig", c.pluginKC, "--log-format", "text"},
+		filepath.Join(c.Dir, "logs", "device-plugin-"+name+".log"))
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	n.Plugin = p
+	c.mu.Unlock()
+	return nil
+}
+
+// KillPlugin SIGKILLs a node's device plugin.
+func (c *Cluster) KillPlugin(name string) {
+	if n := c.Node(name); n != nil {
+		n.Plugin.Kill()
+	}
+}
+
+// SetGPUs rewrites a node's fake-GPU file (atomically).
+func (c *Cluster) SetGPUs(name string, gpus []FakeGPU) error {
+	n := c.Node(name)
+	if n == nil {
+		return fmt.Errorf("no node %s", name)
+	}
+	c.mu.Lock()
+	n.gpus = gpus
+	c.mu.Unlock()
+	return writeFakeGPUs(n.FakeGPUFile, gpus)
+}
+
+// GPUs returns a copy of a node's current fake GPUs.
+func (c *Cluster) GPUs(name string) []FakeGPU {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.nodes[name]
+	if n == nil {
+		return nil
+	}
+	return append([]FakeGPU(nil), n.gpus...)
+}
+
+// StartExtender starts (or restarts) vramslice-extender on the port the scheduler calls.
+func (c *Cluster) StartExtender() error {
+	cfgPath := filepath.Join(c.Dir, "extender.yaml")
+	cfg := fmt.Sprintf("listenAddr: 127.0.0.1:%d\nresources: [%s]\n%s", c.extenderPort, ResourceName, c.Opts.ExtenderExtraConfig)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		return err
+	}
+	p, err := startProcess("extender", c.Bin("vramslice-extender"),
+		[]string{"--config", cfgPath, "--kubeconfig", c.extenderKC, "--log-format", "text"},
+		filepath.Join(c.Dir, "logs", "extender.log"))
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.Extender = p
+	c.mu.Unlock()
+	return c.waitExtenderReady(60 * time.Second)
+}
+
+func (c *Cluster) waitExtenderReady(timeout time.Duration) error {
+	return waitFor(c.ctx, timeout, 100*time.Millisecond, "extender /readyz", func() (bool, error) {
+		if exited, err := c.Extender.Exited(); exited {
+			return false, fmt.Errorf("extender exited (%v); log tail:\n%s", err, c.Extender.Tail(2000))
+		}
+		resp, err := http.Get(c.ExtenderURL + "/readyz")
+		if err != nil {
+			return false, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK, nil
+	})
+}
+
+// KillExtender SIGKILLs the extender.
+func (c *Cluster) KillExtender() { c.Extender.Kill() }
+
+// Stop kills our processes, stops the nodes, the control plane and removes the work dir (if ours).
+func (c *Cluster) Stop() {
+	c.mu.Lock()
+	nodes := make([]*Node, 0, len(c.nodes))
+	for _, n := range c.nodes {
+		nodes = append(nodes, n)
+	}
+	ext := c.Extender
+	c.mu.Unlock()
+	ext.Kill()
+	for _, n := range nodes {
+		n.Plugin.Kill()
+	}
+	for _, n := range nodes {
+		if n.HollowNode != nil {
+			n.HollowNode.Stop()
+		}
+	}
+	if c.cancel != nil {
+		c.cancel()
+	}
+	if c.api.TearDownFn != nil {
+		c.api.TearDownFn()
+	}
+	c.tb.runCleanups()
+	if c.etcd != nil {
+		c.etcd.Close()
+	}
+	if c.ownDir && os.Getenv("VRAMSLICE_E2E_KEEP") == "" {
+		_ = os.RemoveAll(c.Dir)
+	}
+}
+
+// WaitNodesAdvertise waits until each named node's Node status advertises the
+// vram resource (the plugin registered and the device manager saw its devices)
+// and its GpuNode exists.
+func (c *Cluster) WaitNodesAdvertise(ctx context.Context, names []string, timeout time.Duration) error {
+	for _, name := range names {
+		n := c.Node(name)
+		err := waitFor(ctx, timeout, 100*time.Millisecond, "node "+name+" to advertise "+ResourceName, func() (bool, error) {
+			if n != nil && n.Plugin != nil {
+				if exited, perr := n.Plugin.Exited(); exited {
+					return false, fmt.Errorf("device plugin of %s exited (%v); log tail:\n%s", name, perr, n.Plugin.Tail(3000))
+				}
+			}
+			node, err := c.Client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			q, ok := node.Status.Allocatable[ResourceName]
+			return ok && q.Value() > 0, nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

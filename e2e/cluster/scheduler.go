@@ -1,0 +1,75 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"k8s.io/kubernetes/cmd/kube-scheduler/app"
+	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
+)
+
+// SchedulerOptions describe one in-process kube-scheduler.
+type SchedulerOptions struct {
+	// Name is the profile's schedulerName (pods select it with spec.schedulerName).
+	Name string
+	// ExtenderURL, when set, configures vramslice-extender as the scheduler's
+	// extender (filter, prioritize, bind, nodeCacheCapable, managed resource).
+	ExtenderURL string
+	// ResourceName is the extended resource the extender manages.
+	ResourceName string
+}
+
+// schedulerConfig renders a KubeSchedulerConfiguration for opts.
+func schedulerConfig(kubeconfig string, opts SchedulerOptions) string {
+	cfg := fmt.Sprintf(`apiVersion: kubescheduler.config.k8s.io/v1
+kind: KubeSchedulerConfiguration
+leaderElection:
+  leaderElect: false
+clientConnection:
+  kubeconfig: %q
+  qps: 1000
+  burst: 2000
+profiles:
+- schedulerName: %s
+`, kubeconfig, opts.Name)
+	if opts.ExtenderURL != "" {
+		cfg += fmt.Sprintf(`extenders:
+- urlPrefix: %q
+  filterVerb: filter
+  prioritizeVerb: prioritize
+  weight: 1
+  bindVerb: bind
+  enableHTTPS: false
+  nodeCacheCapable: true
+  httpTimeout: 10s
+  ignorable: false
+  managedResources:
+  - name: %s
+    ignoredByScheduler: false
+`, opts.ExtenderURL, opts.ResourceName)
+	}
+	return cfg
+}
+
+// startScheduler runs kube-scheduler's own Setup/Run in this process until ctx ends.
+// Secure serving is disabled (port 0): nothing needs its health endpoints here.
+func startScheduler(ctx context.Context, dir, kubeconfig string, opts SchedulerOptions) (<-chan error, error) {
+	path := filepath.Join(dir, "scheduler-"+opts.Name+".yaml")
+	if err := os.WriteFile(path, []byte(schedulerConfig(kubeconfig, opts)), 0o600); err != nil {
+		return nil, fmt.Errorf("writing scheduler config: %w", err)
+	}
+	o := options.NewOptions()
+	o.ConfigFile = path
+	o.SecureServing.BindPort = 0
+	cc, sched, err := app.Setup(ctx, o)
+	if err != nil {
+		return nil, fmt.Errorf("setting up kube-scheduler %s: %w", opts.Name, err)
+	}
+	errCh := make(chan error, 1)
+	go func() {
+		errCh <- app.Run(ctx, cc, sched)
+	}()
+	return errCh, nil
+}
