@@ -1,0 +1,197 @@
+//! Wires the plugin together: backend, poller, plugin logic, runner, publisher and metrics,
+//! all stopped by one shutdown signal.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use vramslice_core::allocation::{InjectionMode, preload_file_content};
+
+use crate::config::{ConfigError, Settings};
+use crate::logic::VramPlugin;
+use crate::metrics::Metrics;
+use crate::pods::PodLister;
+use crate::poller::NodeState;
+use crate::publisher::Publisher;
+use crate::runner::{RunnerConfig, RunnerError};
+
+/// Exit status for configuration errors (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Flags that are not part of the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Explicit kubeconfig.
+    pub kubeconfig: Option<PathBuf>,
+    /// Never write GpuNode objects.
+    pub no_publish: bool,
+}
+
+/// Why the plugin stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The configuration cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The GPU backend cannot be opened.
+    #[error("cannot open the GPU backend: {0}")]
+    Backend(#[from] vramslice_gpu::BackendError),
+    /// The API client cannot be built.
+    #[error("cannot build the Kubernetes client: {0}")]
+    Kube(String),
+    /// The plugin socket cannot be served.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    /// The metrics endpoint cannot listen.
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl AppError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppError::Config(_) => EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
+async fn kube_client(options: &Options) -> Result<Option<kube::Client>, AppError> {
+    let config = if let Some(path) = &options.kubeconfig {
+        let kubeconfig = kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| AppError::Kube(format!("kubeconfig {}: {e}", path.display())))?;
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .map_err(|e| AppError::Kube(format!("kubeconfig {}: {e}", path.display())))?
+    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        kube::Config::incluster().map_err(|e| AppError::Kube(format!("in-cluster config: {e}")))?
+    } else {
+        return Ok(None);
+    };
+    kube::Client::try_from(config)
+        .map(Some)
+        .map_err(|e| AppError::Kube(e.to_string()))
+}
+
+fn write_preload_file(settings: &Settings) {
+    if settings.allocation.injection != InjectionMode::LdSoPreloadFile {
+        return;
+    }
+    let path = &settings.allocation.preload_file_host_path;
+    let want = preload_file_content();
+    if std::fs::read_to_string(path).is_ok_and(|have| have == want) {
+        return;
+    }
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(path, &want));
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the ld.so.preload file");
+    }
+}
+
+/// Run the plugin until `shutdown` fires.
+pub async fn run(
+    settings: Settings,
+    options: Options,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AppError> {
+    let client = kube_client(&options).await?;
+    let publish = client.is_some() && !options.no_publish;
+    if publish && settings.node_name.is_none() {
+        return Err(ConfigError::Value {
+            field: "nodeName",
+            message: "required when publishing: set nodeName or the NODE_NAME environment variable (or pass --no-publish)".into(),
+        }
+        .into());
+    }
+    let lister = match (client, &settings.node_name) {
+        (Some(client), Some(node)) => Some(PodLister::new(client, node.clone())),
+        (Some(_), None) => {
+            tracing::warn!("no node name: pending-pod lookups are off, preferring by binpacking");
+            None
+        }
+        _ => None,
+    };
+    tracing::info!(
+        backend = ?settings.backend,
+        resource = settings.resource_name(),
+        socket = %settings.socket_path().display(),
+        api = lister.is_some(),
+        publish,
+        "starting vramslice device plugin"
+    );
+
+    let backend: Arc<dyn vramslice_gpu::GpuBackend> =
+        Arc::from(vramslice_gpu::open(&settings.backend)?);
+    write_preload_file(&settings);
+    let metrics = Metrics::new();
+    let (metrics_addr, metrics_server) =
+        crate::metrics::bind(settings.metrics_addr, metrics.clone(), shutdown.clone())
+            .await
+            .map_err(|source| AppError::Metrics {
+                addr: settings.metrics_addr.to_string(),
+                source,
+            })?;
+    tracing::info!(addr = %metrics_addr, "serving /metrics and /healthz");
+    let metrics_task = tokio::spawn(metrics_server);
+
+    let (state, node) = NodeState::new(settings.unit);
+    // Read once before serving, so the first ListAndWatch answer has the devices.
+    let first = {
+        let backend = Arc::clone(&backend);
+        tokio::task::spawn_blocking(move || backend.read()).await
+    };
+    match first {
+        Ok(Ok(readings)) => {
+            metrics.observe_readings(&readings);
+            state.apply(readings);
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "first GPU read failed"),
+        Err(e) => tracing::warn!(error = %e, "first GPU read task failed"),
+    }
+    let poller = tokio::spawn(crate::poller::run(
+        backend,
+        state,
+        settings.poll_interval,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let publisher = Publisher {
+        unit: settings.unit,
+        policy: settings.publish,
+        pod_resources_socket: settings.pod_resources_socket.clone(),
+        proc_root: settings.proc_root.clone(),
+        node: node.clone(),
+        metrics: metrics.clone(),
+        kube: lister.clone(),
+        write: publish,
+    };
+    let publisher = tokio::spawn(publisher.run(settings.poll_interval, shutdown.clone()));
+
+    let plugin = Arc::new(VramPlugin::new(
+        settings.unit,
+        settings.allocation.clone(),
+        node,
+        lister,
+        Some(settings.pod_resources_socket.clone()),
+    ));
+    let runner_config = RunnerConfig::new(settings.socket_dir.clone(), settings.socket_name());
+    let result = crate::runner::run(plugin, runner_config, metrics, shutdown).await;
+    for task in [poller, publisher] {
+        let _ = task.await;
+    }
+    match metrics_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "metrics server failed"),
+        Err(e) => tracing::warn!(error = %e, "metrics task failed"),
+        Ok(Ok(())) => {}
+    }
+    result.map_err(AppError::from)
+}

@@ -1,0 +1,245 @@
+//! The plugin's decisions behind a narrow trait that speaks no protocol: the device list to
+//! stream, the preferred units for a container, and the allocation of a container's units. The
+//! gRPC adapter ([`crate::grpc`]) is a thin translation over [`DevicePluginLogic`].
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use vramslice_core::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
+use vramslice_core::inventory::preferred_units;
+use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit};
+
+use crate::pods::{PodLister, assigned_gpus};
+use crate::poller::NodeWatch;
+
+/// One container's GetPreferredAllocation question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferredRequest {
+    /// IDs the kubelet may hand out.
+    pub available: Vec<String>,
+    /// IDs that must be in the answer.
+    pub must_include: Vec<String>,
+    /// How many IDs the container gets.
+    pub size: usize,
+}
+
+/// A request the plugin refuses or cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// The request itself is wrong (mixed GPUs, unknown IDs): gRPC InvalidArgument.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The plugin failed (host directory not creatable): gRPC Internal.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What a device plugin decides, with no transport types.
+pub trait DevicePluginLogic: Send + Sync + 'static {
+    /// The extended resource name served.
+    fn resource_name(&self) -> &'static str;
+
+    /// The advertised devices; changes whenever a device or its health changes.
+    fn devices(&self) -> watch::Receiver<Arc<Vec<AdvertisedDevice>>>;
+
+    /// Preferred IDs per container request (empty: no preference).
+    fn preferred_allocation(
+        &self,
+        requests: Vec<PreferredRequest>,
+    ) -> impl Future<Output = Vec<Vec<String>>> + Send;
+
+    /// The allocation of each container's IDs, all or nothing.
+    fn allocate(
+        &self,
+        containers: Vec<Vec<String>>,
+    ) -> impl Future<Output = Result<Vec<ContainerAllocation>, PluginError>> + Send;
+}
+
+/// The vramslice plugin: units of GPU memory.
+#[derive(Debug, Clone)]
+pub struct VramPlugin {
+    unit: VramUnit,
+    allocation: AllocationSettings,
+    node: NodeWatch,
+    pods: Option<PodLister>,
+    pod_resources_socket: Option<std::path::PathBuf>,
+}
+
+impl VramPlugin {
+    /// A plugin over the poller's state. With `pods`, GetPreferredAllocation prefers the GPU of
+    /// the pending pod a request belongs to; with `pod_resources_socket`, pods the kubelet has
+    /// already allocated are not considered pending.
+    pub fn new(
+        unit: VramUnit,
+        allocation: AllocationSettings,
+        node: NodeWatch,
+        pods: Option<PodLister>,
+        pod_resources_socket: Option<std::path::PathBuf>,
+    ) -> Self {
+        VramPlugin {
+            unit,
+            allocation,
+            node,
+            pods,
+            pod_resources_socket,
+        }
+    }
+
+    async fn candidate_gpus(&self, sizes: &BTreeSet<usize>) -> Vec<(usize, Vec<String>)> {
+        let Some(lister) = &self.pods else {
+            return Vec::new();
+        };
+        let pods = match lister.list(true).await {
+            Ok(pods) => pods,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up pending pods; falling back to binpacking");
+                return Vec::new();
+            }
+        };
+        let mut allocated = BTreeSet::new();
+        if let Some(socket) = &self.pod_resources_socket {
+            match crate::podresources::list_allocations(socket, self.resource_name()).await {
+                Ok(records) => {
+                    allocated.extend(records.into_iter().map(|r| (r.namespace, r.pod)));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "PodResources unavailable for pending-pod filtering")
+                }
+            }
+        }
+        sizes
+            .iter()
+            .map(|size| {
+                let gpus = assigned_gpus(&pods, self.resource_name(), *size as u64, &allocated);
+                (*size, gpus)
+            })
+            .collect()
+    }
+}
+
+fn parse_ids(ids: &[String]) -> Vec<DeviceId> {
+    ids.iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+/// The preferred IDs for one request, trying each candidate GPU in order, then binpacking.
+pub fn choose(request: &PreferredRequest, candidates: &[String]) -> Vec<String> {
+    let available = parse_ids(&request.available);
+    let must = parse_ids(&request.must_include);
+    for gpu in candidates {
+        let picked = preferred_units(&available, &must, request.size, Some(gpu));
+        if picked.first().is_some_and(|id| &id.gpu_uuid == gpu) {
+            return picked.iter().map(ToString::to_string).collect();
+        }
+    }
+    preferred_units(&available, &must, request.size, None)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+impl DevicePluginLogic for VramPlugin {
+    fn resource_name(&self) -> &'static str {
+        self.unit.resource_name()
+    }
+
+    fn devices(&self) -> watch::Receiver<Arc<Vec<AdvertisedDevice>>> {
+        self.node.devices.clone()
+    }
+
+    async fn preferred_allocation(&self, requests: Vec<PreferredRequest>) -> Vec<Vec<String>> {
+        let sizes: BTreeSet<usize> = requests.iter().map(|r| r.size).collect();
+        let candidates = self.candidate_gpus(&sizes).await;
+        requests
+            .iter()
+            .map(|request| {
+                let gpus = candidates
+                    .iter()
+                    .find(|(size, _)| *size == request.size)
+                    .map(|(_, g)| g.as_slice())
+                    .unwrap_or(&[]);
+                let chosen = choose(request, gpus);
+                tracing::info!(size = request.size, candidates = ?gpus, chosen = ?chosen.first(), "preferred allocation");
+                chosen
+            })
+            .collect()
+    }
+
+    async fn allocate(
+        &self,
+        containers: Vec<Vec<String>>,
+    ) -> Result<Vec<ContainerAllocation>, PluginError> {
+        let snapshot = Arc::clone(&self.node.snapshot.borrow());
+        let plans = containers
+            .iter()
+            .map(|ids| {
+                plan_allocation(&snapshot.inventory, &self.allocation, ids).map_err(|e| {
+                    tracing::warn!(ids = ?ids, error = %e, "allocation refused");
+                    PluginError::InvalidArgument(e.to_string())
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for plan in &plans {
+            create_accounting_dir(&plan.host_accounting_dir).await?;
+            tracing::info!(
+                gpu = %plan.gpu_uuid,
+                units = plan.units,
+                limit_bytes = plan.limit_bytes,
+                dir = %plan.host_accounting_dir.display(),
+                "allocated"
+            );
+        }
+        Ok(plans)
+    }
+}
+
+/// Create the per-allocation accounting directory, writable by any container user.
+async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: std::io::Error| {
+        PluginError::Internal(format!(
+            "cannot create accounting directory {}: {e}",
+            dir.display()
+        ))
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(fail)?;
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+        .await
+        .map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(available: &[&str], size: usize) -> PreferredRequest {
+        PreferredRequest {
+            available: available.iter().map(|s| s.to_string()).collect(),
+            must_include: Vec::new(),
+            size,
+        }
+    }
+
+    #[test]
+    fn prefers_the_first_candidate_that_fits() {
+        let r = request(
+            &["GPU-a::0", "GPU-a::1", "GPU-b::0", "GPU-b::1", "GPU-b::2"],
+            2,
+        );
+        assert_eq!(choose(&r, &["GPU-b".into()]), vec!["GPU-b::0", "GPU-b::1"]);
+        assert_eq!(
+            choose(&r, &["GPU-x".into(), "GPU-a".into()]),
+            vec!["GPU-a::0", "GPU-a::1"]
+        );
+        // No candidate: binpack onto the fuller GPU (fewer available units).
+        assert_eq!(choose(&r, &[]), vec!["GPU-a::0", "GPU-a::1"]);
+        // A candidate without room is skipped.
+        let r = request(&["GPU-a::0", "GPU-b::0", "GPU-b::1", "GPU-b::2"], 3);
+        assert_eq!(
+            choose(&r, &["GPU-a".into()]),
+            vec!["GPU-b::0", "GPU-b::1", "GPU-b::2"]
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! Prometheus metrics (`vramslice_` prefix) and the `/metrics` + `/healthz` HTTP endpoint.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use vramslice_gpu::GpuReading;
+
+/// Labels of per-GPU series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GpuLabels {
+    /// GPU UUID.
+    pub gpu: String,
+    /// GPU index.
+    pub index: String,
+}
+
+/// Labels of GpuNode writes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why the write happened.
+    pub reason: String,
+}
+
+struct Inner {
+    registry: Registry,
+    total: Family<GpuLabels, Gauge>,
+    used: Family<GpuLabels, Gauge>,
+    free: Family<GpuLabels, Gauge>,
+    allocated: Family<GpuLabels, Gauge>,
+    healthy: Family<GpuLabels, Gauge>,
+    registered: Gauge,
+    registrations: Counter,
+    kubelet_restarts: Counter,
+    backend_errors: Counter,
+    gpunode_writes: Family<ReasonLabels, Counter>,
+    publish_errors: Counter,
+    ready: AtomicBool,
+}
+
+/// The plugin's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn to_i64(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vramslice");
+        let total = Family::<GpuLabels, Gauge>::default();
+        let used = Family::<GpuLabels, Gauge>::default();
+        let free = Family::<GpuLabels, Gauge>::default();
+        let allocated = Family::<GpuLabels, Gauge>::default();
+        let healthy = Family::<GpuLabels, Gauge>::default();
+        let registered = Gauge::default();
+        let registrations = Counter::default();
+        let kubelet_restarts = Counter::default();
+        let backend_errors = Counter::default();
+        let gpunode_writes = Family::<ReasonLabels, Counter>::default();
+        let publish_errors = Counter::default();
+        registry.register("gpu_total_bytes", "GPU memory, bytes", total.clone());
+        registry.register("gpu_used_bytes", "GPU memory in use, bytes", used.clone());
+        registry.register("gpu_free_bytes", "GPU memory free, bytes", free.clone());
+        registry.register(
+            "gpu_allocated_bytes",
+            "GPU memory allocated to containers by the kubelet, bytes",
+            allocated.clone(),
+        );
+        registry.register("gpu_healthy", "1 when the GPU is healthy", healthy.clone());
+        registry.register(
+            "plugin_registered",
+            "1 while the plugin is registered with the kubelet",
+            registered.clone(),
+        );
+        registry.register(
+            "plugin_registrations",
+            "Successful registrations with the kubelet",
+            registrations.clone(),
+        );
+        registry.register(
+            "kubelet_restarts",
+            "Kubelet restarts (kubelet.sock re-created) or plugin socket losses seen",
+            kubelet_restarts.clone(),
+        );
+        registry.register(
+            "backend_errors",
+            "Failed GPU backend reads",
+            backend_errors.clone(),
+        );
+        registry.register(
+            "gpunode_writes",
+            "GpuNode status writes, by reason",
+            gpunode_writes.clone(),
+        );
+        registry.register(
+            "gpunode_write_errors",
+            "Failed GpuNode writes",
+            publish_errors.clone(),
+        );
+        Metrics(Arc::new(Inner {
+            registry,
+            total,
+            used,
+            free,
+            allocated,
+            healthy,
+            registered,
+            registrations,
+            kubelet_restarts,
+            backend_errors,
+            gpunode_writes,
+            publish_errors,
+            ready: AtomicBool::new(false),
+        }))
+    }
+
+    /// Record a successful read.
+    pub fn observe_readings(&self, readings: &[GpuReading]) {
+        let m = &self.0;
+        for family in [&m.total, &m.used, &m.free, &m.healthy] {
+            family.clear();
+        }
+        for r in readings {
+            let labels = GpuLabels {
+                gpu: r.uuid.clone(),
+                index: r.index.to_string(),
+            };
+            m.total.get_or_create(&labels).set(to_i64(r.total_bytes));
+            m.used.get_or_create(&labels).set(to_i64(r.used_bytes));
+            m.free.get_or_create(&labels).set(to_i64(r.free_bytes));
+            m.healthy
+                .get_or_create(&labels)
+                .set(i64::from(r.health.is_healthy()));
+        }
+        m.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Record allocated bytes per GPU (uuid → (index, bytes)).
+    pub fn observe_allocated(&self, allocated: &BTreeMap<String, (u32, u64)>) {
+        self.0.allocated.clear();
+        for (uuid, (index, bytes)) in allocated {
+            self.0
+                .allocated
+                .get_or_create(&GpuLabels {
+                    gpu: uuid.clone(),
+                    index: index.to_string(),
+                })
+                .set(to_i64(*bytes));
+        }
+    }
+
+    /// Registration state.
+    pub fn set_registered(&self, registered: bool) {
+        self.0.registered.set(i64::from(registered));
+        if registered {
+            self.0.registrations.inc();
+        }
+    }
+
+    /// A kubelet restart (or loss of our socket) was seen.
+    pub fn kubelet_restart(&self) {
+        self.0.kubelet_restarts.inc();
+    }
+
+    /// A backend read failed.
+    pub fn backend_error(&self) {
+        self.0.backend_errors.inc();
+    }
+
+    /// A GpuNode write happened.
+    pub fn gpunode_written(&self, reason: &str) {
+        self.0
+            .gpunode_writes
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// A GpuNode write failed.
+    pub fn gpunode_write_failed(&self) {
+        self.0.publish_errors.inc();
+    }
+
+    /// Whether the backend was read at least once.
+    pub fn ready(&self) -> bool {
+        self.0.ready.load(Ordering::Relaxed)
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.0.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+async fn metrics_handler(State(metrics): State<Metrics>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+}
+
+async fn healthz(State(metrics): State<Metrics>) -> impl IntoResponse {
+    if metrics.ready() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first GPU reading\n",
+        )
+    }
+}
+
+/// The HTTP routes.
+pub fn router(metrics: Metrics) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .with_state(metrics)
+}
+
+/// Serve `/metrics` and `/healthz` on `addr` until `shutdown` fires. Returns the bound address
+/// once listening (port 0 picks a free port) and the serving future.
+pub async fn bind(
+    addr: SocketAddr,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>>,
+)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let serve = axum::serve(listener, router(metrics)).with_graceful_shutdown(async move {
+        let _ = shutdown.changed().await;
+    });
+    Ok((local, async move { serve.await }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vramslice_gpu::Health;
+
+    #[test]
+    fn metrics_are_prefixed_and_per_gpu() {
+        let m = Metrics::new();
+        m.observe_readings(&[GpuReading {
+            index: 1,
+            uuid: "GPU-a".into(),
+            model: "m".into(),
+            total_bytes: 80 << 30,
+            used_bytes: 1 << 30,
+            free_bytes: 79 << 30,
+            health: Health::Unhealthy {
+                reason: "XID".into(),
+            },
+            processes: vec![],
+        }]);
+        m.observe_allocated(&BTreeMap::from([("GPU-a".to_string(), (1, 2 << 30))]));
+        m.set_registered(true);
+        m.kubelet_restart();
+        let text = m.encode();
+        for want in [
+            "vramslice_gpu_total_bytes{gpu=\"GPU-a\",index=\"1\"} 85899345920",
+            "vramslice_gpu_used_bytes{gpu=\"GPU-a\",index=\"1\"} 1073741824",
+            "vramslice_gpu_free_bytes{gpu=\"GPU-a\",index=\"1\"} 84825604096",
+            "vramslice_gpu_allocated_bytes{gpu=\"GPU-a\",index=\"1\"} 2147483648",
+            "vramslice_gpu_healthy{gpu=\"GPU-a\",index=\"1\"} 0",
+            "vramslice_plugin_registered 1",
+            "vramslice_kubelet_restarts_total 1",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        assert!(m.ready());
+    }
+}

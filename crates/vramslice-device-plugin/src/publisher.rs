@@ -1,0 +1,284 @@
+//! Publishes the node's live readings: every poll it joins the latest GPU readings with the
+//! kubelet's allocation record (PodResources) and pod UIDs (API server, /proc cgroups), builds
+//! the report with the core, updates the allocated-bytes metrics, and — when a kube client is
+//! configured and the core's publish rule says so — writes the `GpuNode` status.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use vramslice_api::{
+    GpuNode, GpuNodeSpec, GpuNodeStatus, GpuNodeSummary, GpuStatus, PodUsage, ProcessUsage,
+};
+use vramslice_core::VramUnit;
+use vramslice_core::publish::{
+    ContainerAllocationRecord, GpuSample, NodeReport, ProcessSample, PublishPolicy, build_report,
+    publish_reason,
+};
+use vramslice_gpu::GpuReading;
+use vramslice_gpu::procfs::ProcRoot;
+
+use crate::metrics::Metrics;
+use crate::pods::{PodLister, uids_by_name};
+use crate::poller::NodeWatch;
+
+/// How often pod UIDs may be re-listed when an unknown pod shows up.
+const UID_REFRESH: Duration = Duration::from_secs(5);
+
+/// Everything the publisher needs.
+#[derive(Debug)]
+pub struct Publisher {
+    /// Unit advertised.
+    pub unit: VramUnit,
+    /// When to write.
+    pub policy: PublishPolicy,
+    /// Kubelet PodResources socket.
+    pub pod_resources_socket: PathBuf,
+    /// Where PIDs are mapped to pods.
+    pub proc_root: PathBuf,
+    /// Readings.
+    pub node: NodeWatch,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// API access for UIDs and writes; `None`: metrics only.
+    pub kube: Option<PodLister>,
+    /// Whether to write GpuNode objects (needs `kube`).
+    pub write: bool,
+}
+
+/// The GpuNode status for a report observed at `observed_at` (RFC 3339).
+pub fn status_of(report: &NodeReport, observed_at: String) -> GpuNodeStatus {
+    GpuNodeStatus {
+        unit: report.unit.as_str().to_string(),
+        resource_name: report.unit.resource_name().to_string(),
+        observed_at,
+        gpus: report
+            .gpus
+            .iter()
+            .map(|g| GpuStatus {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                model: g.model.clone(),
+                total_bytes: g.total_bytes,
+                used_bytes: g.used_bytes,
+                free_bytes: g.free_bytes,
+                units: g.units,
+                allocated_units: g.allocated_units,
+                healthy: g.healthy,
+                health_reason: g.health_reason.clone(),
+                pods: g
+                    .pods
+                    .iter()
+                    .map(|p| PodUsage {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        uid: p.uid.clone(),
+                        allocated_units: p.allocated_units,
+                        limit_bytes: p.limit_bytes,
+                        used_bytes: p.used_bytes,
+                    })
+                    .collect(),
+                processes_without_pod: g
+                    .processes_without_pod
+                    .iter()
+                    .map(|p| ProcessUsage {
+                        pid: p.pid,
+                        used_bytes: p.used_bytes,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        summary: GpuNodeSummary {
+            gpus: report.summary.gpus,
+            total: report.summary.total.clone(),
+            live_free: report.summary.live_free.clone(),
+            allocated: report.summary.allocated.clone(),
+            healthy: report.summary.healthy.clone(),
+        },
+    }
+}
+
+/// The core's view of readings.
+pub fn samples_of(readings: &[GpuReading]) -> Vec<GpuSample> {
+    readings
+        .iter()
+        .map(|r| GpuSample {
+            index: r.index,
+            uuid: r.uuid.clone(),
+            model: r.model.clone(),
+            total_bytes: r.total_bytes,
+            used_bytes: r.used_bytes,
+            free_bytes: r.free_bytes,
+            healthy: r.health.is_healthy(),
+            health_reason: match &r.health {
+                vramslice_gpu::Health::Healthy => None,
+                vramslice_gpu::Health::Unhealthy { reason } => Some(reason.clone()),
+            },
+            processes: r
+                .processes
+                .iter()
+                .map(|p| ProcessSample {
+                    pid: p.pid,
+                    used_bytes: p.used_bytes,
+                    pod_uid: p.pod_uid.clone(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+async fn ensure_gpunode(client: &kube::Client, node: &str) -> Result<(), kube::Error> {
+    let owner = Api::<Node>::all(client.clone()).get(node).await?;
+    let object = GpuNode {
+        metadata: ObjectMeta {
+            name: Some(node.to_string()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: node.to_string(),
+                uid: owner.metadata.uid.unwrap_or_default(),
+                controller: Some(false),
+                block_owner_deletion: None,
+            }]),
+            ..Default::default()
+        },
+        spec: GpuNodeSpec {
+            node_name: node.to_string(),
+        },
+        status: None,
+    };
+    match Api::<GpuNode>::all(client.clone())
+        .create(&PostParams::default(), &object)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn write_status(
+    client: &kube::Client,
+    node: &str,
+    status: &GpuNodeStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<GpuNode> = Api::all(client.clone());
+    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    match api
+        .patch_status(node, &PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => {
+            ensure_gpunode(client, node).await?;
+            api.patch_status(node, &PatchParams::default(), &patch)
+                .await
+                .map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Publisher {
+    /// Run until `shutdown` fires, once per `interval`.
+    pub async fn run(self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        let proc_root = ProcRoot::new(self.proc_root.clone());
+        let mut records: Vec<ContainerAllocationRecord> = Vec::new();
+        let mut uids: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut uids_at: Option<Instant> = None;
+        let mut last: Option<(NodeReport, Instant)> = None;
+        let mut pr_failing = false;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let snapshot = Arc::clone(&self.node.snapshot.borrow());
+            if snapshot.generation == 0 {
+                continue;
+            }
+            let resource = self.unit.resource_name();
+            match crate::podresources::list_allocations(&self.pod_resources_socket, resource).await
+            {
+                Ok(fresh) => {
+                    records = fresh;
+                    pr_failing = false;
+                }
+                Err(e) => {
+                    if !pr_failing {
+                        tracing::warn!(error = %e, "cannot read allocations; keeping the last known");
+                        pr_failing = true;
+                    }
+                }
+            }
+            if let Some(lister) = &self.kube {
+                let unknown = records
+                    .iter()
+                    .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())));
+                if unknown && uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH) {
+                    uids_at = Some(Instant::now());
+                    match lister.list(false).await {
+                        Ok(pods) => uids = uids_by_name(&pods),
+                        Err(e) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
+                    }
+                }
+            }
+            for r in &mut records {
+                r.pod_uid = uids.get(&(r.namespace.clone(), r.pod.clone())).cloned();
+            }
+            let mut readings = snapshot.readings.clone();
+            if readings
+                .iter()
+                .any(|r| r.processes.iter().any(|p| p.pod_uid.is_none()))
+            {
+                proc_root.fill_pod_uids(&mut readings);
+            }
+            let report = build_report(self.unit, &samples_of(&readings), &records);
+            let allocated: BTreeMap<String, (u32, u64)> = report
+                .gpus
+                .iter()
+                .map(|g| {
+                    (
+                        g.uuid.clone(),
+                        (g.index, self.unit.bytes_for(g.allocated_units)),
+                    )
+                })
+                .collect();
+            self.metrics.observe_allocated(&allocated);
+
+            let Some(lister) = self.kube.as_ref().filter(|_| self.write) else {
+                continue;
+            };
+            let since = last
+                .as_ref()
+                .map(|(_, at)| at.elapsed())
+                .unwrap_or_default();
+            let Some(reason) =
+                publish_reason(&self.policy, last.as_ref().map(|(r, _)| r), since, &report)
+            else {
+                continue;
+            };
+            let observed_at = k8s_openapi::jiff::Timestamp::now().to_string();
+            let status = status_of(&report, observed_at);
+            match write_status(lister.client(), lister.node(), &status).await {
+                Ok(()) => {
+                    tracing::info!(%reason, node = lister.node(), "published GpuNode status");
+                    self.metrics.gpunode_written(reason.label());
+                    last = Some((report, Instant::now()));
+                }
+                Err(e) => {
+                    self.metrics.gpunode_write_failed();
+                    tracing::warn!(error = %e, node = lister.node(), "cannot write GpuNode status");
+                }
+            }
+        }
+    }
+}
