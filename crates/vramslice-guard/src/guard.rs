@@ -9,8 +9,14 @@ use crate::ledger::{Ledger, Liveness, OverLimit};
 use crate::tracker::{Entry, Kind, Tracker};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+/// Dead processes are looked for at most this often (reading /proc costs microseconds per slot,
+/// and a program may retry a refused allocation in a tight loop).
+const REAP_INTERVAL_MS: u64 = 20;
 
 /// Bytes a pool holds for this process: charged to the account, in use or kept for reuse.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,6 +40,8 @@ pub struct Guard {
     tracker: Tracker,
     pools: Mutex<Pools>,
     warned: AtomicBool,
+    epoch: Instant,
+    last_reap_ms: AtomicU64,
     liveness: fn(u32, u64) -> Liveness,
     pool_reserved: fn(u64) -> Option<u64>,
 }
@@ -52,6 +60,8 @@ impl Guard {
             tracker: Tracker::default(),
             pools: Mutex::new(Pools::new()),
             warned: AtomicBool::new(false),
+            epoch: Instant::now(),
+            last_reap_ms: AtomicU64::new(0),
             liveness,
             pool_reserved,
         }
@@ -92,7 +102,18 @@ impl Guard {
 
     #[cold]
     fn reserve_slow(&self, n: u64) -> Result<(), OverLimit> {
-        self.ledger.reap(self.liveness);
+        let now = u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(REAP_INTERVAL_MS);
+        let last = self.last_reap_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= REAP_INTERVAL_MS
+            && self
+                .last_reap_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.ledger.reap(self.liveness);
+        }
         self.reconcile_pools();
         self.ledger
             .try_reserve(n, self.limit)

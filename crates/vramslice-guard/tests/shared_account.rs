@@ -1,0 +1,250 @@
+//! Several processes of one container sharing the accounting file: racing processes never take
+//! more than the limit together (checked on the fake driver's own high-water mark), a killed
+//! process's share comes back, forked children get their own slot, the device plugin's parser
+//! reads the file, and a damaged file is rebuilt.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::{MIB, assert_checks, probe, run};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME, AccountingSnapshot};
+
+fn env(dir: &Path, limit: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("VRAMSLICE_VRAM_LIMIT_BYTES", limit.to_string()),
+        ("VRAMSLICE_ACCOUNTING_DIR", dir.display().to_string()),
+        ("VRAMSLICE_GPU_UUID", "GPU-test".into()),
+        ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
+    ]
+}
+
+fn snapshot(dir: &Path) -> AccountingSnapshot {
+    accounting::parse(&std::fs::read(dir.join(ACCOUNTING_FILE_NAME)).unwrap()).unwrap()
+}
+
+/// Spawns a probe that prints a line containing `marker` when ready and waits for stdin to close.
+fn spawn_until(mut cmd: std::process::Command, marker: &str) -> (Child, String) {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.contains(marker) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {marker:?}; got {seen}"
+        );
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("probe exited before {marker:?}; got {seen}");
+        }
+        seen.push_str(&line);
+    }
+    // keep draining in the background so the child never blocks on a full pipe
+    std::thread::spawn(move || for _ in reader.lines() {});
+    (child, seen)
+}
+
+#[test]
+fn sixteen_processes_racing_never_exceed_the_limit_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 * MIB;
+    let hwm_file = dir.path().join("hwm");
+    let shared = dir.path().join("fake-shared");
+    let mut e = env(dir.path(), limit);
+    e.push(("FAKE_CUDA_HWM_FILE", hwm_file.display().to_string()));
+    e.push(("FAKE_CUDA_SHARED_FILE", shared.display().to_string()));
+    let children: Vec<Child> = (0..16)
+        .map(|_| {
+            let mut cmd = probe(true, &e, &["race", "8", "1500", &(2 * MIB).to_string()]);
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let (mut ok, mut oom) = (0u64, 0u64);
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let so = String::from_utf8_lossy(&out.stdout);
+        assert_checks(&out, &so, &String::from_utf8_lossy(&out.stderr), 1);
+        let line = so.lines().find(|l| l.starts_with("race ")).unwrap();
+        let field = |k: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(k))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        ok += field("ok=");
+        oom += field("oom=");
+    }
+    let hwm: u64 = std::fs::read_to_string(&hwm_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "race: {ok} allocations, {oom} refused, driver high-water mark {hwm} of limit {limit}"
+    );
+    assert!(
+        hwm <= limit,
+        "driver saw {hwm} bytes at once, limit {limit}"
+    );
+    assert!(
+        hwm > limit / 2,
+        "the race did push against the limit ({hwm})"
+    );
+    assert!(
+        ok > 0 && oom > 0,
+        "both outcomes happened: ok={ok} oom={oom}"
+    );
+    // The racers exited holding pool-retained bytes; the next process to attach reaps them.
+    let snap = snapshot(dir.path());
+    assert_eq!(
+        snap.used_bytes,
+        snap.slot_bytes_sum(),
+        "total = sum of slots: {snap:?}"
+    );
+    let (_, so, _) = run(probe(true, &e, &["alloc", "1024"]));
+    assert!(so.contains("alloc rc=0"), "{so}");
+    let snap = snapshot(dir.path());
+    assert_eq!(
+        snap.used_bytes, 1024,
+        "dead racers reaped, only the new process counted: {snap:?}"
+    );
+    assert_eq!(snap.gpu_uuid, "GPU-test");
+    assert_eq!(snap.limit_bytes, limit);
+}
+
+#[test]
+fn killed_process_slot_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 100 * MIB;
+    let e = env(dir.path(), limit);
+    let (mut holder, seen) =
+        spawn_until(probe(true, &e, &["hold", &(80 * MIB).to_string()]), "ready");
+    assert!(seen.contains("hold rc=0"), "{seen}");
+    let pid = holder.id();
+    let snap = snapshot(dir.path());
+    let slot = snap
+        .slots
+        .iter()
+        .find(|s| s.pid == pid)
+        .unwrap_or_else(|| panic!("no slot for {pid}: {snap:?}"));
+    assert_eq!(slot.bytes, 80 * MIB);
+    assert_eq!(snap.used_bytes, 80 * MIB);
+
+    let (_, so, _) = run(probe(true, &e, &["alloc", &(80 * MIB).to_string()]));
+    assert!(
+        so.contains("alloc rc=2"),
+        "a second process is refused while the first holds: {so}"
+    );
+
+    holder.kill().unwrap(); // SIGKILL: no chance to free anything
+    holder.wait().unwrap();
+    let (_, so, se) = run(probe(true, &e, &["alloc", &(80 * MIB).to_string()]));
+    assert!(
+        so.contains("alloc rc=0"),
+        "the dead process's share is reclaimed: {so}{se}"
+    );
+    let snap = snapshot(dir.path());
+    assert!(
+        snap.slots.iter().all(|s| s.pid != pid),
+        "dead slot freed: {snap:?}"
+    );
+}
+
+#[test]
+fn forked_child_gets_its_own_slot_and_counts_against_the_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 100 * MIB;
+    let cmd = probe(
+        true,
+        &env(dir.path(), limit),
+        &["fork", &(30 * MIB).to_string(), &limit.to_string()],
+    );
+    let (mut parent, seen) = spawn_until(cmd, "child ready");
+    let child_pid: u32 = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("child ready pid="))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let snap = snapshot(dir.path());
+    let parent_slot = snap.slots.iter().find(|s| s.pid == parent.id()).unwrap();
+    let child_slot = snap.slots.iter().find(|s| s.pid == child_pid).unwrap();
+    assert_ne!(parent_slot.index, child_slot.index);
+    assert_eq!(parent_slot.bytes, 30 * MIB);
+    assert_eq!(child_slot.bytes, 30 * MIB);
+    assert_eq!(snap.used_bytes, 60 * MIB);
+    assert!(
+        seen.contains("ok: child is refused past the shared container total"),
+        "{seen}"
+    );
+    drop(parent.stdin.take()); // child (then parent) finish
+    let status = parent.wait().unwrap();
+    assert!(
+        status.success(),
+        "parent's checks (incl. reclaiming the exited child's share) passed"
+    );
+}
+
+#[test]
+fn damaged_accounting_file_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(ACCOUNTING_FILE_NAME);
+    std::fs::write(&path, b"this is not an accounting file at all").unwrap();
+    let (out, so, se) = run(probe(
+        true,
+        &env(dir.path(), 100 * MIB),
+        &["alloc", &MIB.to_string()],
+    ));
+    assert!(
+        out.status.success() && so.contains("alloc rc=0"),
+        "{so}{se}"
+    );
+    assert!(se.contains("rebuilding it"), "{se}");
+    let snap = snapshot(dir.path());
+    assert_eq!(snap.limit_bytes, 100 * MIB);
+    assert_eq!(snap.slot_count, accounting::DEFAULT_SLOT_COUNT);
+}
+
+#[test]
+fn unusable_accounting_dir_falls_back_to_per_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let (out, so, se) = run(probe(
+        true,
+        &env(&not_a_dir, 100 * MIB),
+        &["alloc", &MIB.to_string()],
+    ));
+    assert!(
+        out.status.success() && so.contains("alloc rc=0"),
+        "{so}{se}"
+    );
+    assert!(se.contains("per-process accounting only"), "{se}");
+}
+
+#[test]
+fn accounting_file_is_shared_and_writable_by_late_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(dir.path(), 100 * MIB);
+    let (mut a, _) = spawn_until(probe(true, &e, &["hold", &(30 * MIB).to_string()]), "ready");
+    let (mut b, _) = spawn_until(probe(true, &e, &["hold", &(30 * MIB).to_string()]), "ready");
+    let snap = snapshot(dir.path());
+    assert_eq!(snap.used_bytes, 60 * MIB);
+    assert_eq!(snap.slots.len(), 2);
+    assert_eq!(snap.slot_bytes_sum(), 60 * MIB);
+    let mut sin = b.stdin.take().unwrap();
+    sin.write_all(b"x").unwrap();
+    drop(sin);
+    drop(a.stdin.take());
+    a.wait().unwrap();
+    b.wait().unwrap();
+}
