@@ -1,0 +1,134 @@
+//! The Kubernetes calls bind needs, behind a small trait so the bind logic and the HTTP layer
+//! can be tested without a cluster: read a pod, annotate it, create its Binding.
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+/// A failed API call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The object does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The API server refused (conflict, forbidden, invalid...).
+    #[error("{0}")]
+    Refused(String),
+    /// The API server could not be reached or answered garbage.
+    #[error("{0}")]
+    Transport(String),
+}
+
+impl From<kube::Error> for ApiError {
+    fn from(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(status) if status.code == 404 => ApiError::NotFound,
+            kube::Error::Api(status) => {
+                ApiError::Refused(format!("{} ({})", status.message, status.code))
+            }
+            other => ApiError::Transport(other.to_string()),
+        }
+    }
+}
+
+/// What bind needs from the API server.
+pub trait ClusterApi: Send + Sync + 'static {
+    /// Read a pod.
+    fn get_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Pod, ApiError>>;
+
+    /// Merge `annotations` into a pod's annotations.
+    fn annotate_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        annotations: BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), ApiError>>;
+
+    /// Create the pod's Binding to `node` (POST pods/{name}/binding), guarded by its UID.
+    fn bind_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        uid: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<(), ApiError>>;
+}
+
+/// [`ClusterApi`] over a kube client.
+#[derive(Clone)]
+pub struct KubeCluster {
+    client: kube::Client,
+}
+
+impl KubeCluster {
+    /// Wrap a client.
+    pub fn new(client: kube::Client) -> Self {
+        KubeCluster { client }
+    }
+
+    fn pods(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+impl ClusterApi for KubeCluster {
+    fn get_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Pod, ApiError>> {
+        Box::pin(async move { Ok(self.pods(namespace).get(name).await?) })
+    }
+
+    fn annotate_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        annotations: BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move {
+            let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
+            self.pods(namespace)
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn bind_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        uid: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move {
+            let binding = Binding {
+                metadata: ObjectMeta {
+                    name: Some(name.to_string()),
+                    namespace: Some(namespace.to_string()),
+                    uid: (!uid.is_empty()).then(|| uid.to_string()),
+                    ..ObjectMeta::default()
+                },
+                target: ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Node".into()),
+                    name: Some(node.to_string()),
+                    ..ObjectReference::default()
+                },
+            };
+            let _: serde_json::Value = self
+                .pods(namespace)
+                .create_subresource("binding", name, &PostParams::default(), &binding)
+                .await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,437 @@
+//! The extender's state and verbs, free of HTTP: the ledger behind one lock, readiness, the
+//! clock, and filter / prioritize / bind over the wire types.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::SystemTime;
+
+use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
+use vramslice_core::format_bytes;
+use vramslice_core::ledger::{Ledger, ReserveError, ReserveRequest};
+use vramslice_core::placement::{MAX_SCORE, PodRequest};
+
+use crate::cluster::{ApiError, ClusterApi};
+use crate::config::Config;
+use crate::convert::{RequestError, format_time, pod_request, policy_of, wire_pod_request};
+use crate::metrics::{LedgerFigures, Metrics, Outcome};
+use crate::wire::{
+    ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, HostPriority,
+    NodeListOut, WireNodeName, WirePod,
+};
+
+/// The clock the extender reads (tests and benchmarks supply their own).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// A request kube-scheduler should not have sent: answered with 400 and this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// The body is not the expected JSON.
+    #[error("malformed {what} JSON: {detail}")]
+    Malformed {
+        /// The type expected.
+        what: &'static str,
+        /// serde's message.
+        detail: String,
+    },
+    /// `ExtenderArgs` without `Pod`.
+    #[error("ExtenderArgs has no Pod")]
+    MissingPod,
+    /// `ExtenderArgs` with neither candidate form.
+    #[error("ExtenderArgs has neither Nodes nor NodeNames")]
+    MissingNodes,
+    /// A node in `Nodes` without `metadata.name`.
+    #[error("Nodes.items[{0}] has no metadata.name")]
+    UnnamedNode(usize),
+    /// A binding request without a required field.
+    #[error("ExtenderBindingArgs has no {0}")]
+    MissingField(&'static str),
+}
+
+/// Where the extender is in its start-up.
+#[derive(Debug, Default)]
+struct Readiness {
+    pods: AtomicBool,
+    gpunodes: AtomicBool,
+}
+
+/// The extender: configuration, ledger, cluster access, metrics.
+pub struct Extender {
+    config: Config,
+    ledger: RwLock<Ledger>,
+    cluster: Arc<dyn ClusterApi>,
+    clock: Clock,
+    metrics: Metrics,
+    ready: Readiness,
+}
+
+/// Candidates of one call, in the form they came in.
+enum Candidates<'a> {
+    Names(&'a [String]),
+    Nodes(Vec<(String, &'a serde_json::value::RawValue)>),
+}
+
+impl Candidates<'_> {
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Candidates::Names(n) => n.iter().map(String::as_str).collect(),
+            Candidates::Nodes(n) => n.iter().map(|(name, _)| name.as_str()).collect(),
+        }
+    }
+}
+
+/// A parsed filter/prioritize call.
+struct Call<'a> {
+    pod: &'a WirePod,
+    candidates: Candidates<'a>,
+}
+
+fn parse_args(args: &ExtenderArgs) -> Result<Call<'_>, BadRequest> {
+    let pod = args.pod.as_ref().ok_or(BadRequest::MissingPod)?;
+    let candidates = match (&args.node_names, &args.nodes) {
+        (Some(names), _) => Candidates::Names(names),
+        (None, Some(list)) => {
+            let items = list.items.as_deref().unwrap_or_default();
+            let mut nodes = Vec::with_capacity(items.len());
+            for (i, raw) in items.iter().enumerate() {
+                let named: WireNodeName =
+                    serde_json::from_str(raw.get()).map_err(|e| BadRequest::Malformed {
+                        what: "Node",
+                        detail: e.to_string(),
+                    })?;
+                if named.metadata.name.is_empty() {
+                    return Err(BadRequest::UnnamedNode(i));
+                }
+                nodes.push((named.metadata.name, raw.as_ref()));
+            }
+            Candidates::Nodes(nodes)
+        }
+        (None, None) => return Err(BadRequest::MissingNodes),
+    };
+    Ok(Call { pod, candidates })
+}
+
+/// Parse a JSON body into `T`, naming the type on failure.
+pub fn parse_body<'a, T: serde::Deserialize<'a>>(
+    body: &'a [u8],
+    what: &'static str,
+) -> Result<T, BadRequest> {
+    // serde would read a struct from an array too; the wire format is always an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(BadRequest::Malformed {
+            what,
+            detail: "expected a JSON object".into(),
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| BadRequest::Malformed {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+impl Extender {
+    /// An extender with an empty ledger, not ready until both watches report synced.
+    pub fn new(config: Config, cluster: Arc<dyn ClusterApi>, clock: Clock) -> Self {
+        Extender {
+            ledger: RwLock::new(Ledger::new(config.ledger())),
+            config,
+            cluster,
+            clock,
+            metrics: Metrics::new(),
+            ready: Readiness::default(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The time now, by the extender's clock.
+    pub fn now(&self) -> SystemTime {
+        (self.clock)()
+    }
+
+    /// Read access to the ledger (a poisoned lock is recovered: the ledger has no invariants a
+    /// panicking reader could break).
+    pub fn ledger(&self) -> RwLockReadGuard<'_, Ledger> {
+        self.ledger.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write access to the ledger.
+    pub fn ledger_mut(&self) -> RwLockWriteGuard<'_, Ledger> {
+        self.ledger.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pod watch has listed every pod and the ledger holds them.
+    pub fn mark_pods_synced(&self) {
+        self.ready.pods.store(true, Ordering::SeqCst);
+    }
+
+    /// The GpuNode watch has listed every GpuNode and the ledger holds them.
+    pub fn mark_gpunodes_synced(&self) {
+        self.ready.gpunodes.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` once both watches have synced and the ledger was rebuilt; else what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut missing = Vec::new();
+        if !self.ready.pods.load(Ordering::SeqCst) {
+            missing.push("pods");
+        }
+        if !self.ready.gpunodes.load(Ordering::SeqCst) {
+            missing.push("GpuNodes");
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not ready: waiting for the first list of {}",
+                missing.join(" and ")
+            ))
+        }
+    }
+
+    /// The metrics (for recording and rendering).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Render `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let now = self.now();
+        let figures = {
+            let ledger = self.ledger();
+            LedgerFigures {
+                pods: ledger.pod_count(),
+                reservations: ledger.reservation_count(),
+                nodes: ledger.node_count(),
+                stale_nodes: ledger.stale_node_count(now),
+            }
+        };
+        self.metrics.render(figures)
+    }
+
+    fn request_of(&self, pod: &WirePod) -> Result<Option<PodRequest>, RequestError> {
+        wire_pod_request(pod, &self.config.resources)
+    }
+
+    /// The filter verb: the JSON answer, and the outcome for metrics.
+    pub fn filter(&self, body: &[u8]) -> Result<(String, Outcome), BadRequest> {
+        let args: ExtenderArgs = parse_body(body, "ExtenderArgs")?;
+        let call = parse_args(&args)?;
+        let names = call.candidates.names();
+        let mut result = ExtenderFilterResult::default();
+        let mut passed: Vec<usize> = Vec::with_capacity(names.len());
+        let outcome = match (self.readiness(), self.request_of(call.pod)) {
+            (_, Ok(None)) => {
+                passed.extend(0..names.len());
+                Outcome::Ignored
+            }
+            (Err(not_ready), _) => {
+                result.error = format!("vramslice extender {not_ready}");
+                Outcome::Error
+            }
+            (_, Err(bad)) => {
+                result.error = bad.to_string();
+                Outcome::Error
+            }
+            (Ok(()), Ok(Some(request))) => {
+                let now = self.now();
+                let ledger = self.ledger();
+                let need = request.bytes();
+                match ledger.largest_gpu_bytes() {
+                    Some(largest) if need > largest => {
+                        let reason = format!(
+                            "pod needs {}, more than the largest GPU in the cluster advertises ({})",
+                            format_bytes(need),
+                            format_bytes(largest)
+                        );
+                        for name in &names {
+                            result
+                                .failed_and_unresolvable_nodes
+                                .insert(name, reason.clone());
+                        }
+                    }
+                    _ => {
+                        for (i, name) in names.iter().enumerate() {
+                            match ledger.check(name, request, now) {
+                                Ok(()) => passed.push(i),
+                                Err(r) if r.is_unresolvable() => {
+                                    result
+                                        .failed_and_unresolvable_nodes
+                                        .insert(name, r.to_string());
+                                }
+                                Err(r) => {
+                                    result.failed_nodes.insert(name, r.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+                if passed.is_empty() {
+                    Outcome::NoFit
+                } else {
+                    Outcome::Ok
+                }
+            }
+        };
+        match &call.candidates {
+            Candidates::Names(_) => {
+                result.node_names = Some(passed.iter().map(|i| names[*i]).collect());
+            }
+            Candidates::Nodes(nodes) => {
+                result.nodes = Some(NodeListOut {
+                    metadata: BTreeMap::new(),
+                    items: passed.iter().map(|i| nodes[*i].1).collect(),
+                });
+            }
+        }
+        let json = serde_json::to_string(&result).map_err(|e| BadRequest::Malformed {
+            what: "ExtenderFilterResult",
+            detail: e.to_string(),
+        })?;
+        Ok((json, outcome))
+    }
+
+    /// The prioritize verb: scores 0..=10 per candidate, in the order given.
+    pub fn prioritize(&self, body: &[u8]) -> Result<(Vec<HostPriority>, Outcome), BadRequest> {
+        let args: ExtenderArgs = parse_body(body, "ExtenderArgs")?;
+        let call = parse_args(&args)?;
+        let names = call.candidates.names();
+        let zeros = |outcome| {
+            let list = names
+                .iter()
+                .map(|n| HostPriority {
+                    host: n.to_string(),
+                    score: 0,
+                })
+                .collect();
+            (list, outcome)
+        };
+        let request = match (self.readiness(), self.request_of(call.pod)) {
+            (_, Ok(None)) => return Ok(zeros(Outcome::Ignored)),
+            (Err(_), _) | (_, Err(_)) => return Ok(zeros(Outcome::Error)),
+            (Ok(()), Ok(Some(request))) => request,
+        };
+        let who = format!("{}/{}", call.pod.metadata.namespace, call.pod.metadata.name);
+        let Ok(policy) = policy_of(
+            &who,
+            call.pod.metadata.annotations.as_ref(),
+            self.config.policy,
+        ) else {
+            return Ok(zeros(Outcome::Error));
+        };
+        let now = self.now();
+        let ledger = self.ledger();
+        let list = names
+            .iter()
+            .map(|n| HostPriority {
+                host: n.to_string(),
+                score: i64::from(ledger.score(n, request, policy, now).min(MAX_SCORE)),
+            })
+            .collect();
+        Ok((list, Outcome::Ok))
+    }
+
+    /// The bind verb: re-check and reserve under the ledger lock, annotate, bind; any failure
+    /// releases the reservation and is returned in `Error`.
+    pub async fn bind(&self, body: &[u8]) -> Result<(ExtenderBindingResult, Outcome), BadRequest> {
+        let args: ExtenderBindingArgs = parse_body(body, "ExtenderBindingArgs")?;
+        for (value, field) in [
+            (&args.pod_name, "PodName"),
+            (&args.pod_namespace, "PodNamespace"),
+            (&args.node, "Node"),
+        ] {
+            if value.is_empty() {
+                return Err(BadRequest::MissingField(field));
+            }
+        }
+        let (error, outcome) = match self.bind_checked(&args).await {
+            Ok(outcome) => (String::new(), outcome),
+            Err((message, outcome)) => (message, outcome),
+        };
+        Ok((ExtenderBindingResult { error }, outcome))
+    }
+
+    async fn bind_checked(&self, args: &ExtenderBindingArgs) -> Result<Outcome, (String, Outcome)> {
+        let (ns, name, node) = (&args.pod_namespace, &args.pod_name, &args.node);
+        let who = format!("{ns}/{name}");
+        let fail = |msg: String| (msg, Outcome::Error);
+        let pod = self.cluster.get_pod(ns, name).await.map_err(|e| match e {
+            ApiError::NotFound => fail(format!("cannot bind pod {who}: pod not found")),
+            other => fail(format!(
+                "cannot bind pod {who}: reading the pod failed: {other}"
+            )),
+        })?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if !args.pod_uid.is_empty() && args.pod_uid != uid {
+            return Err(fail(format!(
+                "cannot bind pod {who}: it has UID {uid}, the bind names UID {}",
+                args.pod_uid
+            )));
+        }
+        let request = pod_request(&pod, &self.config.resources)
+            .map_err(|e| fail(format!("cannot bind pod {who}: {e}")))?;
+        let Some(request) = request else {
+            // No VRAM: bind like the default binder would.
+            self.cluster
+                .bind_pod(ns, name, &uid, node)
+                .await
+                .map_err(|e| fail(format!("cannot bind pod {who} to node {node}: {e}")))?;
+            return Ok(Outcome::Ignored);
+        };
+        self.readiness()
+            .map_err(|e| fail(format!("cannot bind pod {who}: vramslice extender {e}")))?;
+        let policy = policy_of(&who, pod.metadata.annotations.as_ref(), self.config.policy)
+            .map_err(|e| fail(format!("cannot bind pod {who}: {e}")))?;
+        let now = self.now();
+        let placement = {
+            let mut ledger = self.ledger_mut();
+            let reserve = ReserveRequest {
+                uid: uid.clone(),
+                namespace: ns.clone(),
+                name: name.clone(),
+                request,
+            };
+            ledger.reserve(reserve, node, policy, now)
+        };
+        let placement = placement.map_err(|e| {
+            let outcome = match e {
+                ReserveError::NoFit(_) => Outcome::Conflict,
+                _ => Outcome::Error,
+            };
+            (
+                format!("cannot bind pod {who} to node {node}: {e}"),
+                outcome,
+            )
+        })?;
+        let annotations = BTreeMap::from([
+            (ANNOTATION_GPU_UUID.to_string(), placement.gpu_uuid.clone()),
+            (ANNOTATION_ASSIGNED_AT.to_string(), format_time(now)),
+        ]);
+        let done = async {
+            self.cluster
+                .annotate_pod(ns, name, annotations)
+                .await
+                .map_err(|e| format!("cannot bind pod {who}: annotating it failed: {e}"))?;
+            self.cluster
+                .bind_pod(ns, name, &uid, node)
+                .await
+                .map_err(|e| format!("cannot bind pod {who} to node {node}: {e}"))
+        }
+        .await;
+        match done {
+            Ok(()) => {
+                tracing::info!(pod = %who, node = %node, gpu = %placement.gpu_uuid,
+                    index = placement.gpu_index, bytes = request.bytes(), "bound");
+                Ok(Outcome::Ok)
+            }
+            Err(message) => {
+                self.ledger_mut().release(&uid);
+                tracing::warn!(pod = %who, node = %node, error = %message, "bind failed; reservation released");
+                Err(fail(message))
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! An in-memory [`ClusterApi`] for tests and benchmarks: pods in a map, every call recorded,
+//! failures injectable. Binding sets the pod's `spec.nodeName` and refuses a pod already bound,
+//! as the API server does.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::cluster::{ApiError, ClusterApi};
+
+/// A recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// `get_pod(namespace, name)`.
+    Get(String, String),
+    /// `annotate_pod(namespace, name, annotations)`.
+    Annotate(String, String, BTreeMap<String, String>),
+    /// `bind_pod(namespace, name, uid, node)`.
+    Bind(String, String, String, String),
+}
+
+#[derive(Default)]
+struct Inner {
+    pods: BTreeMap<(String, String), Pod>,
+    calls: Vec<Call>,
+    fail_annotate: Option<ApiError>,
+    fail_bind: Option<ApiError>,
+    latency: std::time::Duration,
+}
+
+/// The fake cluster.
+#[derive(Default)]
+pub struct FakeCluster {
+    inner: Mutex<Inner>,
+}
+
+impl FakeCluster {
+    /// An empty cluster.
+    pub fn new() -> Self {
+        FakeCluster::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add or replace a pod.
+    pub fn put_pod(&self, pod: Pod) {
+        let key = (
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        self.lock().pods.insert(key, pod);
+    }
+
+    /// A pod as it is now.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.lock()
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.lock().calls.clone()
+    }
+
+    /// Make every later annotate call fail with `err` (or succeed again with `None`).
+    pub fn fail_annotate(&self, err: Option<ApiError>) {
+        self.lock().fail_annotate = err;
+    }
+
+    /// Make every later annotate and bind call take `latency` (so concurrent binds overlap).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.lock().latency = latency;
+    }
+
+    fn latency(&self) -> std::time::Duration {
+        self.lock().latency
+    }
+
+    /// Make every later bind call fail with `err` (or succeed again with `None`).
+    pub fn fail_bind(&self, err: Option<ApiError>) {
+        self.lock().fail_bind = err;
+    }
+}
+
+impl ClusterApi for FakeCluster {
+    fn get_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Pod, ApiError>> {
+        Box::pin(async move {
+            let mut inner = self.lock();
+            inner.calls.push(Call::Get(namespace.into(), name.into()));
+            inner
+                .pods
+                .get(&(namespace.to_string(), name.to_string()))
+                .cloned()
+                .ok_or(ApiError::NotFound)
+        })
+    }
+
+    fn annotate_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        annotations: BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.latency()).await;
+            let mut inner = self.lock();
+            inner.calls.push(Call::Annotate(
+                namespace.into(),
+                name.into(),
+                annotations.clone(),
+            ));
+            if let Some(err) = inner.fail_annotate.clone() {
+                return Err(err);
+            }
+            let pod = inner
+                .pods
+                .get_mut(&(namespace.to_string(), name.to_string()))
+                .ok_or(ApiError::NotFound)?;
+            pod.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .extend(annotations);
+            Ok(())
+        })
+    }
+
+    fn bind_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        uid: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.latency()).await;
+            let mut inner = self.lock();
+            inner.calls.push(Call::Bind(
+                namespace.into(),
+                name.into(),
+                uid.into(),
+                node.into(),
+            ));
+            if let Some(err) = inner.fail_bind.clone() {
+                return Err(err);
+            }
+            let pod = inner
+                .pods
+                .get_mut(&(namespace.to_string(), name.to_string()))
+                .ok_or(ApiError::NotFound)?;
+            if pod.metadata.uid.as_deref().unwrap_or_default() != uid {
+                return Err(ApiError::Refused(format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    pod.metadata.uid.as_deref().unwrap_or_default()
+                )));
+            }
+            let spec = pod.spec.get_or_insert_with(Default::default);
+            if let Some(bound) = &spec.node_name {
+                return Err(ApiError::Refused(format!(
+                    "pod {namespace}/{name} is already assigned to node \"{bound}\" (409)"
+                )));
+            }
+            spec.node_name = Some(node.to_string());
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! The HTTP adapter: axum routes over [`Extender`]'s verbs.
+//!
+//! `POST /filter`, `POST /prioritize`, `POST /bind` (kube-scheduler extender v1 JSON),
+//! `GET /healthz`, `GET /readyz`, `GET /metrics`. A body kube-scheduler could not have meant
+//! (malformed JSON, no Pod, no candidates) gets `400` with a plain-text message; a pod or node
+//! the extender cannot place gets `200` with the reason inside the result, as the scheduler
+//! expects.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::extender::{BadRequest, Extender};
+use crate::metrics::Outcome;
+
+const JSON: &str = "application/json";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The extender's routes.
+pub fn router(extender: Arc<Extender>) -> Router {
+    Router::new()
+        .route("/filter", post(filter))
+        .route("/prioritize", post(prioritize))
+        .route("/bind", post(bind))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(extender)
+}
+
+fn json(body: String) -> Response {
+    ([(header::CONTENT_TYPE, JSON)], body).into_response()
+}
+
+fn bad_request(verb: &'static str, ext: &Extender, started: Instant, err: &BadRequest) -> Response {
+    ext.metrics()
+        .record(verb, Outcome::Error, started.elapsed());
+    tracing::warn!(verb, error = %err, "bad request");
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, TEXT)],
+        format!("{err}\n"),
+    )
+        .into_response()
+}
+
+async fn filter(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    match ext.filter(&body) {
+        Ok((answer, outcome)) => {
+            ext.metrics().record("filter", outcome, started.elapsed());
+            json(answer)
+        }
+        Err(e) => bad_request("filter", &ext, started, &e),
+    }
+}
+
+async fn prioritize(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let answer = ext.prioritize(&body).and_then(|(list, outcome)| {
+        serde_json::to_string(&list)
+            .map(|s| (s, outcome))
+            .map_err(|e| BadRequest::Malformed {
+                what: "HostPriorityList",
+                detail: e.to_string(),
+            })
+    });
+    match answer {
+        Ok((answer, outcome)) => {
+            ext.metrics()
+                .record("prioritize", outcome, started.elapsed());
+            json(answer)
+        }
+        Err(e) => bad_request("prioritize", &ext, started, &e),
+    }
+}
+
+async fn bind(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let answer = ext.bind(&body).await.and_then(|(result, outcome)| {
+        serde_json::to_string(&result)
+            .map(|s| (s, outcome))
+            .map_err(|e| BadRequest::Malformed {
+                what: "ExtenderBindingResult",
+                detail: e.to_string(),
+            })
+    });
+    match answer {
+        Ok((answer, outcome)) => {
+            ext.metrics().record("bind", outcome, started.elapsed());
+            json(answer)
+        }
+        Err(e) => bad_request("bind", &ext, started, &e),
+    }
+}
+
+async fn healthz() -> Response {
+    ([(header::CONTENT_TYPE, TEXT)], "ok\n").into_response()
+}
+
+async fn readyz(State(ext): State<Arc<Extender>>) -> Response {
+    match ext.readiness() {
+        Ok(()) => ([(header::CONTENT_TYPE, TEXT)], "ready\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, TEXT)],
+            format!("{why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(ext): State<Arc<Extender>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ext.render_metrics(),
+    )
+        .into_response()
+}

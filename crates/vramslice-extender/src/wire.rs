@@ -1,0 +1,193 @@
+//! The JSON kube-scheduler speaks to extenders: `k8s.io/kube-scheduler/extender/v1` types, which
+//! carry no json tags, so the keys are the Go field names (`Pod`, `Nodes`, `NodeNames`,
+//! `FailedNodes`, `FailedAndUnresolvableNodes`, `Error`, `Host`, `Score`, `PodName`,
+//! `PodNamespace`, `PodUID`, `Node`). Go's decoder matches keys case-insensitively, so the
+//! lower-case spellings are accepted too.
+//!
+//! The pod is read into [`WirePod`], only the fields placement needs (unknown fields are
+//! ignored). Nodes of a full `NodeList` are kept as raw JSON and echoed back untouched.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// `ExtenderArgs`: the body of filter and prioritize calls.
+#[derive(Debug, Deserialize)]
+pub struct ExtenderArgs {
+    /// The pod being scheduled.
+    #[serde(rename = "Pod", alias = "pod", default)]
+    pub pod: Option<WirePod>,
+    /// Candidate nodes, when the extender is not `nodeCacheCapable`.
+    #[serde(rename = "Nodes", alias = "nodes", default)]
+    pub nodes: Option<WireNodeList>,
+    /// Candidate node names, when the extender is `nodeCacheCapable`.
+    #[serde(
+        rename = "NodeNames",
+        alias = "nodeNames",
+        alias = "nodenames",
+        default
+    )]
+    pub node_names: Option<Vec<String>>,
+}
+
+/// A `v1.NodeList` with its items kept as raw JSON.
+#[derive(Debug, Deserialize)]
+pub struct WireNodeList {
+    /// The nodes (Go sends `null` for an empty list).
+    #[serde(default)]
+    pub items: Option<Vec<Box<RawValue>>>,
+}
+
+/// The part of a node placement reads: its name.
+#[derive(Debug, Deserialize)]
+pub struct WireNodeName {
+    /// `metadata`.
+    #[serde(default)]
+    pub metadata: WireNameOnly,
+}
+
+/// `metadata.name` alone.
+#[derive(Debug, Default, Deserialize)]
+pub struct WireNameOnly {
+    /// The name.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// The fields of a `v1.Pod` placement needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct WirePod {
+    /// `metadata`.
+    #[serde(default)]
+    pub metadata: WireMeta,
+    /// `spec`.
+    #[serde(default)]
+    pub spec: Option<WireSpec>,
+}
+
+/// Pod metadata.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct WireMeta {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// UID.
+    #[serde(default)]
+    pub uid: String,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Pod spec: containers and init containers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireSpec {
+    /// App containers.
+    #[serde(default)]
+    pub containers: Option<Vec<WireContainer>>,
+    /// Init containers.
+    #[serde(default)]
+    pub init_containers: Option<Vec<WireContainer>>,
+}
+
+/// One container's resources.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireContainer {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Limits and requests.
+    #[serde(default)]
+    pub resources: Option<WireResources>,
+    /// `Always` marks a sidecar init container.
+    #[serde(default)]
+    pub restart_policy: Option<String>,
+}
+
+/// `resources`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct WireResources {
+    /// Limits.
+    #[serde(default)]
+    pub limits: Option<BTreeMap<String, Quantity>>,
+    /// Requests.
+    #[serde(default)]
+    pub requests: Option<BTreeMap<String, Quantity>>,
+}
+
+/// `ExtenderFilterResult`.
+#[derive(Debug, Default, Serialize)]
+pub struct ExtenderFilterResult<'a> {
+    /// Nodes that passed, as the full objects received (non-`nodeCacheCapable` mode).
+    #[serde(rename = "Nodes")]
+    pub nodes: Option<NodeListOut<'a>>,
+    /// Names of nodes that passed (`nodeCacheCapable` mode).
+    #[serde(rename = "NodeNames")]
+    pub node_names: Option<Vec<&'a str>>,
+    /// Nodes that failed, with the reason.
+    #[serde(rename = "FailedNodes")]
+    pub failed_nodes: BTreeMap<&'a str, String>,
+    /// Nodes that failed where preemption cannot help, with the reason.
+    #[serde(rename = "FailedAndUnresolvableNodes")]
+    pub failed_and_unresolvable_nodes: BTreeMap<&'a str, String>,
+    /// A failure of the whole call.
+    #[serde(rename = "Error")]
+    pub error: String,
+}
+
+/// A `v1.NodeList` to send back, items untouched.
+#[derive(Debug, Serialize)]
+pub struct NodeListOut<'a> {
+    /// Empty list metadata, as Go writes it.
+    pub metadata: BTreeMap<String, String>,
+    /// The nodes.
+    pub items: Vec<&'a RawValue>,
+}
+
+/// `HostPriority`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPriority {
+    /// Node name.
+    #[serde(rename = "Host")]
+    pub host: String,
+    /// Score 0..=10.
+    #[serde(rename = "Score")]
+    pub score: i64,
+}
+
+/// `ExtenderBindingArgs`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ExtenderBindingArgs {
+    /// Pod name.
+    #[serde(rename = "PodName", alias = "podName", alias = "podname", default)]
+    pub pod_name: String,
+    /// Pod namespace.
+    #[serde(
+        rename = "PodNamespace",
+        alias = "podNamespace",
+        alias = "podnamespace",
+        default
+    )]
+    pub pod_namespace: String,
+    /// Pod UID.
+    #[serde(rename = "PodUID", alias = "podUID", alias = "poduid", default)]
+    pub pod_uid: String,
+    /// The node kube-scheduler chose.
+    #[serde(rename = "Node", alias = "node", default)]
+    pub node: String,
+}
+
+/// `ExtenderBindingResult`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtenderBindingResult {
+    /// Empty on success.
+    #[serde(rename = "Error")]
+    pub error: String,
+}

@@ -1,0 +1,404 @@
+//! The HTTP contract as kube-scheduler uses it: both nodeCacheCapable modes, prioritize, bind,
+//! health, metrics and bad input, in-process through the axum router.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::{Value, json};
+use vramslice_core::VramUnit;
+use vramslice_core::ledger::PodRecord;
+use vramslice_core::placement::PodRequest;
+use vramslice_extender::cluster::ApiError;
+use vramslice_extender::fake::{Call, FakeCluster};
+use vramslice_extender::{Config, Extender};
+
+/// fit (16 GiB free), full (3 GiB effective), stale (95 s), sick (XID 79); ghost has no GpuNode.
+fn cluster() -> (Arc<Extender>, Arc<FakeCluster>) {
+    let fake = Arc::new(FakeCluster::new());
+    let ext = extender_with(config(0), fake.clone());
+    {
+        let mut ledger = ext.ledger_mut();
+        ledger.set_reading("fit", reading(5, vec![gpu(0, 16, 16)]));
+        let mut busy = gpu(0, 16, 5);
+        busy.pods.push(listed("running", 9, 9));
+        ledger.set_reading("full", reading(5, vec![busy]));
+        ledger.observe_pod(PodRecord {
+            uid: "pending".into(),
+            namespace: "default".into(),
+            name: "pending".into(),
+            node: "full".into(),
+            gpu_uuid: Some("GPU-0".into()),
+            assigned_at: Some(secs_ago(1)),
+            request: PodRequest::new(VramUnit::Gib1, 2),
+        });
+        ledger.set_reading("stale", reading(95, vec![gpu(0, 16, 16)]));
+        let mut sick = gpu(0, 16, 16);
+        sick.healthy = false;
+        sick.health_reason = Some("XID 79".into());
+        ledger.set_reading("sick", reading(5, vec![sick]));
+    }
+    (ext, fake)
+}
+
+const ALL: [&str; 5] = ["fit", "full", "stale", "sick", "ghost"];
+
+fn expected_failures() -> Value {
+    json!({
+        "full": "GPU 0: 3 GiB effective free (live 5 GiB, 2 GiB reserved by pods not yet running), need 6 GiB",
+        "stale": "GPU 0: reading 95 s old",
+        "sick": "GPU 0: unhealthy (XID 79)",
+        "ghost": "no GpuNode reading for node ghost"
+    })
+}
+
+#[tokio::test]
+async fn filter_with_node_names_returns_node_names_and_reasons() {
+    let (ext, _) = cluster();
+    let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
+    let (status, body) = post_json(&ext, "/filter", &args_names(pod, &ALL)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({
+            "Nodes": null,
+            "NodeNames": ["fit"],
+            "FailedNodes": expected_failures(),
+            "FailedAndUnresolvableNodes": {},
+            "Error": ""
+        })
+    );
+}
+
+#[tokio::test]
+async fn filter_with_full_nodes_echoes_the_node_objects() {
+    let (ext, _) = cluster();
+    let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
+    let (status, body) = post_json(&ext, "/filter", &args_nodes(pod, &ALL)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["NodeNames"], Value::Null);
+    assert_eq!(body["Nodes"]["items"], json!([node_json("fit")]));
+    assert_eq!(body["FailedNodes"], expected_failures());
+    assert_eq!(body["Error"], "");
+    // Go sends an empty NodeList's items as null.
+    let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
+    let empty =
+        json!({ "Pod": pod, "Nodes": { "metadata": {}, "items": null }, "NodeNames": null });
+    let (status, body) = post_json(&ext, "/filter", &empty).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["Nodes"]["items"], json!([]));
+}
+
+#[tokio::test]
+async fn requests_larger_than_every_gpu_are_unresolvable() {
+    let (ext, _) = cluster();
+    let pod = pod_json("huge", "uid-2", Some("100"), json!({}));
+    let (_, body) = post_json(&ext, "/filter", &args_names(pod, &["fit", "ghost"])).await;
+    assert_eq!(body["NodeNames"], json!([]));
+    assert_eq!(body["FailedNodes"], json!({}));
+    let reason = "pod needs 100 GiB, more than the largest GPU in the cluster advertises (16 GiB)";
+    assert_eq!(
+        body["FailedAndUnresolvableNodes"],
+        json!({ "fit": reason, "ghost": reason })
+    );
+}
+
+#[tokio::test]
+async fn pods_without_vram_pass_score_zero_and_bind_plainly() {
+    let (ext, fake) = cluster();
+    let pod = pod_json("web", "uid-3", None, json!({}));
+    let (_, body) = post_json(&ext, "/filter", &args_names(pod.clone(), &ALL)).await;
+    assert_eq!(body["NodeNames"], json!(ALL));
+    assert_eq!(body["FailedNodes"], json!({}));
+    let (_, body) = post_json(&ext, "/filter", &args_nodes(pod.clone(), &ALL)).await;
+    assert_eq!(body["Nodes"]["items"].as_array().unwrap().len(), ALL.len());
+    let (_, body) = post_json(&ext, "/prioritize", &args_names(pod, &["fit", "ghost"])).await;
+    assert_eq!(
+        body,
+        json!([{ "Host": "fit", "Score": 0 }, { "Host": "ghost", "Score": 0 }])
+    );
+
+    fake.put_pod(pod_object("web", "uid-3", None, json!({})));
+    let (status, body) = post_json(&ext, "/bind", &binding_args("web", "uid-3", "ghost")).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "Error": "" })));
+    assert_eq!(
+        fake.calls().last(),
+        Some(&Call::Bind(
+            "default".into(),
+            "web".into(),
+            "uid-3".into(),
+            "ghost".into()
+        ))
+    );
+    assert!(
+        fake.calls()
+            .iter()
+            .all(|c| !matches!(c, Call::Annotate(..)))
+    );
+}
+
+#[tokio::test]
+async fn prioritize_follows_the_policy_and_the_pod_annotation() {
+    let fake = Arc::new(FakeCluster::new());
+    let ext = extender_with(config(0), fake);
+    {
+        let mut ledger = ext.ledger_mut();
+        ledger.set_reading("tight", reading(1, vec![gpu(0, 16, 8)]));
+        ledger.set_reading("roomy", reading(1, vec![gpu(0, 16, 16)]));
+    }
+    let nodes = ["tight", "roomy", "ghost"];
+    let pod = pod_json("a", "uid-a", Some("4"), json!({}));
+    let (status, body) = post_json(&ext, "/prioritize", &args_names(pod, &nodes)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!([{ "Host": "tight", "Score": 8 }, { "Host": "roomy", "Score": 4 },
+               { "Host": "ghost", "Score": 0 }])
+    );
+    let pod = pod_json(
+        "b",
+        "uid-b",
+        Some("4"),
+        json!({ "vramslice.io/policy": "spread" }),
+    );
+    let (_, body) = post_json(&ext, "/prioritize", &args_nodes(pod, &nodes)).await;
+    assert_eq!(
+        body,
+        json!([{ "Host": "tight", "Score": 3 }, { "Host": "roomy", "Score": 7 },
+               { "Host": "ghost", "Score": 0 }])
+    );
+}
+
+#[tokio::test]
+async fn bind_annotates_binds_and_reserves() {
+    let (ext, fake) = cluster();
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    let (status, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "Error": "" })));
+    let pod = fake.pod("default", "llm").unwrap();
+    let annotations = pod.metadata.annotations.unwrap();
+    assert_eq!(annotations["vramslice.io/gpu-uuid"], "GPU-0");
+    assert_eq!(
+        annotations["vramslice.io/assigned-at"],
+        "2026-11-18T11:06:40Z"
+    );
+    assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("fit"));
+    let info = ext.ledger().pod("uid-1").unwrap();
+    assert!(info.reserved);
+    assert_eq!(info.gpu_uuid.as_deref(), Some("GPU-0"));
+    // The reservation counts at once: a 12 GiB pod no longer fits on 16 - 6.
+    let pod = pod_json("big", "uid-9", Some("12"), json!({}));
+    let (_, body) = post_json(&ext, "/filter", &args_names(pod, &["fit"])).await;
+    assert_eq!(
+        body["FailedNodes"]["fit"],
+        "GPU 0: 10 GiB effective free (live 16 GiB, 6 GiB reserved by pods not yet running), need 12 GiB"
+    );
+    // A second bind of the same pod is refused.
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(
+        body["Error"],
+        "cannot bind pod default/llm to node fit: pod default/llm already has a bind in flight to node fit"
+    );
+}
+
+#[tokio::test]
+async fn failed_binds_release_the_reservation() {
+    let (ext, fake) = cluster();
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    fake.fail_bind(Some(ApiError::Refused(
+        "pods \"llm\" is forbidden (403)".into(),
+    )));
+    let (status, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["Error"],
+        "cannot bind pod default/llm to node fit: pods \"llm\" is forbidden (403)"
+    );
+    assert!(ext.ledger().pod("uid-1").is_none());
+    fake.fail_bind(None);
+    fake.fail_annotate(Some(ApiError::Transport("connection reset".into())));
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(
+        body["Error"],
+        "cannot bind pod default/llm: annotating it failed: connection reset"
+    );
+    assert!(ext.ledger().pod("uid-1").is_none());
+    assert_eq!(ext.ledger().reservation_count(), 0);
+}
+
+#[tokio::test]
+async fn bind_names_unknown_nodes_pods_and_uids() {
+    let (ext, fake) = cluster();
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    let cases = [
+        (
+            binding_args("llm", "uid-1", "ghost"),
+            "cannot bind pod default/llm to node ghost: no GpuNode reading for node ghost",
+        ),
+        (
+            binding_args("llm", "uid-1", "full"),
+            "cannot bind pod default/llm to node full: GPU 0: 3 GiB effective free (live 5 GiB, 2 GiB reserved by pods not yet running), need 6 GiB",
+        ),
+        (
+            binding_args("nope", "uid-x", "fit"),
+            "cannot bind pod default/nope: pod not found",
+        ),
+        (
+            binding_args("llm", "uid-other", "fit"),
+            "cannot bind pod default/llm: it has UID uid-1, the bind names UID uid-other",
+        ),
+    ];
+    for (args, want) in cases {
+        let (status, body) = post_json(&ext, "/bind", &args).await;
+        assert_eq!(status, StatusCode::OK, "{args}");
+        assert_eq!(body["Error"], want, "{args}");
+    }
+    assert_eq!(ext.ledger().reservation_count(), 0);
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_with_the_reason() {
+    let (ext, _) = cluster();
+    let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("/filter", "{not json".into(), "malformed ExtenderArgs JSON"),
+        ("/filter", "".into(), "malformed ExtenderArgs JSON"),
+        (
+            "/filter",
+            json!({ "NodeNames": ["fit"] }).to_string(),
+            "ExtenderArgs has no Pod",
+        ),
+        (
+            "/filter",
+            json!({ "Pod": pod }).to_string(),
+            "ExtenderArgs has neither Nodes nor NodeNames",
+        ),
+        (
+            "/filter",
+            json!({ "Pod": pod, "NodeNames": "fit" }).to_string(),
+            "malformed ExtenderArgs JSON",
+        ),
+        (
+            "/filter",
+            json!({ "Pod": pod, "Nodes": { "items": [{ "metadata": {} }] } }).to_string(),
+            "Nodes.items[0] has no metadata.name",
+        ),
+        ("/prioritize", "[]".into(), "malformed ExtenderArgs JSON"),
+        (
+            "/prioritize",
+            json!({ "Pod": null, "NodeNames": [] }).to_string(),
+            "ExtenderArgs has no Pod",
+        ),
+        ("/bind", "{".into(), "malformed ExtenderBindingArgs JSON"),
+        (
+            "/bind",
+            json!({ "PodNamespace": "default", "Node": "fit" }).to_string(),
+            "ExtenderBindingArgs has no PodName",
+        ),
+        (
+            "/bind",
+            json!({ "PodName": "a", "PodNamespace": "default" }).to_string(),
+            "ExtenderBindingArgs has no Node",
+        ),
+    ];
+    for (path, body, want) in cases {
+        let (status, answer) = post(&ext, path, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}");
+        let text = answer.as_str().unwrap_or_default().to_string();
+        assert!(text.contains(want), "{path} {body}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn unusable_pod_requests_are_reported_in_error() {
+    let (ext, _) = cluster();
+    let pod = pod_json("odd", "uid-5", Some("1.5"), json!({}));
+    let (status, body) = post_json(&ext, "/filter", &args_names(pod.clone(), &["fit"])).await;
+    assert_eq!(status, StatusCode::OK);
+    // 1.5 rounds up to 2 as Kubernetes' Quantity.Value() does; the API server rejects
+    // fractional extended resources before they reach us, so this only proves no panic.
+    assert_eq!(body["NodeNames"], json!(["fit"]));
+    let mut mixed = pod_json("mixed", "uid-6", Some("2"), json!({}));
+    mixed["spec"]["containers"][0]["resources"]["limits"]["vramslice.io/vram-512mib"] = json!("4");
+    let (_, body) = post_json(&ext, "/filter", &args_names(mixed, &["fit"])).await;
+    assert_eq!(
+        body["Error"],
+        "pod default/mixed requests vramslice.io/vram-512mib, which this extender does not accept (accepted: vramslice.io/vram-gib)"
+    );
+    let pod = pod_json(
+        "bad",
+        "uid-7",
+        Some("2"),
+        json!({ "vramslice.io/policy": "random" }),
+    );
+    let (_, body) = post_json(&ext, "/prioritize", &args_names(pod, &["fit"])).await;
+    assert_eq!(body, json!([{ "Host": "fit", "Score": 0 }]));
+}
+
+#[tokio::test]
+async fn readiness_waits_for_both_watches_and_gates_placement() {
+    let fake = Arc::new(FakeCluster::new());
+    let ext = Arc::new(Extender::new(
+        Config::default(),
+        fake.clone(),
+        Arc::new(now),
+    ));
+    let (status, text) = get(&ext, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        text,
+        "not ready: waiting for the first list of pods and GpuNodes\n"
+    );
+    assert_eq!(get(&ext, "/healthz").await, (StatusCode::OK, "ok\n".into()));
+    let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
+    let (_, body) = post_json(&ext, "/filter", &args_names(pod, &["fit"])).await;
+    assert_eq!(
+        body["Error"],
+        "vramslice extender not ready: waiting for the first list of pods and GpuNodes"
+    );
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert!(
+        body["Error"].as_str().unwrap().contains("not ready"),
+        "{body}"
+    );
+    ext.mark_pods_synced();
+    assert_eq!(
+        get(&ext, "/readyz").await.1,
+        "not ready: waiting for the first list of GpuNodes\n"
+    );
+    ext.mark_gpunodes_synced();
+    assert_eq!(
+        get(&ext, "/readyz").await,
+        (StatusCode::OK, "ready\n".into())
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_and_show_the_ledger() {
+    let (ext, fake) = cluster();
+    let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
+    post_json(&ext, "/filter", &args_names(pod.clone(), &ALL)).await;
+    post_json(&ext, "/filter", &args_names(pod, &["ghost"])).await;
+    post(&ext, "/filter", "nonsense").await;
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    post_json(&ext, "/bind", &binding_args("llm", "uid-1", "full")).await;
+    let (status, text) = get(&ext, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        "vramslice_extender_decisions_total{verb=\"filter\",outcome=\"ok\"} 1",
+        "vramslice_extender_decisions_total{verb=\"filter\",outcome=\"no_fit\"} 1",
+        "vramslice_extender_decisions_total{verb=\"filter\",outcome=\"error\"} 1",
+        "vramslice_extender_decisions_total{verb=\"bind\",outcome=\"conflict\"} 1",
+        "vramslice_extender_bind_conflicts_total 1",
+        "vramslice_extender_request_duration_seconds_count{verb=\"filter\"} 3",
+        "vramslice_extender_ledger_pods 1",
+        "vramslice_extender_nodes 4",
+        "vramslice_extender_stale_nodes 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+}
