@@ -73,11 +73,11 @@ fn async_counted(
         return CUDA_ERROR_OUT_OF_MEMORY;
     };
     let rc = call();
-    // SAFETY: dptr is the caller's out-pointer, written by the driver on success.
-    match (rc == CUDA_SUCCESS)
-        .then(|| unsafe { read_out(dptr) })
-        .flatten()
-    {
+    let out = (rc == CUDA_SUCCESS).then(|| {
+        // SAFETY: dptr is the caller's out-pointer, written by the driver on success.
+        unsafe { read_out(dptr) }
+    });
+    match out.flatten() {
         Some(p) => g.track_async(p, pool, bytes),
         None => g.async_failed(pool, bytes, reused, true),
     }
@@ -333,8 +333,8 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
         };
         let bytes =
             sizes::array_bytes(d.width as u64, d.height as u64, 0, d.format, d.num_channels);
-        // SAFETY: array is read only after the driver reported success.
         counted(bytes, Kind::Array, call, || {
+            // SAFETY: array is read only after the driver reported success.
             unsafe { read_out(array) }.map(|h| h as usize as u64)
         })
     })
@@ -364,8 +364,8 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
             d.format,
             d.num_channels,
         );
-        // SAFETY: array is read only after the driver reported success.
         counted(bytes, Kind::Array, call, || {
+            // SAFETY: array is read only after the driver reported success.
             unsafe { read_out(array) }.map(|h| h as usize as u64)
         })
     })
@@ -397,8 +397,8 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
             d.num_channels,
             levels,
         );
-        // SAFETY: array is read only after the driver reported success.
         counted(bytes, Kind::Mipmapped, call, || {
+            // SAFETY: array is read only after the driver reported success.
             unsafe { read_out(array) }.map(|h| h as usize as u64)
         })
     })
