@@ -1,0 +1,270 @@
+"""vramslice: run inference jobs inside the container's GPU memory limit.
+
+A job (a model load or a request) is admitted when the memory it needs fits below the
+high-water mark of the limit, waits in a FIFO queue otherwise, and is refused at once when it
+can never fit. Its real peak is measured and remembered (shared across worker processes through
+``VRAMSLICE_PROFILE_DIR``), so later runs reserve what they really use. Out-of-memory errors are
+retried with backoff after a cleanup callback.
+
+    import vramslice
+
+    with vramslice.job("whisper-large", need="6Gi"):
+        model = load_model()
+
+    async with vramslice.job("whisper-large", params={"batch": 8}):
+        await transcribe(...)
+
+    @vramslice.guarded(key=lambda **p: "whisper", params=lambda **p: {"batch": p["batch"]})
+    def transcribe(audio, *, batch):
+        ...
+
+Configuration comes from the ``VRAMSLICE_*`` environment, or from :func:`configure`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import inspect
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+from ._native import (
+    ConfigError,
+    NativePermit as Permit,
+    NativeRuntime as Runtime,
+    QueueTimeout,
+    Refused,
+    UsageError,
+    VramsliceError,
+    message_is_out_of_memory,
+    parse_bytes,
+    profile_file_name,
+)
+
+__all__ = [
+    "ConfigError",
+    "Permit",
+    "QueueTimeout",
+    "Refused",
+    "Runtime",
+    "UsageError",
+    "VramsliceError",
+    "configure",
+    "default_cleanup",
+    "guarded",
+    "is_out_of_memory",
+    "job",
+    "parse_bytes",
+    "profile_file_name",
+    "runtime",
+]
+
+Need = Union[int, str, None]
+Params = Optional[Mapping[str, Any]]
+
+_lock = threading.Lock()
+_runtime: Optional[Runtime] = None
+
+
+def configure(**options: Any) -> Runtime:
+    """Create the process-wide runtime with these options (see ``Runtime``) and return it.
+
+    Options: ``limit`` (bytes or "8Gi"), ``profile_dir``, ``accounting_dir``, ``usage``
+    ("auto", "accounting", "cuda", "manual"), ``high_water``, ``first_run_fraction``,
+    ``peak_margin``, ``queue_max``, ``queue_timeout`` (s), ``oom_retries``, ``backoff`` (s),
+    ``sample_interval`` (s). Unset options come from the ``VRAMSLICE_*`` environment.
+    """
+    global _runtime
+    rt = Runtime(**options)
+    with _lock:
+        _runtime = rt
+    return rt
+
+
+def runtime() -> Runtime:
+    """The process-wide runtime, created from the environment on first use."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime()
+        return _runtime
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a GPU out-of-memory error (PyTorch's ``OutOfMemoryError``,
+    ``CUDA_ERROR_OUT_OF_MEMORY`` in a message, ...)."""
+    if type(exc).__name__ in ("OutOfMemoryError", "CudaOutOfMemoryError"):
+        return True
+    return message_is_out_of_memory(str(exc))
+
+
+def default_cleanup() -> None:
+    """Release cached GPU memory: ``gc.collect()`` and, when PyTorch is loaded,
+    ``torch.cuda.empty_cache()``."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - cleanup must never mask the original error
+            pass
+
+
+class job:  # noqa: N801 - reads as a function at the call site
+    """Run a block under admission: ``with job(key, need=..., params=...)`` or ``async with``.
+
+    On normal exit the measured peak is recorded; on an out-of-memory exception the peak is
+    raised (and the exception propagates: a ``with`` block cannot be re-run, use
+    :func:`guarded` for retries); on any other exception the memory is returned and nothing
+    recorded. ``classify`` decides what counts as out-of-memory.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        need: Need = None,
+        params: Params = None,
+        *,
+        runtime: Optional[Runtime] = None,
+        classify: Callable[[BaseException], bool] = is_out_of_memory,
+    ) -> None:
+        self.key = key
+        self.need = need
+        self.params = dict(params) if params else None
+        self._runtime = runtime
+        self._classify = classify
+        self.permit: Optional[Permit] = None
+
+    def _rt(self) -> Runtime:
+        return self._runtime if self._runtime is not None else runtime()
+
+    @property
+    def reserved(self) -> int:
+        """Bytes reserved for the job (0 before admission)."""
+        return self.permit.reserved if self.permit is not None else 0
+
+    def _finish(self, exc: Optional[BaseException]) -> None:
+        permit, self.permit = self.permit, None
+        if permit is None:
+            return
+        if exc is None:
+            permit.complete()
+        elif self._classify(exc):
+            permit.out_of_memory()
+        else:
+            permit.release()
+
+    def __enter__(self) -> "job":
+        self.permit = self._rt().admit(self.key, self.need, self.params)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._finish(exc)
+        return False
+
+    async def __aenter__(self) -> "job":
+        rt = self._rt()
+        self.permit = await asyncio.to_thread(rt.admit, self.key, self.need, self.params)
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self._finish(exc)
+        return False
+
+
+def _resolve(value: Any, kwargs: Dict[str, Any]) -> Any:
+    return value(**kwargs) if callable(value) else value
+
+
+def _call_kwargs(fn: Callable, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    return dict(bound.arguments)
+
+
+def guarded(
+    key: Union[str, Callable[..., str], None] = None,
+    *,
+    need: Union[Need, Callable[..., Need]] = None,
+    params: Union[Params, Callable[..., Params]] = None,
+    retries: Optional[int] = None,
+    cleanup: Optional[Callable[[], None]] = default_cleanup,
+    classify: Callable[[BaseException], bool] = is_out_of_memory,
+    runtime: Optional[Runtime] = None,
+) -> Callable:
+    """Decorate a function (sync or async) so each call runs under admission with
+    out-of-memory retry.
+
+    ``key``, ``need`` and ``params`` may be values or callables receiving the call's arguments
+    by name (``key=lambda **p: f"whisper-{p['size']}"``); ``key`` defaults to the function's
+    qualified name. On out-of-memory: the peak is raised, ``cleanup`` runs, the runtime's
+    backoff is waited and the call retried, at most ``retries`` times (default: the runtime's
+    ``oom_retries``); then the last error propagates.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        default_key = f"{fn.__module__}.{fn.__qualname__}"
+
+        def plan(args: tuple, kwargs: dict):
+            named = _call_kwargs(fn, args, kwargs)
+            rt = runtime if runtime is not None else globals()["runtime"]()
+            k = _resolve(key, named) if key is not None else default_key
+            limit = retries if retries is not None else rt.oom_retries
+            return rt, str(k), _resolve(need, named), _resolve(params, named), limit
+
+        def on_oom(rt: Runtime, attempt: int, limit: int) -> Optional[float]:
+            if cleanup is not None:
+                cleanup()
+            if attempt >= limit:
+                return None
+            rt.note_retry()
+            return rt.backoff(attempt)
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args, **kwargs):
+                rt, k, n, p, limit = plan(args, kwargs)
+                attempt = 0
+                while True:
+                    try:
+                        async with job(k, n, p, runtime=rt, classify=classify):
+                            return await fn(*args, **kwargs)
+                    except BaseException as exc:  # noqa: BLE001
+                        if not classify(exc):
+                            raise
+                        wait = on_oom(rt, attempt, limit)
+                        if wait is None:
+                            raise
+                        await asyncio.sleep(wait)
+                        attempt += 1
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            rt, k, n, p, limit = plan(args, kwargs)
+            attempt = 0
+            while True:
+                try:
+                    with job(k, n, p, runtime=rt, classify=classify):
+                        return fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001
+                    if not classify(exc):
+                        raise
+                    wait = on_oom(rt, attempt, limit)
+                    if wait is None:
+                        raise
+                    time.sleep(wait)
+                    attempt += 1
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,384 @@
+//! `vramslice._native`: the sidecar runtime as a Python extension module.
+//!
+//! Python calls come in as `Runtime(...)`, `Runtime.admit(key, need, params)` and the `Permit`
+//! methods; they leave as `Permit` objects, Python exceptions (`Refused`, `QueueTimeout`,
+//! `UsageError`, `ConfigError`, all subclasses of `VramsliceError`) and metrics text. Blocking
+//! calls release the GIL. The pure-Python `vramslice` package wraps this into context managers
+//! and a decorator.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use vramslice_sidecar::policy::ReserveSource;
+use vramslice_sidecar::usage::AccountingFile;
+use vramslice_sidecar::{AdmitError, Config, Job, ManualUsage, Permit, Runtime, RuntimeError};
+
+pyo3::create_exception!(
+    _native,
+    VramsliceError,
+    PyException,
+    "Base of vramslice's errors."
+);
+pyo3::create_exception!(
+    _native,
+    Refused,
+    VramsliceError,
+    "The job can never fit, or the admission queue is full."
+);
+pyo3::create_exception!(
+    _native,
+    QueueTimeout,
+    VramsliceError,
+    "The job waited the queue timeout without memory freeing."
+);
+pyo3::create_exception!(
+    _native,
+    UsageError,
+    VramsliceError,
+    "Live GPU memory usage could not be read."
+);
+pyo3::create_exception!(
+    _native,
+    ConfigError,
+    VramsliceError,
+    "The runtime configuration is invalid."
+);
+
+fn admit_err(e: AdmitError) -> PyErr {
+    match e {
+        AdmitError::Refused { .. } => Refused::new_err(e.to_string()),
+        AdmitError::Timeout { .. } => QueueTimeout::new_err(e.to_string()),
+        AdmitError::Usage { .. } => UsageError::new_err(e.to_string()),
+    }
+}
+
+fn runtime_err(e: RuntimeError) -> PyErr {
+    ConfigError::new_err(e.to_string())
+}
+
+/// A byte amount from Python: an int, or a quantity string such as "6Gi".
+fn bytes_of(value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(n) = value.extract::<u64>() {
+        return Ok(n);
+    }
+    let text: String = value.extract().map_err(|_| {
+        PyValueError::new_err("expected bytes as an int or a quantity string like '6Gi'")
+    })?;
+    vramslice_core::parse_bytes(&text).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+fn params_of(params: Option<&Bound<'_, PyDict>>) -> PyResult<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    if let Some(d) = params {
+        for (k, v) in d.iter() {
+            out.insert(k.str()?.to_string(), v.str()?.to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn job_of(
+    key: &str,
+    need: Option<&Bound<'_, PyAny>>,
+    params: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Job> {
+    let mut job = Job::new(key);
+    for (k, v) in params_of(params)? {
+        job = job.param(k, v);
+    }
+    if let Some(need) = need.filter(|n| !n.is_none()) {
+        job = job.need(bytes_of(need)?);
+    }
+    Ok(job)
+}
+
+/// The sidecar runtime. Keyword arguments override the `VRAMSLICE_*` environment.
+#[pyclass(module = "vramslice._native", frozen)]
+struct NativeRuntime {
+    rt: Runtime,
+    manual: Option<ManualUsage>,
+    usage_kind: &'static str,
+}
+
+#[pymethods]
+impl NativeRuntime {
+    /// `usage`: "auto" (accounting file when `VRAMSLICE_ACCOUNTING_DIR` is set, else the CUDA
+    /// driver, else manual), "accounting", "cuda" or "manual" (the caller reports usage with
+    /// `set_usage`).
+    #[new]
+    #[pyo3(signature = (*, limit=None, profile_dir=None, accounting_dir=None, usage="auto",
+        high_water=None, first_run_fraction=None, peak_margin=None, queue_max=None,
+        queue_timeout=None, oom_retries=None, backoff=None, sample_interval=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        limit: Option<&Bound<'_, PyAny>>,
+        profile_dir: Option<PathBuf>,
+        accounting_dir: Option<PathBuf>,
+        usage: &str,
+        high_water: Option<f64>,
+        first_run_fraction: Option<f64>,
+        peak_margin: Option<f64>,
+        queue_max: Option<usize>,
+        queue_timeout: Option<f64>,
+        oom_retries: Option<u32>,
+        backoff: Option<f64>,
+        sample_interval: Option<f64>,
+    ) -> PyResult<Self> {
+        let mut c = Config::from_env().map_err(|e| ConfigError::new_err(e.to_string()))?;
+        if let Some(l) = limit.filter(|l| !l.is_none()) {
+            c.limit = Some(bytes_of(l)?);
+        }
+        c.profile_dir = profile_dir.or(c.profile_dir);
+        c.accounting_dir = accounting_dir.or(c.accounting_dir);
+        let secs = |s: f64, what: &str| {
+            Duration::try_from_secs_f64(s).map_err(|_| {
+                PyValueError::new_err(format!("{what} must be a non-negative number of seconds"))
+            })
+        };
+        if let Some(v) = high_water {
+            c.policy.high_water = v;
+        }
+        if let Some(v) = first_run_fraction {
+            c.policy.first_run_fraction = v;
+        }
+        if let Some(v) = peak_margin {
+            c.policy.peak_margin = v;
+        }
+        if let Some(v) = queue_max {
+            c.queue_max = v;
+        }
+        if let Some(v) = queue_timeout {
+            c.queue_timeout = secs(v, "queue_timeout")?;
+        }
+        if let Some(v) = oom_retries {
+            c.oom_retries = v;
+        }
+        if let Some(v) = backoff {
+            let base = secs(v, "backoff")?;
+            c.backoff.base = base;
+            c.backoff.max = base * 4;
+        }
+        if let Some(v) = sample_interval {
+            c.sample_interval = secs(v, "sample_interval")?;
+        }
+        enum Source {
+            Accounting(PathBuf),
+            Cuda(vramslice_sidecar::ffi::cuda::CudaMemInfo),
+            Manual,
+        }
+        let cuda = || {
+            vramslice_sidecar::ffi::cuda::CudaMemInfo::load()
+                .map_err(|e| UsageError::new_err(e.to_string()))
+        };
+        let source = match (usage, c.accounting_dir.clone()) {
+            ("auto" | "accounting", Some(dir)) => Source::Accounting(dir),
+            ("accounting", None) => {
+                return Err(ConfigError::new_err(
+                    "usage='accounting' needs accounting_dir or VRAMSLICE_ACCOUNTING_DIR",
+                ));
+            }
+            ("auto", None) => cuda().map_or(Source::Manual, Source::Cuda),
+            ("cuda", _) => Source::Cuda(cuda()?),
+            ("manual", _) => Source::Manual,
+            (other, _) => {
+                return Err(PyValueError::new_err(format!(
+                    "usage={other:?}: expected 'auto', 'accounting', 'cuda' or 'manual'"
+                )));
+            }
+        };
+        py.detach(|| match source {
+            Source::Accounting(dir) => Ok(Self {
+                rt: Runtime::new(c, AccountingFile::in_dir(&dir)).map_err(runtime_err)?,
+                manual: None,
+                usage_kind: "accounting",
+            }),
+            Source::Cuda(info) => Ok(Self {
+                rt: Runtime::new(c, info).map_err(runtime_err)?,
+                manual: None,
+                usage_kind: "cuda",
+            }),
+            Source::Manual => {
+                let m = ManualUsage::new(0, 0);
+                Ok(Self {
+                    rt: Runtime::new(c, m.clone()).map_err(runtime_err)?,
+                    manual: Some(m),
+                    usage_kind: "manual",
+                })
+            }
+        })
+    }
+
+    /// Admit a job, blocking (without the GIL) while memory is short. Returns a `Permit`.
+    #[pyo3(signature = (key, need=None, params=None))]
+    fn admit(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        need: Option<&Bound<'_, PyAny>>,
+        params: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<NativePermit> {
+        let job = job_of(key, need, params)?;
+        let rt = self.rt.clone();
+        let permit = py
+            .detach(move || rt.admit_blocking(&job))
+            .map_err(admit_err)?;
+        Ok(NativePermit {
+            reserved: permit.reserved(),
+            source: match permit.source() {
+                ReserveSource::Declared => "declared",
+                ReserveSource::Profile => "profile",
+                ReserveSource::FirstRun => "first-run",
+            },
+            permit: Mutex::new(Some(permit)),
+        })
+    }
+
+    /// Report live usage in bytes (only for `usage="manual"`).
+    fn set_usage(&self, used: &Bound<'_, PyAny>) -> PyResult<()> {
+        let m = self.manual.as_ref().ok_or_else(|| {
+            PyRuntimeError::new_err(format!(
+                "set_usage needs usage='manual', this runtime reads {}",
+                self.usage_kind
+            ))
+        })?;
+        m.set(bytes_of(used)?);
+        Ok(())
+    }
+
+    /// Where live usage comes from: "accounting", "cuda" or "manual".
+    #[getter]
+    fn usage_kind(&self) -> &'static str {
+        self.usage_kind
+    }
+
+    /// Prometheus text.
+    fn render_metrics(&self, py: Python<'_>) -> String {
+        let rt = self.rt.clone();
+        py.detach(move || rt.render_metrics())
+    }
+
+    /// Seconds to wait before retry `attempt` (0-based).
+    fn backoff(&self, attempt: u32) -> f64 {
+        self.rt.config().backoff.delay(attempt).as_secs_f64()
+    }
+
+    /// Retries allowed after out-of-memory.
+    #[getter]
+    fn oom_retries(&self) -> u32 {
+        self.rt.config().oom_retries
+    }
+
+    /// Count a retry in the metrics.
+    fn note_retry(&self) {
+        self.rt.note_retry();
+    }
+
+    /// The learned peak in bytes of `key` + `params`, or None.
+    #[pyo3(signature = (key, params=None))]
+    fn learned_peak(&self, key: &str, params: Option<&Bound<'_, PyDict>>) -> PyResult<Option<u64>> {
+        Ok(self.rt.learned_peak(&job_of(key, None, params)?))
+    }
+
+    /// Admission state: limit, capacity, live, reserved, free, running, queued.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.rt.stats();
+        let d = PyDict::new(py);
+        d.set_item("limit", s.limit)?;
+        d.set_item("capacity", s.capacity)?;
+        d.set_item("live", s.live)?;
+        d.set_item("reserved", s.reserved)?;
+        d.set_item("free", s.free)?;
+        d.set_item("running", s.running)?;
+        d.set_item("queued", s.queued)?;
+        Ok(d)
+    }
+}
+
+/// Memory reserved for one admitted job; end it with exactly one of `complete`,
+/// `out_of_memory` or `release` (later calls do nothing).
+#[pyclass(module = "vramslice._native", frozen)]
+struct NativePermit {
+    permit: Mutex<Option<Permit>>,
+    #[pyo3(get)]
+    reserved: u64,
+    #[pyo3(get)]
+    source: &'static str,
+}
+
+impl NativePermit {
+    fn take(&self) -> Option<Permit> {
+        self.permit.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[pymethods]
+impl NativePermit {
+    /// The job succeeded: give the memory back, record the peak (returned, or None).
+    fn complete(&self, py: Python<'_>) -> Option<u64> {
+        let p = self.take()?;
+        py.detach(move || p.complete())
+    }
+
+    /// The job ran out of memory: give the memory back and raise its peak (returned).
+    fn out_of_memory(&self, py: Python<'_>) -> Option<u64> {
+        let p = self.take()?;
+        Some(py.detach(move || p.out_of_memory()))
+    }
+
+    /// Give the memory back without recording anything.
+    fn release(&self, py: Python<'_>) {
+        if let Some(p) = self.take() {
+            py.detach(move || drop(p));
+        }
+    }
+
+    /// Whether the permit still holds memory.
+    #[getter]
+    fn active(&self) -> bool {
+        self.permit.lock().map(|p| p.is_some()).unwrap_or(false)
+    }
+}
+
+/// Parse a quantity ("6Gi", "512Mi", "1.5Gi") into bytes.
+#[pyfunction]
+fn parse_bytes(text: &str) -> PyResult<u64> {
+    vramslice_core::parse_bytes(text).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Whether a message reads as a GPU out-of-memory error.
+#[pyfunction]
+fn message_is_out_of_memory(message: &str) -> bool {
+    vramslice_sidecar::message_is_out_of_memory(message)
+}
+
+/// The profile file name of `key` + `params` (stable across languages).
+#[pyfunction]
+#[pyo3(signature = (key, params=None))]
+fn profile_file_name(key: &str, params: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
+    Ok(vramslice_sidecar::profile_key::profile_file_name(
+        key,
+        &params_of(params)?,
+    ))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<NativeRuntime>()?;
+    m.add_class::<NativePermit>()?;
+    m.add_function(wrap_pyfunction!(parse_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(message_is_out_of_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(profile_file_name, m)?)?;
+    m.add("VramsliceError", py.get_type::<VramsliceError>())?;
+    m.add("Refused", py.get_type::<Refused>())?;
+    m.add("QueueTimeout", py.get_type::<QueueTimeout>())?;
+    m.add("UsageError", py.get_type::<UsageError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    Ok(())
+}

@@ -1,0 +1,261 @@
+"""Tests of the vramslice Python package (native module + wrapper), no GPU needed: the runtime
+is given usage="manual" and the tests play the device by calling set_usage."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import vramslice
+
+GIB = 1 << 30
+
+
+def make(tmp_path=None, **kw):
+    opts = dict(limit="10Gi", usage="manual", sample_interval=0.002)
+    if tmp_path is not None:
+        opts["profile_dir"] = str(tmp_path)
+    opts.update(kw)
+    return vramslice.Runtime(**opts)
+
+
+def wait_until(what, cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
+
+
+def test_never_fits_is_refused_at_once():
+    rt = make(limit="4Gi", queue_timeout=3600)
+    with pytest.raises(vramslice.Refused, match=r"needs 6\.0 GiB, limit 4\.0 GiB"):
+        with vramslice.job("llama-70b", need="6Gi", runtime=rt):
+            pass
+    assert issubclass(vramslice.Refused, vramslice.VramsliceError)
+
+
+def test_job_reserves_and_returns_memory():
+    rt = make()
+    with vramslice.job("whisper", need="2Gi", runtime=rt) as j:
+        assert j.reserved == 2 * GIB
+        assert rt.stats()["running"] == 1
+        assert rt.stats()["reserved"] == 2 * GIB
+    assert rt.stats()["running"] == 0
+
+
+def test_first_run_then_learned_peak(tmp_path):
+    rt = make(tmp_path)
+    with vramslice.job("whisper", params={"batch": 8}, runtime=rt) as j:
+        assert j.permit.source == "first-run"
+        assert j.reserved == 8 * GIB
+        rt.set_usage(3 * GIB)
+        wait_until("peak sampled", lambda: rt.stats()["live"] == 3 * GIB)
+    rt.set_usage(0)
+    assert rt.learned_peak("whisper", {"batch": 8}) == 3 * GIB
+    with vramslice.job("whisper", params={"batch": 8}, runtime=rt) as j:
+        assert j.permit.source == "profile"
+        assert 3 * GIB < j.reserved <= int(3 * GIB * 1.2) + 1
+    # persisted under the documented, language-independent name
+    name = vramslice.profile_file_name("whisper", {"batch": 8})
+    record = json.loads((tmp_path / name).read_text())
+    assert record == {"version": 1, "key": "whisper", "params": {"batch": "8"}, "peak_bytes": 3 * GIB}
+
+
+def fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def test_profile_hash_is_the_documented_one():
+    canonical = b"vramslice-profile-v1\n7:whisper\n5:batch\n1:8\n3:seq\n3:448\n"
+    expected = f"{fnv1a64(canonical):016x}.json"
+    assert vramslice.profile_file_name("whisper", {"seq": 448, "batch": 8}) == expected
+
+
+def test_oom_in_a_with_block_raises_the_peak_and_propagates():
+    rt = make()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with vramslice.job("m", need="1Gi", runtime=rt):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert rt.learned_peak("m") > GIB
+    assert "vramslice_sidecar_oom_errors_total 1" in rt.render_metrics()
+    # other errors record nothing
+    with pytest.raises(ValueError):
+        with vramslice.job("n", need="1Gi", runtime=rt):
+            raise ValueError("bad input")
+    assert rt.learned_peak("n") is None
+
+
+def test_guarded_retries_with_cleanup_and_backoff():
+    rt = make(backoff=0.01, oom_retries=3)
+    calls, cleanups, starts = [], [], []
+
+    @vramslice.guarded(
+        key=lambda **p: f"llm-{p['size']}",
+        need="1Gi",
+        params=lambda **p: {"ctx": p["ctx"]},
+        cleanup=lambda: cleanups.append(1),
+        runtime=rt,
+    )
+    def generate(prompt, *, size, ctx):
+        starts.append(time.monotonic())
+        calls.append(rt.stats()["reserved"])
+        if len(calls) < 3:
+            raise RuntimeError("CUDA_ERROR_OUT_OF_MEMORY")
+        return prompt.upper()
+
+    assert generate("hi", size="7b", ctx=4096) == "HI"
+    assert len(calls) == 3 and len(cleanups) == 2
+    assert calls[0] == GIB and calls[2] > calls[1] > calls[0]
+    assert starts[1] - starts[0] >= 0.01 and starts[2] - starts[1] >= 0.02
+    assert rt.learned_peak("llm-7b", {"ctx": 4096}) is not None
+    text = rt.render_metrics()
+    assert "vramslice_sidecar_retries_total 2" in text
+    assert "vramslice_sidecar_oom_errors_total 2" in text
+
+
+def test_guarded_gives_up_and_does_not_retry_other_errors():
+    rt = make(backoff=0.001, oom_retries=1)
+    attempts = []
+
+    @vramslice.guarded(key="m", need="1Gi", runtime=rt, cleanup=None)
+    def always_oom():
+        attempts.append(1)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        always_oom()
+    assert len(attempts) == 2
+
+    @vramslice.guarded(key="m", need="1Gi", runtime=rt)
+    def bad():
+        attempts.append(2)
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        bad()
+    assert attempts.count(2) == 1
+
+
+def test_async_job_and_async_guarded():
+    rt = make(backoff=0.001)
+
+    @vramslice.guarded(key="a", need="1Gi", runtime=rt, cleanup=None)
+    async def infer(x):
+        infer.calls += 1
+        if infer.calls == 1:
+            raise RuntimeError("CUDA out of memory")
+        await asyncio.sleep(0)
+        return x * 2
+
+    infer.calls = 0
+
+    async def main():
+        async with vramslice.job("b", need="2Gi", runtime=rt) as j:
+            assert j.reserved == 2 * GIB
+            assert rt.stats()["running"] == 1
+        return await infer(21)
+
+    assert asyncio.run(main()) == 42
+    assert infer.calls == 2
+    assert rt.stats()["running"] == 0
+
+
+def test_waiters_do_not_hold_the_gil_and_admit_in_order():
+    rt = make()
+    first = rt.admit("a", "5Gi")
+    order = []
+
+    def worker(i):
+        p = rt.admit(f"j{i}", "5Gi")
+        order.append(i)
+        p.release()
+
+    threads = []
+    for i in range(3):
+        t = threading.Thread(target=worker, args=(i,))
+        t.start()
+        threads.append(t)
+        wait_until("queued", lambda: rt.stats()["queued"] == i + 1)
+    first.complete()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2]
+
+
+def test_queue_timeout():
+    rt = make(limit="4Gi", queue_timeout=0.05)
+    held = rt.admit("a", "3Gi")
+    with pytest.raises(vramslice.QueueTimeout, match=r"needs 2\.0 GiB, .* free, 0 jobs queued"):
+        rt.admit("b", "2Gi")
+    held.release()
+    assert not held.active
+
+
+def test_memory_freed_by_another_process_admits():
+    rt = make()
+    rt.set_usage(9 * GIB)  # another worker holds 9 GiB
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("p", rt.admit("w", "2Gi")))
+    t.start()
+    wait_until("queued", lambda: rt.stats()["queued"] == 1)
+    rt.set_usage(GIB)
+    t.join(10)
+    assert result["p"].reserved == 2 * GIB
+
+
+def test_profiles_shared_by_worker_processes(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, vramslice
+        rt = vramslice.Runtime(limit="10Gi", usage="manual", profile_dir=sys.argv[1])
+        seed = int(sys.argv[2])
+        for i in range(40):
+            p = rt.admit("model", "1Gi", {"batch": i % 2})
+            rt.set_usage(((seed * 7919 + i * 104729) % 997 + 1) << 20)
+            p.complete()
+            rt.set_usage(0)
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(seed)])
+        for seed in range(4)
+    ]
+    for p in procs:
+        assert p.wait(60) == 0
+    for batch in (0, 1):
+        expected = max(
+            ((seed * 7919 + i * 104729) % 997 + 1) << 20
+            for seed in range(4)
+            for i in range(40)
+            if i % 2 == batch
+        )
+        rt = make(tmp_path)
+        assert rt.learned_peak("model", {"batch": batch}) == expected
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_configuration_errors_are_clear():
+    with pytest.raises(ValueError, match='usage="gpu"'):
+        vramslice.Runtime(limit="1Gi", usage="gpu")
+    with pytest.raises(ValueError, match="not a quantity"):
+        vramslice.Runtime(limit="lots", usage="manual")
+    with pytest.raises(vramslice.ConfigError, match="accounting"):
+        vramslice.Runtime(limit="1Gi", usage="accounting")
+    assert vramslice.parse_bytes("1.5Gi") == 3 * GIB // 2
+
+
+def test_configure_sets_the_process_runtime():
+    rt = vramslice.configure(limit="2Gi", usage="manual")
+    assert vramslice.runtime() is rt
+    with vramslice.job("m", need="1Gi") as j:
+        assert j.reserved == GIB
+    assert "vramslice_sidecar_limit_bytes 2147483648" in rt.render_metrics()
