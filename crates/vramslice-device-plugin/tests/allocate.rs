@@ -1,0 +1,283 @@
+//! Allocate and GetPreferredAllocation of the real plugin binary, called over its socket as the
+//! kubelet calls them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{FakeApi, Node, Plugin, plugin_client, wait_for};
+use serde_json::json;
+use vramslice_device_plugin::proto::deviceplugin::{
+    AllocateRequest, ContainerAllocateRequest, ContainerAllocateResponse,
+    ContainerPreferredAllocationRequest, Mount, PreferredAllocationRequest,
+};
+
+const TWO_GPUS: &[(&str, &str, bool)] = &[("GPU-aaaa", "80Gi", true), ("GPU-bbbb", "24Gi", true)];
+const GUARD_IN_CONTAINER: &str = "/usr/local/vramslice/lib/libvramslice_guard.so";
+const ACCOUNTING_IN_CONTAINER: &str = "/var/run/vramslice/accounting";
+
+fn ids(gpu: &str, units: std::ops::Range<u64>) -> Vec<String> {
+    units.map(|k| format!("{gpu}::{k}")).collect()
+}
+
+async fn allocate(
+    client: &mut vramslice_device_plugin::proto::deviceplugin::device_plugin_client::DevicePluginClient<tonic::transport::Channel>,
+    devices: Vec<String>,
+) -> Result<ContainerAllocateResponse, tonic::Status> {
+    let response = client
+        .allocate(AllocateRequest {
+            container_requests: vec![ContainerAllocateRequest {
+                devices_ids: devices,
+            }],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(response.container_responses.len(), 1);
+    Ok(response.container_responses.into_iter().next().unwrap())
+}
+
+fn mount<'a>(r: &'a ContainerAllocateResponse, container_path: &str) -> Option<&'a Mount> {
+    r.mounts.iter().find(|m| m.container_path == container_path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
+    let node = Node::new(
+        TWO_GPUS,
+        "injection:\n  mode: ld-preload-env\n  guardLibraryHostPath: /opt/vs/libvramslice_guard.so\n",
+    );
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+
+    let r = allocate(
+        &mut client,
+        vec![
+            "GPU-bbbb::5".into(),
+            "GPU-bbbb::2".into(),
+            "GPU-bbbb::9".into(),
+        ],
+    )
+    .await
+    .unwrap();
+    let want_env: HashMap<String, String> = [
+        ("VRAMSLICE_VRAM_LIMIT_BYTES", "3221225472"),
+        ("VRAMSLICE_GPU_UUID", "GPU-bbbb"),
+        ("NVIDIA_VISIBLE_DEVICES", "GPU-bbbb"),
+        ("VRAMSLICE_ACCOUNTING_DIR", ACCOUNTING_IN_CONTAINER),
+        ("LD_PRELOAD", GUARD_IN_CONTAINER),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(r.envs, want_env);
+    assert!(r.cdi_devices.is_empty());
+    let guard = mount(&r, GUARD_IN_CONTAINER).expect("guard mount");
+    assert_eq!(guard.host_path, "/opt/vs/libvramslice_guard.so");
+    assert!(guard.read_only);
+    let acct = mount(&r, ACCOUNTING_IN_CONTAINER).expect("accounting mount");
+    assert!(!acct.read_only);
+    let key = vramslice_core::allocation::allocation_key("GPU-bbbb", &[2, 5, 9]);
+    assert_eq!(
+        acct.host_path,
+        node.accounting.join(&key).display().to_string()
+    );
+    let meta = std::fs::metadata(&acct.host_path).expect("accounting dir created");
+    assert!(meta.is_dir());
+    assert_eq!(r.mounts.len(), 2);
+    assert!(mount(&r, "/etc/ld.so.preload").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_in_ld_so_preload_file_mode_with_cdi_strategy() {
+    let node = Node::new(
+        TWO_GPUS,
+        "deviceListStrategy: cdi\ninjection:\n  mode: ld-so-preload-file\n  preloadFileHostPath: PRELOAD\n",
+    );
+    let preload_path = node.tmp.path().join("ld.so.preload");
+    let text = std::fs::read_to_string(&node.config)
+        .unwrap()
+        .replace("PRELOAD", preload_path.to_str().unwrap());
+    std::fs::write(&node.config, text).unwrap();
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+
+    let r = allocate(&mut client, ids("GPU-aaaa", 0..6)).await.unwrap();
+    assert_eq!(
+        r.envs.get("VRAMSLICE_VRAM_LIMIT_BYTES").map(String::as_str),
+        Some("6442450944")
+    );
+    assert_eq!(
+        r.envs.get("VRAMSLICE_GPU_UUID").map(String::as_str),
+        Some("GPU-aaaa")
+    );
+    assert_eq!(
+        r.envs.get("NVIDIA_VISIBLE_DEVICES"),
+        None,
+        "CDI replaces the env var"
+    );
+    assert_eq!(
+        r.envs.get("LD_PRELOAD"),
+        None,
+        "the preload file replaces LD_PRELOAD"
+    );
+    let cdi: Vec<&str> = r.cdi_devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(cdi, vec!["nvidia.com/gpu=GPU-aaaa"]);
+    let file = mount(&r, "/etc/ld.so.preload").expect("preload file mount");
+    assert_eq!(file.host_path, preload_path.display().to_string());
+    assert!(file.read_only);
+    assert!(mount(&r, GUARD_IN_CONTAINER).is_some_and(|m| m.read_only));
+    // The plugin writes the preload file: it lists the guard's in-container path.
+    let written = wait_for("the preload file", Duration::from_secs(5), || {
+        std::fs::read_to_string(&preload_path).ok()
+    })
+    .await;
+    assert_eq!(written, format!("{GUARD_IN_CONTAINER}\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_rejects_mixed_gpus_and_unknown_ids_by_name() {
+    let node = Node::new(TWO_GPUS, "");
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+
+    let err = allocate(
+        &mut client,
+        vec!["GPU-aaaa::0".into(), "GPU-bbbb::0".into()],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "device IDs span more than one GPU (GPU-aaaa, GPU-bbbb): a container's VRAM must come from one GPU"
+    );
+    let err = allocate(&mut client, vec!["GPU-bbbb::24".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "device ID GPU-bbbb::24 is unknown: GPU GPU-bbbb advertises units 0..24"
+    );
+    let err = allocate(&mut client, vec!["GPU-cccc::0".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "GPU GPU-cccc is not on this node");
+    let err = allocate(&mut client, vec!["garbage".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("\"garbage\""), "{}", err.message());
+    // Nothing was created for refused requests.
+    assert!(
+        !node.accounting.exists()
+            || std::fs::read_dir(&node.accounting)
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
+
+fn preferred_request(size: i32) -> PreferredAllocationRequest {
+    let mut available = ids("GPU-aaaa", 0..80);
+    available.extend(ids("GPU-bbbb", 0..24));
+    PreferredAllocationRequest {
+        container_requests: vec![ContainerPreferredAllocationRequest {
+            available_device_i_ds: available,
+            must_include_device_i_ds: Vec::new(),
+            allocation_size: size,
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_allocation_binpacks_without_the_api() {
+    let node = Node::new(TWO_GPUS, "");
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+    let answer = client
+        .get_preferred_allocation(preferred_request(4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.container_responses.len(), 1);
+    // Binpack: the GPU with fewer available units that still fits.
+    assert_eq!(
+        answer.container_responses[0].device_i_ds,
+        ids("GPU-bbbb", 0..4)
+    );
+}
+
+fn pod(name: &str, gpu: &str, units: u32, phase: &str, assigned_at: &str) -> serde_json::Value {
+    json!({
+        "metadata": {
+            "name": name, "namespace": "ml", "uid": format!("uid-{name}"),
+            "annotations": {"vramslice.io/gpu-uuid": gpu, "vramslice.io/assigned-at": assigned_at}
+        },
+        "spec": {"nodeName": "node-a", "schedulerName": "vramslice-scheduler", "containers": [{
+            "name": "server", "image": "vllm",
+            "resources": {"limits": {"vramslice.io/vram-gib": units.to_string()}}
+        }]},
+        "status": {"phase": phase}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_allocation_prefers_the_pending_pods_assigned_gpu() {
+    let pods = json!({
+        "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "7"},
+        "items": [
+            pod("other-size", "GPU-bbbb", 6, "Pending", "2026-01-01T00:00:00Z"),
+            pod("mine", "GPU-aaaa", 4, "Pending", "2026-01-01T00:00:01Z"),
+        ]
+    });
+    let api = FakeApi::start(pods).await;
+    let node = Node::new(TWO_GPUS, "nodeName: node-a");
+    let kubeconfig = api.kubeconfig(node.tmp.path());
+    let plugin = Plugin::start(
+        &node,
+        &["--kubeconfig", kubeconfig.to_str().unwrap(), "--no-publish"],
+    );
+    let mut client = plugin_client(&node).await;
+
+    let answer = client
+        .get_preferred_allocation(preferred_request(4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.container_responses[0].device_i_ds,
+        ids("GPU-aaaa", 0..4),
+        "plugin log:\n{}",
+        plugin.log_text()
+    );
+    let requests: Vec<String> = api.requests.lock().unwrap().iter().cloned().collect();
+    assert!(
+        requests.contains(
+            &"GET /api/v1/pods?&fieldSelector=spec.nodeName%3Dnode-a%2Cstatus.phase%3DPending"
+                .to_string()
+        ),
+        "requests seen: {requests:?}"
+    );
+    // --no-publish: no GpuNode writes, only pod lists.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let requests: Vec<String> = api.requests.lock().unwrap().iter().cloned().collect();
+    assert!(
+        requests.iter().all(|r| r.starts_with("GET /api/v1/pods")),
+        "{requests:?}"
+    );
+
+    // A size no pending pod asks for: binpacking, not the pod's GPU.
+    let answer = client
+        .get_preferred_allocation(preferred_request(5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.container_responses[0].device_i_ds,
+        ids("GPU-bbbb", 0..5)
+    );
+}

@@ -1,0 +1,337 @@
+//! Test harness: a test kubelet (Registration server that dials plugins back like the real one),
+//! the real plugin binary on a fake-GPU file, and a loopback API server that answers pod lists.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+use vramslice_device_plugin::proto::deviceplugin::device_plugin_client::DevicePluginClient;
+use vramslice_device_plugin::proto::deviceplugin::registration_server::{
+    Registration, RegistrationServer,
+};
+use vramslice_device_plugin::proto::deviceplugin::{Device, Empty, RegisterRequest};
+use vramslice_device_plugin::uds;
+
+/// What the test kubelet saw.
+#[derive(Default)]
+pub struct Seen {
+    /// Register requests, in order, with when they arrived.
+    pub registrations: Vec<(Instant, RegisterRequest)>,
+    /// ListAndWatch answers, in order, with when they arrived.
+    pub lists: Vec<(Instant, Vec<Device>)>,
+    /// Options each registration's dial-back returned.
+    pub options_ok: usize,
+}
+
+struct KubeletService {
+    dir: PathBuf,
+    seen: Arc<Mutex<Seen>>,
+    streams: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+#[tonic::async_trait]
+impl Registration for KubeletService {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<Empty>, Status> {
+        let req = request.into_inner();
+        self.seen
+            .lock()
+            .unwrap()
+            .registrations
+            .push((Instant::now(), req.clone()));
+        // Like the kubelet: dial the endpoint back and ask for the options before answering.
+        let channel = uds::connect(&self.dir.join(&req.endpoint), Duration::from_secs(2))
+            .await
+            .map_err(|e| Status::unavailable(format!("dial back: {e}")))?;
+        let mut client = DevicePluginClient::new(channel);
+        client.get_device_plugin_options(Empty {}).await?;
+        self.seen.lock().unwrap().options_ok += 1;
+        let seen = Arc::clone(&self.seen);
+        let task = tokio::spawn(async move {
+            let Ok(response) = client.list_and_watch(Empty {}).await else {
+                return;
+            };
+            let mut stream = response.into_inner();
+            while let Some(Ok(msg)) = stream.next().await {
+                seen.lock()
+                    .unwrap()
+                    .lists
+                    .push((Instant::now(), msg.devices));
+            }
+        });
+        self.streams.lock().unwrap().push(task);
+        Ok(Response::new(Empty {}))
+    }
+}
+
+/// A Registration server on `<dir>/kubelet.sock`.
+pub struct TestKubelet {
+    pub dir: PathBuf,
+    pub seen: Arc<Mutex<Seen>>,
+    streams: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestKubelet {
+    pub async fn start(dir: &Path) -> TestKubelet {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("kubelet.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let service = KubeletService {
+            dir: dir.to_path_buf(),
+            seen: Arc::clone(&seen),
+            streams: Arc::clone(&streams),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(RegistrationServer::new(service))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestKubelet {
+            dir: dir.to_path_buf(),
+            seen,
+            streams,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Stop serving, drop the plugin streams and delete kubelet.sock (a kubelet going away).
+    pub async fn stop(&mut self) {
+        for task in self.streams.lock().unwrap().drain(..) {
+            task.abort();
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        }
+        let _ = std::fs::remove_file(self.dir.join("kubelet.sock"));
+    }
+
+    pub fn registrations(&self) -> Vec<RegisterRequest> {
+        self.seen
+            .lock()
+            .unwrap()
+            .registrations
+            .iter()
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    pub fn last_list(&self) -> Option<Vec<Device>> {
+        self.seen
+            .lock()
+            .unwrap()
+            .lists
+            .last()
+            .map(|(_, l)| l.clone())
+    }
+}
+
+/// Wait until `check` returns `Some`, polling every 10 ms; panic with `what` after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Write a file atomically (temporary file + rename), as a fake-GPU script must.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A fake-GPU file: (uuid, total, healthy).
+pub fn fake_gpus(gpus: &[(&str, &str, bool)]) -> String {
+    let mut out = String::from("gpus:\n");
+    for (i, (uuid, total, healthy)) in gpus.iter().enumerate() {
+        out.push_str(&format!(
+            "  - uuid: {uuid}\n    index: {i}\n    model: Fake H100\n    total: {total}\n    healthy: {healthy}\n"
+        ));
+        if !healthy {
+            out.push_str("    unhealthyReason: XID 79\n");
+        }
+    }
+    out
+}
+
+/// A temporary node: socket dir, fake file, accounting root, config.
+pub struct Node {
+    pub tmp: tempfile::TempDir,
+    pub socket_dir: PathBuf,
+    pub fake_file: PathBuf,
+    pub accounting: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Node {
+    /// A node with `gpus` and extra config lines (YAML, top-level keys).
+    pub fn new(gpus: &[(&str, &str, bool)], extra_config: &str) -> Node {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket_dir = tmp.path().join("device-plugins");
+        std::fs::create_dir_all(&socket_dir).unwrap();
+        let fake_file = tmp.path().join("gpus.yaml");
+        write_atomic(&fake_file, &fake_gpus(gpus));
+        let accounting = tmp.path().join("accounting");
+        let config = tmp.path().join("config.yaml");
+        let text = format!(
+            "backend: fake\nfakeGpuFile: {}\nsocketDir: {}\npodResourcesSocket: {}\naccountingRoot: {}\nmetricsAddr: 127.0.0.1:0\npollInterval: 100ms\n{extra_config}\n",
+            fake_file.display(),
+            socket_dir.display(),
+            tmp.path().join("pod-resources.sock").display(),
+            accounting.display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Node {
+            tmp,
+            socket_dir,
+            fake_file,
+            accounting,
+            config,
+        }
+    }
+
+    pub fn plugin_socket(&self) -> PathBuf {
+        self.socket_dir.join("vramslice-vram-gib.sock")
+    }
+}
+
+/// The real plugin binary, stopped with SIGTERM on drop.
+pub struct Plugin {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Plugin {
+    pub fn start(node: &Node, extra_args: &[&str]) -> Plugin {
+        let log = node.tmp.path().join("plugin.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_vramslice-device-plugin"))
+            .arg("--config")
+            .arg(&node.config)
+            .args(extra_args)
+            .env("RUST_LOG", "info,vramslice_device_plugin=debug")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("NODE_NAME")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Plugin { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                panic!("plugin did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A client to the plugin's socket.
+pub async fn plugin_client(node: &Node) -> DevicePluginClient<tonic::transport::Channel> {
+    let socket = node.plugin_socket();
+    wait_for("the plugin socket", Duration::from_secs(10), || {
+        socket.exists().then_some(())
+    })
+    .await;
+    DevicePluginClient::new(uds::connect(&socket, Duration::from_secs(2)).await.unwrap())
+}
+
+/// A loopback API server answering every GET with `body`, recording each request line.
+pub struct FakeApi {
+    pub addr: std::net::SocketAddr,
+    pub requests: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl FakeApi {
+    pub async fn start(body: serde_json::Value) -> FakeApi {
+        let requests = Arc::new(Mutex::new(VecDeque::new()));
+        let recorded = Arc::clone(&requests);
+        let body = Arc::new(body.to_string());
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let recorded = Arc::clone(&recorded);
+            let body = Arc::clone(&body);
+            async move {
+                recorded.lock().unwrap().push_back(format!(
+                    "{} {}",
+                    request.method(),
+                    request.uri()
+                ));
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    (*body).clone(),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeApi { addr, requests }
+    }
+
+    /// A kubeconfig pointing at this server.
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{}\nusers:\n- name: test\n  user:\n    token: test-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\n",
+            self.addr
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
