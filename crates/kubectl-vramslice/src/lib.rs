@@ -1,0 +1,300 @@
+//! `kubectl vramslice`: GPU memory per node and GPU (`nodes`), per pod (`pods`), and why a
+//! pending pod does not fit (`explain <pod>`).
+//!
+//! Data enters from the API server through the user's kubeconfig (GpuNodes, pods, events; all
+//! read-only) and leaves as a table, JSON or YAML on stdout. The numbers come from the same
+//! conversions and ledger the extender uses (`vramslice_extender::convert`,
+//! `vramslice_core::ledger`), so `explain` gives the extender's own reasons.
+//!
+//! Exit codes (see [`Exit`]): 0 success; 1 error (API server, kubeconfig, output); 2 usage
+//! (bad flags, from clap); 3 not found (the pod, or the GpuNode CRD); 4 `explain`: the pod fits
+//! on no node now.
+
+pub mod explain;
+pub mod model;
+pub mod render;
+
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::ListParams;
+use kube::{Api, Client};
+use vramslice_api::GpuNode;
+use vramslice_core::ledger::LedgerConfig;
+
+use crate::render::{Format, Style};
+
+/// Exit codes scripts can rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Success (for `explain`: the pod is bound, or fits on some node).
+    Ok = 0,
+    /// The API server, the kubeconfig or the output failed.
+    Error = 1,
+    /// Bad command line (clap's own code).
+    Usage = 2,
+    /// The named pod, or the GpuNode CRD, does not exist.
+    NotFound = 3,
+    /// `explain`: the pod fits on no node now.
+    DoesNotFit = 4,
+}
+
+/// `kubectl vramslice` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-vramslice",
+    version,
+    about = "GPU memory (VRAM) per node, per pod, and why a pod does not fit"
+)]
+pub struct Cli {
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value = "table",
+        global = true
+    )]
+    pub output: Format,
+    /// Colour: auto (only on a terminal, and not when NO_COLOR is set), always, never.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub color: ColorChoice,
+    /// Path of the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Kubeconfig context to use.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Namespace (default: the context's).
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// Safety margin the extender keeps free per GPU (its `headroom`), for effective free memory.
+    #[arg(long, default_value = "512Mi", global = true)]
+    pub headroom: String,
+    /// Reading age after which the extender treats a GPU as stale (its `staleness`).
+    #[arg(long, default_value = "90s", global = true)]
+    pub staleness: String,
+    /// Evaluate at this time (RFC 3339) instead of now; for tests and post-mortems.
+    #[arg(long, hide = true, global = true)]
+    pub now: Option<String>,
+    /// What to show.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Colour choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// Only on a terminal without NO_COLOR.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Per node and GPU: model, total, live used, allocated, live free, effective free, health.
+    Nodes,
+    /// Per pod that requests VRAM: node, GPU, limit, live usage.
+    Pods {
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Why a pod does (not) fit: the extender's verdict for every GPU node.
+    Explain {
+        /// The pod's name.
+        pod: String,
+    },
+}
+
+/// A failure with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// A flag value that cannot be used.
+    #[error("{0}")]
+    Usage(String),
+    /// The object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The API server failed.
+    #[error("{what}: {source}")]
+    Kube {
+        /// What was being read.
+        what: String,
+        /// Why it failed.
+        source: kube::Error,
+    },
+    /// Output failed.
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+}
+
+impl PluginError {
+    /// The exit code for this failure.
+    pub fn exit(&self) -> Exit {
+        match self {
+            PluginError::Usage(_) => Exit::Usage,
+            PluginError::NotFound(_) => Exit::NotFound,
+            _ => Exit::Error,
+        }
+    }
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// Whether to colour, given the choice, whether stdout is a terminal and `NO_COLOR`.
+pub fn use_color(choice: ColorChoice, stdout_is_tty: bool, no_color_env: bool) -> bool {
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => stdout_is_tty && !no_color_env,
+    }
+}
+
+fn ledger_config(cli: &Cli) -> Result<LedgerConfig, PluginError> {
+    let headroom_bytes = vramslice_core::parse_bytes(&cli.headroom)
+        .map_err(|e| PluginError::Usage(format!("--headroom: {e}")))?;
+    let staleness = vramslice_core::parse_duration(&cli.staleness)
+        .map_err(|e| PluginError::Usage(format!("--staleness: {e}")))?;
+    Ok(LedgerConfig {
+        headroom_bytes,
+        staleness,
+    })
+}
+
+fn now(cli: &Cli) -> Result<SystemTime, PluginError> {
+    match &cli.now {
+        None => Ok(SystemTime::now()),
+        Some(t) => vramslice_extender::convert::parse_time(t)
+            .map_err(|e| PluginError::Usage(format!("--now: {e}"))),
+    }
+}
+
+async fn gpunodes(client: &Client) -> Result<Vec<GpuNode>, PluginError> {
+    Api::<GpuNode>::all(client.clone()).list(&ListParams::default()).await.map(|l| l.items).map_err(|e| {
+        if is_not_found(&e) {
+            PluginError::NotFound(
+                "the GpuNode CRD (gpunodes.vramslice.io) is not installed: install vramslice first".into(),
+            )
+        } else {
+            PluginError::Kube { what: "list gpunodes".into(), source: e }
+        }
+    })
+}
+
+async fn pods(client: &Client, namespace: Option<&str>) -> Result<Vec<Pod>, PluginError> {
+    let api: Api<Pod> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let what = format!(
+        "list pods{}",
+        namespace.map(|n| format!(" in {n}")).unwrap_or_default()
+    );
+    api.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|source| PluginError::Kube { what, source })
+}
+
+/// Run one command against `client`; returns the text to print and the exit code.
+pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Exit), PluginError> {
+    let config = ledger_config(cli)?;
+    let now = now(cli)?;
+    let namespace = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    match &cli.command {
+        Command::Nodes => {
+            let gns = gpunodes(client).await?;
+            let all_pods = pods(client, None).await?;
+            let ledger = model::build_ledger(&gns, &all_pods, config);
+            let rows = model::node_rows(&gns, &ledger, config, now);
+            let text = match cli.output {
+                Format::Table => render::nodes_table(&rows, style),
+                f => render::structured(&rows, f)?,
+            };
+            Ok((text, Exit::Ok))
+        }
+        Command::Pods { all_namespaces } => {
+            let gns = gpunodes(client).await?;
+            let ns = (!all_namespaces).then_some(namespace.as_str());
+            let rows = model::pod_rows(&gns, &pods(client, ns).await?);
+            let text = match cli.output {
+                Format::Table => render::pods_table(&rows, style),
+                f => render::structured(&rows, f)?,
+            };
+            Ok((text, Exit::Ok))
+        }
+        Command::Explain { pod } => {
+            let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+            let target = api.get(pod).await.map_err(|e| {
+                if is_not_found(&e) {
+                    PluginError::NotFound(format!("pod {namespace}/{pod} not found"))
+                } else {
+                    PluginError::Kube {
+                        what: format!("get pod {namespace}/{pod}"),
+                        source: e,
+                    }
+                }
+            })?;
+            let gns = gpunodes(client).await?;
+            let ledger = model::build_ledger(&gns, &pods(client, None).await?, config);
+            let events: Vec<Event> = Api::<Event>::namespaced(client.clone(), &namespace)
+                .list(&ListParams::default().fields(&format!(
+                    "involvedObject.kind=Pod,involvedObject.name={pod}"
+                )))
+                .await
+                .map(|l| l.items)
+                .map_err(|source| PluginError::Kube {
+                    what: format!("list events of {namespace}/{pod}"),
+                    source,
+                })?;
+            let e = explain::explain(&target, &gns, &ledger, &events, now);
+            let code = match e.state {
+                explain::PodState::Pending { fits_on: 0 } => Exit::DoesNotFit,
+                _ => Exit::Ok,
+            };
+            let text = match cli.output {
+                Format::Table => render::explanation_text(&e, style),
+                f => render::structured(&e, f)?,
+            };
+            Ok((text, code))
+        }
+    }
+}
+
+/// Build a client from the user's kubeconfig like kubectl (`--kubeconfig`, `$KUBECONFIG`,
+/// `~/.kube/config`, then in-cluster), honouring `--context`.
+pub async fn client(cli: &Cli) -> Result<Client, String> {
+    let options = kube::config::KubeConfigOptions {
+        context: cli.context.clone(),
+        ..Default::default()
+    };
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => match kube::Config::from_kubeconfig(&options).await {
+            Ok(c) => c,
+            Err(kc_err) => {
+                kube::Config::incluster().map_err(|_| format!("no usable kubeconfig: {kc_err}"))?
+            }
+        },
+    };
+    let mut config = config;
+    config.read_timeout = Some(Duration::from_secs(30));
+    Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+}

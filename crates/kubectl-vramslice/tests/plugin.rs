@@ -1,0 +1,429 @@
+//! The real `kubectl-vramslice` binary against a loopback API server that serves recorded
+//! responses (tests/data): every subcommand in every output format, colour rules, exit codes.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+const NOW: &str = "2026-11-22T10:00:00Z";
+
+#[derive(Clone)]
+struct Recorded {
+    data: PathBuf,
+    crd_installed: bool,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn load(data: &Path, file: &str) -> Option<Value> {
+    std::fs::read_to_string(data.join(file))
+        .ok()
+        .map(|t| serde_json::from_str(&t).unwrap())
+}
+
+fn not_found(what: &str) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{what} not found"), "reason": "NotFound", "code": 404});
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+fn filter_items(mut list: Value, keep: impl Fn(&Value) -> bool) -> Value {
+    let items: Vec<Value> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| keep(i))
+        .cloned()
+        .collect();
+    list["items"] = Value::Array(items);
+    list
+}
+
+async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    rec.log
+        .lock()
+        .unwrap()
+        .push(format!("{} {path}", req.method()));
+    if req.method() != axum::http::Method::GET {
+        return (StatusCode::METHOD_NOT_ALLOWED, "the plugin must only read").into_response();
+    }
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let body = match parts.as_slice() {
+        ["apis", "vramslice.io", "v1alpha1", "gpunodes"] if rec.crd_installed => {
+            load(&rec.data, "gpunodes.json")
+        }
+        ["apis", "vramslice.io", "v1alpha1", "gpunodes"] => {
+            return not_found("the server could not find the requested resource");
+        }
+        ["api", "v1", "pods"] => load(&rec.data, "pods.json"),
+        ["api", "v1", "namespaces", ns, "pods"] => load(&rec.data, "pods.json")
+            .map(|l| filter_items(l, |p| p["metadata"]["namespace"] == *ns)),
+        ["api", "v1", "namespaces", ns, "pods", name] => {
+            load(&rec.data, &format!("pod-{ns}-{name}.json"))
+        }
+        ["api", "v1", "namespaces", ns, "events"] => {
+            let list = load(&rec.data, &format!("events-{ns}.json"))
+                .or_else(|| load(&rec.data, "events-empty.json"));
+            let decoded = query.replace("%3D", "=").replace("%2C", ",");
+            let name = decoded
+                .split("involvedObject.name=")
+                .nth(1)
+                .map(|s| s.split([',', '&']).next().unwrap_or("").to_string());
+            list.map(|l| {
+                filter_items(l, |e| {
+                    name.as_deref()
+                        .is_none_or(|n| e["involvedObject"]["name"] == n)
+                })
+            })
+        }
+        _ => None,
+    };
+    match body {
+        Some(v) => axum::Json(v).into_response(),
+        None => not_found(&path),
+    }
+}
+
+struct Server {
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+fn start(crd_installed: bool) -> Server {
+    let rec = Recorded {
+        data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data"),
+        crd_installed,
+        log: Arc::default(),
+    };
+    let log = rec.log.clone();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let port = std_listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            let app = Router::new().fallback(serve).with_state(rec);
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: recorded\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+             users:\n- name: reader\n  user: {{}}\ncontexts:\n- name: recorded\n  context:\n    cluster: recorded\n    user: reader\n    namespace: team-b\n\
+             current-context: recorded\n"
+        ),
+    )
+    .unwrap();
+    Server {
+        port,
+        log,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+impl Server {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kubectl-vramslice"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--now", NOW])
+            .args(args)
+            .env_remove("NO_COLOR")
+            .output()
+            .unwrap()
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap()
+}
+
+#[test]
+fn nodes_table_json_yaml() {
+    let s = start(true);
+    let o = s.run(&["nodes"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let t = stdout(&o);
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(
+        lines[0].starts_with("NODE") && lines[0].contains("EFFECTIVE FREE"),
+        "{t}"
+    );
+    assert_eq!(lines.len(), 5, "header + one line per GPU:\n{t}");
+    let gpu_a0 = lines
+        .iter()
+        .find(|l| l.starts_with("gpu-a") && l.contains("NVIDIA H100"))
+        .unwrap();
+    // 81559 MiB total, 19 GiB used, 20 units allocated.
+    assert!(
+        gpu_a0.contains("79.6 GiB") && gpu_a0.contains("19 GiB") && gpu_a0.contains("20 GiB"),
+        "{gpu_a0}"
+    );
+    assert!(
+        t.contains("unhealthy: XID 79: GPU has fallen off the bus"),
+        "{t}"
+    );
+    assert!(t.contains("120s ago (stale)"), "{t}");
+    assert!(
+        !t.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
+
+    let j: Value = serde_json::from_slice(&s.run(&["nodes", "-o", "json"]).stdout).unwrap();
+    let nodes = j.as_array().unwrap();
+    assert_eq!(
+        nodes
+            .iter()
+            .map(|n| n["node"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["gpu-a", "gpu-b", "gpu-c"]
+    );
+    let a0 = &nodes[0]["gpus"][0];
+    assert_eq!(a0["totalBytes"], 81559u64 << 20);
+    assert_eq!(a0["allocatedBytes"], 20u64 << 30);
+    // Effective free of gpu-a GPU 0 = min(79 - 20 units, live free - unobserved - headroom):
+    // declared 59 GiB; live 60.6 GiB - unobserved (20 - 18) GiB - 0.5 GiB = 58.1 GiB.
+    let eff = a0["effectiveFreeBytes"].as_u64().unwrap();
+    assert_eq!(
+        eff,
+        (81559u64 << 20) - (19u64 << 30) - (2u64 << 30) - (512u64 << 20)
+    );
+    assert_eq!(nodes[2]["stale"], true);
+    assert_eq!(nodes[0]["stale"], false);
+    assert_eq!(nodes[1]["gpus"][0]["healthy"], false);
+
+    let y = stdout(&s.run(&["nodes", "-o", "yaml"]));
+    assert!(
+        y.contains("node: gpu-a")
+            && y.contains("healthReason: 'XID 79: GPU has fallen off the bus'")
+            || y.contains("healthReason: \"XID 79"),
+        "{y}"
+    );
+    assert!(y.contains("effectiveFreeBytes:"), "{y}");
+    assert!(s.log.lock().unwrap().iter().all(|l| l.starts_with("GET ")));
+}
+
+#[test]
+fn pods_table_json_yaml_and_namespaces() {
+    let s = start(true);
+    let o = s.run(&["pods", "-A"]);
+    assert_eq!(code(&o), 0);
+    let t = stdout(&o);
+    assert!(t.lines().next().unwrap().starts_with("NAMESPACE"), "{t}");
+    assert_eq!(
+        t.lines().count(),
+        1 + 5,
+        "five VRAM pods (cpu-only left out):\n{t}"
+    );
+    let mid = t.lines().find(|l| l.contains("llm-mid")).unwrap();
+    assert!(
+        mid.contains("gpu-a")
+            && mid.contains("1 (GPU-0b22ce00")
+            && mid.contains("40 GiB")
+            && mid.contains("41 GiB"),
+        "{mid}"
+    );
+    let huge = t.lines().find(|l| l.contains("llm-huge")).unwrap();
+    assert!(
+        huge.contains("100 GiB") && huge.contains("Pending"),
+        "{huge}"
+    );
+    assert!(!t.contains("cpu-only"));
+
+    // Default namespace comes from the kubeconfig context (team-b).
+    let j: Value = serde_json::from_slice(&s.run(&["pods", "-o", "json"]).stdout).unwrap();
+    let names: Vec<&str> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["embedder", "legacy", "llm-huge"]);
+    let j: Value =
+        serde_json::from_slice(&s.run(&["pods", "-n", "team-a", "-o", "json"]).stdout).unwrap();
+    let small = &j.as_array().unwrap()[1];
+    assert_eq!(small["name"], "llm-small");
+    assert_eq!(small["usedBytes"], 18u64 << 30);
+    assert_eq!(small["limitBytes"], 20u64 << 30);
+    assert_eq!(small["gpuIndex"], 0);
+
+    let y = stdout(&s.run(&["pods", "-A", "-o", "yaml"]));
+    assert!(
+        y.contains("name: llm-huge") && y.contains("limitBytes: 107374182400"),
+        "{y}"
+    );
+}
+
+#[test]
+fn explain_a_pod_that_can_never_fit() {
+    let s = start(true);
+    let o = s.run(&["explain", "llm-huge"]);
+    assert_eq!(code(&o), 4, "does-not-fit exit code");
+    let t = stdout(&o);
+    assert!(t.contains("Pod team-b/llm-huge needs 100 GiB (100 × vramslice.io/vram-gib) on one GPU and fits on none of 3 GPU nodes"), "{t}");
+    assert!(
+        t.contains("more than any GPU on node gpu-a advertises (largest 79 GiB)"),
+        "{t}"
+    );
+    assert!(t.contains("never"), "{t}");
+    assert!(
+        t.contains("Last scheduler event: FailedScheduling (×7, 2026-11-22T09:59:00Z)"),
+        "newest event first:\n{t}"
+    );
+    assert!(t.contains("it can never fit"), "{t}");
+
+    let j: Value =
+        serde_json::from_slice(&s.run(&["explain", "llm-huge", "-o", "json"]).stdout).unwrap();
+    assert_eq!(j["state"], json!({"kind": "pending", "fitsOn": 0}));
+    assert_eq!(j["requestBytes"], 100u64 << 30);
+    assert!(
+        j["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["unresolvable"] == true)
+    );
+    assert_eq!(j["events"].as_array().unwrap().len(), 2);
+    let y = s.run(&["explain", "llm-huge", "-o", "yaml"]);
+    assert_eq!(code(&y), 4);
+    assert!(stdout(&y).contains("fitsOn: 0"));
+}
+
+#[test]
+fn explain_a_pod_that_fits_and_the_per_node_reasons() {
+    let s = start(true);
+    let o = s.run(&["explain", "embedder", "-o", "json"]);
+    assert_eq!(code(&o), 0);
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["state"]["fitsOn"], 1);
+    let nodes = j["nodes"].as_array().unwrap();
+    assert_eq!(nodes[0]["node"], "gpu-a");
+    assert_eq!(nodes[0]["fits"], true);
+    let b = nodes[1]["reason"].as_str().unwrap();
+    assert!(b.contains("unhealthy"), "gpu-b: {b}");
+    let c = nodes[2]["reason"].as_str().unwrap();
+    assert!(c.contains("120") && c.contains("old"), "gpu-c: {c}");
+    assert!(
+        j["events"].as_array().unwrap().is_empty(),
+        "events are filtered to the pod"
+    );
+    let t = stdout(&s.run(&["explain", "embedder"]));
+    assert!(
+        t.contains("fits on 1 of 3 GPU nodes") && t.contains("should bind it"),
+        "{t}"
+    );
+}
+
+#[test]
+fn explain_notes_scheduler_name_bound_pods_and_plain_pods() {
+    let s = start(true);
+    let t = stdout(&s.run(&["explain", "legacy"]));
+    assert!(t.contains("schedulerName is \"default-scheduler\""), "{t}");
+    let o = s.run(&["explain", "llm-mid", "-n", "team-a"]);
+    assert_eq!(code(&o), 0);
+    assert!(
+        stdout(&o).contains("is bound to node gpu-a, GPU GPU-0b22ce00-1111-2222-3333-444455556666")
+    );
+    let o = s.run(&["explain", "cpu-only", "-n", "team-a", "-o", "json"]);
+    assert_eq!(code(&o), 0);
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["state"]["kind"], "noVram");
+}
+
+#[test]
+fn colour_only_when_asked_or_on_a_terminal() {
+    let s = start(true);
+    let t = stdout(&s.run(&["nodes", "--color", "always"]));
+    assert!(
+        t.contains("\x1b[32mhealthy\x1b[0m") && t.contains("\x1b[31munhealthy"),
+        "{t:?}"
+    );
+    let t = stdout(&s.run(&["pods", "-A", "--color", "always"]));
+    assert!(
+        t.contains("\x1b[31m41 GiB\x1b[0m"),
+        "usage over the limit is red: {t:?}"
+    );
+    let t = stdout(&s.run(&["explain", "llm-huge", "--color", "always"]));
+    assert!(t.contains("\x1b[31mfits on none"), "{t:?}");
+    let t = stdout(&s.run(&["nodes", "--color", "never"]));
+    assert!(!t.contains('\x1b'));
+    // JSON is never coloured.
+    let t = stdout(&s.run(&["nodes", "-o", "json", "--color", "always"]));
+    assert!(!t.contains('\x1b'));
+    assert!(kubectl_vramslice::use_color(
+        kubectl_vramslice::ColorChoice::Auto,
+        true,
+        false
+    ));
+    assert!(
+        !kubectl_vramslice::use_color(kubectl_vramslice::ColorChoice::Auto, true, true),
+        "NO_COLOR wins"
+    );
+    assert!(!kubectl_vramslice::use_color(
+        kubectl_vramslice::ColorChoice::Auto,
+        false,
+        false
+    ));
+}
+
+#[test]
+fn exit_codes_for_failures() {
+    let s = start(true);
+    let o = s.run(&["explain", "nobody"]);
+    assert_eq!(code(&o), 3);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pod team-b/nobody not found"));
+    let o = s.run(&["nodes", "-o", "xml"]);
+    assert_eq!(code(&o), 2, "usage error");
+    let o = s.run(&["nodes", "--headroom", "lots"]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--headroom"));
+
+    let no_crd = start(false);
+    let o = no_crd.run(&["nodes"]);
+    assert_eq!(code(&o), 3);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("GpuNode CRD"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Nothing listening: an API error, exit 1.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let cfg = std::fs::read_to_string(&s.kubeconfig)
+        .unwrap()
+        .replace(&s.port.to_string(), &port.to_string());
+    let path = s._dir.path().join("dead");
+    std::fs::write(&path, cfg).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kubectl-vramslice"))
+        .arg("--kubeconfig")
+        .arg(&path)
+        .arg("nodes")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("list gpunodes"));
+}
