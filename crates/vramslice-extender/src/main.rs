@@ -1,1 +1,119 @@
-fn main() {}
+//! `vramslice-extender --config <file.yaml> [--kubeconfig <path>] [--log-format json|text]`:
+//! reads the config (exit 64 when invalid), starts the pod and GpuNode watches, serves the
+//! extender until SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use vramslice_extender::cluster::KubeCluster;
+use vramslice_extender::{Config, Extender, http, serve, watch};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Scheduler extender: places pods by live free VRAM per GPU.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (YAML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Kubeconfig to use instead of the in-cluster / default configuration.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vramslice-extender: {e}");
+            std::process::exit(64);
+        }
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config, args.kubeconfig))
+}
+
+async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> {
+    let client = client(kubeconfig.as_ref())
+        .await
+        .context("connecting to the API server")?;
+    let (addr, tls) = (config.listen_addr, config.tls.clone());
+    let ext = Arc::new(Extender::new(
+        config,
+        Arc::new(KubeCluster::new(client.clone())),
+        Arc::new(SystemTime::now),
+    ));
+    tokio::spawn(watch::drive_pods(
+        ext.clone(),
+        watch::pod_events(client.clone()),
+    ));
+    tokio::spawn(watch::drive_gpunodes(
+        ext.clone(),
+        watch::gpunode_events(client),
+    ));
+    tokio::spawn(watch::expire_reservations(
+        ext.clone(),
+        Duration::from_secs(30),
+        watch::RESERVATION_TTL,
+    ));
+    serve::serve(http::router(ext), addr, tls.as_ref(), shutdown_signal()).await?;
+    Ok(())
+}
