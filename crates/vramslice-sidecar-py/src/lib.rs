@@ -338,6 +338,19 @@ impl NativePermit {
         }
     }
 
+    /// Report the job's own measured peak in bytes (e.g. `torch.cuda.max_memory_allocated()`
+    /// after `torch.cuda.reset_peak_memory_stats()`); recorded instead of the sampled one.
+    fn report_peak(&self, bytes: u64) {
+        if let Some(p) = self
+            .permit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            p.report_peak(bytes);
+        }
+    }
+
     /// Whether the permit still holds memory.
     #[getter]
     fn active(&self) -> bool {

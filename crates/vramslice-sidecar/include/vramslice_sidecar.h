@@ -95,6 +95,12 @@ enum vramslice_status vramslice_admit(const struct vramslice_runtime *rt,
 // `permit` is NULL or a live permit.
 uint64_t vramslice_permit_reserved(const struct vramslice_permit *permit);
 
+// Report the job's own measured peak in bytes (recorded instead of the sampled one).
+//
+// # Safety
+// `permit` is NULL or a live permit.
+void vramslice_permit_report_peak(const struct vramslice_permit *permit, uint64_t bytes);
+
 // The job succeeded: free the permit and record its peak. Returns the recorded peak, 0 when
 // none was recorded.
 //

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::job::Job;
 use crate::metrics::Metrics;
+pub use crate::permit::Permit;
+use crate::permit::Ticket;
 use crate::policy::{self, ReserveSource, human};
 use crate::profile::{ProfileError, Profiles};
 use crate::queue::{AdmissionQueue, JobId, Refusal, Verdict};
@@ -83,18 +85,19 @@ pub enum AdmitError {
 }
 
 #[derive(Debug)]
-struct Running {
-    start_live: u64,
-    peak_live: u64,
-    overlapped: bool,
-    admitted: Instant,
+pub(crate) struct Running {
+    pub(crate) reported: Option<u64>,
+    pub(crate) start_live: u64,
+    pub(crate) peak_live: u64,
+    pub(crate) overlapped: bool,
+    pub(crate) admitted: Instant,
 }
 
 #[derive(Debug)]
-struct State {
-    queue: AdmissionQueue,
-    jobs: HashMap<JobId, Running>,
-    last_live: u64,
+pub(crate) struct State {
+    pub(crate) queue: AdmissionQueue,
+    pub(crate) jobs: HashMap<JobId, Running>,
+    pub(crate) last_live: u64,
 }
 
 #[derive(Debug)]
@@ -103,7 +106,7 @@ pub(crate) struct Inner {
     usage: Box<dyn UsageSource>,
     pub(crate) profiles: Profiles,
     pub(crate) metrics: Metrics,
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     cond: Condvar,
     notify: tokio::sync::Notify,
     next_id: AtomicU64,
@@ -127,7 +130,7 @@ pub struct Runtime {
     pub(crate) inner: Arc<Inner>,
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -336,6 +339,10 @@ impl Inner {
             self.metrics.limit_bytes.set(total);
         }
         state.last_live = reading.used;
+        let peak = reading.peak.unwrap_or(0).max(reading.used);
+        for job in state.jobs.values_mut() {
+            job.peak_live = job.peak_live.max(peak);
+        }
         Ok(reading.used)
     }
 
@@ -357,6 +364,7 @@ impl Inner {
         state.jobs.insert(
             id,
             Running {
+                reported: None,
                 start_live: live,
                 peak_live: live,
                 overlapped,
@@ -366,7 +374,7 @@ impl Inner {
     }
 
     /// Admit whatever fits now; wakes waiters when anything was admitted.
-    fn pump(&self, state: &mut State, live: u64) {
+    pub(crate) fn pump(&self, state: &mut State, live: u64) {
         let admitted = state.queue.pump(live);
         for id in &admitted {
             self.start_job(state, *id, live);
@@ -470,7 +478,7 @@ impl Inner {
     }
 
     /// End job `id`: give its reservation back and return what was measured.
-    fn finish(&self, id: JobId) -> Option<(u64, bool, Duration)> {
+    pub(crate) fn finish(&self, id: JobId) -> Option<(u64, bool, Duration)> {
         let live = self.read_live().ok();
         let mut state = lock(&self.state);
         let job = state.jobs.remove(&id);
@@ -480,150 +488,14 @@ impl Inner {
         drop(state);
         self.cond.notify_all();
         self.notify.notify_waiters();
-        job.map(|j| {
-            let peak = j.peak_live.max(live).saturating_sub(j.start_live);
-            (peak, j.overlapped, j.admitted.elapsed())
+        job.map(|j| match j.reported {
+            // The embedder measured this job alone: trust it even when jobs overlapped.
+            Some(reported) => (reported, false, j.admitted.elapsed()),
+            None => {
+                let peak = j.peak_live.max(live).saturating_sub(j.start_live);
+                (peak, j.overlapped, j.admitted.elapsed())
+            }
         })
-    }
-}
-
-/// A place in line; leaving it (drop) cancels the wait or returns an unclaimed admission.
-struct Ticket {
-    inner: Arc<Inner>,
-    id: JobId,
-    requested: Instant,
-    armed: bool,
-}
-
-impl Ticket {
-    fn into_permit(mut self, job: &Job, reserved: u64, source: ReserveSource) -> Permit {
-        self.armed = false;
-        self.inner
-            .metrics
-            .admission_wait
-            .observe(self.requested.elapsed().as_secs_f64());
-        Permit {
-            inner: Arc::clone(&self.inner),
-            id: self.id,
-            job: job.clone(),
-            reserved,
-            source,
-            done: false,
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let mut state = lock(&self.inner.state);
-        if !state.queue.cancel(self.id) && state.queue.is_running(self.id) {
-            drop(state);
-            let _ = self.inner.finish(self.id);
-            return;
-        }
-        let live = state.last_live;
-        self.inner.pump(&mut state, live);
-    }
-}
-
-/// Memory reserved for one admitted job. Give it back with [`Permit::complete`] (records the
-/// measured peak), [`Permit::out_of_memory`] (raises the recorded peak) or by dropping it
-/// (records nothing).
-#[derive(Debug)]
-pub struct Permit {
-    inner: Arc<Inner>,
-    id: JobId,
-    job: Job,
-    reserved: u64,
-    source: ReserveSource,
-    done: bool,
-}
-
-impl Permit {
-    /// Bytes reserved for the job.
-    pub fn reserved(&self) -> u64 {
-        self.reserved
-    }
-
-    /// Whether the reservation came from a learned peak, a declared need or the first-run rule.
-    pub fn source(&self) -> ReserveSource {
-        self.source
-    }
-
-    /// The job this permit admits.
-    pub fn job(&self) -> &Job {
-        &self.job
-    }
-
-    /// Usage above the job's start seen so far (its peak, when it ran alone).
-    pub fn peak_so_far(&self) -> u64 {
-        let state = lock(&self.inner.state);
-        state
-            .jobs
-            .get(&self.id)
-            .map(|j| j.peak_live.saturating_sub(j.start_live))
-            .unwrap_or(0)
-    }
-
-    fn end(&mut self) -> Option<(u64, bool)> {
-        if self.done {
-            return None;
-        }
-        self.done = true;
-        let (peak, overlapped, held) = self.inner.finish(self.id)?;
-        self.inner.metrics.job_duration.observe(held.as_secs_f64());
-        Some((peak, overlapped))
-    }
-
-    /// The job succeeded: give the memory back and record its measured peak. A peak measured
-    /// while other jobs of this runtime ran at the same time is not recorded, since their
-    /// allocations would be counted in it. Returns the recorded peak, if one was recorded.
-    pub fn complete(mut self) -> Option<u64> {
-        let (peak, overlapped) = self.end()?;
-        if overlapped || peak == 0 {
-            return None;
-        }
-        match self
-            .inner
-            .profiles
-            .record(self.job.key(), self.job.params(), peak)
-        {
-            Ok(stored) => Some(stored),
-            Err(e) => {
-                tracing::warn!(key = self.job.key(), error = %e, "could not record peak");
-                None
-            }
-        }
-    }
-
-    /// The job failed with out-of-memory: give the memory back and raise its recorded peak so
-    /// the next attempt reserves more. Returns the new recorded peak.
-    pub fn out_of_memory(mut self) -> u64 {
-        self.inner.metrics.oom_errors.inc();
-        let observed = self.end().map(|(p, _)| p).unwrap_or(0);
-        let recorded = self.inner.profiles.peak(self.job.key(), self.job.params());
-        let raised =
-            policy::raise_after_oom(recorded, observed, self.reserved, &self.inner.config.policy);
-        match self
-            .inner
-            .profiles
-            .record(self.job.key(), self.job.params(), raised)
-        {
-            Ok(stored) => stored,
-            Err(e) => {
-                tracing::warn!(key = self.job.key(), error = %e, "could not raise peak");
-                raised
-            }
-        }
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let _ = self.end();
     }
 }
 
@@ -642,9 +514,6 @@ fn sampler(weak: Weak<Inner>, interval: Duration) {
             continue;
         };
         let mut state = lock(&inner.state);
-        for job in state.jobs.values_mut() {
-            job.peak_live = job.peak_live.max(live);
-        }
         inner.pump(&mut state, live);
     }
 }

@@ -13,7 +13,8 @@ pub struct UsageReading {
     pub used: u64,
     /// Total bytes the source says exist (the GPU's size, or the limit under the guard).
     pub total: Option<u64>,
-    /// The highest usage the source itself recorded since it started, when it keeps one.
+    /// The highest usage since the previous read of this source, when it keeps one (so that
+    /// allocations freed between two samples still count toward a job's peak).
     pub peak: Option<u64>,
 }
 
@@ -46,6 +47,7 @@ pub trait UsageSource: Send + Sync + fmt::Debug {
 pub struct ManualUsage {
     used: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
+    window_peak: Arc<AtomicU64>,
 }
 
 impl ManualUsage {
@@ -54,17 +56,23 @@ impl ManualUsage {
         Self {
             used: Arc::new(AtomicU64::new(used)),
             total: Arc::new(AtomicU64::new(total)),
+            window_peak: Arc::new(AtomicU64::new(used)),
         }
     }
 
     /// Set the bytes in use.
     pub fn set(&self, used: u64) {
         self.used.store(used, Ordering::SeqCst);
+        self.window_peak.fetch_max(used, Ordering::SeqCst);
     }
 
     /// Add to the bytes in use (an allocation).
     pub fn add(&self, bytes: u64) {
-        self.used.fetch_add(bytes, Ordering::SeqCst);
+        let now = self
+            .used
+            .fetch_add(bytes, Ordering::SeqCst)
+            .saturating_add(bytes);
+        self.window_peak.fetch_max(now, Ordering::SeqCst);
     }
 
     /// Subtract from the bytes in use (a free), saturating at zero.
@@ -85,10 +93,13 @@ impl ManualUsage {
 impl UsageSource for ManualUsage {
     fn read(&self) -> Result<UsageReading, UsageError> {
         let total = self.total.load(Ordering::SeqCst);
+        let used = self.get();
+        // The highest value since the previous read, so short spikes between samples count.
+        let peak = self.window_peak.swap(used, Ordering::SeqCst).max(used);
         Ok(UsageReading {
-            used: self.get(),
+            used,
             total: (total > 0).then_some(total),
-            peak: None,
+            peak: Some(peak),
         })
     }
 }

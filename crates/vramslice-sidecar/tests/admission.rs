@@ -244,3 +244,26 @@ fn overlapping_jobs_do_not_record_contaminated_peaks() {
     assert_eq!(b.complete(), None);
     assert_eq!(rt.learned_peak(&Job::new("a")), None);
 }
+
+#[test]
+fn a_spike_between_samples_still_counts_toward_the_peak() {
+    // No sampler at all: only the usage source's own high-water (ManualUsage keeps one per read
+    // window) can see the spike.
+    let (rt, usage) = runtime(10 * GIB, |c| c.sample_interval = Duration::ZERO);
+    let p = rt.admit_blocking(&Job::new("spiky").need(GIB)).unwrap();
+    usage.add(2 * GIB);
+    usage.sub(2 * GIB);
+    assert_eq!(p.complete(), Some(2 * GIB));
+}
+
+#[test]
+fn a_reported_peak_is_recorded_even_when_jobs_overlap() {
+    let (rt, usage) = runtime(10 * GIB, |_| {});
+    let a = rt.admit_blocking(&Job::new("a").need(GIB)).unwrap();
+    let b = rt.admit_blocking(&Job::new("b").need(GIB)).unwrap();
+    usage.add(3 * GIB);
+    a.report_peak(GIB / 2);
+    a.report_peak(GIB / 4); // the highest report counts
+    assert_eq!(a.complete(), Some(GIB / 2));
+    assert_eq!(b.complete(), None);
+}

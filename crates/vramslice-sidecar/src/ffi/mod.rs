@@ -290,6 +290,20 @@ pub unsafe extern "C" fn vramslice_permit_reserved(permit: *const VramslicePermi
     })
 }
 
+/// Report the job's own measured peak in bytes (recorded instead of the sampled one).
+///
+/// # Safety
+/// `permit` is NULL or a live permit.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vramslice_permit_report_peak(permit: *const VramslicePermit, bytes: u64) {
+    guarded((), || {
+        // SAFETY: NULL or a live permit, by contract.
+        if let Some(p) = unsafe { permit.as_ref() } {
+            p.permit.report_peak(bytes);
+        }
+    })
+}
+
 /// Take ownership of a permit handle.
 ///
 /// # Safety

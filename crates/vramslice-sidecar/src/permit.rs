@@ -1,0 +1,160 @@
+//! Permits (memory reserved for an admitted job) and tickets (a place in the admission line).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::job::Job;
+use crate::policy::{self, ReserveSource};
+use crate::queue::JobId;
+use crate::runtime::{Inner, lock};
+
+/// A place in line; leaving it (drop) cancels the wait or returns an unclaimed admission.
+pub(crate) struct Ticket {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) id: JobId,
+    pub(crate) requested: Instant,
+    pub(crate) armed: bool,
+}
+
+impl Ticket {
+    pub(crate) fn into_permit(mut self, job: &Job, reserved: u64, source: ReserveSource) -> Permit {
+        self.armed = false;
+        self.inner
+            .metrics
+            .admission_wait
+            .observe(self.requested.elapsed().as_secs_f64());
+        Permit {
+            inner: Arc::clone(&self.inner),
+            id: self.id,
+            job: job.clone(),
+            reserved,
+            source,
+            done: false,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut state = lock(&self.inner.state);
+        if !state.queue.cancel(self.id) && state.queue.is_running(self.id) {
+            drop(state);
+            let _ = self.inner.finish(self.id);
+            return;
+        }
+        let live = state.last_live;
+        self.inner.pump(&mut state, live);
+    }
+}
+
+/// Memory reserved for one admitted job. Give it back with [`Permit::complete`] (records the
+/// measured peak), [`Permit::out_of_memory`] (raises the recorded peak) or by dropping it
+/// (records nothing).
+#[derive(Debug)]
+pub struct Permit {
+    inner: Arc<Inner>,
+    id: JobId,
+    job: Job,
+    reserved: u64,
+    source: ReserveSource,
+    done: bool,
+}
+
+impl Permit {
+    /// Bytes reserved for the job.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Whether the reservation came from a learned peak, a declared need or the first-run rule.
+    pub fn source(&self) -> ReserveSource {
+        self.source
+    }
+
+    /// The job this permit admits.
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    /// Usage above the job's start seen so far (its peak, when it ran alone).
+    pub fn peak_so_far(&self) -> u64 {
+        let state = lock(&self.inner.state);
+        state
+            .jobs
+            .get(&self.id)
+            .map(|j| j.peak_live.saturating_sub(j.start_live))
+            .unwrap_or(0)
+    }
+
+    /// Report the job's own peak in bytes, measured by the embedder (for example PyTorch's
+    /// `max_memory_allocated()` after `reset_peak_memory_stats()`). A reported peak is recorded
+    /// instead of the sampled one, even when other jobs ran at the same time. The highest report
+    /// counts.
+    pub fn report_peak(&self, bytes: u64) {
+        let mut state = lock(&self.inner.state);
+        if let Some(j) = state.jobs.get_mut(&self.id) {
+            j.reported = Some(j.reported.unwrap_or(0).max(bytes));
+        }
+    }
+
+    fn end(&mut self) -> Option<(u64, bool)> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        let (peak, overlapped, held) = self.inner.finish(self.id)?;
+        self.inner.metrics.job_duration.observe(held.as_secs_f64());
+        Some((peak, overlapped))
+    }
+
+    /// The job succeeded: give the memory back and record its measured peak. A peak measured
+    /// while other jobs of this runtime ran at the same time is not recorded, since their
+    /// allocations would be counted in it. Returns the recorded peak, if one was recorded.
+    pub fn complete(mut self) -> Option<u64> {
+        let (peak, overlapped) = self.end()?;
+        if overlapped || peak == 0 {
+            return None;
+        }
+        match self
+            .inner
+            .profiles
+            .record(self.job.key(), self.job.params(), peak)
+        {
+            Ok(stored) => Some(stored),
+            Err(e) => {
+                tracing::warn!(key = self.job.key(), error = %e, "could not record peak");
+                None
+            }
+        }
+    }
+
+    /// The job failed with out-of-memory: give the memory back and raise its recorded peak so
+    /// the next attempt reserves more. Returns the new recorded peak.
+    pub fn out_of_memory(mut self) -> u64 {
+        self.inner.metrics.oom_errors.inc();
+        let observed = self.end().map(|(p, _)| p).unwrap_or(0);
+        let recorded = self.inner.profiles.peak(self.job.key(), self.job.params());
+        let raised =
+            policy::raise_after_oom(recorded, observed, self.reserved, &self.inner.config.policy);
+        match self
+            .inner
+            .profiles
+            .record(self.job.key(), self.job.params(), raised)
+        {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(key = self.job.key(), error = %e, "could not raise peak");
+                raised
+            }
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}
