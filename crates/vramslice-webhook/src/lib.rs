@@ -5,6 +5,7 @@
 //! optional JSON Patch setting `spec.schedulerName`. The extender binary hosts it:
 //!
 //! ```ignore
+//! // the extender's registry (prefix vramslice_extender):
 //! let metrics = vramslice_webhook::WebhookMetrics::register(&mut registry);
 //! tokio::spawn(vramslice_webhook::serve(config.webhook, client.clone(), metrics, shutdown));
 //! ```

@@ -28,24 +28,27 @@ pub struct OutcomeLabels {
 /// The webhook's metrics.
 #[derive(Debug, Clone, Default)]
 pub struct WebhookMetrics {
-    /// `vramslice_webhook_admissions_total{outcome}`.
+    /// `vramslice_extender_webhook_admissions_total{outcome}` (in the extender's registry).
     pub admissions: Family<OutcomeLabels, Counter>,
-    /// `vramslice_webhook_cert_expiry_timestamp_seconds`: when the served certificate expires.
+    /// `vramslice_extender_webhook_cert_expiry_timestamp_seconds`: when the served certificate
+    /// expires (self-signed mode).
     pub cert_expiry: Gauge,
 }
 
 impl WebhookMetrics {
-    /// Create the metrics and register them in `registry` (names get the `vramslice_` prefix
-    /// when the registry is created with it; otherwise they are registered fully named).
+    /// Create the metrics and register them in `registry` under relative names
+    /// (`webhook_admissions`, `webhook_cert_expiry_timestamp_seconds`). Pass the extender's
+    /// registry (prefix `vramslice_extender`) so they are exported as
+    /// `vramslice_extender_webhook_*`.
     pub fn register(registry: &mut Registry) -> WebhookMetrics {
         let m = WebhookMetrics::default();
         registry.register(
-            "vramslice_webhook_admissions",
+            "webhook_admissions",
             "Pod admission reviews answered by the webhook, by outcome",
             m.admissions.clone(),
         );
         registry.register(
-            "vramslice_webhook_cert_expiry_timestamp_seconds",
+            "webhook_cert_expiry_timestamp_seconds",
             "Unix time when the webhook's serving certificate expires",
             m.cert_expiry.clone(),
         );

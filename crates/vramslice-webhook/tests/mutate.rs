@@ -355,3 +355,32 @@ async fn serves_reviews_over_tls_with_its_own_ca() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn admissions_are_counted_under_the_extender_prefix() {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("vramslice_extender");
+    let metrics = WebhookMetrics::register(&mut registry);
+    let app = router(AdmissionPolicy::default(), metrics);
+    let vram = container(json!({"vramslice.io/vram-gib": "1"}), json!({}));
+    let body = serde_json::to_vec(&review("CREATE", pod(None, json!([vram]), None))).unwrap();
+    for payload in [body, b"nope".to_vec()] {
+        let req = Request::post("/mutate-pods")
+            .body(Body::from(payload))
+            .unwrap();
+        app.clone().oneshot(req).await.unwrap();
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("vramslice_extender_webhook_admissions_total{outcome=\"mutated\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vramslice_extender_webhook_admissions_total{outcome=\"rejected\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vramslice_extender_webhook_cert_expiry_timestamp_seconds"),
+        "{text}"
+    );
+}
