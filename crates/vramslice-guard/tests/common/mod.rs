@@ -29,11 +29,36 @@ fn cc(args: &[&str]) {
     );
 }
 
-/// The guard library built by cargo for this profile: `target/<profile>/libvramslice_guard.so`.
+/// Builds the guard's cdylib with cargo (same profile as this test), in its own target directory
+/// under cargo's test tmpdir: cargo builds only the rlib for integration tests, and the outer
+/// cargo holds the main target directory's lock while tests run.
 fn guard_library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let lib = profile_dir.join("libvramslice_guard.so");
+    let release = !cfg!(debug_assertions);
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guard-cdylib");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "vramslice-guard",
+        "--lib",
+        "--manifest-path",
+    ])
+    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+    .env("CARGO_TARGET_DIR", &target);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("run cargo to build the guard library");
+    assert!(
+        out.status.success(),
+        "building the guard failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = target
+        .join(if release { "release" } else { "debug" })
+        .join("libvramslice_guard.so");
     assert!(lib.exists(), "guard library not built at {}", lib.display());
     lib
 }
