@@ -216,6 +216,10 @@ impl Node {
         }
     }
 
+    pub fn pod_resources_socket(&self) -> PathBuf {
+        self.tmp.path().join("pod-resources.sock")
+    }
+
     pub fn plugin_socket(&self) -> PathBuf {
         self.socket_dir.join("vramslice-vram-gib.sock")
     }
@@ -292,36 +296,77 @@ pub async fn plugin_client(node: &Node) -> DevicePluginClient<tonic::transport::
     DevicePluginClient::new(uds::connect(&socket, Duration::from_secs(2)).await.unwrap())
 }
 
-/// A loopback API server answering every GET with `body`, recording each request line.
+/// One request the fake API server received.
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    /// `METHOD /path?query`.
+    pub line: String,
+    /// The body, parsed as JSON when it is JSON.
+    pub body: serde_json::Value,
+}
+
+type Handler = dyn Fn(&str, &str, usize) -> (u16, serde_json::Value) + Send + Sync;
+
+/// A loopback API server, recording each request line (and bodies in `calls`).
 pub struct FakeApi {
     pub addr: std::net::SocketAddr,
     pub requests: Arc<Mutex<VecDeque<String>>>,
+    pub calls: Arc<Mutex<Vec<ApiRequest>>>,
 }
 
 impl FakeApi {
+    /// Answer every request with `body`.
     pub async fn start(body: serde_json::Value) -> FakeApi {
+        FakeApi::start_with(move |_, _, _| (200, body.clone())).await
+    }
+
+    /// Answer with `handler(method, path_and_query, n)`, n = earlier requests with that line.
+    pub async fn start_with(
+        handler: impl Fn(&str, &str, usize) -> (u16, serde_json::Value) + Send + Sync + 'static,
+    ) -> FakeApi {
         let requests = Arc::new(Mutex::new(VecDeque::new()));
+        let calls = Arc::new(Mutex::new(Vec::new()));
         let recorded = Arc::clone(&requests);
-        let body = Arc::new(body.to_string());
+        let recorded_calls = Arc::clone(&calls);
+        let handler: Arc<Handler> = Arc::new(handler);
         let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
             let recorded = Arc::clone(&recorded);
-            let body = Arc::clone(&body);
+            let recorded_calls = Arc::clone(&recorded_calls);
+            let handler = Arc::clone(&handler);
             async move {
-                recorded.lock().unwrap().push_back(format!(
-                    "{} {}",
-                    request.method(),
-                    request.uri()
-                ));
+                let method = request.method().to_string();
+                let uri = request.uri().to_string();
+                let line = format!("{method} {uri}");
+                let bytes = axum::body::to_bytes(request.into_body(), 1 << 20)
+                    .await
+                    .unwrap_or_default();
+                let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                let n = {
+                    let mut requests = recorded.lock().unwrap();
+                    let n = requests.iter().filter(|l| **l == line).count();
+                    requests.push_back(line.clone());
+                    n
+                };
+                recorded_calls
+                    .lock()
+                    .unwrap()
+                    .push(ApiRequest { line, body });
+                let (status, answer) = handler(&method, &uri, n);
                 (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
                     [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    (*body).clone(),
+                    answer.to_string(),
                 )
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        FakeApi { addr, requests }
+        FakeApi {
+            addr,
+            requests,
+            calls,
+        }
     }
 
     /// A kubeconfig pointing at this server.
@@ -334,4 +379,46 @@ impl FakeApi {
         std::fs::write(&path, text).unwrap();
         path
     }
+}
+
+/// A PodResources server on `socket` answering List with `response`.
+pub async fn start_pod_resources(
+    socket: &Path,
+    response: vramslice_device_plugin::proto::podresources::ListPodResourcesResponse,
+) -> tokio::task::JoinHandle<()> {
+    use vramslice_device_plugin::proto::podresources::pod_resources_lister_server::{
+        PodResourcesLister, PodResourcesListerServer,
+    };
+    use vramslice_device_plugin::proto::podresources::*;
+    struct Lister(ListPodResourcesResponse);
+    #[tonic::async_trait]
+    impl PodResourcesLister for Lister {
+        async fn list(
+            &self,
+            _: Request<ListPodResourcesRequest>,
+        ) -> Result<Response<ListPodResourcesResponse>, Status> {
+            Ok(Response::new(self.0.clone()))
+        }
+        async fn get_allocatable_resources(
+            &self,
+            _: Request<AllocatableResourcesRequest>,
+        ) -> Result<Response<AllocatableResourcesResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn get(
+            &self,
+            _: Request<GetPodResourcesRequest>,
+        ) -> Result<Response<GetPodResourcesResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(PodResourcesListerServer::new(Lister(response)))
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await
+            .unwrap();
+    })
 }
