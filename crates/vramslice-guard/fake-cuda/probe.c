@@ -11,6 +11,8 @@
  *   probe alloc <bytes>         (allocates once, prints the result code)
  *   probe fork <bytes> <limit>  (parent and child each hold <bytes>; see tests)
  *   probe bench <iterations> <bytes>
+ *   probe nvml <limited|unlimited> <limit-bytes>
+ *   probe rtldnext              (dlsym(RTLD_NEXT) from a library keeps its meaning)
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -61,6 +63,11 @@ CUresult cuModuleUnload(H);
 CUresult cuLibraryLoadData(H *, const void *, void *, void **, unsigned, void *, void **, unsigned);
 CUresult cuLibraryUnload(H);
 CUresult cuGetProcAddress_v2(const char *, void **, int, unsigned long long, int *);
+typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+typedef struct { unsigned version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
+int nvmlDeviceGetMemoryInfo(void *, nvmlMemory_t *);
+int nvmlDeviceGetMemoryInfo_v2(void *, nvmlMemory_v2_t *);
+int next_marker(void);
 
 struct api {
     CUresult (*alloc)(CUdeviceptr *, size_t);
@@ -357,6 +364,30 @@ static int bench(long iters, size_t n) {
     return 0;
 }
 
+static int nvml(int limited, size_t limit) {
+    CUdeviceptr d;
+    check(cuMemAlloc_v2(&d, 10 * MIB) == 0, "hold 10 MiB");
+    nvmlMemory_t m;
+    nvmlMemory_v2_t m2 = { 2, 0, 0, 0, 0 };
+    check(nvmlDeviceGetMemoryInfo(NULL, &m) == 0, "nvmlDeviceGetMemoryInfo succeeds");
+    check(nvmlDeviceGetMemoryInfo_v2(NULL, &m2) == 0, "nvmlDeviceGetMemoryInfo_v2 succeeds");
+    if (limited) {
+        check(m.total == limit && m.used == 10 * MIB && m.free == limit - 10 * MIB, "NVML v1 shows the slice");
+        check(m2.total == limit && m2.used == 10 * MIB && m2.free == limit - 10 * MIB, "NVML v2 shows the slice");
+    } else {
+        check(m.total > limit && m2.total > limit, "NVML shows the whole device");
+    }
+    return finish();
+}
+
+static int rtldnext(void) {
+    check(next_marker() == 2, "dlsym(RTLD_NEXT) from a library finds the next library's symbol");
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    check(lib && dlsym(lib, "no_such_symbol") == NULL && dlerror() != NULL, "missing symbols still fail with dlerror");
+    check(dlsym(RTLD_DEFAULT, "cuMemAlloc_v2") == (void *)cuMemAlloc_v2, "RTLD_DEFAULT lookups agree with linking");
+    return finish();
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) die("usage: probe <scenario> ...");
     const char *s = argv[1];
@@ -367,6 +398,8 @@ int main(int argc, char **argv) {
     if (!strcmp(s, "alloc") && argc == 3) { CUdeviceptr d; int rc = cuMemAlloc_v2(&d, strtoull(argv[2], 0, 10)); printf("alloc rc=%d\n", rc); return 0; }
     if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "bench") && argc == 4) return bench(atol(argv[2]), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "nvml") && argc == 4) return nvml(!strcmp(argv[2], "limited"), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "rtldnext") && argc == 2) return rtldnext();
     die("unknown scenario or wrong arguments");
     return 2;
 }

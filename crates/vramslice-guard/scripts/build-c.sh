@@ -9,4 +9,6 @@ mkdir -p "$out"
 "$cc" -O2 -g -Wall -Wextra -Werror -fPIC -shared -Wl,-Bsymbolic -Wl,-soname,libcuda.so.1 \
   -o "$out/libcuda.so.1" "$src/fake_cuda.c"
 ln -sf libcuda.so.1 "$out/libcuda.so"
-"$cc" -O2 -g -Wall -Wextra -Werror -o "$out/probe" "$src/probe.c" -L "$out" -Wl,-rpath,"$out" -lcuda -ldl -lpthread
+"$cc" -O2 -fPIC -shared -o "$out/libnext_b.so" "$src/next_b.c"
+"$cc" -O2 -fPIC -shared -o "$out/libnext_a.so" "$src/next_a.c" -L "$out" -Wl,-rpath,"$out" -Wl,--no-as-needed -lnext_b -ldl
+"$cc" -O2 -g -Wall -Wextra -Werror -o "$out/probe" "$src/probe.c" -L "$out" -Wl,-rpath,"$out" -lcuda -lnext_a -ldl -lpthread

@@ -173,3 +173,29 @@ fn per_process_accounting_is_announced() {
         "{se}"
     );
 }
+
+#[test]
+fn nvml_memory_info_shows_the_slice() {
+    let (out, so, se) = run(probe(
+        true,
+        &limited_env(),
+        &["nvml", "limited", &LIMIT.to_string()],
+    ));
+    assert_checks(&out, &so, &se, 5);
+    let mut env = limited_env();
+    env.push(("VRAMSLICE_VIRTUALIZE_NVML", "0".into()));
+    let (out, so, se) = run(probe(
+        true,
+        &env,
+        &["nvml", "unlimited", &LIMIT.to_string()],
+    ));
+    assert_checks(&out, &so, &se, 4);
+}
+
+#[test]
+fn interposed_dlsym_keeps_rtld_next_and_errors() {
+    for guarded in [false, true] {
+        let (out, so, se) = run(probe(guarded, &limited_env(), &["rtldnext"]));
+        assert_checks(&out, &so, &se, 3);
+    }
+}

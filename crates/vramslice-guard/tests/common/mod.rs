@@ -86,6 +86,31 @@ pub fn artifacts() -> &'static Artifacts {
             src.join("fake_cuda.c").to_str().unwrap(),
         ]);
         std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so")).ok();
+        let next_b = dir.join("libnext_b.so");
+        cc(&[
+            "-O2",
+            "-fPIC",
+            "-shared",
+            "-o",
+            next_b.to_str().unwrap(),
+            src.join("next_b.c").to_str().unwrap(),
+        ]);
+        let next_a = dir.join("libnext_a.so");
+        let rpath_b = format!("-Wl,-rpath,{}", dir.display());
+        cc(&[
+            "-O2",
+            "-fPIC",
+            "-shared",
+            "-o",
+            next_a.to_str().unwrap(),
+            src.join("next_a.c").to_str().unwrap(),
+            "-L",
+            dir.to_str().unwrap(),
+            &rpath_b,
+            "-Wl,--no-as-needed",
+            "-lnext_b",
+            "-ldl",
+        ]);
         let probe = dir.join("probe");
         let rpath = format!("-Wl,-rpath,{}", dir.display());
         cc(&[
@@ -101,6 +126,7 @@ pub fn artifacts() -> &'static Artifacts {
             dir.to_str().unwrap(),
             &rpath,
             "-lcuda",
+            "-lnext_a",
             "-ldl",
             "-lpthread",
         ]);

@@ -1,0 +1,2 @@
+/* See next_a.c. */
+int marker(void) { return 2; }
