@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI check of the Helm chart: lint, render under several value sets, reject bad values through
-# values.schema.json, scan the RBAC for wildcards/cluster-admin, and fail on manifests/ drift.
+# values.schema.json, scan the RBAC for wildcards/cluster-admin, check the Grafana dashboard
+# against docs/metrics.md, and fail on manifests/ drift.
 #
 #   scripts/check-chart.sh
 #
@@ -92,6 +93,14 @@ for b in "${bad[@]}"; do
   grep -q "values don't meet the specifications of the schema" "$tmp/err.log" || { cat "$tmp/err.log"; fail "unexpected error for $b"; }
   ok "rejected: $b"
 done
+
+# The Grafana dashboard is valid JSON and uses only metrics docs/metrics.md lists.
+python3 -m json.tool "$ROOT/dashboards/vramslice.json" > /dev/null || fail "dashboards/vramslice.json is not valid JSON"
+ok "dashboards/vramslice.json is valid JSON"
+for m in $(grep -o 'vramslice_[a-z_]*' "$ROOT/dashboards/vramslice.json" | sed -E 's/_(bucket|sum|count)$//' | sort -u); do
+  grep -q "\`$m" "$ROOT/docs/metrics.md" || fail "dashboard metric $m is not documented in docs/metrics.md"
+done
+ok "every dashboard metric is documented in docs/metrics.md"
 
 "$ROOT/scripts/render-manifests.sh" --check > "$tmp/drift.log" 2>&1 || { cat "$tmp/drift.log"; fail "manifests/ drift"; }
 ok "manifests/vramslice.yaml matches the chart"
