@@ -97,9 +97,9 @@ done
 # The Grafana dashboard is valid JSON and uses only metrics docs/metrics.md lists.
 python3 -m json.tool "$ROOT/dashboards/vramslice.json" > /dev/null || fail "dashboards/vramslice.json is not valid JSON"
 ok "dashboards/vramslice.json is valid JSON"
-for m in $(grep -o 'vramslice_[a-z_]*' "$ROOT/dashboards/vramslice.json" | sed -E 's/_(bucket|sum|count)$//' | sort -u); do
+while read -r m; do
   grep -q "\`$m" "$ROOT/docs/metrics.md" || fail "dashboard metric $m is not documented in docs/metrics.md"
-done
+done < <(grep -o 'vramslice_[a-z_]*' "$ROOT/dashboards/vramslice.json" | sed -E 's/_(bucket|sum|count)$//' | sort -u)
 ok "every dashboard metric is documented in docs/metrics.md"
 
 "$ROOT/scripts/render-manifests.sh" --check > "$tmp/drift.log" 2>&1 || { cat "$tmp/drift.log"; fail "manifests/ drift"; }
