@@ -1,0 +1,122 @@
+//! The configuration the Helm chart renders (committed as manifests/vramslice.yaml, kept equal to
+//! the chart by scripts/render-manifests.sh --check) is accepted by each binary's own parser, and
+//! the pieces that must agree do: the scheduler calls the extender's port, manages the resource
+//! the unit names, and the preload file names the path Allocate mounts the guard at.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+fn documents() -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../manifests/vramslice.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.split("\n---\n")
+        .filter(|d| d.lines().any(|l| l.starts_with("kind:")))
+        .map(|d| serde_saphyr::from_str::<Value>(d).unwrap())
+        .collect()
+}
+
+fn config_map(docs: &[Value], name: &str) -> serde_json::Map<String, Value> {
+    docs.iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("ConfigMap {name} missing"))["data"]
+        .as_object()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn device_plugin_accepts_the_rendered_config() {
+    let docs = documents();
+    let data = config_map(&docs, "vramslice-device-plugin");
+    let text = data["device-plugin.yaml"].as_str().unwrap();
+    let settings = vramslice_device_plugin::config::Settings::from_yaml(
+        text,
+        "chart",
+        Some("gpu-node-1".into()),
+    )
+    .unwrap_or_else(|e| panic!("the plugin rejects the chart's config: {e}\n{text}"));
+    assert_eq!(
+        settings.node_name.as_deref(),
+        Some("gpu-node-1"),
+        "nodeName comes from NODE_NAME"
+    );
+    let rendered = format!("{settings:?}");
+    assert!(rendered.contains("LdSoPreloadFile"), "{rendered}");
+}
+
+#[test]
+fn extender_and_webhook_accept_the_rendered_config() {
+    let docs = documents();
+    let data = config_map(&docs, "vramslice-scheduler");
+    let text = data["extender.yaml"].as_str().unwrap();
+    let mut value: Value = serde_saphyr::from_str(text).unwrap();
+    // The `webhook:` block is the webhook crate's; the rest is the extender's own.
+    let webhook = value
+        .as_object_mut()
+        .unwrap()
+        .remove("webhook")
+        .expect("webhook block rendered");
+    let rest = serde_saphyr::to_string(&value).unwrap();
+    let config = vramslice_extender::Config::parse(&rest, "chart")
+        .unwrap_or_else(|e| panic!("the extender rejects the chart's config: {e}\n{rest}"));
+    assert_eq!(config.listen_addr.port(), 8888);
+    let webhook: vramslice_webhook::WebhookConfig = serde_json::from_value(webhook).unwrap();
+    let valid = webhook.validate(None).unwrap();
+    assert_eq!(valid.listen_addr.port(), 8443);
+
+    // The bundled kube-scheduler calls that port and manages the resource of the chart's unit.
+    let sched: Value =
+        serde_saphyr::from_str(data["scheduler-config.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(sched["profiles"][0]["schedulerName"], "vramslice-scheduler");
+    let ext = &sched["extenders"][0];
+    assert_eq!(ext["urlPrefix"], "http://127.0.0.1:8888");
+    assert_eq!(ext["managedResources"][0]["name"], "vramslice.io/vram-gib");
+    assert_eq!(ext["nodeCacheCapable"], true);
+    assert_eq!(ext["bindVerb"], "bind");
+}
+
+#[test]
+fn preload_file_names_the_path_allocate_mounts() {
+    let docs = documents();
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let script = ds["spec"]["template"]["spec"]["initContainers"][0]["args"][0]
+        .as_str()
+        .unwrap();
+    let want = vramslice_core::allocation::preload_file_content();
+    assert!(
+        script.contains(&format!("printf '%s\\n' {}", want.trim())),
+        "{script}"
+    );
+}
+
+#[test]
+fn every_object_is_namespaced_to_the_release_or_cluster_scoped() {
+    let cluster_scoped = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "MutatingWebhookConfiguration",
+        "Namespace",
+    ];
+    for d in documents() {
+        let kind = d["kind"].as_str().unwrap();
+        let ns = d["metadata"]["namespace"].as_str();
+        if cluster_scoped.contains(&kind) {
+            assert!(ns.is_none(), "{kind} must not carry a namespace");
+        } else if kind == "RoleBinding" && ns == Some("kube-system") {
+            // kube-scheduler reads extension-apiserver-authentication there.
+            assert_eq!(
+                d["roleRef"]["name"],
+                "extension-apiserver-authentication-reader"
+            );
+        } else {
+            assert_eq!(
+                ns,
+                Some("vramslice-system"),
+                "{kind} {}",
+                d["metadata"]["name"]
+            );
+        }
+    }
+}
