@@ -235,8 +235,13 @@ pub fn pods_table(rows: &[PodRow], style: Style) -> String {
 }
 
 fn short_uuid(uuid: &str) -> String {
-    // "GPU-8c3f1a2b-...": enough to tell GPUs apart on one screen.
-    uuid.chars().take(12).collect()
+    // NVML UUIDs ("GPU-8c3f1a2b-1c2d-...", 40 characters) are cut to their first 8 hex digits,
+    // enough to tell GPUs apart on one screen; anything shorter is shown whole.
+    if uuid.chars().count() <= 24 {
+        return uuid.to_string();
+    }
+    let head: String = uuid.chars().take(12).collect();
+    format!("{head}…")
 }
 
 /// `kubectl vramslice explain` as text.

@@ -93,6 +93,7 @@ async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
 }
 
 struct Server {
+    now: String,
     port: u16,
     log: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
@@ -100,8 +101,12 @@ struct Server {
 }
 
 fn start(crd_installed: bool) -> Server {
+    start_with("tests/data", crd_installed)
+}
+
+fn start_with(data: &str, crd_installed: bool) -> Server {
     let rec = Recorded {
-        data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data"),
+        data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(data),
         crd_installed,
         log: Arc::default(),
     };
@@ -136,6 +141,7 @@ fn start(crd_installed: bool) -> Server {
         log,
         _dir: dir,
         kubeconfig,
+        now: NOW.to_string(),
     }
 }
 
@@ -144,7 +150,7 @@ impl Server {
         Command::new(env!("CARGO_BIN_EXE_kubectl-vramslice"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(["--now", NOW])
+            .args(["--now", self.now.as_str()])
             .args(args)
             .env_remove("NO_COLOR")
             .output()
@@ -426,4 +432,77 @@ fn exit_codes_for_failures() {
         .unwrap();
     assert_eq!(code(&o), 1);
     assert!(String::from_utf8_lossy(&o.stderr).contains("list gpunodes"));
+}
+
+/// Responses recorded from the e2e cluster's real kube-apiserver (tests/data/e2e: two hollow
+/// nodes with fake A100s and an L4, the real device plugin and extender, three pods).
+fn e2e() -> Server {
+    let mut s = start_with("tests/data/e2e", true);
+    let at = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/e2e/recorded-at.txt"),
+    )
+    .unwrap();
+    s.now = at.trim().to_string();
+    s
+}
+
+#[test]
+fn recorded_e2e_cluster_nodes_and_pods() {
+    let s = e2e();
+    let j: Value = serde_json::from_slice(&s.run(&["nodes", "-o", "json"]).stdout).unwrap();
+    let nodes = j.as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert_eq!(nodes[0]["node"], "gpu-node-a");
+    assert_eq!(nodes[0]["stale"], false);
+    let a0 = &nodes[0]["gpus"][0];
+    assert_eq!(a0["model"], "NVIDIA A100-SXM4-80GB");
+    assert_eq!(a0["allocatedBytes"], 30u64 << 30);
+    // 80 GiB advertised - 30 GiB assigned, less the 512 MiB headroom on the live side.
+    assert_eq!(
+        a0["effectiveFreeBytes"],
+        (80u64 << 30) - (30u64 << 30) - (512u64 << 20)
+    );
+    let t = stdout(&s.run(&["pods", "-n", "default"]));
+    let a = t
+        .lines()
+        .find(|l| l.starts_with("llm-a") || l.contains(" llm-a "))
+        .unwrap();
+    assert!(
+        a.contains("gpu-node-a") && a.contains("30 GiB") && a.contains("Running"),
+        "{t}"
+    );
+    assert!(
+        t.contains("GPU-gpu-node-a-0"),
+        "short fake UUIDs are shown whole: {t}"
+    );
+    let y = stdout(&s.run(&["pods", "-A", "-o", "yaml"]));
+    assert!(y.contains("gpuUuid: GPU-gpu-node-b-0"), "{y}");
+}
+
+#[test]
+fn recorded_e2e_cluster_explain() {
+    let s = e2e();
+    let o = s.run(&["explain", "too-big", "-n", "default"]);
+    assert_eq!(code(&o), 4);
+    let t = stdout(&o);
+    assert!(t.contains("needs 90 GiB"), "{t}");
+    assert!(
+        t.contains("more than any GPU on node gpu-node-a advertises (largest 80 GiB)"),
+        "{t}"
+    );
+    // The real scheduler's event, with the extender's reason in it.
+    assert!(
+        t.contains("more than the largest GPU in the cluster advertises (80 GiB)"),
+        "{t}"
+    );
+    let j: Value = serde_json::from_slice(
+        &s.run(&["explain", "llm-a", "-n", "default", "-o", "json"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(j["state"]["kind"], "bound");
+    assert_eq!(j["state"]["gpuUuid"], "GPU-gpu-node-a-0");
+    let y = s.run(&["explain", "llm-b", "-n", "default", "-o", "yaml"]);
+    assert_eq!(code(&y), 0);
+    assert!(stdout(&y).contains("node: gpu-node-b"));
 }
