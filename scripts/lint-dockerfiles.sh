@@ -50,7 +50,7 @@ for f in "${files[@]}"; do
   ok "$name: multi-stage, pinned bases, --locked, runtime user $final_user"
 done
 
-for s in install-helm.sh render-manifests.sh check-chart.sh lint-dockerfiles.sh; do
+for s in install-helm.sh render-manifests.sh check-chart.sh check-manifests-e2e.sh lint-dockerfiles.sh; do
   "$VENV/bin/shellcheck" "$ROOT/scripts/$s" || fail "shellcheck scripts/$s"
   ok "shellcheck scripts/$s"
 done

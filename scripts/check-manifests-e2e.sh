@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Against the e2e cluster's real kube-apiserver (e2e/bin/vramslice-cluster --control-plane-only):
+#  1. every object of manifests/ (and of the chart's HA and 128Mi/no-webhook renderings) passes a
+#     server-side dry-run apply, so it is schema-valid there (CEL matchConditions included);
+#  2. the webhook, served by this machine (crates/vramslice-webhook/examples/serve_local.rs) with
+#     the chart's own MutatingWebhookConfiguration pointed at https://localhost, mutates exactly
+#     the pods it should, and pods are admitted unchanged when it is down (failurePolicy Ignore).
+#
+#   scripts/check-manifests-e2e.sh
+#
+# Needs kubectl on PATH, Go (to build the e2e binary when missing) and cargo.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CLUSTER_BIN="${VRAMSLICE_CLUSTER_BIN:-$ROOT/e2e/bin/vramslice-cluster}"
+HELM="${HELM:-$("$ROOT/scripts/install-helm.sh")}"
+command -v kubectl >/dev/null || { echo "check-manifests-e2e: kubectl is not on PATH" >&2; exit 1; }
+if [[ ! -x "$CLUSTER_BIN" ]]; then
+  (cd "$ROOT/e2e" && go build -o "$CLUSTER_BIN" ./cmd/vramslice-cluster)
+fi
+cargo build -q -p vramslice-webhook --example serve_local
+WEBHOOK_BIN="$ROOT/target/debug/examples/serve_local"
+
+work="$(mktemp -d)"
+cluster_pid=""; webhook_pid=""
+cleanup() {
+  [[ -n "$webhook_pid" ]] && kill "$webhook_pid" 2>/dev/null || true
+  if [[ -n "$cluster_pid" ]]; then
+    kill -INT "$cluster_pid" 2>/dev/null || true
+    wait "$cluster_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+passed=0
+ok() { passed=$((passed + 1)); echo "ok   $*"; }
+fail() { echo "FAIL $*" >&2; echo "$passed passed, 1 failed"; exit 1; }
+
+"$CLUSTER_BIN" --control-plane-only --dir "$work/cluster" > "$work/cluster.log" 2>&1 &
+cluster_pid=$!
+export KUBECONFIG="$work/cluster/admin.kubeconfig"
+for _ in $(seq 1 240); do
+  grep -q '^cluster is running' "$work/cluster.log" && break
+  kill -0 "$cluster_pid" 2>/dev/null || { tail -20 "$work/cluster.log"; fail "e2e control plane exited"; }
+  sleep 0.5
+done
+grep -q '^cluster is running' "$work/cluster.log" || fail "e2e control plane not up in 120 s"
+ok "e2e control plane up"
+
+kubectl apply --server-side -f "$ROOT/manifests/crds/" > /dev/null
+kubectl get namespace vramslice-system > /dev/null 2>&1 || kubectl create namespace vramslice-system > /dev/null
+
+dry_run() { # file, name
+  local out objects accepted
+  out="$(kubectl apply --dry-run=server --server-side --force-conflicts -f "$1" 2>&1)" || { echo "$out"; fail "server-side dry-run of $2"; }
+  objects="$(grep -c '^kind:' "$1")"
+  accepted="$(grep -c 'server dry run' <<<"$out")"
+  [[ "$objects" == "$accepted" ]] || { echo "$out"; fail "$2: $accepted of $objects objects accepted"; }
+  ok "server-side dry-run of $2: $accepted objects accepted"
+}
+dry_run "$ROOT/manifests/vramslice.yaml" "manifests/vramslice.yaml"
+"$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.34.2 \
+  --set scheduler.replicas=3 > "$work/ha.yaml"
+dry_run "$work/ha.yaml" "chart with scheduler.replicas=3"
+"$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.34.2 \
+  --set unit=128Mi --set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi > "$work/small.yaml"
+dry_run "$work/small.yaml" "chart with unit=128Mi, no webhook"
+
+# The chart's webhook configuration, pointed at this machine instead of the Service.
+port=18443
+awk '/^kind: MutatingWebhookConfiguration/{p=1} p' "$ROOT/manifests/vramslice.yaml" \
+  | sed -e 's/^  name: vramslice-webhook$/  name: vramslice-webhook-e2e/' \
+        -e '/^      service:$/,/^        port: 443$/d' \
+        -e "s|^    clientConfig:\$|    clientConfig:\n      url: https://localhost:$port/mutate-pods|" \
+  | { echo "apiVersion: admissionregistration.k8s.io/v1"; cat; } > "$work/mwc.yaml"
+kubectl apply -f "$work/mwc.yaml" > /dev/null || { cat "$work/mwc.yaml"; fail "apply the webhook configuration"; }
+kubectl -n vramslice-system create secret generic webhook-e2e-tls > /dev/null
+"$WEBHOOK_BIN" "$KUBECONFIG" "$port" vramslice-system webhook-e2e-tls vramslice-webhook-e2e > "$work/webhook.log" 2>&1 &
+webhook_pid=$!
+for _ in $(seq 1 100); do
+  [[ -n "$(kubectl get mutatingwebhookconfiguration vramslice-webhook-e2e -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]] && break
+  sleep 0.2
+done
+[[ -n "$(kubectl get mutatingwebhookconfiguration vramslice-webhook-e2e -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]] \
+  || { cat "$work/webhook.log"; fail "the webhook did not write its CA bundle"; }
+ok "webhook wrote its CA bundle into the MutatingWebhookConfiguration"
+
+pod() { # name, limits, extra spec lines, annotations
+  cat <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: $1, annotations: {$4}}
+spec:
+  $3
+  containers: [{name: c, image: busybox, resources: {limits: {$2}}}]
+YAML
+}
+expect_scheduler() { # name, expected
+  local got
+  got="$(kubectl get pod "$1" -o jsonpath='{.spec.schedulerName}')"
+  [[ "$got" == "$2" ]] || fail "pod $1: schedulerName $got, want $2"
+  ok "pod $1: schedulerName $2"
+}
+pod wh-vram '"vramslice.io/vram-gib": "6"' "" "" | kubectl create -f - > /dev/null
+pod wh-none 'cpu: "1"' "" "" | kubectl create -f - > /dev/null
+pod wh-zero '"vramslice.io/vram-gib": "0"' "" "" | kubectl create -f - > /dev/null
+pod wh-other '"vramslice.io/vram-gib": "6"' "schedulerName: volcano" "" | kubectl create -f - > /dev/null 2> "$work/warn.txt"
+pod wh-optout '"vramslice.io/vram-gib": "6"' "" '"vramslice.io/keep-scheduler-name": "true"' | kubectl create -f - > /dev/null
+kubectl create -f - > /dev/null <<'YAML'
+apiVersion: v1
+kind: Pod
+metadata: {name: wh-init}
+spec:
+  initContainers: [{name: i, image: busybox, resources: {limits: {"vramslice.io/vram-512mib": "2"}}}]
+  containers: [{name: c, image: busybox}]
+YAML
+expect_scheduler wh-vram vramslice-scheduler
+expect_scheduler wh-init vramslice-scheduler
+expect_scheduler wh-none default-scheduler
+expect_scheduler wh-zero default-scheduler
+expect_scheduler wh-other volcano
+expect_scheduler wh-optout default-scheduler
+grep -q 'names scheduler "volcano"' "$work/warn.txt" || fail "no warning for a VRAM pod of another scheduler"
+ok "kubectl shows the webhook's warning for a VRAM pod of another scheduler"
+
+kill "$webhook_pid"; wait "$webhook_pid" 2>/dev/null || true; webhook_pid=""
+pod wh-down '"vramslice.io/vram-gib": "6"' "" "" | kubectl create -f - > /dev/null || fail "pod creation blocked while the webhook is down"
+expect_scheduler wh-down default-scheduler
+
+echo "manifests-e2e: $passed passed, 0 failed"
