@@ -1,12 +1,17 @@
 //! Cost of one cuMemAlloc_v2 + cuMemFree_v2 pair against the fake driver, without the guard and
 //! with it (pass-through, enforcing with per-process accounting, enforcing with the shared
 //! accounting file), in the same run. Prints ns per pair and the guard's added cost.
+//! It also prints what the alternative design — a file lock held only for the reserve step —
+//! would cost per pair at least (one `flock` lock/unlock), against the CAS the guard uses.
 //! Run: `cargo bench -p vramslice-guard --bench alloc_pair`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::{MIB, probe};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 const PAIRS: &str = "2000000";
 const ROUNDS: usize = 5;
@@ -28,6 +33,48 @@ fn ns_per_pair(guarded: bool, env: &[(&str, String)]) -> f64 {
                 .unwrap()
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// ns for one exclusive `flock` + unlock on a file (the file-lock design's reserve step).
+fn flock_ns(path: &std::path::Path) -> f64 {
+    let file = std::fs::File::create(path).unwrap();
+    let fd = file.as_raw_fd();
+    let n = 200_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        unsafe {
+            libc::flock(fd, libc::LOCK_EX);
+            libc::flock(fd, libc::LOCK_UN);
+        }
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(n)
+}
+
+/// ns for the guard's reserve + release on one word (CAS loop + saturating CAS loop).
+fn cas_ns() -> f64 {
+    let total = AtomicU64::new(0);
+    let n = 10_000_000u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        let mut cur = total.load(Ordering::Relaxed);
+        while let Err(a) =
+            total.compare_exchange_weak(cur, cur + 256, Ordering::AcqRel, Ordering::Relaxed)
+        {
+            cur = a;
+        }
+        let mut cur = total.load(Ordering::Relaxed);
+        while let Err(a) = total.compare_exchange_weak(
+            cur,
+            cur.saturating_sub(256),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        ) {
+            cur = a;
+        }
+    }
+    std::hint::black_box(total.load(Ordering::Relaxed));
+    t.elapsed().as_nanos() as f64 / f64::from(n)
 }
 
 fn main() {
@@ -55,6 +102,15 @@ fn main() {
     println!(
         "  guard, limit, shared account file  {full:8.1} ns/pair  (+{:.1})",
         full - base
+    );
+    println!("reserve-step designs, single thread:");
+    println!(
+        "  CAS on the shared total (reserve + release)  {:8.1} ns/pair",
+        cas_ns()
+    );
+    println!(
+        "  flock lock + unlock (file-lock reserve)      {:8.1} ns/pair",
+        flock_ns(&dir.join("lock"))
     );
     std::fs::remove_dir_all(&dir).ok();
 }
