@@ -26,6 +26,7 @@ variants=(
   "spread-512mi|--set extender.policy=spread --set unit=512Mi --set devicePlugin.injection.mode=ld-preload-env"
   "cert-manager|--set webhook.certManager.enabled=true --set metrics.serviceMonitor.enabled=true"
   "no-webhook|--set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi"
+  "netpol|--set networkPolicy.enabled=true --set networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring"
   "fake-gpus|--set devicePlugin.backend=fake --set devicePlugin.fakeGpuFile=/etc/fake/gpus.yaml --set devicePlugin.extraConfig.publish.heartbeat=10s"
 )
 for v in "${variants[@]}"; do
@@ -72,6 +73,16 @@ expect "$tmp/cert-manager.yaml" 'cert-manager.io/inject-ca-from' "cert-manager i
 expect "$tmp/cert-manager.yaml" 'kind: ServiceMonitor' "ServiceMonitor rendered on request"
 reject "$tmp/no-webhook.yaml" 'MutatingWebhookConfiguration' "webhook off: no webhook configuration"
 expect "$tmp/fake-gpus.yaml" 'heartbeat: 10s' "extraConfig merges into the plugin config"
+
+expect "$tmp/netpol.yaml" 'kind: NetworkPolicy' "NetworkPolicy rendered on request"
+reject "$d" 'kind: NetworkPolicy' "no NetworkPolicy by default"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set networkPolicy.enabled=true > "$tmp/netpol-closed.yaml"
+reject "$tmp/netpol-closed.yaml" 'from: \[\]' "NetworkPolicy without metricsFrom has no empty (admit-all) from"
+expect "$tmp/netpol.yaml" 'team: monitoring' "NetworkPolicy admits the metricsFrom peers"
+if "$HELM" template vramslice "$CHART" --kube-version v1.29.9 > /dev/null 2>&1; then
+  fail "the chart installed on Kubernetes 1.29 (webhook matchConditions need 1.30)"
+fi
+ok "Kubernetes older than 1.30 refused (Chart.yaml kubeVersion)"
 
 # values.schema.json must turn these away at install time.
 bad=(

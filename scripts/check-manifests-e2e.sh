@@ -61,8 +61,8 @@ dry_run() { # file, name
 }
 dry_run "$ROOT/manifests/vramslice.yaml" "manifests/vramslice.yaml"
 "$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.34.2 \
-  --set scheduler.replicas=3 > "$work/ha.yaml"
-dry_run "$work/ha.yaml" "chart with scheduler.replicas=3"
+  --set scheduler.replicas=3 --set networkPolicy.enabled=true > "$work/ha.yaml"
+dry_run "$work/ha.yaml" "chart with scheduler.replicas=3 and a NetworkPolicy"
 "$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.34.2 \
   --set unit=128Mi --set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi > "$work/small.yaml"
 dry_run "$work/small.yaml" "chart with unit=128Mi, no webhook"
