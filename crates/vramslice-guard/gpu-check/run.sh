@@ -120,9 +120,9 @@ for conf in "" "expandable_segments:True" "backend:cudaMallocAsync"; do
   check "[$conf] growing stops within the limit" "r['grown_bytes'] <= $limit" "$r"
 done
 
-plain=$(run env "$py" "$work/check.py" matmul)
+plain=$(run env "$py" "$work/check.py" matmul || true)
 withg=$(run env LD_PRELOAD="$GUARD_LIB" VRAMSLICE_VRAM_LIMIT_BYTES=$((16 << 30)) VRAMSLICE_ACCOUNTING_DIR="$work" \
-  "$py" "$work/check.py" matmul)
+  "$py" "$work/check.py" matmul || true)
 echo "matmul without guard: $plain"
 echo "matmul with guard:    $withg"
 if [[ -n "$plain" && -n "$withg" ]]; then

@@ -61,7 +61,7 @@ fn sixteen_processes_racing_never_exceed_the_limit_together() {
     e.push(("FAKE_CUDA_SHARED_FILE", shared.display().to_string()));
     let children: Vec<Child> = (0..16)
         .map(|_| {
-            let mut cmd = probe(true, &e, &["race", "8", "1500", &(2 * MIB).to_string()]);
+            let mut cmd = probe(true, &e, &["race", "8", "1500", &(4 * MIB).to_string()]);
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
             cmd.spawn().unwrap()
         })
