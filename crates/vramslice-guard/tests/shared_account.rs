@@ -248,3 +248,59 @@ fn accounting_file_is_shared_and_writable_by_late_processes() {
     a.wait().unwrap();
     b.wait().unwrap();
 }
+
+fn own_start_time() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// A file whose slot 0 claims `bytes` for (`pid`, `start`).
+fn file_with_slot(dir: &Path, limit: u64, pid: u32, start: u64, bytes: u64) {
+    use accounting::{header, slot, slot_word};
+    let mut image = accounting::initial_image(limit, "GPU-test", accounting::DEFAULT_SLOT_COUNT);
+    let mut put = |w: usize, v: u64| image[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    put(header::USED, bytes);
+    put(slot_word(0, slot::PID), u64::from(pid));
+    put(slot_word(0, slot::START_TIME), start);
+    put(slot_word(0, slot::BYTES), bytes);
+    std::fs::write(dir.join(ACCOUNTING_FILE_NAME), image).unwrap();
+}
+
+#[test]
+fn reused_pid_is_told_apart_by_start_time() {
+    let limit = 100 * MIB;
+    let me = std::process::id();
+    // this (live) process, but a different start time: the pid was reused, the slot is stale
+    let dir = tempfile::tempdir().unwrap();
+    file_with_slot(dir.path(), limit, me, own_start_time() + 12345, 90 * MIB);
+    let (_, so, se) = run(probe(
+        true,
+        &env(dir.path(), limit),
+        &["alloc", &(80 * MIB).to_string()],
+    ));
+    assert!(
+        so.contains("alloc rc=0"),
+        "stale slot of a reused pid reaped: {so}{se}"
+    );
+    assert!(snapshot(dir.path()).slots.iter().all(|s| s.pid != me));
+
+    // this process with its real start time: alive, its 90 MiB stay counted
+    let dir = tempfile::tempdir().unwrap();
+    file_with_slot(dir.path(), limit, me, own_start_time(), 90 * MIB);
+    let (_, so, se) = run(probe(
+        true,
+        &env(dir.path(), limit),
+        &["alloc", &(80 * MIB).to_string()],
+    ));
+    assert!(
+        so.contains("alloc rc=2"),
+        "a live process's slot is kept: {so}{se}"
+    );
+    assert!(
+        snapshot(dir.path())
+            .slots
+            .iter()
+            .any(|s| s.pid == me && s.bytes == 90 * MIB)
+    );
+}
