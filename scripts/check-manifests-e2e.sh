@@ -2,7 +2,9 @@
 # Against the e2e cluster's real kube-apiserver (e2e/bin/vramslice-cluster --control-plane-only):
 #  1. every object of manifests/ (and of the chart's HA and 128Mi/no-webhook renderings) passes a
 #     server-side dry-run apply, so it is schema-valid there (CEL matchConditions included);
-#  2. the webhook, served by this machine (crates/vramslice-webhook/examples/serve_local.rs) with
+#  2. helm install, upgrade and uninstall of the chart work there, and an upgrade keeps the
+#     webhook certificate the extender wrote (Secret data and caBundle);
+#  3. the webhook, served by this machine (crates/vramslice-webhook/examples/serve_local.rs) with
 #     the chart's own MutatingWebhookConfiguration pointed at https://localhost, mutates exactly
 #     the pods it should, and pods are admitted unchanged when it is down (failurePolicy Ignore).
 #
@@ -66,6 +68,34 @@ dry_run "$work/ha.yaml" "chart with scheduler.replicas=3 and a NetworkPolicy"
 "$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.34.2 \
   --set unit=128Mi --set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi > "$work/small.yaml"
 dry_run "$work/small.yaml" "chart with unit=128Mi, no webhook"
+
+# A real helm install/upgrade/uninstall. The e2e API server is built without version stamps
+# (it reports v0.0.0-master), so the chart's kubeVersion constraint is dropped from a copy; the
+# release is "vs" so that no name meets the e2e harness's own RBAC objects.
+cp -r "$ROOT/charts/vramslice" "$work/chart"
+sed -i '/^kubeVersion:/d' "$work/chart/Chart.yaml"
+hv=(--set scheduler.image.tag=v1.34.2)
+"$HELM" install vs "$work/chart" -n vs-system --create-namespace "${hv[@]}" > "$work/helm.log" 2>&1 \
+  || { cat "$work/helm.log"; fail "helm install"; }
+ok "helm install on the e2e API server"
+"$WEBHOOK_BIN" "$KUBECONFIG" 18444 vs-system vs-vramslice-webhook-tls vs-vramslice-webhook > "$work/webhook-vs.log" 2>&1 &
+webhook_pid=$!
+secret_crt() { kubectl -n vs-system get secret vs-vramslice-webhook-tls -o jsonpath='{.data.tls\.crt}'; }
+ca_bundle() { kubectl get mutatingwebhookconfiguration vs-vramslice-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}'; }
+for _ in $(seq 1 100); do [[ -n "$(ca_bundle)" ]] && break; sleep 0.2; done
+kill "$webhook_pid"; wait "$webhook_pid" 2>/dev/null || true; webhook_pid=""
+crt="$(secret_crt)"; ca="$(ca_bundle)"
+[[ -n "$crt" && -n "$ca" ]] || fail "the webhook did not fill the chart's Secret and caBundle"
+"$HELM" upgrade vs "$work/chart" -n vs-system "${hv[@]}" --set scheduler.replicas=2 --set extender.policy=spread \
+  > "$work/helm.log" 2>&1 || { cat "$work/helm.log"; fail "helm upgrade"; }
+[[ "$(secret_crt)" == "$crt" && "$(ca_bundle)" == "$ca" ]] || fail "helm upgrade lost the webhook certificate"
+kubectl -n vs-system get pdb vs-vramslice-scheduler > /dev/null || fail "no PodDisruptionBudget after scaling to 2"
+ok "helm upgrade keeps the webhook Secret and caBundle, adds the PDB"
+"$HELM" uninstall vs -n vs-system > /dev/null || fail "helm uninstall"
+left="$(kubectl get mutatingwebhookconfiguration,clusterrole,clusterrolebinding -o name | grep -c 'vs-vramslice' || true)"
+[[ "$left" == 0 && -z "$(kubectl -n vs-system get secret,configmap,deployment,daemonset -o name 2>/dev/null)" ]] \
+  || fail "helm uninstall left objects behind"
+ok "helm uninstall removes every object (Secret included)"
 
 # The chart's webhook configuration, pointed at this machine instead of the Service.
 port=18443
