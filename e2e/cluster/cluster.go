@@ -8,6 +8,7 @@ package cluster
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net/http"
 	"os"
@@ -25,6 +26,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	logsapi "k8s.io/component-base/logs/api/v1"
+	"k8s.io/klog/v2"
 	kubeapiservertesting "k8s.io/kubernetes/cmd/kube-apiserver/app/testing"
 )
 
@@ -142,6 +144,9 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	} else if err := os.MkdirAll(c.Dir, 0o755); err != nil {
 		return nil, err
 	}
+	if err := setupKlog(filepath.Join(c.Dir, "logs", "kubernetes.log")); err != nil {
+		return nil, err
+	}
 	c.ctx, c.cancel = context.WithCancel(ctx)
 	ok := false
 	defer func() {
@@ -195,16 +200,48 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	c.ExtenderURL = "http://127.0.0.1:" + strconv.Itoa(c.extenderPort)
-	if _, err := startScheduler(c.ctx, c.Dir, c.AdminKubeconfig, SchedulerOptions{Name: SchedulerName, ExtenderURL: c.ExtenderURL, ResourceName: ResourceName}); err != nil {
-		return nil, err
-	}
+	scheds := []SchedulerOptions{{Name: SchedulerName, ExtenderURL: c.ExtenderURL, ResourceName: ResourceName}}
 	if opts.PlainScheduler {
-		if _, err := startScheduler(c.ctx, c.Dir, c.AdminKubeconfig, SchedulerOptions{Name: PlainScheduler}); err != nil {
+		scheds = append(scheds, SchedulerOptions{Name: PlainScheduler})
+	}
+	for _, so := range scheds {
+		errCh, err := startScheduler(c.ctx, c.Dir, c.AdminKubeconfig, so)
+		if err != nil {
 			return nil, err
 		}
+		go func(name string) {
+			if err := <-errCh; err != nil && c.ctx.Err() == nil {
+				fmt.Fprintf(os.Stderr, "vramslice-e2e: kube-scheduler %s stopped: %v\n", name, err)
+			}
+		}(so.Name)
 	}
 	ok = true
 	return c, nil
+}
+
+// setupKlog sends the in-process Kubernetes components' logs to a file (errors
+// included) instead of stderr, at verbosity $VRAMSLICE_E2E_V (default 0; the
+// apiserver's test helper would otherwise raise it to 5).
+func setupKlog(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	v := os.Getenv("VRAMSLICE_E2E_V")
+	if v == "" {
+		v = "0"
+	}
+	for name, val := range map[string]string{"v": v, "logtostderr": "false", "alsologtostderr": "false", "stderrthreshold": "FATAL"} {
+		if fl := flag.CommandLine.Lookup(name); fl != nil {
+			_ = fl.Value.Set(val)
+		}
+	}
+	klog.LogToStderr(false)
+	klog.SetOutput(f)
+	return nil
 }
 
 // EnsureNamespace creates ns (if missing) and its "default" service account.
@@ -470,6 +507,16 @@ func (c *Cluster) WaitNodesAdvertise(ctx context.Context, names []string, timeou
 			return ok && q.Value() > 0, nil
 		})
 		if err != nil {
+			return err
+		}
+		err = waitFor(ctx, timeout, 100*time.Millisecond, "GpuNode "+name+" to be published", func() (bool, error) {
+			g, err := c.GpuNode(ctx, name)
+			return err == nil && len(g.GPUs) > 0, err
+		})
+		if err != nil {
+			if n != nil && n.Plugin != nil {
+				return fmt.Errorf("%w; device plugin log tail:\n%s", err, n.Plugin.Tail(3000))
+			}
 			return err
 		}
 	}

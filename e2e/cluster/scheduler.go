@@ -6,8 +6,11 @@ import (
 	"os"
 	"path/filepath"
 
+	"k8s.io/klog/v2"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app"
+	schedulerconfig "k8s.io/kubernetes/cmd/kube-scheduler/app/config"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
+	"k8s.io/kubernetes/pkg/scheduler"
 )
 
 // SchedulerOptions describe one in-process kube-scheduler.
@@ -69,7 +72,31 @@ func startScheduler(ctx context.Context, dir, kubeconfig string, opts SchedulerO
 	}
 	errCh := make(chan error, 1)
 	go func() {
-		errCh <- app.Run(ctx, cc, sched)
+		errCh <- runScheduler(ctx, cc, sched)
 	}()
 	return errCh, nil
+}
+
+// runScheduler is the part of kube-scheduler's app.Run this harness needs (event
+// recording, informers, cache and handler sync, the scheduling loop). app.Run
+// itself registers a process-global configz entry, so a second scheduler in the
+// same process (a second cluster in one test binary, or the benchmark's plain
+// scheduler) would fail; there is no leader election and no serving here.
+func runScheduler(ctx context.Context, cc *schedulerconfig.CompletedConfig, sched *scheduler.Scheduler) error {
+	cc.EventBroadcaster.StartRecordingToSink(ctx.Done())
+	defer cc.EventBroadcaster.Shutdown()
+	cc.InformerFactory.Start(ctx.Done())
+	if cc.DynInformerFactory != nil {
+		cc.DynInformerFactory.Start(ctx.Done())
+	}
+	cc.InformerFactory.WaitForCacheSync(ctx.Done())
+	if cc.DynInformerFactory != nil {
+		cc.DynInformerFactory.WaitForCacheSync(ctx.Done())
+	}
+	if err := sched.WaitForHandlersSync(ctx); err != nil {
+		return fmt.Errorf("scheduler handlers not synced: %w", err)
+	}
+	klog.InfoS("kube-scheduler running", "profiles", len(sched.Profiles))
+	sched.Run(ctx)
+	return nil
 }

@@ -28,17 +28,18 @@ const defaultNodes = "gpu-node-a=NVIDIA A100-SXM4-80GB:80Gi,NVIDIA A100-SXM4-80G
 
 func main() {
 	var (
-		nodesSpec = flag.String("nodes", defaultNodes, "hollow nodes: name=MODEL:SIZE,MODEL:SIZE;name2=...")
-		apply     = flag.String("apply", "", "pod YAML file or directory of *.yaml to apply (namespace default)")
-		dir       = flag.String("dir", "", "work directory (default: a new temp dir, removed on exit)")
-		binDir    = flag.String("bin-dir", "", "directory with vramslice-device-plugin and vramslice-extender (default <repo>/target/debug)")
-		noPlugins = flag.Bool("control-plane-only", false, "start only etcd, kube-apiserver and kube-scheduler")
-		exitAfter = flag.Bool("exit", false, "print the report and exit instead of waiting for Ctrl-C")
-		settle    = flag.Duration("settle", 60*time.Second, "how long to wait for applied pods to be placed before printing")
+		nodesSpec  = flag.String("nodes", defaultNodes, "hollow nodes: name=MODEL:SIZE,MODEL:SIZE;name2=...")
+		apply      = flag.String("apply", "", "pod YAML file or directory of *.yaml to apply (namespace default)")
+		dir        = flag.String("dir", "", "work directory (default: a new temp dir, removed on exit)")
+		binDir     = flag.String("bin-dir", "", "directory with vramslice-device-plugin and vramslice-extender (default <repo>/target/debug)")
+		noPlugins  = flag.Bool("control-plane-only", false, "start only etcd, kube-apiserver and kube-scheduler")
+		noExtender = flag.Bool("no-extender", false, "do not start vramslice-extender (pods needing it stay Pending)")
+		exitAfter  = flag.Bool("exit", false, "print the report and exit instead of waiting for Ctrl-C")
+		settle     = flag.Duration("settle", 60*time.Second, "how long to wait for applied pods to be placed before printing")
 	)
 	// klog's flags (-v=N for the in-process Kubernetes components) are already registered by an imported package.
 	flag.Parse()
-	if err := run(*nodesSpec, *apply, *dir, *binDir, *noPlugins, *exitAfter, *settle); err != nil {
+	if err := run(*nodesSpec, *apply, *dir, *binDir, *noPlugins, *noExtender, *exitAfter, *settle); err != nil {
 		fmt.Fprintln(os.Stderr, "vramslice-cluster:", err)
 		os.Exit(1)
 	}
@@ -71,7 +72,7 @@ func parseNodes(spec string) (map[string][]cluster.FakeGPU, []string, error) {
 	return out, order, nil
 }
 
-func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, exitAfter bool, settle time.Duration) error {
+func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exitAfter bool, settle time.Duration) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	nodes, order, err := parseNodes(nodesSpec)
@@ -86,10 +87,12 @@ func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, exitAfter bool,
 	defer c.Stop()
 	fmt.Printf("control plane up in %s (etcd, kube-apiserver, kube-scheduler %q)\n", time.Since(start).Round(time.Millisecond), cluster.SchedulerName)
 	if !controlPlaneOnly {
-		if err := c.StartExtender(); err != nil {
-			return err
+		if !noExtender {
+			if err := c.StartExtender(); err != nil {
+				return err
+			}
+			fmt.Printf("vramslice-extender ready at %s\n", c.ExtenderURL)
 		}
-		fmt.Printf("vramslice-extender ready at %s\n", c.ExtenderURL)
 		for _, name := range order {
 			if _, err := c.AddNode(name, nodes[name]); err != nil {
 				return err

@@ -1,0 +1,291 @@
+// Package scenarios holds vramslice's end-to-end scenarios against a real
+// kube-apiserver and kube-scheduler, hollow nodes running the kubelet's device
+// manager, and our device plugin and extender binaries (issue 4).
+package scenarios
+
+import (
+	"fmt"
+	"math/rand"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/vramslice/vramslice/e2e/cluster"
+)
+
+const (
+	a100 = "NVIDIA A100-SXM4-80GB"
+	l4   = "NVIDIA L4"
+	t4   = "Tesla T4"
+)
+
+// Scenario 1: two nodes with GPUs of different sizes; pods land only where they
+// fit, and the container env carries the right GPU UUID and limit.
+func TestScenario1_TwoNodesDifferentSizes(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"big":   {cluster.GPU("big", 0, a100, "80Gi")},
+		"small": {cluster.GPU("small", 0, l4, "24Gi")},
+	})
+	steps := []struct {
+		name string
+		gib  int64
+		want string // node, "" = must stay Pending
+	}{
+		{"s1-60g", 60, "big"},   // only the 80 GiB GPU has room
+		{"s1-22g", 22, "small"}, // big has 20 GiB left
+		{"s1-10g", 10, "big"},   // small has 2 GiB left
+		{"s1-12g", 12, ""},      // big 10, small 2: fits nowhere
+	}
+	for _, s := range steps {
+		createPod(t, c, vramPod(s.name, s.gib))
+		if s.want == "" {
+			msg := waitUnschedulable(t, c, s.name)
+			t.Logf("%s (%d GiB) Pending: %s", s.name, s.gib, msg)
+			continue
+		}
+		p := waitRunning(t, c, s.name)
+		pl := checkRunningPod(t, p)
+		if pl.Node != s.want {
+			t.Fatalf("%s (%d GiB) landed on %s, want %s", s.name, s.gib, pl.Node, s.want)
+		}
+		t.Logf("%s (%d GiB) -> node %s GPU %s limit %d bytes", s.name, s.gib, pl.Node, pl.EnvGPU, pl.LimitBytes)
+	}
+	checkGpuNodesAgree(t, c, map[string]uint64{"GPU-big-0": 70, "GPU-small-0": 22})
+}
+
+// Scenario 2: memory used outside Kubernetes (a non-pod process in the fake
+// file) shrinks live free memory; the next pod that no longer fits there goes to
+// the other node, and a pod pinned there stays Pending with the live reason.
+func TestScenario2_LiveUsageSteersPlacement(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"busy":  {cluster.GPU("busy", 0, a100, "40Gi")},
+		"quiet": {cluster.GPU("quiet", 0, a100, "40Gi")},
+	})
+	gpus := c.GPUs("busy")
+	gpus[0].Used = "30Gi"
+	gpus[0].Processes = []cluster.FakeGPUProcess{{PID: 4242, Used: "30Gi"}}
+	if err := c.SetGPUs("busy", gpus); err != nil {
+		t.Fatal(err)
+	}
+	until(t, 30*time.Second, "GpuNode busy to show the non-pod usage", func() (bool, error) {
+		st, err := c.GpuNode(c.Context(), "busy")
+		if err != nil {
+			return false, err
+		}
+		return len(st.GPUs) == 1 && st.GPUs[0].FreeBytes <= 10<<30, nil
+	})
+	t.Log("fake GPU busy now reports 30 GiB used by PID 4242 (no pod)")
+
+	createPod(t, c, vramPod("s2-next", 20))
+	pl := checkRunningPod(t, waitRunning(t, c, "s2-next"))
+	if pl.Node != "quiet" {
+		t.Fatalf("s2-next (20 GiB) landed on %s; busy has only ~10 GiB live free", pl.Node)
+	}
+	t.Logf("s2-next (20 GiB) -> %s", pl.Node)
+
+	createPod(t, c, vramPod("s2-pinned", 20, onNode("busy")))
+	msg := waitUnschedulable(t, c, "s2-pinned")
+	var events []string
+	until(t, 30*time.Second, "a FailedScheduling event naming the live reading", func() (bool, error) {
+		events = podEvents(t, c, "s2-pinned")
+		for _, e := range events {
+			if strings.HasPrefix(e, "FailedScheduling") && strings.Contains(e, "live") {
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	t.Logf("s2-pinned Pending: %s; events: %q", msg, events)
+}
+
+// Scenario 3: 200 pods created at once against 4 GPUs: no GPU over-committed,
+// every unplaced pod Pending with a reason, GpuNode agreeing with the pods.
+func TestScenario3_NoDoubleBooking(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"n1": {cluster.GPU("n1", 0, t4, "16Gi"), cluster.GPU("n1", 1, t4, "16Gi")},
+		"n2": {cluster.GPU("n2", 0, l4, "24Gi"), cluster.GPU("n2", 1, l4, "24Gi")},
+	})
+	rng := rand.New(rand.NewSource(42))
+	var wg sync.WaitGroup
+	errs := make(chan error, 200)
+	start := time.Now()
+	for i := 0; i < 200; i++ {
+		p := vramPod(fmt.Sprintf("s3-%03d", i), int64(1+rng.Intn(4)))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := c.Client.CoreV1().Pods(ns).Create(c.Context(), p, metav1.CreateOptions{}); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("creating pods: %v", err)
+	}
+	pods := settle(t, c, "s3-", 4*time.Minute)
+	used := checkNoOvercommit(t, c, pods)
+	running := 0
+	for _, p := range pods {
+		if p.Status.Phase == "Running" {
+			running++
+		}
+	}
+	t.Logf("200 pods settled in %s: %d Running, %d Pending; units per GPU %v (capacity 16,16,24,24)",
+		time.Since(start).Round(time.Millisecond), running, len(pods)-running, used)
+	if running == 0 {
+		t.Fatal("no pod was placed")
+	}
+	total := uint64(0)
+	for _, u := range used {
+		total += u
+	}
+	if total < 60 {
+		t.Errorf("only %d of 80 units in use after 200 pods of 1-4 GiB: placement stalled", total)
+	}
+	checkGpuNodesAgree(t, c, used)
+}
+
+// Scenario 4: kill and restart the extender and a device plugin, and restart a
+// node's device manager (kubelet restart), in the middle of a run: nothing is
+// double-booked, nothing lost, placement continues.
+func TestScenario4_Restarts(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"r1": {cluster.GPU("r1", 0, t4, "16Gi"), cluster.GPU("r1", 1, t4, "16Gi")},
+		"r2": {cluster.GPU("r2", 0, t4, "16Gi"), cluster.GPU("r2", 1, t4, "16Gi")},
+	})
+	rng := rand.New(rand.NewSource(7))
+	wave := func(from, to int) {
+		for i := from; i < to; i++ {
+			createPod(t, c, vramPod(fmt.Sprintf("s4-%03d", i), int64(1+rng.Intn(3))))
+		}
+	}
+	wave(0, 10)
+	settle(t, c, "s4-", 2*time.Minute)
+
+	t.Log("killing the extender (SIGKILL) while creating pods")
+	c.KillExtender()
+	wave(10, 20)
+	if err := c.StartExtender(); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("extender restarted")
+	wave(20, 25)
+
+	t.Log("killing r1's device plugin (SIGKILL) and restarting it")
+	c.KillPlugin("r1")
+	wave(25, 30)
+	if err := c.StartPlugin("r1"); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Log("restarting r2's device manager (kubelet restart: socket re-created, plugin must re-register)")
+	r2 := c.Node("r2")
+	if err := r2.RestartDeviceManager(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitNodesAdvertise(c.Context(), []string{"r1", "r2"}, 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	wave(30, 40)
+	pods := settle(t, c, "s4-", 3*time.Minute)
+	used := checkNoOvercommit(t, c, pods)
+	running := 0
+	for _, p := range pods {
+		if p.Status.Phase == "Running" {
+			running++
+		}
+	}
+	t.Logf("after restarts: %d of %d pods Running; units per GPU %v", running, len(pods), used)
+
+	// Placement continues: free one running pod and a new pod of its size lands.
+	var victim string
+	var size int64
+	for _, p := range pods {
+		if p.Status.Phase == "Running" {
+			victim, size = p.Name, placementOf(t, &p).Request
+			break
+		}
+	}
+	if victim == "" {
+		t.Fatal("no pod running after the restarts")
+	}
+	deletePod(t, c, victim)
+	createPod(t, c, vramPod("s4-after", size))
+	checkRunningPod(t, waitRunning(t, c, "s4-after"))
+	pods = settle(t, c, "s4-", 2*time.Minute)
+	used = checkNoOvercommit(t, c, pods)
+	checkGpuNodesAgree(t, c, used)
+}
+
+// Scenario 5: a GPU the fake file marks unhealthy takes no new pods.
+func TestScenario5_UnhealthyGPU(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"h1": {cluster.GPU("h1", 0, t4, "16Gi"), cluster.GPU("h1", 1, t4, "16Gi")},
+	})
+	gpus := c.GPUs("h1")
+	gpus[1].Healthy = false
+	gpus[1].UnhealthyReason = "XID 79 (fallen off the bus)"
+	if err := c.SetGPUs("h1", gpus); err != nil {
+		t.Fatal(err)
+	}
+	until(t, 30*time.Second, "GpuNode h1 to report GPU 1 unhealthy", func() (bool, error) {
+		st, err := c.GpuNode(c.Context(), "h1")
+		if err != nil {
+			return false, err
+		}
+		for _, g := range st.GPUs {
+			if g.UUID == "GPU-h1-1" {
+				return !g.Healthy, nil
+			}
+		}
+		return false, nil
+	})
+	t.Log("GPU-h1-1 marked unhealthy (XID 79)")
+	for i := 0; i < 10; i++ {
+		createPod(t, c, vramPod(fmt.Sprintf("s5-%02d", i), 3))
+	}
+	pods := settle(t, c, "s5-", 2*time.Minute)
+	used := checkNoOvercommit(t, c, pods)
+	if used["GPU-h1-1"] != 0 {
+		t.Fatalf("the unhealthy GPU received %d units of pods", used["GPU-h1-1"])
+	}
+	if used["GPU-h1-0"] == 0 {
+		t.Fatal("the healthy GPU received no pods")
+	}
+	sawUnhealthy := false
+	for _, p := range pods {
+		if cond := unschedulable(&p); cond != nil && strings.Contains(cond.Message, "unhealthy") {
+			sawUnhealthy = true
+		}
+	}
+	if !sawUnhealthy {
+		t.Error("no pending pod's reason mentions the unhealthy GPU")
+	}
+	t.Logf("units per GPU: %v (GPU-h1-1 unhealthy)", used)
+}
+
+// Scenario 6: a pod asking for more than any GPU has stays Pending with an
+// unresolvable reason.
+func TestScenario6_TooLargeStaysPending(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"big":   {cluster.GPU("big", 0, a100, "80Gi")},
+		"small": {cluster.GPU("small", 0, l4, "24Gi")},
+	})
+	createPod(t, c, vramPod("s6-huge", 100))
+	msg := waitUnschedulable(t, c, "s6-huge")
+	// Either kube-scheduler's own resource check (no node advertises that many units;
+	// preemption cannot help) or the extender's unresolvable verdict must say so.
+	schedulerVerdict := strings.Contains(msg, "Insufficient "+cluster.ResourceName) && strings.Contains(msg, "Preemption is not helpful")
+	if !schedulerVerdict && !strings.Contains(msg, "more than any GPU") {
+		t.Fatalf("reason %q does not say the request can never fit", msg)
+	}
+	if p := getPod(t, c, "s6-huge"); p.Spec.NodeName != "" {
+		t.Fatalf("s6-huge was placed on %s", p.Spec.NodeName)
+	}
+	t.Logf("s6-huge (100 GiB) Pending: %s", msg)
+}
