@@ -48,6 +48,8 @@ struct Inner {
     gpunode_writes: Family<ReasonLabels, Counter>,
     publish_errors: Counter,
     ready: AtomicBool,
+    /// GPUs of the last reading, so vanished GPUs' series can be removed.
+    gpus_seen: std::sync::Mutex<Vec<GpuLabels>>,
 }
 
 /// The plugin's metrics; cheap to clone.
@@ -138,33 +140,42 @@ impl Metrics {
             gpunode_writes,
             publish_errors,
             ready: AtomicBool::new(false),
+            gpus_seen: std::sync::Mutex::new(Vec::new()),
         }))
     }
 
-    /// Record a successful read.
+    /// Record a successful read. Series of GPUs no longer read are removed (not the others, so
+    /// a concurrent scrape never sees a GPU missing).
     pub fn observe_readings(&self, readings: &[GpuReading]) {
         let m = &self.0;
-        for family in [&m.total, &m.used, &m.free, &m.healthy] {
-            family.clear();
-        }
-        for r in readings {
-            let labels = GpuLabels {
+        let now: Vec<GpuLabels> = readings
+            .iter()
+            .map(|r| GpuLabels {
                 gpu: r.uuid.clone(),
                 index: r.index.to_string(),
-            };
-            m.total.get_or_create(&labels).set(to_i64(r.total_bytes));
-            m.used.get_or_create(&labels).set(to_i64(r.used_bytes));
-            m.free.get_or_create(&labels).set(to_i64(r.free_bytes));
+            })
+            .collect();
+        for (r, labels) in readings.iter().zip(&now) {
+            m.total.get_or_create(labels).set(to_i64(r.total_bytes));
+            m.used.get_or_create(labels).set(to_i64(r.used_bytes));
+            m.free.get_or_create(labels).set(to_i64(r.free_bytes));
             m.healthy
-                .get_or_create(&labels)
+                .get_or_create(labels)
                 .set(i64::from(r.health.is_healthy()));
+        }
+        if let Ok(mut seen) = m.gpus_seen.lock() {
+            for gone in seen.iter().filter(|l| !now.contains(l)) {
+                for family in [&m.total, &m.used, &m.free, &m.healthy, &m.allocated] {
+                    family.remove(gone);
+                }
+            }
+            *seen = now;
         }
         m.ready.store(true, Ordering::Relaxed);
     }
 
     /// Record allocated bytes per GPU (uuid → (index, bytes)).
     pub fn observe_allocated(&self, allocated: &BTreeMap<String, (u32, u64)>) {
-        self.0.allocated.clear();
         for (uuid, (index, bytes)) in allocated {
             self.0
                 .allocated
@@ -307,5 +318,11 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(m.ready());
+        m.observe_readings(&[]);
+        let text = m.encode();
+        assert!(
+            !text.contains("GPU-a"),
+            "vanished GPU still exported:\n{text}"
+        );
     }
 }

@@ -32,11 +32,13 @@ async fn registers_then_streams_one_device_per_unit_and_health_changes() {
     let options = reg.options.expect("options sent");
     assert!(options.get_preferred_allocation_available);
     assert!(!options.pre_start_required);
-    assert_eq!(
-        kubelet.seen.lock().unwrap().options_ok,
-        1,
-        "dial-back GetDevicePluginOptions"
-    );
+    // The registration is answered only after the dial-back GetDevicePluginOptions succeeded.
+    wait_for(
+        "the dial-back GetDevicePluginOptions",
+        Duration::from_secs(2),
+        || (kubelet.seen.lock().unwrap().options_ok == 1).then_some(()),
+    )
+    .await;
 
     let devices = wait_for("the first device list", Duration::from_secs(5), || {
         kubelet.last_list()
@@ -132,6 +134,7 @@ async fn kubelet_restart_and_socket_loss_lead_to_re_registration() {
     assert_eq!(devices.len(), 104);
 
     // Our own socket deleted (the kubelet cleans the directory): re-served and re-registered.
+    let lists_before = fresh.seen.lock().unwrap().lists.len();
     std::fs::remove_file(node.plugin_socket()).unwrap();
     let removed_at = Instant::now();
     wait_for(
@@ -145,11 +148,10 @@ async fn kubelet_restart_and_socket_loss_lead_to_re_registration() {
         removed_at.elapsed()
     );
     assert!(node.plugin_socket().exists(), "socket re-created");
-    let n = fresh.seen.lock().unwrap().lists.len();
     wait_for(
         "a device list on the new connection",
         Duration::from_secs(2),
-        || (fresh.seen.lock().unwrap().lists.len() > n).then_some(()),
+        || (fresh.seen.lock().unwrap().lists.len() > lists_before).then_some(()),
     )
     .await;
     assert!(

@@ -1,0 +1,286 @@
+//! Unit and property tests of the publish report and rule.
+
+use super::*;
+use proptest::prelude::*;
+
+const GIB: u64 = 1 << 30;
+
+fn gpu(index: u32, uuid: &str, total: u64, used: u64) -> GpuSample {
+    GpuSample {
+        index,
+        uuid: uuid.into(),
+        model: "NVIDIA H100 80GB HBM3".into(),
+        total_bytes: total,
+        used_bytes: used,
+        free_bytes: total - used,
+        healthy: true,
+        health_reason: None,
+        processes: Vec::new(),
+    }
+}
+
+fn record(ns: &str, pod: &str, uid: Option<&str>, ids: &[&str]) -> ContainerAllocationRecord {
+    ContainerAllocationRecord {
+        namespace: ns.into(),
+        pod: pod.into(),
+        pod_uid: uid.map(Into::into),
+        device_ids: ids.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn process(pid: u32, bytes: u64, uid: Option<&str>) -> ProcessSample {
+    ProcessSample {
+        pid,
+        used_bytes: bytes,
+        pod_uid: uid.map(Into::into),
+    }
+}
+
+fn two_gpu_node() -> (Vec<GpuSample>, Vec<ContainerAllocationRecord>) {
+    let mut a = gpu(0, "GPU-a", 80 * GIB, 10 * GIB);
+    a.processes = vec![
+        process(200, 3 * GIB, Some("uid-web")),
+        process(100, 2 * GIB, Some("uid-web")),
+        process(300, GIB, None),
+        process(400, GIB, Some("uid-elsewhere")),
+    ];
+    let mut b = gpu(1, "GPU-b", 24 * GIB + 5, 0);
+    b.healthy = false;
+    b.health_reason = Some("XID 79".into());
+    let allocs = vec![
+        record("default", "web", Some("uid-web"), &["GPU-a::0", "GPU-a::1"]),
+        // A second container of the same pod on the same GPU.
+        record("default", "web", Some("uid-web"), &["GPU-a::2"]),
+        record("ml", "batch", None, &["GPU-b::3"]),
+        // Ignored: a vanished GPU and a malformed ID.
+        record("ml", "ghost", None, &["GPU-gone::0", "junk"]),
+    ];
+    (vec![b, a], allocs)
+}
+
+#[test]
+fn report_carries_readings_allocations_and_usage() {
+    let (samples, allocs) = two_gpu_node();
+    let r = build_report(VramUnit::Gib1, &samples, &allocs);
+    assert_eq!(r.gpus.len(), 2);
+    let a = &r.gpus[0];
+    assert_eq!(
+        (a.index, a.uuid.as_str(), a.units, a.allocated_units),
+        (0, "GPU-a", 80, 3)
+    );
+    assert_eq!(
+        a.pods,
+        vec![PodReport {
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: Some("uid-web".into()),
+            allocated_units: 3,
+            limit_bytes: 3 * GIB,
+            used_bytes: Some(5 * GIB),
+        }]
+    );
+    assert_eq!(
+        a.processes_without_pod,
+        vec![
+            StrayProcess {
+                pid: 300,
+                used_bytes: GIB
+            },
+            StrayProcess {
+                pid: 400,
+                used_bytes: GIB
+            }
+        ]
+    );
+    let b = &r.gpus[1];
+    assert_eq!((b.units, b.allocated_units, b.healthy), (24, 1, false));
+    assert_eq!(b.health_reason.as_deref(), Some("XID 79"));
+    assert_eq!(
+        b.pods[0].used_bytes, None,
+        "unknown UID: usage not measured"
+    );
+    assert_eq!(
+        r.summary,
+        SummaryReport {
+            gpus: 2,
+            total: format_bytes(104 * GIB + 5),
+            live_free: "70 GiB".into(),
+            allocated: "4 GiB".into(),
+            healthy: "1/2".into(),
+        }
+    );
+}
+
+#[test]
+fn duplicate_ids_count_once() {
+    let samples = vec![gpu(0, "GPU-a", 8 * GIB, 0)];
+    let allocs = vec![
+        record("ns", "p", None, &["GPU-a::1", "GPU-a::1"]),
+        record("ns", "q", None, &["GPU-a::1", "GPU-a::8"]),
+    ];
+    let r = build_report(VramUnit::Gib1, &samples, &allocs);
+    assert_eq!(r.gpus[0].allocated_units, 1);
+    assert_eq!(r.gpus[0].pods.len(), 2);
+}
+
+fn policy() -> PublishPolicy {
+    PublishPolicy {
+        threshold_bytes: 256 << 20,
+        heartbeat: Duration::from_secs(30),
+    }
+}
+
+fn report_with(
+    f: impl FnOnce(&mut Vec<GpuSample>, &mut Vec<ContainerAllocationRecord>),
+) -> NodeReport {
+    let (mut samples, mut allocs) = two_gpu_node();
+    f(&mut samples, &mut allocs);
+    build_report(VramUnit::Gib1, &samples, &allocs)
+}
+
+#[test]
+fn first_report_is_always_published() {
+    let r = report_with(|_, _| {});
+    assert_eq!(
+        publish_reason(&policy(), None, Duration::ZERO, &r),
+        Some(PublishReason::First)
+    );
+}
+
+#[test]
+fn nothing_changed_means_no_write_until_the_heartbeat() {
+    let r = report_with(|_, _| {});
+    let p = policy();
+    assert_eq!(
+        publish_reason(&p, Some(&r), Duration::from_secs(29), &r),
+        None
+    );
+    assert_eq!(
+        publish_reason(&p, Some(&r), Duration::from_secs(30), &r),
+        Some(PublishReason::HeartbeatDue)
+    );
+}
+
+#[test]
+fn each_kind_of_change_is_named() {
+    let p = policy();
+    let base = report_with(|_, _| {});
+    let now = Duration::from_secs(1);
+    let case = |f: fn(&mut Vec<GpuSample>, &mut Vec<ContainerAllocationRecord>)| {
+        publish_reason(&p, Some(&base), now, &report_with(f))
+    };
+    assert_eq!(
+        case(|s, _| {
+            s.pop();
+        }),
+        Some(PublishReason::GpusChanged)
+    );
+    assert_eq!(
+        case(|s, _| s[0].index = 7),
+        Some(PublishReason::GpusChanged)
+    );
+    assert_eq!(
+        case(|s, _| s[0].healthy = true),
+        Some(PublishReason::HealthChanged)
+    );
+    assert_eq!(
+        case(|s, _| s[0].health_reason = Some("ECC".into())),
+        Some(PublishReason::HealthChanged)
+    );
+    assert_eq!(
+        case(|s, _| s[1].total_bytes = 79 * GIB),
+        Some(PublishReason::UnitsChanged)
+    );
+    assert_eq!(
+        case(|_, a| {
+            a.remove(1);
+        }),
+        Some(PublishReason::AllocationsChanged)
+    );
+    assert_eq!(
+        case(|_, a| a[2].pod = "other".into()),
+        Some(PublishReason::AllocationsChanged)
+    );
+    // Same units, now with a UID: the holder changed.
+    assert_eq!(
+        case(|_, a| a[2].pod_uid = Some("u".into())),
+        Some(PublishReason::AllocationsChanged)
+    );
+    assert_eq!(
+        case(|s, _| {
+            s[1].used_bytes += 256 << 20;
+            s[1].free_bytes -= 256 << 20;
+        }),
+        Some(PublishReason::UsageChanged {
+            gpu: "GPU-a".into(),
+            delta_bytes: 256 << 20
+        })
+    );
+    // A pod's own usage moving counts too.
+    assert_eq!(
+        case(|s, _| s[1].processes[0].used_bytes += GIB),
+        Some(PublishReason::UsageChanged {
+            gpu: "GPU-a".into(),
+            delta_bytes: GIB
+        })
+    );
+    // Below the threshold: no write.
+    assert_eq!(
+        case(|s, _| {
+            s[1].used_bytes += 255 << 20;
+            s[1].free_bytes -= 255 << 20;
+        }),
+        None
+    );
+}
+
+#[test]
+fn reasons_have_labels_and_text() {
+    let r = PublishReason::UsageChanged {
+        gpu: "GPU-a".into(),
+        delta_bytes: 512 << 20,
+    };
+    assert_eq!(r.label(), "usage");
+    assert_eq!(r.to_string(), "usage on GPU-a changed by 512 MiB");
+    assert_eq!(PublishReason::HeartbeatDue.to_string(), "heartbeat");
+}
+
+proptest! {
+    #[test]
+    fn usage_rule_is_exactly_the_threshold(
+        used in 0u64..(80 << 30), delta in 0u64..(4 << 30), threshold in 0u64..(2 << 30), grow in any::<bool>()
+    ) {
+        let p = PublishPolicy { threshold_bytes: threshold, heartbeat: Duration::from_secs(30) };
+        let total = 80u64 << 30;
+        let next = if grow { (used + delta).min(total) } else { used.saturating_sub(delta) };
+        let before = build_report(VramUnit::Gib1, &[gpu(0, "G", total, used)], &[]);
+        let after = build_report(VramUnit::Gib1, &[gpu(0, "G", total, next)], &[]);
+        let moved = used.abs_diff(next);
+        let reason = publish_reason(&p, Some(&before), Duration::from_secs(1), &after);
+        if moved > 0 && moved >= threshold {
+            prop_assert_eq!(reason, Some(PublishReason::UsageChanged { gpu: "G".into(), delta_bytes: moved }));
+        } else {
+            prop_assert_eq!(reason, None);
+        }
+    }
+
+    #[test]
+    fn allocated_units_never_exceed_advertised_distinct_ids(
+        ids in proptest::collection::vec((0u64..30, 0usize..3), 0..40)
+    ) {
+        let samples = vec![gpu(0, "GPU-a", 24 * GIB, 0)];
+        let allocs: Vec<ContainerAllocationRecord> = ids.iter().map(|(k, pod)| ContainerAllocationRecord {
+            namespace: "ns".into(),
+            pod: format!("p{pod}"),
+            pod_uid: None,
+            device_ids: vec![format!("GPU-a::{k}")],
+        }).collect();
+        let r = build_report(VramUnit::Gib1, &samples, &allocs);
+        let distinct: BTreeSet<u64> = ids.iter().map(|(k, _)| *k).filter(|k| *k < 24).collect();
+        prop_assert!(r.gpus[0].allocated_units <= r.gpus[0].units);
+        prop_assert_eq!(r.gpus[0].allocated_units, distinct.len() as u64);
+        let per_pod: u64 = r.gpus[0].pods.iter().map(|p| p.allocated_units).sum();
+        prop_assert!(per_pod >= r.gpus[0].allocated_units);
+        prop_assert!(r.gpus[0].pods.iter().all(|p| p.limit_bytes == p.allocated_units * GIB));
+    }
+}
