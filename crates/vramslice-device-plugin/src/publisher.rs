@@ -30,6 +30,9 @@ use crate::poller::NodeWatch;
 
 /// How often pod UIDs may be re-listed when an unknown pod shows up.
 const UID_REFRESH: Duration = Duration::from_secs(5);
+/// First and longest pause after a failed GpuNode write (doubling in between), so a broken API
+/// server or missing RBAC does not turn into a write per poll.
+const WRITE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 /// Everything the publisher needs.
 #[derive(Debug)]
@@ -194,6 +197,8 @@ impl Publisher {
         let mut uids_at: Option<Instant> = None;
         let mut last: Option<(NodeReport, Instant)> = None;
         let mut pr_failing = false;
+        let mut backoff = Duration::ZERO;
+        let mut retry_at: Option<Instant> = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -257,6 +262,9 @@ impl Publisher {
             let Some(lister) = self.kube.as_ref().filter(|_| self.write) else {
                 continue;
             };
+            if retry_at.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
             let since = last
                 .as_ref()
                 .map(|(_, at)| at.elapsed())
@@ -273,10 +281,14 @@ impl Publisher {
                     tracing::info!(%reason, node = lister.node(), "published GpuNode status");
                     self.metrics.gpunode_written(reason.label());
                     last = Some((report, Instant::now()));
+                    backoff = Duration::ZERO;
+                    retry_at = None;
                 }
                 Err(e) => {
                     self.metrics.gpunode_write_failed();
-                    tracing::warn!(error = %e, node = lister.node(), "cannot write GpuNode status");
+                    backoff = (backoff * 2).clamp(WRITE_BACKOFF.0, WRITE_BACKOFF.1);
+                    retry_at = Some(Instant::now() + backoff);
+                    tracing::warn!(error = %e, node = lister.node(), retry_in = ?backoff, "cannot write GpuNode status");
                 }
             }
         }

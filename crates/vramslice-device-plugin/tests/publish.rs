@@ -345,3 +345,28 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
         .then(|| body.to_string())
         .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_back_off_instead_of_retrying_every_poll() {
+    let api = FakeApi::start_with(|method, _, _| match method {
+        "GET" => (200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})),
+        _ => (500, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd is sad", "reason": "InternalError", "code": 500})),
+    })
+    .await;
+    let node = Node::new(&[("GPU-aaaa", "80Gi", true)], "nodeName: node-a");
+    let kubeconfig = api.kubeconfig(node.tmp.path());
+    let plugin = Plugin::start(&node, &["--kubeconfig", kubeconfig.to_str().unwrap()]);
+    wait_for("a first write attempt", Duration::from_secs(15), || {
+        (!status_patches(&api).is_empty()).then_some(())
+    })
+    .await;
+    // Poll every 100 ms for 2.5 s: without backoff ~25 attempts; with 1 s, 2 s pauses at most 3.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let attempts = status_patches(&api).len();
+    assert!(
+        (2..=3).contains(&attempts),
+        "{attempts} write attempts\n{}",
+        plugin.log_text()
+    );
+    assert!(plugin.log_text().contains("cannot write GpuNode status"));
+}
