@@ -13,13 +13,24 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-const PAIRS: &str = "2000000";
-const ROUNDS: usize = 5;
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it, and
+/// then a short smoke run is enough.
+fn full_run() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+fn pairs() -> &'static str {
+    if full_run() { "2000000" } else { "20000" }
+}
+
+fn rounds() -> usize {
+    if full_run() { 5 } else { 1 }
+}
 
 fn ns_per_pair(guarded: bool, env: &[(&str, String)]) -> f64 {
-    (0..ROUNDS)
+    (0..rounds())
         .map(|_| {
-            let out = probe(guarded, env, &["bench", PAIRS, "256"])
+            let out = probe(guarded, env, &["bench", pairs(), "256"])
                 .output()
                 .unwrap();
             assert!(
@@ -39,7 +50,7 @@ fn ns_per_pair(guarded: bool, env: &[(&str, String)]) -> f64 {
 fn flock_ns(path: &std::path::Path) -> f64 {
     let file = std::fs::File::create(path).unwrap();
     let fd = file.as_raw_fd();
-    let n = 200_000;
+    let n = if full_run() { 200_000 } else { 2_000 };
     let t = Instant::now();
     for _ in 0..n {
         // SAFETY: flock on a descriptor this function owns; no memory is involved.
@@ -54,7 +65,7 @@ fn flock_ns(path: &std::path::Path) -> f64 {
 /// ns for the guard's reserve + release on one word (CAS loop + saturating CAS loop).
 fn cas_ns() -> f64 {
     let total = AtomicU64::new(0);
-    let n = 10_000_000u32;
+    let n: u32 = if full_run() { 10_000_000 } else { 100_000 };
     let t = Instant::now();
     for _ in 0..n {
         let mut cur = total.load(Ordering::Relaxed);
@@ -89,7 +100,11 @@ fn main() {
     let pass = ns_per_pair(true, &[]);
     let private = ns_per_pair(true, std::slice::from_ref(&limit));
     let full = ns_per_pair(true, &shared);
-    println!("alloc/free pair against the fake driver (min of {ROUNDS} runs of {PAIRS} pairs):");
+    println!(
+        "alloc/free pair against the fake driver (min of {} runs of {} pairs):",
+        rounds(),
+        pairs()
+    );
     println!("  without guard                      {base:8.1} ns/pair");
     println!(
         "  guard, no limit (pass-through)     {pass:8.1} ns/pair  (+{:.1})",
