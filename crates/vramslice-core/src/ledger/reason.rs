@@ -3,8 +3,6 @@
 
 use std::fmt;
 
-use crate::quantity::format_bytes;
-
 /// Why one node cannot take a pod.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -41,8 +39,8 @@ pub enum Rejection {
     /// The pod needs more than the largest GPU of the node advertises: no preemption can help.
     #[error(
         "pod needs {}, more than any GPU on node {node} advertises (largest {})",
-        format_bytes(*need),
-        format_bytes(*largest)
+        Bytes(*need),
+        Bytes(*largest)
     )]
     TooLarge {
         /// Node name.
@@ -52,7 +50,9 @@ pub enum Rejection {
         /// Bytes the node's largest GPU advertises.
         largest: u64,
     },
-    /// Each GPU of the node, and why it cannot take the pod.
+    /// Each GPU of the node, and why it cannot take the pod. Rendered compactly: a reading age
+    /// shared by several GPUs once, unhealthy GPUs each, and of the GPUs short of memory the
+    /// one closest to fitting, with a count of the others.
     #[error("{}", GpuList(.0))]
     Gpus(Vec<GpuRejection>),
 }
@@ -72,13 +72,86 @@ struct GpuList<'a>(&'a [GpuRejection]);
 
 impl fmt::Display for GpuList<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, gpu) in self.0.iter().enumerate() {
-            if i > 0 {
+        let mut first = true;
+        let mut sep = |f: &mut fmt::Formatter<'_>| -> fmt::Result {
+            if !std::mem::take(&mut first) {
                 f.write_str("; ")?;
             }
-            write!(f, "{gpu}")?;
+            Ok(())
+        };
+        let stale: Vec<(u32, u64)> = self
+            .0
+            .iter()
+            .filter_map(|g| match g {
+                GpuRejection::Stale { index, age_secs } => Some((*index, *age_secs)),
+                _ => None,
+            })
+            .collect();
+        match stale.as_slice() {
+            [] => {}
+            [(index, age)] => {
+                sep(f)?;
+                write!(f, "GPU {index}: reading {age} s old")?;
+            }
+            [(_, age), ..] => {
+                sep(f)?;
+                write!(f, "all {} GPUs: reading {age} s old", stale.len())?;
+            }
+        }
+        for g in self.0 {
+            if let GpuRejection::Unhealthy { .. } = g {
+                sep(f)?;
+                write!(f, "{g}")?;
+            }
+        }
+        let mut short = self.0.iter().filter_map(|g| match g {
+            GpuRejection::Short { effective, .. } => Some((*effective, g)),
+            _ => None,
+        });
+        if let Some(first_short) = short.next() {
+            let mut others = 0usize;
+            // The GPU closest to fitting; ties keep the lowest index (the first listed).
+            let best = short.fold(first_short, |best, next| {
+                others += 1;
+                if next.0 > best.0 { next } else { best }
+            });
+            sep(f)?;
+            write!(f, "{}", best.1)?;
+            match others {
+                0 => {}
+                1 => f.write_str("; 1 more GPU with less effective free")?,
+                n => write!(f, "; {n} more GPUs with less effective free")?,
+            }
         }
         Ok(())
+    }
+}
+
+/// Bytes for people, like [`crate::format_bytes`] but written straight into the output.
+pub(crate) struct Bytes(pub(crate) u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const NAMES: [(&str, u32); 6] = [
+            ("EiB", 60),
+            ("PiB", 50),
+            ("TiB", 40),
+            ("GiB", 30),
+            ("MiB", 20),
+            ("KiB", 10),
+        ];
+        let bytes = self.0;
+        for (name, shift) in NAMES {
+            let scale = 1u64 << shift;
+            if bytes >= scale {
+                return if bytes.is_multiple_of(scale) {
+                    write!(f, "{} {name}", bytes >> shift)
+                } else {
+                    write!(f, "{:.1} {name}", bytes as f64 / scale as f64)
+                };
+            }
+        }
+        write!(f, "{bytes} B")
     }
 }
 
@@ -146,32 +219,23 @@ impl fmt::Display for GpuRejection {
                 advertised,
                 need,
             } => {
-                write!(
-                    f,
-                    "GPU {index}: {} effective free (",
-                    format_bytes(*effective)
-                )?;
+                write!(f, "GPU {index}: {} effective free (", Bytes(*effective))?;
                 let declared_free = advertised.saturating_sub(*assigned);
                 let live_part = live.saturating_sub(*unobserved).saturating_sub(*headroom);
                 if declared_free < live_part {
-                    write!(
-                        f,
-                        "{} of {} assigned",
-                        format_bytes(*assigned),
-                        format_bytes(*advertised)
-                    )?;
+                    write!(f, "{} of {} assigned", Bytes(*assigned), Bytes(*advertised))?;
                 } else {
                     write!(
                         f,
                         "live {}, {} reserved by pods not yet running",
-                        format_bytes(*live),
-                        format_bytes(*unobserved)
+                        Bytes(*live),
+                        Bytes(*unobserved)
                     )?;
                     if *headroom > 0 {
-                        write!(f, ", {} headroom", format_bytes(*headroom))?;
+                        write!(f, ", {} headroom", Bytes(*headroom))?;
                     }
                 }
-                write!(f, "), need {}", format_bytes(*need))
+                write!(f, "), need {}", Bytes(*need))
             }
         }
     }

@@ -425,3 +425,38 @@ fn pods_moving_nodes_and_forgetting_update_both_nodes() {
     assert!(!ledger.forget_pod("a"));
     assert_eq!(ledger.gpu_views("n2").unwrap()[0].assigned_bytes, 0);
 }
+
+#[test]
+fn many_gpus_are_summed_up_compactly() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading(
+        "n1",
+        reading(0, vec![gpu(0, 8, 1), gpu(1, 8, 5), gpu(2, 8, 2)]),
+    );
+    assert_eq!(
+        ledger.check("n1", gib(6), at(1)).unwrap_err().to_string(),
+        "GPU 1: 5 GiB effective free (live 5 GiB, 0 B reserved by pods not yet running), need \
+         6 GiB; 2 more GPUs with less effective free"
+    );
+    assert_eq!(
+        ledger.check("n1", gib(6), at(100)).unwrap_err().to_string(),
+        "all 3 GPUs: reading 100 s old"
+    );
+    let mut sick = gpu(1, 8, 8);
+    sick.healthy = false;
+    sick.health_reason = Some("ECC".into());
+    ledger.set_reading("n2", reading(0, vec![gpu(0, 8, 1), sick, gpu(2, 8, 3)]));
+    assert_eq!(
+        ledger.check("n2", gib(6), at(1)).unwrap_err().to_string(),
+        "GPU 1: unhealthy (ECC); GPU 2: 3 GiB effective free (live 3 GiB, 0 B reserved by pods \
+         not yet running), need 6 GiB; 1 more GPU with less effective free"
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn reasons_print_bytes_like_format_bytes(bytes in proptest::prelude::any::<u64>(), shift in 0u32..64) {
+        let b = bytes >> shift;
+        proptest::prop_assert_eq!(reason::Bytes(b).to_string(), crate::format_bytes(b));
+    }
+}
