@@ -1,6 +1,7 @@
 //! The extender's state and verbs, free of HTTP: the ledger behind one lock, readiness, the
 //! clock, and filter / prioritize / bind over the wire types.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -67,14 +68,14 @@ pub struct Extender {
 
 /// Candidates of one call, in the form they came in.
 enum Candidates<'a> {
-    Names(&'a [String]),
+    Names(&'a [Cow<'a, str>]),
     Nodes(Vec<(String, &'a serde_json::value::RawValue)>),
 }
 
 impl Candidates<'_> {
     fn names(&self) -> Vec<&str> {
         match self {
-            Candidates::Names(n) => n.iter().map(String::as_str).collect(),
+            Candidates::Names(n) => n.iter().map(|c| c.as_ref()).collect(),
             Candidates::Nodes(n) => n.iter().map(|(name, _)| name.as_str()).collect(),
         }
     }
@@ -86,7 +87,7 @@ struct Call<'a> {
     candidates: Candidates<'a>,
 }
 
-fn parse_args(args: &ExtenderArgs) -> Result<Call<'_>, BadRequest> {
+fn parse_args<'a>(args: &'a ExtenderArgs<'a>) -> Result<Call<'a>, BadRequest> {
     let pod = args.pod.as_ref().ok_or(BadRequest::MissingPod)?;
     let candidates = match (&args.node_names, &args.nodes) {
         (Some(names), _) => Candidates::Names(names),
@@ -102,7 +103,7 @@ fn parse_args(args: &ExtenderArgs) -> Result<Call<'_>, BadRequest> {
                 if named.metadata.name.is_empty() {
                     return Err(BadRequest::UnnamedNode(i));
                 }
-                nodes.push((named.metadata.name, raw.as_ref()));
+                nodes.push((named.metadata.name, *raw));
             }
             Candidates::Nodes(nodes)
         }
@@ -294,44 +295,45 @@ impl Extender {
         Ok((json, outcome))
     }
 
-    /// The prioritize verb: scores 0..=10 per candidate, in the order given.
-    pub fn prioritize(&self, body: &[u8]) -> Result<(Vec<HostPriority>, Outcome), BadRequest> {
+    /// The prioritize verb: scores 0..=10 per candidate, in the order given (the JSON answer).
+    pub fn prioritize(&self, body: &[u8]) -> Result<(String, Outcome), BadRequest> {
         let args: ExtenderArgs = parse_body(body, "ExtenderArgs")?;
         let call = parse_args(&args)?;
         let names = call.candidates.names();
-        let zeros = |outcome| {
-            let list = names
+        let scored = |score: &dyn Fn(&str) -> u8| -> Vec<HostPriority<'_>> {
+            names
                 .iter()
                 .map(|n| HostPriority {
-                    host: n.to_string(),
-                    score: 0,
+                    host: Cow::Borrowed(*n),
+                    score: i64::from(score(n).min(MAX_SCORE)),
                 })
-                .collect();
-            (list, outcome)
+                .collect()
         };
-        let request = match (self.readiness(), self.request_of(call.pod)) {
-            (_, Ok(None)) => return Ok(zeros(Outcome::Ignored)),
-            (Err(_), _) | (_, Err(_)) => return Ok(zeros(Outcome::Error)),
-            (Ok(()), Ok(Some(request))) => request,
+        let policy = || {
+            let who = format!("{}/{}", call.pod.metadata.namespace, call.pod.metadata.name);
+            policy_of(
+                &who,
+                call.pod.metadata.annotations.as_ref(),
+                self.config.policy,
+            )
         };
-        let who = format!("{}/{}", call.pod.metadata.namespace, call.pod.metadata.name);
-        let Ok(policy) = policy_of(
-            &who,
-            call.pod.metadata.annotations.as_ref(),
-            self.config.policy,
-        ) else {
-            return Ok(zeros(Outcome::Error));
+        let (list, outcome) = match (self.readiness(), self.request_of(call.pod), policy()) {
+            (_, Ok(None), _) => (scored(&|_| 0), Outcome::Ignored),
+            (Err(_), _, _) | (_, Err(_), _) | (_, _, Err(_)) => (scored(&|_| 0), Outcome::Error),
+            (Ok(()), Ok(Some(request)), Ok(policy)) => {
+                let now = self.now();
+                let ledger = self.ledger();
+                (
+                    scored(&|n| ledger.score(n, request, policy, now)),
+                    Outcome::Ok,
+                )
+            }
         };
-        let now = self.now();
-        let ledger = self.ledger();
-        let list = names
-            .iter()
-            .map(|n| HostPriority {
-                host: n.to_string(),
-                score: i64::from(ledger.score(n, request, policy, now).min(MAX_SCORE)),
-            })
-            .collect();
-        Ok((list, Outcome::Ok))
+        let json = serde_json::to_string(&list).map_err(|e| BadRequest::Malformed {
+            what: "HostPriorityList",
+            detail: e.to_string(),
+        })?;
+        Ok((json, outcome))
     }
 
     /// The bind verb: re-check and reserve under the ledger lock, annotate, bind; any failure

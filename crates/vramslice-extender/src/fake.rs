@@ -112,7 +112,10 @@ impl ClusterApi for FakeCluster {
         annotations: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
-            tokio::time::sleep(self.latency()).await;
+            let latency = self.latency();
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
             let mut inner = self.lock();
             inner.calls.push(Call::Annotate(
                 namespace.into(),
@@ -142,7 +145,10 @@ impl ClusterApi for FakeCluster {
         node: &'a str,
     ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
-            tokio::time::sleep(self.latency()).await;
+            let latency = self.latency();
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
             let mut inner = self.lock();
             inner.calls.push(Call::Bind(
                 namespace.into(),

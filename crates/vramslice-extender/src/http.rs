@@ -63,15 +63,7 @@ async fn filter(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
 
 async fn prioritize(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let answer = ext.prioritize(&body).and_then(|(list, outcome)| {
-        serde_json::to_string(&list)
-            .map(|s| (s, outcome))
-            .map_err(|e| BadRequest::Malformed {
-                what: "HostPriorityList",
-                detail: e.to_string(),
-            })
-    });
-    match answer {
+    match ext.prioritize(&body) {
         Ok((answer, outcome)) => {
             ext.metrics()
                 .record("prioritize", outcome, started.elapsed());

@@ -7,6 +7,7 @@
 //! The pod is read into [`WirePod`], only the fields placement needs (unknown fields are
 //! ignored). Nodes of a full `NodeList` are kept as raw JSON and echoed back untouched.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -15,29 +16,30 @@ use serde_json::value::RawValue;
 
 /// `ExtenderArgs`: the body of filter and prioritize calls.
 #[derive(Debug, Deserialize)]
-pub struct ExtenderArgs {
+pub struct ExtenderArgs<'a> {
     /// The pod being scheduled.
     #[serde(rename = "Pod", alias = "pod", default)]
     pub pod: Option<WirePod>,
     /// Candidate nodes, when the extender is not `nodeCacheCapable`.
-    #[serde(rename = "Nodes", alias = "nodes", default)]
-    pub nodes: Option<WireNodeList>,
+    #[serde(rename = "Nodes", alias = "nodes", default, borrow)]
+    pub nodes: Option<WireNodeList<'a>>,
     /// Candidate node names, when the extender is `nodeCacheCapable`.
     #[serde(
         rename = "NodeNames",
         alias = "nodeNames",
         alias = "nodenames",
-        default
+        default,
+        borrow
     )]
-    pub node_names: Option<Vec<String>>,
+    pub node_names: Option<Vec<Cow<'a, str>>>,
 }
 
 /// A `v1.NodeList` with its items kept as raw JSON.
 #[derive(Debug, Deserialize)]
-pub struct WireNodeList {
+pub struct WireNodeList<'a> {
     /// The nodes (Go sends `null` for an empty list).
-    #[serde(default)]
-    pub items: Option<Vec<Box<RawValue>>>,
+    #[serde(default, borrow)]
+    pub items: Option<Vec<&'a RawValue>>,
 }
 
 /// The part of a node placement reads: its name.
@@ -153,10 +155,10 @@ pub struct NodeListOut<'a> {
 
 /// `HostPriority`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostPriority {
+pub struct HostPriority<'a> {
     /// Node name.
-    #[serde(rename = "Host")]
-    pub host: String,
+    #[serde(rename = "Host", borrow)]
+    pub host: Cow<'a, str>,
     /// Score 0..=10.
     #[serde(rename = "Score")]
     pub score: i64,
