@@ -8,7 +8,9 @@ pub enum QuantityError {
     #[error("empty quantity: expected a byte amount such as 6Gi or 512Mi")]
     Empty,
     /// The text is not a Kubernetes quantity.
-    #[error("{0:?} is not a quantity: expected a number with an optional suffix (Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P, E)")]
+    #[error(
+        "{0:?} is not a quantity: expected a number with an optional suffix (Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P, E)"
+    )]
     Malformed(String),
     /// Negative amounts of memory do not exist.
     #[error("{0:?} is negative: a byte amount must be zero or more")]
@@ -127,7 +129,7 @@ pub fn format_bytes(bytes: u64) -> String {
     for (name, shift) in NAMES {
         let scale = 1u64 << shift;
         if bytes >= scale {
-            return if bytes % scale == 0 {
+            return if bytes.is_multiple_of(scale) {
                 format!("{} {name}", bytes >> shift)
             } else {
                 format!("{:.1} {name}", bytes as f64 / scale as f64)
@@ -166,13 +168,31 @@ mod tests {
     #[test]
     fn rejects_with_a_reason() {
         assert_eq!(parse_bytes(""), Err(QuantityError::Empty));
-        assert!(matches!(parse_bytes("6GB"), Err(QuantityError::Malformed(_))));
-        assert!(matches!(parse_bytes("Gi"), Err(QuantityError::Malformed(_))));
-        assert!(matches!(parse_bytes("1.2.3"), Err(QuantityError::Malformed(_))));
-        assert!(matches!(parse_bytes("-1Gi"), Err(QuantityError::Negative(_))));
+        assert!(matches!(
+            parse_bytes("6GB"),
+            Err(QuantityError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_bytes("Gi"),
+            Err(QuantityError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_bytes("1.2.3"),
+            Err(QuantityError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_bytes("-1Gi"),
+            Err(QuantityError::Negative(_))
+        ));
         assert!(matches!(parse_bytes("500m"), Err(QuantityError::Milli(_))));
-        assert!(matches!(parse_bytes("17Ei"), Err(QuantityError::TooLarge(_))));
-        assert!(matches!(parse_bytes("1e40"), Err(QuantityError::TooLarge(_))));
+        assert!(matches!(
+            parse_bytes("17Ei"),
+            Err(QuantityError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_bytes("1e40"),
+            Err(QuantityError::TooLarge(_))
+        ));
         let msg = parse_bytes("six gigs").unwrap_err().to_string();
         assert!(msg.contains("six gigs"), "{msg}");
     }
