@@ -115,6 +115,16 @@ impl AdmissionQueue {
         }
     }
 
+    /// Usage that stays when none of this queue's jobs runs: the live usage when idle, else
+    /// the usage when the current run of jobs began.
+    pub fn floor(&self, live: u64) -> u64 {
+        if self.running.is_empty() {
+            live
+        } else {
+            self.baseline
+        }
+    }
+
     /// Bytes still admissible below the high-water mark.
     pub fn free(&self, live: u64) -> u64 {
         self.capacity.saturating_sub(self.held(live))

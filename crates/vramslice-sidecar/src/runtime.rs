@@ -404,17 +404,26 @@ impl Inner {
     fn enqueue(self: &Arc<Self>, job: &Job) -> Result<Enqueued, AdmitError> {
         let requested = Instant::now();
         let learned = self.profiles.peak(job.key(), job.params());
-        let limit = lock(&self.state).queue.limit();
-        let r = policy::reserve(job.declared_need(), learned, limit, &self.config.policy);
+        let live = self.read_live().map_err(|source| AdmitError::Usage {
+            key: job.key().to_string(),
+            source,
+        })?;
+        let (limit, floor) = {
+            let state = lock(&self.state);
+            (state.queue.limit(), state.queue.floor(live))
+        };
+        let r = policy::reserve(
+            job.declared_need(),
+            learned,
+            limit,
+            floor,
+            &self.config.policy,
+        );
         if learned.is_some() {
             self.metrics.profile_hits.inc();
         } else {
             self.metrics.profile_misses.inc();
         }
-        let live = self.read_live().map_err(|source| AdmitError::Usage {
-            key: job.key().to_string(),
-            source,
-        })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = lock(&self.state);
         let verdict = state.queue.request(id, r.bytes, live);

@@ -267,3 +267,18 @@ fn a_reported_peak_is_recorded_even_when_jobs_overlap() {
     assert_eq!(a.complete(), Some(GIB / 2));
     assert_eq!(b.complete(), None);
 }
+
+#[test]
+fn a_raised_need_still_runs_beside_memory_that_never_frees() {
+    // Regression: repeated out-of-memory raised a learned need to the whole capacity, which
+    // could never fit beside a loaded model, and the FIFO queue stalled behind it.
+    let (rt, usage) = runtime(10 * GIB, |c| c.queue_timeout = Duration::from_secs(5));
+    usage.set(2 * GIB); // model weights, loaded for good
+    let job = Job::new("grows");
+    for _ in 0..10 {
+        rt.admit_blocking(&job).unwrap().out_of_memory();
+    }
+    assert!(rt.learned_peak(&job).unwrap() > 10 * GIB);
+    let p = rt.admit_blocking(&job).unwrap();
+    assert_eq!(p.reserved(), rt.stats().capacity - 2 * GIB);
+}
