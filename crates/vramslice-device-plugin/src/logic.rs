@@ -15,6 +15,9 @@ use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit};
 use crate::pods::{PodLister, assigned_gpus};
 use crate::poller::NodeWatch;
 
+/// Longest wait for the API server or PodResources while the kubelet waits for a preference.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One container's GetPreferredAllocation question.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreferredRequest {
@@ -92,22 +95,32 @@ impl VramPlugin {
         let Some(lister) = &self.pods else {
             return Vec::new();
         };
-        let pods = match lister.list(true).await {
-            Ok(pods) => pods,
-            Err(e) => {
+        let pods = match tokio::time::timeout(LOOKUP_TIMEOUT, lister.list(true)).await {
+            Ok(Ok(pods)) => pods,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot look up pending pods; falling back to binpacking");
+                return Vec::new();
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?LOOKUP_TIMEOUT, "pending-pod lookup timed out; falling back to binpacking");
                 return Vec::new();
             }
         };
         let mut allocated = BTreeSet::new();
         if let Some(socket) = &self.pod_resources_socket {
-            match crate::podresources::list_allocations(socket, self.resource_name()).await {
-                Ok(records) => {
+            let listed = tokio::time::timeout(
+                LOOKUP_TIMEOUT,
+                crate::podresources::list_allocations(socket, self.resource_name()),
+            )
+            .await;
+            match listed {
+                Ok(Ok(records)) => {
                     allocated.extend(records.into_iter().map(|r| (r.namespace, r.pod)));
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "PodResources unavailable for pending-pod filtering")
                 }
+                Err(_) => tracing::debug!("PodResources List timed out"),
             }
         }
         sizes

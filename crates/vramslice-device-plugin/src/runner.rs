@@ -176,7 +176,11 @@ pub async fn run<L: DevicePluginLogic>(
                     break Outcome::Restart("kubelet.sock re-created (kubelet restart)");
                 }
                 (None, Some(now)) if Instant::now() >= next_attempt => {
-                    match register(&config, resource).await {
+                    let attempt = tokio::select! {
+                        r = register(&config, resource) => r,
+                        _ = shutdown.changed() => break Outcome::Shutdown,
+                    };
+                    match attempt {
                         Ok(()) => {
                             tracing::info!(endpoint = %config.socket_name, resource, "registered with the kubelet");
                             registered = Some(now);
