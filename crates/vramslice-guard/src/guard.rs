@@ -122,10 +122,12 @@ impl Guard {
 
     fn warn_once(&self, e: &OverLimit) {
         if !self.warned.swap(true, Ordering::Relaxed) {
-            eprintln!(
+            crate::log!(
                 "vramslice-guard: out of memory: requested {} bytes, the container uses {} of its limit {} bytes; \
                  returning CUDA_ERROR_OUT_OF_MEMORY (logged once per process)",
-                e.requested, e.used, e.limit
+                e.requested,
+                e.used,
+                e.limit
             );
         }
     }

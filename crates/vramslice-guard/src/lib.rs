@@ -11,6 +11,17 @@
 //! module `ffi` owns every raw pointer, exported symbol, `dlsym` lookup and `mmap`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+/// Writes one line to stderr, ignoring failure (`eprintln!` panics when stderr is closed, and
+/// the guard must not fail a CUDA call because the program closed its stderr).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod config;
 #[cfg(not(test))]
 mod ffi;

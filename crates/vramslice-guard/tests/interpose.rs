@@ -199,3 +199,25 @@ fn interposed_dlsym_keeps_rtld_next_and_errors() {
         assert_checks(&out, &so, &se, 3);
     }
 }
+
+#[test]
+fn closed_stderr_does_not_change_the_answer() {
+    let a = common::artifacts();
+    let cmd = probe(true, &limited_env(), &[]);
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c").arg(format!(
+        "exec {} alloc {} 2>&-",
+        a.probe.display(),
+        2 * LIMIT
+    ));
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            sh.env(k, v);
+        }
+    }
+    let (out, so, se) = run(sh);
+    assert!(
+        out.status.success() && so.contains("alloc rc=2"),
+        "refused, not a panic code: {so}{se}"
+    );
+}

@@ -26,7 +26,7 @@ pub fn config() -> &'static Config {
     CONFIG.get_or_init(|| {
         let (config, msgs) = Config::from_lookup(|k| std::env::var(k).ok());
         for m in msgs {
-            eprintln!("vramslice-guard: {m}");
+            crate::log!("vramslice-guard: {m}");
         }
         config
     })
@@ -46,14 +46,14 @@ fn init_guard() -> Option<Guard> {
         Some(dir) => match shm::attach(dir, limit, &cfg.gpu_uuid, pid, start) {
             Ok(ledger) => ledger,
             Err(e) => {
-                eprintln!(
+                crate::log!(
                     "vramslice-guard: {e}; per-process accounting only (other processes of the container are not counted)"
                 );
                 private_ledger(limit, &cfg.gpu_uuid, pid, start)?
             }
         },
         None => {
-            eprintln!(
+            crate::log!(
                 "vramslice-guard: VRAMSLICE_ACCOUNTING_DIR is not set: per-process accounting only (limit {limit} bytes)"
             );
             private_ledger(limit, &cfg.gpu_uuid, pid, start)?
@@ -63,7 +63,7 @@ fn init_guard() -> Option<Guard> {
     let rc =
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
     if rc != 0 {
-        eprintln!(
+        crate::log!(
             "vramslice-guard: pthread_atfork failed ({rc}): forked children share their parent's slot"
         );
     }
@@ -145,7 +145,7 @@ extern "C" fn fork_child() {
         if let Some(Some(g)) = GUARD.get() {
             let (pid, start) = own_identity();
             if g.child_after_fork(pid, start).is_none() {
-                eprintln!("vramslice-guard: no free accounting slot for forked process {pid}");
+                crate::log!("vramslice-guard: no free accounting slot for forked process {pid}");
             }
         }
     });

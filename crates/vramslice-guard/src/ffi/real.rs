@@ -153,7 +153,7 @@ pub fn real() -> Option<&'static Real> {
     REAL.get_or_init(|| match open(&super::config().real_libcuda) {
         Ok(h) => Some(Real::load(h)),
         Err(e) => {
-            eprintln!("vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED");
+            crate::log!("vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED");
             None
         }
     })
@@ -165,7 +165,7 @@ pub fn real_nvml() -> Option<&'static RealNvml> {
     REAL_NVML
         .get_or_init(|| {
             let h = open(&super::config().real_libnvml)
-                .inspect_err(|e| eprintln!("vramslice-guard: {e}"))
+                .inspect_err(|e| crate::log!("vramslice-guard: {e}"))
                 .ok()?;
             let a = lookup(h, c"nvmlDeviceGetMemoryInfo");
             let b = lookup(h, c"nvmlDeviceGetMemoryInfo_v2");

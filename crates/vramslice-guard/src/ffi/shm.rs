@@ -54,7 +54,7 @@ pub fn attach(dir: &Path, limit: u64, uuid: &str, pid: u32, start: u64) -> Resul
         Ok(snap) => layout::file_len(snap.slot_count),
         Err(e) => {
             if !bytes.is_empty() {
-                eprintln!("vramslice-guard: {}: {e}; rebuilding it", path.display());
+                crate::log!("vramslice-guard: {}: {e}; rebuilding it", path.display());
             }
             let image = layout::initial_image(limit, uuid, layout::DEFAULT_SLOT_COUNT);
             file.set_len(0)
@@ -91,7 +91,7 @@ pub fn attach(dir: &Path, limit: u64, uuid: &str, pid: u32, start: u64) -> Resul
     ledger.reap(super::liveness);
     ledger.reset_if_unowned();
     if ledger.claim(pid, start).is_none() {
-        eprintln!(
+        crate::log!(
             "vramslice-guard: every slot of {} is taken; this process is counted in the total only",
             path.display()
         );
