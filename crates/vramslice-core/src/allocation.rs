@@ -17,6 +17,12 @@ use crate::inventory::{GpuInventory, InventoryError};
 pub const GUARD_CONTAINER_PATH: &str = "/usr/local/vramslice/lib/libvramslice_guard.so";
 /// In-container path of the container's accounting directory.
 pub const ACCOUNTING_CONTAINER_DIR: &str = "/var/run/vramslice/accounting";
+/// In-container path of the read-only limit file (see [`limit_file_content`]). The guard always
+/// reads this path, whatever the environment says, so a process cannot escape it by renaming it.
+pub const LIMIT_FILE_CONTAINER_PATH: &str = "/var/run/vramslice/limit";
+/// Suffix of the host limit file beside the allocation's accounting directory:
+/// `<accountingRoot>/<key>.limit`. Not inside the directory: that one is mounted writable.
+pub const LIMIT_FILE_HOST_SUFFIX: &str = ".limit";
 /// In-container path the preload file is mounted at in `ld-so-preload-file` mode.
 pub const PRELOAD_CONTAINER_PATH: &str = "/etc/ld.so.preload";
 /// The CDI kind of NVIDIA GPUs: a CDI device is `nvidia.com/gpu=<uuid>`.
@@ -35,6 +41,8 @@ pub mod env {
     pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
     /// The dynamic loader's preload list.
     pub const LD_PRELOAD: &str = "LD_PRELOAD";
+    /// In-container path of the read-only limit file.
+    pub const LIMIT_FILE: &str = "VRAMSLICE_LIMIT_FILE";
 }
 
 /// How the guard library gets loaded into the container's processes.
@@ -184,6 +192,9 @@ pub struct ContainerAllocation {
     pub cdi_devices: Vec<String>,
     /// Host accounting directory of this allocation (to be created by the plugin).
     pub host_accounting_dir: PathBuf,
+    /// Host limit file of this allocation (to be written by the plugin, with
+    /// [`limit_file_content`], before answering).
+    pub host_limit_file: PathBuf,
 }
 
 /// Why a set of unit IDs cannot be allocated. The text is the core's, passed through.
@@ -206,9 +217,11 @@ pub fn plan_allocation<S: AsRef<str>>(
     let selection = GpuSelection::from_ids(ids)?;
     let gpu = inventory.resolve(&selection)?;
     let limit_bytes = inventory.limit_bytes(&selection);
-    let host_accounting_dir = settings
+    let key = allocation_key(&selection.gpu_uuid, &selection.units);
+    let host_accounting_dir = settings.accounting_root.join(&key);
+    let host_limit_file = settings
         .accounting_root
-        .join(allocation_key(&selection.gpu_uuid, &selection.units));
+        .join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}"));
 
     let mut envs = BTreeMap::new();
     envs.insert(env::VRAM_LIMIT_BYTES.to_string(), limit_bytes.to_string());
@@ -216,6 +229,10 @@ pub fn plan_allocation<S: AsRef<str>>(
     envs.insert(
         env::ACCOUNTING_DIR.to_string(),
         ACCOUNTING_CONTAINER_DIR.to_string(),
+    );
+    envs.insert(
+        env::LIMIT_FILE.to_string(),
+        LIMIT_FILE_CONTAINER_PATH.to_string(),
     );
     let mut cdi_devices = Vec::new();
     match settings.device_list_strategy {
@@ -225,11 +242,18 @@ pub fn plan_allocation<S: AsRef<str>>(
         DeviceListStrategy::Cdi => cdi_devices.push(format!("{CDI_GPU_KIND}={}", gpu.uuid)),
     }
 
-    let mut mounts = vec![MountSpec {
-        container_path: ACCOUNTING_CONTAINER_DIR.to_string(),
-        host_path: path_text(&host_accounting_dir),
-        read_only: false,
-    }];
+    let mut mounts = vec![
+        MountSpec {
+            container_path: ACCOUNTING_CONTAINER_DIR.to_string(),
+            host_path: path_text(&host_accounting_dir),
+            read_only: false,
+        },
+        MountSpec {
+            container_path: LIMIT_FILE_CONTAINER_PATH.to_string(),
+            host_path: path_text(&host_limit_file),
+            read_only: true,
+        },
+    ];
     let guard_mount = MountSpec {
         container_path: GUARD_CONTAINER_PATH.to_string(),
         host_path: path_text(&settings.guard_library_host_path),
@@ -262,6 +286,87 @@ pub fn plan_allocation<S: AsRef<str>>(
         mounts,
         cdi_devices,
         host_accounting_dir,
+        host_limit_file,
+    })
+}
+
+/// What the plugin's limit file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitFile {
+    /// The container's limit in bytes.
+    pub limit_bytes: u64,
+    /// The GPU the limit is on.
+    pub gpu_uuid: String,
+}
+
+/// Why a limit file's text is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitFileError {
+    /// No `limit=` line.
+    #[error("limit file has no \"limit=<bytes>\" line")]
+    MissingLimit,
+    /// The limit is not a decimal byte count.
+    #[error("limit file's limit {0:?} is not a decimal byte count")]
+    BadLimit(String),
+    /// A line that is not `key=value`, an unknown key, or a key given twice.
+    #[error("limit file line {line} is invalid: {text:?}")]
+    BadLine {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// Longer than any file the plugin writes.
+    #[error("limit file is {0} bytes, longer than any the plugin writes")]
+    TooLong(usize),
+}
+
+/// Largest limit file accepted (the plugin writes well under 200 bytes).
+pub const LIMIT_FILE_MAX_BYTES: usize = 4096;
+
+/// The text of an allocation's limit file: `limit=<bytes>` and `gpu=<uuid>` lines.
+pub fn limit_file_content(limit_bytes: u64, gpu_uuid: &str) -> String {
+    format!("limit={limit_bytes}\ngpu={gpu_uuid}\n")
+}
+
+/// Parses a limit file strictly: `key=value` lines (`limit` required, `gpu` optional, each at
+/// most once), blank lines and `#` comments ignored. Never panics.
+///
+/// # Errors
+/// [`LimitFileError`] naming the first problem.
+pub fn parse_limit_file(text: &str) -> Result<LimitFile, LimitFileError> {
+    if text.len() > LIMIT_FILE_MAX_BYTES {
+        return Err(LimitFileError::TooLong(text.len()));
+    }
+    let mut limit: Option<u64> = None;
+    let mut gpu: Option<String> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || LimitFileError::BadLine {
+            line: i + 1,
+            text: raw.to_string(),
+        };
+        let (key, value) = line.split_once('=').ok_or_else(bad)?;
+        match key.trim() {
+            "limit" if limit.is_none() => {
+                let value = value.trim();
+                let parsed = if value.bytes().all(|b| b.is_ascii_digit()) {
+                    value.parse::<u64>().ok()
+                } else {
+                    None
+                };
+                limit = Some(parsed.ok_or_else(|| LimitFileError::BadLimit(value.to_string()))?);
+            }
+            "gpu" if gpu.is_none() => gpu = Some(value.trim().to_string()),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(LimitFile {
+        limit_bytes: limit.ok_or(LimitFileError::MissingLimit)?,
+        gpu_uuid: gpu.unwrap_or_default(),
     })
 }
 
@@ -389,7 +494,11 @@ mod tests {
             Some(ACCOUNTING_CONTAINER_DIR)
         );
         assert_eq!(env_of(&a, "LD_PRELOAD"), Some(GUARD_CONTAINER_PATH));
-        assert_eq!(a.envs.len(), 5);
+        assert_eq!(
+            env_of(&a, "VRAMSLICE_LIMIT_FILE"),
+            Some(LIMIT_FILE_CONTAINER_PATH)
+        );
+        assert_eq!(a.envs.len(), 6);
         assert!(a.cdi_devices.is_empty());
         let key = allocation_key("GPU-b", &[1, 2, 3]);
         assert_eq!(
@@ -405,6 +514,11 @@ mod tests {
                     read_only: false,
                 },
                 MountSpec {
+                    container_path: "/var/run/vramslice/limit".into(),
+                    host_path: format!("/var/lib/vramslice/accounting/{key}.limit"),
+                    read_only: true,
+                },
+                MountSpec {
                     container_path: GUARD_CONTAINER_PATH.into(),
                     host_path: "/var/lib/vramslice/lib/libvramslice_guard.so".into(),
                     read_only: true,
@@ -418,16 +532,16 @@ mod tests {
         let s = settings(InjectionMode::LdSoPreloadFile, DeviceListStrategy::Envvar);
         let a = plan_allocation(&inventory(), &s, &["GPU-a::0"]).unwrap();
         assert_eq!(env_of(&a, "LD_PRELOAD"), None);
-        assert_eq!(a.mounts.len(), 3);
+        assert_eq!(a.mounts.len(), 4);
         assert_eq!(
-            a.mounts[2],
+            a.mounts[3],
             MountSpec {
                 container_path: "/etc/ld.so.preload".into(),
                 host_path: "/var/lib/vramslice/ld.so.preload".into(),
                 read_only: true,
             }
         );
-        assert_eq!(a.mounts[1].container_path, GUARD_CONTAINER_PATH);
+        assert_eq!(a.mounts[2].container_path, GUARD_CONTAINER_PATH);
         assert_eq!(preload_file_content(), format!("{GUARD_CONTAINER_PATH}\n"));
     }
 
@@ -436,8 +550,12 @@ mod tests {
         let s = settings(InjectionMode::None, DeviceListStrategy::Envvar);
         let a = plan_allocation(&inventory(), &s, &["GPU-a::0"]).unwrap();
         assert_eq!(env_of(&a, "LD_PRELOAD"), None);
-        assert_eq!(a.mounts.len(), 1);
+        assert_eq!(a.mounts.len(), 2);
         assert_eq!(a.mounts[0].container_path, ACCOUNTING_CONTAINER_DIR);
+        assert!(
+            a.mounts[1].read_only,
+            "the limit file is read-only in every mode"
+        );
     }
 
     #[test]
@@ -522,7 +640,99 @@ mod tests {
         );
     }
 
+    #[test]
+    fn limit_file_is_beside_the_writable_dir_never_inside_it() {
+        let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
+        let a = plan_allocation(&inventory(), &s, &["GPU-a::2", "GPU-a::3"]).unwrap();
+        assert!(!a.host_limit_file.starts_with(&a.host_accounting_dir));
+        assert_eq!(a.host_limit_file.parent(), a.host_accounting_dir.parent());
+        let limit = a
+            .mounts
+            .iter()
+            .find(|m| m.container_path == LIMIT_FILE_CONTAINER_PATH)
+            .unwrap();
+        assert!(limit.read_only);
+        assert_eq!(limit.host_path, a.host_limit_file.to_string_lossy());
+        assert!(!LIMIT_FILE_CONTAINER_PATH.starts_with(ACCOUNTING_CONTAINER_DIR));
+    }
+
+    #[test]
+    fn limit_file_round_trips() {
+        let text = limit_file_content(3 << 30, "GPU-b");
+        assert_eq!(text, "limit=3221225472\ngpu=GPU-b\n");
+        assert_eq!(
+            parse_limit_file(&text),
+            Ok(LimitFile {
+                limit_bytes: 3 << 30,
+                gpu_uuid: "GPU-b".into()
+            })
+        );
+        assert_eq!(
+            parse_limit_file("# written by vramslice\n\n limit = 5 \n"),
+            Ok(LimitFile {
+                limit_bytes: 5,
+                gpu_uuid: String::new()
+            })
+        );
+    }
+
+    #[test]
+    fn limit_file_errors_name_the_problem() {
+        assert_eq!(parse_limit_file(""), Err(LimitFileError::MissingLimit));
+        assert_eq!(
+            parse_limit_file("gpu=x\n"),
+            Err(LimitFileError::MissingLimit)
+        );
+        for bad in [
+            "limit=",
+            "limit=-1",
+            "limit=2Gi",
+            "limit=1e9",
+            "limit=99999999999999999999999",
+            "limit=+5",
+        ] {
+            assert!(
+                matches!(parse_limit_file(bad), Err(LimitFileError::BadLimit(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_limit_file("limit=5\nlimit=9999\n"),
+            Err(LimitFileError::BadLine {
+                line: 2,
+                text: "limit=9999".into()
+            })
+        );
+        assert!(matches!(
+            parse_limit_file("limit=5\nextra=1"),
+            Err(LimitFileError::BadLine { line: 2, .. })
+        ));
+        assert!(matches!(
+            parse_limit_file("nonsense"),
+            Err(LimitFileError::BadLine { line: 1, .. })
+        ));
+        let long = format!("limit=5\n#{}", "x".repeat(LIMIT_FILE_MAX_BYTES));
+        assert!(matches!(
+            parse_limit_file(&long),
+            Err(LimitFileError::TooLong(_))
+        ));
+        let msg = parse_limit_file("limit=abc").unwrap_err().to_string();
+        assert!(msg.contains("\"abc\""), "{msg}");
+    }
+
     proptest! {
+        #[test]
+        fn limit_file_parses_what_it_writes(limit in any::<u64>(), uuid in "[A-Za-z0-9-]{0,60}") {
+            let parsed = parse_limit_file(&limit_file_content(limit, &uuid)).unwrap();
+            prop_assert_eq!(parsed.limit_bytes, limit);
+            prop_assert_eq!(parsed.gpu_uuid, uuid);
+        }
+
+        #[test]
+        fn limit_file_garbage_never_panics(text in "\\PC{0,200}") {
+            let _ = parse_limit_file(&text);
+        }
+
         #[test]
         fn key_depends_only_on_the_set_of_ids(
             units in proptest::collection::btree_set(0u64..200, 1..20), seed in any::<u64>()

@@ -196,6 +196,7 @@ impl DevicePluginLogic for VramPlugin {
             .collect::<Result<Vec<_>, _>>()?;
         for plan in &plans {
             create_accounting_dir(&plan.host_accounting_dir).await?;
+            write_limit_file(&plan.host_limit_file, plan.limit_bytes, &plan.gpu_uuid).await?;
             tracing::info!(
                 gpu = %plan.gpu_uuid,
                 units = plan.units,
@@ -221,6 +222,28 @@ async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
     tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
         .await
         .map_err(fail)
+}
+
+/// Write the allocation's limit file (mounted read-only into the container), atomically: a
+/// temporary file renamed over the old one, so a container starting meanwhile never reads half.
+async fn write_limit_file(
+    path: &Path,
+    limit_bytes: u64,
+    gpu_uuid: &str,
+) -> Result<(), PluginError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: std::io::Error| {
+        PluginError::Internal(format!("cannot write limit file {}: {e}", path.display()))
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let text = vramslice_core::allocation::limit_file_content(limit_bytes, gpu_uuid);
+    tokio::fs::write(&tmp, text).await.map_err(fail)?;
+    tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))
+        .await
+        .map_err(fail)?;
+    tokio::fs::rename(&tmp, path).await.map_err(fail)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use vramslice_device_plugin::proto::deviceplugin::{
 const TWO_GPUS: &[(&str, &str, bool)] = &[("GPU-aaaa", "80Gi", true), ("GPU-bbbb", "24Gi", true)];
 const GUARD_IN_CONTAINER: &str = "/usr/local/vramslice/lib/libvramslice_guard.so";
 const ACCOUNTING_IN_CONTAINER: &str = "/var/run/vramslice/accounting";
+const LIMIT_IN_CONTAINER: &str = "/var/run/vramslice/limit";
 
 fn ids(gpu: &str, units: std::ops::Range<u64>) -> Vec<String> {
     units.map(|k| format!("{gpu}::{k}")).collect()
@@ -67,6 +68,7 @@ async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
         ("NVIDIA_VISIBLE_DEVICES", "GPU-bbbb"),
         ("VRAMSLICE_ACCOUNTING_DIR", ACCOUNTING_IN_CONTAINER),
         ("LD_PRELOAD", GUARD_IN_CONTAINER),
+        ("VRAMSLICE_LIMIT_FILE", LIMIT_IN_CONTAINER),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -85,7 +87,21 @@ async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
     );
     let meta = std::fs::metadata(&acct.host_path).expect("accounting dir created");
     assert!(meta.is_dir());
-    assert_eq!(r.mounts.len(), 2);
+    // The limit file: beside the writable directory, mounted read-only, written before answering.
+    let limit = mount(&r, LIMIT_IN_CONTAINER).expect("limit file mount");
+    assert!(limit.read_only);
+    assert_eq!(
+        limit.host_path,
+        node.accounting
+            .join(format!("{key}.limit"))
+            .display()
+            .to_string()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&limit.host_path).unwrap(),
+        "limit=3221225472\ngpu=GPU-bbbb\n"
+    );
+    assert_eq!(r.mounts.len(), 3);
     assert!(mount(&r, "/etc/ld.so.preload").is_none());
 }
 

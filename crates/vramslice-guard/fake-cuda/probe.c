@@ -10,6 +10,9 @@
  *   probe hold <bytes>          (allocates, prints "ready", waits for stdin to close)
  *   probe alloc <bytes>         (allocates once, prints the result code)
  *   probe fork <bytes> <limit>  (parent and child each hold <bytes>; see tests)
+ *   probe prefork <workers> <chunk> <want>  (parent makes a context, forks workers that each
+ *                               allocate <chunk>s up to <want> bytes or a refusal, print
+ *                               "worker pid=P held=B rc=R", then wait for stdin to close)
  *   probe bench <iterations> <bytes>
  *   probe nvml <limited|unlimited> <limit-bytes>
  *   probe rtldnext              (dlsym(RTLD_NEXT) from a library keeps its meaning)
@@ -349,6 +352,45 @@ static int fork_test(size_t n, size_t limit) {
     return finish();
 }
 
+static int prefork(int workers, size_t chunk, size_t want) {
+    (void)make_ctx();
+    int fds[2];
+    if (pipe(fds)) die("pipe");
+    fflush(stdout);
+    for (int w = 0; w < workers; w++) {
+        pid_t p = fork();
+        if (p < 0) die("fork");
+        if (p == 0) {
+            close(fds[0]);
+            size_t held = 0;
+            CUdeviceptr d;
+            int rc = 0;
+            while (held < want && (rc = cuMemAlloc_v2(&d, chunk)) == 0) held += chunk;
+            printf("worker pid=%d held=%zu rc=%d\n", (int)getpid(), held, rc);
+            fflush(stdout);
+            char b = 'r';
+            if (write(fds[1], &b, 1) != 1) _exit(3);
+            char buf[16];
+            while (read(0, buf, sizeof buf) > 0) {}
+            _exit(rc == 0 || rc == 2 ? 0 : 4);
+        }
+    }
+    close(fds[1]);
+    for (int w = 0; w < workers; w++) {
+        char b;
+        if (read(fds[0], &b, 1) != 1) die("a worker died before it was ready");
+    }
+    printf("all ready\n");
+    fflush(stdout);
+    int failed = 0;
+    for (int w = 0; w < workers; w++) {
+        int st = 0;
+        if (wait(&st) < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) failed++;
+    }
+    check(failed == 0, "every worker got memory or OUT_OF_MEMORY, never another error");
+    return finish();
+}
+
 static int bench(long iters, size_t n) {
     CUdeviceptr d;
     struct timespec a, b;
@@ -397,6 +439,7 @@ int main(int argc, char **argv) {
     if (!strcmp(s, "hold") && argc == 3) return hold(strtoull(argv[2], 0, 10));
     if (!strcmp(s, "alloc") && argc == 3) { CUdeviceptr d; int rc = cuMemAlloc_v2(&d, strtoull(argv[2], 0, 10)); printf("alloc rc=%d\n", rc); return 0; }
     if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "prefork") && argc == 5) return prefork(atoi(argv[2]), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
     if (!strcmp(s, "bench") && argc == 4) return bench(atol(argv[2]), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "nvml") && argc == 4) return nvml(!strcmp(argv[2], "limited"), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "rtldnext") && argc == 2) return rtldnext();

@@ -151,7 +151,10 @@ impl Ledger {
                 .compare_exchange(0, u64::from(pid), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                let generation = self.w(header::GENERATION).fetch_add(1, Ordering::AcqRel) + 1;
+                let generation = self
+                    .w(header::GENERATION)
+                    .fetch_add(1, Ordering::AcqRel)
+                    .wrapping_add(1);
                 self.w(layout::slot_word(i, slot::GENERATION))
                     .store(generation, Ordering::Relaxed);
                 self.w(layout::slot_word(i, slot::BYTES))
@@ -176,7 +179,7 @@ impl Ledger {
     /// Returns the bytes of every slot whose owner `probe` says is dead; returns the bytes reclaimed.
     pub fn reap(&self, probe: impl Fn(u32, u64) -> Liveness) -> u64 {
         let own = self.own_slot();
-        let mut reclaimed = 0;
+        let mut reclaimed: u64 = 0;
         for i in 0..self.slot_count {
             if Some(i) == own {
                 continue;
@@ -191,11 +194,11 @@ impl Ledger {
                 .w(layout::slot_word(i, slot::START_TIME))
                 .load(Ordering::Acquire);
             let Ok(pid) = u32::try_from(p) else {
-                reclaimed += self.reap_slot(i, p); // not a pid at all: damaged slot
+                reclaimed = reclaimed.saturating_add(self.reap_slot(i, p)); // not a pid at all: damaged slot
                 continue;
             };
             if probe(pid, start) == Liveness::Dead {
-                reclaimed += self.reap_slot(i, p);
+                reclaimed = reclaimed.saturating_add(self.reap_slot(i, p));
             }
         }
         reclaimed
@@ -223,6 +226,38 @@ impl Ledger {
             .store(0, Ordering::Relaxed);
         pid_word.store(0, Ordering::Release);
         bytes
+    }
+
+    /// Re-validates the container total against the slots (at attach, under the file lock, after
+    /// [`Ledger::reap`]): a total below what the slots hold was lowered by someone (tampering) and
+    /// is raised to their sum; a total more than `limit` above it is absurd (no orphaned
+    /// requests can add up to that) and is lowered to the sum. Returns the correction made as
+    /// (old total, new total), or `None` when the total was plausible.
+    pub fn revalidate(&self, limit: u64) -> Option<(u64, u64)> {
+        let sum = (0..self.slot_count)
+            .filter(|&i| {
+                self.w(layout::slot_word(i, slot::PID))
+                    .load(Ordering::Acquire)
+                    != 0
+            })
+            .fold(0u64, |acc, i| {
+                acc.saturating_add(
+                    self.w(layout::slot_word(i, slot::BYTES))
+                        .load(Ordering::Acquire),
+                )
+            });
+        let total = self.w(header::USED);
+        let mut cur = total.load(Ordering::Acquire);
+        loop {
+            if cur >= sum && cur <= sum.saturating_add(limit) {
+                return None;
+            }
+            let want = sum;
+            match total.compare_exchange(cur, want, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some((cur, want)),
+                Err(actual) => cur = actual,
+            }
+        }
     }
 
     /// Sets the total to zero when no slot is occupied (all owners gone): clears what killed
@@ -296,6 +331,35 @@ mod tests {
             .flat_map(|w| w.load(Ordering::SeqCst).to_le_bytes())
             .collect();
         layout::parse(&bytes).unwrap()
+    }
+
+    fn set(words: &[AtomicU64], index: usize, v: u64) {
+        words[index].store(v, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn revalidate_raises_a_lowered_total_and_lowers_an_absurd_one() {
+        let words = private_words(1000, "GPU-x");
+        let l = Ledger::new(words).unwrap();
+        l.claim(10, 5);
+        l.try_reserve(300, 1000).unwrap();
+        assert_eq!(l.revalidate(1000), None, "consistent");
+        set(words, header::USED, 0); // a workload zeroed the total to escape the limit
+        assert_eq!(l.revalidate(1000), Some((0, 300)));
+        assert_eq!(l.used(), 300);
+        assert!(
+            l.try_reserve(701, 1000).is_err(),
+            "the slot's bytes count again"
+        );
+        set(words, header::USED, 300 + 1000); // orphaned requests up to one limit: plausible
+        assert_eq!(l.revalidate(1000), None);
+        set(words, header::USED, u64::MAX);
+        assert_eq!(l.revalidate(1000), Some((u64::MAX, 300)));
+        // absurd slot bytes: the sum saturates, the total follows it, nothing panics
+        set(words, layout::slot_word(5, slot::PID), 77);
+        set(words, layout::slot_word(5, slot::BYTES), u64::MAX);
+        assert_eq!(l.revalidate(1000), Some((300, u64::MAX)));
+        assert!(l.try_reserve(1, 1000).is_err());
     }
 
     #[test]

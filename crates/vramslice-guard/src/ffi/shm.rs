@@ -89,7 +89,14 @@ pub fn attach(dir: &Path, limit: u64, uuid: &str, pid: u32, start: u64) -> Resul
     let ledger =
         Ledger::new(words).ok_or_else(|| format!("{}: inconsistent size", path.display()))?;
     ledger.reap(super::liveness);
-    ledger.reset_if_unowned();
+    if !ledger.reset_if_unowned()
+        && let Some((old, new)) = ledger.revalidate(limit)
+    {
+        crate::log!(
+            "vramslice-guard: {}: the container total said {old} bytes but the live processes' slots hold {new}; corrected",
+            path.display()
+        );
+    }
     if ledger.claim(pid, start).is_none() {
         crate::log!(
             "vramslice-guard: every slot of {} is taken; this process is counted in the total only",
