@@ -22,19 +22,29 @@
 //! declared free, so the ledger never promises a GPU more units than it advertises.
 
 mod book;
+mod hash;
 #[cfg(test)]
 mod proptests;
 mod reason;
+mod table;
 #[cfg(test)]
 mod tests;
+mod types;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-pub use reason::{GpuRejection, Rejection};
+pub use reason::{GpuRejection, Refusal, Rejection};
+use reason::{RefusalCache, RefusalKey};
+pub use types::{
+    GpuReading, GpuView, ListedPod, NodeReading, Placement, PodInfo, PodRecord, ReserveError,
+    ReserveRequest,
+};
+
+use hash::FastMap;
+use table::{Hot, NodeTable};
 
 use crate::placement::{self, Candidate, PodRequest, Policy};
-use crate::units::VramUnit;
 
 /// The ledger's tunables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,156 +53,6 @@ pub struct LedgerConfig {
     pub headroom_bytes: u64,
     /// Readings older than this take no new pods.
     pub staleness: Duration,
-}
-
-/// A pod bound to a node, as the API server shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodRecord {
-    /// Pod UID (the ledger's key).
-    pub uid: String,
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// The node the pod is bound to.
-    pub node: String,
-    /// The `vramslice.io/gpu-uuid` annotation, when present.
-    pub gpu_uuid: Option<String>,
-    /// The `vramslice.io/assigned-at` annotation, when present and readable.
-    pub assigned_at: Option<SystemTime>,
-    /// The pod's VRAM request.
-    pub request: PodRequest,
-}
-
-/// One node's readings (from `GpuNode` status).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeReading {
-    /// When the readings were taken.
-    pub observed_at: SystemTime,
-    /// The unit the node advertises in.
-    pub unit: VramUnit,
-    /// The node's GPUs.
-    pub gpus: Vec<GpuReading>,
-}
-
-/// One GPU's reading.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuReading {
-    /// NVML index.
-    pub index: u32,
-    /// NVML UUID.
-    pub uuid: String,
-    /// Live free memory (NVML), bytes.
-    pub free_bytes: u64,
-    /// Units advertised.
-    pub units: u64,
-    /// Whether the GPU may take work.
-    pub healthy: bool,
-    /// Why not, when unhealthy.
-    pub health_reason: Option<String>,
-    /// Pods the kubelet has allocated units of this GPU to.
-    pub pods: Vec<ListedPod>,
-}
-
-/// A pod listed in a GPU's reading (the kubelet's truth).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListedPod {
-    /// Pod UID, when the plugin knows it.
-    pub uid: Option<String>,
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// The pod's limit on this GPU, bytes.
-    pub limit_bytes: u64,
-    /// Measured usage, bytes, when known.
-    pub used_bytes: Option<u64>,
-}
-
-/// One GPU's books: the numbers behind its effective free memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuView {
-    /// NVML index.
-    pub index: u32,
-    /// NVML UUID.
-    pub uuid: String,
-    /// Whether the GPU may take work.
-    pub healthy: bool,
-    /// Why not, when unhealthy.
-    pub health_reason: Option<String>,
-    /// Advertised units × unit bytes.
-    pub advertised_bytes: u64,
-    /// Bytes assigned to pods (declared).
-    pub assigned_bytes: u64,
-    /// `advertised − assigned`, never below zero.
-    pub declared_free: u64,
-    /// Live free bytes from the reading.
-    pub live_free: u64,
-    /// Bytes assigned pods may still take that the reading cannot show.
-    pub unobserved: u64,
-    /// `min(declared_free, live_free − unobserved − headroom)`, never below zero.
-    pub effective_free: u64,
-}
-
-/// Where a reservation landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
-    /// The node.
-    pub node: String,
-    /// The chosen GPU's UUID.
-    pub gpu_uuid: String,
-    /// The chosen GPU's index.
-    pub gpu_index: u32,
-}
-
-/// A pod to reserve room for (a bind in flight).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReserveRequest {
-    /// Pod UID.
-    pub uid: String,
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// The pod's VRAM request.
-    pub request: PodRequest,
-}
-
-/// Why a reservation was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReserveError {
-    /// The pod is already bound (the API server shows it on a node).
-    #[error("pod {pod} is already bound to node {node}")]
-    AlreadyBound {
-        /// `namespace/name`.
-        pod: String,
-        /// Its node.
-        node: String,
-    },
-    /// Another bind of the same pod holds a reservation.
-    #[error("pod {pod} already has a bind in flight to node {node}")]
-    InFlight {
-        /// `namespace/name`.
-        pod: String,
-        /// The node of the other bind.
-        node: String,
-    },
-    /// The node cannot take the pod.
-    #[error("{0}")]
-    NoFit(#[from] Rejection),
-}
-
-/// What the ledger knows about one pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodInfo {
-    /// The node.
-    pub node: String,
-    /// The GPU it counts against (`None`: unknown, counts against every GPU of the node).
-    pub gpu_uuid: Option<String>,
-    /// The request.
-    pub request: PodRequest,
-    /// A reservation not yet confirmed by the API server.
-    pub reserved: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -226,12 +86,16 @@ struct NodeState {
     pods: BTreeSet<String>,
     /// Books per GPU, in reading order (by index).
     gpus: Vec<GpuView>,
+    /// The healthy GPUs as placement sees them (compact, for scoring many nodes).
+    candidates: Vec<Candidate>,
     /// Largest effective free among healthy GPUs.
     best_free: u64,
     /// Largest advertised bytes among all GPUs.
     capacity: u64,
     /// The capacity this node contributes to the ledger's multiset, when it does.
     counted: Option<u64>,
+    /// The last refusal rendered for this node (cleared whenever its books change).
+    refusal: RefusalCache,
 }
 
 impl NodeState {
@@ -240,9 +104,11 @@ impl NodeState {
             reading: ReadingState::Missing,
             pods: BTreeSet::new(),
             gpus: Vec::new(),
+            candidates: Vec::new(),
             best_free: 0,
             capacity: 0,
             counted: None,
+            refusal: RefusalCache::default(),
         }
     }
 }
@@ -251,8 +117,8 @@ impl NodeState {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     config: LedgerConfig,
-    nodes: HashMap<String, NodeState>,
-    pods: HashMap<String, PodEntry>,
+    nodes: NodeTable,
+    pods: FastMap<PodEntry>,
     /// Node capacities (largest GPU per node) as a multiset, for the cluster-wide largest GPU.
     capacities: BTreeMap<u64, usize>,
 }
@@ -262,8 +128,8 @@ impl Ledger {
     pub fn new(config: LedgerConfig) -> Self {
         Ledger {
             config,
-            nodes: HashMap::new(),
-            pods: HashMap::new(),
+            nodes: NodeTable::default(),
+            pods: FastMap::default(),
             capacities: BTreeMap::new(),
         }
     }
@@ -310,7 +176,7 @@ impl Ledger {
         let named: BTreeSet<String> = readings.iter().map(|(n, _)| n.clone()).collect();
         let gone: Vec<String> = self
             .nodes
-            .keys()
+            .names()
             .filter(|n| !named.contains(*n))
             .cloned()
             .collect();
@@ -473,20 +339,56 @@ impl Ledger {
 
     /// Whether `node` can take a pod of `request` now; the reason when not.
     pub fn check(&self, node: &str, request: PodRequest, now: SystemTime) -> Result<(), Rejection> {
-        if let Some(state) = self.nodes.get(node)
-            && let ReadingState::Valid(reading) = &state.reading
-            && reading.unit == request.unit
-            && state.best_free >= request.bytes()
-            && self.age(reading, now) <= self.config.staleness
-        {
+        if self.fits(node, request, now) {
             return Ok(());
         }
         Err(self.rejection(node, request, now))
     }
 
+    /// [`Ledger::check`] with the reason already rendered, and remembered per node until its
+    /// books change: filters of same-size pods against many full nodes render each reason once.
+    pub fn check_rendered(
+        &self,
+        node: &str,
+        request: PodRequest,
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
+        if self.fits(node, request, now) {
+            return Ok(());
+        }
+        let Some(state) = self.nodes.get(node) else {
+            return Err(Refusal::from(&self.rejection(node, request, now)));
+        };
+        let stale_age = match &state.reading {
+            ReadingState::Valid(r) if self.age(r, now) > self.config.staleness => {
+                Some(self.age(r, now).as_secs())
+            }
+            _ => None,
+        };
+        let key = RefusalKey {
+            unit: request.unit,
+            need: request.bytes(),
+            stale_age,
+        };
+        if let Some(hit) = state.refusal.get(&key) {
+            return Err(hit);
+        }
+        let refusal = Refusal::from(&book::rejection(node, state, request, self.config, now));
+        state.refusal.put(key, refusal.clone());
+        Err(refusal)
+    }
+
+    fn fits(&self, node: &str, request: PodRequest, now: SystemTime) -> bool {
+        self.nodes.hot(node).is_some_and(|hot| {
+            hot.unit == Some(request.unit)
+                && hot.best_free >= request.bytes()
+                && now.duration_since(hot.observed_at).unwrap_or_default() <= self.config.staleness
+        })
+    }
+
     /// Score 0..=10 of `node` for a pod of `request` under `policy` (0 when it cannot fit).
     pub fn score(&self, node: &str, request: PodRequest, policy: Policy, now: SystemTime) -> u8 {
-        if self.check(node, request, now).is_err() {
+        if !self.fits(node, request, now) {
             return 0;
         }
         self.best_gpu(node, request, policy)
@@ -550,9 +452,7 @@ impl Ledger {
     }
 
     fn node_mut(&mut self, node: &str) -> &mut NodeState {
-        self.nodes
-            .entry(node.to_string())
-            .or_insert_with(NodeState::new)
+        self.nodes.entry(node)
     }
 
     fn detach(&mut self, node: &str, uid: &str) {
@@ -600,12 +500,7 @@ impl Ledger {
 
     fn best_gpu(&self, node: &str, request: PodRequest, policy: Policy) -> Option<Candidate> {
         let state = self.nodes.get(node)?;
-        let candidates = state.gpus.iter().filter(|g| g.healthy).map(|g| Candidate {
-            index: g.index,
-            effective_free: g.effective_free,
-            advertised_bytes: g.advertised_bytes,
-        });
-        placement::choose(candidates, request.bytes(), policy)
+        placement::choose(state.candidates.iter().copied(), request.bytes(), policy)
     }
 
     fn recompute(&mut self, node: &str) {
@@ -621,8 +516,22 @@ impl Ledger {
             *self.capacities.entry(state.capacity).or_insert(0) += 1;
             state.counted = Some(state.capacity);
         }
+        let hot = match &state.reading {
+            ReadingState::Valid(reading) => Hot {
+                unit: Some(reading.unit),
+                observed_at: reading.observed_at,
+                best_free: state.best_free,
+            },
+            _ => Hot {
+                unit: None,
+                observed_at: SystemTime::UNIX_EPOCH,
+                best_free: 0,
+            },
+        };
         if matches!(state.reading, ReadingState::Missing) && state.pods.is_empty() {
             self.nodes.remove(node);
+        } else {
+            self.nodes.set_hot(node, hot);
         }
     }
 

@@ -1,15 +1,17 @@
 //! One node's books: per-GPU assigned, unobserved and effective free memory from its reading and
 //! its pods, and the detailed reason when the node cannot take a pod.
 
-use std::collections::HashMap;
 use std::time::SystemTime;
 
+use super::hash::FastMap;
 use super::{GpuRejection, GpuView, LedgerConfig, NodeState, PodEntry, ReadingState, Rejection};
-use crate::placement::PodRequest;
+use crate::placement::{Candidate, PodRequest};
 
 /// Recompute `state.gpus`, `best_free` and `capacity` from the reading and the node's pods.
-pub(super) fn recompute(state: &mut NodeState, pods: &HashMap<String, PodEntry>, headroom: u64) {
+pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroom: u64) {
+    state.refusal.clear();
     state.gpus.clear();
+    state.candidates.clear();
     state.best_free = 0;
     state.capacity = 0;
     let ReadingState::Valid(reading) = &state.reading else {
@@ -98,6 +100,11 @@ pub(super) fn recompute(state: &mut NodeState, pods: &HashMap<String, PodEntry>,
         state.capacity = state.capacity.max(view.advertised_bytes);
         if view.healthy {
             state.best_free = state.best_free.max(view.effective_free);
+            state.candidates.push(Candidate {
+                index: view.index,
+                effective_free: view.effective_free,
+                advertised_bytes: view.advertised_bytes,
+            });
         }
     }
 }

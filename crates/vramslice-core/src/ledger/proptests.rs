@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use proptest::prelude::*;
 
 use super::*;
+use crate::units::VramUnit;
 
 const GIB: u64 = 1 << 30;
 const NODES: [&str; 2] = ["n0", "n1"];
@@ -182,6 +183,18 @@ fn make_reading(world: &mut World, node: usize, mask: u8, pct: u8, noise: u64, s
 
 fn check_invariants(ledger: &Ledger, world: &World) {
     let headroom = config().headroom_bytes;
+    // The remembered, rendered refusals always say what a fresh check says.
+    for name in NODES.iter().chain(&["nowhere"]) {
+        for units in [1, 3, 8, 9] {
+            let request = PodRequest::new(VramUnit::Gib1, units);
+            let fresh = ledger
+                .check(name, request, world.now)
+                .map_err(|r| Refusal::from(&r));
+            for _ in 0..2 {
+                assert_eq!(ledger.check_rendered(name, request, world.now), fresh);
+            }
+        }
+    }
     for (n, name) in NODES.iter().enumerate() {
         let Some(views) = ledger.gpu_views(name) else {
             continue;

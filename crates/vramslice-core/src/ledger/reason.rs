@@ -2,6 +2,9 @@
 //! FailedNodes map. Reasons are built only for nodes that fail, and rendered only when shown.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::units::VramUnit;
 
 /// Why one node cannot take a pod.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,5 +241,59 @@ impl fmt::Display for GpuRejection {
                 write!(f, "), need {}", Bytes(*need))
             }
         }
+    }
+}
+
+/// A rendered [`Rejection`]: the text for the scheduler and whether preemption could help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The reason, as [`Rejection`]'s `Display` writes it.
+    pub reason: Arc<str>,
+    /// [`Rejection::is_unresolvable`].
+    pub unresolvable: bool,
+}
+
+impl From<&Rejection> for Refusal {
+    fn from(r: &Rejection) -> Self {
+        Refusal {
+            reason: Arc::from(r.to_string()),
+            unresolvable: r.is_unresolvable(),
+        }
+    }
+}
+
+/// What a node's refusal depends on besides its books.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RefusalKey {
+    pub unit: VramUnit,
+    pub need: u64,
+    /// Whole seconds of age, when the reading is stale.
+    pub stale_age: Option<u64>,
+}
+
+/// One remembered refusal per node. Cloning a ledger starts with empty caches.
+#[derive(Debug, Default)]
+pub(super) struct RefusalCache(Mutex<Option<(RefusalKey, Refusal)>>);
+
+impl Clone for RefusalCache {
+    fn clone(&self) -> Self {
+        RefusalCache::default()
+    }
+}
+
+impl RefusalCache {
+    pub fn get(&self, key: &RefusalKey) -> Option<Refusal> {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref()
+            .filter(|(k, _)| k == key)
+            .map(|(_, r)| r.clone())
+    }
+
+    pub fn put(&self, key: RefusalKey, refusal: Refusal) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, refusal));
+    }
+
+    pub fn clear(&mut self) {
+        *self.0.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }

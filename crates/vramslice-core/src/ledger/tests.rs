@@ -3,6 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::*;
+use crate::units::VramUnit;
 
 const GIB: u64 = 1 << 30;
 
