@@ -18,7 +18,7 @@ use crate::convert::{RequestError, format_time, pod_request, policy_of, wire_pod
 use crate::metrics::{LedgerFigures, Metrics, Outcome};
 use crate::wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, HostPriority,
-    NodeListOut, WireNodeName, WirePod,
+    NodeListOut, Reason, WireNodeName, WirePod,
 };
 
 /// The clock the extender reads (tests and benchmarks supply their own).
@@ -248,23 +248,24 @@ impl Extender {
                             format_bytes(need),
                             format_bytes(largest)
                         );
+                        let reason: Arc<str> = Arc::from(reason);
                         for name in &names {
                             result
                                 .failed_and_unresolvable_nodes
-                                .insert(name, reason.clone());
+                                .insert(name, Reason(reason.clone()));
                         }
                     }
                     _ => {
                         for (i, name) in names.iter().enumerate() {
-                            match ledger.check(name, request, now) {
+                            match ledger.check_rendered(name, request, now) {
                                 Ok(()) => passed.push(i),
-                                Err(r) if r.is_unresolvable() => {
+                                Err(r) if r.unresolvable => {
                                     result
                                         .failed_and_unresolvable_nodes
-                                        .insert(name, r.to_string());
+                                        .insert(name, Reason(r.reason));
                                 }
                                 Err(r) => {
-                                    result.failed_nodes.insert(name, r.to_string());
+                                    result.failed_nodes.insert(name, Reason(r.reason));
                                 }
                             }
                         }

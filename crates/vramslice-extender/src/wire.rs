@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::{Deserialize, Serialize};
@@ -135,13 +136,23 @@ pub struct ExtenderFilterResult<'a> {
     pub node_names: Option<Vec<&'a str>>,
     /// Nodes that failed, with the reason.
     #[serde(rename = "FailedNodes")]
-    pub failed_nodes: BTreeMap<&'a str, String>,
+    pub failed_nodes: BTreeMap<&'a str, Reason>,
     /// Nodes that failed where preemption cannot help, with the reason.
     #[serde(rename = "FailedAndUnresolvableNodes")]
-    pub failed_and_unresolvable_nodes: BTreeMap<&'a str, String>,
+    pub failed_and_unresolvable_nodes: BTreeMap<&'a str, Reason>,
     /// A failure of the whole call.
     #[serde(rename = "Error")]
     pub error: String,
+}
+
+/// A failure reason, shared between nodes and cached by the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason(pub Arc<str>);
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
 }
 
 /// A `v1.NodeList` to send back, items untouched.

@@ -58,7 +58,7 @@ async fn racing_binds_never_overcommit() {
         } else {
             assert!(
                 error.starts_with(&format!(
-                    "cannot bind pod default/p{i} to node {node}: GPU 0: "
+                    "cannot bind pod default/p{i} to node {node}: GPU "
                 )) && error.contains(&format!("need {} GiB", size(i))),
                 "unclear loser error: {error}"
             );
