@@ -418,10 +418,15 @@ impl Extender {
                 .annotate_pod(ns, name, annotations)
                 .await
                 .map_err(|e| format!("cannot bind pod {who}: annotating it failed: {e}"))?;
-            self.cluster
-                .bind_pod(ns, name, &uid, node)
-                .await
-                .map_err(|e| format!("cannot bind pod {who} to node {node}: {e}"))
+            match self.cluster.bind_pod(ns, name, &uid, node).await {
+                Ok(()) => Ok(()),
+                // The answer was lost, not necessarily the Binding: ask the API server.
+                Err(e @ ApiError::Transport(_)) if self.bound_to(ns, name, &uid, node).await => {
+                    tracing::info!(pod = %who, error = %e, "binding answer lost, but the pod is bound");
+                    Ok(())
+                }
+                Err(e) => Err(format!("cannot bind pod {who} to node {node}: {e}")),
+            }
         }
         .await;
         match done {
@@ -436,5 +441,13 @@ impl Extender {
                 Err(fail(message))
             }
         }
+    }
+
+    /// Whether the API server shows the pod (same UID) bound to `node`.
+    async fn bound_to(&self, ns: &str, name: &str, uid: &str, node: &str) -> bool {
+        self.cluster.get_pod(ns, name).await.is_ok_and(|pod| {
+            pod.metadata.uid.as_deref() == Some(uid)
+                && pod.spec.and_then(|s| s.node_name).as_deref() == Some(node)
+        })
     }
 }

@@ -27,6 +27,7 @@ struct Inner {
     calls: Vec<Call>,
     fail_annotate: Option<ApiError>,
     fail_bind: Option<ApiError>,
+    lose_bind_answer: bool,
     latency: std::time::Duration,
 }
 
@@ -80,6 +81,11 @@ impl FakeCluster {
 
     fn latency(&self) -> std::time::Duration {
         self.lock().latency
+    }
+
+    /// Make later bind calls bind the pod but answer with a transport error (a lost answer).
+    pub fn lose_bind_answers(&self, lose: bool) {
+        self.lock().lose_bind_answer = lose;
     }
 
     /// Make every later bind call fail with `err` (or succeed again with `None`).
@@ -176,6 +182,9 @@ impl ClusterApi for FakeCluster {
                 )));
             }
             spec.node_name = Some(node.to_string());
+            if inner.lose_bind_answer {
+                return Err(ApiError::Transport("connection reset by peer".into()));
+            }
             Ok(())
         })
     }

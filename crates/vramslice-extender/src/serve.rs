@@ -89,6 +89,17 @@ pub async fn serve(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
+    serve_on(listener, router, tls, shutdown).await
+}
+
+/// Serve `router` on a bound listener (HTTPS when `tls` is given) until `shutdown` completes.
+pub async fn serve_on(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, tls = tls.is_some(), "serving the extender");
     match tls {
         None => Ok(axum::serve(listener, router)

@@ -402,3 +402,30 @@ async fn metrics_count_decisions_and_show_the_ledger() {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_lost_binding_answer_is_checked_against_the_api_server() {
+    let (ext, fake) = cluster();
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    fake.lose_bind_answers(true);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(
+        body,
+        json!({ "Error": "" }),
+        "the pod is bound: the bind succeeded"
+    );
+    assert!(
+        ext.ledger().pod("uid-1").unwrap().reserved,
+        "and the reservation is kept"
+    );
+    // A transport error where the Binding did not happen releases the reservation.
+    fake.put_pod(pod_object("other", "uid-2", Some("6"), json!({})));
+    fake.lose_bind_answers(false);
+    fake.fail_bind(Some(ApiError::Transport("timeout".into())));
+    let (_, body) = post_json(&ext, "/bind", &binding_args("other", "uid-2", "fit")).await;
+    assert_eq!(
+        body["Error"],
+        "cannot bind pod default/other to node fit: timeout"
+    );
+    assert!(ext.ledger().pod("uid-2").is_none());
+}
