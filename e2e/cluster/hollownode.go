@@ -69,7 +69,11 @@ type HollowNode struct {
 
 	client kubernetes.Interface
 
-	mu       sync.Mutex // guards dm and active; the device manager expects serial admission like the kubelet's sync loop
+	// mu guards only the dm pointer (swapped by RestartDeviceManager). The device
+	// manager is internally synchronised like in the kubelet; holding a lock of ours
+	// across Allocate would deadlock a plugin that calls PodResources from Allocate.
+	// Admission is serial anyway: one pod worker per node, like the kubelet's sync loop.
+	mu       sync.Mutex
 	dm       *devicemanager.ManagerImpl
 	activeMu sync.Mutex // guards active; separate from mu because the device manager calls activePods while we hold mu
 	active   map[types.UID]*v1.Pod
@@ -208,6 +212,13 @@ func (h *HollowNode) RestartDeviceManager() error {
 // activePods is the device manager's view of pods admitted to this node.
 func (h *HollowNode) activePods() []*v1.Pod { return h.snapshotActive() }
 
+// manager returns the current device manager.
+func (h *HollowNode) manager() *devicemanager.ManagerImpl {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.dm
+}
+
 func (h *HollowNode) snapshotActive() []*v1.Pod {
 	h.activeMu.Lock()
 	defer h.activeMu.Unlock()
@@ -244,11 +255,9 @@ func (h *HollowNode) Stop() {
 	if h.grpc != nil {
 		h.grpc.Stop()
 	}
-	h.mu.Lock()
-	if h.dm != nil {
-		_ = h.dm.Stop()
+	if dm := h.manager(); dm != nil {
+		_ = dm.Stop()
 	}
-	h.mu.Unlock()
 }
 
 func (h *HollowNode) podWorker(ctx context.Context) {
@@ -270,9 +279,7 @@ func (h *HollowNode) podWorker(ctx context.Context) {
 
 func (h *HollowNode) freeDevices(uid types.UID) {
 	h.setActive(&v1.Pod{ObjectMeta: metav1.ObjectMeta{UID: uid}}, false)
-	h.mu.Lock()
-	h.dm.UpdateAllocatedDevices()
-	h.mu.Unlock()
+	h.manager().UpdateAllocatedDevices()
 }
 
 func (h *HollowNode) syncPod(ctx context.Context, key string) error {
@@ -317,8 +324,7 @@ func (h *HollowNode) syncPod(ctx context.Context, key string) error {
 // admit does what the kubelet does for a new pod as far as devices go.
 func (h *HollowNode) admit(ctx context.Context, pod *v1.Pod) error {
 	h.setActive(pod, true)
-	h.mu.Lock()
-	dm := h.dm
+	dm := h.manager()
 	var allocErr error
 	opts := PodRunOptions{}
 	containers := append(append([]v1.Container{}, pod.Spec.InitContainers...), pod.Spec.Containers...)
@@ -337,7 +343,6 @@ func (h *HollowNode) admit(ctx context.Context, pod *v1.Pod) error {
 			opts[containers[i].Name] = toRunOptions(ro)
 		}
 	}
-	h.mu.Unlock()
 	if allocErr != nil {
 		h.freeDevices(pod.UID)
 		klog.InfoS("hollow node rejected pod", "node", h.Name, "pod", klog.KObj(pod), "err", allocErr)
@@ -446,9 +451,7 @@ func (h *HollowNode) statusLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		h.mu.Lock()
-		capacity, allocatable, removed := h.dm.GetCapacity()
-		h.mu.Unlock()
+		capacity, allocatable, removed := h.manager().GetCapacity()
 		key := fmt.Sprint(sortedList(capacity), sortedList(allocatable), removed)
 		if key == h.lastCap {
 			continue
@@ -526,20 +529,12 @@ func (p podsProvider) GetPodByName(ns, name string) (*v1.Pod, bool) {
 
 type devicesProvider struct{ h *HollowNode }
 
-func (d devicesProvider) UpdateAllocatedDevices() {
-	d.h.mu.Lock()
-	defer d.h.mu.Unlock()
-	d.h.dm.UpdateAllocatedDevices()
-}
+func (d devicesProvider) UpdateAllocatedDevices() { d.h.manager().UpdateAllocatedDevices() }
 func (d devicesProvider) GetDevices(podUID, containerName string) []*podresourcesapi.ContainerDevices {
-	d.h.mu.Lock()
-	defer d.h.mu.Unlock()
-	return toContainerDevices(d.h.dm.GetDevices(podUID, containerName))
+	return toContainerDevices(d.h.manager().GetDevices(podUID, containerName))
 }
 func (d devicesProvider) GetAllocatableDevices() []*podresourcesapi.ContainerDevices {
-	d.h.mu.Lock()
-	defer d.h.mu.Unlock()
-	return toContainerDevices(d.h.dm.GetAllocatableDevices())
+	return toContainerDevices(d.h.manager().GetAllocatableDevices())
 }
 
 // toContainerDevices mirrors the kubelet's containerDevicesFromResourceDeviceInstances.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"k8s.io/klog/v2"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app"
@@ -12,6 +13,9 @@ import (
 	"k8s.io/kubernetes/cmd/kube-scheduler/app/options"
 	"k8s.io/kubernetes/pkg/scheduler"
 )
+
+// UnschedulableFlush is the bundled scheduler's --pod-max-in-unschedulable-pods-duration.
+const UnschedulableFlush = 20 * time.Second
 
 // SchedulerOptions describe one in-process kube-scheduler.
 type SchedulerOptions struct {
@@ -66,6 +70,12 @@ func startScheduler(ctx context.Context, dir, kubeconfig string, opts SchedulerO
 	o := options.NewOptions()
 	o.ConfigFile = path
 	o.SecureServing.BindPort = 0
+	// kube-scheduler retries a pod the extender rejected only on the next cluster
+	// event or after this long (default 5 min). When a pod is deleted the scheduler
+	// may retry before the extender has processed the same deletion, and then no
+	// further event comes; the bundled scheduler must therefore flush sooner. This
+	// is --pod-max-in-unschedulable-pods-duration; the chart should set it too.
+	o.Deprecated.PodMaxInUnschedulablePodsDuration = UnschedulableFlush
 	cc, sched, err := app.Setup(ctx, o)
 	if err != nil {
 		return nil, fmt.Errorf("setting up kube-scheduler %s: %w", opts.Name, err)

@@ -54,6 +54,15 @@ func TestScenario1_TwoNodesDifferentSizes(t *testing.T) {
 		t.Logf("%s (%d GiB) -> node %s GPU %s limit %d bytes", s.name, s.gib, pl.Node, pl.EnvGPU, pl.LimitBytes)
 	}
 	checkGpuNodesAgree(t, c, map[string]uint64{"GPU-big-0": 70, "GPU-small-0": 22})
+
+	// Deleting a pod frees its memory: the pending 12 GiB pod then fits on big.
+	deletePod(t, c, "s1-10g")
+	pl := checkRunningPod(t, waitRunning(t, c, "s1-12g"))
+	if pl.Node != "big" {
+		t.Fatalf("s1-12g landed on %s after s1-10g was deleted, want big", pl.Node)
+	}
+	t.Logf("after deleting s1-10g: s1-12g (12 GiB) -> node %s GPU %s", pl.Node, pl.EnvGPU)
+	checkGpuNodesAgree(t, c, map[string]uint64{"GPU-big-0": 72, "GPU-small-0": 22})
 }
 
 // Scenario 2: memory used outside Kubernetes (a non-pod process in the fake
@@ -193,7 +202,7 @@ func TestScenario4_Restarts(t *testing.T) {
 	}
 	wave(30, 40)
 	pods := settle(t, c, "s4-", 3*time.Minute)
-	used := checkNoOvercommit(t, c, pods)
+	used := checkPods(t, c, pods, true)
 	running := 0
 	for _, p := range pods {
 		if p.Status.Phase == "Running" {
@@ -202,23 +211,33 @@ func TestScenario4_Restarts(t *testing.T) {
 	}
 	t.Logf("after restarts: %d of %d pods Running; units per GPU %v", running, len(pods), used)
 
-	// Placement continues: free one running pod and a new pod of its size lands.
+	// Placement continues: free one running pod whose reservation matches its
+	// allocation, and a new pod of its size lands.
 	var victim string
 	var size int64
 	for _, p := range pods {
-		if p.Status.Phase == "Running" {
-			victim, size = p.Name, placementOf(t, &p).Request
-			break
+		if p.Status.Phase != "Running" {
+			continue
+		}
+		if pl := placementOf(t, &p); pl.AnnotatedGPU == pl.EnvGPU && pl.Request > size {
+			victim, size = p.Name, pl.Request
 		}
 	}
 	if victim == "" {
 		t.Fatal("no pod running after the restarts")
 	}
+	// Pending pods would compete for the freed room: remove them first.
+	for _, p := range pods {
+		if p.Status.Phase != "Running" {
+			deletePod(t, c, p.Name)
+		}
+	}
+	t.Logf("deleted the pending/failed pods; deleting %s (%d GiB); a new %d GiB pod must be placed", victim, size, size)
 	deletePod(t, c, victim)
 	createPod(t, c, vramPod("s4-after", size))
 	checkRunningPod(t, waitRunning(t, c, "s4-after"))
 	pods = settle(t, c, "s4-", 2*time.Minute)
-	used = checkNoOvercommit(t, c, pods)
+	used = checkPods(t, c, pods, true)
 	checkGpuNodesAgree(t, c, used)
 }
 
@@ -257,16 +276,16 @@ func TestScenario5_UnhealthyGPU(t *testing.T) {
 	if used["GPU-h1-0"] == 0 {
 		t.Fatal("the healthy GPU received no pods")
 	}
-	sawUnhealthy := false
-	for _, p := range pods {
-		if cond := unschedulable(&p); cond != nil && strings.Contains(cond.Message, "unhealthy") {
-			sawUnhealthy = true
-		}
-	}
-	if !sawUnhealthy {
-		t.Error("no pending pod's reason mentions the unhealthy GPU")
-	}
 	t.Logf("units per GPU: %v (GPU-h1-1 unhealthy)", used)
+	// The node still has units the scheduler's own check accepts (the unhealthy
+	// GPU's units are not allocatable, the healthy one keeps headroom): a 1 GiB pod
+	// reaches the extender, whose verdict must name the unhealthy GPU.
+	createPod(t, c, vramPod("s5-probe", 1))
+	msg := waitUnschedulable(t, c, "s5-probe")
+	if !strings.Contains(msg, "unhealthy") {
+		t.Fatalf("s5-probe reason %q does not mention the unhealthy GPU", msg)
+	}
+	t.Logf("s5-probe (1 GiB) Pending: %s", msg)
 }
 
 // Scenario 6: a pod asking for more than any GPU has stays Pending with an
