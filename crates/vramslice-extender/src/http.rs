@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,6 +22,10 @@ use crate::metrics::Outcome;
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
 
+/// Largest request body accepted: a full `NodeList` of thousands of nodes (nodeCacheCapable:
+/// false) runs to tens of MiB, far past axum's 2 MiB default.
+pub const MAX_BODY_BYTES: usize = 256 << 20;
+
 /// The extender's routes.
 pub fn router(extender: Arc<Extender>) -> Router {
     Router::new()
@@ -31,6 +35,7 @@ pub fn router(extender: Arc<Extender>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(extender)
 }
 

@@ -429,3 +429,18 @@ async fn a_lost_binding_answer_is_checked_against_the_api_server() {
     );
     assert!(ext.ledger().pod("uid-2").is_none());
 }
+
+#[tokio::test]
+async fn large_node_lists_are_accepted() {
+    let (ext, _) = cluster();
+    // 3,000 full Node objects (~3 MiB, past axum's default body limit), as a
+    // non-nodeCacheCapable kube-scheduler sends them for a large cluster.
+    let names: Vec<String> = (0..3000).map(|i| format!("node-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pod = pod_json("web", "uid-3", None, json!({}));
+    let body = args_nodes(pod, &refs).to_string();
+    assert!(body.len() > 2 << 20, "{} bytes", body.len());
+    let (status, answer) = post(&ext, "/filter", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["Nodes"]["items"].as_array().unwrap().len(), 3000);
+}
