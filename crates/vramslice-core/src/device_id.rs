@@ -23,7 +23,9 @@ pub enum DeviceIdError {
     #[error("device ID {0:?} is malformed: expected <GPU UUID>::<unit index>")]
     Malformed(String),
     /// The UUID part is not a usable GPU UUID.
-    #[error("device ID {0:?} has an invalid GPU UUID: it must be non-empty and contain no whitespace or '::'")]
+    #[error(
+        "device ID {0:?} has an invalid GPU UUID: it must be non-empty and contain no whitespace or '::'"
+    )]
     BadUuid(String),
     /// An allocation request with no IDs.
     #[error("no device IDs in the request")]
@@ -130,7 +132,15 @@ mod tests {
 
     #[test]
     fn rejects_malformed_ids() {
-        for bad in ["GPU-1", "GPU-1::", "::3", "GPU-1::x", "GPU-1::-1", "GPU 1::2", "GPU-1::+2"] {
+        for bad in [
+            "GPU-1",
+            "GPU-1::",
+            "::3",
+            "GPU-1::x",
+            "GPU-1::-1",
+            "GPU 1::2",
+            "GPU-1::+2",
+        ] {
             assert!(bad.parse::<DeviceId>().is_err(), "{bad} accepted");
         }
     }
@@ -149,7 +159,10 @@ mod tests {
             GpuSelection::from_ids(&["GPU-a::0", "GPU-a::0"]),
             Err(DeviceIdError::Duplicate(_))
         ));
-        assert_eq!(GpuSelection::from_ids::<&str>(&[]), Err(DeviceIdError::Empty));
+        assert_eq!(
+            GpuSelection::from_ids::<&str>(&[]),
+            Err(DeviceIdError::Empty)
+        );
     }
 
     proptest! {

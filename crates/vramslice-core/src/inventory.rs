@@ -150,7 +150,12 @@ pub fn preferred_units(
     let mut picked: Vec<DeviceId> = must_include.to_vec();
     let mut rest: Vec<&DeviceId> = by_gpu
         .get(gpu)
-        .map(|ids| ids.iter().copied().filter(|id| !must_include.contains(id)).collect())
+        .map(|ids| {
+            ids.iter()
+                .copied()
+                .filter(|id| !must_include.contains(id))
+                .collect()
+        })
         .unwrap_or_default();
     rest.sort_by_key(|id| id.unit);
     for id in rest {
@@ -171,8 +176,18 @@ mod tests {
         GpuInventory::new(
             VramUnit::Gib1,
             vec![
-                GpuUnitsView { uuid: "GPU-b".into(), index: 1, total_bytes: (24 << 30) + 5, healthy: false },
-                GpuUnitsView { uuid: "GPU-a".into(), index: 0, total_bytes: 80 << 30, healthy: true },
+                GpuUnitsView {
+                    uuid: "GPU-b".into(),
+                    index: 1,
+                    total_bytes: (24 << 30) + 5,
+                    healthy: false,
+                },
+                GpuUnitsView {
+                    uuid: "GPU-a".into(),
+                    index: 0,
+                    total_bytes: 80 << 30,
+                    healthy: true,
+                },
             ],
         )
     }
@@ -200,7 +215,10 @@ mod tests {
             "device ID GPU-b::24 is unknown: GPU GPU-b advertises units 0..24"
         );
         let sel = GpuSelection::from_ids(&["GPU-z::0"]).unwrap();
-        assert_eq!(inv.resolve(&sel).unwrap_err(), InventoryError::UnknownGpu("GPU-z".into()));
+        assert_eq!(
+            inv.resolve(&sel).unwrap_err(),
+            InventoryError::UnknownGpu("GPU-z".into())
+        );
     }
 
     fn ids(gpu: &str, units: std::ops::Range<u64>) -> Vec<DeviceId> {
@@ -224,7 +242,10 @@ mod tests {
         // must_include decides the GPU.
         let must = vec![DeviceId::new("GPU-a", 7)];
         let picked = preferred_units(&available, &must, 2, Some("GPU-b"));
-        assert_eq!(picked, vec![DeviceId::new("GPU-a", 7), DeviceId::new("GPU-a", 0)]);
+        assert_eq!(
+            picked,
+            vec![DeviceId::new("GPU-a", 7), DeviceId::new("GPU-a", 0)]
+        );
     }
 
     proptest! {
