@@ -405,6 +405,11 @@ impl Ledger {
         self.capacities.keys().next_back().copied()
     }
 
+    /// Whether the ledger holds a pod (bound or reserved).
+    pub fn has_pod(&self, uid: &str) -> bool {
+        self.pods.contains_key(uid)
+    }
+
     /// What the ledger knows about a pod.
     pub fn pod(&self, uid: &str) -> Option<PodInfo> {
         self.pods.get(uid).map(|e| PodInfo {

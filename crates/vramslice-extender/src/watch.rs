@@ -61,13 +61,17 @@ where
             }
             Ok(Event::Apply(pod)) => match pod_fate(&pod, &accepted) {
                 PodFate::Bound(record) => ext.ledger_mut().observe_pod(record),
-                PodFate::Gone(uid) => {
+                // Most pods in a cluster hold no VRAM: skip the write lock for them.
+                PodFate::Gone(uid) if ext.ledger().has_pod(&uid) => {
                     ext.ledger_mut().forget_pod(&uid);
                 }
+                PodFate::Gone(_) => {}
                 PodFate::Pending => {}
             },
             Ok(Event::Delete(pod)) => {
-                if let Some(uid) = pod.metadata.uid.as_deref() {
+                if let Some(uid) = pod.metadata.uid.as_deref()
+                    && ext.ledger().has_pod(uid)
+                {
                     ext.ledger_mut().forget_pod(uid);
                 }
             }

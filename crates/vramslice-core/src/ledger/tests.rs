@@ -274,6 +274,7 @@ fn double_binds_are_refused_with_the_reason() {
         "pod ns/a already has a bind in flight to node n1"
     );
     ledger.observe_pod(bound("a", "n1", None, 1, 1));
+    assert!(ledger.has_pod("a") && !ledger.has_pod("b"));
     let info = ledger.pod("a").unwrap();
     assert!(!info.reserved);
     assert_eq!(
