@@ -234,10 +234,16 @@ func setupKlog(path string) error {
 	if v == "" {
 		v = "0"
 	}
-	for name, val := range map[string]string{"v": v, "logtostderr": "false", "alsologtostderr": "false", "stderrthreshold": "FATAL"} {
-		if fl := flag.CommandLine.Lookup(name); fl != nil {
-			_ = fl.Value.Set(val)
+	// klog's own flags, on a private set (the command line may not carry them all).
+	fs := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(fs)
+	for name, val := range map[string]string{"v": v, "logtostderr": "false", "alsologtostderr": "false", "stderrthreshold": "FATAL", "one_output": "true"} {
+		if err := fs.Set(name, val); err != nil {
+			return fmt.Errorf("klog flag %s: %w", name, err)
 		}
+	}
+	if fl := flag.CommandLine.Lookup("v"); fl != nil {
+		_ = fl.Value.Set(v)
 	}
 	klog.LogToStderr(false)
 	klog.SetOutput(f)
@@ -456,6 +462,9 @@ func (c *Cluster) KillExtender() { c.Extender.Kill() }
 
 // Stop kills our processes, stops the nodes, the control plane and removes the work dir (if ours).
 func (c *Cluster) Stop() {
+	// The apiserver's test helper resets klog's flags in its cleanups; keep its
+	// shutdown noise in the log file.
+	_ = setupKlog(filepath.Join(c.Dir, "logs", "kubernetes.log"))
 	c.mu.Lock()
 	nodes := make([]*Node, 0, len(c.nodes))
 	for _, n := range c.nodes {
