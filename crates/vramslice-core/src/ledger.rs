@@ -379,19 +379,26 @@ impl Ledger {
     }
 
     fn fits(&self, node: &str, request: PodRequest, now: SystemTime) -> bool {
-        self.nodes.hot(node).is_some_and(|hot| {
-            hot.unit == Some(request.unit)
-                && hot.best_free >= request.bytes()
-                && now.duration_since(hot.observed_at).unwrap_or_default() <= self.config.staleness
-        })
+        self.nodes
+            .hot(node)
+            .is_some_and(|hot| self.hot_fits(hot, request, now))
+    }
+
+    fn hot_fits(&self, hot: &Hot, request: PodRequest, now: SystemTime) -> bool {
+        hot.unit == Some(request.unit)
+            && hot.best_free >= request.bytes()
+            && now.duration_since(hot.observed_at).unwrap_or_default() <= self.config.staleness
     }
 
     /// Score 0..=10 of `node` for a pod of `request` under `policy` (0 when it cannot fit).
     pub fn score(&self, node: &str, request: PodRequest, policy: Policy, now: SystemTime) -> u8 {
-        if !self.fits(node, request, now) {
+        let Some((hot, state)) = self.nodes.hot_and_state(node) else {
+            return 0;
+        };
+        if !self.hot_fits(hot, request, now) {
             return 0;
         }
-        self.best_gpu(node, request, policy)
+        placement::choose(state.candidates.iter().copied(), request.bytes(), policy)
             .map_or(0, |c| placement::score(c, request.bytes(), policy))
     }
 

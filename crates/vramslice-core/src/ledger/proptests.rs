@@ -193,6 +193,12 @@ fn check_invariants(ledger: &Ledger, world: &World) {
             for _ in 0..2 {
                 assert_eq!(ledger.check_rendered(name, request, world.now), fresh);
             }
+            // A node scores (1..=10) exactly when it fits.
+            for policy in [Policy::Binpack, Policy::Spread] {
+                let score = ledger.score(name, request, policy, world.now);
+                assert_eq!(score > 0, fresh.is_ok(), "{name} {units} {policy}: {score}");
+                assert!(score <= 10);
+            }
         }
     }
     for (n, name) in NODES.iter().enumerate() {

@@ -46,6 +46,12 @@ impl NodeTable {
         self.ids.get(node).map(|id| &self.hot[*id])
     }
 
+    pub fn hot_and_state(&self, node: &str) -> Option<(&Hot, &NodeState)> {
+        self.ids
+            .get(node)
+            .map(|id| (&self.hot[*id], &self.states[*id]))
+    }
+
     pub fn set_hot(&mut self, node: &str, hot: Hot) {
         if let Some(id) = self.ids.get(node) {
             self.hot[*id] = hot;
