@@ -254,6 +254,7 @@ fn main() {
         let rebuild = populate(&ext);
         ext.mark_pods_synced();
         ext.mark_gpunodes_synced();
+        println!("machine: {} CPUs, load average {}", cpus(), load());
         println!(
             "cluster: {} nodes x {GPUS} GPUs x 80 GiB, {} pods in the ledger; ledger rebuild {:.1} ms",
             nodes(),
@@ -291,6 +292,7 @@ fn main() {
             json!({ "Pod": big, "Nodes": null, "NodeNames": all }), iters(200)).await;
         bind_throughput(&ext, &fake, iters(5_000), 1).await;
         bind_throughput(&ext, &fake, iters(20_000), 64).await;
+        println!("load average after: {}", load());
     });
 }
 
@@ -335,4 +337,15 @@ fn phases(ext: &Extender) {
             let _ = ledger.check_rendered(n, request, now());
         }
     });
+}
+
+/// The 1/5/15-minute load averages (p99 figures mean little on a busy machine).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
