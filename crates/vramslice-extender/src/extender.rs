@@ -278,6 +278,15 @@ impl Extender {
                 }
             }
         };
+        tracing::debug!(
+            pod = %format_args!("{}/{}", call.pod.metadata.namespace, call.pod.metadata.name),
+            candidates = names.len(),
+            passed = passed.len(),
+            failed = result.failed_nodes.len(),
+            unresolvable = result.failed_and_unresolvable_nodes.len(),
+            error = %result.error,
+            "filter"
+        );
         match &call.candidates {
             Candidates::Names(_) => {
                 result.node_names = Some(passed.iter().map(|i| names[*i]).collect());
