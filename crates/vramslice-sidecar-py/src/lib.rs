@@ -215,15 +215,22 @@ impl NativeRuntime {
     }
 
     /// Admit a job, blocking (without the GIL) while memory is short. Returns a `Permit`.
-    #[pyo3(signature = (key, need=None, params=None))]
+    /// `timeout` (seconds) overrides the runtime's queue timeout for this job.
+    #[pyo3(signature = (key, need=None, params=None, timeout=None))]
     fn admit(
         &self,
         py: Python<'_>,
         key: &str,
         need: Option<&Bound<'_, PyAny>>,
         params: Option<&Bound<'_, PyDict>>,
+        timeout: Option<f64>,
     ) -> PyResult<NativePermit> {
-        let job = job_of(key, need, params)?;
+        let mut job = job_of(key, need, params)?;
+        if let Some(t) = timeout {
+            job = job.timeout(Duration::try_from_secs_f64(t).map_err(|_| {
+                PyValueError::new_err("timeout must be a non-negative number of seconds")
+            })?);
+        }
         let rt = self.rt.clone();
         let permit = py
             .detach(move || rt.admit_blocking(&job))

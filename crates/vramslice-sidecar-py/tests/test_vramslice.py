@@ -196,6 +196,12 @@ def test_queue_timeout():
     held = rt.admit("a", "3Gi")
     with pytest.raises(vramslice.QueueTimeout, match=r"needs 2\.0 GiB, .* free, 0 jobs queued"):
         rt.admit("b", "2Gi")
+    patient = make(limit="4Gi", queue_timeout=3600)
+    held_too = patient.admit("a", "3Gi")
+    with pytest.raises(vramslice.QueueTimeout):  # the job's own timeout wins
+        with vramslice.job("c", need="2Gi", runtime=patient, timeout=0.01):
+            pass
+    held_too.release()
     held.release()
     assert not held.active
 

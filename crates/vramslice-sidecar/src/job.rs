@@ -2,6 +2,7 @@
 //! optionally a declared need.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use vramslice_core::{QuantityError, parse_bytes};
 
@@ -18,6 +19,7 @@ pub struct Job {
     key: String,
     params: BTreeMap<String, String>,
     need: Option<u64>,
+    timeout: Option<Duration>,
 }
 
 impl Job {
@@ -27,6 +29,7 @@ impl Job {
             key: key.into(),
             params: BTreeMap::new(),
             need: None,
+            timeout: None,
         }
     }
 
@@ -47,6 +50,13 @@ impl Job {
         Ok(self.need(parse_bytes(quantity)?))
     }
 
+    /// Wait at most `timeout` for admission instead of the runtime's queue timeout (a model
+    /// load that should give up quickly, a request with its own deadline).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
     /// The key.
     pub fn key(&self) -> &str {
         &self.key
@@ -55,6 +65,11 @@ impl Job {
     /// The parameters, sorted by name.
     pub fn params(&self) -> &BTreeMap<String, String> {
         &self.params
+    }
+
+    /// The admission timeout of this job, if it overrides the runtime's.
+    pub fn admission_timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// The declared need, if any.

@@ -269,7 +269,10 @@ impl Runtime {
             Enqueued::Now(permit) => return Ok(permit),
             Enqueued::Wait(ticket, need, source) => (ticket, need, source),
         };
-        let deadline = ticket.requested + self.inner.config.queue_timeout;
+        let deadline = ticket.requested
+            + job
+                .admission_timeout()
+                .unwrap_or(self.inner.config.queue_timeout);
         loop {
             let notified = self.inner.notify.notified();
             tokio::pin!(notified);
@@ -294,7 +297,10 @@ impl Runtime {
             Enqueued::Now(permit) => return Ok(permit),
             Enqueued::Wait(ticket, need, source) => (ticket, need, source),
         };
-        let deadline = ticket.requested + self.inner.config.queue_timeout;
+        let deadline = ticket.requested
+            + job
+                .admission_timeout()
+                .unwrap_or(self.inner.config.queue_timeout);
         loop {
             match self.inner.progress(ticket.id) {
                 Progress::Admitted => return Ok(ticket.into_permit(job, need, source)),

@@ -282,3 +282,16 @@ fn a_raised_need_still_runs_beside_memory_that_never_frees() {
     let p = rt.admit_blocking(&job).unwrap();
     assert_eq!(p.reserved(), rt.stats().capacity - 2 * GIB);
 }
+
+#[test]
+fn a_job_may_bring_its_own_admission_timeout() {
+    let (rt, _) = runtime(4 * GIB, |c| c.queue_timeout = Duration::from_secs(3600));
+    let _held = rt.admit_blocking(&Job::new("a").need(3 * GIB)).unwrap();
+    let quick = Job::new("b")
+        .need(2 * GIB)
+        .timeout(Duration::from_millis(20));
+    assert!(matches!(
+        rt.admit_blocking(&quick),
+        Err(AdmitError::Timeout { .. })
+    ));
+}

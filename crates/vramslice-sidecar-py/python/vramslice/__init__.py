@@ -121,7 +121,8 @@ class job:  # noqa: N801 - reads as a function at the call site
     On normal exit the measured peak is recorded; on an out-of-memory exception the peak is
     raised (and the exception propagates: a ``with`` block cannot be re-run, use
     :func:`guarded` for retries); on any other exception the memory is returned and nothing
-    recorded. ``classify`` decides what counts as out-of-memory.
+    recorded. ``classify`` decides what counts as out-of-memory; ``timeout`` (seconds)
+    overrides the runtime's admission timeout for this job.
     """
 
     def __init__(
@@ -132,8 +133,10 @@ class job:  # noqa: N801 - reads as a function at the call site
         *,
         runtime: Optional[Runtime] = None,
         classify: Callable[[BaseException], bool] = is_out_of_memory,
+        timeout: Optional[float] = None,
     ) -> None:
         self.key = key
+        self.timeout = timeout
         self.need = need
         self.params = dict(params) if params else None
         self._runtime = runtime
@@ -160,7 +163,7 @@ class job:  # noqa: N801 - reads as a function at the call site
             permit.release()
 
     def __enter__(self) -> "job":
-        self.permit = self._rt().admit(self.key, self.need, self.params)
+        self.permit = self._rt().admit(self.key, self.need, self.params, self.timeout)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -169,7 +172,7 @@ class job:  # noqa: N801 - reads as a function at the call site
 
     async def __aenter__(self) -> "job":
         rt = self._rt()
-        self.permit = await asyncio.to_thread(rt.admit, self.key, self.need, self.params)
+        self.permit = await asyncio.to_thread(rt.admit, self.key, self.need, self.params, self.timeout)
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
@@ -198,6 +201,7 @@ def guarded(
     cleanup: Optional[Callable[[], None]] = default_cleanup,
     classify: Callable[[BaseException], bool] = is_out_of_memory,
     runtime: Optional[Runtime] = None,
+    timeout: Optional[float] = None,
 ) -> Callable:
     """Decorate a function (sync or async) so each call runs under admission with
     out-of-memory retry.
@@ -206,7 +210,8 @@ def guarded(
     by name (``key=lambda **p: f"whisper-{p['size']}"``); ``key`` defaults to the function's
     qualified name. On out-of-memory: the peak is raised, ``cleanup`` runs, the runtime's
     backoff is waited and the call retried, at most ``retries`` times (default: the runtime's
-    ``oom_retries``); then the last error propagates.
+    ``oom_retries``); then the last error propagates. ``timeout`` (seconds) overrides the
+    runtime's admission timeout for these calls.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -235,7 +240,7 @@ def guarded(
                 attempt = 0
                 while True:
                     try:
-                        async with job(k, n, p, runtime=rt, classify=classify):
+                        async with job(k, n, p, runtime=rt, classify=classify, timeout=timeout):
                             return await fn(*args, **kwargs)
                     except BaseException as exc:  # noqa: BLE001
                         if not classify(exc):
@@ -254,7 +259,7 @@ def guarded(
             attempt = 0
             while True:
                 try:
-                    with job(k, n, p, runtime=rt, classify=classify):
+                    with job(k, n, p, runtime=rt, classify=classify, timeout=timeout):
                         return fn(*args, **kwargs)
                 except BaseException as exc:  # noqa: BLE001
                     if not classify(exc):
