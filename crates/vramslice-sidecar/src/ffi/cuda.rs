@@ -4,7 +4,8 @@
 //! The library opened is `$VRAMSLICE_SIDECAR_LIBCUDA` or `libcuda.so.1`, with `RTLD_GLOBAL`.
 //! Symbols are then looked up in the process's global scope, so when the guard is preloaded its
 //! `cuMemGetInfo` answers (limit as total, limit − used as free); otherwise the driver's does.
-//! Queries run in device 0's primary context (the one frameworks share), retained once.
+//! Queries run in device 0's primary context (the one frameworks share), retained once and
+//! made current only for the call (the thread's previous context is restored).
 
 use std::ffi::{c_int, c_uint, c_void};
 
@@ -19,8 +20,8 @@ type CuContext = *mut c_void;
 type CuInit = unsafe extern "C" fn(c_uint) -> CuResult;
 type CuDeviceGet = unsafe extern "C" fn(*mut CuDevice, c_int) -> CuResult;
 type CuPrimaryCtxRetain = unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult;
-type CuCtxPush = unsafe extern "C" fn(CuContext) -> CuResult;
-type CuCtxPop = unsafe extern "C" fn(*mut CuContext) -> CuResult;
+type CuCtxSet = unsafe extern "C" fn(CuContext) -> CuResult;
+type CuCtxGet = unsafe extern "C" fn(*mut CuContext) -> CuResult;
 type CuMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
 
 /// Environment variable naming the driver library to open.
@@ -31,15 +32,16 @@ pub struct CudaMemInfo {
     // Keeps the driver mapped for as long as the function pointers below live.
     _driver: Library,
     ctx: CuContext,
-    push: CuCtxPush,
-    pop: CuCtxPop,
+    set_current: CuCtxSet,
+    get_current: CuCtxGet,
     mem_get_info: CuMemGetInfo,
 }
 
 // SAFETY: a CUDA context handle may be made current on any thread (the driver API is
 // thread-safe), and the function pointers are plain code addresses.
 unsafe impl Send for CudaMemInfo {}
-// SAFETY: as above; every use pushes the context onto the calling thread's own stack.
+// SAFETY: as above; every use makes the context current on the calling thread only and
+// restores that thread's previous context.
 unsafe impl Sync for CudaMemInfo {}
 
 impl std::fmt::Debug for CudaMemInfo {
@@ -78,10 +80,10 @@ impl CudaMemInfo {
             symbol(&global, "cuDeviceGet").or_else(|_| symbol(&driver, "cuDeviceGet"))?;
         let retain: CuPrimaryCtxRetain = symbol(&global, "cuDevicePrimaryCtxRetain")
             .or_else(|_| symbol(&driver, "cuDevicePrimaryCtxRetain"))?;
-        let push: CuCtxPush = symbol(&global, "cuCtxPushCurrent_v2")
-            .or_else(|_| symbol(&driver, "cuCtxPushCurrent_v2"))?;
-        let pop: CuCtxPop = symbol(&global, "cuCtxPopCurrent_v2")
-            .or_else(|_| symbol(&driver, "cuCtxPopCurrent_v2"))?;
+        let set_current: CuCtxSet =
+            symbol(&global, "cuCtxSetCurrent").or_else(|_| symbol(&driver, "cuCtxSetCurrent"))?;
+        let get_current: CuCtxGet =
+            symbol(&global, "cuCtxGetCurrent").or_else(|_| symbol(&driver, "cuCtxGetCurrent"))?;
         let mem_get_info: CuMemGetInfo =
             symbol(&global, "cuMemGetInfo_v2").or_else(|_| symbol(&driver, "cuMemGetInfo_v2"))?;
         // SAFETY: cuInit takes flags 0 and has no other preconditions.
@@ -97,8 +99,8 @@ impl CudaMemInfo {
         Ok(Self {
             _driver: driver,
             ctx,
-            push,
-            pop,
+            set_current,
+            get_current,
             mem_get_info,
         })
     }
@@ -107,14 +109,18 @@ impl CudaMemInfo {
 impl UsageSource for CudaMemInfo {
     fn read(&self) -> Result<UsageReading, UsageError> {
         let (mut free, mut total) = (0usize, 0usize);
+        let mut previous: CuContext = std::ptr::null_mut();
+        // SAFETY: `previous` is a valid out-pointer for the call.
+        check("cuCtxGetCurrent", unsafe {
+            (self.get_current)(&mut previous)
+        })?;
         // SAFETY: `self.ctx` is a retained primary context, valid until the process exits
-        // (it is never released).
-        check("cuCtxPushCurrent", unsafe { (self.push)(self.ctx) })?;
+        // (it is never released); making it current affects only the calling thread.
+        check("cuCtxSetCurrent", unsafe { (self.set_current)(self.ctx) })?;
         // SAFETY: both out-pointers are valid for the call; a context is current.
         let r = unsafe { (self.mem_get_info)(&mut free, &mut total) };
-        let mut popped: CuContext = std::ptr::null_mut();
-        // SAFETY: pops the context pushed above; `popped` is a valid out-pointer.
-        let _ = unsafe { (self.pop)(&mut popped) };
+        // SAFETY: restores the thread's previous context (possibly none), as it was.
+        let _ = unsafe { (self.set_current)(previous) };
         check("cuMemGetInfo", r)?;
         Ok(UsageReading {
             used: (total.saturating_sub(free)) as u64,
