@@ -33,6 +33,9 @@ pub enum RuntimeError {
     /// The configuration is invalid.
     #[error("configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
+    /// The usage sampling thread could not be started.
+    #[error("starting the usage sampler thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// The metrics port could not be opened.
     #[error("metrics address {addr}: {source}")]
     Metrics {
@@ -193,10 +196,7 @@ impl Runtime {
             std::thread::Builder::new()
                 .name("vramslice-sampler".into())
                 .spawn(move || sampler(weak, interval))
-                .map_err(|source| RuntimeError::Metrics {
-                    addr: "sampler thread".into(),
-                    source,
-                })?;
+                .map_err(RuntimeError::Thread)?;
         }
         Ok(Self { inner })
     }
