@@ -43,6 +43,9 @@ struct Args {
     /// Device: auto, cpu, cuda.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceChoice,
+    /// High-water mark of the runtime (fraction of the limit admitted at once).
+    #[arg(long, default_value_t = 0.85)]
+    high_water: f64,
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 300)]
     max_seconds: u64,
@@ -117,6 +120,10 @@ async fn run(args: &Args, admission: bool) -> anyhow::Result<()> {
         limit: Some(limit),
         queue_max: 4096,
         queue_timeout: Duration::from_secs(60),
+        policy: vramslice_sidecar::policy::Policy {
+            high_water: args.high_water,
+            ..Default::default()
+        },
         ..Config::default()
     };
     let settings = Settings {
@@ -199,10 +206,11 @@ async fn run(args: &Args, admission: bool) -> anyhow::Result<()> {
     let pct = |p: f64| lat.get(((lat.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
     let ok = tally.ok.load(Ordering::SeqCst);
     println!(
-        "mode={} device={} limit={} requests={} clients={} batches={:?} noise={} MiB",
+        "mode={} device={} limit={} high_water={} requests={} clients={} batches={:?} noise={} MiB",
         if admission { "sidecar" } else { "naive" },
         if state.vram.is_some() { "cpu (simulated device memory)" } else { "cuda" },
         human(limit),
+        args.high_water,
         args.requests,
         args.clients,
         args.batches,
