@@ -1,5 +1,5 @@
 //! Adapter from the guard's accounting file (layout and parser in
-//! `vramslice_core::accounting`) to a [`UsageReading`](crate::usage::UsageReading): the
+//! `vramslice_core::accounting`) to a [`UsageReading`]: the
 //! container's reserved total is the live usage, the limit the guard recorded is the total.
 
 use crate::usage::UsageReading;
