@@ -295,3 +295,23 @@ fn a_job_may_bring_its_own_admission_timeout() {
         Err(AdmitError::Timeout { .. })
     ));
 }
+
+#[test]
+fn without_a_limit_the_gpu_total_is_the_budget() {
+    let usage = ManualUsage::new(2 * GIB, 8 * GIB); // a GPU of 8 GiB, 2 GiB used by others
+    let rt = Runtime::new(Config::default(), usage).unwrap();
+    assert_eq!(rt.limit(), 8 * GIB);
+    let err = rt
+        .admit_blocking(&Job::new("big").need(7 * GIB))
+        .unwrap_err();
+    assert!(err.to_string().contains("limit 8.0 GiB"), "{err}");
+    let p = rt.admit_blocking(&Job::new("ok").need(4 * GIB)).unwrap();
+    assert_eq!(rt.stats().free, rt.stats().capacity - 6 * GIB);
+    drop(p);
+    // No limit and a source that knows no total: a clear error.
+    let err = Runtime::new(Config::default(), ManualUsage::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("VRAMSLICE_VRAM_LIMIT_BYTES"),
+        "{err}"
+    );
+}

@@ -40,14 +40,28 @@ fn c_program_uses_the_abi() {
         .status()
         .unwrap_or_else(|e| panic!("cannot run C compiler {cc:?}: {e}"));
     assert!(status.success(), "compiling abi_smoke.c failed");
-    let out = Command::new(&bin)
-        .env_remove("VRAMSLICE_VRAM_LIMIT_BYTES")
-        .env_remove("VRAMSLICE_PROFILE_DIR")
-        .env_remove("VRAMSLICE_OOM_BACKOFF")
-        .env_remove("VRAMSLICE_OOM_RETRIES")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "abi_smoke failed: {stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let accounting = tempfile::tempdir().unwrap();
+    let run = |envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(&bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("VRAMSLICE_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd.envs(envs.iter().copied()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "abi_smoke {envs:?} failed: {stderr}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    };
+    run(&[]);
+    let dir = accounting.path().to_str().unwrap();
+    let env = [
+        ("ABI_SMOKE_FROM_ENV", "1"),
+        ("VRAMSLICE_VRAM_LIMIT_BYTES", "4Gi"),
+        ("VRAMSLICE_ACCOUNTING_DIR", dir),
+    ];
+    run(&env);
+    let mut bad = env.to_vec();
+    bad.extend([("ABI_SMOKE_BAD_CONFIG", "1"), ("VRAMSLICE_HIGH_WATER", "2")]);
+    run(&bad);
 }

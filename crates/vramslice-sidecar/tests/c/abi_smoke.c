@@ -1,13 +1,37 @@
 /* Exercises the C ABI through the committed header: refusal text, admission, peaks, metrics,
  * NULL handling. Built and run by tests/c_abi.rs; prints "ok" and exits 0 on success. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "vramslice_sidecar.h"
 
 #define GIB (1ull << 30)
 #define CHECK(cond) do { if (!(cond)) { fprintf(stderr, "check failed line %d: %s\n", __LINE__, #cond); return 1; } } while (0)
 
+/* Run with VRAMSLICE_VRAM_LIMIT_BYTES and VRAMSLICE_ACCOUNTING_DIR set: from_env works with no
+ * GPU; with ABI_SMOKE_BAD_CONFIG also set (and VRAMSLICE_HIGH_WATER invalid) it must fail
+ * naming the variable. */
+static int from_env(void) {
+    char err[256] = {0};
+    vramslice_runtime *rt = NULL;
+    vramslice_status s = vramslice_runtime_from_env(&rt, err, sizeof err);
+    if (getenv("ABI_SMOKE_BAD_CONFIG")) {
+        CHECK(s == VRAMSLICE_STATUS_CONFIG_ERROR && rt == NULL);
+        CHECK(strstr(err, "VRAMSLICE_HIGH_WATER") != NULL);
+    } else {
+        CHECK(s == VRAMSLICE_STATUS_OK && rt != NULL);
+        vramslice_permit *p = NULL;
+        CHECK(vramslice_admit(rt, "m", NULL, NULL, 0, 1 << 20, &p, err, sizeof err) == VRAMSLICE_STATUS_OK);
+        vramslice_permit_release(p);
+        CHECK(vramslice_runtime_set_usage(rt, 1) == VRAMSLICE_STATUS_INVALID_ARGUMENT);
+        vramslice_runtime_free(rt);
+    }
+    printf("ok\n");
+    return 0;
+}
+
 int main(void) {
+    if (getenv("ABI_SMOKE_FROM_ENV")) return from_env();
     char err[256] = {0};
     vramslice_runtime *rt = NULL;
     CHECK(vramslice_runtime_new_manual(4 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_OK);
