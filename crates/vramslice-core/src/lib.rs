@@ -17,6 +17,7 @@ pub mod placement;
 pub mod publish;
 pub mod quantity;
 pub mod units;
+pub mod watchdog;
 
 pub use device_id::{DeviceId, DeviceIdError, GpuSelection};
 pub use duration::{DurationError, format_duration, parse_duration};

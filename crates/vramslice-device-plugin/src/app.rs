@@ -173,6 +173,13 @@ pub async fn run(
         metrics: metrics.clone(),
         kube: lister.clone(),
         write: publish,
+        watchdog: crate::watchdog::Watchdog::new(
+            settings.watchdog,
+            vramslice_gpu::procfs::ProcRoot::new(settings.proc_root.clone()),
+            settings.allocation.accounting_root.clone(),
+            metrics.clone(),
+            lister.clone(),
+        ),
     };
     let publisher = tokio::spawn(publisher.run(settings.poll_interval, shutdown.clone()));
 

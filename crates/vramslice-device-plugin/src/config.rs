@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use vramslice_core::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
 use vramslice_core::publish::PublishPolicy;
+use vramslice_core::watchdog::WatchdogPolicy;
 use vramslice_core::{VramUnit, parse_bytes, parse_duration};
 use vramslice_gpu::BackendKind;
 
@@ -79,6 +80,25 @@ struct RawConfig {
     accounting_root: String,
     metrics_addr: String,
     proc_root: String,
+    watchdog: RawWatchdog,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawWatchdog {
+    tolerance: RawBytes,
+    grace: String,
+    action: String,
+}
+
+impl Default for RawWatchdog {
+    fn default() -> Self {
+        RawWatchdog {
+            tolerance: RawBytes::Text("64Mi".into()),
+            grace: "30s".into(),
+            action: "report".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +132,7 @@ impl Default for RawConfig {
             accounting_root: "/var/lib/vramslice/accounting".into(),
             metrics_addr: "0.0.0.0:9400".into(),
             proc_root: "/proc".into(),
+            watchdog: RawWatchdog::default(),
         }
     }
 }
@@ -158,6 +179,8 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// The `/proc` to map GPU process PIDs to pods through.
     pub proc_root: PathBuf,
+    /// What to do when a pod's measured usage passes its limit.
+    pub watchdog: WatchdogPolicy,
 }
 
 impl Settings {
@@ -292,6 +315,21 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
             parse_bytes(t).map_err(|e| value_err("publish.thresholdBytes", e.to_string()))?
         }
     };
+    let tolerance_bytes = match &raw.watchdog.tolerance {
+        RawBytes::Int(b) => *b,
+        RawBytes::Text(t) => {
+            parse_bytes(t).map_err(|e| value_err("watchdog.tolerance", e.to_string()))?
+        }
+    };
+    let watchdog = WatchdogPolicy {
+        tolerance_bytes,
+        grace: duration("watchdog.grace", &raw.watchdog.grace, Duration::ZERO)?,
+        action: raw.watchdog.action.parse().map_err(
+            |e: vramslice_core::allocation::UnknownVariant| {
+                value_err("watchdog.action", e.to_string())
+            },
+        )?,
+    };
     let injection: InjectionMode =
         raw.injection
             .mode
@@ -346,12 +384,14 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
         },
         metrics_addr,
         proc_root: non_empty_path("procRoot", &raw.proc_root)?,
+        watchdog,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vramslice_core::watchdog::WatchdogAction;
 
     fn parse(text: &str) -> Result<Settings, ConfigError> {
         Settings::from_yaml(text, "test.yaml", None)
@@ -393,6 +433,9 @@ mod tests {
             Path::new("/var/lib/vramslice/accounting")
         );
         assert_eq!(s.metrics_addr, "0.0.0.0:9400".parse().unwrap());
+        assert_eq!(s.watchdog, WatchdogPolicy::default());
+        assert_eq!(s.watchdog.action, WatchdogAction::Report);
+        assert_eq!(s.watchdog.grace, Duration::from_secs(30));
         assert_eq!(parse("").unwrap(), Settings::defaults(None).unwrap());
         assert_eq!(parse("{}").unwrap(), Settings::defaults(None).unwrap());
     }
@@ -417,6 +460,7 @@ deviceListStrategy: cdi
 accountingRoot: /tmp/acct
 metricsAddr: 127.0.0.1:0
 procRoot: /host/proc
+watchdog: { tolerance: 1Gi, grace: 0s, action: kill-process }
 "#,
             "t",
             Some("ignored".into()),
@@ -444,6 +488,17 @@ procRoot: /host/proc
             Path::new("/opt/preload")
         );
         assert_eq!(s.proc_root, Path::new("/host/proc"));
+        assert_eq!(
+            s.watchdog,
+            WatchdogPolicy {
+                tolerance_bytes: 1 << 30,
+                grace: Duration::ZERO,
+                action: WatchdogAction::KillProcess
+            }
+        );
+        let s = parse("watchdog: { tolerance: 0, action: evict-pod }").unwrap();
+        assert_eq!(s.watchdog.tolerance_bytes, 0);
+        assert_eq!(s.watchdog.action, WatchdogAction::EvictPod);
         let s = parse("publish: { thresholdBytes: 1048576 }").unwrap();
         assert_eq!(s.publish.threshold_bytes, 1 << 20);
     }
@@ -460,7 +515,19 @@ procRoot: /host/proc
 
     #[test]
     fn bad_values_are_named() {
-        let cases: [(&str, &str); 12] = [
+        let cases: [(&str, &str); 15] = [
+            (
+                "watchdog: { action: kill }",
+                "config field `watchdog.action`: unknown watchdog action \"kill\"",
+            ),
+            (
+                "watchdog: { grace: soon }",
+                "config field `watchdog.grace`: \"soon\" is not a duration",
+            ),
+            (
+                "watchdog: { tolerance: much }",
+                "config field `watchdog.tolerance`: \"much\" is not a quantity",
+            ),
             (
                 "backend: cuda",
                 "config field `backend`: unknown backend \"cuda\"",

@@ -6,7 +6,8 @@
 //! (gRPC over Unix sockets: DevicePlugin calls in, PodResources answers), and from the API
 //! server (pending pods, pod UIDs). It leaves as ListAndWatch updates and Allocate answers
 //! ([`grpc`] over [`logic`]), `GpuNode` status writes ([`publisher`]), and Prometheus metrics
-//! ([`metrics`]). Decisions live in `vramslice-core` (`allocation`, `publish`, `inventory`);
+//! ([`metrics`]), and the [`watchdog`]'s Events, kills and evictions. Decisions live in
+//! `vramslice-core` (`allocation`, `publish`, `inventory`, `watchdog`);
 //! [`runner`] owns the socket and the registration; [`app`] wires it all.
 
 pub mod app;
@@ -22,6 +23,7 @@ pub mod publisher;
 pub mod runner;
 pub mod telemetry;
 pub mod uds;
+pub mod watchdog;
 
 /// Generated gRPC code for the kubelet APIs under the repository's `proto/`.
 pub mod proto {

@@ -34,6 +34,27 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of per-pod series (a pod's share of one GPU).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PodGpuLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// GPU UUID.
+    pub gpu: String,
+}
+
+/// Labels of watchdog actions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `report`, `kill-process` or `evict-pod`.
+    pub action: String,
+}
+
+/// One pod's series: labels, measured bytes (when attributable), limit, self-report trusted.
+pub type PodSeries = (PodGpuLabels, Option<u64>, u64, Option<bool>);
+
 struct Inner {
     registry: Registry,
     total: Family<GpuLabels, Gauge>,
@@ -47,6 +68,11 @@ struct Inner {
     backend_errors: Counter,
     gpunode_writes: Family<ReasonLabels, Counter>,
     publish_errors: Counter,
+    watchdog_breaches: Family<ActionLabels, Counter>,
+    pod_used: Family<PodGpuLabels, Gauge>,
+    pod_limit: Family<PodGpuLabels, Gauge>,
+    pod_trusted: Family<PodGpuLabels, Gauge>,
+    pods_seen: std::sync::Mutex<Vec<PodGpuLabels>>,
     ready: AtomicBool,
     /// GPUs of the last reading, so vanished GPUs' series can be removed.
     gpus_seen: std::sync::Mutex<Vec<GpuLabels>>,
@@ -126,7 +152,36 @@ impl Metrics {
             "Failed GpuNode writes",
             publish_errors.clone(),
         );
+        let watchdog_breaches = Family::<ActionLabels, Counter>::default();
+        let pod_used = Family::<PodGpuLabels, Gauge>::default();
+        let pod_limit = Family::<PodGpuLabels, Gauge>::default();
+        let pod_trusted = Family::<PodGpuLabels, Gauge>::default();
+        registry.register(
+            "watchdog_breaches",
+            "Pods over their GPU memory limit + tolerance past the grace period, by the action taken",
+            watchdog_breaches.clone(),
+        );
+        registry.register(
+            "pod_used_bytes",
+            "GPU memory a pod's processes use on a GPU, as NVML measures it, bytes",
+            pod_used.clone(),
+        );
+        registry.register(
+            "pod_limit_bytes",
+            "A pod's GPU memory limit on a GPU (its units), bytes",
+            pod_limit.clone(),
+        );
+        registry.register(
+            "pod_self_report_trusted",
+            "1 when a pod's accounting file agrees with NVML within the watchdog tolerance, 0 when not",
+            pod_trusted.clone(),
+        );
         Metrics(Arc::new(Inner {
+            watchdog_breaches,
+            pod_used,
+            pod_limit,
+            pod_trusted,
+            pods_seen: std::sync::Mutex::new(Vec::new()),
             registry,
             total,
             used,
@@ -185,6 +240,49 @@ impl Metrics {
                 })
                 .set(to_i64(*bytes));
         }
+    }
+
+    /// Per-pod series; series of pods no longer listed are removed.
+    pub fn observe_pods(&self, series: &[PodSeries]) {
+        let m = &self.0;
+        for (labels, used, limit, trusted) in series {
+            match used {
+                Some(u) => {
+                    m.pod_used.get_or_create(labels).set(to_i64(*u));
+                }
+                None => {
+                    m.pod_used.remove(labels);
+                }
+            }
+            m.pod_limit.get_or_create(labels).set(to_i64(*limit));
+            match trusted {
+                Some(t) => {
+                    m.pod_trusted.get_or_create(labels).set(i64::from(*t));
+                }
+                None => {
+                    m.pod_trusted.remove(labels);
+                }
+            }
+        }
+        if let Ok(mut seen) = m.pods_seen.lock() {
+            let now: Vec<PodGpuLabels> = series.iter().map(|s| s.0.clone()).collect();
+            for gone in seen.iter().filter(|l| !now.contains(l)) {
+                for family in [&m.pod_used, &m.pod_limit, &m.pod_trusted] {
+                    family.remove(gone);
+                }
+            }
+            *seen = now;
+        }
+    }
+
+    /// The watchdog applied `action` to a breach.
+    pub fn watchdog_breach(&self, action: &str) {
+        self.0
+            .watchdog_breaches
+            .get_or_create(&ActionLabels {
+                action: action.to_string(),
+            })
+            .inc();
     }
 
     /// Registration state.

@@ -27,6 +27,7 @@ use vramslice_gpu::procfs::ProcRoot;
 use crate::metrics::Metrics;
 use crate::pods::{PodLister, uids_by_name};
 use crate::poller::NodeWatch;
+use crate::watchdog::Watchdog;
 
 /// How often pod UIDs may be re-listed when an unknown pod shows up.
 const UID_REFRESH: Duration = Duration::from_secs(5);
@@ -53,6 +54,8 @@ pub struct Publisher {
     pub kube: Option<PodLister>,
     /// Whether to write GpuNode objects (needs `kube`).
     pub write: bool,
+    /// Compares measured usage with limits every poll and acts on breaches.
+    pub watchdog: Watchdog,
 }
 
 /// The GpuNode status for a report observed at `observed_at` (RFC 3339).
@@ -190,7 +193,7 @@ async fn write_status(
 
 impl Publisher {
     /// Run until `shutdown` fires, once per `interval`.
-    pub async fn run(self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
         let proc_root = ProcRoot::new(self.proc_root.clone());
         let mut records: Vec<ContainerAllocationRecord> = Vec::new();
         let mut uids: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -246,7 +249,9 @@ impl Publisher {
             {
                 proc_root.fill_pod_uids(&mut readings);
             }
-            let report = build_report(self.unit, &samples_of(&readings), &records);
+            let samples = samples_of(&readings);
+            let report = build_report(self.unit, &samples, &records);
+            let _self_reports = self.watchdog.observe(&report, &samples, &records).await;
             let allocated: BTreeMap<String, (u32, u64)> = report
                 .gpus
                 .iter()

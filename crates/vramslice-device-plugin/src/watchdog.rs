@@ -1,0 +1,354 @@
+//! The watchdog's I/O around `vramslice_core::watchdog::evaluate`: reads each allocation's
+//! accounting file (self-reported usage), and carries out the decisions — a Kubernetes Event on
+//! the pod with the numbers, `vramslice_watchdog_breaches_total{action}` and per-pod gauges,
+//! SIGKILL of exactly the offending PIDs (each re-checked through the proc root's cgroup file
+//! just before the signal, so a reused PID is never hit), or an eviction through the Eviction API.
+//!
+//! Called by the publisher once per poll with the report it just built.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, PostParams};
+use tokio::time::Instant;
+use vramslice_core::GpuSelection;
+use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME};
+use vramslice_core::allocation::allocation_key_for_ids;
+use vramslice_core::format_bytes;
+use vramslice_core::publish::{ContainerAllocationRecord, GpuSample, NodeReport};
+use vramslice_core::watchdog::{
+    Breach, PodOnGpu, SelfReport, WatchdogAction, WatchdogEvent, WatchdogPolicy, WatchdogState,
+    evaluate,
+};
+use vramslice_gpu::procfs::ProcRoot;
+
+use crate::metrics::{Metrics, PodGpuLabels};
+use crate::pods::PodLister;
+
+/// Component name on the Events the watchdog writes.
+pub const EVENT_COMPONENT: &str = "vramslice-device-plugin";
+
+/// The watchdog's state and what it acts through.
+#[derive(Debug)]
+pub struct Watchdog {
+    policy: WatchdogPolicy,
+    state: WatchdogState,
+    epoch: Instant,
+    proc_root: ProcRoot,
+    accounting_root: PathBuf,
+    metrics: Metrics,
+    kube: Option<PodLister>,
+    /// Accounting files already reported unreadable (logged once each).
+    bad_files: BTreeSet<PathBuf>,
+    /// Pods already reported untrusted (logged once per episode).
+    untrusted: BTreeSet<PodOnGpu>,
+}
+
+impl Watchdog {
+    /// A watchdog with no history.
+    pub fn new(
+        policy: WatchdogPolicy,
+        proc_root: ProcRoot,
+        accounting_root: PathBuf,
+        metrics: Metrics,
+        kube: Option<PodLister>,
+    ) -> Self {
+        Watchdog {
+            policy,
+            state: WatchdogState::default(),
+            epoch: Instant::now(),
+            proc_root,
+            accounting_root,
+            metrics,
+            kube,
+            bad_files: BTreeSet::new(),
+            untrusted: BTreeSet::new(),
+        }
+    }
+
+    /// Reads what each pod's accounting files say it uses, per GPU. Unreadable or damaged files
+    /// are logged (once) and left out; they never stop the plugin.
+    fn self_reported(&mut self, records: &[ContainerAllocationRecord]) -> BTreeMap<PodOnGpu, u64> {
+        let mut out: BTreeMap<PodOnGpu, u64> = BTreeMap::new();
+        for record in records {
+            let Some(uid) = &record.pod_uid else { continue };
+            let (Ok(key), Ok(selection)) = (
+                allocation_key_for_ids(&record.device_ids),
+                GpuSelection::from_ids(&record.device_ids),
+            ) else {
+                continue;
+            };
+            let path = self.accounting_root.join(key).join(ACCOUNTING_FILE_NAME);
+            let limit = accounting::file_len(accounting::MAX_SLOT_COUNT) as u64;
+            let mut bytes = Vec::new();
+            let read = std::fs::File::open(&path)
+                .and_then(|f| f.take(limit).read_to_end(&mut bytes).map(|_| ()));
+            match read {
+                Ok(()) => match accounting::parse(&bytes) {
+                    Ok(snapshot) => {
+                        let entry = out
+                            .entry(PodOnGpu {
+                                gpu_uuid: selection.gpu_uuid.clone(),
+                                pod_uid: uid.clone(),
+                            })
+                            .or_default();
+                        *entry = entry.saturating_add(snapshot.used_bytes);
+                        self.bad_files.remove(&path);
+                    }
+                    Err(e) => {
+                        if self.bad_files.insert(path.clone()) {
+                            tracing::warn!(file = %path.display(), pod = %record.pod, namespace = %record.namespace, error = %e, "accounting file is damaged; its self-reported usage is ignored");
+                        }
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    if self.bad_files.insert(path.clone()) {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot read accounting file");
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// One evaluation: decide, then act. Returns the self-report comparison per pod and GPU.
+    pub async fn observe(
+        &mut self,
+        report: &NodeReport,
+        samples: &[GpuSample],
+        records: &[ContainerAllocationRecord],
+    ) -> BTreeMap<PodOnGpu, SelfReport> {
+        let self_reported = self.self_reported(records);
+        let now = self.epoch.elapsed();
+        let verdict = evaluate(
+            &self.policy,
+            &self.state,
+            now,
+            report,
+            samples,
+            &self_reported,
+        );
+        self.state = verdict.state;
+        self.observe_gauges(report, &verdict.self_reports);
+        for (key, s) in &verdict.self_reports {
+            if !s.trusted && self.untrusted.insert(key.clone()) {
+                tracing::warn!(gpu = %key.gpu_uuid, pod_uid = %key.pod_uid, self_reported = s.self_reported_bytes, measured = s.measured_bytes, tolerance = self.policy.tolerance_bytes, "a pod's self-reported GPU memory disagrees with NVML: untrusted (tampered accounting file or a process outside the guard)");
+            } else if s.trusted {
+                self.untrusted.remove(key);
+            }
+        }
+        for event in verdict.events {
+            self.apply(event).await;
+        }
+        verdict.self_reports
+    }
+
+    fn observe_gauges(&self, report: &NodeReport, self_reports: &BTreeMap<PodOnGpu, SelfReport>) {
+        let mut series = Vec::new();
+        for gpu in &report.gpus {
+            for pod in &gpu.pods {
+                let labels = PodGpuLabels {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    gpu: gpu.uuid.clone(),
+                };
+                let trusted = pod.uid.as_ref().and_then(|uid| {
+                    self_reports
+                        .get(&PodOnGpu {
+                            gpu_uuid: gpu.uuid.clone(),
+                            pod_uid: uid.clone(),
+                        })
+                        .map(|s| s.trusted)
+                });
+                series.push((labels, pod.used_bytes, pod.limit_bytes, trusted));
+            }
+        }
+        self.metrics.observe_pods(&series);
+    }
+
+    async fn apply(&self, event: WatchdogEvent) {
+        match event {
+            WatchdogEvent::BreachStarted(b) => {
+                tracing::warn!(namespace = %b.target.namespace, pod = %b.target.name, gpu = %b.target.key.gpu_uuid, used = b.used_bytes, limit = b.limit_bytes, tolerance = b.tolerance_bytes, pids = ?pids(&b), action = %self.policy.action, grace = ?self.policy.grace, "pod over its GPU memory limit");
+                let message = format!(
+                    "{} (action {} after {})",
+                    numbers(&b),
+                    self.policy.action,
+                    vramslice_core::format_duration(self.policy.grace)
+                );
+                self.event(&b, "VramLimitExceeded", message).await;
+            }
+            WatchdogEvent::Act { action, breach } => {
+                self.metrics.watchdog_breach(action.as_str());
+                match action {
+                    WatchdogAction::Report => {
+                        let message = format!(
+                            "{}; still over after {} (action: report only)",
+                            numbers(&breach),
+                            vramslice_core::format_duration(breach.over_for)
+                        );
+                        tracing::warn!(namespace = %breach.target.namespace, pod = %breach.target.name, used = breach.used_bytes, limit = breach.limit_bytes, "pod still over its GPU memory limit after the grace period");
+                        self.event(&breach, "VramLimitStillExceeded", message).await;
+                    }
+                    WatchdogAction::KillProcess => self.kill(&breach).await,
+                    WatchdogAction::EvictPod => self.evict(&breach).await,
+                }
+            }
+            WatchdogEvent::BreachEnded { key, used_bytes } => {
+                tracing::info!(gpu = %key.gpu_uuid, pod_uid = %key.pod_uid, used = used_bytes, "pod back within its GPU memory limit");
+            }
+            WatchdogEvent::ProcessWithoutPod {
+                gpu_uuid,
+                pid,
+                used_bytes,
+            } => {
+                tracing::warn!(gpu = %gpu_uuid, pid, used = used_bytes, "GPU process belongs to no pod holding units of this GPU (counted against live free memory)");
+            }
+        }
+    }
+
+    async fn kill(&self, breach: &Breach) {
+        let mut killed = Vec::new();
+        for &(pid, bytes) in &breach.processes {
+            // Re-check right before the signal: the PID must still be in the offending pod.
+            let owner = self.proc_root.pod_of(pid);
+            if owner.as_ref().map(|o| o.pod_uid.as_str())
+                != Some(breach.target.key.pod_uid.as_str())
+            {
+                tracing::warn!(pid, pod = %breach.target.name, "not killing: the PID is no longer in the offending pod");
+                continue;
+            }
+            let result = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .ok_or_else(|| std::io::Error::other("not a valid PID"))
+                .and_then(|p| {
+                    rustix::process::kill_process(p, rustix::process::Signal::KILL)
+                        .map_err(std::io::Error::from)
+                });
+            match result {
+                Ok(()) => {
+                    tracing::warn!(pid, bytes, namespace = %breach.target.namespace, pod = %breach.target.name, "killed GPU process over its pod's limit (SIGKILL)");
+                    killed.push(pid);
+                }
+                Err(e) => {
+                    tracing::error!(pid, error = %e, pod = %breach.target.name, "cannot kill GPU process");
+                }
+            }
+        }
+        let message = format!(
+            "{}; killed PIDs {:?} (SIGKILL) after {}",
+            numbers(breach),
+            killed,
+            vramslice_core::format_duration(breach.over_for)
+        );
+        self.event(breach, "VramWatchdogKilledProcess", message)
+            .await;
+    }
+
+    async fn evict(&self, breach: &Breach) {
+        let Some(lister) = &self.kube else {
+            tracing::error!(pod = %breach.target.name, "cannot evict: no API access");
+            return;
+        };
+        let api: Api<Pod> = Api::namespaced(lister.client().clone(), &breach.target.namespace);
+        // policy/v1 Eviction, written out: kube's `evict` sends no apiVersion/kind.
+        let body = serde_json::json!({
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": breach.target.name, "namespace": breach.target.namespace},
+        });
+        let result = api
+            .create_subresource::<_, serde_json::Value>(
+                "eviction",
+                &breach.target.name,
+                &PostParams::default(),
+                &body,
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::warn!(namespace = %breach.target.namespace, pod = %breach.target.name, "evicted pod over its GPU memory limit");
+                let message = format!("{}; evicted", numbers(breach));
+                self.event(breach, "VramWatchdogEvictedPod", message).await;
+            }
+            Err(e) => {
+                tracing::error!(namespace = %breach.target.namespace, pod = %breach.target.name, error = %e, "eviction failed (a PodDisruptionBudget may forbid it); retried after the grace period");
+            }
+        }
+    }
+
+    /// A Warning Event on the pod (core v1, as `kubectl describe pod` shows them).
+    async fn event(&self, breach: &Breach, reason: &str, message: String) {
+        let Some(lister) = &self.kube else { return };
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let t = &breach.target;
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    t.name,
+                    now.as_nanosecond().unsigned_abs()
+                )),
+                namespace: Some(t.namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(t.name.clone()),
+                namespace: Some(t.namespace.clone()),
+                uid: Some(t.key.pod_uid.clone()),
+                ..Default::default()
+            },
+            reason: Some(reason.to_string()),
+            message: Some(message),
+            type_: Some("Warning".into()),
+            count: Some(1),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            source: Some(EventSource {
+                component: Some(EVENT_COMPONENT.into()),
+                host: Some(lister.node().to_string()),
+            }),
+            reporting_component: Some(EVENT_COMPONENT.into()),
+            reporting_instance: Some(lister.node().to_string()),
+            ..Default::default()
+        };
+        let api: Api<Event> = Api::namespaced(lister.client().clone(), &t.namespace);
+        if let Err(e) = tokio::time::timeout(
+            Duration::from_secs(5),
+            api.create(&PostParams::default(), &event),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::warn!(error = %e, reason, pod = %t.name, "cannot write the watchdog's Event");
+        }
+    }
+}
+
+fn pids(b: &Breach) -> Vec<u32> {
+    b.processes.iter().map(|(p, _)| *p).collect()
+}
+
+/// The numbers every watchdog Event carries.
+fn numbers(b: &Breach) -> String {
+    format!(
+        "GPU memory {} ({} bytes) is over the limit {} ({} bytes) + tolerance {} on GPU {} (index {}); processes {:?}",
+        format_bytes(b.used_bytes),
+        b.used_bytes,
+        format_bytes(b.limit_bytes),
+        b.limit_bytes,
+        format_bytes(b.tolerance_bytes),
+        b.target.key.gpu_uuid,
+        b.target.gpu_index,
+        pids(b)
+    )
+}
