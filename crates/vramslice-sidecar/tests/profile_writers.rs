@@ -112,5 +112,5 @@ fn main() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     println!("profile_writers: {WRITERS} processes x {WRITES} writes, {reads} concurrent reads");
-    println!("1 passed, 0 failed");
+    println!("profile_writers: 1 passed, 0 failed");
 }
