@@ -51,18 +51,11 @@ fn extender_and_webhook_accept_the_rendered_config() {
     let docs = documents();
     let data = config_map(&docs, "vramslice-scheduler");
     let text = data["extender.yaml"].as_str().unwrap();
-    let mut value: Value = serde_saphyr::from_str(text).unwrap();
-    // The `webhook:` block is the webhook crate's; the rest is the extender's own.
-    let webhook = value
-        .as_object_mut()
-        .unwrap()
-        .remove("webhook")
-        .expect("webhook block rendered");
-    let rest = serde_saphyr::to_string(&value).unwrap();
-    let config = vramslice_extender::Config::parse(&rest, "chart")
-        .unwrap_or_else(|e| panic!("the extender rejects the chart's config: {e}\n{rest}"));
+    // The extender reads the whole file, its `webhook:` block included.
+    let config = vramslice_extender::Config::parse(text, "chart")
+        .unwrap_or_else(|e| panic!("the extender rejects the chart's config: {e}\n{text}"));
     assert_eq!(config.listen_addr.port(), 8888);
-    let webhook: vramslice_webhook::WebhookConfig = serde_json::from_value(webhook).unwrap();
+    let webhook = config.webhook.expect("webhook block rendered");
     let valid = webhook.validate(None).unwrap();
     assert_eq!(valid.listen_addr.port(), 8443);
 

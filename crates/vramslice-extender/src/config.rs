@@ -9,6 +9,7 @@ use serde::Deserialize;
 use vramslice_core::ledger::LedgerConfig;
 use vramslice_core::placement::Policy;
 use vramslice_core::{VramUnit, parse_bytes, parse_duration};
+use vramslice_webhook::WebhookConfig;
 
 /// A configuration that cannot be used; the message names the key and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,7 @@ struct RawConfig {
     headroom: String,
     staleness: String,
     resources: Vec<String>,
+    webhook: Option<WebhookConfig>,
 }
 
 impl Default for RawConfig {
@@ -70,6 +72,7 @@ impl Default for RawConfig {
             headroom: "512Mi".into(),
             staleness: "90s".into(),
             resources: vec![VramUnit::Gib1.resource_name().into()],
+            webhook: None,
         }
     }
 }
@@ -98,6 +101,9 @@ pub struct Config {
     pub staleness: Duration,
     /// VRAM resources accepted (their names carry the unit).
     pub resources: Vec<VramUnit>,
+    /// The mutating admission webhook served beside the extender, when configured
+    /// (validated again at start with `$POD_NAMESPACE`, see `vramslice_webhook`).
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl Default for Config {
@@ -110,6 +116,7 @@ impl Default for Config {
             headroom_bytes: 512 << 20,
             staleness: Duration::from_secs(90),
             resources: vec![VramUnit::Gib1],
+            webhook: None,
         })
     }
 }
@@ -203,6 +210,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         headroom_bytes,
         staleness,
         resources,
+        webhook: raw.webhook,
     })
 }
 
@@ -221,6 +229,21 @@ mod tests {
         assert_eq!(c.resources, vec![VramUnit::Gib1]);
         assert_eq!(Config::default(), c);
         assert_eq!(Config::parse("{}", "t").unwrap(), c);
+    }
+
+    #[test]
+    fn the_webhook_block_is_read_and_checked() {
+        let c = Config::parse(
+            "webhook:\n  listenAddr: 0.0.0.0:8443\n  certDir: /certs\n",
+            "test",
+        )
+        .unwrap();
+        let webhook = c.webhook.expect("webhook configured");
+        assert_eq!(webhook.listen_addr.port(), 8443);
+        assert!(webhook.validate(None).is_ok());
+        let err = Config::parse("webhook: { listen: x }", "test").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        assert_eq!(Config::parse("", "test").unwrap().webhook, None);
     }
 
     #[test]

@@ -85,6 +85,13 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(64);
         }
     };
+    if let Some(webhook) = &config.webhook {
+        let pod_namespace = std::env::var("POD_NAMESPACE").ok();
+        if let Err(e) = webhook.validate(pod_namespace.as_deref()) {
+            eprintln!("vramslice-extender: config key webhook is invalid: {e}");
+            std::process::exit(64);
+        }
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -95,7 +102,11 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
     let client = client(kubeconfig.as_ref())
         .await
         .context("connecting to the API server")?;
-    let (addr, tls) = (config.listen_addr, config.tls.clone());
+    let (addr, tls, webhook) = (
+        config.listen_addr,
+        config.tls.clone(),
+        config.webhook.clone(),
+    );
     let ext = Arc::new(Extender::new(
         config,
         Arc::new(KubeCluster::new(client.clone())),
@@ -107,13 +118,35 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
     ));
     tokio::spawn(watch::drive_gpunodes(
         ext.clone(),
-        watch::gpunode_events(client),
+        watch::gpunode_events(client.clone()),
     ));
     tokio::spawn(watch::expire_reservations(
         ext.clone(),
         Duration::from_secs(30),
         watch::RESERVATION_TTL,
     ));
-    serve::serve(http::router(ext), addr, tls.as_ref(), shutdown_signal()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let webhook_task = webhook.map(|cfg| {
+        let metrics = ext.metrics().webhook();
+        let mut stop = stop_rx.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            };
+            if let Err(e) = vramslice_webhook::serve(cfg, client, metrics, stopped).await {
+                // failurePolicy is Ignore: placement goes on, but pods must name the scheduler.
+                tracing::error!(error = %e, "admission webhook stopped");
+            }
+        })
+    });
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    serve::serve(http::router(ext), addr, tls.as_ref(), shutdown).await?;
+    if let Some(task) = webhook_task {
+        task.await.context("webhook task panicked")?;
+    }
     Ok(())
 }

@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use vramslice_webhook::WebhookMetrics;
 
 /// Labels of a decision.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +75,7 @@ pub struct Metrics {
     ledger_reservations: Gauge,
     nodes: Gauge,
     stale_nodes: Gauge,
+    webhook: WebhookMetrics,
 }
 
 /// Ledger figures for the gauges.
@@ -143,6 +145,7 @@ impl Metrics {
             "Nodes whose GpuNode reading is older than the staleness bound",
             stale_nodes.clone(),
         );
+        let webhook = WebhookMetrics::register(&mut registry);
         Metrics {
             registry,
             decisions,
@@ -152,7 +155,13 @@ impl Metrics {
             ledger_reservations,
             nodes,
             stale_nodes,
+            webhook,
         }
+    }
+
+    /// The admission webhook's metrics, exported as `vramslice_extender_webhook_*`.
+    pub fn webhook(&self) -> WebhookMetrics {
+        self.webhook.clone()
     }
 
     /// Count one call and its latency.
