@@ -77,9 +77,9 @@ pub fn build(settings: Settings) -> Result<(Router, AppState), BuildError> {
     let cuda = match settings.device {
         DeviceChoice::Cpu => None,
         DeviceChoice::Auto => Cuda::open()?,
-        DeviceChoice::Cuda => Some(
-            Cuda::open()?.ok_or_else(|| DeviceError::Driver("no CUDA driver found".into()))?,
-        ),
+        DeviceChoice::Cuda => {
+            Some(Cuda::open()?.ok_or_else(|| DeviceError::Driver("no CUDA driver found".into()))?)
+        }
     }
     .map(Arc::new);
     let (rt, vram) = match &cuda {
@@ -116,7 +116,11 @@ pub fn build(settings: Settings) -> Result<(Router, AppState), BuildError> {
             load(weights.clone(), vram.as_ref(), cuda.as_ref())
         })
         .map_err(|e| BuildError::Load(e.to_string()))?;
-    tracing::info!(device = model.device(), bytes = weights.bytes(), "model loaded");
+    tracing::info!(
+        device = model.device(),
+        bytes = weights.bytes(),
+        "model loaded"
+    );
     let state = AppState {
         rt,
         model: Arc::new(model),
@@ -172,7 +176,10 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
         .into_response()
 }
 
-async fn infer(State(state): State<AppState>, body: Result<Json<InferRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn infer(
+    State(state): State<AppState>,
+    body: Result<Json<InferRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad-request", e.body_text()),
@@ -203,7 +210,10 @@ async fn infer(State(state): State<AppState>, body: Result<Json<InferRequest>, a
     } else {
         run_once(0).await.map_err(|e| {
             if matches!(e, DeviceError::OutOfMemory(_)) {
-                RunError::OutOfMemory { attempts: 1, last: e }
+                RunError::OutOfMemory {
+                    attempts: 1,
+                    last: e,
+                }
             } else {
                 RunError::Job(e)
             }
@@ -216,20 +226,27 @@ async fn infer(State(state): State<AppState>, body: Result<Json<InferRequest>, a
             attempts: attempts.load(Ordering::SeqCst),
         })
         .into_response(),
-        Err(RunError::Admit(e @ AdmitError::Timeout { .. })) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, "queue-timeout", e.to_string())
-        }
+        Err(RunError::Admit(e @ AdmitError::Timeout { .. })) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue-timeout",
+            e.to_string(),
+        ),
         Err(RunError::Admit(e)) => error(StatusCode::SERVICE_UNAVAILABLE, "refused", e.to_string()),
-        Err(e @ RunError::OutOfMemory { .. }) => {
-            error(StatusCode::INSUFFICIENT_STORAGE, "out-of-memory", e.to_string())
-        }
+        Err(e @ RunError::OutOfMemory { .. }) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "out-of-memory",
+            e.to_string(),
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "device", e.to_string()),
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.rt.render_metrics(),
     )
         .into_response()
@@ -237,7 +254,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// On the CPU: a neighbour outside admission control that grabs `bytes` for `hold` every
 /// `every` (another process's spike), so the retry path is exercised. Stops when `stop` fires.
-pub fn spawn_noise(vram: SimVram, bytes: u64, every: Duration, hold: Duration, stop: tokio::sync::watch::Receiver<bool>) {
+pub fn spawn_noise(
+    vram: SimVram,
+    bytes: u64,
+    every: Duration,
+    hold: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     tokio::spawn(async move {
         let mut stop = stop;
         loop {

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 use vramslice_sidecar::{CUDA_ERROR_OUT_OF_MEMORY, CudaError, ManualUsage, OutOfMemory};
 
@@ -218,17 +220,38 @@ pub enum Loaded {
 }
 
 /// Load `weights` onto the CPU's simulated device or the GPU.
-pub fn load(weights: Weights, cpu: Option<&SimVram>, cuda: Option<&Arc<Cuda>>) -> Result<Loaded, DeviceError> {
+pub fn load(
+    weights: Weights,
+    cpu: Option<&SimVram>,
+    cuda: Option<&Arc<Cuda>>,
+) -> Result<Loaded, DeviceError> {
     match (cuda, cpu) {
         (Some(cuda), _) => {
-            let w = weights.w.iter().map(|w| cuda.stream.clone_htod(w)).collect::<Result<Vec<_>, _>>()?;
-            let b = weights.b.iter().map(|b| cuda.stream.clone_htod(b)).collect::<Result<Vec<_>, _>>()?;
+            let w = weights
+                .w
+                .iter()
+                .map(|w| cuda.stream.clone_htod(w))
+                .collect::<Result<Vec<_>, _>>()?;
+            let b = weights
+                .b
+                .iter()
+                .map(|b| cuda.stream.clone_htod(b))
+                .collect::<Result<Vec<_>, _>>()?;
             cuda.stream.synchronize()?;
-            Ok(Loaded::Cuda { spec: weights.spec, w, b, cuda: Arc::clone(cuda) })
+            Ok(Loaded::Cuda {
+                spec: weights.spec,
+                w,
+                b,
+                cuda: Arc::clone(cuda),
+            })
         }
         (None, Some(vram)) => {
             let held = vram.alloc(weights.bytes())?;
-            Ok(Loaded::Cpu { weights: Arc::new(weights), _held: held, vram: vram.clone() })
+            Ok(Loaded::Cpu {
+                weights: Arc::new(weights),
+                _held: held,
+                vram: vram.clone(),
+            })
         }
         (None, None) => Err(DeviceError::Driver("no device to load onto".into())),
     }
@@ -257,11 +280,18 @@ impl Loaded {
                 let _scratch = s.alloc_zeros::<u8>(workspace as usize)?;
                 let mut cur = s.clone_htod(x)?;
                 let mut next = s.alloc_zeros::<f32>(x.len())?;
-                let n = u32::try_from(x.len()).map_err(|_| DeviceError::Driver("batch too large".into()))?;
+                let n = u32::try_from(x.len())
+                    .map_err(|_| DeviceError::Driver("batch too large".into()))?;
                 let d = spec.dim as u32;
                 for (wl, bl) in w.iter().zip(b) {
                     let mut launch = s.launch_builder(&cuda.kernel);
-                    launch.arg(wl).arg(bl).arg(&cur).arg(&mut next).arg(&d).arg(&n);
+                    launch
+                        .arg(wl)
+                        .arg(bl)
+                        .arg(&cur)
+                        .arg(&mut next)
+                        .arg(&d)
+                        .arg(&n);
                     // SAFETY: the kernel's parameters are (w, bias, x, y, d, n) as passed; every
                     // buffer holds at least the elements the kernel indexes (n = batch·d).
                     unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }?;

@@ -43,9 +43,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if args.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -56,22 +60,30 @@ async fn main() -> anyhow::Result<()> {
     };
     let settings = Settings {
         device: args.device,
-        model: ModelSpec { dim: args.dim, layers: args.layers, ..ModelSpec::default() },
+        model: ModelSpec {
+            dim: args.dim,
+            layers: args.layers,
+            ..ModelSpec::default()
+        },
         cpu_limit,
-        workspace_per_item: vramslice_core::parse_bytes(&args.workspace_per_item).context("--workspace-per-item")?,
+        workspace_per_item: vramslice_core::parse_bytes(&args.workspace_per_item)
+            .context("--workspace-per-item")?,
         max_batch: args.max_batch,
         admission: !args.no_admission,
         runtime,
     };
     let (router, _state) = tokio::task::spawn_blocking(move || build(settings)).await??;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "serving");
     axum::serve(listener, router)
         .with_graceful_shutdown(async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

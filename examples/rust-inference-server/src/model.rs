@@ -56,7 +56,11 @@ impl Weights {
         let mut rng = Rng(spec.seed);
         let scale = (2.0 / spec.dim as f32).sqrt();
         let w = (0..spec.layers)
-            .map(|_| (0..spec.dim * spec.dim).map(|_| rng.next_f32(scale)).collect())
+            .map(|_| {
+                (0..spec.dim * spec.dim)
+                    .map(|_| rng.next_f32(scale))
+                    .collect()
+            })
             .collect();
         let b = (0..spec.layers)
             .map(|_| (0..spec.dim).map(|_| rng.next_f32(0.01)).collect())
@@ -109,7 +113,11 @@ mod tests {
 
     #[test]
     fn weights_are_deterministic() {
-        let spec = ModelSpec { dim: 8, layers: 2, seed: 1 };
+        let spec = ModelSpec {
+            dim: 8,
+            layers: 2,
+            seed: 1,
+        };
         let a = Weights::generate(spec);
         let b = Weights::generate(spec);
         assert_eq!(a.w, b.w);
@@ -117,6 +125,9 @@ mod tests {
         let y = forward_cpu(&a, &input(&spec, 3, 9));
         assert_eq!(y.len(), 24);
         assert!(y.iter().all(|v| *v >= 0.0));
-        assert_eq!(checksum(&y), checksum(&forward_cpu(&b, &input(&spec, 3, 9))));
+        assert_eq!(
+            checksum(&y),
+            checksum(&forward_cpu(&b, &input(&spec, 3, 9)))
+        );
     }
 }

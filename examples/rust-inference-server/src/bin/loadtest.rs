@@ -70,10 +70,17 @@ impl Client {
     async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Self { reader: BufReader::new(stream) })
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
     }
 
-    async fn request(&mut self, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, String)> {
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -81,7 +88,11 @@ impl Client {
         self.reader.get_mut().write_all(req.as_bytes()).await?;
         let mut line = String::new();
         self.reader.read_line(&mut line).await?;
-        let status: u16 = line.split_whitespace().nth(1).context("no status")?.parse()?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .context("no status")?
+            .parse()?;
         let mut len = 0usize;
         loop {
             line.clear();
@@ -144,7 +155,13 @@ async fn run(args: &Args, admission: bool) -> anyhow::Result<()> {
     let done = Arc::new(AtomicBool::new(false));
     if let Some(vram) = state.vram.clone() {
         if args.noise_mib > 0 {
-            spawn_noise(vram.clone(), args.noise_mib << 20, Duration::from_millis(50), Duration::from_millis(20), stop_rx);
+            spawn_noise(
+                vram.clone(),
+                args.noise_mib << 20,
+                Duration::from_millis(50),
+                Duration::from_millis(20),
+                stop_rx,
+            );
         }
         let (peak, done) = (Arc::clone(&peak), Arc::clone(&done));
         tokio::spawn(async move {
@@ -160,8 +177,13 @@ async fn run(args: &Args, admission: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..args.clients {
-        let (next, tally, latencies, batches, n) =
-            (Arc::clone(&next), Arc::clone(&tally), Arc::clone(&latencies), args.batches.clone(), args.requests);
+        let (next, tally, latencies, batches, n) = (
+            Arc::clone(&next),
+            Arc::clone(&tally),
+            Arc::clone(&latencies),
+            args.batches.clone(),
+            args.requests,
+        );
         clients.push(tokio::spawn(async move {
             let mut client = Client::connect(addr).await?;
             loop {
@@ -172,11 +194,16 @@ async fn run(args: &Args, admission: bool) -> anyhow::Result<()> {
                 let body = format!("{{\"batch\":{},\"seed\":{i}}}", batch_for(i, &batches));
                 let t = Instant::now();
                 let (status, text) = client.request("POST", "/v1/infer", &body).await?;
-                latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(t.elapsed());
+                latencies
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push(t.elapsed());
                 let counter = match status {
                     200 => {
                         let v: serde_json::Value = serde_json::from_str(&text)?;
-                        tally.attempts.fetch_add(v["attempts"].as_u64().unwrap_or(1), Ordering::SeqCst);
+                        tally
+                            .attempts
+                            .fetch_add(v["attempts"].as_u64().unwrap_or(1), Ordering::SeqCst);
                         &tally.ok
                     }
                     507 => &tally.oom,
@@ -198,17 +225,32 @@ async fn run(args: &Args, admission: bool) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     done.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
-    let metrics = Client::connect(addr).await?.request("GET", "/metrics", "").await?.1;
+    let metrics = Client::connect(addr)
+        .await?
+        .request("GET", "/metrics", "")
+        .await?
+        .1;
     server.abort();
 
-    let mut lat = latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let mut lat = latencies
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
     let ok = tally.ok.load(Ordering::SeqCst);
     println!(
         "mode={} device={} limit={} high_water={} requests={} clients={} batches={:?} noise={} MiB",
         if admission { "sidecar" } else { "naive" },
-        if state.vram.is_some() { "cpu (simulated device memory)" } else { "cuda" },
+        if state.vram.is_some() {
+            "cpu (simulated device memory)"
+        } else {
+            "cuda"
+        },
         human(limit),
         args.high_water,
         args.requests,
