@@ -326,11 +326,13 @@ func checkNoOvercommit(t *testing.T, c *cluster.Cluster, pods []v1.Pod) map[stri
 }
 
 // outageRejection tells a kubelet admission rejection caused by the device
-// plugin being down (the device manager marks its devices unhealthy) from one
-// caused by over-commit ("requested number of devices unavailable").
+// plugin or the kubelet's device manager being down (devices marked unhealthy,
+// a gRPC call cut) from one caused by over-commit ("requested number of devices
+// unavailable"), which is never allowed.
 func outageRejection(p *v1.Pod) bool {
-	return p.Status.Phase == v1.PodFailed && (strings.Contains(p.Status.Message, "no healthy devices present") ||
-		strings.Contains(p.Status.Message, "rpc error: code = Unavailable"))
+	m := p.Status.Message
+	return p.Status.Phase == v1.PodFailed && !strings.Contains(m, "devices unavailable") &&
+		(strings.Contains(m, "no healthy devices present") || strings.Contains(m, "rpc error"))
 }
 
 func checkPods(t *testing.T, c *cluster.Cluster, pods []v1.Pod, allowOutageRejections bool) map[string]uint64 {

@@ -116,6 +116,7 @@ func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exi
 			fmt.Printf("applied %s\n", f)
 		}
 		waitSettled(ctx, c, settle)
+		waitPublished(ctx, c, 40*time.Second)
 	}
 	fmt.Println()
 	fmt.Println("$ kubectl get gpunodes -o wide")
@@ -153,7 +154,8 @@ func waitSettled(ctx context.Context, c *cluster.Cluster, timeout time.Duration)
 				}
 				unsched := false
 				for _, cond := range p.Status.Conditions {
-					if cond.Type == v1.PodScheduled && cond.Status == v1.ConditionFalse {
+					// A failed bind (a race lost to another pod) is retried; only a filter verdict settles.
+					if cond.Type == v1.PodScheduled && cond.Status == v1.ConditionFalse && !strings.Contains(cond.Message, "cannot bind") {
 						unsched = true
 					}
 				}
@@ -166,5 +168,51 @@ func waitSettled(ctx context.Context, c *cluster.Cluster, timeout time.Duration)
 			}
 		}
 		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// waitPublished waits until every GpuNode's allocated units equal the units of
+// the running pods on its node (the device plugins publish allocation changes
+// with their next reading or heartbeat).
+func waitPublished(ctx context.Context, c *cluster.Cluster, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	said := false
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		pods, err := c.Client.CoreV1().Pods("default").List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return
+		}
+		want := map[string]uint64{}
+		for _, p := range pods.Items {
+			if p.Status.Phase != v1.PodRunning {
+				continue
+			}
+			for _, ctr := range p.Spec.Containers {
+				if q, ok := ctr.Resources.Limits[cluster.ResourceName]; ok {
+					want[p.Spec.NodeName] += uint64(q.Value())
+				}
+			}
+		}
+		agree := true
+		for _, n := range c.Nodes() {
+			st, err := c.GpuNode(ctx, n.Name)
+			if err != nil {
+				agree = false
+				break
+			}
+			var got uint64
+			for _, g := range st.GPUs {
+				got += g.AllocatedUnits
+			}
+			agree = agree && got == want[n.Name]
+		}
+		if agree {
+			return
+		}
+		if !said {
+			fmt.Println("waiting for the device plugins to publish the new allocations in GpuNode status...")
+			said = true
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
