@@ -7,14 +7,15 @@
 # Tools (pinned, installed once into the repository's .tools/, gitignored; skipped when present):
 #   zig      from PyPI `ziglang==$ZIG_VERSION` into .tools/venv-zig
 #   cargo-zigbuild $ZIGBUILD_VERSION via `cargo install --locked --root .tools`
-# Env: GLIBC_FLOOR (default 2.28). Prints the highest GLIBC_ version found; exits 1 above the floor.
+# Env: GLIBC_FLOOR (default 2.28); VRAMSLICE_TOOLS_DIR (default .tools; e.g. a CI cache dir).
+# Prints the highest GLIBC_ version found; exits 1 above the floor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
 floor="${GLIBC_FLOOR:-2.28}"
 ZIG_VERSION="0.13.0.post1"
 ZIGBUILD_VERSION="0.19.8"
-tools="$root/.tools"
+tools="${VRAMSLICE_TOOLS_DIR:-$root/.tools}"
 venv="$tools/venv-zig"
 start=$(date +%s)
 
