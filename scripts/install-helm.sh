@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install Helm from its Go module at a pinned version into .tools/bin (gitignored).
+# Install Helm from its Go module at a pinned version into .tools/bin (gitignored), or into
+# $VRAMSLICE_TOOLS_DIR/bin when set (CI points it at a cache directory).
 #
 #   scripts/install-helm.sh          # prints the path of the helm binary on stdout
 #
@@ -9,7 +10,7 @@ set -euo pipefail
 
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN_DIR="$ROOT/.tools/bin"
+BIN_DIR="${VRAMSLICE_TOOLS_DIR:-$ROOT/.tools}/bin"
 HELM="$BIN_DIR/helm"
 
 if [[ -x "$HELM" ]] && "$HELM" version --template '{{.Version}}' 2>/dev/null | grep -qx "$HELM_VERSION"; then

@@ -11,7 +11,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.tools/venv"
+VENV="${VRAMSLICE_TOOLS_DIR:-$ROOT/.tools}/venv"
 HADOLINT_VERSION=2.15.1
 SHELLCHECK_VERSION=0.11.0.1
 

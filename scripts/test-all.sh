@@ -15,6 +15,11 @@ if [ "${CI:-}" = "true" ] && [ ! -e target ]; then
   mkdir -p "$cache"
   ln -s "$cache" target
 fi
+# Pinned tools (helm, hadolint, shellcheck, zig, cargo-zigbuild) are installed once per machine.
+if [ "${CI:-}" = "true" ] && [ -z "${VRAMSLICE_TOOLS_DIR:-}" ]; then
+  export VRAMSLICE_TOOLS_DIR="${VRAMSLICE_CACHE_DIR:-$HOME/.cache/vramslice}/tools"
+  mkdir -p "$VRAMSLICE_TOOLS_DIR"
+fi
 
 started=$(date +%s)
 step() { printf '\n==> %s (+%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
