@@ -53,6 +53,7 @@ func newCluster(t *testing.T, opts cluster.Options, nodes map[string][]cluster.F
 		t.Fatalf("starting the cluster: %v", err)
 	}
 	t.Cleanup(func() {
+		checkNoForbidden(t, c)
 		if t.Failed() {
 			dumpLogs(t, c)
 		}
@@ -77,6 +78,33 @@ func newCluster(t *testing.T, opts cluster.Options, nodes map[string][]cluster.F
 	}
 	t.Logf("cluster up: %d node(s) %v, extender at %s", len(names), names, c.ExtenderURL)
 	return c
+}
+
+// checkNoForbidden fails the scenario when the extender or a device plugin was
+// refused by the API server: the chart's RBAC (testdata/rbac.yaml) must be
+// enough, and a binary that merely logs a 403 and carries on must not pass.
+func checkNoForbidden(t *testing.T, c *cluster.Cluster) {
+	t.Helper()
+	procs := []*cluster.Process{c.Extender}
+	for _, n := range c.Nodes() {
+		procs = append(procs, n.Plugin)
+	}
+	for _, p := range procs {
+		if p == nil {
+			continue
+		}
+		data, err := os.ReadFile(p.LogPath)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			l := strings.ToLower(line)
+			if strings.Contains(l, "forbidden") || strings.Contains(l, " 403") {
+				t.Errorf("%s was refused by the API server (RBAC too narrow?): %s", p.Name, line)
+				break
+			}
+		}
+	}
 }
 
 func dumpLogs(t *testing.T, c *cluster.Cluster) {
