@@ -58,6 +58,12 @@ func (a *Applier) ApplyFile(ctx context.Context, path, defaultNS string) ([]*uns
 
 // ApplyYAML applies every object in a multi-document YAML stream.
 func (a *Applier) ApplyYAML(ctx context.Context, data []byte, defaultNS string) ([]*unstructured.Unstructured, error) {
+	return a.ApplyYAMLKinds(ctx, data, defaultNS, nil)
+}
+
+// ApplyYAMLKinds applies the objects of a multi-document YAML stream whose kind
+// is in kinds (all objects when kinds is nil).
+func (a *Applier) ApplyYAMLKinds(ctx context.Context, data []byte, defaultNS string, kinds map[string]bool) ([]*unstructured.Unstructured, error) {
 	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
 	var out []*unstructured.Unstructured
 	for {
@@ -68,7 +74,7 @@ func (a *Applier) ApplyYAML(ctx context.Context, data []byte, defaultNS string) 
 			}
 			return out, fmt.Errorf("decoding YAML: %w", err)
 		}
-		if len(obj.Object) == 0 {
+		if len(obj.Object) == 0 || (kinds != nil && !kinds[obj.GetKind()]) {
 			continue
 		}
 		applied, err := a.apply(ctx, obj, defaultNS)

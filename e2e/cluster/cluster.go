@@ -38,6 +38,7 @@ const (
 	SystemNamespace   = "vramslice-system"
 	PluginSA          = "vramslice-device-plugin"
 	ExtenderSA        = "vramslice-extender"
+	ChartSchedulerSA  = "vramslice-scheduler"
 	AnnotationGPUUUID = "vramslice.io/gpu-uuid"
 )
 
@@ -55,7 +56,18 @@ type Options struct {
 	ExtenderExtraConfig string
 	// PluginPollInterval for the device plugins (default 500ms).
 	PluginPollInterval string
+	// RBAC picks the identities (default $VRAMSLICE_E2E_RBAC, else "chart"):
+	//   "chart":    the RBAC objects of manifests/vramslice.yaml (the chart rendered); device
+	//               plugins run as vramslice-device-plugin, the extender and kube-scheduler
+	//               as vramslice-scheduler (they share the scheduler pod in the chart);
+	//   "testdata": e2e/testdata/rbac.yaml (the minimal rules); plugins as
+	//               vramslice-device-plugin, the extender as vramslice-extender, kube-scheduler admin.
+	RBAC string
 }
+
+// rbacKinds are the objects taken from the chart's rendered manifests.
+var rbacKinds = map[string]bool{"Namespace": true, "ServiceAccount": true, "ClusterRole": true,
+	"ClusterRoleBinding": true, "Role": true, "RoleBinding": true}
 
 // Node is one hollow node with its fake GPUs and its device plugin process.
 type Node struct {
@@ -131,6 +143,12 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 			c.Opts.BinDir = filepath.Join(c.Opts.RepoRoot, "target", "debug")
 		}
 	}
+	if c.Opts.RBAC == "" {
+		c.Opts.RBAC = os.Getenv("VRAMSLICE_E2E_RBAC")
+	}
+	if c.Opts.RBAC == "" {
+		c.Opts.RBAC = "chart"
+	}
 	if c.Opts.PluginPollInterval == "" {
 		c.Opts.PluginPollInterval = "500ms"
 	}
@@ -183,17 +201,39 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if _, err := c.Applier.ApplyFile(c.ctx, filepath.Join(c.Opts.RepoRoot, "manifests", "crds", "gpunodes.vramslice.io.yaml"), ""); err != nil {
 		return nil, fmt.Errorf("applying the GpuNode CRD: %w", err)
 	}
-	if _, err := c.Applier.ApplyFile(c.ctx, filepath.Join(c.Opts.RepoRoot, "e2e", "testdata", "rbac.yaml"), ""); err != nil {
-		return nil, fmt.Errorf("applying RBAC: %w", err)
-	}
 	// No controller-manager runs, so create the service account pods in "default" use.
-	if err := c.EnsureNamespace("default"); err != nil {
-		return nil, err
+	for _, ns := range []string{"default", "kube-system", SystemNamespace} {
+		if err := c.EnsureNamespace(ns); err != nil {
+			return nil, err
+		}
+	}
+	schedulerKC := c.AdminKubeconfig
+	extenderSA := ExtenderSA
+	switch c.Opts.RBAC {
+	case "chart":
+		path := filepath.Join(c.Opts.RepoRoot, "manifests", "vramslice.yaml")
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("reading the chart's rendered manifests: %w", err)
+		}
+		if _, err := c.Applier.ApplyYAMLKinds(c.ctx, data, SystemNamespace, rbacKinds); err != nil {
+			return nil, fmt.Errorf("applying the chart's RBAC from %s: %w", path, err)
+		}
+		extenderSA = ChartSchedulerSA
+		if schedulerKC, err = c.serviceAccountKubeconfig(server, ca, ChartSchedulerSA); err != nil {
+			return nil, err
+		}
+	case "testdata":
+		if _, err := c.Applier.ApplyFile(c.ctx, filepath.Join(c.Opts.RepoRoot, "e2e", "testdata", "rbac.yaml"), ""); err != nil {
+			return nil, fmt.Errorf("applying RBAC: %w", err)
+		}
+	default:
+		return nil, fmt.Errorf("unknown RBAC source %q (want chart or testdata)", c.Opts.RBAC)
 	}
 	if c.pluginKC, err = c.serviceAccountKubeconfig(server, ca, PluginSA); err != nil {
 		return nil, err
 	}
-	if c.extenderKC, err = c.serviceAccountKubeconfig(server, ca, ExtenderSA); err != nil {
+	if c.extenderKC, err = c.serviceAccountKubeconfig(server, ca, extenderSA); err != nil {
 		return nil, err
 	}
 	if c.extenderPort, err = freePort(); err != nil {
@@ -205,7 +245,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		scheds = append(scheds, SchedulerOptions{Name: PlainScheduler})
 	}
 	for _, so := range scheds {
-		errCh, err := startScheduler(c.ctx, c.Dir, c.AdminKubeconfig, so)
+		errCh, err := startScheduler(c.ctx, c.Dir, schedulerKC, so)
 		if err != nil {
 			return nil, err
 		}

@@ -89,6 +89,16 @@ func checkNoForbidden(t *testing.T, c *cluster.Cluster) {
 	for _, n := range c.Nodes() {
 		procs = append(procs, n.Plugin)
 	}
+	// kube-scheduler runs in-process with the chart's scheduler identity: its
+	// client errors land in the Kubernetes log.
+	if data, err := os.ReadFile(filepath.Join(c.Dir, "logs", "kubernetes.log")); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if strings.Contains(line, "is forbidden: User \"system:serviceaccount:"+cluster.SystemNamespace) {
+				t.Errorf("an in-process component was refused by the API server (RBAC too narrow?): %s", line)
+				break
+			}
+		}
+	}
 	for _, p := range procs {
 		if p == nil {
 			continue
