@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -570,4 +571,14 @@ func (c *Cluster) WaitNodesAdvertise(ctx context.Context, names []string, timeou
 		}
 	}
 	return nil
+}
+
+// StopQuietly is Stop for command-line programs about to exit: the shutdown
+// chatter of the in-process components (etcd client retries on cancelled
+// contexts) goes to the Kubernetes log file instead of the terminal.
+func (c *Cluster) StopQuietly() {
+	if f, err := os.OpenFile(filepath.Join(c.Dir, "logs", "kubernetes.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
+		_ = syscall.Dup2(int(f.Fd()), 2)
+	}
+	c.Stop()
 }

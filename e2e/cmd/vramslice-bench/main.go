@@ -43,7 +43,7 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	defer c.Stop()
+	defer c.StopQuietly()
 	if err := c.StartExtender(); err != nil {
 		return err
 	}

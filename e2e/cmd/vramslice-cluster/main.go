@@ -84,7 +84,7 @@ func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exi
 	if err != nil {
 		return err
 	}
-	defer c.Stop()
+	defer c.StopQuietly()
 	fmt.Printf("control plane up in %s (etcd, kube-apiserver, kube-scheduler %q)\n", time.Since(start).Round(time.Millisecond), cluster.SchedulerName)
 	if !controlPlaneOnly {
 		if !noExtender {
