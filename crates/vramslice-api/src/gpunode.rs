@@ -103,6 +103,11 @@ pub struct PodUsage {
     /// Memory the pod's processes use on this GPU, bytes, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_bytes: Option<u64>,
+    /// Whether the pod's self-reported usage (the guard's accounting file) agrees with what
+    /// NVML measures, within the watchdog's tolerance; `false` means tampered accounting or a
+    /// process outside the guard. Absent when there is nothing to compare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_report_trusted: Option<bool>,
 }
 
 /// A GPU process and its memory.

@@ -21,6 +21,7 @@ use vramslice_core::publish::{
     ContainerAllocationRecord, GpuSample, NodeReport, ProcessSample, PublishPolicy, build_report,
     publish_reason,
 };
+use vramslice_core::watchdog::{PodOnGpu, SelfReport};
 use vramslice_gpu::GpuReading;
 use vramslice_gpu::procfs::ProcRoot;
 
@@ -58,8 +59,13 @@ pub struct Publisher {
     pub watchdog: Watchdog,
 }
 
-/// The GpuNode status for a report observed at `observed_at` (RFC 3339).
-pub fn status_of(report: &NodeReport, observed_at: String) -> GpuNodeStatus {
+/// The GpuNode status for a report observed at `observed_at` (RFC 3339), with each pod's
+/// self-report verdict from the watchdog.
+pub fn status_of(
+    report: &NodeReport,
+    observed_at: String,
+    self_reports: &BTreeMap<PodOnGpu, SelfReport>,
+) -> GpuNodeStatus {
     GpuNodeStatus {
         unit: report.unit.as_str().to_string(),
         resource_name: report.unit.resource_name().to_string(),
@@ -88,6 +94,14 @@ pub fn status_of(report: &NodeReport, observed_at: String) -> GpuNodeStatus {
                         allocated_units: p.allocated_units,
                         limit_bytes: p.limit_bytes,
                         used_bytes: p.used_bytes,
+                        self_report_trusted: p.uid.as_ref().and_then(|uid| {
+                            self_reports
+                                .get(&PodOnGpu {
+                                    gpu_uuid: g.uuid.clone(),
+                                    pod_uid: uid.clone(),
+                                })
+                                .map(|s| s.trusted)
+                        }),
                     })
                     .collect(),
                 processes_without_pod: g
@@ -251,7 +265,7 @@ impl Publisher {
             }
             let samples = samples_of(&readings);
             let report = build_report(self.unit, &samples, &records);
-            let _self_reports = self.watchdog.observe(&report, &samples, &records).await;
+            let self_reports = self.watchdog.observe(&report, &samples, &records).await;
             let allocated: BTreeMap<String, (u32, u64)> = report
                 .gpus
                 .iter()
@@ -280,7 +294,7 @@ impl Publisher {
                 continue;
             };
             let observed_at = k8s_openapi::jiff::Timestamp::now().to_string();
-            let status = status_of(&report, observed_at);
+            let status = status_of(&report, observed_at, &self_reports);
             match write_status(lister.client(), lister.node(), &status).await {
                 Ok(()) => {
                     tracing::info!(%reason, node = lister.node(), "published GpuNode status");

@@ -303,6 +303,29 @@ async fn kill_process_mode_kills_exactly_the_offending_process_and_reports_it() 
     )
     .await;
     let () = status_has_stray;
+    // The same verdict reaches the GpuNode status, where the extender and kubectl read it.
+    wait_for(
+        "selfReportTrusted: false for calm in the GpuNode status",
+        Duration::from_secs(10),
+        || {
+            let calls = s.api.calls.lock().unwrap().clone();
+            calls
+                .iter()
+                .filter(|c| {
+                    c.line
+                        .starts_with("PATCH /apis/vramslice.io/v1alpha1/gpunodes/node-a/status")
+                })
+                .any(|c| {
+                    c.body["status"]["gpus"][0]["pods"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["name"] == "calm" && p["selfReportTrusted"] == json!(false))
+                })
+                .then_some(())
+        },
+    )
+    .await;
     let _ = s.calm.kill();
     let _ = s.calm.wait();
 }

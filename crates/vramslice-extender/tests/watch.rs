@@ -71,6 +71,7 @@ fn usage(name: &str, gib: u64) -> PodUsage {
         allocated_units: gib,
         limit_bytes: gib * GIB,
         used_bytes: Some(gib * GIB),
+        self_report_trusted: None,
     }
 }
 
