@@ -1,0 +1,344 @@
+use super::*;
+use crate::device_id::DeviceId;
+use crate::inventory::GpuUnitsView;
+use crate::units::VramUnit;
+use proptest::prelude::*;
+
+fn inventory() -> GpuInventory {
+    GpuInventory::new(
+        VramUnit::Gib1,
+        vec![
+            GpuUnitsView {
+                uuid: "GPU-a".into(),
+                index: 0,
+                total_bytes: 80 << 30,
+                healthy: true,
+            },
+            GpuUnitsView {
+                uuid: "GPU-b".into(),
+                index: 1,
+                total_bytes: 24 << 30,
+                healthy: true,
+            },
+        ],
+    )
+}
+
+fn settings(injection: InjectionMode, strategy: DeviceListStrategy) -> AllocationSettings {
+    AllocationSettings {
+        injection,
+        device_list_strategy: strategy,
+        guard_library_host_path: "/var/lib/vramslice/lib/libvramslice_guard.so".into(),
+        preload_file_host_path: "/var/lib/vramslice/ld.so.preload".into(),
+        accounting_root: "/var/lib/vramslice/accounting".into(),
+    }
+}
+
+fn env_of<'a>(a: &'a ContainerAllocation, k: &str) -> Option<&'a str> {
+    a.envs.get(k).map(String::as_str)
+}
+
+#[test]
+fn ld_preload_env_mode_sets_everything_the_contract_lists() {
+    let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
+    let a = plan_allocation(&inventory(), &s, &["GPU-b::3", "GPU-b::1", "GPU-b::2"]).unwrap();
+    assert_eq!(a.gpu_uuid, "GPU-b");
+    assert_eq!(a.units, 3);
+    assert_eq!(a.limit_bytes, 3 << 30);
+    assert_eq!(env_of(&a, "VRAMSLICE_VRAM_LIMIT_BYTES"), Some("3221225472"));
+    assert_eq!(env_of(&a, "VRAMSLICE_GPU_UUID"), Some("GPU-b"));
+    assert_eq!(env_of(&a, "NVIDIA_VISIBLE_DEVICES"), Some("GPU-b"));
+    assert_eq!(
+        env_of(&a, "VRAMSLICE_ACCOUNTING_DIR"),
+        Some(ACCOUNTING_CONTAINER_DIR)
+    );
+    assert_eq!(env_of(&a, "LD_PRELOAD"), Some(GUARD_CONTAINER_PATH));
+    assert_eq!(
+        env_of(&a, "VRAMSLICE_LIMIT_FILE"),
+        Some(LIMIT_FILE_CONTAINER_PATH)
+    );
+    assert_eq!(a.envs.len(), 6);
+    assert!(a.cdi_devices.is_empty());
+    let key = allocation_key("GPU-b", &[1, 2, 3]);
+    assert_eq!(
+        a.host_accounting_dir,
+        Path::new("/var/lib/vramslice/accounting").join(&key)
+    );
+    assert_eq!(
+        a.mounts,
+        vec![
+            MountSpec {
+                container_path: ACCOUNTING_CONTAINER_DIR.into(),
+                host_path: format!("/var/lib/vramslice/accounting/{key}"),
+                read_only: false,
+            },
+            MountSpec {
+                container_path: "/var/run/vramslice/limit".into(),
+                host_path: format!("/var/lib/vramslice/accounting/{key}.limit"),
+                read_only: true,
+            },
+            MountSpec {
+                container_path: GUARD_CONTAINER_PATH.into(),
+                host_path: "/var/lib/vramslice/lib/libvramslice_guard.so".into(),
+                read_only: true,
+            },
+        ]
+    );
+}
+
+#[test]
+fn preload_file_mode_mounts_the_file_and_sets_no_ld_preload() {
+    let s = settings(InjectionMode::LdSoPreloadFile, DeviceListStrategy::Envvar);
+    let a = plan_allocation(&inventory(), &s, &["GPU-a::0"]).unwrap();
+    assert_eq!(env_of(&a, "LD_PRELOAD"), None);
+    assert_eq!(a.mounts.len(), 4);
+    assert_eq!(
+        a.mounts[3],
+        MountSpec {
+            container_path: "/etc/ld.so.preload".into(),
+            host_path: "/var/lib/vramslice/ld.so.preload".into(),
+            read_only: true,
+        }
+    );
+    assert_eq!(a.mounts[2].container_path, GUARD_CONTAINER_PATH);
+    assert_eq!(preload_file_content(), format!("{GUARD_CONTAINER_PATH}\n"));
+}
+
+#[test]
+fn none_mode_mounts_only_the_accounting_dir() {
+    let s = settings(InjectionMode::None, DeviceListStrategy::Envvar);
+    let a = plan_allocation(&inventory(), &s, &["GPU-a::0"]).unwrap();
+    assert_eq!(env_of(&a, "LD_PRELOAD"), None);
+    assert_eq!(a.mounts.len(), 2);
+    assert_eq!(a.mounts[0].container_path, ACCOUNTING_CONTAINER_DIR);
+    assert!(
+        a.mounts[1].read_only,
+        "the limit file is read-only in every mode"
+    );
+}
+
+#[test]
+fn cdi_strategy_names_a_cdi_device_instead_of_the_env_var() {
+    let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Cdi);
+    let a = plan_allocation(&inventory(), &s, &["GPU-a::5"]).unwrap();
+    assert_eq!(a.cdi_devices, vec!["nvidia.com/gpu=GPU-a".to_string()]);
+    assert_eq!(env_of(&a, "NVIDIA_VISIBLE_DEVICES"), None);
+    assert_eq!(env_of(&a, "VRAMSLICE_GPU_UUID"), Some("GPU-a"));
+}
+
+#[test]
+fn errors_carry_the_core_text() {
+    let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
+    let err = plan_allocation(&inventory(), &s, &["GPU-a::0", "GPU-b::0"]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "device IDs span more than one GPU (GPU-a, GPU-b): a container's VRAM must come from one GPU"
+    );
+    let err = plan_allocation(&inventory(), &s, &["GPU-b::24"]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "device ID GPU-b::24 is unknown: GPU GPU-b advertises units 0..24"
+    );
+    let err = plan_allocation(&inventory(), &s, &["GPU-zz::0"]).unwrap_err();
+    assert_eq!(err.to_string(), "GPU GPU-zz is not on this node");
+    let err = plan_allocation(&inventory(), &s, &["nonsense"]).unwrap_err();
+    assert!(err.to_string().contains("\"nonsense\""), "{err}");
+    let err = plan_allocation::<&str>(&inventory(), &s, &[]).unwrap_err();
+    assert_eq!(err, AllocationError::Ids(DeviceIdError::Empty));
+}
+
+#[test]
+fn modes_and_strategies_parse_and_name_bad_words() {
+    for m in InjectionMode::ALL {
+        assert_eq!(m.as_str().parse::<InjectionMode>(), Ok(m));
+    }
+    assert_eq!(
+        "cdi".parse::<DeviceListStrategy>(),
+        Ok(DeviceListStrategy::Cdi)
+    );
+    assert_eq!(
+        "envvar".parse::<DeviceListStrategy>(),
+        Ok(DeviceListStrategy::Envvar)
+    );
+    let err = "preload".parse::<InjectionMode>().unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "unknown injection mode \"preload\": expected one of ld-preload-env, ld-so-preload-file, none"
+    );
+    assert!(
+        "CDI"
+            .parse::<DeviceListStrategy>()
+            .unwrap_err()
+            .to_string()
+            .contains("\"CDI\"")
+    );
+}
+
+#[test]
+fn keys_are_path_safe_and_readable() {
+    assert_eq!(
+        allocation_key("GPU-a", &[3, 1]),
+        allocation_key("GPU-a", &[1, 3])
+    );
+    let key = allocation_key("GPU-a/../x y", &[4, 5]);
+    assert!(key.starts_with("GPU-a_.._x_y.u4.n2."), "{key}");
+    assert!(!key.contains('/'));
+    assert_eq!(
+        allocation_key_for_ids(&["GPU-a::1", "GPU-a::0"]).unwrap(),
+        allocation_key("GPU-a", &[0, 1])
+    );
+    assert!(allocation_key_for_ids(&["GPU-a::1", "GPU-b::0"]).is_err());
+    // Pinned value: the name must not change between releases (running pods keep their dir).
+    assert_eq!(
+        allocation_key("GPU-a", &[0]),
+        format!("GPU-a.u0.n1.{:016x}", {
+            let mut h = Fnv1a::new();
+            h.write(b"GPU-a,0");
+            h.finish()
+        })
+    );
+}
+
+#[test]
+fn limit_file_is_beside_the_writable_dir_never_inside_it() {
+    let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
+    let a = plan_allocation(&inventory(), &s, &["GPU-a::2", "GPU-a::3"]).unwrap();
+    assert!(!a.host_limit_file.starts_with(&a.host_accounting_dir));
+    assert_eq!(a.host_limit_file.parent(), a.host_accounting_dir.parent());
+    let limit = a
+        .mounts
+        .iter()
+        .find(|m| m.container_path == LIMIT_FILE_CONTAINER_PATH)
+        .unwrap();
+    assert!(limit.read_only);
+    assert_eq!(limit.host_path, a.host_limit_file.to_string_lossy());
+    assert!(!LIMIT_FILE_CONTAINER_PATH.starts_with(ACCOUNTING_CONTAINER_DIR));
+}
+
+#[test]
+fn limit_file_round_trips() {
+    let text = limit_file_content(3 << 30, "GPU-b");
+    assert_eq!(text, "limit=3221225472\ngpu=GPU-b\n");
+    assert_eq!(
+        parse_limit_file(&text),
+        Ok(LimitFile {
+            limit_bytes: 3 << 30,
+            gpu_uuid: "GPU-b".into()
+        })
+    );
+    assert_eq!(
+        parse_limit_file("# written by vramslice\n\n limit = 5 \n"),
+        Ok(LimitFile {
+            limit_bytes: 5,
+            gpu_uuid: String::new()
+        })
+    );
+}
+
+#[test]
+fn limit_file_errors_name_the_problem() {
+    assert_eq!(parse_limit_file(""), Err(LimitFileError::MissingLimit));
+    assert_eq!(
+        parse_limit_file("gpu=x\n"),
+        Err(LimitFileError::MissingLimit)
+    );
+    for bad in [
+        "limit=",
+        "limit=-1",
+        "limit=2Gi",
+        "limit=1e9",
+        "limit=99999999999999999999999",
+        "limit=+5",
+    ] {
+        assert!(
+            matches!(parse_limit_file(bad), Err(LimitFileError::BadLimit(_))),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        parse_limit_file("limit=5\nlimit=9999\n"),
+        Err(LimitFileError::BadLine {
+            line: 2,
+            text: "limit=9999".into()
+        })
+    );
+    assert!(matches!(
+        parse_limit_file("limit=5\nextra=1"),
+        Err(LimitFileError::BadLine { line: 2, .. })
+    ));
+    assert!(matches!(
+        parse_limit_file("nonsense"),
+        Err(LimitFileError::BadLine { line: 1, .. })
+    ));
+    let long = format!("limit=5\n#{}", "x".repeat(LIMIT_FILE_MAX_BYTES));
+    assert!(matches!(
+        parse_limit_file(&long),
+        Err(LimitFileError::TooLong(_))
+    ));
+    let msg = parse_limit_file("limit=abc").unwrap_err().to_string();
+    assert!(msg.contains("\"abc\""), "{msg}");
+}
+
+proptest! {
+    #[test]
+    fn limit_file_parses_what_it_writes(limit in any::<u64>(), uuid in "[A-Za-z0-9-]{0,60}") {
+        let parsed = parse_limit_file(&limit_file_content(limit, &uuid)).unwrap();
+        prop_assert_eq!(parsed.limit_bytes, limit);
+        prop_assert_eq!(parsed.gpu_uuid, uuid);
+    }
+
+    #[test]
+    fn limit_file_garbage_never_panics(text in "\\PC{0,200}") {
+        let _ = parse_limit_file(&text);
+    }
+
+    #[test]
+    fn key_depends_only_on_the_set_of_ids(
+        units in proptest::collection::btree_set(0u64..200, 1..20), seed in any::<u64>()
+    ) {
+        let sorted: Vec<u64> = units.iter().copied().collect();
+        let mut shuffled = sorted.clone();
+        let n = shuffled.len();
+        shuffled.rotate_left((seed as usize) % n);
+        if seed % 2 == 0 { shuffled.reverse(); }
+        prop_assert_eq!(allocation_key("GPU-x", &sorted), allocation_key("GPU-x", &shuffled));
+        let ids: Vec<String> = shuffled.iter().map(|k| DeviceId::new("GPU-x", *k).to_string()).collect();
+        prop_assert_eq!(allocation_key_for_ids(&ids).unwrap(), allocation_key("GPU-x", &sorted));
+    }
+
+    #[test]
+    fn different_sets_get_different_keys(
+        a in proptest::collection::btree_set(0u64..64, 1..8),
+        b in proptest::collection::btree_set(0u64..64, 1..8),
+    ) {
+        prop_assume!(a != b);
+        let a: Vec<u64> = a.into_iter().collect();
+        let b: Vec<u64> = b.into_iter().collect();
+        prop_assert_ne!(allocation_key("GPU-x", &a), allocation_key("GPU-x", &b));
+    }
+
+    #[test]
+    fn limit_is_units_times_unit_and_within_the_gpu(
+        k in 1u64..24, start in 0u64..24, unit_ix in 0usize..4
+    ) {
+        let unit = VramUnit::ALL[unit_ix];
+        let inv = GpuInventory::new(unit, vec![GpuUnitsView {
+            uuid: "GPU-b".into(), index: 0, total_bytes: 24 << 30, healthy: true,
+        }]);
+        let units = unit.units_in(24 << 30);
+        let ids: Vec<String> = (start..start + k).map(|u| format!("GPU-b::{u}")).collect();
+        let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
+        match plan_allocation(&inv, &s, &ids) {
+            Ok(a) => {
+                prop_assert!(start + k <= units);
+                prop_assert_eq!(a.limit_bytes, k * unit.bytes());
+                prop_assert!(a.limit_bytes <= 24 << 30);
+                prop_assert_eq!(a.envs.get("VRAMSLICE_VRAM_LIMIT_BYTES"), Some(&a.limit_bytes.to_string()));
+            }
+            Err(e) => {
+                prop_assert!(start + k > units);
+                prop_assert!(matches!(e, AllocationError::Inventory(InventoryError::UnknownUnit { .. })), "{}", e);
+            }
+        }
+    }
+}

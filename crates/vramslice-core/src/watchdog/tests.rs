@@ -1,0 +1,391 @@
+use super::*;
+use crate::VramUnit;
+use crate::publish::{ContainerAllocationRecord, ProcessSample, build_report};
+use proptest::prelude::*;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn proc_(pid: u32, used: u64, uid: Option<&str>) -> ProcessSample {
+    ProcessSample {
+        pid,
+        used_bytes: used,
+        pod_uid: uid.map(str::to_string),
+    }
+}
+
+fn sample(processes: Vec<ProcessSample>) -> GpuSample {
+    GpuSample {
+        index: 0,
+        uuid: "GPU-a".into(),
+        model: "m".into(),
+        total_bytes: 80 * GIB,
+        used_bytes: 0,
+        free_bytes: 80 * GIB,
+        healthy: true,
+        health_reason: None,
+        processes,
+    }
+}
+
+/// Pod "web" (uid-web) holds 2 units, pod "job" (uid-job) 4, pod "anon" (no UID) 1.
+fn records() -> Vec<ContainerAllocationRecord> {
+    let rec = |pod: &str, uid: Option<&str>, ids: &[&str]| ContainerAllocationRecord {
+        namespace: "ml".into(),
+        pod: pod.into(),
+        pod_uid: uid.map(str::to_string),
+        device_ids: ids.iter().map(|s| s.to_string()).collect(),
+    };
+    vec![
+        rec("web", Some("uid-web"), &["GPU-a::0", "GPU-a::1"]),
+        rec("job", Some("uid-job"), &["GPU-a::2", "GPU-a::3"]),
+        rec("job", Some("uid-job"), &["GPU-a::4", "GPU-a::5"]),
+        rec("anon", None, &["GPU-a::6"]),
+    ]
+}
+
+fn policy(grace_s: u64, action: WatchdogAction) -> WatchdogPolicy {
+    WatchdogPolicy {
+        tolerance_bytes: 64 * MIB,
+        grace: Duration::from_secs(grace_s),
+        action,
+    }
+}
+
+fn step(
+    p: &WatchdogPolicy,
+    state: &WatchdogState,
+    t: u64,
+    processes: Vec<ProcessSample>,
+) -> Verdict {
+    let samples = vec![sample(processes)];
+    let report = build_report(VramUnit::Gib1, &samples, &records());
+    evaluate(
+        p,
+        state,
+        Duration::from_secs(t),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    )
+}
+
+fn web_key() -> PodOnGpu {
+    PodOnGpu {
+        gpu_uuid: "GPU-a".into(),
+        pod_uid: "uid-web".into(),
+    }
+}
+
+#[test]
+fn tolerance_is_the_boundary() {
+    let p = policy(30, WatchdogAction::Report);
+    let s = WatchdogState::default();
+    let at = step(
+        &p,
+        &s,
+        0,
+        vec![proc_(1, 2 * GIB + 64 * MIB, Some("uid-web"))],
+    );
+    assert!(at.events.is_empty(), "{:?}", at.events);
+    let over = step(
+        &p,
+        &s,
+        0,
+        vec![proc_(1, 2 * GIB + 64 * MIB + 1, Some("uid-web"))],
+    );
+    let [WatchdogEvent::BreachStarted(b)] = over.events.as_slice() else {
+        panic!("{:?}", over.events)
+    };
+    assert_eq!(b.used_bytes, 2 * GIB + 64 * MIB + 1);
+    assert_eq!(b.limit_bytes, 2 * GIB);
+    assert_eq!(b.tolerance_bytes, 64 * MIB);
+    assert_eq!(
+        (b.target.namespace.as_str(), b.target.name.as_str()),
+        ("ml", "web")
+    );
+    assert_eq!(over.state.in_breach().collect::<Vec<_>>(), vec![&web_key()]);
+}
+
+#[test]
+fn grace_then_act_on_exactly_the_offenders_processes_then_repeat_then_end() {
+    let p = policy(30, WatchdogAction::KillProcess);
+    let procs = || {
+        vec![
+            proc_(30, GIB, Some("uid-web")),
+            proc_(10, 2 * GIB, Some("uid-web")),
+            proc_(20, 3 * GIB, Some("uid-job")),
+            proc_(40, GIB, None),
+        ]
+    };
+    let v0 = step(&p, &WatchdogState::default(), 100, procs());
+    assert!(matches!(v0.events[0], WatchdogEvent::BreachStarted(_)));
+    assert!(
+        !v0.events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::Act { .. }))
+    );
+    let v1 = step(&p, &v0.state, 129, procs());
+    assert!(
+        v1.events.iter().all(|e| !matches!(
+            e,
+            WatchdogEvent::Act { .. } | WatchdogEvent::BreachStarted(_)
+        )),
+        "{:?}",
+        v1.events
+    );
+    let v2 = step(&p, &v1.state, 130, procs());
+    let acts: Vec<&Breach> = v2
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            WatchdogEvent::Act {
+                action: WatchdogAction::KillProcess,
+                breach,
+            } => Some(breach),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acts.len(), 1, "{:?}", v2.events);
+    assert_eq!(
+        acts[0].processes,
+        vec![(10, 2 * GIB), (30, GIB)],
+        "only web's PIDs, by PID"
+    );
+    assert_eq!(acts[0].over_for, Duration::from_secs(30));
+    assert_eq!(acts[0].used_bytes, 3 * GIB);
+    // Still over: acted again one grace period after the last action, not before.
+    let v3 = step(&p, &v2.state, 159, procs());
+    assert!(
+        !v3.events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::Act { .. }))
+    );
+    let v4 = step(&p, &v3.state, 160, procs());
+    assert!(v4.events.iter().any(|e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(60))));
+    // Back within: ended, forgotten; a new breach starts over with a new grace period.
+    let v5 = step(&p, &v4.state, 161, vec![proc_(10, GIB, Some("uid-web"))]);
+    assert_eq!(
+        v5.events,
+        vec![WatchdogEvent::BreachEnded {
+            key: web_key(),
+            used_bytes: GIB
+        }]
+    );
+    assert_eq!(v5.state.in_breach().count(), 0);
+    let v6 = step(&p, &v5.state, 162, procs());
+    assert!(
+        matches!(&v6.events[0], WatchdogEvent::BreachStarted(b) if b.over_for == Duration::ZERO)
+    );
+}
+
+#[test]
+fn zero_grace_acts_at_once_and_the_action_is_the_configured_one() {
+    for action in WatchdogAction::ALL {
+        let v = step(
+            &policy(0, action),
+            &WatchdogState::default(),
+            5,
+            vec![proc_(1, 9 * GIB, Some("uid-job"))],
+        );
+        assert_eq!(v.events.len(), 2, "{:?}", v.events);
+        assert!(
+            matches!(&v.events[0], WatchdogEvent::BreachStarted(b) if b.limit_bytes == 4 * GIB && b.target.name == "job")
+        );
+        assert!(matches!(&v.events[1], WatchdogEvent::Act { action: a, .. } if *a == action));
+        // Zero grace still never repeats an action within MIN_REPEAT.
+        let p0 = policy(0, action);
+        let again = step(&p0, &v.state, 14, vec![proc_(1, 9 * GIB, Some("uid-job"))]);
+        assert!(again.events.is_empty(), "{:?}", again.events);
+        let later = step(
+            &p0,
+            &again.state,
+            15,
+            vec![proc_(1, 9 * GIB, Some("uid-job"))],
+        );
+        assert!(
+            matches!(later.events.as_slice(), [WatchdogEvent::Act { .. }]),
+            "{:?}",
+            later.events
+        );
+    }
+}
+
+#[test]
+fn a_vanished_pod_ends_its_breach() {
+    let p = policy(30, WatchdogAction::Report);
+    let v0 = step(
+        &p,
+        &WatchdogState::default(),
+        0,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
+    let samples = vec![sample(vec![])];
+    let report = build_report(VramUnit::Gib1, &samples, &[]);
+    let v1 = evaluate(
+        &p,
+        &v0.state,
+        Duration::from_secs(1),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    );
+    assert_eq!(
+        v1.events,
+        vec![WatchdogEvent::BreachEnded {
+            key: web_key(),
+            used_bytes: 0
+        }]
+    );
+}
+
+#[test]
+fn processes_without_a_pod_are_reported_once_while_they_last() {
+    let p = policy(30, WatchdogAction::Report);
+    // PID 7: no pod; PID 8: a pod that holds no units here; PID 9: the UID-less pod's.
+    let procs = || {
+        vec![
+            proc_(7, GIB, None),
+            proc_(8, MIB, Some("uid-other")),
+            proc_(1, MIB, Some("uid-web")),
+        ]
+    };
+    let v0 = step(&p, &WatchdogState::default(), 0, procs());
+    let strays: Vec<u32> = v0
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            WatchdogEvent::ProcessWithoutPod {
+                pid,
+                used_bytes,
+                gpu_uuid,
+            } => {
+                assert_eq!(gpu_uuid, "GPU-a");
+                assert!(*used_bytes > 0);
+                Some(*pid)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(strays, vec![7, 8]);
+    let v1 = step(&p, &v0.state, 1, procs());
+    assert!(v1.events.is_empty(), "{:?}", v1.events);
+    let v2 = step(&p, &v1.state, 2, vec![]);
+    let v3 = step(&p, &v2.state, 3, procs());
+    assert_eq!(v3.events.len(), 2, "back after vanishing: reported again");
+}
+
+#[test]
+fn pods_without_a_uid_are_not_judged() {
+    // "anon" has 1 unit and no UID: its usage cannot be attributed, so no breach for it.
+    let v = step(
+        &policy(0, WatchdogAction::KillProcess),
+        &WatchdogState::default(),
+        0,
+        vec![proc_(5, 50 * GIB, None)],
+    );
+    assert!(
+        v.events
+            .iter()
+            .all(|e| matches!(e, WatchdogEvent::ProcessWithoutPod { .. }))
+    );
+}
+
+#[test]
+fn self_reports_are_trusted_within_the_tolerance_only() {
+    let p = policy(30, WatchdogAction::Report);
+    let samples = vec![sample(vec![
+        proc_(1, GIB, Some("uid-web")),
+        proc_(2, GIB, Some("uid-job")),
+    ])];
+    let report = build_report(VramUnit::Gib1, &samples, &records());
+    let job = PodOnGpu {
+        gpu_uuid: "GPU-a".into(),
+        pod_uid: "uid-job".into(),
+    };
+    let reported = BTreeMap::from([
+        (web_key(), GIB - 64 * MIB),
+        (job.clone(), GIB - 64 * MIB - 1),
+    ]);
+    let v = evaluate(
+        &p,
+        &WatchdogState::default(),
+        Duration::ZERO,
+        &report,
+        &samples,
+        &reported,
+    );
+    assert_eq!(
+        v.self_reports[&web_key()],
+        SelfReport {
+            self_reported_bytes: GIB - 64 * MIB,
+            measured_bytes: GIB,
+            trusted: true
+        }
+    );
+    assert!(!v.self_reports[&job].trusted);
+    assert_eq!(v.self_reports.len(), 2);
+}
+
+#[test]
+fn actions_parse_and_name_bad_words() {
+    for a in WatchdogAction::ALL {
+        assert_eq!(a.as_str().parse::<WatchdogAction>(), Ok(a));
+        assert_eq!(a.to_string(), a.as_str());
+    }
+    assert_eq!(WatchdogAction::default(), WatchdogAction::Report);
+    let e = "kill".parse::<WatchdogAction>().unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "unknown watchdog action \"kill\": expected one of report, kill-process, evict-pod"
+    );
+    assert_eq!(WatchdogPolicy::default().tolerance_bytes, 64 * MIB);
+}
+
+proptest! {
+    /// Over random usage histories: an action happens only after the pod was over for the
+    /// whole grace period, names only that pod's PIDs, and never when it is within.
+    #[test]
+    fn acts_only_after_a_full_grace_period_over_the_limit(
+        usages in proptest::collection::vec((0u64..5, 0u64..6), 1..60),
+        grace in 0u64..14,
+    ) {
+        let p = policy(grace, WatchdogAction::KillProcess);
+        let mut state = WatchdogState::default();
+        let mut over_since: Option<u64> = None;
+        let mut last_act: Option<u64> = None;
+        let repeat = grace.max(MIN_REPEAT.as_secs());
+        let wait = |last: Option<u64>| if last.is_some() { repeat } else { grace };
+        let times = usages.iter().scan(0u64, |t, (u, dt)| {
+            *t += dt;
+            Some((*t, *u))
+        });
+        for (t, web_gib) in times {
+            let v = step(&p, &state, t, vec![proc_(1, web_gib * GIB, Some("uid-web")), proc_(2, MIB, Some("uid-job"))]);
+            let over = web_gib * GIB > 2 * GIB + 64 * MIB;
+            if over { over_since.get_or_insert(t); } else { over_since = None; last_act = None; }
+            for e in &v.events {
+                if let WatchdogEvent::Act { breach, .. } = e {
+                    prop_assert!(over);
+                    let since = last_act.or(over_since).unwrap();
+                    prop_assert!(t - since >= wait(last_act));
+                    prop_assert_eq!(&breach.processes, &vec![(1, web_gib * GIB)]);
+                    prop_assert_eq!(&breach.target.key, &web_key());
+                    last_act = Some(t);
+                }
+                if let WatchdogEvent::BreachStarted(b) = e {
+                    prop_assert!(over);
+                    prop_assert_eq!(over_since, Some(t));
+                    prop_assert_eq!(&b.target.key, &web_key());
+                }
+            }
+            let acted = v.events.iter().any(|e| matches!(e, WatchdogEvent::Act { .. }));
+            if over && !acted {
+                let since = last_act.or(over_since).unwrap();
+                prop_assert!(t - since < wait(last_act), "due but not acted at t={}", t);
+            }
+            prop_assert_eq!(v.state.in_breach().count(), usize::from(over));
+            state = v.state;
+        }
+    }
+}
