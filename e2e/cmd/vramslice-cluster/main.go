@@ -134,10 +134,25 @@ func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exi
 	if exitAfter {
 		return nil
 	}
+	fmt.Printf("kubelet restart: kill -USR1 %d restarts every hollow node's device manager\n", os.Getpid())
 	fmt.Println("cluster is running; Ctrl-C stops it and cleans up")
-	<-ctx.Done()
-	fmt.Println("stopping...")
-	return nil
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	for {
+		select {
+		case <-ctx.Done():
+			fmt.Println("stopping...")
+			return nil
+		case <-usr1:
+			for _, n := range c.Nodes() {
+				if err := n.RestartDeviceManager(); err != nil {
+					fmt.Printf("restarting the device manager of %s: %v\n", n.Name, err)
+					continue
+				}
+				fmt.Printf("restarted the device manager of %s (kubelet.sock re-created; the plugin must re-register)\n", n.Name)
+			}
+		}
+	}
 }
 
 // waitSettled waits until every pod is Running, Failed, or Pending with a
