@@ -130,6 +130,11 @@ func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exi
 	}
 	fmt.Println()
 	fmt.Printf("KUBECONFIG=%s\n", c.AdminKubeconfig)
+	if exe, err := os.Executable(); err == nil {
+		if kubectl := filepath.Join(filepath.Dir(exe), "kubectl"); fileExists(kubectl) {
+			fmt.Printf("try: %s --kubeconfig %s get gpunodes -o wide\n", kubectl, c.AdminKubeconfig)
+		}
+	}
 	fmt.Printf("work dir: %s (logs under logs/)\n", c.Dir)
 	if exitAfter {
 		return nil
@@ -230,4 +235,9 @@ func waitPublished(ctx context.Context, c *cluster.Cluster, timeout time.Duratio
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
