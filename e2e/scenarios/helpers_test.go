@@ -479,3 +479,62 @@ func deletePod(t *testing.T, c *cluster.Cluster, name string) {
 		t.Fatalf("deleting pod %s: %v", name, err)
 	}
 }
+
+// checkGpuNodePods waits until every GpuNode lists exactly the running pods the
+// kubelet allocated on each of its GPUs, with their units and limits (what
+// `kubectl describe gpunode` shows), for the pods with the given name prefix.
+func checkGpuNodePods(t *testing.T, c *cluster.Cluster, prefix string) {
+	t.Helper()
+	var last string
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		list, err := c.Client.CoreV1().Pods(ns).List(c.Context(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := map[string]string{} // "gpu/pod" -> "units/limit"
+		for i := range list.Items {
+			p := &list.Items[i]
+			if !strings.HasPrefix(p.Name, prefix) || p.Status.Phase != v1.PodRunning {
+				continue
+			}
+			pl := placementOf(t, p)
+			want[pl.EnvGPU+"/"+p.Name] = fmt.Sprintf("%d/%d", pl.Request, pl.LimitBytes)
+		}
+		got := map[string]string{}
+		for _, n := range c.Nodes() {
+			st, err := c.GpuNode(c.Context(), n.Name)
+			if err != nil {
+				continue
+			}
+			for _, g := range st.GPUs {
+				for _, p := range g.Pods {
+					if strings.HasPrefix(p.Name, prefix) {
+						got[g.UUID+"/"+p.Name] = fmt.Sprintf("%d/%d", p.AllocatedUnits, p.LimitBytes)
+					}
+				}
+			}
+		}
+		var diffs []string
+		for k, v := range want {
+			if got[k] != v {
+				diffs = append(diffs, fmt.Sprintf("%s: pods say %s, GpuNode says %q", k, v, got[k]))
+			}
+		}
+		for k, v := range got {
+			if _, ok := want[k]; !ok {
+				diffs = append(diffs, fmt.Sprintf("%s: GpuNode lists %s for no running pod", k, v))
+			}
+		}
+		if len(diffs) == 0 {
+			t.Logf("GpuNode status lists the same %d pod allocations as the pods", len(want))
+			return
+		}
+		sort.Strings(diffs)
+		last = strings.Join(diffs, "; ")
+		if time.Now().After(deadline) {
+			t.Fatalf("GpuNode pod lists disagree with the pods: %s", last)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}

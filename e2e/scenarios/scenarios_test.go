@@ -157,6 +157,7 @@ func TestScenario3_NoDoubleBooking(t *testing.T) {
 		t.Errorf("only %d of 80 units in use after 200 pods of 1-4 GiB: placement stalled", total)
 	}
 	checkGpuNodesAgree(t, c, used)
+	checkGpuNodePods(t, c, "s3-")
 }
 
 // Scenario 4: kill and restart the extender and a device plugin, and restart a
@@ -245,6 +246,7 @@ func TestScenario4_Restarts(t *testing.T) {
 	pods = settle(t, c, "s4-", 2*time.Minute)
 	used = checkPods(t, c, pods, true)
 	checkGpuNodesAgree(t, c, used)
+	checkGpuNodePods(t, c, "s4-")
 }
 
 // Scenario 5: a GPU the fake file marks unhealthy takes no new pods.
