@@ -167,6 +167,49 @@ pub fn preferred_units(
     picked
 }
 
+/// A pod on the node that holds, or waits for, units of one request size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPlacement {
+    /// The GPU the extender assigned (the `vramslice.io/gpu-uuid` annotation).
+    pub annotated_gpu: String,
+    /// The GPU the kubelet actually allocated to it, once it has.
+    pub allocated_gpu: Option<String>,
+    /// Orders pods by assignment: `assigned-at`, then creation time, then name.
+    pub order_key: String,
+}
+
+/// The GPUs still owed an allocation of this size, most owed first.
+///
+/// Same-size pods are interchangeable for accounting, so the kubelet may give pod A the units
+/// the extender meant for pod B. What must hold is the multiset: every GPU ends up with as many
+/// same-size pods as the extender assigned to it. A GPU is owed `assigned − allocated` pods;
+/// preferring the most-owed GPU (ties: the GPU of the earliest assignment, then UUID) keeps the
+/// kubelet's allocations equal to the extender's ledger even when pods are admitted in another
+/// order than they were bound.
+pub fn owed_gpus(pods: &[PodPlacement]) -> Vec<String> {
+    let mut owed: BTreeMap<&str, (i64, &str)> = BTreeMap::new();
+    for pod in pods {
+        let entry = owed
+            .entry(pod.annotated_gpu.as_str())
+            .or_insert((0, pod.order_key.as_str()));
+        entry.0 += 1;
+        entry.1 = entry.1.min(pod.order_key.as_str());
+    }
+    for gpu in pods.iter().filter_map(|p| p.allocated_gpu.as_deref()) {
+        owed.entry(gpu).or_insert((0, "")).0 -= 1;
+    }
+    let mut order: Vec<(&str, i64, &str)> = owed
+        .into_iter()
+        .filter(|(_, (count, _))| *count > 0)
+        .map(|(gpu, (count, first))| (gpu, count, first))
+        .collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(b.2)).then(a.0.cmp(b.0)));
+    order
+        .into_iter()
+        .map(|(gpu, _, _)| gpu.to_string())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +291,39 @@ mod tests {
         );
     }
 
+    fn placed(gpu: &str, allocated: Option<&str>, order: &str) -> PodPlacement {
+        PodPlacement {
+            annotated_gpu: gpu.into(),
+            allocated_gpu: allocated.map(Into::into),
+            order_key: order.into(),
+        }
+    }
+
+    #[test]
+    fn a_swapped_allocation_is_paid_back_to_the_other_gpu() {
+        // A was assigned GPU-1, B GPU-0; the kubelet admitted A first and it took GPU-0.
+        let pods = vec![
+            placed("GPU-1", Some("GPU-0"), "1-a"),
+            placed("GPU-0", None, "2-b"),
+        ];
+        assert_eq!(owed_gpus(&pods), vec!["GPU-1"]);
+        // Nobody waiting: nothing owed, even with the swap on record.
+        let pods = vec![
+            placed("GPU-1", Some("GPU-0"), "1-a"),
+            placed("GPU-0", Some("GPU-1"), "2-b"),
+        ];
+        assert!(owed_gpus(&pods).is_empty());
+        // Two waiting on GPU-0, one on GPU-1: GPU-0 first; equal counts go by assignment order.
+        let pods = vec![
+            placed("GPU-1", None, "1"),
+            placed("GPU-0", None, "2"),
+            placed("GPU-0", None, "3"),
+        ];
+        assert_eq!(owed_gpus(&pods), vec!["GPU-0", "GPU-1"]);
+        let pods = vec![placed("GPU-1", None, "1"), placed("GPU-0", None, "2")];
+        assert_eq!(owed_gpus(&pods), vec!["GPU-1", "GPU-0"]);
+    }
+
     proptest! {
         #[test]
         fn never_advertises_more_than_the_card_holds(total in any::<u64>(), unit_ix in 0usize..4) {
@@ -258,6 +334,33 @@ mod tests {
             let units = inv.units_of(&inv.gpus()[0]);
             prop_assert!(unit.bytes_for(units) <= inv.gpus()[0].total_bytes);
             prop_assert!(unit.bytes_for(units + 1) > inv.gpus()[0].total_bytes);
+        }
+
+        /// Serving each waiting pod with the most-owed GPU, in any admission order, leaves every
+        /// GPU with exactly as many pods as were assigned to it.
+        #[test]
+        fn following_owed_gpus_matches_the_assignment(
+            assigned in proptest::collection::vec(0usize..3, 1..12),
+            order in proptest::collection::vec(any::<u32>(), 12),
+        ) {
+            let gpus = ["GPU-0", "GPU-1", "GPU-2"];
+            let mut pods: Vec<PodPlacement> = assigned
+                .iter()
+                .enumerate()
+                .map(|(i, g)| placed(gpus[*g], None, &format!("{i:02}")))
+                .collect();
+            let mut admission: Vec<usize> = (0..pods.len()).collect();
+            admission.sort_by_key(|i| order[*i]);
+            for i in admission {
+                let gpu = owed_gpus(&pods).first().cloned();
+                prop_assert!(gpu.is_some(), "a waiting pod found no owed GPU");
+                pods[i].allocated_gpu = gpu;
+            }
+            for gpu in gpus {
+                let want = pods.iter().filter(|p| p.annotated_gpu == gpu).count();
+                let got = pods.iter().filter(|p| p.allocated_gpu.as_deref() == Some(gpu)).count();
+                prop_assert_eq!(want, got);
+            }
         }
 
         #[test]

@@ -21,6 +21,6 @@ pub mod watchdog;
 
 pub use device_id::{DeviceId, DeviceIdError, GpuSelection};
 pub use duration::{DurationError, format_duration, parse_duration};
-pub use inventory::{AdvertisedDevice, GpuInventory, GpuUnitsView};
+pub use inventory::{AdvertisedDevice, GpuInventory, GpuUnitsView, PodPlacement, owed_gpus};
 pub use quantity::{QuantityError, format_bytes, parse_bytes};
 pub use units::{RESOURCE_PREFIX, UnitError, VramUnit};

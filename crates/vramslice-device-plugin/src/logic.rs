@@ -2,7 +2,7 @@
 //! stream, the preferred units for a container, and the allocation of a container's units. The
 //! gRPC adapter ([`crate::grpc`]) is a thin translation over [`DevicePluginLogic`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -10,9 +10,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use vramslice_core::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
 use vramslice_core::inventory::preferred_units;
-use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit};
+use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit, owed_gpus};
 
-use crate::pods::{PodLister, assigned_gpus};
+use crate::pods::{PodLister, placements};
 use crate::poller::NodeWatch;
 
 /// Longest wait for the API server or PodResources while the kubelet waits for a preference.
@@ -95,18 +95,18 @@ impl VramPlugin {
         let Some(lister) = &self.pods else {
             return Vec::new();
         };
-        let pods = match tokio::time::timeout(LOOKUP_TIMEOUT, lister.list(true)).await {
+        let pods = match tokio::time::timeout(LOOKUP_TIMEOUT, lister.list()).await {
             Ok(Ok(pods)) => pods,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot look up pending pods; falling back to binpacking");
+                tracing::warn!(error = %e, "cannot look up the node's pods; falling back to binpacking");
                 return Vec::new();
             }
             Err(_) => {
-                tracing::warn!(timeout = ?LOOKUP_TIMEOUT, "pending-pod lookup timed out; falling back to binpacking");
+                tracing::warn!(timeout = ?LOOKUP_TIMEOUT, "pod lookup timed out; falling back to binpacking");
                 return Vec::new();
             }
         };
-        let mut allocated = BTreeSet::new();
+        let mut allocated: Option<BTreeMap<(String, String), String>> = None;
         if let Some(socket) = &self.pod_resources_socket {
             let listed = tokio::time::timeout(
                 LOOKUP_TIMEOUT,
@@ -115,10 +115,22 @@ impl VramPlugin {
             .await;
             match listed {
                 Ok(Ok(records)) => {
-                    allocated.extend(records.into_iter().map(|r| (r.namespace, r.pod)));
+                    allocated = Some(
+                        records
+                            .into_iter()
+                            .filter_map(|r| {
+                                let gpu = r
+                                    .device_ids
+                                    .first()
+                                    .and_then(|id| id.parse::<DeviceId>().ok())?
+                                    .gpu_uuid;
+                                Some(((r.namespace, r.pod), gpu))
+                            })
+                            .collect(),
+                    );
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "PodResources unavailable for pending-pod filtering")
+                    tracing::debug!(error = %e, "PodResources unavailable; started pods count as allocated")
                 }
                 Err(_) => tracing::debug!("PodResources List timed out"),
             }
@@ -126,8 +138,13 @@ impl VramPlugin {
         sizes
             .iter()
             .map(|size| {
-                let gpus = assigned_gpus(&pods, self.resource_name(), *size as u64, &allocated);
-                (*size, gpus)
+                let pods = placements(
+                    &pods,
+                    self.resource_name(),
+                    *size as u64,
+                    allocated.as_ref(),
+                );
+                (*size, owed_gpus(&pods))
             })
             .collect()
     }

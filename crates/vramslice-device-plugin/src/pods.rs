@@ -2,12 +2,12 @@
 //! GetPreferredAllocation prefers (pure selection in [`assigned_gpus`]), and the UID of each pod
 //! for the publisher.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
-use vramslice_core::parse_bytes;
+use vramslice_core::{PodPlacement, parse_bytes};
 
 /// A pod lookup that failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +54,9 @@ impl PodLister {
         &self.node
     }
 
-    /// Pods bound to this node; only those in phase Pending when `pending_only`.
-    pub async fn list(&self, pending_only: bool) -> Result<Vec<Pod>, PodListError> {
-        let mut selector = format!("spec.nodeName={}", self.node);
-        if pending_only {
-            selector.push_str(",status.phase=Pending");
-        }
+    /// Pods bound to this node.
+    pub async fn list(&self) -> Result<Vec<Pod>, PodListError> {
+        let selector = format!("spec.nodeName={}", self.node);
         let api: Api<Pod> = Api::all(self.client.clone());
         api.list(&ListParams::default().fields(&selector))
             .await
@@ -100,27 +97,23 @@ fn container_request(
     parse_bytes(&quantity.0).ok()
 }
 
-/// GPUs of pending pods that are waiting for an allocation of exactly `size` units of
-/// `resource`, oldest assignment first (by the `assigned-at` annotation, then creation time,
-/// then name). A pod qualifies when it is bound (`spec.nodeName` set), carries the GPU
-/// annotation, has not started any container, is not in `already_allocated` (namespace, name),
-/// and has a container asking for exactly `size` units. GPUs appear once, at their first pod.
-pub fn assigned_gpus(
+/// The pods on this node that hold or wait for exactly `size` units of `resource`, with the GPU
+/// the extender assigned each (`vramslice.io/gpu-uuid`) and the GPU the kubelet allocated, for
+/// `vramslice_core::owed_gpus`. A pod counts when it is bound, not finished (phase neither
+/// Succeeded nor Failed), annotated, and has a container asking for exactly `size` units.
+/// `allocated` maps (namespace, name) to the GPU from the kubelet's PodResources; without it
+/// (`None`: PodResources unavailable) a pod that has started is taken to hold its annotated GPU.
+pub fn placements(
     pods: &[Pod],
     resource: &str,
     size: u64,
-    already_allocated: &BTreeSet<(String, String)>,
-) -> Vec<String> {
-    let mut candidates: Vec<(String, String, String, String)> = pods
-        .iter()
+    allocated: Option<&BTreeMap<(String, String), String>>,
+) -> Vec<PodPlacement> {
+    pods.iter()
         .filter(|pod| pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-        .filter(|pod| not_started(pod))
         .filter(|pod| {
-            let key = (
-                pod.metadata.namespace.clone().unwrap_or_default(),
-                pod.metadata.name.clone().unwrap_or_default(),
-            );
-            !already_allocated.contains(&key)
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
         })
         .filter(|pod| {
             pod.spec.as_ref().is_some_and(|s| {
@@ -146,15 +139,20 @@ pub fn assigned_gpus(
                 .as_ref()
                 .map(|t| t.0.to_string())
                 .unwrap_or_default();
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            Some((assigned, created, name, gpu))
+            let key = (
+                pod.metadata.namespace.clone().unwrap_or_default(),
+                pod.metadata.name.clone().unwrap_or_default(),
+            );
+            let allocated_gpu = match allocated {
+                Some(map) => map.get(&key).cloned(),
+                None => (!not_started(pod)).then(|| gpu.clone()),
+            };
+            Some(PodPlacement {
+                annotated_gpu: gpu,
+                allocated_gpu,
+                order_key: format!("{assigned}\u{1f}{created}\u{1f}{}", key.1),
+            })
         })
-        .collect();
-    candidates.sort();
-    let mut seen = BTreeSet::new();
-    candidates
-        .into_iter()
-        .filter_map(|(_, _, _, gpu)| seen.insert(gpu.clone()).then_some(gpu))
         .collect()
 }
 
@@ -200,8 +198,17 @@ mod tests {
 
     const RES: &str = "vramslice.io/vram-gib";
 
+    fn gpus_of(placements: &[PodPlacement]) -> Vec<(&str, Option<&str>)> {
+        placements
+            .iter()
+            .map(|p| (p.annotated_gpu.as_str(), p.allocated_gpu.as_deref()))
+            .collect()
+    }
+
     #[test]
-    fn picks_pending_pods_of_the_right_size_oldest_first() {
+    fn counts_annotated_pods_of_the_right_size() {
+        let mut done = pod("done", Some("GPU-e"), "2026-01-01T00:00:00Z", 6, true);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         let pods = vec![
             pod("late", Some("GPU-b"), "2026-01-01T00:00:05Z", 6, false),
             pod("early", Some("GPU-a"), "2026-01-01T00:00:01Z", 6, false),
@@ -214,22 +221,41 @@ mod tests {
             ),
             pod("running", Some("GPU-d"), "2026-01-01T00:00:00Z", 6, true),
             pod("unassigned", None, "", 6, false),
-            pod("same-gpu", Some("GPU-a"), "2026-01-01T00:00:09Z", 6, false),
+            done,
         ];
-        let none = BTreeSet::new();
-        assert_eq!(assigned_gpus(&pods, RES, 6, &none), vec!["GPU-a", "GPU-b"]);
-        assert_eq!(assigned_gpus(&pods, RES, 4, &none), vec!["GPU-c"]);
-        assert!(assigned_gpus(&pods, RES, 5, &none).is_empty());
-        assert!(assigned_gpus(&pods, "vramslice.io/vram-512mib", 6, &none).is_empty());
-        let done = BTreeSet::from([("default".to_string(), "early".to_string())]);
-        assert_eq!(assigned_gpus(&pods, RES, 6, &done), vec!["GPU-b", "GPU-a"]);
+        // Without PodResources a started pod holds its annotated GPU.
+        let got = placements(&pods, RES, 6, None);
+        assert_eq!(
+            gpus_of(&got),
+            vec![("GPU-b", None), ("GPU-a", None), ("GPU-d", Some("GPU-d"))]
+        );
+        assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a", "GPU-b"]);
+        assert_eq!(
+            gpus_of(&placements(&pods, RES, 4, None)),
+            vec![("GPU-c", None)]
+        );
+        assert!(placements(&pods, RES, 5, None).is_empty());
+        assert!(placements(&pods, "vramslice.io/vram-512mib", 6, None).is_empty());
+        // With PodResources, the kubelet's record wins: "early" got GPU-b's units.
+        let allocated = BTreeMap::from([
+            (
+                ("default".to_string(), "early".to_string()),
+                "GPU-b".to_string(),
+            ),
+            (
+                ("default".to_string(), "running".to_string()),
+                "GPU-d".to_string(),
+            ),
+        ]);
+        let got = placements(&pods, RES, 6, Some(&allocated));
+        assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a"]);
     }
 
     #[test]
     fn unbound_pods_do_not_count() {
         let mut p = pod("x", Some("GPU-a"), "t", 1, false);
         p.spec.as_mut().unwrap().node_name = None;
-        assert!(assigned_gpus(&[p], RES, 1, &BTreeSet::new()).is_empty());
+        assert!(placements(&[p], RES, 1, None).is_empty());
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl Publisher {
                     .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())));
                 if unknown && uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH) {
                     uids_at = Some(Instant::now());
-                    match lister.list(false).await {
+                    match lister.list().await {
                         Ok(pods) => uids = uids_by_name(&pods),
                         Err(e) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
                     }
