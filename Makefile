@@ -8,13 +8,24 @@ SHELL := /bin/bash
 
 help:
 	@echo "make demo   - build everything and start the local demo cluster (Ctrl-C stops it)"
-	@echo "make test   - run the whole test suite (Rust, Python, chart, e2e)"
+	@echo "make test   - run the whole test suite (Rust, Python, chart, Dockerfiles, glibc floor, e2e)"
+	@echo "make e2e    - only the real-cluster scenarios"
+	@echo "make bench  - the scheduling benchmark on the e2e cluster (1,000 pods, 50 hollow nodes)"
+
+demo:
+	./scripts/e2e-demo.sh
 
 test:
 	./scripts/test-all.sh
 
+e2e:
+	./scripts/e2e-run.sh
+
+bench:
+	./scripts/e2e-bench.sh
+
 test-rust:
-	cargo test --workspace --all-targets
+	cargo test --workspace
 
 lint:
 	cargo fmt --all -- --check
@@ -22,3 +33,6 @@ lint:
 
 crds:
 	cargo run -q -p vramslice-api --bin crdgen -- --write
+
+manifests:
+	./scripts/render-manifests.sh
