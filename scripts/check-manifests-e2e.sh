@@ -10,16 +10,18 @@
 #
 #   scripts/check-manifests-e2e.sh
 #
-# Needs kubectl on PATH, Go (to build the e2e binary when missing) and cargo.
+# Needs Go (to build the e2e launcher and kubectl when missing) and cargo.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLUSTER_BIN="${VRAMSLICE_CLUSTER_BIN:-$ROOT/e2e/bin/vramslice-cluster}"
 HELM="${HELM:-$("$ROOT/scripts/install-helm.sh")}"
-command -v kubectl >/dev/null || { echo "check-manifests-e2e: kubectl is not on PATH" >&2; exit 1; }
-if [[ ! -x "$CLUSTER_BIN" ]]; then
-  (cd "$ROOT/e2e" && go build -o "$CLUSTER_BIN" ./cmd/vramslice-cluster)
+# The launcher and kubectl v1.34.4 come from the e2e module (make -C e2e go builds both).
+if [[ ! -x "$CLUSTER_BIN" || ! -x "$ROOT/e2e/bin/kubectl" ]]; then
+  make -C "$ROOT/e2e" go > /dev/null
 fi
+export PATH="$ROOT/e2e/bin:$PATH"
+command -v kubectl >/dev/null || { echo "check-manifests-e2e: kubectl is not on PATH" >&2; exit 1; }
 cargo build -q -p vramslice-webhook --example serve_local
 WEBHOOK_BIN="$ROOT/target/debug/examples/serve_local"
 
