@@ -21,7 +21,9 @@
 //!   s1 process start time (clock ticks since boot, /proc/<pid>/stat field 22; 0 = not yet known)
 //!   s2 generation at claim
 //!   s3 bytes this process holds       s4 peak bytes of this process
-//!   s5..s7 reserved (0)
+//!   s5 update counter: low 32 bits = updates in flight that lower s3 or free the slot,
+//!      high 32 bits = such updates completed (wrapping); lets a validator take a consistent view
+//!   s6..s7 reserved (0)
 //! ```
 //!
 //! The container total (w6) is the authority for admission: a process reserves by a
@@ -91,6 +93,8 @@ pub mod slot {
     pub const BYTES: usize = 3;
     /// Peak bytes held.
     pub const PEAK: usize = 4;
+    /// Update counter (low 32 bits: lowering updates in flight; high 32 bits: completed ones).
+    pub const OPS: usize = 5;
 }
 
 /// Word index of `field` (one of [`slot`]'s constants) of slot `index`.

@@ -3,15 +3,30 @@
 //!
 //! Admission is one compare-and-swap loop on the container total, which never lets the total
 //! pass the limit; the process's own slot is updated after it. Order on release is the
-//! reverse: the slot first, then the total. A process killed between the two steps of a
-//! reservation leaves at most that one request counted in the total with no owner (never the
-//! other way round), so the error is always on the safe side.
+//! reverse: the slot first, then the total. So at every instant the total is at least the sum
+//! of the slots. A process killed between the two steps of a reservation leaves at most that
+//! one request counted in the total with no owner (never the other way round), so the error is
+//! always on the safe side.
+//!
+//! Reading "the sum of the slots" takes many loads, and the slots keep changing meanwhile: a
+//! release seen in a slot but not yet in the total (or the reverse order of reads) makes an
+//! honest total look too low. Every update that lowers a slot (release, reap, claim, forced
+//! charge) is therefore bracketed by the slot's update counter (`slot::OPS`: updates in flight
+//! in the low half, completed ones in the high half); [`Ledger::revalidate`] corrects the total
+//! only from a view during which no such update was in flight or completed.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use vramslice_core::accounting::{self as layout, header, slot};
 
 /// Sentinel for "this process has no slot".
 const NO_SLOT: usize = usize::MAX;
+
+/// One completed update in a slot's update counter (the high half).
+const OPS_DONE: u64 = 1 << 32;
+/// The updates-in-flight half of a slot's update counter.
+const OPS_IN_FLIGHT: u64 = OPS_DONE - 1;
+/// How many views [`Ledger::revalidate`] takes before giving up on a busy container.
+const REVALIDATE_TRIES: usize = 200;
 
 /// What a liveness probe says about the owner of a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,9 +116,43 @@ impl Ledger {
     }
 
     /// Adds `n` bytes whatever the limit (memory the driver already took, such as a context).
+    /// Bracketed (rare): a total pushed past the limit by it must not look absurd to a validator.
     pub fn force_add(&self, n: u64) {
+        let own = self.own_slot();
+        if let Some(s) = own {
+            self.ops_begin(s);
+        }
         self.w(header::USED).fetch_add(n, Ordering::AcqRel);
         self.slot_add(n);
+        if let Some(s) = own {
+            self.ops_end(s);
+        }
+    }
+
+    /// Marks an update of slot `s` in flight; its writes come after this in every view.
+    #[inline]
+    fn ops_begin(&self, s: usize) {
+        self.w(layout::slot_word(s, slot::OPS))
+            .fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::Release);
+    }
+
+    /// Marks the update of slot `s` begun by [`Ledger::ops_begin`] completed.
+    #[inline]
+    fn ops_end(&self, s: usize) {
+        self.w(layout::slot_word(s, slot::OPS))
+            .fetch_add(OPS_DONE - 1, Ordering::Release);
+    }
+
+    /// Completes an update of slot `s` made by its sole writer (a reaper or claimer holding the
+    /// pid word): counts it and clears whatever a dead owner left in flight.
+    fn ops_end_exclusive(&self, s: usize) {
+        let ops = self.w(layout::slot_word(s, slot::OPS));
+        let cur = ops.load(Ordering::Relaxed);
+        ops.store(
+            (cur & !OPS_IN_FLIGHT).wrapping_add(OPS_DONE),
+            Ordering::Release,
+        );
     }
 
     #[inline]
@@ -123,10 +172,15 @@ impl Ledger {
     /// Returns `n` bytes (saturating at zero so a damaged counter cannot wrap).
     #[inline]
     pub fn release(&self, n: u64) {
-        if let Some(s) = self.own_slot() {
-            saturating_sub(self.w(layout::slot_word(s, slot::BYTES)), n);
+        match self.own_slot() {
+            Some(s) => {
+                self.ops_begin(s);
+                saturating_sub(self.w(layout::slot_word(s, slot::BYTES)), n);
+                saturating_sub(self.w(header::USED), n);
+                self.ops_end(s);
+            }
+            None => saturating_sub(self.w(header::USED), n),
         }
-        saturating_sub(self.w(header::USED), n);
     }
 
     /// Claims a free slot for `pid` (first reaping a stale slot of the same pid and start time:
@@ -151,6 +205,7 @@ impl Ledger {
                 .compare_exchange(0, u64::from(pid), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
+                self.ops_begin(i);
                 let generation = self
                     .w(header::GENERATION)
                     .fetch_add(1, Ordering::AcqRel)
@@ -163,6 +218,7 @@ impl Ledger {
                     .store(0, Ordering::Relaxed);
                 self.w(layout::slot_word(i, slot::START_TIME))
                     .store(start_time, Ordering::Release);
+                self.ops_end_exclusive(i);
                 self.own.store(i, Ordering::Relaxed);
                 return Some(i);
             }
@@ -218,12 +274,14 @@ impl Ledger {
         {
             return 0;
         }
+        self.ops_begin(i);
         let bytes = self
             .w(layout::slot_word(i, slot::BYTES))
             .swap(0, Ordering::AcqRel);
         saturating_sub(self.w(header::USED), bytes);
         self.w(layout::slot_word(i, slot::START_TIME))
             .store(0, Ordering::Relaxed);
+        self.ops_end_exclusive(i);
         pid_word.store(0, Ordering::Release);
         bytes
     }
@@ -232,32 +290,63 @@ impl Ledger {
     /// [`Ledger::reap`]): a total below what the slots hold was lowered by someone (tampering) and
     /// is raised to their sum; a total more than `limit` above it is absurd (no orphaned
     /// requests can add up to that) and is lowered to the sum. Returns the correction made as
-    /// (old total, new total), or `None` when the total was plausible.
+    /// (old total, new total), or `None` when the total was plausible — or when no quiet view
+    /// could be had: other processes keep updating their slots while this runs, so the sum is
+    /// only trusted from a view during which no slot-lowering update was in flight or completed
+    /// (see the module doc); after `REVALIDATE_TRIES` busy views nothing is corrected. A
+    /// correction drops reservations whose slot step was still pending (only ever made when the
+    /// total was tampered with; the next attach raises the total again).
     pub fn revalidate(&self, limit: u64) -> Option<(u64, u64)> {
-        let sum = (0..self.slot_count)
-            .filter(|&i| {
-                self.w(layout::slot_word(i, slot::PID))
-                    .load(Ordering::Acquire)
-                    != 0
-            })
-            .fold(0u64, |acc, i| {
-                acc.saturating_add(
-                    self.w(layout::slot_word(i, slot::BYTES))
-                        .load(Ordering::Acquire),
-                )
-            });
-        let total = self.w(header::USED);
-        let mut cur = total.load(Ordering::Acquire);
-        loop {
+        self.revalidate_observed(limit, || {})
+    }
+
+    /// [`Ledger::revalidate`], calling `between` after scanning the slots and before reading the
+    /// total (the window where a concurrent update used to be mistaken for tampering).
+    fn revalidate_observed(&self, limit: u64, mut between: impl FnMut()) -> Option<(u64, u64)> {
+        let ops = |i: usize| self.w(layout::slot_word(i, slot::OPS));
+        let mut before = vec![0u64; self.slot_count];
+        for _ in 0..REVALIDATE_TRIES {
+            for (i, b) in before.iter_mut().enumerate() {
+                *b = ops(i).load(Ordering::Acquire);
+            }
+            if before.iter().any(|b| b & OPS_IN_FLIGHT != 0) {
+                std::thread::yield_now();
+                continue;
+            }
+            let sum = (0..self.slot_count)
+                .filter(|&i| {
+                    self.w(layout::slot_word(i, slot::PID))
+                        .load(Ordering::Acquire)
+                        != 0
+                })
+                .fold(0u64, |acc, i| {
+                    acc.saturating_add(
+                        self.w(layout::slot_word(i, slot::BYTES))
+                            .load(Ordering::Acquire),
+                    )
+                });
+            between();
+            let total = self.w(header::USED);
+            let cur = total.load(Ordering::Acquire);
+            fence(Ordering::Acquire);
+            if (0..self.slot_count).any(|i| ops(i).load(Ordering::Relaxed) != before[i]) {
+                continue; // a slot went down (or was freed) during the view
+            }
+            // A quiet view: slots only grew during it, and a slot grows after the total does,
+            // so without tampering `cur` >= `sum` here.
             if cur >= sum && cur <= sum.saturating_add(limit) {
                 return None;
             }
-            let want = sum;
-            match total.compare_exchange(cur, want, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some((cur, want)),
-                Err(actual) => cur = actual,
+            // Moves made since the view change the total (they are deltas that commute with
+            // this correction); any of them makes the swap fail and the view is taken again.
+            if total
+                .compare_exchange(cur, sum, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Some((cur, sum));
             }
         }
+        None
     }
 
     /// Sets the total to zero when no slot is occupied (all owners gone): clears what killed
@@ -360,6 +449,80 @@ mod tests {
         set(words, layout::slot_word(5, slot::BYTES), u64::MAX);
         assert_eq!(l.revalidate(1000), Some((300, u64::MAX)));
         assert!(l.try_reserve(1, 1000).is_err());
+    }
+
+    #[test]
+    fn revalidate_ignores_a_release_between_its_slot_scan_and_its_total_read() {
+        let words = private_words(1000, "GPU-x");
+        let attacher = Ledger::new(words).unwrap();
+        let busy = Ledger::new(words).unwrap();
+        busy.claim(10, 5);
+        busy.try_reserve(300, 1000).unwrap();
+        let mut once = Some(());
+        let corrected = attacher.revalidate_observed(1000, || {
+            if once.take().is_some() {
+                busy.release(120); // slot step, then total step: both after the scan read the slot
+            }
+        });
+        assert_eq!(corrected, None, "nothing was tampered with");
+        assert_eq!(attacher.used(), 180, "total = what the slot holds");
+        assert_eq!(snapshot(words).slot_bytes_sum(), 180);
+    }
+
+    #[test]
+    fn revalidate_ignores_a_reap_between_its_slot_scan_and_its_total_read() {
+        let words = private_words(1000, "GPU-x");
+        let attacher = Ledger::new(words).unwrap();
+        let reaper = Ledger::new(words).unwrap();
+        let dead = Ledger::new(words).unwrap();
+        dead.claim(11, 5);
+        dead.try_reserve(250, 1000).unwrap();
+        reaper.claim(12, 5);
+        reaper.try_reserve(100, 1000).unwrap();
+        let mut once = Some(());
+        let corrected = attacher.revalidate_observed(1000, || {
+            if once.take().is_some() {
+                let back = reaper.reap(|pid, _| {
+                    if pid == 11 {
+                        Liveness::Dead
+                    } else {
+                        Liveness::Alive
+                    }
+                });
+                assert_eq!(back, 250);
+            }
+        });
+        assert_eq!(corrected, None, "nothing was tampered with");
+        assert_eq!(attacher.used(), 100);
+        assert_eq!(snapshot(words).slot_bytes_sum(), 100);
+    }
+
+    #[test]
+    fn revalidate_waits_for_a_quiet_view_and_then_corrects_tampering() {
+        let words = private_words(1000, "GPU-x");
+        let l = Ledger::new(words).unwrap();
+        let s = l.claim(10, 5).unwrap();
+        l.try_reserve(300, 1000).unwrap();
+        l.release(100);
+        let ops = layout::slot_word(s, slot::OPS);
+        assert_eq!(
+            words[ops].load(Ordering::SeqCst),
+            2 * OPS_DONE,
+            "claim and release counted, none in flight"
+        );
+        set(words, header::USED, 0); // tampering
+        set(words, ops, 2 * OPS_DONE + 1); // a release of this slot in flight
+        assert_eq!(l.revalidate(1000), None, "no quiet view: nothing corrected");
+        assert_eq!(l.used(), 0);
+        set(words, ops, 3 * OPS_DONE);
+        assert_eq!(l.revalidate(1000), Some((0, 200)));
+        // a reaper clears what a dead owner left in flight
+        set(words, ops, 3 * OPS_DONE + 1);
+        let reaper = Ledger::new(words).unwrap();
+        reaper.claim(11, 5);
+        assert_eq!(reaper.reap(|_, _| Liveness::Dead), 200);
+        assert_eq!(words[ops].load(Ordering::SeqCst), 4 * OPS_DONE);
+        assert_eq!(reaper.used(), 0);
     }
 
     #[test]
