@@ -178,36 +178,61 @@ pub struct PodPlacement {
     pub order_key: String,
 }
 
-/// The GPUs still owed an allocation of this size, most owed first.
+/// The GPUs still owed an allocation of this size, in the order to prefer them.
 ///
-/// Same-size pods are interchangeable for accounting, so the kubelet may give pod A the units
-/// the extender meant for pod B. What must hold is the multiset: every GPU ends up with as many
-/// same-size pods as the extender assigned to it. A GPU is owed `assigned − allocated` pods;
-/// preferring the most-owed GPU (ties: the GPU of the earliest assignment, then UUID) keeps the
-/// kubelet's allocations equal to the extender's ledger even when pods are admitted in another
-/// order than they were bound.
+/// The kubelet admits pods one at a time, normally in the order they were bound, so the GPU of
+/// the earliest-assigned pod still waiting is the best guess for the request at hand. But
+/// same-size pods are interchangeable and the guess can be wrong: pod A (assigned GPU 1) may take
+/// GPU 0's units meant for pod B. What must hold is the multiset: every GPU ends up with as many
+/// same-size pods as the extender assigned it. A GPU is owed `assigned − allocated` pods, so the
+/// order is: the GPUs of waiting pods by assignment order, skipping GPUs no longer owed, then any
+/// other owed GPU (most owed first, then UUID). Following it keeps the kubelet's allocations equal
+/// to the extender's ledger whatever order pods are admitted in.
 pub fn owed_gpus(pods: &[PodPlacement]) -> Vec<String> {
-    let mut owed: BTreeMap<&str, (i64, &str)> = BTreeMap::new();
+    let mut owed: BTreeMap<&str, i64> = BTreeMap::new();
     for pod in pods {
-        let entry = owed
-            .entry(pod.annotated_gpu.as_str())
-            .or_insert((0, pod.order_key.as_str()));
-        entry.0 += 1;
-        entry.1 = entry.1.min(pod.order_key.as_str());
+        *owed.entry(pod.annotated_gpu.as_str()).or_insert(0) += 1;
     }
     for gpu in pods.iter().filter_map(|p| p.allocated_gpu.as_deref()) {
-        owed.entry(gpu).or_insert((0, "")).0 -= 1;
+        *owed.entry(gpu).or_insert(0) -= 1;
     }
-    let mut order: Vec<(&str, i64, &str)> = owed
-        .into_iter()
-        .filter(|(_, (count, _))| *count > 0)
-        .map(|(gpu, (count, first))| (gpu, count, first))
+    // Match waiting pods to owed GPUs in assignment order: each takes its own GPU while that GPU
+    // is still owed; the pods whose GPU was paid by a swap take the GPUs left over.
+    let mut waiting: Vec<&PodPlacement> =
+        pods.iter().filter(|p| p.allocated_gpu.is_none()).collect();
+    waiting.sort_by(|a, b| a.order_key.cmp(&b.order_key));
+    let mut matched: Vec<Option<&str>> = Vec::with_capacity(waiting.len());
+    for pod in &waiting {
+        let gpu = pod.annotated_gpu.as_str();
+        match owed.get_mut(gpu) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                matched.push(Some(gpu));
+            }
+            _ => matched.push(None),
+        }
+    }
+    let mut leftover: Vec<(&str, i64)> = owed
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(gpu, n)| (*gpu, *n))
         .collect();
-    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(b.2)).then(a.0.cmp(b.0)));
+    leftover.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut spare = leftover
+        .iter()
+        .flat_map(|(gpu, n)| std::iter::repeat_n(*gpu, usize::try_from(*n).unwrap_or(0)));
+    let mut order: Vec<String> = Vec::new();
+    for gpu in matched.into_iter().map(|m| m.or_else(|| spare.next())) {
+        if let Some(gpu) = gpu.filter(|g| !order.iter().any(|o| o == g)) {
+            order.push(gpu.to_string());
+        }
+    }
+    for gpu in spare {
+        if !order.iter().any(|o| o == gpu) {
+            order.push(gpu.to_string());
+        }
+    }
     order
-        .into_iter()
-        .map(|(gpu, _, _)| gpu.to_string())
-        .collect()
 }
 
 #[cfg(test)]
@@ -313,15 +338,21 @@ mod tests {
             placed("GPU-0", Some("GPU-1"), "2-b"),
         ];
         assert!(owed_gpus(&pods).is_empty());
-        // Two waiting on GPU-0, one on GPU-1: GPU-0 first; equal counts go by assignment order.
+        // No swaps: the earliest-assigned waiting pod's GPU first (the kubelet admits in order).
         let pods = vec![
-            placed("GPU-1", None, "1"),
             placed("GPU-0", None, "2"),
+            placed("GPU-1", None, "1"),
             placed("GPU-0", None, "3"),
         ];
-        assert_eq!(owed_gpus(&pods), vec!["GPU-0", "GPU-1"]);
-        let pods = vec![placed("GPU-1", None, "1"), placed("GPU-0", None, "2")];
         assert_eq!(owed_gpus(&pods), vec!["GPU-1", "GPU-0"]);
+        // B (GPU-0, earliest) waits but GPU-0 was already paid by A's swap: GPU-1 is the one owed.
+        let pods = vec![
+            placed("GPU-1", Some("GPU-0"), "2"),
+            placed("GPU-0", None, "1"),
+            placed("GPU-2", None, "3"),
+        ];
+        // B, admitted next, takes the GPU A's swap left owed; C keeps its own.
+        assert_eq!(owed_gpus(&pods), vec!["GPU-1", "GPU-2"]);
     }
 
     proptest! {
