@@ -4,6 +4,7 @@
 use std::future::Future;
 
 use crate::job::Job;
+use crate::permit::Permit;
 use crate::runtime::{AdmitError, Runtime};
 
 /// The CUDA driver's `CUDA_ERROR_OUT_OF_MEMORY` result code.
@@ -110,6 +111,14 @@ impl<E> RunError<E> {
     }
 }
 
+/// What [`Runtime::settle`] decided after one attempt.
+enum Next<T, E> {
+    /// The run is over, with this result.
+    Finish(Result<T, RunError<E>>),
+    /// Out of memory with retries left: try again after this long.
+    RetryAfter(std::time::Duration),
+}
+
 impl Runtime {
     /// Run `f` under admission, retrying on out-of-memory: after each out-of-memory failure the
     /// permit is returned with the peak raised, `cleanup` runs, the runtime backs off
@@ -147,38 +156,15 @@ impl Runtime {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let retries = self.config().oom_retries;
         let mut attempt = 0u32;
         loop {
             let permit = self.admit(job).await?;
-            match f(attempt).await {
-                Ok(v) => {
-                    permit.complete();
-                    return Ok(v);
-                }
-                Err(e) if hooks.is_oom(&e) => {
-                    hooks.run_cleanup();
-                    let raised = permit.out_of_memory();
-                    if attempt >= retries {
-                        return Err(RunError::OutOfMemory {
-                            attempts: attempt + 1,
-                            last: e,
-                        });
-                    }
-                    let wait = self.config().backoff.delay(attempt);
-                    tracing::info!(
-                        key = job.key(),
-                        attempt,
-                        raised,
-                        ?wait,
-                        "out of memory, retrying"
-                    );
-                    self.inner.metrics.retries.inc();
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(RunError::Job(e)),
+            let outcome = f(attempt).await;
+            match self.settle(job, hooks, permit, attempt, outcome) {
+                Next::Finish(result) => return result,
+                Next::RetryAfter(wait) => tokio::time::sleep(wait).await,
             }
+            attempt += 1;
         }
     }
 
@@ -200,38 +186,56 @@ impl Runtime {
     where
         F: FnMut(u32) -> Result<T, E>,
     {
-        let retries = self.config().oom_retries;
         let mut attempt = 0u32;
         loop {
             let permit = self.admit_blocking(job)?;
-            match f(attempt) {
-                Ok(v) => {
-                    permit.complete();
-                    return Ok(v);
-                }
-                Err(e) if hooks.is_oom(&e) => {
-                    hooks.run_cleanup();
-                    let raised = permit.out_of_memory();
-                    if attempt >= retries {
-                        return Err(RunError::OutOfMemory {
-                            attempts: attempt + 1,
-                            last: e,
-                        });
-                    }
-                    let wait = self.config().backoff.delay(attempt);
-                    tracing::info!(
-                        key = job.key(),
-                        attempt,
-                        raised,
-                        ?wait,
-                        "out of memory, retrying"
-                    );
-                    self.inner.metrics.retries.inc();
-                    std::thread::sleep(wait);
-                    attempt += 1;
-                }
-                Err(e) => return Err(RunError::Job(e)),
+            let outcome = f(attempt);
+            match self.settle(job, hooks, permit, attempt, outcome) {
+                Next::Finish(result) => return result,
+                Next::RetryAfter(wait) => std::thread::sleep(wait),
             }
+            attempt += 1;
+        }
+    }
+
+    /// What follows one attempt, shared by [`Runtime::run`] and [`Runtime::run_blocking`]:
+    /// success completes the permit; out-of-memory runs the cleanup, raises the learned peak and
+    /// either gives up (retries spent) or asks for a retry after the backoff; any other error
+    /// ends the run.
+    fn settle<T, E>(
+        &self,
+        job: &Job,
+        hooks: &Hooks<'_, E>,
+        permit: Permit,
+        attempt: u32,
+        outcome: Result<T, E>,
+    ) -> Next<T, E> {
+        match outcome {
+            Ok(v) => {
+                permit.complete();
+                Next::Finish(Ok(v))
+            }
+            Err(e) if hooks.is_oom(&e) => {
+                hooks.run_cleanup();
+                let raised = permit.out_of_memory();
+                if attempt >= self.config().oom_retries {
+                    return Next::Finish(Err(RunError::OutOfMemory {
+                        attempts: attempt + 1,
+                        last: e,
+                    }));
+                }
+                let wait = self.config().backoff.delay(attempt);
+                tracing::info!(
+                    key = job.key(),
+                    attempt,
+                    raised,
+                    ?wait,
+                    "out of memory, retrying"
+                );
+                self.inner.metrics.retries.inc();
+                Next::RetryAfter(wait)
+            }
+            Err(e) => Next::Finish(Err(RunError::Job(e))),
         }
     }
 
