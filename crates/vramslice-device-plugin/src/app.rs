@@ -88,10 +88,16 @@ fn write_preload_file(settings: &Settings) {
     if std::fs::read_to_string(path).is_ok_and(|have| have == want) {
         return;
     }
+    // Written beside and renamed over, so a container starting meanwhile never bind-mounts a
+    // half-written /etc/ld.so.preload (running containers keep the inode they mounted).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let result = path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(path, &want));
+        .and_then(|()| std::fs::write(&tmp, &want))
+        .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = result {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the ld.so.preload file");
     }
