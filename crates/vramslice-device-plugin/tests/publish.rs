@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FakeApi, Node, Plugin, start_pod_resources, wait_for, write_atomic};
+use common::{FakeApi, Node, Plugin, http_get, start_pod_resources, wait_for, write_atomic};
 use serde_json::{Value, json};
 use vramslice_device_plugin::proto::podresources::{
     ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
@@ -291,21 +291,7 @@ async fn metrics_and_healthz_report_gpus_allocations_and_registration() {
     let addr: String = wait_for(
         "the metrics address in the log",
         Duration::from_secs(5),
-        || {
-            let log = plugin.log_text();
-            let line = log
-                .lines()
-                .find(|l| l.contains("serving /metrics"))?
-                .to_string();
-            let start = line.find("addr=")? + 5;
-            Some(
-                line[start..]
-                    .split_whitespace()
-                    .next()?
-                    .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
-                    .to_string(),
-            )
-        },
+        || plugin.metrics_addr(),
     )
     .await;
     let text = wait_for(
@@ -333,19 +319,6 @@ async fn metrics_and_healthz_report_gpus_allocations_and_registration() {
 }
 
 /// A bare HTTP/1.0 GET returning the body.
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200")
-        .then(|| body.to_string())
-        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_writes_back_off_instead_of_retrying_every_poll() {
     let api = FakeApi::start_with(|method, _, _| match method {

@@ -11,7 +11,7 @@ mod common;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{FakeApi, Node, Plugin, start_pod_resources, wait_for, write_atomic};
+use common::{FakeApi, Node, Plugin, http_get, start_pod_resources, wait_for, write_atomic};
 use serde_json::{Value, json};
 use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME, header};
 use vramslice_core::allocation::allocation_key_for_ids;
@@ -169,32 +169,6 @@ async fn scene(action: &str, greedy_used: &str) -> Scene {
     }
 }
 
-fn metrics_addr(plugin: &Plugin) -> Option<String> {
-    let log = plugin.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("serving /metrics"))?
-        .to_string();
-    let start = line.find("addr=")? + 5;
-    Some(
-        line[start..]
-            .split_whitespace()
-            .next()?
-            .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
-            .to_string(),
-    )
-}
-
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out).ok()?;
-    Some(out.split_once("\r\n\r\n")?.1.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_process_mode_kills_exactly_the_offending_process_and_reports_it() {
     let mut s = scene("kill-process", "3Gi").await;
@@ -257,7 +231,7 @@ async fn kill_process_mode_kills_exactly_the_offending_process_and_reports_it() 
     );
 
     let addr = wait_for("metrics address", Duration::from_secs(5), || {
-        metrics_addr(&plugin)
+        plugin.metrics_addr()
     })
     .await;
     let text = wait_for("watchdog metrics", Duration::from_secs(5), || {
