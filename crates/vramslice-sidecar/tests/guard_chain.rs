@@ -10,10 +10,13 @@
 //! it is the process under the guard.
 #![allow(unsafe_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+#[path = "../../vramslice-guard/tests/support/build.rs"]
+mod guard_build;
+use guard_build::{cc, guard_library};
 use vramslice_sidecar::usage::UsageSource;
 use vramslice_sidecar::{CudaError, Hooks, Job, Runtime};
 
@@ -32,54 +35,6 @@ fn main() {
 }
 
 // ---- parent: build the artefacts and run the child under the guard ----
-
-fn cc(args: &[&str]) {
-    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let out = Command::new(&compiler)
-        .args(args)
-        .output()
-        .expect("run the C compiler");
-    assert!(
-        out.status.success(),
-        "{compiler} {args:?}:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The guard's cdylib, built by cargo (same profile) into its own target directory under
-/// cargo's test tmpdir, as the guard's own tests do: cargo does not build other packages'
-/// cdylibs for this test, and the outer cargo holds the main target directory's lock.
-fn guard_library() -> PathBuf {
-    let release = !cfg!(debug_assertions);
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guard-cdylib");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vramslice-guard/Cargo.toml");
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "vramslice-guard",
-        "--lib",
-        "--manifest-path",
-    ])
-    .arg(&manifest)
-    .env("CARGO_TARGET_DIR", &target);
-    if release {
-        cmd.arg("--release");
-    }
-    let out = cmd.output().expect("run cargo to build the guard");
-    assert!(
-        out.status.success(),
-        "building the guard failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lib = target
-        .join(if release { "release" } else { "debug" })
-        .join("libvramslice_guard.so");
-    assert!(lib.exists(), "guard library not at {}", lib.display());
-    lib
-}
 
 fn parent() {
     let guard = guard_library();

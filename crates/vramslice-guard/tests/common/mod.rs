@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+#[path = "../support/build.rs"]
+mod build;
+use build::{cc, guard_library};
+
 pub const MIB: u64 = 1 << 20;
 
 pub struct Artifacts {
@@ -14,53 +18,6 @@ pub struct Artifacts {
     pub fake: PathBuf,
     pub probe: PathBuf,
     pub guard: PathBuf,
-}
-
-fn cc(args: &[&str]) {
-    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let out = Command::new(&compiler)
-        .args(args)
-        .output()
-        .expect("run the C compiler");
-    assert!(
-        out.status.success(),
-        "{compiler} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Builds the guard's cdylib with cargo (same profile as this test), in its own target directory
-/// under cargo's test tmpdir: cargo builds only the rlib for integration tests, and the outer
-/// cargo holds the main target directory's lock while tests run.
-fn guard_library() -> PathBuf {
-    let release = !cfg!(debug_assertions);
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guard-cdylib");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "vramslice-guard",
-        "--lib",
-        "--manifest-path",
-    ])
-    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-    .env("CARGO_TARGET_DIR", &target);
-    if release {
-        cmd.arg("--release");
-    }
-    let out = cmd.output().expect("run cargo to build the guard library");
-    assert!(
-        out.status.success(),
-        "building the guard failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lib = target
-        .join(if release { "release" } else { "debug" })
-        .join("libvramslice_guard.so");
-    assert!(lib.exists(), "guard library not built at {}", lib.display());
-    lib
 }
 
 pub fn artifacts() -> &'static Artifacts {
