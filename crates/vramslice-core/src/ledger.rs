@@ -10,10 +10,13 @@
 //! the clock (`now`) to every time-dependent call; nothing here reads a clock or does I/O.
 //!
 //! Accounting rules, per GPU of a node with a valid reading:
-//! - *assigned*: limits of ledger pods on the GPU (the kubelet's placement from the reading wins
-//!   over the annotation), plus pods whose GPU is unknown (no annotation, or naming a GPU the
-//!   node does not have; they count against every GPU of the node), plus pods the reading lists
-//!   that the ledger does not know. `declared_free = advertised − assigned`.
+//! - *assigned*: limits of ledger pods the kubelet placed on the GPU (the reading wins over the
+//!   annotation); pods still waiting, booked per request size on the GPUs still owed that size
+//!   (assigned by annotation minus allocated; same-size pods swap GPUs at allocation, see
+//!   `vramslice_core::owed_gpus`), including deleted ones whose units a waiting pod may hold
+//!   (`departed`); pods whose GPU is unknown (no annotation, or naming a GPU the node does not
+//!   have; they count against every GPU of the node); pods the reading lists that the ledger
+//!   does not know. `declared_free = advertised − assigned`.
 //! - *unobserved*: for each pod counted above, its full limit when the reading does not show it
 //!   (not listed, or assigned after the reading was taken), else `limit − measured usage`.
 //! - a stale reading (older than the staleness bound) or an unhealthy GPU takes no new pods.
@@ -22,6 +25,7 @@
 //! declared free, so the ledger never promises a GPU more units than it advertises.
 
 mod book;
+mod departed;
 mod hash;
 #[cfg(test)]
 mod proptests;
@@ -96,6 +100,8 @@ struct NodeState {
     counted: Option<u64>,
     /// The last refusal rendered for this node (cleared whenever its books change).
     refusal: RefusalCache,
+    /// Waiting pods deleted while a same-size pod may hold their units.
+    departed: Vec<departed::Departed>,
 }
 
 impl NodeState {
@@ -109,6 +115,7 @@ impl NodeState {
             capacity: 0,
             counted: None,
             refusal: RefusalCache::default(),
+            departed: Vec::new(),
         }
     }
 }
@@ -229,6 +236,12 @@ impl Ledger {
     pub fn forget_pod(&mut self, uid: &str) -> bool {
         match self.pods.remove(uid) {
             Some(old) => {
+                let node = old.record.node.as_str();
+                if let Some(state) = self.nodes.get_mut(node)
+                    && let Some(d) = departed::departure(&old, &state.pods, &self.pods)
+                {
+                    state.departed.push(d);
+                }
                 self.detach(&old.record.node, uid);
                 self.recompute(&old.record.node);
                 true
@@ -457,6 +470,12 @@ impl Ledger {
                 _ => false,
             })
             .count()
+    }
+
+    /// Whether any node keeps a deleted waiting pod on its books (see `departed`).
+    #[cfg(test)]
+    fn keeps_departed(&self) -> bool {
+        self.nodes.values().any(|s| !s.departed.is_empty())
     }
 
     fn age(&self, reading: &NodeReading, now: SystemTime) -> Duration {

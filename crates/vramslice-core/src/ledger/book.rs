@@ -1,6 +1,7 @@
 //! One node's books: per-GPU assigned, unobserved and effective free memory from its reading and
 //! its pods, and the detailed reason when the node cannot take a pod.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use super::hash::FastMap;
@@ -35,6 +36,13 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         .map(|g| vec![false; g.pods.len()])
         .collect();
 
+    // Same-size pods are interchangeable to the device plugin: a pod waiting for its units may
+    // be given those of another waiting pod of its size, and that pod the first one's GPU
+    // (`crate::owed_gpus`). So waiting pods are booked per size, on the GPUs still owed that
+    // size, not each on its own annotation: once the reading shows pod A (assigned GPU 0) on
+    // GPU 1, the pod B of A's size still waiting on GPU 1 is booked on GPU 0, where it will land.
+    let mut by_size: BTreeMap<u64, SizeGroup> = BTreeMap::new();
+    let gpu_count = state.gpus.len();
     for uid in &state.pods {
         let Some(entry) = pods.get(uid) else {
             continue;
@@ -54,9 +62,22 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 }
             }
         }
-        let target = entry
-            .gpu()
-            .and_then(|u| state.gpus.iter().position(|g| g.uuid == u));
+        let position = |uuid: &str| state.gpus.iter().position(|g| g.uuid == uuid);
+        let annotated = entry.record.gpu_uuid.as_deref().and_then(position);
+        let target = entry.gpu().and_then(position);
+        if let Some(annotated) = annotated {
+            let group = by_size
+                .entry(limit)
+                .or_insert_with(|| SizeGroup::new(gpu_count));
+            group.assigned[annotated] += 1;
+            match (listed, entry.observed_gpu.as_deref().and_then(position)) {
+                (Some((i, _)), _) | (None, Some(i)) => group.allocated[i] += 1,
+                (None, None) => {
+                    group.waiting += 1;
+                    continue;
+                }
+            }
+        }
         let seen_since_assignment = entry
             .record
             .assigned_at
@@ -73,6 +94,24 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 _ => limit,
             };
             view.unobserved = view.unobserved.saturating_add(unobserved);
+        }
+    }
+    super::departed::prune(&mut state.departed, pods);
+    for gone in &state.departed {
+        let Some(annotated) = state.gpus.iter().position(|g| g.uuid == gone.gpu_uuid) else {
+            continue;
+        };
+        let group = by_size
+            .entry(gone.limit)
+            .or_insert_with(|| SizeGroup::new(gpu_count));
+        group.assigned[annotated] += 1;
+        group.waiting += 1;
+    }
+    for (limit, group) in &by_size {
+        for (i, view) in state.gpus.iter_mut().enumerate() {
+            let bytes = limit.saturating_mul(group.waiting_on(i));
+            view.assigned_bytes = view.assigned_bytes.saturating_add(bytes);
+            view.unobserved = view.unobserved.saturating_add(bytes);
         }
     }
 
@@ -106,6 +145,37 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 advertised_bytes: view.advertised_bytes,
             });
         }
+    }
+}
+
+/// One request size's pods on a node, per GPU (by reading position).
+struct SizeGroup {
+    /// Pods the extender assigned to each GPU (their annotation), waiting or allocated.
+    assigned: Vec<u64>,
+    /// Pods the kubelet has allocated each GPU to (the reading), among those annotated.
+    allocated: Vec<u64>,
+    /// Pods of the size not yet allocated.
+    waiting: u64,
+}
+
+impl SizeGroup {
+    fn new(gpus: usize) -> Self {
+        SizeGroup {
+            assigned: vec![0; gpus],
+            allocated: vec![0; gpus],
+            waiting: 0,
+        }
+    }
+
+    /// How many of the waiting pods may land on GPU `i`: the pods it is still owed
+    /// (`assigned − allocated`), at most all the waiting ones. Without swaps this is exactly the
+    /// waiting pods annotated with GPU `i`; after an unpaired swap, when several GPUs are owed
+    /// more than the pods left, each is booked for as many as may still come (over-booking a
+    /// little, never under-booking).
+    fn waiting_on(&self, i: usize) -> u64 {
+        self.assigned[i]
+            .saturating_sub(self.allocated[i])
+            .min(self.waiting)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Property tests of the ledger: random interleavings of reserve, bind success and failure,
-//! deletion, readings (with same-size pods swapping GPUs), clock ticks and extender restarts,
+//! deletion, kubelet admissions (in any order, each choosing its GPU as the device plugin does,
+//! so same-size pods swap GPUs), readings published late, clock ticks and extender restarts,
 //! checked against a model of the world after every step.
 
 use std::collections::BTreeMap;
@@ -25,12 +26,18 @@ enum Op {
     BindOk(usize),
     BindFail(usize),
     Delete(usize),
+    /// The kubelet admits the node's bound pods picked by `mask`, last-bound first when
+    /// `reverse` (the plugin cannot tell which pod a request is for).
+    Admit {
+        node: usize,
+        mask: u8,
+        reverse: bool,
+    },
+    /// The device plugin publishes the node's reading.
     Reading {
         node: usize,
-        listed: u8,
         usage_pct: u8,
         noise_mib: u64,
-        swap: bool,
     },
     Tick(u64),
     Restart,
@@ -43,10 +50,10 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(Op::BindOk),
         1 => any::<usize>().prop_map(Op::BindFail),
         1 => any::<usize>().prop_map(Op::Delete),
-        3 => (0..2usize, any::<u8>(), 0..=100u8, 0..2048u64, any::<bool>()).prop_map(
-            |(node, listed, usage_pct, noise_mib, swap)| Op::Reading {
-                node, listed, usage_pct, noise_mib, swap
-            }
+        3 => (0..2usize, any::<u8>(), any::<bool>())
+            .prop_map(|(node, mask, reverse)| Op::Admit { node, mask, reverse }),
+        2 => (0..2usize, 0..=100u8, 0..2048u64).prop_map(
+            |(node, usage_pct, noise_mib)| Op::Reading { node, usage_pct, noise_mib }
         ),
         1 => (1..60u64).prop_map(Op::Tick),
         1 => Just(Op::Restart),
@@ -56,14 +63,12 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Clone)]
 struct WorldPod {
     node: usize,
-    /// The GPU the pod really holds (the kubelet's truth; starts as the ledger's choice).
-    gpu: String,
+    /// The GPU the kubelet allocated, once it has (its truth).
+    gpu: Option<String>,
     /// The annotation written at bind (never changes).
     annotated: String,
     units: u64,
     bound: bool,
-    /// The kubelet has allocated its units (it appears in readings from now on).
-    started: bool,
     assigned_at: SystemTime,
 }
 
@@ -109,34 +114,65 @@ fn pick<'a>(world: &'a World, n: usize, want_bound: Option<bool>) -> Option<Stri
     (!uids.is_empty()).then(|| uids[n % uids.len()].clone())
 }
 
-/// Build a reading for `node` from the world. Bound pods whose mask bit is set start now (the
-/// kubelet allocates their units, possibly swapping two same-size pods that start together);
-/// started pods stay listed. Usage is a share of each limit; live free = total − usage − noise.
-fn make_reading(world: &mut World, node: usize, mask: u8, pct: u8, noise: u64, swap: bool) {
-    let starting: Vec<String> = world
+/// Free units of each GPU of `node` in the kubelet's books.
+fn kubelet_free(world: &World, node: usize) -> BTreeMap<String, u64> {
+    let mut free: BTreeMap<String, u64> =
+        (0..GPUS).map(|g| (uuid(node, g), UNITS_PER_GPU)).collect();
+    for p in world.pods.values().filter(|p| p.node == node) {
+        if let Some(f) = p.gpu.as_ref().and_then(|g| free.get_mut(g)) {
+            *f = f.saturating_sub(p.units);
+        }
+    }
+    free
+}
+
+/// The kubelet admits the bound pods of `node` picked by `mask`, one at a time, each taking
+/// the GPU the device plugin prefers for its size (`owed_gpus`, first with room). Admission
+/// order is not the plugin's guess when `reverse`. It must always find an owed GPU with room:
+/// falling back (or splitting the pod over two GPUs) means the ledger over-promised.
+fn admit(world: &mut World, node: usize, mask: u8, reverse: bool) {
+    let mut starting: Vec<String> = world
         .pods
         .iter()
-        .filter(|(_, p)| p.node == node && p.bound && !p.started)
+        .filter(|(_, p)| p.node == node && p.bound && p.gpu.is_none())
         .enumerate()
         .filter(|(k, _)| mask & (1 << (k % 8)) != 0)
         .map(|(_, (u, _))| u.clone())
         .collect();
-    if swap {
-        'outer: for i in 0..starting.len() {
-            for j in i + 1..starting.len() {
-                let (a, b) = (&world.pods[&starting[i]], &world.pods[&starting[j]]);
-                if a.units == b.units && a.gpu != b.gpu {
-                    let (ga, gb) = (a.gpu.clone(), b.gpu.clone());
-                    world.pods.get_mut(&starting[i]).unwrap().gpu = gb;
-                    world.pods.get_mut(&starting[j]).unwrap().gpu = ga;
-                    break 'outer;
-                }
-            }
-        }
+    starting.sort_by_key(|u| (world.pods[u].assigned_at, u.clone()));
+    if reverse {
+        starting.reverse();
     }
-    for uid in &starting {
-        world.pods.get_mut(uid).unwrap().started = true;
+    for uid in starting {
+        let units = world.pods[&uid].units;
+        let same_size: Vec<crate::PodPlacement> = world
+            .pods
+            .iter()
+            .filter(|(_, p)| p.node == node && p.bound && p.units == units)
+            .map(|(u, p)| crate::PodPlacement {
+                annotated_gpu: p.annotated.clone(),
+                allocated_gpu: p.gpu.clone(),
+                order_key: format!("{:?}/{u}", p.assigned_at),
+            })
+            .collect();
+        let free = kubelet_free(world, node);
+        let owed = crate::owed_gpus(&same_size);
+        let chosen = owed
+            .iter()
+            .find(|g| free.get(*g).is_some_and(|f| *f >= units))
+            .unwrap_or_else(|| {
+                panic!(
+                    "pod {uid} ({units} units) on {}: no owed GPU {owed:?} has room {free:?}",
+                    NODES[node]
+                )
+            });
+        world.pods.get_mut(&uid).unwrap().gpu = Some(chosen.clone());
     }
+}
+
+/// The reading the device plugin publishes for `node`: the kubelet's allocations; usage is a
+/// share of each limit; live free = total − usage − noise.
+fn make_reading(world: &mut World, node: usize, pct: u8, noise: u64) {
     let mut gpus = Vec::new();
     let mut listed_uids = Vec::new();
     for g in 0..GPUS {
@@ -145,7 +181,7 @@ fn make_reading(world: &mut World, node: usize, mask: u8, pct: u8, noise: u64, s
         let mut used_total = noise << 20;
         let mut pods = Vec::new();
         for (uid, p) in world.pods.iter().filter(|(_, p)| p.node == node) {
-            if p.gpu != id || !p.started {
+            if p.gpu.as_ref() != Some(&id) {
                 continue;
             }
             let limit = p.units * GIB;
@@ -206,24 +242,29 @@ fn check_invariants(ledger: &Ledger, world: &World) {
             continue;
         };
         let listed = world.listed.get(&n).cloned().unwrap_or_default();
+        let reading_at = world.readings.get(&n).map(|r| r.observed_at);
         for v in views {
-            let on_gpu: Vec<(&String, &WorldPod)> = world
-                .pods
-                .iter()
-                .filter(|(_, p)| p.node == n && p.gpu == v.uuid)
-                .collect();
+            let held = |p: &&WorldPod| p.node == n && p.gpu.as_ref() == Some(&v.uuid);
+            let on_gpu: Vec<(&String, &WorldPod)> =
+                world.pods.iter().filter(|(_, p)| held(p)).collect();
             let world_units: u64 = on_gpu.iter().map(|(_, p)| p.units).sum();
-            // Never promised more than advertised.
+            // Never more allocated than advertised.
             assert!(
                 world_units * GIB <= v.advertised_bytes,
                 "GPU {} holds {world_units} units of {}",
                 v.uuid,
                 v.advertised_bytes / GIB
             );
-            // The ledger never undercounts what is assigned.
-            assert!(v.assigned_bytes >= world_units * GIB, "{v:?}");
-            // Pods the reading cannot show count in full.
-            let reading_at = world.readings.get(&n).map(|r| r.observed_at);
+            // What the reading shows is booked where it shows it.
+            let shown: u64 = on_gpu
+                .iter()
+                .filter(|(u, _)| listed.contains(u))
+                .map(|(_, p)| p.units * GIB)
+                .sum();
+            assert!(v.assigned_bytes >= shown, "{v:?} shown {shown}");
+            // Pods the reading cannot show yet (allocated since, possibly after a swap) are
+            // booked in full on the GPU they hold: a same-size pod still booked there is the
+            // one whose units they took.
             let unseen: u64 = on_gpu
                 .iter()
                 .filter(|(u, p)| {
@@ -231,7 +272,12 @@ fn check_invariants(ledger: &Ledger, world: &World) {
                 })
                 .map(|(_, p)| p.units * GIB)
                 .sum();
-            assert!(v.unobserved >= unseen, "{v:?} unseen {unseen}");
+            assert!(
+                v.unobserved >= unseen,
+                "{v:?} unseen {unseen} world {:?}",
+                world.pods
+            );
+            assert!(v.assigned_bytes >= world_units * GIB, "{v:?}");
             let live_bound = v
                 .live_free
                 .saturating_sub(v.unobserved)
@@ -247,6 +293,18 @@ fn check_invariants(ledger: &Ledger, world: &World) {
                 v.advertised_bytes.saturating_sub(v.assigned_bytes)
             );
         }
+        // Every pod of the node is booked somewhere, waiting or allocated.
+        let booked: u64 = views.iter().map(|v| v.assigned_bytes).sum();
+        let owned: u64 = world
+            .pods
+            .values()
+            .filter(|p| p.node == n)
+            .map(|p| p.units * GIB)
+            .sum();
+        assert!(
+            booked >= owned,
+            "node {name}: booked {booked}, pods {owned}"
+        );
     }
 }
 
@@ -281,7 +339,7 @@ fn run(ops: Vec<Op>) {
     };
     let mut ledger = Ledger::new(config());
     for (n, name) in NODES.iter().enumerate() {
-        make_reading(&mut world, n, 0, 0, 0, false);
+        make_reading(&mut world, n, 0, 0);
         let r = world.readings[&n].clone();
         ledger.set_reading(name, r);
     }
@@ -313,11 +371,10 @@ fn run(ops: Vec<Op>) {
                             uid,
                             WorldPod {
                                 node,
-                                gpu: p.gpu_uuid.clone(),
+                                gpu: None,
                                 annotated: p.gpu_uuid,
                                 units,
                                 bound: false,
-                                started: false,
                                 assigned_at: world.now,
                             },
                         );
@@ -348,28 +405,36 @@ fn run(ops: Vec<Op>) {
                     assert!(ledger.forget_pod(&uid));
                 }
             }
+            Op::Admit {
+                node,
+                mask,
+                reverse,
+            } => admit(&mut world, node, mask, reverse),
             Op::Reading {
                 node,
-                listed,
                 usage_pct,
                 noise_mib,
-                swap,
             } => {
-                make_reading(&mut world, node, listed, usage_pct, noise_mib, swap);
+                make_reading(&mut world, node, usage_pct, noise_mib);
                 let r = world.readings[&node].clone();
                 ledger.set_reading(NODES[node], r);
             }
             Op::Tick(secs) => world.now += Duration::from_secs(secs),
             Op::Restart => {
-                // Binds in flight die with the extender.
+                // Binds in flight die with the extender. The restarted extender reads the
+                // plugins' readings as they are by then: published allocations are seconds old.
                 world.pods.retain(|_, p| p.bound);
+                for n in 0..NODES.len() {
+                    make_reading(&mut world, n, 50, 0);
+                }
                 ledger = rebuild(&world);
             }
         }
         check_invariants(&ledger, &world);
         // A restart from the same API state always reaches the same books for bound pods.
+        // (A deleted waiting pod kept on the books is known to this extender only.)
         let unbound = world.pods.values().any(|p| !p.bound);
-        if !unbound {
+        if !unbound && !ledger.keeps_departed() {
             let fresh = rebuild(&world);
             for name in NODES {
                 assert_eq!(fresh.gpu_views(name), ledger.gpu_views(name), "node {name}");

@@ -320,6 +320,67 @@ fn the_kubelet_placement_wins_over_the_annotation() {
 }
 
 #[test]
+fn a_waiting_pod_is_booked_where_a_same_size_swap_sends_it() {
+    // GPU 0 and GPU 1 each have 4 units; a (2 units) was assigned GPU 0, b (2 units) GPU 1,
+    // and fillers take the other 2 units of each. The kubelet admitted a first and gave it
+    // GPU 1's units; b, still waiting, will get GPU 0's (`owed_gpus`).
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 4, 4), gpu(1, 4, 4)]));
+    for (uid, g) in [("a", "GPU-0"), ("b", "GPU-1")] {
+        ledger.observe_pod(bound(uid, "n1", Some(g), 2, 1));
+    }
+    ledger.observe_pod(bound("f0", "n1", Some("GPU-0"), 2, 1));
+    ledger.observe_pod(bound("f1", "n1", Some("GPU-1"), 2, 1));
+    let (mut g0, mut g1) = (gpu(0, 4, 2), gpu(1, 4, 0));
+    g0.pods.push(listed("f0", 2, 2));
+    g1.pods.push(listed("f1", 2, 2));
+    g1.pods.push(listed("a", 2, 2));
+    ledger.set_reading("n1", reading(5, vec![g0, g1]));
+    let views = ledger.gpu_views("n1").unwrap();
+    // GPU 0 is still full in the books: b is booked there, not on GPU 1 beside a.
+    assert_eq!(views[0].assigned_bytes, 4 * GIB);
+    assert_eq!(views[0].unobserved, 2 * GIB);
+    assert_eq!(views[0].effective_free, 0);
+    assert_eq!(views[1].assigned_bytes, 4 * GIB);
+    assert_eq!(
+        ledger.reserve(want("c", 1), "n1", Policy::Binpack, at(6)),
+        Err(ReserveError::NoFit(ledger.rejection("n1", gib(1), at(6))))
+    );
+    // b lands on GPU 0: the books are the same, now from the reading alone.
+    let (mut g0, mut g1) = (gpu(0, 4, 0), gpu(1, 4, 0));
+    g0.pods.extend([listed("f0", 2, 2), listed("b", 2, 2)]);
+    g1.pods.extend([listed("f1", 2, 2), listed("a", 2, 2)]);
+    ledger.set_reading("n1", reading(7, vec![g0, g1]));
+    let views = ledger.gpu_views("n1").unwrap();
+    assert_eq!(views[0].assigned_bytes, 4 * GIB);
+    assert_eq!(views[1].assigned_bytes, 4 * GIB);
+    assert_eq!(views[0].unobserved + views[1].unobserved, 0);
+}
+
+#[test]
+fn an_unpaired_swap_books_the_waiting_pod_on_every_gpu_it_may_take() {
+    // a (GPU 0) took GPU 2 by the kubelet's choice; b (GPU 1) waits. Owed: GPU 0 and GPU 1,
+    // one pod left: it may land on either, so both are booked for it.
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading(
+        "n1",
+        reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8), gpu(2, 8, 8)]),
+    );
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 3, 1));
+    ledger.observe_pod(bound("b", "n1", Some("GPU-1"), 3, 1));
+    let mut g2 = gpu(2, 8, 5);
+    g2.pods.push(listed("a", 3, 3));
+    ledger.set_reading("n1", reading(5, vec![gpu(0, 8, 8), gpu(1, 8, 8), g2]));
+    let assigned: Vec<u64> = ledger
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes / GIB)
+        .collect();
+    assert_eq!(assigned, vec![3, 3, 3]);
+}
+
+#[test]
 fn pods_of_unknown_gpu_count_everywhere_and_unknown_listed_pods_count() {
     let mut ledger = Ledger::new(config(0));
     ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8)]));
