@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
 use vramslice_core::{PodPlacement, parse_bytes};
@@ -131,14 +132,8 @@ pub fn placements(
             }
             let assigned = annotations
                 .get(ANNOTATION_ASSIGNED_AT)
-                .cloned()
-                .unwrap_or_default();
-            let created = pod
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.to_string())
-                .unwrap_or_default();
+                .and_then(|t| t.trim().parse::<Timestamp>().ok());
+            let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
             let key = (
                 pod.metadata.namespace.clone().unwrap_or_default(),
                 pod.metadata.name.clone().unwrap_or_default(),
@@ -150,10 +145,25 @@ pub fn placements(
             Some(PodPlacement {
                 annotated_gpu: gpu,
                 allocated_gpu,
-                order_key: format!("{assigned}\u{1f}{created}\u{1f}{}", key.1),
+                order_key: format!(
+                    "{}\u{1f}{}\u{1f}{}",
+                    sortable(assigned),
+                    sortable(created),
+                    key.1
+                ),
             })
         })
         .collect()
+}
+
+/// A time as text that sorts like the time (RFC 3339 text does not: `…58.1577Z` sorts after
+/// `…58.157734Z`); no time sorts last.
+fn sortable(t: Option<Timestamp>) -> String {
+    t.map_or_else(
+        || "~".to_string(),
+        // Timestamps span ±10,000 years (< 2^69 ns): shifted, they are all positive.
+        |t| format!("{:030}", t.as_nanosecond().saturating_add(1 << 80)),
+    )
 }
 
 /// (namespace, name) → UID of the given pods.
@@ -249,6 +259,23 @@ mod tests {
         ]);
         let got = placements(&pods, RES, 6, Some(&allocated));
         assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a"]);
+    }
+
+    #[test]
+    fn assignment_order_follows_the_time_not_its_text() {
+        // RFC 3339 text drops trailing zeros: "…58.1577Z" is earlier than "…58.157734Z" but
+        // sorts after it as text. Unreadable or missing times go last.
+        let pods = vec![
+            pod("b", Some("GPU-b"), "2026-01-01T00:00:58.157734Z", 2, false),
+            pod("a", Some("GPU-a"), "2026-01-01T00:00:58.1577Z", 2, false),
+            pod("z", Some("GPU-z"), "not a time", 2, false),
+            pod("c", Some("GPU-c"), "2026-01-01T00:00:59Z", 2, false),
+        ];
+        let got = placements(&pods, RES, 2, None);
+        assert_eq!(
+            vramslice_core::owed_gpus(&got),
+            vec!["GPU-a", "GPU-b", "GPU-c", "GPU-z"]
+        );
     }
 
     #[test]
