@@ -15,5 +15,8 @@ step "build vramslice-device-plugin, vramslice-extender and the e2e launcher"
 make -C "$ROOT/e2e" build
 step "e2e scenarios"
 cd "$ROOT/e2e"
-go test -count=1 -v -timeout "${GO_TEST_TIMEOUT:-30m}" ./cluster/ ./scenarios/ "$@"
+# -json through the summariser: the same -v text, then each failure's reason once more at the
+# very end, after the component logs a failed scenario dumps.
+go test -count=1 -json -timeout "${GO_TEST_TIMEOUT:-30m}" ./cluster/ ./scenarios/ "$@" \
+  | python3 "$ROOT/scripts/e2e-summary.py"
 step "e2e done in $(( $(date +%s) - started ))s"
