@@ -23,7 +23,13 @@ def main() -> int:
             continue
         test = event.get("Test")
         action = event.get("Action")
-        if action == "output":
+        if action == "build-output":  # compiler messages (Go >= 1.24 reports them as events)
+            text = event.get("Output", "")
+            sys.stdout.write(text)
+            outputs.setdefault("build " + event.get("ImportPath", "?"), []).append(text.rstrip("\n"))
+        elif action == "build-fail":
+            failed.append("build " + event.get("ImportPath", "?"))
+        elif action == "output":
             text = event.get("Output", "")
             sys.stdout.write(text)
             if test:
