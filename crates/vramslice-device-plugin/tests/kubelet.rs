@@ -176,6 +176,15 @@ async fn registers_once_the_kubelet_appears_and_exits_cleanly_on_sigterm() {
         (!kubelet.registrations().is_empty()).then_some(())
     })
     .await;
+    // The plugin logs once the kubelet's answer is back, which may be after the kubelet saw
+    // the request.
+    wait_for("the registration logged", Duration::from_secs(5), || {
+        plugin
+            .log_text()
+            .contains("registered with the kubelet")
+            .then_some(())
+    })
+    .await;
 
     let status = plugin.terminate();
     assert_eq!(status.code(), Some(0), "{}", plugin.log_text());
