@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod placement;
 pub mod publish;
 pub mod quantity;
+pub mod sweep;
 pub mod units;
 pub mod watchdog;
 

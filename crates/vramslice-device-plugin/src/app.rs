@@ -186,6 +186,9 @@ pub async fn run(
             metrics.clone(),
             lister.clone(),
         ),
+        sweeper: settings.accounting_sweep_after.map(|after| {
+            crate::sweeper::Sweeper::new(settings.allocation.accounting_root.clone(), after)
+        }),
     };
     let publisher = tokio::spawn(publisher.run(settings.poll_interval, shutdown.clone()));
 

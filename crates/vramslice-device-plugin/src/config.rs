@@ -78,6 +78,7 @@ struct RawConfig {
     injection: RawInjection,
     device_list_strategy: String,
     accounting_root: String,
+    accounting_sweep_after: String,
     metrics_addr: String,
     proc_root: String,
     watchdog: RawWatchdog,
@@ -130,6 +131,7 @@ impl Default for RawConfig {
             injection: RawInjection::default(),
             device_list_strategy: "envvar".into(),
             accounting_root: "/var/lib/vramslice/accounting".into(),
+            accounting_sweep_after: "10m".into(),
             metrics_addr: "0.0.0.0:9400".into(),
             proc_root: "/proc".into(),
             watchdog: RawWatchdog::default(),
@@ -181,6 +183,9 @@ pub struct Settings {
     pub proc_root: PathBuf,
     /// What to do when a pod's measured usage passes its limit.
     pub watchdog: WatchdogPolicy,
+    /// How long an allocation must be gone from the kubelet's record before its accounting
+    /// directory and limit file are deleted; `None` (`off`) keeps them forever.
+    pub accounting_sweep_after: Option<Duration>,
 }
 
 impl Settings {
@@ -358,6 +363,14 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
                 .map(|n| n.trim().to_string())
                 .filter(|n| !n.is_empty())
         });
+    let accounting_sweep_after = match raw.accounting_sweep_after.trim() {
+        "off" => None,
+        after => Some(duration(
+            "accountingSweepAfter",
+            after,
+            Duration::from_secs(1),
+        )?),
+    };
     Ok(Settings {
         backend,
         unit,
@@ -385,6 +398,7 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
         metrics_addr,
         proc_root: non_empty_path("procRoot", &raw.proc_root)?,
         watchdog,
+        accounting_sweep_after,
     })
 }
 

@@ -6,8 +6,9 @@
 //! (gRPC over Unix sockets: DevicePlugin calls in, PodResources answers), and from the API
 //! server (pending pods, pod UIDs). It leaves as ListAndWatch updates and Allocate answers
 //! ([`grpc`] over [`logic`]), `GpuNode` status writes ([`publisher`]), and Prometheus metrics
-//! ([`metrics`]), and the [`watchdog`]'s Events, kills and evictions. Decisions live in
-//! `vramslice-core` (`allocation`, `publish`, `inventory`, `watchdog`);
+//! ([`metrics`]), the [`watchdog`]'s Events, kills and evictions, and the [`sweeper`]'s removal
+//! of ended allocations' accounting files. Decisions live in
+//! `vramslice-core` (`allocation`, `publish`, `inventory`, `watchdog`, `sweep`);
 //! [`runner`] owns the socket and the registration; [`app`] wires it all.
 
 pub mod app;
@@ -21,6 +22,7 @@ pub mod pods;
 pub mod poller;
 pub mod publisher;
 pub mod runner;
+pub mod sweeper;
 pub mod telemetry;
 pub mod uds;
 pub mod watchdog;

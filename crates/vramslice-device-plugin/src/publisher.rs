@@ -28,6 +28,7 @@ use vramslice_gpu::procfs::ProcRoot;
 use crate::metrics::Metrics;
 use crate::pods::{PodLister, uids_by_name};
 use crate::poller::NodeWatch;
+use crate::sweeper::Sweeper;
 use crate::watchdog::Watchdog;
 
 /// How often pod UIDs may be re-listed when an unknown pod shows up.
@@ -57,6 +58,8 @@ pub struct Publisher {
     pub write: bool,
     /// Compares measured usage with limits every poll and acts on breaches.
     pub watchdog: Watchdog,
+    /// Deletes ended allocations' accounting files; `None`: kept forever.
+    pub sweeper: Option<Sweeper>,
 }
 
 /// The GpuNode status for a report observed at `observed_at` (RFC 3339), with each pod's
@@ -233,6 +236,9 @@ impl Publisher {
                 Ok(fresh) => {
                     records = fresh;
                     pr_failing = false;
+                    if let Some(sweeper) = &mut self.sweeper {
+                        sweeper.run(&records).await;
+                    }
                 }
                 Err(e) => {
                     if !pr_failing {

@@ -343,3 +343,59 @@ async fn failed_writes_back_off_instead_of_retrying_every_poll() {
     );
     assert!(plugin.log_text().contains("cannot write GpuNode status"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_allocations_lose_their_accounting_files_after_the_grace_period() {
+    let node = Node::new(&[], "accountingSweepAfter: 1s");
+    write_atomic(&node.fake_file, &fake_file("2Gi"));
+    let key = |ids: &[&str]| vramslice_core::allocation::allocation_key_for_ids(ids).unwrap();
+    let live = key(&["GPU-aaaa::0", "GPU-aaaa::1", "GPU-aaaa::2", "GPU-aaaa::3"]);
+    let ended = key(&["GPU-aaaa::7"]);
+    std::fs::create_dir_all(&node.accounting).unwrap();
+    for k in [&live, &ended] {
+        std::fs::create_dir(node.accounting.join(k)).unwrap();
+        std::fs::write(
+            node.accounting.join(k).join("vramslice-accounting.v1"),
+            b"x",
+        )
+        .unwrap();
+        std::fs::write(node.accounting.join(format!("{k}.limit")), b"limit=1\n").unwrap();
+    }
+    std::fs::write(node.accounting.join("keep.me"), b"not an allocation").unwrap();
+    let _pod_resources = start_pod_resources(
+        &node.pod_resources_socket(),
+        ListPodResourcesResponse {
+            pod_resources: vec![PodResources {
+                name: "web".into(),
+                namespace: "ml".into(),
+                containers: vec![container(
+                    "server",
+                    "vramslice.io/vram-gib",
+                    &["GPU-aaaa::0", "GPU-aaaa::1", "GPU-aaaa::2", "GPU-aaaa::3"],
+                )],
+                ..Default::default()
+            }],
+        },
+    )
+    .await;
+    let _plugin = Plugin::start(&node, &[]);
+    wait_for(
+        "the ended allocation's files to be deleted",
+        Duration::from_secs(20),
+        || {
+            (!node.accounting.join(&ended).exists()
+                && !node.accounting.join(format!("{ended}.limit")).exists())
+            .then_some(())
+        },
+    )
+    .await;
+    // The kubelet's live allocation and files that are not allocations stay.
+    assert!(
+        node.accounting
+            .join(&live)
+            .join("vramslice-accounting.v1")
+            .exists()
+    );
+    assert!(node.accounting.join(format!("{live}.limit")).exists());
+    assert!(node.accounting.join("keep.me").exists());
+}

@@ -44,6 +44,7 @@ fn defaults_match_the_contract() {
     assert_eq!(s.watchdog, WatchdogPolicy::default());
     assert_eq!(s.watchdog.action, WatchdogAction::Report);
     assert_eq!(s.watchdog.grace, Duration::from_secs(30));
+    assert_eq!(s.accounting_sweep_after, Some(Duration::from_secs(600)));
     assert_eq!(parse("").unwrap(), Settings::defaults(None).unwrap());
     assert_eq!(parse("{}").unwrap(), Settings::defaults(None).unwrap());
 }
@@ -66,6 +67,7 @@ injection:
   preloadFileHostPath: /opt/preload
 deviceListStrategy: cdi
 accountingRoot: /tmp/acct
+accountingSweepAfter: 2h
 metricsAddr: 127.0.0.1:0
 procRoot: /host/proc
 watchdog: { tolerance: 1Gi, grace: 0s, action: kill-process }
@@ -96,6 +98,13 @@ watchdog: { tolerance: 1Gi, grace: 0s, action: kill-process }
         Path::new("/opt/preload")
     );
     assert_eq!(s.proc_root, Path::new("/host/proc"));
+    assert_eq!(s.accounting_sweep_after, Some(Duration::from_secs(7200)));
+    assert_eq!(
+        parse("accountingSweepAfter: off")
+            .unwrap()
+            .accounting_sweep_after,
+        None
+    );
     assert_eq!(
         s.watchdog,
         WatchdogPolicy {
@@ -123,7 +132,15 @@ fn error_of(text: &str) -> String {
 
 #[test]
 fn bad_values_are_named() {
-    let cases: [(&str, &str); 15] = [
+    let cases: [(&str, &str); 17] = [
+        (
+            "accountingSweepAfter: never",
+            "config field `accountingSweepAfter`: \"never\" is not a duration",
+        ),
+        (
+            "accountingSweepAfter: 10ms",
+            "config field `accountingSweepAfter`: \"10ms\" is too short: at least 1000ms",
+        ),
         (
             "watchdog: { action: kill }",
             "config field `watchdog.action`: unknown watchdog action \"kill\"",

@@ -1,0 +1,216 @@
+//! Which accounting directories and limit files of ended allocations to delete.
+//!
+//! Every Allocate leaves `<accountingRoot>/<key>/` and `<accountingRoot>/<key>.limit` on the host
+//! (`crate::allocation`). Nothing else removes them, so a long-lived node would collect one pair
+//! per container ever started. The device plugin lists the root and the kubelet's live
+//! allocations (PodResources) each poll; [`sweep`] decides, as a pure function of what was seen
+//! and when, which keys have been absent from the kubelet's record long enough to delete.
+//!
+//! Deleting what a running container still uses would be far worse than keeping a stale file,
+//! so the rule is conservative: only names that are allocation keys are ever touched; a key
+//! must be seen dead in every sweep for a whole grace period (seen live once, it starts over);
+//! the caller counts a key live when its limit file was written within the grace period (an
+//! Allocate the kubelet has not recorded yet), and sweeps only with a fresh PodResources answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::allocation::LIMIT_FILE_HOST_SUFFIX;
+
+/// What the sweeper remembers between polls: when each dead key was first seen dead (time
+/// since an epoch of the caller's choosing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepState {
+    dead_since: BTreeMap<String, Duration>,
+}
+
+impl SweepState {
+    /// Keys currently waiting out their grace period.
+    pub fn pending(&self) -> usize {
+        self.dead_since.len()
+    }
+}
+
+/// One sweep's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepVerdict {
+    /// The state for the next sweep.
+    pub state: SweepState,
+    /// Keys whose directory and limit file are to be deleted now.
+    pub remove: Vec<String>,
+}
+
+/// The allocation key an entry of the accounting root belongs to: the directory `<key>`, the
+/// limit file `<key>.limit`, or its temporary `<key>.limit.tmp`. `None` for anything else, which
+/// the sweeper never touches.
+pub fn entry_key(name: &str) -> Option<&str> {
+    let key = name
+        .strip_suffix(".tmp")
+        .and_then(|n| n.strip_suffix(LIMIT_FILE_HOST_SUFFIX))
+        .or_else(|| name.strip_suffix(LIMIT_FILE_HOST_SUFFIX))
+        .unwrap_or(name);
+    is_allocation_key(key).then_some(key)
+}
+
+/// Whether `s` has the shape of `crate::allocation::allocation_key`:
+/// `<uuid>.u<first unit>.n<count>.<16 hex digits>`, the UUID made of `[A-Za-z0-9_.-]`.
+pub fn is_allocation_key(s: &str) -> bool {
+    let mut parts = s.rsplitn(4, '.');
+    let (Some(hash), Some(count), Some(first), Some(uuid)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    hash.len() == 16
+        && hash.bytes().all(|b| b.is_ascii_hexdigit())
+        && count.strip_prefix('n').is_some_and(digits)
+        && first.strip_prefix('u').is_some_and(digits)
+        && !uuid.is_empty()
+        && uuid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Decide which of the `present` keys (found under the accounting root) to delete at `now`:
+/// those not `live` in every sweep since at least `grace` ago.
+pub fn sweep(
+    state: &SweepState,
+    present: &BTreeSet<String>,
+    live: &BTreeSet<String>,
+    now: Duration,
+    grace: Duration,
+) -> SweepVerdict {
+    let mut next = SweepState::default();
+    let mut remove = Vec::new();
+    for key in present.iter().filter(|k| !live.contains(*k)) {
+        let since = state.dead_since.get(key).copied().unwrap_or(now);
+        if now.saturating_sub(since) >= grace {
+            remove.push(key.clone());
+        } else {
+            next.dead_since.insert(key.clone(), since);
+        }
+    }
+    SweepVerdict {
+        state: next,
+        remove,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocation::allocation_key;
+    use proptest::prelude::*;
+
+    const GRACE: Duration = Duration::from_secs(600);
+
+    fn set(keys: &[&str]) -> BTreeSet<String> {
+        keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn entries_map_to_their_key_and_nothing_else_is_touched() {
+        let key = allocation_key("GPU-8f6a9c2e-1b3d-4e5f-a6b7-c8d9e0f1a2b3", &[3, 4, 5]);
+        assert_eq!(entry_key(&key), Some(key.as_str()));
+        assert_eq!(entry_key(&format!("{key}.limit")), Some(key.as_str()));
+        assert_eq!(entry_key(&format!("{key}.limit.tmp")), Some(key.as_str()));
+        for other in [
+            "",
+            "lost+found",
+            ".limit",
+            "notes.txt",
+            "GPU-a.u1.n2.0123456789abcdeg",
+            "GPU-a.u1.n2.0123456789abcde",
+            "GPU-a.ux.n2.0123456789abcdef",
+            "GPU-a.u1.2.0123456789abcdef",
+            "GPU a.u1.n2.0123456789abcdef",
+            ".u1.n2.0123456789abcdef",
+        ] {
+            assert_eq!(entry_key(other), None, "{other:?}");
+            assert_eq!(
+                entry_key(&format!("{other}.limit")),
+                None,
+                "{other:?}.limit"
+            );
+        }
+        // A temporary without `.limit` before it is not ours.
+        assert_eq!(entry_key(&format!("{key}.tmp")), None);
+    }
+
+    #[test]
+    fn a_key_dead_for_the_whole_grace_period_goes_and_a_live_sighting_starts_over() {
+        let present = set(&["a", "b"]);
+        let v = sweep(
+            &SweepState::default(),
+            &present,
+            &set(&["a"]),
+            secs(0),
+            GRACE,
+        );
+        assert!(v.remove.is_empty());
+        assert_eq!(v.state.pending(), 1);
+        let v = sweep(&v.state, &present, &set(&["a"]), secs(599), GRACE);
+        assert!(v.remove.is_empty());
+        // b seen live once: its clock restarts.
+        let v = sweep(&v.state, &present, &set(&["a", "b"]), secs(600), GRACE);
+        assert!(v.remove.is_empty());
+        assert_eq!(v.state.pending(), 0);
+        let v = sweep(&v.state, &present, &set(&["a"]), secs(700), GRACE);
+        let v = sweep(&v.state, &present, &set(&["a"]), secs(1299), GRACE);
+        assert!(v.remove.is_empty());
+        let v = sweep(&v.state, &present, &set(&["a"]), secs(1300), GRACE);
+        assert_eq!(v.remove, vec!["b".to_string()]);
+        assert_eq!(v.state.pending(), 0);
+        // Gone from disk (deleted by someone else): forgotten.
+        let v = sweep(
+            &SweepState::default(),
+            &set(&["c"]),
+            &set(&[]),
+            secs(0),
+            GRACE,
+        );
+        let v = sweep(&v.state, &set(&[]), &set(&[]), secs(10), GRACE);
+        assert_eq!(v.state.pending(), 0);
+    }
+
+    proptest! {
+        /// Whatever the sightings, a key is removed only if it was present and not live in every
+        /// sweep of the last `grace`, and never while live.
+        #[test]
+        fn nothing_live_or_recently_live_is_removed(
+            rounds in proptest::collection::vec((any::<u8>(), any::<u8>(), 0..400u64), 1..60)
+        ) {
+            let keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+            let mut state = SweepState::default();
+            let mut now = Duration::ZERO;
+            // Last time each key was live or absent from disk (both restart the clock).
+            let mut last_safe: BTreeMap<String, Duration> = BTreeMap::new();
+            for (present_mask, live_mask, step) in rounds {
+                now += Duration::from_secs(step);
+                let pick = |mask: u8| -> BTreeSet<String> {
+                    keys.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0)
+                        .map(|(_, k)| k.to_string()).collect()
+                };
+                let (present, live) = (pick(present_mask), pick(live_mask));
+                for k in keys {
+                    if live.contains(k) || !present.contains(k) {
+                        last_safe.insert(k.to_string(), now);
+                    }
+                }
+                let v = sweep(&state, &present, &live, now, GRACE);
+                for k in &v.remove {
+                    prop_assert!(present.contains(k) && !live.contains(k));
+                    let safe = last_safe.get(k).copied().unwrap_or(Duration::ZERO);
+                    prop_assert!(now.saturating_sub(safe) >= GRACE, "{k} removed {now:?}, safe {safe:?}");
+                    last_safe.insert(k.clone(), now);
+                }
+                state = v.state;
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Deletes the accounting directories and limit files of allocations the kubelet no longer
+//! holds: the I/O around `vramslice_core::sweep` (which decides, and documents the rule).
+//!
+//! Called by the publisher after each poll whose PodResources answer was fresh; never with a
+//! stale or failed answer, so a kubelet that cannot be reached deletes nothing.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use vramslice_core::allocation::{LIMIT_FILE_HOST_SUFFIX, allocation_key_for_ids};
+use vramslice_core::publish::ContainerAllocationRecord;
+use vramslice_core::sweep::{SweepState, entry_key, sweep};
+
+/// The sweeper's settings and memory.
+#[derive(Debug)]
+pub struct Sweeper {
+    root: PathBuf,
+    after: Duration,
+    state: SweepState,
+    epoch: Instant,
+}
+
+impl Sweeper {
+    /// Sweep `root`, deleting what has been gone from the kubelet's record for `after`.
+    pub fn new(root: PathBuf, after: Duration) -> Self {
+        Sweeper {
+            root,
+            after,
+            state: SweepState::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// One sweep against the kubelet's live allocations. Returns the keys deleted.
+    pub async fn run(&mut self, live: &[ContainerAllocationRecord]) -> Vec<String> {
+        let root = self.root.clone();
+        let after = self.after;
+        let listed = tokio::task::spawn_blocking(move || list_root(&root, after)).await;
+        let (present, recent) = match listed {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::debug!(root = %self.root.display(), error = %e, "cannot list the accounting root; nothing swept");
+                return Vec::new();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accounting sweep task failed");
+                return Vec::new();
+            }
+        };
+        let mut keep: BTreeSet<String> = live
+            .iter()
+            .filter_map(|r| allocation_key_for_ids(&r.device_ids).ok())
+            .collect();
+        keep.extend(recent);
+        let verdict = sweep(
+            &self.state,
+            &present,
+            &keep,
+            self.epoch.elapsed(),
+            self.after,
+        );
+        self.state = verdict.state;
+        let mut removed = Vec::new();
+        for key in verdict.remove {
+            match remove_allocation(&self.root, &key).await {
+                Ok(()) => {
+                    tracing::info!(key = %key, after = ?self.after, "deleted the accounting directory and limit file of an ended allocation");
+                    removed.push(key);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "cannot delete an ended allocation's accounting files")
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// The allocation keys under `root`, and those among them whose entries changed within `after`
+/// (an Allocate the kubelet may not have recorded yet counts as live).
+fn list_root(
+    root: &Path,
+    after: Duration,
+) -> std::io::Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let now = SystemTime::now();
+    let mut present = BTreeSet::new();
+    let mut recent = BTreeSet::new();
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(key) = name.to_str().and_then(entry_key) else {
+            continue;
+        };
+        let fresh = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| now.duration_since(t).unwrap_or_default() < after)
+            .unwrap_or(true);
+        if fresh {
+            recent.insert(key.to_string());
+        }
+        present.insert(key.to_string());
+    }
+    Ok((present, recent))
+}
+
+async fn remove_allocation(root: &Path, key: &str) -> std::io::Result<()> {
+    let ignore_missing = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    let limit = root.join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}"));
+    let tmp = root.join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}.tmp"));
+    ignore_missing(tokio::fs::remove_file(&tmp).await)?;
+    ignore_missing(tokio::fs::remove_file(&limit).await)?;
+    ignore_missing(tokio::fs::remove_dir_all(root.join(key)).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vramslice_core::allocation::allocation_key;
+
+    fn record(ids: &[&str]) -> ContainerAllocationRecord {
+        ContainerAllocationRecord {
+            namespace: "default".into(),
+            pod: "p".into(),
+            pod_uid: None,
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ended_allocations_go_after_the_grace_period_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let live = allocation_key("GPU-a", &[0, 1]);
+        let ended = allocation_key("GPU-a", &[2]);
+        for key in [&live, &ended] {
+            std::fs::create_dir(root.join(key)).unwrap();
+            std::fs::write(root.join(key).join("vramslice-accounting.v1"), b"x").unwrap();
+            std::fs::write(root.join(format!("{key}.limit")), b"limit=1\n").unwrap();
+        }
+        std::fs::write(root.join("README"), b"not ours").unwrap();
+        std::fs::create_dir(root.join("lost+found")).unwrap();
+        let records = vec![record(&["GPU-a::1", "GPU-a::0"])];
+
+        // Written just now: recent, so kept however long the kubelet does not list `ended`
+        // (an Allocate it has not recorded yet looks the same).
+        let mut sweeper = Sweeper::new(root.to_path_buf(), Duration::from_secs(60));
+        assert!(sweeper.run(&records).await.is_empty());
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(sweeper.run(&records).await.is_empty());
+        assert!(
+            sweeper.run(&[]).await.is_empty(),
+            "an empty answer deleted fresh files"
+        );
+        assert!(root.join(&ended).exists() && root.join(&live).exists());
+
+        // Files older than the grace period: `ended` goes once it has been dead for the whole
+        // period, and only it.
+        let mut sweeper = Sweeper::new(root.to_path_buf(), Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(sweeper.run(&records).await.is_empty());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(sweeper.run(&records).await, vec![ended.clone()]);
+        assert!(!root.join(&ended).exists());
+        assert!(!root.join(format!("{ended}.limit")).exists());
+        assert!(root.join(&live).join("vramslice-accounting.v1").exists());
+        assert!(root.join(format!("{live}.limit")).exists());
+        assert!(root.join("README").exists() && root.join("lost+found").exists());
+    }
+
+    #[tokio::test]
+    async fn a_missing_root_is_not_an_error() {
+        let mut sweeper = Sweeper::new("/nonexistent/vramslice-accounting".into(), Duration::ZERO);
+        assert!(sweeper.run(&[]).await.is_empty());
+    }
+}
