@@ -233,6 +233,14 @@ func unschedulable(p *v1.Pod) *v1.PodCondition {
 	return nil
 }
 
+// judgedUnschedulable: the scheduler found no node for the pod. A pod whose last attempt
+// failed otherwise (reason SchedulerError: a bind refused by a race, the extender briefly
+// unreachable) is retried after a backoff and may still be placed, so it is not settled.
+func judgedUnschedulable(p *v1.Pod) bool {
+	cond := unschedulable(p)
+	return cond != nil && cond.Reason == v1.PodReasonUnschedulable
+}
+
 // waitUnschedulable waits for the scheduler's verdict on a pod and returns its message.
 func waitUnschedulable(t *testing.T, c *cluster.Cluster, name string) string {
 	t.Helper()
@@ -320,7 +328,8 @@ func checkRunning(t *testing.T, p *v1.Pod, sameGPU bool) placement {
 }
 
 // settle waits until every pod with the prefix is Running, Failed or judged
-// unschedulable, and the count of Running pods has not changed for 3 s.
+// unschedulable (not merely failed once), and the count of Running pods has not
+// changed for 3 s.
 func settle(t *testing.T, c *cluster.Cluster, prefix string, timeout time.Duration) []v1.Pod {
 	t.Helper()
 	var pods []v1.Pod
@@ -341,7 +350,7 @@ func settle(t *testing.T, c *cluster.Cluster, prefix string, timeout time.Durati
 			case p.Status.Phase == v1.PodRunning:
 				running++
 			case p.Status.Phase == v1.PodFailed:
-			case p.Spec.NodeName == "" && unschedulable(&p) != nil:
+			case p.Spec.NodeName == "" && judgedUnschedulable(&p):
 			default:
 				undecided++
 			}
