@@ -23,5 +23,5 @@ pub mod watchdog;
 pub use device_id::{DeviceId, DeviceIdError, GpuSelection};
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use inventory::{AdvertisedDevice, GpuInventory, GpuUnitsView, PodPlacement, owed_gpus};
-pub use quantity::{QuantityError, format_bytes, parse_bytes};
+pub use quantity::{ByteSize, QuantityError, format_bytes, parse_bytes};
 pub use units::{RESOURCE_PREFIX, UnitError, VramUnit};

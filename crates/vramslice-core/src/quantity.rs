@@ -118,25 +118,40 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
 /// Render bytes for people: `6 GiB`, `1.5 GiB`, `512 MiB`, `0 B`. Exact multiples print with no
 /// decimals; others with one.
 pub fn format_bytes(bytes: u64) -> String {
-    const NAMES: [(&str, u32); 6] = [
-        ("EiB", 60),
-        ("PiB", 50),
-        ("TiB", 40),
-        ("GiB", 30),
-        ("MiB", 20),
-        ("KiB", 10),
-    ];
-    for (name, shift) in NAMES {
-        let scale = 1u64 << shift;
-        if bytes >= scale {
-            return if bytes.is_multiple_of(scale) {
-                format!("{} {name}", bytes >> shift)
-            } else {
-                format!("{:.1} {name}", bytes as f64 / scale as f64)
-            };
+    ByteSize(bytes).to_string()
+}
+
+/// Bytes for people, written straight into a formatter (no intermediate `String`), the one
+/// place the binary units are chosen. `{}` prints like [`format_bytes`]; a precision prints every
+/// amount of a KiB or more with that many decimals (`format!("{:.1}", ByteSize(6 << 30))` is
+/// `6.0 GiB`), for messages whose wording is fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const NAMES: [(&str, u32); 6] = [
+            ("EiB", 60),
+            ("PiB", 50),
+            ("TiB", 40),
+            ("GiB", 30),
+            ("MiB", 20),
+            ("KiB", 10),
+        ];
+        let bytes = self.0;
+        for (name, shift) in NAMES {
+            let scale = 1u64 << shift;
+            if bytes >= scale {
+                let value = bytes as f64 / scale as f64;
+                return match f.precision() {
+                    Some(p) => write!(f, "{value:.p$} {name}"),
+                    None if bytes.is_multiple_of(scale) => write!(f, "{} {name}", bytes >> shift),
+                    None => write!(f, "{value:.1} {name}"),
+                };
+            }
         }
+        write!(f, "{bytes} B")
     }
-    format!("{bytes} B")
 }
 
 #[cfg(test)]
@@ -204,5 +219,9 @@ mod tests {
         assert_eq!(format_bytes(3 << 29), "1.5 GiB");
         assert_eq!(format_bytes(512 << 20), "512 MiB");
         assert_eq!(format_bytes(80 << 30), "80 GiB");
+        assert_eq!(format!("{:.1}", ByteSize(6 << 30)), "6.0 GiB");
+        assert_eq!(format!("{:.1}", ByteSize(512 << 20)), "512.0 MiB");
+        assert_eq!(format!("{:.2}", ByteSize(3 << 29)), "1.50 GiB");
+        assert_eq!(format!("{:.1}", ByteSize(12)), "12 B");
     }
 }

@@ -171,21 +171,10 @@ impl Backoff {
     }
 }
 
-/// Bytes for error messages, always with one decimal: `6.0 GiB`, `1.5 GiB`, `512.0 MiB`.
+/// Bytes for error messages, always with one decimal: `6.0 GiB`, `1.5 GiB`, `512.0 MiB` (the
+/// wording the sidecar's refusals promise).
 pub fn human(bytes: u64) -> String {
-    const NAMES: [(&str, u32); 5] = [
-        ("PiB", 50),
-        ("TiB", 40),
-        ("GiB", 30),
-        ("MiB", 20),
-        ("KiB", 10),
-    ];
-    for (name, shift) in NAMES {
-        if bytes >= 1u64 << shift {
-            return format!("{:.1} {name}", bytes as f64 / (1u64 << shift) as f64);
-        }
-    }
-    format!("{bytes} B")
+    format!("{:.1}", vramslice_core::ByteSize(bytes))
 }
 
 #[cfg(test)]

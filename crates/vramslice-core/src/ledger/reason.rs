@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use crate::quantity::ByteSize;
 use crate::units::VramUnit;
 
 /// Why one node cannot take a pod.
@@ -42,8 +43,8 @@ pub enum Rejection {
     /// The pod needs more than the largest GPU of the node advertises: no preemption can help.
     #[error(
         "pod needs {}, more than any GPU on node {node} advertises (largest {})",
-        Bytes(*need),
-        Bytes(*largest)
+        ByteSize(*need),
+        ByteSize(*largest)
     )]
     TooLarge {
         /// Node name.
@@ -130,34 +131,6 @@ impl fmt::Display for GpuList<'_> {
     }
 }
 
-/// Bytes for people, like [`crate::format_bytes`] but written straight into the output.
-pub(crate) struct Bytes(pub(crate) u64);
-
-impl fmt::Display for Bytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(&str, u32); 6] = [
-            ("EiB", 60),
-            ("PiB", 50),
-            ("TiB", 40),
-            ("GiB", 30),
-            ("MiB", 20),
-            ("KiB", 10),
-        ];
-        let bytes = self.0;
-        for (name, shift) in NAMES {
-            let scale = 1u64 << shift;
-            if bytes >= scale {
-                return if bytes.is_multiple_of(scale) {
-                    write!(f, "{} {name}", bytes >> shift)
-                } else {
-                    write!(f, "{:.1} {name}", bytes as f64 / scale as f64)
-                };
-            }
-        }
-        write!(f, "{bytes} B")
-    }
-}
-
 /// Why one GPU cannot take a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GpuRejection {
@@ -222,23 +195,28 @@ impl fmt::Display for GpuRejection {
                 advertised,
                 need,
             } => {
-                write!(f, "GPU {index}: {} effective free (", Bytes(*effective))?;
+                write!(f, "GPU {index}: {} effective free (", ByteSize(*effective))?;
                 let declared_free = advertised.saturating_sub(*assigned);
                 let live_part = live.saturating_sub(*unobserved).saturating_sub(*headroom);
                 if declared_free < live_part {
-                    write!(f, "{} of {} assigned", Bytes(*assigned), Bytes(*advertised))?;
+                    write!(
+                        f,
+                        "{} of {} assigned",
+                        ByteSize(*assigned),
+                        ByteSize(*advertised)
+                    )?;
                 } else {
                     write!(
                         f,
                         "live {}, {} reserved by pods not yet running",
-                        Bytes(*live),
-                        Bytes(*unobserved)
+                        ByteSize(*live),
+                        ByteSize(*unobserved)
                     )?;
                     if *headroom > 0 {
-                        write!(f, ", {} headroom", Bytes(*headroom))?;
+                        write!(f, ", {} headroom", ByteSize(*headroom))?;
                     }
                 }
-                write!(f, "), need {}", Bytes(*need))
+                write!(f, "), need {}", ByteSize(*need))
             }
         }
     }

@@ -515,11 +515,3 @@ fn many_gpus_are_summed_up_compactly() {
          not yet running), need 6 GiB; 1 more GPU with less effective free"
     );
 }
-
-proptest::proptest! {
-    #[test]
-    fn reasons_print_bytes_like_format_bytes(bytes in proptest::prelude::any::<u64>(), shift in 0u32..64) {
-        let b = bytes >> shift;
-        proptest::prop_assert_eq!(reason::Bytes(b).to_string(), crate::format_bytes(b));
-    }
-}
