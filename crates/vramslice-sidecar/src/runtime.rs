@@ -265,64 +265,63 @@ impl Runtime {
     /// Admit `job`, waiting (asynchronously) while memory is short. Needs a Tokio runtime with
     /// its time driver. Dropping the future while it waits gives up its place in line.
     pub async fn admit(&self, job: &Job) -> Result<Permit, AdmitError> {
-        let (ticket, need, source) = match self.inner.enqueue(job)? {
+        let mut waiting = match self.inner.enqueue(job)? {
             Enqueued::Now(permit) => return Ok(permit),
-            Enqueued::Wait(ticket, need, source) => (ticket, need, source),
+            Enqueued::Wait(waiting) => waiting,
         };
-        let deadline = ticket.requested
-            + job
-                .admission_timeout()
-                .unwrap_or(self.inner.config.queue_timeout);
         loop {
+            // Listen before looking, so a wake-up between the two is not lost.
             let notified = self.inner.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.inner.progress(ticket.id) {
-                Progress::Admitted => return Ok(ticket.into_permit(job, need, source)),
-                Progress::Gone => return Err(self.inner.gone(job, need)),
-                Progress::Waiting => {}
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(self.inner.time_out(ticket, job, need));
-            }
-            let wait = (deadline - now).min(self.inner.poll());
+            let wait;
+            (waiting, wait) = match self.inner.look(waiting, job) {
+                Look::Done(outcome) => return outcome,
+                Look::Again(waiting, wait) => (waiting, wait),
+            };
             let _ = tokio::time::timeout(wait, notified).await;
         }
     }
 
     /// Admit `job`, blocking the calling thread while memory is short.
     pub fn admit_blocking(&self, job: &Job) -> Result<Permit, AdmitError> {
-        let (ticket, need, source) = match self.inner.enqueue(job)? {
+        let mut waiting = match self.inner.enqueue(job)? {
             Enqueued::Now(permit) => return Ok(permit),
-            Enqueued::Wait(ticket, need, source) => (ticket, need, source),
+            Enqueued::Wait(waiting) => waiting,
         };
-        let deadline = ticket.requested
-            + job
-                .admission_timeout()
-                .unwrap_or(self.inner.config.queue_timeout);
         loop {
-            match self.inner.progress(ticket.id) {
-                Progress::Admitted => return Ok(ticket.into_permit(job, need, source)),
-                Progress::Gone => return Err(self.inner.gone(job, need)),
-                Progress::Waiting => {}
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(self.inner.time_out(ticket, job, need));
-            }
-            let wait = (deadline - now).min(self.inner.poll());
+            let wait;
+            (waiting, wait) = match self.inner.look(waiting, job) {
+                Look::Done(outcome) => return outcome,
+                Look::Again(waiting, wait) => (waiting, wait),
+            };
             let state = lock(&self.inner.state);
-            if state.queue.is_waiting(ticket.id) {
+            if state.queue.is_waiting(waiting.ticket.id) {
                 let _ = self.inner.cond.wait_timeout(state, wait);
             }
         }
     }
 }
 
+/// A job in line: its place, what admitting it reserves, and when it gives up.
+struct Waiting {
+    ticket: Ticket,
+    need: u64,
+    source: ReserveSource,
+    deadline: Instant,
+}
+
+/// One look at a job in line ([`Inner::look`]).
+enum Look {
+    /// Admitted, refused or timed out.
+    Done(Result<Permit, AdmitError>),
+    /// Still in line: look again after this long at most (sooner when woken).
+    Again(Waiting, Duration),
+}
+
 enum Enqueued {
     Now(Permit),
-    Wait(Ticket, u64, ReserveSource),
+    Wait(Waiting),
 }
 
 impl Inner {
@@ -392,6 +391,30 @@ impl Inner {
         }
     }
 
+    /// Where a job in line stands now: the one decision both admission loops wait on.
+    fn look(&self, waiting: Waiting, job: &Job) -> Look {
+        match self.progress(waiting.ticket.id) {
+            Progress::Admitted => {
+                let Waiting {
+                    ticket,
+                    need,
+                    source,
+                    ..
+                } = waiting;
+                return Look::Done(Ok(ticket.into_permit(job, need, source)));
+            }
+            Progress::Gone => return Look::Done(Err(self.gone(job, waiting.need))),
+            Progress::Waiting => {}
+        }
+        let now = Instant::now();
+        if now >= waiting.deadline {
+            let need = waiting.need;
+            return Look::Done(Err(self.time_out(waiting.ticket, job, need)));
+        }
+        let wait = (waiting.deadline - now).min(self.poll());
+        Look::Again(waiting, wait)
+    }
+
     fn progress(&self, id: JobId) -> Progress {
         let live = self.read_live().ok();
         let mut state = lock(&self.state);
@@ -450,7 +473,14 @@ impl Inner {
                 self.publish(&state);
                 drop(state);
                 tracing::debug!(key = job.key(), need = r.bytes, position, "job queued");
-                Ok(Enqueued::Wait(ticket, r.bytes, r.source))
+                let deadline =
+                    ticket.requested + job.admission_timeout().unwrap_or(self.config.queue_timeout);
+                Ok(Enqueued::Wait(Waiting {
+                    ticket,
+                    need: r.bytes,
+                    source: r.source,
+                    deadline,
+                }))
             }
             Err(refusal) => {
                 let mut ticket = ticket;
