@@ -8,9 +8,9 @@
 //!
 //! Deleting what a running container still uses would be far worse than keeping a stale file,
 //! so the rule is conservative: only names that are allocation keys are ever touched; a key
-//! must be seen dead in every sweep for a whole grace period (seen live once, it starts over);
-//! the caller counts a key live when its limit file was written within the grace period (an
-//! Allocate the kubelet has not recorded yet), and sweeps only with a fresh PodResources answer.
+//! whose files changed within the grace period counts as live (an Allocate the kubelet has not
+//! recorded yet); a key must be seen dead in every sweep for a whole grace period (seen live
+//! once, it starts over); and the caller sweeps only with a fresh PodResources answer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -72,18 +72,22 @@ pub fn is_allocation_key(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// Decide which of the `present` keys (found under the accounting root) to delete at `now`:
-/// those not `live` in every sweep since at least `grace` ago.
+/// Decide which of the `present` keys (found under the accounting root, each with the age of
+/// its most recently changed entry) to delete at `now`: those neither `live` nor changed within
+/// `grace`, in every sweep since at least `grace` ago.
 pub fn sweep(
     state: &SweepState,
-    present: &BTreeSet<String>,
+    present: &BTreeMap<String, Duration>,
     live: &BTreeSet<String>,
     now: Duration,
     grace: Duration,
 ) -> SweepVerdict {
     let mut next = SweepState::default();
     let mut remove = Vec::new();
-    for key in present.iter().filter(|k| !live.contains(*k)) {
+    let dead = present
+        .iter()
+        .filter(|(key, age)| !live.contains(*key) && **age >= grace);
+    for (key, _) in dead {
         let since = state.dead_since.get(key).copied().unwrap_or(now);
         if now.saturating_sub(since) >= grace {
             remove.push(key.clone());
@@ -107,6 +111,11 @@ mod tests {
 
     fn set(keys: &[&str]) -> BTreeSet<String> {
         keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    /// Keys found on disk, all last changed long ago.
+    fn old(keys: &[&str]) -> BTreeMap<String, Duration> {
+        keys.iter().map(|k| (k.to_string(), GRACE * 10)).collect()
     }
 
     fn secs(s: u64) -> Duration {
@@ -144,7 +153,7 @@ mod tests {
 
     #[test]
     fn a_key_dead_for_the_whole_grace_period_goes_and_a_live_sighting_starts_over() {
-        let present = set(&["a", "b"]);
+        let present = old(&["a", "b"]);
         let v = sweep(
             &SweepState::default(),
             &present,
@@ -169,42 +178,68 @@ mod tests {
         // Gone from disk (deleted by someone else): forgotten.
         let v = sweep(
             &SweepState::default(),
-            &set(&["c"]),
+            &old(&["c"]),
             &set(&[]),
             secs(0),
             GRACE,
         );
-        let v = sweep(&v.state, &set(&[]), &set(&[]), secs(10), GRACE);
+        let v = sweep(&v.state, &old(&[]), &set(&[]), secs(10), GRACE);
         assert_eq!(v.state.pending(), 0);
     }
 
+    #[test]
+    fn files_changed_within_the_grace_period_count_as_live() {
+        // An Allocate the kubelet has not recorded yet: the key is not live, but its files are
+        // new. However long that lasts, it stays while they are younger than the grace period.
+        let fresh = BTreeMap::from([("k".to_string(), secs(599))]);
+        let mut state = SweepState::default();
+        for t in [0, 600, 1200, 5000] {
+            let v = sweep(&state, &fresh, &set(&[]), secs(t), GRACE);
+            assert!(v.remove.is_empty());
+            assert_eq!(v.state.pending(), 0);
+            state = v.state;
+        }
+        let aged = BTreeMap::from([("k".to_string(), GRACE)]);
+        let v = sweep(&state, &aged, &set(&[]), secs(6000), GRACE);
+        assert!(v.remove.is_empty());
+        let v = sweep(&v.state, &aged, &set(&[]), secs(6600), GRACE);
+        assert_eq!(v.remove, vec!["k".to_string()]);
+    }
+
     proptest! {
-        /// Whatever the sightings, a key is removed only if it was present and not live in every
-        /// sweep of the last `grace`, and never while live.
+        /// Whatever the sightings, a key is removed only if it was present, not live and not
+        /// freshly written in every sweep of the last `grace`, and never while live.
         #[test]
         fn nothing_live_or_recently_live_is_removed(
-            rounds in proptest::collection::vec((any::<u8>(), any::<u8>(), 0..400u64), 1..60)
+            rounds in proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), 0..400u64), 1..60)
         ) {
             let keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
             let mut state = SweepState::default();
             let mut now = Duration::ZERO;
             // Last time each key was live or absent from disk (both restart the clock).
             let mut last_safe: BTreeMap<String, Duration> = BTreeMap::new();
-            for (present_mask, live_mask, step) in rounds {
+            for (present_mask, live_mask, fresh_mask, step) in rounds {
                 now += Duration::from_secs(step);
                 let pick = |mask: u8| -> BTreeSet<String> {
                     keys.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0)
                         .map(|(_, k)| k.to_string()).collect()
                 };
-                let (present, live) = (pick(present_mask), pick(live_mask));
+                let (live, fresh) = (pick(live_mask), pick(fresh_mask));
+                let present: BTreeMap<String, Duration> = pick(present_mask)
+                    .into_iter()
+                    .map(|k| {
+                        let age = if fresh.contains(&k) { GRACE / 2 } else { GRACE };
+                        (k, age)
+                    })
+                    .collect();
                 for k in keys {
-                    if live.contains(k) || !present.contains(k) {
+                    if live.contains(k) || fresh.contains(k) || !present.contains_key(k) {
                         last_safe.insert(k.to_string(), now);
                     }
                 }
                 let v = sweep(&state, &present, &live, now, GRACE);
                 for k in &v.remove {
-                    prop_assert!(present.contains(k) && !live.contains(k));
+                    prop_assert!(present.contains_key(k) && !live.contains(k) && !fresh.contains(k));
                     let safe = last_safe.get(k).copied().unwrap_or(Duration::ZERO);
                     prop_assert!(now.saturating_sub(safe) >= GRACE, "{k} removed {now:?}, safe {safe:?}");
                     last_safe.insert(k.clone(), now);

@@ -4,7 +4,7 @@
 //! Called by the publisher after each poll whose PodResources answer was fresh; never with a
 //! stale or failed answer, so a kubelet that cannot be reached deletes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -36,9 +36,8 @@ impl Sweeper {
     /// One sweep against the kubelet's live allocations. Returns the keys deleted.
     pub async fn run(&mut self, live: &[ContainerAllocationRecord]) -> Vec<String> {
         let root = self.root.clone();
-        let after = self.after;
-        let listed = tokio::task::spawn_blocking(move || list_root(&root, after)).await;
-        let (present, recent) = match listed {
+        let listed = tokio::task::spawn_blocking(move || list_root(&root)).await;
+        let present = match listed {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 tracing::debug!(root = %self.root.display(), error = %e, "cannot list the accounting root; nothing swept");
@@ -49,15 +48,14 @@ impl Sweeper {
                 return Vec::new();
             }
         };
-        let mut keep: BTreeSet<String> = live
+        let live: BTreeSet<String> = live
             .iter()
             .filter_map(|r| allocation_key_for_ids(&r.device_ids).ok())
             .collect();
-        keep.extend(recent);
         let verdict = sweep(
             &self.state,
             &present,
-            &keep,
+            &live,
             self.epoch.elapsed(),
             self.after,
         );
@@ -78,32 +76,28 @@ impl Sweeper {
     }
 }
 
-/// The allocation keys under `root`, and those among them whose entries changed within `after`
-/// (an Allocate the kubelet may not have recorded yet counts as live).
-fn list_root(
-    root: &Path,
-    after: Duration,
-) -> std::io::Result<(BTreeSet<String>, BTreeSet<String>)> {
+/// The allocation keys under `root`, each with the age of its most recently changed entry (an
+/// entry whose time cannot be read counts as just changed).
+fn list_root(root: &Path) -> std::io::Result<BTreeMap<String, Duration>> {
     let now = SystemTime::now();
-    let mut present = BTreeSet::new();
-    let mut recent = BTreeSet::new();
+    let mut present: BTreeMap<String, Duration> = BTreeMap::new();
     for entry in std::fs::read_dir(root)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(key) = name.to_str().and_then(entry_key) else {
             continue;
         };
-        let fresh = entry
+        let age = entry
             .metadata()
             .and_then(|m| m.modified())
-            .map(|t| now.duration_since(t).unwrap_or_default() < after)
-            .unwrap_or(true);
-        if fresh {
-            recent.insert(key.to_string());
-        }
-        present.insert(key.to_string());
+            .map(|t| now.duration_since(t).unwrap_or_default())
+            .unwrap_or_default();
+        present
+            .entry(key.to_string())
+            .and_modify(|a| *a = (*a).min(age))
+            .or_insert(age);
     }
-    Ok((present, recent))
+    Ok(present)
 }
 
 async fn remove_allocation(root: &Path, key: &str) -> std::io::Result<()> {
