@@ -117,15 +117,16 @@ impl GpuInventory {
 
 /// Choose `size` unit IDs out of `available`, always including `must_include`, all from one GPU.
 ///
-/// The GPU is, in order: the GPU of `must_include`; `preferred_gpu` when it has enough available
-/// units; otherwise the GPU with the fewest available units that still has enough (binpacking the
-/// node). Units are taken lowest index first. Returns an empty list when no single GPU can serve
-/// the request, which tells the kubelet we have no preference.
-pub fn preferred_units(
+/// The GPU is, in order: the GPU of `must_include`; the first of `preferred_gpus` (for the
+/// device plugin, [`owed_gpus`]) with enough available units; otherwise the GPU with the fewest
+/// available units that still has enough (binpacking the node). Units are taken lowest index
+/// first. Returns an empty list when no single GPU can serve the request, which tells the
+/// kubelet we have no preference.
+pub fn preferred_units<S: AsRef<str>>(
     available: &[DeviceId],
     must_include: &[DeviceId],
     size: usize,
-    preferred_gpu: Option<&str>,
+    preferred_gpus: &[S],
 ) -> Vec<DeviceId> {
     let mut by_gpu: BTreeMap<&str, Vec<&DeviceId>> = BTreeMap::new();
     for id in available {
@@ -135,7 +136,7 @@ pub fn preferred_units(
     let chosen: Option<&str> = if let Some(first) = must_include.first() {
         let gpu = first.gpu_uuid.as_str();
         (must_include.iter().all(|id| id.gpu_uuid == gpu) && fits(gpu)).then_some(gpu)
-    } else if let Some(gpu) = preferred_gpu.filter(|g| fits(g)) {
+    } else if let Some(gpu) = preferred_gpus.iter().map(AsRef::as_ref).find(|g| fits(g)) {
         Some(gpu)
     } else {
         by_gpu
@@ -289,6 +290,8 @@ mod tests {
         );
     }
 
+    const NO_PREFERENCE: &[&str] = &[];
+
     fn ids(gpu: &str, units: std::ops::Range<u64>) -> Vec<DeviceId> {
         units.map(|k| DeviceId::new(gpu, k)).collect()
     }
@@ -297,23 +300,28 @@ mod tests {
     fn prefers_the_assigned_gpu() {
         let mut available = ids("GPU-a", 0..10);
         available.extend(ids("GPU-b", 0..4));
-        let picked = preferred_units(&available, &[], 3, Some("GPU-a"));
+        let picked = preferred_units(&available, &[], 3, &["GPU-a"]);
         assert_eq!(picked, ids("GPU-a", 0..3));
         // Without a preference, binpack onto the fuller GPU (fewest available units).
-        let picked = preferred_units(&available, &[], 3, None);
+        let picked = preferred_units(&available, &[], 3, NO_PREFERENCE);
         assert_eq!(picked, ids("GPU-b", 0..3));
         // A preferred GPU that cannot hold the request is not forced.
-        let picked = preferred_units(&available, &[], 5, Some("GPU-b"));
+        let picked = preferred_units(&available, &[], 5, &["GPU-b"]);
         assert_eq!(picked, ids("GPU-a", 0..5));
         // Nothing fits on one GPU: no preference.
-        assert!(preferred_units(&available, &[], 11, None).is_empty());
+        assert!(preferred_units(&available, &[], 11, NO_PREFERENCE).is_empty());
         // must_include decides the GPU.
         let must = vec![DeviceId::new("GPU-a", 7)];
-        let picked = preferred_units(&available, &must, 2, Some("GPU-b"));
+        let picked = preferred_units(&available, &must, 2, &["GPU-b"]);
         assert_eq!(
             picked,
             vec![DeviceId::new("GPU-a", 7), DeviceId::new("GPU-a", 0)]
         );
+        // Preferences in order: the first with room wins.
+        let picked = preferred_units(&available, &[], 2, &["GPU-x", "GPU-b", "GPU-a"]);
+        assert_eq!(picked, ids("GPU-b", 0..2));
+        let picked = preferred_units(&available, &[], 6, &["GPU-b", "GPU-a"]);
+        assert_eq!(picked, ids("GPU-a", 0..6));
     }
 
     fn placed(gpu: &str, allocated: Option<&str>, order: &str) -> PodPlacement {
@@ -400,8 +408,8 @@ mod tests {
         ) {
             let mut available = ids("GPU-a", 0..a);
             available.extend(ids("GPU-b", 0..b));
-            let pref = pref.map(|i| ["GPU-a", "GPU-b"][i]);
-            let picked = preferred_units(&available, &[], size, pref);
+            let pref: Vec<&str> = pref.map(|i| ["GPU-a", "GPU-b"][i]).into_iter().collect();
+            let picked = preferred_units(&available, &[], size, &pref);
             if picked.is_empty() {
                 prop_assert!(a < size as u64 && b < size as u64);
             } else {

@@ -154,17 +154,12 @@ fn parse_ids(ids: &[String]) -> Vec<DeviceId> {
     ids.iter().filter_map(|s| s.parse().ok()).collect()
 }
 
-/// The preferred IDs for one request, trying each candidate GPU in order, then binpacking.
+/// The preferred IDs for one request: the first candidate GPU with room, else binpacking
+/// (`vramslice_core::preferred_units` decides; this parses the kubelet's strings).
 pub fn choose(request: &PreferredRequest, candidates: &[String]) -> Vec<String> {
     let available = parse_ids(&request.available);
     let must = parse_ids(&request.must_include);
-    for gpu in candidates {
-        let picked = preferred_units(&available, &must, request.size, Some(gpu));
-        if picked.first().is_some_and(|id| &id.gpu_uuid == gpu) {
-            return picked.iter().map(ToString::to_string).collect();
-        }
-    }
-    preferred_units(&available, &must, request.size, None)
+    preferred_units(&available, &must, request.size, candidates)
         .iter()
         .map(ToString::to_string)
         .collect()

@@ -127,7 +127,7 @@ fn kubelet_free(world: &World, node: usize) -> BTreeMap<String, u64> {
 }
 
 /// The kubelet admits the bound pods of `node` picked by `mask`, one at a time, each taking
-/// the GPU the device plugin prefers for its size (`owed_gpus`, first with room). Admission
+/// the units the device plugin prefers (`preferred_units` over `owed_gpus` for its size). Admission
 /// order is not the plugin's guess when `reverse`. It must always find an owed GPU with room:
 /// falling back (or splitting the pod over two GPUs) means the ledger over-promised.
 fn admit(world: &mut World, node: usize, mask: u8, reverse: bool) {
@@ -155,18 +155,23 @@ fn admit(world: &mut World, node: usize, mask: u8, reverse: bool) {
                 order_key: format!("{:?}/{u}", p.assigned_at),
             })
             .collect();
-        let free = kubelet_free(world, node);
-        let owed = crate::owed_gpus(&same_size);
-        let chosen = owed
+        let available: Vec<crate::DeviceId> = kubelet_free(world, node)
             .iter()
-            .find(|g| free.get(*g).is_some_and(|f| *f >= units))
+            .flat_map(|(gpu, free)| (0..*free).map(|k| crate::DeviceId::new(gpu.as_str(), k)))
+            .collect();
+        let owed = crate::owed_gpus(&same_size);
+        let picked = crate::inventory::preferred_units(&available, &[], units as usize, &owed);
+        let chosen = picked
+            .first()
+            .map(|id| id.gpu_uuid.clone())
+            .filter(|gpu| owed.contains(gpu))
             .unwrap_or_else(|| {
                 panic!(
-                    "pod {uid} ({units} units) on {}: no owed GPU {owed:?} has room {free:?}",
+                    "pod {uid} ({units} units) on {}: no owed GPU {owed:?} has room; picked {picked:?}",
                     NODES[node]
                 )
             });
-        world.pods.get_mut(&uid).unwrap().gpu = Some(chosen.clone());
+        world.pods.get_mut(&uid).unwrap().gpu = Some(chosen);
     }
 }
 
