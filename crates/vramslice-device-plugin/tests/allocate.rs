@@ -158,35 +158,29 @@ async fn allocate_rejects_mixed_gpus_and_unknown_ids_by_name() {
     let _plugin = Plugin::start(&node, &[]);
     let mut client = plugin_client(&node).await;
 
-    let err = allocate(
-        &mut client,
-        vec!["GPU-aaaa::0".into(), "GPU-bbbb::0".into()],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert_eq!(
-        err.message(),
-        "device IDs span more than one GPU (GPU-aaaa, GPU-bbbb): a container's VRAM must come from one GPU"
-    );
-    let err = allocate(&mut client, vec!["GPU-bbbb::24".into()])
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert_eq!(
-        err.message(),
-        "device ID GPU-bbbb::24 is unknown: GPU GPU-bbbb advertises units 0..24"
-    );
-    let err = allocate(&mut client, vec!["GPU-cccc::0".into()])
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert_eq!(err.message(), "GPU GPU-cccc is not on this node");
-    let err = allocate(&mut client, vec!["garbage".into()])
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("\"garbage\""), "{}", err.message());
+    let refusals: [(&[&str], &str); 4] = [
+        (
+            &["GPU-aaaa::0", "GPU-bbbb::0"],
+            "device IDs span more than one GPU (GPU-aaaa, GPU-bbbb): a container's VRAM must come from one GPU",
+        ),
+        (
+            &["GPU-bbbb::24"],
+            "device ID GPU-bbbb::24 is unknown: GPU GPU-bbbb advertises units 0..24",
+        ),
+        (&["GPU-cccc::0"], "GPU GPU-cccc is not on this node"),
+        (&["garbage"], "\"garbage\""),
+    ];
+    for (ids, message) in refusals {
+        let err = allocate(&mut client, ids.iter().map(|s| s.to_string()).collect())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{ids:?}");
+        assert!(
+            err.message().contains(message),
+            "{ids:?}: {}",
+            err.message()
+        );
+    }
     // Nothing was created for refused requests.
     assert!(
         !node.accounting.exists()
