@@ -31,6 +31,14 @@ struct Inner {
     latency: std::time::Duration,
 }
 
+impl Inner {
+    fn pod_mut(&mut self, namespace: &str, name: &str) -> Result<&mut Pod, ApiError> {
+        self.pods
+            .get_mut(&(namespace.to_string(), name.to_string()))
+            .ok_or(ApiError::NotFound)
+    }
+}
+
 /// The fake cluster.
 #[derive(Default)]
 pub struct FakeCluster {
@@ -79,8 +87,12 @@ impl FakeCluster {
         self.lock().latency = latency;
     }
 
-    fn latency(&self) -> std::time::Duration {
-        self.lock().latency
+    /// Wait the configured API latency, as a write to a real API server would.
+    async fn api_latency(&self) {
+        let latency = self.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
     }
 
     /// Make later bind calls bind the pod but answer with a transport error (a lost answer).
@@ -118,10 +130,7 @@ impl ClusterApi for FakeCluster {
         annotations: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
-            let latency = self.latency();
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
+            self.api_latency().await;
             let mut inner = self.lock();
             inner.calls.push(Call::Annotate(
                 namespace.into(),
@@ -131,10 +140,7 @@ impl ClusterApi for FakeCluster {
             if let Some(err) = inner.fail_annotate.clone() {
                 return Err(err);
             }
-            let pod = inner
-                .pods
-                .get_mut(&(namespace.to_string(), name.to_string()))
-                .ok_or(ApiError::NotFound)?;
+            let pod = inner.pod_mut(namespace, name)?;
             pod.metadata
                 .annotations
                 .get_or_insert_with(BTreeMap::new)
@@ -151,10 +157,7 @@ impl ClusterApi for FakeCluster {
         node: &'a str,
     ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
-            let latency = self.latency();
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
+            self.api_latency().await;
             let mut inner = self.lock();
             inner.calls.push(Call::Bind(
                 namespace.into(),
@@ -165,10 +168,7 @@ impl ClusterApi for FakeCluster {
             if let Some(err) = inner.fail_bind.clone() {
                 return Err(err);
             }
-            let pod = inner
-                .pods
-                .get_mut(&(namespace.to_string(), name.to_string()))
-                .ok_or(ApiError::NotFound)?;
+            let pod = inner.pod_mut(namespace, name)?;
             if pod.metadata.uid.as_deref().unwrap_or_default() != uid {
                 return Err(ApiError::Refused(format!(
                     "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
