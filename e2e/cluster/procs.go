@@ -114,3 +114,11 @@ func (p *Process) Tail(n int64) string {
 	_, _ = f.ReadAt(buf, off)
 	return string(buf)
 }
+
+// Pid is the process's ID (0 when it never started).
+func (p *Process) Pid() int {
+	if p == nil || p.cmd.Process == nil {
+		return 0
+	}
+	return p.cmd.Process.Pid
+}

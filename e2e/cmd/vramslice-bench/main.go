@@ -11,14 +11,19 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/component-base/version"
 
 	"github.com/vramslice/vramslice/e2e/cluster"
 )
@@ -28,18 +33,28 @@ func main() {
 	nodes := flag.Int("nodes", 50, "hollow nodes")
 	gpus := flag.Int("gpus", 2, "fake 80 GiB GPUs per node")
 	timeout := flag.Duration("timeout", 8*time.Minute, "limit per run")
+	binDir := flag.String("bin-dir", os.Getenv("VRAMSLICE_BIN_DIR"), "directory of vramslice-extender and vramslice-device-plugin (default <repo>/target/release: the benchmark measures release builds)")
+	cpuProfile := flag.String("cpuprofile", "", "write a Go CPU profile of each run to <this>-<run>.pprof")
+	order := flag.String("order", "plain,ext", "runs in this order (plain, ext), comma-separated; a name may repeat")
 	flag.Parse()
-	if err := run(*pods, *nodes, *gpus, *timeout); err != nil {
+	if err := run(*pods, *nodes, *gpus, *timeout, strings.Split(*order, ","), *binDir, *cpuProfile); err != nil {
 		fmt.Fprintln(os.Stderr, "vramslice-bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(nPods, nNodes, nGPUs int, timeout time.Duration) error {
+func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir, cpuProfile string) error {
+	if binDir == "" {
+		root, err := cluster.FindRepoRoot()
+		if err != nil {
+			return err
+		}
+		binDir = filepath.Join(root, "target", "release")
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	t0 := time.Now()
-	c, err := cluster.Start(ctx, cluster.Options{PlainScheduler: true, PluginPollInterval: "2s"})
+	c, err := cluster.Start(ctx, cluster.Options{PlainScheduler: true, PluginPollInterval: "2s", BinDir: binDir})
 	if err != nil {
 		return err
 	}
@@ -64,23 +79,88 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration) error {
 	fmt.Printf("cluster: %d hollow nodes x %d GPUs, %d device plugins, extender; ready in %s\n",
 		nNodes, nGPUs, nNodes, time.Since(t0).Round(time.Millisecond))
 
-	withExt, err := schedule(ctx, c, "ext", cluster.SchedulerName, nPods, timeout)
-	if err != nil {
-		return err
+	fmt.Printf("binaries: %s\n", c.Opts.BinDir)
+	pluginPids := make([]int, 0, nNodes)
+	for _, n := range c.Nodes() {
+		pluginPids = append(pluginPids, n.Plugin.Pid())
 	}
-	if err := cleanup(ctx, c, "ext", nPods); err != nil {
-		return err
+	rates := map[string][]float64{}
+	for i, which := range order {
+		var prefix, scheduler string
+		switch which {
+		case "ext":
+			scheduler = cluster.SchedulerName
+		case "plain":
+			scheduler = cluster.PlainScheduler
+		default:
+			return fmt.Errorf("--order: unknown run %q (want plain or ext)", which)
+		}
+		prefix = fmt.Sprintf("%s%d", which, i)
+		ext0, err := scrapeURL(c.ExtenderURL + "/metrics")
+		if err != nil {
+			return fmt.Errorf("extender metrics: %w", err)
+		}
+		sched0, err := schedulerSeries()
+		if err != nil {
+			return fmt.Errorf("scheduler metrics: %w", err)
+		}
+		if cpuProfile != "" {
+			f, err := os.Create(fmt.Sprintf("%s-%s.pprof", cpuProfile, prefix))
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			if err := pprof.StartCPUProfile(f); err != nil {
+				return err
+			}
+		}
+		cpu0 := sampleCPU(c.Extender.Pid(), pluginPids)
+		rate, err := schedule(ctx, c, prefix, scheduler, nPods, timeout)
+		if cpuProfile != "" {
+			pprof.StopCPUProfile()
+		}
+		if err != nil {
+			return err
+		}
+		cpu1 := sampleCPU(c.Extender.Pid(), pluginPids)
+		ext1, err := scrapeURL(c.ExtenderURL + "/metrics")
+		if err != nil {
+			return fmt.Errorf("extender metrics: %w", err)
+		}
+		sched1, err := schedulerSeries()
+		if err != nil {
+			return fmt.Errorf("scheduler metrics: %w", err)
+		}
+		var extDelta series
+		if which == "ext" {
+			extDelta = delta(ext0, ext1)
+		}
+		report(scheduler, extDelta, delta(sched0, sched1), cpu0, cpu1)
+		rates[which] = append(rates[which], rate)
+		if err := cleanup(ctx, c, prefix, nPods); err != nil {
+			return err
+		}
 	}
-	plain, err := schedule(ctx, c, "plain", cluster.PlainScheduler, nPods, timeout)
-	if err != nil {
-		return err
-	}
+	withExt, plain := best(rates["ext"]), best(rates["plain"])
 	fmt.Println()
-	fmt.Printf("%d pods onto %d hollow nodes (kube-scheduler v1.34, in-process API server):\n", nPods, nNodes)
-	fmt.Printf("  with vramslice-extender (filter+prioritize+bind): %7.1f pods/s (end to end, creation included)\n", withExt)
-	fmt.Printf("  plain kube-scheduler, same cluster:                %7.1f pods/s (end to end, creation included)\n", plain)
-	fmt.Printf("  ratio extender/plain:                              %7.2f\n", withExt/plain)
+	fmt.Printf("%d pods onto %d hollow nodes x %d GPUs (kube-scheduler %s, in-process API server):\n", nPods, nNodes, nGPUs, version.Get().GitVersion)
+	fmt.Printf("  with vramslice-extender (filter+prioritize+bind): %7.1f pods/s (end to end, creation included; best of %d)\n", withExt, len(rates["ext"]))
+	fmt.Printf("  plain kube-scheduler, same cluster:                %7.1f pods/s (end to end, creation included; best of %d)\n", plain, len(rates["plain"]))
+	if withExt > 0 && plain > 0 {
+		fmt.Printf("  ratio extender/plain:                              %7.2f\n", withExt/plain)
+	}
 	return nil
+}
+
+// best is the highest rate of a list (0 when empty).
+func best(rates []float64) float64 {
+	b := 0.0
+	for _, r := range rates {
+		if r > b {
+			b = r
+		}
+	}
+	return b
 }
 
 func pod(prefix, scheduler string, i int) *v1.Pod {
@@ -95,33 +175,72 @@ func pod(prefix, scheduler string, i int) *v1.Pod {
 	}
 }
 
+// boundWatch counts the bench pods bound to a node from an informer (a watch,
+// not polling: listing every pod every few milliseconds would load the very API
+// server whose throughput is measured).
+type boundWatch struct {
+	mu         sync.Mutex
+	bound      map[string]bool
+	running    map[string]bool
+	firstBound time.Time
+	allBound   chan time.Time
+	n          int
+}
+
+func (w *boundWatch) observe(obj interface{}) {
+	p, ok := obj.(*v1.Pod)
+	if !ok {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if p.Status.Phase == v1.PodRunning {
+		w.running[p.Name] = true
+	}
+	if p.Spec.NodeName == "" || w.bound[p.Name] {
+		return
+	}
+	now := time.Now()
+	if len(w.bound) == 0 {
+		w.firstBound = now
+	}
+	w.bound[p.Name] = true
+	if len(w.bound) == w.n {
+		w.allBound <- now
+	}
+}
+
+func (w *boundWatch) counts() (bound, running int, first time.Time) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.bound), len(w.running), w.firstBound
+}
+
 // schedule creates n pods for the scheduler and returns pods/second from the
 // first create to the moment every pod is bound to a node.
 func schedule(ctx context.Context, c *cluster.Cluster, prefix, scheduler string, n int, timeout time.Duration) (float64, error) {
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	w := &boundWatch{bound: map[string]bool{}, running: map[string]bool{}, allBound: make(chan time.Time, 1), n: n}
+	factory := informers.NewSharedInformerFactoryWithOptions(c.Client, 0, informers.WithNamespace("default"),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = "bench=" + prefix }))
+	inf := factory.Core().V1().Pods().Informer()
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    w.observe,
+		UpdateFunc: func(_, obj interface{}) { w.observe(obj) },
+	}); err != nil {
+		return 0, err
+	}
+	factory.Start(watchCtx.Done())
+	if !cache.WaitForCacheSync(watchCtx.Done(), inf.HasSynced) {
+		return 0, fmt.Errorf("pod informer did not sync")
+	}
+
 	start := time.Now()
-	// Watch for the first bind from the start (creation overlaps scheduling).
-	firstBoundCh := make(chan time.Time, 1)
-	pollCtx, stopPoll := context.WithCancel(ctx)
-	defer stopPoll()
-	go func() {
-		for pollCtx.Err() == nil {
-			list, err := c.Client.CoreV1().Pods("default").List(pollCtx, metav1.ListOptions{LabelSelector: "bench=" + prefix})
-			if err == nil {
-				for _, p := range list.Items {
-					if p.Spec.NodeName != "" {
-						firstBoundCh <- time.Now()
-						return
-					}
-				}
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}()
-	var created atomic.Int64
 	var wg sync.WaitGroup
 	errCh := make(chan error, 1)
 	work := make(chan int)
-	for w := 0; w < 32; w++ {
+	for g := 0; g < 32; g++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -133,7 +252,6 @@ func schedule(ctx context.Context, c *cluster.Cluster, prefix, scheduler string,
 					}
 					return
 				}
-				created.Add(1)
 			}
 		}()
 	}
@@ -150,42 +268,22 @@ func schedule(ctx context.Context, c *cluster.Cluster, prefix, scheduler string,
 	default:
 	}
 	createdIn := time.Since(start)
-	deadline := start.Add(timeout)
-	var firstBound time.Time
-	for {
-		list, err := c.Client.CoreV1().Pods("default").List(ctx, metav1.ListOptions{LabelSelector: "bench=" + prefix})
-		if err != nil {
-			return 0, err
-		}
-		bound, running := 0, 0
-		for _, p := range list.Items {
-			if p.Spec.NodeName != "" {
-				bound++
-			}
-			if p.Status.Phase == v1.PodRunning {
-				running++
-			}
-		}
-		if bound == n {
-			stopPoll()
-			select {
-			case firstBound = <-firstBoundCh:
-			default:
-				firstBound = start
-			}
-			d := time.Since(start)
-			rate := float64(n) / d.Seconds()
-			window := time.Since(firstBound)
-			fmt.Printf("[%s] %d pods created in %s; all bound %s after the first create (%.1f pods/s end to end); "+
-				"first to last bind %s (%.1f pods/s); %d Running at that moment\n",
-				scheduler, n, createdIn.Round(time.Millisecond), d.Round(time.Millisecond), rate,
-				window.Round(time.Millisecond), float64(n)/window.Seconds(), running)
-			return rate, nil
-		}
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("[%s] only %d of %d pods bound after %s", scheduler, bound, n, timeout)
-		}
-		time.Sleep(50 * time.Millisecond)
+	select {
+	case done := <-w.allBound:
+		_, running, firstBound := w.counts()
+		d := done.Sub(start)
+		rate := float64(n) / d.Seconds()
+		window := done.Sub(firstBound)
+		fmt.Printf("[%s] %d pods created in %s; all bound %s after the first create (%.1f pods/s end to end); "+
+			"first to last bind %s (%.1f pods/s); %d Running at that moment\n",
+			scheduler, n, createdIn.Round(time.Millisecond), d.Round(time.Millisecond), rate,
+			window.Round(time.Millisecond), float64(n)/window.Seconds(), running)
+		return rate, nil
+	case <-time.After(time.Until(start.Add(timeout))):
+		bound, _, _ := w.counts()
+		return 0, fmt.Errorf("[%s] only %d of %d pods bound after %s", scheduler, bound, n, timeout)
+	case <-ctx.Done():
+		return 0, ctx.Err()
 	}
 }
 

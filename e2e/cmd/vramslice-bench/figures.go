@@ -1,0 +1,258 @@
+package main
+
+// Figures a run prints besides its rate: the extender's own latency histograms
+// and counters (from its /metrics), kube-scheduler's attempt and queue counters
+// (from the in-process scheduler's registry) and CPU seconds per component.
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/component-base/metrics/legacyregistry"
+)
+
+// series maps `name{labels}` (labels as printed) to a sample value.
+type series map[string]float64
+
+// scrapeText reads a Prometheus/OpenMetrics text page into series.
+func scrapeText(r io.Reader) (series, error) {
+	out := series{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<24)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		cut := strings.LastIndexByte(line, ' ')
+		if cut < 0 {
+			return nil, fmt.Errorf("metrics line without a value: %q", line)
+		}
+		v, err := strconv.ParseFloat(line[cut+1:], 64)
+		if err != nil {
+			return nil, fmt.Errorf("metrics line %q: %w", line, err)
+		}
+		out[line[:cut]] = v
+	}
+	return out, sc.Err()
+}
+
+func scrapeURL(url string) (series, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return scrapeText(resp.Body)
+}
+
+// schedulerSeries gathers the in-process kube-scheduler's counters and histograms
+// (both schedulers of the bench share one registry; most series carry a profile label).
+func schedulerSeries() (series, error) {
+	families, err := legacyregistry.DefaultGatherer.Gather()
+	if err != nil {
+		return nil, err
+	}
+	out := series{}
+	for _, f := range families {
+		name := f.GetName()
+		if !strings.HasPrefix(name, "scheduler_") {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			var labels []string
+			for _, l := range m.GetLabel() {
+				labels = append(labels, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+			}
+			key := name + "{" + strings.Join(labels, ",") + "}"
+			switch {
+			case m.Counter != nil:
+				out[key] = m.Counter.GetValue()
+			case m.Gauge != nil:
+				out[key] = m.Gauge.GetValue()
+			case m.Histogram != nil:
+				out[name+"_count{"+strings.Join(labels, ",")+"}"] = float64(m.Histogram.GetSampleCount())
+				out[name+"_sum{"+strings.Join(labels, ",")+"}"] = m.Histogram.GetSampleSum()
+				for _, b := range m.Histogram.GetBucket() {
+					bl := append(append([]string(nil), labels...), fmt.Sprintf("le=%q", strconv.FormatFloat(b.GetUpperBound(), 'g', -1, 64)))
+					out[name+"_bucket{"+strings.Join(bl, ",")+"}"] = float64(b.GetCumulativeCount())
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// delta is after minus before, per series.
+func delta(before, after series) series {
+	out := series{}
+	for k, v := range after {
+		out[k] = v - before[k]
+	}
+	return out
+}
+
+// sum adds every series of `name` whose labels contain all of `want`.
+func (s series) sum(name string, want ...string) float64 {
+	total := 0.0
+	for k, v := range s {
+		if !strings.HasPrefix(k, name+"{") && k != name {
+			continue
+		}
+		ok := true
+		for _, w := range want {
+			if !strings.Contains(k, w) {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			total += v
+		}
+	}
+	return total
+}
+
+// quantile estimates q of histogram `name` (series name without _bucket) over the
+// series whose labels contain `want`, interpolating linearly inside a bucket as
+// Prometheus' histogram_quantile does. NaN when there are no samples.
+func (s series) quantile(name string, q float64, want ...string) float64 {
+	type bucket struct{ le, count float64 }
+	byLe := map[float64]float64{}
+	for k, v := range s {
+		if !strings.HasPrefix(k, name+"_bucket{") {
+			continue
+		}
+		ok := true
+		for _, w := range want {
+			if !strings.Contains(k, w) {
+				ok = false
+				break
+			}
+		}
+		if !ok {
+			continue
+		}
+		// The bucket bound is the last label (`profile="..."` also ends in le=").
+		i := strings.LastIndex(k, `le="`)
+		if i < 0 {
+			continue
+		}
+		rest := k[i+4:]
+		le, err := strconv.ParseFloat(rest[:strings.IndexByte(rest, '"')], 64)
+		if err != nil {
+			continue
+		}
+		byLe[le] += v
+	}
+	var buckets []bucket
+	for le, c := range byLe {
+		buckets = append(buckets, bucket{le, c})
+	}
+	sort.Slice(buckets, func(i, j int) bool { return buckets[i].le < buckets[j].le })
+	if len(buckets) == 0 || buckets[len(buckets)-1].count == 0 {
+		return math.NaN()
+	}
+	rank := q * buckets[len(buckets)-1].count
+	lower, below := 0.0, 0.0
+	for _, b := range buckets {
+		if b.count >= rank {
+			if math.IsInf(b.le, 1) {
+				return lower
+			}
+			if b.count == below {
+				return b.le
+			}
+			return lower + (b.le-lower)*(rank-below)/(b.count-below)
+		}
+		lower, below = b.le, b.count
+	}
+	return lower
+}
+
+func ms(seconds float64) string {
+	if math.IsNaN(seconds) {
+		return "-"
+	}
+	return fmt.Sprintf("%.2fms", seconds*1000)
+}
+
+// cpuSeconds is the user+system CPU time of a process so far (0 when unreadable).
+func cpuSeconds(pid int) float64 {
+	path := "/proc/self/stat"
+	if pid > 0 {
+		path = fmt.Sprintf("/proc/%d/stat", pid)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name (which may hold spaces) start after the last ')'.
+	fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+	if len(fields) < 13 {
+		return 0
+	}
+	utime, _ := strconv.ParseFloat(fields[11], 64)
+	stime, _ := strconv.ParseFloat(fields[12], 64)
+	return (utime + stime) / 100 // USER_HZ is 100 on Linux
+}
+
+// cpuSample is CPU seconds per component at one moment.
+type cpuSample struct {
+	at                      time.Time
+	bench, extender, plugin float64
+}
+
+func sampleCPU(extenderPid int, pluginPids []int) cpuSample {
+	s := cpuSample{at: time.Now(), bench: cpuSeconds(0), extender: cpuSeconds(extenderPid)}
+	for _, p := range pluginPids {
+		s.plugin += cpuSeconds(p)
+	}
+	return s
+}
+
+// report prints what one run cost, from the snapshots before and after it.
+func report(profile string, ext, sched series, cpu0, cpu1 cpuSample) {
+	wall := cpu1.at.Sub(cpu0.at).Seconds()
+	fmt.Printf("  CPU over %.1fs: bench process (etcd, apiserver, schedulers, hollow nodes) %.1fs, extender %.1fs, device plugins %.1fs (2 cores = %.1fs available)\n",
+		wall, cpu1.bench-cpu0.bench, cpu1.extender-cpu0.extender, cpu1.plugin-cpu0.plugin, 2*wall)
+	p := fmt.Sprintf("profile=%q", profile)
+	fmt.Printf("  kube-scheduler: attempts scheduled %.0f, unschedulable %.0f, error %.0f; attempt p50 %s p99 %s; pods re-queued: backoff %.0f, unschedulable %.0f\n",
+		sched.sum("scheduler_schedule_attempts_total", p, `result="scheduled"`),
+		sched.sum("scheduler_schedule_attempts_total", p, `result="unschedulable"`),
+		sched.sum("scheduler_schedule_attempts_total", p, `result="error"`),
+		ms(sched.quantile("scheduler_scheduling_attempt_duration_seconds", 0.5, p, `result="scheduled"`)),
+		ms(sched.quantile("scheduler_scheduling_attempt_duration_seconds", 0.99, p, `result="scheduled"`)),
+		sched.sum("scheduler_queue_incoming_pods_total", `queue="backoff"`),
+		sched.sum("scheduler_queue_incoming_pods_total", `queue="unschedulable"`))
+	for _, point := range []string{"Filter", "Score"} {
+		pt := fmt.Sprintf("extension_point=%q", point)
+		fmt.Printf("  kube-scheduler %-6s extension point p50 %s p99 %s\n", point,
+			ms(sched.quantile("scheduler_framework_extension_point_duration_seconds", 0.5, p, pt)),
+			ms(sched.quantile("scheduler_framework_extension_point_duration_seconds", 0.99, p, pt)))
+	}
+	if ext == nil {
+		return
+	}
+	for _, verb := range []string{"filter", "prioritize", "bind"} {
+		v := fmt.Sprintf("verb=%q", verb)
+		fmt.Printf("  extender %-10s calls %5.0f  p50 %s  p99 %s  (its own histogram)\n", verb,
+			ext.sum("vramslice_extender_request_duration_seconds_count", v),
+			ms(ext.quantile("vramslice_extender_request_duration_seconds", 0.5, v)),
+			ms(ext.quantile("vramslice_extender_request_duration_seconds", 0.99, v)))
+	}
+	fmt.Printf("  extender bind conflicts %.0f, bind errors %.0f\n",
+		ext.sum("vramslice_extender_bind_conflicts_total"),
+		ext.sum("vramslice_extender_decisions_total", `verb="bind"`, `outcome="error"`))
+}
