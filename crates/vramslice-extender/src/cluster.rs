@@ -1,12 +1,14 @@
 //! The Kubernetes calls bind needs, behind a small trait so the bind logic and the HTTP layer
-//! can be tested without a cluster: read a pod, annotate it, create its Binding.
+//! can be tested without a cluster: read a pod, create its Binding (which carries the
+//! placement annotations: the API server merges a Binding's annotations into the pod in the
+//! same write that sets `spec.nodeName`, so a pod is never seen bound without its GPU).
 
 use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 
 /// A failed API call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,21 +45,15 @@ pub trait ClusterApi: Send + Sync + 'static {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Pod, ApiError>>;
 
-    /// Merge `annotations` into a pod's annotations.
-    fn annotate_pod<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-        annotations: BTreeMap<String, String>,
-    ) -> BoxFuture<'a, Result<(), ApiError>>;
-
-    /// Create the pod's Binding to `node` (POST pods/{name}/binding), guarded by its UID.
+    /// Create the pod's Binding to `node` (POST pods/{name}/binding), guarded by its UID; the
+    /// API server merges `annotations` into the pod's annotations in the same update.
     fn bind_pod<'a>(
         &'a self,
         namespace: &'a str,
         name: &'a str,
         uid: &'a str,
         node: &'a str,
+        annotations: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), ApiError>>;
 }
 
@@ -87,27 +83,13 @@ impl ClusterApi for KubeCluster {
         Box::pin(async move { Ok(self.pods(namespace).get(name).await?) })
     }
 
-    fn annotate_pod<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-        annotations: BTreeMap<String, String>,
-    ) -> BoxFuture<'a, Result<(), ApiError>> {
-        Box::pin(async move {
-            let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
-            self.pods(namespace)
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            Ok(())
-        })
-    }
-
     fn bind_pod<'a>(
         &'a self,
         namespace: &'a str,
         name: &'a str,
         uid: &'a str,
         node: &'a str,
+        annotations: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
             let binding = Binding {
@@ -115,6 +97,7 @@ impl ClusterApi for KubeCluster {
                     name: Some(name.to_string()),
                     namespace: Some(namespace.to_string()),
                     uid: (!uid.is_empty()).then(|| uid.to_string()),
+                    annotations: (!annotations.is_empty()).then_some(annotations),
                     ..ObjectMeta::default()
                 },
                 target: ObjectReference {

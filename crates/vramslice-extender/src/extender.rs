@@ -10,12 +10,13 @@ use std::time::SystemTime;
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
 use vramslice_core::format_bytes;
 use vramslice_core::ledger::{Ledger, ReserveError, ReserveRequest};
-use vramslice_core::placement::{MAX_SCORE, PodRequest};
+use vramslice_core::placement::{MAX_SCORE, PodRequest, Policy};
 
 use crate::cluster::{ApiError, ClusterApi};
 use crate::config::Config;
 use crate::convert::{RequestError, format_time, pod_request, policy_of, wire_pod_request};
 use crate::metrics::{LedgerFigures, Metrics, Outcome};
+use crate::pending::{PendingPod, PendingPods};
 use crate::wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, HostPriority,
     NodeListOut, Reason, WireNodeName, WirePod,
@@ -64,6 +65,7 @@ pub struct Extender {
     clock: Clock,
     metrics: Metrics,
     ready: Readiness,
+    pending: PendingPods,
 }
 
 /// Candidates of one call, in the form they came in.
@@ -140,6 +142,7 @@ impl Extender {
             clock,
             metrics: Metrics::new(),
             ready: Readiness::default(),
+            pending: PendingPods::new(),
         }
     }
 
@@ -217,6 +220,34 @@ impl Extender {
         wire_pod_request(pod, &self.config.resources)
     }
 
+    /// Remember a filtered pod for its bind (only pods whose request and policy read cleanly:
+    /// the others take bind's slow path, which reads the pod and names the problem).
+    fn remember_pending(&self, pod: &WirePod, request: Option<PodRequest>) {
+        let meta = &pod.metadata;
+        let policy = match request {
+            None => self.config.policy,
+            Some(_) => {
+                let who = format!("{}/{}", meta.namespace, meta.name);
+                match policy_of(&who, meta.annotations.as_ref(), self.config.policy) {
+                    Ok(policy) => policy,
+                    Err(_) => return,
+                }
+            }
+        };
+        let pending = PendingPod {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            request,
+            policy,
+        };
+        self.pending.remember(&meta.uid, pending, self.now());
+    }
+
+    /// How many filtered pods are remembered for their bind.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
     /// The filter verb: the JSON answer, and the outcome for metrics.
     pub fn filter(&self, body: &[u8]) -> Result<(String, Outcome), BadRequest> {
         let args: ExtenderArgs = parse_body(body, "ExtenderArgs")?;
@@ -224,7 +255,11 @@ impl Extender {
         let names = call.candidates.names();
         let mut result = ExtenderFilterResult::default();
         let mut passed: Vec<usize> = Vec::with_capacity(names.len());
-        let outcome = match (self.readiness(), self.request_of(call.pod)) {
+        let request = self.request_of(call.pod);
+        if let Ok(request) = request {
+            self.remember_pending(call.pod, request);
+        }
+        let outcome = match (self.readiness(), request) {
             (_, Ok(None)) => {
                 passed.extend(0..names.len());
                 Outcome::Ignored
@@ -346,8 +381,9 @@ impl Extender {
         Ok((json, outcome))
     }
 
-    /// The bind verb: re-check and reserve under the ledger lock, annotate, bind; any failure
-    /// releases the reservation and is returned in `Error`.
+    /// The bind verb: re-check and reserve under the ledger lock, then one Binding that also
+    /// carries the placement annotations; any failure releases the reservation and is returned
+    /// in `Error`.
     pub async fn bind(&self, body: &[u8]) -> Result<(ExtenderBindingResult, Outcome), BadRequest> {
         let args: ExtenderBindingArgs = parse_body(body, "ExtenderBindingArgs")?;
         for (value, field) in [
@@ -366,37 +402,56 @@ impl Extender {
         Ok((ExtenderBindingResult { error }, outcome))
     }
 
+    /// The pod to bind: as its filter call showed it (no API call), else read from the API
+    /// server. Returns its UID, request and policy.
+    async fn pod_to_bind(
+        &self,
+        args: &ExtenderBindingArgs,
+        who: &str,
+    ) -> Result<(String, Option<PodRequest>, Policy), String> {
+        let (ns, name) = (&args.pod_namespace, &args.pod_name);
+        if !args.pod_uid.is_empty()
+            && let Some(seen) = self.pending.take(&args.pod_uid)
+            && seen.namespace == *ns
+            && seen.name == *name
+        {
+            return Ok((args.pod_uid.clone(), seen.request, seen.policy));
+        }
+        let pod = self.cluster.get_pod(ns, name).await.map_err(|e| match e {
+            ApiError::NotFound => format!("cannot bind pod {who}: pod not found"),
+            other => format!("cannot bind pod {who}: reading the pod failed: {other}"),
+        })?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if !args.pod_uid.is_empty() && args.pod_uid != uid {
+            return Err(format!(
+                "cannot bind pod {who}: it has UID {uid}, the bind names UID {}",
+                args.pod_uid
+            ));
+        }
+        let request = pod_request(&pod, &self.config.resources)
+            .map_err(|e| format!("cannot bind pod {who}: {e}"))?;
+        let policy = match request {
+            None => self.config.policy,
+            Some(_) => policy_of(who, pod.metadata.annotations.as_ref(), self.config.policy)
+                .map_err(|e| format!("cannot bind pod {who}: {e}"))?,
+        };
+        Ok((uid, request, policy))
+    }
+
     async fn bind_checked(&self, args: &ExtenderBindingArgs) -> Result<Outcome, (String, Outcome)> {
         let (ns, name, node) = (&args.pod_namespace, &args.pod_name, &args.node);
         let who = format!("{ns}/{name}");
         let fail = |msg: String| (msg, Outcome::Error);
-        let pod = self.cluster.get_pod(ns, name).await.map_err(|e| match e {
-            ApiError::NotFound => fail(format!("cannot bind pod {who}: pod not found")),
-            other => fail(format!(
-                "cannot bind pod {who}: reading the pod failed: {other}"
-            )),
-        })?;
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
-        if !args.pod_uid.is_empty() && args.pod_uid != uid {
-            return Err(fail(format!(
-                "cannot bind pod {who}: it has UID {uid}, the bind names UID {}",
-                args.pod_uid
-            )));
-        }
-        let request = pod_request(&pod, &self.config.resources)
-            .map_err(|e| fail(format!("cannot bind pod {who}: {e}")))?;
+        let (uid, request, policy) = self.pod_to_bind(args, &who).await.map_err(fail)?;
         let Some(request) = request else {
             // No VRAM: bind like the default binder would.
-            self.cluster
-                .bind_pod(ns, name, &uid, node)
+            self.bind_or_confirm(ns, name, &uid, node, BTreeMap::new())
                 .await
-                .map_err(|e| fail(format!("cannot bind pod {who} to node {node}: {e}")))?;
+                .map_err(fail)?;
             return Ok(Outcome::Ignored);
         };
         self.readiness()
             .map_err(|e| fail(format!("cannot bind pod {who}: vramslice extender {e}")))?;
-        let policy = policy_of(&who, pod.metadata.annotations.as_ref(), self.config.policy)
-            .map_err(|e| fail(format!("cannot bind pod {who}: {e}")))?;
         let now = self.now();
         let placement = {
             let mut ledger = self.ledger_mut();
@@ -422,23 +477,7 @@ impl Extender {
             (ANNOTATION_GPU_UUID.to_string(), placement.gpu_uuid.clone()),
             (ANNOTATION_ASSIGNED_AT.to_string(), format_time(now)),
         ]);
-        let done = async {
-            self.cluster
-                .annotate_pod(ns, name, annotations)
-                .await
-                .map_err(|e| format!("cannot bind pod {who}: annotating it failed: {e}"))?;
-            match self.cluster.bind_pod(ns, name, &uid, node).await {
-                Ok(()) => Ok(()),
-                // The answer was lost, not necessarily the Binding: ask the API server.
-                Err(e @ ApiError::Transport(_)) if self.bound_to(ns, name, &uid, node).await => {
-                    tracing::info!(pod = %who, error = %e, "binding answer lost, but the pod is bound");
-                    Ok(())
-                }
-                Err(e) => Err(format!("cannot bind pod {who} to node {node}: {e}")),
-            }
-        }
-        .await;
-        match done {
+        match self.bind_or_confirm(ns, name, &uid, node, annotations).await {
             Ok(()) => {
                 tracing::info!(pod = %who, node = %node, gpu = %placement.gpu_uuid,
                     index = placement.gpu_index, bytes = request.bytes(), "bound");
@@ -449,6 +488,28 @@ impl Extender {
                 tracing::warn!(pod = %who, node = %node, error = %message, "bind failed; reservation released");
                 Err(fail(message))
             }
+        }
+    }
+
+    /// Create the Binding; when its answer is lost, ask the API server whether it took.
+    async fn bind_or_confirm(
+        &self,
+        ns: &str,
+        name: &str,
+        uid: &str,
+        node: &str,
+        annotations: BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        match self.cluster.bind_pod(ns, name, uid, node, annotations).await {
+            Ok(()) => Ok(()),
+            // The answer was lost, not necessarily the Binding: ask the API server.
+            Err(e @ ApiError::Transport(_)) if self.bound_to(ns, name, uid, node).await => {
+                tracing::info!(pod = %format_args!("{ns}/{name}"), error = %e,
+                    "binding answer lost, but the pod is bound");
+                Ok(())
+            }
+            Err(ApiError::NotFound) => Err(format!("cannot bind pod {ns}/{name}: pod not found")),
+            Err(e) => Err(format!("cannot bind pod {ns}/{name} to node {node}: {e}")),
         }
     }
 

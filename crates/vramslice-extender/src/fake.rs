@@ -15,17 +15,14 @@ use crate::cluster::{ApiError, ClusterApi};
 pub enum Call {
     /// `get_pod(namespace, name)`.
     Get(String, String),
-    /// `annotate_pod(namespace, name, annotations)`.
-    Annotate(String, String, BTreeMap<String, String>),
-    /// `bind_pod(namespace, name, uid, node)`.
-    Bind(String, String, String, String),
+    /// `bind_pod(namespace, name, uid, node, annotations)`.
+    Bind(String, String, String, String, BTreeMap<String, String>),
 }
 
 #[derive(Default)]
 struct Inner {
     pods: BTreeMap<(String, String), Pod>,
     calls: Vec<Call>,
-    fail_annotate: Option<ApiError>,
     fail_bind: Option<ApiError>,
     lose_bind_answer: bool,
     latency: std::time::Duration,
@@ -77,12 +74,7 @@ impl FakeCluster {
         self.lock().calls.clone()
     }
 
-    /// Make every later annotate call fail with `err` (or succeed again with `None`).
-    pub fn fail_annotate(&self, err: Option<ApiError>) {
-        self.lock().fail_annotate = err;
-    }
-
-    /// Make every later annotate and bind call take `latency` (so concurrent binds overlap).
+    /// Make every later bind call take `latency` (so concurrent binds overlap).
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.lock().latency = latency;
     }
@@ -123,38 +115,13 @@ impl ClusterApi for FakeCluster {
         })
     }
 
-    fn annotate_pod<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-        annotations: BTreeMap<String, String>,
-    ) -> BoxFuture<'a, Result<(), ApiError>> {
-        Box::pin(async move {
-            self.api_latency().await;
-            let mut inner = self.lock();
-            inner.calls.push(Call::Annotate(
-                namespace.into(),
-                name.into(),
-                annotations.clone(),
-            ));
-            if let Some(err) = inner.fail_annotate.clone() {
-                return Err(err);
-            }
-            let pod = inner.pod_mut(namespace, name)?;
-            pod.metadata
-                .annotations
-                .get_or_insert_with(BTreeMap::new)
-                .extend(annotations);
-            Ok(())
-        })
-    }
-
     fn bind_pod<'a>(
         &'a self,
         namespace: &'a str,
         name: &'a str,
         uid: &'a str,
         node: &'a str,
+        annotations: BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
             self.api_latency().await;
@@ -164,6 +131,7 @@ impl ClusterApi for FakeCluster {
                 name.into(),
                 uid.into(),
                 node.into(),
+                annotations.clone(),
             ));
             if let Some(err) = inner.fail_bind.clone() {
                 return Err(err);
@@ -182,6 +150,10 @@ impl ClusterApi for FakeCluster {
                 )));
             }
             spec.node_name = Some(node.to_string());
+            pod.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .extend(annotations);
             if inner.lose_bind_answer {
                 return Err(ApiError::Transport("connection reset by peer".into()));
             }

@@ -4,8 +4,8 @@
 //!
 //! Data enters from three sides: kube-scheduler's HTTP calls (extender v1 JSON, see [`wire`]),
 //! watches of pods and `GpuNode` objects that keep the [`vramslice_core::ledger::Ledger`] current
-//! ([`watch`]), and the YAML configuration ([`config`]). It leaves as HTTP answers, the pod
-//! annotations `vramslice.io/gpu-uuid` / `vramslice.io/assigned-at` and the pod's Binding
+//! ([`watch`]), and the YAML configuration ([`config`]). It leaves as HTTP answers, the pod's
+//! Binding carrying the annotations `vramslice.io/gpu-uuid` / `vramslice.io/assigned-at`
 //! (through the [`cluster::ClusterApi`] trait), and Prometheus metrics. The decisions themselves
 //! live in `vramslice-core`; this crate is the adapter around them.
 
@@ -16,6 +16,7 @@ pub mod extender;
 pub mod fake;
 pub mod http;
 pub mod metrics;
+pub mod pending;
 pub mod serve;
 pub mod watch;
 pub mod wire;

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -124,19 +125,16 @@ async fn pods_without_vram_pass_score_zero_and_bind_plainly() {
     fake.put_pod(pod_object("web", "uid-3", None, json!({})));
     let (status, body) = post_json(&ext, "/bind", &binding_args("web", "uid-3", "ghost")).await;
     assert_eq!((status, body), (StatusCode::OK, json!({ "Error": "" })));
+    // The filter call showed the pod: one API call, the Binding, without annotations.
     assert_eq!(
-        fake.calls().last(),
-        Some(&Call::Bind(
+        fake.calls(),
+        vec![Call::Bind(
             "default".into(),
             "web".into(),
             "uid-3".into(),
-            "ghost".into()
-        ))
-    );
-    assert!(
-        fake.calls()
-            .iter()
-            .all(|c| !matches!(c, Call::Annotate(..)))
+            "ghost".into(),
+            BTreeMap::new()
+        )]
     );
 }
 
@@ -172,12 +170,36 @@ async fn prioritize_follows_the_policy_and_the_pod_annotation() {
     );
 }
 
+fn placement_annotations() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("vramslice.io/gpu-uuid".to_string(), "GPU-0".to_string()),
+        (
+            "vramslice.io/assigned-at".to_string(),
+            "2026-11-18T11:06:40Z".to_string(),
+        ),
+    ])
+}
+
 #[tokio::test]
 async fn bind_annotates_binds_and_reserves() {
     let (ext, fake) = cluster();
     fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
     let (status, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert_eq!((status, body), (StatusCode::OK, json!({ "Error": "" })));
+    // Never filtered here: the pod is read, then bound with the annotations in the Binding.
+    assert_eq!(
+        fake.calls(),
+        vec![
+            Call::Get("default".into(), "llm".into()),
+            Call::Bind(
+                "default".into(),
+                "llm".into(),
+                "uid-1".into(),
+                "fit".into(),
+                placement_annotations()
+            )
+        ]
+    );
     let pod = fake.pod("default", "llm").unwrap();
     let annotations = pod.metadata.annotations.unwrap();
     assert_eq!(annotations["vramslice.io/gpu-uuid"], "GPU-0");
@@ -205,6 +227,57 @@ async fn bind_annotates_binds_and_reserves() {
 }
 
 #[tokio::test]
+async fn a_filtered_pod_binds_with_one_api_call() {
+    let (ext, fake) = cluster();
+    let spread = json!({ "vramslice.io/policy": "spread" });
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), spread.clone()));
+    let pod = pod_json("llm", "uid-1", Some("6"), spread);
+    post_json(&ext, "/filter", &args_names(pod, &ALL)).await;
+    assert_eq!(ext.pending_count(), 1);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(body["Error"], "");
+    assert_eq!(
+        fake.calls(),
+        vec![Call::Bind(
+            "default".into(),
+            "llm".into(),
+            "uid-1".into(),
+            "fit".into(),
+            placement_annotations()
+        )]
+    );
+    assert_eq!(ext.pending_count(), 0);
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+}
+
+#[tokio::test]
+async fn a_recreated_pod_is_read_again_not_taken_from_its_predecessor() {
+    let (ext, fake) = cluster();
+    // Filtered as uid-old asking 2 GiB; deleted and re-created as uid-new asking 6 GiB.
+    let old = pod_json("llm", "uid-old", Some("2"), json!({}));
+    post_json(&ext, "/filter", &args_names(old, &ALL)).await;
+    fake.put_pod(pod_object("llm", "uid-new", Some("6"), json!({})));
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-new", "full")).await;
+    // The new pod's own request decides: 6 GiB does not fit on full (3 GiB effective).
+    assert_eq!(
+        body["Error"],
+        "cannot bind pod default/llm to node full: GPU 0: 3 GiB effective free (live 5 GiB, 2 GiB reserved by pods not yet running), need 6 GiB"
+    );
+    assert_eq!(
+        fake.calls(),
+        vec![Call::Get("default".into(), "llm".into())]
+    );
+    // A bind naming the old UID gets the remembered 2 GiB pod; the Binding's UID
+    // precondition is what the API server refuses.
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-old", "fit")).await;
+    assert_eq!(
+        body["Error"],
+        "cannot bind pod default/llm to node fit: Precondition failed: UID in precondition: uid-old, UID in object meta: uid-new"
+    );
+    assert_eq!(ext.ledger().reservation_count(), 0);
+}
+
+#[tokio::test]
 async fn failed_binds_release_the_reservation() {
     let (ext, fake) = cluster();
     fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
@@ -218,14 +291,15 @@ async fn failed_binds_release_the_reservation() {
         "cannot bind pod default/llm to node fit: pods \"llm\" is forbidden (403)"
     );
     assert!(ext.ledger().pod("uid-1").is_none());
-    fake.fail_bind(None);
-    fake.fail_annotate(Some(ApiError::Transport("connection reset".into())));
+    // A transport error where the pod did not get bound (asked back) releases it too.
+    fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert_eq!(
         body["Error"],
-        "cannot bind pod default/llm: annotating it failed: connection reset"
+        "cannot bind pod default/llm to node fit: connection reset"
     );
     assert!(ext.ledger().pod("uid-1").is_none());
+    assert!(fake.pod("default", "llm").unwrap().spec.unwrap().node_name.is_none());
     assert_eq!(ext.ledger().reservation_count(), 0);
 }
 
