@@ -477,7 +477,10 @@ impl Extender {
             (ANNOTATION_GPU_UUID.to_string(), placement.gpu_uuid.clone()),
             (ANNOTATION_ASSIGNED_AT.to_string(), format_time(now)),
         ]);
-        match self.bind_or_confirm(ns, name, &uid, node, annotations).await {
+        match self
+            .bind_or_confirm(ns, name, &uid, node, annotations)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(pod = %who, node = %node, gpu = %placement.gpu_uuid,
                     index = placement.gpu_index, bytes = request.bytes(), "bound");
@@ -500,7 +503,11 @@ impl Extender {
         node: &str,
         annotations: BTreeMap<String, String>,
     ) -> Result<(), String> {
-        match self.cluster.bind_pod(ns, name, uid, node, annotations).await {
+        match self
+            .cluster
+            .bind_pod(ns, name, uid, node, annotations)
+            .await
+        {
             Ok(()) => Ok(()),
             // The answer was lost, not necessarily the Binding: ask the API server.
             Err(e @ ApiError::Transport(_)) if self.bound_to(ns, name, uid, node).await => {

@@ -299,7 +299,14 @@ async fn failed_binds_release_the_reservation() {
         "cannot bind pod default/llm to node fit: connection reset"
     );
     assert!(ext.ledger().pod("uid-1").is_none());
-    assert!(fake.pod("default", "llm").unwrap().spec.unwrap().node_name.is_none());
+    assert!(
+        fake.pod("default", "llm")
+            .unwrap()
+            .spec
+            .unwrap()
+            .node_name
+            .is_none()
+    );
     assert_eq!(ext.ledger().reservation_count(), 0);
 }
 
