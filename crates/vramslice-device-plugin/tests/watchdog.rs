@@ -253,10 +253,13 @@ async fn kill_process_mode_kills_exactly_the_offending_process_and_reports_it() 
     let log = plugin.log_text();
     assert!(log.contains("accounting file is damaged"), "{log}");
     assert!(log.contains("disagrees with NVML"), "{log}");
-    assert!(
-        log.contains("belongs to no pod") && log.contains(&STRAY_PID.to_string()),
-        "{log}"
-    );
+    // The stray process is logged on the poll that first sees it with the pods known, which may
+    // come after the breach the checks above waited for.
+    wait_for("the stray process logged", Duration::from_secs(10), || {
+        let log = plugin.log_text();
+        (log.contains("belongs to no pod") && log.contains(&STRAY_PID.to_string())).then_some(())
+    })
+    .await;
     let status_has_stray = wait_for(
         "processesWithoutPod in the GpuNode status",
         Duration::from_secs(10),
