@@ -118,6 +118,19 @@ impl NvmlBackend {
         Ok(backend)
     }
 
+    /// Per GPU UUID (sorted): whether its critical-XID / double-bit-ECC events are subscribed
+    /// (false: the GPU cannot deliver them, health then comes from queries only).
+    pub fn health_events_subscribed(&self) -> Vec<(String, bool)> {
+        let mut out: Vec<(String, bool)> = self
+            .lock()
+            .events
+            .iter()
+            .map(|(uuid, set)| (uuid.clone(), set.is_some()))
+            .collect();
+        out.sort();
+        out
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -221,6 +221,10 @@ fn vanished_gpu_is_left_out() {
 fn gpu_without_event_support_is_still_read() {
     let driver = Driver::new(&format!("{}noevents 0\n", two_gpus()));
     let backend = driver.backend();
+    assert_eq!(
+        backend.health_events_subscribed(),
+        vec![(UUID0.to_string(), false), (UUID1.to_string(), true)]
+    );
     driver.append("xid 0 79");
     driver.append("xid 1 79");
     let readings = backend.read().unwrap();
