@@ -48,6 +48,9 @@ scripts/lint-dockerfiles.sh
 step "guard glibc floor (cargo-zigbuild, objdump -T)"
 scripts/check-glibc-floor.sh
 
+step "GPU check: bundle at the glibc floor, --dry-run on the fake drivers, negative run"
+scripts/check-gpu-check.sh
+
 if [ "${SKIP_E2E:-}" = "1" ]; then
   step "e2e SKIPPED (SKIP_E2E=1): the real-cluster scenarios did not run"
 else

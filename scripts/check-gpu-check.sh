@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# CI for the real-GPU check (docs/gpu-check.md), so it cannot rot between GPU sessions:
+#   1. build the bundle (.gpu-check/) exactly as a GPU session would carry it;
+#   2. run `scripts/gpu-check.sh --dry-run` from it on the fake CUDA driver and fake NVML, with a
+#      PATH that has no cargo (the bundle must be self-contained);
+#   3. run it again with a guard that does nothing, and require that the dry run fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+scripts/gpu-check.sh --build
+
+python_dir="$(dirname "$(command -v python3)")"
+bare_path="$python_dir:/usr/bin:/bin"
+if PATH="$bare_path" command -v cargo >/dev/null; then
+  echo "note: cargo is on the bare PATH ($bare_path); the no-cargo part proves less here"
+fi
+OUT="$PWD/.gpu-check/out-dry-run" PATH="$bare_path" scripts/gpu-check.sh --dry-run
+
+# The same dry run over a bundle whose guard is an empty library must fail: the checks can fail.
+broken="$(mktemp -d)"
+trap 'rm -rf "$broken"' EXIT
+cp -r .gpu-check/. "$broken/"
+rm -rf "$broken/out-dry-run"
+echo 'int vramslice_guard_removed_for_the_negative_check;' >"$broken/empty.c"
+"${CC:-cc}" -shared -fPIC -o "$broken/lib/libvramslice_guard.so" "$broken/empty.c"
+if GPU_CHECK_BUNDLE="$broken" OUT="$broken/out" PATH="$bare_path" scripts/gpu-check.sh --dry-run >"$broken/log" 2>&1; then
+  cat "$broken/log"
+  echo "FAIL: the dry run passed with a guard that does nothing" >&2
+  exit 1
+fi
+failed=$(grep -c '  FAIL$' "$broken/out/gpu-check.txt" || true)
+echo "negative check: with an empty guard the dry run fails ($failed checks failed), as it must"
+[ "$failed" -ge 5 ] || { echo "FAIL: expected the slice checks to fail, got $failed failures" >&2; exit 1; }
+echo "gpu-check dry run: $(( $(date +%s) - started )) s in all"

@@ -1,0 +1,473 @@
+"""The vramslice GPU check: one command that proves the pieces on a real GPU (or, with
+--dry-run, on the fake CUDA driver and fake NVML library, so the check itself cannot rot).
+
+    python3 gpucheck.py --bundle .gpu-check --out "$OUT" [--dry-run]
+
+The bundle (built by `scripts/gpu-check.sh --build`) holds the binaries; nothing is built or
+fetched here. Every check program runs as a child process with a timeout; results go to
+$OUT/gpu-check.json and $OUT/gpu-check.txt after every program (partial results survive a kill),
+and every child's output to $OUT/gpu-check.log. Exits 1 when a check failed (or, on a real run,
+did not run), 0 otherwise. Nothing here changes the GPU's settings: it only reads NVML, allocates
+memory and runs kernels.
+
+Groups: (1) device plugin with backend nvml against a test kubelet; (2) the guard at a 4 GiB
+limit, at the driver API (ctypes; also in the dry run) and under PyTorch; (3) an inference loop
+through the Python sidecar, and without it; (4) a vLLM-like start sized from cudaMemGetInfo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import report  # noqa: E402
+from checklib import FAIL, GIB, MIB, NOT_RUN, PASS, mib, result  # noqa: E402
+
+LIMIT = 4 * GIB
+INFERENCE_LIMIT = 3 * GIB
+RESOURCE = "vramslice.io/vram-gib"
+FAKE_UUID = "GPU-0f0f0f0f-1111-4222-8333-444444444444"
+FAKE_TOTAL = 143771 * MIB  # what an H200 reports
+HOLDER_BYTES = 1 * GIB
+
+TORCH_CHECKS = {
+    "limits": [f"torch [{label}]: {what}" for label in ("default", "expandable_segments", "cudaMallocAsync")
+               for what in ("mem_get_info shows the slice", "40% of the limit allocates and works",
+                            "past the limit raises OutOfMemoryError", "growing stops within the limit",
+                            "empty_cache returns memory to the slice")],
+    "graphs": ["torch graphs: capture + replay correct under the guard",
+               "torch graphs: graph memory nodes count against the limit"],
+    "share": ["torch: two processes share one account"],
+    "throughput": ["torch: matmul fp16 8192^3 throughput with vs without the guard",
+                   "torch: memory-bandwidth copy throughput with vs without the guard"],
+    "vllm": ["vLLM-like start (torch): sizes to the slice, not the card"],
+}
+INFERENCE_CHECKS = {
+    "sidecar": ["inference (sidecar): OOM errors reaching clients", "inference (sidecar): usage stayed within the limit"],
+    "plain": ["inference (plain): OOM errors reaching clients (contrast)"],
+}
+ALLOC_CONFS = {"default": "", "expandable_segments": "expandable_segments:True",
+               "cudaMallocAsync": "backend:cudaMallocAsync"}
+
+
+class Run:
+    """The results so far and where they are written."""
+
+    def __init__(self, out: Path, work: Path, dry_run: bool, budget_s: float) -> None:
+        self.out, self.work, self.dry_run = out, work, dry_run
+        self.deadline = time.monotonic() + budget_s
+        self.records: List[dict] = []
+        self.environment: Dict[str, object] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = open(out / "gpu-check.log", "w", encoding="utf-8")
+
+    def add(self, group: str, record: dict) -> None:
+        self.records.append(dict(record, group=group))
+        self.flush()
+
+    def check(self, group: str, name: str, ok: bool, figure: str = "", target: str = "", detail: str = "",
+              **values) -> bool:
+        self.add(group, result(name, PASS if ok else FAIL, figure, target, detail, **values))
+        return ok
+
+    def not_run(self, group: str, names: List[str], why: str) -> None:
+        for name in names:
+            self.add(group, result(name, NOT_RUN, detail=why))
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def flush(self) -> None:
+        verdict = report.overall(self.records, self.dry_run)
+        doc = report.document(self.records, verdict, self.environment, self.dry_run)
+        tmp = self.out / "gpu-check.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
+        tmp.replace(self.out / "gpu-check.json")
+        (self.out / "gpu-check.txt").write_text(report.render_table(self.records, verdict))
+
+    def note(self, text: str) -> None:
+        self.log.write(text if text.endswith("\n") else text + "\n")
+        self.log.flush()
+
+    def program(self, group: str, argv: List[str], env: Dict[str, str], timeout: float,
+                expected: List[str]) -> List[dict]:
+        """Run a check program; record its results and how it ended."""
+        name = " ".join(Path(a).name if i == 1 else a for i, a in enumerate(argv[1:4], 1))
+        timeout = min(timeout, max(self.left_s(), 1))
+        if self.left_s() < 5:
+            self.not_run(group, expected, "the check's time budget ran out before this program")
+            return []
+        started = time.monotonic()
+        self.note(f"\n===== {name} (timeout {timeout:.0f} s)")
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        timed_out = False
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        self.note(stdout + "\n--- stderr\n" + stderr + f"\n--- exit {proc.returncode} after "
+                  f"{time.monotonic() - started:.1f} s")
+        records, problems = report.parse_results(stdout, group)
+        for r in records:
+            self.records.append(r)
+        for r in report.program_outcome(group, name, records, problems, proc.returncode, timed_out, expected):
+            self.records.append(r)
+        self.flush()
+        return records
+
+
+def base_env(bundle: Path, drivers: Dict[str, str]) -> Dict[str, str]:
+    """The children's environment: no guard, the bundle's Python package, the drivers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMSLICE_") and k != "LD_PRELOAD"}
+    env["PYTHONPATH"] = os.pathsep.join([str(bundle / "python"), str(HERE)] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(drivers)
+    return env
+
+
+def fake_drivers(bundle: Path, work: Path) -> Dict[str, str]:
+    """Dry run: the fake libcuda and a copy of the fake libnvidia-ml scripted by a state file."""
+    nvml_dir = work / "fake-nvml"
+    nvml_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bundle / "fake-nvml" / "libnvidia-ml.so.1", nvml_dir / "libnvidia-ml.so.1")
+    write_fake_nvml(work, [])
+    dirs = [str(bundle / "fake"), str(nvml_dir)]
+    if os.environ.get("LD_LIBRARY_PATH"):
+        dirs.append(os.environ["LD_LIBRARY_PATH"])
+    return {"LD_LIBRARY_PATH": os.pathsep.join(dirs), "FAKE_CUDA_DEVICE_BYTES": str(FAKE_TOTAL)}
+
+
+def write_fake_nvml(work: Path, processes: List[int]) -> None:
+    lines = [f"gpu 0 {FAKE_UUID} {FAKE_TOTAL} {FAKE_TOTAL - 600 * MIB - len(processes) * HOLDER_BYTES} "
+             "NVIDIA H200 (fake NVML)"]
+    lines += [f"proc 0 compute {pid} {HOLDER_BYTES}" for pid in processes]
+    state = work / "fake-nvml" / "fake-nvml-state"
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(state)
+
+
+def wait_json(path: Path, ready, timeout: float) -> Optional[dict]:
+    """Poll a JSON file until `ready(doc)`; the last document read (or None)."""
+    end, doc = time.monotonic() + timeout, None
+    while time.monotonic() < end:
+        try:
+            doc = json.loads(path.read_text())
+            if ready(doc):
+                return doc
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.1)
+    return doc
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def metric(text: str, name: str, uuid: str) -> Optional[float]:
+    m = re.search(rf'^{name}{{[^}}]*gpu="{re.escape(uuid)}"[^}}]*}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def log_events(path: Path) -> List[dict]:
+    """The `fields` of each JSON log line the plugin wrote (other lines are skipped)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            fields = json.loads(line).get("fields")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(fields, dict):
+            events.append(fields)
+    return events
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> Optional[int]:
+    """SIGTERM, then SIGKILL after `timeout`; the exit status (None when it had to be killed)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]:
+    """Group 1. Returns the Allocate answer (envs, mounts) for the guard groups, or None."""
+    g = "plugin"
+    work = run.work / "plugin"
+    sockets, accounting = work / "device-plugins", work / "accounting"
+    for d in (sockets, accounting):
+        d.mkdir(parents=True, exist_ok=True)
+    kubelet_report = work / "kubelet.json"
+    guard = bundle / "lib" / "libvramslice_guard.so"
+    config = work / "plugin.yaml"
+    config.write_text(
+        "backend: nvml\n"
+        f"socketDir: {sockets}\n"
+        f"podResourcesSocket: {work / 'pod-resources.sock'}\n"
+        f"accountingRoot: {accounting}\n"
+        "metricsAddr: 127.0.0.1:0\n"
+        "pollInterval: 500ms\n"
+        "unit: 1Gi\n"
+        f"injection:\n  guardLibraryHostPath: {guard}\n")
+    holder = subprocess.Popen([sys.executable, str(HERE / "guard_driver.py"), "hold", str(HOLDER_BYTES)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready = holder.stdout.readline().strip() if holder.stdout else ""
+    run.check(g, "a plain process holds 1 GiB on the GPU (no guard)", ready == "ready rc=0", ready or "no answer",
+              "ready rc=0")
+    if run.dry_run:
+        write_fake_nvml(run.work, [holder.pid])
+    plugin_env = {k: v for k, v in env.items() if k not in ("KUBERNETES_SERVICE_HOST", "NODE_NAME")}
+    kubelet = subprocess.Popen([str(bundle / "bin" / "vramslice-gpu-check"), "kubelet", "--socket-dir", str(sockets),
+                                "--pod-resources-socket", str(work / "pod-resources.sock"), "--report",
+                                str(kubelet_report), "--allocate", str(LIMIT // GIB)],
+                               env=env, stdout=run.log, stderr=run.log)
+    time.sleep(0.3)
+    plugin_log = work / "plugin.log"
+    started = time.monotonic()
+    with open(plugin_log, "w") as log:
+        plugin = subprocess.Popen([str(bundle / "bin" / "vramslice-device-plugin"), "--config", str(config),
+                                   "--no-publish", "--log-format", "json"], env=plugin_env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    allocation = None
+    try:
+        seen = wait_json(kubelet_report, lambda d: d.get("lists", 0) >= 1 and d.get("allocate"), 30) or {}
+        regs = seen.get("registrations", [])
+        ok = bool(regs) and regs[0]["resource_name"] == RESOURCE and regs[0].get("options") is not None
+        run.check(g, "plugin registers with the test kubelet and is dialled back", ok,
+                  f"{len(regs)} registration(s), first list after {seen.get('first_list_ms') or 0:.0f} ms",
+                  f"{RESOURCE}, options answered", detail="" if ok else json.dumps(regs)[:300])
+        nvml = subprocess.run([str(bundle / "bin" / "vramslice-gpu-check"), "nvml"], env=env, capture_output=True,
+                              text=True, timeout=30)
+        reading = json.loads(nvml.stdout) if nvml.returncode == 0 else {"gpus": [], "health_events": {}}
+        run.environment["gpus"] = [{k: v for k, v in gpu.items() if k != "processes"} for gpu in reading["gpus"]]
+        if nvml.returncode != 0:
+            run.check(g, "NVML reading", False, detail=nvml.stderr[-300:])
+        advertised = seen.get("gpus", {})
+        for gpu in reading["gpus"]:
+            want = gpu["total_bytes"] // GIB
+            got = advertised.get(gpu["uuid"], {})
+            run.check(g, f"units per GPU from real memory (GPU {gpu['index']})",
+                      got.get("units") == want and got.get("healthy") == want,
+                      f"{got.get('units')} units ({got.get('healthy')} healthy) from {mib(gpu['total_bytes'])}",
+                      f"floor(total / 1 GiB) = {want}")
+        names_ok = bool(reading["gpus"]) and {g_["uuid"] for g_ in reading["gpus"]} == set(advertised) and all(
+            g_["model"] and g_["uuid"].startswith("GPU-") for g_ in reading["gpus"])
+        run.check(g, "UUID and model", names_ok,
+                  ", ".join(f"{g_['model']} {g_['uuid']}" for g_ in reading["gpus"]) or "no GPU read",
+                  "advertised UUIDs = NVML's")
+        mine = [p for g_ in reading["gpus"] for p in g_["processes"] if p["pid"] == holder.pid]
+        run.check(g, "per-process usage (NVML)", bool(mine) and mine[0]["used_bytes"] >= HOLDER_BYTES,
+                  f"pid {holder.pid}: {mib(mine[0]['used_bytes']) if mine else 'not listed'}", ">= 1024 MiB",
+                  detail="" if mine else "NVML listed: " + json.dumps([g_["processes"] for g_ in reading["gpus"]])[:300])
+        subscribed = reading.get("health_events", {})
+        run.check(g, "health events subscribed (critical XID, double-bit ECC)",
+                  bool(subscribed) and all(subscribed.values()),
+                  ", ".join(f"{u[:12]}…: {'yes' if v else 'no'}" for u, v in subscribed.items()) or "none",
+                  "every GPU")
+        time.sleep(1.5)  # two polls, so the plugin has read the holder
+        events = log_events(plugin_log)
+        stray = [e for e in events if "belongs to no pod" in e.get("message", "") and e.get("pid") == holder.pid]
+        run.check(g, "plugin sees the process outside any pod", bool(stray),
+                  f"watchdog: pid {holder.pid}, {mib(stray[0].get('used', 0))}" if stray else "not in the plugin log",
+                  "logged with its usage")
+        addr = next((e["addr"] for e in events if e.get("message", "").startswith("serving /metrics") and "addr" in e),
+                    None)
+        metrics = ""
+        if addr:
+            try:
+                metrics = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
+            except OSError as e:
+                metrics = f"error: {e}"
+        for gpu in reading["gpus"]:
+            used = metric(metrics, "vramslice_gpu_used_bytes", gpu["uuid"])
+            close = used is not None and abs(used - gpu["used_bytes"]) <= 512 * MIB
+            run.check(g, f"used memory in /metrics (GPU {gpu['index']})", close,
+                      f"{mib(used) if used is not None else 'absent'} vs NVML {mib(gpu['used_bytes'])}",
+                      "within 512 MiB of NVML", detail="" if metrics else "no /metrics address in the plugin log")
+        allocation = seen.get("allocate") or None
+        envs = (allocation or {}).get("envs", {})
+        limit_file = next((m["host_path"] for m in (allocation or {}).get("mounts", [])
+                           if m["container_path"] == envs.get("VRAMSLICE_LIMIT_FILE")), None)
+        run.check(g, f"Allocate {LIMIT // GIB} units: limit env and limit file",
+                  envs.get("VRAMSLICE_VRAM_LIMIT_BYTES") == str(LIMIT) and limit_file is not None
+                  and Path(limit_file).exists(),
+                  f"VRAMSLICE_VRAM_LIMIT_BYTES={envs.get('VRAMSLICE_VRAM_LIMIT_BYTES')}, limit file "
+                  f"{'written' if limit_file and Path(limit_file).exists() else 'missing'}", f"{LIMIT}",
+                  detail=(allocation or {}).get("error") or "")
+        idle_s = 3.0 if run.dry_run else 10.0
+        settle = max(0.0, 2.0 - (time.monotonic() - started))
+        time.sleep(settle)
+        cpu0, t0 = cpu_seconds(plugin.pid), time.monotonic()
+        time.sleep(idle_s)
+        cpu = (cpu_seconds(plugin.pid) - cpu0) / (time.monotonic() - t0) * 100
+        rss = rss_mib(plugin.pid)
+        run.check(g, "plugin idle CPU and RSS", cpu <= 2.0 and rss <= 64,
+                  f"{cpu:.2f}% of a core, {rss:.1f} MiB RSS over {idle_s:.0f} s", "<= 2% CPU, <= 64 MiB",
+                  cpu_percent=cpu, rss_mib=rss)
+        if any("GPU health events unavailable" in e.get("message", "") for e in log_events(plugin_log)):
+            run.check(g, "plugin log: health events", False, detail="the plugin logged 'GPU health events unavailable'")
+    finally:
+        code = stop(plugin)
+        run.check(g, "plugin exits cleanly on SIGTERM", code == 0, f"exit {code}", "exit 0 within 10 s")
+        stop(kubelet)
+        if holder.stdin:
+            holder.stdin.close()
+        holder.wait(timeout=30)
+        run.note("===== device plugin log\n" + plugin_log.read_text()[-20000:])
+    return allocation
+
+
+def guard_env(bundle: Path, allocation: Optional[dict], accounting: Path) -> Dict[str, str]:
+    """The guard's environment as a container given the Allocate answer would have it, with the
+    mounts' host paths (the check runs outside a container)."""
+    env = {"LD_PRELOAD": str(bundle / "lib" / "libvramslice_guard.so"), "VRAMSLICE_VRAM_LIMIT_BYTES": str(LIMIT),
+           "VRAMSLICE_ACCOUNTING_DIR": str(accounting)}
+    if allocation:
+        hosts = {m["container_path"]: m["host_path"] for m in allocation.get("mounts", [])}
+        envs = allocation.get("envs", {})
+        for key in ("VRAMSLICE_ACCOUNTING_DIR", "VRAMSLICE_LIMIT_FILE"):
+            if envs.get(key) in hosts:
+                env[key] = hosts[envs[key]]
+        if envs.get("VRAMSLICE_GPU_UUID"):
+            env["VRAMSLICE_GPU_UUID"] = envs["VRAMSLICE_GPU_UUID"]
+    return env
+
+
+def torch_state(env: Dict[str, str]) -> Optional[str]:
+    """None when torch with CUDA imports in a child; otherwise why not."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch, transformers; "
+                              "print(torch.__version__, transformers.__version__, torch.cuda.is_available())"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "importing torch took over 120 s"
+    if out.returncode != 0:
+        return "torch/transformers not importable: " + (out.stderr.strip().splitlines() or ["?"])[-1]
+    if not out.stdout.strip().endswith("True"):
+        return f"torch {out.stdout.strip()}: CUDA is not available"
+    return None
+
+
+def compile_only(run: Run, group: str, files: List[str]) -> None:
+    """Dry run: the programs that need torch must at least compile."""
+    for name in files:
+        out = subprocess.run([sys.executable, "-m", "py_compile", str(HERE / name)], capture_output=True, text=True)
+        run.check(group, f"{name} compiles (py_compile)", out.returncode == 0, detail=out.stderr[-300:])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--budget", type=float, help="seconds for everything (default 450, dry run 170)")
+    args = ap.parse_args(argv)
+    bundle = args.bundle.resolve()
+    for need in ("bin/vramslice-device-plugin", "bin/vramslice-gpu-check", "lib/libvramslice_guard.so",
+                 "python/vramslice/__init__.py"):
+        if not (bundle / need).exists():
+            sys.exit(f"the bundle {bundle} has no {need}: build it with scripts/gpu-check.sh --build")
+    work = (args.work or args.out / "work").resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    run = Run(args.out.resolve(), work, args.dry_run, args.budget or (170 if args.dry_run else 450))
+    manifest = bundle / "manifest.json"
+    run.environment.update({"python": sys.version.split()[0], "platform": platform.platform(),
+                            "libc": " ".join(platform.libc_ver()), "cpus": os.cpu_count(),
+                            "bundle": json.loads(manifest.read_text()) if manifest.exists() else None})
+    drivers = fake_drivers(bundle, work) if args.dry_run else {}
+    env = base_env(bundle, drivers)
+    if not args.dry_run and shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,uuid,memory.total,memory.used,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        run.environment["nvidia_smi"] = smi.stdout.strip()
+    py = sys.executable
+
+    allocation = device_plugin(run, bundle, env)
+
+    g = "guard"
+    acct = work / "accounting"
+    acct.mkdir()
+    genv = guard_env(bundle, allocation, acct)
+    guarded = dict(env, **genv, GPUCHECK_LIMIT_BYTES=str(LIMIT))
+    fresh = dict(genv, VRAMSLICE_ACCOUNTING_DIR=str(work / "accounting-latency"))
+    (work / "accounting-latency").mkdir()
+    plain = dict(env, GPUCHECK_LIMIT_BYTES=str(LIMIT), GPUCHECK_GUARD_ENV=json.dumps(fresh))
+    drv = str(HERE / "guard_driver.py")
+    run.program(g, [py, drv, "limits"], guarded, 60, [
+        "driver: cuMemGetInfo total is the slice", "driver: allocation within the limit succeeds",
+        "driver: allocation past the limit is refused", "nvml: memory info shows the slice"])
+    run.program(g, [py, drv, "share"], guarded, 60, ["two processes, one account: the other's memory is counted"])
+    run.program(g, [py, drv, "latency"], plain, 120, ["driver: alloc/free latency added by the guard"])
+    run.program("vllm", [py, drv, "vllm"], guarded, 60, ["vLLM-like start (driver): sizes to the slice, not the card"])
+
+    why = "dry run: the fake CUDA driver cannot run PyTorch" if args.dry_run else torch_state(env)
+    run.environment["torch"] = why or "importable, CUDA available"
+    torch_py = str(HERE / "guard_torch.py")
+    if why:
+        for mode, names in TORCH_CHECKS.items():
+            run.not_run("vllm" if mode == "vllm" else g, names, why)
+        run.not_run("infer", [n for names in INFERENCE_CHECKS.values() for n in names], why)
+        if args.dry_run:
+            compile_only(run, g, ["guard_torch.py", "inference.py"])
+    else:
+        for label, conf in ALLOC_CONFS.items():
+            run.program(g, [py, torch_py, "limits", label], dict(guarded, PYTORCH_CUDA_ALLOC_CONF=conf), 90,
+                        [n for n in TORCH_CHECKS["limits"] if f"[{label}]" in n])
+        run.program(g, [py, torch_py, "graphs"], dict(guarded, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync"),
+                    90, TORCH_CHECKS["graphs"])
+        run.program(g, [py, torch_py, "share"], guarded, 90, TORCH_CHECKS["share"])
+        run.program(g, [py, torch_py, "throughput"], plain, 150, TORCH_CHECKS["throughput"])
+        run.program("vllm", [py, torch_py, "vllm"], guarded, 90, TORCH_CHECKS["vllm"])
+        for mode, names in INFERENCE_CHECKS.items():
+            acct_i = work / f"accounting-inference-{mode}"
+            profiles = work / f"profiles-{mode}"
+            acct_i.mkdir()
+            profiles.mkdir()
+            ienv = dict(env, LD_PRELOAD=genv["LD_PRELOAD"], VRAMSLICE_VRAM_LIMIT_BYTES=str(INFERENCE_LIMIT),
+                        VRAMSLICE_ACCOUNTING_DIR=str(acct_i), VRAMSLICE_PROFILE_DIR=str(profiles))
+            run.program("infer", [py, str(HERE / "inference.py"), "--mode", mode, "--seconds", "45"], ienv, 110,
+                        names)
+
+    verdict = report.overall(run.records, args.dry_run)
+    run.flush()
+    sys.stdout.write(report.render_table(run.records, verdict))
+    print(f"\nresults: {run.out / 'gpu-check.json'}, logs: {run.out / 'gpu-check.log'}")
+    return 0 if verdict == PASS else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The guard at the CUDA driver API, through ctypes: no PyTorch needed, so this runs on the real
+driver (lent GPU) and on the fake driver (dry run) alike.
+
+    guard_driver.py limits            under the guard: cuMemGetInfo shows the slice, within-limit
+                                      allocations work, past-limit ones fail with
+                                      CUDA_ERROR_OUT_OF_MEMORY, NVML memory info shows the slice
+    guard_driver.py share             under the guard: a second process holding memory in the
+                                      same accounting directory counts against this one's limit
+    guard_driver.py latency           alloc/free pair time, plain and guarded (child processes)
+    guard_driver.py vllm              a vLLM-like start: size a cache from cuMemGetInfo total
+    guard_driver.py hold BYTES        (helper) allocate, print "ready", wait for stdin to close
+    guard_driver.py pairs N BYTES     (helper) print the mean alloc/free pair time in ns
+
+The limit is VRAMSLICE_VRAM_LIMIT_BYTES (or the limit file the guard reads, whose figure the
+orchestrator also passes as GPUCHECK_LIMIT_BYTES). GPUCHECK_GUARD_ENV (JSON) is the guard's
+environment, for the modes that start guarded and plain children themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+
+from checklib import MIB, emit, env_int, mib
+
+CUDA_SUCCESS = 0
+CUDA_ERROR_OUT_OF_MEMORY = 2
+NVML_SUCCESS = 0
+
+
+class Driver:
+    """The few driver entry points the checks call, looked up the way ctypes users do (dlopen
+    + dlsym, which the guard interposes)."""
+
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_size_t]
+        self.lib.cuMemFree_v2.argtypes = [ctypes.c_ulonglong]
+        self.lib.cuMemGetInfo_v2.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        self.check("cuInit", self.lib.cuInit(0))
+        dev = ctypes.c_int()
+        self.check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), 0))
+        ctx = ctypes.c_void_p()
+        self.check("cuDevicePrimaryCtxRetain", self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+        self.check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(ctx))
+
+    @staticmethod
+    def check(what: str, rc: int) -> None:
+        if rc != CUDA_SUCCESS:
+            raise RuntimeError(f"{what} returned CUDA error {rc}")
+
+    def mem_get_info(self):
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        self.check("cuMemGetInfo_v2", self.lib.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)))
+        return free.value, total.value
+
+    def alloc(self, n: int):
+        """(rc, pointer)."""
+        ptr = ctypes.c_ulonglong()
+        rc = self.lib.cuMemAlloc_v2(ctypes.byref(ptr), n)
+        return rc, ptr.value
+
+    def free(self, ptr: int) -> None:
+        self.check("cuMemFree_v2", self.lib.cuMemFree_v2(ptr))
+
+    def grow(self, step: int, most: int):
+        """Allocate `step`s until refused or `most` reached; (pointers, last rc)."""
+        held, rc = [], CUDA_SUCCESS
+        while len(held) * step < most:
+            rc, ptr = self.alloc(step)
+            if rc != CUDA_SUCCESS:
+                break
+            held.append(ptr)
+        return held, rc
+
+
+def limit_bytes() -> int:
+    return env_int("GPUCHECK_LIMIT_BYTES", env_int("VRAMSLICE_VRAM_LIMIT_BYTES", 0))
+
+
+def nvml_total():
+    """(total bytes of GPU 0 by nvmlDeviceGetMemoryInfo_v2, by v1 or None, error or None)."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError as e:
+        return None, None, f"cannot load libnvidia-ml.so.1: {e}"
+    if nvml.nvmlInit_v2() != NVML_SUCCESS:
+        return None, None, "nvmlInit_v2 failed"
+    handle = ctypes.c_void_p()
+    if nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) != NVML_SUCCESS:
+        return None, None, "nvmlDeviceGetHandleByIndex_v2 failed"
+
+    class MemoryV2(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                    ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    class MemoryV1(ctypes.Structure):
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    v2 = MemoryV2(version=(ctypes.sizeof(MemoryV2) | (2 << 24)))
+    rc = nvml.nvmlDeviceGetMemoryInfo_v2(handle, ctypes.byref(v2))
+    if rc != NVML_SUCCESS:
+        return None, None, f"nvmlDeviceGetMemoryInfo_v2 returned {rc}"
+    total_v1 = None
+    if hasattr(nvml, "nvmlDeviceGetMemoryInfo"):
+        v1 = MemoryV1()
+        if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(v1)) == NVML_SUCCESS:
+            total_v1 = v1.total
+    return v2.total, total_v1, None
+
+
+def limits() -> int:
+    limit = limit_bytes()
+    drv = Driver()
+    free, total = drv.mem_get_info()
+    emit("driver: cuMemGetInfo total is the slice", total == limit, f"total {mib(total)}, free {mib(free)}",
+         f"total = {mib(limit)}", total=total, free=free, limit=limit)
+    emit("driver: cuMemGetInfo free within the slice", free <= limit, f"free {mib(free)}", f"<= {mib(limit)}")
+    rc, ptr = drv.alloc(int(limit * 0.4))
+    emit("driver: allocation within the limit succeeds", rc == CUDA_SUCCESS, f"40% of the limit: rc {rc}", "rc 0")
+    if rc == CUDA_SUCCESS:
+        drv.free(ptr)
+    rc, ptr = drv.alloc(limit + 256 * MIB)
+    emit("driver: allocation past the limit is refused", rc == CUDA_ERROR_OUT_OF_MEMORY,
+         f"limit + 256 MiB: rc {rc}", f"rc {CUDA_ERROR_OUT_OF_MEMORY} (out of memory)")
+    if rc == CUDA_SUCCESS:
+        drv.free(ptr)
+    held, rc = drv.grow(256 * MIB, 2 * limit)
+    grown = len(held) * 256 * MIB
+    emit("driver: growing in 256 MiB steps stops within the limit", grown <= limit and rc == CUDA_ERROR_OUT_OF_MEMORY,
+         f"{mib(grown)} then rc {rc}", f"<= {mib(limit)}, then rc 2", grown=grown)
+    for ptr in held:
+        drv.free(ptr)
+    after, _ = drv.mem_get_info()
+    emit("driver: freed memory returns to the slice", after >= free - 64 * MIB, f"free {mib(after)} after freeing",
+         f">= {mib(free - 64 * MIB)}")
+    v2, v1, err = nvml_total()
+    if err:
+        emit("nvml: memory info shows the slice", False, detail=err)
+    else:
+        ok = v2 == limit and (v1 is None or v1 == limit)
+        figure = f"v2 total {mib(v2)}" + (f", v1 total {mib(v1)}" if v1 is not None else ", v1 absent")
+        emit("nvml: memory info shows the slice", ok, figure, f"total = {mib(limit)}")
+    return 0
+
+
+def hold(n: int) -> int:
+    drv = Driver()
+    rc, _ = drv.alloc(n)
+    print(f"ready rc={rc}", flush=True)
+    sys.stdin.read()
+    return 0
+
+
+def share() -> int:
+    limit = limit_bytes()
+    held_by_other = int(limit * 0.75)
+    other = subprocess.Popen([sys.executable, __file__, "hold", str(held_by_other)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        line = other.stdout.readline().strip() if other.stdout else ""
+        drv = Driver()
+        free, _ = drv.mem_get_info()
+        rc_big, ptr = drv.alloc(int(limit * 0.5))
+        if rc_big == CUDA_SUCCESS:
+            drv.free(ptr)
+        rc_small, ptr = drv.alloc(int(limit * 0.1))
+        if rc_small == CUDA_SUCCESS:
+            drv.free(ptr)
+    finally:
+        if other.stdin:
+            other.stdin.close()
+        other.wait(timeout=30)
+    emit("two processes, one account: the other's memory is counted",
+         line == "ready rc=0" and rc_big == CUDA_ERROR_OUT_OF_MEMORY and rc_small == CUDA_SUCCESS
+         and free <= limit - held_by_other,
+         f"other holds {mib(held_by_other)}: free {mib(free)}, 50% rc {rc_big}, 10% rc {rc_small}",
+         "free <= limit - held, 50% refused, 10% ok", other=line)
+    deadline = time.monotonic() + 5
+    rc = -1
+    while time.monotonic() < deadline:
+        rc, ptr = drv.alloc(int(limit * 0.5))
+        if rc == CUDA_SUCCESS:
+            drv.free(ptr)
+            break
+        time.sleep(0.05)
+    emit("two processes, one account: memory returns when the other exits", rc == CUDA_SUCCESS,
+         f"50% of the limit after it exited: rc {rc}", "rc 0 within 5 s")
+    return 0
+
+
+def pairs(n: int, size: int) -> int:
+    drv = Driver()
+    for _ in range(100):
+        rc, ptr = drv.alloc(size)
+        drv.check("cuMemAlloc_v2", rc)
+        drv.free(ptr)
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        rc, ptr = drv.alloc(size)
+        drv.check("cuMemAlloc_v2", rc)
+        drv.free(ptr)
+    print(json.dumps({"ns_per_pair": (time.perf_counter_ns() - start) / n}))
+    return 0
+
+
+def guard_env() -> dict:
+    raw = os.environ.get("GPUCHECK_GUARD_ENV")
+    if not raw:
+        sys.exit("GPUCHECK_GUARD_ENV is not set")
+    return json.loads(raw)
+
+
+def child_env(guarded: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMSLICE_") and k != "LD_PRELOAD"}
+    if guarded:
+        env.update(guard_env())
+    return env
+
+
+def latency(n: int = 20000, size: int = 2 * MIB) -> int:
+    figures = {}
+    for label in ("plain", "guarded", "plain2", "guarded2"):
+        out = subprocess.run([sys.executable, __file__, "pairs", str(n), str(size)], env=child_env("guarded" in label),
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            emit("driver: alloc/free latency added by the guard", False, detail=f"{label} run failed: {out.stderr[-400:]}")
+            return 0
+        figures[label] = json.loads(out.stdout.strip().splitlines()[-1])["ns_per_pair"]
+    plain = min(figures["plain"], figures["plain2"])
+    guarded = min(figures["guarded"], figures["guarded2"])
+    added_us = (guarded - plain) / 1000
+    emit("driver: alloc/free latency added by the guard", added_us <= 20,
+         f"{plain / 1000:.2f} us plain, {guarded / 1000:.2f} us guarded per 2 MiB pair (+{added_us:.2f} us)",
+         "<= 20 us added per pair", plain_ns=plain, guarded_ns=guarded, runs=figures)
+    return 0
+
+
+def vllm() -> int:
+    """Size a 'KV cache' as vLLM does: gpu_memory_utilization x total, minus what is in use."""
+    limit = limit_bytes()
+    utilization = 0.9
+    drv = Driver()
+    free, total = drv.mem_get_info()
+    budget = int(total * utilization) - (total - free)
+    chunk = 256 * MIB
+    planned = max(budget, 0) // chunk * chunk
+    held, rc = drv.grow(chunk, planned)
+    got = len(held) * chunk
+    for ptr in held:
+        drv.free(ptr)
+    ok = total == limit and planned > 0 and got == planned
+    emit("vLLM-like start (driver): sizes to the slice, not the card", ok,
+         f"total {mib(total)} -> cache {mib(got)} of {mib(planned)} planned", f"total = {mib(limit)}, cache allocates",
+         total=total, budget=budget, allocated=got, last_rc=rc)
+    return 0
+
+
+def main(argv) -> int:
+    mode = argv[1] if len(argv) > 1 else ""
+    if mode == "limits":
+        return limits()
+    if mode == "share":
+        return share()
+    if mode == "latency":
+        return latency()
+    if mode == "vllm":
+        return vllm()
+    if mode == "hold" and len(argv) == 3:
+        return hold(int(argv[2]))
+    if mode == "pairs" and len(argv) == 4:
+        return pairs(int(argv[2]), int(argv[3]))
+    sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv))
+    except Exception as e:  # noqa: BLE001 - any failure is a reported FAIL, never a silent pass
+        emit(f"guard_driver.py {' '.join(sys.argv[1:2])}", False, detail=f"{type(e).__name__}: {e}")
+        sys.exit(1)
