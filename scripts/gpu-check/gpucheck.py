@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -399,10 +400,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "python/vramslice/__init__.py"):
         if not (bundle / need).exists():
             sys.exit(f"the bundle {bundle} has no {need}: build it with scripts/gpu-check.sh --build")
-    work = (args.work or args.out / "work").resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    # Outside $OUT: sockets and scratch files must not be among what comes back.
+    if args.work:
+        work = args.work.resolve()
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="vramslice-gpu-check-"))
+    try:
+        return checks(args, bundle, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
+    """Every group in order; the exit status."""
     run = Run(args.out.resolve(), work, args.dry_run, args.budget or (170 if args.dry_run else 450))
     manifest = bundle / "manifest.json"
     run.environment.update({"python": sys.version.split()[0], "platform": platform.platform(),
