@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 floor="${GLIBC_FLOOR:-2.28}"
 start=$(date +%s)
-# shellcheck source=scripts/zig-tools.sh
+# shellcheck source=SCRIPTDIR/zig-tools.sh
 . scripts/zig-tools.sh
 zig_tools_setup
 target="$ZIG_TARGET"

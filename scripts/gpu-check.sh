@@ -22,7 +22,7 @@ max_bundle_mib=60
 
 build() {
   local started; started=$(date +%s)
-  # shellcheck source=scripts/zig-tools.sh
+  # shellcheck source=SCRIPTDIR/zig-tools.sh
   . scripts/zig-tools.sh
   zig_tools_setup
   local target_dir="$root/target/glibc-floor" out="$root/target/glibc-floor/$ZIG_TARGET/release"
