@@ -16,7 +16,7 @@ run() {
   log=$(mktemp)
   "${BENCH[@]}" --nodes "$nodes" --pods "$pods" "$@" | tee "$log"
   summary+=("$(printf '%4d nodes x %5d pods: %s' "$nodes" "$pods" \
-    "$(grep -E 'ratio extender/plain' "$log" | awk '{print "ratio", $NF}')")")
+    "$(grep -E 'ratio extender/plain' "$log" | sed 's/^ *ratio extender\/plain //' | paste -sd ' ' -)")")
   rm -f "$log"
 }
 run "${NODES:-50}" "${PODS:-1000}" "$@"

@@ -1,7 +1,7 @@
 //! Placement benchmark: 5,000 nodes × 8 GPUs (80 GiB each) and 40,000 placed pods; prints
 //! p50/p99 latency of filter and prioritize through the in-process router (JSON in and out,
-//! as kube-scheduler sends it), the ledger rebuild time, and bind throughput against an
-//! in-memory API. Run: `cargo bench -p vramslice-extender --bench placement`.
+//! as kube-scheduler sends it) — also for a pod of a new size each call and while binds run
+//! concurrently — the ledger rebuild time, and bind throughput against an in-memory API. Run: `cargo bench -p vramslice-extender --bench placement`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -229,6 +229,59 @@ async fn bind_throughput(
     );
 }
 
+/// Filter latency (new size each call) while `parallel` binds run the whole time: a bind
+/// re-checks and reserves under the ledger's write lock, which filters wait for.
+async fn filter_during_binds(
+    ext: &Arc<Extender>,
+    fake: &Arc<FakeCluster>,
+    bodies: Vec<Value>,
+    iters: usize,
+    parallel: usize,
+) {
+    let router = http::router(ext.clone());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bound = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..parallel {
+        let (router, fake, stop, bound) =
+            (router.clone(), fake.clone(), stop.clone(), bound.clone());
+        workers.push(tokio::spawn(async move {
+            let mut rng = Rng(1000 + w as u64);
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("busy-{w}-{i}");
+                i += 1;
+                let pod: Pod = serde_json::from_value(pod_json(&name, 1)).unwrap();
+                fake.put_pod(pod);
+                let node = node_name(rng.below(nodes() as u64) as usize);
+                let args = json!({ "PodName": name, "PodNamespace": "inference", "PodUID": format!("uid-{name}"), "Node": node });
+                let req = Request::post("/bind").body(Body::from(args.to_string())).unwrap();
+                let resp = router.clone().oneshot(req).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+                bound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    measure_many(
+        &router,
+        &format!("filter     NodeNames x all, new size, {parallel} binds running"),
+        "/filter",
+        bodies,
+        iters,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let n = bound.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "  (binds completed meanwhile: {n}, {:.0} binds/s)",
+        n as f64 / started.elapsed().as_secs_f64()
+    );
+}
+
 /// `cargo bench` passes `--bench`; `cargo test --benches` does not, and gets a short smoke run
 /// (50 nodes, few iterations) that only proves the benchmark still works.
 fn scale() -> (usize, usize) {
@@ -286,7 +339,8 @@ fn main() {
         let cold: Vec<Value> = (1..=79)
             .map(|gib| json!({ "Pod": pod_json(&format!("llm-{gib}"), gib), "Nodes": null, "NodeNames": all }))
             .collect();
-        measure_many(&router, "filter     NodeNames x all, new size each call", "/filter", cold, iters(400)).await;
+        measure_many(&router, "filter     NodeNames x all, new size each call", "/filter", cold.clone(), iters(400)).await;
+        filter_during_binds(&ext, &fake, cold, iters(400), 16).await;
         let big = pod_json("llm-70b", 60);
         measure(&router, "filter     NodeNames x all, 60 GiB", "/filter",
             json!({ "Pod": big, "Nodes": null, "NodeNames": all }), iters(200)).await;

@@ -58,7 +58,8 @@ func scrapeURL(url string) (series, error) {
 }
 
 // schedulerSeries gathers the in-process kube-scheduler's counters and histograms
-// (both schedulers of the bench share one registry; most series carry a profile label).
+// (both schedulers of the bench share one registry; most series carry a profile label)
+// and the in-process API server's request counts.
 func schedulerSeries() (series, error) {
 	families, err := legacyregistry.DefaultGatherer.Gather()
 	if err != nil {
@@ -67,7 +68,7 @@ func schedulerSeries() (series, error) {
 	out := series{}
 	for _, f := range families {
 		name := f.GetName()
-		if !strings.HasPrefix(name, "scheduler_") {
+		if !strings.HasPrefix(name, "scheduler_") && name != "apiserver_request_total" {
 			continue
 		}
 		for _, m := range f.GetMetric() {
@@ -223,10 +224,14 @@ func sampleCPU(extenderPid int, pluginPids []int) cpuSample {
 }
 
 // report prints what one run cost, from the snapshots before and after it.
-func report(profile string, ext, sched series, cpu0, cpu1 cpuSample) {
+func report(profile string, pods int, ext, sched series, cpu0, cpu1 cpuSample) {
 	wall := cpu1.at.Sub(cpu0.at).Seconds()
-	fmt.Printf("  CPU over %.1fs: bench process (etcd, apiserver, schedulers, hollow nodes) %.1fs, extender %.1fs, device plugins %.1fs (2 cores = %.1fs available)\n",
-		wall, cpu1.bench-cpu0.bench, cpu1.extender-cpu0.extender, cpu1.plugin-cpu0.plugin, 2*wall)
+	bench, extender, plugins := cpu1.bench-cpu0.bench, cpu1.extender-cpu0.extender, cpu1.plugin-cpu0.plugin
+	fmt.Printf("  CPU to all bound, %.1fs: bench process (etcd, apiserver, schedulers, hollow nodes) %.1fs, extender %.1fs, device plugins %.1fs (2 cores = %.1fs available)\n",
+		wall, bench, extender, plugins, 2*wall)
+	perPod := func(s float64) float64 { return s / float64(pods) * 1e3 }
+	fmt.Printf("  CPU per pod bound: %.2f ms (bench process %.2f, extender %.2f, device plugins %.2f)\n",
+		perPod(bench+extender+plugins), perPod(bench), perPod(extender), perPod(plugins))
 	p := fmt.Sprintf("profile=%q", profile)
 	fmt.Printf("  kube-scheduler: attempts scheduled %.0f, unschedulable %.0f, error %.0f; attempt p50 %s p99 %s; pods re-queued: backoff %.0f, unschedulable %.0f\n",
 		sched.sum("scheduler_schedule_attempts_total", p, `result="scheduled"`),
@@ -242,6 +247,7 @@ func report(profile string, ext, sched series, cpu0, cpu1 cpuSample) {
 			ms(sched.quantile("scheduler_framework_extension_point_duration_seconds", 0.5, p, pt)),
 			ms(sched.quantile("scheduler_framework_extension_point_duration_seconds", 0.99, p, pt)))
 	}
+	fmt.Printf("  API requests: %s\n", apiRequests(sched, 8))
 	if ext == nil {
 		return
 	}
@@ -255,4 +261,43 @@ func report(profile string, ext, sched series, cpu0, cpu1 cpuSample) {
 	fmt.Printf("  extender bind conflicts %.0f, bind errors %.0f\n",
 		ext.sum("vramslice_extender_bind_conflicts_total"),
 		ext.sum("vramslice_extender_decisions_total", `verb="bind"`, `outcome="error"`))
+}
+
+// apiRequests summarises apiserver_request_total: the total and the `top` busiest
+// verb/resource(/subresource) pairs (watches count once, when opened).
+func apiRequests(s series, top int) string {
+	label := func(key, name string) string {
+		i := strings.Index(key, name+`="`)
+		if i < 0 {
+			return ""
+		}
+		rest := key[i+len(name)+2:]
+		return rest[:strings.IndexByte(rest, '"')]
+	}
+	counts := map[string]float64{}
+	total := 0.0
+	for k, v := range s {
+		if !strings.HasPrefix(k, "apiserver_request_total{") || v == 0 {
+			continue
+		}
+		what := label(k, "verb") + " " + label(k, "resource")
+		if sub := label(k, "subresource"); sub != "" {
+			what += "/" + sub
+		}
+		counts[what] += v
+		total += v
+	}
+	keys := make([]string, 0, len(counts))
+	for k := range counts {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return counts[keys[i]] > counts[keys[j]] })
+	if len(keys) > top {
+		keys = keys[:top]
+	}
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s %.0f", k, counts[k])
+	}
+	return fmt.Sprintf("%.0f in all; %s", total, strings.Join(parts, ", "))
 }
