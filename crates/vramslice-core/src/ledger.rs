@@ -358,6 +358,20 @@ impl Ledger {
         Err(self.rejection(node, request, now))
     }
 
+    /// [`Ledger::check`] without building the reason: `None` when `node` can take the pod,
+    /// else whether the refusal is unresolvable ([`Rejection::is_unresolvable`]). For callers
+    /// that word many refusals with one shared reason.
+    pub fn refusal(&self, node: &str, request: PodRequest, now: SystemTime) -> Option<bool> {
+        if self.fits(node, request, now) {
+            return None;
+        }
+        Some(
+            self.nodes
+                .get(node)
+                .is_some_and(|state| book::unresolvable(state, request)),
+        )
+    }
+
     /// [`Ledger::check`] with the reason already rendered, and remembered per node until its
     /// books change: filters of same-size pods against many full nodes render each reason once.
     pub fn check_rendered(

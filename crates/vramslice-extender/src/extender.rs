@@ -132,6 +132,51 @@ pub fn parse_body<'a, T: serde::Deserialize<'a>>(
     })
 }
 
+/// Refused nodes per filter call that get their own, detailed reason.
+pub const DETAILED_REFUSALS: usize = 100;
+
+/// The shared reasons for refused nodes past [`DETAILED_REFUSALS`], worded once per call.
+struct BriefReasons {
+    need: u64,
+    resolvable: Option<Arc<str>>,
+    unresolvable: Option<Arc<str>>,
+}
+
+impl BriefReasons {
+    fn new(need: u64) -> Self {
+        BriefReasons {
+            need,
+            resolvable: None,
+            unresolvable: None,
+        }
+    }
+
+    fn reason(&mut self, unresolvable: bool) -> Arc<str> {
+        let need = self.need;
+        let slot = if unresolvable {
+            &mut self.unresolvable
+        } else {
+            &mut self.resolvable
+        };
+        slot.get_or_insert_with(|| {
+            let need = format_bytes(need);
+            let text = if unresolvable {
+                format!(
+                    "no GPU on this node can ever take {need} (too large, or another VRAM unit); \
+                     vramslice words each reason for the first {DETAILED_REFUSALS} refused nodes only"
+                )
+            } else {
+                format!(
+                    "no GPU on this node has {need} effective free; vramslice words each reason \
+                     for the first {DETAILED_REFUSALS} refused nodes only"
+                )
+            };
+            Arc::from(text)
+        })
+        .clone()
+    }
+}
+
 impl Extender {
     /// An extender with an empty ledger, not ready until both watches report synced.
     pub fn new(config: Config, cluster: Arc<dyn ClusterApi>, clock: Clock) -> Self {
@@ -248,7 +293,10 @@ impl Extender {
         self.pending.len()
     }
 
-    /// The filter verb: the JSON answer, and the outcome for metrics.
+    /// The filter verb: the JSON answer, and the outcome for metrics. The first
+    /// [`DETAILED_REFUSALS`] refused nodes get their own reason; the rest share one per kind
+    /// (rendering thousands of per-node reasons for a pod of a new size took milliseconds, and
+    /// kube-scheduler's "0/N nodes are available" message groups identical reasons).
     pub fn filter(&self, body: &[u8]) -> Result<(String, Outcome), BadRequest> {
         let args: ExtenderArgs = parse_body(body, "ExtenderArgs")?;
         let call = parse_args(&args)?;
@@ -291,16 +339,31 @@ impl Extender {
                         }
                     }
                     _ => {
+                        let mut briefly = BriefReasons::new(need);
+                        let mut detailed = 0usize;
                         for (i, name) in names.iter().enumerate() {
-                            match ledger.check_rendered(name, request, now) {
+                            let refusal = if detailed < DETAILED_REFUSALS {
+                                ledger.check_rendered(name, request, now).map_err(|r| {
+                                    detailed += 1;
+                                    (r.unresolvable, r.reason)
+                                })
+                            } else {
+                                match ledger.refusal(name, request, now) {
+                                    None => Ok(()),
+                                    Some(unresolvable) => {
+                                        Err((unresolvable, briefly.reason(unresolvable)))
+                                    }
+                                }
+                            };
+                            match refusal {
                                 Ok(()) => passed.push(i),
-                                Err(r) if r.unresolvable => {
+                                Err((true, reason)) => {
                                     result
                                         .failed_and_unresolvable_nodes
-                                        .insert(name, Reason(r.reason));
+                                        .insert(name, Reason(reason));
                                 }
-                                Err(r) => {
-                                    result.failed_nodes.insert(name, Reason(r.reason));
+                                Err((false, reason)) => {
+                                    result.failed_nodes.insert(name, Reason(reason));
                                 }
                             }
                         }

@@ -525,3 +525,67 @@ async fn large_node_lists_are_accepted() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(answer["Nodes"]["items"].as_array().unwrap().len(), 3000);
 }
+
+#[tokio::test]
+async fn refused_nodes_past_the_detailed_limit_share_one_reason_per_kind() {
+    use vramslice_extender::extender::DETAILED_REFUSALS;
+    let fake = Arc::new(FakeCluster::new());
+    let ext = extender_with(config(0), fake);
+    let count = DETAILED_REFUSALS + 40;
+    let names: Vec<String> = (0..count).map(|i| format!("n{i:03}")).collect();
+    {
+        let mut ledger = ext.ledger_mut();
+        for (i, name) in names.iter().enumerate() {
+            // Every node short of a 6 GiB pod, each by a different amount; the last few too
+            // small to ever take it (unresolvable); one that fits at the very end.
+            let gpu = if i >= count - 5 {
+                gpu(0, 4, 4)
+            } else {
+                gpu(0, 16, (i % 5) as u64 + 1)
+            };
+            ledger.set_reading(name, reading(5, vec![gpu]));
+        }
+        ledger.set_reading("fits", reading(5, vec![gpu(0, 16, 16)]));
+    }
+    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+    all.push("fits");
+    let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
+    let (status, body) = post_json(&ext, "/filter", &args_names(pod, &all)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["NodeNames"], json!(["fits"]));
+    let failed = body["FailedNodes"].as_object().unwrap();
+    let unresolvable = body["FailedAndUnresolvableNodes"].as_object().unwrap();
+    // Nothing is lost: every refused node is listed, in the map its kind belongs to.
+    assert_eq!(failed.len(), count - 5);
+    assert_eq!(unresolvable.len(), 5);
+    let detailed = |name: &str| {
+        let i: usize = name[1..].parse().unwrap();
+        i < DETAILED_REFUSALS
+    };
+    for (name, reason) in failed {
+        let reason = reason.as_str().unwrap();
+        if detailed(name) {
+            assert!(
+                reason.starts_with("GPU 0: ") && reason.ends_with("need 6 GiB"),
+                "{name}: {reason}"
+            );
+        } else {
+            assert_eq!(
+                reason,
+                format!(
+                    "no GPU on this node has 6 GiB effective free; vramslice words each reason for the first {DETAILED_REFUSALS} refused nodes only"
+                )
+            );
+        }
+    }
+    for (name, reason) in unresolvable {
+        assert!(!detailed(name));
+        assert!(
+            reason
+                .as_str()
+                .unwrap()
+                .starts_with("no GPU on this node can ever take 6 GiB"),
+            "{reason}"
+        );
+    }
+}

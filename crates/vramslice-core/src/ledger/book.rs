@@ -179,6 +179,18 @@ impl SizeGroup {
     }
 }
 
+/// Whether a refusal of `request` by `state` could never be helped by preemption: the unit and
+/// size checks of [`rejection`] (in its order), without building the reason.
+pub(super) fn unresolvable(state: &NodeState, request: PodRequest) -> bool {
+    match &state.reading {
+        ReadingState::Valid(reading) => {
+            !state.gpus.is_empty()
+                && (reading.unit != request.unit || request.bytes() > state.capacity)
+        }
+        ReadingState::Missing | ReadingState::Invalid(_) => false,
+    }
+}
+
 /// Why `state` (the books of `node`) cannot take `request` at `now`.
 pub(super) fn rejection(
     node: &str,

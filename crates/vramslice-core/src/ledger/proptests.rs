@@ -234,6 +234,11 @@ fn check_invariants(ledger: &Ledger, world: &World) {
             for _ in 0..2 {
                 assert_eq!(ledger.check_rendered(name, request, world.now), fresh);
             }
+            // The unrendered verdict agrees with the rendered one.
+            assert_eq!(
+                ledger.refusal(name, request, world.now),
+                fresh.as_ref().err().map(|r| r.unresolvable)
+            );
             // A node scores (1..=10) exactly when it fits.
             for policy in [Policy::Binpack, Policy::Spread] {
                 let score = ledger.score(name, request, policy, world.now);
