@@ -18,7 +18,7 @@ pub use procfs::ProcRoot;
 pub use vramslice_core::cgroup::PodCgroup;
 
 /// A point-in-time reading of one GPU.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GpuReading {
     /// NVML index on the node.
     pub index: u32,
@@ -39,7 +39,8 @@ pub struct GpuReading {
 }
 
 /// Whether a GPU may take work.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Working.
     Healthy,
@@ -58,7 +59,7 @@ impl Health {
 }
 
 /// One compute process on a GPU.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GpuProcess {
     /// Host PID.
     pub pid: u32,
