@@ -66,3 +66,15 @@ def env_int(name: str, default: Optional[int] = None) -> int:
 def mib(n: float) -> str:
     """Bytes as MiB, for figures."""
     return f"{n / MIB:.0f} MiB"
+
+
+def child_env(guarded: bool) -> dict:
+    """This process's environment without the guard, or with the guard's environment
+    (GPUCHECK_GUARD_ENV, JSON) added: for programs that compare plain and guarded children."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMSLICE_") and k != "LD_PRELOAD"}
+    if guarded:
+        raw = os.environ.get("GPUCHECK_GUARD_ENV")
+        if not raw:
+            sys.exit("GPUCHECK_GUARD_ENV is not set")
+        env.update(json.loads(raw))
+    return env

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import subprocess
 import sys
 import time
 
-from checklib import MIB, emit, env_int, mib
+from checklib import MIB, child_env, emit, env_int, mib
 
 CUDA_SUCCESS = 0
 CUDA_ERROR_OUT_OF_MEMORY = 2
@@ -206,20 +205,6 @@ def pairs(n: int, size: int) -> int:
         drv.free(ptr)
     print(json.dumps({"ns_per_pair": (time.perf_counter_ns() - start) / n}))
     return 0
-
-
-def guard_env() -> dict:
-    raw = os.environ.get("GPUCHECK_GUARD_ENV")
-    if not raw:
-        sys.exit("GPUCHECK_GUARD_ENV is not set")
-    return json.loads(raw)
-
-
-def child_env(guarded: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMSLICE_") and k != "LD_PRELOAD"}
-    if guarded:
-        env.update(guard_env())
-    return env
 
 
 def latency(n: int = 20000, size: int = 2 * MIB) -> int:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import subprocess
 import sys
 import time
 
-from checklib import GIB, MIB, emit, env_int, mib
+from checklib import GIB, MIB, child_env, emit, env_int, mib
 
 import torch  # noqa: E402 - after checklib so a missing torch still reports through main()
 
@@ -194,13 +193,6 @@ def loops(seconds: float) -> int:
     gbps = 2 * GIB * copies / (time.perf_counter() - start) / 1e9  # read + write
     print(json.dumps({"tflops": tflops, "copy_gbps": gbps}))
     return 0
-
-
-def child_env(guarded: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMSLICE_") and k != "LD_PRELOAD"}
-    if guarded:
-        env.update(json.loads(os.environ["GPUCHECK_GUARD_ENV"]))
-    return env
 
 
 def throughput(seconds: float = 6.0) -> int:
