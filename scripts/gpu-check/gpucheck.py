@@ -140,6 +140,7 @@ def base_env(bundle: Path, drivers: Dict[str, str]) -> Dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(bundle / "python"), str(HERE)] +
                                         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(drivers)
+    env["RUST_BACKTRACE"] = "0"  # the binaries' errors name the problem; a backtrace would bury it
     return env
 
 
@@ -278,10 +279,12 @@ def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]
         for gpu in reading["gpus"]:
             want = gpu["total_bytes"] // GIB
             got = advertised.get(gpu["uuid"], {})
+            foreign = seen.get("unparsed_ids", [])
             run.check(g, f"units per GPU from real memory (GPU {gpu['index']})",
-                      got.get("units") == want and got.get("healthy") == want,
+                      got.get("units") == want and got.get("healthy") == want and not foreign,
                       f"{got.get('units')} units ({got.get('healthy')} healthy) from {mib(gpu['total_bytes'])}",
-                      f"floor(total / 1 GiB) = {want}")
+                      f"floor(total / 1 GiB) = {want}",
+                      detail=f"IDs that are not vramslice units: {foreign[:5]}" if foreign else "")
         names_ok = bool(reading["gpus"]) and {g_["uuid"] for g_ in reading["gpus"]} == set(advertised) and all(
             g_["model"] and g_["uuid"].startswith("GPU-") for g_ in reading["gpus"])
         run.check(g, "UUID and model", names_ok,
@@ -350,18 +353,15 @@ def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]
 
 
 def guard_env(bundle: Path, allocation: Optional[dict], accounting: Path) -> Dict[str, str]:
-    """The guard's environment as a container given the Allocate answer would have it, with the
-    mounts' host paths (the check runs outside a container)."""
-    env = {"LD_PRELOAD": str(bundle / "lib" / "libvramslice_guard.so"), "VRAMSLICE_VRAM_LIMIT_BYTES": str(LIMIT),
-           "VRAMSLICE_ACCOUNTING_DIR": str(accounting)}
-    if allocation:
+    """The guard's environment as the Allocate answer gives it to a container (its VRAMSLICE_*
+    variables, container paths replaced by the mounts' host paths: the check runs outside a
+    container), with the bundle's guard preloaded. Without an allocation (its check failed), a
+    4 GiB limit and `accounting`, so the guard groups still run."""
+    env = {"VRAMSLICE_VRAM_LIMIT_BYTES": str(LIMIT), "VRAMSLICE_ACCOUNTING_DIR": str(accounting)}
+    if allocation and not allocation.get("error"):
         hosts = {m["container_path"]: m["host_path"] for m in allocation.get("mounts", [])}
-        envs = allocation.get("envs", {})
-        for key in ("VRAMSLICE_ACCOUNTING_DIR", "VRAMSLICE_LIMIT_FILE"):
-            if envs.get(key) in hosts:
-                env[key] = hosts[envs[key]]
-        if envs.get("VRAMSLICE_GPU_UUID"):
-            env["VRAMSLICE_GPU_UUID"] = envs["VRAMSLICE_GPU_UUID"]
+        env = {k: hosts.get(v, v) for k, v in allocation.get("envs", {}).items() if k.startswith("VRAMSLICE_")}
+    env["LD_PRELOAD"] = str(bundle / "lib" / "libvramslice_guard.so")
     return env
 
 
@@ -436,10 +436,11 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
     acct = work / "accounting"
     acct.mkdir()
     genv = guard_env(bundle, allocation, acct)
-    guarded = dict(env, **genv, GPUCHECK_LIMIT_BYTES=str(LIMIT))
+    limit = genv.get("VRAMSLICE_VRAM_LIMIT_BYTES", str(LIMIT))  # what the checks hold the guard to
+    guarded = dict(env, **genv, GPUCHECK_LIMIT_BYTES=limit)
     fresh = dict(genv, VRAMSLICE_ACCOUNTING_DIR=str(work / "accounting-latency"))
     (work / "accounting-latency").mkdir()
-    plain = dict(env, GPUCHECK_LIMIT_BYTES=str(LIMIT), GPUCHECK_GUARD_ENV=json.dumps(fresh))
+    plain = dict(env, GPUCHECK_LIMIT_BYTES=limit, GPUCHECK_GUARD_ENV=json.dumps(fresh))
     drv = str(HERE / "guard_driver.py")
     run.program(g, [py, drv, "limits"], guarded, 60, [
         "driver: cuMemGetInfo total is the slice", "driver: allocation within the limit succeeds",

@@ -1,8 +1,9 @@
 //! A test kubelet for the real plugin binary: the device manager's side of registration,
 //! ListAndWatch and Allocate, recorded as a JSON [`Report`].
 //!
-//! [`summarise`] and [`units_to_allocate`] are the decisions (pure, tested); [`run`] is the
-//! shell that serves the socket and writes the report after every event.
+//! [`summarise`] reads an answer (pure, tested); which units a container gets is the plugin's
+//! decision (GetPreferredAllocation), as with the real kubelet. [`run`] is the shell that serves
+//! the socket and writes the report after every event.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -89,10 +90,8 @@ pub struct UnitsSeen {
 /// The Allocate call and what it returned.
 #[derive(Debug, Default, Serialize)]
 pub struct AllocateSeen {
-    /// Units asked for.
+    /// Units allocated: what GetPreferredAllocation proposed.
     pub device_ids: Vec<String>,
-    /// What GetPreferredAllocation proposed for the same size (when offered).
-    pub preferred: Vec<String>,
     /// Environment for the container.
     pub envs: BTreeMap<String, String>,
     /// Mounts for the container.
@@ -131,27 +130,13 @@ pub fn summarise(devices: &[Device]) -> (BTreeMap<String, UnitsSeen>, Vec<String
     (gpus, unparsed)
 }
 
-/// The first `count` healthy units of the first GPU in the answer that has that many, in
-/// the answer's order; `None` when no GPU has enough.
-pub fn units_to_allocate(devices: &[Device], count: usize) -> Option<Vec<String>> {
-    let mut order: Vec<String> = Vec::new();
-    let mut by_gpu: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for device in devices.iter().filter(|d| d.health == HEALTHY) {
-        let Ok(id) = device.id.parse::<DeviceId>() else {
-            continue;
-        };
-        if !by_gpu.contains_key(&id.gpu_uuid) {
-            order.push(id.gpu_uuid.clone());
-        }
-        by_gpu
-            .entry(id.gpu_uuid)
-            .or_default()
-            .push(device.id.clone());
-    }
-    order.into_iter().find_map(|uuid| {
-        let ids = by_gpu.remove(&uuid)?;
-        (ids.len() >= count && count > 0).then(|| ids.into_iter().take(count).collect())
-    })
+/// The healthy device IDs of an answer: what the kubelet offers GetPreferredAllocation.
+pub fn healthy_ids(devices: &[Device]) -> Vec<String> {
+    devices
+        .iter()
+        .filter(|d| d.health == HEALTHY)
+        .map(|d| d.id.clone())
+        .collect()
 }
 
 /// The report and where it is written.
@@ -268,44 +253,47 @@ async fn follow(mut client: Client, shared: Arc<Shared>, mut allocate: Option<us
             r.gpus = gpus;
             r.unparsed_ids = unparsed;
         });
-        if let Some(ids) = allocate.and_then(|count| units_to_allocate(&devices, count)) {
+        let available = healthy_ids(&devices);
+        if let Some(count) = allocate.filter(|&n| n > 0 && available.len() >= n) {
             allocate = None;
-            let seen = allocate_units(&mut client, &devices, ids).await;
+            let seen = allocate_units(&mut client, available, count).await;
             shared.update(|r| r.allocate = Some(seen));
         }
     }
 }
 
-/// GetPreferredAllocation for the size (as the kubelet does first), then Allocate `ids`.
-async fn allocate_units(client: &mut Client, devices: &[Device], ids: Vec<String>) -> AllocateSeen {
-    let mut seen = AllocateSeen {
-        device_ids: ids.clone(),
-        ..AllocateSeen::default()
-    };
-    let available = devices
-        .iter()
-        .filter(|d| d.health == HEALTHY)
-        .map(|d| d.id.clone())
-        .collect();
+/// As the kubelet's device manager: GetPreferredAllocation over the available units, then
+/// Allocate what the plugin preferred (an answer of the wrong size is recorded as the error).
+async fn allocate_units(client: &mut Client, available: Vec<String>, count: usize) -> AllocateSeen {
+    let mut seen = AllocateSeen::default();
     let preferred = client
         .get_preferred_allocation(PreferredAllocationRequest {
             container_requests: vec![ContainerPreferredAllocationRequest {
                 available_device_i_ds: available,
                 must_include_device_i_ds: vec![],
-                allocation_size: i32::try_from(ids.len()).unwrap_or(i32::MAX),
+                allocation_size: i32::try_from(count).unwrap_or(i32::MAX),
             }],
         })
         .await;
-    match preferred {
-        Ok(r) => {
-            seen.preferred = r
-                .into_inner()
-                .container_responses
-                .into_iter()
-                .flat_map(|c| c.device_i_ds)
-                .collect()
+    let ids: Vec<String> = match preferred {
+        Ok(r) => r
+            .into_inner()
+            .container_responses
+            .into_iter()
+            .flat_map(|c| c.device_i_ds)
+            .collect(),
+        Err(e) => {
+            seen.error = Some(format!("GetPreferredAllocation: {e}"));
+            return seen;
         }
-        Err(e) => tracing::warn!(error = %e, "GetPreferredAllocation failed"),
+    };
+    seen.device_ids = ids.clone();
+    if ids.len() != count {
+        seen.error = Some(format!(
+            "GetPreferredAllocation answered {} units, {count} asked",
+            ids.len()
+        ));
+        return seen;
     }
     let answer = client
         .allocate(AllocateRequest {
@@ -468,23 +456,14 @@ mod tests {
     }
 
     #[test]
-    fn allocates_from_the_first_gpu_with_enough_healthy_units() {
-        let mut devices = gpu(B, 2, true);
-        devices.extend(gpu(A, 4, true));
-        // B comes first but has only 2 units.
-        let ids = units_to_allocate(&devices, 3).unwrap();
+    fn offers_only_healthy_units() {
+        let mut devices = gpu(A, 2, true);
+        devices.extend(gpu(B, 3, false));
         assert_eq!(
-            ids,
-            (0..3)
+            healthy_ids(&devices),
+            (0..2)
                 .map(|k| DeviceId::new(A, k).to_string())
                 .collect::<Vec<_>>()
         );
-        assert_eq!(
-            units_to_allocate(&devices, 2).unwrap()[0],
-            DeviceId::new(B, 0).to_string()
-        );
-        assert_eq!(units_to_allocate(&devices, 5), None);
-        assert_eq!(units_to_allocate(&devices, 0), None);
-        assert_eq!(units_to_allocate(&gpu(A, 4, false), 1), None);
     }
 }

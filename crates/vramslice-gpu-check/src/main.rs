@@ -54,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
             report,
             allocate,
         } => {
+            if allocate == Some(0) {
+                anyhow::bail!("--allocate 0: a container asks for at least 1 unit");
+            }
             vramslice_gpu_check::kubelet::run(
                 &socket_dir,
                 pod_resources_socket.as_deref(),
