@@ -204,6 +204,14 @@ fn unhealthy_without_reason_and_unresolvable_requests() {
         other_unit.to_string(),
         "node n1 advertises vramslice.io/vram-gib, the pod requests vramslice.io/vram-512mib"
     );
+    // The unrendered verdict agrees, for each kind.
+    let mib512 = PodRequest::new(VramUnit::Mib512, 2);
+    assert_eq!(ledger.refusal("n1", gib(9), at(0)), None);
+    assert_eq!(ledger.refusal("n1", gib(10), at(0)), Some(false));
+    assert_eq!(ledger.refusal("n1", gib(17), at(0)), Some(true));
+    assert_eq!(ledger.refusal("n1", mib512, at(0)), Some(true));
+    assert_eq!(ledger.refusal("nowhere", gib(1), at(0)), Some(false));
+    assert_eq!(ledger.refusal("n1", gib(1), at(600)), Some(false), "stale");
     assert_eq!(ledger.largest_gpu_bytes(), Some(16 * GIB));
     ledger.set_reading("n2", reading(0, vec![gpu(0, 80, 80)]));
     assert_eq!(ledger.largest_gpu_bytes(), Some(80 * GIB));
