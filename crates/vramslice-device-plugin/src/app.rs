@@ -10,7 +10,7 @@ use vramslice_core::allocation::{InjectionMode, preload_file_content};
 use crate::config::{ConfigError, Settings};
 use crate::logic::VramPlugin;
 use crate::metrics::Metrics;
-use crate::pods::PodLister;
+use crate::pods::NodePods;
 use crate::poller::NodeState;
 use crate::publisher::Publisher;
 use crate::runner::{RunnerConfig, RunnerError};
@@ -119,7 +119,9 @@ pub async fn run(
         .into());
     }
     let lister = match (client, &settings.node_name) {
-        (Some(client), Some(node)) => Some(PodLister::new(client, node.clone())),
+        (Some(client), Some(node)) => {
+            Some(NodePods::watched(client, node.clone(), shutdown.clone()))
+        }
         (Some(_), None) => {
             tracing::warn!("no node name: pending-pod lookups are off, preferring by binpacking");
             None

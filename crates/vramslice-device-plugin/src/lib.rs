@@ -4,7 +4,7 @@
 //!
 //! Data enters from the GPU backend ([`vramslice_gpu`], polled by [`poller`]), from the kubelet
 //! (gRPC over Unix sockets: DevicePlugin calls in, PodResources answers), and from the API
-//! server (pending pods, pod UIDs). It leaves as ListAndWatch updates and Allocate answers
+//! server (one watch of the node's pods: pending pods, pod UIDs). It leaves as ListAndWatch updates and Allocate answers
 //! ([`grpc`] over [`logic`]), `GpuNode` status writes ([`publisher`]), and Prometheus metrics
 //! ([`metrics`]), the [`watchdog`]'s Events, kills and evictions, and the [`sweeper`]'s removal
 //! of ended allocations' accounting files. Decisions live in

@@ -7,12 +7,13 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 use vramslice_core::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
 use vramslice_core::inventory::preferred_units;
 use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit, owed_gpus};
 
-use crate::pods::{PodLister, placements};
+use crate::pods::{NodePods, placements, waiting_pods};
 use crate::poller::NodeWatch;
 
 /// Longest wait for the API server or PodResources while the kubelet waits for a preference.
@@ -67,7 +68,7 @@ pub struct VramPlugin {
     unit: VramUnit,
     allocation: AllocationSettings,
     node: NodeWatch,
-    pods: Option<PodLister>,
+    pods: Option<NodePods>,
     pod_resources_socket: Option<std::path::PathBuf>,
 }
 
@@ -79,7 +80,7 @@ impl VramPlugin {
         unit: VramUnit,
         allocation: AllocationSettings,
         node: NodeWatch,
-        pods: Option<PodLister>,
+        pods: Option<NodePods>,
         pod_resources_socket: Option<std::path::PathBuf>,
     ) -> Self {
         VramPlugin {
@@ -91,50 +92,79 @@ impl VramPlugin {
         }
     }
 
+    /// The kubelet's record of which GPU each pod holds (PodResources), or `None` when it cannot
+    /// be read (then started pods count as allocated).
+    async fn allocated_gpus(&self) -> Option<BTreeMap<(String, String), String>> {
+        let socket = self.pod_resources_socket.as_ref()?;
+        let listed = tokio::time::timeout(
+            LOOKUP_TIMEOUT,
+            crate::podresources::list_allocations(socket, self.resource_name()),
+        )
+        .await;
+        match listed {
+            Ok(Ok(records)) => Some(
+                records
+                    .into_iter()
+                    .filter_map(|r| {
+                        let gpu = r
+                            .device_ids
+                            .first()
+                            .and_then(|id| id.parse::<DeviceId>().ok())?
+                            .gpu_uuid;
+                        Some(((r.namespace, r.pod), gpu))
+                    })
+                    .collect(),
+            ),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "PodResources unavailable; started pods count as allocated");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("PodResources List timed out");
+                None
+            }
+        }
+    }
+
+    /// This node's pods for a preference: the watch cache when it holds a pod waiting for every
+    /// requested size, else a consistent LIST (`None` when that fails too).
+    async fn node_pods(
+        &self,
+        pods: &NodePods,
+        sizes: &BTreeSet<usize>,
+        allocated: Option<&BTreeMap<(String, String), String>>,
+    ) -> Option<Vec<Arc<Pod>>> {
+        let resource = self.resource_name();
+        if let Some(cached) = pods.cached() {
+            let known = sizes
+                .iter()
+                .all(|size| waiting_pods(&cached, resource, *size as u64, allocated) > 0);
+            if known {
+                return Some(cached);
+            }
+            tracing::debug!(sizes = ?sizes, "the pod cache holds no pod waiting for this size; listing");
+        }
+        match tokio::time::timeout(LOOKUP_TIMEOUT, pods.list()).await {
+            Ok(Ok(listed)) => Some(listed.into_iter().map(Arc::new).collect()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot look up the node's pods; falling back to binpacking");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?LOOKUP_TIMEOUT, "pod lookup timed out; falling back to binpacking");
+                None
+            }
+        }
+    }
+
     async fn candidate_gpus(&self, sizes: &BTreeSet<usize>) -> Vec<(usize, Vec<String>)> {
         let Some(lister) = &self.pods else {
             return Vec::new();
         };
-        let pods = match tokio::time::timeout(LOOKUP_TIMEOUT, lister.list()).await {
-            Ok(Ok(pods)) => pods,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot look up the node's pods; falling back to binpacking");
-                return Vec::new();
-            }
-            Err(_) => {
-                tracing::warn!(timeout = ?LOOKUP_TIMEOUT, "pod lookup timed out; falling back to binpacking");
-                return Vec::new();
-            }
+        let allocated = self.allocated_gpus().await;
+        let Some(pods) = self.node_pods(lister, sizes, allocated.as_ref()).await else {
+            return Vec::new();
         };
-        let mut allocated: Option<BTreeMap<(String, String), String>> = None;
-        if let Some(socket) = &self.pod_resources_socket {
-            let listed = tokio::time::timeout(
-                LOOKUP_TIMEOUT,
-                crate::podresources::list_allocations(socket, self.resource_name()),
-            )
-            .await;
-            match listed {
-                Ok(Ok(records)) => {
-                    allocated = Some(
-                        records
-                            .into_iter()
-                            .filter_map(|r| {
-                                let gpu = r
-                                    .device_ids
-                                    .first()
-                                    .and_then(|id| id.parse::<DeviceId>().ok())?
-                                    .gpu_uuid;
-                                Some(((r.namespace, r.pod), gpu))
-                            })
-                            .collect(),
-                    );
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "PodResources unavailable; started pods count as allocated")
-                }
-                Err(_) => tracing::debug!("PodResources List timed out"),
-            }
-        }
         sizes
             .iter()
             .map(|size| {

@@ -1,12 +1,22 @@
-//! Pods of this node from the API server: the pending pods whose assigned GPU
-//! GetPreferredAllocation prefers (pure selection in [`assigned_gpus`]), and the UID of each pod
-//! for the publisher.
+//! Pods of this node from the API server: a watch-fed cache of them ([`NodePods`]), the pending
+//! pods whose assigned GPU GetPreferredAllocation prefers (pure selection in [`placements`]),
+//! and the UID of each pod for the publisher.
+//!
+//! GetPreferredAllocation is asked at every container start, so it reads the cache; only when
+//! the cache does not yet hold a pod waiting for the requested size (the watch is behind the
+//! kubelet's, or not synced yet) does it fall back to a consistent LIST ([`NodePods::list`]).
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
 use vramslice_core::{PodPlacement, parse_bytes};
 
@@ -21,27 +31,59 @@ pub struct PodListError {
     pub source: kube::Error,
 }
 
-/// Lists this node's pods through the API server.
+/// This node's pods: a cache fed by one watch (`spec.nodeName=<node>`), and a consistent LIST
+/// for the rare lookup the cache cannot answer yet.
 #[derive(Clone)]
-pub struct PodLister {
+pub struct NodePods {
     client: kube::Client,
     node: String,
+    cache: Store<Pod>,
 }
 
-impl std::fmt::Debug for PodLister {
+impl std::fmt::Debug for NodePods {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PodLister")
+        f.debug_struct("NodePods")
             .field("node", &self.node)
+            .field("cached", &self.cache.len())
             .finish()
     }
 }
 
-impl PodLister {
-    /// A lister for `node`'s pods.
-    pub fn new(client: kube::Client, node: impl Into<String>) -> Self {
-        PodLister {
+impl NodePods {
+    /// Pods of `node`, with a cache kept by a watch that runs until `shutdown` fires. The
+    /// watch re-lists with backoff after errors; until its first list arrives, lookups LIST.
+    pub fn watched(
+        client: kube::Client,
+        node: impl Into<String>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let node = node.into();
+        let (store, writer) = reflector::store::<Pod>();
+        let api: Api<Pod> = Api::all(client.clone());
+        let config = watcher::Config::default().fields(&node_selector(&node));
+        let events = watcher(api, config)
+            .default_backoff()
+            // Managed fields are most of a pod's bytes and nothing here reads them.
+            .modify(|pod| pod.metadata.managed_fields = None)
+            .reflect(writer);
+        let watched_node = node.clone();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            loop {
+                tokio::select! {
+                    event = events.next() => match event {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => tracing::warn!(node = %watched_node, error = %e, "pod watch failed; re-listing with backoff"),
+                        None => return,
+                    },
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+        });
+        NodePods {
             client,
-            node: node.into(),
+            node,
+            cache: store,
         }
     }
 
@@ -55,11 +97,19 @@ impl PodLister {
         &self.node
     }
 
-    /// Pods bound to this node.
+    /// The cached pods, or `None` while the watch has not delivered its first list. May miss
+    /// the newest pods and still hold just-deleted ones.
+    pub fn cached(&self) -> Option<Vec<Arc<Pod>>> {
+        match self.cache.wait_until_ready().now_or_never() {
+            Some(Ok(())) => Some(self.cache.state()),
+            _ => None,
+        }
+    }
+
+    /// Pods bound to this node, read from the API server now (a consistent LIST).
     pub async fn list(&self) -> Result<Vec<Pod>, PodListError> {
-        let selector = format!("spec.nodeName={}", self.node);
         let api: Api<Pod> = Api::all(self.client.clone());
-        api.list(&ListParams::default().fields(&selector))
+        api.list(&ListParams::default().fields(&node_selector(&self.node)))
             .await
             .map(|list| list.items)
             .map_err(|source| PodListError {
@@ -67,6 +117,11 @@ impl PodLister {
                 source,
             })
     }
+}
+
+/// The field selector of the pods bound to `node`.
+fn node_selector(node: &str) -> String {
+    format!("spec.nodeName={node}")
 }
 
 /// Whether none of the pod's containers has started yet.
@@ -98,32 +153,68 @@ fn container_request(
     parse_bytes(&quantity.0).ok()
 }
 
+/// Whether the pod is bound, not finished (phase neither Succeeded nor Failed), and has a
+/// container asking for exactly `size` units of `resource`.
+fn holds_or_waits_for(pod: &Pod, resource: &str, size: u64) -> bool {
+    let Some(spec) = pod.spec.as_ref().filter(|s| s.node_name.is_some()) else {
+        return false;
+    };
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded" | "Failed"))
+        && spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| container_request(c, resource) == Some(size))
+}
+
+/// (namespace, name) of a pod.
+fn pod_key(pod: &Pod) -> (String, String) {
+    (
+        pod.metadata.namespace.clone().unwrap_or_default(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Whether the kubelet has not allocated the pod's devices yet: not in `allocated` (the
+/// kubelet's PodResources record) or, without that record, not started.
+fn not_allocated(pod: &Pod, allocated: Option<&BTreeMap<(String, String), String>>) -> bool {
+    match allocated {
+        Some(map) => !map.contains_key(&pod_key(pod)),
+        None => not_started(pod),
+    }
+}
+
+/// How many pods, annotated or not, wait for exactly `size` units: bound, unfinished, asking
+/// for that size, not allocated yet. GetPreferredAllocation is asked for one of them, so when
+/// the cached pods hold none, the cache is behind the kubelet and a LIST must answer instead.
+pub fn waiting_pods<P: Borrow<Pod>>(
+    pods: &[P],
+    resource: &str,
+    size: u64,
+    allocated: Option<&BTreeMap<(String, String), String>>,
+) -> usize {
+    pods.iter()
+        .map(Borrow::borrow)
+        .filter(|pod| holds_or_waits_for(pod, resource, size) && not_allocated(pod, allocated))
+        .count()
+}
+
 /// The pods on this node that hold or wait for exactly `size` units of `resource`, with the GPU
 /// the extender assigned each (`vramslice.io/gpu-uuid`) and the GPU the kubelet allocated, for
 /// `vramslice_core::owed_gpus`. A pod counts when it is bound, not finished (phase neither
 /// Succeeded nor Failed), annotated, and has a container asking for exactly `size` units.
 /// `allocated` maps (namespace, name) to the GPU from the kubelet's PodResources; without it
 /// (`None`: PodResources unavailable) a pod that has started is taken to hold its annotated GPU.
-pub fn placements(
-    pods: &[Pod],
+pub fn placements<P: Borrow<Pod>>(
+    pods: &[P],
     resource: &str,
     size: u64,
     allocated: Option<&BTreeMap<(String, String), String>>,
 ) -> Vec<PodPlacement> {
     pods.iter()
-        .filter(|pod| pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-        .filter(|pod| {
-            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
-        })
-        .filter(|pod| {
-            pod.spec.as_ref().is_some_and(|s| {
-                s.containers
-                    .iter()
-                    .chain(s.init_containers.iter().flatten())
-                    .any(|c| container_request(c, resource) == Some(size))
-            })
-        })
+        .map(Borrow::borrow)
+        .filter(|pod| holds_or_waits_for(pod, resource, size))
         .filter_map(|pod| {
             let annotations = pod.metadata.annotations.as_ref()?;
             let gpu = annotations.get(ANNOTATION_GPU_UUID)?.trim().to_string();
@@ -134,10 +225,7 @@ pub fn placements(
                 .get(ANNOTATION_ASSIGNED_AT)
                 .and_then(|t| t.trim().parse::<Timestamp>().ok());
             let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            let key = (
-                pod.metadata.namespace.clone().unwrap_or_default(),
-                pod.metadata.name.clone().unwrap_or_default(),
-            );
+            let key = pod_key(pod);
             let allocated_gpu = match allocated {
                 Some(map) => map.get(&key).cloned(),
                 None => (!not_started(pod)).then(|| gpu.clone()),
@@ -167,8 +255,9 @@ fn sortable(t: Option<Timestamp>) -> String {
 }
 
 /// (namespace, name) → UID of the given pods.
-pub fn uids_by_name(pods: &[Pod]) -> BTreeMap<(String, String), String> {
+pub fn uids_by_name<P: Borrow<Pod>>(pods: &[P]) -> BTreeMap<(String, String), String> {
     pods.iter()
+        .map(Borrow::borrow)
         .filter_map(|p| {
             Some((
                 (p.metadata.namespace.clone()?, p.metadata.name.clone()?),
@@ -259,6 +348,38 @@ mod tests {
         ]);
         let got = placements(&pods, RES, 6, Some(&allocated));
         assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a"]);
+    }
+
+    #[test]
+    fn waiting_pods_count_annotated_or_not_until_allocated() {
+        let mut plain = pod("plain", None, "", 6, false);
+        plain.metadata.annotations = None;
+        let pods = vec![
+            pod("a", Some("GPU-a"), "2026-01-01T00:00:01Z", 6, false),
+            plain,
+            pod("running", Some("GPU-b"), "2026-01-01T00:00:00Z", 6, true),
+            pod(
+                "other-size",
+                Some("GPU-c"),
+                "2026-01-01T00:00:00Z",
+                4,
+                false,
+            ),
+        ];
+        // Without PodResources, started pods are allocated; unannotated pods still wait.
+        assert_eq!(waiting_pods(&pods, RES, 6, None), 2);
+        assert_eq!(waiting_pods(&pods, RES, 4, None), 1);
+        assert_eq!(waiting_pods(&pods, RES, 5, None), 0);
+        assert_eq!(waiting_pods(&pods, "vramslice.io/vram-512mib", 6, None), 0);
+        // With PodResources, its record decides: "a" is allocated, "running" (not listed) is not.
+        let allocated = BTreeMap::from([(
+            ("default".to_string(), "a".to_string()),
+            "GPU-a".to_string(),
+        )]);
+        assert_eq!(waiting_pods(&pods, RES, 6, Some(&allocated)), 2);
+        // Arcs, as the watch cache holds them, read the same.
+        let cached: Vec<std::sync::Arc<Pod>> = pods.into_iter().map(std::sync::Arc::new).collect();
+        assert_eq!(waiting_pods(&cached, RES, 6, None), 2);
     }
 
     #[test]

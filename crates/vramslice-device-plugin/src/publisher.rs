@@ -26,7 +26,7 @@ use vramslice_gpu::GpuReading;
 use vramslice_gpu::procfs::ProcRoot;
 
 use crate::metrics::Metrics;
-use crate::pods::{PodLister, uids_by_name};
+use crate::pods::{NodePods, uids_by_name};
 use crate::poller::NodeWatch;
 use crate::sweeper::Sweeper;
 use crate::watchdog::Watchdog;
@@ -53,7 +53,7 @@ pub struct Publisher {
     /// Metrics.
     pub metrics: Metrics,
     /// API access for UIDs and writes; `None`: metrics only.
-    pub kube: Option<PodLister>,
+    pub kube: Option<NodePods>,
     /// Whether to write GpuNode objects (needs `kube`).
     pub write: bool,
     /// Compares measured usage with limits every poll and acts on breaches.
@@ -248,10 +248,17 @@ impl Publisher {
                 }
             }
             if let Some(lister) = &self.kube {
-                let unknown = records
-                    .iter()
-                    .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())));
-                if unknown && uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH) {
+                let unknown = |uids: &BTreeMap<(String, String), String>| {
+                    records
+                        .iter()
+                        .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())))
+                };
+                if unknown(&uids)
+                    && let Some(cached) = lister.cached()
+                {
+                    uids = uids_by_name(&cached);
+                }
+                if unknown(&uids) && uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH) {
                     uids_at = Some(Instant::now());
                     match lister.list().await {
                         Ok(pods) => uids = uids_by_name(&pods),

@@ -27,7 +27,7 @@ use vramslice_core::watchdog::{
 use vramslice_gpu::procfs::ProcRoot;
 
 use crate::metrics::{Metrics, PodGpuLabels};
-use crate::pods::PodLister;
+use crate::pods::NodePods;
 
 /// Component name on the Events the watchdog writes.
 pub const EVENT_COMPONENT: &str = "vramslice-device-plugin";
@@ -41,7 +41,7 @@ pub struct Watchdog {
     proc_root: ProcRoot,
     accounting_root: PathBuf,
     metrics: Metrics,
-    kube: Option<PodLister>,
+    kube: Option<NodePods>,
     /// Accounting files already reported unreadable (logged once each).
     bad_files: BTreeSet<PathBuf>,
     /// Pods already reported untrusted (logged once per episode).
@@ -55,7 +55,7 @@ impl Watchdog {
         proc_root: ProcRoot,
         accounting_root: PathBuf,
         metrics: Metrics,
-        kube: Option<PodLister>,
+        kube: Option<NodePods>,
     ) -> Self {
         Watchdog {
             policy,

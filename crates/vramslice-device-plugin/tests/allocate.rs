@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{FakeApi, Node, Plugin, plugin_client, wait_for};
@@ -235,24 +236,114 @@ fn pod(name: &str, gpu: &str, units: u32, phase: &str, assigned_at: &str) -> ser
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preferred_allocation_prefers_the_pending_pods_assigned_gpu() {
-    let pods = json!({
-        "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "7"},
-        "items": [
-            pod("other-size", "GPU-bbbb", 6, "Pending", "2026-01-01T00:00:00Z"),
-            pod("mine", "GPU-aaaa", 4, "Pending", "2026-01-01T00:00:01Z"),
-        ]
-    });
-    let api = FakeApi::start(pods).await;
-    let node = Node::new(TWO_GPUS, "nodeName: node-a");
+/// The plugin's consistent LIST of node-a's pods (its watch cache lists with `limit=500`).
+const CONSISTENT_LIST: &str = "GET /api/v1/pods?&fieldSelector=spec.nodeName%3Dnode-a";
+
+fn pod_list(items: Vec<serde_json::Value>) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "7"}, "items": items})
+}
+
+/// Starts a plugin for node-a against `api` and waits until its pod watch is open (so its
+/// cache holds what the watch's list returned).
+async fn plugin_with_pod_cache(api: &FakeApi, node: &Node) -> Plugin {
     let kubeconfig = api.kubeconfig(node.tmp.path());
     let plugin = Plugin::start(
-        &node,
+        node,
         &["--kubeconfig", kubeconfig.to_str().unwrap(), "--no-publish"],
     );
+    let requests = Arc::clone(&api.requests);
+    wait_for("the plugin's pod watch", Duration::from_secs(10), || {
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("GET /api/v1/pods?") && common::is_watch(l))
+            .then_some(())
+    })
+    .await;
+    plugin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_allocation_prefers_the_pending_pods_assigned_gpu() {
+    let api = FakeApi::start(pod_list(vec![
+        pod(
+            "other-size",
+            "GPU-bbbb",
+            6,
+            "Pending",
+            "2026-01-01T00:00:00Z",
+        ),
+        pod("mine", "GPU-aaaa", 4, "Pending", "2026-01-01T00:00:01Z"),
+    ]))
+    .await;
+    let node = Node::new(TWO_GPUS, "nodeName: node-a");
+    let plugin = plugin_with_pod_cache(&api, &node).await;
     let mut client = plugin_client(&node).await;
 
+    // The pod waiting for 4 units is in the watch cache: each answer reads it, no LIST.
+    for _ in 0..3 {
+        let answer = client
+            .get_preferred_allocation(preferred_request(4))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.container_responses[0].device_i_ds,
+            ids("GPU-aaaa", 0..4),
+            "plugin log:\n{}",
+            plugin.log_text()
+        );
+    }
+    assert_eq!(api.count(CONSISTENT_LIST), 0, "{:?}", api.requests);
+    // --no-publish: no GpuNode writes, only the pod list and watch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let requests: Vec<String> = api.requests.lock().unwrap().iter().cloned().collect();
+    assert!(
+        requests.iter().all(|r| r.starts_with("GET /api/v1/pods?")),
+        "{requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{requests:?}"
+    );
+
+    // A size no pending pod asks for: the cache cannot know the pod, so one LIST confirms,
+    // then binpacking, not the other pod's GPU.
+    let answer = client
+        .get_preferred_allocation(preferred_request(5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.container_responses[0].device_i_ds,
+        ids("GPU-bbbb", 0..5)
+    );
+    assert_eq!(api.count(CONSISTENT_LIST), 1, "{:?}", api.requests);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_allocation_lists_when_the_pod_cache_is_behind() {
+    // The watch's list predates the pod being started; the API server has it by now.
+    let api = FakeApi::start_with(|_, path, _| {
+        let mut items = vec![pod(
+            "other-size",
+            "GPU-bbbb",
+            6,
+            "Pending",
+            "2026-01-01T00:00:00Z",
+        )];
+        if !path.contains("limit=") {
+            items.push(pod("new", "GPU-aaaa", 4, "Pending", "2026-01-01T00:00:01Z"));
+        }
+        (200, pod_list(items))
+    })
+    .await;
+    let node = Node::new(TWO_GPUS, "nodeName: node-a");
+    let plugin = plugin_with_pod_cache(&api, &node).await;
+    let mut client = plugin_client(&node).await;
     let answer = client
         .get_preferred_allocation(preferred_request(4))
         .await
@@ -264,27 +355,5 @@ async fn preferred_allocation_prefers_the_pending_pods_assigned_gpu() {
         "plugin log:\n{}",
         plugin.log_text()
     );
-    let requests: Vec<String> = api.requests.lock().unwrap().iter().cloned().collect();
-    assert!(
-        requests.contains(&"GET /api/v1/pods?&fieldSelector=spec.nodeName%3Dnode-a".to_string()),
-        "requests seen: {requests:?}"
-    );
-    // --no-publish: no GpuNode writes, only pod lists.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let requests: Vec<String> = api.requests.lock().unwrap().iter().cloned().collect();
-    assert!(
-        requests.iter().all(|r| r.starts_with("GET /api/v1/pods")),
-        "{requests:?}"
-    );
-
-    // A size no pending pod asks for: binpacking, not the pod's GPU.
-    let answer = client
-        .get_preferred_allocation(preferred_request(5))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        answer.container_responses[0].device_i_ds,
-        ids("GPU-bbbb", 0..5)
-    );
+    assert_eq!(api.count(CONSISTENT_LIST), 1, "{:?}", api.requests);
 }

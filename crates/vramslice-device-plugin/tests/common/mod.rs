@@ -365,12 +365,21 @@ impl FakeApi {
                     .lock()
                     .unwrap()
                     .push(ApiRequest { line, body });
+                if is_watch(&uri) {
+                    // A watch that stays open and quiet: the watcher's cache keeps what its
+                    // list gave it (tests that need more answer the LIST, not the watch).
+                    let quiet = futures::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+                    return axum::response::Response::builder()
+                        .header(axum::http::header::CONTENT_TYPE, "application/json")
+                        .body(axum::body::Body::from_stream(quiet))
+                        .unwrap();
+                }
                 let (status, answer) = handler(&method, &uri, n);
-                (
+                axum::response::IntoResponse::into_response((
                     axum::http::StatusCode::from_u16(status).unwrap(),
                     [(axum::http::header::CONTENT_TYPE, "application/json")],
                     answer.to_string(),
-                )
+                ))
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -383,6 +392,16 @@ impl FakeApi {
         }
     }
 
+    /// Requests whose line is exactly `line`.
+    pub fn count(&self, line: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == line)
+            .count()
+    }
+
     /// A kubeconfig pointing at this server.
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
         let path = dir.join("kubeconfig");
@@ -393,6 +412,13 @@ impl FakeApi {
         std::fs::write(&path, text).unwrap();
         path
     }
+}
+
+/// Whether a request line's query asks for a watch.
+pub fn is_watch(path_and_query: &str) -> bool {
+    path_and_query
+        .split_once('?')
+        .is_some_and(|(_, q)| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"))
 }
 
 /// A PodResources server on `socket` answering List with `response`.
