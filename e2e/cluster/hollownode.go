@@ -345,16 +345,11 @@ func (h *HollowNode) admit(ctx context.Context, pod *v1.Pod) error {
 		klog.InfoS("hollow node rejected pod", "node", h.Name, "pod", klog.KObj(pod), "err", allocErr)
 		return h.failPod(ctx, pod, allocErr)
 	}
-	raw, err := json.Marshal(opts)
-	if err != nil {
+	if err := h.markRunning(ctx, pod, opts); err != nil {
+		h.freeDevices(pod.UID)
 		return err
 	}
-	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{RunOptionsAnnotation: string(raw)}}})
-	if _, err := h.client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
-		h.freeDevices(pod.UID)
-		return fmt.Errorf("recording run options: %w", err)
-	}
-	return h.markRunning(ctx, pod)
+	return nil
 }
 
 func toRunOptions(ro *devicemanager.DeviceRunContainerOptions) ContainerRunOptions {
@@ -386,33 +381,43 @@ func toRunOptions(ro *devicemanager.DeviceRunContainerOptions) ContainerRunOptio
 	return out
 }
 
-func (h *HollowNode) markRunning(ctx context.Context, pod *v1.Pod) error {
-	now := metav1.Now()
-	cur, err := h.client.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name, metav1.GetOptions{})
+// markRunning records the run options and marks the pod Running in one merge patch
+// of pods/status, as the kubelet's status manager writes a pod's status: one request
+// per start, with the pod's UID in the patch as a precondition (a pod deleted and
+// re-created under the same name is not touched). pods/status takes metadata
+// changes other than owner references, so the run-options annotation rides along.
+func (h *HollowNode) markRunning(ctx context.Context, pod *v1.Pod, opts PodRunOptions) error {
+	raw, err := json.Marshal(opts)
 	if err != nil {
 		return err
 	}
-	if cur.UID != pod.UID {
-		return nil
-	}
-	cur.Status.Phase = v1.PodRunning
-	cur.Status.HostIP = "127.0.0.1"
-	cur.Status.PodIP = "10.244.0.1"
-	cur.Status.StartTime = &now
-	cur.Status.Conditions = nil
+	now := metav1.Now()
+	status := v1.PodStatus{Phase: v1.PodRunning, HostIP: "127.0.0.1", PodIP: "10.244.0.1", StartTime: &now}
 	for _, t := range []v1.PodConditionType{v1.PodScheduled, v1.PodInitialized, v1.ContainersReady, v1.PodReady} {
-		cur.Status.Conditions = append(cur.Status.Conditions, v1.PodCondition{Type: t, Status: v1.ConditionTrue, LastTransitionTime: now})
+		status.Conditions = append(status.Conditions, v1.PodCondition{Type: t, Status: v1.ConditionTrue, LastTransitionTime: now})
 	}
-	cur.Status.ContainerStatuses = nil
-	for _, c := range cur.Spec.Containers {
-		cur.Status.ContainerStatuses = append(cur.Status.ContainerStatuses, v1.ContainerStatus{
+	for _, c := range pod.Spec.Containers {
+		status.ContainerStatuses = append(status.ContainerStatuses, v1.ContainerStatus{
 			Name: c.Name, Image: c.Image, ImageID: "hollow://" + c.Image, Ready: true,
 			ContainerID: "hollow://" + string(pod.UID) + "/" + c.Name,
 			State:       v1.ContainerState{Running: &v1.ContainerStateRunning{StartedAt: now}},
 		})
 	}
-	_, err = h.client.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, cur, metav1.UpdateOptions{})
-	return err
+	patch, err := json.Marshal(map[string]any{
+		"metadata": map[string]any{"uid": pod.UID, "annotations": map[string]string{RunOptionsAnnotation: string(raw)}},
+		"status":   status,
+	})
+	if err != nil {
+		return err
+	}
+	_, err = h.client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{}, "status")
+	if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
+		return nil // deleted, or re-created under the same name: the informer brings what is next
+	}
+	if err != nil {
+		return fmt.Errorf("marking the pod Running: %w", err)
+	}
+	return nil
 }
 
 // failPod rejects a pod at admission the way the kubelet does (phase Failed,
