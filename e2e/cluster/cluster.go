@@ -52,6 +52,10 @@ type Options struct {
 	BinDir string
 	// PlainScheduler also runs a second kube-scheduler (profile "plain-scheduler") without the extender.
 	PlainScheduler bool
+	// SchedulerProcesses runs each kube-scheduler as a child process (this binary,
+	// re-executed; its main must call RunSchedulerProcess first), as in a real
+	// cluster, instead of in this process (see schedulerprocess.go).
+	SchedulerProcesses bool
 	// ExtenderExtraConfig is appended verbatim to the extender's YAML config.
 	ExtenderExtraConfig string
 	// PluginPollInterval for the device plugins (default 500ms).
@@ -89,6 +93,8 @@ type Cluster struct {
 	Applier         *Applier
 	ExtenderURL     string
 	Extender        *Process
+	// Schedulers are the kube-scheduler child processes (Options.SchedulerProcesses).
+	Schedulers []*SchedulerProcess
 
 	mu           sync.Mutex
 	nodes        map[string]*Node
@@ -245,6 +251,14 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		scheds = append(scheds, SchedulerOptions{Name: PlainScheduler})
 	}
 	for _, so := range scheds {
+		if opts.SchedulerProcesses {
+			sp, err := startSchedulerProcess(c.ctx, c.Dir, schedulerKC, so)
+			if err != nil {
+				return nil, err
+			}
+			c.Schedulers = append(c.Schedulers, sp)
+			continue
+		}
 		errCh, err := startScheduler(c.ctx, c.Dir, schedulerKC, so)
 		if err != nil {
 			return nil, err
@@ -414,6 +428,9 @@ func (c *Cluster) Stop() {
 	}
 	ext := c.Extender
 	c.mu.Unlock()
+	for _, sp := range c.Schedulers {
+		sp.Stop()
+	}
 	ext.Kill()
 	for _, n := range nodes {
 		n.Plugin.Kill()

@@ -22,6 +22,11 @@ type Process struct {
 
 // startProcess runs bin with args, output to logPath. The child dies with us (Pdeathsig).
 func startProcess(name, bin string, args []string, logPath string) (*Process, error) {
+	return startProcessWithEnv(name, bin, args, nil, logPath)
+}
+
+// startProcessWithEnv is startProcess with env added to this process's environment.
+func startProcessWithEnv(name, bin string, args, env []string, logPath string) (*Process, error) {
 	if _, err := os.Stat(bin); err != nil {
 		return nil, fmt.Errorf("binary %s for %s is missing (build it with `cargo build -p %s`): %w", bin, name, filepath.Base(bin), err)
 	}
@@ -36,7 +41,7 @@ func startProcess(name, bin string, args []string, logPath string) (*Process, er
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
-	cmd.Env = append(os.Environ(), "RUST_BACKTRACE=1")
+	cmd.Env = append(append(os.Environ(), env...), "RUST_BACKTRACE=1")
 	if os.Getenv("RUST_LOG") == "" {
 		cmd.Env = append(cmd.Env, "RUST_LOG=info")
 	}

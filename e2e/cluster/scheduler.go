@@ -60,13 +60,18 @@ profiles:
 	return cfg
 }
 
-// startScheduler runs kube-scheduler's own Setup/Run in this process until ctx ends.
-// Secure serving is disabled (port 0): nothing needs its health endpoints here.
-func startScheduler(ctx context.Context, dir, kubeconfig string, opts SchedulerOptions) (<-chan error, error) {
+// writeSchedulerConfig writes opts' KubeSchedulerConfiguration into dir.
+func writeSchedulerConfig(dir, kubeconfig string, opts SchedulerOptions) (string, error) {
 	path := filepath.Join(dir, "scheduler-"+opts.Name+".yaml")
 	if err := os.WriteFile(path, []byte(schedulerConfig(kubeconfig, opts)), 0o600); err != nil {
-		return nil, fmt.Errorf("writing scheduler config: %w", err)
+		return "", fmt.Errorf("writing scheduler config: %w", err)
 	}
+	return path, nil
+}
+
+// setupScheduler is kube-scheduler's own Setup for the config file at path. Secure
+// serving is disabled (port 0): nothing needs its health endpoints here.
+func setupScheduler(ctx context.Context, path string) (*schedulerconfig.CompletedConfig, *scheduler.Scheduler, error) {
 	o := options.NewOptions()
 	o.ConfigFile = path
 	o.SecureServing.BindPort = 0
@@ -76,7 +81,16 @@ func startScheduler(ctx context.Context, dir, kubeconfig string, opts SchedulerO
 	// further event comes; the bundled scheduler must therefore flush sooner. This
 	// is --pod-max-in-unschedulable-pods-duration; the chart should set it too.
 	o.Deprecated.PodMaxInUnschedulablePodsDuration = UnschedulableFlush
-	cc, sched, err := app.Setup(ctx, o)
+	return app.Setup(ctx, o)
+}
+
+// startScheduler runs kube-scheduler's own Setup/Run in this process until ctx ends.
+func startScheduler(ctx context.Context, dir, kubeconfig string, opts SchedulerOptions) (<-chan error, error) {
+	path, err := writeSchedulerConfig(dir, kubeconfig, opts)
+	if err != nil {
+		return nil, err
+	}
+	cc, sched, err := setupScheduler(ctx, path)
 	if err != nil {
 		return nil, fmt.Errorf("setting up kube-scheduler %s: %w", opts.Name, err)
 	}

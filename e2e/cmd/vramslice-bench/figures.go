@@ -57,10 +57,10 @@ func scrapeURL(url string) (series, error) {
 	return scrapeText(resp.Body)
 }
 
-// schedulerSeries gathers the in-process kube-scheduler's counters and histograms
-// (both schedulers of the bench share one registry; most series carry a profile label)
-// and the in-process API server's request counts.
-func schedulerSeries() (series, error) {
+// schedulerSeries gathers kube-scheduler's counters and histograms (most series carry
+// a profile label) and the in-process API server's request counts: from this
+// process's registry, and from each scheduler process's metrics page in urls.
+func schedulerSeries(urls []string) (series, error) {
 	families, err := legacyregistry.DefaultGatherer.Gather()
 	if err != nil {
 		return nil, err
@@ -89,6 +89,17 @@ func schedulerSeries() (series, error) {
 					bl := append(append([]string(nil), labels...), fmt.Sprintf("le=%q", strconv.FormatFloat(b.GetUpperBound(), 'g', -1, 64)))
 					out[name+"_bucket{"+strings.Join(bl, ",")+"}"] = float64(b.GetCumulativeCount())
 				}
+			}
+		}
+	}
+	for _, url := range urls {
+		page, err := scrapeURL(url)
+		if err != nil {
+			return nil, fmt.Errorf("kube-scheduler metrics: %w", err)
+		}
+		for k, v := range page {
+			if strings.HasPrefix(k, "scheduler_") {
+				out[k] += v
 			}
 		}
 	}
@@ -209,16 +220,26 @@ func cpuSeconds(pid int) float64 {
 	return (utime + stime) / 100 // USER_HZ is 100 on Linux
 }
 
-// cpuSample is CPU seconds per component at one moment.
-type cpuSample struct {
-	at                      time.Time
-	bench, extender, plugin float64
+// componentPids are the processes whose CPU a run reports besides the bench's own.
+type componentPids struct {
+	extender   int
+	plugins    []int
+	schedulers []int
 }
 
-func sampleCPU(extenderPid int, pluginPids []int) cpuSample {
-	s := cpuSample{at: time.Now(), bench: cpuSeconds(0), extender: cpuSeconds(extenderPid)}
-	for _, p := range pluginPids {
+// cpuSample is CPU seconds per component at one moment.
+type cpuSample struct {
+	at                                 time.Time
+	bench, extender, plugin, scheduler float64
+}
+
+func sampleCPU(pids componentPids) cpuSample {
+	s := cpuSample{at: time.Now(), bench: cpuSeconds(0), extender: cpuSeconds(pids.extender)}
+	for _, p := range pids.plugins {
 		s.plugin += cpuSeconds(p)
+	}
+	for _, p := range pids.schedulers {
+		s.scheduler += cpuSeconds(p)
 	}
 	return s
 }
@@ -227,11 +248,12 @@ func sampleCPU(extenderPid int, pluginPids []int) cpuSample {
 func report(profile string, pods int, ext, sched series, cpu0, cpu1 cpuSample) {
 	wall := cpu1.at.Sub(cpu0.at).Seconds()
 	bench, extender, plugins := cpu1.bench-cpu0.bench, cpu1.extender-cpu0.extender, cpu1.plugin-cpu0.plugin
-	fmt.Printf("  CPU to all bound, %.1fs: bench process (etcd, apiserver, schedulers, hollow nodes) %.1fs, extender %.1fs, device plugins %.1fs (2 cores = %.1fs available)\n",
-		wall, bench, extender, plugins, 2*wall)
+	schedulers := cpu1.scheduler - cpu0.scheduler
+	fmt.Printf("  CPU to all bound, %.1fs: bench process (etcd, apiserver, hollow nodes, in-process schedulers) %.1fs, kube-scheduler processes %.1fs, extender %.1fs, device plugins %.1fs (2 cores = %.1fs available)\n",
+		wall, bench, schedulers, extender, plugins, 2*wall)
 	perPod := func(s float64) float64 { return s / float64(pods) * 1e3 }
-	fmt.Printf("  CPU per pod bound: %.2f ms (bench process %.2f, extender %.2f, device plugins %.2f)\n",
-		perPod(bench+extender+plugins), perPod(bench), perPod(extender), perPod(plugins))
+	fmt.Printf("  CPU per pod bound: %.2f ms (bench process %.2f, kube-scheduler processes %.2f, extender %.2f, device plugins %.2f)\n",
+		perPod(bench+schedulers+extender+plugins), perPod(bench), perPod(schedulers), perPod(extender), perPod(plugins))
 	p := fmt.Sprintf("profile=%q", profile)
 	fmt.Printf("  kube-scheduler: attempts scheduled %.0f, unschedulable %.0f, error %.0f; attempt p50 %s p99 %s; pods re-queued: backoff %.0f, unschedulable %.0f\n",
 		sched.sum("scheduler_schedule_attempts_total", p, `result="scheduled"`),
@@ -247,6 +269,12 @@ func report(profile string, pods int, ext, sched series, cpu0, cpu1 cpuSample) {
 			ms(sched.quantile("scheduler_framework_extension_point_duration_seconds", 0.5, p, pt)),
 			ms(sched.quantile("scheduler_framework_extension_point_duration_seconds", 0.99, p, pt)))
 	}
+	// The scheduling cycle is serial: its length (extender calls included) bounds the rate
+	// at which one scheduler can place pods, whatever CPU is left.
+	fmt.Printf("  kube-scheduler scheduling algorithm (filter + score, extender calls included) p50 %s p99 %s; cycles %.0f in the run\n",
+		ms(sched.quantile("scheduler_scheduling_algorithm_duration_seconds", 0.5)),
+		ms(sched.quantile("scheduler_scheduling_algorithm_duration_seconds", 0.99)),
+		sched.sum("scheduler_scheduling_algorithm_duration_seconds_count"))
 	fmt.Printf("  API requests: %s\n", apiRequests(sched, 8))
 	if ext == nil {
 		return

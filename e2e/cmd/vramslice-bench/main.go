@@ -29,6 +29,7 @@ import (
 )
 
 func main() {
+	cluster.RunSchedulerProcess()
 	pods := flag.Int("pods", 1000, "pods per run")
 	nodes := flag.Int("nodes", 50, "hollow nodes")
 	gpus := flag.Int("gpus", 2, "fake 80 GiB GPUs per node")
@@ -36,14 +37,15 @@ func main() {
 	binDir := flag.String("bin-dir", os.Getenv("VRAMSLICE_BIN_DIR"), "directory of vramslice-extender and vramslice-device-plugin (default <repo>/target/release: the benchmark measures release builds)")
 	cpuProfile := flag.String("cpuprofile", "", "write a Go CPU profile of each run to <this>-<run>.pprof")
 	order := flag.String("order", "plain,ext", "runs in this order (plain, ext), comma-separated; a name may repeat")
+	inProcess := flag.Bool("in-process-scheduler", false, "run both kube-schedulers inside the bench process (with the API server, etcd and the hollow kubelets) instead of each in its own process as in a real cluster")
 	flag.Parse()
-	if err := run(*pods, *nodes, *gpus, *timeout, strings.Split(*order, ","), *binDir, *cpuProfile); err != nil {
+	if err := run(*pods, *nodes, *gpus, *timeout, strings.Split(*order, ","), *binDir, *cpuProfile, !*inProcess); err != nil {
 		fmt.Fprintln(os.Stderr, "vramslice-bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir, cpuProfile string) error {
+func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir, cpuProfile string, schedulerProcesses bool) error {
 	if binDir == "" {
 		root, err := cluster.FindRepoRoot()
 		if err != nil {
@@ -54,7 +56,8 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	t0 := time.Now()
-	c, err := cluster.Start(ctx, cluster.Options{PlainScheduler: true, PluginPollInterval: "2s", BinDir: binDir})
+	c, err := cluster.Start(ctx, cluster.Options{PlainScheduler: true, PluginPollInterval: "2s", BinDir: binDir,
+		SchedulerProcesses: schedulerProcesses})
 	if err != nil {
 		return err
 	}
@@ -80,10 +83,21 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 		nNodes, nGPUs, nNodes, time.Since(t0).Round(time.Millisecond))
 
 	fmt.Printf("binaries: %s\n", c.Opts.BinDir)
-	pluginPids := make([]int, 0, nNodes)
-	for _, n := range c.Nodes() {
-		pluginPids = append(pluginPids, n.Plugin.Pid())
+	if schedulerProcesses {
+		fmt.Println("kube-schedulers: one process each, as in a real cluster (--in-process-scheduler: inside the bench process)")
+	} else {
+		fmt.Println("kube-schedulers: inside the bench process, sharing its Go runtime with the API server, etcd and the hollow kubelets")
 	}
+	pids := componentPids{extender: c.Extender.Pid()}
+	for _, n := range c.Nodes() {
+		pids.plugins = append(pids.plugins, n.Plugin.Pid())
+	}
+	var schedulerURLs []string
+	for _, sp := range c.Schedulers {
+		pids.schedulers = append(pids.schedulers, sp.Pid())
+		schedulerURLs = append(schedulerURLs, sp.MetricsURL)
+	}
+	schedulerSeries := func() (series, error) { return schedulerSeries(schedulerURLs) }
 	boundRates, runningRates := map[string][]float64{}, map[string][]float64{}
 	for i, which := range order {
 		var prefix, scheduler string
@@ -114,12 +128,12 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 				return err
 			}
 		}
-		cpu0 := sampleCPU(c.Extender.Pid(), pluginPids)
+		cpu0 := sampleCPU(pids)
 		var cpu1 cpuSample
 		var ext1, sched1 series
 		var scrapeErr error
 		atBound := func() {
-			cpu1 = sampleCPU(c.Extender.Pid(), pluginPids)
+			cpu1 = sampleCPU(pids)
 			if cpuProfile != "" {
 				pprof.StopCPUProfile()
 			}
