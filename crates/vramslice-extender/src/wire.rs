@@ -136,13 +136,42 @@ pub struct ExtenderFilterResult<'a> {
     pub node_names: Option<Vec<&'a str>>,
     /// Nodes that failed, with the reason.
     #[serde(rename = "FailedNodes")]
-    pub failed_nodes: BTreeMap<&'a str, Reason>,
+    pub failed_nodes: FailedNodes<'a>,
     /// Nodes that failed where preemption cannot help, with the reason.
     #[serde(rename = "FailedAndUnresolvableNodes")]
-    pub failed_and_unresolvable_nodes: BTreeMap<&'a str, Reason>,
+    pub failed_and_unresolvable_nodes: FailedNodes<'a>,
     /// A failure of the whole call.
     #[serde(rename = "Error")]
     pub error: String,
+}
+
+/// Node name → reason, written as a JSON object in the order the nodes were refused. The
+/// candidates kube-scheduler sends are distinct, so a list does what a map would, without
+/// thousands of ordered inserts per filter call.
+#[derive(Debug, Default)]
+pub struct FailedNodes<'a>(Vec<(&'a str, Reason)>);
+
+impl<'a> FailedNodes<'a> {
+    /// Records `node`'s refusal.
+    pub fn insert(&mut self, node: &'a str, reason: Reason) {
+        self.0.push((node, reason));
+    }
+
+    /// How many nodes were refused.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no node was refused.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for FailedNodes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(node, reason)| (node, reason)))
+    }
 }
 
 /// A failure reason, shared between nodes and cached by the ledger.
