@@ -17,7 +17,7 @@ use crate::inventory::{GpuInventory, InventoryError};
 pub const GUARD_CONTAINER_PATH: &str = "/usr/local/vramslice/lib/libvramslice_guard.so";
 /// In-container path of the container's accounting directory.
 pub const ACCOUNTING_CONTAINER_DIR: &str = "/var/run/vramslice/accounting";
-/// In-container path of the read-only limit file (see [`limit_file_content`]). The guard always
+/// In-container path of the read-only limit file (see [`crate::limit`]). The guard always
 /// reads this path, whatever the environment says, so a process cannot escape it by renaming it.
 pub const LIMIT_FILE_CONTAINER_PATH: &str = "/var/run/vramslice/limit";
 /// Suffix of the host limit file beside the allocation's accounting directory:
@@ -193,7 +193,7 @@ pub struct ContainerAllocation {
     /// Host accounting directory of this allocation (to be created by the plugin).
     pub host_accounting_dir: PathBuf,
     /// Host limit file of this allocation (to be written by the plugin, with
-    /// [`limit_file_content`], before answering).
+    /// [`crate::limit::limit_file_content`], before answering).
     pub host_limit_file: PathBuf,
 }
 
@@ -287,86 +287,6 @@ pub fn plan_allocation<S: AsRef<str>>(
         cdi_devices,
         host_accounting_dir,
         host_limit_file,
-    })
-}
-
-/// What the plugin's limit file says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitFile {
-    /// The container's limit in bytes.
-    pub limit_bytes: u64,
-    /// The GPU the limit is on.
-    pub gpu_uuid: String,
-}
-
-/// Why a limit file's text is not valid.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LimitFileError {
-    /// No `limit=` line.
-    #[error("limit file has no \"limit=<bytes>\" line")]
-    MissingLimit,
-    /// The limit is not a decimal byte count.
-    #[error("limit file's limit {0:?} is not a decimal byte count")]
-    BadLimit(String),
-    /// A line that is not `key=value`, an unknown key, or a key given twice.
-    #[error("limit file line {line} is invalid: {text:?}")]
-    BadLine {
-        /// 1-based line number.
-        line: usize,
-        /// The line.
-        text: String,
-    },
-    /// Longer than any file the plugin writes.
-    #[error("limit file is {0} bytes, longer than any the plugin writes")]
-    TooLong(usize),
-}
-
-/// Largest limit file accepted (the plugin writes well under 200 bytes).
-pub const LIMIT_FILE_MAX_BYTES: usize = 4096;
-
-/// The text of an allocation's limit file: `limit=<bytes>` and `gpu=<uuid>` lines.
-pub fn limit_file_content(limit_bytes: u64, gpu_uuid: &str) -> String {
-    format!("limit={limit_bytes}\ngpu={gpu_uuid}\n")
-}
-
-/// Parses a limit file strictly: `key=value` lines (`limit` required, `gpu` optional, each at
-/// most once), blank lines and `#` comments ignored. Never panics.
-///
-/// # Errors
-/// [`LimitFileError`] naming the first problem.
-pub fn parse_limit_file(text: &str) -> Result<LimitFile, LimitFileError> {
-    if text.len() > LIMIT_FILE_MAX_BYTES {
-        return Err(LimitFileError::TooLong(text.len()));
-    }
-    let mut limit: Option<u64> = None;
-    let mut gpu: Option<String> = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let bad = || LimitFileError::BadLine {
-            line: i + 1,
-            text: raw.to_string(),
-        };
-        let (key, value) = line.split_once('=').ok_or_else(bad)?;
-        match key.trim() {
-            "limit" if limit.is_none() => {
-                let value = value.trim();
-                let parsed = if value.bytes().all(|b| b.is_ascii_digit()) {
-                    value.parse::<u64>().ok()
-                } else {
-                    None
-                };
-                limit = Some(parsed.ok_or_else(|| LimitFileError::BadLimit(value.to_string()))?);
-            }
-            "gpu" if gpu.is_none() => gpu = Some(value.trim().to_string()),
-            _ => return Err(bad()),
-        }
-    }
-    Ok(LimitFile {
-        limit_bytes: limit.ok_or(LimitFileError::MissingLimit)?,
-        gpu_uuid: gpu.unwrap_or_default(),
     })
 }
 

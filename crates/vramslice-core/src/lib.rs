@@ -13,6 +13,7 @@ pub mod device_id;
 pub mod duration;
 pub mod inventory;
 pub mod ledger;
+pub mod limit;
 pub mod placement;
 pub mod publish;
 pub mod quantity;

@@ -280,7 +280,7 @@ async fn write_limit_file(
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    let text = vramslice_core::allocation::limit_file_content(limit_bytes, gpu_uuid);
+    let text = vramslice_core::limit::limit_file_content(limit_bytes, gpu_uuid);
     tokio::fs::write(&tmp, text).await.map_err(fail)?;
     tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))
         .await

@@ -4,14 +4,17 @@
 //! Malformed values never stop the program: each produces a message (printed once to stderr by
 //! the caller) and a safe fallback — a malformed limit turns the guard into pass-through.
 //!
-//! The limit has two kinds of source, combined by [`resolve_limit`]: the device plugin's
-//! read-only limit file (always [`FIXED_LIMIT_FILE`], plus the file `VRAMSLICE_LIMIT_FILE` names)
-//! and the environment. When a limit file exists, the environment can only lower the limit,
-//! never raise it; an unreadable or malformed limit file fails closed (limit 0).
+//! The limit has two kinds of source, combined by [`vramslice_core::limit::resolve_limit`] (the
+//! rule the sidecar runtime uses too): the device plugin's read-only limit file (always
+//! [`FIXED_LIMIT_FILE`], plus the file `VRAMSLICE_LIMIT_FILE` names) and the environment. When a
+//! limit file exists, the environment can only lower the limit, never raise it; an unreadable or
+//! malformed limit file fails closed (limit 0).
 
 use std::path::{Path, PathBuf};
 
-use vramslice_core::allocation::{LIMIT_FILE_CONTAINER_PATH, parse_limit_file};
+use vramslice_core::allocation::LIMIT_FILE_CONTAINER_PATH;
+pub use vramslice_core::limit::FileRead;
+use vramslice_core::limit::{limit_file_paths, resolve_limit};
 
 /// Environment variable holding the container's limit in bytes (or a quantity such as `2Gi`).
 pub const ENV_LIMIT: &str = "VRAMSLICE_VRAM_LIMIT_BYTES";
@@ -63,108 +66,9 @@ pub struct Config {
     pub context_estimate: u64,
 }
 
-/// The outcome of reading one limit file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FileRead {
-    /// No such file (the normal case outside a vramslice container).
-    Missing,
-    /// The file's text.
-    Text(String),
-    /// It exists but cannot be read (the error's text).
-    Error(String),
-}
-
-impl FileRead {
-    /// Reads `path` (at most a few KiB are ever needed; longer files fail to parse).
-    pub fn read(path: &Path) -> FileRead {
-        match std::fs::read_to_string(path) {
-            Ok(text) => FileRead::Text(text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileRead::Missing,
-            Err(e) => FileRead::Error(e.to_string()),
-        }
-    }
-}
-
-/// Where the limit came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedLimit {
-    /// The limit; `None` = pass-through.
-    pub limit: Option<u64>,
-    /// GPU UUID a valid limit file named (empty when none did).
-    pub file_gpu_uuid: String,
-}
-
-/// The one rule deciding the limit, from the environment's value and each limit file read.
-///
-/// - Each limit file that exists must parse: its limit counts; one that cannot be read or
-///   parsed fails closed (counts as limit 0, with a message). Missing files do not count.
-/// - With at least one file counted, the limit is the smallest file limit, lowered further by a
-///   valid environment limit; an environment limit above it is ignored (with a message).
-/// - With no file, the environment alone decides as before: unset or empty = pass-through,
-///   malformed = pass-through with a message.
-pub fn resolve_limit(
-    env_limit: Option<&str>,
-    files: &[(String, FileRead)],
-    msgs: &mut Vec<String>,
-) -> ResolvedLimit {
-    let mut file_limit: Option<u64> = None;
-    let mut file_gpu_uuid = String::new();
-    for (path, read) in files {
-        let this = match read {
-            FileRead::Missing => continue,
-            FileRead::Error(e) => {
-                msgs.push(format!(
-                    "limit file {path} cannot be read ({e}); failing closed: every allocation is refused"
-                ));
-                0
-            }
-            FileRead::Text(text) => match parse_limit_file(text) {
-                Ok(parsed) => {
-                    if file_gpu_uuid.is_empty() {
-                        file_gpu_uuid = parsed.gpu_uuid;
-                    }
-                    parsed.limit_bytes
-                }
-                Err(e) => {
-                    msgs.push(format!(
-                        "limit file {path}: {e}; failing closed: every allocation is refused"
-                    ));
-                    0
-                }
-            },
-        };
-        file_limit = Some(file_limit.map_or(this, |l| l.min(this)));
-    }
-    let env = match env_limit {
-        None => None,
-        Some(v) if v.trim().is_empty() => None,
-        Some(v) => Some(parse_amount(ENV_LIMIT, v)),
-    };
-    let limit = match (file_limit, env) {
-        (None, None) => None,
-        (None, Some(Ok(bytes))) => Some(bytes),
-        (None, Some(Err(e))) => {
-            msgs.push(format!("{e}; the limit is NOT enforced (pass-through)"));
-            None
-        }
-        (Some(file), None) => Some(file),
-        (Some(file), Some(Ok(bytes))) => {
-            if bytes > file {
-                msgs.push(format!(
-                    "{ENV_LIMIT}={bytes} is above the limit file's {file} bytes and is ignored (the environment can only lower the limit)"
-                ));
-            }
-            Some(file.min(bytes))
-        }
-        (Some(file), Some(Err(e))) => {
-            msgs.push(format!("{e}; using the limit file's {file} bytes"));
-            Some(file)
-        }
-    };
-    ResolvedLimit {
-        limit,
-        file_gpu_uuid,
-    }
+/// Reads one limit file (at most a few KiB are ever needed; longer files fail to parse).
+pub fn read_limit_file(path: &Path) -> FileRead {
+    FileRead::from_io(std::fs::read_to_string(path))
 }
 
 fn parse_bool(name: &str, value: Option<String>, default: bool, msgs: &mut Vec<String>) -> bool {
@@ -189,18 +93,13 @@ fn parse_amount(name: &str, value: &str) -> Result<u64, String> {
 
 impl Config {
     /// Reads the settings through `get` (normally `std::env::var`) and the limit files through
-    /// `read` (normally [`FileRead::read`]), returning the messages to print.
+    /// `read` (normally [`read_limit_file`]), returning the messages to print.
     pub fn from_lookup(
         get: impl Fn(&str) -> Option<String>,
         read: impl Fn(&Path) -> FileRead,
     ) -> (Config, Vec<String>) {
         let mut msgs = Vec::new();
-        let mut paths = vec![FIXED_LIMIT_FILE.to_owned()];
-        if let Some(p) = get(ENV_LIMIT_FILE).filter(|p| !p.trim().is_empty() && !paths.contains(p))
-        {
-            paths.push(p);
-        }
-        let files: Vec<(String, FileRead)> = paths
+        let files: Vec<(String, FileRead)> = limit_file_paths(get(ENV_LIMIT_FILE).as_deref())
             .into_iter()
             .map(|p| {
                 let r = read(Path::new(&p));
@@ -312,92 +211,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn file(limit: u64) -> FileRead {
-        FileRead::Text(vramslice_core::allocation::limit_file_content(
-            limit, "GPU-f",
-        ))
-    }
-
-    /// Every environment value against every kind of file, for the fixed and the named path.
-    #[test]
-    fn limit_resolution_is_exhaustively_the_rule() {
-        let envs: [Option<&str>; 6] = [
-            None,
-            Some(""),
-            Some("50Mi"),
-            Some("300Mi"),
-            Some("lots"),
-            Some("0"),
-        ];
-        let reads = || {
-            vec![
-                None,
-                Some(FileRead::Missing),
-                Some(file(100 * MIB)),
-                Some(file(200 * MIB)),
-                Some(FileRead::Text("limit=oops".into())),
-                Some(FileRead::Error("permission denied".into())),
-            ]
-        };
-        let mut cases = 0;
-        for env in envs {
-            for fixed in reads() {
-                for named in reads() {
-                    let files: Vec<(String, FileRead)> =
-                        [("/fixed", fixed.clone()), ("/named", named.clone())]
-                            .into_iter()
-                            .filter_map(|(p, r)| r.map(|r| (p.to_owned(), r)))
-                            .collect();
-                    let mut msgs = Vec::new();
-                    let got = resolve_limit(env, &files, &mut msgs).limit;
-                    cases += 1;
-                    let env_ok = env.and_then(|e| vramslice_core::parse_bytes(e.trim()).ok());
-                    let env_bad = env.is_some_and(|e| !e.trim().is_empty() && env_ok.is_none());
-                    let present: Vec<&FileRead> = files
-                        .iter()
-                        .map(|(_, r)| r)
-                        .filter(|r| **r != FileRead::Missing)
-                        .collect();
-                    let file_limits: Vec<u64> = present
-                        .iter()
-                        .map(|r| match r {
-                            FileRead::Text(t) => parse_limit_file(t).map_or(0, |f| f.limit_bytes),
-                            _ => 0,
-                        })
-                        .collect();
-                    let ctx =
-                        format!("env={env:?} fixed={fixed:?} named={named:?} -> {got:?} {msgs:?}");
-                    if let Some(min_file) = file_limits.iter().copied().min() {
-                        // A file exists: never pass-through, never above any file, env only lowers.
-                        let want = env_ok.map_or(min_file, |e| e.min(min_file));
-                        assert_eq!(got, Some(want), "{ctx}");
-                        let invalid = present.iter().any(
-                            |r| !matches!(r, FileRead::Text(t) if parse_limit_file(t).is_ok()),
-                        );
-                        if invalid {
-                            assert_eq!(got, Some(0), "an invalid file fails closed: {ctx}");
-                            assert!(msgs.iter().any(|m| m.contains("failing closed")), "{ctx}");
-                        }
-                        if env_ok.is_some_and(|e| e > min_file) {
-                            assert!(msgs.iter().any(|m| m.contains("can only lower")), "{ctx}");
-                        }
-                    } else {
-                        assert_eq!(got, env_ok, "no file: the environment decides: {ctx}");
-                    }
-                    if env_bad {
-                        assert!(msgs.iter().any(|m| m.contains(ENV_LIMIT)), "{ctx}");
-                    }
-                    if !env_bad
-                        && present
-                            .iter()
-                            .all(|r| matches!(r, FileRead::Text(t) if parse_limit_file(t).is_ok()))
-                        && !env_ok.is_some_and(|e| file_limits.iter().any(|f| e > *f))
-                    {
-                        assert!(msgs.is_empty(), "nothing to say: {ctx}");
-                    }
-                }
-            }
-        }
-        assert_eq!(cases, 6 * 6 * 6);
+        FileRead::Text(vramslice_core::limit::limit_file_content(limit, "GPU-f"))
     }
 
     #[test]
@@ -433,14 +247,5 @@ mod tests {
         let (c, msgs) = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read);
         assert_eq!(c.limit, Some(5 * MIB));
         assert!(msgs.is_empty(), "{msgs:?}");
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn environment_never_raises_a_file_limit(file_limit in proptest::prelude::any::<u64>(), env in proptest::prelude::any::<u64>()) {
-            let mut msgs = Vec::new();
-            let got = resolve_limit(Some(&env.to_string()), &[("/f".into(), file(file_limit))], &mut msgs).limit;
-            proptest::prop_assert_eq!(got, Some(file_limit.min(env)));
-        }
     }
 }

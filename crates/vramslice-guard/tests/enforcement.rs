@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME, AccountingSnapshot, header, slot};
-use vramslice_core::allocation::limit_file_content;
+use vramslice_core::limit::limit_file_content;
 
 fn write_limit(dir: &Path, limit: u64) -> String {
     let path = dir.join("limit");

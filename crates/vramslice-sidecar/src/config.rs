@@ -3,7 +3,8 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `VRAMSLICE_VRAM_LIMIT_BYTES` | the container's limit (set by the device plugin) | the GPU's total |
+//! | `VRAMSLICE_VRAM_LIMIT_BYTES` | the container's limit (set by the device plugin); with a limit file it can only lower it | the GPU's total |
+//! | `VRAMSLICE_LIMIT_FILE` | the device plugin's read-only limit file, read besides `/var/run/vramslice/limit` (the guard's rule: `vramslice_core::limit::resolve_limit`) | none |
 //! | `VRAMSLICE_ACCOUNTING_DIR` | the guard's accounting directory (usage source) | `cuMemGetInfo` |
 //! | `VRAMSLICE_PROFILE_DIR` | where learned peaks persist | in memory only |
 //! | `VRAMSLICE_HIGH_WATER` | fraction of the limit admitted at once | `0.85` |
@@ -15,9 +16,11 @@
 //! | `VRAMSLICE_OOM_BACKOFF` | first backoff wait; doubles, capped at 4× | `500ms` |
 //! | `VRAMSLICE_METRICS_ADDR` | `host:port` to serve `/metrics` on | not served |
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use vramslice_core::allocation::env;
+use vramslice_core::limit::{FileRead, limit_file_paths, resolve_limit};
 use vramslice_core::{parse_bytes, parse_duration};
 
 use crate::policy::{Backoff, Policy};
@@ -88,9 +91,13 @@ fn fraction(var: &str, value: &str, max: f64) -> Result<f64, ConfigError> {
 }
 
 impl Config {
-    /// Read the variables in the module table through `lookup` (normally `std::env::var`),
+    /// Read the variables in the module table through `lookup` (normally `std::env::var`) and
+    /// the device plugin's limit files through `read_file` (normally [`read_limit_file`]),
     /// starting from the defaults.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+        read_file: impl Fn(&Path) -> FileRead,
+    ) -> Result<Self, ConfigError> {
         let mut c = Config::default();
         let get = |var: &str| lookup(var).filter(|v| !v.trim().is_empty());
         let bad = |var: &str, value: &str, reason: String| ConfigError {
@@ -98,17 +105,30 @@ impl Config {
             value: value.to_string(),
             reason,
         };
-        if let Some(v) = get("VRAMSLICE_VRAM_LIMIT_BYTES") {
-            let bytes = parse_bytes(&v)
-                .map_err(|e| bad("VRAMSLICE_VRAM_LIMIT_BYTES", &v, e.to_string()))?;
+        let env_limit = get(env::VRAM_LIMIT_BYTES);
+        if let Some(v) = &env_limit {
+            let bytes = parse_bytes(v).map_err(|e| bad(env::VRAM_LIMIT_BYTES, v, e.to_string()))?;
             if bytes == 0 {
                 return Err(bad(
-                    "VRAMSLICE_VRAM_LIMIT_BYTES",
-                    &v,
+                    env::VRAM_LIMIT_BYTES,
+                    v,
                     "the limit must be above 0".into(),
                 ));
             }
-            c.limit = Some(bytes);
+        }
+        // The guard's own rule over the same inputs: the plugin's limit files, which the
+        // environment can only lower, so admission and enforcement use one limit.
+        let files: Vec<(String, FileRead)> = limit_file_paths(get(env::LIMIT_FILE).as_deref())
+            .into_iter()
+            .map(|path| {
+                let outcome = read_file(Path::new(&path));
+                (path, outcome)
+            })
+            .collect();
+        let mut notes = Vec::new();
+        c.limit = resolve_limit(env_limit.as_deref(), &files, &mut notes).limit;
+        for note in notes {
+            tracing::warn!(note = %note, "vramslice sidecar limit");
         }
         c.accounting_dir = get("VRAMSLICE_ACCOUNTING_DIR").map(PathBuf::from);
         c.profile_dir = get("VRAMSLICE_PROFILE_DIR").map(PathBuf::from);
@@ -164,10 +184,15 @@ impl Config {
         Ok(c)
     }
 
-    /// Read the process environment.
+    /// Read the process environment and the limit files.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|var| std::env::var(var).ok())
+        Self::from_lookup(|var| std::env::var(var).ok(), read_limit_file)
     }
+}
+
+/// Reads one limit file from disk.
+pub fn read_limit_file(path: &Path) -> FileRead {
+    FileRead::from_io(std::fs::read_to_string(path))
 }
 
 #[cfg(test)]
@@ -180,7 +205,53 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::from_lookup(|k| map.get(k).cloned())
+        Config::from_lookup(|k| map.get(k).cloned(), |_| FileRead::Missing)
+    }
+
+    /// The limit files the guard reads decide the sidecar's limit too: the fixed path always,
+    /// the named one besides; the environment only lowers; a broken file fails closed.
+    #[test]
+    fn limit_files_decide_the_limit_as_they_do_for_the_guard() {
+        let files = |fixed: Option<&'static str>, named: Option<&'static str>| {
+            move |p: &Path| {
+                let text = match p.to_str() {
+                    Some("/var/run/vramslice/limit") => fixed,
+                    Some("/named") => named,
+                    _ => None,
+                };
+                text.map_or(FileRead::Missing, |t| FileRead::Text(t.to_string()))
+            }
+        };
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let limit = |c: Result<Config, ConfigError>| c.map(|c| c.limit).ok().flatten();
+        // The environment asks for more than the file grants: the file wins.
+        let raised = &[("VRAMSLICE_VRAM_LIMIT_BYTES", "8Gi")];
+        let got = Config::from_lookup(env(raised), files(Some("limit=4294967296\n"), None));
+        assert_eq!(limit(got), Some(4 << 30));
+        // The environment lowers it.
+        let lowered = &[("VRAMSLICE_VRAM_LIMIT_BYTES", "1Gi")];
+        let got = Config::from_lookup(env(lowered), files(Some("limit=4294967296\n"), None));
+        assert_eq!(limit(got), Some(1 << 30));
+        // No environment: the file alone; the named file counts too, the smaller wins.
+        let named = &[("VRAMSLICE_LIMIT_FILE", "/named")];
+        let got = Config::from_lookup(
+            env(named),
+            files(Some("limit=4294967296\n"), Some("limit=2147483648\n")),
+        );
+        assert_eq!(limit(got), Some(2 << 30));
+        // A malformed file fails closed, as the guard does: nothing is admitted.
+        let got = Config::from_lookup(env(&[]), files(Some("limit=lots\n"), None));
+        assert_eq!(limit(got), Some(0));
+        // No file: the environment alone, as before.
+        let got = Config::from_lookup(env(raised), files(None, None));
+        assert_eq!(limit(got), Some(8 << 30));
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod resolve;
 mod shm;
 pub mod types;
 
-use crate::config::{Config, FileRead};
+use crate::config::{Config, read_limit_file};
 use crate::guard::Guard;
 use crate::ledger::{Ledger, Liveness, parse_proc_stat, private_words};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -24,7 +24,7 @@ static GUARD: OnceLock<Option<Guard>> = OnceLock::new();
 /// The settings, read from the environment once (messages printed once).
 pub fn config() -> &'static Config {
     CONFIG.get_or_init(|| {
-        let (config, msgs) = Config::from_lookup(|k| std::env::var(k).ok(), FileRead::read);
+        let (config, msgs) = Config::from_lookup(|k| std::env::var(k).ok(), read_limit_file);
         for m in msgs {
             crate::log!("vramslice-guard: {m}");
         }
