@@ -16,13 +16,11 @@ use serde::Serialize;
 
 use crate::units::RESOURCE_PREFIX;
 
-/// The scheduler name the webhook writes (equal to the bundled scheduler's name in the design
-/// contract and `vramslice_api::names::SCHEDULER_NAME`).
-pub const VRAMSLICE_SCHEDULER: &str = "vramslice-scheduler";
+/// The scheduler name the webhook writes: the bundled scheduler's.
+pub use crate::names::SCHEDULER_NAME as VRAMSLICE_SCHEDULER;
 /// The name the API server defaults an empty `spec.schedulerName` to.
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
-/// Pod annotation that keeps the pod's scheduler name untouched when set to `"true"`.
-pub const ANNOTATION_KEEP_SCHEDULER: &str = "vramslice.io/keep-scheduler-name";
+pub use crate::names::ANNOTATION_KEEP_SCHEDULER;
 /// JSON Pointer of the field the patch writes.
 pub const SCHEDULER_NAME_PATH: &str = "/spec/schedulerName";
 

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use crate::device_id::{DeviceIdError, GpuSelection};
 use crate::inventory::{GpuInventory, InventoryError};
+use crate::names::env;
 
 /// In-container path of the guard library (mounted read-only from the host).
 pub const GUARD_CONTAINER_PATH: &str = "/usr/local/vramslice/lib/libvramslice_guard.so";
@@ -27,23 +28,6 @@ pub const LIMIT_FILE_HOST_SUFFIX: &str = ".limit";
 pub const PRELOAD_CONTAINER_PATH: &str = "/etc/ld.so.preload";
 /// The CDI kind of NVIDIA GPUs: a CDI device is `nvidia.com/gpu=<uuid>`.
 pub const CDI_GPU_KIND: &str = "nvidia.com/gpu";
-
-/// Env var names of the allocation (the values of `vramslice_api::names`, repeated here because
-/// the core depends on nothing; a test in the device plugin checks they agree).
-pub mod env {
-    /// Limit in bytes.
-    pub const VRAM_LIMIT_BYTES: &str = "VRAMSLICE_VRAM_LIMIT_BYTES";
-    /// The GPU's UUID.
-    pub const GPU_UUID: &str = "VRAMSLICE_GPU_UUID";
-    /// In-container accounting directory.
-    pub const ACCOUNTING_DIR: &str = "VRAMSLICE_ACCOUNTING_DIR";
-    /// Which GPUs the NVIDIA runtime exposes.
-    pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
-    /// The dynamic loader's preload list.
-    pub const LD_PRELOAD: &str = "LD_PRELOAD";
-    /// In-container path of the read-only limit file.
-    pub const LIMIT_FILE: &str = "VRAMSLICE_LIMIT_FILE";
-}
 
 /// How the guard library gets loaded into the container's processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

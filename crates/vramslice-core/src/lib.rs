@@ -14,6 +14,7 @@ pub mod duration;
 pub mod inventory;
 pub mod ledger;
 pub mod limit;
+pub mod names;
 pub mod placement;
 pub mod publish;
 pub mod quantity;

@@ -292,20 +292,6 @@ async fn write_limit_file(
 mod tests {
     use super::*;
 
-    #[test]
-    fn core_env_names_agree_with_the_api_constants() {
-        use vramslice_api::names;
-        use vramslice_core::allocation::env;
-        assert_eq!(env::VRAM_LIMIT_BYTES, names::ENV_VRAM_LIMIT_BYTES);
-        assert_eq!(env::GPU_UUID, names::ENV_GPU_UUID);
-        assert_eq!(env::ACCOUNTING_DIR, names::ENV_ACCOUNTING_DIR);
-        assert_eq!(
-            env::NVIDIA_VISIBLE_DEVICES,
-            names::ENV_NVIDIA_VISIBLE_DEVICES
-        );
-        assert!(vramslice_core::allocation::GUARD_CONTAINER_PATH.ends_with(names::GUARD_LIBRARY));
-    }
-
     fn request(available: &[&str], size: usize) -> PreferredRequest {
         PreferredRequest {
             available: available.iter().map(|s| s.to_string()).collect(),

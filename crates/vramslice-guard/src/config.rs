@@ -15,28 +15,11 @@ use std::path::{Path, PathBuf};
 use vramslice_core::allocation::LIMIT_FILE_CONTAINER_PATH;
 pub use vramslice_core::limit::FileRead;
 use vramslice_core::limit::{limit_file_paths, resolve_limit};
+use vramslice_core::names::env;
 
-/// Environment variable holding the container's limit in bytes (or a quantity such as `2Gi`).
-pub const ENV_LIMIT: &str = "VRAMSLICE_VRAM_LIMIT_BYTES";
-/// Path of the device plugin's read-only limit file.
-pub const ENV_LIMIT_FILE: &str = "VRAMSLICE_LIMIT_FILE";
 /// The limit file's in-container path, read whatever the environment says (a process that
 /// renames or clears `VRAMSLICE_LIMIT_FILE` cannot escape the file the plugin mounted there).
 pub const FIXED_LIMIT_FILE: &str = LIMIT_FILE_CONTAINER_PATH;
-/// Directory holding the shared accounting file.
-pub const ENV_ACCOUNTING_DIR: &str = "VRAMSLICE_ACCOUNTING_DIR";
-/// Path or soname of the real CUDA driver.
-pub const ENV_REAL_LIBCUDA: &str = "VRAMSLICE_REAL_LIBCUDA";
-/// Path or soname of the real NVML library.
-pub const ENV_REAL_LIBNVML: &str = "VRAMSLICE_REAL_LIBNVML";
-/// GPU UUID recorded in the accounting file.
-pub const ENV_GPU_UUID: &str = "VRAMSLICE_GPU_UUID";
-/// `0` stops counting `cuMemAllocManaged`.
-pub const ENV_COUNT_MANAGED: &str = "VRAMSLICE_COUNT_MANAGED";
-/// `0` stops virtualising NVML's memory info.
-pub const ENV_VIRTUALIZE_NVML: &str = "VRAMSLICE_VIRTUALIZE_NVML";
-/// Bytes charged for a context when the driver cannot be asked before it exists.
-pub const ENV_CONTEXT_ESTIMATE: &str = "VRAMSLICE_CONTEXT_ESTIMATE_BYTES";
 
 /// Default real driver soname.
 pub const DEFAULT_REAL_LIBCUDA: &str = "libcuda.so.1";
@@ -99,21 +82,21 @@ impl Config {
         read: impl Fn(&Path) -> FileRead,
     ) -> (Config, Vec<String>) {
         let mut msgs = Vec::new();
-        let files: Vec<(String, FileRead)> = limit_file_paths(get(ENV_LIMIT_FILE).as_deref())
+        let files: Vec<(String, FileRead)> = limit_file_paths(get(env::LIMIT_FILE).as_deref())
             .into_iter()
             .map(|p| {
                 let r = read(Path::new(&p));
                 (p, r)
             })
             .collect();
-        let resolved = resolve_limit(get(ENV_LIMIT).as_deref(), &files, &mut msgs);
+        let resolved = resolve_limit(get(env::VRAM_LIMIT_BYTES).as_deref(), &files, &mut msgs);
         let limit = resolved.limit;
-        let accounting_dir = get(ENV_ACCOUNTING_DIR)
+        let accounting_dir = get(env::ACCOUNTING_DIR)
             .filter(|d| !d.trim().is_empty())
             .map(PathBuf::from);
-        let context_estimate = match get(ENV_CONTEXT_ESTIMATE) {
+        let context_estimate = match get(env::CONTEXT_ESTIMATE_BYTES) {
             None => DEFAULT_CONTEXT_ESTIMATE,
-            Some(v) => parse_amount(ENV_CONTEXT_ESTIMATE, &v).unwrap_or_else(|e| {
+            Some(v) => parse_amount(env::CONTEXT_ESTIMATE_BYTES, &v).unwrap_or_else(|e| {
                 msgs.push(format!("{e}; using {DEFAULT_CONTEXT_ESTIMATE}"));
                 DEFAULT_CONTEXT_ESTIMATE
             }),
@@ -121,21 +104,21 @@ impl Config {
         let config = Config {
             limit,
             accounting_dir,
-            real_libcuda: get(ENV_REAL_LIBCUDA)
+            real_libcuda: get(env::REAL_LIBCUDA)
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| DEFAULT_REAL_LIBCUDA.to_owned()),
-            real_libnvml: get(ENV_REAL_LIBNVML)
+            real_libnvml: get(env::REAL_LIBNVML)
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| DEFAULT_REAL_LIBNVML.to_owned()),
             gpu_uuid: if resolved.file_gpu_uuid.is_empty() {
-                get(ENV_GPU_UUID).unwrap_or_default()
+                get(env::GPU_UUID).unwrap_or_default()
             } else {
                 resolved.file_gpu_uuid
             },
-            count_managed: parse_bool(ENV_COUNT_MANAGED, get(ENV_COUNT_MANAGED), true, &mut msgs),
+            count_managed: parse_bool(env::COUNT_MANAGED, get(env::COUNT_MANAGED), true, &mut msgs),
             virtualize_nvml: parse_bool(
-                ENV_VIRTUALIZE_NVML,
-                get(ENV_VIRTUALIZE_NVML),
+                env::VIRTUALIZE_NVML,
+                get(env::VIRTUALIZE_NVML),
                 true,
                 &mut msgs,
             ),
@@ -171,19 +154,25 @@ mod tests {
 
     #[test]
     fn limit_accepts_bytes_and_quantities() {
-        assert_eq!(cfg(&[(ENV_LIMIT, "2147483648")]).0.limit, Some(2 << 30));
-        assert_eq!(cfg(&[(ENV_LIMIT, " 2Gi ")]).0.limit, Some(2 << 30));
-        assert_eq!(cfg(&[(ENV_LIMIT, "0")]).0.limit, Some(0));
+        assert_eq!(
+            cfg(&[(env::VRAM_LIMIT_BYTES, "2147483648")]).0.limit,
+            Some(2 << 30)
+        );
+        assert_eq!(
+            cfg(&[(env::VRAM_LIMIT_BYTES, " 2Gi ")]).0.limit,
+            Some(2 << 30)
+        );
+        assert_eq!(cfg(&[(env::VRAM_LIMIT_BYTES, "0")]).0.limit, Some(0));
     }
 
     #[test]
     fn malformed_limit_is_reported_and_passes_through() {
         for bad in ["lots", "-5", "1.5.5Gi", "99999999999999999999999"] {
-            let (c, msgs) = cfg(&[(ENV_LIMIT, bad)]);
+            let (c, msgs) = cfg(&[(env::VRAM_LIMIT_BYTES, bad)]);
             assert_eq!(c.limit, None, "{bad}");
             assert_eq!(msgs.len(), 1);
             assert!(
-                msgs[0].contains(ENV_LIMIT) && msgs[0].contains("NOT enforced"),
+                msgs[0].contains(env::VRAM_LIMIT_BYTES) && msgs[0].contains("NOT enforced"),
                 "{}",
                 msgs[0]
             );
@@ -193,16 +182,16 @@ mod tests {
     #[test]
     fn booleans_and_estimate() {
         let (c, msgs) = cfg(&[
-            (ENV_COUNT_MANAGED, "0"),
-            (ENV_VIRTUALIZE_NVML, "maybe"),
-            (ENV_CONTEXT_ESTIMATE, "1Mi"),
-            (ENV_ACCOUNTING_DIR, "/run/vs"),
-            (ENV_REAL_LIBCUDA, "/x/libcuda.so"),
+            (env::COUNT_MANAGED, "0"),
+            (env::VIRTUALIZE_NVML, "maybe"),
+            (env::CONTEXT_ESTIMATE_BYTES, "1Mi"),
+            (env::ACCOUNTING_DIR, "/run/vs"),
+            (env::REAL_LIBCUDA, "/x/libcuda.so"),
         ]);
         assert!(!c.count_managed);
         assert!(c.virtualize_nvml);
         assert_eq!(msgs.len(), 1);
-        assert!(msgs[0].contains(ENV_VIRTUALIZE_NVML));
+        assert!(msgs[0].contains(env::VIRTUALIZE_NVML));
         assert_eq!(c.context_estimate, 1 << 20);
         assert_eq!(c.accounting_dir, Some(PathBuf::from("/run/vs")));
         assert_eq!(c.real_libcuda, "/x/libcuda.so");
@@ -217,9 +206,9 @@ mod tests {
     #[test]
     fn the_fixed_limit_file_is_always_read_and_wins_over_a_raised_environment() {
         let env: HashMap<&str, &str> = HashMap::from([
-            (ENV_LIMIT, "1000Gi"),
-            (ENV_LIMIT_FILE, "/tmp/somewhere-else"),
-            (ENV_GPU_UUID, "GPU-env"),
+            (env::VRAM_LIMIT_BYTES, "1000Gi"),
+            (env::LIMIT_FILE, "/tmp/somewhere-else"),
+            (env::GPU_UUID, "GPU-env"),
         ]);
         let read = |p: &Path| {
             if p == Path::new(FIXED_LIMIT_FILE) {
@@ -238,7 +227,7 @@ mod tests {
 
     #[test]
     fn the_named_limit_file_is_read_too_and_the_smaller_wins() {
-        let env: HashMap<&str, &str> = HashMap::from([(ENV_LIMIT_FILE, "/named")]);
+        let env: HashMap<&str, &str> = HashMap::from([(env::LIMIT_FILE, "/named")]);
         let read = |p: &Path| match p.to_str() {
             Some("/named") => file(5 * MIB),
             Some(FIXED_LIMIT_FILE) => file(9 * MIB),

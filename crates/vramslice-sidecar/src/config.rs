@@ -19,8 +19,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vramslice_core::allocation::env;
 use vramslice_core::limit::{FileRead, limit_file_paths, resolve_limit};
+use vramslice_core::names::env;
 use vramslice_core::{parse_bytes, parse_duration};
 
 use crate::policy::{Backoff, Policy};
@@ -130,57 +130,53 @@ impl Config {
         for note in notes {
             tracing::warn!(note = %note, "vramslice sidecar limit");
         }
-        c.accounting_dir = get("VRAMSLICE_ACCOUNTING_DIR").map(PathBuf::from);
-        c.profile_dir = get("VRAMSLICE_PROFILE_DIR").map(PathBuf::from);
-        if let Some(v) = get("VRAMSLICE_HIGH_WATER") {
-            c.policy.high_water = fraction("VRAMSLICE_HIGH_WATER", &v, 1.0)?;
+        c.accounting_dir = get(env::ACCOUNTING_DIR).map(PathBuf::from);
+        c.profile_dir = get(env::PROFILE_DIR).map(PathBuf::from);
+        if let Some(v) = get(env::HIGH_WATER) {
+            c.policy.high_water = fraction(env::HIGH_WATER, &v, 1.0)?;
         }
-        if let Some(v) = get("VRAMSLICE_FIRST_RUN_FRACTION") {
-            c.policy.first_run_fraction = fraction("VRAMSLICE_FIRST_RUN_FRACTION", &v, 1.0)?;
+        if let Some(v) = get(env::FIRST_RUN_FRACTION) {
+            c.policy.first_run_fraction = fraction(env::FIRST_RUN_FRACTION, &v, 1.0)?;
         }
-        if let Some(v) = get("VRAMSLICE_PEAK_MARGIN") {
-            let m = fraction("VRAMSLICE_PEAK_MARGIN", &v, 10.0)?;
+        if let Some(v) = get(env::PEAK_MARGIN) {
+            let m = fraction(env::PEAK_MARGIN, &v, 10.0)?;
             if m < 1.0 {
                 return Err(bad(
-                    "VRAMSLICE_PEAK_MARGIN",
+                    env::PEAK_MARGIN,
                     &v,
                     "a margin below 1 reserves less than the peak".into(),
                 ));
             }
             c.policy.peak_margin = m;
         }
-        if let Some(v) = get("VRAMSLICE_QUEUE_MAX") {
-            c.queue_max = v.trim().parse().map_err(|_| {
-                bad(
-                    "VRAMSLICE_QUEUE_MAX",
-                    &v,
-                    "expected a whole number of jobs".into(),
-                )
-            })?;
+        if let Some(v) = get(env::QUEUE_MAX) {
+            c.queue_max = v
+                .trim()
+                .parse()
+                .map_err(|_| bad(env::QUEUE_MAX, &v, "expected a whole number of jobs".into()))?;
         }
-        if let Some(v) = get("VRAMSLICE_QUEUE_TIMEOUT") {
-            c.queue_timeout = parse_duration(&v)
-                .map_err(|e| bad("VRAMSLICE_QUEUE_TIMEOUT", &v, e.to_string()))?;
+        if let Some(v) = get(env::QUEUE_TIMEOUT) {
+            c.queue_timeout =
+                parse_duration(&v).map_err(|e| bad(env::QUEUE_TIMEOUT, &v, e.to_string()))?;
         }
-        if let Some(v) = get("VRAMSLICE_OOM_RETRIES") {
+        if let Some(v) = get(env::OOM_RETRIES) {
             c.oom_retries = v.trim().parse().map_err(|_| {
                 bad(
-                    "VRAMSLICE_OOM_RETRIES",
+                    env::OOM_RETRIES,
                     &v,
                     "expected a whole number of retries".into(),
                 )
             })?;
         }
-        if let Some(v) = get("VRAMSLICE_OOM_BACKOFF") {
-            let base =
-                parse_duration(&v).map_err(|e| bad("VRAMSLICE_OOM_BACKOFF", &v, e.to_string()))?;
+        if let Some(v) = get(env::OOM_BACKOFF) {
+            let base = parse_duration(&v).map_err(|e| bad(env::OOM_BACKOFF, &v, e.to_string()))?;
             c.backoff = Backoff {
                 base,
                 factor: 2.0,
                 max: base * 4,
             };
         }
-        c.metrics_addr = get("VRAMSLICE_METRICS_ADDR");
+        c.metrics_addr = get(env::METRICS_ADDR);
         Ok(c)
     }
 

@@ -200,6 +200,11 @@ fn keys_are_path_safe_and_readable() {
 }
 
 #[test]
+fn the_guard_is_mounted_under_its_library_name() {
+    assert!(GUARD_CONTAINER_PATH.ends_with(crate::names::GUARD_LIBRARY));
+}
+
+#[test]
 fn limit_file_is_beside_the_writable_dir_never_inside_it() {
     let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
     let a = plan_allocation(&inventory(), &s, &["GPU-a::2", "GPU-a::3"]).unwrap();

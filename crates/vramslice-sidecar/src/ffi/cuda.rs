@@ -25,7 +25,7 @@ type CuCtxGet = unsafe extern "C" fn(*mut CuContext) -> CuResult;
 type CuMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
 
 /// Environment variable naming the driver library to open.
-pub const LIBCUDA_ENV: &str = "VRAMSLICE_SIDECAR_LIBCUDA";
+pub const LIBCUDA_ENV: &str = vramslice_core::names::env::SIDECAR_LIBCUDA;
 
 /// `cuMemGetInfo` through a dynamically loaded CUDA driver.
 pub struct CudaMemInfo {
