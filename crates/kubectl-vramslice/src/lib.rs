@@ -3,7 +3,7 @@
 //!
 //! Data enters from the API server through the user's kubeconfig (GpuNodes, pods, events; all
 //! read-only) and leaves as a table, JSON or YAML on stdout. The numbers come from the same
-//! conversions and ledger the extender uses (`vramslice_extender::convert`,
+//! conversions and ledger the extender uses (`vramslice_api::convert`,
 //! `vramslice_core::ledger`), so `explain` gives the extender's own reasons.
 //!
 //! Exit codes (see [`Exit`]): 0 success; 1 error (API server, kubeconfig, output); 2 usage
@@ -172,7 +172,7 @@ fn ledger_config(cli: &Cli) -> Result<LedgerConfig, PluginError> {
 fn now(cli: &Cli) -> Result<SystemTime, PluginError> {
     match &cli.now {
         None => Ok(SystemTime::now()),
-        Some(t) => vramslice_extender::convert::parse_time(t)
+        Some(t) => vramslice_api::convert::parse_time(t)
             .map_err(|e| PluginError::Usage(format!("--now: {e}"))),
     }
 }

@@ -6,15 +6,23 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use vramslice_api::GpuNode;
+use vramslice_api::convert::{PodFate, node_reading, parse_time, pod_fate, pod_request};
 use vramslice_api::names::ANNOTATION_GPU_UUID;
 use vramslice_core::VramUnit;
 use vramslice_core::ledger::{Ledger, LedgerConfig};
-use vramslice_extender::convert::{PodFate, node_reading, parse_time, pod_fate, pod_request};
 
 /// The ledger over the cluster's readings and bound pods, as the extender would build it.
 pub fn build_ledger(gpunodes: &[GpuNode], pods: &[Pod], config: LedgerConfig) -> Ledger {
     let mut ledger = Ledger::new(config);
-    ledger.replace_readings(gpunodes.iter().map(node_reading).collect());
+    ledger.replace_readings(
+        gpunodes
+            .iter()
+            .map(|g| {
+                let (node, reading) = node_reading(g);
+                (node, reading.map_err(|e| e.to_string()))
+            })
+            .collect(),
+    );
     let records = pods
         .iter()
         .filter_map(|p| match pod_fate(p, &VramUnit::ALL) {

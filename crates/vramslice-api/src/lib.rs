@@ -7,6 +7,7 @@
 //! server; the CRD YAML under `charts/` and `manifests/` is generated from these types by
 //! `cargo run -p vramslice-api --bin crdgen` and checked for drift by a test.
 
+pub mod convert;
 pub mod gpunode;
 pub mod names;
 

@@ -17,8 +17,9 @@ use kube::api::{Api, ListParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
+use vramslice_api::convert::container_units;
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
-use vramslice_core::{PodPlacement, parse_bytes};
+use vramslice_core::PodPlacement;
 
 /// A pod lookup that failed.
 #[derive(Debug, thiserror::Error)]
@@ -139,20 +140,6 @@ fn not_started(pod: &Pod) -> bool {
     })
 }
 
-/// Units of `resource` one container asks for (limits, else requests), in whole units.
-fn container_request(
-    container: &k8s_openapi::api::core::v1::Container,
-    resource: &str,
-) -> Option<u64> {
-    let resources = container.resources.as_ref()?;
-    let quantity = resources
-        .limits
-        .as_ref()
-        .and_then(|l| l.get(resource))
-        .or_else(|| resources.requests.as_ref().and_then(|r| r.get(resource)))?;
-    parse_bytes(&quantity.0).ok()
-}
-
 /// Whether the pod is bound, not finished (phase neither Succeeded nor Failed), and has a
 /// container asking for exactly `size` units of `resource`.
 fn holds_or_waits_for(pod: &Pod, resource: &str, size: u64) -> bool {
@@ -165,7 +152,7 @@ fn holds_or_waits_for(pod: &Pod, resource: &str, size: u64) -> bool {
             .containers
             .iter()
             .chain(spec.init_containers.iter().flatten())
-            .any(|c| container_request(c, resource) == Some(size))
+            .any(|c| container_units(c, resource) == Some(size))
 }
 
 /// (namespace, name) of a pod.

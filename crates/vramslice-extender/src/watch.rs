@@ -91,7 +91,10 @@ where
     while let Some(event) = events.next().await {
         match event {
             Ok(Event::Init) => buffer.clear(),
-            Ok(Event::InitApply(gpunode)) => buffer.push(node_reading(&gpunode)),
+            Ok(Event::InitApply(gpunode)) => {
+                let (node, reading) = node_reading(&gpunode);
+                buffer.push((node, reading.map_err(|e| e.to_string())));
+            }
             Ok(Event::InitDone) => {
                 let count = buffer.len();
                 ext.ledger_mut()
@@ -106,7 +109,7 @@ where
                     Ok(reading) => ledger.set_reading(&node, reading),
                     Err(reason) => {
                         tracing::warn!(node = %node, reason = %reason, "GpuNode unusable");
-                        ledger.set_reading_invalid(&node, reason);
+                        ledger.set_reading_invalid(&node, reason.to_string());
                     }
                 }
             }

@@ -3,13 +3,11 @@
 //! with an optional base64 JSON Patch.
 
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use vramslice_core::admission::{
-    ANNOTATION_KEEP_SCHEDULER, AdmissionDecision, AdmissionPolicy, PodAdmissionView, Unchanged,
-    decide,
-};
+use vramslice_api::convert::admission_view;
+use vramslice_core::admission::{AdmissionDecision, AdmissionPolicy, Unchanged, decide};
 
 /// API version of the reviews this webhook speaks.
 pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
@@ -112,41 +110,6 @@ impl Outcome {
     }
 }
 
-/// The view of a pod the core decides on.
-pub fn pod_view(pod: &Pod) -> PodAdmissionView {
-    let spec = pod.spec.as_ref();
-    let containers: Vec<&Container> = spec
-        .map(|s| {
-            s.containers
-                .iter()
-                .chain(s.init_containers.iter().flatten())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut resources = Vec::new();
-    for c in containers {
-        let Some(r) = c.resources.as_ref() else {
-            continue;
-        };
-        for map in [r.limits.as_ref(), r.requests.as_ref()]
-            .into_iter()
-            .flatten()
-        {
-            resources.extend(map.iter().map(|(k, v)| (k.clone(), v.0.clone())));
-        }
-    }
-    PodAdmissionView {
-        scheduler_name: spec.and_then(|s| s.scheduler_name.clone()),
-        node_name: spec.and_then(|s| s.node_name.clone()),
-        keep_scheduler_annotation: pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_KEEP_SCHEDULER).cloned()),
-        resources,
-    }
-}
-
 /// Answer a review. Every well-formed review is allowed; the pod gets a patch when the core's
 /// decision says so.
 pub fn review(
@@ -173,7 +136,7 @@ pub fn review(
         .and_then(|o| serde_json::from_value::<Pod>(o).ok());
     let outcome = match pod {
         None => Outcome::Unreadable,
-        Some(pod) => match decide(&pod_view(&pod), policy) {
+        Some(pod) => match decide(&admission_view(&pod), policy) {
             AdmissionDecision::Patch(ops) => match serde_json::to_vec(&ops) {
                 Ok(bytes) => {
                     response.patch_type = Some("JSONPatch".to_string());

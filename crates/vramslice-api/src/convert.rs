@@ -1,0 +1,444 @@
+//! Kubernetes objects to the core's plain values, in one place: a pod's VRAM request and
+//! placement policy, a bound pod's ledger record, a pod's view for the admission decision, one
+//! container's units of a resource, and a `GpuNode`'s readings. The extender, the device plugin,
+//! the webhook and `kubectl vramslice` all read pods through these functions.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::jiff::Timestamp;
+use vramslice_core::admission::PodAdmissionView;
+use vramslice_core::ledger::{GpuReading, ListedPod, NodeReading, PodRecord};
+use vramslice_core::placement::{InitUnits, PodRequest, Policy, pod_units};
+use vramslice_core::{RESOURCE_PREFIX, UnitError, VramUnit, parse_bytes};
+
+use crate::GpuNode;
+use crate::names::{
+    ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID, ANNOTATION_KEEP_SCHEDULER, ANNOTATION_POLICY,
+};
+
+/// A pod whose VRAM request cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// A VRAM resource this extender is not configured for.
+    #[error(
+        "pod {pod} requests {resource}, which this extender does not accept (accepted: {accepted})"
+    )]
+    NotAccepted {
+        /// `namespace/name`.
+        pod: String,
+        /// The resource.
+        resource: String,
+        /// The accepted resources.
+        accepted: String,
+    },
+    /// Two different VRAM resources in one pod.
+    #[error("pod {pod} requests both {first} and {second}; a pod's VRAM must use one resource")]
+    Mixed {
+        /// `namespace/name`.
+        pod: String,
+        /// One resource.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// The quantity is not a whole number of units.
+    #[error(
+        "pod {pod} container {container}: {resource} = {value:?} is not a whole number of units"
+    )]
+    BadQuantity {
+        /// `namespace/name`.
+        pod: String,
+        /// Container name.
+        container: String,
+        /// The resource.
+        resource: String,
+        /// The value.
+        value: String,
+    },
+    /// The policy annotation names no policy.
+    #[error(
+        "pod {pod}: annotation {ANNOTATION_POLICY}={value:?} is invalid: expected binpack or spread"
+    )]
+    BadPolicy {
+        /// `namespace/name`.
+        pod: String,
+        /// The value.
+        value: String,
+    },
+}
+
+/// A time that is not RFC 3339.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an RFC 3339 time")]
+pub struct TimeError(pub String);
+
+/// Why a `GpuNode`'s readings cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadingError {
+    /// The device plugin has not published a status yet.
+    #[error("it has no status yet")]
+    NoStatus,
+    /// `status.observedAt` is not a time.
+    #[error("observedAt {0}")]
+    ObservedAt(TimeError),
+    /// Neither `status.unit` nor `status.resourceName` names a unit.
+    #[error(transparent)]
+    Unit(UnitError),
+}
+
+/// One container's VRAM-relevant resources, whatever type the container came in (the API
+/// server's `Container`, or the extender's wire form of what kube-scheduler sends).
+#[derive(Debug, Clone, Copy)]
+pub struct ContainerVram<'a> {
+    /// Container name.
+    pub name: &'a str,
+    /// `resources.limits`.
+    pub limits: Option<&'a BTreeMap<String, Quantity>>,
+    /// `resources.requests`.
+    pub requests: Option<&'a BTreeMap<String, Quantity>>,
+    /// A sidecar init container (`restartPolicy: Always`).
+    pub sidecar: bool,
+}
+
+/// The VRAM-relevant resources of an API-server container.
+pub fn container_vram(c: &Container) -> ContainerVram<'_> {
+    let res = c.resources.as_ref();
+    ContainerVram {
+        name: &c.name,
+        limits: res.and_then(|r| r.limits.as_ref()),
+        requests: res.and_then(|r| r.requests.as_ref()),
+        sidecar: c.restart_policy.as_deref() == Some("Always"),
+    }
+}
+
+/// Units of `resource` one container asks for (its limit, else its request), or `None` when it
+/// asks for none or the quantity is not a byte count.
+pub fn container_units(c: &Container, resource: &str) -> Option<u64> {
+    let c = container_vram(c);
+    let quantity = c
+        .limits
+        .and_then(|l| l.get(resource))
+        .or_else(|| c.requests.and_then(|r| r.get(resource)))?;
+    parse_bytes(&quantity.0).ok()
+}
+
+/// What the admission decision (`vramslice_core::admission`) reads of a pod: its scheduler and
+/// node names, the keep-scheduler annotation, and every container's resources.
+pub fn admission_view(pod: &Pod) -> PodAdmissionView {
+    let spec = pod.spec.as_ref();
+    let mut resources = Vec::new();
+    for c in spec
+        .into_iter()
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
+        .map(container_vram)
+    {
+        for map in [c.limits, c.requests].into_iter().flatten() {
+            resources.extend(map.iter().map(|(k, v)| (k.clone(), v.0.clone())));
+        }
+    }
+    PodAdmissionView {
+        scheduler_name: spec.and_then(|s| s.scheduler_name.clone()),
+        node_name: spec.and_then(|s| s.node_name.clone()),
+        keep_scheduler_annotation: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_KEEP_SCHEDULER).cloned()),
+        resources,
+    }
+}
+
+/// The VRAM request of a pod from the API server; `None` when it asks for no VRAM.
+pub fn pod_request(pod: &Pod, accepted: &[VramUnit]) -> Result<Option<PodRequest>, RequestError> {
+    let spec = pod.spec.as_ref();
+    let app: Vec<ContainerVram<'_>> = spec
+        .map(|s| s.containers.iter().map(container_vram).collect())
+        .unwrap_or_default();
+    let init: Vec<ContainerVram<'_>> = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .map(|cs| cs.iter().map(container_vram).collect())
+        .unwrap_or_default();
+    containers_request(&pod_name(pod), &app, &init, accepted)
+}
+
+/// `namespace/name` of a pod.
+pub fn pod_name(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The VRAM request of a pod's app and init containers (`who` names the pod in errors); `None`
+/// when it asks for no VRAM. Every resource must be one of `accepted`, one kind per pod, whole
+/// units; init containers count as kube-scheduler counts them (`pod_units`).
+pub fn containers_request(
+    who: &str,
+    app: &[ContainerVram<'_>],
+    init: &[ContainerVram<'_>],
+    accepted: &[VramUnit],
+) -> Result<Option<PodRequest>, RequestError> {
+    let mut unit: Option<VramUnit> = None;
+    let mut units_of = |c: &ContainerVram<'_>| -> Result<u64, RequestError> {
+        let mut total = 0u64;
+        // Limits win; a resource only in requests counts too (extended resources must match).
+        let mut seen: BTreeMap<&str, &Quantity> = BTreeMap::new();
+        for map in [c.requests, c.limits].into_iter().flatten() {
+            for (name, q) in map {
+                if name.starts_with(RESOURCE_PREFIX) {
+                    seen.insert(name, q);
+                }
+            }
+        }
+        for (name, q) in seen {
+            let this = VramUnit::from_resource_name(name)
+                .ok()
+                .filter(|u| accepted.contains(u))
+                .ok_or_else(|| RequestError::NotAccepted {
+                    pod: who.to_string(),
+                    resource: name.to_string(),
+                    accepted: accepted
+                        .iter()
+                        .map(|u| u.resource_name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            match unit {
+                Some(u) if u != this => {
+                    return Err(RequestError::Mixed {
+                        pod: who.to_string(),
+                        first: u.resource_name().to_string(),
+                        second: name.to_string(),
+                    });
+                }
+                _ => unit = Some(this),
+            }
+            let bad = || RequestError::BadQuantity {
+                pod: who.to_string(),
+                container: c.name.to_string(),
+                resource: name.to_string(),
+                value: q.0.clone(),
+            };
+            let n = parse_bytes(&q.0).map_err(|_| bad())?;
+            total = total.saturating_add(n);
+        }
+        Ok(total)
+    };
+    let app_units = app
+        .iter()
+        .map(&mut units_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    let init_units = init
+        .iter()
+        .map(|c| {
+            units_of(c).map(|units| InitUnits {
+                units,
+                sidecar: c.sidecar,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let total = pod_units(&app_units, &init_units);
+    Ok(unit
+        .filter(|_| total > 0)
+        .map(|u| PodRequest::new(u, total)))
+}
+
+/// The placement policy for a pod: its annotation, else `default`.
+pub fn policy_of(
+    who: &str,
+    annotations: Option<&BTreeMap<String, String>>,
+    default: Policy,
+) -> Result<Policy, RequestError> {
+    match annotations.and_then(|a| a.get(ANNOTATION_POLICY)) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| RequestError::BadPolicy {
+            pod: who.to_string(),
+            value: v.clone(),
+        }),
+    }
+}
+
+/// What the pod watch should do with a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodFate {
+    /// Bound to a node and holding VRAM: record it.
+    Bound(PodRecord),
+    /// Finished, or asks for no VRAM: forget its UID.
+    Gone(String),
+    /// Not bound yet: nothing to record.
+    Pending,
+}
+
+/// Classify a pod from the API server.
+pub fn pod_fate(pod: &Pod, accepted: &[VramUnit]) -> PodFate {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return PodFate::Gone(uid);
+    }
+    let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+        return PodFate::Pending;
+    };
+    let Ok(Some(request)) = pod_request(pod, accepted) else {
+        return PodFate::Gone(uid);
+    };
+    let annotations = pod.metadata.annotations.as_ref();
+    PodFate::Bound(PodRecord {
+        uid,
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        node,
+        gpu_uuid: annotations
+            .and_then(|a| a.get(ANNOTATION_GPU_UUID))
+            .cloned(),
+        assigned_at: annotations
+            .and_then(|a| a.get(ANNOTATION_ASSIGNED_AT))
+            .and_then(|t| parse_time(t).ok()),
+        request,
+    })
+}
+
+/// Parse an RFC 3339 time.
+pub fn parse_time(text: &str) -> Result<SystemTime, TimeError> {
+    let ts: Timestamp = text
+        .trim()
+        .parse()
+        .map_err(|_| TimeError(text.to_string()))?;
+    let nanos = ts.as_nanosecond();
+    let magnitude = Duration::from_nanos(u64::try_from(nanos.unsigned_abs()).unwrap_or(u64::MAX));
+    Ok(if nanos >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH.checked_sub(magnitude).unwrap_or(UNIX_EPOCH)
+    })
+}
+
+/// Format a time as RFC 3339 in UTC (`2026-11-22T09:30:00Z`, sub-second digits when present).
+pub fn format_time(t: SystemTime) -> String {
+    let nanos = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i128::try_from(d.as_nanos()).unwrap_or(0))
+        .unwrap_or(0);
+    Timestamp::from_nanosecond(nanos)
+        .map(|ts| ts.to_string())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// A `GpuNode`'s name and readings, or why they cannot be used.
+pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingError>) {
+    let name = gpunode.metadata.name.clone().unwrap_or_default();
+    let Some(status) = gpunode.status.as_ref() else {
+        return (name, Err(ReadingError::NoStatus));
+    };
+    let observed_at = match parse_time(&status.observed_at) {
+        Ok(t) => t,
+        Err(e) => return (name, Err(ReadingError::ObservedAt(e))),
+    };
+    let unit = match status.unit.parse::<VramUnit>() {
+        Ok(u) => u,
+        Err(e) => match VramUnit::from_resource_name(&status.resource_name) {
+            Ok(u) => u,
+            Err(_) => return (name, Err(ReadingError::Unit(e))),
+        },
+    };
+    let gpus = status
+        .gpus
+        .iter()
+        .map(|g| GpuReading {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            free_bytes: g.free_bytes,
+            units: g.units,
+            healthy: g.healthy,
+            health_reason: g.health_reason.clone(),
+            pods: g
+                .pods
+                .iter()
+                .map(|p| ListedPod {
+                    uid: p.uid.clone(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    limit_bytes: p.limit_bytes.max(unit.bytes_for(p.allocated_units)),
+                    used_bytes: p.used_bytes,
+                })
+                .collect(),
+        })
+        .collect();
+    (
+        name,
+        Ok(NodeReading {
+            observed_at,
+            unit,
+            gpus,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn pod(spec: serde_json::Value, annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "annotations": annotations},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_containers_units_are_its_limit_else_its_request() {
+        let k = "vramslice.io/vram-gib";
+        let p = pod(
+            json!({"containers": [
+                {"name": "both", "resources": {"limits": {k: "4"}, "requests": {k: "2"}}},
+                {"name": "request-only", "resources": {"requests": {k: "3"}}},
+                {"name": "none", "resources": {"limits": {"cpu": "1"}}},
+                {"name": "bad", "resources": {"limits": {k: "lots"}}}
+            ]}),
+            json!({}),
+        );
+        let units: Vec<Option<u64>> = p
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers
+            .iter()
+            .map(|c| container_units(c, k))
+            .collect();
+        assert_eq!(units, vec![Some(4), Some(3), None, None]);
+    }
+
+    #[test]
+    fn the_admission_view_has_every_containers_resources_and_the_keep_annotation() {
+        let p = pod(
+            json!({
+                "schedulerName": "default-scheduler",
+                "containers": [{"name": "a", "resources": {"limits": {"vramslice.io/vram-gib": "2"}}}],
+                "initContainers": [{"name": "i", "resources": {"requests": {"cpu": "1"}}}]
+            }),
+            json!({ANNOTATION_KEEP_SCHEDULER: "true"}),
+        );
+        let view = admission_view(&p);
+        assert_eq!(view.scheduler_name.as_deref(), Some("default-scheduler"));
+        assert_eq!(view.node_name, None);
+        assert_eq!(view.keep_scheduler_annotation.as_deref(), Some("true"));
+        assert_eq!(
+            view.resources,
+            vec![
+                ("vramslice.io/vram-gib".to_string(), "2".to_string()),
+                ("cpu".to_string(), "1".to_string())
+            ]
+        );
+    }
+}
