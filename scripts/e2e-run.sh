@@ -17,6 +17,16 @@ step "e2e scenarios"
 cd "$ROOT/e2e"
 # -json through the summariser: the same -v text, then each failure's reason once more at the
 # very end, after the component logs a failed scenario dumps.
-go test -count=1 -json -timeout "${GO_TEST_TIMEOUT:-30m}" ./cluster/ ./scenarios/ "$@" \
+go test -count=1 -json -timeout "${GO_TEST_TIMEOUT:-30m}" ./cluster/ ./cmd/vramslice-cluster/ ./scenarios/ "$@" \
   | python3 "$ROOT/scripts/e2e-summary.py"
+step "the demo's story (make demo, printing once and exiting)"
+demo_log=$(mktemp)
+if ! "$ROOT/e2e/bin/vramslice-cluster" --apply "$ROOT/examples/pods" --story --exit >"$demo_log" 2>&1; then
+  cat "$demo_log"
+  echo "e2e-run: the demo's story failed (output above)" >&2
+  rm -f "$demo_log"
+  exit 1
+fi
+grep -E '^[①②③]' "$demo_log"
+rm -f "$demo_log"
 step "e2e done in $(( $(date +%s) - started ))s"

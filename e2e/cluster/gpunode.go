@@ -34,6 +34,14 @@ type GpuNodeGPU struct {
 	Healthy        bool         `json:"healthy"`
 	HealthReason   string       `json:"healthReason"`
 	Pods           []GpuNodePod `json:"pods"`
+	// ProcessesWithoutPod are GPU processes that belong to no pod.
+	ProcessesWithoutPod []GpuNodeProcess `json:"processesWithoutPod"`
+}
+
+// GpuNodeProcess is a GPU process and its memory.
+type GpuNodeProcess struct {
+	PID       int    `json:"pid"`
+	UsedBytes uint64 `json:"usedBytes"`
 }
 
 // GpuNodePod is a pod's allocation on a GPU as the plugin reports it.
@@ -43,6 +51,7 @@ type GpuNodePod struct {
 	UID            string `json:"uid"`
 	AllocatedUnits uint64 `json:"allocatedUnits"`
 	LimitBytes     uint64 `json:"limitBytes"`
+	UsedBytes      uint64 `json:"usedBytes"`
 }
 
 // GpuNode reads a node's GpuNode status.

@@ -36,10 +36,11 @@ func main() {
 		noExtender = flag.Bool("no-extender", false, "do not start vramslice-extender (pods needing it stay Pending)")
 		exitAfter  = flag.Bool("exit", false, "print the report and exit instead of waiting for Ctrl-C")
 		settle     = flag.Duration("settle", 60*time.Second, "how long to wait for applied pods to be placed before printing")
+		storyMode  = flag.Bool("story", false, "after the report, show live usage at work: running pods use memory on their fake GPUs (annotation "+usageAnnotation+"), a process outside Kubernetes steers the next pod away, a pod past its limit draws the watchdog's Event")
 	)
 	// klog's flags (-v=N for the in-process Kubernetes components) are already registered by an imported package.
 	flag.Parse()
-	if err := run(*nodesSpec, *apply, *dir, *binDir, *noPlugins, *noExtender, *exitAfter, *settle); err != nil {
+	if err := run(*nodesSpec, *apply, *dir, *binDir, *noPlugins, *noExtender, *exitAfter, *storyMode, *settle); err != nil {
 		fmt.Fprintln(os.Stderr, "vramslice-cluster:", err)
 		os.Exit(1)
 	}
@@ -72,7 +73,7 @@ func parseNodes(spec string) (map[string][]cluster.FakeGPU, []string, error) {
 	return out, order, nil
 }
 
-func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exitAfter bool, settle time.Duration) error {
+func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exitAfter, storyMode bool, settle time.Duration) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	nodes, order, err := parseNodes(nodesSpec)
@@ -127,6 +128,19 @@ func run(nodesSpec, apply, dir, binDir string, controlPlaneOnly, noExtender, exi
 	fmt.Println("Pods (namespace default):")
 	if err := c.PrintPlacements(ctx, os.Stdout, "default"); err != nil {
 		return err
+	}
+	if storyMode && !controlPlaneOnly && !noExtender {
+		fmt.Println()
+		fmt.Println("Live usage at work (GpuNode status, as the device plugins publish it):")
+		// Usage keeps moving while the cluster runs; it stops before the cluster does.
+		storyCtx, stopStory := context.WithCancel(ctx)
+		defer stopStory()
+		if err := story(storyCtx, c, os.Stdout); err != nil {
+			fmt.Printf("the story stopped: %v\n", err)
+			if exitAfter {
+				return err
+			}
+		}
 	}
 	fmt.Println()
 	fmt.Printf("KUBECONFIG=%s\n", c.AdminKubeconfig)
