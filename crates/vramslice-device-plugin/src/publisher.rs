@@ -208,17 +208,30 @@ async fn write_status(
     }
 }
 
+/// What the publisher carries from one poll to the next.
+#[derive(Debug, Default)]
+struct PollState {
+    /// The kubelet's allocations as last read (kept when PodResources fails).
+    records: Vec<ContainerAllocationRecord>,
+    /// Whether the last PodResources read failed (warn once per outage).
+    pr_failing: bool,
+    /// (namespace, name) → pod UID.
+    uids: BTreeMap<(String, String), String>,
+    /// When the UIDs were last listed from the API server.
+    uids_at: Option<Instant>,
+    /// The last report written, and when.
+    last: Option<(NodeReport, Instant)>,
+    /// Pause after failed writes, doubling.
+    backoff: Duration,
+    /// No write before this.
+    retry_at: Option<Instant>,
+}
+
 impl Publisher {
     /// Run until `shutdown` fires, once per `interval`.
     pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
         let proc_root = ProcRoot::new(self.proc_root.clone());
-        let mut records: Vec<ContainerAllocationRecord> = Vec::new();
-        let mut uids: BTreeMap<(String, String), String> = BTreeMap::new();
-        let mut uids_at: Option<Instant> = None;
-        let mut last: Option<(NodeReport, Instant)> = None;
-        let mut pr_failing = false;
-        let mut backoff = Duration::ZERO;
-        let mut retry_at: Option<Instant> = None;
+        let mut state = PollState::default();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -226,102 +239,145 @@ impl Publisher {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            let snapshot = Arc::clone(&self.node.snapshot.borrow());
-            if snapshot.generation == 0 {
-                continue;
-            }
-            let resource = self.unit.resource_name();
-            match crate::podresources::list_allocations(&self.pod_resources_socket, resource).await
-            {
-                Ok(fresh) => {
-                    records = fresh;
-                    pr_failing = false;
-                    if let Some(sweeper) = &mut self.sweeper {
-                        sweeper.run(&records).await;
-                    }
-                }
-                Err(e) => {
-                    if !pr_failing {
-                        tracing::warn!(error = %e, "cannot read allocations; keeping the last known");
-                        pr_failing = true;
-                    }
-                }
-            }
-            if let Some(lister) = &self.kube {
-                let unknown = |uids: &BTreeMap<(String, String), String>| {
-                    records
-                        .iter()
-                        .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())))
-                };
-                if unknown(&uids)
-                    && let Some(cached) = lister.cached()
-                {
-                    uids = uids_by_name(&cached);
-                }
-                if unknown(&uids) && uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH) {
-                    uids_at = Some(Instant::now());
-                    match lister.list().await {
-                        Ok(pods) => uids = uids_by_name(&pods),
-                        Err(e) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
-                    }
-                }
-            }
-            for r in &mut records {
-                r.pod_uid = uids.get(&(r.namespace.clone(), r.pod.clone())).cloned();
-            }
-            let mut readings = snapshot.readings.clone();
-            if readings
-                .iter()
-                .any(|r| r.processes.iter().any(|p| p.pod_uid.is_none()))
-            {
-                proc_root.fill_pod_uids(&mut readings);
-            }
-            let samples = samples_of(&readings);
-            let report = build_report(self.unit, &samples, &records);
-            let self_reports = self.watchdog.observe(&report, &samples, &records).await;
-            let allocated: BTreeMap<String, (u32, u64)> = report
-                .gpus
-                .iter()
-                .map(|g| {
-                    (
-                        g.uuid.clone(),
-                        (g.index, self.unit.bytes_for(g.allocated_units)),
-                    )
-                })
-                .collect();
-            self.metrics.observe_allocated(&allocated);
+            self.poll(&mut state, &proc_root).await;
+        }
+    }
 
-            let Some(lister) = self.kube.as_ref().filter(|_| self.write) else {
-                continue;
-            };
-            if retry_at.is_some_and(|t| Instant::now() < t) {
-                continue;
+    /// One poll, in steps: the kubelet's allocations (and the sweep of ended ones), their pod
+    /// UIDs, the report from the latest readings, the watchdog and metrics, and the GpuNode write
+    /// when the publish rule asks for one.
+    async fn poll(&mut self, state: &mut PollState, proc_root: &ProcRoot) {
+        let snapshot = Arc::clone(&self.node.snapshot.borrow());
+        if snapshot.generation == 0 {
+            return;
+        }
+        self.read_allocations(state).await;
+        self.attach_pod_uids(state).await;
+        let mut readings = snapshot.readings.clone();
+        if readings
+            .iter()
+            .any(|r| r.processes.iter().any(|p| p.pod_uid.is_none()))
+        {
+            proc_root.fill_pod_uids(&mut readings);
+        }
+        let samples = samples_of(&readings);
+        let report = build_report(self.unit, &samples, &state.records);
+        let self_reports = self
+            .watchdog
+            .observe(&report, &samples, &state.records)
+            .await;
+        self.observe_allocated(&report);
+        self.publish(state, report, &self_reports).await;
+    }
+
+    /// Reads the kubelet's allocations (keeping the last known when PodResources fails) and
+    /// sweeps the accounting files of allocations that ended.
+    async fn read_allocations(&mut self, state: &mut PollState) {
+        let resource = self.unit.resource_name();
+        match crate::podresources::list_allocations(&self.pod_resources_socket, resource).await {
+            Ok(fresh) => {
+                state.records = fresh;
+                state.pr_failing = false;
+                if let Some(sweeper) = &mut self.sweeper {
+                    sweeper.run(&state.records).await;
+                }
             }
-            let since = last
-                .as_ref()
-                .map(|(_, at)| at.elapsed())
-                .unwrap_or_default();
-            let Some(reason) =
-                publish_reason(&self.policy, last.as_ref().map(|(r, _)| r), since, &report)
-            else {
-                continue;
+            Err(e) => {
+                if !state.pr_failing {
+                    tracing::warn!(error = %e, "cannot read allocations; keeping the last known");
+                    state.pr_failing = true;
+                }
+            }
+        }
+    }
+
+    /// Gives each allocation its pod's UID: from the pod cache, else (at most every
+    /// [`UID_REFRESH`]) from a LIST.
+    async fn attach_pod_uids(&self, state: &mut PollState) {
+        if let Some(lister) = &self.kube {
+            let records = &state.records;
+            let unknown = |uids: &BTreeMap<(String, String), String>| {
+                records
+                    .iter()
+                    .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())))
             };
-            let observed_at = k8s_openapi::jiff::Timestamp::now().to_string();
-            let status = status_of(&report, observed_at, &self_reports);
-            match write_status(lister.client(), lister.node(), &status).await {
-                Ok(()) => {
-                    tracing::info!(%reason, node = lister.node(), "published GpuNode status");
-                    self.metrics.gpunode_written(reason.label());
-                    last = Some((report, Instant::now()));
-                    backoff = Duration::ZERO;
-                    retry_at = None;
+            if unknown(&state.uids)
+                && let Some(cached) = lister.cached()
+            {
+                state.uids = uids_by_name(&cached);
+            }
+            if unknown(&state.uids) && state.uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH) {
+                state.uids_at = Some(Instant::now());
+                match lister.list().await {
+                    Ok(pods) => state.uids = uids_by_name(&pods),
+                    Err(e) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
                 }
-                Err(e) => {
-                    self.metrics.gpunode_write_failed();
-                    backoff = (backoff * 2).clamp(WRITE_BACKOFF.0, WRITE_BACKOFF.1);
-                    retry_at = Some(Instant::now() + backoff);
-                    tracing::warn!(error = %e, node = lister.node(), retry_in = ?backoff, "cannot write GpuNode status");
-                }
+            }
+        }
+        for r in &mut state.records {
+            r.pod_uid = state
+                .uids
+                .get(&(r.namespace.clone(), r.pod.clone()))
+                .cloned();
+        }
+    }
+
+    /// Allocated bytes per GPU, for the metrics.
+    fn observe_allocated(&self, report: &NodeReport) {
+        let allocated: BTreeMap<String, (u32, u64)> = report
+            .gpus
+            .iter()
+            .map(|g| {
+                (
+                    g.uuid.clone(),
+                    (g.index, self.unit.bytes_for(g.allocated_units)),
+                )
+            })
+            .collect();
+        self.metrics.observe_allocated(&allocated);
+    }
+
+    /// Writes the GpuNode status when the publish rule asks for it, backing off after failures.
+    async fn publish(
+        &self,
+        state: &mut PollState,
+        report: NodeReport,
+        self_reports: &BTreeMap<PodOnGpu, SelfReport>,
+    ) {
+        let Some(lister) = self.kube.as_ref().filter(|_| self.write) else {
+            return;
+        };
+        if state.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let since = state
+            .last
+            .as_ref()
+            .map(|(_, at)| at.elapsed())
+            .unwrap_or_default();
+        let Some(reason) = publish_reason(
+            &self.policy,
+            state.last.as_ref().map(|(r, _)| r),
+            since,
+            &report,
+        ) else {
+            return;
+        };
+        let observed_at = k8s_openapi::jiff::Timestamp::now().to_string();
+        let status = status_of(&report, observed_at, self_reports);
+        match write_status(lister.client(), lister.node(), &status).await {
+            Ok(()) => {
+                tracing::info!(%reason, node = lister.node(), "published GpuNode status");
+                self.metrics.gpunode_written(reason.label());
+                state.last = Some((report, Instant::now()));
+                state.backoff = Duration::ZERO;
+                state.retry_at = None;
+            }
+            Err(e) => {
+                self.metrics.gpunode_write_failed();
+                state.backoff = (state.backoff * 2).clamp(WRITE_BACKOFF.0, WRITE_BACKOFF.1);
+                state.retry_at = Some(Instant::now() + state.backoff);
+                tracing::warn!(error = %e, node = lister.node(), retry_in = ?state.backoff, "cannot write GpuNode status");
             }
         }
     }
