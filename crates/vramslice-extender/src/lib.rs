@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod extender;
+#[cfg(feature = "test-support")]
 pub mod fake;
 pub mod http;
 pub mod metrics;
