@@ -43,7 +43,6 @@ pub mod config;
 pub mod ffi;
 pub mod job;
 pub mod metrics;
-mod permit;
 pub mod policy;
 pub mod profile;
 pub mod profile_key;

@@ -4,8 +4,7 @@
 use std::future::Future;
 
 use crate::job::Job;
-use crate::permit::Permit;
-use crate::runtime::{AdmitError, Runtime};
+use crate::runtime::{AdmitError, Permit, Runtime};
 
 /// The CUDA driver's `CUDA_ERROR_OUT_OF_MEMORY` result code.
 pub const CUDA_ERROR_OUT_OF_MEMORY: i32 = 2;

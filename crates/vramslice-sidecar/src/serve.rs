@@ -6,19 +6,22 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use crate::runtime::Runtime;
-
-/// Serve `GET /metrics` on `addr` (`127.0.0.1:9400`, `0.0.0.0:0`) until the process exits;
-/// returns the bound address. Other paths answer 404.
-pub fn serve_metrics(rt: &Runtime, addr: &str) -> io::Result<SocketAddr> {
+/// Serve `GET /metrics` on `addr` (`127.0.0.1:9400`, `0.0.0.0:0`) until the process exits,
+/// answering with what `render` returns (normally [`Runtime::render_metrics`]); returns the
+/// bound address. Other paths answer 404.
+///
+/// [`Runtime::render_metrics`]: crate::Runtime::render_metrics
+pub fn serve_metrics(
+    render: impl Fn() -> String + Send + 'static,
+    addr: &str,
+) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    let rt = rt.clone();
     std::thread::Builder::new()
         .name("vramslice-metrics".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(&rt, stream) {
+                if let Err(e) = answer(&render, stream) {
                     tracing::debug!(error = %e, "metrics connection failed");
                 }
             }
@@ -26,7 +29,7 @@ pub fn serve_metrics(rt: &Runtime, addr: &str) -> io::Result<SocketAddr> {
     Ok(bound)
 }
 
-fn answer(rt: &Runtime, stream: TcpStream) -> io::Result<()> {
+fn answer(render: &impl Fn() -> String, stream: TcpStream) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
@@ -41,7 +44,7 @@ fn answer(rt: &Runtime, stream: TcpStream) -> io::Result<()> {
         (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            rt.render_metrics(),
+            render(),
         )
     } else {
         (

@@ -58,7 +58,10 @@ fn metrics_port_serves_prometheus_text() {
         ManualUsage::default(),
     )
     .unwrap();
-    let addr = vramslice_sidecar::serve::serve_metrics(&rt, "127.0.0.1:0").unwrap();
+    let metrics_of = rt.clone();
+    let addr =
+        vramslice_sidecar::serve::serve_metrics(move || metrics_of.render_metrics(), "127.0.0.1:0")
+            .unwrap();
     let ok = get(addr, "/metrics");
     assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
     assert!(

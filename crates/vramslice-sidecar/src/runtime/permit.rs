@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::inner::{Inner, lock};
 use crate::job::Job;
 use crate::policy::{self, ReserveSource};
 use crate::queue::JobId;
-use crate::runtime::{Inner, lock};
 
 /// A place in line; leaving it (drop) cancels the wait or returns an unclaimed admission.
 pub(crate) struct Ticket {

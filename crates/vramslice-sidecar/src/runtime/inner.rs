@@ -1,0 +1,316 @@
+//! The runtime's shared state and its steps: reading live usage, starting jobs, judging a
+//! waiting job (admitted, gone, timed out), and the sampler that tracks running jobs' peaks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::job::Job;
+use crate::metrics::Metrics;
+use crate::policy::{self, ReserveSource};
+use crate::profile::Profiles;
+use crate::queue::{AdmissionQueue, JobId, Refusal, Verdict};
+use crate::usage::{UsageError, UsageSource};
+
+use super::AdmitError;
+use super::permit::{Permit, Ticket};
+
+#[derive(Debug)]
+pub(crate) struct Running {
+    pub(crate) reported: Option<u64>,
+    pub(crate) start_live: u64,
+    pub(crate) peak_live: u64,
+    pub(crate) overlapped: bool,
+    pub(crate) admitted: Instant,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) queue: AdmissionQueue,
+    pub(crate) jobs: HashMap<JobId, Running>,
+    pub(crate) last_live: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(super) usage: Box<dyn UsageSource>,
+    pub(crate) profiles: Profiles,
+    pub(crate) metrics: Metrics,
+    pub(crate) state: Mutex<State>,
+    pub(super) cond: Condvar,
+    pub(super) notify: tokio::sync::Notify,
+    pub(super) next_id: AtomicU64,
+}
+
+pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) enum Progress {
+    Admitted,
+    Waiting,
+    Gone,
+}
+
+/// A job in line: its place, what admitting it reserves, and when it gives up.
+pub(super) struct Waiting {
+    pub(super) ticket: Ticket,
+    pub(super) need: u64,
+    pub(super) source: ReserveSource,
+    pub(super) deadline: Instant,
+}
+
+/// One look at a job in line ([`Inner::look`]).
+pub(super) enum Look {
+    /// Admitted, refused or timed out.
+    Done(Result<Permit, AdmitError>),
+    /// Still in line: look again after this long at most (sooner when woken).
+    Again(Waiting, Duration),
+}
+
+pub(super) enum Enqueued {
+    Now(Permit),
+    Wait(Waiting),
+}
+
+impl Inner {
+    pub(super) fn poll(&self) -> Duration {
+        self.config
+            .sample_interval
+            .max(Duration::from_millis(1))
+            .min(Duration::from_millis(100))
+    }
+
+    pub(super) fn read_live(&self) -> Result<u64, UsageError> {
+        let reading = self.usage.read()?;
+        let mut state = lock(&self.state);
+        if self.config.limit.is_none()
+            && let Some(total) = reading.total
+            && total != state.queue.limit()
+        {
+            let capacity = policy::admission_capacity(total, &self.config.policy);
+            state.queue.set_limit(total, capacity);
+            self.metrics.limit_bytes.set(total);
+        }
+        state.last_live = reading.used;
+        let peak = reading.peak.unwrap_or(0).max(reading.used);
+        for job in state.jobs.values_mut() {
+            job.peak_live = job.peak_live.max(peak);
+        }
+        Ok(reading.used)
+    }
+
+    pub(super) fn publish(&self, state: &State) {
+        let live = state.last_live;
+        self.metrics
+            .used_bytes
+            .set(state.queue.held(live).max(live));
+        self.metrics.available_bytes.set(state.queue.free(live));
+        self.metrics.jobs_running.set(state.queue.running() as u64);
+        self.metrics.jobs_queued.set(state.queue.queued() as u64);
+    }
+
+    pub(super) fn start_job(&self, state: &mut State, id: JobId, live: u64) {
+        let overlapped = !state.jobs.is_empty();
+        for other in state.jobs.values_mut() {
+            other.overlapped = true;
+        }
+        state.jobs.insert(
+            id,
+            Running {
+                reported: None,
+                start_live: live,
+                peak_live: live,
+                overlapped,
+                admitted: Instant::now(),
+            },
+        );
+    }
+
+    /// Admit whatever fits now; wakes waiters when anything was admitted.
+    pub(crate) fn pump(&self, state: &mut State, live: u64) {
+        let admitted = state.queue.pump(live);
+        for id in &admitted {
+            self.start_job(state, *id, live);
+        }
+        self.publish(state);
+        if !admitted.is_empty() {
+            self.cond.notify_all();
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Where a job in line stands now: the one decision both admission loops wait on.
+    pub(super) fn look(&self, waiting: Waiting, job: &Job) -> Look {
+        match self.progress(waiting.ticket.id) {
+            Progress::Admitted => {
+                let Waiting {
+                    ticket,
+                    need,
+                    source,
+                    ..
+                } = waiting;
+                return Look::Done(Ok(ticket.into_permit(job, need, source)));
+            }
+            Progress::Gone => return Look::Done(Err(self.gone(job, waiting.need))),
+            Progress::Waiting => {}
+        }
+        let now = Instant::now();
+        if now >= waiting.deadline {
+            let need = waiting.need;
+            return Look::Done(Err(self.time_out(waiting.ticket, job, need)));
+        }
+        let wait = (waiting.deadline - now).min(self.poll());
+        Look::Again(waiting, wait)
+    }
+
+    pub(super) fn progress(&self, id: JobId) -> Progress {
+        let live = self.read_live().ok();
+        let mut state = lock(&self.state);
+        if let Some(live) = live {
+            self.pump(&mut state, live);
+        }
+        if state.queue.is_running(id) {
+            Progress::Admitted
+        } else if state.queue.is_waiting(id) {
+            Progress::Waiting
+        } else {
+            Progress::Gone
+        }
+    }
+
+    pub(super) fn enqueue(self: &Arc<Self>, job: &Job) -> Result<Enqueued, AdmitError> {
+        let requested = Instant::now();
+        let learned = self.profiles.peak(job.key(), job.params());
+        let live = self.read_live().map_err(|source| AdmitError::Usage {
+            key: job.key().to_string(),
+            source,
+        })?;
+        let (limit, floor) = {
+            let state = lock(&self.state);
+            (state.queue.limit(), state.queue.floor(live))
+        };
+        let r = policy::reserve(
+            job.declared_need(),
+            learned,
+            limit,
+            floor,
+            &self.config.policy,
+        );
+        if learned.is_some() {
+            self.metrics.profile_hits.inc();
+        } else {
+            self.metrics.profile_misses.inc();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        let verdict = state.queue.request(id, r.bytes, live);
+        let ticket = Ticket {
+            inner: Arc::clone(self),
+            id,
+            requested,
+            armed: true,
+        };
+        match verdict {
+            Ok(Verdict::Admitted) => {
+                self.start_job(&mut state, id, live);
+                self.publish(&state);
+                drop(state);
+                Ok(Enqueued::Now(ticket.into_permit(job, r.bytes, r.source)))
+            }
+            Ok(Verdict::Queued { position }) => {
+                self.publish(&state);
+                drop(state);
+                tracing::debug!(key = job.key(), need = r.bytes, position, "job queued");
+                let deadline =
+                    ticket.requested + job.admission_timeout().unwrap_or(self.config.queue_timeout);
+                Ok(Enqueued::Wait(Waiting {
+                    ticket,
+                    need: r.bytes,
+                    source: r.source,
+                    deadline,
+                }))
+            }
+            Err(refusal) => {
+                let mut ticket = ticket;
+                ticket.armed = false;
+                self.metrics.rejected.inc();
+                drop(state);
+                Err(AdmitError::Refused {
+                    key: job.key().to_string(),
+                    refusal,
+                })
+            }
+        }
+    }
+
+    pub(super) fn gone(&self, job: &Job, need: u64) -> AdmitError {
+        self.metrics.rejected.inc();
+        let state = lock(&self.state);
+        AdmitError::Refused {
+            key: job.key().to_string(),
+            refusal: Refusal::NeverFits {
+                need,
+                limit: state.queue.limit(),
+                capacity: state.queue.capacity(),
+            },
+        }
+    }
+
+    pub(super) fn time_out(&self, ticket: Ticket, job: &Job, need: u64) -> AdmitError {
+        let waited = ticket.requested.elapsed();
+        drop(ticket); // leaves the queue
+        self.metrics.rejected.inc();
+        let state = lock(&self.state);
+        AdmitError::Timeout {
+            key: job.key().to_string(),
+            need,
+            free: state.queue.free(state.last_live),
+            queued: state.queue.queued(),
+            waited,
+        }
+    }
+
+    /// End job `id`: give its reservation back and return what was measured.
+    pub(crate) fn finish(&self, id: JobId) -> Option<(u64, bool, Duration)> {
+        let live = self.read_live().ok();
+        let mut state = lock(&self.state);
+        let job = state.jobs.remove(&id);
+        state.queue.release(id);
+        let live = live.unwrap_or(state.last_live);
+        self.pump(&mut state, live);
+        drop(state);
+        self.cond.notify_all();
+        self.notify.notify_waiters();
+        job.map(|j| match j.reported {
+            // The embedder measured this job alone: trust it even when jobs overlapped.
+            Some(reported) => (reported, false, j.admitted.elapsed()),
+            None => {
+                let peak = j.peak_live.max(live).saturating_sub(j.start_live);
+                (peak, j.overlapped, j.admitted.elapsed())
+            }
+        })
+    }
+}
+
+pub(super) fn sampler(weak: Weak<Inner>, interval: Duration) {
+    loop {
+        std::thread::sleep(interval);
+        let Some(inner) = weak.upgrade() else { return };
+        let busy = {
+            let state = lock(&inner.state);
+            !state.jobs.is_empty() || state.queue.queued() > 0
+        };
+        if !busy {
+            continue;
+        }
+        let Ok(live) = inner.read_live() else {
+            continue;
+        };
+        let mut state = lock(&inner.state);
+        inner.pump(&mut state, live);
+    }
+}

@@ -1,0 +1,272 @@
+//! The runtime: admits jobs by memory, tracks their peaks while they run, and hands out
+//! [`Permit`]s that give the memory back when dropped.
+
+mod inner;
+mod permit;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::job::Job;
+use crate::metrics::Metrics;
+use crate::policy::{self, human};
+use crate::profile::{ProfileError, Profiles};
+use crate::queue::{AdmissionQueue, Refusal};
+use crate::usage::{UsageError, UsageSource};
+use inner::{Enqueued, Inner, Look, State, lock, sampler};
+pub use permit::Permit;
+
+/// A runtime that could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Neither `VRAMSLICE_VRAM_LIMIT_BYTES` nor the usage source gives a limit.
+    #[error(
+        "no memory limit: set VRAMSLICE_VRAM_LIMIT_BYTES or use a usage source that reports the GPU's total"
+    )]
+    NoLimit,
+    /// The usage source failed on first read.
+    #[error("reading GPU memory usage: {0}")]
+    Usage(#[from] UsageError),
+    /// The profile directory is unusable.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// The usage sampling thread could not be started.
+    #[error("starting the usage sampler thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The metrics port could not be opened.
+    #[error("metrics address {addr}: {source}")]
+    Metrics {
+        /// The address asked for.
+        addr: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A job that was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// Refused at once: it can never fit, or the queue is full.
+    #[error("job {key:?} refused: {refusal}")]
+    Refused {
+        /// The job's key.
+        key: String,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// It waited the configured timeout without memory freeing.
+    #[error(
+        "job {key:?} timed out after {waited:?} waiting for memory: needs {}, {} free, {queued} jobs queued",
+        human(*need),
+        human(*free)
+    )]
+    Timeout {
+        /// The job's key.
+        key: String,
+        /// Bytes it needed.
+        need: u64,
+        /// Bytes free when it gave up.
+        free: u64,
+        /// Jobs still waiting.
+        queued: usize,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Live usage could not be read.
+    #[error("job {key:?}: {source}")]
+    Usage {
+        /// The job's key.
+        key: String,
+        /// The source's error.
+        #[source]
+        source: UsageError,
+    },
+}
+
+/// The sidecar runtime. Cheap to clone; clones share everything.
+///
+/// ```
+/// use vramslice_sidecar::{Config, Job, ManualUsage, Runtime};
+/// let usage = ManualUsage::new(0, 0);
+/// let config = Config { limit: Some(10 << 30), ..Config::default() };
+/// let rt = Runtime::new(config, usage.clone()).unwrap();
+/// let permit = rt.admit_blocking(&Job::new("resnet").need(2 << 30)).unwrap();
+/// assert_eq!(permit.reserved(), 2 << 30);
+/// usage.add(1 << 30); // the job allocates
+/// permit.complete();  // records its peak for next time
+/// assert!(rt.render_metrics().contains("vramslice_sidecar_jobs_running 0"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// What [`Runtime::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// The limit in bytes.
+    pub limit: u64,
+    /// The most admitted at once (limit × high-water mark).
+    pub capacity: u64,
+    /// Live usage at the last reading.
+    pub live: u64,
+    /// Sum of running jobs' reservations.
+    pub reserved: u64,
+    /// Bytes still admissible.
+    pub free: u64,
+    /// Jobs running.
+    pub running: usize,
+    /// Jobs waiting.
+    pub queued: usize,
+}
+
+impl Runtime {
+    /// A runtime with this configuration, reading usage from `usage`.
+    pub fn new(config: Config, usage: impl UsageSource + 'static) -> Result<Self, RuntimeError> {
+        let first = usage.read()?;
+        let limit = config.limit.or(first.total).ok_or(RuntimeError::NoLimit)?;
+        let profiles = match &config.profile_dir {
+            Some(dir) => Profiles::in_dir(dir)?,
+            None => Profiles::in_memory(),
+        };
+        let capacity = policy::admission_capacity(limit, &config.policy);
+        let queue = AdmissionQueue::new(limit, capacity, config.queue_max);
+        let metrics = Metrics::new();
+        metrics.limit_bytes.set(limit);
+        let inner = Arc::new(Inner {
+            usage: Box::new(usage),
+            profiles,
+            metrics,
+            state: Mutex::new(State {
+                queue,
+                jobs: HashMap::new(),
+                last_live: first.used,
+            }),
+            cond: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+            next_id: AtomicU64::new(1),
+            config,
+        });
+        inner.publish(&lock(&inner.state));
+        if !inner.config.sample_interval.is_zero() {
+            let weak = Arc::downgrade(&inner);
+            let interval = inner.config.sample_interval;
+            std::thread::Builder::new()
+                .name("vramslice-sampler".into())
+                .spawn(move || sampler(weak, interval))
+                .map_err(RuntimeError::Thread)?;
+        }
+        Ok(Self { inner })
+    }
+
+    /// A runtime configured from the environment (see [`crate::config`]): usage from the
+    /// guard's accounting file when `VRAMSLICE_ACCOUNTING_DIR` is set, otherwise from the CUDA
+    /// driver; `/metrics` served when `VRAMSLICE_METRICS_ADDR` is set.
+    pub fn from_env() -> Result<Self, RuntimeError> {
+        let config = Config::from_env()?;
+        let rt = match &config.accounting_dir {
+            Some(dir) => {
+                let source = crate::usage::AccountingFile::in_dir(dir);
+                Self::new(config.clone(), source)?
+            }
+            None => Self::new(config.clone(), crate::ffi::cuda::CudaMemInfo::load()?)?,
+        };
+        if let Some(addr) = &config.metrics_addr {
+            let metrics_of = rt.clone();
+            crate::serve::serve_metrics(move || metrics_of.render_metrics(), addr).map_err(
+                |source| RuntimeError::Metrics {
+                    addr: addr.clone(),
+                    source,
+                },
+            )?;
+        }
+        Ok(rt)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        lock(&self.inner.state).queue.limit()
+    }
+
+    /// A snapshot of the admission state.
+    pub fn stats(&self) -> Stats {
+        let state = lock(&self.inner.state);
+        Stats {
+            limit: state.queue.limit(),
+            capacity: state.queue.capacity(),
+            live: state.last_live,
+            reserved: state.queue.reserved(),
+            free: state.queue.free(state.last_live),
+            running: state.queue.running(),
+            queued: state.queue.queued(),
+        }
+    }
+
+    /// The learned peak of a job, if any.
+    pub fn learned_peak(&self, job: &Job) -> Option<u64> {
+        self.inner.profiles.peak(job.key(), job.params())
+    }
+
+    /// The metrics in Prometheus text format, for the embedder's `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let live = self.inner.read_live().ok();
+        let state = lock(&self.inner.state);
+        if live.is_some() {
+            self.inner.publish(&state);
+        }
+        drop(state);
+        self.inner.metrics.render()
+    }
+
+    /// Admit `job`, waiting (asynchronously) while memory is short. Needs a Tokio runtime with
+    /// its time driver. Dropping the future while it waits gives up its place in line.
+    pub async fn admit(&self, job: &Job) -> Result<Permit, AdmitError> {
+        let mut waiting = match self.inner.enqueue(job)? {
+            Enqueued::Now(permit) => return Ok(permit),
+            Enqueued::Wait(waiting) => waiting,
+        };
+        loop {
+            // Listen before looking, so a wake-up between the two is not lost.
+            let notified = self.inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait;
+            (waiting, wait) = match self.inner.look(waiting, job) {
+                Look::Done(outcome) => return outcome,
+                Look::Again(waiting, wait) => (waiting, wait),
+            };
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+    }
+
+    /// Admit `job`, blocking the calling thread while memory is short.
+    pub fn admit_blocking(&self, job: &Job) -> Result<Permit, AdmitError> {
+        let mut waiting = match self.inner.enqueue(job)? {
+            Enqueued::Now(permit) => return Ok(permit),
+            Enqueued::Wait(waiting) => waiting,
+        };
+        loop {
+            let wait;
+            (waiting, wait) = match self.inner.look(waiting, job) {
+                Look::Done(outcome) => return outcome,
+                Look::Again(waiting, wait) => (waiting, wait),
+            };
+            let state = lock(&self.inner.state);
+            if state.queue.is_waiting(waiting.ticket.id) {
+                let _ = self.inner.cond.wait_timeout(state, wait);
+            }
+        }
+    }
+}
