@@ -174,7 +174,7 @@ impl NativeRuntime {
         }
         let cuda = || {
             vramslice_sidecar::ffi::cuda::CudaMemInfo::load()
-                .map_err(|e| UsageError::new_err(e.to_string()))
+                .map_err(|e| UsageError::new_err(format!("CUDA driver: {e}")))
         };
         let source = match (usage, c.accounting_dir.clone()) {
             ("auto" | "accounting", Some(dir)) => Source::Accounting(dir),

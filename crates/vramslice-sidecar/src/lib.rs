@@ -37,7 +37,6 @@
 
 #![deny(unsafe_code)]
 
-pub mod accounting;
 pub mod config;
 #[allow(unsafe_code)]
 pub mod ffi;

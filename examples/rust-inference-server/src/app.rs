@@ -92,7 +92,7 @@ pub fn build(settings: Settings) -> Result<(Router, AppState), BuildError> {
                 None => Runtime::new(
                     settings.runtime.clone(),
                     vramslice_sidecar::ffi::cuda::CudaMemInfo::load()
-                        .map_err(vramslice_sidecar::RuntimeError::Usage)?,
+                        .map_err(|e| vramslice_sidecar::RuntimeError::Usage(e.into()))?,
                 )?,
             };
             (rt, None)

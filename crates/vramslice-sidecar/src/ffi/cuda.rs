@@ -11,8 +11,6 @@ use std::ffi::{c_int, c_uint, c_void};
 
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW, Symbol};
 
-use crate::usage::{UsageError, UsageReading, UsageSource};
-
 type CuResult = c_int;
 type CuDevice = c_int;
 type CuContext = *mut c_void;
@@ -50,30 +48,35 @@ impl std::fmt::Debug for CudaMemInfo {
     }
 }
 
-fn check(what: &str, r: CuResult) -> Result<(), UsageError> {
+/// The CUDA driver could not be loaded, lacks an entry point, or answered with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CudaDriverError(String);
+
+fn check(what: &str, r: CuResult) -> Result<(), CudaDriverError> {
     if r == 0 {
         Ok(())
     } else {
-        Err(UsageError::Cuda(format!("{what} returned CUDA error {r}")))
+        Err(CudaDriverError(format!("{what} returned CUDA error {r}")))
     }
 }
 
-fn symbol<T: Copy>(global: &Library, name: &str) -> Result<T, UsageError> {
+fn symbol<T: Copy>(global: &Library, name: &str) -> Result<T, CudaDriverError> {
     let cname = format!("{name}\0");
     // SAFETY: each caller names a CUDA driver entry point and gives `T` the C signature the
     // CUDA driver API documents for it.
     let sym: Result<Symbol<T>, _> = unsafe { global.get(cname.as_bytes()) };
     sym.map(|s| *s)
-        .map_err(|e| UsageError::Cuda(format!("symbol {name} not found: {e}")))
+        .map_err(|e| CudaDriverError(format!("symbol {name} not found: {e}")))
 }
 
 impl CudaMemInfo {
     /// Open the driver, initialise it and retain device 0's primary context.
-    pub fn load() -> Result<Self, UsageError> {
+    pub fn load() -> Result<Self, CudaDriverError> {
         let path = std::env::var(LIBCUDA_ENV).unwrap_or_else(|_| "libcuda.so.1".to_string());
         // SAFETY: loading the CUDA driver runs its initialisers, which have no preconditions.
         let driver = unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_GLOBAL) }
-            .map_err(|e| UsageError::Cuda(format!("cannot load {path}: {e}")))?;
+            .map_err(|e| CudaDriverError(format!("cannot load {path}: {e}")))?;
         let global = Library::this();
         let init: CuInit = symbol(&global, "cuInit").or_else(|_| symbol(&driver, "cuInit"))?;
         let device_get: CuDeviceGet =
@@ -106,8 +109,10 @@ impl CudaMemInfo {
     }
 }
 
-impl UsageSource for CudaMemInfo {
-    fn read(&self) -> Result<UsageReading, UsageError> {
+impl CudaMemInfo {
+    /// `cuMemGetInfo` on device 0's primary context: (free, total) bytes. The calling thread's
+    /// current context is restored afterwards.
+    pub fn mem_get_info(&self) -> Result<(u64, u64), CudaDriverError> {
         let (mut free, mut total) = (0usize, 0usize);
         let mut previous: CuContext = std::ptr::null_mut();
         // SAFETY: `previous` is a valid out-pointer for the call.
@@ -122,10 +127,6 @@ impl UsageSource for CudaMemInfo {
         // SAFETY: restores the thread's previous context (possibly none), as it was.
         let _ = unsafe { (self.set_current)(previous) };
         check("cuMemGetInfo", r)?;
-        Ok(UsageReading {
-            used: (total.saturating_sub(free)) as u64,
-            total: Some(total as u64),
-            peak: None,
-        })
+        Ok((free as u64, total as u64))
     }
 }

@@ -176,7 +176,10 @@ impl Runtime {
                 let source = crate::usage::AccountingFile::in_dir(dir);
                 Self::new(config.clone(), source)?
             }
-            None => Self::new(config.clone(), crate::ffi::cuda::CudaMemInfo::load()?)?,
+            None => Self::new(
+                config.clone(),
+                crate::ffi::cuda::CudaMemInfo::load().map_err(UsageError::from)?,
+            )?,
         };
         if let Some(addr) = &config.metrics_addr {
             let metrics_of = rt.clone();

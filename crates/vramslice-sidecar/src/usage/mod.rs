@@ -1,8 +1,14 @@
-//! Where live memory usage comes from: the guard's accounting file, the CUDA driver's
-//! `cuMemGetInfo`, or a value the embedder (or a test) sets.
+//! Where live memory usage comes from: the guard's accounting file ([`accounting`]), the CUDA
+//! driver's `cuMemGetInfo` ([`cuda`], over the driver calls in `ffi::cuda`), or a value the
+//! embedder (or a test) sets ([`ManualUsage`]).
+
+pub mod accounting;
+pub mod cuda;
+
+pub use accounting::AccountingFile;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,17 +27,25 @@ pub struct UsageReading {
 /// A usage source that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
-    /// The accounting file could not be read or parsed.
-    #[error("accounting file {path}: {reason}")]
-    Accounting {
+    /// The accounting file could not be read.
+    #[error("accounting file {path}: {source}")]
+    AccountingRead {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        reason: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The accounting file's content is not the guard's layout.
+    #[error("accounting file {path}: {source}")]
+    AccountingContent {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: vramslice_core::accounting::AccountingError,
     },
     /// The CUDA driver could not be loaded or answered with an error.
     #[error("CUDA driver: {0}")]
-    Cuda(String),
+    Cuda(#[from] crate::ffi::cuda::CudaDriverError),
 }
 
 /// Anything that reports live usage. Implementations must be cheap: the runtime reads them on
@@ -100,49 +114,6 @@ impl UsageSource for ManualUsage {
             used,
             total: (total > 0).then_some(total),
             peak: Some(peak),
-        })
-    }
-}
-
-/// The guard's per-container accounting file in `VRAMSLICE_ACCOUNTING_DIR`, read through the
-/// parser in `vramslice_core::accounting`. A directory with no file yet (nothing allocated so
-/// far) reads as zero.
-#[derive(Debug, Clone)]
-pub struct AccountingFile {
-    path: PathBuf,
-}
-
-impl AccountingFile {
-    /// The accounting file inside `dir`.
-    pub fn in_dir(dir: &Path) -> Self {
-        Self {
-            path: dir.join(crate::accounting::FILE_NAME),
-        }
-    }
-
-    /// The file read.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl UsageSource for AccountingFile {
-    fn read(&self) -> Result<UsageReading, UsageError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(UsageReading::default());
-            }
-            Err(e) => {
-                return Err(UsageError::Accounting {
-                    path: self.path.clone(),
-                    reason: e.to_string(),
-                });
-            }
-        };
-        crate::accounting::reading(&bytes).map_err(|reason| UsageError::Accounting {
-            path: self.path.clone(),
-            reason,
         })
     }
 }

@@ -1,0 +1,94 @@
+//! The guard's accounting file as a usage source (layout and parser in
+//! `vramslice_core::accounting`): the container's reserved total is the live usage, the limit
+//! the guard recorded is the total.
+
+use std::path::{Path, PathBuf};
+
+use vramslice_core::accounting::AccountingError;
+
+use super::{UsageError, UsageReading, UsageSource};
+
+/// Name of the accounting file inside `VRAMSLICE_ACCOUNTING_DIR`.
+pub const FILE_NAME: &str = vramslice_core::accounting::ACCOUNTING_FILE_NAME;
+
+/// Decode the accounting file's bytes.
+pub fn reading(bytes: &[u8]) -> Result<UsageReading, AccountingError> {
+    let snapshot = vramslice_core::accounting::parse(bytes)?;
+    Ok(UsageReading {
+        used: snapshot.used_bytes,
+        total: (snapshot.limit_bytes > 0).then_some(snapshot.limit_bytes),
+        peak: None,
+    })
+}
+
+/// The guard's per-container accounting file in `VRAMSLICE_ACCOUNTING_DIR`, read through the
+/// parser in `vramslice_core::accounting`. A directory with no file yet (nothing allocated so
+/// far) reads as zero.
+#[derive(Debug, Clone)]
+pub struct AccountingFile {
+    path: PathBuf,
+}
+
+impl AccountingFile {
+    /// The accounting file inside `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            path: dir.join(FILE_NAME),
+        }
+    }
+
+    /// The file read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl UsageSource for AccountingFile {
+    fn read(&self) -> Result<UsageReading, UsageError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(UsageReading::default());
+            }
+            Err(source) => {
+                return Err(UsageError::AccountingRead {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        reading(&bytes).map_err(|source| UsageError::AccountingContent {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vramslice_core::accounting::{header, initial_image};
+
+    #[test]
+    fn reads_used_and_limit_from_the_guard_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = AccountingFile::in_dir(dir.path());
+        // No file yet: nothing allocated.
+        assert_eq!(source.read().unwrap(), UsageReading::default());
+        let mut image = initial_image(4 << 30, "GPU-1234", 4);
+        let at = header::USED * 8;
+        image[at..at + 8].copy_from_slice(&(3u64 << 29).to_le_bytes());
+        std::fs::write(dir.path().join(FILE_NAME), &image).unwrap();
+        let r = source.read().unwrap();
+        assert_eq!(r.used, 3 << 29);
+        assert_eq!(r.total, Some(4 << 30));
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b"not an accounting file").unwrap();
+        let err = AccountingFile::in_dir(dir.path()).read().unwrap_err();
+        assert!(err.to_string().contains(FILE_NAME), "{err}");
+    }
+}
