@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::jiff::Timestamp;
 use vramslice_core::admission::PodAdmissionView;
-use vramslice_core::ledger::{GpuReading, ListedPod, NodeReading, PodRecord};
+use vramslice_core::ledger::{ListedPod, NodeReading, PodRecord, PublishedGpu};
 use vramslice_core::placement::{InitUnits, PodRequest, Policy, pod_units};
 use vramslice_core::{RESOURCE_PREFIX, UnitError, VramUnit, parse_bytes};
 
@@ -352,7 +352,7 @@ pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingEr
     let gpus = status
         .gpus
         .iter()
-        .map(|g| GpuReading {
+        .map(|g| PublishedGpu {
             index: g.index,
             uuid: g.uuid.clone(),
             free_bytes: g.free_bytes,

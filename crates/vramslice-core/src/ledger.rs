@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime};
 pub use reason::{GpuRejection, Refusal, Rejection};
 use reason::{RefusalCache, RefusalKey};
 pub use types::{
-    GpuReading, GpuView, ListedPod, NodeReading, Placement, PodInfo, PodRecord, ReserveError,
+    GpuView, ListedPod, NodeReading, Placement, PodInfo, PodRecord, PublishedGpu, ReserveError,
     ReserveRequest,
 };
 

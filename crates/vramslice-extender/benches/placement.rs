@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use vramslice_core::VramUnit;
-use vramslice_core::ledger::{GpuReading, ListedPod, NodeReading, PodRecord};
+use vramslice_core::ledger::{ListedPod, NodeReading, PodRecord, PublishedGpu};
 use vramslice_core::placement::PodRequest;
 use vramslice_extender::fake::FakeCluster;
 use vramslice_extender::{Config, Extender, http};
@@ -101,7 +101,7 @@ fn populate(ext: &Extender) -> Duration {
                 assigned_at: Some(now() - Duration::from_secs(3600)),
                 request: PodRequest::new(VramUnit::Gib1, gib),
             });
-            gpus.push(GpuReading {
+            gpus.push(PublishedGpu {
                 index: g,
                 uuid,
                 free_bytes: 80 * GIB - used - GIB / 2,

@@ -201,7 +201,7 @@ fn make_reading(world: &mut World, node: usize, pct: u8, noise: u64) {
                 used_bytes: Some(used),
             });
         }
-        gpus.push(GpuReading {
+        gpus.push(PublishedGpu {
             index: g,
             uuid: id,
             free_bytes: total.saturating_sub(used_total),

@@ -18,8 +18,8 @@ fn config(headroom: u64) -> LedgerConfig {
     }
 }
 
-fn gpu(index: u32, units: u64, free_gib: u64) -> GpuReading {
-    GpuReading {
+fn gpu(index: u32, units: u64, free_gib: u64) -> PublishedGpu {
+    PublishedGpu {
         index,
         uuid: format!("GPU-{index}"),
         free_bytes: free_gib * GIB,
@@ -30,7 +30,7 @@ fn gpu(index: u32, units: u64, free_gib: u64) -> GpuReading {
     }
 }
 
-fn reading(observed: u64, gpus: Vec<GpuReading>) -> NodeReading {
+fn reading(observed: u64, gpus: Vec<PublishedGpu>) -> NodeReading {
     NodeReading {
         observed_at: at(observed),
         unit: VramUnit::Gib1,

@@ -33,12 +33,12 @@ pub struct NodeReading {
     /// The unit the node advertises in.
     pub unit: VramUnit,
     /// The node's GPUs.
-    pub gpus: Vec<GpuReading>,
+    pub gpus: Vec<PublishedGpu>,
 }
 
-/// One GPU's reading.
+/// One GPU as its node's `GpuNode` status published it (what the extender places by).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuReading {
+pub struct PublishedGpu {
     /// NVML index.
     pub index: u32,
     /// NVML UUID.

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use vramslice_core::VramUnit;
-use vramslice_core::ledger::{GpuReading, ListedPod, NodeReading};
+use vramslice_core::ledger::{ListedPod, NodeReading, PublishedGpu};
 use vramslice_extender::fake::FakeCluster;
 use vramslice_extender::{Config, Extender};
 
@@ -42,8 +42,8 @@ pub fn extender_with(config: Config, cluster: Arc<FakeCluster>) -> Arc<Extender>
     ext
 }
 
-pub fn gpu(index: u32, units: u64, free_gib: u64) -> GpuReading {
-    GpuReading {
+pub fn gpu(index: u32, units: u64, free_gib: u64) -> PublishedGpu {
+    PublishedGpu {
         index,
         uuid: format!("GPU-{index}"),
         free_bytes: free_gib * GIB,
@@ -64,7 +64,7 @@ pub fn listed(uid: &str, limit_gib: u64, used_gib: u64) -> ListedPod {
     }
 }
 
-pub fn reading(age_secs: u64, gpus: Vec<GpuReading>) -> NodeReading {
+pub fn reading(age_secs: u64, gpus: Vec<PublishedGpu>) -> NodeReading {
     NodeReading {
         observed_at: secs_ago(age_secs),
         unit: VramUnit::Gib1,
