@@ -18,6 +18,7 @@ pub mod names;
 pub mod placement;
 pub mod publish;
 pub mod quantity;
+pub mod sample;
 pub mod sweep;
 pub mod units;
 pub mod watchdog;

@@ -15,39 +15,7 @@ use crate::device_id::DeviceId;
 use crate::quantity::format_bytes;
 use crate::units::VramUnit;
 
-/// One GPU process as measured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessSample {
-    /// Host PID.
-    pub pid: u32,
-    /// Device memory in use, bytes.
-    pub used_bytes: u64,
-    /// UID of the pod the process belongs to, when known.
-    pub pod_uid: Option<String>,
-}
-
-/// One GPU's reading.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuSample {
-    /// Index on the node.
-    pub index: u32,
-    /// UUID.
-    pub uuid: String,
-    /// Product name.
-    pub model: String,
-    /// Total bytes.
-    pub total_bytes: u64,
-    /// Used bytes.
-    pub used_bytes: u64,
-    /// Free bytes.
-    pub free_bytes: u64,
-    /// Healthy or not.
-    pub healthy: bool,
-    /// Why not, when not.
-    pub health_reason: Option<String>,
-    /// Compute processes.
-    pub processes: Vec<ProcessSample>,
-}
+pub use crate::sample::{GpuSample, Health, ProcessSample};
 
 /// Device IDs of this node's resource held by one container, as the kubelet records them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,8 +194,8 @@ pub fn build_report(
                 free_bytes: sample.free_bytes,
                 units: unit.units_in(sample.total_bytes),
                 allocated_units: all_units.len() as u64,
-                healthy: sample.healthy,
-                health_reason: sample.health_reason.clone(),
+                healthy: sample.health.is_healthy(),
+                health_reason: sample.health.reason().map(str::to_string),
                 pods,
                 processes_without_pod,
             }

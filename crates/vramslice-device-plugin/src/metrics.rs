@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
-use vramslice_gpu::GpuReading;
+use vramslice_gpu::GpuSample;
 
 /// Labels of per-GPU series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -201,7 +201,7 @@ impl Metrics {
 
     /// Record a successful read. Series of GPUs no longer read are removed (not the others, so
     /// a concurrent scrape never sees a GPU missing).
-    pub fn observe_readings(&self, readings: &[GpuReading]) {
+    pub fn observe_readings(&self, readings: &[GpuSample]) {
         let m = &self.0;
         let now: Vec<GpuLabels> = readings
             .iter()
@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn metrics_are_prefixed_and_per_gpu() {
         let m = Metrics::new();
-        m.observe_readings(&[GpuReading {
+        m.observe_readings(&[GpuSample {
             index: 1,
             uuid: "GPU-a".into(),
             model: "m".into(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use vramslice_core::{AdvertisedDevice, GpuInventory, GpuUnitsView, VramUnit};
-use vramslice_gpu::{GpuBackend, GpuReading};
+use vramslice_gpu::{GpuBackend, GpuSample};
 
 use crate::metrics::Metrics;
 
@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// Readings as the backend returned them.
-    pub readings: Vec<GpuReading>,
+    pub readings: Vec<GpuSample>,
     /// The inventory the readings make.
     pub inventory: GpuInventory,
     /// How many successful reads happened so far (0: none yet).
@@ -34,7 +34,7 @@ impl Snapshot {
 }
 
 /// The inventory a set of readings makes.
-pub fn inventory_of(unit: VramUnit, readings: &[GpuReading]) -> GpuInventory {
+pub fn inventory_of(unit: VramUnit, readings: &[GpuSample]) -> GpuInventory {
     GpuInventory::new(
         unit,
         readings
@@ -85,7 +85,7 @@ impl NodeState {
     }
 
     /// Take in a successful read. Returns whether the device list changed.
-    pub fn apply(&self, readings: Vec<GpuReading>) -> bool {
+    pub fn apply(&self, readings: Vec<GpuSample>) -> bool {
         let inventory = inventory_of(self.unit, &readings);
         let devices = inventory.advertised_devices();
         let generation = self.snapshot.borrow().generation + 1;
@@ -160,8 +160,8 @@ mod tests {
     use super::*;
     use vramslice_gpu::Health;
 
-    fn reading(uuid: &str, total: u64, healthy: bool) -> GpuReading {
-        GpuReading {
+    fn reading(uuid: &str, total: u64, healthy: bool) -> GpuSample {
+        GpuSample {
             index: 0,
             uuid: uuid.into(),
             model: "m".into(),

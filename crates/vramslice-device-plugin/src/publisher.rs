@@ -18,11 +18,9 @@ use vramslice_api::{
 };
 use vramslice_core::VramUnit;
 use vramslice_core::publish::{
-    ContainerAllocationRecord, GpuSample, NodeReport, ProcessSample, PublishPolicy, build_report,
-    publish_reason,
+    ContainerAllocationRecord, NodeReport, PublishPolicy, build_report, publish_reason,
 };
 use vramslice_core::watchdog::{PodOnGpu, SelfReport};
-use vramslice_gpu::GpuReading;
 use vramslice_gpu::procfs::ProcRoot;
 
 use crate::metrics::Metrics;
@@ -127,35 +125,6 @@ pub fn status_of(
     }
 }
 
-/// The core's view of readings.
-pub fn samples_of(readings: &[GpuReading]) -> Vec<GpuSample> {
-    readings
-        .iter()
-        .map(|r| GpuSample {
-            index: r.index,
-            uuid: r.uuid.clone(),
-            model: r.model.clone(),
-            total_bytes: r.total_bytes,
-            used_bytes: r.used_bytes,
-            free_bytes: r.free_bytes,
-            healthy: r.health.is_healthy(),
-            health_reason: match &r.health {
-                vramslice_gpu::Health::Healthy => None,
-                vramslice_gpu::Health::Unhealthy { reason } => Some(reason.clone()),
-            },
-            processes: r
-                .processes
-                .iter()
-                .map(|p| ProcessSample {
-                    pid: p.pid,
-                    used_bytes: p.used_bytes,
-                    pod_uid: p.pod_uid.clone(),
-                })
-                .collect(),
-        })
-        .collect()
-}
-
 async fn ensure_gpunode(client: &kube::Client, node: &str) -> Result<(), kube::Error> {
     let owner = Api::<Node>::all(client.clone()).get(node).await?;
     let object = GpuNode {
@@ -253,14 +222,13 @@ impl Publisher {
         }
         self.read_allocations(state).await;
         self.attach_pod_uids(state).await;
-        let mut readings = snapshot.readings.clone();
-        if readings
+        let mut samples = snapshot.readings.clone();
+        if samples
             .iter()
             .any(|r| r.processes.iter().any(|p| p.pod_uid.is_none()))
         {
-            proc_root.fill_pod_uids(&mut readings);
+            proc_root.fill_pod_uids(&mut samples);
         }
-        let samples = samples_of(&readings);
         let report = build_report(self.unit, &samples, &state.records);
         let self_reports = self
             .watchdog

@@ -4,13 +4,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
-use vramslice_gpu::{BackendError, GpuBackend, GpuReading, NvmlBackend};
+use vramslice_gpu::{BackendError, GpuBackend, GpuSample, NvmlBackend};
 
 /// What NVML said about the node.
 #[derive(Debug, Serialize)]
 pub struct NvmlReport {
     /// Every GPU, in index order, as the backend reads it (`used_bytes` is total − free).
-    pub gpus: Vec<GpuReading>,
+    pub gpus: Vec<GpuSample>,
     /// Per GPU UUID: whether its health events (critical XID, double-bit ECC) are subscribed.
     pub health_events: BTreeMap<String, bool>,
     /// How long the reading took, milliseconds.

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use vramslice_core::{DeviceId, format_bytes, parse_bytes};
 
-use crate::{BackendError, GpuBackend, GpuProcess, GpuReading, Health};
+use crate::{BackendError, GpuBackend, GpuSample, Health, ProcessSample};
 
 /// Model name of a GPU whose `model` is not given.
 pub const DEFAULT_FAKE_MODEL: &str = "Fake GPU";
@@ -189,7 +189,7 @@ impl FakeNode {
 
     /// Validate the node and turn it into readings, sorted by index. The error names the GPU
     /// (by list position and UUID) and the field at fault.
-    pub fn readings(&self) -> Result<Vec<GpuReading>, String> {
+    pub fn readings(&self) -> Result<Vec<GpuSample>, String> {
         let mut uuids = HashSet::new();
         let mut indices = HashSet::new();
         let mut out = Vec::with_capacity(self.gpus.len());
@@ -222,7 +222,7 @@ impl FakeNode {
     }
 }
 
-fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuReading, String> {
+fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuSample, String> {
     let total = gpu.total.bytes().map_err(|e| format!("{at}.total: {e}"))?;
     let mut pids = HashSet::new();
     let mut processes = Vec::with_capacity(gpu.processes.len());
@@ -242,7 +242,7 @@ fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuReading, String
         process_sum = process_sum
             .checked_add(used)
             .ok_or_else(|| format!("{at}.processes: usage adds up to more than 16 EiB"))?;
-        processes.push(GpuProcess {
+        processes.push(ProcessSample {
             pid: p.pid,
             used_bytes: used,
             pod_uid: p.pod_uid.clone(),
@@ -285,7 +285,7 @@ fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuReading, String
                 .to_string(),
         },
     };
-    Ok(GpuReading {
+    Ok(GpuSample {
         index,
         uuid: gpu.uuid.clone(),
         model: gpu
@@ -350,7 +350,7 @@ impl GpuBackend for FakeBackend {
         "fake"
     }
 
-    fn read(&self) -> Result<Vec<GpuReading>, BackendError> {
+    fn read(&self) -> Result<Vec<GpuSample>, BackendError> {
         self.load()?
             .readings()
             .map_err(|message| BackendError::FakeFileInvalid {

@@ -7,7 +7,7 @@ const UUID_A: &str = "GPU-11111111-2222-3333-4444-555555555555";
 const UUID_B: &str = "GPU-66666666-7777-8888-9999-000000000000";
 const POD: &str = "0f0e1d2c-3b4a-5968-7786-95a4b3c2d1e0";
 
-fn readings(yaml: &str) -> Result<Vec<GpuReading>, String> {
+fn readings(yaml: &str) -> Result<Vec<GpuSample>, String> {
     FakeNode::from_yaml(yaml)?.readings()
 }
 
@@ -50,12 +50,12 @@ fn full_example_parses() {
     assert_eq!(
         a.processes,
         vec![
-            GpuProcess {
+            ProcessSample {
                 pid: 4242,
                 used_bytes: GIB,
                 pod_uid: Some(POD.into())
             },
-            GpuProcess {
+            ProcessSample {
                 pid: 4243,
                 used_bytes: GIB / 2,
                 pod_uid: None

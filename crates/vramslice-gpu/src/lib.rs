@@ -2,7 +2,7 @@
 //! loaded at run time so the crate builds and starts without a GPU) and a fake implementation
 //! driven by a YAML file that tests and the demo rewrite to script live usage and health.
 //!
-//! Data enters from NVML or the fake file and leaves as plain [`GpuReading`]s; nothing here
+//! Data enters from NVML or the fake file and leaves as `vramslice_core::sample::GpuSample`s (the one sample type); nothing here
 //! knows about Kubernetes or units. [`open`] builds the configured backend; [`procfs::ProcRoot`]
 //! maps the host PIDs in a reading to pods through `/proc/<pid>/cgroup`.
 
@@ -16,59 +16,7 @@ pub use fake::{FakeBackend, FakeBytes, FakeGpu, FakeNode, FakeProcess, write_fak
 pub use nvml::NvmlBackend;
 pub use procfs::ProcRoot;
 pub use vramslice_core::cgroup::PodCgroup;
-
-/// A point-in-time reading of one GPU.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct GpuReading {
-    /// NVML index on the node.
-    pub index: u32,
-    /// NVML UUID (`GPU-...`).
-    pub uuid: String,
-    /// Product name.
-    pub model: String,
-    /// Total memory, bytes.
-    pub total_bytes: u64,
-    /// Used memory, bytes.
-    pub used_bytes: u64,
-    /// Free memory, bytes.
-    pub free_bytes: u64,
-    /// Health as of this reading.
-    pub health: Health,
-    /// Compute processes running on the GPU.
-    pub processes: Vec<GpuProcess>,
-}
-
-/// Whether a GPU may take work.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Health {
-    /// Working.
-    Healthy,
-    /// Not to be used; the reason names the event (XID, ECC, lost).
-    Unhealthy {
-        /// Why.
-        reason: String,
-    },
-}
-
-impl Health {
-    /// True when healthy.
-    pub fn is_healthy(&self) -> bool {
-        matches!(self, Health::Healthy)
-    }
-}
-
-/// One compute process on a GPU.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct GpuProcess {
-    /// Host PID.
-    pub pid: u32,
-    /// Device memory the process uses, bytes.
-    pub used_bytes: u64,
-    /// The pod the process belongs to, when the backend knows it directly (the fake backend
-    /// does; for NVML the device plugin maps PIDs to pods through /proc cgroups).
-    pub pod_uid: Option<String>,
-}
+pub use vramslice_core::sample::{GpuSample, Health, ProcessSample};
 
 /// Why a backend could not produce readings.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +59,7 @@ pub trait GpuBackend: Send + Sync {
 
     /// Read every GPU now. GPUs that vanished are simply absent; GPUs hit by a critical event
     /// since the last call are reported unhealthy.
-    fn read(&self) -> Result<Vec<GpuReading>, BackendError>;
+    fn read(&self) -> Result<Vec<GpuSample>, BackendError>;
 }
 
 /// Which backend to open (the device plugin's `backend` configuration).

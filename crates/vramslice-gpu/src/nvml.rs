@@ -21,7 +21,7 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 use nvml_wrapper::{EventSet, Nvml};
 
-use crate::{BackendError, GpuBackend, GpuProcess, GpuReading, Health};
+use crate::{BackendError, GpuBackend, GpuSample, Health, ProcessSample};
 
 /// XIDs caused by applications, not by the GPU (the same set NVIDIA's device plugin ignores):
 /// 13 graphics engine exception, 31 GPU memory page fault, 43 GPU stopped processing,
@@ -58,14 +58,14 @@ struct State {
     /// Sticky unhealthy reasons by UUID (critical XID, ECC, lost).
     sticky: HashMap<String, String>,
     /// Last good reading per index, to report a GPU that stopped answering.
-    last: HashMap<u32, GpuReading>,
+    last: HashMap<u32, GpuSample>,
     /// GPUs currently failing queries (to log transitions, not every poll).
     broken: HashSet<u32>,
 }
 
 /// The outcome of querying one device index.
 enum DeviceRead {
-    Ok(GpuReading),
+    Ok(GpuSample),
     Vanished,
     Broken { reason: String, sticky: bool },
 }
@@ -232,7 +232,7 @@ impl NvmlBackend {
             }
         }
         let free = memory.free.min(memory.total);
-        DeviceRead::Ok(GpuReading {
+        DeviceRead::Ok(GpuSample {
             index,
             uuid,
             model,
@@ -252,7 +252,7 @@ impl GpuBackend for NvmlBackend {
 
     /// Read every GPU. `used_bytes` is `total − free` (NVML's own `used` leaves out the memory
     /// the driver reserves, which no workload can get either).
-    fn read(&self) -> Result<Vec<GpuReading>, BackendError> {
+    fn read(&self) -> Result<Vec<GpuSample>, BackendError> {
         let mut state = self.lock();
         Self::drain_events(&mut state);
         let count = self
@@ -346,7 +346,7 @@ fn event_reason(types: EventTypes, xid: Option<&XidError>) -> Option<String> {
 
 /// Compute and graphics process lists, one entry per PID (a PID in both lists is one process
 /// with one context; its larger figure counts), sorted by PID.
-fn merge_processes<'a>(lists: impl IntoIterator<Item = &'a ProcessInfo>) -> Vec<GpuProcess> {
+fn merge_processes<'a>(lists: impl IntoIterator<Item = &'a ProcessInfo>) -> Vec<ProcessSample> {
     let mut by_pid: HashMap<u32, u64> = HashMap::new();
     for p in lists {
         let used = match p.used_gpu_memory {
@@ -362,9 +362,9 @@ fn merge_processes<'a>(lists: impl IntoIterator<Item = &'a ProcessInfo>) -> Vec<
         let entry = by_pid.entry(p.pid).or_insert(0);
         *entry = (*entry).max(used);
     }
-    let mut out: Vec<GpuProcess> = by_pid
+    let mut out: Vec<ProcessSample> = by_pid
         .into_iter()
-        .map(|(pid, used_bytes)| GpuProcess {
+        .map(|(pid, used_bytes)| ProcessSample {
             pid,
             used_bytes,
             pod_uid: None,

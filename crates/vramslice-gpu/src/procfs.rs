@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use vramslice_core::cgroup::{PodCgroup, parse_proc_cgroup};
 
-use crate::GpuReading;
+use crate::GpuSample;
 
 /// The default proc root.
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
@@ -53,10 +53,10 @@ impl ProcRoot {
         }
     }
 
-    /// Fill [`crate::GpuProcess::pod_uid`] of every process the backend left unattributed, by
+    /// Fill [`crate::ProcessSample::pod_uid`] of every process the backend left unattributed, by
     /// its cgroup. Processes that already name a pod are left alone. Returns how many processes
     /// were newly attributed.
-    pub fn fill_pod_uids(&self, readings: &mut [GpuReading]) -> usize {
+    pub fn fill_pod_uids(&self, readings: &mut [GpuSample]) -> usize {
         let mut filled = 0;
         for process in readings
             .iter_mut()
@@ -75,7 +75,7 @@ impl ProcRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{GpuProcess, Health};
+    use crate::{Health, ProcessSample};
 
     const UID: &str = "0f0e1d2c-3b4a-5968-7786-95a4b3c2d1e0";
     const CID: &str = "4b1f8c2e9d7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c";
@@ -86,8 +86,8 @@ mod tests {
         std::fs::write(dir.join("cgroup"), text).unwrap();
     }
 
-    fn reading(processes: Vec<GpuProcess>) -> GpuReading {
-        GpuReading {
+    fn reading(processes: Vec<ProcessSample>) -> GpuSample {
+        GpuSample {
             index: 0,
             uuid: "GPU-a".into(),
             model: "m".into(),
@@ -99,8 +99,8 @@ mod tests {
         }
     }
 
-    fn process(pid: u32, pod_uid: Option<&str>) -> GpuProcess {
-        GpuProcess {
+    fn process(pid: u32, pod_uid: Option<&str>) -> ProcessSample {
+        ProcessSample {
             pid,
             used_bytes: 1,
             pod_uid: pod_uid.map(str::to_string),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use vramslice_gpu::{BackendError, GpuBackend, GpuProcess, Health, NvmlBackend};
+use vramslice_gpu::{BackendError, GpuBackend, Health, NvmlBackend, ProcessSample};
 
 const GIB: u64 = 1 << 30;
 const UUID0: &str = "GPU-00000000-aaaa-bbbb-cccc-000000000000";
@@ -110,7 +110,7 @@ fn reads_devices_memory_and_processes() {
         (80 * GIB, 10 * GIB, 70 * GIB)
     );
     assert_eq!(g0.health, Health::Healthy);
-    let process = |pid, used_bytes| GpuProcess {
+    let process = |pid, used_bytes| ProcessSample {
         pid,
         used_bytes,
         pod_uid: None,

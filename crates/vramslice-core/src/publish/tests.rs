@@ -13,8 +13,7 @@ fn gpu(index: u32, uuid: &str, total: u64, used: u64) -> GpuSample {
         total_bytes: total,
         used_bytes: used,
         free_bytes: total - used,
-        healthy: true,
-        health_reason: None,
+        health: Health::Healthy,
         processes: Vec::new(),
     }
 }
@@ -45,8 +44,9 @@ fn two_gpu_node() -> (Vec<GpuSample>, Vec<ContainerAllocationRecord>) {
         process(400, GIB, Some("uid-elsewhere")),
     ];
     let mut b = gpu(1, "GPU-b", 24 * GIB + 5, 0);
-    b.healthy = false;
-    b.health_reason = Some("XID 79".into());
+    b.health = Health::Unhealthy {
+        reason: "XID 79".into(),
+    };
     let allocs = vec![
         record("default", "web", Some("uid-web"), &["GPU-a::0", "GPU-a::1"]),
         // A second container of the same pod on the same GPU.
@@ -180,11 +180,15 @@ fn each_kind_of_change_is_named() {
         Some(PublishReason::GpusChanged)
     );
     assert_eq!(
-        case(|s, _| s[0].healthy = true),
+        case(|s, _| s[0].health = Health::Healthy),
         Some(PublishReason::HealthChanged)
     );
     assert_eq!(
-        case(|s, _| s[0].health_reason = Some("ECC".into())),
+        case(|s, _| {
+            s[0].health = Health::Unhealthy {
+                reason: "ECC".into(),
+            }
+        }),
         Some(PublishReason::HealthChanged)
     );
     assert_eq!(

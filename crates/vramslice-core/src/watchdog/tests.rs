@@ -1,6 +1,7 @@
 use super::*;
 use crate::VramUnit;
 use crate::publish::{ContainerAllocationRecord, ProcessSample, build_report};
+use crate::sample::Health;
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
@@ -22,8 +23,7 @@ fn sample(processes: Vec<ProcessSample>) -> GpuSample {
         total_bytes: 80 * GIB,
         used_bytes: 0,
         free_bytes: 80 * GIB,
-        healthy: true,
-        health_reason: None,
+        health: Health::Healthy,
         processes,
     }
 }

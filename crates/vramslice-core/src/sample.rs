@@ -1,0 +1,66 @@
+//! One GPU as its backend measured it, the one sample type from the backend to the report: the
+//! NVML and fake backends (`vramslice-gpu`) return it, the device plugin's poller keeps it, and
+//! the report ([`crate::publish`]), the inventory and the watchdog read it.
+
+use serde::Serialize;
+
+/// A point-in-time reading of one GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuSample {
+    /// NVML index on the node.
+    pub index: u32,
+    /// NVML UUID (`GPU-...`).
+    pub uuid: String,
+    /// Product name.
+    pub model: String,
+    /// Total memory, bytes.
+    pub total_bytes: u64,
+    /// Used memory, bytes.
+    pub used_bytes: u64,
+    /// Free memory, bytes.
+    pub free_bytes: u64,
+    /// Health as of this reading.
+    pub health: Health,
+    /// Compute processes running on the GPU.
+    pub processes: Vec<ProcessSample>,
+}
+
+/// Whether a GPU may take work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Working.
+    Healthy,
+    /// Not to be used; the reason names the event (XID, ECC, lost).
+    Unhealthy {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Health {
+    /// True when healthy.
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Health::Healthy)
+    }
+
+    /// Why not healthy, when not.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Health::Healthy => None,
+            Health::Unhealthy { reason } => Some(reason),
+        }
+    }
+}
+
+/// One compute process on a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessSample {
+    /// Host PID.
+    pub pid: u32,
+    /// Device memory the process uses, bytes.
+    pub used_bytes: u64,
+    /// The pod the process belongs to, when known (the fake backend knows it directly; for
+    /// NVML the device plugin maps PIDs to pods through /proc cgroups).
+    pub pod_uid: Option<String>,
+}
