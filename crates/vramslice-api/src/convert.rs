@@ -1,6 +1,7 @@
 //! Kubernetes objects to the core's plain values, in one place: a pod's VRAM request and
 //! placement policy, a bound pod's ledger record, a pod's view for the admission decision, one
-//! container's units of a resource, and a `GpuNode`'s readings. The extender, the device plugin,
+//! container's units of a resource, and a `GpuNode`'s readings; and the one conversion the other
+//! way, the device plugin's report to the `GpuNode` status it writes. The extender, the device plugin,
 //! the webhook and `kubectl vramslice` all read pods through these functions.
 
 use std::collections::BTreeMap;
@@ -12,12 +13,14 @@ use k8s_openapi::jiff::Timestamp;
 use vramslice_core::admission::PodAdmissionView;
 use vramslice_core::ledger::{ListedPod, NodeReading, PodRecord, PublishedGpu};
 use vramslice_core::placement::{InitUnits, PodRequest, Policy, pod_units};
+use vramslice_core::publish::NodeReport;
+use vramslice_core::watchdog::{PodOnGpu, SelfReport};
 use vramslice_core::{RESOURCE_PREFIX, UnitError, VramUnit, parse_bytes};
 
-use crate::GpuNode;
 use crate::names::{
     ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID, ANNOTATION_KEEP_SCHEDULER, ANNOTATION_POLICY,
 };
+use crate::{GpuNode, GpuNodeStatus, GpuNodeSummary, GpuStatus, PodUsage, ProcessUsage};
 
 /// A pod whose VRAM request cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -380,6 +383,71 @@ pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingEr
             gpus,
         }),
     )
+}
+
+/// The GpuNode status for a report observed at `observed_at` (RFC 3339), with each pod's
+/// self-report verdict from the watchdog.
+pub fn gpunode_status(
+    report: &NodeReport,
+    observed_at: String,
+    self_reports: &BTreeMap<PodOnGpu, SelfReport>,
+) -> GpuNodeStatus {
+    GpuNodeStatus {
+        unit: report.unit.as_str().to_string(),
+        resource_name: report.unit.resource_name().to_string(),
+        observed_at,
+        gpus: report
+            .gpus
+            .iter()
+            .map(|g| GpuStatus {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                model: g.model.clone(),
+                total_bytes: g.total_bytes,
+                used_bytes: g.used_bytes,
+                free_bytes: g.free_bytes,
+                units: g.units,
+                allocated_units: g.allocated_units,
+                healthy: g.healthy,
+                health_reason: g.health_reason.clone(),
+                pods: g
+                    .pods
+                    .iter()
+                    .map(|p| PodUsage {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        uid: p.uid.clone(),
+                        allocated_units: p.allocated_units,
+                        limit_bytes: p.limit_bytes,
+                        used_bytes: p.used_bytes,
+                        self_report_trusted: p.uid.as_ref().and_then(|uid| {
+                            self_reports
+                                .get(&PodOnGpu {
+                                    gpu_uuid: g.uuid.clone(),
+                                    pod_uid: uid.clone(),
+                                })
+                                .map(|s| s.trusted)
+                        }),
+                    })
+                    .collect(),
+                processes_without_pod: g
+                    .processes_without_pod
+                    .iter()
+                    .map(|p| ProcessUsage {
+                        pid: p.pid,
+                        used_bytes: p.used_bytes,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        summary: GpuNodeSummary {
+            gpus: report.summary.gpus,
+            total: report.summary.total.clone(),
+            live_free: report.summary.live_free.clone(),
+            allocated: report.summary.allocated.clone(),
+            healthy: report.summary.healthy.clone(),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,17 @@ pub struct GpuUnitsView {
     pub healthy: bool,
 }
 
+impl From<&crate::sample::GpuSample> for GpuUnitsView {
+    fn from(sample: &crate::sample::GpuSample) -> Self {
+        GpuUnitsView {
+            uuid: sample.uuid.clone(),
+            index: sample.index,
+            total_bytes: sample.total_bytes,
+            healthy: sample.health.is_healthy(),
+        }
+    }
+}
+
 /// One advertised device (one unit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdvertisedDevice {

@@ -35,18 +35,7 @@ impl Snapshot {
 
 /// The inventory a set of readings makes.
 pub fn inventory_of(unit: VramUnit, readings: &[GpuSample]) -> GpuInventory {
-    GpuInventory::new(
-        unit,
-        readings
-            .iter()
-            .map(|r| GpuUnitsView {
-                uuid: r.uuid.clone(),
-                index: r.index,
-                total_bytes: r.total_bytes,
-                healthy: r.health.is_healthy(),
-            })
-            .collect(),
-    )
+    GpuInventory::new(unit, readings.iter().map(GpuUnitsView::from).collect())
 }
 
 /// Receivers of the poller's state.

@@ -13,9 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use vramslice_api::{
-    GpuNode, GpuNodeSpec, GpuNodeStatus, GpuNodeSummary, GpuStatus, PodUsage, ProcessUsage,
-};
+use vramslice_api::convert::gpunode_status;
+use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
 use vramslice_core::publish::{
     ContainerAllocationRecord, NodeReport, PublishPolicy, build_report, publish_reason,
@@ -58,71 +57,6 @@ pub struct Publisher {
     pub watchdog: Watchdog,
     /// Deletes ended allocations' accounting files; `None`: kept forever.
     pub sweeper: Option<Sweeper>,
-}
-
-/// The GpuNode status for a report observed at `observed_at` (RFC 3339), with each pod's
-/// self-report verdict from the watchdog.
-pub fn status_of(
-    report: &NodeReport,
-    observed_at: String,
-    self_reports: &BTreeMap<PodOnGpu, SelfReport>,
-) -> GpuNodeStatus {
-    GpuNodeStatus {
-        unit: report.unit.as_str().to_string(),
-        resource_name: report.unit.resource_name().to_string(),
-        observed_at,
-        gpus: report
-            .gpus
-            .iter()
-            .map(|g| GpuStatus {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                model: g.model.clone(),
-                total_bytes: g.total_bytes,
-                used_bytes: g.used_bytes,
-                free_bytes: g.free_bytes,
-                units: g.units,
-                allocated_units: g.allocated_units,
-                healthy: g.healthy,
-                health_reason: g.health_reason.clone(),
-                pods: g
-                    .pods
-                    .iter()
-                    .map(|p| PodUsage {
-                        namespace: p.namespace.clone(),
-                        name: p.name.clone(),
-                        uid: p.uid.clone(),
-                        allocated_units: p.allocated_units,
-                        limit_bytes: p.limit_bytes,
-                        used_bytes: p.used_bytes,
-                        self_report_trusted: p.uid.as_ref().and_then(|uid| {
-                            self_reports
-                                .get(&PodOnGpu {
-                                    gpu_uuid: g.uuid.clone(),
-                                    pod_uid: uid.clone(),
-                                })
-                                .map(|s| s.trusted)
-                        }),
-                    })
-                    .collect(),
-                processes_without_pod: g
-                    .processes_without_pod
-                    .iter()
-                    .map(|p| ProcessUsage {
-                        pid: p.pid,
-                        used_bytes: p.used_bytes,
-                    })
-                    .collect(),
-            })
-            .collect(),
-        summary: GpuNodeSummary {
-            gpus: report.summary.gpus,
-            total: report.summary.total.clone(),
-            live_free: report.summary.live_free.clone(),
-            allocated: report.summary.allocated.clone(),
-            healthy: report.summary.healthy.clone(),
-        },
-    }
 }
 
 async fn ensure_gpunode(client: &kube::Client, node: &str) -> Result<(), kube::Error> {
@@ -332,7 +266,7 @@ impl Publisher {
             return;
         };
         let observed_at = k8s_openapi::jiff::Timestamp::now().to_string();
-        let status = status_of(&report, observed_at, self_reports);
+        let status = gpunode_status(&report, observed_at, self_reports);
         match write_status(lister.client(), lister.node(), &status).await {
             Ok(()) => {
                 tracing::info!(%reason, node = lister.node(), "published GpuNode status");
