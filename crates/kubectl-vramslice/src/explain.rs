@@ -10,7 +10,7 @@ use vramslice_api::GpuNode;
 use vramslice_api::convert::{pod_name, pod_request};
 use vramslice_api::names::{ANNOTATION_GPU_UUID, SCHEDULER_NAME};
 use vramslice_core::VramUnit;
-use vramslice_core::ledger::Ledger;
+use vramslice_core::cluster::ledger::Ledger;
 
 /// The whole answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -4,7 +4,7 @@
 //! Data enters from the API server through the user's kubeconfig (GpuNodes, pods, events; all
 //! read-only) and leaves as a table, JSON or YAML on stdout. The numbers come from the same
 //! conversions and ledger the extender uses (`vramslice_api::convert`,
-//! `vramslice_core::ledger`), so `explain` gives the extender's own reasons.
+//! `vramslice_core::cluster::ledger`), so `explain` gives the extender's own reasons.
 //!
 //! Exit codes (see [`Exit`]): 0 success; 1 error (API server, kubeconfig, output); 2 usage
 //! (bad flags, from clap); 3 not found (the pod, or the GpuNode CRD); 4 `explain`: the pod fits
@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client};
 use vramslice_api::GpuNode;
-use vramslice_core::ledger::LedgerConfig;
+use vramslice_core::cluster::ledger::LedgerConfig;
 
 use crate::render::{Format, Style};
 

@@ -77,7 +77,7 @@ fn preload_file_names_the_path_allocate_mounts() {
     let script = ds["spec"]["template"]["spec"]["initContainers"][0]["args"][0]
         .as_str()
         .unwrap();
-    let want = vramslice_core::allocation::preload_file_content();
+    let want = vramslice_core::node::allocation::preload_file_content();
     assert!(
         script.contains(&format!("printf '%s\\n' {}", want.trim())),
         "{script}"

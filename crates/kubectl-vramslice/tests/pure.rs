@@ -10,7 +10,7 @@ use kubectl_vramslice::model::{build_ledger, node_rows, pod_rows};
 use kubectl_vramslice::render::{Style, explanation_text, nodes_table, pods_table};
 use serde_json::json;
 use vramslice_api::GpuNode;
-use vramslice_core::ledger::LedgerConfig;
+use vramslice_core::cluster::ledger::LedgerConfig;
 
 const CFG: LedgerConfig = LedgerConfig {
     headroom_bytes: 0,

@@ -10,11 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::jiff::Timestamp;
-use vramslice_core::admission::PodAdmissionView;
-use vramslice_core::ledger::{ListedPod, NodeReading, PodRecord, PublishedGpu};
-use vramslice_core::placement::{InitUnits, PodRequest, Policy, pod_units};
-use vramslice_core::publish::NodeReport;
-use vramslice_core::watchdog::{PodOnGpu, SelfReport};
+use vramslice_core::cluster::admission::PodAdmissionView;
+use vramslice_core::cluster::ledger::{ListedPod, NodeReading, PodRecord, PublishedGpu};
+use vramslice_core::cluster::placement::{InitUnits, PodRequest, Policy, pod_units};
+use vramslice_core::node::publish::NodeReport;
+use vramslice_core::node::watchdog::{PodOnGpu, SelfReport};
 use vramslice_core::{RESOURCE_PREFIX, UnitError, VramUnit, parse_bytes};
 
 use crate::names::{
@@ -128,7 +128,7 @@ pub fn container_units(c: &Container, resource: &str) -> Option<u64> {
     parse_bytes(&quantity.0).ok()
 }
 
-/// What the admission decision (`vramslice_core::admission`) reads of a pod: its scheduler and
+/// What the admission decision (`vramslice_core::cluster::admission`) reads of a pod: its scheduler and
 /// node names, the keep-scheduler annotation, and every container's resources.
 pub fn admission_view(pod: &Pod) -> PodAdmissionView {
     let spec = pod.spec.as_ref();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use vramslice_core::allocation::{InjectionMode, preload_file_content};
+use vramslice_core::node::allocation::{InjectionMode, preload_file_content};
 
 use crate::config::{ConfigError, Settings};
 use crate::logic::VramPlugin;

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vramslice_core::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
-use vramslice_core::publish::PublishPolicy;
-use vramslice_core::watchdog::WatchdogPolicy;
+use vramslice_core::node::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
+use vramslice_core::node::publish::PublishPolicy;
+use vramslice_core::node::watchdog::WatchdogPolicy;
 use vramslice_core::{VramUnit, parse_bytes, parse_duration};
 use vramslice_gpu::BackendKind;
 
@@ -330,20 +330,18 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
         tolerance_bytes,
         grace: duration("watchdog.grace", &raw.watchdog.grace, Duration::ZERO)?,
         action: raw.watchdog.action.parse().map_err(
-            |e: vramslice_core::allocation::UnknownVariant| {
+            |e: vramslice_core::node::allocation::UnknownVariant| {
                 value_err("watchdog.action", e.to_string())
             },
         )?,
     };
-    let injection: InjectionMode =
-        raw.injection
-            .mode
-            .parse()
-            .map_err(|e: vramslice_core::allocation::UnknownVariant| {
-                value_err("injection.mode", e.to_string())
-            })?;
+    let injection: InjectionMode = raw.injection.mode.parse().map_err(
+        |e: vramslice_core::node::allocation::UnknownVariant| {
+            value_err("injection.mode", e.to_string())
+        },
+    )?;
     let device_list_strategy: DeviceListStrategy = raw.device_list_strategy.parse().map_err(
-        |e: vramslice_core::allocation::UnknownVariant| {
+        |e: vramslice_core::node::allocation::UnknownVariant| {
             value_err("deviceListStrategy", e.to_string())
         },
     )?;

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 use vramslice_core::AdvertisedDevice;
-use vramslice_core::allocation::ContainerAllocation;
+use vramslice_core::node::allocation::ContainerAllocation;
 
 use crate::logic::{DevicePluginLogic, PluginError, PreferredRequest};
 use crate::proto::deviceplugin::device_plugin_server::DevicePlugin;

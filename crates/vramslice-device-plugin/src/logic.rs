@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
-use vramslice_core::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
-use vramslice_core::inventory::preferred_units;
+use vramslice_core::node::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
+use vramslice_core::node::inventory::preferred_units;
 use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit, owed_gpus};
 
 use crate::pods::{NodePods, placements, waiting_pods};
@@ -280,7 +280,7 @@ async fn write_limit_file(
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    let text = vramslice_core::limit::limit_file_content(limit_bytes, gpu_uuid);
+    let text = vramslice_core::container::limit::limit_file_content(limit_bytes, gpu_uuid);
     tokio::fs::write(&tmp, text).await.map_err(fail)?;
     tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))
         .await

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vramslice_core::publish::ContainerAllocationRecord;
+use vramslice_core::node::publish::ContainerAllocationRecord;
 
 use crate::proto::podresources::ListPodResourcesRequest;
 use crate::proto::podresources::pod_resources_lister_client::PodResourcesListerClient;

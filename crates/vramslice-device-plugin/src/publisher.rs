@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use vramslice_api::convert::gpunode_status;
 use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
-use vramslice_core::publish::{
+use vramslice_core::node::publish::{
     ContainerAllocationRecord, NodeReport, PublishPolicy, build_report, publish_reason,
 };
-use vramslice_core::watchdog::{PodOnGpu, SelfReport};
+use vramslice_core::node::watchdog::{PodOnGpu, SelfReport};
 use vramslice_gpu::procfs::ProcRoot;
 
 use crate::metrics::Metrics;

@@ -1,5 +1,5 @@
 //! Deletes the accounting directories and limit files of allocations the kubelet no longer
-//! holds: the I/O around `vramslice_core::sweep` (which decides, and documents the rule).
+//! holds: the I/O around `vramslice_core::node::sweep` (which decides, and documents the rule).
 //!
 //! Called by the publisher after each poll whose PodResources answer was fresh; never with a
 //! stale or failed answer, so a kubelet that cannot be reached deletes nothing.
@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
-use vramslice_core::allocation::{LIMIT_FILE_HOST_SUFFIX, allocation_key_for_ids};
-use vramslice_core::publish::ContainerAllocationRecord;
-use vramslice_core::sweep::{SweepState, entry_key, sweep};
+use vramslice_core::node::allocation::{LIMIT_FILE_HOST_SUFFIX, allocation_key_for_ids};
+use vramslice_core::node::publish::ContainerAllocationRecord;
+use vramslice_core::node::sweep::{SweepState, entry_key, sweep};
 
 /// The sweeper's settings and memory.
 #[derive(Debug)]
@@ -115,7 +115,7 @@ async fn remove_allocation(root: &Path, key: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vramslice_core::allocation::allocation_key;
+    use vramslice_core::node::allocation::allocation_key;
 
     fn record(ids: &[&str]) -> ContainerAllocationRecord {
         ContainerAllocationRecord {

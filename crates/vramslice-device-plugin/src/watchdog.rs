@@ -1,4 +1,4 @@
-//! The watchdog's I/O around `vramslice_core::watchdog::evaluate`: reads each allocation's
+//! The watchdog's I/O around `vramslice_core::node::watchdog::evaluate`: reads each allocation's
 //! accounting file (self-reported usage), and carries out the decisions — a Kubernetes Event on
 //! the pod with the numbers, `vramslice_watchdog_breaches_total{action}` and per-pod gauges,
 //! SIGKILL of exactly the offending PIDs (each re-checked through the proc root's cgroup file
@@ -16,11 +16,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, PostParams};
 use tokio::time::Instant;
 use vramslice_core::GpuSelection;
-use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME};
-use vramslice_core::allocation::allocation_key_for_ids;
+use vramslice_core::container::accounting::{self, ACCOUNTING_FILE_NAME};
 use vramslice_core::format_bytes;
-use vramslice_core::publish::{ContainerAllocationRecord, GpuSample, NodeReport};
-use vramslice_core::watchdog::{
+use vramslice_core::node::allocation::allocation_key_for_ids;
+use vramslice_core::node::publish::{ContainerAllocationRecord, GpuSample, NodeReport};
+use vramslice_core::node::watchdog::{
     Breach, PodOnGpu, SelfReport, WatchdogAction, WatchdogEvent, WatchdogPolicy, WatchdogState,
     evaluate,
 };

@@ -81,7 +81,7 @@ async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
     assert!(guard.read_only);
     let acct = mount(&r, ACCOUNTING_IN_CONTAINER).expect("accounting mount");
     assert!(!acct.read_only);
-    let key = vramslice_core::allocation::allocation_key("GPU-bbbb", &[2, 5, 9]);
+    let key = vramslice_core::node::allocation::allocation_key("GPU-bbbb", &[2, 5, 9]);
     assert_eq!(
         acct.host_path,
         node.accounting.join(&key).display().to_string()

@@ -348,7 +348,7 @@ async fn failed_writes_back_off_instead_of_retrying_every_poll() {
 async fn ended_allocations_lose_their_accounting_files_after_the_grace_period() {
     let node = Node::new(&[], "accountingSweepAfter: 1s");
     write_atomic(&node.fake_file, &fake_file("2Gi"));
-    let key = |ids: &[&str]| vramslice_core::allocation::allocation_key_for_ids(ids).unwrap();
+    let key = |ids: &[&str]| vramslice_core::node::allocation::allocation_key_for_ids(ids).unwrap();
     let live = key(&["GPU-aaaa::0", "GPU-aaaa::1", "GPU-aaaa::2", "GPU-aaaa::3"]);
     let ended = key(&["GPU-aaaa::7"]);
     std::fs::create_dir_all(&node.accounting).unwrap();

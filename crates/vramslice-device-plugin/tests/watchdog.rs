@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use common::{FakeApi, Node, Plugin, http_get, start_pod_resources, wait_for, write_atomic};
 use serde_json::{Value, json};
-use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME, header};
-use vramslice_core::allocation::allocation_key_for_ids;
+use vramslice_core::container::accounting::{self, ACCOUNTING_FILE_NAME, header};
+use vramslice_core::node::allocation::allocation_key_for_ids;
 use vramslice_device_plugin::proto::podresources::{
     ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
 };

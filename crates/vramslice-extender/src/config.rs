@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vramslice_core::ledger::LedgerConfig;
-use vramslice_core::placement::Policy;
+use vramslice_core::cluster::ledger::LedgerConfig;
+use vramslice_core::cluster::placement::Policy;
 use vramslice_core::{VramUnit, parse_bytes, parse_duration};
 use vramslice_webhook::WebhookConfig;
 

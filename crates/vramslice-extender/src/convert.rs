@@ -3,7 +3,7 @@
 
 pub use vramslice_api::convert::*;
 use vramslice_core::VramUnit;
-use vramslice_core::placement::PodRequest;
+use vramslice_core::cluster::placement::PodRequest;
 
 use crate::wire::{WireContainer, WirePod};
 

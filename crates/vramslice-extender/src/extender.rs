@@ -8,9 +8,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
+use vramslice_core::cluster::ledger::{Ledger, ReserveError, ReserveRequest};
+use vramslice_core::cluster::placement::{MAX_SCORE, PodRequest, Policy};
 use vramslice_core::format_bytes;
-use vramslice_core::ledger::{Ledger, ReserveError, ReserveRequest};
-use vramslice_core::placement::{MAX_SCORE, PodRequest, Policy};
 
 use crate::cluster::{ApiError, ClusterApi};
 use crate::config::Config;

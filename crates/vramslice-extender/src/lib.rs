@@ -3,7 +3,7 @@
 //! still take, headroom, staleness, health) and to bind pods, choosing the GPU.
 //!
 //! Data enters from three sides: kube-scheduler's HTTP calls (extender v1 JSON, see [`wire`]),
-//! watches of pods and `GpuNode` objects that keep the [`vramslice_core::ledger::Ledger`] current
+//! watches of pods and `GpuNode` objects that keep the [`vramslice_core::cluster::ledger::Ledger`] current
 //! ([`watch`]), and the YAML configuration ([`config`]). It leaves as HTTP answers, the pod's
 //! Binding carrying the annotations `vramslice.io/gpu-uuid` / `vramslice.io/assigned-at`
 //! (through the [`cluster::ClusterApi`] trait), and Prometheus metrics. The decisions themselves

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use vramslice_core::placement::{PodRequest, Policy};
+use vramslice_core::cluster::placement::{PodRequest, Policy};
 
 /// Entries kept before old ones are dropped (a pending pod costs well under 200 bytes).
 pub const CAPACITY: usize = 16_384;

@@ -16,7 +16,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use vramslice_api::GpuNode;
-use vramslice_core::ledger::{NodeReading, PodRecord};
+use vramslice_core::cluster::ledger::{NodeReading, PodRecord};
 
 use crate::convert::{PodFate, node_reading, pod_fate};
 use crate::extender::Extender;

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
-use vramslice_core::placement::{PodRequest, Policy};
+use vramslice_core::cluster::placement::{PodRequest, Policy};
 use vramslice_extender::convert::*;
 use vramslice_extender::wire::WirePod;
 

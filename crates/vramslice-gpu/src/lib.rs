@@ -2,7 +2,7 @@
 //! loaded at run time so the crate builds and starts without a GPU) and a fake implementation
 //! driven by a YAML file that tests and the demo rewrite to script live usage and health.
 //!
-//! Data enters from NVML or the fake file and leaves as `vramslice_core::sample::GpuSample`s (the one sample type); nothing here
+//! Data enters from NVML or the fake file and leaves as `vramslice_core::node::sample::GpuSample`s (the one sample type); nothing here
 //! knows about Kubernetes or units. [`open`] builds the configured backend; [`procfs::ProcRoot`]
 //! maps the host PIDs in a reading to pods through `/proc/<pid>/cgroup`.
 
@@ -15,8 +15,8 @@ use std::path::PathBuf;
 pub use fake::{FakeBackend, FakeBytes, FakeGpu, FakeNode, FakeProcess, write_fake_file};
 pub use nvml::NvmlBackend;
 pub use procfs::ProcRoot;
-pub use vramslice_core::cgroup::PodCgroup;
-pub use vramslice_core::sample::{GpuSample, Health, ProcessSample};
+pub use vramslice_core::node::cgroup::PodCgroup;
+pub use vramslice_core::node::sample::{GpuSample, Health, ProcessSample};
 
 /// Why a backend could not produce readings.
 #[derive(Debug, thiserror::Error)]

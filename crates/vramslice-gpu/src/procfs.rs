@@ -1,5 +1,5 @@
 //! Mapping host PIDs (as NVML reports them) to pods, by reading `/proc/<pid>/cgroup` under a
-//! configurable proc root and parsing it with [`vramslice_core::cgroup`].
+//! configurable proc root and parsing it with [`vramslice_core::node::cgroup`].
 //!
 //! The device plugin usually sees the host's processes through a hostPath mount (for example
 //! `/host/proc`) or `hostPID`; tests point the root at a temporary directory holding fake
@@ -8,7 +8,7 @@
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use vramslice_core::cgroup::{PodCgroup, parse_proc_cgroup};
+use vramslice_core::node::cgroup::{PodCgroup, parse_proc_cgroup};
 
 use crate::GpuSample;
 

@@ -4,7 +4,7 @@
 //! Malformed values never stop the program: each produces a message (printed once to stderr by
 //! the caller) and a safe fallback — a malformed limit turns the guard into pass-through.
 //!
-//! The limit has two kinds of source, combined by [`vramslice_core::limit::resolve_limit`] (the
+//! The limit has two kinds of source, combined by [`vramslice_core::container::limit::resolve_limit`] (the
 //! rule the sidecar runtime uses too): the device plugin's read-only limit file (always
 //! [`FIXED_LIMIT_FILE`], plus the file `VRAMSLICE_LIMIT_FILE` names) and the environment. When a
 //! limit file exists, the environment can only lower the limit, never raise it; an unreadable or
@@ -12,10 +12,10 @@
 
 use std::path::{Path, PathBuf};
 
-use vramslice_core::allocation::LIMIT_FILE_CONTAINER_PATH;
-pub use vramslice_core::limit::FileRead;
-use vramslice_core::limit::{limit_file_paths, resolve_limit};
+pub use vramslice_core::container::limit::FileRead;
+use vramslice_core::container::limit::{limit_file_paths, resolve_limit};
 use vramslice_core::names::env;
+use vramslice_core::node::allocation::LIMIT_FILE_CONTAINER_PATH;
 
 /// The limit file's in-container path, read whatever the environment says (a process that
 /// renames or clears `VRAMSLICE_LIMIT_FILE` cannot escape the file the plugin mounted there).
@@ -200,7 +200,9 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn file(limit: u64) -> FileRead {
-        FileRead::Text(vramslice_core::limit::limit_file_content(limit, "GPU-f"))
+        FileRead::Text(vramslice_core::container::limit::limit_file_content(
+            limit, "GPU-f",
+        ))
     }
 
     #[test]

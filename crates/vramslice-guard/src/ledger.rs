@@ -1,5 +1,5 @@
 //! The container's account: atomic operations on the words of the accounting file
-//! (layout in `vramslice_core::accounting`), shared by every process of the container.
+//! (layout in `vramslice_core::container::accounting`), shared by every process of the container.
 //!
 //! Admission is one compare-and-swap loop on the container total, which never lets the total
 //! pass the limit; the process's own slot is updated after it. Order on release is the
@@ -16,7 +16,7 @@
 //! only from a view during which no such update was in flight or completed.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
-use vramslice_core::accounting::{self as layout, header, slot};
+use vramslice_core::container::accounting::{self as layout, header, slot};
 
 /// Sentinel for "this process has no slot".
 const NO_SLOT: usize = usize::MAX;
@@ -56,7 +56,7 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Wraps words already holding a valid image (see `vramslice_core::accounting::parse`).
+    /// Wraps words already holding a valid image (see `vramslice_core::container::accounting::parse`).
     /// Returns `None` when the words are too few for the slot count they declare.
     pub fn new(words: &'static [AtomicU64]) -> Option<Ledger> {
         let slot_count =

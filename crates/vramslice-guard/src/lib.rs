@@ -5,7 +5,7 @@
 //! `VRAMSLICE_REAL_LIBCUDA`, see [`config`]) and through every interposed driver call (sizes,
 //! handles); it leaves as the real driver's results, `CUDA_ERROR_OUT_OF_MEMORY` for requests
 //! past the limit, virtualised memory information, and the shared accounting file whose layout
-//! is `vramslice_core::accounting` (read by the device plugin and the sidecar).
+//! is `vramslice_core::container::accounting` (read by the device plugin and the sidecar).
 //!
 //! Safe modules decide ([`config`], [`ledger`], [`tracker`], [`guard`], [`sizes`]); the one
 //! module `ffi` owns every raw pointer, exported symbol, `dlsym` lookup and `mmap`.

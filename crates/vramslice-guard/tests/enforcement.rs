@@ -10,8 +10,10 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME, AccountingSnapshot, header, slot};
-use vramslice_core::limit::limit_file_content;
+use vramslice_core::container::accounting::{
+    self, ACCOUNTING_FILE_NAME, AccountingSnapshot, header, slot,
+};
+use vramslice_core::container::limit::limit_file_content;
 
 fn write_limit(dir: &Path, limit: u64) -> String {
     let path = dir.join("limit");

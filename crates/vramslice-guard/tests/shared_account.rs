@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use vramslice_core::accounting::{self, ACCOUNTING_FILE_NAME, AccountingSnapshot};
+use vramslice_core::container::accounting::{self, ACCOUNTING_FILE_NAME, AccountingSnapshot};
 
 fn env(dir: &Path, limit: u64) -> Vec<(&'static str, String)> {
     vec![

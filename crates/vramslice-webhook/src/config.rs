@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
-use vramslice_core::admission::AdmissionPolicy;
+use vramslice_core::cluster::admission::AdmissionPolicy;
 
 /// Webhook settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -29,7 +29,7 @@ pub struct WebhookConfig {
     /// Address of the TLS listener.
     #[serde(default = "default_listen")]
     pub listen_addr: SocketAddr,
-    /// Redirect pods that name `default-scheduler` too (see `vramslice_core::admission`).
+    /// Redirect pods that name `default-scheduler` too (see `vramslice_core::cluster::admission`).
     #[serde(default = "default_true")]
     pub override_default_scheduler: bool,
     /// Directory with `tls.crt` and `tls.key` (cert-manager or any other issuer).

@@ -1,7 +1,7 @@
 //! The mutating admission webhook that sends VRAM pods to `vramslice-scheduler`.
 //!
 //! Data enters as `AdmissionReview` JSON over TLS on `POST /mutate-pods`; the pure decision
-//! lives in `vramslice_core::admission`; the answer leaves as an always-allowed review with an
+//! lives in `vramslice_core::cluster::admission`; the answer leaves as an always-allowed review with an
 //! optional JSON Patch setting `spec.schedulerName`. The extender binary hosts it:
 //!
 //! ```ignore

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vramslice_api::convert::admission_view;
-use vramslice_core::admission::{AdmissionDecision, AdmissionPolicy, Unchanged, decide};
+use vramslice_core::cluster::admission::{AdmissionDecision, AdmissionPolicy, Unchanged, decide};
 
 /// API version of the reviews this webhook speaks.
 pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";

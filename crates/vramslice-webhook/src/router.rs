@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use vramslice_core::admission::AdmissionPolicy;
+use vramslice_core::cluster::admission::AdmissionPolicy;
 
 use crate::review::{AdmissionReviewIn, Outcome, review};
 

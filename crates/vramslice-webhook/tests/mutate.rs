@@ -10,7 +10,7 @@ use base64::Engine as _;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use vramslice_core::admission::AdmissionPolicy;
+use vramslice_core::cluster::admission::AdmissionPolicy;
 use vramslice_webhook::review::AdmissionReviewOut;
 use vramslice_webhook::{WebhookMetrics, router};
 

@@ -1,5 +1,5 @@
 use super::*;
-use vramslice_core::watchdog::WatchdogAction;
+use vramslice_core::node::watchdog::WatchdogAction;
 
 fn parse(text: &str) -> Result<Settings, ConfigError> {
     Settings::from_yaml(text, "test.yaml", None)

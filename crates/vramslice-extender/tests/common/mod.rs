@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use vramslice_core::VramUnit;
-use vramslice_core::ledger::{ListedPod, NodeReading, PublishedGpu};
+use vramslice_core::cluster::ledger::{ListedPod, NodeReading, PublishedGpu};
 use vramslice_extender::fake::FakeCluster;
 use vramslice_extender::{Config, Extender};
 

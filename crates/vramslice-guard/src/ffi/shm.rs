@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
-use vramslice_core::accounting::{self as layout, ACCOUNTING_FILE_NAME};
+use vramslice_core::container::accounting::{self as layout, ACCOUNTING_FILE_NAME};
 
 struct Locked<'a>(&'a File);
 

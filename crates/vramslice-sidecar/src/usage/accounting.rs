@@ -1,19 +1,19 @@
 //! The guard's accounting file as a usage source (layout and parser in
-//! `vramslice_core::accounting`): the container's reserved total is the live usage, the limit
+//! `vramslice_core::container::accounting`): the container's reserved total is the live usage, the limit
 //! the guard recorded is the total.
 
 use std::path::{Path, PathBuf};
 
-use vramslice_core::accounting::AccountingError;
+use vramslice_core::container::accounting::AccountingError;
 
 use super::{UsageError, UsageReading, UsageSource};
 
 /// Name of the accounting file inside `VRAMSLICE_ACCOUNTING_DIR`.
-pub const FILE_NAME: &str = vramslice_core::accounting::ACCOUNTING_FILE_NAME;
+pub const FILE_NAME: &str = vramslice_core::container::accounting::ACCOUNTING_FILE_NAME;
 
 /// Decode the accounting file's bytes.
 pub fn reading(bytes: &[u8]) -> Result<UsageReading, AccountingError> {
-    let snapshot = vramslice_core::accounting::parse(bytes)?;
+    let snapshot = vramslice_core::container::accounting::parse(bytes)?;
     Ok(UsageReading {
         used: snapshot.used_bytes,
         total: (snapshot.limit_bytes > 0).then_some(snapshot.limit_bytes),
@@ -22,7 +22,7 @@ pub fn reading(bytes: &[u8]) -> Result<UsageReading, AccountingError> {
 }
 
 /// The guard's per-container accounting file in `VRAMSLICE_ACCOUNTING_DIR`, read through the
-/// parser in `vramslice_core::accounting`. A directory with no file yet (nothing allocated so
+/// parser in `vramslice_core::container::accounting`. A directory with no file yet (nothing allocated so
 /// far) reads as zero.
 #[derive(Debug, Clone)]
 pub struct AccountingFile {
@@ -67,7 +67,7 @@ impl UsageSource for AccountingFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vramslice_core::accounting::{header, initial_image};
+    use vramslice_core::container::accounting::{header, initial_image};
 
     #[test]
     fn reads_used_and_limit_from_the_guard_file() {

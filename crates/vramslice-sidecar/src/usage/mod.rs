@@ -41,7 +41,7 @@ pub enum UsageError {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
-        source: vramslice_core::accounting::AccountingError,
+        source: vramslice_core::container::accounting::AccountingError,
     },
     /// The CUDA driver could not be loaded or answered with an error.
     #[error("CUDA driver: {0}")]

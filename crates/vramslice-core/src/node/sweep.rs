@@ -1,7 +1,7 @@
 //! Which accounting directories and limit files of ended allocations to delete.
 //!
 //! Every Allocate leaves `<accountingRoot>/<key>/` and `<accountingRoot>/<key>.limit` on the host
-//! (`crate::allocation`). Nothing else removes them, so a long-lived node would collect one pair
+//! (`crate::node::allocation`). Nothing else removes them, so a long-lived node would collect one pair
 //! per container ever started. The device plugin lists the root and the kubelet's live
 //! allocations (PodResources) each poll; [`sweep`] decides, as a pure function of what was seen
 //! and when, which keys have been absent from the kubelet's record long enough to delete.
@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::allocation::LIMIT_FILE_HOST_SUFFIX;
+use crate::node::allocation::LIMIT_FILE_HOST_SUFFIX;
 
 /// What the sweeper remembers between polls: when each dead key was first seen dead (time
 /// since an epoch of the caller's choosing).
@@ -52,7 +52,7 @@ pub fn entry_key(name: &str) -> Option<&str> {
     is_allocation_key(key).then_some(key)
 }
 
-/// Whether `s` has the shape of `crate::allocation::allocation_key`:
+/// Whether `s` has the shape of `crate::node::allocation::allocation_key`:
 /// `<uuid>.u<first unit>.n<count>.<16 hex digits>`, the UUID made of `[A-Za-z0-9_.-]`.
 pub fn is_allocation_key(s: &str) -> bool {
     let mut parts = s.rsplitn(4, '.');
@@ -104,7 +104,7 @@ pub fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allocation::allocation_key;
+    use crate::node::allocation::allocation_key;
     use proptest::prelude::*;
 
     const GRACE: Duration = Duration::from_secs(600);

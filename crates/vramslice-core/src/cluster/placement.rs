@@ -1,7 +1,7 @@
 //! Placement policies: how much VRAM a pod asks for, which GPU of a node takes it (binpack or
 //! spread) and the 0–10 score a node gets for it.
 //!
-//! Everything here works on plain numbers: the [`ledger`](crate::ledger) supplies each GPU's
+//! Everything here works on plain numbers: the [`ledger`](crate::cluster::ledger) supplies each GPU's
 //! effective free memory and capacity, and the extender turns a pod spec into a [`PodRequest`].
 
 use std::fmt;

@@ -6,8 +6,8 @@
 //! Data enters as file texts already read ([`FileRead`]) and the environment's value; it leaves
 //! as a [`ResolvedLimit`] and messages for the caller to print. No I/O happens here.
 
-use crate::allocation::LIMIT_FILE_CONTAINER_PATH;
 use crate::names::env;
+use crate::node::allocation::LIMIT_FILE_CONTAINER_PATH;
 
 /// What the plugin's limit file says.
 #[derive(Debug, Clone, PartialEq, Eq)]

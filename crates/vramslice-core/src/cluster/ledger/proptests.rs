@@ -160,7 +160,8 @@ fn admit(world: &mut World, node: usize, mask: u8, reverse: bool) {
             .flat_map(|(gpu, free)| (0..*free).map(|k| crate::DeviceId::new(gpu.as_str(), k)))
             .collect();
         let owed = crate::owed_gpus(&same_size);
-        let picked = crate::inventory::preferred_units(&available, &[], units as usize, &owed);
+        let picked =
+            crate::node::inventory::preferred_units(&available, &[], units as usize, &owed);
         let chosen = picked
             .first()
             .map(|id| id.gpu_uuid.clone())

@@ -1,6 +1,6 @@
 //! One GPU as its backend measured it, the one sample type from the backend to the report: the
 //! NVML and fake backends (`vramslice-gpu`) return it, the device plugin's poller keeps it, and
-//! the report ([`crate::publish`]), the inventory and the watchdog read it.
+//! the report ([`crate::node::publish`]), the inventory and the watchdog read it.
 
 use serde::Serialize;
 

@@ -48,7 +48,7 @@ pub use types::{
 use hash::FastMap;
 use table::{Hot, NodeTable};
 
-use crate::placement::{self, Candidate, PodRequest, Policy};
+use crate::cluster::placement::{self, Candidate, PodRequest, Policy};
 
 /// The ledger's tunables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use super::hash::FastMap;
 use super::{GpuRejection, GpuView, LedgerConfig, NodeState, PodEntry, ReadingState, Rejection};
-use crate::placement::{Candidate, PodRequest};
+use crate::cluster::placement::{Candidate, PodRequest};
 
 /// Recompute `state.gpus`, `best_free` and `capacity` from the reading and the node's pods.
 pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroom: u64) {

@@ -1,7 +1,7 @@
 use super::*;
 use crate::VramUnit;
-use crate::publish::{ContainerAllocationRecord, ProcessSample, build_report};
-use crate::sample::Health;
+use crate::node::publish::{ContainerAllocationRecord, ProcessSample, build_report};
+use crate::node::sample::Health;
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;

@@ -19,8 +19,8 @@ pub struct GpuUnitsView {
     pub healthy: bool,
 }
 
-impl From<&crate::sample::GpuSample> for GpuUnitsView {
-    fn from(sample: &crate::sample::GpuSample) -> Self {
+impl From<&crate::node::sample::GpuSample> for GpuUnitsView {
+    fn from(sample: &crate::node::sample::GpuSample) -> Self {
         GpuUnitsView {
             uuid: sample.uuid.clone(),
             index: sample.index,

@@ -15,7 +15,7 @@ use crate::device_id::DeviceId;
 use crate::quantity::format_bytes;
 use crate::units::VramUnit;
 
-pub use crate::sample::{GpuSample, Health, ProcessSample};
+pub use crate::node::sample::{GpuSample, Health, ProcessSample};
 
 /// Device IDs of this node's resource held by one container, as the kubelet records them.
 #[derive(Debug, Clone, PartialEq, Eq)]

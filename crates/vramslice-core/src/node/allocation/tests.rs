@@ -1,6 +1,6 @@
 use super::*;
 use crate::device_id::DeviceId;
-use crate::inventory::GpuUnitsView;
+use crate::node::inventory::GpuUnitsView;
 use crate::units::VramUnit;
 use proptest::prelude::*;
 

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::device_id::{DeviceIdError, GpuSelection};
-use crate::inventory::{GpuInventory, InventoryError};
 use crate::names::env;
+use crate::node::inventory::{GpuInventory, InventoryError};
 
 /// In-container path of the guard library (mounted read-only from the host).
 pub const GUARD_CONTAINER_PATH: &str = "/usr/local/vramslice/lib/libvramslice_guard.so";
 /// In-container path of the container's accounting directory.
 pub const ACCOUNTING_CONTAINER_DIR: &str = "/var/run/vramslice/accounting";
-/// In-container path of the read-only limit file (see [`crate::limit`]). The guard always
+/// In-container path of the read-only limit file (see [`crate::container::limit`]). The guard always
 /// reads this path, whatever the environment says, so a process cannot escape it by renaming it.
 pub const LIMIT_FILE_CONTAINER_PATH: &str = "/var/run/vramslice/limit";
 /// Suffix of the host limit file beside the allocation's accounting directory:
@@ -177,7 +177,7 @@ pub struct ContainerAllocation {
     /// Host accounting directory of this allocation (to be created by the plugin).
     pub host_accounting_dir: PathBuf,
     /// Host limit file of this allocation (to be written by the plugin, with
-    /// [`crate::limit::limit_file_content`], before answering).
+    /// [`crate::container::limit::limit_file_content`], before answering).
     pub host_limit_file: PathBuf,
 }
 

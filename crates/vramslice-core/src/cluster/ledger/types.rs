@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use super::Rejection;
-use crate::placement::PodRequest;
+use crate::cluster::placement::PodRequest;
 use crate::units::VramUnit;
 
 /// A pod bound to a node, as the API server shows it.

@@ -27,8 +27,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::allocation::UnknownVariant;
-use crate::publish::{GpuSample, NodeReport};
+use crate::node::allocation::UnknownVariant;
+use crate::node::publish::{GpuSample, NodeReport};
 
 /// What the watchdog does once a breach outlasts the grace period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]

@@ -1,0 +1,13 @@
+//! The node seam: what a GPU node's device plugin decides. The GPU sample every backend returns
+//! ([`sample`]), the units a node advertises ([`inventory`]), what Allocate hands a container
+//! ([`allocation`]), the report it publishes and when ([`publish`]), the watchdog's verdicts
+//! ([`watchdog`]), which ended allocations' files to remove ([`sweep`]), and how a process's
+//! cgroup names its pod ([`cgroup`]).
+
+pub mod allocation;
+pub mod cgroup;
+pub mod inventory;
+pub mod publish;
+pub mod sample;
+pub mod sweep;
+pub mod watchdog;
