@@ -13,7 +13,7 @@ import (
 	"github.com/vramslice/vramslice/e2e/cluster"
 )
 
-// Enforcement (issue 8): a pod whose spec sets VRAMSLICE_VRAM_LIMIT_BYTES to a
+// Enforcement: a pod whose spec sets VRAMSLICE_VRAM_LIMIT_BYTES to a
 // huge value still receives the plugin's limit (the env from Allocate and the
 // read-only limit file the guard always reads), and a fake GPU process of that
 // pod using more than its limit produces the watchdog's Warning Event on the

@@ -1,6 +1,6 @@
 // Package scenarios holds vramslice's end-to-end scenarios against a real
 // kube-apiserver and kube-scheduler, hollow nodes running the kubelet's device
-// manager, and our device plugin and extender binaries (issue 4).
+// manager, and our device plugin and extender binaries.
 package scenarios
 
 import (

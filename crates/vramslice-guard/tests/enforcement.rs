@@ -1,4 +1,4 @@
-//! Enforcement against the workload itself (issue 8), over the fake CUDA driver: the plugin's
+//! Enforcement against the workload itself, over the fake CUDA driver: the plugin's
 //! read-only limit file beats a raised environment; the guard stays loaded through
 //! `/etc/ld.so.preload` when the program clears `LD_PRELOAD` (in a mount namespace this test sets
 //! up, as the container runtime would); damaged accounting files; pre-fork workers.
