@@ -22,6 +22,27 @@ use crate::wire::{
     NodeListOut, Reason, WireNodeName, WirePod,
 };
 
+/// Which watches have not delivered their first list yet (the extender answers no placement
+/// question until both have).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not ready: waiting for the first list of {}", self.waiting_for())]
+pub struct NotReady {
+    /// The pod watch has not listed yet.
+    pub pods: bool,
+    /// The GpuNode watch has not listed yet.
+    pub gpunodes: bool,
+}
+
+impl NotReady {
+    fn waiting_for(&self) -> &'static str {
+        match (self.pods, self.gpunodes) {
+            (true, true) => "pods and GpuNodes",
+            (true, false) => "pods",
+            _ => "GpuNodes",
+        }
+    }
+}
+
 /// The clock the extender reads (tests and benchmarks supply their own).
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
@@ -223,21 +244,15 @@ impl Extender {
     }
 
     /// `Ok` once both watches have synced and the ledger was rebuilt; else what is missing.
-    pub fn readiness(&self) -> Result<(), String> {
-        let mut missing = Vec::new();
-        if !self.ready.pods.load(Ordering::SeqCst) {
-            missing.push("pods");
-        }
-        if !self.ready.gpunodes.load(Ordering::SeqCst) {
-            missing.push("GpuNodes");
-        }
-        if missing.is_empty() {
-            Ok(())
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        let not_ready = NotReady {
+            pods: !self.ready.pods.load(Ordering::SeqCst),
+            gpunodes: !self.ready.gpunodes.load(Ordering::SeqCst),
+        };
+        if not_ready.pods || not_ready.gpunodes {
+            Err(not_ready)
         } else {
-            Err(format!(
-                "not ready: waiting for the first list of {}",
-                missing.join(" and ")
-            ))
+            Ok(())
         }
     }
 

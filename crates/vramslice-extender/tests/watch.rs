@@ -110,7 +110,11 @@ async fn a_restart_rebuilds_the_ledger_and_the_kubelet_wins() {
         ok(vec![Event::Init, Event::InitApply(gn), Event::InitDone]),
     )
     .await;
-    assert!(ext.readiness().is_err(), "pods not listed yet");
+    let not_ready = ext.readiness().expect_err("pods not listed yet");
+    assert_eq!(
+        not_ready.to_string(),
+        "not ready: waiting for the first list of pods"
+    );
     let pods = vec![
         Event::Init,
         Event::InitApply(bound_pod("a", "4", "n1", Some("GPU-0"), "Running")),
