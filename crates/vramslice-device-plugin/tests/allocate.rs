@@ -243,6 +243,21 @@ fn pod_list(items: Vec<serde_json::Value>) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "7"}, "items": items})
 }
 
+/// The IDs the plugin prefers for one container of `size` units.
+async fn preferred_ids(
+    client: &mut vramslice_device_plugin::proto::deviceplugin::device_plugin_client::DevicePluginClient<
+        tonic::transport::Channel,
+    >,
+    size: i32,
+) -> Vec<String> {
+    let answer = client
+        .get_preferred_allocation(preferred_request(size))
+        .await
+        .unwrap()
+        .into_inner();
+    answer.container_responses[0].device_i_ds.clone()
+}
+
 /// Starts a plugin for node-a against `api` and waits until its pod watch is open (so its
 /// cache holds what the watch's list returned).
 async fn plugin_with_pod_cache(api: &FakeApi, node: &Node) -> Plugin {
@@ -283,13 +298,9 @@ async fn preferred_allocation_prefers_the_pending_pods_assigned_gpu() {
 
     // The pod waiting for 4 units is in the watch cache: each answer reads it, no LIST.
     for _ in 0..3 {
-        let answer = client
-            .get_preferred_allocation(preferred_request(4))
-            .await
-            .unwrap()
-            .into_inner();
+        let chosen = preferred_ids(&mut client, 4).await;
         assert_eq!(
-            answer.container_responses[0].device_i_ds,
+            chosen,
             ids("GPU-aaaa", 0..4),
             "plugin log:\n{}",
             plugin.log_text()
@@ -344,13 +355,9 @@ async fn preferred_allocation_lists_when_the_pod_cache_is_behind() {
     let node = Node::new(TWO_GPUS, "nodeName: node-a");
     let plugin = plugin_with_pod_cache(&api, &node).await;
     let mut client = plugin_client(&node).await;
-    let answer = client
-        .get_preferred_allocation(preferred_request(4))
-        .await
-        .unwrap()
-        .into_inner();
+    let chosen = preferred_ids(&mut client, 4).await;
     assert_eq!(
-        answer.container_responses[0].device_i_ds,
+        chosen,
         ids("GPU-aaaa", 0..4),
         "plugin log:\n{}",
         plugin.log_text()
