@@ -1,94 +1,24 @@
 //! The runtime: admits jobs by memory, tracks their peaks while they run, and hands out
 //! [`Permit`]s that give the memory back when dropped.
 
+mod error;
 mod inner;
 mod permit;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
 
 use crate::config::Config;
 use crate::job::Job;
 use crate::metrics::Metrics;
-use crate::policy::{self, human};
-use crate::profile::{ProfileError, Profiles};
-use crate::queue::{AdmissionQueue, Refusal};
+use crate::policy::{self};
+use crate::profile::Profiles;
+use crate::queue::AdmissionQueue;
 use crate::usage::{UsageError, UsageSource};
+pub use error::{AdmitError, RuntimeError};
 use inner::{Enqueued, Inner, Look, State, lock, sampler};
 pub use permit::Permit;
-
-/// A runtime that could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    /// Neither `VRAMSLICE_VRAM_LIMIT_BYTES` nor the usage source gives a limit.
-    #[error(
-        "no memory limit: set VRAMSLICE_VRAM_LIMIT_BYTES or use a usage source that reports the GPU's total"
-    )]
-    NoLimit,
-    /// The usage source failed on first read.
-    #[error("reading GPU memory usage: {0}")]
-    Usage(#[from] UsageError),
-    /// The profile directory is unusable.
-    #[error(transparent)]
-    Profile(#[from] ProfileError),
-    /// The configuration is invalid.
-    #[error("configuration: {0}")]
-    Config(#[from] crate::config::ConfigError),
-    /// The usage sampling thread could not be started.
-    #[error("starting the usage sampler thread: {0}")]
-    Thread(#[source] std::io::Error),
-    /// The metrics port could not be opened.
-    #[error("metrics address {addr}: {source}")]
-    Metrics {
-        /// The address asked for.
-        addr: String,
-        /// Why it failed.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// A job that was not admitted.
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    /// Refused at once: it can never fit, or the queue is full.
-    #[error("job {key:?} refused: {refusal}")]
-    Refused {
-        /// The job's key.
-        key: String,
-        /// Why.
-        refusal: Refusal,
-    },
-    /// It waited the configured timeout without memory freeing.
-    #[error(
-        "job {key:?} timed out after {waited:?} waiting for memory: needs {}, {} free, {queued} jobs queued",
-        human(*need),
-        human(*free)
-    )]
-    Timeout {
-        /// The job's key.
-        key: String,
-        /// Bytes it needed.
-        need: u64,
-        /// Bytes free when it gave up.
-        free: u64,
-        /// Jobs still waiting.
-        queued: usize,
-        /// How long it waited.
-        waited: Duration,
-    },
-    /// Live usage could not be read.
-    #[error("job {key:?}: {source}")]
-    Usage {
-        /// The job's key.
-        key: String,
-        /// The source's error.
-        #[source]
-        source: UsageError,
-    },
-}
 
 /// The sidecar runtime. Cheap to clone; clones share everything.
 ///
