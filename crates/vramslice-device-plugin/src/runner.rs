@@ -94,10 +94,21 @@ enum Outcome {
     Restart(&'static str),
 }
 
-async fn register(config: &RunnerConfig, resource: &str) -> Result<(), String> {
+/// Why one registration attempt failed (the runner retries).
+#[derive(Debug, thiserror::Error)]
+enum RegisterError {
+    /// The kubelet's socket did not answer.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The kubelet answered and refused.
+    #[error("kubelet refused: {0}")]
+    Refused(String),
+}
+
+async fn register(config: &RunnerConfig, resource: &str) -> Result<(), RegisterError> {
     let channel = crate::uds::connect(&config.kubelet_path(), Duration::from_secs(3))
         .await
-        .map_err(|e| format!("cannot connect: {}", crate::uds::error_chain(&e)))?;
+        .map_err(|e| RegisterError::Connect(crate::uds::error_chain(&e)))?;
     RegistrationClient::new(channel)
         .register(RegisterRequest {
             version: API_VERSION.to_string(),
@@ -107,7 +118,7 @@ async fn register(config: &RunnerConfig, resource: &str) -> Result<(), String> {
         })
         .await
         .map(|_| ())
-        .map_err(|status| format!("kubelet refused: {}", status.message()))
+        .map_err(|status| RegisterError::Refused(status.message().to_string()))
 }
 
 fn bind(path: &Path) -> Result<UnixListener, RunnerError> {
