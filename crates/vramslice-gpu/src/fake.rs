@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
-use vramslice_core::{DeviceId, format_bytes, parse_bytes};
+use vramslice_core::{DeviceId, QuantityError, format_bytes, parse_bytes};
 
 use crate::{BackendError, GpuBackend, GpuSample, Health, ProcessSample};
 
@@ -100,12 +100,38 @@ pub enum FakeBytes {
     Quantity(String),
 }
 
+/// Why a fake-GPU file cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FakeFileError {
+    /// The file has no content.
+    #[error("the file is empty: expected a `gpus:` list")]
+    Empty,
+    /// Not YAML of the expected shape (syntax, an unknown or a missing key).
+    #[error("{0}")]
+    Yaml(String),
+    /// A value is wrong.
+    #[error("{at}: {problem}")]
+    Value {
+        /// The GPU (list position and UUID) and the field.
+        at: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn value_err(at: impl Into<String>, problem: impl Into<String>) -> FakeFileError {
+    FakeFileError::Value {
+        at: at.into(),
+        problem: problem.into(),
+    }
+}
+
 impl FakeBytes {
     /// The amount in bytes.
-    pub fn bytes(&self) -> Result<u64, String> {
+    pub fn bytes(&self) -> Result<u64, QuantityError> {
         match self {
             FakeBytes::Bytes(b) => Ok(*b),
-            FakeBytes::Quantity(q) => parse_bytes(q).map_err(|e| e.to_string()),
+            FakeBytes::Quantity(q) => parse_bytes(q),
         }
     }
 }
@@ -180,39 +206,44 @@ impl FakeGpu {
 impl FakeNode {
     /// Parse the YAML text of a fake-GPU file (syntax and unknown keys only; see
     /// [`FakeNode::readings`] for the checks on values).
-    pub fn from_yaml(text: &str) -> Result<FakeNode, String> {
+    pub fn from_yaml(text: &str) -> Result<FakeNode, FakeFileError> {
         if text.trim().is_empty() {
-            return Err("the file is empty: expected a `gpus:` list".to_string());
+            return Err(FakeFileError::Empty);
         }
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+        serde_saphyr::from_str(text).map_err(|e| FakeFileError::Yaml(e.to_string()))
     }
 
     /// Validate the node and turn it into readings, sorted by index. The error names the GPU
     /// (by list position and UUID) and the field at fault.
-    pub fn readings(&self) -> Result<Vec<GpuSample>, String> {
+    pub fn readings(&self) -> Result<Vec<GpuSample>, FakeFileError> {
         let mut uuids = HashSet::new();
         let mut indices = HashSet::new();
         let mut out = Vec::with_capacity(self.gpus.len());
         for (position, gpu) in self.gpus.iter().enumerate() {
             let at = format!("gpus[{position}] ({})", gpu.uuid);
             if !DeviceId::valid_uuid(&gpu.uuid) {
-                return Err(format!(
-                    "gpus[{position}].uuid {:?} is not a valid GPU UUID (non-empty, no whitespace, no \"::\")",
-                    gpu.uuid
+                return Err(value_err(
+                    format!("gpus[{position}].uuid"),
+                    format!(
+                        "{:?} is not a valid GPU UUID (non-empty, no whitespace, no \"::\")",
+                        gpu.uuid
+                    ),
                 ));
             }
             if !uuids.insert(gpu.uuid.as_str()) {
-                return Err(format!("{at}: duplicate uuid"));
+                return Err(value_err(at, "duplicate uuid"));
             }
             let index = match gpu.index {
                 Some(i) => i,
-                None => {
-                    u32::try_from(position).map_err(|_| format!("{at}: too many GPUs to number"))?
-                }
+                None => u32::try_from(position)
+                    .map_err(|_| value_err(&at, "too many GPUs to number"))?,
             };
             if !indices.insert(index) {
-                return Err(format!(
-                    "{at}: duplicate index {index} (an index defaults to the GPU's position in the list)"
+                return Err(value_err(
+                    at,
+                    format!(
+                        "duplicate index {index} (an index defaults to the GPU's position in the list)"
+                    ),
                 ));
             }
             out.push(gpu_reading(gpu, index, &at)?);
@@ -222,26 +253,41 @@ impl FakeNode {
     }
 }
 
-fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuSample, String> {
-    let total = gpu.total.bytes().map_err(|e| format!("{at}.total: {e}"))?;
+fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuSample, FakeFileError> {
+    let total = gpu
+        .total
+        .bytes()
+        .map_err(|e| value_err(format!("{at}.total"), e.to_string()))?;
     let mut pids = HashSet::new();
     let mut processes = Vec::with_capacity(gpu.processes.len());
     let mut process_sum: u64 = 0;
     for (i, p) in gpu.processes.iter().enumerate() {
         let pat = format!("{at}.processes[{i}]");
         if p.pid == 0 {
-            return Err(format!("{pat}.pid: 0 is not a process ID"));
+            return Err(value_err(format!("{pat}.pid"), "0 is not a process ID"));
         }
         if !pids.insert(p.pid) {
-            return Err(format!("{pat}.pid: duplicate pid {} on this GPU", p.pid));
+            return Err(value_err(
+                format!("{pat}.pid"),
+                format!("duplicate pid {} on this GPU", p.pid),
+            ));
         }
         if p.pod_uid.as_deref().is_some_and(|u| u.trim().is_empty()) {
-            return Err(format!("{pat}.podUid: empty (leave it out instead)"));
+            return Err(value_err(
+                format!("{pat}.podUid"),
+                "empty (leave it out instead)",
+            ));
         }
-        let used = p.used.bytes().map_err(|e| format!("{pat}.used: {e}"))?;
-        process_sum = process_sum
-            .checked_add(used)
-            .ok_or_else(|| format!("{at}.processes: usage adds up to more than 16 EiB"))?;
+        let used = p
+            .used
+            .bytes()
+            .map_err(|e| value_err(format!("{pat}.used"), e.to_string()))?;
+        process_sum = process_sum.checked_add(used).ok_or_else(|| {
+            value_err(
+                format!("{at}.processes"),
+                "usage adds up to more than 16 EiB",
+            )
+        })?;
         processes.push(ProcessSample {
             pid: p.pid,
             used_bytes: used,
@@ -250,12 +296,17 @@ fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuSample, String>
     }
     let used = match &gpu.used {
         Some(u) => {
-            let used = u.bytes().map_err(|e| format!("{at}.used: {e}"))?;
+            let used = u
+                .bytes()
+                .map_err(|e| value_err(format!("{at}.used"), e.to_string()))?;
             if process_sum > used {
-                return Err(format!(
-                    "{at}: the processes use {}, more than used ({})",
-                    show(process_sum),
-                    show(used)
+                return Err(value_err(
+                    at,
+                    format!(
+                        "the processes use {}, more than used ({})",
+                        show(process_sum),
+                        show(used)
+                    ),
                 ));
             }
             used
@@ -263,17 +314,17 @@ fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuSample, String>
         None => process_sum,
     };
     if used > total {
-        return Err(format!(
-            "{at}: used ({}) is more than total ({})",
-            show(used),
-            show(total)
+        return Err(value_err(
+            at,
+            format!("used ({}) is more than total ({})", show(used), show(total)),
         ));
     }
     let health = match (gpu.healthy, &gpu.unhealthy_reason) {
         (true, None) => Health::Healthy,
         (true, Some(_)) => {
-            return Err(format!(
-                "{at}.unhealthyReason is set but healthy is true (set healthy: false, or drop the reason)"
+            return Err(value_err(
+                format!("{at}.unhealthyReason"),
+                "is set but healthy is true (set healthy: false, or drop the reason)",
             ));
         }
         (false, reason) => Health::Unhealthy {
@@ -338,9 +389,9 @@ impl FakeBackend {
             )));
         }
         let text = std::fs::read_to_string(&self.path).map_err(|e| read_err(e.to_string()))?;
-        FakeNode::from_yaml(&text).map_err(|message| BackendError::FakeFileInvalid {
+        FakeNode::from_yaml(&text).map_err(|source| BackendError::FakeFileInvalid {
             path: display.clone(),
-            message,
+            source,
         })
     }
 }
@@ -353,9 +404,9 @@ impl GpuBackend for FakeBackend {
     fn read(&self) -> Result<Vec<GpuSample>, BackendError> {
         self.load()?
             .readings()
-            .map_err(|message| BackendError::FakeFileInvalid {
+            .map_err(|source| BackendError::FakeFileInvalid {
                 path: self.path.display().to_string(),
-                message,
+                source,
             })
     }
 }

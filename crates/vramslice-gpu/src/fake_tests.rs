@@ -7,12 +7,14 @@ const UUID_A: &str = "GPU-11111111-2222-3333-4444-555555555555";
 const UUID_B: &str = "GPU-66666666-7777-8888-9999-000000000000";
 const POD: &str = "0f0e1d2c-3b4a-5968-7786-95a4b3c2d1e0";
 
-fn readings(yaml: &str) -> Result<Vec<GpuSample>, String> {
+fn readings(yaml: &str) -> Result<Vec<GpuSample>, FakeFileError> {
     FakeNode::from_yaml(yaml)?.readings()
 }
 
 fn error_of(yaml: &str) -> String {
-    readings(yaml).expect_err("expected the file to be rejected")
+    readings(yaml)
+        .expect_err("expected the file to be rejected")
+        .to_string()
 }
 
 #[test]
@@ -134,16 +136,28 @@ fn unknown_keys_are_rejected_at_every_level() {
             "unhealthy_reason",
         ),
     ] {
-        let err = FakeNode::from_yaml(&yaml).expect_err(key);
+        let err = FakeNode::from_yaml(&yaml).expect_err(key).to_string();
         assert!(err.contains(key), "{key}: {err}");
     }
 }
 
 #[test]
 fn missing_required_fields_are_rejected() {
-    assert!(FakeNode::from_yaml("{}\n").unwrap_err().contains("gpus"));
-    assert!(FakeNode::from_yaml(" \n").unwrap_err().contains("empty"));
-    let err = FakeNode::from_yaml(&format!("gpus:\n  - {{uuid: {UUID_A}}}\n")).unwrap_err();
+    assert!(
+        FakeNode::from_yaml("{}\n")
+            .unwrap_err()
+            .to_string()
+            .contains("gpus")
+    );
+    assert!(
+        FakeNode::from_yaml(" \n")
+            .unwrap_err()
+            .to_string()
+            .contains("empty")
+    );
+    let err = FakeNode::from_yaml(&format!("gpus:\n  - {{uuid: {UUID_A}}}\n"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("total"), "{err}");
 }
 
@@ -221,11 +235,13 @@ fn bad_quantities_name_the_field() {
         "gpus:\n  - uuid: {UUID_A}\n    total: 1Gi\n    processes: [{{pid: 1, used: 1m}}]\n"
     ));
     assert!(err.contains(".processes[0].used"), "{err}");
-    let err =
-        FakeNode::from_yaml(&format!("gpus:\n  - {{uuid: {UUID_A}, total: -5}}\n")).unwrap_err();
+    let err = FakeNode::from_yaml(&format!("gpus:\n  - {{uuid: {UUID_A}, total: -5}}\n"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("negative"), "{err}");
-    let err =
-        FakeNode::from_yaml(&format!("gpus:\n  - {{uuid: {UUID_A}, total: 1.5}}\n")).unwrap_err();
+    let err = FakeNode::from_yaml(&format!("gpus:\n  - {{uuid: {UUID_A}, total: 1.5}}\n"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("whole number"), "{err}");
 }
 

@@ -12,7 +12,9 @@ pub mod procfs;
 
 use std::path::PathBuf;
 
-pub use fake::{FakeBackend, FakeBytes, FakeGpu, FakeNode, FakeProcess, write_fake_file};
+pub use fake::{
+    FakeBackend, FakeBytes, FakeFileError, FakeGpu, FakeNode, FakeProcess, write_fake_file,
+};
 pub use nvml::NvmlBackend;
 pub use procfs::ProcRoot;
 pub use vramslice_core::node::cgroup::PodCgroup;
@@ -43,12 +45,12 @@ pub enum BackendError {
         message: String,
     },
     /// The fake-GPU file is not valid.
-    #[error("fake-GPU file {path} is invalid: {message}")]
+    #[error("fake-GPU file {path} is invalid: {source}")]
     FakeFileInvalid {
         /// The file.
         path: String,
         /// What is wrong.
-        message: String,
+        source: fake::FakeFileError,
     },
 }
 
