@@ -272,29 +272,51 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
     }
 }
 
+/// Why no Kubernetes client could be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The kubeconfig given with `--kubeconfig` cannot be used.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// Why.
+        source: kube::config::KubeconfigError,
+    },
+    /// No kubeconfig was found, and this is not inside a cluster.
+    #[error("no usable kubeconfig: {0}")]
+    NoKubeconfig(kube::config::KubeconfigError),
+    /// The configuration did not make a client.
+    #[error("cannot build a Kubernetes client: {0}")]
+    Build(kube::Error),
+}
+
 /// Build a client from the user's kubeconfig like kubectl (`--kubeconfig`, `$KUBECONFIG`,
 /// `~/.kube/config`, then in-cluster), honouring `--context`.
-pub async fn client(cli: &Cli) -> Result<Client, String> {
+pub async fn client(cli: &Cli) -> Result<Client, ClientError> {
     let options = kube::config::KubeConfigOptions {
         context: cli.context.clone(),
         ..Default::default()
     };
     let config = match &cli.kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            let bad = |source| ClientError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
             kube::Config::from_custom_kubeconfig(kc, &options)
                 .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+                .map_err(bad)?
         }
         None => match kube::Config::from_kubeconfig(&options).await {
             Ok(c) => c,
             Err(kc_err) => {
-                kube::Config::incluster().map_err(|_| format!("no usable kubeconfig: {kc_err}"))?
+                kube::Config::incluster().map_err(|_| ClientError::NoKubeconfig(kc_err))?
             }
         },
     };
     let mut config = config;
     config.read_timeout = Some(Duration::from_secs(30));
-    Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+    Client::try_from(config).map_err(ClientError::Build)
 }
