@@ -107,6 +107,9 @@ struct NativeRuntime {
 
 #[pymethods]
 impl NativeRuntime {
+    /// `limit` can only lower the container's own limit (its limit file and
+    /// `VRAMSLICE_VRAM_LIMIT_BYTES`, which the guard enforces); outside a vramslice container it
+    /// is the limit.
     /// `usage`: "auto" (accounting file when `VRAMSLICE_ACCOUNTING_DIR` is set, else the CUDA
     /// driver, else manual), "accounting", "cuda" or "manual" (the caller reports usage with
     /// `set_usage`).
@@ -132,7 +135,13 @@ impl NativeRuntime {
     ) -> PyResult<Self> {
         let mut c = Config::from_env().map_err(|e| ConfigError::new_err(e.to_string()))?;
         if let Some(l) = limit.filter(|l| !l.is_none()) {
-            c.limit = Some(bytes_of(l)?);
+            // Like the environment, an explicit limit can only lower the container's limit
+            // (its limit file and VRAMSLICE_VRAM_LIMIT_BYTES, which the guard enforces).
+            let explicit = bytes_of(l)?;
+            c.limit = Some(
+                c.limit
+                    .map_or(explicit, |container| container.min(explicit)),
+            );
         }
         c.profile_dir = profile_dir.or(c.profile_dir);
         c.accounting_dir = accounting_dir.or(c.accounting_dir);

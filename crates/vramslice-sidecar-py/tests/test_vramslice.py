@@ -32,6 +32,20 @@ def wait_until(what, cond, timeout=10.0):
         time.sleep(0.001)
 
 
+def test_an_explicit_limit_only_lowers_the_containers(monkeypatch):
+    # The container's limit (here from the environment, as the device plugin sets it) is what
+    # the guard enforces: a larger explicit limit must not admit more than that.
+    monkeypatch.setenv("VRAMSLICE_VRAM_LIMIT_BYTES", str(GIB))
+    rt = make(limit="4Gi", queue_timeout=3600)
+    with pytest.raises(vramslice.Refused, match=r"needs 2\.0 GiB, limit 1\.0 GiB"):
+        with vramslice.job("big", need="2Gi", runtime=rt):
+            pass
+    lower = make(limit="512Mi", queue_timeout=3600)
+    with pytest.raises(vramslice.Refused, match=r"limit 512\.0 MiB"):
+        with vramslice.job("big", need="1Gi", runtime=lower):
+            pass
+
+
 def test_never_fits_is_refused_at_once():
     rt = make(limit="4Gi", queue_timeout=3600)
     with pytest.raises(vramslice.Refused, match=r"needs 6\.0 GiB, limit 4\.0 GiB"):
