@@ -16,8 +16,7 @@ use serde::Serialize;
 
 use crate::units::RESOURCE_PREFIX;
 
-/// The scheduler name the webhook writes: the bundled scheduler's.
-pub use crate::names::SCHEDULER_NAME as VRAMSLICE_SCHEDULER;
+use crate::names::SCHEDULER_NAME;
 /// The name the API server defaults an empty `spec.schedulerName` to.
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
 pub use crate::names::ANNOTATION_KEEP_SCHEDULER;
@@ -133,7 +132,7 @@ pub fn decide(pod: &PodAdmissionView, policy: AdmissionPolicy) -> AdmissionDecis
     let op = match pod.scheduler_name.as_deref() {
         None => PatchOp::Add,
         Some("") => PatchOp::Replace,
-        Some(VRAMSLICE_SCHEDULER) => {
+        Some(SCHEDULER_NAME) => {
             return AdmissionDecision::Unchanged(Unchanged::AlreadyVramslice);
         }
         Some(DEFAULT_SCHEDULER) if policy.override_default_scheduler => PatchOp::Replace,
@@ -147,7 +146,7 @@ pub fn decide(pod: &PodAdmissionView, policy: AdmissionPolicy) -> AdmissionDecis
     AdmissionDecision::Patch(vec![PatchOperation {
         op,
         path: SCHEDULER_NAME_PATH.to_string(),
-        value: VRAMSLICE_SCHEDULER.to_string(),
+        value: SCHEDULER_NAME.to_string(),
     }])
 }
 
@@ -179,7 +178,7 @@ mod tests {
 
     #[test]
     fn scheduler_name_constant_matches_the_contract() {
-        assert_eq!(VRAMSLICE_SCHEDULER, "vramslice-scheduler");
+        assert_eq!(SCHEDULER_NAME, "vramslice-scheduler");
     }
 
     #[test]
@@ -299,7 +298,7 @@ mod tests {
             Just(None),
             Just(Some(String::new())),
             Just(Some(DEFAULT_SCHEDULER.to_string())),
-            Just(Some(VRAMSLICE_SCHEDULER.to_string())),
+            Just(Some(SCHEDULER_NAME.to_string())),
             "[a-z-]{1,12}".prop_map(Some),
         ]
     }
@@ -347,8 +346,8 @@ mod tests {
             prop_assert_eq!(decision.patch().is_some(), expected);
             if let Some(ops) = decision.patch() {
                 // Only the scheduler name is ever touched, and applying the patch is final.
-                prop_assert!(ops.iter().all(|o| o.path == SCHEDULER_NAME_PATH && o.value == VRAMSLICE_SCHEDULER));
-                let patched = PodAdmissionView { scheduler_name: Some(VRAMSLICE_SCHEDULER.into()), ..view };
+                prop_assert!(ops.iter().all(|o| o.path == SCHEDULER_NAME_PATH && o.value == SCHEDULER_NAME));
+                let patched = PodAdmissionView { scheduler_name: Some(SCHEDULER_NAME.into()), ..view };
                 prop_assert_eq!(decide(&patched, policy), AdmissionDecision::Unchanged(Unchanged::AlreadyVramslice));
             }
         }
