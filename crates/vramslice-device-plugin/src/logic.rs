@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
+use vramslice_api::convert::node_pods::{placements, waiting_pods};
 use vramslice_core::node::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
 use vramslice_core::node::inventory::preferred_units;
 use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit, owed_gpus};
 
-use crate::pods::{NodePods, placements, waiting_pods};
+use crate::pods::NodePods;
 use crate::poller::NodeWatch;
 
 /// Longest wait for the API server or PodResources while the kubelet waits for a preference.

@@ -14,6 +14,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use vramslice_api::convert::gpunode_status;
+use vramslice_api::convert::node_pods::uids_by_name;
 use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
 use vramslice_core::node::publish::{
@@ -23,7 +24,7 @@ use vramslice_core::node::watchdog::{PodOnGpu, SelfReport};
 use vramslice_gpu::procfs::ProcRoot;
 
 use crate::metrics::Metrics;
-use crate::pods::{NodePods, uids_by_name};
+use crate::pods::NodePods;
 use crate::poller::NodeWatch;
 use crate::sweeper::Sweeper;
 use crate::watchdog::Watchdog;

@@ -1,8 +1,11 @@
 //! Kubernetes objects to the core's plain values, in one place: a pod's VRAM request and
 //! placement policy, a bound pod's ledger record, a pod's view for the admission decision, one
 //! container's units of a resource, and a `GpuNode`'s readings; and the one conversion the other
-//! way, the device plugin's report to the `GpuNode` status it writes. The extender, the device plugin,
+//! way, the device plugin's report to the `GpuNode` status it writes. [`node_pods`] reads a
+//! node's pods for the device plugin's GetPreferredAllocation. The extender, the device plugin,
 //! the webhook and `kubectl vramslice` all read pods through these functions.
+
+pub mod node_pods;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

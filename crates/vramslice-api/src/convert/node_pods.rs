@@ -1,0 +1,295 @@
+//! A node's pods as the device plugin's GetPreferredAllocation reads them: the pods bound to it
+//! that hold or wait for a request size, the GPU the extender assigned each and the GPU the
+//! kubelet allocated ([`placements`], for `vramslice_core::owed_gpus`), how many still wait
+//! ([`waiting_pods`]), and their UIDs ([`uids_by_name`]). Pods come as the API server's objects,
+//! owned or behind `Arc` (a watch cache holds them so).
+
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use vramslice_core::PodPlacement;
+
+use super::container_units;
+use crate::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
+
+/// Whether none of the pod's containers has started yet.
+fn not_started(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return true;
+    };
+    if status.phase.as_deref().is_some_and(|p| p != "Pending") {
+        return false;
+    }
+    status.container_statuses.iter().flatten().all(|cs| {
+        cs.state
+            .as_ref()
+            .is_none_or(|s| s.running.is_none() && s.terminated.is_none())
+    })
+}
+
+/// Whether the pod is bound, not finished (phase neither Succeeded nor Failed), and has a
+/// container asking for exactly `size` units of `resource`.
+fn holds_or_waits_for(pod: &Pod, resource: &str, size: u64) -> bool {
+    let Some(spec) = pod.spec.as_ref().filter(|s| s.node_name.is_some()) else {
+        return false;
+    };
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded" | "Failed"))
+        && spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| container_units(c, resource) == Some(size))
+}
+
+/// (namespace, name) of a pod.
+fn pod_key(pod: &Pod) -> (String, String) {
+    (
+        pod.metadata.namespace.clone().unwrap_or_default(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Whether the kubelet has not allocated the pod's devices yet: not in `allocated` (the
+/// kubelet's PodResources record) or, without that record, not started.
+fn not_allocated(pod: &Pod, allocated: Option<&BTreeMap<(String, String), String>>) -> bool {
+    match allocated {
+        Some(map) => !map.contains_key(&pod_key(pod)),
+        None => not_started(pod),
+    }
+}
+
+/// How many pods, annotated or not, wait for exactly `size` units: bound, unfinished, asking
+/// for that size, not allocated yet. GetPreferredAllocation is asked for one of them, so when
+/// the cached pods hold none, the cache is behind the kubelet and a LIST must answer instead.
+pub fn waiting_pods<P: Borrow<Pod>>(
+    pods: &[P],
+    resource: &str,
+    size: u64,
+    allocated: Option<&BTreeMap<(String, String), String>>,
+) -> usize {
+    pods.iter()
+        .map(Borrow::borrow)
+        .filter(|pod| holds_or_waits_for(pod, resource, size) && not_allocated(pod, allocated))
+        .count()
+}
+
+/// The pods on this node that hold or wait for exactly `size` units of `resource`, with the GPU
+/// the extender assigned each (`vramslice.io/gpu-uuid`) and the GPU the kubelet allocated, for
+/// `vramslice_core::owed_gpus`. A pod counts when it is bound, not finished (phase neither
+/// Succeeded nor Failed), annotated, and has a container asking for exactly `size` units.
+/// `allocated` maps (namespace, name) to the GPU from the kubelet's PodResources; without it
+/// (`None`: PodResources unavailable) a pod that has started is taken to hold its annotated GPU.
+pub fn placements<P: Borrow<Pod>>(
+    pods: &[P],
+    resource: &str,
+    size: u64,
+    allocated: Option<&BTreeMap<(String, String), String>>,
+) -> Vec<PodPlacement> {
+    pods.iter()
+        .map(Borrow::borrow)
+        .filter(|pod| holds_or_waits_for(pod, resource, size))
+        .filter_map(|pod| {
+            let annotations = pod.metadata.annotations.as_ref()?;
+            let gpu = annotations.get(ANNOTATION_GPU_UUID)?.trim().to_string();
+            if gpu.is_empty() {
+                return None;
+            }
+            let assigned = annotations
+                .get(ANNOTATION_ASSIGNED_AT)
+                .and_then(|t| t.trim().parse::<Timestamp>().ok());
+            let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            let key = pod_key(pod);
+            let allocated_gpu = match allocated {
+                Some(map) => map.get(&key).cloned(),
+                None => (!not_started(pod)).then(|| gpu.clone()),
+            };
+            Some(PodPlacement {
+                annotated_gpu: gpu,
+                allocated_gpu,
+                order_key: format!(
+                    "{}\u{1f}{}\u{1f}{}",
+                    sortable(assigned),
+                    sortable(created),
+                    key.1
+                ),
+            })
+        })
+        .collect()
+}
+
+/// A time as text that sorts like the time (RFC 3339 text does not: `…58.1577Z` sorts after
+/// `…58.157734Z`); no time sorts last.
+fn sortable(t: Option<Timestamp>) -> String {
+    t.map_or_else(
+        || "~".to_string(),
+        // Timestamps span ±10,000 years (< 2^69 ns): shifted, they are all positive.
+        |t| format!("{:030}", t.as_nanosecond().saturating_add(1 << 80)),
+    )
+}
+
+/// (namespace, name) → UID of the given pods.
+pub fn uids_by_name<P: Borrow<Pod>>(pods: &[P]) -> BTreeMap<(String, String), String> {
+    pods.iter()
+        .map(Borrow::borrow)
+        .filter_map(|p| {
+            Some((
+                (p.metadata.namespace.clone()?, p.metadata.name.clone()?),
+                p.metadata.uid.clone()?,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, gpu: Option<&str>, assigned_at: &str, units: u64, started: bool) -> Pod {
+        let mut annotations = serde_json::Map::new();
+        if let Some(gpu) = gpu {
+            annotations.insert(ANNOTATION_GPU_UUID.into(), json!(gpu));
+            annotations.insert(ANNOTATION_ASSIGNED_AT.into(), json!(assigned_at));
+        }
+        let state = if started {
+            json!({"running": {}})
+        } else {
+            json!({"waiting": {"reason": "ContainerCreating"}})
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"), "annotations": annotations},
+            "spec": {"nodeName": "node-a", "containers": [
+                {"name": "side", "image": "x"},
+                {"name": "main", "image": "x", "resources": {"limits": {"vramslice.io/vram-gib": units.to_string()}}}
+            ]},
+            "status": {"phase": if started { "Running" } else { "Pending" },
+                       "containerStatuses": [{"name": "main", "image": "x", "imageID": "", "ready": false, "restartCount": 0, "state": state}]}
+        }))
+        .unwrap()
+    }
+
+    const RES: &str = "vramslice.io/vram-gib";
+
+    fn gpus_of(placements: &[PodPlacement]) -> Vec<(&str, Option<&str>)> {
+        placements
+            .iter()
+            .map(|p| (p.annotated_gpu.as_str(), p.allocated_gpu.as_deref()))
+            .collect()
+    }
+
+    #[test]
+    fn counts_annotated_pods_of_the_right_size() {
+        let mut done = pod("done", Some("GPU-e"), "2026-01-01T00:00:00Z", 6, true);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let pods = vec![
+            pod("late", Some("GPU-b"), "2026-01-01T00:00:05Z", 6, false),
+            pod("early", Some("GPU-a"), "2026-01-01T00:00:01Z", 6, false),
+            pod(
+                "other-size",
+                Some("GPU-c"),
+                "2026-01-01T00:00:00Z",
+                4,
+                false,
+            ),
+            pod("running", Some("GPU-d"), "2026-01-01T00:00:00Z", 6, true),
+            pod("unassigned", None, "", 6, false),
+            done,
+        ];
+        // Without PodResources a started pod holds its annotated GPU.
+        let got = placements(&pods, RES, 6, None);
+        assert_eq!(
+            gpus_of(&got),
+            vec![("GPU-b", None), ("GPU-a", None), ("GPU-d", Some("GPU-d"))]
+        );
+        assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a", "GPU-b"]);
+        assert_eq!(
+            gpus_of(&placements(&pods, RES, 4, None)),
+            vec![("GPU-c", None)]
+        );
+        assert!(placements(&pods, RES, 5, None).is_empty());
+        assert!(placements(&pods, "vramslice.io/vram-512mib", 6, None).is_empty());
+        // With PodResources, the kubelet's record wins: "early" got GPU-b's units.
+        let allocated = BTreeMap::from([
+            (
+                ("default".to_string(), "early".to_string()),
+                "GPU-b".to_string(),
+            ),
+            (
+                ("default".to_string(), "running".to_string()),
+                "GPU-d".to_string(),
+            ),
+        ]);
+        let got = placements(&pods, RES, 6, Some(&allocated));
+        assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a"]);
+    }
+
+    #[test]
+    fn waiting_pods_count_annotated_or_not_until_allocated() {
+        let mut plain = pod("plain", None, "", 6, false);
+        plain.metadata.annotations = None;
+        let pods = vec![
+            pod("a", Some("GPU-a"), "2026-01-01T00:00:01Z", 6, false),
+            plain,
+            pod("running", Some("GPU-b"), "2026-01-01T00:00:00Z", 6, true),
+            pod(
+                "other-size",
+                Some("GPU-c"),
+                "2026-01-01T00:00:00Z",
+                4,
+                false,
+            ),
+        ];
+        // Without PodResources, started pods are allocated; unannotated pods still wait.
+        assert_eq!(waiting_pods(&pods, RES, 6, None), 2);
+        assert_eq!(waiting_pods(&pods, RES, 4, None), 1);
+        assert_eq!(waiting_pods(&pods, RES, 5, None), 0);
+        assert_eq!(waiting_pods(&pods, "vramslice.io/vram-512mib", 6, None), 0);
+        // With PodResources, its record decides: "a" is allocated, "running" (not listed) is not.
+        let allocated = BTreeMap::from([(
+            ("default".to_string(), "a".to_string()),
+            "GPU-a".to_string(),
+        )]);
+        assert_eq!(waiting_pods(&pods, RES, 6, Some(&allocated)), 2);
+        // Arcs, as the watch cache holds them, read the same.
+        let cached: Vec<std::sync::Arc<Pod>> = pods.into_iter().map(std::sync::Arc::new).collect();
+        assert_eq!(waiting_pods(&cached, RES, 6, None), 2);
+    }
+
+    #[test]
+    fn assignment_order_follows_the_time_not_its_text() {
+        // RFC 3339 text drops trailing zeros: "…58.1577Z" is earlier than "…58.157734Z" but
+        // sorts after it as text. Unreadable or missing times go last.
+        let pods = vec![
+            pod("b", Some("GPU-b"), "2026-01-01T00:00:58.157734Z", 2, false),
+            pod("a", Some("GPU-a"), "2026-01-01T00:00:58.1577Z", 2, false),
+            pod("z", Some("GPU-z"), "not a time", 2, false),
+            pod("c", Some("GPU-c"), "2026-01-01T00:00:59Z", 2, false),
+        ];
+        let got = placements(&pods, RES, 2, None);
+        assert_eq!(
+            vramslice_core::owed_gpus(&got),
+            vec!["GPU-a", "GPU-b", "GPU-c", "GPU-z"]
+        );
+    }
+
+    #[test]
+    fn unbound_pods_do_not_count() {
+        let mut p = pod("x", Some("GPU-a"), "t", 1, false);
+        p.spec.as_mut().unwrap().node_name = None;
+        assert!(placements(&[p], RES, 1, None).is_empty());
+    }
+
+    #[test]
+    fn uids_are_keyed_by_namespace_and_name() {
+        let pods = vec![pod("a", None, "", 1, true)];
+        assert_eq!(
+            uids_by_name(&pods)
+                .get(&("default".to_string(), "a".to_string()))
+                .map(String::as_str),
+            Some("uid-a")
+        );
+    }
+}
