@@ -97,7 +97,7 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 		pids.schedulers = append(pids.schedulers, sp.Pid())
 		schedulerURLs = append(schedulerURLs, sp.MetricsURL)
 	}
-	schedulerSeries := func() (series, error) { return schedulerSeries(schedulerURLs) }
+	scrapeSchedulers := func() (series, error) { return schedulerSeries(schedulerURLs) }
 	boundRates, runningRates := map[string][]float64{}, map[string][]float64{}
 	for i, which := range order {
 		var prefix, scheduler string
@@ -114,7 +114,7 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 		if err != nil {
 			return fmt.Errorf("extender metrics: %w", err)
 		}
-		sched0, err := schedulerSeries()
+		sched0, err := scrapeSchedulers()
 		if err != nil {
 			return fmt.Errorf("scheduler metrics: %w", err)
 		}
@@ -141,7 +141,7 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 				scrapeErr = fmt.Errorf("extender metrics: %w", scrapeErr)
 				return
 			}
-			if sched1, scrapeErr = schedulerSeries(); scrapeErr != nil {
+			if sched1, scrapeErr = scrapeSchedulers(); scrapeErr != nil {
 				scrapeErr = fmt.Errorf("scheduler metrics: %w", scrapeErr)
 			}
 		}

@@ -252,7 +252,11 @@ func story(ctx context.Context, c *cluster.Cluster, out io.Writer) error {
 	// Take what the pods on that GPU were not given, less a quarter of the next pod's request.
 	// The GPU still advertises free units, but the extender's effective free memory (live free
 	// minus what its pods may still grow into, minus headroom) is now below the request.
-	take := int64(gpu.TotalBytes) - int64(gpu.AllocatedUnits)<<30 - probeGiB<<30/4
+	var limits int64
+	for _, p := range gpu.Pods {
+		limits += int64(p.LimitBytes)
+	}
+	take := int64(gpu.TotalBytes) - limits - probeGiB<<30/4
 	if take <= 0 {
 		return fmt.Errorf("step 2: %s has no unallocated memory to take", probeGPU)
 	}

@@ -4,6 +4,8 @@ import (
 	"math"
 	"testing"
 	"time"
+
+	"github.com/vramslice/vramslice/e2e/cluster"
 )
 
 func TestParseUsage(t *testing.T) {
@@ -49,5 +51,16 @@ func TestUsageMovesBetweenLowAndHigh(t *testing.T) {
 	}
 	if got := (usageSpec{0.4, 0.4}).at(3*time.Second, period, 0.3); got != 0.4 {
 		t.Errorf("fixed share = %v", got)
+	}
+}
+
+func TestCapToTotalDropsWhatDoesNotFit(t *testing.T) {
+	procs := []cluster.FakeGPUProcess{{PID: 1, Used: "60"}, {PID: 2, Used: "50"}, {PID: 3, Used: "40"}}
+	got := capToTotal(procs, "100")
+	if len(got) != 2 || got[0].PID != 1 || got[1].PID != 3 {
+		t.Fatalf("capToTotal kept %+v; want pids 1 and 3 (100 bytes total)", got)
+	}
+	if got := capToTotal(procs, "1Gi"); len(got) != 3 {
+		t.Fatalf("all fit in 1Gi, kept %+v", got)
 	}
 }
