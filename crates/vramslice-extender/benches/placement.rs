@@ -391,6 +391,35 @@ fn phases(ext: &Extender) {
             let _ = ledger.check_rendered(n, request, now());
         }
     });
+    // A pod of 60 GiB: nearly every node refuses it, so each needs a reason in the answer.
+    let big =
+        json!({ "Pod": pod_json("llm-70b", 60), "Nodes": null, "NodeNames": all }).to_string();
+    let big_request = PodRequest::new(VramUnit::Gib1, 60);
+    time("60 GiB: Extender::filter", &|| {
+        ext.filter(big.as_bytes()).unwrap();
+    });
+    time("60 GiB: ledger.refusal x 5000", &|| {
+        let ledger = ext.ledger();
+        for n in &all {
+            let _ = ledger.refusal(n, big_request, now());
+        }
+    });
+    let sizes: Vec<String> = (40..80)
+        .map(|gib| {
+            json!({ "Pod": pod_json(&format!("llm-{gib}"), gib), "Nodes": null, "NodeNames": all })
+                .to_string()
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    time("40-79 GiB, new size each call: filter", &|| {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ext.filter(sizes[i % sizes.len()].as_bytes()).unwrap();
+    });
+    let (answer, _) = ext.filter(big.as_bytes()).unwrap();
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    time("60 GiB: encode the answer (as Value)", &|| {
+        let _ = serde_json::to_string(&answer).unwrap();
+    });
 }
 
 /// The 1/5/15-minute load averages (p99 figures mean little on a busy machine).

@@ -32,7 +32,43 @@ pub struct ExtenderArgs<'a> {
         default,
         borrow
     )]
-    pub node_names: Option<Vec<Cow<'a, str>>>,
+    pub node_names: Option<Vec<NodeName<'a>>>,
+}
+
+/// A node name from the request, borrowed from the body when it holds no escapes (serde's own
+/// `Cow<str>` inside a `Vec` always copies: one allocation per name, 5,000 per call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeName<'a>(pub Cow<'a, str>);
+
+impl AsRef<str> for NodeName<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for NodeName<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = NodeName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a node name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(NodeName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(NodeName(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(NodeName(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
 }
 
 /// A `v1.NodeList` with its items kept as raw JSON.
@@ -232,4 +268,25 @@ pub struct ExtenderBindingResult {
     /// Empty on success.
     #[serde(rename = "Error")]
     pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_borrow_from_the_body_unless_escaped() {
+        let body = r#"{"NodeNames":["gpu-node-1","gpu\u002dnode-2"]}"#;
+        let args: ExtenderArgs = serde_json::from_str(body).expect("valid args");
+        let names = args.node_names.expect("names");
+        assert!(matches!(names[0].0, Cow::Borrowed("gpu-node-1")));
+        assert!(matches!(&names[1].0, Cow::Owned(s) if s == "gpu-node-2"));
+    }
+
+    #[test]
+    fn a_node_name_that_is_not_a_string_is_refused() {
+        let err = serde_json::from_str::<ExtenderArgs>(r#"{"NodeNames":[7]}"#)
+            .expect_err("a number is no node name");
+        assert!(err.to_string().contains("a node name"), "{err}");
+    }
 }
