@@ -8,6 +8,7 @@
 // Shared vocabulary.
 pub mod device_id;
 pub mod duration;
+pub mod effective_free;
 pub mod names;
 pub mod quantity;
 pub mod units;

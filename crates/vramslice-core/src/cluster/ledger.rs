@@ -3,6 +3,9 @@
 //!
 //! `effective_free = min(declared_free, live_free − unobserved − headroom)`
 //!
+//! (the arithmetic is [`crate::effective_free`], which the DRA plugin's published capacity
+//! shares; this module gathers its inputs).
+//!
 //! Data enters as plain values: node readings (what the device plugin published in `GpuNode`
 //! status), pod records (pods bound to a node, with the `vramslice.io/gpu-uuid` annotation), and
 //! reservations (binds in flight). It leaves as verdicts ([`Ledger::check`]), scores

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use super::hash::FastMap;
 use super::{GpuRejection, GpuView, LedgerConfig, NodeState, PodEntry, ReadingState, Rejection};
 use crate::cluster::placement::{Candidate, PodRequest};
+use crate::effective_free::{effective_free, unobserved_part};
 
 /// Recompute `state.gpus`, `best_free` and `capacity` from the reading and the node's pods.
 pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroom: u64) {
@@ -89,7 +90,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             view.assigned_bytes = view.assigned_bytes.saturating_add(limit);
             let unobserved = match listed {
                 Some((li, used)) if li == i && seen_since_assignment => {
-                    limit.saturating_sub(used.unwrap_or(0))
+                    unobserved_part(limit, used)
                 }
                 _ => limit,
             };
@@ -125,17 +126,19 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             view.assigned_bytes = view.assigned_bytes.saturating_add(p.limit_bytes);
             view.unobserved = view
                 .unobserved
-                .saturating_add(p.limit_bytes.saturating_sub(p.used_bytes.unwrap_or(0)));
+                .saturating_add(unobserved_part(p.limit_bytes, p.used_bytes));
         }
     }
 
     for view in &mut state.gpus {
         view.declared_free = view.advertised_bytes.saturating_sub(view.assigned_bytes);
-        let live_part = view
-            .live_free
-            .saturating_sub(view.unobserved)
-            .saturating_sub(headroom);
-        view.effective_free = view.declared_free.min(live_part);
+        view.effective_free = effective_free(
+            view.advertised_bytes,
+            view.assigned_bytes,
+            view.live_free,
+            view.unobserved,
+            headroom,
+        );
         state.capacity = state.capacity.max(view.advertised_bytes);
         if view.healthy {
             state.best_free = state.best_free.max(view.effective_free);

@@ -197,7 +197,7 @@ impl fmt::Display for GpuRejection {
             } => {
                 write!(f, "GPU {index}: {} effective free (", ByteSize(*effective))?;
                 let declared_free = advertised.saturating_sub(*assigned);
-                let live_part = live.saturating_sub(*unobserved).saturating_sub(*headroom);
+                let live_part = crate::effective_free::live_room(*live, *unobserved, *headroom);
                 if declared_free < live_part {
                     write!(
                         f,
