@@ -202,14 +202,59 @@ pub fn plan_allocation<S: AsRef<str>>(
     let gpu = inventory.resolve(&selection)?;
     let limit_bytes = inventory.limit_bytes(&selection);
     let key = allocation_key(&selection.gpu_uuid, &selection.units);
-    let host_accounting_dir = settings.accounting_root.join(&key);
+    let edits = container_edits(&[(gpu.uuid.as_str(), limit_bytes)], settings, &key);
+    Ok(ContainerAllocation {
+        gpu_uuid: gpu.uuid.clone(),
+        units: selection.unit_count(),
+        limit_bytes,
+        envs: edits.envs,
+        mounts: edits.mounts,
+        cdi_devices: edits.cdi_devices,
+        host_accounting_dir: edits.host_accounting_dir,
+        host_limit_file: edits.host_limit_file,
+    })
+}
+
+/// What a container holding memory of some GPUs gets, whichever API granted it (Allocate in
+/// device-plugin mode, a prepared claim's CDI spec in DRA mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEdits {
+    /// Environment for the container.
+    pub envs: BTreeMap<String, String>,
+    /// Host paths to mount.
+    pub mounts: Vec<MountSpec>,
+    /// CDI devices (`nvidia.com/gpu=<uuid>`) in the `cdi` strategy.
+    pub cdi_devices: Vec<String>,
+    /// Host accounting directory (to be created before the container starts).
+    pub host_accounting_dir: PathBuf,
+    /// Host limit file (to be written before the container starts).
+    pub host_limit_file: PathBuf,
+}
+
+/// The environment, mounts and visible GPUs for a container holding `limits` (GPU UUID, bytes;
+/// one entry per GPU, in the order the container should see them), with its accounting files
+/// under `key` in the accounting root. One GPU gets `VRAMSLICE_VRAM_LIMIT_BYTES` and
+/// `VRAMSLICE_GPU_UUID`; several get `VRAMSLICE_VRAM_LIMITS` (`<uuid>:<bytes>,...`).
+pub fn container_edits(
+    limits: &[(&str, u64)],
+    settings: &AllocationSettings,
+    key: &str,
+) -> ContainerEdits {
+    let host_accounting_dir = settings.accounting_root.join(key);
     let host_limit_file = settings
         .accounting_root
         .join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}"));
 
     let mut envs = BTreeMap::new();
-    envs.insert(env::VRAM_LIMIT_BYTES.to_string(), limit_bytes.to_string());
-    envs.insert(env::GPU_UUID.to_string(), gpu.uuid.clone());
+    match limits {
+        [(uuid, bytes)] => {
+            envs.insert(env::VRAM_LIMIT_BYTES.to_string(), bytes.to_string());
+            envs.insert(env::GPU_UUID.to_string(), (*uuid).to_string());
+        }
+        _ => {
+            envs.insert(env::VRAM_LIMITS.to_string(), limits_text(limits));
+        }
+    }
     envs.insert(
         env::ACCOUNTING_DIR.to_string(),
         ACCOUNTING_CONTAINER_DIR.to_string(),
@@ -221,9 +266,16 @@ pub fn plan_allocation<S: AsRef<str>>(
     let mut cdi_devices = Vec::new();
     match settings.device_list_strategy {
         DeviceListStrategy::Envvar => {
-            envs.insert(env::NVIDIA_VISIBLE_DEVICES.to_string(), gpu.uuid.clone());
+            let visible: Vec<&str> = limits.iter().map(|(uuid, _)| *uuid).collect();
+            envs.insert(env::NVIDIA_VISIBLE_DEVICES.to_string(), visible.join(","));
         }
-        DeviceListStrategy::Cdi => cdi_devices.push(format!("{CDI_GPU_KIND}={}", gpu.uuid)),
+        DeviceListStrategy::Cdi => {
+            cdi_devices.extend(
+                limits
+                    .iter()
+                    .map(|(uuid, _)| format!("{CDI_GPU_KIND}={uuid}")),
+            );
+        }
     }
 
     let mut mounts = vec![
@@ -261,17 +313,23 @@ pub fn plan_allocation<S: AsRef<str>>(
         }
         InjectionMode::None => {}
     }
-
-    Ok(ContainerAllocation {
-        gpu_uuid: gpu.uuid.clone(),
-        units: selection.unit_count(),
-        limit_bytes,
+    ContainerEdits {
         envs,
         mounts,
         cdi_devices,
         host_accounting_dir,
         host_limit_file,
-    })
+    }
+}
+
+/// Per-GPU limits as `VRAMSLICE_VRAM_LIMITS` and the limit file's `limits=` line write them:
+/// `<uuid>:<bytes>` pairs joined by commas.
+pub fn limits_text(limits: &[(&str, u64)]) -> String {
+    let pairs: Vec<String> = limits
+        .iter()
+        .map(|(uuid, bytes)| format!("{uuid}:{bytes}"))
+        .collect();
+    pairs.join(",")
 }
 
 /// The content of the host preload file for `ld-so-preload-file` mode: the guard's in-container

@@ -2,10 +2,12 @@
 //! ([`sample`]), the units a node advertises ([`inventory`]), what Allocate hands a container
 //! ([`allocation`]), the report it publishes and when ([`publish`]), the watchdog's verdicts
 //! ([`watchdog`]), which ended allocations' files to remove ([`sweep`]), and how a process's
-//! cgroup names its pod ([`cgroup`]).
+//! cgroup names its pod ([`cgroup`]); in DRA mode, the slice it publishes and the claims it
+//! prepares ([`dra`]).
 
 pub mod allocation;
 pub mod cgroup;
+pub mod dra;
 pub mod inventory;
 pub mod publish;
 pub mod sample;

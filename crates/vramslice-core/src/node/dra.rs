@@ -1,0 +1,249 @@
+//! The node seam in DRA mode: which devices the node's ResourceSlice lists and with what
+//! `memory` capacity ([`slice_devices`], by the rule of [`crate::effective_free`]), when that
+//! slice must be written again ([`slice_publish_reason`]), and what a prepared claim hands its
+//! containers ([`plan_claim`]: the same edits as Allocate, one limit per GPU).
+//!
+//! Data enters as GPU samples, the grants of prepared claims (from their allocation results) and
+//! measured use; it leaves as plain device descriptions, a publish verdict and container edits.
+//! The DRA plugin turns them into a ResourceSlice and a CDI spec.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::container::limit::limit_file_content;
+use crate::effective_free::claimable_capacity;
+use crate::node::allocation::{AllocationSettings, ContainerEdits, container_edits, limits_text};
+use crate::node::sample::GpuSample;
+
+/// What the plugin publishes about one healthy GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceDevice {
+    /// Device name in the slice: `gpu-<index>`.
+    pub name: String,
+    /// NVML UUID.
+    pub uuid: String,
+    /// Product name.
+    pub model: String,
+    /// NVML index.
+    pub index: u32,
+    /// Whole steps of the GPU's memory: the most any claim could be granted.
+    pub advertised_bytes: u64,
+    /// The `memory` capacity to publish ([`claimable_capacity`]).
+    pub capacity_bytes: u64,
+}
+
+/// The device name a GPU of NVML index `index` has in the slice.
+pub fn device_name(index: u32) -> String {
+    format!("gpu-{index}")
+}
+
+/// What prepared claims hold on one GPU, for the capacity rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GrantsOnGpu {
+    /// Bytes granted to claims on the GPU.
+    pub granted: u64,
+    /// What those claims may still allocate that the measurement cannot show
+    /// (sum of [`crate::effective_free::unobserved_part`]).
+    pub unobserved: u64,
+}
+
+/// The slice's devices: every healthy GPU (an unhealthy one is withdrawn, so no claim is
+/// allocated on it), its memory counted in whole `step`s, and its capacity by the shared rule.
+pub fn slice_devices(
+    samples: &[GpuSample],
+    grants: &BTreeMap<String, GrantsOnGpu>,
+    step: u64,
+    headroom: u64,
+) -> Vec<SliceDevice> {
+    let step = step.max(1);
+    samples
+        .iter()
+        .filter(|s| s.health.is_healthy())
+        .map(|s| {
+            let advertised = s.total_bytes - s.total_bytes % step;
+            let on_gpu = grants.get(&s.uuid).copied().unwrap_or_default();
+            SliceDevice {
+                name: device_name(s.index),
+                uuid: s.uuid.clone(),
+                model: s.model.clone(),
+                index: s.index,
+                advertised_bytes: advertised,
+                capacity_bytes: claimable_capacity(
+                    advertised,
+                    on_gpu.granted,
+                    s.free_bytes,
+                    on_gpu.unobserved,
+                    headroom,
+                    step,
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Why the slice must be written now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlicePublishReason {
+    /// Nothing was published yet.
+    First,
+    /// A device appeared, went, or changed identity (a GPU fell unhealthy or came back).
+    DevicesChanged,
+    /// A device's capacity moved by at least the threshold.
+    CapacityMoved {
+        /// The device.
+        device: String,
+        /// Published before.
+        from: u64,
+        /// To publish now.
+        to: u64,
+    },
+}
+
+impl fmt::Display for SlicePublishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SlicePublishReason::First => f.write_str("first slice"),
+            SlicePublishReason::DevicesChanged => f.write_str("devices changed"),
+            SlicePublishReason::CapacityMoved { device, from, to } => {
+                write!(f, "capacity of {device} moved from {from} to {to} bytes")
+            }
+        }
+    }
+}
+
+/// Whether the slice must be written again: on the first slice, when the device list changes
+/// (a GPU fell unhealthy, came back, or was replaced), or when a device's capacity moved by
+/// `threshold` bytes or more. Otherwise `None`, which keeps the API server's write rate
+/// bounded; the caller also keeps a minimum interval between writes.
+pub fn slice_publish_reason(
+    published: Option<&[SliceDevice]>,
+    next: &[SliceDevice],
+    threshold: u64,
+) -> Option<SlicePublishReason> {
+    let Some(published) = published else {
+        return Some(SlicePublishReason::First);
+    };
+    let identity = |d: &SliceDevice| {
+        (
+            d.name.clone(),
+            d.uuid.clone(),
+            d.model.clone(),
+            d.advertised_bytes,
+        )
+    };
+    if published.len() != next.len() || published.iter().map(identity).ne(next.iter().map(identity))
+    {
+        return Some(SlicePublishReason::DevicesChanged);
+    }
+    published
+        .iter()
+        .zip(next)
+        .find(|(old, new)| old.capacity_bytes.abs_diff(new.capacity_bytes) >= threshold.max(1))
+        .map(|(old, new)| SlicePublishReason::CapacityMoved {
+            device: new.name.clone(),
+            from: old.capacity_bytes,
+            to: new.capacity_bytes,
+        })
+}
+
+/// One device of a claim's allocation that this node's driver must prepare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimGrant {
+    /// The request of the claim it satisfies.
+    pub request: String,
+    /// The device name in the slice.
+    pub device: String,
+    /// The GPU's UUID.
+    pub gpu_uuid: String,
+    /// `consumedCapacity.memory`, in bytes.
+    pub bytes: u64,
+}
+
+/// Why a claim's allocation cannot be prepared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimPlanError {
+    /// No device of this driver in the allocation.
+    #[error("claim {claim} has no device of this driver in its allocation")]
+    NoDevices {
+        /// Claim `namespace/name`.
+        claim: String,
+    },
+    /// A device was granted no memory.
+    #[error("claim {claim} was granted no memory on device {device}")]
+    NothingGranted {
+        /// Claim `namespace/name`.
+        claim: String,
+        /// The device.
+        device: String,
+    },
+}
+
+/// What preparing a claim decides: the limit per GPU, the limit file, the container edits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPlan {
+    /// GPU UUID → limit in bytes, in the order the containers see the GPUs.
+    pub limits: Vec<(String, u64)>,
+    /// The text of the claim's limit file.
+    pub limit_file: String,
+    /// Environment, mounts and visible GPUs for every container using the claim.
+    pub edits: ContainerEdits,
+}
+
+/// The accounting key of a claim: `claim-<uid>` with any character unsafe in a path component
+/// replaced by `_`.
+pub fn claim_key(claim_uid: &str) -> String {
+    let safe: String = claim_uid
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("claim-{safe}")
+}
+
+/// Plan a claim's preparation. Grants on the same GPU (two requests of one claim) add up into
+/// one limit; GPUs are ordered by first appearance. Every container using the claim shares
+/// one accounting directory and so one limit per GPU, as they share the claim.
+pub fn plan_claim(
+    claim: &str,
+    claim_uid: &str,
+    grants: &[ClaimGrant],
+    settings: &AllocationSettings,
+) -> Result<ClaimPlan, ClaimPlanError> {
+    if grants.is_empty() {
+        return Err(ClaimPlanError::NoDevices {
+            claim: claim.to_string(),
+        });
+    }
+    let mut limits: Vec<(String, u64)> = Vec::new();
+    for grant in grants {
+        if grant.bytes == 0 {
+            return Err(ClaimPlanError::NothingGranted {
+                claim: claim.to_string(),
+                device: grant.device.clone(),
+            });
+        }
+        match limits.iter_mut().find(|(uuid, _)| *uuid == grant.gpu_uuid) {
+            Some((_, bytes)) => *bytes = bytes.saturating_add(grant.bytes),
+            None => limits.push((grant.gpu_uuid.clone(), grant.bytes)),
+        }
+    }
+    let pairs: Vec<(&str, u64)> = limits.iter().map(|(u, b)| (u.as_str(), *b)).collect();
+    let limit_file = match pairs.as_slice() {
+        [(uuid, bytes)] => limit_file_content(*bytes, uuid),
+        _ => format!("limits={}\n", limits_text(&pairs)),
+    };
+    let edits = container_edits(&pairs, settings, &claim_key(claim_uid));
+    Ok(ClaimPlan {
+        limits,
+        limit_file,
+        edits,
+    })
+}
+
+#[cfg(test)]
+mod tests;

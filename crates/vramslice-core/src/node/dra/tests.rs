@@ -1,0 +1,225 @@
+use super::*;
+use crate::container::limit::parse_limit_file;
+use crate::names::env;
+use crate::node::allocation::{DeviceListStrategy, InjectionMode};
+use crate::node::sample::{Health, ProcessSample};
+
+const GIB: u64 = 1 << 30;
+
+fn sample(index: u32, total: u64, free: u64, healthy: bool) -> GpuSample {
+    GpuSample {
+        index,
+        uuid: format!("GPU-{index}"),
+        model: "NVIDIA H100 80GB HBM3".into(),
+        total_bytes: total,
+        used_bytes: total - free,
+        free_bytes: free,
+        health: if healthy {
+            Health::Healthy
+        } else {
+            Health::Unhealthy {
+                reason: "XID 79".into(),
+            }
+        },
+        processes: Vec::<ProcessSample>::new(),
+    }
+}
+
+fn settings(strategy: DeviceListStrategy) -> AllocationSettings {
+    AllocationSettings {
+        injection: InjectionMode::LdPreloadEnv,
+        device_list_strategy: strategy,
+        guard_library_host_path: "/var/lib/vramslice/lib/libvramslice_guard.so".into(),
+        preload_file_host_path: "/var/lib/vramslice/ld.so.preload".into(),
+        accounting_root: "/var/lib/vramslice/accounting".into(),
+    }
+}
+
+fn grant(device: &str, uuid: &str, bytes: u64) -> ClaimGrant {
+    ClaimGrant {
+        request: "vram".into(),
+        device: device.into(),
+        gpu_uuid: uuid.into(),
+        bytes,
+    }
+}
+
+#[test]
+fn an_idle_gpu_publishes_its_whole_memory_in_steps() {
+    let total = 80 * GIB + (300 << 20);
+    let devices = slice_devices(&[sample(0, total, total, true)], &BTreeMap::new(), GIB, 0);
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].name, "gpu-0");
+    assert_eq!(devices[0].advertised_bytes, 80 * GIB);
+    assert_eq!(devices[0].capacity_bytes, 80 * GIB);
+}
+
+#[test]
+fn an_outside_process_shrinks_the_capacity_and_claims_are_not_counted_twice() {
+    // GPU 0: a claim of 20 GiB uses 12, a process of no claim holds 16. Free: 80 − 28 = 52.
+    let mut grants = BTreeMap::new();
+    grants.insert(
+        "GPU-0".to_string(),
+        GrantsOnGpu {
+            granted: 20 * GIB,
+            unobserved: 8 * GIB,
+        },
+    );
+    let devices = slice_devices(
+        &[
+            sample(0, 80 * GIB, 52 * GIB, true),
+            sample(1, 80 * GIB, 80 * GIB, true),
+        ],
+        &grants,
+        GIB,
+        GIB,
+    );
+    // 52 free − 8 the claim may still take − 1 headroom = 43 for new claims, + 20 granted.
+    assert_eq!(devices[0].capacity_bytes, 63 * GIB);
+    assert_eq!(devices[1].capacity_bytes, 79 * GIB);
+}
+
+#[test]
+fn an_unhealthy_gpu_is_withdrawn() {
+    let devices = slice_devices(
+        &[
+            sample(0, 80 * GIB, 80 * GIB, false),
+            sample(1, 80 * GIB, 80 * GIB, true),
+        ],
+        &BTreeMap::new(),
+        GIB,
+        0,
+    );
+    let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["gpu-1"]);
+}
+
+#[test]
+fn the_slice_is_written_on_change_beyond_the_threshold_only() {
+    let before = slice_devices(
+        &[sample(0, 80 * GIB, 80 * GIB, true)],
+        &BTreeMap::new(),
+        GIB,
+        0,
+    );
+    assert_eq!(
+        slice_publish_reason(None, &before, GIB),
+        Some(SlicePublishReason::First)
+    );
+    assert_eq!(slice_publish_reason(Some(&before), &before, GIB), None);
+    let slightly = slice_devices(
+        &[sample(0, 80 * GIB, 79 * GIB + 1, true)],
+        &BTreeMap::new(),
+        GIB,
+        0,
+    );
+    // 79 GiB + 1 byte floors to 79 GiB: moved by one step, the threshold.
+    assert_eq!(
+        slice_publish_reason(Some(&before), &slightly, GIB),
+        Some(SlicePublishReason::CapacityMoved {
+            device: "gpu-0".into(),
+            from: 80 * GIB,
+            to: 79 * GIB
+        })
+    );
+    assert_eq!(
+        slice_publish_reason(Some(&before), &slightly, 2 * GIB),
+        None
+    );
+    let gone = slice_devices(
+        &[sample(0, 80 * GIB, 80 * GIB, false)],
+        &BTreeMap::new(),
+        GIB,
+        0,
+    );
+    assert_eq!(
+        slice_publish_reason(Some(&before), &gone, GIB),
+        Some(SlicePublishReason::DevicesChanged)
+    );
+}
+
+#[test]
+fn a_one_gpu_claim_gets_the_single_limit_form() {
+    let plan = plan_claim(
+        "ml/llm",
+        "5f0c-11",
+        &[grant("gpu-0", "GPU-0", 6 * GIB)],
+        &settings(DeviceListStrategy::Envvar),
+    )
+    .expect("plan");
+    assert_eq!(plan.limits, [("GPU-0".to_string(), 6 * GIB)]);
+    let file = parse_limit_file(&plan.limit_file).expect("the guard reads it");
+    assert_eq!(file.limit_bytes, 6 * GIB);
+    assert_eq!(
+        plan.edits.envs[env::VRAM_LIMIT_BYTES],
+        (6 * GIB).to_string()
+    );
+    assert_eq!(plan.edits.envs[env::NVIDIA_VISIBLE_DEVICES], "GPU-0");
+    assert!(
+        plan.edits.host_accounting_dir.ends_with("claim-5f0c-11"),
+        "{:?}",
+        plan.edits.host_accounting_dir
+    );
+    assert!(plan.edits.host_limit_file.ends_with("claim-5f0c-11.limit"));
+}
+
+#[test]
+fn a_two_gpu_claim_gets_one_limit_per_gpu() {
+    let plan = plan_claim(
+        "ml/tp2",
+        "uid-2",
+        &[
+            grant("gpu-0", "GPU-0", 20 * GIB),
+            grant("gpu-1", "GPU-1", 20 * GIB),
+        ],
+        &settings(DeviceListStrategy::Cdi),
+    )
+    .expect("plan");
+    let text = format!("GPU-0:{0},GPU-1:{0}", 20 * GIB);
+    assert_eq!(plan.limit_file, format!("limits={text}\n"));
+    assert_eq!(plan.edits.envs[env::VRAM_LIMITS], text);
+    assert!(!plan.edits.envs.contains_key(env::VRAM_LIMIT_BYTES));
+    assert_eq!(
+        plan.edits.cdi_devices,
+        ["nvidia.com/gpu=GPU-0", "nvidia.com/gpu=GPU-1"]
+    );
+}
+
+#[test]
+fn two_requests_on_one_gpu_add_up() {
+    let plan = plan_claim(
+        "ml/two",
+        "uid-3",
+        &[
+            grant("gpu-0", "GPU-0", 2 * GIB),
+            grant("gpu-0", "GPU-0", 3 * GIB),
+        ],
+        &settings(DeviceListStrategy::Envvar),
+    )
+    .expect("plan");
+    assert_eq!(plan.limits, [("GPU-0".to_string(), 5 * GIB)]);
+}
+
+#[test]
+fn claims_with_nothing_to_prepare_are_refused_by_name() {
+    let none = plan_claim("ml/empty", "u", &[], &settings(DeviceListStrategy::Envvar));
+    assert_eq!(
+        none.expect_err("no devices").to_string(),
+        "claim ml/empty has no device of this driver in its allocation"
+    );
+    let zero = plan_claim(
+        "ml/zero",
+        "u",
+        &[grant("gpu-3", "GPU-3", 0)],
+        &settings(DeviceListStrategy::Envvar),
+    );
+    assert_eq!(
+        zero.expect_err("no memory").to_string(),
+        "claim ml/zero was granted no memory on device gpu-3"
+    );
+}
+
+#[test]
+fn claim_keys_are_one_safe_path_component() {
+    assert_eq!(claim_key("8c1e-44/../x"), "claim-8c1e-44____x");
+}
