@@ -23,6 +23,13 @@ pub const SCHEDULER_NAME: &str = "vramslice-scheduler";
 /// File name of the guard library.
 pub const GUARD_LIBRARY: &str = "libvramslice_guard.so";
 
+/// The DRA driver name: the driver of vramslice's ResourceSlices and allocation results.
+pub const DRA_DRIVER: &str = "vramslice.io";
+/// The DeviceClass that selects vramslice's GPUs in DRA mode.
+pub const DRA_DEVICE_CLASS: &str = "vram.vramslice.io";
+/// The consumable capacity a DRA device publishes its memory as.
+pub const DRA_CAPACITY_MEMORY: &str = "memory";
+
 /// Environment variables: what the device plugin's Allocate sets, what the guard and the
 /// sidecar runtime read.
 pub mod env {

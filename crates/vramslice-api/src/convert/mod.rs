@@ -2,9 +2,11 @@
 //! placement policy, a bound pod's ledger record, a pod's view for the admission decision, one
 //! container's units of a resource, and a `GpuNode`'s readings; and the one conversion the other
 //! way, the device plugin's report to the `GpuNode` status it writes. [`node_pods`] reads a
-//! node's pods for the device plugin's GetPreferredAllocation. The extender, the device plugin,
+//! node's pods for the device plugin's GetPreferredAllocation; [`dra`] reads a claim's
+//! allocation and writes the node's ResourceSlice in DRA mode. The extender, the device plugin,
 //! the webhook and `kubectl vramslice` all read pods through these functions.
 
+pub mod dra;
 pub mod node_pods;
 
 use std::collections::BTreeMap;
