@@ -1,0 +1,222 @@
+//! Prepared claims, kept in a checkpoint file so that a restarted plugin answers the kubelet's
+//! repeated NodePrepareResources with the same devices and still knows what to unprepare.
+//! Written whole to a temporary file, synced and renamed over the old one: a crash leaves the
+//! old or the new checkpoint, never half of one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The checkpoint format's version.
+pub const VERSION: u32 = 1;
+
+/// One prepared device as the kubelet was told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedDevice {
+    /// The claim's requests it satisfies.
+    pub request_names: Vec<String>,
+    /// Pool (this node).
+    pub pool: String,
+    /// Device name in the slice.
+    pub device: String,
+    /// CDI device IDs to inject.
+    pub cdi_device_ids: Vec<String>,
+    /// Share ID of the allocation, when the device allows several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
+}
+
+/// One prepared claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedClaim {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// GPU UUID → bytes granted, in the order the containers see the GPUs.
+    pub limits: Vec<(String, u64)>,
+    /// UIDs of the pods the claim was reserved for when prepared.
+    #[serde(default)]
+    pub pod_uids: Vec<String>,
+    /// What the kubelet was told.
+    pub devices: Vec<PreparedDevice>,
+    /// The files written for it (removed at unprepare).
+    pub files: PreparedFiles,
+}
+
+/// Host files of a prepared claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedFiles {
+    /// The CDI spec.
+    pub cdi_spec: PathBuf,
+    /// The read-only limit file.
+    pub limit_file: PathBuf,
+    /// The accounting directory.
+    pub accounting_dir: PathBuf,
+}
+
+/// Every claim prepared on this node, by claim UID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Format version.
+    pub version: u32,
+    /// Claim UID → claim.
+    pub claims: BTreeMap<String, PreparedClaim>,
+}
+
+/// Why the checkpoint could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Reading or writing the file failed.
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a checkpoint this version understands.
+    #[error("checkpoint {path} is unreadable: {detail}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl Checkpoint {
+    /// An empty checkpoint of the current version.
+    pub fn new() -> Self {
+        Checkpoint {
+            version: VERSION,
+            claims: BTreeMap::new(),
+        }
+    }
+
+    /// Load the checkpoint at `path`; a missing file is an empty checkpoint.
+    ///
+    /// # Errors
+    /// [`CheckpointError`] when the file cannot be read or is not a valid checkpoint.
+    pub fn load(path: &Path) -> Result<Self, CheckpointError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoint::new()),
+            Err(source) => {
+                return Err(CheckpointError::Io {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let invalid = |detail: String| CheckpointError::Invalid {
+            path: path.display().to_string(),
+            detail,
+        };
+        let checkpoint: Checkpoint =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if checkpoint.version != VERSION {
+            return Err(invalid(format!(
+                "version {} (this plugin reads version {VERSION})",
+                checkpoint.version
+            )));
+        }
+        Ok(checkpoint)
+    }
+
+    /// Write the checkpoint to `path` atomically (temporary file, fsync, rename).
+    ///
+    /// # Errors
+    /// [`CheckpointError::Io`] when any step fails; the previous checkpoint is then intact.
+    pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        let io = |source| CheckpointError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = serde_json::to_vec_pretty(self).map_err(|e| CheckpointError::Invalid {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        write_atomically(path, &text).map_err(io)
+    }
+}
+
+/// Write `bytes` to `path` through a synced temporary file renamed over it.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> PreparedClaim {
+        PreparedClaim {
+            namespace: "ml".into(),
+            name: "llm".into(),
+            limits: vec![("GPU-0".into(), 6 << 30)],
+            pod_uids: vec!["pod-1".into()],
+            devices: vec![PreparedDevice {
+                request_names: vec!["vram".into()],
+                pool: "node-a".into(),
+                device: "gpu-0".into(),
+                cdi_device_ids: vec!["vramslice.io/claim=uid-1".into()],
+                share_id: Some("s-1".into()),
+            }],
+            files: PreparedFiles {
+                cdi_spec: "/var/run/cdi/vramslice.io-claim-uid-1.json".into(),
+                limit_file: "/var/lib/vramslice/accounting/claim-uid-1.limit".into(),
+                accounting_dir: "/var/lib/vramslice/accounting/claim-uid-1".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_saved_checkpoint_loads_back_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state/checkpoint.json");
+        assert_eq!(
+            Checkpoint::load(&path).expect("missing is empty"),
+            Checkpoint::new()
+        );
+        let mut checkpoint = Checkpoint::new();
+        checkpoint.claims.insert("uid-1".into(), claim());
+        checkpoint.save(&path).expect("saved");
+        assert_eq!(Checkpoint::load(&path).expect("loaded"), checkpoint);
+        assert!(!dir.path().join("state/checkpoint.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_checkpoint_is_named_in_the_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("checkpoint.json");
+        std::fs::write(&path, "{\"version\": 1, \"claims\": {\"x\": 3").expect("write");
+        let err = Checkpoint::load(&path).expect_err("truncated");
+        assert!(
+            err.to_string().contains("checkpoint.json is unreadable"),
+            "{err}"
+        );
+        std::fs::write(&path, "{\"version\": 9, \"claims\": {}}").expect("write");
+        let err = Checkpoint::load(&path).expect_err("version");
+        assert!(
+            err.to_string()
+                .contains("version 9 (this plugin reads version 1)"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! Where prepared claims come from: the API server's `ResourceClaim`s. A plain trait, so the
+//! driver is tested against claims held in memory.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::{Api, Client};
+
+/// A future the claim source returns.
+pub type ClaimFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<ResourceClaim, FetchError>> + Send + 'a>>;
+
+/// Why a claim could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// The API server has no such claim.
+    #[error("claim {0} not found")]
+    NotFound(String),
+    /// The API server could not be asked.
+    #[error("reading claim {claim}: {detail}")]
+    Api {
+        /// `namespace/name`.
+        claim: String,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// Reads one `ResourceClaim`.
+pub trait ClaimSource: Send + Sync + 'static {
+    /// The claim `namespace/name` as the API server holds it now.
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> ClaimFuture<'a>;
+}
+
+/// Claims from the API server.
+#[derive(Clone)]
+pub struct KubeClaims {
+    client: Client,
+}
+
+impl KubeClaims {
+    /// Read claims through `client`.
+    pub fn new(client: Client) -> Self {
+        KubeClaims { client }
+    }
+}
+
+impl ClaimSource for KubeClaims {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> ClaimFuture<'a> {
+        Box::pin(async move {
+            let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
+            let claim = format!("{namespace}/{name}");
+            match api.get_opt(name).await {
+                Ok(Some(found)) => Ok(found),
+                Ok(None) => Err(FetchError::NotFound(claim)),
+                Err(e) => Err(FetchError::Api {
+                    claim,
+                    detail: e.to_string(),
+                }),
+            }
+        })
+    }
+}

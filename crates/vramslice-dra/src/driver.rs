@@ -1,0 +1,363 @@
+//! The driver: prepares and unprepares claims (files, CDI spec, checkpoint) and says what the
+//! prepared claims hold on each GPU for the slice's capacity. Protocol-free: [`crate::grpc`]
+//! adapts the kubelet's calls to it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Mutex;
+use vramslice_api::convert::dra::{ClaimError, claim_on_node};
+use vramslice_core::effective_free::unobserved_part;
+use vramslice_core::node::allocation::AllocationSettings;
+use vramslice_core::node::dra::{ClaimPlanError, GrantsOnGpu, claim_key, device_name, plan_claim};
+use vramslice_core::node::sample::GpuSample;
+
+use crate::cdi;
+use crate::checkpoint::{
+    Checkpoint, CheckpointError, PreparedClaim, PreparedDevice, PreparedFiles, write_atomically,
+};
+use crate::claims::{ClaimSource, FetchError};
+
+/// Where the driver keeps its files, and what containers get.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// This node's name (also the pool name).
+    pub node: String,
+    /// Guard injection, visible-GPU strategy, and the accounting root (as in device-plugin mode).
+    pub settings: AllocationSettings,
+    /// The CDI spec directory the container runtime reads (`/var/run/cdi`).
+    pub cdi_dir: PathBuf,
+    /// The checkpoint file.
+    pub checkpoint: PathBuf,
+}
+
+/// A claim as the kubelet names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+}
+
+impl ClaimRef {
+    fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why a claim could not be prepared or unprepared. The text goes back to the kubelet, which
+/// shows it in the pod's events.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The claim could not be read.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// Its allocation cannot be prepared here.
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    /// Nothing to prepare, or nothing granted.
+    #[error(transparent)]
+    Plan(#[from] ClaimPlanError),
+    /// A file could not be written or removed.
+    #[error("claim {claim}: {path}: {source}")]
+    Io {
+        /// `namespace/name`.
+        claim: String,
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The CDI spec could not be rendered.
+    #[error("claim {claim}: CDI spec: {detail}")]
+    Spec {
+        /// `namespace/name`.
+        claim: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The checkpoint could not be written; the claim is not prepared.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+/// The DRA driver's state: prepared claims (checkpointed) and this node's GPUs.
+pub struct Driver {
+    config: DriverConfig,
+    claims: Arc<dyn ClaimSource>,
+    /// Device name → GPU UUID, from the latest sample (healthy or not: a claim allocated just
+    /// before its GPU fell unhealthy still names it).
+    gpus: RwLock<BTreeMap<String, String>>,
+    state: Mutex<Checkpoint>,
+}
+
+impl Driver {
+    /// A driver with the prepared claims of its checkpoint.
+    ///
+    /// # Errors
+    /// [`CheckpointError`] when the checkpoint exists but cannot be read.
+    pub fn open(
+        config: DriverConfig,
+        claims: Arc<dyn ClaimSource>,
+    ) -> Result<Self, CheckpointError> {
+        let checkpoint = Checkpoint::load(&config.checkpoint)?;
+        tracing::info!(
+            checkpoint = %config.checkpoint.display(),
+            prepared = checkpoint.claims.len(),
+            "loaded prepared claims"
+        );
+        Ok(Driver {
+            config,
+            claims,
+            gpus: RwLock::new(BTreeMap::new()),
+            state: Mutex::new(checkpoint),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.config.node
+    }
+
+    /// Learn the node's GPUs from a sample.
+    pub fn set_gpus(&self, samples: &[GpuSample]) {
+        let map = samples
+            .iter()
+            .map(|s| (device_name(s.index), s.uuid.clone()))
+            .collect();
+        *self
+            .gpus
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
+    }
+
+    fn uuid_of(&self, device: &str) -> Option<String> {
+        self.gpus
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(device)
+            .cloned()
+    }
+
+    /// Prepare `claim`: the same devices again when it is already prepared; otherwise read
+    /// its allocation, write its limit file, accounting directory and CDI spec, and checkpoint
+    /// it before answering.
+    ///
+    /// # Errors
+    /// [`PrepareError`] naming the claim and the cause; nothing is checkpointed then.
+    pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        if let Some(done) = self.state.lock().await.claims.get(&claim.uid) {
+            return Ok(done.devices.clone());
+        }
+        let object = self.claims.get(&claim.namespace, &claim.name).await?;
+        let on_node = claim_on_node(&object, &claim.uid, &self.config.node, |d| self.uuid_of(d))?;
+        let plan = plan_claim(
+            &claim.label(),
+            &claim.uid,
+            &on_node.grants,
+            &self.config.settings,
+        )?;
+        let key = claim_key(&claim.uid);
+        let files = PreparedFiles {
+            cdi_spec: cdi::spec_path(&self.config.cdi_dir, &key),
+            limit_file: plan.edits.host_limit_file.clone(),
+            accounting_dir: plan.edits.host_accounting_dir.clone(),
+        };
+        let io = |path: &Path| {
+            let claim = claim.label();
+            let path = path.display().to_string();
+            move |source| PrepareError::Io {
+                claim,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(&files.accounting_dir).map_err(io(&files.accounting_dir))?;
+        write_atomically(&files.limit_file, plan.limit_file.as_bytes())
+            .map_err(io(&files.limit_file))?;
+        let spec = cdi::spec_json(&claim.uid, &plan.edits).map_err(|e| PrepareError::Spec {
+            claim: claim.label(),
+            detail: e.to_string(),
+        })?;
+        write_atomically(&files.cdi_spec, spec.as_bytes()).map_err(io(&files.cdi_spec))?;
+
+        let mut cdi_device_ids = vec![cdi::device_id(&claim.uid)];
+        cdi_device_ids.extend(plan.edits.cdi_devices.iter().cloned());
+        let devices: Vec<PreparedDevice> = on_node
+            .grants
+            .iter()
+            .zip(&on_node.share_ids)
+            .map(|(grant, share_id)| PreparedDevice {
+                request_names: vec![grant.request.clone()],
+                pool: self.config.node.clone(),
+                device: grant.device.clone(),
+                cdi_device_ids: cdi_device_ids.clone(),
+                share_id: share_id.clone(),
+            })
+            .collect();
+        let prepared = PreparedClaim {
+            namespace: claim.namespace.clone(),
+            name: claim.name.clone(),
+            limits: plan.limits,
+            pod_uids: on_node.pod_uids,
+            devices: devices.clone(),
+            files,
+        };
+        let mut state = self.state.lock().await;
+        if let Some(done) = state.claims.get(&claim.uid) {
+            // Prepared meanwhile by a concurrent call: same claim, same files.
+            return Ok(done.devices.clone());
+        }
+        state.claims.insert(claim.uid.clone(), prepared);
+        if let Err(e) = state.save(&self.config.checkpoint) {
+            state.claims.remove(&claim.uid);
+            return Err(e.into());
+        }
+        tracing::info!(claim = %claim.label(), uid = %claim.uid, devices = devices.len(), "prepared claim");
+        Ok(devices)
+    }
+
+    /// Unprepare `claim`: remove its files and forget it. A claim this driver never prepared
+    /// (or already unprepared) succeeds: the kubelet may repeat the call.
+    ///
+    /// # Errors
+    /// [`PrepareError`] when a file cannot be removed or the checkpoint cannot be written; the
+    /// claim then stays prepared, so the kubelet's retry finds it.
+    pub async fn unprepare(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
+        let mut state = self.state.lock().await;
+        let Some(prepared) = state.claims.get(&claim.uid).cloned() else {
+            tracing::debug!(claim = %claim.label(), uid = %claim.uid, "unprepare of a claim not prepared here");
+            return Ok(());
+        };
+        let files = &prepared.files;
+        for file in [&files.cdi_spec, &files.limit_file] {
+            remove_file(file).map_err(|source| PrepareError::Io {
+                claim: claim.label(),
+                path: file.display().to_string(),
+                source,
+            })?;
+        }
+        match std::fs::remove_dir_all(&files.accounting_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(PrepareError::Io {
+                    claim: claim.label(),
+                    path: files.accounting_dir.display().to_string(),
+                    source,
+                });
+            }
+        }
+        state.claims.remove(&claim.uid);
+        if let Err(e) = state.save(&self.config.checkpoint) {
+            state.claims.insert(claim.uid.clone(), prepared);
+            return Err(e.into());
+        }
+        tracing::info!(claim = %claim.label(), uid = %claim.uid, "unprepared claim");
+        Ok(())
+    }
+
+    /// The prepared claims, by UID.
+    pub async fn prepared(&self) -> BTreeMap<String, PreparedClaim> {
+        self.state.lock().await.claims.clone()
+    }
+
+    /// What prepared claims hold on each GPU: granted bytes, and what they may still take
+    /// unseen (a claim's use is what the processes of the pods it was reserved for use on
+    /// that GPU; `samples` must carry pod UIDs).
+    pub async fn grants_by_gpu(&self, samples: &[GpuSample]) -> BTreeMap<String, GrantsOnGpu> {
+        let state = self.state.lock().await;
+        grants_by_gpu(state.claims.values(), samples)
+    }
+}
+
+/// [`Driver::grants_by_gpu`] over plain values.
+pub fn grants_by_gpu<'a>(
+    claims: impl Iterator<Item = &'a PreparedClaim>,
+    samples: &[GpuSample],
+) -> BTreeMap<String, GrantsOnGpu> {
+    let mut out: BTreeMap<String, GrantsOnGpu> = BTreeMap::new();
+    for claim in claims {
+        for (uuid, granted) in &claim.limits {
+            let used: u64 = samples
+                .iter()
+                .filter(|s| s.uuid == *uuid)
+                .flat_map(|s| &s.processes)
+                .filter(|p| {
+                    p.pod_uid
+                        .as_ref()
+                        .is_some_and(|uid| claim.pod_uids.contains(uid))
+                })
+                .map(|p| p.used_bytes)
+                .sum();
+            let entry = out.entry(uuid.clone()).or_default();
+            entry.granted = entry.granted.saturating_add(*granted);
+            entry.unobserved = entry
+                .unobserved
+                .saturating_add(unobserved_part(*granted, Some(used)));
+        }
+    }
+    out
+}
+
+fn remove_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vramslice_core::node::sample::{Health, ProcessSample};
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn a_claims_use_is_its_pods_processes_on_its_gpu() {
+        let claim = PreparedClaim {
+            namespace: "ml".into(),
+            name: "llm".into(),
+            limits: vec![("GPU-0".into(), 8 * GIB)],
+            pod_uids: vec!["pod-a".into()],
+            devices: Vec::new(),
+            files: PreparedFiles {
+                cdi_spec: "/x".into(),
+                limit_file: "/y".into(),
+                accounting_dir: "/z".into(),
+            },
+        };
+        let process = |pid, used, pod: Option<&str>| ProcessSample {
+            pid,
+            used_bytes: used,
+            pod_uid: pod.map(str::to_string),
+        };
+        let sample = GpuSample {
+            index: 0,
+            uuid: "GPU-0".into(),
+            model: "H100".into(),
+            total_bytes: 80 * GIB,
+            used_bytes: 21 * GIB,
+            free_bytes: 59 * GIB,
+            health: Health::Healthy,
+            processes: vec![
+                process(1, 3 * GIB, Some("pod-a")),
+                process(2, 2 * GIB, Some("pod-a")),
+                process(3, 16 * GIB, None),
+            ],
+        };
+        let grants = grants_by_gpu([&claim].into_iter(), &[sample]);
+        assert_eq!(
+            grants["GPU-0"],
+            GrantsOnGpu {
+                granted: 8 * GIB,
+                unobserved: 3 * GIB
+            }
+        );
+    }
+}

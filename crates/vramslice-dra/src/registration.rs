@@ -1,0 +1,69 @@
+//! The plugin-registration service the kubelet's plugin watcher calls on the socket the plugin
+//! puts in `plugins_registry`: who we are (a `DRAPlugin` named after the driver), where the
+//! DRA service listens, and which service version it speaks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tonic::{Request, Response, Status};
+
+use crate::proto::registration::registration_server::Registration;
+use crate::proto::registration::{
+    InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse,
+};
+
+/// The plugin type of a DRA driver.
+pub const PLUGIN_TYPE: &str = "DRAPlugin";
+/// The DRA service version served.
+pub const DRA_SERVICE_VERSION: &str = "v1.DRAPlugin";
+
+/// Answers the kubelet's plugin watcher.
+#[derive(Clone)]
+pub struct RegistrationService {
+    driver_name: String,
+    endpoint: String,
+    registered: Arc<AtomicBool>,
+}
+
+impl RegistrationService {
+    /// Register `driver_name` with its DRA service at the socket path `endpoint`.
+    pub fn new(driver_name: &str, endpoint: &str) -> Self {
+        RegistrationService {
+            driver_name: driver_name.to_string(),
+            endpoint: endpoint.to_string(),
+            registered: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the kubelet said the last registration succeeded.
+    pub fn registered(&self) -> bool {
+        self.registered.load(Ordering::Relaxed)
+    }
+}
+
+#[tonic::async_trait]
+impl Registration for RegistrationService {
+    async fn get_info(&self, _: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
+        Ok(Response::new(PluginInfo {
+            r#type: PLUGIN_TYPE.to_string(),
+            name: self.driver_name.clone(),
+            endpoint: self.endpoint.clone(),
+            supported_versions: vec![DRA_SERVICE_VERSION.to_string()],
+        }))
+    }
+
+    async fn notify_registration_status(
+        &self,
+        request: Request<RegistrationStatus>,
+    ) -> Result<Response<RegistrationStatusResponse>, Status> {
+        let status = request.into_inner();
+        self.registered
+            .store(status.plugin_registered, Ordering::Relaxed);
+        if status.plugin_registered {
+            tracing::info!(driver = %self.driver_name, "registered with the kubelet");
+        } else {
+            tracing::error!(driver = %self.driver_name, error = %status.error, "the kubelet refused the registration");
+        }
+        Ok(Response::new(RegistrationStatusResponse {}))
+    }
+}

@@ -1,0 +1,128 @@
+//! The two sockets of a DRA kubelet plugin: the DRA service at its endpoint (in the kubelet's
+//! `plugins/<driver>/` directory) and the registration service in `plugins_registry/`, which
+//! the kubelet's plugin watcher discovers. Both are served until shutdown; a stale socket left
+//! by a previous run is replaced.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+use vramslice_core::names::DRA_DRIVER;
+
+use crate::driver::Driver;
+use crate::grpc::DraService;
+use crate::proto::dra::dra_plugin_server::DraPluginServer;
+use crate::proto::registration::registration_server::RegistrationServer;
+use crate::registration::RegistrationService;
+
+/// Where the plugin's sockets go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sockets {
+    /// The kubelet's plugin registry directory (`/var/lib/kubelet/plugins_registry`).
+    pub registry_dir: PathBuf,
+    /// The plugin's own directory (`/var/lib/kubelet/plugins/vramslice.io`).
+    pub plugin_dir: PathBuf,
+}
+
+impl Sockets {
+    /// The DRA service socket.
+    pub fn endpoint(&self) -> PathBuf {
+        self.plugin_dir.join("dra.sock")
+    }
+
+    /// The registration socket.
+    pub fn registration(&self) -> PathBuf {
+        self.registry_dir.join(format!("{DRA_DRIVER}-reg.sock"))
+    }
+}
+
+/// Why the plugin could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A socket could not be created.
+    #[error("binding {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A server stopped with an error.
+    #[error("serving {path}: {source}")]
+    Serve {
+        /// The socket path.
+        path: String,
+        /// The cause.
+        source: tonic::transport::Error,
+    },
+}
+
+fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |source| ServeError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    UnixListener::bind(path).map_err(err)
+}
+
+/// Serve the DRA service and then the registration socket (so that the kubelet, once it sees
+/// the registration, can reach the endpoint) until `shutdown` turns true. The registration
+/// socket is removed on the way out, so the kubelet deregisters the driver.
+///
+/// # Errors
+/// [`ServeError`] when a socket cannot be bound or a server fails.
+pub async fn serve(
+    driver: Arc<Driver>,
+    sockets: &Sockets,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let endpoint = sockets.endpoint();
+    let registration = sockets.registration();
+    let dra_listener = bind(&endpoint)?;
+    let reg_listener = bind(&registration)?;
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let dra = Server::builder()
+        .add_service(DraPluginServer::new(DraService::new(driver)))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(dra_listener),
+            stop(shutdown.clone()),
+        );
+    let reg = Server::builder()
+        .add_service(RegistrationServer::new(RegistrationService::new(
+            DRA_DRIVER,
+            &endpoint.display().to_string(),
+        )))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(reg_listener),
+            stop(shutdown.clone()),
+        );
+    tracing::info!(endpoint = %endpoint.display(), registration = %registration.display(), "serving the DRA plugin");
+    let (dra, reg) = tokio::join!(dra, reg);
+    let _ = shutdown.borrow_and_update();
+    let _ = std::fs::remove_file(&registration);
+    dra.map_err(|source| ServeError::Serve {
+        path: endpoint.display().to_string(),
+        source,
+    })?;
+    reg.map_err(|source| ServeError::Serve {
+        path: registration.display().to_string(),
+        source,
+    })
+}

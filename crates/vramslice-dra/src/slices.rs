@@ -1,0 +1,182 @@
+//! Writing the node's ResourceSlice: the core decides whether the devices changed enough
+//! ([`slice_publish_reason`]); this module keeps what was published, bumps the pool
+//! generation on every write, holds writes at least a minimum interval apart, and writes
+//! through a [`SliceWriter`] (the API server, or memory in tests).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use vramslice_api::convert::dra::{SliceSettings, resource_slice, slice_name};
+use vramslice_core::node::dra::{SliceDevice, SlicePublishReason, slice_publish_reason};
+
+/// A future a slice writer returns.
+pub type WriteFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, WriteError>> + Send + 'a>>;
+
+/// Why the slice could not be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("writing ResourceSlice {name}: {detail}")]
+pub struct WriteError {
+    /// The slice.
+    pub name: String,
+    /// What failed.
+    pub detail: String,
+}
+
+/// Stores the node's slice.
+pub trait SliceWriter: Send + Sync + 'static {
+    /// The pool generation of the slice stored now, if any.
+    fn current_generation<'a>(&'a self, name: &'a str) -> WriteFuture<'a, Option<i64>>;
+    /// Create or replace the slice.
+    fn write(&self, slice: ResourceSlice) -> WriteFuture<'_, ()>;
+}
+
+/// Slices in the API server.
+#[derive(Clone)]
+pub struct KubeSlices {
+    api: Api<ResourceSlice>,
+}
+
+impl KubeSlices {
+    /// Write slices through `client`.
+    pub fn new(client: Client) -> Self {
+        KubeSlices {
+            api: Api::all(client),
+        }
+    }
+}
+
+impl SliceWriter for KubeSlices {
+    fn current_generation<'a>(&'a self, name: &'a str) -> WriteFuture<'a, Option<i64>> {
+        Box::pin(async move {
+            self.api
+                .get_opt(name)
+                .await
+                .map(|found| found.map(|s| s.spec.pool.generation))
+                .map_err(|e| WriteError {
+                    name: name.to_string(),
+                    detail: e.to_string(),
+                })
+        })
+    }
+
+    fn write(&self, mut slice: ResourceSlice) -> WriteFuture<'_, ()> {
+        Box::pin(async move {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            let err = |e: kube::Error| WriteError {
+                name: name.clone(),
+                detail: e.to_string(),
+            };
+            match self.api.get_opt(&name).await.map_err(err)? {
+                Some(existing) => {
+                    slice.metadata.resource_version = existing.metadata.resource_version;
+                    self.api
+                        .replace(&name, &PostParams::default(), &slice)
+                        .await
+                        .map_err(err)?;
+                }
+                None => {
+                    self.api
+                        .create(&PostParams::default(), &slice)
+                        .await
+                        .map_err(err)?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// When and what to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePolicy {
+    /// A capacity change smaller than this is not published.
+    pub threshold_bytes: u64,
+    /// Writes are at least this far apart (the first write and device changes excepted).
+    pub min_interval: Duration,
+}
+
+/// The publisher's memory of what it wrote.
+pub struct SlicePublisher<W: SliceWriter> {
+    writer: W,
+    settings: SliceSettings,
+    policy: SlicePolicy,
+    published: Option<Vec<SliceDevice>>,
+    last_write: Option<Instant>,
+    writes: u64,
+}
+
+impl<W: SliceWriter> SlicePublisher<W> {
+    /// A publisher for the node of `settings`.
+    pub fn new(writer: W, settings: SliceSettings, policy: SlicePolicy) -> Self {
+        SlicePublisher {
+            writer,
+            settings,
+            policy,
+            published: None,
+            last_write: None,
+            writes: 0,
+        }
+    }
+
+    /// Slices written so far.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// The devices last written.
+    pub fn published(&self) -> Option<&[SliceDevice]> {
+        self.published.as_deref()
+    }
+
+    /// Consider `devices` at `now`: write the slice when the core says it changed and the
+    /// minimum interval has passed (a changed device list is written at once).
+    ///
+    /// # Errors
+    /// [`WriteError`]; what was published stays as it was, so the next call retries.
+    pub async fn observe(
+        &mut self,
+        devices: Vec<SliceDevice>,
+        now: Instant,
+    ) -> Result<Option<SlicePublishReason>, WriteError> {
+        let Some(reason) = slice_publish_reason(
+            self.published.as_deref(),
+            &devices,
+            self.policy.threshold_bytes,
+        ) else {
+            return Ok(None);
+        };
+        let urgent = matches!(
+            reason,
+            SlicePublishReason::First | SlicePublishReason::DevicesChanged
+        );
+        if !urgent
+            && self
+                .last_write
+                .is_some_and(|at| now.saturating_duration_since(at) < self.policy.min_interval)
+        {
+            return Ok(None);
+        }
+        if self.published.is_none() {
+            // Continue the pool's generations across restarts: the scheduler trusts the
+            // highest generation it sees.
+            let name = slice_name(&self.settings.node);
+            let stored = self.writer.current_generation(&name).await?;
+            self.settings.generation = stored.unwrap_or(0);
+        }
+        let mut settings = self.settings.clone();
+        settings.generation += 1;
+        self.writer
+            .write(resource_slice(&devices, &settings))
+            .await?;
+        self.settings = settings;
+        self.published = Some(devices);
+        self.last_write = Some(now);
+        self.writes += 1;
+        tracing::info!(generation = self.settings.generation, %reason, "published ResourceSlice");
+        Ok(Some(reason))
+    }
+}

@@ -1,0 +1,436 @@
+//! The DRA plugin over its real sockets, as the kubelet calls it: registration, prepare and
+//! unprepare of claims held in memory, the files and checkpoint they leave, and restarts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::resource::v1::{
+    AllocationResult, DeviceAllocationResult, DeviceRequestAllocationResult, ResourceClaim,
+    ResourceClaimConsumerReference, ResourceClaimStatus,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint, Uri};
+use vramslice_core::container::limit::parse_limit_file;
+use vramslice_core::node::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
+use vramslice_core::node::sample::{GpuSample, Health};
+use vramslice_dra::checkpoint::Checkpoint;
+use vramslice_dra::claims::{ClaimFuture, ClaimSource, FetchError};
+use vramslice_dra::driver::{Driver, DriverConfig};
+use vramslice_dra::proto::dra::dra_plugin_client::DraPluginClient;
+use vramslice_dra::proto::dra::{
+    Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
+};
+use vramslice_dra::proto::registration::registration_client::RegistrationClient;
+use vramslice_dra::proto::registration::{InfoRequest, RegistrationStatus};
+use vramslice_dra::serve::{Sockets, serve};
+
+const GIB: u64 = 1 << 30;
+const NODE: &str = "node-a";
+
+#[derive(Default)]
+struct MemoryClaims {
+    claims: Mutex<BTreeMap<(String, String), ResourceClaim>>,
+    gets: AtomicUsize,
+}
+
+impl MemoryClaims {
+    fn put(&self, claim: ResourceClaim) {
+        let key = (
+            claim.metadata.namespace.clone().unwrap(),
+            claim.metadata.name.clone().unwrap(),
+        );
+        self.claims.lock().unwrap().insert(key, claim);
+    }
+}
+
+impl ClaimSource for MemoryClaims {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> ClaimFuture<'a> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        let found = self
+            .claims
+            .lock()
+            .unwrap()
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned();
+        Box::pin(
+            async move { found.ok_or_else(|| FetchError::NotFound(format!("{namespace}/{name}"))) },
+        )
+    }
+}
+
+fn claim(name: &str, uid: &str, devices: &[(&str, &str)]) -> ResourceClaim {
+    let results = devices
+        .iter()
+        .map(|(device, memory)| DeviceRequestAllocationResult {
+            driver: "vramslice.io".into(),
+            pool: NODE.into(),
+            device: (*device).into(),
+            request: "vram".into(),
+            share_id: Some(format!("share-{uid}-{device}")),
+            consumed_capacity: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity((*memory).into()),
+            )])),
+            ..DeviceRequestAllocationResult::default()
+        })
+        .collect();
+    ResourceClaim {
+        metadata: ObjectMeta {
+            namespace: Some("ml".into()),
+            name: Some(name.into()),
+            uid: Some(uid.into()),
+            ..ObjectMeta::default()
+        },
+        status: Some(ResourceClaimStatus {
+            allocation: Some(AllocationResult {
+                devices: Some(DeviceAllocationResult {
+                    results: Some(results),
+                    config: None,
+                }),
+                ..AllocationResult::default()
+            }),
+            reserved_for: Some(vec![ResourceClaimConsumerReference {
+                resource: "pods".into(),
+                name: format!("{name}-pod"),
+                uid: format!("pod-{uid}"),
+                api_group: None,
+            }]),
+            ..ResourceClaimStatus::default()
+        }),
+        ..ResourceClaim::default()
+    }
+}
+
+fn samples() -> Vec<GpuSample> {
+    (0..2)
+        .map(|i| GpuSample {
+            index: i,
+            uuid: format!("GPU-{i}"),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            total_bytes: 80 * GIB,
+            used_bytes: 0,
+            free_bytes: 80 * GIB,
+            health: Health::Healthy,
+            processes: Vec::new(),
+        })
+        .collect()
+}
+
+struct Node {
+    root: tempfile::TempDir,
+    claims: Arc<MemoryClaims>,
+}
+
+impl Node {
+    fn new() -> Self {
+        Node {
+            root: tempfile::tempdir().unwrap(),
+            claims: Arc::new(MemoryClaims::default()),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    fn sockets(&self) -> Sockets {
+        Sockets {
+            registry_dir: self.path("kubelet/plugins_registry"),
+            plugin_dir: self.path("kubelet/plugins/vramslice.io"),
+        }
+    }
+
+    fn config(&self) -> DriverConfig {
+        DriverConfig {
+            node: NODE.into(),
+            settings: AllocationSettings {
+                injection: InjectionMode::LdPreloadEnv,
+                device_list_strategy: DeviceListStrategy::Envvar,
+                guard_library_host_path: self.path("lib/libvramslice_guard.so"),
+                preload_file_host_path: self.path("ld.so.preload"),
+                accounting_root: self.path("accounting"),
+            },
+            cdi_dir: self.path("cdi"),
+            checkpoint: self.path("state/checkpoint.json"),
+        }
+    }
+
+    /// Start the plugin (as after a fresh start or a restart); stop it by sending `true`.
+    async fn start(&self) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let driver = Arc::new(Driver::open(self.config(), self.claims.clone()).unwrap());
+        driver.set_gpus(&samples());
+        let (stop, rx) = watch::channel(false);
+        let sockets = self.sockets();
+        let task = tokio::spawn(async move { serve(driver, &sockets, rx).await.unwrap() });
+        for _ in 0..100 {
+            if self.sockets().registration().exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (stop, task)
+    }
+
+    async fn dra(&self) -> DraPluginClient<Channel> {
+        DraPluginClient::new(connect(&self.sockets().endpoint()).await)
+    }
+}
+
+async fn connect(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+fn kubelet_claim(name: &str, uid: &str) -> Claim {
+    Claim {
+        namespace: "ml".into(),
+        name: name.into(),
+        uid: uid.into(),
+    }
+}
+
+#[tokio::test]
+async fn the_kubelet_learns_the_driver_and_its_endpoint_from_the_registration_socket() {
+    let node = Node::new();
+    let (stop, task) = node.start().await;
+    let mut reg = RegistrationClient::new(connect(&node.sockets().registration()).await);
+    let info = reg.get_info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.r#type, "DRAPlugin");
+    assert_eq!(info.name, "vramslice.io");
+    assert_eq!(
+        info.endpoint,
+        node.sockets().endpoint().display().to_string()
+    );
+    assert_eq!(info.supported_versions, ["v1.DRAPlugin"]);
+    reg.notify_registration_status(RegistrationStatus {
+        plugin_registered: true,
+        error: String::new(),
+    })
+    .await
+    .unwrap();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert!(
+        !node.sockets().registration().exists(),
+        "the registration socket goes with the plugin, so the kubelet deregisters it"
+    );
+}
+
+#[tokio::test]
+async fn a_prepared_claim_gets_its_limit_guard_and_gpu_through_its_cdi_spec() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-1", "6Gi")]));
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .dra()
+        .await
+        .node_prepare_resources(NodePrepareResourcesRequest {
+            claims: vec![kubelet_claim("llm", "uid-1")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let prepared = &answer.claims["uid-1"];
+    assert_eq!(prepared.error, "");
+    assert_eq!(prepared.devices.len(), 1);
+    let device = &prepared.devices[0];
+    assert_eq!(device.pool_name, NODE);
+    assert_eq!(device.device_name, "gpu-1");
+    assert_eq!(device.request_names, ["vram"]);
+    assert_eq!(device.share_id.as_deref(), Some("share-uid-1-gpu-1"));
+    assert_eq!(device.cdi_device_ids, ["vramslice.io/claim=uid-1"]);
+
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(node.path("cdi/vramslice.io-claim-uid-1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(spec["kind"], "vramslice.io/claim");
+    assert_eq!(spec["devices"][0]["name"], "uid-1");
+    let env: Vec<&str> = spec["devices"][0]["containerEdits"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&format!("VRAMSLICE_VRAM_LIMIT_BYTES={}", 6 * GIB).as_str()),
+        "{env:?}"
+    );
+    assert!(env.contains(&"NVIDIA_VISIBLE_DEVICES=GPU-1"), "{env:?}");
+    assert!(env.iter().any(|e| e.starts_with("LD_PRELOAD=")), "{env:?}");
+    let mounts = spec["devices"][0]["containerEdits"]["mounts"]
+        .as_array()
+        .unwrap();
+    let limit_mount = mounts
+        .iter()
+        .find(|m| m["containerPath"] == "/var/run/vramslice/limit")
+        .expect("the limit file is mounted");
+    assert_eq!(limit_mount["options"][0], "ro");
+    let limit = parse_limit_file(
+        &std::fs::read_to_string(limit_mount["hostPath"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (limit.limit_bytes, limit.gpu_uuid.as_str()),
+        (6 * GIB, "GPU-1")
+    );
+    assert!(node.path("accounting/claim-uid-1").is_dir());
+}
+
+#[tokio::test]
+async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
+    let (stop, task) = node.start().await;
+    let request = || NodePrepareResourcesRequest {
+        claims: vec![kubelet_claim("llm", "uid-1")],
+    };
+    let first = node
+        .dra()
+        .await
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.claims["uid-1"].error, "");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(node.claims.gets.load(Ordering::SeqCst), 1);
+
+    // The plugin restarts while the API server is unreachable for this claim: the kubelet's
+    // repeated prepare is answered from the checkpoint, with the same devices.
+    node.claims.claims.lock().unwrap().clear();
+    let (_stop, _task) = node.start().await;
+    let again = node
+        .dra()
+        .await
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
+    assert_eq!(
+        node.claims.gets.load(Ordering::SeqCst),
+        1,
+        "answered without the API"
+    );
+
+    let unprepare = || NodeUnprepareResourcesRequest {
+        claims: vec![kubelet_claim("llm", "uid-1")],
+    };
+    for _ in 0..2 {
+        let done = node
+            .dra()
+            .await
+            .node_unprepare_resources(unprepare())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(done.claims["uid-1"].error, "");
+    }
+    assert!(!node.path("cdi/vramslice.io-claim-uid-1.json").exists());
+    assert!(!node.path("accounting/claim-uid-1").exists());
+    assert!(!node.path("accounting/claim-uid-1.limit").exists());
+    let checkpoint = Checkpoint::load(&node.path("state/checkpoint.json")).unwrap();
+    assert!(checkpoint.claims.is_empty());
+}
+
+#[tokio::test]
+async fn a_two_gpu_claim_gets_two_devices_and_one_limit_per_gpu() {
+    let node = Node::new();
+    node.claims.put(claim(
+        "tp2",
+        "uid-2",
+        &[("gpu-0", "20Gi"), ("gpu-1", "20Gi")],
+    ));
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .dra()
+        .await
+        .node_prepare_resources(NodePrepareResourcesRequest {
+            claims: vec![kubelet_claim("tp2", "uid-2")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let devices: Vec<&str> = answer.claims["uid-2"]
+        .devices
+        .iter()
+        .map(|d| d.device_name.as_str())
+        .collect();
+    assert_eq!(devices, ["gpu-0", "gpu-1"]);
+    let limits = format!("GPU-0:{0},GPU-1:{0}", 20 * GIB);
+    assert_eq!(
+        std::fs::read_to_string(node.path("accounting/claim-uid-2.limit")).unwrap(),
+        format!("limits={limits}\n")
+    );
+    let spec = std::fs::read_to_string(node.path("cdi/vramslice.io-claim-uid-2.json")).unwrap();
+    assert!(
+        spec.contains(&format!("VRAMSLICE_VRAM_LIMITS={limits}")),
+        "{spec}"
+    );
+    assert!(
+        spec.contains("NVIDIA_VISIBLE_DEVICES=GPU-0,GPU-1"),
+        "{spec}"
+    );
+}
+
+#[tokio::test]
+async fn each_claim_of_a_call_fails_or_succeeds_on_its_own_with_a_reason() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
+    node.claims
+        .put(claim("ghost", "uid-new", &[("gpu-7", "4Gi")]));
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .dra()
+        .await
+        .node_prepare_resources(NodePrepareResourcesRequest {
+            claims: vec![
+                kubelet_claim("llm", "uid-1"),
+                kubelet_claim("missing", "uid-3"),
+                kubelet_claim("llm", "uid-old"),
+                kubelet_claim("ghost", "uid-new"),
+                Claim::default(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.claims["uid-1"].error, "");
+    assert_eq!(answer.claims["uid-3"].error, "claim ml/missing not found");
+    assert_eq!(
+        answer.claims["uid-old"].error,
+        "claim ml/llm has UID uid-1, the kubelet asked for uid-old"
+    );
+    assert!(
+        answer.claims["uid-new"]
+            .error
+            .contains("device gpu-7 of pool node-a"),
+        "{}",
+        answer.claims["uid-new"].error
+    );
+    assert!(
+        answer.claims[""]
+            .error
+            .contains("lacks a namespace, name or UID")
+    );
+    let checkpoint = Checkpoint::load(&node.path("state/checkpoint.json")).unwrap();
+    assert_eq!(checkpoint.claims.keys().collect::<Vec<_>>(), ["uid-1"]);
+}

@@ -1,0 +1,147 @@
+//! The slice publisher: what it writes, with which pool generation, and when it holds back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use vramslice_api::convert::dra::SliceSettings;
+use vramslice_core::node::dra::{SliceDevice, SlicePublishReason};
+use vramslice_dra::slices::{SlicePolicy, SlicePublisher, SliceWriter, WriteFuture};
+
+const GIB: u64 = 1 << 30;
+
+#[derive(Clone, Default)]
+struct Memory {
+    stored: Arc<Mutex<Vec<ResourceSlice>>>,
+}
+
+impl SliceWriter for Memory {
+    fn current_generation<'a>(&'a self, _name: &'a str) -> WriteFuture<'a, Option<i64>> {
+        let last = self
+            .stored
+            .lock()
+            .unwrap()
+            .last()
+            .map(|s| s.spec.pool.generation);
+        Box::pin(async move { Ok(last) })
+    }
+    fn write(&self, slice: ResourceSlice) -> WriteFuture<'_, ()> {
+        self.stored.lock().unwrap().push(slice);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn device(index: u32, capacity: u64) -> SliceDevice {
+    SliceDevice {
+        name: format!("gpu-{index}"),
+        uuid: format!("GPU-{index}"),
+        model: "NVIDIA H100".into(),
+        index,
+        advertised_bytes: 80 * GIB,
+        capacity_bytes: capacity,
+    }
+}
+
+fn publisher(memory: &Memory) -> SlicePublisher<Memory> {
+    SlicePublisher::new(
+        memory.clone(),
+        SliceSettings {
+            node: "node-a".into(),
+            node_uid: None,
+            step_bytes: GIB,
+            generation: 0,
+            driver_version: None,
+        },
+        SlicePolicy {
+            threshold_bytes: GIB,
+            min_interval: Duration::from_secs(5),
+        },
+    )
+}
+
+fn capacity(slice: &ResourceSlice, i: usize) -> String {
+    slice.spec.devices.as_ref().unwrap()[i]
+        .capacity
+        .as_ref()
+        .unwrap()["memory"]
+        .value
+        .0
+        .clone()
+}
+
+#[tokio::test]
+async fn the_slice_follows_the_measurement_at_a_bounded_rate() {
+    let memory = Memory::default();
+    let mut publisher = publisher(&memory);
+    let t0 = Instant::now();
+    let first = publisher
+        .observe(vec![device(0, 80 * GIB), device(1, 80 * GIB)], t0)
+        .await
+        .unwrap();
+    assert_eq!(first, Some(SlicePublishReason::First));
+    // Same capacity: nothing written.
+    assert_eq!(
+        publisher
+            .observe(vec![device(0, 80 * GIB), device(1, 80 * GIB)], t0)
+            .await
+            .unwrap(),
+        None
+    );
+    // A process of no claim takes 16 GiB on GPU 1: beyond the threshold, but within the
+    // minimum interval it waits ...
+    let shrunk = || vec![device(0, 80 * GIB), device(1, 64 * GIB)];
+    assert_eq!(
+        publisher
+            .observe(shrunk(), t0 + Duration::from_secs(1))
+            .await
+            .unwrap(),
+        None
+    );
+    // ... and is written once the interval has passed.
+    let moved = publisher
+        .observe(shrunk(), t0 + Duration::from_secs(6))
+        .await
+        .unwrap();
+    assert!(
+        matches!(moved, Some(SlicePublishReason::CapacityMoved { .. })),
+        "{moved:?}"
+    );
+    // GPU 0 falls unhealthy and is withdrawn: written at once.
+    let gone = publisher
+        .observe(vec![device(1, 64 * GIB)], t0 + Duration::from_secs(7))
+        .await
+        .unwrap();
+    assert_eq!(gone, Some(SlicePublishReason::DevicesChanged));
+
+    let stored = memory.stored.lock().unwrap();
+    let generations: Vec<i64> = stored.iter().map(|s| s.spec.pool.generation).collect();
+    assert_eq!(generations, [1, 2, 3]);
+    assert_eq!(capacity(&stored[1], 1), (64 * GIB).to_string());
+    assert_eq!(stored[2].spec.devices.as_ref().unwrap().len(), 1);
+    assert_eq!(publisher.writes(), 3);
+}
+
+#[tokio::test]
+async fn a_restarted_publisher_continues_the_pool_generation() {
+    let memory = Memory::default();
+    let mut before = publisher(&memory);
+    before
+        .observe(vec![device(0, 80 * GIB)], Instant::now())
+        .await
+        .unwrap();
+    before.observe(vec![], Instant::now()).await.unwrap();
+    let mut after = publisher(&memory);
+    after
+        .observe(vec![device(0, 80 * GIB)], Instant::now())
+        .await
+        .unwrap();
+    let generations: Vec<i64> = memory
+        .stored
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.spec.pool.generation)
+        .collect();
+    assert_eq!(generations, [1, 2, 3]);
+}
