@@ -4,7 +4,7 @@
 //! Malformed values never stop the program: each produces a message (printed once to stderr by
 //! the caller) and a safe fallback — a malformed limit turns the guard into pass-through.
 //!
-//! The limit has two kinds of source, combined by [`vramslice_core::container::limit::resolve_limit`] (the
+//! The limit has two kinds of source, combined by [`vramslice_core::container::limit::resolve_limits`] (the
 //! rule the sidecar runtime uses too): the device plugin's read-only limit file (always
 //! [`FIXED_LIMIT_FILE`], plus the file `VRAMSLICE_LIMIT_FILE` names) and the environment. When a
 //! limit file exists, the environment can only lower the limit, never raise it; an unreadable or
@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 pub use vramslice_core::container::limit::FileRead;
-use vramslice_core::container::limit::{limit_file_paths, resolve_limit};
+use vramslice_core::container::limit::{LimitEnv, Limits, limit_file_paths, resolve_limits};
 use vramslice_core::names::env;
 use vramslice_core::node::allocation::LIMIT_FILE_CONTAINER_PATH;
 
@@ -89,8 +89,18 @@ impl Config {
                 (p, r)
             })
             .collect();
-        let resolved = resolve_limit(get(env::VRAM_LIMIT_BYTES).as_deref(), &files, &mut msgs);
-        let limit = resolved.limit;
+        let env_limit = get(env::VRAM_LIMIT_BYTES);
+        let resolved = resolve_limits(LimitEnv::single(env_limit.as_deref()), &files, &mut msgs);
+        let limit = match resolved.limits {
+            Limits::Unlimited => None,
+            Limits::Single(limit) => Some(limit),
+            Limits::PerGpu(_) => {
+                msgs.push(
+                    "per-GPU limits (limits=) are not enforced by this guard; failing closed: every allocation is refused".into(),
+                );
+                Some(0)
+            }
+        };
         let accounting_dir = get(env::ACCOUNTING_DIR)
             .filter(|d| !d.trim().is_empty())
             .map(PathBuf::from);

@@ -4,7 +4,7 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `VRAMSLICE_VRAM_LIMIT_BYTES` | the container's limit (set by the device plugin); with a limit file it can only lower it | the GPU's total |
-//! | `VRAMSLICE_LIMIT_FILE` | the device plugin's read-only limit file, read besides `/var/run/vramslice/limit` (the guard's rule: `vramslice_core::container::limit::resolve_limit`) | none |
+//! | `VRAMSLICE_LIMIT_FILE` | the device plugin's read-only limit file, read besides `/var/run/vramslice/limit` (the guard's rule: `vramslice_core::container::limit::resolve_limits`) | none |
 //! | `VRAMSLICE_ACCOUNTING_DIR` | the guard's accounting directory (usage source) | `cuMemGetInfo` |
 //! | `VRAMSLICE_PROFILE_DIR` | where learned peaks persist | in memory only |
 //! | `VRAMSLICE_HIGH_WATER` | fraction of the limit admitted at once | `0.85` |
@@ -19,7 +19,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vramslice_core::container::limit::{FileRead, limit_file_paths, resolve_limit};
+use vramslice_core::container::limit::{
+    FileRead, LimitEnv, Limits, limit_file_paths, resolve_limits,
+};
 use vramslice_core::names::env;
 use vramslice_core::{parse_bytes, parse_duration};
 
@@ -126,7 +128,16 @@ impl Config {
             })
             .collect();
         let mut notes = Vec::new();
-        c.limit = resolve_limit(env_limit.as_deref(), &files, &mut notes).limit;
+        c.limit = match resolve_limits(LimitEnv::single(env_limit.as_deref()), &files, &mut notes)
+            .limits
+        {
+            Limits::Unlimited => None,
+            Limits::Single(limit) => Some(limit),
+            Limits::PerGpu(_) => {
+                notes.push("per-GPU limits (limits=) are not read yet; admitting nothing".into());
+                Some(0)
+            }
+        };
         for note in notes {
             tracing::warn!(note = %note, "vramslice sidecar limit");
         }
