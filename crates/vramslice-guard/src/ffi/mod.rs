@@ -213,8 +213,12 @@ fn liveness(pid: u32, start: u64) -> Liveness {
     }
 }
 
-/// What a memory pool really holds (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`).
+/// What a memory pool really holds (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`). Key 1 stands for
+/// "the pool could not be known" and is never handed to the driver.
 fn pool_reserved(pool: u64) -> Option<u64> {
+    if pool <= 1 {
+        return None;
+    }
     let f = real::real()?.cuMemPoolGetAttribute?;
     let mut value: u64 = 0;
     // SAFETY: the attribute is a cuuint64_t written to `value`; `pool` is a handle the driver gave.
