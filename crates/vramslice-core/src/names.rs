@@ -35,6 +35,9 @@ pub const DRA_CAPACITY_MEMORY: &str = "memory";
 pub mod env {
     /// The container's limit in bytes (units × unit bytes); with a limit file it only lowers.
     pub const VRAM_LIMIT_BYTES: &str = "VRAMSLICE_VRAM_LIMIT_BYTES";
+    /// Per-GPU limits, `<uuid>:<bytes>,<uuid>:<bytes>,...` (bytes or quantities); with a limit
+    /// file each only lowers that GPU's limit.
+    pub const VRAM_LIMITS: &str = "VRAMSLICE_VRAM_LIMITS";
     /// In-container path of the read-only limit file.
     pub const LIMIT_FILE: &str = "VRAMSLICE_LIMIT_FILE";
     /// Per-GPU limits of a container that sees several GPUs: `<uuid>:<bytes>,<uuid>:<bytes>`.

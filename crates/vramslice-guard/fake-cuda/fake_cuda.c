@@ -1,16 +1,22 @@
 /*
  * A fake CUDA driver (libcuda.so.1 stand-in) for the guard's tests and benchmark.
  *
- * Device memory is host memory; the device size comes from FAKE_CUDA_DEVICE_BYTES (default
- * 1 GiB). Every allocation is charged against that size with an atomic counter, and the
- * counter's high-water mark is written to FAKE_CUDA_HWM_FILE (when set) at every new peak, so
- * a test can check what the *driver* saw across processes: the file holds the highest value any
- * process of the test wrote (processes share the count through FAKE_CUDA_SHARED_FILE, an mmapped
- * counter, when set).
+ * Device memory is host memory. FAKE_CUDA_DEVICES devices (default 1, at most 8); their sizes
+ * come from FAKE_CUDA_DEVICE_BYTES (default 1 GiB), a comma-separated list giving device i the
+ * i-th value (the last value for the devices beyond the list). Device i's UUID has all 16 bytes
+ * equal to 0x11 * (i + 1): "GPU-11111111-1111-1111-1111-111111111111" for device 0,
+ * "GPU-22222222-..." for device 1. Every allocation is charged against its device's size with an
+ * atomic counter, and device 0's high-water mark is written to FAKE_CUDA_HWM_FILE (device i's
+ * to FAKE_CUDA_HWM_FILE.i) at every new peak, so a test can check what the *driver* saw across
+ * processes: the file holds the highest value any process of the test wrote (processes share the
+ * counts through FAKE_CUDA_SHARED_FILE, an mmapped array of counters, when set).
  *
- * Contexts cost FAKE_CUDA_CTX_BYTES (default 64 MiB), modules FAKE_CUDA_MODULE_BYTES (1 MiB).
- * cuMemGetInfo needs a current context, like the real driver. Pools retain freed async memory
- * until cuMemPoolTrimTo when FAKE_CUDA_POOL_RETAIN=1.
+ * Memory is taken on the device of the calling thread's current context (device 0 when none is
+ * current), cuMemCreate and pools on the device they name. Contexts cost FAKE_CUDA_CTX_BYTES
+ * (default 64 MiB) on their device, modules FAKE_CUDA_MODULE_BYTES (1 MiB). cuMemGetInfo needs a
+ * current context and answers for its device, like the real driver. Each device has a default
+ * pool and one pool cuMemPoolCreate hands out; pools retain freed async memory until
+ * cuMemPoolTrimTo when FAKE_CUDA_POOL_RETAIN=1.
  * Built with -Wl,-Bsymbolic like the real driver, so its own addresses are never interposed.
  */
 #define _GNU_SOURCE
@@ -45,17 +51,20 @@ typedef struct { size_t Width, Height; int Format; unsigned NumChannels; } ARRAY
 typedef struct { size_t Width, Height, Depth; int Format; unsigned NumChannels, Flags; } ARRAY3D_DESC;
 typedef struct { int type; int handleTypes; struct { int type; int id; } location; void *win32; unsigned char flags[8]; } MEM_PROP;
 
-static _Atomic long long local_used;
-static _Atomic long long *used = &local_used;
-static _Atomic long long local_hwm;
-static _Atomic long long *hwm = &local_hwm;
-static long long device_bytes = 1LL << 30;
+#define MAXDEV 8
+static int ndev = 1;
+static _Atomic long long local_counts[2 * MAXDEV];
+/* counts[2 * d] = bytes taken on device d, counts[2 * d + 1] = its high-water mark */
+static _Atomic long long *counts = local_counts;
+static long long device_bytes[MAXDEV];
 static long long ctx_bytes = 64LL << 20;
 static long long module_bytes = 1LL << 20;
 static int pool_retain;
 static const char *hwm_file;
-static _Atomic long long pool_held; /* bytes freed into the single fake pool, still taken */
 static __thread CUcontext current_ctx;
+
+typedef struct { int dev; _Atomic long long held, in_use; } fake_pool;
+static fake_pool default_pool[MAXDEV], created_pool[MAXDEV];
 
 static long long env_ll(const char *name, long long dflt) {
     const char *v = getenv(name);
@@ -63,7 +72,21 @@ static long long env_ll(const char *name, long long dflt) {
 }
 
 __attribute__((constructor)) static void fake_init(void) {
-    device_bytes = env_ll("FAKE_CUDA_DEVICE_BYTES", device_bytes);
+    ndev = (int)env_ll("FAKE_CUDA_DEVICES", 1);
+    if (ndev < 1) ndev = 1;
+    if (ndev > MAXDEV) ndev = MAXDEV;
+    long long size = 1LL << 30;
+    const char *sizes = getenv("FAKE_CUDA_DEVICE_BYTES");
+    for (int d = 0; d < MAXDEV; d++) {
+        if (sizes && *sizes) {
+            size = atoll(sizes);
+            const char *comma = strchr(sizes, ',');
+            sizes = comma ? comma + 1 : NULL;
+        }
+        device_bytes[d] = size;
+        default_pool[d].dev = d;
+        created_pool[d].dev = d;
+    }
     ctx_bytes = env_ll("FAKE_CUDA_CTX_BYTES", ctx_bytes);
     module_bytes = env_ll("FAKE_CUDA_MODULE_BYTES", module_bytes);
     pool_retain = (int)env_ll("FAKE_CUDA_POOL_RETAIN", 0);
@@ -73,21 +96,24 @@ __attribute__((constructor)) static void fake_init(void) {
         int fd = open(shared, O_RDWR | O_CREAT, 0644);
         if (fd >= 0 && ftruncate(fd, 4096) == 0) {
             void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-            if (p != MAP_FAILED) {
-                used = (_Atomic long long *)p;
-                hwm = (_Atomic long long *)p + 1;
-            }
+            if (p != MAP_FAILED) counts = (_Atomic long long *)p;
         }
         if (fd >= 0) close(fd);
     }
 }
 
-static void note_peak(long long now) {
+static _Atomic long long *used_of(int d) { return &counts[2 * d]; }
+
+static void note_peak(int d, long long now) {
+    _Atomic long long *hwm = &counts[2 * d + 1];
     long long old = atomic_load(hwm);
     while (now > old) {
         if (atomic_compare_exchange_weak(hwm, &old, now)) {
             if (hwm_file) {
-                FILE *f = fopen(hwm_file, "w");
+                char path[4096];
+                if (d == 0) snprintf(path, sizeof path, "%s", hwm_file);
+                else snprintf(path, sizeof path, "%s.%d", hwm_file, d);
+                FILE *f = fopen(path, "w");
                 if (f) { fprintf(f, "%lld\n", atomic_load(hwm)); fclose(f); }
             }
             return;
@@ -95,48 +121,63 @@ static void note_peak(long long now) {
     }
 }
 
-static int take(long long n) {
-    long long now = atomic_fetch_add(used, n) + n;
-    if (now > device_bytes) { atomic_fetch_sub(used, n); return 0; }
-    note_peak(now);
+static int take(int d, long long n) {
+    long long now = atomic_fetch_add(used_of(d), n) + n;
+    if (now > device_bytes[d]) { atomic_fetch_sub(used_of(d), n); return 0; }
+    note_peak(d, now);
     return 1;
 }
-static void give(long long n) { atomic_fetch_sub(used, n); }
+static void give(int d, long long n) { atomic_fetch_sub(used_of(d), n); }
 
-/* Each allocation carries a 16-byte header holding its charged size. */
-static void *host_alloc(long long n) {
-    if (!take(n)) return NULL;
+/* Each allocation carries a 16-byte header: its charged size and its device. */
+static void *host_alloc_on(int d, long long n) {
+    if (!take(d, n)) return NULL;
     long long *p = malloc(16 + (size_t)(n > 64 ? 64 : n));
-    if (!p) { give(n); return NULL; }
+    if (!p) { give(d, n); return NULL; }
     p[0] = n;
+    p[1] = d;
     return p + 2;
 }
+static int device_of(const void *q) { return (int)(((const long long *)q)[-1] & 0xff); }
 static long long host_free(void *q) {
     if (!q) return -1;
     long long *p = (long long *)q - 2;
     long long n = p[0];
+    int d = (int)(p[1] & 0xff);
     free(p);
-    give(n);
+    give(d, n);
     return n;
 }
+/* Contexts are allocations on their device: the header says which. */
+static int current_device(void) { return current_ctx ? device_of(current_ctx) : 0; }
+static void *host_alloc(long long n) { return host_alloc_on(current_device(), n); }
+static int valid_device(CUdevice d) { return d >= 0 && d < ndev; }
 
 CUresult cuInit(unsigned flags) { (void)flags; return OK; }
 CUresult cuDriverGetVersion(int *v) { if (!v) return ERR_INVALID_VALUE; *v = 12040; return OK; }
-CUresult cuDeviceGetCount(int *n) { if (!n) return ERR_INVALID_VALUE; *n = 1; return OK; }
-CUresult cuDeviceGet(CUdevice *d, int ordinal) { if (!d || ordinal != 0) return ERR_INVALID_VALUE; *d = 0; return OK; }
-CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d) { (void)d; if (!bytes) return ERR_INVALID_VALUE; *bytes = (size_t)device_bytes; return OK; }
+CUresult cuDeviceGetCount(int *n) { if (!n) return ERR_INVALID_VALUE; *n = ndev; return OK; }
+CUresult cuDeviceGet(CUdevice *d, int ordinal) { if (!d || !valid_device(ordinal)) return ERR_INVALID_VALUE; *d = ordinal; return OK; }
+CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d) { if (!bytes || !valid_device(d)) return ERR_INVALID_VALUE; *bytes = (size_t)device_bytes[d]; return OK; }
+typedef struct { unsigned char bytes[16]; } CUuuid;
+CUresult cuDeviceGetUuid(CUuuid *u, CUdevice d) {
+    if (!u || !valid_device(d)) return ERR_INVALID_VALUE;
+    memset(u->bytes, 0x11 * (d + 1), sizeof u->bytes);
+    return OK;
+}
+CUresult cuDeviceGetUuid_v2(CUuuid *u, CUdevice d) { return cuDeviceGetUuid(u, d); }
 
-static CUresult ctx_new(CUcontext *c) {
+static CUresult ctx_new(CUcontext *c, CUdevice d) {
     if (!c) return ERR_INVALID_VALUE;
-    void *p = host_alloc(ctx_bytes);
+    if (!valid_device(d)) return ERR_INVALID_VALUE;
+    void *p = host_alloc_on(d, ctx_bytes);
     if (!p) return ERR_OOM;
     *c = p;
     current_ctx = p;
     return OK;
 }
-CUresult cuCtxCreate_v2(CUcontext *c, unsigned flags, CUdevice d) { (void)flags; (void)d; return ctx_new(c); }
-CUresult cuCtxCreate_v3(CUcontext *c, void *params, int n, unsigned flags, CUdevice d) { (void)params; (void)n; (void)flags; (void)d; return ctx_new(c); }
-CUresult cuCtxCreate_v4(CUcontext *c, void *params, unsigned flags, CUdevice d) { (void)params; (void)flags; (void)d; return ctx_new(c); }
+CUresult cuCtxCreate_v2(CUcontext *c, unsigned flags, CUdevice d) { (void)flags; return ctx_new(c, d); }
+CUresult cuCtxCreate_v3(CUcontext *c, void *params, int n, unsigned flags, CUdevice d) { (void)params; (void)n; (void)flags; return ctx_new(c, d); }
+CUresult cuCtxCreate_v4(CUcontext *c, void *params, unsigned flags, CUdevice d) { (void)params; (void)flags; return ctx_new(c, d); }
 CUresult cuCtxDestroy_v2(CUcontext c) {
     if (!c) return ERR_INVALID_VALUE;
     if (current_ctx == c) current_ctx = NULL;
@@ -145,38 +186,37 @@ CUresult cuCtxDestroy_v2(CUcontext c) {
 }
 CUresult cuCtxSetCurrent(CUcontext c) { current_ctx = c; return OK; }
 CUresult cuCtxGetCurrent(CUcontext *c) { if (!c) return ERR_INVALID_VALUE; *c = current_ctx; return OK; }
-CUresult cuCtxGetDevice(CUdevice *d) { if (!d) return ERR_INVALID_VALUE; if (!current_ctx) return ERR_INVALID_CONTEXT; *d = 0; return OK; }
+CUresult cuCtxGetDevice(CUdevice *d) { if (!d) return ERR_INVALID_VALUE; if (!current_ctx) return ERR_INVALID_CONTEXT; *d = device_of(current_ctx); return OK; }
 CUresult cuCtxSynchronize(void) { return OK; }
 
-static CUcontext primary;
-static int primary_refs;
+static CUcontext primary[MAXDEV];
+static int primary_refs[MAXDEV];
 CUresult cuDevicePrimaryCtxRetain(CUcontext *c, CUdevice d) {
-    (void)d;
-    if (!c) return ERR_INVALID_VALUE;
-    if (primary_refs++ == 0) {
-        primary = host_alloc(ctx_bytes);
-        if (!primary) { primary_refs = 0; return ERR_OOM; }
+    if (!c || !valid_device(d)) return ERR_INVALID_VALUE;
+    if (primary_refs[d]++ == 0) {
+        primary[d] = host_alloc_on(d, ctx_bytes);
+        if (!primary[d]) { primary_refs[d] = 0; return ERR_OOM; }
     }
-    *c = primary;
+    *c = primary[d];
     return OK;
 }
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
-    (void)d;
-    if (primary_refs == 0) return ERR_INVALID_CONTEXT;
-    if (--primary_refs == 0) {
-        if (current_ctx == primary) current_ctx = NULL;
-        host_free(primary);
-        primary = NULL;
+    if (!valid_device(d)) return ERR_INVALID_VALUE;
+    if (primary_refs[d] == 0) return ERR_INVALID_CONTEXT;
+    if (--primary_refs[d] == 0) {
+        if (current_ctx == primary[d]) current_ctx = NULL;
+        host_free(primary[d]);
+        primary[d] = NULL;
     }
     return OK;
 }
 CUresult cuDevicePrimaryCtxReset_v2(CUdevice d) {
-    (void)d;
-    if (primary_refs > 0) {
-        if (current_ctx == primary) current_ctx = NULL;
-        host_free(primary);
-        primary = NULL;
-        primary_refs = 0;
+    if (!valid_device(d)) return ERR_INVALID_VALUE;
+    if (primary_refs[d] > 0) {
+        if (current_ctx == primary[d]) current_ctx = NULL;
+        host_free(primary[d]);
+        primary[d] = NULL;
+        primary_refs[d] = 0;
     }
     return OK;
 }
@@ -184,9 +224,10 @@ CUresult cuDevicePrimaryCtxReset_v2(CUdevice d) {
 CUresult cuMemGetInfo_v2(size_t *free_b, size_t *total) {
     if (!current_ctx) return ERR_INVALID_CONTEXT;
     if (!free_b || !total) return ERR_INVALID_VALUE;
-    long long u = atomic_load(used);
-    *free_b = (size_t)(u > device_bytes ? 0 : device_bytes - u);
-    *total = (size_t)device_bytes;
+    int d = current_device();
+    long long u = atomic_load(used_of(d));
+    *free_b = (size_t)(u > device_bytes[d] ? 0 : device_bytes[d] - u);
+    *total = (size_t)device_bytes[d];
     return OK;
 }
 
@@ -207,64 +248,88 @@ CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t w, size_t h
 CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t n, unsigned flags) { (void)flags; ALLOC_INTO(dptr, n); }
 CUresult cuMemFree_v2(CUdeviceptr p) { return host_free((void *)p) < 0 ? ERR_INVALID_VALUE : OK; }
 
-/* One pool; with retention, async frees stay taken until a trim. */
-static int the_pool;
-CUresult cuDeviceGetMemPool(CUmemoryPool *pool, CUdevice d) { (void)d; if (!pool) return ERR_INVALID_VALUE; *pool = &the_pool; return OK; }
+/* With retention, async frees stay taken (on the pool's device) until a trim. */
+CUresult cuDeviceGetMemPool(CUmemoryPool *pool, CUdevice d) { if (!pool || !valid_device(d)) return ERR_INVALID_VALUE; *pool = &default_pool[d]; return OK; }
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice d) { return cuDeviceGetMemPool(pool, d); }
-CUresult cuMemPoolCreate(CUmemoryPool *pool, const void *props) { (void)props; if (!pool) return ERR_INVALID_VALUE; *pool = &the_pool; return OK; }
-static _Atomic long long pool_in_use;
-static CUresult async_alloc(CUdeviceptr *dptr, size_t n) {
-    if (!dptr) return ERR_INVALID_VALUE;
-    long long from_pool = 0, held = atomic_load(&pool_held);
+typedef struct { int allocType; int handleTypes; struct { int type; int id; } location; } POOL_PROPS;
+CUresult cuMemPoolCreate(CUmemoryPool *pool, const POOL_PROPS *props) {
+    if (!pool || !props || props->location.type != 1 || !valid_device(props->location.id)) return ERR_INVALID_VALUE;
+    *pool = &created_pool[props->location.id];
+    return OK;
+}
+/* One of the pools this driver handed out (anything else is an invalid handle, as for the real one). */
+static fake_pool *known_pool(void *p) {
+    for (int d = 0; d < MAXDEV; d++)
+        if (p == &default_pool[d] || p == &created_pool[d]) return p;
+    return NULL;
+}
+static CUresult async_alloc(fake_pool *pool, CUdeviceptr *dptr, size_t n) {
+    if (!dptr || !known_pool(pool)) return ERR_INVALID_VALUE;
+    int d = pool->dev;
+    long long from_pool = 0, held = atomic_load(&pool->held);
     while (held > 0) {
         long long t = held < (long long)n ? held : (long long)n;
-        if (atomic_compare_exchange_weak(&pool_held, &held, held - t)) { from_pool = t; break; }
+        if (atomic_compare_exchange_weak(&pool->held, &held, held - t)) { from_pool = t; break; }
     }
-    give(from_pool); /* the pool's bytes are re-charged by host_alloc below */
-    void *p = host_alloc((long long)n);
-    if (!p) { atomic_fetch_add(used, from_pool); atomic_fetch_add(&pool_held, from_pool); return ERR_OOM; }
-    atomic_fetch_add(&pool_in_use, (long long)n);
+    give(d, from_pool); /* the pool's bytes are re-charged by host_alloc_on below */
+    void *p = host_alloc_on(d, (long long)n);
+    if (!p) { atomic_fetch_add(used_of(d), from_pool); atomic_fetch_add(&pool->held, from_pool); return ERR_OOM; }
+    atomic_fetch_add(&pool->in_use, (long long)n);
+    if (pool == &created_pool[d]) ((long long *)p)[-1] |= 0x100; /* which pool gets it back */
     *dptr = (CUdeviceptr)p;
     return OK;
 }
-static CUresult async_free(CUdeviceptr p) {
-    long long n = host_free((void *)p);
+static CUresult async_free(CUdeviceptr q) {
+    if (!q) return ERR_INVALID_VALUE;
+    long long tag = ((long long *)q)[-1];
+    int d = (int)(tag & 0xff);
+    fake_pool *pool = (tag & 0x100) ? &created_pool[d] : &default_pool[d];
+    long long n = host_free((void *)q);
     if (n < 0) return ERR_INVALID_VALUE;
-    atomic_fetch_sub(&pool_in_use, n);
-    if (pool_retain) { atomic_fetch_add(used, n); atomic_fetch_add(&pool_held, n); }
+    atomic_fetch_sub(&pool->in_use, n);
+    if (pool_retain) { atomic_fetch_add(used_of(d), n); atomic_fetch_add(&pool->held, n); }
     return OK;
 }
-CUresult cuMemAllocAsync(CUdeviceptr *d, size_t n, CUstream s) { (void)s; return async_alloc(d, n); }
-CUresult cuMemAllocAsync_ptsz(CUdeviceptr *d, size_t n, CUstream s) { (void)s; return async_alloc(d, n); }
-CUresult cuMemAllocFromPoolAsync(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { (void)pool; (void)s; return async_alloc(d, n); }
-CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { (void)pool; (void)s; return async_alloc(d, n); }
+static fake_pool *current_pool(void) { return &default_pool[current_device()]; }
+CUresult cuMemAllocAsync(CUdeviceptr *d, size_t n, CUstream s) { (void)s; return async_alloc(current_pool(), d, n); }
+CUresult cuMemAllocAsync_ptsz(CUdeviceptr *d, size_t n, CUstream s) { (void)s; return async_alloc(current_pool(), d, n); }
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { (void)s; return async_alloc(pool, d, n); }
+CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { (void)s; return async_alloc(pool, d, n); }
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) { (void)s; return async_free(p); }
 CUresult cuMemFreeAsync_ptsz(CUdeviceptr p, CUstream s) { (void)s; return async_free(p); }
-CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t keep) {
-    (void)pool;
-    long long held = atomic_load(&pool_held);
+CUresult cuMemPoolTrimTo(CUmemoryPool p, size_t keep) {
+    fake_pool *pool = known_pool(p);
+    if (!pool) return ERR_INVALID_VALUE;
+    long long held = atomic_load(&pool->held);
     if (held > (long long)keep) {
         long long drop = held - (long long)keep;
-        atomic_fetch_sub(&pool_held, drop);
-        give(drop);
+        atomic_fetch_sub(&pool->held, drop);
+        give(pool->dev, drop);
     }
     return OK;
 }
 #define ATTR_RESERVED_MEM_CURRENT 5
-CUresult cuMemPoolGetAttribute(CUmemoryPool pool, int attr, void *value) {
-    (void)pool;
-    if (!value) return ERR_INVALID_VALUE;
+CUresult cuMemPoolGetAttribute(CUmemoryPool p, int attr, void *value) {
+    fake_pool *pool = known_pool(p);
+    if (!value || !pool) return ERR_INVALID_VALUE;
     if (attr != ATTR_RESERVED_MEM_CURRENT) return ERR_INVALID_VALUE;
-    *(unsigned long long *)value = (unsigned long long)(atomic_load(&pool_in_use) + atomic_load(&pool_held));
+    *(unsigned long long *)value = (unsigned long long)(atomic_load(&pool->in_use) + atomic_load(&pool->held));
     return OK;
 }
 
 CUresult cuMemCreate(CUmemGenericAllocationHandle *h, size_t n, const MEM_PROP *prop, unsigned long long flags) {
     (void)flags;
     if (!h || !prop) return ERR_INVALID_VALUE;
-    void *p = prop->location.type == 1 ? host_alloc((long long)n) : (void *)((long long *)malloc(16) + 2);
+    void *p;
+    if (prop->location.type == 1) {
+        if (!valid_device(prop->location.id)) return ERR_INVALID_VALUE;
+        p = host_alloc_on(prop->location.id, (long long)n);
+    } else {
+        long long *q = malloc(16); /* host memory: not charged */
+        if (q) { q[0] = 0; q[1] = 0; }
+        p = q ? q + 2 : NULL;
+    }
     if (!p) return ERR_OOM;
-    if (prop->location.type != 1) ((long long *)p)[-2] = 0; /* host memory: not charged */
     *h = (CUmemGenericAllocationHandle)p;
     return OK;
 }
@@ -320,21 +385,37 @@ CUresult cuLibraryLoadData(CUlibrary *l, const void *c, void *jo, void **jv, uns
 CUresult cuLibraryLoadFromFile(CUlibrary *l, const char *f, void *jo, void **jv, unsigned nj, void *lo, void **lv, unsigned nl) { (void)f; (void)jo; (void)jv; (void)nj; (void)lo; (void)lv; (void)nl; return module_new(l); }
 CUresult cuLibraryUnload(CUlibrary l) { return host_free(l) < 0 ? ERR_INVALID_VALUE : OK; }
 
-/* Fake NVML in the same library (tests point VRAMSLICE_REAL_LIBNVML here). */
+/* Fake NVML in the same library (tests point VRAMSLICE_REAL_LIBNVML here). A device handle
+ * points at its index; NULL is device 0. */
 typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
 typedef struct { unsigned version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
+static int nvml_index[MAXDEV] = { 0, 1, 2, 3, 4, 5, 6, 7 };
+static int nvml_device(void *dev) { return dev ? *(int *)dev : 0; }
+int nvmlDeviceGetHandleByIndex_v2(unsigned idx, void **dev) {
+    if (!dev || idx >= (unsigned)ndev) return 2;
+    *dev = &nvml_index[idx];
+    return 0;
+}
+int nvmlDeviceGetUUID(void *dev, char *buf, unsigned len) {
+    CUuuid u;
+    if (!buf || cuDeviceGetUuid(&u, nvml_device(dev)) != OK) return 2;
+    unsigned char *b = u.bytes;
+    int n = snprintf(buf, len, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+                     b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    return n < 0 || (unsigned)n >= len ? 7 /* NVML_ERROR_INSUFFICIENT_SIZE */ : 0;
+}
 int nvmlDeviceGetMemoryInfo(void *dev, nvmlMemory_t *m) {
-    (void)dev;
     if (!m) return 2;
-    long long u = atomic_load(used);
-    m->total = (unsigned long long)device_bytes; m->used = (unsigned long long)u; m->free = (unsigned long long)(device_bytes - u);
+    int d = nvml_device(dev);
+    long long u = atomic_load(used_of(d));
+    m->total = (unsigned long long)device_bytes[d]; m->used = (unsigned long long)u; m->free = (unsigned long long)(device_bytes[d] - u);
     return 0;
 }
 int nvmlDeviceGetMemoryInfo_v2(void *dev, nvmlMemory_v2_t *m) {
-    (void)dev;
     if (!m) return 2;
-    long long u = atomic_load(used);
-    m->total = (unsigned long long)device_bytes; m->reserved = 0; m->used = (unsigned long long)u; m->free = (unsigned long long)(device_bytes - u);
+    int d = nvml_device(dev);
+    long long u = atomic_load(used_of(d));
+    m->total = (unsigned long long)device_bytes[d]; m->reserved = 0; m->used = (unsigned long long)u; m->free = (unsigned long long)(device_bytes[d] - u);
     return 0;
 }
 
@@ -344,6 +425,7 @@ struct entry { const char *name; int min_version; int per_thread; void *fn; };
 static const struct entry table[] = {
     E("cuInit", 0, 0, cuInit), E("cuDriverGetVersion", 0, 0, cuDriverGetVersion),
     E("cuDeviceGet", 0, 0, cuDeviceGet), E("cuDeviceGetCount", 0, 0, cuDeviceGetCount),
+    E("cuDeviceGetUuid", 11040, 0, cuDeviceGetUuid_v2), E("cuDeviceGetUuid", 0, 0, cuDeviceGetUuid),
     E("cuDeviceTotalMem", 3020, 0, cuDeviceTotalMem_v2),
     E("cuCtxCreate", 11040, 0, cuCtxCreate_v3), E("cuCtxCreate", 3020, 0, cuCtxCreate_v2),
     E("cuCtxDestroy", 4000, 0, cuCtxDestroy_v2), E("cuCtxSetCurrent", 0, 0, cuCtxSetCurrent),
@@ -360,6 +442,7 @@ static const struct entry table[] = {
     E("cuMemFreeAsync", 0, 1, cuMemFreeAsync_ptsz), E("cuMemFreeAsync", 0, 0, cuMemFreeAsync),
     E("cuMemPoolTrimTo", 0, 0, cuMemPoolTrimTo), E("cuMemPoolGetAttribute", 0, 0, cuMemPoolGetAttribute),
     E("cuDeviceGetMemPool", 0, 0, cuDeviceGetMemPool),
+    E("cuDeviceGetDefaultMemPool", 0, 0, cuDeviceGetDefaultMemPool), E("cuMemPoolCreate", 0, 0, cuMemPoolCreate),
     E("cuMemCreate", 0, 0, cuMemCreate), E("cuMemRelease", 0, 0, cuMemRelease),
     E("cuArrayCreate", 3020, 0, cuArrayCreate_v2), E("cuArray3DCreate", 3020, 0, cuArray3DCreate_v2),
     E("cuArrayDestroy", 0, 0, cuArrayDestroy), E("cuMipmappedArrayCreate", 0, 0, cuMipmappedArrayCreate),

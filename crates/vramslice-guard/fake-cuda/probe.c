@@ -16,6 +16,14 @@
  *   probe bench <iterations> <bytes>
  *   probe nvml <limited|unlimited> <limit-bytes>
  *   probe rtldnext              (dlsym(RTLD_NEXT) from a library keeps its meaning)
+ *   probe allocon <step>...     (steps in order, each printing its result code: "<dev>:<bytes>"
+ *                               allocates in a context on dev, "create:<dev>:<bytes>" makes
+ *                               physical memory on dev, "primary:<dev>" retains dev's primary context)
+ *   probe holdon <step>...      (as allocon, then prints "ready" and waits for stdin to close)
+ *   probe multi <limit0> <limit1> <context-charge>  (two devices, each held to its own limit)
+ *   probe nvmlon <dev> <limit>  (NVML memory information of one device, by its handle)
+ *
+ * PROBE_DEVICE (default 0) is the device the entrypoints and contexts scenarios use.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -38,6 +46,9 @@ typedef struct { int type; int handleTypes; struct { int type; int id; } locatio
 
 CUresult cuInit(unsigned);
 CUresult cuDeviceGet(int *, int);
+CUresult cuDeviceGetCount(int *);
+typedef struct { unsigned char bytes[16]; } CUuuid;
+CUresult cuDeviceGetUuid(CUuuid *, int);
 CUresult cuCtxCreate_v2(H *, unsigned, int);
 CUresult cuCtxDestroy_v2(H);
 CUresult cuCtxSetCurrent(H);
@@ -70,6 +81,7 @@ typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
 typedef struct { unsigned version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
 int nvmlDeviceGetMemoryInfo(void *, nvmlMemory_t *);
 int nvmlDeviceGetMemoryInfo_v2(void *, nvmlMemory_v2_t *);
+int nvmlDeviceGetHandleByIndex_v2(unsigned, void **);
 int next_marker(void);
 
 struct api {
@@ -146,10 +158,16 @@ static void load_api(struct api *a, const char *mode) {
     G(mipmap_destroy, "cuMipmappedArrayDestroy"); G(info, "cuMemGetInfo"); G(total, "cuDeviceTotalMem");
 }
 
+/* The device the entrypoints and contexts scenarios use. */
+static int probe_device(void) {
+    const char *v = getenv("PROBE_DEVICE");
+    return v && *v ? atoi(v) : 0;
+}
+
 static H make_ctx(void) {
     int dev;
     H ctx;
-    if (cuInit(0) || cuDeviceGet(&dev, 0) || cuCtxCreate_v2(&ctx, 0, dev)) die("context");
+    if (cuInit(0) || cuDeviceGet(&dev, probe_device()) || cuCtxCreate_v2(&ctx, 0, dev)) die("context");
     return ctx;
 }
 
@@ -168,7 +186,7 @@ static H pool;
 static CUresult a_pool(struct api *a, void **h, size_t n) { return a->alloc_pool((CUdeviceptr *)h, n, pool, NULL); }
 static CUresult f_async(struct api *a, void *h) { return a->free_async((CUdeviceptr)h, NULL); }
 static CUresult a_create(struct api *a, void **h, size_t n) {
-    MEM_PROP p = { 1, 0, { 1, 0 }, NULL, { 0 } };
+    MEM_PROP p = { 1, 0, { 1, probe_device() }, NULL, { 0 } };
     return a->create((unsigned long long *)h, n, &p, 0);
 }
 static CUresult f_release(struct api *a, void *h) { return a->release((unsigned long long)h); }
@@ -212,7 +230,7 @@ static int entrypoints(const char *mode, int limited, size_t limit) {
     struct api a;
     H ctx = make_ctx();
     load_api(&a, mode);
-    if (cuDeviceGetMemPool(&pool, 0)) die("pool");
+    if (cuDeviceGetMemPool(&pool, probe_device())) die("pool");
     cycle(&a, "cuMemAlloc_v2", a_alloc, f_free, limited);
     cycle(&a, "cuMemAllocPitch_v2", a_pitch, f_free, limited);
     cycle(&a, "cuMemAllocManaged", a_managed, f_free, limited);
@@ -229,7 +247,7 @@ static int entrypoints(const char *mode, int limited, size_t limit) {
     size_t f = 0, t = 0;
     check(a.info(&f, &t) == 0, "cuMemGetInfo succeeds");
     size_t tot = 0;
-    check(a.total(&tot, 0) == 0, "cuDeviceTotalMem succeeds");
+    check(a.total(&tot, probe_device()) == 0, "cuDeviceTotalMem succeeds");
     if (limited) {
         check(t == limit, "cuMemGetInfo total is the limit");
         check(tot == limit, "cuDeviceTotalMem is the limit");
@@ -249,7 +267,7 @@ static int contexts(size_t estimate, size_t ctx_bytes, size_t module_bytes) {
     int dev;
     H c1, c2, m, l;
     size_t f, t, u0, u1, u2, u3, u4;
-    if (cuInit(0) || cuDeviceGet(&dev, 0)) die("init");
+    if (cuInit(0) || cuDeviceGet(&dev, probe_device())) die("init");
     check(cuCtxCreate_v2(&c1, 0, dev) == 0, "first context (none current: charged the estimate)");
     cuMemGetInfo_v2(&f, &t); u0 = t - f;
     check(u0 == estimate, "first context charged VRAMSLICE_CONTEXT_ESTIMATE_BYTES");
@@ -430,6 +448,145 @@ static int rtldnext(void) {
     return finish();
 }
 
+/* A context on `dev`, made once and then made current; the creation's result. */
+static CUresult use_device(int dev) {
+    static H ctxs[8];
+    if (dev < 0 || dev >= 8) die("device out of range");
+    if (!ctxs[dev]) {
+        CUresult rc = cuInit(0);
+        if (rc == 0) rc = cuCtxCreate_v2(&ctxs[dev], 0, dev);
+        if (rc) return rc;
+    }
+    cuCtxSetCurrent(ctxs[dev]);
+    return 0;
+}
+
+/* Steps, in order: "<dev>:<bytes>" allocates with cuMemAlloc in a context on dev;
+ * "create:<dev>:<bytes>" makes physical memory on dev with cuMemCreate from the current context;
+ * "primary:<dev>" retains dev's primary context. Each prints its result code. */
+static void alloc_on(int argc, char **argv) {
+    for (int i = 0; i < argc; i++) {
+        const char *arg = argv[i];
+        CUresult rc;
+        if (!strncmp(arg, "primary:", 8)) {
+            int dev = atoi(arg + 8);
+            H ctx;
+            cuInit(0);
+            rc = cuDevicePrimaryCtxRetain(&ctx, dev);
+            printf("primary dev=%d rc=%d\n", dev, rc);
+        } else if (!strncmp(arg, "create:", 7)) {
+            int dev = atoi(arg + 7);
+            const char *colon = strchr(arg + 7, ':');
+            if (!colon) die("expected create:<dev>:<bytes>");
+            MEM_PROP p = { 1, 0, { 1, dev }, NULL, { 0 } };
+            unsigned long long h;
+            rc = cuMemCreate(&h, strtoull(colon + 1, 0, 10), &p, 0);
+            printf("create dev=%d rc=%d\n", dev, rc);
+        } else {
+            int dev = atoi(arg);
+            const char *colon = strchr(arg, ':');
+            if (!colon) die("expected <dev>:<bytes>");
+            if ((rc = use_device(dev)) != 0) {
+                printf("context dev=%d rc=%d\n", dev, rc);
+            } else {
+                CUdeviceptr d;
+                rc = cuMemAlloc_v2(&d, strtoull(colon + 1, 0, 10));
+                printf("alloc dev=%d rc=%d\n", dev, rc);
+            }
+        }
+        fflush(stdout);
+    }
+}
+
+static size_t used_on(H ctx, size_t *total) {
+    size_t f = 0, t = 0;
+    cuCtxSetCurrent(ctx);
+    if (cuMemGetInfo_v2(&f, &t)) die("cuMemGetInfo");
+    if (total) *total = t;
+    return t - f;
+}
+
+static int multi(size_t l0, size_t l1, size_t est) {
+    const size_t chunk = 64 * MIB;
+    int n = 0;
+    H c0, c1;
+    size_t t = 0, t0 = 0, t1 = 0;
+    char what[200];
+    check(cuInit(0) == 0 && cuDeviceGetCount(&n) == 0 && n >= 2, "the driver shows two devices");
+    check(cuCtxCreate_v2(&c0, 0, 0) == 0, "context on device 0");
+    check(cuCtxCreate_v2(&c1, 0, 1) == 0, "context on device 1 (made while device 0's is current)");
+    check(used_on(c0, &t) == est && t == l0, "device 0: total is its limit, its context charged to it");
+    check(used_on(c1, &t) == est && t == l1, "device 1: total is its limit, its context charged to it");
+    check(cuDeviceTotalMem_v2(&t0, 0) == 0 && cuDeviceTotalMem_v2(&t1, 1) == 0 && t0 == l0 && t1 == l1,
+          "cuDeviceTotalMem is each device's own limit");
+
+    CUdeviceptr p0[256], p1[256];
+    int k0 = 0, k1 = 0;
+    CUresult rc = 0;
+    cuCtxSetCurrent(c0);
+    while (k0 < 256 && (rc = cuMemAlloc_v2(&p0[k0], chunk)) == 0) k0++;
+    snprintf(what, sizeof what, "device 0 fills to CUDA_ERROR_OUT_OF_MEMORY at its limit (%d chunks, rc=%d)", k0, rc);
+    check(rc == 2 && est + k0 * chunk <= l0 && est + (k0 + 1) * chunk > l0, what);
+    check(used_on(c0, &t) == est + k0 * chunk && t == l0, "cuMemGetInfo on device 0 shows its slice full");
+    check(used_on(c1, &t) == est && t == l1, "device 1 is untouched by device 0's allocations");
+    cuCtxSetCurrent(c1);
+    while (k1 < 256 && (rc = cuMemAlloc_v2(&p1[k1], chunk)) == 0) k1++;
+    snprintf(what, sizeof what, "device 1 still allocates, up to its own limit (%d chunks, rc=%d)", k1, rc);
+    check(rc == 2 && k1 > 0 && est + k1 * chunk <= l1 && est + (k1 + 1) * chunk > l1, what);
+    check(used_on(c1, &t) == est + k1 * chunk && t == l1, "cuMemGetInfo on device 1 shows its own slice full");
+
+    /* Memory named by device, made while the other device's context is current. */
+    MEM_PROP on0 = { 1, 0, { 1, 0 }, NULL, { 0 } }, on1 = { 1, 0, { 1, 1 }, NULL, { 0 } };
+    unsigned long long h0 = 0, h1 = 0;
+    cuCtxSetCurrent(c1);
+    check(cuMemCreate(&h0, chunk, &on0, 0) == 2, "cuMemCreate on full device 0 is refused (device 1 current)");
+    check(cuMemFree_v2(p0[--k0]) == 0, "a chunk freed on device 0");
+    check(cuMemCreate(&h0, chunk, &on0, 0) == 0, "cuMemCreate on device 0 fits again (device 1 current)");
+    cuCtxSetCurrent(c0);
+    check(cuMemCreate(&h1, chunk, &on1, 0) == 2, "cuMemCreate on full device 1 is refused (device 0 current)");
+    check(used_on(c0, NULL) == est + (k0 + 1) * chunk && used_on(c1, NULL) == est + k1 * chunk,
+          "cuMemCreate charged the device it named");
+
+    /* Asynchronous memory from device 1's pool, while device 0's context is current. */
+    H pool1 = NULL;
+    CUdeviceptr a = 0;
+    check(cuDeviceGetMemPool(&pool1, 1) == 0, "device 1's pool");
+    cuCtxSetCurrent(c0);
+    check(cuMemAllocFromPoolAsync(&a, chunk, pool1, NULL) == 2, "device 1's pool is refused while device 1 is full");
+    check(cuMemFree_v2(p1[--k1]) == 0, "a chunk freed on device 1");
+    cuCtxSetCurrent(c0);
+    check(cuMemAllocFromPoolAsync(&a, chunk, pool1, NULL) == 0, "device 1's pool allocates again (device 0 current)");
+    check(used_on(c0, NULL) == est + (k0 + 1) * chunk && used_on(c1, NULL) == est + (k1 + 1) * chunk,
+          "the pool's allocation is charged to device 1");
+    cuCtxSetCurrent(c0);
+    check(cuMemFreeAsync(a, NULL) == 0 && cuMemPoolTrimTo(pool1, 0) == 0, "async free and trim");
+    check(used_on(c1, NULL) == est + k1 * chunk, "freed back to device 1");
+
+    /* Everything freed: each device's whole slice again. */
+    cuCtxSetCurrent(c0);
+    while (k0 > 0) cuMemFree_v2(p0[--k0]);
+    check(cuMemRelease(h0) == 0, "release");
+    while (k1 > 0) cuMemFree_v2(p1[--k1]);
+    check(used_on(c0, NULL) == est && used_on(c1, NULL) == est, "frees return each device's bytes");
+    return finish();
+}
+
+static int nvmlon(int dev, size_t limit) {
+    void *h = NULL;
+    if (use_device(dev)) die("context on the device");
+    CUdeviceptr d;
+    check(cuMemAlloc_v2(&d, 10 * MIB) == 0, "hold 10 MiB on the device");
+    check(nvmlDeviceGetHandleByIndex_v2((unsigned)dev, &h) == 0, "NVML handle of the device");
+    nvmlMemory_t m;
+    nvmlMemory_v2_t m2 = { 2, 0, 0, 0, 0 };
+    check(nvmlDeviceGetMemoryInfo(h, &m) == 0 && nvmlDeviceGetMemoryInfo_v2(h, &m2) == 0, "NVML answers");
+    char what[200];
+    snprintf(what, sizeof what, "NVML v1 shows the device's slice (total %llu used %llu free %llu)", m.total, m.used, m.free);
+    check(m.total == limit && m.used == 10 * MIB && m.free == limit - 10 * MIB, what);
+    check(m2.total == limit && m2.used == 10 * MIB && m2.free == limit - 10 * MIB, "NVML v2 shows the device's slice");
+    return finish();
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) die("usage: probe <scenario> ...");
     const char *s = argv[1];
@@ -443,6 +600,17 @@ int main(int argc, char **argv) {
     if (!strcmp(s, "bench") && argc == 4) return bench(atol(argv[2]), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "nvml") && argc == 4) return nvml(!strcmp(argv[2], "limited"), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "rtldnext") && argc == 2) return rtldnext();
+    if (!strcmp(s, "allocon") && argc >= 3) { alloc_on(argc - 2, argv + 2); return 0; }
+    if (!strcmp(s, "holdon") && argc >= 3) {
+        alloc_on(argc - 2, argv + 2);
+        printf("pid=%d\nready\n", (int)getpid());
+        fflush(stdout);
+        char buf[16];
+        while (read(0, buf, sizeof buf) > 0) {}
+        return 0;
+    }
+    if (!strcmp(s, "multi") && argc == 5) return multi(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
+    if (!strcmp(s, "nvmlon") && argc == 4) return nvmlon(atoi(argv[2]), strtoull(argv[3], 0, 10));
     die("unknown scenario or wrong arguments");
     return 2;
 }

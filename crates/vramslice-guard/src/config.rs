@@ -4,16 +4,18 @@
 //! Malformed values never stop the program: each produces a message (printed once to stderr by
 //! the caller) and a safe fallback — a malformed limit turns the guard into pass-through.
 //!
-//! The limit has two kinds of source, combined by [`vramslice_core::container::limit::resolve_limit`] (the
+//! The limit has two kinds of source, combined by [`vramslice_core::container::limit::resolve_limits`] (the
 //! rule the sidecar runtime uses too): the device plugin's read-only limit file (always
-//! [`FIXED_LIMIT_FILE`], plus the file `VRAMSLICE_LIMIT_FILE` names) and the environment. When a
-//! limit file exists, the environment can only lower the limit, never raise it; an unreadable or
-//! malformed limit file fails closed (limit 0).
+//! [`FIXED_LIMIT_FILE`], plus the file `VRAMSLICE_LIMIT_FILE` names) and the environment
+//! (`VRAMSLICE_VRAM_LIMIT_BYTES`, `VRAMSLICE_VRAM_LIMITS`). The result is one limit for the
+//! container or a limit per GPU UUID ([`Limits`]). When a limit file exists, the environment can
+//! only lower each limit, never raise it; an unreadable or malformed limit file fails closed
+//! (limit 0).
 
 use std::path::{Path, PathBuf};
 
-pub use vramslice_core::container::limit::FileRead;
-use vramslice_core::container::limit::{limit_file_paths, resolve_limit};
+pub use vramslice_core::container::limit::{FileRead, Limits};
+use vramslice_core::container::limit::{LimitEnv, limit_file_paths, resolve_limits};
 use vramslice_core::names::env;
 use vramslice_core::node::allocation::LIMIT_FILE_CONTAINER_PATH;
 
@@ -31,15 +33,16 @@ pub const DEFAULT_CONTEXT_ESTIMATE: u64 = 256 << 20;
 /// What the guard does, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// The limit; `None` means pass everything through.
-    pub limit: Option<u64>,
+    /// The limits; [`Limits::Unlimited`] means pass everything through.
+    pub limits: Limits,
     /// Where the shared accounting file lives; `None` means per-process accounting.
     pub accounting_dir: Option<PathBuf>,
     /// The real driver to load.
     pub real_libcuda: String,
     /// The real NVML to load.
     pub real_libnvml: String,
-    /// GPU UUID to record in the accounting file.
+    /// GPU UUID to record in the accounting file under one limit for the container (per-GPU
+    /// accounting files record their own GPU's).
     pub gpu_uuid: String,
     /// Count `cuMemAllocManaged`.
     pub count_managed: bool,
@@ -89,8 +92,16 @@ impl Config {
                 (p, r)
             })
             .collect();
-        let resolved = resolve_limit(get(env::VRAM_LIMIT_BYTES).as_deref(), &files, &mut msgs);
-        let limit = resolved.limit;
+        let env_limit = get(env::VRAM_LIMIT_BYTES);
+        let env_limits = get(env::VRAM_LIMITS);
+        let resolved = resolve_limits(
+            LimitEnv {
+                limit_bytes: env_limit.as_deref(),
+                limits: env_limits.as_deref(),
+            },
+            &files,
+            &mut msgs,
+        );
         let accounting_dir = get(env::ACCOUNTING_DIR)
             .filter(|d| !d.trim().is_empty())
             .map(PathBuf::from);
@@ -102,7 +113,7 @@ impl Config {
             }),
         };
         let config = Config {
-            limit,
+            limits: resolved.limits,
             accounting_dir,
             real_libcuda: get(env::REAL_LIBCUDA)
                 .filter(|s| !s.is_empty())
@@ -145,7 +156,7 @@ mod tests {
     fn empty_environment_is_pass_through_with_defaults() {
         let (c, msgs) = cfg(&[]);
         assert!(msgs.is_empty());
-        assert_eq!(c.limit, None);
+        assert_eq!(c.limits, Limits::Unlimited);
         assert_eq!(c.accounting_dir, None);
         assert_eq!(c.real_libcuda, "libcuda.so.1");
         assert!(c.count_managed && c.virtualize_nvml);
@@ -155,21 +166,24 @@ mod tests {
     #[test]
     fn limit_accepts_bytes_and_quantities() {
         assert_eq!(
-            cfg(&[(env::VRAM_LIMIT_BYTES, "2147483648")]).0.limit,
-            Some(2 << 30)
+            cfg(&[(env::VRAM_LIMIT_BYTES, "2147483648")]).0.limits,
+            Limits::Single(2 << 30)
         );
         assert_eq!(
-            cfg(&[(env::VRAM_LIMIT_BYTES, " 2Gi ")]).0.limit,
-            Some(2 << 30)
+            cfg(&[(env::VRAM_LIMIT_BYTES, " 2Gi ")]).0.limits,
+            Limits::Single(2 << 30)
         );
-        assert_eq!(cfg(&[(env::VRAM_LIMIT_BYTES, "0")]).0.limit, Some(0));
+        assert_eq!(
+            cfg(&[(env::VRAM_LIMIT_BYTES, "0")]).0.limits,
+            Limits::Single(0)
+        );
     }
 
     #[test]
     fn malformed_limit_is_reported_and_passes_through() {
         for bad in ["lots", "-5", "1.5.5Gi", "99999999999999999999999"] {
             let (c, msgs) = cfg(&[(env::VRAM_LIMIT_BYTES, bad)]);
-            assert_eq!(c.limit, None, "{bad}");
+            assert_eq!(c.limits, Limits::Unlimited, "{bad}");
             assert_eq!(msgs.len(), 1);
             assert!(
                 msgs[0].contains(env::VRAM_LIMIT_BYTES) && msgs[0].contains("NOT enforced"),
@@ -220,7 +234,7 @@ mod tests {
             }
         };
         let (c, msgs) = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read);
-        assert_eq!(c.limit, Some(MIB));
+        assert_eq!(c.limits, Limits::Single(MIB));
         assert_eq!(c.gpu_uuid, "GPU-file");
         assert_eq!(msgs.len(), 1, "{msgs:?}");
         assert!(msgs[0].contains("can only lower"), "{msgs:?}");
@@ -236,7 +250,49 @@ mod tests {
             _ => FileRead::Error("unexpected path".into()),
         };
         let (c, msgs) = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read);
-        assert_eq!(c.limit, Some(5 * MIB));
+        assert_eq!(c.limits, Limits::Single(5 * MIB));
         assert!(msgs.is_empty(), "{msgs:?}");
+    }
+
+    #[test]
+    fn per_gpu_limits_come_from_the_file_and_the_environment_lowers_one_gpu() {
+        let env: HashMap<&str, &str> = HashMap::from([
+            (env::VRAM_LIMITS, "GPU-b:512Mi,GPU-a:8Gi"),
+            (env::GPU_UUID, "GPU-env"),
+        ]);
+        let read = |p: &Path| {
+            if p == Path::new(FIXED_LIMIT_FILE) {
+                FileRead::Text("limits=GPU-a:1073741824,GPU-b:2147483648\n".into())
+            } else {
+                FileRead::Missing
+            }
+        };
+        let (c, msgs) = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read);
+        let Limits::PerGpu(gpus) = &c.limits else {
+            panic!("{:?}", c.limits)
+        };
+        assert_eq!(
+            gpus.iter().collect::<Vec<_>>(),
+            vec![("GPU-a", 1 << 30), ("GPU-b", 512 * MIB)]
+        );
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(
+            msgs[0].contains("GPU-a") && msgs[0].contains("can only lower"),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn per_gpu_limits_from_the_environment_alone() {
+        let (c, msgs) = cfg(&[(env::VRAM_LIMITS, "GPU-a:1Gi,GPU-b:2Gi")]);
+        assert!(msgs.is_empty(), "{msgs:?}");
+        assert_eq!(c.limits.for_gpu("GPU-b"), Some(2 << 30));
+        assert_eq!(c.limits.for_gpu("GPU-z"), Some(0));
+        let (c, msgs) = cfg(&[(env::VRAM_LIMITS, "GPU-a:1Gi,GPU-a:2Gi")]);
+        assert_eq!(c.limits, Limits::Unlimited);
+        assert!(
+            msgs[0].contains(env::VRAM_LIMITS) && msgs[0].contains("listed twice"),
+            "{msgs:?}"
+        );
     }
 }

@@ -1,16 +1,22 @@
-//! The enforcement policy, in safe code: what to charge, when to refuse, what to give back.
+//! The enforcement policy, in safe code: what to charge to which account, when to refuse, what
+//! to give back.
+//!
+//! The guard keeps one account per limit ([`Account`]: a limit and the [`Ledger`] it is kept
+//! in). Under one limit for the container there is one account and memory on every device counts
+//! toward it ([`Mapping::Container`], the single-GPU case). Under per-GPU limits there is one
+//! account per listed GPU UUID ([`Mapping::PerGpu`]); a device is mapped to its account by its
+//! UUID, asked of the driver once per device, and a device whose UUID has no account is refused.
 //!
 //! The C entry points in `ffi` call these methods around each real driver call with plain
-//! numbers (sizes, handles as integers); nothing here touches a pointer or the driver itself.
-//! The two things the policy needs from the outside world — whether a process is alive, and
-//! how much a memory pool really holds — come in as function pointers.
+//! numbers (sizes, handles as integers, device ordinals); nothing here touches a pointer or the
+//! driver itself. What the policy needs from the outside world — whether a process is alive, how
+//! much a memory pool really holds, a device's UUID — comes in as function pointers ([`Probes`]).
 
 use crate::ledger::{Ledger, Liveness, OverLimit};
 use crate::tracker::{Entry, Kind, Tracker};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -18,13 +24,89 @@ use std::time::Instant;
 /// and a program may retry a refused allocation in a tight loop).
 const REAP_INTERVAL_MS: u64 = 20;
 
-/// Bytes a pool holds for this process: charged to the account, in use or kept for reuse.
+/// Device ordinals whose account is remembered (real ordinals are far below this).
+const DEVICE_CACHE: usize = 256;
+/// Device cache word: not looked up yet.
+const DEVICE_UNKNOWN: u32 = 0;
+/// Device cache word: the device has no account (refused).
+const DEVICE_REFUSED: u32 = u32::MAX;
+
+/// Index of an account in the guard.
+pub type AccountId = usize;
+
+/// One limit and the ledger it is kept in.
+pub struct Account {
+    uuid: String,
+    limit: u64,
+    ledger: Ledger,
+    warned: AtomicBool,
+}
+
+impl Account {
+    /// The account of GPU `uuid` (empty for the container-wide account), enforcing `limit`.
+    pub fn new(uuid: impl Into<String>, limit: u64, ledger: Ledger) -> Account {
+        Account {
+            uuid: uuid.into(),
+            limit,
+            ledger,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// The GPU UUID (empty for the container-wide account).
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+/// How devices map to accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// One limit for the container: every device counts toward account 0.
+    Container,
+    /// Per-GPU limits: a device counts toward the account of its UUID; without one it is refused.
+    PerGpu,
+}
+
+/// What the policy asks of the outside world.
+#[derive(Debug, Clone, Copy)]
+pub struct Probes {
+    /// Whether the process that claimed a slot as (pid, start time) still runs.
+    pub liveness: fn(u32, u64) -> Liveness,
+    /// What a memory pool really holds (`None`: unknown).
+    pub pool_reserved: fn(u64) -> Option<u64>,
+    /// The UUID of a device ordinal, formatted as NVIDIA does (`GPU-xxxxxxxx-...`).
+    pub device_uuid: fn(i32) -> Result<String, String>,
+}
+
+/// Bytes a pool holds for this process: charged to the pool's account, in use or kept for reuse.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolState {
     /// Bytes of live allocations from the pool.
     pub in_use: u64,
     /// Bytes freed into the pool and still charged (the pool may keep them).
     pub retained: u64,
+    /// The account the pool's bytes are charged to (its device's, fixed at first use).
+    pub account: AccountId,
+}
+
+impl PoolState {
+    fn new(account: AccountId) -> PoolState {
+        PoolState {
+            account,
+            ..PoolState::default()
+        }
+    }
 }
 
 type Pools = HashMap<u64, PoolState>;
@@ -35,73 +117,134 @@ thread_local! {
 
 /// The guard of one process.
 pub struct Guard {
-    limit: u64,
-    ledger: Ledger,
+    accounts: Vec<Account>,
+    mapping: Mapping,
+    devices: Box<[AtomicU32]>,
     tracker: Tracker,
     pools: Mutex<Pools>,
-    warned: AtomicBool,
     epoch: Instant,
     last_reap_ms: AtomicU64,
-    liveness: fn(u32, u64) -> Liveness,
-    pool_reserved: fn(u64) -> Option<u64>,
+    probes: Probes,
 }
 
 impl Guard {
-    /// A guard enforcing `limit` over `ledger`.
-    pub fn new(
-        limit: u64,
-        ledger: Ledger,
-        liveness: fn(u32, u64) -> Liveness,
-        pool_reserved: fn(u64) -> Option<u64>,
-    ) -> Guard {
-        Guard {
-            limit,
-            ledger,
+    /// A guard enforcing each account's limit; under [`Mapping::Container`] only account 0 is
+    /// used. Returns `None` with no account.
+    pub fn new(accounts: Vec<Account>, mapping: Mapping, probes: Probes) -> Option<Guard> {
+        if accounts.is_empty() {
+            return None;
+        }
+        Some(Guard {
+            accounts,
+            mapping,
+            devices: (0..DEVICE_CACHE)
+                .map(|_| AtomicU32::new(DEVICE_UNKNOWN))
+                .collect(),
             tracker: Tracker::default(),
             pools: Mutex::new(Pools::new()),
-            warned: AtomicBool::new(false),
             epoch: Instant::now(),
             last_reap_ms: AtomicU64::new(0),
-            liveness,
-            pool_reserved,
-        }
+            probes,
+        })
     }
 
-    /// The limit in bytes.
-    pub fn limit(&self) -> u64 {
-        self.limit
+    /// How devices map to accounts.
+    #[inline]
+    pub fn mapping(&self) -> Mapping {
+        self.mapping
     }
 
-    /// Bytes the container holds.
-    pub fn used(&self) -> u64 {
-        self.ledger.used()
+    /// The accounts.
+    pub fn accounts(&self) -> &[Account] {
+        &self.accounts
     }
 
-    /// The account (for tests and the fork handler).
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
+    /// The limit of account `a` in bytes.
+    pub fn limit(&self, a: AccountId) -> u64 {
+        self.accounts[a].limit
+    }
+
+    /// Bytes the container holds in account `a`.
+    pub fn used(&self, a: AccountId) -> u64 {
+        self.accounts[a].ledger.used()
     }
 
     fn pools(&self) -> MutexGuard<'_, Pools> {
         self.pools.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reserves `n` bytes before the real allocator runs. On refusal it first reclaims dead
-    /// processes' slots and memory pools' unused bytes, then tries once more; a final refusal is
-    /// logged once per process.
-    ///
-    /// # Errors
-    /// [`OverLimit`] with the numbers.
+    /// The account of GPU `uuid`: account 0 under one limit for the container; under per-GPU
+    /// limits the GPU's own, or `None` when it has none.
+    pub fn account_of_uuid(&self, uuid: &str) -> Option<AccountId> {
+        match self.mapping {
+            Mapping::Container => Some(0),
+            Mapping::PerGpu => self.accounts.iter().position(|a| a.uuid == uuid),
+        }
+    }
+
+    /// The account of device ordinal `dev`, or `None` when its memory must be refused (per-GPU
+    /// limits with no entry for its UUID, or a UUID the driver cannot tell). Looked up once per
+    /// device; the first refusal of a device is logged once, naming its UUID.
     #[inline]
-    pub fn reserve(&self, n: u64) -> Result<(), OverLimit> {
-        match self.ledger.try_reserve(n, self.limit) {
-            Ok(()) => Ok(()),
-            Err(_) => self.reserve_slow(n),
+    pub fn account_of_device(&self, dev: i32) -> Option<AccountId> {
+        if self.mapping == Mapping::Container {
+            return Some(0);
+        }
+        let slot = usize::try_from(dev)
+            .ok()
+            .and_then(|i| self.devices.get(i))?;
+        match slot.load(Ordering::Acquire) {
+            DEVICE_UNKNOWN => self.look_up_device(dev, slot),
+            DEVICE_REFUSED => None,
+            v => Some(v as usize - 1),
         }
     }
 
     #[cold]
-    fn reserve_slow(&self, n: u64) -> Result<(), OverLimit> {
+    fn look_up_device(&self, dev: i32, slot: &AtomicU32) -> Option<AccountId> {
+        let found = match (self.probes.device_uuid)(dev) {
+            Ok(uuid) => self.account_of_uuid(&uuid).ok_or_else(|| {
+                let listed: Vec<&str> = self.accounts.iter().map(|a| a.uuid.as_str()).collect();
+                format!(
+                    "device {dev} ({uuid}) has no entry in the per-GPU limits (limits for {})",
+                    listed.join(", ")
+                )
+            }),
+            Err(e) => Err(format!("cannot read the UUID of device {dev} ({e})")),
+        };
+        let word = match &found {
+            Ok(a) => u32::try_from(*a).map_or(DEVICE_REFUSED, |a| a.saturating_add(1)),
+            Err(_) => DEVICE_REFUSED,
+        };
+        if slot
+            .compare_exchange(DEVICE_UNKNOWN, word, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            && let Err(why) = &found
+        {
+            crate::log!(
+                "vramslice-guard: {why}; every allocation on it is refused with CUDA_ERROR_OUT_OF_MEMORY"
+            );
+        }
+        found.ok()
+    }
+
+    /// Reserves `n` bytes in account `a` before the real allocator runs. On refusal it first
+    /// reclaims dead processes' slots and memory pools' unused bytes, then tries once more; a
+    /// final refusal is logged once per process and account.
+    ///
+    /// # Errors
+    /// [`OverLimit`] with the numbers.
+    #[inline]
+    pub fn reserve(&self, a: AccountId, n: u64) -> Result<(), OverLimit> {
+        let account = &self.accounts[a];
+        match account.ledger.try_reserve(n, account.limit) {
+            Ok(()) => Ok(()),
+            Err(_) => self.reserve_slow(a, n),
+        }
+    }
+
+    #[cold]
+    fn reserve_slow(&self, a: AccountId, n: u64) -> Result<(), OverLimit> {
         let now = u64::try_from(self.epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .saturating_add(REAP_INTERVAL_MS);
@@ -112,44 +255,60 @@ impl Guard {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            self.ledger.reap(self.liveness);
+            for account in &self.accounts {
+                account.ledger.reap(self.probes.liveness);
+            }
         }
         self.reconcile_pools();
-        self.ledger
-            .try_reserve(n, self.limit)
-            .inspect_err(|e| self.warn_once(e))
+        let account = &self.accounts[a];
+        account
+            .ledger
+            .try_reserve(n, account.limit)
+            .inspect_err(|e| self.warn_once(account, e))
     }
 
-    fn warn_once(&self, e: &OverLimit) {
-        if !self.warned.swap(true, Ordering::Relaxed) {
-            crate::log!(
+    fn warn_once(&self, account: &Account, e: &OverLimit) {
+        if account.warned.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        match self.mapping {
+            Mapping::Container => crate::log!(
                 "vramslice-guard: out of memory: requested {} bytes, the container uses {} of its limit {} bytes; \
                  returning CUDA_ERROR_OUT_OF_MEMORY (logged once per process)",
                 e.requested,
                 e.used,
                 e.limit
-            );
+            ),
+            Mapping::PerGpu => crate::log!(
+                "vramslice-guard: out of memory on GPU {}: requested {} bytes, the container uses {} of its limit {} bytes on that GPU; \
+                 returning CUDA_ERROR_OUT_OF_MEMORY (logged once per process and GPU)",
+                account.uuid,
+                e.requested,
+                e.used,
+                e.limit
+            ),
         }
     }
 
-    /// Returns `n` bytes (a reservation whose real call failed).
+    /// Returns `n` bytes to account `a` (a reservation whose real call failed).
     #[inline]
-    pub fn release(&self, n: u64) {
-        self.ledger.release(n);
+    pub fn release(&self, a: AccountId, n: u64) {
+        self.accounts[a].ledger.release(n);
     }
 
-    /// Records a successful allocation of `bytes` already reserved.
+    /// Records a successful allocation of `bytes` already reserved in account `a`.
     #[inline]
-    pub fn track(&self, kind: Kind, handle: u64, bytes: u64) {
-        if let Some(old) = self.tracker.insert(kind, handle, Entry { bytes, extra: 0 }) {
-            self.ledger.release(old.bytes);
+    pub fn track(&self, kind: Kind, handle: u64, a: AccountId, bytes: u64) {
+        if let Some(old) = self.tracker.insert(kind, handle, Entry::new(bytes, a)) {
+            self.release(old.account, old.bytes);
         }
     }
 
-    /// Charges memory the driver already took (contexts, modules), whatever the limit.
-    pub fn charge(&self, kind: Kind, handle: u64, bytes: u64) {
-        self.ledger.force_add(bytes);
-        self.track(kind, handle, bytes);
+    /// Charges memory the driver already took (contexts, modules) to account `a`, whatever the
+    /// limit.
+    pub fn charge(&self, kind: Kind, handle: u64, a: AccountId, bytes: u64) {
+        self.accounts[a].ledger.force_add(bytes);
+        self.track(kind, handle, a, bytes);
     }
 
     /// Takes a handle out before the real free runs (so a concurrent allocation that gets the
@@ -168,49 +327,71 @@ impl Guard {
     #[inline]
     pub fn freed(&self, entry: Entry) {
         if entry.extra == 0 {
-            self.ledger.release(entry.bytes);
+            self.release(entry.account, entry.bytes);
         } else {
             let mut pools = self.pools();
-            let st = pools.entry(entry.extra).or_default();
+            let st = pools
+                .entry(entry.extra)
+                .or_insert_with(|| PoolState::new(entry.account));
             st.in_use = st.in_use.saturating_sub(entry.bytes);
             st.retained = st.retained.saturating_add(entry.bytes);
         }
     }
 
     /// Reserves an asynchronous allocation of `n` from `pool`, reusing what the pool retains
-    /// first; returns the bytes taken from the retained amount (give them to [`Guard::async_failed`]
-    /// if the real call fails).
+    /// first. The pool's bytes count toward the account it was first used with (`a` for a new
+    /// pool: its device's). Returns that account and the bytes taken from the retained amount
+    /// (give both to [`Guard::async_failed`] if the real call fails).
     ///
     /// # Errors
     /// [`OverLimit`] when the new part does not fit.
-    pub fn reserve_async(&self, pool: u64, n: u64) -> Result<u64, OverLimit> {
-        let reused = {
+    pub fn reserve_async(
+        &self,
+        a: AccountId,
+        pool: u64,
+        n: u64,
+    ) -> Result<(AccountId, u64), OverLimit> {
+        let (account, reused) = {
             let mut pools = self.pools();
-            let st = pools.entry(pool).or_default();
+            let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
             let t = st.retained.min(n);
             st.retained -= t;
             st.in_use = st.in_use.saturating_add(n);
-            t
+            (st.account, t)
         };
-        self.reserve(n - reused)
-            .inspect_err(|_| self.async_failed(pool, n, reused, false))?;
-        Ok(reused)
+        self.reserve(account, n - reused)
+            .inspect_err(|_| self.async_failed(pool, account, n, reused, false))?;
+        Ok((account, reused))
     }
 
     /// The real asynchronous allocation failed: undo [`Guard::reserve_async`].
-    pub fn async_failed(&self, pool: u64, n: u64, reused: u64, release_new: bool) {
+    pub fn async_failed(&self, pool: u64, a: AccountId, n: u64, reused: u64, release_new: bool) {
         let mut pools = self.pools();
-        let st = pools.entry(pool).or_default();
+        let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
         st.in_use = st.in_use.saturating_sub(n);
         st.retained = st.retained.saturating_add(reused);
         drop(pools);
         if release_new {
-            self.ledger.release(n - reused);
+            self.release(a, n - reused);
         }
     }
 
-    /// Records a successful asynchronous allocation.
-    pub fn track_async(&self, handle: u64, pool: u64, n: u64) {
+    /// The account `pool`'s memory counts toward, once the pool has been used or created.
+    pub fn pool_account(&self, pool: u64) -> Option<AccountId> {
+        self.pools().get(&pool).map(|st| st.account)
+    }
+
+    /// A pool was created on a device of account `a` (a pool of the same handle before it is
+    /// gone: what it still retained is given back).
+    pub fn pool_created(&self, pool: u64, a: AccountId) {
+        let old = self.pools().insert(pool, PoolState::new(a));
+        if let Some(old) = old {
+            self.release(old.account, old.retained);
+        }
+    }
+
+    /// Records a successful asynchronous allocation charged to account `a`.
+    pub fn track_async(&self, handle: u64, pool: u64, a: AccountId, n: u64) {
         let pool = pool.max(1); // extra = 0 means "not from a pool"
         if let Some(old) = self.tracker.insert(
             Kind::DevicePtr,
@@ -218,6 +399,7 @@ impl Guard {
             Entry {
                 bytes: n,
                 extra: pool,
+                account: a,
             },
         ) {
             self.freed(old);
@@ -227,7 +409,7 @@ impl Guard {
     /// After a trim of `pool` (or when memory is short): set the retained bytes to what the pool
     /// really holds beyond its live allocations, giving the difference back.
     pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
-        let real = (self.pool_reserved)(pool);
+        let real = (self.probes.pool_reserved)(pool);
         let mut pools = self.pools();
         let Some(st) = pools.get_mut(&pool) else {
             return;
@@ -242,8 +424,9 @@ impl Guard {
         let target = target.min(st.retained);
         let give_back = st.retained - target;
         st.retained = target;
+        let account = st.account;
         drop(pools);
-        self.ledger.release(give_back);
+        self.release(account, give_back);
     }
 
     /// Reconciles every pool this process used (see [`Guard::reconcile_pool`]).
@@ -254,49 +437,57 @@ impl Guard {
         }
     }
 
-    /// `cuMemGetInfo`'s answer: (free, total) of the slice.
-    pub fn mem_info(&self, real_free: u64) -> (u64, u64) {
-        (
-            self.limit.saturating_sub(self.used()).min(real_free),
-            self.limit,
-        )
+    /// `cuMemGetInfo`'s answer for a device of account `a`: (free, total) of its slice. A
+    /// refused device (`None`) shows an empty slice.
+    pub fn mem_info(&self, a: Option<AccountId>, real_free: u64) -> (u64, u64) {
+        match a {
+            None => (0, 0),
+            Some(a) => {
+                let limit = self.limit(a);
+                (limit.saturating_sub(self.used(a)).min(real_free), limit)
+            }
+        }
     }
 
-    /// Charges a primary context retain: once per device until released.
-    pub fn primary_retained(&self, device: u64, bytes: impl FnOnce() -> u64) {
+    /// Charges a primary context retain of device `device` to account `a`: once per device
+    /// until released.
+    pub fn primary_retained(&self, device: u64, a: AccountId, bytes: impl FnOnce() -> u64) {
         let mut charged = 0;
         self.tracker.update(Kind::Primary, device, |e| match e {
             Some(e) => Some(Entry {
-                bytes: e.bytes,
                 extra: e.extra + 1,
+                ..e
             }),
             None => {
                 charged = bytes();
                 Some(Entry {
                     bytes: charged,
                     extra: 1,
+                    account: a,
                 })
             }
         });
-        self.ledger.force_add(charged);
+        self.accounts[a].ledger.force_add(charged);
     }
 
     /// A primary context release (`reset`: all references at once).
     pub fn primary_released(&self, device: u64, reset: bool) {
-        let mut freed = 0;
+        let mut freed = None;
         self.tracker.update(Kind::Primary, device, |e| {
             let e = e?;
             if reset || e.extra <= 1 {
-                freed = e.bytes;
+                freed = Some(e);
                 None
             } else {
                 Some(Entry {
-                    bytes: e.bytes,
                     extra: e.extra - 1,
+                    ..e
                 })
             }
         });
-        self.ledger.release(freed);
+        if let Some(e) = freed {
+            self.release(e.account, e.bytes);
+        }
     }
 
     /// Before `fork`.
@@ -311,17 +502,24 @@ impl Guard {
         self.tracker.unlock_after_fork_parent();
     }
 
-    /// After `fork`, in the child: nothing of the parent's is ours; take our own slot.
-    pub fn child_after_fork(&self, pid: u32, start_time: u64) -> Option<usize> {
+    /// After `fork`, in the child: nothing of the parent's is ours; take our own slot in every
+    /// account. Returns the accounts whose slot table was full.
+    pub fn child_after_fork(&self, pid: u32, start_time: u64) -> Vec<&str> {
         POOL_FORK_GUARD.with(|g| {
             if let Some(mut p) = g.borrow_mut().take() {
                 p.clear();
             }
         });
         self.tracker.unlock_after_fork_child();
-        self.warned.store(false, Ordering::Relaxed);
-        self.ledger.disown();
-        self.ledger.claim(pid, start_time)
+        let mut full = Vec::new();
+        for account in &self.accounts {
+            account.warned.store(false, Ordering::Relaxed);
+            account.ledger.disown();
+            if account.ledger.claim(pid, start_time).is_none() {
+                full.push(account.uuid.as_str());
+            }
+        }
+        full
     }
 }
 
@@ -330,76 +528,224 @@ mod tests {
     use super::*;
     use crate::ledger::private_words;
 
-    fn guard(limit: u64) -> Guard {
-        let l = Ledger::new(private_words(limit, "")).unwrap();
+    fn probes(pool_reserved: fn(u64) -> Option<u64>) -> Probes {
+        Probes {
+            liveness: |_, _| Liveness::Alive,
+            pool_reserved,
+            device_uuid: |dev| match dev {
+                0 => Ok("GPU-a".into()),
+                1 => Ok("GPU-b".into()),
+                2 => Ok("GPU-c".into()),
+                _ => Err("CUDA error 101".into()),
+            },
+        }
+    }
+
+    fn account(uuid: &str, limit: u64) -> Account {
+        let l = Ledger::new(private_words(limit, uuid)).unwrap();
         l.claim(1, 1);
-        Guard::new(limit, l, |_, _| Liveness::Alive, |_| Some(0))
+        Account::new(uuid, limit, l)
+    }
+
+    fn guard(limit: u64) -> Guard {
+        Guard::new(
+            vec![account("", limit)],
+            Mapping::Container,
+            probes(|_| Some(0)),
+        )
+        .unwrap()
+    }
+
+    /// GPU-a limited to 100, GPU-b to 200; GPU-c (device 2) has no entry.
+    fn per_gpu() -> Guard {
+        Guard::new(
+            vec![account("GPU-a", 100), account("GPU-b", 200)],
+            Mapping::PerGpu,
+            probes(|_| Some(0)),
+        )
+        .unwrap()
     }
 
     #[test]
     fn alloc_free_cycle() {
         let g = guard(100);
-        g.reserve(60).unwrap();
-        g.track(Kind::DevicePtr, 0xa, 60);
-        assert!(g.reserve(41).is_err());
+        g.reserve(0, 60).unwrap();
+        g.track(Kind::DevicePtr, 0xa, 0, 60);
+        assert!(g.reserve(0, 41).is_err());
         let e = g.untrack(Kind::DevicePtr, 0xa).unwrap();
         g.freed(e);
-        assert_eq!(g.used(), 0);
-        assert_eq!(g.mem_info(1000), (100, 100));
-        assert_eq!(g.mem_info(30), (30, 100));
+        assert_eq!(g.used(0), 0);
+        assert_eq!(g.mem_info(Some(0), 1000), (100, 100));
+        assert_eq!(g.mem_info(Some(0), 30), (30, 100));
+    }
+
+    #[test]
+    fn one_limit_for_the_container_maps_every_device_to_one_account() {
+        let g = guard(100);
+        assert_eq!(g.mapping(), Mapping::Container);
+        for dev in [0, 1, 7, -1, 100_000] {
+            assert_eq!(g.account_of_device(dev), Some(0), "device {dev}");
+        }
+        assert_eq!(g.account_of_uuid("GPU-anything"), Some(0));
+    }
+
+    #[test]
+    fn per_gpu_limits_hold_independently() {
+        let g = per_gpu();
+        let (a, b) = (
+            g.account_of_device(0).unwrap(),
+            g.account_of_device(1).unwrap(),
+        );
+        assert_ne!(a, b);
+        g.reserve(a, 100).unwrap();
+        assert!(g.reserve(a, 1).is_err(), "GPU-a is full");
+        g.reserve(b, 200).unwrap();
+        assert!(g.reserve(b, 1).is_err(), "GPU-b is full at its own limit");
+        g.release(a, 40);
+        assert!(
+            g.reserve(b, 1).is_err(),
+            "freeing on GPU-a does not help GPU-b"
+        );
+        g.reserve(a, 40).unwrap();
+        assert_eq!(g.mem_info(Some(a), u64::MAX), (0, 100));
+        g.release(b, 50);
+        assert_eq!(g.mem_info(Some(b), u64::MAX), (50, 200));
+        assert_eq!(
+            g.mem_info(Some(b), 10),
+            (10, 200),
+            "the real free still caps"
+        );
+    }
+
+    #[test]
+    fn per_gpu_device_without_an_entry_is_refused_and_remembered() {
+        let g = per_gpu();
+        assert_eq!(g.account_of_device(2), None, "GPU-c has no entry");
+        assert_eq!(g.account_of_device(2), None, "remembered");
+        assert_eq!(g.account_of_device(5), None, "UUID unreadable");
+        assert_eq!(g.account_of_device(-1), None);
+        assert_eq!(g.account_of_device(100_000), None);
+        assert_eq!(g.mem_info(None, 1000), (0, 0));
+        assert_eq!(g.account_of_uuid("GPU-b"), Some(1));
+        assert_eq!(g.account_of_uuid("GPU-c"), None);
+        assert_eq!(g.account_of_device(1), Some(1));
+        assert_eq!(g.account_of_device(1), Some(1), "cached");
+    }
+
+    #[test]
+    fn frees_go_back_to_the_account_charged() {
+        let g = per_gpu();
+        g.reserve(1, 150).unwrap();
+        g.track(Kind::DevicePtr, 0x10, 1, 150);
+        g.charge(Kind::Module, 0x20, 0, 30);
+        assert_eq!((g.used(0), g.used(1)), (30, 150));
+        g.freed(g.untrack(Kind::DevicePtr, 0x10).unwrap());
+        assert_eq!((g.used(0), g.used(1)), (30, 0));
+        g.freed(g.untrack(Kind::Module, 0x20).unwrap());
+        assert_eq!((g.used(0), g.used(1)), (0, 0));
+        // A handle reused without a free releases the old charge where it was made.
+        g.reserve(0, 10).unwrap();
+        g.track(Kind::DevicePtr, 0x30, 0, 10);
+        g.reserve(1, 20).unwrap();
+        g.track(Kind::DevicePtr, 0x30, 1, 20);
+        assert_eq!((g.used(0), g.used(1)), (0, 20));
+    }
+
+    #[test]
+    fn pools_stay_with_their_account() {
+        let g = per_gpu();
+        let (acct, reused) = g.reserve_async(1, 7, 120).unwrap();
+        assert_eq!((acct, reused), (1, 0));
+        g.track_async(0xb, 7, acct, 120);
+        g.freed(g.untrack(Kind::DevicePtr, 0xb).unwrap());
+        assert_eq!((g.used(0), g.used(1)), (0, 120), "retained on GPU-b");
+        let (acct, reused) = g.reserve_async(0, 7, 100).unwrap();
+        assert_eq!(
+            (acct, reused),
+            (1, 100),
+            "the pool's account, its retained bytes"
+        );
+        g.async_failed(7, acct, 100, reused, true);
+        g.reconcile_pool(7, Some(0));
+        assert_eq!((g.used(0), g.used(1)), (0, 0));
+    }
+
+    #[test]
+    fn primary_contexts_are_charged_to_their_device() {
+        let g = per_gpu();
+        g.primary_retained(1, 1, || 70);
+        g.primary_retained(1, 1, || 70);
+        g.primary_retained(0, 0, || 5);
+        assert_eq!((g.used(0), g.used(1)), (5, 70));
+        g.primary_released(1, true);
+        assert_eq!((g.used(0), g.used(1)), (5, 0));
     }
 
     #[test]
     fn pool_memory_stays_charged_until_reconciled() {
         let g = guard(100);
-        let reused = g.reserve_async(7, 40).unwrap();
+        let (a, reused) = g.reserve_async(0, 7, 40).unwrap();
         assert_eq!(reused, 0);
-        g.track_async(0xb, 7, 40);
+        g.track_async(0xb, 7, a, 40);
         let e = g.untrack(Kind::DevicePtr, 0xb).unwrap();
         g.freed(e);
-        assert_eq!(g.used(), 40, "freed into the pool: still charged");
-        assert_eq!(g.reserve_async(7, 30).unwrap(), 30, "reuses retained bytes");
-        g.track_async(0xc, 7, 30);
+        assert_eq!(g.used(0), 40, "freed into the pool: still charged");
+        assert_eq!(
+            g.reserve_async(0, 7, 30).unwrap(),
+            (0, 30),
+            "reuses retained bytes"
+        );
+        g.track_async(0xc, 7, 0, 30);
         g.freed(g.untrack(Kind::DevicePtr, 0xc).unwrap());
         // a synchronous allocation that needs the retained bytes: reconciled (pool holds 0)
-        g.reserve(90).unwrap();
-        assert_eq!(g.used(), 90);
+        g.reserve(0, 90).unwrap();
+        assert_eq!(g.used(0), 90);
     }
 
     #[test]
     fn trim_keeps_at_most_requested() {
         let l = Ledger::new(private_words(100, "")).unwrap();
-        let g = Guard::new(100, l, |_, _| Liveness::Alive, |_| None);
-        g.reserve_async(3, 50).unwrap();
-        g.track_async(0x1, 3, 50);
+        let g = Guard::new(
+            vec![Account::new("", 100, l)],
+            Mapping::Container,
+            probes(|_| None),
+        )
+        .unwrap();
+        g.reserve_async(0, 3, 50).unwrap();
+        g.track_async(0x1, 3, 0, 50);
         g.freed(g.untrack(Kind::DevicePtr, 0x1).unwrap());
         g.reconcile_pool(3, Some(20));
-        assert_eq!(g.used(), 20);
+        assert_eq!(g.used(0), 20);
         g.reconcile_pool(3, Some(0));
-        assert_eq!(g.used(), 0);
+        assert_eq!(g.used(0), 0);
     }
 
     #[test]
     fn primary_context_charged_once() {
         let g = guard(1000);
-        g.primary_retained(0, || 100);
-        g.primary_retained(0, || 100);
-        assert_eq!(g.used(), 100);
+        g.primary_retained(0, 0, || 100);
+        g.primary_retained(0, 0, || 100);
+        assert_eq!(g.used(0), 100);
         g.primary_released(0, false);
-        assert_eq!(g.used(), 100);
+        assert_eq!(g.used(0), 100);
         g.primary_released(0, false);
-        assert_eq!(g.used(), 0);
-        g.primary_retained(0, || 50);
+        assert_eq!(g.used(0), 0);
+        g.primary_retained(0, 0, || 50);
         g.primary_released(0, true);
-        assert_eq!(g.used(), 0);
+        assert_eq!(g.used(0), 0);
     }
 
     #[test]
     fn charge_may_exceed_limit_and_then_refuses() {
         let g = guard(100);
-        g.charge(Kind::Context, 9, 150);
-        assert_eq!(g.reserve(1).unwrap_err().used, 150);
+        g.charge(Kind::Context, 9, 0, 150);
+        assert_eq!(g.reserve(0, 1).unwrap_err().used, 150);
         g.freed(g.untrack(Kind::Context, 9).unwrap());
-        assert!(g.reserve(100).is_ok());
+        assert!(g.reserve(0, 100).is_ok());
+    }
+
+    #[test]
+    fn no_account_no_guard() {
+        assert!(Guard::new(Vec::new(), Mapping::PerGpu, probes(|_| None)).is_none());
     }
 }

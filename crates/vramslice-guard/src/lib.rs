@@ -1,14 +1,15 @@
 //! `libvramslice_guard.so`: preloaded into a container's processes, it enforces the container's
 //! VRAM limit at the CUDA driver API.
 //!
-//! Data enters through the environment (`VRAMSLICE_VRAM_LIMIT_BYTES`, `VRAMSLICE_ACCOUNTING_DIR`,
-//! `VRAMSLICE_REAL_LIBCUDA`, see [`config`]) and through every interposed driver call (sizes,
-//! handles); it leaves as the real driver's results, `CUDA_ERROR_OUT_OF_MEMORY` for requests
-//! past the limit, virtualised memory information, and the shared accounting file whose layout
-//! is `vramslice_core::container::accounting` (read by the device plugin and the sidecar).
+//! Data enters through the limit file and the environment (`VRAMSLICE_VRAM_LIMIT_BYTES`,
+//! `VRAMSLICE_VRAM_LIMITS`, `VRAMSLICE_ACCOUNTING_DIR`, `VRAMSLICE_REAL_LIBCUDA`, see [`config`])
+//! and through every interposed driver call (sizes, handles, devices and their UUIDs); it leaves
+//! as the real driver's results, `CUDA_ERROR_OUT_OF_MEMORY` for requests past a limit,
+//! virtualised memory information per device, and the shared accounting files whose layout is
+//! `vramslice_core::container::accounting` (read by the device plugin and the sidecar).
 //!
-//! Safe modules decide ([`config`], [`ledger`], [`tracker`], [`guard`], [`sizes`]); the one
-//! module `ffi` owns every raw pointer, exported symbol, `dlsym` lookup and `mmap`.
+//! Safe modules decide ([`config`], [`ledger`], [`tracker`], [`guard`], [`sizes`], [`device`]);
+//! the one module `ffi` owns every raw pointer, exported symbol, `dlsym` lookup and `mmap`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 /// Writes one line to stderr, ignoring failure (`eprintln!` panics when stderr is closed, and
@@ -23,6 +24,7 @@ macro_rules! log {
 }
 
 pub mod config;
+pub mod device;
 #[cfg(not(test))]
 mod ffi;
 pub mod guard;

@@ -39,6 +39,19 @@ pub struct Entry {
     pub bytes: u64,
     /// The memory pool it came from (async allocations), or a reference count (primary contexts).
     pub extra: u64,
+    /// The account the bytes are charged to (see `crate::guard::AccountId`).
+    pub account: usize,
+}
+
+impl Entry {
+    /// `bytes` charged to `account`, nothing extra.
+    pub fn new(bytes: u64, account: usize) -> Entry {
+        Entry {
+            bytes,
+            extra: 0,
+            account,
+        }
+    }
 }
 
 /// A multiply-shift hasher: keys are addresses, already well spread in their middle bits.
@@ -170,14 +183,8 @@ mod tests {
     #[test]
     fn kinds_do_not_collide() {
         let t = Tracker::default();
-        assert_eq!(
-            t.insert(Kind::DevicePtr, 0x1000, Entry { bytes: 1, extra: 0 }),
-            None
-        );
-        assert_eq!(
-            t.insert(Kind::Array, 0x1000, Entry { bytes: 2, extra: 0 }),
-            None
-        );
+        assert_eq!(t.insert(Kind::DevicePtr, 0x1000, Entry::new(1, 0)), None);
+        assert_eq!(t.insert(Kind::Array, 0x1000, Entry::new(2, 0)), None);
         assert_eq!(t.remove(Kind::DevicePtr, 0x1000).map(|e| e.bytes), Some(1));
         assert_eq!(t.remove(Kind::DevicePtr, 0x1000), None);
         assert_eq!(t.len(), 1);
@@ -190,6 +197,7 @@ mod tests {
             Some(Entry {
                 bytes: 5,
                 extra: e.map_or(1, |e| e.extra + 1),
+                account: 0,
             })
         };
         t.update(Kind::Primary, 0, bump);
@@ -201,7 +209,7 @@ mod tests {
     #[test]
     fn fork_protocol_clears_in_child_keeps_in_parent() {
         let t: &'static Tracker = Box::leak(Box::default());
-        t.insert(Kind::DevicePtr, 1, Entry { bytes: 1, extra: 0 });
+        t.insert(Kind::DevicePtr, 1, Entry::new(1, 0));
         t.lock_for_fork();
         t.unlock_after_fork_parent();
         assert_eq!(t.len(), 1);

@@ -65,3 +65,25 @@ fn shared_account_and_fork_are_clean_under_memcheck() {
         &["fork", &(30 * MIB).to_string(), &(100 * MIB).to_string()],
     );
 }
+
+#[test]
+fn per_gpu_limits_are_clean_under_memcheck() {
+    let dir = tempfile::tempdir().unwrap();
+    let gib = 1u64 << 30;
+    let env = vec![
+        (
+            "VRAMSLICE_VRAM_LIMITS",
+            "GPU-11111111-1111-1111-1111-111111111111:1Gi,GPU-22222222-2222-2222-2222-222222222222:512Mi"
+                .to_string(),
+        ),
+        ("VRAMSLICE_ACCOUNTING_DIR", dir.path().display().to_string()),
+        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", "0".into()),
+        ("FAKE_CUDA_DEVICES", "2".into()),
+        ("FAKE_CUDA_DEVICE_BYTES", format!("{},{}", 4 * gib, 4 * gib)),
+        ("FAKE_CUDA_CTX_BYTES", "0".into()),
+    ];
+    under_valgrind(
+        &env,
+        &["multi", &gib.to_string(), &(512 * MIB).to_string(), "0"],
+    );
+}

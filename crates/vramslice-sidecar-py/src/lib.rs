@@ -203,7 +203,10 @@ impl NativeRuntime {
         };
         py.detach(|| match source {
             Source::Accounting(dir) => Ok(Self {
-                rt: Runtime::new(c, AccountingFile::in_dir(&dir)).map_err(runtime_err)?,
+                rt: {
+                    let file = AccountingFile::in_dir_for(&dir, c.gpu_uuid.as_deref());
+                    Runtime::new(c, file).map_err(runtime_err)?
+                },
                 manual: None,
                 usage_kind: "accounting",
             }),

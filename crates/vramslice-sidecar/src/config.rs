@@ -4,7 +4,9 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `VRAMSLICE_VRAM_LIMIT_BYTES` | the container's limit (set by the device plugin); with a limit file it can only lower it | the GPU's total |
-//! | `VRAMSLICE_LIMIT_FILE` | the device plugin's read-only limit file, read besides `/var/run/vramslice/limit` (the guard's rule: `vramslice_core::container::limit::resolve_limit`) | none |
+//! | `VRAMSLICE_VRAM_LIMITS` | per-GPU limits, `<uuid>:<bytes>,...`; with a limit file each only lowers its GPU's limit | none |
+//! | `VRAMSLICE_GPU_UUID` | under per-GPU limits: the GPU this runtime admits for, when it is listed | the first GPU listed |
+//! | `VRAMSLICE_LIMIT_FILE` | the device plugin's read-only limit file, read besides `/var/run/vramslice/limit` (the guard's rule: `vramslice_core::container::limit::resolve_limits`) | none |
 //! | `VRAMSLICE_ACCOUNTING_DIR` | the guard's accounting directory (usage source) | `cuMemGetInfo` |
 //! | `VRAMSLICE_PROFILE_DIR` | where learned peaks persist | in memory only |
 //! | `VRAMSLICE_HIGH_WATER` | fraction of the limit admitted at once | `0.85` |
@@ -15,11 +17,21 @@
 //! | `VRAMSLICE_OOM_RETRIES` | retries after out-of-memory | `3` |
 //! | `VRAMSLICE_OOM_BACKOFF` | first backoff wait; doubles, capped at 4× | `500ms` |
 //! | `VRAMSLICE_METRICS_ADDR` | `host:port` to serve `/metrics` on | not served |
+//!
+//! One runtime admits against one GPU's limit. Under one limit for the container (the limit
+//! file's `limit=`, `VRAMSLICE_VRAM_LIMIT_BYTES`) that is the limit. Under per-GPU limits (the
+//! limit file's `limits=`, `VRAMSLICE_VRAM_LIMITS`) it is the limit of the GPU
+//! `VRAMSLICE_GPU_UUID` names when that GPU is listed, otherwise of the first GPU listed; the
+//! accounting-file usage source then reads that GPU's accounting file. A server spanning several
+//! GPUs (tensor parallelism) admits by that one GPU's slice: give every GPU of such a server the
+//! same limit, or run one runtime per GPU with `VRAMSLICE_GPU_UUID` set for each.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vramslice_core::container::limit::{FileRead, limit_file_paths, resolve_limit};
+use vramslice_core::container::limit::{
+    FileRead, GpuLimits, LimitEnv, Limits, limit_file_paths, resolve_limits,
+};
 use vramslice_core::names::env;
 use vramslice_core::{parse_bytes, parse_duration};
 
@@ -28,8 +40,12 @@ use crate::policy::{Backoff, Policy};
 /// Everything a [`Runtime`](crate::Runtime) needs besides its usage source.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// The container's limit in bytes; `None` means the usage source's total (the GPU's size).
+    /// The limit in bytes (the GPU's under per-GPU limits); `None` means the usage source's
+    /// total (the GPU's size).
     pub limit: Option<u64>,
+    /// Under per-GPU limits, the GPU whose limit [`Config::limit`] is (see the module doc);
+    /// `None` under one limit for the container.
+    pub gpu_uuid: Option<String>,
     /// Where the guard writes accounting; `None` means ask the CUDA driver.
     pub accounting_dir: Option<PathBuf>,
     /// Where learned peaks persist; `None` keeps them in memory.
@@ -54,6 +70,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             limit: None,
+            gpu_uuid: None,
             accounting_dir: None,
             profile_dir: None,
             policy: Policy::default(),
@@ -125,8 +142,20 @@ impl Config {
                 (path, outcome)
             })
             .collect();
+        let env_limits = get(env::VRAM_LIMITS);
+        if let Some(v) = &env_limits {
+            GpuLimits::parse_env(v).map_err(|e| bad(env::VRAM_LIMITS, v, e.to_string()))?;
+        }
         let mut notes = Vec::new();
-        c.limit = resolve_limit(env_limit.as_deref(), &files, &mut notes).limit;
+        let resolved = resolve_limits(
+            LimitEnv {
+                limit_bytes: env_limit.as_deref(),
+                limits: env_limits.as_deref(),
+            },
+            &files,
+            &mut notes,
+        );
+        (c.limit, c.gpu_uuid) = limit_of_one_gpu(&resolved.limits, get(env::GPU_UUID).as_deref());
         for note in notes {
             tracing::warn!(note = %note, "vramslice sidecar limit");
         }
@@ -183,6 +212,21 @@ impl Config {
     /// Read the process environment and the limit files.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|var| std::env::var(var).ok(), read_limit_file)
+    }
+}
+
+/// The limit a runtime admits against, and under per-GPU limits the GPU it is for: the GPU
+/// `preferred` names when it is listed, otherwise the first listed.
+pub fn limit_of_one_gpu(limits: &Limits, preferred: Option<&str>) -> (Option<u64>, Option<String>) {
+    match limits {
+        Limits::Unlimited => (None, None),
+        Limits::Single(limit) => (Some(*limit), None),
+        Limits::PerGpu(gpus) => {
+            let (uuid, limit) = preferred
+                .and_then(|p| gpus.iter().find(|(u, _)| *u == p.trim()))
+                .unwrap_or_else(|| gpus.first());
+            (Some(limit), Some(uuid.to_owned()))
+        }
     }
 }
 
@@ -250,6 +294,70 @@ mod tests {
         assert_eq!(limit(got), Some(8 << 30));
     }
 
+    /// Per-GPU limits: the runtime takes one GPU's limit by the same rule as the guard — the
+    /// GPU `VRAMSLICE_GPU_UUID` names, else the first listed — and the environment lowers
+    /// only the GPU it names.
+    #[test]
+    fn per_gpu_limits_give_the_limit_of_one_gpu() {
+        let file = |p: &Path| match p.to_str() {
+            Some("/var/run/vramslice/limit") => {
+                FileRead::Text("limits=GPU-a:4294967296,GPU-b:2147483648\n".into())
+            }
+            _ => FileRead::Missing,
+        };
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            Config::from_lookup(
+                move |k: &str| {
+                    pairs
+                        .iter()
+                        .find(|(n, _)| *n == k)
+                        .map(|(_, v)| v.to_string())
+                },
+                file,
+            )
+            .unwrap()
+        };
+        let c = with(&[]);
+        assert_eq!(
+            (c.limit, c.gpu_uuid.as_deref()),
+            (Some(4 << 30), Some("GPU-a"))
+        );
+        let c = with(&[("VRAMSLICE_GPU_UUID", "GPU-b")]);
+        assert_eq!(
+            (c.limit, c.gpu_uuid.as_deref()),
+            (Some(2 << 30), Some("GPU-b"))
+        );
+        let c = with(&[("VRAMSLICE_GPU_UUID", "GPU-elsewhere")]);
+        assert_eq!(
+            (c.limit, c.gpu_uuid.as_deref()),
+            (Some(4 << 30), Some("GPU-a"))
+        );
+        // The environment lowers the GPU it names, and cannot raise one.
+        let c = with(&[("VRAMSLICE_VRAM_LIMITS", "GPU-a:1Gi,GPU-b:8Gi")]);
+        assert_eq!(
+            (c.limit, c.gpu_uuid.as_deref()),
+            (Some(1 << 30), Some("GPU-a"))
+        );
+        let c = with(&[
+            ("VRAMSLICE_VRAM_LIMITS", "GPU-a:1Gi,GPU-b:8Gi"),
+            ("VRAMSLICE_GPU_UUID", "GPU-b"),
+        ]);
+        assert_eq!(c.limit, Some(2 << 30));
+        // One limit for the container: no GPU chosen, as before.
+        let c = Config::from_lookup(
+            |k| (k == "VRAMSLICE_GPU_UUID").then(|| "GPU-a".to_string()),
+            |_| FileRead::Text("limit=1073741824\ngpu=GPU-a\n".into()),
+        )
+        .unwrap();
+        assert_eq!((c.limit, c.gpu_uuid), (Some(1 << 30), None));
+        // No file: the environment's per-GPU limits alone.
+        let c = read(&[("VRAMSLICE_VRAM_LIMITS", "GPU-x:3Gi,GPU-y:1Gi")]).unwrap();
+        assert_eq!(
+            (c.limit, c.gpu_uuid.as_deref()),
+            (Some(3 << 30), Some("GPU-x"))
+        );
+    }
+
     #[test]
     fn empty_environment_gives_defaults() {
         assert_eq!(read(&[]).unwrap(), Config::default());
@@ -309,6 +417,8 @@ mod tests {
             ("VRAMSLICE_QUEUE_TIMEOUT", "soon"),
             ("VRAMSLICE_OOM_RETRIES", "-1"),
             ("VRAMSLICE_OOM_BACKOFF", "x"),
+            ("VRAMSLICE_VRAM_LIMITS", "GPU-a:1Gi,GPU-a:2Gi"),
+            ("VRAMSLICE_VRAM_LIMITS", "GPU-a"),
         ] {
             let err = read(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

@@ -315,3 +315,44 @@ fn without_a_limit_the_gpu_total_is_the_budget() {
         "{err}"
     );
 }
+
+/// Under per-GPU limits the runtime admits by one GPU's slice — the GPU `VRAMSLICE_GPU_UUID`
+/// names — and reads that GPU's accounting file (the guard keeps one per GPU).
+#[test]
+fn per_gpu_limits_admit_by_the_named_gpus_slice() {
+    use vramslice_core::container::accounting::{gpu_accounting_file_name, header, initial_image};
+    use vramslice_core::container::limit::{FileRead, limits_file_content};
+    let dir = tempfile::tempdir().unwrap();
+    let dir_text = dir.path().display().to_string();
+    let env = move |k: &str| match k {
+        "VRAMSLICE_GPU_UUID" => Some("GPU-b".to_string()),
+        "VRAMSLICE_ACCOUNTING_DIR" => Some(dir_text.clone()),
+        _ => None,
+    };
+    let file = limits_file_content(&[("GPU-a", 8 * GIB), ("GPU-b", 4 * GIB)]).unwrap();
+    let config = Config::from_lookup(env, |p| {
+        if p.ends_with("vramslice/limit") {
+            FileRead::Text(file.clone())
+        } else {
+            FileRead::Missing
+        }
+    })
+    .unwrap();
+    assert_eq!(config.gpu_uuid.as_deref(), Some("GPU-b"));
+    // The guard's file for GPU-b says 1 GiB is in use there.
+    let mut image = initial_image(4 * GIB, "GPU-b", 4);
+    let at = header::USED * 8;
+    image[at..at + 8].copy_from_slice(&GIB.to_le_bytes());
+    std::fs::write(dir.path().join(gpu_accounting_file_name("GPU-b")), image).unwrap();
+    let source = vramslice_sidecar::usage::AccountingFile::in_dir_for(
+        config.accounting_dir.as_deref().unwrap(),
+        config.gpu_uuid.as_deref(),
+    );
+    let rt = Runtime::new(config, source).unwrap();
+    assert_eq!(rt.limit(), 4 * GIB, "GPU-b's limit, not GPU-a's");
+    assert_eq!(rt.stats().live, GIB, "GPU-b's usage");
+    let err = rt
+        .admit_blocking(&Job::new("big").need(5 * GIB))
+        .unwrap_err();
+    assert!(err.to_string().contains("limit 4.0 GiB"), "{err}");
+}

@@ -1,7 +1,8 @@
 //! Layout of the per-container accounting file shared by the guard (writer), the device plugin
 //! and the sidecar (readers), and a safe parser for it.
 //!
-//! The file is `ACCOUNTING_FILE_NAME` inside `VRAMSLICE_ACCOUNTING_DIR`. It is an array of
+//! The file is `ACCOUNTING_FILE_NAME` inside `VRAMSLICE_ACCOUNTING_DIR` (under per-GPU limits one
+//! file per GPU, [`gpu_accounting_file_name`]). It is an array of
 //! little-endian 64-bit words so that the guard can update every counter with one atomic
 //! instruction on a shared memory mapping; this module only describes the words and validates
 //! a byte image of them, it never touches a file.
@@ -34,6 +35,15 @@ use thiserror::Error;
 
 /// File name of the accounting file inside the accounting directory.
 pub const ACCOUNTING_FILE_NAME: &str = "vramslice-accounting.v1";
+/// File name of one GPU's accounting file under per-GPU limits (`limits=` in the limit file, or
+/// `VRAMSLICE_VRAM_LIMITS`): `vramslice-accounting.v1.<uuid>` inside the accounting directory,
+/// one file of this layout per GPU, its header recording that GPU's UUID and limit. `uuid` is a
+/// UUID of `vramslice_core::container::limit::GpuLimits`, which is always a safe file-name part.
+/// Under one limit for the container the file is [`ACCOUNTING_FILE_NAME`] itself.
+pub fn gpu_accounting_file_name(gpu_uuid: &str) -> String {
+    format!("{ACCOUNTING_FILE_NAME}.{gpu_uuid}")
+}
+
 /// First eight bytes of the file.
 pub const MAGIC: [u8; 8] = *b"VRSLACCT";
 /// Layout version this module describes.

@@ -3,30 +3,60 @@
 //! (which enforces the limit) and the sidecar runtime (which admits jobs within it) both decide
 //! their limit here, so they cannot disagree.
 //!
-//! Data enters as file texts already read ([`FileRead`]) and the environment's value; it leaves
-//! as a [`ResolvedLimit`] and messages for the caller to print. No I/O happens here.
+//! A limit file holds either one limit for the container (`limit=<bytes>`, optionally
+//! `gpu=<uuid>`) or a limit per GPU (`limits=<uuid>:<bytes>,<uuid>:<bytes>,...`, see
+//! [`GpuLimits`]). The rule is [`resolve_limits`].
+//!
+//! Data enters as file texts already read ([`FileRead`]) and the environment's values
+//! ([`LimitEnv`]); it leaves as [`ResolvedLimits`] and messages for the caller to print. No I/O
+//! happens here.
 
-use crate::names::env;
+mod gpus;
+mod resolve;
+
+pub use gpus::{GPU_UUID_MAX_LEN, GpuLimits, GpuLimitsError};
+pub use resolve::{LimitEnv, Limits, ResolvedLimits, resolve_limits};
+
 use crate::node::allocation::LIMIT_FILE_CONTAINER_PATH;
 
 /// What the plugin's limit file says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitFile {
-    /// The container's limit in bytes.
-    pub limit_bytes: u64,
-    /// The GPU the limit is on.
-    pub gpu_uuid: String,
+pub enum LimitFile {
+    /// `limit=<bytes>` (and `gpu=<uuid>`): one limit for the whole container, whatever device.
+    Single {
+        /// The container's limit in bytes.
+        limit_bytes: u64,
+        /// The GPU the limit is on (empty when the file names none).
+        gpu_uuid: String,
+    },
+    /// `limits=<uuid>:<bytes>,...`: a limit per GPU; a GPU not listed gets nothing.
+    PerGpu(GpuLimits),
 }
 
 /// Why a limit file's text is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitFileError {
-    /// No `limit=` line.
-    #[error("limit file has no \"limit=<bytes>\" line")]
+    /// Neither a `limit=` nor a `limits=` line.
+    #[error("limit file has no \"limit=<bytes>\" or \"limits=<uuid>:<bytes>,...\" line")]
     MissingLimit,
     /// The limit is not a decimal byte count.
     #[error("limit file's limit {0:?} is not a decimal byte count")]
     BadLimit(String),
+    /// The `limits=` value is not a valid per-GPU list.
+    #[error("limit file's limits= value is invalid: {0}")]
+    BadLimits(GpuLimitsError),
+    /// Both forms in one file: `limits=` with `limit=` or `gpu=`.
+    #[error(
+        "limit file line {line} ({key}=) conflicts with its {other}= line: a limit file holds either limit= (with gpu=) or limits=, not both"
+    )]
+    Conflict {
+        /// 1-based line number of the later of the two.
+        line: usize,
+        /// The later line's key.
+        key: String,
+        /// The earlier conflicting key.
+        other: String,
+    },
     /// A line that is not `key=value`, an unknown key, or a key given twice.
     #[error("limit file line {line} is invalid: {text:?}")]
     BadLine {
@@ -40,16 +70,37 @@ pub enum LimitFileError {
     TooLong(usize),
 }
 
-/// Largest limit file accepted (the plugin writes well under 200 bytes).
+/// Largest limit file accepted (the plugin writes well under 200 bytes per GPU).
 pub const LIMIT_FILE_MAX_BYTES: usize = 4096;
 
-/// The text of an allocation's limit file: `limit=<bytes>` and `gpu=<uuid>` lines.
+/// The text of a single-GPU allocation's limit file: `limit=<bytes>` and `gpu=<uuid>` lines.
 pub fn limit_file_content(limit_bytes: u64, gpu_uuid: &str) -> String {
     format!("limit={limit_bytes}\ngpu={gpu_uuid}\n")
 }
 
-/// Parses a limit file strictly: `key=value` lines (`limit` required, `gpu` optional, each at
-/// most once), blank lines and `#` comments ignored. Never panics.
+/// The text of a limit file giving each GPU its limit: `limits=<uuid>:<bytes>,...` on one line.
+/// A single entry is written in the single-GPU form ([`limit_file_content`]), which readers of
+/// the old form understand (one limit for the container and its one accounting file).
+///
+/// # Errors
+/// [`GpuLimitsError`]: no entry, an invalid UUID, or a UUID twice.
+pub fn limits_file_content<S: AsRef<str>>(limits: &[(S, u64)]) -> Result<String, GpuLimitsError> {
+    let gpus = GpuLimits::new(limits.iter().map(|(u, b)| (u.as_ref(), *b)))?;
+    Ok(gpu_limits_file_content(&gpus))
+}
+
+/// [`limits_file_content`] of an already valid list.
+pub fn gpu_limits_file_content(gpus: &GpuLimits) -> String {
+    if gpus.len() == 1 {
+        let (uuid, bytes) = gpus.first();
+        limit_file_content(bytes, uuid)
+    } else {
+        format!("limits={gpus}\n")
+    }
+}
+
+/// Parses a limit file strictly: `key=value` lines, blank lines and `#` comments ignored. Keys:
+/// `limit` (with an optional `gpu`), or `limits` alone; each at most once. Never panics.
 ///
 /// # Errors
 /// [`LimitFileError`] naming the first problem.
@@ -59,6 +110,9 @@ pub fn parse_limit_file(text: &str) -> Result<LimitFile, LimitFileError> {
     }
     let mut limit: Option<u64> = None;
     let mut gpu: Option<String> = None;
+    let mut limits: Option<GpuLimits> = None;
+    // The first single-form key seen, and whether `limits` came first.
+    let mut single_key: Option<&'static str> = None;
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -69,21 +123,39 @@ pub fn parse_limit_file(text: &str) -> Result<LimitFile, LimitFileError> {
             text: raw.to_string(),
         };
         let (key, value) = line.split_once('=').ok_or_else(bad)?;
-        match key.trim() {
+        let key = key.trim();
+        let conflict = |other: &str| LimitFileError::Conflict {
+            line: i + 1,
+            key: key.to_string(),
+            other: other.to_string(),
+        };
+        match key {
+            "limit" | "gpu" if limits.is_some() => return Err(conflict("limits")),
+            "limits" if limits.is_none() => {
+                if let Some(other) = single_key {
+                    return Err(conflict(other));
+                }
+                limits = Some(GpuLimits::parse(value).map_err(LimitFileError::BadLimits)?);
+            }
             "limit" if limit.is_none() => {
                 let value = value.trim();
-                let parsed = if value.bytes().all(|b| b.is_ascii_digit()) {
-                    value.parse::<u64>().ok()
-                } else {
-                    None
-                };
-                limit = Some(parsed.ok_or_else(|| LimitFileError::BadLimit(value.to_string()))?);
+                limit = Some(
+                    gpus::decimal_bytes(value)
+                        .map_err(|_| LimitFileError::BadLimit(value.to_string()))?,
+                );
+                single_key.get_or_insert("limit");
             }
-            "gpu" if gpu.is_none() => gpu = Some(value.trim().to_string()),
+            "gpu" if gpu.is_none() => {
+                gpu = Some(value.trim().to_string());
+                single_key.get_or_insert("gpu");
+            }
             _ => return Err(bad()),
         }
     }
-    Ok(LimitFile {
+    if let Some(gpus) = limits {
+        return Ok(LimitFile::PerGpu(gpus));
+    }
+    Ok(LimitFile::Single {
         limit_bytes: limit.ok_or(LimitFileError::MissingLimit)?,
         gpu_uuid: gpu.unwrap_or_default(),
     })
@@ -122,92 +194,6 @@ pub fn limit_file_paths(env_limit_file: Option<&str>) -> Vec<String> {
         paths.push(p.to_owned());
     }
     paths
-}
-
-/// Where the limit came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedLimit {
-    /// The limit; `None` = no limit (pass-through).
-    pub limit: Option<u64>,
-    /// GPU UUID a valid limit file named (empty when none did).
-    pub file_gpu_uuid: String,
-}
-
-/// The one rule deciding the limit, from the environment's `VRAMSLICE_VRAM_LIMIT_BYTES` and each
-/// limit file read (path, outcome). Messages for the caller to print go to `msgs`.
-///
-/// - Each limit file that exists must parse: its limit counts; one that cannot be read or
-///   parsed fails closed (counts as limit 0, with a message). Missing files do not count.
-/// - With at least one file counted, the limit is the smallest file limit, lowered further by a
-///   valid environment limit; an environment limit above it is ignored (with a message).
-/// - With no file, the environment alone decides: unset or empty = no limit, malformed = no
-///   limit with a message.
-pub fn resolve_limit(
-    env_limit: Option<&str>,
-    files: &[(String, FileRead)],
-    msgs: &mut Vec<String>,
-) -> ResolvedLimit {
-    let mut file_limit: Option<u64> = None;
-    let mut file_gpu_uuid = String::new();
-    for (path, read) in files {
-        let this = match read {
-            FileRead::Missing => continue,
-            FileRead::Error(e) => {
-                msgs.push(format!(
-                    "limit file {path} cannot be read ({e}); failing closed: every allocation is refused"
-                ));
-                0
-            }
-            FileRead::Text(text) => match parse_limit_file(text) {
-                Ok(parsed) => {
-                    if file_gpu_uuid.is_empty() {
-                        file_gpu_uuid = parsed.gpu_uuid;
-                    }
-                    parsed.limit_bytes
-                }
-                Err(e) => {
-                    msgs.push(format!(
-                        "limit file {path}: {e}; failing closed: every allocation is refused"
-                    ));
-                    0
-                }
-            },
-        };
-        file_limit = Some(file_limit.map_or(this, |l| l.min(this)));
-    }
-    let name = env::VRAM_LIMIT_BYTES;
-    let env = match env_limit {
-        None => None,
-        Some(v) if v.trim().is_empty() => None,
-        Some(v) => Some(
-            crate::parse_bytes(v.trim()).map_err(|e| format!("{name}={v:?} is malformed: {e}")),
-        ),
-    };
-    let limit = match (file_limit, env) {
-        (None, None) => None,
-        (None, Some(Ok(bytes))) => Some(bytes),
-        (None, Some(Err(e))) => {
-            msgs.push(format!("{e}; the limit is NOT enforced (pass-through)"));
-            None
-        }
-        (Some(file), None) => Some(file),
-        (Some(file), Some(Ok(bytes))) => {
-            if bytes > file {
-                msgs.push(format!(
-                    "{name}={bytes} is above the limit file's {file} bytes and is ignored (the environment can only lower the limit)"
-                ));
-            }
-            Some(file.min(bytes))
-        }
-        (Some(file), Some(Err(e))) => {
-            msgs.push(format!("{e}; using the limit file's {file} bytes"));
-            Some(file)
-        }
-    };
-    ResolvedLimit {
-        limit,
-        file_gpu_uuid,
-    }
 }
 
 #[cfg(test)]

@@ -2,27 +2,35 @@
 #![allow(non_snake_case)]
 
 use super::types::*;
-use super::{boundary, config, guard, read_out, real_fn};
+use super::{On, account_or_refuse, boundary, config, guard, read_out, real_fn};
+use crate::guard::{AccountId, Guard, Mapping};
 use crate::sizes;
 use crate::tracker::Kind;
-use std::ffi::c_uint;
+use std::ffi::{c_int, c_uint};
 
-/// Reserve, call the real allocator, then track the handle it produced (or undo the reservation).
+/// Reserve in the account of the device the memory is `on`, call the real allocator, then track
+/// the handle it produced (or undo the reservation). A refused device gets
+/// `CUDA_ERROR_OUT_OF_MEMORY` without reaching the driver.
 #[inline(always)]
 fn counted(
+    on: On,
     bytes: u64,
     kind: Kind,
     call: impl FnOnce() -> CUresult,
     out: impl FnOnce() -> Option<u64>,
 ) -> CUresult {
     let Some(g) = guard() else { return call() };
-    if g.reserve(bytes).is_err() {
+    let a = match account_or_refuse(g, on) {
+        Ok(a) => a,
+        Err(rc) => return rc,
+    };
+    if g.reserve(a, bytes).is_err() {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     let rc = call();
     match (rc == CUDA_SUCCESS).then(out).flatten() {
-        Some(handle) => g.track(kind, handle, bytes),
-        None => g.release(bytes),
+        Some(handle) => g.track(kind, handle, a, bytes),
+        None => g.release(a, bytes),
     }
     rc
 }
@@ -60,6 +68,38 @@ fn current_pool() -> u64 {
     if ok { (pool as usize as u64).max(1) } else { 1 }
 }
 
+/// The device whose current or default memory pool `pool` is, if any.
+fn pool_device(pool: u64) -> Option<CUdevice> {
+    let r = super::real::real()?;
+    let count = r.cuDeviceGetCount?;
+    let mut n: c_int = 0;
+    // SAFETY: one out-pointer to a live local.
+    if unsafe { count(&raw mut n) } != CUDA_SUCCESS {
+        return None;
+    }
+    let getters = [r.cuDeviceGetMemPool, r.cuDeviceGetDefaultMemPool];
+    (0..n).find(|&dev| {
+        getters.iter().flatten().any(|get| {
+            let mut p: Handle = std::ptr::null_mut();
+            // SAFETY: one out-pointer to a live local; dev is an ordinal below the device count.
+            unsafe { get(&raw mut p, dev) == CUDA_SUCCESS && (p as usize as u64).max(1) == pool }
+        })
+    })
+}
+
+/// The account memory from `pool` counts toward: the one it was first charged to; for a new pool
+/// its device's (a device's current or default pool, one `cuMemPoolCreate` made), else the
+/// current device's.
+fn pool_account(g: &Guard, pool: u64) -> Result<AccountId, CUresult> {
+    if g.mapping() == Mapping::Container {
+        return Ok(0);
+    }
+    if let Some(a) = g.pool_account(pool) {
+        return Ok(a);
+    }
+    account_or_refuse(g, pool_device(pool).map_or(On::Current, On::Device))
+}
+
 #[inline(always)]
 fn async_counted(
     pool: u64,
@@ -69,7 +109,11 @@ fn async_counted(
 ) -> CUresult {
     let Some(g) = guard() else { return call() };
     let pool = pool.max(1);
-    let Ok(reused) = g.reserve_async(pool, bytes) else {
+    let a = match pool_account(g, pool) {
+        Ok(a) => a,
+        Err(rc) => return rc,
+    };
+    let Ok((a, reused)) = g.reserve_async(a, pool, bytes) else {
         return CUDA_ERROR_OUT_OF_MEMORY;
     };
     let rc = call();
@@ -78,8 +122,8 @@ fn async_counted(
         unsafe { read_out(dptr) }
     });
     match out.flatten() {
-        Some(p) => g.track_async(p, pool, bytes),
-        None => g.async_failed(pool, bytes, reused, true),
+        Some(p) => g.track_async(p, pool, a, bytes),
+        None => g.async_failed(pool, a, bytes, reused, true),
     }
     rc
 }
@@ -95,6 +139,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> C
         // SAFETY: the caller's arguments are passed unchanged to the real function of this
         // signature; dptr is read only after the driver reported success.
         counted(
+            On::Current,
             size as u64,
             Kind::DevicePtr,
             || unsafe { f(dptr, size) },
@@ -121,7 +166,7 @@ pub unsafe extern "C" fn cuMemAllocManaged(
             return call();
         }
         // SAFETY: dptr is read only after the driver reported success.
-        counted(size as u64, Kind::DevicePtr, call, || unsafe {
+        counted(On::Current, size as u64, Kind::DevicePtr, call, || unsafe {
             read_out(dptr)
         })
     })
@@ -144,8 +189,12 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
         // SAFETY: arguments forwarded unchanged to the real function of this signature.
         let call = || unsafe { f(dptr, pitch, width, height, elem) };
         let Some(g) = guard() else { return call() };
+        let a = match account_or_refuse(g, On::Current) {
+            Ok(a) => a,
+            Err(rc) => return rc,
+        };
         let first = (width as u64).saturating_mul(height as u64);
-        if g.reserve(first).is_err() {
+        if g.reserve(a, first).is_err() {
             return CUDA_ERROR_OUT_OF_MEMORY;
         }
         let rc = call();
@@ -154,19 +203,19 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
             .then(|| unsafe { read_out(dptr).zip(read_out(pitch)) })
             .flatten();
         let Some((p, real_pitch)) = out else {
-            g.release(first);
+            g.release(a, first);
             return rc;
         };
         let total = (real_pitch as u64).saturating_mul(height as u64).max(first);
-        if g.reserve(total - first).is_err() {
+        if g.reserve(a, total - first).is_err() {
             if let Some(free) = super::real::real().and_then(|r| r.cuMemFree_v2) {
                 // SAFETY: p is the allocation the driver just made; nobody else has seen it.
                 unsafe { free(p) };
             }
-            g.release(first);
+            g.release(a, first);
             return CUDA_ERROR_OUT_OF_MEMORY;
         }
-        g.track(Kind::DevicePtr, p, total);
+        g.track(Kind::DevicePtr, p, a, total);
         rc
     })
 }
@@ -273,6 +322,45 @@ pub unsafe extern "C" fn cuMemPoolTrimTo(pool: Handle, keep: usize) -> CUresult 
     })
 }
 
+/// Interposed `cuMemPoolCreate`: under per-GPU limits a pool on a device remembers that device's
+/// account (a device without one is refused); otherwise passed through.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPoolCreate(
+    pool: *mut Handle,
+    props: *const MemAllocationProp,
+) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemPoolCreate);
+        // SAFETY: arguments forwarded unchanged.
+        let call = || unsafe { f(pool, props) };
+        let Some(g) = guard().filter(|g| g.mapping() == Mapping::PerGpu) else {
+            return call();
+        };
+        // SAFETY: props is null or points at a CUmemPoolProps, whose first four ints we read.
+        let device = unsafe { props.as_ref() }
+            .filter(|p| p.location_type == CU_MEM_LOCATION_TYPE_DEVICE)
+            .map(|p| p.location_id);
+        let Some(device) = device else {
+            return call();
+        };
+        let a = match account_or_refuse(g, On::Device(device)) {
+            Ok(a) => a,
+            Err(rc) => return rc,
+        };
+        let rc = call();
+        if rc == CUDA_SUCCESS
+            // SAFETY: pool is read only after the driver reported success.
+            && let Some(p) = unsafe { read_out(pool) }
+        {
+            g.pool_created((p as usize as u64).max(1), a);
+        }
+        rc
+    })
+}
+
 /// Interposed `cuMemCreate`: counted when the location is a device.
 ///
 /// # Safety
@@ -289,15 +377,20 @@ pub unsafe extern "C" fn cuMemCreate(
         // SAFETY: arguments forwarded unchanged.
         let call = || unsafe { f(handle, size, prop, flags) };
         // SAFETY: prop is null or points at a CUmemAllocationProp, whose first four ints we read.
-        let on_device = unsafe { prop.as_ref() }
-            .is_some_and(|p| p.location_type == CU_MEM_LOCATION_TYPE_DEVICE);
-        if !on_device {
+        let device = unsafe { prop.as_ref() }
+            .filter(|p| p.location_type == CU_MEM_LOCATION_TYPE_DEVICE)
+            .map(|p| p.location_id);
+        let Some(device) = device else {
             return call();
-        }
+        };
         // SAFETY: handle is read only after the driver reported success.
-        counted(size as u64, Kind::Physical, call, || unsafe {
-            read_out(handle)
-        })
+        counted(
+            On::Device(device),
+            size as u64,
+            Kind::Physical,
+            call,
+            || unsafe { read_out(handle) },
+        )
     })
 }
 
@@ -333,7 +426,7 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
         };
         let bytes =
             sizes::array_bytes(d.width as u64, d.height as u64, 0, d.format, d.num_channels);
-        counted(bytes, Kind::Array, call, || {
+        counted(On::Current, bytes, Kind::Array, call, || {
             // SAFETY: array is read only after the driver reported success.
             unsafe { read_out(array) }.map(|h| h as usize as u64)
         })
@@ -364,7 +457,7 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
             d.format,
             d.num_channels,
         );
-        counted(bytes, Kind::Array, call, || {
+        counted(On::Current, bytes, Kind::Array, call, || {
             // SAFETY: array is read only after the driver reported success.
             unsafe { read_out(array) }.map(|h| h as usize as u64)
         })
@@ -397,7 +490,7 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
             d.num_channels,
             levels,
         );
-        counted(bytes, Kind::Mipmapped, call, || {
+        counted(On::Current, bytes, Kind::Mipmapped, call, || {
             // SAFETY: array is read only after the driver reported success.
             unsafe { read_out(array) }.map(|h| h as usize as u64)
         })

@@ -1,13 +1,20 @@
 //! Exported context, module and memory-information entry points (driver API and NVML).
 //!
 //! Contexts and modules take device memory the caller never names; the guard measures it as the
-//! drop in the real free memory across the call. A context created while no context is current
-//! cannot be measured (the driver answers memory queries only inside a context) and is charged
-//! `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` instead.
+//! drop in the real free memory across the call, and charges it to the account of the device it
+//! is on (the context's device; a module's current context's device). A context created while no
+//! context of its device is current cannot be measured (the driver answers memory queries only
+//! inside a context, for that context's device) and is charged
+//! `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` instead. Under per-GPU limits, a context or module on a
+//! device without a limit is refused with `CUDA_ERROR_OUT_OF_MEMORY`.
+//!
+//! Memory information (`cuMemGetInfo`, `cuDeviceTotalMem`, NVML) shows the slice of the device
+//! asked about: its account's limit as the total.
 #![allow(non_snake_case)]
 
 use super::types::*;
-use super::{boundary, config, guard, read_out, real_fn};
+use super::{On, account_on, account_or_refuse, boundary, config, guard, read_out, real_fn};
+use crate::guard::Mapping;
 use crate::tracker::Kind;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
@@ -20,6 +27,15 @@ fn real_free() -> Option<u64> {
     (rc == CUDA_SUCCESS).then_some(free as u64)
 }
 
+/// Real free bytes of the device `on` before a call, when they can be measured: a context is
+/// current and it is on that device.
+fn free_before(on: On) -> Option<u64> {
+    match on {
+        On::Current => real_free(),
+        On::Device(d) => (super::current_device() == Ok(d)).then(real_free).flatten(),
+    }
+}
+
 fn measured_bytes(before: Option<u64>, estimate: u64) -> u64 {
     match (before, real_free()) {
         (Some(b), Some(a)) => b.saturating_sub(a),
@@ -27,21 +43,27 @@ fn measured_bytes(before: Option<u64>, estimate: u64) -> u64 {
     }
 }
 
-/// Measures what `call` takes and charges it to the handle it produced.
+/// Measures what `call` takes on the device `on` and charges it to that device's account and
+/// the handle it produced.
 #[inline(always)]
 fn measured(
     kind: Kind,
     estimate: u64,
+    on: On,
     call: impl FnOnce() -> CUresult,
     out: impl FnOnce() -> Option<u64>,
 ) -> CUresult {
     let Some(g) = guard() else { return call() };
-    let before = real_free();
+    let a = match account_or_refuse(g, on) {
+        Ok(a) => a,
+        Err(rc) => return rc,
+    };
+    let before = free_before(on);
     let rc = call();
     if rc == CUDA_SUCCESS
         && let Some(h) = out()
     {
-        g.charge(kind, h, measured_bytes(before, estimate));
+        g.charge(kind, h, a, measured_bytes(before, estimate));
     }
     rc
 }
@@ -62,8 +84,9 @@ fn released(kind: Kind, handle: Handle, call: impl FnOnce() -> CUresult) -> CUre
 }
 
 macro_rules! ctx_create {
-    ($name:ident ( $($arg:ident : $ty:ty),* )) => {
-        /// Interposed context creation: the context's memory is measured and charged.
+    ($name:ident ( $($arg:ident : $ty:ty),* ), on $dev:ident) => {
+        /// Interposed context creation: the context's memory is measured and charged to its
+        /// device's account.
         ///
         /// # Safety
         /// As the CUDA driver API requires.
@@ -73,14 +96,14 @@ macro_rules! ctx_create {
                 let f = real_fn!($name);
                 let estimate = config().context_estimate;
                 // SAFETY: arguments forwarded unchanged; ctx read only after success.
-                measured(Kind::Context, estimate, || unsafe { f(ctx, $($arg),*) }, || unsafe { read_out(ctx) }.map(|h| h as usize as u64))
+                measured(Kind::Context, estimate, On::Device($dev), || unsafe { f(ctx, $($arg),*) }, || unsafe { read_out(ctx) }.map(|h| h as usize as u64))
             })
         }
     };
 }
-ctx_create!(cuCtxCreate_v2(flags: c_uint, dev: CUdevice));
-ctx_create!(cuCtxCreate_v3(params: *mut c_void, n: c_int, flags: c_uint, dev: CUdevice));
-ctx_create!(cuCtxCreate_v4(params: *mut c_void, flags: c_uint, dev: CUdevice));
+ctx_create!(cuCtxCreate_v2(flags: c_uint, dev: CUdevice), on dev);
+ctx_create!(cuCtxCreate_v3(params: *mut c_void, n: c_int, flags: c_uint, dev: CUdevice), on dev);
+ctx_create!(cuCtxCreate_v4(params: *mut c_void, flags: c_uint, dev: CUdevice), on dev);
 
 /// Interposed `cuCtxDestroy_v2`.
 ///
@@ -95,7 +118,8 @@ pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Handle) -> CUresult {
     })
 }
 
-/// Interposed `cuDevicePrimaryCtxRetain`: the first retain of a device is measured and charged.
+/// Interposed `cuDevicePrimaryCtxRetain`: the first retain of a device is measured and charged
+/// to the device's account.
 ///
 /// # Safety
 /// As the CUDA driver API requires.
@@ -106,10 +130,14 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: CUdevic
         // SAFETY: arguments forwarded unchanged.
         let call = || unsafe { f(ctx, dev) };
         let Some(g) = guard() else { return call() };
-        let before = real_free();
+        let a = match account_or_refuse(g, On::Device(dev)) {
+            Ok(a) => a,
+            Err(rc) => return rc,
+        };
+        let before = free_before(On::Device(dev));
         let rc = call();
         if rc == CUDA_SUCCESS {
-            g.primary_retained(dev as u64, || {
+            g.primary_retained(dev as u64, a, || {
                 measured_bytes(before, config().context_estimate)
             });
         }
@@ -166,7 +194,7 @@ macro_rules! module_load {
             boundary(|| {
                 let f = real_fn!($name);
                 // SAFETY: arguments forwarded unchanged; out read only after success.
-                measured($kind, 0, || unsafe { f(out, $($arg),*) }, || unsafe { read_out(out) }.map(|h| h as usize as u64))
+                measured($kind, 0, On::Current, || unsafe { f(out, $($arg),*) }, || unsafe { read_out(out) }.map(|h| h as usize as u64))
             })
         }
     };
@@ -204,7 +232,8 @@ pub unsafe extern "C" fn cuLibraryUnload(l: Handle) -> CUresult {
     })
 }
 
-/// Interposed `cuMemGetInfo_v2`: total = limit, free = min(limit − used, real free).
+/// Interposed `cuMemGetInfo_v2`, for the current context's device: total = its limit, free =
+/// min(limit − used, real free); a refused device shows 0 and 0.
 ///
 /// # Safety
 /// As the CUDA driver API requires.
@@ -219,9 +248,10 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         }
         if let Some(g) = guard() {
             g.reconcile_pools();
+            let a = account_on(g, On::Current).ok().flatten();
             // SAFETY: both pointers are non-null and were just written by the driver.
             unsafe {
-                let (fr, to) = g.mem_info(*free as u64);
+                let (fr, to) = g.mem_info(a, *free as u64);
                 *free = usize::try_from(fr).unwrap_or(usize::MAX);
                 *total = usize::try_from(to).unwrap_or(usize::MAX);
             }
@@ -230,7 +260,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
     })
 }
 
-/// Interposed `cuDeviceTotalMem_v2`: at most the limit.
+/// Interposed `cuDeviceTotalMem_v2`: at most the device's limit (0 for a refused device).
 ///
 /// # Safety
 /// As the CUDA driver API requires.
@@ -244,8 +274,12 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
             && !bytes.is_null()
             && let Some(g) = guard()
         {
+            let limit = account_on(g, On::Device(dev))
+                .ok()
+                .flatten()
+                .map_or(0, |a| g.limit(a));
             // SAFETY: non-null and just written by the driver.
-            unsafe { *bytes = (*bytes).min(usize::try_from(g.limit()).unwrap_or(usize::MAX)) };
+            unsafe { *bytes = (*bytes).min(usize::try_from(limit).unwrap_or(usize::MAX)) };
         }
         rc
     })
@@ -255,14 +289,33 @@ fn nvml_boundary(f: impl FnOnce() -> c_int) -> c_int {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(NVML_ERROR_UNKNOWN)
 }
 
-/// (total, free, used) as the slice shows them, from NVML's real free bytes.
-fn nvml_view(real_free: u64) -> Option<(u64, u64, u64)> {
+/// The UUID NVML gives device handle `dev`.
+fn nvml_uuid(dev: *mut c_void) -> Option<String> {
+    let f = super::real::real_nvml()?.get_uuid?;
+    let mut buf = [0u8; NVML_UUID_BUFFER];
+    // SAFETY: dev is the caller's NVML handle; buf is a live buffer of the length passed.
+    let rc = unsafe { f(dev, buf.as_mut_ptr().cast(), NVML_UUID_BUFFER as c_uint) };
+    if rc != NVML_SUCCESS {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    std::str::from_utf8(&buf[..end]).ok().map(str::to_owned)
+}
+
+/// (total, free, used) as the slice of NVML device `dev` shows them, from NVML's real free
+/// bytes. Under per-GPU limits the device is found by its UUID; a device without a limit (or
+/// whose UUID NVML does not tell) shows an empty slice.
+fn nvml_view(dev: *mut c_void, real_free: u64) -> Option<(u64, u64, u64)> {
     if !config().virtualize_nvml {
         return None;
     }
     let g = guard()?;
-    let (free, total) = g.mem_info(real_free);
-    Some((total, free, g.used()))
+    let a = match g.mapping() {
+        Mapping::Container => Some(0),
+        Mapping::PerGpu => nvml_uuid(dev).and_then(|u| g.account_of_uuid(&u)),
+    };
+    let (free, total) = g.mem_info(a, real_free);
+    Some((total, free, a.map_or(0, |a| g.used(a))))
 }
 
 /// Interposed `nvmlDeviceGetMemoryInfo` (virtualised unless `VRAMSLICE_VIRTUALIZE_NVML=0`).
@@ -279,7 +332,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(dev: *mut c_void, mem: *mut Nvm
         let rc = unsafe { f(dev, mem) };
         // SAFETY: mem is null or valid, per the API, and was written on success.
         if let (0, Some(m)) = (rc, unsafe { mem.as_mut() })
-            && let Some((total, free, used)) = nvml_view(m.free)
+            && let Some((total, free, used)) = nvml_view(dev, m.free)
         {
             (m.total, m.free, m.used) = (total, free, used);
         }
@@ -304,7 +357,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
         let rc = unsafe { f(dev, mem) };
         // SAFETY: mem is null or valid, per the API, and was written on success.
         if let (0, Some(m)) = (rc, unsafe { mem.as_mut() })
-            && let Some((total, free, used)) = nvml_view(m.free)
+            && let Some((total, free, used)) = nvml_view(dev, m.free)
         {
             (m.total, m.free, m.used, m.reserved) = (total, free, used, 0);
         }

@@ -11,12 +11,13 @@ mod resolve;
 mod shm;
 pub mod types;
 
-use crate::config::{Config, read_limit_file};
-use crate::guard::Guard;
+use crate::config::{Config, Limits, read_limit_file};
+use crate::guard::{Account, AccountId, Guard, Mapping, Probes};
 use crate::ledger::{Ledger, Liveness, parse_proc_stat, private_words};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
 use types::*;
+use vramslice_core::container::accounting::{ACCOUNTING_FILE_NAME, gpu_accounting_file_name};
 
 static CONFIG: OnceLock<Config> = OnceLock::new();
 static GUARD: OnceLock<Option<Guard>> = OnceLock::new();
@@ -40,25 +41,55 @@ pub fn guard() -> Option<&'static Guard> {
 
 fn init_guard() -> Option<Guard> {
     let cfg = config();
-    let limit = cfg.limit?;
     let (pid, start) = own_identity();
-    let ledger = match &cfg.accounting_dir {
-        Some(dir) => match shm::attach(dir, limit, &cfg.gpu_uuid, pid, start) {
-            Ok(ledger) => ledger,
-            Err(e) => {
-                crate::log!(
-                    "vramslice-guard: {e}; per-process accounting only (other processes of the container are not counted)"
-                );
-                private_ledger(limit, &cfg.gpu_uuid, pid, start)?
-            }
-        },
-        None => {
-            crate::log!(
-                "vramslice-guard: VRAMSLICE_ACCOUNTING_DIR is not set: per-process accounting only (limit {limit} bytes)"
-            );
-            private_ledger(limit, &cfg.gpu_uuid, pid, start)?
-        }
+    // (file name, UUID recorded, limit) of each account.
+    let (mapping, wanted): (Mapping, Vec<(String, String, u64)>) = match &cfg.limits {
+        Limits::Unlimited => return None,
+        Limits::Single(limit) => (
+            Mapping::Container,
+            vec![(
+                ACCOUNTING_FILE_NAME.to_owned(),
+                cfg.gpu_uuid.clone(),
+                *limit,
+            )],
+        ),
+        Limits::PerGpu(gpus) => (
+            Mapping::PerGpu,
+            gpus.iter()
+                .map(|(uuid, limit)| (gpu_accounting_file_name(uuid), uuid.to_owned(), limit))
+                .collect(),
+        ),
     };
+    if cfg.accounting_dir.is_none() {
+        let limits = match &cfg.limits {
+            Limits::PerGpu(gpus) => format!("limits {gpus}"),
+            _ => format!("limit {} bytes", wanted[0].2),
+        };
+        crate::log!(
+            "vramslice-guard: VRAMSLICE_ACCOUNTING_DIR is not set: per-process accounting only ({limits})"
+        );
+    }
+    let mut accounts = Vec::with_capacity(wanted.len());
+    for (file, uuid, limit) in wanted {
+        let ledger = match &cfg.accounting_dir {
+            Some(dir) => match shm::attach(dir, &file, limit, &uuid, pid, start) {
+                Ok(ledger) => ledger,
+                Err(e) => {
+                    crate::log!(
+                        "vramslice-guard: {e}; per-process accounting only (other processes of the container are not counted)"
+                    );
+                    private_ledger(limit, &uuid, pid, start)?
+                }
+            },
+            None => private_ledger(limit, &uuid, pid, start)?,
+        };
+        let account_uuid = if mapping == Mapping::PerGpu {
+            uuid
+        } else {
+            String::new()
+        };
+        accounts.push(Account::new(account_uuid, limit, ledger));
+    }
     // SAFETY: the three handlers are extern "C" fns taking no arguments, as pthread_atfork wants.
     let rc =
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
@@ -67,13 +98,86 @@ fn init_guard() -> Option<Guard> {
             "vramslice-guard: pthread_atfork failed ({rc}): forked children share their parent's slot"
         );
     }
-    Some(Guard::new(limit, ledger, liveness, pool_reserved))
+    Guard::new(
+        accounts,
+        mapping,
+        Probes {
+            liveness,
+            pool_reserved,
+            device_uuid,
+        },
+    )
 }
 
 fn private_ledger(limit: u64, uuid: &str, pid: u32, start: u64) -> Option<Ledger> {
     let ledger = Ledger::new(private_words(limit, uuid))?;
     ledger.claim(pid, start);
     Some(ledger)
+}
+
+/// The device of the calling thread's current context (`cuCtxGetDevice`), or the driver's error.
+fn current_device() -> Result<CUdevice, CUresult> {
+    let f = real::real()
+        .ok_or(CUDA_ERROR_NOT_INITIALIZED)?
+        .cuCtxGetDevice
+        .ok_or(CUDA_ERROR_NOT_FOUND)?;
+    let mut dev: CUdevice = 0;
+    // SAFETY: one out-pointer to a live local.
+    match unsafe { f(&raw mut dev) } {
+        CUDA_SUCCESS => Ok(dev),
+        rc => Err(rc),
+    }
+}
+
+/// The UUID of device `dev` from the driver (`cuDeviceGetUuid_v2`, else `cuDeviceGetUuid`).
+fn device_uuid(dev: CUdevice) -> Result<String, String> {
+    let r = real::real().ok_or("the CUDA driver is not loaded")?;
+    let f = r
+        .cuDeviceGetUuid_v2
+        .or(r.cuDeviceGetUuid)
+        .ok_or("the driver has no cuDeviceGetUuid")?;
+    let mut uuid = CUuuid { bytes: [0; 16] };
+    // SAFETY: one out-pointer to a live CUuuid (16 bytes, as cuda.h declares it).
+    match unsafe { f(&raw mut uuid, dev) } {
+        CUDA_SUCCESS => Ok(crate::device::format_gpu_uuid(&uuid.bytes)),
+        rc => Err(format!("cuDeviceGetUuid returned CUDA error {rc}")),
+    }
+}
+
+/// Which device an entry point's memory is on.
+#[derive(Clone, Copy)]
+enum On {
+    /// The calling thread's current context's device.
+    Current,
+    /// A device the caller named.
+    Device(CUdevice),
+}
+
+/// The account memory on `on` counts toward: `Ok(None)` when the device is refused (per-GPU
+/// limits with no entry for it), `Err` with the driver's error when the current device cannot
+/// be known (the real call would fail the same way). Under one limit for the container the driver
+/// is not asked at all.
+#[inline]
+fn account_on(g: &Guard, on: On) -> Result<Option<AccountId>, CUresult> {
+    if g.mapping() == Mapping::Container {
+        return Ok(Some(0));
+    }
+    let dev = match on {
+        On::Current => current_device()?,
+        On::Device(d) => d,
+    };
+    Ok(g.account_of_device(dev))
+}
+
+/// [`account_on`] as an entry point answers it: the account, or the code to return at once
+/// (`CUDA_ERROR_OUT_OF_MEMORY` for a refused device).
+#[inline]
+fn account_or_refuse(g: &Guard, on: On) -> Result<AccountId, CUresult> {
+    match account_on(g, on) {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(CUDA_ERROR_OUT_OF_MEMORY),
+        Err(rc) => Err(rc),
+    }
 }
 
 /// This process's pid and start time.
@@ -109,8 +213,12 @@ fn liveness(pid: u32, start: u64) -> Liveness {
     }
 }
 
-/// What a memory pool really holds (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`).
+/// What a memory pool really holds (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`). Key 1 stands for
+/// "the pool could not be known" and is never handed to the driver.
 fn pool_reserved(pool: u64) -> Option<u64> {
+    if pool <= 1 {
+        return None;
+    }
     let f = real::real()?.cuMemPoolGetAttribute?;
     let mut value: u64 = 0;
     // SAFETY: the attribute is a cuuint64_t written to `value`; `pool` is a handle the driver gave.
@@ -144,8 +252,15 @@ extern "C" fn fork_child() {
     let _ = catch_unwind(|| {
         if let Some(Some(g)) = GUARD.get() {
             let (pid, start) = own_identity();
-            if g.child_after_fork(pid, start).is_none() {
-                crate::log!("vramslice-guard: no free accounting slot for forked process {pid}");
+            for uuid in g.child_after_fork(pid, start) {
+                let of = if uuid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of GPU {uuid}")
+                };
+                crate::log!(
+                    "vramslice-guard: no free accounting slot{of} for forked process {pid}"
+                );
             }
         }
     });

@@ -133,12 +133,19 @@ real_table! {
     cuLibraryLoadFromFile: fn(*mut Handle, *const c_char, *mut c_void, *mut *mut c_void, c_uint, *mut c_void, *mut *mut c_void, c_uint) -> CUresult;
     cuLibraryUnload: fn(Handle) -> CUresult;
     cuCtxGetDevice: fn(*mut CUdevice) -> CUresult;
+    cuDeviceGetCount: fn(*mut c_int) -> CUresult;
+    cuDeviceGetUuid: fn(*mut CUuuid, CUdevice) -> CUresult;
+    cuDeviceGetUuid_v2: fn(*mut CUuuid, CUdevice) -> CUresult;
     cuDeviceGetMemPool: fn(*mut Handle, CUdevice) -> CUresult;
+    cuDeviceGetDefaultMemPool: fn(*mut Handle, CUdevice) -> CUresult;
+    cuMemPoolCreate: fn(*mut Handle, *const MemAllocationProp) -> CUresult;
     cuMemPoolGetAttribute: fn(Handle, c_int, *mut c_void) -> CUresult;
 }
 
-/// NVML's memory queries.
+/// NVML's memory queries, and the device UUID query that maps them to an account.
 pub struct RealNvml {
+    /// `nvmlDeviceGetUUID`.
+    pub get_uuid: Option<unsafe extern "C" fn(*mut c_void, *mut c_char, c_uint) -> c_int>,
     /// `nvmlDeviceGetMemoryInfo`.
     pub get_memory_info: Option<unsafe extern "C" fn(*mut c_void, *mut NvmlMemory) -> c_int>,
     /// `nvmlDeviceGetMemoryInfo_v2`.
@@ -169,9 +176,11 @@ pub fn real_nvml() -> Option<&'static RealNvml> {
                 .ok()?;
             let a = lookup(h, c"nvmlDeviceGetMemoryInfo");
             let b = lookup(h, c"nvmlDeviceGetMemoryInfo_v2");
+            let u = lookup(h, c"nvmlDeviceGetUUID");
             // SAFETY: these NVML symbols have exactly these C signatures (nvml.h); null stays None.
             Some(unsafe {
                 RealNvml {
+                    get_uuid: (!u.is_null()).then(|| std::mem::transmute::<*mut c_void, _>(u)),
                     get_memory_info: (!a.is_null())
                         .then(|| std::mem::transmute::<*mut c_void, _>(a)),
                     get_memory_info_v2: (!b.is_null())

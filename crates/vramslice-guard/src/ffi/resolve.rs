@@ -27,6 +27,7 @@ fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         b"cuMemFreeAsync" => cuMemFreeAsync as *const (),
         b"cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as *const (),
         b"cuMemPoolTrimTo" => cuMemPoolTrimTo as *const (),
+        b"cuMemPoolCreate" => cuMemPoolCreate as *const (),
         b"cuMemCreate" => cuMemCreate as *const (),
         b"cuMemRelease" => cuMemRelease as *const (),
         b"cuArrayCreate_v2" => cuArrayCreate_v2 as *const (),

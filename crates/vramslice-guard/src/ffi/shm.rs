@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
-use vramslice_core::container::accounting::{self as layout, ACCOUNTING_FILE_NAME};
+use vramslice_core::container::accounting as layout;
 
 struct Locked<'a>(&'a File);
 
@@ -32,10 +32,18 @@ impl Drop for Locked<'_> {
     }
 }
 
-/// Opens (creating or rebuilding when invalid) the accounting file in `dir`, maps it, reaps dead
+/// Opens (creating or rebuilding when invalid) the accounting file `name` in `dir` (one per
+/// account: `vramslice-accounting.v1`, or one per GPU under per-GPU limits), maps it, reaps dead
 /// processes' slots and claims one for (`pid`, `start`).
-pub fn attach(dir: &Path, limit: u64, uuid: &str, pid: u32, start: u64) -> Result<Ledger, String> {
-    let path = dir.join(ACCOUNTING_FILE_NAME);
+pub fn attach(
+    dir: &Path,
+    name: &str,
+    limit: u64,
+    uuid: &str,
+    pid: u32,
+    start: u64,
+) -> Result<Ledger, String> {
+    let path = dir.join(name);
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -27,10 +27,22 @@ pub const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
 pub const CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT: c_int = 5;
 /// `NVML_ERROR_UNINITIALIZED`.
 pub const NVML_ERROR_UNINITIALIZED: c_int = 1;
+/// `NVML_SUCCESS`.
+pub const NVML_SUCCESS: c_int = 0;
+/// Bytes of the buffer `nvmlDeviceGetUUID` needs (`NVML_DEVICE_UUID_V2_BUFFER_SIZE`).
+pub const NVML_UUID_BUFFER: usize = 96;
 /// `NVML_ERROR_UNKNOWN`.
 pub const NVML_ERROR_UNKNOWN: c_int = 999;
 
-/// The leading fields of `CUmemAllocationProp` (all the guard reads).
+/// `CUuuid`: a device's 16 UUID bytes.
+#[repr(C)]
+pub struct CUuuid {
+    /// The bytes.
+    pub bytes: [u8; 16],
+}
+
+/// The leading fields of `CUmemAllocationProp` and of `CUmemPoolProps` (all the guard reads;
+/// both begin with the allocation type, the handle types and the location).
 #[repr(C)]
 pub struct MemAllocationProp {
     /// `CUmemAllocationType`.

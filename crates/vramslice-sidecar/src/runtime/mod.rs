@@ -103,7 +103,8 @@ impl Runtime {
         let config = Config::from_env()?;
         let rt = match &config.accounting_dir {
             Some(dir) => {
-                let source = crate::usage::AccountingFile::in_dir(dir);
+                let source =
+                    crate::usage::AccountingFile::in_dir_for(dir, config.gpu_uuid.as_deref());
                 Self::new(config.clone(), source)?
             }
             None => Self::new(

@@ -30,10 +30,22 @@ pub struct AccountingFile {
 }
 
 impl AccountingFile {
-    /// The accounting file inside `dir`.
+    /// The accounting file inside `dir` (one limit for the container).
     pub fn in_dir(dir: &Path) -> Self {
         Self {
             path: dir.join(FILE_NAME),
+        }
+    }
+
+    /// The accounting file of GPU `gpu` inside `dir` under per-GPU limits (one file per GPU);
+    /// with no GPU, the container's one file ([`AccountingFile::in_dir`]).
+    pub fn in_dir_for(dir: &Path, gpu: Option<&str>) -> Self {
+        match gpu {
+            Some(uuid) => Self {
+                path: dir
+                    .join(vramslice_core::container::accounting::gpu_accounting_file_name(uuid)),
+            },
+            None => Self::in_dir(dir),
         }
     }
 
@@ -82,6 +94,25 @@ mod tests {
         let r = source.read().unwrap();
         assert_eq!(r.used, 3 << 29);
         assert_eq!(r.total, Some(4 << 30));
+    }
+
+    #[test]
+    fn per_gpu_limits_read_their_gpus_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = vramslice_core::container::accounting::gpu_accounting_file_name("GPU-b");
+        let mut image = initial_image(2 << 30, "GPU-b", 4);
+        let at = header::USED * 8;
+        image[at..at + 8].copy_from_slice(&(1u64 << 30).to_le_bytes());
+        std::fs::write(dir.path().join(&name), &image).unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), initial_image(9 << 30, "", 4)).unwrap();
+        let source = AccountingFile::in_dir_for(dir.path(), Some("GPU-b"));
+        assert_eq!(source.path(), dir.path().join(&name));
+        let r = source.read().unwrap();
+        assert_eq!((r.used, r.total), (1 << 30, Some(2 << 30)));
+        assert_eq!(
+            AccountingFile::in_dir_for(dir.path(), None).path(),
+            dir.path().join(FILE_NAME)
+        );
     }
 
     #[test]
