@@ -40,8 +40,6 @@ pub mod env {
     pub const VRAM_LIMITS: &str = "VRAMSLICE_VRAM_LIMITS";
     /// In-container path of the read-only limit file.
     pub const LIMIT_FILE: &str = "VRAMSLICE_LIMIT_FILE";
-    /// Per-GPU limits of a container that sees several GPUs: `<uuid>:<bytes>,<uuid>:<bytes>`.
-    pub const VRAM_LIMITS: &str = "VRAMSLICE_VRAM_LIMITS";
     /// UUID of the container's GPU.
     pub const GPU_UUID: &str = "VRAMSLICE_GPU_UUID";
     /// In-container path of the container's accounting directory.

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint, Uri};
-use vramslice_core::container::limit::parse_limit_file;
+use vramslice_core::container::limit::{LimitFile, parse_limit_file};
 use vramslice_core::node::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
 use vramslice_core::node::sample::{GpuSample, Health};
 use vramslice_dra::checkpoint::Checkpoint;
@@ -287,8 +287,11 @@ async fn a_prepared_claim_gets_its_limit_guard_and_gpu_through_its_cdi_spec() {
     )
     .unwrap();
     assert_eq!(
-        (limit.limit_bytes, limit.gpu_uuid.as_str()),
-        (6 * GIB, "GPU-1")
+        limit,
+        LimitFile::Single {
+            limit_bytes: 6 * GIB,
+            gpu_uuid: "GPU-1".into()
+        }
     );
     assert!(node.path("accounting/claim-uid-1").is_dir());
 }

@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::container::limit::{GpuLimits, GpuLimitsError};
 use crate::device_id::{DeviceIdError, GpuSelection};
 use crate::names::env;
 use crate::node::inventory::{GpuInventory, InventoryError};
@@ -190,6 +191,9 @@ pub enum AllocationError {
     /// IDs of GPUs or units this node does not have.
     #[error(transparent)]
     Inventory(#[from] InventoryError),
+    /// A GPU UUID the limit file cannot carry.
+    #[error(transparent)]
+    Limits(#[from] GpuLimitsError),
 }
 
 /// Decide one container's allocation from its unit IDs.
@@ -202,7 +206,8 @@ pub fn plan_allocation<S: AsRef<str>>(
     let gpu = inventory.resolve(&selection)?;
     let limit_bytes = inventory.limit_bytes(&selection);
     let key = allocation_key(&selection.gpu_uuid, &selection.units);
-    let edits = container_edits(&[(gpu.uuid.as_str(), limit_bytes)], settings, &key);
+    let limits = GpuLimits::new([(gpu.uuid.as_str(), limit_bytes)])?;
+    let edits = container_edits(&limits, settings, &key);
     Ok(ContainerAllocation {
         gpu_uuid: gpu.uuid.clone(),
         units: selection.unit_count(),
@@ -231,12 +236,12 @@ pub struct ContainerEdits {
     pub host_limit_file: PathBuf,
 }
 
-/// The environment, mounts and visible GPUs for a container holding `limits` (GPU UUID, bytes;
-/// one entry per GPU, in the order the container should see them), with its accounting files
-/// under `key` in the accounting root. One GPU gets `VRAMSLICE_VRAM_LIMIT_BYTES` and
-/// `VRAMSLICE_GPU_UUID`; several get `VRAMSLICE_VRAM_LIMITS` (`<uuid>:<bytes>,...`).
+/// The environment, mounts and visible GPUs for a container holding `limits` (one entry per
+/// GPU, in the order the container should see them), with its accounting files under `key` in
+/// the accounting root. One GPU gets `VRAMSLICE_VRAM_LIMIT_BYTES` and `VRAMSLICE_GPU_UUID`;
+/// several get `VRAMSLICE_VRAM_LIMITS` (`<uuid>:<bytes>,...`).
 pub fn container_edits(
-    limits: &[(&str, u64)],
+    limits: &GpuLimits,
     settings: &AllocationSettings,
     key: &str,
 ) -> ContainerEdits {
@@ -246,14 +251,12 @@ pub fn container_edits(
         .join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}"));
 
     let mut envs = BTreeMap::new();
-    match limits {
-        [(uuid, bytes)] => {
-            envs.insert(env::VRAM_LIMIT_BYTES.to_string(), bytes.to_string());
-            envs.insert(env::GPU_UUID.to_string(), (*uuid).to_string());
-        }
-        _ => {
-            envs.insert(env::VRAM_LIMITS.to_string(), limits_text(limits));
-        }
+    if limits.len() == 1 {
+        let (uuid, bytes) = limits.first();
+        envs.insert(env::VRAM_LIMIT_BYTES.to_string(), bytes.to_string());
+        envs.insert(env::GPU_UUID.to_string(), uuid.to_string());
+    } else {
+        envs.insert(env::VRAM_LIMITS.to_string(), limits.to_string());
     }
     envs.insert(
         env::ACCOUNTING_DIR.to_string(),
@@ -266,7 +269,7 @@ pub fn container_edits(
     let mut cdi_devices = Vec::new();
     match settings.device_list_strategy {
         DeviceListStrategy::Envvar => {
-            let visible: Vec<&str> = limits.iter().map(|(uuid, _)| *uuid).collect();
+            let visible: Vec<&str> = limits.iter().map(|(uuid, _)| uuid).collect();
             envs.insert(env::NVIDIA_VISIBLE_DEVICES.to_string(), visible.join(","));
         }
         DeviceListStrategy::Cdi => {
@@ -320,16 +323,6 @@ pub fn container_edits(
         host_accounting_dir,
         host_limit_file,
     }
-}
-
-/// Per-GPU limits as `VRAMSLICE_VRAM_LIMITS` and the limit file's `limits=` line write them:
-/// `<uuid>:<bytes>` pairs joined by commas.
-pub fn limits_text(limits: &[(&str, u64)]) -> String {
-    let pairs: Vec<String> = limits
-        .iter()
-        .map(|(uuid, bytes)| format!("{uuid}:{bytes}"))
-        .collect();
-    pairs.join(",")
 }
 
 /// The content of the host preload file for `ld-so-preload-file` mode: the guard's in-container

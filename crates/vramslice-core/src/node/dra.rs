@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::container::limit::limit_file_content;
+use crate::container::limit::{GpuLimits, GpuLimitsError, gpu_limits_file_content};
 use crate::effective_free::claimable_capacity;
-use crate::node::allocation::{AllocationSettings, ContainerEdits, container_edits, limits_text};
+use crate::node::allocation::{AllocationSettings, ContainerEdits, container_edits};
 use crate::node::sample::GpuSample;
 
 /// What the plugin publishes about one healthy GPU.
@@ -176,6 +176,14 @@ pub enum ClaimPlanError {
         /// The device.
         device: String,
     },
+    /// A GPU UUID the limit file cannot carry.
+    #[error("claim {claim}: {source}")]
+    Limits {
+        /// Claim `namespace/name`.
+        claim: String,
+        /// What is wrong.
+        source: GpuLimitsError,
+    },
 }
 
 /// What preparing a claim decides: the limit per GPU, the limit file, the container edits.
@@ -232,12 +240,14 @@ pub fn plan_claim(
             None => limits.push((grant.gpu_uuid.clone(), grant.bytes)),
         }
     }
-    let pairs: Vec<(&str, u64)> = limits.iter().map(|(u, b)| (u.as_str(), *b)).collect();
-    let limit_file = match pairs.as_slice() {
-        [(uuid, bytes)] => limit_file_content(*bytes, uuid),
-        _ => format!("limits={}\n", limits_text(&pairs)),
-    };
-    let edits = container_edits(&pairs, settings, &claim_key(claim_uid));
+    let gpus = GpuLimits::new(limits.iter().map(|(u, b)| (u.as_str(), *b))).map_err(|source| {
+        ClaimPlanError::Limits {
+            claim: claim.to_string(),
+            source,
+        }
+    })?;
+    let limit_file = gpu_limits_file_content(&gpus);
+    let edits = container_edits(&gpus, settings, &claim_key(claim_uid));
     Ok(ClaimPlan {
         limits,
         limit_file,

@@ -1,5 +1,5 @@
 use super::*;
-use crate::container::limit::parse_limit_file;
+use crate::container::limit::{GpuLimits, LimitFile, parse_limit_file};
 use crate::names::env;
 use crate::node::allocation::{DeviceListStrategy, InjectionMode};
 use crate::node::sample::{Health, ProcessSample};
@@ -149,7 +149,13 @@ fn a_one_gpu_claim_gets_the_single_limit_form() {
     .expect("plan");
     assert_eq!(plan.limits, [("GPU-0".to_string(), 6 * GIB)]);
     let file = parse_limit_file(&plan.limit_file).expect("the guard reads it");
-    assert_eq!(file.limit_bytes, 6 * GIB);
+    assert_eq!(
+        file,
+        LimitFile::Single {
+            limit_bytes: 6 * GIB,
+            gpu_uuid: "GPU-0".into()
+        }
+    );
     assert_eq!(
         plan.edits.envs[env::VRAM_LIMIT_BYTES],
         (6 * GIB).to_string()
@@ -177,6 +183,12 @@ fn a_two_gpu_claim_gets_one_limit_per_gpu() {
     .expect("plan");
     let text = format!("GPU-0:{0},GPU-1:{0}", 20 * GIB);
     assert_eq!(plan.limit_file, format!("limits={text}\n"));
+    assert_eq!(
+        parse_limit_file(&plan.limit_file).expect("the guard reads it"),
+        LimitFile::PerGpu(
+            GpuLimits::new([("GPU-0", 20 * GIB), ("GPU-1", 20 * GIB)]).expect("valid")
+        )
+    );
     assert_eq!(plan.edits.envs[env::VRAM_LIMITS], text);
     assert!(!plan.edits.envs.contains_key(env::VRAM_LIMIT_BYTES));
     assert_eq!(
