@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use vramslice_core::node::allocation::{InjectionMode, preload_file_content};
 
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Mode, Settings};
 use crate::logic::VramPlugin;
 use crate::metrics::Metrics;
 use crate::pods::NodePods;
@@ -42,6 +42,9 @@ pub enum AppError {
     /// The plugin socket cannot be served.
     #[error(transparent)]
     Runner(#[from] RunnerError),
+    /// DRA mode failed.
+    #[error(transparent)]
+    Dra(#[from] crate::dra_mode::DraModeError),
     /// The metrics endpoint cannot listen.
     #[error("cannot listen for metrics on {addr}: {source}")]
     Metrics {
@@ -110,6 +113,15 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), AppError> {
     let client = kube_client(&options).await?;
+    let dra = settings.mode == Mode::Dra;
+    if dra && (client.is_none() || settings.node_name.is_none()) {
+        return Err(ConfigError::Value {
+            field: "mode",
+            message: "dra needs API access (in-cluster or --kubeconfig) and a node name (nodeName or NODE_NAME): it reads claims and writes the node's ResourceSlice".into(),
+        }
+        .into());
+    }
+    let dra_api = client.clone().zip(settings.node_name.clone());
     let publish = client.is_some() && !options.no_publish;
     if publish && settings.node_name.is_none() {
         return Err(ConfigError::Value {
@@ -134,6 +146,7 @@ pub async fn run(
         socket = %settings.socket_path().display(),
         api = lister.is_some(),
         publish,
+        mode = ?settings.mode,
         "starting vramslice device plugin"
     );
 
@@ -188,12 +201,25 @@ pub async fn run(
             metrics.clone(),
             lister.clone(),
         ),
-        sweeper: settings.accounting_sweep_after.map(|after| {
-            crate::sweeper::Sweeper::new(settings.allocation.accounting_root.clone(), after)
-        }),
+        // In DRA mode a claim's files go at unprepare; the sweeper only knows the kubelet's
+        // device-plugin record, in which no claim appears.
+        sweeper: settings
+            .accounting_sweep_after
+            .filter(|_| !dra)
+            .map(|after| {
+                crate::sweeper::Sweeper::new(settings.allocation.accounting_root.clone(), after)
+            }),
     };
     let publisher = tokio::spawn(publisher.run(settings.poll_interval, shutdown.clone()));
 
+    if let Some((client, node_name)) = dra_api.filter(|_| dra) {
+        let result = crate::dra_mode::run(&settings, client, node_name, node, shutdown).await;
+        for task in [poller, publisher] {
+            let _ = task.await;
+        }
+        let _ = metrics_task.await;
+        return result.map_err(AppError::from);
+    }
     let plugin = Arc::new(VramPlugin::new(
         settings.unit,
         settings.allocation.clone(),

@@ -67,6 +67,7 @@ enum RawBytes {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 struct RawConfig {
+    mode: String,
     backend: String,
     fake_gpu_file: String,
     unit: String,
@@ -82,6 +83,33 @@ struct RawConfig {
     metrics_addr: String,
     proc_root: String,
     watchdog: RawWatchdog,
+    dra: RawDra,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawDra {
+    registry_dir: String,
+    plugin_dir: String,
+    cdi_dir: String,
+    checkpoint: String,
+    headroom: RawBytes,
+    publish_threshold: RawBytes,
+    min_publish_interval: String,
+}
+
+impl Default for RawDra {
+    fn default() -> Self {
+        RawDra {
+            registry_dir: "/var/lib/kubelet/plugins_registry".into(),
+            plugin_dir: "/var/lib/kubelet/plugins/vramslice.io".into(),
+            cdi_dir: "/var/run/cdi".into(),
+            checkpoint: "/var/lib/vramslice/dra/checkpoint.json".into(),
+            headroom: RawBytes::Text("512Mi".into()),
+            publish_threshold: RawBytes::Text(String::new()),
+            min_publish_interval: "2s".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +148,7 @@ struct RawInjection {
 impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
+            mode: "devicePlugin".into(),
             backend: "nvml".into(),
             fake_gpu_file: String::new(),
             unit: "1Gi".into(),
@@ -135,6 +164,7 @@ impl Default for RawConfig {
             metrics_addr: "0.0.0.0:9400".into(),
             proc_root: "/proc".into(),
             watchdog: RawWatchdog::default(),
+            dra: RawDra::default(),
         }
     }
 }
@@ -158,9 +188,42 @@ impl Default for RawInjection {
     }
 }
 
+/// Which kubelet API the plugin serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// A device plugin advertising VRAM units (with the scheduler extender).
+    #[default]
+    DevicePlugin,
+    /// A DRA driver publishing each GPU's memory as consumable capacity in a ResourceSlice.
+    Dra,
+}
+
+/// DRA mode's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraSettings {
+    /// The kubelet's plugin registry directory.
+    pub registry_dir: PathBuf,
+    /// The plugin's socket directory.
+    pub plugin_dir: PathBuf,
+    /// Where CDI specs are written for the container runtime.
+    pub cdi_dir: PathBuf,
+    /// The prepared-claims checkpoint.
+    pub checkpoint: PathBuf,
+    /// Memory kept free on every GPU, off the published capacity.
+    pub headroom_bytes: u64,
+    /// A capacity change smaller than this is not published (default: one unit).
+    pub publish_threshold_bytes: u64,
+    /// Slice writes are at least this far apart (device changes excepted).
+    pub min_publish_interval: Duration,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    /// Device plugin or DRA driver.
+    pub mode: Mode,
+    /// DRA mode's settings (read in every mode, so a wrong value is caught early).
+    pub dra: DraSettings,
     /// Where readings come from.
     pub backend: BackendKind,
     /// The unit (and so the resource name).
@@ -270,7 +333,44 @@ fn duration(field: &'static str, value: &str, min: Duration) -> Result<Duration,
     Ok(d)
 }
 
+fn bytes(field: &'static str, raw: &RawBytes) -> Result<u64, ConfigError> {
+    match raw {
+        RawBytes::Int(b) => Ok(*b),
+        RawBytes::Text(t) => parse_bytes(t).map_err(|e| value_err(field, e.to_string())),
+    }
+}
+
+fn dra_settings(raw: &RawDra, unit: VramUnit) -> Result<DraSettings, ConfigError> {
+    let publish_threshold_bytes = match &raw.publish_threshold {
+        RawBytes::Text(t) if t.trim().is_empty() => unit.bytes(),
+        other => bytes("dra.publishThreshold", other)?,
+    };
+    Ok(DraSettings {
+        registry_dir: non_empty_path("dra.registryDir", &raw.registry_dir)?,
+        plugin_dir: non_empty_path("dra.pluginDir", &raw.plugin_dir)?,
+        cdi_dir: non_empty_path("dra.cdiDir", &raw.cdi_dir)?,
+        checkpoint: non_empty_path("dra.checkpoint", &raw.checkpoint)?,
+        headroom_bytes: bytes("dra.headroom", &raw.headroom)?,
+        publish_threshold_bytes,
+        min_publish_interval: duration(
+            "dra.minPublishInterval",
+            &raw.min_publish_interval,
+            Duration::from_millis(100),
+        )?,
+    })
+}
+
 fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, ConfigError> {
+    let mode = match raw.mode.as_str() {
+        "devicePlugin" => Mode::DevicePlugin,
+        "dra" => Mode::Dra,
+        other => {
+            return Err(value_err(
+                "mode",
+                format!("unknown mode {other:?}: expected devicePlugin or dra"),
+            ));
+        }
+    };
     let backend = match raw.backend.as_str() {
         "nvml" => BackendKind::Nvml,
         "fake" => {
@@ -369,7 +469,10 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
             Duration::from_secs(1),
         )?),
     };
+    let dra = dra_settings(&raw.dra, unit)?;
     Ok(Settings {
+        mode,
+        dra,
         backend,
         unit,
         socket_dir: non_empty_path("socketDir", &raw.socket_dir)?,

@@ -9,11 +9,14 @@
 //! ([`metrics`]), the [`watchdog`]'s Events, kills and evictions, and the [`sweeper`]'s removal
 //! of ended allocations' accounting files. Decisions live in
 //! `vramslice-core` (`allocation`, `publish`, `inventory`, `watchdog`, `sweep`);
-//! [`runner`] owns the socket and the registration; [`app`] wires it all.
+//! [`runner`] owns the socket and the registration; [`app`] wires it all. With `mode: dra` the
+//! node serves the kubelet's DRA plugin API instead ([`dra_mode`] over `vramslice-dra`) and keeps
+//! the node's ResourceSlice.
 
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod dra_mode;
 pub mod grpc;
 pub mod logic;
 pub mod metrics;

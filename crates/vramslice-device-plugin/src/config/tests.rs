@@ -237,3 +237,45 @@ fn missing_file_is_named() {
             .starts_with("cannot read config file /nonexistent/vramslice.yaml")
     );
 }
+
+#[test]
+fn dra_mode_and_its_settings() {
+    let s = Settings::from_yaml("unit: 512Mi", "t", None).unwrap();
+    assert_eq!(s.mode, Mode::DevicePlugin);
+    assert_eq!(
+        s.dra.publish_threshold_bytes,
+        512 << 20,
+        "one unit by default"
+    );
+    assert_eq!(s.dra.headroom_bytes, 512 << 20);
+    assert_eq!(s.dra.cdi_dir, Path::new("/var/run/cdi"));
+    let s = Settings::from_yaml(
+        "mode: dra\ndra: { headroom: 1Gi, publishThreshold: 2Gi, minPublishInterval: 5s, cdiDir: /etc/cdi }",
+        "t",
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.mode, Mode::Dra);
+    assert_eq!(
+        (s.dra.headroom_bytes, s.dra.publish_threshold_bytes),
+        (1 << 30, 2 << 30)
+    );
+    assert_eq!(s.dra.min_publish_interval, Duration::from_secs(5));
+    assert_eq!(s.dra.cdi_dir, Path::new("/etc/cdi"));
+}
+
+#[test]
+fn dra_mistakes_name_the_field() {
+    assert_eq!(
+        error_of("mode: DRA"),
+        "config field `mode`: unknown mode \"DRA\": expected devicePlugin or dra"
+    );
+    assert!(error_of("dra: { headroom: lots }").starts_with("config field `dra.headroom`"));
+    assert!(
+        error_of("dra: { minPublishInterval: 1ms }")
+            .starts_with("config field `dra.minPublishInterval`")
+    );
+    assert!(
+        error_of("dra: { cdiDir: '' }").starts_with("config field `dra.cdiDir`: must not be empty")
+    );
+}

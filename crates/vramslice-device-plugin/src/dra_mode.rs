@@ -1,0 +1,123 @@
+//! DRA mode: the node agent serves the kubelet's DRA plugin API (`vramslice-dra`) instead of
+//! the device-plugin API, and keeps the node's ResourceSlice in step with the measurement. The
+//! backend, poller, `GpuNode` readings and metrics are the same as in device-plugin mode.
+//!
+//! Each new GPU snapshot: processes get their pods from `/proc`, the driver learns the GPUs,
+//! the prepared claims say what they hold and use per GPU, the core turns that into the
+//! slice's devices and capacities, and the publisher writes the slice when it changed enough.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use tokio::sync::watch;
+use vramslice_api::convert::dra::SliceSettings;
+use vramslice_core::node::dra::slice_devices;
+use vramslice_dra::claims::KubeClaims;
+use vramslice_dra::driver::{Driver, DriverConfig};
+use vramslice_dra::serve::{ServeError, Sockets, serve};
+use vramslice_dra::slices::{KubeSlices, SlicePolicy, SlicePublisher};
+use vramslice_gpu::procfs::ProcRoot;
+
+use crate::config::Settings;
+use crate::poller::NodeWatch;
+
+/// Why DRA mode could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DraModeError {
+    /// The prepared-claims checkpoint is unreadable.
+    #[error(transparent)]
+    Checkpoint(#[from] vramslice_dra::checkpoint::CheckpointError),
+    /// The plugin sockets failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Serve the DRA plugin and keep the slice until `shutdown` fires.
+pub async fn run(
+    settings: &Settings,
+    client: kube::Client,
+    node_name: String,
+    node: NodeWatch,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), DraModeError> {
+    let driver = Arc::new(Driver::open(
+        DriverConfig {
+            node: node_name.clone(),
+            settings: settings.allocation.clone(),
+            cdi_dir: settings.dra.cdi_dir.clone(),
+            checkpoint: settings.dra.checkpoint.clone(),
+        },
+        Arc::new(KubeClaims::new(client.clone())),
+    )?);
+    driver.set_gpus(&node.snapshot.borrow().readings);
+    let node_uid = match Api::<Node>::all(client.clone()).get_opt(&node_name).await {
+        Ok(found) => found.and_then(|n| n.metadata.uid),
+        Err(e) => {
+            tracing::warn!(node = %node_name, error = %e, "cannot read the Node: the slice gets no owner");
+            None
+        }
+    };
+    let publisher = SlicePublisher::new(
+        KubeSlices::new(client),
+        SliceSettings {
+            node: node_name,
+            node_uid,
+            step_bytes: settings.unit.bytes(),
+            generation: 0,
+            driver_version: None,
+        },
+        SlicePolicy {
+            threshold_bytes: settings.dra.publish_threshold_bytes,
+            min_interval: settings.dra.min_publish_interval,
+        },
+    );
+    let slices = tokio::spawn(keep_slice(
+        Arc::clone(&driver),
+        publisher,
+        node,
+        ProcRoot::new(settings.proc_root.clone()),
+        settings.unit.bytes(),
+        settings.dra.headroom_bytes,
+        shutdown.clone(),
+    ));
+    let sockets = Sockets {
+        registry_dir: settings.dra.registry_dir.clone(),
+        plugin_dir: settings.dra.plugin_dir.clone(),
+    };
+    let served = serve(driver, &sockets, shutdown).await;
+    let _ = slices.await;
+    served.map_err(DraModeError::from)
+}
+
+async fn keep_slice(
+    driver: Arc<Driver>,
+    mut publisher: SlicePublisher<KubeSlices>,
+    mut node: NodeWatch,
+    proc_root: ProcRoot,
+    step: u64,
+    headroom: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
+        if snapshot.generation > 0 {
+            let mut samples = snapshot.readings.clone();
+            proc_root.fill_pod_uids(&mut samples);
+            driver.set_gpus(&samples);
+            let grants = driver.grants_by_gpu(&samples).await;
+            let devices = slice_devices(&samples, &grants, step, headroom);
+            if let Err(e) = publisher.observe(devices, Instant::now()).await {
+                tracing::warn!(error = %e, "ResourceSlice not written; retrying on the next reading");
+            }
+        }
+        tokio::select! {
+            changed = node.snapshot.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
