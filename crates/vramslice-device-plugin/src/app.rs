@@ -121,7 +121,13 @@ pub async fn run(
         }
         .into());
     }
-    let dra_api = client.clone().zip(settings.node_name.clone());
+    let dra_api = match client.clone().zip(settings.node_name.clone()) {
+        Some((client, node_name)) if dra => {
+            let driver = crate::dra_mode::open_driver(&settings, client.clone(), &node_name)?;
+            Some((driver, client, node_name))
+        }
+        _ => None,
+    };
     let publish = client.is_some() && !options.no_publish;
     if publish && settings.node_name.is_none() {
         return Err(ConfigError::Value {
@@ -203,6 +209,7 @@ pub async fn run(
         ),
         // In DRA mode a claim's files go at unprepare; the sweeper only knows the kubelet's
         // device-plugin record, in which no claim appears.
+        claims: dra_api.as_ref().map(|(driver, _, _)| Arc::clone(driver)),
         sweeper: settings
             .accounting_sweep_after
             .filter(|_| !dra)
@@ -212,8 +219,9 @@ pub async fn run(
     };
     let publisher = tokio::spawn(publisher.run(settings.poll_interval, shutdown.clone()));
 
-    if let Some((client, node_name)) = dra_api.filter(|_| dra) {
-        let result = crate::dra_mode::run(&settings, client, node_name, node, shutdown).await;
+    if let Some((driver, client, node_name)) = dra_api {
+        let result =
+            crate::dra_mode::run(&settings, driver, client, node_name, node, shutdown).await;
         for task in [poller, publisher] {
             let _ = task.await;
         }

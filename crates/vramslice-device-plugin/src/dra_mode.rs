@@ -34,23 +34,35 @@ pub enum DraModeError {
     Serve(#[from] ServeError),
 }
 
+/// The DRA driver of this node, with the claims its checkpoint says are prepared.
+///
+/// # Errors
+/// [`DraModeError::Checkpoint`] when the checkpoint exists but cannot be read.
+pub fn open_driver(
+    settings: &Settings,
+    client: kube::Client,
+    node_name: &str,
+) -> Result<Arc<Driver>, DraModeError> {
+    Ok(Arc::new(Driver::open(
+        DriverConfig {
+            node: node_name.to_string(),
+            settings: settings.allocation.clone(),
+            cdi_dir: settings.dra.cdi_dir.clone(),
+            checkpoint: settings.dra.checkpoint.clone(),
+        },
+        Arc::new(KubeClaims::new(client)),
+    )?))
+}
+
 /// Serve the DRA plugin and keep the slice until `shutdown` fires.
 pub async fn run(
     settings: &Settings,
+    driver: Arc<Driver>,
     client: kube::Client,
     node_name: String,
     node: NodeWatch,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), DraModeError> {
-    let driver = Arc::new(Driver::open(
-        DriverConfig {
-            node: node_name.clone(),
-            settings: settings.allocation.clone(),
-            cdi_dir: settings.dra.cdi_dir.clone(),
-            checkpoint: settings.dra.checkpoint.clone(),
-        },
-        Arc::new(KubeClaims::new(client.clone())),
-    )?);
     driver.set_gpus(&node.snapshot.borrow().readings);
     let node_uid = match Api::<Node>::all(client.clone()).get_opt(&node_name).await {
         Ok(found) => found.and_then(|n| n.metadata.uid),

@@ -18,7 +18,8 @@ use vramslice_api::convert::node_pods::uids_by_name;
 use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
 use vramslice_core::node::publish::{
-    ContainerAllocationRecord, NodeReport, PublishPolicy, build_report, publish_reason,
+    ContainerAllocationRecord, NodeReport, PublishPolicy, add_claim_holdings, build_report,
+    publish_reason,
 };
 use vramslice_core::node::watchdog::{PodOnGpu, SelfReport};
 use vramslice_gpu::procfs::ProcRoot;
@@ -58,6 +59,9 @@ pub struct Publisher {
     pub watchdog: Watchdog,
     /// Deletes ended allocations' accounting files; `None`: kept forever.
     pub sweeper: Option<Sweeper>,
+    /// In DRA mode, the driver whose prepared claims the report shows (the kubelet's record
+    /// lists no device IDs for them).
+    pub claims: Option<Arc<vramslice_dra::driver::Driver>>,
 }
 
 async fn ensure_gpunode(client: &kube::Client, node: &str) -> Result<(), kube::Error> {
@@ -164,7 +168,10 @@ impl Publisher {
         {
             proc_root.fill_pod_uids(&mut samples);
         }
-        let report = build_report(self.unit, &samples, &state.records);
+        let mut report = build_report(self.unit, &samples, &state.records);
+        if let Some(driver) = &self.claims {
+            add_claim_holdings(&mut report, &samples, &driver.holdings().await);
+        }
         let self_reports = self
             .watchdog
             .observe(&report, &samples, &state.records)

@@ -39,13 +39,22 @@ pub struct PreparedClaim {
     pub name: String,
     /// GPU UUID → bytes granted, in the order the containers see the GPUs.
     pub limits: Vec<(String, u64)>,
-    /// UIDs of the pods the claim was reserved for when prepared.
+    /// The pods the claim was reserved for when prepared.
     #[serde(default)]
-    pub pod_uids: Vec<String>,
+    pub pods: Vec<PreparedPod>,
     /// What the kubelet was told.
     pub devices: Vec<PreparedDevice>,
     /// The files written for it (removed at unprepare).
     pub files: PreparedFiles,
+}
+
+/// A pod a claim is reserved for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedPod {
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
 }
 
 /// Host files of a prepared claim.
@@ -170,7 +179,10 @@ mod tests {
             namespace: "ml".into(),
             name: "llm".into(),
             limits: vec![("GPU-0".into(), 6 << 30)],
-            pod_uids: vec!["pod-1".into()],
+            pods: vec![PreparedPod {
+                name: "llm-0".into(),
+                uid: "pod-1".into(),
+            }],
             devices: vec![PreparedDevice {
                 request_names: vec!["vram".into()],
                 pool: "node-a".into(),

@@ -11,11 +11,13 @@ use vramslice_api::convert::dra::{ClaimError, claim_on_node};
 use vramslice_core::effective_free::unobserved_part;
 use vramslice_core::node::allocation::AllocationSettings;
 use vramslice_core::node::dra::{ClaimPlanError, GrantsOnGpu, claim_key, device_name, plan_claim};
+use vramslice_core::node::publish::ClaimHolding;
 use vramslice_core::node::sample::GpuSample;
 
 use crate::cdi;
 use crate::checkpoint::{
-    Checkpoint, CheckpointError, PreparedClaim, PreparedDevice, PreparedFiles, write_atomically,
+    Checkpoint, CheckpointError, PreparedClaim, PreparedDevice, PreparedFiles, PreparedPod,
+    write_atomically,
 };
 use crate::claims::{ClaimSource, FetchError};
 
@@ -203,7 +205,11 @@ impl Driver {
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),
             limits: plan.limits,
-            pod_uids: on_node.pod_uids,
+            pods: on_node
+                .pods
+                .into_iter()
+                .map(|(name, uid)| PreparedPod { name, uid })
+                .collect(),
             devices: devices.clone(),
             files,
         };
@@ -266,6 +272,28 @@ impl Driver {
         self.state.lock().await.claims.clone()
     }
 
+    /// What the prepared claims hold, per claim and GPU, for the node's `GpuNode` report.
+    pub async fn holdings(&self) -> Vec<ClaimHolding> {
+        let state = self.state.lock().await;
+        state
+            .claims
+            .values()
+            .flat_map(|claim| {
+                claim.limits.iter().map(|(uuid, bytes)| ClaimHolding {
+                    namespace: claim.namespace.clone(),
+                    claim: claim.name.clone(),
+                    pods: claim
+                        .pods
+                        .iter()
+                        .map(|p| (p.name.clone(), p.uid.clone()))
+                        .collect(),
+                    gpu_uuid: uuid.clone(),
+                    bytes: *bytes,
+                })
+            })
+            .collect()
+    }
+
     /// What prepared claims hold on each GPU: granted bytes, and what they may still take
     /// unseen (a claim's use is what the processes of the pods it was reserved for use on
     /// that GPU; `samples` must carry pod UIDs).
@@ -290,7 +318,7 @@ pub fn grants_by_gpu<'a>(
                 .filter(|p| {
                     p.pod_uid
                         .as_ref()
-                        .is_some_and(|uid| claim.pod_uids.contains(uid))
+                        .is_some_and(|uid| claim.pods.iter().any(|pod| pod.uid == *uid))
                 })
                 .map(|p| p.used_bytes)
                 .sum();
@@ -302,6 +330,14 @@ pub fn grants_by_gpu<'a>(
         }
     }
     out
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 fn remove_file(path: &Path) -> std::io::Result<()> {
@@ -324,7 +360,10 @@ mod tests {
             namespace: "ml".into(),
             name: "llm".into(),
             limits: vec![("GPU-0".into(), 8 * GIB)],
-            pod_uids: vec!["pod-a".into()],
+            pods: vec![PreparedPod {
+                name: "llm-0".into(),
+                uid: "pod-a".into(),
+            }],
             devices: Vec::new(),
             files: PreparedFiles {
                 cdi_spec: "/x".into(),

@@ -392,6 +392,21 @@ async fn a_two_gpu_claim_gets_two_devices_and_one_limit_per_gpu() {
         spec.contains("NVIDIA_VISIBLE_DEVICES=GPU-0,GPU-1"),
         "{spec}"
     );
+
+    // The GpuNode report shows the claim on both GPUs, as its pod, from the checkpoint alone.
+    let reopened = Driver::open(node.config(), node.claims.clone()).unwrap();
+    let holdings = reopened.holdings().await;
+    let shown: Vec<(&str, &str, u64)> = holdings
+        .iter()
+        .map(|h| (h.gpu_uuid.as_str(), h.pods[0].0.as_str(), h.bytes))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("GPU-0", "tp2-pod", 20 * GIB),
+            ("GPU-1", "tp2-pod", 20 * GIB)
+        ]
+    );
 }
 
 #[tokio::test]

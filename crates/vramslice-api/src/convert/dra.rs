@@ -66,8 +66,8 @@ pub struct ClaimOnNode {
     pub grants: Vec<ClaimGrant>,
     /// The share IDs of those results, in the same order (consumable capacity).
     pub share_ids: Vec<Option<String>>,
-    /// UIDs of the pods the claim is reserved for.
-    pub pod_uids: Vec<String>,
+    /// The pods the claim is reserved for: (name, UID).
+    pub pods: Vec<(String, String)>,
 }
 
 /// Read `claim`'s allocation results of [`DRA_DRIVER`] in pool `pool` (this node). `uuid_of`
@@ -139,15 +139,20 @@ pub fn claim_on_node(
         });
         share_ids.push(result.share_id.clone());
     }
-    let pod_uids = status
+    let pods = status
         .and_then(|s| s.reserved_for.as_ref())
-        .map(|r| r.iter().map(|c| c.uid.clone()).collect())
+        .map(|r| {
+            r.iter()
+                .filter(|c| c.resource == "pods")
+                .map(|c| (c.name.clone(), c.uid.clone()))
+                .collect()
+        })
         .unwrap_or_default();
     Ok(ClaimOnNode {
         uid,
         grants,
         share_ids,
-        pod_uids,
+        pods,
     })
 }
 
@@ -338,7 +343,7 @@ mod tests {
             ]
         );
         assert_eq!(on_node.share_ids[0].as_deref(), Some("share-gpu-0"));
-        assert_eq!(on_node.pod_uids, ["pod-uid"]);
+        assert_eq!(on_node.pods, [("llm-0".to_string(), "pod-uid".to_string())]);
     }
 
     #[test]

@@ -210,6 +210,69 @@ pub fn build_report(
     }
 }
 
+/// A prepared DRA claim's grant on one GPU, as the report shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHolding {
+    /// The claim's namespace (its pods').
+    pub namespace: String,
+    /// The claim's name.
+    pub claim: String,
+    /// The pods it is reserved for: (name, UID).
+    pub pods: Vec<(String, String)>,
+    /// The GPU.
+    pub gpu_uuid: String,
+    /// Bytes granted on that GPU.
+    pub bytes: u64,
+}
+
+/// Add DRA claims to a report (DRA mode has no device IDs in the kubelet's record): each claim
+/// on a GPU becomes one pod entry named after the first pod it is reserved for (the claim's
+/// name when none is), with the claim's grant as its limit, its grant in whole units as
+/// allocated, and the use of all its pods' processes on that GPU, which then no longer count as
+/// processes without a pod. The summary is recomputed.
+pub fn add_claim_holdings(
+    report: &mut NodeReport,
+    samples: &[GpuSample],
+    holdings: &[ClaimHolding],
+) {
+    for holding in holdings {
+        let Some(gpu) = report.gpus.iter_mut().find(|g| g.uuid == holding.gpu_uuid) else {
+            continue;
+        };
+        let uids: BTreeSet<&str> = holding.pods.iter().map(|(_, uid)| uid.as_str()).collect();
+        let used = samples
+            .iter()
+            .filter(|s| s.uuid == holding.gpu_uuid)
+            .flat_map(|s| &s.processes)
+            .filter(|p| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u)))
+            .fold(0u64, |acc, p| acc.saturating_add(p.used_bytes));
+        let claim_pids: BTreeSet<u32> = samples
+            .iter()
+            .filter(|s| s.uuid == holding.gpu_uuid)
+            .flat_map(|s| &s.processes)
+            .filter(|p| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u)))
+            .map(|p| p.pid)
+            .collect();
+        gpu.processes_without_pod
+            .retain(|p| !claim_pids.contains(&p.pid));
+        let units = holding.bytes / report.unit.bytes();
+        gpu.allocated_units = gpu.allocated_units.saturating_add(units);
+        let (name, uid) = match holding.pods.first() {
+            Some((name, uid)) => (name.clone(), Some(uid.clone())),
+            None => (holding.claim.clone(), None),
+        };
+        gpu.pods.push(PodReport {
+            namespace: holding.namespace.clone(),
+            name,
+            uid,
+            allocated_units: units,
+            limit_bytes: holding.bytes,
+            used_bytes: Some(used),
+        });
+    }
+    report.summary = summarize(report.unit, &report.gpus);
+}
+
 fn summarize(unit: VramUnit, gpus: &[GpuReport]) -> SummaryReport {
     let sum = |f: &dyn Fn(&GpuReport) -> u64| gpus.iter().fold(0u64, |a, g| a.saturating_add(f(g)));
     let healthy = gpus.iter().filter(|g| g.healthy).count();

@@ -288,3 +288,56 @@ proptest! {
         prop_assert!(r.gpus[0].pods.iter().all(|p| p.limit_bytes == p.allocated_units * GIB));
     }
 }
+
+#[test]
+fn dra_claims_show_as_their_pods_with_grant_and_use() {
+    let mut a = gpu(0, "GPU-a", 80 * GIB, 12 * GIB);
+    a.processes = vec![
+        process(10, 5 * GIB, Some("pod-x")),
+        process(11, 7 * GIB, None),
+    ];
+    let samples = vec![a];
+    let mut report = build_report(VramUnit::Gib1, &samples, &[]);
+    assert_eq!(report.gpus[0].processes_without_pod.len(), 2);
+    add_claim_holdings(
+        &mut report,
+        &samples,
+        &[
+            ClaimHolding {
+                namespace: "ml".into(),
+                claim: "llm-vram".into(),
+                pods: vec![("llm-0".into(), "pod-x".into())],
+                gpu_uuid: "GPU-a".into(),
+                bytes: 6 * GIB,
+            },
+            ClaimHolding {
+                namespace: "ml".into(),
+                claim: "gone".into(),
+                pods: Vec::new(),
+                gpu_uuid: "GPU-zz".into(),
+                bytes: GIB,
+            },
+        ],
+    );
+    let g = &report.gpus[0];
+    assert_eq!(g.allocated_units, 6);
+    assert_eq!(
+        g.pods,
+        [PodReport {
+            namespace: "ml".into(),
+            name: "llm-0".into(),
+            uid: Some("pod-x".into()),
+            allocated_units: 6,
+            limit_bytes: 6 * GIB,
+            used_bytes: Some(5 * GIB),
+        }]
+    );
+    assert_eq!(
+        g.processes_without_pod,
+        [StrayProcess {
+            pid: 11,
+            used_bytes: 7 * GIB
+        }]
+    );
+    assert_eq!(report.summary.allocated, "6 GiB");
+}
