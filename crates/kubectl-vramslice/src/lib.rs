@@ -1,8 +1,8 @@
-//! `kubectl vramslice`: GPU memory per node and GPU (`nodes`), per pod (`pods`), and why a
-//! pending pod does not fit (`explain <pod>`).
+//! `kubectl vramslice`: GPU memory per node and GPU (`nodes`), per pod (`pods`), per DRA claim
+//! (`claims`), and why a pending pod does not fit (`explain <pod>`).
 //!
-//! Data enters from the API server through the user's kubeconfig (GpuNodes, pods, events; all
-//! read-only) and leaves as a table, JSON or YAML on stdout. The numbers come from the same
+//! Data enters from the API server through the user's kubeconfig (GpuNodes, pods, events,
+//! ResourceClaims and ResourceSlices; all read-only) and leaves as a table, JSON or YAML on stdout. The numbers come from the same
 //! conversions and ledger the extender uses (`vramslice_api::convert`,
 //! `vramslice_core::cluster::ledger`), so `explain` gives the extender's own reasons.
 //!
@@ -10,6 +10,7 @@
 //! (bad flags, from clap); 3 not found (the pod, or the GpuNode CRD); 4 `explain`: the pod fits
 //! on no node now.
 
+pub mod dra;
 pub mod explain;
 pub mod model;
 pub mod render;
@@ -18,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::api::ListParams;
 use kube::{Api, Client};
 use vramslice_api::GpuNode;
@@ -105,7 +107,14 @@ pub enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
-    /// Why a pod does (not) fit: the extender's verdict for every GPU node.
+    /// DRA claims of vramslice devices: pods, node, GPUs, granted and live used memory.
+    Claims {
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Why a pod does (not) fit: the extender's verdict for every GPU node (for a pod with
+    /// DRA claims, each node's device room).
     Explain {
         /// The pod's name.
         pod: String,
@@ -204,6 +213,34 @@ async fn pods(client: &Client, namespace: Option<&str>) -> Result<Vec<Pod>, Plug
         .map_err(|source| PluginError::Kube { what, source })
 }
 
+async fn claims(
+    client: &Client,
+    namespace: Option<&str>,
+) -> Result<Vec<ResourceClaim>, PluginError> {
+    let api: Api<ResourceClaim> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    api.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|source| PluginError::Kube {
+            what: "list resourceclaims".into(),
+            source,
+        })
+}
+
+async fn slices(client: &Client) -> Result<Vec<ResourceSlice>, PluginError> {
+    Api::<ResourceSlice>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|source| PluginError::Kube {
+            what: "list resourceslices".into(),
+            source,
+        })
+}
+
 /// Run one command against `client`; returns the text to print and the exit code.
 pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Exit), PluginError> {
     let config = ledger_config(cli)?;
@@ -234,6 +271,21 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
             };
             Ok((text, Exit::Ok))
         }
+        Command::Claims { all_namespaces } => {
+            let ns = (!all_namespaces).then_some(namespace.as_str());
+            let all_claims = claims(client, None).await?;
+            let rooms = dra::device_rooms(&slices(client).await?, &all_claims);
+            let shown: Vec<ResourceClaim> = all_claims
+                .into_iter()
+                .filter(|c| ns.is_none_or(|ns| c.metadata.namespace.as_deref() == Some(ns)))
+                .collect();
+            let rows = dra::claim_rows(&shown, &rooms, &gpunodes(client).await?);
+            let text = match cli.output {
+                Format::Table => render::claims_table(&rows, style),
+                f => render::structured(&rows, f)?,
+            };
+            Ok((text, Exit::Ok))
+        }
         Command::Explain { pod } => {
             let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
             let target = api.get(pod).await.map_err(|e| {
@@ -258,7 +310,20 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
                     what: format!("list events of {namespace}/{pod}"),
                     source,
                 })?;
-            let e = explain::explain(&target, &gns, &ledger, &events, now);
+            let mut e = explain::explain(&target, &gns, &ledger, &events, now);
+            if e.state == explain::PodState::NoVram && dra::pod_has_claims(&target) {
+                let all_claims = claims(client, None).await?;
+                let rooms = dra::device_rooms(&slices(client).await?, &all_claims);
+                let names = dra::pod_claim_names(&target);
+                let pod_claims: Vec<ResourceClaim> = all_claims
+                    .into_iter()
+                    .filter(|c| {
+                        c.metadata.namespace.as_deref() == Some(namespace.as_str())
+                            && c.metadata.name.as_ref().is_some_and(|n| names.contains(n))
+                    })
+                    .collect();
+                dra::explain_claims(&mut e, &target, &pod_claims, &rooms);
+            }
             let code = match e.state {
                 explain::PodState::Pending { fits_on: 0 } => Exit::DoesNotFit,
                 _ => Exit::Ok,

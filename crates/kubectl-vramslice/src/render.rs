@@ -234,6 +234,59 @@ pub fn pods_table(rows: &[PodRow], style: Style) -> String {
     )
 }
 
+/// `kubectl vramslice claims` as a table.
+pub fn claims_table(rows: &[crate::dra::ClaimRow], style: Style) -> String {
+    if rows.is_empty() {
+        return "No claims of vramslice devices.\n".into();
+    }
+    let lines: Vec<Vec<(String, Tone)>> = rows
+        .iter()
+        .map(|c| {
+            let used = match c.used_bytes {
+                Some(u) if u > c.granted_bytes => (format_bytes(u), Tone::Bad),
+                other => plain(opt_bytes(other)),
+            };
+            let state_tone = if c.state == "allocated" {
+                Tone::Good
+            } else {
+                Tone::Warn
+            };
+            vec![
+                plain(&c.namespace),
+                plain(&c.claim),
+                plain(if c.pods.is_empty() {
+                    "-".to_string()
+                } else {
+                    c.pods.join(",")
+                }),
+                plain(c.node.clone().unwrap_or_else(|| "-".into())),
+                plain(if c.gpus.is_empty() {
+                    "-".to_string()
+                } else {
+                    c.gpus.join(",")
+                }),
+                plain(format_bytes(c.granted_bytes)),
+                used,
+                (c.state.clone(), state_tone),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAMESPACE",
+            "CLAIM",
+            "PODS",
+            "NODE",
+            "GPU",
+            "GRANTED",
+            "USED",
+            "STATE",
+        ],
+        &lines,
+        style,
+    )
+}
+
 fn short_uuid(uuid: &str) -> String {
     // NVML UUIDs ("GPU-8c3f1a2b-1c2d-...", 40 characters) are cut to their first 8 hex digits,
     // enough to tell GPUs apart on one screen; anything shorter is shown whole.

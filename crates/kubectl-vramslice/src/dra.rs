@@ -1,0 +1,380 @@
+//! DRA mode as `kubectl vramslice` shows it: each vramslice claim with its pods, GPUs, grant and
+//! live use (`claims`), and for a pending pod with claims, what room each node's devices have
+//! by the scheduler's own arithmetic (published `memory` capacity minus what is allocated).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+use serde::Serialize;
+use vramslice_api::GpuNode;
+use vramslice_api::names::{DRA_CAPACITY_MEMORY, DRA_DEVICE_CLASS, DRA_DRIVER};
+use vramslice_core::{format_bytes, parse_bytes};
+
+use crate::explain::NodeVerdict;
+
+/// One device of a vramslice slice, with the scheduler's view of its room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRoom {
+    /// Node (pool).
+    pub node: String,
+    /// Device name.
+    pub device: String,
+    /// GPU UUID (the `uuid` attribute).
+    pub gpu_uuid: Option<String>,
+    /// Published `memory` capacity.
+    pub capacity: u64,
+    /// Consumed by allocated claims.
+    pub allocated: u64,
+}
+
+impl DeviceRoom {
+    /// What a new claim may still get.
+    pub fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.allocated)
+    }
+}
+
+fn memory(q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>) -> u64 {
+    q.and_then(|q| parse_bytes(&q.0).ok()).unwrap_or(0)
+}
+
+/// Every vramslice device of `slices`, with what `claims` consume of it.
+pub fn device_rooms(slices: &[ResourceSlice], claims: &[ResourceClaim]) -> Vec<DeviceRoom> {
+    let mut consumed: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for claim in claims {
+        for r in allocation_results(claim) {
+            if r.driver == DRA_DRIVER {
+                let bytes = memory(
+                    r.consumed_capacity
+                        .as_ref()
+                        .and_then(|c| c.get(DRA_CAPACITY_MEMORY)),
+                );
+                *consumed
+                    .entry((r.pool.clone(), r.device.clone()))
+                    .or_default() += bytes;
+            }
+        }
+    }
+    let mut rooms = Vec::new();
+    for slice in slices.iter().filter(|s| s.spec.driver == DRA_DRIVER) {
+        let node = slice.spec.pool.name.clone();
+        for d in slice.spec.devices.iter().flatten() {
+            let capacity = memory(
+                d.capacity
+                    .as_ref()
+                    .and_then(|c| c.get(DRA_CAPACITY_MEMORY))
+                    .map(|c| &c.value),
+            );
+            let gpu_uuid = d
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get("uuid"))
+                .and_then(|a| a.string.clone());
+            rooms.push(DeviceRoom {
+                allocated: consumed
+                    .get(&(node.clone(), d.name.clone()))
+                    .copied()
+                    .unwrap_or(0),
+                node: node.clone(),
+                device: d.name.clone(),
+                gpu_uuid,
+                capacity,
+            });
+        }
+    }
+    rooms.sort_by(|a, b| (&a.node, &a.device).cmp(&(&b.node, &b.device)));
+    rooms
+}
+
+fn allocation_results(
+    claim: &ResourceClaim,
+) -> impl Iterator<Item = &k8s_openapi::api::resource::v1::DeviceRequestAllocationResult> {
+    claim
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .and_then(|d| d.results.as_ref())
+        .into_iter()
+        .flatten()
+}
+
+/// What a claim asks of vramslice: devices of class `vram.vramslice.io`, how many, and the
+/// memory each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimAsk {
+    /// `namespace/name`.
+    pub claim: String,
+    /// Devices wanted (a request's `count`, 1 by default).
+    pub count: u64,
+    /// Memory per device; the class default (one unit) when the request names none.
+    pub bytes_each: Option<u64>,
+}
+
+/// The vramslice requests of `claim`.
+pub fn claim_asks(claim: &ResourceClaim) -> Vec<ClaimAsk> {
+    let name = format!(
+        "{}/{}",
+        claim.metadata.namespace.as_deref().unwrap_or_default(),
+        claim.metadata.name.as_deref().unwrap_or_default()
+    );
+    claim
+        .spec
+        .devices
+        .as_ref()
+        .and_then(|d| d.requests.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.exactly.as_ref())
+        .filter(|e| e.device_class_name == DRA_DEVICE_CLASS)
+        .map(|e| ClaimAsk {
+            claim: name.clone(),
+            count: e.count.and_then(|c| u64::try_from(c).ok()).unwrap_or(1),
+            bytes_each: e
+                .capacity
+                .as_ref()
+                .and_then(|c| c.requests.as_ref())
+                .and_then(|r| r.get(DRA_CAPACITY_MEMORY))
+                .and_then(|q| parse_bytes(&q.0).ok()),
+        })
+        .collect()
+}
+
+/// Per node: can it take every ask now (each ask `count` distinct devices with room for its
+/// memory, devices not shared between asks)? The reason names the devices' room when not.
+pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict> {
+    let nodes: BTreeSet<&str> = rooms.iter().map(|r| r.node.as_str()).collect();
+    nodes
+        .into_iter()
+        .map(|node| {
+            let mut free: Vec<(&DeviceRoom, u64)> = rooms
+                .iter()
+                .filter(|r| r.node == node)
+                .map(|r| (r, r.free()))
+                .collect();
+            let mut reason = None;
+            for ask in asks {
+                let need = ask.bytes_each.unwrap_or(1);
+                free.sort_by_key(|(_, f)| *f);
+                let fitting: Vec<usize> = (0..free.len()).filter(|i| free[*i].1 >= need).collect();
+                if (fitting.len() as u64) < ask.count {
+                    let rooms: Vec<String> = free
+                        .iter()
+                        .map(|(r, f)| format!("{} {} free", r.device, format_bytes(*f)))
+                        .collect();
+                    reason = Some(format!(
+                        "claim {} needs {} device(s) with {} each; {} has {}",
+                        ask.claim,
+                        ask.count,
+                        format_bytes(need),
+                        node,
+                        if rooms.is_empty() {
+                            "no vramslice devices".to_string()
+                        } else {
+                            rooms.join(", ")
+                        }
+                    ));
+                    break;
+                }
+                // Take the tightest fitting devices (as binpacking would) out of the pool.
+                for i in fitting
+                    .into_iter()
+                    .take(usize::try_from(ask.count).unwrap_or(usize::MAX))
+                    .rev()
+                {
+                    free.remove(i);
+                }
+            }
+            NodeVerdict {
+                node: node.to_string(),
+                fits: reason.is_none(),
+                reason,
+                unresolvable: false,
+            }
+        })
+        .collect()
+}
+
+/// One vramslice claim for `kubectl vramslice claims`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRow {
+    /// Namespace.
+    pub namespace: String,
+    /// Claim name.
+    pub claim: String,
+    /// Pods it is reserved for.
+    pub pods: Vec<String>,
+    /// Node, once allocated.
+    pub node: Option<String>,
+    /// Devices with their GPU UUIDs.
+    pub gpus: Vec<String>,
+    /// Memory granted, over all its devices.
+    pub granted_bytes: u64,
+    /// What its pods use on those GPUs, when the node agent measured it (GpuNode).
+    pub used_bytes: Option<u64>,
+    /// `allocated` or `pending`.
+    pub state: String,
+}
+
+/// Rows for the claims that ask for, or hold, vramslice devices, sorted by namespace and name.
+pub fn claim_rows(
+    claims: &[ResourceClaim],
+    rooms: &[DeviceRoom],
+    gpunodes: &[GpuNode],
+) -> Vec<ClaimRow> {
+    let mut rows: Vec<ClaimRow> = claims
+        .iter()
+        .filter_map(|claim| {
+            let ours: Vec<_> = allocation_results(claim)
+                .filter(|r| r.driver == DRA_DRIVER)
+                .collect();
+            if ours.is_empty() && claim_asks(claim).is_empty() {
+                return None;
+            }
+            let status = claim.status.as_ref();
+            let pods: Vec<(String, String)> = status
+                .and_then(|s| s.reserved_for.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|r| r.resource == "pods")
+                .map(|r| (r.name.clone(), r.uid.clone()))
+                .collect();
+            let uuids: Vec<Option<String>> = ours
+                .iter()
+                .map(|r| {
+                    rooms
+                        .iter()
+                        .find(|d| d.node == r.pool && d.device == r.device)
+                        .and_then(|d| d.gpu_uuid.clone())
+                })
+                .collect();
+            let used = measured_use(gpunodes, &pods, &uuids);
+            Some(ClaimRow {
+                namespace: claim.metadata.namespace.clone().unwrap_or_default(),
+                claim: claim.metadata.name.clone().unwrap_or_default(),
+                pods: pods.into_iter().map(|(name, _)| name).collect(),
+                node: ours.first().map(|r| r.pool.clone()),
+                gpus: ours
+                    .iter()
+                    .zip(&uuids)
+                    .map(|(r, u)| match u {
+                        Some(u) => format!("{} ({u})", r.device),
+                        None => r.device.clone(),
+                    })
+                    .collect(),
+                granted_bytes: ours
+                    .iter()
+                    .map(|r| {
+                        memory(
+                            r.consumed_capacity
+                                .as_ref()
+                                .and_then(|c| c.get(DRA_CAPACITY_MEMORY)),
+                        )
+                    })
+                    .sum(),
+                used_bytes: used,
+                state: if ours.is_empty() {
+                    "pending"
+                } else {
+                    "allocated"
+                }
+                .to_string(),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.namespace, &a.claim).cmp(&(&b.namespace, &b.claim)));
+    rows
+}
+
+/// The use the GpuNodes report for `pods` on the GPUs `uuids` (None when no GPU reports any).
+fn measured_use(
+    gpunodes: &[GpuNode],
+    pods: &[(String, String)],
+    uuids: &[Option<String>],
+) -> Option<u64> {
+    let mut total: Option<u64> = None;
+    for g in gpunodes
+        .iter()
+        .filter_map(|n| n.status.as_ref())
+        .flat_map(|s| &s.gpus)
+        .filter(|g| uuids.iter().flatten().any(|u| *u == g.uuid))
+    {
+        for p in &g.pods {
+            let ours = pods
+                .iter()
+                .any(|(_, uid)| p.uid.as_deref() == Some(uid.as_str()));
+            if let (true, Some(used)) = (ours, p.used_bytes) {
+                total = Some(total.unwrap_or(0).saturating_add(used));
+            }
+        }
+    }
+    total
+}
+
+/// The names of the claims `pod` uses, as its status records them (templates instantiated).
+pub fn pod_claim_names(pod: &Pod) -> Vec<String> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.resource_claim_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.resource_claim_name.clone())
+        .collect()
+}
+
+/// Whether `pod` uses resource claims at all.
+pub fn pod_has_claims(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.resource_claims.as_ref())
+        .is_some_and(|c| !c.is_empty())
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Fill a pod's explanation from its claims (DRA mode): bound → where; pending → each node's
+/// verdict for all its vramslice asks, from the devices' room. `pod_claims` are the claims the
+/// pod's status names; `rooms` come from every claim in the cluster.
+pub fn explain_claims(
+    out: &mut crate::explain::Explanation,
+    pod: &Pod,
+    pod_claims: &[ResourceClaim],
+    rooms: &[DeviceRoom],
+) {
+    use crate::explain::PodState;
+    if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+        out.state = PodState::Bound {
+            node,
+            gpu_uuid: None,
+        };
+        return;
+    }
+    let asks: Vec<ClaimAsk> = pod_claims.iter().flat_map(claim_asks).collect();
+    if pod_claim_names(pod).is_empty() {
+        out.notes.push(
+            "the pod's claims are not created yet: the resource claim controller makes them from the pod's ResourceClaimTemplates"
+                .into(),
+        );
+    } else if asks.is_empty() {
+        out.notes.push(format!(
+            "none of the pod's claims asks for devices of class {DRA_DEVICE_CLASS}: vramslice does not place it"
+        ));
+    }
+    out.nodes = dra_verdicts(&asks, rooms);
+    let fits_on = out.nodes.iter().filter(|n| n.fits).count();
+    out.state = PodState::Pending { fits_on };
+    out.notes.push(
+        "DRA mode: kube-scheduler's DynamicResources plugin places this pod; each device's room is its published memory capacity (which follows the measurement) minus the claims allocated on it"
+            .into(),
+    );
+    if rooms.is_empty() {
+        out.notes.push(format!(
+            "no ResourceSlice of driver {DRA_DRIVER}: is the vramslice node agent running with mode: dra?"
+        ));
+    }
+}

@@ -1,0 +1,187 @@
+use super::*;
+use serde_json::json;
+
+const GIB: u64 = 1 << 30;
+
+fn slice(node: &str, capacities: &[u64]) -> ResourceSlice {
+    let devices: Vec<_> = capacities
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({ "name": format!("gpu-{i}"), "allowMultipleAllocations": true,
+                "attributes": { "uuid": { "string": format!("GPU-{node}-{i}") } },
+                "capacity": { "memory": { "value": c.to_string() } } })
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "metadata": { "name": format!("{node}-vramslice.io") },
+        "spec": { "driver": "vramslice.io", "nodeName": node,
+            "pool": { "name": node, "generation": 1, "resourceSliceCount": 1 }, "devices": devices }
+    }))
+    .expect("slice")
+}
+
+fn claim(name: &str, count: u64, memory: &str, allocated: &[(&str, &str, &str)]) -> ResourceClaim {
+    let results: Vec<_> = allocated
+        .iter()
+        .map(|(pool, device, mem)| {
+            json!({ "request": "vram", "driver": "vramslice.io", "pool": pool, "device": device,
+                "consumedCapacity": { "memory": mem } })
+        })
+        .collect();
+    let status = if results.is_empty() {
+        json!({})
+    } else {
+        json!({ "allocation": { "devices": { "results": results } },
+            "reservedFor": [{ "resource": "pods", "name": format!("{name}-pod"), "uid": format!("uid-{name}") }] })
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": { "name": name, "namespace": "ml" },
+        "spec": { "devices": { "requests": [{ "name": "vram", "exactly": {
+            "deviceClassName": "vram.vramslice.io", "count": count,
+            "capacity": { "requests": { "memory": memory } } } }] } },
+        "status": status
+    }))
+    .expect("claim")
+}
+
+#[test]
+fn room_is_published_capacity_minus_allocated_claims() {
+    let slices = [slice("node-a", &[63 * GIB, 80 * GIB])];
+    let claims = [
+        claim("a", 1, "20Gi", &[("node-a", "gpu-0", "20Gi")]),
+        claim("b", 1, "10Gi", &[("node-a", "gpu-0", "10Gi")]),
+    ];
+    let rooms = device_rooms(&slices, &claims);
+    assert_eq!(rooms.len(), 2);
+    assert_eq!(
+        (rooms[0].device.as_str(), rooms[0].free()),
+        ("gpu-0", 33 * GIB)
+    );
+    assert_eq!(rooms[0].gpu_uuid.as_deref(), Some("GPU-node-a-0"));
+    assert_eq!(rooms[1].free(), 80 * GIB);
+}
+
+#[test]
+fn a_pending_claim_is_explained_per_node() {
+    let slices = [
+        slice("node-a", &[40 * GIB, 30 * GIB]),
+        slice("node-b", &[80 * GIB, 80 * GIB]),
+    ];
+    let rooms = device_rooms(
+        &slices,
+        &[claim("x", 1, "70Gi", &[("node-b", "gpu-0", "70Gi")])],
+    );
+    let two = claim_asks(&claim("tp2", 2, "35Gi", &[]));
+    assert_eq!(
+        two,
+        [ClaimAsk {
+            claim: "ml/tp2".into(),
+            count: 2,
+            bytes_each: Some(35 * GIB)
+        }]
+    );
+    let verdicts = dra_verdicts(&two, &rooms);
+    assert!(!verdicts[0].fits);
+    assert_eq!(
+        verdicts[0].reason.as_deref(),
+        Some(
+            "claim ml/tp2 needs 2 device(s) with 35 GiB each; node-a has gpu-1 30 GiB free, gpu-0 40 GiB free"
+        )
+    );
+    // node-b: gpu-0 has 10 GiB left, gpu-1 80: only one device fits.
+    assert!(!verdicts[1].fits, "{verdicts:?}");
+    let one = claim_asks(&claim("one", 1, "35Gi", &[]));
+    let verdicts = dra_verdicts(&one, &rooms);
+    assert!(verdicts.iter().all(|v| v.fits), "{verdicts:?}");
+}
+
+#[test]
+fn claims_show_pods_gpus_grant_and_measured_use() {
+    let slices = [slice("node-a", &[80 * GIB, 80 * GIB])];
+    let claims = [
+        claim(
+            "tp2",
+            2,
+            "20Gi",
+            &[("node-a", "gpu-0", "20Gi"), ("node-a", "gpu-1", "20Gi")],
+        ),
+        claim("waiting", 1, "6Gi", &[]),
+    ];
+    let rooms = device_rooms(&slices, &claims);
+    let gpunode: GpuNode = serde_json::from_value(json!({
+        "apiVersion": "vramslice.io/v1alpha1", "kind": "GpuNode", "metadata": { "name": "node-a" },
+        "spec": { "nodeName": "node-a" },
+        "status": { "observedAt": "2026-12-06T10:00:00Z", "unit": "1Gi", "resourceName": "vramslice.io/vram-gib", "summary": { "gpus": 2, "total": "160 GiB", "liveFree": "0", "allocated": "40 GiB", "healthy": "2/2" }, "gpus": [
+            { "index": 0, "uuid": "GPU-node-a-0", "model": "H100", "totalBytes": 85899345920u64, "usedBytes": 0,
+              "freeBytes": 0, "units": 80, "allocatedUnits": 20, "healthy": true,
+              "pods": [{ "namespace": "ml", "name": "tp2-pod", "uid": "uid-tp2", "allocatedUnits": 20,
+                         "limitBytes": 21474836480u64, "usedBytes": 3221225472u64 }] },
+            { "index": 1, "uuid": "GPU-node-a-1", "model": "H100", "totalBytes": 85899345920u64, "usedBytes": 0,
+              "freeBytes": 0, "units": 80, "allocatedUnits": 20, "healthy": true,
+              "pods": [{ "namespace": "ml", "name": "tp2-pod", "uid": "uid-tp2", "allocatedUnits": 20,
+                         "limitBytes": 21474836480u64, "usedBytes": 2147483648u64 }] } ] }
+    }))
+    .expect("gpunode");
+    let rows = claim_rows(&claims, &rooms, &[gpunode]);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].claim, "tp2");
+    assert_eq!(rows[0].pods, ["tp2-pod"]);
+    assert_eq!(
+        rows[0].gpus,
+        ["gpu-0 (GPU-node-a-0)", "gpu-1 (GPU-node-a-1)"]
+    );
+    assert_eq!(rows[0].granted_bytes, 40 * GIB);
+    assert_eq!(rows[0].used_bytes, Some(5 * GIB));
+    assert_eq!(
+        (rows[1].claim.as_str(), rows[1].state.as_str()),
+        ("waiting", "pending")
+    );
+}
+
+#[test]
+fn a_pending_pod_with_claims_gets_each_nodes_device_room() {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "llm", "namespace": "ml" },
+        "spec": { "containers": [{ "name": "c" }],
+                  "resourceClaims": [{ "name": "vram", "resourceClaimTemplateName": "vram-6g" }] },
+        "status": { "phase": "Pending",
+                    "resourceClaimStatuses": [{ "name": "vram", "resourceClaimName": "llm-vram-x" }] }
+    }))
+    .expect("pod");
+    let rooms = device_rooms(
+        &[slice("node-a", &[4 * GIB]), slice("node-b", &[80 * GIB])],
+        &[],
+    );
+    let mut e = crate::explain::Explanation {
+        pod: "ml/llm".into(),
+        state: crate::explain::PodState::NoVram,
+        resource: None,
+        units: None,
+        request_bytes: None,
+        scheduler_name: "default-scheduler".into(),
+        largest_gpu_bytes: None,
+        nodes: Vec::new(),
+        events: Vec::new(),
+        notes: Vec::new(),
+    };
+    explain_claims(&mut e, &pod, &[claim("llm-vram-x", 1, "6Gi", &[])], &rooms);
+    assert_eq!(e.state, crate::explain::PodState::Pending { fits_on: 1 });
+    assert!(!e.nodes[0].fits);
+    assert!(
+        e.nodes[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("node-a has gpu-0 4 GiB free")),
+        "{:?}",
+        e.nodes[0]
+    );
+    assert!(e.nodes[1].fits);
+    assert!(
+        e.notes.iter().any(|n| n.starts_with("DRA mode")),
+        "{:?}",
+        e.notes
+    );
+}
