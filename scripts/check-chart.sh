@@ -12,7 +12,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CHART="$ROOT/charts/vramslice"
 HELM="${HELM:-$("$ROOT/scripts/install-helm.sh")}"
 export HELM
-KV=(--kube-version v1.34.2)
+KV=(--kube-version v1.37.2)
 passed=0
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 
@@ -50,7 +50,7 @@ reject() {
   ok "$3"
 }
 d="$tmp/defaults.yaml"
-expect "$d" 'image: "?registry.k8s.io/kube-scheduler:v1\.34\.2' "scheduler image follows the cluster version"
+expect "$d" 'image: "?registry.k8s.io/kube-scheduler:v1\.37\.2' "scheduler image follows the cluster version"
 expect "$d" 'leaderElect: false' "one replica: no leader election"
 expect "$d" 'type: Recreate' "one replica: Recreate strategy"
 expect "$d" 'failurePolicy: Ignore' "webhook failurePolicy Ignore"

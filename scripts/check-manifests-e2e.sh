@@ -16,7 +16,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLUSTER_BIN="${VRAMSLICE_CLUSTER_BIN:-$ROOT/e2e/bin/vramslice-cluster}"
 HELM="${HELM:-$("$ROOT/scripts/install-helm.sh")}"
-# The launcher and kubectl v1.34.4 come from the e2e module (make -C e2e go builds both).
+# The launcher and kubectl v1.37.2 come from the e2e module (make -C e2e go builds both).
 if [[ ! -x "$CLUSTER_BIN" || ! -x "$ROOT/e2e/bin/kubectl" ]]; then
   make -C "$ROOT/e2e" go > /dev/null
 fi
@@ -64,10 +64,10 @@ dry_run() { # file, name
   ok "server-side dry-run of $2: $accepted objects accepted"
 }
 dry_run "$ROOT/manifests/vramslice.yaml" "manifests/vramslice.yaml"
-"$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.34.2 \
+"$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.37.2 \
   --set scheduler.replicas=3 --set networkPolicy.enabled=true > "$work/ha.yaml"
 dry_run "$work/ha.yaml" "chart with scheduler.replicas=3 and a NetworkPolicy"
-"$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.34.2 \
+"$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.37.2 \
   --set unit=128Mi --set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi > "$work/small.yaml"
 dry_run "$work/small.yaml" "chart with unit=128Mi, no webhook"
 
@@ -76,7 +76,7 @@ dry_run "$work/small.yaml" "chart with unit=128Mi, no webhook"
 # release is "vs" so that no name meets the e2e harness's own RBAC objects.
 cp -r "$ROOT/charts/vramslice" "$work/chart"
 sed -i '/^kubeVersion:/d' "$work/chart/Chart.yaml"
-hv=(--set scheduler.image.tag=v1.34.2)
+hv=(--set scheduler.image.tag=v1.37.2)
 "$HELM" install vs "$work/chart" -n vs-system --create-namespace "${hv[@]}" > "$work/helm.log" 2>&1 \
   || { cat "$work/helm.log"; fail "helm install"; }
 ok "helm install on the e2e API server"

@@ -8,7 +8,7 @@
 # Extra arguments go to the launcher (e2e/bin/vramslice-cluster -h lists them).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-command -v go >/dev/null || { echo "e2e-demo: Go >= 1.24 is required (https://go.dev/dl/)" >&2; exit 1; }
+command -v go >/dev/null || { echo "e2e-demo: Go >= 1.26 is required (https://go.dev/dl/)" >&2; exit 1; }
 make -C "$ROOT/e2e" build
 cd "$ROOT"
 exec "$ROOT/e2e/bin/vramslice-cluster" --apply examples/pods --story "$@"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build our binaries and the e2e harness, then run the e2e scenarios against a real
-# kube-apiserver + kube-scheduler (in-process, Kubernetes v1.34.4 from its Go modules) and
+# kube-apiserver + kube-scheduler (in-process, Kubernetes v1.37.2 from its Go modules) and
 # hollow GPU nodes running the kubelet's device manager. Prints each scenario as it runs.
 #   scripts/e2e-run.sh            # all scenarios
 #   scripts/e2e-run.sh -run 'TestScenario3'   # extra `go test` arguments
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-command -v go >/dev/null || { echo "e2e-run: Go >= 1.24 is required (https://go.dev/dl/)" >&2; exit 1; }
+command -v go >/dev/null || { echo "e2e-run: Go >= 1.26 is required (https://go.dev/dl/)" >&2; exit 1; }
 started=$(date +%s)
 step() { printf '\n==> %s (+%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 step "go mod download (e2e/)"

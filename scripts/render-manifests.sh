@@ -13,7 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAMESPACE=vramslice-system
 RELEASE=vramslice
-KUBE_VERSION=v1.34.2
+KUBE_VERSION=v1.37.2
 OUT="$ROOT/manifests/vramslice.yaml"
 
 HELM="${HELM:-$("$ROOT/scripts/install-helm.sh")}"

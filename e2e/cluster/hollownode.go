@@ -26,6 +26,7 @@ import (
 	"k8s.io/kubernetes/pkg/kubelet/cm/containermap"
 	"k8s.io/kubernetes/pkg/kubelet/cm/devicemanager"
 	"k8s.io/kubernetes/pkg/kubelet/cm/topologymanager"
+	"k8s.io/kubernetes/pkg/kubelet/lifecycle"
 )
 
 // RunOptionsAnnotation is the pod annotation where a hollow node records what the
@@ -65,6 +66,9 @@ type HollowNode struct {
 	Dir string
 
 	client kubernetes.Interface
+	// logger is what the kubelet code gets (its calls take a logger or a context):
+	// klog's, with the node's name.
+	logger klog.Logger
 
 	// mu guards only the dm pointer (swapped by RestartDeviceManager). The device
 	// manager is internally synchronised like in the kubelet; holding a lock of ours
@@ -100,7 +104,8 @@ var baseCapacity = v1.ResourceList{
 // startHollowNode registers the Node, starts the device manager, the PodResources
 // server, the status loop and the pod worker.
 func startHollowNode(ctx context.Context, client kubernetes.Interface, name, dir string) (*HollowNode, error) {
-	h := &HollowNode{Name: name, Dir: dir, client: client, active: map[types.UID]*v1.Pod{}}
+	h := &HollowNode{Name: name, Dir: dir, client: client, active: map[types.UID]*v1.Pod{},
+		logger: klog.Background().WithValues("node", name)}
 	for _, d := range []string{h.SocketDir(), filepath.Dir(h.PodResourcesSocket())} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("node %s: %w", name, err)
@@ -180,11 +185,11 @@ func (h *HollowNode) registerNode(ctx context.Context) error {
 // startDeviceManager creates and starts a fresh device manager (the kubelet does
 // this at every start: it deletes stale sockets and reads its checkpoint).
 func (h *HollowNode) startDeviceManager() error {
-	dm, err := newManagerImpl(filepath.Join(h.SocketDir(), "kubelet.sock"), nil, topologymanager.NewFakeManager())
+	dm, err := newManagerImpl(h.logger, filepath.Join(h.SocketDir(), "kubelet.sock"), nil, topologymanager.NewFakeManager(h.logger))
 	if err != nil {
 		return fmt.Errorf("node %s device manager: %w", h.Name, err)
 	}
-	if err := dm.Start(h.activePods, readySources{}, containermap.NewContainerMap(), sets.New[string]()); err != nil {
+	if err := dm.Start(h.logger, h.activePods, readySources{}, containermap.NewContainerMap(), sets.New[string]()); err != nil {
 		return fmt.Errorf("node %s device manager start: %w", h.Name, err)
 	}
 	h.mu.Lock()
@@ -200,7 +205,7 @@ func (h *HollowNode) RestartDeviceManager() error {
 	h.mu.Lock()
 	old := h.dm
 	h.mu.Unlock()
-	if err := old.Stop(); err != nil {
+	if err := old.Stop(h.logger); err != nil {
 		return fmt.Errorf("node %s stopping device manager: %w", h.Name, err)
 	}
 	return h.startDeviceManager()
@@ -253,7 +258,7 @@ func (h *HollowNode) Stop() {
 		h.grpc.Stop()
 	}
 	if dm := h.manager(); dm != nil {
-		_ = dm.Stop()
+		_ = dm.Stop(h.logger)
 	}
 }
 
@@ -276,7 +281,7 @@ func (h *HollowNode) podWorker(ctx context.Context) {
 
 func (h *HollowNode) freeDevices(uid types.UID) {
 	h.setActive(&v1.Pod{ObjectMeta: metav1.ObjectMeta{UID: uid}}, false)
-	h.manager().UpdateAllocatedDevices()
+	h.manager().UpdateAllocatedDevices(h.logger)
 }
 
 func (h *HollowNode) syncPod(ctx context.Context, key string) error {
@@ -322,17 +327,18 @@ func (h *HollowNode) syncPod(ctx context.Context, key string) error {
 func (h *HollowNode) admit(ctx context.Context, pod *v1.Pod) error {
 	h.setActive(pod, true)
 	dm := h.manager()
+	dmCtx := klog.NewContext(ctx, h.logger)
 	var allocErr error
 	opts := PodRunOptions{}
 	containers := append(append([]v1.Container{}, pod.Spec.InitContainers...), pod.Spec.Containers...)
 	for i := range containers {
-		if allocErr = dm.Allocate(pod, &containers[i]); allocErr != nil {
+		if allocErr = dm.Allocate(dmCtx, pod, &containers[i], lifecycle.AddOperation); allocErr != nil {
 			break
 		}
 	}
 	if allocErr == nil {
 		for i := range containers {
-			ro, err := dm.GetDeviceRunContainerOptions(pod, &containers[i])
+			ro, err := dm.GetDeviceRunContainerOptions(dmCtx, pod, &containers[i])
 			if err != nil {
 				allocErr = err
 				break
@@ -453,7 +459,7 @@ func (h *HollowNode) statusLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		capacity, allocatable, removed := h.manager().GetCapacity()
+		capacity, allocatable, removed := h.manager().GetCapacity(h.logger)
 		key := fmt.Sprint(sortedList(capacity), sortedList(allocatable), removed)
 		if key == h.lastCap {
 			continue

@@ -10,6 +10,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/klog/v2"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	plugin "k8s.io/kubernetes/pkg/kubelet/cm/devicemanager/plugin/v1beta1"
 )
@@ -35,7 +36,7 @@ func TestHollowNodeWithKubeletStubPlugin(t *testing.T) {
 	const res = "example.com/thing"
 	devs := []*pluginapi.Device{{ID: "d0", Health: pluginapi.Healthy}, {ID: "d1", Health: pluginapi.Healthy}, {ID: "d2", Health: pluginapi.Healthy}}
 	register := func() *plugin.Stub {
-		stub := plugin.NewDevicePluginStub(devs, filepath.Join(n.SocketDir(), "stub.sock"), res, false, false)
+		stub := plugin.NewDevicePluginStub(klog.Background(), devs, filepath.Join(n.SocketDir(), "stub.sock"), res, false, false)
 		stub.SetAllocFunc(func(r *pluginapi.AllocateRequest, _ map[string]*pluginapi.Device) (*pluginapi.AllocateResponse, error) {
 			resp := &pluginapi.AllocateResponse{}
 			for _, cr := range r.ContainerRequests {
@@ -45,16 +46,16 @@ func TestHollowNodeWithKubeletStubPlugin(t *testing.T) {
 			}
 			return resp, nil
 		})
-		if err := stub.Start(); err != nil {
+		if err := stub.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if err := stub.Register(filepath.Join(n.SocketDir(), "kubelet.sock"), res, ""); err != nil {
+		if err := stub.Register(ctx, filepath.Join(n.SocketDir(), "kubelet.sock"), res, ""); err != nil {
 			t.Fatal(err)
 		}
 		return stub
 	}
 	stub := register()
-	defer func() { _ = stub.Stop() }()
+	defer func() { _ = stub.Stop(klog.Background()) }()
 
 	waitAllocatable := func(want int64) {
 		t.Helper()
@@ -103,7 +104,7 @@ func TestHollowNodeWithKubeletStubPlugin(t *testing.T) {
 	if err := n.RestartDeviceManager(); err != nil {
 		t.Fatal(err)
 	}
-	_ = stub.Stop()
+	_ = stub.Stop(klog.Background())
 	stub = register()
 	waitAllocatable(3)
 	if alloc := (devicesProvider{n.HollowNode}).GetDevices(string(got.UID), "main"); len(alloc) != 2 {

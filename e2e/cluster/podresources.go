@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/grpc"
 	v1 "k8s.io/api/core/v1"
+	"k8s.io/klog/v2"
 	podresourcesapi "k8s.io/kubelet/pkg/apis/podresources/v1"
 	"k8s.io/kubernetes/pkg/kubelet/apis/podresources"
 	"k8s.io/kubernetes/pkg/kubelet/cm/devicemanager"
@@ -26,7 +27,7 @@ func (h *HollowNode) servePodResources() error {
 		Pods: podsProvider{h}, Devices: devicesProvider{h}, Cpus: noCPUs{}, Memory: noMemory{}, DynamicResources: noDRA{},
 	}
 	h.grpc = grpc.NewServer()
-	podresourcesapi.RegisterPodResourcesListerServer(h.grpc, podresources.NewV1PodResourcesServer(context.Background(), providers))
+	podresourcesapi.RegisterPodResourcesListerServer(h.grpc, podresources.NewV1PodResourcesServer(klog.NewContext(context.Background(), h.logger), providers))
 	go func() { _ = h.grpc.Serve(l) }()
 	return nil
 }
@@ -46,12 +47,14 @@ func (p podsProvider) GetPodByName(ns, name string) (*v1.Pod, bool) {
 
 type devicesProvider struct{ h *HollowNode }
 
-func (d devicesProvider) UpdateAllocatedDevices() { d.h.manager().UpdateAllocatedDevices() }
+func (d devicesProvider) UpdateAllocatedDevices(logger klog.Logger) {
+	d.h.manager().UpdateAllocatedDevices(logger)
+}
 func (d devicesProvider) GetDevices(podUID, containerName string) []*podresourcesapi.ContainerDevices {
 	return toContainerDevices(d.h.manager().GetDevices(podUID, containerName))
 }
-func (d devicesProvider) GetAllocatableDevices() []*podresourcesapi.ContainerDevices {
-	return toContainerDevices(d.h.manager().GetAllocatableDevices())
+func (d devicesProvider) GetAllocatableDevices(logger klog.Logger) []*podresourcesapi.ContainerDevices {
+	return toContainerDevices(d.h.manager().GetAllocatableDevices(logger))
 }
 
 // toContainerDevices mirrors the kubelet's containerDevicesFromResourceDeviceInstances.
@@ -74,16 +77,20 @@ func toContainerDevices(devs devicemanager.ResourceDeviceInstances) []*podresour
 
 type noCPUs struct{}
 
-func (noCPUs) GetCPUs(string, string) []int64 { return nil }
-func (noCPUs) GetAllocatableCPUs() []int64    { return nil }
+func (noCPUs) GetCPUs(*v1.Pod, *v1.Container) []int64 { return nil }
+func (noCPUs) GetPodCPUs(string) []int64              { return nil }
+func (noCPUs) GetAllocatableCPUs() []int64            { return nil }
 
 type noMemory struct{}
 
-func (noMemory) GetMemory(string, string) []*podresourcesapi.ContainerMemory { return nil }
-func (noMemory) GetAllocatableMemory() []*podresourcesapi.ContainerMemory    { return nil }
+func (noMemory) GetMemory(klog.Logger, *v1.Pod, *v1.Container) []*podresourcesapi.ContainerMemory {
+	return nil
+}
+func (noMemory) GetPodMemory(klog.Logger, string) []*podresourcesapi.ContainerMemory { return nil }
+func (noMemory) GetAllocatableMemory(klog.Logger) []*podresourcesapi.ContainerMemory { return nil }
 
 type noDRA struct{}
 
-func (noDRA) GetDynamicResources(*v1.Pod, *v1.Container) []*podresourcesapi.DynamicResource {
+func (noDRA) GetDynamicResources(klog.Logger, *v1.Pod, *v1.Container) []*podresourcesapi.DynamicResource {
 	return nil
 }

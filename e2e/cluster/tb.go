@@ -43,6 +43,22 @@ func (t *processTB) runCleanups() {
 	}
 }
 
+// Attr (testing.T.Attr, Go 1.25) only logs the attribute here.
+func (t *processTB) Attr(key, value string) { t.Logf("attr %s=%s", key, value) }
+
+// Chdir changes the process's working directory until the owner runs the
+// cleanups, as testing.T.Chdir does for a test.
+func (t *processTB) Chdir(dir string) {
+	prev, err := os.Getwd()
+	if err != nil {
+		t.Fatalf("Chdir: %v", err)
+	}
+	if err := os.Chdir(dir); err != nil {
+		t.Fatalf("Chdir: %v", err)
+	}
+	t.Cleanup(func() { _ = os.Chdir(prev) })
+}
+
 func (t *processTB) Error(args ...any)                 { t.Log(args...); t.Fail() }
 func (t *processTB) Errorf(format string, args ...any) { t.Logf(format, args...); t.Fail() }
 func (t *processTB) Fail() {

@@ -1,4 +1,4 @@
-// Command kubectl is the upstream kubectl (k8s.io/kubectl, the same v1.34.4 as the
+// Command kubectl is the upstream kubectl (k8s.io/kubectl, the same v1.37.2 as the
 // e2e cluster), built from this module so the e2e scripts and the demo need no
 // system kubectl: `e2e/bin/kubectl --kubeconfig <admin.kubeconfig> get gpunodes -o wide`.
 package main

@@ -143,7 +143,7 @@ pub fn node_json(name: &str) -> Value {
                 "lastHeartbeatTime": "2026-11-22T09:00:00Z", "lastTransitionTime": "2026-11-01T00:00:00Z",
                 "reason": "KubeletReady", "message": "kubelet is posting ready status" }],
             "nodeInfo": { "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "6.8",
-                "osImage": "", "containerRuntimeVersion": "containerd://2.0", "kubeletVersion": "v1.34.1",
+                "osImage": "", "containerRuntimeVersion": "containerd://2.0", "kubeletVersion": "v1.37.2",
                 "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64" }
         }
     })
