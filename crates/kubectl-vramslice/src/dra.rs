@@ -123,8 +123,8 @@ pub fn claim_asks(claim: &ResourceClaim) -> Vec<ClaimAsk> {
     );
     claim
         .spec
-        .devices
         .as_ref()
+        .and_then(|s| s.devices.as_ref())
         .and_then(|d| d.requests.as_ref())
         .into_iter()
         .flatten()
