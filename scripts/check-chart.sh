@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CI check of the Helm chart: lint, render under several value sets, reject bad values through
+# CI check of the Helm chart: lint, render under several value sets (both modes: devicePlugin
+# and dra), reject bad values through
 # values.schema.json, scan the RBAC for wildcards/cluster-admin, check the Grafana dashboard
 # against docs/metrics.md, and fail on manifests/ drift.
 #
@@ -28,6 +29,8 @@ variants=(
   "no-webhook|--set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi"
   "netpol|--set networkPolicy.enabled=true --set networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring"
   "fake-gpus|--set devicePlugin.backend=fake --set devicePlugin.fakeGpuFile=/etc/fake/gpus.yaml --set devicePlugin.extraConfig.publish.heartbeat=10s"
+  "dra|--set mode=dra --set metrics.serviceMonitor.enabled=true --set networkPolicy.enabled=true"
+  "dra-extender|--set mode=dra --set dra.deployExtender=true --set dra.slicePolicy=false --set unit=512Mi --set dra.publishThreshold=2Gi --set devicePlugin.kubeletRootDir=/var/lib/k0s/kubelet"
 )
 for v in "${variants[@]}"; do
   name="${v%%|*}"; args="${v#*|}"
@@ -73,6 +76,53 @@ expect "$tmp/cert-manager.yaml" 'cert-manager.io/inject-ca-from' "cert-manager i
 expect "$tmp/cert-manager.yaml" 'kind: ServiceMonitor' "ServiceMonitor rendered on request"
 reject "$tmp/no-webhook.yaml" 'MutatingWebhookConfiguration' "webhook off: no webhook configuration"
 expect "$tmp/fake-gpus.yaml" 'heartbeat: 10s' "extraConfig merges into the plugin config"
+reject "$d" 'kind: DeviceClass' "device-plugin mode: no DeviceClass"
+reject "$d" 'mode: dra|resourceslices|plugins_registry' "device-plugin mode: no DRA config, RBAC or mounts"
+
+# DRA mode: the node agent is a DRA driver; kube-scheduler places claims, so no extender,
+# bundled scheduler or webhook unless dra.deployExtender.
+r="$tmp/dra.yaml"
+expect "$r" '^kind: DeviceClass$' "dra: DeviceClass rendered"
+expect "$r" '^apiVersion: resource\.k8s\.io/v1$' "dra: DeviceClass is resource.k8s.io/v1"
+expect "$r" '^  name: vram\.vramslice\.io$' "dra: DeviceClass vram.vramslice.io"
+expect "$r" 'expression: device\.driver == "vramslice\.io"$' "dra: DeviceClass selects driver vramslice.io by CEL"
+expect "$r" '^    mode: dra$' "dra: the node agent's config says mode: dra"
+expect "$r" 'registryDir: /var/lib/kubelet/plugins_registry$' "dra: config registryDir"
+expect "$r" 'pluginDir: /var/lib/kubelet/plugins/vramslice\.io$' "dra: config pluginDir"
+expect "$r" 'checkpoint: /var/lib/vramslice/dra/checkpoint\.json$' "dra: checkpoint under hostDir"
+expect "$r" 'mountPath: /var/lib/kubelet/plugins_registry$' "dra: DaemonSet mounts plugins_registry"
+expect "$r" 'mountPath: /var/lib/kubelet/plugins/vramslice\.io$' "dra: DaemonSet mounts plugins/vramslice.io"
+expect "$r" 'mountPath: /var/run/cdi$' "dra: DaemonSet mounts the CDI directory"
+grep -A2 'path: /var/run/cdi$' "$r" | grep -q 'type: DirectoryOrCreate' || fail "dra: CDI hostPath is not DirectoryOrCreate"
+ok "dra: CDI hostPath DirectoryOrCreate"
+expect "$r" 'mountPath: /var/lib/vramslice$' "dra: DaemonSet keeps the hostDir mount (guard, accounting, checkpoint)"
+expect "$r" 'accountingRoot: /var/lib/vramslice/accounting$' "dra: accounting root kept"
+expect "$r" 'mkdir -p "\$dir/lib" "\$dir/accounting" "\$dir/dra"' "dra: init container creates the checkpoint directory"
+reject "$r" '(mountPath|path): .*/device-plugins$' "dra: no device-plugins mount"
+reject "$r" 'socketDir:' "dra: no device-plugin socket in the config"
+reject "$r" '^kind: (Deployment|MutatingWebhookConfiguration|PodDisruptionBudget|NetworkPolicy)$' "dra: no scheduler, webhook, PDB or extender NetworkPolicy"
+reject "$r" 'vramslice-(scheduler|extender|webhook)' "dra: no extender, vramslice-scheduler or webhook objects"
+expect "$r" 'name: vramslice-device-plugin$' "dra: ServiceMonitor for the node agent"
+expect "$r" 'resources: \[resourceslices\]' "dra: RBAC on resourceslices"
+expect "$r" 'verbs: \[get, create, update\]' "dra: resourceslices get/create/update only"
+expect "$r" 'resources: \[resourceclaims\]' "dra: RBAC reads resourceclaims"
+expect "$r" '^kind: ValidatingAdmissionPolicy$' "dra: ValidatingAdmissionPolicy keeps slice writes on the agent's node"
+expect "$r" 'system:serviceaccount:vramslice-system:vramslice-device-plugin"$' "dra: the policy matches the node agent's service account"
+reject "$r" 'cluster-admin' "dra: no cluster-admin"
+reject "$r" "verbs: \[[^]]*['\"]?\*" "dra: no wildcard verbs"
+reject "$r" "(resources|apiGroups|apiVersions): \[[^]]*['\"]?\*" "dra: no wildcard resources, groups or versions"
+x="$tmp/dra-extender.yaml"
+expect "$x" '^kind: Deployment$' "dra.deployExtender: scheduler Deployment rendered"
+expect "$x" '^kind: MutatingWebhookConfiguration$' "dra.deployExtender: webhook rendered"
+expect "$x" '^kind: DeviceClass$' "dra.deployExtender: DeviceClass still rendered"
+expect "$x" 'publishThreshold: 2Gi$' "dra: publishThreshold passed through"
+expect "$x" 'registryDir: /var/lib/k0s/kubelet/plugins_registry$' "dra: plugin directories follow kubeletRootDir"
+reject "$x" '^kind: ValidatingAdmissionPolicy' "dra.slicePolicy=false: no policy"
+if "$HELM" template vramslice "$CHART" --kube-version v1.33.5 --set mode=dra > /dev/null 2> "$tmp/err.log"; then
+  fail "mode: dra rendered for Kubernetes 1.33 (resource.k8s.io/v1 needs 1.34)"
+fi
+grep -q 'mode: dra needs Kubernetes 1.34' "$tmp/err.log" || { cat "$tmp/err.log"; fail "unexpected error for dra on 1.33"; }
+ok "dra: Kubernetes older than 1.34 refused"
 
 expect "$tmp/netpol.yaml" 'kind: NetworkPolicy' "NetworkPolicy rendered on request"
 reject "$d" 'kind: NetworkPolicy' "no NetworkPolicy by default"
@@ -96,6 +146,12 @@ bad=(
   "--set scheduler.name=other"
   "--set typo=true"
   "--set devicePlugin.pollIntervall=1s"
+  "--set mode=DRA"
+  "--set dra.headroom=lots"
+  "--set dra.publishThreshold=1G1"
+  "--set dra.minPublishInterval=2"
+  "--set dra.cdiDir=var/run/cdi"
+  "--set dra.registryDir=/x"
 )
 for b in "${bad[@]}"; do
   # shellcheck disable=SC2086
@@ -115,6 +171,6 @@ done < <(grep -o 'vramslice_[a-z_]*' "$ROOT/dashboards/vramslice.json" | sed -E 
 ok "every dashboard metric is documented in docs/metrics.md"
 
 "$ROOT/scripts/render-manifests.sh" --check > "$tmp/drift.log" 2>&1 || { cat "$tmp/drift.log"; fail "manifests/ drift"; }
-ok "manifests/vramslice.yaml matches the chart"
+ok "manifests/vramslice.yaml and manifests/dra/vramslice.yaml match the chart"
 
 echo "chart: $passed passed, 0 failed"

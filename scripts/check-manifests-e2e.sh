@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Against the e2e cluster's real kube-apiserver (e2e/bin/vramslice-cluster --control-plane-only):
-#  1. every object of manifests/ (and of the chart's HA and 128Mi/no-webhook renderings) passes a
+#  1. every object of manifests/ (both modes; and of the chart's HA and 128Mi/no-webhook renderings) passes a
 #     server-side dry-run apply, so it is schema-valid there (CEL matchConditions included);
 #  2. helm install, upgrade and uninstall of the chart work there, and an upgrade keeps the
 #     webhook certificate the extender wrote (Secret data and caBundle);
@@ -64,6 +64,7 @@ dry_run() { # file, name
   ok "server-side dry-run of $2: $accepted objects accepted"
 }
 dry_run "$ROOT/manifests/vramslice.yaml" "manifests/vramslice.yaml"
+dry_run "$ROOT/manifests/dra/vramslice.yaml" "manifests/dra/vramslice.yaml (mode: dra)"
 "$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.37.2 \
   --set scheduler.replicas=3 --set networkPolicy.enabled=true > "$work/ha.yaml"
 dry_run "$work/ha.yaml" "chart with scheduler.replicas=3 and a NetworkPolicy"

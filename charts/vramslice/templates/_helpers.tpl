@@ -71,3 +71,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "vramslice.schedulerName" -}}{{ include "vramslice.fullname" . }}-scheduler{{- end -}}
 {{- define "vramslice.webhookName" -}}{{ include "vramslice.fullname" . }}-webhook{{- end -}}
 {{- define "vramslice.webhookSecretName" -}}{{ include "vramslice.fullname" . }}-webhook-tls{{- end -}}
+
+{{/* "true" in DRA mode (the node agent is a DRA driver), "" in device-plugin mode. */}}
+{{- define "vramslice.dra" -}}
+{{- if eq .Values.mode "dra" }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when the scheduler Deployment (extender + vramslice-scheduler) is rendered: always in
+device-plugin mode; in DRA mode only with dra.deployExtender (kube-scheduler's DynamicResources
+plugin places claims there). */}}
+{{- define "vramslice.schedulerEnabled" -}}
+{{- if or (ne .Values.mode "dra") .Values.dra.deployExtender }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when the webhook is rendered: webhook.enabled, and the extender that serves it is. */}}
+{{- define "vramslice.webhookEnabled" -}}
+{{- if and .Values.webhook.enabled (include "vramslice.schedulerEnabled" .) }}true{{ end -}}
+{{- end -}}

@@ -9,7 +9,14 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 fn documents() -> Vec<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../manifests/vramslice.yaml");
+    documents_of("vramslice.yaml")
+}
+
+/// The objects of `manifests/<file>`.
+fn documents_of(file: &str) -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../manifests")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     text.split("\n---\n")
         .filter(|d| d.lines().any(|l| l.starts_with("kind:")))
@@ -91,8 +98,14 @@ fn every_object_is_namespaced_to_the_release_or_cluster_scoped() {
         "ClusterRoleBinding",
         "MutatingWebhookConfiguration",
         "Namespace",
+        "DeviceClass",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ];
-    for d in documents() {
+    for d in documents()
+        .into_iter()
+        .chain(documents_of("dra/vramslice.yaml"))
+    {
         let kind = d["kind"].as_str().unwrap();
         let ns = d["metadata"]["namespace"].as_str();
         if cluster_scoped.contains(&kind) {
@@ -111,5 +124,80 @@ fn every_object_is_namespaced_to_the_release_or_cluster_scoped() {
                 d["metadata"]["name"]
             );
         }
+    }
+}
+
+// DRA mode (manifests/dra/vramslice.yaml, the chart with `mode: dra`).
+
+#[test]
+fn device_plugin_accepts_the_rendered_dra_config_and_the_daemonset_mounts_its_paths() {
+    let docs = documents_of("dra/vramslice.yaml");
+    let data = config_map(&docs, "vramslice-device-plugin");
+    let text = data["device-plugin.yaml"].as_str().unwrap();
+    let settings = vramslice_device_plugin::config::Settings::from_yaml(
+        text,
+        "chart (dra)",
+        Some("gpu-node-1".into()),
+    )
+    .unwrap_or_else(|e| panic!("the plugin rejects the chart's dra config: {e}\n{text}"));
+    assert_eq!(settings.mode, vramslice_device_plugin::config::Mode::Dra);
+    // One unit by default.
+    assert_eq!(settings.dra.publish_threshold_bytes, 1 << 30);
+
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    let mounted = |path: &std::path::Path| mounts.iter().any(|m| path.starts_with(m));
+    for path in [
+        &settings.dra.registry_dir,
+        &settings.dra.plugin_dir,
+        &settings.dra.cdi_dir,
+        &settings.dra.checkpoint,
+        &settings.allocation.accounting_root,
+    ] {
+        assert!(
+            mounted(path),
+            "{} is not under a mount: {mounts:?}",
+            path.display()
+        );
+    }
+    assert!(
+        !mounts.iter().any(|m| m.ends_with("/device-plugins")),
+        "dra mode mounts no device-plugins directory: {mounts:?}"
+    );
+}
+
+#[test]
+fn dra_rendering_has_the_device_class_and_no_extender() {
+    let docs = documents_of("dra/vramslice.yaml");
+    let class = docs
+        .iter()
+        .find(|d| d["kind"] == "DeviceClass")
+        .expect("DeviceClass rendered");
+    assert_eq!(class["apiVersion"], "resource.k8s.io/v1");
+    assert_eq!(
+        class["metadata"]["name"],
+        vramslice_core::names::DRA_DEVICE_CLASS
+    );
+    assert_eq!(
+        class["spec"]["selectors"][0]["cel"]["expression"],
+        format!("device.driver == \"{}\"", vramslice_core::names::DRA_DRIVER)
+    );
+    for d in &docs {
+        let kind = d["kind"].as_str().unwrap();
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        assert!(
+            kind != "MutatingWebhookConfiguration" && kind != "Deployment",
+            "{kind} {name} rendered in dra mode"
+        );
+        assert!(
+            !name.contains("scheduler") && !name.contains("webhook"),
+            "{kind} {name}"
+        );
     }
 }
