@@ -40,6 +40,8 @@ mod hash;
 #[cfg(test)]
 mod proptests;
 mod reason;
+#[cfg(test)]
+mod spanning_tests;
 mod table;
 #[cfg(test)]
 mod tests;
