@@ -8,9 +8,9 @@ use serde::Serialize;
 use vramslice_api::GpuNode;
 use vramslice_api::convert::{PodFate, node_reading, parse_time, pod_fate, pod_request};
 use vramslice_api::names::ANNOTATION_GPU_UUID;
-use vramslice_core::cluster::placement::gpu_uuids;
 use vramslice_core::VramUnit;
 use vramslice_core::cluster::ledger::{Ledger, LedgerConfig};
+use vramslice_core::cluster::placement::gpu_uuids;
 
 /// The ledger over the cluster's readings and bound pods, as the extender would build it.
 pub fn build_ledger(gpunodes: &[GpuNode], pods: &[Pod], config: LedgerConfig) -> Ledger {

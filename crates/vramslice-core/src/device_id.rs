@@ -225,34 +225,47 @@ mod tests {
 
     #[test]
     fn spanning_selections_take_equal_shares_only() {
-        let sel = GpuSelection::spanning(&["GPU-b::0", "GPU-a::3", "GPU-b::5", "GPU-a::1"]).unwrap();
+        let sel =
+            GpuSelection::spanning(&["GPU-b::0", "GPU-a::3", "GPU-b::5", "GPU-a::1"]).unwrap();
         assert_eq!(sel.len(), 2);
-        assert_eq!((sel[0].gpu_uuid.as_str(), sel[0].units.clone()), ("GPU-a", vec![1, 3]));
-        assert_eq!((sel[1].gpu_uuid.as_str(), sel[1].units.clone()), ("GPU-b", vec![0, 5]));
+        assert_eq!(
+            (sel[0].gpu_uuid.as_str(), sel[0].units.clone()),
+            ("GPU-a", vec![1, 3])
+        );
+        assert_eq!(
+            (sel[1].gpu_uuid.as_str(), sel[1].units.clone()),
+            ("GPU-b", vec![0, 5])
+        );
         // One GPU is the one-GPU selection.
         assert_eq!(
             GpuSelection::spanning(&["GPU-a::2", "GPU-a::0"]).unwrap(),
             vec![GpuSelection::from_ids(&["GPU-a::2", "GPU-a::0"]).unwrap()]
         );
-        let err = GpuSelection::spanning(&["GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0"])
-            .unwrap_err();
+        let err =
+            GpuSelection::spanning(&["GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0"]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "IDs span GPU-a (3 units) and GPU-b (1 unit): vramslice maps several GPUs only as equal shares"
         );
-        let err = GpuSelection::spanning(&["GPU-a::0", "GPU-b::0", "GPU-c::0", "GPU-c::1"])
-            .unwrap_err();
+        let err =
+            GpuSelection::spanning(&["GPU-a::0", "GPU-b::0", "GPU-c::0", "GPU-c::1"]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "IDs span GPU-a (1 unit), GPU-b (1 unit) and GPU-c (2 units): vramslice maps several GPUs only as equal shares"
         );
         let nine: Vec<String> = (0..9).map(|g| format!("GPU-{g}::0")).collect();
-        assert_eq!(GpuSelection::spanning(&nine), Err(DeviceIdError::TooManyGpus(9)));
+        assert_eq!(
+            GpuSelection::spanning(&nine),
+            Err(DeviceIdError::TooManyGpus(9))
+        );
         assert!(matches!(
             GpuSelection::spanning(&["GPU-a::0", "GPU-b::0", "GPU-a::0"]),
             Err(DeviceIdError::Duplicate(_))
         ));
-        assert_eq!(GpuSelection::spanning::<&str>(&[]), Err(DeviceIdError::Empty));
+        assert_eq!(
+            GpuSelection::spanning::<&str>(&[]),
+            Err(DeviceIdError::Empty)
+        );
     }
 
     proptest! {

@@ -337,7 +337,9 @@ mod tests {
     #[test]
     fn a_spanning_candidate_splits_the_units_evenly() {
         let r = request(
-            &["GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0", "GPU-b::1", "GPU-b::2"],
+            &[
+                "GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0", "GPU-b::1", "GPU-b::2",
+            ],
             4,
         );
         assert_eq!(
@@ -360,7 +362,10 @@ mod tests {
             rec("tp", &["GPU-c::1", "GPU-a::3"]),
             rec("one", &["GPU-b::4"]),
         ]);
-        assert_eq!(held[&("ns".to_string(), "tp".to_string())], "GPU-a,GPU-b,GPU-c");
+        assert_eq!(
+            held[&("ns".to_string(), "tp".to_string())],
+            "GPU-a,GPU-b,GPU-c"
+        );
         assert_eq!(held[&("ns".to_string(), "one".to_string())], "GPU-b");
     }
 }

@@ -210,11 +210,17 @@ async fn allocate_maps_equal_shares_of_two_gpus_to_per_gpu_limits() {
     assert_eq!(env("NVIDIA_VISIBLE_DEVICES"), Some("GPU-aaaa,GPU-bbbb"));
     assert_eq!(env("VRAMSLICE_VRAM_LIMIT_BYTES"), None);
     assert_eq!(env("VRAMSLICE_GPU_UUID"), None);
-    assert_eq!(env("VRAMSLICE_ACCOUNTING_DIR"), Some(ACCOUNTING_IN_CONTAINER));
+    assert_eq!(
+        env("VRAMSLICE_ACCOUNTING_DIR"),
+        Some(ACCOUNTING_IN_CONTAINER)
+    );
     // The accounting directory is named from the IDs alone, so PodResources maps back to it.
     let key = vramslice_core::node::allocation::allocation_key_for_ids(&ids_given).unwrap();
     let acct = mount(&r, ACCOUNTING_IN_CONTAINER).expect("accounting mount");
-    assert_eq!(acct.host_path, node.accounting.join(&key).display().to_string());
+    assert_eq!(
+        acct.host_path,
+        node.accounting.join(&key).display().to_string()
+    );
     assert!(std::fs::metadata(&acct.host_path).unwrap().is_dir());
     let limit = mount(&r, LIMIT_IN_CONTAINER).expect("limit file mount");
     assert!(limit.read_only);

@@ -359,7 +359,11 @@ impl Extender {
                 let need = request.share_bytes();
                 match ledger.largest_gpu_bytes() {
                     Some(largest) if need > largest => {
-                        let each = if request.gpus > 1 { " on each of its GPUs" } else { "" };
+                        let each = if request.gpus > 1 {
+                            " on each of its GPUs"
+                        } else {
+                            ""
+                        };
                         let reason = format!(
                             "pod needs {}{each}, more than the largest GPU in the cluster advertises ({})",
                             format_bytes(need),

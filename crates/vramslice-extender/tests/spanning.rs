@@ -20,7 +20,10 @@ fn cluster() -> (Arc<Extender>, Arc<FakeCluster>) {
     {
         let mut ledger = ext.ledger_mut();
         ledger.set_reading("two", reading(5, vec![gpu(0, 40, 40), gpu(1, 40, 30)]));
-        ledger.set_reading("one-roomy", reading(5, vec![gpu(0, 80, 80), gpu(1, 80, 10)]));
+        ledger.set_reading(
+            "one-roomy",
+            reading(5, vec![gpu(0, 80, 80), gpu(1, 80, 10)]),
+        );
         ledger.set_reading("single", reading(5, vec![gpu(0, 80, 80)]));
     }
     (ext, fake)
@@ -35,7 +38,8 @@ fn tp_pod(uid: &str, gib: &str) -> serde_json::Value {
 #[tokio::test]
 async fn filter_needs_two_gpus_with_the_share_each() {
     let (ext, _) = cluster();
-    let (status, body) = post_json(&ext, "/filter", &args_names(tp_pod("uid-1", "40"), &NODES)).await;
+    let (status, body) =
+        post_json(&ext, "/filter", &args_names(tp_pod("uid-1", "40"), &NODES)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["NodeNames"], json!(["two"]));
     assert_eq!(
@@ -57,7 +61,12 @@ async fn filter_needs_two_gpus_with_the_share_each() {
 #[tokio::test]
 async fn prioritize_scores_the_pair_of_gpus() {
     let (ext, _) = cluster();
-    let (status, body) = post_json(&ext, "/prioritize", &args_names(tp_pod("uid-1", "40"), &NODES)).await;
+    let (status, body) = post_json(
+        &ext,
+        "/prioritize",
+        &args_names(tp_pod("uid-1", "40"), &NODES),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     // Binpack over GPU 0 (20 of 40 left: 6) and GPU 1 (10 of 40 left: 8): mean 7.
     assert_eq!(
@@ -71,7 +80,12 @@ async fn prioritize_scores_the_pair_of_gpus() {
 async fn bind_writes_both_gpus_and_books_the_share_on_each() {
     let (ext, fake) = cluster();
     fake.put_pod(serde_json::from_value(tp_pod("uid-1", "40")).unwrap());
-    let (_, body) = post_json(&ext, "/filter", &args_names(tp_pod("uid-1", "40"), &["two"])).await;
+    let (_, body) = post_json(
+        &ext,
+        "/filter",
+        &args_names(tp_pod("uid-1", "40"), &["two"]),
+    )
+    .await;
     assert_eq!(body["NodeNames"], json!(["two"]));
     let (status, body) = post_json(&ext, "/bind", &binding_args("tp", "uid-1", "two")).await;
     assert_eq!((status, body), (StatusCode::OK, json!({ "Error": "" })));
@@ -87,7 +101,12 @@ async fn bind_writes_both_gpus_and_books_the_share_on_each() {
     assert_eq!(views[0].effective_free, 20 << 30);
     assert_eq!(views[1].effective_free, 10 << 30);
     // The reservation counts on both GPUs at once: another 2 × 20 GiB no longer fits.
-    let (_, body) = post_json(&ext, "/filter", &args_names(tp_pod("uid-2", "40"), &["two"])).await;
+    let (_, body) = post_json(
+        &ext,
+        "/filter",
+        &args_names(tp_pod("uid-2", "40"), &["two"]),
+    )
+    .await;
     assert_eq!(
         body["FailedNodes"]["two"],
         "needs 2 GPUs with 20 GiB effective free each; 1 has; GPU 1: 10 GiB effective free (live 30 GiB, 20 GiB reserved by pods not yet running), need 20 GiB"
@@ -106,7 +125,12 @@ async fn bind_writes_both_gpus_and_books_the_share_on_each() {
 #[tokio::test]
 async fn a_bad_gpu_count_or_an_uneven_split_is_named() {
     let (ext, _) = cluster();
-    let pod = pod_json("tp", "uid-1", Some("40"), json!({ "vramslice.io/gpus": "many" }));
+    let pod = pod_json(
+        "tp",
+        "uid-1",
+        Some("40"),
+        json!({ "vramslice.io/gpus": "many" }),
+    );
     let (status, body) = post_json(&ext, "/filter", &args_names(pod, &NODES)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(

@@ -298,7 +298,7 @@ pub fn containers_request(
                 value: q.0.clone(),
             };
             let n = parse_bytes(&q.0).map_err(|_| bad())?;
-            if n % u64::from(gpus) != 0 {
+            if !n.is_multiple_of(u64::from(gpus)) {
                 return Err(RequestError::UnevenSplit {
                     pod: who.to_string(),
                     container: c.name.to_string(),
@@ -600,11 +600,15 @@ mod tests {
             )
         };
         let accepted = [VramUnit::Gib1];
-        let r = pod_request(&one("40", Some("2")), &accepted).unwrap().unwrap();
+        let r = pod_request(&one("40", Some("2")), &accepted)
+            .unwrap()
+            .unwrap();
         assert_eq!((r.units, r.gpus, r.share_units()), (40, 2, 20));
         let r = pod_request(&one("40", None), &accepted).unwrap().unwrap();
         assert_eq!((r.units, r.gpus), (40, 1));
-        let r = pod_request(&one("24", Some(" 8 ")), &accepted).unwrap().unwrap();
+        let r = pod_request(&one("24", Some(" 8 ")), &accepted)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.gpus, 8);
         for bad in ["0", "9", "two", "-2", "+2", "1.5", ""] {
             let err = pod_request(&one("40", Some(bad)), &accepted).unwrap_err();
@@ -647,6 +651,9 @@ mod tests {
             json!({ANNOTATION_GPUS: "2"}),
         );
         let err = pod_request(&p, &[VramUnit::Gib1]).unwrap_err();
-        assert!(matches!(err, RequestError::UnevenSplit { ref container, units: 3, gpus: 2, .. } if container == "b"), "{err}");
+        assert!(
+            matches!(err, RequestError::UnevenSplit { ref container, units: 3, gpus: 2, .. } if container == "b"),
+            "{err}"
+        );
     }
 }

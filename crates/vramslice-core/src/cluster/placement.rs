@@ -125,7 +125,11 @@ impl PodRequest {
 
     /// The number of GPUs, at least 1.
     pub const fn gpu_count(self) -> usize {
-        if self.gpus == 0 { 1 } else { self.gpus as usize }
+        if self.gpus == 0 {
+            1
+        } else {
+            self.gpus as usize
+        }
     }
 }
 
@@ -359,10 +363,20 @@ mod tests {
     fn choose_n_takes_distinct_gpus_by_policy() {
         let gpus = [cand(0, 10), cand(1, 7), cand(2, 30), cand(3, 5), cand(4, 7)];
         let need = 6 * GIB;
-        let idx = |c: Option<Vec<Candidate>>| c.map(|v| v.iter().map(|c| c.index).collect::<Vec<_>>());
-        assert_eq!(idx(choose_n(gpus, need, 2, Policy::Binpack)), Some(vec![1, 4]));
-        assert_eq!(idx(choose_n(gpus, need, 2, Policy::Spread)), Some(vec![0, 2]));
-        assert_eq!(idx(choose_n(gpus, need, 4, Policy::Binpack)), Some(vec![0, 1, 2, 4]));
+        let idx =
+            |c: Option<Vec<Candidate>>| c.map(|v| v.iter().map(|c| c.index).collect::<Vec<_>>());
+        assert_eq!(
+            idx(choose_n(gpus, need, 2, Policy::Binpack)),
+            Some(vec![1, 4])
+        );
+        assert_eq!(
+            idx(choose_n(gpus, need, 2, Policy::Spread)),
+            Some(vec![0, 2])
+        );
+        assert_eq!(
+            idx(choose_n(gpus, need, 4, Policy::Binpack)),
+            Some(vec![0, 1, 2, 4])
+        );
         assert_eq!(choose_n(gpus, need, 5, Policy::Binpack), None);
         // One GPU: the same GPU `choose` picks.
         for policy in [Policy::Binpack, Policy::Spread] {
@@ -378,7 +392,10 @@ mod tests {
         let need = 6 * GIB;
         let full = cand(0, 6);
         let empty = cand(1, 80);
-        assert_eq!(score_n(&[full], need, Policy::Binpack), score(full, need, Policy::Binpack));
+        assert_eq!(
+            score_n(&[full], need, Policy::Binpack),
+            score(full, need, Policy::Binpack)
+        );
         assert_eq!(score_n(&[full, empty], need, Policy::Binpack), 6);
         assert_eq!(score_n(&[], need, Policy::Binpack), 0);
     }

@@ -215,7 +215,10 @@ pub fn plan_allocation<S: AsRef<str>>(
     let mut selections = GpuSelection::spanning(ids)?;
     let mut resolved = Vec::with_capacity(selections.len());
     for selection in &selections {
-        resolved.push((inventory.resolve(selection)?.index, selection.gpu_uuid.clone()));
+        resolved.push((
+            inventory.resolve(selection)?.index,
+            selection.gpu_uuid.clone(),
+        ));
     }
     // The container sees its GPUs in index order.
     let mut order: Vec<usize> = (0..selections.len()).collect();

@@ -189,14 +189,17 @@ fn take_even(
     size: usize,
 ) -> Option<Vec<DeviceId>> {
     let k = gpus.len();
-    if k == 0 || size % k != 0 || (1..k).any(|i| gpus[..i].contains(&gpus[i])) {
+    if k == 0 || !size.is_multiple_of(k) || (1..k).any(|i| gpus[..i].contains(&gpus[i])) {
         return None;
     }
     let per = size / k;
     let mut picked = Vec::with_capacity(size);
     for gpu in gpus {
         let ids = by_gpu.get(gpu)?;
-        let must: Vec<&DeviceId> = must_include.iter().filter(|id| id.gpu_uuid == *gpu).collect();
+        let must: Vec<&DeviceId> = must_include
+            .iter()
+            .filter(|id| id.gpu_uuid == *gpu)
+            .collect();
         if must.len() > per || ids.len() < per {
             return None;
         }

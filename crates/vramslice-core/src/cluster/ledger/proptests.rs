@@ -258,7 +258,16 @@ fn check_invariants(ledger: &Ledger, world: &World) {
     let headroom = config().headroom_bytes;
     // The remembered, rendered refusals always say what a fresh check says.
     for name in NODES.iter().chain(&["nowhere"]) {
-        for (units, gpus) in [(1, 1), (3, 1), (8, 1), (9, 1), (4, 2), (6, 3), (16, 2), (12, 4)] {
+        for (units, gpus) in [
+            (1, 1),
+            (3, 1),
+            (8, 1),
+            (9, 1),
+            (4, 2),
+            (6, 3),
+            (16, 2),
+            (12, 4),
+        ] {
             let request = PodRequest::spanning(VramUnit::Gib1, units, gpus);
             let fresh = ledger
                 .check(name, request, world.now)

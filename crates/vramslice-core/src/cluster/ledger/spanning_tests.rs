@@ -115,7 +115,11 @@ fn a_node_passes_only_with_n_gpus_that_each_fit_the_share() {
     assert!(err.is_unresolvable());
     assert_eq!(l.refusal("n1", span(80, 4), at(1)), Some(true));
     // A share larger than any GPU: too large, as for one GPU.
-    assert!(l.check("n1", span(100, 2), at(1)).unwrap_err().is_unresolvable());
+    assert!(
+        l.check("n1", span(100, 2), at(1))
+            .unwrap_err()
+            .is_unresolvable()
+    );
 }
 
 #[test]
@@ -190,7 +194,10 @@ fn a_reading_listing_the_pod_on_each_gpu_books_its_share_there() {
     assert_eq!(views[0].unobserved, 10 * GIB);
     assert_eq!(views[1].unobserved, 15 * GIB);
     assert_eq!(free_gib(&l), vec![20, 20]);
-    assert_eq!(l.pod("tp").unwrap().gpu_uuid.as_deref(), Some("GPU-0,GPU-1"));
+    assert_eq!(
+        l.pod("tp").unwrap().gpu_uuid.as_deref(),
+        Some("GPU-0,GPU-1")
+    );
 }
 
 #[test]

@@ -129,8 +129,12 @@ fn cdi_strategy_names_a_cdi_device_instead_of_the_env_var() {
 #[test]
 fn equal_shares_of_several_gpus_get_per_gpu_limits() {
     let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
-    let a = plan_allocation(&inventory(), &s, &["GPU-b::0", "GPU-a::5", "GPU-b::1", "GPU-a::6"])
-        .unwrap();
+    let a = plan_allocation(
+        &inventory(),
+        &s,
+        &["GPU-b::0", "GPU-a::5", "GPU-b::1", "GPU-a::6"],
+    )
+    .unwrap();
     assert_eq!(a.gpu_uuid, "GPU-a,GPU-b");
     assert_eq!(a.units, 4);
     assert_eq!(a.limit_bytes, 4 << 30);
@@ -147,12 +151,16 @@ fn equal_shares_of_several_gpus_get_per_gpu_limits() {
     );
     assert_eq!(
         a.host_accounting_dir,
-        std::path::Path::new("/var/lib/vramslice/accounting")
-            .join(allocation_key_for_ids(&["GPU-a::5", "GPU-a::6", "GPU-b::0", "GPU-b::1"]).unwrap())
+        std::path::Path::new("/var/lib/vramslice/accounting").join(
+            allocation_key_for_ids(&["GPU-a::5", "GPU-a::6", "GPU-b::0", "GPU-b::1"]).unwrap()
+        )
     );
     let cdi = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Cdi);
     let a = plan_allocation(&inventory(), &cdi, &["GPU-b::0", "GPU-a::5"]).unwrap();
-    assert_eq!(a.cdi_devices, vec!["nvidia.com/gpu=GPU-a", "nvidia.com/gpu=GPU-b"]);
+    assert_eq!(
+        a.cdi_devices,
+        vec!["nvidia.com/gpu=GPU-a", "nvidia.com/gpu=GPU-b"]
+    );
     // One GPU keeps the single-GPU form.
     let one = plan_allocation(&inventory(), &s, &["GPU-b::3"]).unwrap();
     assert_eq!(
@@ -164,8 +172,12 @@ fn equal_shares_of_several_gpus_get_per_gpu_limits() {
 #[test]
 fn errors_carry_the_core_text() {
     let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
-    let err = plan_allocation(&inventory(), &s, &["GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0"])
-        .unwrap_err();
+    let err = plan_allocation(
+        &inventory(),
+        &s,
+        &["GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0"],
+    )
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         "IDs span GPU-a (3 units) and GPU-b (1 unit): vramslice maps several GPUs only as equal shares"
