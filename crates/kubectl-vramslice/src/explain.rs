@@ -218,12 +218,18 @@ pub fn explain(
         );
     }
     if let Some(largest) = out.largest_gpu_bytes
-        && request.bytes() > largest
+        && request.share_bytes() > largest
     {
+        // A pod spanning GPUs (vramslice.io/gpus) needs its share on each.
+        let on = if request.gpus > 1 {
+            format!("on each of {} GPUs", request.gpus)
+        } else {
+            "on one GPU".to_string()
+        };
         out.notes.push(format!(
-            "the pod needs {} on one GPU but the largest GPU in the cluster advertises {}: it can never fit; \
+            "the pod needs {} {on} but the largest GPU in the cluster advertises {}: it can never fit; \
              lower its request",
-            vramslice_core::format_bytes(request.bytes()),
+            vramslice_core::format_bytes(request.share_bytes()),
             vramslice_core::format_bytes(largest)
         ));
     } else if fits_on > 0 && scheduler_name == SCHEDULER_NAME {

@@ -10,6 +10,7 @@ use vramslice_api::convert::{PodFate, node_reading, parse_time, pod_fate, pod_re
 use vramslice_api::names::ANNOTATION_GPU_UUID;
 use vramslice_core::VramUnit;
 use vramslice_core::cluster::ledger::{Ledger, LedgerConfig};
+use vramslice_core::cluster::placement::gpu_uuids;
 
 /// The ledger over the cluster's readings and bound pods, as the extender would build it.
 pub fn build_ledger(gpunodes: &[GpuNode], pods: &[Pod], config: LedgerConfig) -> Ledger {
@@ -168,12 +169,13 @@ pub fn pod_rows(gpunodes: &[GpuNode], pods: &[Pod]) -> Vec<PodRow> {
             let uid = pod.metadata.uid.clone();
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
             // The kubelet's record (published in GpuNode status) wins over the annotation.
+            // A pod spanning several GPUs is listed on each: its GPUs joined, usage summed.
             let listed = node.as_deref().and_then(|n| {
-                gpunodes
+                let found: Vec<(u32, String, Option<u64>)> = gpunodes
                     .iter()
                     .filter(|gn| gn.metadata.name.as_deref() == Some(n))
                     .flat_map(|gn| gn.status.iter().flat_map(|s| s.gpus.iter()))
-                    .find_map(|g| {
+                    .filter_map(|g| {
                         g.pods
                             .iter()
                             .find(|p| match (&p.uid, &uid) {
@@ -182,6 +184,14 @@ pub fn pod_rows(gpunodes: &[GpuNode], pods: &[Pod]) -> Vec<PodRow> {
                             })
                             .map(|p| (g.index, g.uuid.clone(), p.used_bytes))
                     })
+                    .collect();
+                let (index, _, _) = found.first()?;
+                let uuids: Vec<&str> = found.iter().map(|(_, u, _)| u.as_str()).collect();
+                let used = found
+                    .iter()
+                    .map(|(_, _, used)| *used)
+                    .try_fold(0u64, |acc, u| u.map(|u| acc.saturating_add(u)));
+                Some((*index, uuids.join(","), used))
             });
             let annotated = pod
                 .metadata
@@ -192,7 +202,11 @@ pub fn pod_rows(gpunodes: &[GpuNode], pods: &[Pod]) -> Vec<PodRow> {
             let (gpu_index, gpu_uuid, used_bytes) = match listed {
                 Some((i, u, used)) => (Some(i), Some(u), used),
                 None => {
-                    let index = annotated.as_deref().and_then(|uuid| {
+                    // The annotation: one UUID, or several comma-separated (the first's index).
+                    let first = annotated
+                        .as_deref()
+                        .and_then(|a| gpu_uuids(a).first().map(|s| s.to_string()));
+                    let index = first.as_deref().and_then(|uuid| {
                         gpunodes
                             .iter()
                             .flat_map(|gn| gn.status.iter().flat_map(|s| s.gpus.iter()))

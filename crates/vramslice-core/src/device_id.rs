@@ -33,6 +33,13 @@ pub enum DeviceIdError {
     /// The IDs name units of more than one GPU; a container gets exactly one GPU.
     #[error("device IDs span more than one GPU ({}): a container's VRAM must come from one GPU", .0.join(", "))]
     MixedGpus(Vec<String>),
+    /// The IDs span several GPUs but not in equal shares, the one shape a container's limits can
+    /// be mapped from (`vramslice.io/gpus` splits a pod's units evenly).
+    #[error("IDs span {}: vramslice maps several GPUs only as equal shares", unit_list(.0))]
+    UnevenSpan(Vec<(String, usize)>),
+    /// The IDs span more GPUs than one container may hold.
+    #[error("IDs span {0} GPUs; a container may hold units of at most {max} GPUs", max = crate::cluster::placement::MAX_GPUS_PER_POD)]
+    TooManyGpus(usize),
     /// The same unit appears twice.
     #[error("device ID {0} appears more than once in the request")]
     Duplicate(String),
@@ -79,6 +86,22 @@ impl FromStr for DeviceId {
     }
 }
 
+/// `GPU-a (3 units) and GPU-b (1 unit)`, or `GPU-a (2 units), GPU-b (2 units) and GPU-c (1 unit)`.
+fn unit_list(gpus: &[(String, usize)]) -> String {
+    let item = |(uuid, n): &(String, usize)| {
+        format!("{uuid} ({n} unit{})", if *n == 1 { "" } else { "s" })
+    };
+    match gpus {
+        [] => String::new(),
+        [one] => item(one),
+        [rest @ .., last] => format!(
+            "{} and {}",
+            rest.iter().map(item).collect::<Vec<_>>().join(", "),
+            item(last)
+        ),
+    }
+}
+
 /// What a set of device IDs hands a container: one GPU and a number of its units.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuSelection {
@@ -115,6 +138,41 @@ impl GpuSelection {
     /// Number of units selected.
     pub fn unit_count(&self) -> u64 {
         self.units.len() as u64
+    }
+
+    /// Parse and check the IDs of one container's request that may span several GPUs: all
+    /// well-formed, no duplicates, and either one GPU or an equal number of units from each of
+    /// 2..=[`MAX_GPUS_PER_POD`](crate::cluster::placement::MAX_GPUS_PER_POD) GPUs (the shape
+    /// `vramslice.io/gpus` asks for; any other is [`DeviceIdError::UnevenSpan`]). One selection
+    /// per GPU, by UUID; [`GpuSelection::from_ids`] is the one-GPU case.
+    pub fn spanning<S: AsRef<str>>(ids: &[S]) -> Result<Vec<GpuSelection>, DeviceIdError> {
+        if ids.is_empty() {
+            return Err(DeviceIdError::Empty);
+        }
+        let mut by_gpu: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for raw in ids {
+            let id: DeviceId = raw.as_ref().parse()?;
+            let units = by_gpu.entry(id.gpu_uuid.clone()).or_default();
+            if units.contains(&id.unit) {
+                return Err(DeviceIdError::Duplicate(id.to_string()));
+            }
+            units.push(id.unit);
+        }
+        let counts: Vec<(String, usize)> =
+            by_gpu.iter().map(|(g, u)| (g.clone(), u.len())).collect();
+        if counts.windows(2).any(|w| w[0].1 != w[1].1) {
+            return Err(DeviceIdError::UnevenSpan(counts));
+        }
+        if by_gpu.len() > crate::cluster::placement::MAX_GPUS_PER_POD as usize {
+            return Err(DeviceIdError::TooManyGpus(by_gpu.len()));
+        }
+        Ok(by_gpu
+            .into_iter()
+            .map(|(gpu_uuid, mut units)| {
+                units.sort_unstable();
+                GpuSelection { gpu_uuid, units }
+            })
+            .collect())
     }
 }
 
@@ -161,6 +219,51 @@ mod tests {
         ));
         assert_eq!(
             GpuSelection::from_ids::<&str>(&[]),
+            Err(DeviceIdError::Empty)
+        );
+    }
+
+    #[test]
+    fn spanning_selections_take_equal_shares_only() {
+        let sel =
+            GpuSelection::spanning(&["GPU-b::0", "GPU-a::3", "GPU-b::5", "GPU-a::1"]).unwrap();
+        assert_eq!(sel.len(), 2);
+        assert_eq!(
+            (sel[0].gpu_uuid.as_str(), sel[0].units.clone()),
+            ("GPU-a", vec![1, 3])
+        );
+        assert_eq!(
+            (sel[1].gpu_uuid.as_str(), sel[1].units.clone()),
+            ("GPU-b", vec![0, 5])
+        );
+        // One GPU is the one-GPU selection.
+        assert_eq!(
+            GpuSelection::spanning(&["GPU-a::2", "GPU-a::0"]).unwrap(),
+            vec![GpuSelection::from_ids(&["GPU-a::2", "GPU-a::0"]).unwrap()]
+        );
+        let err =
+            GpuSelection::spanning(&["GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "IDs span GPU-a (3 units) and GPU-b (1 unit): vramslice maps several GPUs only as equal shares"
+        );
+        let err =
+            GpuSelection::spanning(&["GPU-a::0", "GPU-b::0", "GPU-c::0", "GPU-c::1"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "IDs span GPU-a (1 unit), GPU-b (1 unit) and GPU-c (2 units): vramslice maps several GPUs only as equal shares"
+        );
+        let nine: Vec<String> = (0..9).map(|g| format!("GPU-{g}::0")).collect();
+        assert_eq!(
+            GpuSelection::spanning(&nine),
+            Err(DeviceIdError::TooManyGpus(9))
+        );
+        assert!(matches!(
+            GpuSelection::spanning(&["GPU-a::0", "GPU-b::0", "GPU-a::0"]),
+            Err(DeviceIdError::Duplicate(_))
+        ));
+        assert_eq!(
+            GpuSelection::spanning::<&str>(&[]),
             Err(DeviceIdError::Empty)
         );
     }

@@ -8,8 +8,12 @@ pub const GROUP: &str = "vramslice.io";
 /// API version of vramslice's resources.
 pub const VERSION: &str = "v1alpha1";
 
-/// Annotation the extender writes at bind: UUID of the GPU the pod was placed on.
+/// Annotation the extender writes at bind: UUID of the GPU the pod was placed on; for a pod
+/// spanning several GPUs (`vramslice.io/gpus`), their UUIDs comma-separated, by GPU index.
 pub const ANNOTATION_GPU_UUID: &str = "vramslice.io/gpu-uuid";
+/// Pod annotation spreading the pod's VRAM evenly over that many distinct GPUs of one node
+/// (`"2"`: half of every container's units on each of two GPUs). Absent means 1.
+pub const ANNOTATION_GPUS: &str = "vramslice.io/gpus";
 /// Annotation the extender writes at bind: when the pod was assigned (RFC 3339).
 pub const ANNOTATION_ASSIGNED_AT: &str = "vramslice.io/assigned-at";
 /// Pod annotation choosing the placement policy for that pod: `binpack` or `spread`.

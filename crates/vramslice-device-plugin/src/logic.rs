@@ -93,8 +93,9 @@ impl VramPlugin {
         }
     }
 
-    /// The kubelet's record of which GPU each pod holds (PodResources), or `None` when it cannot
-    /// be read (then started pods count as allocated).
+    /// The kubelet's record of which GPU each pod holds (PodResources; a pod holding units of
+    /// several GPUs: all of them, sorted and comma-separated, as `node_pods` compares them), or
+    /// `None` when it cannot be read (then started pods count as allocated).
     async fn allocated_gpus(&self) -> Option<BTreeMap<(String, String), String>> {
         let socket = self.pod_resources_socket.as_ref()?;
         let listed = tokio::time::timeout(
@@ -103,19 +104,7 @@ impl VramPlugin {
         )
         .await;
         match listed {
-            Ok(Ok(records)) => Some(
-                records
-                    .into_iter()
-                    .filter_map(|r| {
-                        let gpu = r
-                            .device_ids
-                            .first()
-                            .and_then(|id| id.parse::<DeviceId>().ok())?
-                            .gpu_uuid;
-                        Some(((r.namespace, r.pod), gpu))
-                    })
-                    .collect(),
-            ),
+            Ok(Ok(records)) => Some(held_gpus(&records)),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "PodResources unavailable; started pods count as allocated");
                 None
@@ -181,12 +170,36 @@ impl VramPlugin {
     }
 }
 
+/// (namespace, pod) → the GPUs the pod's containers hold units of, sorted and comma-separated.
+pub fn held_gpus(
+    records: &[vramslice_core::node::publish::ContainerAllocationRecord],
+) -> BTreeMap<(String, String), String> {
+    let mut held: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for r in records {
+        let gpus: BTreeSet<String> = r
+            .device_ids
+            .iter()
+            .filter_map(|id| id.parse::<DeviceId>().ok())
+            .map(|id| id.gpu_uuid)
+            .collect();
+        if !gpus.is_empty() {
+            held.entry((r.namespace.clone(), r.pod.clone()))
+                .or_default()
+                .extend(gpus);
+        }
+    }
+    held.into_iter()
+        .map(|(pod, gpus)| (pod, gpus.into_iter().collect::<Vec<_>>().join(",")))
+        .collect()
+}
+
 fn parse_ids(ids: &[String]) -> Vec<DeviceId> {
     ids.iter().filter_map(|s| s.parse().ok()).collect()
 }
 
-/// The preferred IDs for one request: the first candidate GPU with room, else binpacking
-/// (`vramslice_core::preferred_units` decides; this parses the kubelet's strings).
+/// The preferred IDs for one request: the first candidate GPU with room (a candidate naming
+/// several GPUs, comma-separated, is a pod spanning them: an equal share from each), else
+/// binpacking (`vramslice_core::preferred_units` decides; this parses the kubelet's strings).
 pub fn choose(request: &PreferredRequest, candidates: &[String]) -> Vec<String> {
     let available = parse_ids(&request.available);
     let must = parse_ids(&request.must_include);
@@ -239,7 +252,7 @@ impl DevicePluginLogic for VramPlugin {
             .collect::<Result<Vec<_>, _>>()?;
         for plan in &plans {
             create_accounting_dir(&plan.host_accounting_dir).await?;
-            write_limit_file(&plan.host_limit_file, plan.limit_bytes, &plan.gpu_uuid).await?;
+            write_limit_file(&plan.host_limit_file, &plan.limits).await?;
             tracing::info!(
                 gpu = %plan.gpu_uuid,
                 units = plan.units,
@@ -271,8 +284,7 @@ async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
 /// temporary file renamed over the old one, so a container starting meanwhile never reads half.
 async fn write_limit_file(
     path: &Path,
-    limit_bytes: u64,
-    gpu_uuid: &str,
+    limits: &vramslice_core::container::limit::GpuLimits,
 ) -> Result<(), PluginError> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |e: std::io::Error| {
@@ -281,7 +293,7 @@ async fn write_limit_file(
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    let text = vramslice_core::container::limit::limit_file_content(limit_bytes, gpu_uuid);
+    let text = vramslice_core::container::limit::gpu_limits_file_content(limits);
     tokio::fs::write(&tmp, text).await.map_err(fail)?;
     tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))
         .await
@@ -320,5 +332,40 @@ mod tests {
             choose(&r, &["GPU-a".into()]),
             vec!["GPU-b::0", "GPU-b::1", "GPU-b::2"]
         );
+    }
+
+    #[test]
+    fn a_spanning_candidate_splits_the_units_evenly() {
+        let r = request(
+            &[
+                "GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0", "GPU-b::1", "GPU-b::2",
+            ],
+            4,
+        );
+        assert_eq!(
+            choose(&r, &["GPU-a,GPU-b".into()]),
+            vec!["GPU-a::0", "GPU-a::1", "GPU-b::0", "GPU-b::1"]
+        );
+    }
+
+    #[test]
+    fn held_gpus_joins_every_gpu_of_a_pod() {
+        use vramslice_core::node::publish::ContainerAllocationRecord;
+        let rec = |pod: &str, ids: &[&str]| ContainerAllocationRecord {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            pod_uid: None,
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        let held = held_gpus(&[
+            rec("tp", &["GPU-b::0", "GPU-a::0"]),
+            rec("tp", &["GPU-c::1", "GPU-a::3"]),
+            rec("one", &["GPU-b::4"]),
+        ]);
+        assert_eq!(
+            held[&("ns".to_string(), "tp".to_string())],
+            "GPU-a,GPU-b,GPU-c"
+        );
+        assert_eq!(held[&("ns".to_string(), "one".to_string())], "GPU-b");
     }
 }

@@ -70,50 +70,79 @@ impl Watchdog {
         }
     }
 
-    /// Reads what each pod's accounting files say it uses, per GPU. Unreadable or damaged files
-    /// are logged (once) and left out; they never stop the plugin.
+    /// Reads what each pod's accounting files say it uses, per GPU. A one-GPU allocation has one
+    /// accounting file; one holding equal shares of several GPUs has the guard's per-GPU files
+    /// (`gpu_accounting_file_name`), each read for its GPU. Unreadable or damaged files are
+    /// logged (once) and left out; they never stop the plugin.
     fn self_reported(&mut self, records: &[ContainerAllocationRecord]) -> BTreeMap<PodOnGpu, u64> {
         let mut out: BTreeMap<PodOnGpu, u64> = BTreeMap::new();
         for record in records {
             let Some(uid) = &record.pod_uid else { continue };
-            let (Ok(key), Ok(selection)) = (
+            let (Ok(key), Ok(selections)) = (
                 allocation_key_for_ids(&record.device_ids),
-                GpuSelection::from_ids(&record.device_ids),
+                GpuSelection::spanning(&record.device_ids),
             ) else {
                 continue;
             };
-            let path = self.accounting_root.join(key).join(ACCOUNTING_FILE_NAME);
-            let limit = accounting::file_len(accounting::MAX_SLOT_COUNT) as u64;
-            let mut bytes = Vec::new();
-            let read = std::fs::File::open(&path)
-                .and_then(|f| f.take(limit).read_to_end(&mut bytes).map(|_| ()));
-            match read {
-                Ok(()) => match accounting::parse(&bytes) {
-                    Ok(snapshot) => {
-                        let entry = out
-                            .entry(PodOnGpu {
-                                gpu_uuid: selection.gpu_uuid.clone(),
-                                pod_uid: uid.clone(),
-                            })
-                            .or_default();
-                        *entry = entry.saturating_add(snapshot.used_bytes);
-                        self.bad_files.remove(&path);
-                    }
-                    Err(e) => {
-                        if self.bad_files.insert(path.clone()) {
-                            tracing::warn!(file = %path.display(), pod = %record.pod, namespace = %record.namespace, error = %e, "accounting file is damaged; its self-reported usage is ignored");
-                        }
-                    }
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    if self.bad_files.insert(path.clone()) {
-                        tracing::warn!(file = %path.display(), error = %e, "cannot read accounting file");
-                    }
-                }
+            let dir = self.accounting_root.join(key);
+            let files: Vec<(String, std::path::PathBuf)> = match selections.as_slice() {
+                [one] => vec![(one.gpu_uuid.clone(), dir.join(ACCOUNTING_FILE_NAME))],
+                several => several
+                    .iter()
+                    .map(|s| {
+                        let name = accounting::gpu_accounting_file_name(&s.gpu_uuid);
+                        (s.gpu_uuid.clone(), dir.join(name))
+                    })
+                    .collect(),
+            };
+            for (gpu_uuid, path) in files {
+                let Some(used) = self.read_accounting(&path, record) else {
+                    continue;
+                };
+                let entry = out
+                    .entry(PodOnGpu {
+                        gpu_uuid,
+                        pod_uid: uid.clone(),
+                    })
+                    .or_default();
+                *entry = entry.saturating_add(used);
             }
         }
         out
+    }
+
+    /// The bytes one accounting file says are used; `None` (logged once) when it is missing,
+    /// unreadable or damaged.
+    fn read_accounting(
+        &mut self,
+        path: &std::path::Path,
+        record: &ContainerAllocationRecord,
+    ) -> Option<u64> {
+        let limit = accounting::file_len(accounting::MAX_SLOT_COUNT) as u64;
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(path)
+            .and_then(|f| f.take(limit).read_to_end(&mut bytes).map(|_| ()));
+        match read {
+            Ok(()) => match accounting::parse(&bytes) {
+                Ok(snapshot) => {
+                    self.bad_files.remove(path);
+                    Some(snapshot.used_bytes)
+                }
+                Err(e) => {
+                    if self.bad_files.insert(path.to_path_buf()) {
+                        tracing::warn!(file = %path.display(), pod = %record.pod, namespace = %record.namespace, error = %e, "accounting file is damaged; its self-reported usage is ignored");
+                    }
+                    None
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                if self.bad_files.insert(path.to_path_buf()) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read accounting file");
+                }
+                None
+            }
+        }
     }
 
     /// One evaluation: decide, then act. Returns the self-report comparison per pod and GPU.

@@ -161,8 +161,8 @@ async fn allocate_rejects_mixed_gpus_and_unknown_ids_by_name() {
 
     let refusals: [(&[&str], &str); 4] = [
         (
-            &["GPU-aaaa::0", "GPU-bbbb::0"],
-            "device IDs span more than one GPU (GPU-aaaa, GPU-bbbb): a container's VRAM must come from one GPU",
+            &["GPU-aaaa::0", "GPU-aaaa::1", "GPU-aaaa::2", "GPU-bbbb::0"],
+            "IDs span GPU-aaaa (3 units) and GPU-bbbb (1 unit): vramslice maps several GPUs only as equal shares",
         ),
         (
             &["GPU-bbbb::24"],
@@ -189,6 +189,44 @@ async fn allocate_rejects_mixed_gpus_and_unknown_ids_by_name() {
                 .unwrap()
                 .next()
                 .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_maps_equal_shares_of_two_gpus_to_per_gpu_limits() {
+    let node = Node::new(TWO_GPUS, "");
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+    let ids_given: Vec<String> = ["GPU-bbbb::4", "GPU-aaaa::1", "GPU-bbbb::3", "GPU-aaaa::0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let r = allocate(&mut client, ids_given.clone()).await.unwrap();
+    let env = |k: &str| r.envs.get(k).map(String::as_str);
+    assert_eq!(
+        env("VRAMSLICE_VRAM_LIMITS"),
+        Some("GPU-aaaa:2147483648,GPU-bbbb:2147483648")
+    );
+    assert_eq!(env("NVIDIA_VISIBLE_DEVICES"), Some("GPU-aaaa,GPU-bbbb"));
+    assert_eq!(env("VRAMSLICE_VRAM_LIMIT_BYTES"), None);
+    assert_eq!(env("VRAMSLICE_GPU_UUID"), None);
+    assert_eq!(
+        env("VRAMSLICE_ACCOUNTING_DIR"),
+        Some(ACCOUNTING_IN_CONTAINER)
+    );
+    // The accounting directory is named from the IDs alone, so PodResources maps back to it.
+    let key = vramslice_core::node::allocation::allocation_key_for_ids(&ids_given).unwrap();
+    let acct = mount(&r, ACCOUNTING_IN_CONTAINER).expect("accounting mount");
+    assert_eq!(
+        acct.host_path,
+        node.accounting.join(&key).display().to_string()
+    );
+    assert!(std::fs::metadata(&acct.host_path).unwrap().is_dir());
+    let limit = mount(&r, LIMIT_IN_CONTAINER).expect("limit file mount");
+    assert!(limit.read_only);
+    assert_eq!(
+        std::fs::read_to_string(&limit.host_path).unwrap(),
+        "limits=GPU-aaaa:2147483648,GPU-bbbb:2147483648\n"
     );
 }
 
@@ -363,4 +401,34 @@ async fn preferred_allocation_lists_when_the_pod_cache_is_behind() {
         plugin.log_text()
     );
     assert_eq!(api.count(CONSISTENT_LIST), 1, "{:?}", api.requests);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_allocation_splits_a_spanning_pods_units_over_its_gpus() {
+    let mut tp = pod(
+        "tp",
+        "GPU-bbbb,GPU-aaaa",
+        8,
+        "Pending",
+        "2026-01-01T00:00:01Z",
+    );
+    tp["metadata"]["annotations"]["vramslice.io/gpus"] = json!("2");
+    let api = FakeApi::start(pod_list(vec![tp])).await;
+    let node = Node::new(TWO_GPUS, "nodeName: node-a");
+    let plugin = plugin_with_pod_cache(&api, &node).await;
+    let mut client = plugin_client(&node).await;
+    let mut want = ids("GPU-aaaa", 0..4);
+    want.extend(ids("GPU-bbbb", 0..4));
+    assert_eq!(
+        preferred_ids(&mut client, 8).await,
+        want,
+        "plugin log:\n{}",
+        plugin.log_text()
+    );
+    // ... which Allocate accepts as two equal shares.
+    let r = allocate(&mut client, want).await.unwrap();
+    assert_eq!(
+        r.envs.get("VRAMSLICE_VRAM_LIMITS").map(String::as_str),
+        Some("GPU-aaaa:4294967296,GPU-bbbb:4294967296")
+    );
 }

@@ -32,5 +32,11 @@ pub fn wire_pod_request(
         .map(|cs| cs.iter().map(from_wire).collect())
         .unwrap_or_default();
     let who = format!("{}/{}", pod.metadata.namespace, pod.metadata.name);
-    containers_request(&who, &app, &init, accepted)
+    containers_request(
+        &who,
+        &app,
+        &init,
+        accepted,
+        pod.metadata.annotations.as_ref(),
+    )
 }

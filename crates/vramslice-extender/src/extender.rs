@@ -162,14 +162,17 @@ pub const DETAILED_REFUSALS: usize = 20;
 /// The shared reasons for refused nodes past [`DETAILED_REFUSALS`], worded once per call.
 struct BriefReasons {
     need: u64,
+    gpus: u32,
     resolvable: Option<Arc<str>>,
     unresolvable: Option<Arc<str>>,
 }
 
 impl BriefReasons {
-    fn new(need: u64) -> Self {
+    /// Reasons for a pod needing `need` bytes on each of `gpus` GPUs.
+    fn new(need: u64, gpus: u32) -> Self {
         BriefReasons {
             need,
+            gpus,
             resolvable: None,
             unresolvable: None,
         }
@@ -184,7 +187,18 @@ impl BriefReasons {
         };
         slot.get_or_insert_with(|| {
             let need = format_bytes(need);
-            let text = if unresolvable {
+            let text = if self.gpus > 1 {
+                let gpus = self.gpus;
+                if unresolvable {
+                    format!(
+                        "this node can never give {gpus} GPUs {need} each (too few GPUs that large,                          or another VRAM unit); vramslice words each reason for the first                          {DETAILED_REFUSALS} refused nodes only"
+                    )
+                } else {
+                    format!(
+                        "this node lacks {gpus} GPUs with {need} effective free each; vramslice                          words each reason for the first {DETAILED_REFUSALS} refused nodes only"
+                    )
+                }
+            } else if unresolvable {
                 format!(
                     "no GPU on this node can ever take {need} (too large, or another VRAM unit); \
                      vramslice words each reason for the first {DETAILED_REFUSALS} refused nodes only"
@@ -341,11 +355,17 @@ impl Extender {
             (Ok(()), Ok(Some(request))) => {
                 let now = self.now();
                 let ledger = self.ledger();
-                let need = request.bytes();
+                // Per GPU: the whole request, or its share on each GPU of a spanning pod.
+                let need = request.share_bytes();
                 match ledger.largest_gpu_bytes() {
                     Some(largest) if need > largest => {
+                        let each = if request.gpus > 1 {
+                            " on each of its GPUs"
+                        } else {
+                            ""
+                        };
                         let reason = format!(
-                            "pod needs {}, more than the largest GPU in the cluster advertises ({})",
+                            "pod needs {}{each}, more than the largest GPU in the cluster advertises ({})",
                             format_bytes(need),
                             format_bytes(largest)
                         );
@@ -357,7 +377,7 @@ impl Extender {
                         }
                     }
                     _ => {
-                        let mut briefly = BriefReasons::new(need);
+                        let mut briefly = BriefReasons::new(need, request.gpus);
                         let mut detailed = 0usize;
                         for (i, name) in names.iter().enumerate() {
                             let refusal = if detailed < DETAILED_REFUSALS {
@@ -564,7 +584,8 @@ impl Extender {
         {
             Ok(()) => {
                 tracing::info!(pod = %who, node = %node, gpu = %placement.gpu_uuid,
-                    index = placement.gpu_index, bytes = request.bytes(), "bound");
+                    index = ?placement.gpu_indices, bytes = request.bytes(),
+                    bytes_per_gpu = request.share_bytes(), "bound");
                 Ok(Outcome::Ok)
             }
             Err(message) => {

@@ -17,13 +17,16 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::jiff::Timestamp;
 use vramslice_core::cluster::admission::PodAdmissionView;
 use vramslice_core::cluster::ledger::{ListedPod, NodeReading, PodRecord, PublishedGpu};
-use vramslice_core::cluster::placement::{InitUnits, PodRequest, Policy, pod_units};
+use vramslice_core::cluster::placement::{
+    InitUnits, MAX_GPUS_PER_POD, PodRequest, Policy, pod_units,
+};
 use vramslice_core::node::publish::NodeReport;
 use vramslice_core::node::watchdog::{PodOnGpu, SelfReport};
 use vramslice_core::{RESOURCE_PREFIX, UnitError, VramUnit, parse_bytes};
 
 use crate::names::{
-    ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID, ANNOTATION_KEEP_SCHEDULER, ANNOTATION_POLICY,
+    ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID, ANNOTATION_GPUS, ANNOTATION_KEEP_SCHEDULER,
+    ANNOTATION_POLICY,
 };
 use crate::{GpuNode, GpuNodeStatus, GpuNodeSummary, GpuStatus, PodUsage, ProcessUsage};
 
@@ -65,6 +68,32 @@ pub enum RequestError {
         resource: String,
         /// The value.
         value: String,
+    },
+    /// The GPU-count annotation is not a whole number in range.
+    #[error(
+        "pod {pod}: annotation {ANNOTATION_GPUS}={value:?} is invalid: expected a whole number of GPUs from 1 to {MAX_GPUS_PER_POD}"
+    )]
+    BadGpuCount {
+        /// `namespace/name`.
+        pod: String,
+        /// The value.
+        value: String,
+    },
+    /// A container's units do not split evenly over the pod's GPUs.
+    #[error(
+        "pod {pod} container {container}: {units} units of {resource} do not split evenly over {gpus} GPUs ({ANNOTATION_GPUS}); each container's VRAM must be a multiple of the GPU count"
+    )]
+    UnevenSplit {
+        /// `namespace/name`.
+        pod: String,
+        /// Container name.
+        container: String,
+        /// The resource.
+        resource: String,
+        /// The container's units.
+        units: u64,
+        /// The pod's GPU count.
+        gpus: u32,
     },
     /// The policy annotation names no policy.
     #[error(
@@ -173,7 +202,32 @@ pub fn pod_request(pod: &Pod, accepted: &[VramUnit]) -> Result<Option<PodRequest
         .and_then(|s| s.init_containers.as_ref())
         .map(|cs| cs.iter().map(container_vram).collect())
         .unwrap_or_default();
-    containers_request(&pod_name(pod), &app, &init, accepted)
+    containers_request(
+        &pod_name(pod),
+        &app,
+        &init,
+        accepted,
+        pod.metadata.annotations.as_ref(),
+    )
+}
+
+/// The GPU count a pod asks to spread its VRAM over (`vramslice.io/gpus`): 1 when absent;
+/// otherwise a whole number from 1 to [`MAX_GPUS_PER_POD`] (surrounding blanks allowed).
+pub fn gpus_of(
+    who: &str,
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<u32, RequestError> {
+    let Some(value) = annotations.and_then(|a| a.get(ANNOTATION_GPUS)) else {
+        return Ok(1);
+    };
+    let text = value.trim();
+    text.parse::<u32>()
+        .ok()
+        .filter(|n| text.bytes().all(|b| b.is_ascii_digit()) && (1..=MAX_GPUS_PER_POD).contains(n))
+        .ok_or_else(|| RequestError::BadGpuCount {
+            pod: who.to_string(),
+            value: value.clone(),
+        })
 }
 
 /// `namespace/name` of a pod.
@@ -185,15 +239,23 @@ pub fn pod_name(pod: &Pod) -> String {
     )
 }
 
-/// The VRAM request of a pod's app and init containers (`who` names the pod in errors); `None`
-/// when it asks for no VRAM. Every resource must be one of `accepted`, one kind per pod, whole
-/// units; init containers count as kube-scheduler counts them (`pod_units`).
+/// The VRAM request of a pod's app and init containers (`who` names the pod in errors, the
+/// pod's `annotations` give its GPU count); `None` when it asks for no VRAM. Every resource
+/// must be one of `accepted`, one kind per pod, whole units; init containers count as
+/// kube-scheduler counts them (`pod_units`).
+///
+/// With `vramslice.io/gpus: N` the request spans N GPUs of one node: every container that asks
+/// for VRAM (app, init or sidecar) takes `units / N` from each of the pod's N GPUs, so each
+/// such container's units must divide by N (else [`RequestError::UnevenSplit`]), and the pod
+/// takes `total / N` on each GPU.
 pub fn containers_request(
     who: &str,
     app: &[ContainerVram<'_>],
     init: &[ContainerVram<'_>],
     accepted: &[VramUnit],
+    annotations: Option<&BTreeMap<String, String>>,
 ) -> Result<Option<PodRequest>, RequestError> {
+    let gpus = gpus_of(who, annotations)?;
     let mut unit: Option<VramUnit> = None;
     let mut units_of = |c: &ContainerVram<'_>| -> Result<u64, RequestError> {
         let mut total = 0u64;
@@ -236,6 +298,15 @@ pub fn containers_request(
                 value: q.0.clone(),
             };
             let n = parse_bytes(&q.0).map_err(|_| bad())?;
+            if !n.is_multiple_of(u64::from(gpus)) {
+                return Err(RequestError::UnevenSplit {
+                    pod: who.to_string(),
+                    container: c.name.to_string(),
+                    resource: name.to_string(),
+                    units: n,
+                    gpus,
+                });
+            }
             total = total.saturating_add(n);
         }
         Ok(total)
@@ -256,7 +327,7 @@ pub fn containers_request(
     let total = pod_units(&app_units, &init_units);
     Ok(unit
         .filter(|_| total > 0)
-        .map(|u| PodRequest::new(u, total)))
+        .map(|u| PodRequest::spanning(u, total, gpus)))
 }
 
 /// The placement policy for a pod: its annotation, else `default`.
@@ -512,6 +583,77 @@ mod tests {
                 ("vramslice.io/vram-gib".to_string(), "2".to_string()),
                 ("cpu".to_string(), "1".to_string())
             ]
+        );
+    }
+
+    #[test]
+    fn the_gpus_annotation_spreads_the_request_evenly() {
+        let k = "vramslice.io/vram-gib";
+        let one = |units: &str, gpus: Option<&str>| {
+            let annotations = match gpus {
+                Some(g) => json!({ANNOTATION_GPUS: g}),
+                None => json!({}),
+            };
+            pod(
+                json!({"containers": [{"name": "llm", "resources": {"limits": {k: units}}}]}),
+                annotations,
+            )
+        };
+        let accepted = [VramUnit::Gib1];
+        let r = pod_request(&one("40", Some("2")), &accepted)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.units, r.gpus, r.share_units()), (40, 2, 20));
+        let r = pod_request(&one("40", None), &accepted).unwrap().unwrap();
+        assert_eq!((r.units, r.gpus), (40, 1));
+        let r = pod_request(&one("24", Some(" 8 ")), &accepted)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.gpus, 8);
+        for bad in ["0", "9", "two", "-2", "+2", "1.5", ""] {
+            let err = pod_request(&one("40", Some(bad)), &accepted).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "pod ns/p: annotation vramslice.io/gpus={bad:?} is invalid: expected a whole number of GPUs from 1 to 8"
+                )
+            );
+        }
+        let err = pod_request(&one("5", Some("2")), &accepted).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pod ns/p container llm: 5 units of vramslice.io/vram-gib do not split evenly over 2 GPUs (vramslice.io/gpus); each container's VRAM must be a multiple of the GPU count"
+        );
+    }
+
+    #[test]
+    fn every_vram_container_must_split_evenly() {
+        let k = "vramslice.io/vram-gib";
+        let p = pod(
+            json!({
+                "containers": [
+                    {"name": "a", "resources": {"limits": {k: "8"}}},
+                    {"name": "b", "resources": {"limits": {"cpu": "1"}}}
+                ],
+                "initContainers": [{"name": "warm", "resources": {"limits": {k: "6"}}}]
+            }),
+            json!({ANNOTATION_GPUS: "2"}),
+        );
+        let r = pod_request(&p, &[VramUnit::Gib1]).unwrap().unwrap();
+        assert_eq!((r.units, r.gpus, r.share_units()), (8, 2, 4));
+        let p = pod(
+            json!({
+                "containers": [
+                    {"name": "a", "resources": {"limits": {k: "4"}}},
+                    {"name": "b", "resources": {"limits": {k: "3"}}}
+                ]
+            }),
+            json!({ANNOTATION_GPUS: "2"}),
+        );
+        let err = pod_request(&p, &[VramUnit::Gib1]).unwrap_err();
+        assert!(
+            matches!(err, RequestError::UnevenSplit { ref container, units: 3, gpus: 2, .. } if container == "b"),
+            "{err}"
         );
     }
 }

@@ -78,9 +78,11 @@ pub fn waiting_pods<P: Borrow<Pod>>(
 
 /// The pods on this node that hold or wait for exactly `size` units of `resource`, with the GPU
 /// the extender assigned each (`vramslice.io/gpu-uuid`) and the GPU the kubelet allocated, for
-/// `vramslice_core::owed_gpus`. A pod counts when it is bound, not finished (phase neither
+/// `vramslice_core::owed_gpus` (a pod spanning several GPUs: all of them, in
+/// [`canonical_gpus`] form, so it is owed its set of GPUs as one). A pod counts when it is bound, not finished (phase neither
 /// Succeeded nor Failed), annotated, and has a container asking for exactly `size` units.
-/// `allocated` maps (namespace, name) to the GPU from the kubelet's PodResources; without it
+/// `allocated` maps (namespace, name) to the GPU (GPUs, [`canonical_gpus`]) from the kubelet's
+/// PodResources; without it
 /// (`None`: PodResources unavailable) a pod that has started is taken to hold its annotated GPU.
 pub fn placements<P: Borrow<Pod>>(
     pods: &[P],
@@ -93,7 +95,7 @@ pub fn placements<P: Borrow<Pod>>(
         .filter(|pod| holds_or_waits_for(pod, resource, size))
         .filter_map(|pod| {
             let annotations = pod.metadata.annotations.as_ref()?;
-            let gpu = annotations.get(ANNOTATION_GPU_UUID)?.trim().to_string();
+            let gpu = canonical_gpus(annotations.get(ANNOTATION_GPU_UUID)?);
             if gpu.is_empty() {
                 return None;
             }
@@ -118,6 +120,16 @@ pub fn placements<P: Borrow<Pod>>(
             })
         })
         .collect()
+}
+
+/// A `vramslice.io/gpu-uuid` value (one UUID, or several comma-separated for a pod spanning
+/// GPUs) in the canonical form `vramslice_core::owed_gpus` compares: UUIDs sorted, joined by
+/// commas. The device plugin writes the GPUs the kubelet allocated a pod in the same form.
+pub fn canonical_gpus(list: &str) -> String {
+    let mut gpus = vramslice_core::cluster::placement::gpu_uuids(list);
+    gpus.sort_unstable();
+    gpus.dedup();
+    gpus.join(",")
 }
 
 /// A time as text that sorts like the time (RFC 3339 text does not: `…58.1577Z` sorts after
@@ -291,5 +303,27 @@ mod tests {
                 .map(String::as_str),
             Some("uid-a")
         );
+    }
+
+    #[test]
+    fn a_spanning_pod_is_owed_its_set_of_gpus() {
+        let pods = vec![
+            pod("tp", Some("GPU-b, GPU-a"), "2026-01-01T00:00:01Z", 8, false),
+            pod("one", Some("GPU-c"), "2026-01-01T00:00:02Z", 8, false),
+        ];
+        let got = placements(&pods, RES, 8, None);
+        assert_eq!(gpus_of(&got), vec![("GPU-a,GPU-b", None), ("GPU-c", None)]);
+        assert_eq!(
+            vramslice_core::owed_gpus(&got),
+            vec!["GPU-a,GPU-b", "GPU-c"]
+        );
+        // The single pod took the spanning pod's shape: the spanning one is owed GPU-c.
+        let allocated = BTreeMap::from([(
+            ("default".to_string(), "one".to_string()),
+            "GPU-a,GPU-b".to_string(),
+        )]);
+        let got = placements(&pods, RES, 8, Some(&allocated));
+        assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-c"]);
+        assert_eq!(canonical_gpus(" GPU-b,GPU-a ,GPU-b"), "GPU-a,GPU-b");
     }
 }

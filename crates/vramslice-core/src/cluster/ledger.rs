@@ -24,8 +24,15 @@
 //!   (not listed, or assigned after the reading was taken), else `limit − measured usage`.
 //! - a stale reading (older than the staleness bound) or an unhealthy GPU takes no new pods.
 //!
-//! [`Ledger::reserve`] only succeeds when effective free ≥ request, and effective free ≤
-//! declared free, so the ledger never promises a GPU more units than it advertises.
+//! A pod spanning N GPUs (`vramslice.io/gpus`, [`PodRequest::gpus`]) takes an even share
+//! (request / N) on each of N distinct GPUs: it is booked for its share on each GPU its
+//! annotation (comma-separated UUIDs) or the reading names, and its share on every GPU when
+//! they are unknown. Waiting pods are booked per size in bytes per GPU, so pods of one size but
+//! different GPU counts that swap shapes at the device plugin stay booked where they land.
+//!
+//! [`Ledger::reserve`] only succeeds when effective free ≥ the pod's share on each GPU it
+//! chooses, and effective free ≤ declared free, so the ledger never promises a GPU more units
+//! than it advertises.
 
 mod book;
 mod departed;
@@ -33,6 +40,8 @@ mod hash;
 #[cfg(test)]
 mod proptests;
 mod reason;
+#[cfg(test)]
+mod spanning_tests;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -65,7 +74,8 @@ pub struct LedgerConfig {
 #[derive(Debug, Clone)]
 struct PodEntry {
     record: PodRecord,
-    /// The GPU the kubelet placed the pod on, per the node's reading (wins over the annotation).
+    /// The GPU the kubelet placed the pod on, per the node's reading (wins over the annotation);
+    /// several comma-separated for a pod the reading lists on several GPUs.
     observed_gpu: Option<String>,
     /// `Some(since)` for a reservation the API server has not yet shown bound.
     reserved_since: Option<SystemTime>,
@@ -152,14 +162,9 @@ impl Ledger {
     /// Record a node's latest reading. Pods it lists on a GPU other than their annotation are
     /// moved there: the kubelet's allocation is the truth.
     pub fn set_reading(&mut self, node: &str, reading: NodeReading) {
-        for gpu in &reading.gpus {
-            for listed in &gpu.pods {
-                if let Some(entry) = self
-                    .match_listed(node, listed)
-                    .and_then(|uid| self.pods.get_mut(&uid))
-                {
-                    entry.observed_gpu = Some(gpu.uuid.clone());
-                }
+        for (uid, gpus) in self.listed_placements(node, &reading) {
+            if let Some(entry) = self.pods.get_mut(&uid) {
+                entry.observed_gpu = Some(gpus);
             }
         }
         self.node_mut(node).reading = ReadingState::Valid(reading);
@@ -270,9 +275,9 @@ impl Ledger {
         }
     }
 
-    /// Reserve room for a pod on `node`, choosing the GPU by `policy`. Fails when the pod is
-    /// already bound or being bound, or when no GPU of the node has enough effective free
-    /// memory now. The reservation holds until [`Ledger::release`], confirmation by
+    /// Reserve room for a pod on `node`, choosing the GPU (or, for a pod spanning N GPUs, the N
+    /// distinct GPUs) by `policy`. Fails when the pod is already bound or being bound, or when
+    /// the node lacks enough GPUs with the pod's share effectively free now. The reservation holds until [`Ledger::release`], confirmation by
     /// [`Ledger::observe_pod`], or expiry.
     pub fn reserve(
         &mut self,
@@ -291,14 +296,22 @@ impl Ledger {
         }
         self.check(node, request.request, now)?;
         let chosen = self
-            .best_gpu(node, request.request, policy)
+            .best_gpus(node, request.request, policy)
             .ok_or_else(|| self.rejection(node, request.request, now))?;
-        let gpu_uuid = self
-            .nodes
-            .get(node)
-            .and_then(|s| s.gpus.iter().find(|g| g.index == chosen.index))
-            .map(|g| g.uuid.clone())
-            .ok_or_else(|| self.rejection(node, request.request, now))?;
+        let gpus: Vec<&GpuView> = chosen
+            .iter()
+            .filter_map(|c| {
+                self.nodes
+                    .get(node)
+                    .and_then(|s| s.gpus.iter().find(|g| g.index == c.index))
+            })
+            .collect();
+        if gpus.len() != chosen.len() || gpus.is_empty() {
+            return Err(self.rejection(node, request.request, now).into());
+        }
+        let gpu_uuids: Vec<String> = gpus.iter().map(|g| g.uuid.clone()).collect();
+        let gpu_indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
+        let gpu_uuid = placement::join_gpu_uuids(&gpu_uuids);
         let record = PodRecord {
             uid: request.uid.clone(),
             namespace: request.namespace,
@@ -321,7 +334,9 @@ impl Ledger {
         Ok(Placement {
             node: node.to_string(),
             gpu_uuid,
-            gpu_index: chosen.index,
+            gpu_index: gpu_indices[0],
+            gpu_uuids,
+            gpu_indices,
         })
     }
 
@@ -397,7 +412,8 @@ impl Ledger {
         };
         let key = RefusalKey {
             unit: request.unit,
-            need: request.bytes(),
+            need: request.share_bytes(),
+            gpus: request.gpus,
             stale_age,
         };
         if let Some(hit) = state.refusal.get(&key) {
@@ -409,15 +425,37 @@ impl Ledger {
     }
 
     fn fits(&self, node: &str, request: PodRequest, now: SystemTime) -> bool {
-        self.nodes
-            .hot(node)
-            .is_some_and(|hot| self.hot_fits(hot, request, now))
+        if request.gpu_count() > 1 {
+            return self
+                .nodes
+                .hot_and_state(node)
+                .is_some_and(|(hot, state)| self.hot_fits(hot, state, request, now));
+        }
+        self.nodes.hot(node).is_some_and(|hot| {
+            hot.unit == Some(request.unit)
+                && hot.best_free >= request.share_bytes()
+                && self.fresh(hot, now)
+        })
     }
 
-    fn hot_fits(&self, hot: &Hot, request: PodRequest, now: SystemTime) -> bool {
+    /// Whether a node can take `request` now: its unit, a fresh reading, and as many healthy
+    /// GPUs as the pod spans each with the pod's share effectively free.
+    fn hot_fits(&self, hot: &Hot, state: &NodeState, request: PodRequest, now: SystemTime) -> bool {
+        let need = request.share_bytes();
         hot.unit == Some(request.unit)
-            && hot.best_free >= request.bytes()
-            && now.duration_since(hot.observed_at).unwrap_or_default() <= self.config.staleness
+            && hot.best_free >= need
+            && self.fresh(hot, now)
+            && (request.gpu_count() == 1
+                || state
+                    .candidates
+                    .iter()
+                    .filter(|c| c.effective_free >= need)
+                    .count()
+                    >= request.gpu_count())
+    }
+
+    fn fresh(&self, hot: &Hot, now: SystemTime) -> bool {
+        now.duration_since(hot.observed_at).unwrap_or_default() <= self.config.staleness
     }
 
     /// Score 0..=10 of `node` for a pod of `request` under `policy` (0 when it cannot fit).
@@ -425,11 +463,21 @@ impl Ledger {
         let Some((hot, state)) = self.nodes.hot_and_state(node) else {
             return 0;
         };
-        if !self.hot_fits(hot, request, now) {
+        if !self.hot_fits(hot, state, request, now) {
             return 0;
         }
-        placement::choose(state.candidates.iter().copied(), request.bytes(), policy)
-            .map_or(0, |c| placement::score(c, request.bytes(), policy))
+        let need = request.share_bytes();
+        if request.gpu_count() == 1 {
+            return placement::choose(state.candidates.iter().copied(), need, policy)
+                .map_or(0, |c| placement::score(c, need, policy));
+        }
+        placement::choose_n(
+            state.candidates.iter().copied(),
+            need,
+            request.gpu_count(),
+            policy,
+        )
+        .map_or(0, |c| placement::score_n(&c, need, policy))
     }
 
     /// The per-GPU books of a node with a valid reading.
@@ -531,24 +579,47 @@ impl Ledger {
         let Some(ReadingState::Valid(reading)) = self.nodes.get(node).map(|s| &s.reading) else {
             return;
         };
-        let mut moves = Vec::new();
-        for gpu in &reading.gpus {
-            for listed in &gpu.pods {
-                if let Some(uid) = self.match_listed(node, listed) {
-                    moves.push((uid, gpu.uuid.clone()));
-                }
-            }
-        }
-        for (uid, gpu) in moves {
+        let moves = self.listed_placements(node, reading);
+        for (uid, gpus) in moves {
             if let Some(entry) = self.pods.get_mut(&uid) {
-                entry.observed_gpu = Some(gpu);
+                entry.observed_gpu = Some(gpus);
             }
         }
     }
 
-    fn best_gpu(&self, node: &str, request: PodRequest, policy: Policy) -> Option<Candidate> {
+    /// The ledger pods of `node` that `reading` lists, each with the GPUs it lists them on
+    /// (comma-separated in reading order: one GPU, or several for a pod spanning GPUs).
+    fn listed_placements(&self, node: &str, reading: &NodeReading) -> Vec<(String, String)> {
+        let mut found: Vec<(String, Vec<&str>)> = Vec::new();
+        for gpu in &reading.gpus {
+            for listed in &gpu.pods {
+                let Some(uid) = self.match_listed(node, listed) else {
+                    continue;
+                };
+                match found.iter_mut().find(|(u, _)| *u == uid) {
+                    Some((_, gpus)) => {
+                        if !gpus.contains(&gpu.uuid.as_str()) {
+                            gpus.push(&gpu.uuid);
+                        }
+                    }
+                    None => found.push((uid, vec![gpu.uuid.as_str()])),
+                }
+            }
+        }
+        found
+            .into_iter()
+            .map(|(uid, gpus)| (uid, placement::join_gpu_uuids(&gpus)))
+            .collect()
+    }
+
+    fn best_gpus(&self, node: &str, request: PodRequest, policy: Policy) -> Option<Vec<Candidate>> {
         let state = self.nodes.get(node)?;
-        placement::choose(state.candidates.iter().copied(), request.bytes(), policy)
+        placement::choose_n(
+            state.candidates.iter().copied(),
+            request.share_bytes(),
+            request.gpu_count(),
+            policy,
+        )
     }
 
     fn recompute(&mut self, node: &str) {

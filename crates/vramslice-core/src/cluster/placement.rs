@@ -71,25 +71,85 @@ impl<'de> Deserialize<'de> for Policy {
     }
 }
 
-/// What a pod asks for: a number of units of one VRAM resource. All of it lands on one GPU.
+/// The most GPUs one pod may span (`vramslice.io/gpus`).
+pub const MAX_GPUS_PER_POD: u32 = 8;
+
+/// What a pod asks for: a number of units of one VRAM resource, spread evenly over `gpus`
+/// distinct GPUs of one node (one GPU unless the pod carries `vramslice.io/gpus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PodRequest {
     /// The unit of the resource the pod names.
     pub unit: VramUnit,
     /// Units requested (the pod-level total; see [`pod_units`]).
     pub units: u64,
+    /// How many distinct GPUs the units are spread over, evenly (1..=[`MAX_GPUS_PER_POD`]).
+    pub gpus: u32,
 }
 
 impl PodRequest {
-    /// A request of `units` units of `unit`.
+    /// A request of `units` units of `unit`, all on one GPU.
     pub const fn new(unit: VramUnit, units: u64) -> Self {
-        PodRequest { unit, units }
+        PodRequest {
+            unit,
+            units,
+            gpus: 1,
+        }
     }
 
-    /// The request in bytes: the pod's limit on its GPU.
+    /// A request of `units` units of `unit` spread evenly over `gpus` GPUs (`units / gpus` on
+    /// each; the caller checks that it divides, see `vramslice_api::convert`). `gpus` of 0 is
+    /// taken as 1.
+    pub const fn spanning(unit: VramUnit, units: u64, gpus: u32) -> Self {
+        PodRequest {
+            unit,
+            units,
+            gpus: if gpus == 0 { 1 } else { gpus },
+        }
+    }
+
+    /// The whole request in bytes: the sum of the pod's limits over its GPUs.
     pub const fn bytes(self) -> u64 {
         self.unit.bytes_for(self.units)
     }
+
+    /// Units the pod takes on each of its GPUs: `units / gpus`, rounded up (so a request that
+    /// does not divide is never under-booked).
+    pub const fn share_units(self) -> u64 {
+        self.units.div_ceil(self.gpu_count() as u64)
+    }
+
+    /// Bytes the pod takes on each of its GPUs: its limit on each.
+    pub const fn share_bytes(self) -> u64 {
+        self.unit.bytes_for(self.share_units())
+    }
+
+    /// The number of GPUs, at least 1.
+    pub const fn gpu_count(self) -> usize {
+        if self.gpus == 0 {
+            1
+        } else {
+            self.gpus as usize
+        }
+    }
+}
+
+/// The GPUs a `vramslice.io/gpu-uuid` annotation names: one UUID, or several comma-separated
+/// (a pod spanning several GPUs). Blank entries are dropped; order is kept.
+pub fn gpu_uuids(annotation: &str) -> Vec<&str> {
+    annotation
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The annotation value for `uuids` (comma-separated, in the order given).
+pub fn join_gpu_uuids<S: AsRef<str>>(uuids: &[S]) -> String {
+    uuids
+        .iter()
+        .map(AsRef::as_ref)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Units an init container asks for, and whether it is a sidecar (`restartPolicy: Always`),
@@ -159,6 +219,50 @@ pub fn choose(
         };
     }
     best
+}
+
+/// The `n` distinct GPUs the policy picks among `candidates` for a pod taking `need` bytes on
+/// each: the `n` that [`choose`] would pick one after another (binpack the tightest, spread the
+/// emptiest; ties to the lowest index), ordered by index. `None` when fewer than `n` have
+/// `need` bytes free. `n` of 0 is taken as 1.
+pub fn choose_n(
+    candidates: impl IntoIterator<Item = Candidate>,
+    need: u64,
+    n: usize,
+    policy: Policy,
+) -> Option<Vec<Candidate>> {
+    let n = n.max(1);
+    let mut fitting: Vec<Candidate> = candidates
+        .into_iter()
+        .filter(|c| c.effective_free >= need)
+        .collect();
+    if fitting.len() < n {
+        return None;
+    }
+    fitting.sort_by(|a, b| {
+        let by_free = match policy {
+            Policy::Binpack => a.effective_free.cmp(&b.effective_free),
+            Policy::Spread => b.effective_free.cmp(&a.effective_free),
+        };
+        by_free.then(a.index.cmp(&b.index))
+    });
+    fitting.truncate(n);
+    fitting.sort_by_key(|c| c.index);
+    Some(fitting)
+}
+
+/// Score 1..=10 for placing `need` bytes on each of `chosen`: the mean of [`score`] over the
+/// GPUs, rounded to nearest (the one GPU's score for a single-GPU pod); 0 for no GPU.
+pub fn score_n(chosen: &[Candidate], need: u64, policy: Policy) -> u8 {
+    if chosen.is_empty() {
+        return 0;
+    }
+    let sum: usize = chosen
+        .iter()
+        .map(|c| usize::from(score(*c, need, policy)))
+        .sum();
+    let n = chosen.len();
+    u8::try_from((sum + n / 2) / n).unwrap_or(MAX_SCORE)
 }
 
 /// Score 1..=10 for placing `need` bytes on `chosen`: by the share of the GPU left free after
@@ -253,6 +357,60 @@ mod tests {
         };
         assert_eq!(score(all_free, 0, Policy::Binpack), 1);
         assert_eq!(score(all_free, 0, Policy::Spread), 10);
+    }
+
+    #[test]
+    fn choose_n_takes_distinct_gpus_by_policy() {
+        let gpus = [cand(0, 10), cand(1, 7), cand(2, 30), cand(3, 5), cand(4, 7)];
+        let need = 6 * GIB;
+        let idx =
+            |c: Option<Vec<Candidate>>| c.map(|v| v.iter().map(|c| c.index).collect::<Vec<_>>());
+        assert_eq!(
+            idx(choose_n(gpus, need, 2, Policy::Binpack)),
+            Some(vec![1, 4])
+        );
+        assert_eq!(
+            idx(choose_n(gpus, need, 2, Policy::Spread)),
+            Some(vec![0, 2])
+        );
+        assert_eq!(
+            idx(choose_n(gpus, need, 4, Policy::Binpack)),
+            Some(vec![0, 1, 2, 4])
+        );
+        assert_eq!(choose_n(gpus, need, 5, Policy::Binpack), None);
+        // One GPU: the same GPU `choose` picks.
+        for policy in [Policy::Binpack, Policy::Spread] {
+            assert_eq!(
+                choose_n(gpus, need, 1, policy).map(|v| v[0]),
+                choose(gpus, need, policy)
+            );
+        }
+    }
+
+    #[test]
+    fn score_n_is_the_mean_and_equals_score_for_one_gpu() {
+        let need = 6 * GIB;
+        let full = cand(0, 6);
+        let empty = cand(1, 80);
+        assert_eq!(
+            score_n(&[full], need, Policy::Binpack),
+            score(full, need, Policy::Binpack)
+        );
+        assert_eq!(score_n(&[full, empty], need, Policy::Binpack), 6);
+        assert_eq!(score_n(&[], need, Policy::Binpack), 0);
+    }
+
+    #[test]
+    fn shares_and_gpu_lists() {
+        let r = PodRequest::spanning(VramUnit::Gib1, 40, 2);
+        assert_eq!(r.share_units(), 20);
+        assert_eq!(r.share_bytes(), 20 * GIB);
+        assert_eq!(r.bytes(), 40 * GIB);
+        assert_eq!(PodRequest::new(VramUnit::Gib1, 7).share_bytes(), 7 * GIB);
+        assert_eq!(PodRequest::spanning(VramUnit::Gib1, 7, 0).gpu_count(), 1);
+        assert_eq!(gpu_uuids(" GPU-a, GPU-b ,,"), vec!["GPU-a", "GPU-b"]);
+        assert_eq!(gpu_uuids("GPU-a"), vec!["GPU-a"]);
+        assert_eq!(join_gpu_uuids(&["GPU-a", "GPU-b"]), "GPU-a,GPU-b");
     }
 
     #[test]

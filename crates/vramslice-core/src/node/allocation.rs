@@ -163,12 +163,15 @@ pub struct MountSpec {
 /// create before answering.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerAllocation {
-    /// The one GPU.
+    /// The one GPU; for units of several GPUs, their UUIDs comma-separated by index.
     pub gpu_uuid: String,
-    /// Units granted.
+    /// Units granted (over all GPUs).
     pub units: u64,
-    /// Limit in bytes: units × unit bytes.
+    /// Limit in bytes: units × unit bytes (over all GPUs).
     pub limit_bytes: u64,
+    /// Each GPU's limit, by index (one entry for a one-GPU allocation): what the limit file
+    /// says ([`crate::container::limit::gpu_limits_file_content`]).
+    pub limits: GpuLimits,
     /// Environment for the container.
     pub envs: BTreeMap<String, String>,
     /// Host paths to mount.
@@ -178,7 +181,7 @@ pub struct ContainerAllocation {
     /// Host accounting directory of this allocation (to be created by the plugin).
     pub host_accounting_dir: PathBuf,
     /// Host limit file of this allocation (to be written by the plugin, with
-    /// [`crate::container::limit::limit_file_content`], before answering).
+    /// [`crate::container::limit::gpu_limits_file_content`] of `limits`, before answering).
     pub host_limit_file: PathBuf,
 }
 
@@ -197,21 +200,44 @@ pub enum AllocationError {
 }
 
 /// Decide one container's allocation from its unit IDs.
+///
+/// IDs of one GPU give that GPU. IDs of several GPUs are accepted only as equal shares, the
+/// shape `vramslice.io/gpus` asks for (units / N of each of N GPUs, N ≤ 8; any other shape is
+/// refused naming the GPUs and their counts): the container sees the GPUs in index order, each
+/// with its share as its limit (`VRAMSLICE_VRAM_LIMITS`, the limit file's `limits=` form).
+/// Which pod asked is not known here (the kubelet does not say), so an equal split of a size no
+/// pending pod asked for is accepted too: the ledger follows the next reading.
 pub fn plan_allocation<S: AsRef<str>>(
     inventory: &GpuInventory,
     settings: &AllocationSettings,
     ids: &[S],
 ) -> Result<ContainerAllocation, AllocationError> {
-    let selection = GpuSelection::from_ids(ids)?;
-    let gpu = inventory.resolve(&selection)?;
-    let limit_bytes = inventory.limit_bytes(&selection);
-    let key = allocation_key(&selection.gpu_uuid, &selection.units);
-    let limits = GpuLimits::new([(gpu.uuid.as_str(), limit_bytes)])?;
+    let mut selections = GpuSelection::spanning(ids)?;
+    let mut resolved = Vec::with_capacity(selections.len());
+    for selection in &selections {
+        resolved.push((
+            inventory.resolve(selection)?.index,
+            selection.gpu_uuid.clone(),
+        ));
+    }
+    // The container sees its GPUs in index order.
+    let mut order: Vec<usize> = (0..selections.len()).collect();
+    order.sort_by_key(|i| (resolved[*i].0, resolved[*i].1.clone()));
+    selections = order.into_iter().map(|i| selections[i].clone()).collect();
+    let key = spanning_key(&selections);
+    let limits = GpuLimits::new(
+        selections
+            .iter()
+            .map(|s| (s.gpu_uuid.as_str(), inventory.limit_bytes(s))),
+    )?;
     let edits = container_edits(&limits, settings, &key);
+    let units: u64 = selections.iter().map(GpuSelection::unit_count).sum();
+    let uuids: Vec<&str> = selections.iter().map(|s| s.gpu_uuid.as_str()).collect();
     Ok(ContainerAllocation {
-        gpu_uuid: gpu.uuid.clone(),
-        units: selection.unit_count(),
-        limit_bytes,
+        gpu_uuid: uuids.join(","),
+        units,
+        limit_bytes: inventory.unit().bytes_for(units),
+        limits,
         envs: edits.envs,
         mounts: edits.mounts,
         cdi_devices: edits.cdi_devices,
@@ -366,10 +392,64 @@ pub fn allocation_key(gpu_uuid: &str, units: &[u64]) -> String {
     format!("{safe}.u{first}.n{}.{:016x}", sorted.len(), hash.finish())
 }
 
-/// The accounting key of a container's device IDs as the kubelet records them (PodResources).
+/// Name of the accounting directory of an allocation holding units of several GPUs (one
+/// selection per GPU): `<first uuid>.g<N>.u<first unit>.n<total units>.<16 hex digits>`, the
+/// hash over every GPU's UUID and sorted units (GPUs by UUID), so, like [`allocation_key`], it
+/// depends only on the set of IDs; the sweeper reads it as a key of the same shape. One
+/// selection gives [`allocation_key`].
+pub fn spanning_key(selections: &[GpuSelection]) -> String {
+    if let [one] = selections {
+        return allocation_key(&one.gpu_uuid, &one.units);
+    }
+    let mut sorted: Vec<(&str, Vec<u64>)> = selections
+        .iter()
+        .map(|s| {
+            let mut units = s.units.clone();
+            units.sort_unstable();
+            units.dedup();
+            (s.gpu_uuid.as_str(), units)
+        })
+        .collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut hash = Fnv1a::new();
+    for (uuid, units) in &sorted {
+        hash.write(b";");
+        hash.write(uuid.as_bytes());
+        for unit in units {
+            hash.write(b",");
+            hash.write(unit.to_string().as_bytes());
+        }
+    }
+    let (first_uuid, first_units) = sorted
+        .first()
+        .map_or(("", &[][..]), |(u, units)| (*u, units.as_slice()));
+    let total: usize = sorted.iter().map(|(_, u)| u.len()).sum();
+    format!(
+        "{}.g{}.u{}.n{total}.{:016x}",
+        path_safe(first_uuid),
+        sorted.len(),
+        first_units.first().copied().unwrap_or(0),
+        hash.finish()
+    )
+}
+
+/// The accounting key of a container's device IDs as the kubelet records them (PodResources):
+/// [`allocation_key`] for one GPU, [`spanning_key`] for equal shares of several.
 pub fn allocation_key_for_ids<S: AsRef<str>>(ids: &[S]) -> Result<String, DeviceIdError> {
-    let selection = GpuSelection::from_ids(ids)?;
-    Ok(allocation_key(&selection.gpu_uuid, &selection.units))
+    let selections = GpuSelection::spanning(ids)?;
+    Ok(spanning_key(&selections))
+}
+
+fn path_safe(uuid: &str) -> String {
+    uuid.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// 64-bit FNV-1a: tiny, stable across releases and platforms (unlike `DefaultHasher`).

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::cluster::placement::gpu_uuids;
 use crate::device_id::{DeviceId, GpuSelection};
 use crate::units::VramUnit;
 
@@ -126,13 +127,16 @@ impl GpuInventory {
     }
 }
 
-/// Choose `size` unit IDs out of `available`, always including `must_include`, all from one GPU.
+/// Choose `size` unit IDs out of `available`, always including `must_include`.
 ///
-/// The GPU is, in order: the GPU of `must_include`; the first of `preferred_gpus` (for the
-/// device plugin, [`owed_gpus`]) with enough available units; otherwise the GPU with the fewest
-/// available units that still has enough (binpacking the node). Units are taken lowest index
-/// first. Returns an empty list when no single GPU can serve the request, which tells the
-/// kubelet we have no preference.
+/// Each entry of `preferred_gpus` (for the device plugin, [`owed_gpus`]) is one GPU UUID or,
+/// for a pod spanning several GPUs, their UUIDs comma-separated: such an entry is served by
+/// `size / k` units from each of its `k` GPUs (when `size` divides). The answer is, in order:
+/// with `must_include` on one GPU, that GPU; with `must_include` on several GPUs, the first
+/// preferred entry naming all of them that can serve the request; otherwise the first preferred
+/// entry that can serve it; otherwise the GPU with the fewest available units that still has
+/// enough (binpacking the node). Units are taken lowest index first. Returns an empty list when
+/// nothing can serve the request, which tells the kubelet we have no preference.
 pub fn preferred_units<S: AsRef<str>>(
     available: &[DeviceId],
     must_include: &[DeviceId],
@@ -143,12 +147,26 @@ pub fn preferred_units<S: AsRef<str>>(
     for id in available {
         by_gpu.entry(id.gpu_uuid.as_str()).or_default().push(id);
     }
+    let mut must_gpus: Vec<&str> = must_include.iter().map(|id| id.gpu_uuid.as_str()).collect();
+    must_gpus.sort_unstable();
+    must_gpus.dedup();
+    let preferred = preferred_gpus.iter().map(|s| gpu_uuids(s.as_ref()));
+    if must_gpus.len() > 1 {
+        return preferred
+            .filter(|gpus| must_gpus.iter().all(|m| gpus.contains(m)))
+            .find_map(|gpus| take_even(&by_gpu, &gpus, must_include, size))
+            .unwrap_or_default();
+    }
+    if must_gpus.is_empty() {
+        for gpus in preferred {
+            if let Some(picked) = take_even(&by_gpu, &gpus, must_include, size) {
+                return picked;
+            }
+        }
+    }
     let fits = |gpu: &str| by_gpu.get(gpu).is_some_and(|ids| ids.len() >= size);
-    let chosen: Option<&str> = if let Some(first) = must_include.first() {
-        let gpu = first.gpu_uuid.as_str();
-        (must_include.iter().all(|id| id.gpu_uuid == gpu) && fits(gpu)).then_some(gpu)
-    } else if let Some(gpu) = preferred_gpus.iter().map(AsRef::as_ref).find(|g| fits(g)) {
-        Some(gpu)
+    let chosen: Option<&str> = if let Some(gpu) = must_gpus.first() {
+        fits(gpu).then_some(*gpu)
     } else {
         by_gpu
             .iter()
@@ -156,30 +174,60 @@ pub fn preferred_units<S: AsRef<str>>(
             .min_by_key(|(gpu, ids)| (ids.len(), **gpu))
             .map(|(gpu, _)| *gpu)
     };
-    let Some(gpu) = chosen else {
-        return Vec::new();
-    };
-    let mut picked: Vec<DeviceId> = must_include.to_vec();
-    let mut rest: Vec<&DeviceId> = by_gpu
-        .get(gpu)
-        .map(|ids| {
-            ids.iter()
-                .copied()
-                .filter(|id| !must_include.contains(id))
-                .collect()
-        })
-        .unwrap_or_default();
-    rest.sort_by_key(|id| id.unit);
-    for id in rest {
-        if picked.len() >= size {
-            break;
-        }
-        picked.push(id.clone());
+    chosen
+        .and_then(|gpu| take_even(&by_gpu, &[gpu], must_include, size))
+        .unwrap_or_default()
+}
+
+/// `size / gpus.len()` available units from each of `gpus` (lowest index first, those of
+/// `must_include` on that GPU first), or `None` when `size` does not divide, a GPU repeats, or
+/// a GPU lacks the units.
+fn take_even(
+    by_gpu: &BTreeMap<&str, Vec<&DeviceId>>,
+    gpus: &[&str],
+    must_include: &[DeviceId],
+    size: usize,
+) -> Option<Vec<DeviceId>> {
+    let k = gpus.len();
+    if k == 0 || !size.is_multiple_of(k) || (1..k).any(|i| gpus[..i].contains(&gpus[i])) {
+        return None;
     }
-    picked
+    let per = size / k;
+    let mut picked = Vec::with_capacity(size);
+    for gpu in gpus {
+        let ids = by_gpu.get(gpu)?;
+        let must: Vec<&DeviceId> = must_include
+            .iter()
+            .filter(|id| id.gpu_uuid == *gpu)
+            .collect();
+        if must.len() > per || ids.len() < per {
+            return None;
+        }
+        let mut rest: Vec<&DeviceId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !must.contains(id))
+            .collect();
+        rest.sort_by_key(|id| id.unit);
+        let mut here: Vec<DeviceId> = must.into_iter().cloned().collect();
+        for id in rest {
+            if here.len() >= per {
+                break;
+            }
+            here.push(id.clone());
+        }
+        if here.len() < per {
+            return None;
+        }
+        picked.extend(here);
+    }
+    (picked.len() == size).then_some(picked)
 }
 
 /// A pod on the node that holds, or waits for, units of one request size.
+///
+/// For a pod spanning several GPUs each GPU field holds the GPUs' UUIDs comma-separated, in one
+/// canonical order (sorted) on both sides, so a pod is owed its set of GPUs as one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodPlacement {
     /// The GPU the extender assigned (the `vramslice.io/gpu-uuid` annotation).
@@ -335,6 +383,42 @@ mod tests {
         assert_eq!(picked, ids("GPU-a", 0..6));
     }
 
+    #[test]
+    fn a_spanning_preference_takes_equal_shares() {
+        let mut available = ids("GPU-a", 0..10);
+        available.extend(ids("GPU-b", 3..8));
+        available.extend(ids("GPU-c", 0..2));
+        // 4 units over GPU-a and GPU-b: 2 from each, lowest index first.
+        let picked = preferred_units(&available, &[], 4, &["GPU-a,GPU-b"]);
+        let mut want = ids("GPU-a", 0..2);
+        want.extend(ids("GPU-b", 3..5));
+        assert_eq!(picked, want);
+        // A shape that cannot serve (GPU-c has 2 units, the share is 3; 5 does not divide by 2)
+        // is skipped for the next preference, then binpacking.
+        let picked = preferred_units(&available, &[], 6, &["GPU-a,GPU-c", "GPU-b,GPU-a"]);
+        let mut want = ids("GPU-b", 3..6);
+        want.extend(ids("GPU-a", 0..3));
+        assert_eq!(picked, want);
+        assert_eq!(
+            preferred_units(&available, &[], 5, &["GPU-a,GPU-b"]),
+            ids("GPU-b", 3..8)
+        );
+        // must_include on two GPUs: the first preference naming both.
+        let must = vec![DeviceId::new("GPU-a", 9), DeviceId::new("GPU-b", 7)];
+        let picked = preferred_units(&available, &must, 4, &["GPU-a", "GPU-a,GPU-b"]);
+        assert_eq!(
+            picked,
+            vec![
+                DeviceId::new("GPU-a", 9),
+                DeviceId::new("GPU-a", 0),
+                DeviceId::new("GPU-b", 7),
+                DeviceId::new("GPU-b", 3)
+            ]
+        );
+        // ... and none without such a preference.
+        assert!(preferred_units(&available, &must, 4, &["GPU-a"]).is_empty());
+    }
+
     fn placed(gpu: &str, allocated: Option<&str>, order: &str) -> PodPlacement {
         PodPlacement {
             annotated_gpu: gpu.into(),
@@ -428,6 +512,24 @@ mod tests {
                 prop_assert!(picked.iter().all(|id| id.gpu_uuid == picked[0].gpu_uuid));
                 prop_assert!(picked.iter().all(|id| available.contains(id)));
             }
+        }
+
+        #[test]
+        fn spanning_preferences_are_equal_shares_or_one_gpu(
+            a in 0u64..12, b in 0u64..12, size in 1usize..25
+        ) {
+            let mut available = ids("GPU-a", 0..a);
+            available.extend(ids("GPU-b", 0..b));
+            let picked = preferred_units(&available, &[], size, &["GPU-a,GPU-b"]);
+            let on = |g: &str| picked.iter().filter(|id| id.gpu_uuid == g).count();
+            let even = size % 2 == 0 && a >= (size / 2) as u64 && b >= (size / 2) as u64;
+            if even {
+                prop_assert_eq!((on("GPU-a"), on("GPU-b")), (size / 2, size / 2));
+            } else if !picked.is_empty() {
+                prop_assert_eq!(picked.len(), size);
+                prop_assert!(on("GPU-a") == 0 || on("GPU-b") == 0);
+            }
+            prop_assert!(picked.iter().all(|id| available.contains(id)));
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use super::hash::FastMap;
 use super::{GpuRejection, GpuView, LedgerConfig, NodeState, PodEntry, ReadingState, Rejection};
-use crate::cluster::placement::{Candidate, PodRequest};
+use crate::cluster::placement::{Candidate, PodRequest, gpu_uuids};
 use crate::effective_free::{effective_free, unobserved_part};
 
 /// Recompute `state.gpus`, `best_free` and `capacity` from the reading and the node's pods.
@@ -49,8 +49,8 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             continue;
         };
         let limit = entry.record.request.bytes();
-        // Where the reading shows the pod, and with what usage.
-        let mut listed: Option<(usize, Option<u64>)> = None;
+        // Where the reading shows the pod (one entry per GPU it holds units of), with usage.
+        let mut listed: Vec<(usize, Option<u64>)> = Vec::new();
         for (i, g) in reading.gpus.iter().enumerate() {
             for (j, p) in g.pods.iter().enumerate() {
                 let same = match &p.uid {
@@ -59,21 +59,33 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 };
                 if same {
                     known[i][j] = true;
-                    listed = Some((i, p.used_bytes));
+                    if !listed.iter().any(|(li, _)| *li == i) {
+                        listed.push((i, p.used_bytes));
+                    }
                 }
             }
         }
-        let position = |uuid: &str| state.gpus.iter().position(|g| g.uuid == uuid);
-        let annotated = entry.record.gpu_uuid.as_deref().and_then(position);
-        let target = entry.gpu().and_then(position);
-        if let Some(annotated) = annotated {
+        let annotated = entry
+            .record
+            .gpu_uuid
+            .as_deref()
+            .and_then(|a| positions(&state.gpus, a));
+        let placed: Option<Vec<usize>> = if listed.is_empty() {
+            entry
+                .observed_gpu
+                .as_deref()
+                .and_then(|a| positions(&state.gpus, a))
+        } else {
+            Some(listed.iter().map(|(i, _)| *i).collect())
+        };
+        if let Some(annotated) = &annotated {
             let group = by_size
                 .entry(limit)
                 .or_insert_with(|| SizeGroup::new(gpu_count));
-            group.assigned[annotated] += 1;
-            match (listed, entry.observed_gpu.as_deref().and_then(position)) {
-                (Some((i, _)), _) | (None, Some(i)) => group.allocated[i] += 1,
-                (None, None) => {
+            add_shares(&mut group.assigned, annotated, limit);
+            match &placed {
+                Some(placed) => add_shares(&mut group.allocated, placed, limit),
+                None => {
                     group.waiting += 1;
                     continue;
                 }
@@ -83,34 +95,41 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             .record
             .assigned_at
             .is_none_or(|t| t <= reading.observed_at);
+        // A pod's GPUs each take an even share of its limit; a pod whose GPUs are unknown counts
+        // its per-GPU share against every GPU of the node.
+        let (targets, share) = match placed.or(annotated) {
+            Some(targets) => {
+                let share = limit.div_ceil(targets.len().max(1) as u64);
+                (Some(targets), share)
+            }
+            None => (None, entry.record.request.share_bytes()),
+        };
         for (i, view) in state.gpus.iter_mut().enumerate() {
-            if target.is_some_and(|t| t != i) {
+            if targets.as_ref().is_some_and(|t| !t.contains(&i)) {
                 continue;
             }
-            view.assigned_bytes = view.assigned_bytes.saturating_add(limit);
-            let unobserved = match listed {
-                Some((li, used)) if li == i && seen_since_assignment => {
-                    unobserved_part(limit, used)
-                }
-                _ => limit,
+            view.assigned_bytes = view.assigned_bytes.saturating_add(share);
+            let unobserved = match listed.iter().find(|(li, _)| *li == i) {
+                Some((_, used)) if seen_since_assignment => unobserved_part(share, *used),
+                _ => share,
             };
             view.unobserved = view.unobserved.saturating_add(unobserved);
         }
     }
     super::departed::prune(&mut state.departed, pods);
     for gone in &state.departed {
-        let Some(annotated) = state.gpus.iter().position(|g| g.uuid == gone.gpu_uuid) else {
+        let Some(annotated) = positions(&state.gpus, &gone.gpu_uuid) else {
             continue;
         };
         let group = by_size
             .entry(gone.limit)
             .or_insert_with(|| SizeGroup::new(gpu_count));
-        group.assigned[annotated] += 1;
+        add_shares(&mut group.assigned, &annotated, gone.limit);
         group.waiting += 1;
     }
     for (limit, group) in &by_size {
         for (i, view) in state.gpus.iter_mut().enumerate() {
-            let bytes = limit.saturating_mul(group.waiting_on(i));
+            let bytes = group.waiting_on(i, *limit);
             view.assigned_bytes = view.assigned_bytes.saturating_add(bytes);
             view.unobserved = view.unobserved.saturating_add(bytes);
         }
@@ -151,11 +170,39 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
     }
 }
 
-/// One request size's pods on a node, per GPU (by reading position).
+/// The positions in `gpus` of the GPUs an annotation (or observed placement) names, one or
+/// several comma-separated; `None` when it names none or a GPU the node does not have.
+fn positions(gpus: &[GpuView], list: &str) -> Option<Vec<usize>> {
+    let uuids = gpu_uuids(list);
+    if uuids.is_empty() {
+        return None;
+    }
+    let mut out: Vec<usize> = Vec::with_capacity(uuids.len());
+    for uuid in uuids {
+        let i = gpus.iter().position(|g| g.uuid == uuid)?;
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    Some(out)
+}
+
+/// Add an even share of `limit` bytes to each of `at` in `per_gpu`.
+fn add_shares(per_gpu: &mut [u64], at: &[usize], limit: u64) {
+    let share = limit.div_ceil(at.len().max(1) as u64);
+    for i in at {
+        if let Some(slot) = per_gpu.get_mut(*i) {
+            *slot = slot.saturating_add(share);
+        }
+    }
+}
+
+/// One request size's pods on a node, per GPU (by reading position), in bytes: a pod spanning
+/// several GPUs counts its share on each.
 struct SizeGroup {
-    /// Pods the extender assigned to each GPU (their annotation), waiting or allocated.
+    /// Bytes the extender assigned to each GPU (pods' annotations), waiting or allocated.
     assigned: Vec<u64>,
-    /// Pods the kubelet has allocated each GPU to (the reading), among those annotated.
+    /// Bytes the kubelet has allocated on each GPU (the reading), of pods annotated.
     allocated: Vec<u64>,
     /// Pods of the size not yet allocated.
     waiting: u64,
@@ -170,16 +217,27 @@ impl SizeGroup {
         }
     }
 
-    /// How many of the waiting pods may land on GPU `i`: the pods it is still owed
-    /// (`assigned − allocated`), at most all the waiting ones. Without swaps this is exactly the
-    /// waiting pods annotated with GPU `i`; after an unpaired swap, when several GPUs are owed
-    /// more than the pods left, each is booked for as many as may still come (over-booking a
-    /// little, never under-booking).
-    fn waiting_on(&self, i: usize) -> u64 {
+    /// Bytes of the waiting pods (each of `limit` bytes) that may land on GPU `i`: what it is
+    /// still owed (`assigned − allocated`), at most all the waiting pods' bytes (one pod's
+    /// whole limit may land on one GPU). Without swaps this is exactly the waiting pods'
+    /// shares on GPU `i`; after an unpaired swap, when several GPUs are owed more than the pods
+    /// left, each is booked for as much as may still come (over-booking a little, never
+    /// under-booking). Pods of one size but different GPU counts may swap shapes at the device
+    /// plugin (it matches requests by size); bytes per GPU are preserved by such swaps.
+    fn waiting_on(&self, i: usize, limit: u64) -> u64 {
         self.assigned[i]
             .saturating_sub(self.allocated[i])
-            .min(self.waiting)
+            .min(limit.saturating_mul(self.waiting))
     }
+}
+
+/// How many GPUs of the node advertise at least `bytes`.
+fn gpus_at_least(state: &NodeState, bytes: u64) -> usize {
+    state
+        .gpus
+        .iter()
+        .filter(|g| g.advertised_bytes >= bytes)
+        .count()
 }
 
 /// Whether a refusal of `request` by `state` could never be helped by preemption: the unit and
@@ -188,7 +246,8 @@ pub(super) fn unresolvable(state: &NodeState, request: PodRequest) -> bool {
     match &state.reading {
         ReadingState::Valid(reading) => {
             !state.gpus.is_empty()
-                && (reading.unit != request.unit || request.bytes() > state.capacity)
+                && (reading.unit != request.unit
+                    || gpus_at_least(state, request.share_bytes()) < request.gpu_count())
         }
         ReadingState::Missing | ReadingState::Invalid(_) => false,
     }
@@ -228,12 +287,22 @@ pub(super) fn rejection(
             pod_resource: request.unit.resource_name(),
         };
     }
-    let need = request.bytes();
+    let need = request.share_bytes();
+    let n = request.gpu_count();
     if need > state.capacity {
         return Rejection::TooLarge {
             node: node.to_string(),
             need,
             largest: state.capacity,
+        };
+    }
+    let large_enough = gpus_at_least(state, need);
+    if large_enough < n {
+        return Rejection::TooFewGpus {
+            node: node.to_string(),
+            gpus: n,
+            need,
+            have: large_enough,
         };
     }
     let age = now.duration_since(reading.observed_at).unwrap_or_default();
@@ -267,6 +336,15 @@ pub(super) fn rejection(
                 None
             }
         })
-        .collect();
+        .collect::<Vec<_>>();
+    if n > 1 {
+        let fitting = state.gpus.len().saturating_sub(gpus.len());
+        return Rejection::Spanning {
+            gpus: n,
+            need,
+            fitting,
+            reasons: gpus,
+        };
+    }
     Rejection::Gpus(gpus)
 }

@@ -11,11 +11,12 @@ use std::collections::BTreeSet;
 
 use super::PodEntry;
 use super::hash::FastMap;
+use crate::cluster::placement::gpu_uuids;
 
 /// A deleted pod whose GPU may be held by a same-size pod, and those pods.
 #[derive(Debug, Clone)]
 pub(super) struct Departed {
-    /// The GPU the extender assigned it.
+    /// The GPU the extender assigned it (several comma-separated for a pod spanning GPUs).
     pub gpu_uuid: String,
     /// Its limit, bytes (its size).
     pub limit: u64,
@@ -39,7 +40,11 @@ pub(super) fn departure(
 ) -> Option<Departed> {
     // A pod allocated on its own GPU paid its debt; one waiting, or allocated on another GPU
     // (a swap), leaves its GPU owed to a same-size pod that may already hold those units.
-    let swapped = gone.observed_gpu.is_some() && gone.observed_gpu != gone.record.gpu_uuid;
+    let swapped = match (&gone.observed_gpu, &gone.record.gpu_uuid) {
+        (Some(observed), Some(annotated)) => !same_gpus(observed, annotated),
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
     if !(is_waiting(gone) || swapped) || gone.reserved_since.is_some() {
         return None;
     }
@@ -58,6 +63,15 @@ pub(super) fn departure(
         limit,
         partners: (!partners.is_empty()).then_some(partners)?,
     })
+}
+
+/// Whether two GPU lists (`vramslice.io/gpu-uuid` form) name the same GPUs, in any order.
+pub(super) fn same_gpus(a: &str, b: &str) -> bool {
+    let mut a = gpu_uuids(a);
+    let mut b = gpu_uuids(b);
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
 }
 
 /// Drop partners no longer waiting, and departures left without partners.

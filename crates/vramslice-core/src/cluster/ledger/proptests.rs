@@ -1,7 +1,8 @@
 //! Property tests of the ledger: random interleavings of reserve, bind success and failure,
 //! deletion, kubelet admissions (in any order, each choosing its GPU as the device plugin does,
-//! so same-size pods swap GPUs), readings published late, clock ticks and extender restarts,
-//! checked against a model of the world after every step.
+//! so same-size pods swap GPUs — and pods of one size spanning one or two GPUs swap shapes),
+//! readings published late, clock ticks and extender restarts, checked against a model of the
+//! world after every step.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,13 +15,15 @@ use crate::units::VramUnit;
 const GIB: u64 = 1 << 30;
 const NODES: [&str; 2] = ["n0", "n1"];
 const UNITS_PER_GPU: u64 = 8;
-const GPUS: u32 = 2;
+const GPUS: u32 = 3;
 
 #[derive(Debug, Clone)]
 enum Op {
     Reserve {
         node: usize,
         units: u64,
+        /// GPUs the pod spans (its units are a multiple of it).
+        gpus: u32,
         spread: bool,
     },
     BindOk(usize),
@@ -45,8 +48,15 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..2usize, 1..=5u64, any::<bool>())
-            .prop_map(|(node, units, spread)| Op::Reserve { node, units, spread }),
+        3 => (0..2usize, 1..=5u64, any::<bool>())
+            .prop_map(|(node, units, spread)| Op::Reserve { node, units, gpus: 1, spread }),
+        2 => (0..2usize, 1..=3u64, 2..=3u32, any::<bool>())
+            .prop_map(|(node, share, gpus, spread)| Op::Reserve {
+                node,
+                units: share * u64::from(gpus),
+                gpus,
+                spread
+            }),
         3 => any::<usize>().prop_map(Op::BindOk),
         1 => any::<usize>().prop_map(Op::BindFail),
         1 => any::<usize>().prop_map(Op::Delete),
@@ -63,11 +73,13 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Clone)]
 struct WorldPod {
     node: usize,
-    /// The GPU the kubelet allocated, once it has (its truth).
-    gpu: Option<String>,
+    /// The GPUs the kubelet allocated, once it has (its truth), sorted: one, or several
+    /// with an equal share each.
+    gpu: Option<Vec<String>>,
     /// The annotation written at bind (never changes).
     annotated: String,
     units: u64,
+    gpus: u32,
     bound: bool,
     assigned_at: SystemTime,
 }
@@ -100,8 +112,25 @@ fn record(uid: &str, p: &WorldPod) -> PodRecord {
         node: NODES[p.node].to_string(),
         gpu_uuid: Some(p.annotated.clone()),
         assigned_at: Some(p.assigned_at),
-        request: PodRequest::new(VramUnit::Gib1, p.units),
+        request: PodRequest::spanning(VramUnit::Gib1, p.units, p.gpus),
     }
+}
+
+impl WorldPod {
+    /// Units the pod holds on `gpu` (its share when it holds units there).
+    fn units_on(&self, gpu: &str) -> u64 {
+        match &self.gpu {
+            Some(gpus) if gpus.iter().any(|g| g == gpu) => self.units / gpus.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+/// The sorted, comma-separated form the device plugin compares GPU sets in.
+fn canonical(list: &str) -> String {
+    let mut gpus = crate::cluster::placement::gpu_uuids(list);
+    gpus.sort_unstable();
+    gpus.join(",")
 }
 
 fn pick<'a>(world: &'a World, n: usize, want_bound: Option<bool>) -> Option<String> {
@@ -119,8 +148,8 @@ fn kubelet_free(world: &World, node: usize) -> BTreeMap<String, u64> {
     let mut free: BTreeMap<String, u64> =
         (0..GPUS).map(|g| (uuid(node, g), UNITS_PER_GPU)).collect();
     for p in world.pods.values().filter(|p| p.node == node) {
-        if let Some(f) = p.gpu.as_ref().and_then(|g| free.get_mut(g)) {
-            *f = f.saturating_sub(p.units);
+        for (gpu, f) in free.iter_mut() {
+            *f = f.saturating_sub(p.units_on(gpu));
         }
     }
     free
@@ -150,8 +179,8 @@ fn admit(world: &mut World, node: usize, mask: u8, reverse: bool) {
             .iter()
             .filter(|(_, p)| p.node == node && p.bound && p.units == units)
             .map(|(u, p)| crate::PodPlacement {
-                annotated_gpu: p.annotated.clone(),
-                allocated_gpu: p.gpu.clone(),
+                annotated_gpu: canonical(&p.annotated),
+                allocated_gpu: p.gpu.as_ref().map(|g| g.join(",")),
                 order_key: format!("{:?}/{u}", p.assigned_at),
             })
             .collect();
@@ -162,10 +191,11 @@ fn admit(world: &mut World, node: usize, mask: u8, reverse: bool) {
         let owed = crate::owed_gpus(&same_size);
         let picked =
             crate::node::inventory::preferred_units(&available, &[], units as usize, &owed);
-        let chosen = picked
-            .first()
-            .map(|id| id.gpu_uuid.clone())
-            .filter(|gpu| owed.contains(gpu))
+        let mut gpus: Vec<String> = picked.iter().map(|id| id.gpu_uuid.clone()).collect();
+        gpus.sort_unstable();
+        gpus.dedup();
+        let chosen = Some(gpus)
+            .filter(|gpus| picked.len() == units as usize && owed.contains(&gpus.join(",")))
             .unwrap_or_else(|| {
                 panic!(
                     "pod {uid} ({units} units) on {}: no owed GPU {owed:?} has room; picked {picked:?}",
@@ -187,10 +217,11 @@ fn make_reading(world: &mut World, node: usize, pct: u8, noise: u64) {
         let mut used_total = noise << 20;
         let mut pods = Vec::new();
         for (uid, p) in world.pods.iter().filter(|(_, p)| p.node == node) {
-            if p.gpu.as_ref() != Some(&id) {
+            let units = p.units_on(&id);
+            if units == 0 {
                 continue;
             }
-            let limit = p.units * GIB;
+            let limit = units * GIB;
             let used = limit / 100 * u64::from(pct);
             used_total += used;
             listed_uids.push(uid.clone());
@@ -227,8 +258,17 @@ fn check_invariants(ledger: &Ledger, world: &World) {
     let headroom = config().headroom_bytes;
     // The remembered, rendered refusals always say what a fresh check says.
     for name in NODES.iter().chain(&["nowhere"]) {
-        for units in [1, 3, 8, 9] {
-            let request = PodRequest::new(VramUnit::Gib1, units);
+        for (units, gpus) in [
+            (1, 1),
+            (3, 1),
+            (8, 1),
+            (9, 1),
+            (4, 2),
+            (6, 3),
+            (16, 2),
+            (12, 4),
+        ] {
+            let request = PodRequest::spanning(VramUnit::Gib1, units, gpus);
             let fresh = ledger
                 .check(name, request, world.now)
                 .map_err(|r| Refusal::from(&r));
@@ -255,10 +295,10 @@ fn check_invariants(ledger: &Ledger, world: &World) {
         let listed = world.listed.get(&n).cloned().unwrap_or_default();
         let reading_at = world.readings.get(&n).map(|r| r.observed_at);
         for v in views {
-            let held = |p: &&WorldPod| p.node == n && p.gpu.as_ref() == Some(&v.uuid);
+            let held = |p: &&WorldPod| p.node == n && p.units_on(&v.uuid) > 0;
             let on_gpu: Vec<(&String, &WorldPod)> =
                 world.pods.iter().filter(|(_, p)| held(p)).collect();
-            let world_units: u64 = on_gpu.iter().map(|(_, p)| p.units).sum();
+            let world_units: u64 = on_gpu.iter().map(|(_, p)| p.units_on(&v.uuid)).sum();
             // Never more allocated than advertised.
             assert!(
                 world_units * GIB <= v.advertised_bytes,
@@ -270,7 +310,7 @@ fn check_invariants(ledger: &Ledger, world: &World) {
             let shown: u64 = on_gpu
                 .iter()
                 .filter(|(u, _)| listed.contains(u))
-                .map(|(_, p)| p.units * GIB)
+                .map(|(_, p)| p.units_on(&v.uuid) * GIB)
                 .sum();
             assert!(v.assigned_bytes >= shown, "{v:?} shown {shown}");
             // Pods the reading cannot show yet (allocated since, possibly after a swap) are
@@ -281,7 +321,7 @@ fn check_invariants(ledger: &Ledger, world: &World) {
                 .filter(|(u, p)| {
                     !listed.contains(u) || reading_at.is_none_or(|t| p.assigned_at > t)
                 })
-                .map(|(_, p)| p.units * GIB)
+                .map(|(_, p)| p.units_on(&v.uuid) * GIB)
                 .sum();
             assert!(
                 v.unobserved >= unseen,
@@ -359,6 +399,7 @@ fn run(ops: Vec<Op>) {
             Op::Reserve {
                 node,
                 units,
+                gpus,
                 spread,
             } => {
                 world.next += 1;
@@ -372,12 +413,15 @@ fn run(ops: Vec<Op>) {
                     uid: uid.clone(),
                     namespace: "ns".into(),
                     name: uid.clone(),
-                    request: PodRequest::new(VramUnit::Gib1, units),
+                    request: PodRequest::spanning(VramUnit::Gib1, units, gpus),
                 };
                 let fit = ledger.check(NODES[node], req.request, world.now);
                 match ledger.reserve(req, NODES[node], policy, world.now) {
                     Ok(p) => {
                         assert!(fit.is_ok());
+                        // N distinct GPUs, by index.
+                        assert_eq!(p.gpu_uuids.len(), gpus as usize);
+                        assert!(p.gpu_indices.windows(2).all(|w| w[0] < w[1]));
                         world.pods.insert(
                             uid,
                             WorldPod {
@@ -385,6 +429,7 @@ fn run(ops: Vec<Op>) {
                                 gpu: None,
                                 annotated: p.gpu_uuid,
                                 units,
+                                gpus,
                                 bound: false,
                                 assigned_at: world.now,
                             },

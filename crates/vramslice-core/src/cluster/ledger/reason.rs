@@ -54,6 +54,42 @@ pub enum Rejection {
         /// Bytes the node's largest GPU advertises.
         largest: u64,
     },
+    /// The pod spans several GPUs and the node has fewer GPUs large enough for its share:
+    /// no preemption can help.
+    #[error(
+        "pod needs {gpus} GPUs with {} each; node {node} has {have} GPU{} that large",
+        ByteSize(*need),
+        if *have == 1 { "" } else { "s" }
+    )]
+    TooFewGpus {
+        /// Node name.
+        node: String,
+        /// GPUs the pod spans.
+        gpus: usize,
+        /// Bytes the pod needs on each.
+        need: u64,
+        /// GPUs of the node that advertise at least `need`.
+        have: usize,
+    },
+    /// The pod spans several GPUs and fewer than that many have its share effectively free:
+    /// the count, then why the others cannot take it (as [`Rejection::Gpus`] words them).
+    #[error(
+        "needs {gpus} GPUs with {} effective free each; {fitting} {}{}{}",
+        ByteSize(*need),
+        if *fitting == 1 { "has" } else { "have" },
+        if .reasons.is_empty() { "" } else { "; " },
+        GpuList(.reasons)
+    )]
+    Spanning {
+        /// GPUs the pod spans.
+        gpus: usize,
+        /// Bytes the pod needs on each.
+        need: u64,
+        /// GPUs that could take their share now.
+        fitting: usize,
+        /// Why each other GPU cannot.
+        reasons: Vec<GpuRejection>,
+    },
     /// Each GPU of the node, and why it cannot take the pod. Rendered compactly: a reading age
     /// shared by several GPUs once, unhealthy GPUs each, and of the GPUs short of memory the
     /// one closest to fitting, with a count of the others.
@@ -67,7 +103,9 @@ impl Rejection {
     pub fn is_unresolvable(&self) -> bool {
         matches!(
             self,
-            Rejection::UnitMismatch { .. } | Rejection::TooLarge { .. }
+            Rejection::UnitMismatch { .. }
+                | Rejection::TooLarge { .. }
+                | Rejection::TooFewGpus { .. }
         )
     }
 }
@@ -245,6 +283,7 @@ impl From<&Rejection> for Refusal {
 pub(super) struct RefusalKey {
     pub unit: VramUnit,
     pub need: u64,
+    pub gpus: u32,
     /// Whole seconds of age, when the reading is stale.
     pub stale_age: Option<u64>,
 }

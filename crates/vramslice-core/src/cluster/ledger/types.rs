@@ -17,7 +17,8 @@ pub struct PodRecord {
     pub name: String,
     /// The node the pod is bound to.
     pub node: String,
-    /// The `vramslice.io/gpu-uuid` annotation, when present.
+    /// The `vramslice.io/gpu-uuid` annotation, when present (several UUIDs comma-separated for
+    /// a pod spanning GPUs).
     pub gpu_uuid: Option<String>,
     /// The `vramslice.io/assigned-at` annotation, when present and readable.
     pub assigned_at: Option<SystemTime>,
@@ -100,10 +101,15 @@ pub struct GpuView {
 pub struct Placement {
     /// The node.
     pub node: String,
-    /// The chosen GPU's UUID.
+    /// The chosen GPU's UUID; for a pod spanning several GPUs, their UUIDs comma-separated by
+    /// index (the `vramslice.io/gpu-uuid` annotation's value).
     pub gpu_uuid: String,
-    /// The chosen GPU's index.
+    /// The chosen GPU's index (the lowest, for a pod spanning several).
     pub gpu_index: u32,
+    /// Every chosen GPU's UUID, by index (one for a single-GPU pod).
+    pub gpu_uuids: Vec<String>,
+    /// Every chosen GPU's index, ascending.
+    pub gpu_indices: Vec<u32>,
 }
 
 /// A pod to reserve room for (a bind in flight).
@@ -148,7 +154,8 @@ pub enum ReserveError {
 pub struct PodInfo {
     /// The node.
     pub node: String,
-    /// The GPU it counts against (`None`: unknown, counts against every GPU of the node).
+    /// The GPU it counts against, or the GPUs comma-separated for a pod spanning several
+    /// (`None`: unknown, counts against every GPU of the node).
     pub gpu_uuid: Option<String>,
     /// The request.
     pub request: PodRequest,

@@ -127,12 +127,65 @@ fn cdi_strategy_names_a_cdi_device_instead_of_the_env_var() {
 }
 
 #[test]
+fn equal_shares_of_several_gpus_get_per_gpu_limits() {
+    let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
+    let a = plan_allocation(
+        &inventory(),
+        &s,
+        &["GPU-b::0", "GPU-a::5", "GPU-b::1", "GPU-a::6"],
+    )
+    .unwrap();
+    assert_eq!(a.gpu_uuid, "GPU-a,GPU-b");
+    assert_eq!(a.units, 4);
+    assert_eq!(a.limit_bytes, 4 << 30);
+    assert_eq!(
+        env_of(&a, "VRAMSLICE_VRAM_LIMITS"),
+        Some("GPU-a:2147483648,GPU-b:2147483648")
+    );
+    assert_eq!(env_of(&a, "NVIDIA_VISIBLE_DEVICES"), Some("GPU-a,GPU-b"));
+    assert_eq!(env_of(&a, "VRAMSLICE_VRAM_LIMIT_BYTES"), None);
+    assert_eq!(env_of(&a, "VRAMSLICE_GPU_UUID"), None);
+    assert_eq!(
+        crate::container::limit::gpu_limits_file_content(&a.limits),
+        "limits=GPU-a:2147483648,GPU-b:2147483648\n"
+    );
+    assert_eq!(
+        a.host_accounting_dir,
+        std::path::Path::new("/var/lib/vramslice/accounting").join(
+            allocation_key_for_ids(&["GPU-a::5", "GPU-a::6", "GPU-b::0", "GPU-b::1"]).unwrap()
+        )
+    );
+    let cdi = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Cdi);
+    let a = plan_allocation(&inventory(), &cdi, &["GPU-b::0", "GPU-a::5"]).unwrap();
+    assert_eq!(
+        a.cdi_devices,
+        vec!["nvidia.com/gpu=GPU-a", "nvidia.com/gpu=GPU-b"]
+    );
+    // One GPU keeps the single-GPU form.
+    let one = plan_allocation(&inventory(), &s, &["GPU-b::3"]).unwrap();
+    assert_eq!(
+        crate::container::limit::gpu_limits_file_content(&one.limits),
+        crate::container::limit::limit_file_content(1 << 30, "GPU-b")
+    );
+}
+
+#[test]
 fn errors_carry_the_core_text() {
     let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
-    let err = plan_allocation(&inventory(), &s, &["GPU-a::0", "GPU-b::0"]).unwrap_err();
+    let err = plan_allocation(
+        &inventory(),
+        &s,
+        &["GPU-a::0", "GPU-a::1", "GPU-a::2", "GPU-b::0"],
+    )
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "device IDs span more than one GPU (GPU-a, GPU-b): a container's VRAM must come from one GPU"
+        "IDs span GPU-a (3 units) and GPU-b (1 unit): vramslice maps several GPUs only as equal shares"
+    );
+    let err = plan_allocation(&inventory(), &s, &["GPU-a::0", "GPU-b::30"]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "device ID GPU-b::30 is unknown: GPU GPU-b advertises units 0..24"
     );
     let err = plan_allocation(&inventory(), &s, &["GPU-b::24"]).unwrap_err();
     assert_eq!(
@@ -187,7 +240,19 @@ fn keys_are_path_safe_and_readable() {
         allocation_key_for_ids(&["GPU-a::1", "GPU-a::0"]).unwrap(),
         allocation_key("GPU-a", &[0, 1])
     );
-    assert!(allocation_key_for_ids(&["GPU-a::1", "GPU-b::0"]).is_err());
+    assert!(allocation_key_for_ids(&["GPU-a::1", "GPU-a::2", "GPU-b::0"]).is_err());
+    // Equal shares of several GPUs: a key of the same shape, from the set of IDs alone.
+    let key = allocation_key_for_ids(&["GPU-b::0", "GPU-a::1", "GPU-b::4", "GPU-a::2"]).unwrap();
+    assert!(key.starts_with("GPU-a.g2.u1.n4."), "{key}");
+    assert_eq!(
+        key,
+        allocation_key_for_ids(&["GPU-a::2", "GPU-b::4", "GPU-a::1", "GPU-b::0"]).unwrap()
+    );
+    assert_ne!(
+        key,
+        allocation_key_for_ids(&["GPU-a::1", "GPU-a::2", "GPU-b::0", "GPU-b::5"]).unwrap()
+    );
+    assert_eq!(crate::node::sweep::entry_key(&key), Some(key.as_str()));
     // Pinned value: the name must not change between releases (running pods keep their dir).
     assert_eq!(
         allocation_key("GPU-a", &[0]),

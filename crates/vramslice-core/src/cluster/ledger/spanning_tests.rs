@@ -1,0 +1,245 @@
+//! Unit tests of pods spanning several GPUs (`vramslice.io/gpus`): filter, scoring, reserve,
+//! readings that list a pod on each of its GPUs, and shape swaps between same-size pods.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::*;
+use crate::units::VramUnit;
+
+const GIB: u64 = 1 << 30;
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn ledger() -> Ledger {
+    Ledger::new(LedgerConfig {
+        headroom_bytes: 0,
+        staleness: Duration::from_secs(90),
+    })
+}
+
+fn gpu(index: u32, units: u64, free_gib: u64) -> PublishedGpu {
+    PublishedGpu {
+        index,
+        uuid: format!("GPU-{index}"),
+        free_bytes: free_gib * GIB,
+        units,
+        healthy: true,
+        health_reason: None,
+        pods: Vec::new(),
+    }
+}
+
+fn reading(observed: u64, gpus: Vec<PublishedGpu>) -> NodeReading {
+    NodeReading {
+        observed_at: at(observed),
+        unit: VramUnit::Gib1,
+        gpus,
+    }
+}
+
+fn listed(uid: &str, limit_gib: u64, used_gib: u64) -> ListedPod {
+    ListedPod {
+        uid: Some(uid.to_string()),
+        namespace: "ns".into(),
+        name: uid.to_string(),
+        limit_bytes: limit_gib * GIB,
+        used_bytes: Some(used_gib * GIB),
+    }
+}
+
+fn span(units: u64, gpus: u32) -> PodRequest {
+    PodRequest::spanning(VramUnit::Gib1, units, gpus)
+}
+
+fn want(uid: &str, request: PodRequest) -> ReserveRequest {
+    ReserveRequest {
+        uid: uid.to_string(),
+        namespace: "ns".into(),
+        name: uid.to_string(),
+        request,
+    }
+}
+
+fn bound(uid: &str, gpu: &str, request: PodRequest, assigned: u64) -> PodRecord {
+    PodRecord {
+        uid: uid.to_string(),
+        namespace: "ns".into(),
+        name: uid.to_string(),
+        node: "n1".into(),
+        gpu_uuid: Some(gpu.to_string()),
+        assigned_at: Some(at(assigned)),
+        request,
+    }
+}
+
+fn free_gib(ledger: &Ledger) -> Vec<u64> {
+    ledger
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.effective_free / GIB)
+        .collect()
+}
+
+#[test]
+fn a_node_passes_only_with_n_gpus_that_each_fit_the_share() {
+    let mut l = ledger();
+    l.set_reading(
+        "n1",
+        reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 15), gpu(2, 40, 25)]),
+    );
+    // 40 GiB over 2 GPUs: 20 each; GPU 0 and GPU 2 have it.
+    assert_eq!(l.check("n1", span(40, 2), at(1)), Ok(()));
+    // Over 3 GPUs (60 GiB, 20 each): only 2 have 20.
+    let err = l.check("n1", span(60, 3), at(1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "needs 3 GPUs with 20 GiB effective free each; 2 have; GPU 1: 15 GiB effective free \
+         (live 15 GiB, 0 B reserved by pods not yet running), need 20 GiB"
+    );
+    assert!(!err.is_unresolvable());
+    let refusal = l.check_rendered("n1", span(60, 3), at(1)).unwrap_err();
+    assert_eq!(&*refusal.reason, err.to_string());
+    assert_eq!(l.refusal("n1", span(60, 3), at(1)), Some(false));
+    assert_eq!(l.score("n1", span(60, 3), Policy::Binpack, at(1)), 0);
+    // The same total on one GPU fits GPU 0 alone.
+    assert_eq!(l.check("n1", span(40, 1), at(1)), Ok(()));
+    // More GPUs than the node has (large enough): unresolvable.
+    let err = l.check("n1", span(80, 4), at(1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pod needs 4 GPUs with 20 GiB each; node n1 has 3 GPUs that large"
+    );
+    assert!(err.is_unresolvable());
+    assert_eq!(l.refusal("n1", span(80, 4), at(1)), Some(true));
+    // A share larger than any GPU: too large, as for one GPU.
+    assert!(
+        l.check("n1", span(100, 2), at(1))
+            .unwrap_err()
+            .is_unresolvable()
+    );
+}
+
+#[test]
+fn one_fitting_gpu_of_two_is_named() {
+    let mut l = ledger();
+    l.set_reading("n1", reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 10)]));
+    let err = l.check("n1", span(40, 2), at(1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "needs 2 GPUs with 20 GiB effective free each; 1 has; GPU 1: 10 GiB effective free \
+         (live 10 GiB, 0 B reserved by pods not yet running), need 20 GiB"
+    );
+}
+
+#[test]
+fn reserve_books_the_share_on_each_chosen_gpu() {
+    let mut l = ledger();
+    l.set_reading(
+        "n1",
+        reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 30), gpu(2, 40, 25)]),
+    );
+    // Binpack: the two tightest that fit (GPU 1 and GPU 2).
+    let p = l
+        .reserve(want("tp", span(40, 2)), "n1", Policy::Binpack, at(1))
+        .unwrap();
+    assert_eq!(p.gpu_uuid, "GPU-1,GPU-2");
+    assert_eq!(p.gpu_uuids, vec!["GPU-1", "GPU-2"]);
+    assert_eq!(p.gpu_indices, vec![1, 2]);
+    assert_eq!(p.gpu_index, 1);
+    assert_eq!(free_gib(&l), vec![40, 10, 5]);
+    let info = l.pod("tp").unwrap();
+    assert_eq!(info.gpu_uuid.as_deref(), Some("GPU-1,GPU-2"));
+    // Spread: the two emptiest.
+    let p = l
+        .reserve(want("tp2", span(10, 2)), "n1", Policy::Spread, at(1))
+        .unwrap();
+    assert_eq!(p.gpu_uuid, "GPU-0,GPU-1");
+    assert_eq!(free_gib(&l), vec![35, 5, 5]);
+    // Confirmed by the API server with the annotation: same books.
+    l.observe_pod(bound("tp", "GPU-1,GPU-2", span(40, 2), 1));
+    assert_eq!(free_gib(&l), vec![35, 5, 5]);
+    // Released: the shares come back.
+    assert!(l.release("tp2"));
+    assert_eq!(free_gib(&l), vec![40, 10, 5]);
+}
+
+#[test]
+fn scores_follow_the_chosen_gpus() {
+    let mut l = ledger();
+    l.set_reading("full", reading(0, vec![gpu(0, 40, 20), gpu(1, 40, 20)]));
+    l.set_reading("n1", reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 40)]));
+    let r = span(40, 2);
+    assert_eq!(l.score("full", r, Policy::Binpack, at(1)), 10);
+    assert_eq!(l.score("n1", r, Policy::Binpack, at(1)), 6);
+    assert_eq!(l.score("full", r, Policy::Spread, at(1)), 1);
+    assert_eq!(l.score("n1", r, Policy::Spread, at(1)), 5);
+}
+
+#[test]
+fn a_reading_listing_the_pod_on_each_gpu_books_its_share_there() {
+    let mut l = ledger();
+    l.set_reading("n1", reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 40)]));
+    l.observe_pod(bound("tp", "GPU-0,GPU-1", span(40, 2), 1));
+    assert_eq!(free_gib(&l), vec![20, 20]);
+    let mut g0 = gpu(0, 40, 30);
+    g0.pods.push(listed("tp", 20, 10));
+    let mut g1 = gpu(1, 40, 35);
+    g1.pods.push(listed("tp", 20, 5));
+    l.set_reading("n1", reading(5, vec![g0, g1]));
+    let views = l.gpu_views("n1").unwrap();
+    assert_eq!(views[0].assigned_bytes, 20 * GIB);
+    assert_eq!(views[0].unobserved, 10 * GIB);
+    assert_eq!(views[1].unobserved, 15 * GIB);
+    assert_eq!(free_gib(&l), vec![20, 20]);
+    assert_eq!(
+        l.pod("tp").unwrap().gpu_uuid.as_deref(),
+        Some("GPU-0,GPU-1")
+    );
+}
+
+#[test]
+fn same_size_pods_of_different_gpu_counts_may_swap_shapes() {
+    let mut l = ledger();
+    l.set_reading(
+        "n1",
+        reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 40), gpu(2, 40, 40)]),
+    );
+    // Both 40 GiB: one on GPU 0, one spread over GPU 1 and GPU 2.
+    l.observe_pod(bound("single", "GPU-0", span(40, 1), 1));
+    l.observe_pod(bound("tp", "GPU-1,GPU-2", span(40, 2), 2));
+    assert_eq!(free_gib(&l), vec![0, 20, 20]);
+    // The plugin gave the single pod the spanning pod's shape (it matches by size): the reading
+    // shows it on GPU 1 and GPU 2; the spanning pod, still waiting, will get GPU 0's units.
+    let mut g1 = gpu(1, 40, 40);
+    g1.pods.push(listed("single", 20, 0));
+    let mut g2 = gpu(2, 40, 40);
+    g2.pods.push(listed("single", 20, 0));
+    l.set_reading("n1", reading(5, vec![gpu(0, 40, 40), g1, g2]));
+    assert_eq!(free_gib(&l), vec![0, 20, 20]);
+    // Once the spanning pod shows on GPU 0 the books stay put.
+    let mut g0 = gpu(0, 40, 40);
+    g0.pods.push(listed("tp", 40, 0));
+    let mut g1 = gpu(1, 40, 40);
+    g1.pods.push(listed("single", 20, 0));
+    let mut g2 = gpu(2, 40, 40);
+    g2.pods.push(listed("single", 20, 0));
+    l.set_reading("n1", reading(6, vec![g0, g1, g2]));
+    assert_eq!(free_gib(&l), vec![0, 20, 20]);
+}
+
+#[test]
+fn a_spanning_pod_of_unknown_gpus_counts_its_share_everywhere() {
+    let mut l = ledger();
+    l.set_reading("n1", reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 40)]));
+    let mut rec = bound("tp", "GPU-0,GPU-9", span(40, 2), 1);
+    l.observe_pod(rec.clone());
+    assert_eq!(free_gib(&l), vec![20, 20]);
+    rec.gpu_uuid = None;
+    rec.uid = "tp-2".into();
+    rec.name = "tp-2".into();
+    l.observe_pod(rec);
+    assert_eq!(free_gib(&l), vec![0, 0]);
+}
