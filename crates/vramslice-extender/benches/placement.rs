@@ -341,6 +341,9 @@ fn main() {
             .collect();
         measure_many(&router, "filter     NodeNames x all, new size each call", "/filter", cold.clone(), iters(400)).await;
         filter_during_binds(&ext, &fake, cold, iters(400), 16).await;
+        // 79 GiB: every GPU holds a pod, so every node refuses and needs a reason in the answer.
+        measure(&router, "filter     NodeNames x all, 79 GiB (all refuse)", "/filter",
+            json!({ "Pod": pod_json("llm-79", 79), "Nodes": null, "NodeNames": all }), iters(200)).await;
         let big = pod_json("llm-70b", 60);
         measure(&router, "filter     NodeNames x all, 60 GiB", "/filter",
             json!({ "Pod": big, "Nodes": null, "NodeNames": all }), iters(200)).await;

@@ -159,7 +159,9 @@ pub fn parse_body<'a, T: serde::Deserialize<'a>>(
 /// new size costs about 2.5 µs, which at 100 per call was a quarter of the filter's time.
 pub const DETAILED_REFUSALS: usize = 20;
 
-/// The shared reasons for refused nodes past [`DETAILED_REFUSALS`], worded once per call.
+/// The shared reasons for refused nodes past [`DETAILED_REFUSALS`], worded once per call. They
+/// are written once per refused node into the answer (5,000 times for a pod no node can take),
+/// so they are kept short: the first refused nodes' detailed reasons say the rest.
 struct BriefReasons {
     need: u64,
     gpus: u32,
@@ -191,23 +193,15 @@ impl BriefReasons {
                 let gpus = self.gpus;
                 if unresolvable {
                     format!(
-                        "this node can never give {gpus} GPUs {need} each (too few GPUs that large,                          or another VRAM unit); vramslice words each reason for the first                          {DETAILED_REFUSALS} refused nodes only"
+                        "never {gpus} GPUs with {need} each (too few that large, or another unit)"
                     )
                 } else {
-                    format!(
-                        "this node lacks {gpus} GPUs with {need} effective free each; vramslice                          words each reason for the first {DETAILED_REFUSALS} refused nodes only"
-                    )
+                    format!("no {gpus} GPUs with {need} effective free each")
                 }
             } else if unresolvable {
-                format!(
-                    "no GPU on this node can ever take {need} (too large, or another VRAM unit); \
-                     vramslice words each reason for the first {DETAILED_REFUSALS} refused nodes only"
-                )
+                format!("no GPU can ever take {need} (too large, or another unit)")
             } else {
-                format!(
-                    "no GPU on this node has {need} effective free; vramslice words each reason \
-                     for the first {DETAILED_REFUSALS} refused nodes only"
-                )
+                format!("no GPU has {need} effective free")
             };
             Arc::from(text)
         })
