@@ -67,8 +67,9 @@ type Options struct {
 	//   "testdata": e2e/testdata/rbac.yaml (the minimal rules); plugins as
 	//               vramslice-device-plugin, the extender as vramslice-extender, kube-scheduler admin.
 	RBAC string
-	// DRA prepares the cluster for nodes added with AddDRANode: in "chart" RBAC the objects come
-	// from manifests/dra/vramslice.yaml (the chart rendered with mode=dra), and its DeviceClass
+	// DRA prepares the cluster for nodes added with AddDRANode: in "chart" RBAC the objects of
+	// manifests/dra/vramslice.yaml (the chart rendered with mode=dra) are applied over those of
+	// manifests/vramslice.yaml (kept for the kube-scheduler's identity), and its DeviceClass
 	// vram.vramslice.io is applied (both RBAC modes). The slice ValidatingAdmissionPolicy is
 	// not: it needs pod-bound tokens (node-name extra), which the harness's tokens are not.
 	DRA bool
@@ -224,16 +225,21 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	extenderSA := ExtenderSA
 	switch c.Opts.RBAC {
 	case "chart":
-		path := filepath.Join(c.Opts.RepoRoot, "manifests", "vramslice.yaml")
+		paths := []string{filepath.Join(c.Opts.RepoRoot, "manifests", "vramslice.yaml")}
 		if opts.DRA {
-			path = filepath.Join(c.Opts.RepoRoot, "manifests", "dra", "vramslice.yaml")
+			// The kube-scheduler keeps the default rendering's identity (a DRA cluster runs its
+			// own kube-scheduler; the mode=dra rendering has no scheduler objects); the node
+			// agent's ClusterRole is replaced by the mode=dra one (its DRA rules).
+			paths = append(paths, filepath.Join(c.Opts.RepoRoot, "manifests", "dra", "vramslice.yaml"))
 		}
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return nil, fmt.Errorf("reading the chart's rendered manifests: %w", err)
-		}
-		if _, err := c.Applier.ApplyYAMLKinds(c.ctx, data, SystemNamespace, rbacKinds); err != nil {
-			return nil, fmt.Errorf("applying the chart's RBAC from %s: %w", path, err)
+		for _, path := range paths {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return nil, fmt.Errorf("reading the chart's rendered manifests: %w", err)
+			}
+			if _, err := c.Applier.ApplyYAMLKinds(c.ctx, data, SystemNamespace, rbacKinds); err != nil {
+				return nil, fmt.Errorf("applying the chart's RBAC from %s: %w", path, err)
+			}
 		}
 		extenderSA = ChartSchedulerSA
 		if schedulerKC, err = c.serviceAccountKubeconfig(server, ca, ChartSchedulerSA); err != nil {

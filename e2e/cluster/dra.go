@@ -6,8 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
+	resourcev1 "k8s.io/api/resource/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
@@ -62,15 +65,43 @@ func (h *HollowNode) startDRA(parent context.Context) error {
 	getNode := func(ctx context.Context) (*v1.Node, error) {
 		return h.client.CoreV1().Nodes().Get(ctx, h.Name, metav1.GetOptions{})
 	}
+	// A starting DRA manager deletes the node's ResourceSlices in the background (the kubelet
+	// does not advertise drivers that have not registered since it started). Wait for that to
+	// happen before the agent publishes, or it could wipe the agent's first slice: a sentinel
+	// slice of this node is created first and must be gone.
+	sentinel := &resourcev1.ResourceSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: h.Name + "-e2e-startup-wipe"},
+		Spec: resourcev1.ResourceSliceSpec{Driver: "e2e.vramslice.io", NodeName: &h.Name,
+			Pool: resourcev1.ResourcePool{Name: h.Name, Generation: 1, ResourceSliceCount: 1}},
+	}
+	if _, err := h.client.ResourceV1().ResourceSlices().Create(parent, sentinel, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		cancel()
+		return fmt.Errorf("node %s: startup-wipe sentinel slice: %w", h.Name, err)
+	}
 	if err := mgr.Start(ctx, h.activePods, getNode, readySources{}); err != nil {
 		cancel()
 		return fmt.Errorf("node %s DRA manager start: %w", h.Name, err)
 	}
-	pm := pluginmanager.NewPluginManager(h.RegistryDir(), &record.FakeRecorder{})
-	pm.AddHandler(registerapi.DRAPlugin, mgr.GetWatcherHandler())
+	if err := waitFor(parent, 30*time.Second, 50*time.Millisecond, "the DRA manager's startup wipe of "+h.Name+"'s ResourceSlices", func() (bool, error) {
+		_, err := h.client.ResourceV1().ResourceSlices().Get(parent, sentinel.Name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return true, nil
+		}
+		return false, err
+	}); err != nil {
+		cancel()
+		mgr.Stop()
+		return err
+	}
 	k := &draKubelet{mgr: mgr, cancel: cancel}
 	k.done.Add(1)
-	go func() { defer k.done.Done(); pm.Run(ctx, readySources{}, ctx.Done()) }()
+	if DRARegistration() == "pluginmanager" {
+		pm := pluginmanager.NewPluginManager(h.RegistryDir(), &record.FakeRecorder{})
+		pm.AddHandler(registerapi.DRAPlugin, mgr.GetWatcherHandler())
+		go func() { defer k.done.Done(); pm.Run(ctx, readySources{}, ctx.Done()) }()
+	} else {
+		go func() { defer k.done.Done(); h.registerDRAPlugins(ctx, mgr.GetWatcherHandler()) }()
+	}
 	h.mu.Lock()
 	h.draK = k
 	h.mu.Unlock()

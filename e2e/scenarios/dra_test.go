@@ -258,6 +258,9 @@ func TestDRA1_TwoClaimsShareOneGPU(t *testing.T) {
 	createClaimAndPod(t, c, "dra1-c", 6, 1)
 	msg := waitUnschedulable(t, c, "dra1-c")
 	t.Logf("dra1-c (6 GiB, 3 left on gpu-0) Pending: %s", msg)
+	if !strings.Contains(msg, "cannot allocate all claims") {
+		t.Fatalf("dra1-c's PodScheduled message %q does not say \"cannot allocate all claims\"", msg)
+	}
 
 	// Deleting a pod: the hollow node calls UnprepareResources, the agent removes the spec.
 	a := getClaim(t, c, "dra1-a")
@@ -307,8 +310,8 @@ func TestDRA2_TooLargeClaimStaysPending(t *testing.T) {
 
 // TestDRA3_OutsideProcessShrinksPublishedCapacity: 10 GiB used on GPU 0 by a process of no
 // claim (the fake backend's file) shrinks gpu-0's published memory from 15 to 5 GiB
-// (16 − 10 − 0.5 headroom, whole GiB) while gpu-1 keeps 15 GiB; an 8 GiB claim, which the
-// allocator would otherwise put on gpu-0 (the first device that fits), goes to gpu-1.
+// (16 − 10 − 0.5 headroom, whole GiB) while gpu-1 keeps 15 GiB; an 8 GiB claim, which both
+// GPUs could take before, is allocated on gpu-1.
 func TestDRA3_OutsideProcessShrinksPublishedCapacity(t *testing.T) {
 	c := newDRACluster(t, map[string][]cluster.FakeGPU{"two": {
 		cluster.GPU("two", 0, l4, "16Gi"), cluster.GPU("two", 1, l4, "16Gi"),
