@@ -122,6 +122,10 @@ func (h *HollowNode) stopDRA() {
 	k.mgr.Stop()
 }
 
+// StopDRAForTest stops the DRA manager and the plugin manager without starting new ones
+// (a test can then change the state directory before RestartDRAManager).
+func (h *HollowNode) StopDRAForTest() { h.stopDRA() }
+
 // RestartDRAManager stops the DRA manager and the plugin manager and starts new ones on the
 // same directories, as a kubelet restart does: the claim cache is read back from the
 // checkpoint, and the plugin manager finds the registration socket again.

@@ -8,6 +8,7 @@ package scenarios
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -346,4 +347,128 @@ func TestDRA3_OutsideProcessShrinksPublishedCapacity(t *testing.T) {
 		t.Fatalf("dra3-8g's CDI env %v lacks VRAMSLICE_GPU_UUID=GPU-two-1", env)
 	}
 	t.Logf("dra3-8g (8 GiB) -> %v", devs)
+
+	// count: 2 of 4 GiB: one per GPU (gpu-0 still has 5 GiB claimable, gpu-1 7 GiB), and the
+	// claim's limit file lists both GPUs.
+	createClaimAndPod(t, c, "dra3-2x4g", 4, 2)
+	waitRunning(t, c, "dra3-2x4g")
+	cl := getClaim(t, c, "dra3-2x4g")
+	devs = allocatedDevices(t, cl, 4*gib)
+	sort.Strings(devs)
+	if len(devs) != 2 || devs[0] != "two/gpu-0" || devs[1] != "two/gpu-1" {
+		t.Fatalf("count-2 claim dra3-2x4g allocated %v, want [two/gpu-0 two/gpu-1]", devs)
+	}
+	limit := readLimitFile(t, c.Node("two"), cl)
+	if !strings.HasPrefix(limit, "limits=") || !strings.Contains(limit, "GPU-two-0") || !strings.Contains(limit, "GPU-two-1") {
+		t.Fatalf("dra3-2x4g's limit file %q is not a limits= line naming GPU-two-0 and GPU-two-1", limit)
+	}
+	t.Logf("dra3-2x4g (count 2 × 4 GiB) -> %v, limit file %q", devs, strings.TrimSpace(limit))
+}
+
+// readLimitFile reads the host file the claim's CDI spec mounts at /var/run/vramslice/limit.
+func readLimitFile(t *testing.T, n *cluster.Node, cl *resourcev1.ResourceClaim) string {
+	t.Helper()
+	path := filepath.Join(n.CDIDir(), "vramslice.io-claim-"+string(cl.UID)+".json")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("CDI spec of claim %s: %v", cl.Name, err)
+	}
+	var spec struct {
+		Devices []struct {
+			ContainerEdits struct {
+				Mounts []struct {
+					HostPath      string `json:"hostPath"`
+					ContainerPath string `json:"containerPath"`
+				} `json:"mounts"`
+			} `json:"containerEdits"`
+		} `json:"devices"`
+	}
+	if err := json.Unmarshal(data, &spec); err != nil || len(spec.Devices) != 1 {
+		t.Fatalf("CDI spec %s: %v (%d devices)", path, err, len(spec.Devices))
+	}
+	for _, m := range spec.Devices[0].ContainerEdits.Mounts {
+		if m.ContainerPath == "/var/run/vramslice/limit" {
+			text, err := os.ReadFile(m.HostPath)
+			if err != nil {
+				t.Fatalf("limit file of claim %s: %v", cl.Name, err)
+			}
+			return string(text)
+		}
+	}
+	t.Fatalf("CDI spec %s mounts no /var/run/vramslice/limit: %+v", path, spec.Devices[0].ContainerEdits.Mounts)
+	return ""
+}
+
+// TestDRA4_Restarts: a kubelet restart (new DRA manager on the same state directory) and a
+// node agent restart (SIGKILL, same checkpoint) lose no prepared claim: preparing the running
+// pod again returns the same CDI device, and the agent answers a prepare from a DRA manager
+// that lost its own state with the same CDI device (its checkpoint); new claims are still
+// allocated and prepared afterwards, and deleting a pod still unprepares its claim.
+func TestDRA4_Restarts(t *testing.T) {
+	c := newDRACluster(t, map[string][]cluster.FakeGPU{"rs": {cluster.GPU("rs", 0, l4, "16Gi")}})
+	n := c.Node("rs")
+	createClaimAndPod(t, c, "dra4-a", 4, 1)
+	p := waitRunning(t, c, "dra4-a")
+	cl := getClaim(t, c, "dra4-a")
+	want := "vramslice.io/claim=" + string(cl.UID)
+	// PrepareResources needs the driver registered with the new DRA manager first (its
+	// registration takes one poll of the registry directory), as after a real kubelet restart.
+	prepare := func(when string) {
+		t.Helper()
+		var got map[string][]string
+		until(t, 30*time.Second, when+": PrepareResources of dra4-a", func() (bool, error) {
+			var err error
+			if got, err = n.PrepareClaims(c.Context(), p); err != nil {
+				return false, err
+			}
+			if len(got["main"]) == 0 || got["main"][0] != want {
+				return false, fmt.Errorf("CDI devices %v, want first %s", got, want)
+			}
+			return true, nil
+		})
+		t.Logf("%s: dra4-a prepared again with CDI %v", when, got["main"])
+	}
+
+	if err := n.RestartDRAManager(c.Context()); err != nil {
+		t.Fatal(err)
+	}
+	prepare("after a kubelet restart (DRA manager checkpoint)")
+	// The restarted DRA manager deleted the node's ResourceSlices at its start; the agent,
+	// registered again, must publish its slice again.
+	until(t, 15*time.Second, "the ResourceSlice of rs after the kubelet restart", func() (bool, error) {
+		s, err := getSlice(c, "rs")
+		return err == nil && len(s.Spec.Devices) == 1, err
+	})
+
+	c.KillPlugin("rs")
+	if err := c.StartPlugin("rs"); err != nil {
+		t.Fatal(err)
+	}
+	// A DRA manager without its state calls the agent's NodePrepareResources again.
+	n.StopDRAForTest()
+	if err := os.RemoveAll(n.DRAStateDir()); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.RestartDRAManager(c.Context()); err != nil {
+		t.Fatal(err)
+	}
+	prepare("after an agent restart, by a DRA manager without state (agent checkpoint)")
+
+	// The node still takes claims: the ResourceSlice must be back after the restarts.
+	until(t, 30*time.Second, "the ResourceSlice of rs after the restarts", func() (bool, error) {
+		s, err := getSlice(c, "rs")
+		return err == nil && len(s.Spec.Devices) == 1, err
+	})
+	createClaimAndPod(t, c, "dra4-b", 4, 1)
+	waitRunning(t, c, "dra4-b")
+	if devs := allocatedDevices(t, getClaim(t, c, "dra4-b"), 4*gib); len(devs) != 1 || devs[0] != "rs/gpu-0" {
+		t.Fatalf("dra4-b allocated %v, want [rs/gpu-0]", devs)
+	}
+	deletePod(t, c, "dra4-a")
+	spec := filepath.Join(n.CDIDir(), "vramslice.io-claim-"+string(cl.UID)+".json")
+	until(t, 30*time.Second, "dra4-a's CDI spec to be removed", func() (bool, error) {
+		_, err := os.Stat(spec)
+		return os.IsNotExist(err), nil
+	})
+	t.Logf("after the restarts: dra4-b Running on rs/gpu-0, dra4-a deleted and unprepared")
 }
