@@ -77,7 +77,7 @@ type HollowNode struct {
 	mu       sync.Mutex
 	dm       *devicemanager.ManagerImpl
 	draK     *draKubelet // the kubelet's DRA manager + plugin manager (DRA nodes only); guarded by mu
-	activeMu sync.Mutex // guards active; separate from mu because the device manager calls activePods while we hold mu
+	activeMu sync.Mutex  // guards active; separate from mu because the device manager calls activePods while we hold mu
 	active   map[types.UID]*v1.Pod
 	lastCap  string
 

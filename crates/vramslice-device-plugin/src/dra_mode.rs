@@ -89,8 +89,7 @@ pub async fn run(
     let slices = tokio::spawn(keep_slice(
         Arc::clone(&driver),
         publisher,
-        node,
-        registered,
+        SliceTriggers { node, registered },
         ProcRoot::new(settings.proc_root.clone()),
         settings.unit.bytes(),
         settings.dra.headroom_bytes,
@@ -105,16 +104,26 @@ pub async fn run(
     served.map_err(DraModeError::from)
 }
 
+/// What makes the slice be looked at again: a new GPU snapshot, or a registration the kubelet
+/// confirmed (a starting kubelet deletes its node's slices, so ours is written again).
+struct SliceTriggers {
+    node: NodeWatch,
+    registered: watch::Receiver<u64>,
+}
+
 async fn keep_slice(
     driver: Arc<Driver>,
     mut publisher: SlicePublisher<KubeSlices>,
-    mut node: NodeWatch,
-    mut registered: watch::Receiver<u64>,
+    triggers: SliceTriggers,
     proc_root: ProcRoot,
     step: u64,
     headroom: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let SliceTriggers {
+        mut node,
+        mut registered,
+    } = triggers;
     loop {
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
         if snapshot.generation > 0 {

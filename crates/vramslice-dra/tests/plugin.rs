@@ -479,7 +479,11 @@ async fn each_confirmed_registration_is_counted_so_the_slice_is_published_again(
         })
         .await
         .unwrap();
-        assert_eq!(*registered.borrow_and_update(), want, "after registered={ok}");
+        assert_eq!(
+            *registered.borrow_and_update(),
+            want,
+            "after registered={ok}"
+        );
     }
     stop.send(true).unwrap();
     task.await.unwrap();

@@ -152,15 +152,24 @@ async fn republish_writes_the_same_devices_again_with_the_next_generation() {
     let memory = Memory::default();
     let mut publisher = publisher(&memory);
     let now = Instant::now();
-    publisher.observe(vec![device(0, 80 * GIB)], now).await.unwrap();
+    publisher
+        .observe(vec![device(0, 80 * GIB)], now)
+        .await
+        .unwrap();
     assert_eq!(
-        publisher.observe(vec![device(0, 80 * GIB)], now).await.unwrap(),
+        publisher
+            .observe(vec![device(0, 80 * GIB)], now)
+            .await
+            .unwrap(),
         None,
         "unchanged devices are not written again"
     );
     publisher.republish();
     assert_eq!(
-        publisher.observe(vec![device(0, 80 * GIB)], now).await.unwrap(),
+        publisher
+            .observe(vec![device(0, 80 * GIB)], now)
+            .await
+            .unwrap(),
         Some(SlicePublishReason::First),
         "after republish the same devices are written at once, inside the minimum interval"
     );
