@@ -67,6 +67,12 @@ type Options struct {
 	//   "testdata": e2e/testdata/rbac.yaml (the minimal rules); plugins as
 	//               vramslice-device-plugin, the extender as vramslice-extender, kube-scheduler admin.
 	RBAC string
+	// DRA prepares the cluster for nodes added with AddDRANode: in "chart" RBAC the objects of
+	// manifests/dra/vramslice.yaml (the chart rendered with mode=dra) are applied over those of
+	// manifests/vramslice.yaml (kept for the kube-scheduler's identity), and its DeviceClass
+	// vram.vramslice.io is applied (both RBAC modes). The slice ValidatingAdmissionPolicy is
+	// not: it needs pod-bound tokens (node-name extra), which the harness's tokens are not.
+	DRA bool
 }
 
 // rbacKinds are the objects taken from the chart's rendered manifests.
@@ -79,7 +85,9 @@ type Node struct {
 	FakeGPUFile  string
 	PluginConfig string
 	Plugin       *Process
-	gpus         []FakeGPU
+	// DRA: the node agent runs in mode: dra and the hollow node runs the kubelet's DRA manager.
+	DRA  bool
+	gpus []FakeGPU
 }
 
 // Cluster is a running e2e cluster.
@@ -217,13 +225,21 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	extenderSA := ExtenderSA
 	switch c.Opts.RBAC {
 	case "chart":
-		path := filepath.Join(c.Opts.RepoRoot, "manifests", "vramslice.yaml")
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return nil, fmt.Errorf("reading the chart's rendered manifests: %w", err)
+		paths := []string{filepath.Join(c.Opts.RepoRoot, "manifests", "vramslice.yaml")}
+		if opts.DRA {
+			// The kube-scheduler keeps the default rendering's identity (a DRA cluster runs its
+			// own kube-scheduler; the mode=dra rendering has no scheduler objects); the node
+			// agent's ClusterRole is replaced by the mode=dra one (its DRA rules).
+			paths = append(paths, filepath.Join(c.Opts.RepoRoot, "manifests", "dra", "vramslice.yaml"))
 		}
-		if _, err := c.Applier.ApplyYAMLKinds(c.ctx, data, SystemNamespace, rbacKinds); err != nil {
-			return nil, fmt.Errorf("applying the chart's RBAC from %s: %w", path, err)
+		for _, path := range paths {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return nil, fmt.Errorf("reading the chart's rendered manifests: %w", err)
+			}
+			if _, err := c.Applier.ApplyYAMLKinds(c.ctx, data, SystemNamespace, rbacKinds); err != nil {
+				return nil, fmt.Errorf("applying the chart's RBAC from %s: %w", path, err)
+			}
 		}
 		extenderSA = ChartSchedulerSA
 		if schedulerKC, err = c.serviceAccountKubeconfig(server, ca, ChartSchedulerSA); err != nil {
@@ -235,6 +251,16 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		}
 	default:
 		return nil, fmt.Errorf("unknown RBAC source %q (want chart or testdata)", c.Opts.RBAC)
+	}
+	if opts.DRA {
+		path := filepath.Join(c.Opts.RepoRoot, "manifests", "dra", "vramslice.yaml")
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := c.Applier.ApplyYAMLKinds(c.ctx, data, SystemNamespace, map[string]bool{"DeviceClass": true}); err != nil {
+			return nil, fmt.Errorf("applying the DeviceClass from %s: %w", path, err)
+		}
 	}
 	if c.pluginKC, err = c.serviceAccountKubeconfig(server, ca, PluginSA); err != nil {
 		return nil, err
@@ -353,15 +379,31 @@ func (c *Cluster) AddNode(name string, gpus []FakeGPU) (*Node, error) {
 // AddBareNode registers a hollow node and writes its fake-GPU file and plugin
 // config, without starting the device plugin.
 func (c *Cluster) AddBareNode(name string, gpus []FakeGPU) (*Node, error) {
+	return c.addBareNode(name, gpus, false)
+}
+
+// AddDRANode registers a hollow node that runs the kubelet's DRA manager and starts its
+// node agent in mode: dra (the cluster needs Options.DRA for the RBAC and DeviceClass).
+func (c *Cluster) AddDRANode(name string, gpus []FakeGPU) (*Node, error) {
+	if _, err := c.addBareNode(name, gpus, true); err != nil {
+		return nil, err
+	}
+	if err := c.StartPlugin(name); err != nil {
+		return nil, err
+	}
+	return c.Node(name), nil
+}
+
+func (c *Cluster) addBareNode(name string, gpus []FakeGPU, withDRA bool) (*Node, error) {
 	dir := filepath.Join(c.Dir, "n", name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	n := &Node{FakeGPUFile: filepath.Join(dir, "fake-gpus.yaml"), PluginConfig: filepath.Join(dir, "plugin.yaml"), gpus: gpus}
+	n := &Node{FakeGPUFile: filepath.Join(dir, "fake-gpus.yaml"), PluginConfig: filepath.Join(dir, "plugin.yaml"), gpus: gpus, DRA: withDRA}
 	if err := writeFakeGPUs(n.FakeGPUFile, gpus); err != nil {
 		return nil, err
 	}
-	hn, err := startHollowNode(c.ctx, c.Client, name, dir)
+	hn, err := startHollowNode(c.ctx, c.Client, name, dir, withDRA)
 	if err != nil {
 		return nil, err
 	}

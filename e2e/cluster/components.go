@@ -8,6 +8,10 @@ import (
 	"time"
 )
 
+// DRAHeadroom is the agent's dra.headroom in the e2e config: kept free on every GPU, off
+// the published capacity.
+const DRAHeadroom = "512Mi"
+
 func (c *Cluster) writePluginConfig(n *Node) error {
 	for _, f := range []string{"lib/libvramslice_guard.so", "ld.so.preload"} {
 		p := filepath.Join(n.Dir, f)
@@ -42,6 +46,17 @@ metricsAddr: 127.0.0.1:%d
 `, n.FakeGPUFile, n.SocketDir(), n.PodResourcesSocket(), n.Name, c.Opts.PluginPollInterval,
 		filepath.Join(n.Dir, "lib/libvramslice_guard.so"), filepath.Join(n.Dir, "ld.so.preload"),
 		filepath.Join(n.Dir, "accounting"), port)
+	if n.DRA {
+		cfg += fmt.Sprintf(`mode: dra
+dra:
+  registryDir: %q
+  pluginDir: %q
+  cdiDir: %q
+  checkpoint: %q
+  headroom: %s
+  minPublishInterval: 200ms
+`, n.RegistryDir(), n.DRAPluginDir(), n.CDIDir(), filepath.Join(n.Dir, "vramslice-dra", "checkpoint.json"), DRAHeadroom)
+	}
 	return os.WriteFile(n.PluginConfig, []byte(cfg), 0o644)
 }
 

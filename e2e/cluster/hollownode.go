@@ -76,7 +76,8 @@ type HollowNode struct {
 	// Admission is serial anyway: one pod worker per node, like the kubelet's sync loop.
 	mu       sync.Mutex
 	dm       *devicemanager.ManagerImpl
-	activeMu sync.Mutex // guards active; separate from mu because the device manager calls activePods while we hold mu
+	draK     *draKubelet // the kubelet's DRA manager + plugin manager (DRA nodes only); guarded by mu
+	activeMu sync.Mutex  // guards active; separate from mu because the device manager calls activePods while we hold mu
 	active   map[types.UID]*v1.Pod
 	lastCap  string
 
@@ -102,8 +103,9 @@ var baseCapacity = v1.ResourceList{
 }
 
 // startHollowNode registers the Node, starts the device manager, the PodResources
-// server, the status loop and the pod worker.
-func startHollowNode(ctx context.Context, client kubernetes.Interface, name, dir string) (*HollowNode, error) {
+// server, the status loop and the pod worker; withDRA also starts the kubelet's DRA
+// manager and plugin manager (dra.go).
+func startHollowNode(ctx context.Context, client kubernetes.Interface, name, dir string, withDRA bool) (*HollowNode, error) {
 	h := &HollowNode{Name: name, Dir: dir, client: client, active: map[types.UID]*v1.Pod{},
 		logger: klog.Background().WithValues("node", name)}
 	for _, d := range []string{h.SocketDir(), filepath.Dir(h.PodResourcesSocket())} {
@@ -119,6 +121,11 @@ func startHollowNode(ctx context.Context, client kubernetes.Interface, name, dir
 	}
 	if err := h.servePodResources(); err != nil {
 		return nil, err
+	}
+	if withDRA {
+		if err := h.startDRA(ctx); err != nil {
+			return nil, err
+		}
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	h.cancel = cancel
@@ -254,6 +261,7 @@ func (h *HollowNode) Stop() {
 		h.cancel()
 	}
 	h.done.Wait()
+	h.stopDRA()
 	if h.grpc != nil {
 		h.grpc.Stop()
 	}
@@ -279,9 +287,16 @@ func (h *HollowNode) podWorker(ctx context.Context) {
 	}
 }
 
-func (h *HollowNode) freeDevices(uid types.UID) {
-	h.setActive(&v1.Pod{ObjectMeta: metav1.ObjectMeta{UID: uid}}, false)
+// freeDevices drops a stopped pod from the active pods, lets the device manager free its
+// units and has the DRA manager unprepare its claims (the kubelet's order: containers gone,
+// then devices and claims released).
+func (h *HollowNode) freeDevices(ctx context.Context, pod *v1.Pod) error {
+	h.setActive(pod, false)
 	h.manager().UpdateAllocatedDevices(h.logger)
+	if err := h.unprepareClaims(klog.NewContext(ctx, h.logger), pod); err != nil {
+		return fmt.Errorf("unpreparing the claims of %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	return nil
 }
 
 func (h *HollowNode) syncPod(ctx context.Context, key string) error {
@@ -294,14 +309,18 @@ func (h *HollowNode) syncPod(ctx context.Context, key string) error {
 		// so drop every active pod with this namespace/name.
 		for _, p := range h.snapshotActive() {
 			if p.Namespace+"/"+p.Name == key {
-				h.freeDevices(p.UID)
+				if err := h.freeDevices(ctx, p); err != nil {
+					return err
+				}
 			}
 		}
 		return nil
 	}
 	pod := obj.(*v1.Pod)
 	if pod.DeletionTimestamp != nil {
-		h.freeDevices(pod.UID)
+		if err := h.freeDevices(ctx, pod); err != nil {
+			return err
+		}
 		zero := int64(0)
 		err := h.client.CoreV1().Pods(pod.Namespace).Delete(ctx, pod.Name, metav1.DeleteOptions{
 			GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &pod.UID},
@@ -313,7 +332,7 @@ func (h *HollowNode) syncPod(ctx context.Context, key string) error {
 	}
 	if pod.Status.Phase != v1.PodPending && pod.Status.Phase != "" {
 		if pod.Status.Phase == v1.PodFailed || pod.Status.Phase == v1.PodSucceeded {
-			h.freeDevices(pod.UID)
+			return h.freeDevices(ctx, pod)
 		}
 		return nil
 	}
@@ -330,6 +349,14 @@ func (h *HollowNode) admit(ctx context.Context, pod *v1.Pod) error {
 	dmCtx := klog.NewContext(ctx, h.logger)
 	var allocErr error
 	opts := PodRunOptions{}
+	// DRA first, as the kubelet prepares a pod's claims before its containers get devices.
+	cdi, allocErr := h.PrepareClaims(dmCtx, pod)
+	if allocErr != nil {
+		// The kubelet retries PrepareResources on the next sync; so do we (the pod stays Pending).
+		h.setActive(pod, false)
+		klog.InfoS("hollow node could not prepare the pod's claims; retrying", "node", h.Name, "pod", klog.KObj(pod), "err", allocErr)
+		return fmt.Errorf("preparing claims: %w", allocErr)
+	}
 	containers := append(append([]v1.Container{}, pod.Spec.InitContainers...), pod.Spec.Containers...)
 	for i := range containers {
 		if allocErr = dm.Allocate(dmCtx, pod, &containers[i], lifecycle.AddOperation); allocErr != nil {
@@ -343,16 +370,18 @@ func (h *HollowNode) admit(ctx context.Context, pod *v1.Pod) error {
 				allocErr = err
 				break
 			}
-			opts[containers[i].Name] = toRunOptions(ro)
+			o := toRunOptions(ro)
+			o.CDIDevices = append(o.CDIDevices, cdi[containers[i].Name]...)
+			opts[containers[i].Name] = o
 		}
 	}
 	if allocErr != nil {
-		h.freeDevices(pod.UID)
+		_ = h.freeDevices(ctx, pod)
 		klog.InfoS("hollow node rejected pod", "node", h.Name, "pod", klog.KObj(pod), "err", allocErr)
 		return h.failPod(ctx, pod, allocErr)
 	}
 	if err := h.markRunning(ctx, pod, opts); err != nil {
-		h.freeDevices(pod.UID)
+		_ = h.freeDevices(ctx, pod)
 		return err
 	}
 	return nil

@@ -16,7 +16,7 @@ use vramslice_api::convert::dra::SliceSettings;
 use vramslice_core::node::dra::slice_devices;
 use vramslice_dra::claims::KubeClaims;
 use vramslice_dra::driver::{Driver, DriverConfig};
-use vramslice_dra::serve::{ServeError, Sockets, serve};
+use vramslice_dra::serve::{ServeError, Sockets, serve_with_registrations};
 use vramslice_dra::slices::{KubeSlices, SlicePolicy, SlicePublisher};
 use vramslice_gpu::procfs::ProcRoot;
 
@@ -85,10 +85,11 @@ pub async fn run(
             min_interval: settings.dra.min_publish_interval,
         },
     );
+    let (registrations, registered) = watch::channel(0u64);
     let slices = tokio::spawn(keep_slice(
         Arc::clone(&driver),
         publisher,
-        node,
+        SliceTriggers { node, registered },
         ProcRoot::new(settings.proc_root.clone()),
         settings.unit.bytes(),
         settings.dra.headroom_bytes,
@@ -98,20 +99,31 @@ pub async fn run(
         registry_dir: settings.dra.registry_dir.clone(),
         plugin_dir: settings.dra.plugin_dir.clone(),
     };
-    let served = serve(driver, &sockets, shutdown).await;
+    let served = serve_with_registrations(driver, &sockets, registrations, shutdown).await;
     let _ = slices.await;
     served.map_err(DraModeError::from)
+}
+
+/// What makes the slice be looked at again: a new GPU snapshot, or a registration the kubelet
+/// confirmed (a starting kubelet deletes its node's slices, so ours is written again).
+struct SliceTriggers {
+    node: NodeWatch,
+    registered: watch::Receiver<u64>,
 }
 
 async fn keep_slice(
     driver: Arc<Driver>,
     mut publisher: SlicePublisher<KubeSlices>,
-    mut node: NodeWatch,
+    triggers: SliceTriggers,
     proc_root: ProcRoot,
     step: u64,
     headroom: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let SliceTriggers {
+        mut node,
+        mut registered,
+    } = triggers;
     loop {
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
         if snapshot.generation > 0 {
@@ -126,6 +138,9 @@ async fn keep_slice(
         }
         tokio::select! {
             changed = node.snapshot.changed() => if changed.is_err() { return },
+            // Registered (again) with the kubelet, which deleted the node's slices when it
+            // started: write ours again.
+            changed = registered.changed() => if changed.is_ok() { publisher.republish() },
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {

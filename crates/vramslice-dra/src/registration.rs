@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::proto::registration::registration_server::Registration;
@@ -23,6 +24,7 @@ pub struct RegistrationService {
     driver_name: String,
     endpoint: String,
     registered: Arc<AtomicBool>,
+    registrations: Option<watch::Sender<u64>>,
 }
 
 impl RegistrationService {
@@ -32,7 +34,16 @@ impl RegistrationService {
             driver_name: driver_name.to_string(),
             endpoint: endpoint.to_string(),
             registered: Arc::new(AtomicBool::new(false)),
+            registrations: None,
         }
+    }
+
+    /// Count every successful registration in `registrations`. A (re)starting kubelet deletes
+    /// the node's ResourceSlices before its plugins register again, so the agent publishes its
+    /// slice anew on each registration.
+    pub fn with_registrations(mut self, registrations: watch::Sender<u64>) -> Self {
+        self.registrations = Some(registrations);
+        self
     }
 
     /// Whether the kubelet said the last registration succeeded.
@@ -61,6 +72,9 @@ impl Registration for RegistrationService {
             .store(status.plugin_registered, Ordering::Relaxed);
         if status.plugin_registered {
             tracing::info!(driver = %self.driver_name, "registered with the kubelet");
+            if let Some(tx) = &self.registrations {
+                tx.send_modify(|n| *n += 1);
+            }
         } else {
             tracing::error!(driver = %self.driver_name, error = %status.error, "the kubelet refused the registration");
         }

@@ -85,6 +85,20 @@ fn bind(path: &Path) -> Result<UnixListener, ServeError> {
 pub async fn serve(
     driver: Arc<Driver>,
     sockets: &Sockets,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    serve_with_registrations(driver, sockets, watch::channel(0).0, shutdown).await
+}
+
+/// [`serve`], counting each registration the kubelet confirms in `registrations` (the
+/// ResourceSlice is published again then: a starting kubelet deletes the node's slices).
+///
+/// # Errors
+/// [`ServeError`] when a socket cannot be bound or a server fails.
+pub async fn serve_with_registrations(
+    driver: Arc<Driver>,
+    sockets: &Sockets,
+    registrations: watch::Sender<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
     let endpoint = sockets.endpoint();
@@ -105,10 +119,10 @@ pub async fn serve(
             stop(shutdown.clone()),
         );
     let reg = Server::builder()
-        .add_service(RegistrationServer::new(RegistrationService::new(
-            DRA_DRIVER,
-            &endpoint.display().to_string(),
-        )))
+        .add_service(RegistrationServer::new(
+            RegistrationService::new(DRA_DRIVER, &endpoint.display().to_string())
+                .with_registrations(registrations),
+        ))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(reg_listener),
             stop(shutdown.clone()),

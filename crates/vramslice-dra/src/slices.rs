@@ -127,6 +127,13 @@ impl<W: SliceWriter> SlicePublisher<W> {
         self.writes
     }
 
+    /// Forget what was published, so the next [`SlicePublisher::observe`] writes the slice
+    /// again (reason "first"), continuing the stored pool generation: for when the slice may
+    /// have been deleted behind our back (a starting kubelet wipes its node's slices).
+    pub fn republish(&mut self) {
+        self.published = None;
+    }
+
     /// The devices last written.
     pub fn published(&self) -> Option<&[SliceDevice]> {
         self.published.as_deref()

@@ -29,7 +29,7 @@ use vramslice_dra::proto::dra::{
 };
 use vramslice_dra::proto::registration::registration_client::RegistrationClient;
 use vramslice_dra::proto::registration::{InfoRequest, RegistrationStatus};
-use vramslice_dra::serve::{Sockets, serve};
+use vramslice_dra::serve::{Sockets, serve, serve_with_registrations};
 
 const GIB: u64 = 1 << 30;
 const NODE: &str = "node-a";
@@ -451,4 +451,40 @@ async fn each_claim_of_a_call_fails_or_succeeds_on_its_own_with_a_reason() {
     );
     let checkpoint = Checkpoint::load(&node.path("state/checkpoint.json")).unwrap();
     assert_eq!(checkpoint.claims.keys().collect::<Vec<_>>(), ["uid-1"]);
+}
+
+#[tokio::test]
+async fn each_confirmed_registration_is_counted_so_the_slice_is_published_again() {
+    let node = Node::new();
+    let driver = Arc::new(Driver::open(node.config(), node.claims.clone()).unwrap());
+    let (stop, rx) = watch::channel(false);
+    let (registrations, mut registered) = watch::channel(0u64);
+    let sockets = node.sockets();
+    let task = tokio::spawn(async move {
+        serve_with_registrations(driver, &sockets, registrations, rx)
+            .await
+            .unwrap()
+    });
+    for _ in 0..100 {
+        if node.sockets().registration().exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut reg = RegistrationClient::new(connect(&node.sockets().registration()).await);
+    for (ok, want) in [(true, 1), (false, 1), (true, 2)] {
+        reg.notify_registration_status(RegistrationStatus {
+            plugin_registered: ok,
+            error: if ok { String::new() } else { "refused".into() },
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            *registered.borrow_and_update(),
+            want,
+            "after registered={ok}"
+        );
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
 }

@@ -145,3 +145,36 @@ async fn a_restarted_publisher_continues_the_pool_generation() {
         .collect();
     assert_eq!(generations, [1, 2, 3]);
 }
+
+#[tokio::test]
+async fn republish_writes_the_same_devices_again_with_the_next_generation() {
+    // A starting kubelet deletes its node's slices; on registering again the agent republishes.
+    let memory = Memory::default();
+    let mut publisher = publisher(&memory);
+    let now = Instant::now();
+    publisher
+        .observe(vec![device(0, 80 * GIB)], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        publisher
+            .observe(vec![device(0, 80 * GIB)], now)
+            .await
+            .unwrap(),
+        None,
+        "unchanged devices are not written again"
+    );
+    publisher.republish();
+    assert_eq!(
+        publisher
+            .observe(vec![device(0, 80 * GIB)], now)
+            .await
+            .unwrap(),
+        Some(SlicePublishReason::First),
+        "after republish the same devices are written at once, inside the minimum interval"
+    );
+    let stored = memory.stored.lock().unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[1].spec.pool.generation, 2);
+    assert_eq!(capacity(&stored[1], 0), (80 * GIB).to_string());
+}
