@@ -6,11 +6,14 @@ package scenarios
 import (
 	"fmt"
 	"math/rand"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vramslice/vramslice/e2e/cluster"
@@ -315,4 +318,50 @@ func TestScenario6_TooLargeStaysPending(t *testing.T) {
 		t.Fatalf("s6-huge was placed on %s", p.Spec.NodeName)
 	}
 	t.Logf("s6-huge (100 GiB) Pending: %s", msg)
+}
+
+// A pod annotated vramslice.io/gpus: "2" spreads its request evenly over two GPUs of one node:
+// the extender places it only where two GPUs each have the share, binds both, the device
+// plugin's Allocate (through the kubelet's device manager) hands the container one limit per
+// GPU, and a second such pod that no longer fits is refused with the per-GPU reason.
+func TestScenario7_PodSpanningTwoGPUs(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"tp":  {cluster.GPU("tp", 0, l4, "16Gi"), cluster.GPU("tp", 1, l4, "16Gi")},
+		"one": {cluster.GPU("one", 0, a100, "40Gi")},
+	})
+	spanning := func(p *v1.Pod) { p.Annotations = map[string]string{"vramslice.io/gpus": "2"} }
+	createPod(t, c, vramPod("s7-tp2", 16, spanning))
+	p := waitRunning(t, c, "s7-tp2")
+	if p.Spec.NodeName != "tp" {
+		t.Fatalf("s7-tp2 landed on %s, the node with one GPU", p.Spec.NodeName)
+	}
+	annotated := strings.Split(p.Annotations[cluster.AnnotationGPUUUID], ",")
+	sort.Strings(annotated)
+	if strings.Join(annotated, ",") != "GPU-tp-0,GPU-tp-1" {
+		t.Fatalf("s7-tp2 annotated with GPUs %q, want both GPUs of tp", p.Annotations[cluster.AnnotationGPUUUID])
+	}
+	env := cluster.ContainerEnv(p, "main")
+	limits := map[string]string{}
+	for _, entry := range strings.Split(env["VRAMSLICE_VRAM_LIMITS"], ",") {
+		uuid, bytes, _ := strings.Cut(entry, ":")
+		limits[uuid] = bytes
+	}
+	share := strconv.FormatInt(8<<30, 10)
+	if len(limits) != 2 || limits["GPU-tp-0"] != share || limits["GPU-tp-1"] != share {
+		t.Fatalf("s7-tp2: VRAMSLICE_VRAM_LIMITS=%q, want 8 GiB on each of GPU-tp-0 and GPU-tp-1", env["VRAMSLICE_VRAM_LIMITS"])
+	}
+	visible := strings.Split(env["NVIDIA_VISIBLE_DEVICES"], ",")
+	sort.Strings(visible)
+	if strings.Join(visible, ",") != "GPU-tp-0,GPU-tp-1" {
+		t.Fatalf("s7-tp2 sees GPUs %q", env["NVIDIA_VISIBLE_DEVICES"])
+	}
+	t.Logf("s7-tp2 (16 GiB over 2 GPUs) on tp: VRAMSLICE_VRAM_LIMITS=%s", env["VRAMSLICE_VRAM_LIMITS"])
+
+	// Each 16 GiB GPU now holds 8 GiB; with the 512 MiB headroom no GPU has another 8 GiB.
+	createPod(t, c, vramPod("s7-tp2-more", 16, spanning))
+	msg := waitUnschedulable(t, c, "s7-tp2-more")
+	if !strings.Contains(msg, "2 GPUs") {
+		t.Fatalf("s7-tp2-more refused with %q, which does not name the two GPUs it needs", msg)
+	}
+	t.Logf("s7-tp2-more Pending: %s", msg)
 }
