@@ -11,8 +11,10 @@
 //! The decisions (slice content, when to publish, what a claim gets) are the core's
 //! ([`vramslice_core::node::dra`]); this crate is the shell: [`driver`] does the files and the
 //! checkpoint, [`grpc`] and [`registration`] adapt the kubelet's protocol, [`slices`] writes
-//! the slice, [`serve`] binds the sockets.
+//! the slice, [`serve`] binds the sockets
+//! ([`authority`] fixes the `:authority` the kubelet's plugin watcher sends).
 
+pub mod authority;
 pub mod cdi;
 pub mod checkpoint;
 pub mod claims;

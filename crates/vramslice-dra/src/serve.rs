@@ -12,6 +12,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 use vramslice_core::names::DRA_DRIVER;
 
+use crate::authority;
 use crate::driver::Driver;
 use crate::grpc::DraService;
 use crate::proto::dra::dra_plugin_server::DraPluginServer;
@@ -123,10 +124,8 @@ pub async fn serve_with_registrations(
             RegistrationService::new(DRA_DRIVER, &endpoint.display().to_string())
                 .with_registrations(registrations),
         ))
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(reg_listener),
-            stop(shutdown.clone()),
-        );
+        // Through the shim: the kubelet's plugin watcher sends the socket path as `:authority`.
+        .serve_with_incoming_shutdown(authority::incoming(reg_listener), stop(shutdown.clone()));
     tracing::info!(endpoint = %endpoint.display(), registration = %registration.display(), "serving the DRA plugin");
     let (dra, reg) = tokio::join!(dra, reg);
     let _ = shutdown.borrow_and_update();

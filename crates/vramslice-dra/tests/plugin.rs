@@ -488,3 +488,168 @@ async fn each_confirmed_registration_is_counted_so_the_slice_is_published_again(
     stop.send(true).unwrap();
     task.await.unwrap();
 }
+
+/// What a raw HTTP/2 client got for one request.
+#[derive(Debug, PartialEq)]
+enum Raw {
+    /// The stream was reset with this error code.
+    Reset(u32),
+    /// The connection went away with this error code.
+    GoAway(u32),
+    /// A gRPC answer: its message bytes and `grpc-status`.
+    Answer(Vec<u8>, String),
+}
+
+fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = u32::try_from(payload.len()).unwrap().to_be_bytes()[1..].to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+/// Call GetInfo on the socket at `path` twice on one connection (streams 1 and 3, the second
+/// header block referring to the HPACK dynamic table the first filled) the way the kubelet's
+/// plugin watcher does, with `:authority` set to `authority`: raw frames, since neither tonic
+/// nor the h2 client lets a request carry an authority that is no URI authority.
+async fn raw_get_info(path: &Path, authority: &str) -> Vec<Raw> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::UnixStream::connect(path).await.unwrap();
+    let mut encoder = loona_hpack::Encoder::new();
+    let headers: [(&[u8], &[u8]); 6] = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/pluginregistration.Registration/GetInfo"),
+        (b":authority", authority.as_bytes()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ];
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(raw_frame(4, 0, 0, &[]));
+    for stream in [1, 3] {
+        out.extend(raw_frame(1, 0x4, stream, &encoder.encode(headers)));
+        // One gRPC message: uncompressed, an empty InfoRequest.
+        out.extend(raw_frame(0, 0x1, stream, &[0, 0, 0, 0, 0]));
+    }
+    conn.write_all(&out).await.unwrap();
+
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut data: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    let mut done: BTreeMap<u32, Raw> = BTreeMap::new();
+    let read = async {
+        while done.len() < 2 {
+            let mut head = [0u8; 9];
+            conn.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await.unwrap();
+            match kind {
+                // SETTINGS: acknowledge.
+                4 if flags & 0x1 == 0 => conn.write_all(&raw_frame(4, 0x1, 0, &[])).await.unwrap(),
+                // DATA
+                0 => data.entry(stream).or_default().extend(payload),
+                // HEADERS (the server sends END_HEADERS blocks): trailers end the answer.
+                1 => {
+                    assert_ne!(flags & 0x4, 0);
+                    let fields = decoder.decode(&payload).unwrap();
+                    if flags & 0x1 != 0 {
+                        let status = fields
+                            .iter()
+                            .find(|(n, _)| n == b"grpc-status")
+                            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default();
+                        let body = data.remove(&stream).unwrap_or_default();
+                        done.insert(stream, Raw::Answer(body, status));
+                    }
+                }
+                // RST_STREAM
+                3 => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    done.insert(stream, Raw::Reset(code));
+                }
+                // GOAWAY
+                7 => {
+                    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                    return vec![Raw::GoAway(code)];
+                }
+                _ => {}
+            }
+        }
+        done.into_values().collect()
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("an answer within 10 s")
+}
+
+/// The kubelet's plugin watcher dials the registration socket with grpc-go's passthrough
+/// resolver, which sends the socket path as `:authority`; the socket answers it all the same.
+#[tokio::test]
+async fn the_registration_socket_answers_a_kubelet_that_sends_the_socket_path_as_authority() {
+    use prost::Message;
+    let node = Node::new();
+    let (stop, task) = node.start().await;
+    let registration = node.sockets().registration();
+    let answers = raw_get_info(&registration, &registration.display().to_string()).await;
+    assert_eq!(answers.len(), 2);
+    for answer in answers {
+        let Raw::Answer(body, status) = answer else {
+            panic!("expected an answer, got {answer:?}");
+        };
+        assert_eq!(status, "0");
+        assert_eq!(body[0], 0, "uncompressed");
+        assert_eq!(
+            usize::try_from(u32::from_be_bytes(body[1..5].try_into().unwrap())).unwrap(),
+            body.len() - 5
+        );
+        let info = vramslice_dra::proto::registration::PluginInfo::decode(&body[5..]).unwrap();
+        assert_eq!(info.r#type, "DRAPlugin");
+        assert_eq!(info.name, "vramslice.io");
+        assert_eq!(
+            info.endpoint,
+            node.sockets().endpoint().display().to_string()
+        );
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// The control: the same requests to the same service served by tonic directly, without the
+/// shim, are reset with PROTOCOL_ERROR (h2 refuses the authority), which is the bug on a real
+/// node. A valid authority is answered by both.
+#[tokio::test]
+async fn without_the_shim_tonic_resets_a_request_whose_authority_is_a_socket_path() {
+    use tokio_stream::wrappers::UnixListenerStream;
+    use vramslice_dra::proto::registration::registration_server::RegistrationServer;
+    use vramslice_dra::registration::RegistrationService;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plain-reg.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistrationServer::new(RegistrationService::new(
+                "vramslice.io",
+                "/plugins/vramslice.io/dra.sock",
+            )))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = rx.await;
+            }),
+    );
+    const PROTOCOL_ERROR: u32 = 1;
+    assert_eq!(
+        raw_get_info(&path, &path.display().to_string()).await,
+        [Raw::Reset(PROTOCOL_ERROR), Raw::Reset(PROTOCOL_ERROR)]
+    );
+    let answers = raw_get_info(&path, "localhost").await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, Raw::Answer(_, status) if status == "0")),
+        "{answers:?}"
+    );
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
