@@ -19,22 +19,20 @@ import (
 // DRARegistration says how a DRA node's registration socket reaches the DRA manager
 // ($VRAMSLICE_E2E_DRA_REGISTRATION):
 //
-//   - "direct" (default): registerDRAPlugins below — the hollow node watches the registry
-//     directory itself, calls GetInfo with the :authority "localhost", and hands the plugin to
-//     the DRA manager's registration handler (ValidatePlugin, RegisterPlugin, then
-//     NotifyRegistrationStatus), as the kubelet's plugin manager does;
-//   - "pluginmanager": the kubelet's own plugin manager (pkg/kubelet/pluginmanager). In
-//     v1.37.2 its dial (operationexecutor's dial) sets no authority, so grpc-go sends the
-//     socket path as :authority, which the agent's HTTP/2 server (tonic/h2) rejects:
-//     "failed to get plugin info using RPC GetInfo at socket .../vramslice.io-reg.sock, err:
-//     rpc error: code = Internal desc = stream terminated by RST_STREAM with error code:
-//     PROTOCOL_ERROR". The device manager's dial sets grpc.WithAuthority("localhost"); the
-//     plugin watcher's does not. Kept selectable so the fix in the agent can be proven here.
+//   - "pluginmanager" (default): the kubelet's own plugin manager (pkg/kubelet/pluginmanager)
+//     watches the registry directory and calls the agent's GetInfo as a kubelet does. Its
+//     v1.37.2 dial sets no authority, so grpc-go sends the socket path as :authority; the
+//     agent's registration socket rewrites it (vramslice-dra's authority shim), without which
+//     h2 resets the stream with PROTOCOL_ERROR and the driver never registers;
+//   - "direct": registerDRAPlugins below — the hollow node watches the registry directory
+//     itself, calls GetInfo with the :authority "localhost", and hands the plugin to the DRA
+//     manager's registration handler (ValidatePlugin, RegisterPlugin, then
+//     NotifyRegistrationStatus), as the plugin manager does.
 func DRARegistration() string {
 	if v := os.Getenv("VRAMSLICE_E2E_DRA_REGISTRATION"); v != "" {
 		return v
 	}
-	return "direct"
+	return "pluginmanager"
 }
 
 // registerDRAPlugins polls the registry directory (as the plugin watcher does, every 100 ms)
