@@ -97,6 +97,7 @@ grep -A2 'path: /var/run/cdi$' "$r" | grep -q 'type: DirectoryOrCreate' || fail 
 ok "dra: CDI hostPath DirectoryOrCreate"
 expect "$r" 'mountPath: /var/lib/vramslice$' "dra: DaemonSet keeps the hostDir mount (guard, accounting, checkpoint)"
 expect "$r" 'accountingRoot: /var/lib/vramslice/accounting$' "dra: accounting root kept"
+# shellcheck disable=SC2016 # the pattern is the rendered shell text, $dir unexpanded
 expect "$r" 'mkdir -p "\$dir/lib" "\$dir/accounting" "\$dir/dra"' "dra: init container creates the checkpoint directory"
 reject "$r" '(mountPath|path): .*/device-plugins$' "dra: no device-plugins mount"
 reject "$r" 'socketDir:' "dra: no device-plugin socket in the config"

@@ -37,15 +37,16 @@ func main() {
 	binDir := flag.String("bin-dir", os.Getenv("VRAMSLICE_BIN_DIR"), "directory of vramslice-extender and vramslice-device-plugin (default <repo>/target/release: the benchmark measures release builds)")
 	cpuProfile := flag.String("cpuprofile", "", "write a Go CPU profile of each run to <this>-<run>.pprof")
 	order := flag.String("order", "plain,ext", "runs in this order (plain, ext), comma-separated; a name may repeat")
+	withDRA := flag.Bool("dra", false, "instead of the device-plugin runs, start a DRA cluster of that size (node agents in mode: dra, the kubelet's DRA manager) and schedule as many claims and their pods with kube-scheduler's DynamicResources plugin")
 	inProcess := flag.Bool("in-process-scheduler", false, "run both kube-schedulers inside the bench process (with the API server, etcd and the hollow kubelets) instead of each in its own process as in a real cluster")
 	flag.Parse()
-	if err := run(*pods, *nodes, *gpus, *timeout, strings.Split(*order, ","), *binDir, *cpuProfile, !*inProcess); err != nil {
+	if err := run(*pods, *nodes, *gpus, *timeout, strings.Split(*order, ","), *binDir, *cpuProfile, !*inProcess, *withDRA); err != nil {
 		fmt.Fprintln(os.Stderr, "vramslice-bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir, cpuProfile string, schedulerProcesses bool) error {
+func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir, cpuProfile string, schedulerProcesses, withDRA bool) error {
 	if binDir == "" {
 		root, err := cluster.FindRepoRoot()
 		if err != nil {
@@ -55,6 +56,18 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if withDRA {
+		// A cluster of its own, in a process of its own: the in-process Kubernetes components
+		// do not stop cleanly enough to start a second cluster in one process.
+		r, err := runDRA(ctx, nPods, nNodes, nGPUs, timeout, binDir, schedulerProcesses)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%d claims (1-4 GiB each) and their pods onto %d DRA hollow nodes x %d GPUs (kube-scheduler %s, DynamicResources plugin):\n",
+			nPods, nNodes, nGPUs, version.Get().GitVersion)
+		fmt.Printf("  all bound   DRA: %7.1f pods/s\n  all Running DRA: %7.1f pods/s\n", r.bound, r.running)
+		return nil
+	}
 	t0 := time.Now()
 	c, err := cluster.Start(ctx, cluster.Options{PlainScheduler: true, PluginPollInterval: "2s", BinDir: binDir,
 		SchedulerProcesses: schedulerProcesses})
@@ -257,6 +270,16 @@ type rates struct{ bound, running float64 }
 // still being scheduled, so a slower run does more pod starts inside its bound
 // window; the Running rate includes every pod start in every run.
 func schedule(ctx context.Context, c *cluster.Cluster, prefix, scheduler string, n int, timeout time.Duration, atBound func()) (rates, error) {
+	create := func(i int) error {
+		_, err := c.Client.CoreV1().Pods("default").Create(ctx, pod(prefix, scheduler, i), metav1.CreateOptions{})
+		return err
+	}
+	return scheduleWith(ctx, c, prefix, scheduler, n, timeout, atBound, create)
+}
+
+// scheduleWith is schedule with the objects of pod i made by create (pods asking for units, or
+// a claim and its pod in DRA mode).
+func scheduleWith(ctx context.Context, c *cluster.Cluster, prefix, scheduler string, n int, timeout time.Duration, atBound func(), create func(i int) error) (rates, error) {
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	w := &boundWatch{bound: map[string]bool{}, running: map[string]bool{}, allBound: make(chan time.Time, 1),
@@ -284,7 +307,7 @@ func schedule(ctx context.Context, c *cluster.Cluster, prefix, scheduler string,
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				if _, err := c.Client.CoreV1().Pods("default").Create(ctx, pod(prefix, scheduler, i), metav1.CreateOptions{}); err != nil {
+				if err := create(i); err != nil {
 					select {
 					case errCh <- err:
 					default:
