@@ -1,52 +1,17 @@
 //! Unit tests of pods spanning several GPUs (`vramslice.io/gpus`): filter, scoring, reserve,
 //! readings that list a pod on each of its GPUs, and shape swaps between same-size pods.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use super::tests::{GIB, at, gpu, listed, reading};
 use super::*;
 use crate::units::VramUnit;
-
-const GIB: u64 = 1 << 30;
-
-fn at(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
-}
 
 fn ledger() -> Ledger {
     Ledger::new(LedgerConfig {
         headroom_bytes: 0,
         staleness: Duration::from_secs(90),
     })
-}
-
-fn gpu(index: u32, units: u64, free_gib: u64) -> PublishedGpu {
-    PublishedGpu {
-        index,
-        uuid: format!("GPU-{index}"),
-        free_bytes: free_gib * GIB,
-        units,
-        healthy: true,
-        health_reason: None,
-        pods: Vec::new(),
-    }
-}
-
-fn reading(observed: u64, gpus: Vec<PublishedGpu>) -> NodeReading {
-    NodeReading {
-        observed_at: at(observed),
-        unit: VramUnit::Gib1,
-        gpus,
-    }
-}
-
-fn listed(uid: &str, limit_gib: u64, used_gib: u64) -> ListedPod {
-    ListedPod {
-        uid: Some(uid.to_string()),
-        namespace: "ns".into(),
-        name: uid.to_string(),
-        limit_bytes: limit_gib * GIB,
-        used_bytes: Some(used_gib * GIB),
-    }
 }
 
 fn span(units: u64, gpus: u32) -> PodRequest {

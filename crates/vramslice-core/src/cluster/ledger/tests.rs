@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::*;
 use crate::units::VramUnit;
 
-const GIB: u64 = 1 << 30;
+pub(super) const GIB: u64 = 1 << 30;
 
-fn at(secs: u64) -> SystemTime {
+pub(super) fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
 }
 
@@ -18,7 +18,7 @@ fn config(headroom: u64) -> LedgerConfig {
     }
 }
 
-fn gpu(index: u32, units: u64, free_gib: u64) -> PublishedGpu {
+pub(super) fn gpu(index: u32, units: u64, free_gib: u64) -> PublishedGpu {
     PublishedGpu {
         index,
         uuid: format!("GPU-{index}"),
@@ -30,7 +30,7 @@ fn gpu(index: u32, units: u64, free_gib: u64) -> PublishedGpu {
     }
 }
 
-fn reading(observed: u64, gpus: Vec<PublishedGpu>) -> NodeReading {
+pub(super) fn reading(observed: u64, gpus: Vec<PublishedGpu>) -> NodeReading {
     NodeReading {
         observed_at: at(observed),
         unit: VramUnit::Gib1,
@@ -38,7 +38,7 @@ fn reading(observed: u64, gpus: Vec<PublishedGpu>) -> NodeReading {
     }
 }
 
-fn listed(uid: &str, limit_gib: u64, used_gib: u64) -> ListedPod {
+pub(super) fn listed(uid: &str, limit_gib: u64, used_gib: u64) -> ListedPod {
     ListedPod {
         uid: Some(uid.to_string()),
         namespace: "ns".into(),
