@@ -102,6 +102,24 @@ fn unit_list(gpus: &[(String, usize)]) -> String {
     }
 }
 
+/// The units of each GPU that `ids` name, in the order given: every ID well-formed, none twice,
+/// at least one.
+fn units_by_gpu<S: AsRef<str>>(ids: &[S]) -> Result<BTreeMap<String, Vec<u64>>, DeviceIdError> {
+    if ids.is_empty() {
+        return Err(DeviceIdError::Empty);
+    }
+    let mut by_gpu: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for raw in ids {
+        let id: DeviceId = raw.as_ref().parse()?;
+        let units = by_gpu.entry(id.gpu_uuid.clone()).or_default();
+        if units.contains(&id.unit) {
+            return Err(DeviceIdError::Duplicate(id.to_string()));
+        }
+        units.push(id.unit);
+    }
+    Ok(by_gpu)
+}
+
 /// What a set of device IDs hands a container: one GPU and a number of its units.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuSelection {
@@ -115,18 +133,7 @@ impl GpuSelection {
     /// Parse and check the IDs of one container's request: all well-formed, no duplicates, all of
     /// one GPU. Whether the GPU and units exist is the inventory's question.
     pub fn from_ids<S: AsRef<str>>(ids: &[S]) -> Result<GpuSelection, DeviceIdError> {
-        if ids.is_empty() {
-            return Err(DeviceIdError::Empty);
-        }
-        let mut by_gpu: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for raw in ids {
-            let id: DeviceId = raw.as_ref().parse()?;
-            let units = by_gpu.entry(id.gpu_uuid.clone()).or_default();
-            if units.contains(&id.unit) {
-                return Err(DeviceIdError::Duplicate(id.to_string()));
-            }
-            units.push(id.unit);
-        }
+        let by_gpu = units_by_gpu(ids)?;
         if by_gpu.len() > 1 {
             return Err(DeviceIdError::MixedGpus(by_gpu.into_keys().collect()));
         }
@@ -146,18 +153,7 @@ impl GpuSelection {
     /// `vramslice.io/gpus` asks for; any other is [`DeviceIdError::UnevenSpan`]). One selection
     /// per GPU, by UUID; [`GpuSelection::from_ids`] is the one-GPU case.
     pub fn spanning<S: AsRef<str>>(ids: &[S]) -> Result<Vec<GpuSelection>, DeviceIdError> {
-        if ids.is_empty() {
-            return Err(DeviceIdError::Empty);
-        }
-        let mut by_gpu: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for raw in ids {
-            let id: DeviceId = raw.as_ref().parse()?;
-            let units = by_gpu.entry(id.gpu_uuid.clone()).or_default();
-            if units.contains(&id.unit) {
-                return Err(DeviceIdError::Duplicate(id.to_string()));
-            }
-            units.push(id.unit);
-        }
+        let by_gpu = units_by_gpu(ids)?;
         let counts: Vec<(String, usize)> =
             by_gpu.iter().map(|(g, u)| (g.clone(), u.len())).collect();
         if counts.windows(2).any(|w| w[0].1 != w[1].1) {

@@ -267,11 +267,6 @@ impl Driver {
         Ok(())
     }
 
-    /// The prepared claims, by UID.
-    pub async fn prepared(&self) -> BTreeMap<String, PreparedClaim> {
-        self.state.lock().await.claims.clone()
-    }
-
     /// What the prepared claims hold, per claim and GPU, for the node's `GpuNode` report.
     pub async fn holdings(&self) -> Vec<ClaimHolding> {
         let state = self.state.lock().await;

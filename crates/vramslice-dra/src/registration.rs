@@ -2,9 +2,6 @@
 //! puts in `plugins_registry`: who we are (a `DRAPlugin` named after the driver), where the
 //! DRA service listens, and which service version it speaks.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -23,7 +20,6 @@ pub const DRA_SERVICE_VERSION: &str = "v1.DRAPlugin";
 pub struct RegistrationService {
     driver_name: String,
     endpoint: String,
-    registered: Arc<AtomicBool>,
     registrations: Option<watch::Sender<u64>>,
 }
 
@@ -33,7 +29,6 @@ impl RegistrationService {
         RegistrationService {
             driver_name: driver_name.to_string(),
             endpoint: endpoint.to_string(),
-            registered: Arc::new(AtomicBool::new(false)),
             registrations: None,
         }
     }
@@ -44,11 +39,6 @@ impl RegistrationService {
     pub fn with_registrations(mut self, registrations: watch::Sender<u64>) -> Self {
         self.registrations = Some(registrations);
         self
-    }
-
-    /// Whether the kubelet said the last registration succeeded.
-    pub fn registered(&self) -> bool {
-        self.registered.load(Ordering::Relaxed)
     }
 }
 
@@ -68,8 +58,6 @@ impl Registration for RegistrationService {
         request: Request<RegistrationStatus>,
     ) -> Result<Response<RegistrationStatusResponse>, Status> {
         let status = request.into_inner();
-        self.registered
-            .store(status.plugin_registered, Ordering::Relaxed);
         if status.plugin_registered {
             tracing::info!(driver = %self.driver_name, "registered with the kubelet");
             if let Some(tx) = &self.registrations {

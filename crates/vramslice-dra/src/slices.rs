@@ -134,11 +134,6 @@ impl<W: SliceWriter> SlicePublisher<W> {
         self.published = None;
     }
 
-    /// The devices last written.
-    pub fn published(&self) -> Option<&[SliceDevice]> {
-        self.published.as_deref()
-    }
-
     /// Consider `devices` at `now`: write the slice when the core says it changed and the
     /// minimum interval has passed (a changed device list is written at once).
     ///
