@@ -27,14 +27,19 @@ type FakeGPUProcess struct {
 	PodUID string `json:"podUid,omitempty"`
 }
 
+// FakeDriverVersion is the driver version every hollow node's fake backend reports, as NVML
+// writes one (the DRA slice publishes it as the semantic version 580.65.6).
+const FakeDriverVersion = "580.65.06"
+
 type fakeGPUFile struct {
-	GPUs []FakeGPU `json:"gpus"`
+	DriverVersion string    `json:"driverVersion,omitempty"`
+	GPUs          []FakeGPU `json:"gpus"`
 }
 
 // writeFakeGPUs writes the fake-GPU file atomically (temp file + rename), so the
 // plugin never reads a half-written file.
 func writeFakeGPUs(path string, gpus []FakeGPU) error {
-	data, err := yaml.Marshal(fakeGPUFile{GPUs: gpus})
+	data, err := yaml.Marshal(fakeGPUFile{DriverVersion: FakeDriverVersion, GPUs: gpus})
 	if err != nil {
 		return fmt.Errorf("encoding fake GPUs: %w", err)
 	}

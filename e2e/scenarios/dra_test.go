@@ -125,14 +125,64 @@ func claimPod(name, claim string) *v1.Pod {
 	}
 }
 
-// createClaimAndPod creates a claim of count×gibEach GiB and a pod using it.
-func createClaimAndPod(t *testing.T, c *cluster.Cluster, name string, gibEach, count int64) {
+// createClaimAndPod creates a claim of count×gibEach GiB (its devices also chosen by the CEL
+// selectors, if any) and a pod using it.
+func createClaimAndPod(t *testing.T, c *cluster.Cluster, name string, gibEach, count int64, selectors ...string) {
 	t.Helper()
-	if _, err := c.Client.ResourceV1().ResourceClaims(ns).Create(c.Context(), vramClaim(name, gibEach, count), metav1.CreateOptions{}); err != nil {
+	claim := vramClaim(name, gibEach, count)
+	for _, expr := range selectors {
+		claim.Spec.Devices.Requests[0].Exactly.Selectors = append(claim.Spec.Devices.Requests[0].Exactly.Selectors,
+			resourcev1.DeviceSelector{CEL: &resourcev1.CELDeviceSelector{Expression: expr}})
+	}
+	if _, err := c.Client.ResourceV1().ResourceClaims(ns).Create(c.Context(), claim, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("creating claim %s: %v", name, err)
 	}
 	createPod(t, c, claimPod(name, name))
 }
+
+// checkSliceAttributes checks the attributes a CEL selector can use on every device of a
+// node's slice: uuid, model, index, healthy, and the driver's version as a semantic version.
+func checkSliceAttributes(t *testing.T, c *cluster.Cluster, node string, gpus []cluster.FakeGPU) {
+	t.Helper()
+	s, err := getSlice(c, node)
+	if err != nil {
+		t.Fatalf("ResourceSlice of %s: %v", node, err)
+	}
+	byName := map[string]resourcev1.Device{}
+	for _, d := range s.Spec.Devices {
+		byName[d.Name] = d
+	}
+	for _, g := range gpus {
+		d, ok := byName[fmt.Sprintf("gpu-%d", g.Index)]
+		if !ok {
+			t.Fatalf("slice of %s has no device gpu-%d: %v", node, g.Index, s.Spec.Devices)
+		}
+		a := d.Attributes
+		str := func(name string) string {
+			if v := a[resourcev1.QualifiedName(name)].StringValue; v != nil {
+				return *v
+			}
+			return "<none>"
+		}
+		version := "<none>"
+		if v := a["driverVersion"].VersionValue; v != nil {
+			version = *v
+		}
+		idx := a["index"].IntValue
+		healthy := a["healthy"].BoolValue
+		if str("uuid") != g.UUID || str("model") != g.Model || idx == nil || *idx != int64(g.Index) ||
+			healthy == nil || !*healthy || version != "580.65.6" {
+			t.Errorf("%s/%s attributes %+v, want uuid %s, model %q, index %d, healthy, driverVersion 580.65.6 (from %s)",
+				node, d.Name, a, g.UUID, g.Model, g.Index, cluster.FakeDriverVersion)
+		}
+	}
+}
+
+// Selectors over the published attributes: the driver's version compared as a version.
+const (
+	driverAtLeast550 = `device.attributes["vramslice.io"].driverVersion.compareTo(semver("550.0.0")) >= 0`
+	driverAtLeast999 = `device.attributes["vramslice.io"].driverVersion.compareTo(semver("999.0.0")) >= 0`
+)
 
 func getClaim(t *testing.T, c *cluster.Cluster, name string) *resourcev1.ResourceClaim {
 	t.Helper()
@@ -213,8 +263,9 @@ func cdiDevicesOf(t *testing.T, p *v1.Pod) []string {
 	return ro["main"].CDIDevices
 }
 
-// TestDRA1_TwoClaimsShareOneGPU: two 6 GiB claims on a node with one 16 GiB GPU are both
-// allocated on gpu-0 (a device that allows multiple allocations), both pods run, the kubelet's
+// TestDRA1_TwoClaimsShareOneGPU: the slice's device carries the attributes CEL can select on;
+// two 6 GiB claims (the second also selecting by driver version and model) on a node with one
+// 16 GiB GPU are both allocated on gpu-0 (a device that allows multiple allocations), both pods run, the kubelet's
 // DRA manager got the agent's CDI device for each, each claim's CDI spec carries the 6 GiB
 // limit; a third 6 GiB claim does not fit the 15 GiB published (16 GiB less 512 MiB headroom,
 // in whole GiB) and stays Pending; deleting one pod unprepares its claim (CDI spec removed).
@@ -223,10 +274,11 @@ func TestDRA1_TwoClaimsShareOneGPU(t *testing.T) {
 	if got := sliceMemory(t, c, "one"); got["gpu-0"] != 15*gib {
 		t.Fatalf("published memory of one/gpu-0 = %d, want %d (16 GiB - %s headroom, whole GiB)", got["gpu-0"], 15*gib, cluster.DRAHeadroom)
 	}
+	checkSliceAttributes(t, c, "one", []cluster.FakeGPU{cluster.GPU("one", 0, l4, "16Gi")})
 	n := c.Node("one")
-	for _, name := range []string{"dra1-a", "dra1-b"} {
-		createClaimAndPod(t, c, name, 6, 1)
-	}
+	createClaimAndPod(t, c, "dra1-a", 6, 1)
+	// The second claim also selects by the published attributes (CEL in the scheduler).
+	createClaimAndPod(t, c, "dra1-b", 6, 1, driverAtLeast550, `device.attributes["vramslice.io"].model == "`+l4+`"`)
 	for _, name := range []string{"dra1-a", "dra1-b"} {
 		p := waitRunning(t, c, name)
 		cl := getClaim(t, c, name)
@@ -276,12 +328,18 @@ func TestDRA1_TwoClaimsShareOneGPU(t *testing.T) {
 
 // TestDRA2_TooLargeClaimStaysPending: a 100 GiB claim against a node with 16 and 24 GiB GPUs
 // is allocated nowhere; the pod stays Pending with kube-scheduler's DynamicResources reason.
+// So does a 1 GiB claim whose CEL selector asks for a newer driver than the node publishes.
 func TestDRA2_TooLargeClaimStaysPending(t *testing.T) {
 	c := newDRACluster(t, map[string][]cluster.FakeGPU{"mixed": {
 		cluster.GPU("mixed", 0, l4, "16Gi"), cluster.GPU("mixed", 1, l4, "24Gi"),
 	}})
 	createClaimAndPod(t, c, "dra2-100g", 100, 1)
+	// A claim that fits by memory but whose selector no device meets stays Pending too.
+	createClaimAndPod(t, c, "dra2-newer-driver", 1, 1, driverAtLeast999)
 	msg := waitUnschedulable(t, c, "dra2-100g")
+	if m := waitUnschedulable(t, c, "dra2-newer-driver"); !strings.Contains(m, "cannot allocate all claims") {
+		t.Errorf("dra2-newer-driver (selector driverVersion >= 999.0.0) Pending with %q, want \"cannot allocate all claims\"", m)
+	}
 	var events []string
 	until(t, 30*time.Second, "a FailedScheduling event for dra2-100g", func() (bool, error) {
 		events = podEvents(t, c, "dra2-100g")

@@ -184,6 +184,26 @@ pub async fn run(
         Ok(Err(e)) => tracing::warn!(error = %e, "first GPU read failed"),
         Err(e) => tracing::warn!(error = %e, "first GPU read task failed"),
     }
+    // The driver's version does not change while the driver is loaded: read once (a DRA
+    // slice attribute, and a line in the log for whoever reads it).
+    let driver_version = {
+        let backend = Arc::clone(&backend);
+        match tokio::task::spawn_blocking(move || backend.driver_version()).await {
+            Ok(Ok(version)) => version,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the GPU driver's version");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "GPU driver version task failed");
+                None
+            }
+        }
+    };
+    tracing::info!(
+        driver_version = driver_version.as_deref().unwrap_or("unknown"),
+        "GPU driver"
+    );
     let poller = tokio::spawn(crate::poller::run(
         backend,
         state,
@@ -220,8 +240,18 @@ pub async fn run(
     let publisher = tokio::spawn(publisher.run(settings.poll_interval, shutdown.clone()));
 
     if let Some((driver, client, node_name)) = dra_api {
-        let result =
-            crate::dra_mode::run(&settings, driver, client, node_name, node, shutdown).await;
+        let result = crate::dra_mode::run(
+            &settings,
+            driver,
+            crate::dra_mode::NodeIdentity {
+                client,
+                node_name,
+                driver_version,
+            },
+            node,
+            shutdown,
+        )
+        .await;
         for task in [poller, publisher] {
             let _ = task.await;
         }

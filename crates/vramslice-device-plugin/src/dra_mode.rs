@@ -54,15 +54,29 @@ pub fn open_driver(
     )?))
 }
 
+/// Who this agent is for the slice: the API, its node, and what it knows of the GPU driver.
+pub struct NodeIdentity {
+    /// The API client.
+    pub client: kube::Client,
+    /// The node's name (the pool's).
+    pub node_name: String,
+    /// The GPU driver's version as the backend reports it, when it does.
+    pub driver_version: Option<String>,
+}
+
 /// Serve the DRA plugin and keep the slice until `shutdown` fires.
 pub async fn run(
     settings: &Settings,
     driver: Arc<Driver>,
-    client: kube::Client,
-    node_name: String,
+    identity: NodeIdentity,
     node: NodeWatch,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), DraModeError> {
+    let NodeIdentity {
+        client,
+        node_name,
+        driver_version,
+    } = identity;
     driver.set_gpus(&node.snapshot.borrow().readings);
     let node_uid = match Api::<Node>::all(client.clone()).get_opt(&node_name).await {
         Ok(found) => found.and_then(|n| n.metadata.uid),
@@ -78,7 +92,7 @@ pub async fn run(
             node_uid,
             step_bytes: settings.unit.bytes(),
             generation: 0,
-            driver_version: None,
+            driver_version,
         },
         SlicePolicy {
             threshold_bytes: settings.dra.publish_threshold_bytes,

@@ -381,3 +381,95 @@ fn numbers(b: &Breach) -> String {
         pids(b)
     )
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use vramslice_core::container::accounting::{gpu_accounting_file_name, header, initial_image};
+
+    const GIB: u64 = 1 << 30;
+
+    fn image(limit: u64, gpu: &str, used: u64) -> Vec<u8> {
+        let mut image = initial_image(limit, gpu, 4);
+        let at = header::USED * 8;
+        image[at..at + 8].copy_from_slice(&used.to_le_bytes());
+        image
+    }
+
+    /// A container holding equal shares of two GPUs has the guard's file per GPU: each is read
+    /// for its own GPU, and a damaged one loses that GPU's self-report only. A one-GPU
+    /// container's single file counts for its GPU.
+    #[test]
+    fn self_reports_are_read_per_gpu_for_a_spanning_container() {
+        let root = tempfile::tempdir().unwrap();
+        let mut watchdog = Watchdog::new(
+            WatchdogPolicy {
+                tolerance_bytes: 0,
+                grace: Duration::from_secs(30),
+                action: WatchdogAction::Report,
+            },
+            ProcRoot::new(root.path().join("proc")),
+            root.path().to_path_buf(),
+            Metrics::new(),
+            None,
+        );
+        let record = |pod: &str, uid: &str, ids: &[&str]| ContainerAllocationRecord {
+            namespace: "ml".into(),
+            pod: pod.into(),
+            pod_uid: Some(uid.into()),
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        let spanning = record(
+            "tp",
+            "uid-tp",
+            &["GPU-a::0", "GPU-a::1", "GPU-b::0", "GPU-b::1"],
+        );
+        let single = record("one", "uid-one", &["GPU-a::5"]);
+        let dir = |r: &ContainerAllocationRecord| {
+            let d = root
+                .path()
+                .join(allocation_key_for_ids(&r.device_ids).unwrap());
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let tp = dir(&spanning);
+        std::fs::write(
+            tp.join(gpu_accounting_file_name("GPU-a")),
+            image(2 * GIB, "GPU-a", GIB),
+        )
+        .unwrap();
+        std::fs::write(
+            tp.join(gpu_accounting_file_name("GPU-b")),
+            image(2 * GIB, "GPU-b", GIB / 2),
+        )
+        .unwrap();
+        std::fs::write(
+            dir(&single).join(ACCOUNTING_FILE_NAME),
+            image(GIB, "GPU-a", GIB / 4),
+        )
+        .unwrap();
+        let key = |gpu: &str, uid: &str| PodOnGpu {
+            gpu_uuid: gpu.into(),
+            pod_uid: uid.into(),
+        };
+        let records = [spanning.clone(), single.clone()];
+        let read = watchdog.self_reported(&records);
+        assert_eq!(
+            read,
+            BTreeMap::from([
+                (key("GPU-a", "uid-one"), GIB / 4),
+                (key("GPU-a", "uid-tp"), GIB),
+                (key("GPU-b", "uid-tp"), GIB / 2),
+            ])
+        );
+        // GPU-b's file damaged: only GPU-b's self-report of the spanning pod goes.
+        std::fs::write(tp.join(gpu_accounting_file_name("GPU-b")), b"garbage").unwrap();
+        let read = watchdog.self_reported(&records);
+        assert_eq!(
+            read.keys().cloned().collect::<Vec<_>>(),
+            [key("GPU-a", "uid-one"), key("GPU-a", "uid-tp")]
+        );
+        assert_eq!(read[&key("GPU-a", "uid-tp")], GIB);
+    }
+}

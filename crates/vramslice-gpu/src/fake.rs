@@ -5,6 +5,7 @@
 //! The file:
 //!
 //! ```yaml
+//! driverVersion: 580.65.06           # optional; what NVML's system driver version would say
 //! gpus:
 //!   - uuid: GPU-11111111-2222-3333-4444-555555555555
 //!     index: 0                       # optional; default = position in the list
@@ -44,6 +45,10 @@ const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 pub struct FakeNode {
     /// The node's GPUs (may be empty: a node without GPUs).
     pub gpus: Vec<FakeGpu>,
+    /// The driver version the node reports (NVML's `nvmlSystemGetDriverVersion`); none when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
 }
 
 /// One fake GPU.
@@ -408,6 +413,10 @@ impl GpuBackend for FakeBackend {
                 path: self.path.display().to_string(),
                 source,
             })
+    }
+
+    fn driver_version(&self) -> Result<Option<String>, BackendError> {
+        Ok(self.load()?.driver_version)
     }
 }
 

@@ -276,7 +276,10 @@ fn reason_on_a_healthy_gpu_is_rejected() {
 }
 
 fn node(gpus: Vec<FakeGpu>) -> FakeNode {
-    FakeNode { gpus }
+    FakeNode {
+        gpus,
+        driver_version: None,
+    }
 }
 
 #[test]
@@ -369,7 +372,8 @@ fn write_then_load_round_trips_and_leaves_no_temp_file() {
         used: (GIB).into(),
         pod_uid: None,
     });
-    let original = node(vec![gpu, FakeGpu::new(UUID_B, 1)]);
+    let mut original = node(vec![gpu, FakeGpu::new(UUID_B, 1)]);
+    original.driver_version = Some("580.65.06".into());
     write_fake_file(&path, &original).unwrap();
     assert_eq!(FakeBackend::new(&path).load().unwrap(), original);
     let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -392,6 +396,16 @@ fn open_fake_validates_the_file_up_front() {
     let backend = open(&kind).unwrap();
     assert_eq!(backend.name(), "fake");
     assert_eq!(backend.read().unwrap()[0].uuid, UUID_A);
+    assert_eq!(backend.driver_version().unwrap(), None);
+    std::fs::write(
+        &path,
+        "driverVersion: 550.54.15\ngpus:\n  - {uuid: GPU-a, total: 1Gi}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        backend.driver_version().unwrap().as_deref(),
+        Some("550.54.15")
+    );
 }
 
 #[test]

@@ -62,6 +62,10 @@ pub trait GpuBackend: Send + Sync {
     /// Read every GPU now. GPUs that vanished are simply absent; GPUs hit by a critical event
     /// since the last call are reported unhealthy.
     fn read(&self) -> Result<Vec<GpuSample>, BackendError>;
+
+    /// The GPU driver's version as the driver reports it (`580.65.06`); `None` when the
+    /// backend has none to report.
+    fn driver_version(&self) -> Result<Option<String>, BackendError>;
 }
 
 /// Which backend to open (the device plugin's `backend` configuration).

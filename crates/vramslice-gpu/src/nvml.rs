@@ -303,6 +303,13 @@ impl GpuBackend for NvmlBackend {
         }
         Ok(out)
     }
+
+    fn driver_version(&self) -> Result<Option<String>, BackendError> {
+        self.nvml
+            .sys_driver_version()
+            .map(Some)
+            .map_err(|e| nvml_error("nvmlSystemGetDriverVersion", e))
+    }
 }
 
 fn nvml_error(call: &'static str, e: NvmlError) -> BackendError {

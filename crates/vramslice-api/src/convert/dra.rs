@@ -9,7 +9,7 @@ use k8s_openapi::api::resource::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use vramslice_core::node::dra::{ClaimGrant, SliceDevice};
+use vramslice_core::node::dra::{ClaimGrant, SliceDevice, driver_version_semver};
 use vramslice_core::parse_bytes;
 
 use crate::names::{DRA_CAPACITY_MEMORY, DRA_DRIVER};
@@ -167,7 +167,9 @@ pub struct SliceSettings {
     pub step_bytes: u64,
     /// The pool generation to write.
     pub generation: i64,
-    /// NVIDIA driver version, when known (an attribute for CEL selectors).
+    /// The NVIDIA driver's version as NVML reports it (`580.65.06`), when known: the devices'
+    /// `driverVersion` attribute, a semantic version for CEL (`driver_version_semver`); left
+    /// out when it is not a version.
     pub driver_version: Option<String>,
 }
 
@@ -204,8 +206,18 @@ pub fn resource_slice(devices: &[SliceDevice], settings: &SliceSettings) -> Reso
                     ..DeviceAttribute::default()
                 },
             );
-            if let Some(version) = &settings.driver_version {
-                attributes.insert("driverVersion".to_string(), string(version));
+            if let Some(version) = settings
+                .driver_version
+                .as_deref()
+                .and_then(driver_version_semver)
+            {
+                attributes.insert(
+                    "driverVersion".to_string(),
+                    DeviceAttribute {
+                        version: Some(version),
+                        ..DeviceAttribute::default()
+                    },
+                );
             }
             let mut capacity = BTreeMap::new();
             capacity.insert(
@@ -402,6 +414,7 @@ mod tests {
         assert_eq!(device["allowMultipleAllocations"], true);
         assert_eq!(device["attributes"]["uuid"]["string"], "GPU-0");
         assert_eq!(device["attributes"]["index"]["int"], 0);
+        assert_eq!(device["attributes"]["driverVersion"]["version"], "580.65.6");
         let memory = &device["capacity"]["memory"];
         assert_eq!(memory["value"], (63 * GIB).to_string());
         assert_eq!(
@@ -409,5 +422,33 @@ mod tests {
             GIB.to_string()
         );
         assert_eq!(memory["requestPolicy"]["default"], GIB.to_string());
+    }
+
+    #[test]
+    fn a_driver_version_that_is_no_version_leaves_the_attribute_out() {
+        let devices = [SliceDevice {
+            name: "gpu-0".into(),
+            uuid: "GPU-0".into(),
+            model: "NVIDIA H100".into(),
+            index: 0,
+            advertised_bytes: 80 * GIB,
+            capacity_bytes: 63 * GIB,
+        }];
+        for driver_version in [None, Some("r580-beta".to_string())] {
+            let slice = resource_slice(
+                &devices,
+                &SliceSettings {
+                    node: "node-a".into(),
+                    node_uid: None,
+                    step_bytes: GIB,
+                    generation: 1,
+                    driver_version,
+                },
+            );
+            let json = serde_json::to_value(&slice).expect("serialises");
+            let attributes = &json["spec"]["devices"][0]["attributes"];
+            assert!(attributes.get("driverVersion").is_none(), "{attributes}");
+            assert_eq!(attributes["model"]["string"], "NVIDIA H100");
+        }
     }
 }

@@ -37,6 +37,36 @@ pub fn device_name(index: u32) -> String {
     format!("gpu-{index}")
 }
 
+/// The NVIDIA driver version as a semantic version for the slice's `driverVersion` attribute
+/// (a `version` attribute, so CEL selectors can compare it: `device.attributes["vramslice.io"]
+/// .driverVersion.compareTo(semver("550.0.0")) >= 0`). NVIDIA writes versions such as
+/// `580.65.06` or `550.54`; semantic versions allow no leading zeros and need three parts, so
+/// each part loses its leading zeros and missing parts are 0 (`580.65.6`, `550.54.0`). `None`
+/// for anything that is not two to four dot-separated decimal numbers, so an odd driver string
+/// leaves the attribute out rather than failing the slice's validation.
+pub fn driver_version_semver(raw: &str) -> Option<String> {
+    let parts: Vec<&str> = raw.trim().split('.').collect();
+    if !(2..=4).contains(&parts.len()) {
+        return None;
+    }
+    let mut numbers = Vec::with_capacity(3);
+    for part in &parts {
+        if part.is_empty() || part.len() > 18 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        numbers.push(part.parse::<u64>().ok()?);
+    }
+    // A fourth part (some datacenter branches) is kept as build metadata, which semver
+    // comparisons ignore.
+    let build = (numbers.len() == 4).then(|| numbers[3]);
+    numbers.resize(3, 0);
+    let version = format!("{}.{}.{}", numbers[0], numbers[1], numbers[2]);
+    Some(match build {
+        Some(build) => format!("{version}+{build}"),
+        None => version,
+    })
+}
+
 /// What prepared claims hold on one GPU, for the capacity rule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GrantsOnGpu {

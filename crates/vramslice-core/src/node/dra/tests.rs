@@ -235,3 +235,23 @@ fn claims_with_nothing_to_prepare_are_refused_by_name() {
 fn claim_keys_are_one_safe_path_component() {
     assert_eq!(claim_key("8c1e-44/../x"), "claim-8c1e-44____x");
 }
+
+#[test]
+fn driver_versions_become_semantic_versions() {
+    for (raw, want) in [
+        ("580.65.06", Some("580.65.6")),
+        ("535.104.05", Some("535.104.5")),
+        ("550.54", Some("550.54.0")),
+        (" 570.00.00\n", Some("570.0.0")),
+        ("450.80.02.01", Some("450.80.2+1")),
+        ("580", None),
+        ("580.65.06-beta", None),
+        ("580..06", None),
+        ("", None),
+        ("1.2.3.4.5", None),
+        ("99999999999999999999.1", None),
+        ("+580.1", None),
+    ] {
+        assert_eq!(driver_version_semver(raw).as_deref(), want, "{raw:?}");
+    }
+}

@@ -389,3 +389,73 @@ proptest! {
         }
     }
 }
+
+/// DRA mode: a prepared claim on two GPUs (6 GiB granted on each) shows in the report through
+/// `add_claim_holdings`; its pod going over on one GPU is a breach there only, with that GPU's
+/// grant as the limit and only that GPU's processes to act on.
+#[test]
+fn a_dra_claim_over_its_grant_on_one_of_its_gpus_is_a_breach_there_only() {
+    use crate::node::publish::{ClaimHolding, add_claim_holdings};
+    let on = |uuid: &str, index: u32, processes: Vec<ProcessSample>| GpuSample {
+        index,
+        uuid: uuid.into(),
+        ..sample(processes)
+    };
+    let samples = vec![
+        on("GPU-a", 0, vec![proc_(10, 9 * GIB, Some("uid-tp"))]),
+        on("GPU-b", 1, vec![proc_(11, 5 * GIB, Some("uid-tp"))]),
+    ];
+    let mut report = build_report(VramUnit::Gib1, &samples, &[]);
+    let holding = |gpu: &str| ClaimHolding {
+        namespace: "ml".into(),
+        claim: "tp-vram".into(),
+        pods: vec![("tp-0".into(), "uid-tp".into())],
+        gpu_uuid: gpu.into(),
+        bytes: 6 * GIB,
+    };
+    add_claim_holdings(&mut report, &samples, &[holding("GPU-a"), holding("GPU-b")]);
+    let p = policy(30, WatchdogAction::KillProcess);
+    let first = evaluate(
+        &p,
+        &WatchdogState::default(),
+        Duration::from_secs(0),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    );
+    let [WatchdogEvent::BreachStarted(breach)] = first.events.as_slice() else {
+        panic!("want one breach on GPU-a, got {:?}", first.events);
+    };
+    assert_eq!(breach.target.key.gpu_uuid, "GPU-a");
+    assert_eq!(breach.target.key.pod_uid, "uid-tp");
+    assert_eq!(breach.target.name, "tp-0");
+    assert_eq!((breach.used_bytes, breach.limit_bytes), (9 * GIB, 6 * GIB));
+    assert_eq!(breach.processes, [(10, 9 * GIB)]);
+    // Past the grace period the action names GPU-a's process, not GPU-b's.
+    let later = evaluate(
+        &p,
+        &first.state,
+        Duration::from_secs(31),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    );
+    let acts: Vec<_> = later
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            WatchdogEvent::Act { action, breach } => Some((*action, breach.processes.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acts, [(WatchdogAction::KillProcess, vec![(10, 9 * GIB)])]);
+    // No process of the claim's pod counts as a process without a pod.
+    assert!(
+        !later
+            .events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::ProcessWithoutPod { .. })),
+        "{:?}",
+        later.events
+    );
+}
