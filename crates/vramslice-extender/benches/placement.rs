@@ -380,6 +380,13 @@ fn phases(ext: &Extender) {
             let _ = ledger.check(n, request, now());
         }
     });
+    time("probe.refusal x 5000 (as the filter asks)", &|| {
+        let ledger = ext.ledger();
+        let probe = ledger.probe(request, now());
+        for n in &all {
+            let _ = probe.refusal(n);
+        }
+    });
     time("ledger.check x 5000 + reasons (uncached)", &|| {
         let ledger = ext.ledger();
         for n in &all {
@@ -401,10 +408,11 @@ fn phases(ext: &Extender) {
     time("60 GiB: Extender::filter", &|| {
         ext.filter(big.as_bytes()).unwrap();
     });
-    time("60 GiB: ledger.refusal x 5000", &|| {
+    time("60 GiB: probe.refusal x 5000", &|| {
         let ledger = ext.ledger();
+        let probe = ledger.probe(big_request, now());
         for n in &all {
-            let _ = ledger.refusal(n, big_request, now());
+            let _ = probe.refusal(n);
         }
     });
     let sizes: Vec<String> = (40..80)

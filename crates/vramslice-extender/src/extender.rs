@@ -373,14 +373,15 @@ impl Extender {
                     _ => {
                         let mut briefly = BriefReasons::new(need, request.gpus);
                         let mut detailed = 0usize;
+                        let probe = ledger.probe(request, now);
                         for (i, name) in names.iter().enumerate() {
                             let refusal = if detailed < DETAILED_REFUSALS {
-                                ledger.check_rendered(name, request, now).map_err(|r| {
+                                probe.check_rendered(name).map_err(|r| {
                                     detailed += 1;
                                     (r.unresolvable, r.reason)
                                 })
                             } else {
-                                match ledger.refusal(name, request, now) {
+                                match probe.refusal(name) {
                                     None => Ok(()),
                                     Some(unresolvable) => {
                                         Err((unresolvable, briefly.reason(unresolvable)))
@@ -463,10 +464,8 @@ impl Extender {
             (Ok(()), Ok(Some(request)), Ok(policy)) => {
                 let now = self.now();
                 let ledger = self.ledger();
-                (
-                    scored(&|n| ledger.score(n, request, policy, now)),
-                    Outcome::Ok,
-                )
+                let probe = ledger.probe(request, now);
+                (scored(&|n| probe.score(n, policy)), Outcome::Ok)
             }
         };
         let json = serde_json::to_string(&list).map_err(|e| BadRequest::Malformed {

@@ -37,6 +37,7 @@
 mod book;
 mod departed;
 mod hash;
+mod probe;
 #[cfg(test)]
 mod proptests;
 mod reason;
@@ -50,8 +51,9 @@ mod types;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
+pub use probe::Probe;
+use reason::RefusalCache;
 pub use reason::{GpuRejection, Refusal, Rejection};
-use reason::{RefusalCache, RefusalKey};
 pub use types::{
     GpuView, ListedPod, NodeReading, Placement, PodInfo, PodRecord, PublishedGpu, ReserveError,
     ReserveRequest,
@@ -366,118 +368,6 @@ impl Ledger {
             self.forget_pod(uid);
         }
         expired
-    }
-
-    /// Whether `node` can take a pod of `request` now; the reason when not.
-    pub fn check(&self, node: &str, request: PodRequest, now: SystemTime) -> Result<(), Rejection> {
-        if self.fits(node, request, now) {
-            return Ok(());
-        }
-        Err(self.rejection(node, request, now))
-    }
-
-    /// [`Ledger::check`] without building the reason: `None` when `node` can take the pod,
-    /// else whether the refusal is unresolvable ([`Rejection::is_unresolvable`]). For callers
-    /// that word many refusals with one shared reason.
-    pub fn refusal(&self, node: &str, request: PodRequest, now: SystemTime) -> Option<bool> {
-        if self.fits(node, request, now) {
-            return None;
-        }
-        Some(
-            self.nodes
-                .get(node)
-                .is_some_and(|state| book::unresolvable(state, request)),
-        )
-    }
-
-    /// [`Ledger::check`] with the reason already rendered, and remembered per node until its
-    /// books change: filters of same-size pods against many full nodes render each reason once.
-    pub fn check_rendered(
-        &self,
-        node: &str,
-        request: PodRequest,
-        now: SystemTime,
-    ) -> Result<(), Refusal> {
-        if self.fits(node, request, now) {
-            return Ok(());
-        }
-        let Some(state) = self.nodes.get(node) else {
-            return Err(Refusal::from(&self.rejection(node, request, now)));
-        };
-        let stale_age = match &state.reading {
-            ReadingState::Valid(r) if self.age(r, now) > self.config.staleness => {
-                Some(self.age(r, now).as_secs())
-            }
-            _ => None,
-        };
-        let key = RefusalKey {
-            unit: request.unit,
-            need: request.share_bytes(),
-            gpus: request.gpus,
-            stale_age,
-        };
-        if let Some(hit) = state.refusal.get(&key) {
-            return Err(hit);
-        }
-        let refusal = Refusal::from(&book::rejection(node, state, request, self.config, now));
-        state.refusal.put(key, refusal.clone());
-        Err(refusal)
-    }
-
-    fn fits(&self, node: &str, request: PodRequest, now: SystemTime) -> bool {
-        if request.gpu_count() > 1 {
-            return self
-                .nodes
-                .hot_and_state(node)
-                .is_some_and(|(hot, state)| self.hot_fits(hot, state, request, now));
-        }
-        self.nodes.hot(node).is_some_and(|hot| {
-            hot.unit == Some(request.unit)
-                && hot.best_free >= request.share_bytes()
-                && self.fresh(hot, now)
-        })
-    }
-
-    /// Whether a node can take `request` now: its unit, a fresh reading, and as many healthy
-    /// GPUs as the pod spans each with the pod's share effectively free.
-    fn hot_fits(&self, hot: &Hot, state: &NodeState, request: PodRequest, now: SystemTime) -> bool {
-        let need = request.share_bytes();
-        hot.unit == Some(request.unit)
-            && hot.best_free >= need
-            && self.fresh(hot, now)
-            && (request.gpu_count() == 1
-                || state
-                    .candidates
-                    .iter()
-                    .filter(|c| c.effective_free >= need)
-                    .count()
-                    >= request.gpu_count())
-    }
-
-    fn fresh(&self, hot: &Hot, now: SystemTime) -> bool {
-        now.duration_since(hot.observed_at).unwrap_or_default() <= self.config.staleness
-    }
-
-    /// Score 0..=10 of `node` for a pod of `request` under `policy` (0 when it cannot fit).
-    pub fn score(&self, node: &str, request: PodRequest, policy: Policy, now: SystemTime) -> u8 {
-        let Some((hot, state)) = self.nodes.hot_and_state(node) else {
-            return 0;
-        };
-        if !self.hot_fits(hot, state, request, now) {
-            return 0;
-        }
-        let need = request.share_bytes();
-        if request.gpu_count() == 1 {
-            return placement::choose(state.candidates.iter().copied(), need, policy)
-                .map_or(0, |c| placement::score(c, need, policy));
-        }
-        placement::choose_n(
-            state.candidates.iter().copied(),
-            need,
-            request.gpu_count(),
-            policy,
-        )
-        .map_or(0, |c| placement::score_n(&c, need, policy))
     }
 
     /// The per-GPU books of a node with a valid reading.

@@ -42,10 +42,6 @@ impl NodeTable {
         self.ids.get(node).map(|id| &mut self.states[*id])
     }
 
-    pub fn hot(&self, node: &str) -> Option<&Hot> {
-        self.ids.get(node).map(|id| &self.hot[*id])
-    }
-
     pub fn hot_and_state(&self, node: &str) -> Option<(&Hot, &NodeState)> {
         self.ids
             .get(node)

@@ -1,0 +1,166 @@
+//! Asking many nodes about one pod at one instant — what a filter or prioritize call does for
+//! thousands of node names. A [`Probe`] works out the pod's share per GPU, its unit and the
+//! freshness cut-off once; each node then costs one lookup of its name and a few comparisons.
+//! [`Ledger::check`], [`Ledger::refusal`], [`Ledger::check_rendered`] and [`Ledger::score`]
+//! are the one-node forms of the same questions.
+
+use std::time::SystemTime;
+
+use super::Ledger;
+use super::book;
+use super::reason::{Refusal, RefusalKey, Rejection};
+use super::table::Hot;
+use super::{NodeState, ReadingState};
+use crate::cluster::placement::{self, PodRequest, Policy};
+
+/// A pod's request prepared for questions about many nodes at `now` ([`Ledger::probe`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Probe<'a> {
+    ledger: &'a Ledger,
+    request: PodRequest,
+    now: SystemTime,
+    /// The pod's share on each of its GPUs, bytes.
+    need: u64,
+    /// How many GPUs it spans.
+    gpus: usize,
+    /// Readings taken before this are stale; `None` when none can be (the cut-off is before
+    /// the earliest representable time).
+    fresh_since: Option<SystemTime>,
+}
+
+impl Ledger {
+    /// Prepare `request` for questions about many nodes at `now`.
+    pub fn probe(&self, request: PodRequest, now: SystemTime) -> Probe<'_> {
+        Probe {
+            ledger: self,
+            request,
+            now,
+            need: request.share_bytes(),
+            gpus: request.gpu_count(),
+            fresh_since: now.checked_sub(self.config.staleness),
+        }
+    }
+
+    /// Whether `node` can take a pod of `request` now; the reason when not.
+    pub fn check(&self, node: &str, request: PodRequest, now: SystemTime) -> Result<(), Rejection> {
+        self.probe(request, now).check(node)
+    }
+
+    /// [`Ledger::check`] without building the reason: `None` when `node` can take the pod,
+    /// else whether the refusal is unresolvable ([`Rejection::is_unresolvable`]). For callers
+    /// that word many refusals with one shared reason.
+    pub fn refusal(&self, node: &str, request: PodRequest, now: SystemTime) -> Option<bool> {
+        self.probe(request, now).refusal(node)
+    }
+
+    /// [`Ledger::check`] with the reason already rendered, and remembered per node until its
+    /// books change: filters of same-size pods against many full nodes render each reason once.
+    pub fn check_rendered(
+        &self,
+        node: &str,
+        request: PodRequest,
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
+        self.probe(request, now).check_rendered(node)
+    }
+
+    /// Score 0..=10 of `node` for a pod of `request` under `policy` (0 when it cannot fit).
+    pub fn score(&self, node: &str, request: PodRequest, policy: Policy, now: SystemTime) -> u8 {
+        self.probe(request, now).score(node, policy)
+    }
+}
+
+impl Probe<'_> {
+    /// Whether `node` can take the pod; the reason when not.
+    pub fn check(&self, node: &str) -> Result<(), Rejection> {
+        match self.ledger.nodes.hot_and_state(node) {
+            Some((hot, state)) if self.fits(hot, state) => Ok(()),
+            _ => Err(self.ledger.rejection(node, self.request, self.now)),
+        }
+    }
+
+    /// `None` when `node` can take the pod, else whether the refusal is unresolvable
+    /// ([`Rejection::is_unresolvable`]), without building the reason.
+    pub fn refusal(&self, node: &str) -> Option<bool> {
+        let Some((hot, state)) = self.ledger.nodes.hot_and_state(node) else {
+            return Some(false);
+        };
+        if self.fits(hot, state) {
+            return None;
+        }
+        Some(book::unresolvable(state, self.request))
+    }
+
+    /// [`Probe::check`] with the reason rendered, remembered per node until its books change.
+    pub fn check_rendered(&self, node: &str) -> Result<(), Refusal> {
+        let Some((hot, state)) = self.ledger.nodes.hot_and_state(node) else {
+            return Err(Refusal::from(&self.ledger.rejection(
+                node,
+                self.request,
+                self.now,
+            )));
+        };
+        if self.fits(hot, state) {
+            return Ok(());
+        }
+        let ledger = self.ledger;
+        let stale_age = match &state.reading {
+            ReadingState::Valid(r) if ledger.age(r, self.now) > ledger.config.staleness => {
+                Some(ledger.age(r, self.now).as_secs())
+            }
+            _ => None,
+        };
+        let key = RefusalKey {
+            unit: self.request.unit,
+            need: self.need,
+            gpus: self.request.gpus,
+            stale_age,
+        };
+        if let Some(hit) = state.refusal.get(&key) {
+            return Err(hit);
+        }
+        let refusal = Refusal::from(&book::rejection(
+            node,
+            state,
+            self.request,
+            ledger.config,
+            self.now,
+        ));
+        state.refusal.put(key, refusal.clone());
+        Err(refusal)
+    }
+
+    /// Score 0..=10 of `node` under `policy` (0 when it cannot take the pod).
+    pub fn score(&self, node: &str, policy: Policy) -> u8 {
+        let Some((hot, state)) = self.ledger.nodes.hot_and_state(node) else {
+            return 0;
+        };
+        if !self.fits(hot, state) {
+            return 0;
+        }
+        let candidates = state.candidates.iter().copied();
+        if self.gpus == 1 {
+            return placement::choose(candidates, self.need, policy)
+                .map_or(0, |c| placement::score(c, self.need, policy));
+        }
+        placement::choose_n(candidates, self.need, self.gpus, policy)
+            .map_or(0, |c| placement::score_n(&c, self.need, policy))
+    }
+
+    /// Whether a node can take the pod: its unit, a fresh reading, and as many healthy GPUs as
+    /// the pod spans each with the pod's share effectively free.
+    fn fits(&self, hot: &Hot, state: &NodeState) -> bool {
+        hot.unit == Some(self.request.unit)
+            && hot.best_free >= self.need
+            && self
+                .fresh_since
+                .is_none_or(|since| hot.observed_at >= since)
+            && (self.gpus == 1
+                || state
+                    .candidates
+                    .iter()
+                    .filter(|c| c.effective_free >= self.need)
+                    .count()
+                    >= self.gpus)
+    }
+}
