@@ -60,8 +60,9 @@ struct LatencyBuckets;
 
 impl MetricConstructor<Histogram> for LatencyBuckets {
     fn new_metric(&self) -> Histogram {
-        // 50 µs .. ~0.8 s
-        Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
+        // 50 µs .. ~6.6 s: filter and prioritize take well under a millisecond, a bind waits
+        // for the API server, up to kube-scheduler's extender timeout (5 s by default).
+        Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
     }
 }
 

@@ -68,7 +68,7 @@ func schedulerSeries(urls []string) (series, error) {
 	out := series{}
 	for _, f := range families {
 		name := f.GetName()
-		if !strings.HasPrefix(name, "scheduler_") && name != "apiserver_request_total" {
+		if !strings.HasPrefix(name, "scheduler_") && !apiServerSeries[name] {
 			continue
 		}
 		for _, m := range f.GetMetric() {
@@ -104,6 +104,47 @@ func schedulerSeries(urls []string) (series, error) {
 		}
 	}
 	return out, nil
+}
+
+// apiServerSeries are the in-process API server's series the report reads: requests by
+// verb, their server-side latency, and API Priority and Fairness's queue wait by level.
+var apiServerSeries = map[string]bool{
+	"apiserver_request_total":                             true,
+	"apiserver_request_duration_seconds":                  true,
+	"apiserver_flowcontrol_request_wait_duration_seconds": true,
+}
+
+// apfWaits summarises API Priority and Fairness's queue wait per priority level (requests
+// counted, p50, p99), busiest level first.
+func apfWaits(s series) string {
+	const name = "apiserver_flowcontrol_request_wait_duration_seconds"
+	counts := map[string]float64{}
+	for k, v := range s {
+		if !strings.HasPrefix(k, name+"_count{") || v == 0 {
+			continue
+		}
+		i := strings.Index(k, `priority_level="`)
+		if i < 0 {
+			continue
+		}
+		rest := k[i+len(`priority_level="`):]
+		counts[rest[:strings.IndexByte(rest, '"')]] += v
+	}
+	levels := make([]string, 0, len(counts))
+	for l := range counts {
+		levels = append(levels, l)
+	}
+	sort.Slice(levels, func(i, j int) bool { return counts[levels[i]] > counts[levels[j]] })
+	parts := make([]string, 0, len(levels))
+	for _, l := range levels {
+		pl := fmt.Sprintf("priority_level=%q", l)
+		parts = append(parts, fmt.Sprintf("%s %.0f requests p50 %s p99 %s", l, counts[l],
+			ms(s.quantile(name, 0.5, pl)), ms(s.quantile(name, 0.99, pl))))
+	}
+	if len(parts) == 0 {
+		return "none recorded"
+	}
+	return strings.Join(parts, "; ")
 }
 
 // delta is after minus before, per series.
@@ -276,6 +317,13 @@ func report(profile string, pods int, ext, sched series, cpu0, cpu1 cpuSample) {
 		ms(sched.quantile("scheduler_scheduling_algorithm_duration_seconds", 0.99)),
 		sched.sum("scheduler_scheduling_algorithm_duration_seconds_count"))
 	fmt.Printf("  API requests: %s\n", apiRequests(sched, 8))
+	// Where a bind waits: the API server's own time for the Binding POST (APF queue, admission,
+	// etcd), against the binder's round trip (the extender's bind histogram below).
+	binding := []string{`verb="POST"`, `resource="pods"`, `subresource="binding"`}
+	fmt.Printf("  API server POST pods/binding (its own time): p50 %s p99 %s; APF queue wait: %s\n",
+		ms(sched.quantile("apiserver_request_duration_seconds", 0.5, binding...)),
+		ms(sched.quantile("apiserver_request_duration_seconds", 0.99, binding...)),
+		apfWaits(sched))
 	if ext == nil {
 		return
 	}

@@ -384,16 +384,21 @@ mod tests {
         assert_eq!(err.to_string(), "claim ml/llm is not allocated");
     }
 
-    #[test]
-    fn the_slice_has_one_pool_per_node_and_memory_in_steps() {
-        let devices = [SliceDevice {
+    /// One H100 whose published capacity is 63 GiB.
+    fn h100_with_63_gib() -> SliceDevice {
+        SliceDevice {
             name: "gpu-0".into(),
             uuid: "GPU-0".into(),
             model: "NVIDIA H100".into(),
             index: 0,
             advertised_bytes: 80 * GIB,
             capacity_bytes: 63 * GIB,
-        }];
+        }
+    }
+
+    #[test]
+    fn the_slice_has_one_pool_per_node_and_memory_in_steps() {
+        let devices = [h100_with_63_gib()];
         let slice = resource_slice(
             &devices,
             &SliceSettings {
@@ -426,14 +431,7 @@ mod tests {
 
     #[test]
     fn a_driver_version_that_is_no_version_leaves_the_attribute_out() {
-        let devices = [SliceDevice {
-            name: "gpu-0".into(),
-            uuid: "GPU-0".into(),
-            model: "NVIDIA H100".into(),
-            index: 0,
-            advertised_bytes: 80 * GIB,
-            capacity_bytes: 63 * GIB,
-        }];
+        let devices = [h100_with_63_gib()];
         for driver_version in [None, Some("r580-beta".to_string())] {
             let slice = resource_slice(
                 &devices,
