@@ -112,6 +112,10 @@ pub struct ClaimAsk {
     pub count: u64,
     /// Memory per device; the class default (one unit) when the request names none.
     pub bytes_each: Option<u64>,
+    /// The request's CEL selectors: this tool does not evaluate them, so a device with room
+    /// may still be one they exclude.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub selectors: Vec<String>,
 }
 
 /// The vramslice requests of `claim`.
@@ -139,6 +143,12 @@ pub fn claim_asks(claim: &ResourceClaim) -> Vec<ClaimAsk> {
                 .and_then(|c| c.requests.as_ref())
                 .and_then(|r| r.get(DRA_CAPACITY_MEMORY))
                 .and_then(|q| parse_bytes(&q.0).ok()),
+            selectors: e
+                .selectors
+                .iter()
+                .flatten()
+                .filter_map(|s| s.cel.as_ref().map(|c| c.expression.clone()))
+                .collect(),
         })
         .collect()
 }
@@ -363,6 +373,17 @@ pub fn explain_claims(
     } else if asks.is_empty() {
         out.notes.push(format!(
             "none of the pod's claims asks for devices of class {DRA_DEVICE_CLASS}: vramslice does not place it"
+        ));
+    }
+    for ask in asks.iter().filter(|a| !a.selectors.is_empty()) {
+        out.notes.push(format!(
+            "claim {} also selects devices by CEL ({}); this tool counts room only, so a node it finds room on may have no device the selector accepts: kube-scheduler's FailedScheduling event says which",
+            ask.claim,
+            ask.selectors
+                .iter()
+                .map(|e| format!("`{e}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     out.nodes = dra_verdicts(&asks, rooms);

@@ -80,7 +80,8 @@ fn a_pending_claim_is_explained_per_node() {
         [ClaimAsk {
             claim: "ml/tp2".into(),
             count: 2,
-            bytes_each: Some(35 * GIB)
+            bytes_each: Some(35 * GIB),
+            selectors: Vec::new(),
         }]
     );
     let verdicts = dra_verdicts(&two, &rooms);
@@ -183,5 +184,60 @@ fn a_pending_pod_with_claims_gets_each_nodes_device_room() {
         e.notes.iter().any(|n| n.starts_with("DRA mode")),
         "{:?}",
         e.notes
+    );
+}
+
+#[test]
+fn selectors_are_carried_and_explained_as_not_evaluated() {
+    let mut with_selector = claim("picky", 1, "8Gi", &[]);
+    let expr =
+        r#"device.attributes["vramslice.io"].driverVersion.compareTo(semver("999.0.0")) >= 0"#;
+    if let Some(r) = with_selector
+        .spec
+        .as_mut()
+        .and_then(|s| s.devices.as_mut())
+        .and_then(|d| d.requests.as_mut())
+        .and_then(|r| r.first_mut())
+        .and_then(|r| r.exactly.as_mut())
+    {
+        r.selectors = Some(vec![
+            serde_json::from_value(json!({ "cel": { "expression": expr } })).expect("selector"),
+        ]);
+    }
+    let asks = claim_asks(&with_selector);
+    assert_eq!(asks[0].selectors, [expr.to_string()]);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "picky-pod", "namespace": "ml" },
+        "spec": { "containers": [], "resourceClaims": [{ "name": "vram", "resourceClaimName": "picky" }] },
+        "status": { "resourceClaimStatuses": [{ "name": "vram", "resourceClaimName": "picky" }] }
+    }))
+    .expect("pod");
+    let rooms = device_rooms(&[slice("node-a", &[40 * GIB])], &[]);
+    let mut out = crate::explain::Explanation {
+        pod: "ml/picky-pod".into(),
+        state: crate::explain::PodState::NoVram,
+        resource: None,
+        units: None,
+        request_bytes: None,
+        scheduler_name: "default-scheduler".into(),
+        largest_gpu_bytes: None,
+        nodes: Vec::new(),
+        events: Vec::new(),
+        notes: Vec::new(),
+    };
+    explain_claims(&mut out, &pod, &[with_selector], &rooms);
+    assert!(
+        out.nodes[0].fits,
+        "room for 8 GiB on node-a: {:?}",
+        out.nodes
+    );
+    let note = out
+        .notes
+        .iter()
+        .find(|n| n.contains("selects devices by CEL"))
+        .unwrap_or_else(|| panic!("no selector note in {:?}", out.notes));
+    assert!(
+        note.contains("claim ml/picky") && note.contains(expr),
+        "{note}"
     );
 }
