@@ -530,3 +530,83 @@ func TestDRA4_Restarts(t *testing.T) {
 	})
 	t.Logf("after the restarts: dra4-b Running on rs/gpu-0, dra4-a deleted and unprepared")
 }
+
+// TestDRA5_UnhealthyGPUIsTainted: a GPU that falls unhealthy (XID 79 in the fake backend) stays
+// in the slice with a NoSchedule device taint vramslice.io/unhealthy, `healthy: false` and its
+// reason; the claim already on it keeps its pod Running, kube-scheduler allocates no new claim
+// on it (an 8 GiB claim that only the tainted GPU has room for stays Pending), and when the GPU
+// is healthy again the taint goes and that claim is allocated there.
+func TestDRA5_UnhealthyGPUIsTainted(t *testing.T) {
+	c := newDRACluster(t, map[string][]cluster.FakeGPU{"sick": {
+		cluster.GPU("sick", 0, l4, "16Gi"), cluster.GPU("sick", 1, l4, "16Gi"),
+	}})
+	createClaimAndPod(t, c, "dra5-a", 6, 1)
+	waitRunning(t, c, "dra5-a")
+	if devs := allocatedDevices(t, getClaim(t, c, "dra5-a"), 6*gib); len(devs) != 1 || devs[0] != "sick/gpu-0" {
+		t.Fatalf("dra5-a allocated %v, want [sick/gpu-0] (the first device with room)", devs)
+	}
+
+	setHealth := func(healthy bool) {
+		gpus := c.GPUs("sick")
+		gpus[0].Healthy = healthy
+		gpus[0].UnhealthyReason = ""
+		if !healthy {
+			gpus[0].UnhealthyReason = "XID 79"
+		}
+		if err := c.SetGPUs("sick", gpus); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gpu0 := func() resourcev1.Device {
+		s, err := getSlice(c, "sick")
+		if err != nil {
+			t.Fatalf("ResourceSlice of sick: %v", err)
+		}
+		for _, d := range s.Spec.Devices {
+			if d.Name == "gpu-0" {
+				return d
+			}
+		}
+		t.Fatalf("the slice of sick lists no gpu-0: %+v", s.Spec.Devices)
+		return resourcev1.Device{}
+	}
+	setHealth(false)
+	until(t, 30*time.Second, "gpu-0 to be tainted vramslice.io/unhealthy", func() (bool, error) {
+		d := gpu0()
+		return len(d.Taints) == 1 && d.Taints[0].Key == "vramslice.io/unhealthy" &&
+			d.Taints[0].Effect == resourcev1.DeviceTaintEffectNoSchedule, nil
+	})
+	d := gpu0()
+	if h := d.Attributes["healthy"].BoolValue; h == nil || *h {
+		t.Errorf("tainted gpu-0 has healthy %v, want false", h)
+	}
+	if r := d.Attributes["unhealthyReason"].StringValue; r == nil || *r != "XID 79" {
+		t.Errorf("tainted gpu-0 has unhealthyReason %v, want XID 79", r)
+	}
+	t.Logf("gpu-0 unhealthy: still listed, taints %+v", d.Taints)
+
+	// gpu-1 takes 10 GiB (5 left); 8 GiB fits only on the tainted gpu-0 (9 left there).
+	createClaimAndPod(t, c, "dra5-b", 10, 1)
+	waitRunning(t, c, "dra5-b")
+	if devs := allocatedDevices(t, getClaim(t, c, "dra5-b"), 10*gib); len(devs) != 1 || devs[0] != "sick/gpu-1" {
+		t.Fatalf("dra5-b allocated %v, want [sick/gpu-1] (gpu-0 is tainted)", devs)
+	}
+	createClaimAndPod(t, c, "dra5-c", 8, 1)
+	if msg := waitUnschedulable(t, c, "dra5-c"); !strings.Contains(msg, "cannot allocate all claims") {
+		t.Fatalf("dra5-c Pending with %q, want \"cannot allocate all claims\"", msg)
+	}
+	if p := getPod(t, c, "dra5-a"); p.Status.Phase != v1.PodRunning {
+		t.Fatalf("dra5-a, on the GPU that fell unhealthy, is %s, want Running", p.Status.Phase)
+	}
+	t.Logf("dra5-c (8 GiB, room only on tainted gpu-0) Pending; dra5-a still Running on gpu-0")
+
+	setHealth(true)
+	until(t, 30*time.Second, "gpu-0's taint to be removed", func() (bool, error) {
+		return len(gpu0().Taints) == 0, nil
+	})
+	waitRunning(t, c, "dra5-c")
+	if devs := allocatedDevices(t, getClaim(t, c, "dra5-c"), 8*gib); len(devs) != 1 || devs[0] != "sick/gpu-0" {
+		t.Fatalf("dra5-c allocated %v after gpu-0 recovered, want [sick/gpu-0]", devs)
+	}
+	t.Logf("gpu-0 healthy again: taint removed, dra5-c Running on sick/gpu-0")
+}

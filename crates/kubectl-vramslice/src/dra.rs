@@ -27,13 +27,46 @@ pub struct DeviceRoom {
     pub capacity: u64,
     /// Consumed by allocated claims.
     pub allocated: u64,
+    /// A taint that keeps new claims off the device (`NoSchedule` or `NoExecute`): its key,
+    /// with the `unhealthyReason` attribute when the device has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taint: Option<String>,
 }
 
 impl DeviceRoom {
-    /// What a new claim may still get.
+    /// What a new claim may still get: nothing on a tainted device.
     pub fn free(&self) -> u64 {
+        if self.taint.is_some() {
+            return 0;
+        }
         self.capacity.saturating_sub(self.allocated)
     }
+
+    /// The device's room as a verdict names it.
+    fn describe(&self) -> String {
+        match &self.taint {
+            Some(taint) => format!("{} tainted {taint}", self.device),
+            None => format!("{} {} free", self.device, format_bytes(self.free())),
+        }
+    }
+}
+
+/// The first taint of `device` that keeps new claims off it, described.
+fn blocking_taint(device: &k8s_openapi::api::resource::v1::Device) -> Option<String> {
+    let taint = device
+        .taints
+        .iter()
+        .flatten()
+        .find(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")?;
+    let reason = device
+        .attributes
+        .as_ref()
+        .and_then(|a| a.get("unhealthyReason"))
+        .and_then(|a| a.string.clone());
+    Some(match reason {
+        Some(reason) => format!("{} ({reason})", taint.key),
+        None => taint.key.clone(),
+    })
 }
 
 fn memory(q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>) -> u64 {
@@ -81,6 +114,7 @@ pub fn device_rooms(slices: &[ResourceSlice], claims: &[ResourceClaim]) -> Vec<D
                 device: d.name.clone(),
                 gpu_uuid,
                 capacity,
+                taint: blocking_taint(d),
             });
         }
     }
@@ -171,10 +205,7 @@ pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict>
                 free.sort_by_key(|(_, f)| *f);
                 let fitting: Vec<usize> = (0..free.len()).filter(|i| free[*i].1 >= need).collect();
                 if (fitting.len() as u64) < ask.count {
-                    let rooms: Vec<String> = free
-                        .iter()
-                        .map(|(r, f)| format!("{} {} free", r.device, format_bytes(*f)))
-                        .collect();
+                    let rooms: Vec<String> = free.iter().map(|(r, _)| r.describe()).collect();
                     reason = Some(format!(
                         "claim {} needs {} device(s) with {} each; {} has {}",
                         ask.claim,

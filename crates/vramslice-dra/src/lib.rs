@@ -3,8 +3,9 @@
 //! Data enters from three sides: GPU samples from the `GpuBackend` (NVML or fake), the
 //! kubelet's gRPC calls (plugin registration, then NodePrepareResources /
 //! NodeUnprepareResources for claims of driver `vramslice.io`), and `ResourceClaim`s read from
-//! the API server. It leaves as the node's `ResourceSlice` (each healthy GPU one device whose
-//! `memory` capacity follows the measurement, by [`vramslice_core::effective_free`]), and per
+//! the API server. It leaves as the node's `ResourceSlice` (each GPU one device whose
+//! `memory` capacity follows the measurement, by [`vramslice_core::effective_free`]; an
+//! unhealthy one tainted), and per
 //! prepared claim a CDI spec, a read-only limit file and an accounting directory, which the
 //! container runtime turns into the guard, its per-GPU limits and the visible GPUs.
 //!

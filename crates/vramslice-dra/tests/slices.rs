@@ -40,6 +40,7 @@ fn device(index: u32, capacity: u64) -> SliceDevice {
         index,
         advertised_bytes: 80 * GIB,
         capacity_bytes: capacity,
+        unhealthy: None,
     }
 }
 

@@ -241,3 +241,29 @@ fn selectors_are_carried_and_explained_as_not_evaluated() {
         "{note}"
     );
 }
+
+#[test]
+fn a_tainted_device_has_no_room_and_says_why() {
+    let mut s = slice("node-a", &[80 * GIB, 10 * GIB]);
+    if let Some(d) = s.spec.devices.as_mut().and_then(|d| d.first_mut()) {
+        *d = serde_json::from_value(json!({ "name": "gpu-0", "allowMultipleAllocations": true,
+            "attributes": { "uuid": { "string": "GPU-node-a-0" }, "healthy": { "bool": false },
+                "unhealthyReason": { "string": "XID 79" } },
+            "capacity": { "memory": { "value": (80 * GIB).to_string() } },
+            "taints": [{ "key": "vramslice.io/unhealthy", "effect": "NoSchedule" }] }))
+        .expect("device");
+    }
+    let rooms = device_rooms(&[s], &[]);
+    assert_eq!(rooms[0].free(), 0);
+    assert_eq!(
+        rooms[0].taint.as_deref(),
+        Some("vramslice.io/unhealthy (XID 79)")
+    );
+    let verdicts = dra_verdicts(&claim_asks(&claim("big", 1, "20Gi", &[])), &rooms);
+    assert_eq!(
+        verdicts[0].reason.as_deref(),
+        Some(
+            "claim ml/big needs 1 device(s) with 20 GiB each; node-a has gpu-0 tainted vramslice.io/unhealthy (XID 79), gpu-1 10 GiB free"
+        )
+    );
+}

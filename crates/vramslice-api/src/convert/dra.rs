@@ -5,11 +5,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::resource::v1::{
     CapacityRequestPolicy, CapacityRequestPolicyRange, Device, DeviceAttribute, DeviceCapacity,
-    ResourceClaim, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    DeviceTaint, ResourceClaim, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use vramslice_core::node::dra::{ClaimGrant, SliceDevice, driver_version_semver};
+use vramslice_core::node::dra::{
+    ClaimGrant, SliceDevice, UNHEALTHY_TAINT_KEY, driver_version_semver,
+};
 use vramslice_core::parse_bytes;
 
 use crate::names::{DRA_CAPACITY_MEMORY, DRA_DRIVER};
@@ -173,6 +175,21 @@ pub struct SliceSettings {
     pub driver_version: Option<String>,
 }
 
+/// Longest string attribute value the API accepts.
+const ATTRIBUTE_STRING_MAX: usize = 64;
+
+/// `text` cut to what a string attribute may hold, on a character boundary, with `…` when cut.
+fn attribute_text(text: &str) -> String {
+    if text.len() <= ATTRIBUTE_STRING_MAX {
+        return text.to_string();
+    }
+    let mut end = ATTRIBUTE_STRING_MAX - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// The name of the node's one slice.
 pub fn slice_name(node: &str) -> String {
     format!("{node}-{DRA_DRIVER}")
@@ -202,10 +219,16 @@ pub fn resource_slice(devices: &[SliceDevice], settings: &SliceSettings) -> Reso
             attributes.insert(
                 "healthy".to_string(),
                 DeviceAttribute {
-                    bool: Some(true),
+                    bool: Some(d.unhealthy.is_none()),
                     ..DeviceAttribute::default()
                 },
             );
+            if let Some(reason) = &d.unhealthy {
+                attributes.insert(
+                    "unhealthyReason".to_string(),
+                    string(&attribute_text(reason)),
+                );
+            }
             if let Some(version) = settings
                 .driver_version
                 .as_deref()
@@ -240,6 +263,16 @@ pub fn resource_slice(devices: &[SliceDevice], settings: &SliceSettings) -> Reso
                 allow_multiple_allocations: Some(true),
                 attributes: Some(attributes),
                 capacity: Some(capacity),
+                // No new claim on an unhealthy GPU; claims already on it keep their pods (as a
+                // device plugin's unhealthy device does), the reason is in `unhealthyReason`.
+                taints: d.unhealthy.as_ref().map(|_| {
+                    vec![DeviceTaint {
+                        key: UNHEALTHY_TAINT_KEY.to_string(),
+                        value: None,
+                        effect: "NoSchedule".to_string(),
+                        time_added: None,
+                    }]
+                }),
                 ..Device::default()
             }
         })
@@ -393,6 +426,7 @@ mod tests {
             index: 0,
             advertised_bytes: 80 * GIB,
             capacity_bytes: 63 * GIB,
+            unhealthy: None,
         }
     }
 
@@ -448,5 +482,41 @@ mod tests {
             assert!(attributes.get("driverVersion").is_none(), "{attributes}");
             assert_eq!(attributes["model"]["string"], "NVIDIA H100");
         }
+    }
+
+    #[test]
+    fn an_unhealthy_gpu_is_tainted_with_its_reason() {
+        let mut sick = h100_with_63_gib();
+        sick.unhealthy = Some(format!(
+            "XID 79 (GPU has fallen off the bus) {}",
+            "x".repeat(80)
+        ));
+        let slice = resource_slice(
+            &[sick, h100_with_63_gib()],
+            &SliceSettings {
+                node: "node-a".into(),
+                node_uid: None,
+                step_bytes: GIB,
+                generation: 1,
+                driver_version: None,
+            },
+        );
+        let json = serde_json::to_value(&slice).expect("serialises");
+        let sick = &json["spec"]["devices"][0];
+        assert_eq!(sick["taints"][0]["key"], "vramslice.io/unhealthy");
+        assert_eq!(sick["taints"][0]["effect"], "NoSchedule");
+        assert_eq!(sick["attributes"]["healthy"]["bool"], false);
+        let reason = sick["attributes"]["unhealthyReason"]["string"]
+            .as_str()
+            .expect("a reason");
+        assert!(
+            reason.starts_with("XID 79 (GPU has fallen off the bus)"),
+            "{reason}"
+        );
+        assert!(reason.len() <= 64 && reason.ends_with('…'), "{reason}");
+        let well = &json["spec"]["devices"][1];
+        assert!(well.get("taints").is_none(), "{well}");
+        assert_eq!(well["attributes"]["healthy"]["bool"], true);
+        assert!(well["attributes"].get("unhealthyReason").is_none());
     }
 }

@@ -13,7 +13,7 @@ use std::fmt;
 use crate::container::limit::{GpuLimits, GpuLimitsError, gpu_limits_file_content};
 use crate::effective_free::claimable_capacity;
 use crate::node::allocation::{AllocationSettings, ContainerEdits, container_edits};
-use crate::node::sample::GpuSample;
+use crate::node::sample::{GpuSample, Health};
 
 /// What the plugin publishes about one healthy GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +30,16 @@ pub struct SliceDevice {
     pub advertised_bytes: u64,
     /// The `memory` capacity to publish ([`claimable_capacity`]).
     pub capacity_bytes: u64,
+    /// Why the GPU is unhealthy (`None` when healthy). An unhealthy GPU stays in the slice,
+    /// tainted ([`UNHEALTHY_TAINT_KEY`]) so no new claim is allocated on it while users can
+    /// still see it and why.
+    pub unhealthy: Option<String>,
 }
+
+/// The key of the `NoSchedule` device taint on an unhealthy GPU's device (device taints are
+/// GA in Kubernetes 1.37: kube-scheduler allocates no claim on a tainted device unless the
+/// claim tolerates the taint).
+pub const UNHEALTHY_TAINT_KEY: &str = "vramslice.io/unhealthy";
 
 /// The device name a GPU of NVML index `index` has in the slice.
 pub fn device_name(index: u32) -> String {
@@ -77,8 +86,8 @@ pub struct GrantsOnGpu {
     pub unobserved: u64,
 }
 
-/// The slice's devices: every healthy GPU (an unhealthy one is withdrawn, so no claim is
-/// allocated on it), its memory counted in whole `step`s, and its capacity by the shared rule.
+/// The slice's devices: every GPU, its memory counted in whole `step`s and its capacity by the
+/// shared rule; an unhealthy one carries its reason (the slice taints it).
 pub fn slice_devices(
     samples: &[GpuSample],
     grants: &BTreeMap<String, GrantsOnGpu>,
@@ -88,7 +97,6 @@ pub fn slice_devices(
     let step = step.max(1);
     samples
         .iter()
-        .filter(|s| s.health.is_healthy())
         .map(|s| {
             let advertised = s.total_bytes - s.total_bytes % step;
             let on_gpu = grants.get(&s.uuid).copied().unwrap_or_default();
@@ -106,6 +114,10 @@ pub fn slice_devices(
                     headroom,
                     step,
                 ),
+                unhealthy: match &s.health {
+                    Health::Healthy => None,
+                    Health::Unhealthy { reason } => Some(reason.clone()),
+                },
             }
         })
         .collect()
@@ -116,7 +128,8 @@ pub fn slice_devices(
 pub enum SlicePublishReason {
     /// Nothing was published yet.
     First,
-    /// A device appeared, went, or changed identity (a GPU fell unhealthy or came back).
+    /// A device appeared, went, changed identity, or its health changed (the taint goes on or
+    /// comes off at once).
     DevicesChanged,
     /// A device's capacity moved by at least the threshold.
     CapacityMoved {
@@ -142,7 +155,7 @@ impl fmt::Display for SlicePublishReason {
 }
 
 /// Whether the slice must be written again: on the first slice, when the device list changes
-/// (a GPU fell unhealthy, came back, or was replaced), or when a device's capacity moved by
+/// (a GPU appeared, went, or was replaced) or a GPU's health changed, or when a device's capacity moved by
 /// `threshold` bytes or more. Otherwise `None`, which keeps the API server's write rate
 /// bounded; the caller also keeps a minimum interval between writes.
 pub fn slice_publish_reason(
@@ -159,6 +172,7 @@ pub fn slice_publish_reason(
             d.uuid.clone(),
             d.model.clone(),
             d.advertised_bytes,
+            d.unhealthy.clone(),
         )
     };
     if published.len() != next.len() || published.iter().map(identity).ne(next.iter().map(identity))

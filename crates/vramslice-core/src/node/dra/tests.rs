@@ -80,7 +80,7 @@ fn an_outside_process_shrinks_the_capacity_and_claims_are_not_counted_twice() {
 }
 
 #[test]
-fn an_unhealthy_gpu_is_withdrawn() {
+fn an_unhealthy_gpu_stays_listed_with_its_reason() {
     let devices = slice_devices(
         &[
             sample(0, 80 * GIB, 80 * GIB, false),
@@ -90,8 +90,11 @@ fn an_unhealthy_gpu_is_withdrawn() {
         GIB,
         0,
     );
-    let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
-    assert_eq!(names, ["gpu-1"]);
+    let listed: Vec<(&str, Option<&str>)> = devices
+        .iter()
+        .map(|d| (d.name.as_str(), d.unhealthy.as_deref()))
+        .collect();
+    assert_eq!(listed, [("gpu-0", Some("XID 79")), ("gpu-1", None)]);
 }
 
 #[test]
@@ -126,15 +129,26 @@ fn the_slice_is_written_on_change_beyond_the_threshold_only() {
         slice_publish_reason(Some(&before), &slightly, 2 * GIB),
         None
     );
-    let gone = slice_devices(
+    // Falling unhealthy (same capacity) is written at once, whatever the threshold: the taint.
+    let unhealthy = slice_devices(
         &[sample(0, 80 * GIB, 80 * GIB, false)],
         &BTreeMap::new(),
         GIB,
         0,
     );
     assert_eq!(
-        slice_publish_reason(Some(&before), &gone, GIB),
+        slice_publish_reason(Some(&before), &unhealthy, 100 * GIB),
         Some(SlicePublishReason::DevicesChanged)
+    );
+    assert_eq!(
+        slice_publish_reason(Some(&unhealthy), &before, 100 * GIB),
+        Some(SlicePublishReason::DevicesChanged),
+        "and coming back"
+    );
+    assert_eq!(
+        slice_publish_reason(Some(&before), &[], GIB),
+        Some(SlicePublishReason::DevicesChanged),
+        "a GPU gone"
     );
 }
 
