@@ -63,10 +63,25 @@ expect "$d" 'mode: ld-so-preload-file' "default injection mode"
 expect "$d" "printf '%s\\\\n' /usr/local/vramslice/lib/libvramslice_guard.so" "preload file names the in-container guard path"
 expect "$d" 'name: vramslice.io/vram-gib' "extender manages vramslice.io/vram-gib"
 reject "$d" 'kind: PodDisruptionBudget' "one replica: no PDB"
+# The RBAC scan reads the RBAC objects only: the FlowSchema's rules match every request of the
+# scheduler's identity (how they queue, not what they may do), like Kubernetes' own.
+rbac_of() { # rendered file -> its Roles, ClusterRoles and bindings
+  awk 'BEGIN { RS = "\n---\n" } /\nkind: (Cluster)?Role(Binding)?\n/ { print; print "---" }' "$1"
+}
+rbac_of "$d" > "$tmp/defaults-rbac.yaml"
+expect "$tmp/defaults-rbac.yaml" '^kind: ClusterRole$' "RBAC objects found for the scan"
+reject "$tmp/defaults-rbac.yaml" '^kind: FlowSchema$' "the RBAC scan holds no FlowSchema"
 reject "$d" 'cluster-admin' "no cluster-admin"
-reject "$d" "verbs: \[[^]]*['\"]?\*" "no wildcard verbs"
-reject "$d" "(resources|apiGroups): \[[^]]*['\"]\*['\"]" "no wildcard resources or groups"
-reject "$d" "^ *- ['\"]?\*['\"]? *$" "no wildcard list items"
+reject "$tmp/defaults-rbac.yaml" "verbs: \[[^]]*['\"]?\*" "no wildcard verbs"
+reject "$tmp/defaults-rbac.yaml" "(resources|apiGroups): \[[^]]*['\"]\*['\"]" "no wildcard resources or groups"
+reject "$tmp/defaults-rbac.yaml" "^ *- ['\"]?\*['\"]? *$" "no wildcard list items"
+expect "$d" '^kind: FlowSchema$' "FlowSchema for the scheduler's requests"
+expect "$d" '^    name: workload-high$' "FlowSchema: kube-scheduler's priority level"
+expect "$d" '^  matchingPrecedence: 850$' "FlowSchema: precedence after kube-scheduler's (800), before service-accounts (9000)"
+grep -A3 'kind: ServiceAccount$' "$d" | grep -q 'name: vramslice-scheduler$' || fail "FlowSchema: subject is not the scheduler's service account"
+ok "FlowSchema: subject is the scheduler's service account"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set scheduler.flowSchema.enabled=false > "$tmp/no-fs.yaml"
+reject "$tmp/no-fs.yaml" '^kind: FlowSchema$' "scheduler.flowSchema.enabled=false: no FlowSchema"
 h="$tmp/ha.yaml"
 expect "$h" 'leaderElect: true' "replicas > 1: leader election"
 expect "$h" 'kind: PodDisruptionBudget' "replicas > 1: PDB"
@@ -153,6 +168,8 @@ bad=(
   "--set dra.minPublishInterval=2"
   "--set dra.cdiDir=var/run/cdi"
   "--set dra.registryDir=/x"
+  "--set scheduler.flowSchema.matchingPrecedence=0"
+  "--set scheduler.flowSchema.priority=high"
 )
 for b in "${bad[@]}"; do
   # shellcheck disable=SC2086

@@ -75,9 +75,10 @@ type Options struct {
 	DRA bool
 }
 
-// rbacKinds are the objects taken from the chart's rendered manifests.
+// rbacKinds are the objects taken from the chart's rendered manifests: the identities, their
+// RBAC, and the FlowSchema that queues the scheduler's requests where kube-scheduler's go.
 var rbacKinds = map[string]bool{"Namespace": true, "ServiceAccount": true, "ClusterRole": true,
-	"ClusterRoleBinding": true, "Role": true, "RoleBinding": true}
+	"ClusterRoleBinding": true, "Role": true, "RoleBinding": true, "FlowSchema": true}
 
 // Node is one hollow node with its fake GPUs and its device plugin process.
 type Node struct {
