@@ -96,6 +96,7 @@ fn every_object_is_namespaced_to_the_release_or_cluster_scoped() {
     let cluster_scoped = [
         "ClusterRole",
         "ClusterRoleBinding",
+        "FlowSchema",
         "MutatingWebhookConfiguration",
         "Namespace",
         "DeviceClass",

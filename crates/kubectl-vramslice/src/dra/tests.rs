@@ -47,6 +47,22 @@ fn claim(name: &str, count: u64, memory: &str, allocated: &[(&str, &str, &str)])
     .expect("claim")
 }
 
+/// What `explain` holds for a pod before its claims are looked at.
+fn no_vram_yet(pod: &str) -> crate::explain::Explanation {
+    crate::explain::Explanation {
+        pod: pod.into(),
+        state: crate::explain::PodState::NoVram,
+        resource: None,
+        units: None,
+        request_bytes: None,
+        scheduler_name: "default-scheduler".into(),
+        largest_gpu_bytes: None,
+        nodes: Vec::new(),
+        events: Vec::new(),
+        notes: Vec::new(),
+    }
+}
+
 #[test]
 fn room_is_published_capacity_minus_allocated_claims() {
     let slices = [slice("node-a", &[63 * GIB, 80 * GIB])];
@@ -156,18 +172,7 @@ fn a_pending_pod_with_claims_gets_each_nodes_device_room() {
         &[slice("node-a", &[4 * GIB]), slice("node-b", &[80 * GIB])],
         &[],
     );
-    let mut e = crate::explain::Explanation {
-        pod: "ml/llm".into(),
-        state: crate::explain::PodState::NoVram,
-        resource: None,
-        units: None,
-        request_bytes: None,
-        scheduler_name: "default-scheduler".into(),
-        largest_gpu_bytes: None,
-        nodes: Vec::new(),
-        events: Vec::new(),
-        notes: Vec::new(),
-    };
+    let mut e = no_vram_yet("ml/llm");
     explain_claims(&mut e, &pod, &[claim("llm-vram-x", 1, "6Gi", &[])], &rooms);
     assert_eq!(e.state, crate::explain::PodState::Pending { fits_on: 1 });
     assert!(!e.nodes[0].fits);
@@ -213,18 +218,7 @@ fn selectors_are_carried_and_explained_as_not_evaluated() {
     }))
     .expect("pod");
     let rooms = device_rooms(&[slice("node-a", &[40 * GIB])], &[]);
-    let mut out = crate::explain::Explanation {
-        pod: "ml/picky-pod".into(),
-        state: crate::explain::PodState::NoVram,
-        resource: None,
-        units: None,
-        request_bytes: None,
-        scheduler_name: "default-scheduler".into(),
-        largest_gpu_bytes: None,
-        nodes: Vec::new(),
-        events: Vec::new(),
-        notes: Vec::new(),
-    };
+    let mut out = no_vram_yet("ml/picky-pod");
     explain_claims(&mut out, &pod, &[with_selector], &rooms);
     assert!(
         out.nodes[0].fits,
