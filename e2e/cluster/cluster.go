@@ -395,6 +395,37 @@ func (c *Cluster) AddDRANode(name string, gpus []FakeGPU) (*Node, error) {
 	return c.Node(name), nil
 }
 
+// WaitDRARegistered waits until the DRA manager of every named node has the driver
+// registered: only then can the kubelet side prepare claims (a ResourceSlice alone does not
+// say so; the agent writes it either way). The error names the nodes still waiting.
+func (c *Cluster) WaitDRARegistered(names []string, timeout time.Duration) error {
+	var waiting []string
+	err := waitFor(c.ctx, timeout, 100*time.Millisecond, "the DRA managers to register driver "+DRADriver, func() (bool, error) {
+		waiting = waiting[:0]
+		for _, name := range names {
+			n := c.Node(name)
+			if n == nil {
+				return false, fmt.Errorf("no node %s", name)
+			}
+			if exited, perr := n.Plugin.Exited(); exited {
+				return false, fmt.Errorf("the node agent of %s exited: %v", name, perr)
+			}
+			if !n.DRADriverRegistered(DRADriver) {
+				waiting = append(waiting, name)
+			}
+		}
+		return len(waiting) == 0, nil
+	})
+	if err != nil {
+		shown := waiting
+		if len(shown) > 10 {
+			shown = shown[:10]
+		}
+		return fmt.Errorf("%w: %d node(s) not registered, e.g. %v (%s)", err, len(waiting), shown, registrationHint())
+	}
+	return nil
+}
+
 func (c *Cluster) addBareNode(name string, gpus []FakeGPU, withDRA bool) (*Node, error) {
 	dir := filepath.Join(c.Dir, "n", name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -536,10 +567,17 @@ func (c *Cluster) WaitNodesAdvertise(ctx context.Context, names []string, timeou
 
 // StopQuietly is Stop for command-line programs about to exit: the shutdown
 // chatter of the in-process components (etcd client retries on cancelled
-// contexts) goes to the Kubernetes log file instead of the terminal.
+// contexts) goes to the Kubernetes log file instead of the terminal. Standard error
+// is the terminal again afterwards, so the program's own last words (an error) are seen.
 func (c *Cluster) StopQuietly() {
+	saved, dupErr := syscall.Dup(2)
 	if f, err := os.OpenFile(filepath.Join(c.Dir, "logs", "kubernetes.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
 		_ = syscall.Dup2(int(f.Fd()), 2)
+		defer f.Close()
 	}
 	c.Stop()
+	if dupErr == nil {
+		_ = syscall.Dup2(saved, 2)
+		_ = syscall.Close(saved)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"k8s.io/klog/v2"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 	"k8s.io/kubernetes/pkg/kubelet/cm/dra"
+	draplugin "k8s.io/kubernetes/pkg/kubelet/cm/dra/plugin"
 	"k8s.io/kubernetes/pkg/kubelet/pluginmanager"
 )
 
@@ -106,6 +108,40 @@ func (h *HollowNode) startDRA(parent context.Context) error {
 	h.draK = k
 	h.mu.Unlock()
 	return nil
+}
+
+// DRADriverRegistered reports whether the node's DRA manager has the driver registered (the
+// kubelet answers "DRA driver ... is not registered" to every prepare until it has).
+func (h *HollowNode) DRADriverRegistered(driver string) bool {
+	h.mu.Lock()
+	k := h.draK
+	h.mu.Unlock()
+	if k == nil {
+		return false
+	}
+	plugins, ok := k.mgr.GetWatcherHandler().(interface {
+		GetPlugin(driverName string) (*draplugin.DRAPlugin, error)
+	})
+	if !ok {
+		return false
+	}
+	_, err := plugins.GetPlugin(driver)
+	return err == nil
+}
+
+// registrationHint says what to check when a driver never registers: the kubelet's plugin
+// manager watches the registry directory with one inotify instance per node, and the
+// machine's limit may be below the number of DRA nodes.
+func registrationHint() string {
+	if DRARegistration() != "pluginmanager" {
+		return "registration: " + DRARegistration()
+	}
+	limit := "unknown"
+	if b, err := os.ReadFile("/proc/sys/fs/inotify/max_user_instances"); err == nil {
+		limit = strings.TrimSpace(string(b))
+	}
+	return "the kubelet's plugin manager needs an inotify instance per node and fs.inotify.max_user_instances is " +
+		limit + "; VRAMSLICE_E2E_DRA_REGISTRATION=direct registers without one"
 }
 
 // stopDRA stops the plugin manager and the DRA manager (their files stay, as when a kubelet stops).

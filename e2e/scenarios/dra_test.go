@@ -69,7 +69,10 @@ func newDRACluster(t *testing.T, nodes map[string][]cluster.FakeGPU) *cluster.Cl
 			return len(s.Spec.Devices) == len(nodes[name]), nil
 		})
 	}
-	t.Logf("DRA cluster up in %s: node(s) %v, each with its ResourceSlice", time.Since(start).Round(100*time.Millisecond), names)
+	if err := c.WaitDRARegistered(names, 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("DRA cluster up in %s: node(s) %v, each with its ResourceSlice and the driver registered", time.Since(start).Round(100*time.Millisecond), names)
 	return c
 }
 

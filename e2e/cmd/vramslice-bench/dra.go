@@ -14,7 +14,8 @@ import (
 )
 
 // runDRA starts a cluster of nNodes DRA hollow nodes (node agent in mode: dra, the kubelet's
-// DRA manager, registration through its plugin manager), waits for every node's
+// DRA manager, registration through its plugin manager unless $VRAMSLICE_E2E_DRA_REGISTRATION
+// says direct: the plugin manager needs one inotify instance per node), waits for every node's
 // ResourceSlice, then creates nPods claims of 1-4 GiB with a pod each (kube-scheduler without
 // the extender: its DynamicResources plugin allocates the claims) and measures how fast they
 // are bound and Running, as the device-plugin runs are measured.
@@ -26,8 +27,10 @@ func runDRA(ctx context.Context, nPods, nNodes, nGPUs int, timeout time.Duration
 		return rates{}, err
 	}
 	defer c.StopQuietly()
+	names := make([]string, 0, nNodes)
 	for i := 0; i < nNodes; i++ {
 		name := fmt.Sprintf("dra-%02d", i)
+		names = append(names, name)
 		g := make([]cluster.FakeGPU, nGPUs)
 		for j := range g {
 			g[j] = cluster.GPU(name, j, "NVIDIA A100-SXM4-80GB", "80Gi")
@@ -47,8 +50,11 @@ func runDRA(ctx context.Context, nPods, nNodes, nGPUs int, timeout time.Duration
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	fmt.Printf("DRA cluster: %d hollow nodes x %d GPUs with their ResourceSlices, ready in %s\n",
-		nNodes, nGPUs, time.Since(t0).Round(time.Millisecond))
+	if err := c.WaitDRARegistered(names, 2*time.Minute); err != nil {
+		return rates{}, err
+	}
+	fmt.Printf("DRA cluster: %d hollow nodes x %d GPUs with their ResourceSlices and the driver registered (%s), ready in %s\n",
+		nNodes, nGPUs, cluster.DRARegistration(), time.Since(t0).Round(time.Millisecond))
 	prefix := "dra"
 	create := func(i int) error {
 		name := fmt.Sprintf("%s-%04d", prefix, i)
