@@ -95,6 +95,16 @@ func sliceMemory(t *testing.T, c *cluster.Cluster, node string) map[string]int64
 	return out
 }
 
+// waitSliceDevices waits until node's ResourceSlice lists `devices` devices (the agent
+// publishes it again after a kubelet's DRA manager wiped it).
+func waitSliceDevices(t *testing.T, c *cluster.Cluster, node string, devices int, timeout time.Duration, when string) {
+	t.Helper()
+	until(t, timeout, "the ResourceSlice of "+node+" "+when, func() (bool, error) {
+		s, err := getSlice(c, node)
+		return err == nil && len(s.Spec.Devices) == devices, err
+	})
+}
+
 // vramClaim is a ResourceClaim for count GPUs with gibEach GiB of memory on each.
 func vramClaim(name string, gibEach int64, count int64) *resourcev1.ResourceClaim {
 	return &resourcev1.ResourceClaim{
@@ -496,10 +506,7 @@ func TestDRA4_Restarts(t *testing.T) {
 	prepare("after a kubelet restart (DRA manager checkpoint)")
 	// The restarted DRA manager deleted the node's ResourceSlices at its start; the agent,
 	// registered again, must publish its slice again.
-	until(t, 15*time.Second, "the ResourceSlice of rs after the kubelet restart", func() (bool, error) {
-		s, err := getSlice(c, "rs")
-		return err == nil && len(s.Spec.Devices) == 1, err
-	})
+	waitSliceDevices(t, c, "rs", 1, 15*time.Second, "after the kubelet restart")
 
 	c.KillPlugin("rs")
 	if err := c.StartPlugin("rs"); err != nil {
@@ -516,10 +523,7 @@ func TestDRA4_Restarts(t *testing.T) {
 	prepare("after an agent restart, by a DRA manager without state (agent checkpoint)")
 
 	// The node still takes claims: the ResourceSlice must be back after the restarts.
-	until(t, 30*time.Second, "the ResourceSlice of rs after the restarts", func() (bool, error) {
-		s, err := getSlice(c, "rs")
-		return err == nil && len(s.Spec.Devices) == 1, err
-	})
+	waitSliceDevices(t, c, "rs", 1, 30*time.Second, "after the restarts")
 	createClaimAndPod(t, c, "dra4-b", 4, 1)
 	waitRunning(t, c, "dra4-b")
 	if devs := allocatedDevices(t, getClaim(t, c, "dra4-b"), 4*gib); len(devs) != 1 || devs[0] != "rs/gpu-0" {

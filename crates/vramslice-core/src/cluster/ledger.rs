@@ -8,9 +8,10 @@
 //!
 //! Data enters as plain values: node readings (what the device plugin published in `GpuNode`
 //! status), pod records (pods bound to a node, with the `vramslice.io/gpu-uuid` annotation), and
-//! reservations (binds in flight). It leaves as verdicts ([`Ledger::check`]), scores
-//! ([`Ledger::score`]), placements ([`Ledger::reserve`]) and per-GPU views. The caller supplies
-//! the clock (`now`) to every time-dependent call; nothing here reads a clock or does I/O.
+//! reservations (binds in flight). It leaves as verdicts ([`Ledger::check`], and for many nodes
+//! at once [`Ledger::probe`]), scores ([`Probe::score`]), placements ([`Ledger::reserve`]) and
+//! per-GPU views. The caller supplies the clock (`now`) to every time-dependent call; nothing
+//! here reads a clock or does I/O.
 //!
 //! Accounting rules, per GPU of a node with a valid reading:
 //! - *assigned*: limits of ledger pods the kubelet placed on the GPU (the reading wins over the

@@ -1,8 +1,8 @@
 //! Asking many nodes about one pod at one instant — what a filter or prioritize call does for
 //! thousands of node names. A [`Probe`] works out the pod's share per GPU, its unit and the
 //! freshness cut-off once; each node then costs one lookup of its name and a few comparisons.
-//! [`Ledger::check`], [`Ledger::refusal`], [`Ledger::check_rendered`] and [`Ledger::score`]
-//! are the one-node forms of the same questions.
+//! [`Ledger::check`] is the one-node form of [`Probe::check`] (reserve and `kubectl vramslice
+//! explain` ask about one node); the tests have one-node forms of the others.
 
 use std::time::SystemTime;
 
@@ -45,17 +45,22 @@ impl Ledger {
     pub fn check(&self, node: &str, request: PodRequest, now: SystemTime) -> Result<(), Rejection> {
         self.probe(request, now).check(node)
     }
+}
 
+/// One-node forms of the probe's questions, for the ledger's tests (the extender asks a probe
+/// for all the names of a call).
+#[cfg(test)]
+impl Ledger {
     /// [`Ledger::check`] without building the reason: `None` when `node` can take the pod,
     /// else whether the refusal is unresolvable ([`Rejection::is_unresolvable`]). For callers
     /// that word many refusals with one shared reason.
-    pub fn refusal(&self, node: &str, request: PodRequest, now: SystemTime) -> Option<bool> {
+    pub(crate) fn refusal(&self, node: &str, request: PodRequest, now: SystemTime) -> Option<bool> {
         self.probe(request, now).refusal(node)
     }
 
     /// [`Ledger::check`] with the reason already rendered, and remembered per node until its
     /// books change: filters of same-size pods against many full nodes render each reason once.
-    pub fn check_rendered(
+    pub(crate) fn check_rendered(
         &self,
         node: &str,
         request: PodRequest,
@@ -65,7 +70,13 @@ impl Ledger {
     }
 
     /// Score 0..=10 of `node` for a pod of `request` under `policy` (0 when it cannot fit).
-    pub fn score(&self, node: &str, request: PodRequest, policy: Policy, now: SystemTime) -> u8 {
+    pub(crate) fn score(
+        &self,
+        node: &str,
+        request: PodRequest,
+        policy: Policy,
+        now: SystemTime,
+    ) -> u8 {
         self.probe(request, now).score(node, policy)
     }
 }
