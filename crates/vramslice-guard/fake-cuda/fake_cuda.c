@@ -16,7 +16,8 @@
  * (default 64 MiB) on their device, modules FAKE_CUDA_MODULE_BYTES (1 MiB). cuMemGetInfo needs a
  * current context and answers for its device, like the real driver. Each device has a default
  * pool and one pool cuMemPoolCreate hands out; pools retain freed async memory until
- * cuMemPoolTrimTo when FAKE_CUDA_POOL_RETAIN=1.
+ * cuMemPoolTrimTo when FAKE_CUDA_POOL_RETAIN=1. CUDA graphs with memory nodes, stream capture and
+ * each device's graph memory pool: fake_cuda_graphs.inc.c (included below).
  * Built with -Wl,-Bsymbolic like the real driver, so its own addresses are never interposed.
  */
 #define _GNU_SOURCE
@@ -248,6 +249,8 @@ CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t w, size_t h
 CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t n, unsigned flags) { (void)flags; ALLOC_INTO(dptr, n); }
 CUresult cuMemFree_v2(CUdeviceptr p) { return host_free((void *)p) < 0 ? ERR_INVALID_VALUE : OK; }
 
+#include "fake_cuda_graphs.inc.c"
+
 /* With retention, async frees stay taken (on the pool's device) until a trim. */
 CUresult cuDeviceGetMemPool(CUmemoryPool *pool, CUdevice d) { if (!pool || !valid_device(d)) return ERR_INVALID_VALUE; *pool = &default_pool[d]; return OK; }
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice d) { return cuDeviceGetMemPool(pool, d); }
@@ -291,12 +294,23 @@ static CUresult async_free(CUdeviceptr q) {
     return OK;
 }
 static fake_pool *current_pool(void) { return &default_pool[current_device()]; }
-CUresult cuMemAllocAsync(CUdeviceptr *d, size_t n, CUstream s) { (void)s; return async_alloc(current_pool(), d, n); }
-CUresult cuMemAllocAsync_ptsz(CUdeviceptr *d, size_t n, CUstream s) { (void)s; return async_alloc(current_pool(), d, n); }
-CUresult cuMemAllocFromPoolAsync(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { (void)s; return async_alloc(pool, d, n); }
-CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { (void)s; return async_alloc(pool, d, n); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) { (void)s; return async_free(p); }
-CUresult cuMemFreeAsync_ptsz(CUdeviceptr p, CUstream s) { (void)s; return async_free(p); }
+/* On a capturing stream an async allocation or free is a graph node, not memory. */
+CUresult cuMemAllocAsync(CUdeviceptr *d, size_t n, CUstream s) {
+    fake_graph *g = capture_graph(s);
+    return g ? capture_alloc(g, d, n, current_device()) : async_alloc(current_pool(), d, n);
+}
+CUresult cuMemAllocAsync_ptsz(CUdeviceptr *d, size_t n, CUstream s) { return cuMemAllocAsync(d, n, s); }
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) {
+    fake_graph *g = capture_graph(s);
+    if (g) return known_pool(pool) ? capture_alloc(g, d, n, ((fake_pool *)pool)->dev) : ERR_INVALID_VALUE;
+    return async_alloc(pool, d, n);
+}
+CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { return cuMemAllocFromPoolAsync(d, n, pool, s); }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    fake_graph *g = capture_graph(s);
+    return g ? add_node(g, NULL, NODE_MEM_FREE, 0, 0, p, NULL) : async_free(p);
+}
+CUresult cuMemFreeAsync_ptsz(CUdeviceptr p, CUstream s) { return cuMemFreeAsync(p, s); }
 CUresult cuMemPoolTrimTo(CUmemoryPool p, size_t keep) {
     fake_pool *pool = known_pool(p);
     if (!pool) return ERR_INVALID_VALUE;
@@ -451,6 +465,23 @@ static const struct entry table[] = {
     E("cuModuleLoadDataEx", 0, 0, cuModuleLoadDataEx), E("cuModuleLoadFatBinary", 0, 0, cuModuleLoadFatBinary),
     E("cuModuleUnload", 0, 0, cuModuleUnload), E("cuLibraryLoadData", 0, 0, cuLibraryLoadData),
     E("cuLibraryLoadFromFile", 0, 0, cuLibraryLoadFromFile), E("cuLibraryUnload", 0, 0, cuLibraryUnload),
+    E("cuStreamCreate", 0, 0, cuStreamCreate), E("cuStreamDestroy", 4000, 0, cuStreamDestroy_v2),
+    E("cuStreamSynchronize", 0, 0, cuStreamSynchronize), E("cuStreamBeginCapture", 10010, 0, cuStreamBeginCapture_v2),
+    E("cuStreamEndCapture", 0, 0, cuStreamEndCapture),
+    E("cuStreamIsCapturing", 0, 1, cuStreamIsCapturing_ptsz), E("cuStreamIsCapturing", 0, 0, cuStreamIsCapturing),
+    E("cuGraphCreate", 0, 0, cuGraphCreate), E("cuGraphDestroy", 0, 0, cuGraphDestroy),
+    E("cuGraphAddMemAllocNode", 0, 0, cuGraphAddMemAllocNode), E("cuGraphAddMemFreeNode", 0, 0, cuGraphAddMemFreeNode),
+    E("cuGraphAddChildGraphNode", 0, 0, cuGraphAddChildGraphNode), E("cuGraphGetNodes", 0, 0, cuGraphGetNodes),
+    E("cuGraphNodeGetType", 0, 0, cuGraphNodeGetType), E("cuGraphMemAllocNodeGetParams", 0, 0, cuGraphMemAllocNodeGetParams),
+    E("cuGraphChildGraphNodeGetGraph", 0, 0, cuGraphChildGraphNodeGetGraph),
+    E("cuGraphInstantiate", 12000, 0, cuGraphInstantiateWithFlags), E("cuGraphInstantiate", 11000, 0, cuGraphInstantiate_v2),
+    E("cuGraphInstantiate", 0, 0, cuGraphInstantiate), E("cuGraphInstantiateWithFlags", 0, 0, cuGraphInstantiateWithFlags),
+    E("cuGraphInstantiateWithParams", 0, 1, cuGraphInstantiateWithParams_ptsz),
+    E("cuGraphInstantiateWithParams", 0, 0, cuGraphInstantiateWithParams),
+    E("cuGraphLaunch", 0, 1, cuGraphLaunch_ptsz), E("cuGraphLaunch", 0, 0, cuGraphLaunch),
+    E("cuGraphUpload", 0, 1, cuGraphUpload_ptsz), E("cuGraphUpload", 0, 0, cuGraphUpload),
+    E("cuGraphExecDestroy", 0, 0, cuGraphExecDestroy), E("cuDeviceGraphMemTrim", 0, 0, cuDeviceGraphMemTrim),
+    E("cuDeviceGetGraphMemAttribute", 0, 0, cuDeviceGetGraphMemAttribute),
 };
 CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, unsigned long long flags, int *status);
 CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, unsigned long long flags) {

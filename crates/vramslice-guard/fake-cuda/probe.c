@@ -22,6 +22,8 @@
  *   probe holdon <step>...      (as allocon, then prints "ready" and waits for stdin to close)
  *   probe multi <limit0> <limit1> <context-charge>  (two devices, each held to its own limit)
  *   probe nvmlon <dev> <limit>  (NVML memory information of one device, by its handle)
+ *   probe graphs <direct|dlsym|gpa|gpa_ptsz> <limit-bytes>  (CUDA graph memory nodes: captured
+ *                               and explicit, launched, uploaded, trimmed, held to the limit)
  *
  * PROBE_DEVICE (default 0) is the device the entrypoints and contexts scenarios use.
  */
@@ -83,6 +85,20 @@ int nvmlDeviceGetMemoryInfo(void *, nvmlMemory_t *);
 int nvmlDeviceGetMemoryInfo_v2(void *, nvmlMemory_v2_t *);
 int nvmlDeviceGetHandleByIndex_v2(unsigned, void **);
 int next_marker(void);
+CUresult cuStreamCreate(H *, unsigned);
+CUresult cuStreamBeginCapture_v2(H, int);
+CUresult cuStreamEndCapture(H, H *);
+CUresult cuGraphCreate(H *, unsigned);
+CUresult cuGraphAddMemAllocNode(H *, H, H *, size_t, void *);
+CUresult cuGraphAddMemFreeNode(H *, H, H *, size_t, CUdeviceptr);
+CUresult cuGraphAddChildGraphNode(H *, H, H *, size_t, H);
+CUresult cuGraphInstantiateWithFlags(H *, H, unsigned long long);
+CUresult cuGraphInstantiateWithParams(H *, H, void *);
+CUresult cuGraphLaunch(H, H);
+CUresult cuGraphUpload(H, H);
+CUresult cuGraphExecDestroy(H);
+CUresult cuDeviceGraphMemTrim(int);
+CUresult cuDeviceGetGraphMemAttribute(int, int, void *);
 
 struct api {
     CUresult (*alloc)(CUdeviceptr *, size_t);
@@ -571,6 +587,156 @@ static int multi(size_t l0, size_t l1, size_t est) {
     return finish();
 }
 
+
+/* CUDA graph memory nodes, reached the way `mode` says. */
+typedef struct { int type; int handleTypes; struct { int type; int id; } location; void *win32; size_t maxSize;
+                 unsigned short usage; unsigned char reserved[54]; } POOL_PROPS_FULL;
+typedef struct { POOL_PROPS_FULL poolProps; const void *accessDescs; size_t accessDescCount; size_t bytesize;
+                 CUdeviceptr dptr; } MEM_ALLOC_NODE_PARAMS;
+typedef struct { unsigned long long flags; H hUploadStream; H hErrNode_out; int result_out; } INSTANTIATE_PARAMS;
+struct gapi {
+    CUresult (*begin)(H, int);
+    CUresult (*end)(H, H *);
+    CUresult (*alloc_async)(CUdeviceptr *, size_t, H);
+    CUresult (*free_async)(CUdeviceptr, H);
+    CUresult (*create)(H *, unsigned);
+    CUresult (*add_alloc)(H *, H, H *, size_t, void *);
+    CUresult (*add_free)(H *, H, H *, size_t, CUdeviceptr);
+    CUresult (*add_child)(H *, H, H *, size_t, H);
+    CUresult (*inst)(H *, H, unsigned long long);
+    CUresult (*inst_params)(H *, H, void *);
+    CUresult (*launch)(H, H);
+    CUresult (*upload)(H, H);
+    CUresult (*exec_destroy)(H);
+    CUresult (*trim)(int);
+    CUresult (*attr)(int, int, void *);
+    CUresult (*alloc)(CUdeviceptr *, size_t);
+    CUresult (*free_)(CUdeviceptr);
+    CUresult (*info)(size_t *, size_t *);
+};
+static void load_graph_api(struct gapi *a, const char *mode) {
+    if (!strcmp(mode, "direct")) {
+        *a = (struct gapi){ cuStreamBeginCapture_v2, cuStreamEndCapture, cuMemAllocAsync, cuMemFreeAsync, cuGraphCreate,
+            cuGraphAddMemAllocNode, cuGraphAddMemFreeNode, cuGraphAddChildGraphNode, cuGraphInstantiateWithFlags,
+            cuGraphInstantiateWithParams, cuGraphLaunch, cuGraphUpload, cuGraphExecDestroy, cuDeviceGraphMemTrim,
+            cuDeviceGetGraphMemAttribute, cuMemAlloc_v2, cuMemFree_v2, cuMemGetInfo_v2 };
+        return;
+    }
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) die(dlerror());
+    if (!strcmp(mode, "dlsym")) {
+        S(begin, "cuStreamBeginCapture_v2"); S(end, "cuStreamEndCapture"); S(alloc_async, "cuMemAllocAsync");
+        S(free_async, "cuMemFreeAsync"); S(create, "cuGraphCreate"); S(add_alloc, "cuGraphAddMemAllocNode");
+        S(add_free, "cuGraphAddMemFreeNode"); S(add_child, "cuGraphAddChildGraphNode");
+        S(inst, "cuGraphInstantiateWithFlags"); S(inst_params, "cuGraphInstantiateWithParams");
+        S(launch, "cuGraphLaunch"); S(upload, "cuGraphUpload"); S(exec_destroy, "cuGraphExecDestroy");
+        S(trim, "cuDeviceGraphMemTrim"); S(attr, "cuDeviceGetGraphMemAttribute"); S(alloc, "cuMemAlloc_v2");
+        S(free_, "cuMemFree_v2"); S(info, "cuMemGetInfo_v2");
+        return;
+    }
+    unsigned long long flags = !strcmp(mode, "gpa_ptsz") ? 2 : 0;
+    CUresult (*gpa)(const char *, void **, int, unsigned long long, int *) =
+        need(dlsym(lib, "cuGetProcAddress_v2"), "cuGetProcAddress_v2");
+    G(begin, "cuStreamBeginCapture"); G(end, "cuStreamEndCapture"); G(alloc_async, "cuMemAllocAsync");
+    G(free_async, "cuMemFreeAsync"); G(create, "cuGraphCreate"); G(add_alloc, "cuGraphAddMemAllocNode");
+    G(add_free, "cuGraphAddMemFreeNode"); G(add_child, "cuGraphAddChildGraphNode");
+    G(inst, "cuGraphInstantiate"); /* CUDA 12: cuGraphInstantiateWithFlags */
+    G(inst_params, "cuGraphInstantiateWithParams"); G(launch, "cuGraphLaunch"); G(upload, "cuGraphUpload");
+    G(exec_destroy, "cuGraphExecDestroy"); G(trim, "cuDeviceGraphMemTrim"); G(attr, "cuDeviceGetGraphMemAttribute");
+    G(alloc, "cuMemAlloc"); G(free_, "cuMemFree"); G(info, "cuMemGetInfo");
+}
+static size_t g_used(struct gapi *a) { size_t f = 0, t = 0; return a->info(&f, &t) ? (size_t)-1 : t - f; }
+static unsigned long long g_reserved(struct gapi *a) {
+    unsigned long long v = ~0ULL;
+    return a->attr(probe_device(), 2 /* CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT */, &v) ? ~0ULL : v;
+}
+/* A graph capturing one stream-ordered allocation of n bytes, freed inside the graph. */
+static H captured(struct gapi *a, H stream, size_t n, CUresult *alloc_rc) {
+    H g = NULL;
+    CUdeviceptr p = 0;
+    if (a->begin(stream, 0)) die("cuStreamBeginCapture");
+    *alloc_rc = a->alloc_async(&p, n, stream);
+    if (*alloc_rc == 0) a->free_async(p, stream);
+    if (a->end(stream, &g) || !g) die("cuStreamEndCapture");
+    return g;
+}
+/* An explicit graph whose memory node (n bytes on the probe device) sits in a child graph. */
+static H explicit_graph(struct gapi *a, size_t n) {
+    H child = NULL, parent = NULL, alloc_node = NULL, free_node = NULL, child_node = NULL;
+    MEM_ALLOC_NODE_PARAMS p;
+    memset(&p, 0, sizeof p);
+    p.poolProps.type = 1; /* pinned */
+    p.poolProps.location.type = 1;
+    p.poolProps.location.id = probe_device();
+    p.bytesize = n;
+    if (a->create(&child, 0) || a->add_alloc(&alloc_node, child, NULL, 0, &p) || !p.dptr) die("cuGraphAddMemAllocNode");
+    if (a->add_free(&free_node, child, &alloc_node, 1, p.dptr)) die("cuGraphAddMemFreeNode");
+    if (a->create(&parent, 0) || a->add_child(&child_node, parent, NULL, 0, child)) die("cuGraphAddChildGraphNode");
+    return parent;
+}
+static int graphs(const char *mode, size_t limit) {
+    struct gapi a;
+    H ctx = make_ctx();
+    H s = NULL, gA, gB, gC, eA = NULL, eB = NULL, eC = NULL, eD = NULL, eE = NULL;
+    CUdeviceptr d = 0;
+    CUresult rc;
+    char what[200];
+    load_graph_api(&a, mode);
+    if (cuStreamCreate(&s, 0)) die("cuStreamCreate");
+    size_t base = g_used(&a);
+    size_t c = (limit - base) / 4 / MIB * MIB;
+    if (c < MIB) die("the limit leaves no room beside the context");
+
+    gA = captured(&a, s, 3 * limit, &rc);
+    check(rc == 0 && g_used(&a) == base, "capturing an allocation larger than the slice makes a node and charges nothing");
+    check(a.inst(&eA, gA, 0) == 0, "the captured graph instantiates");
+    rc = a.launch(eA, s);
+    snprintf(what, sizeof what, "launching a graph whose memory nodes exceed the slice gets CUDA_ERROR_OUT_OF_MEMORY (got %d)", rc);
+    check(rc == 2, what);
+    check(g_used(&a) == base && g_reserved(&a) == 0, "the refused launch left nothing charged and the driver mapped nothing");
+
+    gB = captured(&a, s, 2 * c, &rc);
+    check(rc == 0 && a.inst(&eB, gB, 0) == 0, "a graph with a 2-chunk memory node instantiates");
+    check(a.launch(eB, s) == 0, "its first launch within the slice succeeds");
+    snprintf(what, sizeof what, "its first launch is charged what the graph pool reserves (used %llu MiB, pool %llu MiB)",
+             (unsigned long long)((g_used(&a) - base) / MIB), g_reserved(&a) / MIB);
+    check(g_used(&a) == base + 2 * c && g_reserved(&a) == 2 * c, what);
+    check(a.launch(eB, s) == 0 && a.launch(eB, s) == 0 && g_used(&a) == base + 2 * c, "replays take nothing new");
+    check(a.alloc(&d, c) == 0, "a plain allocation beside the graph's memory fits");
+    rc = a.alloc(&d, 2 * c);
+    snprintf(what, sizeof what, "the graph's memory counts against plain allocations (got %d)", rc);
+    check(rc == 2, what);
+
+    gC = explicit_graph(&a, 2 * c);
+    check(a.inst(&eC, gC, 0) == 0, "an explicit graph with its memory node in a child graph instantiates");
+    check(a.launch(eC, s) == 0, "its launch fits once the idle graph's memory is trimmed");
+    snprintf(what, sizeof what, "charged the pool after the trim (used %llu MiB, pool %llu MiB)", (g_used(&a) - base) / MIB,
+             g_reserved(&a) / MIB);
+    check(g_used(&a) == base + 3 * c && g_reserved(&a) == 2 * c, what);
+    check(a.launch(eB, s) == 0 && g_used(&a) == base + 3 * c, "the trimmed graph launches again, within the slice");
+
+    check(a.free_(d) == 0 && a.exec_destroy(eB) == 0 && a.exec_destroy(eC) == 0 && a.exec_destroy(eA) == 0,
+          "graphs destroyed");
+    check(g_used(&a) == base + 2 * c, "destroyed graphs' memory stays charged while the pool holds it");
+    check(a.trim(probe_device()) == 0 && g_used(&a) == base && g_reserved(&a) == 0,
+          "cuDeviceGraphMemTrim gives it back");
+
+    INSTANTIATE_PARAMS ip = { 2 /* CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD */, s, NULL, 0 };
+    rc = a.inst_params(&eD, gA, &ip);
+    snprintf(what, sizeof what, "instantiating with upload a graph past the slice gets CUDA_ERROR_OUT_OF_MEMORY (got %d)", rc);
+    check(rc == 2 && g_reserved(&a) == 0, what);
+    ip.flags = 2;
+    check(a.inst_params(&eE, gB, &ip) == 0 && g_used(&a) == base + 2 * c, "instantiating with upload charges the upload");
+    check(a.launch(eE, s) == 0 && g_used(&a) == base + 2 * c, "a launch after the upload takes nothing new");
+    check(a.exec_destroy(eE) == 0 && a.trim(probe_device()) == 0 && g_used(&a) == base, "trimmed again");
+    H eF = NULL;
+    check(a.inst(&eF, gB, 0) == 0 && a.upload(eF, s) == 0 && g_used(&a) == base + 2 * c, "cuGraphUpload is charged like a launch");
+    a.exec_destroy(eF);
+    a.trim(probe_device());
+    cuCtxDestroy_v2(ctx);
+    return finish();
+}
+
 static int nvmlon(int dev, size_t limit) {
     void *h = NULL;
     if (use_device(dev)) die("context on the device");
@@ -610,6 +776,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(s, "multi") && argc == 5) return multi(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
+    if (!strcmp(s, "graphs") && argc == 4) return graphs(argv[2], strtoull(argv[3], 0, 10));
     if (!strcmp(s, "nvmlon") && argc == 4) return nvmlon(atoi(argv[2]), strtoull(argv[3], 0, 10));
     die("unknown scenario or wrong arguments");
     return 2;

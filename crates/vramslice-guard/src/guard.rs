@@ -11,6 +11,12 @@
 //! numbers (sizes, handles as integers, device ordinals); nothing here touches a pointer or the
 //! driver itself. What the policy needs from the outside world — whether a process is alive, how
 //! much a memory pool really holds, a device's UUID — comes in as function pointers ([`Probes`]).
+//! CUDA graph memory nodes, charged when the driver maps them, have their own part
+//! (`graphs`: [`Guard::graph_before_launch`] and what follows it).
+
+mod graphs;
+
+pub use graphs::{GraphMapping, GraphNeeds, GraphPoolReading, GraphRefusal};
 
 use crate::ledger::{Ledger, Liveness, OverLimit};
 use crate::tracker::{Entry, Kind, Tracker};
@@ -87,6 +93,10 @@ pub struct Probes {
     pub pool_reserved: fn(u64) -> Option<u64>,
     /// The UUID of a device ordinal, formatted as NVIDIA does (`GPU-xxxxxxxx-...`).
     pub device_uuid: fn(i32) -> Result<String, String>,
+    /// What a device's graph memory pool holds (`None`: unknown).
+    pub graph_pool: fn(i32) -> Option<GraphPoolReading>,
+    /// Trims a device's graph memory pool (`cuDeviceGraphMemTrim`); whether the driver did.
+    pub graph_trim: fn(i32) -> bool,
 }
 
 /// Bytes a pool holds for this process: charged to the pool's account, in use or kept for reuse.
@@ -122,6 +132,7 @@ pub struct Guard {
     devices: Box<[AtomicU32]>,
     tracker: Tracker,
     pools: Mutex<Pools>,
+    graphs: Mutex<graphs::GraphState>,
     epoch: Instant,
     last_reap_ms: AtomicU64,
     probes: Probes,
@@ -142,6 +153,7 @@ impl Guard {
                 .collect(),
             tracker: Tracker::default(),
             pools: Mutex::new(Pools::new()),
+            graphs: Mutex::default(),
             epoch: Instant::now(),
             last_reap_ms: AtomicU64::new(0),
             probes,
@@ -260,6 +272,7 @@ impl Guard {
             }
         }
         self.reconcile_pools();
+        self.reconcile_graph_pools();
         let account = &self.accounts[a];
         account
             .ledger
@@ -494,10 +507,12 @@ impl Guard {
     pub fn prepare_fork(&'static self) {
         self.tracker.lock_for_fork();
         POOL_FORK_GUARD.with(|g| *g.borrow_mut() = Some(self.pools()));
+        self.graphs_prepare_fork();
     }
 
     /// After `fork`, in the parent.
     pub fn parent_after_fork(&self) {
+        Guard::graphs_parent_after_fork();
         POOL_FORK_GUARD.with(|g| *g.borrow_mut() = None);
         self.tracker.unlock_after_fork_parent();
     }
@@ -510,6 +525,7 @@ impl Guard {
                 p.clear();
             }
         });
+        Guard::graphs_child_after_fork();
         self.tracker.unlock_after_fork_child();
         let mut full = Vec::new();
         for account in &self.accounts {
@@ -528,7 +544,7 @@ mod tests {
     use super::*;
     use crate::ledger::private_words;
 
-    fn probes(pool_reserved: fn(u64) -> Option<u64>) -> Probes {
+    pub(crate) fn probes_with(pool_reserved: fn(u64) -> Option<u64>) -> Probes {
         Probes {
             liveness: |_, _| Liveness::Alive,
             pool_reserved,
@@ -538,10 +554,12 @@ mod tests {
                 2 => Ok("GPU-c".into()),
                 _ => Err("CUDA error 101".into()),
             },
+            graph_pool: |_| Some(GraphPoolReading::default()),
+            graph_trim: |_| true,
         }
     }
 
-    fn account(uuid: &str, limit: u64) -> Account {
+    pub(crate) fn account(uuid: &str, limit: u64) -> Account {
         let l = Ledger::new(private_words(limit, uuid)).unwrap();
         l.claim(1, 1);
         Account::new(uuid, limit, l)
@@ -551,7 +569,7 @@ mod tests {
         Guard::new(
             vec![account("", limit)],
             Mapping::Container,
-            probes(|_| Some(0)),
+            probes_with(|_| Some(0)),
         )
         .unwrap()
     }
@@ -561,7 +579,7 @@ mod tests {
         Guard::new(
             vec![account("GPU-a", 100), account("GPU-b", 200)],
             Mapping::PerGpu,
-            probes(|_| Some(0)),
+            probes_with(|_| Some(0)),
         )
         .unwrap()
     }
@@ -708,7 +726,7 @@ mod tests {
         let g = Guard::new(
             vec![Account::new("", 100, l)],
             Mapping::Container,
-            probes(|_| None),
+            probes_with(|_| None),
         )
         .unwrap();
         g.reserve_async(0, 3, 50).unwrap();
@@ -746,6 +764,6 @@ mod tests {
 
     #[test]
     fn no_account_no_guard() {
-        assert!(Guard::new(Vec::new(), Mapping::PerGpu, probes(|_| None)).is_none());
+        assert!(Guard::new(Vec::new(), Mapping::PerGpu, probes_with(|_| None)).is_none());
     }
 }

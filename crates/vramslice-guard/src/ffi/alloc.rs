@@ -1,6 +1,7 @@
 //! Exported allocation and free entry points of the driver API.
 #![allow(non_snake_case)]
 
+use super::graph::capturing;
 use super::types::*;
 use super::{On, account_or_refuse, boundary, config, guard, read_out, real_fn};
 use crate::guard::{AccountId, Guard, Mapping};
@@ -234,8 +235,9 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
 }
 
 macro_rules! alloc_async {
-    ($name:ident) => {
-        /// Interposed asynchronous allocation from the current pool.
+    ($name:ident, $ptsz:literal) => {
+        /// Interposed asynchronous allocation from the current pool (on a capturing stream: a
+        /// graph memory node, passed through and charged when the graph is mapped).
         ///
         /// # Safety
         /// As the CUDA driver API requires.
@@ -247,19 +249,23 @@ macro_rules! alloc_async {
         ) -> CUresult {
             boundary(|| {
                 let f = real_fn!($name);
-                let pool = if guard().is_some() { current_pool() } else { 1 };
                 // SAFETY: arguments forwarded unchanged.
-                async_counted(pool, size as u64, dptr, || unsafe { f(dptr, size, stream) })
+                let call = || unsafe { f(dptr, size, stream) };
+                if guard().is_none() || capturing(stream, $ptsz) {
+                    return call();
+                }
+                async_counted(current_pool(), size as u64, dptr, call)
             })
         }
     };
 }
-alloc_async!(cuMemAllocAsync);
-alloc_async!(cuMemAllocAsync_ptsz);
+alloc_async!(cuMemAllocAsync, false);
+alloc_async!(cuMemAllocAsync_ptsz, true);
 
 macro_rules! alloc_from_pool {
-    ($name:ident) => {
-        /// Interposed asynchronous allocation from a given pool.
+    ($name:ident, $ptsz:literal) => {
+        /// Interposed asynchronous allocation from a given pool (on a capturing stream: a graph
+        /// memory node, passed through).
         ///
         /// # Safety
         /// As the CUDA driver API requires.
@@ -273,15 +279,17 @@ macro_rules! alloc_from_pool {
             boundary(|| {
                 let f = real_fn!($name);
                 // SAFETY: arguments forwarded unchanged.
-                async_counted(pool as usize as u64, size as u64, dptr, || unsafe {
-                    f(dptr, size, pool, stream)
-                })
+                let call = || unsafe { f(dptr, size, pool, stream) };
+                if guard().is_none() || capturing(stream, $ptsz) {
+                    return call();
+                }
+                async_counted(pool as usize as u64, size as u64, dptr, call)
             })
         }
     };
 }
-alloc_from_pool!(cuMemAllocFromPoolAsync);
-alloc_from_pool!(cuMemAllocFromPoolAsync_ptsz);
+alloc_from_pool!(cuMemAllocFromPoolAsync, false);
+alloc_from_pool!(cuMemAllocFromPoolAsync_ptsz, true);
 
 macro_rules! free_async {
     ($name:ident) => {

@@ -6,6 +6,7 @@
 
 mod alloc;
 mod context;
+mod graph;
 mod real;
 mod resolve;
 mod shm;
@@ -105,6 +106,8 @@ fn init_guard() -> Option<Guard> {
             liveness,
             pool_reserved,
             device_uuid,
+            graph_pool: graph::graph_pool,
+            graph_trim: graph::graph_trim,
         },
     )
 }

@@ -140,6 +140,24 @@ real_table! {
     cuDeviceGetDefaultMemPool: fn(*mut Handle, CUdevice) -> CUresult;
     cuMemPoolCreate: fn(*mut Handle, *const MemAllocationProp) -> CUresult;
     cuMemPoolGetAttribute: fn(Handle, c_int, *mut c_void) -> CUresult;
+    cuStreamIsCapturing: fn(Handle, *mut c_int) -> CUresult;
+    cuStreamIsCapturing_ptsz: fn(Handle, *mut c_int) -> CUresult;
+    cuGraphGetNodes: fn(Handle, *mut Handle, *mut usize) -> CUresult;
+    cuGraphNodeGetType: fn(Handle, *mut c_int) -> CUresult;
+    cuGraphMemAllocNodeGetParams: fn(Handle, *mut MemAllocNodeParams) -> CUresult;
+    cuGraphChildGraphNodeGetGraph: fn(Handle, *mut Handle) -> CUresult;
+    cuGraphInstantiate: fn(*mut Handle, Handle, *mut Handle, *mut c_char, usize) -> CUresult;
+    cuGraphInstantiate_v2: fn(*mut Handle, Handle, *mut Handle, *mut c_char, usize) -> CUresult;
+    cuGraphInstantiateWithFlags: fn(*mut Handle, Handle, u64) -> CUresult;
+    cuGraphInstantiateWithParams: fn(*mut Handle, Handle, *mut GraphInstantiateParams) -> CUresult;
+    cuGraphInstantiateWithParams_ptsz: fn(*mut Handle, Handle, *mut GraphInstantiateParams) -> CUresult;
+    cuGraphExecDestroy: fn(Handle) -> CUresult;
+    cuGraphLaunch: fn(Handle, Handle) -> CUresult;
+    cuGraphLaunch_ptsz: fn(Handle, Handle) -> CUresult;
+    cuGraphUpload: fn(Handle, Handle) -> CUresult;
+    cuGraphUpload_ptsz: fn(Handle, Handle) -> CUresult;
+    cuDeviceGetGraphMemAttribute: fn(CUdevice, c_int, *mut c_void) -> CUresult;
+    cuDeviceGraphMemTrim: fn(CUdevice) -> CUresult;
 }
 
 /// NVML's memory queries, and the device UUID query that maps them to an account.

@@ -6,6 +6,7 @@
 
 use super::alloc::*;
 use super::context::*;
+use super::graph::*;
 use super::real::{real, real_dlsym};
 use super::types::*;
 use super::{boundary, guard, read_out, real_fn};
@@ -52,6 +53,17 @@ fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         b"cuLibraryLoadData" => cuLibraryLoadData as *const (),
         b"cuLibraryLoadFromFile" => cuLibraryLoadFromFile as *const (),
         b"cuLibraryUnload" => cuLibraryUnload as *const (),
+        b"cuGraphInstantiate" => cuGraphInstantiate as *const (),
+        b"cuGraphInstantiate_v2" => cuGraphInstantiate_v2 as *const (),
+        b"cuGraphInstantiateWithFlags" => cuGraphInstantiateWithFlags as *const (),
+        b"cuGraphInstantiateWithParams" => cuGraphInstantiateWithParams as *const (),
+        b"cuGraphInstantiateWithParams_ptsz" => cuGraphInstantiateWithParams_ptsz as *const (),
+        b"cuGraphExecDestroy" => cuGraphExecDestroy as *const (),
+        b"cuGraphLaunch" => cuGraphLaunch as *const (),
+        b"cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as *const (),
+        b"cuGraphUpload" => cuGraphUpload as *const (),
+        b"cuGraphUpload_ptsz" => cuGraphUpload_ptsz as *const (),
+        b"cuDeviceGraphMemTrim" => cuDeviceGraphMemTrim as *const (),
         b"nvmlDeviceGetMemoryInfo" => nvmlDeviceGetMemoryInfo as *const (),
         b"nvmlDeviceGetMemoryInfo_v2" => nvmlDeviceGetMemoryInfo_v2 as *const (),
         _ => return None,

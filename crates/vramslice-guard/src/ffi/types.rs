@@ -25,6 +25,18 @@ pub const CUDA_ERROR_UNKNOWN: CUresult = 999;
 pub const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
 /// `CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`.
 pub const CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT: c_int = 5;
+/// `CU_GRAPH_NODE_TYPE_GRAPH` (a child graph node).
+pub const CU_GRAPH_NODE_TYPE_GRAPH: c_int = 4;
+/// `CU_GRAPH_NODE_TYPE_MEM_ALLOC`.
+pub const CU_GRAPH_NODE_TYPE_MEM_ALLOC: c_int = 10;
+/// `CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT`.
+pub const CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT: c_int = 0;
+/// `CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT`.
+pub const CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT: c_int = 2;
+/// `CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD`: instantiation also uploads (maps) the graph.
+pub const CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD: u64 = 2;
+/// `CU_STREAM_CAPTURE_STATUS_NONE`.
+pub const CU_STREAM_CAPTURE_STATUS_NONE: c_int = 0;
 /// `NVML_ERROR_UNINITIALIZED`.
 pub const NVML_ERROR_UNINITIALIZED: c_int = 1;
 /// `NVML_SUCCESS`.
@@ -53,6 +65,69 @@ pub struct MemAllocationProp {
     pub location_type: c_int,
     /// `CUmemLocation.id`.
     pub location_id: c_int,
+}
+
+/// `CUDA_MEM_ALLOC_NODE_PARAMS` (v1 and v2 share this layout): `CUmemPoolProps` (88 bytes),
+/// then the access descriptors, the size and the address.
+#[repr(C)]
+pub struct MemAllocNodeParams {
+    /// `poolProps.allocType`, `handleTypes`, `location.type`, `location.id`.
+    pub pool: MemAllocationProp,
+    /// `poolProps.win32SecurityAttributes`.
+    pub win32_security_attributes: *mut c_void,
+    /// `poolProps.maxSize`.
+    pub max_size: usize,
+    /// `poolProps.usage`.
+    pub usage: u16,
+    /// `poolProps.reserved`.
+    pub reserved: [u8; 54],
+    /// `accessDescs`.
+    pub access_descs: *const c_void,
+    /// `accessDescCount`.
+    pub access_desc_count: usize,
+    /// `bytesize`.
+    pub bytesize: usize,
+    /// `dptr`.
+    pub dptr: CUdeviceptr,
+}
+
+const _: () = assert!(std::mem::size_of::<MemAllocNodeParams>() == 120);
+const _: () = assert!(std::mem::offset_of!(MemAllocNodeParams, access_descs) == 88);
+const _: () = assert!(std::mem::offset_of!(MemAllocNodeParams, bytesize) == 104);
+
+impl MemAllocNodeParams {
+    /// All zero, for the driver to fill.
+    pub fn zeroed() -> MemAllocNodeParams {
+        MemAllocNodeParams {
+            pool: MemAllocationProp {
+                alloc_type: 0,
+                handle_types: 0,
+                location_type: 0,
+                location_id: 0,
+            },
+            win32_security_attributes: std::ptr::null_mut(),
+            max_size: 0,
+            usage: 0,
+            reserved: [0; 54],
+            access_descs: std::ptr::null(),
+            access_desc_count: 0,
+            bytesize: 0,
+            dptr: 0,
+        }
+    }
+}
+
+/// `CUDA_GRAPH_INSTANTIATE_PARAMS`.
+#[repr(C)]
+pub struct GraphInstantiateParams {
+    /// `flags` (`CUDA_GRAPH_INSTANTIATE_FLAG_*`).
+    pub flags: u64,
+    /// `hUploadStream`.
+    pub upload_stream: Handle,
+    /// `hErrNode_out`.
+    pub err_node_out: Handle,
+    /// `result_out`.
+    pub result_out: c_int,
 }
 
 /// `CUDA_ARRAY_DESCRIPTOR`.

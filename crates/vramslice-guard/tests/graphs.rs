@@ -1,0 +1,96 @@
+//! CUDA graph memory nodes over the fake driver (`fake-cuda/fake_cuda_graphs.inc.c`): an
+//! allocation captured from a stream charges nothing until the graph is mapped; a launch, upload
+//! or instantiation-with-upload whose memory does not fit the slice is refused before the driver
+//! maps it; idle graphs' memory is trimmed to make room; a device's graph pool stays charged
+//! until it is trimmed. The probe reaches the driver directly, through `dlsym` and through
+//! `cuGetProcAddress` (plain and per-thread default stream), as real programs do.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::{MIB, assert_checks, probe, run};
+use std::path::Path;
+use vramslice_core::container::accounting::{self, gpu_accounting_file_name};
+use vramslice_core::container::limit::limits_file_content;
+
+const LIMIT: u64 = 256 * MIB;
+
+fn env(dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("VRAMSLICE_ACCOUNTING_DIR", dir.display().to_string()),
+        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", "0".into()),
+        ("FAKE_CUDA_CTX_BYTES", "0".into()),
+        ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
+        ("FAKE_CUDA_HWM_FILE", dir.join("hwm").display().to_string()),
+    ]
+}
+
+fn driver_peak(dir: &Path, file: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file))
+        .map(|t| t.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[test]
+fn graph_memory_is_held_to_the_limit_through_every_lookup() {
+    for mode in ["direct", "dlsym", "gpa", "gpa_ptsz"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = env(dir.path());
+        e.push(("VRAMSLICE_VRAM_LIMIT_BYTES", LIMIT.to_string()));
+        let (out, so, se) = run(probe(true, &e, &["graphs", mode, &LIMIT.to_string()]));
+        assert_checks(&out, &so, &se, 22);
+        let peak = driver_peak(dir.path(), "hwm");
+        assert!(
+            peak > 0 && peak <= LIMIT,
+            "{mode}: the driver saw at most the limit at any time: {peak} bytes"
+        );
+    }
+}
+
+#[test]
+fn without_the_guard_the_same_graphs_map_past_the_slice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, so, _) = run(probe(
+        false,
+        &env(dir.path()),
+        &["graphs", "direct", &LIMIT.to_string()],
+    ));
+    assert!(
+        so.contains("FAIL: launching a graph whose memory nodes exceed the slice"),
+        "the fake driver alone maps a graph larger than the slice:\n{so}"
+    );
+    assert!(driver_peak(dir.path(), "hwm") > LIMIT);
+}
+
+#[test]
+fn graph_memory_on_a_gpu_counts_toward_that_gpus_limit_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (u0, u1) = (
+        "GPU-11111111-1111-1111-1111-111111111111",
+        "GPU-22222222-2222-2222-2222-222222222222",
+    );
+    let limit_file = dir.path().join("limit");
+    std::fs::write(
+        &limit_file,
+        limits_file_content(&[(u0, 1024 * MIB), (u1, LIMIT)]).unwrap(),
+    )
+    .unwrap();
+    let mut e = env(dir.path());
+    e.push(("FAKE_CUDA_DEVICES", "2".into()));
+    e.push(("PROBE_DEVICE", "1".into()));
+    e.push(("VRAMSLICE_LIMIT_FILE", limit_file.display().to_string()));
+    let (out, so, se) = run(probe(true, &e, &["graphs", "gpa", &LIMIT.to_string()]));
+    assert_checks(&out, &so, &se, 22);
+    let peak = driver_peak(dir.path(), "hwm.1");
+    assert!(peak > 0 && peak <= LIMIT, "device 1 peak {peak}");
+    assert_eq!(driver_peak(dir.path(), "hwm"), 0, "nothing on device 0");
+    let peak_of = |uuid: &str| {
+        let file = std::fs::read(dir.path().join(gpu_accounting_file_name(uuid))).unwrap();
+        let snap = accounting::parse(&file).unwrap();
+        snap.slots.iter().map(|s| s.peak).max().unwrap_or(0)
+    };
+    assert_eq!(peak_of(u0), 0, "GPU 0's account never charged");
+    assert!(
+        peak_of(u1) >= 128 * MIB,
+        "GPU 1's account charged the graphs"
+    );
+}
