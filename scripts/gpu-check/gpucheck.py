@@ -51,7 +51,8 @@ TORCH_CHECKS = {
                             "past the limit raises OutOfMemoryError", "growing stops within the limit",
                             "empty_cache returns memory to the slice")],
     "graphs": ["torch graphs: capture + replay correct under the guard",
-               "torch graphs: graph memory nodes count against the limit"],
+               "torch graphs: graph memory nodes count against the limit",
+               "torch graphs: a graph past the slice fails its replay, the process goes on"],
     "share": ["torch: two processes share one account"],
     "throughput": ["torch: matmul fp16 8192^3 throughput with vs without the guard",
                    "torch: memory-bandwidth copy throughput with vs without the guard"],
@@ -445,6 +446,11 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
     run.program(g, [py, drv, "limits"], guarded, 60, [
         "driver: cuMemGetInfo total is the slice", "driver: allocation within the limit succeeds",
         "driver: allocation past the limit is refused", "nvml: memory info shows the slice"])
+    run.program(g, [py, drv, "graphs"], guarded, 60, [
+        "driver graphs: a memory node within the slice launches",
+        "driver graphs: the graph pool's memory counts against the limit",
+        "driver graphs: a memory node past the slice is refused at launch",
+        "driver graphs: cuDeviceGraphMemTrim returns the memory to the slice"])
     run.program(g, [py, drv, "share"], guarded, 60, ["two processes, one account: the other's memory is counted"])
     run.program(g, [py, drv, "latency"], plain, 120, ["driver: alloc/free latency added by the guard"])
     run.program("vllm", [py, drv, "vllm"], guarded, 60, ["vLLM-like start (driver): sizes to the slice, not the card"])

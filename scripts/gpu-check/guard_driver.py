@@ -6,6 +6,9 @@ driver (lent GPU) and on the fake driver (dry run) alike.
                                       CUDA_ERROR_OUT_OF_MEMORY, NVML memory info shows the slice
     guard_driver.py share             under the guard: a second process holding memory in the
                                       same accounting directory counts against this one's limit
+    guard_driver.py graphs            under the guard: a CUDA graph memory node is charged when the
+                                      graph is launched, a graph past the slice is refused at
+                                      launch, cuDeviceGraphMemTrim gives the memory back
     guard_driver.py latency           alloc/free pair time, plain and guarded (child processes)
     guard_driver.py vllm              a vLLM-like start: size a cache from cuMemGetInfo total
     guard_driver.py hold BYTES        (helper) allocate, print "ready", wait for stdin to close
@@ -147,6 +150,78 @@ def limits() -> int:
     return 0
 
 
+class AllocNodeParams(ctypes.Structure):
+    """CUDA_MEM_ALLOC_NODE_PARAMS: CUmemPoolProps (88 bytes), access descriptors, size, address."""
+
+    _fields_ = [("alloc_type", ctypes.c_int), ("handle_types", ctypes.c_int), ("location_type", ctypes.c_int),
+                ("location_id", ctypes.c_int), ("win32", ctypes.c_void_p), ("max_size", ctypes.c_size_t),
+                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 54), ("access_descs", ctypes.c_void_p),
+                ("access_desc_count", ctypes.c_size_t), ("bytesize", ctypes.c_size_t), ("dptr", ctypes.c_ulonglong)]
+
+
+assert ctypes.sizeof(AllocNodeParams) == 120
+
+
+def graph_pool_reserved(lib) -> int:
+    value = ctypes.c_ulonglong()
+    Driver.check("cuDeviceGetGraphMemAttribute",
+                 lib.cuDeviceGetGraphMemAttribute(0, 2, ctypes.byref(value)))  # RESERVED_MEM_CURRENT
+    return value.value
+
+
+def memory_node_graph(lib, n: int) -> ctypes.c_void_p:
+    """A graph allocating `n` bytes on device 0 in a memory node and freeing them in the graph."""
+    graph, alloc_node, free_node = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    Driver.check("cuGraphCreate", lib.cuGraphCreate(ctypes.byref(graph), 0))
+    params = AllocNodeParams(alloc_type=1, location_type=1, location_id=0, bytesize=n)  # pinned, on device 0
+    Driver.check("cuGraphAddMemAllocNode",
+                 lib.cuGraphAddMemAllocNode(ctypes.byref(alloc_node), graph, None, ctypes.c_size_t(0),
+                                            ctypes.byref(params)))
+    Driver.check("cuGraphAddMemFreeNode",
+                 lib.cuGraphAddMemFreeNode(ctypes.byref(free_node), graph, ctypes.byref(alloc_node),
+                                           ctypes.c_size_t(1), ctypes.c_ulonglong(params.dptr)))
+    return graph
+
+
+def graphs() -> int:
+    limit = limit_bytes()
+    drv = Driver()
+    lib = drv.lib
+    stream = ctypes.c_void_p()
+    drv.check("cuStreamCreate", lib.cuStreamCreate(ctypes.byref(stream), 0))
+    free0, _ = drv.mem_get_info()
+    reserved0 = graph_pool_reserved(lib)
+    within, past = ctypes.c_void_p(), ctypes.c_void_p()
+    drv.check("cuGraphInstantiateWithFlags",
+              lib.cuGraphInstantiateWithFlags(ctypes.byref(within), memory_node_graph(lib, int(limit * 0.4)),
+                                              ctypes.c_ulonglong(0)))
+    rc = lib.cuGraphLaunch(within, stream)
+    drv.check("cuStreamSynchronize", lib.cuStreamSynchronize(stream))
+    free1, _ = drv.mem_get_info()
+    reserved1 = graph_pool_reserved(lib)
+    emit("driver graphs: a memory node within the slice launches", rc == CUDA_SUCCESS,
+         f"40% of the limit: rc {rc}", "rc 0")
+    counted, grew = free0 - free1, reserved1 - reserved0
+    emit("driver graphs: the graph pool's memory counts against the limit", grew > 0 and counted >= grew,
+         f"pool grew {mib(grew)}, guard counted {mib(counted)}", "counted >= pool growth", grew=grew, counted=counted)
+    drv.check("cuGraphInstantiateWithFlags",
+              lib.cuGraphInstantiateWithFlags(ctypes.byref(past), memory_node_graph(lib, limit + 256 * MIB),
+                                              ctypes.c_ulonglong(0)))
+    rc = lib.cuGraphLaunch(past, stream)
+    drv.check("cuStreamSynchronize", lib.cuStreamSynchronize(stream))
+    reserved2 = graph_pool_reserved(lib)
+    emit("driver graphs: a memory node past the slice is refused at launch",
+         rc == CUDA_ERROR_OUT_OF_MEMORY and reserved2 <= reserved1,
+         f"limit + 256 MiB: rc {rc}, pool {mib(reserved2)}", f"rc {CUDA_ERROR_OUT_OF_MEMORY}, pool not grown")
+    drv.check("cuGraphExecDestroy", lib.cuGraphExecDestroy(within))
+    drv.check("cuGraphExecDestroy", lib.cuGraphExecDestroy(past))
+    drv.check("cuDeviceGraphMemTrim", lib.cuDeviceGraphMemTrim(0))
+    free3, _ = drv.mem_get_info()
+    emit("driver graphs: cuDeviceGraphMemTrim returns the memory to the slice", free3 >= free0 - 64 * MIB,
+         f"free {mib(free3)} after the trim, pool {mib(graph_pool_reserved(lib))}", f">= {mib(free0 - 64 * MIB)}")
+    return 0
+
+
 def hold(n: int) -> int:
     drv = Driver()
     rc, _ = drv.alloc(n)
@@ -251,6 +326,8 @@ def main(argv) -> int:
         return limits()
     if mode == "share":
         return share()
+    if mode == "graphs":
+        return graphs()
     if mode == "latency":
         return latency()
     if mode == "vllm":

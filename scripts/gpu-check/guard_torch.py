@@ -5,7 +5,8 @@ checks as NOT-RUN where there is none).
                                     mem_get_info shows the slice, within-limit works, past-limit
                                     raises torch.cuda.OutOfMemoryError, growth stops at the limit
     guard_torch.py graphs           under the guard, backend:cudaMallocAsync: CUDA graph capture +
-                                    replay is correct, and graph memory nodes count in the limit
+                                    replay is correct, graph memory nodes count in the limit, and a
+                                    graph larger than the slice fails its replay (out of memory)
     guard_torch.py share            under the guard: another PyTorch process's memory counts
     guard_torch.py throughput       matmul and memory-bandwidth loops, plain and guarded children
     guard_torch.py vllm             under the guard: size a KV cache from mem_get_info total
@@ -122,9 +123,31 @@ def graphs() -> int:
         return 0
     counted = max(free0 - free1, 0)
     emit("torch graphs: graph memory nodes count against the limit", reserved > 0 and counted >= reserved - 64 * MIB,
-         f"graph pool {mib(reserved)}, guard counted {mib(counted)} more",
-         "counted >= graph pool", "known gap (guard README): cuGraphAddMemAllocNode is not interposed"
-         if counted < reserved - 64 * MIB else "", graph_reserved=reserved, counted=counted, total=total)
+         f"graph pool {mib(reserved)}, guard counted {mib(counted)} more", "counted >= graph pool",
+         graph_reserved=reserved, counted=counted, total=total)
+    del graph, y
+    torch.cuda.synchronize()
+    # A graph whose memory node does not fit the slice: capturing it takes no memory; the guard
+    # refuses the launch (cudaGraphLaunch: out of memory) before the driver maps anything.
+    big = torch.cuda.CUDAGraph()
+    too_much = total + 512 * MIB
+    try:
+        with torch.cuda.graph(big):
+            t = torch.empty(too_much, dtype=torch.uint8, device="cuda")
+            t.fill_(1)
+            del t
+        big.replay()
+        torch.cuda.synchronize()
+        refused, what = False, "the replay ran"
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError too
+        refused, what = "out of memory" in str(e).lower(), str(e).strip().splitlines()[0][:160]
+    try:
+        del big
+        goes_on = bool(torch.isfinite((x @ w).float().sum()).item())
+    except RuntimeError as e:
+        goes_on, what = False, f"{what}; afterwards: {str(e).strip().splitlines()[0][:120]}"
+    emit("torch graphs: a graph past the slice fails its replay, the process goes on", refused and goes_on,
+         f"{mib(too_much)} graph: {what}", "out of memory, then a matmul works", graph_bytes=too_much)
     return 0
 
 
