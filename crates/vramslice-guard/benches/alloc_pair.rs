@@ -1,6 +1,8 @@
 //! Cost of one cuMemAlloc_v2 + cuMemFree_v2 pair against the fake driver, without the guard and
 //! with it (pass-through, enforcing with per-process accounting, enforcing with the shared
-//! accounting file), in the same run. Prints ns per pair and the guard's added cost.
+//! accounting file), in the same run; and of one cuMemAllocAsync + cuMemFreeAsync pair (pool
+//! accounting, and the capture query that tells a graph memory node from memory). Prints ns per
+//! pair and the guard's added cost.
 //! It also prints what the alternative design — a file lock held only for the reserve step —
 //! would cost per pair at least (one `flock` lock/unlock), against the CAS the guard uses.
 //! Run: `cargo bench -p vramslice-guard --bench alloc_pair`.
@@ -28,11 +30,15 @@ fn rounds() -> usize {
 }
 
 fn ns_per_pair(guarded: bool, env: &[(&str, String)]) -> f64 {
+    ns_per(guarded, env, &[])
+}
+
+fn ns_per(guarded: bool, env: &[(&str, String)], extra: &[&str]) -> f64 {
     (0..rounds())
         .map(|_| {
-            let out = probe(guarded, env, &["bench", pairs(), "256"])
-                .output()
-                .unwrap();
+            let mut args = vec!["bench", pairs(), "256"];
+            args.extend_from_slice(extra);
+            let out = probe(guarded, env, &args).output().unwrap();
             assert!(
                 out.status.success(),
                 "{}",
@@ -117,6 +123,14 @@ fn main() {
     println!(
         "  guard, limit, shared account file  {full:8.1} ns/pair  (+{:.1})",
         full - base
+    );
+    let async_base = ns_per(false, &[], &["async"]);
+    let async_full = ns_per(true, &shared, &["async"]);
+    println!("cuMemAllocAsync/cuMemFreeAsync pair on a stream:");
+    println!("  without guard                      {async_base:8.1} ns/pair");
+    println!(
+        "  guard, limit, shared account file  {async_full:8.1} ns/pair  (+{:.1})",
+        async_full - async_base
     );
     println!("reserve-step designs, single thread:");
     println!(

@@ -13,7 +13,9 @@
  *   probe prefork <workers> <chunk> <want>  (parent makes a context, forks workers that each
  *                               allocate <chunk>s up to <want> bytes or a refusal, print
  *                               "worker pid=P held=B rc=R", then wait for stdin to close)
- *   probe bench <iterations> <bytes>
+ *   probe bench <iterations> <bytes> [async]   (ns per alloc/free pair; async: cuMemAllocAsync +
+ *                               cuMemFreeAsync on a stream, which the guard first asks whether it
+ *                               is capturing)
  *   probe nvml <limited|unlimited> <limit-bytes>
  *   probe rtldnext              (dlsym(RTLD_NEXT) from a library keeps its meaning)
  *   probe allocon <step>...     (steps in order, each printing its result code: "<dev>:<bytes>"
@@ -425,16 +427,22 @@ static int prefork(int workers, size_t chunk, size_t want) {
     return finish();
 }
 
-static int bench(long iters, size_t n) {
+static int bench(long iters, size_t n, int async) {
     CUdeviceptr d;
+    H stream = NULL;
     struct timespec a, b;
-    for (long i = 0; i < iters / 10; i++) { cuMemAlloc_v2(&d, n); cuMemFree_v2(d); }
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (long i = 0; i < iters; i++) {
-        if (cuMemAlloc_v2(&d, n)) die("alloc in bench");
-        cuMemFree_v2(d);
+    if (async) {
+        H ctx = make_ctx(); /* stream-ordered allocation needs a current context */
+        (void)ctx;
+        if (cuStreamCreate(&stream, 0)) die("cuStreamCreate");
     }
+#define PAIR() (async ? (cuMemAllocAsync(&d, n, stream) || cuMemFreeAsync(d, stream)) : (cuMemAlloc_v2(&d, n) || cuMemFree_v2(d)))
+    for (long i = 0; i < iters / 10; i++) if (PAIR()) die("pair in bench warm-up");
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < iters; i++)
+        if (PAIR()) die("pair in bench");
     clock_gettime(CLOCK_MONOTONIC, &b);
+#undef PAIR
     double ns = (double)(b.tv_sec - a.tv_sec) * 1e9 + (double)(b.tv_nsec - a.tv_nsec);
     printf("%.2f\n", ns / (double)iters);
     return 0;
@@ -763,7 +771,8 @@ int main(int argc, char **argv) {
     if (!strcmp(s, "alloc") && argc == 3) { CUdeviceptr d; int rc = cuMemAlloc_v2(&d, strtoull(argv[2], 0, 10)); printf("alloc rc=%d\n", rc); return 0; }
     if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "prefork") && argc == 5) return prefork(atoi(argv[2]), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
-    if (!strcmp(s, "bench") && argc == 4) return bench(atol(argv[2]), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "bench") && (argc == 4 || (argc == 5 && !strcmp(argv[4], "async"))))
+        return bench(atol(argv[2]), strtoull(argv[3], 0, 10), argc == 5);
     if (!strcmp(s, "nvml") && argc == 4) return nvml(!strcmp(argv[2], "limited"), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "rtldnext") && argc == 2) return rtldnext();
     if (!strcmp(s, "allocon") && argc >= 3) { alloc_on(argc - 2, argv + 2); return 0; }
