@@ -1,6 +1,7 @@
-//! The guard under valgrind memcheck: invalid reads/writes or uninitialised use anywhere in the
-//! preloaded library (or the probe and fake driver) fail the test. valgrind is part of every
-//! machine image this project builds on; a machine without it fails here with a clear message.
+//! The guard under valgrind memcheck (entry points, shared account and fork, per-GPU limits, graph
+//! memory nodes): invalid reads/writes or uninitialised use anywhere in the preloaded library (or
+//! the probe and fake driver) fail the test. valgrind is part of every machine image this project
+//! builds on; a machine without it fails here with a clear message.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -86,4 +87,17 @@ fn per_gpu_limits_are_clean_under_memcheck() {
         &env,
         &["multi", &gib.to_string(), &(512 * MIB).to_string(), "0"],
     );
+}
+
+#[test]
+fn graph_memory_nodes_are_clean_under_memcheck() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = vec![
+        ("VRAMSLICE_VRAM_LIMIT_BYTES", (256 * MIB).to_string()),
+        ("VRAMSLICE_ACCOUNTING_DIR", dir.path().display().to_string()),
+        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", "0".into()),
+        ("FAKE_CUDA_CTX_BYTES", "0".into()),
+        ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
+    ];
+    under_valgrind(&env, &["graphs", "gpa_ptsz", &(256 * MIB).to_string()]);
 }
