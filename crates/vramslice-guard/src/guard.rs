@@ -257,6 +257,18 @@ impl Guard {
 
     #[cold]
     fn reserve_slow(&self, a: AccountId, n: u64) -> Result<(), OverLimit> {
+        let account = &self.accounts[a];
+        self.reserve_reclaiming(a, n)
+            .inspect_err(|e| self.warn_once(account, e))
+    }
+
+    /// [`Guard::reserve`] without the warning: tries, reclaims dead processes' slots and pools'
+    /// unused bytes, tries once more.
+    fn reserve_reclaiming(&self, a: AccountId, n: u64) -> Result<(), OverLimit> {
+        let account = &self.accounts[a];
+        if account.ledger.try_reserve(n, account.limit).is_ok() {
+            return Ok(());
+        }
         let now = u64::try_from(self.epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .saturating_add(REAP_INTERVAL_MS);
@@ -273,11 +285,7 @@ impl Guard {
         }
         self.reconcile_pools();
         self.reconcile_graph_pools();
-        let account = &self.accounts[a];
-        account
-            .ledger
-            .try_reserve(n, account.limit)
-            .inspect_err(|e| self.warn_once(account, e))
+        account.ledger.try_reserve(n, account.limit)
     }
 
     fn warn_once(&self, account: &Account, e: &OverLimit) {

@@ -10,7 +10,7 @@
 
 use super::types::*;
 use super::{boundary, current_device, guard, read_out, real_fn};
-use crate::guard::{GraphNeeds, GraphPoolReading, GraphRefusal};
+use crate::guard::{GraphNeeds, GraphPoolReading};
 use std::ffi::{c_char, c_int};
 
 /// Child graphs are walked this deep at most (real graphs nest a level or two).
@@ -125,15 +125,6 @@ fn add_need(needs: &mut GraphNeeds, dev: i32, bytes: u64) {
     }
 }
 
-fn log_refusal(why: &GraphRefusal) {
-    if let GraphRefusal::Device(dev) = why {
-        crate::log!(
-            "vramslice-guard: a CUDA graph has memory nodes on device {dev}, which has no limit; \
-             its launch returns CUDA_ERROR_OUT_OF_MEMORY"
-        );
-    }
-}
-
 /// Instantiation: record the graph's memory nodes; one that also uploads is checked as a launch.
 #[inline(always)]
 fn instantiated(
@@ -147,10 +138,8 @@ fn instantiated(
     let plan = match (uploads, &needs) {
         (true, Some(n)) => match g.graph_before_upload(n) {
             Ok(plan) => Some(plan),
-            Err(why) => {
-                log_refusal(&why);
-                return CUDA_ERROR_OUT_OF_MEMORY;
-            }
+            // Logged once where it is decided (a device without a limit, or over the limit).
+            Err(_) => return CUDA_ERROR_OUT_OF_MEMORY,
         },
         _ => None,
     };
@@ -174,10 +163,8 @@ fn mapped(exec: Handle, call: impl FnOnce() -> CUresult) -> CUresult {
     let Some(g) = guard() else { return call() };
     let plan = match g.graph_before_launch(exec as usize as u64, || current_device().ok()) {
         Ok(plan) => plan,
-        Err(why) => {
-            log_refusal(&why);
-            return CUDA_ERROR_OUT_OF_MEMORY;
-        }
+        // Logged once where it is decided (a device without a limit, or over the limit).
+        Err(_) => return CUDA_ERROR_OUT_OF_MEMORY,
     };
     let rc = call();
     g.graph_after_mapping(plan, rc == CUDA_SUCCESS);

@@ -290,7 +290,7 @@ impl Guard {
             .ok_or(GraphRefusal::Device(dev))?;
         let reading = (self.probes.graph_pool)(dev).unwrap_or_default();
         let growth = reading.growth_for(bytes);
-        if self.reserve(a, growth).is_ok() {
+        if self.reserve_reclaiming(a, growth).is_ok() {
             return Ok((dev, a, growth));
         }
         if (self.probes.graph_trim)(dev) {
@@ -481,6 +481,10 @@ mod tests {
         // fit; the guard trims (graph 1's idle mapping goes back) and graph 2 fits.
         let plan = g.graph_before_launch(2, || Some(0)).unwrap();
         assert_eq!(POOLS[2].trims.load(Ordering::SeqCst), 1);
+        assert!(
+            !g.accounts[0].warned.load(Ordering::SeqCst),
+            "no out-of-memory warning for a launch the trim made fit"
+        );
         assert_eq!(g.graph_charged(0), 0, "the trim was charged off");
         driver_maps::<2>(70);
         g.graph_after_mapping(plan, true);
@@ -493,6 +497,10 @@ mod tests {
             Err(GraphRefusal::OverLimit(_))
         ));
         assert_eq!(g.used(0), 70);
+        assert!(
+            g.accounts[0].warned.load(Ordering::SeqCst),
+            "a refusal is logged"
+        );
     }
 
     #[test]
