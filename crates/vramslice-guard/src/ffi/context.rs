@@ -248,6 +248,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         }
         if let Some(g) = guard() {
             g.reconcile_pools();
+            g.reconcile_graph_pools();
             let a = account_on(g, On::Current).ok().flatten();
             // SAFETY: both pointers are non-null and were just written by the driver.
             unsafe {

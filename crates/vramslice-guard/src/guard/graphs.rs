@@ -236,13 +236,14 @@ impl Guard {
         self.graphs().pools.get(&dev).map_or(0, |p| p.charged)
     }
 
-    /// Re-reads every graph pool this process has charged (when memory is short).
+    /// Re-reads every graph pool this process has mapped graphs into (when memory is short, and
+    /// for memory information): what a launch mapped after the guard read the pool is charged
+    /// here at the latest.
     pub fn reconcile_graph_pools(&self) {
         let pools: Vec<(i32, AccountId)> = self
             .graphs()
             .pools
             .iter()
-            .filter(|(_, p)| p.charged > 0)
             .map(|(&dev, p)| (dev, p.account))
             .collect();
         for (dev, a) in pools {
@@ -515,6 +516,11 @@ mod tests {
         POOLS[3].set(0, 0);
         g.graph_trimmed(0);
         assert_eq!(g.used(0), 0, "a trim gives it back");
+        // A mapping the driver made after the guard read the pool is charged on the next
+        // re-read (memory information, or memory short).
+        POOLS[3].set(20, 20);
+        g.reconcile_graph_pools();
+        assert_eq!(g.used(0), 20);
         // Memory short: the slow path re-reads graph pools too.
         POOLS[3].set(50, 0);
         g.graph_trimmed(0);
