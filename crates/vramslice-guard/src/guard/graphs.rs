@@ -47,12 +47,13 @@ impl GraphPoolReading {
 /// Bytes of memory nodes per device ordinal, for one graph.
 pub type GraphNeeds = Vec<(i32, u64)>;
 
-/// What the guard knows of one executable graph.
-#[derive(Debug, Clone)]
-struct ExecRecord {
-    needs: GraphNeeds,
-    /// The trim epoch of each need's device when the graph was last mapped there.
-    mapped_in: Vec<Option<u64>>,
+/// What one executable graph's memory nodes need on one device.
+#[derive(Debug, Clone, Copy)]
+struct DeviceNeed {
+    device: i32,
+    bytes: u64,
+    /// The device pool's trim epoch when the graph was last mapped there.
+    mapped_in: Option<u64>,
 }
 
 /// One device's graph memory pool, as charged.
@@ -67,8 +68,16 @@ struct DevicePool {
 /// Graph state of one process.
 #[derive(Debug, Default)]
 pub struct GraphState {
-    execs: HashMap<u64, ExecRecord>,
+    /// Executable graph handle → its needs per device.
+    execs: HashMap<u64, Vec<DeviceNeed>>,
     pools: HashMap<i32, DevicePool>,
+}
+
+impl GraphState {
+    /// Device `dev`'s trim epoch (0 before its pool is first read).
+    fn epoch(&self, dev: i32) -> u64 {
+        self.pools.get(&dev).map_or(0, |p| p.epoch)
+    }
 }
 
 thread_local! {
@@ -109,16 +118,21 @@ impl Guard {
     /// could not be read; the graph is then re-read after each launch on the current device).
     /// `mapped`: the instantiation also uploaded it.
     pub fn graph_instantiated(&self, exec: u64, needs: Option<GraphNeeds>, mapped: bool) {
-        let mut st = self.graphs();
+        let mut guard = self.graphs();
+        let st = &mut *guard;
         let Some(needs) = needs else {
             st.execs.remove(&exec);
             return;
         };
-        let mapped_in = needs
-            .iter()
-            .map(|(dev, _)| mapped.then(|| st.pools.get(dev).map_or(0, |p| p.epoch)))
+        let record = needs
+            .into_iter()
+            .map(|(device, bytes)| DeviceNeed {
+                device,
+                bytes,
+                mapped_in: mapped.then(|| st.epoch(device)),
+            })
             .collect();
-        st.execs.insert(exec, ExecRecord { needs, mapped_in });
+        st.execs.insert(exec, record);
     }
 
     /// An executable graph was destroyed (its memory stays in the pool until a trim).
@@ -149,11 +163,12 @@ impl Guard {
             });
         };
         let mut plan = GraphMapping {
-            devices: Vec::with_capacity(record.needs.len()),
+            devices: Vec::with_capacity(record.len()),
             exec: Some(exec),
         };
-        for (&(dev, bytes), mapped_in) in record.needs.iter().zip(&record.mapped_in) {
-            let still_mapped = *mapped_in == Some(self.graph_epoch(dev));
+        for need in record {
+            let (dev, bytes) = (need.device, need.bytes);
+            let still_mapped = need.mapped_in == Some(self.graphs().epoch(dev));
             let step = if still_mapped {
                 self.account_of_device(dev)
                     .map(|a| (dev, a, 0))
@@ -198,17 +213,12 @@ impl Guard {
         }
         self.undo_advance(&plan);
         if let (true, Some(exec)) = (succeeded, plan.exec) {
-            let mut st = self.graphs();
-            let epochs: Vec<Option<u64>> = match st.execs.get(&exec) {
-                Some(r) => r
-                    .needs
-                    .iter()
-                    .map(|(dev, _)| Some(st.pools.get(dev).map_or(0, |p| p.epoch)))
-                    .collect(),
-                None => return,
-            };
-            if let Some(r) = st.execs.get_mut(&exec) {
-                r.mapped_in = epochs;
+            let mut guard = self.graphs();
+            let st = &mut *guard;
+            if let Some(record) = st.execs.get_mut(&exec) {
+                for need in record {
+                    need.mapped_in = Some(st.pools.get(&need.device).map_or(0, |p| p.epoch));
+                }
             }
         }
     }
@@ -249,10 +259,6 @@ impl Guard {
         for (dev, a) in pools {
             self.reconcile_graph_pool(dev, a);
         }
-    }
-
-    fn graph_epoch(&self, dev: i32) -> u64 {
-        self.graphs().pools.get(&dev).map_or(0, |p| p.epoch)
     }
 
     /// Sets device `dev`'s charge to what its pool reserves (an unreadable pool keeps its charge).
