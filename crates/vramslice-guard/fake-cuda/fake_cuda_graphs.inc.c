@@ -13,6 +13,8 @@
  * holds beyond what mapped graphs use.
  */
 
+static CUresult async_free(CUdeviceptr q); /* fake_cuda.c */
+
 #define NODE_GRAPH 4
 #define NODE_MEM_ALLOC 10
 #define NODE_MEM_FREE 11
@@ -21,7 +23,7 @@
 struct fake_graph;
 typedef struct fake_node { int type; int dev; long long bytes; CUdeviceptr dptr; struct fake_graph *child; } fake_node;
 typedef struct fake_graph { fake_node *nodes[256]; int n; } fake_graph;
-typedef struct fake_exec { long long need[MAXDEV]; int mapped[MAXDEV]; struct fake_exec *next; } fake_exec;
+typedef struct fake_exec { long long need[MAXDEV]; int mapped[MAXDEV]; CUdeviceptr frees[16]; int nfrees; struct fake_exec *next; } fake_exec;
 typedef struct { int type; int handleTypes; struct { int type; int id; } location; void *win32; size_t maxSize;
                  unsigned short usage; unsigned char reserved[54]; } POOL_PROPS_FULL;
 typedef struct { POOL_PROPS_FULL poolProps; const void *accessDescs; size_t accessDescCount; size_t bytesize;
@@ -95,6 +97,28 @@ CUresult cuStreamEndCapture(CUstream s, fake_graph **g) {
 }
 CUresult cuStreamIsCapturing(CUstream s, int *status) { if (!status) return ERR_INVALID_VALUE; *status = capture_graph(s) ? 1 : 0; return OK; }
 CUresult cuStreamIsCapturing_ptsz(CUstream s, int *status) { return cuStreamIsCapturing(s, status); }
+CUresult cuStreamGetCaptureInfo_v2(CUstream s, int *status, unsigned long long *id, fake_graph **g, const void **deps, size_t *n) {
+    if (!status) return ERR_INVALID_VALUE;
+    fake_graph *c = capture_graph(s);
+    *status = c ? 1 : 0;
+    if (id) *id = (unsigned long long)(uintptr_t)c;
+    if (g) *g = c;
+    if (deps) *deps = NULL;
+    if (n) *n = 0;
+    return OK;
+}
+CUresult cuStreamGetCaptureInfo_v2_ptsz(CUstream s, int *status, unsigned long long *id, fake_graph **g, const void **deps, size_t *n) {
+    return cuStreamGetCaptureInfo_v2(s, status, id, g, deps, n);
+}
+CUresult cuStreamGetCaptureInfo_v3(CUstream s, int *status, unsigned long long *id, fake_graph **g, const void **deps,
+                                   const void **edges, size_t *n) {
+    if (edges) *edges = NULL;
+    return cuStreamGetCaptureInfo_v2(s, status, id, g, deps, n);
+}
+CUresult cuStreamGetCaptureInfo_v3_ptsz(CUstream s, int *status, unsigned long long *id, fake_graph **g, const void **deps,
+                                        const void **edges, size_t *n) {
+    return cuStreamGetCaptureInfo_v3(s, status, id, g, deps, edges, n);
+}
 
 CUresult cuGraphCreate(fake_graph **g, unsigned flags) { (void)flags; if (!g) return ERR_INVALID_VALUE; *g = calloc(1, sizeof(fake_graph)); return *g ? OK : ERR_OOM; }
 CUresult cuGraphDestroy(fake_graph *g) {
@@ -145,11 +169,17 @@ CUresult cuGraphChildGraphNodeGetGraph(fake_node *n, fake_graph **g) {
     return OK;
 }
 
-static void add_needs(const fake_graph *g, long long *need, int depth) {
+/* What an executable graph maps (memory nodes) and frees when it first runs (free nodes of
+ * ordinary allocations: their header charges bytes, a graph allocation's charges none). */
+static void add_needs(const fake_graph *g, fake_exec *e, int depth) {
     if (depth > 8) return;
     for (int i = 0; i < g->n; i++) {
-        if (g->nodes[i]->type == NODE_MEM_ALLOC) need[g->nodes[i]->dev] += g->nodes[i]->bytes;
-        if (g->nodes[i]->type == NODE_GRAPH) add_needs(g->nodes[i]->child, need, depth + 1);
+        const fake_node *n = g->nodes[i];
+        if (n->type == NODE_MEM_ALLOC) e->need[n->dev] += n->bytes;
+        if (n->type == NODE_GRAPH) add_needs(n->child, e, depth + 1);
+        if (n->type == NODE_MEM_FREE && n->dptr && ((long long *)n->dptr)[-2] > 0 &&
+            e->nfrees < (int)(sizeof e->frees / sizeof e->frees[0]))
+            e->frees[e->nfrees++] = n->dptr;
     }
 }
 static void note_graph_highs(int d) {
@@ -181,7 +211,7 @@ static CUresult instantiate(fake_exec **out, fake_graph *g) {
     if (!out || !g) return ERR_INVALID_VALUE;
     fake_exec *e = calloc(1, sizeof *e);
     if (!e) return ERR_OOM;
-    add_needs(g, e->need, 0);
+    add_needs(g, e, 0);
     e->next = execs;
     execs = e;
     *out = e;
@@ -207,10 +237,19 @@ CUresult cuGraphInstantiateWithParams(fake_exec **e, fake_graph *g, INSTANTIATE_
     return rc;
 }
 CUresult cuGraphInstantiateWithParams_ptsz(fake_exec **e, fake_graph *g, INSTANTIATE_PARAMS *p) { return cuGraphInstantiateWithParams(e, g, p); }
-CUresult cuGraphLaunch(fake_exec *e, CUstream s) { (void)s; return known_exec(e) ? map_exec(e) : ERR_INVALID_VALUE; }
+/* A launch maps, then runs: free nodes of ordinary allocations free them (once). */
+CUresult cuGraphLaunch(fake_exec *e, CUstream s) {
+    (void)s;
+    if (!known_exec(e)) return ERR_INVALID_VALUE;
+    CUresult rc = map_exec(e);
+    if (rc != OK) return rc;
+    for (int i = 0; i < e->nfrees; i++) async_free(e->frees[i]);
+    e->nfrees = 0;
+    return OK;
+}
 CUresult cuGraphLaunch_ptsz(fake_exec *e, CUstream s) { return cuGraphLaunch(e, s); }
-CUresult cuGraphUpload(fake_exec *e, CUstream s) { return cuGraphLaunch(e, s); }
-CUresult cuGraphUpload_ptsz(fake_exec *e, CUstream s) { return cuGraphLaunch(e, s); }
+CUresult cuGraphUpload(fake_exec *e, CUstream s) { (void)s; return known_exec(e) ? map_exec(e) : ERR_INVALID_VALUE; }
+CUresult cuGraphUpload_ptsz(fake_exec *e, CUstream s) { return cuGraphUpload(e, s); }
 CUresult cuGraphExecDestroy(fake_exec *e) {
     for (fake_exec **x = &execs; *x; x = &(*x)->next)
         if (*x == e) {

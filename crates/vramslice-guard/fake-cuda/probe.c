@@ -99,6 +99,7 @@ CUresult cuGraphInstantiateWithParams(H *, H, void *);
 CUresult cuGraphLaunch(H, H);
 CUresult cuGraphUpload(H, H);
 CUresult cuGraphExecDestroy(H);
+CUresult cuGraphDestroy(H);
 CUresult cuDeviceGraphMemTrim(int);
 CUresult cuDeviceGetGraphMemAttribute(int, int, void *);
 
@@ -621,13 +622,14 @@ struct gapi {
     CUresult (*alloc)(CUdeviceptr *, size_t);
     CUresult (*free_)(CUdeviceptr);
     CUresult (*info)(size_t *, size_t *);
+    CUresult (*graph_destroy)(H);
 };
 static void load_graph_api(struct gapi *a, const char *mode) {
     if (!strcmp(mode, "direct")) {
         *a = (struct gapi){ cuStreamBeginCapture_v2, cuStreamEndCapture, cuMemAllocAsync, cuMemFreeAsync, cuGraphCreate,
             cuGraphAddMemAllocNode, cuGraphAddMemFreeNode, cuGraphAddChildGraphNode, cuGraphInstantiateWithFlags,
             cuGraphInstantiateWithParams, cuGraphLaunch, cuGraphUpload, cuGraphExecDestroy, cuDeviceGraphMemTrim,
-            cuDeviceGetGraphMemAttribute, cuMemAlloc_v2, cuMemFree_v2, cuMemGetInfo_v2 };
+            cuDeviceGetGraphMemAttribute, cuMemAlloc_v2, cuMemFree_v2, cuMemGetInfo_v2, cuGraphDestroy };
         return;
     }
     void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -639,7 +641,7 @@ static void load_graph_api(struct gapi *a, const char *mode) {
         S(inst, "cuGraphInstantiateWithFlags"); S(inst_params, "cuGraphInstantiateWithParams");
         S(launch, "cuGraphLaunch"); S(upload, "cuGraphUpload"); S(exec_destroy, "cuGraphExecDestroy");
         S(trim, "cuDeviceGraphMemTrim"); S(attr, "cuDeviceGetGraphMemAttribute"); S(alloc, "cuMemAlloc_v2");
-        S(free_, "cuMemFree_v2"); S(info, "cuMemGetInfo_v2");
+        S(free_, "cuMemFree_v2"); S(info, "cuMemGetInfo_v2"); S(graph_destroy, "cuGraphDestroy");
         return;
     }
     unsigned long long flags = !strcmp(mode, "gpa_ptsz") ? 2 : 0;
@@ -651,7 +653,7 @@ static void load_graph_api(struct gapi *a, const char *mode) {
     G(inst, "cuGraphInstantiate"); /* CUDA 12: cuGraphInstantiateWithFlags */
     G(inst_params, "cuGraphInstantiateWithParams"); G(launch, "cuGraphLaunch"); G(upload, "cuGraphUpload");
     G(exec_destroy, "cuGraphExecDestroy"); G(trim, "cuDeviceGraphMemTrim"); G(attr, "cuDeviceGetGraphMemAttribute");
-    G(alloc, "cuMemAlloc"); G(free_, "cuMemFree"); G(info, "cuMemGetInfo");
+    G(alloc, "cuMemAlloc"); G(free_, "cuMemFree"); G(info, "cuMemGetInfo"); G(graph_destroy, "cuGraphDestroy");
 }
 static size_t g_used(struct gapi *a) { size_t f = 0, t = 0; return a->info(&f, &t) ? (size_t)-1 : t - f; }
 static unsigned long long g_reserved(struct gapi *a) {
@@ -694,6 +696,26 @@ static int graphs(const char *mode, size_t limit) {
     size_t base = g_used(&a);
     size_t c = (limit - base) / 4 / MIB * MIB;
     if (c < MIB) die("the limit leaves no room beside the context");
+
+    /* A stream-ordered free of an ordinary allocation, captured: it frees when the graph runs. */
+    CUdeviceptr x = 0;
+    H gX = NULL, gY = NULL, eX = NULL;
+    check(a.alloc_async(&x, c, s) == 0 && g_used(&a) == base + c, "an ordinary stream-ordered allocation is charged");
+    if (a.begin(s, 0)) die("cuStreamBeginCapture");
+    check(a.free_async(x, s) == 0, "its stream-ordered free is captured");
+    if (a.end(s, &gX) || !gX) die("cuStreamEndCapture");
+    check(g_used(&a) == base + c, "a captured free keeps the allocation charged until the graph runs");
+    CUdeviceptr x2 = 0;
+    check(a.alloc_async(&x2, c, s) == 0 && g_used(&a) == base + 2 * c,
+          "the pool's next allocation is charged in full (the captured free gave it nothing to reuse)");
+    check(a.free_async(x2, s) == 0 && g_used(&a) == base + c, "and freed");
+    check(a.inst(&eX, gX, 0) == 0 && a.launch(eX, s) == 0, "the graph holding the free launches");
+    check(g_used(&a) == base && a.exec_destroy(eX) == 0, "the allocation is released when the graph runs");
+    check(a.alloc_async(&x, c, s) == 0, "allocated again");
+    if (a.begin(s, 0) || a.free_async(x, s) || a.end(s, &gY) || !gY) die("second capture");
+    check(a.graph_destroy(gY) == 0 && g_used(&a) == base + c, "a destroyed capture never frees: still charged");
+    check(a.free_async(x, s) == 0 && g_used(&a) == base, "freed for real");
+    check(a.graph_destroy(gX) == 0, "the first capture's graph destroyed");
 
     gA = captured(&a, s, 3 * limit, &rc);
     check(rc == 0 && g_used(&a) == base, "capturing an allocation larger than the slice makes a node and charges nothing");

@@ -113,6 +113,11 @@ impl Tracker {
         self.shard(handle).insert(key(kind, handle), entry)
     }
 
+    /// Whether a handle is tracked.
+    pub fn contains(&self, kind: Kind, handle: u64) -> bool {
+        self.shard(handle).contains_key(&key(kind, handle))
+    }
+
     /// Removes a handle.
     #[inline]
     pub fn remove(&self, kind: Kind, handle: u64) -> Option<Entry> {

@@ -1,7 +1,7 @@
 //! Exported allocation and free entry points of the driver API.
 #![allow(non_snake_case)]
 
-use super::graph::capturing;
+use super::graph::{capture_graph, capturing};
 use super::types::*;
 use super::{On, account_or_refuse, boundary, config, guard, read_out, real_fn};
 use crate::guard::{AccountId, Guard, Mapping};
@@ -292,9 +292,10 @@ alloc_from_pool!(cuMemAllocFromPoolAsync, false);
 alloc_from_pool!(cuMemAllocFromPoolAsync_ptsz, true);
 
 macro_rules! free_async {
-    ($name:ident) => {
+    ($name:ident, $ptsz:literal) => {
         /// Interposed asynchronous free (the bytes stay charged to the pool until it is trimmed
-        /// or found to have released them).
+        /// or found to have released them). Captured into a graph, it frees when the graph runs:
+        /// the allocation stays charged until then.
         ///
         /// # Safety
         /// As the CUDA driver API requires.
@@ -303,13 +304,22 @@ macro_rules! free_async {
             boundary(|| {
                 let f = real_fn!($name);
                 // SAFETY: arguments forwarded unchanged.
-                freeing(Kind::DevicePtr, dptr, || unsafe { f(dptr, stream) })
+                let call = || unsafe { f(dptr, stream) };
+                let Some(g) = guard() else { return call() };
+                if let Some(graph) = capture_graph(stream, $ptsz) {
+                    let rc = call();
+                    if rc == CUDA_SUCCESS {
+                        g.graph_free_captured(graph as usize as u64, dptr);
+                    }
+                    return rc;
+                }
+                freeing(Kind::DevicePtr, dptr, call)
             })
         }
     };
 }
-free_async!(cuMemFreeAsync);
-free_async!(cuMemFreeAsync_ptsz);
+free_async!(cuMemFreeAsync, false);
+free_async!(cuMemFreeAsync_ptsz, true);
 
 /// Interposed `cuMemPoolTrimTo`: afterwards the pool's retained bytes are re-read.
 ///

@@ -5,7 +5,7 @@
 //! too); a launch or upload asks the policy first, calls the driver, then lets the policy re-read
 //! the device's graph memory pool; `cuDeviceGraphMemTrim` re-reads it too. An allocation made on
 //! a capturing stream is a memory node, not memory: the allocation entry points pass it through
-//! ([`capturing`]).
+//! ([`capturing`]); a free captured on one frees when the graph runs ([`capture_graph`]).
 #![allow(non_snake_case)]
 
 use super::types::*;
@@ -32,6 +32,48 @@ pub(super) fn capturing(stream: Handle, ptsz: bool) -> bool {
     // SAFETY: the caller's stream handle and one out-pointer to a live local.
     let rc = unsafe { f(stream, &raw mut status) };
     rc == CUDA_SUCCESS && status != CU_STREAM_CAPTURE_STATUS_NONE
+}
+
+/// The graph `stream` is capturing into, if it is capturing (`cuStreamGetCaptureInfo_v3`, else
+/// `_v2`; `ptsz` as for [`capturing`]).
+pub(super) fn capture_graph(stream: Handle, ptsz: bool) -> Option<Handle> {
+    let r = super::real::real()?;
+    let mut status: c_int = CU_STREAM_CAPTURE_STATUS_NONE;
+    let mut graph: Handle = std::ptr::null_mut();
+    let (v3, v2) = if ptsz {
+        (
+            r.cuStreamGetCaptureInfo_v3_ptsz,
+            r.cuStreamGetCaptureInfo_v2_ptsz,
+        )
+    } else {
+        (r.cuStreamGetCaptureInfo_v3, r.cuStreamGetCaptureInfo_v2)
+    };
+    let (id, deps, edges, count) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    let rc = match (v3, v2) {
+        // SAFETY: the caller's stream; status and graph are live locals; the optional out
+        // parameters (id, dependencies, edge data, their count) are null, which the API allows.
+        (Some(f), _) => unsafe {
+            f(
+                stream,
+                &raw mut status,
+                id,
+                &raw mut graph,
+                deps,
+                edges,
+                count,
+            )
+        },
+        // SAFETY: as above, without the edge data.
+        (None, Some(f)) => unsafe { f(stream, &raw mut status, id, &raw mut graph, deps, count) },
+        (None, None) => return None,
+    };
+    let capturing = rc == CUDA_SUCCESS && status != CU_STREAM_CAPTURE_STATUS_NONE;
+    (capturing && !graph.is_null()).then_some(graph)
 }
 
 /// The graph memory pool of device `dev` (the `graph_pool` probe).
@@ -136,7 +178,7 @@ fn instantiated(
     let Some(g) = guard() else { return call() };
     let needs = graph_needs(graph);
     let plan = match (uploads, &needs) {
-        (true, Some(n)) => match g.graph_before_upload(n) {
+        (true, Some(n)) => match g.graph_before_instantiate_upload(n) {
             Ok(plan) => Some(plan),
             // Logged once where it is decided (a device without a limit, or over the limit).
             Err(_) => return CUDA_ERROR_OUT_OF_MEMORY,
@@ -149,7 +191,7 @@ fn instantiated(
         .then(|| unsafe { read_out(exec) })
         .flatten();
     if let Some(e) = made {
-        g.graph_instantiated(e as usize as u64, needs, uploads);
+        g.graph_instantiated(e as usize as u64, graph as usize as u64, needs, uploads);
     }
     if let Some(plan) = plan {
         g.graph_after_mapping(plan, made.is_some());
@@ -157,11 +199,18 @@ fn instantiated(
     rc
 }
 
-/// A launch or upload: checked before, re-read after.
+/// A launch (`runs`) or upload: checked before, re-read after.
 #[inline(always)]
-fn mapped(exec: Handle, call: impl FnOnce() -> CUresult) -> CUresult {
+fn mapped(exec: Handle, runs: bool, call: impl FnOnce() -> CUresult) -> CUresult {
     let Some(g) = guard() else { return call() };
-    let plan = match g.graph_before_launch(exec as usize as u64, || current_device().ok()) {
+    let exec = exec as usize as u64;
+    let current = || current_device().ok();
+    let planned = if runs {
+        g.graph_before_launch(exec, current)
+    } else {
+        g.graph_before_upload(exec, current)
+    };
+    let plan = match planned {
         Ok(plan) => plan,
         // Logged once where it is decided (a device without a limit, or over the limit).
         Err(_) => return CUDA_ERROR_OUT_OF_MEMORY,
@@ -261,7 +310,7 @@ pub unsafe extern "C" fn cuGraphExecDestroy(exec: Handle) -> CUresult {
 }
 
 macro_rules! launch_like {
-    ($name:ident, $what:literal) => {
+    ($name:ident, $runs:literal, $what:literal) => {
         #[doc = concat!("Interposed `", stringify!($name), "`: ", $what, ".")]
         ///
         /// # Safety
@@ -271,24 +320,50 @@ macro_rules! launch_like {
             boundary(|| {
                 let f = real_fn!($name);
                 // SAFETY: arguments forwarded unchanged.
-                mapped(exec, || unsafe { f(exec, stream) })
+                mapped(exec, $runs, || unsafe { f(exec, stream) })
             })
         }
     };
 }
-launch_like!(cuGraphLaunch, "maps the graph's memory nodes, then runs it");
+launch_like!(
+    cuGraphLaunch,
+    true,
+    "maps the graph's memory nodes, then runs it"
+);
 launch_like!(
     cuGraphLaunch_ptsz,
+    true,
     "maps the graph's memory nodes, then runs it"
 );
 launch_like!(
     cuGraphUpload,
+    false,
     "maps the graph's memory nodes ahead of a launch"
 );
 launch_like!(
     cuGraphUpload_ptsz,
+    false,
     "maps the graph's memory nodes ahead of a launch"
 );
+
+/// Interposed `cuGraphDestroy`: frees captured into the graph are forgotten.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphDestroy(graph: Handle) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuGraphDestroy);
+        // SAFETY: argument forwarded unchanged.
+        let rc = unsafe { f(graph) };
+        if rc == CUDA_SUCCESS
+            && let Some(g) = guard()
+        {
+            g.graph_source_destroyed(graph as usize as u64);
+        }
+        rc
+    })
+}
 
 /// Interposed `cuDeviceGraphMemTrim`: the device's charge follows its pool.
 ///

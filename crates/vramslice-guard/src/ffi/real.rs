@@ -142,6 +142,11 @@ real_table! {
     cuMemPoolGetAttribute: fn(Handle, c_int, *mut c_void) -> CUresult;
     cuStreamIsCapturing: fn(Handle, *mut c_int) -> CUresult;
     cuStreamIsCapturing_ptsz: fn(Handle, *mut c_int) -> CUresult;
+    cuStreamGetCaptureInfo_v2: fn(Handle, *mut c_int, *mut u64, *mut Handle, *mut *const Handle, *mut usize) -> CUresult;
+    cuStreamGetCaptureInfo_v2_ptsz: fn(Handle, *mut c_int, *mut u64, *mut Handle, *mut *const Handle, *mut usize) -> CUresult;
+    cuStreamGetCaptureInfo_v3: fn(Handle, *mut c_int, *mut u64, *mut Handle, *mut *const Handle, *mut *const c_void, *mut usize) -> CUresult;
+    cuStreamGetCaptureInfo_v3_ptsz: fn(Handle, *mut c_int, *mut u64, *mut Handle, *mut *const Handle, *mut *const c_void, *mut usize) -> CUresult;
+    cuGraphDestroy: fn(Handle) -> CUresult;
     cuGraphGetNodes: fn(Handle, *mut Handle, *mut usize) -> CUresult;
     cuGraphNodeGetType: fn(Handle, *mut c_int) -> CUresult;
     cuGraphMemAllocNodeGetParams: fn(Handle, *mut MemAllocNodeParams) -> CUresult;

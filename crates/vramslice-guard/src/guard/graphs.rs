@@ -20,9 +20,14 @@
 //!
 //! A graph launched again without a trim in between is only re-read afterwards: the driver keeps
 //! its mappings, so it normally takes nothing new.
+//!
+//! A stream-ordered free of an ordinary allocation captured into a graph is a free node: the
+//! memory is freed when the graph runs, not when the free is captured. It stays charged until a
+//! graph instantiated from that capture is first launched (never, if no such graph runs).
 
 use super::{AccountId, Guard};
 use crate::ledger::OverLimit;
+use crate::tracker::Kind;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{MutexGuard, PoisonError};
@@ -65,11 +70,22 @@ struct DevicePool {
     epoch: u64,
 }
 
+/// What the guard knows of one executable graph.
+#[derive(Debug, Clone, Default)]
+struct ExecRecord {
+    /// Its memory nodes' needs per device; `None` when they could not be read.
+    needs: Option<Vec<DeviceNeed>>,
+    /// Ordinary allocations its free nodes free when it first runs.
+    frees: Vec<u64>,
+}
+
 /// Graph state of one process.
 #[derive(Debug, Default)]
 pub struct GraphState {
-    /// Executable graph handle → its needs per device.
-    execs: HashMap<u64, Vec<DeviceNeed>>,
+    /// Executable graph handle → what it needs and frees.
+    execs: HashMap<u64, ExecRecord>,
+    /// Graph handle → ordinary allocations freed by free nodes captured into it.
+    captured_frees: HashMap<u64, Vec<u64>>,
     pools: HashMap<i32, DevicePool>,
 }
 
@@ -91,6 +107,8 @@ thread_local! {
 pub struct GraphMapping {
     devices: Vec<(i32, AccountId, u64)>,
     exec: Option<u64>,
+    /// A launch (the graph runs, so its free nodes free), not an upload.
+    runs: bool,
 }
 
 impl GraphMapping {
@@ -114,30 +132,55 @@ impl Guard {
         self.graphs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An executable graph was made from a graph whose memory nodes need `needs` (`None`: they
+    /// An executable graph was made from `graph`, whose memory nodes need `needs` (`None`: they
     /// could not be read; the graph is then re-read after each launch on the current device).
     /// `mapped`: the instantiation also uploaded it.
-    pub fn graph_instantiated(&self, exec: u64, needs: Option<GraphNeeds>, mapped: bool) {
+    pub fn graph_instantiated(
+        &self,
+        exec: u64,
+        graph: u64,
+        needs: Option<GraphNeeds>,
+        mapped: bool,
+    ) {
         let mut guard = self.graphs();
         let st = &mut *guard;
-        let Some(needs) = needs else {
-            st.execs.remove(&exec);
-            return;
-        };
-        let record = needs
-            .into_iter()
-            .map(|(device, bytes)| DeviceNeed {
-                device,
-                bytes,
-                mapped_in: mapped.then(|| st.epoch(device)),
-            })
-            .collect();
-        st.execs.insert(exec, record);
+        let needs = needs.map(|needs| {
+            needs
+                .into_iter()
+                .map(|(device, bytes)| DeviceNeed {
+                    device,
+                    bytes,
+                    mapped_in: mapped.then(|| st.epoch(device)),
+                })
+                .collect()
+        });
+        let frees = st.captured_frees.get(&graph).cloned().unwrap_or_default();
+        st.execs.insert(exec, ExecRecord { needs, frees });
     }
 
     /// An executable graph was destroyed (its memory stays in the pool until a trim).
     pub fn graph_destroyed(&self, exec: u64) {
         self.graphs().execs.remove(&exec);
+    }
+
+    /// A stream-ordered free of `ptr` was captured into `graph`. An ordinary allocation the
+    /// guard tracks stays charged until a graph instantiated from `graph` runs; returns whether
+    /// `ptr` is one (anything else, a graph allocation, is not charged).
+    pub fn graph_free_captured(&self, graph: u64, ptr: u64) -> bool {
+        if !self.tracker.contains(Kind::DevicePtr, ptr) {
+            return false;
+        }
+        self.graphs()
+            .captured_frees
+            .entry(graph)
+            .or_default()
+            .push(ptr);
+        true
+    }
+
+    /// A graph (not an executable one) was destroyed: frees captured into it are forgotten.
+    pub fn graph_source_destroyed(&self, graph: u64) {
+        self.graphs().captured_frees.remove(&graph);
     }
 
     /// Before a launch or upload of `exec`: reserves the growth of its first mapping since the
@@ -151,22 +194,28 @@ impl Guard {
         exec: u64,
         current: impl FnOnce() -> Option<i32>,
     ) -> Result<GraphMapping, GraphRefusal> {
-        let record = self.graphs().execs.get(&exec).cloned();
-        let Some(record) = record else {
+        let (known, needs) = match self.graphs().execs.get(&exec) {
+            Some(r) => (true, r.needs.clone()),
+            None => (false, None),
+        };
+        let exec = known.then_some(exec);
+        let Some(needs) = needs else {
             let devices = current()
                 .and_then(|dev| Some((dev, self.account_of_device(dev)?, 0)))
                 .into_iter()
                 .collect();
             return Ok(GraphMapping {
                 devices,
-                exec: None,
+                exec,
+                runs: true,
             });
         };
         let mut plan = GraphMapping {
-            devices: Vec::with_capacity(record.len()),
-            exec: Some(exec),
+            devices: Vec::with_capacity(needs.len()),
+            exec,
+            runs: true,
         };
-        for need in record {
+        for need in needs {
             let (dev, bytes) = (need.device, need.bytes);
             let still_mapped = need.mapped_in == Some(self.graphs().epoch(dev));
             let step = if still_mapped {
@@ -187,11 +236,14 @@ impl Guard {
         Ok(plan)
     }
 
-    /// Before an instantiation that also uploads a graph needing `needs`.
+    /// Before an instantiation that also uploads (maps) a graph needing `needs`.
     ///
     /// # Errors
     /// As [`Guard::graph_before_launch`].
-    pub fn graph_before_upload(&self, needs: &GraphNeeds) -> Result<GraphMapping, GraphRefusal> {
+    pub fn graph_before_instantiate_upload(
+        &self,
+        needs: &GraphNeeds,
+    ) -> Result<GraphMapping, GraphRefusal> {
         let mut plan = GraphMapping::default();
         for &(dev, bytes) in needs {
             match self.reserve_graph_growth(dev, bytes) {
@@ -212,15 +264,45 @@ impl Guard {
             self.reconcile_graph_pool(dev, a);
         }
         self.undo_advance(&plan);
-        if let (true, Some(exec)) = (succeeded, plan.exec) {
+        let (true, Some(exec)) = (succeeded, plan.exec) else {
+            return;
+        };
+        let frees = {
             let mut guard = self.graphs();
             let st = &mut *guard;
-            if let Some(record) = st.execs.get_mut(&exec) {
-                for need in record {
-                    need.mapped_in = Some(st.pools.get(&need.device).map_or(0, |p| p.epoch));
-                }
+            let Some(record) = st.execs.get_mut(&exec) else {
+                return;
+            };
+            for need in record.needs.iter_mut().flatten() {
+                need.mapped_in = Some(st.pools.get(&need.device).map_or(0, |p| p.epoch));
+            }
+            if plan.runs {
+                std::mem::take(&mut record.frees)
+            } else {
+                Vec::new()
+            }
+        };
+        for ptr in frees {
+            if let Some(e) = self.untrack(Kind::DevicePtr, ptr) {
+                self.freed(e);
             }
         }
+    }
+
+    /// [`Guard::graph_before_launch`] for an upload: the graph is mapped but does not run.
+    ///
+    /// # Errors
+    /// As [`Guard::graph_before_launch`].
+    pub fn graph_before_upload(
+        &self,
+        exec: u64,
+        current: impl FnOnce() -> Option<i32>,
+    ) -> Result<GraphMapping, GraphRefusal> {
+        self.graph_before_launch(exec, current)
+            .map(|plan| GraphMapping {
+                runs: false,
+                ..plan
+            })
     }
 
     /// Device `dev`'s graph pool was trimmed: graphs mapped before must be checked again, and

@@ -3,6 +3,7 @@
 use super::super::tests::{account, probes_with};
 use super::*;
 use crate::guard::{Mapping, Probes};
+use crate::tracker::Kind;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A fake graph pool per test: tests run on parallel threads and probes are plain `fn`s, so
@@ -43,7 +44,8 @@ impl Pool {
     }
 }
 
-static POOLS: [Pool; 6] = [
+static POOLS: [Pool; 7] = [
+    Pool::new(),
     Pool::new(),
     Pool::new(),
     Pool::new(),
@@ -101,7 +103,7 @@ fn growth_counts_the_unused_part_of_the_pool_first() {
 #[test]
 fn a_first_launch_is_reserved_in_advance_then_charged_what_the_pool_holds() {
     let g = guard_on::<0>(100);
-    g.graph_instantiated(7, Some(vec![(0, 40)]), false);
+    g.graph_instantiated(7, 107, Some(vec![(0, 40)]), false);
     let plan = g.graph_before_launch(7, || Some(0)).unwrap();
     assert_eq!(plan.reserved_in_advance(), 40);
     assert_eq!(g.used(0), 40, "reserved before the driver maps");
@@ -120,7 +122,7 @@ fn a_first_launch_is_reserved_in_advance_then_charged_what_the_pool_holds() {
 fn a_launch_that_does_not_fit_is_refused_with_nothing_left_reserved() {
     let g = guard_on::<1>(100);
     g.reserve(0, 70).unwrap();
-    g.graph_instantiated(9, Some(vec![(0, 40)]), false);
+    g.graph_instantiated(9, 109, Some(vec![(0, 40)]), false);
     match g.graph_before_launch(9, || Some(0)) {
         Err(GraphRefusal::OverLimit(e)) => {
             assert_eq!((e.requested, e.used, e.limit), (40, 70, 100));
@@ -140,8 +142,8 @@ fn a_launch_that_does_not_fit_is_refused_with_nothing_left_reserved() {
 #[test]
 fn a_trim_makes_room_for_a_new_graph_and_maps_old_ones_again() {
     let g = guard_on::<2>(100);
-    g.graph_instantiated(1, Some(vec![(0, 60)]), false);
-    g.graph_instantiated(2, Some(vec![(0, 70)]), false);
+    g.graph_instantiated(1, 101, Some(vec![(0, 60)]), false);
+    g.graph_instantiated(2, 102, Some(vec![(0, 70)]), false);
     let plan = g.graph_before_launch(1, || Some(0)).unwrap();
     driver_maps::<2>(60);
     g.graph_after_mapping(plan, true);
@@ -203,10 +205,10 @@ fn user_trims_and_unknown_graphs_follow_the_pool() {
 fn instantiation_with_upload_is_checked_and_counts_as_mapped() {
     let g = guard_on::<4>(100);
     let needs = vec![(0, 50)];
-    let plan = g.graph_before_upload(&needs).unwrap();
+    let plan = g.graph_before_instantiate_upload(&needs).unwrap();
     assert_eq!(plan.reserved_in_advance(), 50);
     driver_maps::<4>(50);
-    g.graph_instantiated(5, Some(needs), true);
+    g.graph_instantiated(5, 105, Some(needs), true);
     g.graph_after_mapping(plan, true);
     assert_eq!(g.used(0), 50);
     let plan = g.graph_before_launch(5, || Some(0)).unwrap();
@@ -223,7 +225,7 @@ fn instantiation_with_upload_is_checked_and_counts_as_mapped() {
         "destroying a graph leaves its memory in the pool"
     );
     // 60 more do not fit beside the 50 the pool keeps: the pool is trimmed, then they fit.
-    let plan = g.graph_before_upload(&vec![(0, 60)]).unwrap();
+    let plan = g.graph_before_instantiate_upload(&vec![(0, 60)]).unwrap();
     assert_eq!(POOLS[4].trims.load(Ordering::SeqCst), 1);
     assert_eq!(plan.reserved_in_advance(), 60);
     assert_eq!((g.graph_charged(0), g.used(0)), (0, 60));
@@ -242,13 +244,13 @@ fn per_gpu_limits_refuse_a_graph_on_a_device_without_an_entry() {
         p,
     )
     .unwrap();
-    g.graph_instantiated(3, Some(vec![(1, 150), (2, 10)]), false);
+    g.graph_instantiated(3, 103, Some(vec![(1, 150), (2, 10)]), false);
     assert_eq!(
         g.graph_before_launch(3, || Some(0)),
         Err(GraphRefusal::Device(2))
     );
     assert_eq!(g.used(1), 0, "device 1's advance was given back");
-    g.graph_instantiated(4, Some(vec![(1, 150)]), false);
+    g.graph_instantiated(4, 104, Some(vec![(1, 150)]), false);
     let plan = g.graph_before_launch(4, || Some(0)).unwrap();
     assert_eq!((g.used(0), g.used(1)), (0, 150), "charged to GPU-b only");
     g.graph_after_mapping(plan, false);
@@ -257,4 +259,42 @@ fn per_gpu_limits_refuse_a_graph_on_a_device_without_an_entry() {
         0,
         "a failed launch keeps only what the pool holds"
     );
+}
+
+#[test]
+fn a_captured_free_releases_when_a_graph_from_that_capture_first_runs() {
+    let g = guard_on::<6>(100);
+    g.reserve(0, 30).unwrap();
+    g.track(Kind::DevicePtr, 0xa0, 0, 30);
+    assert!(g.graph_free_captured(200, 0xa0), "an ordinary allocation");
+    assert!(
+        !g.graph_free_captured(200, 0xb0),
+        "not tracked: a graph allocation"
+    );
+    assert_eq!(g.used(0), 30, "still charged after the capture");
+    g.graph_instantiated(20, 200, Some(Vec::new()), false);
+    let upload = g.graph_before_upload(20, || Some(0)).unwrap();
+    g.graph_after_mapping(upload, true);
+    assert_eq!(g.used(0), 30, "an upload does not run the graph");
+    let launch = g.graph_before_launch(20, || Some(0)).unwrap();
+    g.graph_after_mapping(launch, true);
+    assert_eq!(g.used(0), 0, "released when the graph ran");
+    let again = g.graph_before_launch(20, || Some(0)).unwrap();
+    g.graph_after_mapping(again, true);
+    assert_eq!(g.used(0), 0, "once");
+    // A capture whose graph is destroyed before it is instantiated frees nothing.
+    g.reserve(0, 10).unwrap();
+    g.track(Kind::DevicePtr, 0xc0, 0, 10);
+    assert!(g.graph_free_captured(300, 0xc0));
+    g.graph_source_destroyed(300);
+    g.graph_instantiated(30, 300, None, false);
+    let launch = g.graph_before_launch(30, || Some(0)).unwrap();
+    g.graph_after_mapping(launch, true);
+    assert_eq!(g.used(0), 10);
+    // A failed launch frees nothing either.
+    assert!(g.graph_free_captured(400, 0xc0));
+    g.graph_instantiated(40, 400, None, false);
+    let launch = g.graph_before_launch(40, || Some(0)).unwrap();
+    g.graph_after_mapping(launch, false);
+    assert_eq!(g.used(0), 10);
 }
