@@ -89,11 +89,9 @@ pub struct GraphState {
     pools: HashMap<i32, DevicePool>,
 }
 
-impl GraphState {
-    /// Device `dev`'s trim epoch (0 before its pool is first read).
-    fn epoch(&self, dev: i32) -> u64 {
-        self.pools.get(&dev).map_or(0, |p| p.epoch)
-    }
+/// Device `dev`'s trim epoch (0 before its pool is first read).
+fn epoch(pools: &HashMap<i32, DevicePool>, dev: i32) -> u64 {
+    pools.get(&dev).map_or(0, |p| p.epoch)
 }
 
 thread_local! {
@@ -113,6 +111,7 @@ pub struct GraphMapping {
 
 impl GraphMapping {
     /// Bytes reserved in advance, over all devices.
+    #[cfg(test)]
     pub fn reserved_in_advance(&self) -> u64 {
         self.devices.iter().map(|d| d.2).sum()
     }
@@ -150,7 +149,7 @@ impl Guard {
                 .map(|(device, bytes)| DeviceNeed {
                     device,
                     bytes,
-                    mapped_in: mapped.then(|| st.epoch(device)),
+                    mapped_in: mapped.then(|| epoch(&st.pools, device)),
                 })
                 .collect()
         });
@@ -210,30 +209,7 @@ impl Guard {
                 runs: true,
             });
         };
-        let mut plan = GraphMapping {
-            devices: Vec::with_capacity(needs.len()),
-            exec,
-            runs: true,
-        };
-        for need in needs {
-            let (dev, bytes) = (need.device, need.bytes);
-            let still_mapped = need.mapped_in == Some(self.graphs().epoch(dev));
-            let step = if still_mapped {
-                self.account_of_device(dev)
-                    .map(|a| (dev, a, 0))
-                    .ok_or(GraphRefusal::Device(dev))
-            } else {
-                self.reserve_graph_growth(dev, bytes)
-            };
-            match step {
-                Ok(d) => plan.devices.push(d),
-                Err(e) => {
-                    self.undo_advance(&plan);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(plan)
+        self.plan_mapping(needs, exec, true)
     }
 
     /// Before an instantiation that also uploads (maps) a graph needing `needs`.
@@ -244,9 +220,37 @@ impl Guard {
         &self,
         needs: &GraphNeeds,
     ) -> Result<GraphMapping, GraphRefusal> {
-        let mut plan = GraphMapping::default();
-        for &(dev, bytes) in needs {
-            match self.reserve_graph_growth(dev, bytes) {
+        let unmapped = needs.iter().map(|&(device, bytes)| DeviceNeed {
+            device,
+            bytes,
+            mapped_in: None,
+        });
+        self.plan_mapping(unmapped.collect(), None, false)
+    }
+
+    /// The plan for mapping `needs`: a device the graph is still mapped on (no trim since) takes
+    /// nothing in advance, any other reserves its growth; the first refusal undoes the rest.
+    fn plan_mapping(
+        &self,
+        needs: Vec<DeviceNeed>,
+        exec: Option<u64>,
+        runs: bool,
+    ) -> Result<GraphMapping, GraphRefusal> {
+        let mut plan = GraphMapping {
+            devices: Vec::with_capacity(needs.len()),
+            exec,
+            runs,
+        };
+        for need in needs {
+            let dev = need.device;
+            let step = if need.mapped_in == Some(epoch(&self.graphs().pools, dev)) {
+                self.account_of_device(dev)
+                    .map(|a| (dev, a, 0))
+                    .ok_or(GraphRefusal::Device(dev))
+            } else {
+                self.reserve_graph_growth(dev, need.bytes)
+            };
+            match step {
                 Ok(d) => plan.devices.push(d),
                 Err(e) => {
                     self.undo_advance(&plan);
@@ -269,18 +273,30 @@ impl Guard {
         };
         let frees = {
             let mut guard = self.graphs();
-            let st = &mut *guard;
-            let Some(record) = st.execs.get_mut(&exec) else {
+            let GraphState {
+                execs,
+                captured_frees,
+                pools,
+            } = &mut *guard;
+            let Some(record) = execs.get_mut(&exec) else {
                 return;
             };
             for need in record.needs.iter_mut().flatten() {
-                need.mapped_in = Some(st.pools.get(&need.device).map_or(0, |p| p.epoch));
+                need.mapped_in = Some(epoch(pools, need.device));
             }
-            if plan.runs {
+            let frees = if plan.runs {
                 std::mem::take(&mut record.frees)
             } else {
                 Vec::new()
+            };
+            // A free runs once: no other graph of the same capture may free that address again
+            // (by then it may belong to a new allocation).
+            if !frees.is_empty() {
+                let gone = |p: &u64| !frees.contains(p);
+                execs.values_mut().for_each(|r| r.frees.retain(gone));
+                captured_frees.values_mut().for_each(|f| f.retain(gone));
             }
+            frees
         };
         for ptr in frees {
             if let Some(e) = self.untrack(Kind::DevicePtr, ptr) {
@@ -324,6 +340,7 @@ impl Guard {
     }
 
     /// Bytes charged for device `dev`'s graph pool.
+    #[cfg(test)]
     pub fn graph_charged(&self, dev: i32) -> u64 {
         self.graphs().pools.get(&dev).map_or(0, |p| p.charged)
     }

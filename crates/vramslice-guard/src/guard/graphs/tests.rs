@@ -44,7 +44,8 @@ impl Pool {
     }
 }
 
-static POOLS: [Pool; 7] = [
+static POOLS: [Pool; 8] = [
+    Pool::new(),
     Pool::new(),
     Pool::new(),
     Pool::new(),
@@ -297,4 +298,27 @@ fn a_captured_free_releases_when_a_graph_from_that_capture_first_runs() {
     let launch = g.graph_before_launch(40, || Some(0)).unwrap();
     g.graph_after_mapping(launch, false);
     assert_eq!(g.used(0), 10);
+}
+
+#[test]
+fn a_captured_free_runs_once_even_from_two_graphs_of_one_capture() {
+    let g = guard_on::<7>(100);
+    g.reserve(0, 30).unwrap();
+    g.track(Kind::DevicePtr, 0xd0, 0, 30);
+    assert!(g.graph_free_captured(500, 0xd0));
+    g.graph_instantiated(50, 500, Some(Vec::new()), false);
+    g.graph_instantiated(51, 500, Some(Vec::new()), false);
+    let launch = g.graph_before_launch(50, || Some(0)).unwrap();
+    g.graph_after_mapping(launch, true);
+    assert_eq!(g.used(0), 0);
+    // The address is reused by a new allocation; the other graph's launch must not free it,
+    // nor may a graph instantiated from the capture later.
+    g.reserve(0, 40).unwrap();
+    g.track(Kind::DevicePtr, 0xd0, 0, 40);
+    let launch = g.graph_before_launch(51, || Some(0)).unwrap();
+    g.graph_after_mapping(launch, true);
+    g.graph_instantiated(52, 500, Some(Vec::new()), false);
+    let launch = g.graph_before_launch(52, || Some(0)).unwrap();
+    g.graph_after_mapping(launch, true);
+    assert_eq!(g.used(0), 40, "the new allocation stays charged");
 }
