@@ -3,7 +3,7 @@
 
 use super::graph::{capture_graph, capturing};
 use super::types::*;
-use super::{On, account_or_refuse, boundary, config, guard, read_out, real_fn};
+use super::{On, account_or_refuse, after_success, boundary, config, guard, read_out, real_fn};
 use crate::guard::{AccountId, Guard, Mapping};
 use crate::sizes;
 use crate::tracker::Kind;
@@ -331,12 +331,9 @@ pub unsafe extern "C" fn cuMemPoolTrimTo(pool: Handle, keep: usize) -> CUresult 
         let f = real_fn!(cuMemPoolTrimTo);
         // SAFETY: arguments forwarded unchanged.
         let rc = unsafe { f(pool, keep) };
-        if rc == CUDA_SUCCESS
-            && let Some(g) = guard()
-        {
+        after_success(rc, |g| {
             g.reconcile_pool((pool as usize as u64).max(1), Some(keep as u64));
-        }
-        rc
+        })
     })
 }
 

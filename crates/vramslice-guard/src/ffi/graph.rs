@@ -9,7 +9,7 @@
 #![allow(non_snake_case)]
 
 use super::types::*;
-use super::{boundary, current_device, guard, read_out, real_fn};
+use super::{after_success, boundary, current_device, guard, read_out, real_fn};
 use crate::guard::{GraphNeeds, GraphPoolReading};
 use std::ffi::{c_char, c_int};
 
@@ -300,12 +300,7 @@ pub unsafe extern "C" fn cuGraphExecDestroy(exec: Handle) -> CUresult {
         let f = real_fn!(cuGraphExecDestroy);
         // SAFETY: argument forwarded unchanged.
         let rc = unsafe { f(exec) };
-        if rc == CUDA_SUCCESS
-            && let Some(g) = guard()
-        {
-            g.graph_destroyed(exec as usize as u64);
-        }
-        rc
+        after_success(rc, |g| g.graph_destroyed(exec as usize as u64))
     })
 }
 
@@ -356,12 +351,7 @@ pub unsafe extern "C" fn cuGraphDestroy(graph: Handle) -> CUresult {
         let f = real_fn!(cuGraphDestroy);
         // SAFETY: argument forwarded unchanged.
         let rc = unsafe { f(graph) };
-        if rc == CUDA_SUCCESS
-            && let Some(g) = guard()
-        {
-            g.graph_source_destroyed(graph as usize as u64);
-        }
-        rc
+        after_success(rc, |g| g.graph_source_destroyed(graph as usize as u64))
     })
 }
 
@@ -375,11 +365,6 @@ pub unsafe extern "C" fn cuDeviceGraphMemTrim(dev: CUdevice) -> CUresult {
         let f = real_fn!(cuDeviceGraphMemTrim);
         // SAFETY: argument forwarded unchanged.
         let rc = unsafe { f(dev) };
-        if rc == CUDA_SUCCESS
-            && let Some(g) = guard()
-        {
-            g.graph_trimmed(dev);
-        }
-        rc
+        after_success(rc, |g| g.graph_trimmed(dev))
     })
 }

@@ -275,6 +275,17 @@ fn boundary(f: impl FnOnce() -> CUresult) -> CUresult {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(CUDA_ERROR_UNKNOWN)
 }
 
+/// Returns the real call's `rc`, first telling the guard (if enforcing) when it succeeded.
+#[inline]
+fn after_success(rc: CUresult, tell: impl FnOnce(&Guard)) -> CUresult {
+    if rc == CUDA_SUCCESS
+        && let Some(g) = guard()
+    {
+        tell(g);
+    }
+    rc
+}
+
 /// Reads a handle the real driver wrote through an out-pointer.
 ///
 /// # Safety
