@@ -3,7 +3,8 @@
 #   1. build the bundle (.gpu-check/) exactly as a GPU session would carry it;
 #   2. run `scripts/gpu-check.sh --dry-run` from it on the fake CUDA driver and fake NVML, with a
 #      PATH that has no cargo (the bundle must be self-contained);
-#   3. run it again with a guard that does nothing, and require that the dry run fails.
+#   3. rerun one group (--only guard), which must run that group alone and say it was partial;
+#   4. run it again with a guard that does nothing, and require that the dry run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -15,6 +16,17 @@ if PATH="$bare_path" command -v cargo >/dev/null; then
   echo "note: cargo is on the bare PATH ($bare_path); the no-cargo part proves less here"
 fi
 OUT="$PWD/.gpu-check/out-dry-run" PATH="$bare_path" scripts/gpu-check.sh --dry-run
+
+# A rerun of one group (what a GPU session does with the device time left) runs only that group
+# and says it was partial.
+only_out="$PWD/.gpu-check/out-dry-run-only"
+OUT="$only_out" PATH="$bare_path" scripts/gpu-check.sh --dry-run --only guard >/dev/null
+grep -q '(partial run: only guard;' "$only_out/gpu-check.txt" \
+  || { echo "FAIL: --only guard did not report a partial run" >&2; exit 1; }
+if grep -q '^plugin ' "$only_out/gpu-check.txt"; then
+  echo "FAIL: --only guard ran the plugin group" >&2; exit 1
+fi
+echo "partial run: --only guard ran the guard group alone and said so"
 
 # The same dry run over a bundle whose guard is an empty library must fail: the checks can fail.
 broken="$(mktemp -d)"

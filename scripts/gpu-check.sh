@@ -9,6 +9,9 @@
 #                                    no network; <= 8 minutes); table on stdout, JSON in $OUT
 #   scripts/gpu-check.sh --dry-run   anywhere: the same checks on the fake CUDA driver and fake
 #                                    NVML; those that need PyTorch or a GPU show as NOT-RUN
+#   ... --only guard,infer           (either of the last two) run only these groups (plugin, guard,
+#                                    vllm, infer): a rerun of what failed in the device time left;
+#                                    the summary says "partial run"
 #
 # Env: OUT (results directory; default .gpu-check/out, or .gpu-check/out-dry-run), PYTHON (the
 # interpreter with torch; default python3), GPU_CHECK_BUNDLE (default .gpu-check), GLIBC_FLOOR.
@@ -75,15 +78,18 @@ PY
 }
 
 case "${1:-}" in
-  --build) build ;;
+  --build)
+    [ $# -eq 1 ] || { echo "usage: scripts/gpu-check.sh --build" >&2; exit 2; }
+    build ;;
   --dry-run)
+    shift
     [ -d "$bundle" ] || { echo "no bundle at $bundle: run scripts/gpu-check.sh --build first" >&2; exit 2; }
     out="${OUT:-$bundle/out-dry-run}"
     "${PYTHON:-python3}" -m unittest discover -q -s scripts/gpu-check -p 'test_*.py'
-    exec "${PYTHON:-python3}" scripts/gpu-check/gpucheck.py --bundle "$bundle" --out "$out" --dry-run ;;
-  "")
+    exec "${PYTHON:-python3}" scripts/gpu-check/gpucheck.py --bundle "$bundle" --out "$out" --dry-run "$@" ;;
+  "" | --only | --only=*)
     [ -d "$bundle" ] || { echo "no bundle at $bundle: run scripts/gpu-check.sh --build where cargo is, and carry it" >&2; exit 2; }
     out="${OUT:-$bundle/out}"
-    exec "${PYTHON:-python3}" scripts/gpu-check/gpucheck.py --bundle "$bundle" --out "$out" ;;
-  *) echo "usage: scripts/gpu-check.sh [--build | --dry-run]" >&2; exit 2 ;;
+    exec "${PYTHON:-python3}" scripts/gpu-check/gpucheck.py --bundle "$bundle" --out "$out" "$@" ;;
+  *) echo "usage: scripts/gpu-check.sh [--build | [--dry-run] [--only GROUP,...]]" >&2; exit 2 ;;
 esac

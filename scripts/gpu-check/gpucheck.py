@@ -69,8 +69,10 @@ ALLOC_CONFS = {"default": "", "expandable_segments": "expandable_segments:True",
 class Run:
     """The results so far and where they are written."""
 
-    def __init__(self, out: Path, work: Path, dry_run: bool, budget_s: float) -> None:
+    def __init__(self, out: Path, work: Path, dry_run: bool, budget_s: float,
+                 groups: Optional[List[str]] = None) -> None:
         self.out, self.work, self.dry_run = out, work, dry_run
+        self.groups = groups or list(report.GROUPS)
         self.deadline = time.monotonic() + budget_s
         self.records: List[dict] = []
         self.environment: Dict[str, object] = {}
@@ -95,11 +97,11 @@ class Run:
 
     def flush(self) -> None:
         verdict = report.overall(self.records, self.dry_run)
-        doc = report.document(self.records, verdict, self.environment, self.dry_run)
+        doc = report.document(self.records, verdict, self.environment, self.dry_run, self.groups)
         tmp = self.out / "gpu-check.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2, default=str))
         tmp.replace(self.out / "gpu-check.json")
-        (self.out / "gpu-check.txt").write_text(report.render_table(self.records, verdict))
+        (self.out / "gpu-check.txt").write_text(report.render_table(self.records, verdict, self.groups))
 
     def note(self, text: str) -> None:
         self.log.write(text if text.endswith("\n") else text + "\n")
@@ -395,7 +397,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--work", type=Path)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--budget", type=float, help="seconds for everything (default 450, dry run 170)")
+    ap.add_argument("--only", metavar="GROUPS",
+                    help=f"run only these groups (comma-separated: {', '.join(report.GROUPS)}), e.g. to rerun "
+                         "what failed in the device time left; the summary says the run was partial")
     args = ap.parse_args(argv)
+    try:
+        args.groups = report.parse_groups(args.only)
+    except ValueError as e:
+        ap.error(f"--only: {e}")
     bundle = args.bundle.resolve()
     for need in ("bin/vramslice-device-plugin", "bin/vramslice-gpu-check", "lib/libvramslice_guard.so",
                  "python/vramslice/__init__.py"):
@@ -418,7 +427,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
     """Every group in order; the exit status."""
-    run = Run(args.out.resolve(), work, args.dry_run, args.budget or (170 if args.dry_run else 450))
+    run = Run(args.out.resolve(), work, args.dry_run, args.budget or (170 if args.dry_run else 450), args.groups)
+    want = set(args.groups)
     manifest = bundle / "manifest.json"
     run.environment.update({"python": sys.version.split()[0], "platform": platform.platform(),
                             "libc": " ".join(platform.libc_ver()), "cpus": os.cpu_count(),
@@ -431,7 +441,8 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
         run.environment["nvidia_smi"] = smi.stdout.strip()
     py = sys.executable
 
-    allocation = device_plugin(run, bundle, env)
+    # Without the plugin group the guard checks run at the default 4 GiB limit (guard_env).
+    allocation = device_plugin(run, bundle, env) if "plugin" in want else None
 
     g = "guard"
     acct = work / "accounting"
@@ -443,28 +454,37 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
     (work / "accounting-latency").mkdir()
     plain = dict(env, GPUCHECK_LIMIT_BYTES=limit, GPUCHECK_GUARD_ENV=json.dumps(fresh))
     drv = str(HERE / "guard_driver.py")
-    run.program(g, [py, drv, "limits"], guarded, 60, [
-        "driver: cuMemGetInfo total is the slice", "driver: allocation within the limit succeeds",
-        "driver: allocation past the limit is refused", "nvml: memory info shows the slice"])
-    run.program(g, [py, drv, "graphs"], guarded, 60, [
-        "driver graphs: a memory node within the slice launches",
-        "driver graphs: the graph pool's memory counts against the limit",
-        "driver graphs: a memory node past the slice is refused at launch",
-        "driver graphs: cuDeviceGraphMemTrim returns the memory to the slice"])
-    run.program(g, [py, drv, "share"], guarded, 60, ["two processes, one account: the other's memory is counted"])
-    run.program(g, [py, drv, "latency"], plain, 120, ["driver: alloc/free latency added by the guard"])
-    run.program("vllm", [py, drv, "vllm"], guarded, 60, ["vLLM-like start (driver): sizes to the slice, not the card"])
+    if g in want:
+        run.program(g, [py, drv, "limits"], guarded, 60, [
+            "driver: cuMemGetInfo total is the slice", "driver: allocation within the limit succeeds",
+            "driver: allocation past the limit is refused", "nvml: memory info shows the slice"])
+        run.program(g, [py, drv, "graphs"], guarded, 60, [
+            "driver graphs: a memory node within the slice launches",
+            "driver graphs: the graph pool's memory counts against the limit",
+            "driver graphs: a memory node past the slice is refused at launch",
+            "driver graphs: cuDeviceGraphMemTrim returns the memory to the slice"])
+        run.program(g, [py, drv, "share"], guarded, 60, ["two processes, one account: the other's memory is counted"])
+        run.program(g, [py, drv, "latency"], plain, 120, ["driver: alloc/free latency added by the guard"])
+    if "vllm" in want:
+        run.program("vllm", [py, drv, "vllm"], guarded, 60,
+                    ["vLLM-like start (driver): sizes to the slice, not the card"])
+    if not want & {g, "vllm", "infer"}:
+        return finish(run, args.dry_run)
 
     why = "dry run: the fake CUDA driver cannot run PyTorch" if args.dry_run else torch_state(env)
     run.environment["torch"] = why or "importable, CUDA available"
     torch_py = str(HERE / "guard_torch.py")
     if why:
         for mode, names in TORCH_CHECKS.items():
-            run.not_run("vllm" if mode == "vllm" else g, names, why)
-        run.not_run("infer", [n for names in INFERENCE_CHECKS.values() for n in names], why)
+            group = "vllm" if mode == "vllm" else g
+            if group in want:
+                run.not_run(group, names, why)
+        if "infer" in want:
+            run.not_run("infer", [n for names in INFERENCE_CHECKS.values() for n in names], why)
         if args.dry_run:
             compile_only(run, g, ["guard_torch.py", "inference.py"])
-    else:
+        return finish(run, args.dry_run)
+    if g in want:
         for label, conf in ALLOC_CONFS.items():
             run.program(g, [py, torch_py, "limits", label], dict(guarded, PYTORCH_CUDA_ALLOC_CONF=conf), 90,
                         [n for n in TORCH_CHECKS["limits"] if f"[{label}]" in n])
@@ -472,7 +492,9 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
                     90, TORCH_CHECKS["graphs"])
         run.program(g, [py, torch_py, "share"], guarded, 90, TORCH_CHECKS["share"])
         run.program(g, [py, torch_py, "throughput"], plain, 150, TORCH_CHECKS["throughput"])
+    if "vllm" in want:
         run.program("vllm", [py, torch_py, "vllm"], guarded, 90, TORCH_CHECKS["vllm"])
+    if "infer" in want:
         for mode, names in INFERENCE_CHECKS.items():
             acct_i = work / f"accounting-inference-{mode}"
             profiles = work / f"profiles-{mode}"
@@ -483,9 +505,14 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
             run.program("infer", [py, str(HERE / "inference.py"), "--mode", mode, "--seconds", "45"], ienv, 110,
                         names)
 
-    verdict = report.overall(run.records, args.dry_run)
+    return finish(run, args.dry_run)
+
+
+def finish(run: Run, dry_run: bool) -> int:
+    """Write and print the results; the exit status."""
+    verdict = report.overall(run.records, dry_run)
     run.flush()
-    sys.stdout.write(report.render_table(run.records, verdict))
+    sys.stdout.write(report.render_table(run.records, verdict, run.groups))
     print(f"\nresults: {run.out / 'gpu-check.json'}, logs: {run.out / 'gpu-check.log'}")
     return 0 if verdict == PASS else 1
 

@@ -13,6 +13,29 @@ from typing import Iterable, List, Optional, Tuple
 from checklib import FAIL, NOT_RUN, PASS, STATUSES, result
 
 RESULT_PREFIX = "RESULT "
+# The check's groups, in the order they run; ``--only`` picks some of them.
+GROUPS = ("plugin", "guard", "vllm", "infer")
+
+
+def parse_groups(text: Optional[str]) -> List[str]:
+    """The groups ``--only`` names (comma-separated), in run order; all of them for None.
+    Raises ValueError naming an unknown or missing group."""
+    if text is None:
+        return list(GROUPS)
+    named = [part.strip() for part in text.split(",")]
+    unknown = [name for name in named if name not in GROUPS]
+    if unknown or not any(named):
+        raise ValueError(f"unknown group {', '.join(repr(u) for u in unknown) or repr(text)}: "
+                         f"choose from {', '.join(GROUPS)}")
+    return [g for g in GROUPS if g in named]
+
+
+def partial_note(groups: Iterable[str]) -> str:
+    """How a run of only some groups is labelled (empty for a full run)."""
+    groups = list(groups)
+    if set(groups) >= set(GROUPS):
+        return ""
+    return f"partial run: only {', '.join(groups)}; the other groups did not run"
 
 
 def parse_results(stdout: str, group: str) -> Tuple[List[dict], List[str]]:
@@ -78,16 +101,18 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def render_table(records: List[dict], verdict: str) -> str:
+def render_table(records: List[dict], verdict: str, groups: Iterable[str] = GROUPS) -> str:
     """A fixed-width summary: group, check, figure, target, status; details below for anything
-    that did not pass."""
+    that did not pass. A run of only some ``groups`` says so in its summary line."""
     cols = [("group", 8), ("check", 58), ("figure", 44), ("target", 26), ("status", 7)]
     lines = ["  ".join(name.ljust(w) for name, w in cols), "  ".join("-" * w for _, w in cols)]
     for r in records:
         lines.append("  ".join(_clip(r.get(name, ""), w).ljust(w) for name, w in cols).rstrip())
     c = counts(records)
     lines.append("")
-    lines.append(f"{verdict}: {c[PASS]} passed, {c[FAIL]} failed, {c[NOT_RUN]} not run")
+    partial = partial_note(groups)
+    lines.append(f"{verdict}: {c[PASS]} passed, {c[FAIL]} failed, {c[NOT_RUN]} not run"
+                 + (f" ({partial})" if partial else ""))
     notes = [r for r in records if r["status"] != PASS and r.get("detail")]
     if notes:
         lines.append("")
@@ -96,11 +121,15 @@ def render_table(records: List[dict], verdict: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def document(records: List[dict], verdict: str, environment: dict, dry_run: bool) -> dict:
-    """The JSON written to $OUT."""
+def document(records: List[dict], verdict: str, environment: dict, dry_run: bool,
+             groups: Iterable[str] = GROUPS) -> dict:
+    """The JSON written to $OUT (``groups``: those that were selected to run)."""
+    groups = list(groups)
     return {
         "schema": "vramslice.io/gpu-check/v1",
         "dry_run": dry_run,
+        "groups": groups,
+        "partial": bool(partial_note(groups)),
         "verdict": verdict,
         "counts": counts(records),
         "environment": environment,

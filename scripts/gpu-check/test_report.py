@@ -83,5 +83,26 @@ class Table(unittest.TestCase):
         json.dumps(doc)
 
 
+class Groups(unittest.TestCase):
+    def test_only_picks_groups_in_run_order(self):
+        self.assertEqual(report.parse_groups(None), list(report.GROUPS))
+        self.assertEqual(report.parse_groups("infer, guard"), ["guard", "infer"])
+
+    def test_unknown_or_empty_groups_are_named(self):
+        with self.assertRaisesRegex(ValueError, "unknown group 'gaurd'.*plugin, guard, vllm, infer"):
+            report.parse_groups("guard,gaurd")
+        with self.assertRaisesRegex(ValueError, "unknown group"):
+            report.parse_groups(",")
+
+    def test_a_partial_run_says_so(self):
+        records = [rec("a", "PASS", group="guard")]
+        self.assertNotIn("partial", report.render_table(records, "PASS"))
+        text = report.render_table(records, "PASS", ["guard"])
+        self.assertIn("PASS: 1 passed, 0 failed, 0 not run (partial run: only guard;", text)
+        doc = report.document(records, "PASS", {}, False, ["guard"])
+        self.assertEqual((doc["groups"], doc["partial"]), (["guard"], True))
+        self.assertFalse(report.document(records, "PASS", {}, False)["partial"])
+
+
 if __name__ == "__main__":
     unittest.main()
