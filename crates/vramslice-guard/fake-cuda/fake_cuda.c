@@ -17,11 +17,13 @@
  * current context and answers for its device, like the real driver. Each device has a default
  * pool and one pool cuMemPoolCreate hands out; pools retain freed async memory until
  * cuMemPoolTrimTo when FAKE_CUDA_POOL_RETAIN=1. CUDA graphs with memory nodes, stream capture and
- * each device's graph memory pool: fake_cuda_graphs.inc.c (included below).
+ * each device's graph memory pool: fake_cuda_graphs.inc.c (included below). Physical allocations
+ * (cuMemCreate), their handle references and mappings: fake_cuda_vmm.inc.c.
  * Built with -Wl,-Bsymbolic like the real driver, so its own addresses are never interposed.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -331,23 +333,7 @@ CUresult cuMemPoolGetAttribute(CUmemoryPool p, int attr, void *value) {
     return OK;
 }
 
-CUresult cuMemCreate(CUmemGenericAllocationHandle *h, size_t n, const MEM_PROP *prop, unsigned long long flags) {
-    (void)flags;
-    if (!h || !prop) return ERR_INVALID_VALUE;
-    void *p;
-    if (prop->location.type == 1) {
-        if (!valid_device(prop->location.id)) return ERR_INVALID_VALUE;
-        p = host_alloc_on(prop->location.id, (long long)n);
-    } else {
-        long long *q = malloc(16); /* host memory: not charged */
-        if (q) { q[0] = 0; q[1] = 0; }
-        p = q ? q + 2 : NULL;
-    }
-    if (!p) return ERR_OOM;
-    *h = (CUmemGenericAllocationHandle)p;
-    return OK;
-}
-CUresult cuMemRelease(CUmemGenericAllocationHandle h) { return host_free((void *)h) < 0 ? ERR_INVALID_VALUE : OK; }
+#include "fake_cuda_vmm.inc.c"
 
 static size_t elem_size(int format) {
     switch (format) { case 0x01: case 0x08: return 1; case 0x02: case 0x09: case 0x10: return 2; default: return 4; }
@@ -458,6 +444,9 @@ static const struct entry table[] = {
     E("cuDeviceGetMemPool", 0, 0, cuDeviceGetMemPool),
     E("cuDeviceGetDefaultMemPool", 0, 0, cuDeviceGetDefaultMemPool), E("cuMemPoolCreate", 0, 0, cuMemPoolCreate),
     E("cuMemCreate", 0, 0, cuMemCreate), E("cuMemRelease", 0, 0, cuMemRelease),
+    E("cuMemAddressReserve", 0, 0, cuMemAddressReserve), E("cuMemAddressFree", 0, 0, cuMemAddressFree),
+    E("cuMemMap", 0, 0, cuMemMap), E("cuMemUnmap", 0, 0, cuMemUnmap),
+    E("cuMemRetainAllocationHandle", 0, 0, cuMemRetainAllocationHandle),
     E("cuArrayCreate", 3020, 0, cuArrayCreate_v2), E("cuArray3DCreate", 3020, 0, cuArray3DCreate_v2),
     E("cuArrayDestroy", 0, 0, cuArrayDestroy), E("cuMipmappedArrayCreate", 0, 0, cuMipmappedArrayCreate),
     E("cuMipmappedArrayDestroy", 0, 0, cuMipmappedArrayDestroy),

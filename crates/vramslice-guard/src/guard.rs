@@ -12,9 +12,11 @@
 //! driver itself. What the policy needs from the outside world — whether a process is alive, how
 //! much a memory pool really holds, a device's UUID — comes in as function pointers ([`Probes`]).
 //! CUDA graph memory nodes, charged when the driver maps them, have their own part
-//! (`graphs`: [`Guard::graph_before_launch`] and what follows it).
+//! (`graphs`: [`Guard::graph_before_launch`] and what follows it), as do physical allocations,
+//! charged while a handle reference or a mapping keeps them (`physical`).
 
 mod graphs;
+mod physical;
 
 pub use graphs::{GraphMapping, GraphNeeds, GraphPoolReading, GraphRefusal};
 

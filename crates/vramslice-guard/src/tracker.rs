@@ -30,6 +30,9 @@ pub enum Kind {
     Library = 7,
     /// A device's primary context (key: device ordinal).
     Primary = 8,
+    /// A `cuMemMap` mapping (key: its virtual address; bytes: its size; extra: the physical
+    /// allocation's handle). Never charged itself.
+    Mapping = 9,
 }
 
 /// One tracked handle.

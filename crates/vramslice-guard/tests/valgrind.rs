@@ -90,7 +90,7 @@ fn per_gpu_limits_are_clean_under_memcheck() {
 }
 
 #[test]
-fn graph_memory_nodes_are_clean_under_memcheck() {
+fn graph_memory_nodes_and_mapped_memory_are_clean_under_memcheck() {
     let dir = tempfile::tempdir().unwrap();
     let env = vec![
         ("VRAMSLICE_VRAM_LIMIT_BYTES", (256 * MIB).to_string()),
@@ -99,5 +99,7 @@ fn graph_memory_nodes_are_clean_under_memcheck() {
         ("FAKE_CUDA_CTX_BYTES", "0".into()),
         ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
     ];
-    under_valgrind(&env, &["graphs", "gpa_ptsz", &(256 * MIB).to_string()]);
+    for scenario in ["graphs", "vmm"] {
+        under_valgrind(&env, &[scenario, "gpa_ptsz", &(256 * MIB).to_string()]);
+    }
 }

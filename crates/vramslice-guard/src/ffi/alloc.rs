@@ -13,7 +13,7 @@ use std::ffi::{c_int, c_uint};
 /// the handle it produced (or undo the reservation). A refused device gets
 /// `CUDA_ERROR_OUT_OF_MEMORY` without reaching the driver.
 #[inline(always)]
-fn counted(
+pub(super) fn counted(
     on: On,
     bytes: u64,
     kind: Kind,
@@ -373,52 +373,6 @@ pub unsafe extern "C" fn cuMemPoolCreate(
             g.pool_created((p as usize as u64).max(1), a);
         }
         rc
-    })
-}
-
-/// Interposed `cuMemCreate`: counted when the location is a device.
-///
-/// # Safety
-/// As the CUDA driver API requires.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut u64,
-    size: usize,
-    prop: *const MemAllocationProp,
-    flags: u64,
-) -> CUresult {
-    boundary(|| {
-        let f = real_fn!(cuMemCreate);
-        // SAFETY: arguments forwarded unchanged.
-        let call = || unsafe { f(handle, size, prop, flags) };
-        // SAFETY: prop is null or points at a CUmemAllocationProp, whose first four ints we read.
-        let device = unsafe { prop.as_ref() }
-            .filter(|p| p.location_type == CU_MEM_LOCATION_TYPE_DEVICE)
-            .map(|p| p.location_id);
-        let Some(device) = device else {
-            return call();
-        };
-        // SAFETY: handle is read only after the driver reported success.
-        counted(
-            On::Device(device),
-            size as u64,
-            Kind::Physical,
-            call,
-            || unsafe { read_out(handle) },
-        )
-    })
-}
-
-/// Interposed `cuMemRelease`.
-///
-/// # Safety
-/// As the CUDA driver API requires.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
-    boundary(|| {
-        let f = real_fn!(cuMemRelease);
-        // SAFETY: argument forwarded unchanged.
-        freeing(Kind::Physical, handle, || unsafe { f(handle) })
     })
 }
 

@@ -11,6 +11,7 @@ mod real;
 mod resolve;
 mod shm;
 pub mod types;
+mod vmm;
 
 use crate::config::{Config, Limits, read_limit_file};
 use crate::guard::{Account, AccountId, Guard, Mapping, Probes};

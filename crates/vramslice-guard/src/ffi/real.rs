@@ -110,6 +110,9 @@ real_table! {
     cuMemPoolTrimTo: fn(Handle, usize) -> CUresult;
     cuMemCreate: fn(*mut u64, usize, *const MemAllocationProp, u64) -> CUresult;
     cuMemRelease: fn(u64) -> CUresult;
+    cuMemRetainAllocationHandle: fn(*mut u64, *mut c_void) -> CUresult;
+    cuMemMap: fn(CUdeviceptr, usize, usize, u64, u64) -> CUresult;
+    cuMemUnmap: fn(CUdeviceptr, usize) -> CUresult;
     cuArrayCreate_v2: fn(*mut Handle, *const ArrayDescriptor) -> CUresult;
     cuArray3DCreate_v2: fn(*mut Handle, *const Array3dDescriptor) -> CUresult;
     cuMipmappedArrayCreate: fn(*mut Handle, *const Array3dDescriptor, c_uint) -> CUresult;

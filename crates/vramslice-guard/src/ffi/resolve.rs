@@ -9,6 +9,7 @@ use super::context::*;
 use super::graph::*;
 use super::real::{real, real_dlsym};
 use super::types::*;
+use super::vmm::*;
 use super::{boundary, guard, read_out, real_fn};
 use std::ffi::{CStr, c_char, c_int, c_void};
 
@@ -31,6 +32,9 @@ fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         b"cuMemPoolCreate" => cuMemPoolCreate as *const (),
         b"cuMemCreate" => cuMemCreate as *const (),
         b"cuMemRelease" => cuMemRelease as *const (),
+        b"cuMemRetainAllocationHandle" => cuMemRetainAllocationHandle as *const (),
+        b"cuMemMap" => cuMemMap as *const (),
+        b"cuMemUnmap" => cuMemUnmap as *const (),
         b"cuArrayCreate_v2" => cuArrayCreate_v2 as *const (),
         b"cuArray3DCreate_v2" => cuArray3DCreate_v2 as *const (),
         b"cuMipmappedArrayCreate" => cuMipmappedArrayCreate as *const (),
