@@ -463,6 +463,10 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
             "driver graphs: the graph pool's memory counts against the limit",
             "driver graphs: a memory node past the slice is refused at launch",
             "driver graphs: cuDeviceGraphMemTrim returns the memory to the slice"])
+        run.program(g, [py, drv, "vmm"], guarded, 60, [
+            "driver vmm: a released handle's memory stays while mapped (plain driver)",
+            "driver vmm: cuMemRelease right after cuMemMap keeps the memory charged",
+            "driver vmm: cuMemUnmap gives the memory back"])
         run.program(g, [py, drv, "share"], guarded, 60, ["two processes, one account: the other's memory is counted"])
         run.program(g, [py, drv, "latency"], plain, 120, ["driver: alloc/free latency added by the guard"])
     if "vllm" in want:

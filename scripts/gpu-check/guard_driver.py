@@ -9,10 +9,15 @@ driver (lent GPU) and on the fake driver (dry run) alike.
     guard_driver.py graphs            under the guard: a CUDA graph memory node is charged when the
                                       graph is launched, a graph past the slice is refused at
                                       launch, cuDeviceGraphMemTrim gives the memory back
+    guard_driver.py vmm               under the guard: cuMemCreate memory whose handle is released
+                                      right after cuMemMap stays charged until cuMemUnmap (and a
+                                      plain child shows the real driver keeps it that long)
     guard_driver.py latency           alloc/free pair time, plain and guarded (child processes)
     guard_driver.py vllm              a vLLM-like start: size a cache from cuMemGetInfo total
     guard_driver.py hold BYTES        (helper) allocate, print "ready", wait for stdin to close
     guard_driver.py pairs N BYTES     (helper) print the mean alloc/free pair time in ns
+    guard_driver.py vmm-facts BYTES   (helper) print the driver's free memory across create, map,
+                                      release and unmap of BYTES, as JSON
 
 The limit is VRAMSLICE_VRAM_LIMIT_BYTES (or the limit file the guard reads, whose figure the
 orchestrator also passes as GPUCHECK_LIMIT_BYTES). GPUCHECK_GUARD_ENV (JSON) is the guard's
@@ -320,6 +325,101 @@ def vllm() -> int:
     return 0
 
 
+class AllocationProp(ctypes.Structure):
+    """CUmemAllocationProp: pinned device memory on device 0."""
+    _fields_ = [("type", ctypes.c_int), ("handle_types", ctypes.c_int), ("location_type", ctypes.c_int),
+                ("location_id", ctypes.c_int), ("win32", ctypes.c_void_p), ("flags", ctypes.c_ubyte * 8)]
+
+
+class Vmm:
+    """cuMemCreate / cuMemAddressReserve / cuMemMap / cuMemUnmap / cuMemRelease through ctypes."""
+
+    def __init__(self, drv: Driver) -> None:
+        self.drv, lib = drv, drv.lib
+        u64, size = ctypes.c_ulonglong, ctypes.c_size_t
+        lib.cuMemCreate.argtypes = [ctypes.POINTER(u64), size, ctypes.POINTER(AllocationProp), u64]
+        lib.cuMemRelease.argtypes = [u64]
+        lib.cuMemAddressReserve.argtypes = [ctypes.POINTER(u64), size, size, u64, u64]
+        lib.cuMemAddressFree.argtypes = [u64, size]
+        lib.cuMemMap.argtypes = [u64, size, size, u64, u64]
+        lib.cuMemUnmap.argtypes = [u64, size]
+        self.lib = lib
+        self.prop = AllocationProp(type=1, location_type=1, location_id=0)  # pinned, on device 0
+
+    def reserve(self, n: int) -> int:
+        va = ctypes.c_ulonglong()
+        self.drv.check("cuMemAddressReserve", self.lib.cuMemAddressReserve(ctypes.byref(va), n, 0, 0, 0))
+        return va.value
+
+    def create(self, n: int):
+        """(rc, handle)."""
+        h = ctypes.c_ulonglong()
+        return self.lib.cuMemCreate(ctypes.byref(h), n, ctypes.byref(self.prop), 0), h.value
+
+
+def vmm_chunk(limit: int) -> int:
+    """A quarter of the limit in whole 2 MiB pages (the GPUs' allocation granularity)."""
+    return max(limit // 4 // (2 * MIB), 1) * 2 * MIB
+
+
+def vmm() -> int:
+    limit = limit_bytes()
+    chunk = vmm_chunk(limit)
+    facts = subprocess.run([sys.executable, __file__, "vmm-facts", str(chunk)], env=child_env(False),
+                           capture_output=True, text=True, timeout=60)
+    try:
+        f = json.loads(facts.stdout.strip().splitlines()[-1])
+        kept, back = f["before"] - f["released"], f["unmapped"] - f["before"]
+        emit("driver vmm: a released handle's memory stays while mapped (plain driver)",
+             kept >= chunk - 64 * MIB and back >= -64 * MIB,
+             f"{mib(chunk)}: {mib(kept)} still taken after cuMemRelease, {mib(back)} back after cuMemUnmap",
+             ">= the chunk taken, then back", **f)
+    except (IndexError, KeyError, ValueError):
+        emit("driver vmm: a released handle's memory stays while mapped (plain driver)", False,
+             detail=f"vmm-facts rc {facts.returncode}: {facts.stderr[-300:]}")
+    drv = Driver()
+    v = Vmm(drv)
+    free0, _ = drv.mem_get_info()
+    va = v.reserve(8 * chunk)
+    made, rc = 0, CUDA_SUCCESS
+    while made < 8:
+        rc, h = v.create(chunk)
+        if rc != CUDA_SUCCESS:
+            break
+        drv.check("cuMemMap", v.lib.cuMemMap(va + made * chunk, chunk, 0, h, 0))
+        drv.check("cuMemRelease", v.lib.cuMemRelease(h))
+        made += 1
+    free1, _ = drv.mem_get_info()
+    emit("driver vmm: cuMemRelease right after cuMemMap keeps the memory charged",
+         rc == CUDA_ERROR_OUT_OF_MEMORY and made * chunk <= limit and free0 - free1 >= made * chunk,
+         f"{made} x {mib(chunk)} mapped and released, then rc {rc}; guard counted {mib(free0 - free1)}",
+         f"refused within the limit (rc {CUDA_ERROR_OUT_OF_MEMORY})", made=made, chunk=chunk)
+    drv.check("cuMemUnmap", v.lib.cuMemUnmap(va, made * chunk) if made else CUDA_SUCCESS)
+    drv.check("cuMemAddressFree", v.lib.cuMemAddressFree(va, 8 * chunk))
+    free2, _ = drv.mem_get_info()
+    emit("driver vmm: cuMemUnmap gives the memory back", free2 >= free0 - 64 * MIB,
+         f"free {mib(free2)} after one unmap of {made} mappings", f">= {mib(free0 - 64 * MIB)}")
+    return 0
+
+
+def vmm_facts(n: int) -> int:
+    drv = Driver()
+    v = Vmm(drv)
+    va = v.reserve(n)
+    before = drv.mem_get_info()[0]
+    rc, h = v.create(n)
+    drv.check("cuMemCreate", rc)
+    drv.check("cuMemMap", v.lib.cuMemMap(va, n, 0, h, 0))
+    mapped = drv.mem_get_info()[0]
+    drv.check("cuMemRelease", v.lib.cuMemRelease(h))
+    released = drv.mem_get_info()[0]
+    drv.check("cuMemUnmap", v.lib.cuMemUnmap(va, n))
+    unmapped = drv.mem_get_info()[0]
+    drv.check("cuMemAddressFree", v.lib.cuMemAddressFree(va, n))
+    print(json.dumps({"before": before, "mapped": mapped, "released": released, "unmapped": unmapped}))
+    return 0
+
+
 def main(argv) -> int:
     mode = argv[1] if len(argv) > 1 else ""
     if mode == "limits":
@@ -328,6 +428,10 @@ def main(argv) -> int:
         return share()
     if mode == "graphs":
         return graphs()
+    if mode == "vmm":
+        return vmm()
+    if mode == "vmm-facts" and len(argv) == 3:
+        return vmm_facts(int(argv[2]))
     if mode == "latency":
         return latency()
     if mode == "vllm":
