@@ -30,4 +30,6 @@ VRAMSLICE_VRAM_LIMIT_BYTES=$((1024 * mib)) VRAMSLICE_CONTEXT_ESTIMATE_BYTES=$((1
 VRAMSLICE_VRAM_LIMIT_BYTES=$limit VRAMSLICE_ACCOUNTING_DIR="$work" run fork $((30 * mib)) $limit
 VRAMSLICE_VRAM_LIMIT_BYTES=$((16 * mib)) VRAMSLICE_ACCOUNTING_DIR="$work" run race 4 500 $((2 * mib))
 run entrypoints dlsym unlimited $limit
+VRAMSLICE_VRAM_LIMIT_BYTES=$((256 * mib)) VRAMSLICE_CONTEXT_ESTIMATE_BYTES=0 FAKE_CUDA_CTX_BYTES=0 \
+  VRAMSLICE_ACCOUNTING_DIR="$work" run vmm gpa $((256 * mib))
 echo "valgrind memcheck: all scenarios clean"
