@@ -187,6 +187,9 @@ CUresult cuCtxDestroy_v2(CUcontext c) {
     host_free(c);
     return OK;
 }
+/* v1 context entry points (before CUDA 3.2 / 4.0): the same as their successors here. */
+CUresult cuCtxCreate(CUcontext *c, unsigned flags, CUdevice d) { return cuCtxCreate_v2(c, flags, d); }
+CUresult cuCtxDestroy(CUcontext c) { return cuCtxDestroy_v2(c); }
 CUresult cuCtxSetCurrent(CUcontext c) { current_ctx = c; return OK; }
 CUresult cuCtxGetCurrent(CUcontext *c) { if (!c) return ERR_INVALID_VALUE; *c = current_ctx; return OK; }
 CUresult cuCtxGetDevice(CUdevice *d) { if (!d) return ERR_INVALID_VALUE; if (!current_ctx) return ERR_INVALID_CONTEXT; *d = device_of(current_ctx); return OK; }
@@ -250,6 +253,55 @@ CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t w, size_t h
 }
 CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t n, unsigned flags) { (void)flags; ALLOC_INTO(dptr, n); }
 CUresult cuMemFree_v2(CUdeviceptr p) { return host_free((void *)p) < 0 ? ERR_INVALID_VALUE : OK; }
+
+/* The v1 ABI (CUDA 3.1: 32-bit device pointers and sizes), which the driver still exports and
+ * cuGetProcAddress hands out for versions before 3020. Its pointers are small numbers naming
+ * slots of allocations. */
+#define V1_SLOTS 1024
+static void *_Atomic v1_slots[V1_SLOTS];
+static CUresult v1_keep(unsigned *dptr, void *q) {
+    for (unsigned i = 0; i < V1_SLOTS; i++) {
+        void *expected = NULL;
+        if (atomic_compare_exchange_strong(&v1_slots[i], &expected, q)) { *dptr = (i + 1) << 16; return OK; }
+    }
+    host_free(q);
+    return ERR_OOM;
+}
+CUresult cuMemAlloc(unsigned *dptr, unsigned n) {
+    if (!dptr || !n) return ERR_INVALID_VALUE;
+    void *q = host_alloc(n);
+    return q ? v1_keep(dptr, q) : ERR_OOM;
+}
+CUresult cuMemAllocPitch(unsigned *dptr, unsigned *pitch, unsigned w, unsigned h, unsigned elem) {
+    (void)elem;
+    if (!dptr || !pitch) return ERR_INVALID_VALUE;
+    unsigned p = (w + 511) / 512 * 512;
+    void *q = host_alloc((long long)p * h);
+    if (!q) return ERR_OOM;
+    *pitch = p;
+    return v1_keep(dptr, q);
+}
+CUresult cuMemFree(unsigned p) {
+    unsigned i = (p >> 16) - 1;
+    if (!p || (p & 0xffff) || i >= V1_SLOTS) return ERR_INVALID_VALUE;
+    void *q = atomic_exchange(&v1_slots[i], NULL);
+    return q && host_free(q) >= 0 ? OK : ERR_INVALID_VALUE;
+}
+static unsigned clamp32(size_t v) { return v > 0xffffffffu ? 0xffffffffu : (unsigned)v; }
+CUresult cuMemGetInfo(unsigned *free_b, unsigned *total) {
+    size_t f, t;
+    if (!free_b || !total) return ERR_INVALID_VALUE;
+    CUresult rc = cuMemGetInfo_v2(&f, &t);
+    if (rc == OK) { *free_b = clamp32(f); *total = clamp32(t); }
+    return rc;
+}
+CUresult cuDeviceTotalMem(unsigned *bytes, CUdevice d) {
+    size_t t;
+    if (!bytes) return ERR_INVALID_VALUE;
+    CUresult rc = cuDeviceTotalMem_v2(&t, d);
+    if (rc == OK) *bytes = clamp32(t);
+    return rc;
+}
 
 #include "fake_cuda_graphs.inc.c"
 
@@ -353,6 +405,19 @@ CUresult cuArray3DCreate_v2(CUarray *a, const ARRAY3D_DESC *d) {
     *a = p;
     return OK;
 }
+/* v1 array descriptors: 32-bit dimensions. */
+typedef struct { unsigned Width, Height; int Format; unsigned NumChannels; } ARRAY_DESC_V1;
+typedef struct { unsigned Width, Height, Depth; int Format; unsigned NumChannels, Flags; } ARRAY3D_DESC_V1;
+CUresult cuArrayCreate(CUarray *a, const ARRAY_DESC_V1 *d) {
+    if (!d) return ERR_INVALID_VALUE;
+    ARRAY_DESC v2 = { d->Width, d->Height, d->Format, d->NumChannels };
+    return cuArrayCreate_v2(a, &v2);
+}
+CUresult cuArray3DCreate(CUarray *a, const ARRAY3D_DESC_V1 *d) {
+    if (!d) return ERR_INVALID_VALUE;
+    ARRAY3D_DESC v2 = { d->Width, d->Height, d->Depth, d->Format, d->NumChannels, d->Flags };
+    return cuArray3DCreate_v2(a, &v2);
+}
 CUresult cuArrayDestroy(CUarray a) { return host_free(a) < 0 ? ERR_INVALID_VALUE : OK; }
 CUresult cuMipmappedArrayCreate(CUmipmappedArray *a, const ARRAY3D_DESC *d, unsigned levels) {
     if (!a || !d) return ERR_INVALID_VALUE;
@@ -426,16 +491,17 @@ static const struct entry table[] = {
     E("cuInit", 0, 0, cuInit), E("cuDriverGetVersion", 0, 0, cuDriverGetVersion),
     E("cuDeviceGet", 0, 0, cuDeviceGet), E("cuDeviceGetCount", 0, 0, cuDeviceGetCount),
     E("cuDeviceGetUuid", 11040, 0, cuDeviceGetUuid_v2), E("cuDeviceGetUuid", 0, 0, cuDeviceGetUuid),
-    E("cuDeviceTotalMem", 3020, 0, cuDeviceTotalMem_v2),
-    E("cuCtxCreate", 11040, 0, cuCtxCreate_v3), E("cuCtxCreate", 3020, 0, cuCtxCreate_v2),
-    E("cuCtxDestroy", 4000, 0, cuCtxDestroy_v2), E("cuCtxSetCurrent", 0, 0, cuCtxSetCurrent),
+    E("cuDeviceTotalMem", 3020, 0, cuDeviceTotalMem_v2), E("cuDeviceTotalMem", 0, 0, cuDeviceTotalMem),
+    E("cuCtxCreate", 11040, 0, cuCtxCreate_v3), E("cuCtxCreate", 3020, 0, cuCtxCreate_v2), E("cuCtxCreate", 0, 0, cuCtxCreate),
+    E("cuCtxDestroy", 4000, 0, cuCtxDestroy_v2), E("cuCtxDestroy", 0, 0, cuCtxDestroy), E("cuCtxSetCurrent", 0, 0, cuCtxSetCurrent),
     E("cuCtxGetCurrent", 0, 0, cuCtxGetCurrent), E("cuCtxGetDevice", 0, 0, cuCtxGetDevice),
     E("cuDevicePrimaryCtxRetain", 0, 0, cuDevicePrimaryCtxRetain),
     E("cuDevicePrimaryCtxRelease", 11000, 0, cuDevicePrimaryCtxRelease_v2),
     E("cuDevicePrimaryCtxReset", 11000, 0, cuDevicePrimaryCtxReset_v2),
-    E("cuMemGetInfo", 3020, 0, cuMemGetInfo_v2),
-    E("cuMemAlloc", 3020, 0, cuMemAlloc_v2), E("cuMemAllocPitch", 3020, 0, cuMemAllocPitch_v2),
-    E("cuMemAllocManaged", 0, 0, cuMemAllocManaged), E("cuMemFree", 3020, 0, cuMemFree_v2),
+    E("cuMemGetInfo", 3020, 0, cuMemGetInfo_v2), E("cuMemGetInfo", 0, 0, cuMemGetInfo),
+    E("cuMemAlloc", 3020, 0, cuMemAlloc_v2), E("cuMemAlloc", 0, 0, cuMemAlloc),
+    E("cuMemAllocPitch", 3020, 0, cuMemAllocPitch_v2), E("cuMemAllocPitch", 0, 0, cuMemAllocPitch),
+    E("cuMemAllocManaged", 0, 0, cuMemAllocManaged), E("cuMemFree", 3020, 0, cuMemFree_v2), E("cuMemFree", 0, 0, cuMemFree),
     E("cuMemAllocAsync", 0, 1, cuMemAllocAsync_ptsz), E("cuMemAllocAsync", 0, 0, cuMemAllocAsync),
     E("cuMemAllocFromPoolAsync", 0, 1, cuMemAllocFromPoolAsync_ptsz),
     E("cuMemAllocFromPoolAsync", 0, 0, cuMemAllocFromPoolAsync),
@@ -447,7 +513,8 @@ static const struct entry table[] = {
     E("cuMemAddressReserve", 0, 0, cuMemAddressReserve), E("cuMemAddressFree", 0, 0, cuMemAddressFree),
     E("cuMemMap", 0, 0, cuMemMap), E("cuMemUnmap", 0, 0, cuMemUnmap),
     E("cuMemRetainAllocationHandle", 0, 0, cuMemRetainAllocationHandle),
-    E("cuArrayCreate", 3020, 0, cuArrayCreate_v2), E("cuArray3DCreate", 3020, 0, cuArray3DCreate_v2),
+    E("cuArrayCreate", 3020, 0, cuArrayCreate_v2), E("cuArrayCreate", 0, 0, cuArrayCreate),
+    E("cuArray3DCreate", 3020, 0, cuArray3DCreate_v2), E("cuArray3DCreate", 0, 0, cuArray3DCreate),
     E("cuArrayDestroy", 0, 0, cuArrayDestroy), E("cuMipmappedArrayCreate", 0, 0, cuMipmappedArrayCreate),
     E("cuMipmappedArrayDestroy", 0, 0, cuMipmappedArrayDestroy),
     E("cuModuleLoad", 0, 0, cuModuleLoad), E("cuModuleLoadData", 0, 0, cuModuleLoadData),

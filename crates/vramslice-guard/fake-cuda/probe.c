@@ -26,6 +26,7 @@
  *   probe nvmlon <dev> <limit>  (NVML memory information of one device, by its handle)
  *   probe graphs <direct|dlsym|gpa|gpa_ptsz> <limit-bytes>  (CUDA graph memory nodes: captured
  *                               and explicit, launched, uploaded, trimmed, held to the limit)
+ *   probe legacy <direct|dlsym|gpa> <limit-bytes>  (the v1 ABI, 32-bit pointers: probe_legacy.inc.c)
  *   probe vmm <direct|dlsym|gpa|gpa_ptsz> <limit-bytes>  (cuMemCreate memory charged while a
  *                               handle reference or a mapping keeps it: probe_vmm.inc.c)
  *
@@ -770,6 +771,7 @@ static int graphs(const char *mode, size_t limit) {
 }
 
 #include "probe_vmm.inc.c"
+#include "probe_legacy.inc.c"
 
 static int nvmlon(int dev, size_t limit) {
     void *h = NULL;
@@ -812,6 +814,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(s, "multi") && argc == 5) return multi(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
     if (!strcmp(s, "graphs") && argc == 4) return graphs(argv[2], strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "legacy") && argc == 4) return legacy(argv[2], strtoull(argv[3], 0, 10));
     if (!strcmp(s, "vmm") && argc == 4) return vmm(argv[2], strtoull(argv[3], 0, 10));
     if (!strcmp(s, "nvmlon") && argc == 4) return nvmlon(atoi(argv[2]), strtoull(argv[3], 0, 10));
     die("unknown scenario or wrong arguments");

@@ -38,7 +38,7 @@ pub(super) fn counted(
 
 /// Take the handle out, call the real free, then give its bytes back (or put it back on failure).
 #[inline(always)]
-fn freeing(kind: Kind, handle: u64, call: impl FnOnce() -> CUresult) -> CUresult {
+pub(super) fn freeing(kind: Kind, handle: u64, call: impl FnOnce() -> CUresult) -> CUresult {
     let Some(g) = guard() else { return call() };
     let entry = g.untrack(kind, handle);
     let rc = call();
@@ -173,6 +173,40 @@ pub unsafe extern "C" fn cuMemAllocManaged(
     })
 }
 
+/// A pitched allocation: reserves width × height first, then the padding the driver chose
+/// (`call` returns its code and, on success, the pointer and the pitch; `free` undoes it when
+/// the padding does not fit).
+#[inline(always)]
+pub(super) fn pitch_counted(
+    width: u64,
+    height: u64,
+    call: impl FnOnce() -> (CUresult, Option<(u64, u64)>),
+    free: impl FnOnce(u64),
+) -> CUresult {
+    let Some(g) = guard() else { return call().0 };
+    let a = match account_or_refuse(g, On::Current) {
+        Ok(a) => a,
+        Err(rc) => return rc,
+    };
+    let first = width.saturating_mul(height);
+    if g.reserve(a, first).is_err() {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let (rc, out) = call();
+    let Some((p, real_pitch)) = out.filter(|_| rc == CUDA_SUCCESS) else {
+        g.release(a, first);
+        return rc;
+    };
+    let total = real_pitch.saturating_mul(height).max(first);
+    if g.reserve(a, total - first).is_err() {
+        free(p);
+        g.release(a, first);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    g.track(Kind::DevicePtr, p, a, total);
+    rc
+}
+
 /// Interposed `cuMemAllocPitch_v2`: reserves width × height first, then the padding the driver chose.
 ///
 /// # Safety
@@ -187,37 +221,22 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
 ) -> CUresult {
     boundary(|| {
         let f = real_fn!(cuMemAllocPitch_v2);
-        // SAFETY: arguments forwarded unchanged to the real function of this signature.
-        let call = || unsafe { f(dptr, pitch, width, height, elem) };
-        let Some(g) = guard() else { return call() };
-        let a = match account_or_refuse(g, On::Current) {
-            Ok(a) => a,
-            Err(rc) => return rc,
+        let call = || {
+            // SAFETY: arguments forwarded unchanged to the real function of this signature.
+            let rc = unsafe { f(dptr, pitch, width, height, elem) };
+            // SAFETY: both out-pointers are read only after the driver reported success.
+            let out = (rc == CUDA_SUCCESS)
+                .then(|| unsafe { read_out(dptr).zip(read_out(pitch)) })
+                .flatten();
+            (rc, out.map(|(p, q)| (p, q as u64)))
         };
-        let first = (width as u64).saturating_mul(height as u64);
-        if g.reserve(a, first).is_err() {
-            return CUDA_ERROR_OUT_OF_MEMORY;
-        }
-        let rc = call();
-        // SAFETY: both out-pointers are read only after the driver reported success.
-        let out = (rc == CUDA_SUCCESS)
-            .then(|| unsafe { read_out(dptr).zip(read_out(pitch)) })
-            .flatten();
-        let Some((p, real_pitch)) = out else {
-            g.release(a, first);
-            return rc;
-        };
-        let total = (real_pitch as u64).saturating_mul(height as u64).max(first);
-        if g.reserve(a, total - first).is_err() {
+        let free = |p| {
             if let Some(free) = super::real::real().and_then(|r| r.cuMemFree_v2) {
                 // SAFETY: p is the allocation the driver just made; nobody else has seen it.
                 unsafe { free(p) };
             }
-            g.release(a, first);
-            return CUDA_ERROR_OUT_OF_MEMORY;
-        }
-        g.track(Kind::DevicePtr, p, a, total);
-        rc
+        };
+        pitch_counted(width as u64, height as u64, call, free)
     })
 }
 
@@ -376,6 +395,21 @@ pub unsafe extern "C" fn cuMemPoolCreate(
     })
 }
 
+/// An array of `bytes` (`None`: no descriptor, the driver reports the invalid value), tracked by
+/// the handle the driver writes to `array`.
+#[inline(always)]
+pub(super) fn array_counted(
+    array: *mut Handle,
+    bytes: Option<u64>,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let Some(bytes) = bytes else { return call() };
+    counted(On::Current, bytes, Kind::Array, call, || {
+        // SAFETY: array is read only after the driver reported success.
+        unsafe { read_out(array) }.map(|h| h as usize as u64)
+    })
+}
+
 /// Interposed `cuArrayCreate_v2`.
 ///
 /// # Safety
@@ -387,18 +421,12 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
 ) -> CUresult {
     boundary(|| {
         let f = real_fn!(cuArrayCreate_v2);
-        // SAFETY: arguments forwarded unchanged.
-        let call = || unsafe { f(array, desc) };
         // SAFETY: desc is null or a valid descriptor, per the API.
-        let Some(d) = (unsafe { desc.as_ref() }) else {
-            return call();
-        };
-        let bytes =
-            sizes::array_bytes(d.width as u64, d.height as u64, 0, d.format, d.num_channels);
-        counted(On::Current, bytes, Kind::Array, call, || {
-            // SAFETY: array is read only after the driver reported success.
-            unsafe { read_out(array) }.map(|h| h as usize as u64)
-        })
+        let bytes = unsafe { desc.as_ref() }.map(|d| {
+            sizes::array_bytes(d.width as u64, d.height as u64, 0, d.format, d.num_channels)
+        });
+        // SAFETY: arguments forwarded unchanged.
+        array_counted(array, bytes, || unsafe { f(array, desc) })
     })
 }
 
@@ -413,23 +441,13 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
 ) -> CUresult {
     boundary(|| {
         let f = real_fn!(cuArray3DCreate_v2);
-        // SAFETY: arguments forwarded unchanged.
-        let call = || unsafe { f(array, desc) };
         // SAFETY: desc is null or a valid descriptor, per the API.
-        let Some(d) = (unsafe { desc.as_ref() }) else {
-            return call();
-        };
-        let bytes = sizes::array_bytes(
-            d.width as u64,
-            d.height as u64,
-            d.depth as u64,
-            d.format,
-            d.num_channels,
-        );
-        counted(On::Current, bytes, Kind::Array, call, || {
-            // SAFETY: array is read only after the driver reported success.
-            unsafe { read_out(array) }.map(|h| h as usize as u64)
-        })
+        let bytes = unsafe { desc.as_ref() }.map(|d| {
+            let (w, h, depth) = (d.width as u64, d.height as u64, d.depth as u64);
+            sizes::array_bytes(w, h, depth, d.format, d.num_channels)
+        });
+        // SAFETY: arguments forwarded unchanged.
+        array_counted(array, bytes, || unsafe { f(array, desc) })
     })
 }
 

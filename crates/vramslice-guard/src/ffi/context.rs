@@ -101,22 +101,29 @@ macro_rules! ctx_create {
         }
     };
 }
+ctx_create!(cuCtxCreate(flags: c_uint, dev: CUdevice), on dev);
 ctx_create!(cuCtxCreate_v2(flags: c_uint, dev: CUdevice), on dev);
 ctx_create!(cuCtxCreate_v3(params: *mut c_void, n: c_int, flags: c_uint, dev: CUdevice), on dev);
 ctx_create!(cuCtxCreate_v4(params: *mut c_void, flags: c_uint, dev: CUdevice), on dev);
 
-/// Interposed `cuCtxDestroy_v2`.
-///
-/// # Safety
-/// As the CUDA driver API requires.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Handle) -> CUresult {
-    boundary(|| {
-        let f = real_fn!(cuCtxDestroy_v2);
-        // SAFETY: argument forwarded unchanged.
-        released(Kind::Context, ctx, || unsafe { f(ctx) })
-    })
+macro_rules! ctx_destroy {
+    ($name:ident) => {
+        /// Interposed context destruction: the context's charge goes back.
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(ctx: Handle) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                // SAFETY: argument forwarded unchanged.
+                released(Kind::Context, ctx, || unsafe { f(ctx) })
+            })
+        }
+    };
 }
+ctx_destroy!(cuCtxDestroy);
+ctx_destroy!(cuCtxDestroy_v2);
 
 /// Interposed `cuDevicePrimaryCtxRetain`: the first retain of a device is measured and charged
 /// to the device's account.

@@ -7,6 +7,7 @@
 mod alloc;
 mod context;
 mod graph;
+mod legacy;
 mod real;
 mod resolve;
 mod shm;

@@ -105,6 +105,11 @@ real_table! {
     cuMemAllocFromPoolAsync: fn(*mut CUdeviceptr, usize, Handle, Handle) -> CUresult;
     cuMemAllocFromPoolAsync_ptsz: fn(*mut CUdeviceptr, usize, Handle, Handle) -> CUresult;
     cuMemFree_v2: fn(CUdeviceptr) -> CUresult;
+    cuMemAlloc: fn(*mut c_uint, c_uint) -> CUresult;
+    cuMemAllocPitch: fn(*mut c_uint, *mut c_uint, c_uint, c_uint, c_uint) -> CUresult;
+    cuMemFree: fn(c_uint) -> CUresult;
+    cuMemGetInfo: fn(*mut c_uint, *mut c_uint) -> CUresult;
+    cuDeviceTotalMem: fn(*mut c_uint, CUdevice) -> CUresult;
     cuMemFreeAsync: fn(CUdeviceptr, Handle) -> CUresult;
     cuMemFreeAsync_ptsz: fn(CUdeviceptr, Handle) -> CUresult;
     cuMemPoolTrimTo: fn(Handle, usize) -> CUresult;
@@ -116,6 +121,8 @@ real_table! {
     cuArrayCreate_v2: fn(*mut Handle, *const ArrayDescriptor) -> CUresult;
     cuArray3DCreate_v2: fn(*mut Handle, *const Array3dDescriptor) -> CUresult;
     cuMipmappedArrayCreate: fn(*mut Handle, *const Array3dDescriptor, c_uint) -> CUresult;
+    cuArrayCreate: fn(*mut Handle, *const ArrayDescriptorV1) -> CUresult;
+    cuArray3DCreate: fn(*mut Handle, *const Array3dDescriptorV1) -> CUresult;
     cuArrayDestroy: fn(Handle) -> CUresult;
     cuMipmappedArrayDestroy: fn(Handle) -> CUresult;
     cuMemGetInfo_v2: fn(*mut usize, *mut usize) -> CUresult;
@@ -124,6 +131,8 @@ real_table! {
     cuCtxCreate_v3: fn(*mut Handle, *mut c_void, c_int, c_uint, CUdevice) -> CUresult;
     cuCtxCreate_v4: fn(*mut Handle, *mut c_void, c_uint, CUdevice) -> CUresult;
     cuCtxDestroy_v2: fn(Handle) -> CUresult;
+    cuCtxCreate: fn(*mut Handle, c_uint, CUdevice) -> CUresult;
+    cuCtxDestroy: fn(Handle) -> CUresult;
     cuDevicePrimaryCtxRetain: fn(*mut Handle, CUdevice) -> CUresult;
     cuDevicePrimaryCtxRelease_v2: fn(CUdevice) -> CUresult;
     cuDevicePrimaryCtxReset_v2: fn(CUdevice) -> CUresult;

@@ -7,6 +7,7 @@
 use super::alloc::*;
 use super::context::*;
 use super::graph::*;
+use super::legacy::*;
 use super::real::{real, real_dlsym};
 use super::types::*;
 use super::vmm::*;
@@ -19,6 +20,11 @@ fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         b"cuGetProcAddress" => cuGetProcAddress as *const (),
         b"cuGetProcAddress_v2" => cuGetProcAddress_v2 as *const (),
         b"cuMemAlloc_v2" => cuMemAlloc_v2 as *const (),
+        b"cuMemAlloc" => cuMemAlloc as *const (),
+        b"cuMemAllocPitch" => cuMemAllocPitch as *const (),
+        b"cuMemFree" => cuMemFree as *const (),
+        b"cuMemGetInfo" => cuMemGetInfo as *const (),
+        b"cuDeviceTotalMem" => cuDeviceTotalMem as *const (),
         b"cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as *const (),
         b"cuMemAllocManaged" => cuMemAllocManaged as *const (),
         b"cuMemAllocAsync" => cuMemAllocAsync as *const (),
@@ -42,6 +48,10 @@ fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         b"cuMipmappedArrayDestroy" => cuMipmappedArrayDestroy as *const (),
         b"cuMemGetInfo_v2" => cuMemGetInfo_v2 as *const (),
         b"cuDeviceTotalMem_v2" => cuDeviceTotalMem_v2 as *const (),
+        b"cuCtxCreate" => cuCtxCreate as *const (),
+        b"cuCtxDestroy" => cuCtxDestroy as *const (),
+        b"cuArrayCreate" => cuArrayCreate as *const (),
+        b"cuArray3DCreate" => cuArray3DCreate as *const (),
         b"cuCtxCreate_v2" => cuCtxCreate_v2 as *const (),
         b"cuCtxCreate_v3" => cuCtxCreate_v3 as *const (),
         b"cuCtxCreate_v4" => cuCtxCreate_v4 as *const (),

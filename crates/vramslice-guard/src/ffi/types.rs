@@ -160,6 +160,36 @@ pub struct Array3dDescriptor {
     pub flags: c_uint,
 }
 
+/// `CUDA_ARRAY_DESCRIPTOR_v1` (32-bit dimensions).
+#[repr(C)]
+pub struct ArrayDescriptorV1 {
+    /// Width in elements.
+    pub width: c_uint,
+    /// Height in elements.
+    pub height: c_uint,
+    /// `CUarray_format`.
+    pub format: c_int,
+    /// Channels per element.
+    pub num_channels: c_uint,
+}
+
+/// `CUDA_ARRAY3D_DESCRIPTOR_v1` (32-bit dimensions).
+#[repr(C)]
+pub struct Array3dDescriptorV1 {
+    /// Width in elements.
+    pub width: c_uint,
+    /// Height in elements.
+    pub height: c_uint,
+    /// Depth in elements.
+    pub depth: c_uint,
+    /// `CUarray_format`.
+    pub format: c_int,
+    /// Channels per element.
+    pub num_channels: c_uint,
+    /// Flags.
+    pub flags: c_uint,
+}
+
 /// `nvmlMemory_t`.
 #[repr(C)]
 pub struct NvmlMemory {
