@@ -467,6 +467,8 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
             "driver vmm: a released handle's memory stays while mapped (plain driver)",
             "driver vmm: cuMemRelease right after cuMemMap keeps the memory charged",
             "driver vmm: cuMemUnmap gives the memory back"])
+        run.program(g, [py, drv, "legacy"], guarded, 60,
+                    ["driver: the v1 ABI (cuMemAlloc, 32-bit pointers) is held to the limit"])
         run.program(g, [py, drv, "share"], guarded, 60, ["two processes, one account: the other's memory is counted"])
         run.program(g, [py, drv, "latency"], plain, 120, ["driver: alloc/free latency added by the guard"])
     if "vllm" in want:

@@ -12,6 +12,8 @@ driver (lent GPU) and on the fake driver (dry run) alike.
     guard_driver.py vmm               under the guard: cuMemCreate memory whose handle is released
                                       right after cuMemMap stays charged until cuMemUnmap (and a
                                       plain child shows the real driver keeps it that long)
+    guard_driver.py legacy            under the guard: the v1 ABI (cuMemAlloc with 32-bit pointers,
+                                      which the driver still exports) is held to the limit too
     guard_driver.py latency           alloc/free pair time, plain and guarded (child processes)
     guard_driver.py vllm              a vLLM-like start: size a cache from cuMemGetInfo total
     guard_driver.py hold BYTES        (helper) allocate, print "ready", wait for stdin to close
@@ -402,6 +404,30 @@ def vmm() -> int:
     return 0
 
 
+def legacy() -> int:
+    limit = limit_bytes()
+    chunk = min(limit // 4, 1 << 31)
+    drv = Driver()
+    lib = drv.lib
+    alloc, free = lib.cuMemAlloc, lib.cuMemFree  # the v1 symbols, not the _v2 ones
+    alloc.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_uint]
+    free.argtypes = [ctypes.c_uint]
+    held, rc = [], CUDA_SUCCESS
+    while len(held) < 8:
+        p = ctypes.c_uint()
+        rc = alloc(ctypes.byref(p), chunk)
+        if rc != CUDA_SUCCESS:
+            break
+        held.append(p.value)
+    for p in held:
+        free(p)
+    # Held to the limit: refused by the guard past it, or (a driver that no longer serves v1 on
+    # 64-bit) refused by the driver; the figure says which.
+    emit("driver: the v1 ABI (cuMemAlloc, 32-bit pointers) is held to the limit", len(held) * chunk <= limit,
+         f"{len(held)} x {mib(chunk)} through v1, then rc {rc}", "at most the limit", made=len(held), rc=rc)
+    return 0
+
+
 def vmm_facts(n: int) -> int:
     drv = Driver()
     v = Vmm(drv)
@@ -430,6 +456,8 @@ def main(argv) -> int:
         return graphs()
     if mode == "vmm":
         return vmm()
+    if mode == "legacy":
+        return legacy()
     if mode == "vmm-facts" and len(argv) == 3:
         return vmm_facts(int(argv[2]))
     if mode == "latency":
