@@ -14,7 +14,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use vramslice_sidecar::policy::ReserveSource;
+use vramslice_sidecar::policy::{Backoff, ReserveSource};
 use vramslice_sidecar::usage::AccountingFile;
 use vramslice_sidecar::{AdmitError, Config, Job, ManualUsage, Permit, Runtime, RuntimeError};
 
@@ -169,13 +169,14 @@ impl NativeRuntime {
             c.oom_retries = v;
         }
         if let Some(v) = backoff {
-            let base = secs(v, "backoff")?;
-            c.backoff.base = base;
-            c.backoff.max = base * 4;
+            c.backoff = Backoff::from_base(secs(v, "backoff")?);
         }
         if let Some(v) = sample_interval {
             c.sample_interval = secs(v, "sample_interval")?;
         }
+        // The keywords pass the checks the environment does (fractions, margin, waits).
+        c.validate()
+            .map_err(|e| ConfigError::new_err(e.to_string()))?;
         enum Source {
             Accounting(PathBuf),
             Cuda(vramslice_sidecar::ffi::cuda::CudaMemInfo),

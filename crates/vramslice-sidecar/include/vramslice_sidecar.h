@@ -45,7 +45,8 @@ enum vramslice_status vramslice_runtime_from_env(struct vramslice_runtime **out,
 
 // Create a runtime whose live usage the caller reports with [`vramslice_runtime_set_usage`]
 // (for embedders that measure memory themselves, and for tests). `limit_bytes` must be above
-// 0; `profile_dir` may be NULL (peaks kept in memory). Other settings come from the
+// 0 and can only lower the container's own limit (its limit file and
+// `VRAMSLICE_VRAM_LIMIT_BYTES`); `profile_dir` may be NULL (peaks kept in memory). Other settings come from the
 // environment as in [`vramslice_runtime_from_env`].
 //
 // # Safety

@@ -84,6 +84,10 @@ impl Default for Config {
     }
 }
 
+/// The longest admission wait, retry backoff or sampling interval a runtime accepts: a day.
+/// Longer is a mistaken unit, and deadlines far past it would overflow the clock.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A configuration value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{var}={value:?}: {reason}")]
@@ -199,14 +203,63 @@ impl Config {
         }
         if let Some(v) = get(env::OOM_BACKOFF) {
             let base = parse_duration(&v).map_err(|e| bad(env::OOM_BACKOFF, &v, e.to_string()))?;
-            c.backoff = Backoff {
-                base,
-                factor: 2.0,
-                max: base * 4,
-            };
+            c.backoff = Backoff::from_base(base);
         }
         c.metrics_addr = get(env::METRICS_ADDR);
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Checks the settings however they were made (environment, Python keywords, the C ABI's
+    /// manual runtime): fractions above 0 and at most 1, a peak margin from 1 to 10, waits
+    /// (queue timeout, backoff, sampling interval) at most [`MAX_WAIT`]. The error names the
+    /// setting by its keyword and its variable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name: &str, var: &str, value: String, reason: &str| ConfigError {
+            var: if var.is_empty() {
+                name.to_string()
+            } else {
+                format!("{name} ({var})")
+            },
+            value,
+            reason: reason.to_string(),
+        };
+        let p = &self.policy;
+        for (name, var, v) in [
+            ("high_water", env::HIGH_WATER, p.high_water),
+            (
+                "first_run_fraction",
+                env::FIRST_RUN_FRACTION,
+                p.first_run_fraction,
+            ),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(bad(
+                    name,
+                    var,
+                    v.to_string(),
+                    "expected a number above 0 and at most 1",
+                ));
+            }
+        }
+        if !(p.peak_margin >= 1.0 && p.peak_margin <= 10.0) {
+            return Err(bad(
+                "peak_margin",
+                env::PEAK_MARGIN,
+                p.peak_margin.to_string(),
+                "expected a number from 1 to 10 (below 1 reserves less than the peak)",
+            ));
+        }
+        for (name, var, d) in [
+            ("queue_timeout", env::QUEUE_TIMEOUT, self.queue_timeout),
+            ("backoff", env::OOM_BACKOFF, self.backoff.base),
+            ("sample_interval", "", self.sample_interval),
+        ] {
+            if d > MAX_WAIT {
+                return Err(bad(name, var, format!("{d:?}"), "longer than a day"));
+            }
+        }
+        Ok(())
     }
 
     /// Read the process environment and the limit files.

@@ -51,7 +51,8 @@ impl Job {
     }
 
     /// Wait at most `timeout` for admission instead of the runtime's queue timeout (a model
-    /// load that should give up quickly, a request with its own deadline).
+    /// load that should give up quickly, a request with its own deadline). Longer than a day
+    /// ([`MAX_WAIT`](crate::config::MAX_WAIT)) is cut to a day.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

@@ -150,6 +150,15 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// Waits starting at `base`, doubling, at most 4 × `base` (the documented schedule).
+    pub fn from_base(base: Duration) -> Backoff {
+        Backoff {
+            base,
+            factor: 2.0,
+            max: base.saturating_mul(4),
+        }
+    }
+
     /// The wait before retry number `attempt` (0-based).
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = if self.factor.is_finite() && self.factor >= 1.0 {

@@ -246,6 +246,59 @@ fn overlapping_jobs_do_not_record_contaminated_peaks() {
 }
 
 #[test]
+fn an_out_of_memory_beside_other_jobs_raises_from_the_recorded_peak_not_theirs() {
+    let (rt, usage) = runtime(10 * GIB, |_| {});
+    let small = Job::new("small");
+    let p = rt.admit_blocking(&small.clone().need(GIB)).unwrap();
+    usage.add(GIB);
+    assert_eq!(p.complete(), Some(GIB));
+    usage.sub(GIB);
+    let big = rt.admit_blocking(&Job::new("big").need(5 * GIB)).unwrap();
+    let p = rt.admit_blocking(&small).unwrap();
+    usage.add(5 * GIB + GIB / 2); // the neighbour's 5 GiB and this job's half
+    let raised = p.out_of_memory();
+    drop(big);
+    assert_eq!(
+        raised,
+        GIB + GIB / 4,
+        "the recorded 1 GiB times 1.25, not the neighbours' peak"
+    );
+    assert_eq!(rt.learned_peak(&small), Some(raised));
+}
+
+#[test]
+fn settings_out_of_range_are_refused_however_they_are_made() {
+    for tweak in [
+        (|c: &mut Config| c.policy.peak_margin = 0.0) as fn(&mut Config),
+        |c| c.policy.high_water = 0.0,
+        |c| c.policy.first_run_fraction = 1.5,
+        |c| c.queue_timeout = Duration::from_secs(5_000_000_000_000_000_000),
+        |c| c.backoff = vramslice_sidecar::policy::Backoff::from_base(Duration::MAX),
+        |c| c.sample_interval = Duration::from_secs(2 * 24 * 3600),
+    ] {
+        let mut config = Config {
+            limit: Some(GIB),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let err = Runtime::new(config, ManualUsage::new(0, 0)).err().unwrap();
+        assert!(err.to_string().starts_with("configuration: "), "{err}");
+    }
+}
+
+#[test]
+fn a_job_timeout_longer_than_a_day_waits_a_day_and_does_not_panic() {
+    let (rt, _) = runtime(4 * GIB, |_| {});
+    let _held = rt.admit_blocking(&Job::new("a").need(3 * GIB)).unwrap();
+    let patient = Job::new("b").need(2 * GIB).timeout(Duration::MAX);
+    let rt2 = rt.clone();
+    let waiter = std::thread::spawn(move || rt2.admit_blocking(&patient).map(|_| ()));
+    wait_until("queued", || rt.stats().queued == 1);
+    drop(_held);
+    waiter.join().unwrap().unwrap();
+}
+
+#[test]
 fn a_spike_between_samples_still_counts_toward_the_peak() {
     // No sampler at all: only the usage source's own high-water (ManualUsage keeps one per read
     // window) can see the spike.

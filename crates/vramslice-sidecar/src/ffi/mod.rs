@@ -124,7 +124,8 @@ pub unsafe extern "C" fn vramslice_runtime_from_env(
 
 /// Create a runtime whose live usage the caller reports with [`vramslice_runtime_set_usage`]
 /// (for embedders that measure memory themselves, and for tests). `limit_bytes` must be above
-/// 0; `profile_dir` may be NULL (peaks kept in memory). Other settings come from the
+/// 0 and can only lower the container's own limit (its limit file and
+/// `VRAMSLICE_VRAM_LIMIT_BYTES`); `profile_dir` may be NULL (peaks kept in memory). Other settings come from the
 /// environment as in [`vramslice_runtime_from_env`].
 ///
 /// # Safety
@@ -149,8 +150,10 @@ pub unsafe extern "C" fn vramslice_runtime_new_manual(
             return VramsliceStatus::InvalidArgument;
         };
         let config = match Config::from_env() {
+            // Like Python's `limit=`, it can only lower the container's limit (which the guard
+            // enforces); outside a vramslice container it is the limit.
             Ok(c) => Config {
-                limit: Some(limit_bytes),
+                limit: Some(c.limit.map_or(limit_bytes, |own| own.min(limit_bytes))),
                 profile_dir: dir.map(PathBuf::from),
                 ..c
             },

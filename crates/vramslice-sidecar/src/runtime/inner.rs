@@ -225,8 +225,9 @@ impl Inner {
                 self.publish(&state);
                 drop(state);
                 tracing::debug!(key = job.key(), need = r.bytes, position, "job queued");
-                let deadline =
-                    ticket.requested + job.admission_timeout().unwrap_or(self.config.queue_timeout);
+                // A job's own timeout is cut to a day (`MAX_WAIT`), like the runtime's.
+                let wait = job.admission_timeout().unwrap_or(self.config.queue_timeout);
+                let deadline = ticket.requested + wait.min(crate::config::MAX_WAIT);
                 Ok(Enqueued::Wait(Waiting {
                     ticket,
                     need: r.bytes,

@@ -60,6 +60,7 @@ pub struct Stats {
 impl Runtime {
     /// A runtime with this configuration, reading usage from `usage`.
     pub fn new(config: Config, usage: impl UsageSource + 'static) -> Result<Self, RuntimeError> {
+        config.validate()?;
         let first = usage.read()?;
         let limit = config.limit.or(first.total).ok_or(RuntimeError::NoLimit)?;
         let profiles = match &config.profile_dir {

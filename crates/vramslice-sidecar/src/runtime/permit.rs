@@ -132,10 +132,15 @@ impl Permit {
     }
 
     /// The job failed with out-of-memory: give the memory back and raise its recorded peak so
-    /// the next attempt reserves more. Returns the new recorded peak.
+    /// the next attempt reserves more. Returns the new recorded peak. As in [`Permit::complete`],
+    /// a peak sampled while other jobs ran is not this job's alone, so it is not used: the raise
+    /// then starts from the recorded peak (or, with none, the reservation).
     pub fn out_of_memory(mut self) -> u64 {
         self.inner.metrics.oom_errors.inc();
-        let observed = self.end().map(|(p, _)| p).unwrap_or(0);
+        let observed = match self.end() {
+            Some((peak, false)) => peak,
+            _ => 0,
+        };
         let recorded = self.inner.profiles.peak(self.job.key(), self.job.params());
         let raised =
             policy::raise_after_oom(recorded, observed, self.reserved, &self.inner.config.policy);

@@ -8,8 +8,8 @@
 #define GIB (1ull << 30)
 #define CHECK(cond) do { if (!(cond)) { fprintf(stderr, "check failed line %d: %s\n", __LINE__, #cond); return 1; } } while (0)
 
-/* Run with VRAMSLICE_VRAM_LIMIT_BYTES and VRAMSLICE_ACCOUNTING_DIR set: from_env works with no
- * GPU; with ABI_SMOKE_BAD_CONFIG also set (and VRAMSLICE_HIGH_WATER invalid) it must fail
+/* Run with VRAMSLICE_VRAM_LIMIT_BYTES (4 GiB) and VRAMSLICE_ACCOUNTING_DIR set: from_env works
+ * with no GPU, and a manual runtime cannot raise that limit; with ABI_SMOKE_BAD_CONFIG also set (and VRAMSLICE_HIGH_WATER invalid) it must fail
  * naming the variable. */
 static int from_env(void) {
     char err[256] = {0};
@@ -24,6 +24,12 @@ static int from_env(void) {
         CHECK(vramslice_admit(rt, "m", NULL, NULL, 0, 1 << 20, &p, err, sizeof err) == VRAMSLICE_STATUS_OK);
         vramslice_permit_release(p);
         CHECK(vramslice_runtime_set_usage(rt, 1) == VRAMSLICE_STATUS_INVALID_ARGUMENT);
+        vramslice_runtime_free(rt);
+        /* A manual runtime's limit can only lower the container's (4 GiB here), never raise it. */
+        rt = NULL;
+        CHECK(vramslice_runtime_new_manual(16 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_OK);
+        CHECK(vramslice_admit(rt, "big", NULL, NULL, 0, 10 * GIB, &p, err, sizeof err) == VRAMSLICE_STATUS_REFUSED);
+        CHECK(strstr(err, "limit 4.0 GiB") != NULL);
         vramslice_runtime_free(rt);
     }
     printf("ok\n");
