@@ -8,6 +8,12 @@
 //! it and `reserved` the sum of their reservations. A job that has not allocated yet still counts
 //! in full; memory that grows beyond the reservations (a neighbour, another worker) counts too.
 //! With nothing running the holding is just the live usage.
+//!
+//! A job that ends while others run may leave memory behind (a model load's weights). What the
+//! remaining reservations cannot explain, `live − reserved`, then joins the baseline, so it is
+//! not hidden behind those reservations and later jobs are not admitted on top of it. That is a
+//! lower bound (the remaining jobs may not have allocated yet); the baseline is exact again once
+//! nothing runs.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -206,9 +212,14 @@ impl AdmissionQueue {
         admitted
     }
 
-    /// A running job ended; its reservation is returned.
-    pub fn release(&mut self, id: JobId) -> bool {
-        self.running.remove(&id).is_some()
+    /// A running job ended, with `live` bytes in use now; its reservation is returned. What the
+    /// remaining reservations cannot explain joins the baseline (see the module doc).
+    pub fn release(&mut self, id: JobId, live: u64) -> bool {
+        let was_running = self.running.remove(&id).is_some();
+        if was_running && !self.running.is_empty() {
+            self.baseline = self.baseline.max(live.saturating_sub(self.reserved()));
+        }
+        was_running
     }
 
     /// A waiting job gave up (timeout); returns whether it was waiting.
@@ -238,7 +249,7 @@ mod tests {
         assert_eq!(q.request(2, 4 * GIB, 0), Ok(Verdict::Admitted));
         assert_eq!(q.request(3, GIB, 0), Ok(Verdict::Queued { position: 0 }));
         assert_eq!(q.free(0), GIB / 2);
-        assert!(q.release(1));
+        assert!(q.release(1, 0));
         assert_eq!(q.pump(0), vec![3]);
         assert_eq!(q.running(), 2);
     }
@@ -279,7 +290,7 @@ mod tests {
         // 1 GiB would fit now, but the big job is first in line.
         assert_eq!(q.request(3, GIB, 0), Ok(Verdict::Queued { position: 1 }));
         assert_eq!(q.pump(0), Vec::<JobId>::new());
-        q.release(1);
+        q.release(1, 0);
         assert_eq!(q.pump(0), vec![2, 3]);
     }
 
@@ -294,9 +305,47 @@ mod tests {
             q.request(2, 2 * GIB, 7 * GIB),
             Ok(Verdict::Queued { position: 0 })
         );
-        q.release(1);
+        q.release(1, 0);
         // nothing running: live usage alone counts
         assert_eq!(q.pump(GIB), vec![2]);
+    }
+
+    #[test]
+    fn memory_a_finished_job_leaves_behind_is_not_hidden_by_running_reservations() {
+        let mut q = q(); // capacity 8.5 GiB
+        q.request(1, 4 * GIB, 0).unwrap(); // a model load
+        q.request(2, 2 * GIB, 0).unwrap(); // a request beside it, not allocated yet
+        q.release(1, 4 * GIB); // the load ends; its 4 GiB of weights stay
+        assert_eq!(
+            q.held(4 * GIB),
+            4 * GIB,
+            "weights counted, not hidden behind 2 GiB reserved"
+        );
+        assert_eq!(q.request(3, 2 * GIB, 4 * GIB), Ok(Verdict::Admitted));
+        assert_eq!(q.request(4, 2 * GIB, 4 * GIB), Ok(Verdict::Admitted));
+        // Before: held stayed max(4, reserved) = 6 GiB here and a fourth request fit (12 GiB).
+        assert_eq!(
+            q.request(5, 2 * GIB, 4 * GIB),
+            Ok(Verdict::Queued { position: 0 })
+        );
+        q.release(2, 4 * GIB);
+        q.release(3, 4 * GIB);
+        q.release(4, 4 * GIB);
+        assert_eq!(q.held(4 * GIB), 4 * GIB, "idle: live alone");
+    }
+
+    #[test]
+    fn memory_of_running_jobs_never_joins_the_baseline() {
+        let mut q = q();
+        q.request(1, 2 * GIB, GIB).unwrap(); // baseline 1 GiB
+        q.request(2, 3 * GIB, GIB).unwrap();
+        // Job 2 used all of its 3 GiB; job 1 ends having freed everything.
+        q.release(1, 4 * GIB);
+        assert_eq!(q.held(4 * GIB), 4 * GIB);
+        q.request(3, GIB, 4 * GIB).unwrap();
+        // Job 2 frees its memory and ends: nothing was left behind, held is live + job 3.
+        q.release(2, GIB);
+        assert_eq!(q.held(GIB), 2 * GIB);
     }
 
     #[test]
@@ -316,7 +365,7 @@ mod tests {
         q.request(1, 8 * GIB, 0).unwrap();
         q.request(2, 8 * GIB, 0).unwrap();
         q.set_limit(4 * GIB, 3 * GIB);
-        q.release(1);
+        q.release(1, 0);
         assert!(q.pump(0).is_empty());
         assert!(!q.is_waiting(2));
     }
@@ -354,7 +403,7 @@ mod tests {
                         ids.push(next);
                         if let Ok(Verdict::Admitted) = q.request(next, n, 0) { order.push(next) }
                     }
-                    Op::Release(i) => { if let Some(id) = ids.get(i) { q.release(*id); } }
+                    Op::Release(i) => { if let Some(id) = ids.get(i) { q.release(*id, 0); } }
                     Op::Cancel(i) => { if let Some(id) = ids.get(i) { q.cancel(*id); } }
                     Op::Pump => {
                         order.extend(q.pump(0));

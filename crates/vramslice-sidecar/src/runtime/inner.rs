@@ -280,8 +280,8 @@ impl Inner {
         let live = self.read_live().ok();
         let mut state = lock(&self.state);
         let job = state.jobs.remove(&id);
-        state.queue.release(id);
         let live = live.unwrap_or(state.last_live);
+        state.queue.release(id, live);
         self.pump(&mut state, live);
         drop(state);
         self.cond.notify_all();
