@@ -559,7 +559,7 @@ impl Extender {
         };
         let placement = placement.map_err(|e| {
             let outcome = match e {
-                ReserveError::NoFit(_) => Outcome::Conflict,
+                ReserveError::NoFit(_) | ReserveError::Steered { .. } => Outcome::Conflict,
                 _ => Outcome::Error,
             };
             (

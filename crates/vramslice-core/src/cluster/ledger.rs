@@ -32,8 +32,9 @@
 //! different GPU counts that swap shapes at the device plugin stay booked where they land.
 //!
 //! [`Ledger::reserve`] only succeeds when effective free ≥ the pod's share on each GPU it
-//! chooses, and effective free ≤ declared free, so the ledger never promises a GPU more units
-//! than it advertises.
+//! chooses and on each GPU the pod ends up booked on (after an unpaired swap, a GPU still owed
+//! a pod of its size, where the device plugin will place it), and effective free ≤ declared
+//! free, so the ledger never promises a GPU more units than it advertises.
 
 mod book;
 mod departed;
@@ -314,7 +315,19 @@ impl Ledger {
         }
         let gpu_uuids: Vec<String> = gpus.iter().map(|g| g.uuid.clone()).collect();
         let gpu_indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
+        // The books before: waiting pods are booked per size on the GPUs still owed that size
+        // (where the device plugin will place them), which after an unpaired swap may not be
+        // the GPU chosen here; every GPU the booking grows on must have had the room.
+        let before: Vec<(u64, u64)> = self
+            .gpu_views(node)
+            .map(|v| {
+                v.iter()
+                    .map(|g| (g.assigned_bytes, g.effective_free))
+                    .collect()
+            })
+            .unwrap_or_default();
         let gpu_uuid = placement::join_gpu_uuids(&gpu_uuids);
+        let who = format!("{}/{}", request.namespace, request.name);
         let record = PodRecord {
             uid: request.uid.clone(),
             namespace: request.namespace,
@@ -332,8 +345,19 @@ impl Ledger {
                 reserved_since: Some(now),
             },
         );
-        self.node_mut(node).pods.insert(request.uid);
+        self.node_mut(node).pods.insert(request.uid.clone());
         self.recompute(node);
+        if let Some((index, effective_free, booked)) = self.overbooked(node, &before) {
+            self.pods.remove(&request.uid);
+            self.detach(node, &request.uid);
+            self.recompute(node);
+            return Err(ReserveError::Steered {
+                pod: who,
+                index,
+                effective_free,
+                booked,
+            });
+        }
         Ok(Placement {
             node: node.to_string(),
             gpu_uuid,
@@ -341,6 +365,20 @@ impl Ledger {
             gpu_uuids,
             gpu_indices,
         })
+    }
+
+    /// The first GPU of `node` whose booking grew past the effective free memory it had
+    /// (`before`: assigned and effective free per GPU, in reading order): its index, that
+    /// effective free and the bytes newly booked on it.
+    fn overbooked(&self, node: &str, before: &[(u64, u64)]) -> Option<(u32, u64, u64)> {
+        let after = self.gpu_views(node)?;
+        after
+            .iter()
+            .zip(before)
+            .find_map(|(g, &(assigned, effective_free))| {
+                let booked = g.assigned_bytes.saturating_sub(assigned);
+                (booked > effective_free).then_some((g.index, effective_free, booked))
+            })
     }
 
     /// Drop a reservation (its bind failed). Bound pods are not touched. Returns whether a

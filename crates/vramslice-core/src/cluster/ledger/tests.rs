@@ -389,6 +389,46 @@ fn an_unpaired_swap_books_the_waiting_pod_on_every_gpu_it_may_take() {
 }
 
 #[test]
+fn a_pod_an_unpaired_swap_would_steer_to_a_gpu_without_room_is_refused() {
+    // q (4 GiB) was assigned GPU 1, but the kubelet gave it GPU 0's units (its swap partner
+    // was deleted before the ledger knew it). GPU 1 is still owed a 4 GiB pod, so the device
+    // plugin sends the next 4 GiB pod there whatever its annotation says: a process outside
+    // any pod leaves 1 GiB live free on it.
+    let mut ledger = Ledger::new(config(0));
+    ledger.observe_pod(bound("q", "n1", Some("GPU-1"), 4, 10));
+    let mut g0 = gpu(0, 16, 12);
+    g0.pods.push(listed("q", 4, 4));
+    ledger.set_reading("n1", reading(100, vec![g0.clone(), gpu(1, 16, 1)]));
+    let before: Vec<u64> = ledger
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes)
+        .collect();
+    let err = ledger
+        .reserve(want("p", 4), "n1", Policy::Binpack, at(101))
+        .unwrap_err();
+    assert!(
+        matches!(err, ReserveError::Steered { index: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("would land on GPU 1"), "{err}");
+    let after: Vec<u64> = ledger
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes)
+        .collect();
+    assert_eq!(after, before, "the refused pod is not left on the books");
+    // With room on GPU 1 the pod is taken, and booked on GPU 1, where it will land.
+    ledger.set_reading("n1", reading(102, vec![g0, gpu(1, 16, 16)]));
+    ledger
+        .reserve(want("p", 4), "n1", Policy::Binpack, at(103))
+        .unwrap();
+    assert_eq!(ledger.gpu_views("n1").unwrap()[1].assigned_bytes, 4 * GIB);
+}
+
+#[test]
 fn pods_of_unknown_gpu_count_everywhere_and_unknown_listed_pods_count() {
     let mut ledger = Ledger::new(config(0));
     ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8)]));
