@@ -2,14 +2,14 @@
 //! stream, the preferred units for a container, and the allocation of a container's units. The
 //! gRPC adapter ([`crate::grpc`]) is a thin translation over [`DevicePluginLogic`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
-use vramslice_api::convert::node_pods::{placements, waiting_pods};
+use vramslice_api::convert::node_pods::{HeldUnits, placements, waiting_pods};
 use vramslice_core::node::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
 use vramslice_core::node::inventory::preferred_units;
 use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit, owed_gpus};
@@ -93,10 +93,9 @@ impl VramPlugin {
         }
     }
 
-    /// The kubelet's record of which GPU each pod holds (PodResources; a pod holding units of
-    /// several GPUs: all of them, sorted and comma-separated, as `node_pods` compares them), or
-    /// `None` when it cannot be read (then started pods count as allocated).
-    async fn allocated_gpus(&self) -> Option<BTreeMap<(String, String), String>> {
+    /// The kubelet's record of what each pod's containers hold (PodResources, [`held_gpus`]),
+    /// or `None` when it cannot be read (then started pods count as allocated).
+    async fn allocated_gpus(&self) -> Option<HeldUnits> {
         let socket = self.pod_resources_socket.as_ref()?;
         let listed = tokio::time::timeout(
             LOOKUP_TIMEOUT,
@@ -122,7 +121,7 @@ impl VramPlugin {
         &self,
         pods: &NodePods,
         sizes: &BTreeSet<usize>,
-        allocated: Option<&BTreeMap<(String, String), String>>,
+        allocated: Option<&HeldUnits>,
     ) -> Option<Vec<Arc<Pod>>> {
         let resource = self.resource_name();
         if let Some(cached) = pods.cached() {
@@ -170,27 +169,29 @@ impl VramPlugin {
     }
 }
 
-/// (namespace, pod) → the GPUs the pod's containers hold units of, sorted and comma-separated.
+/// (namespace, pod) → for each of its containers holding units: how many, and the GPUs they
+/// are on (sorted and comma-separated, as `node_pods` compares them).
 pub fn held_gpus(
     records: &[vramslice_core::node::publish::ContainerAllocationRecord],
-) -> BTreeMap<(String, String), String> {
-    let mut held: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+) -> HeldUnits {
+    let mut held = HeldUnits::new();
     for r in records {
-        let gpus: BTreeSet<String> = r
+        let ids: Vec<DeviceId> = r
             .device_ids
             .iter()
-            .filter_map(|id| id.parse::<DeviceId>().ok())
-            .map(|id| id.gpu_uuid)
+            .filter_map(|id| id.parse().ok())
             .collect();
+        let gpus: BTreeSet<String> = ids.iter().map(|id| id.gpu_uuid.clone()).collect();
         if !gpus.is_empty() {
             held.entry((r.namespace.clone(), r.pod.clone()))
                 .or_default()
-                .extend(gpus);
+                .push((
+                    ids.len() as u64,
+                    gpus.into_iter().collect::<Vec<_>>().join(","),
+                ));
         }
     }
-    held.into_iter()
-        .map(|(pod, gpus)| (pod, gpus.into_iter().collect::<Vec<_>>().join(",")))
-        .collect()
+    held
 }
 
 fn parse_ids(ids: &[String]) -> Vec<DeviceId> {
@@ -349,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn held_gpus_joins_every_gpu_of_a_pod() {
+    fn held_gpus_lists_each_container_with_its_units_and_gpus() {
         use vramslice_core::node::publish::ContainerAllocationRecord;
         let rec = |pod: &str, ids: &[&str]| ContainerAllocationRecord {
             namespace: "ns".into(),
@@ -364,8 +365,14 @@ mod tests {
         ]);
         assert_eq!(
             held[&("ns".to_string(), "tp".to_string())],
-            "GPU-a,GPU-b,GPU-c"
+            vec![
+                (2, "GPU-a,GPU-b".to_string()),
+                (2, "GPU-a,GPU-c".to_string())
+            ]
         );
-        assert_eq!(held[&("ns".to_string(), "one".to_string())], "GPU-b");
+        assert_eq!(
+            held[&("ns".to_string(), "one".to_string())],
+            vec![(1, "GPU-b".to_string())]
+        );
     }
 }

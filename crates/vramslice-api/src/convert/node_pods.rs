@@ -1,13 +1,18 @@
-//! A node's pods as the device plugin's GetPreferredAllocation reads them: the pods bound to it
-//! that hold or wait for a request size, the GPU the extender assigned each and the GPU the
-//! kubelet allocated ([`placements`], for `vramslice_core::owed_gpus`), how many still wait
-//! ([`waiting_pods`]), and their UIDs ([`uids_by_name`]). Pods come as the API server's objects,
-//! owned or behind `Arc` (a watch cache holds them so).
+//! A node's pods as the device plugin's GetPreferredAllocation reads them: the requests of a
+//! size among the containers of the pods bound to it, the GPU the extender assigned each pod and
+//! the GPU the kubelet allocated each container ([`placements`], for
+//! `vramslice_core::owed_gpus`), how many requests still wait ([`waiting_pods`]), and the pods'
+//! UIDs ([`uids_by_name`]). Pods come as the API server's objects, owned or behind `Arc` (a
+//! watch cache holds them so).
+//!
+//! The kubelet asks for one container at a time, and every VRAM container of a pod shares the
+//! pod's GPU(s), so the count is per container: a pod with two containers of 2 units is owed two
+//! 2-unit allocations on its GPU, and is still owed the second once the first is made.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 use vramslice_core::PodPlacement;
 
@@ -52,43 +57,138 @@ fn pod_key(pod: &Pod) -> (String, String) {
     )
 }
 
-/// Whether the kubelet has not allocated the pod's devices yet: not in `allocated` (the
-/// kubelet's PodResources record) or, without that record, not started.
-fn not_allocated(pod: &Pod, allocated: Option<&BTreeMap<(String, String), String>>) -> bool {
-    match allocated {
-        Some(map) => !map.contains_key(&pod_key(pod)),
-        None => not_started(pod),
+/// What the kubelet's PodResources record says each pod's containers hold: per (namespace,
+/// pod), one entry per container holding units of the resource, its unit count and its GPUs
+/// (in [`canonical_gpus`] form).
+pub type HeldUnits = BTreeMap<(String, String), Vec<(u64, String)>>;
+
+/// A pod's containers asking exactly one size: how many, the GPUs of those the kubelet
+/// allocated as its record lists them, and how many more it allocated that the record does not
+/// list.
+struct SizeRequests {
+    asked: usize,
+    listed: Vec<String>,
+    unlisted: usize,
+}
+
+impl SizeRequests {
+    fn waiting(&self) -> usize {
+        self.asked
+            .saturating_sub(self.listed.len().saturating_add(self.unlisted))
     }
 }
 
-/// How many pods, annotated or not, wait for exactly `size` units: bound, unfinished, asking
-/// for that size, not allocated yet. GetPreferredAllocation is asked for one of them, so when
-/// the cached pods hold none, the cache is behind the kubelet and a LIST must answer instead.
+/// Whether a container status shows the container started (running or finished).
+fn started(status: &ContainerStatus) -> bool {
+    status
+        .state
+        .as_ref()
+        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
+/// The pod's requests of exactly `size` units. With the kubelet's record (`allocated`), a
+/// container counts as allocated when the record lists it, or when its status shows it started:
+/// the record never lists plain init containers (only app and sidecar ones), and a started
+/// container was allocated whatever the record says. Without the record, every request of a pod
+/// that has started counts as allocated.
+fn size_requests(
+    pod: &Pod,
+    resource: &str,
+    size: u64,
+    allocated: Option<&HeldUnits>,
+) -> SizeRequests {
+    let none = SizeRequests {
+        asked: 0,
+        listed: Vec::new(),
+        unlisted: 0,
+    };
+    let Some(spec) = pod.spec.as_ref() else {
+        return none;
+    };
+    let asking = |c: &&Container| container_units(c, resource) == Some(size);
+    // Containers the record may list (app and sidecar init containers), and plain init ones.
+    let sidecar = |c: &&Container| c.restart_policy.as_deref() == Some("Always");
+    let init = spec.init_containers.iter().flatten().filter(asking);
+    let listable: Vec<&str> = spec
+        .containers
+        .iter()
+        .filter(asking)
+        .chain(init.clone().filter(sidecar))
+        .map(|c| c.name.as_str())
+        .collect();
+    let plain_init: Vec<&str> = init
+        .filter(|c| !sidecar(c))
+        .map(|c| c.name.as_str())
+        .collect();
+    let asked = listable.len() + plain_init.len();
+    let Some(map) = allocated else {
+        let unlisted = if not_started(pod) { 0 } else { asked };
+        return SizeRequests {
+            unlisted,
+            asked,
+            ..none
+        };
+    };
+    let listed: Vec<String> = map
+        .get(&pod_key(pod))
+        .into_iter()
+        .flatten()
+        .filter(|(units, _)| *units == size)
+        .map(|(_, gpus)| gpus.clone())
+        .take(listable.len())
+        .collect();
+    let status = pod.status.as_ref();
+    let started_among = |names: &[&str]| {
+        status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .chain(
+                status
+                    .and_then(|s| s.init_container_statuses.as_ref())
+                    .into_iter()
+                    .flatten(),
+            )
+            .filter(|cs| names.contains(&cs.name.as_str()) && started(cs))
+            .count()
+    };
+    SizeRequests {
+        asked,
+        unlisted: started_among(&plain_init)
+            + started_among(&listable).saturating_sub(listed.len()),
+        listed,
+    }
+}
+
+/// How many requests of exactly `size` units, of pods annotated or not, wait: containers of
+/// bound, unfinished pods asking for that size, not allocated yet. GetPreferredAllocation is
+/// asked for one of them, so when the cached pods hold none, the cache is behind the kubelet
+/// and a LIST must answer instead.
 pub fn waiting_pods<P: Borrow<Pod>>(
     pods: &[P],
     resource: &str,
     size: u64,
-    allocated: Option<&BTreeMap<(String, String), String>>,
+    allocated: Option<&HeldUnits>,
 ) -> usize {
     pods.iter()
         .map(Borrow::borrow)
-        .filter(|pod| holds_or_waits_for(pod, resource, size) && not_allocated(pod, allocated))
-        .count()
+        .filter(|pod| holds_or_waits_for(pod, resource, size))
+        .map(|pod| size_requests(pod, resource, size, allocated).waiting())
+        .sum()
 }
 
-/// The pods on this node that hold or wait for exactly `size` units of `resource`, with the GPU
-/// the extender assigned each (`vramslice.io/gpu-uuid`) and the GPU the kubelet allocated, for
-/// `vramslice_core::owed_gpus` (a pod spanning several GPUs: all of them, in
-/// [`canonical_gpus`] form, so it is owed its set of GPUs as one). A pod counts when it is bound, not finished (phase neither
-/// Succeeded nor Failed), annotated, and has a container asking for exactly `size` units.
-/// `allocated` maps (namespace, name) to the GPU (GPUs, [`canonical_gpus`]) from the kubelet's
-/// PodResources; without it
-/// (`None`: PodResources unavailable) a pod that has started is taken to hold its annotated GPU.
+/// The requests of exactly `size` units of `resource` on this node, one per container asking
+/// that size, with the GPU the extender assigned its pod (`vramslice.io/gpu-uuid`) and the GPU
+/// the kubelet allocated it, for `vramslice_core::owed_gpus` (a pod spanning several GPUs: all
+/// of them, in [`canonical_gpus`] form, so it is owed its set of GPUs as one). A pod counts when
+/// it is bound, not finished (phase neither Succeeded nor Failed) and annotated. `allocated` is
+/// the kubelet's PodResources record ([`HeldUnits`]); without it (`None`: PodResources
+/// unavailable) the requests of a pod that has started are taken to hold its annotated GPU.
 pub fn placements<P: Borrow<Pod>>(
     pods: &[P],
     resource: &str,
     size: u64,
-    allocated: Option<&BTreeMap<(String, String), String>>,
+    allocated: Option<&HeldUnits>,
 ) -> Vec<PodPlacement> {
     pods.iter()
         .map(Borrow::borrow)
@@ -103,22 +203,31 @@ pub fn placements<P: Borrow<Pod>>(
                 .get(ANNOTATION_ASSIGNED_AT)
                 .and_then(|t| t.trim().parse::<Timestamp>().ok());
             let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            let key = pod_key(pod);
-            let allocated_gpu = match allocated {
-                Some(map) => map.get(&key).cloned(),
-                None => (!not_started(pod)).then(|| gpu.clone()),
-            };
-            Some(PodPlacement {
-                annotated_gpu: gpu,
-                allocated_gpu,
-                order_key: format!(
-                    "{}\u{1f}{}\u{1f}{}",
-                    sortable(assigned),
-                    sortable(created),
-                    key.1
-                ),
-            })
+            let order_key = format!(
+                "{}\u{1f}{}\u{1f}{}",
+                sortable(assigned),
+                sortable(created),
+                pod_key(pod).1
+            );
+            let requests = size_requests(pod, resource, size, allocated);
+            let waiting = requests.waiting();
+            let allocated_gpus = requests
+                .listed
+                .into_iter()
+                .map(Some)
+                .chain(std::iter::repeat_n(Some(gpu.clone()), requests.unlisted))
+                .chain(std::iter::repeat_n(None, waiting));
+            Some(
+                allocated_gpus
+                    .map(|allocated_gpu| PodPlacement {
+                        annotated_gpu: gpu.clone(),
+                        allocated_gpu,
+                        order_key: order_key.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
         })
+        .flatten()
         .collect()
 }
 
@@ -227,11 +336,11 @@ mod tests {
         let allocated = BTreeMap::from([
             (
                 ("default".to_string(), "early".to_string()),
-                "GPU-b".to_string(),
+                vec![(6, "GPU-b".to_string())],
             ),
             (
                 ("default".to_string(), "running".to_string()),
-                "GPU-d".to_string(),
+                vec![(6, "GPU-d".to_string())],
             ),
         ]);
         let got = placements(&pods, RES, 6, Some(&allocated));
@@ -259,15 +368,80 @@ mod tests {
         assert_eq!(waiting_pods(&pods, RES, 4, None), 1);
         assert_eq!(waiting_pods(&pods, RES, 5, None), 0);
         assert_eq!(waiting_pods(&pods, "vramslice.io/vram-512mib", 6, None), 0);
-        // With PodResources, its record decides: "a" is allocated, "running" (not listed) is not.
+        // With PodResources: "a" is listed, so allocated; "running" is not listed but has
+        // started, so its devices were allocated (the record omits plain init containers);
+        // "plain" still waits.
         let allocated = BTreeMap::from([(
             ("default".to_string(), "a".to_string()),
-            "GPU-a".to_string(),
+            vec![(6, "GPU-a".to_string())],
         )]);
-        assert_eq!(waiting_pods(&pods, RES, 6, Some(&allocated)), 2);
+        assert_eq!(waiting_pods(&pods, RES, 6, Some(&allocated)), 1);
         // Arcs, as the watch cache holds them, read the same.
         let cached: Vec<std::sync::Arc<Pod>> = pods.into_iter().map(std::sync::Arc::new).collect();
         assert_eq!(waiting_pods(&cached, RES, 6, None), 2);
+    }
+
+    /// A pod whose containers `a` and `b` (app) and `init` (plain init container) each ask for
+    /// 2 units on GPU-a, with the given containers started.
+    fn three_containers(started: &[&str]) -> Pod {
+        let mut p = pod("three", Some("GPU-a"), "2026-01-01T00:00:01Z", 2, false);
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers = serde_json::from_value(json!([
+            {"name": "a", "image": "x", "resources": {"limits": {"vramslice.io/vram-gib": "2"}}},
+            {"name": "b", "image": "x", "resources": {"limits": {"vramslice.io/vram-gib": "2"}}}
+        ]))
+        .unwrap();
+        spec.init_containers = Some(
+            serde_json::from_value(json!([
+                {"name": "init", "image": "x", "resources": {"limits": {"vramslice.io/vram-gib": "2"}}}
+            ]))
+            .unwrap(),
+        );
+        let status = |name: &str| {
+            let state = if started.contains(&name) {
+                json!({"terminated": {"exitCode": 0}})
+            } else {
+                json!({"waiting": {"reason": "PodInitializing"}})
+            };
+            json!({"name": name, "image": "x", "imageID": "", "ready": false, "restartCount": 0, "state": state})
+        };
+        let st = p.status.as_mut().unwrap();
+        st.container_statuses = serde_json::from_value(json!([status("a"), status("b")])).unwrap();
+        st.init_container_statuses = serde_json::from_value(json!([status("init")])).unwrap();
+        p
+    }
+
+    #[test]
+    fn every_vram_container_of_a_pod_is_owed_its_gpu_until_it_is_allocated() {
+        let key = ("default".to_string(), "three".to_string());
+        // The init container ran (PodResources never lists plain init containers) and app
+        // container a holds its units: b is still owed GPU-a.
+        let pods = vec![three_containers(&["init"])];
+        let held = BTreeMap::from([(key.clone(), vec![(2, "GPU-a".to_string())])]);
+        assert_eq!(waiting_pods(&pods, RES, 2, Some(&held)), 1);
+        let got = placements(&pods, RES, 2, Some(&held));
+        assert_eq!(
+            gpus_of(&got),
+            vec![
+                ("GPU-a", Some("GPU-a")),
+                ("GPU-a", Some("GPU-a")),
+                ("GPU-a", None)
+            ]
+        );
+        assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a"]);
+        // Nothing allocated yet: three requests wait, all owed GPU-a.
+        let none = HeldUnits::new();
+        assert_eq!(waiting_pods(&pods[..0], RES, 2, Some(&none)), 0);
+        assert_eq!(
+            waiting_pods(&[three_containers(&[])], RES, 2, Some(&none)),
+            3
+        );
+        // Both app containers listed and the init container finished: nothing is owed.
+        let both = BTreeMap::from([(key, vec![(2, "GPU-a".into()), (2, "GPU-a".into())])]);
+        assert_eq!(waiting_pods(&pods, RES, 2, Some(&both)), 0);
+        assert!(vramslice_core::owed_gpus(&placements(&pods, RES, 2, Some(&both))).is_empty());
+        // Another size is not this pod's.
+        assert_eq!(waiting_pods(&pods, RES, 4, Some(&both)), 0);
     }
 
     #[test]
@@ -320,7 +494,7 @@ mod tests {
         // The single pod took the spanning pod's shape: the spanning one is owed GPU-c.
         let allocated = BTreeMap::from([(
             ("default".to_string(), "one".to_string()),
-            "GPU-a,GPU-b".to_string(),
+            vec![(8, "GPU-a,GPU-b".to_string())],
         )]);
         let got = placements(&pods, RES, 8, Some(&allocated));
         assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-c"]);

@@ -136,13 +136,26 @@ impl GpuInventory {
 /// preferred entry naming all of them that can serve the request; otherwise the first preferred
 /// entry that can serve it; otherwise the GPU with the fewest available units that still has
 /// enough (binpacking the node). Units are taken lowest index first. Returns an empty list when
-/// nothing can serve the request, which tells the kubelet we have no preference.
+/// nothing can serve the request, which tells the kubelet we have no preference. The answer
+/// only ever holds available units, each once: `must_include` IDs that are not available (the
+/// kubelet never sends such) are ignored, repeats dropped, and a `size` beyond the available
+/// units is served by nobody.
 pub fn preferred_units<S: AsRef<str>>(
     available: &[DeviceId],
     must_include: &[DeviceId],
     size: usize,
     preferred_gpus: &[S],
 ) -> Vec<DeviceId> {
+    if size == 0 || size > available.len() {
+        return Vec::new();
+    }
+    let mut must: Vec<DeviceId> = Vec::new();
+    for id in must_include.iter().filter(|id| available.contains(id)) {
+        if !must.contains(id) {
+            must.push(id.clone());
+        }
+    }
+    let must_include = must.as_slice();
     let mut by_gpu: BTreeMap<&str, Vec<&DeviceId>> = BTreeMap::new();
     for id in available {
         by_gpu.entry(id.gpu_uuid.as_str()).or_default().push(id);
@@ -353,6 +366,23 @@ mod tests {
 
     fn ids(gpu: &str, units: std::ops::Range<u64>) -> Vec<DeviceId> {
         units.map(|k| DeviceId::new(gpu, k)).collect()
+    }
+
+    #[test]
+    fn the_answer_holds_only_available_units_each_once() {
+        let available = ids("GPU-a", 0..3);
+        // must_include outside available, or repeated: ignored / once.
+        let got = preferred_units(&available, &ids("GPU-a", 9..10), 2, NO_PREFERENCE);
+        assert_eq!(got, ids("GPU-a", 0..2));
+        let twice = [DeviceId::new("GPU-a", 1), DeviceId::new("GPU-a", 1)];
+        let got = preferred_units(&available, &twice, 2, NO_PREFERENCE);
+        assert_eq!(
+            got,
+            vec![DeviceId::new("GPU-a", 1), DeviceId::new("GPU-a", 0)]
+        );
+        // A size beyond the available units (a hand-made call) is no preference, at once.
+        assert!(preferred_units(&available, &[], i32::MAX as usize, NO_PREFERENCE).is_empty());
+        assert!(preferred_units(&available, &[], 0, NO_PREFERENCE).is_empty());
     }
 
     #[test]
