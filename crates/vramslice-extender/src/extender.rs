@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
-use vramslice_core::cluster::ledger::{Ledger, ReserveError, ReserveRequest};
+use vramslice_core::cluster::ledger::{Ledger, RefusalKind, ReserveError, ReserveRequest};
 use vramslice_core::cluster::placement::{MAX_SCORE, PodRequest, Policy};
 use vramslice_core::format_bytes;
 
@@ -159,14 +159,14 @@ pub fn parse_body<'a, T: serde::Deserialize<'a>>(
 /// new size costs about 2.5 µs, which at 100 per call was a quarter of the filter's time.
 pub const DETAILED_REFUSALS: usize = 20;
 
-/// The shared reasons for refused nodes past [`DETAILED_REFUSALS`], worded once per call. They
-/// are written once per refused node into the answer (5,000 times for a pod no node can take),
-/// so they are kept short: the first refused nodes' detailed reasons say the rest.
+/// The shared reasons for refused nodes past [`DETAILED_REFUSALS`], worded once per call and
+/// kind of refusal. They are written once per refused node into the answer (5,000 times for a
+/// pod no node can take), so they are kept short, but each names its cause (no reading, stale,
+/// unhealthy, never, short of memory): the first refused nodes' detailed reasons say the rest.
 struct BriefReasons {
     need: u64,
     gpus: u32,
-    resolvable: Option<Arc<str>>,
-    unresolvable: Option<Arc<str>>,
+    worded: BTreeMap<RefusalKind, Arc<str>>,
 }
 
 impl BriefReasons {
@@ -175,37 +175,36 @@ impl BriefReasons {
         BriefReasons {
             need,
             gpus,
-            resolvable: None,
-            unresolvable: None,
+            worded: BTreeMap::new(),
         }
     }
 
-    fn reason(&mut self, unresolvable: bool) -> Arc<str> {
-        let need = self.need;
-        let slot = if unresolvable {
-            &mut self.unresolvable
-        } else {
-            &mut self.resolvable
-        };
-        slot.get_or_insert_with(|| {
-            let need = format_bytes(need);
-            let text = if self.gpus > 1 {
-                let gpus = self.gpus;
-                if unresolvable {
-                    format!(
+    fn reason(&mut self, kind: RefusalKind) -> Arc<str> {
+        let (need, gpus) = (format_bytes(self.need), self.gpus);
+        self.worded
+            .entry(kind)
+            .or_insert_with(|| {
+                let text = match kind {
+                    RefusalKind::NoReading => "no usable GpuNode reading".to_string(),
+                    RefusalKind::Stale => "GpuNode reading is stale".to_string(),
+                    RefusalKind::Unhealthy if gpus > 1 => {
+                        format!("fewer than {gpus} healthy GPUs with {need}")
+                    }
+                    RefusalKind::Unhealthy => format!("no healthy GPU with {need}"),
+                    RefusalKind::Unresolvable if gpus > 1 => format!(
                         "never {gpus} GPUs with {need} each (too few that large, or another unit)"
-                    )
-                } else {
-                    format!("no {gpus} GPUs with {need} effective free each")
-                }
-            } else if unresolvable {
-                format!("no GPU can ever take {need} (too large, or another unit)")
-            } else {
-                format!("no GPU has {need} effective free")
-            };
-            Arc::from(text)
-        })
-        .clone()
+                    ),
+                    RefusalKind::Unresolvable => {
+                        format!("no GPU can ever take {need} (too large, or another unit)")
+                    }
+                    RefusalKind::Short if gpus > 1 => {
+                        format!("no {gpus} GPUs with {need} effective free each")
+                    }
+                    RefusalKind::Short => format!("no GPU has {need} effective free"),
+                };
+                Arc::from(text)
+            })
+            .clone()
     }
 }
 
@@ -383,8 +382,8 @@ impl Extender {
                             } else {
                                 match probe.refusal(name) {
                                     None => Ok(()),
-                                    Some(unresolvable) => {
-                                        Err((unresolvable, briefly.reason(unresolvable)))
+                                    Some(kind) => {
+                                        Err((kind.is_unresolvable(), briefly.reason(kind)))
                                     }
                                 }
                             };

@@ -546,8 +546,15 @@ async fn refused_nodes_past_the_detailed_limit_share_one_reason_per_kind() {
             ledger.set_reading(name, reading(5, vec![gpu]));
         }
         ledger.set_reading("fits", reading(5, vec![gpu(0, 16, 16)]));
+        // Past the detailed limit too: a stale reading, an unhealthy GPU, no reading at all.
+        ledger.set_reading("stale", reading(500, vec![gpu(0, 16, 16)]));
+        let mut sick = gpu(0, 16, 16);
+        sick.healthy = false;
+        ledger.set_reading("sick", reading(5, vec![sick]));
     }
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let others = ["stale", "sick", "ghost"];
+    all.extend(others);
     all.push("fits");
     let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
     let (status, body) = post_json(&ext, "/filter", &args_names(pod, &all)).await;
@@ -556,13 +563,20 @@ async fn refused_nodes_past_the_detailed_limit_share_one_reason_per_kind() {
     let failed = body["FailedNodes"].as_object().unwrap();
     let unresolvable = body["FailedAndUnresolvableNodes"].as_object().unwrap();
     // Nothing is lost: every refused node is listed, in the map its kind belongs to.
-    assert_eq!(failed.len(), count - 5);
+    assert_eq!(failed.len(), count - 5 + others.len());
+    // Each brief reason names its cause, not only memory.
+    assert_eq!(failed["stale"], "GpuNode reading is stale");
+    assert_eq!(failed["sick"], "no healthy GPU with 6 GiB");
+    assert_eq!(failed["ghost"], "no usable GpuNode reading");
     assert_eq!(unresolvable.len(), 5);
     let detailed = |name: &str| {
         let i: usize = name[1..].parse().unwrap();
         i < DETAILED_REFUSALS
     };
     for (name, reason) in failed {
+        if others.contains(&name.as_str()) {
+            continue;
+        }
         let reason = reason.as_str().unwrap();
         if detailed(name) {
             assert!(

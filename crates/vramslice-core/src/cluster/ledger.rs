@@ -53,7 +53,7 @@ mod types;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-pub use probe::Probe;
+pub use probe::{Probe, RefusalKind};
 use reason::RefusalCache;
 pub use reason::{GpuRejection, Refusal, Rejection};
 pub use types::{

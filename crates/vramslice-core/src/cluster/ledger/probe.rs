@@ -13,6 +13,30 @@ use super::table::Hot;
 use super::{NodeState, ReadingState};
 use crate::cluster::placement::{self, PodRequest, Policy};
 
+/// Why a node cannot take a pod, in the few kinds that callers naming many refusals with one
+/// shared reason tell apart ([`Probe::refusal`]; [`Probe::check`] gives the detailed reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RefusalKind {
+    /// No usable reading: no `GpuNode`, one that cannot be used, or one listing no GPU.
+    NoReading,
+    /// Never: the node counts another unit, or has too few GPUs that large
+    /// ([`Rejection::is_unresolvable`]).
+    Unresolvable,
+    /// The reading is older than the staleness bound.
+    Stale,
+    /// Too few GPUs large enough are healthy.
+    Unhealthy,
+    /// Not enough effective free memory now.
+    Short,
+}
+
+impl RefusalKind {
+    /// Whether preemption could never help ([`Rejection::is_unresolvable`]).
+    pub fn is_unresolvable(self) -> bool {
+        self == RefusalKind::Unresolvable
+    }
+}
+
 /// A pod's request prepared for questions about many nodes at `now` ([`Ledger::probe`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Probe<'a> {
@@ -52,9 +76,13 @@ impl Ledger {
 #[cfg(test)]
 impl Ledger {
     /// [`Ledger::check`] without building the reason: `None` when `node` can take the pod,
-    /// else whether the refusal is unresolvable ([`Rejection::is_unresolvable`]). For callers
-    /// that word many refusals with one shared reason.
-    pub(crate) fn refusal(&self, node: &str, request: PodRequest, now: SystemTime) -> Option<bool> {
+    /// else the kind of refusal. For callers that word many refusals with one shared reason.
+    pub(crate) fn refusal(
+        &self,
+        node: &str,
+        request: PodRequest,
+        now: SystemTime,
+    ) -> Option<RefusalKind> {
         self.probe(request, now).refusal(node)
     }
 
@@ -90,16 +118,37 @@ impl Probe<'_> {
         }
     }
 
-    /// `None` when `node` can take the pod, else whether the refusal is unresolvable
-    /// ([`Rejection::is_unresolvable`]), without building the reason.
-    pub fn refusal(&self, node: &str) -> Option<bool> {
+    /// `None` when `node` can take the pod, else the kind of refusal, without building the
+    /// reason (in the detailed reason's order: the reading, the unit and sizes, freshness,
+    /// health, memory).
+    pub fn refusal(&self, node: &str) -> Option<RefusalKind> {
         let Some((hot, state)) = self.ledger.nodes.hot_and_state(node) else {
-            return Some(false);
+            return Some(RefusalKind::NoReading);
         };
         if self.fits(hot, state) {
             return None;
         }
-        Some(book::unresolvable(state, self.request))
+        if !matches!(state.reading, ReadingState::Valid(_)) || state.gpus.is_empty() {
+            return Some(RefusalKind::NoReading);
+        }
+        if book::unresolvable(state, self.request) {
+            return Some(RefusalKind::Unresolvable);
+        }
+        if self
+            .fresh_since
+            .is_some_and(|since| hot.observed_at < since)
+        {
+            return Some(RefusalKind::Stale);
+        }
+        let healthy_large = state
+            .gpus
+            .iter()
+            .filter(|g| g.healthy && g.advertised_bytes >= self.need)
+            .count();
+        if healthy_large < self.gpus {
+            return Some(RefusalKind::Unhealthy);
+        }
+        Some(RefusalKind::Short)
     }
 
     /// [`Probe::check`] with the reason rendered, remembered per node until its books change.

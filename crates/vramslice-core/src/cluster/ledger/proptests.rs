@@ -277,7 +277,9 @@ fn check_invariants(ledger: &Ledger, world: &World) {
             }
             // The unrendered verdict agrees with the rendered one.
             assert_eq!(
-                ledger.refusal(name, request, world.now),
+                ledger
+                    .refusal(name, request, world.now)
+                    .map(RefusalKind::is_unresolvable),
                 fresh.as_ref().err().map(|r| r.unresolvable)
             );
             // A node scores (1..=10) exactly when it fits.

@@ -67,7 +67,10 @@ fn a_node_passes_only_with_n_gpus_that_each_fit_the_share() {
     assert!(!err.is_unresolvable());
     let refusal = l.check_rendered("n1", span(60, 3), at(1)).unwrap_err();
     assert_eq!(&*refusal.reason, err.to_string());
-    assert_eq!(l.refusal("n1", span(60, 3), at(1)), Some(false));
+    assert_eq!(
+        l.refusal("n1", span(60, 3), at(1)),
+        Some(RefusalKind::Short)
+    );
     assert_eq!(l.score("n1", span(60, 3), Policy::Binpack, at(1)), 0);
     // The same total on one GPU fits GPU 0 alone.
     assert_eq!(l.check("n1", span(40, 1), at(1)), Ok(()));
@@ -78,7 +81,10 @@ fn a_node_passes_only_with_n_gpus_that_each_fit_the_share() {
         "pod needs 4 GPUs with 20 GiB each; node n1 has 3 GPUs that large"
     );
     assert!(err.is_unresolvable());
-    assert_eq!(l.refusal("n1", span(80, 4), at(1)), Some(true));
+    assert_eq!(
+        l.refusal("n1", span(80, 4), at(1)),
+        Some(RefusalKind::Unresolvable)
+    );
     // A share larger than any GPU: too large, as for one GPU.
     assert!(
         l.check("n1", span(100, 2), at(1))

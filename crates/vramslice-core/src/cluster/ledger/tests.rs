@@ -206,12 +206,23 @@ fn unhealthy_without_reason_and_unresolvable_requests() {
     );
     // The unrendered verdict agrees, for each kind.
     let mib512 = PodRequest::new(VramUnit::Mib512, 2);
-    assert_eq!(ledger.refusal("n1", gib(9), at(0)), None);
-    assert_eq!(ledger.refusal("n1", gib(10), at(0)), Some(false));
-    assert_eq!(ledger.refusal("n1", gib(17), at(0)), Some(true));
-    assert_eq!(ledger.refusal("n1", mib512, at(0)), Some(true));
-    assert_eq!(ledger.refusal("nowhere", gib(1), at(0)), Some(false));
-    assert_eq!(ledger.refusal("n1", gib(1), at(600)), Some(false), "stale");
+    let kind = |node: &str, request: PodRequest, now: u64| ledger.refusal(node, request, at(now));
+    assert_eq!(kind("n1", gib(9), 0), None);
+    assert_eq!(kind("n1", gib(10), 0), Some(RefusalKind::Short));
+    assert_eq!(kind("n1", gib(17), 0), Some(RefusalKind::Unresolvable));
+    assert_eq!(kind("n1", mib512, 0), Some(RefusalKind::Unresolvable));
+    assert_eq!(kind("nowhere", gib(1), 0), Some(RefusalKind::NoReading));
+    assert_eq!(kind("n1", gib(1), 600), Some(RefusalKind::Stale));
+    // Only the unhealthy GPU is large enough: the kind says so, not "short".
+    assert_eq!(kind("n1", gib(16), 0), Some(RefusalKind::Short));
+    let mut big_sick = gpu(1, 16, 16);
+    big_sick.healthy = false;
+    ledger.set_reading("n3", reading(0, vec![gpu(0, 8, 8), big_sick]));
+    let kind = |node: &str, request: PodRequest, now: u64| ledger.refusal(node, request, at(now));
+    assert_eq!(kind("n3", gib(12), 0), Some(RefusalKind::Unhealthy));
+    assert_eq!(kind("n3", gib(4), 0), None);
+    assert!(!RefusalKind::Stale.is_unresolvable() && RefusalKind::Unresolvable.is_unresolvable());
+    ledger.remove_reading("n3");
     assert_eq!(ledger.largest_gpu_bytes(), Some(16 * GIB));
     ledger.set_reading("n2", reading(0, vec![gpu(0, 80, 80)]));
     assert_eq!(ledger.largest_gpu_bytes(), Some(80 * GIB));
