@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
@@ -54,6 +55,9 @@ fn admit_err(e: AdmitError) -> PyErr {
         AdmitError::Refused { .. } => Refused::new_err(e.to_string()),
         AdmitError::Timeout { .. } => QueueTimeout::new_err(e.to_string()),
         AdmitError::Usage { .. } => UsageError::new_err(e.to_string()),
+        AdmitError::Cancelled { .. } => {
+            pyo3::exceptions::asyncio::CancelledError::new_err(e.to_string())
+        }
     }
 }
 
@@ -98,6 +102,32 @@ fn job_of(
 }
 
 /// The sidecar runtime. Keyword arguments override the `VRAMSLICE_*` environment.
+/// A cancellation flag for `Runtime.admit`: `set()` makes a waiting admission give up.
+#[pyclass(module = "vramslice._native", frozen, name = "Cancel")]
+struct NativeCancel {
+    flag: Arc<AtomicBool>,
+}
+
+#[pymethods]
+impl NativeCancel {
+    #[new]
+    fn new() -> Self {
+        NativeCancel {
+            flag: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Ask the admission waiting with this flag to give up.
+    fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+    }
+
+    /// Whether `set()` was called.
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
 #[pyclass(module = "vramslice._native", frozen)]
 struct NativeRuntime {
     rt: Runtime,
@@ -228,8 +258,10 @@ impl NativeRuntime {
     }
 
     /// Admit a job, blocking (without the GIL) while memory is short. Returns a `Permit`.
-    /// `timeout` (seconds) overrides the runtime's queue timeout for this job.
-    #[pyo3(signature = (key, need=None, params=None, timeout=None))]
+    /// `timeout` (seconds) overrides the runtime's queue timeout for this job. With `cancel`
+    /// (a `Cancel`), the wait gives up its place in line soon after `cancel.set()` and raises
+    /// `asyncio.CancelledError`: for a wait run in a thread on behalf of an asyncio task.
+    #[pyo3(signature = (key, need=None, params=None, timeout=None, cancel=None))]
     fn admit(
         &self,
         py: Python<'_>,
@@ -237,6 +269,7 @@ impl NativeRuntime {
         need: Option<&Bound<'_, PyAny>>,
         params: Option<&Bound<'_, PyDict>>,
         timeout: Option<f64>,
+        cancel: Option<PyRef<'_, NativeCancel>>,
     ) -> PyResult<NativePermit> {
         let mut job = job_of(key, need, params)?;
         if let Some(t) = timeout {
@@ -245,8 +278,12 @@ impl NativeRuntime {
             })?);
         }
         let rt = self.rt.clone();
+        let cancel = cancel.map(|c| c.flag.clone());
         let permit = py
-            .detach(move || rt.admit_blocking(&job))
+            .detach(move || match cancel {
+                Some(flag) => rt.admit_blocking_unless(&job, &|| flag.load(Ordering::Acquire)),
+                None => rt.admit_blocking(&job),
+            })
             .map_err(admit_err)?;
         Ok(NativePermit {
             reserved: permit.reserved(),
@@ -405,6 +442,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<NativeRuntime>()?;
     m.add_class::<NativePermit>()?;
+    m.add_class::<NativeCancel>()?;
     m.add_function(wrap_pyfunction!(parse_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(message_is_out_of_memory, m)?)?;
     m.add_function(wrap_pyfunction!(profile_file_name, m)?)?;

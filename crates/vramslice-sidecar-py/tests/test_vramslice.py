@@ -183,6 +183,45 @@ def test_async_job_and_async_guarded():
     assert rt.stats()["running"] == 0
 
 
+def test_a_cancelled_async_job_gives_up_its_place_in_line():
+    # Regression: the wait ran on in its thread after the task was cancelled, holding the head
+    # of the FIFO line until its timeout (5 s here, so a regression fails rather than hangs).
+    rt = make(queue_timeout=5)
+    held = rt.admit("a", "7Gi")
+
+    async def main():
+        async def waiter():
+            async with vramslice.job("b", need="5Gi", runtime=rt):
+                pass
+
+        task = asyncio.create_task(waiter())
+        await asyncio.to_thread(wait_until, "b queued", lambda: rt.stats()["queued"] == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(wait_until, "b gone", lambda: rt.stats()["queued"] == 0, 2.0)
+        # A job that fits beside the held one is admitted at once, not stuck behind b.
+        async with vramslice.job("c", need="1Gi", runtime=rt, timeout=1.0) as c:
+            return c.reserved
+
+    assert asyncio.run(main()) == GIB
+    held.release()
+    assert rt.stats()["running"] == 0
+
+
+def test_cancel_flag_raises_cancelled_error_from_a_blocking_admit():
+    rt = make(queue_timeout=3600)
+    held = rt.admit("a", "7Gi")
+    cancel = vramslice._native.Cancel()
+    threading.Timer(0.05, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(asyncio.CancelledError, match="gave up waiting"):
+        rt.admit("b", "5Gi", cancel=cancel)
+    assert time.monotonic() - started < 2.0 and cancel.is_set()
+    assert rt.stats()["queued"] == 0
+    held.release()
+
+
 def test_waiters_do_not_hold_the_gil_and_admit_in_order():
     rt = make()
     first = rt.admit("a", "5Gi")

@@ -299,6 +299,27 @@ fn a_job_timeout_longer_than_a_day_waits_a_day_and_does_not_panic() {
 }
 
 #[test]
+fn a_cancelled_blocking_wait_gives_up_its_place_in_line() {
+    let (rt, _) = runtime(4 * GIB, |c| c.queue_timeout = Duration::from_secs(3600));
+    let held = rt.admit_blocking(&Job::new("a").need(3 * GIB)).unwrap();
+    let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (rt2, flag) = (rt.clone(), cancelled.clone());
+    let waiter = std::thread::spawn(move || {
+        rt2.admit_blocking_unless(&Job::new("b").need(2 * GIB), &|| {
+            flag.load(std::sync::atomic::Ordering::Acquire)
+        })
+    });
+    wait_until("b queued", || rt.stats().queued == 1);
+    cancelled.store(true, std::sync::atomic::Ordering::Release);
+    let err = waiter.join().unwrap().unwrap_err();
+    assert!(matches!(err, AdmitError::Cancelled { .. }), "{err}");
+    assert_eq!(rt.stats().queued, 0, "its place in line is gone");
+    // A job that fits beside the held one runs at once instead of waiting behind b.
+    assert!(rt.admit_blocking(&Job::new("c").need(GIB / 4)).is_ok());
+    drop(held);
+}
+
+#[test]
 fn a_spike_between_samples_still_counts_toward_the_peak() {
     // No sampler at all: only the usage source's own high-water (ManualUsage keeps one per read
     // window) can see the spike.

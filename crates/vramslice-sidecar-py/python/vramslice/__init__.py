@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from ._native import (
+    Cancel as _Cancel,
     ConfigError,
     NativePermit as Permit,
     NativeRuntime as Runtime,
@@ -172,7 +173,14 @@ class job:  # noqa: N801 - reads as a function at the call site
 
     async def __aenter__(self) -> "job":
         rt = self._rt()
-        self.permit = await asyncio.to_thread(rt.admit, self.key, self.need, self.params, self.timeout)
+        cancel = _Cancel()
+        try:
+            self.permit = await asyncio.to_thread(rt.admit, self.key, self.need, self.params, self.timeout, cancel)
+        except asyncio.CancelledError:
+            # The thread still waits in line: have it give up its place now, not at its timeout
+            # (a permit it got meanwhile is dropped with it, which returns the memory).
+            cancel.set()
+            raise
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:

@@ -84,7 +84,8 @@ unsafe fn opt_str<'a>(s: *const c_char) -> Result<Option<&'a str>, ()> {
 fn status_of(e: &AdmitError) -> VramsliceStatus {
     match e {
         AdmitError::Refused { .. } => VramsliceStatus::Refused,
-        AdmitError::Timeout { .. } => VramsliceStatus::Timeout,
+        // The C ABI cannot cancel a wait; were it to, it would read as giving up waiting.
+        AdmitError::Timeout { .. } | AdmitError::Cancelled { .. } => VramsliceStatus::Timeout,
         AdmitError::Usage { .. } => VramsliceStatus::UsageError,
     }
 }

@@ -67,6 +67,12 @@ pub enum AdmitError {
         /// How long it waited.
         waited: Duration,
     },
+    /// The caller gave up waiting ([`Runtime::admit_blocking_unless`](crate::Runtime::admit_blocking_unless)).
+    #[error("job {key:?} gave up waiting for memory: cancelled")]
+    Cancelled {
+        /// The job's key.
+        key: String,
+    },
     /// Live usage could not be read.
     #[error("job {key:?}: {source}")]
     Usage {

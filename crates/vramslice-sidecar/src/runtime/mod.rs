@@ -8,6 +8,7 @@ mod permit;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::job::Job;
@@ -19,6 +20,9 @@ use crate::usage::{UsageError, UsageSource};
 pub use error::{AdmitError, RuntimeError};
 use inner::{Enqueued, Inner, Look, State, lock, sampler};
 pub use permit::Permit;
+
+/// How often [`Runtime::admit_blocking_unless`] asks whether it was cancelled while it waits.
+pub const CANCEL_POLL: Duration = Duration::from_millis(20);
 
 /// The sidecar runtime. Cheap to clone; clones share everything.
 ///
@@ -188,15 +192,46 @@ impl Runtime {
 
     /// Admit `job`, blocking the calling thread while memory is short.
     pub fn admit_blocking(&self, job: &Job) -> Result<Permit, AdmitError> {
+        self.admit_blocking_inner(job, None)
+    }
+
+    /// [`Runtime::admit_blocking`] that gives up its place in line once `cancelled()` says so
+    /// (asked at least every [`CANCEL_POLL`]), with [`AdmitError::Cancelled`]: for a thread
+    /// waiting on behalf of something that cannot drop a future, such as an asyncio task run
+    /// with `asyncio.to_thread`. A job admitted before the cancellation is seen is returned as
+    /// usual.
+    pub fn admit_blocking_unless(
+        &self,
+        job: &Job,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Permit, AdmitError> {
+        self.admit_blocking_inner(job, Some(cancelled))
+    }
+
+    fn admit_blocking_inner(
+        &self,
+        job: &Job,
+        cancelled: Option<&dyn Fn() -> bool>,
+    ) -> Result<Permit, AdmitError> {
         let mut waiting = match self.inner.enqueue(job)? {
             Enqueued::Now(permit) => return Ok(permit),
             Enqueued::Wait(waiting) => waiting,
         };
         loop {
+            if cancelled.is_some_and(|c| c()) {
+                // Dropping `waiting` gives up the place in line.
+                return Err(AdmitError::Cancelled {
+                    key: job.key().to_string(),
+                });
+            }
             let wait;
             (waiting, wait) = match self.inner.look(waiting, job) {
                 Look::Done(outcome) => return outcome,
                 Look::Again(waiting, wait) => (waiting, wait),
+            };
+            let wait = match cancelled {
+                Some(_) => wait.min(CANCEL_POLL),
+                None => wait,
             };
             let state = lock(&self.inner.state);
             if state.queue.is_waiting(waiting.ticket.id) {
