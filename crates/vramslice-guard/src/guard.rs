@@ -575,7 +575,8 @@ mod tests {
         Account::new(uuid, limit, l)
     }
 
-    fn guard(limit: u64) -> Guard {
+    /// A guard with one account (one limit for the container) of `limit` bytes.
+    pub(crate) fn guard(limit: u64) -> Guard {
         Guard::new(
             vec![account("", limit)],
             Mapping::Container,

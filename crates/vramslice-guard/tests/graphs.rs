@@ -8,38 +8,19 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{MIB, assert_checks, probe, run};
-use std::path::Path;
+use common::{MIB, assert_checks, driver_peak, fake_gpu_env, guarded_peaks, probe, run, unguarded};
 use vramslice_core::container::accounting::{self, gpu_accounting_file_name};
 use vramslice_core::container::limit::limits_file_content;
 
 const LIMIT: u64 = 256 * MIB;
 
-fn env(dir: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("VRAMSLICE_ACCOUNTING_DIR", dir.display().to_string()),
-        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", "0".into()),
-        ("FAKE_CUDA_CTX_BYTES", "0".into()),
-        ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
-        ("FAKE_CUDA_HWM_FILE", dir.join("hwm").display().to_string()),
-    ]
-}
-
-fn driver_peak(dir: &Path, file: &str) -> u64 {
-    std::fs::read_to_string(dir.join(file))
-        .map(|t| t.trim().parse().unwrap())
-        .unwrap_or(0)
-}
-
 #[test]
 fn graph_memory_is_held_to_the_limit_through_every_lookup() {
-    for mode in ["direct", "dlsym", "gpa", "gpa_ptsz"] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut e = env(dir.path());
-        e.push(("VRAMSLICE_VRAM_LIMIT_BYTES", LIMIT.to_string()));
-        let (out, so, se) = run(probe(true, &e, &["graphs", mode, &LIMIT.to_string()]));
-        assert_checks(&out, &so, &se, 33);
-        let peak = driver_peak(dir.path(), "hwm");
+    let modes = ["direct", "dlsym", "gpa", "gpa_ptsz"];
+    for (mode, peak) in modes
+        .iter()
+        .zip(guarded_peaks("graphs", &modes, LIMIT, 0, 33))
+    {
         assert!(
             peak > 0 && peak <= LIMIT,
             "{mode}: the driver saw at most the limit at any time: {peak} bytes"
@@ -49,17 +30,12 @@ fn graph_memory_is_held_to_the_limit_through_every_lookup() {
 
 #[test]
 fn without_the_guard_the_same_graphs_map_past_the_slice() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, so, _) = run(probe(
-        false,
-        &env(dir.path()),
-        &["graphs", "direct", &LIMIT.to_string()],
-    ));
+    let (so, peak) = unguarded("graphs", "direct", LIMIT, 0);
     assert!(
         so.contains("FAIL: launching a graph whose memory nodes exceed the slice"),
         "the fake driver alone maps a graph larger than the slice:\n{so}"
     );
-    assert!(driver_peak(dir.path(), "hwm") > LIMIT);
+    assert!(peak > LIMIT);
 }
 
 #[test]
@@ -75,7 +51,7 @@ fn graph_memory_on_a_gpu_counts_toward_that_gpus_limit_only() {
         limits_file_content(&[(u0, 1024 * MIB), (u1, LIMIT)]).unwrap(),
     )
     .unwrap();
-    let mut e = env(dir.path());
+    let mut e = fake_gpu_env(dir.path(), 0);
     e.push(("FAKE_CUDA_DEVICES", "2".into()));
     e.push(("PROBE_DEVICE", "1".into()));
     e.push(("VRAMSLICE_LIMIT_FILE", limit_file.display().to_string()));

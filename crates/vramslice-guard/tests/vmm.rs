@@ -7,54 +7,27 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{MIB, assert_checks, probe, run};
-use std::path::Path;
+use common::{MIB, guarded_peaks, unguarded};
 
 const LIMIT: u64 = 256 * MIB;
 
-fn env(dir: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("VRAMSLICE_ACCOUNTING_DIR", dir.display().to_string()),
-        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", "0".into()),
-        ("FAKE_CUDA_CTX_BYTES", "0".into()),
-        ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
-        ("FAKE_CUDA_HWM_FILE", dir.join("hwm").display().to_string()),
-    ]
-}
-
-fn driver_peak(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("hwm"))
-        .map(|t| t.trim().parse().unwrap())
-        .unwrap_or(0)
-}
-
 #[test]
 fn mapped_memory_stays_charged_until_the_driver_frees_it_through_every_lookup() {
-    for mode in ["direct", "dlsym", "gpa", "gpa_ptsz"] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut e = env(dir.path());
-        e.push(("VRAMSLICE_VRAM_LIMIT_BYTES", LIMIT.to_string()));
-        let (out, so, se) = run(probe(true, &e, &["vmm", mode, &LIMIT.to_string()]));
-        assert_checks(&out, &so, &se, 17);
-        let peak = driver_peak(dir.path());
-        assert!(
-            peak == LIMIT,
-            "{mode}: the driver held the whole slice and never more: {peak} bytes"
+    let modes = ["direct", "dlsym", "gpa", "gpa_ptsz"];
+    for (mode, peak) in modes.iter().zip(guarded_peaks("vmm", &modes, LIMIT, 0, 17)) {
+        assert_eq!(
+            peak, LIMIT,
+            "{mode}: the driver held the whole slice and never more"
         );
     }
 }
 
 #[test]
 fn without_the_guard_released_mappings_take_memory_past_the_slice() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, so, _) = run(probe(
-        false,
-        &env(dir.path()),
-        &["vmm", "direct", &LIMIT.to_string()],
-    ));
+    let (so, peak) = unguarded("vmm", "direct", LIMIT, 0);
     assert!(
         so.contains("FAIL: cuMemRelease right after cuMemMap"),
         "the fake driver alone lets released mappings pile up:\n{so}"
     );
-    assert!(driver_peak(dir.path()) > LIMIT);
+    assert!(peak > LIMIT);
 }

@@ -207,21 +207,11 @@ impl Guard {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{account, probes_with};
+    use super::super::tests::guard;
     use super::*;
-    use crate::guard::Mapping;
     use proptest::prelude::*;
 
     const MIB: u64 = 1 << 20;
-
-    fn guard(limit: u64) -> Guard {
-        Guard::new(
-            vec![account("", limit)],
-            Mapping::Container,
-            probes_with(|_| Some(0)),
-        )
-        .unwrap()
-    }
 
     fn create(g: &Guard, handle: u64, bytes: u64) {
         g.reserve(0, bytes).unwrap();

@@ -135,3 +135,59 @@ pub fn assert_checks(out: &Output, stdout: &str, stderr: &str, min: usize) {
         out.status
     );
 }
+
+/// The environment of a probe on one 4 GiB fake device, with the accounting directory and the
+/// driver's high-water mark file (see [`driver_peak`]) in `dir`; contexts take `ctx_bytes`, and
+/// the guard estimates an unmeasurable one at that.
+pub fn fake_gpu_env(dir: &Path, ctx_bytes: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("VRAMSLICE_ACCOUNTING_DIR", dir.display().to_string()),
+        ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", ctx_bytes.to_string()),
+        ("FAKE_CUDA_CTX_BYTES", ctx_bytes.to_string()),
+        ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
+        ("FAKE_CUDA_HWM_FILE", dir.join("hwm").display().to_string()),
+    ]
+}
+
+/// The most the fake driver held at once as `file` in `dir` records it (`hwm` for device 0,
+/// `hwm.<i>` for device i); 0 when it never wrote one.
+pub fn driver_peak(dir: &Path, file: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file))
+        .map(|t| t.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// Runs probe `scenario` under the guard at `limit` ([`fake_gpu_env`] with `ctx_bytes`) through
+/// each lookup of `modes`; asserts every check passed (at least `min`) and returns the driver's
+/// peak on device 0 in each run.
+pub fn guarded_peaks(
+    scenario: &str,
+    modes: &[&str],
+    limit: u64,
+    ctx_bytes: u64,
+    min: usize,
+) -> Vec<u64> {
+    modes
+        .iter()
+        .map(|mode| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut e = fake_gpu_env(dir.path(), ctx_bytes);
+            e.push(("VRAMSLICE_VRAM_LIMIT_BYTES", limit.to_string()));
+            let (out, so, se) = run(probe(true, &e, &[scenario, mode, &limit.to_string()]));
+            assert_checks(&out, &so, &se, min);
+            driver_peak(dir.path(), "hwm")
+        })
+        .collect()
+}
+
+/// Runs probe `scenario` through `mode` without the guard ([`fake_gpu_env`] with `ctx_bytes`):
+/// its stdout and the driver's peak, for tests that show the checks can fail.
+pub fn unguarded(scenario: &str, mode: &str, limit: u64, ctx_bytes: u64) -> (String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, so, _) = run(probe(
+        false,
+        &fake_gpu_env(dir.path(), ctx_bytes),
+        &[scenario, mode, &limit.to_string()],
+    ));
+    (so, driver_peak(dir.path(), "hwm"))
+}
