@@ -328,7 +328,16 @@ impl Extender {
         let names = call.candidates.names();
         let mut result = ExtenderFilterResult::default();
         let mut passed: Vec<usize> = Vec::with_capacity(names.len());
-        let request = self.request_of(call.pod);
+        let meta = &call.pod.metadata;
+        let request = self.request_of(call.pod).and_then(|r| {
+            // A bad `vramslice.io/policy` annotation is the pod's mistake as much as a bad
+            // request: named here, rather than failing every bind after a passing filter.
+            if r.is_some() {
+                let who = format!("{}/{}", meta.namespace, meta.name);
+                policy_of(&who, meta.annotations.as_ref(), self.config.policy)?;
+            }
+            Ok(r)
+        });
         if let Ok(request) = request {
             self.remember_pending(call.pod, request);
         }

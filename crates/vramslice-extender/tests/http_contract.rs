@@ -415,8 +415,16 @@ async fn unusable_pod_requests_are_reported_in_error() {
         Some("2"),
         json!({ "vramslice.io/policy": "random" }),
     );
-    let (_, body) = post_json(&ext, "/prioritize", &args_names(pod, &["fit"])).await;
+    let (_, body) = post_json(&ext, "/prioritize", &args_names(pod.clone(), &["fit"])).await;
     assert_eq!(body, json!([{ "Host": "fit", "Score": 0 }]));
+    // Filter names the bad annotation at once instead of passing the node to a bind that fails.
+    let (status, body) = post_json(&ext, "/filter", &args_names(pod, &["fit"])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["Error"],
+        "pod default/bad: annotation vramslice.io/policy=\"random\" is invalid: expected binpack or spread"
+    );
+    assert_eq!(body["NodeNames"], json!([]));
 }
 
 #[tokio::test]
