@@ -182,11 +182,13 @@ impl Profiles {
     }
 }
 
-/// Read and decode one profile file; `None` when missing or not a version-1 record.
+/// Read and decode one profile file; `None` when missing, not a version-1 record, or holding
+/// a peak of 0 (which would reserve nothing: no measured job takes no memory, so the file is
+/// damaged or hand-made).
 pub fn read_record(path: &Path) -> Option<ProfileRecord> {
     let bytes = fs::read(path).ok()?;
     match serde_json::from_slice::<ProfileRecord>(&bytes) {
-        Ok(r) if r.version == 1 => Some(r),
+        Ok(r) if r.version == 1 && r.peak_bytes > 0 => Some(r),
         Ok(_) | Err(_) => {
             tracing::warn!(path = %path.display(), "ignoring unreadable profile file");
             None
@@ -241,6 +243,13 @@ mod tests {
         .unwrap();
         assert_eq!(p.peak("m", &params("8")), None);
         fs::write(&file, b"{\"version\":1,\"ke").unwrap();
+        assert_eq!(p.peak("m", &params("8")), None);
+        // A peak of 0 would reserve nothing: read as unknown too.
+        fs::write(
+            &file,
+            b"{\"version\":1,\"key\":\"m\",\"params\":{\"batch\":\"8\"},\"peak_bytes\":0}",
+        )
+        .unwrap();
         assert_eq!(p.peak("m", &params("8")), None);
         // and a record replaces the junk
         assert_eq!(p.record("m", &params("8"), 7).unwrap(), 7);
