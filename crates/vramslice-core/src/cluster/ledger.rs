@@ -66,6 +66,16 @@ use table::{Hot, NodeTable};
 
 use crate::cluster::placement::{self, Candidate, PodRequest, Policy};
 
+/// How far a reading taken at `observed` is from `now`, and whether it is stamped after now (a
+/// node clock ahead of the extender's). Staleness is this distance: a reading from the future
+/// is as untrustworthy as an old one, and would otherwise never go stale.
+fn reading_distance(observed: SystemTime, now: SystemTime) -> (Duration, bool) {
+    match now.duration_since(observed) {
+        Ok(age) => (age, false),
+        Err(ahead) => (ahead.duration(), true),
+    }
+}
+
 /// The ledger's tunables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LedgerConfig {
@@ -473,7 +483,7 @@ impl Ledger {
     }
 
     fn age(&self, reading: &NodeReading, now: SystemTime) -> Duration {
-        now.duration_since(reading.observed_at).unwrap_or_default()
+        reading_distance(reading.observed_at, now).0
     }
 
     fn node_mut(&mut self, node: &str) -> &mut NodeState {

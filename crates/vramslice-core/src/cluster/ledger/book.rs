@@ -305,7 +305,7 @@ pub(super) fn rejection(
             have: large_enough,
         };
     }
-    let age = now.duration_since(reading.observed_at).unwrap_or_default();
+    let (age, ahead) = super::reading_distance(reading.observed_at, now);
     let stale = age > config.staleness;
     let gpus = state
         .gpus
@@ -315,6 +315,7 @@ pub(super) fn rejection(
                 Some(GpuRejection::Stale {
                     index: g.index,
                     age_secs: age.as_secs(),
+                    ahead,
                 })
             } else if !g.healthy {
                 Some(GpuRejection::Unhealthy {

@@ -50,6 +50,8 @@ pub struct Probe<'a> {
     /// Readings taken before this are stale; `None` when none can be (the cut-off is before
     /// the earliest representable time).
     fresh_since: Option<SystemTime>,
+    /// Readings stamped after this (a node clock ahead) are stale too; `None`: no bound.
+    fresh_until: Option<SystemTime>,
 }
 
 impl Ledger {
@@ -62,6 +64,7 @@ impl Ledger {
             need: request.share_bytes(),
             gpus: request.gpu_count(),
             fresh_since: now.checked_sub(self.config.staleness),
+            fresh_until: now.checked_add(self.config.staleness),
         }
     }
 
@@ -134,10 +137,7 @@ impl Probe<'_> {
         if book::unresolvable(state, self.request) {
             return Some(RefusalKind::Unresolvable);
         }
-        if self
-            .fresh_since
-            .is_some_and(|since| hot.observed_at < since)
-        {
+        if !self.fresh(hot) {
             return Some(RefusalKind::Stale);
         }
         let healthy_large = state
@@ -207,14 +207,21 @@ impl Probe<'_> {
             .map_or(0, |c| placement::score_n(&c, self.need, policy))
     }
 
+    /// Whether the node's reading is within the staleness bound of now, either way.
+    fn fresh(&self, hot: &Hot) -> bool {
+        self.fresh_since
+            .is_none_or(|since| hot.observed_at >= since)
+            && self
+                .fresh_until
+                .is_none_or(|until| hot.observed_at <= until)
+    }
+
     /// Whether a node can take the pod: its unit, a fresh reading, and as many healthy GPUs as
     /// the pod spans each with the pod's share effectively free.
     fn fits(&self, hot: &Hot, state: &NodeState) -> bool {
         hot.unit == Some(self.request.unit)
             && hot.best_free >= self.need
-            && self
-                .fresh_since
-                .is_none_or(|since| hot.observed_at >= since)
+            && self.fresh(hot)
             && (self.gpus == 1
                 || state
                     .candidates

@@ -110,6 +110,19 @@ impl Rejection {
     }
 }
 
+/// "reading N s old", or for a reading stamped in the future "reading N s ahead of the
+/// extender's clock".
+struct ReadingAge(u64, bool);
+
+impl fmt::Display for ReadingAge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadingAge(secs, false) => write!(f, "reading {secs} s old"),
+            ReadingAge(secs, true) => write!(f, "reading {secs} s ahead of the extender's clock"),
+        }
+    }
+}
+
 struct GpuList<'a>(&'a [GpuRejection]);
 
 impl fmt::Display for GpuList<'_> {
@@ -121,23 +134,27 @@ impl fmt::Display for GpuList<'_> {
             }
             Ok(())
         };
-        let stale: Vec<(u32, u64)> = self
+        let stale: Vec<(u32, u64, bool)> = self
             .0
             .iter()
             .filter_map(|g| match g {
-                GpuRejection::Stale { index, age_secs } => Some((*index, *age_secs)),
+                GpuRejection::Stale {
+                    index,
+                    age_secs,
+                    ahead,
+                } => Some((*index, *age_secs, *ahead)),
                 _ => None,
             })
             .collect();
         match stale.as_slice() {
             [] => {}
-            [(index, age)] => {
+            [(index, age, ahead)] => {
                 sep(f)?;
-                write!(f, "GPU {index}: reading {age} s old")?;
+                write!(f, "GPU {index}: {}", ReadingAge(*age, *ahead))?;
             }
-            [(_, age), ..] => {
+            [(_, age, ahead), ..] => {
                 sep(f)?;
-                write!(f, "all {} GPUs: reading {age} s old", stale.len())?;
+                write!(f, "all {} GPUs: {}", stale.len(), ReadingAge(*age, *ahead))?;
             }
         }
         for g in self.0 {
@@ -172,12 +189,15 @@ impl fmt::Display for GpuList<'_> {
 /// Why one GPU cannot take a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GpuRejection {
-    /// The node's reading is older than the staleness bound.
+    /// The node's reading is further from now than the staleness bound: older, or (a node
+    /// clock ahead of the extender's) stamped in the future.
     Stale {
         /// GPU index.
         index: u32,
-        /// Age of the reading, whole seconds.
+        /// Distance of the reading from now, whole seconds.
         age_secs: u64,
+        /// Whether the reading is stamped after now.
+        ahead: bool,
     },
     /// The device plugin marked the GPU unhealthy.
     Unhealthy {
@@ -210,9 +230,11 @@ pub enum GpuRejection {
 impl fmt::Display for GpuRejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GpuRejection::Stale { index, age_secs } => {
-                write!(f, "GPU {index}: reading {age_secs} s old")
-            }
+            GpuRejection::Stale {
+                index,
+                age_secs,
+                ahead,
+            } => write!(f, "GPU {index}: {}", ReadingAge(*age_secs, *ahead)),
             GpuRejection::Unhealthy {
                 index,
                 reason: Some(reason),

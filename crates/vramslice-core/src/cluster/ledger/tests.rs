@@ -152,9 +152,22 @@ fn stale_and_missing_readings_take_no_pods() {
     assert_eq!(err.to_string(), "GPU 0: reading 95 s old");
     assert_eq!(ledger.stale_node_count(at(95)), 1);
     assert_eq!(ledger.stale_node_count(at(10)), 0);
-    // A reading from the future (clock skew) is fresh.
-    ledger.set_reading("n2", reading(500, vec![gpu(0, 8, 8)]));
+    // A reading from the future (a node clock ahead) is fresh within the same bound; beyond it
+    // it would never age, so it is stale too, and the reason says which way.
+    ledger.set_reading("n2", reading(150, vec![gpu(0, 8, 8)]));
     assert_eq!(ledger.check("n2", gib(1), at(100)), Ok(()));
+    ledger.set_reading("n2", reading(500, vec![gpu(0, 8, 8)]));
+    let err = ledger.check("n2", gib(1), at(100)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "GPU 0: reading 400 s ahead of the extender's clock"
+    );
+    assert_eq!(
+        ledger.refusal("n2", gib(1), at(100)),
+        Some(RefusalKind::Stale)
+    );
+    assert_eq!(ledger.stale_node_count(at(100)), 2);
+    ledger.remove_reading("n2");
 
     let err = ledger.check("ghost", gib(1), at(0)).unwrap_err();
     assert_eq!(err.to_string(), "no GpuNode reading for node ghost");
