@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict, PyFloat};
 use vramslice_sidecar::policy::{Backoff, ReserveSource};
 use vramslice_sidecar::usage::AccountingFile;
 use vramslice_sidecar::{AdmitError, Config, Job, ManualUsage, Permit, Runtime, RuntimeError};
@@ -76,11 +76,24 @@ fn bytes_of(value: &Bound<'_, PyAny>) -> PyResult<u64> {
     vramslice_core::parse_bytes(&text).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
+/// A parameter value as text, the way Rust's `to_string` writes it, so that a profile learned
+/// from Python and one learned from Rust (or C) have the same key: `True` is `true`, `8.0` is
+/// `8`; anything else as Python's `str()`.
+fn param_text(v: &Bound<'_, PyAny>) -> PyResult<String> {
+    if v.is_instance_of::<PyBool>() {
+        return Ok(v.extract::<bool>()?.to_string());
+    }
+    if v.is_instance_of::<PyFloat>() {
+        return Ok(v.extract::<f64>()?.to_string());
+    }
+    Ok(v.str()?.to_string())
+}
+
 fn params_of(params: Option<&Bound<'_, PyDict>>) -> PyResult<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     if let Some(d) = params {
         for (k, v) in d.iter() {
-            out.insert(k.str()?.to_string(), v.str()?.to_string());
+            out.insert(k.str()?.to_string(), param_text(&v)?);
         }
     }
     Ok(out)

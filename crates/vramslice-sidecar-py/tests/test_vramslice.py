@@ -222,6 +222,14 @@ def test_cancel_flag_raises_cancelled_error_from_a_blocking_admit():
     held.release()
 
 
+def test_params_are_written_as_rust_writes_them():
+    # A profile learned from Python and one learned from Rust or C must share a key.
+    name = vramslice.profile_file_name
+    assert name("m", {"fast": True, "temp": 1.0}) == name("m", {"fast": "true", "temp": "1"})
+    assert name("m", {"temp": 0.5, "batch": 8}) == name("m", {"temp": "0.5", "batch": "8"})
+    assert name("m", {"fast": False}) != name("m", {"fast": "False"})
+
+
 def test_waiters_do_not_hold_the_gil_and_admit_in_order():
     rt = make()
     first = rt.admit("a", "5Gi")
