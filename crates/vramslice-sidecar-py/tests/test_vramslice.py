@@ -222,6 +222,29 @@ def test_cancel_flag_raises_cancelled_error_from_a_blocking_admit():
     held.release()
 
 
+def test_one_job_object_is_not_entered_twice_at_once():
+    rt = make()
+    shared = vramslice.job("a", need="1Gi", runtime=rt)
+    with shared:
+        with pytest.raises(RuntimeError, match="already entered"):
+            with shared:
+                pass
+        assert rt.stats()["running"] == 1
+    assert rt.stats()["running"] == 0
+    with shared:  # once it has exited it may be entered again
+        assert shared.reserved == GIB
+    with pytest.raises(vramslice.Refused):
+        with vramslice.job("huge", need="100Gi", runtime=rt):
+            pass
+    refused_then_ok = vramslice.job("b", need="100Gi", runtime=rt)
+    with pytest.raises(vramslice.Refused):
+        with refused_then_ok:
+            pass
+    refused_then_ok.need = "1Gi"
+    with refused_then_ok:  # a failed admission releases the claim
+        pass
+
+
 def test_params_are_written_as_rust_writes_them():
     # A profile learned from Python and one learned from Rust or C must share a key.
     name = vramslice.profile_file_name

@@ -123,7 +123,9 @@ class job:  # noqa: N801 - reads as a function at the call site
     raised (and the exception propagates: a ``with`` block cannot be re-run, use
     :func:`guarded` for retries); on any other exception the memory is returned and nothing
     recorded. ``classify`` decides what counts as out-of-memory; ``timeout`` (seconds)
-    overrides the runtime's admission timeout for this job.
+    overrides the runtime's admission timeout for this job. One ``job`` object holds one permit
+    at a time: entering it again before it exits (from another thread or task) raises
+    ``RuntimeError``; make one ``job(...)`` per use.
     """
 
     def __init__(
@@ -143,6 +145,21 @@ class job:  # noqa: N801 - reads as a function at the call site
         self._runtime = runtime
         self._classify = classify
         self.permit: Optional[Permit] = None
+        self._in_use = False
+        self._lock = threading.Lock()
+
+    def _claim(self) -> None:
+        with self._lock:
+            if self._in_use:
+                raise RuntimeError(
+                    f"vramslice.job({self.key!r}) is already entered: a job object holds one permit "
+                    "at a time, make one job(...) per use"
+                )
+            self._in_use = True
+
+    def _unclaim(self) -> None:
+        with self._lock:
+            self._in_use = False
 
     def _rt(self) -> Runtime:
         return self._runtime if self._runtime is not None else runtime()
@@ -154,6 +171,7 @@ class job:  # noqa: N801 - reads as a function at the call site
 
     def _finish(self, exc: Optional[BaseException]) -> None:
         permit, self.permit = self.permit, None
+        self._unclaim()
         if permit is None:
             return
         if exc is None:
@@ -164,7 +182,12 @@ class job:  # noqa: N801 - reads as a function at the call site
             permit.release()
 
     def __enter__(self) -> "job":
-        self.permit = self._rt().admit(self.key, self.need, self.params, self.timeout)
+        self._claim()
+        try:
+            self.permit = self._rt().admit(self.key, self.need, self.params, self.timeout)
+        except BaseException:
+            self._unclaim()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -172,14 +195,17 @@ class job:  # noqa: N801 - reads as a function at the call site
         return False
 
     async def __aenter__(self) -> "job":
+        self._claim()
         rt = self._rt()
         cancel = _Cancel()
         try:
             self.permit = await asyncio.to_thread(rt.admit, self.key, self.need, self.params, self.timeout, cancel)
-        except asyncio.CancelledError:
-            # The thread still waits in line: have it give up its place now, not at its timeout
-            # (a permit it got meanwhile is dropped with it, which returns the memory).
-            cancel.set()
+        except BaseException as exc:
+            self._unclaim()
+            if isinstance(exc, asyncio.CancelledError):
+                # The thread still waits in line: have it give up its place now, not at its
+                # timeout (a permit it got meanwhile is dropped with it, returning the memory).
+                cancel.set()
             raise
         return self
 
