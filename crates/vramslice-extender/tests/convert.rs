@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
-use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
+use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus, GpuStatus};
 use vramslice_core::VramUnit;
 use vramslice_core::cluster::placement::{PodRequest, Policy};
 use vramslice_extender::convert::*;
@@ -159,4 +159,26 @@ fn gpunodes_without_usable_status_are_named() {
     let (_, r) = node_reading(&gn);
     let r = r.unwrap();
     assert_eq!((r.unit, r.observed_at), (VramUnit::Mib512, now()));
+    // Two GPUs with one index (or one UUID): a pod checked against one could land on the other.
+    let gpu = |index: u32, uuid: &str| GpuStatus {
+        index,
+        uuid: uuid.into(),
+        units: 16,
+        healthy: true,
+        ..Default::default()
+    };
+    for (gpus, want) in [
+        (
+            vec![gpu(0, "GPU-a"), gpu(0, "GPU-b")],
+            "GPU index 0 appears twice",
+        ),
+        (
+            vec![gpu(0, "GPU-a"), gpu(1, "GPU-a")],
+            "GPU UUID GPU-a appears twice",
+        ),
+    ] {
+        gn.status.as_mut().unwrap().gpus = gpus;
+        let (_, r) = node_reading(&gn);
+        assert_eq!(r.unwrap_err().to_string(), want);
+    }
 }

@@ -124,6 +124,15 @@ pub enum ReadingError {
     /// Neither `status.unit` nor `status.resourceName` names a unit.
     #[error(transparent)]
     Unit(UnitError),
+    /// Two GPUs share an index or a UUID: a pod checked against one could be placed on the
+    /// other.
+    #[error("GPU {what} {value} appears twice")]
+    DuplicateGpu {
+        /// `index` or `UUID`.
+        what: &'static str,
+        /// The repeated value.
+        value: String,
+    },
 }
 
 /// One container's VRAM-relevant resources, whatever type the container came in (the API
@@ -428,6 +437,19 @@ pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingEr
             Err(_) => return (name, Err(ReadingError::Unit(e))),
         },
     };
+    for (i, g) in status.gpus.iter().enumerate() {
+        let earlier = &status.gpus[..i];
+        let repeated = if earlier.iter().any(|e| e.index == g.index) {
+            Some(("index", g.index.to_string()))
+        } else if earlier.iter().any(|e| e.uuid == g.uuid) {
+            Some(("UUID", g.uuid.clone()))
+        } else {
+            None
+        };
+        if let Some((what, value)) = repeated {
+            return (name, Err(ReadingError::DuplicateGpu { what, value }));
+        }
+    }
     let gpus = status
         .gpus
         .iter()
