@@ -217,9 +217,6 @@ impl NativeRuntime {
         if let Some(v) = sample_interval {
             c.sample_interval = secs(v, "sample_interval")?;
         }
-        // The keywords pass the checks the environment does (fractions, margin, waits).
-        c.validate()
-            .map_err(|e| ConfigError::new_err(e.to_string()))?;
         enum Source {
             Accounting(PathBuf),
             Cuda(vramslice_sidecar::ffi::cuda::CudaMemInfo),

@@ -245,6 +245,13 @@ def test_one_job_object_is_not_entered_twice_at_once():
         pass
 
 
+def test_keywords_out_of_range_are_refused_like_the_environment():
+    for kw, name in [({"peak_margin": 0.0}, "peak_margin"), ({"high_water": 0.0}, "high_water"),
+                     ({"queue_timeout": 2 * 86400}, "queue_timeout")]:
+        with pytest.raises(vramslice.ConfigError, match=f"Python keyword {name}"):
+            make(**kw)
+
+
 def test_params_are_written_as_rust_writes_them():
     # A profile learned from Python and one learned from Rust or C must share a key.
     name = vramslice.profile_file_name

@@ -100,15 +100,13 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-fn fraction(var: &str, value: &str, max: f64) -> Result<f64, ConfigError> {
-    match value.trim().parse::<f64>() {
-        Ok(f) if f > 0.0 && f <= max => Ok(f),
-        _ => Err(ConfigError {
-            var: var.to_string(),
-            value: value.to_string(),
-            reason: format!("expected a number above 0 and at most {max}"),
-        }),
-    }
+/// A number from the environment (its range is [`Config::validate`]'s to check).
+fn number(var: &str, value: &str) -> Result<f64, ConfigError> {
+    value.trim().parse::<f64>().map_err(|_| ConfigError {
+        var: var.to_string(),
+        value: value.to_string(),
+        reason: "expected a number".into(),
+    })
 }
 
 impl Config {
@@ -166,21 +164,13 @@ impl Config {
         c.accounting_dir = get(env::ACCOUNTING_DIR).map(PathBuf::from);
         c.profile_dir = get(env::PROFILE_DIR).map(PathBuf::from);
         if let Some(v) = get(env::HIGH_WATER) {
-            c.policy.high_water = fraction(env::HIGH_WATER, &v, 1.0)?;
+            c.policy.high_water = number(env::HIGH_WATER, &v)?;
         }
         if let Some(v) = get(env::FIRST_RUN_FRACTION) {
-            c.policy.first_run_fraction = fraction(env::FIRST_RUN_FRACTION, &v, 1.0)?;
+            c.policy.first_run_fraction = number(env::FIRST_RUN_FRACTION, &v)?;
         }
         if let Some(v) = get(env::PEAK_MARGIN) {
-            let m = fraction(env::PEAK_MARGIN, &v, 10.0)?;
-            if m < 1.0 {
-                return Err(bad(
-                    env::PEAK_MARGIN,
-                    &v,
-                    "a margin below 1 reserves less than the peak".into(),
-                ));
-            }
-            c.policy.peak_margin = m;
+            c.policy.peak_margin = number(env::PEAK_MARGIN, &v)?;
         }
         if let Some(v) = get(env::QUEUE_MAX) {
             c.queue_max = v
@@ -211,52 +201,52 @@ impl Config {
     }
 
     /// Checks the settings however they were made (environment, Python keywords, the C ABI's
-    /// manual runtime): fractions above 0 and at most 1, a peak margin from 1 to 10, waits
+    /// manual runtime; [`Runtime::new`](crate::Runtime::new) runs it), the one place their
+    /// ranges are written: fractions above 0 and at most 1, a peak margin from 1 to 10, waits
     /// (queue timeout, backoff, sampling interval) at most [`MAX_WAIT`]. The error names the
-    /// setting by its keyword and its variable.
+    /// setting by its variable, and its Python keyword in the reason.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |name: &str, var: &str, value: String, reason: &str| ConfigError {
-            var: if var.is_empty() {
-                name.to_string()
-            } else {
-                format!("{name} ({var})")
-            },
+        let bad = |var: &str, keyword: &str, value: String, expected: &str| ConfigError {
+            var: var.to_string(),
             value,
-            reason: reason.to_string(),
+            reason: if var == keyword {
+                expected.to_string()
+            } else {
+                format!("{expected} (Python keyword {keyword})")
+            },
         };
         let p = &self.policy;
-        for (name, var, v) in [
-            ("high_water", env::HIGH_WATER, p.high_water),
+        let fractions = [
+            (env::HIGH_WATER, "high_water", p.high_water),
             (
-                "first_run_fraction",
                 env::FIRST_RUN_FRACTION,
+                "first_run_fraction",
                 p.first_run_fraction,
             ),
-        ] {
+        ];
+        for (var, keyword, v) in fractions {
             if !(v > 0.0 && v <= 1.0) {
-                return Err(bad(
-                    name,
-                    var,
-                    v.to_string(),
-                    "expected a number above 0 and at most 1",
-                ));
+                let expected = "expected a number above 0 and at most 1";
+                return Err(bad(var, keyword, v.to_string(), expected));
             }
         }
         if !(p.peak_margin >= 1.0 && p.peak_margin <= 10.0) {
+            let expected = "expected a number from 1 to 10 (below 1 reserves less than the peak)";
             return Err(bad(
-                "peak_margin",
                 env::PEAK_MARGIN,
+                "peak_margin",
                 p.peak_margin.to_string(),
-                "expected a number from 1 to 10 (below 1 reserves less than the peak)",
+                expected,
             ));
         }
-        for (name, var, d) in [
-            ("queue_timeout", env::QUEUE_TIMEOUT, self.queue_timeout),
-            ("backoff", env::OOM_BACKOFF, self.backoff.base),
-            ("sample_interval", "", self.sample_interval),
-        ] {
+        let waits = [
+            (env::QUEUE_TIMEOUT, "queue_timeout", self.queue_timeout),
+            (env::OOM_BACKOFF, "backoff", self.backoff.base),
+            ("sample_interval", "sample_interval", self.sample_interval),
+        ];
+        for (var, keyword, d) in waits {
             if d > MAX_WAIT {
-                return Err(bad(name, var, format!("{d:?}"), "longer than a day"));
+                return Err(bad(var, keyword, format!("{d:?}"), "longer than a day"));
             }
         }
         Ok(())
