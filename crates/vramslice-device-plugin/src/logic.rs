@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
-use vramslice_api::convert::node_pods::{HeldUnits, placements, waiting_pods};
+use vramslice_api::convert::node_pods::{HeldUnits, held_units, placements, waiting_requests};
 use vramslice_core::node::allocation::{AllocationSettings, ContainerAllocation, plan_allocation};
 use vramslice_core::node::inventory::preferred_units;
 use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit, owed_gpus};
@@ -93,7 +93,7 @@ impl VramPlugin {
         }
     }
 
-    /// The kubelet's record of what each pod's containers hold (PodResources, [`held_gpus`]),
+    /// The kubelet's record of what each pod's containers hold (PodResources, [`held_units`]),
     /// or `None` when it cannot be read (then started pods count as allocated).
     async fn allocated_gpus(&self) -> Option<HeldUnits> {
         let socket = self.pod_resources_socket.as_ref()?;
@@ -103,7 +103,7 @@ impl VramPlugin {
         )
         .await;
         match listed {
-            Ok(Ok(records)) => Some(held_gpus(&records)),
+            Ok(Ok(records)) => Some(held_units(&records)),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "PodResources unavailable; started pods count as allocated");
                 None
@@ -127,7 +127,7 @@ impl VramPlugin {
         if let Some(cached) = pods.cached() {
             let known = sizes
                 .iter()
-                .all(|size| waiting_pods(&cached, resource, *size as u64, allocated) > 0);
+                .all(|size| waiting_requests(&cached, resource, *size as u64, allocated) > 0);
             if known {
                 return Some(cached);
             }
@@ -167,31 +167,6 @@ impl VramPlugin {
             })
             .collect()
     }
-}
-
-/// (namespace, pod) → for each of its containers holding units: how many, and the GPUs they
-/// are on (sorted and comma-separated, as `node_pods` compares them).
-pub fn held_gpus(
-    records: &[vramslice_core::node::publish::ContainerAllocationRecord],
-) -> HeldUnits {
-    let mut held = HeldUnits::new();
-    for r in records {
-        let ids: Vec<DeviceId> = r
-            .device_ids
-            .iter()
-            .filter_map(|id| id.parse().ok())
-            .collect();
-        let gpus: BTreeSet<String> = ids.iter().map(|id| id.gpu_uuid.clone()).collect();
-        if !gpus.is_empty() {
-            held.entry((r.namespace.clone(), r.pod.clone()))
-                .or_default()
-                .push((
-                    ids.len() as u64,
-                    gpus.into_iter().collect::<Vec<_>>().join(","),
-                ));
-        }
-    }
-    held
 }
 
 fn parse_ids(ids: &[String]) -> Vec<DeviceId> {
@@ -346,33 +321,6 @@ mod tests {
         assert_eq!(
             choose(&r, &["GPU-a,GPU-b".into()]),
             vec!["GPU-a::0", "GPU-a::1", "GPU-b::0", "GPU-b::1"]
-        );
-    }
-
-    #[test]
-    fn held_gpus_lists_each_container_with_its_units_and_gpus() {
-        use vramslice_core::node::publish::ContainerAllocationRecord;
-        let rec = |pod: &str, ids: &[&str]| ContainerAllocationRecord {
-            namespace: "ns".into(),
-            pod: pod.into(),
-            pod_uid: None,
-            device_ids: ids.iter().map(|s| s.to_string()).collect(),
-        };
-        let held = held_gpus(&[
-            rec("tp", &["GPU-b::0", "GPU-a::0"]),
-            rec("tp", &["GPU-c::1", "GPU-a::3"]),
-            rec("one", &["GPU-b::4"]),
-        ]);
-        assert_eq!(
-            held[&("ns".to_string(), "tp".to_string())],
-            vec![
-                (2, "GPU-a,GPU-b".to_string()),
-                (2, "GPU-a,GPU-c".to_string())
-            ]
-        );
-        assert_eq!(
-            held[&("ns".to_string(), "one".to_string())],
-            vec![(1, "GPU-b".to_string())]
         );
     }
 }

@@ -1,7 +1,7 @@
 //! A node's pods as the device plugin's GetPreferredAllocation reads them: the requests of a
 //! size among the containers of the pods bound to it, the GPU the extender assigned each pod and
 //! the GPU the kubelet allocated each container ([`placements`], for
-//! `vramslice_core::owed_gpus`), how many requests still wait ([`waiting_pods`]), and the pods'
+//! `vramslice_core::owed_gpus`), how many requests still wait ([`waiting_requests`]), and the pods'
 //! UIDs ([`uids_by_name`]). Pods come as the API server's objects, owned or behind `Arc` (a
 //! watch cache holds them so).
 //!
@@ -16,8 +16,10 @@ use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 use vramslice_core::PodPlacement;
 
-use super::container_units;
+use super::{container_units, container_vram};
 use crate::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
+use vramslice_core::DeviceId;
+use vramslice_core::node::publish::ContainerAllocationRecord;
 
 /// Whether none of the pod's containers has started yet.
 fn not_started(pod: &Pod) -> bool {
@@ -27,26 +29,19 @@ fn not_started(pod: &Pod) -> bool {
     if status.phase.as_deref().is_some_and(|p| p != "Pending") {
         return false;
     }
-    status.container_statuses.iter().flatten().all(|cs| {
-        cs.state
-            .as_ref()
-            .is_none_or(|s| s.running.is_none() && s.terminated.is_none())
-    })
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .all(|cs| !started(cs))
 }
 
-/// Whether the pod is bound, not finished (phase neither Succeeded nor Failed), and has a
-/// container asking for exactly `size` units of `resource`.
-fn holds_or_waits_for(pod: &Pod, resource: &str, size: u64) -> bool {
-    let Some(spec) = pod.spec.as_ref().filter(|s| s.node_name.is_some()) else {
-        return false;
-    };
+/// Whether the pod is bound and not finished (phase neither Succeeded nor Failed): its
+/// requests hold or wait for units.
+fn bound_and_unfinished(pod: &Pod) -> bool {
+    let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    !matches!(phase, Some("Succeeded" | "Failed"))
-        && spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-            .any(|c| container_units(c, resource) == Some(size))
+    bound && !matches!(phase, Some("Succeeded" | "Failed"))
 }
 
 /// (namespace, name) of a pod.
@@ -59,8 +54,29 @@ fn pod_key(pod: &Pod) -> (String, String) {
 
 /// What the kubelet's PodResources record says each pod's containers hold: per (namespace,
 /// pod), one entry per container holding units of the resource, its unit count and its GPUs
-/// (in [`canonical_gpus`] form).
+/// (in [`canonical_gpus`] form). Made by [`held_units`].
 pub type HeldUnits = BTreeMap<(String, String), Vec<(u64, String)>>;
+
+/// The [`HeldUnits`] of the kubelet's PodResources records (IDs that are not vramslice units
+/// are skipped; a container holding none is left out).
+pub fn held_units(records: &[ContainerAllocationRecord]) -> HeldUnits {
+    let mut held = HeldUnits::new();
+    for r in records {
+        let ids: Vec<DeviceId> = r
+            .device_ids
+            .iter()
+            .filter_map(|id| id.parse().ok())
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let gpus = canonical_form(ids.iter().map(|id| id.gpu_uuid.as_str()));
+        held.entry((r.namespace.clone(), r.pod.clone()))
+            .or_default()
+            .push((ids.len() as u64, gpus));
+    }
+    held
+}
 
 /// A pod's containers asking exactly one size: how many, the GPUs of those the kubelet
 /// allocated as its record lists them, and how many more it allocated that the record does not
@@ -107,7 +123,7 @@ fn size_requests(
     };
     let asking = |c: &&Container| container_units(c, resource) == Some(size);
     // Containers the record may list (app and sidecar init containers), and plain init ones.
-    let sidecar = |c: &&Container| c.restart_policy.as_deref() == Some("Always");
+    let sidecar = |c: &&Container| container_vram(c).sidecar;
     let init = spec.init_containers.iter().flatten().filter(asking);
     let listable: Vec<&str> = spec
         .containers
@@ -164,7 +180,7 @@ fn size_requests(
 /// bound, unfinished pods asking for that size, not allocated yet. GetPreferredAllocation is
 /// asked for one of them, so when the cached pods hold none, the cache is behind the kubelet
 /// and a LIST must answer instead.
-pub fn waiting_pods<P: Borrow<Pod>>(
+pub fn waiting_requests<P: Borrow<Pod>>(
     pods: &[P],
     resource: &str,
     size: u64,
@@ -172,7 +188,7 @@ pub fn waiting_pods<P: Borrow<Pod>>(
 ) -> usize {
     pods.iter()
         .map(Borrow::borrow)
-        .filter(|pod| holds_or_waits_for(pod, resource, size))
+        .filter(|pod| bound_and_unfinished(pod))
         .map(|pod| size_requests(pod, resource, size, allocated).waiting())
         .sum()
 }
@@ -192,7 +208,7 @@ pub fn placements<P: Borrow<Pod>>(
 ) -> Vec<PodPlacement> {
     pods.iter()
         .map(Borrow::borrow)
-        .filter(|pod| holds_or_waits_for(pod, resource, size))
+        .filter(|pod| bound_and_unfinished(pod))
         .filter_map(|pod| {
             let annotations = pod.metadata.annotations.as_ref()?;
             let gpu = canonical_gpus(annotations.get(ANNOTATION_GPU_UUID)?);
@@ -235,7 +251,12 @@ pub fn placements<P: Borrow<Pod>>(
 /// GPUs) in the canonical form `vramslice_core::owed_gpus` compares: UUIDs sorted, joined by
 /// commas. The device plugin writes the GPUs the kubelet allocated a pod in the same form.
 pub fn canonical_gpus(list: &str) -> String {
-    let mut gpus = vramslice_core::cluster::placement::gpu_uuids(list);
+    canonical_form(vramslice_core::cluster::placement::gpu_uuids(list))
+}
+
+/// UUIDs sorted, repeats dropped, joined by commas.
+fn canonical_form<'a>(uuids: impl IntoIterator<Item = &'a str>) -> String {
+    let mut gpus: Vec<&str> = uuids.into_iter().collect();
     gpus.sort_unstable();
     gpus.dedup();
     gpus.join(",")
@@ -364,10 +385,13 @@ mod tests {
             ),
         ];
         // Without PodResources, started pods are allocated; unannotated pods still wait.
-        assert_eq!(waiting_pods(&pods, RES, 6, None), 2);
-        assert_eq!(waiting_pods(&pods, RES, 4, None), 1);
-        assert_eq!(waiting_pods(&pods, RES, 5, None), 0);
-        assert_eq!(waiting_pods(&pods, "vramslice.io/vram-512mib", 6, None), 0);
+        assert_eq!(waiting_requests(&pods, RES, 6, None), 2);
+        assert_eq!(waiting_requests(&pods, RES, 4, None), 1);
+        assert_eq!(waiting_requests(&pods, RES, 5, None), 0);
+        assert_eq!(
+            waiting_requests(&pods, "vramslice.io/vram-512mib", 6, None),
+            0
+        );
         // With PodResources: "a" is listed, so allocated; "running" is not listed but has
         // started, so its devices were allocated (the record omits plain init containers);
         // "plain" still waits.
@@ -375,10 +399,10 @@ mod tests {
             ("default".to_string(), "a".to_string()),
             vec![(6, "GPU-a".to_string())],
         )]);
-        assert_eq!(waiting_pods(&pods, RES, 6, Some(&allocated)), 1);
+        assert_eq!(waiting_requests(&pods, RES, 6, Some(&allocated)), 1);
         // Arcs, as the watch cache holds them, read the same.
         let cached: Vec<std::sync::Arc<Pod>> = pods.into_iter().map(std::sync::Arc::new).collect();
-        assert_eq!(waiting_pods(&cached, RES, 6, None), 2);
+        assert_eq!(waiting_requests(&cached, RES, 6, None), 2);
     }
 
     /// A pod whose containers `a` and `b` (app) and `init` (plain init container) each ask for
@@ -418,7 +442,7 @@ mod tests {
         // container a holds its units: b is still owed GPU-a.
         let pods = vec![three_containers(&["init"])];
         let held = BTreeMap::from([(key.clone(), vec![(2, "GPU-a".to_string())])]);
-        assert_eq!(waiting_pods(&pods, RES, 2, Some(&held)), 1);
+        assert_eq!(waiting_requests(&pods, RES, 2, Some(&held)), 1);
         let got = placements(&pods, RES, 2, Some(&held));
         assert_eq!(
             gpus_of(&got),
@@ -431,17 +455,17 @@ mod tests {
         assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-a"]);
         // Nothing allocated yet: three requests wait, all owed GPU-a.
         let none = HeldUnits::new();
-        assert_eq!(waiting_pods(&pods[..0], RES, 2, Some(&none)), 0);
+        assert_eq!(waiting_requests(&pods[..0], RES, 2, Some(&none)), 0);
         assert_eq!(
-            waiting_pods(&[three_containers(&[])], RES, 2, Some(&none)),
+            waiting_requests(&[three_containers(&[])], RES, 2, Some(&none)),
             3
         );
         // Both app containers listed and the init container finished: nothing is owed.
         let both = BTreeMap::from([(key, vec![(2, "GPU-a".into()), (2, "GPU-a".into())])]);
-        assert_eq!(waiting_pods(&pods, RES, 2, Some(&both)), 0);
+        assert_eq!(waiting_requests(&pods, RES, 2, Some(&both)), 0);
         assert!(vramslice_core::owed_gpus(&placements(&pods, RES, 2, Some(&both))).is_empty());
         // Another size is not this pod's.
-        assert_eq!(waiting_pods(&pods, RES, 4, Some(&both)), 0);
+        assert_eq!(waiting_requests(&pods, RES, 4, Some(&both)), 0);
     }
 
     #[test]
@@ -499,5 +523,34 @@ mod tests {
         let got = placements(&pods, RES, 8, Some(&allocated));
         assert_eq!(vramslice_core::owed_gpus(&got), vec!["GPU-c"]);
         assert_eq!(canonical_gpus(" GPU-b,GPU-a ,GPU-b"), "GPU-a,GPU-b");
+    }
+
+    #[test]
+    fn held_units_lists_each_container_with_its_units_and_gpus() {
+        use vramslice_core::node::publish::ContainerAllocationRecord;
+        let rec = |pod: &str, ids: &[&str]| ContainerAllocationRecord {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            pod_uid: None,
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        let held = held_units(&[
+            rec("tp", &["GPU-b::0", "GPU-a::0"]),
+            rec("tp", &["GPU-c::1", "GPU-a::3"]),
+            rec("one", &["GPU-b::4"]),
+            rec("other", &["not-a-unit"]),
+        ]);
+        assert_eq!(
+            held[&("ns".to_string(), "tp".to_string())],
+            vec![
+                (2, "GPU-a,GPU-b".to_string()),
+                (2, "GPU-a,GPU-c".to_string())
+            ]
+        );
+        assert_eq!(
+            held[&("ns".to_string(), "one".to_string())],
+            vec![(1, "GPU-b".to_string())]
+        );
+        assert!(!held.contains_key(&("ns".to_string(), "other".to_string())));
     }
 }
