@@ -240,10 +240,12 @@ CUresult cuMemGetInfo_v2(size_t *free_b, size_t *total) {
 #define ALLOC_INTO(out, n) do { if (!(out)) return ERR_INVALID_VALUE; void *p_ = host_alloc((long long)(n)); if (!p_) return ERR_OOM; *(out) = (CUdeviceptr)p_; return OK; } while (0)
 
 CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t n) { ALLOC_INTO(dptr, n); }
+/* Rows are padded to 512 bytes, as a pitch the driver might choose. */
+static size_t pitch_for(size_t w) { return (w + 511) / 512 * 512; }
 CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t w, size_t h, unsigned elem) {
     (void)elem;
     if (!pitch) return ERR_INVALID_VALUE;
-    size_t p = (w + 511) / 512 * 512;
+    size_t p = pitch_for(w);
     if (!dptr) return ERR_INVALID_VALUE;
     void *q = host_alloc((long long)(p * h));
     if (!q) return ERR_OOM;
@@ -275,7 +277,7 @@ CUresult cuMemAlloc(unsigned *dptr, unsigned n) {
 CUresult cuMemAllocPitch(unsigned *dptr, unsigned *pitch, unsigned w, unsigned h, unsigned elem) {
     (void)elem;
     if (!dptr || !pitch) return ERR_INVALID_VALUE;
-    unsigned p = (w + 511) / 512 * 512;
+    unsigned p = (unsigned)pitch_for(w);
     void *q = host_alloc((long long)p * h);
     if (!q) return ERR_OOM;
     *pitch = p;

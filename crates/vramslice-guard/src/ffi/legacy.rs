@@ -1,10 +1,11 @@
 //! Exported v1 entry points: the CUDA 3.1 ABI with 32-bit device pointers and sizes
 //! (`cuMemAlloc`, `cuMemFree`, `cuMemAllocPitch`, `cuMemGetInfo`, `cuDeviceTotalMem`,
 //! `cuArrayCreate`, `cuArray3DCreate` without `_v2`; the v1 `cuCtxCreate` and `cuCtxDestroy`,
-//! whose signatures did not change, are with their successors in `context.rs`). The driver still exports them and `cuGetProcAddress` hands them out for versions
-//! before 3020, so a program could otherwise allocate past its limit through them. They are
-//! counted and shown the slice exactly as their `_v2` forms; a 32-bit pointer is tracked as the
-//! same number a 64-bit one would be.
+//! whose signatures did not change, are with their successors in `context.rs`). The driver
+//! still exports them and `cuGetProcAddress` hands them out for versions before 3020, so a
+//! program could otherwise allocate past its limit through them. They are counted and shown the
+//! slice exactly as their `_v2` forms (through the same helpers); a 32-bit pointer is tracked as
+//! the same number a 64-bit one would be.
 #![allow(non_snake_case)]
 
 use super::alloc::{array_counted, counted, freeing, pitch_counted};

@@ -89,13 +89,13 @@ impl Holds {
 #[derive(Debug, Default)]
 pub struct PhysicalChange {
     /// Each entry this change touched, as it was before (first touch only), to undo a refusal.
-    before: Vec<(Kind, u64, Option<Entry>)>,
+    before: Vec<(Kind, u64, Entry)>,
     /// Allocations nothing holds any more: their bytes go back once the driver agrees.
     freed: Vec<Entry>,
 }
 
 impl PhysicalChange {
-    fn remember(&mut self, kind: Kind, handle: u64, entry: Option<Entry>) {
+    fn remember(&mut self, kind: Kind, handle: u64, entry: Entry) {
         if !self
             .before
             .iter()
@@ -126,7 +126,7 @@ impl Guard {
                 None
             }
         });
-        if old.is_some() {
+        if let Some(old) = old {
             plan.remember(Kind::Physical, handle, old);
         }
         plan.freed.extend(freed);
@@ -176,7 +176,7 @@ impl Guard {
             let Some(m) = self.tracker.remove(Kind::Mapping, at) else {
                 break;
             };
-            plan.remember(Kind::Mapping, at, Some(m));
+            plan.remember(Kind::Mapping, at, m);
             self.physical_update(m.extra, &mut plan, Holds::unmapped);
             at = at.saturating_add(m.bytes.max(1));
         }
@@ -193,14 +193,7 @@ impl Guard {
             return;
         }
         for (kind, handle, entry) in plan.before {
-            match entry {
-                Some(e) => {
-                    self.tracker.insert(kind, handle, e);
-                }
-                None => {
-                    self.tracker.remove(kind, handle);
-                }
-            }
+            self.tracker.insert(kind, handle, entry);
         }
     }
 }
