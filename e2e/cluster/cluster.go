@@ -410,7 +410,11 @@ func (c *Cluster) WaitDRARegistered(names []string, timeout time.Duration) error
 			if exited, perr := n.Plugin.Exited(); exited {
 				return false, fmt.Errorf("the node agent of %s exited: %v", name, perr)
 			}
-			if !n.DRADriverRegistered(DRADriver) {
+			registered, rerr := n.DRADriverRegistered(DRADriver)
+			if rerr != nil {
+				return false, rerr
+			}
+			if !registered {
 				waiting = append(waiting, name)
 			}
 		}

@@ -111,22 +111,23 @@ func (h *HollowNode) startDRA(parent context.Context) error {
 }
 
 // DRADriverRegistered reports whether the node's DRA manager has the driver registered (the
-// kubelet answers "DRA driver ... is not registered" to every prepare until it has).
-func (h *HollowNode) DRADriverRegistered(driver string) bool {
+// kubelet answers "DRA driver ... is not registered" to every prepare until it has). An error
+// means the question cannot be asked: the kubelet's DRA manager no longer offers GetPlugin.
+func (h *HollowNode) DRADriverRegistered(driver string) (bool, error) {
 	h.mu.Lock()
 	k := h.draK
 	h.mu.Unlock()
 	if k == nil {
-		return false
+		return false, nil
 	}
 	plugins, ok := k.mgr.GetWatcherHandler().(interface {
 		GetPlugin(driverName string) (*draplugin.DRAPlugin, error)
 	})
 	if !ok {
-		return false
+		return false, fmt.Errorf("the kubelet's DRA plugin store %T has no GetPlugin: the Kubernetes modules changed", k.mgr.GetWatcherHandler())
 	}
 	_, err := plugins.GetPlugin(driver)
-	return err == nil
+	return err == nil, nil
 }
 
 // registrationHint says what to check when a driver never registers: the kubelet's plugin
