@@ -24,8 +24,10 @@ import json
 import subprocess
 import sys
 import time
+from typing import Tuple
 
 from checklib import GIB, MIB, child_env, emit, env_int, mib
+from guard_driver import graph_pool_reserved
 
 import torch  # noqa: E402 - after checklib so a missing torch still reports through main()
 
@@ -75,15 +77,12 @@ def limits(label: str) -> int:
     return 0
 
 
-def graph_reserved_bytes() -> int:
-    """The driver's graph memory pool reservation on device 0 (graph memory nodes)."""
-    cuda = ctypes.CDLL("libcuda.so.1")
-    value = ctypes.c_ulonglong()
-    reserved_mem_current = 2  # CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT
-    rc = cuda.cuDeviceGetGraphMemAttribute(0, reserved_mem_current, ctypes.byref(value))
-    if rc != 0:
-        raise RuntimeError(f"cuDeviceGetGraphMemAttribute returned {rc}")
-    return value.value
+def graph_pool() -> Tuple[int, str]:
+    """The driver's graph memory pool reservation on device 0, or 0 and why it cannot be read."""
+    try:
+        return graph_pool_reserved(ctypes.CDLL("libcuda.so.1")), ""
+    except Exception as e:  # noqa: BLE001
+        return 0, f"cannot read the graph pool: {e}"
 
 
 def graphs() -> int:
@@ -109,21 +108,14 @@ def graphs() -> int:
         del temp
     # Measured around the replays alone: entering torch.cuda.graph empties the cache (under this
     # backend a pool trim), which would otherwise blur what the launches added.
-    try:
-        reserved0 = graph_reserved_bytes()
-    except Exception as e:  # noqa: BLE001
-        reserved0, pool_error = 0, f"cannot read the graph pool: {e}"
-    else:
-        pool_error = ""
+    reserved0, error0 = graph_pool()
     free0, total = torch.cuda.mem_get_info()
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
     free1, _ = torch.cuda.mem_get_info()
-    try:
-        reserved1 = graph_reserved_bytes()
-    except Exception as e:  # noqa: BLE001
-        reserved1, pool_error = 0, f"cannot read the graph pool: {e}"
+    reserved1, error1 = graph_pool()
+    pool_error = error0 or error1
     eager = (x @ w).relu_() + 3
     ok = torch.allclose(y, eager, rtol=1e-2, atol=1e-2)
     emit("torch graphs: capture + replay correct under the guard", bool(ok), "5 replays of a 4096^2 matmul graph",
