@@ -365,3 +365,36 @@ func TestScenario7_PodSpanningTwoGPUs(t *testing.T) {
 	}
 	t.Logf("s7-tp2-more Pending: %s", msg)
 }
+
+// TestScenario8_EveryVRAMContainerOnThePodsGPU: a pod with two VRAM containers gets both on the
+// GPU the extender annotated, through the real device manager (it asks the plugin once per
+// container, and lists the first container in PodResources before asking for the second).
+func TestScenario8_EveryVRAMContainerOnThePodsGPU(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"mc": {cluster.GPU("mc", 0, l4, "16Gi"), cluster.GPU("mc", 1, l4, "16Gi")},
+	})
+	// A 10 GiB pod on one GPU leaves that GPU the one binpacking prefers for a single 3-unit
+	// request, but too short for the 6 GiB pod below.
+	createPod(t, c, vramPod("s8-filler", 10))
+	filler := waitRunning(t, c, "s8-filler").Annotations[cluster.AnnotationGPUUUID]
+	two := vramPod("s8-two", 3)
+	two.Spec.Containers = append(two.Spec.Containers, *two.Spec.Containers[0].DeepCopy())
+	two.Spec.Containers[0].Name, two.Spec.Containers[1].Name = "a", "b"
+	createPod(t, c, two)
+	p := waitRunning(t, c, "s8-two")
+	annotated := p.Annotations[cluster.AnnotationGPUUUID]
+	if annotated == filler {
+		t.Fatalf("s8-two (6 GiB) annotated with the filler's GPU %s, which has under 6 GiB free", filler)
+	}
+	for _, name := range []string{"a", "b"} {
+		env := cluster.ContainerEnv(p, name)
+		if got := env["NVIDIA_VISIBLE_DEVICES"]; got != annotated {
+			t.Fatalf("s8-two container %s got GPU %q, the pod is annotated %s (the filler is on %s)",
+				name, got, annotated, filler)
+		}
+		if got := env["VRAMSLICE_VRAM_LIMIT_BYTES"]; got != strconv.FormatInt(3<<30, 10) {
+			t.Fatalf("s8-two container %s: VRAMSLICE_VRAM_LIMIT_BYTES=%q, want 3 GiB", name, got)
+		}
+	}
+	t.Logf("s8-two: containers a and b both on %s (filler on %s)", annotated, filler)
+}
