@@ -369,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn waiting_pods_count_annotated_or_not_until_allocated() {
+    fn waiting_requests_count_annotated_or_not_until_allocated() {
         let mut plain = pod("plain", None, "", 6, false);
         plain.metadata.annotations = None;
         let pods = vec![
