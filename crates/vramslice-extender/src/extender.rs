@@ -191,10 +191,10 @@ impl BriefReasons {
                         format!("fewer than {gpus} healthy GPUs with {need}")
                     }
                     RefusalKind::Unhealthy => format!("no healthy GPU with {need}"),
-                    RefusalKind::Unresolvable if gpus > 1 => format!(
+                    RefusalKind::NeverFits if gpus > 1 => format!(
                         "never {gpus} GPUs with {need} each (too few that large, or another unit)"
                     ),
-                    RefusalKind::Unresolvable => {
+                    RefusalKind::NeverFits => {
                         format!("no GPU can ever take {need} (too large, or another unit)")
                     }
                     RefusalKind::Short if gpus > 1 => {

@@ -47,9 +47,16 @@ fn cluster() -> (Arc<Extender>, Arc<FakeCluster>) {
 
 const ALL: [&str; 5] = ["fit", "full", "stale", "sick", "ghost"];
 
+/// The node short of memory: evicting pods there could make room.
 fn expected_failures() -> Value {
     json!({
         "full": "GPU 0: 3 GiB effective free (live 5 GiB, 2 GiB reserved by pods not yet running), need 6 GiB",
+    })
+}
+
+/// The nodes no eviction can help: a stale reading, a sick GPU, no GpuNode.
+fn expected_unresolvable() -> Value {
+    json!({
         "stale": "GPU 0: reading 95 s old",
         "sick": "GPU 0: unhealthy (XID 79)",
         "ghost": "no GpuNode reading for node ghost"
@@ -68,7 +75,7 @@ async fn filter_with_node_names_returns_node_names_and_reasons() {
             "Nodes": null,
             "NodeNames": ["fit"],
             "FailedNodes": expected_failures(),
-            "FailedAndUnresolvableNodes": {},
+            "FailedAndUnresolvableNodes": expected_unresolvable(),
             "Error": ""
         })
     );
@@ -83,6 +90,7 @@ async fn filter_with_full_nodes_echoes_the_node_objects() {
     assert_eq!(body["NodeNames"], Value::Null);
     assert_eq!(body["Nodes"]["items"], json!([node_json("fit")]));
     assert_eq!(body["FailedNodes"], expected_failures());
+    assert_eq!(body["FailedAndUnresolvableNodes"], expected_unresolvable());
     assert_eq!(body["Error"], "");
     // Go sends an empty NodeList's items as null.
     let pod = pod_json("llm", "uid-1", Some("6"), json!({}));
@@ -570,21 +578,19 @@ async fn refused_nodes_past_the_detailed_limit_share_one_reason_per_kind() {
     assert_eq!(body["NodeNames"], json!(["fits"]));
     let failed = body["FailedNodes"].as_object().unwrap();
     let unresolvable = body["FailedAndUnresolvableNodes"].as_object().unwrap();
-    // Nothing is lost: every refused node is listed, in the map its kind belongs to.
-    assert_eq!(failed.len(), count - 5 + others.len());
+    // Nothing is lost: every refused node is listed, in the map its kind belongs to. Evicting
+    // pods cannot refresh a reading, heal a GPU or publish a GpuNode: those are unresolvable.
+    assert_eq!(failed.len(), count - 5);
     // Each brief reason names its cause, not only memory.
-    assert_eq!(failed["stale"], "GpuNode reading is stale");
-    assert_eq!(failed["sick"], "no healthy GPU with 6 GiB");
-    assert_eq!(failed["ghost"], "no usable GpuNode reading");
-    assert_eq!(unresolvable.len(), 5);
+    assert_eq!(unresolvable["stale"], "GpuNode reading is stale");
+    assert_eq!(unresolvable["sick"], "no healthy GPU with 6 GiB");
+    assert_eq!(unresolvable["ghost"], "no usable GpuNode reading");
+    assert_eq!(unresolvable.len(), 5 + others.len());
     let detailed = |name: &str| {
         let i: usize = name[1..].parse().unwrap();
         i < DETAILED_REFUSALS
     };
     for (name, reason) in failed {
-        if others.contains(&name.as_str()) {
-            continue;
-        }
         let reason = reason.as_str().unwrap();
         if detailed(name) {
             assert!(
@@ -596,6 +602,9 @@ async fn refused_nodes_past_the_detailed_limit_share_one_reason_per_kind() {
         }
     }
     for (name, reason) in unresolvable {
+        if others.contains(&name.as_str()) {
+            continue;
+        }
         assert!(!detailed(name));
         assert!(
             reason

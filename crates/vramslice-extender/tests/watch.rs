@@ -210,12 +210,15 @@ async fn live_events_update_the_ledger() {
     let pod = pod_json("x", "uid-x", Some("1"), json!({}));
     let (_, body) = post_json(&ext, "/filter", &args_names(pod.clone(), &["n1"])).await;
     assert_eq!(
-        body["FailedNodes"]["n1"],
+        body["FailedAndUnresolvableNodes"]["n1"],
         "GpuNode n1 is unusable: observedAt \"yesterday\" is not an RFC 3339 time"
     );
     watch::drive_gpunodes(ext.clone(), ok(vec![Event::Delete(bad)])).await;
     let (_, body) = post_json(&ext, "/filter", &args_names(pod, &["n1"])).await;
-    assert_eq!(body["FailedNodes"]["n1"], "no GpuNode reading for node n1");
+    assert_eq!(
+        body["FailedAndUnresolvableNodes"]["n1"],
+        "no GpuNode reading for node n1"
+    );
 }
 
 #[tokio::test]

@@ -19,9 +19,8 @@ use crate::cluster::placement::{self, PodRequest, Policy};
 pub enum RefusalKind {
     /// No usable reading: no `GpuNode`, one that cannot be used, or one listing no GPU.
     NoReading,
-    /// Never: the node counts another unit, or has too few GPUs that large
-    /// ([`Rejection::is_unresolvable`]).
-    Unresolvable,
+    /// Never: the node counts another unit, or has too few GPUs that large.
+    NeverFits,
     /// The reading is older than the staleness bound.
     Stale,
     /// Too few GPUs large enough are healthy.
@@ -31,9 +30,10 @@ pub enum RefusalKind {
 }
 
 impl RefusalKind {
-    /// Whether preemption could never help ([`Rejection::is_unresolvable`]).
+    /// Whether preemption could never help ([`Rejection::is_unresolvable`]): only a node
+    /// short of memory on fresh, healthy GPUs large enough can be helped by evicting pods.
     pub fn is_unresolvable(self) -> bool {
-        self == RefusalKind::Unresolvable
+        self != RefusalKind::Short
     }
 }
 
@@ -135,7 +135,7 @@ impl Probe<'_> {
             return Some(RefusalKind::NoReading);
         }
         if book::unresolvable(state, self.request) {
-            return Some(RefusalKind::Unresolvable);
+            return Some(RefusalKind::NeverFits);
         }
         if !self.fresh(hot) {
             return Some(RefusalKind::Stale);

@@ -99,15 +99,34 @@ pub enum Rejection {
 
 impl Rejection {
     /// Whether preempting pods on the node could never make room (kube-scheduler's
-    /// `FailedAndUnresolvableNodes`).
+    /// `FailedAndUnresolvableNodes`): evicting pods frees memory only on fresh, healthy GPUs
+    /// large enough for the pod's share, so a node needs as many of those as the pod spans.
+    /// Without a usable reading, with a stale one, or short of healthy GPUs, no eviction helps.
     pub fn is_unresolvable(&self) -> bool {
-        matches!(
-            self,
-            Rejection::UnitMismatch { .. }
-                | Rejection::TooLarge { .. }
-                | Rejection::TooFewGpus { .. }
-        )
+        match self {
+            Rejection::Gpus(gpus) => count_preemption_helps(gpus) == 0,
+            Rejection::Spanning {
+                gpus,
+                fitting,
+                reasons,
+                ..
+            } => fitting + count_preemption_helps(reasons) < *gpus,
+            Rejection::NoReading { .. }
+            | Rejection::InvalidReading { .. }
+            | Rejection::NoGpus { .. }
+            | Rejection::UnitMismatch { .. }
+            | Rejection::TooLarge { .. }
+            | Rejection::TooFewGpus { .. } => true,
+        }
     }
+}
+
+/// How many of the refused GPUs only lack memory that evicting pods could free: fresh, healthy
+/// and advertising at least the pod's share.
+fn count_preemption_helps(gpus: &[GpuRejection]) -> usize {
+    gpus.iter()
+        .filter(|g| matches!(g, GpuRejection::Short { advertised, need, .. } if advertised >= need))
+        .count()
 }
 
 /// "reading N s old", or for a reading stamped in the future "reading N s ahead of the

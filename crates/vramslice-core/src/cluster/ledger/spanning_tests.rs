@@ -83,13 +83,31 @@ fn a_node_passes_only_with_n_gpus_that_each_fit_the_share() {
     assert!(err.is_unresolvable());
     assert_eq!(
         l.refusal("n1", span(80, 4), at(1)),
-        Some(RefusalKind::Unresolvable)
+        Some(RefusalKind::NeverFits)
     );
     // A share larger than any GPU: too large, as for one GPU.
     assert!(
         l.check("n1", span(100, 2), at(1))
             .unwrap_err()
             .is_unresolvable()
+    );
+    // GPU 2 unhealthy: of the 3 GPUs the pod spans, 2 are healthy. GPU 1 is short but could be
+    // emptied by preemption only for a 2-GPU pod; a 3-GPU pod can never fit while GPU 2 is
+    // sick, whatever is evicted.
+    let mut sick = gpu(2, 40, 25);
+    sick.healthy = false;
+    l.set_reading("n1", reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 15), sick]));
+    let err = l.check("n1", span(60, 3), at(1)).unwrap_err();
+    assert!(err.is_unresolvable(), "{err}");
+    assert_eq!(
+        l.refusal("n1", span(60, 3), at(1)),
+        Some(RefusalKind::Unhealthy)
+    );
+    let err = l.check("n1", span(60, 2), at(1)).unwrap_err();
+    assert!(!err.is_unresolvable(), "{err}");
+    assert_eq!(
+        l.refusal("n1", span(60, 2), at(1)),
+        Some(RefusalKind::Short)
     );
 }
 

@@ -222,8 +222,8 @@ fn unhealthy_without_reason_and_unresolvable_requests() {
     let kind = |node: &str, request: PodRequest, now: u64| ledger.refusal(node, request, at(now));
     assert_eq!(kind("n1", gib(9), 0), None);
     assert_eq!(kind("n1", gib(10), 0), Some(RefusalKind::Short));
-    assert_eq!(kind("n1", gib(17), 0), Some(RefusalKind::Unresolvable));
-    assert_eq!(kind("n1", mib512, 0), Some(RefusalKind::Unresolvable));
+    assert_eq!(kind("n1", gib(17), 0), Some(RefusalKind::NeverFits));
+    assert_eq!(kind("n1", mib512, 0), Some(RefusalKind::NeverFits));
     assert_eq!(kind("nowhere", gib(1), 0), Some(RefusalKind::NoReading));
     assert_eq!(kind("n1", gib(1), 600), Some(RefusalKind::Stale));
     // Only the unhealthy GPU is large enough: the kind says so, not "short".
@@ -234,7 +234,43 @@ fn unhealthy_without_reason_and_unresolvable_requests() {
     let kind = |node: &str, request: PodRequest, now: u64| ledger.refusal(node, request, at(now));
     assert_eq!(kind("n3", gib(12), 0), Some(RefusalKind::Unhealthy));
     assert_eq!(kind("n3", gib(4), 0), None);
-    assert!(!RefusalKind::Stale.is_unresolvable() && RefusalKind::Unresolvable.is_unresolvable());
+    // Only a node short of memory on healthy, fresh GPUs large enough can be helped by
+    // evicting pods; every other refusal is unresolvable, detailed or brief.
+    for kind in [
+        RefusalKind::NoReading,
+        RefusalKind::NeverFits,
+        RefusalKind::Stale,
+        RefusalKind::Unhealthy,
+    ] {
+        assert!(kind.is_unresolvable(), "{kind:?}");
+    }
+    assert!(!RefusalKind::Short.is_unresolvable());
+    assert!(
+        ledger
+            .check("n3", gib(12), at(0))
+            .unwrap_err()
+            .is_unresolvable()
+    );
+    assert!(
+        ledger
+            .check("n1", gib(1), at(600))
+            .unwrap_err()
+            .is_unresolvable()
+    );
+    assert!(
+        ledger
+            .check("nowhere", gib(1), at(0))
+            .unwrap_err()
+            .is_unresolvable()
+    );
+    // n1's GPU 1 (16 GiB, healthy) is short of 10 GiB: preemption there could help, although
+    // GPU 0 is unhealthy.
+    assert!(
+        !ledger
+            .check("n1", gib(10), at(0))
+            .unwrap_err()
+            .is_unresolvable()
+    );
     ledger.remove_reading("n3");
     assert_eq!(ledger.largest_gpu_bytes(), Some(16 * GIB));
     ledger.set_reading("n2", reading(0, vec![gpu(0, 80, 80)]));
