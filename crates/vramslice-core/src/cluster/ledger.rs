@@ -16,8 +16,8 @@
 //! Accounting rules, per GPU of a node with a valid reading:
 //! - *assigned*: limits of ledger pods the kubelet placed on the GPU (the reading wins over the
 //!   annotation); pods still waiting, booked per request size on the GPUs still owed that size
-//!   (assigned by annotation minus allocated; same-size pods swap GPUs at allocation, see
-//!   `vramslice_core::owed_gpus`), including deleted ones whose units a waiting pod may hold
+//!   (per set of GPUs, assigned by annotation minus allocated; same-size pods swap sets at
+//!   allocation, see `vramslice_core::owed_gpus`), including deleted ones whose units a waiting pod may hold
 //!   (`departed`); pods whose GPU is unknown (no annotation, or naming a GPU the node does not
 //!   have; they count against every GPU of the node); pods the reading lists that the ledger
 //!   does not know. `declared_free = advertised − assigned`.
@@ -28,13 +28,15 @@
 //! A pod spanning N GPUs (`vramslice.io/gpus`, [`PodRequest::gpus`]) takes an even share
 //! (request / N) on each of N distinct GPUs: it is booked for its share on each GPU its
 //! annotation (comma-separated UUIDs) or the reading names, and its share on every GPU when
-//! they are unknown. Waiting pods are booked per size in bytes per GPU, so pods of one size but
-//! different GPU counts that swap shapes at the device plugin stay booked where they land.
+//! they are unknown. Waiting pods are booked per size on the sets of GPUs still owed a pod, counted
+//! per set as the device plugin counts them, so pods of one size but different GPU counts that
+//! swap sets at the device plugin stay booked where they land.
 //!
-//! [`Ledger::reserve`] only succeeds when effective free ≥ the pod's share on each GPU it
-//! chooses and on each GPU the pod ends up booked on (after an unpaired swap, a GPU still owed
-//! a pod of its size, where the device plugin will place it), and effective free ≤ declared
-//! free, so the ledger never promises a GPU more units than it advertises.
+//! A node fits a pod ([`Ledger::check`], the filter) and [`Ledger::reserve`] succeeds only when
+//! effective free ≥ the pod's share on each GPU it chooses and there is room on each GPU the pod
+//! would end up booked on besides (after an unpaired swap, a GPU still owed a pod of its size,
+//! where the device plugin may place it: `steering`), and effective free ≤ declared free, so
+//! the ledger never promises a GPU more units than it advertises.
 
 mod book;
 mod departed;
@@ -45,6 +47,7 @@ mod proptests;
 mod reason;
 #[cfg(test)]
 mod spanning_tests;
+mod steering;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -129,6 +132,8 @@ struct NodeState {
     refusal: RefusalCache,
     /// Waiting pods deleted while a same-size pod may hold their units.
     departed: Vec<departed::Departed>,
+    /// Sizes one more pod of which would be booked on GPUs besides its own.
+    steering: Vec<steering::Steering>,
 }
 
 impl NodeState {
@@ -143,6 +148,7 @@ impl NodeState {
             counted: None,
             refusal: RefusalCache::default(),
             departed: Vec::new(),
+            steering: Vec::new(),
         }
     }
 }
@@ -327,7 +333,8 @@ impl Ledger {
         let gpu_indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
         // The books before: waiting pods are booked per size on the GPUs still owed that size
         // (where the device plugin will place them), which after an unpaired swap may not be
-        // the GPU chosen here; every GPU the booking grows on must have had the room.
+        // the GPU chosen here; every GPU the booking grows on must have had the room (the check
+        // above made sure: `steering`; this is the backstop).
         let before: Vec<(u64, u64)> = self
             .gpu_views(node)
             .map(|v| {
@@ -357,7 +364,8 @@ impl Ledger {
         );
         self.node_mut(node).pods.insert(request.uid.clone());
         self.recompute(node);
-        if let Some((index, effective_free, booked)) = self.overbooked(node, &before) {
+        let after = self.gpu_views(node).unwrap_or_default();
+        if let Some((index, effective_free, booked)) = steering::overbooked(after, &before) {
             self.pods.remove(&request.uid);
             self.detach(node, &request.uid);
             self.recompute(node);
@@ -375,20 +383,6 @@ impl Ledger {
             gpu_uuids,
             gpu_indices,
         })
-    }
-
-    /// The first GPU of `node` whose booking grew past the effective free memory it had
-    /// (`before`: assigned and effective free per GPU, in reading order): its index, that
-    /// effective free and the bytes newly booked on it.
-    fn overbooked(&self, node: &str, before: &[(u64, u64)]) -> Option<(u32, u64, u64)> {
-        let after = self.gpu_views(node)?;
-        after
-            .iter()
-            .zip(before)
-            .find_map(|(g, &(assigned, effective_free))| {
-                let booked = g.assigned_bytes.saturating_sub(assigned);
-                (booked > effective_free).then_some((g.index, effective_free, booked))
-            })
     }
 
     /// Drop a reservation (its bind failed). Bound pods are not touched. Returns whether a

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use super::hash::FastMap;
+use super::steering::{self, Steering};
 use super::{GpuRejection, GpuView, LedgerConfig, NodeState, PodEntry, ReadingState, Rejection};
 use crate::cluster::placement::{Candidate, PodRequest, gpu_uuids};
 use crate::effective_free::{effective_free, unobserved_part};
@@ -12,6 +13,7 @@ use crate::effective_free::{effective_free, unobserved_part};
 /// Recompute `state.gpus`, `best_free` and `capacity` from the reading and the node's pods.
 pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroom: u64) {
     state.refusal.clear();
+    state.steering.clear();
     state.gpus.clear();
     state.candidates.clear();
     state.best_free = 0;
@@ -79,12 +81,10 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             Some(listed.iter().map(|(i, _)| *i).collect())
         };
         if let Some(annotated) = &annotated {
-            let group = by_size
-                .entry(limit)
-                .or_insert_with(|| SizeGroup::new(gpu_count));
-            add_shares(&mut group.assigned, annotated, limit);
+            let group = by_size.entry(limit).or_default();
+            group.assign(annotated);
             match &placed {
-                Some(placed) => add_shares(&mut group.allocated, placed, limit),
+                Some(placed) => group.allocate(placed),
                 None => {
                     group.waiting += 1;
                     continue;
@@ -121,10 +121,8 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         let Some(annotated) = positions(&state.gpus, &gone.gpu_uuid) else {
             continue;
         };
-        let group = by_size
-            .entry(gone.limit)
-            .or_insert_with(|| SizeGroup::new(gpu_count));
-        add_shares(&mut group.assigned, &annotated, gone.limit);
+        let group = by_size.entry(gone.limit).or_default();
+        group.assign(&annotated);
         group.waiting += 1;
     }
     for (limit, group) in &by_size {
@@ -132,6 +130,16 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             let bytes = group.waiting_on(i, *limit);
             view.assigned_bytes = view.assigned_bytes.saturating_add(bytes);
             view.unobserved = view.unobserved.saturating_add(bytes);
+        }
+        let over: Vec<(usize, u64)> = (0..gpu_count)
+            .filter(|&i| state.gpus[i].healthy)
+            .filter_map(|i| group.owed_past_cap(i, *limit).map(|over| (i, over)))
+            .collect();
+        if !over.is_empty() {
+            state.steering.push(Steering {
+                limit: *limit,
+                over,
+            });
         }
     }
 
@@ -187,48 +195,70 @@ fn positions(gpus: &[GpuView], list: &str) -> Option<Vec<usize>> {
     Some(out)
 }
 
-/// Add an even share of `limit` bytes to each of `at` in `per_gpu`.
-fn add_shares(per_gpu: &mut [u64], at: &[usize], limit: u64) {
-    let share = limit.div_ceil(at.len().max(1) as u64);
-    for i in at {
-        if let Some(slot) = per_gpu.get_mut(*i) {
-            *slot = slot.saturating_add(share);
-        }
-    }
-}
-
-/// One request size's pods on a node, per GPU (by reading position), in bytes: a pod spanning
-/// several GPUs counts its share on each.
+/// One request size's pods on a node, counted per set of GPUs (reading positions, sorted) as
+/// the device plugin counts them (`crate::owed_gpus`): a pod spanning several GPUs is one entry
+/// for its set, not a share on each GPU. Counting bytes per GPU instead would let an allocation
+/// pay a debt it does not pay at the plugin: once the pod assigned GPUs {0, 1} is deleted, the
+/// pod that took {0, 1} in its place pays nothing, and must not offset what a pod still waiting
+/// for GPU 0 is owed there.
+#[derive(Default)]
 struct SizeGroup {
-    /// Bytes the extender assigned to each GPU (pods' annotations), waiting or allocated.
-    assigned: Vec<u64>,
-    /// Bytes the kubelet has allocated on each GPU (the reading), of pods annotated.
-    allocated: Vec<u64>,
+    /// Per set of GPUs: pods the extender assigned it (annotations) minus pods the kubelet
+    /// allocated it (the reading).
+    owed: BTreeMap<Vec<usize>, i64>,
     /// Pods of the size not yet allocated.
     waiting: u64,
 }
 
 impl SizeGroup {
-    fn new(gpus: usize) -> Self {
-        SizeGroup {
-            assigned: vec![0; gpus],
-            allocated: vec![0; gpus],
-            waiting: 0,
-        }
+    /// A pod assigned the GPUs at `at`.
+    fn assign(&mut self, at: &[usize]) {
+        *self.owed.entry(gpu_set(at)).or_insert(0) += 1;
+    }
+
+    /// A pod allocated the GPUs at `at`.
+    fn allocate(&mut self, at: &[usize]) {
+        *self.owed.entry(gpu_set(at)).or_insert(0) -= 1;
     }
 
     /// Bytes of the waiting pods (each of `limit` bytes) that may land on GPU `i`: what it is
-    /// still owed (`assigned − allocated`), at most all the waiting pods' bytes (one pod's
-    /// whole limit may land on one GPU). Without swaps this is exactly the waiting pods'
-    /// shares on GPU `i`; after an unpaired swap, when several GPUs are owed more than the pods
-    /// left, each is booked for as much as may still come (over-booking a little, never
-    /// under-booking). Pods of one size but different GPU counts may swap shapes at the device
-    /// plugin (it matches requests by size); bytes per GPU are preserved by such swaps.
+    /// still owed, at most all the waiting pods' bytes (one pod's whole limit may land on one
+    /// GPU). Without swaps this is exactly the waiting pods' shares on GPU `i`; after an
+    /// unpaired swap, when more sets are owed than pods are left, each is booked for as much as
+    /// may still come (over-booking a little, never under-booking).
     fn waiting_on(&self, i: usize, limit: u64) -> u64 {
-        self.assigned[i]
-            .saturating_sub(self.allocated[i])
-            .min(limit.saturating_mul(self.waiting))
+        self.owed(i, limit).min(limit.saturating_mul(self.waiting))
     }
+
+    /// Bytes GPU `i` is still owed: each pod's share there of the sets holding it that are
+    /// assigned more pods than allocated.
+    fn owed(&self, i: usize, limit: u64) -> u64 {
+        self.owed
+            .iter()
+            .filter(|(set, n)| **n > 0 && set.contains(&i))
+            .map(|(set, n)| {
+                let share = limit.div_ceil(set.len().max(1) as u64);
+                share.saturating_mul(n.unsigned_abs())
+            })
+            .fold(0, u64::saturating_add)
+    }
+
+    /// How far GPU `i` is owed past the waiting pods' bytes (each of `limit` bytes), when it
+    /// is: one more waiting pod of the size is booked there too (`steering`).
+    fn owed_past_cap(&self, i: usize, limit: u64) -> Option<u64> {
+        let cap = limit.saturating_mul(self.waiting);
+        self.owed(i, limit)
+            .checked_sub(cap)
+            .filter(|&over| over > 0)
+    }
+}
+
+/// A set of GPU positions in one order, so that one set is one key.
+fn gpu_set(at: &[usize]) -> Vec<usize> {
+    let mut set = at.to_vec();
+    set.sort_unstable();
+    set.dedup();
+    set
 }
 
 /// How many GPUs of the node advertise at least `bytes`.
@@ -307,10 +337,12 @@ pub(super) fn rejection(
     }
     let (age, ahead) = super::reading_distance(reading.observed_at, now);
     let stale = age > config.staleness;
+    let steered = steering::blocking(state, request);
     let gpus = state
         .gpus
         .iter()
-        .filter_map(|g| {
+        .enumerate()
+        .filter_map(|(i, g)| {
             if stale {
                 Some(GpuRejection::Stale {
                     index: g.index,
@@ -321,6 +353,12 @@ pub(super) fn rejection(
                 Some(GpuRejection::Unhealthy {
                     index: g.index,
                     reason: g.health_reason.clone(),
+                })
+            } else if let Some((_, booked)) = steered.filter(|&(at, _)| at == i) {
+                Some(GpuRejection::Owed {
+                    index: g.index,
+                    effective: g.effective_free,
+                    booked,
                 })
             } else if g.effective_free < need {
                 Some(GpuRejection::Short {

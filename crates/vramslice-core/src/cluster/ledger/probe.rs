@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use super::Ledger;
 use super::book;
 use super::reason::{Refusal, RefusalKey, Rejection};
+use super::steering;
 use super::table::Hot;
 use super::{NodeState, ReadingState};
 use crate::cluster::placement::{self, PodRequest, Policy};
@@ -216,8 +217,9 @@ impl Probe<'_> {
                 .is_none_or(|until| hot.observed_at <= until)
     }
 
-    /// Whether a node can take the pod: its unit, a fresh reading, and as many healthy GPUs as
-    /// the pod spans each with the pod's share effectively free.
+    /// Whether a node can take the pod: its unit, a fresh reading, as many healthy GPUs as
+    /// the pod spans each with the pod's share effectively free, and room on the GPUs the pod
+    /// would be booked on besides (`steering`).
     fn fits(&self, hot: &Hot, state: &NodeState) -> bool {
         hot.unit == Some(self.request.unit)
             && hot.best_free >= self.need
@@ -229,5 +231,6 @@ impl Probe<'_> {
                     .filter(|c| c.effective_free >= self.need)
                     .count()
                     >= self.gpus)
+            && (state.steering.is_empty() || steering::blocking(state, self.request).is_none())
     }
 }

@@ -125,7 +125,13 @@ impl Rejection {
 /// and advertising at least the pod's share.
 fn count_preemption_helps(gpus: &[GpuRejection]) -> usize {
     gpus.iter()
-        .filter(|g| matches!(g, GpuRejection::Short { advertised, need, .. } if advertised >= need))
+        .filter(|g| match g {
+            GpuRejection::Short {
+                advertised, need, ..
+            } => advertised >= need,
+            GpuRejection::Owed { .. } => true,
+            GpuRejection::Stale { .. } | GpuRejection::Unhealthy { .. } => false,
+        })
         .count()
 }
 
@@ -177,7 +183,7 @@ impl fmt::Display for GpuList<'_> {
             }
         }
         for g in self.0 {
-            if let GpuRejection::Unhealthy { .. } = g {
+            if let GpuRejection::Unhealthy { .. } | GpuRejection::Owed { .. } = g {
                 sep(f)?;
                 write!(f, "{g}")?;
             }
@@ -244,6 +250,16 @@ pub enum GpuRejection {
         /// Bytes the pod needs.
         need: u64,
     },
+    /// Owed a pod of the request's size after an unpaired swap at the device plugin, which may
+    /// hand the pod this GPU wherever it is placed, without room for what would be booked on it.
+    Owed {
+        /// GPU index.
+        index: u32,
+        /// Effective free bytes.
+        effective: u64,
+        /// Bytes one more pod of the size would be booked on it.
+        booked: u64,
+    },
 }
 
 impl fmt::Display for GpuRejection {
@@ -297,6 +313,17 @@ impl fmt::Display for GpuRejection {
                 }
                 write!(f, "), need {}", ByteSize(*need))
             }
+            GpuRejection::Owed {
+                index,
+                effective,
+                booked,
+            } => write!(
+                f,
+                "GPU {index}: owed a pod of this size after a swap at the device plugin; {} \
+                 effective free for {} booked",
+                ByteSize(*effective),
+                ByteSize(*booked)
+            ),
         }
     }
 }

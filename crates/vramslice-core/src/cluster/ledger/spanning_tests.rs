@@ -232,3 +232,31 @@ fn a_spanning_pod_of_unknown_gpus_counts_its_share_everywhere() {
     l.observe_pod(rec);
     assert_eq!(free_gib(&l), vec![0, 0]);
 }
+
+#[test]
+fn an_allocation_of_a_set_nobody_is_owed_does_not_offset_a_waiting_pod() {
+    // 2 GiB pods: w waits for GPU 0; s (assigned GPUs 1 and 2) took the set {0, 1} of a pod
+    // deleted since. The device plugin counts sets: {0} and {1, 2} are each owed a pod, {0, 1}
+    // is paid by nobody's debt, so w gets GPU 0. Counting bytes per GPU, s's share on GPU 0
+    // would have offset half of w's 2 GiB there.
+    let mut l = ledger();
+    l.set_reading(
+        "n1",
+        reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8), gpu(2, 8, 8)]),
+    );
+    l.observe_pod(bound("w", "GPU-0", span(2, 1), 1));
+    l.observe_pod(bound("s", "GPU-1,GPU-2", span(2, 2), 1));
+    let (mut g0, mut g1) = (gpu(0, 8, 7), gpu(1, 8, 7));
+    g0.pods.push(listed("s", 1, 1));
+    g1.pods.push(listed("s", 1, 1));
+    l.set_reading("n1", reading(5, vec![g0, g1, gpu(2, 8, 8)]));
+    let assigned: Vec<u64> = l
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes / GIB)
+        .collect();
+    // GPU 0: s's share and w's whole limit; GPU 1: s's share; GPUs 1 and 2: the half of w
+    // each that may still come to the set {1, 2} (one pod for two owed sets: both are booked).
+    assert_eq!(assigned, vec![3, 2, 1]);
+}

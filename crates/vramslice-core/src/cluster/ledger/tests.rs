@@ -465,14 +465,24 @@ fn a_pod_an_unpaired_swap_would_steer_to_a_gpu_without_room_is_refused() {
         .iter()
         .map(|v| v.assigned_bytes)
         .collect();
+    // The filter already refuses the node, naming the GPU the pod would land on (GPU 0 alone
+    // has room: it is not named), and bind refuses it the same way.
+    let refused = ledger.check("n1", gib(4), at(101)).unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "GPU 1: owed a pod of this size after a swap at the device plugin; 1 GiB effective free \
+         for 4 GiB booked"
+    );
+    assert!(!refused.is_unresolvable());
+    assert_eq!(
+        ledger.refusal("n1", gib(4), at(101)),
+        Some(RefusalKind::Short)
+    );
+    assert_eq!(ledger.score("n1", gib(4), Policy::Binpack, at(101)), 0);
     let err = ledger
         .reserve(want("p", 4), "n1", Policy::Binpack, at(101))
         .unwrap_err();
-    assert!(
-        matches!(err, ReserveError::Steered { index: 1, .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("would land on GPU 1"), "{err}");
+    assert_eq!(err, ReserveError::NoFit(refused));
     let after: Vec<u64> = ledger
         .gpu_views("n1")
         .unwrap()
