@@ -14,7 +14,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use vramslice_api::convert::gpunode_status;
-use vramslice_api::convert::node_pods::uids_by_name;
+use vramslice_api::convert::node_pods::{uids_by_name, unfinished_plain_init};
 use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
 use vramslice_core::node::publish::{
@@ -189,7 +189,19 @@ impl Publisher {
                 state.records = fresh;
                 state.pr_failing = false;
                 if let Some(sweeper) = &mut self.sweeper {
-                    sweeper.run(&state.records).await;
+                    // Without a synced pod cache, plain init containers cannot be told: no sweep.
+                    let init = match &self.kube {
+                        Some(pods) => pods
+                            .cached()
+                            .map(|pods| unfinished_plain_init(&pods, resource)),
+                        None => Some(Vec::new()),
+                    };
+                    match init {
+                        Some(init) => {
+                            sweeper.run(&state.records, &init).await;
+                        }
+                        None => tracing::debug!("pod cache not synced; accounting sweep skipped"),
+                    }
                 }
             }
             Err(e) => {

@@ -2,7 +2,9 @@
 //! holds: the I/O around `vramslice_core::node::sweep` (which decides, and documents the rule).
 //!
 //! Called by the publisher after each poll whose PodResources answer was fresh; never with a
-//! stale or failed answer, so a kubelet that cannot be reached deletes nothing.
+//! stale or failed answer, so a kubelet that cannot be reached deletes nothing. With the node's
+//! pods (a kube client), also never before their cache is synced: keys a plain init container
+//! not yet completed may hold count as live, and PodResources alone cannot tell them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use vramslice_core::node::allocation::{LIMIT_FILE_HOST_SUFFIX, allocation_key_for_ids};
 use vramslice_core::node::publish::ContainerAllocationRecord;
-use vramslice_core::node::sweep::{SweepState, entry_key, sweep};
+use vramslice_core::node::sweep::{InitHold, SweepState, entry_key, held_by_init, sweep};
 
 /// The sweeper's settings and memory.
 #[derive(Debug)]
@@ -33,8 +35,13 @@ impl Sweeper {
         }
     }
 
-    /// One sweep against the kubelet's live allocations. Returns the keys deleted.
-    pub async fn run(&mut self, live: &[ContainerAllocationRecord]) -> Vec<String> {
+    /// One sweep against the kubelet's live allocations and what plain init containers not yet
+    /// completed may hold (`init`). Returns the keys deleted.
+    pub async fn run(
+        &mut self,
+        live: &[ContainerAllocationRecord],
+        init: &[InitHold],
+    ) -> Vec<String> {
         let root = self.root.clone();
         let listed = tokio::task::spawn_blocking(move || list_root(&root)).await;
         let present = match listed {
@@ -48,10 +55,16 @@ impl Sweeper {
                 return Vec::new();
             }
         };
-        let live: BTreeSet<String> = live
+        let mut live: BTreeSet<String> = live
             .iter()
             .filter_map(|r| allocation_key_for_ids(&r.device_ids).ok())
             .collect();
+        live.extend(
+            present
+                .keys()
+                .filter(|key| held_by_init(key, init))
+                .cloned(),
+        );
         let verdict = sweep(
             &self.state,
             &present,
@@ -144,11 +157,11 @@ mod tests {
         // Written just now: recent, so kept however long the kubelet does not list `ended`
         // (an Allocate it has not recorded yet looks the same).
         let mut sweeper = Sweeper::new(root.to_path_buf(), Duration::from_secs(60));
-        assert!(sweeper.run(&records).await.is_empty());
+        assert!(sweeper.run(&records, &[]).await.is_empty());
         tokio::time::advance(Duration::from_secs(120)).await;
-        assert!(sweeper.run(&records).await.is_empty());
+        assert!(sweeper.run(&records, &[]).await.is_empty());
         assert!(
-            sweeper.run(&[]).await.is_empty(),
+            sweeper.run(&[], &[]).await.is_empty(),
             "an empty answer deleted fresh files"
         );
         assert!(root.join(&ended).exists() && root.join(&live).exists());
@@ -157,9 +170,9 @@ mod tests {
         // period, and only it.
         let mut sweeper = Sweeper::new(root.to_path_buf(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));
-        assert!(sweeper.run(&records).await.is_empty());
+        assert!(sweeper.run(&records, &[]).await.is_empty());
         tokio::time::advance(Duration::from_millis(10)).await;
-        assert_eq!(sweeper.run(&records).await, vec![ended.clone()]);
+        assert_eq!(sweeper.run(&records, &[]).await, vec![ended.clone()]);
         assert!(!root.join(&ended).exists());
         assert!(!root.join(format!("{ended}.limit")).exists());
         assert!(root.join(&live).join("vramslice-accounting.v1").exists());
@@ -167,9 +180,36 @@ mod tests {
         assert!(root.join("README").exists() && root.join("lost+found").exists());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_init_containers_allocation_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let init = allocation_key("GPU-a", &[0, 1]);
+        let other = allocation_key("GPU-a", &[2]);
+        for key in [&init, &other] {
+            std::fs::create_dir(root.join(key)).unwrap();
+            std::fs::write(root.join(format!("{key}.limit")), b"limit=1\n").unwrap();
+        }
+        let holds = [InitHold {
+            gpus: vec!["GPU-a".into()],
+            units: 2,
+        }];
+        let mut sweeper = Sweeper::new(root.to_path_buf(), Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        // PodResources lists neither (it never lists plain init containers).
+        assert!(sweeper.run(&[], &holds).await.is_empty());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(sweeper.run(&[], &holds).await, vec![other.clone()]);
+        assert!(root.join(&init).exists());
+        // Completed: its key goes after its own grace period.
+        assert!(sweeper.run(&[], &[]).await.is_empty());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(sweeper.run(&[], &[]).await, vec![init.clone()]);
+    }
+
     #[tokio::test]
     async fn a_missing_root_is_not_an_error() {
         let mut sweeper = Sweeper::new("/nonexistent/vramslice-accounting".into(), Duration::ZERO);
-        assert!(sweeper.run(&[]).await.is_empty());
+        assert!(sweeper.run(&[], &[]).await.is_empty());
     }
 }

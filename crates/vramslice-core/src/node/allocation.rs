@@ -440,7 +440,8 @@ pub fn allocation_key_for_ids<S: AsRef<str>>(ids: &[S]) -> Result<String, Device
     Ok(spanning_key(&selections))
 }
 
-fn path_safe(uuid: &str) -> String {
+/// A GPU UUID as it appears in allocation keys: characters other than `[A-Za-z0-9_.-]` as `_`.
+pub fn path_safe(uuid: &str) -> String {
     uuid.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {

@@ -11,11 +11,17 @@
 //! whose files changed within the grace period counts as live (an Allocate the kubelet has not
 //! recorded yet); a key must be seen dead in every sweep for a whole grace period (seen live
 //! once, it starts over); and the caller sweeps only with a fresh PodResources answer.
+//!
+//! PodResources never lists plain init containers, so an init container that runs (or waits to
+//! run, or restarts) longer than the grace period would lose its files while it still needs
+//! them. The caller passes what such containers may hold ([`InitHold`], from the node's pods),
+//! and keys that match one count as live ([`held_by_init`]): a GPU of the pod and the
+//! container's unit count, since the kubelet's choice of units is not known.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::node::allocation::LIMIT_FILE_HOST_SUFFIX;
+use crate::node::allocation::{LIMIT_FILE_HOST_SUFFIX, path_safe};
 
 /// What the sweeper remembers between polls: when each dead key was first seen dead (time
 /// since an epoch of the caller's choosing).
@@ -70,6 +76,47 @@ pub fn is_allocation_key(s: &str) -> bool {
         && uuid
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// What a plain init container that has not completed may hold: `units` units in all, on the
+/// GPUs of `gpus` (its pod's `vramslice.io/gpu-uuid`, one or several; empty when the pod is not
+/// annotated: any GPU).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitHold {
+    /// The pod's GPU UUIDs.
+    pub gpus: Vec<String>,
+    /// The container's units.
+    pub units: u64,
+}
+
+/// Whether allocation `key` may be one an init container of `holds` holds: it counts that
+/// container's units and starts with one of its pod's GPUs (a key of several GPUs is named
+/// after the first by UUID, which is one of them).
+pub fn held_by_init(key: &str, holds: &[InitHold]) -> bool {
+    let mut parts = key.rsplitn(4, '.');
+    let (Some(_hash), Some(count), Some(_first), Some(gpu_part)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Some(units) = count.strip_prefix('n').and_then(|n| n.parse::<u64>().ok()) else {
+        return false;
+    };
+    // `<uuid>` for one GPU, `<first uuid>.g<N>` for several.
+    let spanning_first = gpu_part
+        .rsplit_once('.')
+        .filter(|(_, g)| {
+            g.strip_prefix('g')
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .map(|(uuid, _)| uuid);
+    let names = |gpu: &str| {
+        let safe = path_safe(gpu);
+        safe == gpu_part || spanning_first == Some(safe.as_str())
+    };
+    holds
+        .iter()
+        .any(|h| h.units == units && (h.gpus.is_empty() || h.gpus.iter().any(|g| names(g))))
 }
 
 /// Decide which of the `present` keys (found under the accounting root, each with the age of
@@ -185,6 +232,33 @@ mod tests {
         );
         let v = sweep(&v.state, &old(&[]), &set(&[]), secs(10), GRACE);
         assert_eq!(v.state.pending(), 0);
+    }
+
+    #[test]
+    fn keys_an_unfinished_init_container_may_hold_are_recognised() {
+        use crate::node::allocation::allocation_key_for_ids;
+        let one = allocation_key("GPU-a", &[4, 5, 6]);
+        let two =
+            allocation_key_for_ids(&["GPU-b::0", "GPU-a::1", "GPU-b::2", "GPU-a::3"]).unwrap();
+        let odd = allocation_key("GPU/x", &[0]);
+        let hold = |gpus: &[&str], units: u64| InitHold {
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            units,
+        };
+        // The pod's GPU and the container's units.
+        assert!(held_by_init(&one, &[hold(&["GPU-a"], 3)]));
+        assert!(!held_by_init(&one, &[hold(&["GPU-a"], 2)]));
+        assert!(!held_by_init(&one, &[hold(&["GPU-b"], 3)]));
+        // An unannotated pod: any GPU.
+        assert!(held_by_init(&one, &[hold(&[], 3)]));
+        // Several GPUs: named after the first by UUID, units counted over all.
+        assert!(held_by_init(&two, &[hold(&["GPU-b", "GPU-a"], 4)]));
+        assert!(!held_by_init(&two, &[hold(&["GPU-b"], 4)]));
+        assert!(!held_by_init(&two, &[hold(&["GPU-a", "GPU-b"], 2)]));
+        // UUIDs are compared as keys spell them.
+        assert!(held_by_init(&odd, &[hold(&["GPU/x"], 1)]));
+        assert!(!held_by_init(&one, &[]));
+        assert!(!held_by_init("not-a-key", &[hold(&[], 3)]));
     }
 
     #[test]
