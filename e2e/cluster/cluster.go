@@ -60,6 +60,8 @@ type Options struct {
 	ExtenderExtraConfig string
 	// PluginPollInterval for the device plugins (default 500ms).
 	PluginPollInterval string
+	// PluginExtraConfig is appended verbatim to each device plugin's YAML config.
+	PluginExtraConfig string
 	// RBAC picks the identities (default $VRAMSLICE_E2E_RBAC, else "chart"):
 	//   "chart":    the RBAC objects of manifests/vramslice.yaml (the chart rendered); device
 	//               plugins run as vramslice-device-plugin, the extender and kube-scheduler

@@ -46,6 +46,7 @@ metricsAddr: 127.0.0.1:%d
 `, n.FakeGPUFile, n.SocketDir(), n.PodResourcesSocket(), n.Name, c.Opts.PluginPollInterval,
 		filepath.Join(n.Dir, "lib/libvramslice_guard.so"), filepath.Join(n.Dir, "ld.so.preload"),
 		filepath.Join(n.Dir, "accounting"), port)
+	cfg += c.Opts.PluginExtraConfig
 	if n.DRA {
 		cfg += fmt.Sprintf(`mode: dra
 dra:

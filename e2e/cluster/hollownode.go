@@ -33,6 +33,12 @@ import (
 // kubelet's device manager would hand the container runtime (JSON of PodRunOptions).
 const RunOptionsAnnotation = "e2e.vramslice.io/run-options"
 
+// InitRunningAnnotation set to "true" on a pod keeps it initialising: a hollow node admits it
+// (the device manager allocates for every container, init ones first, as the kubelet does)
+// and reports its init containers running and the pod Pending, as a kubelet does while a
+// long init container (a model download) runs.
+const InitRunningAnnotation = "e2e.vramslice.io/init-running"
+
 // ContainerRunOptions is what GetDeviceRunContainerOptions returned for one container.
 type ContainerRunOptions struct {
 	Env         map[string]string `json:"env,omitempty"`
@@ -427,6 +433,9 @@ func (h *HollowNode) markRunning(ctx context.Context, pod *v1.Pod, opts PodRunOp
 		return err
 	}
 	now := metav1.Now()
+	if pod.Annotations[InitRunningAnnotation] == "true" {
+		return h.patchStatus(ctx, pod, raw, initialising(pod, now))
+	}
 	status := v1.PodStatus{Phase: v1.PodRunning, HostIP: "127.0.0.1", PodIP: "10.244.0.1", StartTime: &now}
 	for _, t := range []v1.PodConditionType{v1.PodScheduled, v1.PodInitialized, v1.ContainersReady, v1.PodReady} {
 		status.Conditions = append(status.Conditions, v1.PodCondition{Type: t, Status: v1.ConditionTrue, LastTransitionTime: now})
@@ -438,6 +447,35 @@ func (h *HollowNode) markRunning(ctx context.Context, pod *v1.Pod, opts PodRunOp
 			State:       v1.ContainerState{Running: &v1.ContainerStateRunning{StartedAt: now}},
 		})
 	}
+	return h.patchStatus(ctx, pod, raw, status)
+}
+
+// initialising is the status of a pod whose init containers run: Pending, not initialised,
+// its app containers waiting.
+func initialising(pod *v1.Pod, now metav1.Time) v1.PodStatus {
+	status := v1.PodStatus{Phase: v1.PodPending, HostIP: "127.0.0.1", PodIP: "10.244.0.1", StartTime: &now}
+	status.Conditions = []v1.PodCondition{
+		{Type: v1.PodScheduled, Status: v1.ConditionTrue, LastTransitionTime: now},
+		{Type: v1.PodInitialized, Status: v1.ConditionFalse, Reason: "ContainersNotInitialized", LastTransitionTime: now},
+	}
+	for _, c := range pod.Spec.InitContainers {
+		status.InitContainerStatuses = append(status.InitContainerStatuses, v1.ContainerStatus{
+			Name: c.Name, Image: c.Image, ImageID: "hollow://" + c.Image,
+			ContainerID: "hollow://" + string(pod.UID) + "/" + c.Name,
+			State:       v1.ContainerState{Running: &v1.ContainerStateRunning{StartedAt: now}},
+		})
+	}
+	for _, c := range pod.Spec.Containers {
+		status.ContainerStatuses = append(status.ContainerStatuses, v1.ContainerStatus{
+			Name: c.Name, Image: c.Image,
+			State: v1.ContainerState{Waiting: &v1.ContainerStateWaiting{Reason: "PodInitializing"}},
+		})
+	}
+	return status
+}
+
+// patchStatus writes the run options and a status in one merge patch of pods/status.
+func (h *HollowNode) patchStatus(ctx context.Context, pod *v1.Pod, raw []byte, status v1.PodStatus) error {
 	patch, err := json.Marshal(map[string]any{
 		"metadata": map[string]any{"uid": pod.UID, "annotations": map[string]string{RunOptionsAnnotation: string(raw)}},
 		"status":   status,
