@@ -15,8 +15,9 @@
  * current), cuMemCreate and pools on the device they name. Contexts cost FAKE_CUDA_CTX_BYTES
  * (default 64 MiB) on their device, modules FAKE_CUDA_MODULE_BYTES (1 MiB). cuMemGetInfo needs a
  * current context and answers for its device, like the real driver. Each device has a default
- * pool and one pool cuMemPoolCreate hands out; pools retain freed async memory until
- * cuMemPoolTrimTo when FAKE_CUDA_POOL_RETAIN=1. CUDA graphs with memory nodes, stream capture and
+ * pool and one pool cuMemPoolCreate hands out (the same handle again once cuMemPoolDestroy has
+ * destroyed it); a pool located on the host hands out memory no device counts; pools retain
+ * freed async memory until cuMemPoolTrimTo (or destruction) when FAKE_CUDA_POOL_RETAIN=1. CUDA graphs with memory nodes, stream capture and
  * each device's graph memory pool: fake_cuda_graphs.inc.c (included below). Physical allocations
  * (cuMemCreate), their handle references and mappings: fake_cuda_vmm.inc.c.
  * Built with -Wl,-Bsymbolic like the real driver, so its own addresses are never interposed.
@@ -66,8 +67,11 @@ static int pool_retain;
 static const char *hwm_file;
 static __thread CUcontext current_ctx;
 
-typedef struct { int dev; _Atomic long long held, in_use; } fake_pool;
-static fake_pool default_pool[MAXDEV], created_pool[MAXDEV];
+typedef struct { int dev; _Atomic long long held, in_use; _Atomic int destroyed; } fake_pool;
+/* A device's default pool, the one pool cuMemPoolCreate makes on it (the same handle again after
+ * cuMemPoolDestroy, as a real driver may reuse one), and one pool of host memory (dev -1), whose
+ * allocations take no device memory. */
+static fake_pool default_pool[MAXDEV], created_pool[MAXDEV], host_pool = { .dev = -1 };
 
 static long long env_ll(const char *name, long long dflt) {
     const char *v = getenv(name);
@@ -311,19 +315,51 @@ CUresult cuDeviceTotalMem(unsigned *bytes, CUdevice d) {
 CUresult cuDeviceGetMemPool(CUmemoryPool *pool, CUdevice d) { if (!pool || !valid_device(d)) return ERR_INVALID_VALUE; *pool = &default_pool[d]; return OK; }
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice d) { return cuDeviceGetMemPool(pool, d); }
 typedef struct { int allocType; int handleTypes; struct { int type; int id; } location; } POOL_PROPS;
+/* Location types: 1 a device, 2 the host, 3 a host NUMA node, 4 the current thread's NUMA node. */
 CUresult cuMemPoolCreate(CUmemoryPool *pool, const POOL_PROPS *props) {
-    if (!pool || !props || props->location.type != 1 || !valid_device(props->location.id)) return ERR_INVALID_VALUE;
-    *pool = &created_pool[props->location.id];
+    if (!pool || !props) return ERR_INVALID_VALUE;
+    fake_pool *made;
+    if (props->location.type == 1 && valid_device(props->location.id)) made = &created_pool[props->location.id];
+    else if (props->location.type >= 2 && props->location.type <= 4) made = &host_pool;
+    else return ERR_INVALID_VALUE;
+    atomic_store(&made->held, 0);
+    atomic_store(&made->destroyed, 0);
+    *pool = made;
     return OK;
 }
-/* One of the pools this driver handed out (anything else is an invalid handle, as for the real one). */
+/* One of the pools this driver handed out and has not destroyed (anything else is an invalid
+ * handle, as for the real one). */
 static fake_pool *known_pool(void *p) {
+    fake_pool *found = NULL;
     for (int d = 0; d < MAXDEV; d++)
-        if (p == &default_pool[d] || p == &created_pool[d]) return p;
-    return NULL;
+        if (p == &default_pool[d] || p == &created_pool[d]) found = p;
+    if (p == &host_pool) found = p;
+    return found && !atomic_load(&found->destroyed) ? found : NULL;
 }
+/* Its memory goes back at once, and what is still allocated from it goes back when freed (the
+ * driver releases the pool's resources once no allocation is outstanding). A device's default
+ * pool cannot be destroyed. */
+CUresult cuMemPoolDestroy(CUmemoryPool p) {
+    fake_pool *pool = known_pool(p);
+    if (!pool || (pool->dev >= 0 && pool == &default_pool[pool->dev])) return ERR_INVALID_VALUE;
+    atomic_store(&pool->destroyed, 1);
+    long long held = atomic_exchange(&pool->held, 0);
+    if (pool->dev >= 0) give(pool->dev, held);
+    return OK;
+}
+#define TAG_CREATED_POOL 0x100
+#define TAG_HOST_POOL 0x200
 static CUresult async_alloc(fake_pool *pool, CUdeviceptr *dptr, size_t n) {
     if (!dptr || !known_pool(pool)) return ERR_INVALID_VALUE;
+    if (pool == &host_pool) {
+        long long *h = malloc(16 + (n > 64 ? 64 : n));
+        if (!h) return ERR_OOM;
+        h[0] = (long long)n;
+        h[1] = TAG_HOST_POOL;
+        atomic_fetch_add(&pool->in_use, (long long)n);
+        *dptr = (CUdeviceptr)(h + 2);
+        return OK;
+    }
     int d = pool->dev;
     long long from_pool = 0, held = atomic_load(&pool->held);
     while (held > 0) {
@@ -334,19 +370,25 @@ static CUresult async_alloc(fake_pool *pool, CUdeviceptr *dptr, size_t n) {
     void *p = host_alloc_on(d, (long long)n);
     if (!p) { atomic_fetch_add(used_of(d), from_pool); atomic_fetch_add(&pool->held, from_pool); return ERR_OOM; }
     atomic_fetch_add(&pool->in_use, (long long)n);
-    if (pool == &created_pool[d]) ((long long *)p)[-1] |= 0x100; /* which pool gets it back */
+    if (pool == &created_pool[d]) ((long long *)p)[-1] |= TAG_CREATED_POOL; /* which pool gets it back */
     *dptr = (CUdeviceptr)p;
     return OK;
 }
 static CUresult async_free(CUdeviceptr q) {
     if (!q) return ERR_INVALID_VALUE;
     long long tag = ((long long *)q)[-1];
+    if (tag & TAG_HOST_POOL) {
+        long long *h = (long long *)q - 2;
+        atomic_fetch_sub(&host_pool.in_use, h[0]);
+        free(h);
+        return OK;
+    }
     int d = (int)(tag & 0xff);
-    fake_pool *pool = (tag & 0x100) ? &created_pool[d] : &default_pool[d];
+    fake_pool *pool = (tag & TAG_CREATED_POOL) ? &created_pool[d] : &default_pool[d];
     long long n = host_free((void *)q);
     if (n < 0) return ERR_INVALID_VALUE;
     atomic_fetch_sub(&pool->in_use, n);
-    if (pool_retain) { atomic_fetch_add(used_of(d), n); atomic_fetch_add(&pool->held, n); }
+    if (pool_retain && !atomic_load(&pool->destroyed)) { atomic_fetch_add(used_of(d), n); atomic_fetch_add(&pool->held, n); }
     return OK;
 }
 static fake_pool *current_pool(void) { return &default_pool[current_device()]; }
@@ -358,7 +400,7 @@ CUresult cuMemAllocAsync(CUdeviceptr *d, size_t n, CUstream s) {
 CUresult cuMemAllocAsync_ptsz(CUdeviceptr *d, size_t n, CUstream s) { return cuMemAllocAsync(d, n, s); }
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) {
     fake_graph *g = capture_graph(s);
-    if (g) return known_pool(pool) ? capture_alloc(g, d, n, ((fake_pool *)pool)->dev) : ERR_INVALID_VALUE;
+    if (g) return known_pool(pool) && ((fake_pool *)pool)->dev >= 0 ? capture_alloc(g, d, n, ((fake_pool *)pool)->dev) : ERR_INVALID_VALUE;
     return async_alloc(pool, d, n);
 }
 CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) { return cuMemAllocFromPoolAsync(d, n, pool, s); }
@@ -374,7 +416,7 @@ CUresult cuMemPoolTrimTo(CUmemoryPool p, size_t keep) {
     if (held > (long long)keep) {
         long long drop = held - (long long)keep;
         atomic_fetch_sub(&pool->held, drop);
-        give(pool->dev, drop);
+        if (pool->dev >= 0) give(pool->dev, drop);
     }
     return OK;
 }
@@ -511,6 +553,7 @@ static const struct entry table[] = {
     E("cuMemPoolTrimTo", 0, 0, cuMemPoolTrimTo), E("cuMemPoolGetAttribute", 0, 0, cuMemPoolGetAttribute),
     E("cuDeviceGetMemPool", 0, 0, cuDeviceGetMemPool),
     E("cuDeviceGetDefaultMemPool", 0, 0, cuDeviceGetDefaultMemPool), E("cuMemPoolCreate", 0, 0, cuMemPoolCreate),
+    E("cuMemPoolDestroy", 0, 0, cuMemPoolDestroy),
     E("cuMemCreate", 0, 0, cuMemCreate), E("cuMemRelease", 0, 0, cuMemRelease),
     E("cuMemAddressReserve", 0, 0, cuMemAddressReserve), E("cuMemAddressFree", 0, 0, cuMemAddressFree),
     E("cuMemMap", 0, 0, cuMemMap), E("cuMemUnmap", 0, 0, cuMemUnmap),

@@ -29,6 +29,8 @@
  *   probe legacy <direct|dlsym|gpa> <limit-bytes>  (the v1 ABI, 32-bit pointers: probe_legacy.inc.c)
  *   probe vmm <direct|dlsym|gpa|gpa_ptsz> <limit-bytes>  (cuMemCreate memory charged while a
  *                               handle reference or a mapping keeps it: probe_vmm.inc.c)
+ *   probe pools <direct|dlsym|gpa> <limit-bytes>  (pools the program creates: on the host, never
+ *                               charged; destroyed, given back: probe_pools.inc.c)
  *
  * PROBE_DEVICE (default 0) is the device the entrypoints and contexts scenarios use.
  */
@@ -772,6 +774,7 @@ static int graphs(const char *mode, size_t limit) {
 
 #include "probe_vmm.inc.c"
 #include "probe_legacy.inc.c"
+#include "probe_pools.inc.c"
 
 static int nvmlon(int dev, size_t limit) {
     void *h = NULL;
@@ -816,6 +819,7 @@ int main(int argc, char **argv) {
     if (!strcmp(s, "graphs") && argc == 4) return graphs(argv[2], strtoull(argv[3], 0, 10));
     if (!strcmp(s, "legacy") && argc == 4) return legacy(argv[2], strtoull(argv[3], 0, 10));
     if (!strcmp(s, "vmm") && argc == 4) return vmm(argv[2], strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "pools") && argc == 4) return pools(argv[2], strtoull(argv[3], 0, 10));
     if (!strcmp(s, "nvmlon") && argc == 4) return nvmlon(atoi(argv[2]), strtoull(argv[3], 0, 10));
     die("unknown scenario or wrong arguments");
     return 2;

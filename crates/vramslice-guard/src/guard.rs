@@ -17,13 +17,13 @@
 
 mod graphs;
 mod physical;
+mod pools;
 
 pub use graphs::{GraphMapping, GraphNeeds, GraphPoolReading, GraphRefusal};
 
 use crate::ledger::{Ledger, Liveness, OverLimit};
 use crate::tracker::{Entry, Kind, Tracker};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -101,27 +101,8 @@ pub struct Probes {
     pub graph_trim: fn(i32) -> bool,
 }
 
-/// Bytes a pool holds for this process: charged to the pool's account, in use or kept for reuse.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PoolState {
-    /// Bytes of live allocations from the pool.
-    pub in_use: u64,
-    /// Bytes freed into the pool and still charged (the pool may keep them).
-    pub retained: u64,
-    /// The account the pool's bytes are charged to (its device's, fixed at first use).
-    pub account: AccountId,
-}
-
-impl PoolState {
-    fn new(account: AccountId) -> PoolState {
-        PoolState {
-            account,
-            ..PoolState::default()
-        }
-    }
-}
-
-type Pools = HashMap<u64, PoolState>;
+pub use pools::PoolState;
+use pools::Pools;
 
 thread_local! {
     static POOL_FORK_GUARD: RefCell<Option<MutexGuard<'static, Pools>>> = const { RefCell::new(None) };
@@ -346,117 +327,14 @@ impl Guard {
         self.tracker.insert(kind, handle, entry);
     }
 
-    /// The real free succeeded: give the bytes back (pool memory stays charged as retained).
+    /// The real free succeeded: give the bytes back (pool memory stays charged as retained,
+    /// unless its pool was destroyed: [`Guard::freed_into_pool`]).
     #[inline]
     pub fn freed(&self, entry: Entry) {
         if entry.extra == 0 {
             self.release(entry.account, entry.bytes);
         } else {
-            let mut pools = self.pools();
-            let st = pools
-                .entry(entry.extra)
-                .or_insert_with(|| PoolState::new(entry.account));
-            st.in_use = st.in_use.saturating_sub(entry.bytes);
-            st.retained = st.retained.saturating_add(entry.bytes);
-        }
-    }
-
-    /// Reserves an asynchronous allocation of `n` from `pool`, reusing what the pool retains
-    /// first. The pool's bytes count toward the account it was first used with (`a` for a new
-    /// pool: its device's). Returns that account and the bytes taken from the retained amount
-    /// (give both to [`Guard::async_failed`] if the real call fails).
-    ///
-    /// # Errors
-    /// [`OverLimit`] when the new part does not fit.
-    pub fn reserve_async(
-        &self,
-        a: AccountId,
-        pool: u64,
-        n: u64,
-    ) -> Result<(AccountId, u64), OverLimit> {
-        let (account, reused) = {
-            let mut pools = self.pools();
-            let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
-            let t = st.retained.min(n);
-            st.retained -= t;
-            st.in_use = st.in_use.saturating_add(n);
-            (st.account, t)
-        };
-        self.reserve(account, n - reused)
-            .inspect_err(|_| self.async_failed(pool, account, n, reused, false))?;
-        Ok((account, reused))
-    }
-
-    /// The real asynchronous allocation failed: undo [`Guard::reserve_async`].
-    pub fn async_failed(&self, pool: u64, a: AccountId, n: u64, reused: u64, release_new: bool) {
-        let mut pools = self.pools();
-        let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
-        st.in_use = st.in_use.saturating_sub(n);
-        st.retained = st.retained.saturating_add(reused);
-        drop(pools);
-        if release_new {
-            self.release(a, n - reused);
-        }
-    }
-
-    /// The account `pool`'s memory counts toward, once the pool has been used or created.
-    pub fn pool_account(&self, pool: u64) -> Option<AccountId> {
-        self.pools().get(&pool).map(|st| st.account)
-    }
-
-    /// A pool was created on a device of account `a` (a pool of the same handle before it is
-    /// gone: what it still retained is given back).
-    pub fn pool_created(&self, pool: u64, a: AccountId) {
-        let old = self.pools().insert(pool, PoolState::new(a));
-        if let Some(old) = old {
-            self.release(old.account, old.retained);
-        }
-    }
-
-    /// Records a successful asynchronous allocation charged to account `a`.
-    pub fn track_async(&self, handle: u64, pool: u64, a: AccountId, n: u64) {
-        let pool = pool.max(1); // extra = 0 means "not from a pool"
-        if let Some(old) = self.tracker.insert(
-            Kind::DevicePtr,
-            handle,
-            Entry {
-                bytes: n,
-                extra: pool,
-                account: a,
-            },
-        ) {
-            self.freed(old);
-        }
-    }
-
-    /// After a trim of `pool` (or when memory is short): set the retained bytes to what the pool
-    /// really holds beyond its live allocations, giving the difference back.
-    pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
-        let real = (self.probes.pool_reserved)(pool);
-        let mut pools = self.pools();
-        let Some(st) = pools.get_mut(&pool) else {
-            return;
-        };
-        let mut target = match real {
-            Some(reserved) => reserved.saturating_sub(st.in_use),
-            None => st.retained,
-        };
-        if let Some(keep) = keep_at_most {
-            target = target.min(keep);
-        }
-        let target = target.min(st.retained);
-        let give_back = st.retained - target;
-        st.retained = target;
-        let account = st.account;
-        drop(pools);
-        self.release(account, give_back);
-    }
-
-    /// Reconciles every pool this process used (see [`Guard::reconcile_pool`]).
-    pub fn reconcile_pools(&self) {
-        let keys: Vec<u64> = self.pools().keys().copied().collect();
-        for pool in keys {
-            self.reconcile_pool(pool, None);
+            self.freed_into_pool(entry);
         }
     }
 
@@ -729,6 +607,38 @@ mod tests {
         // a synchronous allocation that needs the retained bytes: reconciled (pool holds 0)
         g.reserve(0, 90).unwrap();
         assert_eq!(g.used(0), 90);
+    }
+
+    #[test]
+    fn destroyed_pools_give_back_what_they_retain_and_late_frees() {
+        // The driver no longer answers for a destroyed pool: reconciling cannot help.
+        let g = Guard::new(
+            vec![account("", 100)],
+            Mapping::Container,
+            probes_with(|_| None),
+        )
+        .unwrap();
+        g.pool_created(5, 0);
+        for (ptr, n) in [(0x1, 30), (0x2, 50)] {
+            g.reserve_async(0, 5, n).unwrap();
+            g.track_async(ptr, 5, 0, n);
+        }
+        g.freed(g.untrack(Kind::DevicePtr, 0x1).unwrap());
+        assert_eq!(g.used(0), 80, "30 retained, 50 in use");
+        g.pool_destroyed(5);
+        assert_eq!(g.used(0), 50, "the retained 30 went with the pool");
+        g.freed(g.untrack(Kind::DevicePtr, 0x2).unwrap());
+        assert_eq!(g.used(0), 0, "a free after the destruction is not retained");
+        assert_eq!(g.pool_account(5), None, "the handle is forgotten");
+        // The same handle as a host pool: nothing of it is charged; destroyed, forgotten.
+        g.host_pool_created(5);
+        assert!(g.is_host_pool(5));
+        g.pool_destroyed(5);
+        assert!(!g.is_host_pool(5));
+        // And as a device pool again: an ordinary pool.
+        g.pool_created(5, 0);
+        assert!(!g.is_host_pool(5));
+        assert!(g.reserve_async(0, 5, 101).is_err());
     }
 
     #[test]

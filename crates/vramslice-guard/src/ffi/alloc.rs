@@ -110,6 +110,9 @@ fn async_counted(
 ) -> CUresult {
     let Some(g) = guard() else { return call() };
     let pool = pool.max(1);
+    if g.is_host_pool(pool) {
+        return call();
+    }
     let a = match pool_account(g, pool) {
         Ok(a) => a,
         Err(rc) => return rc,
@@ -356,8 +359,10 @@ pub unsafe extern "C" fn cuMemPoolTrimTo(pool: Handle, keep: usize) -> CUresult 
     })
 }
 
-/// Interposed `cuMemPoolCreate`: under per-GPU limits a pool on a device remembers that device's
-/// account (a device without one is refused); otherwise passed through.
+/// Interposed `cuMemPoolCreate`: a pool on a device remembers that device's account (under
+/// per-GPU limits a device without one is refused); a pool on the host is remembered as such,
+/// and its allocations are not charged. Either way a handle the driver hands out again starts
+/// over.
 ///
 /// # Safety
 /// As the CUDA driver API requires.
@@ -370,28 +375,53 @@ pub unsafe extern "C" fn cuMemPoolCreate(
         let f = real_fn!(cuMemPoolCreate);
         // SAFETY: arguments forwarded unchanged.
         let call = || unsafe { f(pool, props) };
-        let Some(g) = guard().filter(|g| g.mapping() == Mapping::PerGpu) else {
+        let Some(g) = guard() else {
             return call();
         };
         // SAFETY: props is null or points at a CUmemPoolProps, whose first four ints we read.
-        let device = unsafe { props.as_ref() }
-            .filter(|p| p.location_type == CU_MEM_LOCATION_TYPE_DEVICE)
-            .map(|p| p.location_id);
-        let Some(device) = device else {
-            return call();
-        };
-        let a = match account_or_refuse(g, On::Device(device)) {
-            Ok(a) => a,
-            Err(rc) => return rc,
+        let location = unsafe { props.as_ref() }.map(|p| (p.location_type, p.location_id));
+        let made = match location {
+            Some((CU_MEM_LOCATION_TYPE_DEVICE, device)) => {
+                let a = match g.mapping() {
+                    Mapping::Container => 0,
+                    Mapping::PerGpu => match account_or_refuse(g, On::Device(device)) {
+                        Ok(a) => a,
+                        Err(rc) => return rc,
+                    },
+                };
+                Some(a)
+            }
+            Some((kind, _)) if is_host_location(kind) => None,
+            // Invalid properties: the driver says so.
+            _ => return call(),
         };
         let rc = call();
         if rc == CUDA_SUCCESS
             // SAFETY: pool is read only after the driver reported success.
             && let Some(p) = unsafe { read_out(pool) }
         {
-            g.pool_created((p as usize as u64).max(1), a);
+            let p = (p as usize as u64).max(1);
+            match made {
+                Some(a) => g.pool_created(p, a),
+                None => g.host_pool_created(p),
+            }
         }
         rc
+    })
+}
+
+/// Interposed `cuMemPoolDestroy`: what the pool retained is given back, and what is still
+/// allocated from it goes back as it is freed.
+///
+/// # Safety
+/// As the CUDA driver API requires.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPoolDestroy(pool: Handle) -> CUresult {
+    boundary(|| {
+        let f = real_fn!(cuMemPoolDestroy);
+        // SAFETY: arguments forwarded unchanged.
+        let rc = unsafe { f(pool) };
+        after_success(rc, |g| g.pool_destroyed((pool as usize as u64).max(1)))
     })
 }
 

@@ -151,6 +151,7 @@ real_table! {
     cuDeviceGetMemPool: fn(*mut Handle, CUdevice) -> CUresult;
     cuDeviceGetDefaultMemPool: fn(*mut Handle, CUdevice) -> CUresult;
     cuMemPoolCreate: fn(*mut Handle, *const MemAllocationProp) -> CUresult;
+    cuMemPoolDestroy: fn(Handle) -> CUresult;
     cuMemPoolGetAttribute: fn(Handle, c_int, *mut c_void) -> CUresult;
     cuStreamIsCapturing: fn(Handle, *mut c_int) -> CUresult;
     cuStreamIsCapturing_ptsz: fn(Handle, *mut c_int) -> CUresult;

@@ -36,6 +36,7 @@ fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         b"cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as *const (),
         b"cuMemPoolTrimTo" => cuMemPoolTrimTo as *const (),
         b"cuMemPoolCreate" => cuMemPoolCreate as *const (),
+        b"cuMemPoolDestroy" => cuMemPoolDestroy as *const (),
         b"cuMemCreate" => cuMemCreate as *const (),
         b"cuMemRelease" => cuMemRelease as *const (),
         b"cuMemRetainAllocationHandle" => cuMemRetainAllocationHandle as *const (),

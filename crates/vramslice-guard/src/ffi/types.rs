@@ -23,6 +23,12 @@ pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
 pub const CUDA_ERROR_UNKNOWN: CUresult = 999;
 /// `CU_MEM_LOCATION_TYPE_DEVICE`.
 pub const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
+
+/// Whether a `CUmemLocationType` is host memory: `CU_MEM_LOCATION_TYPE_HOST` (2),
+/// `_HOST_NUMA` (3) or `_HOST_NUMA_CURRENT` (4).
+pub fn is_host_location(kind: c_int) -> bool {
+    (2..=4).contains(&kind)
+}
 /// `CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`.
 pub const CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT: c_int = 5;
 /// `CU_GRAPH_NODE_TYPE_GRAPH` (a child graph node).

@@ -167,12 +167,25 @@ pub fn guarded_peaks(
     ctx_bytes: u64,
     min: usize,
 ) -> Vec<u64> {
+    guarded_peaks_with(scenario, modes, limit, ctx_bytes, min, &[])
+}
+
+/// [`guarded_peaks`] with `extra` variables in the probe's environment.
+pub fn guarded_peaks_with(
+    scenario: &str,
+    modes: &[&str],
+    limit: u64,
+    ctx_bytes: u64,
+    min: usize,
+    extra: &[(&'static str, String)],
+) -> Vec<u64> {
     modes
         .iter()
         .map(|mode| {
             let dir = tempfile::tempdir().unwrap();
             let mut e = fake_gpu_env(dir.path(), ctx_bytes);
             e.push(("VRAMSLICE_VRAM_LIMIT_BYTES", limit.to_string()));
+            e.extend(extra.iter().cloned());
             let (out, so, se) = run(probe(true, &e, &[scenario, mode, &limit.to_string()]));
             assert_checks(&out, &so, &se, min);
             driver_peak(dir.path(), "hwm")
@@ -183,11 +196,20 @@ pub fn guarded_peaks(
 /// Runs probe `scenario` through `mode` without the guard ([`fake_gpu_env`] with `ctx_bytes`):
 /// its stdout and the driver's peak, for tests that show the checks can fail.
 pub fn unguarded(scenario: &str, mode: &str, limit: u64, ctx_bytes: u64) -> (String, u64) {
+    unguarded_with(scenario, mode, limit, ctx_bytes, &[])
+}
+
+/// [`unguarded`] with `extra` variables in the probe's environment.
+pub fn unguarded_with(
+    scenario: &str,
+    mode: &str,
+    limit: u64,
+    ctx_bytes: u64,
+    extra: &[(&'static str, String)],
+) -> (String, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let (_, so, _) = run(probe(
-        false,
-        &fake_gpu_env(dir.path(), ctx_bytes),
-        &[scenario, mode, &limit.to_string()],
-    ));
+    let mut e = fake_gpu_env(dir.path(), ctx_bytes);
+    e.extend(extra.iter().cloned());
+    let (_, so, _) = run(probe(false, &e, &[scenario, mode, &limit.to_string()]));
     (so, driver_peak(dir.path(), "hwm"))
 }

@@ -1,0 +1,200 @@
+//! Memory pools (`cuMemAllocAsync`, `cuMemAllocFromPoolAsync`): what each pool holds for this
+//! process, and when its bytes are charged.
+//!
+//! An asynchronous allocation is charged to its pool's account (the pool's device, fixed at
+//! first use). Freed into the pool it stays charged as *retained*: the pool may keep it, and the
+//! next asynchronous allocation from the pool reuses it first. Retained bytes go back when a trim
+//! or a reconciliation reads that the pool holds less (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`).
+//! A destroyed pool gives back what it retained at once, and what was still allocated from it as
+//! that is freed; a pool located on the host holds host memory and is never charged. A pool
+//! handle the driver hands out again starts over.
+
+use std::collections::HashMap;
+
+use super::{AccountId, Guard};
+use crate::ledger::OverLimit;
+use crate::tracker::{Entry, Kind};
+
+/// Bytes a pool holds for this process: charged to the pool's account, in use or kept for reuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// Bytes of live allocations from the pool.
+    pub in_use: u64,
+    /// Bytes freed into the pool and still charged (the pool may keep them).
+    pub retained: u64,
+    /// The account the pool's bytes are charged to (its device's, fixed at first use).
+    pub account: AccountId,
+    /// A pool located on the host: its memory is not device memory and is never charged.
+    pub host: bool,
+    /// Destroyed while allocations from it were outstanding: the driver gives each back as it
+    /// is freed, so nothing is retained any more.
+    pub destroyed: bool,
+}
+
+impl PoolState {
+    fn new(account: AccountId) -> PoolState {
+        PoolState {
+            account,
+            ..PoolState::default()
+        }
+    }
+}
+
+pub(super) type Pools = HashMap<u64, PoolState>;
+
+impl Guard {
+    /// A free of pool memory succeeded: retained by its pool, or given back when the pool was
+    /// destroyed.
+    pub(super) fn freed_into_pool(&self, entry: Entry) {
+        let mut pools = self.pools();
+        let st = pools
+            .entry(entry.extra)
+            .or_insert_with(|| PoolState::new(entry.account));
+        st.in_use = st.in_use.saturating_sub(entry.bytes);
+        if !st.destroyed {
+            st.retained = st.retained.saturating_add(entry.bytes);
+            return;
+        }
+        if st.in_use == 0 {
+            pools.remove(&entry.extra);
+        }
+        drop(pools);
+        self.release(entry.account, entry.bytes);
+    }
+
+    /// Reserves an asynchronous allocation of `n` from `pool`, reusing what the pool retains
+    /// first. The pool's bytes count toward the account it was first used with (`a` for a new
+    /// pool: its device's). Returns that account and the bytes taken from the retained amount
+    /// (give both to [`Guard::async_failed`] if the real call fails).
+    ///
+    /// # Errors
+    /// [`OverLimit`] when the new part does not fit.
+    pub fn reserve_async(
+        &self,
+        a: AccountId,
+        pool: u64,
+        n: u64,
+    ) -> Result<(AccountId, u64), OverLimit> {
+        let (account, reused) = {
+            let mut pools = self.pools();
+            let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
+            let t = st.retained.min(n);
+            st.retained -= t;
+            st.in_use = st.in_use.saturating_add(n);
+            (st.account, t)
+        };
+        self.reserve(account, n - reused)
+            .inspect_err(|_| self.async_failed(pool, account, n, reused, false))?;
+        Ok((account, reused))
+    }
+
+    /// The real asynchronous allocation failed: undo [`Guard::reserve_async`].
+    pub fn async_failed(&self, pool: u64, a: AccountId, n: u64, reused: u64, release_new: bool) {
+        let mut pools = self.pools();
+        let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
+        st.in_use = st.in_use.saturating_sub(n);
+        st.retained = st.retained.saturating_add(reused);
+        drop(pools);
+        if release_new {
+            self.release(a, n - reused);
+        }
+    }
+
+    /// The account `pool`'s memory counts toward, once the pool has been used or created.
+    pub fn pool_account(&self, pool: u64) -> Option<AccountId> {
+        self.pools().get(&pool).map(|st| st.account)
+    }
+
+    /// A pool was created on a device of account `a` (a pool of the same handle before it is
+    /// gone: what it still retained is given back).
+    pub fn pool_created(&self, pool: u64, a: AccountId) {
+        self.replace_pool(pool, PoolState::new(a));
+    }
+
+    /// A pool was created on the host: allocations from it are not device memory.
+    pub fn host_pool_created(&self, pool: u64) {
+        self.replace_pool(
+            pool,
+            PoolState {
+                host: true,
+                ..PoolState::default()
+            },
+        );
+    }
+
+    /// Whether `pool` was created on the host ([`Guard::host_pool_created`]).
+    pub fn is_host_pool(&self, pool: u64) -> bool {
+        self.pools().get(&pool).is_some_and(|st| st.host)
+    }
+
+    fn replace_pool(&self, pool: u64, state: PoolState) {
+        let old = self.pools().insert(pool, state);
+        if let Some(old) = old {
+            self.release(old.account, old.retained);
+        }
+    }
+
+    /// `pool` was destroyed: the driver releases what it retained now, and each allocation
+    /// still outstanding when that is freed. The handle may name a new pool later.
+    pub fn pool_destroyed(&self, pool: u64) {
+        let mut pools = self.pools();
+        let Some(st) = pools.get_mut(&pool) else {
+            return;
+        };
+        let (account, retained) = (st.account, std::mem::take(&mut st.retained));
+        if st.in_use == 0 || st.host {
+            pools.remove(&pool);
+        } else {
+            st.destroyed = true;
+        }
+        drop(pools);
+        self.release(account, retained);
+    }
+
+    /// Records a successful asynchronous allocation charged to account `a`.
+    pub fn track_async(&self, handle: u64, pool: u64, a: AccountId, n: u64) {
+        let pool = pool.max(1); // extra = 0 means "not from a pool"
+        if let Some(old) = self.tracker.insert(
+            Kind::DevicePtr,
+            handle,
+            Entry {
+                bytes: n,
+                extra: pool,
+                account: a,
+            },
+        ) {
+            self.freed(old);
+        }
+    }
+
+    /// After a trim of `pool` (or when memory is short): set the retained bytes to what the pool
+    /// really holds beyond its live allocations, giving the difference back.
+    pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
+        let real = (self.probes.pool_reserved)(pool);
+        let mut pools = self.pools();
+        let Some(st) = pools.get_mut(&pool) else {
+            return;
+        };
+        let mut target = match real {
+            Some(reserved) => reserved.saturating_sub(st.in_use),
+            None => st.retained,
+        };
+        if let Some(keep) = keep_at_most {
+            target = target.min(keep);
+        }
+        let target = target.min(st.retained);
+        let give_back = st.retained - target;
+        st.retained = target;
+        let account = st.account;
+        drop(pools);
+        self.release(account, give_back);
+    }
+
+    /// Reconciles every pool this process used (see [`Guard::reconcile_pool`]).
+    pub fn reconcile_pools(&self) {
+        let keys: Vec<u64> = self.pools().keys().copied().collect();
+        for pool in keys {
+            self.reconcile_pool(pool, None);
+        }
+    }
+}
