@@ -617,3 +617,59 @@ func TestDRA5_UnhealthyGPUIsTainted(t *testing.T) {
 	}
 	t.Logf("gpu-0 healthy again: taint removed, dra5-c Running on sick/gpu-0")
 }
+
+// TestDRA6_NearlyFullGPUKeepsTheSliceValid: the API server refuses a whole ResourceSlice when
+// one device's request policy does not fit its capacity (min, or min plus one step, above it).
+// A GPU an outside process nearly fills publishes one step of room without a step in its
+// range, then (less than a step left) is left out, while the other GPU's changes keep being
+// written and claims still land there.
+func TestDRA6_NearlyFullGPUKeepsTheSliceValid(t *testing.T) {
+	c := newDRACluster(t, map[string][]cluster.FakeGPU{"full": {
+		cluster.GPU("full", 0, l4, "16Gi"), cluster.GPU("full", 1, l4, "16Gi"),
+	}})
+	outside := func(gpu0, gpu1 string) {
+		t.Helper()
+		gpus := c.GPUs("full")
+		for i, used := range []string{gpu0, gpu1} {
+			gpus[i].Used = used
+			gpus[i].Processes = []cluster.FakeGPUProcess{{PID: 5000 + i, Used: used}}
+		}
+		if err := c.SetGPUs("full", gpus); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 16 GiB − 14 GiB used − 512 MiB headroom: one step (1 GiB) of room on gpu-0.
+	outside("14Gi", "4Gi")
+	until(t, 30*time.Second, "gpu-1's published memory to become 11 GiB (the slice written)", func() (bool, error) {
+		return sliceMemory(t, c, "full")["gpu-1"] == 11*gib, nil
+	})
+	s, err := getSlice(c, "full")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range s.Spec.Devices {
+		if d.Name != "gpu-0" {
+			continue
+		}
+		memory := d.Capacity["memory"]
+		if memory.Value.Value() != gib || memory.RequestPolicy == nil || memory.RequestPolicy.ValidRange == nil || memory.RequestPolicy.ValidRange.Step != nil {
+			t.Fatalf("gpu-0 publishes %v with policy %+v, want 1 GiB and a range without a step", memory.Value.String(), memory.RequestPolicy)
+		}
+	}
+	t.Logf("gpu-0 with one step of room: published 1 GiB, range without a step; gpu-1 11 GiB")
+
+	// Less than a step of room on gpu-0: left out of the slice.
+	outside("15Gi", "6Gi")
+	until(t, 30*time.Second, "gpu-1's published memory to become 9 GiB (the slice written)", func() (bool, error) {
+		return sliceMemory(t, c, "full")["gpu-1"] == 9*gib, nil
+	})
+	if got := sliceMemory(t, c, "full"); len(got) != 1 {
+		t.Fatalf("published devices %v, want gpu-1 alone (gpu-0 has less than a step of room)", got)
+	}
+	createClaimAndPod(t, c, "dra6-2g", 2, 1)
+	waitRunning(t, c, "dra6-2g")
+	if devs := allocatedDevices(t, getClaim(t, c, "dra6-2g"), 2*gib); len(devs) != 1 || devs[0] != "full/gpu-1" {
+		t.Fatalf("dra6-2g allocated %v, want [full/gpu-1]", devs)
+	}
+	t.Logf("gpu-0 with 512 MiB of room: left out; dra6-2g Running on full/gpu-1")
+}

@@ -195,12 +195,20 @@ pub fn slice_name(node: &str) -> String {
     format!("{node}-{DRA_DRIVER}")
 }
 
-/// The node's `ResourceSlice`: one pool named after the node, each healthy GPU one device that
-/// allows multiple allocations, with `memory` capacity and a request policy in steps.
+/// The node's `ResourceSlice`: one pool named after the node, each GPU one device that allows
+/// multiple allocations, with `memory` capacity and a request policy in steps.
+///
+/// The API server rejects a whole slice when one device's request policy does not fit its
+/// capacity (`min` above it, or `min` plus one `step` above it), so a GPU with less room than
+/// two steps publishes no `step` (with `min` one step, the one claim that fits is still rounded
+/// up to it), and a GPU with less than one step is left out: no claim can hold memory on it
+/// (grants are whole steps and count in its capacity), and nothing new fits.
 pub fn resource_slice(devices: &[SliceDevice], settings: &SliceSettings) -> ResourceSlice {
-    let step = Quantity(settings.step_bytes.to_string());
+    let step_bytes = settings.step_bytes.max(1);
+    let step = Quantity(step_bytes.to_string());
     let devices = devices
         .iter()
+        .filter(|d| d.capacity_bytes >= step_bytes)
         .map(|d| {
             let mut attributes = BTreeMap::new();
             let string = |s: &str| DeviceAttribute {
@@ -252,7 +260,7 @@ pub fn resource_slice(devices: &[SliceDevice], settings: &SliceSettings) -> Reso
                         valid_range: Some(CapacityRequestPolicyRange {
                             min: step.clone(),
                             max: None,
-                            step: Some(step.clone()),
+                            step: (d.capacity_bytes / step_bytes >= 2).then(|| step.clone()),
                         }),
                         valid_values: None,
                     }),
@@ -461,6 +469,75 @@ mod tests {
             GIB.to_string()
         );
         assert_eq!(memory["requestPolicy"]["default"], GIB.to_string());
+    }
+
+    /// The API server's checks of a validRange request policy against its capacity
+    /// (`validateRequestPolicyRange`, Kubernetes 1.37).
+    fn policy_problems(memory: &serde_json::Value) -> Vec<&'static str> {
+        let n = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse::<u64>().ok());
+        let capacity = n(&memory["value"]).expect("capacity");
+        let policy = &memory["requestPolicy"];
+        let (default, min) = (n(&policy["default"]), n(&policy["validRange"]["min"]));
+        let (Some(default), Some(min)) = (default, min) else {
+            return vec!["default and min are required"];
+        };
+        let mut problems = Vec::new();
+        if min > capacity {
+            problems.push("min is larger than capacity value");
+        }
+        if default < min {
+            problems.push("default is less than min");
+        }
+        if let Some(step) = n(&policy["validRange"]["step"]) {
+            if min + step > capacity {
+                problems.push("one step is larger than capacity value");
+            }
+            if (default - min) % step != 0 {
+                problems.push("default is not a multiple of the step from min");
+            }
+        }
+        problems
+    }
+
+    #[test]
+    fn nearly_full_gpus_never_make_the_slice_invalid() {
+        let settings = SliceSettings {
+            node: "node-a".into(),
+            node_uid: None,
+            step_bytes: GIB,
+            generation: 1,
+            driver_version: None,
+        };
+        let devices: Vec<SliceDevice> = [0, GIB / 2, GIB, 2 * GIB, 63 * GIB]
+            .iter()
+            .enumerate()
+            .map(|(i, &capacity)| SliceDevice {
+                name: format!("gpu-{i}"),
+                index: i as u32,
+                capacity_bytes: capacity,
+                ..h100_with_63_gib()
+            })
+            .collect();
+        let json = serde_json::to_value(resource_slice(&devices, &settings)).expect("serialises");
+        let published = json["spec"]["devices"].as_array().expect("devices");
+        // Less than a step: no claim can be on it, nothing fits: left out.
+        let names: Vec<&str> = published
+            .iter()
+            .filter_map(|d| d["name"].as_str())
+            .collect();
+        assert_eq!(names, ["gpu-2", "gpu-3", "gpu-4"]);
+        for device in published {
+            let memory = &device["capacity"]["memory"];
+            assert_eq!(policy_problems(memory), Vec::<&str>::new(), "{device}");
+        }
+        // One step of room: no step in the range (one claim of one step fits, rounded up to min).
+        assert!(
+            published[0]["capacity"]["memory"]["requestPolicy"]["validRange"]["step"].is_null()
+        );
+        assert_eq!(
+            published[1]["capacity"]["memory"]["requestPolicy"]["validRange"]["step"],
+            GIB.to_string()
+        );
     }
 
     #[test]
