@@ -46,6 +46,13 @@ pub struct PreparedClaim {
     pub devices: Vec<PreparedDevice>,
     /// The files written for it (removed at unprepare).
     pub files: PreparedFiles,
+    /// The CDI spec as written, so that a restarted plugin writes it again when a reboot emptied
+    /// the CDI directory (a tmpfs). Absent in checkpoints of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdi_spec_text: Option<String>,
+    /// The limit file as written, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_file_text: Option<String>,
 }
 
 /// A pod a claim is reserved for.
@@ -195,6 +202,8 @@ mod tests {
                 limit_file: "/var/lib/vramslice/accounting/claim-uid-1.limit".into(),
                 accounting_dir: "/var/lib/vramslice/accounting/claim-uid-1".into(),
             },
+            cdi_spec_text: None,
+            limit_file_text: None,
         }
     }
 

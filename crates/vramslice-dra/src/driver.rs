@@ -10,7 +10,9 @@ use tokio::sync::Mutex;
 use vramslice_api::convert::dra::{ClaimError, claim_on_node};
 use vramslice_core::effective_free::unobserved_part;
 use vramslice_core::node::allocation::AllocationSettings;
-use vramslice_core::node::dra::{ClaimPlanError, GrantsOnGpu, claim_key, device_name, plan_claim};
+use vramslice_core::node::dra::{
+    ClaimPlanError, GrantsOnGpu, base_request_name, claim_key, device_name, plan_claim,
+};
 use vramslice_core::node::publish::ClaimHolding;
 use vramslice_core::node::sample::GpuSample;
 
@@ -49,6 +51,51 @@ impl ClaimRef {
     fn label(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// What the kubelet is told of prepared devices: request names as containers name them (a
+/// checkpoint of an earlier version may hold `<request>/<subrequest>`).
+fn answered(devices: &[PreparedDevice]) -> Vec<PreparedDevice> {
+    devices
+        .iter()
+        .map(|d| PreparedDevice {
+            request_names: d
+                .request_names
+                .iter()
+                .map(|r| base_request_name(r).to_string())
+                .collect(),
+            ..d.clone()
+        })
+        .collect()
+}
+
+/// Write a prepared claim's files again where they are gone, from its checkpoint. `false` when
+/// one is gone and the checkpoint does not hold it (written by an earlier version).
+fn restore_files(claim: &ClaimRef, done: &PreparedClaim) -> Result<bool, PrepareError> {
+    let files = &done.files;
+    let io = |path: &Path| {
+        let (claim, path) = (claim.label(), path.display().to_string());
+        move |source| PrepareError::Io {
+            claim,
+            path,
+            source,
+        }
+    };
+    for (path, text) in [
+        (&files.cdi_spec, &done.cdi_spec_text),
+        (&files.limit_file, &done.limit_file_text),
+    ] {
+        if path.exists() {
+            continue;
+        }
+        let Some(text) = text else {
+            return Ok(false);
+        };
+        write_atomically(path, text.as_bytes()).map_err(io(path))?;
+        tracing::info!(claim = %claim.label(), path = %path.display(), "wrote a prepared claim's file again");
+    }
+    std::fs::create_dir_all(&files.accounting_dir).map_err(io(&files.accounting_dir))?;
+    Ok(true)
 }
 
 /// Why a claim could not be prepared or unprepared. The text goes back to the kubelet, which
@@ -145,15 +192,19 @@ impl Driver {
             .cloned()
     }
 
-    /// Prepare `claim`: the same devices again when it is already prepared; otherwise read
-    /// its allocation, write its limit file, accounting directory and CDI spec, and checkpoint
-    /// it before answering.
+    /// Prepare `claim`: the same devices again when it is already prepared (its files written
+    /// again if they are gone: the CDI directory is a tmpfs, emptied by a reboot, after which
+    /// the kubelet prepares its pods' claims again); otherwise read its allocation, write its
+    /// limit file, accounting directory and CDI spec, and checkpoint it before answering.
     ///
     /// # Errors
     /// [`PrepareError`] naming the claim and the cause; nothing is checkpointed then.
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
         if let Some(done) = self.state.lock().await.claims.get(&claim.uid) {
-            return Ok(done.devices.clone());
+            if restore_files(claim, done)? {
+                return Ok(answered(&done.devices));
+            }
+            tracing::info!(claim = %claim.label(), uid = %claim.uid, "prepared claim's files are gone and its checkpoint cannot rewrite them; preparing it again");
         }
         let object = self.claims.get(&claim.namespace, &claim.name).await?;
         let on_node = claim_on_node(&object, &claim.uid, &self.config.node, |d| self.uuid_of(d))?;
@@ -204,6 +255,8 @@ impl Driver {
         let prepared = PreparedClaim {
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),
+            cdi_spec_text: Some(spec),
+            limit_file_text: Some(plan.limit_file.clone()),
             limits: plan.limits,
             pods: on_node
                 .pods
@@ -214,9 +267,11 @@ impl Driver {
             files,
         };
         let mut state = self.state.lock().await;
-        if let Some(done) = state.claims.get(&claim.uid) {
+        if let Some(done) = state.claims.get(&claim.uid)
+            && done.cdi_spec_text.is_some()
+        {
             // Prepared meanwhile by a concurrent call: same claim, same files.
-            return Ok(done.devices.clone());
+            return Ok(answered(&done.devices));
         }
         state.claims.insert(claim.uid.clone(), prepared);
         if let Err(e) = state.save(&self.config.checkpoint) {
@@ -365,6 +420,8 @@ mod tests {
                 limit_file: "/y".into(),
                 accounting_dir: "/z".into(),
             },
+            cdi_spec_text: None,
+            limit_file_text: None,
         };
         let process = |pid, used, pod: Option<&str>| ProcessSample {
             pid,

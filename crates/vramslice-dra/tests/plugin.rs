@@ -355,6 +355,134 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
 }
 
 #[tokio::test]
+async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its_files_again() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
+    let request = || NodePrepareResourcesRequest {
+        claims: vec![kubelet_claim("llm", "uid-1")],
+    };
+    let spec_path = node.path("cdi/vramslice.io-claim-uid-1.json");
+    let limit_path = node.path("accounting/claim-uid-1.limit");
+    let (stop, task) = node.start().await;
+    let first = node
+        .dra()
+        .await
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.claims["uid-1"].error, "");
+    let (spec, limit) = (
+        std::fs::read(&spec_path).unwrap(),
+        std::fs::read(&limit_path).unwrap(),
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap();
+
+    // The node reboots: /var/run/cdi is a tmpfs (and here the limit file goes too); the API
+    // server is not reachable for the claim yet. The kubelet prepares the running pod's claim
+    // again, and the container runtime must find the CDI device it is told.
+    std::fs::remove_file(&spec_path).unwrap();
+    std::fs::remove_file(&limit_path).unwrap();
+    std::fs::remove_dir_all(node.path("accounting/claim-uid-1")).unwrap();
+    node.claims.claims.lock().unwrap().clear();
+    let (_stop, _task) = node.start().await;
+    let again = node
+        .dra()
+        .await
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
+    assert_eq!(
+        std::fs::read(&spec_path).unwrap(),
+        spec,
+        "the CDI spec is back"
+    );
+    assert_eq!(
+        std::fs::read(&limit_path).unwrap(),
+        limit,
+        "the limit file is back"
+    );
+    assert!(node.path("accounting/claim-uid-1").is_dir());
+}
+
+#[tokio::test]
+async fn a_checkpoint_without_the_files_text_prepares_a_claim_whose_spec_is_gone_from_the_api() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
+    let request = || NodePrepareResourcesRequest {
+        claims: vec![kubelet_claim("llm", "uid-1")],
+    };
+    let spec_path = node.path("cdi/vramslice.io-claim-uid-1.json");
+    let (stop, task) = node.start().await;
+    let first = node
+        .dra()
+        .await
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    // A checkpoint written by an earlier version holds no file text.
+    let checkpoint_path = node.path("state/checkpoint.json");
+    let mut checkpoint: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&checkpoint_path).unwrap()).unwrap();
+    let entry = checkpoint["claims"]["uid-1"].as_object_mut().unwrap();
+    assert!(entry.remove("cdiSpecText").is_some() && entry.remove("limitFileText").is_some());
+    std::fs::write(&checkpoint_path, checkpoint.to_string()).unwrap();
+    std::fs::remove_file(&spec_path).unwrap();
+
+    let (_stop, _task) = node.start().await;
+    let again = node
+        .dra()
+        .await
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
+    assert!(spec_path.exists(), "prepared again from the API");
+    assert_eq!(node.claims.gets.load(Ordering::SeqCst), 2);
+    let saved = Checkpoint::load(&checkpoint_path).unwrap();
+    assert!(
+        saved.claims["uid-1"].cdi_spec_text.is_some(),
+        "and checkpointed with its text"
+    );
+}
+
+#[tokio::test]
+async fn a_first_available_alternative_is_prepared_under_the_request_containers_name() {
+    let node = Node::new();
+    let mut c = claim("llm", "uid-1", &[("gpu-0", "4Gi")]);
+    let results = c
+        .status
+        .as_mut()
+        .and_then(|s| s.allocation.as_mut())
+        .and_then(|a| a.devices.as_mut())
+        .and_then(|d| d.results.as_mut())
+        .unwrap();
+    results[0].request = "vram/large".into();
+    node.claims.put(c);
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .dra()
+        .await
+        .node_prepare_resources(NodePrepareResourcesRequest {
+            claims: vec![kubelet_claim("llm", "uid-1")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let prepared = &answer.claims["uid-1"];
+    assert_eq!(prepared.error, "");
+    // Containers name `vram` (resources.claims[].request); the kubelet matches by it.
+    assert_eq!(prepared.devices[0].request_names, ["vram"]);
+}
+
+#[tokio::test]
 async fn a_two_gpu_claim_gets_two_devices_and_one_limit_per_gpu() {
     let node = Node::new();
     node.claims.put(claim(

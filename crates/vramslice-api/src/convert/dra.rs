@@ -10,7 +10,7 @@ use k8s_openapi::api::resource::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use vramslice_core::node::dra::{
-    ClaimGrant, SliceDevice, UNHEALTHY_TAINT_KEY, driver_version_semver,
+    ClaimGrant, SliceDevice, UNHEALTHY_TAINT_KEY, base_request_name, driver_version_semver,
 };
 use vramslice_core::parse_bytes;
 
@@ -134,7 +134,7 @@ pub fn claim_on_node(
                     value: memory.map(|q| q.0.clone()).unwrap_or_default(),
                 })?;
         grants.push(ClaimGrant {
-            request: result.request.clone(),
+            request: base_request_name(&result.request).to_string(),
             device: result.device.clone(),
             gpu_uuid,
             bytes,

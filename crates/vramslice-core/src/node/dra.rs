@@ -193,7 +193,7 @@ pub fn slice_publish_reason(
 /// One device of a claim's allocation that this node's driver must prepare.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimGrant {
-    /// The request of the claim it satisfies.
+    /// The request of the claim it satisfies, as containers name it ([`base_request_name`]).
     pub request: String,
     /// The device name in the slice.
     pub device: String,
@@ -297,6 +297,13 @@ pub fn plan_claim(
         limit_file,
         edits,
     })
+}
+
+/// The request a container names for an allocation result's request: `<request>` of a
+/// `firstAvailable` alternative's `<request>/<subrequest>` (containers can name only the
+/// former, and the kubelet matches prepared devices to them by it), the name itself otherwise.
+pub fn base_request_name(request: &str) -> &str {
+    request.split_once('/').map_or(request, |(base, _)| base)
 }
 
 #[cfg(test)]
