@@ -31,9 +31,44 @@ pub struct DeviceRoom {
     /// with the `unhealthyReason` attribute when the device has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub taint: Option<String>,
+    /// The `memory` request policy the device publishes, when it does.
+    #[serde(skip)]
+    pub policy: Option<RoomPolicy>,
+}
+
+/// A device's `memory` request policy, as the scheduler applies it to a claim's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomPolicy {
+    /// What a request naming no memory consumes.
+    pub default: u64,
+    /// The least a request consumes.
+    pub min: u64,
+    /// Requests are rounded up to `min` plus whole steps.
+    pub step: Option<u64>,
 }
 
 impl DeviceRoom {
+    /// What a request for `asked` bytes (`None`: no amount named) consumes on this device: the
+    /// policy's default, or the amount raised to `min` and rounded up to whole steps from it;
+    /// without a policy the amount, or the whole device.
+    pub fn consumes(&self, asked: Option<u64>) -> u64 {
+        match (asked, self.policy) {
+            (None, Some(p)) => p.default,
+            (None, None) => self.capacity,
+            (Some(bytes), None) => bytes,
+            (Some(bytes), Some(p)) => {
+                let bytes = bytes.max(p.min);
+                match p.step.filter(|s| *s > 0) {
+                    Some(step) => (bytes - p.min)
+                        .div_ceil(step)
+                        .saturating_mul(step)
+                        .saturating_add(p.min),
+                    None => bytes,
+                }
+            }
+        }
+    }
+
     /// What a new claim may still get: nothing on a tainted device.
     pub fn free(&self) -> u64 {
         if self.taint.is_some() {
@@ -105,7 +140,22 @@ pub fn device_rooms(slices: &[ResourceSlice], claims: &[ResourceClaim]) -> Vec<D
                 .as_ref()
                 .and_then(|a| a.get("uuid"))
                 .and_then(|a| a.string.clone());
+            let policy = d
+                .capacity
+                .as_ref()
+                .and_then(|c| c.get(DRA_CAPACITY_MEMORY))
+                .and_then(|c| c.request_policy.as_ref())
+                .and_then(|p| {
+                    let range = p.valid_range.as_ref()?;
+                    let min = parse_bytes(&range.min.0).ok()?;
+                    Some(RoomPolicy {
+                        default: p.default.as_ref().map_or(min, |q| memory(Some(q))),
+                        min,
+                        step: range.step.as_ref().map(|q| memory(Some(q))),
+                    })
+                });
             rooms.push(DeviceRoom {
+                policy,
                 allocated: consumed
                     .get(&(node.clone(), d.name.clone()))
                     .copied()
@@ -201,10 +251,19 @@ pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict>
                 .collect();
             let mut reason = None;
             for ask in asks {
-                let need = ask.bytes_each.unwrap_or(1);
                 free.sort_by_key(|(_, f)| *f);
-                let fitting: Vec<usize> = (0..free.len()).filter(|i| free[*i].1 >= need).collect();
+                let fitting: Vec<usize> = (0..free.len())
+                    .filter(|i| free[*i].1 >= free[*i].0.consumes(ask.bytes_each))
+                    .collect();
                 if (fitting.len() as u64) < ask.count {
+                    // What the request comes to on the devices (the class default when it names
+                    // no memory).
+                    let need = free
+                        .iter()
+                        .map(|(r, _)| r.consumes(ask.bytes_each))
+                        .min()
+                        .or(ask.bytes_each)
+                        .unwrap_or(0);
                     let rooms: Vec<String> = free.iter().map(|(r, _)| r.describe()).collect();
                     reason = Some(format!(
                         "claim {} needs {} device(s) with {} each; {} has {}",
@@ -356,15 +415,39 @@ fn measured_use(
     total
 }
 
-/// The names of the claims `pod` uses, as its status records them (templates instantiated).
-pub fn pod_claim_names(pod: &Pod) -> Vec<String> {
-    pod.status
+/// The claims `pod` uses: the names of those it names directly (`resourceClaimName`) and of
+/// those made from its templates, as its status records them, and how many of the latter are not
+/// made yet (the status names none for them).
+pub fn pod_claim_names(pod: &Pod) -> (Vec<String>, usize) {
+    let statuses = pod
+        .status
         .as_ref()
-        .and_then(|s| s.resource_claim_statuses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.resource_claim_name.clone())
-        .collect()
+        .and_then(|s| s.resource_claim_statuses.as_deref())
+        .unwrap_or_default();
+    let mut names = Vec::new();
+    let mut not_made = 0;
+    for entry in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.resource_claims.as_deref())
+        .unwrap_or_default()
+    {
+        if let Some(name) = &entry.resource_claim_name {
+            names.push(name.clone());
+            continue;
+        }
+        let made = statuses
+            .iter()
+            .find(|s| s.name == entry.name)
+            .and_then(|s| s.resource_claim_name.clone());
+        match made {
+            Some(name) => names.push(name),
+            None if entry.resource_claim_template_name.is_some() => not_made += 1,
+            // The status says no claim is needed for this entry.
+            None => {}
+        }
+    }
+    (names, not_made)
 }
 
 /// Whether `pod` uses resource claims at all.
@@ -396,12 +479,28 @@ pub fn explain_claims(
         return;
     }
     let asks: Vec<ClaimAsk> = pod_claims.iter().flat_map(claim_asks).collect();
-    if pod_claim_names(pod).is_empty() {
-        out.notes.push(
-            "the pod's claims are not created yet: the resource claim controller makes them from the pod's ResourceClaimTemplates"
-                .into(),
-        );
-    } else if asks.is_empty() {
+    let (names, not_made) = pod_claim_names(pod);
+    let missing = names
+        .iter()
+        .filter(|n| {
+            !pod_claims
+                .iter()
+                .any(|c| c.metadata.name.as_deref() == Some(n.as_str()))
+        })
+        .count();
+    if not_made > 0 || missing > 0 {
+        // kube-scheduler waits for every claim of the pod: nothing can be said of room yet.
+        out.notes.push(format!(
+            "{} of the pod's claims {} not exist yet (the resource claim controller makes them from the pod's ResourceClaimTemplates; a claim named directly must be created): kube-scheduler waits for them",
+            not_made + missing,
+            if not_made + missing == 1 { "does" } else { "do" }
+        ));
+        out.state = PodState::InvalidRequest {
+            reason: "claims the pod uses do not exist yet".into(),
+        };
+        return;
+    }
+    if asks.is_empty() {
         out.notes.push(format!(
             "none of the pod's claims asks for devices of class {DRA_DEVICE_CLASS}: vramslice does not place it"
         ));

@@ -7,10 +7,11 @@ use std::time::SystemTime;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use serde::Serialize;
 use vramslice_api::GpuNode;
-use vramslice_api::convert::{pod_name, pod_request};
+use vramslice_api::convert::{pod_name, pod_request, policy_of};
 use vramslice_api::names::{ANNOTATION_GPU_UUID, SCHEDULER_NAME};
 use vramslice_core::VramUnit;
 use vramslice_core::cluster::ledger::Ledger;
+use vramslice_core::cluster::placement::Policy;
 
 /// The whole answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -102,17 +103,31 @@ pub struct EventLine {
     pub last_seen: Option<String>,
 }
 
-fn event_line(e: &Event) -> EventLine {
-    let last = e
-        .last_timestamp
+/// When an event last happened: its series' last observation (kube-scheduler records through
+/// events.k8s.io/v1, whose repeats are a series), else `lastTimestamp`, else `eventTime`.
+fn last_seen(e: &Event) -> Option<k8s_openapi::jiff::Timestamp> {
+    e.series
         .as_ref()
-        .map(|t| t.0.to_string())
-        .or_else(|| e.event_time.as_ref().map(|t| t.0.to_string()));
+        .and_then(|s| s.last_observed_time.as_ref())
+        .map(|t| t.0)
+        .or_else(|| e.last_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| e.event_time.as_ref().map(|t| t.0))
+}
+
+fn event_line(e: &Event) -> EventLine {
+    // A series counts its repeats; a core event its `count`; one occurrence otherwise.
+    let count = e
+        .series
+        .as_ref()
+        .and_then(|s| s.count)
+        .or(e.count)
+        .filter(|c| *c > 0)
+        .unwrap_or(1);
     EventLine {
         reason: e.reason.clone().unwrap_or_default(),
         message: e.message.clone().unwrap_or_default(),
-        count: e.count.unwrap_or(1),
-        last_seen: last,
+        count,
+        last_seen: last_seen(e).map(|t| t.to_string()),
     }
 }
 
@@ -138,14 +153,7 @@ pub fn explain(
             )
         })
         .collect();
-    events.sort_by_key(|e| {
-        std::cmp::Reverse(
-            e.last_timestamp
-                .as_ref()
-                .map(|t| t.0)
-                .or(e.event_time.as_ref().map(|t| t.0)),
-        )
-    });
+    events.sort_by_key(|e| std::cmp::Reverse(last_seen(e)));
     let mut out = Explanation {
         pod: pod_name(pod),
         state: PodState::NoVram,
@@ -158,7 +166,19 @@ pub fn explain(
         events: events.into_iter().map(event_line).collect(),
         notes: Vec::new(),
     };
-    let request = match pod_request(pod, &VramUnit::ALL) {
+    // A bad `vramslice.io/policy` annotation fails the extender's filter as a bad request does
+    // (any default policy: only whether the annotation reads matters).
+    let request = pod_request(pod, &VramUnit::ALL).and_then(|r| {
+        if r.is_some() {
+            policy_of(
+                &pod_name(pod),
+                pod.metadata.annotations.as_ref(),
+                Policy::Binpack,
+            )?;
+        }
+        Ok(r)
+    });
+    let request = match request {
         Ok(Some(r)) => r,
         Ok(None) => return out,
         Err(e) => {

@@ -38,7 +38,8 @@ pub enum Exit {
     Usage = 2,
     /// The named pod, or the GpuNode CRD, does not exist.
     NotFound = 3,
-    /// `explain`: the pod fits on no node now.
+    /// `explain`: the pod fits on no node now (no node has room, or its request cannot be
+    /// placed as written).
     DoesNotFit = 4,
 }
 
@@ -314,7 +315,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
             if e.state == explain::PodState::NoVram && dra::pod_has_claims(&target) {
                 let all_claims = claims(client, None).await?;
                 let rooms = dra::device_rooms(&slices(client).await?, &all_claims);
-                let names = dra::pod_claim_names(&target);
+                let (names, _) = dra::pod_claim_names(&target);
                 let pod_claims: Vec<ResourceClaim> = all_claims
                     .into_iter()
                     .filter(|c| {
@@ -325,7 +326,8 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
                 dra::explain_claims(&mut e, &target, &pod_claims, &rooms);
             }
             let code = match e.state {
-                explain::PodState::Pending { fits_on: 0 } => Exit::DoesNotFit,
+                explain::PodState::Pending { fits_on: 0 }
+                | explain::PodState::InvalidRequest { .. } => Exit::DoesNotFit,
                 _ => Exit::Ok,
             };
             let text = match cli.output {

@@ -283,6 +283,15 @@ fn pods_table_json_yaml_and_namespaces() {
 }
 
 #[test]
+fn explain_a_pod_whose_request_cannot_be_placed_exits_4() {
+    // A 2 GiB pod fits on gpu-a, but `Spread` is no policy: the extender refuses it everywhere.
+    let s = start(true);
+    let o = s.run(&["explain", "bad-policy", "-n", "team-a"]);
+    assert_eq!(code(&o), 4, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("Spread"), "{}", stdout(&o));
+}
+
+#[test]
 fn explain_a_pod_that_can_never_fit() {
     let s = start(true);
     let o = s.run(&["explain", "llm-huge"]);

@@ -66,6 +66,47 @@ fn a_pod_mixing_two_units_is_an_invalid_request_not_a_crash() {
 }
 
 #[test]
+fn a_bad_policy_annotation_is_an_invalid_request_as_the_extender_says() {
+    let mut p = pod(json!({"vramslice.io/vram-gib": "2"}), None);
+    p.metadata.annotations = Some(
+        [("vramslice.io/policy".to_string(), "Spread".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let gn = gpunode("2026-11-22T10:00:00Z", 40);
+    let ledger = build_ledger(std::slice::from_ref(&gn), &[], CFG);
+    let e = explain(&p, std::slice::from_ref(&gn), &ledger, &[], at(T));
+    let PodState::InvalidRequest { reason } = &e.state else {
+        panic!("the extender refuses every node for it: {:?}", e.state)
+    };
+    assert!(reason.contains("Spread"), "{reason}");
+}
+
+#[test]
+fn a_recurring_event_series_is_the_latest_and_counts_its_repeats() {
+    // kube-scheduler records through events.k8s.io/v1: repeats are a series (no count, no
+    // lastTimestamp in the core view).
+    let events: Vec<k8s_openapi::api::core::v1::Event> = serde_json::from_value(json!([
+        {"metadata": {"name": "a"}, "involvedObject": {}, "reason": "FailedScheduling",
+         "message": "old one-off", "lastTimestamp": "2026-11-22T09:59:30Z", "count": 1},
+        {"metadata": {"name": "b"}, "involvedObject": {}, "reason": "FailedScheduling",
+         "message": "still recurring", "eventTime": "2026-11-22T09:50:00.000000Z",
+         "series": {"count": 5, "lastObservedTime": "2026-11-22T09:59:50.000000Z"}}
+    ]))
+    .unwrap();
+    let p = pod(json!({"vramslice.io/vram-gib": "2"}), None);
+    let ledger = build_ledger(&[], &[], CFG);
+    let e = explain(&p, &[], &ledger, &events, at(T));
+    assert_eq!(e.events[0].message, "still recurring");
+    assert_eq!(e.events[0].count, 5);
+    assert_eq!(
+        e.events[0].last_seen.as_deref(),
+        Some("2026-11-22T09:59:50Z")
+    );
+    assert_eq!(e.events[1].count, 1);
+}
+
+#[test]
 fn live_usage_outside_declarations_blocks_a_pod_and_the_reason_says_so() {
     // Nothing declared on the GPU, but only 4 GiB is really free: a 6 GiB pod does not fit.
     let gn = gpunode("2026-11-22T09:59:50Z", 4);

@@ -261,3 +261,101 @@ fn a_tainted_device_has_no_room_and_says_why() {
         )
     );
 }
+
+#[test]
+fn claims_named_directly_count_and_claims_not_made_yet_are_said() {
+    // The status lists only claims made from templates; a claim named in the spec is the pod's
+    // too. No device has 40 GiB: the pod fits nowhere.
+    let direct: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "p", "namespace": "ml" },
+        "spec": { "containers": [], "resourceClaims": [{ "name": "vram", "resourceClaimName": "big" }] }
+    }))
+    .expect("pod");
+    assert_eq!(pod_claim_names(&direct), (vec!["big".to_string()], 0));
+    let rooms = device_rooms(&[slice("node-a", &[16 * GIB])], &[]);
+    let mut out = no_vram_yet("ml/p");
+    explain_claims(&mut out, &direct, &[claim("big", 1, "40Gi", &[])], &rooms);
+    assert_eq!(
+        out.state,
+        crate::explain::PodState::Pending { fits_on: 0 },
+        "{:?}",
+        out.nodes
+    );
+    // Not created yet (named directly, or from a template the controller has not instantiated):
+    // kube-scheduler waits for it, so no node fits now.
+    let mut out = no_vram_yet("ml/p");
+    explain_claims(&mut out, &direct, &[], &rooms);
+    assert!(matches!(
+        out.state,
+        crate::explain::PodState::InvalidRequest { .. }
+    ));
+    let templated: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "t", "namespace": "ml" },
+        "spec": { "containers": [], "resourceClaims": [
+            { "name": "vram", "resourceClaimTemplateName": "vram-8g" },
+            { "name": "other", "resourceClaimTemplateName": "x" }
+        ] },
+        "status": { "resourceClaimStatuses": [{ "name": "vram", "resourceClaimName": "t-vram-abc" }] }
+    }))
+    .expect("pod");
+    assert_eq!(
+        pod_claim_names(&templated),
+        (vec!["t-vram-abc".to_string()], 1)
+    );
+    let mut out = no_vram_yet("ml/t");
+    explain_claims(
+        &mut out,
+        &templated,
+        &[claim("t-vram-abc", 1, "1Gi", &[])],
+        &rooms,
+    );
+    assert!(
+        out.notes
+            .iter()
+            .any(|n| n.contains("1 of the pod's claims does not exist yet")),
+        "{:?}",
+        out.notes
+    );
+}
+
+#[test]
+fn a_request_comes_to_what_the_device_policy_makes_of_it() {
+    // 1 GiB steps from 1 GiB, default 1 GiB: no amount is 1 GiB, 1.5 GiB is 2 GiB.
+    let mut s = slice("node-a", &[2 * GIB]);
+    let policy = json!({ "default": GIB.to_string(),
+        "validRange": { "min": GIB.to_string(), "step": GIB.to_string() } });
+    let device = &mut s.spec.devices.as_mut().expect("devices")[0];
+    device
+        .capacity
+        .as_mut()
+        .and_then(|c| c.get_mut("memory"))
+        .expect("memory")
+        .request_policy = Some(serde_json::from_value(policy).expect("policy"));
+    // 1.5 GiB already allocated: 512 MiB of room.
+    let held = claim("held", 1, "1536Mi", &[("node-a", "gpu-0", "1536Mi")]);
+    let rooms = device_rooms(&[s], &[held]);
+    assert_eq!(rooms[0].consumes(None), GIB);
+    assert_eq!(rooms[0].consumes(Some(GIB / 2)), GIB);
+    assert_eq!(rooms[0].consumes(Some(3 * GIB / 2)), 2 * GIB);
+    assert_eq!(rooms[0].consumes(Some(2 * GIB)), 2 * GIB);
+    // A claim naming no memory takes the default (1 GiB), not 1 byte: it does not fit.
+    let ask = ClaimAsk {
+        claim: "ml/any".into(),
+        count: 1,
+        bytes_each: None,
+        selectors: Vec::new(),
+    };
+    let verdicts = dra_verdicts(&[ask], &rooms);
+    assert!(!verdicts[0].fits, "{verdicts:?}");
+    assert!(
+        verdicts[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("with 1 GiB each")),
+        "{verdicts:?}"
+    );
+    // A device without a policy: an amount is itself, no amount the whole device.
+    let plain = device_rooms(&[slice("node-b", &[4 * GIB])], &[]);
+    assert_eq!(plain[0].consumes(Some(3 * GIB / 2)), 3 * GIB / 2);
+    assert_eq!(plain[0].consumes(None), 4 * GIB);
+}
