@@ -161,13 +161,27 @@ impl WebhookConfig {
                     .or_else(|| pod_namespace.map(str::to_string))
                     .filter(|n| !n.is_empty())
                     .ok_or(ConfigError::NoNamespace)?;
+                let cert_validity = duration("selfSigned.certValidity", &s.cert_validity)?;
+                let ca_validity = duration("selfSigned.caValidity", &s.ca_validity)?;
+                // A serving certificate ends with its CA at the latest: a longer validity would
+                // leave it a third or less of its own for much of each CA's life, renewed at
+                // every check.
+                if cert_validity > ca_validity {
+                    return Err(ConfigError::Duration {
+                        field: "selfSigned.certValidity",
+                        message: format!(
+                            "{} is longer than selfSigned.caValidity ({}); it must not be",
+                            s.cert_validity, s.ca_validity
+                        ),
+                    });
+                }
                 CertSource::SelfSigned(SelfSigned {
                     namespace,
                     secret_name: s.secret_name.clone(),
                     webhook_config_name: s.webhook_config_name.clone(),
                     service_name: s.service_name.clone(),
-                    cert_validity: duration("selfSigned.certValidity", &s.cert_validity)?,
-                    ca_validity: duration("selfSigned.caValidity", &s.ca_validity)?,
+                    cert_validity,
+                    ca_validity,
                 })
             }
             _ => return Err(ConfigError::CertSource),

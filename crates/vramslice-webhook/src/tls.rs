@@ -25,6 +25,9 @@ pub enum TlsError {
     /// rustls refuses the key or configuration.
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The private key is not the certificate's (a pair caught half-written, or mismatched).
+    #[error("the private key does not match the serving certificate: {0}")]
+    Mismatch(rustls::Error),
     /// The listener cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -39,7 +42,8 @@ pub enum TlsError {
 /// (the API server then applies `failurePolicy: Ignore`).
 #[derive(Debug, Default)]
 pub struct CertSlot {
-    current: RwLock<Option<(String, Arc<CertifiedKey>)>>,
+    /// The certificate and key PEM served, and what rustls made of them.
+    current: RwLock<Option<(String, String, Arc<CertifiedKey>)>>,
 }
 
 impl CertSlot {
@@ -48,11 +52,19 @@ impl CertSlot {
         Arc::new(CertSlot::default())
     }
 
-    /// Install `cert_pem` (leaf first, optionally its chain) and `key_pem`. Returns whether the
-    /// certificate changed.
+    /// Install `cert_pem` (leaf first, optionally its chain) and `key_pem`. Returns whether
+    /// either changed. A key that is not the certificate's is refused and the pair served
+    /// before is kept: a writer that replaces `tls.crt` and `tls.key` one after the other can be
+    /// caught between the two, and the next check installs the finished pair.
     pub fn set(&self, cert_pem: &str, key_pem: &str) -> Result<bool, TlsError> {
-        if self.current_pem().as_deref() == Some(cert_pem) {
-            return Ok(false);
+        {
+            let slot = self.current.read().unwrap_or_else(|p| p.into_inner());
+            if slot
+                .as_ref()
+                .is_some_and(|(c, k, _)| c == cert_pem && k == key_pem)
+            {
+                return Ok(false);
+            }
         }
         let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -64,15 +76,16 @@ impl CertSlot {
             .map_err(|e| TlsError::Pem(format!("private key: {e}")))?;
         let signer = ring::sign::any_supported_type(&key)?;
         let certified = Arc::new(CertifiedKey::new(certs, signer));
+        certified.keys_match().map_err(TlsError::Mismatch)?;
         let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
-        *slot = Some((cert_pem.to_string(), certified));
+        *slot = Some((cert_pem.to_string(), key_pem.to_string(), certified));
         Ok(true)
     }
 
     /// PEM of the certificate being served, if any.
     pub fn current_pem(&self) -> Option<String> {
         let slot = self.current.read().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().map(|(pem, _)| pem.clone())
+        slot.as_ref().map(|(pem, _, _)| pem.clone())
     }
 }
 
@@ -82,7 +95,7 @@ struct Resolver(Arc<CertSlot>);
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let slot = self.0.current.read().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().map(|(_, key)| key.clone())
+        slot.as_ref().map(|(_, _, key)| key.clone())
     }
 }
 

@@ -182,3 +182,21 @@ fn a_corrupt_stored_ca_key_is_an_error_not_a_panic() {
     let err = renew(Some(&certs), Plan::NewServing, NOW, &s).unwrap_err();
     assert!(err.to_string().contains("stored CA is unusable"), "{err}");
 }
+
+#[test]
+fn a_pair_caught_half_replaced_is_refused_and_the_finished_pair_is_served() {
+    use vramslice_webhook::tls::{CertSlot, TlsError};
+    let s = settings();
+    let a = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    let b = renew(Some(&a), Plan::NewServing, NOW + DAY, &s).unwrap();
+    let slot = CertSlot::new();
+    assert!(slot.set(&a.tls_cert, &a.tls_key).unwrap());
+    assert!(!slot.set(&a.tls_cert, &a.tls_key).unwrap(), "unchanged");
+    // tls.crt replaced, tls.key not yet: refused, the old pair is still served.
+    let err = slot.set(&b.tls_cert, &a.tls_key).unwrap_err();
+    assert!(matches!(err, TlsError::Mismatch(_)), "{err}");
+    assert_eq!(slot.current_pem().as_deref(), Some(a.tls_cert.as_str()));
+    // The next check sees both replaced: installed.
+    assert!(slot.set(&b.tls_cert, &b.tls_key).unwrap());
+    assert_eq!(slot.current_pem().as_deref(), Some(b.tls_cert.as_str()));
+}

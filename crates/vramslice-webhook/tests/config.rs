@@ -67,4 +67,12 @@ fn bad_settings_are_named() {
     assert!(typo.contains("listenAdress"), "{typo}");
     let addr = parse("certDir: /x\nlistenAddr: everywhere\n").unwrap_err();
     assert!(!addr.is_empty());
+    // A serving certificate cannot outlive its CA: a longer validity would renew it at every
+    // check for most of each CA's life.
+    let longer = parse("selfSigned:\n  namespace: n\n  secretName: s\n  serviceName: svc\n  webhookConfigName: w\n  caValidity: 720h\n  certValidity: 2160h\n").unwrap();
+    let err = longer.validate(None).unwrap_err().to_string();
+    assert!(
+        err.contains("selfSigned.certValidity") && err.contains("2160h") && err.contains("720h"),
+        "{err}"
+    );
 }
