@@ -23,6 +23,10 @@ use vramslice_gpu::procfs::ProcRoot;
 use crate::config::Settings;
 use crate::poller::NodeWatch;
 
+/// How often the node's ResourceSlice is checked while nothing needs writing (see
+/// `SlicePolicy::verify_interval`).
+const SLICE_VERIFY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why DRA mode could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DraModeError {
@@ -97,6 +101,7 @@ pub async fn run(
         SlicePolicy {
             threshold_bytes: settings.dra.publish_threshold_bytes,
             min_interval: settings.dra.min_publish_interval,
+            verify_interval: SLICE_VERIFY_INTERVAL,
         },
     );
     let (registrations, registered) = watch::channel(0u64);

@@ -97,6 +97,10 @@ pub struct SlicePolicy {
     pub threshold_bytes: u64,
     /// Writes are at least this far apart (the first write and device changes excepted).
     pub min_interval: Duration,
+    /// How often the stored slice is checked while nothing needs writing: deleted (a
+    /// starting kubelet's wipe, which retries for minutes, or a person) or written by someone
+    /// else, it is written again.
+    pub verify_interval: Duration,
 }
 
 /// The publisher's memory of what it wrote.
@@ -106,6 +110,8 @@ pub struct SlicePublisher<W: SliceWriter> {
     policy: SlicePolicy,
     published: Option<Vec<SliceDevice>>,
     last_write: Option<Instant>,
+    /// When the stored slice was last known to be ours (checked or written).
+    verified_at: Option<Instant>,
     writes: u64,
 }
 
@@ -118,6 +124,7 @@ impl<W: SliceWriter> SlicePublisher<W> {
             policy,
             published: None,
             last_write: None,
+            verified_at: None,
             writes: 0,
         }
     }
@@ -134,8 +141,32 @@ impl<W: SliceWriter> SlicePublisher<W> {
         self.published = None;
     }
 
+    /// Once every verify interval, check that the stored slice is the one last written (its
+    /// pool generation); when it is gone or another, forget what was published so that it is
+    /// written again at once.
+    async fn verify(&mut self, now: Instant) -> Result<(), WriteError> {
+        let due = self.published.is_some()
+            && self
+                .verified_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= self.policy.verify_interval);
+        if !due {
+            return Ok(());
+        }
+        let stored = self
+            .writer
+            .current_generation(&slice_name(&self.settings.node))
+            .await?;
+        self.verified_at = Some(now);
+        if stored != Some(self.settings.generation) {
+            tracing::warn!(stored = ?stored, ours = self.settings.generation, "ResourceSlice deleted or replaced behind our back; writing it again");
+            self.published = None;
+        }
+        Ok(())
+    }
+
     /// Consider `devices` at `now`: write the slice when the core says it changed and the
-    /// minimum interval has passed (a changed device list is written at once).
+    /// minimum interval has passed (a changed device list is written at once). Once every
+    /// verify interval the stored slice is checked first, and written again when it is gone.
     ///
     /// # Errors
     /// [`WriteError`]; what was published stays as it was, so the next call retries.
@@ -144,6 +175,7 @@ impl<W: SliceWriter> SlicePublisher<W> {
         devices: Vec<SliceDevice>,
         now: Instant,
     ) -> Result<Option<SlicePublishReason>, WriteError> {
+        self.verify(now).await?;
         let Some(reason) = slice_publish_reason(
             self.published.as_deref(),
             &devices,
@@ -177,6 +209,7 @@ impl<W: SliceWriter> SlicePublisher<W> {
         self.settings = settings;
         self.published = Some(devices);
         self.last_write = Some(now);
+        self.verified_at = Some(now);
         self.writes += 1;
         tracing::info!(generation = self.settings.generation, %reason, "published ResourceSlice");
         Ok(Some(reason))

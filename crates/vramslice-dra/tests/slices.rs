@@ -57,6 +57,7 @@ fn publisher(memory: &Memory) -> SlicePublisher<Memory> {
         SlicePolicy {
             threshold_bytes: GIB,
             min_interval: Duration::from_secs(5),
+            verify_interval: Duration::from_secs(30),
         },
     )
 }
@@ -178,4 +179,45 @@ async fn republish_writes_the_same_devices_again_with_the_next_generation() {
     assert_eq!(stored.len(), 2);
     assert_eq!(stored[1].spec.pool.generation, 2);
     assert_eq!(capacity(&stored[1], 0), (80 * GIB).to_string());
+}
+
+#[tokio::test]
+async fn a_slice_deleted_behind_its_back_is_written_again_within_the_verify_interval() {
+    let memory = Memory::default();
+    let mut publisher = publisher(&memory);
+    let t0 = Instant::now();
+    publisher
+        .observe(vec![device(0, 80 * GIB)], t0)
+        .await
+        .unwrap();
+    // Deleted (a kubelet's wipe that retried after the agent's republish, or a person); the
+    // capacity stays steady, so nothing else would write it.
+    memory.stored.lock().unwrap().clear();
+    let steady = || vec![device(0, 80 * GIB)];
+    assert_eq!(
+        publisher
+            .observe(steady(), t0 + Duration::from_secs(10))
+            .await
+            .unwrap(),
+        None,
+        "not checked before the verify interval"
+    );
+    assert_eq!(
+        publisher
+            .observe(steady(), t0 + Duration::from_secs(31))
+            .await
+            .unwrap(),
+        Some(SlicePublishReason::First),
+        "checked, found gone, written again"
+    );
+    assert_eq!(memory.stored.lock().unwrap().len(), 1);
+    // Present and ours: checked, not written.
+    assert_eq!(
+        publisher
+            .observe(steady(), t0 + Duration::from_secs(62))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(memory.stored.lock().unwrap().len(), 1);
 }
