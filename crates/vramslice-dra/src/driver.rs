@@ -354,29 +354,52 @@ impl Driver {
 }
 
 /// [`Driver::grants_by_gpu`] over plain values.
+///
+/// What a pod's processes use on a GPU cannot be told apart by claim, so claims on one GPU
+/// that share a pod are counted together: their grants less what their pods use there.
+/// Counting each claim against all of its pods' use would credit one pod's use to every claim
+/// it holds, and hide the rest of the grants.
 pub fn grants_by_gpu<'a>(
     claims: impl Iterator<Item = &'a PreparedClaim>,
     samples: &[GpuSample],
 ) -> BTreeMap<String, GrantsOnGpu> {
-    let mut out: BTreeMap<String, GrantsOnGpu> = BTreeMap::new();
+    // Per GPU: groups of claims linked by a shared pod, as (granted, pod UIDs).
+    let mut groups: BTreeMap<&str, Vec<(u64, Vec<&str>)>> = BTreeMap::new();
     for claim in claims {
+        let pods: Vec<&str> = claim.pods.iter().map(|p| p.uid.as_str()).collect();
         for (uuid, granted) in &claim.limits {
+            let on_gpu = groups.entry(uuid.as_str()).or_default();
+            let mut merged = (*granted, pods.clone());
+            let mut kept = Vec::with_capacity(on_gpu.len() + 1);
+            for group in on_gpu.drain(..) {
+                if group.1.iter().any(|p| merged.1.contains(p)) {
+                    merged.0 = merged.0.saturating_add(group.0);
+                    merged
+                        .1
+                        .extend(group.1.into_iter().filter(|p| !pods.contains(p)));
+                } else {
+                    kept.push(group);
+                }
+            }
+            kept.push(merged);
+            *on_gpu = kept;
+        }
+    }
+    let mut out: BTreeMap<String, GrantsOnGpu> = BTreeMap::new();
+    for (uuid, on_gpu) in groups {
+        let entry = out.entry(uuid.to_string()).or_default();
+        for (granted, pods) in on_gpu {
             let used: u64 = samples
                 .iter()
-                .filter(|s| s.uuid == *uuid)
+                .filter(|s| s.uuid == uuid)
                 .flat_map(|s| &s.processes)
-                .filter(|p| {
-                    p.pod_uid
-                        .as_ref()
-                        .is_some_and(|uid| claim.pods.iter().any(|pod| pod.uid == *uid))
-                })
+                .filter(|p| p.pod_uid.as_deref().is_some_and(|uid| pods.contains(&uid)))
                 .map(|p| p.used_bytes)
                 .sum();
-            let entry = out.entry(uuid.clone()).or_default();
-            entry.granted = entry.granted.saturating_add(*granted);
+            entry.granted = entry.granted.saturating_add(granted);
             entry.unobserved = entry
                 .unobserved
-                .saturating_add(unobserved_part(*granted, Some(used)));
+                .saturating_add(unobserved_part(granted, Some(used)));
         }
     }
     out
@@ -442,12 +465,38 @@ mod tests {
                 process(3, 16 * GIB, None),
             ],
         };
-        let grants = grants_by_gpu([&claim].into_iter(), &[sample]);
+        let grants = grants_by_gpu([&claim].into_iter(), std::slice::from_ref(&sample));
         assert_eq!(
             grants["GPU-0"],
             GrantsOnGpu {
                 granted: 8 * GIB,
                 unobserved: 3 * GIB
+            }
+        );
+
+        // Two claims of one pod on the GPU (one container uses each): the pod's 5 GiB cannot
+        // be told apart by claim, so the two 8 GiB grants are 16 GiB less 5 used, not each
+        // 8 GiB less the pod's whole 5 GiB.
+        let second = PreparedClaim {
+            name: "llm-kv".into(),
+            ..claim.clone()
+        };
+        // And a claim of another pod, counted on its own (its pod uses nothing yet).
+        let other = PreparedClaim {
+            name: "embed".into(),
+            pods: vec![PreparedPod {
+                name: "embed-0".into(),
+                uid: "pod-b".into(),
+            }],
+            limits: vec![("GPU-0".into(), 2 * GIB)],
+            ..claim.clone()
+        };
+        let grants = grants_by_gpu([&claim, &other, &second].into_iter(), &[sample]);
+        assert_eq!(
+            grants["GPU-0"],
+            GrantsOnGpu {
+                granted: 18 * GIB,
+                unobserved: 11 * GIB + 2 * GIB
             }
         );
     }
