@@ -25,7 +25,8 @@ use vramslice_dra::claims::{ClaimFuture, ClaimSource, FetchError};
 use vramslice_dra::driver::{Driver, DriverConfig};
 use vramslice_dra::proto::dra::dra_plugin_client::DraPluginClient;
 use vramslice_dra::proto::dra::{
-    Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
+    Claim, NodePrepareResourcesRequest, NodePrepareResourcesResponse,
+    NodeUnprepareResourcesRequest, NodeUnprepareResourcesResponse,
 };
 use vramslice_dra::proto::registration::registration_client::RegistrationClient;
 use vramslice_dra::proto::registration::{InfoRequest, RegistrationStatus};
@@ -181,6 +182,29 @@ impl Node {
     async fn dra(&self) -> DraPluginClient<Channel> {
         DraPluginClient::new(connect(&self.sockets().endpoint()).await)
     }
+
+    /// NodePrepareResources of `request`, as the kubelet calls it.
+    async fn prepare(&self, request: NodePrepareResourcesRequest) -> NodePrepareResourcesResponse {
+        self.dra()
+            .await
+            .node_prepare_resources(request)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// NodeUnprepareResources of `request`, as the kubelet calls it.
+    async fn unprepare(
+        &self,
+        request: NodeUnprepareResourcesRequest,
+    ) -> NodeUnprepareResourcesResponse {
+        self.dra()
+            .await
+            .node_unprepare_resources(request)
+            .await
+            .unwrap()
+            .into_inner()
+    }
 }
 
 async fn connect(path: &Path) -> Channel {
@@ -238,14 +262,10 @@ async fn a_prepared_claim_gets_its_limit_guard_and_gpu_through_its_cdi_spec() {
     node.claims.put(claim("llm", "uid-1", &[("gpu-1", "6Gi")]));
     let (_stop, _task) = node.start().await;
     let answer = node
-        .dra()
-        .await
-        .node_prepare_resources(NodePrepareResourcesRequest {
+        .prepare(NodePrepareResourcesRequest {
             claims: vec![kubelet_claim("llm", "uid-1")],
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await;
     let prepared = &answer.claims["uid-1"];
     assert_eq!(prepared.error, "");
     assert_eq!(prepared.devices.len(), 1);
@@ -304,13 +324,7 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
     let request = || NodePrepareResourcesRequest {
         claims: vec![kubelet_claim("llm", "uid-1")],
     };
-    let first = node
-        .dra()
-        .await
-        .node_prepare_resources(request())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = node.prepare(request()).await;
     assert_eq!(first.claims["uid-1"].error, "");
     stop.send(true).unwrap();
     task.await.unwrap();
@@ -320,13 +334,7 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
     // repeated prepare is answered from the checkpoint, with the same devices.
     node.claims.claims.lock().unwrap().clear();
     let (_stop, _task) = node.start().await;
-    let again = node
-        .dra()
-        .await
-        .node_prepare_resources(request())
-        .await
-        .unwrap()
-        .into_inner();
+    let again = node.prepare(request()).await;
     assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
     assert_eq!(
         node.claims.gets.load(Ordering::SeqCst),
@@ -338,13 +346,7 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
         claims: vec![kubelet_claim("llm", "uid-1")],
     };
     for _ in 0..2 {
-        let done = node
-            .dra()
-            .await
-            .node_unprepare_resources(unprepare())
-            .await
-            .unwrap()
-            .into_inner();
+        let done = node.unprepare(unprepare()).await;
         assert_eq!(done.claims["uid-1"].error, "");
     }
     assert!(!node.path("cdi/vramslice.io-claim-uid-1.json").exists());
@@ -364,13 +366,7 @@ async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its
     let spec_path = node.path("cdi/vramslice.io-claim-uid-1.json");
     let limit_path = node.path("accounting/claim-uid-1.limit");
     let (stop, task) = node.start().await;
-    let first = node
-        .dra()
-        .await
-        .node_prepare_resources(request())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = node.prepare(request()).await;
     assert_eq!(first.claims["uid-1"].error, "");
     let (spec, limit) = (
         std::fs::read(&spec_path).unwrap(),
@@ -387,13 +383,7 @@ async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its
     std::fs::remove_dir_all(node.path("accounting/claim-uid-1")).unwrap();
     node.claims.claims.lock().unwrap().clear();
     let (_stop, _task) = node.start().await;
-    let again = node
-        .dra()
-        .await
-        .node_prepare_resources(request())
-        .await
-        .unwrap()
-        .into_inner();
+    let again = node.prepare(request()).await;
     assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
     assert_eq!(
         std::fs::read(&spec_path).unwrap(),
@@ -417,13 +407,7 @@ async fn a_checkpoint_without_the_files_text_prepares_a_claim_whose_spec_is_gone
     };
     let spec_path = node.path("cdi/vramslice.io-claim-uid-1.json");
     let (stop, task) = node.start().await;
-    let first = node
-        .dra()
-        .await
-        .node_prepare_resources(request())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = node.prepare(request()).await;
     stop.send(true).unwrap();
     task.await.unwrap();
     // A checkpoint written by an earlier version holds no file text.
@@ -436,13 +420,7 @@ async fn a_checkpoint_without_the_files_text_prepares_a_claim_whose_spec_is_gone
     std::fs::remove_file(&spec_path).unwrap();
 
     let (_stop, _task) = node.start().await;
-    let again = node
-        .dra()
-        .await
-        .node_prepare_resources(request())
-        .await
-        .unwrap()
-        .into_inner();
+    let again = node.prepare(request()).await;
     assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
     assert!(spec_path.exists(), "prepared again from the API");
     assert_eq!(node.claims.gets.load(Ordering::SeqCst), 2);
@@ -468,14 +446,10 @@ async fn a_first_available_alternative_is_prepared_under_the_request_containers_
     node.claims.put(c);
     let (_stop, _task) = node.start().await;
     let answer = node
-        .dra()
-        .await
-        .node_prepare_resources(NodePrepareResourcesRequest {
+        .prepare(NodePrepareResourcesRequest {
             claims: vec![kubelet_claim("llm", "uid-1")],
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await;
     let prepared = &answer.claims["uid-1"];
     assert_eq!(prepared.error, "");
     // Containers name `vram` (resources.claims[].request); the kubelet matches by it.
@@ -492,14 +466,10 @@ async fn a_two_gpu_claim_gets_two_devices_and_one_limit_per_gpu() {
     ));
     let (_stop, _task) = node.start().await;
     let answer = node
-        .dra()
-        .await
-        .node_prepare_resources(NodePrepareResourcesRequest {
+        .prepare(NodePrepareResourcesRequest {
             claims: vec![kubelet_claim("tp2", "uid-2")],
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await;
     let devices: Vec<&str> = answer.claims["uid-2"]
         .devices
         .iter()
@@ -545,9 +515,7 @@ async fn each_claim_of_a_call_fails_or_succeeds_on_its_own_with_a_reason() {
         .put(claim("ghost", "uid-new", &[("gpu-7", "4Gi")]));
     let (_stop, _task) = node.start().await;
     let answer = node
-        .dra()
-        .await
-        .node_prepare_resources(NodePrepareResourcesRequest {
+        .prepare(NodePrepareResourcesRequest {
             claims: vec![
                 kubelet_claim("llm", "uid-1"),
                 kubelet_claim("missing", "uid-3"),
@@ -556,9 +524,7 @@ async fn each_claim_of_a_call_fails_or_succeeds_on_its_own_with_a_reason() {
                 Claim::default(),
             ],
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await;
     assert_eq!(answer.claims["uid-1"].error, "");
     assert_eq!(answer.claims["uid-3"].error, "claim ml/missing not found");
     assert_eq!(
