@@ -51,8 +51,31 @@ pub enum CheckResult {
     Current,
     /// New certificates were written and are served.
     Renewed(Plan),
-    /// Another replica wrote the Secret first; check again soon.
+    /// Another replica wrote the Secret (or the CA bundle) first; check again soon.
     Conflict,
+}
+
+/// What [`ensure_ca_bundle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleUpdate {
+    /// Every webhook already trusted the bundle.
+    Unchanged,
+    /// The configuration was patched.
+    Updated,
+    /// The Secret the bundle came from, or the configuration, changed meanwhile (another
+    /// replica renewed): nothing was patched; check again.
+    Conflict,
+}
+
+/// The Secret a CA bundle was made from, at the version read or written.
+#[derive(Clone, Copy)]
+pub struct BundleSource<'a> {
+    /// The Secrets of its namespace.
+    pub secrets: &'a Api<Secret>,
+    /// Its name.
+    pub name: &'a str,
+    /// Its `resourceVersion` when the bundle was made.
+    pub resource_version: Option<&'a str>,
 }
 
 fn now_unix() -> i64 {
@@ -112,7 +135,7 @@ pub async fn check_self_signed(
             // `replace` sends the resourceVersion we read: a replica that lost the race gets
             // 409 Conflict and adopts the winner's certificates on its next check.
             match secrets.replace(name, &PostParams::default(), &secret).await {
-                Ok(_) => {}
+                Ok(written) => secret = written,
                 Err(kube::Error::Api(resp)) if resp.code == 409 => {
                     return Ok(CheckResult::Conflict);
                 }
@@ -122,18 +145,33 @@ pub async fn check_self_signed(
             (renewed, CheckResult::Renewed(decided))
         }
     };
-    ensure_ca_bundle(client, &cfg.webhook_config_name, &certs.ca_bundle()).await?;
+    let source = BundleSource {
+        secrets: &secrets,
+        name,
+        resource_version: secret.metadata.resource_version.as_deref(),
+    };
+    let bundle = certs.ca_bundle();
+    if ensure_ca_bundle(client, &cfg.webhook_config_name, &bundle, Some(source)).await?
+        == BundleUpdate::Conflict
+    {
+        return Ok(CheckResult::Conflict);
+    }
     slot.set(&certs.tls_cert, &certs.tls_key)?;
     metrics.cert_expiry.set(certs.tls_not_after);
     Ok(result)
 }
 
-/// Make every webhook in the configuration trust `bundle`. Patches only when it differs.
+/// Make every webhook in the configuration trust `bundle`. Patches only when it differs, and
+/// only while `source` (the Secret the bundle was made from) is unchanged and the configuration
+/// is the one read: a replica holding a bundle from before another replica renewed the CA must
+/// not write the old bundle back over the new one (the API server would then refuse the new
+/// serving certificate).
 pub async fn ensure_ca_bundle(
     client: &Client,
     config_name: &str,
     bundle: &str,
-) -> Result<bool, RotationError> {
+    source: Option<BundleSource<'_>>,
+) -> Result<BundleUpdate, RotationError> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let current = api.get(config_name).await.map_err(kube_err(format!(
         "get MutatingWebhookConfiguration {config_name}"
@@ -153,19 +191,42 @@ pub async fn ensure_ca_bundle(
         })
         .collect();
     if stale.is_empty() {
-        return Ok(false);
+        return Ok(BundleUpdate::Unchanged);
     }
-    // Strategic merge: webhooks merge by name, so only caBundle changes.
-    let patch = serde_json::json!({ "webhooks": stale });
-    api.patch(
-        config_name,
-        &PatchParams::default(),
-        &Patch::Strategic(&patch),
-    )
-    .await
-    .map_err(kube_err(format!("patch caBundle of {config_name}")))?;
+    if let Some(src) = source {
+        let now = src
+            .secrets
+            .get(src.name)
+            .await
+            .map_err(kube_err(format!("get Secret {}", src.name)))?;
+        if now.metadata.resource_version.as_deref() != src.resource_version {
+            tracing::info!(
+                secret = src.name,
+                "webhook: Secret changed since the CA bundle was made; checking again"
+            );
+            return Ok(BundleUpdate::Conflict);
+        }
+    }
+    // Strategic merge: webhooks merge by name, so only caBundle changes; the resourceVersion
+    // read makes the patch fail (409) if the configuration changed since.
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": current.metadata.resource_version },
+        "webhooks": stale,
+    });
+    match api
+        .patch(
+            config_name,
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(resp)) if resp.code == 409 => return Ok(BundleUpdate::Conflict),
+        Err(e) => return Err(kube_err(format!("patch caBundle of {config_name}"))(e)),
+    }
     tracing::info!(config = config_name, "webhook: CA bundle updated");
-    Ok(true)
+    Ok(BundleUpdate::Updated)
 }
 
 /// One directory-mode check: serve `tls.crt`/`tls.key` from `dir` when they changed.

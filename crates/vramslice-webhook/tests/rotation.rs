@@ -21,12 +21,26 @@ const SECRET: &str = "/api/v1/namespaces/vramslice-system/secrets/vramslice-webh
 const MWC: &str =
     "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/vramslice-webhook";
 
+/// Something another replica does, run once when the configuration is next read.
+type Interleave = Box<dyn FnOnce(&mut ApiState) + Send>;
+
 #[derive(Default)]
 struct ApiState {
     secret: Value,
     mwc: Value,
     log: Vec<String>,
     refuse_updates: bool,
+    on_mwc_get: Option<Interleave>,
+}
+
+/// Bump an object's resourceVersion, as the API server does on every write.
+fn bump(object: &mut Value) {
+    let rv: u64 = object["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    object["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
 }
 
 fn fake_api() -> Arc<Mutex<ApiState>> {
@@ -73,28 +87,39 @@ fn client(state: Arc<Mutex<ApiState>>) -> kube::Client {
                     {
                         respond(StatusCode::CONFLICT, status(409, "Conflict"))
                     } else {
-                        let rv: u64 = s.secret["metadata"]["resourceVersion"]
-                            .as_str()
-                            .unwrap()
-                            .parse()
-                            .unwrap();
                         let mut stored = new;
-                        stored["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+                        stored["metadata"]["resourceVersion"] =
+                            s.secret["metadata"]["resourceVersion"].clone();
+                        bump(&mut stored);
                         s.secret = stored.clone();
                         respond(StatusCode::OK, stored)
                     }
                 }
-                (Method::GET, MWC) => respond(StatusCode::OK, s.mwc.clone()),
+                (Method::GET, MWC) => {
+                    let reply = respond(StatusCode::OK, s.mwc.clone());
+                    if let Some(other_replica) = s.on_mwc_get.take() {
+                        other_replica(&mut s);
+                    }
+                    reply
+                }
                 (Method::PATCH, MWC) => {
                     let content_type = parts.headers["content-type"].to_str().unwrap().to_string();
                     assert_eq!(content_type, "application/strategic-merge-patch+json");
                     let patch: Value = serde_json::from_slice(&body).unwrap();
-                    for w in patch["webhooks"].as_array().unwrap() {
-                        let hooks = s.mwc["webhooks"].as_array_mut().unwrap();
-                        let hook = hooks.iter_mut().find(|h| h["name"] == w["name"]).unwrap();
-                        hook["clientConfig"]["caBundle"] = w["clientConfig"]["caBundle"].clone();
+                    // A resourceVersion in a patch is a precondition.
+                    let rv = &patch["metadata"]["resourceVersion"];
+                    if !rv.is_null() && *rv != s.mwc["metadata"]["resourceVersion"] {
+                        respond(StatusCode::CONFLICT, status(409, "Conflict"))
+                    } else {
+                        for w in patch["webhooks"].as_array().unwrap() {
+                            let hooks = s.mwc["webhooks"].as_array_mut().unwrap();
+                            let hook = hooks.iter_mut().find(|h| h["name"] == w["name"]).unwrap();
+                            hook["clientConfig"]["caBundle"] =
+                                w["clientConfig"]["caBundle"].clone();
+                        }
+                        bump(&mut s.mwc);
+                        respond(StatusCode::OK, s.mwc.clone())
                     }
-                    respond(StatusCode::OK, s.mwc.clone())
                 }
                 _ => respond(StatusCode::NOT_FOUND, status(404, "NotFound")),
             };
@@ -166,6 +191,7 @@ async fn first_check_fills_secret_and_ca_bundle_then_settles() {
             format!("GET {SECRET}"),
             format!("PUT {SECRET}"),
             format!("GET {MWC}"),
+            format!("GET {SECRET}"),
             format!("PATCH {MWC}")
         ]
     );
@@ -251,4 +277,138 @@ async fn a_missing_secret_is_a_clear_error() {
             .contains("get Secret vramslice-system/absent"),
         "{err}"
     );
+}
+
+/// The CA bundle `state`'s configuration trusts, decoded.
+fn mwc_bundle(state: &Arc<Mutex<ApiState>>) -> String {
+    let b64 = state.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_never_writes_an_older_ca_bundle_over_a_renewed_one() {
+    use vramslice_webhook::certs::{CertSettings, Plan, StoredCerts, renew};
+    let api = fake_api();
+    let c = client(api.clone());
+    check_self_signed(
+        &c,
+        &cfg(),
+        &CertSlot::new(),
+        &WebhookMetrics::default(),
+        NOW,
+    )
+    .await
+    .unwrap();
+    let first_bundle = mwc_bundle(&api);
+    // Replica A renews the CA: the Secret holds the new CA, the bundle trusts new and old.
+    let names: Vec<String> = api.lock().unwrap().secret["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let data: std::collections::BTreeMap<String, String> = names
+        .into_iter()
+        .map(|k| {
+            let v = secret_value(&api, &k);
+            (k, v)
+        })
+        .collect();
+    let stored = StoredCerts::from_data(&data).unwrap();
+    let settings = CertSettings {
+        cert_validity: cfg().cert_validity,
+        ca_validity: cfg().ca_validity,
+        dns_names: cfg().dns_names(),
+    };
+    let renewed = renew(Some(&stored), Plan::NewCa, NOW + 7200, &settings).unwrap();
+    let new_bundle = renewed.ca_bundle();
+    assert_ne!(new_bundle, first_bundle);
+    // Replica B has read the Secret (old CA: nothing to renew) when A writes both.
+    let a_data: serde_json::Map<String, Value> = renewed
+        .to_data()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                json!(base64::engine::general_purpose::STANDARD.encode(v)),
+            )
+        })
+        .collect();
+    let a_bundle = base64::engine::general_purpose::STANDARD.encode(&new_bundle);
+    // B finds the configuration not trusting its (old) bundle; A renews just then.
+    api.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"] = json!("");
+    api.lock().unwrap().on_mwc_get = Some(Box::new(move |s: &mut ApiState| {
+        s.secret["data"] = Value::Object(a_data);
+        bump(&mut s.secret);
+        s.mwc["webhooks"][0]["clientConfig"]["caBundle"] = json!(a_bundle);
+        bump(&mut s.mwc);
+    }));
+    let b = CertSlot::new();
+    let r = check_self_signed(&c, &cfg(), &b, &WebhookMetrics::default(), NOW + 3600)
+        .await
+        .unwrap();
+    assert_eq!(r, CheckResult::Conflict, "B holds an outdated bundle");
+    assert_eq!(mwc_bundle(&api), new_bundle, "A's bundle stays");
+    assert_eq!(b.current_pem(), None, "B serves nothing from what it read");
+    // B's next check adopts A's certificates.
+    let r = check_self_signed(&c, &cfg(), &b, &WebhookMetrics::default(), NOW + 3605)
+        .await
+        .unwrap();
+    assert_eq!(r, CheckResult::Current);
+    assert_eq!(b.current_pem().as_deref(), Some(renewed.tls_cert.as_str()));
+    assert_eq!(mwc_bundle(&api), new_bundle);
+}
+
+#[tokio::test]
+async fn a_configuration_changed_between_read_and_patch_is_a_conflict() {
+    let api = fake_api();
+    let c = client(api.clone());
+    check_self_signed(
+        &c,
+        &cfg(),
+        &CertSlot::new(),
+        &WebhookMetrics::default(),
+        NOW,
+    )
+    .await
+    .unwrap();
+    let bundle = mwc_bundle(&api);
+    // The bundle lost (someone edited the configuration), and written again by another
+    // replica between this one's read and its patch.
+    api.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"] = json!("");
+    api.lock().unwrap().on_mwc_get = Some(Box::new(|s: &mut ApiState| bump(&mut s.mwc)));
+    let r = check_self_signed(
+        &c,
+        &cfg(),
+        &CertSlot::new(),
+        &WebhookMetrics::default(),
+        NOW + 60,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r,
+        CheckResult::Conflict,
+        "the patch's resourceVersion was stale"
+    );
+    // The next check reads the configuration again and mends it.
+    let r = check_self_signed(
+        &c,
+        &cfg(),
+        &CertSlot::new(),
+        &WebhookMetrics::default(),
+        NOW + 61,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r, CheckResult::Current);
+    assert_eq!(mwc_bundle(&api), bundle);
 }
