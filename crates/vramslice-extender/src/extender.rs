@@ -567,7 +567,7 @@ impl Extender {
         };
         let placement = placement.map_err(|e| {
             let outcome = match e {
-                ReserveError::NoFit(_) | ReserveError::Steered { .. } => Outcome::Conflict,
+                ReserveError::NoFit(_) => Outcome::Conflict,
                 _ => Outcome::Error,
             };
             (

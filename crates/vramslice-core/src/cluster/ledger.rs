@@ -331,20 +331,10 @@ impl Ledger {
         }
         let gpu_uuids: Vec<String> = gpus.iter().map(|g| g.uuid.clone()).collect();
         let gpu_indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
-        // The books before: waiting pods are booked per size on the GPUs still owed that size
-        // (where the device plugin will place them), which after an unpaired swap may not be
-        // the GPU chosen here; every GPU the booking grows on must have had the room (the check
-        // above made sure: `steering`; this is the backstop).
-        let before: Vec<(u64, u64)> = self
-            .gpu_views(node)
-            .map(|v| {
-                v.iter()
-                    .map(|g| (g.assigned_bytes, g.effective_free))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Waiting pods are booked per size on the GPUs still owed that size, which after an
+        // unpaired swap may not be the GPU chosen here: the check above made sure those GPUs
+        // have room too (`steering`).
         let gpu_uuid = placement::join_gpu_uuids(&gpu_uuids);
-        let who = format!("{}/{}", request.namespace, request.name);
         let record = PodRecord {
             uid: request.uid.clone(),
             namespace: request.namespace,
@@ -364,18 +354,6 @@ impl Ledger {
         );
         self.node_mut(node).pods.insert(request.uid.clone());
         self.recompute(node);
-        let after = self.gpu_views(node).unwrap_or_default();
-        if let Some((index, effective_free, booked)) = steering::overbooked(after, &before) {
-            self.pods.remove(&request.uid);
-            self.detach(node, &request.uid);
-            self.recompute(node);
-            return Err(ReserveError::Steered {
-                pod: who,
-                index,
-                effective_free,
-                booked,
-            });
-        }
         Ok(Placement {
             node: node.to_string(),
             gpu_uuid,

@@ -418,9 +418,20 @@ fn run(ops: Vec<Op>) {
                     request: PodRequest::spanning(VramUnit::Gib1, units, gpus),
                 };
                 let fit = ledger.check(NODES[node], req.request, world.now);
+                let before: Vec<GpuView> = ledger
+                    .gpu_views(NODES[node])
+                    .map(<[GpuView]>::to_vec)
+                    .unwrap_or_default();
                 match ledger.reserve(req, NODES[node], policy, world.now) {
                     Ok(p) => {
                         assert!(fit.is_ok());
+                        // Wherever the pod is booked (after an unpaired swap also on GPUs
+                        // still owed its size), the GPU had the room for it.
+                        let after = ledger.gpu_views(NODES[node]).unwrap_or_default();
+                        for (b, a) in before.iter().zip(after).filter(|(b, _)| b.healthy) {
+                            let booked = a.assigned_bytes.saturating_sub(b.assigned_bytes);
+                            assert!(booked <= b.effective_free, "{b:?} booked {booked} more");
+                        }
                         // N distinct GPUs, by index.
                         assert_eq!(p.gpu_uuids.len(), gpus as usize);
                         assert!(p.gpu_indices.windows(2).all(|w| w[0] < w[1]));

@@ -7,9 +7,10 @@
 //! the extender chose to place it: the device plugin, matching requests by size, may hand it any
 //! of them. A node can take such a pod only when each of those GPUs has room for the growth;
 //! [`blocking`] is the one rule the filter, the score, [`super::Ledger::reserve`] and the
-//! refusal's reason share.
+//! refusal's reason share. The ledger's property test holds it to the books: a pod the check
+//! passes never books a GPU past its effective free memory.
 
-use super::{GpuView, NodeState};
+use super::NodeState;
 use crate::cluster::placement::PodRequest;
 
 /// A request size whose waiting pods are owed to more GPUs than they fill.
@@ -47,20 +48,4 @@ pub(super) fn blocking(state: &NodeState, request: PodRequest) -> Option<(usize,
                 .map(move |&(i, over)| (i, s.growth(over, share)))
         })
         .find(|&(i, growth)| state.gpus.get(i).is_some_and(|g| g.effective_free < growth))
-}
-
-/// The first healthy GPU whose booking grew past the effective free memory it had (`before`:
-/// assigned and effective free per GPU, in reading order; `after`: the views once a pod is
-/// added): its index, that effective free and the bytes newly booked on it. Unhealthy GPUs
-/// take no allocations, so what is booked there cannot land there. The filter refuses such
-/// bookings first ([`blocking`]); [`super::Ledger::reserve`] keeps this as its backstop.
-pub(super) fn overbooked(after: &[GpuView], before: &[(u64, u64)]) -> Option<(u32, u64, u64)> {
-    after
-        .iter()
-        .zip(before)
-        .filter(|(g, _)| g.healthy)
-        .find_map(|(g, &(assigned, effective_free))| {
-            let booked = g.assigned_bytes.saturating_sub(assigned);
-            (booked > effective_free).then_some((g.index, effective_free, booked))
-        })
 }

@@ -144,27 +144,10 @@ pub enum ReserveError {
         /// The node of the other bind.
         node: String,
     },
-    /// The node cannot take the pod.
+    /// The node cannot take the pod (after an unpaired swap, also when the GPU the device
+    /// plugin may send it to lacks room: `GpuRejection::Owed`).
     #[error("{0}")]
     NoFit(#[from] Rejection),
-    /// The chosen GPU has room, but pods of one size are interchangeable at the device plugin:
-    /// after an unpaired swap it would place this pod on another GPU still owed a pod of its
-    /// size, which lacks the room.
-    #[error(
-        "pod {pod} would land on GPU {index}, which is owed a pod of its size after a swap at the device plugin and has {} effective free for {} booked",
-        crate::quantity::ByteSize(*effective_free),
-        crate::quantity::ByteSize(*booked)
-    )]
-    Steered {
-        /// `namespace/name`.
-        pod: String,
-        /// The GPU it would land on.
-        index: u32,
-        /// That GPU's effective free bytes before.
-        effective_free: u64,
-        /// Bytes the pod would be booked for there.
-        booked: u64,
-    },
 }
 
 /// What the ledger knows about one pod.
