@@ -378,18 +378,13 @@ pub fn allocation_key(gpu_uuid: &str, units: &[u64]) -> String {
         hash.write(b",");
         hash.write(unit.to_string().as_bytes());
     }
-    let safe: String = gpu_uuid
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
     let first = sorted.first().copied().unwrap_or(0);
-    format!("{safe}.u{first}.n{}.{:016x}", sorted.len(), hash.finish())
+    format!(
+        "{}.u{first}.n{}.{:016x}",
+        path_safe(gpu_uuid),
+        sorted.len(),
+        hash.finish()
+    )
 }
 
 /// Name of the accounting directory of an allocation holding units of several GPUs (one

@@ -61,21 +61,34 @@ pub fn entry_key(name: &str) -> Option<&str> {
 /// Whether `s` has the shape of `crate::node::allocation::allocation_key`:
 /// `<uuid>.u<first unit>.n<count>.<16 hex digits>`, the UUID made of `[A-Za-z0-9_.-]`.
 pub fn is_allocation_key(s: &str) -> bool {
+    parse_key(s).is_some()
+}
+
+/// An allocation key's parts that say what it holds.
+struct KeyParts<'a> {
+    /// `<uuid>` for one GPU, `<first uuid>.g<N>` for several (path-safe UUIDs).
+    gpus: &'a str,
+    /// Units held in all.
+    units: u64,
+}
+
+/// The parts of `s` when it has the shape of an allocation key ([`is_allocation_key`]).
+fn parse_key(s: &str) -> Option<KeyParts<'_>> {
     let mut parts = s.rsplitn(4, '.');
-    let (Some(hash), Some(count), Some(first), Some(uuid)) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
+    let (hash, count, first, gpus) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    hash.len() == 16
+    let valid = hash.len() == 16
         && hash.bytes().all(|b| b.is_ascii_hexdigit())
-        && count.strip_prefix('n').is_some_and(digits)
         && first.strip_prefix('u').is_some_and(digits)
-        && !uuid.is_empty()
-        && uuid
+        && !gpus.is_empty()
+        && gpus
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let units = count
+        .strip_prefix('n')
+        .filter(|n| digits(n))
+        .and_then(|n| n.parse().ok())?;
+    valid.then_some(KeyParts { gpus, units })
 }
 
 /// What a plain init container that has not completed may hold: `units` units in all, on the
@@ -93,16 +106,13 @@ pub struct InitHold {
 /// container's units and starts with one of its pod's GPUs (a key of several GPUs is named
 /// after the first by UUID, which is one of them).
 pub fn held_by_init(key: &str, holds: &[InitHold]) -> bool {
-    let mut parts = key.rsplitn(4, '.');
-    let (Some(_hash), Some(count), Some(_first), Some(gpu_part)) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let Some(KeyParts {
+        gpus: gpu_part,
+        units,
+    }) = parse_key(key)
     else {
         return false;
     };
-    let Some(units) = count.strip_prefix('n').and_then(|n| n.parse::<u64>().ok()) else {
-        return false;
-    };
-    // `<uuid>` for one GPU, `<first uuid>.g<N>` for several.
     let spanning_first = gpu_part
         .rsplit_once('.')
         .filter(|(_, g)| {

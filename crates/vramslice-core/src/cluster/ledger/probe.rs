@@ -231,6 +231,6 @@ impl Probe<'_> {
                     .filter(|c| c.effective_free >= self.need)
                     .count()
                     >= self.gpus)
-            && (state.steering.is_empty() || steering::blocking(state, self.request).is_none())
+            && steering::blocking(state, self.request).is_none()
     }
 }
