@@ -8,10 +8,10 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::Mutex;
 use vramslice_api::convert::dra::{ClaimError, claim_on_node};
-use vramslice_core::effective_free::unobserved_part;
 use vramslice_core::node::allocation::AllocationSettings;
 use vramslice_core::node::dra::{
-    ClaimPlanError, GrantsOnGpu, base_request_name, claim_key, device_name, plan_claim,
+    ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
+    grants_by_gpu, plan_claim,
 };
 use vramslice_core::node::publish::ClaimHolding;
 use vramslice_core::node::sample::GpuSample;
@@ -69,18 +69,20 @@ fn answered(devices: &[PreparedDevice]) -> Vec<PreparedDevice> {
         .collect()
 }
 
+/// What an I/O failure on `path` while (un)preparing `claim` becomes.
+fn io_error(claim: &ClaimRef, path: &Path) -> impl FnOnce(std::io::Error) -> PrepareError + use<> {
+    let (claim, path) = (claim.label(), path.display().to_string());
+    move |source| PrepareError::Io {
+        claim,
+        path,
+        source,
+    }
+}
+
 /// Write a prepared claim's files again where they are gone, from its checkpoint. `false` when
 /// one is gone and the checkpoint does not hold it (written by an earlier version).
 fn restore_files(claim: &ClaimRef, done: &PreparedClaim) -> Result<bool, PrepareError> {
     let files = &done.files;
-    let io = |path: &Path| {
-        let (claim, path) = (claim.label(), path.display().to_string());
-        move |source| PrepareError::Io {
-            claim,
-            path,
-            source,
-        }
-    };
     for (path, text) in [
         (&files.cdi_spec, &done.cdi_spec_text),
         (&files.limit_file, &done.limit_file_text),
@@ -91,10 +93,11 @@ fn restore_files(claim: &ClaimRef, done: &PreparedClaim) -> Result<bool, Prepare
         let Some(text) = text else {
             return Ok(false);
         };
-        write_atomically(path, text.as_bytes()).map_err(io(path))?;
+        write_atomically(path, text.as_bytes()).map_err(io_error(claim, path))?;
         tracing::info!(claim = %claim.label(), path = %path.display(), "wrote a prepared claim's file again");
     }
-    std::fs::create_dir_all(&files.accounting_dir).map_err(io(&files.accounting_dir))?;
+    std::fs::create_dir_all(&files.accounting_dir)
+        .map_err(io_error(claim, &files.accounting_dir))?;
     Ok(true)
 }
 
@@ -220,23 +223,16 @@ impl Driver {
             limit_file: plan.edits.host_limit_file.clone(),
             accounting_dir: plan.edits.host_accounting_dir.clone(),
         };
-        let io = |path: &Path| {
-            let claim = claim.label();
-            let path = path.display().to_string();
-            move |source| PrepareError::Io {
-                claim,
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(&files.accounting_dir).map_err(io(&files.accounting_dir))?;
+        std::fs::create_dir_all(&files.accounting_dir)
+            .map_err(io_error(claim, &files.accounting_dir))?;
         write_atomically(&files.limit_file, plan.limit_file.as_bytes())
-            .map_err(io(&files.limit_file))?;
+            .map_err(io_error(claim, &files.limit_file))?;
         let spec = cdi::spec_json(&claim.uid, &plan.edits).map_err(|e| PrepareError::Spec {
             claim: claim.label(),
             detail: e.to_string(),
         })?;
-        write_atomically(&files.cdi_spec, spec.as_bytes()).map_err(io(&files.cdi_spec))?;
+        write_atomically(&files.cdi_spec, spec.as_bytes())
+            .map_err(io_error(claim, &files.cdi_spec))?;
 
         let mut cdi_device_ids = vec![cdi::device_id(&claim.uid)];
         cdi_device_ids.extend(plan.edits.cdi_devices.iter().cloned());
@@ -296,21 +292,13 @@ impl Driver {
         };
         let files = &prepared.files;
         for file in [&files.cdi_spec, &files.limit_file] {
-            remove_file(file).map_err(|source| PrepareError::Io {
-                claim: claim.label(),
-                path: file.display().to_string(),
-                source,
-            })?;
+            remove_file(file).map_err(io_error(claim, file))?;
         }
         match std::fs::remove_dir_all(&files.accounting_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(PrepareError::Io {
-                    claim: claim.label(),
-                    path: files.accounting_dir.display().to_string(),
-                    source,
-                });
+                return Err(io_error(claim, &files.accounting_dir)(source));
             }
         }
         state.claims.remove(&claim.uid);
@@ -349,60 +337,12 @@ impl Driver {
     /// that GPU; `samples` must carry pod UIDs).
     pub async fn grants_by_gpu(&self, samples: &[GpuSample]) -> BTreeMap<String, GrantsOnGpu> {
         let state = self.state.lock().await;
-        grants_by_gpu(state.claims.values(), samples)
+        let claims = state.claims.values().map(|c| ClaimUse {
+            limits: &c.limits,
+            pods: c.pods.iter().map(|p| p.uid.as_str()).collect(),
+        });
+        grants_by_gpu(claims, samples)
     }
-}
-
-/// [`Driver::grants_by_gpu`] over plain values.
-///
-/// What a pod's processes use on a GPU cannot be told apart by claim, so claims on one GPU
-/// that share a pod are counted together: their grants less what their pods use there.
-/// Counting each claim against all of its pods' use would credit one pod's use to every claim
-/// it holds, and hide the rest of the grants.
-pub fn grants_by_gpu<'a>(
-    claims: impl Iterator<Item = &'a PreparedClaim>,
-    samples: &[GpuSample],
-) -> BTreeMap<String, GrantsOnGpu> {
-    // Per GPU: groups of claims linked by a shared pod, as (granted, pod UIDs).
-    let mut groups: BTreeMap<&str, Vec<(u64, Vec<&str>)>> = BTreeMap::new();
-    for claim in claims {
-        let pods: Vec<&str> = claim.pods.iter().map(|p| p.uid.as_str()).collect();
-        for (uuid, granted) in &claim.limits {
-            let on_gpu = groups.entry(uuid.as_str()).or_default();
-            let mut merged = (*granted, pods.clone());
-            let mut kept = Vec::with_capacity(on_gpu.len() + 1);
-            for group in on_gpu.drain(..) {
-                if group.1.iter().any(|p| merged.1.contains(p)) {
-                    merged.0 = merged.0.saturating_add(group.0);
-                    merged
-                        .1
-                        .extend(group.1.into_iter().filter(|p| !pods.contains(p)));
-                } else {
-                    kept.push(group);
-                }
-            }
-            kept.push(merged);
-            *on_gpu = kept;
-        }
-    }
-    let mut out: BTreeMap<String, GrantsOnGpu> = BTreeMap::new();
-    for (uuid, on_gpu) in groups {
-        let entry = out.entry(uuid.to_string()).or_default();
-        for (granted, pods) in on_gpu {
-            let used: u64 = samples
-                .iter()
-                .filter(|s| s.uuid == uuid)
-                .flat_map(|s| &s.processes)
-                .filter(|p| p.pod_uid.as_deref().is_some_and(|uid| pods.contains(&uid)))
-                .map(|p| p.used_bytes)
-                .sum();
-            entry.granted = entry.granted.saturating_add(granted);
-            entry.unobserved = entry
-                .unobserved
-                .saturating_add(unobserved_part(granted, Some(used)));
-        }
-    }
-    out
 }
 
 impl std::fmt::Debug for Driver {
@@ -417,87 +357,5 @@ fn remove_file(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vramslice_core::node::sample::{Health, ProcessSample};
-
-    const GIB: u64 = 1 << 30;
-
-    #[test]
-    fn a_claims_use_is_its_pods_processes_on_its_gpu() {
-        let claim = PreparedClaim {
-            namespace: "ml".into(),
-            name: "llm".into(),
-            limits: vec![("GPU-0".into(), 8 * GIB)],
-            pods: vec![PreparedPod {
-                name: "llm-0".into(),
-                uid: "pod-a".into(),
-            }],
-            devices: Vec::new(),
-            files: PreparedFiles {
-                cdi_spec: "/x".into(),
-                limit_file: "/y".into(),
-                accounting_dir: "/z".into(),
-            },
-            cdi_spec_text: None,
-            limit_file_text: None,
-        };
-        let process = |pid, used, pod: Option<&str>| ProcessSample {
-            pid,
-            used_bytes: used,
-            pod_uid: pod.map(str::to_string),
-        };
-        let sample = GpuSample {
-            index: 0,
-            uuid: "GPU-0".into(),
-            model: "H100".into(),
-            total_bytes: 80 * GIB,
-            used_bytes: 21 * GIB,
-            free_bytes: 59 * GIB,
-            health: Health::Healthy,
-            processes: vec![
-                process(1, 3 * GIB, Some("pod-a")),
-                process(2, 2 * GIB, Some("pod-a")),
-                process(3, 16 * GIB, None),
-            ],
-        };
-        let grants = grants_by_gpu([&claim].into_iter(), std::slice::from_ref(&sample));
-        assert_eq!(
-            grants["GPU-0"],
-            GrantsOnGpu {
-                granted: 8 * GIB,
-                unobserved: 3 * GIB
-            }
-        );
-
-        // Two claims of one pod on the GPU (one container uses each): the pod's 5 GiB cannot
-        // be told apart by claim, so the two 8 GiB grants are 16 GiB less 5 used, not each
-        // 8 GiB less the pod's whole 5 GiB.
-        let second = PreparedClaim {
-            name: "llm-kv".into(),
-            ..claim.clone()
-        };
-        // And a claim of another pod, counted on its own (its pod uses nothing yet).
-        let other = PreparedClaim {
-            name: "embed".into(),
-            pods: vec![PreparedPod {
-                name: "embed-0".into(),
-                uid: "pod-b".into(),
-            }],
-            limits: vec![("GPU-0".into(), 2 * GIB)],
-            ..claim.clone()
-        };
-        let grants = grants_by_gpu([&claim, &other, &second].into_iter(), &[sample]);
-        assert_eq!(
-            grants["GPU-0"],
-            GrantsOnGpu {
-                granted: 18 * GIB,
-                unobserved: 11 * GIB + 2 * GIB
-            }
-        );
     }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::container::limit::{GpuLimits, GpuLimitsError, gpu_limits_file_content};
-use crate::effective_free::claimable_capacity;
+use crate::effective_free::{claimable_capacity, unobserved_part};
 use crate::node::allocation::{AllocationSettings, ContainerEdits, container_edits};
 use crate::node::sample::{GpuSample, Health};
 
@@ -84,6 +84,67 @@ pub struct GrantsOnGpu {
     /// What those claims may still allocate that the measurement cannot show
     /// (sum of [`crate::effective_free::unobserved_part`]).
     pub unobserved: u64,
+}
+
+/// A prepared claim as the capacity rule sees it: what it was granted on each GPU (UUID,
+/// bytes) and the UIDs of the pods it is reserved for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimUse<'a> {
+    /// GPU UUID → bytes granted.
+    pub limits: &'a [(String, u64)],
+    /// UIDs of the pods the claim is reserved for.
+    pub pods: Vec<&'a str>,
+}
+
+/// What prepared claims hold on each GPU: granted bytes, and what they may still take unseen
+/// (their grants less what the processes of their pods use on that GPU; `samples` must carry
+/// pod UIDs).
+///
+/// What a pod's processes use on a GPU cannot be told apart by claim, so claims on one GPU
+/// that share a pod are counted together: their grants less what their pods use there.
+/// Counting each claim against all of its pods' use would credit one pod's use to every claim
+/// it holds, and hide the rest of the grants.
+pub fn grants_by_gpu<'a>(
+    claims: impl IntoIterator<Item = ClaimUse<'a>>,
+    samples: &[GpuSample],
+) -> BTreeMap<String, GrantsOnGpu> {
+    // Per GPU: groups of claims linked by a shared pod, as (granted, pod UIDs).
+    let mut groups: BTreeMap<&str, Vec<(u64, Vec<&str>)>> = BTreeMap::new();
+    for claim in claims {
+        for (uuid, granted) in claim.limits {
+            let on_gpu = groups.entry(uuid.as_str()).or_default();
+            let mut merged = (*granted, claim.pods.clone());
+            on_gpu.retain(|(bytes, pods)| {
+                let linked = pods.iter().any(|p| merged.1.contains(p));
+                if linked {
+                    merged.0 = merged.0.saturating_add(*bytes);
+                    merged
+                        .1
+                        .extend(pods.iter().filter(|p| !claim.pods.contains(p)));
+                }
+                !linked
+            });
+            on_gpu.push(merged);
+        }
+    }
+    let mut out: BTreeMap<String, GrantsOnGpu> = BTreeMap::new();
+    for (uuid, on_gpu) in groups {
+        let entry = out.entry(uuid.to_string()).or_default();
+        for (granted, pods) in on_gpu {
+            let used: u64 = samples
+                .iter()
+                .filter(|s| s.uuid == uuid)
+                .flat_map(|s| &s.processes)
+                .filter(|p| p.pod_uid.as_deref().is_some_and(|uid| pods.contains(&uid)))
+                .map(|p| p.used_bytes)
+                .sum();
+            entry.granted = entry.granted.saturating_add(granted);
+            entry.unobserved = entry
+                .unobserved
+                .saturating_add(unobserved_part(granted, Some(used)));
+        }
+    }
+    out
 }
 
 /// The slice's devices: every GPU, its memory counted in whole `step`s and its capacity by the

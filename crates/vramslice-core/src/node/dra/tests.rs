@@ -269,3 +269,66 @@ fn driver_versions_become_semantic_versions() {
         assert_eq!(driver_version_semver(raw).as_deref(), want, "{raw:?}");
     }
 }
+
+#[test]
+fn a_claims_use_is_its_pods_processes_on_its_gpu() {
+    let limits = [("GPU-0".to_string(), 8 * GIB)];
+    let llm = || ClaimUse {
+        limits: &limits,
+        pods: vec!["pod-a"],
+    };
+    let process = |pid, used, pod: Option<&str>| ProcessSample {
+        pid,
+        used_bytes: used,
+        pod_uid: pod.map(str::to_string),
+    };
+    let mut gpu = sample(0, 80 * GIB, 59 * GIB, true);
+    gpu.processes = vec![
+        process(1, 3 * GIB, Some("pod-a")),
+        process(2, 2 * GIB, Some("pod-a")),
+        process(3, 16 * GIB, None),
+    ];
+    let gpus = std::slice::from_ref(&gpu);
+    let grants = grants_by_gpu([llm()], gpus);
+    assert_eq!(
+        grants["GPU-0"],
+        GrantsOnGpu {
+            granted: 8 * GIB,
+            unobserved: 3 * GIB
+        }
+    );
+
+    // Two claims of one pod on the GPU (one container uses each): the pod's 5 GiB cannot be
+    // told apart by claim, so the two 8 GiB grants are 16 GiB less 5 used, not each 8 GiB less
+    // the pod's whole 5 GiB. A claim of another pod (using nothing yet) counts on its own.
+    let other_limits = [("GPU-0".to_string(), 2 * GIB)];
+    let other = ClaimUse {
+        limits: &other_limits,
+        pods: vec!["pod-b"],
+    };
+    let grants = grants_by_gpu([llm(), other, llm()], gpus);
+    assert_eq!(
+        grants["GPU-0"],
+        GrantsOnGpu {
+            granted: 18 * GIB,
+            unobserved: 11 * GIB + 2 * GIB
+        }
+    );
+    // A claim linking two groups (reserved for both pods) joins them.
+    let both = ClaimUse {
+        limits: &other_limits,
+        pods: vec!["pod-a", "pod-b"],
+    };
+    let other = ClaimUse {
+        limits: &other_limits,
+        pods: vec!["pod-b"],
+    };
+    let grants = grants_by_gpu([llm(), other, both], gpus);
+    assert_eq!(
+        grants["GPU-0"],
+        GrantsOnGpu {
+            granted: 12 * GIB,
+            unobserved: 12 * GIB - 5 * GIB
+        }
+    );
+}
