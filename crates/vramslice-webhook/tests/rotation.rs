@@ -140,18 +140,38 @@ fn cfg() -> SelfSigned {
     }
 }
 
-fn secret_value(state: &Arc<Mutex<ApiState>>, key: &str) -> String {
-    let s = state.lock().unwrap();
-    let b64 = s.secret["data"][key]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+/// Base64 text (a Secret's data, a caBundle) decoded.
+fn decoded(b64: &str) -> String {
     String::from_utf8(
         base64::engine::general_purpose::STANDARD
             .decode(b64)
             .unwrap(),
     )
     .unwrap()
+}
+
+fn secret_value(state: &Arc<Mutex<ApiState>>, key: &str) -> String {
+    let b64 = state.lock().unwrap().secret["data"][key]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    decoded(&b64)
+}
+
+/// The CA bundle `state`'s configuration trusts, decoded.
+fn mwc_bundle(state: &Arc<Mutex<ApiState>>) -> String {
+    let b64 = state.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    decoded(&b64)
+}
+
+/// One check of a replica serving from `slot`, at `at`.
+async fn check(c: &kube::Client, slot: &CertSlot, at: i64) -> CheckResult {
+    check_self_signed(c, &cfg(), slot, &WebhookMetrics::default(), at)
+        .await
+        .unwrap()
 }
 
 const NOW: i64 = 1_800_000_000;
@@ -173,16 +193,7 @@ async fn first_check_fills_secret_and_ca_bundle_then_settles() {
         Some(tls_cert.as_str()),
         "the stored certificate is served"
     );
-    let bundle_b64 = api.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let bundle = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(bundle_b64)
-            .unwrap(),
-    )
-    .unwrap();
+    let bundle = mwc_bundle(&api);
     assert_eq!(bundle, secret_value(&api, keys::CA_BUNDLE));
     assert_eq!(metrics.cert_expiry.get(), NOW + 90 * 86_400);
     assert_eq!(
@@ -237,9 +248,7 @@ async fn a_lost_race_is_a_conflict_and_the_winner_is_adopted() {
     let c = client(api.clone());
     api.lock().unwrap().refuse_updates = true;
     let loser = CertSlot::new();
-    let r = check_self_signed(&c, &cfg(), &loser, &WebhookMetrics::default(), NOW)
-        .await
-        .unwrap();
+    let r = check(&c, &loser, NOW).await;
     assert_eq!(r, CheckResult::Conflict);
     assert_eq!(
         loser.current_pem(),
@@ -249,12 +258,8 @@ async fn a_lost_race_is_a_conflict_and_the_winner_is_adopted() {
 
     api.lock().unwrap().refuse_updates = false;
     let winner = CertSlot::new();
-    check_self_signed(&c, &cfg(), &winner, &WebhookMetrics::default(), NOW)
-        .await
-        .unwrap();
-    let r = check_self_signed(&c, &cfg(), &loser, &WebhookMetrics::default(), NOW + 5)
-        .await
-        .unwrap();
+    check(&c, &winner, NOW).await;
+    let r = check(&c, &loser, NOW + 5).await;
     assert_eq!(r, CheckResult::Current);
     assert_eq!(
         loser.current_pem(),
@@ -279,34 +284,12 @@ async fn a_missing_secret_is_a_clear_error() {
     );
 }
 
-/// The CA bundle `state`'s configuration trusts, decoded.
-fn mwc_bundle(state: &Arc<Mutex<ApiState>>) -> String {
-    let b64 = state.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap(),
-    )
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_replica_never_writes_an_older_ca_bundle_over_a_renewed_one() {
     use vramslice_webhook::certs::{CertSettings, Plan, StoredCerts, renew};
     let api = fake_api();
     let c = client(api.clone());
-    check_self_signed(
-        &c,
-        &cfg(),
-        &CertSlot::new(),
-        &WebhookMetrics::default(),
-        NOW,
-    )
-    .await
-    .unwrap();
+    check(&c, &CertSlot::new(), NOW).await;
     let first_bundle = mwc_bundle(&api);
     // Replica A renews the CA: the Secret holds the new CA, the bundle trusts new and old.
     let names: Vec<String> = api.lock().unwrap().secret["data"]
@@ -352,16 +335,12 @@ async fn a_replica_never_writes_an_older_ca_bundle_over_a_renewed_one() {
         bump(&mut s.mwc);
     }));
     let b = CertSlot::new();
-    let r = check_self_signed(&c, &cfg(), &b, &WebhookMetrics::default(), NOW + 3600)
-        .await
-        .unwrap();
+    let r = check(&c, &b, NOW + 3600).await;
     assert_eq!(r, CheckResult::Conflict, "B holds an outdated bundle");
     assert_eq!(mwc_bundle(&api), new_bundle, "A's bundle stays");
     assert_eq!(b.current_pem(), None, "B serves nothing from what it read");
     // B's next check adopts A's certificates.
-    let r = check_self_signed(&c, &cfg(), &b, &WebhookMetrics::default(), NOW + 3605)
-        .await
-        .unwrap();
+    let r = check(&c, &b, NOW + 3605).await;
     assert_eq!(r, CheckResult::Current);
     assert_eq!(b.current_pem().as_deref(), Some(renewed.tls_cert.as_str()));
     assert_eq!(mwc_bundle(&api), new_bundle);
@@ -371,44 +350,20 @@ async fn a_replica_never_writes_an_older_ca_bundle_over_a_renewed_one() {
 async fn a_configuration_changed_between_read_and_patch_is_a_conflict() {
     let api = fake_api();
     let c = client(api.clone());
-    check_self_signed(
-        &c,
-        &cfg(),
-        &CertSlot::new(),
-        &WebhookMetrics::default(),
-        NOW,
-    )
-    .await
-    .unwrap();
+    check(&c, &CertSlot::new(), NOW).await;
     let bundle = mwc_bundle(&api);
     // The bundle lost (someone edited the configuration), and written again by another
     // replica between this one's read and its patch.
     api.lock().unwrap().mwc["webhooks"][0]["clientConfig"]["caBundle"] = json!("");
     api.lock().unwrap().on_mwc_get = Some(Box::new(|s: &mut ApiState| bump(&mut s.mwc)));
-    let r = check_self_signed(
-        &c,
-        &cfg(),
-        &CertSlot::new(),
-        &WebhookMetrics::default(),
-        NOW + 60,
-    )
-    .await
-    .unwrap();
+    let r = check(&c, &CertSlot::new(), NOW + 60).await;
     assert_eq!(
         r,
         CheckResult::Conflict,
         "the patch's resourceVersion was stale"
     );
     // The next check reads the configuration again and mends it.
-    let r = check_self_signed(
-        &c,
-        &cfg(),
-        &CertSlot::new(),
-        &WebhookMetrics::default(),
-        NOW + 61,
-    )
-    .await
-    .unwrap();
+    let r = check(&c, &CertSlot::new(), NOW + 61).await;
     assert_eq!(r, CheckResult::Current);
     assert_eq!(mwc_bundle(&api), bundle);
 }
