@@ -221,6 +221,13 @@ async fn connect(path: &Path) -> Channel {
         .unwrap()
 }
 
+/// The kubelet's NodePrepareResources of claim ml/llm (UID uid-1).
+fn prepare_llm() -> NodePrepareResourcesRequest {
+    NodePrepareResourcesRequest {
+        claims: vec![kubelet_claim("llm", "uid-1")],
+    }
+}
+
 fn kubelet_claim(name: &str, uid: &str) -> Claim {
     Claim {
         namespace: "ml".into(),
@@ -261,11 +268,7 @@ async fn a_prepared_claim_gets_its_limit_guard_and_gpu_through_its_cdi_spec() {
     let node = Node::new();
     node.claims.put(claim("llm", "uid-1", &[("gpu-1", "6Gi")]));
     let (_stop, _task) = node.start().await;
-    let answer = node
-        .prepare(NodePrepareResourcesRequest {
-            claims: vec![kubelet_claim("llm", "uid-1")],
-        })
-        .await;
+    let answer = node.prepare(prepare_llm()).await;
     let prepared = &answer.claims["uid-1"];
     assert_eq!(prepared.error, "");
     assert_eq!(prepared.devices.len(), 1);
@@ -321,10 +324,7 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
     let node = Node::new();
     node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
     let (stop, task) = node.start().await;
-    let request = || NodePrepareResourcesRequest {
-        claims: vec![kubelet_claim("llm", "uid-1")],
-    };
-    let first = node.prepare(request()).await;
+    let first = node.prepare(prepare_llm()).await;
     assert_eq!(first.claims["uid-1"].error, "");
     stop.send(true).unwrap();
     task.await.unwrap();
@@ -334,7 +334,7 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
     // repeated prepare is answered from the checkpoint, with the same devices.
     node.claims.claims.lock().unwrap().clear();
     let (_stop, _task) = node.start().await;
-    let again = node.prepare(request()).await;
+    let again = node.prepare(prepare_llm()).await;
     assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
     assert_eq!(
         node.claims.gets.load(Ordering::SeqCst),
@@ -360,13 +360,10 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
 async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its_files_again() {
     let node = Node::new();
     node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
-    let request = || NodePrepareResourcesRequest {
-        claims: vec![kubelet_claim("llm", "uid-1")],
-    };
     let spec_path = node.path("cdi/vramslice.io-claim-uid-1.json");
     let limit_path = node.path("accounting/claim-uid-1.limit");
     let (stop, task) = node.start().await;
-    let first = node.prepare(request()).await;
+    let first = node.prepare(prepare_llm()).await;
     assert_eq!(first.claims["uid-1"].error, "");
     let (spec, limit) = (
         std::fs::read(&spec_path).unwrap(),
@@ -383,7 +380,7 @@ async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its
     std::fs::remove_dir_all(node.path("accounting/claim-uid-1")).unwrap();
     node.claims.claims.lock().unwrap().clear();
     let (_stop, _task) = node.start().await;
-    let again = node.prepare(request()).await;
+    let again = node.prepare(prepare_llm()).await;
     assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
     assert_eq!(
         std::fs::read(&spec_path).unwrap(),
@@ -402,12 +399,9 @@ async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its
 async fn a_checkpoint_without_the_files_text_prepares_a_claim_whose_spec_is_gone_from_the_api() {
     let node = Node::new();
     node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
-    let request = || NodePrepareResourcesRequest {
-        claims: vec![kubelet_claim("llm", "uid-1")],
-    };
     let spec_path = node.path("cdi/vramslice.io-claim-uid-1.json");
     let (stop, task) = node.start().await;
-    let first = node.prepare(request()).await;
+    let first = node.prepare(prepare_llm()).await;
     stop.send(true).unwrap();
     task.await.unwrap();
     // A checkpoint written by an earlier version holds no file text.
@@ -420,7 +414,7 @@ async fn a_checkpoint_without_the_files_text_prepares_a_claim_whose_spec_is_gone
     std::fs::remove_file(&spec_path).unwrap();
 
     let (_stop, _task) = node.start().await;
-    let again = node.prepare(request()).await;
+    let again = node.prepare(prepare_llm()).await;
     assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
     assert!(spec_path.exists(), "prepared again from the API");
     assert_eq!(node.claims.gets.load(Ordering::SeqCst), 2);
@@ -445,11 +439,7 @@ async fn a_first_available_alternative_is_prepared_under_the_request_containers_
     results[0].request = "vram/large".into();
     node.claims.put(c);
     let (_stop, _task) = node.start().await;
-    let answer = node
-        .prepare(NodePrepareResourcesRequest {
-            claims: vec![kubelet_claim("llm", "uid-1")],
-        })
-        .await;
+    let answer = node.prepare(prepare_llm()).await;
     let prepared = &answer.claims["uid-1"];
     assert_eq!(prepared.error, "");
     // Containers name `vram` (resources.claims[].request); the kubelet matches by it.
