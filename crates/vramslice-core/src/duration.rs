@@ -33,7 +33,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
             "h" => value * 3600.0,
             _ => return Err(err()),
         };
-        total += Duration::try_from_secs_f64(seconds).map_err(|_| err())?;
+        let part = Duration::try_from_secs_f64(seconds).map_err(|_| err())?;
+        total = total.checked_add(part).ok_or_else(err)?;
         rest = tail;
     }
     Ok(total)
@@ -64,7 +65,8 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "5", "s", "5x", "-1s", "1..2s"] {
+        let overflowing = "10000000000000000000s10000000000000000000s";
+        for bad in ["", "5", "s", "5x", "-1s", "1..2s", overflowing] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
