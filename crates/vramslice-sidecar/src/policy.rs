@@ -66,18 +66,93 @@ pub fn admission_capacity(limit: u64, policy: &Policy) -> u64 {
     scale(limit, policy.high_water.min(1.0)).min(limit)
 }
 
-/// Reservation for a job given what the caller declared, what the profile knows, and `floor`:
-/// the usage that stays when none of this runtime's jobs runs (loaded models, other workers).
+/// What a job asks for before the room it may take is known: what the caller declared and
+/// what the profile (or the first-run rule) estimates. [`Ask::reservation`] turns it into bytes
+/// once the room is known, which is at admission: a job that waits is sized again when it is
+/// admitted, so the room it was cut to when it joined the line is not kept after that room grew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Only a declared need: reserved as is.
+    Declared(u64),
+    /// An estimate (a learned peak × margin, or the first-run fraction of the limit), cut to
+    /// the room; a declared need, when there is one, is its floor.
+    Estimate {
+        /// The estimate before it is cut.
+        bytes: u64,
+        /// Which rule made it ([`ReserveSource::Profile`] or [`ReserveSource::FirstRun`]).
+        source: ReserveSource,
+        /// The declared need, if any.
+        declared: Option<u64>,
+    },
+}
+
+impl From<u64> for Ask {
+    /// A declared need of `bytes`.
+    fn from(bytes: u64) -> Self {
+        Ask::Declared(bytes)
+    }
+}
+
+impl Ask {
+    /// The reservation when `room` bytes can be taken while this runtime is idle (the capacity
+    /// less the floor, see [`reserve`]). An estimate is cut to the room (at least 1 byte), so it
+    /// never asks for memory that cannot free while this runtime is idle (such a job then runs
+    /// alone). A declared need is kept as is: the admission queue refuses it as never fitting
+    /// when it exceeds the capacity, which is the clear error the caller needs.
+    pub fn reservation(self, room: u64) -> Reservation {
+        match self {
+            Ask::Declared(bytes) => Reservation {
+                bytes,
+                source: ReserveSource::Declared,
+            },
+            Ask::Estimate {
+                bytes,
+                source,
+                declared,
+            } => {
+                let cut = bytes.min(room.max(1));
+                match declared {
+                    Some(d) if d >= cut => Reservation {
+                        bytes: d,
+                        source: ReserveSource::Declared,
+                    },
+                    _ => Reservation { bytes: cut, source },
+                }
+            }
+        }
+    }
+}
+
+/// What a job asks for given what the caller declared and what the profile knows:
 ///
-/// - declared and learned: the larger of the declared need and `peak × margin`;
+/// - declared and learned: the larger of the declared need and `peak × margin` (cut to the room);
 /// - declared only: the declared need;
-/// - learned only: `peak × margin`;
-/// - neither: `limit × first_run_fraction`.
-///
-/// A learned or first-run amount is capped at `capacity − floor` (at least 1 byte), so it never
-/// asks for memory that cannot free while this runtime is idle (such a job then runs alone). A
-/// declared need is kept as is: the admission queue refuses it as never fitting when it exceeds
-/// the capacity, which is the clear error the caller needs.
+/// - learned only: `peak × margin` (cut to the room);
+/// - neither: `limit × first_run_fraction` (cut to the room).
+pub fn ask(declared: Option<u64>, learned_peak: Option<u64>, limit: u64, policy: &Policy) -> Ask {
+    match (declared, learned_peak) {
+        (Some(d), None) => Ask::Declared(d),
+        (declared, Some(peak)) => Ask::Estimate {
+            bytes: scale(peak, policy.peak_margin),
+            source: ReserveSource::Profile,
+            declared,
+        },
+        (None, None) => Ask::Estimate {
+            bytes: scale(limit, policy.first_run_fraction),
+            source: ReserveSource::FirstRun,
+            declared: None,
+        },
+    }
+}
+
+/// The room a job may take: `capacity − floor`, where `floor` is the usage that stays when none
+/// of this runtime's jobs runs (loaded models, other workers).
+pub fn room(limit: u64, floor: u64, policy: &Policy) -> u64 {
+    admission_capacity(limit, policy).saturating_sub(floor)
+}
+
+/// Reservation for a job now, given what the caller declared, what the profile knows, and
+/// `floor` (see [`ask`], [`room`] and [`Ask::reservation`]).
 pub fn reserve(
     declared: Option<u64>,
     learned_peak: Option<u64>,
@@ -85,28 +160,7 @@ pub fn reserve(
     floor: u64,
     policy: &Policy,
 ) -> Reservation {
-    let room = admission_capacity(limit, policy)
-        .saturating_sub(floor)
-        .max(1);
-    let learned = learned_peak.map(|p| scale(p, policy.peak_margin).min(room));
-    match (declared, learned) {
-        (Some(d), Some(l)) if l > d => Reservation {
-            bytes: l,
-            source: ReserveSource::Profile,
-        },
-        (Some(d), _) => Reservation {
-            bytes: d,
-            source: ReserveSource::Declared,
-        },
-        (None, Some(l)) => Reservation {
-            bytes: l,
-            source: ReserveSource::Profile,
-        },
-        (None, None) => Reservation {
-            bytes: scale(limit, policy.first_run_fraction).min(room),
-            source: ReserveSource::FirstRun,
-        },
-    }
+    ask(declared, learned_peak, limit, policy).reservation(room(limit, floor, policy))
 }
 
 /// The peak to record after a job failed with out-of-memory: the larger of what was recorded

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::policy::human;
+use crate::policy::{Ask, Reservation, human};
 
 /// Identifies one admission request within a runtime.
 pub type JobId = u64;
@@ -71,8 +71,8 @@ pub struct AdmissionQueue {
     capacity: u64,
     max_queued: usize,
     baseline: u64,
-    running: BTreeMap<JobId, u64>,
-    waiting: VecDeque<(JobId, u64)>,
+    running: BTreeMap<JobId, Reservation>,
+    waiting: VecDeque<(JobId, Ask)>,
 }
 
 impl AdmissionQueue {
@@ -108,7 +108,7 @@ impl AdmissionQueue {
     pub fn reserved(&self) -> u64 {
         self.running
             .values()
-            .fold(0u64, |a, b| a.saturating_add(*b))
+            .fold(0u64, |a, b| a.saturating_add(b.bytes))
     }
 
     /// Memory counted as held, given live usage.
@@ -131,6 +131,12 @@ impl AdmissionQueue {
         }
     }
 
+    /// What a job may take at most, given live usage: the capacity less the [floor](Self::floor).
+    /// An estimated need is cut to it when the job is admitted.
+    pub fn room(&self, live: u64) -> u64 {
+        self.capacity.saturating_sub(self.floor(live))
+    }
+
     /// Bytes still admissible below the high-water mark.
     pub fn free(&self, live: u64) -> u64 {
         self.capacity.saturating_sub(self.held(live))
@@ -151,6 +157,17 @@ impl AdmissionQueue {
         self.running.contains_key(&id)
     }
 
+    /// What running job `id` reserved when it was admitted.
+    pub fn reservation(&self, id: JobId) -> Option<Reservation> {
+        self.running.get(&id).copied()
+    }
+
+    /// The most `ask` could reserve (with nothing else in use): more than the capacity means
+    /// it can never run.
+    fn largest(&self, ask: Ask) -> u64 {
+        ask.reservation(self.capacity).bytes
+    }
+
     /// Whether `id` waits.
     pub fn is_waiting(&self, id: JobId) -> bool {
         self.waiting.iter().any(|(w, _)| *w == id)
@@ -160,53 +177,64 @@ impl AdmissionQueue {
         self.held(live).saturating_add(need) <= self.capacity
     }
 
-    fn start(&mut self, id: JobId, need: u64, live: u64) {
+    fn start(&mut self, id: JobId, reservation: Reservation, live: u64) {
         if self.running.is_empty() {
             self.baseline = live;
         }
-        self.running.insert(id, need);
+        self.running.insert(id, reservation);
     }
 
-    /// Ask to run job `id` needing `need` bytes with `live` bytes in use now.
-    pub fn request(&mut self, id: JobId, need: u64, live: u64) -> Result<Verdict, Refusal> {
-        if need > self.capacity {
+    /// Ask to run job `id` asking for `ask` (a declared byte count converts) with `live` bytes
+    /// in use now. Its reservation is decided when it is admitted ([`Self::reservation`]).
+    pub fn request(
+        &mut self,
+        id: JobId,
+        ask: impl Into<Ask>,
+        live: u64,
+    ) -> Result<Verdict, Refusal> {
+        let ask = ask.into();
+        let largest = self.largest(ask);
+        if largest > self.capacity {
             return Err(Refusal::NeverFits {
-                need,
+                need: largest,
                 limit: self.limit,
                 capacity: self.capacity,
             });
         }
-        if self.waiting.is_empty() && self.fits(need, live) {
-            self.start(id, need, live);
+        let now = ask.reservation(self.room(live));
+        if self.waiting.is_empty() && self.fits(now.bytes, live) {
+            self.start(id, now, live);
             return Ok(Verdict::Admitted);
         }
         if self.waiting.len() >= self.max_queued {
             return Err(Refusal::QueueFull {
-                need,
+                need: now.bytes,
                 free: self.free(live),
                 queued: self.waiting.len(),
             });
         }
-        self.waiting.push_back((id, need));
+        self.waiting.push_back((id, ask));
         Ok(Verdict::Queued {
             position: self.waiting.len() - 1,
         })
     }
 
-    /// Admit waiting jobs from the head while they fit; returns the admitted IDs in order.
+    /// Admit waiting jobs from the head while they fit, each sized with the room there is now;
+    /// returns the admitted IDs in order.
     pub fn pump(&mut self, live: u64) -> Vec<JobId> {
         let mut admitted = Vec::new();
-        while let Some(&(id, need)) = self.waiting.front() {
-            if need > self.capacity {
+        while let Some(&(id, ask)) = self.waiting.front() {
+            if self.largest(ask) > self.capacity {
                 // The limit shrank under it: it can never run. Its waiter sees it gone.
                 self.waiting.pop_front();
                 continue;
             }
-            if !self.fits(need, live) {
+            let now = ask.reservation(self.room(live));
+            if !self.fits(now.bytes, live) {
                 break;
             }
             self.waiting.pop_front();
-            self.start(id, need, live);
+            self.start(id, now, live);
             admitted.push(id);
         }
         admitted
@@ -233,6 +261,7 @@ impl AdmissionQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ReserveSource;
     use proptest::prelude::*;
 
     const GIB: u64 = 1 << 30;
@@ -292,6 +321,25 @@ mod tests {
         assert_eq!(q.pump(0), Vec::<JobId>::new());
         q.release(1, 0);
         assert_eq!(q.pump(0), vec![2, 3]);
+    }
+
+    #[test]
+    fn an_estimate_is_sized_when_it_is_admitted_not_when_it_joins() {
+        let mut q = q(); // capacity 8.5 GiB
+        let est = Ask::Estimate {
+            bytes: 8 * GIB,
+            source: ReserveSource::FirstRun,
+            declared: None,
+        };
+        q.request(1, 2 * GIB, 4 * GIB).unwrap(); // baseline 4 GiB: room 4.5 GiB
+        assert_eq!(
+            q.request(2, est, 4 * GIB),
+            Ok(Verdict::Queued { position: 0 })
+        );
+        q.release(1, 0); // the 4 GiB went too
+        assert_eq!(q.pump(0), vec![2]);
+        assert_eq!(q.reservation(2).map(|r| r.bytes), Some(8 * GIB));
+        assert_eq!(q.request(3, GIB, 0), Ok(Verdict::Queued { position: 0 }));
     }
 
     #[test]
@@ -373,6 +421,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Request(u64),
+        Estimate(u64),
         Release(usize),
         Cancel(usize),
         Pump,
@@ -381,6 +430,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (1u64..6).prop_map(|g| Op::Request(g * GIB / 2)),
+            (1u64..10).prop_map(|g| Op::Estimate(g * GIB / 2)),
             (0usize..20).prop_map(Op::Release),
             (0usize..20).prop_map(Op::Cancel),
             Just(Op::Pump),
@@ -403,11 +453,18 @@ mod tests {
                         ids.push(next);
                         if let Ok(Verdict::Admitted) = q.request(next, n, 0) { order.push(next) }
                     }
+                    Op::Estimate(n) => {
+                        next += 1;
+                        ids.push(next);
+                        let ask = Ask::Estimate { bytes: n, source: ReserveSource::FirstRun, declared: None };
+                        if let Ok(Verdict::Admitted) = q.request(next, ask, 0) { order.push(next) }
+                    }
                     Op::Release(i) => { if let Some(id) = ids.get(i) { q.release(*id, 0); } }
                     Op::Cancel(i) => { if let Some(id) = ids.get(i) { q.cancel(*id); } }
                     Op::Pump => {
                         order.extend(q.pump(0));
-                        if let Some(&(_, need)) = q.waiting.front() {
+                        if let Some(&(_, ask)) = q.waiting.front() {
+                            let need = ask.reservation(q.room(0)).bytes;
                             prop_assert!(q.held(0) + need > q.capacity());
                         }
                     }

@@ -430,3 +430,26 @@ fn per_gpu_limits_admit_by_the_named_gpus_slice() {
         .unwrap_err();
     assert!(err.to_string().contains("limit 4.0 GiB"), "{err}");
 }
+
+#[test]
+fn a_waiting_estimate_is_sized_with_the_room_there_is_when_it_is_admitted() {
+    // Regression: a first-run (or learned) reservation was cut to the room when the job joined
+    // the line and kept at that size after the room grew, so jobs admitted beside it overbooked.
+    let (rt, usage) = runtime(10 * GIB, |_| {}); // capacity 8.5 GiB
+    usage.set(4 * GIB); // another worker's 4 GiB, freed later
+    let a = rt.admit_blocking(&Job::new("a").need(2 * GIB)).unwrap();
+    let rt2 = rt.clone();
+    // No profile: asks for 8 GiB (80 %), only 4.5 GiB of room now, and 2 GiB of it taken.
+    let waiter = std::thread::spawn(move || rt2.admit_blocking(&Job::new("x")).unwrap());
+    wait_until("x queued", || rt.stats().queued == 1);
+    usage.set(0);
+    drop(a);
+    let x = waiter.join().unwrap();
+    assert_eq!(x.source(), ReserveSource::FirstRun);
+    assert_eq!(x.reserved(), 8 * GIB, "sized with the room at admission");
+    let small = Job::new("y").need(GIB).timeout(Duration::from_millis(50));
+    assert!(
+        matches!(rt.admit_blocking(&small), Err(AdmitError::Timeout { .. })),
+        "8 GiB + 1 GiB is past the 8.5 GiB capacity"
+    );
+}

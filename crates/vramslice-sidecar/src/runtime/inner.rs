@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::job::Job;
 use crate::metrics::Metrics;
-use crate::policy::{self, ReserveSource};
+use crate::policy::{self, Ask, Reservation};
 use crate::profile::Profiles;
 use crate::queue::{AdmissionQueue, JobId, Refusal, Verdict};
 use crate::usage::{UsageError, UsageSource};
@@ -50,16 +50,16 @@ pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 pub(super) enum Progress {
-    Admitted,
+    Admitted(Reservation),
     Waiting,
     Gone,
 }
 
-/// A job in line: its place, what admitting it reserves, and when it gives up.
+/// A job in line: its place, what it asks for (sized when it is admitted), and when it gives
+/// up.
 pub(super) struct Waiting {
     pub(super) ticket: Ticket,
-    pub(super) need: u64,
-    pub(super) source: ReserveSource,
+    pub(super) ask: Ask,
     pub(super) deadline: Instant,
 }
 
@@ -146,22 +146,15 @@ impl Inner {
     /// Where a job in line stands now: the one decision both admission loops wait on.
     pub(super) fn look(&self, waiting: Waiting, job: &Job) -> Look {
         match self.progress(waiting.ticket.id) {
-            Progress::Admitted => {
-                let Waiting {
-                    ticket,
-                    need,
-                    source,
-                    ..
-                } = waiting;
-                return Look::Done(Ok(ticket.into_permit(job, need, source)));
+            Progress::Admitted(r) => {
+                return Look::Done(Ok(waiting.ticket.into_permit(job, r.bytes, r.source)));
             }
-            Progress::Gone => return Look::Done(Err(self.gone(job, waiting.need))),
+            Progress::Gone => return Look::Done(Err(self.gone(job, waiting.ask))),
             Progress::Waiting => {}
         }
         let now = Instant::now();
         if now >= waiting.deadline {
-            let need = waiting.need;
-            return Look::Done(Err(self.time_out(waiting.ticket, job, need)));
+            return Look::Done(Err(self.time_out(waiting.ticket, job, waiting.ask)));
         }
         let wait = (waiting.deadline - now).min(self.poll());
         Look::Again(waiting, wait)
@@ -173,8 +166,8 @@ impl Inner {
         if let Some(live) = live {
             self.pump(&mut state, live);
         }
-        if state.queue.is_running(id) {
-            Progress::Admitted
+        if let Some(r) = state.queue.reservation(id) {
+            Progress::Admitted(r)
         } else if state.queue.is_waiting(id) {
             Progress::Waiting
         } else {
@@ -189,17 +182,8 @@ impl Inner {
             key: job.key().to_string(),
             source,
         })?;
-        let (limit, floor) = {
-            let state = lock(&self.state);
-            (state.queue.limit(), state.queue.floor(live))
-        };
-        let r = policy::reserve(
-            job.declared_need(),
-            learned,
-            limit,
-            floor,
-            &self.config.policy,
-        );
+        let limit = lock(&self.state).queue.limit();
+        let ask = policy::ask(job.declared_need(), learned, limit, &self.config.policy);
         if learned.is_some() {
             self.metrics.profile_hits.inc();
         } else {
@@ -207,7 +191,7 @@ impl Inner {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = lock(&self.state);
-        let verdict = state.queue.request(id, r.bytes, live);
+        let verdict = state.queue.request(id, ask, live);
         let ticket = Ticket {
             inner: Arc::clone(self),
             id,
@@ -218,20 +202,24 @@ impl Inner {
             Ok(Verdict::Admitted) => {
                 self.start_job(&mut state, id, live);
                 self.publish(&state);
+                let r = state
+                    .queue
+                    .reservation(id)
+                    .unwrap_or_else(|| ask.reservation(state.queue.room(live)));
                 drop(state);
                 Ok(Enqueued::Now(ticket.into_permit(job, r.bytes, r.source)))
             }
             Ok(Verdict::Queued { position }) => {
+                let need = ask.reservation(state.queue.room(live)).bytes;
                 self.publish(&state);
                 drop(state);
-                tracing::debug!(key = job.key(), need = r.bytes, position, "job queued");
+                tracing::debug!(key = job.key(), need, position, "job queued");
                 // A job's own timeout is cut to a day (`MAX_WAIT`), like the runtime's.
                 let wait = job.admission_timeout().unwrap_or(self.config.queue_timeout);
                 let deadline = ticket.requested + wait.min(crate::config::MAX_WAIT);
                 Ok(Enqueued::Wait(Waiting {
                     ticket,
-                    need: r.bytes,
-                    source: r.source,
+                    ask,
                     deadline,
                 }))
             }
@@ -248,27 +236,27 @@ impl Inner {
         }
     }
 
-    pub(super) fn gone(&self, job: &Job, need: u64) -> AdmitError {
+    pub(super) fn gone(&self, job: &Job, ask: Ask) -> AdmitError {
         self.metrics.rejected.inc();
         let state = lock(&self.state);
         AdmitError::Refused {
             key: job.key().to_string(),
             refusal: Refusal::NeverFits {
-                need,
+                need: ask.reservation(state.queue.capacity()).bytes,
                 limit: state.queue.limit(),
                 capacity: state.queue.capacity(),
             },
         }
     }
 
-    pub(super) fn time_out(&self, ticket: Ticket, job: &Job, need: u64) -> AdmitError {
+    pub(super) fn time_out(&self, ticket: Ticket, job: &Job, ask: Ask) -> AdmitError {
         let waited = ticket.requested.elapsed();
         drop(ticket); // leaves the queue
         self.metrics.rejected.inc();
         let state = lock(&self.state);
         AdmitError::Timeout {
             key: job.key().to_string(),
-            need,
+            need: ask.reservation(state.queue.room(state.last_live)).bytes,
             free: state.queue.free(state.last_live),
             queued: state.queue.queued(),
             waited,
