@@ -181,6 +181,11 @@ impl NativeRuntime {
             // Like the environment, an explicit limit can only lower the container's limit
             // (its limit file and VRAMSLICE_VRAM_LIMIT_BYTES, which the guard enforces).
             let explicit = bytes_of(l)?;
+            if explicit == 0 {
+                return Err(PyValueError::new_err(
+                    "limit=0: expected more than 0 bytes (no job could ever be admitted)",
+                ));
+            }
             c.limit = Some(
                 c.limit
                     .map_or(explicit, |container| container.min(explicit)),

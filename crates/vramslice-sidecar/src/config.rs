@@ -88,6 +88,13 @@ impl Default for Config {
 /// Longer is a mistaken unit, and deadlines far past it would overflow the clock.
 pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The shortest sampling interval other than 0 (no sampling thread).
+pub const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
+
+/// The most out-of-memory retries a runtime accepts: a job that fails this often is not going
+/// to fit, and retrying it for ever holds its caller.
+pub(crate) const MAX_OOM_RETRIES: u32 = 100;
+
 /// A configuration value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{var}={value:?}: {reason}")]
@@ -248,6 +255,25 @@ impl Config {
             if d > MAX_WAIT {
                 return Err(bad(var, keyword, format!("{d:?}"), "longer than a day"));
             }
+        }
+        if !self.sample_interval.is_zero() && self.sample_interval < MIN_SAMPLE_INTERVAL {
+            let expected =
+                "expected 0 (no sampling thread) or at least 1 ms: shorter keeps a CPU busy";
+            return Err(bad(
+                "sample_interval",
+                "sample_interval",
+                format!("{:?}", self.sample_interval),
+                expected,
+            ));
+        }
+        if self.oom_retries > MAX_OOM_RETRIES {
+            let expected = format!("expected at most {MAX_OOM_RETRIES} retries");
+            return Err(bad(
+                env::OOM_RETRIES,
+                "oom_retries",
+                self.oom_retries.to_string(),
+                &expected,
+            ));
         }
         Ok(())
     }

@@ -2,9 +2,9 @@
 //! minimal HTTP/1.1 responder on a background thread (one connection at a time; Prometheus
 //! scrapes are rare and small).
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Serve `GET /metrics` on `addr` (`127.0.0.1:9400`, `0.0.0.0:0`) until the process exits,
 /// answering with what `render` returns (normally [`Runtime::render_metrics`]); returns the
@@ -29,14 +29,27 @@ pub fn serve_metrics(
     Ok(bound)
 }
 
+/// The most a request's head may take: its bytes and its time. One connection is served at a
+/// time, so a client that sends slowly or without end must not hold the endpoint longer.
+const MAX_REQUEST_HEAD: u64 = 16 * 1024;
+const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
+
 fn answer(render: &impl Fn() -> String, stream: TcpStream) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    let deadline = Instant::now() + MAX_REQUEST_TIME;
+    stream.set_read_timeout(Some(MAX_REQUEST_TIME))?;
+    stream.set_write_timeout(Some(MAX_REQUEST_TIME))?;
+    let mut reader = BufReader::new(stream.try_clone()?.take(MAX_REQUEST_HEAD));
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
-    // Drain the headers.
+    // Drain the headers, within the head's size and time.
     let mut line = String::new();
     while reader.read_line(&mut line)? > 2 {
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not finished in 5 s",
+            ));
+        }
         line.clear();
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("");

@@ -275,6 +275,8 @@ fn settings_out_of_range_are_refused_however_they_are_made() {
         |c| c.queue_timeout = Duration::from_secs(5_000_000_000_000_000_000),
         |c| c.backoff = vramslice_sidecar::policy::Backoff::from_base(Duration::MAX),
         |c| c.sample_interval = Duration::from_secs(2 * 24 * 3600),
+        |c| c.sample_interval = Duration::from_nanos(1),
+        |c| c.oom_retries = u32::MAX,
     ] {
         let mut config = Config {
             limit: Some(GIB),

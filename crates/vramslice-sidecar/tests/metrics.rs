@@ -71,3 +71,39 @@ fn metrics_port_serves_prometheus_text() {
     assert!(ok.trim_end().ends_with("# EOF"));
     assert!(get(addr, "/").starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn a_client_that_never_ends_its_request_does_not_hold_the_port() {
+    let rt = Runtime::new(
+        Config {
+            limit: Some(GIB),
+            ..Config::default()
+        },
+        ManualUsage::default(),
+    )
+    .unwrap();
+    let metrics_of = rt.clone();
+    let addr =
+        vramslice_sidecar::serve::serve_metrics(move || metrics_of.render_metrics(), "127.0.0.1:0")
+            .unwrap();
+    // A request line without end, sent as fast as the server reads it.
+    let mut endless = TcpStream::connect(addr).unwrap();
+    let flood = std::thread::spawn(move || {
+        let chunk = [b'a'; 4096];
+        let mut sent = 0usize;
+        while sent < 64 << 20 && endless.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+        sent
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let started = std::time::Instant::now();
+    let ok = get(addr, "/metrics");
+    assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let sent = flood.join().unwrap();
+    assert!(
+        sent < 64 << 20,
+        "the server read the whole flood ({sent} bytes)"
+    );
+}
