@@ -141,6 +141,23 @@ impl NativeCancel {
     }
 }
 
+/// The reclaim hook `Runtime(reclaim=...)` asks for: None → `vramslice.default_cleanup`,
+/// False → none, a callable → it.
+fn reclaim_hook(py: Python<'_>, reclaim: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Py<PyAny>>> {
+    match reclaim {
+        None => Ok(Some(
+            py.import("vramslice")?.getattr("default_cleanup")?.unbind(),
+        )),
+        Some(obj) if obj.is_none() => reclaim_hook(py, None),
+        Some(obj) if obj.is_instance_of::<PyBool>() && !obj.is_truthy()? => Ok(None),
+        Some(obj) if obj.is_callable() => Ok(Some(obj.clone().unbind())),
+        Some(obj) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "reclaim must be a callable taking no argument, None (the default) or False, not {}",
+            obj.get_type().name()?
+        ))),
+    }
+}
+
 #[pyclass(module = "vramslice._native", frozen)]
 struct NativeRuntime {
     rt: Runtime,
@@ -154,12 +171,16 @@ impl NativeRuntime {
     /// `VRAMSLICE_VRAM_LIMIT_BYTES`, which the guard enforces); outside a vramslice container it
     /// is the limit.
     /// `usage`: "auto" (accounting file when `VRAMSLICE_ACCOUNTING_DIR` is set, else the CUDA
-    /// driver, else manual), "accounting", "cuda" or "manual" (the caller reports usage with
-    /// `set_usage`).
+    /// driver, else manual, with a `RuntimeWarning` naming why the driver could not be used),
+    /// "accounting", "cuda" or "manual" (the caller reports usage with `set_usage`).
+    /// `reclaim`: called (with no argument) when the job at the head of the line does not fit
+    /// although none of this runtime's jobs runs, to give back cached memory; None (the
+    /// default) uses `vramslice.default_cleanup` (`gc.collect()` and
+    /// `torch.cuda.empty_cache()`), False sets none.
     #[new]
     #[pyo3(signature = (*, limit=None, profile_dir=None, accounting_dir=None, usage="auto",
         high_water=None, first_run_fraction=None, peak_margin=None, queue_max=None,
-        queue_timeout=None, oom_retries=None, backoff=None, sample_interval=None))]
+        queue_timeout=None, oom_retries=None, backoff=None, sample_interval=None, reclaim=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -175,7 +196,9 @@ impl NativeRuntime {
         oom_retries: Option<u32>,
         backoff: Option<f64>,
         sample_interval: Option<f64>,
+        reclaim: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let reclaim = reclaim_hook(py, reclaim)?;
         let mut c = Config::from_env().map_err(|e| ConfigError::new_err(e.to_string()))?;
         if let Some(l) = limit.filter(|l| !l.is_none()) {
             // Like the environment, an explicit limit can only lower the container's limit
@@ -238,7 +261,20 @@ impl NativeRuntime {
                     "usage='accounting' needs accounting_dir or VRAMSLICE_ACCOUNTING_DIR",
                 ));
             }
-            ("auto", None) => cuda().map_or(Source::Manual, Source::Cuda),
+            ("auto", None) => match cuda() {
+                Ok(info) => Source::Cuda(info),
+                Err(why) => {
+                    let message = format!(
+                        "vramslice: {why}; usage='auto' falls back to usage reported with \
+                         set_usage(), which is 0 until then (admission does not see memory in use)"
+                    );
+                    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+                    let message = std::ffi::CString::new(message)
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+                    PyErr::warn(py, &category, &message, 1)?;
+                    Source::Manual
+                }
+            },
             ("cuda", _) => Source::Cuda(cuda()?),
             ("manual", _) => Source::Manual,
             (other, _) => {
@@ -247,7 +283,7 @@ impl NativeRuntime {
                 )));
             }
         };
-        py.detach(|| match source {
+        let built: PyResult<Self> = py.detach(|| match source {
             Source::Accounting(dir) => Ok(Self {
                 rt: {
                     let file = AccountingFile::in_dir_for(&dir, c.gpu_uuid.as_deref());
@@ -269,7 +305,19 @@ impl NativeRuntime {
                     usage_kind: "manual",
                 })
             }
-        })
+        });
+        let built = built?;
+        if let Some(hook) = reclaim {
+            built.rt.set_reclaim(move || {
+                Python::attach(|py| {
+                    if let Err(e) = hook.call0(py) {
+                        // A hook that fails must not stop admission: the job keeps waiting.
+                        e.write_unraisable(py, None);
+                    }
+                })
+            });
+        }
+        Ok(built)
     }
 
     /// Admit a job, blocking (without the GIL) while memory is short. Returns a `Permit`.
@@ -294,12 +342,35 @@ impl NativeRuntime {
         }
         let rt = self.rt.clone();
         let cancel = cancel.map(|c| c.flag.clone());
-        let permit = py
-            .detach(move || match cancel {
-                Some(flag) => rt.admit_blocking_unless(&job, &|| flag.load(Ordering::Acquire)),
-                None => rt.admit_blocking(&job),
-            })
-            .map_err(admit_err)?;
+        // On the main thread a signal (Ctrl-C, a SIGTERM handler) must end the wait as it ends
+        // any blocking call: its handler runs, and what it raises is raised here.
+        let main_thread = py
+            .import("threading")?
+            .call_method0("main_thread")?
+            .is(&py.import("threading")?.call_method0("current_thread")?);
+        let interrupted: Mutex<Option<PyErr>> = Mutex::new(None);
+        let signalled = || {
+            if !main_thread {
+                return false;
+            }
+            match Python::attach(|py| py.check_signals()) {
+                Ok(()) => false,
+                Err(e) => {
+                    *interrupted.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    true
+                }
+            }
+        };
+        let outcome = py.detach(|| match &cancel {
+            Some(flag) => {
+                rt.admit_blocking_unless(&job, &|| flag.load(Ordering::Acquire) || signalled())
+            }
+            None => rt.admit_blocking_unless(&job, &signalled),
+        });
+        if let Some(e) = interrupted.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        let permit = outcome.map_err(admit_err)?;
         Ok(NativePermit {
             reserved: permit.reserved(),
             source: match permit.source() {

@@ -4,11 +4,13 @@ is given usage="manual" and the tests play the device by calling set_usage."""
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -356,3 +358,103 @@ def test_configure_sets_the_process_runtime():
     with vramslice.job("m", need="1Gi") as j:
         assert j.reserved == GIB
     assert "vramslice_sidecar_limit_bytes 2147483648" in rt.render_metrics()
+
+
+def test_cleanup_runs_after_the_failed_attempts_frames_are_gone():
+    # Regression: cleanup ran inside the `except` block, while the exception's traceback still
+    # held the failed attempt's frame and its tensors, so it could free nothing.
+    rt = make(backoff=0.001, oom_retries=1)
+    freed, seen = [], []
+
+    class Tensor:
+        def __del__(self):
+            freed.append(1)
+
+    @vramslice.guarded(key="t", need="1Gi", runtime=rt, cleanup=lambda: seen.append(len(freed)))
+    def step():
+        activations = Tensor()  # noqa: F841 - held by the frame until it is gone
+        if not seen:
+            raise RuntimeError("CUDA out of memory")
+        return "ok"
+
+    assert step() == "ok"
+    assert seen == [1]
+
+
+def test_async_waiters_do_not_take_the_default_executors_threads():
+    # Regression: waits ran in the loop's default executor; waiters filled it, the admitted
+    # job's own asyncio.to_thread call never got a thread, and nothing was ever released.
+    rt = make(queue_timeout=5)
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
+
+        async def holder():
+            async with vramslice.job("h", need="6Gi", runtime=rt):
+                await asyncio.to_thread(wait_until, "waiters queued", lambda: rt.stats()["queued"] == 3)
+                await asyncio.to_thread(time.sleep, 0.01)
+
+        async def waiter(i):
+            async with vramslice.job(f"w{i}", need="6Gi", runtime=rt):
+                await asyncio.sleep(0)
+
+        h = asyncio.create_task(holder())
+        await asyncio.to_thread(wait_until, "h admitted", lambda: rt.stats()["running"] == 1)
+        waiters = [asyncio.create_task(waiter(i)) for i in range(3)]
+        await asyncio.wait_for(asyncio.gather(h, *waiters), 4)
+
+    asyncio.run(main())
+    assert rt.stats()["running"] == 0
+
+
+def test_reclaim_runs_when_the_head_cannot_fit_while_nothing_runs():
+    calls = []
+
+    def reclaim():
+        calls.append(1)
+        rt.set_usage(3 * GIB)  # the allocator cache went back to the driver
+
+    rt = make(queue_timeout=5, reclaim=reclaim)
+    rt.set_usage(7 * GIB)  # weights and cache, with no job running
+    started = time.monotonic()
+    with vramslice.job("request", need="4Gi", runtime=rt) as j:
+        assert j.reserved == 4 * GIB
+    assert time.monotonic() - started < 2
+    assert calls == [1]
+    assert "vramslice_sidecar_reclaims_total 1" in rt.render_metrics()
+    quiet = make(queue_timeout=0.05, reclaim=False)
+    quiet.set_usage(7 * GIB)
+    with pytest.raises(vramslice.QueueTimeout, match="0 jobs queued, 0 running"):
+        quiet.admit("request", "4Gi")
+    with pytest.raises(TypeError, match="reclaim must be a callable"):
+        make(reclaim=3)
+
+
+def test_a_signal_ends_a_blocking_admit_on_the_main_thread():
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop()
+
+    rt = make(queue_timeout=30)
+    held = rt.admit("a", "7Gi")
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        started = time.monotonic()
+        with pytest.raises(Stop):
+            rt.admit("b", "5Gi")
+        assert time.monotonic() - started < 5
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert rt.stats()["queued"] == 0
+    held.release()
+
+
+def test_auto_usage_without_a_driver_warns(monkeypatch):
+    monkeypatch.delenv("VRAMSLICE_ACCOUNTING_DIR", raising=False)
+    monkeypatch.setenv("VRAMSLICE_SIDECAR_LIBCUDA", "/nonexistent/libcuda.so.1")
+    with pytest.warns(RuntimeWarning, match="falls back to usage reported with set_usage"):
+        rt = vramslice.Runtime(limit="1Gi", usage="auto")
+    assert rt.usage_kind == "manual"

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub profile_hits: Counter,
     /// Admissions with no learned peak.
     pub profile_misses: Counter,
+    /// Calls of the reclaim hook for a job that did not fit while no job ran.
+    pub reclaims: Counter,
 }
 
 impl Default for Metrics {
@@ -63,6 +65,7 @@ impl Metrics {
             retries: Counter::default(),
             profile_hits: Counter::default(),
             profile_misses: Counter::default(),
+            reclaims: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -125,6 +128,11 @@ impl Metrics {
             "Admissions with no learned peak",
             m.profile_misses.clone(),
         );
+        r.register(
+            "reclaims",
+            "Reclaim hook calls for a job that did not fit while no job ran",
+            m.reclaims.clone(),
+        );
         Self {
             registry: root,
             ..m
@@ -161,6 +169,7 @@ mod tests {
             "vramslice_sidecar_retries_total 2",
             "vramslice_sidecar_profile_hits_total 0",
             "vramslice_sidecar_profile_misses_total 0",
+            "vramslice_sidecar_reclaims_total 0",
             "vramslice_sidecar_job_duration_seconds_count 1",
             "vramslice_sidecar_admission_wait_seconds_count 0",
             "# EOF",

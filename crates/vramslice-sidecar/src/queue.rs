@@ -240,6 +240,15 @@ impl AdmissionQueue {
         admitted
     }
 
+    /// The job at the head of the line when it does not fit although none of this queue's jobs
+    /// runs: only memory held outside them (a cache, another process) stands in its way, and no
+    /// release of this queue will make room.
+    pub fn stalled_head(&self, live: u64) -> Option<JobId> {
+        let &(id, ask) = self.waiting.front()?;
+        let fits = self.fits(ask.reservation(self.room(live)).bytes, live);
+        (self.running.is_empty() && !fits).then_some(id)
+    }
+
     /// A running job ended, with `live` bytes in use now; its reservation is returned. What the
     /// remaining reservations cannot explain joins the baseline (see the module doc).
     pub fn release(&mut self, id: JobId, live: u64) -> bool {
@@ -340,6 +349,19 @@ mod tests {
         assert_eq!(q.pump(0), vec![2]);
         assert_eq!(q.reservation(2).map(|r| r.bytes), Some(8 * GIB));
         assert_eq!(q.request(3, GIB, 0), Ok(Verdict::Queued { position: 0 }));
+    }
+
+    #[test]
+    fn a_head_that_does_not_fit_beside_idle_usage_is_stalled() {
+        let mut q = q(); // capacity 8.5 GiB
+        q.request(1, GIB, 0).unwrap();
+        q.request(2, 8 * GIB, 0).unwrap();
+        assert_eq!(q.stalled_head(0), None, "a release will make room");
+        q.release(1, 3 * GIB); // 3 GiB stay cached
+        assert_eq!(q.pump(3 * GIB), Vec::<JobId>::new());
+        assert_eq!(q.stalled_head(3 * GIB), Some(2));
+        assert_eq!(q.pump(0), vec![2], "the cache went");
+        assert_eq!(q.stalled_head(0), None);
     }
 
     #[test]

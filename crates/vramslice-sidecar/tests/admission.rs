@@ -455,3 +455,55 @@ fn a_waiting_estimate_is_sized_with_the_room_there_is_when_it_is_admitted() {
         "8 GiB + 1 GiB is past the 8.5 GiB capacity"
     );
 }
+
+#[test]
+fn a_job_that_fits_only_once_the_cache_is_emptied_runs_after_the_reclaim_hook() {
+    // 3 GiB of weights and 4 GiB of allocator cache stay while the runtime is idle; a 4 GiB
+    // request does not fit beside them (7 + 4 > 8.5 GiB) and no release of this runtime will
+    // make room: the hook empties the cache, once, and the job runs.
+    let (rt, usage) = runtime(10 * GIB, |c| c.queue_timeout = Duration::from_secs(5));
+    usage.set(7 * GIB);
+    let calls = Arc::new(Mutex::new(0));
+    let (hook_usage, hook_calls) = (usage.clone(), Arc::clone(&calls));
+    rt.set_reclaim(move || {
+        *hook_calls.lock().unwrap() += 1;
+        hook_usage.set(3 * GIB);
+    });
+    let started = Instant::now();
+    let p = rt
+        .admit_blocking(&Job::new("request").need(4 * GIB))
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(p.reserved(), 4 * GIB);
+    assert_eq!(*calls.lock().unwrap(), 1);
+    assert!(
+        rt.render_metrics()
+            .contains("vramslice_sidecar_reclaims_total 1")
+    );
+}
+
+#[test]
+fn the_reclaim_hook_runs_once_per_stalled_job_and_not_while_jobs_run() {
+    let (rt, usage) = runtime(10 * GIB, |_| {});
+    let calls = Arc::new(Mutex::new(0));
+    let hook_calls = Arc::clone(&calls);
+    rt.set_reclaim(move || *hook_calls.lock().unwrap() += 1);
+    // A running job will release: no reclaim for the job behind it.
+    let running = rt.admit_blocking(&Job::new("a").need(6 * GIB)).unwrap();
+    let quick = |need| Job::new("b").need(need).timeout(Duration::from_millis(60));
+    assert!(matches!(
+        rt.admit_blocking(&quick(4 * GIB)),
+        Err(AdmitError::Timeout { running: 1, .. })
+    ));
+    assert_eq!(*calls.lock().unwrap(), 0);
+    drop(running);
+    // Idle, and the memory stays (held elsewhere): one call, then the wait runs out, saying
+    // that nothing of this runtime was running.
+    usage.set(7 * GIB);
+    let err = rt.admit_blocking(&quick(4 * GIB)).unwrap_err();
+    assert!(
+        err.to_string().ends_with("0 jobs queued, 0 running"),
+        "{err}"
+    );
+    assert_eq!(*calls.lock().unwrap(), 1);
+}

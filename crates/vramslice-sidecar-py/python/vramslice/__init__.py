@@ -30,6 +30,7 @@ import inspect
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from ._native import (
@@ -69,6 +70,24 @@ Params = Optional[Mapping[str, Any]]
 
 _lock = threading.Lock()
 _runtime: Optional[Runtime] = None
+
+# Threads that wait for admission (and give memory back) for asyncio tasks. A pool of their own:
+# in the loop's default executor, waiters would take the threads that the jobs they wait for
+# need (``asyncio.to_thread``), and nothing would ever be released. Threads start on demand;
+# beyond this many, waits queue here for a thread, never in the default executor.
+_ADMISSION_THREADS = 256
+_admission_pool_lock = threading.Lock()
+_admission_executor: Optional[ThreadPoolExecutor] = None
+
+
+def _admission_pool() -> ThreadPoolExecutor:
+    global _admission_executor
+    with _admission_pool_lock:
+        if _admission_executor is None:
+            _admission_executor = ThreadPoolExecutor(
+                max_workers=_ADMISSION_THREADS, thread_name_prefix="vramslice-admission"
+            )
+        return _admission_executor
 
 
 def configure(**options: Any) -> Runtime:
@@ -199,7 +218,10 @@ class job:  # noqa: N801 - reads as a function at the call site
         rt = self._rt()
         cancel = _Cancel()
         try:
-            self.permit = await asyncio.to_thread(rt.admit, self.key, self.need, self.params, self.timeout, cancel)
+            loop = asyncio.get_running_loop()
+            self.permit = await loop.run_in_executor(
+                _admission_pool(), rt.admit, self.key, self.need, self.params, self.timeout, cancel
+            )
         except BaseException as exc:
             self._unclaim()
             if isinstance(exc, asyncio.CancelledError):
@@ -210,7 +232,14 @@ class job:  # noqa: N801 - reads as a function at the call site
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
-        self._finish(exc)
+        # Giving the memory back reads usage and may write the profile (a lock and an fsync):
+        # off the event loop.
+        try:
+            finishing = asyncio.get_running_loop().run_in_executor(_admission_pool(), self._finish, exc)
+        except RuntimeError:  # the pool is shut down: the interpreter is exiting
+            self._finish(exc)
+            return False
+        await asyncio.shield(finishing)
         return False
 
 
@@ -258,11 +287,12 @@ def guarded(
             limit = retries if retries is not None else rt.oom_retries
             return rt, str(k), _resolve(need, named), _resolve(params, named), limit
 
-        def on_oom(rt: Runtime, attempt: int, limit: int) -> Optional[float]:
+        def recover(rt: Runtime, attempt: int) -> float:
+            # Called after the `except` block ended: the failed attempt's frames (and the
+            # tensors in them) were only reachable from the exception's traceback, so cleanup
+            # can free them now; inside the block it could not.
             if cleanup is not None:
                 cleanup()
-            if attempt >= limit:
-                return None
             rt.note_retry()
             return rt.backoff(attempt)
 
@@ -277,13 +307,12 @@ def guarded(
                         async with job(k, n, p, runtime=rt, classify=classify, timeout=timeout):
                             return await fn(*args, **kwargs)
                     except BaseException as exc:  # noqa: BLE001
-                        if not classify(exc):
+                        if not classify(exc) or attempt >= limit:
+                            if classify(exc) and cleanup is not None:
+                                cleanup()
                             raise
-                        wait = on_oom(rt, attempt, limit)
-                        if wait is None:
-                            raise
-                        await asyncio.sleep(wait)
-                        attempt += 1
+                    await asyncio.sleep(recover(rt, attempt))
+                    attempt += 1
 
             return async_wrapper
 
@@ -296,13 +325,12 @@ def guarded(
                     with job(k, n, p, runtime=rt, classify=classify, timeout=timeout):
                         return fn(*args, **kwargs)
                 except BaseException as exc:  # noqa: BLE001
-                    if not classify(exc):
+                    if not classify(exc) or attempt >= limit:
+                        if classify(exc) and cleanup is not None:
+                            cleanup()
                         raise
-                    wait = on_oom(rt, attempt, limit)
-                    if wait is None:
-                        raise
-                    time.sleep(wait)
-                    attempt += 1
+                time.sleep(recover(rt, attempt))
+                attempt += 1
 
         return wrapper
 

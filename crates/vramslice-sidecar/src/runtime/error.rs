@@ -51,7 +51,7 @@ pub enum AdmitError {
     },
     /// It waited the configured timeout without memory freeing.
     #[error(
-        "job {key:?} timed out after {waited:?} waiting for memory: needs {}, {} free, {queued} jobs queued",
+        "job {key:?} timed out after {waited:?} waiting for memory: needs {}, {} free, {queued} jobs queued, {running} running",
         human(*need),
         human(*free)
     )]
@@ -64,6 +64,8 @@ pub enum AdmitError {
         free: u64,
         /// Jobs still waiting.
         queued: usize,
+        /// Jobs running (0: what is in use is held outside this runtime's jobs).
+        running: usize,
         /// How long it waited.
         waited: Duration,
     },

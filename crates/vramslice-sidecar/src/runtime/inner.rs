@@ -31,6 +31,23 @@ pub(crate) struct State {
     pub(crate) queue: AdmissionQueue,
     pub(crate) jobs: HashMap<JobId, Running>,
     pub(crate) last_live: u64,
+    /// The stalled head the reclaim hook last ran for (it runs once per job).
+    pub(crate) reclaimed_for: Option<JobId>,
+}
+
+/// What the embedder gives back when a job cannot fit while none runs
+/// ([`Runtime::set_reclaim`](super::Runtime::set_reclaim)).
+pub(crate) type ReclaimHook = Arc<dyn Fn() + Send + Sync>;
+
+/// The reclaim hook, if one is set.
+#[derive(Default)]
+pub(crate) struct Reclaim(pub(crate) Mutex<Option<ReclaimHook>>);
+
+impl std::fmt::Debug for Reclaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.lock().map(|h| h.is_some()).unwrap_or(false);
+        f.debug_struct("Reclaim").field("set", &set).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -43,6 +60,7 @@ pub(crate) struct Inner {
     pub(super) cond: Condvar,
     pub(super) notify: tokio::sync::Notify,
     pub(super) next_id: AtomicU64,
+    pub(super) reclaim: Reclaim,
 }
 
 pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -165,6 +183,16 @@ impl Inner {
         let mut state = lock(&self.state);
         if let Some(live) = live {
             self.pump(&mut state, live);
+            if state.queue.stalled_head(live) == Some(id) && state.reclaimed_for != Some(id) {
+                state.reclaimed_for = Some(id);
+                drop(state);
+                self.run_reclaim(id, live);
+                let after = self.read_live().ok();
+                state = lock(&self.state);
+                if let Some(live) = after {
+                    self.pump(&mut state, live);
+                }
+            }
         }
         if let Some(r) = state.queue.reservation(id) {
             Progress::Admitted(r)
@@ -172,6 +200,26 @@ impl Inner {
             Progress::Waiting
         } else {
             Progress::Gone
+        }
+    }
+
+    /// Call the reclaim hook for job `id` at the head of the line, which does not fit beside
+    /// `live` bytes although none of this runtime's jobs runs (no lock is held: the hook may
+    /// take its time, and may not call back into the runtime's state).
+    fn run_reclaim(&self, id: JobId, live: u64) {
+        let hook = match self.reclaim.0.lock() {
+            Ok(hook) => hook.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let Some(hook) = hook else { return };
+        self.metrics.reclaims.inc();
+        tracing::debug!(
+            job = id,
+            live,
+            "head of the line does not fit while idle: reclaiming"
+        );
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook())).is_err() {
+            tracing::warn!(job = id, "the reclaim hook panicked");
         }
     }
 
@@ -259,6 +307,7 @@ impl Inner {
             need: ask.reservation(state.queue.room(state.last_live)).bytes,
             free: state.queue.free(state.last_live),
             queued: state.queue.queued(),
+            running: state.queue.running(),
             waited,
         }
     }

@@ -18,7 +18,7 @@ use crate::profile::Profiles;
 use crate::queue::AdmissionQueue;
 use crate::usage::{UsageError, UsageSource};
 pub use error::{AdmitError, RuntimeError};
-use inner::{Enqueued, Inner, Look, State, lock, sampler};
+use inner::{Enqueued, Inner, Look, Reclaim, State, lock, sampler};
 pub use permit::Permit;
 
 /// How often [`Runtime::admit_blocking_unless`] asks whether it was cancelled while it waits.
@@ -83,10 +83,12 @@ impl Runtime {
                 queue,
                 jobs: HashMap::new(),
                 last_live: first.used,
+                reclaimed_for: None,
             }),
             cond: Condvar::new(),
             notify: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
+            reclaim: Reclaim::default(),
             config,
         });
         inner.publish(&lock(&inner.state));
@@ -151,6 +153,23 @@ impl Runtime {
             running: state.queue.running(),
             queued: state.queue.queued(),
         }
+    }
+
+    /// Set what gives cached memory back when the job at the head of the line does not fit
+    /// although none of this runtime's jobs runs: then only memory held outside its jobs stands
+    /// in the way, and no release will make room. In an inference server that is usually the
+    /// framework's allocator cache (PyTorch keeps freed blocks, and the guard and the driver
+    /// count them as used): the hook should empty it (`torch.cuda.empty_cache()`). It runs once
+    /// per such job, on the thread that waits for it, with no lock of the runtime held; usage
+    /// is read again after it. Without a hook the job waits for memory to free elsewhere.
+    pub fn set_reclaim(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let mut slot = self
+            .inner
+            .reclaim
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *slot = Some(Arc::new(hook));
     }
 
     /// The learned peak of a job, if any.
