@@ -364,6 +364,20 @@ func TestScenario7_PodSpanningTwoGPUs(t *testing.T) {
 		t.Fatalf("s7-tp2-more refused with %q, which does not name the two GPUs it needs", msg)
 	}
 	t.Logf("s7-tp2-more Pending: %s", msg)
+
+	// The pod's own mistake (a GPU count that is not a number) makes it unschedulable with the
+	// reason, not a scheduler error that kube-scheduler retries at every backoff.
+	createPod(t, c, vramPod("s7-bad-count", 16, func(p *v1.Pod) {
+		p.Annotations = map[string]string{"vramslice.io/gpus": "many"}
+	}))
+	msg = waitUnschedulable(t, c, "s7-bad-count")
+	if p := getPod(t, c, "s7-bad-count"); !judgedUnschedulable(p) {
+		t.Fatalf("s7-bad-count: PodScheduled=False with reason %q (%q), want %s", unschedulable(p).Reason, msg, v1.PodReasonUnschedulable)
+	}
+	if !strings.Contains(msg, `vramslice.io/gpus="many" is invalid`) {
+		t.Fatalf("s7-bad-count refused with %q, which does not name the bad annotation", msg)
+	}
+	t.Logf("s7-bad-count Pending: %s", msg)
 }
 
 // TestScenario8_EveryVRAMContainerOnThePodsGPU: a pod with two VRAM containers gets both on the

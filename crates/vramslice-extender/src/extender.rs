@@ -351,8 +351,17 @@ impl Extender {
                 Outcome::Error
             }
             (_, Err(bad)) => {
-                result.error = bad.to_string();
-                Outcome::Error
+                // The pod's own mistake: no node can take it until the pod changes. Every node
+                // is unresolvable with the reason, so kube-scheduler parks the pod as
+                // unschedulable with the reason in its event, instead of an `Error` that it
+                // would retry at every backoff.
+                let reason: Arc<str> = Arc::from(bad.to_string());
+                for name in &names {
+                    result
+                        .failed_and_unresolvable_nodes
+                        .insert(name, Reason(reason.clone()));
+                }
+                Outcome::Invalid
             }
             (Ok(()), Ok(Some(request))) => {
                 let now = self.now();

@@ -39,6 +39,9 @@ pub enum Outcome {
     NoFit,
     /// Bind: the re-check under the ledger lock refused (a racing bind won, or memory moved).
     Conflict,
+    /// Filter: the pod's own request is invalid (a bad annotation, unit or split), so no node
+    /// can take it.
+    Invalid,
     /// The call failed (bad input, API error, not ready).
     Error,
 }
@@ -50,6 +53,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::NoFit => "no_fit",
             Outcome::Conflict => "conflict",
+            Outcome::Invalid => "invalid",
             Outcome::Error => "error",
         }
     }

@@ -402,7 +402,7 @@ async fn bad_input_gets_400_with_the_reason() {
 }
 
 #[tokio::test]
-async fn unusable_pod_requests_are_reported_in_error() {
+async fn unusable_pod_requests_make_every_node_unresolvable_with_the_reason() {
     let (ext, _) = cluster();
     let pod = pod_json("odd", "uid-5", Some("1.5"), json!({}));
     let (status, body) = post_json(&ext, "/filter", &args_names(pod.clone(), &["fit"])).await;
@@ -412,11 +412,16 @@ async fn unusable_pod_requests_are_reported_in_error() {
     assert_eq!(body["NodeNames"], json!(["fit"]));
     let mut mixed = pod_json("mixed", "uid-6", Some("2"), json!({}));
     mixed["spec"]["containers"][0]["resources"]["limits"]["vramslice.io/vram-512mib"] = json!("4");
-    let (_, body) = post_json(&ext, "/filter", &args_names(mixed, &["fit"])).await;
+    let (_, body) = post_json(&ext, "/filter", &args_names(mixed, &["fit", "full"])).await;
+    // The pod's own mistake: not an extender error (which kube-scheduler retries at every
+    // backoff), but every node unresolvable with the reason, so the pod waits as unschedulable.
+    let reason = "pod default/mixed requests vramslice.io/vram-512mib, which this extender does not accept (accepted: vramslice.io/vram-gib)";
+    assert_eq!(body["Error"], "");
     assert_eq!(
-        body["Error"],
-        "pod default/mixed requests vramslice.io/vram-512mib, which this extender does not accept (accepted: vramslice.io/vram-gib)"
+        body["FailedAndUnresolvableNodes"],
+        json!({ "fit": reason, "full": reason })
     );
+    assert_eq!(body["NodeNames"], json!([]));
     let pod = pod_json(
         "bad",
         "uid-7",
@@ -428,11 +433,18 @@ async fn unusable_pod_requests_are_reported_in_error() {
     // Filter names the bad annotation at once instead of passing the node to a bind that fails.
     let (status, body) = post_json(&ext, "/filter", &args_names(pod, &["fit"])).await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["Error"], "");
     assert_eq!(
-        body["Error"],
+        body["FailedAndUnresolvableNodes"]["fit"],
         "pod default/bad: annotation vramslice.io/policy=\"random\" is invalid: expected binpack or spread"
     );
     assert_eq!(body["NodeNames"], json!([]));
+    let metrics = ext.render_metrics();
+    assert!(
+        metrics
+            .contains(r#"vramslice_extender_decisions_total{verb="filter",outcome="invalid"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -133,13 +133,19 @@ async fn a_bad_gpu_count_or_an_uneven_split_is_named() {
     );
     let (status, body) = post_json(&ext, "/filter", &args_names(pod, &NODES)).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        body["Error"],
-        "pod default/tp: annotation vramslice.io/gpus=\"many\" is invalid: expected a whole number of GPUs from 1 to 8"
-    );
+    // The pod's own mistake: every node unresolvable with the reason, no extender error.
+    assert_eq!(body["Error"], "");
+    let unresolvable = body["FailedAndUnresolvableNodes"].as_object().unwrap();
+    assert_eq!(unresolvable.len(), NODES.len());
+    for reason in unresolvable.values() {
+        assert_eq!(
+            reason,
+            "pod default/tp: annotation vramslice.io/gpus=\"many\" is invalid: expected a whole number of GPUs from 1 to 8"
+        );
+    }
     let (_, body) = post_json(&ext, "/filter", &args_names(tp_pod("uid-3", "5"), &NODES)).await;
     assert!(
-        body["Error"]
+        body["FailedAndUnresolvableNodes"][NODES[0]]
             .as_str()
             .unwrap()
             .contains("5 units of vramslice.io/vram-gib do not split evenly over 2 GPUs"),
