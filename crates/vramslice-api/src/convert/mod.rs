@@ -18,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use vramslice_core::cluster::admission::PodAdmissionView;
 use vramslice_core::cluster::ledger::{ListedPod, NodeReading, PodRecord, PublishedGpu};
 use vramslice_core::cluster::placement::{
-    InitUnits, MAX_GPUS_PER_POD, PodRequest, Policy, pod_units,
+    ContainerAt, InitUnits, MAX_GPUS_PER_POD, PodRequest, Policy, partial_reuse, pod_units,
 };
 use vramslice_core::node::publish::NodeReport;
 use vramslice_core::node::watchdog::{PodOnGpu, SelfReport};
@@ -92,6 +92,25 @@ pub enum RequestError {
         resource: String,
         /// The container's units.
         units: u64,
+        /// The pod's GPU count.
+        gpus: u32,
+    },
+    /// A container of a pod spanning GPUs would get an arbitrary part of the devices earlier
+    /// plain init containers hand on, which need not split evenly over the GPUs.
+    #[error(
+        "pod {pod} container {container}: its {units} units of {resource} would be taken from the {reusable} its init containers hand on, which the kubelet picks at random, so they need not split evenly over the pod's {gpus} GPUs ({ANNOTATION_GPUS}); give it 0 or at least {reusable} units, or run the pod on one GPU"
+    )]
+    PartialReuse {
+        /// `namespace/name`.
+        pod: String,
+        /// Container name.
+        container: String,
+        /// The resource.
+        resource: String,
+        /// The container's units.
+        units: u64,
+        /// The units on offer when its turn comes.
+        reusable: u64,
         /// The pod's GPU count.
         gpus: u32,
     },
@@ -333,6 +352,24 @@ pub fn containers_request(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if gpus > 1
+        && let Some(part) = partial_reuse(&app_units, &init_units)
+    {
+        let container = match part.container {
+            ContainerAt::Init(i) => init.get(i).map(|c| c.name),
+            ContainerAt::App(i) => app.get(i).map(|c| c.name),
+        };
+        return Err(RequestError::PartialReuse {
+            pod: who.to_string(),
+            container: container.unwrap_or_default().to_string(),
+            resource: unit
+                .map(|u| u.resource_name().to_string())
+                .unwrap_or_default(),
+            units: part.units,
+            reusable: part.reusable,
+            gpus,
+        });
+    }
     let total = pod_units(&app_units, &init_units);
     Ok(unit
         .filter(|_| total > 0)
@@ -677,5 +714,28 @@ mod tests {
             matches!(err, RequestError::UnevenSplit { ref container, units: 3, gpus: 2, .. } if container == "b"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_spanning_container_given_part_of_an_init_containers_devices_is_refused() {
+        let k = "vramslice.io/vram-gib";
+        let spanning = |app: &str, gpus: &str| {
+            pod(
+                json!({
+                    "containers": [{"name": "serve", "resources": {"limits": {k: app}}}],
+                    "initContainers": [{"name": "build", "resources": {"limits": {k: "8"}}}]
+                }),
+                json!({ANNOTATION_GPUS: gpus}),
+            )
+        };
+        let err = pod_request(&spanning("4", "2"), &[VramUnit::Gib1]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pod ns/p container serve: its 4 units of vramslice.io/vram-gib would be taken from the 8 its init containers hand on, which the kubelet picks at random, so they need not split evenly over the pod's 2 GPUs (vramslice.io/gpus); give it 0 or at least 8 units, or run the pod on one GPU"
+        );
+        // All of them (or more), or one GPU, is fine.
+        for (app, gpus) in [("8", "2"), ("12", "2"), ("4", "1")] {
+            assert!(pod_request(&spanning(app, gpus), &[VramUnit::Gib1]).is_ok());
+        }
     }
 }

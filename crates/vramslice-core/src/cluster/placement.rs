@@ -182,6 +182,62 @@ pub fn pod_units(app: &[u64], init: &[InitUnits]) -> u64 {
     steady.max(peak_init)
 }
 
+/// A container of a pod in the kubelet's allocation order: init containers first, then app
+/// containers, each by its index in the pod spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerAt {
+    /// `spec.initContainers[i]`.
+    Init(usize),
+    /// `spec.containers[i]`.
+    App(usize),
+}
+
+/// A container the kubelet would give part, not all, of the devices earlier plain init
+/// containers hand on ([`partial_reuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialReuse {
+    /// The container.
+    pub container: ContainerAt,
+    /// Its units.
+    pub units: u64,
+    /// The units handed on when its turn comes (more than it asks for).
+    pub reusable: u64,
+}
+
+/// The first container that would take a strict part of the devices handed on by plain init
+/// containers, as the kubelet's device manager allocates: a plain init container's devices are
+/// offered to the containers after it, and a container asking for fewer than are on offer gets
+/// an arbitrary subset of them (Go map order) without the device plugin being asked for a
+/// preference. For a pod spanning several GPUs that subset need not split evenly over them.
+/// A container that takes all on offer (or more, the rest by preference) is safe.
+pub fn partial_reuse(app: &[u64], init: &[InitUnits]) -> Option<PartialReuse> {
+    let mut reusable: u64 = 0;
+    let containers = init
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (ContainerAt::Init(i), c.units, !c.sidecar))
+        .chain(
+            app.iter()
+                .enumerate()
+                .map(|(i, u)| (ContainerAt::App(i), *u, false)),
+        );
+    for (container, units, hands_on) in containers {
+        if units > 0 && units < reusable {
+            return Some(PartialReuse {
+                container,
+                units,
+                reusable,
+            });
+        }
+        reusable = if hands_on {
+            reusable.max(units)
+        } else {
+            reusable.saturating_sub(units)
+        };
+    }
+    None
+}
+
 /// One GPU that could take a pod, as placement sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
@@ -281,6 +337,45 @@ pub fn score(chosen: Candidate, need: u64, policy: Policy) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_reuse_finds_the_container_given_part_of_an_init_containers_devices() {
+        let plain = |units| InitUnits {
+            units,
+            sidecar: false,
+        };
+        let sidecar = |units| InitUnits {
+            units,
+            sidecar: true,
+        };
+        // init 8 then app 4: the app gets 4 of the init container's 8, picked at random.
+        assert_eq!(
+            partial_reuse(&[4], &[plain(8)]),
+            Some(PartialReuse {
+                container: ContainerAt::App(0),
+                units: 4,
+                reusable: 8
+            })
+        );
+        // Taking all of them, or more, or none, is safe; so is an app after the pool is used.
+        assert_eq!(partial_reuse(&[8], &[plain(8)]), None);
+        assert_eq!(partial_reuse(&[12], &[plain(8)]), None);
+        assert_eq!(partial_reuse(&[0, 8, 4], &[plain(8)]), None);
+        assert_eq!(partial_reuse(&[4], &[]), None);
+        // A second plain init container smaller than the first takes part of it.
+        assert_eq!(
+            partial_reuse(&[8], &[plain(8), plain(4)]).map(|p| p.container),
+            Some(ContainerAt::Init(1))
+        );
+        // A sidecar takes from the offer too, and keeps what it took.
+        assert_eq!(
+            partial_reuse(&[4], &[plain(8), sidecar(4)]).map(|p| p.container),
+            Some(ContainerAt::Init(1))
+        );
+        assert_eq!(partial_reuse(&[4], &[plain(4), sidecar(4)]), None);
+        // A sidecar before any plain init container: nothing is on offer yet.
+        assert_eq!(partial_reuse(&[4], &[sidecar(2), plain(4)]), None);
+    }
 
     const GIB: u64 = 1 << 30;
 
