@@ -458,3 +458,26 @@ def test_auto_usage_without_a_driver_warns(monkeypatch):
     with pytest.warns(RuntimeWarning, match="falls back to usage reported with set_usage"):
         rt = vramslice.Runtime(limit="1Gi", usage="auto")
     assert rt.usage_kind == "manual"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_makes_its_own_process_runtime():
+    parent = vramslice.configure(limit="2Gi", usage="manual")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        try:
+            fresh = vramslice._runtime is None
+            child = vramslice.configure(limit="2Gi", usage="manual")
+            with vramslice.job("m", need="1Gi") as j:
+                ok = fresh and j.reserved == GIB and vramslice.runtime() is child
+            os.write(write, b"ok" if ok else b"stale")
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            os.write(write, repr(exc).encode()[:200])
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 256)
+    os.waitpid(pid, 0)
+    assert answer == b"ok"
+    assert vramslice.runtime() is parent

@@ -27,6 +27,7 @@ import asyncio
 import functools
 import gc
 import inspect
+import os
 import sys
 import threading
 import time
@@ -88,6 +89,21 @@ def _admission_pool() -> ThreadPoolExecutor:
                 max_workers=_ADMISSION_THREADS, thread_name_prefix="vramslice-admission"
             )
         return _admission_executor
+
+
+def _forget_after_fork() -> None:
+    # A forked child (gunicorn --preload, multiprocessing with fork) inherits the parent's
+    # runtime without its sampler thread, with CUDA handles that are not valid in the child and
+    # locks another thread may have held at the fork. It makes its own on first use.
+    global _runtime, _lock, _admission_executor, _admission_pool_lock
+    _runtime = None
+    _lock = threading.Lock()
+    _admission_executor = None
+    _admission_pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def configure(**options: Any) -> Runtime:
