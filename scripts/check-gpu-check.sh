@@ -4,7 +4,9 @@
 #   2. run `scripts/gpu-check.sh --dry-run` from it on the fake CUDA driver and fake NVML, with a
 #      PATH that has no cargo (the bundle must be self-contained);
 #   3. rerun one group (--only guard), which must run that group alone and say it was partial;
-#   4. run it again with a guard that does nothing, and require that the dry run fails.
+#   4. rerun plugin and guard with the fake NVML listing other PIDs (a host PID namespace, as in a
+#      gVisor sandbox): the per-process checks must match by size and still pass;
+#   5. run it again with a guard that does nothing, and require that the dry run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -27,6 +29,17 @@ if grep -q '^plugin ' "$only_out/gpu-check.txt"; then
   echo "FAIL: --only guard ran the plugin group" >&2; exit 1
 fi
 echo "partial run: --only guard ran the guard group alone and said so"
+
+# NVML from another PID namespace (gVisor lists host PIDs): the holder, the plain context and the
+# filled slice are matched by their memory use, said so in the JSON, and the checks still pass.
+pids_out="$PWD/.gpu-check/out-dry-run-host-pids"
+GPUCHECK_FAKE_HOST_PID_OFFSET=1000000 OUT="$pids_out" PATH="$bare_path" \
+  scripts/gpu-check.sh --dry-run --only plugin,guard >/dev/null
+by_size=$(grep -c '"matched_by": "size"' "$pids_out/gpu-check.json" || true)
+if [ "$by_size" -lt 3 ] || ! grep -q '"nvml_pid_namespace"' "$pids_out/gpu-check.json"; then
+  echo "FAIL: with host PIDs in NVML, $by_size results were matched by size (expected >= 3)" >&2; exit 1
+fi
+echo "host PID namespace: $by_size processes matched by size, checks passed"
 
 # The same dry run over a bundle whose guard is an empty library must fail: the checks can fail.
 broken="$(mktemp -d)"

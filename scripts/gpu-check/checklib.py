@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Optional
+import threading
+from typing import Any, Iterable, List, Optional, Tuple
 
 PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT-RUN"
 STATUSES = (PASS, FAIL, NOT_RUN)
@@ -78,3 +79,39 @@ def child_env(guarded: bool) -> dict:
             sys.exit("GPUCHECK_GUARD_ENV is not set")
         env.update(json.loads(raw))
     return env
+
+
+def readline_within(stream, timeout: float) -> Optional[str]:
+    """One line from ``stream`` (a child's stdout), or None when none came within ``timeout``
+    seconds: a child stuck in CUDA initialisation must not hang the check. The reader thread
+    stays blocked until the caller kills the child (a daemon thread, so it never holds up exit)."""
+    got: List[str] = []
+    reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return got[0] if got else None
+
+
+def match_process(processes: Iterable[dict], pid: int, expect_bytes: int,
+                  tolerance: int = GIB) -> Tuple[Optional[dict], str, str]:
+    """Find a process of ours among NVML's (dicts with ``pid`` and ``used_bytes``).
+
+    By PID first. NVML reports PIDs of the host's PID namespace; where this process runs in a
+    namespace of its own (a gVisor sandbox, a container) its PIDs differ, so when ``pid`` is not
+    listed, the one entry whose usage is within ``tolerance`` (about a CUDA context) of
+    ``expect_bytes`` (what the process allocated) is taken. Returns (entry or None, how: "pid",
+    "size" or "none", a note for the result's detail that names both PID lists)."""
+    processes = list(processes)
+    listed = ", ".join(f"{p['pid']}: {p['used_bytes'] / MIB:.0f} MiB" for p in processes) or "none"
+    for p in processes:
+        if p["pid"] == pid:
+            return p, "pid", ""
+    near = [p for p in processes if abs(p["used_bytes"] - expect_bytes) <= tolerance]
+    if len(near) == 1:
+        return near[0], "size", (
+            f"matched by size: our pid {pid} is not among NVML's PIDs ({listed}), so NVML shows another "
+            f"PID namespace (the host's); pid {near[0]['pid']} is the one entry within "
+            f"{tolerance / MIB:.0f} MiB of the {expect_bytes / MIB:.0f} MiB allocated")
+    why = "no entry" if not near else f"{len(near)} entries (ambiguous)"
+    return None, "none", (f"our pid {pid} is not among NVML's PIDs ({listed}), and {why} within "
+                          f"{tolerance / MIB:.0f} MiB of the {expect_bytes / MIB:.0f} MiB allocated")

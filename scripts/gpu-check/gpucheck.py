@@ -30,13 +30,13 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
-from checklib import FAIL, GIB, MIB, NOT_RUN, PASS, mib, result  # noqa: E402
+from checklib import FAIL, GIB, MIB, NOT_RUN, PASS, match_process, mib, readline_within, result  # noqa: E402
 
 LIMIT = 4 * GIB
 INFERENCE_LIMIT = 3 * GIB
@@ -44,10 +44,17 @@ RESOURCE = "vramslice.io/vram-gib"
 FAKE_UUID = "GPU-0f0f0f0f-1111-4222-8333-444444444444"
 FAKE_TOTAL = 143771 * MIB  # what an H200 reports
 HOLDER_BYTES = 1 * GIB
+INIT_WAIT_S = 60  # how long a child may take to initialise CUDA and answer
+CUDA_ERROR_OUT_OF_MEMORY = 2
+# Recorded as found: what decides how PyTorch and the CUDA runtime behave in the children.
+ENV_RECORDED = ("CUDA_MODULE_LOADING", "CUDA_VISIBLE_DEVICES", "PYTORCH_NVML_BASED_CUDA_CHECK",
+                "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+REAL_USAGE_CHECK = "guard vs driver: a filled slice's real usage (NVML) within the limit"
 
 TORCH_CHECKS = {
     "limits": [f"torch [{label}]: {what}" for label in ("default", "expandable_segments", "cudaMallocAsync")
-               for what in ("mem_get_info shows the slice", "40% of the limit allocates and works",
+               for what in ("the allocator asked for is the one in force",
+                            "mem_get_info shows the slice", "40% of the limit allocates and works",
                             "past the limit raises OutOfMemoryError", "growing stops within the limit",
                             "empty_cache returns memory to the slice")],
     "graphs": ["torch graphs: capture + replay correct under the guard",
@@ -140,6 +147,9 @@ class Run:
 def base_env(bundle: Path, drivers: Dict[str, str]) -> Dict[str, str]:
     """The children's environment: no guard, the bundle's Python package, the drivers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMSLICE_") and k != "LD_PRELOAD"}
+    # torch >= 2.8 reads PYTORCH_ALLOC_CONF before PYTORCH_CUDA_ALLOC_CONF: one set by the image
+    # would override the allocator variants the checks select (recorded in the environment).
+    env.pop("PYTORCH_ALLOC_CONF", None)
     env["PYTHONPATH"] = os.pathsep.join([str(bundle / "python"), str(HERE)] +
                                         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(drivers)
@@ -159,14 +169,187 @@ def fake_drivers(bundle: Path, work: Path) -> Dict[str, str]:
     return {"LD_LIBRARY_PATH": os.pathsep.join(dirs), "FAKE_CUDA_DEVICE_BYTES": str(FAKE_TOTAL)}
 
 
-def write_fake_nvml(work: Path, processes: List[int]) -> None:
-    lines = [f"gpu 0 {FAKE_UUID} {FAKE_TOTAL} {FAKE_TOTAL - 600 * MIB - len(processes) * HOLDER_BYTES} "
+def write_fake_nvml(work: Path, processes: List[Tuple[int, int]]) -> None:
+    """Script the fake NVML: GPU 0 with these (pid, used bytes) compute processes. With
+    GPUCHECK_FAKE_HOST_PID_OFFSET (scripts/check-gpu-check.sh) it lists them under PIDs moved by
+    that much, as NVML does from another PID namespace (a gVisor sandbox)."""
+    offset = int(os.environ.get("GPUCHECK_FAKE_HOST_PID_OFFSET", "0"))
+    lines = [f"gpu 0 {FAKE_UUID} {FAKE_TOTAL} {FAKE_TOTAL - 600 * MIB - sum(used for _, used in processes)} "
              "NVIDIA H200 (fake NVML)"]
-    lines += [f"proc 0 compute {pid} {HOLDER_BYTES}" for pid in processes]
+    lines += [f"proc 0 compute {pid + offset} {used}" for pid, used in processes]
     state = work / "fake-nvml" / "fake-nvml-state"
     tmp = state.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(state)
+
+
+def nvml_read(bundle: Path, env: Dict[str, str]) -> dict:
+    """One NVML reading of every GPU (`vramslice-gpu-check nvml`, unguarded); raises on failure."""
+    out = subprocess.run([str(bundle / "bin" / "vramslice-gpu-check"), "nvml"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"vramslice-gpu-check nvml: exit {out.returncode}: {out.stderr[-300:]}")
+    return json.loads(out.stdout)
+
+
+def processes_of(reading: dict) -> List[dict]:
+    """Every GPU's compute processes in one NVML reading."""
+    return [p for gpu in reading.get("gpus", []) for p in gpu.get("processes", [])]
+
+
+def free_of(reading: dict) -> int:
+    return sum(gpu["free_bytes"] for gpu in reading.get("gpus", []))
+
+
+def note_pid_namespace(run: "Run", how: str) -> None:
+    """Record once that NVML's PIDs are another namespace's (processes were matched by size)."""
+    if how == "size":
+        run.environment["nvml_pid_namespace"] = ("another (the host's): NVML did not list our PIDs; processes "
+                                                 "were matched by their memory use")
+
+
+def fake_used(counts: Path) -> int:
+    """Dry run: device 0's bytes in use as the fake CUDA driver counted them (FAKE_CUDA_SHARED_FILE:
+    an array of int64 counters, device 0's first), i.e. what the fake driver really handed out."""
+    try:
+        return int.from_bytes(counts.read_bytes()[:8], "little", signed=True)
+    except OSError:
+        return 0
+
+
+def start_child(argv: List[str], env: Dict[str, str], log) -> Tuple[subprocess.Popen, Optional[str]]:
+    """A helper child that prints one line when it is ready; (process, that line or None when it
+    did not answer within INIT_WAIT_S, in which case it has been killed)."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    line = readline_within(proc.stdout, INIT_WAIT_S)
+    if line is None:
+        proc.kill()
+        proc.wait()
+    return proc, line
+
+
+def release(proc: subprocess.Popen) -> None:
+    """Close a holding child's stdin (it exits) and reap it; killed after 30 s."""
+    try:
+        if proc.stdin:
+            proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def context_size(run: "Run", bundle: Path, env: Dict[str, str]) -> Dict[str, object]:
+    """The real size of a plain CUDA context: NVML's free memory before and while a plain process
+    holds only its primary context (and that process's own usedGpuMemory)."""
+    child_env = dict(env)
+    counts = run.work / "fake-cuda-context.counts"
+    if run.dry_run:
+        write_fake_nvml(run.work, [])
+        child_env["FAKE_CUDA_SHARED_FILE"] = str(counts)
+    before = nvml_read(bundle, env)
+    proc, line = start_child([sys.executable, str(HERE / "guard_driver.py"), "context"], child_env, run.log)
+    try:
+        if line is None or line.strip() != "ready":
+            return {"error": f"CUDA init did not answer within {INIT_WAIT_S} s" if line is None
+                    else f"the plain process answered {line.strip()[:200]!r}"}
+        if run.dry_run:
+            write_fake_nvml(run.work, [(proc.pid, fake_used(counts))])
+        after = nvml_read(bundle, env)
+    finally:
+        release(proc)
+        if run.dry_run:
+            write_fake_nvml(run.work, [])
+    drop = free_of(before) - free_of(after)
+    entry, how, note = match_process(processes_of(after), proc.pid, drop)
+    note_pid_namespace(run, how)
+    return {"nvml_free_drop_bytes": drop, "nvml_free_drop_mib": round(drop / MIB),
+            "process_used_bytes": entry["used_bytes"] if entry else None, "matched_by": how,
+            **({"note": note} if note else {})}
+
+
+def real_usage(run: "Run", bundle: Path, env: Dict[str, str], guarded: Dict[str, str], limit: int) -> None:
+    """The guard's view against the driver's: a guarded child fills its slice until the guard
+    refuses, then holds; NVML (read here, unguarded) gives its real usedGpuMemory, context and
+    all. Also measures a plain context's real size for the environment."""
+    g = "guard"
+    if run.left_s() < 30:
+        run.not_run(g, [REAL_USAGE_CHECK], "the check's time budget ran out before this check")
+        return
+    run.note("\n===== guard vs driver: real usage of a filled slice")
+    try:
+        run.environment["cuda_context"] = context_size(run, bundle, env)
+    except Exception as e:  # noqa: BLE001 - recorded; the check below still runs
+        run.environment["cuda_context"] = {"error": f"{type(e).__name__}: {e}"}
+    run.note(f"plain CUDA context: {json.dumps(run.environment['cuda_context'])}")
+    acct = run.work / "accounting-real-usage"
+    acct.mkdir(exist_ok=True)
+    fill_env = dict(guarded, VRAMSLICE_ACCOUNTING_DIR=str(acct))
+    counts = run.work / "fake-cuda-fill.counts"
+    if run.dry_run:
+        fill_env["FAKE_CUDA_SHARED_FILE"] = str(counts)
+    proc = None
+    try:
+        proc, line = start_child([sys.executable, str(HERE / "guard_driver.py"), "fill", str(2 * limit)],
+                                 fill_env, run.log)
+        if line is None:
+            run.check(g, REAL_USAGE_CHECK, False, "no answer", f"<= {mib(limit)}",
+                      detail=f"CUDA init did not answer within {INIT_WAIT_S} s (the child was killed)")
+            return
+        run.note(f"guarded child: {line.strip()}")
+        try:
+            facts = json.loads(line)
+            held = int(facts["held_bytes"])
+        except (ValueError, KeyError, TypeError):
+            run.check(g, REAL_USAGE_CHECK, False, "the guarded child failed", f"<= {mib(limit)}",
+                      detail=line.strip()[:300] or "no output (see the log)")
+            return
+        if run.dry_run:
+            write_fake_nvml(run.work, [(proc.pid, fake_used(counts))])
+        reading = nvml_read(bundle, env)
+        entry, how, note = match_process(processes_of(reading), proc.pid, held)
+        note_pid_namespace(run, how)
+        context = run.environment["cuda_context"].get("nvml_free_drop_bytes")
+        if entry is None:
+            run.check(g, REAL_USAGE_CHECK, False, f"pid {proc.pid}: not listed by NVML", f"<= {mib(limit)}",
+                      detail=note, own_pid=proc.pid, guard_held_bytes=held)
+            return
+        used = entry["used_bytes"]
+        over = (used - limit) / MIB
+        refused = facts.get("last_rc") == CUDA_ERROR_OUT_OF_MEMORY
+        detail = "; ".join(x for x in (
+            note,
+            f"the guard refused (rc {facts.get('last_rc')}) with {mib(held)} allocated; its cuMemGetInfo: free "
+            f"{mib(facts.get('guard_free', 0))} of {mib(facts.get('guard_total', 0))}",
+            "" if refused else "the guard never refused: the child stopped at twice the limit",
+            f"a plain context takes {mib(context)} (NVML)" if isinstance(context, int) else "") if x)
+        run.check(g, REAL_USAGE_CHECK, refused and used <= limit,
+                  f"NVML {mib(used)} (pid {entry['pid']}{', by size' if how == 'size' else ''}) vs limit "
+                  f"{mib(limit)}: {f'{over:.0f} MiB over' if over > 0 else f'{-over:.0f} MiB under'}",
+                  "real usage <= limit", detail=detail,
+                  real_used_bytes=used, limit_bytes=limit, overshoot_mib=max(over, 0.0), margin_mib=-over,
+                  guard_held_bytes=held, guard_free_bytes=facts.get("guard_free"), last_rc=facts.get("last_rc"),
+                  matched_by=how, own_pid=proc.pid, nvml_pid=entry["pid"], context_bytes=context)
+    except Exception as e:  # noqa: BLE001 - any failure is a reported FAIL, never a silent pass
+        run.check(g, REAL_USAGE_CHECK, False, detail=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        if proc is not None:
+            release(proc)
+        if run.dry_run:
+            write_fake_nvml(run.work, [])
+
+
+def smi_query(fields: str) -> str:
+    """`nvidia-smi --query-gpu=FIELDS` as text (an error is recorded, never raised); reads only."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"error: {e}"
+    return out.stdout.strip() if out.returncode == 0 else f"error: exit {out.returncode}: {out.stderr.strip()[-200:]}"
 
 
 def wait_json(path: Path, ready, timeout: float) -> Optional[dict]:
@@ -247,11 +430,17 @@ def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]
         f"injection:\n  guardLibraryHostPath: {guard}\n")
     holder = subprocess.Popen([sys.executable, str(HERE / "guard_driver.py"), "hold", str(HOLDER_BYTES)], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    ready = holder.stdout.readline().strip() if holder.stdout else ""
-    run.check(g, "a plain process holds 1 GiB on the GPU (no guard)", ready == "ready rc=0", ready or "no answer",
-              "ready rc=0")
+    line = readline_within(holder.stdout, INIT_WAIT_S) if holder.stdout else ""
+    if line is None:
+        holder.kill()
+        run.check(g, "a plain process holds 1 GiB on the GPU (no guard)", False, "no answer", "ready rc=0",
+                  detail=f"CUDA init did not answer within {INIT_WAIT_S} s (the holder was killed)")
+    else:
+        ready = line.strip()
+        run.check(g, "a plain process holds 1 GiB on the GPU (no guard)", ready == "ready rc=0",
+                  ready or "no answer", "ready rc=0")
     if run.dry_run:
-        write_fake_nvml(run.work, [holder.pid])
+        write_fake_nvml(run.work, [(holder.pid, HOLDER_BYTES)])
     plugin_env = {k: v for k, v in env.items() if k not in ("KUBERNETES_SERVICE_HOST", "NODE_NAME")}
     kubelet = subprocess.Popen([str(bundle / "bin" / "vramslice-gpu-check"), "kubelet", "--socket-dir", str(sockets),
                                 "--pod-resources-socket", str(work / "pod-resources.sock"), "--report",
@@ -272,12 +461,12 @@ def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]
         run.check(g, "plugin registers with the test kubelet and is dialled back", ok,
                   f"{len(regs)} registration(s), first list after {seen.get('first_list_ms') or 0:.0f} ms",
                   f"{RESOURCE}, options answered", detail="" if ok else json.dumps(regs)[:300])
-        nvml = subprocess.run([str(bundle / "bin" / "vramslice-gpu-check"), "nvml"], env=env, capture_output=True,
-                              text=True, timeout=30)
-        reading = json.loads(nvml.stdout) if nvml.returncode == 0 else {"gpus": [], "health_events": {}}
+        try:
+            reading = nvml_read(bundle, env)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+            reading = {"gpus": [], "health_events": {}}
+            run.check(g, "NVML reading", False, detail=str(e)[-300:])
         run.environment["gpus"] = [{k: v for k, v in gpu.items() if k != "processes"} for gpu in reading["gpus"]]
-        if nvml.returncode != 0:
-            run.check(g, "NVML reading", False, detail=nvml.stderr[-300:])
         advertised = seen.get("gpus", {})
         for gpu in reading["gpus"]:
             want = gpu["total_bytes"] // GIB
@@ -293,10 +482,14 @@ def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]
         run.check(g, "UUID and model", names_ok,
                   ", ".join(f"{g_['model']} {g_['uuid']}" for g_ in reading["gpus"]) or "no GPU read",
                   "advertised UUIDs = NVML's")
-        mine = [p for g_ in reading["gpus"] for p in g_["processes"] if p["pid"] == holder.pid]
-        run.check(g, "per-process usage (NVML)", bool(mine) and mine[0]["used_bytes"] >= HOLDER_BYTES,
-                  f"pid {holder.pid}: {mib(mine[0]['used_bytes']) if mine else 'not listed'}", ">= 1024 MiB",
-                  detail="" if mine else "NVML listed: " + json.dumps([g_["processes"] for g_ in reading["gpus"]])[:300])
+        listed = processes_of(reading)
+        mine, how, note = match_process(listed, holder.pid, HOLDER_BYTES)
+        nvml_pid = mine["pid"] if mine else None
+        note_pid_namespace(run, how)
+        run.check(g, "per-process usage (NVML)", mine is not None and mine["used_bytes"] >= HOLDER_BYTES,
+                  f"pid {nvml_pid}{' (matched by size)' if how == 'size' else ''}: {mib(mine['used_bytes'])}"
+                  if mine else f"pid {holder.pid}: not listed", ">= 1024 MiB", detail=note, matched_by=how,
+                  own_pid=holder.pid, nvml_pid=nvml_pid, nvml_pids=[p["pid"] for p in listed])
         subscribed = reading.get("health_events", {})
         run.check(g, "health events subscribed (critical XID, double-bit ECC)",
                   bool(subscribed) and all(subscribed.values()),
@@ -304,10 +497,13 @@ def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]
                   "every GPU")
         time.sleep(1.5)  # two polls, so the plugin has read the holder
         events = log_events(plugin_log)
-        stray = [e for e in events if "belongs to no pod" in e.get("message", "") and e.get("pid") == holder.pid]
+        # The plugin logs NVML's PID: the holder's own, or (another PID namespace) the one matched by size.
+        look_for = nvml_pid if nvml_pid is not None else holder.pid
+        stray = [e for e in events if "belongs to no pod" in e.get("message", "") and e.get("pid") == look_for]
         run.check(g, "plugin sees the process outside any pod", bool(stray),
-                  f"watchdog: pid {holder.pid}, {mib(stray[0].get('used', 0))}" if stray else "not in the plugin log",
-                  "logged with its usage")
+                  f"watchdog: pid {look_for}{' (matched by size)' if how == 'size' else ''}, "
+                  f"{mib(stray[0].get('used', 0))}" if stray else "not in the plugin log",
+                  "logged with its usage", detail=note, matched_by=how, own_pid=holder.pid, nvml_pid=nvml_pid)
         addr = next((e["addr"] for e in events if e.get("message", "").startswith("serving /metrics") and "addr" in e),
                     None)
         metrics = ""
@@ -431,14 +627,19 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
     want = set(args.groups)
     manifest = bundle / "manifest.json"
     run.environment.update({"python": sys.version.split()[0], "platform": platform.platform(),
+                            "kernel": os.uname().release,  # gVisor reports its own (e.g. 4.4.0)
                             "libc": " ".join(platform.libc_ver()), "cpus": os.cpu_count(),
+                            "env": {name: os.environ.get(name) for name in ENV_RECORDED},
                             "bundle": json.loads(manifest.read_text()) if manifest.exists() else None})
     drivers = fake_drivers(bundle, work) if args.dry_run else {}
     env = base_env(bundle, drivers)
-    if not args.dry_run and shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,uuid,memory.total,memory.used,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
-        run.environment["nvidia_smi"] = smi.stdout.strip()
+    if args.dry_run:
+        run.environment["nvidia_smi_state"] = "dry run: not queried"
+    elif shutil.which("nvidia-smi"):
+        run.environment["nvidia_smi"] = smi_query("name,uuid,memory.total,memory.used,driver_version")
+        run.environment["nvidia_smi_state"] = smi_query("persistence_mode,clocks.sm,power.draw")
+    else:
+        run.environment["nvidia_smi_state"] = "nvidia-smi not found"
     py = sys.executable
 
     # Without the plugin group the guard checks run at the default 4 GiB limit (guard_env).
@@ -470,6 +671,7 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
         run.program(g, [py, drv, "legacy"], guarded, 60,
                     ["driver: the v1 ABI (cuMemAlloc, 32-bit pointers) is held to the limit"])
         run.program(g, [py, drv, "share"], guarded, 60, ["two processes, one account: the other's memory is counted"])
+        real_usage(run, bundle, env, guarded, int(limit))
         run.program(g, [py, drv, "latency"], plain, 120, ["driver: alloc/free latency added by the guard"])
     if "vllm" in want:
         run.program("vllm", [py, drv, "vllm"], guarded, 60,

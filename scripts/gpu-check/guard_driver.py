@@ -17,6 +17,12 @@ driver (lent GPU) and on the fake driver (dry run) alike.
     guard_driver.py latency           alloc/free pair time, plain and guarded (child processes)
     guard_driver.py vllm              a vLLM-like start: size a cache from cuMemGetInfo total
     guard_driver.py hold BYTES        (helper) allocate, print "ready", wait for stdin to close
+    guard_driver.py context           (helper) create the primary context only, print "ready", wait
+                                      for stdin to close (the orchestrator measures it in NVML)
+    guard_driver.py fill MOST         (helper, under the guard) allocate in 256 MiB, then 2 MiB
+                                      steps until refused (at most MOST bytes), print what was held
+                                      as JSON, hold it until stdin closes (the orchestrator reads
+                                      the real usage from NVML)
     guard_driver.py pairs N BYTES     (helper) print the mean alloc/free pair time in ns
     guard_driver.py vmm-facts BYTES   (helper) print the driver's free memory across create, map,
                                       release and unmap of BYTES, as JSON
@@ -233,6 +239,29 @@ def hold(n: int) -> int:
     drv = Driver()
     rc, _ = drv.alloc(n)
     print(f"ready rc={rc}", flush=True)
+    sys.stdin.read()
+    return 0
+
+
+def context() -> int:
+    drv = Driver()
+    drv.mem_get_info()
+    print("ready", flush=True)
+    sys.stdin.read()
+    return 0
+
+
+def fill(most: int) -> int:
+    drv = Driver()
+    coarse, rc = drv.grow(256 * MIB, most)
+    held = len(coarse) * 256 * MIB
+    fine = []
+    if rc == CUDA_ERROR_OUT_OF_MEMORY:  # close the last gap below the refusal
+        fine, rc = drv.grow(2 * MIB, most - held)
+        held += len(fine) * 2 * MIB
+    free, total = drv.mem_get_info()
+    print(json.dumps({"held_bytes": held, "last_rc": rc, "guard_free": free, "guard_total": total,
+                      "allocations": len(coarse) + len(fine)}), flush=True)
     sys.stdin.read()
     return 0
 
@@ -466,6 +495,10 @@ def main(argv) -> int:
         return vllm()
     if mode == "hold" and len(argv) == 3:
         return hold(int(argv[2]))
+    if mode == "context":
+        return context()
+    if mode == "fill" and len(argv) == 3:
+        return fill(int(argv[2]))
     if mode == "pairs" and len(argv) == 4:
         return pairs(int(argv[2]), int(argv[3]))
     sys.exit(__doc__)

@@ -2,13 +2,15 @@
 checks as NOT-RUN where there is none).
 
     guard_torch.py limits LABEL     under the guard (PYTORCH_CUDA_ALLOC_CONF set by the caller):
-                                    mem_get_info shows the slice, within-limit works, past-limit
-                                    raises torch.cuda.OutOfMemoryError, growth stops at the limit
+                                    the allocator asked for is in force, mem_get_info shows the
+                                    slice, within-limit works, past-limit raises
+                                    torch.cuda.OutOfMemoryError, growth stops at the limit
     guard_torch.py graphs           under the guard, backend:cudaMallocAsync: CUDA graph capture +
                                     replay is correct, graph memory nodes count in the limit, and a
                                     graph larger than the slice fails its replay (out of memory)
     guard_torch.py share            under the guard: another PyTorch process's memory counts
-    guard_torch.py throughput       matmul and memory-bandwidth loops, plain and guarded children
+    guard_torch.py throughput       matmul and memory-bandwidth loops in plain and guarded children,
+                                    in ABBA order (plain, guarded, guarded, plain)
     guard_torch.py vllm             under the guard: size a KV cache from mem_get_info total
     guard_torch.py hold BYTES       (helper) hold a tensor, print "ready", wait for stdin to close
     guard_torch.py loops SECONDS    (helper) print matmul TFLOP/s and copy GB/s as JSON
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
-from typing import Tuple
+from typing import Optional, Tuple
 
 from checklib import GIB, MIB, child_env, emit, env_int, mib
 from guard_driver import graph_pool_reserved
@@ -32,8 +36,67 @@ from guard_driver import graph_pool_reserved
 import torch  # noqa: E402 - after checklib so a missing torch still reports through main()
 
 
+# Per variant of `limits`: the backend torch.cuda.get_allocator_backend() must name, and whether
+# expandable segments must be on (None: not applicable, the caching allocator is not in use).
+ALLOCATORS = {"default": ("native", False), "expandable_segments": ("native", True),
+              "cudaMallocAsync": ("cudaMallocAsync", None)}
+
+
 def limit_bytes() -> int:
     return env_int("GPUCHECK_LIMIT_BYTES")
+
+
+def allocator_backend() -> Tuple[Optional[str], str]:
+    """The CUDA allocator backend in force ("native" or "cudaMallocAsync"), or None and why not."""
+    try:
+        get = getattr(torch.cuda, "get_allocator_backend", None) or torch.cuda.memory.get_allocator_backend
+        return str(get()), ""
+    except Exception as e:  # noqa: BLE001
+        return None, f"get_allocator_backend failed: {e!r}"
+
+
+def expandable_in_force() -> Tuple[Optional[bool], str]:
+    """Whether the caching allocator uses expandable segments, read from its snapshot (the
+    allocator's own settings, else its segments' flags); None and why when it cannot be read."""
+    try:
+        snap = torch.cuda.memory._snapshot()
+        settings = snap.get("allocator_settings") if isinstance(snap, dict) else None
+        if isinstance(settings, dict) and "expandable_segments" in settings:
+            return bool(settings["expandable_segments"]), "allocator_settings"
+        flags = {bool(seg["is_expandable"]) for seg in (snap.get("segments") or []) if "is_expandable" in seg}
+        if len(flags) == 1:
+            return flags.pop(), "the segments' is_expandable"
+        return None, "the snapshot has no allocator_settings and no segment flags"
+    except Exception as e:  # noqa: BLE001
+        return None, f"the snapshot cannot be read: {e!r}"
+
+
+def allocator_in_force(label: str) -> None:
+    """The variant must run the allocator it asked for: a PYTORCH_ALLOC_CONF from the image (torch
+    >= 2.8 prefers it) or a torch that ignores the setting would test the wrong one."""
+    want_backend, want_expandable = ALLOCATORS[label]
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    backend, why = allocator_backend()
+    expandable, source = (expandable_in_force() if backend == "native" and want_expandable is not None
+                          else (None, "not applicable"))
+    problems = []
+    if backend is None:
+        problems.append(f"the backend in force cannot be read ({why})")
+    elif backend != want_backend:
+        problems.append(f"PYTORCH_CUDA_ALLOC_CONF={conf!r} asks for the {want_backend} backend but torch runs "
+                        f"{backend!r}: this variant's results test the wrong allocator")
+    if want_expandable is not None and expandable is not None and expandable != want_expandable:
+        problems.append(f"PYTORCH_CUDA_ALLOC_CONF={conf!r} asks for expandable_segments {want_expandable} but "
+                        f"{source} says {expandable}: this variant's results test the wrong allocator")
+    notes = list(problems)
+    if want_expandable is not None and expandable is None and backend == "native":
+        notes.append(f"expandable_segments unverified: {source}")
+    shown = expandable if expandable is not None else "unverified" if backend == "native" else "n/a"
+    emit(f"torch [{label}]: the allocator asked for is the one in force", not problems,
+         f"backend {backend}" + (f", expandable_segments {shown}" if want_expandable is not None else ""),
+         f"backend {want_backend}" + (f", expandable_segments {want_expandable}" if want_expandable is not None
+                                      else ""), "; ".join(notes), backend=backend, expandable_segments=expandable,
+         expandable_source=source, PYTORCH_CUDA_ALLOC_CONF=conf, PYTORCH_ALLOC_CONF=os.environ.get("PYTORCH_ALLOC_CONF"))
 
 
 def limits(label: str) -> int:
@@ -50,6 +113,7 @@ def limits(label: str) -> int:
         ok, detail = False, repr(e)
     emit(f"torch [{label}]: 40% of the limit allocates and works", ok, "tensor filled and read back", "works",
          detail)
+    allocator_in_force(label)  # with a segment allocated, whose flags are a second witness
     try:
         b = torch.empty(limit + 256 * MIB, dtype=torch.uint8, device="cuda")
         outcome = "allocated"
@@ -118,14 +182,19 @@ def graphs() -> int:
     pool_error = error0 or error1
     eager = (x @ w).relu_() + 3
     ok = torch.allclose(y, eager, rtol=1e-2, atol=1e-2)
+    backend, backend_error = allocator_backend()
     emit("torch graphs: capture + replay correct under the guard", bool(ok), "5 replays of a 4096^2 matmul graph",
-         "matches eager")
+         "matches eager", allocator_backend=backend)
     grown, counted = reserved1 - reserved0, free0 - free1
+    # Graph memory nodes come from capturing cudaMallocAsync: under another backend the check is moot.
+    wrong = backend != "cudaMallocAsync"
+    backend_note = f"allocator backend in force: {backend}, not cudaMallocAsync {backend_error}" if wrong else ""
     emit("torch graphs: graph memory nodes count against the limit",
-         not pool_error and grown >= temp_bytes and counted >= grown - 64 * MIB,
+         not pool_error and not wrong and grown >= temp_bytes and counted >= grown - 64 * MIB,
          f"graph pool grew {mib(grown)}, the guard counted {mib(counted)}",
-         "counted >= pool growth (>= the 1 GiB temporary)", pool_error, graph_pool_before=reserved0,
-         graph_pool_after=reserved1, counted=counted, total=total)
+         "counted >= pool growth (>= the 1 GiB temporary)", "; ".join(x for x in (pool_error, backend_note) if x),
+         graph_pool_before=reserved0, graph_pool_after=reserved1, counted=counted, total=total,
+         allocator_backend=backend)
     del graph, y
     torch.cuda.synchronize()
     # A graph whose memory node does not fit the slice: capturing it takes no memory; the guard
@@ -223,26 +292,41 @@ def loops(seconds: float) -> int:
         torch.cuda.synchronize()
         copies += 10
     gbps = 2 * GIB * copies / (time.perf_counter() - start) / 1e9  # read + write
-    print(json.dumps({"tflops": tflops, "copy_gbps": gbps}))
+    print(json.dumps({"tflops": tflops, "copy_gbps": gbps, "matmuls": iters, "copies": copies}))
     return 0
 
 
+THROUGHPUT = (("tflops", "matmul fp16 8192^3", "TFLOP/s"), ("copy_gbps", "memory-bandwidth copy", "GB/s"))
+
+
 def throughput(seconds: float = 6.0) -> int:
-    runs = {"plain": [], "guarded": []}
-    for label in ("plain", "guarded", "plain", "guarded"):
+    # ABBA: a drift (the GPU warming, clocks settling) weighs on both sides alike, so the means
+    # compare the guard and not the order; every run's figures go to the JSON to judge the noise.
+    order = ("plain", "guarded", "guarded", "plain")
+    runs = []
+    for n, label in enumerate(order, 1):
+        started = time.monotonic()
         out = subprocess.run([sys.executable, __file__, "loops", str(seconds)], env=child_env(label == "guarded"),
                              capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
-            emit("torch: matmul throughput with vs without the guard", False, detail=f"{label}: {out.stderr[-400:]}")
+            for _, name, _ in THROUGHPUT:
+                emit(f"torch: {name} throughput with vs without the guard", False,
+                     detail=f"run {n} ({label}) failed: {out.stderr[-400:]}", runs=runs)
             return 0
-        runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    for key, name, unit in (("tflops", "matmul fp16 8192^3", "TFLOP/s"), ("copy_gbps", "memory-bandwidth copy", "GB/s")):
-        plain = max(r[key] for r in runs["plain"])
-        guarded = max(r[key] for r in runs["guarded"])
+        runs.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), run=n, label=label,
+                         wall_s=round(time.monotonic() - started, 1)))
+    for key, name, unit in THROUGHPUT:
+        by = {label: [r[key] for r in runs if r["label"] == label] for label in ("plain", "guarded")}
+        plain, guarded = statistics.mean(by["plain"]), statistics.mean(by["guarded"])
         loss = (1 - guarded / plain) * 100
+        spread = {label: (max(v) - min(v)) / statistics.mean(v) * 100 for label, v in by.items()}
         emit(f"torch: {name} throughput with vs without the guard", loss <= 1.0,
-             f"{plain:.1f} -> {guarded:.1f} {unit} ({loss:+.2f}% loss)", "<= 1% loss", plain=plain, guarded=guarded,
-             runs=runs)
+             f"{plain:.1f} -> {guarded:.1f} {unit} ({loss:+.2f}% loss)", "<= 1% loss (ABBA means)",
+             "runs in order: " + ", ".join(f"{r['label']} {r[key]:.1f}" for r in runs)
+             + f"; run-to-run spread: plain {spread['plain']:.2f}%, guarded {spread['guarded']:.2f}%",
+             plain=plain, guarded=guarded, loss_percent=loss, plain_spread_percent=spread["plain"],
+             guarded_spread_percent=spread["guarded"], order=list(order),
+             runs=[{"run": r["run"], "label": r["label"], unit: r[key]} for r in runs], loops=runs)
     return 0
 
 

@@ -104,5 +104,50 @@ class Groups(unittest.TestCase):
         self.assertFalse(report.document(records, "PASS", {}, False)["partial"])
 
 
+class MatchProcess(unittest.TestCase):
+    listed = [{"pid": 7001, "used_bytes": 3 * checklib.GIB}, {"pid": 7002, "used_bytes": 1536 * checklib.MIB}]
+
+    def test_by_pid_first(self):
+        entry, how, note = checklib.match_process(self.listed, 7001, checklib.GIB)
+        self.assertEqual((entry["pid"], how, note), (7001, "pid", ""))
+
+    def test_another_pid_namespace_matches_the_one_entry_of_that_size(self):
+        entry, how, note = checklib.match_process(self.listed, 42, checklib.GIB)
+        self.assertEqual((entry["pid"], how), (7002, "size"))
+        self.assertIn("matched by size", note)
+        self.assertIn("our pid 42", note)
+        self.assertIn("7001: 3072 MiB", note)
+
+    def test_no_match_or_an_ambiguous_one_names_both_pids(self):
+        entry, how, note = checklib.match_process(self.listed, 42, 10 * checklib.GIB)
+        self.assertEqual((entry, how), (None, "none"))
+        self.assertIn("our pid 42", note)
+        self.assertIn("7001", note)
+        self.assertIn("7002", note)
+        two = self.listed + [{"pid": 7003, "used_bytes": 1200 * checklib.MIB}]
+        entry, how, note = checklib.match_process(two, 42, checklib.GIB)
+        self.assertEqual((entry, how), (None, "none"))
+        self.assertIn("ambiguous", note)
+        self.assertEqual(checklib.match_process([], 42, checklib.GIB)[:2], (None, "none"))
+
+
+class ReadlineWithin(unittest.TestCase):
+    def test_a_line_or_none_at_the_deadline(self):
+        import subprocess
+        import sys
+        quick = subprocess.Popen([sys.executable, "-c", "print('ready')"], stdout=subprocess.PIPE, text=True)
+        self.assertEqual(checklib.readline_within(quick.stdout, 30), "ready\n")
+        quick.wait()
+        quick.stdout.close()
+        stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            self.assertIsNone(checklib.readline_within(stuck.stdout, 0.3))
+        finally:
+            stuck.kill()
+            stuck.wait()
+            stuck.stdout.close()
+
+
 if __name__ == "__main__":
     unittest.main()
