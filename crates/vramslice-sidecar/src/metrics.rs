@@ -3,17 +3,47 @@
 
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// Why a job was refused admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// It needs more than the runtime ever admits.
+    NeverFits,
+    /// The queue held its maximum of waiting jobs.
+    QueueFull,
+    /// It waited its timeout without memory freeing.
+    Timeout,
+}
+
+impl RejectReason {
+    fn label(self) -> &'static str {
+        match self {
+            RejectReason::NeverFits => "never_fits",
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::Timeout => "timeout",
+        }
+    }
+}
+
+/// The label of the refusals counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    reason: &'static str,
+}
 
 /// Every metric the runtime keeps.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Bytes in use now (live usage, or held reservations when larger).
+    /// Bytes in use or held now: live usage, or what running jobs hold (their reservations on
+    /// top of the usage when they started) when that is larger.
     pub used_bytes: Gauge<u64, AtomicU64>,
     /// Bytes still admissible below the high-water mark.
     pub available_bytes: Gauge<u64, AtomicU64>,
@@ -27,8 +57,8 @@ pub struct Metrics {
     pub admission_wait: Histogram,
     /// Seconds a job held its reservation.
     pub job_duration: Histogram,
-    /// Jobs refused (never fits, queue full, timeout).
-    pub rejected: Counter,
+    /// Jobs refused, by reason.
+    rejected: Family<RejectLabels, Counter>,
     /// Out-of-memory errors seen by jobs.
     pub oom_errors: Counter,
     /// Retries after out-of-memory.
@@ -60,7 +90,7 @@ impl Metrics {
             jobs_queued: Gauge::default(),
             admission_wait: Histogram::new(exponential_buckets(0.001, 4.0, 9)),
             job_duration: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
-            rejected: Counter::default(),
+            rejected: Family::default(),
             oom_errors: Counter::default(),
             retries: Counter::default(),
             profile_hits: Counter::default(),
@@ -70,7 +100,7 @@ impl Metrics {
         };
         r.register(
             "used_bytes",
-            "GPU memory in use by this container",
+            "GPU memory in use by this container, or held by its running jobs when more",
             m.used_bytes.clone(),
         );
         r.register(
@@ -105,7 +135,7 @@ impl Metrics {
         );
         r.register(
             "admission_rejected",
-            "Jobs refused: never fits, queue full or timed out",
+            "Jobs refused admission, by reason: never_fits, queue_full or timeout",
             m.rejected.clone(),
         );
         r.register(
@@ -137,6 +167,14 @@ impl Metrics {
             registry: root,
             ..m
         }
+    }
+
+    /// Count a refused job.
+    pub fn reject(&self, reason: RejectReason) {
+        let labels = RejectLabels {
+            reason: reason.label(),
+        };
+        self.rejected.get_or_create(&labels).inc();
     }
 
     /// The metrics in Prometheus text format (OpenMetrics flavour, ending in `# EOF`).

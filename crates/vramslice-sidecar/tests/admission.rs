@@ -94,7 +94,7 @@ fn queue_timeout_names_need_free_and_queue() {
     assert_eq!(rt.stats().queued, 0, "a timed-out job leaves the queue");
     assert!(
         rt.render_metrics()
-            .contains("vramslice_sidecar_admission_rejected_total 1")
+            .contains(r#"vramslice_sidecar_admission_rejected_total{reason="timeout"} 1"#)
     );
 }
 
@@ -129,6 +129,12 @@ fn queue_full_is_refused_with_the_numbers() {
             .contains("needs 6.0 GiB, 1.5 GiB free, 2 jobs queued"),
         "{err}"
     );
+    assert!(rt.admit_blocking(&Job::new("d").need(20 * GIB)).is_err());
+    let metrics = rt.render_metrics();
+    for reason in ["queue_full", "never_fits"] {
+        let line = format!("vramslice_sidecar_admission_rejected_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing in\n{metrics}");
+    }
     drop(_held);
     for w in waiting {
         w.join().unwrap().unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::job::Job;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RejectReason};
 use crate::policy::{self, Ask, Reservation};
 use crate::profile::Profiles;
 use crate::queue::{AdmissionQueue, JobId, Refusal, Verdict};
@@ -274,7 +274,10 @@ impl Inner {
             Err(refusal) => {
                 let mut ticket = ticket;
                 ticket.armed = false;
-                self.metrics.rejected.inc();
+                self.metrics.reject(match refusal {
+                    Refusal::NeverFits { .. } => RejectReason::NeverFits,
+                    Refusal::QueueFull { .. } => RejectReason::QueueFull,
+                });
                 drop(state);
                 Err(AdmitError::Refused {
                     key: job.key().to_string(),
@@ -285,7 +288,7 @@ impl Inner {
     }
 
     pub(super) fn gone(&self, job: &Job, ask: Ask) -> AdmitError {
-        self.metrics.rejected.inc();
+        self.metrics.reject(RejectReason::NeverFits);
         let state = lock(&self.state);
         AdmitError::Refused {
             key: job.key().to_string(),
@@ -300,7 +303,7 @@ impl Inner {
     pub(super) fn time_out(&self, ticket: Ticket, job: &Job, ask: Ask) -> AdmitError {
         let waited = ticket.requested.elapsed();
         drop(ticket); // leaves the queue
-        self.metrics.rejected.inc();
+        self.metrics.reject(RejectReason::Timeout);
         let state = lock(&self.state);
         AdmitError::Timeout {
             key: job.key().to_string(),
