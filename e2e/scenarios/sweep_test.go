@@ -10,6 +10,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vramslice/vramslice/e2e/cluster"
 )
@@ -17,8 +18,9 @@ import (
 // Scenario 9: the device plugin's accounting sweeper deletes an allocation's files once the
 // kubelet's PodResources record has not listed it for accountingSweepAfter. The record never
 // lists plain init containers (the kubelet's own PodResources server, over its device manager,
-// answers here), so a long init container's files must be kept while it runs, and go once its
-// pod is gone.
+// answers here), so a long init container's files must be kept while it runs; and after it
+// completed too, while its pod runs: a recreated sandbox re-runs it with the same mounts. They
+// go once its pod is gone.
 func TestScenario9_SweeperKeepsARunningInitContainersFiles(t *testing.T) {
 	const sweepAfter = time.Second
 	c := newCluster(t, cluster.Options{PluginExtraConfig: "accountingSweepAfter: 1s\n"}, map[string][]cluster.FakeGPU{
@@ -57,6 +59,15 @@ func TestScenario9_SweeperKeepsARunningInitContainersFiles(t *testing.T) {
 		}
 	}
 
+	// The init container completed and the pod runs: still kept.
+	completeInit(t, c, "s9-loader")
+	time.Sleep(8 * sweepAfter)
+	for _, f := range files {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("the completed init container's accounting file was swept while its pod runs: %v", err)
+		}
+	}
+
 	// The pod gone, nothing holds the allocation: the same sweeper deletes its files.
 	deletePod(t, c, "s9-loader")
 	until(t, 30*time.Second, "the ended allocation's accounting files to be swept", func() (bool, error) {
@@ -85,4 +96,25 @@ func accountingFiles(t *testing.T, c *cluster.Cluster, p *v1.Pod, container stri
 		}
 	}
 	return out
+}
+
+// completeInit writes the status a kubelet writes once a pod's init containers have completed
+// and its app containers run: phase Running, every init container terminated with exit code 0.
+func completeInit(t *testing.T, c *cluster.Cluster, name string) {
+	t.Helper()
+	until(t, 30*time.Second, name+"'s init containers to be marked completed", func() (bool, error) {
+		p := getPod(t, c, name)
+		now := metav1.Now()
+		for i := range p.Status.InitContainerStatuses {
+			p.Status.InitContainerStatuses[i].State = v1.ContainerState{Terminated: &v1.ContainerStateTerminated{
+				ExitCode: 0, Reason: "Completed", StartedAt: now, FinishedAt: now,
+			}}
+		}
+		for i := range p.Status.ContainerStatuses {
+			p.Status.ContainerStatuses[i].State = v1.ContainerState{Running: &v1.ContainerStateRunning{StartedAt: now}}
+		}
+		p.Status.Phase = v1.PodRunning
+		_, err := c.Client.CoreV1().Pods(ns).UpdateStatus(c.Context(), p, metav1.UpdateOptions{})
+		return err == nil, err
+	})
 }

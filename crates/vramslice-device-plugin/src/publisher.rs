@@ -8,15 +8,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use vramslice_api::convert::gpunode_status;
-use vramslice_api::convert::node_pods::{uids_by_name, unfinished_plain_init};
+use vramslice_api::convert::node_pods::{init_phase_pods, plain_init_holds, uids_by_name};
 use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
+use vramslice_core::node::init_limit::apply_init_limits;
 use vramslice_core::node::publish::{
     ContainerAllocationRecord, NodeReport, PublishPolicy, add_claim_holdings, build_report,
     publish_reason,
@@ -152,14 +153,18 @@ impl Publisher {
     }
 
     /// One poll, in steps: the kubelet's allocations (and the sweep of ended ones), their pod
-    /// UIDs, the report from the latest readings, the watchdog and metrics, and the GpuNode write
-    /// when the publish rule asks for one.
+    /// UIDs, the report from the latest readings (with the limits of pods whose plain init
+    /// container may still run raised to what it may use), the watchdog and metrics, and the
+    /// GpuNode write when the publish rule asks for one.
     async fn poll(&mut self, state: &mut PollState, proc_root: &ProcRoot) {
         let snapshot = Arc::clone(&self.node.snapshot.borrow());
         if snapshot.generation == 0 {
             return;
         }
-        self.read_allocations(state).await;
+        // The node's pods, as the watch cache holds them; `None` without a kube client or
+        // before the cache has synced.
+        let pods = self.kube.as_ref().and_then(NodePods::cached);
+        self.read_allocations(state, pods.as_deref()).await;
         self.attach_pod_uids(state).await;
         let mut samples = snapshot.readings.clone();
         if samples
@@ -169,6 +174,10 @@ impl Publisher {
             proc_root.fill_pod_uids(&mut samples);
         }
         let mut report = build_report(self.unit, &samples, &state.records);
+        if let Some(pods) = &pods {
+            let initialising = init_phase_pods(pods, self.unit.resource_name());
+            apply_init_limits(&mut report, &samples, &initialising);
+        }
         if let Some(driver) = &self.claims {
             add_claim_holdings(&mut report, &samples, &driver.holdings().await);
         }
@@ -181,8 +190,9 @@ impl Publisher {
     }
 
     /// Reads the kubelet's allocations (keeping the last known when PodResources fails) and
-    /// sweeps the accounting files of allocations that ended.
-    async fn read_allocations(&mut self, state: &mut PollState) {
+    /// sweeps the accounting files of allocations that ended, given the node's `pods` (`None`
+    /// without a kube client or before its cache has synced).
+    async fn read_allocations(&mut self, state: &mut PollState, pods: Option<&[Arc<Pod>]>) {
         let resource = self.unit.resource_name();
         match crate::podresources::list_allocations(&self.pod_resources_socket, resource).await {
             Ok(fresh) => {
@@ -190,11 +200,9 @@ impl Publisher {
                 state.pr_failing = false;
                 if let Some(sweeper) = &mut self.sweeper {
                     // Without a synced pod cache, plain init containers cannot be told: no sweep.
-                    let init = match &self.kube {
-                        Some(pods) => pods
-                            .cached()
-                            .map(|pods| unfinished_plain_init(&pods, resource)),
-                        None => Some(Vec::new()),
+                    let init = match (&self.kube, pods) {
+                        (None, _) => Some(Vec::new()),
+                        (Some(_), pods) => pods.map(|pods| plain_init_holds(pods, resource)),
                     };
                     match init {
                         Some(init) => {

@@ -3,8 +3,8 @@
 //!
 //! Called by the publisher after each poll whose PodResources answer was fresh; never with a
 //! stale or failed answer, so a kubelet that cannot be reached deletes nothing. With the node's
-//! pods (a kube client), also never before their cache is synced: keys a plain init container
-//! not yet completed may hold count as live, and PodResources alone cannot tell them.
+//! pods (a kube client), also never before their cache is synced: keys a plain init container of
+//! a pod that may still run holds count as live, and PodResources alone cannot tell them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -35,8 +35,8 @@ impl Sweeper {
         }
     }
 
-    /// One sweep against the kubelet's live allocations and what plain init containers not yet
-    /// completed may hold (`init`). Returns the keys deleted.
+    /// One sweep against the kubelet's live allocations and what plain init containers may hold
+    /// (`init`, `vramslice_api::convert::node_pods::plain_init_holds`). Returns the keys deleted.
     pub async fn run(
         &mut self,
         live: &[ContainerAllocationRecord],
@@ -181,7 +181,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_unfinished_init_containers_allocation_is_kept() {
+    async fn a_held_init_containers_allocation_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let init = allocation_key("GPU-a", &[0, 1]);
@@ -201,7 +201,8 @@ mod tests {
         tokio::time::advance(Duration::from_millis(10)).await;
         assert_eq!(sweeper.run(&[], &holds).await, vec![other.clone()]);
         assert!(root.join(&init).exists());
-        // Completed: its key goes after its own grace period.
+        // No longer held (its pod finished or was deleted): its key goes after its own grace
+        // period.
         assert!(sweeper.run(&[], &[]).await.is_empty());
         tokio::time::advance(Duration::from_millis(10)).await;
         assert_eq!(sweeper.run(&[], &[]).await, vec![init.clone()]);

@@ -2,9 +2,10 @@
 //! size among the containers of the pods bound to it, the GPU the extender assigned each pod and
 //! the GPU the kubelet allocated each container ([`placements`], for
 //! `vramslice_core::owed_gpus`), how many requests still wait ([`waiting_requests`]), the pods'
-//! UIDs ([`uids_by_name`]), and what plain init containers not yet completed may hold
-//! ([`unfinished_plain_init`], for the accounting sweeper). Pods come as the API server's objects, owned or behind `Arc` (a
-//! watch cache holds them so).
+//! UIDs ([`uids_by_name`]), what plain init containers may hold ([`plain_init_holds`], for the
+//! accounting sweeper) and the pods one of whose plain init containers may still run
+//! ([`init_phase_pods`], for their limit). Pods come as the API server's objects, owned or behind
+//! `Arc` (a watch cache holds them so).
 //!
 //! The kubelet asks for one container at a time, and every VRAM container of a pod shares the
 //! pod's GPU(s), so the count is per container: a pod with two containers of 2 units is owed two
@@ -17,11 +18,14 @@ use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 use vramslice_core::PodPlacement;
 
+mod init;
+
+pub use init::{init_phase_pods, plain_init_holds};
+
 use super::{container_units, container_vram};
 use crate::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
 use vramslice_core::DeviceId;
 use vramslice_core::node::publish::ContainerAllocationRecord;
-use vramslice_core::node::sweep::InitHold;
 
 /// Whether none of the pod's containers has started yet.
 fn not_started(pod: &Pod) -> bool {
@@ -249,58 +253,6 @@ pub fn placements<P: Borrow<Pod>>(
         .collect()
 }
 
-/// What the plain init containers asking for `resource` that have not completed may hold, one
-/// entry per container: containers of bound, unfinished pods whose status does not show them
-/// exited with code 0 (waiting, running, restarting, or no status yet). PodResources never
-/// lists them, so without this the accounting sweeper would count their allocations ended.
-pub fn unfinished_plain_init<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<InitHold> {
-    let mut holds = Vec::new();
-    for pod in pods.iter().map(Borrow::borrow) {
-        let (Some(spec), true) = (pod.spec.as_ref(), bound_and_unfinished(pod)) else {
-            continue;
-        };
-        let gpus: Vec<String> = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_GPU_UUID))
-            .map(|list| {
-                vramslice_core::cluster::placement::gpu_uuids(list)
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let statuses = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.init_container_statuses.as_deref())
-            .unwrap_or_default();
-        let completed = |name: &str| {
-            statuses.iter().any(|cs| {
-                cs.name == name
-                    && cs
-                        .state
-                        .as_ref()
-                        .and_then(|s| s.terminated.as_ref())
-                        .is_some_and(|t| t.exit_code == 0)
-            })
-        };
-        for c in spec.init_containers.iter().flatten() {
-            let Some(units) = container_units(c, resource).filter(|u| *u > 0) else {
-                continue;
-            };
-            if !container_vram(c).sidecar && !completed(&c.name) {
-                holds.push(InitHold {
-                    gpus: gpus.clone(),
-                    units,
-                });
-            }
-        }
-    }
-    holds
-}
-
 /// A `vramslice.io/gpu-uuid` value (one UUID, or several comma-separated for a pod spanning
 /// GPUs) in the canonical form `vramslice_core::owed_gpus` compares: UUIDs sorted, joined by
 /// commas. The device plugin writes the GPUs the kubelet allocated a pod in the same form.
@@ -367,7 +319,7 @@ mod tests {
         .unwrap()
     }
 
-    const RES: &str = "vramslice.io/vram-gib";
+    pub(super) const RES: &str = "vramslice.io/vram-gib";
 
     fn gpus_of(placements: &[PodPlacement]) -> Vec<(&str, Option<&str>)> {
         placements
@@ -461,7 +413,7 @@ mod tests {
 
     /// A pod whose containers `a` and `b` (app) and `init` (plain init container) each ask for
     /// 2 units on GPU-a, with the given containers started.
-    fn three_containers(started: &[&str]) -> Pod {
+    pub(super) fn three_containers(started: &[&str]) -> Pod {
         let mut p = pod("three", Some("GPU-a"), "2026-01-01T00:00:01Z", 2, false);
         let spec = p.spec.as_mut().unwrap();
         spec.containers = serde_json::from_value(json!([
@@ -487,61 +439,6 @@ mod tests {
         st.container_statuses = serde_json::from_value(json!([status("a"), status("b")])).unwrap();
         st.init_container_statuses = serde_json::from_value(json!([status("init")])).unwrap();
         p
-    }
-
-    #[test]
-    fn plain_init_containers_hold_until_they_exit_with_code_0() {
-        let hold = |units| InitHold {
-            gpus: vec!["GPU-a".to_string()],
-            units,
-        };
-        // Not started (waiting for its image): it may hold units already.
-        assert_eq!(
-            unfinished_plain_init(&[three_containers(&[])], RES),
-            vec![hold(2)]
-        );
-        // Completed: nothing.
-        assert!(unfinished_plain_init(&[three_containers(&["init"])], RES).is_empty());
-        // Running, or exited with an error and restarting: it still holds.
-        for state in [
-            json!({"running": {}}),
-            json!({"terminated": {"exitCode": 1}}),
-        ] {
-            let mut p = three_containers(&[]);
-            let st = p.status.as_mut().unwrap();
-            st.init_container_statuses = serde_json::from_value(json!([
-                {"name": "init", "image": "x", "imageID": "", "ready": false, "restartCount": 1, "state": state}
-            ]))
-            .unwrap();
-            assert_eq!(unfinished_plain_init(&[p], RES), vec![hold(2)]);
-        }
-        // A pod that has finished, another resource, a sidecar init container: nothing.
-        let mut done = three_containers(&[]);
-        done.status.as_mut().unwrap().phase = Some("Failed".into());
-        assert!(unfinished_plain_init(&[done], RES).is_empty());
-        assert!(
-            unfinished_plain_init(&[three_containers(&[])], "vramslice.io/vram-512mib").is_empty()
-        );
-        let mut sidecar = three_containers(&[]);
-        sidecar
-            .spec
-            .as_mut()
-            .unwrap()
-            .init_containers
-            .as_mut()
-            .unwrap()[0]
-            .restart_policy = Some("Always".into());
-        assert!(unfinished_plain_init(&[sidecar], RES).is_empty());
-        // Unannotated: any GPU.
-        let mut bare = three_containers(&[]);
-        bare.metadata.annotations = None;
-        assert_eq!(
-            unfinished_plain_init(&[bare], RES),
-            vec![InitHold {
-                gpus: vec![],
-                units: 2
-            }]
-        );
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! [`build_report`] turns GPU readings and the kubelet's allocation record into a [`NodeReport`]
 //! (the plain-value twin of the `GpuNode` status: per-GPU readings, allocated units, per-pod
 //! usage and limits, and summary strings for printer columns). [`publish_reason`] says whether a
-//! new report must be written now: on the first report, when GPUs, health, units or allocations
-//! change, when usage moves by at least the threshold, or when the heartbeat is due; otherwise
-//! not, which keeps the API server write rate bounded.
+//! new report must be written now: on the first report, when GPUs, health, units, allocations or
+//! pods' limits change, when usage moves by at least the threshold, or when the heartbeat is due;
+//! otherwise not, which keeps the API server write rate bounded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -39,9 +39,10 @@ pub struct PodReport {
     pub name: String,
     /// UID, when known.
     pub uid: Option<String>,
-    /// Units its containers hold on this GPU.
+    /// Units its containers hold on this GPU, as the kubelet's record lists them.
     pub allocated_units: u64,
-    /// Its limit on this GPU: allocated units × unit bytes.
+    /// Its limit on this GPU: allocated units × unit bytes, or more while a plain init container
+    /// of it has not completed (`crate::node::init_limit`).
     pub limit_bytes: u64,
     /// What its processes use on this GPU, when its UID is known.
     pub used_bytes: Option<u64>,
@@ -79,7 +80,8 @@ pub struct GpuReport {
     pub healthy: bool,
     /// Why not, when not.
     pub health_reason: Option<String>,
-    /// Pods holding units, by namespace then name.
+    /// Pods holding units (or whose plain init container may: `crate::node::init_limit`), by
+    /// namespace then name.
     pub pods: Vec<PodReport>,
     /// Processes not attributed to any pod listed here, by PID.
     pub processes_without_pod: Vec<StrayProcess>,
@@ -306,7 +308,7 @@ pub enum PublishReason {
     HealthChanged,
     /// The unit or a GPU's unit count changed.
     UnitsChanged,
-    /// Allocated units or the pods holding them changed.
+    /// Allocated units, the pods holding them, or their limits changed.
     AllocationsChanged,
     /// Usage moved by at least the threshold on this GPU.
     UsageChanged {
@@ -372,7 +374,8 @@ pub fn publish_reason(
     if last.unit != current.unit || pairs().any(|(a, b)| a.units != b.units) {
         return Some(PublishReason::UnitsChanged);
     }
-    let holders = |g: &GpuReport| -> Vec<(String, String, Option<String>, u64)> {
+    // A pod's limit can change with its units unchanged (`crate::node::init_limit`).
+    let holders = |g: &GpuReport| -> Vec<(String, String, Option<String>, u64, u64)> {
         g.pods
             .iter()
             .map(|p| {
@@ -381,6 +384,7 @@ pub fn publish_reason(
                     p.name.clone(),
                     p.uid.clone(),
                     p.allocated_units,
+                    p.limit_bytes,
                 )
             })
             .collect()

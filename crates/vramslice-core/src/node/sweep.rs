@@ -14,8 +14,10 @@
 //!
 //! PodResources never lists plain init containers, so an init container that runs (or waits to
 //! run, or restarts) longer than the grace period would lose its files while it still needs
-//! them. The caller passes what such containers may hold ([`InitHold`], from the node's pods),
-//! and keys that match one count as live ([`held_by_init`]): a GPU of the pod and the
+//! them; and one that completed needs them again when the kubelet recreates its pod's sandbox
+//! and re-runs it with the mounts it checkpointed. The caller passes what such containers may
+//! hold ([`InitHold`], from the node's pods: every plain init container of a pod that may still
+//! run), and keys that match one count as live ([`held_by_init`]): a GPU of the pod and the
 //! container's unit count, since the kubelet's choice of units is not known.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -91,8 +93,8 @@ fn parse_key(s: &str) -> Option<KeyParts<'_>> {
     valid.then_some(KeyParts { gpus, units })
 }
 
-/// What a plain init container that has not completed may hold: `units` units in all, on the
-/// GPUs of `gpus` (its pod's `vramslice.io/gpu-uuid`, one or several; empty when the pod is not
+/// What a plain init container of a pod that may still run (or re-run it) may hold: `units`
+/// units in all, on the GPUs of `gpus` (its pod's `vramslice.io/gpu-uuid`, one or several; empty when the pod is not
 /// annotated: any GPU).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitHold {

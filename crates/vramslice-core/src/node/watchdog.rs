@@ -20,7 +20,9 @@
 //! next [`WatchdogState`] and the events. No clock, no I/O.
 //!
 //! Granularity: a pod's containers on one GPU are compared together (NVML PIDs map to pods; the
-//! limit is the sum of the pod's units on that GPU).
+//! limit is the sum of the pod's units on that GPU, or more while a plain init container of the
+//! pod has not completed: the caller passes a report adjusted by
+//! [`apply_init_limits`](crate::node::init_limit::apply_init_limits)).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -205,6 +205,13 @@ fn each_kind_of_change_is_named() {
         case(|_, a| a[2].pod = "other".into()),
         Some(PublishReason::AllocationsChanged)
     );
+    // Same units, another limit (a plain init container of the pod completed): published.
+    let mut lower = base.clone();
+    lower.gpus[1].pods[0].limit_bytes += GIB;
+    assert_eq!(
+        publish_reason(&p, Some(&lower), now, &base),
+        Some(PublishReason::AllocationsChanged)
+    );
     // Same units, now with a UID: the holder changed.
     assert_eq!(
         case(|_, a| a[2].pod_uid = Some("u".into())),
