@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use vramslice_api::GpuNode;
-use vramslice_api::convert::{PodFate, node_reading, parse_time, pod_fate, pod_request};
+use vramslice_api::convert::{PodFate, bound_pod_request, node_reading, parse_time, pod_fate};
 use vramslice_api::names::ANNOTATION_GPU_UUID;
 use vramslice_core::VramUnit;
 use vramslice_core::cluster::ledger::{Ledger, LedgerConfig};
@@ -163,7 +163,7 @@ pub fn pod_rows(gpunodes: &[GpuNode], pods: &[Pod]) -> Vec<PodRow> {
     let mut rows: Vec<PodRow> = pods
         .iter()
         .filter_map(|pod| {
-            let request = pod_request(pod, &VramUnit::ALL).ok().flatten()?;
+            let request = bound_pod_request(pod, &VramUnit::ALL).ok().flatten()?;
             let namespace = pod.metadata.namespace.clone().unwrap_or_default();
             let name = pod.metadata.name.clone().unwrap_or_default();
             let uid = pod.metadata.uid.clone();

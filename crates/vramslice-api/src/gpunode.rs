@@ -98,7 +98,10 @@ pub struct PodUsage {
     pub uid: Option<String>,
     /// Units the kubelet allocated to the pod's containers on this GPU.
     pub allocated_units: u64,
-    /// The pod's limit on this GPU, bytes (allocated units × unit bytes).
+    /// The pod's limit on this GPU, bytes: allocated units × unit bytes, or while a plain init
+    /// container of the pod runs, its share of what that container may use (then listed with no
+    /// units on the GPU its `vramslice.io/gpu-uuid` annotation names when the kubelet lists it
+    /// nowhere).
     pub limit_bytes: u64,
     /// Memory the pod's processes use on this GPU, bytes, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]

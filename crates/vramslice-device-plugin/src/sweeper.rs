@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use vramslice_core::node::allocation::{LIMIT_FILE_HOST_SUFFIX, allocation_key_for_ids};
 use vramslice_core::node::publish::ContainerAllocationRecord;
-use vramslice_core::node::sweep::{InitHold, SweepState, entry_key, held_by_init, sweep};
+use vramslice_core::node::sweep::{InitHold, SweepState, entry_key, init_held_keys, sweep};
 
 /// The sweeper's settings and memory.
 #[derive(Debug)]
@@ -59,12 +59,8 @@ impl Sweeper {
             .iter()
             .filter_map(|r| allocation_key_for_ids(&r.device_ids).ok())
             .collect();
-        live.extend(
-            present
-                .keys()
-                .filter(|key| held_by_init(key, init))
-                .cloned(),
-        );
+        let held = init_held_keys(&present, &live, init);
+        live.extend(held);
         let verdict = sweep(
             &self.state,
             &present,
@@ -193,6 +189,7 @@ mod tests {
         let holds = [InitHold {
             gpus: vec!["GPU-a".into()],
             units: 2,
+            completed: false,
         }];
         let mut sweeper = Sweeper::new(root.to_path_buf(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));

@@ -38,5 +38,6 @@ pub fn wire_pod_request(
         &init,
         accepted,
         pod.metadata.annotations.as_ref(),
+        ReadFor::Placement,
     )
 }

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
-use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus, GpuStatus};
+use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus, GpuStatus, PodUsage};
 use vramslice_core::VramUnit;
 use vramslice_core::cluster::placement::{PodRequest, Policy};
 use vramslice_extender::convert::*;
@@ -181,4 +181,46 @@ fn gpunodes_without_usable_status_are_named() {
         let (_, r) = node_reading(&gn);
         assert_eq!(r.unwrap_err().to_string(), want);
     }
+}
+
+#[test]
+fn a_pod_listed_with_no_units_is_not_a_placement() {
+    // The device plugin lists a pod with no units on its annotated GPU while its plain init
+    // container runs (its limit raised there); the kubelet recorded nothing there, so the
+    // ledger must not take it as where the pod is.
+    let pod = |name: &str, units: u64| PodUsage {
+        namespace: "ns".into(),
+        name: name.into(),
+        uid: Some(format!("uid-{name}")),
+        allocated_units: units,
+        limit_bytes: 8 << 30,
+        used_bytes: Some(1 << 30),
+        self_report_trusted: None,
+    };
+    let mut gn = GpuNode::new(
+        "n1",
+        GpuNodeSpec {
+            node_name: "n1".into(),
+        },
+    );
+    gn.status = Some(GpuNodeStatus {
+        unit: "1Gi".into(),
+        observed_at: "2026-11-18T11:06:40Z".into(),
+        gpus: vec![GpuStatus {
+            index: 0,
+            uuid: "GPU-a".into(),
+            units: 16,
+            healthy: true,
+            pods: vec![pod("holds", 4), pod("initialising", 0)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let (_, r) = node_reading(&gn);
+    let listed: Vec<String> = r.unwrap().gpus[0]
+        .pods
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(listed, ["holds"]);
 }

@@ -220,8 +220,35 @@ pub fn admission_view(pod: &Pod) -> PodAdmissionView {
     }
 }
 
-/// The VRAM request of a pod from the API server; `None` when it asks for no VRAM.
+/// What a pod's request is read for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFor {
+    /// Placing a pod not bound yet: also refuse what would fail on the node
+    /// ([`RequestError::PartialReuse`]).
+    Placement,
+    /// The books of a pod already bound: what it holds, whatever placement would refuse now (a
+    /// pod bound before a rule was added still holds its memory).
+    Books,
+}
+
+/// The VRAM request of a pod from the API server, to place it; `None` when it asks for no VRAM.
 pub fn pod_request(pod: &Pod, accepted: &[VramUnit]) -> Result<Option<PodRequest>, RequestError> {
+    read_pod_request(pod, accepted, ReadFor::Placement)
+}
+
+/// The VRAM request of a pod already bound, for the books ([`ReadFor::Books`]).
+pub fn bound_pod_request(
+    pod: &Pod,
+    accepted: &[VramUnit],
+) -> Result<Option<PodRequest>, RequestError> {
+    read_pod_request(pod, accepted, ReadFor::Books)
+}
+
+fn read_pod_request(
+    pod: &Pod,
+    accepted: &[VramUnit],
+    read_for: ReadFor,
+) -> Result<Option<PodRequest>, RequestError> {
     let spec = pod.spec.as_ref();
     let app: Vec<ContainerVram<'_>> = spec
         .map(|s| s.containers.iter().map(container_vram).collect())
@@ -236,6 +263,7 @@ pub fn pod_request(pod: &Pod, accepted: &[VramUnit]) -> Result<Option<PodRequest
         &init,
         accepted,
         pod.metadata.annotations.as_ref(),
+        read_for,
     )
 }
 
@@ -275,13 +303,16 @@ pub fn pod_name(pod: &Pod) -> String {
 /// With `vramslice.io/gpus: N` the request spans N GPUs of one node: every container that asks
 /// for VRAM (app, init or sidecar) takes `units / N` from each of the pod's N GPUs, so each
 /// such container's units must divide by N (else [`RequestError::UnevenSplit`]), and the pod
-/// takes `total / N` on each GPU.
+/// takes `total / N` on each GPU. For [`ReadFor::Placement`], a container that would get an
+/// arbitrary part of an init container's devices is refused too
+/// ([`RequestError::PartialReuse`]).
 pub fn containers_request(
     who: &str,
     app: &[ContainerVram<'_>],
     init: &[ContainerVram<'_>],
     accepted: &[VramUnit],
     annotations: Option<&BTreeMap<String, String>>,
+    read_for: ReadFor,
 ) -> Result<Option<PodRequest>, RequestError> {
     let gpus = gpus_of(who, annotations)?;
     let mut unit: Option<VramUnit> = None;
@@ -353,6 +384,7 @@ pub fn containers_request(
         })
         .collect::<Result<Vec<_>, _>>()?;
     if gpus > 1
+        && read_for == ReadFor::Placement
         && let Some(part) = partial_reuse(&app_units, &init_units)
     {
         let container = match part.container {
@@ -412,7 +444,7 @@ pub fn pod_fate(pod: &Pod, accepted: &[VramUnit]) -> PodFate {
     let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
         return PodFate::Pending;
     };
-    let Ok(Some(request)) = pod_request(pod, accepted) else {
+    let Ok(Some(request)) = bound_pod_request(pod, accepted) else {
         return PodFate::Gone(uid);
     };
     let annotations = pod.metadata.annotations.as_ref();
@@ -497,9 +529,14 @@ pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingEr
             units: g.units,
             healthy: g.healthy,
             health_reason: g.health_reason.clone(),
+            // A pod listed with no units holds nothing the kubelet recorded: its limit is raised
+            // there while its plain init container runs (`vramslice_core::node::init_limit`),
+            // on the GPU its annotation names, which is not where the kubelet put anything.
+            // Taken as a placement it would move the pod in the books.
             pods: g
                 .pods
                 .iter()
+                .filter(|p| p.allocated_units > 0)
                 .map(|p| ListedPod {
                     uid: p.uid.clone(),
                     namespace: p.namespace.clone(),
@@ -737,5 +774,16 @@ mod tests {
         for (app, gpus) in [("8", "2"), ("12", "2"), ("4", "1")] {
             assert!(pod_request(&spanning(app, gpus), &[VramUnit::Gib1]).is_ok());
         }
+        // A pod already bound (before the rule) keeps its books.
+        let mut bound = spanning("4", "2");
+        bound.spec.as_mut().unwrap().node_name = Some("n1".into());
+        let r = bound_pod_request(&bound, &[VramUnit::Gib1])
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.units, r.gpus), (8, 2));
+        assert!(matches!(
+            pod_fate(&bound, &[VramUnit::Gib1]),
+            PodFate::Bound(_)
+        ));
     }
 }

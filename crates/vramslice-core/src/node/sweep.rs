@@ -102,6 +102,9 @@ pub struct InitHold {
     pub gpus: Vec<String>,
     /// The container's units.
     pub units: u64,
+    /// It ran to completion (its files are kept for a re-run after the pod's sandbox is
+    /// recreated): it holds one key, not every key that matches ([`init_held_keys`]).
+    pub completed: bool,
 }
 
 /// Whether allocation `key` may be one an init container of `holds` holds: it counts that
@@ -129,6 +132,35 @@ pub fn held_by_init(key: &str, holds: &[InitHold]) -> bool {
     holds
         .iter()
         .any(|h| h.units == units && (h.gpus.is_empty() || h.gpus.iter().any(|g| names(g))))
+}
+
+/// The `present` keys (with the age of their most recent change) that plain init containers may
+/// hold, besides the `live` ones: an init container that has not completed may hold any key that
+/// matches it ([`held_by_init`]; which units the kubelet chose is not known); one that completed
+/// holds only the most recently changed matching key no other hold took, which is the one it
+/// wrote last. So ended allocations of the same size on the same GPU (a Deployment's earlier
+/// replicas) are not kept for as long as any pod of that shape lives.
+pub fn init_held_keys(
+    present: &BTreeMap<String, Duration>,
+    live: &BTreeSet<String>,
+    holds: &[InitHold],
+) -> BTreeSet<String> {
+    let mut held = BTreeSet::new();
+    for hold in holds.iter().filter(|h| !h.completed) {
+        let one = std::slice::from_ref(hold);
+        held.extend(present.keys().filter(|k| held_by_init(k, one)).cloned());
+    }
+    for hold in holds.iter().filter(|h| h.completed) {
+        let one = std::slice::from_ref(hold);
+        let newest = present
+            .iter()
+            .filter(|(k, _)| !live.contains(*k) && !held.contains(*k) && held_by_init(k, one))
+            .min_by_key(|(k, age)| (**age, (*k).clone()));
+        if let Some((key, _)) = newest {
+            held.insert(key.clone());
+        }
+    }
+    held
 }
 
 /// Decide which of the `present` keys (found under the accounting root, each with the age of
@@ -256,6 +288,7 @@ mod tests {
         let hold = |gpus: &[&str], units: u64| InitHold {
             gpus: gpus.iter().map(|g| g.to_string()).collect(),
             units,
+            completed: false,
         };
         // The pod's GPU and the container's units.
         assert!(held_by_init(&one, &[hold(&["GPU-a"], 3)]));
@@ -271,6 +304,44 @@ mod tests {
         assert!(held_by_init(&odd, &[hold(&["GPU/x"], 1)]));
         assert!(!held_by_init(&one, &[]));
         assert!(!held_by_init("not-a-key", &[hold(&[], 3)]));
+    }
+
+    #[test]
+    fn a_completed_init_container_holds_its_newest_key_only() {
+        let keys: Vec<String> = (0..3u64)
+            .map(|i| allocation_key("GPU-a", &[i * 2, i * 2 + 1]))
+            .collect();
+        // Three ended 2-unit allocations on GPU-a, changed 3000 s, 2000 s and 1000 s ago.
+        let present: BTreeMap<String, Duration> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), secs(3000 - 1000 * i as u64)))
+            .collect();
+        let hold = |completed| InitHold {
+            gpus: vec!["GPU-a".into()],
+            units: 2,
+            completed,
+        };
+        // Running (or waiting to run): any of them may be its own.
+        assert_eq!(init_held_keys(&present, &set(&[]), &[hold(false)]).len(), 3);
+        // Completed: the one it wrote last; the others are swept after the grace period.
+        assert_eq!(
+            init_held_keys(&present, &set(&[]), &[hold(true)]),
+            BTreeSet::from([keys[2].clone()])
+        );
+        // Two completed holds of one shape take two keys; a live key is never taken.
+        assert_eq!(
+            init_held_keys(&present, &set(&[&keys[2]]), &[hold(true), hold(true)]),
+            BTreeSet::from([keys[0].clone(), keys[1].clone()])
+        );
+        let verdict = sweep(
+            &SweepState::default(),
+            &present,
+            &init_held_keys(&present, &set(&[]), &[hold(true)]),
+            secs(0),
+            Duration::ZERO,
+        );
+        assert_eq!(verdict.remove, vec![keys[0].clone(), keys[1].clone()]);
     }
 
     #[test]

@@ -28,10 +28,12 @@ pub fn plain_init_holds<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<InitH
             let Some(units) = container_units(c, resource).filter(|u| *u > 0) else {
                 continue;
             };
-            if !(deleting && completed(pod, &c.name)) {
+            let completed = completed(pod, &c.name);
+            if !(deleting && completed) {
                 holds.push(InitHold {
                     gpus: annotated_gpus(pod),
                     units,
+                    completed,
                 });
             }
         }
@@ -39,14 +41,24 @@ pub fn plain_init_holds<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<InitH
     holds
 }
 
-/// The bound pods whose phase is neither Succeeded nor Failed and that have a plain init
-/// container asking for `resource` that has not completed (waiting, running, restarting, or no
-/// status yet), as `vramslice_core::node::init_limit` reads them: their app containers' units,
-/// their sidecars and their plain init containers not yet completed.
+/// The bound pods the kubelet has admitted (it reports their init containers' statuses) whose
+/// phase is neither Succeeded nor Failed and that have a plain init container asking for
+/// `resource` that has not completed (waiting, running or restarting), as
+/// `vramslice_core::node::init_limit` reads them: their app containers' units, their sidecars
+/// and their plain init containers not yet completed. A pod not admitted yet holds nothing.
 pub fn init_phase_pods<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<InitPhasePod> {
     let mut out = Vec::new();
     for pod in pods.iter().map(Borrow::borrow) {
-        let Some(spec) = pod.spec.as_ref().filter(|_| bound_and_unfinished(pod)) else {
+        let admitted = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .is_some_and(|statuses| !statuses.is_empty());
+        let Some(spec) = pod
+            .spec
+            .as_ref()
+            .filter(|_| admitted && bound_and_unfinished(pod))
+        else {
             continue;
         };
         let units = |c: &Container| container_units(c, resource).unwrap_or(0);
@@ -125,6 +137,14 @@ mod tests {
         InitHold {
             gpus: vec!["GPU-a".to_string()],
             units,
+            completed: false,
+        }
+    }
+
+    fn held_after_completion(units: u64) -> InitHold {
+        InitHold {
+            completed: true,
+            ..hold(units)
         }
     }
 
@@ -160,11 +180,11 @@ mod tests {
         // Completed, its pod running: a new sandbox re-runs it with the same mounts.
         assert_eq!(
             plain_init_holds(&[with_init("Running", done())], RES),
-            [hold(2)]
+            [held_after_completion(2)]
         );
         assert_eq!(
             plain_init_holds(&[three_containers(&["init"])], RES),
-            [hold(2)]
+            [held_after_completion(2)]
         );
         // Its pod finished or deleted: nothing, unless it has not completed yet.
         for phase in ["Succeeded", "Failed"] {
@@ -198,6 +218,7 @@ mod tests {
         let any = InitHold {
             gpus: vec![],
             units: 2,
+            completed: false,
         };
         assert_eq!(plain_init_holds(&[bare], RES), [any]);
     }
@@ -251,5 +272,10 @@ mod tests {
         assert!(init_phase_pods(&[trt("Failed", json!({"running": {}}))], RES).is_empty());
         let other = init_phase_pods(&[trt("Pending", json!({}))], "vramslice.io/vram-512mib");
         assert!(other.is_empty());
+        // Bound but not admitted by the kubelet yet (no init container statuses): nothing is
+        // held, so nothing is raised (or added on its annotated GPU).
+        let mut unadmitted = trt("Pending", json!({"running": {}}));
+        unadmitted.status.as_mut().unwrap().init_container_statuses = None;
+        assert!(init_phase_pods(&[unadmitted], RES).is_empty());
     }
 }
