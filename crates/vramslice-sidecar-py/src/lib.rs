@@ -310,10 +310,19 @@ impl NativeRuntime {
         if let Some(hook) = reclaim {
             built.rt.set_reclaim(move || {
                 Python::attach(|py| {
-                    if let Err(e) = hook.call0(py) {
-                        // A hook that fails must not stop admission: the job keeps waiting.
-                        e.write_unraisable(py, None);
+                    let Err(e) = hook.call0(py) else { return };
+                    if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
+                        // Ctrl-C while the hook ran (on the main thread, its handler has run
+                        // already): raise it again where the main thread waits, as a signal.
+                        let again = py
+                            .import("_thread")
+                            .and_then(|t| t.call_method0("interrupt_main"));
+                        if again.is_ok() {
+                            return;
+                        }
                     }
+                    // A hook that fails must not stop admission: the job keeps waiting.
+                    e.write_unraisable(py, None);
                 })
             });
         }

@@ -481,3 +481,40 @@ def test_a_forked_child_makes_its_own_process_runtime():
     os.waitpid(pid, 0)
     assert answer == b"ok"
     assert vramslice.runtime() is parent
+
+
+def test_releases_do_not_queue_behind_waiters(monkeypatch):
+    # Waiters fill the admission pool; the admitted job's release must still run.
+    monkeypatch.setattr(vramslice, "_ADMISSION_THREADS", 2)
+    monkeypatch.setattr(vramslice, "_pools", {})
+    rt = make(queue_timeout=5)
+
+    async def main():
+        async def holder():
+            async with vramslice.job("h", need="6Gi", runtime=rt):
+                await asyncio.to_thread(wait_until, "waiters queued", lambda: rt.stats()["queued"] == 2)
+
+        async def waiter(i):
+            async with vramslice.job(f"w{i}", need="6Gi", runtime=rt):
+                pass
+
+        h = asyncio.create_task(holder())
+        await asyncio.to_thread(wait_until, "h admitted", lambda: rt.stats()["running"] == 1)
+        waiters = [asyncio.create_task(waiter(i)) for i in range(2)]
+        await asyncio.wait_for(asyncio.gather(h, *waiters), 3)
+
+    asyncio.run(main())
+    assert rt.stats()["running"] == 0
+
+
+def test_ctrl_c_in_the_reclaim_hook_ends_the_wait():
+    def reclaim():
+        raise KeyboardInterrupt
+
+    rt = make(queue_timeout=5, reclaim=reclaim)
+    rt.set_usage(7 * GIB)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        rt.admit("request", "4Gi")
+    assert time.monotonic() - started < 2
+    assert rt.stats()["queued"] == 0

@@ -34,22 +34,39 @@ pub fn serve_metrics(
 const MAX_REQUEST_HEAD: u64 = 16 * 1024;
 const MAX_REQUEST_TIME: Duration = Duration::from_secs(5);
 
-fn answer(render: &impl Fn() -> String, stream: TcpStream) -> io::Result<()> {
-    let deadline = Instant::now() + MAX_REQUEST_TIME;
-    stream.set_read_timeout(Some(MAX_REQUEST_TIME))?;
-    stream.set_write_timeout(Some(MAX_REQUEST_TIME))?;
-    let mut reader = BufReader::new(stream.try_clone()?.take(MAX_REQUEST_HEAD));
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Drain the headers, within the head's size and time.
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 2 {
-        if Instant::now() >= deadline {
+/// A connection read against one deadline for the whole request head: each read may wait only
+/// for what is left of it, so a client sending a byte now and then cannot stretch it.
+struct Deadline {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request head not finished in 5 s",
             ));
         }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+fn answer(render: &impl Fn() -> String, stream: TcpStream) -> io::Result<()> {
+    stream.set_write_timeout(Some(MAX_REQUEST_TIME))?;
+    let head = Deadline {
+        stream: stream.try_clone()?,
+        deadline: Instant::now() + MAX_REQUEST_TIME,
+    };
+    let mut reader = BufReader::new(head.take(MAX_REQUEST_HEAD));
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Drain the headers, within the head's size and time.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
         line.clear();
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("");

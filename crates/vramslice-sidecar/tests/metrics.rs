@@ -107,3 +107,39 @@ fn a_client_that_never_ends_its_request_does_not_hold_the_port() {
         "the server read the whole flood ({sent} bytes)"
     );
 }
+
+#[test]
+fn a_client_that_sends_a_byte_now_and_then_does_not_hold_the_port() {
+    let rt = Runtime::new(
+        Config {
+            limit: Some(GIB),
+            ..Config::default()
+        },
+        ManualUsage::default(),
+    )
+    .unwrap();
+    let metrics_of = rt.clone();
+    let addr =
+        vramslice_sidecar::serve::serve_metrics(move || metrics_of.render_metrics(), "127.0.0.1:0")
+            .unwrap();
+    // One byte every 2 s: each read finishes well within a per-read timeout of 5 s.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    let trickle = std::thread::spawn(move || {
+        for b in b"GET /metrics HTTP/1.1\r\n".iter().take(6) {
+            if slow.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let started = std::time::Instant::now();
+    let ok = get(addr, "/metrics");
+    assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "waited {:?} behind the slow client",
+        started.elapsed()
+    );
+    trickle.join().unwrap();
+}

@@ -72,34 +72,42 @@ Params = Optional[Mapping[str, Any]]
 _lock = threading.Lock()
 _runtime: Optional[Runtime] = None
 
-# Threads that wait for admission (and give memory back) for asyncio tasks. A pool of their own:
-# in the loop's default executor, waiters would take the threads that the jobs they wait for
-# need (``asyncio.to_thread``), and nothing would ever be released. Threads start on demand;
-# beyond this many, waits queue here for a thread, never in the default executor.
+# Threads that wait for admission for asyncio tasks, and threads that give memory back: pools of
+# their own. In the loop's default executor, waiters would take the threads that the jobs they
+# wait for need (``asyncio.to_thread``), and nothing would ever be released; for the same reason
+# releases never queue behind waiters. Threads start on demand; beyond this many, waits queue
+# for a thread here, never in the default executor.
 _ADMISSION_THREADS = 256
-_admission_pool_lock = threading.Lock()
-_admission_executor: Optional[ThreadPoolExecutor] = None
+_RELEASE_THREADS = 4
+_pools_lock = threading.Lock()
+_pools: Dict[str, ThreadPoolExecutor] = {}
+
+
+def _pool(name: str, threads: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(name)
+        if pool is None:
+            pool = _pools[name] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"vramslice-{name}")
+        return pool
 
 
 def _admission_pool() -> ThreadPoolExecutor:
-    global _admission_executor
-    with _admission_pool_lock:
-        if _admission_executor is None:
-            _admission_executor = ThreadPoolExecutor(
-                max_workers=_ADMISSION_THREADS, thread_name_prefix="vramslice-admission"
-            )
-        return _admission_executor
+    return _pool("admission", _ADMISSION_THREADS)
+
+
+def _release_pool() -> ThreadPoolExecutor:
+    return _pool("release", _RELEASE_THREADS)
 
 
 def _forget_after_fork() -> None:
     # A forked child (gunicorn --preload, multiprocessing with fork) inherits the parent's
     # runtime without its sampler thread, with CUDA handles that are not valid in the child and
     # locks another thread may have held at the fork. It makes its own on first use.
-    global _runtime, _lock, _admission_executor, _admission_pool_lock
+    global _runtime, _lock, _pools, _pools_lock
     _runtime = None
     _lock = threading.Lock()
-    _admission_executor = None
-    _admission_pool_lock = threading.Lock()
+    _pools = {}
+    _pools_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -251,7 +259,7 @@ class job:  # noqa: N801 - reads as a function at the call site
         # Giving the memory back reads usage and may write the profile (a lock and an fsync):
         # off the event loop.
         try:
-            finishing = asyncio.get_running_loop().run_in_executor(_admission_pool(), self._finish, exc)
+            finishing = asyncio.get_running_loop().run_in_executor(_release_pool(), self._finish, exc)
         except RuntimeError:  # the pool is shut down: the interpreter is exiting
             self._finish(exc)
             return False
