@@ -16,6 +16,19 @@ fn get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
+/// A 1 GiB runtime's metrics served on a loopback port.
+fn served() -> std::net::SocketAddr {
+    let rt = Runtime::new(
+        Config {
+            limit: Some(GIB),
+            ..Config::default()
+        },
+        ManualUsage::default(),
+    )
+    .unwrap();
+    vramslice_sidecar::serve::serve_metrics(move || rt.render_metrics(), "127.0.0.1:0").unwrap()
+}
+
 #[test]
 fn metrics_report_usage_jobs_and_profiles() {
     let usage = ManualUsage::new(GIB, 0);
@@ -50,18 +63,7 @@ fn metrics_report_usage_jobs_and_profiles() {
 
 #[test]
 fn metrics_port_serves_prometheus_text() {
-    let rt = Runtime::new(
-        Config {
-            limit: Some(GIB),
-            ..Config::default()
-        },
-        ManualUsage::default(),
-    )
-    .unwrap();
-    let metrics_of = rt.clone();
-    let addr =
-        vramslice_sidecar::serve::serve_metrics(move || metrics_of.render_metrics(), "127.0.0.1:0")
-            .unwrap();
+    let addr = served();
     let ok = get(addr, "/metrics");
     assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
     assert!(
@@ -74,18 +76,7 @@ fn metrics_port_serves_prometheus_text() {
 
 #[test]
 fn a_client_that_never_ends_its_request_does_not_hold_the_port() {
-    let rt = Runtime::new(
-        Config {
-            limit: Some(GIB),
-            ..Config::default()
-        },
-        ManualUsage::default(),
-    )
-    .unwrap();
-    let metrics_of = rt.clone();
-    let addr =
-        vramslice_sidecar::serve::serve_metrics(move || metrics_of.render_metrics(), "127.0.0.1:0")
-            .unwrap();
+    let addr = served();
     // A request line without end, sent as fast as the server reads it.
     let mut endless = TcpStream::connect(addr).unwrap();
     let flood = std::thread::spawn(move || {
@@ -110,18 +101,7 @@ fn a_client_that_never_ends_its_request_does_not_hold_the_port() {
 
 #[test]
 fn a_client_that_sends_a_byte_now_and_then_does_not_hold_the_port() {
-    let rt = Runtime::new(
-        Config {
-            limit: Some(GIB),
-            ..Config::default()
-        },
-        ManualUsage::default(),
-    )
-    .unwrap();
-    let metrics_of = rt.clone();
-    let addr =
-        vramslice_sidecar::serve::serve_metrics(move || metrics_of.render_metrics(), "127.0.0.1:0")
-            .unwrap();
+    let addr = served();
     // One byte every 2 s: each read finishes well within a per-read timeout of 5 s.
     let mut slow = TcpStream::connect(addr).unwrap();
     let trickle = std::thread::spawn(move || {
