@@ -82,6 +82,7 @@ pub fn apply_init_limits(report: &mut NodeReport, samples: &[GpuSample], pods: &
             let gpu = &mut report.gpus[i];
             if let Some(entry) = gpu.pods.iter_mut().find(|p| pod.is(p)) {
                 entry.limit_bytes = entry.limit_bytes.max(share);
+                entry.initialising = true;
                 continue;
             }
             let own: Vec<(u32, u64)> = samples
@@ -103,6 +104,7 @@ pub fn apply_init_limits(report: &mut NodeReport, samples: &[GpuSample], pods: &
                     .uid
                     .as_ref()
                     .map(|_| own.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b))),
+                initialising: true,
             };
             let at = gpu
                 .pods

@@ -46,6 +46,10 @@ pub struct PodReport {
     pub limit_bytes: u64,
     /// What its processes use on this GPU, when its UID is known.
     pub used_bytes: Option<u64>,
+    /// A plain init container of the pod may be running (`crate::node::init_limit`): its
+    /// processes write accounting files the kubelet's record does not name, so the pod's
+    /// self-report is not compared with what NVML measures.
+    pub initialising: bool,
 }
 
 /// A process on a GPU that belongs to no pod holding units of that GPU.
@@ -173,6 +177,7 @@ pub fn build_report(
                         allocated_units,
                         limit_bytes: unit.bytes_for(allocated_units),
                         used_bytes,
+                        initialising: false,
                     }
                 })
                 .collect();
@@ -270,6 +275,7 @@ pub fn add_claim_holdings(
             allocated_units: units,
             limit_bytes: holding.bytes,
             used_bytes: Some(used),
+            initialising: false,
         });
     }
     report.summary = summarize(report.unit, &report.gpus);

@@ -249,7 +249,9 @@ pub fn evaluate(
                 .collect();
             own.sort_unstable();
             let used = own.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b));
-            if let Some(&reported) = self_reported.get(&key) {
+            // An init container's accounting is not among the files read for the pod.
+            let comparable = !pod.initialising;
+            if let Some(&reported) = self_reported.get(&key).filter(|_| comparable) {
                 self_reports.insert(
                     key.clone(),
                     SelfReport {

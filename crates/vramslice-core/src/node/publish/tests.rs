@@ -77,6 +77,7 @@ fn report_carries_readings_allocations_and_usage() {
             allocated_units: 3,
             limit_bytes: 3 * GIB,
             used_bytes: Some(5 * GIB),
+            initialising: false,
         }]
     );
     assert_eq!(
@@ -337,6 +338,7 @@ fn dra_claims_show_as_their_pods_with_grant_and_use() {
             allocated_units: 6,
             limit_bytes: 6 * GIB,
             used_bytes: Some(5 * GIB),
+            initialising: false,
         }]
     );
     assert_eq!(
