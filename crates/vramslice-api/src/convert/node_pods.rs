@@ -111,8 +111,9 @@ fn started(status: &ContainerStatus) -> bool {
 /// The pod's requests of exactly `size` units. With the kubelet's record (`allocated`), a
 /// container counts as allocated when the record lists it, or when its status shows it started:
 /// the record never lists plain init containers (only app and sidecar ones), and a started
-/// container was allocated whatever the record says. Without the record, every request of a pod
-/// that has started counts as allocated.
+/// container was allocated whatever the record says; a plain init container counts as allocated
+/// too once the record lists any container of its pod (the kubelet admitted the pod). Without
+/// the record, every request of a pod that has started counts as allocated.
 fn size_requests(
     pod: &Pod,
     resource: &str,
@@ -174,10 +175,18 @@ fn size_requests(
             .filter(|cs| names.contains(&cs.name.as_str()) && started(cs))
             .count()
     };
+    // The kubelet allocates all of a pod's containers at its admission, init containers first:
+    // once its record lists any container of the pod, the pod's plain init containers hold
+    // their units too, started or not (their status may lag behind a pod admitted next).
+    let admitted = map.get(&pod_key(pod)).is_some_and(|held| !held.is_empty());
+    let plain_allocated = if admitted {
+        plain_init.len()
+    } else {
+        started_among(&plain_init)
+    };
     SizeRequests {
         asked,
-        unlisted: started_among(&plain_init)
-            + started_among(&listable).saturating_sub(listed.len()),
+        unlisted: plain_allocated + started_among(&listable).saturating_sub(listed.len()),
         listed,
     }
 }
@@ -472,6 +481,14 @@ mod tests {
         assert!(vramslice_core::owed_gpus(&placements(&pods, RES, 2, Some(&both))).is_empty());
         // Another size is not this pod's.
         assert_eq!(waiting_requests(&pods, RES, 4, Some(&both)), 0);
+        // Admitted (the record lists app container a) but the init container's status not
+        // updated yet: it was allocated at admission, before a; only b is owed.
+        let fresh = vec![three_containers(&[])];
+        assert_eq!(waiting_requests(&fresh, RES, 2, Some(&held)), 1);
+        assert_eq!(
+            vramslice_core::owed_gpus(&placements(&fresh, RES, 2, Some(&held))),
+            vec!["GPU-a"]
+        );
     }
 
     #[test]
