@@ -141,6 +141,34 @@ impl NativeCancel {
     }
 }
 
+/// The runtime each `VRAMSLICE_METRICS_ADDR` endpoint of this process renders: the one made
+/// last with that address (as `vramslice.configure` replaces the process-wide runtime).
+type Endpoints = Mutex<BTreeMap<String, Arc<Mutex<Runtime>>>>;
+static METRICS_ENDPOINTS: std::sync::OnceLock<Endpoints> = std::sync::OnceLock::new();
+
+/// Serve `rt`'s metrics on `addr`: the first runtime with that address opens it, a later one
+/// takes it over.
+fn serve_metrics_of(rt: &Runtime, addr: &str) -> PyResult<()> {
+    let endpoints = METRICS_ENDPOINTS.get_or_init(Default::default);
+    let mut served = endpoints.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(current) = served.get(addr) {
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = rt.clone();
+        return Ok(());
+    }
+    let current = Arc::new(Mutex::new(rt.clone()));
+    let render = Arc::clone(&current);
+    vramslice_sidecar::serve::serve_metrics(
+        move || {
+            let rt = render.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            rt.render_metrics()
+        },
+        addr,
+    )
+    .map_err(|e| ConfigError::new_err(format!("VRAMSLICE_METRICS_ADDR={addr:?}: {e}")))?;
+    served.insert(addr.to_string(), current);
+    Ok(())
+}
+
 /// The reclaim hook `Runtime(reclaim=...)` asks for: None → `vramslice.default_cleanup`,
 /// False → none, a callable → it.
 fn reclaim_hook(py: Python<'_>, reclaim: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Py<PyAny>>> {
@@ -307,6 +335,9 @@ impl NativeRuntime {
             }
         });
         let built = built?;
+        if let Some(addr) = built.rt.config().metrics_addr.clone() {
+            serve_metrics_of(&built.rt, &addr)?;
+        }
         if let Some(hook) = reclaim {
             built.rt.set_reclaim(move || {
                 Python::attach(|py| {

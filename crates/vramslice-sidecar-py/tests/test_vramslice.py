@@ -518,3 +518,22 @@ def test_ctrl_c_in_the_reclaim_hook_ends_the_wait():
         rt.admit("request", "4Gi")
     assert time.monotonic() - started < 2
     assert rt.stats()["queued"] == 0
+
+
+def test_the_metrics_address_from_the_environment_is_served(monkeypatch):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("VRAMSLICE_METRICS_ADDR", f"127.0.0.1:{port}")
+    first = make(limit="2Gi")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "vramslice_sidecar_limit_bytes 2147483648" in text
+    # A later runtime with the same address takes the endpoint over (as configure() replaces
+    # the process-wide runtime), instead of failing on a port already open.
+    second = make(limit="3Gi")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "vramslice_sidecar_limit_bytes 3221225472" in text
+    del first, second
