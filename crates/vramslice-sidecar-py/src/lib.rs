@@ -141,32 +141,60 @@ impl NativeCancel {
     }
 }
 
-/// The runtime each `VRAMSLICE_METRICS_ADDR` endpoint of this process renders: the one made
-/// last with that address (as `vramslice.configure` replaces the process-wide runtime).
-type Endpoints = Mutex<BTreeMap<String, Arc<Mutex<Runtime>>>>;
+thread_local! {
+    /// A `BaseException` that is not an `Exception` (KeyboardInterrupt, SystemExit) the reclaim
+    /// hook raised on this thread: the admission waiting on this thread (which ran the hook)
+    /// ends with it.
+    static HOOK_INTERRUPT: std::cell::RefCell<Option<PyErr>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The runtime each `VRAMSLICE_METRICS_ADDR` endpoint renders, by the process that serves it
+/// and the address: the one made last there (as `vramslice.configure` replaces the
+/// process-wide runtime). Keyed by process too, so a forked child never takes over (or waits
+/// on) an endpoint whose serving thread lives in its parent.
+type Endpoints = Mutex<BTreeMap<(u32, String), Arc<Mutex<Runtime>>>>;
 static METRICS_ENDPOINTS: std::sync::OnceLock<Endpoints> = std::sync::OnceLock::new();
 
-/// Serve `rt`'s metrics on `addr`: the first runtime with that address opens it, a later one
-/// takes it over.
-fn serve_metrics_of(rt: &Runtime, addr: &str) -> PyResult<()> {
+/// Serve `rt`'s metrics on `addr`: the first runtime of this process with that address opens
+/// it, a later one takes it over. An address another process holds already (worker processes
+/// inherit the variable: torchrun ranks, gunicorn workers) is not served here, with a
+/// `RuntimeWarning`: the runtime works without it.
+fn serve_metrics_of(py: Python<'_>, rt: &Runtime, addr: &str) -> PyResult<()> {
     let endpoints = METRICS_ENDPOINTS.get_or_init(Default::default);
     let mut served = endpoints.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(current) = served.get(addr) {
+    let key = (std::process::id(), addr.to_string());
+    if let Some(current) = served.get(&key) {
         *current.lock().unwrap_or_else(|e| e.into_inner()) = rt.clone();
         return Ok(());
     }
     let current = Arc::new(Mutex::new(rt.clone()));
     let render = Arc::clone(&current);
-    vramslice_sidecar::serve::serve_metrics(
+    let opened = vramslice_sidecar::serve::serve_metrics(
         move || {
             let rt = render.lock().unwrap_or_else(|e| e.into_inner()).clone();
             rt.render_metrics()
         },
         addr,
-    )
-    .map_err(|e| ConfigError::new_err(format!("VRAMSLICE_METRICS_ADDR={addr:?}: {e}")))?;
-    served.insert(addr.to_string(), current);
-    Ok(())
+    );
+    match opened {
+        Ok(_) => {
+            served.insert(key, current);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let message = format!(
+                "vramslice: VRAMSLICE_METRICS_ADDR={addr:?} is in use (another process of this \
+                 server serves it?): this runtime's metrics are not served there"
+            );
+            let message = std::ffi::CString::new(message)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+            PyErr::warn(py, &category, &message, 1)
+        }
+        Err(e) => Err(ConfigError::new_err(format!(
+            "VRAMSLICE_METRICS_ADDR={addr:?}: {e}"
+        ))),
+    }
 }
 
 /// The reclaim hook `Runtime(reclaim=...)` asks for: None → `vramslice.default_cleanup`,
@@ -336,24 +364,20 @@ impl NativeRuntime {
         });
         let built = built?;
         if let Some(addr) = built.rt.config().metrics_addr.clone() {
-            serve_metrics_of(&built.rt, &addr)?;
+            serve_metrics_of(py, &built.rt, &addr)?;
         }
         if let Some(hook) = reclaim {
             built.rt.set_reclaim(move || {
                 Python::attach(|py| {
                     let Err(e) = hook.call0(py) else { return };
-                    if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
-                        // Ctrl-C while the hook ran (on the main thread, its handler has run
-                        // already): raise it again where the main thread waits, as a signal.
-                        let again = py
-                            .import("_thread")
-                            .and_then(|t| t.call_method0("interrupt_main"));
-                        if again.is_ok() {
-                            return;
-                        }
+                    if e.is_instance_of::<PyException>(py) {
+                        // A hook that fails must not stop admission: the job keeps waiting.
+                        e.write_unraisable(py, None);
+                    } else {
+                        // KeyboardInterrupt (Ctrl-C while the hook ran), SystemExit (a SIGTERM
+                        // handler): the wait on this thread, which called the hook, ends with it.
+                        HOOK_INTERRUPT.with(|slot| *slot.borrow_mut() = Some(e));
                     }
-                    // A hook that fails must not stop admission: the job keeps waiting.
-                    e.write_unraisable(py, None);
                 })
             });
         }
@@ -390,6 +414,10 @@ impl NativeRuntime {
             .is(&py.import("threading")?.call_method0("current_thread")?);
         let interrupted: Mutex<Option<PyErr>> = Mutex::new(None);
         let signalled = || {
+            if let Some(e) = HOOK_INTERRUPT.with(|slot| slot.borrow_mut().take()) {
+                *interrupted.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return true;
+            }
             if !main_thread {
                 return false;
             }

@@ -507,14 +507,15 @@ def test_releases_do_not_queue_behind_waiters(monkeypatch):
     assert rt.stats()["running"] == 0
 
 
-def test_ctrl_c_in_the_reclaim_hook_ends_the_wait():
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_or_exit_in_the_reclaim_hook_ends_the_wait(stop):
     def reclaim():
-        raise KeyboardInterrupt
+        raise stop
 
     rt = make(queue_timeout=5, reclaim=reclaim)
     rt.set_usage(7 * GIB)
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop):
         rt.admit("request", "4Gi")
     assert time.monotonic() - started < 2
     assert rt.stats()["queued"] == 0
@@ -537,3 +538,13 @@ def test_the_metrics_address_from_the_environment_is_served(monkeypatch):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "vramslice_sidecar_limit_bytes 3221225472" in text
     del first, second
+    # Another process of the server holds the address (workers inherit the variable): the
+    # runtime works, unserved, with a warning.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("VRAMSLICE_METRICS_ADDR", "127.0.0.1:%d" % taken.getsockname()[1])
+        with pytest.warns(RuntimeWarning, match="is in use"):
+            rt = make(limit="1Gi")
+        with vramslice.job("m", need="512Mi", runtime=rt) as j:
+            assert j.reserved == GIB // 2
