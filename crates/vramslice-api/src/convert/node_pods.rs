@@ -112,8 +112,8 @@ fn started(status: &ContainerStatus) -> bool {
 /// container counts as allocated when the record lists it, or when its status shows it started:
 /// the record never lists plain init containers (only app and sidecar ones), and a started
 /// container was allocated whatever the record says; a plain init container counts as allocated
-/// too once the record lists any container of its pod (the kubelet admitted the pod). Without
-/// the record, every request of a pod that has started counts as allocated.
+/// too once the record lists a container the kubelet allocates after it. Without the record,
+/// every request of a pod that has started counts as allocated.
 fn size_requests(
     pod: &Pod,
     resource: &str,
@@ -175,15 +175,23 @@ fn size_requests(
             .filter(|cs| names.contains(&cs.name.as_str()) && started(cs))
             .count()
     };
-    // The kubelet allocates all of a pod's containers at its admission, init containers first:
-    // once its record lists any container of the pod, the pod's plain init containers hold
-    // their units too, started or not (their status may lag behind a pod admitted next).
-    let admitted = map.get(&pod_key(pod)).is_some_and(|held| !held.is_empty());
-    let plain_allocated = if admitted {
-        plain_init.len()
-    } else {
-        started_among(&plain_init)
-    };
+    // The kubelet allocates a pod's containers at its admission, one after another: init
+    // containers in spec order, then app containers. So what its record lists is a prefix of
+    // that order, and a plain init container was allocated once the record lists more
+    // containers than the sidecars before it (started or not: its status may lag behind a pod
+    // admitted next). Otherwise, as before, once its status shows it started.
+    let listed_total = map.get(&pod_key(pod)).map_or(0, Vec::len);
+    let mut sidecars_before = 0usize;
+    let mut allocated_in_order = 0usize;
+    for c in spec.init_containers.iter().flatten() {
+        let units = container_units(c, resource).unwrap_or(0);
+        if container_vram(c).sidecar {
+            sidecars_before += usize::from(units > 0);
+        } else if units == size && listed_total > sidecars_before {
+            allocated_in_order += 1;
+        }
+    }
+    let plain_allocated = allocated_in_order.max(started_among(&plain_init));
     SizeRequests {
         asked,
         unlisted: plain_allocated + started_among(&listable).saturating_sub(listed.len()),
@@ -488,6 +496,21 @@ mod tests {
         assert_eq!(
             vramslice_core::owed_gpus(&placements(&fresh, RES, 2, Some(&held))),
             vec!["GPU-a"]
+        );
+        // A sidecar before the init container is listed while the init container's own
+        // allocation is asked for: the init container still waits (with a and b).
+        let mut with_sidecar = three_containers(&[]);
+        let inits = with_sidecar.spec.as_mut().unwrap().init_containers.as_mut();
+        let proxy = json!({"name": "proxy", "image": "x", "restartPolicy": "Always",
+            "resources": {"limits": {RES: "1"}}});
+        inits
+            .unwrap()
+            .insert(0, serde_json::from_value(proxy).unwrap());
+        let pod_key = ("default".to_string(), "three".to_string());
+        let proxy_listed = BTreeMap::from([(pod_key, vec![(1, "GPU-a".to_string())])]);
+        assert_eq!(
+            waiting_requests(&[with_sidecar], RES, 2, Some(&proxy_listed)),
+            3
         );
     }
 
