@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use serde::Serialize;
 use vramslice_api::GpuNode;
-use vramslice_api::convert::{pod_name, pod_request, policy_of};
+use vramslice_api::convert::{bound_pod_request, pod_name, pod_request, policy_of};
 use vramslice_api::names::{ANNOTATION_GPU_UUID, SCHEDULER_NAME};
 use vramslice_core::VramUnit;
 use vramslice_core::cluster::ledger::Ledger;
@@ -168,7 +168,15 @@ pub fn explain(
     };
     // A bad `vramslice.io/policy` annotation fails the extender's filter as a bad request does
     // (any default policy: only whether the annotation reads matters).
-    let request = pod_request(pod, &VramUnit::ALL).and_then(|r| {
+    // A pod already bound is read as the books read it: a placement rule added since does not
+    // make it invalid.
+    let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+    let read = if bound {
+        bound_pod_request
+    } else {
+        pod_request
+    };
+    let request = read(pod, &VramUnit::ALL).and_then(|r| {
         if r.is_some() {
             policy_of(
                 &pod_name(pod),
