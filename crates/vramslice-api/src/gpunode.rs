@@ -98,10 +98,8 @@ pub struct PodUsage {
     pub uid: Option<String>,
     /// Units the kubelet allocated to the pod's containers on this GPU.
     pub allocated_units: u64,
-    /// The pod's limit on this GPU, bytes: allocated units × unit bytes, or while a plain init
-    /// container of the pod runs, its share of what that container may use (then listed with no
-    /// units on the GPU its `vramslice.io/gpu-uuid` annotation names when the kubelet lists it
-    /// nowhere).
+    /// The pod's limit on this GPU, bytes: allocated units × unit bytes, or more while a plain
+    /// init container of the pod may run (`initialising`).
     pub limit_bytes: u64,
     /// Memory the pod's processes use on this GPU, bytes, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,6 +109,11 @@ pub struct PodUsage {
     /// process outside the guard. Absent when there is nothing to compare.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_report_trusted: Option<bool>,
+    /// A plain init container of the pod may be running: `limitBytes` includes what it may
+    /// use, and an entry with no `allocatedUnits` is that limit alone, on the GPU the pod's
+    /// `vramslice.io/gpu-uuid` annotation names, not a placement the kubelet recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub initialising: bool,
 }
 
 /// A GPU process and its memory.

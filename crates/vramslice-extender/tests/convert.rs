@@ -188,7 +188,7 @@ fn a_pod_listed_with_no_units_is_not_a_placement() {
     // The device plugin lists a pod with no units on its annotated GPU while its plain init
     // container runs (its limit raised there); the kubelet recorded nothing there, so the
     // ledger must not take it as where the pod is.
-    let pod = |name: &str, units: u64| PodUsage {
+    let pod = |name: &str, units: u64, initialising: bool| PodUsage {
         namespace: "ns".into(),
         name: name.into(),
         uid: Some(format!("uid-{name}")),
@@ -196,6 +196,7 @@ fn a_pod_listed_with_no_units_is_not_a_placement() {
         limit_bytes: 8 << 30,
         used_bytes: Some(1 << 30),
         self_report_trusted: None,
+        initialising,
     };
     let mut gn = GpuNode::new(
         "n1",
@@ -211,7 +212,12 @@ fn a_pod_listed_with_no_units_is_not_a_placement() {
             uuid: "GPU-a".into(),
             units: 16,
             healthy: true,
-            pods: vec![pod("holds", 4), pod("initialising", 0)],
+            // A DRA claim smaller than one unit is listed with none, and is a holding.
+            pods: vec![
+                pod("holds", 4, true),
+                pod("initialising", 0, true),
+                pod("small-claim", 0, false),
+            ],
             ..Default::default()
         }],
         ..Default::default()
@@ -222,5 +228,5 @@ fn a_pod_listed_with_no_units_is_not_a_placement() {
         .iter()
         .map(|p| p.name.clone())
         .collect();
-    assert_eq!(listed, ["holds"]);
+    assert_eq!(listed, ["holds", "small-claim"]);
 }

@@ -72,6 +72,7 @@ fn usage(name: &str, gib: u64) -> PodUsage {
         limit_bytes: gib * GIB,
         used_bytes: Some(gib * GIB),
         self_report_trusted: None,
+        initialising: false,
     }
 }
 

@@ -529,14 +529,14 @@ pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingEr
             units: g.units,
             healthy: g.healthy,
             health_reason: g.health_reason.clone(),
-            // A pod listed with no units holds nothing the kubelet recorded: its limit is raised
-            // there while its plain init container runs (`vramslice_core::node::init_limit`),
-            // on the GPU its annotation names, which is not where the kubelet put anything.
-            // Taken as a placement it would move the pod in the books.
+            // An initialising pod listed with no units holds nothing the kubelet recorded: it
+            // is its plain init container's limit alone, on the GPU its annotation names
+            // (`vramslice_core::node::init_limit`). Taken as a placement it would move the pod
+            // in the books.
             pods: g
                 .pods
                 .iter()
-                .filter(|p| p.allocated_units > 0)
+                .filter(|p| !(p.initialising && p.allocated_units == 0))
                 .map(|p| ListedPod {
                     uid: p.uid.clone(),
                     namespace: p.namespace.clone(),
@@ -600,6 +600,7 @@ pub fn gpunode_status(
                                 })
                                 .map(|s| s.trusted)
                         }),
+                        initialising: p.initialising,
                     })
                     .collect(),
                 processes_without_pod: g

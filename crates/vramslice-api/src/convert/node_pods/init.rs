@@ -41,24 +41,16 @@ pub fn plain_init_holds<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<InitH
     holds
 }
 
-/// The bound pods the kubelet has admitted (it reports their init containers' statuses) whose
-/// phase is neither Succeeded nor Failed and that have a plain init container asking for
-/// `resource` that has not completed (waiting, running or restarting), as
+/// The bound pods whose phase is neither Succeeded nor Failed and that have a plain init
+/// container asking for `resource` that has not completed (waiting, running, restarting, or no
+/// status yet: the kubelet's status may lag behind a container it already runs), as
 /// `vramslice_core::node::init_limit` reads them: their app containers' units, their sidecars
-/// and their plain init containers not yet completed. A pod not admitted yet holds nothing.
+/// and their plain init containers not yet completed. (A pod not admitted yet is listed on its
+/// annotated GPU with no units, marked initialising, which the extender's books skip.)
 pub fn init_phase_pods<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<InitPhasePod> {
     let mut out = Vec::new();
     for pod in pods.iter().map(Borrow::borrow) {
-        let admitted = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.init_container_statuses.as_ref())
-            .is_some_and(|statuses| !statuses.is_empty());
-        let Some(spec) = pod
-            .spec
-            .as_ref()
-            .filter(|_| admitted && bound_and_unfinished(pod))
-        else {
+        let Some(spec) = pod.spec.as_ref().filter(|_| bound_and_unfinished(pod)) else {
             continue;
         };
         let units = |c: &Container| container_units(c, resource).unwrap_or(0);
@@ -272,10 +264,9 @@ mod tests {
         assert!(init_phase_pods(&[trt("Failed", json!({"running": {}}))], RES).is_empty());
         let other = init_phase_pods(&[trt("Pending", json!({}))], "vramslice.io/vram-512mib");
         assert!(other.is_empty());
-        // Bound but not admitted by the kubelet yet (no init container statuses): nothing is
-        // held, so nothing is raised (or added on its annotated GPU).
-        let mut unadmitted = trt("Pending", json!({"running": {}}));
-        unadmitted.status.as_mut().unwrap().init_container_statuses = None;
-        assert!(init_phase_pods(&[unadmitted], RES).is_empty());
+        // No status yet (the kubelet's status write lags behind the container): initialising.
+        let mut no_status = trt("Pending", json!({"running": {}}));
+        no_status.status.as_mut().unwrap().init_container_statuses = None;
+        assert_eq!(init_phase_pods(&[no_status], RES).len(), 1);
     }
 }
