@@ -59,8 +59,7 @@ impl Sweeper {
             .iter()
             .filter_map(|r| allocation_key_for_ids(&r.device_ids).ok())
             .collect();
-        let held = init_held_keys(&present, &live, init);
-        live.extend(held);
+        live.extend(init_held_keys(&present, init, std::time::SystemTime::now()));
         let verdict = sweep(
             &self.state,
             &present,
@@ -189,7 +188,7 @@ mod tests {
         let holds = [InitHold {
             gpus: vec!["GPU-a".into()],
             units: 2,
-            completed: false,
+            completed_between: None,
         }];
         let mut sweeper = Sweeper::new(root.to_path_buf(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));

@@ -21,7 +21,7 @@
 //! container's unit count, since the kubelet's choice of units is not known.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::node::allocation::{LIMIT_FILE_HOST_SUFFIX, path_safe};
 
@@ -102,10 +102,16 @@ pub struct InitHold {
     pub gpus: Vec<String>,
     /// The container's units.
     pub units: u64,
-    /// It ran to completion (its files are kept for a re-run after the pod's sandbox is
-    /// recreated): it holds one key, not every key that matches ([`init_held_keys`]).
-    pub completed: bool,
+    /// When it ran to completion (its files are kept for a re-run after the pod's sandbox is
+    /// recreated): from its pod's start (the kubelet allocates at admission) to its finish. It
+    /// then holds only the matching keys changed within that time ([`init_held_keys`]); `None`
+    /// (it has not completed, or the times are not known) holds every matching key.
+    pub completed_between: Option<(SystemTime, SystemTime)>,
 }
+
+/// How far outside a completed init container's run its key's last change may lie (clocks and
+/// status times are read at different moments, in whole seconds).
+pub const INIT_RUN_SLACK: Duration = Duration::from_secs(120);
 
 /// Whether allocation `key` may be one an init container of `holds` holds: it counts that
 /// container's units and starts with one of its pod's GPUs (a key of several GPUs is named
@@ -134,31 +140,34 @@ pub fn held_by_init(key: &str, holds: &[InitHold]) -> bool {
         .any(|h| h.units == units && (h.gpus.is_empty() || h.gpus.iter().any(|g| names(g))))
 }
 
-/// The `present` keys (with the age of their most recent change) that plain init containers may
-/// hold, besides the `live` ones: an init container that has not completed may hold any key that
-/// matches it ([`held_by_init`]; which units the kubelet chose is not known); one that completed
-/// holds only the most recently changed matching key no other hold took, which is the one it
-/// wrote last. So ended allocations of the same size on the same GPU (a Deployment's earlier
-/// replicas) are not kept for as long as any pod of that shape lives.
+/// The `present` keys (with the age at `now` of their most recent change) that plain init
+/// containers may hold, besides the `live` ones. An init container that has not completed may
+/// hold any key that matches it ([`held_by_init`]; which units the kubelet chose is not known).
+/// One that completed holds the matching keys last changed while it could have been writing
+/// them: between its pod's start and its own finish ([`INIT_RUN_SLACK`] either side). Its key
+/// was made at the pod's admission and written while it ran; ended allocations of the same
+/// shape from other pods (a Deployment's earlier replicas, a Job run since) fall outside, so
+/// they are not kept for as long as a pod of that shape lives, and do not push its own key out.
 pub fn init_held_keys(
     present: &BTreeMap<String, Duration>,
-    live: &BTreeSet<String>,
     holds: &[InitHold],
+    now: SystemTime,
 ) -> BTreeSet<String> {
     let mut held = BTreeSet::new();
-    for hold in holds.iter().filter(|h| !h.completed) {
+    for hold in holds {
         let one = std::slice::from_ref(hold);
-        held.extend(present.keys().filter(|k| held_by_init(k, one)).cloned());
-    }
-    for hold in holds.iter().filter(|h| h.completed) {
-        let one = std::slice::from_ref(hold);
-        let newest = present
-            .iter()
-            .filter(|(k, _)| !live.contains(*k) && !held.contains(*k) && held_by_init(k, one))
-            .min_by_key(|(k, age)| (**age, (*k).clone()));
-        if let Some((key, _)) = newest {
-            held.insert(key.clone());
-        }
+        let within = |age: Duration| match hold.completed_between {
+            None => true,
+            Some((from, to)) => now.checked_sub(age).is_some_and(|changed| {
+                changed + INIT_RUN_SLACK >= from && changed <= to + INIT_RUN_SLACK
+            }),
+        };
+        held.extend(
+            present
+                .iter()
+                .filter(|(k, age)| within(**age) && held_by_init(k, one))
+                .map(|(k, _)| k.clone()),
+        );
     }
     held
 }
@@ -288,7 +297,7 @@ mod tests {
         let hold = |gpus: &[&str], units: u64| InitHold {
             gpus: gpus.iter().map(|g| g.to_string()).collect(),
             units,
-            completed: false,
+            completed_between: None,
         };
         // The pod's GPU and the container's units.
         assert!(held_by_init(&one, &[hold(&["GPU-a"], 3)]));
@@ -307,41 +316,43 @@ mod tests {
     }
 
     #[test]
-    fn a_completed_init_container_holds_its_newest_key_only() {
+    fn a_completed_init_container_holds_the_keys_changed_while_it_could_run() {
         let keys: Vec<String> = (0..3u64)
             .map(|i| allocation_key("GPU-a", &[i * 2, i * 2 + 1]))
             .collect();
-        // Three ended 2-unit allocations on GPU-a, changed 3000 s, 2000 s and 1000 s ago.
+        let now = SystemTime::UNIX_EPOCH + secs(100_000);
+        // Three ended 2-unit allocations on GPU-a, last changed 30000 s, 20000 s and 1000 s ago:
+        // an earlier replica's, the pod's own (its init container ran from 21000 s to 19000 s
+        // ago), and a Job's run since.
+        let ages = [30_000, 20_000, 1_000];
         let present: BTreeMap<String, Duration> = keys
             .iter()
-            .enumerate()
-            .map(|(i, k)| (k.clone(), secs(3000 - 1000 * i as u64)))
+            .zip(ages)
+            .map(|(k, a)| (k.clone(), secs(a)))
             .collect();
-        let hold = |completed| InitHold {
+        let ago = |s: u64| now - secs(s);
+        let hold = |completed_between| InitHold {
             gpus: vec!["GPU-a".into()],
             units: 2,
-            completed,
+            completed_between,
         };
-        // Running (or waiting to run): any of them may be its own.
-        assert_eq!(init_held_keys(&present, &set(&[]), &[hold(false)]).len(), 3);
-        // Completed: the one it wrote last; the others are swept after the grace period.
+        // Not completed (or its times unknown): any of them may be its own.
+        assert_eq!(init_held_keys(&present, &[hold(None)], now).len(), 3);
+        // Completed: the one changed while it could run, whatever came before or since.
+        let own = hold(Some((ago(21_000), ago(19_000))));
         assert_eq!(
-            init_held_keys(&present, &set(&[]), &[hold(true)]),
-            BTreeSet::from([keys[2].clone()])
-        );
-        // Two completed holds of one shape take two keys; a live key is never taken.
-        assert_eq!(
-            init_held_keys(&present, &set(&[&keys[2]]), &[hold(true), hold(true)]),
-            BTreeSet::from([keys[0].clone(), keys[1].clone()])
+            init_held_keys(&present, std::slice::from_ref(&own), now),
+            BTreeSet::from([keys[1].clone()])
         );
         let verdict = sweep(
             &SweepState::default(),
             &present,
-            &init_held_keys(&present, &set(&[]), &[hold(true)]),
-            secs(0),
+            &init_held_keys(&present, &[own], now),
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
             Duration::ZERO,
         );
-        assert_eq!(verdict.remove, vec![keys[0].clone(), keys[1].clone()]);
+        assert_eq!(verdict.remove, vec![keys[0].clone(), keys[2].clone()]);
     }
 
     #[test]

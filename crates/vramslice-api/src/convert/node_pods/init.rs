@@ -3,6 +3,7 @@
 //! them may still run in, for those pods' limits ([`init_phase_pods`]).
 
 use std::borrow::Borrow;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use vramslice_core::cluster::placement::{InitUnits, gpu_uuids};
@@ -33,7 +34,11 @@ pub fn plain_init_holds<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<InitH
                 holds.push(InitHold {
                     gpus: annotated_gpus(pod),
                     units,
-                    completed,
+                    completed_between: if completed {
+                        completed_between(pod, &c.name)
+                    } else {
+                        None
+                    },
                 });
             }
         }
@@ -102,6 +107,26 @@ fn annotated_gpus(pod: &Pod) -> Vec<String> {
 }
 
 /// Whether the pod's status shows init container `name` exited with code 0.
+/// From the pod's start (the kubelet allocates its devices at admission) to when init container
+/// `name` finished; `None` when either time is not known.
+fn completed_between(pod: &Pod, name: &str) -> Option<(SystemTime, SystemTime)> {
+    let status = pod.status.as_ref()?;
+    let started = status.start_time.as_ref()?.0;
+    let finished = status
+        .init_container_statuses
+        .as_deref()?
+        .iter()
+        .find(|cs| cs.name == name)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .finished_at
+        .as_ref()?
+        .0;
+    Some((SystemTime::from(started), SystemTime::from(finished)))
+}
+
 fn completed(pod: &Pod, name: &str) -> bool {
     pod.status
         .as_ref()
@@ -129,15 +154,12 @@ mod tests {
         InitHold {
             gpus: vec!["GPU-a".to_string()],
             units,
-            completed: false,
+            completed_between: None,
         }
     }
 
     fn held_after_completion(units: u64) -> InitHold {
-        InitHold {
-            completed: true,
-            ..hold(units)
-        }
+        hold(units)
     }
 
     /// `three_containers` with the pod in `phase` and its init container in `state`.
@@ -184,6 +206,20 @@ mod tests {
             let running = with_init(phase, json!({"running": {}}));
             assert!(plain_init_holds(&[running], RES).is_empty());
         }
+        // With the pod's start and the container's finish known, only keys changed between
+        // them are its own.
+        let mut timed = with_init(
+            "Running",
+            json!({"terminated": {"exitCode": 0, "finishedAt": "2026-01-01T00:10:00Z"}}),
+        );
+        timed.status.as_mut().unwrap().start_time =
+            serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap();
+        let at = |s: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let [held] = plain_init_holds(&[timed], RES).try_into().unwrap();
+        assert_eq!(
+            held.completed_between,
+            Some((at(1_767_225_600), at(1_767_226_200)))
+        );
         let deleting = |state| {
             let mut p = with_init("Running", state);
             p.metadata.deletion_timestamp =
@@ -210,7 +246,7 @@ mod tests {
         let any = InitHold {
             gpus: vec![],
             units: 2,
-            completed: false,
+            completed_between: None,
         };
         assert_eq!(plain_init_holds(&[bare], RES), [any]);
     }
