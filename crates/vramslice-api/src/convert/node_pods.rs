@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 use vramslice_core::PodPlacement;
+use vramslice_core::cluster::placement::{InitUnits, plain_init_allocated};
 
 mod init;
 
@@ -175,22 +176,23 @@ fn size_requests(
             .filter(|cs| names.contains(&cs.name.as_str()) && started(cs))
             .count()
     };
-    // The kubelet allocates a pod's containers at its admission, one after another: init
-    // containers in spec order, then app containers. So what its record lists is a prefix of
-    // that order, and a plain init container was allocated once the record lists more
-    // containers than the sidecars before it (started or not: its status may lag behind a pod
-    // admitted next). Otherwise, as before, once its status shows it started.
+    // Allocated before its status says so: the record lists a container after it
+    // (`plain_init_allocated`; its status may lag behind a pod admitted next).
     let listed_total = map.get(&pod_key(pod)).map_or(0, Vec::len);
-    let mut sidecars_before = 0usize;
-    let mut allocated_in_order = 0usize;
-    for c in spec.init_containers.iter().flatten() {
-        let units = container_units(c, resource).unwrap_or(0);
-        if container_vram(c).sidecar {
-            sidecars_before += usize::from(units > 0);
-        } else if units == size && listed_total > sidecars_before {
-            allocated_in_order += 1;
-        }
-    }
+    let units: Vec<InitUnits> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| InitUnits {
+            units: container_units(c, resource).unwrap_or(0),
+            sidecar: container_vram(c).sidecar,
+        })
+        .collect();
+    let allocated_in_order = plain_init_allocated(&units, listed_total)
+        .into_iter()
+        .zip(&units)
+        .filter(|(allocated, c)| *allocated && c.units == size)
+        .count();
     let plain_allocated = allocated_in_order.max(started_among(&plain_init));
     SizeRequests {
         asked,

@@ -238,6 +238,26 @@ pub fn partial_reuse(app: &[u64], init: &[InitUnits]) -> Option<PartialReuse> {
     None
 }
 
+/// Which of a pod's init containers (`init`, in spec order) are plain ones the kubelet has
+/// allocated, given that its PodResources record lists `listed` of the pod's containers. The
+/// kubelet allocates at admission one container after another (init containers in spec order,
+/// then app containers) and its record lists only sidecars and app containers that ask for
+/// units, so what it lists is a prefix of that order: a plain init container was allocated once
+/// the record lists more containers than the sidecars asking for units before it.
+pub fn plain_init_allocated(init: &[InitUnits], listed: usize) -> Vec<bool> {
+    let mut sidecars_before = 0usize;
+    init.iter()
+        .map(|c| {
+            if c.sidecar {
+                sidecars_before += usize::from(c.units > 0);
+                false
+            } else {
+                c.units > 0 && listed > sidecars_before
+            }
+        })
+        .collect()
+}
+
 /// One GPU that could take a pod, as placement sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
@@ -337,6 +357,29 @@ pub fn score(chosen: Candidate, need: u64, policy: Policy) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_lists_a_prefix_of_the_kubelets_allocation_order() {
+        let plain = |units| InitUnits {
+            units,
+            sidecar: false,
+        };
+        let sidecar = |units| InitUnits {
+            units,
+            sidecar: true,
+        };
+        let init = [sidecar(1), plain(2), sidecar(0), plain(4), plain(0)];
+        // Nothing listed: nothing allocated yet.
+        assert_eq!(plain_init_allocated(&init, 0), [false; 5]);
+        // Only the sidecar before them: the plain ones' own turn may be under way.
+        assert_eq!(plain_init_allocated(&init, 1), [false; 5]);
+        // Anything after: both plain ones asking for units were allocated.
+        assert_eq!(
+            plain_init_allocated(&init, 2),
+            [false, true, false, true, false]
+        );
+        assert_eq!(plain_init_allocated(&[plain(3)], 1), [true]);
+    }
 
     #[test]
     fn partial_reuse_finds_the_container_given_part_of_an_init_containers_devices() {
