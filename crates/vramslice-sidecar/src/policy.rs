@@ -95,7 +95,7 @@ impl From<u64> for Ask {
 
 impl Ask {
     /// The reservation when `room` bytes can be taken while this runtime is idle (the capacity
-    /// less the floor, see [`reserve`]). An estimate is cut to the room (at least 1 byte), so it
+    /// less the usage that stays then, `AdmissionQueue::room`). An estimate is cut to the room (at least 1 byte), so it
     /// never asks for memory that cannot free while this runtime is idle (such a job then runs
     /// alone). A declared need is kept as is: the admission queue refuses it as never fitting
     /// when it exceeds the capacity, which is the clear error the caller needs.
@@ -143,24 +143,6 @@ pub fn ask(declared: Option<u64>, learned_peak: Option<u64>, limit: u64, policy:
             declared: None,
         },
     }
-}
-
-/// The room a job may take: `capacity − floor`, where `floor` is the usage that stays when none
-/// of this runtime's jobs runs (loaded models, other workers).
-pub fn room(limit: u64, floor: u64, policy: &Policy) -> u64 {
-    admission_capacity(limit, policy).saturating_sub(floor)
-}
-
-/// Reservation for a job now, given what the caller declared, what the profile knows, and
-/// `floor` (see [`ask`], [`room`] and [`Ask::reservation`]).
-pub fn reserve(
-    declared: Option<u64>,
-    learned_peak: Option<u64>,
-    limit: u64,
-    floor: u64,
-    policy: &Policy,
-) -> Reservation {
-    ask(declared, learned_peak, limit, policy).reservation(room(limit, floor, policy))
 }
 
 /// The peak to record after a job failed with out-of-memory: the larger of what was recorded
@@ -246,6 +228,19 @@ mod tests {
     use proptest::prelude::*;
 
     const GIB: u64 = 1 << 30;
+
+    /// The reservation beside `floor` bytes that stay while the runtime is idle, as the
+    /// admission queue sizes it.
+    fn reserve(
+        declared: Option<u64>,
+        learned_peak: Option<u64>,
+        limit: u64,
+        floor: u64,
+        policy: &Policy,
+    ) -> Reservation {
+        let room = admission_capacity(limit, policy).saturating_sub(floor);
+        ask(declared, learned_peak, limit, policy).reservation(room)
+    }
 
     #[test]
     fn capacity_is_the_high_water_mark() {
