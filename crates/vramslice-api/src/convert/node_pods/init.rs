@@ -5,7 +5,7 @@
 use std::borrow::Borrow;
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, ContainerStateTerminated, Pod};
 use vramslice_core::cluster::placement::{InitUnits, gpu_uuids};
 use vramslice_core::node::init_limit::InitPhasePod;
 use vramslice_core::node::sweep::InitHold;
@@ -106,13 +106,10 @@ fn annotated_gpus(pod: &Pod) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Whether the pod's status shows init container `name` exited with code 0.
-/// From the pod's start (the kubelet allocates its devices at admission) to when init container
-/// `name` finished; `None` when either time is not known.
-fn completed_between(pod: &Pod, name: &str) -> Option<(SystemTime, SystemTime)> {
-    let status = pod.status.as_ref()?;
-    let started = status.start_time.as_ref()?.0;
-    let finished = status
+/// How init container `name` last ended, when its status says it did.
+fn terminated<'p>(pod: &'p Pod, name: &str) -> Option<&'p ContainerStateTerminated> {
+    pod.status
+        .as_ref()?
         .init_container_statuses
         .as_deref()?
         .iter()
@@ -120,27 +117,20 @@ fn completed_between(pod: &Pod, name: &str) -> Option<(SystemTime, SystemTime)> 
         .state
         .as_ref()?
         .terminated
-        .as_ref()?
-        .finished_at
-        .as_ref()?
-        .0;
-    Some((SystemTime::from(started), SystemTime::from(finished)))
+        .as_ref()
 }
 
+/// Whether the pod's status shows init container `name` exited with code 0.
 fn completed(pod: &Pod, name: &str) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.init_container_statuses.as_deref())
-        .unwrap_or_default()
-        .iter()
-        .any(|cs| {
-            cs.name == name
-                && cs
-                    .state
-                    .as_ref()
-                    .and_then(|s| s.terminated.as_ref())
-                    .is_some_and(|t| t.exit_code == 0)
-        })
+    terminated(pod, name).is_some_and(|t| t.exit_code == 0)
+}
+
+/// From the pod's start (the kubelet allocates its devices at admission) to when init container
+/// `name` finished; `None` when either time is not known, or they are out of order.
+fn completed_between(pod: &Pod, name: &str) -> Option<(SystemTime, SystemTime)> {
+    let started = SystemTime::from(pod.status.as_ref()?.start_time.as_ref()?.0);
+    let finished = SystemTime::from(terminated(pod, name)?.finished_at.as_ref()?.0);
+    (started <= finished).then_some((started, finished))
 }
 
 #[cfg(test)]
@@ -156,10 +146,6 @@ mod tests {
             units,
             completed_between: None,
         }
-    }
-
-    fn held_after_completion(units: u64) -> InitHold {
-        hold(units)
     }
 
     /// `three_containers` with the pod in `phase` and its init container in `state`.
@@ -194,11 +180,11 @@ mod tests {
         // Completed, its pod running: a new sandbox re-runs it with the same mounts.
         assert_eq!(
             plain_init_holds(&[with_init("Running", done())], RES),
-            [held_after_completion(2)]
+            [hold(2)]
         );
         assert_eq!(
             plain_init_holds(&[three_containers(&["init"])], RES),
-            [held_after_completion(2)]
+            [hold(2)]
         );
         // Its pod finished or deleted: nothing, unless it has not completed yet.
         for phase in ["Succeeded", "Failed"] {
@@ -220,6 +206,14 @@ mod tests {
             held.completed_between,
             Some((at(1_767_225_600), at(1_767_226_200)))
         );
+        // Times out of order (a clock step): not known, so every matching key is held.
+        let mut stepped = with_init(
+            "Running",
+            json!({"terminated": {"exitCode": 0, "finishedAt": "2025-12-31T23:00:00Z"}}),
+        );
+        stepped.status.as_mut().unwrap().start_time =
+            serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap();
+        assert_eq!(plain_init_holds(&[stepped], RES), [hold(2)]);
         let deleting = |state| {
             let mut p = with_init("Running", state);
             p.metadata.deletion_timestamp =
