@@ -181,20 +181,25 @@ fn serve_metrics_of(py: Python<'_>, rt: &Runtime, addr: &str) -> PyResult<()> {
             served.insert(key, current);
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let message = format!(
-                "vramslice: VRAMSLICE_METRICS_ADDR={addr:?} is in use (another process of this \
-                 server serves it?): this runtime's metrics are not served there"
-            );
-            let message = std::ffi::CString::new(message)
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
-            PyErr::warn(py, &category, &message, 1)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => runtime_warning(
+            py,
+            format!(
+                "vramslice: VRAMSLICE_METRICS_ADDR={addr:?} is in use (another process of \
+                     this server serves it?): this runtime's metrics are not served there"
+            ),
+        ),
         Err(e) => Err(ConfigError::new_err(format!(
             "VRAMSLICE_METRICS_ADDR={addr:?}: {e}"
         ))),
     }
+}
+
+/// Warn the caller with a `RuntimeWarning` (a message with a NUL in it is a `ValueError`).
+fn runtime_warning(py: Python<'_>, message: String) -> PyResult<()> {
+    let message =
+        std::ffi::CString::new(message).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+    PyErr::warn(py, &category, &message, 1)
 }
 
 /// The reclaim hook `Runtime(reclaim=...)` asks for: None → `vramslice.default_cleanup`,
@@ -320,14 +325,14 @@ impl NativeRuntime {
             ("auto", None) => match cuda() {
                 Ok(info) => Source::Cuda(info),
                 Err(why) => {
-                    let message = format!(
-                        "vramslice: {why}; usage='auto' falls back to usage reported with \
-                         set_usage(), which is 0 until then (admission does not see memory in use)"
-                    );
-                    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
-                    let message = std::ffi::CString::new(message)
-                        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-                    PyErr::warn(py, &category, &message, 1)?;
+                    runtime_warning(
+                        py,
+                        format!(
+                            "vramslice: {why}; usage='auto' falls back to usage reported with \
+                             set_usage(), which is 0 until then (admission does not see memory \
+                             in use)"
+                        ),
+                    )?;
                     Source::Manual
                 }
             },
@@ -408,10 +413,10 @@ impl NativeRuntime {
         let cancel = cancel.map(|c| c.flag.clone());
         // On the main thread a signal (Ctrl-C, a SIGTERM handler) must end the wait as it ends
         // any blocking call: its handler runs, and what it raises is raised here.
-        let main_thread = py
-            .import("threading")?
+        let threading = py.import("threading")?;
+        let main_thread = threading
             .call_method0("main_thread")?
-            .is(&py.import("threading")?.call_method0("current_thread")?);
+            .is(&threading.call_method0("current_thread")?);
         let interrupted: Mutex<Option<PyErr>> = Mutex::new(None);
         let signalled = || {
             if let Some(e) = HOOK_INTERRUPT.with(|slot| slot.borrow_mut().take()) {
