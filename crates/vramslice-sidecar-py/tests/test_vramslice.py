@@ -381,17 +381,18 @@ def test_cleanup_runs_after_the_failed_attempts_frames_are_gone():
     assert seen == [1]
 
 
-def test_async_waiters_do_not_take_the_default_executors_threads():
-    # Regression: waits ran in the loop's default executor; waiters filled it, the admitted
-    # job's own asyncio.to_thread call never got a thread, and nothing was ever released.
-    rt = make(queue_timeout=5)
+def hold_while_waiters_queue(rt, waiters, timeout, default_threads=None):
+    """A 6 GiB job holds while `waiters` more queue behind it, then uses a thread of the loop's
+    default executor (`default_threads` of them when given) and ends; every waiter must then be
+    admitted and end within `timeout` seconds."""
 
     async def main():
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
+        if default_threads is not None:
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(default_threads))
 
         async def holder():
             async with vramslice.job("h", need="6Gi", runtime=rt):
-                await asyncio.to_thread(wait_until, "waiters queued", lambda: rt.stats()["queued"] == 3)
+                await asyncio.to_thread(wait_until, "waiters queued", lambda: rt.stats()["queued"] == waiters)
                 await asyncio.to_thread(time.sleep, 0.01)
 
         async def waiter(i):
@@ -400,11 +401,17 @@ def test_async_waiters_do_not_take_the_default_executors_threads():
 
         h = asyncio.create_task(holder())
         await asyncio.to_thread(wait_until, "h admitted", lambda: rt.stats()["running"] == 1)
-        waiters = [asyncio.create_task(waiter(i)) for i in range(3)]
-        await asyncio.wait_for(asyncio.gather(h, *waiters), 4)
+        queued = [asyncio.create_task(waiter(i)) for i in range(waiters)]
+        await asyncio.wait_for(asyncio.gather(h, *queued), timeout)
 
     asyncio.run(main())
     assert rt.stats()["running"] == 0
+
+
+def test_async_waiters_do_not_take_the_default_executors_threads():
+    # Regression: waits ran in the loop's default executor; waiters filled it, the admitted
+    # job's own asyncio.to_thread call never got a thread, and nothing was ever released.
+    hold_while_waiters_queue(make(queue_timeout=5), waiters=3, timeout=4, default_threads=2)
 
 
 def test_reclaim_runs_when_the_head_cannot_fit_while_nothing_runs():
@@ -487,24 +494,7 @@ def test_releases_do_not_queue_behind_waiters(monkeypatch):
     # Waiters fill the admission pool; the admitted job's release must still run.
     monkeypatch.setattr(vramslice, "_ADMISSION_THREADS", 2)
     monkeypatch.setattr(vramslice, "_pools", {})
-    rt = make(queue_timeout=5)
-
-    async def main():
-        async def holder():
-            async with vramslice.job("h", need="6Gi", runtime=rt):
-                await asyncio.to_thread(wait_until, "waiters queued", lambda: rt.stats()["queued"] == 2)
-
-        async def waiter(i):
-            async with vramslice.job(f"w{i}", need="6Gi", runtime=rt):
-                pass
-
-        h = asyncio.create_task(holder())
-        await asyncio.to_thread(wait_until, "h admitted", lambda: rt.stats()["running"] == 1)
-        waiters = [asyncio.create_task(waiter(i)) for i in range(2)]
-        await asyncio.wait_for(asyncio.gather(h, *waiters), 3)
-
-    asyncio.run(main())
-    assert rt.stats()["running"] == 0
+    hold_while_waiters_queue(make(queue_timeout=5), waiters=2, timeout=3)
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
