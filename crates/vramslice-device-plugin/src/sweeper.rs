@@ -134,6 +134,12 @@ mod tests {
         }
     }
 
+    /// What an Allocate leaves under the accounting root: the key's directory and limit file.
+    fn allocation_files(root: &std::path::Path, key: &str) {
+        std::fs::create_dir(root.join(key)).unwrap();
+        std::fs::write(root.join(format!("{key}.limit")), b"limit=1\n").unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn ended_allocations_go_after_the_grace_period_and_nothing_else_does() {
         let dir = tempfile::tempdir().unwrap();
@@ -141,9 +147,8 @@ mod tests {
         let live = allocation_key("GPU-a", &[0, 1]);
         let ended = allocation_key("GPU-a", &[2]);
         for key in [&live, &ended] {
-            std::fs::create_dir(root.join(key)).unwrap();
+            allocation_files(root, key);
             std::fs::write(root.join(key).join("vramslice-accounting.v1"), b"x").unwrap();
-            std::fs::write(root.join(format!("{key}.limit")), b"limit=1\n").unwrap();
         }
         std::fs::write(root.join("README"), b"not ours").unwrap();
         std::fs::create_dir(root.join("lost+found")).unwrap();
@@ -182,8 +187,7 @@ mod tests {
         let init = allocation_key("GPU-a", &[0, 1]);
         let other = allocation_key("GPU-a", &[2]);
         for key in [&init, &other] {
-            std::fs::create_dir(root.join(key)).unwrap();
-            std::fs::write(root.join(format!("{key}.limit")), b"limit=1\n").unwrap();
+            allocation_files(root, key);
         }
         let holds = [InitHold {
             gpus: vec!["GPU-a".into()],
