@@ -164,7 +164,7 @@ impl AdmissionQueue {
 
     /// The most `ask` could reserve (with nothing else in use): more than the capacity means
     /// it can never run.
-    fn largest(&self, ask: Ask) -> u64 {
+    pub fn largest(&self, ask: Ask) -> u64 {
         ask.reservation(self.capacity).bytes
     }
 

@@ -293,7 +293,7 @@ impl Inner {
         AdmitError::Refused {
             key: job.key().to_string(),
             refusal: Refusal::NeverFits {
-                need: ask.reservation(state.queue.capacity()).bytes,
+                need: state.queue.largest(ask),
                 limit: state.queue.limit(),
                 capacity: state.queue.capacity(),
             },
