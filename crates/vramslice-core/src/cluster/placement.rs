@@ -358,16 +358,22 @@ pub fn score(chosen: Candidate, need: u64, policy: Policy) -> u8 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_record_lists_a_prefix_of_the_kubelets_allocation_order() {
-        let plain = |units| InitUnits {
+    fn plain(units: u64) -> InitUnits {
+        InitUnits {
             units,
             sidecar: false,
-        };
-        let sidecar = |units| InitUnits {
+        }
+    }
+
+    fn sidecar(units: u64) -> InitUnits {
+        InitUnits {
             units,
             sidecar: true,
-        };
+        }
+    }
+
+    #[test]
+    fn the_record_lists_a_prefix_of_the_kubelets_allocation_order() {
         let init = [sidecar(1), plain(2), sidecar(0), plain(4), plain(0)];
         // Nothing listed: nothing allocated yet.
         assert_eq!(plain_init_allocated(&init, 0), [false; 5]);
@@ -383,14 +389,6 @@ mod tests {
 
     #[test]
     fn partial_reuse_finds_the_container_given_part_of_an_init_containers_devices() {
-        let plain = |units| InitUnits {
-            units,
-            sidecar: false,
-        };
-        let sidecar = |units| InitUnits {
-            units,
-            sidecar: true,
-        };
         // init 8 then app 4: the app gets 4 of the init container's 8, picked at random.
         assert_eq!(
             partial_reuse(&[4], &[plain(8)]),
