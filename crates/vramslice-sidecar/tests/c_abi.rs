@@ -48,6 +48,9 @@ fn c_program_uses_the_abi() {
                 cmd.env_remove(k);
             }
         }
+        // cargo's LD_LIBRARY_PATH names target/debug too, where a stale copy of the library
+        // from an earlier `cargo build` would win over the rpath (a RUNPATH ranks below it).
+        cmd.env("LD_LIBRARY_PATH", &lib_dir);
         let out = cmd.envs(envs.iter().copied()).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "abi_smoke {envs:?} failed: {stderr}");
@@ -64,4 +67,12 @@ fn c_program_uses_the_abi() {
     let mut bad = env.to_vec();
     bad.extend([("ABI_SMOKE_BAD_CONFIG", "1"), ("VRAMSLICE_HIGH_WATER", "2")]);
     run(&bad);
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    run(&[
+        ("ABI_SMOKE_METRICS_IN_USE", "1"),
+        ("VRAMSLICE_VRAM_LIMIT_BYTES", "4Gi"),
+        ("VRAMSLICE_ACCOUNTING_DIR", dir),
+        ("VRAMSLICE_METRICS_ADDR", &addr),
+    ]);
 }

@@ -126,8 +126,10 @@ pub unsafe extern "C" fn vramslice_runtime_from_env(
 /// Create a runtime whose live usage the caller reports with [`vramslice_runtime_set_usage`]
 /// (for embedders that measure memory themselves, and for tests). `limit_bytes` must be above
 /// 0 and can only lower the container's own limit (its limit file and
-/// `VRAMSLICE_VRAM_LIMIT_BYTES`); `profile_dir` may be NULL (peaks kept in memory). Other settings come from the
-/// environment as in [`vramslice_runtime_from_env`].
+/// `VRAMSLICE_VRAM_LIMIT_BYTES`); `profile_dir` may be NULL (peaks kept in memory). Other
+/// settings come from the environment as in [`vramslice_runtime_from_env`], and `/metrics` is
+/// served on `VRAMSLICE_METRICS_ADDR` when it is set (an address in use is a
+/// `VRAMSLICE_STATUS_CONFIG_ERROR`).
 ///
 /// # Safety
 /// `out` points to writable storage for a pointer; `profile_dir` is NULL or a NUL-terminated
@@ -164,7 +166,9 @@ pub unsafe extern "C" fn vramslice_runtime_new_manual(
             }
         };
         let manual = ManualUsage::new(0, limit_bytes);
-        match Runtime::new(config, manual.clone()) {
+        let built = Runtime::new(config, manual.clone())
+            .and_then(|rt| rt.serve_configured_metrics().map(|_| rt));
+        match built {
             Ok(rt) => {
                 store_runtime(
                     out,

@@ -119,16 +119,26 @@ impl Runtime {
                 crate::ffi::cuda::CudaMemInfo::load().map_err(UsageError::from)?,
             )?,
         };
-        if let Some(addr) = &config.metrics_addr {
-            let metrics_of = rt.clone();
-            crate::serve::serve_metrics(move || metrics_of.render_metrics(), addr).map_err(
-                |source| RuntimeError::Metrics {
-                    addr: addr.clone(),
-                    source,
-                },
-            )?;
-        }
+        rt.serve_configured_metrics()?;
         Ok(rt)
+    }
+
+    /// Serve this runtime's `/metrics` on the configured `VRAMSLICE_METRICS_ADDR`, if one is
+    /// set; returns the bound address. [`from_env`] and the C ABI's constructors call it; a
+    /// runtime built with [`new`](Self::new) serves nothing until it is called.
+    ///
+    /// [`from_env`]: Self::from_env
+    pub fn serve_configured_metrics(&self) -> Result<Option<std::net::SocketAddr>, RuntimeError> {
+        let Some(addr) = &self.inner.config.metrics_addr else {
+            return Ok(None);
+        };
+        let metrics_of = self.clone();
+        crate::serve::serve_metrics(move || metrics_of.render_metrics(), addr)
+            .map(Some)
+            .map_err(|source| RuntimeError::Metrics {
+                addr: addr.clone(),
+                source,
+            })
     }
 
     /// The configuration in force.

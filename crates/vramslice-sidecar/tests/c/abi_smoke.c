@@ -36,8 +36,23 @@ static int from_env(void) {
     return 0;
 }
 
+/* Run with VRAMSLICE_METRICS_ADDR set to an address another socket holds: a manual runtime
+ * serves /metrics there as a runtime from the environment does, so it must fail naming it. */
+static int metrics_addr_in_use(void) {
+    char err[256] = {0};
+    vramslice_runtime *rt = NULL;
+    CHECK(vramslice_runtime_new_manual(4 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_CONFIG_ERROR);
+    CHECK(rt == NULL);
+    CHECK(strstr(err, getenv("VRAMSLICE_METRICS_ADDR")) != NULL);
+    CHECK(vramslice_runtime_from_env(&rt, err, sizeof err) == VRAMSLICE_STATUS_CONFIG_ERROR);
+    CHECK(strstr(err, getenv("VRAMSLICE_METRICS_ADDR")) != NULL);
+    printf("ok\n");
+    return 0;
+}
+
 int main(void) {
     if (getenv("ABI_SMOKE_FROM_ENV")) return from_env();
+    if (getenv("ABI_SMOKE_METRICS_IN_USE")) return metrics_addr_in_use();
     char err[256] = {0};
     vramslice_runtime *rt = NULL;
     CHECK(vramslice_runtime_new_manual(4 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_OK);
