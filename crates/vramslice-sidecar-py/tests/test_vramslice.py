@@ -2,6 +2,7 @@
 is given usage="manual" and the tests play the device by calling set_usage."""
 
 import asyncio
+import contextvars
 import json
 import os
 import signal
@@ -435,6 +436,28 @@ def test_reclaim_runs_when_the_head_cannot_fit_while_nothing_runs():
         quiet.admit("request", "4Gi")
     with pytest.raises(TypeError, match="reclaim must be a callable"):
         make(reclaim=3)
+
+
+def test_an_async_jobs_reclaim_hook_sees_the_tasks_context():
+    # The wait runs on a pool thread; the hook it may run belongs to the awaiting task (a
+    # request id, a tracing span), as with asyncio.to_thread.
+    request = contextvars.ContextVar("request", default=None)
+    seen = []
+
+    def reclaim():
+        seen.append(request.get())
+        rt.set_usage(3 * GIB)
+
+    rt = make(queue_timeout=5, reclaim=reclaim)
+    rt.set_usage(7 * GIB)
+
+    async def serve(request_id):
+        request.set(request_id)
+        async with vramslice.job("request", need="4Gi", runtime=rt) as j:
+            return j.reserved
+
+    assert asyncio.run(serve("req-42")) == 4 * GIB
+    assert seen == ["req-42"]
 
 
 def test_a_signal_ends_a_blocking_admit_on_the_main_thread():

@@ -24,6 +24,7 @@ Configuration comes from the ``VRAMSLICE_*`` environment, or from :func:`configu
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import inspect
@@ -243,8 +244,18 @@ class job:  # noqa: N801 - reads as a function at the call site
         cancel = _Cancel()
         try:
             loop = asyncio.get_running_loop()
+            # In the task's context, as asyncio.to_thread does: the reclaim hook may run on
+            # this thread and read it (a request id, a tracing span).
+            waiting = contextvars.copy_context()
             self.permit = await loop.run_in_executor(
-                _admission_pool(), rt.admit, self.key, self.need, self.params, self.timeout, cancel
+                _admission_pool(),
+                waiting.run,
+                rt.admit,
+                self.key,
+                self.need,
+                self.params,
+                self.timeout,
+                cancel,
             )
         except BaseException as exc:
             self._unclaim()
@@ -259,7 +270,9 @@ class job:  # noqa: N801 - reads as a function at the call site
         # Giving the memory back reads usage and may write the profile (a lock and an fsync):
         # off the event loop.
         try:
-            finishing = asyncio.get_running_loop().run_in_executor(_release_pool(), self._finish, exc)
+            finishing = asyncio.get_running_loop().run_in_executor(
+                _release_pool(), contextvars.copy_context().run, self._finish, exc
+            )
         except RuntimeError:  # the pool is shut down: the interpreter is exiting
             self._finish(exc)
             return False
