@@ -180,6 +180,49 @@ for b in "${bad[@]}"; do
   ok "rejected: $b"
 done
 
+# Values the schema cannot judge alone, refused by the templates with a message naming them
+# (otherwise the install succeeds and the extender, or cert-manager, fails at run time).
+refused=(
+  "--set scheduler.replicas=2 --set scheduler.leaderElection.enabled=false|would run 2 active schedulers"
+  "--set webhook.caValidity=720h|webhook.certValidity=2160h is longer than webhook.caValidity=720h"
+  "--set webhook.certValidity=1h30m500ms --set webhook.caValidity=1h30m|is longer than webhook.caValidity"
+  "--set webhook.certValidity=0s|webhook.certValidity=0s must be greater than zero"
+  "--set webhook.certManager.enabled=true --set webhook.certValidity=30m|less than 1h"
+)
+for r in "${refused[@]}"; do
+  args="${r%%|*}"; want="${r#*|}"
+  # shellcheck disable=SC2086
+  if "$HELM" template vramslice "$CHART" $args "${KV[@]}" > /dev/null 2> "$tmp/err.log"; then
+    fail "rendered with values that must be refused: $args"
+  fi
+  grep -qF -- "$want" "$tmp/err.log" || { cat "$tmp/err.log"; fail "unexpected error for $args"; }
+  ok "refused: $args"
+done
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.certValidity=30m --set webhook.caValidity=0.5h > /dev/null \
+  || fail "equal certificate and CA validities written differently were refused"
+ok "webhook validities compared as durations (30m = 0.5h)"
+
+# The longest release name Helm allows: every object name stays a 63-character DNS label and
+# keeps its component's suffix.
+long="$(printf 'r%.0s' {1..53})"
+"$HELM" template "$long" "$CHART" "${KV[@]}" --set metrics.serviceMonitor.enabled=true > "$tmp/long.yaml"
+python3 - "$tmp/long.yaml" <<'PY' || fail "a 53-character release name gives names over 63 characters"
+import re, sys
+names = {}
+kind = None
+for doc in open(sys.argv[1]).read().split("\n---"):
+    k = re.search(r"^kind: (\S+)$", doc, re.M)
+    n = re.search(r"^metadata:\n(?:  .*\n)*?  name: (\S+)$", doc, re.M)
+    if k and n and k.group(1) in ("Service", "DaemonSet", "Deployment", "ServiceMonitor", "MutatingWebhookConfiguration", "Secret"):
+        names[(k.group(1), n.group(1))] = len(n.group(1))
+long = {kn: l for kn, l in names.items() if l > 63}
+assert names and not long, long or "no names found"
+services = [n for k, n in names if k == "Service"]
+assert len(set(services)) == len(services) == 3, services
+assert any(n.endswith("-webhook") for n in services), services
+PY
+ok "a 53-character release name keeps every name within 63 characters"
+
 # The Grafana dashboard is valid JSON and uses only metrics docs/metrics.md lists.
 python3 -m json.tool "$ROOT/dashboards/vramslice.json" > /dev/null || fail "dashboards/vramslice.json is not valid JSON"
 ok "dashboards/vramslice.json is valid JSON"

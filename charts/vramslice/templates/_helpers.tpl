@@ -56,21 +56,64 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.scheduler.image.repository (required "scheduler.image.tag: cannot derive the cluster version; set it" $tag) -}}
 {{- end -}}
 
-{{/* Whether the scheduler runs leader election. */}}
+{{/* Whether the scheduler runs leader election. More than one replica without it would be as
+many active schedulers, each calling its own extender with its own ledger: they would promise
+one GPU's units twice. */}}
 {{- define "vramslice.leaderElect" -}}
 {{- $le := .Values.scheduler.leaderElection.enabled -}}
+{{- $replicas := int .Values.scheduler.replicas -}}
 {{- if eq (toString $le) "auto" -}}
-{{- if gt (int .Values.scheduler.replicas) 1 }}true{{ else }}false{{ end -}}
+{{- if gt $replicas 1 }}true{{ else }}false{{ end -}}
+{{- else if and (eq (toString $le) "false") (gt $replicas 1) -}}
+{{- fail (printf "scheduler.replicas=%d with scheduler.leaderElection.enabled=false would run %d active schedulers, each with its own extender ledger, and double-book GPUs: enable leader election (or leave it auto) or run one replica" $replicas $replicas) -}}
 {{- else -}}
 {{- toString $le -}}
 {{- end -}}
 {{- end -}}
 
+{{/* A Go duration ("2160h", "1h30m", "0.5h", "500ms") in milliseconds, as a float; the schema
+has checked its form. */}}
+{{- define "vramslice.durationMs" -}}
+{{- $total := 0.0 -}}
+{{- $perUnit := dict "ms" 1.0 "s" 1000.0 "m" 60000.0 "h" 3600000.0 -}}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ms|s|m|h)" . -1 -}}
+{{- $unit := regexFind "(ms|s|m|h)$" . -}}
+{{- $total = addf $total (mulf (float64 (trimSuffix $unit .)) (get $perUnit $unit)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+
+{{/* Fails on webhook certificate validities the extender (self-signed) or cert-manager would
+refuse at run time, where a mistake would stop the scheduler's pod instead of the install. */}}
+{{- define "vramslice.checkWebhookValidity" -}}
+{{- $wh := .Values.webhook -}}
+{{- $cert := float64 (include "vramslice.durationMs" $wh.certValidity) -}}
+{{- $ca := float64 (include "vramslice.durationMs" $wh.caValidity) -}}
+{{- if le $cert 0.0 -}}
+{{- fail (printf "webhook.certValidity=%s must be greater than zero" $wh.certValidity) -}}
+{{- end -}}
+{{- if $wh.certManager.enabled -}}
+{{- if lt $cert 3600000.0 -}}
+{{- fail (printf "webhook.certValidity=%s: cert-manager refuses certificates valid for less than 1h" $wh.certValidity) -}}
+{{- end -}}
+{{- else if gt $cert $ca -}}
+{{- fail (printf "webhook.certValidity=%s is longer than webhook.caValidity=%s; it must not be" $wh.certValidity $wh.caValidity) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name of one component's objects: the release's prefix, cut so that the whole stays a
+63-character DNS label with the suffix intact (two components never share a name). Include
+with (dict "ctx" . "suffix" "device-plugin"). */}}
+{{- define "vramslice.componentName" -}}
+{{- $prefix := include "vramslice.fullname" .ctx | trunc (int (sub 62 (len .suffix))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $prefix .suffix -}}
+{{- end -}}
+
 {{/* Object names. */}}
-{{- define "vramslice.devicePluginName" -}}{{ include "vramslice.fullname" . }}-device-plugin{{- end -}}
-{{- define "vramslice.schedulerName" -}}{{ include "vramslice.fullname" . }}-scheduler{{- end -}}
-{{- define "vramslice.webhookName" -}}{{ include "vramslice.fullname" . }}-webhook{{- end -}}
-{{- define "vramslice.webhookSecretName" -}}{{ include "vramslice.fullname" . }}-webhook-tls{{- end -}}
+{{- define "vramslice.devicePluginName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "device-plugin") }}{{- end -}}
+{{- define "vramslice.schedulerName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "scheduler") }}{{- end -}}
+{{- define "vramslice.webhookName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "webhook") }}{{- end -}}
+{{- define "vramslice.webhookSecretName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "webhook-tls") }}{{- end -}}
 
 {{/* "true" in DRA mode (the node agent is a DRA driver), "" in device-plugin mode. */}}
 {{- define "vramslice.dra" -}}
