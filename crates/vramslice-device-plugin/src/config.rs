@@ -211,7 +211,8 @@ pub struct DraSettings {
     pub checkpoint: PathBuf,
     /// Memory kept free on every GPU, off the published capacity.
     pub headroom_bytes: u64,
-    /// A capacity change smaller than this is not published (default: one unit).
+    /// A capacity rise smaller than this is not published (a fall always is; default: one
+    /// unit).
     pub publish_threshold_bytes: u64,
     /// Slice writes are at least this far apart (device changes excepted).
     pub min_publish_interval: Duration,

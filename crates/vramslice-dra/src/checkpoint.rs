@@ -42,6 +42,11 @@ pub struct PreparedClaim {
     /// The pods the claim was reserved for when prepared.
     #[serde(default)]
     pub pods: Vec<PreparedPod>,
+    /// Allocated with admin access (not counted by kube-scheduler; see
+    /// [`vramslice_core::node::dra::ClaimUse::admin_access`]). A claim mixing admin and plain
+    /// results counts as admin: its grant is not added back, the safe direction.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin_access: bool,
     /// What the kubelet was told.
     pub devices: Vec<PreparedDevice>,
     /// The files written for it (removed at unprepare).
@@ -186,6 +191,7 @@ mod tests {
             namespace: "ml".into(),
             name: "llm".into(),
             limits: vec![("GPU-0".into(), 6 << 30)],
+            admin_access: false,
             pods: vec![PreparedPod {
                 name: "llm-0".into(),
                 uid: "pod-1".into(),

@@ -254,6 +254,7 @@ impl Driver {
             cdi_spec_text: Some(spec),
             limit_file_text: Some(plan.limit_file.clone()),
             limits: plan.limits,
+            admin_access: on_node.admin_access,
             pods: on_node
                 .pods
                 .into_iter()
@@ -340,6 +341,7 @@ impl Driver {
         let claims = state.claims.values().map(|c| ClaimUse {
             limits: &c.limits,
             pods: c.pods.iter().map(|p| p.uid.as_str()).collect(),
+            admin_access: c.admin_access,
         });
         grants_by_gpu(claims, samples)
     }

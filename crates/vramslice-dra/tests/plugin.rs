@@ -498,6 +498,43 @@ async fn a_two_gpu_claim_gets_two_devices_and_one_limit_per_gpu() {
 }
 
 #[tokio::test]
+async fn an_admin_access_claim_is_prepared_but_its_grant_is_not_added_back() {
+    // kube-scheduler counts no consumed capacity for admin-access results, so the capacity the
+    // slice publishes must not include their grants (what they may still take is held back).
+    let node = Node::new();
+    node.claims
+        .put(claim("plain", "uid-p", &[("gpu-0", "6Gi")]));
+    let mut admin = claim("debug", "uid-a", &[("gpu-0", "8Gi")]);
+    for result in admin
+        .status
+        .as_mut()
+        .and_then(|s| s.allocation.as_mut())
+        .and_then(|a| a.devices.as_mut())
+        .and_then(|d| d.results.as_mut())
+        .unwrap()
+    {
+        result.admin_access = Some(true);
+    }
+    node.claims.put(admin);
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .prepare(NodePrepareResourcesRequest {
+            claims: vec![
+                kubelet_claim("plain", "uid-p"),
+                kubelet_claim("debug", "uid-a"),
+            ],
+        })
+        .await;
+    assert!(answer.claims["uid-a"].error.is_empty(), "{answer:?}");
+    // Restarted from its checkpoint alone, the driver still knows which claim is admin.
+    let reopened = Driver::open(node.config(), node.claims.clone()).unwrap();
+    reopened.set_gpus(&samples());
+    let grants = reopened.grants_by_gpu(&samples()).await;
+    assert_eq!(grants["GPU-0"].granted, 6 * GIB);
+    assert_eq!(grants["GPU-0"].unobserved, 14 * GIB);
+}
+
+#[tokio::test]
 async fn each_claim_of_a_call_fails_or_succeeds_on_its_own_with_a_reason() {
     let node = Node::new();
     node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));

@@ -47,7 +47,19 @@ pub enum ClaimError {
         /// Device name.
         device: String,
     },
-    /// `consumedCapacity.memory` is missing or not a byte count.
+    /// The result carries no `consumedCapacity.memory`: the device was allocated whole, as
+    /// kube-apiserver and kube-scheduler do when their `DRAConsumableCapacity` feature gate is
+    /// off (they drop the slice's `allowMultipleAllocations`).
+    #[error(
+        "claim {claim}, device {device}: the allocation carries no consumed memory capacity, so the whole GPU was allocated; vramslice needs the DRAConsumableCapacity feature gate on kube-apiserver and kube-scheduler"
+    )]
+    NoConsumedMemory {
+        /// `namespace/name`.
+        claim: String,
+        /// Device name.
+        device: String,
+    },
+    /// `consumedCapacity.memory` is not a byte count.
     #[error("claim {claim}, device {device}: consumed memory {value:?} is not a byte count")]
     BadMemory {
         /// `namespace/name`.
@@ -70,6 +82,9 @@ pub struct ClaimOnNode {
     pub share_ids: Vec<Option<String>>,
     /// The pods the claim is reserved for: (name, UID).
     pub pods: Vec<(String, String)>,
+    /// Whether any of those results was allocated with admin access (kube-scheduler does not
+    /// count such results as allocated).
+    pub admin_access: bool,
 }
 
 /// Read `claim`'s allocation results of [`DRA_DRIVER`] in pool `pool` (this node). `uuid_of`
@@ -112,6 +127,7 @@ pub fn claim_on_node(
         .unwrap_or_default();
     let mut grants = Vec::new();
     let mut share_ids = Vec::new();
+    let mut admin_access = false;
     for result in results
         .iter()
         .filter(|r| r.driver == DRA_DRIVER && r.pool == pool)
@@ -125,14 +141,15 @@ pub fn claim_on_node(
             .consumed_capacity
             .as_ref()
             .and_then(|c| c.get(DRA_CAPACITY_MEMORY));
-        let bytes =
-            memory
-                .and_then(|q| parse_bytes(&q.0).ok())
-                .ok_or_else(|| ClaimError::BadMemory {
-                    claim: name.clone(),
-                    device: result.device.clone(),
-                    value: memory.map(|q| q.0.clone()).unwrap_or_default(),
-                })?;
+        let memory = memory.ok_or_else(|| ClaimError::NoConsumedMemory {
+            claim: name.clone(),
+            device: result.device.clone(),
+        })?;
+        let bytes = parse_bytes(&memory.0).map_err(|_| ClaimError::BadMemory {
+            claim: name.clone(),
+            device: result.device.clone(),
+            value: memory.0.clone(),
+        })?;
         grants.push(ClaimGrant {
             request: base_request_name(&result.request).to_string(),
             device: result.device.clone(),
@@ -140,6 +157,7 @@ pub fn claim_on_node(
             bytes,
         });
         share_ids.push(result.share_id.clone());
+        admin_access |= result.admin_access == Some(true);
     }
     let pods = status
         .and_then(|s| s.reserved_for.as_ref())
@@ -155,6 +173,7 @@ pub fn claim_on_node(
         grants,
         share_ids,
         pods,
+        admin_access,
     })
 }
 
@@ -397,6 +416,18 @@ mod tests {
         );
         assert_eq!(on_node.share_ids[0].as_deref(), Some("share-gpu-0"));
         assert_eq!(on_node.pods, [("llm-0".to_string(), "pod-uid".to_string())]);
+        assert!(!on_node.admin_access);
+        let mut admin = result(DRA_DRIVER, "node-a", "gpu-0", Some("6Gi"));
+        admin.admin_access = Some(true);
+        let c = claim(vec![
+            result(DRA_DRIVER, "node-a", "gpu-1", Some("2Gi")),
+            admin,
+        ]);
+        let on_node = claim_on_node(&c, "uid-1", "node-a", uuid_of).expect("readable");
+        assert!(
+            on_node.admin_access,
+            "an admin-access result makes the claim admin"
+        );
     }
 
     #[test]
@@ -417,6 +448,13 @@ mod tests {
         let err = claim_on_node(&c, "uid-1", "node-a", uuid_of).expect_err("memory");
         assert!(
             err.to_string().contains("\"lots\" is not a byte count"),
+            "{err}"
+        );
+        let c = claim(vec![result(DRA_DRIVER, "node-a", "gpu-0", None)]);
+        let err = claim_on_node(&c, "uid-1", "node-a", uuid_of).expect_err("whole device");
+        assert!(
+            err.to_string()
+                .contains("DRAConsumableCapacity feature gate"),
             "{err}"
         );
         let mut c = claim(vec![]);

@@ -79,10 +79,12 @@ pub fn driver_version_semver(raw: &str) -> Option<String> {
 /// What prepared claims hold on one GPU, for the capacity rule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GrantsOnGpu {
-    /// Bytes granted to claims on the GPU.
+    /// Bytes granted to claims on the GPU that kube-scheduler counts as allocated (all but
+    /// admin-access ones): the capacity rule adds them back, since the scheduler subtracts
+    /// them from what the slice publishes.
     pub granted: u64,
-    /// What those claims may still allocate that the measurement cannot show
-    /// (sum of [`crate::effective_free::unobserved_part`]).
+    /// What the GPU's claims, admin-access ones included, may still allocate that the
+    /// measurement cannot show (sum of [`crate::effective_free::unobserved_part`]).
     pub unobserved: u64,
 }
 
@@ -94,6 +96,19 @@ pub struct ClaimUse<'a> {
     pub limits: &'a [(String, u64)],
     /// UIDs of the pods the claim is reserved for.
     pub pods: Vec<&'a str>,
+    /// Allocated with admin access: kube-scheduler does not count such results as allocated
+    /// (it subtracts none of their consumed capacity), so their grants are not added back;
+    /// what they may still take counts as unobserved, like any claim's.
+    pub admin_access: bool,
+}
+
+/// Claims on one GPU linked by a shared pod, counted together.
+struct LinkedClaims<'a> {
+    /// Everything granted to them.
+    granted: u64,
+    /// The part of it kube-scheduler counts (not admin access).
+    counted: u64,
+    pods: Vec<&'a str>,
 }
 
 /// What prepared claims hold on each GPU: granted bytes, and what they may still take unseen
@@ -108,19 +123,23 @@ pub fn grants_by_gpu<'a>(
     claims: impl IntoIterator<Item = ClaimUse<'a>>,
     samples: &[GpuSample],
 ) -> BTreeMap<String, GrantsOnGpu> {
-    // Per GPU: groups of claims linked by a shared pod, as (granted, pod UIDs).
-    let mut groups: BTreeMap<&str, Vec<(u64, Vec<&str>)>> = BTreeMap::new();
+    let mut groups: BTreeMap<&str, Vec<LinkedClaims<'a>>> = BTreeMap::new();
     for claim in claims {
         for (uuid, granted) in claim.limits {
             let on_gpu = groups.entry(uuid.as_str()).or_default();
-            let mut merged = (*granted, claim.pods.clone());
-            on_gpu.retain(|(bytes, pods)| {
-                let linked = pods.iter().any(|p| merged.1.contains(p));
+            let mut merged = LinkedClaims {
+                granted: *granted,
+                counted: if claim.admin_access { 0 } else { *granted },
+                pods: claim.pods.clone(),
+            };
+            on_gpu.retain(|group| {
+                let linked = group.pods.iter().any(|p| merged.pods.contains(p));
                 if linked {
-                    merged.0 = merged.0.saturating_add(*bytes);
+                    merged.granted = merged.granted.saturating_add(group.granted);
+                    merged.counted = merged.counted.saturating_add(group.counted);
                     merged
-                        .1
-                        .extend(pods.iter().filter(|p| !claim.pods.contains(p)));
+                        .pods
+                        .extend(group.pods.iter().filter(|p| !claim.pods.contains(p)));
                 }
                 !linked
             });
@@ -130,18 +149,22 @@ pub fn grants_by_gpu<'a>(
     let mut out: BTreeMap<String, GrantsOnGpu> = BTreeMap::new();
     for (uuid, on_gpu) in groups {
         let entry = out.entry(uuid.to_string()).or_default();
-        for (granted, pods) in on_gpu {
+        for group in on_gpu {
             let used: u64 = samples
                 .iter()
                 .filter(|s| s.uuid == uuid)
                 .flat_map(|s| &s.processes)
-                .filter(|p| p.pod_uid.as_deref().is_some_and(|uid| pods.contains(&uid)))
+                .filter(|p| {
+                    p.pod_uid
+                        .as_deref()
+                        .is_some_and(|uid| group.pods.contains(&uid))
+                })
                 .map(|p| p.used_bytes)
                 .sum();
-            entry.granted = entry.granted.saturating_add(granted);
+            entry.granted = entry.granted.saturating_add(group.counted);
             entry.unobserved = entry
                 .unobserved
-                .saturating_add(unobserved_part(granted, Some(used)));
+                .saturating_add(unobserved_part(group.granted, Some(used)));
         }
     }
     out
@@ -192,7 +215,7 @@ pub enum SlicePublishReason {
     /// A device appeared, went, changed identity, or its health changed (the taint goes on or
     /// comes off at once).
     DevicesChanged,
-    /// A device's capacity moved by at least the threshold.
+    /// A device's capacity fell, or rose by at least the threshold.
     CapacityMoved {
         /// The device.
         device: String,
@@ -216,9 +239,9 @@ impl fmt::Display for SlicePublishReason {
 }
 
 /// Whether the slice must be written again: on the first slice, when the device list changes
-/// (a GPU appeared, went, or was replaced) or a GPU's health changed, or when a device's capacity moved by
-/// `threshold` bytes or more. Otherwise `None`, which keeps the API server's write rate
-/// bounded; the caller also keeps a minimum interval between writes.
+/// (a GPU appeared, went, or was replaced) or a GPU's health changed, when a device's capacity
+/// fell, or when it rose by `threshold` bytes or more. Otherwise `None`, which keeps the API
+/// server's write rate bounded; the caller also keeps a minimum interval between writes.
 pub fn slice_publish_reason(
     published: Option<&[SliceDevice]>,
     next: &[SliceDevice],
@@ -243,7 +266,13 @@ pub fn slice_publish_reason(
     published
         .iter()
         .zip(next)
-        .find(|(old, new)| old.capacity_bytes.abs_diff(new.capacity_bytes) >= threshold.max(1))
+        .find(|(old, new)| {
+            // Any fall at once (it is whole steps): kube-scheduler would otherwise promise
+            // memory that is gone. A rise only by the threshold, which bounds the write rate
+            // (a capacity swinging across a step is written when it falls, then stays).
+            new.capacity_bytes < old.capacity_bytes
+                || new.capacity_bytes - old.capacity_bytes >= threshold.max(1)
+        })
         .map(|(old, new)| SlicePublishReason::CapacityMoved {
             device: new.name.clone(),
             from: old.capacity_bytes,

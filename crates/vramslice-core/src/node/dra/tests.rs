@@ -125,9 +125,27 @@ fn the_slice_is_written_on_change_beyond_the_threshold_only() {
             to: 79 * GIB
         })
     );
+    // A fall is written whatever the threshold: the scheduler would promise memory that is
+    // gone. A rise waits for the threshold (a GPU is then under-offered for a while).
     assert_eq!(
-        slice_publish_reason(Some(&before), &slightly, 2 * GIB),
+        slice_publish_reason(Some(&before), &slightly, 4 * GIB),
+        Some(SlicePublishReason::CapacityMoved {
+            device: "gpu-0".into(),
+            from: 80 * GIB,
+            to: 79 * GIB
+        })
+    );
+    assert_eq!(
+        slice_publish_reason(Some(&slightly), &before, 2 * GIB),
         None
+    );
+    assert_eq!(
+        slice_publish_reason(Some(&slightly), &before, GIB),
+        Some(SlicePublishReason::CapacityMoved {
+            device: "gpu-0".into(),
+            from: 79 * GIB,
+            to: 80 * GIB
+        })
     );
     // Falling unhealthy (same capacity) is written at once, whatever the threshold: the taint.
     let unhealthy = slice_devices(
@@ -276,6 +294,7 @@ fn a_claims_use_is_its_pods_processes_on_its_gpu() {
     let llm = || ClaimUse {
         limits: &limits,
         pods: vec!["pod-a"],
+        admin_access: false,
     };
     let process = |pid, used, pod: Option<&str>| ProcessSample {
         pid,
@@ -305,6 +324,7 @@ fn a_claims_use_is_its_pods_processes_on_its_gpu() {
     let other = ClaimUse {
         limits: &other_limits,
         pods: vec!["pod-b"],
+        admin_access: false,
     };
     let grants = grants_by_gpu([llm(), other, llm()], gpus);
     assert_eq!(
@@ -318,10 +338,12 @@ fn a_claims_use_is_its_pods_processes_on_its_gpu() {
     let both = ClaimUse {
         limits: &other_limits,
         pods: vec!["pod-a", "pod-b"],
+        admin_access: false,
     };
     let other = ClaimUse {
         limits: &other_limits,
         pods: vec!["pod-b"],
+        admin_access: false,
     };
     let grants = grants_by_gpu([llm(), other, both], gpus);
     assert_eq!(
@@ -331,4 +353,36 @@ fn a_claims_use_is_its_pods_processes_on_its_gpu() {
             unobserved: 12 * GIB - 5 * GIB
         }
     );
+}
+
+#[test]
+fn admin_access_claims_are_not_added_back_but_their_room_is_held() {
+    // kube-scheduler subtracts no consumed capacity for admin-access results: adding such a
+    // grant back would publish memory the admin pod may still take.
+    let mut gpu = sample(0, 80 * GIB, 78 * GIB, true);
+    gpu.processes = vec![ProcessSample {
+        pid: 1,
+        used_bytes: 2 * GIB,
+        pod_uid: Some("debug".into()),
+    }];
+    let limits = [("GPU-0".to_string(), 8 * GIB)];
+    let admin = ClaimUse {
+        limits: &limits,
+        pods: vec!["debug"],
+        admin_access: true,
+    };
+    let grants = grants_by_gpu([admin], std::slice::from_ref(&gpu));
+    assert_eq!(
+        grants["GPU-0"],
+        GrantsOnGpu {
+            granted: 0,
+            unobserved: 6 * GIB
+        }
+    );
+    let headroom = GIB / 2;
+    let devices = slice_devices(std::slice::from_ref(&gpu), &grants, GIB, headroom);
+    // 78 GiB free, less the 6 GiB the admin pod may still take and the headroom.
+    assert_eq!(devices[0].capacity_bytes, 71 * GIB);
+    // What the scheduler may then hand out, plus everything the admin pod may hold, fits.
+    assert!(devices[0].capacity_bytes + 8 * GIB + headroom <= 80 * GIB);
 }
