@@ -192,6 +192,21 @@ fn allocation_results(
 pub struct ClaimAsk {
     /// `namespace/name`.
     pub claim: String,
+    /// The request's name.
+    pub request: String,
+    /// What satisfies it, in the order kube-scheduler tries them: the request itself
+    /// (`exactly`), or its `firstAvailable` subrequests of the vramslice class.
+    pub options: Vec<DeviceAsk>,
+    /// Classes of `firstAvailable` subrequests that are not vramslice's: this tool does not
+    /// evaluate them, so the request may be met by one of those instead.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_classes: Vec<String>,
+}
+
+/// One way to satisfy a request with vramslice devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceAsk {
     /// Devices wanted (a request's `count`, 1 by default).
     pub count: u64,
     /// Memory per device; the class default (one unit) when the request names none.
@@ -202,7 +217,29 @@ pub struct ClaimAsk {
     pub selectors: Vec<String>,
 }
 
-/// The vramslice requests of `claim`.
+impl DeviceAsk {
+    fn of(
+        count: Option<i64>,
+        capacity: Option<&k8s_openapi::api::resource::v1::CapacityRequirements>,
+        selectors: Option<&Vec<k8s_openapi::api::resource::v1::DeviceSelector>>,
+    ) -> Self {
+        DeviceAsk {
+            count: count.and_then(|c| u64::try_from(c).ok()).unwrap_or(1),
+            bytes_each: capacity
+                .and_then(|c| c.requests.as_ref())
+                .and_then(|r| r.get(DRA_CAPACITY_MEMORY))
+                .and_then(|q| parse_bytes(&q.0).ok()),
+            selectors: selectors
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.cel.as_ref().map(|c| c.expression.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The vramslice requests of `claim`: those whose `exactly` names the vramslice class, and
+/// those with a `firstAvailable` subrequest of it.
 pub fn claim_asks(claim: &ResourceClaim) -> Vec<ClaimAsk> {
     let name = format!(
         "{}/{}",
@@ -216,23 +253,36 @@ pub fn claim_asks(claim: &ResourceClaim) -> Vec<ClaimAsk> {
         .and_then(|d| d.requests.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|r| r.exactly.as_ref())
-        .filter(|e| e.device_class_name == DRA_DEVICE_CLASS)
-        .map(|e| ClaimAsk {
-            claim: name.clone(),
-            count: e.count.and_then(|c| u64::try_from(c).ok()).unwrap_or(1),
-            bytes_each: e
-                .capacity
-                .as_ref()
-                .and_then(|c| c.requests.as_ref())
-                .and_then(|r| r.get(DRA_CAPACITY_MEMORY))
-                .and_then(|q| parse_bytes(&q.0).ok()),
-            selectors: e
-                .selectors
-                .iter()
-                .flatten()
-                .filter_map(|s| s.cel.as_ref().map(|c| c.expression.clone()))
-                .collect(),
+        .filter_map(|r| {
+            let mut options = Vec::new();
+            let mut other_classes = Vec::new();
+            if let Some(e) = &r.exactly {
+                if e.device_class_name != DRA_DEVICE_CLASS {
+                    return None;
+                }
+                options.push(DeviceAsk::of(
+                    e.count,
+                    e.capacity.as_ref(),
+                    e.selectors.as_ref(),
+                ));
+            }
+            for sub in r.first_available.iter().flatten() {
+                if sub.device_class_name == DRA_DEVICE_CLASS {
+                    options.push(DeviceAsk::of(
+                        sub.count,
+                        sub.capacity.as_ref(),
+                        sub.selectors.as_ref(),
+                    ));
+                } else {
+                    other_classes.push(sub.device_class_name.clone());
+                }
+            }
+            (!options.is_empty()).then(|| ClaimAsk {
+                claim: name.clone(),
+                request: r.name.clone(),
+                options,
+                other_classes,
+            })
         })
         .collect()
 }
@@ -250,43 +300,28 @@ pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict>
                 .map(|r| (r, r.free()))
                 .collect();
             let mut reason = None;
-            for ask in asks {
+            'asks: for ask in asks {
                 free.sort_by_key(|(_, f)| *f);
-                let fitting: Vec<usize> = (0..free.len())
-                    .filter(|i| free[*i].1 >= free[*i].0.consumes(ask.bytes_each))
-                    .collect();
-                if (fitting.len() as u64) < ask.count {
-                    // What the request comes to on the devices (the class default when it names
-                    // no memory).
-                    let need = free
-                        .iter()
-                        .map(|(r, _)| r.consumes(ask.bytes_each))
-                        .min()
-                        .or(ask.bytes_each)
-                        .unwrap_or(0);
-                    let rooms: Vec<String> = free.iter().map(|(r, _)| r.describe()).collect();
-                    reason = Some(format!(
-                        "claim {} needs {} device(s) with {} each; {} has {}",
-                        ask.claim,
-                        ask.count,
-                        format_bytes(need),
-                        node,
-                        if rooms.is_empty() {
-                            "no vramslice devices".to_string()
-                        } else {
-                            rooms.join(", ")
-                        }
-                    ));
-                    break;
+                // kube-scheduler takes the first option that can be allocated.
+                for option in &ask.options {
+                    let fitting: Vec<usize> = (0..free.len())
+                        .filter(|i| free[*i].1 >= free[*i].0.consumes(option.bytes_each))
+                        .collect();
+                    if (fitting.len() as u64) < option.count {
+                        continue;
+                    }
+                    // Take the tightest fitting devices (as binpacking would) out of the pool.
+                    for i in fitting
+                        .into_iter()
+                        .take(usize::try_from(option.count).unwrap_or(usize::MAX))
+                        .rev()
+                    {
+                        free.remove(i);
+                    }
+                    continue 'asks;
                 }
-                // Take the tightest fitting devices (as binpacking would) out of the pool.
-                for i in fitting
-                    .into_iter()
-                    .take(usize::try_from(ask.count).unwrap_or(usize::MAX))
-                    .rev()
-                {
-                    free.remove(i);
-                }
+                reason = Some(no_room(ask, &free, node));
+                break;
             }
             NodeVerdict {
                 node: node.to_string(),
@@ -296,6 +331,47 @@ pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict>
             }
         })
         .collect()
+}
+
+/// Why `node`'s devices (`free`: each with its room) cannot take `ask`: what each option comes
+/// to on them (the class default when it names no memory) and what they have.
+fn no_room(ask: &ClaimAsk, free: &[(&DeviceRoom, u64)], node: &str) -> String {
+    let wants: Vec<String> = ask
+        .options
+        .iter()
+        .map(|option| {
+            let need = free
+                .iter()
+                .map(|(r, _)| r.consumes(option.bytes_each))
+                .min()
+                .or(option.bytes_each)
+                .unwrap_or(0);
+            format!(
+                "{} device(s) with {} each",
+                option.count,
+                format_bytes(need)
+            )
+        })
+        .collect();
+    let rooms: Vec<String> = free.iter().map(|(r, _)| r.describe()).collect();
+    let mut reason = format!(
+        "claim {} needs {}; {} has {}",
+        ask.claim,
+        wants.join(" or "),
+        node,
+        if rooms.is_empty() {
+            "no vramslice devices".to_string()
+        } else {
+            rooms.join(", ")
+        }
+    );
+    if !ask.other_classes.is_empty() {
+        reason.push_str(&format!(
+            " (its alternatives of class {} are not evaluated)",
+            ask.other_classes.join(", ")
+        ));
+    }
+    reason
 }
 
 /// One vramslice claim for `kubectl vramslice claims`.
@@ -505,16 +581,28 @@ pub fn explain_claims(
             "none of the pod's claims asks for devices of class {DRA_DEVICE_CLASS}: vramslice does not place it"
         ));
     }
-    for ask in asks.iter().filter(|a| !a.selectors.is_empty()) {
-        out.notes.push(format!(
-            "claim {} also selects devices by CEL ({}); this tool counts room only, so a node it finds room on may have no device the selector accepts: kube-scheduler's FailedScheduling event says which",
-            ask.claim,
-            ask.selectors
-                .iter()
-                .map(|e| format!("`{e}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    for ask in &asks {
+        let selectors: Vec<String> = ask
+            .options
+            .iter()
+            .flat_map(|o| &o.selectors)
+            .map(|e| format!("`{e}`"))
+            .collect();
+        if !selectors.is_empty() {
+            out.notes.push(format!(
+                "claim {} also selects devices by CEL ({}); this tool counts room only, so a node it finds room on may have no device the selector accepts: kube-scheduler's FailedScheduling event says which",
+                ask.claim,
+                selectors.join(", ")
+            ));
+        }
+        if !ask.other_classes.is_empty() {
+            out.notes.push(format!(
+                "claim {} request {} may also be met by class {}, which this tool does not evaluate",
+                ask.claim,
+                ask.request,
+                ask.other_classes.join(", ")
+            ));
+        }
     }
     out.nodes = dra_verdicts(&asks, rooms);
     let fits_on = out.nodes.iter().filter(|n| n.fits).count();

@@ -273,13 +273,11 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
             Ok((text, Exit::Ok))
         }
         Command::Claims { all_namespaces } => {
+            // Listed in the namespace asked for only (a user may read claims there alone):
+            // the rows take nothing but each device's GPU UUID from the rooms.
             let ns = (!all_namespaces).then_some(namespace.as_str());
-            let all_claims = claims(client, None).await?;
-            let rooms = dra::device_rooms(&slices(client).await?, &all_claims);
-            let shown: Vec<ResourceClaim> = all_claims
-                .into_iter()
-                .filter(|c| ns.is_none_or(|ns| c.metadata.namespace.as_deref() == Some(ns)))
-                .collect();
+            let shown = claims(client, ns).await?;
+            let rooms = dra::device_rooms(&slices(client).await?, &shown);
             let rows = dra::claim_rows(&shown, &rooms, &gpunodes(client).await?);
             let text = match cli.output {
                 Format::Table => render::claims_table(&rows, style),

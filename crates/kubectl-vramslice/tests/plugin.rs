@@ -69,6 +69,25 @@ async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
         ["api", "v1", "namespaces", ns, "pods", name] => {
             load(&rec.data, &format!("pod-{ns}-{name}.json"))
         }
+        // A reader allowed to list claims in its own namespace only (a namespaced Role).
+        ["apis", "resource.k8s.io", "v1", "resourceclaims"] => {
+            let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "Forbidden", "code": 403,
+                "message": "resourceclaims.resource.k8s.io is forbidden: cannot list resource \"resourceclaims\" at the cluster scope"});
+            return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+        }
+        [
+            "apis",
+            "resource.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "resourceclaims",
+        ] => load(&rec.data, "resourceclaims.json")
+            .map(|l| filter_items(l, |c| c["metadata"]["namespace"] == *ns)),
+        ["apis", "resource.k8s.io", "v1", "resourceslices"] => {
+            load(&rec.data, "resourceslices.json")
+        }
         ["api", "v1", "namespaces", ns, "events"] => {
             let list = load(&rec.data, &format!("events-{ns}.json"))
                 .or_else(|| load(&rec.data, "events-empty.json"));
@@ -441,6 +460,47 @@ fn exit_codes_for_failures() {
         .unwrap();
     assert_eq!(code(&o), 1);
     assert!(String::from_utf8_lossy(&o.stderr).contains("list gpunodes"));
+}
+
+#[test]
+fn claims_of_one_namespace_need_only_that_namespace_and_show_first_available_requests() {
+    let s = start(true);
+    let o = s.run(&["claims", "-o", "json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let shown: Vec<(&str, &str, &str)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["claim"].as_str().unwrap(),
+                r["state"].as_str().unwrap(),
+                r["gpus"][0].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("embedder-vram", "allocated", "gpu-0 (GPU-a0)"),
+            ("flex", "pending", "-")
+        ]
+    );
+    let log = s.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l == "GET /apis/resource.k8s.io/v1/namespaces/team-b/resourceclaims"),
+        "{log:?}"
+    );
+    // Every namespace needs the cluster-wide list: refused here, an API error naming it.
+    let o = s.run(&["claims", "-A"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("list resourceclaims"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Responses recorded from the e2e cluster's real kube-apiserver (tests/data/e2e: two hollow

@@ -95,9 +95,13 @@ fn a_pending_claim_is_explained_per_node() {
         two,
         [ClaimAsk {
             claim: "ml/tp2".into(),
-            count: 2,
-            bytes_each: Some(35 * GIB),
-            selectors: Vec::new(),
+            request: "vram".into(),
+            options: vec![DeviceAsk {
+                count: 2,
+                bytes_each: Some(35 * GIB),
+                selectors: Vec::new(),
+            }],
+            other_classes: Vec::new(),
         }]
     );
     let verdicts = dra_verdicts(&two, &rooms);
@@ -210,7 +214,7 @@ fn selectors_are_carried_and_explained_as_not_evaluated() {
         ]);
     }
     let asks = claim_asks(&with_selector);
-    assert_eq!(asks[0].selectors, [expr.to_string()]);
+    assert_eq!(asks[0].options[0].selectors, [expr.to_string()]);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": { "name": "picky-pod", "namespace": "ml" },
         "spec": { "containers": [], "resourceClaims": [{ "name": "vram", "resourceClaimName": "picky" }] },
@@ -341,9 +345,13 @@ fn a_request_comes_to_what_the_device_policy_makes_of_it() {
     // A claim naming no memory takes the default (1 GiB), not 1 byte: it does not fit.
     let ask = ClaimAsk {
         claim: "ml/any".into(),
-        count: 1,
-        bytes_each: None,
-        selectors: Vec::new(),
+        request: "vram".into(),
+        options: vec![DeviceAsk {
+            count: 1,
+            bytes_each: None,
+            selectors: Vec::new(),
+        }],
+        other_classes: Vec::new(),
     };
     let verdicts = dra_verdicts(&[ask], &rooms);
     assert!(!verdicts[0].fits, "{verdicts:?}");
@@ -358,4 +366,42 @@ fn a_request_comes_to_what_the_device_policy_makes_of_it() {
     let plain = device_rooms(&[slice("node-b", &[4 * GIB])], &[]);
     assert_eq!(plain[0].consumes(Some(3 * GIB / 2)), 3 * GIB / 2);
     assert_eq!(plain[0].consumes(None), 4 * GIB);
+}
+
+#[test]
+fn a_first_available_request_fits_where_one_of_its_vramslice_options_does() {
+    // As docs/operations.md's `vram/large` example: 40 GiB if a GPU has it, else 20 GiB.
+    let claim: ResourceClaim = serde_json::from_value(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": { "name": "flex", "namespace": "ml" },
+        "spec": { "devices": { "requests": [{ "name": "vram", "firstAvailable": [
+            { "name": "large", "deviceClassName": "vram.vramslice.io",
+              "capacity": { "requests": { "memory": "40Gi" } } },
+            { "name": "small", "deviceClassName": "vram.vramslice.io",
+              "capacity": { "requests": { "memory": "20Gi" } } },
+            { "name": "other", "deviceClassName": "gpu.example.com" }
+        ] }] } }
+    }))
+    .expect("claim");
+    let asks = claim_asks(&claim);
+    assert_eq!(asks.len(), 1, "{asks:?}");
+    assert_eq!(asks[0].options.len(), 2);
+    assert_eq!(asks[0].other_classes, ["gpu.example.com"]);
+    let rooms = device_rooms(
+        &[slice("node-a", &[24 * GIB]), slice("node-b", &[16 * GIB])],
+        &[],
+    );
+    let verdicts = dra_verdicts(&asks, &rooms);
+    assert!(verdicts[0].fits, "20 GiB fits on node-a: {verdicts:?}");
+    assert!(!verdicts[1].fits, "{verdicts:?}");
+    let reason = verdicts[1].reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("40 GiB each or 1 device(s) with 20 GiB each")
+            && reason.contains("class gpu.example.com are not evaluated"),
+        "{reason}"
+    );
+    // A pending claim made only of alternatives is listed by `claims`.
+    let rows = claim_rows(std::slice::from_ref(&claim), &rooms, &[]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].state, "pending");
 }
