@@ -14,11 +14,12 @@ pub mod dra;
 pub mod explain;
 pub mod model;
 pub mod render;
+pub mod settings;
 
 use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -72,12 +73,15 @@ pub struct Cli {
     /// Namespace (default: the context's).
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
-    /// Safety margin the extender keeps free per GPU (its `headroom`), for effective free memory.
-    #[arg(long, default_value = "512Mi", global = true)]
-    pub headroom: String,
-    /// Reading age after which the extender treats a GPU as stale (its `staleness`).
-    #[arg(long, default_value = "90s", global = true)]
-    pub staleness: String,
+    /// Safety margin the extender keeps free per GPU (its `headroom`), for effective free
+    /// memory. Default: the extender's own setting, read from its ConfigMap (labelled
+    /// app.kubernetes.io/component=scheduler), else 512Mi with a warning.
+    #[arg(long, global = true)]
+    pub headroom: Option<String>,
+    /// Reading age after which the extender treats a GPU as stale (its `staleness`). Default:
+    /// the extender's own setting, as for --headroom, else 90s.
+    #[arg(long, global = true)]
+    pub staleness: Option<String>,
     /// Evaluate at this time (RFC 3339) instead of now; for tests and post-mortems.
     #[arg(long, hide = true, global = true)]
     pub now: Option<String>,
@@ -168,15 +172,42 @@ pub fn use_color(choice: ColorChoice, stdout_is_tty: bool, no_color_env: bool) -
     }
 }
 
-fn ledger_config(cli: &Cli) -> Result<LedgerConfig, PluginError> {
-    let headroom_bytes = vramslice_core::parse_bytes(&cli.headroom)
-        .map_err(|e| PluginError::Usage(format!("--headroom: {e}")))?;
-    let staleness = vramslice_core::parse_duration(&cli.staleness)
-        .map_err(|e| PluginError::Usage(format!("--staleness: {e}")))?;
-    Ok(LedgerConfig {
-        headroom_bytes,
-        staleness,
-    })
+/// The ledger settings for `cli` and the warning to print, if any (see [`settings`]): the
+/// extender's ConfigMap is read only when a flag is missing.
+async fn ledger_config(
+    cli: &Cli,
+    client: &Client,
+) -> Result<(LedgerConfig, Option<String>), PluginError> {
+    let found = if cli.headroom.is_some() && cli.staleness.is_some() {
+        None
+    } else {
+        Some(extender_config(client).await)
+    };
+    settings::resolve(cli.headroom.as_deref(), cli.staleness.as_deref(), found)
+}
+
+/// The extender configuration the chart installs: `extender.yaml` of a ConfigMap labelled as
+/// the scheduler component, in any namespace; why not, as text (a user may not list
+/// ConfigMaps: the caller then uses the defaults and says so).
+async fn extender_config(client: &Client) -> Result<settings::Found, String> {
+    let listed = Api::<ConfigMap>::all(client.clone())
+        .list(&ListParams::default().labels(settings::SCHEDULER_CONFIG_SELECTOR))
+        .await
+        .map_err(|e| format!("cannot list ConfigMaps: {e}"))?;
+    let candidates: Vec<(String, String)> = listed
+        .items
+        .into_iter()
+        .filter_map(|cm| {
+            let text = cm.data?.remove(settings::EXTENDER_CONFIG_KEY)?;
+            let source = format!(
+                "{}/{}",
+                cm.metadata.namespace.unwrap_or_default(),
+                cm.metadata.name.unwrap_or_default()
+            );
+            Some((source, text))
+        })
+        .collect();
+    settings::pick(&candidates)
 }
 
 fn now(cli: &Cli) -> Result<SystemTime, PluginError> {
@@ -242,9 +273,35 @@ async fn slices(client: &Client) -> Result<Vec<ResourceSlice>, PluginError> {
         })
 }
 
-/// Run one command against `client`; returns the text to print and the exit code.
-pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Exit), PluginError> {
-    let config = ledger_config(cli)?;
+/// What one command printed, and how it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// For stdout.
+    pub text: String,
+    /// The exit code.
+    pub exit: Exit,
+    /// For stderr: what the result rests on that the user should know (the extender's
+    /// settings could not be read, so its defaults were used).
+    pub warnings: Vec<String>,
+}
+
+impl Outcome {
+    fn new(text: String, exit: Exit) -> Self {
+        Outcome {
+            text,
+            exit,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn warn(mut self, warning: Option<String>) -> Self {
+        self.warnings.extend(warning);
+        self
+    }
+}
+
+/// Run one command against `client`.
+pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, PluginError> {
     let now = now(cli)?;
     let namespace = cli
         .namespace
@@ -252,6 +309,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
         .unwrap_or_else(|| client.default_namespace().to_string());
     match &cli.command {
         Command::Nodes => {
+            let (config, warning) = ledger_config(cli, client).await?;
             let gns = gpunodes(client).await?;
             let all_pods = pods(client, None).await?;
             let ledger = model::build_ledger(&gns, &all_pods, config);
@@ -260,7 +318,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
                 Format::Table => render::nodes_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            Ok((text, Exit::Ok))
+            Ok(Outcome::new(text, Exit::Ok).warn(warning))
         }
         Command::Pods { all_namespaces } => {
             let gns = gpunodes(client).await?;
@@ -270,7 +328,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
                 Format::Table => render::pods_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            Ok((text, Exit::Ok))
+            Ok(Outcome::new(text, Exit::Ok))
         }
         Command::Claims { all_namespaces } => {
             // Listed in the namespace asked for only (a user may read claims there alone):
@@ -283,7 +341,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
                 Format::Table => render::claims_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            Ok((text, Exit::Ok))
+            Ok(Outcome::new(text, Exit::Ok))
         }
         Command::Explain { pod } => {
             let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
@@ -297,6 +355,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
                     }
                 }
             })?;
+            let (config, warning) = ledger_config(cli, client).await?;
             let gns = gpunodes(client).await?;
             let ledger = model::build_ledger(&gns, &pods(client, None).await?, config);
             let events: Vec<Event> = Api::<Event>::namespaced(client.clone(), &namespace)
@@ -332,7 +391,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<(String, Ex
                 Format::Table => render::explanation_text(&e, style),
                 f => render::structured(&e, f)?,
             };
-            Ok((text, code))
+            Ok(Outcome::new(text, code).warn(warning))
         }
     }
 }

@@ -29,16 +29,19 @@ async fn main() -> ExitCode {
         }
     };
     match run(&cli, &client, Style { color }).await {
-        Ok((text, exit)) => {
+        Ok(outcome) => {
+            for warning in &outcome.warnings {
+                eprintln!("warning: {warning}");
+            }
             let mut out = stdout.lock();
             if out
-                .write_all(text.as_bytes())
+                .write_all(outcome.text.as_bytes())
                 .and_then(|()| out.flush())
                 .is_err()
             {
                 return code(Exit::Error);
             }
-            code(exit)
+            code(outcome.exit)
         }
         Err(e) => {
             eprintln!("error: {e}");

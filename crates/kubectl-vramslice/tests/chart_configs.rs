@@ -78,6 +78,26 @@ fn extender_and_webhook_accept_the_rendered_config() {
 }
 
 #[test]
+fn the_kubectl_plugin_finds_and_reads_the_extenders_settings() {
+    use kubectl_vramslice::settings;
+    let docs = documents();
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "vramslice-scheduler")
+        .unwrap();
+    let (key, value) = settings::SCHEDULER_CONFIG_SELECTOR.split_once('=').unwrap();
+    assert_eq!(cm["metadata"]["labels"][key], value, "the plugin's selector");
+    let text = cm["data"][settings::EXTENDER_CONFIG_KEY].as_str().unwrap();
+    let found = settings::pick(&[("vramslice-system/vramslice-scheduler".into(), text.into())])
+        .unwrap();
+    let config = vramslice_extender::Config::parse(text, "chart").unwrap();
+    let (ledger, warning) = settings::resolve(None, None, Some(Ok(found))).unwrap();
+    assert_eq!(warning, None);
+    assert_eq!(ledger.headroom_bytes, config.headroom_bytes);
+    assert_eq!(ledger.staleness, config.staleness);
+}
+
+#[test]
 fn preload_file_names_the_path_allocate_mounts() {
     let docs = documents();
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();

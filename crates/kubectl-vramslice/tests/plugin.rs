@@ -18,6 +18,8 @@ const NOW: &str = "2026-11-22T10:00:00Z";
 struct Recorded {
     data: PathBuf,
     crd_installed: bool,
+    /// The `extender.yaml` of the scheduler ConfigMap; `None`: listing ConfigMaps is forbidden.
+    extender_yaml: Arc<Mutex<Option<String>>>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -31,6 +33,13 @@ fn not_found(what: &str) -> Response {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": format!("{what} not found"), "reason": "NotFound", "code": 404});
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+fn forbidden(resource: &str, verb: &str) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "reason": "Forbidden", "code": 403,
+        "message": format!("{resource} is forbidden: cannot {verb} resource at the cluster scope")});
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
 }
 
 fn filter_items(mut list: Value, keep: impl Fn(&Value) -> bool) -> Value {
@@ -69,12 +78,24 @@ async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
         ["api", "v1", "namespaces", ns, "pods", name] => {
             load(&rec.data, &format!("pod-{ns}-{name}.json"))
         }
+        ["api", "v1", "configmaps"] => {
+            let Some(yaml) = rec.extender_yaml.lock().unwrap().clone() else {
+                return forbidden("configmaps", "list");
+            };
+            assert!(
+                query.contains("labelSelector=app.kubernetes.io%2Fcomponent%3Dscheduler"),
+                "{query}"
+            );
+            Some(
+                json!({"kind": "ConfigMapList", "apiVersion": "v1", "metadata": {},
+                "items": [{"metadata": {"name": "vramslice-scheduler", "namespace": "vramslice-system",
+                    "labels": {"app.kubernetes.io/component": "scheduler"}},
+                    "data": {"extender.yaml": yaml, "scheduler-config.yaml": "kind: KubeSchedulerConfiguration\n"}}]}),
+            )
+        }
         // A reader allowed to list claims in its own namespace only (a namespaced Role).
         ["apis", "resource.k8s.io", "v1", "resourceclaims"] => {
-            let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                "status": "Failure", "reason": "Forbidden", "code": 403,
-                "message": "resourceclaims.resource.k8s.io is forbidden: cannot list resource \"resourceclaims\" at the cluster scope"});
-            return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+            return forbidden("resourceclaims.resource.k8s.io", "list");
         }
         [
             "apis",
@@ -115,6 +136,7 @@ struct Server {
     now: String,
     port: u16,
     log: Arc<Mutex<Vec<String>>>,
+    extender_yaml: Arc<Mutex<Option<String>>>,
     _dir: tempfile::TempDir,
     kubeconfig: PathBuf,
 }
@@ -127,9 +149,11 @@ fn start_with(data: &str, crd_installed: bool) -> Server {
     let rec = Recorded {
         data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(data),
         crd_installed,
+        extender_yaml: Arc::default(),
         log: Arc::default(),
     };
     let log = rec.log.clone();
+    let extender_yaml = rec.extender_yaml.clone();
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let port = std_listener.local_addr().unwrap().port();
@@ -158,6 +182,7 @@ fn start_with(data: &str, crd_installed: bool) -> Server {
     Server {
         port,
         log,
+        extender_yaml,
         _dir: dir,
         kubeconfig,
         now: NOW.to_string(),
@@ -460,6 +485,49 @@ fn exit_codes_for_failures() {
         .unwrap();
     assert_eq!(code(&o), 1);
     assert!(String::from_utf8_lossy(&o.stderr).contains("list gpunodes"));
+}
+
+#[test]
+fn nodes_use_the_extenders_own_headroom_and_staleness() {
+    let s = start(true);
+    let effective_free = |o: &Output| -> u64 {
+        assert_eq!(code(o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+        j[0]["gpus"][0]["effectiveFreeBytes"].as_u64().unwrap()
+    };
+    // ConfigMaps not readable: the extender's defaults, and a warning that says so.
+    let o = s.run(&["nodes", "-o", "json"]);
+    let with_defaults = effective_free(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        stderr
+            .contains("warning: the extender's configuration was not read (cannot list ConfigMaps")
+            && stderr.contains("pass --headroom and --staleness"),
+        "{stderr}"
+    );
+    // The chart's ConfigMap says 2Gi and 150s: gpu-a's figure drops by 1.5 GiB, and gpu-c's
+    // 120 s old reading is fresh, exactly as with the flags, with nothing on stderr.
+    *s.extender_yaml.lock().unwrap() =
+        Some("listenAddr: 0.0.0.0:8888\npolicy: binpack\nheadroom: 2Gi\nstaleness: 150s\n".into());
+    let o = s.run(&["nodes", "-o", "json"]);
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "");
+    let from_config = effective_free(&o);
+    assert_eq!(from_config, with_defaults - (3u64 << 29));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j[2]["stale"], false);
+    let flags = s.run(&[
+        "nodes",
+        "-o",
+        "json",
+        "--headroom",
+        "2Gi",
+        "--staleness",
+        "150s",
+    ]);
+    assert_eq!(effective_free(&flags), from_config);
+    // A flag wins over the configuration.
+    let o = s.run(&["nodes", "-o", "json", "--headroom", "512Mi"]);
+    assert_eq!(effective_free(&o), with_defaults);
 }
 
 #[test]
