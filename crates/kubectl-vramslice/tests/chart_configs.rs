@@ -86,10 +86,13 @@ fn the_kubectl_plugin_finds_and_reads_the_extenders_settings() {
         .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "vramslice-scheduler")
         .unwrap();
     let (key, value) = settings::SCHEDULER_CONFIG_SELECTOR.split_once('=').unwrap();
-    assert_eq!(cm["metadata"]["labels"][key], value, "the plugin's selector");
+    assert_eq!(
+        cm["metadata"]["labels"][key], value,
+        "the plugin's selector"
+    );
     let text = cm["data"][settings::EXTENDER_CONFIG_KEY].as_str().unwrap();
-    let found = settings::pick(&[("vramslice-system/vramslice-scheduler".into(), text.into())])
-        .unwrap();
+    let found =
+        settings::pick(&[("vramslice-system/vramslice-scheduler".into(), text.into())]).unwrap();
     let config = vramslice_extender::Config::parse(text, "chart").unwrap();
     let (ledger, warning) = settings::resolve(None, None, Some(Ok(found))).unwrap();
     assert_eq!(warning, None);

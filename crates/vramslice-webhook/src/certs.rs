@@ -4,7 +4,10 @@
 //! Rotation keeps the API server's trust unbroken: a new serving certificate is signed by the
 //! current CA (the CA bundle does not change); a new CA is added in front of the old one in
 //! the bundle, and the old one stays there until it expires, so replicas still serving a
-//! certificate from the old CA keep working until they reload.
+//! certificate from the old CA keep working until they reload. A new CA signs no serving
+//! certificate at once: every kube-apiserver learns the new bundle through its informer, and
+//! until it has, it would refuse a certificate from the new CA. The certificate from the old CA
+//! stays in use for [`CA_PROPAGATION_SECS`] (`ca.staged-at`), then a check replaces it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,7 +42,14 @@ pub mod keys {
     pub const TLS_NOT_AFTER: &str = "tls.not-after";
     /// Comma-separated DNS names of the serving certificate.
     pub const TLS_DNS_NAMES: &str = "tls.dns-names";
+    /// Unix seconds when the current CA was made while the serving certificate is still the
+    /// previous CA's (absent once a certificate from the current CA is served).
+    pub const CA_STAGED_AT: &str = "ca.staged-at";
 }
+
+/// How long a new CA is only in the bundle before it signs the served certificate: time for
+/// every kube-apiserver's informer to see the patched `caBundle`.
+pub const CA_PROPAGATION_SECS: i64 = 60;
 
 /// Clock skew tolerated at the start of a certificate's validity.
 const BACKDATE_SECS: i64 = 3600;
@@ -79,6 +89,9 @@ pub struct StoredCerts {
     pub tls_not_after: i64,
     /// DNS names of the serving certificate.
     pub dns_names: Vec<String>,
+    /// When the current CA was made, while the serving certificate is still the previous
+    /// CA's ([`CA_PROPAGATION_SECS`]); `None` once the current CA signed it.
+    pub ca_staged_at: Option<i64>,
 }
 
 impl StoredCerts {
@@ -103,6 +116,7 @@ impl StoredCerts {
                 .split(',')
                 .map(str::to_string)
                 .collect(),
+            ca_staged_at: num(keys::CA_STAGED_AT),
         })
     }
 
@@ -122,6 +136,9 @@ impl StoredCerts {
         d.insert(keys::TLS_KEY.into(), self.tls_key.clone());
         d.insert(keys::TLS_NOT_AFTER.into(), self.tls_not_after.to_string());
         d.insert(keys::TLS_DNS_NAMES.into(), self.dns_names.join(","));
+        if let Some(at) = self.ca_staged_at {
+            d.insert(keys::CA_STAGED_AT.into(), at.to_string());
+        }
         d
     }
 
@@ -170,6 +187,12 @@ pub fn plan(stored: Option<&StoredCerts>, now: i64, settings: &CertSettings) -> 
     let Some(s) = stored else { return Plan::NewCa };
     if s.ca_not_after.saturating_sub(now) <= secs(settings.ca_validity) / 3 {
         return Plan::NewCa;
+    }
+    if let Some(staged) = s.ca_staged_at {
+        // The new CA has had time to reach every API server.
+        if now >= staged.saturating_add(CA_PROPAGATION_SECS) {
+            return Plan::NewServing;
+        }
     }
     let serving_left = s.tls_not_after.saturating_sub(now);
     if serving_left <= secs(settings.cert_validity) / 3 || s.dns_names != settings.dns_names {
@@ -239,6 +262,28 @@ pub fn renew(
             )
         }
     };
+    // A new CA replacing one still valid keeps the served certificate (from the old CA, now
+    // the previous one in the bundle) while the bundle reaches the API servers, if that
+    // certificate outlives the wait and names the right hosts.
+    if let (Plan::NewCa, Some(s)) = (plan, stored)
+        && previous_ca.is_some()
+        && s.ca_staged_at.is_none()
+        && s.tls_not_after > now.saturating_add(CA_PROPAGATION_SECS)
+        && s.dns_names == settings.dns_names
+    {
+        return Ok(StoredCerts {
+            ca_cert,
+            ca_key: ca_key_pem,
+            ca_name,
+            ca_not_after,
+            previous_ca,
+            tls_cert: s.tls_cert.clone(),
+            tls_key: s.tls_key.clone(),
+            tls_not_after: s.tls_not_after,
+            dns_names: s.dns_names.clone(),
+            ca_staged_at: Some(now),
+        });
+    }
     let mut leaf = CertificateParams::new(settings.dns_names.clone())?;
     let mut dn = DistinguishedName::new();
     dn.push(
@@ -266,5 +311,6 @@ pub fn renew(
         tls_key: leaf_key.serialize_pem(),
         tls_not_after,
         dns_names: settings.dns_names.clone(),
+        ca_staged_at: None,
     })
 }

@@ -9,7 +9,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use vramslice_webhook::certs::{CertSettings, Plan, StoredCerts, keys, plan, renew};
+use vramslice_webhook::certs::{
+    CA_PROPAGATION_SECS, CertSettings, Plan, StoredCerts, keys, plan, renew,
+};
 
 const DAY: i64 = 86_400;
 const NOW: i64 = 1_800_000_000;
@@ -199,4 +201,83 @@ fn a_pair_caught_half_replaced_is_refused_and_the_finished_pair_is_served() {
     // The next check sees both replaced: installed.
     assert!(slot.set(&b.tls_cert, &b.tls_key).unwrap());
     assert_eq!(slot.current_pem().as_deref(), Some(b.tls_cert.as_str()));
+}
+
+#[test]
+fn a_new_ca_signs_the_served_certificate_only_once_the_api_servers_can_know_it() {
+    let s = settings();
+    let first = renew(None, Plan::NewCa, NOW, &s).unwrap();
+    assert_eq!(
+        first.ca_staged_at, None,
+        "a first CA has no bundle to wait for"
+    );
+    let t = NOW + 2500 * DAY;
+    let served = renew(Some(&first), Plan::NewServing, t - 10 * DAY, &s).unwrap();
+    assert_eq!(plan(Some(&served), t, &s), Plan::NewCa);
+    let staged = renew(Some(&served), Plan::NewCa, t, &s).unwrap();
+    // The served certificate stays the old CA's: an API server that has not seen the new
+    // bundle yet still trusts it, and so does one that has.
+    assert_eq!(staged.tls_cert, served.tls_cert);
+    assert_eq!(staged.ca_staged_at, Some(t));
+    verifies(
+        &served.ca_bundle(),
+        &staged.tls_cert,
+        "vramslice-webhook",
+        t,
+    )
+    .unwrap();
+    verifies(
+        &staged.ca_bundle(),
+        &staged.tls_cert,
+        "vramslice-webhook",
+        t,
+    )
+    .unwrap();
+    assert_eq!(
+        StoredCerts::from_data(&staged.to_data()),
+        Some(staged.clone())
+    );
+    assert_eq!(
+        plan(Some(&staged), t + CA_PROPAGATION_SECS - 1, &s),
+        Plan::Keep
+    );
+    assert_eq!(
+        plan(Some(&staged), t + CA_PROPAGATION_SECS, &s),
+        Plan::NewServing
+    );
+    let switched = renew(Some(&staged), Plan::NewServing, t + CA_PROPAGATION_SECS, &s).unwrap();
+    assert_eq!(switched.ca_staged_at, None);
+    assert_eq!(switched.ca_cert, staged.ca_cert);
+    verifies(
+        &staged.ca_bundle(),
+        &switched.tls_cert,
+        "vramslice-webhook",
+        t + 60,
+    )
+    .unwrap();
+    // Served at once, it would have failed on an API server still holding the old bundle.
+    assert!(
+        verifies(
+            &served.ca_bundle(),
+            &switched.tls_cert,
+            "vramslice-webhook",
+            t + 60
+        )
+        .is_err()
+    );
+    assert_eq!(plan(Some(&switched), t + DAY, &s), Plan::Keep);
+
+    // A served certificate that would expire during the wait is replaced at once.
+    let mut ending = served.clone();
+    ending.tls_not_after = t + CA_PROPAGATION_SECS / 2;
+    let at_once = renew(Some(&ending), Plan::NewCa, t, &s).unwrap();
+    assert_eq!(at_once.ca_staged_at, None);
+    assert_ne!(at_once.tls_cert, served.tls_cert);
+    verifies(
+        &at_once.ca_bundle(),
+        &at_once.tls_cert,
+        "vramslice-webhook",
+        t,
+    )
+    .unwrap();
 }
