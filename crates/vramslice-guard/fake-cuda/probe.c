@@ -800,6 +800,12 @@ int main(int argc, char **argv) {
     if (!strcmp(s, "race") && argc == 5) return race(atoi(argv[2]), atoi(argv[3]), strtoull(argv[4], 0, 10));
     if (!strcmp(s, "hold") && argc == 3) return hold(strtoull(argv[2], 0, 10));
     if (!strcmp(s, "alloc") && argc == 3) { CUdeviceptr d; int rc = cuMemAlloc_v2(&d, strtoull(argv[2], 0, 10)); printf("alloc rc=%d\n", rc); return 0; }
+    if (!strcmp(s, "pitch") && argc == 4) {
+        CUdeviceptr d; size_t p = 0;
+        int rc = cuMemAllocPitch_v2(&d, &p, strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10), 4);
+        printf("pitch rc=%d pitch=%zu\n", rc, p);
+        return 0;
+    }
     if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
     if (!strcmp(s, "prefork") && argc == 5) return prefork(atoi(argv[2]), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
     if (!strcmp(s, "bench") && (argc == 4 || (argc == 5 && !strcmp(argv[4], "async"))))

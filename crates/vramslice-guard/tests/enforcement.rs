@@ -416,3 +416,38 @@ fn pre_fork_workers_each_get_a_slot_and_together_stay_within_the_limit() {
     }
     assert!(status.success() && !rest.contains("FAIL"), "{rest}");
 }
+
+#[test]
+fn a_narrow_tall_pitched_allocation_is_refused_before_the_driver_pads_it() {
+    // 4-byte rows of a million lines: the driver pads each to 512 bytes, 512 MiB in all. The
+    // guard must refuse it before the call, not find the padding after the memory was taken.
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 * MIB;
+    let hwm = dir.path().join("hwm");
+    let mut e = limited(dir.path(), limit);
+    e.push(("FAKE_CUDA_HWM_FILE", hwm.display().to_string()));
+    let run = |width: u64, height: u64| {
+        let out = probe(
+            true,
+            &e,
+            &["pitch", &width.to_string(), &height.to_string()],
+        )
+        .output()
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let high_water = || -> u64 {
+        std::fs::read_to_string(&hwm)
+            .map(|t| t.trim().parse().unwrap())
+            .unwrap_or(0)
+    };
+    assert_eq!(run(4, 1 << 20), "pitch rc=2 pitch=0");
+    assert!(
+        high_water() <= limit,
+        "the driver took {} bytes",
+        high_water()
+    );
+    // Within the limit once padded (4096 rows of 4000 bytes, pitch 4096: 16 MiB): served.
+    assert_eq!(run(4000, 4096), "pitch rc=0 pitch=4096");
+    assert!(high_water() <= limit);
+}

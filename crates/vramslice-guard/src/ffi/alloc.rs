@@ -176,9 +176,15 @@ pub unsafe extern "C" fn cuMemAllocManaged(
     })
 }
 
-/// A pitched allocation: reserves width × height first, then the padding the driver chose
-/// (`call` returns its code and, on success, the pointer and the pitch; `free` undoes it when
-/// the padding does not fit).
+/// The row alignment a pitched allocation is reserved for before the driver chooses its pitch:
+/// drivers pad rows to 512 bytes or less (`cudaMallocPitch`'s usual pitch). A wider pitch is
+/// reserved after the call; a narrower one gives the difference back.
+const ASSUMED_PITCH_ALIGNMENT: u64 = 512;
+
+/// A pitched allocation: reserves the rows padded to [`ASSUMED_PITCH_ALIGNMENT`] first (a
+/// narrow, tall request really takes a whole aligned row per line: 4-byte rows of a million
+/// lines take 512 MiB), then settles on the pitch the driver chose (`call` returns its code and,
+/// on success, the pointer and the pitch; `free` undoes it when a wider padding does not fit).
 #[inline(always)]
 pub(super) fn pitch_counted(
     width: u64,
@@ -191,7 +197,10 @@ pub(super) fn pitch_counted(
         Ok(a) => a,
         Err(rc) => return rc,
     };
-    let first = width.saturating_mul(height);
+    let padded_row = width
+        .div_ceil(ASSUMED_PITCH_ALIGNMENT)
+        .saturating_mul(ASSUMED_PITCH_ALIGNMENT);
+    let first = padded_row.saturating_mul(height);
     if g.reserve(a, first).is_err() {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -200,11 +209,15 @@ pub(super) fn pitch_counted(
         g.release(a, first);
         return rc;
     };
-    let total = real_pitch.saturating_mul(height).max(first);
-    if g.reserve(a, total - first).is_err() {
-        free(p);
-        g.release(a, first);
-        return CUDA_ERROR_OUT_OF_MEMORY;
+    let total = real_pitch.max(width).saturating_mul(height);
+    if total > first {
+        if g.reserve(a, total - first).is_err() {
+            free(p);
+            g.release(a, first);
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+    } else {
+        g.release(a, first - total);
     }
     g.track(Kind::DevicePtr, p, a, total);
     rc
