@@ -82,12 +82,10 @@ pub async fn run(
         driver_version,
     } = identity;
     driver.set_gpus(&node.snapshot.borrow().readings);
-    let node_uid = match Api::<Node>::all(client.clone()).get_opt(&node_name).await {
-        Ok(found) => found.and_then(|n| n.metadata.uid),
-        Err(e) => {
-            tracing::warn!(node = %node_name, error = %e, "cannot read the Node: the slice gets no owner");
-            None
-        }
+    let node_uid = node_uid(&client, &node_name).await;
+    let owner = NodeOwner {
+        client: client.clone(),
+        name: node_name.clone(),
     };
     let publisher = SlicePublisher::new(
         KubeSlices::new(client),
@@ -108,7 +106,11 @@ pub async fn run(
     let slices = tokio::spawn(keep_slice(
         Arc::clone(&driver),
         publisher,
-        SliceTriggers { node, registered },
+        SliceTriggers {
+            node,
+            registered,
+            owner,
+        },
         ProcRoot::new(settings.proc_root.clone()),
         settings.unit.bytes(),
         settings.dra.headroom_bytes,
@@ -123,11 +125,30 @@ pub async fn run(
     served.map_err(DraModeError::from)
 }
 
+/// The Node's UID (the slice's owner), `None` when it cannot be read.
+async fn node_uid(client: &kube::Client, node_name: &str) -> Option<String> {
+    match Api::<Node>::all(client.clone()).get_opt(node_name).await {
+        Ok(found) => found.and_then(|n| n.metadata.uid),
+        Err(e) => {
+            tracing::warn!(node = %node_name, error = %e, "cannot read the Node: the slice keeps the owner it had");
+            None
+        }
+    }
+}
+
+/// Where the slice's owner is read again.
+struct NodeOwner {
+    client: kube::Client,
+    name: String,
+}
+
 /// What makes the slice be looked at again: a new GPU snapshot, or a registration the kubelet
-/// confirmed (a starting kubelet deletes its node's slices, so ours is written again).
+/// confirmed (a starting kubelet deletes its node's slices, so ours is written again, owned by
+/// the Node as it is now: a kubelet started after `kubectl delete node` made it again).
 struct SliceTriggers {
     node: NodeWatch,
     registered: watch::Receiver<u64>,
+    owner: NodeOwner,
 }
 
 async fn keep_slice(
@@ -142,6 +163,7 @@ async fn keep_slice(
     let SliceTriggers {
         mut node,
         mut registered,
+        owner,
     } = triggers;
     loop {
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
@@ -159,7 +181,10 @@ async fn keep_slice(
             changed = node.snapshot.changed() => if changed.is_err() { return },
             // Registered (again) with the kubelet, which deleted the node's slices when it
             // started: write ours again.
-            changed = registered.changed() => if changed.is_ok() { publisher.republish() },
+            changed = registered.changed() => if changed.is_ok() {
+                publisher.set_node_uid(node_uid(&owner.client, &owner.name).await);
+                publisher.republish();
+            },
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {

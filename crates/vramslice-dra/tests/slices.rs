@@ -221,3 +221,39 @@ async fn a_slice_deleted_behind_its_back_is_written_again_within_the_verify_inte
     );
     assert_eq!(memory.stored.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_new_node_uid_rewrites_the_slice_with_the_new_owner() {
+    // `kubectl delete node` and a kubelet restart make the Node again with a new UID; the
+    // garbage collector deletes a slice owned by the old one, so it must be written anew.
+    let memory = Memory::default();
+    let mut publisher = publisher(&memory);
+    publisher.set_node_uid(Some("uid-1".into()));
+    let now = Instant::now();
+    publisher
+        .observe(vec![device(0, 80 * GIB)], now)
+        .await
+        .unwrap();
+    publisher.set_node_uid(Some("uid-1".into()));
+    publisher.set_node_uid(None);
+    assert_eq!(
+        publisher
+            .observe(vec![device(0, 80 * GIB)], now)
+            .await
+            .unwrap(),
+        None,
+        "an unchanged or unreadable UID writes nothing"
+    );
+    publisher.set_node_uid(Some("uid-2".into()));
+    assert_eq!(
+        publisher
+            .observe(vec![device(0, 80 * GIB)], now)
+            .await
+            .unwrap(),
+        Some(SlicePublishReason::First)
+    );
+    let stored = memory.stored.lock().unwrap();
+    let owner = |s: &ResourceSlice| s.metadata.owner_references.as_ref().unwrap()[0].uid.clone();
+    assert_eq!(owner(&stored[0]), "uid-1");
+    assert_eq!(owner(&stored[1]), "uid-2");
+}
