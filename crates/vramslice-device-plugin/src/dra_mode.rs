@@ -7,13 +7,13 @@
 //! slice's devices and capacities, and the publisher writes the slice when it changed enough.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use tokio::sync::watch;
 use vramslice_api::convert::dra::SliceSettings;
-use vramslice_core::node::dra::slice_devices;
+use vramslice_core::node::dra::{mark_unread, reading_staleness_bound, slice_devices};
 use vramslice_dra::claims::KubeClaims;
 use vramslice_dra::driver::{Driver, DriverConfig};
 use vramslice_dra::serve::{ServeError, Sockets, serve_with_registrations};
@@ -25,7 +25,7 @@ use crate::poller::NodeWatch;
 
 /// How often the node's ResourceSlice is checked while nothing needs writing (see
 /// `SlicePolicy::verify_interval`).
-const SLICE_VERIFY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const SLICE_VERIFY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Why DRA mode could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +111,12 @@ pub async fn run(
             registered,
             owner,
         },
-        ProcRoot::new(settings.proc_root.clone()),
-        settings.unit.bytes(),
-        settings.dra.headroom_bytes,
+        SliceRules {
+            proc_root: ProcRoot::new(settings.proc_root.clone()),
+            step: settings.unit.bytes(),
+            headroom: settings.dra.headroom_bytes,
+            staleness: reading_staleness_bound(settings.poll_interval),
+        },
         shutdown.clone(),
     ));
     let sockets = Sockets {
@@ -123,6 +126,14 @@ pub async fn run(
     let served = serve_with_registrations(driver, &sockets, registrations, shutdown).await;
     let _ = slices.await;
     served.map_err(DraModeError::from)
+}
+
+/// Sleep until `at`, or for ever when there is nothing to wake for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The Node's UID (the slice's owner), `None` when it cannot be read.
@@ -151,13 +162,20 @@ struct SliceTriggers {
     owner: NodeOwner,
 }
 
+/// How the slice's devices are worked out from a reading.
+struct SliceRules {
+    proc_root: ProcRoot,
+    step: u64,
+    headroom: u64,
+    /// A reading older than this taints every GPU ([`mark_unread`]).
+    staleness: Duration,
+}
+
 async fn keep_slice(
     driver: Arc<Driver>,
     mut publisher: SlicePublisher<KubeSlices>,
     triggers: SliceTriggers,
-    proc_root: ProcRoot,
-    step: u64,
-    headroom: u64,
+    rules: SliceRules,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let SliceTriggers {
@@ -165,20 +183,33 @@ async fn keep_slice(
         mut registered,
         owner,
     } = triggers;
+    // When the reading in hand arrived (a failing or hung backend sends none).
+    let mut reading = (0u64, Instant::now());
     loop {
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
+        if snapshot.generation != reading.0 {
+            reading = (snapshot.generation, Instant::now());
+        }
+        let age = reading.1.elapsed();
         if snapshot.generation > 0 {
             let mut samples = snapshot.readings.clone();
-            proc_root.fill_pod_uids(&mut samples);
+            rules.proc_root.fill_pod_uids(&mut samples);
             driver.set_gpus(&samples);
             let grants = driver.grants_by_gpu(&samples).await;
-            let devices = slice_devices(&samples, &grants, step, headroom);
+            let devices = mark_unread(
+                slice_devices(&samples, &grants, rules.step, rules.headroom),
+                age,
+                rules.staleness,
+            );
             if let Err(e) = publisher.observe(devices, Instant::now()).await {
                 tracing::warn!(error = %e, "ResourceSlice not written; retrying on the next reading");
             }
         }
+        // Wake when the reading in hand goes stale, once; then only a new reading helps.
+        let stale_at = (age < rules.staleness).then(|| reading.1 + rules.staleness);
         tokio::select! {
             changed = node.snapshot.changed() => if changed.is_err() { return },
+            () = sleep_until(stale_at) => {}
             // Registered (again) with the kubelet, which deleted the node's slices when it
             // started: write ours again.
             changed = registered.changed() => if changed.is_ok() {

@@ -207,6 +207,33 @@ pub fn slice_devices(
         .collect()
 }
 
+/// How long the slice may rest on one reading: past this, the GPUs are published tainted (no
+/// new claim lands on a measurement nobody renewed). The extender's default staleness, or
+/// three polls when polling is slower.
+pub fn reading_staleness_bound(poll_interval: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(90).max(poll_interval.saturating_mul(3))
+}
+
+/// `devices` as published when the reading they come from is `age` old: past `bound`, every
+/// device is unhealthy with the reason (the GPU backend fails or hangs while the agent, and its
+/// connection to the kubelet, live on; the kubelet then keeps the slice, and kube-scheduler
+/// would allocate against a frozen capacity). A device already unhealthy keeps its reason.
+pub fn mark_unread(
+    mut devices: Vec<SliceDevice>,
+    age: std::time::Duration,
+    bound: std::time::Duration,
+) -> Vec<SliceDevice> {
+    if age >= bound {
+        for device in devices.iter_mut().filter(|d| d.unhealthy.is_none()) {
+            device.unhealthy = Some(format!(
+                "no GPU reading for {}s (the node agent cannot read the GPUs)",
+                age.as_secs()
+            ));
+        }
+    }
+    devices
+}
+
 /// Why the slice must be written now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlicePublishReason {

@@ -386,3 +386,32 @@ fn admin_access_claims_are_not_added_back_but_their_room_is_held() {
     // What the scheduler may then hand out, plus everything the admin pod may hold, fits.
     assert!(devices[0].capacity_bytes + 8 * GIB + headroom <= 80 * GIB);
 }
+
+#[test]
+fn a_reading_older_than_the_bound_taints_every_gpu() {
+    use std::time::Duration;
+    let samples = [
+        sample(0, 80 * GIB, 80 * GIB, true),
+        sample(1, 80 * GIB, 80 * GIB, false),
+    ];
+    let devices = slice_devices(&samples, &BTreeMap::new(), GIB, 0);
+    let bound = reading_staleness_bound(Duration::from_secs(10));
+    assert_eq!(bound, Duration::from_secs(90));
+    assert_eq!(
+        reading_staleness_bound(Duration::from_secs(60)),
+        Duration::from_secs(180)
+    );
+    let fresh = mark_unread(devices.clone(), Duration::from_secs(89), bound);
+    assert_eq!(fresh, devices);
+    let stale = mark_unread(devices.clone(), Duration::from_secs(95), bound);
+    assert_eq!(
+        stale[0].unhealthy.as_deref(),
+        Some("no GPU reading for 95s (the node agent cannot read the GPUs)")
+    );
+    assert_eq!(stale[1].unhealthy.as_deref(), Some("XID 79"));
+    // Published at once: the health change is a device change, whatever the threshold.
+    assert_eq!(
+        slice_publish_reason(Some(&devices), &stale, 100 * GIB),
+        Some(SlicePublishReason::DevicesChanged)
+    );
+}
