@@ -491,40 +491,7 @@ fn measured_use(
     total
 }
 
-/// The claims `pod` uses: the names of those it names directly (`resourceClaimName`) and of
-/// those made from its templates, as its status records them, and how many of the latter are not
-/// made yet (the status names none for them).
-pub fn pod_claim_names(pod: &Pod) -> (Vec<String>, usize) {
-    let statuses = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.resource_claim_statuses.as_deref())
-        .unwrap_or_default();
-    let mut names = Vec::new();
-    let mut not_made = 0;
-    for entry in pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.resource_claims.as_deref())
-        .unwrap_or_default()
-    {
-        if let Some(name) = &entry.resource_claim_name {
-            names.push(name.clone());
-            continue;
-        }
-        let made = statuses
-            .iter()
-            .find(|s| s.name == entry.name)
-            .and_then(|s| s.resource_claim_name.clone());
-        match made {
-            Some(name) => names.push(name),
-            None if entry.resource_claim_template_name.is_some() => not_made += 1,
-            // The status says no claim is needed for this entry.
-            None => {}
-        }
-    }
-    (names, not_made)
-}
+pub use vramslice_api::convert::pod_claims::pod_claim_names;
 
 /// Whether `pod` uses resource claims at all.
 pub fn pod_has_claims(pod: &Pod) -> bool {

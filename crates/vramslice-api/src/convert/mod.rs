@@ -3,11 +3,13 @@
 //! container's units of a resource, and a `GpuNode`'s readings; and the one conversion the other
 //! way, the device plugin's report to the `GpuNode` status it writes. [`node_pods`] reads a
 //! node's pods for the device plugin's GetPreferredAllocation; [`dra`] reads a claim's
-//! allocation and writes the node's ResourceSlice in DRA mode. The extender, the device plugin,
+//! allocation and writes the node's ResourceSlice in DRA mode; [`pod_claims`] says which claims a
+//! pod and each of its containers use. The extender, the device plugin,
 //! the webhook and `kubectl vramslice` all read pods through these functions.
 
 pub mod dra;
 pub mod node_pods;
+pub mod pod_claims;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
