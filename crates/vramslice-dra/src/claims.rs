@@ -1,15 +1,20 @@
-//! Where prepared claims come from: the API server's `ResourceClaim`s. A plain trait, so the
-//! driver is tested against claims held in memory.
+//! Where prepared claims come from: the API server's `ResourceClaim`s, and the pods they are
+//! reserved for. A plain trait, so the driver is tested against objects held in memory.
 
 use std::future::Future;
 use std::pin::Pin;
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::api::ListParams;
 use kube::{Api, Client};
 
 /// A future the claim source returns.
 pub type ClaimFuture<'a> =
     Pin<Box<dyn Future<Output = Result<ResourceClaim, FetchError>> + Send + 'a>>;
+
+/// A future for a pod (`None`: there is none of that name).
+pub type PodFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<Pod>, FetchError>> + Send + 'a>>;
 
 /// Why a claim could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,10 +32,12 @@ pub enum FetchError {
     },
 }
 
-/// Reads one `ResourceClaim`.
+/// Reads one `ResourceClaim`, or one pod.
 pub trait ClaimSource: Send + Sync + 'static {
     /// The claim `namespace/name` as the API server holds it now.
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> ClaimFuture<'a>;
+    /// The pod `namespace/name` as the API server holds it now.
+    fn pod<'a>(&'a self, namespace: &'a str, name: &'a str) -> PodFuture<'a>;
 }
 
 /// Claims from the API server.
@@ -59,6 +66,20 @@ impl ClaimSource for KubeClaims {
                     detail: e.to_string(),
                 }),
             }
+        })
+    }
+
+    fn pod<'a>(&'a self, namespace: &'a str, name: &'a str) -> PodFuture<'a> {
+        Box::pin(async move {
+            // Listed by name: the node agent may list pods (it watches them), not get them.
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            api.list(&ListParams::default().fields(&format!("metadata.name={name}")))
+                .await
+                .map(|l| l.items.into_iter().next())
+                .map_err(|e| FetchError::Api {
+                    claim: format!("pod {namespace}/{name}"),
+                    detail: e.to_string(),
+                })
         })
     }
 }

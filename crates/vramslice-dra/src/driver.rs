@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Mutex;
-use vramslice_api::convert::dra::{ClaimError, claim_on_node};
+use vramslice_api::convert::dra::{ClaimError, allocated_by_driver, claim_on_node};
+use vramslice_api::convert::pod_claims::claims_by_container;
 use vramslice_core::node::allocation::AllocationSettings;
 use vramslice_core::node::dra::{
     ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
@@ -135,6 +136,22 @@ pub enum PrepareError {
     /// The checkpoint could not be written; the claim is not prepared.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// One container uses two claims of this driver: the CDI edits of each set the same limit
+    /// file, accounting directory and environment, so the one applied last would hold alone.
+    #[error(
+        "claim {claim}: container {container} of pod {pod} uses claims {} of driver vramslice.io; a container can use one (their limits would overwrite each other): ask for the memory of all its GPUs in one claim (a request per GPU, or count: 2)",
+        claims.join(", ")
+    )]
+    SeveralClaimsInOneContainer {
+        /// `namespace/name` of the claim being prepared.
+        claim: String,
+        /// `namespace/name` of the pod.
+        pod: String,
+        /// The container.
+        container: String,
+        /// The claims of this driver it uses.
+        claims: Vec<String>,
+    },
 }
 
 /// The DRA driver's state: prepared claims (checkpointed) and this node's GPUs.
@@ -211,6 +228,8 @@ impl Driver {
         }
         let object = self.claims.get(&claim.namespace, &claim.name).await?;
         let on_node = claim_on_node(&object, &claim.uid, &self.config.node, |d| self.uuid_of(d))?;
+        self.refuse_several_in_one_container(claim, &on_node.pods)
+            .await?;
         let plan = plan_claim(
             &claim.label(),
             &claim.uid,
@@ -277,6 +296,52 @@ impl Driver {
         }
         tracing::info!(claim = %claim.label(), uid = %claim.uid, devices = devices.len(), "prepared claim");
         Ok(devices)
+    }
+
+    /// Refuse `claim` when a container of a pod it is reserved for (`pods`: name, UID) also
+    /// uses another claim of this driver. A pod or claim that cannot be read is not held
+    /// against it (logged): the check only turns a silent overwrite into a clear error.
+    async fn refuse_several_in_one_container(
+        &self,
+        claim: &ClaimRef,
+        pods: &[(String, String)],
+    ) -> Result<(), PrepareError> {
+        for (pod_name, pod_uid) in pods {
+            let pod = match self.claims.pod(&claim.namespace, pod_name).await {
+                Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(pod_uid.as_str()) => pod,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(claim = %claim.label(), pod = %pod_name, error = %e, "cannot read the pod to check its containers' claims");
+                    continue;
+                }
+            };
+            for (container, names) in claims_by_container(&pod) {
+                if names.len() < 2 || !names.contains(&claim.name) {
+                    continue;
+                }
+                let mut ours = vec![claim.label()];
+                for other in names.iter().filter(|n| **n != claim.name) {
+                    match self.claims.get(&claim.namespace, other).await {
+                        Ok(found) if allocated_by_driver(&found) => {
+                            ours.push(format!("{}/{other}", claim.namespace));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(claim = %claim.label(), other = %other, error = %e, "cannot read a claim the same container uses");
+                        }
+                    }
+                }
+                if ours.len() > 1 {
+                    return Err(PrepareError::SeveralClaimsInOneContainer {
+                        claim: claim.label(),
+                        pod: format!("{}/{pod_name}", claim.namespace),
+                        container,
+                        claims: ours,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Unprepare `claim`: remove its files and forget it. A claim this driver never prepared

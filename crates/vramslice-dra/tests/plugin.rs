@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::{
     AllocationResult, DeviceAllocationResult, DeviceRequestAllocationResult, ResourceClaim,
     ResourceClaimConsumerReference, ResourceClaimStatus,
@@ -21,7 +22,7 @@ use vramslice_core::container::limit::{LimitFile, parse_limit_file};
 use vramslice_core::node::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
 use vramslice_core::node::sample::{GpuSample, Health};
 use vramslice_dra::checkpoint::Checkpoint;
-use vramslice_dra::claims::{ClaimFuture, ClaimSource, FetchError};
+use vramslice_dra::claims::{ClaimFuture, ClaimSource, FetchError, PodFuture};
 use vramslice_dra::driver::{Driver, DriverConfig};
 use vramslice_dra::proto::dra::dra_plugin_client::DraPluginClient;
 use vramslice_dra::proto::dra::{
@@ -38,6 +39,7 @@ const NODE: &str = "node-a";
 #[derive(Default)]
 struct MemoryClaims {
     claims: Mutex<BTreeMap<(String, String), ResourceClaim>>,
+    pods: Mutex<BTreeMap<(String, String), Pod>>,
     gets: AtomicUsize,
 }
 
@@ -51,7 +53,27 @@ impl MemoryClaims {
     }
 }
 
+impl MemoryClaims {
+    fn put_pod(&self, pod: Pod) {
+        let key = (
+            pod.metadata.namespace.clone().unwrap(),
+            pod.metadata.name.clone().unwrap(),
+        );
+        self.pods.lock().unwrap().insert(key, pod);
+    }
+}
+
 impl ClaimSource for MemoryClaims {
+    fn pod<'a>(&'a self, namespace: &'a str, name: &'a str) -> PodFuture<'a> {
+        let found = self
+            .pods
+            .lock()
+            .unwrap()
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned();
+        Box::pin(async move { Ok(found) })
+    }
+
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> ClaimFuture<'a> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         let found = self
@@ -572,6 +594,86 @@ async fn each_claim_of_a_call_fails_or_succeeds_on_its_own_with_a_reason() {
     );
     let checkpoint = Checkpoint::load(&node.path("state/checkpoint.json")).unwrap();
     assert_eq!(checkpoint.claims.keys().collect::<Vec<_>>(), ["uid-1"]);
+}
+
+/// A pod in ml whose containers use the given pod claims (entry name = claim name).
+fn pod_using(name: &str, uid: &str, containers: &[(&str, &[&str])]) -> Pod {
+    let entries: std::collections::BTreeSet<&str> = containers
+        .iter()
+        .flat_map(|(_, c)| c.iter().copied())
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "namespace": "ml", "uid": uid },
+        "spec": {
+            "resourceClaims": entries.iter().map(|e| serde_json::json!({ "name": e, "resourceClaimName": e })).collect::<Vec<_>>(),
+            "containers": containers.iter().map(|(c, claims)| serde_json::json!({
+                "name": c,
+                "resources": { "claims": claims.iter().map(|n| serde_json::json!({ "name": n })).collect::<Vec<_>>() }
+            })).collect::<Vec<_>>()
+        }
+    }))
+    .unwrap()
+}
+
+/// A claim reserved for the pod `pod` (UID `pod-uid`).
+fn claim_of_pod(name: &str, uid: &str, device: &str, memory: &str, pod: &str) -> ResourceClaim {
+    let mut c = claim(name, uid, &[(device, memory)]);
+    c.status.as_mut().unwrap().reserved_for = Some(vec![ResourceClaimConsumerReference {
+        resource: "pods".into(),
+        name: pod.into(),
+        uid: "pod-uid".into(),
+        api_group: None,
+    }]);
+    c
+}
+
+#[tokio::test]
+async fn a_container_using_two_vramslice_claims_is_refused_with_the_reason() {
+    // The CDI edits of two claims set the same limit file and environment: in one container
+    // the one applied last would hold alone, and a GPU could be filled past its grant.
+    let node = Node::new();
+    node.claims
+        .put(claim_of_pod("a", "uid-a", "gpu-0", "6Gi", "server"));
+    node.claims
+        .put(claim_of_pod("b", "uid-b", "gpu-1", "10Gi", "server"));
+    node.claims
+        .put_pod(pod_using("server", "pod-uid", &[("main", &["a", "b"])]));
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .prepare(NodePrepareResourcesRequest {
+            claims: vec![kubelet_claim("a", "uid-a"), kubelet_claim("b", "uid-b")],
+        })
+        .await;
+    for uid in ["uid-a", "uid-b"] {
+        let error = &answer.claims[uid].error;
+        assert!(
+            error.contains("container main of pod ml/server uses claims")
+                && error.contains("ml/a")
+                && error.contains("ml/b")
+                && error.contains("in one claim"),
+            "{error}"
+        );
+    }
+    assert!(
+        Checkpoint::load(&node.path("state/checkpoint.json"))
+            .unwrap()
+            .claims
+            .is_empty()
+    );
+
+    // One claim per container, in one pod: each container has its own limit files.
+    node.claims.put_pod(pod_using(
+        "server",
+        "pod-uid",
+        &[("main", &["a"]), ("side", &["b"])],
+    ));
+    let answer = node
+        .prepare(NodePrepareResourcesRequest {
+            claims: vec![kubelet_claim("a", "uid-a"), kubelet_claim("b", "uid-b")],
+        })
+        .await;
+    assert_eq!(answer.claims["uid-a"].error, "");
+    assert_eq!(answer.claims["uid-b"].error, "");
 }
 
 #[tokio::test]

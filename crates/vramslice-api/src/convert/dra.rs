@@ -177,6 +177,17 @@ pub fn claim_on_node(
     })
 }
 
+/// Whether `claim` is allocated devices of [`DRA_DRIVER`].
+pub fn allocated_by_driver(claim: &ResourceClaim) -> bool {
+    claim
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .and_then(|d| d.results.as_ref())
+        .is_some_and(|r| r.iter().any(|r| r.driver == DRA_DRIVER))
+}
+
 /// Settings of the slice besides its devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceSettings {
