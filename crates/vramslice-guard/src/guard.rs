@@ -419,7 +419,14 @@ impl Guard {
         for account in &self.accounts {
             account.warned.store(false, Ordering::Relaxed);
             account.ledger.disown();
-            if account.ledger.claim(pid, start_time).is_none() {
+            // A table full of exited processes' slots (a server that forked many helpers)
+            // would leave this child counted in the total only, where its memory is never
+            // reclaimed if it is killed: reap the dead first, as attaching does.
+            let claimed = account.ledger.claim(pid, start_time).or_else(|| {
+                account.ledger.reap(self.probes.liveness);
+                account.ledger.claim(pid, start_time)
+            });
+            if claimed.is_none() {
                 full.push(account.uuid.as_str());
             }
         }
@@ -445,6 +452,33 @@ mod tests {
             graph_pool: |_| Some(GraphPoolReading::default()),
             graph_trim: |_| true,
         }
+    }
+
+    #[test]
+    fn a_forked_child_reaps_exited_processes_slots_when_the_table_is_full() {
+        let ledger = Ledger::new(private_words(1 << 30, "")).unwrap();
+        // Every slot taken by helpers that have exited (pids from 1000 up).
+        let mut pid = 1000;
+        while ledger.claim(pid, 1).is_some() {
+            pid += 1;
+        }
+        ledger.disown();
+        let mut probes = probes_with(|_| Some(0));
+        probes.liveness = |pid, _| {
+            if pid >= 1000 {
+                Liveness::Dead
+            } else {
+                Liveness::Alive
+            }
+        };
+        let g = Guard::new(
+            vec![Account::new("", 1 << 30, ledger)],
+            Mapping::Container,
+            probes,
+        )
+        .unwrap();
+        assert!(g.child_after_fork(7, 7).is_empty(), "the child has a slot");
+        assert!(g.accounts[0].ledger.own_slot().is_some());
     }
 
     pub(crate) fn account(uuid: &str, limit: u64) -> Account {
