@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use serde::Serialize;
 use vramslice_api::GpuNode;
+use vramslice_api::convert::dra::allocation_results;
 use vramslice_api::names::{DRA_CAPACITY_MEMORY, DRA_DEVICE_CLASS, DRA_DRIVER};
 use vramslice_core::{format_bytes, parse_bytes};
 
@@ -170,19 +171,6 @@ pub fn device_rooms(slices: &[ResourceSlice], claims: &[ResourceClaim]) -> Vec<D
     }
     rooms.sort_by(|a, b| (&a.node, &a.device).cmp(&(&b.node, &b.device)));
     rooms
-}
-
-fn allocation_results(
-    claim: &ResourceClaim,
-) -> impl Iterator<Item = &k8s_openapi::api::resource::v1::DeviceRequestAllocationResult> {
-    claim
-        .status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-        .and_then(|d| d.results.as_ref())
-        .into_iter()
-        .flatten()
 }
 
 /// What a claim asks of vramslice: devices of class `vram.vramslice.io`, how many, and the

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::resource::v1::{
     CapacityRequestPolicy, CapacityRequestPolicyRange, Device, DeviceAttribute, DeviceCapacity,
-    DeviceTaint, ResourceClaim, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    DeviceRequestAllocationResult, DeviceTaint, ResourceClaim, ResourcePool, ResourceSlice,
+    ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -177,15 +178,23 @@ pub fn claim_on_node(
     })
 }
 
-/// Whether `claim` is allocated devices of [`DRA_DRIVER`].
-pub fn allocated_by_driver(claim: &ResourceClaim) -> bool {
+/// The allocation results of `claim`, of every driver (none while it is not allocated).
+pub fn allocation_results(
+    claim: &ResourceClaim,
+) -> impl Iterator<Item = &DeviceRequestAllocationResult> {
     claim
         .status
         .as_ref()
         .and_then(|s| s.allocation.as_ref())
         .and_then(|a| a.devices.as_ref())
         .and_then(|d| d.results.as_ref())
-        .is_some_and(|r| r.iter().any(|r| r.driver == DRA_DRIVER))
+        .into_iter()
+        .flatten()
+}
+
+/// Whether `claim` is allocated devices of [`DRA_DRIVER`].
+pub fn allocated_by_driver(claim: &ResourceClaim) -> bool {
+    allocation_results(claim).any(|r| r.driver == DRA_DRIVER)
 }
 
 /// Settings of the slice besides its devices.
