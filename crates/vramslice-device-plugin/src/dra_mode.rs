@@ -7,17 +7,20 @@
 //! slice's devices and capacities, and the publisher writes the slice when it changed enough.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use vramslice_api::convert::dra::SliceSettings;
-use vramslice_core::node::dra::{mark_unread, reading_staleness_bound, slice_devices};
+use vramslice_core::node::dra::{
+    SlicePublishReason, mark_unread, reading_staleness_bound, slice_devices,
+};
 use vramslice_dra::claims::KubeClaims;
 use vramslice_dra::driver::{Driver, DriverConfig};
 use vramslice_dra::serve::{ServeError, Sockets, serve_with_registrations};
-use vramslice_dra::slices::{KubeSlices, SlicePolicy, SlicePublisher};
+use vramslice_dra::slices::{KubeSlices, SlicePolicy, SlicePublisher, SliceWriter};
 use vramslice_gpu::procfs::ProcRoot;
 
 use crate::config::Settings;
@@ -26,6 +29,10 @@ use crate::poller::NodeWatch;
 /// How often the node's ResourceSlice is checked while nothing needs writing (see
 /// `SlicePolicy::verify_interval`).
 const SLICE_VERIFY_INTERVAL: Duration = Duration::from_secs(30);
+/// How soon a failed slice write is tried again when no new reading would trigger it.
+const SLICE_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the slice loop waits for the Node when it reads its UID again.
+const NODE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why DRA mode could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -128,14 +135,6 @@ pub async fn run(
     served.map_err(DraModeError::from)
 }
 
-/// Sleep until `at`, or for ever when there is nothing to wake for.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The Node's UID (the slice's owner), `None` when it cannot be read.
 async fn node_uid(client: &kube::Client, node_name: &str) -> Option<String> {
     match Api::<Node>::all(client.clone()).get_opt(node_name).await {
@@ -153,13 +152,29 @@ struct NodeOwner {
     name: String,
 }
 
+/// Where the slice loop reads the Node's UID again (the API server; a stub in tests).
+trait NodeUidSource: Send + 'static {
+    /// The Node's UID now; `None` when it cannot be read within a few seconds (the slice
+    /// loop must not wait on a slow API server).
+    fn uid(&self) -> impl std::future::Future<Output = Option<String>> + Send;
+}
+
+impl NodeUidSource for NodeOwner {
+    async fn uid(&self) -> Option<String> {
+        tokio::time::timeout(NODE_READ_TIMEOUT, node_uid(&self.client, &self.name))
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
 /// What makes the slice be looked at again: a new GPU snapshot, or a registration the kubelet
 /// confirmed (a starting kubelet deletes its node's slices, so ours is written again, owned by
 /// the Node as it is now: a kubelet started after `kubectl delete node` made it again).
-struct SliceTriggers {
+struct SliceTriggers<O> {
     node: NodeWatch,
     registered: watch::Receiver<u64>,
-    owner: NodeOwner,
+    owner: O,
 }
 
 /// How the slice's devices are worked out from a reading.
@@ -171,10 +186,10 @@ struct SliceRules {
     staleness: Duration,
 }
 
-async fn keep_slice(
+async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
     driver: Arc<Driver>,
-    mut publisher: SlicePublisher<KubeSlices>,
-    triggers: SliceTriggers,
+    mut publisher: SlicePublisher<W>,
+    triggers: SliceTriggers<O>,
     rules: SliceRules,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -183,14 +198,17 @@ async fn keep_slice(
         mut registered,
         owner,
     } = triggers;
-    // When the reading in hand arrived (a failing or hung backend sends none).
+    // When the reading in hand arrived (a failing or hung backend sends none). Tokio's clock,
+    // so that tests can move it.
     let mut reading = (0u64, Instant::now());
+    let mut writes_before = 0u64;
     loop {
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
         if snapshot.generation != reading.0 {
             reading = (snapshot.generation, Instant::now());
         }
         let age = reading.1.elapsed();
+        let mut written = true;
         if snapshot.generation > 0 {
             let mut samples = snapshot.readings.clone();
             rules.proc_root.fill_pod_uids(&mut samples);
@@ -201,19 +219,37 @@ async fn keep_slice(
                 age,
                 rules.staleness,
             );
-            if let Err(e) = publisher.observe(devices, Instant::now()).await {
-                tracing::warn!(error = %e, "ResourceSlice not written; retrying on the next reading");
+            match publisher.observe(devices, Instant::now().into_std()).await {
+                // Written whole again after the first time: the slice was gone (a kubelet's
+                // wipe, or the garbage collector because its owner is: a Node made again).
+                Ok(Some(SlicePublishReason::First)) if writes_before > 0 => {
+                    publisher.set_node_uid(owner.uid().await);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "ResourceSlice not written; retrying");
+                    written = false;
+                }
             }
+            writes_before = publisher.writes();
         }
-        // Wake when the reading in hand goes stale, once; then only a new reading helps.
-        let stale_at = (age < rules.staleness).then(|| reading.1 + rules.staleness);
+        // Wake when the reading in hand goes stale. While it is stale, or after a failed
+        // write, wake again after a while: no new reading may come to retry the taint.
+        let now = Instant::now();
+        let wake = if !written {
+            now + SLICE_RETRY_INTERVAL
+        } else if age < rules.staleness {
+            reading.1 + rules.staleness
+        } else {
+            now + SLICE_VERIFY_INTERVAL
+        };
         tokio::select! {
             changed = node.snapshot.changed() => if changed.is_err() { return },
-            () = sleep_until(stale_at) => {}
+            () = tokio::time::sleep_until(wake) => {}
             // Registered (again) with the kubelet, which deleted the node's slices when it
             // started: write ours again.
             changed = registered.changed() => if changed.is_ok() {
-                publisher.set_node_uid(node_uid(&owner.client, &owner.name).await);
+                publisher.set_node_uid(owner.uid().await);
                 publisher.republish();
             },
             _ = shutdown.changed() => {}
@@ -221,5 +257,169 @@ async fn keep_slice(
         if *shutdown.borrow() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use k8s_openapi::api::resource::v1::ResourceSlice;
+    use vramslice_core::VramUnit;
+    use vramslice_core::node::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
+    use vramslice_dra::claims::{ClaimFuture, ClaimSource, FetchError, PodFuture};
+    use vramslice_dra::slices::{WriteError, WriteFuture};
+    use vramslice_gpu::{GpuSample, Health};
+
+    use crate::poller::NodeState;
+
+    const GIB: u64 = 1 << 30;
+
+    /// Slices kept in memory; a write fails while `failing` is set.
+    #[derive(Clone, Default)]
+    struct Slices {
+        stored: Arc<Mutex<Vec<ResourceSlice>>>,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl SliceWriter for Slices {
+        fn current_generation<'a>(&'a self, _name: &'a str) -> WriteFuture<'a, Option<i64>> {
+            let last = self
+                .stored
+                .lock()
+                .unwrap()
+                .last()
+                .map(|s| s.spec.pool.generation);
+            Box::pin(async move { Ok(last) })
+        }
+        fn write(&self, slice: ResourceSlice) -> WriteFuture<'_, ()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Box::pin(async {
+                    Err(WriteError {
+                        name: "node-a".into(),
+                        detail: "503 Service Unavailable".into(),
+                    })
+                });
+            }
+            self.stored.lock().unwrap().push(slice);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    struct NoClaims;
+
+    impl ClaimSource for NoClaims {
+        fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> ClaimFuture<'a> {
+            Box::pin(async move { Err(FetchError::NotFound(format!("{namespace}/{name}"))) })
+        }
+        fn pod<'a>(&'a self, _namespace: &'a str, _name: &'a str) -> PodFuture<'a> {
+            Box::pin(async { Ok(None) })
+        }
+    }
+
+    struct SameNode;
+
+    impl NodeUidSource for SameNode {
+        async fn uid(&self) -> Option<String> {
+            Some("node-uid".into())
+        }
+    }
+
+    fn tainted(slice: &ResourceSlice) -> bool {
+        slice
+            .spec
+            .devices
+            .iter()
+            .flatten()
+            .all(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_nobody_renews_taints_the_slice_even_when_the_first_write_fails() {
+        let root = tempfile::tempdir().unwrap();
+        let driver = Arc::new(
+            Driver::open(
+                DriverConfig {
+                    node: "node-a".into(),
+                    settings: AllocationSettings {
+                        injection: InjectionMode::LdPreloadEnv,
+                        device_list_strategy: DeviceListStrategy::Envvar,
+                        guard_library_host_path: root.path().join("guard.so"),
+                        preload_file_host_path: root.path().join("ld.so.preload"),
+                        accounting_root: root.path().join("accounting"),
+                    },
+                    cdi_dir: root.path().join("cdi"),
+                    checkpoint: root.path().join("checkpoint.json"),
+                },
+                Arc::new(NoClaims),
+            )
+            .unwrap(),
+        );
+        let slices = Slices::default();
+        let publisher = SlicePublisher::new(
+            slices.clone(),
+            SliceSettings {
+                node: "node-a".into(),
+                node_uid: Some("node-uid".into()),
+                step_bytes: GIB,
+                generation: 0,
+                driver_version: None,
+            },
+            SlicePolicy {
+                threshold_bytes: GIB,
+                min_interval: Duration::from_secs(2),
+                verify_interval: SLICE_VERIFY_INTERVAL,
+            },
+        );
+        let (state, node) = NodeState::new(VramUnit::Gib1);
+        state.apply(vec![GpuSample {
+            index: 0,
+            uuid: "GPU-0".into(),
+            model: "NVIDIA H100".into(),
+            total_bytes: 80 * GIB,
+            used_bytes: 0,
+            free_bytes: 80 * GIB,
+            health: Health::Healthy,
+            processes: Vec::new(),
+        }]);
+        let (_registrations, registered) = watch::channel(0u64);
+        let (stop, shutdown) = watch::channel(false);
+        let staleness = reading_staleness_bound(Duration::from_secs(10));
+        let task = tokio::spawn(keep_slice(
+            driver,
+            publisher,
+            SliceTriggers {
+                node,
+                registered,
+                owner: SameNode,
+            },
+            SliceRules {
+                proc_root: ProcRoot::new(root.path().join("proc")),
+                step: GIB,
+                headroom: 0,
+                staleness,
+            },
+            shutdown,
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(slices.stored.lock().unwrap().len(), 1);
+        assert!(!tainted(&slices.stored.lock().unwrap()[0]));
+        // No reading comes any more (the backend hangs), and the write of the taint fails.
+        slices.failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(staleness).await;
+        assert_eq!(slices.stored.lock().unwrap().len(), 1);
+        slices.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(SLICE_RETRY_INTERVAL * 2).await;
+        let stored = slices.stored.lock().unwrap().clone();
+        assert_eq!(
+            stored.len(),
+            2,
+            "the taint was retried without a new reading"
+        );
+        assert!(tainted(&stored[1]));
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 }
