@@ -186,8 +186,9 @@ refused=(
   "--set scheduler.replicas=2 --set scheduler.leaderElection.enabled=false|would run 2 active schedulers"
   "--set webhook.caValidity=720h|webhook.certValidity=2160h is longer than webhook.caValidity=720h"
   "--set webhook.certValidity=1h30m500ms --set webhook.caValidity=1h30m|is longer than webhook.caValidity"
-  "--set webhook.certValidity=0s|webhook.certValidity=0s must be greater than zero"
-  "--set webhook.certManager.enabled=true --set webhook.certValidity=30m|less than 1h"
+  "--set webhook.certValidity=0s|webhook.certValidity=0s is below 1h"
+  "--set webhook.certValidity=59m59s|webhook.certValidity=59m59s is below 1h"
+  "--set webhook.certManager.enabled=true --set webhook.certValidity=30m|is below 1h"
 )
 for r in "${refused[@]}"; do
   args="${r%%|*}"; want="${r#*|}"
@@ -198,9 +199,9 @@ for r in "${refused[@]}"; do
   grep -qF -- "$want" "$tmp/err.log" || { cat "$tmp/err.log"; fail "unexpected error for $args"; }
   ok "refused: $args"
 done
-"$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.certValidity=30m --set webhook.caValidity=0.5h > /dev/null \
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.certValidity=90m --set webhook.caValidity=1.5h > /dev/null \
   || fail "equal certificate and CA validities written differently were refused"
-ok "webhook validities compared as durations (30m = 0.5h)"
+ok "webhook validities compared as durations (90m = 1.5h)"
 
 # The longest release name Helm allows: every object name stays a 63-character DNS label and
 # keeps its component's suffix.

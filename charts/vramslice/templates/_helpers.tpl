@@ -89,14 +89,10 @@ refuse at run time, where a mistake would stop the scheduler's pod instead of th
 {{- $wh := .Values.webhook -}}
 {{- $cert := float64 (include "vramslice.durationMs" $wh.certValidity) -}}
 {{- $ca := float64 (include "vramslice.durationMs" $wh.caValidity) -}}
-{{- if le $cert 0.0 -}}
-{{- fail (printf "webhook.certValidity=%s must be greater than zero" $wh.certValidity) -}}
-{{- end -}}
-{{- if $wh.certManager.enabled -}}
 {{- if lt $cert 3600000.0 -}}
-{{- fail (printf "webhook.certValidity=%s: cert-manager refuses certificates valid for less than 1h" $wh.certValidity) -}}
+{{- fail (printf "webhook.certValidity=%s is below 1h: the certificate is renewed with a third of it left and checked once a minute (cert-manager refuses less than 1h too)" $wh.certValidity) -}}
 {{- end -}}
-{{- else if gt $cert $ca -}}
+{{- if and (not $wh.certManager.enabled) (gt $cert $ca) -}}
 {{- fail (printf "webhook.certValidity=%s is longer than webhook.caValidity=%s; it must not be" $wh.certValidity $wh.caValidity) -}}
 {{- end -}}
 {{- end -}}

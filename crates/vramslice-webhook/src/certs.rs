@@ -189,10 +189,17 @@ pub fn plan(stored: Option<&StoredCerts>, now: i64, settings: &CertSettings) -> 
         return Plan::NewCa;
     }
     if let Some(staged) = s.ca_staged_at {
-        // The new CA has had time to reach every API server.
-        if now >= staged.saturating_add(CA_PROPAGATION_SECS) {
-            return Plan::NewServing;
-        }
+        // The new CA has had time to reach every API server: it signs the next certificate.
+        // Until then the old CA's certificate stays, even in the last third of its validity,
+        // unless it would expire during the wait or names other hosts.
+        let waiting = now < staged.saturating_add(CA_PROPAGATION_SECS);
+        let usable = s.tls_not_after > now.saturating_add(CA_PROPAGATION_SECS)
+            && s.dns_names == settings.dns_names;
+        return if waiting && usable {
+            Plan::Keep
+        } else {
+            Plan::NewServing
+        };
     }
     let serving_left = s.tls_not_after.saturating_sub(now);
     if serving_left <= secs(settings.cert_validity) / 3 || s.dns_names != settings.dns_names {

@@ -152,6 +152,7 @@ fn duration(field: &'static str, text: &str) -> Result<Duration, ConfigError> {
 impl WebhookConfig {
     /// Check the settings; `pod_namespace` is `$POD_NAMESPACE` (passed in so this stays pure).
     pub fn validate(&self, pod_namespace: Option<&str>) -> Result<ValidConfig, ConfigError> {
+        let check_interval = duration("checkInterval", &self.check_interval)?;
         let source = match (&self.cert_dir, &self.self_signed) {
             (Some(dir), None) => CertSource::Dir(dir.clone()),
             (None, Some(s)) => {
@@ -175,6 +176,26 @@ impl WebhookConfig {
                         ),
                     });
                 }
+                // Renewed with a third left, found by a check: that third must span at least
+                // three checks and the new CA's propagation wait, or the served certificate
+                // expires before (or just after) it is replaced.
+                let floor = check_interval
+                    .saturating_mul(9)
+                    .saturating_add(Duration::from_secs(
+                        3 * crate::certs::CA_PROPAGATION_SECS.unsigned_abs(),
+                    ));
+                if cert_validity < floor {
+                    return Err(ConfigError::Duration {
+                        field: "selfSigned.certValidity",
+                        message: format!(
+                            "{} is too short for checkInterval {}: it must be at least {}s (a third of it spans three checks and the CA's {}s propagation wait)",
+                            s.cert_validity,
+                            self.check_interval,
+                            floor.as_secs(),
+                            crate::certs::CA_PROPAGATION_SECS
+                        ),
+                    });
+                }
                 CertSource::SelfSigned(SelfSigned {
                     namespace,
                     secret_name: s.secret_name.clone(),
@@ -191,7 +212,7 @@ impl WebhookConfig {
             policy: AdmissionPolicy {
                 override_default_scheduler: self.override_default_scheduler,
             },
-            check_interval: duration("checkInterval", &self.check_interval)?,
+            check_interval,
             source,
         })
     }

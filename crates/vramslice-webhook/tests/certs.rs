@@ -267,6 +267,21 @@ fn a_new_ca_signs_the_served_certificate_only_once_the_api_servers_can_know_it()
     );
     assert_eq!(plan(Some(&switched), t + DAY, &s), Plan::Keep);
 
+    // A certificate as long-lived as its CA reaches its last third with it: still kept for
+    // the wait (another replica's check, or a retry, must not switch it early).
+    let mut equal = settings();
+    equal.cert_validity = equal.ca_validity;
+    let first = renew(None, Plan::NewCa, NOW, &equal).unwrap();
+    let t2 = NOW + 2500 * DAY;
+    assert_eq!(plan(Some(&first), t2, &equal), Plan::NewCa);
+    let staged_equal = renew(Some(&first), Plan::NewCa, t2, &equal).unwrap();
+    assert_eq!(staged_equal.ca_staged_at, Some(t2));
+    assert_eq!(plan(Some(&staged_equal), t2 + 1, &equal), Plan::Keep);
+    assert_eq!(
+        plan(Some(&staged_equal), t2 + CA_PROPAGATION_SECS, &equal),
+        Plan::NewServing
+    );
+
     // A served certificate that would expire during the wait is replaced at once.
     let mut ending = served.clone();
     ending.tls_not_after = t + CA_PROPAGATION_SECS / 2;

@@ -75,4 +75,16 @@ fn bad_settings_are_named() {
         err.contains("selfSigned.certValidity") && err.contains("2160h") && err.contains("720h"),
         "{err}"
     );
+    // Too short to be renewed in time: 500ms truncated to 0 s made every served certificate
+    // expired; checked every minute, a third of it must span three checks and the CA's wait.
+    let short = |validity: &str| {
+        parse(&format!("selfSigned:\n  namespace: n\n  secretName: s\n  serviceName: svc\n  webhookConfigName: w\n  caValidity: 87600h\n  certValidity: {validity}\n")).unwrap().validate(None)
+    };
+    let err = short("500ms").unwrap_err().to_string();
+    assert!(
+        err.contains("selfSigned.certValidity") && err.contains("at least 720s"),
+        "{err}"
+    );
+    assert!(short("11m").is_err());
+    assert!(short("12m").is_ok());
 }
