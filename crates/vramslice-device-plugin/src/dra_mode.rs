@@ -89,6 +89,7 @@ pub async fn run(
         driver_version,
     } = identity;
     driver.set_gpus(&node.snapshot.borrow().readings);
+    driver.learn_admin_access().await;
     let node_uid = node_uid(&client, &node_name).await;
     let owner = NodeOwner {
         client: client.clone(),

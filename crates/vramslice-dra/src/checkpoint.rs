@@ -44,9 +44,11 @@ pub struct PreparedClaim {
     pub pods: Vec<PreparedPod>,
     /// Allocated with admin access (not counted by kube-scheduler; see
     /// [`vramslice_core::node::dra::ClaimUse::admin_access`]). A claim mixing admin and plain
-    /// results counts as admin: its grant is not added back, the safe direction.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub admin_access: bool,
+    /// results counts as admin: its grant is not added back, the safe direction. `None` in
+    /// checkpoints of earlier versions, until [`crate::driver::Driver::learn_admin_access`]
+    /// reads the claim again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_access: Option<bool>,
     /// What the kubelet was told.
     pub devices: Vec<PreparedDevice>,
     /// The files written for it (removed at unprepare).
@@ -226,7 +228,7 @@ mod tests {
             namespace: "ml".into(),
             name: "llm".into(),
             limits: vec![("GPU-0".into(), 6 << 30)],
-            admin_access: false,
+            admin_access: Some(false),
             pods: vec![PreparedPod {
                 name: "llm-0".into(),
                 uid: "pod-1".into(),

@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Mutex;
-use vramslice_api::convert::dra::{ClaimError, allocated_by_driver, claim_on_node};
+use vramslice_api::convert::dra::{
+    ClaimError, allocated_by_driver, allocation_results, claim_on_node,
+};
 use vramslice_api::convert::pod_claims::claims_by_container;
+use vramslice_api::names::DRA_DRIVER;
 use vramslice_core::node::allocation::AllocationSettings;
 use vramslice_core::node::dra::{
     ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
@@ -273,7 +276,7 @@ impl Driver {
             cdi_spec_text: Some(spec),
             limit_file_text: Some(plan.limit_file.clone()),
             limits: plan.limits,
-            admin_access: on_node.admin_access,
+            admin_access: Some(on_node.admin_access),
             pods: on_node
                 .pods
                 .into_iter()
@@ -344,6 +347,50 @@ impl Driver {
         Ok(())
     }
 
+    /// Read again the claims a checkpoint of an earlier version holds without knowing whether
+    /// they were allocated with admin access, and record it (checkpointed). A claim that
+    /// cannot be read keeps counting as a plain one, as before, and is logged.
+    pub async fn learn_admin_access(&self) {
+        let unknown: Vec<(String, String, String)> = self
+            .state
+            .lock()
+            .await
+            .claims
+            .iter()
+            .filter(|(_, c)| c.admin_access.is_none())
+            .map(|(uid, c)| (uid.clone(), c.namespace.clone(), c.name.clone()))
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let mut learned = Vec::new();
+        for (uid, namespace, name) in unknown {
+            match self.claims.get(&namespace, &name).await {
+                Ok(object) if object.metadata.uid.as_deref() == Some(uid.as_str()) => {
+                    let admin = allocation_results(&object).any(|r| {
+                        r.driver == DRA_DRIVER
+                            && r.pool == self.config.node
+                            && r.admin_access == Some(true)
+                    });
+                    learned.push((uid, admin));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(claim = %format!("{namespace}/{name}"), error = %e, "cannot read a prepared claim to learn whether it has admin access");
+                }
+            }
+        }
+        let mut state = self.state.lock().await;
+        for (uid, admin) in learned {
+            if let Some(claim) = state.claims.get_mut(&uid) {
+                claim.admin_access = Some(admin);
+            }
+        }
+        if let Err(e) = state.save(&self.config.checkpoint) {
+            tracing::warn!(error = %e, "cannot checkpoint what was learned of prepared claims");
+        }
+    }
+
     /// Unprepare `claim`: remove its files and forget it. A claim this driver never prepared
     /// (or already unprepared) succeeds: the kubelet may repeat the call.
     ///
@@ -406,7 +453,7 @@ impl Driver {
         let claims = state.claims.values().map(|c| ClaimUse {
             limits: &c.limits,
             pods: c.pods.iter().map(|p| p.uid.as_str()).collect(),
-            admin_access: c.admin_access,
+            admin_access: c.admin_access.unwrap_or(false),
         });
         grants_by_gpu(claims, samples)
     }

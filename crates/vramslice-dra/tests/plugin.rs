@@ -554,6 +554,39 @@ async fn an_admin_access_claim_is_prepared_but_its_grant_is_not_added_back() {
     let grants = reopened.grants_by_gpu(&samples()).await;
     assert_eq!(grants["GPU-0"].granted, 6 * GIB);
     assert_eq!(grants["GPU-0"].unobserved, 14 * GIB);
+
+    // A checkpoint of an earlier version does not say: the claim is read again to learn it.
+    let path = node.path("state/checkpoint.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut removed = 0;
+    for claim in saved["claims"].as_object_mut().unwrap().values_mut() {
+        removed += usize::from(
+            claim
+                .as_object_mut()
+                .unwrap()
+                .remove("adminAccess")
+                .is_some(),
+        );
+    }
+    assert_eq!(removed, 2, "both claims record it: {saved}");
+    std::fs::write(&path, saved.to_string()).unwrap();
+    let upgraded = Driver::open(node.config(), node.claims.clone()).unwrap();
+    assert_eq!(
+        upgraded.grants_by_gpu(&samples()).await["GPU-0"].granted,
+        14 * GIB
+    );
+    upgraded.learn_admin_access().await;
+    assert_eq!(
+        upgraded.grants_by_gpu(&samples()).await["GPU-0"].granted,
+        6 * GIB
+    );
+    let again = Driver::open(node.config(), node.claims.clone()).unwrap();
+    assert_eq!(
+        again.grants_by_gpu(&samples()).await["GPU-0"].granted,
+        6 * GIB,
+        "what was learned is checkpointed"
+    );
 }
 
 #[tokio::test]
