@@ -3,7 +3,9 @@
 //! scrapes are rare and small).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Serve `GET /metrics` on `addr` (`127.0.0.1:9400`, `0.0.0.0:0`) until the process exits,
@@ -15,18 +17,74 @@ pub fn serve_metrics(
     render: impl Fn() -> String + Send + 'static,
     addr: &str,
 ) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let bound = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("vramslice-metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(&render, stream) {
-                    tracing::debug!(error = %e, "metrics connection failed");
-                }
-            }
-        })?;
+    let server = MetricsServer::start(render, addr)?;
+    let bound = server.addr();
+    // Served for the life of the process: the handle that would stop it is let go.
+    std::mem::forget(server);
     Ok(bound)
+}
+
+/// A `/metrics` endpoint that stops when dropped: its thread ends and its port is free again.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Serve `GET /metrics` on `addr` as [`serve_metrics`] does, until the handle is dropped.
+    pub fn start(render: impl Fn() -> String + Send + 'static, addr: &str) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let bound = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("vramslice-metrics".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    if let Err(e) = answer(&render, stream) {
+                        tracing::debug!(error = %e, "metrics connection failed");
+                    }
+                }
+            })?;
+        Ok(MetricsServer {
+            addr: bound,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the thread waiting in accept: it sees the flag and closes the listener.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        // Wait for the port to be free (at most one request's time), unless this is the
+        // serving thread itself (the runtime's last handle dropped while rendering).
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The most a request's head may take: its bytes and its time. One connection is served at a

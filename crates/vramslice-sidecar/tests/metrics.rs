@@ -123,3 +123,25 @@ fn a_client_that_sends_a_byte_now_and_then_does_not_hold_the_port() {
     );
     trickle.join().unwrap();
 }
+
+#[test]
+fn a_runtimes_configured_endpoint_ends_with_the_runtime_and_frees_its_port() {
+    let rt = Runtime::new(
+        Config {
+            limit: Some(GIB),
+            metrics_addr: Some("127.0.0.1:0".into()),
+            ..Config::default()
+        },
+        ManualUsage::default(),
+    )
+    .unwrap();
+    let addr = rt.serve_configured_metrics().unwrap().unwrap();
+    assert!(get(addr, "/metrics").contains("vramslice_sidecar_limit_bytes 1073741824"));
+    // A clone keeps it served; the last one ends it.
+    let clone = rt.clone();
+    drop(rt);
+    assert!(get(addr, "/metrics").contains("vramslice_sidecar_limit_bytes"));
+    drop(clone);
+    // The port is free again at once (a C embedder's free, then a new runtime on it).
+    std::net::TcpListener::bind(addr).expect("the port was released");
+}

@@ -61,6 +61,9 @@ pub(crate) struct Inner {
     pub(super) notify: tokio::sync::Notify,
     pub(super) next_id: AtomicU64,
     pub(super) reclaim: Reclaim,
+    /// The `/metrics` endpoint this runtime opened ([`crate::Runtime::serve_configured_metrics`]);
+    /// it stops with the runtime.
+    pub(super) metrics_server: std::sync::Mutex<Option<crate::serve::MetricsServer>>,
 }
 
 pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {

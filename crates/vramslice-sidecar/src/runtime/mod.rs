@@ -89,6 +89,7 @@ impl Runtime {
             notify: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             reclaim: Reclaim::default(),
+            metrics_server: std::sync::Mutex::new(None),
             config,
         });
         inner.publish(&lock(&inner.state));
@@ -124,21 +125,36 @@ impl Runtime {
     }
 
     /// Serve this runtime's `/metrics` on the configured `VRAMSLICE_METRICS_ADDR`, if one is
-    /// set; returns the bound address. [`from_env`] and the C ABI's constructors call it; a
-    /// runtime built with [`new`](Self::new) serves nothing until it is called.
+    /// set, until the runtime (its last clone) is dropped; returns the bound address.
+    /// [`from_env`] and the C ABI's constructors call it; a runtime built with
+    /// [`new`](Self::new) serves nothing until it is called.
     ///
     /// [`from_env`]: Self::from_env
     pub fn serve_configured_metrics(&self) -> Result<Option<std::net::SocketAddr>, RuntimeError> {
         let Some(addr) = &self.inner.config.metrics_addr else {
             return Ok(None);
         };
-        let metrics_of = self.clone();
-        crate::serve::serve_metrics(move || metrics_of.render_metrics(), addr)
-            .map(Some)
-            .map_err(|source| RuntimeError::Metrics {
+        // The endpoint must not keep the runtime alive: it holds it weakly, and the runtime
+        // holds the endpoint, which stops when the runtime goes.
+        let weak = Arc::downgrade(&self.inner);
+        let render = move || {
+            weak.upgrade()
+                .map(|inner| Runtime { inner }.render_metrics())
+                .unwrap_or_default()
+        };
+        let server = crate::serve::MetricsServer::start(render, addr).map_err(|source| {
+            RuntimeError::Metrics {
                 addr: addr.clone(),
                 source,
-            })
+            }
+        })?;
+        let bound = server.addr();
+        *self
+            .inner
+            .metrics_server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(server);
+        Ok(Some(bound))
     }
 
     /// The configuration in force.
