@@ -300,6 +300,19 @@ impl Outcome {
     }
 }
 
+/// What a read the output can do without gave: its items, or none and a warning saying what
+/// is `without` them.
+fn or_warn<T>(
+    read: Result<Vec<T>, PluginError>,
+    without: &str,
+    warnings: &mut Vec<String>,
+) -> Vec<T> {
+    read.unwrap_or_else(|e| {
+        warnings.push(format!("{e}: shown {without}"));
+        Vec::new()
+    })
+}
+
 /// Run one command against `client`.
 pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, PluginError> {
     let now = now(cli)?;
@@ -333,15 +346,22 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
         Command::Claims { all_namespaces } => {
             // Listed in the namespace asked for only (a user may read claims there alone):
             // the rows take nothing but each device's GPU UUID from the rooms.
+            // ResourceSlices and GpuNodes are cluster-scoped: a user without them still gets
+            // the claims, without GPU UUIDs or live use, and a warning.
             let ns = (!all_namespaces).then_some(namespace.as_str());
             let shown = claims(client, ns).await?;
-            let rooms = dra::device_rooms(&slices(client).await?, &shown);
-            let rows = dra::claim_rows(&shown, &rooms, &gpunodes(client).await?);
+            let mut warnings = Vec::new();
+            let found_slices = or_warn(slices(client).await, "without GPU UUIDs", &mut warnings);
+            let found_gpunodes = or_warn(gpunodes(client).await, "without live use", &mut warnings);
+            let rooms = dra::device_rooms(&found_slices, &shown);
+            let rows = dra::claim_rows(&shown, &rooms, &found_gpunodes);
             let text = match cli.output {
                 Format::Table => render::claims_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            Ok(Outcome::new(text, Exit::Ok))
+            let mut outcome = Outcome::new(text, Exit::Ok);
+            outcome.warnings = warnings;
+            Ok(outcome)
         }
         Command::Explain { pod } => {
             let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);

@@ -18,6 +18,8 @@ const NOW: &str = "2026-11-22T10:00:00Z";
 struct Recorded {
     data: PathBuf,
     crd_installed: bool,
+    /// Whether cluster-scoped lists (GpuNodes, ResourceSlices) are allowed.
+    cluster_readable: bool,
     /// The `extender.yaml` of the scheduler ConfigMap; `None`: listing ConfigMaps is forbidden.
     extender_yaml: Arc<Mutex<Option<String>>>,
     log: Arc<Mutex<Vec<String>>>,
@@ -66,6 +68,9 @@ async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
     }
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let body = match parts.as_slice() {
+        ["apis", "vramslice.io", "v1alpha1", "gpunodes"] if !rec.cluster_readable => {
+            return forbidden("gpunodes.vramslice.io", "list");
+        }
         ["apis", "vramslice.io", "v1alpha1", "gpunodes"] if rec.crd_installed => {
             load(&rec.data, "gpunodes.json")
         }
@@ -106,8 +111,11 @@ async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
             "resourceclaims",
         ] => load(&rec.data, "resourceclaims.json")
             .map(|l| filter_items(l, |c| c["metadata"]["namespace"] == *ns)),
-        ["apis", "resource.k8s.io", "v1", "resourceslices"] => {
+        ["apis", "resource.k8s.io", "v1", "resourceslices"] if rec.cluster_readable => {
             load(&rec.data, "resourceslices.json")
+        }
+        ["apis", "resource.k8s.io", "v1", "resourceslices"] => {
+            return forbidden("resourceslices.resource.k8s.io", "list");
         }
         ["api", "v1", "namespaces", ns, "events"] => {
             let list = load(&rec.data, &format!("events-{ns}.json"))
@@ -149,6 +157,7 @@ fn start_with(data: &str, crd_installed: bool) -> Server {
     let rec = Recorded {
         data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(data),
         crd_installed,
+        cluster_readable: data != "tests/data/namespaced-reader",
         extender_yaml: Arc::default(),
         log: Arc::default(),
     };
@@ -560,6 +569,21 @@ fn claims_of_one_namespace_need_only_that_namespace_and_show_first_available_req
         log.iter()
             .any(|l| l == "GET /apis/resource.k8s.io/v1/namespaces/team-b/resourceclaims"),
         "{log:?}"
+    );
+    // A reader with a namespaced Role only: no slices or GpuNodes, still the claims.
+    let narrow = start_with("tests/data/namespaced-reader", true);
+    let o = narrow.run(&["claims", "-o", "json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(rows[0]["claim"], "embedder-vram");
+    assert_eq!(rows[0]["gpus"][0], "gpu-0");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("list resourceslices")
+            && stderr.contains("shown without GPU UUIDs")
+            && stderr.contains("list gpunodes")
+            && stderr.contains("shown without live use"),
+        "{stderr}"
     );
     // Every namespace needs the cluster-wide list: refused here, an API error naming it.
     let o = s.run(&["claims", "-A"]);
