@@ -287,30 +287,10 @@ pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict>
                 .filter(|r| r.node == node)
                 .map(|r| (r, r.free()))
                 .collect();
-            let mut reason = None;
-            'asks: for ask in asks {
-                free.sort_by_key(|(_, f)| *f);
-                // kube-scheduler takes the first option that can be allocated.
-                for option in &ask.options {
-                    let fitting: Vec<usize> = (0..free.len())
-                        .filter(|i| free[*i].1 >= free[*i].0.consumes(option.bytes_each))
-                        .collect();
-                    if (fitting.len() as u64) < option.count {
-                        continue;
-                    }
-                    // Take the tightest fitting devices (as binpacking would) out of the pool.
-                    for i in fitting
-                        .into_iter()
-                        .take(usize::try_from(option.count).unwrap_or(usize::MAX))
-                        .rev()
-                    {
-                        free.remove(i);
-                    }
-                    continue 'asks;
-                }
-                reason = Some(no_room(ask, &free, node));
-                break;
-            }
+            free.sort_by_key(|(_, f)| *f);
+            let reason = place(asks, free.clone())
+                .err()
+                .map(|failed| no_room(&asks[failed], &free, node));
             NodeVerdict {
                 node: node.to_string(),
                 fits: reason.is_none(),
@@ -319,6 +299,39 @@ pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict>
             }
         })
         .collect()
+}
+
+/// Whether `asks` can all be placed on the devices `free` (each with its room): each ask by
+/// one of its options, the tightest fitting devices taken (as binpacking would), trying the
+/// later options of an ask when the asks after it do not fit otherwise (kube-scheduler's
+/// allocator backtracks the same way). On failure, the index of the deepest ask reached.
+fn place(asks: &[ClaimAsk], mut free: Vec<(&DeviceRoom, u64)>) -> Result<(), usize> {
+    let Some((ask, rest)) = asks.split_first() else {
+        return Ok(());
+    };
+    free.sort_by_key(|(_, f)| *f);
+    let mut deepest = 0;
+    for option in &ask.options {
+        let fitting: Vec<usize> = (0..free.len())
+            .filter(|i| free[*i].1 >= free[*i].0.consumes(option.bytes_each))
+            .collect();
+        if (fitting.len() as u64) < option.count {
+            continue;
+        }
+        let mut left = free.clone();
+        for i in fitting
+            .into_iter()
+            .take(usize::try_from(option.count).unwrap_or(usize::MAX))
+            .rev()
+        {
+            left.remove(i);
+        }
+        match place(rest, left) {
+            Ok(()) => return Ok(()),
+            Err(failed) => deepest = deepest.max(failed + 1),
+        }
+    }
+    Err(deepest)
 }
 
 /// Why `node`'s devices (`free`: each with its room) cannot take `ask`: what each option comes

@@ -405,3 +405,37 @@ fn a_first_available_request_fits_where_one_of_its_vramslice_options_does() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].state, "pending");
 }
+
+#[test]
+fn a_first_available_request_yields_its_first_option_when_a_later_request_needs_the_room() {
+    // Request A takes 40 GiB if it can, else 20 GiB; request B needs 40 GiB. On GPUs with 45 and
+    // 25 GiB of room, A at 40 GiB would leave B nothing: the scheduler gives A 20 GiB instead.
+    let claim: ResourceClaim = serde_json::from_value(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": { "name": "pair", "namespace": "ml" },
+        "spec": { "devices": { "requests": [
+            { "name": "a", "firstAvailable": [
+                { "name": "large", "deviceClassName": "vram.vramslice.io",
+                  "capacity": { "requests": { "memory": "40Gi" } } },
+                { "name": "small", "deviceClassName": "vram.vramslice.io",
+                  "capacity": { "requests": { "memory": "20Gi" } } } ] },
+            { "name": "b", "exactly": { "deviceClassName": "vram.vramslice.io",
+                "capacity": { "requests": { "memory": "40Gi" } } } }
+        ] } }
+    }))
+    .expect("claim");
+    let rooms = device_rooms(&[slice("node-a", &[45 * GIB, 25 * GIB])], &[]);
+    let verdicts = dra_verdicts(&claim_asks(&claim), &rooms);
+    assert!(verdicts[0].fits, "{verdicts:?}");
+    // With room for one 40 GiB request only, it does not fit, and the reason names request b.
+    let tight = device_rooms(&[slice("node-a", &[45 * GIB, 15 * GIB])], &[]);
+    let verdicts = dra_verdicts(&claim_asks(&claim), &tight);
+    assert!(!verdicts[0].fits);
+    assert!(
+        verdicts[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("claim ml/pair needs 1 device(s) with 40 GiB each;")),
+        "{verdicts:?}"
+    );
+}
