@@ -53,6 +53,51 @@ pub struct Ledger {
     words: &'static [AtomicU64],
     slot_count: usize,
     own: AtomicUsize,
+    /// The slot lock file (see [`slot::LOCKED`]), when it could be opened.
+    locks: Option<SlotLocks>,
+}
+
+/// Byte-range read locks on the slot lock file: a slot's owner holds byte `<index>` for its
+/// life. Read locks need only read access, so processes of containers running as different
+/// users can all take them.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotLocks {
+    fd: i32,
+}
+
+impl SlotLocks {
+    /// Locks on the file open (for reading at least) as `fd`, kept open for the process's life.
+    pub fn new(fd: i32) -> SlotLocks {
+        SlotLocks { fd }
+    }
+
+    fn fcntl(&self, cmd: libc::c_int, kind: libc::c_int, index: usize) -> Option<libc::flock> {
+        // SAFETY: a zeroed flock is a valid value of this plain C struct.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = kind as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = libc::off_t::try_from(index).ok()?;
+        lock.l_len = 1;
+        // SAFETY: fcntl with a lock command reads and writes only `lock`, a valid flock.
+        let rc = unsafe { libc::fcntl(self.fd, cmd, &mut lock as *mut libc::flock) };
+        (rc == 0).then_some(lock)
+    }
+
+    /// Take this process's lock on slot `index` (never waits).
+    fn take(&self, index: usize) -> bool {
+        self.fcntl(libc::F_SETLK, libc::F_RDLCK, index).is_some()
+    }
+
+    /// Let go of slot `index`.
+    fn give_back(&self, index: usize) {
+        let _ = self.fcntl(libc::F_SETLK, libc::F_UNLCK, index);
+    }
+
+    /// Whether another process holds slot `index` (`None`: the kernel could not say).
+    fn held_by_another(&self, index: usize) -> Option<bool> {
+        self.fcntl(libc::F_GETLK, libc::F_WRLCK, index)
+            .map(|l| l.l_type != libc::F_UNLCK as libc::c_short)
+    }
 }
 
 impl Ledger {
@@ -68,7 +113,14 @@ impl Ledger {
             words,
             slot_count,
             own: AtomicUsize::new(NO_SLOT),
+            locks: None,
         })
+    }
+
+    /// Judge and hold slots by the slot lock file `locks` (see [`slot::LOCKED`]).
+    pub fn with_slot_locks(mut self, locks: SlotLocks) -> Ledger {
+        self.locks = Some(locks);
+        self
     }
 
     fn w(&self, index: usize) -> &AtomicU64 {
@@ -201,10 +253,27 @@ impl Ledger {
         }
         for i in 0..self.slot_count {
             let pid_word = self.w(layout::slot_word(i, slot::PID));
+            if pid_word.load(Ordering::Acquire) != 0 {
+                continue;
+            }
+            // With slot locks, the lock is held (and the slot marked as judged by it) before
+            // the slot is taken, so no reaper ever sees it taken and unlocked.
+            let locked = match &self.locks {
+                Some(locks) if locks.take(i) => {
+                    self.w(layout::slot_word(i, slot::LOCKED))
+                        .store(1, Ordering::Release);
+                    true
+                }
+                _ => false,
+            };
             if pid_word
                 .compare_exchange(0, u64::from(pid), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
+                if !locked {
+                    self.w(layout::slot_word(i, slot::LOCKED))
+                        .store(0, Ordering::Release);
+                }
                 self.ops_begin(i);
                 let generation = self
                     .w(header::GENERATION)
@@ -221,6 +290,9 @@ impl Ledger {
                 self.ops_end_exclusive(i);
                 self.own.store(i, Ordering::Relaxed);
                 return Some(i);
+            }
+            if let (true, Some(locks)) = (locked, &self.locks) {
+                locks.give_back(i);
             }
         }
         self.own.store(NO_SLOT, Ordering::Relaxed);
@@ -253,7 +325,25 @@ impl Ledger {
                 reclaimed = reclaimed.saturating_add(self.reap_slot(i, p)); // not a pid at all: damaged slot
                 continue;
             };
-            if probe(pid, start) == Liveness::Dead {
+            // A slot judged by its lock: alive while another process holds it, whatever PID
+            // namespace that process is in (its pid may mean nothing, or someone else, here).
+            let by_lock = match &self.locks {
+                Some(locks)
+                    if self
+                        .w(layout::slot_word(i, slot::LOCKED))
+                        .load(Ordering::Acquire)
+                        == 1 =>
+                {
+                    locks.held_by_another(i)
+                }
+                _ => None,
+            };
+            let liveness = match by_lock {
+                Some(true) => Liveness::Alive,
+                Some(false) => Liveness::Dead,
+                None => probe(pid, start),
+            };
+            if liveness == Liveness::Dead {
                 reclaimed = reclaimed.saturating_add(self.reap_slot(i, p));
             }
         }
@@ -280,6 +370,8 @@ impl Ledger {
             .swap(0, Ordering::AcqRel);
         saturating_sub(self.w(header::USED), bytes);
         self.w(layout::slot_word(i, slot::START_TIME))
+            .store(0, Ordering::Relaxed);
+        self.w(layout::slot_word(i, slot::LOCKED))
             .store(0, Ordering::Relaxed);
         self.ops_end_exclusive(i);
         pid_word.store(0, Ordering::Release);

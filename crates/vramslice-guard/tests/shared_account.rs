@@ -304,3 +304,54 @@ fn reused_pid_is_told_apart_by_start_time() {
             .any(|s| s.pid == me && s.bytes == 90 * MIB)
     );
 }
+
+#[test]
+fn a_live_process_whose_pid_means_nothing_here_keeps_its_slot() {
+    // Containers sharing a DRA claim share its accounting file but not their PID namespaces:
+    // a holder's pid is meaningless (or another process) in its neighbour's. Its slot is held
+    // by its lock on the slot lock file, not judged by that pid.
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 100 * MIB;
+    let e = env(dir.path(), limit);
+    let (mut holder, seen) =
+        spawn_until(probe(true, &e, &["hold", &(80 * MIB).to_string()]), "ready");
+    assert!(seen.contains("hold rc=0"), "{seen}");
+    let snap = snapshot(dir.path());
+    let index = snap
+        .slots
+        .iter()
+        .find(|s| s.pid == holder.id())
+        .unwrap_or_else(|| panic!("no slot for the holder: {snap:?}"))
+        .index;
+    // As seen from another namespace: a pid that names no process here.
+    // Written in place: the holder has the file mapped.
+    let word = accounting::slot_word(index, accounting::slot::PID);
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(ACCOUNTING_FILE_NAME))
+            .unwrap(),
+        &4_000_000u64.to_le_bytes(),
+        (word * 8) as u64,
+    )
+    .unwrap();
+
+    let (_, so, se) = run(probe(true, &e, &["alloc", &(80 * MIB).to_string()]));
+    assert!(
+        so.contains("alloc rc=2"),
+        "the holder's 80 MiB stay counted: {so}{se}"
+    );
+    assert_eq!(snapshot(dir.path()).used_bytes, 80 * MIB);
+
+    // Once it ends, its lock goes with it and the next process reclaims the slot.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let (_, so, se) = run(probe(true, &e, &["alloc", &(80 * MIB).to_string()]));
+    assert!(so.contains("alloc rc=0"), "{so}{se}");
+    assert!(
+        snapshot(dir.path())
+            .slots
+            .iter()
+            .all(|s| s.pid != 4_000_000)
+    );
+}

@@ -105,7 +105,18 @@ pub mod slot {
     pub const PEAK: usize = 4;
     /// Update counter (low 32 bits: lowering updates in flight; high 32 bits: completed ones).
     pub const OPS: usize = 5;
+    /// 1 when the owner holds a read lock (`fcntl`) on byte `<slot index>` of the slot lock
+    /// file ([`SLOT_LOCK_SUFFIX`]): its liveness is that lock, which the kernel drops when the
+    /// process ends and which every process sharing the file sees, whatever its PID namespace
+    /// (containers sharing a DRA claim share its accounting directory, not their PIDs). 0: judge
+    /// by pid and start time (files of earlier versions).
+    pub const LOCKED: usize = 6;
 }
+
+/// The slot lock file beside an accounting file: `<accounting file><SLOT_LOCK_SUFFIX>`, one
+/// byte per slot (see [`slot::LOCKED`]). Only the guard opens it: a process that closes any
+/// descriptor of a file loses its `fcntl` locks on it.
+pub const SLOT_LOCK_SUFFIX: &str = ".slots";
 
 /// Word index of `field` (one of [`slot`]'s constants) of slot `index`.
 pub const fn slot_word(index: usize, field: usize) -> usize {

@@ -1,7 +1,7 @@
 //! The shared accounting file: create or validate it under an exclusive `flock` (held only while
 //! attaching, never per allocation), map it shared, and claim this process's slot.
 
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, SlotLocks};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -30,6 +30,32 @@ impl Drop for Locked<'_> {
         // SAFETY: as above; unlocking a lock we hold.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
+}
+
+/// Opens (creating) the slot lock file beside the accounting file `path`, for reading: its
+/// descriptor stays open for the life of the process (closing any descriptor of it would drop
+/// the process's locks), and closes at `exec`, which ends the slot as the process image ends.
+fn open_slot_locks(path: &Path) -> Result<i32, String> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(layout::SLOT_LOCK_SUFFIX);
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()))
+        .map_err(|_| format!("slot lock file {} has a NUL byte", path.display()))?;
+    // SAFETY: c is NUL-terminated; open has no other precondition.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC,
+            0o666 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "cannot open slot lock file {}: {}",
+            std::path::Path::new(&name).display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
 }
 
 /// Opens (creating or rebuilding when invalid) the accounting file `name` in `dir` (one per
@@ -94,8 +120,14 @@ pub fn attach(
     // AtomicU64 has the layout of u64; all access from here on is atomic.
     let words: &'static [AtomicU64] =
         unsafe { std::slice::from_raw_parts(p.cast::<AtomicU64>(), len / 8) };
-    let ledger =
+    let mut ledger =
         Ledger::new(words).ok_or_else(|| format!("{}: inconsistent size", path.display()))?;
+    match open_slot_locks(&path) {
+        Ok(fd) => ledger = ledger.with_slot_locks(SlotLocks::new(fd)),
+        Err(e) => crate::log!(
+            "vramslice-guard: {e}; slots are judged by pid (processes of other containers sharing this account may be taken for dead)"
+        ),
+    }
     ledger.reap(super::liveness);
     if !ledger.reset_if_unowned()
         && let Some((old, new)) = ledger.revalidate(limit)
