@@ -264,50 +264,18 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
     use k8s_openapi::api::resource::v1::ResourceSlice;
     use vramslice_core::VramUnit;
     use vramslice_core::node::allocation::{AllocationSettings, DeviceListStrategy, InjectionMode};
     use vramslice_dra::claims::{ClaimFuture, ClaimSource, FetchError, PodFuture};
-    use vramslice_dra::slices::{WriteError, WriteFuture};
+    use vramslice_dra::slices::MemorySlices;
     use vramslice_gpu::{GpuSample, Health};
 
     use crate::poller::NodeState;
 
     const GIB: u64 = 1 << 30;
-
-    /// Slices kept in memory; a write fails while `failing` is set.
-    #[derive(Clone, Default)]
-    struct Slices {
-        stored: Arc<Mutex<Vec<ResourceSlice>>>,
-        failing: Arc<AtomicBool>,
-    }
-
-    impl SliceWriter for Slices {
-        fn current_generation<'a>(&'a self, _name: &'a str) -> WriteFuture<'a, Option<i64>> {
-            let last = self
-                .stored
-                .lock()
-                .unwrap()
-                .last()
-                .map(|s| s.spec.pool.generation);
-            Box::pin(async move { Ok(last) })
-        }
-        fn write(&self, slice: ResourceSlice) -> WriteFuture<'_, ()> {
-            if self.failing.load(Ordering::SeqCst) {
-                return Box::pin(async {
-                    Err(WriteError {
-                        name: "node-a".into(),
-                        detail: "503 Service Unavailable".into(),
-                    })
-                });
-            }
-            self.stored.lock().unwrap().push(slice);
-            Box::pin(async { Ok(()) })
-        }
-    }
 
     struct NoClaims;
 
@@ -358,7 +326,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let slices = Slices::default();
+        let slices = MemorySlices::default();
         let publisher = SlicePublisher::new(
             slices.clone(),
             SliceSettings {
@@ -405,15 +373,15 @@ mod tests {
             shutdown,
         ));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(slices.stored.lock().unwrap().len(), 1);
-        assert!(!tainted(&slices.stored.lock().unwrap()[0]));
+        assert_eq!(slices.written().len(), 1);
+        assert!(!tainted(&slices.written()[0]));
         // No reading comes any more (the backend hangs), and the write of the taint fails.
         slices.failing.store(true, Ordering::SeqCst);
         tokio::time::sleep(staleness).await;
-        assert_eq!(slices.stored.lock().unwrap().len(), 1);
+        assert_eq!(slices.written().len(), 1);
         slices.failing.store(false, Ordering::SeqCst);
         tokio::time::sleep(SLICE_RETRY_INTERVAL * 2).await;
-        let stored = slices.stored.lock().unwrap().clone();
+        let stored = slices.written();
         assert_eq!(
             stored.len(),
             2,

@@ -34,6 +34,51 @@ pub trait SliceWriter: Send + Sync + 'static {
     fn write(&self, slice: ResourceSlice) -> WriteFuture<'_, ()>;
 }
 
+/// Slices held in memory, for tests of what is published (here and in the node agent): every
+/// slice written is kept, oldest first, and the last one is the stored one; a write fails
+/// while `failing` is set.
+#[derive(Clone, Default)]
+pub struct MemorySlices {
+    /// Every slice written, oldest first.
+    pub stored: std::sync::Arc<std::sync::Mutex<Vec<ResourceSlice>>>,
+    /// Writes fail (as the API server's 503) while set.
+    pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MemorySlices {
+    /// The slices written so far.
+    pub fn written(&self) -> Vec<ResourceSlice> {
+        self.stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl SliceWriter for MemorySlices {
+    fn current_generation<'a>(&'a self, _name: &'a str) -> WriteFuture<'a, Option<i64>> {
+        let last = self.written().last().map(|s| s.spec.pool.generation);
+        Box::pin(async move { Ok(last) })
+    }
+
+    fn write(&self, slice: ResourceSlice) -> WriteFuture<'_, ()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            return Box::pin(async move {
+                Err(WriteError {
+                    name,
+                    detail: "503 Service Unavailable".into(),
+                })
+            });
+        }
+        self.stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(slice);
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// Slices in the API server.
 #[derive(Clone)]
 pub struct KubeSlices {

@@ -1,36 +1,16 @@
 //! The slice publisher: what it writes, with which pool generation, and when it holds back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use vramslice_api::convert::dra::SliceSettings;
 use vramslice_core::node::dra::{SliceDevice, SlicePublishReason};
-use vramslice_dra::slices::{SlicePolicy, SlicePublisher, SliceWriter, WriteFuture};
+use vramslice_dra::slices::{MemorySlices, SlicePolicy, SlicePublisher};
 
 const GIB: u64 = 1 << 30;
 
-#[derive(Clone, Default)]
-struct Memory {
-    stored: Arc<Mutex<Vec<ResourceSlice>>>,
-}
-
-impl SliceWriter for Memory {
-    fn current_generation<'a>(&'a self, _name: &'a str) -> WriteFuture<'a, Option<i64>> {
-        let last = self
-            .stored
-            .lock()
-            .unwrap()
-            .last()
-            .map(|s| s.spec.pool.generation);
-        Box::pin(async move { Ok(last) })
-    }
-    fn write(&self, slice: ResourceSlice) -> WriteFuture<'_, ()> {
-        self.stored.lock().unwrap().push(slice);
-        Box::pin(async { Ok(()) })
-    }
-}
+type Memory = MemorySlices;
 
 fn device(index: u32, capacity: u64) -> SliceDevice {
     SliceDevice {

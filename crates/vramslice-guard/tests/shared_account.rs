@@ -120,23 +120,29 @@ fn sixteen_processes_racing_never_exceed_the_limit_together() {
     assert_eq!(snap.limit_bytes, limit);
 }
 
-#[test]
-fn killed_process_slot_is_reclaimed() {
-    let dir = tempfile::tempdir().unwrap();
-    let limit = 100 * MIB;
-    let e = env(dir.path(), limit);
-    let (mut holder, seen) =
-        spawn_until(probe(true, &e, &["hold", &(80 * MIB).to_string()]), "ready");
+/// A probe holding `bytes` (the only process of the container so far), and its slot's index.
+fn hold(dir: &Path, e: &[(&'static str, String)], bytes: u64) -> (Child, usize) {
+    let (holder, seen) = spawn_until(probe(true, e, &["hold", &bytes.to_string()]), "ready");
     assert!(seen.contains("hold rc=0"), "{seen}");
     let pid = holder.id();
-    let snap = snapshot(dir.path());
+    let snap = snapshot(dir);
     let slot = snap
         .slots
         .iter()
         .find(|s| s.pid == pid)
         .unwrap_or_else(|| panic!("no slot for {pid}: {snap:?}"));
-    assert_eq!(slot.bytes, 80 * MIB);
-    assert_eq!(snap.used_bytes, 80 * MIB);
+    assert_eq!(slot.bytes, bytes);
+    assert_eq!(snap.used_bytes, bytes);
+    (holder, slot.index)
+}
+
+#[test]
+fn killed_process_slot_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 100 * MIB;
+    let e = env(dir.path(), limit);
+    let (mut holder, _) = hold(dir.path(), &e, 80 * MIB);
+    let pid = holder.id();
 
     let (_, so, _) = run(probe(true, &e, &["alloc", &(80 * MIB).to_string()]));
     assert!(
@@ -313,16 +319,7 @@ fn a_live_process_whose_pid_means_nothing_here_keeps_its_slot() {
     let dir = tempfile::tempdir().unwrap();
     let limit = 100 * MIB;
     let e = env(dir.path(), limit);
-    let (mut holder, seen) =
-        spawn_until(probe(true, &e, &["hold", &(80 * MIB).to_string()]), "ready");
-    assert!(seen.contains("hold rc=0"), "{seen}");
-    let snap = snapshot(dir.path());
-    let index = snap
-        .slots
-        .iter()
-        .find(|s| s.pid == holder.id())
-        .unwrap_or_else(|| panic!("no slot for the holder: {snap:?}"))
-        .index;
+    let (mut holder, index) = hold(dir.path(), &e, 80 * MIB);
     // As seen from another namespace: a pid that names no process here.
     // Written in place: the holder has the file mapped.
     let word = accounting::slot_word(index, accounting::slot::PID);
