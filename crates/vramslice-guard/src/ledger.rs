@@ -63,12 +63,24 @@ pub struct Ledger {
 #[derive(Debug, Clone, Copy)]
 pub struct SlotLocks {
     fd: i32,
+    /// The file's (device, inode) when opened: an application that closes descriptors it does
+    /// not own (`closefrom`) drops the locks and frees the number for another file.
+    identity: (u64, u64),
 }
 
 impl SlotLocks {
-    /// Locks on the file open (for reading at least) as `fd`, kept open for the process's life.
-    pub fn new(fd: i32) -> SlotLocks {
-        SlotLocks { fd }
+    /// Locks on the file open (for reading at least) as `fd`, kept open for the process's life;
+    /// `None` when the descriptor cannot be examined.
+    pub fn new(fd: i32) -> Option<SlotLocks> {
+        Some(SlotLocks {
+            fd,
+            identity: file_identity(fd)?,
+        })
+    }
+
+    /// Whether `fd` is still the file the locks were taken on.
+    fn intact(&self) -> bool {
+        file_identity(self.fd) == Some(self.identity)
     }
 
     fn fcntl(&self, cmd: libc::c_int, kind: libc::c_int, index: usize) -> Option<libc::flock> {
@@ -85,19 +97,26 @@ impl SlotLocks {
 
     /// Take this process's lock on slot `index` (never waits).
     fn take(&self, index: usize) -> bool {
-        self.fcntl(libc::F_SETLK, libc::F_RDLCK, index).is_some()
-    }
-
-    /// Let go of slot `index`.
-    fn give_back(&self, index: usize) {
-        let _ = self.fcntl(libc::F_SETLK, libc::F_UNLCK, index);
+        self.intact() && self.fcntl(libc::F_SETLK, libc::F_RDLCK, index).is_some()
     }
 
     /// Whether another process holds slot `index` (`None`: the kernel could not say).
     fn held_by_another(&self, index: usize) -> Option<bool> {
+        if !self.intact() {
+            return None;
+        }
         self.fcntl(libc::F_GETLK, libc::F_WRLCK, index)
             .map(|l| l.l_type != libc::F_UNLCK as libc::c_short)
     }
+}
+
+/// The (device, inode) of the file open as `fd`.
+fn file_identity(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: a zeroed stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only `st`, a valid stat; a closed fd is an error, not UB.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    (rc == 0).then_some((st.st_dev as u64, st.st_ino as u64))
 }
 
 impl Ledger {
@@ -247,56 +266,69 @@ impl Ledger {
                     .w(layout::slot_word(i, slot::START_TIME))
                     .load(Ordering::Acquire)
                     == start_time
+                && self.held_by_lock(i, p) != Some(true)
             {
                 self.reap_slot(i, p);
             }
         }
         for i in 0..self.slot_count {
             let pid_word = self.w(layout::slot_word(i, slot::PID));
-            if pid_word.load(Ordering::Acquire) != 0 {
+            // Taken hidden (the reaping bit: reapers, and earlier versions, leave such a slot
+            // alone) until it is set up: its lock and its mark first, so that no reaper ever
+            // sees it owned and unlocked, nor with another owner's mark.
+            if pid_word
+                .compare_exchange(
+                    0,
+                    u64::from(pid) | layout::SLOT_REAPING_BIT,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
                 continue;
             }
-            // With slot locks, the lock is held (and the slot marked as judged by it) before
-            // the slot is taken, so no reaper ever sees it taken and unlocked.
-            let locked = match &self.locks {
-                Some(locks) if locks.take(i) => {
-                    self.w(layout::slot_word(i, slot::LOCKED))
-                        .store(1, Ordering::Release);
-                    true
-                }
-                _ => false,
+            let mark = match &self.locks {
+                Some(locks) if locks.take(i) => layout::slot_lock_mark(u64::from(pid)),
+                _ => 0,
             };
-            if pid_word
-                .compare_exchange(0, u64::from(pid), Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                if !locked {
-                    self.w(layout::slot_word(i, slot::LOCKED))
-                        .store(0, Ordering::Release);
-                }
-                self.ops_begin(i);
-                let generation = self
-                    .w(header::GENERATION)
-                    .fetch_add(1, Ordering::AcqRel)
-                    .wrapping_add(1);
-                self.w(layout::slot_word(i, slot::GENERATION))
-                    .store(generation, Ordering::Relaxed);
-                self.w(layout::slot_word(i, slot::BYTES))
-                    .store(0, Ordering::Relaxed);
-                self.w(layout::slot_word(i, slot::PEAK))
-                    .store(0, Ordering::Relaxed);
-                self.w(layout::slot_word(i, slot::START_TIME))
-                    .store(start_time, Ordering::Release);
-                self.ops_end_exclusive(i);
-                self.own.store(i, Ordering::Relaxed);
-                return Some(i);
-            }
-            if let (true, Some(locks)) = (locked, &self.locks) {
-                locks.give_back(i);
-            }
+            self.w(layout::slot_word(i, slot::LOCKED))
+                .store(mark, Ordering::Release);
+            self.ops_begin(i);
+            let generation = self
+                .w(header::GENERATION)
+                .fetch_add(1, Ordering::AcqRel)
+                .wrapping_add(1);
+            self.w(layout::slot_word(i, slot::GENERATION))
+                .store(generation, Ordering::Relaxed);
+            self.w(layout::slot_word(i, slot::BYTES))
+                .store(0, Ordering::Relaxed);
+            self.w(layout::slot_word(i, slot::PEAK))
+                .store(0, Ordering::Relaxed);
+            self.w(layout::slot_word(i, slot::START_TIME))
+                .store(start_time, Ordering::Release);
+            self.ops_end_exclusive(i);
+            pid_word.store(u64::from(pid), Ordering::Release);
+            self.own.store(i, Ordering::Relaxed);
+            return Some(i);
         }
         self.own.store(NO_SLOT, Ordering::Relaxed);
         None
+    }
+
+    /// Whether another process holds slot `i`, whose pid word is `p`, by its lock: `None` when
+    /// the slot is not judged by a lock (no mark, or a mark of another owner, left by an earlier
+    /// version) or the kernel cannot say. A slot judged by its lock is alive while another
+    /// process holds it, whatever PID namespace that process is in (its pid may mean nothing,
+    /// or someone else, here).
+    fn held_by_lock(&self, i: usize, p: u64) -> Option<bool> {
+        let locks = self.locks.as_ref()?;
+        let mark = self
+            .w(layout::slot_word(i, slot::LOCKED))
+            .load(Ordering::Acquire);
+        if mark != layout::slot_lock_mark(p) {
+            return None;
+        }
+        locks.held_by_another(i)
     }
 
     /// Forgets the slot (after `fork`, the child must not write its parent's slot).
@@ -325,20 +357,7 @@ impl Ledger {
                 reclaimed = reclaimed.saturating_add(self.reap_slot(i, p)); // not a pid at all: damaged slot
                 continue;
             };
-            // A slot judged by its lock: alive while another process holds it, whatever PID
-            // namespace that process is in (its pid may mean nothing, or someone else, here).
-            let by_lock = match &self.locks {
-                Some(locks)
-                    if self
-                        .w(layout::slot_word(i, slot::LOCKED))
-                        .load(Ordering::Acquire)
-                        == 1 =>
-                {
-                    locks.held_by_another(i)
-                }
-                _ => None,
-            };
-            let liveness = match by_lock {
+            let liveness = match self.held_by_lock(i, p) {
                 Some(true) => Liveness::Alive,
                 Some(false) => Liveness::Dead,
                 None => probe(pid, start),
@@ -516,6 +535,41 @@ mod tests {
 
     fn set(words: &[AtomicU64], index: usize, v: u64) {
         words[index].store(v, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn a_slot_is_judged_by_its_lock_only_when_the_mark_is_its_owners() {
+        use std::os::fd::IntoRawFd;
+        let file = tempfile::tempfile().unwrap();
+        let locks = SlotLocks::new(file.into_raw_fd()).unwrap();
+        let words = private_words(1000, "GPU-x");
+        let ledger = Ledger::new(words).unwrap().with_slot_locks(locks);
+        let own_slot_of = |pid: u64, mark: u64| {
+            set(words, layout::slot_word(0, slot::PID), pid);
+            set(words, layout::slot_word(0, slot::START_TIME), 1);
+            set(words, layout::slot_word(0, slot::BYTES), 10);
+            set(words, layout::slot_word(0, slot::LOCKED), mark);
+            set(words, header::USED, 10);
+        };
+        // A mark another owner left (an earlier version claimed the slot since): the lock
+        // says nothing of this owner, the pid does.
+        own_slot_of(77, layout::slot_lock_mark(99));
+        assert_eq!(ledger.reap(|_, _| Liveness::Alive), 0);
+        assert_eq!(ledger.used(), 10);
+        // Its own mark and nobody holds the lock: dead, whatever its pid says.
+        own_slot_of(77, layout::slot_lock_mark(77));
+        assert_eq!(ledger.reap(|_, _| Liveness::Alive), 10);
+        assert_eq!(ledger.used(), 0);
+        // A claim marks the slot with its own pid.
+        let i = ledger.claim(5, 1).unwrap();
+        assert_eq!(
+            words[layout::slot_word(i, slot::LOCKED)].load(Ordering::SeqCst),
+            layout::slot_lock_mark(5)
+        );
+        assert_eq!(
+            words[layout::slot_word(i, slot::PID)].load(Ordering::SeqCst),
+            5
+        );
     }
 
     #[test]

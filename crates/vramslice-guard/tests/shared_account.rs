@@ -320,18 +320,23 @@ fn a_live_process_whose_pid_means_nothing_here_keeps_its_slot() {
     let limit = 100 * MIB;
     let e = env(dir.path(), limit);
     let (mut holder, index) = hold(dir.path(), &e, 80 * MIB);
-    // As seen from another namespace: a pid that names no process here.
-    // Written in place: the holder has the file mapped.
-    let word = accounting::slot_word(index, accounting::slot::PID);
-    std::os::unix::fs::FileExt::write_all_at(
-        &std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join(ACCOUNTING_FILE_NAME))
-            .unwrap(),
-        &4_000_000u64.to_le_bytes(),
-        (word * 8) as u64,
-    )
-    .unwrap();
+    // As if it ran in another PID namespace as pid 4000000 (its slot and its lock mark say
+    // so): a pid that names no process here. Written in place: the holder has the file mapped.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(ACCOUNTING_FILE_NAME))
+        .unwrap();
+    for (field, value) in [
+        (
+            accounting::slot::LOCKED,
+            accounting::slot_lock_mark(4_000_000),
+        ),
+        (accounting::slot::PID, 4_000_000),
+    ] {
+        let word = accounting::slot_word(index, field);
+        std::os::unix::fs::FileExt::write_all_at(&file, &value.to_le_bytes(), (word * 8) as u64)
+            .unwrap();
+    }
 
     let (_, so, se) = run(probe(true, &e, &["alloc", &(80 * MIB).to_string()]));
     assert!(

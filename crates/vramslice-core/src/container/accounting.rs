@@ -105,12 +105,19 @@ pub mod slot {
     pub const PEAK: usize = 4;
     /// Update counter (low 32 bits: lowering updates in flight; high 32 bits: completed ones).
     pub const OPS: usize = 5;
-    /// 1 when the owner holds a read lock (`fcntl`) on byte `<slot index>` of the slot lock
+    /// [`slot_lock_mark`]`(pid)` when the owner holds a read lock (`fcntl`) on byte `<slot index>` of the slot lock
     /// file ([`SLOT_LOCK_SUFFIX`]): its liveness is that lock, which the kernel drops when the
     /// process ends and which every process sharing the file sees, whatever its PID namespace
     /// (containers sharing a DRA claim share its accounting directory, not their PIDs). 0: judge
-    /// by pid and start time (files of earlier versions).
+    /// by pid and start time (files of earlier versions, or no lock file), as is a mark that
+    /// names another pid.
     pub const LOCKED: usize = 6;
+}
+
+/// The [`slot::LOCKED`] mark of a slot whose owner `pid` holds its lock: the pid with a tag, so
+/// a mark left by an earlier owner never vouches for another.
+pub const fn slot_lock_mark(pid: u64) -> u64 {
+    (1 << 62) | pid
 }
 
 /// The slot lock file beside an accounting file: `<accounting file><SLOT_LOCK_SUFFIX>`, one

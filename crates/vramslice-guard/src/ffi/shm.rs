@@ -122,8 +122,11 @@ pub fn attach(
         unsafe { std::slice::from_raw_parts(p.cast::<AtomicU64>(), len / 8) };
     let mut ledger =
         Ledger::new(words).ok_or_else(|| format!("{}: inconsistent size", path.display()))?;
-    match open_slot_locks(&path) {
-        Ok(fd) => ledger = ledger.with_slot_locks(SlotLocks::new(fd)),
+    match open_slot_locks(&path).and_then(|fd| {
+        SlotLocks::new(fd)
+            .ok_or_else(|| format!("cannot examine the slot lock file of {}", path.display()))
+    }) {
+        Ok(locks) => ledger = ledger.with_slot_locks(locks),
         Err(e) => crate::log!(
             "vramslice-guard: {e}; slots are judged by pid (processes of other containers sharing this account may be taken for dead)"
         ),
