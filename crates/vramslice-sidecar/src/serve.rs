@@ -3,7 +3,7 @@
 //! scrapes are rare and small).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -30,25 +30,42 @@ pub struct MetricsServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The process that started it: a forked child has a copy of the handle, not the thread.
+    owner: u32,
 }
+
+/// How often the serving thread looks at its stop flag while no client comes.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 impl MetricsServer {
     /// Serve `GET /metrics` on `addr` as [`serve_metrics`] does, until the handle is dropped.
     pub fn start(render: impl Fn() -> String + Send + 'static, addr: &str) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let bound = listener.local_addr()?;
+        // Polled, so the thread sees its stop flag without a client to wake it.
+        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("vramslice-metrics".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    if stopped.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    if let Err(e) = answer(&render, stream) {
-                        tracing::debug!(error = %e, "metrics connection failed");
+                while !stopped.load(Ordering::Acquire) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let served = stream
+                                .set_nonblocking(false)
+                                .and_then(|()| answer(&render, stream));
+                            if let Err(e) = served {
+                                tracing::debug!(error = %e, "metrics connection failed");
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(STOP_POLL);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "metrics accept failed");
+                            std::thread::sleep(STOP_POLL);
+                        }
                     }
                 }
             })?;
@@ -56,6 +73,7 @@ impl MetricsServer {
             addr: bound,
             stop,
             thread: Some(thread),
+            owner: std::process::id(),
         })
     }
 
@@ -68,17 +86,12 @@ impl MetricsServer {
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the thread waiting in accept: it sees the flag and closes the listener.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            });
+        // Wait for the port to be free: at most one poll and one request's time. Not in a
+        // forked child (the thread is the parent's), nor on the serving thread itself (the
+        // runtime's last handle dropped while rendering).
+        if std::process::id() != self.owner {
+            return;
         }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        // Wait for the port to be free (at most one request's time), unless this is the
-        // serving thread itself (the runtime's last handle dropped while rendering).
         if let Some(thread) = self.thread.take()
             && thread.thread().id() != std::thread::current().id()
         {

@@ -75,4 +75,9 @@ fn c_program_uses_the_abi() {
         ("VRAMSLICE_ACCOUNTING_DIR", dir),
         ("VRAMSLICE_METRICS_ADDR", &addr),
     ]);
+    drop(held);
+    run(&[
+        ("ABI_SMOKE_METRICS_FORK", "1"),
+        ("VRAMSLICE_METRICS_ADDR", &addr),
+    ]);
 }

@@ -1,8 +1,11 @@
 /* Exercises the C ABI through the committed header: refusal text, admission, peaks, metrics,
  * NULL handling. Built and run by tests/c_abi.rs; prints "ok" and exits 0 on success. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include "vramslice_sidecar.h"
 
 #define GIB (1ull << 30)
@@ -50,9 +53,36 @@ static int metrics_addr_in_use(void) {
     return 0;
 }
 
+/* Run with VRAMSLICE_METRICS_ADDR set to a free address: a forked child (a pre-fork worker)
+ * frees its copy of the runtime without hanging, and once the parent frees its own the address
+ * can be served again. */
+static int metrics_after_fork(void) {
+    char err[256] = {0};
+    vramslice_runtime *rt = NULL;
+    CHECK(vramslice_runtime_new_manual(4 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_OK);
+    fflush(stdout);
+    pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0) {
+        alarm(10); /* a hang ends the child with SIGALRM, which the parent sees */
+        vramslice_runtime_free(rt);
+        _exit(0);
+    }
+    int status = 0;
+    CHECK(waitpid(child, &status, 0) == child);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    vramslice_runtime_free(rt);
+    rt = NULL;
+    CHECK(vramslice_runtime_new_manual(4 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_OK);
+    vramslice_runtime_free(rt);
+    printf("ok\n");
+    return 0;
+}
+
 int main(void) {
     if (getenv("ABI_SMOKE_FROM_ENV")) return from_env();
     if (getenv("ABI_SMOKE_METRICS_IN_USE")) return metrics_addr_in_use();
+    if (getenv("ABI_SMOKE_METRICS_FORK")) return metrics_after_fork();
     char err[256] = {0};
     vramslice_runtime *rt = NULL;
     CHECK(vramslice_runtime_new_manual(4 * GIB, NULL, &rt, err, sizeof err) == VRAMSLICE_STATUS_OK);
