@@ -132,6 +132,9 @@ pub async fn run(
         plugin_dir: settings.dra.plugin_dir.clone(),
     };
     let served = serve_with_registrations(driver, &sockets, registrations, shutdown).await;
+    // Ended by shutdown, or failed (a socket could not be bound): either way the slice loop
+    // stops with it, and a failure is reported (the agent exits and is restarted).
+    slices.abort();
     let _ = slices.await;
     served.map_err(DraModeError::from)
 }
@@ -203,6 +206,7 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
     // so that tests can move it.
     let mut reading = (0u64, Instant::now());
     let mut writes_before = 0u64;
+    let mut registrations_open = true;
     loop {
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
         if snapshot.generation != reading.0 {
@@ -249,9 +253,13 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
             () = tokio::time::sleep_until(wake) => {}
             // Registered (again) with the kubelet, which deleted the node's slices when it
             // started: write ours again.
-            changed = registered.changed() => if changed.is_ok() {
+            changed = registered.changed(), if registrations_open => if changed.is_ok() {
                 publisher.set_node_uid(owner.uid().await);
                 publisher.republish();
+            } else {
+                // The server is gone (it failed; `run` ends this loop next): a closed channel
+                // would otherwise answer at once on every turn.
+                registrations_open = false;
             },
             _ = shutdown.changed() => {}
         }
