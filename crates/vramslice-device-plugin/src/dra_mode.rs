@@ -228,7 +228,11 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
                 // Written whole again after the first time: the slice was gone (a kubelet's
                 // wipe, or the garbage collector because its owner is: a Node made again).
                 Ok(Some(SlicePublishReason::First)) if writes_before > 0 => {
-                    publisher.set_node_uid(owner.uid().await);
+                    if publisher.set_node_uid(owner.uid().await) {
+                        // Written with the old owner just now: write it again at once.
+                        writes_before = publisher.writes();
+                        continue;
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -254,7 +258,7 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
             // Registered (again) with the kubelet, which deleted the node's slices when it
             // started: write ours again.
             changed = registered.changed(), if registrations_open => if changed.is_ok() {
-                publisher.set_node_uid(owner.uid().await);
+                let _ = publisher.set_node_uid(owner.uid().await);
                 publisher.republish();
             } else {
                 // The server is gone (it failed; `run` ends this loop next): a closed channel
@@ -296,11 +300,13 @@ mod tests {
         }
     }
 
-    struct SameNode;
+    /// The Node's UID as the API server would answer now.
+    #[derive(Clone)]
+    struct NodeNow(Arc<std::sync::Mutex<String>>);
 
-    impl NodeUidSource for SameNode {
+    impl NodeUidSource for NodeNow {
         async fn uid(&self) -> Option<String> {
-            Some("node-uid".into())
+            Some(self.0.lock().unwrap().clone())
         }
     }
 
@@ -313,45 +319,14 @@ mod tests {
             .all(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()))
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_reading_nobody_renews_taints_the_slice_even_when_the_first_write_fails() {
-        let root = tempfile::tempdir().unwrap();
-        let driver = Arc::new(
-            Driver::open(
-                DriverConfig {
-                    node: "node-a".into(),
-                    settings: AllocationSettings {
-                        injection: InjectionMode::LdPreloadEnv,
-                        device_list_strategy: DeviceListStrategy::Envvar,
-                        guard_library_host_path: root.path().join("guard.so"),
-                        preload_file_host_path: root.path().join("ld.so.preload"),
-                        accounting_root: root.path().join("accounting"),
-                    },
-                    cdi_dir: root.path().join("cdi"),
-                    checkpoint: root.path().join("checkpoint.json"),
-                },
-                Arc::new(NoClaims),
-            )
-            .unwrap(),
-        );
-        let slices = MemorySlices::default();
-        let publisher = SlicePublisher::new(
-            slices.clone(),
-            SliceSettings {
-                node: "node-a".into(),
-                node_uid: Some("node-uid".into()),
-                step_bytes: GIB,
-                generation: 0,
-                driver_version: None,
-            },
-            SlicePolicy {
-                threshold_bytes: GIB,
-                min_interval: Duration::from_secs(2),
-                verify_interval: SLICE_VERIFY_INTERVAL,
-            },
-        );
-        let (state, node) = NodeState::new(VramUnit::Gib1);
-        state.apply(vec![GpuSample {
+    fn owner(slice: &ResourceSlice) -> String {
+        slice.metadata.owner_references.as_ref().unwrap()[0]
+            .uid
+            .clone()
+    }
+
+    fn h100() -> Vec<GpuSample> {
+        vec![GpuSample {
             index: 0,
             uuid: "GPU-0".into(),
             model: "NVIDIA H100".into(),
@@ -360,43 +335,136 @@ mod tests {
             free_bytes: 80 * GIB,
             health: Health::Healthy,
             processes: Vec::new(),
-        }]);
-        let (_registrations, registered) = watch::channel(0u64);
-        let (stop, shutdown) = watch::channel(false);
-        let staleness = reading_staleness_bound(Duration::from_secs(10));
-        let task = tokio::spawn(keep_slice(
-            driver,
-            publisher,
-            SliceTriggers {
+        }]
+    }
+
+    /// keep_slice on one H100 reading, with the slices in memory, on tokio's (paused) clock.
+    struct Loop {
+        slices: MemorySlices,
+        node: NodeNow,
+        readings: NodeState,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+        _registrations: watch::Sender<u64>,
+        _root: tempfile::TempDir,
+    }
+
+    impl Loop {
+        fn start() -> Loop {
+            let root = tempfile::tempdir().unwrap();
+            let driver = Arc::new(
+                Driver::open(
+                    DriverConfig {
+                        node: "node-a".into(),
+                        settings: AllocationSettings {
+                            injection: InjectionMode::LdPreloadEnv,
+                            device_list_strategy: DeviceListStrategy::Envvar,
+                            guard_library_host_path: root.path().join("guard.so"),
+                            preload_file_host_path: root.path().join("ld.so.preload"),
+                            accounting_root: root.path().join("accounting"),
+                        },
+                        cdi_dir: root.path().join("cdi"),
+                        checkpoint: root.path().join("checkpoint.json"),
+                    },
+                    Arc::new(NoClaims),
+                )
+                .unwrap(),
+            );
+            let slices = MemorySlices::default();
+            let publisher = SlicePublisher::new(
+                slices.clone(),
+                SliceSettings {
+                    node: "node-a".into(),
+                    node_uid: Some("node-uid".into()),
+                    step_bytes: GIB,
+                    generation: 0,
+                    driver_version: None,
+                },
+                SlicePolicy {
+                    threshold_bytes: GIB,
+                    min_interval: Duration::from_secs(2),
+                    verify_interval: SLICE_VERIFY_INTERVAL,
+                },
+            );
+            let (readings, watch) = NodeState::new(VramUnit::Gib1);
+            readings.apply(h100());
+            let (registrations, registered) = watch::channel(0u64);
+            let (stop, shutdown) = watch::channel(false);
+            let node = NodeNow(Arc::new(std::sync::Mutex::new("node-uid".into())));
+            let task = tokio::spawn(keep_slice(
+                driver,
+                publisher,
+                SliceTriggers {
+                    node: watch,
+                    registered,
+                    owner: node.clone(),
+                },
+                SliceRules {
+                    proc_root: ProcRoot::new(root.path().join("proc")),
+                    step: GIB,
+                    headroom: 0,
+                    staleness: reading_staleness_bound(Duration::from_secs(10)),
+                },
+                shutdown,
+            ));
+            Loop {
+                slices,
                 node,
-                registered,
-                owner: SameNode,
-            },
-            SliceRules {
-                proc_root: ProcRoot::new(root.path().join("proc")),
-                step: GIB,
-                headroom: 0,
-                staleness,
-            },
-            shutdown,
-        ));
+                readings,
+                stop,
+                task,
+                _registrations: registrations,
+                _root: root,
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.send(true).unwrap();
+            self.task.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_nobody_renews_taints_the_slice_even_when_the_first_write_fails() {
+        let l = Loop::start();
+        let staleness = reading_staleness_bound(Duration::from_secs(10));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(slices.written().len(), 1);
-        assert!(!tainted(&slices.written()[0]));
+        assert_eq!(l.slices.written().len(), 1);
+        assert!(!tainted(&l.slices.written()[0]));
         // No reading comes any more (the backend hangs), and the write of the taint fails.
-        slices.failing.store(true, Ordering::SeqCst);
+        l.slices.failing.store(true, Ordering::SeqCst);
         tokio::time::sleep(staleness).await;
-        assert_eq!(slices.written().len(), 1);
-        slices.failing.store(false, Ordering::SeqCst);
+        assert_eq!(l.slices.written().len(), 1);
+        l.slices.failing.store(false, Ordering::SeqCst);
         tokio::time::sleep(SLICE_RETRY_INTERVAL * 2).await;
-        let stored = slices.written();
+        let stored = l.slices.written();
         assert_eq!(
             stored.len(),
             2,
             "the taint was retried without a new reading"
         );
         assert!(tainted(&stored[1]));
-        stop.send(true).unwrap();
-        task.await.unwrap();
+        l.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slice_the_garbage_collector_took_is_written_again_owned_by_the_node_as_it_is() {
+        let l = Loop::start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(owner(&l.slices.written()[0]), "node-uid");
+        // `kubectl delete node`, a kubelet restart: a new Node, and the garbage collector
+        // deletes the slice its old owner held.
+        *l.node.0.lock().unwrap() = "node-uid-2".into();
+        l.slices.stored.lock().unwrap().clear();
+        tokio::time::sleep(SLICE_VERIFY_INTERVAL).await;
+        l.readings.apply(h100());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let stored = l.slices.written();
+        assert_eq!(
+            stored.iter().map(owner).collect::<Vec<_>>(),
+            ["node-uid", "node-uid-2"],
+            "written again with the owner it had, then at once with the new one"
+        );
+        l.stop().await;
     }
 }

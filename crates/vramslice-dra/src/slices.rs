@@ -190,12 +190,15 @@ impl<W: SliceWriter> SlicePublisher<W> {
     /// deleted and made again with a new UID, as a restarted kubelet does after
     /// `kubectl delete node`): a changed UID rewrites the slice at once, since the garbage
     /// collector deletes a slice whose owner is gone.
-    pub fn set_node_uid(&mut self, uid: Option<String>) {
-        if uid.is_some() && uid != self.settings.node_uid {
-            tracing::info!(old = ?self.settings.node_uid, new = ?uid, "the Node's UID changed; writing the slice with the new owner");
-            self.settings.node_uid = uid;
-            self.published = None;
+    /// Returns whether it changed.
+    pub fn set_node_uid(&mut self, uid: Option<String>) -> bool {
+        if uid.is_none() || uid == self.settings.node_uid {
+            return false;
         }
+        tracing::info!(old = ?self.settings.node_uid, new = ?uid, "the Node's UID changed; writing the slice with the new owner");
+        self.settings.node_uid = uid;
+        self.published = None;
+        true
     }
 
     /// Once every verify interval, check that the stored slice is the one last written (its

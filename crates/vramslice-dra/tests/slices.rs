@@ -208,14 +208,14 @@ async fn a_new_node_uid_rewrites_the_slice_with_the_new_owner() {
     // garbage collector deletes a slice owned by the old one, so it must be written anew.
     let memory = Memory::default();
     let mut publisher = publisher(&memory);
-    publisher.set_node_uid(Some("uid-1".into()));
+    assert!(publisher.set_node_uid(Some("uid-1".into())));
     let now = Instant::now();
     publisher
         .observe(vec![device(0, 80 * GIB)], now)
         .await
         .unwrap();
-    publisher.set_node_uid(Some("uid-1".into()));
-    publisher.set_node_uid(None);
+    assert!(!publisher.set_node_uid(Some("uid-1".into())));
+    assert!(!publisher.set_node_uid(None));
     assert_eq!(
         publisher
             .observe(vec![device(0, 80 * GIB)], now)
@@ -224,7 +224,7 @@ async fn a_new_node_uid_rewrites_the_slice_with_the_new_owner() {
         None,
         "an unchanged or unreadable UID writes nothing"
     );
-    publisher.set_node_uid(Some("uid-2".into()));
+    assert!(publisher.set_node_uid(Some("uid-2".into())));
     assert_eq!(
         publisher
             .observe(vec![device(0, 80 * GIB)], now)
