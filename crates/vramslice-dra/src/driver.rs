@@ -157,6 +157,9 @@ pub enum PrepareError {
     },
 }
 
+/// How long [`Driver::learn_admin_access`] waits for one claim.
+const ADMIN_ACCESS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The DRA driver's state: prepared claims (checkpointed) and this node's GPUs.
 pub struct Driver {
     config: DriverConfig,
@@ -365,8 +368,14 @@ impl Driver {
         }
         let mut learned = Vec::new();
         for (uid, namespace, name) in unknown {
-            match self.claims.get(&namespace, &name).await {
-                Ok(object) if object.metadata.uid.as_deref() == Some(uid.as_str()) => {
+            // Bounded: the plugin serves the kubelet only after this.
+            let read = tokio::time::timeout(
+                ADMIN_ACCESS_READ_TIMEOUT,
+                self.claims.get(&namespace, &name),
+            )
+            .await;
+            match read {
+                Ok(Ok(object)) if object.metadata.uid.as_deref() == Some(uid.as_str()) => {
                     let admin = allocation_results(&object).any(|r| {
                         r.driver == DRA_DRIVER
                             && r.pool == self.config.node
@@ -374,9 +383,14 @@ impl Driver {
                     });
                     learned.push((uid, admin));
                 }
-                Ok(_) => {}
-                Err(e) => {
+                // Deleted, or made again as another object: this one is not allocated any more,
+                // so nothing will tell; it counts as before (and is not asked again).
+                Ok(Ok(_)) | Ok(Err(FetchError::NotFound(_))) => learned.push((uid, false)),
+                Ok(Err(e)) => {
                     tracing::warn!(claim = %format!("{namespace}/{name}"), error = %e, "cannot read a prepared claim to learn whether it has admin access");
+                }
+                Err(_) => {
+                    tracing::warn!(claim = %format!("{namespace}/{name}"), "reading a prepared claim to learn whether it has admin access timed out");
                 }
             }
         }
