@@ -42,6 +42,17 @@ fn publisher(memory: &Memory) -> SlicePublisher<Memory> {
     )
 }
 
+/// What `publisher` does with one full H100 at `now`.
+async fn one_h100(
+    publisher: &mut SlicePublisher<Memory>,
+    now: Instant,
+) -> Option<SlicePublishReason> {
+    publisher
+        .observe(vec![device(0, 80 * GIB)], now)
+        .await
+        .unwrap()
+}
+
 fn capacity(slice: &ResourceSlice, i: usize) -> String {
     slice.spec.devices.as_ref().unwrap()[i]
         .capacity
@@ -134,24 +145,15 @@ async fn republish_writes_the_same_devices_again_with_the_next_generation() {
     let memory = Memory::default();
     let mut publisher = publisher(&memory);
     let now = Instant::now();
-    publisher
-        .observe(vec![device(0, 80 * GIB)], now)
-        .await
-        .unwrap();
+    one_h100(&mut publisher, now).await;
     assert_eq!(
-        publisher
-            .observe(vec![device(0, 80 * GIB)], now)
-            .await
-            .unwrap(),
+        one_h100(&mut publisher, now).await,
         None,
         "unchanged devices are not written again"
     );
     publisher.republish();
     assert_eq!(
-        publisher
-            .observe(vec![device(0, 80 * GIB)], now)
-            .await
-            .unwrap(),
+        one_h100(&mut publisher, now).await,
         Some(SlicePublishReason::First),
         "after republish the same devices are written at once, inside the minimum interval"
     );
@@ -210,26 +212,17 @@ async fn a_new_node_uid_rewrites_the_slice_with_the_new_owner() {
     let mut publisher = publisher(&memory);
     assert!(publisher.set_node_uid(Some("uid-1".into())));
     let now = Instant::now();
-    publisher
-        .observe(vec![device(0, 80 * GIB)], now)
-        .await
-        .unwrap();
+    one_h100(&mut publisher, now).await;
     assert!(!publisher.set_node_uid(Some("uid-1".into())));
     assert!(!publisher.set_node_uid(None));
     assert_eq!(
-        publisher
-            .observe(vec![device(0, 80 * GIB)], now)
-            .await
-            .unwrap(),
+        one_h100(&mut publisher, now).await,
         None,
         "an unchanged or unreadable UID writes nothing"
     );
     assert!(publisher.set_node_uid(Some("uid-2".into())));
     assert_eq!(
-        publisher
-            .observe(vec![device(0, 80 * GIB)], now)
-            .await
-            .unwrap(),
+        one_h100(&mut publisher, now).await,
         Some(SlicePublishReason::First)
     );
     let stored = memory.stored.lock().unwrap();
