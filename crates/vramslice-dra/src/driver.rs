@@ -10,7 +10,7 @@ use tokio::sync::Mutex;
 use vramslice_api::convert::dra::{
     ClaimError, allocated_by_driver, allocation_results, claim_on_node,
 };
-use vramslice_api::convert::pod_claims::claims_by_container;
+use vramslice_api::convert::pod_claims::containers_sharing;
 use vramslice_api::names::DRA_DRIVER;
 use vramslice_core::node::allocation::AllocationSettings;
 use vramslice_core::node::dra::{
@@ -321,12 +321,9 @@ impl Driver {
                     continue;
                 }
             };
-            for (container, names) in claims_by_container(&pod) {
-                if names.len() < 2 || !names.contains(&claim.name) {
-                    continue;
-                }
+            for (container, others) in containers_sharing(&pod, &claim.name) {
                 let mut ours = vec![claim.label()];
-                for other in names.iter().filter(|n| **n != claim.name) {
+                for other in &others {
                     match self.claims.get(&claim.namespace, other).await {
                         Ok(found) if allocated_by_driver(&found) => {
                             ours.push(format!("{}/{other}", claim.namespace));

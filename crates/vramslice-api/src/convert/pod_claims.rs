@@ -98,6 +98,21 @@ pub fn claims_by_container(pod: &Pod) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// The containers of `pod` that use claim `claim` together with other claims, each with those
+/// others (by `ResourceClaim` name): the candidates for two claims' CDI edits meeting in one
+/// container. Whether the others are vramslice's is the caller's to find out.
+pub fn containers_sharing(pod: &Pod, claim: &str) -> Vec<(String, Vec<String>)> {
+    claims_by_container(pod)
+        .into_iter()
+        .filter(|(_, names)| names.iter().any(|n| n == claim))
+        .map(|(container, names)| {
+            let others: Vec<String> = names.into_iter().filter(|n| n != claim).collect();
+            (container, others)
+        })
+        .filter(|(_, others)| !others.is_empty())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +180,11 @@ mod tests {
             ]
         );
         assert!(claims_by_container(&Pod::default()).is_empty());
+        assert_eq!(
+            containers_sharing(&p, "p-made-x7k2p"),
+            [("server".to_string(), vec!["shared-vram".to_string()])],
+            "the init container uses it alone"
+        );
+        assert!(containers_sharing(&p, "other").is_empty());
     }
 }
