@@ -189,6 +189,11 @@ refused=(
   "--set webhook.certValidity=0s|webhook.certValidity=0s is below 1h"
   "--set webhook.certValidity=59m59s|webhook.certValidity=59m59s is below 1h"
   "--set webhook.certManager.enabled=true --set webhook.certValidity=30m|is below 1h"
+  "--set extender.extraConfig.webhook.checkInterval=6m21s --set webhook.certValidity=1h|webhook.certValidity=1h is too short for the extender's webhook.checkInterval=6m21s: it must be at least 3609s"
+  "--set extender.extraConfig.webhook.checkInterval=10m --set extender.extraConfig.webhook.selfSigned.certValidity=90m|webhook.certValidity=90m is too short"
+  "--set extender.extraConfig.webhook.checkInterval=often|extender.extraConfig.webhook.checkInterval=often is not a duration"
+  "--set extender.extraConfig.webhook.selfSigned.caValidity=100h|webhook.selfSigned.certValidity=2160h is longer than its caValidity=100h"
+  "--set extender.extraConfig.webhook.selfSigned.caValidity=forever|webhook.selfSigned.caValidity=forever is not a duration"
 )
 for r in "${refused[@]}"; do
   args="${r%%|*}"; want="${r#*|}"
@@ -202,6 +207,10 @@ done
 "$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.certValidity=90m --set webhook.caValidity=1.5h > /dev/null \
   || fail "equal certificate and CA validities written differently were refused"
 ok "webhook validities compared as durations (90m = 1.5h)"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.certValidity=1h \
+  --set extender.extraConfig.webhook.checkInterval=6m20s > /dev/null \
+  || fail "a certificate validity exactly at the extender's floor for its check interval was refused"
+ok "the extender's certificate floor is applied to checkInterval set through extraConfig (6m20s: 1h)"
 
 # The longest release name Helm allows: every object name stays a 63-character DNS label and
 # keeps its component's suffix.

@@ -97,6 +97,34 @@ refuse at run time, where a mistake would stop the scheduler's pod instead of th
 {{- end -}}
 {{- end -}}
 
+{{/* Fails on the extender's webhook settings as merged with extender.extraConfig, by the rules the
+extender applies when it starts (WebhookConfig::validate): a duration it cannot read, or a
+self-signed certificate longer than its CA or too short for its check interval (a third of it must span three checks
+and three times the new CA's 60 s propagation wait). Include with the merged `webhook` dict. */}}
+{{- define "vramslice.checkMergedWebhook" -}}
+{{- $form := "^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$" -}}
+{{- $check := toString (default "1m" .checkInterval) -}}
+{{- if not (regexMatch $form $check) -}}
+{{- fail (printf "extender.extraConfig.webhook.checkInterval=%s is not a duration such as 30s, 1m or 1h30m" $check) -}}
+{{- end -}}
+{{- with .selfSigned -}}
+{{- range $field := list "certValidity" "caValidity" -}}
+{{- $value := toString (get $.selfSigned $field) -}}
+{{- if and $value (not (regexMatch $form $value)) -}}
+{{- fail (printf "the extender's webhook.selfSigned.%s=%s is not a duration such as 720h or 1h30m" $field $value) -}}
+{{- end -}}
+{{- end -}}
+{{- $cert := float64 (include "vramslice.durationMs" (toString .certValidity)) -}}
+{{- if gt $cert (float64 (include "vramslice.durationMs" (toString .caValidity))) -}}
+{{- fail (printf "the extender's webhook.selfSigned.certValidity=%s is longer than its caValidity=%s; it must not be" (toString .certValidity) (toString .caValidity)) -}}
+{{- end -}}
+{{- $floor := addf (mulf 9.0 (float64 (include "vramslice.durationMs" $check))) 180000.0 -}}
+{{- if lt $cert $floor -}}
+{{- fail (printf "webhook.certValidity=%s is too short for the extender's webhook.checkInterval=%s: it must be at least %.0fs (a third of it spans three checks and the CA's 60s propagation wait)" (toString .certValidity) $check (divf $floor 1000.0)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The name of one component's objects: the release's prefix, cut so that the whole stays a
 63-character DNS label with the suffix intact (two components never share a name). Include
 with (dict "ctx" . "suffix" "device-plugin"). */}}
