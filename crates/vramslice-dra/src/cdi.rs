@@ -20,7 +20,15 @@ pub fn device_id(claim_uid: &str) -> String {
 
 /// Where a claim's spec lives in `cdi_dir`: `vramslice.io-claim_<key>.json`.
 pub fn spec_path(cdi_dir: &Path, claim_key: &str) -> PathBuf {
-    cdi_dir.join(format!("vramslice.io-{claim_key}.json"))
+    cdi_dir.join(format!("{SPEC_PREFIX}{claim_key}.json"))
+}
+
+const SPEC_PREFIX: &str = "vramslice.io-";
+
+/// Whether a file name in the CDI directory is one of this driver's specs ([`spec_path`]);
+/// other drivers write there too.
+pub fn is_spec_name(name: &str) -> bool {
+    name.starts_with(SPEC_PREFIX) && name.ends_with(".json")
 }
 
 #[derive(Debug, Serialize)]

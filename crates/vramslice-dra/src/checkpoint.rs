@@ -197,9 +197,109 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// The file `name` is a temporary of [`write_atomically`] for: `<base>.tmp.<pid>.<n>` gives
+/// `<base>`. A crash between creating and renaming one leaves it behind.
+pub fn leftover_temporary_base(name: &str) -> Option<&str> {
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let (rest, n) = name.rsplit_once('.')?;
+    let (rest, pid) = rest.rsplit_once('.')?;
+    let base = rest.strip_suffix(".tmp")?;
+    (digits(n) && digits(pid) && !base.is_empty()).then_some(base)
+}
+
+/// Delete the temporaries [`write_atomically`] left in `dir` for files whose name `ours`
+/// accepts; to be called before this process writes there, since any such file then belongs
+/// to an earlier process (in a container, the same pid is likely). Returns how many were
+/// deleted; a directory that does not exist has none.
+///
+/// # Errors
+/// Listing the directory or deleting a leftover failed.
+pub fn sweep_leftover_temporaries(
+    dir: &Path,
+    ours: impl Fn(&str) -> bool,
+) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut deleted = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if leftover_temporary_base(name).is_some_and(&ours) && entry.file_type()?.is_file() {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => deleted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftover_temporaries_are_recognised_by_their_whole_suffix() {
+        assert_eq!(
+            leftover_temporary_base("vramslice.io-ab.json.tmp.17.3"),
+            Some("vramslice.io-ab.json")
+        );
+        assert_eq!(leftover_temporary_base("x.limit.tmp.1.0"), Some("x.limit"));
+        for name in [
+            "vramslice.io-ab.json",
+            "x.limit.tmp",
+            "x.tmp.17",
+            "x.tmp.17.",
+            "x.tmp..3",
+            "x.tmp.1a.3",
+            "x.tmpx.1.3",
+            ".tmp.1.2",
+            "x.tmp.1.2.3",
+        ] {
+            assert_eq!(leftover_temporary_base(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn sweeping_deletes_only_our_leftover_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "vramslice.io-a.json",
+            "vramslice.io-a.json.tmp.1.0",
+            "vramslice.io-b.json.tmp.88.12",
+            "other-vendor.json.tmp.1.0",
+            "vramslice.io-c.json.tmp",
+        ];
+        for name in names {
+            std::fs::write(dir.path().join(name), b"{}").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("vramslice.io-d.json.tmp.2.2")).unwrap();
+        let ours = |base: &str| base.starts_with("vramslice.io-");
+        assert_eq!(sweep_leftover_temporaries(dir.path(), ours).unwrap(), 2);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "other-vendor.json.tmp.1.0",
+                "vramslice.io-a.json",
+                "vramslice.io-c.json.tmp",
+                "vramslice.io-d.json.tmp.2.2",
+            ]
+        );
+        assert_eq!(
+            sweep_leftover_temporaries(&dir.path().join("absent"), ours).unwrap(),
+            0
+        );
+    }
 
     #[test]
     fn concurrent_writers_of_one_file_all_succeed_and_leave_no_temporary_file() {

@@ -12,7 +12,7 @@ use vramslice_api::convert::dra::{
 };
 use vramslice_api::convert::pod_claims::containers_sharing;
 use vramslice_api::names::DRA_DRIVER;
-use vramslice_core::node::allocation::AllocationSettings;
+use vramslice_core::node::allocation::{AllocationSettings, LIMIT_FILE_HOST_SUFFIX};
 use vramslice_core::node::dra::{
     ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
     grants_by_gpu, plan_claim,
@@ -23,7 +23,7 @@ use vramslice_core::node::sample::GpuSample;
 use crate::cdi;
 use crate::checkpoint::{
     Checkpoint, CheckpointError, PreparedClaim, PreparedDevice, PreparedFiles, PreparedPod,
-    write_atomically,
+    sweep_leftover_temporaries, write_atomically,
 };
 use crate::claims::{ClaimSource, FetchError};
 
@@ -38,6 +38,36 @@ pub struct DriverConfig {
     pub cdi_dir: PathBuf,
     /// The checkpoint file.
     pub checkpoint: PathBuf,
+}
+
+/// Delete the temporary files an earlier process left when it stopped between writing one and
+/// renaming it ([`write_atomically`]): in the checkpoint's directory, the CDI directory and the
+/// accounting root, only those of this driver's files. A failure is logged: the leftovers are
+/// harmless, only untidy.
+fn sweep_leftovers(config: &DriverConfig) {
+    let checkpoint_name = config.checkpoint.file_name().and_then(|n| n.to_str());
+    type Ours<'a> = &'a dyn Fn(&str) -> bool;
+    let places: [(&Path, Ours); 3] = [
+        (
+            config.checkpoint.parent().unwrap_or(Path::new(".")),
+            &|base| Some(base) == checkpoint_name,
+        ),
+        (&config.cdi_dir, &cdi::is_spec_name),
+        (&config.settings.accounting_root, &|base| {
+            base.ends_with(LIMIT_FILE_HOST_SUFFIX)
+        }),
+    ];
+    for (dir, ours) in places {
+        match sweep_leftover_temporaries(dir, ours) {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(dir = %dir.display(), deleted, "deleted temporary files left by an interrupted write");
+            }
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "could not delete temporary files left by an interrupted write");
+            }
+        }
+    }
 }
 
 /// A claim as the kubelet names it.
@@ -180,6 +210,7 @@ impl Driver {
         claims: Arc<dyn ClaimSource>,
     ) -> Result<Self, CheckpointError> {
         let checkpoint = Checkpoint::load(&config.checkpoint)?;
+        sweep_leftovers(&config);
         tracing::info!(
             checkpoint = %config.checkpoint.display(),
             prepared = checkpoint.claims.len(),

@@ -909,3 +909,29 @@ async fn without_the_shim_tonic_resets_a_request_whose_authority_is_a_socket_pat
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[test]
+fn opening_deletes_temporaries_an_interrupted_write_left_and_nothing_else() {
+    let node = Node::new();
+    let files = [
+        // Left by an earlier process that stopped between write and rename.
+        ("state/checkpoint.json.tmp.1.0", false),
+        ("cdi/vramslice.io-claim-uid-1.json.tmp.1.4", false),
+        ("accounting/claim-uid-1.limit.tmp.1.5", false),
+        // Not ours, or not a temporary.
+        ("state/other.json.tmp.1.0", true),
+        ("cdi/nvidia.com-gpu.json.tmp.1.0", true),
+        ("cdi/vramslice.io-claim-uid-1.json", true),
+        ("accounting/claim-uid-1.limit", true),
+        ("accounting/claim-uid-1/0.acct.tmp.1.0", true),
+    ];
+    for (rel, _) in files {
+        let path = node.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"{}").unwrap();
+    }
+    Driver::open(node.config(), node.claims.clone()).unwrap();
+    for (rel, kept) in files {
+        assert_eq!(node.path(rel).exists(), kept, "{rel}");
+    }
+}
