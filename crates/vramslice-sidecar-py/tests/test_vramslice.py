@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -380,6 +381,45 @@ def test_cleanup_runs_after_the_failed_attempts_frames_are_gone():
 
     assert step() == "ok"
     assert seen == [1]
+
+
+def test_cleanup_after_the_last_attempt_frees_what_its_frames_held():
+    # Regression: when the retries were spent, cleanup ran while the propagating error's
+    # traceback still held the failed call's frames and their tensors.
+    rt = make(backoff=0.001, oom_retries=1)
+    freed, seen = [], []
+
+    class Tensor:
+        def __del__(self):
+            freed.append(1)
+
+    def load(batch):
+        weights = Tensor()  # noqa: F841 - held by this frame, deeper than the guarded call
+        raise RuntimeError(f"CUDA out of memory with batch {batch}")
+
+    @vramslice.guarded(key="t", need="1Gi", runtime=rt, cleanup=lambda: seen.append(len(freed)))
+    def step(batch):
+        activations = Tensor()  # noqa: F841
+        load(batch)
+
+    with pytest.raises(RuntimeError, match="out of memory with batch 8") as failed:
+        step(8)
+    # Two attempts: after the first, its frames were gone (2 freed); after the last, too (4).
+    assert seen == [2, 4]
+    names = [frame.name for frame in traceback.extract_tb(failed.value.__traceback__)]
+    assert names[-2:] == ["step", "load"], "the traceback keeps where it failed"
+
+    @vramslice.guarded(key="a", need="1Gi", runtime=rt, cleanup=lambda: seen.append(len(freed)))
+    async def astep():
+        activations = Tensor()  # noqa: F841
+        await asyncio.sleep(0)
+        raise RuntimeError("CUDA out of memory")
+
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        asyncio.run(astep())
+    assert seen == [5, 6]
+    assert rt.stats()["running"] == 0
 
 
 def hold_while_waiters_queue(rt, waiters, timeout, default_threads=None):

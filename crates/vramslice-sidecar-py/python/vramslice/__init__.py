@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -292,6 +293,22 @@ def _call_kwargs(fn: Callable, args: tuple, kwargs: dict) -> Dict[str, Any]:
     return dict(bound.arguments)
 
 
+def _drop_failed_frames(exc: BaseException) -> None:
+    """Clear the local variables of the frames the failed call left in ``exc``'s traceback (and
+    in the exceptions chained to it), keeping their files and lines: the tensors they held can
+    then be freed while the error still propagates. Frames still running (the caller's) are
+    left alone."""
+    seen = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
+
+
 def guarded(
     key: Union[str, Callable[..., str], None] = None,
     *,
@@ -312,6 +329,10 @@ def guarded(
     backoff is waited and the call retried, at most ``retries`` times (default: the runtime's
     ``oom_retries``); then the last error propagates. ``timeout`` (seconds) overrides the
     runtime's admission timeout for these calls.
+
+    When the last attempt fails with out-of-memory, the local variables of the frames it left in
+    the error's traceback are cleared (files and lines stay), so that ``cleanup`` frees its
+    tensors before the error reaches the caller, who may hold it for a while.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -333,6 +354,14 @@ def guarded(
             rt.note_retry()
             return rt.backoff(attempt)
 
+        def give_up(exc: BaseException) -> None:
+            # The error propagates with its traceback, which holds the last attempt's frames:
+            # cleanup can only free their tensors once those frames are cleared.
+            if classify(exc):
+                _drop_failed_frames(exc)
+                if cleanup is not None:
+                    cleanup()
+
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -345,8 +374,7 @@ def guarded(
                             return await fn(*args, **kwargs)
                     except BaseException as exc:  # noqa: BLE001
                         if not classify(exc) or attempt >= limit:
-                            if classify(exc) and cleanup is not None:
-                                cleanup()
+                            give_up(exc)
                             raise
                     await asyncio.sleep(recover(rt, attempt))
                     attempt += 1
@@ -363,8 +391,7 @@ def guarded(
                         return fn(*args, **kwargs)
                 except BaseException as exc:  # noqa: BLE001
                     if not classify(exc) or attempt >= limit:
-                        if classify(exc) and cleanup is not None:
-                            cleanup()
+                        give_up(exc)
                         raise
                 time.sleep(recover(rt, attempt))
                 attempt += 1
