@@ -15,7 +15,9 @@
 //!   peak × 1.2. Peaks persist atomically in `VRAMSLICE_PROFILE_DIR`, keyed by
 //!   [`profile_key`]; a higher peak replaces a lower one, never the reverse.
 //! - **Retry** ([`Runtime::run`]): out-of-memory errors trigger a cleanup callback, exponential
-//!   backoff (0.5 s, 1 s, 2 s) and another attempt with the peak raised.
+//!   backoff (0.5 s, 1 s, 2 s) and another attempt with the peak raised (for every worker when
+//!   the job ran alone; in this process only, until the job is next measured, when it ran
+//!   beside others that may have caused the error).
 //! - **Metrics** ([`Runtime::render_metrics`], or `VRAMSLICE_METRICS_ADDR`).
 //! - **C ABI** ([`ffi`], header `include/vramslice_sidecar.h`); Python lives in
 //!   `vramslice-sidecar-py`.

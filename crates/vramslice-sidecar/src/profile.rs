@@ -8,6 +8,12 @@
 //! peak is higher writes a uniquely named temporary file, fsyncs it, renames it over the profile
 //! and fsyncs the directory. Readers take no lock: a rename is atomic, so they see the old or the
 //! new file whole. A higher peak replaces a lower one, never the reverse.
+//!
+//! A raise after an out-of-memory error that struck while other jobs of the process ran is not
+//! this job's alone to answer for (the others' allocations were in the same process): it is kept
+//! in this process only, as a provisional peak ([`Profiles::raise_provisionally`]), until a
+//! peak of the job is recorded, and is never written. Otherwise every neighbour's spike would
+//! raise the victims' peaks on disk for good, and a busy server's reservations would only grow.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -54,6 +60,7 @@ pub struct ProfileRecord {
 pub struct Profiles {
     dir: Option<PathBuf>,
     memory: Mutex<HashMap<u64, u64>>,
+    provisional: Mutex<HashMap<u64, u64>>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -64,6 +71,7 @@ impl Profiles {
         Self {
             dir: None,
             memory: Mutex::new(HashMap::new()),
+            provisional: Mutex::new(HashMap::new()),
         }
     }
 
@@ -78,6 +86,7 @@ impl Profiles {
         Ok(Self {
             dir: Some(dir),
             memory: Mutex::new(HashMap::new()),
+            provisional: Mutex::new(HashMap::new()),
         })
     }
 
@@ -93,10 +102,43 @@ impl Profiles {
         *slot
     }
 
-    /// The highest known peak of `key` + `params`: the larger of this process's and the
-    /// directory's. A missing, unreadable or foreign file counts as unknown.
+    /// The peak to reserve for `key` + `params`: the largest of this process's, the directory's
+    /// and a provisional raise. A missing, unreadable or foreign file counts as unknown.
     pub fn peak(&self, key: &str, params: &BTreeMap<String, String>) -> Option<u64> {
         let hash = profile_hash(key, params);
+        let provisional = self
+            .provisional
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&hash)
+            .copied();
+        let recorded = self.recorded_peak(hash, key, params);
+        recorded.max(provisional)
+    }
+
+    /// Raise the peak of `key` + `params` to `peak` in this process only, until a peak is next
+    /// recorded for it ([`Profiles::record`]); returns the peak now reserved for it.
+    pub fn raise_provisionally(
+        &self,
+        key: &str,
+        params: &BTreeMap<String, String>,
+        peak: u64,
+    ) -> u64 {
+        let hash = profile_hash(key, params);
+        let mut provisional = self.provisional.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = provisional.entry(hash).or_insert(0);
+        *slot = (*slot).max(peak);
+        let raised = *slot;
+        drop(provisional);
+        self.peak(key, params).unwrap_or(raised).max(raised)
+    }
+
+    fn recorded_peak(
+        &self,
+        hash: u64,
+        key: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Option<u64> {
         let in_memory = self
             .memory
             .lock()
@@ -115,8 +157,8 @@ impl Profiles {
         }
     }
 
-    /// Record `peak` for `key` + `params` if it is higher than what is known; returns the peak
-    /// now stored.
+    /// Record `peak` for `key` + `params` if it is higher than what is known, and end a
+    /// provisional raise of it; returns the peak now stored.
     pub fn record(
         &self,
         key: &str,
@@ -124,6 +166,10 @@ impl Profiles {
         peak: u64,
     ) -> Result<u64, ProfileError> {
         let hash = profile_hash(key, params);
+        self.provisional
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&hash);
         let known = self.remember(hash, peak);
         let Some(dir) = self.dir.as_deref() else {
             return Ok(known);
@@ -254,6 +300,37 @@ mod tests {
         // and a record replaces the junk
         assert_eq!(p.record("m", &params("8"), 7).unwrap(), 7);
         assert_eq!(read_record(&file).unwrap().peak_bytes, 7);
+    }
+
+    #[test]
+    fn a_provisional_raise_is_never_written_and_ends_with_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Profiles::in_dir(dir.path()).unwrap();
+        assert_eq!(p.raise_provisionally("m", &params("8"), 40), 40);
+        assert_eq!(p.peak("m", &params("8")), Some(40));
+        assert!(
+            Profiles::in_dir(dir.path())
+                .unwrap()
+                .peak("m", &params("8"))
+                .is_none(),
+            "another process (or this one restarted) does not see it"
+        );
+        p.record("m", &params("8"), 10).unwrap();
+        assert_eq!(
+            p.raise_provisionally("m", &params("8"), 5),
+            10,
+            "never lowers"
+        );
+        assert_eq!(p.raise_provisionally("m", &params("8"), 30), 30);
+        assert_eq!(
+            p.raise_provisionally("m", &params("8"), 20),
+            30,
+            "the highest raise"
+        );
+        // A recorded peak, even lower, replaces it: it was measured.
+        assert_eq!(p.record("m", &params("8"), 12).unwrap(), 12);
+        assert_eq!(p.peak("m", &params("8")), Some(12));
+        assert_eq!(p.peak("m", &params("16")), None);
     }
 
     #[test]

@@ -273,6 +273,46 @@ fn an_out_of_memory_beside_other_jobs_raises_from_the_recorded_peak_not_theirs()
 }
 
 #[test]
+fn an_out_of_memory_beside_other_jobs_is_not_written_to_the_shared_profile() {
+    // Regression: every out-of-memory raised the job's peak on disk for good, also when a
+    // neighbour in the process caused it, so a busy server's reservations only grew.
+    let dir = tempfile::tempdir().unwrap();
+    let shared = |c: &mut Config| c.profile_dir = Some(dir.path().to_path_buf());
+    let (rt, usage) = runtime(10 * GIB, shared);
+    let small = Job::new("small");
+    let p = rt.admit_blocking(&small).unwrap();
+    usage.add(GIB);
+    assert_eq!(p.complete(), Some(GIB));
+    usage.sub(GIB);
+
+    let big = rt.admit_blocking(&Job::new("big").need(5 * GIB)).unwrap();
+    let raised = rt.admit_blocking(&small).unwrap().out_of_memory();
+    assert_eq!(raised, GIB + GIB / 4);
+    // The retry in this process reserves by the raise ...
+    let retry = rt.admit_blocking(&small).unwrap();
+    assert_eq!(retry.reserved(), (raised as f64 * 1.2) as u64);
+    // ... other workers (and this one after a restart) keep the measured peak.
+    let (other, _) = runtime(10 * GIB, shared);
+    assert_eq!(other.learned_peak(&small), Some(GIB));
+    drop(big);
+    // Measured alone, the peak replaces the provisional raise, even lower.
+    usage.add(GIB - GIB / 8);
+    assert_eq!(retry.complete(), None, "measured no higher than the record");
+    usage.set(0);
+    let alone = rt.admit_blocking(&small).unwrap();
+    usage.add(GIB / 2);
+    assert_eq!(alone.complete(), Some(GIB));
+    assert_eq!(rt.learned_peak(&small), Some(GIB));
+
+    // Alone, the job caused it: the raise is recorded for every worker.
+    usage.set(0);
+    let p = rt.admit_blocking(&small).unwrap();
+    usage.add(2 * GIB);
+    assert_eq!(p.out_of_memory(), 2 * GIB + GIB / 2);
+    assert_eq!(other.learned_peak(&small), Some(2 * GIB + GIB / 2));
+}
+
+#[test]
 fn settings_out_of_range_are_refused_however_they_are_made() {
     for tweak in [
         (|c: &mut Config| c.policy.peak_margin = 0.0) as fn(&mut Config),

@@ -131,19 +131,32 @@ impl Permit {
         }
     }
 
-    /// The job failed with out-of-memory: give the memory back and raise its recorded peak so
-    /// the next attempt reserves more. Returns the new recorded peak. As in [`Permit::complete`],
-    /// a peak sampled while other jobs ran is not this job's alone, so it is not used: the raise
-    /// then starts from the recorded peak (or, with none, the reservation).
+    /// The job failed with out-of-memory: give the memory back and raise its peak so the next
+    /// attempt reserves more. Returns the peak the next attempt reserves by.
+    ///
+    /// Alone, the job caused the error: the raise (from the larger of the sampled and the
+    /// recorded peak) is recorded like a measured peak. Beside other jobs of this runtime, its
+    /// sampled peak holds their allocations and any of them may have caused the error: the
+    /// raise starts from the recorded peak (or, with none, the reservation) and is provisional,
+    /// kept in this process until the job's peak is next recorded, never written
+    /// ([`Profiles::raise_provisionally`](crate::profile::Profiles::raise_provisionally)).
     pub fn out_of_memory(mut self) -> u64 {
         self.inner.metrics.oom_errors.inc();
-        let observed = match self.end() {
-            Some((peak, false)) => peak,
-            _ => 0,
+        let alone = match self.end() {
+            Some((peak, false)) => Some(peak),
+            _ => None,
         };
-        let recorded = self.inner.profiles.peak(self.job.key(), self.job.params());
-        let raised =
-            policy::raise_after_oom(recorded, observed, self.reserved, &self.inner.config.policy);
+        let profiles = &self.inner.profiles;
+        let recorded = profiles.peak(self.job.key(), self.job.params());
+        let raised = policy::raise_after_oom(
+            recorded,
+            alone.unwrap_or(0),
+            self.reserved,
+            &self.inner.config.policy,
+        );
+        if alone.is_none() {
+            return profiles.raise_provisionally(self.job.key(), self.job.params(), raised);
+        }
         match self
             .inner
             .profiles
