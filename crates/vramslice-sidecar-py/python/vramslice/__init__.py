@@ -214,17 +214,16 @@ class job:  # noqa: N801 - reads as a function at the call site
         """Bytes reserved for the job (0 before admission)."""
         return self.permit.reserved if self.permit is not None else 0
 
-    def _finish(self, exc: Optional[BaseException]) -> None:
+    def _outcome(self, exc: Optional[BaseException]) -> str:
+        if exc is None:
+            return "complete"
+        return "out_of_memory" if self._classify(exc) else "release"
+
+    def _finish(self, outcome: str) -> None:
         permit, self.permit = self.permit, None
         self._unclaim()
-        if permit is None:
-            return
-        if exc is None:
-            permit.complete()
-        elif self._classify(exc):
-            permit.out_of_memory()
-        else:
-            permit.release()
+        if permit is not None:
+            getattr(permit, outcome)()
 
     def __enter__(self) -> "job":
         self._claim()
@@ -236,7 +235,7 @@ class job:  # noqa: N801 - reads as a function at the call site
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._finish(exc)
+        self._finish(self._outcome(exc))
         return False
 
     async def __aenter__(self) -> "job":
@@ -269,13 +268,15 @@ class job:  # noqa: N801 - reads as a function at the call site
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
         # Giving the memory back reads usage and may write the profile (a lock and an fsync):
-        # off the event loop.
+        # off the event loop. The error itself stays here: the pool's thread would hold it, and
+        # the failed frames in its traceback, past the retry's cleanup.
+        outcome = self._outcome(exc)
         try:
             finishing = asyncio.get_running_loop().run_in_executor(
-                _release_pool(), contextvars.copy_context().run, self._finish, exc
+                _release_pool(), contextvars.copy_context().run, self._finish, outcome
             )
         except RuntimeError:  # the pool is shut down: the interpreter is exiting
-            self._finish(exc)
+            self._finish(outcome)
             return False
         await asyncio.shield(finishing)
         return False
