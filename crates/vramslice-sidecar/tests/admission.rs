@@ -553,3 +553,48 @@ fn the_reclaim_hook_runs_once_per_stalled_job_and_not_while_jobs_run() {
     );
     assert_eq!(*calls.lock().unwrap(), 1);
 }
+
+#[test]
+fn a_peak_read_from_the_guards_file_is_this_processs_own() {
+    // Regression: the container's total was the only reading, so what the container's other
+    // worker processes allocated during a job was recorded, for good, as the job's own peak.
+    use vramslice_core::container::accounting::{ACCOUNTING_FILE_NAME, header, initial_image};
+    use vramslice_core::container::accounting::{slot, slot_word};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(ACCOUNTING_FILE_NAME);
+    let write = |own: u64, other: u64| {
+        let mut image = initial_image(10 * GIB, "GPU-a", 4);
+        let mut put = |word: usize, value: u64| {
+            image[word * 8..word * 8 + 8].copy_from_slice(&value.to_le_bytes());
+        };
+        put(header::USED, own + other);
+        put(slot_word(0, slot::PID), u64::from(std::process::id()));
+        put(slot_word(0, slot::BYTES), own);
+        put(slot_word(1, slot::PID), 1);
+        put(slot_word(1, slot::BYTES), other);
+        // Whole at once, as the guard's in-place updates are seen (a plain write truncates).
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, image).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(GIB, 2 * GIB); // weights here, another worker's 2 GiB
+    let source = vramslice_sidecar::usage::AccountingFile::in_dir(dir.path());
+    let config = Config {
+        limit: Some(10 * GIB),
+        sample_interval: Duration::from_millis(2),
+        ..Config::default()
+    };
+    let rt = Runtime::new(config, source).unwrap();
+    let job = Job::new("forward").param("batch", 1);
+    let p = rt.admit_blocking(&job).unwrap();
+    write(2 * GIB, 6 * GIB); // this job's 1 GiB; the other worker grew by 4 GiB meanwhile
+    wait_until("sampled", || p.peak_so_far() == GIB);
+    write(GIB, 6 * GIB);
+    assert_eq!(p.complete(), Some(GIB));
+    assert_eq!(rt.learned_peak(&job), Some(GIB));
+    assert_eq!(
+        rt.stats().live,
+        7 * GIB,
+        "admission still sees the container"
+    );
+}

@@ -22,8 +22,30 @@ pub(crate) struct Running {
     pub(crate) reported: Option<u64>,
     pub(crate) start_live: u64,
     pub(crate) peak_live: u64,
+    /// This process's usage when the job started, when the source knows it.
+    pub(crate) start_own: Option<u64>,
+    pub(crate) peak_own: u64,
     pub(crate) overlapped: bool,
     pub(crate) admitted: Instant,
+}
+
+impl Running {
+    /// The job's peak above its start, with usage now `live` (the container's) and `own` (this
+    /// process's): what the embedder reported, else this process's growth when the source
+    /// told it at both ends, else the container's (which counts what its other processes
+    /// allocated meanwhile).
+    pub(crate) fn peak(&self, live: u64, own: Option<u64>) -> u64 {
+        self.reported
+            .unwrap_or_else(|| self.measured_peak(live, own))
+    }
+
+    /// The peak sampled so far ([`Running::peak`] without a report).
+    pub(crate) fn measured_peak(&self, live: u64, own: Option<u64>) -> u64 {
+        match (self.start_own, own) {
+            (Some(start), Some(now)) => self.peak_own.max(now).saturating_sub(start),
+            _ => self.peak_live.max(live).saturating_sub(self.start_live),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -31,6 +53,8 @@ pub(crate) struct State {
     pub(crate) queue: AdmissionQueue,
     pub(crate) jobs: HashMap<JobId, Running>,
     pub(crate) last_live: u64,
+    /// This process's usage at the last reading, when the source knows it.
+    pub(crate) last_own: Option<u64>,
     /// The stalled head the reclaim hook last ran for (it runs once per job).
     pub(crate) reclaimed_for: Option<JobId>,
 }
@@ -117,9 +141,11 @@ impl Inner {
             self.metrics.limit_bytes.set(total);
         }
         state.last_live = reading.used;
+        state.last_own = reading.own;
         let peak = reading.peak.unwrap_or(0).max(reading.used);
         for job in state.jobs.values_mut() {
             job.peak_live = job.peak_live.max(peak);
+            job.peak_own = job.peak_own.max(reading.own.unwrap_or(0));
         }
         Ok(reading.used)
     }
@@ -145,6 +171,8 @@ impl Inner {
                 reported: None,
                 start_live: live,
                 peak_live: live,
+                start_own: state.last_own,
+                peak_own: state.last_own.unwrap_or(0),
                 overlapped,
                 admitted: Instant::now(),
             },
@@ -324,18 +352,18 @@ impl Inner {
         let mut state = lock(&self.state);
         let job = state.jobs.remove(&id);
         let live = live.unwrap_or(state.last_live);
+        let own = state.last_own;
         state.queue.release(id, live);
         self.pump(&mut state, live);
         drop(state);
         self.cond.notify_all();
         self.notify.notify_waiters();
-        job.map(|j| match j.reported {
-            // The embedder measured this job alone: trust it even when jobs overlapped.
-            Some(reported) => (reported, false, j.admitted.elapsed()),
-            None => {
-                let peak = j.peak_live.max(live).saturating_sub(j.start_live);
-                (peak, j.overlapped, j.admitted.elapsed())
-            }
+        job.map(|j| {
+            (
+                j.peak(live, own),
+                j.overlapped && j.reported.is_none(),
+                j.admitted.elapsed(),
+            )
         })
     }
 }

@@ -83,6 +83,7 @@ impl Runtime {
                 queue,
                 jobs: HashMap::new(),
                 last_live: first.used,
+                last_own: first.own,
                 reclaimed_for: None,
             }),
             cond: Condvar::new(),

@@ -79,13 +79,14 @@ impl Permit {
         &self.job
     }
 
-    /// Usage above the job's start seen so far (its peak, when it ran alone).
+    /// Usage above the job's start seen so far (its peak, when it ran alone): this process's
+    /// when the usage source tells it, else the container's.
     pub fn peak_so_far(&self) -> u64 {
         let state = lock(&self.inner.state);
         state
             .jobs
             .get(&self.id)
-            .map(|j| j.peak_live.saturating_sub(j.start_live))
+            .map(|j| j.measured_peak(state.last_live, state.last_own))
             .unwrap_or(0)
     }
 

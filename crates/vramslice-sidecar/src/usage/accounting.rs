@@ -1,6 +1,6 @@
 //! The guard's accounting file as a usage source (layout and parser in
 //! `vramslice_core::container::accounting`): the container's reserved total is the live usage, the limit
-//! the guard recorded is the total.
+//! the guard recorded is the total, and this process's slot is its own usage.
 
 use std::path::{Path, PathBuf};
 
@@ -11,15 +11,26 @@ use super::{UsageError, UsageReading, UsageSource};
 /// Name of the accounting file inside `VRAMSLICE_ACCOUNTING_DIR`.
 pub const FILE_NAME: &str = vramslice_core::container::accounting::ACCOUNTING_FILE_NAME;
 
-/// Decode the accounting file's bytes.
-pub fn reading(bytes: &[u8]) -> Result<UsageReading, AccountingError> {
+/// Decode the accounting file's bytes as process `pid` reads them (its own usage is what the
+/// slots of `pid` hold; unknown when it has none).
+pub fn reading(bytes: &[u8], pid: u32) -> Result<UsageReading, AccountingError> {
     let snapshot = vramslice_core::container::accounting::parse(bytes)?;
+    let own = snapshot
+        .slots
+        .iter()
+        .filter(|s| s.pid == pid && !s.reaping)
+        .map(|s| s.bytes)
+        .reduce(u64::saturating_add);
     Ok(UsageReading {
         used: snapshot.used_bytes,
         total: (snapshot.limit_bytes > 0).then_some(snapshot.limit_bytes),
         peak: None,
+        own,
     })
 }
+
+/// How often a file caught half-written is read again before it is an error.
+const PARTIAL_READ_TRIES: u32 = 3;
 
 /// The guard's per-container accounting file in `VRAMSLICE_ACCOUNTING_DIR`, read through the
 /// parser in `vramslice_core::container::accounting`. A directory with no file yet (nothing allocated so
@@ -56,23 +67,40 @@ impl AccountingFile {
 }
 
 impl UsageSource for AccountingFile {
+    /// A file that does not exist yet, or is still empty (the guard creates it, then writes
+    /// it), reads as zero: nothing can be counted before it is written. One caught half-written
+    /// (the guard writing or rebuilding it) is read again, briefly, before it is an error.
     fn read(&self) -> Result<UsageReading, UsageError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(UsageReading::default());
+        let mut tries = 0;
+        loop {
+            let bytes = match std::fs::read(&self.path) {
+                Ok(b) if b.is_empty() => return Ok(UsageReading::default()),
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(UsageReading::default());
+                }
+                Err(source) => {
+                    return Err(UsageError::AccountingRead {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            };
+            match reading(&bytes, std::process::id()) {
+                Err(AccountingError::TooShort { .. } | AccountingError::Truncated { .. })
+                    if tries + 1 < PARTIAL_READ_TRIES =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                read => {
+                    return read.map_err(|source| UsageError::AccountingContent {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
             }
-            Err(source) => {
-                return Err(UsageError::AccountingRead {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
-        };
-        reading(&bytes).map_err(|source| UsageError::AccountingContent {
-            path: self.path.clone(),
-            source,
-        })
+        }
     }
 }
 
@@ -113,6 +141,38 @@ mod tests {
             AccountingFile::in_dir_for(dir.path(), None).path(),
             dir.path().join(FILE_NAME)
         );
+    }
+
+    #[test]
+    fn own_usage_is_what_this_processs_slots_hold() {
+        use vramslice_core::container::accounting::{slot, slot_word};
+        let mut image = initial_image(4 << 30, "GPU-1", 4);
+        let at = header::USED * 8;
+        image[at..at + 8].copy_from_slice(&(3u64 << 30).to_le_bytes());
+        assert_eq!(reading(&image, 42).unwrap().own, None, "no slot: unknown");
+        let mut put = |index: usize, pid: u64, bytes: u64| {
+            for (field, value) in [(slot::PID, pid), (slot::BYTES, bytes)] {
+                let at = slot_word(index, field) * 8;
+                image[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            }
+        };
+        put(0, 42, 1 << 30);
+        put(1, 7, 2 << 30);
+        let r = reading(&image, 42).unwrap();
+        assert_eq!((r.used, r.own), (3 << 30, Some(1 << 30)));
+        assert_eq!(reading(&image, 7).unwrap().own, Some(2 << 30));
+    }
+
+    #[test]
+    fn a_file_the_guard_is_still_creating_reads_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b"").unwrap();
+        let source = AccountingFile::in_dir(dir.path());
+        assert_eq!(source.read().unwrap(), UsageReading::default());
+        // Half a header stays an error once the reads again find it so.
+        std::fs::write(dir.path().join(FILE_NAME), [0u8; 12]).unwrap();
+        let err = source.read().unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 
     #[test]

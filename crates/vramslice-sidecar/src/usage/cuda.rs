@@ -11,6 +11,7 @@ impl UsageSource for CudaMemInfo {
             used: total.saturating_sub(free),
             total: Some(total),
             peak: None,
+            own: None,
         })
     }
 }

@@ -22,6 +22,11 @@ pub struct UsageReading {
     /// The highest usage since the previous read of this source, when it keeps one (so that
     /// allocations freed between two samples still count toward a job's peak).
     pub peak: Option<u64>,
+    /// Bytes this process holds, when the source tells the container's processes apart (the
+    /// guard's accounting file, once this process has a slot in it). A job's peak is measured
+    /// from it when known, so that what the container's other processes allocate meanwhile
+    /// is not counted.
+    pub own: Option<u64>,
 }
 
 /// A usage source that could not be read.
@@ -114,6 +119,7 @@ impl UsageSource for ManualUsage {
             used,
             total: (total > 0).then_some(total),
             peak: Some(peak),
+            own: None,
         })
     }
 }
