@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::profile_key::{profile_file_name, profile_hash};
+use crate::profile_key::profile_file_name;
 
 /// A profile directory that could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +59,16 @@ pub struct ProfileRecord {
 #[derive(Debug)]
 pub struct Profiles {
     dir: Option<PathBuf>,
-    memory: Mutex<HashMap<u64, u64>>,
-    provisional: Mutex<HashMap<u64, u64>>,
+    memory: Mutex<HashMap<Identity, u64>>,
+    provisional: Mutex<HashMap<Identity, u64>>,
+}
+
+/// A job's identity in memory: its key and parameters themselves, not their hash (two
+/// identities whose hashes collide must not share a peak).
+type Identity = (String, BTreeMap<String, String>);
+
+fn identity(key: &str, params: &BTreeMap<String, String>) -> Identity {
+    (key.to_string(), params.clone())
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -95,9 +103,9 @@ impl Profiles {
         self.dir.as_deref()
     }
 
-    fn remember(&self, hash: u64, peak: u64) -> u64 {
+    fn remember(&self, id: &Identity, peak: u64) -> u64 {
         let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = memory.entry(hash).or_insert(0);
+        let slot = memory.entry(id.clone()).or_insert(0);
         *slot = (*slot).max(peak);
         *slot
     }
@@ -105,14 +113,14 @@ impl Profiles {
     /// The peak to reserve for `key` + `params`: the largest of this process's, the directory's
     /// and a provisional raise. A missing, unreadable or foreign file counts as unknown.
     pub fn peak(&self, key: &str, params: &BTreeMap<String, String>) -> Option<u64> {
-        let hash = profile_hash(key, params);
+        let id = identity(key, params);
         let provisional = self
             .provisional
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&hash)
+            .get(&id)
             .copied();
-        let recorded = self.recorded_peak(hash, key, params);
+        let recorded = self.recorded_peak(&id, key, params);
         recorded.max(provisional)
     }
 
@@ -124,9 +132,9 @@ impl Profiles {
         params: &BTreeMap<String, String>,
         peak: u64,
     ) -> u64 {
-        let hash = profile_hash(key, params);
+        let id = identity(key, params);
         let mut provisional = self.provisional.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = provisional.entry(hash).or_insert(0);
+        let slot = provisional.entry(id).or_insert(0);
         *slot = (*slot).max(peak);
         let raised = *slot;
         drop(provisional);
@@ -135,7 +143,7 @@ impl Profiles {
 
     fn recorded_peak(
         &self,
-        hash: u64,
+        id: &Identity,
         key: &str,
         params: &BTreeMap<String, String>,
     ) -> Option<u64> {
@@ -143,7 +151,7 @@ impl Profiles {
             .memory
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&hash)
+            .get(id)
             .copied();
         let on_disk = self
             .dir
@@ -152,7 +160,7 @@ impl Profiles {
             .filter(|r| r.key == key && &r.params == params)
             .map(|r| r.peak_bytes);
         match (in_memory, on_disk) {
-            (Some(a), Some(b)) => Some(self.remember(hash, a.max(b))),
+            (Some(a), Some(b)) => Some(self.remember(id, a.max(b))),
             (a, b) => a.or(b),
         }
     }
@@ -165,12 +173,12 @@ impl Profiles {
         params: &BTreeMap<String, String>,
         peak: u64,
     ) -> Result<u64, ProfileError> {
-        let hash = profile_hash(key, params);
+        let id = identity(key, params);
         self.provisional
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&hash);
-        let known = self.remember(hash, peak);
+            .remove(&id);
+        let known = self.remember(&id, peak);
         let Some(dir) = self.dir.as_deref() else {
             return Ok(known);
         };
@@ -194,7 +202,7 @@ impl Profiles {
         if let Some(current) = current
             && current >= known
         {
-            return Ok(self.remember(hash, current));
+            return Ok(self.remember(&id, current));
         }
         let record = ProfileRecord {
             version: 1,
@@ -331,6 +339,18 @@ mod tests {
         assert_eq!(p.record("m", &params("8"), 12).unwrap(), 12);
         assert_eq!(p.peak("m", &params("8")), Some(12));
         assert_eq!(p.peak("m", &params("16")), None);
+    }
+
+    #[test]
+    fn identities_are_told_apart_in_memory_by_themselves_not_their_hash() {
+        // Two identities are one only when key and parameters are equal, whatever their
+        // hashes: the in-memory maps are keyed by the identity (files check it when read).
+        let p = Profiles::in_memory();
+        p.record("m", &params("8"), 10 << 30).unwrap();
+        assert_eq!(p.peak("m", &params("16")), None);
+        assert_eq!(p.peak("m8", &BTreeMap::new()), None);
+        assert_eq!(identity("m", &params("8")), identity("m", &params("8")));
+        assert_ne!(identity("m", &params("8")), identity("m", &params("16")));
     }
 
     #[test]
