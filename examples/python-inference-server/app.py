@@ -119,4 +119,4 @@ def stats():
 
 @app.get("/metrics")
 def metrics():
-    return runtime().render_metrics(), 200, {"Content-Type": "text/plain; version=0.0.4"}
+    return runtime().render_metrics(), 200, {"Content-Type": vramslice.METRICS_CONTENT_TYPE}

@@ -473,7 +473,8 @@ impl NativeRuntime {
         self.usage_kind
     }
 
-    /// Prometheus text.
+    /// The metrics as OpenMetrics text (ending in `# EOF`): serve them with the content type
+    /// `vramslice.METRICS_CONTENT_TYPE`.
     fn render_metrics(&self, py: Python<'_>) -> String {
         let rt = self.rt.clone();
         py.detach(move || rt.render_metrics())
@@ -554,8 +555,11 @@ impl NativePermit {
         }
     }
 
-    /// Report the job's own measured peak in bytes (e.g. `torch.cuda.max_memory_allocated()`
-    /// after `torch.cuda.reset_peak_memory_stats()`); recorded instead of the sampled one.
+    /// Report the job's own measured peak in bytes: its growth above its start, not an absolute
+    /// figure (with one job at a time, `torch.cuda.max_memory_allocated()` after
+    /// `torch.cuda.reset_peak_memory_stats()`, minus `torch.cuda.memory_allocated()` at the
+    /// start); recorded instead of the sampled one, even beside other jobs, so it must be this
+    /// job's alone.
     fn report_peak(&self, bytes: u64) {
         if let Some(p) = self
             .permit
@@ -605,6 +609,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(message_is_out_of_memory, m)?)?;
     m.add_function(wrap_pyfunction!(profile_file_name, m)?)?;
+    m.add(
+        "METRICS_CONTENT_TYPE",
+        vramslice_sidecar::metrics::METRICS_CONTENT_TYPE,
+    )?;
     m.add("VramsliceError", py.get_type::<VramsliceError>())?;
     m.add("Refused", py.get_type::<Refused>())?;
     m.add("QueueTimeout", py.get_type::<QueueTimeout>())?;

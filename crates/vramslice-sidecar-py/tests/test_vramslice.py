@@ -601,3 +601,15 @@ def test_the_metrics_address_from_the_environment_is_served(monkeypatch):
             rt = make(limit="1Gi")
         with vramslice.job("m", need="512Mi", runtime=rt) as j:
             assert j.reserved == GIB // 2
+
+
+def test_metrics_are_openmetrics_and_say_so():
+    # Regression: the example served this text as text/plain; version=0.0.4, where Prometheus
+    # reads the counters' _total samples untyped.
+    text = make().render_metrics()
+    assert text.rstrip().endswith("# EOF")
+    assert "# TYPE vramslice_sidecar_oom_errors counter" in text
+    assert "vramslice_sidecar_oom_errors_total 0" in text
+    assert vramslice.METRICS_CONTENT_TYPE.startswith("application/openmetrics-text; version=1.0.0")
+    app = open(os.path.join(os.path.dirname(__file__), "../../../examples/python-inference-server/app.py")).read()
+    assert "vramslice.METRICS_CONTENT_TYPE" in app

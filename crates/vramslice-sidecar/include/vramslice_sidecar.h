@@ -123,7 +123,9 @@ uint64_t vramslice_permit_out_of_memory(struct vramslice_permit *permit);
 // `permit` is NULL or a live permit; it is freed by this call.
 void vramslice_permit_release(struct vramslice_permit *permit);
 
-// Render the metrics (Prometheus text) into `buf`, NUL-terminated and truncated to `buf_len`.
+// Render the metrics (OpenMetrics text, to be served as
+// `application/openmetrics-text; version=1.0.0; charset=utf-8`) into `buf`, NUL-terminated and
+// truncated to `buf_len`.
 // Returns the length the full text needs including its NUL, so a caller can retry with a
 // larger buffer; 0 on a NULL runtime.
 //

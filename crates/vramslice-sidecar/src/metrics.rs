@@ -11,6 +11,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The HTTP content type of [`Metrics::render`]'s text: OpenMetrics. Prometheus reads the
+/// counters' `_total` samples as untyped when the same text is served as `text/plain`.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Why a job was refused admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
@@ -177,7 +181,7 @@ impl Metrics {
         self.rejected.get_or_create(&labels).inc();
     }
 
-    /// The metrics in Prometheus text format (OpenMetrics flavour, ending in `# EOF`).
+    /// The metrics as OpenMetrics text (ending in `# EOF`); served as [`METRICS_CONTENT_TYPE`].
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

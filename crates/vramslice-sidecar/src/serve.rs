@@ -142,11 +142,7 @@ fn answer(render: &impl Fn() -> String, stream: TcpStream) -> io::Result<()> {
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("");
     let (status, content_type, body) = if request_line.starts_with("GET ") && path == "/metrics" {
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render(),
-        )
+        ("200 OK", crate::metrics::METRICS_CONTENT_TYPE, render())
     } else {
         (
             "404 Not Found",

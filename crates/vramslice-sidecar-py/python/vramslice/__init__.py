@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from ._native import (
+    METRICS_CONTENT_TYPE,
     Cancel as _Cancel,
     ConfigError,
     NativePermit as Permit,
@@ -51,6 +52,7 @@ from ._native import (
 )
 
 __all__ = [
+    "METRICS_CONTENT_TYPE",
     "ConfigError",
     "Permit",
     "QueueTimeout",

@@ -362,7 +362,9 @@ pub unsafe extern "C" fn vramslice_permit_release(permit: *mut VramslicePermit) 
     guarded((), || drop(unsafe { take(permit) }))
 }
 
-/// Render the metrics (Prometheus text) into `buf`, NUL-terminated and truncated to `buf_len`.
+/// Render the metrics (OpenMetrics text, to be served as
+/// `application/openmetrics-text; version=1.0.0; charset=utf-8`) into `buf`, NUL-terminated and
+/// truncated to `buf_len`.
 /// Returns the length the full text needs including its NUL, so a caller can retry with a
 /// larger buffer; 0 on a NULL runtime.
 ///

@@ -204,7 +204,9 @@ impl Runtime {
         self.inner.profiles.peak(job.key(), job.params())
     }
 
-    /// The metrics in Prometheus text format, for the embedder's `/metrics`.
+    /// The metrics as OpenMetrics text (ending in `# EOF`), for the embedder's `/metrics`: serve
+    /// them with the content type [`METRICS_CONTENT_TYPE`](crate::metrics::METRICS_CONTENT_TYPE)
+    /// (as the classic `text/plain; version=0.0.4`, Prometheus would read the counters untyped).
     pub fn render_metrics(&self) -> String {
         let live = self.inner.read_live().ok();
         let state = lock(&self.inner.state);

@@ -90,10 +90,13 @@ impl Permit {
             .unwrap_or(0)
     }
 
-    /// Report the job's own peak in bytes, measured by the embedder (for example PyTorch's
-    /// `max_memory_allocated()` after `reset_peak_memory_stats()`). A reported peak is recorded
-    /// instead of the sampled one, even when other jobs ran at the same time. The highest report
-    /// counts.
+    /// Report the job's own peak in bytes, measured by the embedder: its growth above what was
+    /// in use when it started, not an absolute figure (with PyTorch and one job at a time on the
+    /// device, `max_memory_allocated()` after `reset_peak_memory_stats()`, minus
+    /// `memory_allocated()` taken at the job's start: the weights are in both). A reported peak
+    /// is recorded instead of the sampled one, even when other jobs ran at the same time, so it
+    /// must be this job's alone (PyTorch's peak statistics are the process's, and reset for all
+    /// jobs). The highest report counts.
     pub fn report_peak(&self, bytes: u64) {
         let mut state = lock(&self.inner.state);
         if let Some(j) = state.jobs.get_mut(&self.id) {
