@@ -3,7 +3,7 @@
 //! health changes, so ListAndWatch sends only real changes).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use vramslice_core::{AdvertisedDevice, GpuInventory, GpuUnitsView, VramUnit};
@@ -20,6 +20,10 @@ pub struct Snapshot {
     pub inventory: GpuInventory,
     /// How many successful reads happened so far (0: none yet).
     pub generation: u64,
+    /// When the readings were taken (`None` before the first read). Published as the
+    /// GpuNode's `observedAt`, so that readings kept while the backend fails grow old there
+    /// and the extender stops placing pods by them.
+    pub read_at: Option<SystemTime>,
 }
 
 impl Snapshot {
@@ -29,6 +33,7 @@ impl Snapshot {
             readings: Vec::new(),
             inventory: GpuInventory::new(unit, Vec::new()),
             generation: 0,
+            read_at: None,
         }
     }
 }
@@ -82,6 +87,7 @@ impl NodeState {
             readings,
             inventory,
             generation,
+            read_at: Some(SystemTime::now()),
         }));
         self.devices.send_if_modified(|current| {
             if **current == devices {

@@ -186,7 +186,8 @@ impl Publisher {
             .observe(&report, &samples, &state.records)
             .await;
         self.observe_allocated(&report);
-        self.publish(state, report, &self_reports).await;
+        self.publish(state, report, snapshot.read_at, &self_reports)
+            .await;
     }
 
     /// Reads the kubelet's allocations (keeping the last known when PodResources fails) and
@@ -268,10 +269,13 @@ impl Publisher {
     }
 
     /// Writes the GpuNode status when the publish rule asks for it, backing off after failures.
+    /// `observedAt` is when the GPUs were read (`read_at`), not when the status is written: a
+    /// heartbeat while the backend fails republishes an old reading as old.
     async fn publish(
         &self,
         state: &mut PollState,
         report: NodeReport,
+        read_at: Option<std::time::SystemTime>,
         self_reports: &BTreeMap<PodOnGpu, SelfReport>,
     ) {
         let Some(lister) = self.kube.as_ref().filter(|_| self.write) else {
@@ -293,7 +297,10 @@ impl Publisher {
         ) else {
             return;
         };
-        let observed_at = k8s_openapi::jiff::Timestamp::now().to_string();
+        let observed_at = read_at
+            .and_then(|t| k8s_openapi::jiff::Timestamp::try_from(t).ok())
+            .unwrap_or_else(k8s_openapi::jiff::Timestamp::now)
+            .to_string();
         let status = gpunode_status(&report, observed_at, self_reports);
         match write_status(lister.client(), lister.node(), &status).await {
             Ok(()) => {

@@ -399,3 +399,41 @@ async fn ended_allocations_lose_their_accounting_files_after_the_grace_period() 
     assert!(node.accounting.join(format!("{live}.limit")).exists());
     assert!(node.accounting.join("keep.me").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_while_the_gpus_cannot_be_read_keep_the_readings_time() {
+    // Regression: observedAt was the write's time, so a reading frozen by a failing backend was
+    // republished as fresh at every heartbeat and the extender's staleness rule never fired.
+    let api = FakeApi::start_with(api_answer).await;
+    let node = Node::new(
+        &[("GPU-aaaa", "80Gi", true)],
+        "nodeName: node-a\npublish: { heartbeat: 1s }",
+    );
+    let kubeconfig = api.kubeconfig(node.tmp.path());
+    let plugin = Plugin::start(&node, &["--kubeconfig", kubeconfig.to_str().unwrap()]);
+    wait_for("a successful status write", Duration::from_secs(15), || {
+        (status_patches(&api).len() >= 2).then_some(())
+    })
+    .await;
+    write_atomic(&node.fake_file, "gpus: [this is not a GPU list");
+    let written = status_patches(&api).len();
+    let frozen = wait_for(
+        "two heartbeats after the reads fail",
+        Duration::from_secs(10),
+        || {
+            let patches = status_patches(&api);
+            (patches.len() >= written + 3).then(|| patches[written + 1..].to_vec())
+        },
+    )
+    .await;
+    let times: Vec<&str> = frozen
+        .iter()
+        .map(|p| p["status"]["observedAt"].as_str().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] == w[1]),
+        "observedAt moved while nothing was read: {times:?}\n{}",
+        plugin.log_text()
+    );
+    assert!(plugin.log_text().contains("cannot read GPUs"));
+}
