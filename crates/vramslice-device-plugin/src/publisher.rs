@@ -226,21 +226,14 @@ impl Publisher {
     /// [`UID_REFRESH`]) from a LIST.
     async fn attach_pod_uids(&self, state: &mut PollState) {
         if let Some(lister) = &self.kube {
-            let records = &state.records;
-            let unknown = |uids: &BTreeMap<(String, String), String>| {
-                records
-                    .iter()
-                    .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())))
-            };
-            if unknown(&state.uids)
-                && let Some(cached) = lister.cached()
+            let cached = lister.cached();
+            let list_due = state.uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH);
+            if let Some(listed) = refresh_uids(&mut state.uids, cached.as_deref(), &state.records)
+                && list_due
             {
-                state.uids = uids_by_name(&cached);
-            }
-            if unknown(&state.uids) && state.uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH) {
                 state.uids_at = Some(Instant::now());
                 match lister.list().await {
-                    Ok(pods) => state.uids = uids_by_name(&pods),
+                    Ok(pods) => *listed = uids_by_name(&pods),
                     Err(e) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
                 }
             }
@@ -317,5 +310,66 @@ impl Publisher {
                 tracing::warn!(error = %e, node = lister.node(), retry_in = ?state.backoff, "cannot write GpuNode status");
             }
         }
+    }
+}
+
+/// Pod UIDs by (namespace, name) for this poll: the watch cache's whenever it has synced (at
+/// every poll, not only when a name is missing: a pod deleted and created again under its name,
+/// as a StatefulSet's are, has a new UID). Returns the map to fill from a LIST when some
+/// allocation's pod is still unknown.
+fn refresh_uids<'a>(
+    uids: &'a mut BTreeMap<(String, String), String>,
+    cached: Option<&[Arc<Pod>]>,
+    records: &[ContainerAllocationRecord],
+) -> Option<&'a mut BTreeMap<(String, String), String>> {
+    if let Some(cached) = cached {
+        *uids = uids_by_name(cached);
+    }
+    records
+        .iter()
+        .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())))
+        .then_some(uids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, uid: &str) -> Arc<Pod> {
+        Arc::new(Pod {
+            metadata: ObjectMeta {
+                namespace: Some("ml".into()),
+                name: Some(name.into()),
+                uid: Some(uid.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    }
+
+    fn record(pod: &str) -> ContainerAllocationRecord {
+        ContainerAllocationRecord {
+            namespace: "ml".into(),
+            pod: pod.into(),
+            device_ids: vec!["GPU-a::0".into()],
+            pod_uid: None,
+        }
+    }
+
+    #[test]
+    fn a_pod_created_again_under_its_name_gets_its_new_uid_from_the_cache() {
+        // Regression: the cache was read only when a name was missing, so llm-0 recreated by
+        // its StatefulSet was published under its deleted predecessor's UID for good.
+        let mut uids = BTreeMap::new();
+        let records = [record("llm-0")];
+        assert!(refresh_uids(&mut uids, Some(&[pod("llm-0", "old")]), &records).is_none());
+        assert!(refresh_uids(&mut uids, Some(&[pod("llm-0", "new")]), &records).is_none());
+        assert_eq!(uids[&("ml".to_string(), "llm-0".to_string())], "new");
+        // Without a synced cache the last map stands, and an unknown pod asks for a LIST.
+        assert!(refresh_uids(&mut uids, None, &records).is_none());
+        assert_eq!(uids[&("ml".to_string(), "llm-0".to_string())], "new");
+        let listed = refresh_uids(&mut uids, None, &[record("llm-1")]).expect("a LIST");
+        listed.insert(("ml".into(), "llm-1".into()), "one".into());
+        assert_eq!(uids.len(), 2);
     }
 }
