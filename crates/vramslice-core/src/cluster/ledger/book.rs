@@ -51,8 +51,9 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             continue;
         };
         let limit = entry.record.request.bytes();
-        // Where the reading shows the pod (one entry per GPU it holds units of), with usage.
-        let mut listed: Vec<(usize, Option<u64>)> = Vec::new();
+        // Where the reading shows the pod (one entry per GPU it holds units of), with the
+        // units the kubelet gave it there and their usage.
+        let mut listed: Vec<Listed> = Vec::new();
         for (i, g) in reading.gpus.iter().enumerate() {
             for (j, p) in g.pods.iter().enumerate() {
                 let same = match &p.uid {
@@ -61,8 +62,16 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 };
                 if same {
                     known[i][j] = true;
-                    if !listed.iter().any(|(li, _)| *li == i) {
-                        listed.push((i, p.used_bytes));
+                    match listed.iter_mut().find(|l| l.gpu == i) {
+                        Some(l) => {
+                            l.limit = l.limit.saturating_add(p.limit_bytes);
+                            l.used = add_known(l.used, p.used_bytes);
+                        }
+                        None => listed.push(Listed {
+                            gpu: i,
+                            limit: p.limit_bytes,
+                            used: p.used_bytes,
+                        }),
                     }
                 }
             }
@@ -78,7 +87,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 .as_deref()
                 .and_then(|a| positions(&state.gpus, a))
         } else {
-            Some(listed.iter().map(|(i, _)| *i).collect())
+            Some(listed.iter().map(|l| l.gpu).collect())
         };
         if let Some(annotated) = &annotated {
             let group = by_size.entry(limit).or_default();
@@ -95,6 +104,33 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             .record
             .assigned_at
             .is_none_or(|t| t <= reading.observed_at);
+        if !listed.is_empty() {
+            // What the kubelet gave the pod on each GPU, which need not be an even share: the
+            // containers of one pod are allocated one by one, and one may take the units of
+            // another pod of its size on another GPU (the device plugin's swaps). Units of
+            // containers not allocated yet go where the pod is owed them (its annotation).
+            let rest = limit.saturating_sub(listed.iter().map(|l| l.limit).sum::<u64>());
+            for l in &listed {
+                let view = &mut state.gpus[l.gpu];
+                view.assigned_bytes = view.assigned_bytes.saturating_add(l.limit);
+                let unobserved = if seen_since_assignment {
+                    unobserved_part(l.limit, l.used)
+                } else {
+                    l.limit
+                };
+                view.unobserved = view.unobserved.saturating_add(unobserved);
+            }
+            if rest > 0 {
+                let owed = annotated.unwrap_or_else(|| listed.iter().map(|l| l.gpu).collect());
+                let share = rest.div_ceil(owed.len().max(1) as u64);
+                for i in owed {
+                    let view = &mut state.gpus[i];
+                    view.assigned_bytes = view.assigned_bytes.saturating_add(share);
+                    view.unobserved = view.unobserved.saturating_add(share);
+                }
+            }
+            continue;
+        }
         // A pod's GPUs each take an even share of its limit; a pod whose GPUs are unknown counts
         // its per-GPU share against every GPU of the node.
         let (targets, share) = match placed.or(annotated) {
@@ -109,11 +145,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 continue;
             }
             view.assigned_bytes = view.assigned_bytes.saturating_add(share);
-            let unobserved = match listed.iter().find(|(li, _)| *li == i) {
-                Some((_, used)) if seen_since_assignment => unobserved_part(share, *used),
-                _ => share,
-            };
-            view.unobserved = view.unobserved.saturating_add(unobserved);
+            view.unobserved = view.unobserved.saturating_add(share);
         }
     }
     super::departed::prune(&mut state.departed, pods);
@@ -176,6 +208,19 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             });
         }
     }
+}
+
+/// Where the reading lists a pod: a GPU (reading position), the bytes the kubelet gave it there,
+/// and their usage when known.
+struct Listed {
+    gpu: usize,
+    limit: u64,
+    used: Option<u64>,
+}
+
+/// The sum of two usages, known only when both are.
+fn add_known(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    Some(a?.saturating_add(b?))
 }
 
 /// The positions in `gpus` of the GPUs an annotation (or observed placement) names, one or

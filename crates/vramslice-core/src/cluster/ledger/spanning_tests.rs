@@ -260,3 +260,45 @@ fn an_allocation_of_a_set_nobody_is_owed_does_not_offset_a_waiting_pod() {
     // each that may still come to the set {1, 2} (one pod for two owed sets: both are booked).
     assert_eq!(assigned, vec![3, 2, 1]);
 }
+
+#[test]
+fn a_pod_listed_unevenly_is_booked_by_what_the_kubelet_gave_it_on_each_gpu() {
+    // Regression: pod B (containers of 1 and 3 GiB, assigned GPU 0) had its 1 GiB container
+    // take the units of pod A (1 GiB, assigned GPU 1), a same-size swap; A then took GPU 0.
+    // The ledger booked B as two even 2 GiB shares: GPU 0 held 4 GiB but was booked 3.
+    let mut l = ledger();
+    l.replace_pods(vec![
+        bound("a", "GPU-1", PodRequest::new(VramUnit::Gib1, 1), 1),
+        bound("b", "GPU-0", PodRequest::new(VramUnit::Gib1, 4), 2),
+    ]);
+    let mut g0 = gpu(0, 10, 10);
+    g0.pods = vec![listed("a", 1, 0), listed("b", 3, 0)];
+    let mut g1 = gpu(1, 10, 10);
+    g1.pods = vec![listed("b", 1, 0)];
+    l.set_reading("n1", reading(5, vec![g0.clone(), g1]));
+    let booked: Vec<u64> = l
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes / GIB)
+        .collect();
+    assert_eq!(booked, [4, 1]);
+
+    // Earlier, only B's 1 GiB container allocated: its other 3 GiB are owed on its GPU 0 (the
+    // pod's whole 4 GiB were booked on GPU 1), and A still waits for its GPU 1.
+    let mut l = ledger();
+    l.replace_pods(vec![
+        bound("a", "GPU-1", PodRequest::new(VramUnit::Gib1, 1), 1),
+        bound("b", "GPU-0", PodRequest::new(VramUnit::Gib1, 4), 2),
+    ]);
+    let mut g1 = gpu(1, 10, 10);
+    g1.pods = vec![listed("b", 1, 0)];
+    l.set_reading("n1", reading(5, vec![gpu(0, 10, 10), g1]));
+    let booked: Vec<(u64, u64)> = l
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| (v.assigned_bytes / GIB, v.unobserved / GIB))
+        .collect();
+    assert_eq!(booked, [(3, 3), (2, 2)]);
+}
