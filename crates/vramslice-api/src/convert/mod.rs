@@ -288,6 +288,31 @@ pub fn gpus_of(
         })
 }
 
+/// The GPU count of a bound pod: as many as the extender assigned it at bind
+/// (`vramslice.io/gpu-uuid`), whatever `vramslice.io/gpus` says now (annotations stay editable
+/// after binding, and an edit must not drop a pod that holds memory from the books); without
+/// that annotation (a pod bound some other way), [`gpus_of`].
+fn bound_gpu_count(
+    who: &str,
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<u32, RequestError> {
+    let assigned = annotations
+        .and_then(|a| a.get(ANNOTATION_GPU_UUID))
+        .map(|list| {
+            let uuids = vramslice_core::cluster::placement::gpu_uuids(list);
+            uuids
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        })
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| (1..=MAX_GPUS_PER_POD).contains(n));
+    match assigned {
+        Some(n) => Ok(n),
+        None => gpus_of(who, annotations),
+    }
+}
+
 /// `namespace/name` of a pod.
 pub fn pod_name(pod: &Pod) -> String {
     format!(
@@ -316,7 +341,10 @@ pub fn containers_request(
     annotations: Option<&BTreeMap<String, String>>,
     read_for: ReadFor,
 ) -> Result<Option<PodRequest>, RequestError> {
-    let gpus = gpus_of(who, annotations)?;
+    let gpus = match read_for {
+        ReadFor::Placement => gpus_of(who, annotations)?,
+        ReadFor::Books => bound_gpu_count(who, annotations)?,
+    };
     let mut unit: Option<VramUnit> = None;
     let mut units_of = |c: &ContainerVram<'_>| -> Result<u64, RequestError> {
         let mut total = 0u64;
@@ -787,6 +815,50 @@ mod tests {
         assert!(matches!(
             pod_fate(&bound, &[VramUnit::Gib1]),
             PodFate::Bound(_)
+        ));
+    }
+
+    #[test]
+    fn editing_a_bound_pods_gpu_count_does_not_drop_it_from_the_books() {
+        // Regression: `kubectl annotate pod … vramslice.io/gpus=3 --overwrite` on a bound pod of
+        // 4 units (or any bad value) made its request unreadable, and the extender forgot a pod
+        // that still held its memory.
+        let k = "vramslice.io/vram-gib";
+        let bound = |gpus: &str, assigned: &str| {
+            let mut p = pod(
+                json!({"containers": [{"name": "serve", "resources": {"limits": {k: "4"}}}]}),
+                json!({ANNOTATION_GPUS: gpus, ANNOTATION_GPU_UUID: assigned}),
+            );
+            p.spec.as_mut().unwrap().node_name = Some("n1".into());
+            p
+        };
+        for (gpus, assigned, want) in [
+            ("3", "GPU-a", 1),
+            ("many", "GPU-a", 1),
+            ("1", "GPU-a,GPU-b", 2),
+            ("3", "GPU-b, GPU-a,GPU-b", 2),
+        ] {
+            let p = bound(gpus, assigned);
+            match pod_fate(&p, &[VramUnit::Gib1]) {
+                PodFate::Bound(record) => {
+                    assert_eq!((record.request.units, record.request.gpus), (4, want));
+                }
+                other => panic!("gpus {gpus:?}, assigned {assigned:?}: {other:?}"),
+            }
+            // Placement still reads the annotation as written.
+            assert!(pod_request(&p, &[VramUnit::Gib1]).is_err() || gpus == "1");
+        }
+        // Bound some other way (no assignment): the annotation is all there is.
+        let mut other = bound("3", "");
+        other
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(ANNOTATION_GPU_UUID);
+        assert!(matches!(
+            pod_fate(&other, &[VramUnit::Gib1]),
+            PodFate::Gone(_)
         ));
     }
 }
