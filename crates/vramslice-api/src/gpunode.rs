@@ -122,8 +122,10 @@ pub struct PodUsage {
 pub struct ProcessUsage {
     /// Host PID.
     pub pid: u32,
-    /// Device memory in use, bytes.
-    pub used_bytes: u64,
+    /// Device memory in use, bytes; absent when the driver does not report it (MIG, some
+    /// virtualised GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
 }
 
 /// Node totals, pre-formatted for printer columns.

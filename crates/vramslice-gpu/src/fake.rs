@@ -16,7 +16,7 @@
 //!     unhealthyReason: XID 79        # optional; only with healthy: false
 //!     processes:                     # optional
 //!       - pid: 4242
-//!         used: 1Gi
+//!         used: 1Gi                  # optional; absent: the driver does not say (as NVML on MIG)
 //!         podUid: 0f0e1d2c-3b4a-5968-7786-95a4b3c2d1e0   # optional
 //! ```
 
@@ -85,8 +85,10 @@ pub struct FakeGpu {
 pub struct FakeProcess {
     /// Host PID (not 0; unique per GPU).
     pub pid: u32,
-    /// Device memory the process uses.
-    pub used: FakeBytes,
+    /// Device memory the process uses; `None` plays a driver that does not say
+    /// (`NVML_VALUE_NOT_AVAILABLE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<FakeBytes>,
     /// The pod the process belongs to; when absent, the device plugin may map the PID to a pod
     /// through /proc cgroups like it does for NVML.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,9 +287,11 @@ fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuSample, FakeFil
         }
         let used = p
             .used
-            .bytes()
+            .as_ref()
+            .map(FakeBytes::bytes)
+            .transpose()
             .map_err(|e| value_err(format!("{pat}.used"), e.to_string()))?;
-        process_sum = process_sum.checked_add(used).ok_or_else(|| {
+        process_sum = process_sum.checked_add(used.unwrap_or(0)).ok_or_else(|| {
             value_err(
                 format!("{at}.processes"),
                 "usage adds up to more than 16 EiB",

@@ -54,12 +54,12 @@ fn full_example_parses() {
         vec![
             ProcessSample {
                 pid: 4242,
-                used_bytes: GIB,
+                used_bytes: Some(GIB),
                 pod_uid: Some(POD.into())
             },
             ProcessSample {
                 pid: 4243,
-                used_bytes: GIB / 2,
+                used_bytes: Some(GIB / 2),
                 pod_uid: None
             },
         ]
@@ -85,6 +85,21 @@ fn used_defaults_to_the_processes_sum() {
     );
     let got = readings(&yaml).unwrap();
     assert_eq!((got[0].used_bytes, got[0].free_bytes), (3 * GIB, 5 * GIB));
+}
+
+#[test]
+fn a_process_without_used_plays_a_driver_that_does_not_say() {
+    let r = readings(&format!(
+        "gpus:\n  - uuid: {UUID_A}\n    total: 8Gi\n    used: 3Gi\n    processes:\n      - {{pid: 7, used: 1Gi}}\n      - {{pid: 8}}\n"
+    ))
+    .unwrap();
+    let got: Vec<_> = r[0]
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.used_bytes))
+        .collect();
+    assert_eq!(got, [(7, Some(GIB)), (8, None)]);
+    assert_eq!(r[0].used_bytes, 3 * GIB);
 }
 
 #[test]
@@ -322,7 +337,7 @@ fn rereads_the_file_on_every_call() {
     // Live usage grows.
     a.processes.push(FakeProcess {
         pid: 77,
-        used: "3Gi".into(),
+        used: Some("3Gi".into()),
         pod_uid: Some(POD.into()),
     });
     write_fake_file(&path, &node(vec![a.clone(), b.clone()])).unwrap();
@@ -369,7 +384,7 @@ fn write_then_load_round_trips_and_leaves_no_temp_file() {
     gpu.unhealthy_reason = Some("XID 79".into());
     gpu.processes.push(FakeProcess {
         pid: 9,
-        used: (GIB).into(),
+        used: Some(GIB.into()),
         pod_uid: None,
     });
     let mut original = node(vec![gpu, FakeGpu::new(UUID_B, 1)]);
@@ -446,7 +461,7 @@ proptest! {
             });
             g.processes = procs.iter().enumerate().map(|(p, used)| FakeProcess {
                 pid: p as u32 + 1,
-                used: (*used).min(*total / 8).into(),
+                used: Some((*used).min(*total / 8).into()),
                 pod_uid: None,
             }).collect();
             g
@@ -459,7 +474,7 @@ proptest! {
         for (reading, (total, _, _)) in got.iter().zip(&gpus) {
             prop_assert_eq!(reading.total_bytes, *total);
             prop_assert_eq!(reading.used_bytes + reading.free_bytes, reading.total_bytes);
-            let sum: u64 = reading.processes.iter().map(|p| p.used_bytes).sum();
+            let sum: u64 = reading.processes.iter().filter_map(|p| p.used_bytes).sum();
             prop_assert_eq!(sum, reading.used_bytes);
         }
     }

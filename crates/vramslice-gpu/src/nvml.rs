@@ -352,21 +352,19 @@ fn event_reason(types: EventTypes, xid: Option<&XidError>) -> Option<String> {
 }
 
 /// Compute and graphics process lists, one entry per PID (a PID in both lists is one process
-/// with one context; its larger figure counts), sorted by PID.
+/// with one context; its larger figure counts, and a known one over none), sorted by PID.
 fn merge_processes<'a>(lists: impl IntoIterator<Item = &'a ProcessInfo>) -> Vec<ProcessSample> {
-    let mut by_pid: HashMap<u32, u64> = HashMap::new();
+    let mut by_pid: HashMap<u32, Option<u64>> = HashMap::new();
     for p in lists {
         let used = match p.used_gpu_memory {
-            UsedGpuMemory::Used(b) => b,
+            UsedGpuMemory::Used(b) => Some(b),
             UsedGpuMemory::Unavailable => {
-                tracing::debug!(
-                    pid = p.pid,
-                    "NVML reports no memory figure for the process; counting 0"
-                );
-                0
+                tracing::debug!(pid = p.pid, "NVML reports no memory figure for the process");
+                None
             }
         };
-        let entry = by_pid.entry(p.pid).or_insert(0);
+        // Listed as compute and graphics: the larger known figure.
+        let entry = by_pid.entry(p.pid).or_insert(used);
         *entry = (*entry).max(used);
     }
     let mut out: Vec<ProcessSample> = by_pid
@@ -471,7 +469,7 @@ mod tests {
     }
 
     #[test]
-    fn processes_are_deduplicated_by_pid_with_unavailable_as_zero() {
+    fn processes_are_deduplicated_by_pid_with_unavailable_as_unknown() {
         let compute = [
             info(30, UsedGpuMemory::Used(300)),
             info(10, UsedGpuMemory::Used(100)),
@@ -480,10 +478,15 @@ mod tests {
         let graphics = [
             info(10, UsedGpuMemory::Used(150)),
             info(40, UsedGpuMemory::Used(40)),
+            info(20, UsedGpuMemory::Unavailable),
+            info(30, UsedGpuMemory::Unavailable),
         ];
         let merged = merge_processes(compute.iter().chain(graphics.iter()));
-        let got: Vec<(u32, u64)> = merged.iter().map(|p| (p.pid, p.used_bytes)).collect();
-        assert_eq!(got, vec![(10, 150), (20, 0), (30, 300), (40, 40)]);
+        let got: Vec<(u32, Option<u64>)> = merged.iter().map(|p| (p.pid, p.used_bytes)).collect();
+        assert_eq!(
+            got,
+            vec![(10, Some(150)), (20, None), (30, Some(300)), (40, Some(40))]
+        );
         assert!(merged.iter().all(|p| p.pod_uid.is_none()));
     }
 }

@@ -102,7 +102,7 @@ mod tests {
     fn process(pid: u32, pod_uid: Option<&str>) -> ProcessSample {
         ProcessSample {
             pid,
-            used_bytes: 1,
+            used_bytes: Some(1),
             pod_uid: pod_uid.map(str::to_string),
         }
     }

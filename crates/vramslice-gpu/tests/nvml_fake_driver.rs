@@ -115,13 +115,13 @@ fn reads_devices_memory_and_processes() {
         used_bytes,
         pod_uid: None,
     };
-    // PID 100 is in both lists (its larger figure counts); "not available" counts 0.
+    // PID 100 is in both lists (its larger figure counts); "not available" is unknown, not 0.
     assert_eq!(
         g0.processes,
         vec![
-            process(100, 2 * GIB),
-            process(200, 0),
-            process(300, 3 * GIB)
+            process(100, Some(2 * GIB)),
+            process(200, None),
+            process(300, Some(3 * GIB))
         ]
     );
     let g1 = &readings[1];

@@ -19,6 +19,7 @@
 
 use crate::cluster::placement::{InitUnits, PodRequest, pod_units};
 use crate::node::publish::{GpuSample, NodeReport, PodReport};
+use crate::node::sample::{ProcessSample, total_used};
 
 /// A pod of the node with a plain init container asking for units that has not completed, as
 /// [`apply_init_limits`] reads it. Units are those of the report's resource.
@@ -85,15 +86,14 @@ pub fn apply_init_limits(report: &mut NodeReport, samples: &[GpuSample], pods: &
                 entry.initialising = true;
                 continue;
             }
-            let own: Vec<(u32, u64)> = samples
+            let own: Vec<&ProcessSample> = samples
                 .iter()
                 .filter(|s| s.uuid == gpu.uuid)
                 .flat_map(|s| &s.processes)
                 .filter(|p| pod.uid.is_some() && p.pod_uid == pod.uid)
-                .map(|p| (p.pid, p.used_bytes))
                 .collect();
             gpu.processes_without_pod
-                .retain(|s| !own.iter().any(|(pid, _)| *pid == s.pid));
+                .retain(|s| !own.iter().any(|p| p.pid == s.pid));
             let entry = PodReport {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
@@ -103,7 +103,7 @@ pub fn apply_init_limits(report: &mut NodeReport, samples: &[GpuSample], pods: &
                 used_bytes: pod
                     .uid
                     .as_ref()
-                    .map(|_| own.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b))),
+                    .and_then(|_| total_used(own.iter().copied())),
                 initialising: true,
             };
             let at = gpu

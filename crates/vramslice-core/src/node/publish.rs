@@ -12,6 +12,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::device_id::DeviceId;
+use crate::node::sample::total_used;
 use crate::quantity::format_bytes;
 use crate::units::VramUnit;
 
@@ -57,8 +58,8 @@ pub struct PodReport {
 pub struct StrayProcess {
     /// Host PID.
     pub pid: u32,
-    /// Device memory in use, bytes.
-    pub used_bytes: u64,
+    /// Device memory in use, bytes, when the driver says.
+    pub used_bytes: Option<u64>,
 }
 
 /// One GPU in the report.
@@ -162,12 +163,13 @@ pub fn build_report(
                 .flatten()
                 .map(|((namespace, name), (uid, units))| {
                     all_units.extend(units.iter().copied());
-                    let used_bytes = uid.as_ref().map(|uid| {
-                        sample
-                            .processes
-                            .iter()
-                            .filter(|p| p.pod_uid.as_ref() == Some(uid))
-                            .fold(0u64, |acc, p| acc.saturating_add(p.used_bytes))
+                    let used_bytes = uid.as_ref().and_then(|uid| {
+                        total_used(
+                            sample
+                                .processes
+                                .iter()
+                                .filter(|p| p.pod_uid.as_ref() == Some(uid)),
+                        )
                     });
                     let allocated_units = units.len() as u64;
                     PodReport {
@@ -247,12 +249,13 @@ pub fn add_claim_holdings(
             continue;
         };
         let uids: BTreeSet<&str> = holding.pods.iter().map(|(_, uid)| uid.as_str()).collect();
-        let used = samples
-            .iter()
-            .filter(|s| s.uuid == holding.gpu_uuid)
-            .flat_map(|s| &s.processes)
-            .filter(|p| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u)))
-            .fold(0u64, |acc, p| acc.saturating_add(p.used_bytes));
+        let used = total_used(
+            samples
+                .iter()
+                .filter(|s| s.uuid == holding.gpu_uuid)
+                .flat_map(|s| &s.processes)
+                .filter(|p| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u))),
+        );
         let claim_pids: BTreeSet<u32> = samples
             .iter()
             .filter(|s| s.uuid == holding.gpu_uuid)
@@ -274,7 +277,7 @@ pub fn add_claim_holdings(
             uid,
             allocated_units: units,
             limit_bytes: holding.bytes,
-            used_bytes: Some(used),
+            used_bytes: used,
             initialising: false,
         });
     }

@@ -53,13 +53,22 @@ impl Health {
     }
 }
 
+/// The memory `processes` use together: `None` when the driver did not say for one of them
+/// (an unknown figure is not 0); `Some(0)` for none.
+pub fn total_used<'a>(processes: impl IntoIterator<Item = &'a ProcessSample>) -> Option<u64> {
+    processes
+        .into_iter()
+        .try_fold(0u64, |sum, p| Some(sum.saturating_add(p.used_bytes?)))
+}
+
 /// One compute process on a GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProcessSample {
     /// Host PID.
     pub pid: u32,
-    /// Device memory the process uses, bytes.
-    pub used_bytes: u64,
+    /// Device memory the process uses, bytes; `None` when the driver does not say (NVML's
+    /// `NVML_VALUE_NOT_AVAILABLE`: MIG, some virtualised GPUs), which is not 0.
+    pub used_bytes: Option<u64>,
     /// The pod the process belongs to, when known (the fake backend knows it directly; for
     /// NVML the device plugin maps PIDs to pods through /proc cgroups).
     pub pod_uid: Option<String>,

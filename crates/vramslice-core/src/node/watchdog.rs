@@ -171,8 +171,8 @@ pub enum WatchdogEvent {
         gpu_uuid: String,
         /// Host PID.
         pid: u32,
-        /// Bytes it uses.
-        used_bytes: u64,
+        /// Bytes it uses, when the driver says.
+        used_bytes: Option<u64>,
     },
 }
 
@@ -242,13 +242,21 @@ pub fn evaluate(
                 gpu_uuid: gpu.uuid.clone(),
                 pod_uid: uid.clone(),
             };
-            let mut own: Vec<(u32, u64)> = processes
-                .iter()
-                .filter(|p| p.pod_uid.as_deref() == Some(uid.as_str()))
-                .map(|p| (p.pid, p.used_bytes))
-                .collect();
+            let mine = || {
+                processes
+                    .iter()
+                    .filter(|p| p.pod_uid.as_deref() == Some(uid.as_str()))
+            };
+            // A figure the driver did not give cannot be judged: a breach stays as it was.
+            let Some(used) = crate::node::sample::total_used(mine()) else {
+                if let Some(previous) = state.breaches.get(&key) {
+                    next.breaches.insert(key, *previous);
+                }
+                continue;
+            };
+            let mut own: Vec<(u32, u64)> =
+                mine().map(|p| (p.pid, p.used_bytes.unwrap_or(0))).collect();
             own.sort_unstable();
-            let used = own.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b));
             // An init container's accounting is not among the files read for the pod.
             let comparable = !pod.initialising;
             if let Some(&reported) = self_reported.get(&key).filter(|_| comparable) {

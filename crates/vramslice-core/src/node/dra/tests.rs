@@ -298,7 +298,7 @@ fn a_claims_use_is_its_pods_processes_on_its_gpu() {
     };
     let process = |pid, used, pod: Option<&str>| ProcessSample {
         pid,
-        used_bytes: used,
+        used_bytes: Some(used),
         pod_uid: pod.map(str::to_string),
     };
     let mut gpu = sample(0, 80 * GIB, 59 * GIB, true);
@@ -362,7 +362,7 @@ fn admin_access_claims_are_not_added_back_but_their_room_is_held() {
     let mut gpu = sample(0, 80 * GIB, 78 * GIB, true);
     gpu.processes = vec![ProcessSample {
         pid: 1,
-        used_bytes: 2 * GIB,
+        used_bytes: Some(2 * GIB),
         pod_uid: Some("debug".into()),
     }];
     let limits = [("GPU-0".to_string(), 8 * GIB)];

@@ -24,7 +24,7 @@ fn gpu(uuid: &str, index: u32, processes: Vec<ProcessSample>) -> GpuSample {
 fn process(pid: u32, used: u64, uid: &str) -> ProcessSample {
     ProcessSample {
         pid,
-        used_bytes: used,
+        used_bytes: Some(used),
         pod_uid: Some(uid.into()),
     }
 }
@@ -119,7 +119,7 @@ fn a_pod_listed_nowhere_is_added_on_its_annotated_gpu() {
         report.gpus[0].processes_without_pod,
         [StrayProcess {
             pid: 7,
-            used_bytes: 8 * GIB
+            used_bytes: Some(8 * GIB)
         }]
     );
     let unannotated = trt(&[0], &[(8, false)], &[]);

@@ -30,7 +30,7 @@ fn record(ns: &str, pod: &str, uid: Option<&str>, ids: &[&str]) -> ContainerAllo
 fn process(pid: u32, bytes: u64, uid: Option<&str>) -> ProcessSample {
     ProcessSample {
         pid,
-        used_bytes: bytes,
+        used_bytes: Some(bytes),
         pod_uid: uid.map(Into::into),
     }
 }
@@ -85,11 +85,11 @@ fn report_carries_readings_allocations_and_usage() {
         vec![
             StrayProcess {
                 pid: 300,
-                used_bytes: GIB
+                used_bytes: Some(GIB)
             },
             StrayProcess {
                 pid: 400,
-                used_bytes: GIB
+                used_bytes: Some(GIB)
             }
         ]
     );
@@ -230,7 +230,7 @@ fn each_kind_of_change_is_named() {
     );
     // A pod's own usage moving counts too.
     assert_eq!(
-        case(|s, _| s[1].processes[0].used_bytes += GIB),
+        case(|s, _| s[1].processes[0].used_bytes = s[1].processes[0].used_bytes.map(|b| b + GIB)),
         Some(PublishReason::UsageChanged {
             gpu: "GPU-a".into(),
             delta_bytes: GIB
@@ -345,8 +345,32 @@ fn dra_claims_show_as_their_pods_with_grant_and_use() {
         g.processes_without_pod,
         [StrayProcess {
             pid: 11,
-            used_bytes: 7 * GIB
+            used_bytes: Some(7 * GIB)
         }]
     );
     assert_eq!(report.summary.allocated, "6 GiB");
+}
+
+#[test]
+fn a_pods_usage_is_unknown_when_one_of_its_processes_is() {
+    let (mut samples, allocs) = two_gpu_node();
+    samples[1].processes[0].used_bytes = None; // PID 200 of uid-web
+    samples[1].processes[2].used_bytes = None; // PID 300, of no pod
+    let r = build_report(VramUnit::Gib1, &samples, &allocs);
+    let a = &r.gpus[0];
+    assert_eq!(a.pods[0].used_bytes, None, "not 2 GiB, nor 0");
+    assert_eq!(
+        a.processes_without_pod,
+        [
+            StrayProcess {
+                pid: 300,
+                used_bytes: None
+            },
+            StrayProcess {
+                pid: 400,
+                used_bytes: Some(GIB)
+            }
+        ]
+    );
+    assert_eq!(total_used(&[]), Some(0));
 }

@@ -10,7 +10,7 @@ const MIB: u64 = 1 << 20;
 fn proc_(pid: u32, used: u64, uid: Option<&str>) -> ProcessSample {
     ProcessSample {
         pid,
-        used_bytes: used,
+        used_bytes: Some(used),
         pod_uid: uid.map(str::to_string),
     }
 }
@@ -261,7 +261,7 @@ fn processes_without_a_pod_are_reported_once_while_they_last() {
                 gpu_uuid,
             } => {
                 assert_eq!(gpu_uuid, "GPU-a");
-                assert!(*used_bytes > 0);
+                assert!(used_bytes.is_some_and(|b| b > 0));
                 Some(*pid)
             }
             _ => None,
@@ -472,6 +472,49 @@ fn a_dra_claim_over_its_grant_on_one_of_its_gpus_is_a_breach_there_only() {
             .iter()
             .any(|e| matches!(e, WatchdogEvent::ProcessWithoutPod { .. })),
         "{:?}",
+        later.events
+    );
+}
+
+#[test]
+fn usage_the_driver_does_not_give_is_not_judged_and_keeps_a_breach() {
+    // Regression: NVML's "not available" was read as 0 bytes, so a pod over its limit looked
+    // within it and its breach ended.
+    let p = policy(30, WatchdogAction::Report);
+    let unknown = |pid| ProcessSample {
+        pid,
+        used_bytes: None,
+        pod_uid: Some("uid-web".into()),
+    };
+    let quiet = step(&p, &WatchdogState::default(), 0, vec![unknown(1)]);
+    assert!(quiet.events.is_empty(), "{:?}", quiet.events);
+    let over = step(
+        &p,
+        &WatchdogState::default(),
+        0,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
+    assert!(matches!(over.events[..], [WatchdogEvent::BreachStarted(_)]));
+    // One of its processes goes unmeasured: nothing is decided, the breach stays.
+    let blind = step(
+        &p,
+        &over.state,
+        10,
+        vec![proc_(1, 9 * GIB, Some("uid-web")), unknown(2)],
+    );
+    assert!(blind.events.is_empty(), "{:?}", blind.events);
+    let later = step(
+        &p,
+        &blind.state,
+        31,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
+    assert!(
+        later
+            .events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::Act { .. })),
+        "the grace ran from the breach's start: {:?}",
         later.events
     );
 }
