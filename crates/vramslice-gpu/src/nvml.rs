@@ -8,7 +8,8 @@
 //! application error marks the GPU unhealthy (`XID <n>`) until the process restarts, as does a
 //! double-bit ECC error or a GPU that fell off the bus. A GPU whose handle can no longer be
 //! queried is reported unhealthy with its last known memory figures; one that NVML no longer
-//! finds at all is left out.
+//! finds at all is left out. A GPU with MIG mode on is unhealthy ([`MIG_ENABLED`]) for as long
+//! as it is on: CUDA then sees only its MIG instances, not the memory vramslice would advertise.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -22,6 +23,9 @@ use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 use nvml_wrapper::{EventSet, Nvml};
 
 use crate::{BackendError, GpuBackend, GpuSample, Health, ProcessSample};
+
+/// Why a GPU with MIG mode on takes no pods: vramslice shares whole GPUs.
+pub const MIG_ENABLED: &str = "MIG mode is on: vramslice shares whole GPUs (turn MIG off, or leave this GPU to a MIG-aware device plugin)";
 
 /// XIDs caused by applications, not by the GPU (the same set NVIDIA's device plugin ignores):
 /// 13 graphics engine exception, 31 GPU memory page fault, 43 GPU stopped processing,
@@ -232,6 +236,22 @@ impl NvmlBackend {
             }
         }
         let free = memory.free.min(memory.total);
+        // With MIG on, CUDA lists only the GPU's MIG devices (addressed by `MIG-` UUIDs): a
+        // container given the whole GPU's UUID gets one instance or none, never the memory
+        // advertised, and NVML cannot tell its processes' usage.
+        let health = match device.mig_mode() {
+            Ok(mode) if mode.current == 1 => Health::Unhealthy {
+                reason: MIG_ENABLED.to_string(),
+            },
+            Ok(_) | Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => {
+                Health::Healthy
+            }
+            Err(NvmlError::GpuLost) => return broken("MIG mode", NvmlError::GpuLost),
+            Err(e) => {
+                tracing::debug!(index, error = %e, "cannot read MIG mode");
+                Health::Healthy
+            }
+        };
         DeviceRead::Ok(GpuSample {
             index,
             uuid,
@@ -239,7 +259,7 @@ impl NvmlBackend {
             total_bytes: memory.total,
             used_bytes: memory.total - free,
             free_bytes: free,
-            health: Health::Healthy,
+            health,
             processes: merge_processes(lists.iter().flatten()),
         })
     }

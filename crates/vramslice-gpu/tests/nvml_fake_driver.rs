@@ -272,3 +272,30 @@ fn device_count_failure_is_an_error_not_a_panic() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_gpu_with_mig_on_is_unhealthy_with_the_reason() {
+    // Regression: MIG mode was never read. A MIG-enabled H100 was advertised whole, and a
+    // container given its UUID saw one MIG instance or none.
+    let driver = Driver::new(&format!("{}mig 0 on\nmig 1 none\n", two_gpus()));
+    let backend = driver.backend();
+    let readings = backend.read().unwrap();
+    assert_eq!(
+        readings[0].health,
+        unhealthy(vramslice_gpu::nvml::MIG_ENABLED)
+    );
+    assert_eq!(
+        readings[1].health,
+        Health::Healthy,
+        "no MIG support: healthy"
+    );
+    // Turned off (after the operator drains and resets it), the GPU takes pods again.
+    driver.set(&format!("{}mig 0 off\n", two_gpus()));
+    assert!(
+        backend
+            .read()
+            .unwrap()
+            .iter()
+            .all(|r| r.health == Health::Healthy)
+    );
+}

@@ -13,6 +13,8 @@
  *   lost <index>             every query of the device fails with GPU_IS_LOST
  *   gone <index>             the device handle is NOT_FOUND
  *   noevents <index>         the device supports no events
+ *   mig <index> on|off|none  MIG mode now (`none`: the GPU does not support MIG, as an L4); a
+ *                            GPU with no such line reports MIG off
  *
  * No state file at nvmlInit_v2 means "driver not loaded".
  */
@@ -42,6 +44,7 @@ enum {
 
 struct gpu {
     int present, lost, gone, noevents;
+    int mig; /* 0 off, 1 on, -1 not supported */
     char uuid[96];
     char name[96];
     unsigned long long total, free;
@@ -113,6 +116,10 @@ static int load(struct state *s) {
             g->gone = 1;
         } else if (!strcmp(kind, "noevents")) {
             g->noevents = 1;
+        } else if (!strcmp(kind, "mig")) {
+            char mode[8];
+            if (sscanf(line, "mig %*d %7s", mode) == 1)
+                g->mig = !strcmp(mode, "on") ? 1 : !strcmp(mode, "none") ? -1 : 0;
         } else if (!strcmp(kind, "proc") && s->nprocs < MAX_PROCS) {
             struct proc *p = &s->procs[s->nprocs];
             char which[16], used[32];
@@ -206,6 +213,17 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(struct nvmlDevice *d, struct nvmlMemory_
     m->free = g->free;
     m->reserved = taken < (1ULL << 20) ? taken : (1ULL << 20);
     m->used = taken - m->reserved;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMigMode(struct nvmlDevice *d, unsigned *current, unsigned *pending) {
+    struct state s;
+    struct gpu *g;
+    nvmlReturn_t r = gpu_of(d, &s, &g);
+    if (r) return r;
+    if (!current || !pending) return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->mig < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *current = *pending = (unsigned)g->mig;
     return NVML_SUCCESS;
 }
 
