@@ -92,6 +92,11 @@ def readline_within(stream, timeout: float) -> Optional[str]:
     return got[0] if got else None
 
 
+def figure(used_bytes: Optional[int]) -> str:
+    """An NVML process figure in MiB; NVML gives none on MIG and some virtualised GPUs."""
+    return "no figure" if used_bytes is None else f"{used_bytes / MIB:.0f} MiB"
+
+
 def match_process(processes: Iterable[dict], pid: int, expect_bytes: int,
                   tolerance: int = GIB) -> Tuple[Optional[dict], str, str]:
     """Find a process of ours among NVML's (dicts with ``pid`` and ``used_bytes``).
@@ -102,11 +107,12 @@ def match_process(processes: Iterable[dict], pid: int, expect_bytes: int,
     ``expect_bytes`` (what the process allocated) is taken. Returns (entry or None, how: "pid",
     "size" or "none", a note for the result's detail that names both PID lists)."""
     processes = list(processes)
-    listed = ", ".join(f"{p['pid']}: {p['used_bytes'] / MIB:.0f} MiB" for p in processes) or "none"
+    listed = ", ".join(f"{p['pid']}: {figure(p['used_bytes'])}" for p in processes) or "none"
     for p in processes:
         if p["pid"] == pid:
             return p, "pid", ""
-    near = [p for p in processes if abs(p["used_bytes"] - expect_bytes) <= tolerance]
+    near = [p for p in processes
+            if p["used_bytes"] is not None and abs(p["used_bytes"] - expect_bytes) <= tolerance]
     if len(near) == 1:
         return near[0], "size", (
             f"matched by size: our pid {pid} is not among NVML's PIDs ({listed}), so NVML shows another "
@@ -115,3 +121,13 @@ def match_process(processes: Iterable[dict], pid: int, expect_bytes: int,
     why = "no entry" if not near else f"{len(near)} entries (ambiguous)"
     return None, "none", (f"our pid {pid} is not among NVML's PIDs ({listed}), and {why} within "
                           f"{tolerance / MIB:.0f} MiB of the {expect_bytes / MIB:.0f} MiB allocated")
+
+
+THROUGHPUT_TARGET_PERCENT = 1.0
+
+
+def throughput_loss_ok(loss_percent: float, plain_spread_percent: float) -> bool:
+    """The guard's throughput verdict: a loss within the target (1%), or no larger than the
+    spread between the two unguarded runs themselves, which the measurement cannot tell from
+    noise (clocks and power drift a few percent between runs of one matmul on these GPUs)."""
+    return loss_percent <= max(THROUGHPUT_TARGET_PERCENT, plain_spread_percent)

@@ -36,7 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
-from checklib import FAIL, GIB, MIB, NOT_RUN, PASS, match_process, mib, readline_within, result  # noqa: E402
+from checklib import (  # noqa: E402
+    FAIL, GIB, MIB, NOT_RUN, PASS, figure, match_process, mib, readline_within, result,
+)
 
 LIMIT = 4 * GIB
 INFERENCE_LIMIT = 3 * GIB
@@ -318,6 +320,11 @@ def real_usage(run: "Run", bundle: Path, env: Dict[str, str], guarded: Dict[str,
                       detail=note, own_pid=proc.pid, guard_held_bytes=held)
             return
         used = entry["used_bytes"]
+        if used is None:
+            run.check(g, REAL_USAGE_CHECK, False, f"pid {entry['pid']}: NVML gives no memory figure",
+                      f"<= {mib(limit)}", detail=note or "NVML_VALUE_NOT_AVAILABLE (MIG or a virtualised GPU?)",
+                      own_pid=proc.pid, guard_held_bytes=held)
+            return
         over = (used - limit) / MIB
         refused = facts.get("last_rc") == CUDA_ERROR_OUT_OF_MEMORY
         detail = "; ".join(x for x in (
@@ -486,8 +493,8 @@ def device_plugin(run: Run, bundle: Path, env: Dict[str, str]) -> Optional[dict]
         mine, how, note = match_process(listed, holder.pid, HOLDER_BYTES)
         nvml_pid = mine["pid"] if mine else None
         note_pid_namespace(run, how)
-        run.check(g, "per-process usage (NVML)", mine is not None and mine["used_bytes"] >= HOLDER_BYTES,
-                  f"pid {nvml_pid}{' (matched by size)' if how == 'size' else ''}: {mib(mine['used_bytes'])}"
+        run.check(g, "per-process usage (NVML)", mine is not None and (mine["used_bytes"] or 0) >= HOLDER_BYTES,
+                  f"pid {nvml_pid}{' (matched by size)' if how == 'size' else ''}: {figure(mine['used_bytes'])}"
                   if mine else f"pid {holder.pid}: not listed", ">= 1024 MiB", detail=note, matched_by=how,
                   own_pid=holder.pid, nvml_pid=nvml_pid, nvml_pids=[p["pid"] for p in listed])
         subscribed = reading.get("health_events", {})

@@ -130,6 +130,26 @@ class MatchProcess(unittest.TestCase):
         self.assertIn("ambiguous", note)
         self.assertEqual(checklib.match_process([], 42, checklib.GIB)[:2], (None, "none"))
 
+    def test_a_process_nvml_gives_no_figure_for_is_named_and_never_matched_by_size(self):
+        # NVML_VALUE_NOT_AVAILABLE (MIG, vGPU) reaches here as None: it must not crash the run.
+        unknown = self.listed + [{"pid": 7004, "used_bytes": None}]
+        entry, how, note = checklib.match_process(unknown, 42, 10 * checklib.GIB)
+        self.assertEqual((entry, how), (None, "none"))
+        self.assertIn("7004: no figure", note)
+        entry, how, _ = checklib.match_process([{"pid": 7004, "used_bytes": None}], 42, 0)
+        self.assertEqual((entry, how), (None, "none"))
+        entry, how, _ = checklib.match_process(unknown, 7004, checklib.GIB)
+        self.assertEqual((entry["pid"], how), (7004, "pid"))
+
+
+class ThroughputVerdict(unittest.TestCase):
+    def test_a_loss_passes_within_the_target_or_the_unguarded_runs_noise(self):
+        self.assertTrue(checklib.throughput_loss_ok(0.8, 0.1))
+        self.assertTrue(checklib.throughput_loss_ok(-2.0, 0.1))
+        self.assertFalse(checklib.throughput_loss_ok(1.5, 0.4))
+        self.assertTrue(checklib.throughput_loss_ok(1.5, 2.0), "no larger than plain vs plain")
+        self.assertFalse(checklib.throughput_loss_ok(5.0, 2.0))
+
 
 class ReadlineWithin(unittest.TestCase):
     def test_a_line_or_none_at_the_deadline(self):
