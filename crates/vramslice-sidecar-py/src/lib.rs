@@ -440,7 +440,15 @@ impl NativeRuntime {
             }
             None => rt.admit_blocking_unless(&job, &signalled),
         });
-        if let Some(e) = interrupted.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        // The hook may have raised in the very look that then admitted the job (it freed the
+        // memory): the interrupt still ends this call, and the permit goes back with it.
+        let late = HOOK_INTERRUPT.with(|slot| slot.borrow_mut().take());
+        if let Some(e) = interrupted
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .or(late)
+        {
+            drop(outcome);
             return Err(e);
         }
         let permit = outcome.map_err(admit_err)?;

@@ -574,6 +574,23 @@ def test_ctrl_c_or_exit_in_the_reclaim_hook_ends_the_wait(stop):
     assert rt.stats()["queued"] == 0
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_in_a_reclaim_hook_that_freed_the_memory_still_ends_the_call(stop):
+    # Regression: the hook freed the memory and then raised; the look that ran it admitted the
+    # job, the interrupt stayed parked, and a later wait on this thread raised it instead.
+    def reclaim():
+        rt.set_usage(0)
+        raise stop
+
+    rt = make(queue_timeout=5, reclaim=reclaim)
+    rt.set_usage(7 * GIB)
+    with pytest.raises(stop):
+        rt.admit("request", "4Gi")
+    assert rt.stats()["running"] == 0, "the permit went back with the interrupt"
+    # Nothing is left parked for the next call.
+    rt.admit("next", "1Gi").release()
+
+
 def test_the_metrics_address_from_the_environment_is_served(monkeypatch):
     import socket
     import urllib.request
