@@ -630,3 +630,26 @@ def test_metrics_are_openmetrics_and_say_so():
     assert vramslice.METRICS_CONTENT_TYPE.startswith("application/openmetrics-text; version=1.0.0")
     app = open(os.path.join(os.path.dirname(__file__), "../../../examples/python-inference-server/app.py")).read()
     assert "vramslice.METRICS_CONTENT_TYPE" in app
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_after_a_cuda_runtime_is_warned():
+    # usage="cuda" calls cuInit when the runtime is made; a gunicorn --preload master doing so
+    # leaves its workers with CUDA that is undefined after fork. The child is told why.
+    code = textwrap.dedent("""
+        import os, sys, warnings
+        import vramslice
+        class Fake:
+            usage_kind = "cuda"
+        vramslice._runtime = Fake()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """)
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "forked after a runtime with usage='cuda'" in out.stderr
+    manual = code.replace('usage_kind = "cuda"', 'usage_kind = "manual"')
+    out = subprocess.run([sys.executable, "-W", "always", "-c", manual], capture_output=True, text=True, timeout=60)
+    assert "forked after" not in out.stderr

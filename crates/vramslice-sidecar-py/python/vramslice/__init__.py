@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -108,6 +109,16 @@ def _forget_after_fork() -> None:
     # runtime without its sampler thread, with CUDA handles that are not valid in the child and
     # locks another thread may have held at the fork. It makes its own on first use.
     global _runtime, _lock, _pools, _pools_lock
+    if _runtime is not None and _runtime.usage_kind == "cuda":
+        # Its cuInit happened in the parent: CUDA in a forked child (without exec) is undefined
+        # after that, for this child's own runtime and for the application's CUDA alike.
+        warnings.warn(
+            "vramslice: this process was forked after a runtime with usage='cuda' initialised "
+            "CUDA in its parent; CUDA may fail or hang here. Create the runtime in each worker "
+            "(after the fork), or use usage='accounting' (the default under vramslice's guard)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _runtime = None
     _lock = threading.Lock()
     _pools = {}
