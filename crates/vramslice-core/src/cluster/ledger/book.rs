@@ -89,14 +89,25 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         } else {
             Some(listed.iter().map(|l| l.gpu).collect())
         };
+        // Listed for part of its limit: some of its containers are allocated, others not yet
+        // (the kubelet allocates them one by one).
+        let listed_bytes = listed.iter().map(|l| l.limit).fold(0, u64::saturating_add);
+        let partly = !listed.is_empty() && listed_bytes < limit;
         if let Some(annotated) = &annotated {
             let group = by_size.entry(limit).or_default();
             group.assign(annotated);
             match &placed {
-                Some(placed) => group.allocate(placed),
-                None => {
+                Some(placed) if !partly => group.allocate(placed),
+                _ => {
+                    // Waiting, or partly allocated: its group books its whole limit where the
+                    // size is owed. For a partly allocated pod that is more than is left to
+                    // come (its listed parts are booked below too), but where its other
+                    // containers land depends on other pods of their sizes, which this
+                    // pod-level group cannot follow: booking more errs on the safe side.
                     group.waiting += 1;
-                    continue;
+                    if !partly {
+                        continue;
+                    }
                 }
             }
         }
@@ -107,9 +118,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         if !listed.is_empty() {
             // What the kubelet gave the pod on each GPU, which need not be an even share: the
             // containers of one pod are allocated one by one, and one may take the units of
-            // another pod of its size on another GPU (the device plugin's swaps). Units of
-            // containers not allocated yet go where the pod is owed them (its annotation).
-            let rest = limit.saturating_sub(listed.iter().map(|l| l.limit).sum::<u64>());
+            // another pod of its size on another GPU (the device plugin's swaps).
             for l in &listed {
                 let view = &mut state.gpus[l.gpu];
                 view.assigned_bytes = view.assigned_bytes.saturating_add(l.limit);
@@ -120,11 +129,12 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 };
                 view.unobserved = view.unobserved.saturating_add(unobserved);
             }
-            if rest > 0 {
-                let owed = annotated.unwrap_or_else(|| listed.iter().map(|l| l.gpu).collect());
-                let share = rest.div_ceil(owed.len().max(1) as u64);
-                for i in owed {
-                    let view = &mut state.gpus[i];
+            // A partly allocated pod without an annotation (no group): the rest where it is.
+            let rest = limit.saturating_sub(listed_bytes);
+            if annotated.is_none() && rest > 0 {
+                let share = rest.div_ceil(listed.len() as u64);
+                for l in &listed {
+                    let view = &mut state.gpus[l.gpu];
                     view.assigned_bytes = view.assigned_bytes.saturating_add(share);
                     view.unobserved = view.unobserved.saturating_add(share);
                 }

@@ -284,8 +284,10 @@ fn a_pod_listed_unevenly_is_booked_by_what_the_kubelet_gave_it_on_each_gpu() {
         .collect();
     assert_eq!(booked, [4, 1]);
 
-    // Earlier, only B's 1 GiB container allocated: its other 3 GiB are owed on its GPU 0 (the
-    // pod's whole 4 GiB were booked on GPU 1), and A still waits for its GPU 1.
+    // Earlier, only B's 1 GiB container allocated (the pod's whole 4 GiB were booked on GPU 1):
+    // B still counts as waiting for its GPU 0 there, besides its GiB on GPU 1; A still waits
+    // for its GPU 1. Until the kubelet is done, more is booked than will land (GPU 1 ends with
+    // 1 GiB).
     let mut l = ledger();
     l.replace_pods(vec![
         bound("a", "GPU-1", PodRequest::new(VramUnit::Gib1, 1), 1),
@@ -300,5 +302,29 @@ fn a_pod_listed_unevenly_is_booked_by_what_the_kubelet_gave_it_on_each_gpu() {
         .iter()
         .map(|v| (v.assigned_bytes / GIB, v.unobserved / GIB))
         .collect();
-    assert_eq!(booked, [(3, 3), (2, 2)]);
+    assert_eq!(booked, [(4, 4), (2, 2)]);
+}
+
+#[test]
+fn a_partly_allocated_pod_never_leaves_a_gpu_booked_below_what_will_land_there() {
+    // X (containers of 1 and 3 GiB, assigned GPU 0) has only its 1 GiB container allocated,
+    // on GPU 1 (it took Z's place); W (4 GiB, one container) and Z (1 GiB) wait for GPU 1.
+    // The device plugin matches per container size: W lands on GPU 1, Z on GPU 0, X's 3 GiB
+    // on GPU 0. In the end GPU 0 holds 4 GiB and GPU 1 holds 5.
+    let mut l = ledger();
+    l.replace_pods(vec![
+        bound("x", "GPU-0", PodRequest::new(VramUnit::Gib1, 4), 1),
+        bound("w", "GPU-1", PodRequest::new(VramUnit::Gib1, 4), 2),
+        bound("z", "GPU-1", PodRequest::new(VramUnit::Gib1, 1), 3),
+    ]);
+    let mut g1 = gpu(1, 10, 10);
+    g1.pods = vec![listed("x", 1, 0)];
+    l.set_reading("n1", reading(5, vec![gpu(0, 10, 10), g1]));
+    let booked: Vec<u64> = l
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes / GIB)
+        .collect();
+    assert!(booked[0] >= 4 && booked[1] >= 5, "booked {booked:?}");
 }
