@@ -491,17 +491,6 @@ fn saturating_sub(word: &AtomicU64, n: u64) {
     }
 }
 
-/// Process start time (clock ticks since boot) from the text of `/proc/<pid>/stat`, and whether
-/// the process is a zombie. The command name may hold spaces and parentheses, so fields are
-/// counted from the last `)`.
-pub fn parse_proc_stat(text: &str) -> Option<(u64, bool)> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?; // field 3
-    let start = fields.nth(18)?.parse().ok()?; // field 22
-    Some((start, state == "Z" || state == "X"))
-}
-
 /// Builds a private (unshared) image: used when no accounting directory is given.
 pub fn private_words(limit: u64, gpu_uuid: &str) -> &'static [AtomicU64] {
     let image = layout::initial_image(limit, gpu_uuid, layout::DEFAULT_SLOT_COUNT);
@@ -789,15 +778,5 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(l.used(), 0);
-    }
-
-    #[test]
-    fn proc_stat_start_time_and_zombie() {
-        let line = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
-        assert_eq!(parse_proc_stat(line), Some((98765, false)));
-        let z = line.replace(") S ", ") Z ");
-        assert_eq!(parse_proc_stat(&z), Some((98765, true)));
-        assert_eq!(parse_proc_stat("garbage"), None);
-        assert_eq!(parse_proc_stat("1 (x) S 1"), None);
     }
 }

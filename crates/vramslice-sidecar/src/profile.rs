@@ -124,6 +124,12 @@ impl Profiles {
         recorded.max(provisional)
     }
 
+    /// The recorded peak of `key` + `params` (this process's and the directory's), without a
+    /// provisional raise.
+    pub fn recorded(&self, key: &str, params: &BTreeMap<String, String>) -> Option<u64> {
+        self.recorded_peak(&identity(key, params), key, params)
+    }
+
     /// Raise the peak of `key` + `params` to `peak` in this process only, until a peak is next
     /// recorded for it ([`Profiles::record`]); returns the peak now reserved for it.
     pub fn raise_provisionally(

@@ -313,6 +313,31 @@ fn an_out_of_memory_beside_other_jobs_is_not_written_to_the_shared_profile() {
 }
 
 #[test]
+fn a_provisional_raise_does_not_reach_the_profile_through_a_later_lone_out_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = |c: &mut Config| c.profile_dir = Some(dir.path().to_path_buf());
+    let (rt, usage) = runtime(10 * GIB, shared);
+    let job = Job::new("j");
+    let p = rt.admit_blocking(&job).unwrap();
+    usage.add(GIB);
+    assert_eq!(p.complete(), Some(GIB));
+    usage.set(0);
+    // Two neighbours' spikes: provisional raises, 1.25 GiB then about 1.56 GiB.
+    for _ in 0..2 {
+        let big = rt.admit_blocking(&Job::new("big").need(GIB)).unwrap();
+        rt.admit_blocking(&job).unwrap().out_of_memory();
+        drop(big);
+    }
+    assert!(rt.learned_peak(&job).unwrap() > GIB + GIB / 2);
+    // Alone, it fails having grown 1 GiB: the raise starts from the recorded 1 GiB.
+    let p = rt.admit_blocking(&job).unwrap();
+    usage.add(GIB);
+    assert_eq!(p.out_of_memory(), GIB + GIB / 4);
+    let (other, _) = runtime(10 * GIB, shared);
+    assert_eq!(other.learned_peak(&job), Some(GIB + GIB / 4));
+}
+
+#[test]
 fn settings_out_of_range_are_refused_however_they_are_made() {
     for tweak in [
         (|c: &mut Config| c.policy.peak_margin = 0.0) as fn(&mut Config),
@@ -597,4 +622,13 @@ fn a_peak_read_from_the_guards_file_is_this_processs_own() {
         7 * GIB,
         "admission still sees the container"
     );
+
+    // A front end whose jobs run in another process of the container (an engine process):
+    // this process's usage does not move, so the container's growth is the job's.
+    let engine = Job::new("generate");
+    let p = rt.admit_blocking(&engine).unwrap();
+    write(GIB, 9 * GIB);
+    wait_until("sampled", || p.peak_so_far() == 3 * GIB);
+    write(GIB, 6 * GIB);
+    assert_eq!(p.complete(), Some(3 * GIB));
 }

@@ -374,12 +374,33 @@ pub fn parse(bytes: &[u8]) -> Result<AccountingSnapshot, AccountingError> {
     })
 }
 
+/// A process's start time (clock ticks since boot, as slots record it) from the text of
+/// `/proc/<pid>/stat`, and whether it is a zombie. The command name may hold spaces and
+/// parentheses, so fields are counted from the last `)`.
+pub fn parse_proc_stat(text: &str) -> Option<(u64, bool)> {
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?; // field 3
+    let start = fields.nth(18)?.parse().ok()?; // field 22
+    Some((start, state == "Z" || state == "X"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     const UUID: &str = "GPU-12345678-1234-1234-1234-123456789abc";
+
+    #[test]
+    fn proc_stat_start_time_and_zombie() {
+        let line = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_proc_stat(line), Some((98765, false)));
+        let z = line.replace(") S ", ") Z ");
+        assert_eq!(parse_proc_stat(&z), Some((98765, true)));
+        assert_eq!(parse_proc_stat("garbage"), None);
+        assert_eq!(parse_proc_stat("1 (x) S 1"), None);
+    }
 
     fn put(image: &mut [u8], word: usize, value: u64) {
         image[word * 8..word * 8 + 8].copy_from_slice(&value.to_le_bytes());

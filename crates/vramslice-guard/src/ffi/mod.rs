@@ -16,11 +16,13 @@ mod vmm;
 
 use crate::config::{Config, Limits, read_limit_file};
 use crate::guard::{Account, AccountId, Guard, Mapping, Probes};
-use crate::ledger::{Ledger, Liveness, parse_proc_stat, private_words};
+use crate::ledger::{Ledger, Liveness, private_words};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
 use types::*;
-use vramslice_core::container::accounting::{ACCOUNTING_FILE_NAME, gpu_accounting_file_name};
+use vramslice_core::container::accounting::{
+    ACCOUNTING_FILE_NAME, gpu_accounting_file_name, parse_proc_stat,
+};
 
 static CONFIG: OnceLock<Config> = OnceLock::new();
 static GUARD: OnceLock<Option<Guard>> = OnceLock::new();

@@ -32,8 +32,10 @@ pub(crate) struct Running {
 impl Running {
     /// The job's peak above its start, with usage now `live` (the container's) and `own` (this
     /// process's): what the embedder reported, else this process's growth when the source
-    /// told it at both ends, else the container's (which counts what its other processes
-    /// allocated meanwhile).
+    /// told it at both ends and it grew, else the container's growth (which counts what its
+    /// other processes allocated meanwhile; it is the only measure when the job's memory is
+    /// allocated by another process of the container, an engine process behind a front end,
+    /// and this one's usage did not move).
     pub(crate) fn peak(&self, live: u64, own: Option<u64>) -> u64 {
         self.reported
             .unwrap_or_else(|| self.measured_peak(live, own))
@@ -41,9 +43,13 @@ impl Running {
 
     /// The peak sampled so far ([`Running::peak`] without a report).
     pub(crate) fn measured_peak(&self, live: u64, own: Option<u64>) -> u64 {
+        let container = || self.peak_live.max(live).saturating_sub(self.start_live);
         match (self.start_own, own) {
-            (Some(start), Some(now)) => self.peak_own.max(now).saturating_sub(start),
-            _ => self.peak_live.max(live).saturating_sub(self.start_live),
+            (Some(start), Some(now)) => match self.peak_own.max(now).saturating_sub(start) {
+                0 => container(),
+                grown => grown,
+            },
+            _ => container(),
         }
     }
 }

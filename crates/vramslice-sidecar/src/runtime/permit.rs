@@ -151,7 +151,12 @@ impl Permit {
             _ => None,
         };
         let profiles = &self.inner.profiles;
-        let recorded = profiles.peak(self.job.key(), self.job.params());
+        // Alone, from what was recorded and sampled: a provisional raise (a neighbour's doing)
+        // must not reach the profile through this one.
+        let recorded = match alone {
+            Some(_) => profiles.recorded(self.job.key(), self.job.params()),
+            None => profiles.peak(self.job.key(), self.job.params()),
+        };
         let raised = policy::raise_after_oom(
             recorded,
             alone.unwrap_or(0),

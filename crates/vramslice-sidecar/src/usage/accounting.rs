@@ -4,21 +4,56 @@
 
 use std::path::{Path, PathBuf};
 
-use vramslice_core::container::accounting::AccountingError;
+use vramslice_core::container::accounting::{AccountingError, parse_proc_stat};
 
 use super::{UsageError, UsageReading, UsageSource};
 
 /// Name of the accounting file inside `VRAMSLICE_ACCOUNTING_DIR`.
 pub const FILE_NAME: &str = vramslice_core::container::accounting::ACCOUNTING_FILE_NAME;
 
-/// Decode the accounting file's bytes as process `pid` reads them (its own usage is what the
-/// slots of `pid` hold; unknown when it has none).
-pub fn reading(bytes: &[u8], pid: u32) -> Result<UsageReading, AccountingError> {
+/// This process as the guard records it in a slot: its pid and its start time (clock ticks
+/// since boot, field 22 of `/proc/self/stat`; `None` when it cannot be read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    /// The pid.
+    pub pid: u32,
+    /// The start time.
+    pub start_time: Option<u64>,
+}
+
+impl ProcessIdentity {
+    /// This process.
+    pub fn current() -> Self {
+        let start_time = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| parse_proc_stat(&stat))
+            .map(|(start, _)| start);
+        ProcessIdentity {
+            pid: std::process::id(),
+            start_time,
+        }
+    }
+
+    /// Whether a slot is this process's: its pid, and its start time when both are known (a
+    /// dead process's slot with the same pid, not yet reaped, is not).
+    fn owns(&self, slot: &vramslice_core::container::accounting::SlotSnapshot) -> bool {
+        slot.pid == self.pid
+            && !slot.reaping
+            && match (self.start_time, slot.start_time) {
+                (Some(mine), recorded) if recorded != 0 => mine == recorded,
+                _ => true,
+            }
+    }
+}
+
+/// Decode the accounting file's bytes as process `me` reads them (its own usage is what its
+/// slots hold; unknown when it has none).
+pub fn reading(bytes: &[u8], me: ProcessIdentity) -> Result<UsageReading, AccountingError> {
     let snapshot = vramslice_core::container::accounting::parse(bytes)?;
     let own = snapshot
         .slots
         .iter()
-        .filter(|s| s.pid == pid && !s.reaping)
+        .filter(|s| me.owns(s))
         .map(|s| s.bytes)
         .reduce(u64::saturating_add);
     Ok(UsageReading {
@@ -38,6 +73,7 @@ const PARTIAL_READ_TRIES: u32 = 3;
 #[derive(Debug, Clone)]
 pub struct AccountingFile {
     path: PathBuf,
+    me: ProcessIdentity,
 }
 
 impl AccountingFile {
@@ -45,6 +81,7 @@ impl AccountingFile {
     pub fn in_dir(dir: &Path) -> Self {
         Self {
             path: dir.join(FILE_NAME),
+            me: ProcessIdentity::current(),
         }
     }
 
@@ -55,6 +92,7 @@ impl AccountingFile {
             Some(uuid) => Self {
                 path: dir
                     .join(vramslice_core::container::accounting::gpu_accounting_file_name(uuid)),
+                me: ProcessIdentity::current(),
             },
             None => Self::in_dir(dir),
         }
@@ -86,7 +124,13 @@ impl UsageSource for AccountingFile {
                     });
                 }
             };
-            match reading(&bytes, std::process::id()) {
+            // A forked child reads as itself.
+            let me = if self.me.pid == std::process::id() {
+                self.me
+            } else {
+                ProcessIdentity::current()
+            };
+            match reading(&bytes, me) {
                 Err(AccountingError::TooShort { .. } | AccountingError::Truncated { .. })
                     if tries + 1 < PARTIAL_READ_TRIES =>
                 {
@@ -149,7 +193,15 @@ mod tests {
         let mut image = initial_image(4 << 30, "GPU-1", 4);
         let at = header::USED * 8;
         image[at..at + 8].copy_from_slice(&(3u64 << 30).to_le_bytes());
-        assert_eq!(reading(&image, 42).unwrap().own, None, "no slot: unknown");
+        let pid = |pid| ProcessIdentity {
+            pid,
+            start_time: None,
+        };
+        assert_eq!(
+            reading(&image, pid(42)).unwrap().own,
+            None,
+            "no slot: unknown"
+        );
         let mut put = |index: usize, pid: u64, bytes: u64| {
             for (field, value) in [(slot::PID, pid), (slot::BYTES, bytes)] {
                 let at = slot_word(index, field) * 8;
@@ -158,9 +210,25 @@ mod tests {
         };
         put(0, 42, 1 << 30);
         put(1, 7, 2 << 30);
-        let r = reading(&image, 42).unwrap();
+        let r = reading(&image, pid(42)).unwrap();
         assert_eq!((r.used, r.own), (3 << 30, Some(1 << 30)));
-        assert_eq!(reading(&image, 7).unwrap().own, Some(2 << 30));
+        assert_eq!(reading(&image, pid(7)).unwrap().own, Some(2 << 30));
+        // A dead process's slot with this pid (another start time, not reaped yet) is not ours.
+        let at = slot_word(0, slot::START_TIME) * 8;
+        image[at..at + 8].copy_from_slice(&1234u64.to_le_bytes());
+        let me = |start| ProcessIdentity {
+            pid: 42,
+            start_time: Some(start),
+        };
+        assert_eq!(reading(&image, me(999)).unwrap().own, None);
+        assert_eq!(reading(&image, me(1234)).unwrap().own, Some(1 << 30));
+    }
+
+    #[test]
+    fn this_process_knows_its_start_time() {
+        let me = ProcessIdentity::current();
+        assert_eq!(me.pid, std::process::id());
+        assert!(me.start_time.is_some_and(|t| t > 0));
     }
 
     #[test]
