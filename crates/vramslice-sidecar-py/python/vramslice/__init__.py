@@ -109,9 +109,15 @@ def _forget_after_fork() -> None:
     # runtime without its sampler thread, with CUDA handles that are not valid in the child and
     # locks another thread may have held at the fork. It makes its own on first use.
     global _runtime, _lock, _pools, _pools_lock
-    if _runtime is not None and _runtime.usage_kind == "cuda":
+    inherited = _runtime
+    _runtime = None
+    _lock = threading.Lock()
+    _pools = {}
+    _pools_lock = threading.Lock()
+    if inherited is not None and inherited.usage_kind == "cuda":
         # Its cuInit happened in the parent: CUDA in a forked child (without exec) is undefined
-        # after that, for this child's own runtime and for the application's CUDA alike.
+        # after that, for this child's own runtime and for the application's CUDA alike. (Said
+        # after the reset: with warnings turned into errors, the reset must still have run.)
         warnings.warn(
             "vramslice: this process was forked after a runtime with usage='cuda' initialised "
             "CUDA in its parent; CUDA may fail or hang here. Create the runtime in each worker "
@@ -119,10 +125,6 @@ def _forget_after_fork() -> None:
             RuntimeWarning,
             stacklevel=2,
         )
-    _runtime = None
-    _lock = threading.Lock()
-    _pools = {}
-    _pools_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -307,11 +309,33 @@ def _call_kwargs(fn: Callable, args: tuple, kwargs: dict) -> Dict[str, Any]:
     return dict(bound.arguments)
 
 
+_GENERATOR_LIKE = (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+                   | inspect.CO_ITERABLE_COROUTINE)
+
+
+def _clear_frames(tb) -> None:
+    if sys.version_info >= (3, 13):
+        # Clearing a running or suspended frame raises there, and clear_frames skips it.
+        traceback.clear_frames(tb)
+        return
+    # Before 3.13, clearing a suspended generator's or coroutine's frame closes it: a shared
+    # error (a batcher sets one on every waiting future) can carry another task's frame that
+    # still waits. Such frames are left alone, finished ones too (they cannot be told apart).
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_flags & _GENERATOR_LIKE:
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:  # a frame still running: the caller's
+                pass
+        tb = tb.tb_next
+
+
 def _drop_failed_frames(exc: BaseException) -> None:
     """Clear the local variables of the frames the failed call left in ``exc``'s traceback (and
     in the exceptions chained to it), keeping their files and lines: the tensors they held can
-    then be freed while the error still propagates. Frames still running (the caller's) are
-    left alone."""
+    then be freed while the error still propagates. Frames still running (the caller's) or
+    suspended (another task's) are left alone; before Python 3.13, so are all frames of
+    coroutines and generators."""
     seen = set()
     pending = [exc]
     while pending:
@@ -319,7 +343,7 @@ def _drop_failed_frames(exc: BaseException) -> None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
+        _clear_frames(current.__traceback__)
         pending += [current.__cause__, current.__context__]
 
 
@@ -346,7 +370,8 @@ def guarded(
 
     When the last attempt fails with out-of-memory, the local variables of the frames it left in
     the error's traceback are cleared (files and lines stay), so that ``cleanup`` frees its
-    tensors before the error reaches the caller, who may hold it for a while.
+    tensors before the error reaches the caller, who may hold it for a while (before Python
+    3.13, not those of coroutine frames, which cannot be cleared safely there).
     """
 
     def decorate(fn: Callable) -> Callable:
