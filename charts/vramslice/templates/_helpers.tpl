@@ -107,6 +107,9 @@ and three times the new CA's 60 s propagation wait). Include with the merged `we
 {{- if not (regexMatch $form $check) -}}
 {{- fail (printf "extender.extraConfig.webhook.checkInterval=%s is not a duration such as 30s, 1m or 1h30m" $check) -}}
 {{- end -}}
+{{- if eq (float64 (include "vramslice.durationMs" $check)) 0.0 -}}
+{{- fail (printf "extender.extraConfig.webhook.checkInterval=%s must be greater than zero" $check) -}}
+{{- end -}}
 {{- with .selfSigned -}}
 {{- range $field := list "certValidity" "caValidity" -}}
 {{- $value := toString (get $.selfSigned $field) -}}
