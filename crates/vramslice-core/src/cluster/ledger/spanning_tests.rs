@@ -261,48 +261,49 @@ fn an_allocation_of_a_set_nobody_is_owed_does_not_offset_a_waiting_pod() {
     assert_eq!(assigned, vec![3, 2, 1]);
 }
 
+/// A ledger of pods bound to GPUs (uid, GPU, GiB, in assignment order) and a reading listing
+/// pods on two 10 GiB GPUs (uid, GiB, per GPU); returns each GPU's (assigned, unobserved) GiB.
+fn books(pods: &[(&str, &str, u64)], listing: [&[(&str, u64)]; 2]) -> Vec<(u64, u64)> {
+    let mut l = ledger();
+    l.replace_pods(
+        pods.iter()
+            .zip(1..)
+            .map(|(&(uid, gpu, gib), order)| {
+                bound(uid, gpu, PodRequest::new(VramUnit::Gib1, gib), order)
+            })
+            .collect(),
+    );
+    let gpus = listing
+        .iter()
+        .zip(0..)
+        .map(|(pods, i)| {
+            let mut g = gpu(i, 10, 10);
+            g.pods = pods.iter().map(|&(uid, gib)| listed(uid, gib, 0)).collect();
+            g
+        })
+        .collect();
+    l.set_reading("n1", reading(5, gpus));
+    l.gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| (v.assigned_bytes / GIB, v.unobserved / GIB))
+        .collect()
+}
+
 #[test]
 fn a_pod_listed_unevenly_is_booked_by_what_the_kubelet_gave_it_on_each_gpu() {
     // Regression: pod B (containers of 1 and 3 GiB, assigned GPU 0) had its 1 GiB container
     // take the units of pod A (1 GiB, assigned GPU 1), a same-size swap; A then took GPU 0.
     // The ledger booked B as two even 2 GiB shares: GPU 0 held 4 GiB but was booked 3.
-    let mut l = ledger();
-    l.replace_pods(vec![
-        bound("a", "GPU-1", PodRequest::new(VramUnit::Gib1, 1), 1),
-        bound("b", "GPU-0", PodRequest::new(VramUnit::Gib1, 4), 2),
-    ]);
-    let mut g0 = gpu(0, 10, 10);
-    g0.pods = vec![listed("a", 1, 0), listed("b", 3, 0)];
-    let mut g1 = gpu(1, 10, 10);
-    g1.pods = vec![listed("b", 1, 0)];
-    l.set_reading("n1", reading(5, vec![g0.clone(), g1]));
-    let booked: Vec<u64> = l
-        .gpu_views("n1")
-        .unwrap()
-        .iter()
-        .map(|v| v.assigned_bytes / GIB)
-        .collect();
-    assert_eq!(booked, [4, 1]);
+    let pods = [("a", "GPU-1", 1), ("b", "GPU-0", 4)];
+    let done = books(&pods, [&[("a", 1), ("b", 3)], &[("b", 1)]]);
+    assert_eq!(done, [(4, 4), (1, 1)]);
 
     // Earlier, only B's 1 GiB container allocated (the pod's whole 4 GiB were booked on GPU 1):
     // B still counts as waiting for its GPU 0 there, besides its GiB on GPU 1; A still waits
     // for its GPU 1. Until the kubelet is done, more is booked than will land (GPU 1 ends with
     // 1 GiB).
-    let mut l = ledger();
-    l.replace_pods(vec![
-        bound("a", "GPU-1", PodRequest::new(VramUnit::Gib1, 1), 1),
-        bound("b", "GPU-0", PodRequest::new(VramUnit::Gib1, 4), 2),
-    ]);
-    let mut g1 = gpu(1, 10, 10);
-    g1.pods = vec![listed("b", 1, 0)];
-    l.set_reading("n1", reading(5, vec![gpu(0, 10, 10), g1]));
-    let booked: Vec<(u64, u64)> = l
-        .gpu_views("n1")
-        .unwrap()
-        .iter()
-        .map(|v| (v.assigned_bytes / GIB, v.unobserved / GIB))
-        .collect();
-    assert_eq!(booked, [(4, 4), (2, 2)]);
+    assert_eq!(books(&pods, [&[], &[("b", 1)]]), [(4, 4), (2, 2)]);
 }
 
 #[test]
@@ -311,20 +312,7 @@ fn a_partly_allocated_pod_never_leaves_a_gpu_booked_below_what_will_land_there()
     // on GPU 1 (it took Z's place); W (4 GiB, one container) and Z (1 GiB) wait for GPU 1.
     // The device plugin matches per container size: W lands on GPU 1, Z on GPU 0, X's 3 GiB
     // on GPU 0. In the end GPU 0 holds 4 GiB and GPU 1 holds 5.
-    let mut l = ledger();
-    l.replace_pods(vec![
-        bound("x", "GPU-0", PodRequest::new(VramUnit::Gib1, 4), 1),
-        bound("w", "GPU-1", PodRequest::new(VramUnit::Gib1, 4), 2),
-        bound("z", "GPU-1", PodRequest::new(VramUnit::Gib1, 1), 3),
-    ]);
-    let mut g1 = gpu(1, 10, 10);
-    g1.pods = vec![listed("x", 1, 0)];
-    l.set_reading("n1", reading(5, vec![gpu(0, 10, 10), g1]));
-    let booked: Vec<u64> = l
-        .gpu_views("n1")
-        .unwrap()
-        .iter()
-        .map(|v| v.assigned_bytes / GIB)
-        .collect();
-    assert!(booked[0] >= 4 && booked[1] >= 5, "booked {booked:?}");
+    let pods = [("x", "GPU-0", 4), ("w", "GPU-1", 4), ("z", "GPU-1", 1)];
+    let booked = books(&pods, [&[], &[("x", 1)]]);
+    assert!(booked[0].0 >= 4 && booked[1].0 >= 5, "booked {booked:?}");
 }
