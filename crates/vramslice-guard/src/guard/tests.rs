@@ -1,0 +1,287 @@
+//! Unit tests of `guard`.
+
+use super::*;
+use crate::ledger::private_words;
+
+pub(crate) fn probes_with(pool_reserved: fn(u64) -> Option<u64>) -> Probes {
+    Probes {
+        liveness: |_, _| Liveness::Alive,
+        pool_reserved,
+        device_uuid: |dev| match dev {
+            0 => Ok("GPU-a".into()),
+            1 => Ok("GPU-b".into()),
+            2 => Ok("GPU-c".into()),
+            _ => Err("CUDA error 101".into()),
+        },
+        graph_pool: |_| Some(GraphPoolReading::default()),
+        graph_trim: |_| true,
+    }
+}
+
+#[test]
+fn a_forked_child_reaps_exited_processes_slots_when_the_table_is_full() {
+    let ledger = Ledger::new(private_words(1 << 30, "")).unwrap();
+    // Every slot taken by helpers that have exited (pids from 1000 up).
+    let mut pid = 1000;
+    while ledger.claim(pid, 1).is_some() {
+        pid += 1;
+    }
+    ledger.disown();
+    let mut probes = probes_with(|_| Some(0));
+    probes.liveness = |pid, _| {
+        if pid >= 1000 {
+            Liveness::Dead
+        } else {
+            Liveness::Alive
+        }
+    };
+    let g = Guard::new(
+        vec![Account::new("", 1 << 30, ledger)],
+        Mapping::Container,
+        probes,
+    )
+    .unwrap();
+    assert!(g.child_after_fork(7, 7).is_empty(), "the child has a slot");
+    assert!(g.accounts[0].ledger.own_slot().is_some());
+}
+
+pub(crate) fn account(uuid: &str, limit: u64) -> Account {
+    let l = Ledger::new(private_words(limit, uuid)).unwrap();
+    l.claim(1, 1);
+    Account::new(uuid, limit, l)
+}
+
+/// A guard with one account (one limit for the container) of `limit` bytes.
+pub(crate) fn guard(limit: u64) -> Guard {
+    Guard::new(
+        vec![account("", limit)],
+        Mapping::Container,
+        probes_with(|_| Some(0)),
+    )
+    .unwrap()
+}
+
+/// GPU-a limited to 100, GPU-b to 200; GPU-c (device 2) has no entry.
+fn per_gpu() -> Guard {
+    Guard::new(
+        vec![account("GPU-a", 100), account("GPU-b", 200)],
+        Mapping::PerGpu,
+        probes_with(|_| Some(0)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn alloc_free_cycle() {
+    let g = guard(100);
+    g.reserve(0, 60).unwrap();
+    g.track(Kind::DevicePtr, 0xa, 0, 60);
+    assert!(g.reserve(0, 41).is_err());
+    let e = g.untrack(Kind::DevicePtr, 0xa).unwrap();
+    g.freed(e);
+    assert_eq!(g.used(0), 0);
+    assert_eq!(g.mem_info(Some(0), 1000), (100, 100));
+    assert_eq!(g.mem_info(Some(0), 30), (30, 100));
+}
+
+#[test]
+fn one_limit_for_the_container_maps_every_device_to_one_account() {
+    let g = guard(100);
+    assert_eq!(g.mapping(), Mapping::Container);
+    for dev in [0, 1, 7, -1, 100_000] {
+        assert_eq!(g.account_of_device(dev), Some(0), "device {dev}");
+    }
+    assert_eq!(g.account_of_uuid("GPU-anything"), Some(0));
+}
+
+#[test]
+fn per_gpu_limits_hold_independently() {
+    let g = per_gpu();
+    let (a, b) = (
+        g.account_of_device(0).unwrap(),
+        g.account_of_device(1).unwrap(),
+    );
+    assert_ne!(a, b);
+    g.reserve(a, 100).unwrap();
+    assert!(g.reserve(a, 1).is_err(), "GPU-a is full");
+    g.reserve(b, 200).unwrap();
+    assert!(g.reserve(b, 1).is_err(), "GPU-b is full at its own limit");
+    g.release(a, 40);
+    assert!(
+        g.reserve(b, 1).is_err(),
+        "freeing on GPU-a does not help GPU-b"
+    );
+    g.reserve(a, 40).unwrap();
+    assert_eq!(g.mem_info(Some(a), u64::MAX), (0, 100));
+    g.release(b, 50);
+    assert_eq!(g.mem_info(Some(b), u64::MAX), (50, 200));
+    assert_eq!(
+        g.mem_info(Some(b), 10),
+        (10, 200),
+        "the real free still caps"
+    );
+}
+
+#[test]
+fn per_gpu_device_without_an_entry_is_refused_and_remembered() {
+    let g = per_gpu();
+    assert_eq!(g.account_of_device(2), None, "GPU-c has no entry");
+    assert_eq!(g.account_of_device(2), None, "remembered");
+    assert_eq!(g.account_of_device(5), None, "UUID unreadable");
+    assert_eq!(g.account_of_device(-1), None);
+    assert_eq!(g.account_of_device(100_000), None);
+    assert_eq!(g.mem_info(None, 1000), (0, 0));
+    assert_eq!(g.account_of_uuid("GPU-b"), Some(1));
+    assert_eq!(g.account_of_uuid("GPU-c"), None);
+    assert_eq!(g.account_of_device(1), Some(1));
+    assert_eq!(g.account_of_device(1), Some(1), "cached");
+}
+
+#[test]
+fn frees_go_back_to_the_account_charged() {
+    let g = per_gpu();
+    g.reserve(1, 150).unwrap();
+    g.track(Kind::DevicePtr, 0x10, 1, 150);
+    g.charge(Kind::Module, 0x20, 0, 30);
+    assert_eq!((g.used(0), g.used(1)), (30, 150));
+    g.freed(g.untrack(Kind::DevicePtr, 0x10).unwrap());
+    assert_eq!((g.used(0), g.used(1)), (30, 0));
+    g.freed(g.untrack(Kind::Module, 0x20).unwrap());
+    assert_eq!((g.used(0), g.used(1)), (0, 0));
+    // A handle reused without a free releases the old charge where it was made.
+    g.reserve(0, 10).unwrap();
+    g.track(Kind::DevicePtr, 0x30, 0, 10);
+    g.reserve(1, 20).unwrap();
+    g.track(Kind::DevicePtr, 0x30, 1, 20);
+    assert_eq!((g.used(0), g.used(1)), (0, 20));
+}
+
+#[test]
+fn pools_stay_with_their_account() {
+    let g = per_gpu();
+    let (acct, reused) = g.reserve_async(1, 7, 120).unwrap();
+    assert_eq!((acct, reused), (1, 0));
+    g.track_async(0xb, 7, acct, 120);
+    g.freed(g.untrack(Kind::DevicePtr, 0xb).unwrap());
+    assert_eq!((g.used(0), g.used(1)), (0, 120), "retained on GPU-b");
+    let (acct, reused) = g.reserve_async(0, 7, 100).unwrap();
+    assert_eq!(
+        (acct, reused),
+        (1, 100),
+        "the pool's account, its retained bytes"
+    );
+    g.async_failed(7, acct, 100, reused, true);
+    g.reconcile_pool(7, Some(0));
+    assert_eq!((g.used(0), g.used(1)), (0, 0));
+}
+
+#[test]
+fn primary_contexts_are_charged_to_their_device() {
+    let g = per_gpu();
+    g.primary_retained(1, 1, || 70);
+    g.primary_retained(1, 1, || 70);
+    g.primary_retained(0, 0, || 5);
+    assert_eq!((g.used(0), g.used(1)), (5, 70));
+    g.primary_released(1, true);
+    assert_eq!((g.used(0), g.used(1)), (5, 0));
+}
+
+#[test]
+fn pool_memory_stays_charged_until_reconciled() {
+    let g = guard(100);
+    let (a, reused) = g.reserve_async(0, 7, 40).unwrap();
+    assert_eq!(reused, 0);
+    g.track_async(0xb, 7, a, 40);
+    let e = g.untrack(Kind::DevicePtr, 0xb).unwrap();
+    g.freed(e);
+    assert_eq!(g.used(0), 40, "freed into the pool: still charged");
+    assert_eq!(
+        g.reserve_async(0, 7, 30).unwrap(),
+        (0, 30),
+        "reuses retained bytes"
+    );
+    g.track_async(0xc, 7, 0, 30);
+    g.freed(g.untrack(Kind::DevicePtr, 0xc).unwrap());
+    // a synchronous allocation that needs the retained bytes: reconciled (pool holds 0)
+    g.reserve(0, 90).unwrap();
+    assert_eq!(g.used(0), 90);
+}
+
+#[test]
+fn destroyed_pools_give_back_what_they_retain_and_late_frees() {
+    // The driver no longer answers for a destroyed pool: reconciling cannot help.
+    let g = Guard::new(
+        vec![account("", 100)],
+        Mapping::Container,
+        probes_with(|_| None),
+    )
+    .unwrap();
+    g.pool_created(5, 0);
+    for (ptr, n) in [(0x1, 30), (0x2, 50)] {
+        g.reserve_async(0, 5, n).unwrap();
+        g.track_async(ptr, 5, 0, n);
+    }
+    g.freed(g.untrack(Kind::DevicePtr, 0x1).unwrap());
+    assert_eq!(g.used(0), 80, "30 retained, 50 in use");
+    g.pool_destroyed(5);
+    assert_eq!(g.used(0), 50, "the retained 30 went with the pool");
+    g.freed(g.untrack(Kind::DevicePtr, 0x2).unwrap());
+    assert_eq!(g.used(0), 0, "a free after the destruction is not retained");
+    assert_eq!(g.pool_account(5), None, "the handle is forgotten");
+    // The same handle as a host pool: nothing of it is charged; destroyed, forgotten.
+    g.host_pool_created(5);
+    assert!(g.is_host_pool(5));
+    g.pool_destroyed(5);
+    assert!(!g.is_host_pool(5));
+    // And as a device pool again: an ordinary pool.
+    g.pool_created(5, 0);
+    assert!(!g.is_host_pool(5));
+    assert!(g.reserve_async(0, 5, 101).is_err());
+}
+
+#[test]
+fn trim_keeps_at_most_requested() {
+    let l = Ledger::new(private_words(100, "")).unwrap();
+    let g = Guard::new(
+        vec![Account::new("", 100, l)],
+        Mapping::Container,
+        probes_with(|_| None),
+    )
+    .unwrap();
+    g.reserve_async(0, 3, 50).unwrap();
+    g.track_async(0x1, 3, 0, 50);
+    g.freed(g.untrack(Kind::DevicePtr, 0x1).unwrap());
+    g.reconcile_pool(3, Some(20));
+    assert_eq!(g.used(0), 20);
+    g.reconcile_pool(3, Some(0));
+    assert_eq!(g.used(0), 0);
+}
+
+#[test]
+fn primary_context_charged_once() {
+    let g = guard(1000);
+    g.primary_retained(0, 0, || 100);
+    g.primary_retained(0, 0, || 100);
+    assert_eq!(g.used(0), 100);
+    g.primary_released(0, false);
+    assert_eq!(g.used(0), 100);
+    g.primary_released(0, false);
+    assert_eq!(g.used(0), 0);
+    g.primary_retained(0, 0, || 50);
+    g.primary_released(0, true);
+    assert_eq!(g.used(0), 0);
+}
+
+#[test]
+fn charge_may_exceed_limit_and_then_refuses() {
+    let g = guard(100);
+    g.charge(Kind::Context, 9, 0, 150);
+    assert_eq!(g.reserve(0, 1).unwrap_err().used, 150);
+    g.freed(g.untrack(Kind::Context, 9).unwrap());
+    assert!(g.reserve(0, 100).is_ok());
+}
+
+#[test]
+fn no_account_no_guard() {
+    assert!(Guard::new(Vec::new(), Mapping::PerGpu, probes_with(|_| None)).is_none());
+}
