@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 use super::*;
+use crate::names::ANNOTATION_GPUS;
 use serde_json::json;
 
 fn pod(spec: serde_json::Value, annotations: serde_json::Value) -> Pod {
