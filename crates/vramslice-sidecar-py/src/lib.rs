@@ -14,105 +14,19 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat};
+use pyo3::types::{PyBool, PyDict};
 use vramslice_sidecar::policy::{Backoff, ReserveSource};
 use vramslice_sidecar::usage::AccountingFile;
-use vramslice_sidecar::{AdmitError, Config, Job, ManualUsage, Permit, Runtime, RuntimeError};
+use vramslice_sidecar::{Config, ManualUsage, Runtime};
 
-pyo3::create_exception!(
-    _native,
-    VramsliceError,
-    PyException,
-    "Base of vramslice's errors."
-);
-pyo3::create_exception!(
-    _native,
-    Refused,
-    VramsliceError,
-    "The job can never fit, or the admission queue is full."
-);
-pyo3::create_exception!(
-    _native,
-    QueueTimeout,
-    VramsliceError,
-    "The job waited the queue timeout without memory freeing."
-);
-pyo3::create_exception!(
-    _native,
-    UsageError,
-    VramsliceError,
-    "Live GPU memory usage could not be read."
-);
-pyo3::create_exception!(
-    _native,
-    ConfigError,
-    VramsliceError,
-    "The runtime configuration is invalid."
-);
+mod convert;
+mod permit;
 
-fn admit_err(e: AdmitError) -> PyErr {
-    match e {
-        AdmitError::Refused { .. } => Refused::new_err(e.to_string()),
-        AdmitError::Timeout { .. } => QueueTimeout::new_err(e.to_string()),
-        AdmitError::Usage { .. } => UsageError::new_err(e.to_string()),
-        AdmitError::Cancelled { .. } => {
-            pyo3::exceptions::asyncio::CancelledError::new_err(e.to_string())
-        }
-    }
-}
-
-fn runtime_err(e: RuntimeError) -> PyErr {
-    ConfigError::new_err(e.to_string())
-}
-
-/// A byte amount from Python: an int, or a quantity string such as "6Gi".
-fn bytes_of(value: &Bound<'_, PyAny>) -> PyResult<u64> {
-    if let Ok(n) = value.extract::<u64>() {
-        return Ok(n);
-    }
-    let text: String = value.extract().map_err(|_| {
-        PyValueError::new_err("expected bytes as an int or a quantity string like '6Gi'")
-    })?;
-    vramslice_core::parse_bytes(&text).map_err(|e| PyValueError::new_err(e.to_string()))
-}
-
-/// A parameter value as text, the way Rust's `to_string` writes it, so that a profile learned
-/// from Python and one learned from Rust (or C) have the same key: `True` is `true`, `8.0` is
-/// `8`; anything else as Python's `str()`.
-fn param_text(v: &Bound<'_, PyAny>) -> PyResult<String> {
-    if v.is_instance_of::<PyBool>() {
-        return Ok(v.extract::<bool>()?.to_string());
-    }
-    if v.is_instance_of::<PyFloat>() {
-        return Ok(v.extract::<f64>()?.to_string());
-    }
-    Ok(v.str()?.to_string())
-}
-
-fn params_of(params: Option<&Bound<'_, PyDict>>) -> PyResult<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    if let Some(d) = params {
-        for (k, v) in d.iter() {
-            out.insert(k.str()?.to_string(), param_text(&v)?);
-        }
-    }
-    Ok(out)
-}
-
-fn job_of(
-    key: &str,
-    need: Option<&Bound<'_, PyAny>>,
-    params: Option<&Bound<'_, PyDict>>,
-) -> PyResult<Job> {
-    let mut job = Job::new(key);
-    for (k, v) in params_of(params)? {
-        job = job.param(k, v);
-    }
-    if let Some(need) = need.filter(|n| !n.is_none()) {
-        job = job.need(bytes_of(need)?);
-    }
-    Ok(job)
-}
+use convert::{
+    ConfigError, QueueTimeout, Refused, UsageError, VramsliceError, admit_err, bytes_of, job_of,
+    params_of, runtime_err,
+};
+use permit::NativePermit;
 
 /// The sidecar runtime. Keyword arguments override the `VRAMSLICE_*` environment.
 /// A cancellation flag for `Runtime.admit`: `set()` makes a waiting admission give up.
@@ -522,67 +436,6 @@ impl NativeRuntime {
         d.set_item("running", s.running)?;
         d.set_item("queued", s.queued)?;
         Ok(d)
-    }
-}
-
-/// Memory reserved for one admitted job; end it with exactly one of `complete`,
-/// `out_of_memory` or `release` (later calls do nothing).
-#[pyclass(module = "vramslice._native", frozen)]
-struct NativePermit {
-    permit: Mutex<Option<Permit>>,
-    #[pyo3(get)]
-    reserved: u64,
-    #[pyo3(get)]
-    source: &'static str,
-}
-
-impl NativePermit {
-    fn take(&self) -> Option<Permit> {
-        self.permit.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-#[pymethods]
-impl NativePermit {
-    /// The job succeeded: give the memory back, record the peak (returned, or None).
-    fn complete(&self, py: Python<'_>) -> Option<u64> {
-        let p = self.take()?;
-        py.detach(move || p.complete())
-    }
-
-    /// The job ran out of memory: give the memory back and raise its peak (returned).
-    fn out_of_memory(&self, py: Python<'_>) -> Option<u64> {
-        let p = self.take()?;
-        Some(py.detach(move || p.out_of_memory()))
-    }
-
-    /// Give the memory back without recording anything.
-    fn release(&self, py: Python<'_>) {
-        if let Some(p) = self.take() {
-            py.detach(move || drop(p));
-        }
-    }
-
-    /// Report the job's own measured peak in bytes: its growth above its start, not an absolute
-    /// figure (with one job at a time, `torch.cuda.max_memory_allocated()` after
-    /// `torch.cuda.reset_peak_memory_stats()`, minus `torch.cuda.memory_allocated()` at the
-    /// start); recorded instead of the sampled one, even beside other jobs, so it must be this
-    /// job's alone.
-    fn report_peak(&self, bytes: u64) {
-        if let Some(p) = self
-            .permit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            p.report_peak(bytes);
-        }
-    }
-
-    /// Whether the permit still holds memory.
-    #[getter]
-    fn active(&self) -> bool {
-        self.permit.lock().map(|p| p.is_some()).unwrap_or(false)
     }
 }
 
