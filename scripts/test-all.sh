@@ -33,6 +33,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test: unit, property, integration and doc tests of every crate"
 cargo test --workspace
 
+step "rustdoc: every crate's documentation builds without warnings (no broken links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
 step "examples/rust-inference-server builds and its tests pass"
 cargo test --manifest-path examples/rust-inference-server/Cargo.toml --target-dir target
 

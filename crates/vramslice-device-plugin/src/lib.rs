@@ -33,7 +33,12 @@ pub mod watchdog;
 /// Generated gRPC code for the kubelet APIs under the repository's `proto/`.
 pub mod proto {
     /// Device-plugin API v1beta1 (Registration, DevicePlugin).
-    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        rustdoc::invalid_html_tags
+    )]
     pub mod deviceplugin {
         tonic::include_proto!("v1beta1");
     }

@@ -328,7 +328,7 @@ impl Guard {
     }
 
     /// The real free succeeded: give the bytes back (pool memory stays charged as retained,
-    /// unless its pool was destroyed: [`Guard::freed_into_pool`]).
+    /// unless its pool was destroyed: `Guard::freed_into_pool`).
     #[inline]
     pub fn freed(&self, entry: Entry) {
         if entry.extra == 0 {

@@ -1,5 +1,5 @@
 //! `AdmissionReview` (admission.k8s.io/v1) in and out: the pod becomes a
-//! [`PodAdmissionView`], the core decides, and the decision becomes an always-allowed response
+//! [`PodAdmissionView`](vramslice_core::cluster::admission::PodAdmissionView), the core decides, and the decision becomes an always-allowed response
 //! with an optional base64 JSON Patch.
 
 use base64::Engine as _;

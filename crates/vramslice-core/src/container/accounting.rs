@@ -105,8 +105,8 @@ pub mod slot {
     pub const PEAK: usize = 4;
     /// Update counter (low 32 bits: lowering updates in flight; high 32 bits: completed ones).
     pub const OPS: usize = 5;
-    /// [`slot_lock_mark`]`(pid)` when the owner holds a read lock (`fcntl`) on byte `<slot index>` of the slot lock
-    /// file ([`SLOT_LOCK_SUFFIX`]): its liveness is that lock, which the kernel drops when the
+    /// [`slot_lock_mark`](super::slot_lock_mark)`(pid)` when the owner holds a read lock (`fcntl`) on byte `<slot index>` of the slot lock
+    /// file ([`SLOT_LOCK_SUFFIX`](super::SLOT_LOCK_SUFFIX)): its liveness is that lock, which the kernel drops when the
     /// process ends and which every process sharing the file sees, whatever its PID namespace
     /// (containers sharing a DRA claim share its accounting directory, not their PIDs). 0: judge
     /// by pid and start time (files of earlier versions, or no lock file), as is a mark that

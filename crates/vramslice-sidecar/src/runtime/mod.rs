@@ -244,7 +244,7 @@ impl Runtime {
     }
 
     /// [`Runtime::admit_blocking`] that gives up its place in line once `cancelled()` says so
-    /// (asked at least every [`CANCEL_POLL`]), with [`AdmitError::Cancelled`]: for a thread
+    /// (asked at least every 20 ms, `CANCEL_POLL`), with [`AdmitError::Cancelled`]: for a thread
     /// waiting on behalf of something that cannot drop a future, such as an asyncio task run
     /// with `asyncio.to_thread`. A job admitted before the cancellation is seen is returned as
     /// usual.
