@@ -89,25 +89,30 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         } else {
             Some(listed.iter().map(|l| l.gpu).collect())
         };
-        // Listed for part of its limit: some of its containers are allocated, others not yet
+        // Listed for less than its limit: a pod whose plain init container asked for more than
+        // its app containers (PodResources never lists plain init containers, yet the kubelet
+        // keeps their units for the pod), or one whose containers are not all allocated yet
         // (the kubelet allocates them one by one).
         let listed_bytes = listed.iter().map(|l| l.limit).fold(0, u64::saturating_add);
         let partly = !listed.is_empty() && listed_bytes < limit;
+        // Partly listed on a GPU it was not assigned: one of its containers took the place of
+        // another pod of that container's size, and where its others land depends on other
+        // pods of their sizes, which this pod-level group cannot follow.
+        let swapped_part = partly
+            && annotated
+                .as_ref()
+                .is_some_and(|a| listed.iter().any(|l| !a.contains(&l.gpu)));
         if let Some(annotated) = &annotated {
             let group = by_size.entry(limit).or_default();
             group.assign(annotated);
             match &placed {
-                Some(placed) if !partly => group.allocate(placed),
-                _ => {
-                    // Waiting, or partly allocated: its group books its whole limit where the
-                    // size is owed. For a partly allocated pod that is more than is left to
-                    // come (its listed parts are booked below too), but where its other
-                    // containers land depends on other pods of their sizes, which this
-                    // pod-level group cannot follow: booking more errs on the safe side.
+                // It waits in its group for its whole limit, besides its listed parts: more
+                // than is left to come, which errs on the safe side until the kubelet is done.
+                Some(_) if swapped_part => group.waiting += 1,
+                Some(placed) => group.allocate(if partly { annotated } else { placed }),
+                None => {
                     group.waiting += 1;
-                    if !partly {
-                        continue;
-                    }
+                    continue;
                 }
             }
         }
@@ -129,12 +134,14 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 };
                 view.unobserved = view.unobserved.saturating_add(unobserved);
             }
-            // A partly allocated pod without an annotation (no group): the rest where it is.
+            // The rest of its limit (an init container's larger part, or containers still to
+            // come) where it is assigned, else where it is listed.
             let rest = limit.saturating_sub(listed_bytes);
-            if annotated.is_none() && rest > 0 {
-                let share = rest.div_ceil(listed.len() as u64);
-                for l in &listed {
-                    let view = &mut state.gpus[l.gpu];
+            if rest > 0 && !swapped_part {
+                let owed = annotated.unwrap_or_else(|| listed.iter().map(|l| l.gpu).collect());
+                let share = rest.div_ceil(owed.len().max(1) as u64);
+                for i in owed {
+                    let view = &mut state.gpus[i];
                     view.assigned_bytes = view.assigned_bytes.saturating_add(share);
                     view.unobserved = view.unobserved.saturating_add(share);
                 }

@@ -316,3 +316,26 @@ fn a_partly_allocated_pod_never_leaves_a_gpu_booked_below_what_will_land_there()
     let booked = books(&pods, [&[], &[("x", 1)]]);
     assert!(booked[0].0 >= 4 && booked[1].0 >= 5, "booked {booked:?}");
 }
+
+#[test]
+fn a_pod_whose_init_container_asked_more_is_booked_its_whole_request() {
+    // PodResources lists only the 4 GiB server, not the 8 GiB init container before it, whose
+    // units the kubelet keeps for the pod: its GPU is booked 8 GiB, not 4, and not 4 + 8.
+    let pods = [("p", "GPU-0", 8)];
+    assert_eq!(books(&pods, [&[("p", 4)], &[]]), [(8, 8), (0, 0)]);
+    // Spanning two GPUs: 2 GiB listed on each, 4 booked on each.
+    let mut l = ledger();
+    l.replace_pods(vec![bound("s", "GPU-0,GPU-1", span(8, 2), 1)]);
+    let mut g0 = gpu(0, 10, 10);
+    g0.pods = vec![listed("s", 2, 0)];
+    let mut g1 = gpu(1, 10, 10);
+    g1.pods = vec![listed("s", 2, 0)];
+    l.set_reading("n1", reading(5, vec![g0, g1]));
+    let booked: Vec<u64> = l
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes / GIB)
+        .collect();
+    assert_eq!(booked, [4, 4]);
+}
