@@ -329,12 +329,16 @@ fn a_provisional_raise_does_not_reach_the_profile_through_a_later_lone_out_of_me
         drop(big);
     }
     assert!(rt.learned_peak(&job).unwrap() > GIB + GIB / 2);
-    // Alone, it fails having grown 1 GiB: the raise starts from the recorded 1 GiB.
+    let reserved_by = rt.learned_peak(&job).unwrap();
+    // Alone, it fails having grown 1 GiB: the raise written starts from the recorded 1 GiB ...
     let p = rt.admit_blocking(&job).unwrap();
     usage.add(GIB);
-    assert_eq!(p.out_of_memory(), GIB + GIB / 4);
+    let next = p.out_of_memory();
     let (other, _) = runtime(10 * GIB, shared);
     assert_eq!(other.learned_peak(&job), Some(GIB + GIB / 4));
+    // ... and the retry here reserves no less than the attempt that failed.
+    assert_eq!(next, reserved_by);
+    assert_eq!(rt.learned_peak(&job), Some(reserved_by));
 }
 
 #[test]
@@ -623,12 +627,23 @@ fn a_peak_read_from_the_guards_file_is_this_processs_own() {
         "admission still sees the container"
     );
 
-    // A front end whose jobs run in another process of the container (an engine process):
-    // this process's usage does not move, so the container's growth is the job's.
+    // A job that reuses memory this process already holds (a caching allocator's blocks) grows
+    // nothing here: nothing is learned, not another worker's 3 GiB meanwhile.
+    let cached = Job::new("forward").param("batch", 2);
+    let p = rt.admit_blocking(&cached).unwrap();
+    write(GIB, 9 * GIB);
+    wait_until("sampled", || rt.stats().live == 10 * GIB);
+    write(GIB, 6 * GIB);
+    assert_eq!(p.complete(), None);
+    assert_eq!(rt.learned_peak(&cached), None);
+
+    // A front end that holds nothing, its jobs run by another process of the container (an
+    // engine process): the container's growth is the job's.
+    write(0, 7 * GIB);
     let engine = Job::new("generate");
     let p = rt.admit_blocking(&engine).unwrap();
-    write(GIB, 9 * GIB);
+    write(0, 10 * GIB);
     wait_until("sampled", || p.peak_so_far() == 3 * GIB);
-    write(GIB, 6 * GIB);
+    write(0, 7 * GIB);
     assert_eq!(p.complete(), Some(3 * GIB));
 }

@@ -32,10 +32,11 @@ pub(crate) struct Running {
 impl Running {
     /// The job's peak above its start, with usage now `live` (the container's) and `own` (this
     /// process's): what the embedder reported, else this process's growth when the source
-    /// told it at both ends and it grew, else the container's growth (which counts what its
-    /// other processes allocated meanwhile; it is the only measure when the job's memory is
-    /// allocated by another process of the container, an engine process behind a front end,
-    /// and this one's usage did not move).
+    /// tells it (0 when the job reused memory the process already held, as a caching allocator
+    /// does), else the container's growth, which counts what its other processes allocated
+    /// meanwhile. The container's is also taken when this process held nothing at all during
+    /// the job: its jobs run in another process of the container (an engine process behind a
+    /// front end).
     pub(crate) fn peak(&self, live: u64, own: Option<u64>) -> u64 {
         self.reported
             .unwrap_or_else(|| self.measured_peak(live, own))
@@ -45,10 +46,9 @@ impl Running {
     pub(crate) fn measured_peak(&self, live: u64, own: Option<u64>) -> u64 {
         let container = || self.peak_live.max(live).saturating_sub(self.start_live);
         match (self.start_own, own) {
-            (Some(start), Some(now)) => match self.peak_own.max(now).saturating_sub(start) {
-                0 => container(),
-                grown => grown,
-            },
+            (Some(start), Some(now)) if self.peak_own.max(now).max(start) > 0 => {
+                self.peak_own.max(now).saturating_sub(start)
+            }
             _ => container(),
         }
     }

@@ -139,10 +139,12 @@ impl Permit {
     /// attempt reserves more. Returns the peak the next attempt reserves by.
     ///
     /// Alone, the job caused the error: the raise (from the larger of the sampled and the
-    /// recorded peak) is recorded like a measured peak. Beside other jobs of this runtime, its
-    /// sampled peak holds their allocations and any of them may have caused the error: the
-    /// raise starts from the recorded peak (or, with none, the reservation) and is provisional,
-    /// kept in this process until the job's peak is next recorded, never written
+    /// recorded peak, never from a provisional raise) is recorded like a measured peak, and
+    /// this process keeps reserving at least what it reserved by before. Beside other jobs of
+    /// this runtime, its sampled peak holds their allocations and any of them may have caused
+    /// the error: the raise starts from the peak it reserved by (recorded, or provisional; with
+    /// neither, the reservation) and is provisional, kept in this process until the job's peak
+    /// is next recorded, never written
     /// ([`Profiles::raise_provisionally`](crate::profile::Profiles::raise_provisionally)).
     pub fn out_of_memory(mut self) -> u64 {
         self.inner.metrics.oom_errors.inc();
@@ -166,16 +168,21 @@ impl Permit {
         if alone.is_none() {
             return profiles.raise_provisionally(self.job.key(), self.job.params(), raised);
         }
-        match self
-            .inner
-            .profiles
-            .record(self.job.key(), self.job.params(), raised)
-        {
+        // What this process reserved by before, a provisional raise included: the retry must
+        // not reserve less than the attempt that failed.
+        let before = profiles.peak(self.job.key(), self.job.params());
+        let stored = match profiles.record(self.job.key(), self.job.params(), raised) {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::warn!(key = self.job.key(), error = %e, "could not raise peak");
                 raised
             }
+        };
+        match before {
+            Some(before) if before > stored => {
+                profiles.raise_provisionally(self.job.key(), self.job.params(), before)
+            }
+            _ => stored,
         }
     }
 }

@@ -47,20 +47,20 @@ impl ProcessIdentity {
 }
 
 /// Decode the accounting file's bytes as process `me` reads them (its own usage is what its
-/// slots hold; unknown when it has none).
+/// slots hold: 0 before it has one, since the guard claims a slot at the process's first CUDA
+/// call).
 pub fn reading(bytes: &[u8], me: ProcessIdentity) -> Result<UsageReading, AccountingError> {
     let snapshot = vramslice_core::container::accounting::parse(bytes)?;
     let own = snapshot
         .slots
         .iter()
         .filter(|s| me.owns(s))
-        .map(|s| s.bytes)
-        .reduce(u64::saturating_add);
+        .fold(0u64, |sum, s| sum.saturating_add(s.bytes));
     Ok(UsageReading {
         used: snapshot.used_bytes,
         total: (snapshot.limit_bytes > 0).then_some(snapshot.limit_bytes),
         peak: None,
-        own,
+        own: Some(own),
     })
 }
 
@@ -106,17 +106,20 @@ impl AccountingFile {
 
 impl UsageSource for AccountingFile {
     /// A file that does not exist yet, or is still empty (the guard creates it, then writes
-    /// it), reads as zero: nothing can be counted before it is written. One caught half-written
+    /// it), reads as zero, this process's share too: nothing can be counted before it is
+    /// written. One caught half-written
     /// (the guard writing or rebuilding it) is read again, briefly, before it is an error.
     fn read(&self) -> Result<UsageReading, UsageError> {
         let mut tries = 0;
         loop {
+            let nothing = UsageReading {
+                own: Some(0),
+                ..UsageReading::default()
+            };
             let bytes = match std::fs::read(&self.path) {
-                Ok(b) if b.is_empty() => return Ok(UsageReading::default()),
+                Ok(b) if b.is_empty() => return Ok(nothing),
                 Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(UsageReading::default());
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(nothing),
                 Err(source) => {
                     return Err(UsageError::AccountingRead {
                         path: self.path.clone(),
@@ -157,8 +160,12 @@ mod tests {
     fn reads_used_and_limit_from_the_guard_file() {
         let dir = tempfile::tempdir().unwrap();
         let source = AccountingFile::in_dir(dir.path());
-        // No file yet: nothing allocated.
-        assert_eq!(source.read().unwrap(), UsageReading::default());
+        // No file yet: nothing allocated, by anyone.
+        let nothing = UsageReading {
+            own: Some(0),
+            ..UsageReading::default()
+        };
+        assert_eq!(source.read().unwrap(), nothing);
         let mut image = initial_image(4 << 30, "GPU-1234", 4);
         let at = header::USED * 8;
         image[at..at + 8].copy_from_slice(&(3u64 << 29).to_le_bytes());
@@ -199,8 +206,8 @@ mod tests {
         };
         assert_eq!(
             reading(&image, pid(42)).unwrap().own,
-            None,
-            "no slot: unknown"
+            Some(0),
+            "no slot yet: nothing"
         );
         let mut put = |index: usize, pid: u64, bytes: u64| {
             for (field, value) in [(slot::PID, pid), (slot::BYTES, bytes)] {
@@ -220,7 +227,7 @@ mod tests {
             pid: 42,
             start_time: Some(start),
         };
-        assert_eq!(reading(&image, me(999)).unwrap().own, None);
+        assert_eq!(reading(&image, me(999)).unwrap().own, Some(0));
         assert_eq!(reading(&image, me(1234)).unwrap().own, Some(1 << 30));
     }
 
@@ -236,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"").unwrap();
         let source = AccountingFile::in_dir(dir.path());
-        assert_eq!(source.read().unwrap(), UsageReading::default());
+        assert_eq!(source.read().unwrap().used, 0);
         // Half a header stays an error once the reads again find it so.
         std::fs::write(dir.path().join(FILE_NAME), [0u8; 12]).unwrap();
         let err = source.read().unwrap_err();
