@@ -193,6 +193,7 @@ refused=(
   "--set extender.extraConfig.webhook.checkInterval=10m --set extender.extraConfig.webhook.selfSigned.certValidity=90m|webhook.certValidity=90m is too short"
   "--set extender.extraConfig.webhook.checkInterval=often|extender.extraConfig.webhook.checkInterval=often is not a duration"
   "--set extender.extraConfig.webhook.checkInterval=0s|extender.extraConfig.webhook.checkInterval=0s must be greater than zero"
+  "--set extender.extraConfig.webhook.checkInterval=0|extender.extraConfig.webhook.checkInterval=0 is not a duration"
   "--set extender.extraConfig.webhook.selfSigned.caValidity=100h|webhook.selfSigned.certValidity=2160h is longer than its caValidity=100h"
   "--set extender.extraConfig.webhook.selfSigned.caValidity=forever|webhook.selfSigned.caValidity=forever is not a duration"
 )

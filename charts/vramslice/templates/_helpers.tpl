@@ -103,7 +103,7 @@ self-signed certificate longer than its CA or too short for its check interval (
 and three times the new CA's 60 s propagation wait). Include with the merged `webhook` dict. */}}
 {{- define "vramslice.checkMergedWebhook" -}}
 {{- $form := "^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$" -}}
-{{- $check := toString (default "1m" .checkInterval) -}}
+{{- $check := ternary (toString .checkInterval) "1m" (hasKey . "checkInterval") -}}
 {{- if not (regexMatch $form $check) -}}
 {{- fail (printf "extender.extraConfig.webhook.checkInterval=%s is not a duration such as 30s, 1m or 1h30m" $check) -}}
 {{- end -}}

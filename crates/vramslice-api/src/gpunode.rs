@@ -74,7 +74,7 @@ pub struct GpuStatus {
     pub allocated_units: u64,
     /// Whether the GPU may take new work.
     pub healthy: bool,
-    /// Why the GPU is unhealthy (XID, ECC, missing), when it is.
+    /// Why the GPU is unhealthy (XID, ECC, GPU lost, MIG mode on), when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_reason: Option<String>,
     /// Pods holding units of this GPU, with their live usage when known.
