@@ -95,13 +95,20 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         // (the kubelet allocates them one by one).
         let listed_bytes = listed.iter().map(|l| l.limit).fold(0, u64::saturating_add);
         let partly = !listed.is_empty() && listed_bytes < limit;
-        // Partly listed on a GPU it was not assigned: one of its containers took the place of
-        // another pod of that container's size, and where its others land depends on other
-        // pods of their sizes, which this pod-level group cannot follow.
+        // Each assigned GPU's share of the limit (the pod spreads it evenly over them).
+        let share = annotated
+            .as_ref()
+            .map(|a| limit.div_ceil(a.len().max(1) as u64));
+        // Partly listed on a GPU it was not assigned, or for more than its share there: one of
+        // its containers took the place of another pod of that container's size (of another
+        // shape), and where its others land depends on other pods of their sizes, which this
+        // pod-level group cannot follow.
         let swapped_part = partly
-            && annotated
-                .as_ref()
-                .is_some_and(|a| listed.iter().any(|l| !a.contains(&l.gpu)));
+            && annotated.as_ref().zip(share).is_some_and(|(a, share)| {
+                listed
+                    .iter()
+                    .any(|l| !a.contains(&l.gpu) || l.limit > share)
+            });
         if let Some(annotated) = &annotated {
             let group = by_size.entry(limit).or_default();
             group.assign(annotated);
@@ -134,16 +141,28 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 };
                 view.unobserved = view.unobserved.saturating_add(unobserved);
             }
-            // The rest of its limit (an init container's larger part, or containers still to
-            // come) where it is assigned, else where it is listed.
-            let rest = limit.saturating_sub(listed_bytes);
-            if rest > 0 && !swapped_part {
-                let owed = annotated.unwrap_or_else(|| listed.iter().map(|l| l.gpu).collect());
-                let share = rest.div_ceil(owed.len().max(1) as u64);
-                for i in owed {
+            // What the listing lacks of its request (an init container's larger part, or
+            // containers still to come): on each assigned GPU, what its share there lacks;
+            // without an annotation, spread where it is listed.
+            if partly && !swapped_part {
+                let missing: Vec<(usize, u64)> = match (&annotated, share) {
+                    (Some(annotated), Some(share)) => annotated
+                        .iter()
+                        .map(|&i| {
+                            let here = listed.iter().find(|l| l.gpu == i).map_or(0, |l| l.limit);
+                            (i, share.saturating_sub(here))
+                        })
+                        .collect(),
+                    _ => {
+                        let rest = limit.saturating_sub(listed_bytes);
+                        let each = rest.div_ceil(listed.len() as u64);
+                        listed.iter().map(|l| (l.gpu, each)).collect()
+                    }
+                };
+                for (i, bytes) in missing {
                     let view = &mut state.gpus[i];
-                    view.assigned_bytes = view.assigned_bytes.saturating_add(share);
-                    view.unobserved = view.unobserved.saturating_add(share);
+                    view.assigned_bytes = view.assigned_bytes.saturating_add(bytes);
+                    view.unobserved = view.unobserved.saturating_add(bytes);
                 }
             }
             continue;

@@ -228,7 +228,7 @@ pub enum GpuRejection {
     Unhealthy {
         /// GPU index.
         index: u32,
-        /// The plugin's reason (XID, ECC, missing), when given.
+        /// The plugin's reason (XID, ECC, GPU lost, MIG mode on), when given.
         reason: Option<String>,
     },
     /// Not enough effective free memory.

@@ -339,3 +339,25 @@ fn a_pod_whose_init_container_asked_more_is_booked_its_whole_request() {
         .collect();
     assert_eq!(booked, [4, 4]);
 }
+
+#[test]
+fn a_spanning_pod_partly_listed_on_one_of_its_gpus_is_owed_its_share_on_the_other() {
+    // P spans GPUs 0 and 1 with 8 GiB (two containers of 2 + 2 GiB); Q asks 4 GiB on GPU 1 and
+    // waits. P's first container took Q's units, all 4 GiB on GPU 1. What lands: Q and P's
+    // second container 2 + 2 each, so GPU 0 holds 4 GiB and GPU 1 holds 8.
+    let mut l = ledger();
+    l.replace_pods(vec![
+        bound("q", "GPU-1", PodRequest::new(VramUnit::Gib1, 4), 1),
+        bound("p", "GPU-0,GPU-1", span(8, 2), 2),
+    ]);
+    let mut g1 = gpu(1, 10, 10);
+    g1.pods = vec![listed("p", 4, 0)];
+    l.set_reading("n1", reading(5, vec![gpu(0, 10, 10), g1]));
+    let booked: Vec<u64> = l
+        .gpu_views("n1")
+        .unwrap()
+        .iter()
+        .map(|v| v.assigned_bytes / GIB)
+        .collect();
+    assert!(booked[0] >= 4 && booked[1] >= 8, "booked {booked:?}");
+}
