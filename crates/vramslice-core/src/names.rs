@@ -80,6 +80,8 @@ pub mod env {
     pub const OOM_RETRIES: &str = "VRAMSLICE_OOM_RETRIES";
     /// Sidecar: first backoff wait after out-of-memory.
     pub const OOM_BACKOFF: &str = "VRAMSLICE_OOM_BACKOFF";
+    /// Sidecar: whose growth a job's peak is, `process` or `container`.
+    pub const PEAK_SCOPE: &str = "VRAMSLICE_PEAK_SCOPE";
     /// Sidecar: `host:port` to serve `/metrics` on.
     pub const METRICS_ADDR: &str = "VRAMSLICE_METRICS_ADDR";
     /// Sidecar: the CUDA driver library it asks for memory info (tests point it at a fake).

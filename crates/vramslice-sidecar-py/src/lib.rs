@@ -152,10 +152,13 @@ impl NativeRuntime {
     /// although none of this runtime's jobs runs, to give back cached memory; None (the
     /// default) uses `vramslice.default_cleanup` (`gc.collect()` and
     /// `torch.cuda.empty_cache()`), False sets none.
+    /// `peak_scope`: "process" (default: a job's peak is this process's growth, from the
+    /// accounting file) or "container" (for a front end whose jobs run in another process).
     #[new]
     #[pyo3(signature = (*, limit=None, profile_dir=None, accounting_dir=None, usage="auto",
         high_water=None, first_run_fraction=None, peak_margin=None, queue_max=None,
-        queue_timeout=None, oom_retries=None, backoff=None, sample_interval=None, reclaim=None))]
+        queue_timeout=None, oom_retries=None, backoff=None, sample_interval=None, reclaim=None,
+        peak_scope=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -172,6 +175,7 @@ impl NativeRuntime {
         backoff: Option<f64>,
         sample_interval: Option<f64>,
         reclaim: Option<&Bound<'_, PyAny>>,
+        peak_scope: Option<&str>,
     ) -> PyResult<Self> {
         let reclaim = reclaim_hook(py, reclaim)?;
         let mut c = Config::from_env().map_err(|e| ConfigError::new_err(e.to_string()))?;
@@ -219,6 +223,11 @@ impl NativeRuntime {
         }
         if let Some(v) = sample_interval {
             c.sample_interval = secs(v, "sample_interval")?;
+        }
+        if let Some(v) = peak_scope {
+            c.peak_scope = v
+                .parse()
+                .map_err(|e| PyValueError::new_err(format!("peak_scope={v:?}: {e}")))?;
         }
         enum Source {
             Accounting(PathBuf),

@@ -692,3 +692,10 @@ def test_giving_up_leaves_a_suspended_task_of_a_shared_error_alone():
         return await asyncio.wait_for(running, 5)
 
     assert asyncio.run(main()) == "batcher alive"
+
+
+def test_peak_scope_is_a_keyword_and_a_wrong_one_is_named():
+    make(peak_scope="container")
+    make(peak_scope="process")
+    with pytest.raises(ValueError, match=r"peak_scope=\"pod\": expected process or container"):
+        make(peak_scope="pod")

@@ -16,6 +16,7 @@
 //! | `VRAMSLICE_QUEUE_TIMEOUT` | longest wait for admission (`30s`, `500ms`) | `30s` |
 //! | `VRAMSLICE_OOM_RETRIES` | retries after out-of-memory | `3` |
 //! | `VRAMSLICE_OOM_BACKOFF` | first backoff wait; doubles, capped at 4× | `500ms` |
+//! | `VRAMSLICE_PEAK_SCOPE` | whose growth a job's peak is: `process` (this process's, from the guard's accounting file; other workers' allocations do not count) or `container` (for a front end whose jobs run in another process of the container) | `process` |
 //! | `VRAMSLICE_METRICS_ADDR` | `host:port` to serve `/metrics` on | not served |
 //!
 //! One runtime admits against one GPU's limit. Under one limit for the container (the limit
@@ -62,8 +63,35 @@ pub struct Config {
     pub backoff: Backoff,
     /// How often live usage is sampled while jobs run (peaks) or wait (frees elsewhere).
     pub sample_interval: Duration,
+    /// Whose growth a job's peak is.
+    pub peak_scope: PeakScope,
     /// Address to serve `/metrics` on.
     pub metrics_addr: Option<String>,
+}
+
+/// Whose growth during a job is the job's peak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PeakScope {
+    /// This process's, when the usage source tells it (the guard's accounting file): other
+    /// worker processes of the container allocating meanwhile do not count, and a job that
+    /// reuses memory the process holds learns nothing. A process that holds nothing during a
+    /// job falls back to the container's, as do sources that see only the container.
+    #[default]
+    Process,
+    /// The container's: for a front end whose jobs run in another process of the container (an
+    /// engine process), whatever this process holds (a CUDA context counts).
+    Container,
+}
+
+impl std::str::FromStr for PeakScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "process" => Ok(PeakScope::Process),
+            "container" => Ok(PeakScope::Container),
+            _ => Err("expected process or container".into()),
+        }
+    }
 }
 
 impl Default for Config {
@@ -79,6 +107,7 @@ impl Default for Config {
             oom_retries: 3,
             backoff: Backoff::default(),
             sample_interval: Duration::from_millis(10),
+            peak_scope: PeakScope::Process,
             metrics_addr: None,
         }
     }
@@ -202,6 +231,9 @@ impl Config {
             let base = parse_duration(&v).map_err(|e| bad(env::OOM_BACKOFF, &v, e.to_string()))?;
             c.backoff = Backoff::from_base(base);
         }
+        if let Some(v) = get(env::PEAK_SCOPE) {
+            c.peak_scope = v.parse().map_err(|e| bad(env::PEAK_SCOPE, &v, e))?;
+        }
         c.metrics_addr = get(env::METRICS_ADDR);
         c.validate()?;
         Ok(c)
@@ -315,6 +347,18 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| map.get(k).cloned(), |_| FileRead::Missing)
+    }
+
+    #[test]
+    fn peak_scope_is_read_and_a_wrong_one_named() {
+        assert_eq!(read(&[]).unwrap().peak_scope, PeakScope::Process);
+        let c = read(&[("VRAMSLICE_PEAK_SCOPE", " container ")]).unwrap();
+        assert_eq!(c.peak_scope, PeakScope::Container);
+        let err = read(&[("VRAMSLICE_PEAK_SCOPE", "pod")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VRAMSLICE_PEAK_SCOPE=\"pod\": expected process or container"
+        );
     }
 
     /// The limit files the guard reads decide the sidecar's limit too: the fixed path always,

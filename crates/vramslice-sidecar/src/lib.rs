@@ -53,7 +53,7 @@ mod runtime;
 pub mod serve;
 pub mod usage;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, PeakScope};
 pub use job::Job;
 pub use retry::{
     CUDA_ERROR_OUT_OF_MEMORY, CudaError, Hooks, OutOfMemory, RunError, message_is_out_of_memory,

@@ -646,4 +646,23 @@ fn a_peak_read_from_the_guards_file_is_this_processs_own() {
     wait_until("sampled", || p.peak_so_far() == 3 * GIB);
     write(0, 7 * GIB);
     assert_eq!(p.complete(), Some(3 * GIB));
+
+    // A front end that holds a CUDA context of its own says so: the container's growth.
+    write(GIB / 2, 7 * GIB);
+    let mut config = Config {
+        limit: Some(10 * GIB),
+        sample_interval: Duration::from_millis(2),
+        ..Config::default()
+    };
+    config.peak_scope = vramslice_sidecar::PeakScope::Container;
+    let front = Runtime::new(
+        config,
+        vramslice_sidecar::usage::AccountingFile::in_dir(dir.path()),
+    )
+    .unwrap();
+    let p = front.admit_blocking(&Job::new("generate-2")).unwrap();
+    write(GIB / 2, 9 * GIB);
+    wait_until("sampled", || p.peak_so_far() == 2 * GIB);
+    write(GIB / 2, 7 * GIB);
+    assert_eq!(p.complete(), Some(2 * GIB));
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Config, PeakScope};
 use crate::job::Job;
 use crate::metrics::{Metrics, RejectReason};
 use crate::policy::{self, Ask, Reservation};
@@ -37,14 +37,17 @@ impl Running {
     /// meanwhile. The container's is also taken when this process held nothing at all during
     /// the job: its jobs run in another process of the container (an engine process behind a
     /// front end).
-    pub(crate) fn peak(&self, live: u64, own: Option<u64>) -> u64 {
+    pub(crate) fn peak(&self, live: u64, own: Option<u64>, scope: PeakScope) -> u64 {
         self.reported
-            .unwrap_or_else(|| self.measured_peak(live, own))
+            .unwrap_or_else(|| self.measured_peak(live, own, scope))
     }
 
     /// The peak sampled so far ([`Running::peak`] without a report).
-    pub(crate) fn measured_peak(&self, live: u64, own: Option<u64>) -> u64 {
+    pub(crate) fn measured_peak(&self, live: u64, own: Option<u64>, scope: PeakScope) -> u64 {
         let container = || self.peak_live.max(live).saturating_sub(self.start_live);
+        if scope == PeakScope::Container {
+            return container();
+        }
         match (self.start_own, own) {
             (Some(start), Some(now)) if self.peak_own.max(now).max(start) > 0 => {
                 self.peak_own.max(now).saturating_sub(start)
@@ -366,7 +369,7 @@ impl Inner {
         self.notify.notify_waiters();
         job.map(|j| {
             (
-                j.peak(live, own),
+                j.peak(live, own, self.config.peak_scope),
                 j.overlapped && j.reported.is_none(),
                 j.admitted.elapsed(),
             )

@@ -86,7 +86,13 @@ impl Permit {
         state
             .jobs
             .get(&self.id)
-            .map(|j| j.measured_peak(state.last_live, state.last_own))
+            .map(|j| {
+                j.measured_peak(
+                    state.last_live,
+                    state.last_own,
+                    self.inner.config.peak_scope,
+                )
+            })
             .unwrap_or(0)
     }
 
@@ -136,7 +142,8 @@ impl Permit {
     }
 
     /// The job failed with out-of-memory: give the memory back and raise its peak so the next
-    /// attempt reserves more. Returns the peak the next attempt reserves by.
+    /// attempt reserves at least as much (more, unless a provisional raise had it reserve more
+    /// than its measured need already). Returns the peak the next attempt reserves by.
     ///
     /// Alone, the job caused the error: the raise (from the larger of the sampled and the
     /// recorded peak, never from a provisional raise) is recorded like a measured peak, and

@@ -23,9 +23,9 @@ pub struct UsageReading {
     /// allocations freed between two samples still count toward a job's peak).
     pub peak: Option<u64>,
     /// Bytes this process holds, when the source tells the container's processes apart (the
-    /// guard's accounting file, once this process has a slot in it). A job's peak is measured
-    /// from it when known, so that what the container's other processes allocate meanwhile
-    /// is not counted.
+    /// guard's accounting file: 0 before this process has a slot, or when there is no file).
+    /// A job's peak is measured from it when known ([`crate::config::PeakScope`]), so that
+    /// what the container's other processes allocate meanwhile is not counted.
     pub own: Option<u64>,
 }
 
