@@ -137,7 +137,8 @@ def configure(**options: Any) -> Runtime:
     Options: ``limit`` (bytes or "8Gi"), ``profile_dir``, ``accounting_dir``, ``usage``
     ("auto", "accounting", "cuda", "manual"), ``high_water``, ``first_run_fraction``,
     ``peak_margin``, ``queue_max``, ``queue_timeout`` (s), ``oom_retries``, ``backoff`` (s),
-    ``sample_interval`` (s). Unset options come from the ``VRAMSLICE_*`` environment.
+    ``sample_interval`` (s), ``peak_scope`` ("process", "container"). Unset options come from
+    the ``VRAMSLICE_*`` environment.
     """
     global _runtime
     rt = Runtime(**options)
