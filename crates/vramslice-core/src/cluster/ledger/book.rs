@@ -141,28 +141,20 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 };
                 view.unobserved = view.unobserved.saturating_add(unobserved);
             }
-            // What the listing lacks of its request (an init container's larger part, or
-            // containers still to come): on each assigned GPU, what its share there lacks;
-            // without an annotation, spread where it is listed.
+            // What the listing lacks of its request (a larger plain init container's part, which
+            // the kubelet spread evenly over the pod's GPUs, or containers still to come): evenly
+            // over its assigned GPUs, else where it is listed. (Booking each GPU what its share
+            // there lacks would be wrong for good when a sidecar of a spanning pod took another
+            // pod's place on one GPU and its init container then took its share on each.)
             if partly && !swapped_part {
-                let missing: Vec<(usize, u64)> = match (&annotated, share) {
-                    (Some(annotated), Some(share)) => annotated
-                        .iter()
-                        .map(|&i| {
-                            let here = listed.iter().find(|l| l.gpu == i).map_or(0, |l| l.limit);
-                            (i, share.saturating_sub(here))
-                        })
-                        .collect(),
-                    _ => {
-                        let rest = limit.saturating_sub(listed_bytes);
-                        let each = rest.div_ceil(listed.len() as u64);
-                        listed.iter().map(|l| (l.gpu, each)).collect()
-                    }
-                };
-                for (i, bytes) in missing {
+                let owed = annotated.unwrap_or_else(|| listed.iter().map(|l| l.gpu).collect());
+                let each = limit
+                    .saturating_sub(listed_bytes)
+                    .div_ceil(owed.len().max(1) as u64);
+                for i in owed {
                     let view = &mut state.gpus[i];
-                    view.assigned_bytes = view.assigned_bytes.saturating_add(bytes);
-                    view.unobserved = view.unobserved.saturating_add(bytes);
+                    view.assigned_bytes = view.assigned_bytes.saturating_add(each);
+                    view.unobserved = view.unobserved.saturating_add(each);
                 }
             }
             continue;

@@ -341,23 +341,26 @@ fn a_pod_whose_init_container_asked_more_is_booked_its_whole_request() {
 }
 
 #[test]
-fn a_spanning_pod_partly_listed_on_one_of_its_gpus_is_owed_its_share_on_the_other() {
-    // P spans GPUs 0 and 1 with 8 GiB (two containers of 2 + 2 GiB); Q asks 4 GiB on GPU 1 and
-    // waits. P's first container took Q's units, all 4 GiB on GPU 1. What lands: Q and P's
-    // second container 2 + 2 each, so GPU 0 holds 4 GiB and GPU 1 holds 8.
+fn a_spanning_pods_init_part_is_booked_evenly_though_its_sidecar_sits_on_one_gpu() {
+    // P spans GPUs 0 and 1 with 12 GiB: a 4 GiB sidecar (2 + 2) and an 8 GiB plain init
+    // container (4 + 4). Its sidecar took the place of Q (4 GiB on GPU 1): 4 on GPU 1; its init
+    // container took 4 + 4, and Q then 2 + 2. P is listed for its sidecar alone, for good: GPU 0
+    // holds 4 + 2 = 6 GiB and GPU 1 holds 4 + 4 + 2 = 10.
     let mut l = ledger();
     l.replace_pods(vec![
         bound("q", "GPU-1", PodRequest::new(VramUnit::Gib1, 4), 1),
-        bound("p", "GPU-0,GPU-1", span(8, 2), 2),
+        bound("p", "GPU-0,GPU-1", span(12, 2), 2),
     ]);
+    let mut g0 = gpu(0, 10, 10);
+    g0.pods = vec![listed("q", 2, 0)];
     let mut g1 = gpu(1, 10, 10);
-    g1.pods = vec![listed("p", 4, 0)];
-    l.set_reading("n1", reading(5, vec![gpu(0, 10, 10), g1]));
+    g1.pods = vec![listed("p", 4, 0), listed("q", 2, 0)];
+    l.set_reading("n1", reading(5, vec![g0, g1]));
     let booked: Vec<u64> = l
         .gpu_views("n1")
         .unwrap()
         .iter()
         .map(|v| v.assigned_bytes / GIB)
         .collect();
-    assert!(booked[0] >= 4 && booked[1] >= 8, "booked {booked:?}");
+    assert_eq!(booked, [6, 10]);
 }
