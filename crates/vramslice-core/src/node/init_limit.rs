@@ -69,15 +69,24 @@ pub fn apply_init_limits(report: &mut NodeReport, samples: &[GpuSample], pods: &
         let listed: Vec<usize> = (0..report.gpus.len())
             .filter(|&i| report.gpus[i].pods.iter().any(|p| pod.is(p)))
             .collect();
-        let targets = if listed.is_empty() {
-            annotated(report, pod)
-        } else {
-            listed
-        };
+        // Its init container's units are spread over the pod's assigned GPUs (a sidecar listed
+        // on one GPU alone, having taken another pod's place, does not make it one GPU's).
+        let annotated = annotated(report, pod);
+        let mut targets = listed;
+        for i in &annotated {
+            if !targets.contains(i) {
+                targets.push(*i);
+            }
+        }
         if targets.is_empty() {
             continue;
         }
-        let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let spread = if annotated.is_empty() {
+            targets.len()
+        } else {
+            annotated.len()
+        };
+        let count = u32::try_from(spread).unwrap_or(u32::MAX);
         let share = PodRequest::spanning(report.unit, pod.units(), count).share_bytes();
         for i in targets {
             let gpu = &mut report.gpus[i];

@@ -220,3 +220,29 @@ fn only_raises_and_only_the_pods_own_entry() {
         ]
     );
 }
+
+#[test]
+fn a_spanning_pods_init_units_go_to_every_assigned_gpu_though_it_is_listed_on_one() {
+    // Regression: ml/trt spans GPUs a and b; its 4-unit sidecar took another pod's place, all
+    // on GPU b, while its 8-unit plain init container runs 4 + 4. The raise went to GPU b alone
+    // (12), and the init container's processes on GPU a belonged to no listed pod.
+    let samples = vec![
+        gpu("GPU-a", 0, vec![process(7, 3 * GIB, "uid-trt")]),
+        gpu("GPU-b", 1, vec![]),
+    ];
+    let mut report = build_report(
+        VramUnit::Gib1,
+        &samples,
+        &[record(&["GPU-b::0", "GPU-b::1", "GPU-b::2", "GPU-b::3"])],
+    );
+    let pod = trt(&[], &[(4, true), (8, false)], &["GPU-a", "GPU-b"]);
+    apply_init_limits(&mut report, &samples, &[pod]);
+    assert_eq!(
+        limits(&report),
+        [
+            ("GPU-a".into(), "trt".into(), 6),
+            ("GPU-b".into(), "trt".into(), 6)
+        ]
+    );
+    assert!(report.gpus[0].processes_without_pod.is_empty());
+}
