@@ -16,7 +16,7 @@
 //! | `VRAMSLICE_QUEUE_TIMEOUT` | longest wait for admission (`30s`, `500ms`) | `30s` |
 //! | `VRAMSLICE_OOM_RETRIES` | retries after out-of-memory | `3` |
 //! | `VRAMSLICE_OOM_BACKOFF` | first backoff wait; doubles, capped at 4× | `500ms` |
-//! | `VRAMSLICE_PEAK_SCOPE` | whose growth a job's peak is: `process` (this process's, from the guard's accounting file; other workers' allocations do not count) or `container` (for a front end whose jobs run in another process of the container) | `process` |
+//! | `VRAMSLICE_PEAK_SCOPE` | whose growth a job's peak is: `process` (this process's, from the guard's accounting file; other workers' allocations do not count) or `container` (for the one admitting process of a container whose jobs run in another process, an engine) | `process` |
 //! | `VRAMSLICE_METRICS_ADDR` | `host:port` to serve `/metrics` on | not served |
 //!
 //! One runtime admits against one GPU's limit. Under one limit for the container (the limit
@@ -79,7 +79,10 @@ pub enum PeakScope {
     #[default]
     Process,
     /// The container's: for a front end whose jobs run in another process of the container (an
-    /// engine process), whatever this process holds (a CUDA context counts).
+    /// engine process), whatever this process holds (a CUDA context counts). Only this
+    /// runtime's jobs count as overlapping, so with several admitting processes in the
+    /// container their growth meanwhile is recorded as the job's: use it with one admitting
+    /// process per container, or report each job's own peak (`Permit::report_peak`).
     Container,
 }
 

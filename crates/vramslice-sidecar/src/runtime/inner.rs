@@ -31,12 +31,12 @@ pub(crate) struct Running {
 
 impl Running {
     /// The job's peak above its start, with usage now `live` (the container's) and `own` (this
-    /// process's): what the embedder reported, else this process's growth when the source
-    /// tells it (0 when the job reused memory the process already held, as a caching allocator
-    /// does), else the container's growth, which counts what its other processes allocated
-    /// meanwhile. The container's is also taken when this process held nothing at all during
-    /// the job: its jobs run in another process of the container (an engine process behind a
-    /// front end).
+    /// process's): what the embedder reported; else, with [`PeakScope::Container`], the
+    /// container's growth; else this process's growth when the source tells it (0 when the job
+    /// reused memory the process already held, as a caching allocator does); else the
+    /// container's growth, which counts what its other processes allocated meanwhile. The
+    /// container's is also taken when this process held nothing at all during the job: its jobs
+    /// run in another process of the container (an engine process behind a front end).
     pub(crate) fn peak(&self, live: u64, own: Option<u64>, scope: PeakScope) -> u64 {
         self.reported
             .unwrap_or_else(|| self.measured_peak(live, own, scope))

@@ -79,8 +79,8 @@ impl Permit {
         &self.job
     }
 
-    /// Usage above the job's start seen so far (its peak, when it ran alone): this process's
-    /// when the usage source tells it, else the container's.
+    /// Usage above the job's start seen so far (its peak, when it ran alone), measured as
+    /// [`Config::peak_scope`](crate::Config::peak_scope) says.
     pub fn peak_so_far(&self) -> u64 {
         let state = lock(&self.inner.state);
         state
