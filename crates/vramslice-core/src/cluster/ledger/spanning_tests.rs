@@ -264,15 +264,20 @@ fn an_allocation_of_a_set_nobody_is_owed_does_not_offset_a_waiting_pod() {
 /// A ledger of pods bound to GPUs (uid, GPU, GiB, in assignment order) and a reading listing
 /// pods on two 10 GiB GPUs (uid, GiB, per GPU); returns each GPU's (assigned, unobserved) GiB.
 fn books(pods: &[(&str, &str, u64)], listing: [&[(&str, u64)]; 2]) -> Vec<(u64, u64)> {
+    let records = pods
+        .iter()
+        .zip(1..)
+        .map(|(&(uid, gpu, gib), order)| {
+            bound(uid, gpu, PodRequest::new(VramUnit::Gib1, gib), order)
+        })
+        .collect();
+    books_of(records, listing)
+}
+
+/// [`books`] of pods bound as given.
+fn books_of(records: Vec<PodRecord>, listing: [&[(&str, u64)]; 2]) -> Vec<(u64, u64)> {
     let mut l = ledger();
-    l.replace_pods(
-        pods.iter()
-            .zip(1..)
-            .map(|(&(uid, gpu, gib), order)| {
-                bound(uid, gpu, PodRequest::new(VramUnit::Gib1, gib), order)
-            })
-            .collect(),
-    );
+    l.replace_pods(records);
     let gpus = listing
         .iter()
         .zip(0..)
@@ -324,20 +329,9 @@ fn a_pod_whose_init_container_asked_more_is_booked_its_whole_request() {
     let pods = [("p", "GPU-0", 8)];
     assert_eq!(books(&pods, [&[("p", 4)], &[]]), [(8, 8), (0, 0)]);
     // Spanning two GPUs: 2 GiB listed on each, 4 booked on each.
-    let mut l = ledger();
-    l.replace_pods(vec![bound("s", "GPU-0,GPU-1", span(8, 2), 1)]);
-    let mut g0 = gpu(0, 10, 10);
-    g0.pods = vec![listed("s", 2, 0)];
-    let mut g1 = gpu(1, 10, 10);
-    g1.pods = vec![listed("s", 2, 0)];
-    l.set_reading("n1", reading(5, vec![g0, g1]));
-    let booked: Vec<u64> = l
-        .gpu_views("n1")
-        .unwrap()
-        .iter()
-        .map(|v| v.assigned_bytes / GIB)
-        .collect();
-    assert_eq!(booked, [4, 4]);
+    let spanning = vec![bound("s", "GPU-0,GPU-1", span(8, 2), 1)];
+    let booked = books_of(spanning, [&[("s", 2)], &[("s", 2)]]);
+    assert_eq!(booked, [(4, 4), (4, 4)]);
 }
 
 #[test]
@@ -346,21 +340,10 @@ fn a_spanning_pods_init_part_is_booked_evenly_though_its_sidecar_sits_on_one_gpu
     // container (4 + 4). Its sidecar took the place of Q (4 GiB on GPU 1): 4 on GPU 1; its init
     // container took 4 + 4, and Q then 2 + 2. P is listed for its sidecar alone, for good: GPU 0
     // holds 4 + 2 = 6 GiB and GPU 1 holds 4 + 4 + 2 = 10.
-    let mut l = ledger();
-    l.replace_pods(vec![
+    let pods = vec![
         bound("q", "GPU-1", PodRequest::new(VramUnit::Gib1, 4), 1),
         bound("p", "GPU-0,GPU-1", span(12, 2), 2),
-    ]);
-    let mut g0 = gpu(0, 10, 10);
-    g0.pods = vec![listed("q", 2, 0)];
-    let mut g1 = gpu(1, 10, 10);
-    g1.pods = vec![listed("p", 4, 0), listed("q", 2, 0)];
-    l.set_reading("n1", reading(5, vec![g0, g1]));
-    let booked: Vec<u64> = l
-        .gpu_views("n1")
-        .unwrap()
-        .iter()
-        .map(|v| v.assigned_bytes / GIB)
-        .collect();
-    assert_eq!(booked, [6, 10]);
+    ];
+    let booked = books_of(pods, [&[("q", 2)], &[("p", 4), ("q", 2)]]);
+    assert_eq!(booked.iter().map(|b| b.0).collect::<Vec<_>>(), [6, 10]);
 }
