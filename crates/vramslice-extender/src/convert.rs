@@ -9,12 +9,12 @@ use crate::wire::{WireContainer, WirePod};
 
 fn from_wire(c: &WireContainer) -> ContainerVram<'_> {
     let res = c.resources.as_ref();
-    ContainerVram {
-        name: &c.name,
-        limits: res.and_then(|r| r.limits.as_ref()),
-        requests: res.and_then(|r| r.requests.as_ref()),
-        sidecar: c.restart_policy.as_deref() == Some("Always"),
-    }
+    ContainerVram::new(
+        &c.name,
+        res.and_then(|r| r.limits.as_ref()),
+        res.and_then(|r| r.requests.as_ref()),
+        c.restart_policy.as_deref(),
+    )
 }
 
 /// The VRAM request of a pod as kube-scheduler sends it; `None` when it asks for no VRAM.

@@ -123,15 +123,33 @@ pub struct ContainerVram<'a> {
     pub sidecar: bool,
 }
 
+impl<'a> ContainerVram<'a> {
+    /// A container's VRAM-relevant resources from its parts, whatever type it came in; a
+    /// `restartPolicy` of `Always` makes it a sidecar (as Kubernetes reads an init container).
+    pub fn new(
+        name: &'a str,
+        limits: Option<&'a BTreeMap<String, Quantity>>,
+        requests: Option<&'a BTreeMap<String, Quantity>>,
+        restart_policy: Option<&str>,
+    ) -> Self {
+        ContainerVram {
+            name,
+            limits,
+            requests,
+            sidecar: restart_policy == Some("Always"),
+        }
+    }
+}
+
 /// The VRAM-relevant resources of an API-server container.
 pub fn container_vram(c: &Container) -> ContainerVram<'_> {
     let res = c.resources.as_ref();
-    ContainerVram {
-        name: &c.name,
-        limits: res.and_then(|r| r.limits.as_ref()),
-        requests: res.and_then(|r| r.requests.as_ref()),
-        sidecar: c.restart_policy.as_deref() == Some("Always"),
-    }
+    ContainerVram::new(
+        &c.name,
+        res.and_then(|r| r.limits.as_ref()),
+        res.and_then(|r| r.requests.as_ref()),
+        c.restart_policy.as_deref(),
+    )
 }
 
 /// Units of `resource` one container asks for (its limit, else its request), or `None` when it
