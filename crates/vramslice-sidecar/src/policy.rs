@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::config::PeakScope;
+
 /// Tunables of the sizing rules. [`Default`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -145,6 +147,23 @@ pub fn ask(declared: Option<u64>, learned_peak: Option<u64>, limit: u64, policy:
     }
 }
 
+/// A job's measured peak from usage at its start and its highest since, the container's
+/// (`live`) and, when the source tells it, this process's (`own`): with
+/// [`PeakScope::Container`] the container's growth; else this process's growth (0 when the job
+/// reused memory the process already held, as a caching allocator does), unless the source
+/// does not tell it or the process held nothing at all during the job (its jobs run in another
+/// process of the container, an engine behind a front end): then the container's growth, which
+/// counts what the container's other processes allocated meanwhile.
+pub fn measured_peak(live: (u64, u64), own: Option<(u64, u64)>, scope: PeakScope) -> u64 {
+    let container = live.1.saturating_sub(live.0);
+    match (scope, own) {
+        (PeakScope::Process, Some((start, highest))) if highest.max(start) > 0 => {
+            highest.saturating_sub(start)
+        }
+        _ => container,
+    }
+}
+
 /// The peak to record after a job failed with out-of-memory: the larger of what was recorded
 /// and what was observed (or, with neither known, what was reserved), times `oom_raise`.
 /// Always strictly above the recorded peak, so the next attempt reserves more; based on the
@@ -240,6 +259,32 @@ mod tests {
     ) -> Reservation {
         let room = admission_capacity(limit, policy).saturating_sub(floor);
         ask(declared, learned_peak, limit, policy).reservation(room)
+    }
+
+    #[test]
+    fn a_jobs_peak_is_its_processs_growth_unless_that_process_held_nothing() {
+        let g = GIB;
+        // This process grew 1 GiB while the container grew 5: its own.
+        assert_eq!(
+            measured_peak((0, 5 * g), Some((g, 2 * g)), PeakScope::Process),
+            g
+        );
+        // It reused what it held: nothing learned, not the container's 5.
+        assert_eq!(
+            measured_peak((0, 5 * g), Some((g, g)), PeakScope::Process),
+            0
+        );
+        // It held nothing (an engine process did the work), or the source cannot tell.
+        assert_eq!(
+            measured_peak((g, 4 * g), Some((0, 0)), PeakScope::Process),
+            3 * g
+        );
+        assert_eq!(measured_peak((g, 4 * g), None, PeakScope::Process), 3 * g);
+        // Asked for the container's.
+        assert_eq!(
+            measured_peak((g, 4 * g), Some((g, 2 * g)), PeakScope::Container),
+            3 * g
+        );
     }
 
     #[test]

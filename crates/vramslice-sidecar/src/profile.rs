@@ -355,8 +355,12 @@ mod tests {
         p.record("m", &params("8"), 10 << 30).unwrap();
         assert_eq!(p.peak("m", &params("16")), None);
         assert_eq!(p.peak("m8", &BTreeMap::new()), None);
-        assert_eq!(identity("m", &params("8")), identity("m", &params("8")));
-        assert_ne!(identity("m", &params("8")), identity("m", &params("16")));
+        assert_eq!(
+            p.raise_provisionally("m", &params("16"), 1),
+            1,
+            "nor raises"
+        );
+        assert_eq!(p.peak("m", &params("8")), Some(10 << 30));
     }
 
     #[test]

@@ -31,12 +31,7 @@ pub(crate) struct Running {
 
 impl Running {
     /// The job's peak above its start, with usage now `live` (the container's) and `own` (this
-    /// process's): what the embedder reported; else, with [`PeakScope::Container`], the
-    /// container's growth; else this process's growth when the source tells it (0 when the job
-    /// reused memory the process already held, as a caching allocator does); else the
-    /// container's growth, which counts what its other processes allocated meanwhile. The
-    /// container's is also taken when this process held nothing at all during the job: its jobs
-    /// run in another process of the container (an engine process behind a front end).
+    /// process's): what the embedder reported, else [`policy::measured_peak`].
     pub(crate) fn peak(&self, live: u64, own: Option<u64>, scope: PeakScope) -> u64 {
         self.reported
             .unwrap_or_else(|| self.measured_peak(live, own, scope))
@@ -44,16 +39,11 @@ impl Running {
 
     /// The peak sampled so far ([`Running::peak`] without a report).
     pub(crate) fn measured_peak(&self, live: u64, own: Option<u64>, scope: PeakScope) -> u64 {
-        let container = || self.peak_live.max(live).saturating_sub(self.start_live);
-        if scope == PeakScope::Container {
-            return container();
-        }
-        match (self.start_own, own) {
-            (Some(start), Some(now)) if self.peak_own.max(now).max(start) > 0 => {
-                self.peak_own.max(now).saturating_sub(start)
-            }
-            _ => container(),
-        }
+        let own = self
+            .start_own
+            .zip(own)
+            .map(|(start, now)| (start, self.peak_own.max(now)));
+        policy::measured_peak((self.start_live, self.peak_live.max(live)), own, scope)
     }
 }
 
