@@ -10,12 +10,10 @@ use vramslice_core::cluster::ledger::LedgerConfig;
 
 use crate::PluginError;
 
-/// The extender's default `headroom`, as written and in bytes.
-pub const DEFAULT_HEADROOM: &str = "512Mi";
-const DEFAULT_HEADROOM_BYTES: u64 = 512 << 20;
-/// The extender's default `staleness`, as written and as a duration.
-pub const DEFAULT_STALENESS: &str = "90s";
-const DEFAULT_STALENESS_DURATION: std::time::Duration = std::time::Duration::from_secs(90);
+pub use vramslice_core::cluster::ledger::{DEFAULT_HEADROOM, DEFAULT_STALENESS};
+use vramslice_core::cluster::ledger::{
+    DEFAULT_HEADROOM_BYTES, DEFAULT_STALENESS_DURATION, parse_staleness,
+};
 /// The ConfigMap key holding the extender's configuration.
 pub const EXTENDER_CONFIG_KEY: &str = "extender.yaml";
 /// The label selector of the ConfigMaps that may hold it (the chart's scheduler component).
@@ -111,14 +109,15 @@ pub fn resolve(
         ),
     };
     let staleness = match staleness_flag {
-        Some(flag) => vramslice_core::parse_duration(flag)
-            .map_err(|e| PluginError::Usage(format!("--staleness: {e}")))?,
+        Some(flag) => {
+            parse_staleness(flag).map_err(|e| PluginError::Usage(format!("--staleness: {e}")))?
+        }
         None => from_config(
             "staleness",
             from_extender.staleness.as_deref(),
             source.as_deref(),
             DEFAULT_STALENESS_DURATION,
-            vramslice_core::parse_duration,
+            parse_staleness,
             &mut warnings,
         ),
     };
@@ -225,6 +224,20 @@ mod tests {
             warning
                 .unwrap()
                 .contains("vramslice-system/vramslice-scheduler: headroom \"lots\"")
+        );
+        // A zero staleness, which the extender refuses, is not used either.
+        let (c, warning) = resolve(None, None, found("staleness: 0s\n")).unwrap();
+        assert_eq!(c.staleness, Duration::from_secs(90));
+        assert!(
+            warning
+                .unwrap()
+                .contains("staleness \"0s\": must be more than zero")
+        );
+        let err = resolve(None, Some("0s"), None).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--staleness: must be more than zero"),
+            "{err}"
         );
         let (_, warning) = resolve(None, None, found("headroom: [1\n")).unwrap();
         assert!(warning.unwrap().contains("extender.yaml"));

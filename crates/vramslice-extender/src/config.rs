@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vramslice_core::cluster::ledger::LedgerConfig;
+use vramslice_core::cluster::ledger::{
+    DEFAULT_HEADROOM, DEFAULT_STALENESS, LedgerConfig, parse_staleness,
+};
 use vramslice_core::cluster::placement::Policy;
-use vramslice_core::{VramUnit, parse_bytes, parse_duration};
+use vramslice_core::{VramUnit, parse_bytes};
 use vramslice_webhook::WebhookConfig;
 
 /// A configuration that cannot be used; the message names the key and the problem.
@@ -69,8 +71,8 @@ impl Default for RawConfig {
             listen_addr: "0.0.0.0:8888".into(),
             tls: TlsFile::default(),
             policy: "binpack".into(),
-            headroom: "512Mi".into(),
-            staleness: "90s".into(),
+            headroom: DEFAULT_HEADROOM.into(),
+            staleness: DEFAULT_STALENESS.into(),
             resources: vec![VramUnit::Gib1.resource_name().into()],
             webhook: None,
         }
@@ -185,10 +187,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let policy: Policy = raw.policy.parse().map_err(|e| invalid("policy", e))?;
     let headroom_bytes = parse_bytes(&raw.headroom).map_err(|e| invalid("headroom", e))?;
-    let staleness = parse_duration(&raw.staleness).map_err(|e| invalid("staleness", e))?;
-    if staleness.is_zero() {
-        return Err(invalid("staleness", "must be more than zero"));
-    }
+    let staleness = parse_staleness(&raw.staleness).map_err(|e| invalid("staleness", e))?;
     if raw.resources.is_empty() {
         return Err(invalid(
             "resources",

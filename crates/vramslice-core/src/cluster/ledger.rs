@@ -79,6 +79,27 @@ fn reading_distance(observed: SystemTime, now: SystemTime) -> (Duration, bool) {
     }
 }
 
+/// The extender's default `headroom`, as configuration writes it ([`DEFAULT_HEADROOM_BYTES`]).
+pub const DEFAULT_HEADROOM: &str = "512Mi";
+/// [`DEFAULT_HEADROOM`] in bytes.
+pub const DEFAULT_HEADROOM_BYTES: u64 = 512 << 20;
+/// The extender's default `staleness`, as configuration writes it ([`DEFAULT_STALENESS_DURATION`]).
+pub const DEFAULT_STALENESS: &str = "90s";
+/// [`DEFAULT_STALENESS`] as a duration.
+pub const DEFAULT_STALENESS_DURATION: Duration = Duration::from_secs(90);
+
+/// A `staleness` setting: a duration above zero (a zero bound would make every reading stale).
+///
+/// # Errors
+/// The text is not a duration, or it is zero.
+pub fn parse_staleness(text: &str) -> Result<Duration, String> {
+    let staleness = crate::parse_duration(text).map_err(|e| e.to_string())?;
+    if staleness.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(staleness)
+}
+
 /// The ledger's tunables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LedgerConfig {

@@ -633,3 +633,18 @@ fn many_gpus_are_summed_up_compactly() {
          not yet running), need 6 GiB; 1 more GPU with less effective free"
     );
 }
+
+#[test]
+fn staleness_settings_above_zero_and_the_defaults_as_written() {
+    assert_eq!(parse_staleness("30s"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_staleness("0s"), Err("must be more than zero".into()));
+    assert!(parse_staleness("soon").unwrap_err().contains("\"soon\""));
+    assert_eq!(
+        parse_staleness(DEFAULT_STALENESS),
+        Ok(DEFAULT_STALENESS_DURATION)
+    );
+    assert_eq!(
+        crate::parse_bytes(DEFAULT_HEADROOM),
+        Ok(DEFAULT_HEADROOM_BYTES)
+    );
+}
