@@ -304,12 +304,12 @@ pub fn dra_verdicts(asks: &[ClaimAsk], rooms: &[DeviceRoom]) -> Vec<NodeVerdict>
 /// Whether `asks` can all be placed on the devices `free` (each with its room): each ask by
 /// one of its options, the tightest fitting devices taken (as binpacking would), trying the
 /// later options of an ask when the asks after it do not fit otherwise (kube-scheduler's
-/// allocator backtracks the same way). On failure, the index of the deepest ask reached.
-fn place(asks: &[ClaimAsk], mut free: Vec<(&DeviceRoom, u64)>) -> Result<(), usize> {
+/// allocator backtracks the same way). `free` comes sorted by room, tightest first (taking
+/// devices out keeps it so). On failure, the index of the deepest ask reached.
+fn place(asks: &[ClaimAsk], free: Vec<(&DeviceRoom, u64)>) -> Result<(), usize> {
     let Some((ask, rest)) = asks.split_first() else {
         return Ok(());
     };
-    free.sort_by_key(|(_, f)| *f);
     let mut deepest = 0;
     for option in &ask.options {
         let fitting: Vec<usize> = (0..free.len())

@@ -96,9 +96,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         let listed_bytes = listed.iter().map(|l| l.limit).fold(0, u64::saturating_add);
         let partly = !listed.is_empty() && listed_bytes < limit;
         // Each assigned GPU's share of the limit (the pod spreads it evenly over them).
-        let share = annotated
-            .as_ref()
-            .map(|a| limit.div_ceil(a.len().max(1) as u64));
+        let share = annotated.as_ref().map(|a| even_share(limit, a.len()));
         // Partly listed on a GPU it was not assigned, or for more than its share there: one of
         // its containers took the place of another pod of that container's size (of another
         // shape), and where its others land depends on other pods of their sizes, which this
@@ -148,9 +146,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
             // pod's place on one GPU and its init container then took its share on each.)
             if partly && !swapped_part {
                 let owed = annotated.unwrap_or_else(|| listed.iter().map(|l| l.gpu).collect());
-                let each = limit
-                    .saturating_sub(listed_bytes)
-                    .div_ceil(owed.len().max(1) as u64);
+                let each = even_share(limit.saturating_sub(listed_bytes), owed.len());
                 for i in owed {
                     let view = &mut state.gpus[i];
                     view.assigned_bytes = view.assigned_bytes.saturating_add(each);
@@ -163,7 +159,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
         // its per-GPU share against every GPU of the node.
         let (targets, share) = match placed.or(annotated) {
             Some(targets) => {
-                let share = limit.div_ceil(targets.len().max(1) as u64);
+                let share = even_share(limit, targets.len());
                 (Some(targets), share)
             }
             None => (None, entry.record.request.share_bytes()),
@@ -238,6 +234,11 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
     }
 }
 
+/// Each of `gpus` GPUs' share of `bytes`, rounded up (never under-booked); all of it for none.
+fn even_share(bytes: u64, gpus: usize) -> u64 {
+    bytes.div_ceil(gpus.max(1) as u64)
+}
+
 /// Where the reading lists a pod: a GPU (reading position), the bytes the kubelet gave it there,
 /// and their usage when known.
 struct Listed {
@@ -310,7 +311,7 @@ impl SizeGroup {
             .iter()
             .filter(|(set, n)| **n > 0 && set.contains(&i))
             .map(|(set, n)| {
-                let share = limit.div_ceil(set.len().max(1) as u64);
+                let share = even_share(limit, set.len());
                 share.saturating_mul(n.unsigned_abs())
             })
             .fold(0, u64::saturating_add)
