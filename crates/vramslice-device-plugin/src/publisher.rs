@@ -228,12 +228,10 @@ impl Publisher {
         if let Some(lister) = &self.kube {
             let cached = lister.cached();
             let list_due = state.uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH);
-            if let Some(listed) = refresh_uids(&mut state.uids, cached.as_deref(), &state.records)
-                && list_due
-            {
+            if refresh_uids(&mut state.uids, cached.as_deref(), &state.records) && list_due {
                 state.uids_at = Some(Instant::now());
                 match lister.list().await {
-                    Ok(pods) => *listed = uids_by_name(&pods),
+                    Ok(pods) => state.uids = uids_by_name(&pods),
                     Err(e) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
                 }
             }
@@ -315,20 +313,19 @@ impl Publisher {
 
 /// Pod UIDs by (namespace, name) for this poll: the watch cache's whenever it has synced (at
 /// every poll, not only when a name is missing: a pod deleted and created again under its name,
-/// as a StatefulSet's are, has a new UID). Returns the map to fill from a LIST when some
-/// allocation's pod is still unknown.
-fn refresh_uids<'a>(
-    uids: &'a mut BTreeMap<(String, String), String>,
+/// as a StatefulSet's are, has a new UID). Returns whether some allocation's pod is still
+/// unknown (a LIST should fill the map).
+fn refresh_uids(
+    uids: &mut BTreeMap<(String, String), String>,
     cached: Option<&[Arc<Pod>]>,
     records: &[ContainerAllocationRecord],
-) -> Option<&'a mut BTreeMap<(String, String), String>> {
+) -> bool {
     if let Some(cached) = cached {
         *uids = uids_by_name(cached);
     }
     records
         .iter()
         .any(|r| !uids.contains_key(&(r.namespace.clone(), r.pod.clone())))
-        .then_some(uids)
 }
 
 #[cfg(test)]
@@ -362,14 +359,20 @@ mod tests {
         // its StatefulSet was published under its deleted predecessor's UID for good.
         let mut uids = BTreeMap::new();
         let records = [record("llm-0")];
-        assert!(refresh_uids(&mut uids, Some(&[pod("llm-0", "old")]), &records).is_none());
-        assert!(refresh_uids(&mut uids, Some(&[pod("llm-0", "new")]), &records).is_none());
+        assert!(!refresh_uids(
+            &mut uids,
+            Some(&[pod("llm-0", "old")]),
+            &records
+        ));
+        assert!(!refresh_uids(
+            &mut uids,
+            Some(&[pod("llm-0", "new")]),
+            &records
+        ));
         assert_eq!(uids[&("ml".to_string(), "llm-0".to_string())], "new");
         // Without a synced cache the last map stands, and an unknown pod asks for a LIST.
-        assert!(refresh_uids(&mut uids, None, &records).is_none());
+        assert!(!refresh_uids(&mut uids, None, &records));
         assert_eq!(uids[&("ml".to_string(), "llm-0".to_string())], "new");
-        let listed = refresh_uids(&mut uids, None, &[record("llm-1")]).expect("a LIST");
-        listed.insert(("ml".into(), "llm-1".into()), "one".into());
-        assert_eq!(uids.len(), 2);
+        assert!(refresh_uids(&mut uids, None, &[record("llm-1")]), "a LIST");
     }
 }
