@@ -8,10 +8,9 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::Mutex;
 use vramslice_api::convert::dra::{
-    ClaimError, allocated_by_driver, allocation_results, claim_on_node,
+    ClaimError, admin_access_on, allocated_by_driver, claim_on_node,
 };
 use vramslice_api::convert::pod_claims::containers_sharing;
-use vramslice_api::names::DRA_DRIVER;
 use vramslice_core::node::allocation::{AllocationSettings, LIMIT_FILE_HOST_SUFFIX};
 use vramslice_core::node::dra::{
     ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
@@ -404,11 +403,7 @@ impl Driver {
             .await;
             match read {
                 Ok(Ok(object)) if object.metadata.uid.as_deref() == Some(uid.as_str()) => {
-                    let admin = allocation_results(&object).any(|r| {
-                        r.driver == DRA_DRIVER
-                            && r.pool == self.config.node
-                            && r.admin_access == Some(true)
-                    });
+                    let admin = admin_access_on(&object, &self.config.node);
                     learned.push((uid, admin));
                 }
                 // Deleted, or made again as another object: this one is not allocated any more,

@@ -158,7 +158,7 @@ pub fn claim_on_node(
             bytes,
         });
         share_ids.push(result.share_id.clone());
-        admin_access |= result.admin_access == Some(true);
+        admin_access |= admin_result_on(result, pool);
     }
     let pods = status
         .and_then(|s| s.reserved_for.as_ref())
@@ -195,6 +195,17 @@ pub fn allocation_results(
 /// Whether `claim` is allocated devices of [`DRA_DRIVER`].
 pub fn allocated_by_driver(claim: &ResourceClaim) -> bool {
     allocation_results(claim).any(|r| r.driver == DRA_DRIVER)
+}
+
+/// Whether `result` is this driver's on `pool` with admin access (kube-scheduler counts no
+/// capacity for such a result).
+pub fn admin_result_on(result: &DeviceRequestAllocationResult, pool: &str) -> bool {
+    result.driver == DRA_DRIVER && result.pool == pool && result.admin_access == Some(true)
+}
+
+/// Whether `claim` holds a device of this driver on `pool` with admin access.
+pub fn admin_access_on(claim: &ResourceClaim, pool: &str) -> bool {
+    allocation_results(claim).any(|r| admin_result_on(r, pool))
 }
 
 /// Settings of the slice besides its devices.
