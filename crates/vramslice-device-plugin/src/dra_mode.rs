@@ -334,7 +334,7 @@ mod tests {
             used_bytes: 0,
             free_bytes: 80 * GIB,
             health: Health::Healthy,
-            processes: Vec::new(),
+            processes: Some(Vec::new()),
         }]
     }
 

@@ -398,7 +398,7 @@ mod tests {
             health: Health::Unhealthy {
                 reason: "XID".into(),
             },
-            processes: vec![],
+            processes: Some(vec![]),
         }]);
         m.observe_allocated(&BTreeMap::from([("GPU-a".to_string(), (1, 2 << 30))]));
         m.set_registered(true);

@@ -170,7 +170,7 @@ mod tests {
                     reason: "XID 79".into(),
                 }
             },
-            processes: Vec::new(),
+            processes: Some(Vec::new()),
         }
     }
 

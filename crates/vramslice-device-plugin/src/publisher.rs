@@ -169,7 +169,7 @@ impl Publisher {
         let mut samples = snapshot.readings.clone();
         if samples
             .iter()
-            .any(|r| r.processes.iter().any(|p| p.pod_uid.is_none()))
+            .any(|r| r.listed_processes().iter().any(|p| p.pod_uid.is_none()))
         {
             proc_root.fill_pod_uids(&mut samples);
         }

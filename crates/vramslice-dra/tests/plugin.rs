@@ -141,7 +141,7 @@ fn samples() -> Vec<GpuSample> {
             used_bytes: 0,
             free_bytes: 80 * GIB,
             health: Health::Healthy,
-            processes: Vec::new(),
+            processes: Some(Vec::new()),
         })
         .collect()
 }

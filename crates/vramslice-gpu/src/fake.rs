@@ -18,6 +18,8 @@
 //!       - pid: 4242
 //!         used: 1Gi                  # optional; absent: the driver does not say (as NVML on MIG)
 //!         podUid: 0f0e1d2c-3b4a-5968-7786-95a4b3c2d1e0   # optional
+//!     processesUnreadable: true      # optional; the process list fails to read (as NVML's can):
+//!                                    # the processes above still count in `used`
 //! ```
 
 use std::collections::HashSet;
@@ -77,6 +79,10 @@ pub struct FakeGpu {
     /// Processes using the GPU.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<FakeProcess>,
+    /// Plays a driver whose process list cannot be read: the reading has no processes (unknown,
+    /// not none), while `processes` still count in the used memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub processes_unreadable: bool,
 }
 
 /// One process on a fake GPU.
@@ -206,6 +212,7 @@ impl FakeGpu {
             healthy: true,
             unhealthy_reason: None,
             processes: Vec::new(),
+            processes_unreadable: false,
         }
     }
 }
@@ -356,7 +363,7 @@ fn gpu_reading(gpu: &FakeGpu, index: u32, at: &str) -> Result<GpuSample, FakeFil
         used_bytes: used,
         free_bytes: total - used,
         health,
-        processes,
+        processes: (!gpu.processes_unreadable).then_some(processes),
     })
 }
 

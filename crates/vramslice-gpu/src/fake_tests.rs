@@ -50,8 +50,8 @@ fn full_example_parses() {
     );
     assert_eq!(a.health, Health::Healthy);
     assert_eq!(
-        a.processes,
-        vec![
+        a.listed_processes(),
+        [
             ProcessSample {
                 pid: 4242,
                 used_bytes: Some(GIB),
@@ -88,13 +88,28 @@ fn used_defaults_to_the_processes_sum() {
 }
 
 #[test]
+fn processes_unreadable_plays_a_driver_whose_process_list_fails() {
+    let yaml = format!(
+        "gpus:\n  - uuid: {UUID_A}\n    total: 8Gi\n    processesUnreadable: true\n    processes:\n      - {{pid: 1, used: 1Gi}}\n"
+    );
+    let got = readings(&yaml).unwrap();
+    assert_eq!(got[0].processes, None, "unknown, not none");
+    assert_eq!(
+        got[0].used_bytes, GIB,
+        "the hidden process still uses memory"
+    );
+    let listed = readings(&format!("gpus:\n  - uuid: {UUID_A}\n    total: 8Gi\n")).unwrap();
+    assert_eq!(listed[0].processes, Some(vec![]));
+}
+
+#[test]
 fn a_process_without_used_plays_a_driver_that_does_not_say() {
     let r = readings(&format!(
         "gpus:\n  - uuid: {UUID_A}\n    total: 8Gi\n    used: 3Gi\n    processes:\n      - {{pid: 7, used: 1Gi}}\n      - {{pid: 8}}\n"
     ))
     .unwrap();
     let got: Vec<_> = r[0]
-        .processes
+        .listed_processes()
         .iter()
         .map(|p| (p.pid, p.used_bytes))
         .collect();
@@ -346,7 +361,10 @@ fn rereads_the_file_on_every_call() {
         (second[0].used_bytes, second[0].free_bytes),
         (3 * GIB, 13 * GIB)
     );
-    assert_eq!(second[0].processes[0].pod_uid.as_deref(), Some(POD));
+    assert_eq!(
+        second[0].listed_processes()[0].pod_uid.as_deref(),
+        Some(POD)
+    );
 
     // The GPU goes unhealthy.
     a.healthy = false;
@@ -474,7 +492,7 @@ proptest! {
         for (reading, (total, _, _)) in got.iter().zip(&gpus) {
             prop_assert_eq!(reading.total_bytes, *total);
             prop_assert_eq!(reading.used_bytes + reading.free_bytes, reading.total_bytes);
-            let sum: u64 = reading.processes.iter().filter_map(|p| p.used_bytes).sum();
+            let sum: u64 = reading.listed_processes().iter().filter_map(|p| p.used_bytes).sum();
             prop_assert_eq!(sum, reading.used_bytes);
         }
     }

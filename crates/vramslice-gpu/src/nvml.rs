@@ -224,15 +224,25 @@ impl NvmlBackend {
             tracing::debug!(index, error = %e, "cannot read GPU name");
             "unknown NVIDIA GPU".to_string()
         });
-        let mut lists = Vec::with_capacity(2);
+        // Either list missing leaves the processes unknown (their usage is not 0); a GPU that
+        // has no graphics engine answers `NotSupported` for the graphics list, which is none.
+        let mut lists = Some(Vec::with_capacity(2));
         for (kind, list) in [
             ("compute", device.running_compute_processes()),
             ("graphics", device.running_graphics_processes()),
         ] {
             match list {
-                Ok(l) => lists.push(l),
+                Ok(l) => {
+                    if let Some(lists) = &mut lists {
+                        lists.push(l);
+                    }
+                }
+                Err(NvmlError::NotSupported) if kind == "graphics" => {}
                 Err(NvmlError::GpuLost) => return broken("processes", NvmlError::GpuLost),
-                Err(e) => tracing::debug!(index, kind, error = %e, "cannot list GPU processes"),
+                Err(e) => {
+                    tracing::debug!(index, kind, error = %e, "cannot list GPU processes");
+                    lists = None;
+                }
             }
         }
         let free = memory.free.min(memory.total);
@@ -260,7 +270,7 @@ impl NvmlBackend {
             used_bytes: memory.total - free,
             free_bytes: free,
             health,
-            processes: merge_processes(lists.iter().flatten()),
+            processes: lists.map(|l| merge_processes(l.iter().flatten())),
         })
     }
 }
@@ -316,7 +326,7 @@ impl GpuBackend for NvmlBackend {
                     }
                     let reason = state.sticky.get(&last.uuid).cloned().unwrap_or(reason);
                     last.health = Health::Unhealthy { reason };
-                    last.processes.clear();
+                    last.processes = None;
                     out.push(last);
                 }
             }

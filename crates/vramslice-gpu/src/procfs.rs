@@ -60,7 +60,7 @@ impl ProcRoot {
         let mut filled = 0;
         for process in readings
             .iter_mut()
-            .flat_map(|r| r.processes.iter_mut())
+            .flat_map(|r| r.processes.iter_mut().flatten())
             .filter(|p| p.pod_uid.is_none())
         {
             if let Some(pod) = self.pod_of(process.pid) {
@@ -95,7 +95,7 @@ mod tests {
             used_bytes: 10,
             free_bytes: 90,
             health: Health::Healthy,
-            processes,
+            processes: Some(processes),
         }
     }
 
@@ -157,10 +157,16 @@ mod tests {
         ];
         let filled = ProcRoot::new(dir.path()).fill_pod_uids(&mut readings);
         assert_eq!(filled, 1);
-        assert_eq!(readings[0].processes[0].pod_uid.as_deref(), Some(UID));
-        assert_eq!(readings[0].processes[1].pod_uid.as_deref(), Some("kept"));
-        assert_eq!(readings[1].processes[0].pod_uid, None);
-        assert_eq!(readings[1].processes[1].pod_uid, None);
+        assert_eq!(
+            readings[0].listed_processes()[0].pod_uid.as_deref(),
+            Some(UID)
+        );
+        assert_eq!(
+            readings[0].listed_processes()[1].pod_uid.as_deref(),
+            Some("kept")
+        );
+        assert_eq!(readings[1].listed_processes()[0].pod_uid, None);
+        assert_eq!(readings[1].listed_processes()[1].pod_uid, None);
     }
 
     #[test]

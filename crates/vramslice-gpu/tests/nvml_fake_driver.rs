@@ -118,15 +118,57 @@ fn reads_devices_memory_and_processes() {
     // PID 100 is in both lists (its larger figure counts); "not available" is unknown, not 0.
     assert_eq!(
         g0.processes,
-        vec![
+        Some(vec![
             process(100, Some(2 * GIB)),
             process(200, None),
             process(300, Some(3 * GIB))
-        ]
+        ])
     );
     let g1 = &readings[1];
     assert_eq!((g1.index, g1.uuid.as_str(), g1.used_bytes), (1, UUID1, 0));
-    assert!(g1.processes.is_empty());
+    assert_eq!(g1.processes, Some(vec![]));
+}
+
+#[test]
+fn a_process_list_that_cannot_be_read_leaves_the_processes_unknown() {
+    let with_processes = format!(
+        "{}proc 0 compute 100 {}\nproc 0 compute 300 {}\n",
+        two_gpus(),
+        GIB,
+        GIB
+    );
+    let driver = Driver::new(&with_processes);
+    let backend = driver.backend();
+    // A GPU without a graphics engine answers NOT_SUPPORTED for graphics processes: none.
+    driver.append("procfail 0 graphics notsupported");
+    let readings = backend.read().unwrap();
+    let listed: Vec<u32> = readings[0]
+        .listed_processes()
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(listed, vec![100, 300], "compute processes are still listed");
+
+    // Any other failure of either list: the processes are unknown, not none, while the GPU
+    // itself is still read and healthy.
+    for failure in [
+        "procfail 0 compute unknown",
+        "procfail 0 compute notsupported",
+        "procfail 0 graphics unknown",
+    ] {
+        driver.set(&format!("{with_processes}{failure}\n"));
+        let readings = backend.read().unwrap();
+        assert_eq!(readings[0].processes, None, "{failure}");
+        assert_eq!(readings[0].used_bytes, 10 * GIB, "{failure}");
+        assert!(readings[0].health.is_healthy(), "{failure}");
+        assert_eq!(
+            readings[1].processes,
+            Some(vec![]),
+            "{failure}: GPU 1 unaffected"
+        );
+    }
+    driver.set(&with_processes);
+    assert_eq!(backend.read().unwrap()[0].listed_processes().len(), 2);
 }
 
 #[test]
@@ -186,7 +228,10 @@ fn lost_gpu_is_reported_unhealthy_with_last_known_figures_and_stays_so() {
     ));
     let backend = driver.backend();
     let before = backend.read().unwrap();
-    assert_eq!((before[1].used_bytes, before[1].processes.len()), (GIB, 1));
+    assert_eq!(
+        (before[1].used_bytes, before[1].listed_processes().len()),
+        (GIB, 1)
+    );
 
     driver.append("lost 1");
     let during = backend.read().unwrap();
@@ -196,7 +241,10 @@ fn lost_gpu_is_reported_unhealthy_with_last_known_figures_and_stays_so() {
     assert_eq!(lost.uuid, UUID1);
     assert!(matches!(&lost.health, Health::Unhealthy { reason } if reason.contains("GPU lost")));
     assert_eq!((lost.total_bytes, lost.used_bytes), (40 * GIB, GIB));
-    assert!(lost.processes.is_empty(), "stale processes are dropped");
+    assert_eq!(
+        lost.processes, None,
+        "stale processes are dropped: unknown now"
+    );
 
     // The GPU answers again (say, after a reset): still unhealthy until restart.
     driver.set(&two_gpus());

@@ -13,7 +13,7 @@ use std::fmt;
 use crate::container::limit::{GpuLimits, GpuLimitsError, gpu_limits_file_content};
 use crate::effective_free::{claimable_capacity, unobserved_part};
 use crate::node::allocation::{AllocationSettings, ContainerEdits, container_edits};
-use crate::node::sample::{GpuSample, Health, total_used};
+use crate::node::sample::{GpuSample, Health};
 
 /// What the plugin publishes about one healthy GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,17 +150,13 @@ pub fn grants_by_gpu<'a>(
     for (uuid, on_gpu) in groups {
         let entry = out.entry(uuid.to_string()).or_default();
         for group in on_gpu {
-            let used = total_used(
-                samples
-                    .iter()
-                    .filter(|s| s.uuid == uuid)
-                    .flat_map(|s| &s.processes)
-                    .filter(|p| {
-                        p.pod_uid
-                            .as_deref()
-                            .is_some_and(|uid| group.pods.contains(&uid))
-                    }),
-            );
+            let used = samples.iter().find(|s| s.uuid == uuid).and_then(|s| {
+                s.used_by(|p| {
+                    p.pod_uid
+                        .as_deref()
+                        .is_some_and(|uid| group.pods.contains(&uid))
+                })
+            });
             entry.granted = entry.granted.saturating_add(group.counted);
             entry.unobserved = entry
                 .unobserved

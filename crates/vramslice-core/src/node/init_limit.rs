@@ -19,7 +19,7 @@
 
 use crate::cluster::placement::{InitUnits, PodRequest, pod_units};
 use crate::node::publish::{GpuSample, NodeReport, PodReport};
-use crate::node::sample::{ProcessSample, total_used};
+use crate::node::sample::ProcessSample;
 
 /// A pod of the node with a plain init container asking for units that has not completed, as
 /// [`apply_init_limits`] reads it. Units are those of the report's resource.
@@ -95,24 +95,23 @@ pub fn apply_init_limits(report: &mut NodeReport, samples: &[GpuSample], pods: &
                 entry.initialising = true;
                 continue;
             }
-            let own: Vec<&ProcessSample> = samples
+            let sample = samples.iter().find(|s| s.uuid == gpu.uuid);
+            let is_own = |p: &ProcessSample| pod.uid.is_some() && p.pod_uid == pod.uid;
+            let own: Vec<u32> = sample
+                .map(GpuSample::listed_processes)
+                .unwrap_or_default()
                 .iter()
-                .filter(|s| s.uuid == gpu.uuid)
-                .flat_map(|s| &s.processes)
-                .filter(|p| pod.uid.is_some() && p.pod_uid == pod.uid)
+                .filter(|p| is_own(p))
+                .map(|p| p.pid)
                 .collect();
-            gpu.processes_without_pod
-                .retain(|s| !own.iter().any(|p| p.pid == s.pid));
+            gpu.processes_without_pod.retain(|s| !own.contains(&s.pid));
             let entry = PodReport {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
                 uid: pod.uid.clone(),
                 allocated_units: 0,
                 limit_bytes: share,
-                used_bytes: pod
-                    .uid
-                    .as_ref()
-                    .and_then(|_| total_used(own.iter().copied())),
+                used_bytes: pod.uid.as_ref().and(sample).and_then(|s| s.used_by(is_own)),
                 initialising: true,
             };
             let at = gpu

@@ -12,7 +12,6 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::device_id::DeviceId;
-use crate::node::sample::total_used;
 use crate::quantity::format_bytes;
 use crate::units::VramUnit;
 
@@ -163,14 +162,9 @@ pub fn build_report(
                 .flatten()
                 .map(|((namespace, name), (uid, units))| {
                     all_units.extend(units.iter().copied());
-                    let used_bytes = uid.as_ref().and_then(|uid| {
-                        total_used(
-                            sample
-                                .processes
-                                .iter()
-                                .filter(|p| p.pod_uid.as_ref() == Some(uid)),
-                        )
-                    });
+                    let used_bytes = uid
+                        .as_ref()
+                        .and_then(|uid| sample.used_by(|p| p.pod_uid.as_ref() == Some(uid)));
                     let allocated_units = units.len() as u64;
                     PodReport {
                         namespace: namespace.clone(),
@@ -185,7 +179,7 @@ pub fn build_report(
                 .collect();
             let known_uids: BTreeSet<&str> = pods.iter().filter_map(|p| p.uid.as_deref()).collect();
             let mut processes_without_pod: Vec<StrayProcess> = sample
-                .processes
+                .listed_processes()
                 .iter()
                 .filter(|p| !p.pod_uid.as_deref().is_some_and(|u| known_uids.contains(u)))
                 .map(|p| StrayProcess {
@@ -249,18 +243,14 @@ pub fn add_claim_holdings(
             continue;
         };
         let uids: BTreeSet<&str> = holding.pods.iter().map(|(_, uid)| uid.as_str()).collect();
-        let used = total_used(
-            samples
-                .iter()
-                .filter(|s| s.uuid == holding.gpu_uuid)
-                .flat_map(|s| &s.processes)
-                .filter(|p| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u))),
-        );
-        let claim_pids: BTreeSet<u32> = samples
+        let is_theirs = |p: &ProcessSample| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u));
+        let sample = samples.iter().find(|s| s.uuid == holding.gpu_uuid);
+        let used = sample.and_then(|s| s.used_by(is_theirs));
+        let claim_pids: BTreeSet<u32> = sample
+            .map(GpuSample::listed_processes)
+            .unwrap_or_default()
             .iter()
-            .filter(|s| s.uuid == holding.gpu_uuid)
-            .flat_map(|s| &s.processes)
-            .filter(|p| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u)))
+            .filter(|p| is_theirs(p))
             .map(|p| p.pid)
             .collect();
         gpu.processes_without_pod

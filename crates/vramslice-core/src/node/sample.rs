@@ -21,8 +21,22 @@ pub struct GpuSample {
     pub free_bytes: u64,
     /// Health as of this reading.
     pub health: Health,
-    /// Compute processes running on the GPU.
-    pub processes: Vec<ProcessSample>,
+    /// Processes running on the GPU; `None` when the driver's process list could not be read
+    /// this time, which is not "no processes": their usage is unknown, not 0.
+    pub processes: Option<Vec<ProcessSample>>,
+}
+
+impl GpuSample {
+    /// The processes the driver listed; empty when the list could not be read.
+    pub fn listed_processes(&self) -> &[ProcessSample] {
+        self.processes.as_deref().unwrap_or_default()
+    }
+
+    /// The memory the processes matching `is_theirs` use together: `None` when the process
+    /// list could not be read or the driver gave no figure for one of them.
+    pub fn used_by(&self, is_theirs: impl Fn(&ProcessSample) -> bool) -> Option<u64> {
+        total_used(self.processes.as_deref()?.iter().filter(|p| is_theirs(p)))
+    }
 }
 
 /// Whether a GPU may take work.

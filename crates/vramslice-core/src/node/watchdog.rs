@@ -232,10 +232,8 @@ pub fn evaluate(
     let mut events = Vec::new();
     let mut self_reports = BTreeMap::new();
     for gpu in &report.gpus {
-        let processes = samples
-            .iter()
-            .find(|s| s.uuid == gpu.uuid)
-            .map_or(&[][..], |s| s.processes.as_slice());
+        let sample = samples.iter().find(|s| s.uuid == gpu.uuid);
+        let processes = sample.map_or(&[][..], GpuSample::listed_processes);
         for pod in &gpu.pods {
             let Some(uid) = &pod.uid else { continue };
             let key = PodOnGpu {
@@ -247,8 +245,11 @@ pub fn evaluate(
                     .iter()
                     .filter(|p| p.pod_uid.as_deref() == Some(uid.as_str()))
             };
-            // A figure the driver did not give cannot be judged: a breach stays as it was.
-            let Some(used) = crate::node::sample::total_used(mine()) else {
+            // A figure the driver did not give (no process list, or no figure for one of the
+            // pod's processes) cannot be judged: a breach stays as it was.
+            let Some(used) =
+                sample.and_then(|s| s.used_by(|p| p.pod_uid.as_deref() == Some(uid.as_str())))
+            else {
                 if let Some(previous) = state.breaches.get(&key) {
                     next.breaches.insert(key, *previous);
                 }

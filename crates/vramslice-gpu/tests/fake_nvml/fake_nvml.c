@@ -15,6 +15,9 @@
  *   noevents <index>         the device supports no events
  *   mig <index> on|off|none  MIG mode now (`none`: the GPU does not support MIG, as an L4); a
  *                            GPU with no such line reports MIG off
+ *   procfail <index> compute|graphics unknown|notsupported
+ *                            listing that kind of process fails with NVML_ERROR_UNKNOWN or
+ *                            NVML_ERROR_NOT_SUPPORTED
  *
  * No state file at nvmlInit_v2 means "driver not loaded".
  */
@@ -34,6 +37,7 @@ enum {
     NVML_ERROR_DRIVER_NOT_LOADED = 9,
     NVML_ERROR_TIMEOUT = 10,
     NVML_ERROR_GPU_IS_LOST = 15,
+    NVML_ERROR_UNKNOWN = 999,
 };
 #define EVENT_DOUBLE_BIT_ECC 0x2ULL
 #define EVENT_XID_CRITICAL 0x8ULL
@@ -45,6 +49,7 @@ enum {
 struct gpu {
     int present, lost, gone, noevents;
     int mig; /* 0 off, 1 on, -1 not supported */
+    nvmlReturn_t procfail[2]; /* listing [compute, graphics] processes fails with this */
     char uuid[96];
     char name[96];
     unsigned long long total, free;
@@ -120,6 +125,11 @@ static int load(struct state *s) {
             char mode[8];
             if (sscanf(line, "mig %*d %7s", mode) == 1)
                 g->mig = !strcmp(mode, "on") ? 1 : !strcmp(mode, "none") ? -1 : 0;
+        } else if (!strcmp(kind, "procfail")) {
+            char which[16], err[16];
+            if (sscanf(line, "procfail %*d %15s %15s", which, err) == 2)
+                g->procfail[!strcmp(which, "graphics")] =
+                    !strcmp(err, "notsupported") ? NVML_ERROR_NOT_SUPPORTED : NVML_ERROR_UNKNOWN;
         } else if (!strcmp(kind, "proc") && s->nprocs < MAX_PROCS) {
             struct proc *p = &s->procs[s->nprocs];
             char which[16], used[32];
@@ -233,6 +243,7 @@ static nvmlReturn_t processes(struct nvmlDevice *d, int graphics, unsigned *coun
     nvmlReturn_t r = gpu_of(d, &s, &g);
     if (r) return r;
     if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->procfail[graphics]) return g->procfail[graphics];
     unsigned n = 0;
     for (int i = 0; i < s.nprocs; i++)
         if (s.procs[i].gpu == d->index && s.procs[i].graphics == graphics) n++;

@@ -21,7 +21,7 @@ fn sample(index: u32, total: u64, free: u64, healthy: bool) -> GpuSample {
                 reason: "XID 79".into(),
             }
         },
-        processes: Vec::<ProcessSample>::new(),
+        processes: Some(Vec::new()),
     }
 }
 
@@ -302,11 +302,11 @@ fn a_claims_use_is_its_pods_processes_on_its_gpu() {
         pod_uid: pod.map(str::to_string),
     };
     let mut gpu = sample(0, 80 * GIB, 59 * GIB, true);
-    gpu.processes = vec![
+    gpu.processes = Some(vec![
         process(1, 3 * GIB, Some("pod-a")),
         process(2, 2 * GIB, Some("pod-a")),
         process(3, 16 * GIB, None),
-    ];
+    ]);
     let gpus = std::slice::from_ref(&gpu);
     let grants = grants_by_gpu([llm()], gpus);
     assert_eq!(
@@ -360,11 +360,11 @@ fn admin_access_claims_are_not_added_back_but_their_room_is_held() {
     // kube-scheduler subtracts no consumed capacity for admin-access results: adding such a
     // grant back would publish memory the admin pod may still take.
     let mut gpu = sample(0, 80 * GIB, 78 * GIB, true);
-    gpu.processes = vec![ProcessSample {
+    gpu.processes = Some(vec![ProcessSample {
         pid: 1,
         used_bytes: Some(2 * GIB),
         pod_uid: Some("debug".into()),
-    }];
+    }]);
     let limits = [("GPU-0".to_string(), 8 * GIB)];
     let admin = ClaimUse {
         limits: &limits,

@@ -17,7 +17,7 @@ fn gpu(uuid: &str, index: u32, processes: Vec<ProcessSample>) -> GpuSample {
         used_bytes: 0,
         free_bytes: 24 * GIB,
         health: Health::Healthy,
-        processes,
+        processes: Some(processes),
     }
 }
 

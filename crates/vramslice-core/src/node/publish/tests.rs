@@ -1,6 +1,7 @@
 //! Unit and property tests of the publish report and rule.
 
 use super::*;
+use crate::node::sample::total_used;
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
@@ -14,7 +15,7 @@ fn gpu(index: u32, uuid: &str, total: u64, used: u64) -> GpuSample {
         used_bytes: used,
         free_bytes: total - used,
         health: Health::Healthy,
-        processes: Vec::new(),
+        processes: Some(Vec::new()),
     }
 }
 
@@ -37,12 +38,12 @@ fn process(pid: u32, bytes: u64, uid: Option<&str>) -> ProcessSample {
 
 fn two_gpu_node() -> (Vec<GpuSample>, Vec<ContainerAllocationRecord>) {
     let mut a = gpu(0, "GPU-a", 80 * GIB, 10 * GIB);
-    a.processes = vec![
+    a.processes = Some(vec![
         process(200, 3 * GIB, Some("uid-web")),
         process(100, 2 * GIB, Some("uid-web")),
         process(300, GIB, None),
         process(400, GIB, Some("uid-elsewhere")),
-    ];
+    ]);
     let mut b = gpu(1, "GPU-b", 24 * GIB + 5, 0);
     b.health = Health::Unhealthy {
         reason: "XID 79".into(),
@@ -230,7 +231,10 @@ fn each_kind_of_change_is_named() {
     );
     // A pod's own usage moving counts too.
     assert_eq!(
-        case(|s, _| s[1].processes[0].used_bytes = s[1].processes[0].used_bytes.map(|b| b + GIB)),
+        case(|s, _| {
+            let p = &mut s[1].processes.as_mut().expect("listed")[0];
+            p.used_bytes = p.used_bytes.map(|b| b + GIB);
+        }),
         Some(PublishReason::UsageChanged {
             gpu: "GPU-a".into(),
             delta_bytes: GIB
@@ -300,10 +304,10 @@ proptest! {
 #[test]
 fn dra_claims_show_as_their_pods_with_grant_and_use() {
     let mut a = gpu(0, "GPU-a", 80 * GIB, 12 * GIB);
-    a.processes = vec![
+    a.processes = Some(vec![
         process(10, 5 * GIB, Some("pod-x")),
         process(11, 7 * GIB, None),
-    ];
+    ]);
     let samples = vec![a];
     let mut report = build_report(VramUnit::Gib1, &samples, &[]);
     assert_eq!(report.gpus[0].processes_without_pod.len(), 2);
@@ -354,8 +358,8 @@ fn dra_claims_show_as_their_pods_with_grant_and_use() {
 #[test]
 fn a_pods_usage_is_unknown_when_one_of_its_processes_is() {
     let (mut samples, allocs) = two_gpu_node();
-    samples[1].processes[0].used_bytes = None; // PID 200 of uid-web
-    samples[1].processes[2].used_bytes = None; // PID 300, of no pod
+    samples[1].processes.as_mut().expect("listed")[0].used_bytes = None; // PID 200 of uid-web
+    samples[1].processes.as_mut().expect("listed")[2].used_bytes = None; // PID 300, of no pod
     let r = build_report(VramUnit::Gib1, &samples, &allocs);
     let a = &r.gpus[0];
     assert_eq!(a.pods[0].used_bytes, None, "not 2 GiB, nor 0");
@@ -373,4 +377,30 @@ fn a_pods_usage_is_unknown_when_one_of_its_processes_is() {
         ]
     );
     assert_eq!(total_used(&[]), Some(0));
+}
+
+#[test]
+fn a_process_list_the_driver_could_not_read_leaves_usage_unknown_not_zero() {
+    let (mut samples, allocs) = two_gpu_node();
+    samples[1].processes = None;
+    let r = build_report(VramUnit::Gib1, &samples, &allocs);
+    let a = &r.gpus[0];
+    assert_eq!(a.pods[0].used_bytes, None, "not 0 bytes");
+    assert_eq!(a.pods[0].limit_bytes, 3 * GIB, "the grant is still known");
+    assert!(a.processes_without_pod.is_empty());
+
+    // A DRA claim's use on that GPU is unknown too.
+    let mut report = build_report(VramUnit::Gib1, &samples, &[]);
+    add_claim_holdings(
+        &mut report,
+        &samples,
+        &[ClaimHolding {
+            namespace: "ml".into(),
+            claim: "llm-vram".into(),
+            pods: vec![("llm-0".into(), "uid-web".into())],
+            gpu_uuid: "GPU-a".into(),
+            bytes: 6 * GIB,
+        }],
+    );
+    assert_eq!(report.gpus[0].pods[0].used_bytes, None);
 }

@@ -24,7 +24,7 @@ fn sample(processes: Vec<ProcessSample>) -> GpuSample {
         used_bytes: 0,
         free_bytes: 80 * GIB,
         health: Health::Healthy,
-        processes,
+        processes: Some(processes),
     }
 }
 
@@ -503,6 +503,48 @@ fn usage_the_driver_does_not_give_is_not_judged_and_keeps_a_breach() {
         vec![proc_(1, 9 * GIB, Some("uid-web")), unknown(2)],
     );
     assert!(blind.events.is_empty(), "{:?}", blind.events);
+    let later = step(
+        &p,
+        &blind.state,
+        31,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
+    assert!(
+        later
+            .events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::Act { .. })),
+        "the grace ran from the breach's start: {:?}",
+        later.events
+    );
+}
+
+#[test]
+fn a_process_list_the_driver_could_not_read_is_not_judged_and_keeps_a_breach() {
+    // Regression: a failed process list read as "no processes", so every breach ended (and
+    // its grace period started over once the list came back).
+    let p = policy(30, WatchdogAction::Report);
+    let over = step(
+        &p,
+        &WatchdogState::default(),
+        0,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
+    assert!(matches!(over.events[..], [WatchdogEvent::BreachStarted(_)]));
+    let mut unlisted = sample(Vec::new());
+    unlisted.processes = None;
+    let samples = vec![unlisted];
+    let report = build_report(VramUnit::Gib1, &samples, &records());
+    let blind = evaluate(
+        &p,
+        &over.state,
+        Duration::from_secs(10),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    );
+    assert!(blind.events.is_empty(), "{:?}", blind.events);
+    assert!(blind.state.breaches.contains_key(&web_key()));
     let later = step(
         &p,
         &blind.state,
