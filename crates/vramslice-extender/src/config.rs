@@ -57,6 +57,7 @@ pub struct TlsFile {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 struct RawConfig {
     listen_addr: String,
+    metrics_addr: String,
     tls: TlsFile,
     policy: String,
     headroom: String,
@@ -69,6 +70,7 @@ impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
             listen_addr: "0.0.0.0:8888".into(),
+            metrics_addr: String::new(),
             tls: TlsFile::default(),
             policy: "binpack".into(),
             headroom: DEFAULT_HEADROOM.into(),
@@ -91,8 +93,12 @@ pub struct TlsConfig {
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Where to listen.
+    /// Where to listen: kube-scheduler's verbs, and the probes and metrics unless
+    /// `metrics_addr` is set.
     pub listen_addr: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served apart from the verbs (plain HTTP),
+    /// so the verbs' listener can stay on loopback.
+    pub metrics_addr: Option<SocketAddr>,
     /// Serve HTTPS with these files, or plain HTTP.
     pub tls: Option<TlsConfig>,
     /// Default placement policy (a pod's `vramslice.io/policy` annotation overrides it).
@@ -113,6 +119,7 @@ impl Default for Config {
         // The defaults are valid by construction; fall back field by field if they were not.
         validate(RawConfig::default()).unwrap_or(Config {
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 8888)),
+            metrics_addr: None,
             tls: None,
             policy: Policy::Binpack,
             headroom_bytes: 512 << 20,
@@ -172,6 +179,27 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         )
     })?;
+    let metrics_addr = match raw.metrics_addr.trim() {
+        "" => None,
+        text => {
+            let addr: SocketAddr = text.parse().map_err(|_| {
+                invalid(
+                    "metricsAddr",
+                    format!(
+                        "{:?} is not an address such as 0.0.0.0:8889",
+                        raw.metrics_addr
+                    ),
+                )
+            })?;
+            if addr.port() != 0 && addr.port() == listen_addr.port() {
+                return Err(invalid(
+                    "metricsAddr",
+                    format!("port {} is listenAddr's port already", addr.port()),
+                ));
+            }
+            Some(addr)
+        }
+    };
     let tls = match (raw.tls.cert_file.is_empty(), raw.tls.key_file.is_empty()) {
         (true, true) => None,
         (false, false) => Some(TlsConfig {
@@ -204,6 +232,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         listen_addr,
+        metrics_addr,
         tls,
         policy,
         headroom_bytes,
@@ -221,7 +250,7 @@ mod tests {
     fn an_empty_file_gives_the_defaults() {
         let c = Config::parse("", "test").unwrap();
         assert_eq!(c.listen_addr, "0.0.0.0:8888".parse().unwrap());
-        assert_eq!(c.tls, None);
+        assert_eq!((&c.tls, c.metrics_addr), (&None, None));
         assert_eq!(c.policy, Policy::Binpack);
         assert_eq!(c.headroom_bytes, 512 << 20);
         assert_eq!(c.staleness, Duration::from_secs(90));
@@ -249,6 +278,7 @@ mod tests {
     fn every_key_is_read() {
         let c = Config::parse(
             "listenAddr: 127.0.0.1:9443\n\
+             metricsAddr: 0.0.0.0:8889\n\
              tls: { certFile: /c.pem, keyFile: /k.pem }\n\
              policy: spread\n\
              headroom: 1Gi\n\
@@ -258,6 +288,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.listen_addr, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(c.metrics_addr, Some("0.0.0.0:8889".parse().unwrap()));
         assert_eq!(
             c.tls,
             Some(TlsConfig {
@@ -275,6 +306,11 @@ mod tests {
     fn mistakes_are_named() {
         let cases = [
             ("listenAddr: nowhere", "config key listenAddr is invalid"),
+            ("metricsAddr: 8889", "config key metricsAddr is invalid"),
+            (
+                "listenAddr: 127.0.0.1:8888\nmetricsAddr: 0.0.0.0:8888",
+                "port 8888 is listenAddr's port already",
+            ),
             (
                 "tls: { certFile: /c.pem }",
                 "certFile and keyFile must be given together",

@@ -1,7 +1,9 @@
 //! The HTTP adapter: axum routes over [`Extender`]'s verbs.
 //!
 //! `POST /filter`, `POST /prioritize`, `POST /bind` (kube-scheduler extender v1 JSON),
-//! `GET /healthz`, `GET /readyz`, `GET /metrics`. A body kube-scheduler could not have meant
+//! `GET /healthz`, `GET /readyz`, `GET /metrics`: all on one listener ([`router`]), or the verbs
+//! on one ([`verb_router`], kept to loopback beside kube-scheduler) and the probes and metrics
+//! on another ([`probe_router`]). A body kube-scheduler could not have meant
 //! (malformed JSON, no Pod, no candidates) gets `400` with a plain-text message; a pod or node
 //! the extender cannot place gets `200` with the reason inside the result, as the scheduler
 //! expects.
@@ -26,17 +28,35 @@ const TEXT: &str = "text/plain; charset=utf-8";
 /// false) runs to tens of MiB, far past axum's 2 MiB default.
 pub const MAX_BODY_BYTES: usize = 256 << 20;
 
-/// The extender's routes.
+/// Every route on one listener: the verbs, the probes and the metrics.
 pub fn router(extender: Arc<Extender>) -> Router {
+    verb_routes().merge(probe_routes()).with_state(extender)
+}
+
+/// Only kube-scheduler's verbs (`/filter`, `/prioritize`, `/bind`), for a listener no one else
+/// reaches: whoever can call `/bind` can bind pending pods with the extender's rights.
+pub fn verb_router(extender: Arc<Extender>) -> Router {
+    verb_routes().with_state(extender)
+}
+
+/// Only `/healthz`, `/readyz` and `/metrics`, for the kubelet's probes and Prometheus.
+pub fn probe_router(extender: Arc<Extender>) -> Router {
+    probe_routes().with_state(extender)
+}
+
+fn verb_routes() -> Router<Arc<Extender>> {
     Router::new()
         .route("/filter", post(filter))
         .route("/prioritize", post(prioritize))
         .route("/bind", post(bind))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+fn probe_routes() -> Router<Arc<Extender>> {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(extender)
 }
 
 fn json(body: String) -> Response {

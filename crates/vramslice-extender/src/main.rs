@@ -102,8 +102,9 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
     let client = client(kubeconfig.as_ref())
         .await
         .context("connecting to the API server")?;
-    let (addr, tls, webhook) = (
+    let (addr, metrics_addr, tls, webhook) = (
         config.listen_addr,
+        config.metrics_addr,
         config.tls.clone(),
         config.webhook.clone(),
     );
@@ -140,11 +141,27 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
             }
         })
     });
-    let shutdown = async move {
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
-    };
-    serve::serve(http::router(ext), addr, tls.as_ref(), shutdown).await?;
+    });
+    match metrics_addr {
+        None => serve::serve(http::router(ext), addr, tls.as_ref(), stopped(stop_rx)).await?,
+        Some(metrics_addr) => {
+            tokio::try_join!(
+                serve::serve(
+                    http::verb_router(ext.clone()),
+                    addr,
+                    tls.as_ref(),
+                    stopped(stop_rx.clone())
+                ),
+                serve::serve(http::probe_router(ext), metrics_addr, None, stopped(stop_rx)),
+            )?;
+        }
+    }
     if let Some(task) = webhook_task {
         task.await.context("webhook task panicked")?;
     }

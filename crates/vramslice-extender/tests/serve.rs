@@ -59,6 +59,55 @@ async fn serves_http_on_loopback_and_stops_on_shutdown() {
         .unwrap();
 }
 
+#[tokio::test]
+async fn the_verbs_and_the_probes_can_be_served_apart() {
+    let ext = extender_with(config(0), Arc::new(FakeCluster::new()));
+    let verbs = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probes = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (verbs_addr, probes_addr) = (verbs.local_addr().unwrap(), probes.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let servers = [
+        tokio::spawn(serve::serve_on(
+            verbs,
+            http::verb_router(ext.clone()),
+            None,
+            until_stopped(stopped.clone()),
+        )),
+        tokio::spawn(serve::serve_on(
+            probes,
+            http::probe_router(ext),
+            None,
+            until_stopped(stopped),
+        )),
+    ];
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let bind = "POST /bind HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let on_verbs = request(verbs_addr, &get(path)).await;
+        assert!(on_verbs.starts_with("HTTP/1.1 404"), "{path}: {on_verbs}");
+        let on_probes = request(probes_addr, &get(path)).await;
+        assert!(!on_probes.starts_with("HTTP/1.1 404"), "{path}: {on_probes}");
+    }
+    let on_probes = request(probes_addr, bind).await;
+    assert!(on_probes.starts_with("HTTP/1.1 404"), "{on_probes}");
+    let on_verbs = request(verbs_addr, bind).await;
+    assert!(
+        on_verbs.starts_with("HTTP/1.1 400") && on_verbs.contains("PodName"),
+        "the verb is served, and names the missing field: {on_verbs}"
+    );
+    stop.send(true).unwrap();
+    for server in servers {
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("server stops after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[test]
 fn tls_file_problems_are_named() {
     let dir = tempfile::tempdir().unwrap();
