@@ -56,7 +56,9 @@ d="$tmp/defaults.yaml"
 expect "$d" 'image: "?registry.k8s.io/kube-scheduler:v1\.37\.2' "scheduler image follows the cluster version"
 expect "$d" 'leaderElect: false' "one replica: no leader election"
 expect "$d" 'type: Recreate' "one replica: Recreate strategy"
-expect "$d" 'failurePolicy: Ignore' "webhook failurePolicy Ignore"
+expect "$d" 'failurePolicy: Fail$' "webhook failurePolicy Fail by default"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.failurePolicy=Ignore > "$tmp/wh-ignore.yaml"
+expect "$tmp/wh-ignore.yaml" 'failurePolicy: Ignore$' "webhook.failurePolicy=Ignore passed through"
 expect "$d" 'hostPID: true' "device plugin uses hostPID"
 expect "$d" 'fieldPath: spec.nodeName' "NODE_NAME from the downward API"
 expect "$d" 'mode: ld-so-preload-file' "default injection mode"
@@ -170,6 +172,7 @@ bad=(
   "--set dra.registryDir=/x"
   "--set scheduler.flowSchema.matchingPrecedence=0"
   "--set scheduler.flowSchema.priority=high"
+  "--set webhook.failurePolicy=ignore"
 )
 for b in "${bad[@]}"; do
   # shellcheck disable=SC2086
@@ -196,6 +199,7 @@ refused=(
   "--set extender.extraConfig.webhook.checkInterval=0|extender.extraConfig.webhook.checkInterval=0 is not a duration"
   "--set extender.extraConfig.webhook.selfSigned.caValidity=100h|webhook.selfSigned.certValidity=2160h is longer than its caValidity=100h"
   "--set extender.extraConfig.webhook.selfSigned.caValidity=forever|webhook.selfSigned.caValidity=forever is not a duration"
+  "--skip-schema-validation --set webhook.failurePolicy=Open|webhook.failurePolicy=Open must be Fail or Ignore"
 )
 for r in "${refused[@]}"; do
   args="${r%%|*}"; want="${r#*|}"
