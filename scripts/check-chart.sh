@@ -247,6 +247,9 @@ while read -r m; do
 done < <(grep -o 'vramslice_[a-z_]*' "$ROOT/dashboards/vramslice.json" | sed -E 's/_(bucket|sum|count)$//' | sort -u)
 ok "every dashboard metric is documented in docs/metrics.md"
 
+for m in manifests/vramslice.yaml manifests/dra/vramslice.yaml; do
+  expect "$ROOT/$m" '^    pod-security\.kubernetes\.io/enforce: privileged$' "$m: the namespace enforces Pod Security level privileged (hostPID, hostPath)"
+done
 "$ROOT/scripts/render-manifests.sh" --check > "$tmp/drift.log" 2>&1 || { cat "$tmp/drift.log"; fail "manifests/ drift"; }
 ok "manifests/vramslice.yaml and manifests/dra/vramslice.yaml match the chart"
 

@@ -38,6 +38,9 @@ metadata:
   name: $NAMESPACE
   labels:
     app.kubernetes.io/name: vramslice
+    # The node agent needs hostPID, hostPath volumes and added capabilities, which the baseline
+    # and restricted Pod Security levels reject.
+    pod-security.kubernetes.io/enforce: privileged
 HEADER
   # shellcheck disable=SC2086
   "$HELM" template "$RELEASE" "$ROOT/charts/vramslice" \
