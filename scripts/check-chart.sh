@@ -84,6 +84,22 @@ grep -A3 'kind: ServiceAccount$' "$d" | grep -q 'name: vramslice-scheduler$' || 
 ok "FlowSchema: subject is the scheduler's service account"
 "$HELM" template vramslice "$CHART" "${KV[@]}" --set scheduler.flowSchema.enabled=false > "$tmp/no-fs.yaml"
 reject "$tmp/no-fs.yaml" '^kind: FlowSchema$' "scheduler.flowSchema.enabled=false: no FlowSchema"
+# Users bound to view/edit/admin cluster-wide read GpuNodes (kubectl get gpunodes, kubectl vramslice).
+awk 'BEGIN { RS = "\n---\n" } /\n  name: vramslice-gpunode-reader\n/ && /\nkind: ClusterRole\n/ { print }' "$d" > "$tmp/reader.yaml"
+for agg in view edit admin; do
+  expect "$tmp/reader.yaml" "^    rbac\.authorization\.k8s\.io/aggregate-to-$agg: \"true\"$" "gpunode-reader ClusterRole aggregates to $agg"
+done
+expect "$tmp/reader.yaml" '^    resources: \[gpunodes\]$' "gpunode-reader ClusterRole: gpunodes only"
+expect "$tmp/reader.yaml" '^    verbs: \[get, list, watch\]$' "gpunode-reader ClusterRole: get/list/watch only"
+[[ "$(grep -c '^  name: vramslice-gpunode-reader$' "$d")" == 1 ]] || fail "gpunode-reader: a binding rendered without rbac.gpuNodeReaders"
+ok "gpunode-reader: no ClusterRoleBinding without rbac.gpuNodeReaders"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set 'rbac.gpuNodeReaders[0].kind=Group' --set 'rbac.gpuNodeReaders[0].name=ml-team' \
+  --set 'rbac.gpuNodeReaders[1].kind=ServiceAccount' --set 'rbac.gpuNodeReaders[1].name=ci' --set 'rbac.gpuNodeReaders[1].namespace=ml' > "$tmp/readers.yaml"
+awk 'BEGIN { RS = "\n---\n" } /\nkind: ClusterRoleBinding\n/ && /\n  name: vramslice-gpunode-reader\n/ { print }' "$tmp/readers.yaml" > "$tmp/readers-crb.yaml"
+expect "$tmp/readers-crb.yaml" '^  - kind: Group$' "rbac.gpuNodeReaders: ClusterRoleBinding to the listed Group"
+expect "$tmp/readers-crb.yaml" '^    namespace: "ml"$' "rbac.gpuNodeReaders: ServiceAccount subject keeps its namespace"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set rbac.create=false > "$tmp/no-rbac.yaml"
+reject "$tmp/no-rbac.yaml" 'gpunode-reader' "rbac.create=false: no gpunode-reader"
 h="$tmp/ha.yaml"
 expect "$h" 'leaderElect: true' "replicas > 1: leader election"
 expect "$h" 'kind: PodDisruptionBudget' "replicas > 1: PDB"
@@ -173,6 +189,8 @@ bad=(
   "--set scheduler.flowSchema.matchingPrecedence=0"
   "--set scheduler.flowSchema.priority=high"
   "--set webhook.failurePolicy=ignore"
+  "--set rbac.gpuNodeReaders[0].kind=Role --set rbac.gpuNodeReaders[0].name=x"
+  "--set rbac.gpuNodeReaders[0].kind=ServiceAccount --set rbac.gpuNodeReaders[0].name=ci"
 )
 for b in "${bad[@]}"; do
   # shellcheck disable=SC2086
@@ -200,6 +218,7 @@ refused=(
   "--set extender.extraConfig.webhook.selfSigned.caValidity=100h|webhook.selfSigned.certValidity=2160h is longer than its caValidity=100h"
   "--set extender.extraConfig.webhook.selfSigned.caValidity=forever|webhook.selfSigned.caValidity=forever is not a duration"
   "--skip-schema-validation --set webhook.failurePolicy=Open|webhook.failurePolicy=Open must be Fail or Ignore"
+  "--skip-schema-validation --set rbac.gpuNodeReaders[0].kind=ServiceAccount --set rbac.gpuNodeReaders[0].name=ci|ServiceAccount \"ci\" needs a namespace"
 )
 for r in "${refused[@]}"; do
   args="${r%%|*}"; want="${r#*|}"
