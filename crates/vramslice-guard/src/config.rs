@@ -17,11 +17,15 @@ use std::path::{Path, PathBuf};
 pub use vramslice_core::container::limit::{FileRead, Limits};
 use vramslice_core::container::limit::{LimitEnv, limit_file_paths, resolve_limits};
 use vramslice_core::names::env;
-use vramslice_core::node::allocation::LIMIT_FILE_CONTAINER_PATH;
+use vramslice_core::node::allocation::{ACCOUNTING_CONTAINER_DIR, LIMIT_FILE_CONTAINER_PATH};
 
 /// The limit file's in-container path, read whatever the environment says (a process that
 /// renames or clears `VRAMSLICE_LIMIT_FILE` cannot escape the file the plugin mounted there).
 pub const FIXED_LIMIT_FILE: &str = LIMIT_FILE_CONTAINER_PATH;
+
+/// The accounting directory the device plugin mounts beside the limit file; under a limit file
+/// it is the account, whatever `VRAMSLICE_ACCOUNTING_DIR` says.
+pub const FIXED_ACCOUNTING_DIR: &str = ACCOUNTING_CONTAINER_DIR;
 
 /// Default real driver soname.
 pub const DEFAULT_REAL_LIBCUDA: &str = "libcuda.so.1";
@@ -37,6 +41,10 @@ pub struct Config {
     pub limits: Limits,
     /// Where the shared accounting file lives; `None` means per-process accounting.
     pub accounting_dir: Option<PathBuf>,
+    /// The device plugin's limit file ([`FIXED_LIMIT_FILE`]) exists, so the container's processes
+    /// must share one account: without it the guard fails closed rather than give each process
+    /// the whole limit.
+    pub shared_account_required: bool,
     /// The real driver to load.
     pub real_libcuda: String,
     /// The real NVML to load.
@@ -102,9 +110,24 @@ impl Config {
             &files,
             &mut msgs,
         );
-        let accounting_dir = get(env::ACCOUNTING_DIR)
-            .filter(|d| !d.trim().is_empty())
-            .map(PathBuf::from);
+        let env_accounting_dir = get(env::ACCOUNTING_DIR).filter(|d| !d.trim().is_empty());
+        // Under the plugin's limit file the account is the one it mounted beside it, whatever
+        // the environment says: a process that clears or repoints the variable (a launcher that
+        // starts workers with a clean environment) still shares its container's account.
+        let plugin_file = files
+            .iter()
+            .any(|(path, read)| path == FIXED_LIMIT_FILE && !matches!(read, FileRead::Missing));
+        let accounting_dir = if plugin_file {
+            if let Some(other) = env_accounting_dir.filter(|d| d.trim() != FIXED_ACCOUNTING_DIR) {
+                msgs.push(format!(
+                    "{}={other:?} is ignored under the limit file: the account is in {FIXED_ACCOUNTING_DIR}",
+                    env::ACCOUNTING_DIR
+                ));
+            }
+            Some(PathBuf::from(FIXED_ACCOUNTING_DIR))
+        } else {
+            env_accounting_dir.map(PathBuf::from)
+        };
         let context_estimate = match get(env::CONTEXT_ESTIMATE_BYTES) {
             None => DEFAULT_CONTEXT_ESTIMATE,
             Some(v) => parse_amount(env::CONTEXT_ESTIMATE_BYTES, &v).unwrap_or_else(|e| {
@@ -115,6 +138,7 @@ impl Config {
         let config = Config {
             limits: resolved.limits,
             accounting_dir,
+            shared_account_required: plugin_file,
             real_libcuda: get(env::REAL_LIBCUDA)
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| DEFAULT_REAL_LIBCUDA.to_owned()),
@@ -239,6 +263,75 @@ mod tests {
         assert_eq!(msgs.len(), 1, "{msgs:?}");
         assert!(msgs[0].contains("can only lower"), "{msgs:?}");
         assert_eq!(FIXED_LIMIT_FILE, "/var/run/vramslice/limit");
+    }
+
+    #[test]
+    fn under_the_plugins_limit_file_the_account_is_the_mounted_one() {
+        let read_fixed = |p: &Path| {
+            if p == Path::new(FIXED_LIMIT_FILE) {
+                file(MIB)
+            } else {
+                FileRead::Missing
+            }
+        };
+        for dir in [
+            None,
+            Some(FIXED_ACCOUNTING_DIR),
+            Some("/tmp/mine"),
+            Some(" "),
+        ] {
+            let env: HashMap<&str, &str> = dir
+                .map(|d| HashMap::from([(env::ACCOUNTING_DIR, d)]))
+                .unwrap_or_default();
+            let (c, msgs) =
+                Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read_fixed);
+            assert_eq!(
+                c.accounting_dir.as_deref(),
+                Some(Path::new(FIXED_ACCOUNTING_DIR)),
+                "{dir:?}"
+            );
+            assert!(c.shared_account_required, "{dir:?}");
+            let named = dir == Some("/tmp/mine");
+            assert_eq!(msgs.len(), usize::from(named), "{dir:?}: {msgs:?}");
+            assert!(
+                !named || msgs[0].contains("is ignored under the limit file"),
+                "{msgs:?}"
+            );
+        }
+        // An unreadable plugin file still means a managed container.
+        let (c, _) = Config::from_lookup(
+            |_| None,
+            |p: &Path| {
+                if p == Path::new(FIXED_LIMIT_FILE) {
+                    FileRead::Error("permission denied".into())
+                } else {
+                    FileRead::Missing
+                }
+            },
+        );
+        assert!(c.shared_account_required);
+        assert_eq!(c.limits, Limits::Single(0));
+
+        // A file the environment names, or none: the environment's directory, not required.
+        let env: HashMap<&str, &str> = HashMap::from([
+            (env::LIMIT_FILE, "/named"),
+            (env::ACCOUNTING_DIR, "/tmp/mine"),
+        ]);
+        let read_named = |p: &Path| {
+            if p == Path::new("/named") {
+                file(MIB)
+            } else {
+                FileRead::Missing
+            }
+        };
+        let (c, _) = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read_named);
+        assert_eq!(c.accounting_dir.as_deref(), Some(Path::new("/tmp/mine")));
+        assert!(!c.shared_account_required);
+        assert!(
+            !cfg(&[(env::VRAM_LIMIT_BYTES, "1Gi")])
+                .0
+                .shared_account_required
+        );
     }
 
     #[test]

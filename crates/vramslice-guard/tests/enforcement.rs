@@ -150,10 +150,15 @@ fn ld_so_preload_file_keeps_the_guard_when_the_program_clears_ld_preload() {
     let envs = [
         ("PRELOAD_SRC", preload.display().to_string()),
         ("LIMIT_SRC", limit_file.display().to_string()),
-        ("VRAMSLICE_ACCOUNTING_DIR", acct.display().to_string()),
+        ("ACCT_SRC", acct.display().to_string()),
         ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
         ("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", "0".into()),
-        // The workload raised the env limit and renamed the limit-file variable away...
+        // The workload raised the env limit, renamed the limit-file variable away and pointed
+        // the accounting directory at one of its own...
+        (
+            "VRAMSLICE_ACCOUNTING_DIR",
+            work.path().join("own").display().to_string(),
+        ),
         ("VRAMSLICE_VRAM_LIMIT_BYTES", (3000 * MIB).to_string()),
         ("VRAMSLICE_LIMIT_FILE", "/nowhere/limit".to_string()),
         (
@@ -167,7 +172,9 @@ fn ld_so_preload_file_keeps_the_guard_when_the_program_clears_ld_preload() {
          mount -o remount,bind,ro /etc/ld.so.preload\n\
          mkdir -p /run/vramslice && touch /run/vramslice/limit\n\
          mount --bind \"$LIMIT_SRC\" /run/vramslice/limit\n\
-         mount -o remount,bind,ro /run/vramslice/limit\n";
+         mount -o remount,bind,ro /run/vramslice/limit\n\
+         mkdir -p /run/vramslice/accounting\n\
+         mount --bind \"$ACCT_SRC\" /run/vramslice/accounting\n";
     let script = format!(
         "{mounts}\
          if echo x > /etc/ld.so.preload 2>/dev/null; then echo 'FAIL: preload file writable'; exit 1; fi\n\
@@ -182,9 +189,31 @@ fn ld_so_preload_file_keeps_the_guard_when_the_program_clears_ld_preload() {
          limit file:\n{so}\n{se}"
     );
     assert!(se.contains("can only lower the limit"), "{se}");
+    assert!(
+        se.contains("is ignored under the limit file"),
+        "the repointed accounting directory is named: {se}"
+    );
+    // ...and still shares the account the plugin mounted.
     let snap = snapshot(&acct);
     assert_eq!(snap.limit_bytes, limit);
     assert_eq!(snap.gpu_uuid, "GPU-ns");
+    assert!(!work.path().join("own").exists());
+
+    // Under the limit file, no shared account means every allocation is refused: each process
+    // on its own account could take the whole limit.
+    let work3 = tempfile::tempdir().unwrap();
+    let no_account = "mkdir -p /run/vramslice && touch /run/vramslice/limit\n\
+         mount --bind \"$LIMIT_SRC\" /run/vramslice/limit\n\
+         mount -o remount,bind,ro /run/vramslice/limit\n\
+         export LD_PRELOAD=\"$GUARD\"\n\
+         exec \"$PROBE\" alloc 1048576\n";
+    let (ok, so, se) = in_mount_namespace(work3.path(), no_account, &envs);
+    assert!(ok, "{so}\n{se}");
+    assert!(
+        so.contains("alloc rc=2"),
+        "CUDA_ERROR_OUT_OF_MEMORY: {so}\n{se}"
+    );
+    assert!(se.contains("failing closed"), "{se}");
 
     // Control: the same namespace without the preload file — the guard is gone, the probe sees
     // the whole device (so the first run really was the preload file's doing).

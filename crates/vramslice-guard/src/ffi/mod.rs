@@ -76,17 +76,30 @@ fn init_guard() -> Option<Guard> {
     }
     let mut accounts = Vec::with_capacity(wanted.len());
     for (file, uuid, limit) in wanted {
-        let ledger = match &cfg.accounting_dir {
+        let (ledger, limit) = match &cfg.accounting_dir {
             Some(dir) => match shm::attach(dir, &file, limit, &uuid, pid, start) {
-                Ok(ledger) => ledger,
+                Ok(ledger) => (ledger, limit),
+                // Each process on a private account could take the whole limit: under the
+                // plugin's limit file that breaks the container's limit, so refuse instead.
+                Err(e) if cfg.shared_account_required => {
+                    crate::log!(
+                        "vramslice-guard: {e}; the container's shared account is required under its limit file: failing closed, every allocation{} is refused",
+                        if uuid.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" on GPU {uuid}")
+                        }
+                    );
+                    (private_ledger(0, &uuid, pid, start)?, 0)
+                }
                 Err(e) => {
                     crate::log!(
                         "vramslice-guard: {e}; per-process accounting only (other processes of the container are not counted)"
                     );
-                    private_ledger(limit, &uuid, pid, start)?
+                    (private_ledger(limit, &uuid, pid, start)?, limit)
                 }
             },
-            None => private_ledger(limit, &uuid, pid, start)?,
+            None => (private_ledger(limit, &uuid, pid, start)?, limit),
         };
         let account_uuid = if mapping == Mapping::PerGpu {
             uuid
