@@ -100,6 +100,10 @@ expect "$tmp/readers-crb.yaml" '^  - kind: Group$' "rbac.gpuNodeReaders: Cluster
 expect "$tmp/readers-crb.yaml" '^    namespace: "ml"$' "rbac.gpuNodeReaders: ServiceAccount subject keeps its namespace"
 "$HELM" template vramslice "$CHART" "${KV[@]}" --set rbac.create=false > "$tmp/no-rbac.yaml"
 reject "$tmp/no-rbac.yaml" 'gpunode-reader' "rbac.create=false: no gpunode-reader"
+# The extender creates no Events (kube-scheduler's come from system:kube-scheduler).
+awk 'BEGIN { RS = "\n---\n" } /\nkind: ClusterRole\n/ && /\n  name: vramslice-scheduler-extender\n/ { print }' "$d" > "$tmp/extender-role.yaml"
+expect "$tmp/extender-role.yaml" 'resources: \[pods/binding\]' "extender ClusterRole found"
+reject "$tmp/extender-role.yaml" 'resources: \[[^]]*events' "extender ClusterRole grants no events"
 h="$tmp/ha.yaml"
 expect "$h" 'leaderElect: true' "replicas > 1: leader election"
 expect "$h" 'kind: PodDisruptionBudget' "replicas > 1: PDB"
