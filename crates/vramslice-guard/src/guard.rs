@@ -86,6 +86,15 @@ pub enum Mapping {
     PerGpu,
 }
 
+/// Why the driver could not tell a device's UUID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UuidUnreadable {
+    /// The driver's error code (`CUresult`), which the entry point returns in turn.
+    pub code: i32,
+    /// What happened, for the log.
+    pub message: String,
+}
+
 /// What the policy asks of the outside world.
 #[derive(Debug, Clone, Copy)]
 pub struct Probes {
@@ -94,7 +103,7 @@ pub struct Probes {
     /// What a memory pool really holds (`None`: unknown).
     pub pool_reserved: fn(u64) -> Option<u64>,
     /// The UUID of a device ordinal, formatted as NVIDIA does (`GPU-xxxxxxxx-...`).
-    pub device_uuid: fn(i32) -> Result<String, String>,
+    pub device_uuid: fn(i32) -> Result<String, UuidUnreadable>,
     /// What a device's graph memory pool holds (`None`: unknown).
     pub graph_pool: fn(i32) -> Option<GraphPoolReading>,
     /// Trims a device's graph memory pool (`cuDeviceGraphMemTrim`); whether the driver did.
@@ -177,50 +186,56 @@ impl Guard {
         }
     }
 
-    /// The account of device ordinal `dev`, or `None` when its memory must be refused (per-GPU
-    /// limits with no entry for its UUID, or a UUID the driver cannot tell). Looked up once per
-    /// device; the first refusal of a device is logged once, naming its UUID.
+    /// The account of device ordinal `dev`: `Ok(None)` when its memory must be refused (per-GPU
+    /// limits with no entry for its UUID), `Err` with the driver's code when the driver cannot
+    /// tell its UUID now (an ordinal it does not know, a driver not initialised yet): the entry
+    /// point fails with that code, as the real call would, and the next call asks again. An
+    /// answer is remembered per device; the first refusal of a device is logged once, naming
+    /// its UUID.
     #[inline]
-    pub fn account_of_device(&self, dev: i32) -> Option<AccountId> {
+    pub fn device_account(&self, dev: i32) -> Result<Option<AccountId>, i32> {
         if self.mapping == Mapping::Container {
-            return Some(0);
+            return Ok(Some(0));
         }
-        let slot = usize::try_from(dev)
-            .ok()
-            .and_then(|i| self.devices.get(i))?;
+        let Some(slot) = usize::try_from(dev).ok().and_then(|i| self.devices.get(i)) else {
+            // Past the remembered ordinals: no driver has that many, so it answers the error.
+            return (self.probes.device_uuid)(dev)
+                .map(|uuid| self.account_of_uuid(&uuid))
+                .map_err(|e| e.code);
+        };
         match slot.load(Ordering::Acquire) {
             DEVICE_UNKNOWN => self.look_up_device(dev, slot),
-            DEVICE_REFUSED => None,
-            v => Some(v as usize - 1),
+            DEVICE_REFUSED => Ok(None),
+            v => Ok(Some(v as usize - 1)),
         }
     }
 
+    /// [`Guard::device_account`] where the driver's error needs no passing on: `None` for a
+    /// device refused or not known.
+    #[inline]
+    pub fn account_of_device(&self, dev: i32) -> Option<AccountId> {
+        self.device_account(dev).ok().flatten()
+    }
+
     #[cold]
-    fn look_up_device(&self, dev: i32, slot: &AtomicU32) -> Option<AccountId> {
-        let found = match (self.probes.device_uuid)(dev) {
-            Ok(uuid) => self.account_of_uuid(&uuid).ok_or_else(|| {
-                let listed: Vec<&str> = self.accounts.iter().map(|a| a.uuid.as_str()).collect();
-                format!(
-                    "device {dev} ({uuid}) has no entry in the per-GPU limits (limits for {})",
-                    listed.join(", ")
-                )
-            }),
-            Err(e) => Err(format!("cannot read the UUID of device {dev} ({e})")),
-        };
-        let word = match &found {
-            Ok(a) => u32::try_from(*a).map_or(DEVICE_REFUSED, |a| a.saturating_add(1)),
-            Err(_) => DEVICE_REFUSED,
-        };
+    fn look_up_device(&self, dev: i32, slot: &AtomicU32) -> Result<Option<AccountId>, i32> {
+        let uuid = (self.probes.device_uuid)(dev).map_err(|e| e.code)?;
+        let found = self.account_of_uuid(&uuid);
+        let word = found.map_or(DEVICE_REFUSED, |a| {
+            u32::try_from(a).map_or(DEVICE_REFUSED, |a| a.saturating_add(1))
+        });
         if slot
             .compare_exchange(DEVICE_UNKNOWN, word, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-            && let Err(why) = &found
+            && found.is_none()
         {
+            let listed: Vec<&str> = self.accounts.iter().map(|a| a.uuid.as_str()).collect();
             crate::log!(
-                "vramslice-guard: {why}; every allocation on it is refused with CUDA_ERROR_OUT_OF_MEMORY"
+                "vramslice-guard: device {dev} ({uuid}) has no entry in the per-GPU limits (limits for {}); every allocation on it is refused with CUDA_ERROR_OUT_OF_MEMORY",
+                listed.join(", ")
             );
         }
-        found.ok()
+        Ok(found)
     }
 
     /// Reserves `n` bytes in account `a` before the real allocator runs. On refusal it first

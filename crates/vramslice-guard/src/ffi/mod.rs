@@ -15,7 +15,7 @@ pub mod types;
 mod vmm;
 
 use crate::config::{Config, Limits, read_limit_file};
-use crate::guard::{Account, AccountId, Guard, Mapping, Probes};
+use crate::guard::{Account, AccountId, Guard, Mapping, Probes, UuidUnreadable};
 use crate::ledger::{Ledger, Liveness, private_words};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
@@ -150,17 +150,25 @@ fn current_device() -> Result<CUdevice, CUresult> {
 }
 
 /// The UUID of device `dev` from the driver (`cuDeviceGetUuid_v2`, else `cuDeviceGetUuid`).
-fn device_uuid(dev: CUdevice) -> Result<String, String> {
-    let r = real::real().ok_or("the CUDA driver is not loaded")?;
+fn device_uuid(dev: CUdevice) -> Result<String, UuidUnreadable> {
+    let unreadable = |code, message: &str| UuidUnreadable {
+        code,
+        message: message.to_owned(),
+    };
+    let r = real::real()
+        .ok_or_else(|| unreadable(CUDA_ERROR_NOT_INITIALIZED, "the CUDA driver is not loaded"))?;
     let f = r
         .cuDeviceGetUuid_v2
         .or(r.cuDeviceGetUuid)
-        .ok_or("the driver has no cuDeviceGetUuid")?;
+        .ok_or_else(|| unreadable(CUDA_ERROR_NOT_FOUND, "the driver has no cuDeviceGetUuid"))?;
     let mut uuid = CUuuid { bytes: [0; 16] };
     // SAFETY: one out-pointer to a live CUuuid (16 bytes, as cuda.h declares it).
     match unsafe { f(&raw mut uuid, dev) } {
         CUDA_SUCCESS => Ok(crate::device::format_gpu_uuid(&uuid.bytes)),
-        rc => Err(format!("cuDeviceGetUuid returned CUDA error {rc}")),
+        rc => Err(unreadable(
+            rc,
+            &format!("cuDeviceGetUuid of device {dev} returned CUDA error {rc}"),
+        )),
     }
 }
 
@@ -174,8 +182,8 @@ enum On {
 }
 
 /// The account memory on `on` counts toward: `Ok(None)` when the device is refused (per-GPU
-/// limits with no entry for it), `Err` with the driver's error when the current device cannot
-/// be known (the real call would fail the same way). Under one limit for the container the driver
+/// limits with no entry for it), `Err` with the driver's error when the current device or its
+/// UUID cannot be known (the real call would fail the same way). Under one limit for the container the driver
 /// is not asked at all.
 #[inline]
 fn account_on(g: &Guard, on: On) -> Result<Option<AccountId>, CUresult> {
@@ -186,7 +194,7 @@ fn account_on(g: &Guard, on: On) -> Result<Option<AccountId>, CUresult> {
         On::Current => current_device()?,
         On::Device(d) => d,
     };
-    Ok(g.account_of_device(dev))
+    g.device_account(dev)
 }
 
 /// [`account_on`] as an entry point answers it: the account, or the code to return at once

@@ -169,10 +169,15 @@ impl Guard {
 
     /// After a trim of `pool` (or when memory is short): set the retained bytes to what the pool
     /// really holds beyond its live allocations, giving the difference back.
+    /// A destroyed pool is not asked: its handle is no longer valid to the driver.
     pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
+        let live = |st: &PoolState| !st.destroyed;
+        if !self.pools().get(&pool).is_some_and(live) {
+            return;
+        }
         let real = (self.probes.pool_reserved)(pool);
         let mut pools = self.pools();
-        let Some(st) = pools.get_mut(&pool) else {
+        let Some(st) = pools.get_mut(&pool).filter(|st| live(st)) else {
             return;
         };
         let mut target = match real {

@@ -11,7 +11,10 @@ pub(crate) fn probes_with(pool_reserved: fn(u64) -> Option<u64>) -> Probes {
             0 => Ok("GPU-a".into()),
             1 => Ok("GPU-b".into()),
             2 => Ok("GPU-c".into()),
-            _ => Err("CUDA error 101".into()),
+            _ => Err(UuidUnreadable {
+                code: 101,
+                message: "CUDA error 101".into(),
+            }),
         },
         graph_pool: |_| Some(GraphPoolReading::default()),
         graph_trim: |_| true,
@@ -123,13 +126,50 @@ fn per_gpu_limits_hold_independently() {
 }
 
 #[test]
+fn a_uuid_the_driver_cannot_tell_yet_is_asked_again() {
+    use std::sync::atomic::AtomicBool;
+    static INITIALISED: AtomicBool = AtomicBool::new(false);
+    let mut probes = probes_with(|_| Some(0));
+    probes.device_uuid = |_| {
+        if INITIALISED.load(Ordering::SeqCst) {
+            Ok("GPU-b".into())
+        } else {
+            Err(UuidUnreadable {
+                code: 3,
+                message: "CUDA_ERROR_NOT_INITIALIZED".into(),
+            })
+        }
+    };
+    let g = Guard::new(
+        vec![account("GPU-a", 100), account("GPU-b", 200)],
+        Mapping::PerGpu,
+        probes,
+    )
+    .unwrap();
+    assert_eq!(
+        g.device_account(0),
+        Err(3),
+        "before cuInit: the driver's error"
+    );
+    INITIALISED.store(true, Ordering::SeqCst);
+    assert_eq!(
+        g.device_account(0),
+        Ok(Some(1)),
+        "not remembered as refused"
+    );
+}
+
+#[test]
 fn per_gpu_device_without_an_entry_is_refused_and_remembered() {
     let g = per_gpu();
-    assert_eq!(g.account_of_device(2), None, "GPU-c has no entry");
-    assert_eq!(g.account_of_device(2), None, "remembered");
-    assert_eq!(g.account_of_device(5), None, "UUID unreadable");
-    assert_eq!(g.account_of_device(-1), None);
-    assert_eq!(g.account_of_device(100_000), None);
+    assert_eq!(g.device_account(2), Ok(None), "GPU-c has no entry");
+    assert_eq!(g.device_account(2), Ok(None), "remembered");
+    // Regression: an ordinal the driver does not know was refused as out of memory, for the
+    // life of the process; it is the driver's error (CUDA_ERROR_INVALID_DEVICE), asked again.
+    assert_eq!(g.device_account(5), Err(101), "UUID unreadable");
+    assert_eq!(g.device_account(-1), Err(101));
+    assert_eq!(g.device_account(100_000), Err(101));
+    assert_eq!(g.account_of_device(5), None);
     assert_eq!(g.mem_info(None, 1000), (0, 0));
     assert_eq!(g.account_of_uuid("GPU-b"), Some(1));
     assert_eq!(g.account_of_uuid("GPU-c"), None);
@@ -237,6 +277,34 @@ fn destroyed_pools_give_back_what_they_retain_and_late_frees() {
     g.pool_created(5, 0);
     assert!(!g.is_host_pool(5));
     assert!(g.reserve_async(0, 5, 101).is_err());
+}
+
+#[test]
+fn a_destroyed_pool_with_allocations_left_is_never_queried() {
+    // Regression: reconciling (on every cuMemGetInfo) asked the driver about a pool handle the
+    // application had destroyed.
+    static QUERIED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+    let g = Guard::new(
+        vec![account("", 100)],
+        Mapping::Container,
+        probes_with(|pool| {
+            QUERIED.lock().unwrap().push(pool);
+            Some(0)
+        }),
+    )
+    .unwrap();
+    g.pool_created(9, 0);
+    g.reserve_async(0, 9, 40).unwrap();
+    g.track_async(0x9, 9, 0, 40);
+    g.reconcile_pools();
+    assert_eq!(*QUERIED.lock().unwrap(), [9], "a live pool is asked");
+    g.pool_destroyed(9);
+    g.reconcile_pools();
+    g.reconcile_pool(9, Some(0));
+    assert_eq!(*QUERIED.lock().unwrap(), [9], "the destroyed one is not");
+    assert_eq!(g.used(0), 40, "its allocation stays charged until freed");
+    g.freed(g.untrack(Kind::DevicePtr, 0x9).unwrap());
+    assert_eq!(g.used(0), 0);
 }
 
 #[test]
