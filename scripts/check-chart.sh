@@ -64,6 +64,16 @@ expect "$d" 'fieldPath: spec.nodeName' "NODE_NAME from the downward API"
 expect "$d" 'mode: ld-so-preload-file' "default injection mode"
 expect "$d" "printf '%s\\\\n' /usr/local/vramslice/lib/libvramslice_guard.so" "preload file names the in-container guard path"
 expect "$d" 'name: vramslice.io/vram-gib' "extender manages vramslice.io/vram-gib"
+# Whoever reaches /bind binds pending pods: the scheduler API stays on loopback beside
+# kube-scheduler, and only the probes and metrics are on the pod IP.
+expect "$d" '^    listenAddr: 127\.0\.0\.1:8888$' "extender scheduler API on loopback only"
+expect "$d" '^    metricsAddr: 0\.0\.0\.0:8889$' "extender probes and metrics on their own port"
+expect "$d" 'urlPrefix: http://127\.0\.0\.1:8888$' "kube-scheduler calls the extender on loopback"
+reject "$d" 'containerPort: 8888$' "the scheduler API port is not declared on the pod IP"
+if "$HELM" template vramslice "$CHART" "${KV[@]}" --set extender.metricsPort=8888 > "$tmp/same-port.yaml" 2> "$tmp/same-port.err"; then
+  fail "extender.port = extender.metricsPort was accepted"
+fi
+expect "$tmp/same-port.err" 'both 8888' "extender.port = extender.metricsPort refused, naming the port"
 reject "$d" 'kind: PodDisruptionBudget' "one replica: no PDB"
 # The RBAC scan reads the RBAC objects only: the FlowSchema's rules match every request of the
 # scheduler's identity (how they queue, not what they may do), like Kubernetes' own.
