@@ -6,7 +6,8 @@
 #     webhook certificate the extender wrote (Secret data and caBundle);
 #  3. the webhook, served by this machine (crates/vramslice-webhook/examples/serve_local.rs) with
 #     the chart's own MutatingWebhookConfiguration pointed at https://localhost, mutates exactly
-#     the pods it should, and pods are admitted unchanged when it is down (failurePolicy Ignore).
+#     the pods it should; when it is down (failurePolicy Fail, the default) a VRAM pod is refused
+#     naming the webhook while a pod without VRAM is still admitted (matchConditions skip it).
 #
 #   scripts/check-manifests-e2e.sh
 #
@@ -158,7 +159,12 @@ grep -q 'names scheduler "volcano"' "$work/warn.txt" || fail "no warning for a V
 ok "kubectl shows the webhook's warning for a VRAM pod of another scheduler"
 
 kill "$webhook_pid"; wait "$webhook_pid" 2>/dev/null || true; webhook_pid=""
-pod wh-down '"vramslice.io/vram-gib": "6"' "" "" | kubectl create -f - > /dev/null || fail "pod creation blocked while the webhook is down"
-expect_scheduler wh-down default-scheduler
+if pod wh-down '"vramslice.io/vram-gib": "6"' "" "" | kubectl create -f - > /dev/null 2> "$work/down.txt"; then
+  fail "a VRAM pod was admitted while the webhook is down (failurePolicy Fail)"
+fi
+grep -q 'failed calling webhook' "$work/down.txt" || { cat "$work/down.txt"; fail "the refusal does not name the webhook"; }
+ok "while the webhook is down a VRAM pod is refused: $(head -c 160 "$work/down.txt")"
+pod wh-down-none 'cpu: "1"' "" "" | kubectl create -f - > /dev/null || fail "a pod without VRAM was blocked while the webhook is down"
+expect_scheduler wh-down-none default-scheduler
 
 echo "manifests-e2e: $passed passed, 0 failed"

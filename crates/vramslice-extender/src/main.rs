@@ -136,7 +136,8 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
                 let _ = stop.wait_for(|stopped| *stopped).await;
             };
             if let Err(e) = vramslice_webhook::serve(cfg, client, metrics, stopped).await {
-                // failurePolicy is Ignore: placement goes on, but pods must name the scheduler.
+                // Placement goes on for pods that name the scheduler; new VRAM pods are refused
+                // (failurePolicy Fail, the chart's default) or left on default-scheduler (Ignore).
                 tracing::error!(error = %e, "admission webhook stopped");
             }
         })
@@ -158,7 +159,12 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
                     tls.as_ref(),
                     stopped(stop_rx.clone())
                 ),
-                serve::serve(http::probe_router(ext), metrics_addr, None, stopped(stop_rx)),
+                serve::serve(
+                    http::probe_router(ext),
+                    metrics_addr,
+                    None,
+                    stopped(stop_rx)
+                ),
             )?;
         }
     }

@@ -89,7 +89,10 @@ async fn the_verbs_and_the_probes_can_be_served_apart() {
         let on_verbs = request(verbs_addr, &get(path)).await;
         assert!(on_verbs.starts_with("HTTP/1.1 404"), "{path}: {on_verbs}");
         let on_probes = request(probes_addr, &get(path)).await;
-        assert!(!on_probes.starts_with("HTTP/1.1 404"), "{path}: {on_probes}");
+        assert!(
+            !on_probes.starts_with("HTTP/1.1 404"),
+            "{path}: {on_probes}"
+        );
     }
     let on_probes = request(probes_addr, bind).await;
     assert!(on_probes.starts_with("HTTP/1.1 404"), "{on_probes}");

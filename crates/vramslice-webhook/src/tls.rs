@@ -39,7 +39,7 @@ pub enum TlsError {
 }
 
 /// Holds the certificate handed to each new TLS handshake. Until one is set, handshakes fail
-/// (the API server then applies `failurePolicy: Ignore`).
+/// (the API server then applies the webhook's `failurePolicy`).
 #[derive(Debug, Default)]
 pub struct CertSlot {
     /// The certificate and key PEM served, and what rustls made of them.
