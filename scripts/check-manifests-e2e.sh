@@ -24,7 +24,7 @@ fi
 export PATH="$ROOT/e2e/bin:$PATH"
 command -v kubectl >/dev/null || { echo "check-manifests-e2e: kubectl is not on PATH" >&2; exit 1; }
 cargo build -q -p vramslice-webhook --example serve_local
-WEBHOOK_BIN="$ROOT/target/debug/examples/serve_local"
+WEBHOOK_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/examples/serve_local"
 
 work="$(mktemp -d)"
 cluster_pid=""; webhook_pid=""
@@ -87,7 +87,8 @@ webhook_pid=$!
 secret_crt() { kubectl -n vs-system get secret vs-vramslice-webhook-tls -o jsonpath='{.data.tls\.crt}'; }
 ca_bundle() { kubectl get mutatingwebhookconfiguration vs-vramslice-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}'; }
 for _ in $(seq 1 100); do [[ -n "$(ca_bundle)" ]] && break; sleep 0.2; done
-kill "$webhook_pid"; wait "$webhook_pid" 2>/dev/null || true; webhook_pid=""
+kill "$webhook_pid" 2>/dev/null || { cat "$work/webhook-vs.log"; fail "the webhook for the chart's release exited early"; }
+wait "$webhook_pid" 2>/dev/null || true; webhook_pid=""
 crt="$(secret_crt)"; ca="$(ca_bundle)"
 [[ -n "$crt" && -n "$ca" ]] || fail "the webhook did not fill the chart's Secret and caBundle"
 "$HELM" upgrade vs "$work/chart" -n vs-system "${hv[@]}" --set scheduler.replicas=2 --set extender.policy=spread \
