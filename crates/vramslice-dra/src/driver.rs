@@ -11,7 +11,7 @@ use vramslice_api::convert::dra::{
     ClaimError, admin_access_on, allocated_by_driver, claim_on_node,
 };
 use vramslice_api::convert::pod_claims::containers_sharing;
-use vramslice_core::node::allocation::{AllocationSettings, LIMIT_FILE_HOST_SUFFIX};
+use vramslice_core::node::allocation::{AllocationSettings, LIMIT_FILE_HOST_SUFFIX, host_files};
 use vramslice_core::node::dra::{
     ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
     grants_by_gpu, plan_claim,
@@ -134,6 +134,18 @@ fn restore_files(claim: &ClaimRef, done: &PreparedClaim) -> Result<bool, Prepare
     Ok(true)
 }
 
+/// Remove a claim's CDI spec, limit file and accounting directory; those already gone are fine.
+fn remove_files(claim: &ClaimRef, files: &PreparedFiles) -> Result<(), PrepareError> {
+    for file in [&files.cdi_spec, &files.limit_file] {
+        remove_file(file).map_err(io_error(claim, file))?;
+    }
+    match std::fs::remove_dir_all(&files.accounting_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(io_error(claim, &files.accounting_dir)(source)),
+    }
+}
+
 /// Why a claim could not be prepared or unprepared. The text goes back to the kubelet, which
 /// shows it in the pod's events.
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +252,17 @@ impl Driver {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
     }
 
+    /// Where the files of claim `uid` are: they follow from its UID alone.
+    fn files_of(&self, uid: &str) -> PreparedFiles {
+        let key = claim_key(uid);
+        let (accounting_dir, limit_file) = host_files(&self.config.settings.accounting_root, &key);
+        PreparedFiles {
+            cdi_spec: cdi::spec_path(&self.config.cdi_dir, &key),
+            limit_file,
+            accounting_dir,
+        }
+    }
+
     fn uuid_of(&self, device: &str) -> Option<String> {
         self.gpus
             .read()
@@ -272,12 +295,11 @@ impl Driver {
             &on_node.grants,
             &self.config.settings,
         )?;
-        let key = claim_key(&claim.uid);
-        let files = PreparedFiles {
-            cdi_spec: cdi::spec_path(&self.config.cdi_dir, &key),
-            limit_file: plan.edits.host_limit_file.clone(),
-            accounting_dir: plan.edits.host_accounting_dir.clone(),
-        };
+        let files = self.files_of(&claim.uid);
+        debug_assert_eq!(
+            (&files.limit_file, &files.accounting_dir),
+            (&plan.edits.host_limit_file, &plan.edits.host_accounting_dir)
+        );
         std::fs::create_dir_all(&files.accounting_dir)
             .map_err(io_error(claim, &files.accounting_dir))?;
         write_atomically(&files.limit_file, plan.limit_file.as_bytes())
@@ -429,7 +451,9 @@ impl Driver {
     }
 
     /// Unprepare `claim`: remove its files and forget it. A claim this driver never prepared
-    /// (or already unprepared) succeeds: the kubelet may repeat the call.
+    /// (or already unprepared) succeeds: the kubelet may repeat the call. Its files, whose
+    /// paths follow from its UID, are removed all the same: a prepare that wrote them and then
+    /// failed to checkpoint (or was cancelled by the kubelet's timeout) left them behind.
     ///
     /// # Errors
     /// [`PrepareError`] when a file cannot be removed or the checkpoint cannot be written; the
@@ -437,20 +461,19 @@ impl Driver {
     pub async fn unprepare(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
         let mut state = self.state.lock().await;
         let Some(prepared) = state.claims.get(&claim.uid).cloned() else {
-            tracing::debug!(claim = %claim.label(), uid = %claim.uid, "unprepare of a claim not prepared here");
+            let files = self.files_of(&claim.uid);
+            if [&files.cdi_spec, &files.limit_file, &files.accounting_dir]
+                .iter()
+                .any(|p| p.exists())
+            {
+                remove_files(claim, &files)?;
+                tracing::info!(claim = %claim.label(), uid = %claim.uid, "removed the files of a claim not prepared here (a prepare that did not finish)");
+            } else {
+                tracing::debug!(claim = %claim.label(), uid = %claim.uid, "unprepare of a claim not prepared here");
+            }
             return Ok(());
         };
-        let files = &prepared.files;
-        for file in [&files.cdi_spec, &files.limit_file] {
-            remove_file(file).map_err(io_error(claim, file))?;
-        }
-        match std::fs::remove_dir_all(&files.accounting_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(io_error(claim, &files.accounting_dir)(source));
-            }
-        }
+        remove_files(claim, &prepared.files)?;
         state.claims.remove(&claim.uid);
         if let Err(e) = state.save(&self.config.checkpoint) {
             state.claims.insert(claim.uid.clone(), prepared);

@@ -379,6 +379,40 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
 }
 
 #[tokio::test]
+async fn unprepare_removes_the_files_a_prepare_left_when_it_could_not_checkpoint() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
+    let (_stop, _task) = node.start().await;
+    // The checkpoint cannot be written: its directory is a file now.
+    std::fs::create_dir_all(node.path("state")).unwrap();
+    std::fs::remove_dir_all(node.path("state")).unwrap();
+    std::fs::write(node.path("state"), "not a directory").unwrap();
+    let failed = node.prepare(prepare_llm()).await;
+    assert_ne!(failed.claims["uid-1"].error, "", "the prepare fails");
+    let left = [
+        "cdi/vramslice.io-claim-uid-1.json",
+        "accounting/claim-uid-1",
+        "accounting/claim-uid-1.limit",
+    ];
+    assert!(
+        left.iter().all(|p| node.path(p).exists()),
+        "files written before the checkpoint"
+    );
+
+    // The kubelet gives up on the pod and unprepares: the claim is not in the checkpoint, but
+    // its files (whose paths follow from its UID) go all the same.
+    let done = node
+        .unprepare(NodeUnprepareResourcesRequest {
+            claims: vec![kubelet_claim("llm", "uid-1")],
+        })
+        .await;
+    assert_eq!(done.claims["uid-1"].error, "");
+    for path in left {
+        assert!(!node.path(path).exists(), "{path} removed");
+    }
+}
+
+#[tokio::test]
 async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its_files_again() {
     let node = Node::new();
     node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));

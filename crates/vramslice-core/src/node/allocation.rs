@@ -262,6 +262,15 @@ pub struct ContainerEdits {
     pub host_limit_file: PathBuf,
 }
 
+/// The host files of the allocation or claim `key` under `accounting_root`: its accounting
+/// directory and, beside it (never inside: the directory is mounted writable), its limit file.
+pub fn host_files(accounting_root: &Path, key: &str) -> (PathBuf, PathBuf) {
+    (
+        accounting_root.join(key),
+        accounting_root.join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}")),
+    )
+}
+
 /// The environment, mounts and visible GPUs for a container holding `limits` (one entry per
 /// GPU, in the order the container should see them), with its accounting files under `key` in
 /// the accounting root. One GPU gets `VRAMSLICE_VRAM_LIMIT_BYTES` and `VRAMSLICE_GPU_UUID`;
@@ -271,10 +280,7 @@ pub fn container_edits(
     settings: &AllocationSettings,
     key: &str,
 ) -> ContainerEdits {
-    let host_accounting_dir = settings.accounting_root.join(key);
-    let host_limit_file = settings
-        .accounting_root
-        .join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}"));
+    let (host_accounting_dir, host_limit_file) = host_files(&settings.accounting_root, key);
 
     let mut envs = BTreeMap::new();
     if limits.len() == 1 {
