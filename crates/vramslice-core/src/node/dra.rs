@@ -213,7 +213,9 @@ pub fn reading_staleness_bound(poll_interval: std::time::Duration) -> std::time:
 /// `devices` as published when the reading they come from is `age` old: past `bound`, every
 /// device is unhealthy with the reason (the GPU backend fails or hangs while the agent, and its
 /// connection to the kubelet, live on; the kubelet then keeps the slice, and kube-scheduler
-/// would allocate against a frozen capacity). A device already unhealthy keeps its reason.
+/// would allocate against a frozen capacity). A device already unhealthy keeps its reason. The
+/// reason names `bound`, not `age`: a text that changed on every wake-up would rewrite the slice
+/// (a device change, published at once) for as long as the readings stay stale.
 pub fn mark_unread(
     mut devices: Vec<SliceDevice>,
     age: std::time::Duration,
@@ -222,8 +224,8 @@ pub fn mark_unread(
     if age >= bound {
         for device in devices.iter_mut().filter(|d| d.unhealthy.is_none()) {
             device.unhealthy = Some(format!(
-                "no GPU reading for {}s (the node agent cannot read the GPUs)",
-                age.as_secs()
+                "no GPU reading for {}s or more (the node agent cannot read the GPUs)",
+                bound.as_secs()
             ));
         }
     }

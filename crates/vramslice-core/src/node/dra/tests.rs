@@ -406,7 +406,7 @@ fn a_reading_older_than_the_bound_taints_every_gpu() {
     let stale = mark_unread(devices.clone(), Duration::from_secs(95), bound);
     assert_eq!(
         stale[0].unhealthy.as_deref(),
-        Some("no GPU reading for 95s (the node agent cannot read the GPUs)")
+        Some("no GPU reading for 90s or more (the node agent cannot read the GPUs)")
     );
     assert_eq!(stale[1].unhealthy.as_deref(), Some("XID 79"));
     // Published at once: the health change is a device change, whatever the threshold.
@@ -414,4 +414,8 @@ fn a_reading_older_than_the_bound_taints_every_gpu() {
         slice_publish_reason(Some(&devices), &stale, 100 * GIB),
         Some(SlicePublishReason::DevicesChanged)
     );
+    // Regression: the reason named the age, so every later wake-up while stale rewrote the
+    // slice. Staying stale changes nothing.
+    let staler = mark_unread(devices.clone(), Duration::from_secs(125), bound);
+    assert_eq!(slice_publish_reason(Some(&stale), &staler, 100 * GIB), None);
 }
