@@ -193,8 +193,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return written;
     }
-    written
+    // The rename is durable only once the directory is: without this a power loss can bring
+    // back the previous checkpoint. The file itself is in place already, so a directory that
+    // cannot be synced (some filesystems refuse) is logged, not an error.
+    if let Some(dir) = path.parent()
+        && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+    {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot sync the directory after a rename");
+    }
+    Ok(())
 }
 
 /// The file `name` is a temporary of [`write_atomically`] for: `<base>.tmp.<pid>.<n>` gives

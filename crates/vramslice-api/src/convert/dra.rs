@@ -240,9 +240,28 @@ fn attribute_text(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
-/// The name of the node's one slice.
+/// The longest object name the API server takes (a DNS subdomain).
+const OBJECT_NAME_MAX: usize = 253;
+
+/// The name of the node's one slice: `<node>-vramslice.io`. A node name too long for that (node
+/// names may have 253 characters) is cut, and a hash of the whole name keeps two such nodes
+/// apart.
 pub fn slice_name(node: &str) -> String {
-    format!("{node}-{DRA_DRIVER}")
+    let name = format!("{node}-{DRA_DRIVER}");
+    if name.len() <= OBJECT_NAME_MAX {
+        return name;
+    }
+    // FNV-1a: stable across versions and platforms, which the name must be.
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let suffix = format!("-{hash:016x}-{DRA_DRIVER}");
+    let mut end = OBJECT_NAME_MAX - suffix.len();
+    while !node.is_char_boundary(end) {
+        end -= 1;
+    }
+    let kept = node[..end].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{kept}{suffix}")
 }
 
 /// The node's `ResourceSlice`: one pool named after the node, each GPU one device that allows
@@ -266,7 +285,7 @@ pub fn resource_slice(devices: &[SliceDevice], settings: &SliceSettings) -> Reso
                 ..DeviceAttribute::default()
             };
             attributes.insert("uuid".to_string(), string(&d.uuid));
-            attributes.insert("model".to_string(), string(&d.model));
+            attributes.insert("model".to_string(), string(&attribute_text(&d.model)));
             attributes.insert(
                 "index".to_string(),
                 DeviceAttribute {

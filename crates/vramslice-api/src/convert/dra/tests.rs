@@ -297,3 +297,45 @@ fn an_unhealthy_gpu_is_tainted_with_its_reason() {
     assert_eq!(well["attributes"]["healthy"]["bool"], true);
     assert!(well["attributes"].get("unhealthyReason").is_none());
 }
+
+#[test]
+fn slice_names_fit_the_api_servers_limit_and_stay_distinct() {
+    assert_eq!(slice_name("node-a"), "node-a-vramslice.io");
+    let exact = "n".repeat(253 - "-vramslice.io".len());
+    assert_eq!(slice_name(&exact), format!("{exact}-vramslice.io"));
+    // Two 253-character node names that differ only at the end.
+    let long_a = format!("{}.a", "x".repeat(251));
+    let long_b = format!("{}.b", "x".repeat(251));
+    let (a, b) = (slice_name(&long_a), slice_name(&long_b));
+    assert_ne!(a, b);
+    for name in [&a, &b] {
+        assert!(name.len() <= 253, "{} characters", name.len());
+        assert!(name.ends_with("-vramslice.io"), "{name}");
+        assert!(name.starts_with("xxxx"), "{name}");
+    }
+    assert_eq!(slice_name(&long_a), a, "stable");
+}
+
+#[test]
+fn a_long_model_name_is_cut_to_the_attribute_limit() {
+    let mut gpu = h100_with_63_gib();
+    gpu.model = format!("NVIDIA {}", "H".repeat(80));
+    let slice = resource_slice(
+        &[gpu],
+        &SliceSettings {
+            node: "node-a".into(),
+            node_uid: None,
+            step_bytes: GIB,
+            generation: 1,
+            driver_version: None,
+        },
+    );
+    let json = serde_json::to_value(&slice).expect("serialises");
+    let model = json["spec"]["devices"][0]["attributes"]["model"]["string"]
+        .as_str()
+        .expect("a model");
+    assert!(
+        model.len() <= 64 && model.starts_with("NVIDIA HH"),
+        "{model}"
+    );
+}
