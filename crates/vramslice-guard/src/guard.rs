@@ -267,6 +267,15 @@ impl Guard {
         if account.ledger.try_reserve(n, account.limit).is_ok() {
             return Ok(());
         }
+        self.reap_dead();
+        self.reconcile_pools();
+        self.reconcile_graph_pools();
+        account.ledger.try_reserve(n, account.limit)
+    }
+
+    /// Gives back the slots of processes that died holding memory (OOM-killed, crashed), in
+    /// every account; at most once per [`REAP_INTERVAL_MS`], whoever asks.
+    fn reap_dead(&self) {
         let now = u64::try_from(self.epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .saturating_add(REAP_INTERVAL_MS);
@@ -281,9 +290,6 @@ impl Guard {
                 account.ledger.reap(self.probes.liveness);
             }
         }
-        self.reconcile_pools();
-        self.reconcile_graph_pools();
-        account.ledger.try_reserve(n, account.limit)
     }
 
     fn warn_once(&self, account: &Account, e: &OverLimit) {
@@ -354,11 +360,13 @@ impl Guard {
     }
 
     /// `cuMemGetInfo`'s answer for a device of account `a`: (free, total) of its slice. A
-    /// refused device (`None`) shows an empty slice.
+    /// refused device (`None`) shows an empty slice. Dead processes' memory is given back first:
+    /// a server that sizes itself from free memory after a worker was OOM-killed sees it free.
     pub fn mem_info(&self, a: Option<AccountId>, real_free: u64) -> (u64, u64) {
         match a {
             None => (0, 0),
             Some(a) => {
+                self.reap_dead();
                 let limit = self.limit(a);
                 (limit.saturating_sub(self.used(a)).min(real_free), limit)
             }

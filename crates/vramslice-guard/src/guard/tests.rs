@@ -160,6 +160,34 @@ fn a_uuid_the_driver_cannot_tell_yet_is_asked_again() {
 }
 
 #[test]
+fn memory_info_gives_back_what_dead_processes_held() {
+    // Regression: a worker OOM-killed with 600 bytes held stayed charged until someone was
+    // refused, so a server sizing itself from free memory saw it gone.
+    let words = private_words(1000, "");
+    let worker = Ledger::new(words).unwrap();
+    worker.claim(1000, 1);
+    worker.try_reserve(600, 1000).unwrap();
+    worker.disown();
+    let server = Ledger::new(words).unwrap();
+    server.claim(10, 1);
+    let mut probes = probes_with(|_| Some(0));
+    probes.liveness = |pid, _| {
+        if pid == 1000 {
+            Liveness::Dead
+        } else {
+            Liveness::Alive
+        }
+    };
+    let g = Guard::new(
+        vec![Account::new("", 1000, server)],
+        Mapping::Container,
+        probes,
+    )
+    .unwrap();
+    assert_eq!(g.mem_info(Some(0), u64::MAX), (1000, 1000));
+}
+
+#[test]
 fn per_gpu_device_without_an_entry_is_refused_and_remembered() {
     let g = per_gpu();
     assert_eq!(g.device_account(2), Ok(None), "GPU-c has no entry");
