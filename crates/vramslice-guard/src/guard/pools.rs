@@ -4,7 +4,10 @@
 //! An asynchronous allocation is charged to its pool's account (the pool's device, fixed at
 //! first use). Freed into the pool it stays charged as *retained*: the pool may keep it, and the
 //! next asynchronous allocation from the pool reuses it first. Retained bytes go back when a trim
-//! or a reconciliation reads that the pool holds less (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`).
+//! or a reconciliation reads that the pool holds less (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`);
+//! a reconciliation that reads it holds more (a pool reserves in chunks larger than the bytes
+//! asked, and rounds each allocation) charges the difference as retained, whatever the limit:
+//! the driver has taken that memory.
 //! A destroyed pool gives back what it retained at once, and what was still allocated from it as
 //! that is freed; a pool located on the host holds host memory and is never charged. A pool
 //! handle the driver hands out again starts over.
@@ -167,11 +170,14 @@ impl Guard {
         }
     }
 
-    /// After a trim of `pool` (or when memory is short): set the retained bytes to what the pool
-    /// really holds beyond its live allocations, giving the difference back.
-    /// A destroyed pool is not asked: its handle is no longer valid to the driver.
+    /// After a trim of `pool` (`keep_at_most`: the bytes the trim kept at most) or on a
+    /// reconciliation (`None`): set the retained bytes to what the pool really holds beyond its
+    /// live allocations. Less is given back; more is charged, but only on a reconciliation (a
+    /// trim only ever gives back).
+    /// A destroyed pool is not asked (its handle is no longer valid to the driver), nor a pool
+    /// on the host (its memory is never charged).
     pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
-        let live = |st: &PoolState| !st.destroyed;
+        let live = |st: &PoolState| !st.destroyed && !st.host;
         if !self.pools().get(&pool).is_some_and(live) {
             return;
         }
@@ -185,14 +191,16 @@ impl Guard {
             None => st.retained,
         };
         if let Some(keep) = keep_at_most {
-            target = target.min(keep);
+            target = target.min(keep).min(st.retained);
         }
-        let target = target.min(st.retained);
-        let give_back = st.retained - target;
+        let (before, account) = (st.retained, st.account);
         st.retained = target;
-        let account = st.account;
         drop(pools);
-        self.release(account, give_back);
+        if target >= before {
+            self.accounts[account].ledger().force_add(target - before);
+        } else {
+            self.release(account, before - target);
+        }
     }
 
     /// Reconciles every pool this process used (see [`Guard::reconcile_pool`]).

@@ -336,6 +336,34 @@ fn a_destroyed_pool_with_allocations_left_is_never_queried() {
 }
 
 #[test]
+fn a_pool_that_reserved_more_than_asked_is_charged_what_it_holds() {
+    // Regression: reconciliation only ever lowered a pool's charge, so a pool reserving in
+    // chunks (1 KiB asked, 2 MiB taken) was charged the bytes asked for.
+    let g = Guard::new(
+        vec![account("", 100)],
+        Mapping::Container,
+        probes_with(|_| Some(64)),
+    )
+    .unwrap();
+    g.pool_created(4, 0);
+    g.reserve_async(0, 4, 40).unwrap();
+    g.track_async(0x4, 4, 0, 40);
+    assert_eq!(g.used(0), 40);
+    g.reconcile_pools();
+    assert_eq!(g.used(0), 64, "the pool holds 64: 40 in use, 24 kept");
+    // The kept bytes are reused before anything new is charged.
+    g.reserve_async(0, 4, 20).unwrap();
+    assert_eq!(g.used(0), 64);
+    // A trim never charges more.
+    g.reconcile_pool(4, Some(100));
+    assert_eq!(g.used(0), 64);
+    // Nor is a pool on the host charged what it holds: host memory.
+    g.host_pool_created(8);
+    g.reconcile_pools();
+    assert_eq!(g.used(0), 64);
+}
+
+#[test]
 fn trim_keeps_at_most_requested() {
     let l = Ledger::new(private_words(100, "")).unwrap();
     let g = Guard::new(
