@@ -334,14 +334,20 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
             Ok(Outcome::new(text, Exit::Ok).warn(warning))
         }
         Command::Pods { all_namespaces } => {
-            let gns = gpunodes(client).await?;
+            // GpuNodes are cluster-scoped: a user who may read pods in a namespace only still
+            // gets them, placed by their annotation, without live use, and a warning.
             let ns = (!all_namespaces).then_some(namespace.as_str());
-            let rows = model::pod_rows(&gns, &pods(client, ns).await?);
+            let shown = pods(client, ns).await?;
+            let mut warnings = Vec::new();
+            let gns = or_warn(gpunodes(client).await, "without live use", &mut warnings);
+            let rows = model::pod_rows(&gns, &shown);
             let text = match cli.output {
                 Format::Table => render::pods_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            Ok(Outcome::new(text, Exit::Ok))
+            let mut outcome = Outcome::new(text, Exit::Ok);
+            outcome.warnings = warnings;
+            Ok(outcome)
         }
         Command::Claims { all_namespaces } => {
             // Listed in the namespace asked for only (a user may read claims there alone):

@@ -333,6 +333,24 @@ fn pods_table_json_yaml_and_namespaces() {
         y.contains("name: llm-huge") && y.contains("limitBytes: 107374182400"),
         "{y}"
     );
+
+    // A reader with a namespaced Role only: no GpuNodes, still the pods, with a warning.
+    let narrow = start_with("tests/data/namespaced-reader", true);
+    let o = narrow.run(&["pods", "-o", "json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let names: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["embedder", "legacy", "llm-huge"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("list gpunodes") && stderr.contains("shown without live use"),
+        "{stderr}"
+    );
 }
 
 #[test]
