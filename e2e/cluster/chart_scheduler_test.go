@@ -78,7 +78,7 @@ func TestTheChartsSchedulerConfigAndFlagsAreKubeSchedulers(t *testing.T) {
 				t.Fatalf("extenders %+v, want one", cfg.Extenders)
 			}
 			ext := cfg.Extenders[0]
-			if ext.URLPrefix != "http://127.0.0.1:8888" || ext.FilterVerb != "filter" ||
+			if ext.URLPrefix != "http://127.0.0.1:8888" || ext.Weight != 5 || ext.FilterVerb != "filter" ||
 				ext.PrioritizeVerb != "prioritize" || ext.BindVerb != "bind" || !ext.NodeCacheCapable ||
 				ext.Ignorable || len(ext.ManagedResources) != 1 ||
 				ext.ManagedResources[0].Name != "vramslice.io/vram-gib" {
