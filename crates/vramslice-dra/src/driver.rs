@@ -3,15 +3,16 @@
 //! adapts the kubelet's calls to it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use k8s_openapi::api::resource::v1::ResourceClaim;
 use tokio::sync::Mutex;
 use vramslice_api::convert::dra::{
     ClaimError, admin_access_on, allocated_by_driver, claim_on_node,
 };
 use vramslice_api::convert::pod_claims::containers_sharing;
-use vramslice_core::node::allocation::{AllocationSettings, LIMIT_FILE_HOST_SUFFIX, host_files};
+use vramslice_core::node::allocation::{AllocationSettings, host_files};
 use vramslice_core::node::dra::{
     ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
     grants_by_gpu, plan_claim,
@@ -22,9 +23,13 @@ use vramslice_core::node::sample::GpuSample;
 use crate::cdi;
 use crate::checkpoint::{
     Checkpoint, CheckpointError, PreparedClaim, PreparedDevice, PreparedFiles, PreparedPod,
-    sweep_leftover_temporaries, write_atomically,
+    write_atomically,
 };
 use crate::claims::{ClaimSource, FetchError};
+
+mod files;
+
+use files::{io_error, remove_files, restore_files, sweep_leftovers};
 
 /// Where the driver keeps its files, and what containers get.
 #[derive(Debug, Clone)]
@@ -37,36 +42,6 @@ pub struct DriverConfig {
     pub cdi_dir: PathBuf,
     /// The checkpoint file.
     pub checkpoint: PathBuf,
-}
-
-/// Delete the temporary files an earlier process left when it stopped between writing one and
-/// renaming it ([`write_atomically`]): in the checkpoint's directory, the CDI directory and the
-/// accounting root, only those of this driver's files. A failure is logged: the leftovers are
-/// harmless, only untidy.
-fn sweep_leftovers(config: &DriverConfig) {
-    let checkpoint_name = config.checkpoint.file_name().and_then(|n| n.to_str());
-    type Ours<'a> = &'a dyn Fn(&str) -> bool;
-    let places: [(&Path, Ours); 3] = [
-        (
-            config.checkpoint.parent().unwrap_or(Path::new(".")),
-            &|base| Some(base) == checkpoint_name,
-        ),
-        (&config.cdi_dir, &cdi::is_spec_name),
-        (&config.settings.accounting_root, &|base| {
-            base.ends_with(LIMIT_FILE_HOST_SUFFIX)
-        }),
-    ];
-    for (dir, ours) in places {
-        match sweep_leftover_temporaries(dir, ours) {
-            Ok(0) => {}
-            Ok(deleted) => {
-                tracing::info!(dir = %dir.display(), deleted, "deleted temporary files left by an interrupted write");
-            }
-            Err(error) => {
-                tracing::warn!(dir = %dir.display(), %error, "could not delete temporary files left by an interrupted write");
-            }
-        }
-    }
 }
 
 /// A claim as the kubelet names it.
@@ -100,50 +75,6 @@ fn answered(devices: &[PreparedDevice]) -> Vec<PreparedDevice> {
             ..d.clone()
         })
         .collect()
-}
-
-/// What an I/O failure on `path` while (un)preparing `claim` becomes.
-fn io_error(claim: &ClaimRef, path: &Path) -> impl FnOnce(std::io::Error) -> PrepareError + use<> {
-    let (claim, path) = (claim.label(), path.display().to_string());
-    move |source| PrepareError::Io {
-        claim,
-        path,
-        source,
-    }
-}
-
-/// Write a prepared claim's files again where they are gone, from its checkpoint. `false` when
-/// one is gone and the checkpoint does not hold it (written by an earlier version).
-fn restore_files(claim: &ClaimRef, done: &PreparedClaim) -> Result<bool, PrepareError> {
-    let files = &done.files;
-    for (path, text) in [
-        (&files.cdi_spec, &done.cdi_spec_text),
-        (&files.limit_file, &done.limit_file_text),
-    ] {
-        if path.exists() {
-            continue;
-        }
-        let Some(text) = text else {
-            return Ok(false);
-        };
-        write_atomically(path, text.as_bytes()).map_err(io_error(claim, path))?;
-        tracing::info!(claim = %claim.label(), path = %path.display(), "wrote a prepared claim's file again");
-    }
-    std::fs::create_dir_all(&files.accounting_dir)
-        .map_err(io_error(claim, &files.accounting_dir))?;
-    Ok(true)
-}
-
-/// Remove a claim's CDI spec, limit file and accounting directory; those already gone are fine.
-fn remove_files(claim: &ClaimRef, files: &PreparedFiles) -> Result<(), PrepareError> {
-    for file in [&files.cdi_spec, &files.limit_file] {
-        remove_file(file).map_err(io_error(claim, file))?;
-    }
-    match std::fs::remove_dir_all(&files.accounting_dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(io_error(claim, &files.accounting_dir)(source)),
-    }
 }
 
 /// Why a claim could not be prepared or unprepared. The text goes back to the kubelet, which
@@ -197,6 +128,10 @@ pub enum PrepareError {
         claims: Vec<String>,
     },
 }
+
+/// How long a prepare of a claim already prepared waits for the API server's copy, to tell
+/// whether it was allocated again ([`Driver::allocated_again`]).
+const ALLOCATION_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long [`Driver::learn_admin_access`] waits for one claim.
 const ADMIN_ACCESS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -279,13 +214,35 @@ impl Driver {
     /// # Errors
     /// [`PrepareError`] naming the claim and the cause; nothing is checkpointed then.
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
-        if let Some(done) = self.state.lock().await.claims.get(&claim.uid) {
-            if restore_files(claim, done)? {
-                return Ok(answered(&done.devices));
+        let checkpointed = self.state.lock().await.claims.get(&claim.uid).cloned();
+        let mut read = None;
+        if let Some(done) = checkpointed {
+            // Bounded: when the API server cannot say, the checkpoint answers (as after a
+            // restart with the API server away).
+            read = tokio::time::timeout(
+                ALLOCATION_CHECK_TIMEOUT,
+                self.claims.get(&claim.namespace, &claim.name),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok);
+            if read
+                .as_ref()
+                .is_some_and(|object| self.allocated_again(claim, &done, object))
+            {
+                tracing::warn!(claim = %claim.label(), uid = %claim.uid, "the claim was allocated again since it was prepared here (its unprepare never came); preparing its new allocation");
+                self.unprepare(claim).await?;
+            } else {
+                if restore_files(claim, &done)? {
+                    return Ok(answered(&done.devices));
+                }
+                tracing::info!(claim = %claim.label(), uid = %claim.uid, "prepared claim's files are gone and its checkpoint cannot rewrite them; preparing it again");
             }
-            tracing::info!(claim = %claim.label(), uid = %claim.uid, "prepared claim's files are gone and its checkpoint cannot rewrite them; preparing it again");
         }
-        let object = self.claims.get(&claim.namespace, &claim.name).await?;
+        let object = match read {
+            Some(object) => object,
+            None => self.claims.get(&claim.namespace, &claim.name).await?,
+        };
         let on_node = claim_on_node(&object, &claim.uid, &self.config.node, |d| self.uuid_of(d))?;
         self.refuse_several_in_one_container(claim, &on_node.pods)
             .await?;
@@ -354,6 +311,46 @@ impl Driver {
         }
         tracing::info!(claim = %claim.label(), uid = %claim.uid, devices = devices.len(), "prepared claim");
         Ok(devices)
+    }
+
+    /// Whether `object`, the claim as the API server has it now, is allocated on this node
+    /// otherwise than when `done` was prepared: a claim keeps its UID when it is deallocated and
+    /// allocated again, and an unprepare lost meanwhile (the plugin down while the pod went)
+    /// would otherwise hand its next pod the old GPUs and limits. `false` when that cannot be
+    /// told (the claim not allocated here, or made again as another object).
+    fn allocated_again(
+        &self,
+        claim: &ClaimRef,
+        done: &PreparedClaim,
+        object: &ResourceClaim,
+    ) -> bool {
+        let Ok(on_node) = claim_on_node(object, &claim.uid, &self.config.node, |d| self.uuid_of(d))
+        else {
+            return false;
+        };
+
+        let Ok(plan) = plan_claim(
+            &claim.label(),
+            &claim.uid,
+            &on_node.grants,
+            &self.config.settings,
+        ) else {
+            return false;
+        };
+        let mut now: Vec<(&str, Option<&str>)> = on_node
+            .grants
+            .iter()
+            .zip(&on_node.share_ids)
+            .map(|(g, s)| (g.device.as_str(), s.as_deref()))
+            .collect();
+        let mut then: Vec<(&str, Option<&str>)> = done
+            .devices
+            .iter()
+            .map(|d| (d.device.as_str(), d.share_id.as_deref()))
+            .collect();
+        now.sort_unstable();
+        then.sort_unstable();
+        now != then || plan.limits != done.limits
     }
 
     /// Refuse `claim` when a container of a pod it is reserved for (`pods`: name, UID) also
@@ -524,12 +521,5 @@ impl std::fmt::Debug for Driver {
         f.debug_struct("Driver")
             .field("config", &self.config)
             .finish_non_exhaustive()
-    }
-}
-
-fn remove_file(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
     }
 }

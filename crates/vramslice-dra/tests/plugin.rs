@@ -352,7 +352,7 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
     task.await.unwrap();
     assert_eq!(node.claims.gets.load(Ordering::SeqCst), 1);
 
-    // The plugin restarts while the API server is unreachable for this claim: the kubelet's
+    // The plugin restarts while the API server cannot give this claim: the kubelet's
     // repeated prepare is answered from the checkpoint, with the same devices.
     node.claims.claims.lock().unwrap().clear();
     let (_stop, _task) = node.start().await;
@@ -360,8 +360,8 @@ async fn restarts_lose_no_prepared_claim_and_unprepare_is_idempotent() {
     assert_eq!(again.claims["uid-1"], first.claims["uid-1"]);
     assert_eq!(
         node.claims.gets.load(Ordering::SeqCst),
-        1,
-        "answered without the API"
+        2,
+        "asked once whether it was allocated again, then answered from the checkpoint"
     );
 
     let unprepare = || NodeUnprepareResourcesRequest {
@@ -410,6 +410,46 @@ async fn unprepare_removes_the_files_a_prepare_left_when_it_could_not_checkpoint
     for path in left {
         assert!(!node.path(path).exists(), "{path} removed");
     }
+}
+
+#[tokio::test]
+async fn a_claim_allocated_again_after_a_lost_unprepare_is_prepared_anew() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
+    let (_stop, _task) = node.start().await;
+    let first = node.prepare(prepare_llm()).await;
+    assert_eq!(first.claims["uid-1"].devices[0].device_name, "gpu-0");
+    let limit_file = node.path("accounting/claim-uid-1.limit");
+    let checkpoint = node.path("state/checkpoint.json");
+
+    // The same claim (same UID) deallocated and allocated again with more memory, the unprepare
+    // between lost: the old limit must not be handed to its next pod.
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "8Gi")]));
+    let bigger = node.prepare(prepare_llm()).await;
+    assert_eq!(bigger.claims["uid-1"].error, "");
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert!(limit.contains(&(8 * GIB).to_string()), "{limit}");
+    assert_eq!(
+        Checkpoint::load(&checkpoint).unwrap().claims["uid-1"].limits,
+        [("GPU-0".to_string(), 8 * GIB)]
+    );
+
+    // Then on the other GPU: its device, its GPU.
+    node.claims.put(claim("llm", "uid-1", &[("gpu-1", "8Gi")]));
+    let moved = node.prepare(prepare_llm()).await;
+    assert_eq!(moved.claims["uid-1"].error, "");
+    assert_eq!(moved.claims["uid-1"].devices[0].device_name, "gpu-1");
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert!(limit.contains("GPU-1"), "{limit}");
+
+    // The same allocation asked again: the checkpoint's answer, nothing rewritten.
+    let written = std::fs::metadata(&limit_file).unwrap().modified().unwrap();
+    let same = node.prepare(prepare_llm()).await;
+    assert_eq!(same.claims["uid-1"], moved.claims["uid-1"]);
+    assert_eq!(
+        std::fs::metadata(&limit_file).unwrap().modified().unwrap(),
+        written
+    );
 }
 
 #[tokio::test]
