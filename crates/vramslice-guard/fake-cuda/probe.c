@@ -10,6 +10,8 @@
  *   probe hold <bytes>          (allocates, prints "ready", waits for stdin to close)
  *   probe alloc <bytes>         (allocates once, prints the result code)
  *   probe fork <bytes> <limit>  (parent and child each hold <bytes>; see tests)
+ *   probe forkinit <delay-ms>   (a thread makes the first CUDA call; after <delay-ms> the main
+ *                               thread forks and the child allocates: see tests)
  *   probe prefork <workers> <chunk> <want>  (parent makes a context, forks workers that each
  *                               allocate <chunk>s up to <want> bytes or a refusal, print
  *                               "worker pid=P held=B rc=R", then wait for stdin to close)
@@ -391,6 +393,41 @@ static int fork_test(size_t n, size_t limit) {
     check(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child passed its checks");
     CUdeviceptr e;
     check(cuMemAlloc_v2(&e, limit - n) == 0, "after the child exits its memory is reclaimed");
+    return finish();
+}
+
+/* The first CUDA call of the process, on its own thread (the test holds the accounting file's
+ * lock meanwhile, so this call sits in the guard's set-up). */
+static void *first_call(void *arg) {
+    (void)arg;
+    CUdeviceptr d;
+    int rc = cuMemAlloc_v2(&d, MIB);
+    printf("thread alloc rc=%d\n", rc);
+    fflush(stdout);
+    return NULL;
+}
+
+/* Fork while another thread is in the guard's set-up: the child's own CUDA calls must not wait
+ * forever on a set-up its copy of the process has no thread to finish. */
+static int forkinit(unsigned delay_ms) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, first_call, NULL)) die("thread");
+    usleep(delay_ms * 1000);
+    fflush(stdout);
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        alarm(10); /* a hung child is killed, and the check below fails */
+        CUdeviceptr c;
+        int rc = cuMemAlloc_v2(&c, MIB);
+        printf("child alloc rc=%d\n", rc);
+        fflush(stdout);
+        _exit(rc == 0 ? 0 : 3);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    pthread_join(t, NULL);
+    check(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a child forked during the guard's set-up allocates");
     return finish();
 }
 
@@ -807,6 +844,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "forkinit") && argc == 3) return forkinit((unsigned)atoi(argv[2]));
     if (!strcmp(s, "prefork") && argc == 5) return prefork(atoi(argv[2]), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
     if (!strcmp(s, "bench") && (argc == 4 || (argc == 5 && !strcmp(argv[4], "async"))))
         return bench(atol(argv[2]), strtoull(argv[3], 0, 10), argc == 5);

@@ -165,6 +165,49 @@ fn killed_process_slot_is_reclaimed() {
 }
 
 #[test]
+fn a_fork_while_another_thread_sets_the_guard_up_leaves_the_child_working() {
+    // Regression: the guard set up its accounts lazily and registered its fork handlers only
+    // after; a fork while another thread was in that set-up gave the child a set-up marked in
+    // progress by a thread it does not have, and its first CUDA call waited forever.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(ACCOUNTING_FILE_NAME);
+    common::artifacts(); // built before the lock is taken: the build takes longer than it is held
+    // Hold the accounting file's lock so that the probe's first CUDA call (on its own thread)
+    // sits in the set-up while the main thread forks.
+    let mut holder = std::process::Command::new("flock")
+        .arg(&file)
+        .args(["-c", "sleep 1.5"])
+        .spawn()
+        .expect("flock(1) from util-linux");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::process::Command::new("flock")
+        .args(["-n"])
+        .arg(&file)
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the lock was never taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let (out, so, se) = run(probe(
+        true,
+        &env(dir.path(), 100 * MIB),
+        &["forkinit", "300"],
+    ));
+    holder.wait().unwrap();
+    assert_checks(&out, &so, &se, 1);
+    assert!(so.contains("child alloc rc=0"), "{so}\n{se}");
+    assert!(so.contains("thread alloc rc=0"), "{so}\n{se}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the fork waited for the set-up, not for the child's alarm"
+    );
+}
+
+#[test]
 fn forked_child_gets_its_own_slot_and_counts_against_the_container() {
     let dir = tempfile::tempdir().unwrap();
     let limit = 100 * MIB;

@@ -6,6 +6,7 @@
 
 mod alloc;
 mod context;
+mod fork;
 mod graph;
 mod legacy;
 mod real;
@@ -29,19 +30,27 @@ static GUARD: OnceLock<Option<Guard>> = OnceLock::new();
 
 /// The settings, read from the environment once (messages printed once).
 pub fn config() -> &'static Config {
-    CONFIG.get_or_init(|| {
-        let (config, msgs) = Config::from_lookup(|k| std::env::var(k).ok(), read_limit_file);
-        for m in msgs {
-            crate::log!("vramslice-guard: {m}");
-        }
-        config
+    if let Some(config) = CONFIG.get() {
+        return config;
+    }
+    fork::setting_up(|| {
+        CONFIG.get_or_init(|| {
+            let (config, msgs) = Config::from_lookup(|k| std::env::var(k).ok(), read_limit_file);
+            for m in msgs {
+                crate::log!("vramslice-guard: {m}");
+            }
+            config
+        })
     })
 }
 
 /// The guard, or `None` in pass-through mode (no limit).
 #[inline]
 pub fn guard() -> Option<&'static Guard> {
-    GUARD.get_or_init(init_guard).as_ref()
+    match GUARD.get() {
+        Some(guard) => guard.as_ref(),
+        None => fork::setting_up(|| GUARD.get_or_init(init_guard)).as_ref(),
+    }
 }
 
 fn init_guard() -> Option<Guard> {
@@ -107,14 +116,6 @@ fn init_guard() -> Option<Guard> {
             String::new()
         };
         accounts.push(Account::new(account_uuid, limit, ledger));
-    }
-    // SAFETY: the three handlers are extern "C" fns taking no arguments, as pthread_atfork wants.
-    let rc =
-        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
-    if rc != 0 {
-        crate::log!(
-            "vramslice-guard: pthread_atfork failed ({rc}): forked children share their parent's slot"
-        );
     }
     Guard::new(
         accounts,
@@ -260,7 +261,7 @@ fn pool_reserved(pool: u64) -> Option<u64> {
     (rc == CUDA_SUCCESS).then_some(value)
 }
 
-extern "C" fn fork_prepare() {
+fn fork_prepare() {
     let _ = catch_unwind(|| {
         if let Some(Some(g)) = GUARD.get() {
             g.prepare_fork();
@@ -268,7 +269,7 @@ extern "C" fn fork_prepare() {
     });
 }
 
-extern "C" fn fork_parent() {
+fn fork_parent() {
     let _ = catch_unwind(|| {
         if let Some(Some(g)) = GUARD.get() {
             g.parent_after_fork();
@@ -276,7 +277,7 @@ extern "C" fn fork_parent() {
     });
 }
 
-extern "C" fn fork_child() {
+fn fork_child() {
     let _ = catch_unwind(|| {
         if let Some(Some(g)) = GUARD.get() {
             let (pid, start) = own_identity();

@@ -193,36 +193,44 @@ static REAL_NVML: OnceLock<Option<RealNvml>> = OnceLock::new();
 
 /// The real driver, loaded on first use from `VRAMSLICE_REAL_LIBCUDA`.
 pub fn real() -> Option<&'static Real> {
-    REAL.get_or_init(|| match open(&super::config().real_libcuda) {
-        Ok(h) => Some(Real::load(h)),
-        Err(e) => {
-            crate::log!("vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED");
-            None
-        }
+    if let Some(real) = REAL.get() {
+        return real.as_ref();
+    }
+    super::fork::setting_up(|| {
+        REAL.get_or_init(|| match open(&super::config().real_libcuda) {
+            Ok(h) => Some(Real::load(h)),
+            Err(e) => {
+                crate::log!(
+                    "vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED"
+                );
+                None
+            }
+        })
     })
     .as_ref()
 }
 
 /// The real NVML, loaded on first use from `VRAMSLICE_REAL_LIBNVML`.
 pub fn real_nvml() -> Option<&'static RealNvml> {
-    REAL_NVML
-        .get_or_init(|| {
-            let h = open(&super::config().real_libnvml)
-                .inspect_err(|e| crate::log!("vramslice-guard: {e}"))
-                .ok()?;
-            let a = lookup(h, c"nvmlDeviceGetMemoryInfo");
-            let b = lookup(h, c"nvmlDeviceGetMemoryInfo_v2");
-            let u = lookup(h, c"nvmlDeviceGetUUID");
-            // SAFETY: these NVML symbols have exactly these C signatures (nvml.h); null stays None.
-            Some(unsafe {
-                RealNvml {
-                    get_uuid: (!u.is_null()).then(|| std::mem::transmute::<*mut c_void, _>(u)),
-                    get_memory_info: (!a.is_null())
-                        .then(|| std::mem::transmute::<*mut c_void, _>(a)),
-                    get_memory_info_v2: (!b.is_null())
-                        .then(|| std::mem::transmute::<*mut c_void, _>(b)),
-                }
-            })
-        })
-        .as_ref()
+    if let Some(nvml) = REAL_NVML.get() {
+        return nvml.as_ref();
+    }
+    super::fork::setting_up(|| REAL_NVML.get_or_init(load_real_nvml)).as_ref()
+}
+
+fn load_real_nvml() -> Option<RealNvml> {
+    let h = open(&super::config().real_libnvml)
+        .inspect_err(|e| crate::log!("vramslice-guard: {e}"))
+        .ok()?;
+    let a = lookup(h, c"nvmlDeviceGetMemoryInfo");
+    let b = lookup(h, c"nvmlDeviceGetMemoryInfo_v2");
+    let u = lookup(h, c"nvmlDeviceGetUUID");
+    // SAFETY: these NVML symbols have exactly these C signatures (nvml.h); null stays None.
+    Some(unsafe {
+        RealNvml {
+            get_uuid: (!u.is_null()).then(|| std::mem::transmute::<*mut c_void, _>(u)),
+            get_memory_info: (!a.is_null()).then(|| std::mem::transmute::<*mut c_void, _>(a)),
+            get_memory_info_v2: (!b.is_null()).then(|| std::mem::transmute::<*mut c_void, _>(b)),
+        }
+    })
 }
