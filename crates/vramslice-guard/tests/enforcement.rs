@@ -250,6 +250,7 @@ fn truncated_and_garbage_files_are_rebuilt() {
         ("header only", good[..accounting::HEADER_BYTES].to_vec()),
         ("cut in the slots", good[..good.len() / 2].to_vec()),
         ("zeros", vec![0; good.len()]),
+        ("zeros, twice as long", vec![0; 2 * good.len()]),
         ("slot count absurd", {
             let mut b = good.clone();
             put(&mut b, header::SLOT_COUNT, u64::MAX);
@@ -276,6 +277,14 @@ fn truncated_and_garbage_files_are_rebuilt() {
         let snap = snapshot(dir.path());
         assert_eq!(snap.limit_bytes, limit, "{what}");
         assert_eq!(snap.slot_count, accounting::DEFAULT_SLOT_COUNT, "{what}");
+        // Never shortened: another process's mapping past the new end would fault.
+        let len = std::fs::metadata(dir.path().join(ACCOUNTING_FILE_NAME))
+            .unwrap()
+            .len();
+        assert!(
+            len >= bytes.len() as u64,
+            "{what}: {len} bytes after the rebuild"
+        );
         let (_, so, se) = run(probe(
             true,
             &limited(dir.path(), limit),

@@ -90,9 +90,10 @@ pub fn attach(
             if !bytes.is_empty() {
                 crate::log!("vramslice-guard: {}: {e}; rebuilding it", path.display());
             }
+            // Rewritten in place, never shortened: other processes may have the file mapped, and
+            // a mapping past the end of a file faults (SIGBUS) when touched.
             let image = layout::initial_image(limit, uuid, layout::DEFAULT_SLOT_COUNT);
-            file.set_len(0)
-                .and_then(|()| file.write_all_at(&image, 0))
+            file.write_all_at(&image, 0)
                 .map_err(|e| format!("cannot write accounting file {}: {e}", path.display()))?;
             image.len()
         }
