@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use tokio::sync::Mutex;
 use vramslice_api::convert::dra::{
-    ClaimError, admin_access_on, allocated_by_driver, claim_on_node,
+    ClaimError, admin_access_on, allocated_by_driver, allocated_devices_in, claim_on_node,
 };
 use vramslice_api::convert::pod_claims::containers_sharing;
 use vramslice_core::node::allocation::{AllocationSettings, host_files};
@@ -144,6 +144,8 @@ pub struct Driver {
     /// before its GPU fell unhealthy still names it).
     gpus: RwLock<BTreeMap<String, String>>,
     state: Mutex<Checkpoint>,
+    /// Claim UID → the lock its prepare and unprepare hold ([`Driver::claim_lock`]).
+    claim_locks: std::sync::Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
 }
 
 impl Driver {
@@ -167,6 +169,7 @@ impl Driver {
             claims,
             gpus: RwLock::new(BTreeMap::new()),
             state: Mutex::new(checkpoint),
+            claim_locks: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -198,6 +201,23 @@ impl Driver {
         }
     }
 
+    /// The lock of claim `uid`, held by its prepare and unprepare from the checkpoint read to
+    /// the checkpoint write: the kubelet may call both at once for one claim (two pods sharing
+    /// it start together, say), and each writes or removes the claim's files before it
+    /// checkpoints.
+    async fn claim_lock(&self, uid: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .claim_locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Locks no call holds or waits for are dropped.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            Arc::clone(locks.entry(uid.to_string()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
     fn uuid_of(&self, device: &str) -> Option<String> {
         self.gpus
             .read()
@@ -214,6 +234,7 @@ impl Driver {
     /// # Errors
     /// [`PrepareError`] naming the claim and the cause; nothing is checkpointed then.
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        let _claim = self.claim_lock(&claim.uid).await;
         let checkpointed = self.state.lock().await.claims.get(&claim.uid).cloned();
         let mut read = None;
         if let Some(done) = checkpointed {
@@ -231,7 +252,7 @@ impl Driver {
                 .is_some_and(|object| self.allocated_again(claim, &done, object))
             {
                 tracing::warn!(claim = %claim.label(), uid = %claim.uid, "the claim was allocated again since it was prepared here (its unprepare never came); preparing its new allocation");
-                self.unprepare(claim).await?;
+                self.unprepare_held(claim).await?;
             } else {
                 if restore_files(claim, &done)? {
                     return Ok(answered(&done.devices));
@@ -298,12 +319,6 @@ impl Driver {
             files,
         };
         let mut state = self.state.lock().await;
-        if let Some(done) = state.claims.get(&claim.uid)
-            && done.cdi_spec_text.is_some()
-        {
-            // Prepared meanwhile by a concurrent call: same claim, same files.
-            return Ok(answered(&done.devices));
-        }
         state.claims.insert(claim.uid.clone(), prepared);
         if let Err(e) = state.save(&self.config.checkpoint) {
             state.claims.remove(&claim.uid);
@@ -324,33 +339,37 @@ impl Driver {
         done: &PreparedClaim,
         object: &ResourceClaim,
     ) -> bool {
-        let Ok(on_node) = claim_on_node(object, &claim.uid, &self.config.node, |d| self.uuid_of(d))
-        else {
+        if object.metadata.uid.as_deref() != Some(claim.uid.as_str()) {
             return false;
-        };
-
-        let Ok(plan) = plan_claim(
-            &claim.label(),
-            &claim.uid,
-            &on_node.grants,
-            &self.config.settings,
-        ) else {
-            return false;
-        };
-        let mut now: Vec<(&str, Option<&str>)> = on_node
-            .grants
-            .iter()
-            .zip(&on_node.share_ids)
-            .map(|(g, s)| (g.device.as_str(), s.as_deref()))
-            .collect();
-        let mut then: Vec<(&str, Option<&str>)> = done
+        }
+        // First what the API server says alone: a device this node no longer knows still
+        // tells a new allocation (the fresh prepare then names the problem).
+        let now = allocated_devices_in(object, &self.config.node);
+        let mut then: Vec<(String, Option<String>)> = done
             .devices
             .iter()
-            .map(|d| (d.device.as_str(), d.share_id.as_deref()))
+            .map(|d| (d.device.clone(), d.share_id.clone()))
             .collect();
-        now.sort_unstable();
         then.sort_unstable();
-        now != then || plan.limits != done.limits
+        if now.is_empty() {
+            return false;
+        }
+        if now != then {
+            return true;
+        }
+        // The same results: the same allocation, unless its grants read otherwise (limits).
+        claim_on_node(object, &claim.uid, &self.config.node, |d| self.uuid_of(d))
+            .ok()
+            .and_then(|on_node| {
+                plan_claim(
+                    &claim.label(),
+                    &claim.uid,
+                    &on_node.grants,
+                    &self.config.settings,
+                )
+                .ok()
+            })
+            .is_some_and(|plan| plan.limits != done.limits)
     }
 
     /// Refuse `claim` when a container of a pod it is reserved for (`pods`: name, UID) also
@@ -456,6 +475,12 @@ impl Driver {
     /// [`PrepareError`] when a file cannot be removed or the checkpoint cannot be written; the
     /// claim then stays prepared, so the kubelet's retry finds it.
     pub async fn unprepare(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
+        let _claim = self.claim_lock(&claim.uid).await;
+        self.unprepare_held(claim).await
+    }
+
+    /// [`Driver::unprepare`] with the claim's lock held.
+    async fn unprepare_held(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
         let mut state = self.state.lock().await;
         let Some(prepared) = state.claims.get(&claim.uid).cloned() else {
             let files = self.files_of(&claim.uid);

@@ -450,6 +450,37 @@ async fn a_claim_allocated_again_after_a_lost_unprepare_is_prepared_anew() {
         std::fs::metadata(&limit_file).unwrap().modified().unwrap(),
         written
     );
+
+    // Two pods sharing the claim start together after it moved again: the kubelet prepares it
+    // twice at once. Both get the new allocation, and its files stay.
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "2Gi")]));
+    let (a, b) = tokio::join!(node.prepare(prepare_llm()), node.prepare(prepare_llm()));
+    assert_eq!(a.claims["uid-1"].error, "");
+    assert_eq!(a.claims["uid-1"], b.claims["uid-1"]);
+    assert_eq!(a.claims["uid-1"].devices[0].device_name, "gpu-0");
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert!(limit.contains(&(2 * GIB).to_string()), "{limit}");
+    assert!(node.path("cdi/vramslice.io-claim-uid-1.json").exists());
+    assert_eq!(
+        Checkpoint::load(&checkpoint).unwrap().claims["uid-1"].limits,
+        [("GPU-0".to_string(), 2 * GIB)]
+    );
+
+    // Allocated again on a device this node does not publish: not answered from the old
+    // checkpoint, but refused naming the device.
+    node.claims.put(claim("llm", "uid-1", &[("gpu-7", "2Gi")]));
+    let unknown = node.prepare(prepare_llm()).await;
+    assert!(
+        unknown.claims["uid-1"].error.contains("gpu-7"),
+        "{}",
+        unknown.claims["uid-1"].error
+    );
+    assert!(
+        !Checkpoint::load(&checkpoint)
+            .unwrap()
+            .claims
+            .contains_key("uid-1")
+    );
 }
 
 #[tokio::test]

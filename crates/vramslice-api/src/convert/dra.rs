@@ -88,6 +88,25 @@ pub struct ClaimOnNode {
     pub admin_access: bool,
 }
 
+/// The device and share ID of each of `claim`'s allocation results of [`DRA_DRIVER`] in pool
+/// `pool`, sorted: what identifies its allocation there, read without knowing the node's GPUs
+/// (empty when it has none there).
+pub fn allocated_devices_in(claim: &ResourceClaim, pool: &str) -> Vec<(String, Option<String>)> {
+    let mut found: Vec<(String, Option<String>)> = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .and_then(|d| d.results.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|r| r.driver == DRA_DRIVER && r.pool == pool)
+        .map(|r| (r.device.clone(), r.share_id.clone()))
+        .collect();
+    found.sort_unstable();
+    found
+}
+
 /// Read `claim`'s allocation results of [`DRA_DRIVER`] in pool `pool` (this node). `uuid_of`
 /// maps a published device name to its GPU's UUID. The UID must be `expected_uid`: a claim
 /// deleted and re-created under the same name is another claim.
