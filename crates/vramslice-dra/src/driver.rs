@@ -29,7 +29,7 @@ use crate::claims::{ClaimSource, FetchError};
 
 mod files;
 
-use files::{io_error, remove_files, restore_files, sweep_leftovers};
+use files::{create_accounting_dir, io_error, remove_files, restore_files, sweep_leftovers};
 
 /// Where the driver keeps its files, and what containers get.
 #[derive(Debug, Clone)]
@@ -278,8 +278,7 @@ impl Driver {
             (&files.limit_file, &files.accounting_dir),
             (&plan.edits.host_limit_file, &plan.edits.host_accounting_dir)
         );
-        std::fs::create_dir_all(&files.accounting_dir)
-            .map_err(io_error(claim, &files.accounting_dir))?;
+        create_accounting_dir(claim, &files.accounting_dir)?;
         write_atomically(&files.limit_file, plan.limit_file.as_bytes())
             .map_err(io_error(claim, &files.limit_file))?;
         let spec = cdi::spec_json(&claim.uid, &plan.edits).map_err(|e| PrepareError::Spec {

@@ -300,6 +300,13 @@ async fn a_prepared_claim_gets_its_limit_guard_and_gpu_through_its_cdi_spec() {
     assert_eq!(device.request_names, ["vram"]);
     assert_eq!(device.share_id.as_deref(), Some("share-uid-1-gpu-1"));
     assert_eq!(device.cdi_device_ids, ["vramslice.io/claim=uid-1"]);
+    // Writable by a container running as any user (the guard creates its account there).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(node.path("accounting/claim-uid-1"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o777, "{mode:o}");
 
     let spec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(node.path("cdi/vramslice.io-claim-uid-1.json")).unwrap(),

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 pub use vramslice_core::container::limit::{FileRead, Limits};
-use vramslice_core::container::limit::{LimitEnv, limit_file_paths, resolve_limits};
+use vramslice_core::container::limit::{LimitEnv, account_dir, limit_file_paths, resolve_limits};
 use vramslice_core::names::env;
 use vramslice_core::node::allocation::{ACCOUNTING_CONTAINER_DIR, LIMIT_FILE_CONTAINER_PATH};
 
@@ -110,24 +110,8 @@ impl Config {
             &files,
             &mut msgs,
         );
-        let env_accounting_dir = get(env::ACCOUNTING_DIR).filter(|d| !d.trim().is_empty());
-        // Under the plugin's limit file the account is the one it mounted beside it, whatever
-        // the environment says: a process that clears or repoints the variable (a launcher that
-        // starts workers with a clean environment) still shares its container's account.
-        let plugin_file = files
-            .iter()
-            .any(|(path, read)| path == FIXED_LIMIT_FILE && !matches!(read, FileRead::Missing));
-        let accounting_dir = if plugin_file {
-            if let Some(other) = env_accounting_dir.filter(|d| d.trim() != FIXED_ACCOUNTING_DIR) {
-                msgs.push(format!(
-                    "{}={other:?} is ignored under the limit file: the account is in {FIXED_ACCOUNTING_DIR}",
-                    env::ACCOUNTING_DIR
-                ));
-            }
-            Some(PathBuf::from(FIXED_ACCOUNTING_DIR))
-        } else {
-            env_accounting_dir.map(PathBuf::from)
-        };
+        let account = account_dir(&files, get(env::ACCOUNTING_DIR).as_deref());
+        msgs.extend(account.note);
         let context_estimate = match get(env::CONTEXT_ESTIMATE_BYTES) {
             None => DEFAULT_CONTEXT_ESTIMATE,
             Some(v) => parse_amount(env::CONTEXT_ESTIMATE_BYTES, &v).unwrap_or_else(|e| {
@@ -137,8 +121,8 @@ impl Config {
         };
         let config = Config {
             limits: resolved.limits,
-            accounting_dir,
-            shared_account_required: plugin_file,
+            accounting_dir: account.dir.map(PathBuf::from),
+            shared_account_required: account.required,
             real_libcuda: get(env::REAL_LIBCUDA)
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| DEFAULT_REAL_LIBCUDA.to_owned()),

@@ -165,6 +165,36 @@ fn killed_process_slot_is_reclaimed() {
 }
 
 #[test]
+fn the_accounting_file_is_writable_by_every_user_whatever_the_creators_umask() {
+    // Regression: created 0644 under a usual umask, so a worker an entrypoint started as
+    // another user could not open it read-write (and under the limit file is refused all).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::artifacts();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "umask 077 && exec \"$@\"", "sh"])
+        .arg(&a.probe)
+        .args(["alloc", &MIB.to_string()])
+        .env("VRAMSLICE_REAL_LIBCUDA", &a.fake)
+        .env("VRAMSLICE_REAL_LIBNVML", &a.fake)
+        .env("LD_PRELOAD", &a.guard)
+        .stdin(Stdio::null());
+    for (k, v) in env(dir.path(), 100 * MIB) {
+        cmd.env(k, v);
+    }
+    let (out, so, se) = run(cmd);
+    assert!(
+        out.status.success() && so.contains("alloc rc=0"),
+        "{so}{se}"
+    );
+    let mode = std::fs::metadata(dir.path().join(ACCOUNTING_FILE_NAME))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o666, "{mode:o}");
+}
+
+#[test]
 fn a_fork_while_another_thread_sets_the_guard_up_leaves_the_child_working() {
     // Regression: the guard set up its accounts lazily and registered its fork handlers only
     // after; a fork while another thread was in that set-up gave the child a set-up marked in
@@ -176,7 +206,7 @@ fn a_fork_while_another_thread_sets_the_guard_up_leaves_the_child_working() {
     // sits in the set-up while the main thread forks.
     let mut holder = std::process::Command::new("flock")
         .arg(&file)
-        .args(["-c", "sleep 1.5"])
+        .args(["-c", "sleep 3"])
         .spawn()
         .expect("flock(1) from util-linux");
     let deadline = Instant::now() + Duration::from_secs(5);

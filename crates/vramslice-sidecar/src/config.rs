@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vramslice_core::container::limit::{
-    FileRead, GpuLimits, LimitEnv, Limits, limit_file_paths, resolve_limits,
+    FileRead, GpuLimits, LimitEnv, Limits, account_dir, limit_file_paths, resolve_limits,
 };
 use vramslice_core::names::env;
 use vramslice_core::{parse_bytes, parse_duration};
@@ -200,7 +200,13 @@ impl Config {
         for note in notes {
             tracing::warn!(note = %note, "vramslice sidecar limit");
         }
-        c.accounting_dir = get(env::ACCOUNTING_DIR).map(PathBuf::from);
+        // The guard's account, by the guard's rule (under the plugin's limit file, the mounted
+        // directory whatever the variable says).
+        let account = account_dir(&files, get(env::ACCOUNTING_DIR).as_deref());
+        if let Some(note) = &account.note {
+            tracing::warn!(note = %note, "vramslice sidecar accounting directory");
+        }
+        c.accounting_dir = account.dir.map(PathBuf::from);
         c.profile_dir = get(env::PROFILE_DIR).map(PathBuf::from);
         if let Some(v) = get(env::HIGH_WATER) {
             c.policy.high_water = number(env::HIGH_WATER, &v)?;
@@ -408,6 +414,25 @@ mod tests {
         // No file: the environment alone, as before.
         let got = Config::from_lookup(env(raised), files(None, None));
         assert_eq!(limit(got), Some(8 << 30));
+    }
+
+    /// The accounting directory by the guard's rule: under the plugin's limit file, the one it
+    /// mounts, whatever the variable says (the guard writes there, so the runtime reads there).
+    #[test]
+    fn under_the_limit_file_the_account_is_the_guards() {
+        let repointed =
+            |k: &str| (k == "VRAMSLICE_ACCOUNTING_DIR").then(|| "/tmp/mine".to_string());
+        let fixed = |p: &Path| match p.to_str() {
+            Some("/var/run/vramslice/limit") => FileRead::Text("limit=4294967296\n".into()),
+            _ => FileRead::Missing,
+        };
+        let got = Config::from_lookup(repointed, fixed).unwrap();
+        assert_eq!(
+            got.accounting_dir.as_deref(),
+            Some(Path::new("/var/run/vramslice/accounting"))
+        );
+        let got = Config::from_lookup(repointed, |_: &Path| FileRead::Missing).unwrap();
+        assert_eq!(got.accounting_dir.as_deref(), Some(Path::new("/tmp/mine")));
     }
 
     /// Per-GPU limits: the runtime takes one GPU's limit by the same rule as the guard — the

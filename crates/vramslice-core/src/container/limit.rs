@@ -17,7 +17,8 @@ mod resolve;
 pub use gpus::{GPU_UUID_MAX_LEN, GpuLimits, GpuLimitsError};
 pub use resolve::{LimitEnv, Limits, ResolvedLimits, resolve_limits};
 
-use crate::node::allocation::LIMIT_FILE_CONTAINER_PATH;
+use crate::names::env;
+use crate::node::allocation::{ACCOUNTING_CONTAINER_DIR, LIMIT_FILE_CONTAINER_PATH};
 
 /// What the plugin's limit file says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +195,48 @@ pub fn limit_file_paths(env_limit_file: Option<&str>) -> Vec<String> {
         paths.push(p.to_owned());
     }
     paths
+}
+
+/// Where a container's processes share their account, as [`account_dir`] decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountDir {
+    /// The accounting directory; `None`: each process on its own.
+    pub dir: Option<String>,
+    /// The device plugin's limit file is there, so the account must be shared: without it the
+    /// guard refuses every allocation rather than give each process the whole limit.
+    pub required: bool,
+    /// Why `VRAMSLICE_ACCOUNTING_DIR` was overruled, when it was.
+    pub note: Option<String>,
+}
+
+/// The one rule for the accounting directory, from the limit files read (as for
+/// [`resolve_limits`]) and `VRAMSLICE_ACCOUNTING_DIR` (`env_dir`). Under the device plugin's
+/// limit file ([`LIMIT_FILE_CONTAINER_PATH`] exists, readable or not) the account is the
+/// directory the plugin mounts beside it ([`ACCOUNTING_CONTAINER_DIR`]) whatever the variable
+/// says: a process that clears or repoints it (a launcher starting workers with a clean
+/// environment) still shares its container's account. Otherwise the variable decides.
+pub fn account_dir(files: &[(String, FileRead)], env_dir: Option<&str>) -> AccountDir {
+    let env_dir = env_dir.map(str::trim).filter(|d| !d.is_empty());
+    let plugin_file = files
+        .iter()
+        .any(|(path, read)| path == LIMIT_FILE_CONTAINER_PATH && *read != FileRead::Missing);
+    if !plugin_file {
+        return AccountDir {
+            dir: env_dir.map(str::to_owned),
+            required: false,
+            note: None,
+        };
+    }
+    AccountDir {
+        dir: Some(ACCOUNTING_CONTAINER_DIR.to_owned()),
+        required: true,
+        note: env_dir.filter(|d| *d != ACCOUNTING_CONTAINER_DIR).map(|other| {
+            format!(
+                "{}={other:?} is ignored under the limit file: the account is in {ACCOUNTING_CONTAINER_DIR}",
+                env::ACCOUNTING_DIR
+            )
+        }),
+    }
 }
 
 #[cfg(test)]

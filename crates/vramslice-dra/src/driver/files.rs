@@ -71,9 +71,18 @@ pub(super) fn restore_files(claim: &ClaimRef, done: &PreparedClaim) -> Result<bo
         write_atomically(path, text.as_bytes()).map_err(io_error(claim, path))?;
         tracing::info!(claim = %claim.label(), path = %path.display(), "wrote a prepared claim's file again");
     }
-    std::fs::create_dir_all(&files.accounting_dir)
-        .map_err(io_error(claim, &files.accounting_dir))?;
+    create_accounting_dir(claim, &files.accounting_dir)?;
     Ok(true)
+}
+
+/// Create a claim's accounting directory, writable by every user (0777, as the device plugin
+/// makes its allocations'): the guard in a container running as any user creates the shared
+/// accounting file there, and under the limit file it refuses every allocation without it.
+pub(super) fn create_accounting_dir(claim: &ClaimRef, dir: &Path) -> Result<(), PrepareError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)))
+        .map_err(io_error(claim, dir))
 }
 
 /// Remove a claim's CDI spec, limit file and accounting directory; those already gone are fine.

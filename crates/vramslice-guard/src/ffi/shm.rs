@@ -5,7 +5,7 @@ use crate::ledger::{Ledger, SlotLocks};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use vramslice_core::container::accounting as layout;
@@ -79,6 +79,10 @@ pub fn attach(
         .custom_flags(libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| format!("cannot open accounting file {}: {e}", path.display()))?;
+    // Readable and writable by every user of the container whatever the creator's umask: an
+    // entrypoint running as root often starts workers as another user, and they share the
+    // account. Only the file's owner may change it; for anyone else it is already so, or not.
+    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o666));
     let lock = Locked::new(&file)?;
     let mut bytes = Vec::new();
     (&file)

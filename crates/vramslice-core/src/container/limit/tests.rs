@@ -1,5 +1,4 @@
 use super::*;
-use crate::names::env;
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
@@ -805,4 +804,43 @@ proptest! {
             prop_assert!(got.for_gpu(uuid).unwrap_or(u64::MAX) <= file_value);
         }
     }
+}
+
+#[test]
+fn under_the_plugins_limit_file_the_account_is_the_mounted_directory() {
+    let fixed = |read: FileRead| vec![(LIMIT_FILE_CONTAINER_PATH.to_string(), read)];
+    for read in [file(MIB), FileRead::Error("permission denied".into())] {
+        for env_dir in [None, Some(""), Some(ACCOUNTING_CONTAINER_DIR)] {
+            let got = account_dir(&fixed(read.clone()), env_dir);
+            assert_eq!(
+                got.dir.as_deref(),
+                Some(ACCOUNTING_CONTAINER_DIR),
+                "{env_dir:?}"
+            );
+            assert!(got.required);
+            assert_eq!(got.note, None, "{env_dir:?}");
+        }
+        let repointed = account_dir(&fixed(read), Some("/tmp/mine"));
+        assert_eq!(repointed.dir.as_deref(), Some(ACCOUNTING_CONTAINER_DIR));
+        assert!(
+            repointed
+                .note
+                .is_some_and(|n| n.contains("/tmp/mine") && n.contains(env::ACCOUNTING_DIR))
+        );
+    }
+    // No plugin file (missing, or only a file the environment names): the variable decides.
+    let named = vec![
+        (LIMIT_FILE_CONTAINER_PATH.to_string(), FileRead::Missing),
+        ("/named".to_string(), file(MIB)),
+    ];
+    let got = account_dir(&named, Some(" /tmp/mine "));
+    assert_eq!(
+        got,
+        AccountDir {
+            dir: Some("/tmp/mine".into()),
+            required: false,
+            note: None
+        }
+    );
+    assert_eq!(account_dir(&named, None).dir, None);
 }
