@@ -29,5 +29,6 @@ pub mod device;
 mod ffi;
 pub mod guard;
 pub mod ledger;
+mod set_up;
 pub mod sizes;
 pub mod tracker;

@@ -18,39 +18,38 @@ mod vmm;
 use crate::config::{Config, Limits, read_limit_file};
 use crate::guard::{Account, AccountId, Guard, Mapping, Probes, UuidUnreadable};
 use crate::ledger::{Ledger, Liveness, private_words};
+use crate::set_up::SetUp;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::OnceLock;
 use types::*;
 use vramslice_core::container::accounting::{
     ACCOUNTING_FILE_NAME, gpu_accounting_file_name, parse_proc_stat,
 };
 
-static CONFIG: OnceLock<Config> = OnceLock::new();
-static GUARD: OnceLock<Option<Guard>> = OnceLock::new();
+static CONFIG: SetUp<Config> = SetUp::new();
+static GUARD: SetUp<Option<Guard>> = SetUp::new();
+
+/// In a forked child: set-ups the parent's other threads were running start over.
+fn forget_unfinished_set_ups() {
+    CONFIG.forget_unfinished();
+    GUARD.forget_unfinished();
+    real::forget_unfinished_set_ups();
+}
 
 /// The settings, read from the environment once (messages printed once).
 pub fn config() -> &'static Config {
-    if let Some(config) = CONFIG.get() {
-        return config;
-    }
-    fork::setting_up(|| {
-        CONFIG.get_or_init(|| {
-            let (config, msgs) = Config::from_lookup(|k| std::env::var(k).ok(), read_limit_file);
-            for m in msgs {
-                crate::log!("vramslice-guard: {m}");
-            }
-            config
-        })
+    CONFIG.get_or_init(|| {
+        let (config, msgs) = Config::from_lookup(|k| std::env::var(k).ok(), read_limit_file);
+        for m in msgs {
+            crate::log!("vramslice-guard: {m}");
+        }
+        config
     })
 }
 
 /// The guard, or `None` in pass-through mode (no limit).
 #[inline]
 pub fn guard() -> Option<&'static Guard> {
-    match GUARD.get() {
-        Some(guard) => guard.as_ref(),
-        None => fork::setting_up(|| GUARD.get_or_init(init_guard)).as_ref(),
-    }
+    GUARD.get_or_init(init_guard).as_ref()
 }
 
 fn init_guard() -> Option<Guard> {

@@ -3,8 +3,8 @@
 #![allow(non_snake_case)]
 
 use super::types::*;
+use crate::set_up::SetUp;
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Signature of `dlsym`.
@@ -188,34 +188,30 @@ pub struct RealNvml {
     pub get_memory_info_v2: Option<unsafe extern "C" fn(*mut c_void, *mut NvmlMemoryV2) -> c_int>,
 }
 
-static REAL: OnceLock<Option<Real>> = OnceLock::new();
-static REAL_NVML: OnceLock<Option<RealNvml>> = OnceLock::new();
+static REAL: SetUp<Option<Real>> = SetUp::new();
+static REAL_NVML: SetUp<Option<RealNvml>> = SetUp::new();
+
+/// In a forked child: loads the parent's other threads were running start over.
+pub(super) fn forget_unfinished_set_ups() {
+    REAL.forget_unfinished();
+    REAL_NVML.forget_unfinished();
+}
 
 /// The real driver, loaded on first use from `VRAMSLICE_REAL_LIBCUDA`.
 pub fn real() -> Option<&'static Real> {
-    if let Some(real) = REAL.get() {
-        return real.as_ref();
-    }
-    super::fork::setting_up(|| {
-        REAL.get_or_init(|| match open(&super::config().real_libcuda) {
-            Ok(h) => Some(Real::load(h)),
-            Err(e) => {
-                crate::log!(
-                    "vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED"
-                );
-                None
-            }
-        })
+    REAL.get_or_init(|| match open(&super::config().real_libcuda) {
+        Ok(h) => Some(Real::load(h)),
+        Err(e) => {
+            crate::log!("vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED");
+            None
+        }
     })
     .as_ref()
 }
 
 /// The real NVML, loaded on first use from `VRAMSLICE_REAL_LIBNVML`.
 pub fn real_nvml() -> Option<&'static RealNvml> {
-    if let Some(nvml) = REAL_NVML.get() {
-        return nvml.as_ref();
-    }
-    super::fork::setting_up(|| REAL_NVML.get_or_init(load_real_nvml)).as_ref()
+    REAL_NVML.get_or_init(load_real_nvml).as_ref()
 }
 
 fn load_real_nvml() -> Option<RealNvml> {
