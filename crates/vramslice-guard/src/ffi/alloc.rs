@@ -432,9 +432,18 @@ pub unsafe extern "C" fn cuMemPoolCreate(
 pub unsafe extern "C" fn cuMemPoolDestroy(pool: Handle) -> CUresult {
     boundary(|| {
         let f = real_fn!(cuMemPoolDestroy);
+        let key = (pool as usize as u64).max(1);
+        if let Some(g) = guard() {
+            g.pool_closing(key);
+        }
         // SAFETY: arguments forwarded unchanged.
         let rc = unsafe { f(pool) };
-        after_success(rc, |g| g.pool_destroyed((pool as usize as u64).max(1)))
+        if rc != CUDA_SUCCESS
+            && let Some(g) = guard()
+        {
+            g.pool_not_closed(key);
+        }
+        after_success(rc, |g| g.pool_destroyed(key))
     })
 }
 

@@ -6,8 +6,11 @@
 //! next asynchronous allocation from the pool reuses it first. Retained bytes go back when a trim
 //! or a reconciliation reads that the pool holds less (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`);
 //! a reconciliation that reads it holds more (a pool reserves in chunks larger than the bytes
-//! asked, and rounds each allocation) charges the difference as retained, whatever the limit:
-//! the driver has taken that memory.
+//! asked, and rounds each allocation) charges the difference as *slack*, whatever the limit: the
+//! driver has taken that memory, but it may not serve the next allocation, so nothing is taken
+//! from the slack in place of a new charge (the next reading settles what it became). The
+//! reading is taken and applied under the pools' lock, so a trim or a destroy cannot come
+//! between; a pool being destroyed is not read.
 //! A destroyed pool gives back what it retained at once, and what was still allocated from it as
 //! that is freed; a pool located on the host holds host memory and is never charged. A pool
 //! handle the driver hands out again starts over.
@@ -25,6 +28,9 @@ pub struct PoolState {
     pub in_use: u64,
     /// Bytes freed into the pool and still charged (the pool may keep them).
     pub retained: u64,
+    /// Bytes the pool holds beyond its live allocations and the retained bytes, as last read:
+    /// charged, never counted as reusable.
+    pub slack: u64,
     /// The account the pool's bytes are charged to (its device's, fixed at first use).
     pub account: AccountId,
     /// A pool located on the host: its memory is not device memory and is never charged.
@@ -32,6 +38,15 @@ pub struct PoolState {
     /// Destroyed while allocations from it were outstanding: the driver gives each back as it
     /// is freed, so nothing is retained any more.
     pub destroyed: bool,
+    /// A `cuMemPoolDestroy` of it is under way: its handle is not read any more.
+    pub closing: bool,
+}
+
+impl PoolState {
+    /// What the pool's account is charged beyond the live allocations.
+    fn held_beyond_use(&self) -> u64 {
+        self.retained.saturating_add(self.slack)
+    }
 }
 
 impl PoolState {
@@ -133,7 +148,21 @@ impl Guard {
     fn replace_pool(&self, pool: u64, state: PoolState) {
         let old = self.pools().insert(pool, state);
         if let Some(old) = old {
-            self.release(old.account, old.retained);
+            self.release(old.account, old.held_beyond_use());
+        }
+    }
+
+    /// Before the real `cuMemPoolDestroy(pool)`: its handle is not read from now on.
+    pub fn pool_closing(&self, pool: u64) {
+        if let Some(st) = self.pools().get_mut(&pool) {
+            st.closing = true;
+        }
+    }
+
+    /// The real `cuMemPoolDestroy(pool)` failed: the pool lives on.
+    pub fn pool_not_closed(&self, pool: u64) {
+        if let Some(st) = self.pools().get_mut(&pool) {
+            st.closing = false;
         }
     }
 
@@ -144,7 +173,8 @@ impl Guard {
         let Some(st) = pools.get_mut(&pool) else {
             return;
         };
-        let (account, retained) = (st.account, std::mem::take(&mut st.retained));
+        let account = st.account;
+        let retained = std::mem::take(&mut st.retained) + std::mem::take(&mut st.slack);
         if st.in_use == 0 || st.host {
             pools.remove(&pool);
         } else {
@@ -171,35 +201,45 @@ impl Guard {
     }
 
     /// After a trim of `pool` (`keep_at_most`: the bytes the trim kept at most) or on a
-    /// reconciliation (`None`): set the retained bytes to what the pool really holds beyond its
-    /// live allocations. Less is given back; more is charged, but only on a reconciliation (a
-    /// trim only ever gives back).
-    /// A destroyed pool is not asked (its handle is no longer valid to the driver), nor a pool
-    /// on the host (its memory is never charged).
+    /// reconciliation (`None`): set what the pool's account is charged beyond the live
+    /// allocations to what the pool really holds beyond them. Less is given back (the retained
+    /// bytes first kept, the slack first lost); more is charged as slack, but only on a
+    /// reconciliation (a trim only ever gives back). A pool destroyed, being destroyed or on the
+    /// host is not read (its handle is no longer valid, or its memory is never charged).
     pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
-        let live = |st: &PoolState| !st.destroyed && !st.host;
-        if !self.pools().get(&pool).is_some_and(live) {
-            return;
-        }
-        let real = (self.probes.pool_reserved)(pool);
         let mut pools = self.pools();
-        let Some(st) = pools.get_mut(&pool).filter(|st| live(st)) else {
+        let Some(st) = pools
+            .get_mut(&pool)
+            .filter(|st| !st.destroyed && !st.closing && !st.host)
+        else {
             return;
         };
-        let mut target = match real {
+        // Read under the lock: a trim's own reconciliation or a destroy cannot come between
+        // the reading and its use (the call reads one attribute; it never enters the guard).
+        // Unknown: a trim still keeps at most what it was asked to.
+        let beyond = match (self.probes.pool_reserved)(pool) {
             Some(reserved) => reserved.saturating_sub(st.in_use),
-            None => st.retained,
+            None if keep_at_most.is_some() => st.held_beyond_use(),
+            None => return,
         };
-        if let Some(keep) = keep_at_most {
-            target = target.min(keep).min(st.retained);
+        let before = st.held_beyond_use();
+        match keep_at_most {
+            Some(keep) => {
+                let cap = beyond.min(keep);
+                st.retained = st.retained.min(cap);
+                st.slack = st.slack.min(cap - st.retained);
+            }
+            None => {
+                st.retained = st.retained.min(beyond);
+                st.slack = beyond - st.retained;
+            }
         }
-        let (before, account) = (st.retained, st.account);
-        st.retained = target;
+        let (after, account) = (st.held_beyond_use(), st.account);
         drop(pools);
-        if target >= before {
-            self.accounts[account].ledger().force_add(target - before);
+        if after >= before {
+            self.accounts[account].ledger().force_add(after - before);
         } else {
-            self.release(account, before - target);
+            self.release(account, before - after);
         }
     }
 

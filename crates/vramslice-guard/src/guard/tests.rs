@@ -350,9 +350,13 @@ fn a_pool_that_reserved_more_than_asked_is_charged_what_it_holds() {
     g.track_async(0x4, 4, 0, 40);
     assert_eq!(g.used(0), 40);
     g.reconcile_pools();
-    assert_eq!(g.used(0), 64, "the pool holds 64: 40 in use, 24 kept");
-    // The kept bytes are reused before anything new is charged.
+    assert_eq!(g.used(0), 64, "the pool holds 64: 40 in use, 24 beyond");
+    // Those 24 may not serve the next allocation: it is charged, not taken from them...
     g.reserve_async(0, 4, 20).unwrap();
+    g.track_async(0x5, 4, 0, 20);
+    assert_eq!(g.used(0), 84);
+    // ...and the next reading settles it (the pool still holds 64: 60 in use, 4 beyond).
+    g.reconcile_pools();
     assert_eq!(g.used(0), 64);
     // A trim never charges more.
     g.reconcile_pool(4, Some(100));
@@ -361,6 +365,34 @@ fn a_pool_that_reserved_more_than_asked_is_charged_what_it_holds() {
     g.host_pool_created(8);
     g.reconcile_pools();
     assert_eq!(g.used(0), 64);
+    // A pool being destroyed is not read any more; destroyed, what it held beyond use goes.
+    g.pool_closing(4);
+    g.reconcile_pools();
+    g.pool_destroyed(4);
+    assert_eq!(g.used(0), 60, "the 4 beyond use went with the pool");
+}
+
+#[test]
+fn a_pool_being_destroyed_is_not_queried() {
+    // The real cuMemPoolDestroy runs on one thread while another's cuMemGetInfo reconciles.
+    static QUERIED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+    let g = Guard::new(
+        vec![account("", 100)],
+        Mapping::Container,
+        probes_with(|pool| {
+            QUERIED.lock().unwrap().push(pool);
+            Some(10)
+        }),
+    )
+    .unwrap();
+    g.pool_created(6, 0);
+    g.pool_closing(6);
+    g.reconcile_pools();
+    assert!(QUERIED.lock().unwrap().is_empty(), "not read while closing");
+    g.pool_not_closed(6); // the destroy failed: the pool lives on
+    g.reconcile_pools();
+    assert_eq!(*QUERIED.lock().unwrap(), [6]);
+    assert_eq!(g.used(0), 10);
 }
 
 #[test]
