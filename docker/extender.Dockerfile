@@ -20,6 +20,6 @@ LABEL org.opencontainers.image.title="vramslice-extender" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/vramslice-extender /usr/local/bin/vramslice-extender
 USER 65532:65532
-EXPOSE 8888 8443
+EXPOSE 8888 8889 8443
 ENTRYPOINT ["/usr/local/bin/vramslice-extender"]
 CMD ["--config", "/etc/vramslice/extender.yaml"]

@@ -74,6 +74,10 @@ if "$HELM" template vramslice "$CHART" "${KV[@]}" --set extender.metricsPort=888
   fail "extender.port = extender.metricsPort was accepted"
 fi
 expect "$tmp/same-port.err" 'both 8888' "extender.port = extender.metricsPort refused, naming the port"
+if "$HELM" template vramslice "$CHART" "${KV[@]}" --set extender.metricsPort=8443 > "$tmp/wh-port.yaml" 2> "$tmp/wh-port.err"; then
+  fail "extender.metricsPort = webhook.port was accepted"
+fi
+expect "$tmp/wh-port.err" 'webhook.port 8443 is taken' "extender.metricsPort = webhook.port refused, naming the port"
 reject "$d" 'kind: PodDisruptionBudget' "one replica: no PDB"
 # The RBAC scan reads the RBAC objects only: the FlowSchema's rules match every request of the
 # scheduler's identity (how they queue, not what they may do), like Kubernetes' own.

@@ -103,7 +103,10 @@ type Cluster struct {
 	Dynamic         dynamic.Interface
 	Applier         *Applier
 	ExtenderURL     string
-	Extender        *Process
+	// ExtenderMetricsURL serves the extender's /healthz, /readyz and /metrics (metricsAddr,
+	// as the chart runs it); ExtenderURL serves only kube-scheduler's verbs.
+	ExtenderMetricsURL string
+	Extender           *Process
 	// Schedulers are the kube-scheduler child processes (Options.SchedulerProcesses).
 	Schedulers []*SchedulerProcess
 
@@ -116,6 +119,7 @@ type Cluster struct {
 	ctx          context.Context
 	ownDir       bool
 	extenderPort int
+	metricsPort  int
 	pluginKC     string
 	extenderKC   string
 	nextMetrics  int
@@ -275,6 +279,10 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	c.ExtenderURL = "http://127.0.0.1:" + strconv.Itoa(c.extenderPort)
+	if c.metricsPort, err = freePort(); err != nil {
+		return nil, err
+	}
+	c.ExtenderMetricsURL = "http://127.0.0.1:" + strconv.Itoa(c.metricsPort)
 	scheds := []SchedulerOptions{{Name: SchedulerName, ExtenderURL: c.ExtenderURL, ResourceName: ResourceName}}
 	if opts.PlainScheduler {
 		scheds = append(scheds, SchedulerOptions{Name: PlainScheduler})

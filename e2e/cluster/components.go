@@ -89,7 +89,8 @@ func (c *Cluster) KillPlugin(name string) {
 // StartExtender starts (or restarts) vramslice-extender on the port the scheduler calls.
 func (c *Cluster) StartExtender() error {
 	cfgPath := filepath.Join(c.Dir, "extender.yaml")
-	cfg := fmt.Sprintf("listenAddr: 127.0.0.1:%d\nresources: [%s]\n%s", c.extenderPort, ResourceName, c.Opts.ExtenderExtraConfig)
+	cfg := fmt.Sprintf("listenAddr: 127.0.0.1:%d\nmetricsAddr: 127.0.0.1:%d\nresources: [%s]\n%s",
+		c.extenderPort, c.metricsPort, ResourceName, c.Opts.ExtenderExtraConfig)
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return err
 	}
@@ -110,7 +111,7 @@ func (c *Cluster) waitExtenderReady(timeout time.Duration) error {
 		if exited, err := c.Extender.Exited(); exited {
 			return false, fmt.Errorf("extender exited (%v); log tail:\n%s", err, c.Extender.Tail(2000))
 		}
-		resp, err := http.Get(c.ExtenderURL + "/readyz")
+		resp, err := http.Get(c.ExtenderMetricsURL + "/readyz")
 		if err != nil {
 			return false, err
 		}

@@ -3,6 +3,7 @@ package scenarios
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -76,8 +77,42 @@ func newCluster(t *testing.T, opts cluster.Options, nodes map[string][]cluster.F
 	if err := c.WaitNodesAdvertise(ctx, names, 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	checkExtenderListeners(t, c)
 	t.Logf("cluster up: %d node(s) %v, extender at %s", len(names), names, c.ExtenderURL)
 	return c
+}
+
+// checkExtenderListeners: with metricsAddr set (as the chart sets it), the probes and metrics
+// answer there and not beside kube-scheduler's verbs, which answer only on listenAddr.
+func checkExtenderListeners(t *testing.T, c *cluster.Cluster) {
+	t.Helper()
+	status := func(method, url string) int {
+		req, err := http.NewRequest(method, url, strings.NewReader("{}"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, url, err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, check := range []struct {
+		method, url string
+		want        int
+	}{
+		{"GET", c.ExtenderMetricsURL + "/metrics", http.StatusOK},
+		{"GET", c.ExtenderMetricsURL + "/healthz", http.StatusOK},
+		{"GET", c.ExtenderURL + "/metrics", http.StatusNotFound},
+		{"GET", c.ExtenderURL + "/readyz", http.StatusNotFound},
+		{"POST", c.ExtenderMetricsURL + "/bind", http.StatusNotFound},
+		{"POST", c.ExtenderURL + "/bind", http.StatusBadRequest}, // served: names the missing field
+	} {
+		if got := status(check.method, check.url); got != check.want {
+			t.Fatalf("%s %s: status %d, want %d", check.method, check.url, got, check.want)
+		}
+	}
 }
 
 // checkNoForbidden fails the scenario when the extender or a device plugin was

@@ -230,6 +230,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             resources.push(unit);
         }
     }
+    if let Some(webhook) = &raw.webhook {
+        let port = webhook.listen_addr.port();
+        let taken = [Some(listen_addr), metrics_addr]
+            .into_iter()
+            .flatten()
+            .any(|addr| addr.port() == port);
+        if port != 0 && taken {
+            return Err(invalid(
+                "webhook",
+                format!("listenAddr port {port} is the extender's listenAddr or metricsAddr port"),
+            ));
+        }
+    }
     Ok(Config {
         listen_addr,
         metrics_addr,
@@ -310,6 +323,10 @@ mod tests {
             (
                 "listenAddr: 127.0.0.1:8888\nmetricsAddr: 0.0.0.0:8888",
                 "port 8888 is listenAddr's port already",
+            ),
+            (
+                "metricsAddr: 0.0.0.0:8443\nwebhook: { listenAddr: 0.0.0.0:8443, certDir: /c }",
+                "listenAddr port 8443 is the extender's listenAddr or metricsAddr port",
             ),
             (
                 "tls: { certFile: /c.pem }",

@@ -127,32 +127,36 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
         watch::RESERVATION_TTL,
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let webhook_task = webhook.map(|cfg| {
-        let metrics = ext.metrics().webhook();
-        let mut stop = stop_rx.clone();
-        let client = client.clone();
-        tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            };
-            if let Err(e) = vramslice_webhook::serve(cfg, client, metrics, stopped).await {
-                // Placement goes on for pods that name the scheduler; new VRAM pods are refused
-                // (failurePolicy Fail, the chart's default) or left on default-scheduler (Ignore).
-                tracing::error!(error = %e, "admission webhook stopped");
-            }
-        })
-    });
+    let stop_tx = std::sync::Arc::new(stop_tx);
     let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
+    let webhook_task = webhook.map(|cfg| {
+        let metrics = ext.metrics().webhook();
+        let client = client.clone();
+        tokio::spawn(vramslice_webhook::serve(
+            cfg,
+            client,
+            metrics,
+            stopped(stop_rx.clone()),
+        ))
+    });
+    let on_signal = stop_tx.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
-        let _ = stop_tx.send(true);
+        let _ = on_signal.send(true);
     });
-    match metrics_addr {
-        None => serve::serve(http::router(ext), addr, tls.as_ref(), stopped(stop_rx)).await?,
-        Some(metrics_addr) => {
-            tokio::try_join!(
+    let serving = async {
+        match metrics_addr {
+            None => serve::serve(
+                http::router(ext),
+                addr,
+                tls.as_ref(),
+                stopped(stop_rx.clone()),
+            )
+            .await
+            .map(|_| ()),
+            Some(metrics_addr) => tokio::try_join!(
                 serve::serve(
                     http::verb_router(ext.clone()),
                     addr,
@@ -163,13 +167,38 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
                     http::probe_router(ext),
                     metrics_addr,
                     None,
-                    stopped(stop_rx)
+                    stopped(stop_rx.clone())
                 ),
-            )?;
+            )
+            .map(|_| ()),
         }
-    }
-    if let Some(task) = webhook_task {
-        task.await.context("webhook task panicked")?;
+    };
+    let Some(mut webhook_task) = webhook_task else {
+        serving.await?;
+        return Ok(());
+    };
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => {
+            served?;
+            webhook_task.await.context("webhook task panicked")??;
+        }
+        webhook_ended = &mut webhook_task => {
+            if !*stop_rx.borrow() {
+                // With failurePolicy Fail no new VRAM pod is admitted without the webhook: exit,
+                // so that the pod restarts (and shows it) instead of placing on, looking ready.
+                let _ = stop_tx.send(true);
+                let why = match webhook_ended {
+                    Ok(Ok(())) => anyhow::anyhow!("it returned"),
+                    Ok(Err(e)) => anyhow::Error::new(e),
+                    Err(e) => anyhow::Error::new(e),
+                };
+                let _ = serving.await;
+                return Err(why.context("the admission webhook stopped; exiting"));
+            }
+            webhook_ended.context("webhook task panicked")??;
+            serving.await?;
+        }
     }
     Ok(())
 }

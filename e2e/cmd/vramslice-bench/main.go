@@ -123,7 +123,7 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 			return fmt.Errorf("--order: unknown run %q (want plain or ext)", which)
 		}
 		prefix = fmt.Sprintf("%s%d", which, i)
-		ext0, err := scrapeURL(c.ExtenderURL + "/metrics")
+		ext0, err := scrapeURL(c.ExtenderMetricsURL + "/metrics")
 		if err != nil {
 			return fmt.Errorf("extender metrics: %w", err)
 		}
@@ -150,7 +150,7 @@ func run(nPods, nNodes, nGPUs int, timeout time.Duration, order []string, binDir
 			if cpuProfile != "" {
 				pprof.StopCPUProfile()
 			}
-			if ext1, scrapeErr = scrapeURL(c.ExtenderURL + "/metrics"); scrapeErr != nil {
+			if ext1, scrapeErr = scrapeURL(c.ExtenderMetricsURL + "/metrics"); scrapeErr != nil {
 				scrapeErr = fmt.Errorf("extender metrics: %w", scrapeErr)
 				return
 			}

@@ -314,6 +314,17 @@ pub fn evaluate(
             }
             next.breaches.insert(key, breach_state);
         }
+        // A GPU whose process list could not be read: the strays already reported stay known
+        // (reported once while they last, not again when the list is back).
+        if sample.is_some_and(|s| s.processes.is_none()) {
+            next.strays.extend(
+                state
+                    .strays
+                    .iter()
+                    .filter(|(uuid, _)| *uuid == gpu.uuid)
+                    .cloned(),
+            );
+        }
         for stray in &gpu.processes_without_pod {
             let id = (gpu.uuid.clone(), stray.pid);
             if !state.strays.contains(&id) {

@@ -560,3 +560,39 @@ fn a_process_list_the_driver_could_not_read_is_not_judged_and_keeps_a_breach() {
         later.events
     );
 }
+
+#[test]
+fn strays_reported_once_stay_reported_while_the_process_list_cannot_be_read() {
+    let p = policy(30, WatchdogAction::Report);
+    let stray = vec![proc_(7, GIB, None)];
+    let first = step(&p, &WatchdogState::default(), 0, stray.clone());
+    assert_eq!(
+        first
+            .events
+            .iter()
+            .filter(|e| matches!(e, WatchdogEvent::ProcessWithoutPod { .. }))
+            .count(),
+        1
+    );
+    let mut unlisted = sample(Vec::new());
+    unlisted.processes = None;
+    let samples = vec![unlisted];
+    let report = build_report(VramUnit::Gib1, &samples, &records());
+    let blind = evaluate(
+        &p,
+        &first.state,
+        Duration::from_secs(10),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    );
+    let back = step(&p, &blind.state, 20, stray);
+    assert!(
+        !back
+            .events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::ProcessWithoutPod { .. })),
+        "not reported again: {:?}",
+        back.events
+    );
+}
