@@ -475,14 +475,17 @@ fn per_gpu_limits_admit_by_the_named_gpus_slice() {
     use vramslice_core::container::limit::{FileRead, limits_file_content};
     let dir = tempfile::tempdir().unwrap();
     let dir_text = dir.path().display().to_string();
+    // A limit file the environment names, so that the accounting directory is the
+    // environment's too (under the plugin's fixed file it would be the mounted one).
     let env = move |k: &str| match k {
         "VRAMSLICE_GPU_UUID" => Some("GPU-b".to_string()),
         "VRAMSLICE_ACCOUNTING_DIR" => Some(dir_text.clone()),
+        "VRAMSLICE_LIMIT_FILE" => Some("/test/named-limit".to_string()),
         _ => None,
     };
     let file = limits_file_content(&[("GPU-a", 8 * GIB), ("GPU-b", 4 * GIB)]).unwrap();
     let config = Config::from_lookup(env, |p| {
-        if p.ends_with("vramslice/limit") {
+        if p.ends_with("named-limit") {
             FileRead::Text(file.clone())
         } else {
             FileRead::Missing
