@@ -528,6 +528,10 @@ int nvmlDeviceGetMemoryInfo_v2(void *dev, nvmlMemory_v2_t *m) {
     return 0;
 }
 
+/* A cuMemAlloc of a CUDA version to come (its ABI as v2's here): an entry point the guard does
+ * not know by address, handed out only for version 99000 and above. */
+static CUresult future_cuMemAlloc(CUdeviceptr *d, size_t n) { return cuMemAlloc_v2(d, n); }
+
 /* Minimal CUDA 12 cuGetProcAddress: version-aware for the names with ABI versions. */
 struct entry { const char *name; int min_version; int per_thread; void *fn; };
 #define E(n, v, pt, f) { n, v, pt, (void *)(f) }
@@ -543,6 +547,7 @@ static const struct entry table[] = {
     E("cuDevicePrimaryCtxRelease", 11000, 0, cuDevicePrimaryCtxRelease_v2),
     E("cuDevicePrimaryCtxReset", 11000, 0, cuDevicePrimaryCtxReset_v2),
     E("cuMemGetInfo", 3020, 0, cuMemGetInfo_v2), E("cuMemGetInfo", 0, 0, cuMemGetInfo),
+    E("cuMemAlloc", 99000, 0, future_cuMemAlloc),
     E("cuMemAlloc", 3020, 0, cuMemAlloc_v2), E("cuMemAlloc", 0, 0, cuMemAlloc),
     E("cuMemAllocPitch", 3020, 0, cuMemAllocPitch_v2), E("cuMemAllocPitch", 0, 0, cuMemAllocPitch),
     E("cuMemAllocManaged", 0, 0, cuMemAllocManaged), E("cuMemFree", 3020, 0, cuMemFree_v2), E("cuMemFree", 0, 0, cuMemFree),

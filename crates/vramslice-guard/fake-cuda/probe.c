@@ -10,6 +10,7 @@
  *   probe hold <bytes>          (allocates, prints "ready", waits for stdin to close)
  *   probe alloc <bytes>         (allocates once, prints the result code)
  *   probe fork <bytes> <limit>  (parent and child each hold <bytes>; see tests)
+ *   probe gpafuture             (cuGetProcAddress of cuMemAlloc for a CUDA version to come, twice)
  *   probe forkinit <delay-ms>   (a thread makes the first CUDA call; after <delay-ms> the main
  *                               thread forks and the child allocates: see tests)
  *   probe prefork <workers> <chunk> <want>  (parent makes a context, forks workers that each
@@ -393,6 +394,17 @@ static int fork_test(size_t n, size_t limit) {
     check(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child passed its checks");
     CUdeviceptr e;
     check(cuMemAlloc_v2(&e, limit - n) == 0, "after the child exits its memory is reclaimed");
+    return finish();
+}
+
+/* cuGetProcAddress of an entry point of a CUDA version to come (the fake driver hands out one
+ * the guard cannot know for cuMemAlloc at version 99000), twice: the guard says so, once. */
+static int gpafuture(void) {
+    void *known = NULL, *future = NULL, *again = NULL;
+    check(cuGetProcAddress_v2("cuMemAlloc", &known, 12040, 0, NULL) == 0 && known, "cuMemAlloc of CUDA 12.4 resolves");
+    check(cuGetProcAddress_v2("cuMemAlloc", &future, 99000, 0, NULL) == 0 && future, "cuMemAlloc of a CUDA to come resolves");
+    check(cuGetProcAddress_v2("cuMemAlloc", &again, 99000, 0, NULL) == 0 && again == future, "and again, the same");
+    check(future != known, "to another entry point than CUDA 12.4's");
     return finish();
 }
 
@@ -844,6 +856,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "gpafuture") && argc == 2) return gpafuture();
     if (!strcmp(s, "forkinit") && argc == 3) return forkinit((unsigned)atoi(argv[2]));
     if (!strcmp(s, "prefork") && argc == 5) return prefork(atoi(argv[2]), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
     if (!strcmp(s, "bench") && (argc == 4 || (argc == 5 && !strcmp(argv[4], "async"))))

@@ -221,3 +221,20 @@ fn closed_stderr_does_not_change_the_answer() {
         "refused, not a panic code: {so}{se}"
     );
 }
+
+#[test]
+fn an_entry_point_the_guard_cannot_know_is_named_once() {
+    // cuGetProcAddress of cuMemAlloc for a CUDA version to come: the driver hands out an entry
+    // point none of the guard's wrappers matches. It cannot be wrapped (its ABI is unknown),
+    // but its allocations would go uncounted, so the guard says so, once.
+    let (out, so, se) = run(probe(true, &limited_env(), &["gpafuture"]));
+    assert_checks(&out, &so, &se, 4);
+    let said = se
+        .matches("cuGetProcAddress(\"cuMemAlloc\", version 99000) returned an entry point the guard does not know")
+        .count();
+    assert_eq!(said, 1, "{se}");
+    // Unguarded, nothing is said.
+    let (out, so, se) = run(probe(false, &limited_env(), &["gpafuture"]));
+    assert_checks(&out, &so, &se, 4);
+    assert!(!se.contains("does not know"), "{se}");
+}

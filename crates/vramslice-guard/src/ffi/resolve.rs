@@ -195,14 +195,54 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
     )
 }
 
-fn substitute(pfn: *mut *mut c_void) {
+/// Suffixes the driver's ABI versions and per-thread-default-stream variants add to a name.
+const VARIANT_SUFFIXES: [&[u8]; 6] = [b"", b"_v2", b"_v3", b"_ptsz", b"_ptds", b"_v2_ptds"];
+
+/// Whether the guard wraps some variant of the driver function `symbol` names (as
+/// `cuGetProcAddress` is asked: the base name, without version suffix).
+fn covers(symbol: &[u8]) -> bool {
+    VARIANT_SUFFIXES.iter().any(|suffix| {
+        let mut name = symbol.to_vec();
+        name.extend_from_slice(suffix);
+        wrapper_for_name(&name).is_some()
+    })
+}
+
+/// Names already logged by [`substitute`], so each is logged once.
+static UNKNOWN_LOGGED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+fn substitute(symbol: *const c_char, version: c_int, pfn: *mut *mut c_void) {
     if guard().is_none() {
         return;
     }
     // SAFETY: pfn is non-null (checked by callers) and was just written by the driver.
-    if let Some(w) = unsafe { read_out(pfn) }.and_then(|p| wrapper_for_real(p as usize)) {
+    let Some(real_fn) = (unsafe { read_out(pfn) }) else {
+        return;
+    };
+    if let Some(w) = wrapper_for_real(real_fn as usize) {
         // SAFETY: as above; writing the same type back.
         unsafe { pfn.write(w) };
+        return;
+    }
+    if symbol.is_null() {
+        return;
+    }
+    // SAFETY: the caller passed a NUL-terminated symbol name, which the driver just read.
+    let name = unsafe { CStr::from_ptr(symbol) }.to_bytes();
+    if !covers(name) {
+        return;
+    }
+    // A variant of a function the guard wraps, at an address none of the variants it knows
+    // has (a newer ABI version): it cannot be wrapped without its signature, so say so.
+    let mut logged = UNKNOWN_LOGGED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !logged.iter().any(|n| n == name) {
+        logged.push(name.to_vec());
+        crate::log!(
+            "vramslice-guard: cuGetProcAddress(\"{}\", version {version}) returned an entry point the guard does not know (a newer ABI version?); what it allocates is not counted by the guard (the device plugin's watchdog still sees it in NVML)",
+            String::from_utf8_lossy(name)
+        );
     }
 }
 
@@ -223,7 +263,7 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
         // SAFETY: arguments forwarded unchanged.
         let rc = unsafe { f(symbol, pfn, version, flags, status) };
         if rc == CUDA_SUCCESS && !pfn.is_null() {
-            substitute(pfn);
+            substitute(symbol, version, pfn);
         }
         rc
     })
@@ -251,7 +291,7 @@ pub unsafe extern "C" fn cuGetProcAddress(
             }
         };
         if rc == CUDA_SUCCESS && !pfn.is_null() {
-            substitute(pfn);
+            substitute(symbol, version, pfn);
         }
         rc
     })
