@@ -92,14 +92,7 @@ pub struct ClaimOnNode {
 /// `pool`, sorted: what identifies its allocation there, read without knowing the node's GPUs
 /// (empty when it has none there).
 pub fn allocated_devices_in(claim: &ResourceClaim, pool: &str) -> Vec<(String, Option<String>)> {
-    let mut found: Vec<(String, Option<String>)> = claim
-        .status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-        .and_then(|d| d.results.as_ref())
-        .into_iter()
-        .flatten()
+    let mut found: Vec<(String, Option<String>)> = allocation_results(claim)
         .filter(|r| r.driver == DRA_DRIVER && r.pool == pool)
         .map(|r| (r.device.clone(), r.share_id.clone()))
         .collect();

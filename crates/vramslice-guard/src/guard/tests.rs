@@ -308,31 +308,41 @@ fn destroyed_pools_give_back_what_they_retain_and_late_frees() {
 }
 
 #[test]
-fn a_destroyed_pool_with_allocations_left_is_never_queried() {
-    // Regression: reconciling (on every cuMemGetInfo) asked the driver about a pool handle the
-    // application had destroyed.
+fn pools_destroyed_or_being_destroyed_are_never_queried() {
+    // Regression: reconciling (on every cuMemGetInfo) asked the driver about pool handles the
+    // application had destroyed, or was destroying on another thread.
     static QUERIED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+    let queried = || std::mem::take(&mut *QUERIED.lock().unwrap());
     let g = Guard::new(
         vec![account("", 100)],
         Mapping::Container,
         probes_with(|pool| {
             QUERIED.lock().unwrap().push(pool);
-            Some(0)
+            Some(if pool == 6 { 10 } else { 40 })
         }),
     )
     .unwrap();
+    g.pool_created(6, 0);
+    g.pool_closing(6);
+    g.reconcile_pools();
+    assert!(queried().is_empty(), "not read while closing");
+    g.pool_not_closed(6); // the destroy failed: the pool lives on
+    g.reconcile_pools();
+    assert_eq!(queried(), [6]);
+    assert_eq!(g.used(0), 10);
+
     g.pool_created(9, 0);
     g.reserve_async(0, 9, 40).unwrap();
     g.track_async(0x9, 9, 0, 40);
-    g.reconcile_pools();
-    assert_eq!(*QUERIED.lock().unwrap(), [9], "a live pool is asked");
+    g.reconcile_pool(9, None);
+    assert_eq!(queried(), [9], "a live pool is asked");
     g.pool_destroyed(9);
     g.reconcile_pools();
     g.reconcile_pool(9, Some(0));
-    assert_eq!(*QUERIED.lock().unwrap(), [9], "the destroyed one is not");
-    assert_eq!(g.used(0), 40, "its allocation stays charged until freed");
+    assert_eq!(queried(), [6], "the destroyed one is not");
+    assert_eq!(g.used(0), 50, "its allocation stays charged until freed");
     g.freed(g.untrack(Kind::DevicePtr, 0x9).unwrap());
-    assert_eq!(g.used(0), 0);
+    assert_eq!(g.used(0), 10);
 }
 
 #[test]
@@ -370,29 +380,6 @@ fn a_pool_that_reserved_more_than_asked_is_charged_what_it_holds() {
     g.reconcile_pools();
     g.pool_destroyed(4);
     assert_eq!(g.used(0), 60, "the 4 beyond use went with the pool");
-}
-
-#[test]
-fn a_pool_being_destroyed_is_not_queried() {
-    // The real cuMemPoolDestroy runs on one thread while another's cuMemGetInfo reconciles.
-    static QUERIED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
-    let g = Guard::new(
-        vec![account("", 100)],
-        Mapping::Container,
-        probes_with(|pool| {
-            QUERIED.lock().unwrap().push(pool);
-            Some(10)
-        }),
-    )
-    .unwrap();
-    g.pool_created(6, 0);
-    g.pool_closing(6);
-    g.reconcile_pools();
-    assert!(QUERIED.lock().unwrap().is_empty(), "not read while closing");
-    g.pool_not_closed(6); // the destroy failed: the pool lives on
-    g.reconcile_pools();
-    assert_eq!(*QUERIED.lock().unwrap(), [6]);
-    assert_eq!(g.used(0), 10);
 }
 
 #[test]

@@ -58,7 +58,19 @@ fn step(
     t: u64,
     processes: Vec<ProcessSample>,
 ) -> Verdict {
-    let samples = vec![sample(processes)];
+    step_listing(p, state, t, Some(processes))
+}
+
+/// [`step`] with the process list as the driver gave it: `None` when it could not be read.
+fn step_listing(
+    p: &WatchdogPolicy,
+    state: &WatchdogState,
+    t: u64,
+    processes: Option<Vec<ProcessSample>>,
+) -> Verdict {
+    let mut gpu = sample(Vec::new());
+    gpu.processes = processes;
+    let samples = vec![gpu];
     let report = build_report(VramUnit::Gib1, &samples, &records());
     evaluate(
         p,
@@ -531,18 +543,7 @@ fn a_process_list_the_driver_could_not_read_is_not_judged_and_keeps_a_breach() {
         vec![proc_(1, 9 * GIB, Some("uid-web"))],
     );
     assert!(matches!(over.events[..], [WatchdogEvent::BreachStarted(_)]));
-    let mut unlisted = sample(Vec::new());
-    unlisted.processes = None;
-    let samples = vec![unlisted];
-    let report = build_report(VramUnit::Gib1, &samples, &records());
-    let blind = evaluate(
-        &p,
-        &over.state,
-        Duration::from_secs(10),
-        &report,
-        &samples,
-        &BTreeMap::new(),
-    );
+    let blind = step_listing(&p, &over.state, 10, None);
     assert!(blind.events.is_empty(), "{:?}", blind.events);
     assert!(blind.state.breaches.contains_key(&web_key()));
     let later = step(
@@ -574,18 +575,7 @@ fn strays_reported_once_stay_reported_while_the_process_list_cannot_be_read() {
             .count(),
         1
     );
-    let mut unlisted = sample(Vec::new());
-    unlisted.processes = None;
-    let samples = vec![unlisted];
-    let report = build_report(VramUnit::Gib1, &samples, &records());
-    let blind = evaluate(
-        &p,
-        &first.state,
-        Duration::from_secs(10),
-        &report,
-        &samples,
-        &BTreeMap::new(),
-    );
+    let blind = step_listing(&p, &first.state, 10, None);
     let back = step(&p, &blind.state, 20, stray);
     assert!(
         !back
