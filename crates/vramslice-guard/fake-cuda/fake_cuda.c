@@ -195,6 +195,10 @@ CUresult cuCtxDestroy_v2(CUcontext c) {
 CUresult cuCtxCreate(CUcontext *c, unsigned flags, CUdevice d) { return cuCtxCreate_v2(c, flags, d); }
 CUresult cuCtxDestroy(CUcontext c) { return cuCtxDestroy_v2(c); }
 CUresult cuCtxSetCurrent(CUcontext c) { current_ctx = c; return OK; }
+/* The context stack, one deep beyond the current context (all the guard needs). */
+static __thread CUcontext pushed_ctx;
+CUresult cuCtxPushCurrent_v2(CUcontext c) { if (!c) return ERR_INVALID_VALUE; pushed_ctx = current_ctx; current_ctx = c; return OK; }
+CUresult cuCtxPopCurrent_v2(CUcontext *c) { if (c) *c = current_ctx; current_ctx = pushed_ctx; pushed_ctx = NULL; return OK; }
 CUresult cuCtxGetCurrent(CUcontext *c) { if (!c) return ERR_INVALID_VALUE; *c = current_ctx; return OK; }
 CUresult cuCtxGetDevice(CUdevice *d) { if (!d) return ERR_INVALID_VALUE; if (!current_ctx) return ERR_INVALID_CONTEXT; *d = device_of(current_ctx); return OK; }
 CUresult cuCtxSynchronize(void) { return OK; }
@@ -391,11 +395,13 @@ static CUresult async_free(CUdeviceptr q) {
     if (pool_retain && !atomic_load(&pool->destroyed)) { atomic_fetch_add(used_of(d), n); atomic_fetch_add(&pool->held, n); }
     return OK;
 }
-static fake_pool *current_pool(void) { return &default_pool[current_device()]; }
+/* cuMemAllocAsync draws from the current pool of the stream's device (which is not always the
+ * current context's). */
+static fake_pool *stream_pool(CUstream s) { return &default_pool[stream_device(s)]; }
 /* On a capturing stream an async allocation or free is a graph node, not memory. */
 CUresult cuMemAllocAsync(CUdeviceptr *d, size_t n, CUstream s) {
     fake_graph *g = capture_graph(s);
-    return g ? capture_alloc(g, d, n, current_device()) : async_alloc(current_pool(), d, n);
+    return g ? capture_alloc(g, d, n, stream_device(s)) : async_alloc(stream_pool(s), d, n);
 }
 CUresult cuMemAllocAsync_ptsz(CUdeviceptr *d, size_t n, CUstream s) { return cuMemAllocAsync(d, n, s); }
 CUresult cuMemAllocFromPoolAsync(CUdeviceptr *d, size_t n, CUmemoryPool pool, CUstream s) {
@@ -571,7 +577,8 @@ static const struct entry table[] = {
     E("cuModuleLoadDataEx", 0, 0, cuModuleLoadDataEx), E("cuModuleLoadFatBinary", 0, 0, cuModuleLoadFatBinary),
     E("cuModuleUnload", 0, 0, cuModuleUnload), E("cuLibraryLoadData", 0, 0, cuLibraryLoadData),
     E("cuLibraryLoadFromFile", 0, 0, cuLibraryLoadFromFile), E("cuLibraryUnload", 0, 0, cuLibraryUnload),
-    E("cuStreamCreate", 0, 0, cuStreamCreate), E("cuStreamDestroy", 4000, 0, cuStreamDestroy_v2),
+    E("cuStreamCreate", 0, 0, cuStreamCreate), E("cuStreamGetCtx", 0, 0, cuStreamGetCtx),
+    E("cuCtxPushCurrent", 4000, 0, cuCtxPushCurrent_v2), E("cuCtxPopCurrent", 4000, 0, cuCtxPopCurrent_v2), E("cuStreamDestroy", 4000, 0, cuStreamDestroy_v2),
     E("cuStreamSynchronize", 0, 0, cuStreamSynchronize), E("cuStreamBeginCapture", 10010, 0, cuStreamBeginCapture_v2),
     E("cuStreamEndCapture", 0, 0, cuStreamEndCapture),
     E("cuStreamIsCapturing", 0, 1, cuStreamIsCapturing_ptsz), E("cuStreamIsCapturing", 0, 0, cuStreamIsCapturing),

@@ -68,7 +68,26 @@ static CUresult capture_alloc(fake_graph *g, CUdeviceptr *dptr, size_t n, int de
     return add_node(g, NULL, NODE_MEM_ALLOC, dev, (long long)n, a, NULL);
 }
 
-CUresult cuStreamCreate(CUstream *s, unsigned flags) { (void)flags; if (!s) return ERR_INVALID_VALUE; *s = malloc(8); return *s ? OK : ERR_OOM; }
+/* A stream belongs to the context current when it was made. */
+CUresult cuStreamCreate(CUstream *s, unsigned flags) {
+    (void)flags;
+    if (!s) return ERR_INVALID_VALUE;
+    CUcontext *owner = malloc(sizeof *owner);
+    if (!owner) return ERR_OOM;
+    *owner = current_ctx;
+    *s = owner;
+    return OK;
+}
+CUresult cuStreamGetCtx(CUstream s, CUcontext *c) {
+    if (!c) return ERR_INVALID_VALUE;
+    *c = ((uintptr_t)s <= 2) ? current_ctx : *(CUcontext *)s;
+    return *c ? OK : ERR_INVALID_CONTEXT;
+}
+/* The device a stream's work runs on: the default streams' is the current context's. */
+static int stream_device(CUstream s) {
+    CUcontext c = ((uintptr_t)s <= 2) ? current_ctx : *(CUcontext *)s;
+    return c ? device_of(c) : current_device();
+}
 CUresult cuStreamDestroy_v2(CUstream s) { free(s); return OK; }
 CUresult cuStreamSynchronize(CUstream s) { (void)s; return OK; }
 CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {

@@ -10,6 +10,8 @@
  *   probe hold <bytes>          (allocates, prints "ready", waits for stdin to close)
  *   probe alloc <bytes>         (allocates once, prints the result code)
  *   probe fork <bytes> <limit>  (parent and child each hold <bytes>; see tests)
+ *   probe streamdev <limit0> <limit1> <context-charge>  (cuMemAllocAsync on a stream of device 1
+ *                               while device 0's context is current: charged to device 1)
  *   probe gpafuture             (cuGetProcAddress of cuMemAlloc for a CUDA version to come, twice)
  *   probe forkinit <delay-ms>   (a thread makes the first CUDA call; after <delay-ms> the main
  *                               thread forks and the child allocates: see tests)
@@ -585,6 +587,28 @@ static size_t used_on(H ctx, size_t *total) {
     return t - f;
 }
 
+/* cuMemAllocAsync draws from the pool of the stream's device: a stream made on device 1, used
+ * while device 0's context is current, fills device 1's slice and leaves device 0's alone. */
+static int streamdev(size_t l0, size_t l1, size_t est) {
+    const size_t chunk = 32 * MIB;
+    H c0, c1, s1;
+    CUdeviceptr p;
+    char what[200];
+    check(cuInit(0) == 0 && cuCtxCreate_v2(&c0, 0, 0) == 0 && cuCtxCreate_v2(&c1, 0, 1) == 0, "a context on each device");
+    cuCtxSetCurrent(c1);
+    check(cuStreamCreate(&s1, 0) == 0, "a stream on device 1");
+    cuCtxSetCurrent(c0);
+    int k = 0;
+    CUresult rc = 0;
+    while (k < 256 && (rc = cuMemAllocAsync(&p, chunk, s1)) == 0) k++;
+    snprintf(what, sizeof what, "allocations on device 1's stream fill device 1's slice (%d chunks, rc=%d)", k, rc);
+    check(rc == 2 && est + k * chunk <= l1 && est + (k + 1) * chunk > l1, what);
+    size_t t = 0;
+    check(used_on(c0, &t) == est && t == l0, "device 0 (current while they were made) is untouched");
+    check(used_on(c1, &t) == est + k * chunk && t == l1, "device 1 shows them");
+    return finish();
+}
+
 static int multi(size_t l0, size_t l1, size_t est) {
     const size_t chunk = 64 * MIB;
     int n = 0;
@@ -856,6 +880,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(s, "fork") && argc == 4) return fork_test(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10));
+    if (!strcmp(s, "streamdev") && argc == 5) return streamdev(strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));
     if (!strcmp(s, "gpafuture") && argc == 2) return gpafuture();
     if (!strcmp(s, "forkinit") && argc == 3) return forkinit((unsigned)atoi(argv[2]));
     if (!strcmp(s, "prefork") && argc == 5) return prefork(atoi(argv[2]), strtoull(argv[3], 0, 10), strtoull(argv[4], 0, 10));

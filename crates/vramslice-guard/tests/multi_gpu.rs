@@ -358,3 +358,24 @@ fn one_limit_for_the_container_still_spans_its_devices() {
         "{se}"
     );
 }
+
+#[test]
+fn an_asynchronous_allocation_is_charged_to_its_streams_device() {
+    // Regression: cuMemAllocAsync was charged to the current context's device and pool, while
+    // CUDA allocates from the pool of the stream's device.
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = with_limit_file(
+        two_devices(dir.path()),
+        dir.path(),
+        &per_gpu_file(256 * MIB, GIB),
+    );
+    env.retain(|(k, _)| *k != "VRAMSLICE_CONTEXT_ESTIMATE_BYTES");
+    env.push(("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", (16 * MIB).to_string()));
+    let a = [256 * MIB, GIB, 16 * MIB].map(|n| n.to_string());
+    let mut list = vec!["streamdev".to_string()];
+    list.extend(a);
+    let (out, so, se) = run(probe(true, &env, &args(&list)));
+    assert_checks(&out, &so, &se, 4);
+    assert!(se.contains(&format!("out of memory on GPU {U1}")), "{se}");
+    assert!(!se.contains(&format!("out of memory on GPU {U0}")), "{se}");
+}

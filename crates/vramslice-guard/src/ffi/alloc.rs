@@ -52,21 +52,60 @@ pub(super) fn freeing(kind: Kind, handle: u64, call: impl FnOnce() -> CUresult) 
     rc
 }
 
-/// The memory pool `cuMemAllocAsync` draws from: the current device's current pool.
-fn current_pool() -> u64 {
+/// The memory pool `cuMemAllocAsync` on `stream` draws from: the current pool of the stream's
+/// device (not always the current context's: a stream made on another device's context).
+fn stream_pool(stream: Handle) -> u64 {
     let Some(r) = super::real::real() else {
         return 1;
     };
-    let (Some(get_dev), Some(get_pool)) = (r.cuCtxGetDevice, r.cuDeviceGetMemPool) else {
+    let (Some(get_pool), Some(dev)) = (r.cuDeviceGetMemPool, stream_device(r, stream)) else {
         return 1;
     };
-    let mut dev: CUdevice = 0;
     let mut pool: Handle = std::ptr::null_mut();
-    // SAFETY: both out-pointers point at live locals of the declared types.
-    let ok = unsafe {
-        get_dev(&raw mut dev) == CUDA_SUCCESS && get_pool(&raw mut pool, dev) == CUDA_SUCCESS
-    };
+    // SAFETY: one out-pointer to a live local of the declared type.
+    let ok = unsafe { get_pool(&raw mut pool, dev) } == CUDA_SUCCESS;
     if ok { (pool as usize as u64).max(1) } else { 1 }
+}
+
+/// The device `stream`'s work runs on. The default streams (null, `CU_STREAM_LEGACY` = 1,
+/// `CU_STREAM_PER_THREAD` = 2) are the current context's; another stream's is its own context's,
+/// from `cuStreamGetDevice` (CUDA 12.8) or else by making the stream's context current for a
+/// moment (`cuStreamGetCtx`, push, `cuCtxGetDevice`, pop).
+fn stream_device(r: &super::real::Real, stream: Handle) -> Option<CUdevice> {
+    if (stream as usize) <= 2 {
+        return super::current_device().ok();
+    }
+    let mut dev: CUdevice = 0;
+    if let Some(get_device) = r.cuStreamGetDevice
+        // SAFETY: the caller's stream handle and one out-pointer to a live local.
+        && unsafe { get_device(stream, &raw mut dev) } == CUDA_SUCCESS
+    {
+        return Some(dev);
+    }
+    let (Some(get_ctx), Some(push), Some(pop), Some(get_dev)) = (
+        r.cuStreamGetCtx,
+        r.cuCtxPushCurrent_v2,
+        r.cuCtxPopCurrent_v2,
+        r.cuCtxGetDevice,
+    ) else {
+        return super::current_device().ok();
+    };
+    let mut ctx: Handle = std::ptr::null_mut();
+    // SAFETY: the caller's stream handle and one out-pointer to a live local.
+    if unsafe { get_ctx(stream, &raw mut ctx) } != CUDA_SUCCESS || ctx.is_null() {
+        return super::current_device().ok();
+    }
+    // SAFETY: ctx is the live context the driver just named; pushing it and popping it again
+    // leaves the thread's context stack as it was.
+    unsafe {
+        if push(ctx) != CUDA_SUCCESS {
+            return super::current_device().ok();
+        }
+        let found = get_dev(&raw mut dev) == CUDA_SUCCESS;
+        let mut popped: Handle = std::ptr::null_mut();
+        pop(&raw mut popped);
+        found.then_some(dev)
+    }
 }
 
 /// The device whose current or default memory pool `pool` is, if any.
@@ -289,7 +328,7 @@ macro_rules! alloc_async {
                 if guard().is_none() || capturing(stream, $ptsz) {
                     return call();
                 }
-                async_counted(current_pool(), size as u64, dptr, call)
+                async_counted(stream_pool(stream), size as u64, dptr, call)
             })
         }
     };

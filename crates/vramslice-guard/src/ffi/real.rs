@@ -145,6 +145,10 @@ real_table! {
     cuLibraryLoadFromFile: fn(*mut Handle, *const c_char, *mut c_void, *mut *mut c_void, c_uint, *mut c_void, *mut *mut c_void, c_uint) -> CUresult;
     cuLibraryUnload: fn(Handle) -> CUresult;
     cuCtxGetDevice: fn(*mut CUdevice) -> CUresult;
+    cuCtxPushCurrent_v2: fn(Handle) -> CUresult;
+    cuCtxPopCurrent_v2: fn(*mut Handle) -> CUresult;
+    cuStreamGetCtx: fn(Handle, *mut Handle) -> CUresult;
+    cuStreamGetDevice: fn(Handle, *mut CUdevice) -> CUresult;
     cuDeviceGetCount: fn(*mut c_int) -> CUresult;
     cuDeviceGetUuid: fn(*mut CUuuid, CUdevice) -> CUresult;
     cuDeviceGetUuid_v2: fn(*mut CUuuid, CUdevice) -> CUresult;
