@@ -403,6 +403,9 @@ free_async!(cuMemFreeAsync_ptsz, true);
 pub unsafe extern "C" fn cuMemPoolTrimTo(pool: Handle, keep: usize) -> CUresult {
     boundary(|| {
         let f = real_fn!(cuMemPoolTrimTo);
+        if let Some(g) = guard() {
+            g.pool_trimming((pool as usize as u64).max(1));
+        }
         // SAFETY: arguments forwarded unchanged.
         let rc = unsafe { f(pool, keep) };
         after_success(rc, |g| {

@@ -9,8 +9,10 @@
 //! asked, and rounds each allocation) charges the difference as *slack*, whatever the limit: the
 //! driver has taken that memory, but it may not serve the next allocation, so nothing is taken
 //! from the slack in place of a new charge (the next reading settles what it became). The
-//! reading is taken and applied under the pools' lock, so a trim or a destroy cannot come
-//! between; a pool being destroyed is not read.
+//! reading is taken outside the pools' lock (a fork handler takes that lock, and must never
+//! wait on a driver call) and applied only if nothing changed the pool meanwhile (its
+//! generation); allocations reserved but not yet made are apart (`pending`), so a reading
+//! during one is not taken for less memory held. A pool being destroyed is not read.
 //! A destroyed pool gives back what it retained at once, and what was still allocated from it as
 //! that is freed; a pool located on the host holds host memory and is never charged. A pool
 //! handle the driver hands out again starts over.
@@ -26,6 +28,12 @@ use crate::tracker::{Entry, Kind};
 pub struct PoolState {
     /// Bytes of live allocations from the pool.
     pub in_use: u64,
+    /// Bytes reserved for allocations from the pool whose real call has not returned yet.
+    pub pending: u64,
+    /// Bumped by every change a reading could race with (allocations, frees, trims, a destroy).
+    pub generation: u64,
+    /// Readings of the pool under way outside the lock: a destroy waits for them.
+    pub reading: u32,
     /// Bytes freed into the pool and still charged (the pool may keep them).
     pub retained: u64,
     /// Bytes the pool holds beyond its live allocations and the retained bytes, as last read:
@@ -69,6 +77,7 @@ impl Guard {
             .entry(entry.extra)
             .or_insert_with(|| PoolState::new(entry.account));
         st.in_use = st.in_use.saturating_sub(entry.bytes);
+        st.generation = st.generation.wrapping_add(1);
         if !st.destroyed {
             st.retained = st.retained.saturating_add(entry.bytes);
             return;
@@ -98,7 +107,8 @@ impl Guard {
             let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
             let t = st.retained.min(n);
             st.retained -= t;
-            st.in_use = st.in_use.saturating_add(n);
+            st.pending = st.pending.saturating_add(n);
+            st.generation = st.generation.wrapping_add(1);
             (st.account, t)
         };
         self.reserve(account, n - reused)
@@ -110,8 +120,9 @@ impl Guard {
     pub fn async_failed(&self, pool: u64, a: AccountId, n: u64, reused: u64, release_new: bool) {
         let mut pools = self.pools();
         let st = pools.entry(pool).or_insert_with(|| PoolState::new(a));
-        st.in_use = st.in_use.saturating_sub(n);
+        st.pending = st.pending.saturating_sub(n);
         st.retained = st.retained.saturating_add(reused);
+        st.generation = st.generation.wrapping_add(1);
         drop(pools);
         if release_new {
             self.release(a, n - reused);
@@ -145,8 +156,21 @@ impl Guard {
         self.pools().get(&pool).is_some_and(|st| st.host)
     }
 
-    fn replace_pool(&self, pool: u64, state: PoolState) {
-        let old = self.pools().insert(pool, state);
+    /// Before the real `cuMemPoolTrimTo(pool)`: a reading under way may be stale now.
+    pub fn pool_trimming(&self, pool: u64) {
+        if let Some(st) = self.pools().get_mut(&pool) {
+            st.generation = st.generation.wrapping_add(1);
+        }
+    }
+
+    fn replace_pool(&self, pool: u64, mut state: PoolState) {
+        let mut pools = self.pools();
+        if let Some(old) = pools.get(&pool) {
+            // A reading of the old pool must not apply to the new one.
+            state.generation = old.generation.wrapping_add(1);
+        }
+        let old = pools.insert(pool, state);
+        drop(pools);
         if let Some(old) = old {
             self.release(old.account, old.held_beyond_use());
         }
@@ -154,8 +178,19 @@ impl Guard {
 
     /// Before the real `cuMemPoolDestroy(pool)`: its handle is not read from now on.
     pub fn pool_closing(&self, pool: u64) {
-        if let Some(st) = self.pools().get_mut(&pool) {
-            st.closing = true;
+        match self.pools().get_mut(&pool) {
+            Some(st) => {
+                st.closing = true;
+                st.generation = st.generation.wrapping_add(1);
+            }
+            None => return,
+        }
+        // A reading under way outside the lock is let finish first (one attribute read), so
+        // the driver is never asked about a handle it is destroying.
+        let mut waits = 0u32;
+        while self.pools().get(&pool).is_some_and(|st| st.reading > 0) && waits < 100_000 {
+            std::thread::yield_now();
+            waits += 1;
         }
     }
 
@@ -187,6 +222,11 @@ impl Guard {
     /// Records a successful asynchronous allocation charged to account `a`.
     pub fn track_async(&self, handle: u64, pool: u64, a: AccountId, n: u64) {
         let pool = pool.max(1); // extra = 0 means "not from a pool"
+        if let Some(st) = self.pools().get_mut(&pool) {
+            st.pending = st.pending.saturating_sub(n);
+            st.in_use = st.in_use.saturating_add(n);
+            st.generation = st.generation.wrapping_add(1);
+        }
         if let Some(old) = self.tracker.insert(
             Kind::DevicePtr,
             handle,
@@ -200,39 +240,53 @@ impl Guard {
         }
     }
 
-    /// After a trim of `pool` (`keep_at_most`: the bytes the trim kept at most) or on a
-    /// reconciliation (`None`): set what the pool's account is charged beyond the live
-    /// allocations to what the pool really holds beyond them. Less is given back (the retained
-    /// bytes first kept, the slack first lost); more is charged as slack, but only on a
-    /// reconciliation (a trim only ever gives back). A pool destroyed, being destroyed or on the
-    /// host is not read (its handle is no longer valid, or its memory is never charged).
+    /// After a trim of `pool` (`keep_at_most`: what the trim was asked to keep, which caps the
+    /// charge only when the pool cannot be read) or on a reconciliation (`None`): set what the
+    /// pool's account is charged beyond the live allocations to what the pool really holds
+    /// beyond them. Less is given back (the retained bytes first kept, the slack first lost);
+    /// more is charged as slack, but only on a reconciliation (a trim only ever gives back). A
+    /// pool destroyed, being destroyed or on the host is not read (its handle is no longer
+    /// valid, or its memory is never charged).
     pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
+        let readable = |st: &PoolState| !st.destroyed && !st.closing && !st.host;
+        let generation = {
+            let mut pools = self.pools();
+            let Some(st) = pools.get_mut(&pool).filter(|st| readable(st)) else {
+                return;
+            };
+            st.reading += 1;
+            st.generation
+        };
+        // Read outside the lock: a fork handler takes it and must never wait on the driver.
+        let reserved = (self.probes.pool_reserved)(pool);
         let mut pools = self.pools();
-        let Some(st) = pools
-            .get_mut(&pool)
-            .filter(|st| !st.destroyed && !st.closing && !st.host)
-        else {
+        let Some(st) = pools.get_mut(&pool) else {
             return;
         };
-        // Read under the lock: a trim's own reconciliation or a destroy cannot come between
-        // the reading and its use (the call reads one attribute; it never enters the guard).
-        // Unknown: a trim still keeps at most what it was asked to.
-        let beyond = match (self.probes.pool_reserved)(pool) {
-            Some(reserved) => reserved.saturating_sub(st.in_use),
-            None if keep_at_most.is_some() => st.held_beyond_use(),
-            None => return,
-        };
+        st.reading = st.reading.saturating_sub(1);
+        if !readable(st) || st.generation != generation {
+            // Something changed the pool meanwhile: the reading may be stale.
+            return;
+        }
         let before = st.held_beyond_use();
-        match keep_at_most {
-            Some(keep) => {
-                let cap = beyond.min(keep);
-                st.retained = st.retained.min(cap);
-                st.slack = st.slack.min(cap - st.retained);
-            }
-            None => {
+        match (reserved, keep_at_most) {
+            // What the pool holds beyond its live allocations (a trim may keep more than it
+            // was asked to: chunks that back live allocations stay).
+            (Some(reserved), keep) => {
+                let beyond = reserved.saturating_sub(st.in_use);
                 st.retained = st.retained.min(beyond);
-                st.slack = beyond - st.retained;
+                st.slack = match keep {
+                    // A trim only ever gives back.
+                    Some(_) => st.slack.min(beyond - st.retained),
+                    None => beyond - st.retained,
+                };
             }
+            // Unknown: a trim still keeps at most what it was asked to.
+            (None, Some(keep)) => {
+                st.retained = st.retained.min(keep);
+                st.slack = st.slack.min(keep - st.retained);
+            }
+            (None, None) => return,
         }
         let (after, account) = (st.held_beyond_use(), st.account);
         drop(pools);

@@ -383,6 +383,28 @@ fn a_pool_that_reserved_more_than_asked_is_charged_what_it_holds() {
 }
 
 #[test]
+fn a_refused_allocation_or_a_trim_does_not_drop_what_a_pool_holds() {
+    // Review of 609e2aa: a refusal reconciles while the refused bytes counted as in use, which
+    // read the pool's slack as gone; a trim to 0 capped the charge although the driver keeps
+    // the chunks that back live allocations.
+    let g = Guard::new(
+        vec![account("", 80)],
+        Mapping::Container,
+        probes_with(|_| Some(64)),
+    )
+    .unwrap();
+    g.pool_created(4, 0);
+    g.reserve_async(0, 4, 40).unwrap();
+    g.track_async(0x4, 4, 0, 40);
+    g.reconcile_pools();
+    assert_eq!(g.used(0), 64, "40 in use, 24 slack");
+    assert!(g.reserve_async(0, 4, 100).is_err());
+    assert_eq!(g.used(0), 64, "the refusal left the slack charged");
+    g.reconcile_pool(4, Some(0));
+    assert_eq!(g.used(0), 64, "the trim left what the driver still holds");
+}
+
+#[test]
 fn trim_keeps_at_most_requested() {
     let l = Ledger::new(private_words(100, "")).unwrap();
     let g = Guard::new(
