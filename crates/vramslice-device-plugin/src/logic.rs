@@ -251,7 +251,9 @@ async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
         ))
     };
     tokio::fs::create_dir_all(dir).await.map_err(fail)?;
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+    // Writable by a container running as any user (the guard creates its account there);
+    // sticky, so only a file's owner may remove or rename it.
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
         .await
         .map_err(fail)
 }

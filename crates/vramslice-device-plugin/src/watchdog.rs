@@ -120,7 +120,20 @@ impl Watchdog {
     ) -> Option<u64> {
         let limit = accounting::file_len(accounting::MAX_SLOT_COUNT) as u64;
         let mut bytes = Vec::new();
-        let read = std::fs::File::open(path)
+        // The directory is writable from the container: a link or a FIFO planted in place of
+        // the file must not make this (root, on the host) follow it or block on it.
+        use std::os::unix::fs::OpenOptionsExt;
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .and_then(|f| {
+                if f.metadata()?.is_file() {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            })
             .and_then(|f| f.take(limit).read_to_end(&mut bytes).map(|_| ()));
         match read {
             Ok(()) => match accounting::parse(&bytes) {

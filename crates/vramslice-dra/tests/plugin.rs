@@ -306,7 +306,7 @@ async fn a_prepared_claim_gets_its_limit_guard_and_gpu_through_its_cdi_spec() {
         .unwrap()
         .permissions()
         .mode();
-    assert_eq!(mode & 0o777, 0o777, "{mode:o}");
+    assert_eq!(mode & 0o7777, 0o1777, "{mode:o}: writable by all, sticky");
 
     let spec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(node.path("cdi/vramslice.io-claim-uid-1.json")).unwrap(),

@@ -195,6 +195,35 @@ fn the_accounting_file_is_writable_by_every_user_whatever_the_creators_umask() {
 }
 
 #[test]
+fn a_link_planted_in_place_of_the_account_is_not_followed() {
+    // The accounting directory is writable by every user of the container (and, in DRA mode,
+    // of every pod sharing the claim): a link there must not make a root process's guard
+    // change or rewrite what it points to.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "not an accounting file").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join(ACCOUNTING_FILE_NAME)).unwrap();
+    let (out, so, se) = run(probe(
+        true,
+        &env(dir.path(), 100 * MIB),
+        &["alloc", &MIB.to_string()],
+    ));
+    assert!(
+        out.status.success() && so.contains("alloc rc=0"),
+        "{so}{se}"
+    );
+    assert!(se.contains("cannot open accounting file"), "{se}");
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "not an accounting file"
+    );
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+}
+
+#[test]
 fn a_fork_while_another_thread_sets_the_guard_up_leaves_the_child_working() {
     // Regression: the guard set up its accounts lazily and registered its fork handlers only
     // after; a fork while another thread was in that set-up gave the child a set-up marked in

@@ -75,13 +75,14 @@ pub(super) fn restore_files(claim: &ClaimRef, done: &PreparedClaim) -> Result<bo
     Ok(true)
 }
 
-/// Create a claim's accounting directory, writable by every user (0777, as the device plugin
-/// makes its allocations'): the guard in a container running as any user creates the shared
-/// accounting file there, and under the limit file it refuses every allocation without it.
+/// Create a claim's accounting directory, writable by every user and sticky (01777, as the
+/// device plugin makes its allocations'): the guard in a container running as any user creates
+/// the shared accounting file there (under the limit file it refuses every allocation without
+/// it), and only a file's owner may remove or rename it.
 pub(super) fn create_accounting_dir(claim: &ClaimRef, dir: &Path) -> Result<(), PrepareError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)))
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)))
         .map_err(io_error(claim, dir))
 }
 

@@ -198,14 +198,28 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
 /// Suffixes the driver's ABI versions and per-thread-default-stream variants add to a name.
 const VARIANT_SUFFIXES: [&[u8]; 6] = [b"", b"_v2", b"_v3", b"_ptsz", b"_ptds", b"_v2_ptds"];
 
-/// Whether the guard wraps some variant of the driver function `symbol` names (as
-/// `cuGetProcAddress` is asked: the base name, without version suffix).
+/// Driver functions that take device memory (by base name): an unknown entry point for one of
+/// these leaves memory uncounted. (Others the guard wraps, such as the primary-context release,
+/// have old versions it deliberately leaves alone.)
+const ALLOCATING: [&[u8]; 6] = [
+    b"cuMemAlloc",
+    b"cuMemCreate",
+    b"cuArrayCreate",
+    b"cuArray3DCreate",
+    b"cuMipmappedArrayCreate",
+    b"cuMemAllocFromPoolAsync",
+];
+
+/// Whether `symbol` (as `cuGetProcAddress` is asked: the base name, without version suffix) is
+/// an allocating driver function some variant of which the guard wraps.
 fn covers(symbol: &[u8]) -> bool {
-    VARIANT_SUFFIXES.iter().any(|suffix| {
-        let mut name = symbol.to_vec();
-        name.extend_from_slice(suffix);
-        wrapper_for_name(&name).is_some()
-    })
+    let allocating = ALLOCATING.iter().any(|a| symbol.starts_with(a));
+    allocating
+        && VARIANT_SUFFIXES.iter().any(|suffix| {
+            let mut name = symbol.to_vec();
+            name.extend_from_slice(suffix);
+            wrapper_for_name(&name).is_some()
+        })
 }
 
 /// Names already logged by [`substitute`], so each is logged once.
@@ -216,7 +230,7 @@ fn substitute(symbol: *const c_char, version: c_int, pfn: *mut *mut c_void) {
         return;
     }
     // SAFETY: pfn is non-null (checked by callers) and was just written by the driver.
-    let Some(real_fn) = (unsafe { read_out(pfn) }) else {
+    let Some(real_fn) = (unsafe { read_out(pfn) }).filter(|f| !f.is_null()) else {
         return;
     };
     if let Some(w) = wrapper_for_real(real_fn as usize) {
@@ -234,11 +248,18 @@ fn substitute(symbol: *const c_char, version: c_int, pfn: *mut *mut c_void) {
     }
     // A variant of a function the guard wraps, at an address none of the variants it knows
     // has (a newer ABI version): it cannot be wrapped without its signature, so say so.
-    let mut logged = UNKNOWN_LOGGED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !logged.iter().any(|n| n == name) {
-        logged.push(name.to_vec());
+    let first = {
+        let mut logged = UNKNOWN_LOGGED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = !logged.iter().any(|n| n == name);
+        if first {
+            logged.push(name.to_vec());
+        }
+        first
+    };
+    // Logged outside the lock (a fork while it is held must not leave it held in the child).
+    if first {
         crate::log!(
             "vramslice-guard: cuGetProcAddress(\"{}\", version {version}) returned an entry point the guard does not know (a newer ABI version?); what it allocates is not counted by the guard (the device plugin's watchdog still sees it in NVML)",
             String::from_utf8_lossy(name)

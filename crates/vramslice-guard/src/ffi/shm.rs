@@ -5,7 +5,7 @@ use crate::ledger::{Ledger, SlotLocks};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use vramslice_core::container::accounting as layout;
@@ -44,7 +44,7 @@ fn open_slot_locks(path: &Path) -> Result<i32, String> {
     let fd = unsafe {
         libc::open(
             c.as_ptr(),
-            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC,
+            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW,
             0o666 as libc::c_uint,
         )
     };
@@ -76,13 +76,28 @@ pub fn attach(
         .create(true)
         .truncate(false)
         .mode(0o666)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| format!("cannot open accounting file {}: {e}", path.display()))?;
+    // The directory is shared: a link or special file planted in place of the account is not
+    // followed (O_NOFOLLOW) nor written (only a plain file with one name).
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot examine accounting file {}: {e}", path.display()))?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(format!(
+            "accounting file {} is not a plain file with one name",
+            path.display()
+        ));
+    }
     // Readable and writable by every user of the container whatever the creator's umask: an
     // entrypoint running as root often starts workers as another user, and they share the
-    // account. Only the file's owner may change it; for anyone else it is already so, or not.
-    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o666));
+    // account. Changed only by its owner (for anyone else it is already so, or not).
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() == euid {
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o666));
+    }
     let lock = Locked::new(&file)?;
     let mut bytes = Vec::new();
     (&file)
