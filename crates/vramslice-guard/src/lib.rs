@@ -13,14 +13,31 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 /// Writes one line to stderr, ignoring failure (`eprintln!` panics when stderr is closed, and
-/// the guard must not fail a CUDA call because the program closed its stderr).
+/// the guard must not fail a CUDA call because the program closed its stderr). The line goes
+/// out with one `write(2)` on descriptor 2, not through `std::io::stderr()`, whose lock a
+/// thread the process no longer has (after a `fork`) could be holding.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! log {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        let line = format!("{}\n", format_args!($($arg)*));
+        $crate::write_stderr(line.as_bytes());
     }};
+}
+
+/// Writes `bytes` to descriptor 2 as one `write(2)` (retried where it was cut short), ignoring
+/// failure.
+#[doc(hidden)]
+pub fn write_stderr(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: bytes is a live slice of that many bytes; write only reads it.
+        let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+        let Ok(n) = usize::try_from(n) else { return };
+        if n == 0 {
+            return;
+        }
+        bytes = &bytes[n.min(bytes.len())..];
+    }
 }
 
 pub mod config;

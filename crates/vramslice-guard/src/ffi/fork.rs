@@ -14,6 +14,7 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    super::shm::close_inherited_lock();
     super::forget_unfinished_set_ups();
     super::fork_child();
 }

@@ -7,8 +7,14 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use vramslice_core::container::accounting as layout;
+
+/// The descriptor whose `flock` an attach in progress holds (-1: none). A child forked meanwhile
+/// shares that lock through its copy of the descriptor, which it never uses (its own set-up
+/// starts over): it closes the copy ([`close_inherited_lock`]), so that the lock cannot outlive
+/// the parent in it.
+static LOCKED_FD: AtomicI32 = AtomicI32::new(-1);
 
 struct Locked<'a>(&'a File);
 
@@ -21,14 +27,27 @@ impl<'a> Locked<'a> {
                 std::io::Error::last_os_error()
             ));
         }
+        LOCKED_FD.store(file.as_raw_fd(), Ordering::SeqCst);
         Ok(Locked(file))
     }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
+        LOCKED_FD.store(-1, Ordering::SeqCst);
         // SAFETY: as above; unlocking a lock we hold.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// In a forked child: close the copy of the descriptor an attach of the parent's was holding
+/// its lock with (that attach has no thread here, and the child attaches anew).
+pub(super) fn close_inherited_lock() {
+    let fd = LOCKED_FD.swap(-1, Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: fd is the child's copy of a descriptor only the parent's attach used; nothing
+        // in the child refers to it (the thread that owned it does not exist here).
+        unsafe { libc::close(fd) };
     }
 }
 
