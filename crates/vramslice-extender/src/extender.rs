@@ -23,6 +23,12 @@ use crate::wire::{
     WirePod,
 };
 
+/// The admission webhook is configured but serves no certificate yet (or no more): with
+/// `failurePolicy: Fail` every new VRAM pod is refused meanwhile, so `/readyz` says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not ready: the admission webhook serves no certificate yet")]
+pub struct WebhookNotServing;
+
 /// Which watches have not delivered their first list yet (the extender answers no placement
 /// question until both have).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -265,6 +271,16 @@ impl Extender {
         } else {
             Ok(())
         }
+    }
+
+    /// `/readyz`: [`Extender::readiness`], and the admission webhook serving when configured
+    /// (placement itself does not wait for the webhook).
+    pub fn probe_readiness(&self) -> Result<(), String> {
+        self.readiness().map_err(|e| e.to_string())?;
+        if self.config.webhook.is_some() && !self.metrics.webhook().is_serving() {
+            return Err(WebhookNotServing.to_string());
+        }
+        Ok(())
     }
 
     /// The metrics (for recording and rendering).

@@ -122,7 +122,7 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(ext): State<Arc<Extender>>) -> Response {
-    match ext.readiness() {
+    match ext.probe_readiness() {
         Ok(()) => ([(header::CONTENT_TYPE, TEXT)], "ready\n").into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

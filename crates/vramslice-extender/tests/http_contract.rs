@@ -487,6 +487,40 @@ async fn readiness_waits_for_both_watches_and_gates_placement() {
 }
 
 #[tokio::test]
+async fn a_configured_webhook_without_a_certificate_keeps_the_probe_unready_not_placement() {
+    // With failurePolicy Fail a webhook that serves no certificate refuses every new VRAM pod:
+    // the pod must not look ready meanwhile. Placement of pods already admitted goes on.
+    let config = Config::parse(
+        "webhook:\n  listenAddr: 0.0.0.0:8443\n  certDir: /certs\n",
+        "test",
+    )
+    .unwrap();
+    let fake = Arc::new(FakeCluster::new());
+    let ext = Arc::new(Extender::new(config, fake, Arc::new(now)));
+    ext.mark_pods_synced();
+    ext.mark_gpunodes_synced();
+    assert_eq!(
+        get(&ext, "/readyz").await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the admission webhook serves no certificate yet\n".into()
+        )
+    );
+    assert!(
+        ext.readiness().is_ok(),
+        "placement does not wait for the webhook"
+    );
+    ext.metrics()
+        .webhook()
+        .serving
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        get(&ext, "/readyz").await,
+        (StatusCode::OK, "ready\n".into())
+    );
+}
+
+#[tokio::test]
 async fn metrics_count_decisions_and_show_the_ledger() {
     let (ext, fake) = cluster();
     let pod = pod_json("llm", "uid-1", Some("6"), json!({}));

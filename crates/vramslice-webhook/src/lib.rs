@@ -59,7 +59,16 @@ pub async fn serve(
         slot,
         metrics.clone(),
     ));
-    tls::serve_tls(listener, acceptor, router(valid.policy, metrics), shutdown).await;
+    tls::serve_tls(
+        listener,
+        acceptor,
+        router(valid.policy, metrics.clone()),
+        shutdown,
+    )
+    .await;
     checks.abort();
+    metrics
+        .serving
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }

@@ -264,6 +264,9 @@ pub async fn run_checks(
                 return;
             }
         };
+        metrics
+            .serving
+            .store(slot.has_certificate(), std::sync::atomic::Ordering::SeqCst);
         let wait = match outcome {
             Ok(CheckResult::Conflict) => retry,
             Ok(_) => interval,

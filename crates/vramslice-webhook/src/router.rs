@@ -33,6 +33,16 @@ pub struct WebhookMetrics {
     /// `vramslice_extender_webhook_cert_expiry_timestamp_seconds`: when the served certificate
     /// expires (self-signed mode).
     pub cert_expiry: Gauge,
+    /// Whether the webhook serves a certificate (handshakes can succeed); the extender's
+    /// `/readyz` says not ready while it does not.
+    pub serving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WebhookMetrics {
+    /// Whether a certificate is being served.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl WebhookMetrics {

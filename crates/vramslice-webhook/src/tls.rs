@@ -52,6 +52,14 @@ impl CertSlot {
         Arc::new(CertSlot::default())
     }
 
+    /// Whether a certificate is installed (handshakes can succeed).
+    pub fn has_certificate(&self) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Install `cert_pem` (leaf first, optionally its chain) and `key_pem`. Returns whether
     /// either changed. A key that is not the certificate's is refused and the pair served
     /// before is kept: a writer that replaces `tls.crt` and `tls.key` one after the other can be

@@ -296,3 +296,38 @@ fn a_new_ca_signs_the_served_certificate_only_once_the_api_servers_can_know_it()
     )
     .unwrap();
 }
+
+#[tokio::test]
+async fn the_checks_say_whether_a_certificate_is_served() {
+    use vramslice_webhook::WebhookMetrics;
+    use vramslice_webhook::config::CertSource;
+    use vramslice_webhook::rotation::run_checks;
+    use vramslice_webhook::tls::CertSlot;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = WebhookMetrics::default();
+    let slot = CertSlot::new();
+    assert!(!slot.has_certificate());
+    let checks = tokio::spawn(run_checks(
+        None,
+        CertSource::Dir(dir.path().display().to_string()),
+        Duration::from_millis(20),
+        slot.clone(),
+        metrics.clone(),
+    ));
+    // No files yet: nothing served, and the checks say so.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!metrics.is_serving());
+    let certs = renew(None, Plan::NewCa, NOW, &settings()).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &certs.tls_cert).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &certs.tls_key).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics.is_serving() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reported serving"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(slot.has_certificate());
+    checks.abort();
+}
