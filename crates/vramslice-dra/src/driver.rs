@@ -133,6 +133,10 @@ pub enum PrepareError {
 /// whether it was allocated again ([`Driver::allocated_again`]).
 const ALLOCATION_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a prepare waits for the API server's copy of a claim it has not prepared (the
+/// kubelet allows a NodePrepareResources call 45 s, and retries).
+const CLAIM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// How long [`Driver::learn_admin_access`] waits for one claim.
 const ADMIN_ACCESS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -262,7 +266,19 @@ impl Driver {
         }
         let object = match read {
             Some(object) => object,
-            None => self.claims.get(&claim.namespace, &claim.name).await?,
+            // Bounded: the claim's lock is held meanwhile, and an unprepare of it waits.
+            None => tokio::time::timeout(
+                CLAIM_READ_TIMEOUT,
+                self.claims.get(&claim.namespace, &claim.name),
+            )
+            .await
+            .map_err(|_| FetchError::Api {
+                claim: claim.label(),
+                detail: format!(
+                    "the API server did not answer within {}s",
+                    CLAIM_READ_TIMEOUT.as_secs()
+                ),
+            })??,
         };
         let on_node = claim_on_node(&object, &claim.uid, &self.config.node, |d| self.uuid_of(d))?;
         self.refuse_several_in_one_container(claim, &on_node.pods)
