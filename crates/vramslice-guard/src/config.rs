@@ -17,15 +17,11 @@ use std::path::{Path, PathBuf};
 pub use vramslice_core::container::limit::{FileRead, Limits};
 use vramslice_core::container::limit::{LimitEnv, account_dir, limit_file_paths, resolve_limits};
 use vramslice_core::names::env;
-use vramslice_core::node::allocation::{ACCOUNTING_CONTAINER_DIR, LIMIT_FILE_CONTAINER_PATH};
+use vramslice_core::node::allocation::LIMIT_FILE_CONTAINER_PATH;
 
 /// The limit file's in-container path, read whatever the environment says (a process that
 /// renames or clears `VRAMSLICE_LIMIT_FILE` cannot escape the file the plugin mounted there).
 pub const FIXED_LIMIT_FILE: &str = LIMIT_FILE_CONTAINER_PATH;
-
-/// The accounting directory the device plugin mounts beside the limit file; under a limit file
-/// it is the account, whatever `VRAMSLICE_ACCOUNTING_DIR` says.
-pub const FIXED_ACCOUNTING_DIR: &str = ACCOUNTING_CONTAINER_DIR;
 
 /// Default real driver soname.
 pub const DEFAULT_REAL_LIBCUDA: &str = "libcuda.so.1";
@@ -121,7 +117,7 @@ impl Config {
         };
         let config = Config {
             limits: resolved.limits,
-            accounting_dir: account.dir.map(PathBuf::from),
+            accounting_dir: account.dir,
             shared_account_required: account.required,
             real_libcuda: get(env::REAL_LIBCUDA)
                 .filter(|s| !s.is_empty())
@@ -249,8 +245,12 @@ mod tests {
         assert_eq!(FIXED_LIMIT_FILE, "/var/run/vramslice/limit");
     }
 
+    /// The rule is core's `account_dir` (tested there case by case); here, that the guard
+    /// takes its directory, its requirement and its note.
     #[test]
-    fn under_the_plugins_limit_file_the_account_is_the_mounted_one() {
+    fn the_account_directory_is_cores_rule() {
+        use vramslice_core::node::allocation::ACCOUNTING_CONTAINER_DIR;
+        let env: HashMap<&str, &str> = HashMap::from([(env::ACCOUNTING_DIR, "/tmp/mine")]);
         let read_fixed = |p: &Path| {
             if p == Path::new(FIXED_LIMIT_FILE) {
                 file(MIB)
@@ -258,64 +258,23 @@ mod tests {
                 FileRead::Missing
             }
         };
-        for dir in [
-            None,
-            Some(FIXED_ACCOUNTING_DIR),
-            Some("/tmp/mine"),
-            Some(" "),
-        ] {
-            let env: HashMap<&str, &str> = dir
-                .map(|d| HashMap::from([(env::ACCOUNTING_DIR, d)]))
-                .unwrap_or_default();
-            let (c, msgs) =
-                Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read_fixed);
-            assert_eq!(
-                c.accounting_dir.as_deref(),
-                Some(Path::new(FIXED_ACCOUNTING_DIR)),
-                "{dir:?}"
-            );
-            assert!(c.shared_account_required, "{dir:?}");
-            let named = dir == Some("/tmp/mine");
-            assert_eq!(msgs.len(), usize::from(named), "{dir:?}: {msgs:?}");
-            assert!(
-                !named || msgs[0].contains("is ignored under the limit file"),
-                "{msgs:?}"
-            );
-        }
-        // An unreadable plugin file still means a managed container.
-        let (c, _) = Config::from_lookup(
-            |_| None,
-            |p: &Path| {
-                if p == Path::new(FIXED_LIMIT_FILE) {
-                    FileRead::Error("permission denied".into())
-                } else {
-                    FileRead::Missing
-                }
-            },
+        let (c, msgs) = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read_fixed);
+        assert_eq!(
+            c.accounting_dir.as_deref(),
+            Some(Path::new(ACCOUNTING_CONTAINER_DIR))
         );
         assert!(c.shared_account_required);
-        assert_eq!(c.limits, Limits::Single(0));
-
-        // A file the environment names, or none: the environment's directory, not required.
-        let env: HashMap<&str, &str> = HashMap::from([
-            (env::LIMIT_FILE, "/named"),
-            (env::ACCOUNTING_DIR, "/tmp/mine"),
-        ]);
-        let read_named = |p: &Path| {
-            if p == Path::new("/named") {
-                file(MIB)
-            } else {
-                FileRead::Missing
-            }
-        };
-        let (c, _) = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned()), read_named);
-        assert_eq!(c.accounting_dir.as_deref(), Some(Path::new("/tmp/mine")));
-        assert!(!c.shared_account_required);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
         assert!(
-            !cfg(&[(env::VRAM_LIMIT_BYTES, "1Gi")])
-                .0
-                .shared_account_required
+            msgs[0].contains("is ignored under the limit file"),
+            "{msgs:?}"
         );
+        let (c, msgs) = Config::from_lookup(
+            |k| env.get(k).map(|v| (*v).to_owned()),
+            |_| FileRead::Missing,
+        );
+        assert_eq!(c.accounting_dir.as_deref(), Some(Path::new("/tmp/mine")));
+        assert!(!c.shared_account_required && msgs.is_empty());
     }
 
     #[test]

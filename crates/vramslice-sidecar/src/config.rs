@@ -206,7 +206,7 @@ impl Config {
         if let Some(note) = &account.note {
             tracing::warn!(note = %note, "vramslice sidecar accounting directory");
         }
-        c.accounting_dir = account.dir.map(PathBuf::from);
+        c.accounting_dir = account.dir;
         c.profile_dir = get(env::PROFILE_DIR).map(PathBuf::from);
         if let Some(v) = get(env::HIGH_WATER) {
             c.policy.high_water = number(env::HIGH_WATER, &v)?;

@@ -17,6 +17,8 @@ mod resolve;
 pub use gpus::{GPU_UUID_MAX_LEN, GpuLimits, GpuLimitsError};
 pub use resolve::{LimitEnv, Limits, ResolvedLimits, resolve_limits};
 
+use std::path::PathBuf;
+
 use crate::names::env;
 use crate::node::allocation::{ACCOUNTING_CONTAINER_DIR, LIMIT_FILE_CONTAINER_PATH};
 
@@ -201,7 +203,7 @@ pub fn limit_file_paths(env_limit_file: Option<&str>) -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountDir {
     /// The accounting directory; `None`: each process on its own.
-    pub dir: Option<String>,
+    pub dir: Option<PathBuf>,
     /// The device plugin's limit file is there, so the account must be shared: without it the
     /// guard refuses every allocation rather than give each process the whole limit.
     pub required: bool,
@@ -222,13 +224,13 @@ pub fn account_dir(files: &[(String, FileRead)], env_dir: Option<&str>) -> Accou
         .any(|(path, read)| path == LIMIT_FILE_CONTAINER_PATH && *read != FileRead::Missing);
     if !plugin_file {
         return AccountDir {
-            dir: env_dir.map(str::to_owned),
+            dir: env_dir.map(PathBuf::from),
             required: false,
             note: None,
         };
     }
     AccountDir {
-        dir: Some(ACCOUNTING_CONTAINER_DIR.to_owned()),
+        dir: Some(PathBuf::from(ACCOUNTING_CONTAINER_DIR)),
         required: true,
         note: env_dir.filter(|d| *d != ACCOUNTING_CONTAINER_DIR).map(|other| {
             format!(

@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
@@ -814,14 +815,17 @@ fn under_the_plugins_limit_file_the_account_is_the_mounted_directory() {
             let got = account_dir(&fixed(read.clone()), env_dir);
             assert_eq!(
                 got.dir.as_deref(),
-                Some(ACCOUNTING_CONTAINER_DIR),
+                Some(Path::new(ACCOUNTING_CONTAINER_DIR)),
                 "{env_dir:?}"
             );
             assert!(got.required);
             assert_eq!(got.note, None, "{env_dir:?}");
         }
         let repointed = account_dir(&fixed(read), Some("/tmp/mine"));
-        assert_eq!(repointed.dir.as_deref(), Some(ACCOUNTING_CONTAINER_DIR));
+        assert_eq!(
+            repointed.dir.as_deref(),
+            Some(Path::new(ACCOUNTING_CONTAINER_DIR))
+        );
         assert!(
             repointed
                 .note
