@@ -14,8 +14,8 @@ use vramslice_api::convert::dra::{
 use vramslice_api::convert::pod_claims::containers_sharing;
 use vramslice_core::node::allocation::{AllocationSettings, host_files};
 use vramslice_core::node::dra::{
-    ClaimPlanError, ClaimUse, GrantsOnGpu, base_request_name, claim_key, device_name,
-    grants_by_gpu, plan_claim,
+    AllocationSeen, ClaimPlanError, ClaimUse, GrantsOnGpu, allocated_again, base_request_name,
+    claim_key, device_name, grants_by_gpu, plan_claim,
 };
 use vramslice_core::node::publish::ClaimHolding;
 use vramslice_core::node::sample::GpuSample;
@@ -130,7 +130,7 @@ pub enum PrepareError {
 }
 
 /// How long a prepare of a claim already prepared waits for the API server's copy, to tell
-/// whether it was allocated again ([`Driver::allocated_again`]).
+/// whether it was allocated again ([`Driver::reallocated`]).
 const ALLOCATION_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a prepare waits for the API server's copy of a claim it has not prepared (the
@@ -253,7 +253,7 @@ impl Driver {
             .and_then(Result::ok);
             if read
                 .as_ref()
-                .is_some_and(|object| self.allocated_again(claim, &done, object))
+                .is_some_and(|object| self.reallocated(claim, &done, object))
             {
                 tracing::warn!(claim = %claim.label(), uid = %claim.uid, "the claim was allocated again since it was prepared here (its unprepare never came); preparing its new allocation");
                 self.unprepare_held(claim).await?;
@@ -348,32 +348,18 @@ impl Driver {
     /// allocated again, and an unprepare lost meanwhile (the plugin down while the pod went)
     /// would otherwise hand its next pod the old GPUs and limits. `false` when that cannot be
     /// told (the claim not allocated here, or made again as another object).
-    fn allocated_again(
-        &self,
-        claim: &ClaimRef,
-        done: &PreparedClaim,
-        object: &ResourceClaim,
-    ) -> bool {
+    fn reallocated(&self, claim: &ClaimRef, done: &PreparedClaim, object: &ResourceClaim) -> bool {
         if object.metadata.uid.as_deref() != Some(claim.uid.as_str()) {
             return false;
         }
-        // First what the API server says alone: a device this node no longer knows still
-        // tells a new allocation (the fresh prepare then names the problem).
-        let now = allocated_devices_in(object, &self.config.node);
-        let mut then: Vec<(String, Option<String>)> = done
+        let then: Vec<(String, Option<String>)> = done
             .devices
             .iter()
             .map(|d| (d.device.clone(), d.share_id.clone()))
             .collect();
-        then.sort_unstable();
-        if now.is_empty() {
-            return false;
-        }
-        if now != then {
-            return true;
-        }
-        // The same results: the same allocation, unless its grants read otherwise (limits).
-        claim_on_node(object, &claim.uid, &self.config.node, |d| self.uuid_of(d))
+        // The limits its grants give here now, when this node can read them (a device it no
+        // longer knows cannot be; its results still tell a new allocation).
+        let limits = claim_on_node(object, &claim.uid, &self.config.node, |d| self.uuid_of(d))
             .ok()
             .and_then(|on_node| {
                 plan_claim(
@@ -384,7 +370,17 @@ impl Driver {
                 )
                 .ok()
             })
-            .is_some_and(|plan| plan.limits != done.limits)
+            .map(|plan| plan.limits);
+        allocated_again(
+            AllocationSeen {
+                devices: &then,
+                limits: Some(&done.limits),
+            },
+            AllocationSeen {
+                devices: &allocated_devices_in(object, &self.config.node),
+                limits: limits.as_deref(),
+            },
+        )
     }
 
     /// Refuse `claim` when a container of a pod it is reserved for (`pods`: name, UID) also

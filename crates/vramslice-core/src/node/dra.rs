@@ -356,6 +356,36 @@ pub struct ClaimPlan {
     pub edits: ContainerEdits,
 }
 
+/// A claim's allocation on this node, as one prepare saw it: its (device, share ID) pairs and
+/// the limits its grants gave (GPU UUID → bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct AllocationSeen<'a> {
+    /// The (device, share ID) of each result of this driver in this node's pool.
+    pub devices: &'a [(String, Option<String>)],
+    /// The limits the grants gave; `None` when they could not be read.
+    pub limits: Option<&'a [(String, u64)]>,
+}
+
+/// Whether a claim prepared as `prepared` is allocated otherwise `now` (a claim keeps its UID
+/// when it is deallocated and allocated again). Other results (devices or share IDs, in any
+/// order) say so on their own, even when their limits cannot be read; the same results differ
+/// only by limits read otherwise. No results now (not allocated here as far as the API server
+/// says) is not a new allocation: nothing new to prepare.
+pub fn allocated_again(prepared: AllocationSeen<'_>, now: AllocationSeen<'_>) -> bool {
+    if now.devices.is_empty() {
+        return false;
+    }
+    let sorted = |d: &[(String, Option<String>)]| {
+        let mut d = d.to_vec();
+        d.sort_unstable();
+        d
+    };
+    if sorted(prepared.devices) != sorted(now.devices) {
+        return true;
+    }
+    matches!((prepared.limits, now.limits), (Some(a), Some(b)) if a != b)
+}
+
 /// The accounting key of a claim: `claim-<uid>` with any character unsafe in a path component
 /// replaced by `_`.
 pub fn claim_key(claim_uid: &str) -> String {

@@ -419,3 +419,39 @@ fn a_reading_older_than_the_bound_taints_every_gpu() {
     let staler = mark_unread(devices.clone(), Duration::from_secs(125), bound);
     assert_eq!(slice_publish_reason(Some(&stale), &staler, 100 * GIB), None);
 }
+
+#[test]
+fn a_claim_is_allocated_again_when_its_results_or_its_limits_differ() {
+    let pair = |d: &str, s: Option<&str>| (d.to_string(), s.map(str::to_string));
+    let limits = |b: u64| vec![("GPU-0".to_string(), b)];
+    fn seen<'a>(
+        devices: &'a [(String, Option<String>)],
+        limits: Option<&'a [(String, u64)]>,
+    ) -> AllocationSeen<'a> {
+        AllocationSeen { devices, limits }
+    }
+    let (l4, l8) = (limits(4 * GIB), limits(8 * GIB));
+    let two = [pair("gpu-0", Some("a")), pair("gpu-1", Some("b"))];
+    let swapped = [pair("gpu-1", Some("b")), pair("gpu-0", Some("a"))];
+    let reshared = [pair("gpu-0", Some("c")), pair("gpu-1", Some("b"))];
+    let moved = [pair("gpu-7", Some("a"))];
+    // Same results, any order, same or unreadable limits: the same allocation.
+    assert!(!allocated_again(
+        seen(&two, Some(&l4)),
+        seen(&swapped, Some(&l4))
+    ));
+    assert!(!allocated_again(seen(&two, Some(&l4)), seen(&two, None)));
+    // Other results say so alone, even with limits unreadable (an unknown device).
+    assert!(allocated_again(
+        seen(&two, Some(&l4)),
+        seen(&reshared, Some(&l4))
+    ));
+    assert!(allocated_again(seen(&two, Some(&l4)), seen(&moved, None)));
+    // Same results, other limits.
+    assert!(allocated_again(
+        seen(&two, Some(&l4)),
+        seen(&two, Some(&l8))
+    ));
+    // No results now: nothing new to prepare.
+    assert!(!allocated_again(seen(&two, Some(&l4)), seen(&[], None)));
+}
