@@ -51,6 +51,22 @@ fn snapshot(dir: &Path, name: &str) -> AccountingSnapshot {
     accounting::parse(&std::fs::read(dir.join(name)).unwrap()).unwrap()
 }
 
+/// Two devices under per-GPU limits `l0` and `l1` from the limit file, contexts estimated at
+/// `context` bytes.
+fn per_gpu_env(dir: &Path, l0: u64, l1: u64, context: u64) -> Vec<(&'static str, String)> {
+    let mut env = with_limit_file(two_devices(dir), dir, &per_gpu_file(l0, l1));
+    env.retain(|(k, _)| *k != "VRAMSLICE_CONTEXT_ESTIMATE_BYTES");
+    env.push(("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", context.to_string()));
+    env
+}
+
+/// A probe scenario's arguments: its name, then numbers.
+fn scenario(name: &str, numbers: [u64; 3]) -> Vec<String> {
+    std::iter::once(name.to_string())
+        .chain(numbers.iter().map(u64::to_string))
+        .collect()
+}
+
 fn args(list: &[String]) -> Vec<&str> {
     list.iter().map(String::as_str).collect()
 }
@@ -58,16 +74,8 @@ fn args(list: &[String]) -> Vec<&str> {
 #[test]
 fn each_gpu_is_held_to_its_own_limit_and_shows_its_own_slice() {
     let dir = tempfile::tempdir().unwrap();
-    let mut env = with_limit_file(
-        two_devices(dir.path()),
-        dir.path(),
-        &per_gpu_file(GIB, 2 * GIB),
-    );
-    env.retain(|(k, _)| *k != "VRAMSLICE_CONTEXT_ESTIMATE_BYTES");
-    env.push(("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", (16 * MIB).to_string()));
-    let a = [GIB, 2 * GIB, 16 * MIB].map(|n| n.to_string());
-    let mut list = vec!["multi".to_string()];
-    list.extend(a);
+    let env = per_gpu_env(dir.path(), GIB, 2 * GIB, 16 * MIB);
+    let list = scenario("multi", [GIB, 2 * GIB, 16 * MIB]);
     let (out, so, se) = run(probe(true, &env, &args(&list)));
     assert_checks(&out, &so, &se, 25);
     for uuid in [U0, U1] {
@@ -364,16 +372,8 @@ fn an_asynchronous_allocation_is_charged_to_its_streams_device() {
     // Regression: cuMemAllocAsync was charged to the current context's device and pool, while
     // CUDA allocates from the pool of the stream's device.
     let dir = tempfile::tempdir().unwrap();
-    let mut env = with_limit_file(
-        two_devices(dir.path()),
-        dir.path(),
-        &per_gpu_file(256 * MIB, GIB),
-    );
-    env.retain(|(k, _)| *k != "VRAMSLICE_CONTEXT_ESTIMATE_BYTES");
-    env.push(("VRAMSLICE_CONTEXT_ESTIMATE_BYTES", (16 * MIB).to_string()));
-    let a = [256 * MIB, GIB, 16 * MIB].map(|n| n.to_string());
-    let mut list = vec!["streamdev".to_string()];
-    list.extend(a);
+    let env = per_gpu_env(dir.path(), 256 * MIB, GIB, 16 * MIB);
+    let list = scenario("streamdev", [256 * MIB, GIB, 16 * MIB]);
     let (out, so, se) = run(probe(true, &env, &args(&list)));
     assert_checks(&out, &so, &se, 4);
     assert!(se.contains(&format!("out of memory on GPU {U1}")), "{se}");

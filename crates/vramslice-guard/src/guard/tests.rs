@@ -56,10 +56,15 @@ pub(crate) fn account(uuid: &str, limit: u64) -> Account {
 
 /// A guard with one account (one limit for the container) of `limit` bytes.
 pub(crate) fn guard(limit: u64) -> Guard {
+    guard_reading(limit, |_| Some(0))
+}
+
+/// One limit for the container; pools read as `pool_reserved` says.
+fn guard_reading(limit: u64, pool_reserved: fn(u64) -> Option<u64>) -> Guard {
     Guard::new(
         vec![account("", limit)],
         Mapping::Container,
-        probes_with(|_| Some(0)),
+        probes_with(pool_reserved),
     )
     .unwrap()
 }
@@ -278,12 +283,7 @@ fn pool_memory_stays_charged_until_reconciled() {
 #[test]
 fn destroyed_pools_give_back_what_they_retain_and_late_frees() {
     // The driver no longer answers for a destroyed pool: reconciling cannot help.
-    let g = Guard::new(
-        vec![account("", 100)],
-        Mapping::Container,
-        probes_with(|_| None),
-    )
-    .unwrap();
+    let g = guard_reading(100, |_| None);
     g.pool_created(5, 0);
     for (ptr, n) in [(0x1, 30), (0x2, 50)] {
         g.reserve_async(0, 5, n).unwrap();
@@ -313,15 +313,10 @@ fn pools_destroyed_or_being_destroyed_are_never_queried() {
     // application had destroyed, or was destroying on another thread.
     static QUERIED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
     let queried = || std::mem::take(&mut *QUERIED.lock().unwrap());
-    let g = Guard::new(
-        vec![account("", 100)],
-        Mapping::Container,
-        probes_with(|pool| {
-            QUERIED.lock().unwrap().push(pool);
-            Some(if pool == 6 { 10 } else { 40 })
-        }),
-    )
-    .unwrap();
+    let g = guard_reading(100, |pool| {
+        QUERIED.lock().unwrap().push(pool);
+        Some(if pool == 6 { 10 } else { 40 })
+    });
     g.pool_created(6, 0);
     g.pool_closing(6);
     g.reconcile_pools();
@@ -349,12 +344,7 @@ fn pools_destroyed_or_being_destroyed_are_never_queried() {
 fn a_pool_that_reserved_more_than_asked_is_charged_what_it_holds() {
     // Regression: reconciliation only ever lowered a pool's charge, so a pool reserving in
     // chunks (1 KiB asked, 2 MiB taken) was charged the bytes asked for.
-    let g = Guard::new(
-        vec![account("", 100)],
-        Mapping::Container,
-        probes_with(|_| Some(64)),
-    )
-    .unwrap();
+    let g = guard_reading(100, |_| Some(64));
     g.pool_created(4, 0);
     g.reserve_async(0, 4, 40).unwrap();
     g.track_async(0x4, 4, 0, 40);
@@ -387,12 +377,7 @@ fn a_refused_allocation_or_a_trim_does_not_drop_what_a_pool_holds() {
     // Review of 609e2aa: a refusal reconciles while the refused bytes counted as in use, which
     // read the pool's slack as gone; a trim to 0 capped the charge although the driver keeps
     // the chunks that back live allocations.
-    let g = Guard::new(
-        vec![account("", 80)],
-        Mapping::Container,
-        probes_with(|_| Some(64)),
-    )
-    .unwrap();
+    let g = guard_reading(80, |_| Some(64));
     g.pool_created(4, 0);
     g.reserve_async(0, 4, 40).unwrap();
     g.track_async(0x4, 4, 0, 40);

@@ -202,15 +202,20 @@ fn policy_problems(memory: &serde_json::Value) -> Vec<&'static str> {
     problems
 }
 
-#[test]
-fn nearly_full_gpus_never_make_the_slice_invalid() {
-    let settings = SliceSettings {
+/// Node `node-a`, 1 GiB steps, generation 1, no driver version.
+fn node_a_settings() -> SliceSettings {
+    SliceSettings {
         node: "node-a".into(),
         node_uid: None,
         step_bytes: GIB,
         generation: 1,
         driver_version: None,
-    };
+    }
+}
+
+#[test]
+fn nearly_full_gpus_never_make_the_slice_invalid() {
+    let settings = node_a_settings();
     let devices: Vec<SliceDevice> = [0, GIB / 2, GIB, 2 * GIB, 63 * GIB]
         .iter()
         .enumerate()
@@ -269,16 +274,7 @@ fn an_unhealthy_gpu_is_tainted_with_its_reason() {
         "XID 79 (GPU has fallen off the bus) {}",
         "x".repeat(80)
     ));
-    let slice = resource_slice(
-        &[sick, h100_with_63_gib()],
-        &SliceSettings {
-            node: "node-a".into(),
-            node_uid: None,
-            step_bytes: GIB,
-            generation: 1,
-            driver_version: None,
-        },
-    );
+    let slice = resource_slice(&[sick, h100_with_63_gib()], &node_a_settings());
     let json = serde_json::to_value(&slice).expect("serialises");
     let sick = &json["spec"]["devices"][0];
     assert_eq!(sick["taints"][0]["key"], "vramslice.io/unhealthy");
@@ -320,16 +316,7 @@ fn slice_names_fit_the_api_servers_limit_and_stay_distinct() {
 fn a_long_model_name_is_cut_to_the_attribute_limit() {
     let mut gpu = h100_with_63_gib();
     gpu.model = format!("NVIDIA {}", "H".repeat(80));
-    let slice = resource_slice(
-        &[gpu],
-        &SliceSettings {
-            node: "node-a".into(),
-            node_uid: None,
-            step_bytes: GIB,
-            generation: 1,
-            driver_version: None,
-        },
-    );
+    let slice = resource_slice(&[gpu], &node_a_settings());
     let json = serde_json::to_value(&slice).expect("serialises");
     let model = json["spec"]["devices"][0]["attributes"]["model"]["string"]
         .as_str()
