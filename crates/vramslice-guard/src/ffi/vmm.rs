@@ -98,8 +98,12 @@ pub unsafe extern "C" fn cuMemMap(
     boundary(|| {
         let f = real_fn!(cuMemMap);
         // SAFETY: arguments forwarded unchanged.
-        let rc = unsafe { f(ptr, size, offset, handle, flags) };
-        after_success(rc, |g| g.physical_mapped(ptr, size as u64, handle))
+        let call = || unsafe { f(ptr, size, offset, handle, flags) };
+        let Some(g) = guard() else { return call() };
+        let pending = g.physical_map(handle);
+        let rc = call();
+        g.physical_map_done(pending, ptr, size as u64, rc == CUDA_SUCCESS);
+        rc
     })
 }
 

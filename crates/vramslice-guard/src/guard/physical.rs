@@ -9,8 +9,8 @@
 //!
 //! - `cuMemCreate` charges the bytes with one reference and no mapping;
 //! - `cuMemRetainAllocationHandle` adds a reference, `cuMemRelease` drops one;
-//! - `cuMemMap` records the mapping (virtual address → size, handle) and counts it on the
-//!   handle; `cuMemUnmap` takes out every mapping in its range (one call may cover many, as
+//! - `cuMemMap` counts the mapping on the handle before the real call and records it (virtual
+//!   address → size, handle) once the driver agrees; `cuMemUnmap` takes out every mapping in its range (one call may cover many, as
 //!   PyTorch's expandable segments do);
 //! - the bytes go back when both counts reach zero.
 //!
@@ -84,6 +84,14 @@ impl Holds {
     }
 }
 
+/// A `cuMemMap` counted on its handle before the real call: finish it with
+/// [`Guard::physical_map_done`].
+#[must_use = "pass it to Guard::physical_map_done with the driver's answer"]
+#[derive(Debug)]
+pub struct PendingMap {
+    handle: u64,
+}
+
 /// A release or unmap booked before the real call: finish it with [`Guard::physical_done`].
 #[must_use = "pass it to Guard::physical_done with the driver's answer"]
 #[derive(Debug, Default)]
@@ -142,8 +150,25 @@ impl Guard {
         });
     }
 
-    /// `cuMemMap` mapped `size` bytes at `va` to `handle`.
-    pub fn physical_mapped(&self, va: u64, size: u64, handle: u64) {
+    /// Before the real `cuMemMap(va, size, handle)`: the mapping counts on the handle already,
+    /// so a `cuMemRelease` of the same handle on another thread, racing the map, cannot give
+    /// back memory the new mapping keeps. Finish it with [`Guard::physical_map_done`].
+    pub fn physical_map(&self, handle: u64) -> PendingMap {
+        self.physical_update(handle, &mut PhysicalChange::default(), Holds::mapped);
+        PendingMap { handle }
+    }
+
+    /// After the real `cuMemMap`: on success the mapping is recorded at `va` (so an unmap finds
+    /// it); on a refusal the count taken by [`Guard::physical_map`] is dropped again, and the
+    /// allocation is given back if a release came meanwhile and nothing else holds it.
+    pub fn physical_map_done(&self, pending: PendingMap, va: u64, size: u64, ok: bool) {
+        let handle = pending.handle;
+        if !ok {
+            let mut plan = PhysicalChange::default();
+            self.physical_update(handle, &mut plan, Holds::unmapped);
+            self.physical_done(plan, true);
+            return;
+        }
         let mapping = Entry {
             bytes: size,
             extra: handle,
@@ -155,7 +180,6 @@ impl Guard {
             self.physical_update(stale.extra, &mut plan, Holds::unmapped);
             self.physical_done(plan, true);
         }
-        self.physical_update(handle, &mut PhysicalChange::default(), Holds::mapped);
     }
 
     /// Before the real `cuMemRelease(handle)`: one reference fewer.
@@ -216,6 +240,11 @@ mod tests {
         g.physical_done(plan, true);
     }
 
+    fn map(g: &Guard, va: u64, size: u64, handle: u64) {
+        let pending = g.physical_map(handle);
+        g.physical_map_done(pending, va, size, true);
+    }
+
     fn unmap(g: &Guard, va: u64, size: u64) {
         let plan = g.physical_unmap(va, size);
         g.physical_done(plan, true);
@@ -240,7 +269,7 @@ mod tests {
     fn release_right_after_map_keeps_the_charge_until_the_unmap() {
         let g = guard(100 * MIB);
         create(&g, 0xa, 60 * MIB);
-        g.physical_mapped(0x1000_0000, 60 * MIB, 0xa);
+        map(&g, 0x1000_0000, 60 * MIB, 0xa);
         release(&g, 0xa);
         assert_eq!(g.used(0), 60 * MIB, "mapped: the driver keeps it");
         assert!(
@@ -256,7 +285,7 @@ mod tests {
     fn a_retained_reference_must_be_released_too() {
         let g = guard(100 * MIB);
         create(&g, 0xa, 10 * MIB);
-        g.physical_mapped(0x1000_0000, 10 * MIB, 0xa);
+        map(&g, 0x1000_0000, 10 * MIB, 0xa);
         g.physical_retained(0xa);
         release(&g, 0xa);
         unmap(&g, 0x1000_0000, 10 * MIB);
@@ -271,11 +300,11 @@ mod tests {
         let (base, page) = (0x2000_0000, 2 * MIB);
         for i in 0..4 {
             create(&g, 0x10 + i, page);
-            g.physical_mapped(base + i * page, page, 0x10 + i);
+            map(&g, base + i * page, page, 0x10 + i);
         }
         create(&g, 0x20, page);
-        g.physical_mapped(base + 4 * page, page, 0x20);
-        g.physical_mapped(0x3000_0000, page, 0x20);
+        map(&g, base + 4 * page, page, 0x20);
+        map(&g, 0x3000_0000, page, 0x20);
         for h in [0x10, 0x11, 0x12, 0x13, 0x20] {
             release(&g, h);
         }
@@ -291,7 +320,7 @@ mod tests {
     fn a_refused_release_or_unmap_changes_nothing() {
         let g = guard(100 * MIB);
         create(&g, 0xa, 10 * MIB);
-        g.physical_mapped(0x1000_0000, 10 * MIB, 0xa);
+        map(&g, 0x1000_0000, 10 * MIB, 0xa);
         let plan = g.physical_release(0xa);
         g.physical_done(plan, false);
         let plan = g.physical_unmap(0x1000_0000, 10 * MIB);
@@ -308,11 +337,44 @@ mod tests {
     }
 
     #[test]
+    fn a_release_racing_a_map_leaves_the_charge_to_the_mapping() {
+        let g = guard(100 * MIB);
+        create(&g, 0xa, 10 * MIB);
+        let pending = g.physical_map(0xa);
+        release(&g, 0xa); // another thread, while the driver maps
+        assert_eq!(g.used(0), 10 * MIB, "the mapping being made keeps it");
+        g.physical_map_done(pending, 0x1000_0000, 10 * MIB, true);
+        assert_eq!(g.used(0), 10 * MIB);
+        unmap(&g, 0x1000_0000, 10 * MIB);
+        assert_eq!(g.used(0), 0);
+        assert!(g.tracker.is_empty());
+    }
+
+    #[test]
+    fn a_refused_map_gives_back_what_a_racing_release_left_to_it() {
+        let g = guard(100 * MIB);
+        create(&g, 0xa, 10 * MIB);
+        create(&g, 0xb, 10 * MIB);
+        map(&g, 0x1000_0000, 10 * MIB, 0xb);
+        let pending = g.physical_map(0xa);
+        release(&g, 0xa);
+        // Refused, e.g. because the range is already mapped: the old mapping stays.
+        g.physical_map_done(pending, 0x1000_0000, 10 * MIB, false);
+        assert_eq!(g.used(0), 10 * MIB, "only 0xb is left");
+        let pending = g.physical_map(0xb);
+        g.physical_map_done(pending, 0x2000_0000, 10 * MIB, false);
+        unmap(&g, 0x1000_0000, 10 * MIB);
+        release(&g, 0xb);
+        assert_eq!(g.used(0), 0);
+        assert!(g.tracker.is_empty());
+    }
+
+    #[test]
     fn untracked_handles_are_walked_past_and_never_charged() {
         let g = guard(100 * MIB);
         create(&g, 0xa, 2 * MIB);
-        g.physical_mapped(0x1000_0000, 2 * MIB, 0xbad); // imported: not tracked
-        g.physical_mapped(0x1000_0000 + 2 * MIB, 2 * MIB, 0xa);
+        map(&g, 0x1000_0000, 2 * MIB, 0xbad); // imported: not tracked
+        map(&g, 0x1000_0000 + 2 * MIB, 2 * MIB, 0xa);
         release(&g, 0xa);
         release(&g, 0xbad);
         unmap(&g, 0x1000_0000, 4 * MIB);
@@ -325,9 +387,9 @@ mod tests {
         let g = guard(100 * MIB);
         create(&g, 0xa, 2 * MIB);
         create(&g, 0xb, 2 * MIB);
-        g.physical_mapped(0x1000_0000, 2 * MIB, 0xa);
+        map(&g, 0x1000_0000, 2 * MIB, 0xa);
         release(&g, 0xa);
-        g.physical_mapped(0x1000_0000, 2 * MIB, 0xb);
+        map(&g, 0x1000_0000, 2 * MIB, 0xb);
         assert_eq!(g.used(0), 2 * MIB, "0xa had nothing else holding it");
     }
 
@@ -379,7 +441,7 @@ mod tests {
                     Op::Map(i) if i < allocs.len() && allocs[i].0 > 0 => {
                         allocs[i].1 += 1;
                         mappings.push((next_va, i));
-                        g.physical_mapped(next_va, bytes(i), 0x100 + i as u64);
+                        map(&g, next_va, bytes(i), 0x100 + i as u64);
                         next_va += 0x1000_0000;
                     }
                     Op::Unmap(k) if k < mappings.len() => {
