@@ -3,11 +3,14 @@
 //! `OnceLock`s: a fork while another thread is inside a set-up hands the child a cell marked
 //! "being set up" by a thread it does not have, on which a `OnceLock` would make the child's
 //! first CUDA call wait forever ([`SetUp::forget_unfinished`], called by the fork child handler
-//! in `ffi::fork`).
+//! in `ffi::fork`). A set-up that comes back into its own cell on the same thread (a library
+//! the set-up loads calling an interposed entry point) panics with a message instead of
+//! waiting for itself forever; the entry point's panic boundary turns that into an error code
+//! for the inner call alone.
 
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::time::Duration;
 
 const EMPTY: u8 = 0;
@@ -17,7 +20,16 @@ const READY: u8 = 2;
 /// A value set up once, on first use, by whichever thread gets there first; the others wait.
 pub(crate) struct SetUp<T> {
     state: AtomicU8,
+    /// The kernel thread ID of the thread setting it up (0 when none).
+    owner: AtomicI64,
     value: UnsafeCell<MaybeUninit<T>>,
+}
+
+/// The calling thread's kernel thread ID (`gettid(2)` through `syscall`: glibc's wrapper came
+/// only in 2.30, above the guard's floor).
+fn thread_id() -> i64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    i64::from(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t)
 }
 
 // SAFETY: the value is written only by the one thread that moved the state from EMPTY to
@@ -31,6 +43,7 @@ impl<T> SetUp<T> {
     pub(crate) const fn new() -> Self {
         SetUp {
             state: AtomicU8::new(EMPTY),
+            owner: AtomicI64::new(0),
             value: UnsafeCell::new(MaybeUninit::uninit()),
         }
     }
@@ -46,6 +59,11 @@ impl<T> SetUp<T> {
 
     /// The value, set up by `set_up` on this thread when no thread has yet; waits while another
     /// thread sets it up. A panic in `set_up` leaves the cell empty for the next caller.
+    ///
+    /// # Panics
+    /// When `set_up`, on this thread, asks for the same cell again: it can never be ready for
+    /// it. Every exported entry point catches panics, so the inner call fails with an error
+    /// code and the outer set-up goes on.
     pub(crate) fn get_or_init(&self, set_up: impl FnOnce() -> T) -> &T {
         let mut waits: u32 = 0;
         loop {
@@ -57,24 +75,33 @@ impl<T> SetUp<T> {
                 .compare_exchange(EMPTY, RUNNING, Ordering::Acquire, Ordering::Acquire)
                 .is_ok()
             {
-                struct BackToEmpty<'a>(&'a AtomicU8);
+                struct BackToEmpty<'a>(&'a AtomicU8, &'a AtomicI64);
                 impl Drop for BackToEmpty<'_> {
                     fn drop(&mut self) {
+                        self.1.store(0, Ordering::Relaxed);
                         self.0.store(EMPTY, Ordering::Release);
                     }
                 }
-                let unwinding = BackToEmpty(&self.state);
+                self.owner.store(thread_id(), Ordering::Relaxed);
+                let unwinding = BackToEmpty(&self.state, &self.owner);
                 let value = set_up();
                 // SAFETY: this thread alone moved the state to RUNNING, so no other thread
                 // writes the value or reads it (readers wait for READY).
                 unsafe { (*self.value.get()).write(value) };
                 std::mem::forget(unwinding);
+                self.owner.store(0, Ordering::Relaxed);
                 self.state.store(READY, Ordering::Release);
                 // SAFETY: written just above by this thread, and READY from now on.
                 return unsafe { (*self.value.get()).assume_init_ref() };
             }
-            // Another thread sets it up; set-ups happen once, but one may wait on the
-            // accounting file's lock, so do not spin hot for long.
+            // Another thread sets it up (unless this one does, further up its stack); set-ups
+            // happen once, but one may wait on the accounting file's lock, so do not spin hot
+            // for long.
+            if waits == 0 && self.owner.load(Ordering::Relaxed) == thread_id() {
+                panic!(
+                    "vramslice-guard: a CUDA or NVML call came from inside the guard's own set-up on the same thread (a library it loads calls back); that call fails"
+                );
+            }
             if waits < 64 {
                 std::thread::yield_now();
             } else {
@@ -87,9 +114,13 @@ impl<T> SetUp<T> {
     /// In a forked child: a set-up another thread of the parent was running will never finish
     /// here, so the next use starts it over (what it had done is left behind, unused).
     pub(crate) fn forget_unfinished(&self) {
-        let _ = self
+        if self
             .state
-            .compare_exchange(RUNNING, EMPTY, Ordering::Relaxed, Ordering::Relaxed);
+            .compare_exchange(RUNNING, EMPTY, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.owner.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -138,5 +169,27 @@ mod tests {
         assert!(panicked.is_err());
         assert_eq!(cell.get(), None);
         assert_eq!(*cell.get_or_init(|| 7), 7);
+    }
+
+    #[test]
+    fn a_set_up_asking_for_its_own_cell_fails_the_inner_call_instead_of_waiting_forever() {
+        static CELL: SetUp<u32> = SetUp::new();
+        let (done, finished) = std::sync::mpsc::channel();
+        // On its own thread, so a regression (waiting forever) fails the test by timeout
+        // below rather than hanging the test binary's main thread.
+        std::thread::spawn(move || {
+            let value = *CELL.get_or_init(|| {
+                let inner = std::panic::catch_unwind(|| *CELL.get_or_init(|| 1));
+                if inner.is_err() { 2 } else { 3 }
+            });
+            let _ = done.send(value);
+        });
+        let value = finished.recv_timeout(Duration::from_secs(20));
+        assert_eq!(
+            value,
+            Ok(2),
+            "the inner call failed and the outer set-up finished"
+        );
+        assert_eq!(CELL.get(), Some(&2));
     }
 }
