@@ -13,7 +13,9 @@
 //! remaining reservations cannot explain, `live − reserved`, then joins the baseline, so it is
 //! not hidden behind those reservations and later jobs are not admitted on top of it. That is a
 //! lower bound (the remaining jobs may not have allocated yet); the baseline is exact again once
-//! nothing runs.
+//! nothing runs. It is never more than the live usage: memory held outside the jobs cannot
+//! exceed all memory in use, so when usage falls below the baseline (a job that had grown past
+//! its reservation freed its memory, a cache was emptied) the baseline falls with it.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -116,19 +118,24 @@ impl AdmissionQueue {
         if self.running.is_empty() {
             live
         } else {
-            self.baseline
-                .saturating_add(live.saturating_sub(self.baseline).max(self.reserved()))
+            let baseline = self.baseline.min(live);
+            baseline.saturating_add((live - baseline).max(self.reserved()))
         }
     }
 
     /// Usage that stays when none of this queue's jobs runs: the live usage when idle, else
-    /// the usage when the current run of jobs began.
+    /// the usage when the current run of jobs began (less whatever of it was freed since).
     pub fn floor(&self, live: u64) -> u64 {
         if self.running.is_empty() {
             live
         } else {
-            self.baseline
+            self.baseline.min(live)
         }
+    }
+
+    /// A reading of live usage: the baseline never stays above it (see the module doc).
+    fn observe(&mut self, live: u64) {
+        self.baseline = self.baseline.min(live);
     }
 
     /// What a job may take at most, given live usage: the capacity less the [floor](Self::floor).
@@ -193,6 +200,7 @@ impl AdmissionQueue {
         live: u64,
     ) -> Result<Verdict, Refusal> {
         let ask = ask.into();
+        self.observe(live);
         let largest = self.largest(ask);
         if largest > self.capacity {
             return Err(Refusal::NeverFits {
@@ -222,6 +230,7 @@ impl AdmissionQueue {
     /// Admit waiting jobs from the head while they fit, each sized with the room there is now;
     /// returns the admitted IDs in order.
     pub fn pump(&mut self, live: u64) -> Vec<JobId> {
+        self.observe(live);
         let mut admitted = Vec::new();
         while let Some(&(id, ask)) = self.waiting.front() {
             if self.largest(ask) > self.capacity {
@@ -252,6 +261,7 @@ impl AdmissionQueue {
     /// A running job ended, with `live` bytes in use now; its reservation is returned. What the
     /// remaining reservations cannot explain joins the baseline (see the module doc).
     pub fn release(&mut self, id: JobId, live: u64) -> bool {
+        self.observe(live);
         let was_running = self.running.remove(&id).is_some();
         if was_running && !self.running.is_empty() {
             self.baseline = self.baseline.max(live.saturating_sub(self.reserved()));
@@ -416,6 +426,22 @@ mod tests {
         // Job 2 frees its memory and ends: nothing was left behind, held is live + job 3.
         q.release(2, GIB);
         assert_eq!(q.held(GIB), 2 * GIB);
+    }
+
+    #[test]
+    fn growth_of_a_job_past_its_reservation_leaves_the_baseline_when_freed() {
+        let mut q = AdmissionQueue::new(10 * GIB, 17 * GIB / 2, 4);
+        q.request(1, GIB, 0).unwrap();
+        q.request(2, GIB, 0).unwrap();
+        // Job 2 grows to 5 GiB; job 1 ends: 4 GiB the reservations cannot explain.
+        q.release(1, 5 * GIB);
+        assert_eq!(q.held(5 * GIB), 5 * GIB);
+        // Job 2 frees all of it but still runs: only its reservation is held.
+        assert_eq!(q.held(0), GIB);
+        assert_eq!(q.free(0), 15 * GIB / 2);
+        assert_eq!(q.request(3, 4 * GIB, 0), Ok(Verdict::Admitted));
+        // And the baseline stays down when usage rises again within the reservations.
+        assert_eq!(q.held(3 * GIB), 5 * GIB);
     }
 
     #[test]

@@ -397,6 +397,26 @@ fn a_cancelled_blocking_wait_gives_up_its_place_in_line() {
 }
 
 #[test]
+fn a_blocking_wait_admitted_before_it_sees_the_cancel_returns_its_permit() {
+    let (rt, _) = runtime(4 * GIB, |c| c.queue_timeout = Duration::from_secs(3600));
+    let held = rt.admit_blocking(&Job::new("a").need(3 * GIB)).unwrap();
+    let (rt2, rt3) = (rt.clone(), rt.clone());
+    // The cancel comes true exactly when b has been admitted by a's release: the waiter must
+    // still get b's permit (throwing it away would waste the admission).
+    let waiter = std::thread::spawn(move || {
+        rt2.admit_blocking_unless(&Job::new("b").need(2 * GIB), &|| {
+            let s = rt3.stats();
+            s.queued == 0 && s.running == 1
+        })
+        .map(|permit| permit.complete())
+    });
+    wait_until("b queued", || rt.stats().queued == 1);
+    drop(held);
+    let got = waiter.join().unwrap();
+    assert!(got.is_ok(), "b was admitted before the cancel: {got:?}");
+}
+
+#[test]
 fn a_spike_between_samples_still_counts_toward_the_peak() {
     // No sampler at all: only the usage source's own high-water (ManualUsage keeps one per read
     // window) can see the spike.

@@ -266,17 +266,19 @@ impl Runtime {
             Enqueued::Wait(waiting) => waiting,
         };
         loop {
+            let wait;
+            (waiting, wait) = match self.inner.look(waiting, job) {
+                Look::Done(outcome) => return outcome,
+                Look::Again(waiting, wait) => (waiting, wait),
+            };
+            // Asked after the look, so a job admitted meanwhile (by another thread's release)
+            // is returned rather than thrown away.
             if cancelled.is_some_and(|c| c()) {
                 // Dropping `waiting` gives up the place in line.
                 return Err(AdmitError::Cancelled {
                     key: job.key().to_string(),
                 });
             }
-            let wait;
-            (waiting, wait) = match self.inner.look(waiting, job) {
-                Look::Done(outcome) => return outcome,
-                Look::Again(waiting, wait) => (waiting, wait),
-            };
             let wait = match cancelled {
                 Some(_) => wait.min(CANCEL_POLL),
                 None => wait,
