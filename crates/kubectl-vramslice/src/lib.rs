@@ -12,11 +12,12 @@
 
 pub mod dra;
 pub mod explain;
+mod kubeconfig;
 pub mod model;
 pub mod render;
 pub mod settings;
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
@@ -27,6 +28,7 @@ use vramslice_api::GpuNode;
 use vramslice_core::cluster::ledger::LedgerConfig;
 
 use crate::render::{Format, Style};
+pub use kubeconfig::{ClientError, client, user_kubeconfig};
 
 /// Exit codes scripts can rely on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +165,11 @@ fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
+/// Whether the API server refused a read for want of permission.
+fn is_forbidden(e: &PluginError) -> bool {
+    matches!(e, PluginError::Kube { source: kube::Error::Api(s), .. } if s.code == 403)
+}
+
 /// Whether to colour, given the choice, whether stdout is a terminal and `NO_COLOR`.
 pub fn use_color(choice: ColorChoice, stdout_is_tty: bool, no_color_env: bool) -> bool {
     match choice {
@@ -245,6 +252,25 @@ async fn pods(client: &Client, namespace: Option<&str>) -> Result<Vec<Pod>, Plug
         .map_err(|source| PluginError::Kube { what, source })
 }
 
+/// The pods of all namespaces for the ledger, or, for a user who may list pods in `namespace`
+/// only, that namespace's and a warning: pods of other namespaces that wait to start on a GPU
+/// are then not counted (those that run are, from the GpuNode status).
+async fn ledger_pods(
+    client: &Client,
+    namespace: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Pod>, PluginError> {
+    match pods(client, None).await {
+        Err(e) if is_forbidden(&e) => {
+            warnings.push(format!(
+                "{e}: only pods of namespace {namespace} are counted among those waiting to start"
+            ));
+            pods(client, Some(namespace)).await
+        }
+        read => read,
+    }
+}
+
 async fn claims(
     client: &Client,
     namespace: Option<&str>,
@@ -293,11 +319,6 @@ impl Outcome {
             warnings: Vec::new(),
         }
     }
-
-    fn warn(mut self, warning: Option<String>) -> Self {
-        self.warnings.extend(warning);
-        self
-    }
 }
 
 /// What a read the output can do without gave: its items, or none and a warning saying what
@@ -324,14 +345,17 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
         Command::Nodes => {
             let (config, warning) = ledger_config(cli, client).await?;
             let gns = gpunodes(client).await?;
-            let all_pods = pods(client, None).await?;
+            let mut warnings = Vec::from_iter(warning);
+            let all_pods = ledger_pods(client, &namespace, &mut warnings).await?;
             let ledger = model::build_ledger(&gns, &all_pods, config);
             let rows = model::node_rows(&gns, &ledger, config, now);
             let text = match cli.output {
                 Format::Table => render::nodes_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            Ok(Outcome::new(text, Exit::Ok).warn(warning))
+            let mut outcome = Outcome::new(text, Exit::Ok);
+            outcome.warnings = warnings;
+            Ok(outcome)
         }
         Command::Pods { all_namespaces } => {
             // GpuNodes are cluster-scoped: a user who may read pods in a namespace only still
@@ -383,7 +407,9 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
             })?;
             let (config, warning) = ledger_config(cli, client).await?;
             let gns = gpunodes(client).await?;
-            let ledger = model::build_ledger(&gns, &pods(client, None).await?, config);
+            let mut warnings = Vec::from_iter(warning);
+            let all_pods = ledger_pods(client, &namespace, &mut warnings).await?;
+            let ledger = model::build_ledger(&gns, &all_pods, config);
             let events: Vec<Event> = Api::<Event>::namespaced(client.clone(), &namespace)
                 .list(&ListParams::default().fields(&format!(
                     "involvedObject.kind=Pod,involvedObject.name={pod}"
@@ -396,7 +422,17 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
                 })?;
             let mut e = explain::explain(&target, &gns, &ledger, &events, now);
             if e.state == explain::PodState::NoVram && dra::pod_has_claims(&target) {
-                let all_claims = claims(client, None).await?;
+                // Every claim on the devices tells what is left of them; a user who may read
+                // claims in this namespace only gets the pod's claims judged on those alone.
+                let all_claims = match claims(client, None).await {
+                    Err(e) if is_forbidden(&e) => {
+                        warnings.push(format!(
+                            "{e}: devices' shares are judged by the claims of namespace {namespace} alone"
+                        ));
+                        claims(client, Some(&namespace)).await?
+                    }
+                    read => read?,
+                };
                 let rooms = dra::device_rooms(&slices(client).await?, &all_claims);
                 let (names, _) = dra::pod_claim_names(&target);
                 let pod_claims: Vec<ResourceClaim> = all_claims
@@ -417,56 +453,9 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
                 Format::Table => render::explanation_text(&e, style),
                 f => render::structured(&e, f)?,
             };
-            Ok(Outcome::new(text, code).warn(warning))
+            let mut outcome = Outcome::new(text, code);
+            outcome.warnings = warnings;
+            Ok(outcome)
         }
     }
-}
-
-/// Why no Kubernetes client could be built.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The kubeconfig given with `--kubeconfig` cannot be used.
-    #[error("kubeconfig {path}: {source}")]
-    Kubeconfig {
-        /// The file.
-        path: String,
-        /// Why.
-        source: kube::config::KubeconfigError,
-    },
-    /// No kubeconfig was found, and this is not inside a cluster.
-    #[error("no usable kubeconfig: {0}")]
-    NoKubeconfig(kube::config::KubeconfigError),
-    /// The configuration did not make a client.
-    #[error("cannot build a Kubernetes client: {0}")]
-    Build(kube::Error),
-}
-
-/// Build a client from the user's kubeconfig like kubectl (`--kubeconfig`, `$KUBECONFIG`,
-/// `~/.kube/config`, then in-cluster), honouring `--context`.
-pub async fn client(cli: &Cli) -> Result<Client, ClientError> {
-    let options = kube::config::KubeConfigOptions {
-        context: cli.context.clone(),
-        ..Default::default()
-    };
-    let config = match &cli.kubeconfig {
-        Some(path) => {
-            let bad = |source| ClientError::Kubeconfig {
-                path: path.display().to_string(),
-                source,
-            };
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
-            kube::Config::from_custom_kubeconfig(kc, &options)
-                .await
-                .map_err(bad)?
-        }
-        None => match kube::Config::from_kubeconfig(&options).await {
-            Ok(c) => c,
-            Err(kc_err) => {
-                kube::Config::incluster().map_err(|_| ClientError::NoKubeconfig(kc_err))?
-            }
-        },
-    };
-    let mut config = config;
-    config.read_timeout = Some(Duration::from_secs(30));
-    Client::try_from(config).map_err(ClientError::Build)
 }

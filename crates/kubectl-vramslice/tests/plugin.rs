@@ -20,6 +20,9 @@ struct Recorded {
     crd_installed: bool,
     /// Whether cluster-scoped lists (GpuNodes, ResourceSlices) are allowed.
     cluster_readable: bool,
+    /// Whether pods may be listed in all namespaces at once (not for a user with a namespaced
+    /// Role plus the chart's gpunode-reader ClusterRole).
+    all_pods_readable: bool,
     /// The `extender.yaml` of the scheduler ConfigMap; `None`: listing ConfigMaps is forbidden.
     extender_yaml: Arc<Mutex<Option<String>>>,
     log: Arc<Mutex<Vec<String>>>,
@@ -77,6 +80,7 @@ async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
         ["apis", "vramslice.io", "v1alpha1", "gpunodes"] => {
             return not_found("the server could not find the requested resource");
         }
+        ["api", "v1", "pods"] if !rec.all_pods_readable => return forbidden("pods", "list"),
         ["api", "v1", "pods"] => load(&rec.data, "pods.json"),
         ["api", "v1", "namespaces", ns, "pods"] => load(&rec.data, "pods.json")
             .map(|l| filter_items(l, |p| p["metadata"]["namespace"] == *ns)),
@@ -154,10 +158,15 @@ fn start(crd_installed: bool) -> Server {
 }
 
 fn start_with(data: &str, crd_installed: bool) -> Server {
+    start_as(data, crd_installed, true)
+}
+
+fn start_as(data: &str, crd_installed: bool, all_pods_readable: bool) -> Server {
     let rec = Recorded {
         data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(data),
         crd_installed,
         cluster_readable: data != "tests/data/namespaced-reader",
+        all_pods_readable,
         extender_yaml: Arc::default(),
         log: Arc::default(),
     };
@@ -349,6 +358,64 @@ fn pods_table_json_yaml_and_namespaces() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         stderr.contains("list gpunodes") && stderr.contains("shown without live use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_gpunode_reader_who_may_list_pods_in_one_namespace_gets_nodes_and_explain_with_a_warning() {
+    // `rbac.gpuNodeReaders` with a namespaced `view`: GpuNodes yes, pods of all namespaces no.
+    let s = start_as("tests/data", true, false);
+    let o = s.run(&["nodes", "-o", "json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(!rows.as_array().unwrap().is_empty(), "{rows}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("pods is forbidden")
+            && stderr.contains("only pods of namespace team-b are counted"),
+        "{stderr}"
+    );
+    let log = s.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l == "GET /api/v1/namespaces/team-b/pods"),
+        "{log:?}"
+    );
+
+    let o = s.run(&["explain", "bad-policy", "-n", "team-a"]);
+    assert_eq!(code(&o), 4, "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("only pods of namespace team-a are counted"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kubeconfig_env_skips_missing_files_and_an_unknown_context_is_an_error_not_in_cluster() {
+    let s = start(true);
+    let missing = s._dir.path().join("not-there");
+    let env = std::env::join_paths([&missing, &s.kubeconfig]).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kubectl-vramslice"))
+            .env("KUBECONFIG", &env)
+            // In-cluster settings present: they must not be used while a kubeconfig exists.
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "1")
+            .env_remove("NO_COLOR")
+            .args(["--now", s.now.as_str()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["nodes"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["--context", "prod", "nodes"]);
+    assert_eq!(code(&o), 1);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("prod") && stderr.contains("kubeconfig"),
         "{stderr}"
     );
 }
