@@ -92,7 +92,8 @@ refuse at run time, where a mistake would stop the scheduler's pod instead of th
 {{- if lt $cert 3600000.0 -}}
 {{- fail (printf "webhook.certValidity=%s is below 1h: the certificate is renewed with a third of it left and checked once a minute (cert-manager refuses less than 1h too)" $wh.certValidity) -}}
 {{- end -}}
-{{- if and (not $wh.certManager.enabled) (gt $cert $ca) -}}
+{{- /* caValidity bounds the serving certificate unless cert-manager signs with an issuer of the user's. */ -}}
+{{- if and (not (and $wh.certManager.enabled $wh.certManager.issuerRef)) (gt $cert $ca) -}}
 {{- fail (printf "webhook.certValidity=%s is longer than webhook.caValidity=%s; it must not be" $wh.certValidity $wh.caValidity) -}}
 {{- end -}}
 {{- end -}}
