@@ -16,9 +16,14 @@ pub enum ApiError {
     /// The object does not exist.
     #[error("not found")]
     NotFound,
-    /// The API server refused (conflict, forbidden, invalid...).
+    /// The API server refused (forbidden, invalid...): the write did not happen.
     #[error("{0}")]
     Refused(String),
+    /// The API server answered with an error after which the write may have happened all the
+    /// same: a conflict (409: what a retried write gets when its first attempt took), too many
+    /// requests (429) or a server error (5xx, such as a timeout while the write commits).
+    #[error("{0}")]
+    Unsure(String),
     /// The API server could not be reached or answered garbage.
     #[error("{0}")]
     Transport(String),
@@ -28,6 +33,11 @@ impl From<kube::Error> for ApiError {
     fn from(e: kube::Error) -> Self {
         match e {
             kube::Error::Api(status) if status.code == 404 => ApiError::NotFound,
+            kube::Error::Api(status)
+                if status.code == 409 || status.code == 429 || status.code >= 500 =>
+            {
+                ApiError::Unsure(format!("{} ({})", status.message, status.code))
+            }
             kube::Error::Api(status) => {
                 ApiError::Refused(format!("{} ({})", status.message, status.code))
             }

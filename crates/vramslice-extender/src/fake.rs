@@ -25,6 +25,7 @@ struct Inner {
     calls: Vec<Call>,
     fail_bind: Option<ApiError>,
     lose_bind_answer: bool,
+    fail_reads_after_bind: bool,
     latency: std::time::Duration,
 }
 
@@ -92,6 +93,12 @@ impl FakeCluster {
         self.lock().lose_bind_answer = lose;
     }
 
+    /// Make every read of a pod fail (a transport error) once a bind call was made: the API
+    /// server gone just after a Binding was sent.
+    pub fn fail_reads_after_bind(&self, fail: bool) {
+        self.lock().fail_reads_after_bind = fail;
+    }
+
     /// Make every later bind call fail with `err` (or succeed again with `None`).
     pub fn fail_bind(&self, err: Option<ApiError>) {
         self.lock().fail_bind = err;
@@ -107,6 +114,10 @@ impl ClusterApi for FakeCluster {
         Box::pin(async move {
             let mut inner = self.lock();
             inner.calls.push(Call::Get(namespace.into(), name.into()));
+            let bound_once = inner.calls.iter().any(|c| matches!(c, Call::Bind(..)));
+            if inner.fail_reads_after_bind && bound_once {
+                return Err(ApiError::Transport("connection refused".into()));
+            }
             inner
                 .pods
                 .get(&(namespace.to_string(), name.to_string()))
@@ -138,14 +149,14 @@ impl ClusterApi for FakeCluster {
             }
             let pod = inner.pod_mut(namespace, name)?;
             if pod.metadata.uid.as_deref().unwrap_or_default() != uid {
-                return Err(ApiError::Refused(format!(
+                return Err(ApiError::Unsure(format!(
                     "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
                     pod.metadata.uid.as_deref().unwrap_or_default()
                 )));
             }
             let spec = pod.spec.get_or_insert_with(Default::default);
             if let Some(bound) = &spec.node_name {
-                return Err(ApiError::Refused(format!(
+                return Err(ApiError::Unsure(format!(
                     "pod {namespace}/{name} is already assigned to node \"{bound}\" (409)"
                 )));
             }

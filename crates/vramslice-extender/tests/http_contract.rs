@@ -574,6 +574,82 @@ async fn a_lost_binding_answer_is_checked_against_the_api_server() {
 }
 
 #[tokio::test]
+async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_checked() {
+    let (ext, fake) = cluster();
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    // The Binding's answer is lost and the API server cannot be asked again: it may have taken.
+    fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
+    fake.fail_reads_after_bind(true);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    let error = body["Error"].as_str().unwrap();
+    assert!(
+        error.contains("whether the binding took cannot be read back"),
+        "{error}"
+    );
+    assert!(
+        ext.ledger().pod("uid-1").unwrap().reserved,
+        "the room stays reserved: the pod may be bound there"
+    );
+    // kube-scheduler tries again once the API server answers: the pod is not bound, so the
+    // unsettled reservation is replaced and the bind goes through.
+    fake.fail_reads_after_bind(false);
+    fake.fail_bind(None);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(body, json!({ "Error": "" }));
+    let bound = fake.pod("default", "llm").unwrap();
+    assert_eq!(bound.spec.unwrap().node_name.as_deref(), Some("fit"));
+    assert_eq!(ext.ledger().reservation_count(), 1);
+}
+
+#[tokio::test]
+async fn a_conflict_from_a_retried_binding_that_took_is_a_success() {
+    let (ext, fake) = cluster();
+    let mut pod = pod_object("llm", "uid-1", Some("6"), json!({}));
+    // The client's first attempt took; its retry is told the pod is already assigned.
+    pod.spec.as_mut().unwrap().node_name = Some("fit".into());
+    fake.put_pod(pod);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(body, json!({ "Error": "" }));
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    // Assigned to another node: a failure, and the reservation goes.
+    let mut other = pod_object("other", "uid-2", Some("6"), json!({}));
+    other.spec.as_mut().unwrap().node_name = Some("full".into());
+    fake.put_pod(other);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("other", "uid-2", "fit")).await;
+    assert!(
+        body["Error"].as_str().unwrap().contains("already assigned"),
+        "{body}"
+    );
+    assert!(ext.ledger().pod("uid-2").is_none());
+}
+
+#[tokio::test]
+async fn a_bind_the_scheduler_stops_waiting_for_still_releases_its_reservation() {
+    let (ext, fake) = cluster();
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    fake.set_latency(std::time::Duration::from_millis(300));
+    fake.fail_bind(Some(ApiError::Refused(
+        "pods \"llm\" is forbidden (403)".into(),
+    )));
+    // kube-scheduler's httpTimeout: the HTTP call is dropped while the Binding is on its way.
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    assert_eq!(ext.ledger().reservation_count(), 1, "the bind goes on");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ext.ledger().reservation_count() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed bind never released its reservation"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn large_node_lists_are_accepted() {
     let (ext, _) = cluster();
     // 3,000 full Node objects (~3 MiB, past axum's default body limit), as a

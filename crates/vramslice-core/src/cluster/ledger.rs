@@ -45,6 +45,7 @@ mod probe;
 #[cfg(test)]
 mod proptests;
 mod reason;
+mod reservations;
 #[cfg(test)]
 mod spanning_tests;
 mod steering;
@@ -117,6 +118,9 @@ struct PodEntry {
     observed_gpu: Option<String>,
     /// `Some(since)` for a reservation the API server has not yet shown bound.
     reserved_since: Option<SystemTime>,
+    /// A reservation whose bind ended without knowing whether its Binding took
+    /// ([`Ledger::unsettle`]).
+    unsettled: bool,
 }
 
 impl PodEntry {
@@ -274,6 +278,7 @@ impl Ledger {
                 record,
                 observed_gpu,
                 reserved_since: None,
+                unsettled: false,
             },
         );
         self.node_mut(&node).pods.insert(uid);
@@ -331,6 +336,7 @@ impl Ledger {
             let pod = format!("{}/{}", request.namespace, request.name);
             let node = existing.record.node.clone();
             return Err(match existing.reserved_since {
+                Some(_) if existing.unsettled => ReserveError::Unsettled { pod, node },
                 Some(_) => ReserveError::InFlight { pod, node },
                 None => ReserveError::AlreadyBound { pod, node },
             });
@@ -371,6 +377,7 @@ impl Ledger {
                 record,
                 observed_gpu: None,
                 reserved_since: Some(now),
+                unsettled: false,
             },
         );
         self.node_mut(node).pods.insert(request.uid.clone());
@@ -382,34 +389,6 @@ impl Ledger {
             gpu_uuids,
             gpu_indices,
         })
-    }
-
-    /// Drop a reservation (its bind failed). Bound pods are not touched. Returns whether a
-    /// reservation was dropped.
-    pub fn release(&mut self, uid: &str) -> bool {
-        let reserved = self
-            .pods
-            .get(uid)
-            .is_some_and(|e| e.reserved_since.is_some());
-        reserved && self.forget_pod(uid)
-    }
-
-    /// Drop reservations older than `ttl` that the API server never showed bound; returns their
-    /// UIDs.
-    pub fn expire_reservations(&mut self, now: SystemTime, ttl: Duration) -> Vec<String> {
-        let expired: Vec<String> = self
-            .pods
-            .iter()
-            .filter(|(_, e)| {
-                e.reserved_since
-                    .is_some_and(|since| now.duration_since(since).unwrap_or_default() > ttl)
-            })
-            .map(|(uid, _)| uid.clone())
-            .collect();
-        for uid in &expired {
-            self.forget_pod(uid);
-        }
-        expired
     }
 
     /// The per-GPU books of a node with a valid reading.

@@ -1,7 +1,16 @@
 //! The bind verb: re-check and reserve under the ledger lock, then one Binding that carries the
 //! placement annotations; a failed binding releases the reservation.
+//!
+//! A bind runs to its end in a task of its own: kube-scheduler gives up on the HTTP call after
+//! its `httpTimeout`, and a bind dropped between reserving and releasing would leave its
+//! reservation behind. When the Binding's answer is lost or unsure (a transport error, a
+//! timeout, 409, 429, 5xx), the API server is asked whether the pod is bound; when even that
+//! cannot be told, the reservation stays, marked unsettled, until the pod is seen or the
+//! reservation expires, and the next bind of the pod checks again and may replace it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use vramslice_api::names::{ANNOTATION_ASSIGNED_AT, ANNOTATION_GPU_UUID};
 use vramslice_core::cluster::ledger::{ReserveError, ReserveRequest};
@@ -13,11 +22,32 @@ use crate::convert::{format_time, pod_request, policy_of};
 use crate::metrics::Outcome;
 use crate::wire::{ExtenderBindingArgs, ExtenderBindingResult};
 
+/// How long the Binding POST may take, the client's own retries included, before the bind asks
+/// the API server whether it took.
+const BINDING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the read that tells whether a pod is bound may take.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a Binding ended.
+enum Bound {
+    /// The pod is bound to the node.
+    Yes,
+    /// It is not: the message says why.
+    No(String),
+    /// Nobody can tell now: the message says why.
+    Unknown(String),
+}
+
 impl Extender {
     /// The bind verb: re-check and reserve under the ledger lock, then one Binding that also
-    /// carries the placement annotations; any failure releases the reservation and is returned
-    /// in `Error`.
-    pub async fn bind(&self, body: &[u8]) -> Result<(ExtenderBindingResult, Outcome), BadRequest> {
+    /// carries the placement annotations; a failure releases the reservation (unless whether
+    /// the Binding took cannot be told) and is returned in `Error`. Runs to its end even when
+    /// the caller stops waiting (see the module doc).
+    pub async fn bind(
+        self: &Arc<Self>,
+        body: &[u8],
+    ) -> Result<(ExtenderBindingResult, Outcome), BadRequest> {
         let args: ExtenderBindingArgs = parse_body(body, "ExtenderBindingArgs")?;
         for (value, field) in [
             (&args.pod_name, "PodName"),
@@ -28,9 +58,13 @@ impl Extender {
                 return Err(BadRequest::MissingField(field));
             }
         }
-        let (error, outcome) = match self.bind_checked(&args).await {
-            Ok(outcome) => (String::new(), outcome),
-            Err((message, outcome)) => (message, outcome),
+        let who = format!("{}/{}", args.pod_namespace, args.pod_name);
+        let this = Arc::clone(self);
+        let task = tokio::spawn(async move { this.bind_checked(&args).await });
+        let (error, outcome) = match task.await {
+            Ok(Ok(outcome)) => (String::new(), outcome),
+            Ok(Err((message, outcome))) => (message, outcome),
+            Err(e) => (format!("cannot bind pod {who}: {e}"), Outcome::Error),
         };
         Ok((ExtenderBindingResult { error }, outcome))
     }
@@ -78,24 +112,42 @@ impl Extender {
         let (uid, request, policy) = self.pod_to_bind(args, &who).await.map_err(fail)?;
         let Some(request) = request else {
             // No VRAM: bind like the default binder would.
-            self.bind_or_confirm(ns, name, &uid, node, BTreeMap::new())
+            return match self
+                .bind_or_confirm(ns, name, &uid, node, BTreeMap::new())
                 .await
-                .map_err(fail)?;
-            return Ok(Outcome::Ignored);
+            {
+                Bound::Yes => Ok(Outcome::Ignored),
+                Bound::No(message) | Bound::Unknown(message) => Err(fail(message)),
+            };
         };
         self.readiness()
             .map_err(|e| fail(format!("cannot bind pod {who}: vramslice extender {e}")))?;
         let now = self.now();
-        let placement = {
-            let mut ledger = self.ledger_mut();
-            let reserve = ReserveRequest {
-                uid: uid.clone(),
-                namespace: ns.clone(),
-                name: name.clone(),
-                request,
-            };
-            ledger.reserve(reserve, node, policy, now)
+        let reserve = ReserveRequest {
+            uid: uid.clone(),
+            namespace: ns.clone(),
+            name: name.clone(),
+            request,
         };
+        let mut placement = self
+            .ledger_mut()
+            .reserve(reserve.clone(), node, policy, now);
+        if let Err(ReserveError::Unsettled { .. }) = &placement {
+            // Its earlier bind could not tell whether the Binding took: ask now.
+            placement = match self.bound_where(ns, name, &uid).await {
+                Some(None) => {
+                    let mut ledger = self.ledger_mut();
+                    ledger.release(&uid);
+                    tracing::info!(pod = %who, "an unsettled reservation's pod is not bound; reserving again");
+                    ledger.reserve(reserve, node, policy, now)
+                }
+                Some(Some(bound)) => Err(ReserveError::AlreadyBound {
+                    pod: who.clone(),
+                    node: bound,
+                }),
+                None => placement,
+            };
+        }
         let placement = placement.map_err(|e| {
             let outcome = match e {
                 ReserveError::NoFit(_) => Outcome::Conflict,
@@ -114,21 +166,27 @@ impl Extender {
             .bind_or_confirm(ns, name, &uid, node, annotations)
             .await
         {
-            Ok(()) => {
+            Bound::Yes => {
                 tracing::info!(pod = %who, node = %node, gpu = %placement.gpu_uuid,
                     index = ?placement.gpu_indices, bytes = request.bytes(),
                     bytes_per_gpu = request.share_bytes(), "bound");
                 Ok(Outcome::Ok)
             }
-            Err(message) => {
+            Bound::No(message) => {
                 self.ledger_mut().release(&uid);
                 tracing::warn!(pod = %who, node = %node, error = %message, "bind failed; reservation released");
+                Err(fail(message))
+            }
+            Bound::Unknown(message) => {
+                self.ledger_mut().unsettle(&uid);
+                tracing::warn!(pod = %who, node = %node, error = %message, "bind outcome unknown; reservation kept until the pod is seen or it expires");
                 Err(fail(message))
             }
         }
     }
 
-    /// Create the Binding; when its answer is lost, ask the API server whether it took.
+    /// Create the Binding; when its answer is lost or unsure, ask the API server whether it
+    /// took.
     async fn bind_or_confirm(
         &self,
         ns: &str,
@@ -136,29 +194,51 @@ impl Extender {
         uid: &str,
         node: &str,
         annotations: BTreeMap<String, String>,
-    ) -> Result<(), String> {
-        match self
-            .cluster
-            .bind_pod(ns, name, uid, node, annotations)
-            .await
-        {
-            Ok(()) => Ok(()),
-            // The answer was lost, not necessarily the Binding: ask the API server.
-            Err(e @ ApiError::Transport(_)) if self.bound_to(ns, name, uid, node).await => {
-                tracing::info!(pod = %format_args!("{ns}/{name}"), error = %e,
-                    "binding answer lost, but the pod is bound");
-                Ok(())
+    ) -> Bound {
+        let call = tokio::time::timeout(
+            BINDING_TIMEOUT,
+            self.cluster.bind_pod(ns, name, uid, node, annotations),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::Transport(format!(
+                "no answer within {}s",
+                BINDING_TIMEOUT.as_secs()
+            )))
+        });
+        let e = match call {
+            Ok(()) => return Bound::Yes,
+            Err(ApiError::NotFound) => {
+                return Bound::No(format!("cannot bind pod {ns}/{name}: pod not found"));
             }
-            Err(ApiError::NotFound) => Err(format!("cannot bind pod {ns}/{name}: pod not found")),
-            Err(e) => Err(format!("cannot bind pod {ns}/{name} to node {node}: {e}")),
+            Err(e @ ApiError::Refused(_)) => {
+                return Bound::No(format!("cannot bind pod {ns}/{name} to node {node}: {e}"));
+            }
+            Err(e @ (ApiError::Transport(_) | ApiError::Unsure(_))) => e,
+        };
+        // The answer was lost or unsure, not necessarily the Binding: ask the API server.
+        match self.bound_where(ns, name, uid).await {
+            Some(Some(bound)) if bound == node => {
+                tracing::info!(pod = %format_args!("{ns}/{name}"), error = %e,
+                    "binding answer lost or unsure, but the pod is bound");
+                Bound::Yes
+            }
+            Some(_) => Bound::No(format!("cannot bind pod {ns}/{name} to node {node}: {e}")),
+            None => Bound::Unknown(format!(
+                "cannot bind pod {ns}/{name} to node {node}: {e}; whether the binding took cannot be read back now, so its reservation stays until the pod is seen or it expires"
+            )),
         }
     }
 
-    /// Whether the API server shows the pod (same UID) bound to `node`.
-    async fn bound_to(&self, ns: &str, name: &str, uid: &str, node: &str) -> bool {
-        self.cluster.get_pod(ns, name).await.is_ok_and(|pod| {
-            pod.metadata.uid.as_deref() == Some(uid)
-                && pod.spec.and_then(|s| s.node_name).as_deref() == Some(node)
-        })
+    /// Where the API server shows the pod (same UID) bound: `Some(None)` when it is not bound
+    /// (or gone, or another pod now has the name), `None` when that cannot be read now.
+    async fn bound_where(&self, ns: &str, name: &str, uid: &str) -> Option<Option<String>> {
+        match tokio::time::timeout(CONFIRM_TIMEOUT, self.cluster.get_pod(ns, name)).await {
+            Ok(Ok(pod)) if pod.metadata.uid.as_deref() == Some(uid) => {
+                Some(pod.spec.and_then(|s| s.node_name))
+            }
+            Ok(Ok(_) | Err(ApiError::NotFound)) => Some(None),
+            Ok(Err(_)) | Err(_) => None,
+        }
     }
 }

@@ -358,6 +358,43 @@ fn double_binds_are_refused_with_the_reason() {
 }
 
 #[test]
+fn an_unsettled_reservation_holds_its_room_and_tells_the_next_bind_so() {
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8)]));
+    ledger
+        .reserve(want("a", 6), "n1", Policy::Binpack, at(1))
+        .unwrap();
+    assert!(ledger.unsettle("a"));
+    assert!(!ledger.unsettle("never"), "only a reservation is unsettled");
+    // The pod may be bound there: its room stays taken.
+    assert!(matches!(
+        ledger.reserve(want("b", 6), "n1", Policy::Binpack, at(2)),
+        Err(ReserveError::NoFit(_))
+    ));
+    let err = ledger
+        .reserve(want("a", 6), "n1", Policy::Binpack, at(2))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pod ns/a's earlier bind to node n1 ended without knowing whether it took"
+    );
+    // Found not bound: released, and the pod may be reserved again (settled this time).
+    assert!(ledger.release("a"));
+    ledger
+        .reserve(want("a", 6), "n1", Policy::Binpack, at(3))
+        .unwrap();
+    assert!(matches!(
+        ledger.reserve(want("a", 6), "n1", Policy::Binpack, at(3)),
+        Err(ReserveError::InFlight { .. })
+    ));
+    // Shown bound by the API server: no longer a reservation, unsettled or not.
+    assert!(ledger.unsettle("a"));
+    ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 6, 3));
+    assert!(!ledger.pod("a").unwrap().reserved);
+    assert!(!ledger.unsettle("a"));
+}
+
+#[test]
 fn the_kubelet_placement_wins_over_the_annotation() {
     let mut ledger = Ledger::new(config(0));
     ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8), gpu(1, 8, 8)]));

@@ -144,6 +144,16 @@ pub enum ReserveError {
         /// The node of the other bind.
         node: String,
     },
+    /// An earlier bind of the same pod ended without knowing whether its Binding took: its
+    /// reservation stands until the API server shows the pod bound, the caller finds it not
+    /// bound and releases it ([`super::Ledger::release`]), or it expires.
+    #[error("pod {pod}'s earlier bind to node {node} ended without knowing whether it took")]
+    Unsettled {
+        /// `namespace/name`.
+        pod: String,
+        /// The node of the earlier bind.
+        node: String,
+    },
     /// The node cannot take the pod (after an unpaired swap, also when the GPU the device
     /// plugin may send it to lacks room: `GpuRejection::Owed`).
     #[error("{0}")]
