@@ -241,7 +241,13 @@ impl DevicePluginLogic for VramPlugin {
     }
 }
 
-/// Create the per-allocation accounting directory, writable by any container user.
+/// Create the per-allocation accounting directory, empty, writable by any container user.
+///
+/// Its name follows from the unit IDs alone, and the next pod of a size on a GPU usually gets
+/// the units the last one had: whatever that pod left there (an account with a slot that reads
+/// as alive, a FIFO in place of a file) must not reach the new container, so anything at the
+/// path is removed first (not followed, if a link). The kubelet allocates only units no running
+/// container holds, so nothing in use is there.
 async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |e: std::io::Error| {
@@ -250,6 +256,18 @@ async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
             dir.display()
         ))
     };
+    match tokio::fs::symlink_metadata(dir).await {
+        Ok(found) => {
+            if found.is_dir() {
+                tokio::fs::remove_dir_all(dir).await.map_err(fail)?;
+            } else {
+                tokio::fs::remove_file(dir).await.map_err(fail)?;
+            }
+            tracing::debug!(dir = %dir.display(), "removed what an earlier allocation of these units left");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
     tokio::fs::create_dir_all(dir).await.map_err(fail)?;
     // Writable by a container running as any user (the guard creates its account there);
     // sticky, so only a file's owner may remove or rename it.

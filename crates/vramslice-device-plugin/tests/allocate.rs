@@ -107,6 +107,32 @@ async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_allocated_again_get_an_empty_accounting_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::new(TWO_GPUS, "");
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+    // What the pod that had these units before left behind: an account, and a FIFO where the
+    // guard expects a plain file (opening it would wait forever).
+    let key = vramslice_core::node::allocation::allocation_key("GPU-bbbb", &[0, 1]);
+    let dir = node.accounting.join(&key);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("vramslice-accounting.v1"), b"left behind").unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("vramslice-accounting.v1.slots"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let r = allocate(&mut client, ids("GPU-bbbb", 0..2)).await.unwrap();
+    let acct = mount(&r, ACCOUNTING_IN_CONTAINER).expect("accounting mount");
+    assert_eq!(acct.host_path, dir.display().to_string());
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o1777);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocate_in_ld_so_preload_file_mode_with_cdi_strategy() {
     let node = Node::new(
         TWO_GPUS,

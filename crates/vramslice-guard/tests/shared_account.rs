@@ -303,6 +303,35 @@ fn forked_child_gets_its_own_slot_and_counts_against_the_container() {
 }
 
 #[test]
+fn a_fifo_in_place_of_the_slot_lock_file_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 100 * MIB;
+    let e = env(dir.path(), limit);
+    let fifo = dir.path().join(format!("{ACCOUNTING_FILE_NAME}.slots"));
+    let c = std::ffi::CString::new(fifo.into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+    let mut cmd = probe(true, &e, &["alloc", &(10 * MIB).to_string()]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the probe waited on the FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(so.contains("alloc rc=0"), "{so}{se}");
+    assert!(se.contains("is not a plain file"), "{se}");
+}
+
+#[test]
 fn damaged_accounting_file_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(ACCOUNTING_FILE_NAME);

@@ -59,11 +59,12 @@ fn open_slot_locks(path: &Path) -> Result<i32, String> {
     name.push(layout::SLOT_LOCK_SUFFIX);
     let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()))
         .map_err(|_| format!("slot lock file {} has a NUL byte", path.display()))?;
-    // SAFETY: c is NUL-terminated; open has no other precondition.
+    // SAFETY: c is NUL-terminated; open has no other precondition. O_NONBLOCK: a FIFO put in
+    // the file's place must not make the open wait for a writer (it is refused just below).
     let fd = unsafe {
         libc::open(
             c.as_ptr(),
-            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK,
             0o666 as libc::c_uint,
         )
     };
@@ -72,6 +73,19 @@ fn open_slot_locks(path: &Path) -> Result<i32, String> {
             "cannot open slot lock file {}: {}",
             std::path::Path::new(&name).display(),
             std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd was just opened; st is a live stat.
+    let plain =
+        unsafe { libc::fstat(fd, &raw mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    if !plain {
+        // SAFETY: fd is ours and not used after this.
+        unsafe { libc::close(fd) };
+        return Err(format!(
+            "slot lock file {} is not a plain file",
+            std::path::Path::new(&name).display()
         ));
     }
     Ok(fd)
