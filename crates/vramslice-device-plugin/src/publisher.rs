@@ -14,7 +14,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use vramslice_api::convert::gpunode_status;
-use vramslice_api::convert::node_pods::{init_phase_pods, plain_init_holds, uids_by_name};
+use vramslice_api::convert::node_pods::{
+    init_phase_pods, plain_init_holds, running_pods_using, uids_by_name,
+};
 use vramslice_api::{GpuNode, GpuNodeSpec, GpuNodeStatus};
 use vramslice_core::VramUnit;
 use vramslice_core::node::init_limit::apply_init_limits;
@@ -22,6 +24,7 @@ use vramslice_core::node::publish::{
     ContainerAllocationRecord, NodeReport, PublishPolicy, add_claim_holdings, build_report,
     publish_reason,
 };
+use vramslice_core::node::sweep::unlisted_running_pods;
 use vramslice_core::node::watchdog::{PodOnGpu, SelfReport};
 use vramslice_gpu::procfs::ProcRoot;
 
@@ -201,13 +204,25 @@ impl Publisher {
                 state.pr_failing = false;
                 if let Some(sweeper) = &mut self.sweeper {
                     // Without a synced pod cache, plain init containers cannot be told: no sweep.
-                    let init = match (&self.kube, pods) {
-                        (None, _) => Some(Vec::new()),
-                        (Some(_), pods) => pods.map(|pods| plain_init_holds(pods, resource)),
+                    // With it, a kubelet record that misses a running VRAM pod is incomplete
+                    // (a kubelet restarted without the API server): no sweep either.
+                    let known = match (&self.kube, pods) {
+                        (None, _) => Some((Vec::new(), Vec::new())),
+                        (Some(_), pods) => pods.map(|pods| {
+                            (
+                                plain_init_holds(pods, resource),
+                                running_pods_using(pods, resource),
+                            )
+                        }),
                     };
-                    match init {
-                        Some(init) => {
-                            sweeper.run(&state.records, &init).await;
+                    match known {
+                        Some((init, running)) => {
+                            let unlisted = unlisted_running_pods(&state.records, &running);
+                            if unlisted.is_empty() {
+                                sweeper.run(&state.records, &init).await;
+                            } else {
+                                sweeper.hold(&unlisted);
+                            }
                         }
                         None => tracing::debug!("pod cache not synced; accounting sweep skipped"),
                     }

@@ -4,7 +4,9 @@
 //! Called by the publisher after each poll whose PodResources answer was fresh; never with a
 //! stale or failed answer, so a kubelet that cannot be reached deletes nothing. With the node's
 //! pods (a kube client), also never before their cache is synced: keys a plain init container of
-//! a pod that may still run holds count as live, and PodResources alone cannot tell them.
+//! a pod that may still run holds count as live, and PodResources alone cannot tell them; and
+//! never while the kubelet's record misses a pod the API server shows running with VRAM (a
+//! kubelet restarted without the API server lists no pods while their containers run on).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,8 @@ pub struct Sweeper {
     after: Duration,
     state: SweepState,
     epoch: Instant,
+    /// Whether the last sweep was held back ([`Sweeper::hold`]), so that it is logged once.
+    held: bool,
 }
 
 impl Sweeper {
@@ -32,7 +36,22 @@ impl Sweeper {
             after,
             state: SweepState::default(),
             epoch: Instant::now(),
+            held: false,
         }
+    }
+
+    /// No sweep this time: the kubelet's record misses running pods (`unlisted`, namespace and
+    /// name), so what it lacks may be in use. Logged when it starts.
+    pub fn hold(&mut self, unlisted: &[&(String, String)]) {
+        if !self.held {
+            let pods: Vec<String> = unlisted
+                .iter()
+                .take(5)
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .collect();
+            tracing::warn!(unlisted = unlisted.len(), pods = ?pods, "the kubelet's PodResources record misses running VRAM pods (a kubelet restarted without the API server?); accounting sweep held back");
+        }
+        self.held = true;
     }
 
     /// One sweep against the kubelet's live allocations and what plain init containers may hold
@@ -42,6 +61,11 @@ impl Sweeper {
         live: &[ContainerAllocationRecord],
         init: &[InitHold],
     ) -> Vec<String> {
+        if std::mem::take(&mut self.held) {
+            tracing::info!(
+                "the kubelet's PodResources record lists the running VRAM pods again; accounting sweep resumed"
+            );
+        }
         let root = self.root.clone();
         let listed = tokio::task::spawn_blocking(move || list_root(&root)).await;
         let present = match listed {

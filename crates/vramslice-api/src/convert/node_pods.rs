@@ -51,6 +51,32 @@ fn bound_and_unfinished(pod: &Pod) -> bool {
     bound && !matches!(phase, Some("Succeeded" | "Failed"))
 }
 
+/// The pods (namespace, name) that run with a container asking for `resource` (an app
+/// container or a sidecar: what the kubelet's PodResources record lists): phase Running and not
+/// being deleted. The accounting sweeper trusts the kubelet's record only when it lists them all
+/// (`vramslice_core::node::sweep::unlisted_running_pods`).
+pub fn running_pods_using<P: Borrow<Pod>>(pods: &[P], resource: &str) -> Vec<(String, String)> {
+    pods.iter()
+        .map(Borrow::borrow)
+        .filter(|pod| {
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            let asks = pod.spec.as_ref().is_some_and(|spec| {
+                let sidecars = spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .filter(|c| container_vram(c).sidecar);
+                spec.containers
+                    .iter()
+                    .chain(sidecars)
+                    .any(|c| container_units(c, resource).is_some_and(|u| u > 0))
+            });
+            running && asks && pod.metadata.deletion_timestamp.is_none()
+        })
+        .map(pod_key)
+        .collect()
+}
+
 /// (namespace, name) of a pod.
 fn pod_key(pod: &Pod) -> (String, String) {
     (

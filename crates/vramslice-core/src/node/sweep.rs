@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use crate::node::allocation::{LIMIT_FILE_HOST_SUFFIX, path_safe};
+use crate::node::publish::ContainerAllocationRecord;
 
 /// What the sweeper remembers between polls: when each dead key was first seen dead (time
 /// since an epoch of the caller's choosing).
@@ -172,6 +173,25 @@ pub fn init_held_keys(
     held
 }
 
+/// The running pods (`running`: namespace, name, by the API server) that the kubelet's
+/// PodResources record (`records`) does not list. A record that misses any is no ground to
+/// sweep by: a kubelet restarted while it cannot reach the API server lists no pods at all while
+/// their containers run on, and a sweep by that record would delete their accounting
+/// directories and limit files.
+pub fn unlisted_running_pods<'a>(
+    records: &[ContainerAllocationRecord],
+    running: &'a [(String, String)],
+) -> Vec<&'a (String, String)> {
+    let listed: BTreeSet<(&str, &str)> = records
+        .iter()
+        .map(|r| (r.namespace.as_str(), r.pod.as_str()))
+        .collect();
+    running
+        .iter()
+        .filter(|(ns, name)| !listed.contains(&(ns.as_str(), name.as_str())))
+        .collect()
+}
+
 /// Decide which of the `present` keys (found under the accounting root, each with the age of
 /// its most recently changed entry) to delete at `now`: those neither `live` nor changed within
 /// `grace`, in every sweep since at least `grace` ago.
@@ -208,6 +228,35 @@ mod tests {
     use proptest::prelude::*;
 
     const GRACE: Duration = Duration::from_secs(600);
+
+    #[test]
+    fn a_record_that_misses_a_running_pod_is_no_ground_to_sweep_by() {
+        let record = |ns: &str, pod: &str| ContainerAllocationRecord {
+            namespace: ns.into(),
+            pod: pod.into(),
+            pod_uid: None,
+            device_ids: vec!["GPU-a::0".into()],
+        };
+        let running = vec![
+            ("team".to_string(), "llm".to_string()),
+            ("team".to_string(), "embed".to_string()),
+        ];
+        let complete = [
+            record("team", "llm"),
+            record("team", "embed"),
+            record("x", "y"),
+        ];
+        assert!(unlisted_running_pods(&complete, &running).is_empty());
+        // The same name in another namespace is another pod.
+        let partial = [record("team", "llm"), record("other", "embed")];
+        assert_eq!(
+            unlisted_running_pods(&partial, &running),
+            [&("team".to_string(), "embed".to_string())]
+        );
+        // A kubelet that lists nothing while pods run.
+        assert_eq!(unlisted_running_pods(&[], &running).len(), 2);
+        assert!(unlisted_running_pods(&[], &[]).is_empty());
+    }
 
     fn set(keys: &[&str]) -> BTreeSet<String> {
         keys.iter().map(|k| k.to_string()).collect()

@@ -289,3 +289,23 @@ fn held_units_lists_each_container_with_its_units_and_gpus() {
     );
     assert!(!held.contains_key(&("ns".to_string(), "other".to_string())));
 }
+
+#[test]
+fn running_pods_using_lists_running_vram_pods_not_being_deleted() {
+    let mut deleting = pod("deleting", Some("GPU-a"), "2026-01-01T00:00:00Z", 2, true);
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-01-01T00:01:00Z".parse().unwrap(),
+        ));
+    let pods = vec![
+        pod("runs", Some("GPU-a"), "2026-01-01T00:00:00Z", 2, true),
+        pod("waits", Some("GPU-a"), "2026-01-01T00:00:00Z", 2, false),
+        pod("no-vram", None, "", 0, true),
+        deleting,
+    ];
+    assert_eq!(
+        running_pods_using(&pods, RES),
+        [("default".to_string(), "runs".to_string())]
+    );
+    assert!(running_pods_using(&pods, "vramslice.io/vram-512mib").is_empty());
+}
