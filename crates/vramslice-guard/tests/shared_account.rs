@@ -331,6 +331,66 @@ fn a_fifo_in_place_of_the_slot_lock_file_is_refused_not_waited_on() {
     assert!(se.contains("is not a plain file"), "{se}");
 }
 
+/// Sets `fs.protected_regular` for as long as it lives (when it may: root, a writable /proc/sys).
+struct ProtectedRegular(Option<String>);
+
+impl ProtectedRegular {
+    const PATH: &str = "/proc/sys/fs/protected_regular";
+
+    fn at_least_one() -> Self {
+        let old = std::fs::read_to_string(Self::PATH).ok();
+        let raised =
+            old.as_deref().map(str::trim) == Some("0") && std::fs::write(Self::PATH, "1").is_ok();
+        ProtectedRegular(old.filter(|_| raised))
+    }
+}
+
+impl Drop for ProtectedRegular {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = std::fs::write(Self::PATH, old);
+        }
+    }
+}
+
+#[test]
+fn an_account_another_user_made_in_the_sticky_directory_is_opened_not_refused() {
+    // The plugin makes the accounting directory 01777. There, with fs.protected_regular >= 1
+    // (systemd's default; Ubuntu's is 2), the kernel refuses an O_CREAT open of a file owned by
+    // neither the opener nor the directory's owner, root included: a worker of another user
+    // than the account's creator was refused the account.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let e = env(dir.path(), 100 * MIB);
+    let (_, so, se) = run(probe(true, &e, &["alloc", &(10 * MIB).to_string()]));
+    assert!(so.contains("alloc rc=0"), "{so}{se}");
+    let account = dir.path().join(ACCOUNTING_FILE_NAME);
+    let slots = dir.path().join(format!("{ACCOUNTING_FILE_NAME}.slots"));
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        // Made by uid 1000, as a worker an entrypoint started as another user would.
+        for f in [&account, &slots] {
+            std::os::unix::fs::chown(f, Some(1000), Some(1000)).unwrap();
+        }
+    }
+    let protection = ProtectedRegular::at_least_one();
+    let level = std::fs::read_to_string(ProtectedRegular::PATH).unwrap_or_default();
+    eprintln!(
+        "root: {root}, fs.protected_regular: {} (raised for this test: {})",
+        level.trim(),
+        protection.0.is_some()
+    );
+    let (_, so, se) = run(probe(true, &e, &["alloc", &(10 * MIB).to_string()]));
+    drop(protection);
+    assert!(so.contains("alloc rc=0"), "{so}{se}");
+    assert!(
+        !se.contains("cannot open"),
+        "the account and its slot lock file were opened: {se}"
+    );
+}
+
 #[test]
 fn damaged_accounting_file_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,10 +2,10 @@
 //! attaching, never per allocation), map it shared, and claim this process's slot.
 
 use crate::ledger::{Ledger, SlotLocks};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use vramslice_core::container::accounting as layout;
@@ -51,43 +51,78 @@ pub(super) fn close_inherited_lock() {
     }
 }
 
+/// Opens `path` in the shared accounting directory with `flags` (plus `O_CLOEXEC` and
+/// `O_NOFOLLOW`), creating it (mode 0666 less the umask) when it is missing, but never with
+/// `O_CREAT` on a file that exists: the plugin makes the directory world-writable and sticky
+/// (01777), where the kernel's `fs.protected_regular` (1 under systemd, 2 on Ubuntu) refuses an
+/// `O_CREAT` open of a file another user owns, root included; the second user of an account
+/// would be refused it.
+fn open_shared(path: &Path, flags: libc::c_int) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte"))?;
+    let flags = flags | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    let mut last = std::io::Error::from_raw_os_error(libc::ENOENT);
+    // A file removed between the two opens, or created by another process between them, sends
+    // the loop round again; a few rounds settle any real race.
+    for _ in 0..4 {
+        // SAFETY: c is NUL-terminated; open has no other precondition.
+        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: fd was just opened and is owned by nothing else.
+            return Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
+        last = std::io::Error::last_os_error();
+        if last.raw_os_error() != Some(libc::ENOENT) {
+            return Err(last);
+        }
+        // SAFETY: as above; the mode is passed as the variadic unsigned int open expects.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                flags | libc::O_CREAT | libc::O_EXCL,
+                0o666 as libc::c_uint,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: as above.
+            return Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
+        last = std::io::Error::last_os_error();
+        if last.raw_os_error() != Some(libc::EEXIST) {
+            return Err(last);
+        }
+    }
+    Err(last)
+}
+
 /// Opens (creating) the slot lock file beside the accounting file `path`, for reading: its
 /// descriptor stays open for the life of the process (closing any descriptor of it would drop
 /// the process's locks), and closes at `exec`, which ends the slot as the process image ends.
 fn open_slot_locks(path: &Path) -> Result<i32, String> {
     let mut name = path.as_os_str().to_owned();
     name.push(layout::SLOT_LOCK_SUFFIX);
-    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()))
-        .map_err(|_| format!("slot lock file {} has a NUL byte", path.display()))?;
-    // SAFETY: c is NUL-terminated; open has no other precondition. O_NONBLOCK: a FIFO put in
-    // the file's place must not make the open wait for a writer (it is refused just below).
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-            0o666 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(format!(
-            "cannot open slot lock file {}: {}",
-            std::path::Path::new(&name).display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd was just opened; st is a live stat.
-    let plain =
-        unsafe { libc::fstat(fd, &raw mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
-    if !plain {
-        // SAFETY: fd is ours and not used after this.
-        unsafe { libc::close(fd) };
+    let name = std::path::PathBuf::from(name);
+    // O_NONBLOCK: a FIFO put in the file's place must not make the open wait for a writer (it
+    // is refused just below).
+    let fd = open_shared(&name, libc::O_RDONLY | libc::O_NONBLOCK)
+        .map_err(|e| format!("cannot open slot lock file {}: {e}", name.display()))?;
+    let file = File::from(fd);
+    let plain = file.metadata().ok().filter(|m| m.is_file());
+    let Some(meta) = plain else {
         return Err(format!(
             "slot lock file {} is not a plain file",
-            std::path::Path::new(&name).display()
+            name.display()
         ));
+    };
+    // Readable by every user of the account whatever the creator's umask: a process that cannot
+    // open it has its slot judged by pid, which another container's process namespace cannot
+    // see. Changed only by its owner.
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() == unsafe { libc::geteuid() } {
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
     }
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
     Ok(fd)
 }
 
@@ -103,15 +138,10 @@ pub fn attach(
     start: u64,
 ) -> Result<Ledger, String> {
     let path = dir.join(name);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o666)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(|e| format!("cannot open accounting file {}: {e}", path.display()))?;
+    let file = File::from(
+        open_shared(&path, libc::O_RDWR)
+            .map_err(|e| format!("cannot open accounting file {}: {e}", path.display()))?,
+    );
     // The directory is shared: a link or special file planted in place of the account is not
     // followed (O_NOFOLLOW) nor written (only a plain file with one name).
     let meta = file
