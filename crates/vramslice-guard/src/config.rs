@@ -108,13 +108,34 @@ impl Config {
         );
         let account = account_dir(&files, get(env::ACCOUNTING_DIR).as_deref());
         msgs.extend(account.note);
-        let context_estimate = match get(env::CONTEXT_ESTIMATE_BYTES) {
+        let mut context_estimate = match get(env::CONTEXT_ESTIMATE_BYTES) {
             None => DEFAULT_CONTEXT_ESTIMATE,
             Some(v) => parse_amount(env::CONTEXT_ESTIMATE_BYTES, &v).unwrap_or_else(|e| {
                 msgs.push(format!("{e}; using {DEFAULT_CONTEXT_ESTIMATE}"));
                 DEFAULT_CONTEXT_ESTIMATE
             }),
         };
+        let mut count_managed =
+            parse_bool(env::COUNT_MANAGED, get(env::COUNT_MANAGED), true, &mut msgs);
+        // Under the device plugin's limit file the pod spec may only make the guard stricter,
+        // as with the limit itself: a smaller context charge or uncounted managed memory would
+        // let the container take more than its limit.
+        if account.required {
+            if context_estimate < DEFAULT_CONTEXT_ESTIMATE {
+                msgs.push(format!(
+                    "{} below {DEFAULT_CONTEXT_ESTIMATE} is ignored under the device plugin's limit file",
+                    env::CONTEXT_ESTIMATE_BYTES
+                ));
+                context_estimate = DEFAULT_CONTEXT_ESTIMATE;
+            }
+            if !count_managed {
+                msgs.push(format!(
+                    "{}=0 is ignored under the device plugin's limit file: managed memory counts",
+                    env::COUNT_MANAGED
+                ));
+                count_managed = true;
+            }
+        }
         let config = Config {
             limits: resolved.limits,
             accounting_dir: account.dir,
@@ -130,7 +151,7 @@ impl Config {
             } else {
                 resolved.file_gpu_uuid
             },
-            count_managed: parse_bool(env::COUNT_MANAGED, get(env::COUNT_MANAGED), true, &mut msgs),
+            count_managed,
             virtualize_nvml: parse_bool(
                 env::VIRTUALIZE_NVML,
                 get(env::VIRTUALIZE_NVML),
@@ -243,6 +264,38 @@ mod tests {
         assert_eq!(msgs.len(), 1, "{msgs:?}");
         assert!(msgs[0].contains("can only lower"), "{msgs:?}");
         assert_eq!(FIXED_LIMIT_FILE, "/var/run/vramslice/limit");
+    }
+
+    #[test]
+    fn under_the_limit_file_the_environment_cannot_loosen_the_charges() {
+        let loose: HashMap<&str, &str> = HashMap::from([
+            (env::CONTEXT_ESTIMATE_BYTES, "0"),
+            (env::COUNT_MANAGED, "0"),
+        ]);
+        let lookup = |k: &str| loose.get(k).map(|v| (*v).to_owned());
+        let fixed = |p: &Path| {
+            if p == Path::new(FIXED_LIMIT_FILE) {
+                file(MIB)
+            } else {
+                FileRead::Missing
+            }
+        };
+        let (c, msgs) = Config::from_lookup(lookup, fixed);
+        assert_eq!(c.context_estimate, DEFAULT_CONTEXT_ESTIMATE);
+        assert!(c.count_managed);
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(
+            msgs.iter()
+                .all(|m| m.contains("ignored under the device plugin's limit file"))
+        );
+        // A larger context charge is stricter: kept.
+        let strict: HashMap<&str, &str> = HashMap::from([(env::CONTEXT_ESTIMATE_BYTES, "1Gi")]);
+        let (c, _) = Config::from_lookup(|k| strict.get(k).map(|v| (*v).to_owned()), fixed);
+        assert_eq!(c.context_estimate, 1 << 30);
+        // Without the limit file (a limit from the environment alone) the knobs are the user's.
+        let (c, msgs) = Config::from_lookup(lookup, |_| FileRead::Missing);
+        assert_eq!(c.context_estimate, 0);
+        assert!(!c.count_managed && msgs.is_empty());
     }
 
     /// The rule is core's `account_dir` (tested there case by case); here, that the guard

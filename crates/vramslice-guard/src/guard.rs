@@ -374,24 +374,39 @@ impl Guard {
     }
 
     /// Charges a primary context retain of device `device` to account `a`: once per device
-    /// until released.
+    /// until released. `bytes` (which may ask the driver) is called at most once, and never
+    /// with the tracker's lock held: a fork handler waits on that lock, and must never wait on
+    /// the driver.
     pub fn primary_retained(&self, device: u64, a: AccountId, bytes: impl FnOnce() -> u64) {
-        let mut charged = 0;
-        self.tracker.update(Kind::Primary, device, |e| match e {
-            Some(e) => Some(Entry {
-                extra: e.extra + 1,
-                ..e
-            }),
-            None => {
-                charged = bytes();
-                Some(Entry {
-                    bytes: charged,
-                    extra: 1,
-                    account: a,
-                })
+        let mut measure = Some(bytes);
+        let mut measured: Option<u64> = None;
+        loop {
+            let (mut charged, mut unmeasured) = (0, false);
+            self.tracker
+                .update(Kind::Primary, device, |e| match (e, measured) {
+                    (Some(e), _) => Some(Entry {
+                        extra: e.extra + 1,
+                        ..e
+                    }),
+                    (None, Some(b)) => {
+                        charged = b;
+                        Some(Entry {
+                            bytes: b,
+                            extra: 1,
+                            account: a,
+                        })
+                    }
+                    (None, None) => {
+                        unmeasured = true;
+                        None
+                    }
+                });
+            if !unmeasured {
+                self.accounts[a].ledger.force_add(charged);
+                return;
             }
-        });
-        self.accounts[a].ledger.force_add(charged);
+            measured = Some(measure.take().map_or(0, |f| f()));
+        }
     }
 
     /// A primary context release (`reset`: all references at once).

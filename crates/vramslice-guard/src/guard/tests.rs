@@ -423,6 +423,23 @@ fn primary_context_charged_once() {
 }
 
 #[test]
+fn a_primary_context_is_measured_without_the_trackers_lock_held() {
+    // The measurement asks the driver; a fork handler waiting on the tracker's lock must never
+    // wait on the driver. A measurement that takes the lock itself shows it is not held.
+    let g: &'static Guard = Box::leak(Box::new(guard(1000)));
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        g.primary_retained(0, 0, || {
+            g.tracker.update(Kind::Primary, 0, |e| e);
+            100
+        });
+        let _ = done.send(g.used(0));
+    });
+    let used = finished.recv_timeout(std::time::Duration::from_secs(20));
+    assert_eq!(used, Ok(100), "charged once, measured outside the lock");
+}
+
+#[test]
 fn charge_may_exceed_limit_and_then_refuses() {
     let g = guard(100);
     g.charge(Kind::Context, 9, 0, 150);
