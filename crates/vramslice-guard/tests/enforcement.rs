@@ -146,6 +146,10 @@ fn ld_so_preload_file_keeps_the_guard_when_the_program_clears_ld_preload() {
     std::fs::write(&preload, format!("{}\n", artifacts().guard.display())).unwrap();
     let limit = 100 * MIB;
     let limit_file = work.path().join("limit-src");
+    // Under the limit file the context estimate cannot be lowered (the workload's 0 below is
+    // ignored): the probe's context is charged it, and the limit leaves room for it.
+    let context = vramslice_guard::config::DEFAULT_CONTEXT_ESTIMATE;
+    let limit = limit + context;
     std::fs::write(&limit_file, limit_file_content(limit, "GPU-ns")).unwrap();
     let envs = [
         ("PRELOAD_SRC", preload.display().to_string()),
@@ -180,7 +184,7 @@ fn ld_so_preload_file_keeps_the_guard_when_the_program_clears_ld_preload() {
          if echo x > /etc/ld.so.preload 2>/dev/null; then echo 'FAIL: preload file writable'; exit 1; fi\n\
          unset LD_PRELOAD\n\
          test -z \"${{LD_PRELOAD:-}}\"\n\
-         exec \"$PROBE\" entrypoints direct limited {limit}\n"
+         exec \"$PROBE\" entrypoints direct limited {limit} {context}\n"
     );
     let (ok, so, se) = in_mount_namespace(work.path(), &script, &envs);
     assert!(
