@@ -56,6 +56,7 @@ reject() {
 d="$tmp/defaults.yaml"
 expect "$d" 'image: "?registry.k8s.io/kube-scheduler:v1\.37\.2' "scheduler image follows the cluster version"
 expect "$d" 'leaderElect: false' "one replica: no leader election"
+expect "$d" '^    percentageOfNodesToScore: 100$' "the extender judges every feasible node, not a sample"
 expect "$d" 'type: Recreate' "one replica: Recreate strategy"
 expect "$d" 'failurePolicy: Fail$' "webhook failurePolicy Fail by default"
 "$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.failurePolicy=Ignore > "$tmp/wh-ignore.yaml"

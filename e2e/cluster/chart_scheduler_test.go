@@ -84,6 +84,10 @@ func TestTheChartsSchedulerConfigAndFlagsAreKubeSchedulers(t *testing.T) {
 				ext.ManagedResources[0].Name != "vramslice.io/vram-gib" {
 				t.Errorf("the extender as kube-scheduler reads it: %+v", ext)
 			}
+			if cfg.PercentageOfNodesToScore == nil || *cfg.PercentageOfNodesToScore != 100 {
+				t.Errorf("percentageOfNodesToScore %v, want 100: the extender must judge every feasible node",
+					cfg.PercentageOfNodesToScore)
+			}
 			wantLeader := name == "replicas=3"
 			if cfg.LeaderElection.LeaderElect != wantLeader {
 				t.Errorf("leaderElect %v, want %v", cfg.LeaderElection.LeaderElect, wantLeader)
