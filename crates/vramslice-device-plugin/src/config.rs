@@ -130,11 +130,17 @@ impl Default for RawWatchdog {
     }
 }
 
+/// How often a change of usage alone may be written to the `GpuNode` by default (never more
+/// often than the heartbeat).
+const DEFAULT_PUBLISH_MIN_INTERVAL: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 struct RawPublish {
     threshold_bytes: RawBytes,
     heartbeat: String,
+    /// Empty: 5s, or the heartbeat when that is shorter.
+    min_interval: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +180,7 @@ impl Default for RawPublish {
         RawPublish {
             threshold_bytes: RawBytes::Text("256Mi".into()),
             heartbeat: "30s".into(),
+            min_interval: String::new(),
         }
     }
 }
@@ -415,6 +422,24 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
             ),
         ));
     }
+    let min_interval = if raw.publish.min_interval.trim().is_empty() {
+        DEFAULT_PUBLISH_MIN_INTERVAL.min(heartbeat)
+    } else {
+        duration(
+            "publish.minInterval",
+            &raw.publish.min_interval,
+            Duration::ZERO,
+        )?
+    };
+    if min_interval > heartbeat {
+        return Err(value_err(
+            "publish.minInterval",
+            format!(
+                "{:?} is longer than publish.heartbeat {:?}",
+                raw.publish.min_interval, raw.publish.heartbeat
+            ),
+        ));
+    }
     let threshold_bytes = match &raw.publish.threshold_bytes {
         RawBytes::Int(b) => *b,
         RawBytes::Text(t) => {
@@ -483,6 +508,7 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
         publish: PublishPolicy {
             threshold_bytes,
             heartbeat,
+            min_interval,
         },
         allocation: AllocationSettings {
             injection,

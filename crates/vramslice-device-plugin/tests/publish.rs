@@ -128,7 +128,7 @@ async fn publishes_the_gpunode_with_owner_allocations_and_usage_only_on_change()
     let node = Node::new(
         &[("GPU-aaaa", "80Gi", true)],
         &format!(
-            "nodeName: node-a\nprocRoot: {}\npublish: {{ thresholdBytes: 256Mi, heartbeat: 30s }}",
+            "nodeName: node-a\nprocRoot: {}\npublish: {{ thresholdBytes: 256Mi, heartbeat: 30s, minInterval: 0s }}",
             proc_root.path().display()
         ),
     );

@@ -294,6 +294,10 @@ pub struct PublishPolicy {
     pub threshold_bytes: u64,
     /// Write at least this often even when nothing changed, so readers can tell fresh from stale.
     pub heartbeat: Duration,
+    /// A change of usage alone is written at most this often (a pod whose usage swings by the
+    /// threshold every poll would otherwise write every poll); changes of GPUs, health, units
+    /// or allocations are written at once.
+    pub min_interval: Duration,
 }
 
 /// Why a report is written now.
@@ -411,7 +415,9 @@ pub fn publish_reason(
             biggest = Some((b.uuid.clone(), delta));
         }
     }
-    if let Some((gpu, delta_bytes)) = biggest {
+    if let Some((gpu, delta_bytes)) = biggest
+        && since_last >= policy.min_interval
+    {
         return Some(PublishReason::UsageChanged { gpu, delta_bytes });
     }
     (since_last >= policy.heartbeat).then_some(PublishReason::HeartbeatDue)

@@ -28,7 +28,8 @@ fn defaults_match_the_contract() {
         s.publish,
         PublishPolicy {
             threshold_bytes: 256 << 20,
-            heartbeat: Duration::from_secs(30)
+            heartbeat: Duration::from_secs(30),
+            min_interval: Duration::from_secs(5),
         }
     );
     assert_eq!(s.allocation.injection, InjectionMode::LdPreloadEnv);
@@ -91,6 +92,7 @@ watchdog: { tolerance: 1Gi, grace: 0s, action: kill-process }
     assert_eq!(s.poll_interval, Duration::from_millis(200));
     assert_eq!(s.publish.threshold_bytes, 1 << 30);
     assert_eq!(s.publish.heartbeat, Duration::from_secs(60));
+    assert_eq!(s.publish.min_interval, Duration::from_secs(5));
     assert_eq!(s.allocation.injection, InjectionMode::LdSoPreloadFile);
     assert_eq!(s.allocation.device_list_strategy, DeviceListStrategy::Cdi);
     assert_eq!(
@@ -132,7 +134,7 @@ fn error_of(text: &str) -> String {
 
 #[test]
 fn bad_values_are_named() {
-    let cases: [(&str, &str); 17] = [
+    let cases: [(&str, &str); 19] = [
         (
             "accountingSweepAfter: never",
             "config field `accountingSweepAfter`: \"never\" is not a duration",
@@ -180,6 +182,14 @@ fn bad_values_are_named() {
         (
             "pollInterval: 10s\npublish: { heartbeat: 5s }",
             "shorter than pollInterval",
+        ),
+        (
+            "publish: { heartbeat: 10s, minInterval: 20s }",
+            "config field `publish.minInterval`: \"20s\" is longer than publish.heartbeat \"10s\"",
+        ),
+        (
+            "publish: { minInterval: soon }",
+            "config field `publish.minInterval`: \"soon\" is not a duration",
         ),
         (
             "publish: { thresholdBytes: lots }",

@@ -129,7 +129,32 @@ fn policy() -> PublishPolicy {
     PublishPolicy {
         threshold_bytes: 256 << 20,
         heartbeat: Duration::from_secs(30),
+        min_interval: Duration::ZERO,
     }
+}
+
+#[test]
+fn usage_alone_is_written_at_most_every_min_interval_and_structure_at_once() {
+    let p = PublishPolicy {
+        min_interval: Duration::from_secs(5),
+        ..policy()
+    };
+    let total = 80u64 << 30;
+    let before = build_report(VramUnit::Gib1, &[gpu(0, "G", total, 1 << 30)], &[]);
+    let swung = build_report(VramUnit::Gib1, &[gpu(0, "G", total, 9 << 30)], &[]);
+    let soon = Duration::from_millis(500);
+    assert_eq!(publish_reason(&p, Some(&before), soon, &swung), None);
+    assert!(matches!(
+        publish_reason(&p, Some(&before), Duration::from_secs(5), &swung),
+        Some(PublishReason::UsageChanged { .. })
+    ));
+    // A GPU falling unhealthy is not held back.
+    let mut sick = before.clone();
+    sick.gpus[0].healthy = false;
+    assert_eq!(
+        publish_reason(&p, Some(&before), soon, &sick),
+        Some(PublishReason::HealthChanged)
+    );
 }
 
 fn report_with(
@@ -266,7 +291,7 @@ proptest! {
     fn usage_rule_is_exactly_the_threshold(
         used in 0u64..(80 << 30), delta in 0u64..(4 << 30), threshold in 0u64..(2 << 30), grow in any::<bool>()
     ) {
-        let p = PublishPolicy { threshold_bytes: threshold, heartbeat: Duration::from_secs(30) };
+        let p = PublishPolicy { threshold_bytes: threshold, heartbeat: Duration::from_secs(30), min_interval: Duration::ZERO };
         let total = 80u64 << 30;
         let next = if grow { (used + delta).min(total) } else { used.saturating_sub(delta) };
         let before = build_report(VramUnit::Gib1, &[gpu(0, "G", total, used)], &[]);
