@@ -10,7 +10,10 @@
 //! - still over after the grace period → [`WatchdogEvent::Act`] with the configured action and
 //!   the offending PIDs (repeated every grace period, at least [`MIN_REPEAT`] apart, while the
 //!   breach lasts);
-//! - back within → [`WatchdogEvent::BreachEnded`];
+//! - back within for a grace period → [`WatchdogEvent::BreachEnded`]; a shorter dip keeps the
+//!   breach and its timer (a process that held twice its limit and dipped under it for one poll
+//!   every grace period would otherwise never be acted on, and would start a new breach, with
+//!   its Event, at every dip);
 //! - a GPU process of no pod holding units → [`WatchdogEvent::ProcessWithoutPod`] (once per PID);
 //! - a pod whose self-reported usage (its accounting file) differs from NVML by more than the
 //!   tolerance → its self-report is untrusted ([`SelfReport`]).
@@ -191,6 +194,8 @@ pub struct SelfReport {
 struct BreachState {
     started: Duration,
     last_action: Option<Duration>,
+    /// Since when the pod is back within its limit (the breach ends after a grace period so).
+    within_since: Option<Duration>,
 }
 
 /// What the watchdog remembers between evaluations.
@@ -273,18 +278,25 @@ pub fn evaluate(
             let over = used > pod.limit_bytes.saturating_add(policy.tolerance_bytes);
             let previous = state.breaches.get(&key).copied();
             if !over {
-                if previous.is_some() {
-                    events.push(WatchdogEvent::BreachEnded {
-                        key,
-                        used_bytes: used,
-                    });
+                if let Some(mut cooling) = previous {
+                    let since = *cooling.within_since.get_or_insert(now);
+                    if now.saturating_sub(since) >= policy.grace {
+                        events.push(WatchdogEvent::BreachEnded {
+                            key,
+                            used_bytes: used,
+                        });
+                    } else {
+                        next.breaches.insert(key, cooling);
+                    }
                 }
                 continue;
             }
             let mut breach_state = previous.unwrap_or(BreachState {
                 started: now,
                 last_action: None,
+                within_since: None,
             });
+            breach_state.within_since = None;
             let breach = Breach {
                 target: PodTarget {
                     key: key.clone(),

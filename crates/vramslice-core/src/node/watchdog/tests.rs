@@ -175,8 +175,15 @@ fn grace_then_act_on_exactly_the_offenders_processes_then_repeat_then_end() {
     );
     let v4 = step(&p, &v3.state, 160, procs());
     assert!(v4.events.iter().any(|e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(60))));
-    // Back within: ended, forgotten; a new breach starts over with a new grace period.
-    let v5 = step(&p, &v4.state, 161, vec![proc_(10, GIB, Some("uid-web"))]);
+    // Back within: the breach lasts until it has been so for a grace period, then ends and is
+    // forgotten; a new breach starts over with a new grace period.
+    let within = || vec![proc_(10, GIB, Some("uid-web"))];
+    let v5 = step(&p, &v4.state, 161, within());
+    assert!(v5.events.is_empty(), "{:?}", v5.events);
+    assert_eq!(v5.state.in_breach().count(), 1);
+    let v5 = step(&p, &v5.state, 190, within());
+    assert!(v5.events.is_empty(), "{:?}", v5.events);
+    let v5 = step(&p, &v5.state, 191, within());
     assert_eq!(
         v5.events,
         vec![WatchdogEvent::BreachEnded {
@@ -188,6 +195,29 @@ fn grace_then_act_on_exactly_the_offenders_processes_then_repeat_then_end() {
     let v6 = step(&p, &v5.state, 162, procs());
     assert!(
         matches!(&v6.events[0], WatchdogEvent::BreachStarted(b) if b.over_for == Duration::ZERO)
+    );
+}
+
+#[test]
+fn a_dip_under_the_limit_shorter_than_the_grace_keeps_the_breach_and_its_timer() {
+    let p = policy(30, WatchdogAction::KillProcess);
+    let over = || vec![proc_(1, 9 * GIB, Some("uid-web"))];
+    let dip = || vec![proc_(1, GIB, Some("uid-web"))];
+    let v = step(&p, &WatchdogState::default(), 0, over());
+    assert!(matches!(
+        v.events.as_slice(),
+        [WatchdogEvent::BreachStarted(_)]
+    ));
+    let v = step(&p, &v.state, 25, over());
+    let v = step(&p, &v.state, 26, dip());
+    assert!(v.events.is_empty(), "no end, no Event: {:?}", v.events);
+    let v = step(&p, &v.state, 27, over());
+    assert!(v.events.is_empty(), "no new breach: {:?}", v.events);
+    let v = step(&p, &v.state, 30, over());
+    assert!(
+        v.events.iter().any(|e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))),
+        "acted a grace period after the breach began: {:?}",
+        v.events
     );
 }
 
@@ -371,8 +401,9 @@ fn actions_parse_and_name_bad_words() {
 }
 
 proptest! {
-    /// Over random usage histories: an action happens only after the pod was over for the
-    /// whole grace period, names only that pod's PIDs, and never when it is within.
+    /// Over random usage histories: an action happens only after the pod's breach lasted the
+    /// whole grace period (a dip within shorter than that does not end it), names only that
+    /// pod's PIDs, and never when it is within.
     #[test]
     fn acts_only_after_a_full_grace_period_over_the_limit(
         usages in proptest::collection::vec((0u64..5, 0u64..6), 1..60),
@@ -382,6 +413,7 @@ proptest! {
         let mut state = WatchdogState::default();
         let mut over_since: Option<u64> = None;
         let mut last_act: Option<u64> = None;
+        let mut within_since: Option<u64> = None;
         let repeat = grace.max(MIN_REPEAT.as_secs());
         let wait = |last: Option<u64>| if last.is_some() { repeat } else { grace };
         let times = usages.iter().scan(0u64, |t, (u, dt)| {
@@ -391,7 +423,18 @@ proptest! {
         for (t, web_gib) in times {
             let v = step(&p, &state, t, vec![proc_(1, web_gib * GIB, Some("uid-web")), proc_(2, MIB, Some("uid-job"))]);
             let over = web_gib * GIB > 2 * GIB + 64 * MIB;
-            if over { over_since.get_or_insert(t); } else { over_since = None; last_act = None; }
+            if over {
+                over_since.get_or_insert(t);
+                within_since = None;
+            } else if over_since.is_some() {
+                // A breach ends once the pod has been within for a grace period.
+                let since = *within_since.get_or_insert(t);
+                if t - since >= grace {
+                    over_since = None;
+                    last_act = None;
+                    within_since = None;
+                }
+            }
             for e in &v.events {
                 if let WatchdogEvent::Act { breach, .. } = e {
                     prop_assert!(over);
@@ -412,7 +455,7 @@ proptest! {
                 let since = last_act.or(over_since).unwrap();
                 prop_assert!(t - since < wait(last_act), "due but not acted at t={}", t);
             }
-            prop_assert_eq!(v.state.in_breach().count(), usize::from(over));
+            prop_assert_eq!(v.state.in_breach().count(), usize::from(over_since.is_some()));
             state = v.state;
         }
     }
