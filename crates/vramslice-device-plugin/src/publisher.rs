@@ -36,6 +36,11 @@ use crate::watchdog::Watchdog;
 
 /// How often pod UIDs may be re-listed when an unknown pod shows up.
 const UID_REFRESH: Duration = Duration::from_secs(5);
+
+/// The longest one API call of a poll may take (a GpuNode write, a pod list, an eviction): a
+/// half-open connection to the API server would otherwise hold the whole loop, the watchdog and
+/// the sweep with it, until TCP gives up.
+pub(crate) const API_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// First and longest pause after a failed GpuNode write (doubling in between), so a broken API
 /// server or missing RBAC does not turn into a write per poll.
 const WRITE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
@@ -245,9 +250,14 @@ impl Publisher {
             let list_due = state.uids_at.is_none_or(|t| t.elapsed() >= UID_REFRESH);
             if refresh_uids(&mut state.uids, cached.as_deref(), &state.records) && list_due {
                 state.uids_at = Some(Instant::now());
-                match lister.list().await {
-                    Ok(pods) => state.uids = uids_by_name(&pods),
-                    Err(e) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
+                // Bounded, as every API call of the poll: the watchdog and the sweep run in the
+                // same loop and must not wait on a half-open connection.
+                match tokio::time::timeout(API_CALL_TIMEOUT, lister.list()).await {
+                    Ok(Ok(pods)) => state.uids = uids_by_name(&pods),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot map pods to UIDs"),
+                    Err(_) => {
+                        tracing::warn!(timeout = ?API_CALL_TIMEOUT, "listing pods to map them to UIDs timed out")
+                    }
                 }
             }
         }
@@ -308,7 +318,14 @@ impl Publisher {
             .unwrap_or_else(k8s_openapi::jiff::Timestamp::now)
             .to_string();
         let status = gpunode_status(&report, observed_at, self_reports);
-        match write_status(lister.client(), lister.node(), &status).await {
+        let written = tokio::time::timeout(
+            API_CALL_TIMEOUT,
+            write_status(lister.client(), lister.node(), &status),
+        )
+        .await
+        .map_err(|_| format!("no answer within {}s", API_CALL_TIMEOUT.as_secs()))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        match written {
             Ok(()) => {
                 tracing::info!(%reason, node = lister.node(), "published GpuNode status");
                 self.metrics.gpunode_written(reason.label());

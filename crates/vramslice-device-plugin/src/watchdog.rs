@@ -305,14 +305,18 @@ impl Watchdog {
             "kind": "Eviction",
             "metadata": {"name": breach.target.name, "namespace": breach.target.namespace},
         });
-        let result = api
-            .create_subresource::<_, serde_json::Value>(
+        let result = tokio::time::timeout(
+            crate::publisher::API_CALL_TIMEOUT,
+            api.create_subresource::<_, serde_json::Value>(
                 "eviction",
                 &breach.target.name,
                 &PostParams::default(),
                 &body,
-            )
-            .await;
+            ),
+        )
+        .await
+        .map_err(|_| "no answer in time".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match result {
             Ok(_) => {
                 tracing::warn!(namespace = %breach.target.namespace, pod = %breach.target.name, "evicted pod over its GPU memory limit");
