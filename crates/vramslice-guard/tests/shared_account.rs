@@ -267,6 +267,37 @@ fn a_fork_while_another_thread_sets_the_guard_up_leaves_the_child_working() {
 }
 
 #[test]
+fn fork_handlers_never_call_an_allocator_preloaded_beside_the_guard_while_it_is_locked() {
+    // jemalloc and tcmalloc register their fork handlers at their first allocation; when that
+    // comes after the guard registered its own, the guard's prepare handler runs after the
+    // allocator locked itself, and its child handler before the allocator unlocked: any
+    // allocation there deadlocks. The guard allocates once before registering, so that such
+    // an allocator is set up (and registered) first.
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 100 * MIB;
+    let a = common::artifacts();
+    for order in [
+        format!("{} {}", a.guard.display(), a.lockalloc.display()),
+        format!("{} {}", a.lockalloc.display(), a.guard.display()),
+    ] {
+        let mut cmd = probe(
+            true,
+            &env(dir.path(), limit),
+            &["fork", &(30 * MIB).to_string(), &limit.to_string()],
+        );
+        cmd.env("LD_PRELOAD", &order);
+        let (mut parent, seen) = spawn_until(cmd, "child ready");
+        assert!(
+            seen.contains("ok: child is refused past the shared container total"),
+            "{order}: {seen}"
+        );
+        drop(parent.stdin.take());
+        let status = parent.wait().unwrap();
+        assert!(status.success(), "LD_PRELOAD={order}: {status:?}");
+    }
+}
+
+#[test]
 fn forked_child_gets_its_own_slot_and_counts_against_the_container() {
     let dir = tempfile::tempdir().unwrap();
     let limit = 100 * MIB;

@@ -20,6 +20,12 @@ extern "C" fn child() {
 }
 
 extern "C" fn register() {
+    // One allocation first: an allocator preloaded beside the guard (jemalloc, tcmalloc) sets
+    // itself up, registering its own fork handlers, at its first call. Registered before the
+    // guard's, its prepare handler runs after the guard's (handlers registered later prepare
+    // first) and its child handler before the guard's, so the guard's handlers, which allocate
+    // and free, never run while it holds its locks.
+    drop(std::hint::black_box(Box::new(0u64)));
     // SAFETY: the three handlers are extern "C" fns taking no arguments, as pthread_atfork wants.
     let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
     if rc != 0 {

@@ -18,6 +18,8 @@ pub struct Artifacts {
     pub fake: PathBuf,
     pub probe: PathBuf,
     pub guard: PathBuf,
+    /// An allocator that aborts when called inside the fork handlers' window (`lockalloc.c`).
+    pub lockalloc: PathBuf,
 }
 
 pub fn artifacts() -> &'static Artifacts {
@@ -68,6 +70,19 @@ pub fn artifacts() -> &'static Artifacts {
             "-lnext_b",
             "-ldl",
         ]);
+        let lockalloc = dir.join("liblockalloc.so");
+        cc(&[
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-fPIC",
+            "-shared",
+            "-o",
+            lockalloc.to_str().unwrap(),
+            src.join("lockalloc.c").to_str().unwrap(),
+            "-lpthread",
+        ]);
         let probe = dir.join("probe");
         let rpath = format!("-Wl,-rpath,{}", dir.display());
         cc(&[
@@ -92,6 +107,7 @@ pub fn artifacts() -> &'static Artifacts {
             fake,
             probe,
             guard: guard_library(),
+            lockalloc,
         }
     })
 }
