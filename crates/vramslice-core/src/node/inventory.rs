@@ -133,7 +133,8 @@ impl GpuInventory {
 /// for a pod spanning several GPUs, their UUIDs comma-separated: such an entry is served by
 /// `size / k` units from each of its `k` GPUs (when `size` divides). The answer is, in order:
 /// with `must_include` on one GPU, that GPU; with `must_include` on several GPUs, the first
-/// preferred entry naming all of them that can serve the request; otherwise the first preferred
+/// preferred entry naming all of them that can serve the request, else an even share of those
+/// GPUs; otherwise the first preferred
 /// entry that can serve it; otherwise the GPU with the fewest available units that still has
 /// enough (binpacking the node). Units are taken lowest index first. Returns an empty list when
 /// nothing can serve the request, which tells the kubelet we have no preference. The answer
@@ -165,9 +166,12 @@ pub fn preferred_units<S: AsRef<str>>(
     must_gpus.dedup();
     let preferred = preferred_gpus.iter().map(|s| gpu_uuids(s.as_ref()));
     if must_gpus.len() > 1 {
+        // Without a preference naming them all (no pod cache, or the pod not found), an even
+        // share of each of the must-include GPUs: what a spanning pod's containers hold.
         return preferred
             .filter(|gpus| must_gpus.iter().all(|m| gpus.contains(m)))
             .find_map(|gpus| take_even(&by_gpu, &gpus, must_include, size))
+            .or_else(|| take_even(&by_gpu, &must_gpus, must_include, size))
             .unwrap_or_default();
     }
     if must_gpus.is_empty() {
@@ -445,8 +449,23 @@ mod tests {
                 DeviceId::new("GPU-b", 3)
             ]
         );
-        // ... and none without such a preference.
-        assert!(preferred_units(&available, &must, 4, &["GPU-a"]).is_empty());
+        // ... and without such a preference an even share of the must-include GPUs (the
+        // kubelet would otherwise fill in an uneven split that Allocate refuses).
+        assert_eq!(
+            preferred_units(&available, &must, 4, &["GPU-a"]),
+            preferred_units(&available, &must, 4, NO_PREFERENCE)
+        );
+        assert_eq!(
+            preferred_units(&available, &must, 4, NO_PREFERENCE),
+            vec![
+                DeviceId::new("GPU-a", 9),
+                DeviceId::new("GPU-a", 0),
+                DeviceId::new("GPU-b", 7),
+                DeviceId::new("GPU-b", 3)
+            ]
+        );
+        // A size that does not split evenly over them: no preference.
+        assert!(preferred_units(&available, &must, 5, NO_PREFERENCE).is_empty());
     }
 
     fn placed(gpu: &str, allocated: Option<&str>, order: &str) -> PodPlacement {
