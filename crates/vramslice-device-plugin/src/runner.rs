@@ -137,6 +137,9 @@ fn bind(path: &Path) -> Result<UnixListener, RunnerError> {
     UnixListener::bind(path).map_err(err)
 }
 
+/// How long the plugin waits for the kubelet's registration socket before it says so.
+const KUBELET_SOCKET_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Serve and stay registered until `shutdown` fires.
 pub async fn run<L: DevicePluginLogic>(
     logic: Arc<L>,
@@ -165,6 +168,8 @@ pub async fn run<L: DevicePluginLogic>(
         let mut registered: Option<FileId> = None;
         let mut next_attempt = Instant::now();
         let mut warned = false;
+        let serving_since = Instant::now();
+        let mut warned_no_kubelet = false;
         let mut ticker = tokio::time::interval(config.watch_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
@@ -205,6 +210,14 @@ pub async fn run<L: DevicePluginLogic>(
                             next_attempt = Instant::now() + config.retry_interval;
                         }
                     }
+                }
+                (None, None)
+                    if !warned_no_kubelet && serving_since.elapsed() >= KUBELET_SOCKET_PATIENCE =>
+                {
+                    // Without this the plugin waits in silence: a wrong socketDir, or a kubelet
+                    // that is not running, shows only as a node that never gets the resource.
+                    tracing::warn!(kubelet = %kubelet.display(), waited = ?KUBELET_SOCKET_PATIENCE, "no kubelet registration socket yet; still waiting (is the kubelet running, and is socketDir its device-plugins directory?)");
+                    warned_no_kubelet = true;
                 }
                 _ => {}
             }
