@@ -19,9 +19,13 @@ pub enum ApiError {
     /// The API server refused (forbidden, invalid...): the write did not happen.
     #[error("{0}")]
     Refused(String),
-    /// The API server answered with an error after which the write may have happened all the
-    /// same: a conflict (409: what a retried write gets when its first attempt took), too many
-    /// requests (429) or a server error (5xx, such as a timeout while the write commits).
+    /// A conflict (409): the object is not as the write needs it (a pod already assigned, a
+    /// UID precondition failed), which is also what a client's retry of a write that took
+    /// gets: reading the object back tells which.
+    #[error("{0}")]
+    Conflict(String),
+    /// A server error (5xx, such as a timeout while the write commits): the write may have
+    /// happened, or may still.
     #[error("{0}")]
     Unsure(String),
     /// The API server could not be reached or answered garbage.
@@ -33,9 +37,10 @@ impl From<kube::Error> for ApiError {
     fn from(e: kube::Error) -> Self {
         match e {
             kube::Error::Api(status) if status.code == 404 => ApiError::NotFound,
-            kube::Error::Api(status)
-                if status.code == 409 || status.code == 429 || status.code >= 500 =>
-            {
+            kube::Error::Api(status) if status.code == 409 => {
+                ApiError::Conflict(format!("{} ({})", status.message, status.code))
+            }
+            kube::Error::Api(status) if status.code >= 500 => {
                 ApiError::Unsure(format!("{} ({})", status.message, status.code))
             }
             kube::Error::Api(status) => {

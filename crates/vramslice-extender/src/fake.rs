@@ -149,14 +149,14 @@ impl ClusterApi for FakeCluster {
             }
             let pod = inner.pod_mut(namespace, name)?;
             if pod.metadata.uid.as_deref().unwrap_or_default() != uid {
-                return Err(ApiError::Unsure(format!(
+                return Err(ApiError::Conflict(format!(
                     "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
                     pod.metadata.uid.as_deref().unwrap_or_default()
                 )));
             }
             let spec = pod.spec.get_or_insert_with(Default::default);
             if let Some(bound) = &spec.node_name {
-                return Err(ApiError::Unsure(format!(
+                return Err(ApiError::Conflict(format!(
                     "pod {namespace}/{name} is already assigned to node \"{bound}\" (409)"
                 )));
             }

@@ -100,19 +100,16 @@ async fn prioritize(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
 
 async fn bind(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let answer = ext.bind(&body).await.and_then(|(result, outcome)| {
-        serde_json::to_string(&result)
-            .map(|s| (s, outcome))
-            .map_err(|e| BadRequest::Malformed {
-                what: "ExtenderBindingResult",
-                detail: e.to_string(),
-            })
+    // A bind's outcome is counted by the bind itself (it runs on when this call is dropped);
+    // here only a request that never became a bind.
+    let answer = ext.bind(&body).await.and_then(|(result, _)| {
+        serde_json::to_string(&result).map_err(|e| BadRequest::Malformed {
+            what: "ExtenderBindingResult",
+            detail: e.to_string(),
+        })
     });
     match answer {
-        Ok((answer, outcome)) => {
-            ext.metrics().record("bind", outcome, started.elapsed());
-            json(answer)
-        }
+        Ok(answer) => json(answer),
         Err(e) => bad_request("bind", &ext, started, &e),
     }
 }

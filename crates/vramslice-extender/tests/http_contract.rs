@@ -285,7 +285,7 @@ async fn a_recreated_pod_is_read_again_not_taken_from_its_predecessor() {
     assert_eq!(ext.ledger().reservation_count(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failed_binds_release_the_reservation() {
     let (ext, fake) = cluster();
     fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
@@ -299,13 +299,16 @@ async fn failed_binds_release_the_reservation() {
         "cannot bind pod default/llm to node fit: pods \"llm\" is forbidden (403)"
     );
     assert!(ext.ledger().pod("uid-1").is_none());
-    // A transport error where the pod did not get bound (asked back) releases it too.
+    // A lost answer where the pod is not bound yet: the Binding may still land, so the
+    // reservation stays until the pod is read back not bound a few seconds later.
     fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert_eq!(
         body["Error"],
-        "cannot bind pod default/llm to node fit: connection reset"
+        "cannot bind pod default/llm to node fit: connection reset; the pod is not bound yet, but the binding may still take, so its reservation stays until that is read back"
     );
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     assert!(ext.ledger().pod("uid-1").is_none());
     assert!(
         fake.pod("default", "llm")
@@ -561,14 +564,15 @@ async fn a_lost_binding_answer_is_checked_against_the_api_server() {
         ext.ledger().pod("uid-1").unwrap().reserved,
         "and the reservation is kept"
     );
-    // A transport error where the Binding did not happen releases the reservation.
+    // A refusal from a conflict where the pod is not bound elsewhere (a UID precondition):
+    // read back, definite, released at once.
     fake.put_pod(pod_object("other", "uid-2", Some("6"), json!({})));
     fake.lose_bind_answers(false);
-    fake.fail_bind(Some(ApiError::Transport("timeout".into())));
+    fake.fail_bind(Some(ApiError::Conflict("Operation cannot be fulfilled (409)".into())));
     let (_, body) = post_json(&ext, "/bind", &binding_args("other", "uid-2", "fit")).await;
     assert_eq!(
         body["Error"],
-        "cannot bind pod default/other to node fit: timeout"
+        "cannot bind pod default/other to node fit: Operation cannot be fulfilled (409)"
     );
     assert!(ext.ledger().pod("uid-2").is_none());
 }
@@ -647,6 +651,12 @@ async fn a_bind_the_scheduler_stops_waiting_for_still_releases_its_reservation()
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // And it is counted, though nobody waited for its answer.
+    let (_, text) = get(&ext, "/metrics").await;
+    assert!(
+        text.contains("vramslice_extender_decisions_total{verb=\"bind\",outcome=\"error\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

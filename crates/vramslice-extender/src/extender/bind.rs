@@ -29,6 +29,16 @@ const BINDING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the read that tells whether a pod is bound may take.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// When an unsettled reservation's pod is read back, each wait after the last: the first
+/// leaves a Binding the API server was still committing time to land.
+const SETTLE_DELAYS: [Duration; 5] = [
+    Duration::from_secs(3),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(20),
+    Duration::from_secs(30),
+];
+
 /// How a Binding ended.
 enum Bound {
     /// The pod is bound to the node.
@@ -60,11 +70,25 @@ impl Extender {
         }
         let who = format!("{}/{}", args.pod_namespace, args.pod_name);
         let this = Arc::clone(self);
-        let task = tokio::spawn(async move { this.bind_checked(&args).await });
+        // Counted in the task, so that a bind that outlives the caller's wait is counted too.
+        let task = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let answer = this.bind_checked(&args).await;
+            let outcome = match &answer {
+                Ok(outcome) | Err((_, outcome)) => *outcome,
+            };
+            this.metrics().record("bind", outcome, started.elapsed());
+            answer
+        });
         let (error, outcome) = match task.await {
             Ok(Ok(outcome)) => (String::new(), outcome),
             Ok(Err((message, outcome))) => (message, outcome),
-            Err(e) => (format!("cannot bind pod {who}: {e}"), Outcome::Error),
+            Err(e) => {
+                let outcome = Outcome::Error;
+                self.metrics()
+                    .record("bind", outcome, std::time::Duration::ZERO);
+                (format!("cannot bind pod {who}: {e}"), outcome)
+            }
         };
         Ok((ExtenderBindingResult { error }, outcome))
     }
@@ -105,7 +129,10 @@ impl Extender {
         Ok((uid, request, policy))
     }
 
-    async fn bind_checked(&self, args: &ExtenderBindingArgs) -> Result<Outcome, (String, Outcome)> {
+    async fn bind_checked(
+        self: &Arc<Self>,
+        args: &ExtenderBindingArgs,
+    ) -> Result<Outcome, (String, Outcome)> {
         let (ns, name, node) = (&args.pod_namespace, &args.pod_name, &args.node);
         let who = format!("{ns}/{name}");
         let fail = |msg: String| (msg, Outcome::Error);
@@ -132,8 +159,11 @@ impl Extender {
         let mut placement = self
             .ledger_mut()
             .reserve(reserve.clone(), node, policy, now);
-        if let Err(ReserveError::Unsettled { .. }) = &placement {
-            // Its earlier bind could not tell whether the Binding took: ask now.
+        if let Err(ReserveError::Unsettled { .. }) = &placement
+            && self.ledger_mut().take_unsettled(&uid)
+        {
+            // Its earlier bind could not tell whether the Binding took: ask now (meanwhile the
+            // reservation reads as in flight to any other bind of the pod).
             placement = match self.bound_where(ns, name, &uid).await {
                 Some(None) => {
                     let mut ledger = self.ledger_mut();
@@ -141,11 +171,17 @@ impl Extender {
                     tracing::info!(pod = %who, "an unsettled reservation's pod is not bound; reserving again");
                     ledger.reserve(reserve, node, policy, now)
                 }
-                Some(Some(bound)) => Err(ReserveError::AlreadyBound {
-                    pod: who.clone(),
-                    node: bound,
-                }),
-                None => placement,
+                Some(Some(bound)) => {
+                    self.ledger_mut().unsettle(&uid);
+                    Err(ReserveError::AlreadyBound {
+                        pod: who.clone(),
+                        node: bound,
+                    })
+                }
+                None => {
+                    self.ledger_mut().unsettle(&uid);
+                    placement
+                }
             };
         }
         let placement = placement.map_err(|e| {
@@ -179,7 +215,8 @@ impl Extender {
             }
             Bound::Unknown(message) => {
                 self.ledger_mut().unsettle(&uid);
-                tracing::warn!(pod = %who, node = %node, error = %message, "bind outcome unknown; reservation kept until the pod is seen or it expires");
+                tracing::warn!(pod = %who, node = %node, error = %message, "bind outcome unknown; reservation kept until the pod is seen, read back not bound, or expired");
+                self.settle_later(ns, name, &uid);
                 Err(fail(message))
             }
         }
@@ -206,7 +243,7 @@ impl Extender {
                 BINDING_TIMEOUT.as_secs()
             )))
         });
-        let e = match call {
+        let (e, may_still_land) = match call {
             Ok(()) => return Bound::Yes,
             Err(ApiError::NotFound) => {
                 return Bound::No(format!("cannot bind pod {ns}/{name}: pod not found"));
@@ -214,20 +251,51 @@ impl Extender {
             Err(e @ ApiError::Refused(_)) => {
                 return Bound::No(format!("cannot bind pod {ns}/{name} to node {node}: {e}"));
             }
-            Err(e @ (ApiError::Transport(_) | ApiError::Unsure(_))) => e,
+            // The pod is not as the Binding needs it, now: reading it back tells why.
+            Err(e @ ApiError::Conflict(_)) => (e, false),
+            // The answer was lost, not necessarily the Binding, which may even land later.
+            Err(e @ (ApiError::Transport(_) | ApiError::Unsure(_))) => (e, true),
         };
-        // The answer was lost or unsure, not necessarily the Binding: ask the API server.
+        let failed = format!("cannot bind pod {ns}/{name} to node {node}: {e}");
         match self.bound_where(ns, name, uid).await {
             Some(Some(bound)) if bound == node => {
                 tracing::info!(pod = %format_args!("{ns}/{name}"), error = %e,
-                    "binding answer lost or unsure, but the pod is bound");
+                    "binding answer lost or refused, but the pod is bound");
                 Bound::Yes
             }
-            Some(_) => Bound::No(format!("cannot bind pod {ns}/{name} to node {node}: {e}")),
+            Some(Some(_)) => Bound::No(failed),
+            Some(None) if !may_still_land => Bound::No(failed),
+            Some(None) => Bound::Unknown(format!(
+                "{failed}; the pod is not bound yet, but the binding may still take, so its reservation stays until that is read back"
+            )),
             None => Bound::Unknown(format!(
-                "cannot bind pod {ns}/{name} to node {node}: {e}; whether the binding took cannot be read back now, so its reservation stays until the pod is seen or it expires"
+                "{failed}; whether the binding took cannot be read back now, so its reservation stays until it can"
             )),
         }
+    }
+
+    /// Read back, a few times over about a minute, whether the pod of an unsettled reservation
+    /// was bound: not bound (and no bind took the reservation meanwhile) releases it; bound
+    /// leaves it to the pod watch, which records the pod where it is. A bind of the pod may
+    /// settle it sooner ([`ReserveError::Unsettled`]); what neither settles expires.
+    fn settle_later(self: &Arc<Self>, ns: &str, name: &str, uid: &str) {
+        let this = Arc::clone(self);
+        let (ns, name, uid) = (ns.to_string(), name.to_string(), uid.to_string());
+        tokio::spawn(async move {
+            for delay in SETTLE_DELAYS {
+                tokio::time::sleep(delay).await;
+                match this.bound_where(&ns, &name, &uid).await {
+                    Some(None) => {
+                        if this.ledger_mut().release_unsettled(&uid) {
+                            tracing::info!(pod = %format_args!("{ns}/{name}"), "read back not bound; unsettled reservation released");
+                        }
+                        return;
+                    }
+                    Some(Some(_)) => return,
+                    None => {}
+                }
+            }
+        });
     }
 
     /// Where the API server shows the pod (same UID) bound: `Some(None)` when it is not bound

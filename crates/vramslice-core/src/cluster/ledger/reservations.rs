@@ -33,6 +33,30 @@ impl Ledger {
         }
     }
 
+    /// A bind about to read back whether the unsettled reservation of `uid` took: it is marked
+    /// settled meanwhile, so that another bind of the pod gets `InFlight` and
+    /// [`Ledger::release_unsettled`] leaves it alone. Returns whether it was unsettled (`false`:
+    /// someone else is checking it, or it is gone).
+    pub fn take_unsettled(&mut self, uid: &str) -> bool {
+        match self.pods.get_mut(uid) {
+            Some(e) if e.reserved_since.is_some() && e.unsettled => {
+                e.unsettled = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drop the reservation of `uid` if it is still unsettled (no bind took it since): the
+    /// API server showed its pod not bound. Returns whether it was dropped.
+    pub fn release_unsettled(&mut self, uid: &str) -> bool {
+        let unsettled = self
+            .pods
+            .get(uid)
+            .is_some_and(|e| e.reserved_since.is_some() && e.unsettled);
+        unsettled && self.forget_pod(uid)
+    }
+
     /// Drop reservations older than `ttl` that the API server never showed bound; returns their
     /// UIDs.
     pub fn expire_reservations(&mut self, now: SystemTime, ttl: Duration) -> Vec<String> {

@@ -387,6 +387,24 @@ fn an_unsettled_reservation_holds_its_room_and_tells_the_next_bind_so() {
         ledger.reserve(want("a", 6), "n1", Policy::Binpack, at(3)),
         Err(ReserveError::InFlight { .. })
     ));
+    // A bind checking it takes it: a second bind of the pod is told another is in flight,
+    // and a background check leaves it alone.
+    assert!(ledger.unsettle("a"));
+    assert!(ledger.take_unsettled("a"));
+    assert!(!ledger.take_unsettled("a"));
+    assert!(matches!(
+        ledger.reserve(want("a", 6), "n1", Policy::Binpack, at(3)),
+        Err(ReserveError::InFlight { .. })
+    ));
+    assert!(!ledger.release_unsettled("a"));
+    assert!(ledger.pod("a").unwrap().reserved);
+    // Unsettled again (the check could not tell): a background check may drop it.
+    assert!(ledger.unsettle("a"));
+    assert!(ledger.release_unsettled("a"));
+    assert!(ledger.pod("a").is_none());
+    ledger
+        .reserve(want("a", 6), "n1", Policy::Binpack, at(4))
+        .unwrap();
     // Shown bound by the API server: no longer a reservation, unsettled or not.
     assert!(ledger.unsettle("a"));
     ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 6, 3));
