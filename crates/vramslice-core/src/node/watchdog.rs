@@ -7,7 +7,8 @@
 //! its limit plus a tolerance, and decides:
 //!
 //! - a breach starts → [`WatchdogEvent::BreachStarted`] (the plugin emits a Kubernetes Event);
-//! - still over after the grace period → [`WatchdogEvent::Act`] with the configured action and
+//! - over for the grace period in all (dips within the limit neither count nor reset it) →
+//!   [`WatchdogEvent::Act`] with the configured action and
 //!   the offending PIDs (repeated every grace period, at least [`MIN_REPEAT`] apart, while the
 //!   breach lasts);
 //! - back within for a grace period → [`WatchdogEvent::BreachEnded`]; a shorter dip keeps the
@@ -143,7 +144,8 @@ pub struct Breach {
     pub limit_bytes: u64,
     /// The tolerance in force.
     pub tolerance_bytes: u64,
-    /// How long it has been over (0 when it just started).
+    /// How long it has been over in this breach, dips within the limit left out (0 when it
+    /// just started).
     pub over_for: Duration,
     /// The pod's processes on the GPU as (host PID, bytes), by PID: the ones to kill.
     pub processes: Vec<(u32, u64)>,
@@ -192,7 +194,10 @@ pub struct SelfReport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BreachState {
-    started: Duration,
+    /// Time over the limit so far in this breach (dips within it do not count).
+    over: Duration,
+    /// When the pod was last seen over.
+    last_over: Duration,
     last_action: Option<Duration>,
     /// Since when the pod is back within its limit (the breach ends after a grace period so).
     within_since: Option<Duration>,
@@ -292,11 +297,17 @@ pub fn evaluate(
                 continue;
             }
             let mut breach_state = previous.unwrap_or(BreachState {
-                started: now,
+                over: Duration::ZERO,
+                last_over: now,
                 last_action: None,
                 within_since: None,
             });
-            breach_state.within_since = None;
+            // Seen over at the last evaluation too: the time between counts as over. Back from
+            // a dip: the dip does not.
+            if breach_state.within_since.take().is_none() {
+                breach_state.over += now.saturating_sub(breach_state.last_over);
+            }
+            breach_state.last_over = now;
             let breach = Breach {
                 target: PodTarget {
                     key: key.clone(),
@@ -307,14 +318,14 @@ pub fn evaluate(
                 used_bytes: used,
                 limit_bytes: pod.limit_bytes,
                 tolerance_bytes: policy.tolerance_bytes,
-                over_for: now.saturating_sub(breach_state.started),
+                over_for: breach_state.over,
                 processes: own,
             };
             if previous.is_none() {
                 events.push(WatchdogEvent::BreachStarted(breach.clone()));
             }
             let due = match breach_state.last_action {
-                None => now.saturating_sub(breach_state.started) >= policy.grace,
+                None => breach_state.over >= policy.grace,
                 Some(last) => now.saturating_sub(last) >= policy.grace.max(MIN_REPEAT),
             };
             if due {

@@ -199,7 +199,7 @@ fn grace_then_act_on_exactly_the_offenders_processes_then_repeat_then_end() {
 }
 
 #[test]
-fn a_dip_under_the_limit_shorter_than_the_grace_keeps_the_breach_and_its_timer() {
+fn a_dip_under_the_limit_neither_ends_the_breach_nor_counts_as_over() {
     let p = policy(30, WatchdogAction::KillProcess);
     let over = || vec![proc_(1, 9 * GIB, Some("uid-web"))];
     let dip = || vec![proc_(1, GIB, Some("uid-web"))];
@@ -213,10 +213,24 @@ fn a_dip_under_the_limit_shorter_than_the_grace_keeps_the_breach_and_its_timer()
     assert!(v.events.is_empty(), "no end, no Event: {:?}", v.events);
     let v = step(&p, &v.state, 27, over());
     assert!(v.events.is_empty(), "no new breach: {:?}", v.events);
-    let v = step(&p, &v.state, 30, over());
+    // 25 s over before the dip, then 4 s: not yet a grace period over.
+    let v = step(&p, &v.state, 31, over());
+    assert!(v.events.is_empty(), "29 s over so far: {:?}", v.events);
+    let v = step(&p, &v.state, 32, over());
     assert!(
         v.events.iter().any(|e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))),
-        "acted a grace period after the breach began: {:?}",
+        "acted once over for a grace period: {:?}",
+        v.events
+    );
+    // Two short spikes a grace period apart are not a grace period over.
+    let v = step(&p, &WatchdogState::default(), 100, over());
+    let v = step(&p, &v.state, 101, dip());
+    let v = step(&p, &v.state, 129, over());
+    assert!(
+        !v.events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::Act { .. })),
+        "{:?}",
         v.events
     );
 }
@@ -411,11 +425,14 @@ proptest! {
     ) {
         let p = policy(grace, WatchdogAction::KillProcess);
         let mut state = WatchdogState::default();
-        let mut over_since: Option<u64> = None;
-        let mut last_act: Option<u64> = None;
+        // The model: a breach lasts from its first over reading until a grace period within;
+        // its time over adds the gaps between consecutive over readings only.
+        let mut in_breach = false;
+        let mut over_total = 0u64;
+        let mut last_over: Option<u64> = None;
         let mut within_since: Option<u64> = None;
+        let mut last_act: Option<u64> = None;
         let repeat = grace.max(MIN_REPEAT.as_secs());
-        let wait = |last: Option<u64>| if last.is_some() { repeat } else { grace };
         let times = usages.iter().scan(0u64, |t, (u, dt)| {
             *t += dt;
             Some((*t, *u))
@@ -423,39 +440,46 @@ proptest! {
         for (t, web_gib) in times {
             let v = step(&p, &state, t, vec![proc_(1, web_gib * GIB, Some("uid-web")), proc_(2, MIB, Some("uid-job"))]);
             let over = web_gib * GIB > 2 * GIB + 64 * MIB;
+            let mut started = false;
             if over {
-                over_since.get_or_insert(t);
+                if !in_breach {
+                    in_breach = true;
+                    started = true;
+                    over_total = 0;
+                    last_act = None;
+                } else if within_since.is_none() {
+                    over_total += t - last_over.unwrap_or(t);
+                }
                 within_since = None;
-            } else if over_since.is_some() {
-                // A breach ends once the pod has been within for a grace period.
+                last_over = Some(t);
+            } else if in_breach {
                 let since = *within_since.get_or_insert(t);
                 if t - since >= grace {
-                    over_since = None;
-                    last_act = None;
+                    in_breach = false;
                     within_since = None;
                 }
             }
+            let due = over && match last_act {
+                None => over_total >= grace,
+                Some(last) => t - last >= repeat,
+            };
+            let acted = v.events.iter().any(|e| matches!(e, WatchdogEvent::Act { .. }));
+            prop_assert_eq!(acted, due, "t={} over_total={}", t, over_total);
             for e in &v.events {
                 if let WatchdogEvent::Act { breach, .. } = e {
-                    prop_assert!(over);
-                    let since = last_act.or(over_since).unwrap();
-                    prop_assert!(t - since >= wait(last_act));
+                    prop_assert_eq!(breach.over_for, Duration::from_secs(over_total));
                     prop_assert_eq!(&breach.processes, &vec![(1, web_gib * GIB)]);
                     prop_assert_eq!(&breach.target.key, &web_key());
-                    last_act = Some(t);
                 }
                 if let WatchdogEvent::BreachStarted(b) = e {
-                    prop_assert!(over);
-                    prop_assert_eq!(over_since, Some(t));
+                    prop_assert!(started);
                     prop_assert_eq!(&b.target.key, &web_key());
                 }
             }
-            let acted = v.events.iter().any(|e| matches!(e, WatchdogEvent::Act { .. }));
-            if over && !acted {
-                let since = last_act.or(over_since).unwrap();
-                prop_assert!(t - since < wait(last_act), "due but not acted at t={}", t);
+            if acted {
+                last_act = Some(t);
             }
-            prop_assert_eq!(v.state.in_breach().count(), usize::from(over_since.is_some()));
+            prop_assert_eq!(v.state.in_breach().count(), usize::from(in_breach));
             state = v.state;
         }
     }
