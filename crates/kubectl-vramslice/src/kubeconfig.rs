@@ -71,6 +71,14 @@ fn shown(paths: &[PathBuf]) -> String {
     }
 }
 
+/// Whether a kubeconfig names nothing at all.
+fn is_empty(kc: &Kubeconfig) -> bool {
+    kc.clusters.is_empty()
+        && kc.contexts.is_empty()
+        && kc.auth_infos.is_empty()
+        && kc.current_context.is_none()
+}
+
 /// The user's kubeconfig and the files it came from (for messages), or `Ok(None)` when no
 /// kubeconfig file exists. A file given with `--kubeconfig` must exist; of the `$KUBECONFIG`
 /// files those that do not exist are skipped, as kubectl skips them, and the others are merged
@@ -96,6 +104,11 @@ pub fn user_kubeconfig(
             source,
         };
         let next = Kubeconfig::read_from(path).map_err(bad)?;
+        if explicit.is_none() && is_empty(&next) {
+            // An empty file (a pod's placeholder ~/.kube/config) is no kubeconfig, as for
+            // kubectl: it does not stand in the way of the in-cluster configuration.
+            continue;
+        }
         merged = Some(match merged {
             None => next,
             Some(first) => first.merge(next).map_err(bad)?,
@@ -200,6 +213,20 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn an_empty_file_is_no_kubeconfig() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "").unwrap();
+        let env = empty.clone().into_os_string();
+        assert!(user_kubeconfig(None, Some(&env), None).unwrap().is_none());
+        let named = write(dir.path(), "named", "red");
+        let env = std::env::join_paths([&empty, &named]).unwrap();
+        let (kc, from) = user_kubeconfig(None, Some(&env), None).unwrap().unwrap();
+        assert_eq!(contexts(&kc), ["red"]);
+        assert!(!from.contains("empty"), "{from}");
     }
 
     #[test]
