@@ -63,6 +63,10 @@ pub trait DevicePluginLogic: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<ContainerAllocation>, PluginError>> + Send;
 }
 
+/// Held while the accounting root's files are written (Allocate) or deleted (the sweeper), so
+/// that neither runs into the middle of the other: one plugin process serves one root.
+pub(crate) static ACCOUNTING_FILES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The vramslice plugin: units of GPU memory.
 #[derive(Debug, Clone)]
 pub struct VramPlugin {
@@ -226,6 +230,9 @@ impl DevicePluginLogic for VramPlugin {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // The sweeper deletes ended allocations' files under the same lock: these units are
+        // often the last pod's, whose files it may be deleting just now.
+        let _files = ACCOUNTING_FILES.lock().await;
         for plan in &plans {
             create_accounting_dir(&plan.host_accounting_dir).await?;
             write_limit_file(&plan.host_limit_file, &plan.limits).await?;
@@ -256,12 +263,16 @@ async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
             dir.display()
         ))
     };
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
     match tokio::fs::symlink_metadata(dir).await {
         Ok(found) => {
             if found.is_dir() {
-                tokio::fs::remove_dir_all(dir).await.map_err(fail)?;
+                gone(tokio::fs::remove_dir_all(dir).await).map_err(fail)?;
             } else {
-                tokio::fs::remove_file(dir).await.map_err(fail)?;
+                gone(tokio::fs::remove_file(dir).await).map_err(fail)?;
             }
             tracing::debug!(dir = %dir.display(), "removed what an earlier allocation of these units left");
         }

@@ -93,7 +93,14 @@ impl Sweeper {
         );
         self.state = verdict.state;
         let mut removed = Vec::new();
+        // Allocate writes these files under the same lock; under it, a key written again since
+        // it was listed (the next pod got the same units) is no longer ended.
+        let _files = crate::logic::ACCOUNTING_FILES.lock().await;
         for key in verdict.remove {
+            if changed_within(&self.root, &key, self.after) {
+                tracing::debug!(key = %key, "allocated again since it was listed; kept");
+                continue;
+            }
             match remove_allocation(&self.root, &key).await {
                 Ok(()) => {
                     tracing::info!(key = %key, after = ?self.after, "deleted the accounting directory and limit file of an ended allocation");
@@ -130,6 +137,24 @@ fn list_root(root: &Path) -> std::io::Result<BTreeMap<String, Duration>> {
             .or_insert(age);
     }
     Ok(present)
+}
+
+/// Whether an entry of allocation `key` (its directory, limit file or temporary limit file)
+/// was changed within `within`; an entry whose time cannot be read counts as changed.
+fn changed_within(root: &Path, key: &str, within: Duration) -> bool {
+    let now = SystemTime::now();
+    [
+        root.join(key),
+        root.join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}")),
+        root.join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}.tmp")),
+    ]
+    .iter()
+    .any(|path| match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta
+            .modified()
+            .map_or(true, |t| now.duration_since(t).unwrap_or_default() < within),
+        Err(_) => false,
+    })
 }
 
 async fn remove_allocation(root: &Path, key: &str) -> std::io::Result<()> {
@@ -236,5 +261,28 @@ mod tests {
     async fn a_missing_root_is_not_an_error() {
         let mut sweeper = Sweeper::new("/nonexistent/vramslice-accounting".into(), Duration::ZERO);
         assert!(sweeper.run(&[], &[]).await.is_empty());
+    }
+
+    #[test]
+    fn a_key_written_again_since_it_was_listed_is_not_ended() {
+        let root = tempfile::tempdir().unwrap();
+        let key = "GPU-a.u0.n1.0123456789abcdef";
+        let day = Duration::from_secs(86_400);
+        assert!(!changed_within(root.path(), key, day), "nothing there");
+        std::fs::create_dir(root.path().join(key)).unwrap();
+        assert!(changed_within(root.path(), key, day), "just made");
+        let old = SystemTime::now() - 2 * day;
+        std::fs::File::open(root.path().join(key))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(!changed_within(root.path(), key, day));
+        // Its limit file written again (Allocate of the same units) makes it live.
+        std::fs::write(
+            root.path().join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}")),
+            "limit=1\n",
+        )
+        .unwrap();
+        assert!(changed_within(root.path(), key, day));
     }
 }
