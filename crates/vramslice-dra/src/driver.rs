@@ -114,7 +114,7 @@ pub enum PrepareError {
     /// One container uses two claims of this driver: the CDI edits of each set the same limit
     /// file, accounting directory and environment, so the one applied last would hold alone.
     #[error(
-        "claim {claim}: container {container} of pod {pod} uses claims {} of driver vramslice.io; a container can use one (their limits would overwrite each other): ask for the memory of all its GPUs in one claim (a request per GPU, or count: 2)",
+        "claim {claim}: container {container} of pod {pod} uses claims {} of driver vramslice.io; a container can use one (their limits would overwrite each other): ask for the memory of all its GPUs in one claim (count: 2 in one request, or a request per GPU with the constraint distinctAttribute: vramslice.io/uuid over them)",
         claims.join(", ")
     )]
     SeveralClaimsInOneContainer {
