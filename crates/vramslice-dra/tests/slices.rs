@@ -116,6 +116,57 @@ async fn the_slice_follows_the_measurement_at_a_bounded_rate() {
 }
 
 #[tokio::test]
+async fn capacity_wobbling_across_a_step_and_flapping_health_are_written_at_the_slow_pace() {
+    let memory = Memory::default();
+    let mut publisher = publisher(&memory); // minimum interval 5 s: slow pace 50 s
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let gpu = |capacity: u64| vec![device(0, capacity)];
+    let sick = |capacity: u64, why: &str| {
+        let mut d = device(0, capacity);
+        d.unhealthy = Some(why.into());
+        vec![d]
+    };
+    publisher.observe(gpu(30 * GIB), t0).await.unwrap();
+    // Free memory wobbles around the 30 GiB step every few seconds.
+    let mut written = Vec::new();
+    for s in (5..=60).step_by(5) {
+        let capacity = if s % 10 == 5 { 29 * GIB } else { 30 * GIB };
+        if let Some(r) = publisher.observe(gpu(capacity), at(s)).await.unwrap() {
+            written.push((s, r));
+        }
+    }
+    // The fall at 5 s at once; the rises wait for the slow pace (50 s after that write).
+    let seconds: Vec<u64> = written.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seconds, [5, 60], "{written:?}");
+    // A GPU falling unhealthy is written at once; its health flapping back is slow.
+    let fell = publisher
+        .observe(sick(30 * GIB, "XID 79"), at(61))
+        .await
+        .unwrap();
+    assert!(
+        matches!(fell, Some(SlicePublishReason::FellUnhealthy { .. })),
+        "{fell:?}"
+    );
+    for s in [65, 70, 80, 110] {
+        assert_eq!(
+            publisher.observe(gpu(30 * GIB), at(s)).await.unwrap(),
+            None,
+            "recovery at {s}s waits"
+        );
+    }
+    assert!(matches!(
+        publisher.observe(gpu(30 * GIB), at(111)).await.unwrap(),
+        Some(SlicePublishReason::HealthEased { .. })
+    ));
+    assert_eq!(
+        publisher.writes(),
+        5,
+        "first, fall, rise, unhealthy, recovered"
+    );
+}
+
+#[tokio::test]
 async fn a_restarted_publisher_continues_the_pool_generation() {
     let memory = Memory::default();
     let mut before = publisher(&memory);

@@ -232,14 +232,23 @@ pub fn mark_unread(
     devices
 }
 
-/// Why the slice must be written now.
+/// Why the slice must be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlicePublishReason {
     /// Nothing was published yet.
     First,
-    /// A device appeared, went, changed identity, or its health changed (the taint goes on or
-    /// comes off at once).
+    /// A device appeared, went or changed identity.
     DevicesChanged,
+    /// A device fell unhealthy (or its reading went stale): its taint goes on at once.
+    FellUnhealthy {
+        /// The device.
+        device: String,
+    },
+    /// A device recovered, or the reason it is unhealthy changed.
+    HealthEased {
+        /// The device.
+        device: String,
+    },
     /// A device's capacity fell, or rose by at least the threshold.
     CapacityMoved {
         /// The device.
@@ -251,11 +260,43 @@ pub enum SlicePublishReason {
     },
 }
 
+/// How soon a write for a [`SlicePublishReason`] may follow the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlicePace {
+    /// At once: the slice would otherwise offer devices that are gone or unhealthy.
+    Now,
+    /// After the minimum interval: capacity that fell (offered memory that is gone).
+    Soon,
+    /// After the slow interval: capacity that rose, a device that recovered. Offering less
+    /// than there is for a while is safe; a GPU whose free memory or health wobbles across a
+    /// boundary would otherwise rewrite the slice at every minimum interval.
+    Slow,
+}
+
+impl SlicePublishReason {
+    /// How soon this write may follow the last one.
+    pub fn pace(&self) -> SlicePace {
+        match self {
+            SlicePublishReason::First
+            | SlicePublishReason::DevicesChanged
+            | SlicePublishReason::FellUnhealthy { .. } => SlicePace::Now,
+            SlicePublishReason::CapacityMoved { from, to, .. } if to < from => SlicePace::Soon,
+            SlicePublishReason::CapacityMoved { .. } | SlicePublishReason::HealthEased { .. } => {
+                SlicePace::Slow
+            }
+        }
+    }
+}
+
 impl fmt::Display for SlicePublishReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SlicePublishReason::First => f.write_str("first slice"),
             SlicePublishReason::DevicesChanged => f.write_str("devices changed"),
+            SlicePublishReason::FellUnhealthy { device } => write!(f, "{device} fell unhealthy"),
+            SlicePublishReason::HealthEased { device } => {
+                write!(f, "{device} recovered or its health reason changed")
+            }
             SlicePublishReason::CapacityMoved { device, from, to } => {
                 write!(f, "capacity of {device} moved from {from} to {to} bytes")
             }
@@ -263,10 +304,11 @@ impl fmt::Display for SlicePublishReason {
     }
 }
 
-/// Whether the slice must be written again: on the first slice, when the device list changes
-/// (a GPU appeared, went, or was replaced) or a GPU's health changed, when a device's capacity
-/// fell, or when it rose by `threshold` bytes or more. Otherwise `None`, which keeps the API
-/// server's write rate bounded; the caller also keeps a minimum interval between writes.
+/// Whether the slice must be written again, and why (the most pressing reason first): on the
+/// first slice; when the device list changes (a GPU appeared, went, or was replaced); when a
+/// GPU fell unhealthy; when a device's capacity fell; when a GPU recovered or its health reason
+/// changed; when a capacity rose by `threshold` bytes or more. Otherwise `None`, which keeps the
+/// API server's write rate bounded; the caller also paces the writes ([`SlicePublishReason::pace`]).
 pub fn slice_publish_reason(
     published: Option<&[SliceDevice]>,
     next: &[SliceDevice],
@@ -281,28 +323,38 @@ pub fn slice_publish_reason(
             d.uuid.clone(),
             d.model.clone(),
             d.advertised_bytes,
-            d.unhealthy.clone(),
         )
     };
     if published.len() != next.len() || published.iter().map(identity).ne(next.iter().map(identity))
     {
         return Some(SlicePublishReason::DevicesChanged);
     }
-    published
-        .iter()
-        .zip(next)
-        .find(|(old, new)| {
-            // Any fall at once (it is whole steps): kube-scheduler would otherwise promise
-            // memory that is gone. A rise only by the threshold, which bounds the write rate
-            // (a capacity swinging across a step is written when it falls, then stays).
-            new.capacity_bytes < old.capacity_bytes
-                || new.capacity_bytes - old.capacity_bytes >= threshold.max(1)
-        })
-        .map(|(old, new)| SlicePublishReason::CapacityMoved {
+    let pairs = || published.iter().zip(next);
+    if let Some((_, new)) =
+        pairs().find(|(old, new)| old.unhealthy.is_none() && new.unhealthy.is_some())
+    {
+        return Some(SlicePublishReason::FellUnhealthy {
             device: new.name.clone(),
-            from: old.capacity_bytes,
-            to: new.capacity_bytes,
-        })
+        });
+    }
+    let moved = |(old, new): (&SliceDevice, &SliceDevice)| SlicePublishReason::CapacityMoved {
+        device: new.name.clone(),
+        from: old.capacity_bytes,
+        to: new.capacity_bytes,
+    };
+    // Any fall (it is whole steps): kube-scheduler would otherwise promise memory that is gone.
+    if let Some(fell) = pairs().find(|(old, new)| new.capacity_bytes < old.capacity_bytes) {
+        return Some(moved(fell));
+    }
+    if let Some((_, new)) = pairs().find(|(old, new)| old.unhealthy != new.unhealthy) {
+        return Some(SlicePublishReason::HealthEased {
+            device: new.name.clone(),
+        });
+    }
+    // A rise only by the threshold, which bounds the write rate with the slow pace.
+    pairs()
+        .find(|(old, new)| new.capacity_bytes - old.capacity_bytes >= threshold.max(1))
+        .map(moved)
 }
 
 /// One device of a claim's allocation that this node's driver must prepare.

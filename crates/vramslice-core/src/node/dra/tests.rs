@@ -154,14 +154,37 @@ fn the_slice_is_written_on_change_beyond_the_threshold_only() {
         GIB,
         0,
     );
+    let fell = slice_publish_reason(Some(&before), &unhealthy, 100 * GIB);
     assert_eq!(
-        slice_publish_reason(Some(&before), &unhealthy, 100 * GIB),
-        Some(SlicePublishReason::DevicesChanged)
+        fell,
+        Some(SlicePublishReason::FellUnhealthy {
+            device: "gpu-0".into()
+        })
+    );
+    assert_eq!(fell.map(|r| r.pace()), Some(SlicePace::Now));
+    // Coming back, or a new reason, is written too, at the slow pace (as a rise).
+    let eased = slice_publish_reason(Some(&unhealthy), &before, 100 * GIB);
+    assert_eq!(
+        eased,
+        Some(SlicePublishReason::HealthEased {
+            device: "gpu-0".into()
+        })
+    );
+    assert_eq!(eased.map(|r| r.pace()), Some(SlicePace::Slow));
+    let mut other_reason = unhealthy.clone();
+    other_reason[0].unhealthy = Some("XID 48".into());
+    assert_eq!(
+        slice_publish_reason(Some(&unhealthy), &other_reason, 100 * GIB).map(|r| r.pace()),
+        Some(SlicePace::Slow)
+    );
+    // Falls are soon, rises slow.
+    assert_eq!(
+        slice_publish_reason(Some(&before), &slightly, GIB).map(|r| r.pace()),
+        Some(SlicePace::Soon)
     );
     assert_eq!(
-        slice_publish_reason(Some(&unhealthy), &before, 100 * GIB),
-        Some(SlicePublishReason::DevicesChanged),
-        "and coming back"
+        slice_publish_reason(Some(&slightly), &before, GIB).map(|r| r.pace()),
+        Some(SlicePace::Slow)
     );
     assert_eq!(
         slice_publish_reason(Some(&before), &[], GIB),
@@ -409,11 +432,15 @@ fn a_reading_older_than_the_bound_taints_every_gpu() {
         Some("no GPU reading for 90s or more (the node agent cannot read the GPUs)")
     );
     assert_eq!(stale[1].unhealthy.as_deref(), Some("XID 79"));
-    // Published at once: the health change is a device change, whatever the threshold.
+    // Published at once, whatever the threshold: a healthy GPU fell unhealthy.
+    let reason = slice_publish_reason(Some(&devices), &stale, 100 * GIB);
     assert_eq!(
-        slice_publish_reason(Some(&devices), &stale, 100 * GIB),
-        Some(SlicePublishReason::DevicesChanged)
+        reason,
+        Some(SlicePublishReason::FellUnhealthy {
+            device: "gpu-0".into()
+        })
     );
+    assert_eq!(reason.map(|r| r.pace()), Some(SlicePace::Now));
     // Regression: the reason named the age, so every later wake-up while stale rewrote the
     // slice. Staying stale changes nothing.
     let staler = mark_unread(devices.clone(), Duration::from_secs(125), bound);
