@@ -568,7 +568,9 @@ async fn a_lost_binding_answer_is_checked_against_the_api_server() {
     // read back, definite, released at once.
     fake.put_pod(pod_object("other", "uid-2", Some("6"), json!({})));
     fake.lose_bind_answers(false);
-    fake.fail_bind(Some(ApiError::Conflict("Operation cannot be fulfilled (409)".into())));
+    fake.fail_bind(Some(ApiError::Conflict(
+        "Operation cannot be fulfilled (409)".into(),
+    )));
     let (_, body) = post_json(&ext, "/bind", &binding_args("other", "uid-2", "fit")).await;
     assert_eq!(
         body["Error"],
