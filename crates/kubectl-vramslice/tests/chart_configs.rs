@@ -210,7 +210,10 @@ fn dra_rendering_has_the_device_class_and_no_extender() {
     );
     assert_eq!(
         class["spec"]["selectors"][0]["cel"]["expression"],
-        format!("device.driver == \"{}\"", vramslice_core::names::DRA_DRIVER)
+        format!(
+            "device.driver == \"{0}\" && device.attributes[\"{0}\"].healthy",
+            vramslice_core::names::DRA_DRIVER
+        )
     );
     for d in &docs {
         let kind = d["kind"].as_str().unwrap();
