@@ -460,6 +460,7 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
                 value_err("watchdog.action", e.to_string())
             },
         )?,
+        poll_interval,
     };
     let injection: InjectionMode = raw.injection.mode.parse().map_err(
         |e: vramslice_core::node::allocation::UnknownVariant| {

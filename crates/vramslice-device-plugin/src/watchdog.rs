@@ -425,6 +425,7 @@ mod tests {
                 tolerance_bytes: 0,
                 grace: Duration::from_secs(30),
                 action: WatchdogAction::Report,
+                poll_interval: Duration::from_millis(500),
             },
             ProcRoot::new(root.path().join("proc")),
             root.path().to_path_buf(),

@@ -7,10 +7,10 @@
 //! its limit plus a tolerance, and decides:
 //!
 //! - a breach starts → [`WatchdogEvent::BreachStarted`] (the plugin emits a Kubernetes Event);
-//! - over for the grace period in all (dips within the limit neither count nor reset it) →
-//!   [`WatchdogEvent::Act`] with the configured action and
-//!   the offending PIDs (repeated every grace period, at least [`MIN_REPEAT`] apart, while the
-//!   breach lasts);
+//! - over for the grace period in all (each reading over adds the time since the pod was last
+//!   judged, up to two reading intervals; dips within the limit neither count nor reset it) →
+//!   [`WatchdogEvent::Act`] with the configured action and the offending PIDs (repeated after
+//!   every further grace period over, at least [`MIN_REPEAT`], while the breach lasts);
 //! - back within for a grace period → [`WatchdogEvent::BreachEnded`]; a shorter dip keeps the
 //!   breach and its timer (a process that held twice its limit and dipped under it for one poll
 //!   every grace period would otherwise never be acted on, and would start a new breach, with
@@ -95,10 +95,14 @@ pub const MIN_REPEAT: Duration = Duration::from_secs(10);
 pub struct WatchdogPolicy {
     /// Usage up to limit + tolerance is no breach (and self-reports within it are trusted).
     pub tolerance_bytes: u64,
-    /// How long a breach may last before the action (and between repeated actions).
+    /// How long a pod may be over its limit in one breach before the action (and between
+    /// repeated actions).
     pub grace: Duration,
     /// What to do then.
     pub action: WatchdogAction,
+    /// How often readings come: a reading over the limit adds the time since the pod was last
+    /// judged to its time over, up to twice this (so that two spikes far apart do not add up).
+    pub poll_interval: Duration,
 }
 
 impl Default for WatchdogPolicy {
@@ -107,6 +111,7 @@ impl Default for WatchdogPolicy {
             tolerance_bytes: 64 << 20,
             grace: Duration::from_secs(30),
             action: WatchdogAction::Report,
+            poll_interval: Duration::from_millis(500),
         }
     }
 }
@@ -194,11 +199,13 @@ pub struct SelfReport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BreachState {
-    /// Time over the limit so far in this breach (dips within it do not count).
+    /// Time over the limit so far in this breach: each reading over adds the time since the
+    /// pod was last judged, up to two reading intervals.
     over: Duration,
-    /// When the pod was last seen over.
-    last_over: Duration,
-    last_action: Option<Duration>,
+    /// When the pod was last judged (over or within; not when it could not be judged).
+    last_judged: Duration,
+    /// `over` when the last action was taken.
+    acted_at: Option<Duration>,
     /// Since when the pod is back within its limit (the breach ends after a grace period so).
     within_since: Option<Duration>,
 }
@@ -256,12 +263,18 @@ pub fn evaluate(
                     .filter(|p| p.pod_uid.as_deref() == Some(uid.as_str()))
             };
             // A figure the driver did not give (no process list, or no figure for one of the
-            // pod's processes) cannot be judged: a breach stays as it was.
+            // pod's processes) cannot be judged: a breach stays as it was, and the time it could
+            // not be judged counts neither as over nor as within.
             let Some(used) =
                 sample.and_then(|s| s.used_by(|p| p.pod_uid.as_deref() == Some(uid.as_str())))
             else {
                 if let Some(previous) = state.breaches.get(&key) {
-                    next.breaches.insert(key, *previous);
+                    let mut kept = *previous;
+                    kept.last_judged = now;
+                    if let Some(since) = kept.within_since.as_mut() {
+                        *since = (*since).max(now);
+                    }
+                    next.breaches.insert(key, kept);
                 }
                 continue;
             };
@@ -284,6 +297,7 @@ pub fn evaluate(
             let previous = state.breaches.get(&key).copied();
             if !over {
                 if let Some(mut cooling) = previous {
+                    cooling.last_judged = now;
                     let since = *cooling.within_since.get_or_insert(now);
                     if now.saturating_sub(since) >= policy.grace {
                         events.push(WatchdogEvent::BreachEnded {
@@ -298,16 +312,15 @@ pub fn evaluate(
             }
             let mut breach_state = previous.unwrap_or(BreachState {
                 over: Duration::ZERO,
-                last_over: now,
-                last_action: None,
+                last_judged: now,
+                acted_at: None,
                 within_since: None,
             });
-            // Seen over at the last evaluation too: the time between counts as over. Back from
-            // a dip: the dip does not.
-            if breach_state.within_since.take().is_none() {
-                breach_state.over += now.saturating_sub(breach_state.last_over);
-            }
-            breach_state.last_over = now;
+            breach_state.within_since = None;
+            breach_state.over += now
+                .saturating_sub(breach_state.last_judged)
+                .min(policy.poll_interval.saturating_mul(2));
+            breach_state.last_judged = now;
             let breach = Breach {
                 target: PodTarget {
                     key: key.clone(),
@@ -324,12 +337,12 @@ pub fn evaluate(
             if previous.is_none() {
                 events.push(WatchdogEvent::BreachStarted(breach.clone()));
             }
-            let due = match breach_state.last_action {
+            let due = match breach_state.acted_at {
                 None => breach_state.over >= policy.grace,
-                Some(last) => now.saturating_sub(last) >= policy.grace.max(MIN_REPEAT),
+                Some(at) => breach_state.over.saturating_sub(at) >= policy.grace.max(MIN_REPEAT),
             };
             if due {
-                breach_state.last_action = Some(now);
+                breach_state.acted_at = Some(breach_state.over);
                 events.push(WatchdogEvent::Act {
                     action: policy.action,
                     breach,

@@ -112,7 +112,8 @@ watchdog: { tolerance: 1Gi, grace: 0s, action: kill-process }
         WatchdogPolicy {
             tolerance_bytes: 1 << 30,
             grace: Duration::ZERO,
-            action: WatchdogAction::KillProcess
+            action: WatchdogAction::KillProcess,
+            poll_interval: Duration::from_millis(200),
         }
     );
     let s = parse("watchdog: { tolerance: 0, action: evict-pod }").unwrap();

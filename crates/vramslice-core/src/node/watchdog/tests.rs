@@ -44,11 +44,22 @@ fn records() -> Vec<ContainerAllocationRecord> {
     ]
 }
 
+/// Readings as far apart as the steps of each test: an over reading credits the whole gap
+/// since the last one ([`polled`] for a realistic reading interval).
 fn policy(grace_s: u64, action: WatchdogAction) -> WatchdogPolicy {
     WatchdogPolicy {
         tolerance_bytes: 64 * MIB,
         grace: Duration::from_secs(grace_s),
         action,
+        poll_interval: Duration::from_secs(3600),
+    }
+}
+
+/// [`policy`] with readings every `poll_s` seconds.
+fn polled(grace_s: u64, poll_s: u64) -> WatchdogPolicy {
+    WatchdogPolicy {
+        poll_interval: Duration::from_secs(poll_s),
+        ..policy(grace_s, WatchdogAction::KillProcess)
     }
 }
 
@@ -200,37 +211,105 @@ fn grace_then_act_on_exactly_the_offenders_processes_then_repeat_then_end() {
 
 #[test]
 fn a_dip_under_the_limit_neither_ends_the_breach_nor_counts_as_over() {
-    let p = policy(30, WatchdogAction::KillProcess);
+    let p = polled(30, 1);
     let over = || vec![proc_(1, 9 * GIB, Some("uid-web"))];
     let dip = || vec![proc_(1, GIB, Some("uid-web"))];
-    let v = step(&p, &WatchdogState::default(), 0, over());
+    let acts = |v: &Verdict| {
+        v.events
+            .iter()
+            .filter_map(|e| match e {
+                WatchdogEvent::Act { breach, .. } => Some(breach.over_for),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Over every second to 25 s, one reading within, then over again.
+    let mut v = step(&p, &WatchdogState::default(), 0, over());
     assert!(matches!(
         v.events.as_slice(),
         [WatchdogEvent::BreachStarted(_)]
     ));
-    let v = step(&p, &v.state, 25, over());
-    let v = step(&p, &v.state, 26, dip());
+    for t in 1..=25 {
+        v = step(&p, &v.state, t, over());
+    }
+    v = step(&p, &v.state, 26, dip());
     assert!(v.events.is_empty(), "no end, no Event: {:?}", v.events);
-    let v = step(&p, &v.state, 27, over());
+    v = step(&p, &v.state, 27, over());
     assert!(v.events.is_empty(), "no new breach: {:?}", v.events);
-    // 25 s over before the dip, then 4 s: not yet a grace period over.
-    let v = step(&p, &v.state, 31, over());
-    assert!(v.events.is_empty(), "29 s over so far: {:?}", v.events);
-    let v = step(&p, &v.state, 32, over());
-    assert!(
-        v.events.iter().any(|e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))),
-        "acted once over for a grace period: {:?}",
+    // 25 s over before the dip; the second from the dip to 27 s counts (it went over in it);
+    // the one from 25 s to the dip does not.
+    for t in 28..=30 {
+        v = step(&p, &v.state, t, over());
+        assert!(acts(&v).is_empty(), "{t}: {:?}", v.events);
+    }
+    v = step(&p, &v.state, 31, over());
+    assert_eq!(acts(&v), [Duration::from_secs(30)]);
+    // Within for less than a grace period, then one reading over: no repeat, the repeat needs
+    // a further grace period over.
+    for t in 32..=60 {
+        v = step(&p, &v.state, t, dip());
+        assert!(v.events.is_empty(), "{t}: {:?}", v.events);
+    }
+    v = step(&p, &v.state, 61, over());
+    assert!(acts(&v).is_empty(), "{:?}", v.events);
+}
+
+#[test]
+fn over_every_other_reading_adds_up_and_two_spikes_far_apart_do_not() {
+    let p = polled(30, 1);
+    let over = || vec![proc_(1, 9 * GIB, Some("uid-web"))];
+    let dip = || vec![proc_(1, GIB, Some("uid-web"))];
+    let acted = |v: &Verdict| {
         v.events
+            .iter()
+            .any(|e| matches!(e, WatchdogEvent::Act { .. }))
+    };
+    // Over at even seconds, within at odd ones: a second over per two seconds.
+    let mut v = step(&p, &WatchdogState::default(), 0, over());
+    let mut first_act = None;
+    for t in 1..=70 {
+        v = step(&p, &v.state, t, if t % 2 == 0 { over() } else { dip() });
+        if acted(&v) && first_act.is_none() {
+            first_act = Some(t);
+        }
+    }
+    assert_eq!(first_act, Some(60), "30 s over in 60 s");
+    // One reading over, 28 s within, one over: 1 s over, not a grace period.
+    let mut v = step(&p, &WatchdogState::default(), 100, over());
+    for t in 101..=128 {
+        v = step(&p, &v.state, t, dip());
+    }
+    v = step(&p, &v.state, 129, over());
+    assert!(!acted(&v), "{:?}", v.events);
+    assert_eq!(v.state.in_breach().count(), 1);
+}
+
+#[test]
+fn time_the_pod_could_not_be_judged_is_not_time_over() {
+    let p = policy(30, WatchdogAction::KillProcess);
+    let unjudged = || {
+        vec![ProcessSample {
+            pid: 1,
+            used_bytes: None,
+            pod_uid: Some("uid-web".into()),
+        }]
+    };
+    let mut v = step(
+        &p,
+        &WatchdogState::default(),
+        0,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
     );
-    // Two short spikes a grace period apart are not a grace period over.
-    let v = step(&p, &WatchdogState::default(), 100, over());
-    let v = step(&p, &v.state, 101, dip());
-    let v = step(&p, &v.state, 129, over());
+    for t in 1..=40 {
+        v = step(&p, &v.state, t, unjudged());
+    }
+    assert_eq!(v.state.in_breach().count(), 1, "the breach stays as it was");
+    v = step(&p, &v.state, 41, vec![proc_(1, 9 * GIB, Some("uid-web"))]);
     assert!(
         !v.events
             .iter()
             .any(|e| matches!(e, WatchdogEvent::Act { .. })),
-        "{:?}",
+        "1 s over, not 41: {:?}",
         v.events
     );
 }
@@ -422,16 +501,17 @@ proptest! {
     fn acts_only_after_a_full_grace_period_over_the_limit(
         usages in proptest::collection::vec((0u64..5, 0u64..6), 1..60),
         grace in 0u64..14,
+        poll in 1u64..4,
     ) {
-        let p = policy(grace, WatchdogAction::KillProcess);
+        let p = polled(grace, poll);
         let mut state = WatchdogState::default();
         // The model: a breach lasts from its first over reading until a grace period within;
-        // its time over adds the gaps between consecutive over readings only.
+        // each over reading adds the time since the last reading, up to two reading intervals.
         let mut in_breach = false;
         let mut over_total = 0u64;
-        let mut last_over: Option<u64> = None;
+        let mut last_judged = 0u64;
         let mut within_since: Option<u64> = None;
-        let mut last_act: Option<u64> = None;
+        let mut acted_at: Option<u64> = None;
         let repeat = grace.max(MIN_REPEAT.as_secs());
         let times = usages.iter().scan(0u64, |t, (u, dt)| {
             *t += dt;
@@ -446,12 +526,11 @@ proptest! {
                     in_breach = true;
                     started = true;
                     over_total = 0;
-                    last_act = None;
-                } else if within_since.is_none() {
-                    over_total += t - last_over.unwrap_or(t);
+                    acted_at = None;
+                } else {
+                    over_total += (t - last_judged).min(2 * poll);
                 }
                 within_since = None;
-                last_over = Some(t);
             } else if in_breach {
                 let since = *within_since.get_or_insert(t);
                 if t - since >= grace {
@@ -459,9 +538,10 @@ proptest! {
                     within_since = None;
                 }
             }
-            let due = over && match last_act {
+            last_judged = t;
+            let due = over && match acted_at {
                 None => over_total >= grace,
-                Some(last) => t - last >= repeat,
+                Some(at) => over_total - at >= repeat,
             };
             let acted = v.events.iter().any(|e| matches!(e, WatchdogEvent::Act { .. }));
             prop_assert_eq!(acted, due, "t={} over_total={}", t, over_total);
@@ -477,7 +557,7 @@ proptest! {
                 }
             }
             if acted {
-                last_act = Some(t);
+                acted_at = Some(over_total);
             }
             prop_assert_eq!(v.state.in_breach().count(), usize::from(in_breach));
             state = v.state;
@@ -582,19 +662,27 @@ fn usage_the_driver_does_not_give_is_not_judged_and_keeps_a_breach() {
         vec![proc_(1, 9 * GIB, Some("uid-web")), unknown(2)],
     );
     assert!(blind.events.is_empty(), "{:?}", blind.events);
+    // Judged over again: the same breach (no new start), whose time over leaves out the
+    // time it could not be judged (0 s to 10 s): 21 s at 31 s, a grace period at 40 s.
     let later = step(
         &p,
         &blind.state,
         31,
         vec![proc_(1, 9 * GIB, Some("uid-web"))],
     );
+    assert!(later.events.is_empty(), "{:?}", later.events);
+    let due = step(
+        &p,
+        &later.state,
+        40,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
     assert!(
-        later
-            .events
-            .iter()
-            .any(|e| matches!(e, WatchdogEvent::Act { .. })),
-        "the grace ran from the breach's start: {:?}",
-        later.events
+        due.events.iter().any(
+            |e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))
+        ),
+        "{:?}",
+        due.events
     );
 }
 
@@ -613,19 +701,27 @@ fn a_process_list_the_driver_could_not_read_is_not_judged_and_keeps_a_breach() {
     let blind = step_listing(&p, &over.state, 10, None);
     assert!(blind.events.is_empty(), "{:?}", blind.events);
     assert!(blind.state.breaches.contains_key(&web_key()));
+    // Judged over again: the same breach (no new start), whose time over leaves out the
+    // time it could not be judged (0 s to 10 s): 21 s at 31 s, a grace period at 40 s.
     let later = step(
         &p,
         &blind.state,
         31,
         vec![proc_(1, 9 * GIB, Some("uid-web"))],
     );
+    assert!(later.events.is_empty(), "{:?}", later.events);
+    let due = step(
+        &p,
+        &later.state,
+        40,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
     assert!(
-        later
-            .events
-            .iter()
-            .any(|e| matches!(e, WatchdogEvent::Act { .. })),
-        "the grace ran from the breach's start: {:?}",
-        later.events
+        due.events.iter().any(
+            |e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))
+        ),
+        "{:?}",
+        due.events
     );
 }
 
