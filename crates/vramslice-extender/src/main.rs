@@ -51,6 +51,12 @@ async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
         }
         None => kube::Config::infer().await?,
     };
+    // No client-side retries: a Binding's answer must be its own attempt's. A retry of a
+    // Binding that took answers 409, and one that ends in 429 hides an earlier 5xx whose write
+    // may still land; bind reads the pod back instead (extender::bind). Watches restart by
+    // themselves.
+    let mut config = config;
+    config.default_retry = false;
     Ok(kube::Client::try_from(config)?)
 }
 

@@ -579,9 +579,21 @@ async fn a_lost_binding_answer_is_checked_against_the_api_server() {
     assert!(ext.ledger().pod("uid-2").is_none());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_checked() {
-    let (ext, fake) = cluster();
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let fake = Arc::new(FakeCluster::new());
+    let seconds = Arc::new(AtomicU64::new(0));
+    let clock = seconds.clone();
+    let ext = Arc::new(Extender::new(
+        config(0),
+        fake.clone(),
+        Arc::new(move || now() + std::time::Duration::from_secs(clock.load(Ordering::SeqCst))),
+    ));
+    ext.mark_pods_synced();
+    ext.mark_gpunodes_synced();
+    ext.ledger_mut()
+        .set_reading("fit", reading(5, vec![gpu(0, 16, 16)]));
     fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
     // The Binding's answer is lost and the API server cannot be asked again: it may have taken.
     fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
@@ -596,14 +608,31 @@ async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_ch
         ext.ledger().pod("uid-1").unwrap().reserved,
         "the room stays reserved: the pod may be bound there"
     );
-    // kube-scheduler tries again once the API server answers: the pod is not bound, so the
-    // unsettled reservation is replaced and the bind goes through.
+    // kube-scheduler tries again at once, the API server answering reads: too soon to tell by
+    // one read (the Binding may still be committing), so the reservation stays.
+    fake.fail_reads_after_bind(false);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    let error = body["Error"].as_str().unwrap();
+    assert!(
+        error.contains("ended without knowing whether it took"),
+        "{error}"
+    );
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    fake.fail_reads_after_bind(true);
+    // 4 s later (the background read at 3 s failed too), the API server answers again: the
+    // next bind reads the pod not bound, replaces the reservation, and binds.
+    seconds.store(4, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
     fake.fail_reads_after_bind(false);
     fake.fail_bind(None);
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert_eq!(body, json!({ "Error": "" }));
     let bound = fake.pod("default", "llm").unwrap();
     assert_eq!(bound.spec.unwrap().node_name.as_deref(), Some("fit"));
+    assert_eq!(ext.ledger().reservation_count(), 1);
+    // The first bind's background read-back, due at 8 s, leaves the new reservation alone.
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     assert_eq!(ext.ledger().reservation_count(), 1);
 }
 

@@ -120,7 +120,14 @@ struct PodEntry {
     reserved_since: Option<SystemTime>,
     /// A reservation whose bind ended without knowing whether its Binding took
     /// ([`Ledger::unsettle`]).
-    unsettled: bool,
+    unsettled: Option<Unsettled>,
+}
+
+/// When and under which token a reservation was left unsettled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Unsettled {
+    token: u64,
+    at: SystemTime,
 }
 
 impl PodEntry {
@@ -186,6 +193,8 @@ pub struct Ledger {
     pods: FastMap<PodEntry>,
     /// Node capacities (largest GPU per node) as a multiset, for the cluster-wide largest GPU.
     capacities: BTreeMap<u64, usize>,
+    /// Tokens handed out by [`Ledger::unsettle`].
+    unsettles: u64,
 }
 
 impl Ledger {
@@ -196,6 +205,7 @@ impl Ledger {
             nodes: NodeTable::default(),
             pods: FastMap::default(),
             capacities: BTreeMap::new(),
+            unsettles: 0,
         }
     }
 
@@ -278,7 +288,7 @@ impl Ledger {
                 record,
                 observed_gpu,
                 reserved_since: None,
-                unsettled: false,
+                unsettled: None,
             },
         );
         self.node_mut(&node).pods.insert(uid);
@@ -336,7 +346,7 @@ impl Ledger {
             let pod = format!("{}/{}", request.namespace, request.name);
             let node = existing.record.node.clone();
             return Err(match existing.reserved_since {
-                Some(_) if existing.unsettled => ReserveError::Unsettled { pod, node },
+                Some(_) if existing.unsettled.is_some() => ReserveError::Unsettled { pod, node },
                 Some(_) => ReserveError::InFlight { pod, node },
                 None => ReserveError::AlreadyBound { pod, node },
             });
@@ -377,7 +387,7 @@ impl Ledger {
                 record,
                 observed_gpu: None,
                 reserved_since: Some(now),
-                unsettled: false,
+                unsettled: None,
             },
         );
         self.node_mut(node).pods.insert(request.uid.clone());

@@ -22,8 +22,8 @@ use crate::convert::{format_time, pod_request, policy_of};
 use crate::metrics::Outcome;
 use crate::wire::{ExtenderBindingArgs, ExtenderBindingResult};
 
-/// How long the Binding POST may take, the client's own retries included, before the bind asks
-/// the API server whether it took.
+/// How long the Binding POST may take (the client does not retry it) before the bind asks the
+/// API server whether it took.
 const BINDING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long the read that tells whether a pod is bound may take.
@@ -160,7 +160,9 @@ impl Extender {
             .ledger_mut()
             .reserve(reserve.clone(), node, policy, now);
         if let Err(ReserveError::Unsettled { .. }) = &placement
-            && self.ledger_mut().take_unsettled(&uid)
+            && self
+                .ledger_mut()
+                .take_unsettled(&uid, now, SETTLE_DELAYS[0])
         {
             // Its earlier bind could not tell whether the Binding took: ask now (meanwhile the
             // reservation reads as in flight to any other bind of the pod).
@@ -172,14 +174,16 @@ impl Extender {
                     ledger.reserve(reserve, node, policy, now)
                 }
                 Some(Some(bound)) => {
-                    self.ledger_mut().unsettle(&uid);
+                    // The pod watch records it where it is.
+                    self.ledger_mut().unsettle(&uid, now);
                     Err(ReserveError::AlreadyBound {
                         pod: who.clone(),
                         node: bound,
                     })
                 }
                 None => {
-                    self.ledger_mut().unsettle(&uid);
+                    let token = self.ledger_mut().unsettle(&uid, now);
+                    self.settle_later(ns, name, &uid, token);
                     placement
                 }
             };
@@ -214,9 +218,9 @@ impl Extender {
                 Err(fail(message))
             }
             Bound::Unknown(message) => {
-                self.ledger_mut().unsettle(&uid);
+                let token = self.ledger_mut().unsettle(&uid, self.now());
                 tracing::warn!(pod = %who, node = %node, error = %message, "bind outcome unknown; reservation kept until the pod is seen, read back not bound, or expired");
-                self.settle_later(ns, name, &uid);
+                self.settle_later(ns, name, &uid, token);
                 Err(fail(message))
             }
         }
@@ -274,19 +278,24 @@ impl Extender {
         }
     }
 
-    /// Read back, a few times over about a minute, whether the pod of an unsettled reservation
-    /// was bound: not bound (and no bind took the reservation meanwhile) releases it; bound
-    /// leaves it to the pod watch, which records the pod where it is. A bind of the pod may
-    /// settle it sooner ([`ReserveError::Unsettled`]); what neither settles expires.
-    fn settle_later(self: &Arc<Self>, ns: &str, name: &str, uid: &str) {
+    /// Read back, a few times over about a minute, whether the pod of the reservation left
+    /// unsettled under `token` was bound: not bound releases it (unless a bind took it or left
+    /// it unsettled again since, under a token with its own read-back); bound leaves it to the
+    /// pod watch, which records the pod where it is. A bind of the pod may settle it sooner
+    /// ([`ReserveError::Unsettled`]); what neither settles expires.
+    fn settle_later(self: &Arc<Self>, ns: &str, name: &str, uid: &str, token: Option<u64>) {
+        let Some(token) = token else { return };
         let this = Arc::clone(self);
         let (ns, name, uid) = (ns.to_string(), name.to_string(), uid.to_string());
         tokio::spawn(async move {
             for delay in SETTLE_DELAYS {
                 tokio::time::sleep(delay).await;
+                if this.ledger().unsettled_token(&uid) != Some(token) {
+                    return;
+                }
                 match this.bound_where(&ns, &name, &uid).await {
                     Some(None) => {
-                        if this.ledger_mut().release_unsettled(&uid) {
+                        if this.ledger_mut().release_unsettled(&uid, token) {
                             tracing::info!(pod = %format_args!("{ns}/{name}"), "read back not bound; unsettled reservation released");
                         }
                         return;

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::Ledger;
+use super::{Ledger, Unsettled};
 
 impl Ledger {
     /// Drop a reservation (its bind failed, or an unsettled one was found not bound). Bound pods
@@ -17,44 +17,59 @@ impl Ledger {
         reserved && self.forget_pod(uid)
     }
 
-    /// The bind of reservation `uid` ended without knowing whether its Binding took (the API
-    /// server's answer was lost and it could not be asked again). The room stays reserved, as
-    /// the pod may be bound there, until the API server shows the pod ([`Ledger::observe_pod`])
-    /// or the reservation expires; meanwhile another bind of the pod gets
-    /// [`super::ReserveError::Unsettled`] instead of `InFlight`, so that it may check and
-    /// release it. Returns whether `uid` was reserved.
-    pub fn unsettle(&mut self, uid: &str) -> bool {
+    /// The bind of reservation `uid` ended at `now` without knowing whether its Binding took
+    /// (the API server's answer was lost or unsure, and reading the pod back could not tell).
+    /// The room stays reserved, as the pod may be bound there, until the API server shows the
+    /// pod ([`Ledger::observe_pod`]), a read-back releases it ([`Ledger::release_unsettled`]
+    /// with the token returned here), or it expires; meanwhile another bind of the pod gets
+    /// [`super::ReserveError::Unsettled`]. Returns the token, or `None` when `uid` was not
+    /// reserved.
+    pub fn unsettle(&mut self, uid: &str, now: SystemTime) -> Option<u64> {
+        self.unsettles += 1;
+        let token = self.unsettles;
         match self.pods.get_mut(uid) {
             Some(e) if e.reserved_since.is_some() => {
-                e.unsettled = true;
-                true
+                e.unsettled = Some(Unsettled { token, at: now });
+                Some(token)
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    /// A bind about to read back whether the unsettled reservation of `uid` took: it is marked
-    /// settled meanwhile, so that another bind of the pod gets `InFlight` and
-    /// [`Ledger::release_unsettled`] leaves it alone. Returns whether it was unsettled (`false`:
-    /// someone else is checking it, or it is gone).
-    pub fn take_unsettled(&mut self, uid: &str) -> bool {
+    /// A bind about to read back itself whether the unsettled reservation of `uid` took: it is
+    /// marked settled meanwhile, so that another bind of the pod gets `InFlight` and a
+    /// background read-back leaves it alone. Only a reservation unsettled at least `min_age`
+    /// before `now` is taken: a younger one's Binding may still be committing, which a single
+    /// read cannot tell. Returns whether it was taken.
+    pub fn take_unsettled(&mut self, uid: &str, now: SystemTime, min_age: Duration) -> bool {
         match self.pods.get_mut(uid) {
-            Some(e) if e.reserved_since.is_some() && e.unsettled => {
-                e.unsettled = false;
+            Some(e)
+                if e.reserved_since.is_some()
+                    && e.unsettled.is_some_and(|u| {
+                        now.duration_since(u.at).unwrap_or_default() >= min_age
+                    }) =>
+            {
+                e.unsettled = None;
                 true
             }
             _ => false,
         }
     }
 
-    /// Drop the reservation of `uid` if it is still unsettled (no bind took it since): the
-    /// API server showed its pod not bound. Returns whether it was dropped.
-    pub fn release_unsettled(&mut self, uid: &str) -> bool {
-        let unsettled = self
-            .pods
+    /// The token of the unsettled reservation of `uid`, if it is one.
+    pub fn unsettled_token(&self, uid: &str) -> Option<u64> {
+        self.pods
             .get(uid)
-            .is_some_and(|e| e.reserved_since.is_some() && e.unsettled);
-        unsettled && self.forget_pod(uid)
+            .filter(|e| e.reserved_since.is_some())
+            .and_then(|e| e.unsettled)
+            .map(|u| u.token)
+    }
+
+    /// Drop the reservation of `uid` if it is still the one unsettled under `token` (no bind
+    /// took it, and it was not unsettled again, since): its pod was read back not bound.
+    /// Returns whether it was dropped.
+    pub fn release_unsettled(&mut self, uid: &str, token: u64) -> bool {
+        self.unsettled_token(uid) == Some(token) && self.forget_pod(uid)
     }
 
     /// Drop reservations older than `ttl` that the API server never showed bound; returns their

@@ -359,13 +359,18 @@ fn double_binds_are_refused_with_the_reason() {
 
 #[test]
 fn an_unsettled_reservation_holds_its_room_and_tells_the_next_bind_so() {
+    let settle = Duration::from_secs(3);
     let mut ledger = Ledger::new(config(0));
     ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8)]));
     ledger
         .reserve(want("a", 6), "n1", Policy::Binpack, at(1))
         .unwrap();
-    assert!(ledger.unsettle("a"));
-    assert!(!ledger.unsettle("never"), "only a reservation is unsettled");
+    let first = ledger.unsettle("a", at(1)).unwrap();
+    assert_eq!(
+        ledger.unsettle("never", at(1)),
+        None,
+        "only a reservation is unsettled"
+    );
     // The pod may be bound there: its room stays taken.
     assert!(matches!(
         ledger.reserve(want("b", 6), "n1", Policy::Binpack, at(2)),
@@ -378,38 +383,41 @@ fn an_unsettled_reservation_holds_its_room_and_tells_the_next_bind_so() {
         err.to_string(),
         "pod ns/a's earlier bind to node n1 ended without knowing whether it took"
     );
-    // Found not bound: released, and the pod may be reserved again (settled this time).
-    assert!(ledger.release("a"));
-    ledger
-        .reserve(want("a", 6), "n1", Policy::Binpack, at(3))
-        .unwrap();
+    // Too young to be judged by one read (its Binding may still be committing) ...
+    assert!(!ledger.take_unsettled("a", at(2), settle));
+    // ... then taken by a bind checking it: another bind of the pod is told one is in flight,
+    // and the background read-back of its token leaves it alone.
+    assert!(ledger.take_unsettled("a", at(4), settle));
+    assert!(!ledger.take_unsettled("a", at(4), settle));
     assert!(matches!(
-        ledger.reserve(want("a", 6), "n1", Policy::Binpack, at(3)),
+        ledger.reserve(want("a", 6), "n1", Policy::Binpack, at(4)),
         Err(ReserveError::InFlight { .. })
     ));
-    // A bind checking it takes it: a second bind of the pod is told another is in flight,
-    // and a background check leaves it alone.
-    assert!(ledger.unsettle("a"));
-    assert!(ledger.take_unsettled("a"));
-    assert!(!ledger.take_unsettled("a"));
-    assert!(matches!(
-        ledger.reserve(want("a", 6), "n1", Policy::Binpack, at(3)),
-        Err(ReserveError::InFlight { .. })
-    ));
-    assert!(!ledger.release_unsettled("a"));
+    assert!(!ledger.release_unsettled("a", first));
     assert!(ledger.pod("a").unwrap().reserved);
-    // Unsettled again (the check could not tell): a background check may drop it.
-    assert!(ledger.unsettle("a"));
-    assert!(ledger.release_unsettled("a"));
+    // Unsettled again (the check could not tell): only the read-back of the new token drops it.
+    let second = ledger.unsettle("a", at(5)).unwrap();
+    assert_ne!(first, second);
+    assert_eq!(ledger.unsettled_token("a"), Some(second));
+    assert!(!ledger.release_unsettled("a", first), "an older read-back");
+    assert!(ledger.release_unsettled("a", second));
     assert!(ledger.pod("a").is_none());
+    // Reserved again: settled, until a bind leaves it unsettled.
     ledger
-        .reserve(want("a", 6), "n1", Policy::Binpack, at(4))
+        .reserve(want("a", 6), "n1", Policy::Binpack, at(6))
         .unwrap();
+    assert_eq!(ledger.unsettled_token("a"), None);
+    assert!(matches!(
+        ledger.reserve(want("a", 6), "n1", Policy::Binpack, at(6)),
+        Err(ReserveError::InFlight { .. })
+    ));
     // Shown bound by the API server: no longer a reservation, unsettled or not.
-    assert!(ledger.unsettle("a"));
+    let third = ledger.unsettle("a", at(7)).unwrap();
     ledger.observe_pod(bound("a", "n1", Some("GPU-0"), 6, 3));
     assert!(!ledger.pod("a").unwrap().reserved);
-    assert!(!ledger.unsettle("a"));
+    assert_eq!(ledger.unsettle("a", at(8)), None);
+    assert!(!ledger.release_unsettled("a", third));
+    assert!(ledger.pod("a").is_some(), "a bound pod is never released");
 }
 
 #[test]
