@@ -76,7 +76,7 @@ fn is_empty(kc: &Kubeconfig) -> bool {
     kc.clusters.is_empty()
         && kc.contexts.is_empty()
         && kc.auth_infos.is_empty()
-        && kc.current_context.is_none()
+        && kc.current_context.as_deref().is_none_or(str::is_empty)
 }
 
 /// The user's kubeconfig and the files it came from (for messages), or `Ok(None)` when no
@@ -103,7 +103,12 @@ pub fn user_kubeconfig(
             path: path.display().to_string(),
             source,
         };
-        let next = Kubeconfig::read_from(path).map_err(bad)?;
+        let mut next = Kubeconfig::read_from(path).map_err(bad)?;
+        // `current-context: ""` (what `kubectl config view` prints with none) names none, as
+        // for kubectl: it must not win the merge over a later file's.
+        if next.current_context.as_deref() == Some("") {
+            next.current_context = None;
+        }
         if explicit.is_none() && is_empty(&next) {
             // An empty file (a pod's placeholder ~/.kube/config) is no kubeconfig, as for
             // kubectl: it does not stand in the way of the in-cluster configuration.
@@ -220,12 +225,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "").unwrap();
+        let placeholder = dir.path().join("placeholder");
+        std::fs::write(
+            &placeholder,
+            "apiVersion: v1\nkind: Config\nclusters: null\ncontexts: null\nusers: null\ncurrent-context: \"\"\npreferences: {}\n",
+        )
+        .unwrap();
+        let env = placeholder.clone().into_os_string();
+        assert!(user_kubeconfig(None, Some(&env), None).unwrap().is_none());
         let env = empty.clone().into_os_string();
         assert!(user_kubeconfig(None, Some(&env), None).unwrap().is_none());
         let named = write(dir.path(), "named", "red");
-        let env = std::env::join_paths([&empty, &named]).unwrap();
+        let env = std::env::join_paths([&empty, &placeholder, &named]).unwrap();
         let (kc, from) = user_kubeconfig(None, Some(&env), None).unwrap().unwrap();
         assert_eq!(contexts(&kc), ["red"]);
+        assert_eq!(kc.current_context.as_deref(), Some("red"));
         assert!(!from.contains("empty"), "{from}");
     }
 
