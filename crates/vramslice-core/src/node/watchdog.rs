@@ -7,8 +7,10 @@
 //! its limit plus a tolerance, and decides:
 //!
 //! - a breach starts → [`WatchdogEvent::BreachStarted`] (the plugin emits a Kubernetes Event);
-//! - over for the grace period in all (each reading over adds the time since the pod was last
-//!   judged, up to two reading intervals; dips within the limit neither count nor reset it) →
+//! - over for the grace period in all (a reading over adds the time since the pod was last
+//!   judged: all of it after a reading over, up to two reading intervals after one within;
+//!   dips within the limit neither count nor reset it; time it could not be judged counts
+//!   neither as over nor as within) →
 //!   [`WatchdogEvent::Act`] with the configured action and the offending PIDs (repeated after
 //!   every further grace period over, at least [`MIN_REPEAT`], while the breach lasts);
 //! - back within for a grace period → [`WatchdogEvent::BreachEnded`]; a shorter dip keeps the
@@ -100,8 +102,8 @@ pub struct WatchdogPolicy {
     pub grace: Duration,
     /// What to do then.
     pub action: WatchdogAction,
-    /// How often readings come: a reading over the limit adds the time since the pod was last
-    /// judged to its time over, up to twice this (so that two spikes far apart do not add up).
+    /// How often readings come: a reading over the limit after one within adds up to twice
+    /// this to the time over (so that two spikes far apart do not add up).
     pub poll_interval: Duration,
 }
 
@@ -199,11 +201,13 @@ pub struct SelfReport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BreachState {
-    /// Time over the limit so far in this breach: each reading over adds the time since the
-    /// pod was last judged, up to two reading intervals.
+    /// Time over the limit so far in this breach: a reading over adds the time since the pod
+    /// was last judged, all of it when it was over then too, else up to two reading intervals.
     over: Duration,
-    /// When the pod was last judged (over or within; not when it could not be judged).
+    /// When the pod was last judged, or could not be (that time counts as neither).
     last_judged: Duration,
+    /// Whether the last judgement was over.
+    last_over: bool,
     /// `over` when the last action was taken.
     acted_at: Option<Duration>,
     /// Since when the pod is back within its limit (the breach ends after a grace period so).
@@ -270,10 +274,13 @@ pub fn evaluate(
             else {
                 if let Some(previous) = state.breaches.get(&key) {
                     let mut kept = *previous;
-                    kept.last_judged = now;
+                    // The time since the last judgement is moved out: the within period is
+                    // shifted by it, and the next over reading credits from now.
+                    let unjudged = now.saturating_sub(kept.last_judged);
                     if let Some(since) = kept.within_since.as_mut() {
-                        *since = (*since).max(now);
+                        *since = since.saturating_add(unjudged);
                     }
+                    kept.last_judged = now;
                     next.breaches.insert(key, kept);
                 }
                 continue;
@@ -298,6 +305,7 @@ pub fn evaluate(
             if !over {
                 if let Some(mut cooling) = previous {
                     cooling.last_judged = now;
+                    cooling.last_over = false;
                     let since = *cooling.within_since.get_or_insert(now);
                     if now.saturating_sub(since) >= policy.grace {
                         events.push(WatchdogEvent::BreachEnded {
@@ -313,14 +321,22 @@ pub fn evaluate(
             let mut breach_state = previous.unwrap_or(BreachState {
                 over: Duration::ZERO,
                 last_judged: now,
+                last_over: true,
                 acted_at: None,
                 within_since: None,
             });
             breach_state.within_since = None;
-            breach_state.over += now
-                .saturating_sub(breach_state.last_judged)
-                .min(policy.poll_interval.saturating_mul(2));
+            // Over at the last judgement too: the whole time between (a slow poll loop must not
+            // slow an action down). From within: it went over somewhere in between, credited up
+            // to two reading intervals, so that two spikes far apart do not add up.
+            let gap = now.saturating_sub(breach_state.last_judged);
+            breach_state.over += if breach_state.last_over {
+                gap
+            } else {
+                gap.min(policy.poll_interval.saturating_mul(2))
+            };
             breach_state.last_judged = now;
+            breach_state.last_over = true;
             let breach = Breach {
                 target: PodTarget {
                     key: key.clone(),

@@ -285,6 +285,41 @@ fn over_every_other_reading_adds_up_and_two_spikes_far_apart_do_not() {
 }
 
 #[test]
+fn time_the_pod_could_not_be_judged_is_not_time_within_either() {
+    let p = policy(30, WatchdogAction::Report);
+    let within = || vec![proc_(1, GIB, Some("uid-web"))];
+    let unjudged = || {
+        vec![ProcessSample {
+            pid: 1,
+            used_bytes: None,
+            pod_uid: Some("uid-web".into()),
+        }]
+    };
+    let mut v = step(
+        &p,
+        &WatchdogState::default(),
+        0,
+        vec![proc_(1, 9 * GIB, Some("uid-web"))],
+    );
+    for t in 1..=25 {
+        v = step(&p, &v.state, t, within());
+    }
+    v = step(&p, &v.state, 26, unjudged());
+    // Within from 1 s, less the second from 25 s to 26 s it could not be judged: 30 s within
+    // at 32 s, not 31 s.
+    for t in 27..=31 {
+        v = step(&p, &v.state, t, within());
+        assert!(v.events.is_empty(), "{t}: {:?}", v.events);
+    }
+    v = step(&p, &v.state, 32, within());
+    assert!(
+        matches!(v.events.as_slice(), [WatchdogEvent::BreachEnded { .. }]),
+        "{:?}",
+        v.events
+    );
+}
+
+#[test]
 fn time_the_pod_could_not_be_judged_is_not_time_over() {
     let p = policy(30, WatchdogAction::KillProcess);
     let unjudged = || {
@@ -506,10 +541,12 @@ proptest! {
         let p = polled(grace, poll);
         let mut state = WatchdogState::default();
         // The model: a breach lasts from its first over reading until a grace period within;
-        // each over reading adds the time since the last reading, up to two reading intervals.
+        // an over reading adds the time since the last reading, all of it after an over one,
+        // up to two reading intervals after a within one.
         let mut in_breach = false;
         let mut over_total = 0u64;
         let mut last_judged = 0u64;
+        let mut last_over = false;
         let mut within_since: Option<u64> = None;
         let mut acted_at: Option<u64> = None;
         let repeat = grace.max(MIN_REPEAT.as_secs());
@@ -527,6 +564,8 @@ proptest! {
                     started = true;
                     over_total = 0;
                     acted_at = None;
+                } else if last_over {
+                    over_total += t - last_judged;
                 } else {
                     over_total += (t - last_judged).min(2 * poll);
                 }
@@ -539,6 +578,7 @@ proptest! {
                 }
             }
             last_judged = t;
+            last_over = over;
             let due = over && match acted_at {
                 None => over_total >= grace,
                 Some(at) => over_total - at >= repeat,
