@@ -299,8 +299,9 @@ async fn failed_binds_release_the_reservation() {
         "cannot bind pod default/llm to node fit: pods \"llm\" is forbidden (403)"
     );
     assert!(ext.ledger().pod("uid-1").is_none());
-    // A lost answer where the pod is not bound yet: the Binding may still land, so the
-    // reservation stays until the pod is read back not bound a few seconds later.
+    // A lost answer where the pod is not bound yet: the Binding may still land for a minute
+    // (kube-apiserver's request timeout), so the reservation stays until the pod is read back
+    // not bound after that.
     fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert_eq!(
@@ -308,7 +309,9 @@ async fn failed_binds_release_the_reservation() {
         "cannot bind pod default/llm to node fit: connection reset; the pod is not bound yet, but the binding may still take, so its reservation stays until that is read back"
     );
     assert!(ext.ledger().pod("uid-1").unwrap().reserved);
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(59)).await;
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert!(ext.ledger().pod("uid-1").is_none());
     assert!(
         fake.pod("default", "llm")
@@ -619,10 +622,10 @@ async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_ch
     );
     assert!(ext.ledger().pod("uid-1").unwrap().reserved);
     fake.fail_reads_after_bind(true);
-    // 4 s later (the background read at 3 s failed too), the API server answers again: the
+    // 61 s later (the background read at 60 s failed too), the API server answers again: the
     // next bind reads the pod not bound, replaces the reservation, and binds.
-    seconds.store(4, Ordering::SeqCst);
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    seconds.store(61, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(61)).await;
     assert!(ext.ledger().pod("uid-1").unwrap().reserved);
     fake.fail_reads_after_bind(false);
     fake.fail_bind(None);
@@ -631,9 +634,52 @@ async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_ch
     let bound = fake.pod("default", "llm").unwrap();
     assert_eq!(bound.spec.unwrap().node_name.as_deref(), Some("fit"));
     assert_eq!(ext.ledger().reservation_count(), 1);
-    // The first bind's background read-back, due at 8 s, leaves the new reservation alone.
-    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    // The first bind's background read-back, due again at 75 s, leaves the new reservation
+    // alone.
+    tokio::time::sleep(std::time::Duration::from_secs(100)).await;
     assert_eq!(ext.ledger().reservation_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_earlier_read_back_never_releases_a_reservation_a_later_bind_left_unsettled() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let fake = Arc::new(FakeCluster::new());
+    let seconds = Arc::new(AtomicU64::new(0));
+    let clock = seconds.clone();
+    let ext = Arc::new(Extender::new(
+        config(0),
+        fake.clone(),
+        Arc::new(move || now() + std::time::Duration::from_secs(clock.load(Ordering::SeqCst))),
+    ));
+    ext.mark_pods_synced();
+    ext.mark_gpunodes_synced();
+    ext.ledger_mut()
+        .set_reading("fit", reading(5, vec![gpu(0, 16, 16)]));
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    // Bind A: its answer lost, the pod unreadable: unsettled, read back from 60 s.
+    fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
+    fake.fail_reads_after_bind(true);
+    post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    seconds.store(61, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(61)).await;
+    // Bind B at 61 s (the pod as its filter call showed it): takes the reservation, cannot
+    // read the pod either, and leaves it unsettled again with a read-back of its own.
+    let filter = args_nodes(pod_json("llm", "uid-1", Some("6"), json!({})), &["fit"]);
+    post_json(&ext, "/filter", &filter).await;
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert!(
+        body["Error"].as_str().unwrap().contains("earlier bind"),
+        "{body}"
+    );
+    // The API server answers again. A's read-back (at 75 s) finds the pod not bound, but the
+    // reservation is B's now: it stays, as B's Binding might have been sent.
+    fake.fail_reads_after_bind(false);
+    seconds.store(100, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(39)).await;
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    // B's own read-back (60 s after B) releases it.
+    tokio::time::sleep(std::time::Duration::from_secs(25)).await;
+    assert!(ext.ledger().pod("uid-1").is_none());
 }
 
 #[tokio::test]

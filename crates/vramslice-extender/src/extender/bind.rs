@@ -29,14 +29,18 @@ const BINDING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the read that tells whether a pod is bound may take.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// When an unsettled reservation's pod is read back, each wait after the last: the first
-/// leaves a Binding the API server was still committing time to land.
-const SETTLE_DELAYS: [Duration; 5] = [
-    Duration::from_secs(3),
-    Duration::from_secs(5),
-    Duration::from_secs(10),
-    Duration::from_secs(20),
+/// How long after a bind gave up its Binding may still land: kube-apiserver's default request
+/// timeout (`--request-timeout`, 1m), after which it stops handling a request it answered 504
+/// or whose client went away. Only after that does "not bound" read back mean it never will.
+const MAY_STILL_LAND: Duration = Duration::from_secs(60);
+
+/// When an unsettled reservation's pod is read back, each wait after the last; the first is
+/// [`MAY_STILL_LAND`]. All of them end well within the reservations' expiry (300 s).
+const SETTLE_DELAYS: [Duration; 4] = [
+    MAY_STILL_LAND,
+    Duration::from_secs(15),
     Duration::from_secs(30),
+    Duration::from_secs(60),
 ];
 
 /// How a Binding ended.
@@ -160,9 +164,7 @@ impl Extender {
             .ledger_mut()
             .reserve(reserve.clone(), node, policy, now);
         if let Err(ReserveError::Unsettled { .. }) = &placement
-            && self
-                .ledger_mut()
-                .take_unsettled(&uid, now, SETTLE_DELAYS[0])
+            && self.ledger_mut().take_unsettled(&uid, now, MAY_STILL_LAND)
         {
             // Its earlier bind could not tell whether the Binding took: ask now (meanwhile the
             // reservation reads as in flight to any other bind of the pod).
@@ -278,7 +280,7 @@ impl Extender {
         }
     }
 
-    /// Read back, a few times over about a minute, whether the pod of the reservation left
+    /// Read back, from a minute on and a few times over, whether the pod of the reservation left
     /// unsettled under `token` was bound: not bound releases it (unless a bind took it or left
     /// it unsettled again since, under a token with its own read-back); bound leaves it to the
     /// pod watch, which records the pod where it is. A bind of the pod may settle it sooner
