@@ -582,8 +582,13 @@ async fn a_lost_binding_answer_is_checked_against_the_api_server() {
     assert!(ext.ledger().pod("uid-2").is_none());
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_checked() {
+/// An extender whose clock is `now()` plus the seconds in the returned cell, node "fit" (16 GiB
+/// free) and pod default/llm (uid-1, 6 GiB) in the fake cluster.
+fn clocked() -> (
+    Arc<Extender>,
+    Arc<FakeCluster>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
     use std::sync::atomic::{AtomicU64, Ordering};
     let fake = Arc::new(FakeCluster::new());
     let seconds = Arc::new(AtomicU64::new(0));
@@ -598,6 +603,13 @@ async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_ch
     ext.ledger_mut()
         .set_reading("fit", reading(5, vec![gpu(0, 16, 16)]));
     fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    (ext, fake, seconds)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_checked() {
+    use std::sync::atomic::Ordering;
+    let (ext, fake, seconds) = clocked();
     // The Binding's answer is lost and the API server cannot be asked again: it may have taken.
     fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
     fake.fail_reads_after_bind(true);
@@ -642,20 +654,8 @@ async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_ch
 
 #[tokio::test(start_paused = true)]
 async fn an_earlier_read_back_never_releases_a_reservation_a_later_bind_left_unsettled() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let fake = Arc::new(FakeCluster::new());
-    let seconds = Arc::new(AtomicU64::new(0));
-    let clock = seconds.clone();
-    let ext = Arc::new(Extender::new(
-        config(0),
-        fake.clone(),
-        Arc::new(move || now() + std::time::Duration::from_secs(clock.load(Ordering::SeqCst))),
-    ));
-    ext.mark_pods_synced();
-    ext.mark_gpunodes_synced();
-    ext.ledger_mut()
-        .set_reading("fit", reading(5, vec![gpu(0, 16, 16)]));
-    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    use std::sync::atomic::Ordering;
+    let (ext, fake, seconds) = clocked();
     // Bind A: its answer lost, the pod unreadable: unsettled, read back from 60 s.
     fake.fail_bind(Some(ApiError::Transport("connection reset".into())));
     fake.fail_reads_after_bind(true);

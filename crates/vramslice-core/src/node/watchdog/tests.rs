@@ -63,6 +63,23 @@ fn polled(grace_s: u64, poll_s: u64) -> WatchdogPolicy {
     }
 }
 
+/// Pod web at 9 GiB (over its 2 GiB), at 1 GiB (within), and unmeasured.
+fn over() -> Vec<ProcessSample> {
+    vec![proc_(1, 9 * GIB, Some("uid-web"))]
+}
+
+fn within() -> Vec<ProcessSample> {
+    vec![proc_(1, GIB, Some("uid-web"))]
+}
+
+fn unjudged() -> Vec<ProcessSample> {
+    vec![ProcessSample {
+        pid: 1,
+        used_bytes: None,
+        pod_uid: Some("uid-web".into()),
+    }]
+}
+
 fn step(
     p: &WatchdogPolicy,
     state: &WatchdogState,
@@ -212,8 +229,6 @@ fn grace_then_act_on_exactly_the_offenders_processes_then_repeat_then_end() {
 #[test]
 fn a_dip_under_the_limit_neither_ends_the_breach_nor_counts_as_over() {
     let p = polled(30, 1);
-    let over = || vec![proc_(1, 9 * GIB, Some("uid-web"))];
-    let dip = || vec![proc_(1, GIB, Some("uid-web"))];
     let acts = |v: &Verdict| {
         v.events
             .iter()
@@ -232,7 +247,7 @@ fn a_dip_under_the_limit_neither_ends_the_breach_nor_counts_as_over() {
     for t in 1..=25 {
         v = step(&p, &v.state, t, over());
     }
-    v = step(&p, &v.state, 26, dip());
+    v = step(&p, &v.state, 26, within());
     assert!(v.events.is_empty(), "no end, no Event: {:?}", v.events);
     v = step(&p, &v.state, 27, over());
     assert!(v.events.is_empty(), "no new breach: {:?}", v.events);
@@ -247,7 +262,7 @@ fn a_dip_under_the_limit_neither_ends_the_breach_nor_counts_as_over() {
     // Within for less than a grace period, then one reading over: no repeat, the repeat needs
     // a further grace period over.
     for t in 32..=60 {
-        v = step(&p, &v.state, t, dip());
+        v = step(&p, &v.state, t, within());
         assert!(v.events.is_empty(), "{t}: {:?}", v.events);
     }
     v = step(&p, &v.state, 61, over());
@@ -257,8 +272,6 @@ fn a_dip_under_the_limit_neither_ends_the_breach_nor_counts_as_over() {
 #[test]
 fn over_every_other_reading_adds_up_and_two_spikes_far_apart_do_not() {
     let p = polled(30, 1);
-    let over = || vec![proc_(1, 9 * GIB, Some("uid-web"))];
-    let dip = || vec![proc_(1, GIB, Some("uid-web"))];
     let acted = |v: &Verdict| {
         v.events
             .iter()
@@ -268,7 +281,7 @@ fn over_every_other_reading_adds_up_and_two_spikes_far_apart_do_not() {
     let mut v = step(&p, &WatchdogState::default(), 0, over());
     let mut first_act = None;
     for t in 1..=70 {
-        v = step(&p, &v.state, t, if t % 2 == 0 { over() } else { dip() });
+        v = step(&p, &v.state, t, if t % 2 == 0 { over() } else { within() });
         if acted(&v) && first_act.is_none() {
             first_act = Some(t);
         }
@@ -277,7 +290,7 @@ fn over_every_other_reading_adds_up_and_two_spikes_far_apart_do_not() {
     // One reading over, 28 s within, one over: 1 s over, not a grace period.
     let mut v = step(&p, &WatchdogState::default(), 100, over());
     for t in 101..=128 {
-        v = step(&p, &v.state, t, dip());
+        v = step(&p, &v.state, t, within());
     }
     v = step(&p, &v.state, 129, over());
     assert!(!acted(&v), "{:?}", v.events);
@@ -287,14 +300,6 @@ fn over_every_other_reading_adds_up_and_two_spikes_far_apart_do_not() {
 #[test]
 fn time_the_pod_could_not_be_judged_is_not_time_within_either() {
     let p = policy(30, WatchdogAction::Report);
-    let within = || vec![proc_(1, GIB, Some("uid-web"))];
-    let unjudged = || {
-        vec![ProcessSample {
-            pid: 1,
-            used_bytes: None,
-            pod_uid: Some("uid-web".into()),
-        }]
-    };
     let mut v = step(
         &p,
         &WatchdogState::default(),
@@ -322,13 +327,6 @@ fn time_the_pod_could_not_be_judged_is_not_time_within_either() {
 #[test]
 fn time_the_pod_could_not_be_judged_is_not_time_over() {
     let p = policy(30, WatchdogAction::KillProcess);
-    let unjudged = || {
-        vec![ProcessSample {
-            pid: 1,
-            used_bytes: None,
-            pod_uid: Some("uid-web".into()),
-        }]
-    };
     let mut v = step(
         &p,
         &WatchdogState::default(),
