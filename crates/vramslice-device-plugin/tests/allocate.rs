@@ -48,7 +48,7 @@ fn mount<'a>(r: &'a ContainerAllocateResponse, container_path: &str) -> Option<&
 async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
     let node = Node::new(
         TWO_GPUS,
-        "injection:\n  mode: ld-preload-env\n  guardLibraryHostPath: /opt/vs/libvramslice_guard.so\n",
+        "injection:\n  mode: ld-preload-env\n  guardLibraryHostPath: GUARD\n",
     );
     let _plugin = Plugin::start(&node, &[]);
     let mut client = plugin_client(&node).await;
@@ -77,7 +77,8 @@ async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
     assert_eq!(r.envs, want_env);
     assert!(r.cdi_devices.is_empty());
     let guard = mount(&r, GUARD_IN_CONTAINER).expect("guard mount");
-    assert_eq!(guard.host_path, "/opt/vs/libvramslice_guard.so");
+    let placed = node.tmp.path().join("lib/libvramslice_guard.so");
+    assert_eq!(guard.host_path, placed.display().to_string());
     assert!(guard.read_only);
     let acct = mount(&r, ACCOUNTING_IN_CONTAINER).expect("accounting mount");
     assert!(!acct.read_only);
@@ -104,6 +105,48 @@ async fn allocate_in_ld_preload_env_mode_with_envvar_strategy() {
     );
     assert_eq!(r.mounts.len(), 3);
     assert!(mount(&r, "/etc/ld.so.preload").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_refuses_when_the_guard_library_is_not_on_the_node() {
+    // A mistyped injection.guardLibraryHostPath: the runtime would mount an empty directory
+    // there and the container would run without its limit enforced.
+    let node = Node::new(
+        TWO_GPUS,
+        "injection:\n  mode: ld-preload-env\n  guardLibraryHostPath: /nonexistent/libvramslice_guard.so\n",
+    );
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+    let err = allocate(&mut client, ids("GPU-aaaa", 0..2))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("the guard library /nonexistent/libvramslice_guard.so (injection.guardLibraryHostPath) cannot be read"),
+        "{err:?}"
+    );
+    // A directory in its place (what the runtime leaves after such a mount) is refused too.
+    let node = Node::new(
+        TWO_GPUS,
+        "injection:\n  mode: ld-preload-env\n  guardLibraryHostPath: GUARD\n",
+    );
+    let placed = node.tmp.path().join("lib/libvramslice_guard.so");
+    std::fs::remove_file(&placed).unwrap();
+    std::fs::create_dir(&placed).unwrap();
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+    let err = allocate(&mut client, ids("GPU-aaaa", 0..2))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("is not a file"), "{err:?}");
+    // Without injection nothing is mounted, so nothing is needed.
+    let node = Node::new(
+        TWO_GPUS,
+        "injection:\n  mode: none\n  guardLibraryHostPath: /nonexistent/x.so\n",
+    );
+    let _plugin = Plugin::start(&node, &[]);
+    let mut client = plugin_client(&node).await;
+    assert!(allocate(&mut client, ids("GPU-aaaa", 0..2)).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +179,7 @@ async fn units_allocated_again_get_an_empty_accounting_directory() {
 async fn allocate_in_ld_so_preload_file_mode_with_cdi_strategy() {
     let node = Node::new(
         TWO_GPUS,
-        "deviceListStrategy: cdi\ninjection:\n  mode: ld-so-preload-file\n  preloadFileHostPath: PRELOAD\n",
+        "deviceListStrategy: cdi\ninjection:\n  mode: ld-so-preload-file\n  guardLibraryHostPath: GUARD\n  preloadFileHostPath: PRELOAD\n",
     );
     let preload_path = node.tmp.path().join("ld.so.preload");
     let text = std::fs::read_to_string(&node.config)

@@ -199,8 +199,26 @@ impl Node {
         write_atomic(&fake_file, &fake_gpus(gpus));
         let accounting = tmp.path().join("accounting");
         let config = tmp.path().join("config.yaml");
+        // The guard library Allocate mounts must be there (a placeholder: nothing loads it);
+        // a test that sets `injection` names its own paths (GUARD and PRELOAD stand for these).
+        let guard = tmp.path().join("lib/libvramslice_guard.so");
+        std::fs::create_dir_all(tmp.path().join("lib")).unwrap();
+        std::fs::write(&guard, b"").unwrap();
+        let preload = tmp.path().join("ld.so.preload");
+        let injection = if extra_config.contains("injection:") {
+            String::new()
+        } else {
+            format!(
+                "injection:\n  guardLibraryHostPath: {}\n  preloadFileHostPath: {}\n",
+                guard.display(),
+                preload.display()
+            )
+        };
+        let extra_config = extra_config
+            .replace("GUARD", &guard.display().to_string())
+            .replace("PRELOAD", &preload.display().to_string());
         let text = format!(
-            "backend: fake\nfakeGpuFile: {}\nsocketDir: {}\npodResourcesSocket: {}\naccountingRoot: {}\nmetricsAddr: 127.0.0.1:0\npollInterval: 100ms\n{extra_config}\n",
+            "backend: fake\nfakeGpuFile: {}\nsocketDir: {}\npodResourcesSocket: {}\naccountingRoot: {}\nmetricsAddr: 127.0.0.1:0\npollInterval: 100ms\n{injection}{extra_config}\n",
             fake_file.display(),
             socket_dir.display(),
             tmp.path().join("pod-resources.sock").display(),
