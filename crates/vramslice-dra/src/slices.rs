@@ -11,7 +11,7 @@ use k8s_openapi::api::resource::v1::ResourceSlice;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use vramslice_api::convert::dra::{SliceSettings, resource_slice, slice_name};
-use vramslice_core::node::dra::{SliceDevice, SlicePace, SlicePublishReason, slice_publish_reason};
+use vramslice_core::node::dra::{SliceDevice, SlicePublishReason, slice_publish_reason};
 
 /// A future a slice writer returns.
 pub type WriteFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, WriteError>> + Send + 'a>>;
@@ -135,18 +135,14 @@ impl SliceWriter for KubeSlices {
     }
 }
 
-/// How many minimum intervals a rise of capacity or a recovery waits after the last write: a
-/// GPU whose free memory wobbles across a step otherwise rewrites the slice at every minimum
-/// interval (each rise written, each fall after it too).
-pub const SLOW_PACE_FACTOR: u32 = 10;
-
 /// When and what to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePolicy {
     /// A capacity change smaller than this is not published.
     pub threshold_bytes: u64,
     /// Writes are at least this far apart (the first write, device changes and a GPU falling
-    /// unhealthy excepted); a rise of capacity or a recovery waits [`SLOW_PACE_FACTOR`] times
+    /// unhealthy excepted); a rise of capacity or a recovery waits
+    /// [`vramslice_core::node::dra::SLOW_PACE_FACTOR`] times
     /// as long.
     pub min_interval: Duration,
     /// How often the stored slice is checked while nothing needs writing: deleted (a
@@ -250,11 +246,7 @@ impl<W: SliceWriter> SlicePublisher<W> {
         ) else {
             return Ok(None);
         };
-        let wait = match reason.pace() {
-            SlicePace::Now => Duration::ZERO,
-            SlicePace::Soon => self.policy.min_interval,
-            SlicePace::Slow => self.policy.min_interval * SLOW_PACE_FACTOR,
-        };
+        let wait = reason.pace().wait(self.policy.min_interval);
         if self
             .last_write
             .is_some_and(|at| now.saturating_duration_since(at) < wait)

@@ -102,7 +102,7 @@ async fn bind(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
     let started = Instant::now();
     // A bind's outcome is counted by the bind itself (it runs on when this call is dropped);
     // here only a request that never became a bind.
-    let answer = ext.bind(&body).await.and_then(|(result, _)| {
+    let answer = ext.bind(&body).await.and_then(|result| {
         serde_json::to_string(&result).map_err(|e| BadRequest::Malformed {
             what: "ExtenderBindingResult",
             detail: e.to_string(),

@@ -273,6 +273,22 @@ pub enum SlicePace {
     Slow,
 }
 
+/// How many minimum intervals a [`SlicePace::Slow`] write waits after the last one: a GPU whose
+/// free memory wobbles across a step otherwise rewrites the slice at every minimum interval
+/// (each rise written, each fall after it too).
+pub const SLOW_PACE_FACTOR: u32 = 10;
+
+impl SlicePace {
+    /// How long after the last write a write at this pace may go, given the minimum interval.
+    pub fn wait(self, min_interval: std::time::Duration) -> std::time::Duration {
+        match self {
+            SlicePace::Now => std::time::Duration::ZERO,
+            SlicePace::Soon => min_interval,
+            SlicePace::Slow => min_interval.saturating_mul(SLOW_PACE_FACTOR),
+        }
+    }
+}
+
 impl SlicePublishReason {
     /// How soon this write may follow the last one.
     pub fn pace(&self) -> SlicePace {

@@ -58,10 +58,7 @@ impl Extender {
     /// carries the placement annotations; a failure releases the reservation (unless whether
     /// the Binding took cannot be told) and is returned in `Error`. Runs to its end even when
     /// the caller stops waiting (see the module doc).
-    pub async fn bind(
-        self: &Arc<Self>,
-        body: &[u8],
-    ) -> Result<(ExtenderBindingResult, Outcome), BadRequest> {
+    pub async fn bind(self: &Arc<Self>, body: &[u8]) -> Result<ExtenderBindingResult, BadRequest> {
         let args: ExtenderBindingArgs = parse_body(body, "ExtenderBindingArgs")?;
         for (value, field) in [
             (&args.pod_name, "PodName"),
@@ -84,17 +81,16 @@ impl Extender {
             this.metrics().record("bind", outcome, started.elapsed());
             answer
         });
-        let (error, outcome) = match task.await {
-            Ok(Ok(outcome)) => (String::new(), outcome),
-            Ok(Err((message, outcome))) => (message, outcome),
+        let error = match task.await {
+            Ok(Ok(_)) => String::new(),
+            Ok(Err((message, _))) => message,
             Err(e) => {
-                let outcome = Outcome::Error;
                 self.metrics()
-                    .record("bind", outcome, std::time::Duration::ZERO);
-                (format!("cannot bind pod {who}: {e}"), outcome)
+                    .record("bind", Outcome::Error, std::time::Duration::ZERO);
+                format!("cannot bind pod {who}: {e}")
             }
         };
-        Ok((ExtenderBindingResult { error }, outcome))
+        Ok(ExtenderBindingResult { error })
     }
 
     /// The pod to bind: as its filter call showed it (no API call), else read from the API
