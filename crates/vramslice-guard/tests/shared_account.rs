@@ -21,6 +21,21 @@ fn env(dir: &Path, limit: u64) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// One probe allocating 1 MiB under a 100 MiB limit with its account in `dir`: it must
+/// succeed; returns the guard's messages.
+fn alloc_succeeds(dir: &Path) -> String {
+    let (out, so, se) = run(probe(
+        true,
+        &env(dir, 100 * MIB),
+        &["alloc", &MIB.to_string()],
+    ));
+    assert!(
+        out.status.success() && so.contains("alloc rc=0"),
+        "{so}{se}"
+    );
+    se
+}
+
 fn snapshot(dir: &Path) -> AccountingSnapshot {
     accounting::parse(&std::fs::read(dir.join(ACCOUNTING_FILE_NAME)).unwrap()).unwrap()
 }
@@ -205,15 +220,7 @@ fn a_link_planted_in_place_of_the_account_is_not_followed() {
     std::fs::write(&target, "not an accounting file").unwrap();
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink(&target, dir.path().join(ACCOUNTING_FILE_NAME)).unwrap();
-    let (out, so, se) = run(probe(
-        true,
-        &env(dir.path(), 100 * MIB),
-        &["alloc", &MIB.to_string()],
-    ));
-    assert!(
-        out.status.success() && so.contains("alloc rc=0"),
-        "{so}{se}"
-    );
+    let se = alloc_succeeds(dir.path());
     assert!(se.contains("cannot open accounting file"), "{se}");
     assert_eq!(
         std::fs::read_to_string(&target).unwrap(),
@@ -427,15 +434,7 @@ fn damaged_accounting_file_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(ACCOUNTING_FILE_NAME);
     std::fs::write(&path, b"this is not an accounting file at all").unwrap();
-    let (out, so, se) = run(probe(
-        true,
-        &env(dir.path(), 100 * MIB),
-        &["alloc", &MIB.to_string()],
-    ));
-    assert!(
-        out.status.success() && so.contains("alloc rc=0"),
-        "{so}{se}"
-    );
+    let se = alloc_succeeds(dir.path());
     assert!(se.contains("rebuilding it"), "{se}");
     let snap = snapshot(dir.path());
     assert_eq!(snap.limit_bytes, 100 * MIB);

@@ -300,12 +300,7 @@ fn over_every_other_reading_adds_up_and_two_spikes_far_apart_do_not() {
 #[test]
 fn time_the_pod_could_not_be_judged_is_not_time_within_either() {
     let p = policy(30, WatchdogAction::Report);
-    let mut v = step(
-        &p,
-        &WatchdogState::default(),
-        0,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
+    let mut v = step(&p, &WatchdogState::default(), 0, over());
     for t in 1..=25 {
         v = step(&p, &v.state, t, within());
     }
@@ -327,17 +322,12 @@ fn time_the_pod_could_not_be_judged_is_not_time_within_either() {
 #[test]
 fn time_the_pod_could_not_be_judged_is_not_time_over() {
     let p = policy(30, WatchdogAction::KillProcess);
-    let mut v = step(
-        &p,
-        &WatchdogState::default(),
-        0,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
+    let mut v = step(&p, &WatchdogState::default(), 0, over());
     for t in 1..=40 {
         v = step(&p, &v.state, t, unjudged());
     }
     assert_eq!(v.state.in_breach().count(), 1, "the breach stays as it was");
-    v = step(&p, &v.state, 41, vec![proc_(1, 9 * GIB, Some("uid-web"))]);
+    v = step(&p, &v.state, 41, over());
     assert!(
         !v.events
             .iter()
@@ -382,12 +372,7 @@ fn zero_grace_acts_at_once_and_the_action_is_the_configured_one() {
 #[test]
 fn a_vanished_pod_ends_its_breach() {
     let p = policy(30, WatchdogAction::Report);
-    let v0 = step(
-        &p,
-        &WatchdogState::default(),
-        0,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
+    let v0 = step(&p, &WatchdogState::default(), 0, over());
     let samples = vec![sample(vec![])];
     let report = build_report(VramUnit::Gib1, &samples, &[]);
     let v1 = evaluate(
@@ -673,6 +658,22 @@ fn a_dra_claim_over_its_grant_on_one_of_its_gpus_is_a_breach_there_only() {
     );
 }
 
+/// A breach begun at 0 s and not judged at 10 s, judged over again: the same breach (no new
+/// start), whose time over leaves out the time it could not be judged (0 s to 10 s): 21 s at
+/// 31 s, a grace period (30 s) at 40 s.
+fn judged_over_again_after_10_unjudged_seconds(p: &WatchdogPolicy, blind: &WatchdogState) {
+    let later = step(p, blind, 31, over());
+    assert!(later.events.is_empty(), "{:?}", later.events);
+    let due = step(p, &later.state, 40, over());
+    assert!(
+        due.events.iter().any(
+            |e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))
+        ),
+        "{:?}",
+        due.events
+    );
+}
+
 #[test]
 fn usage_the_driver_does_not_give_is_not_judged_and_keeps_a_breach() {
     // Regression: NVML's "not available" was read as 0 bytes, so a pod over its limit looked
@@ -685,43 +686,20 @@ fn usage_the_driver_does_not_give_is_not_judged_and_keeps_a_breach() {
     };
     let quiet = step(&p, &WatchdogState::default(), 0, vec![unknown(1)]);
     assert!(quiet.events.is_empty(), "{:?}", quiet.events);
-    let over = step(
-        &p,
-        &WatchdogState::default(),
-        0,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
-    assert!(matches!(over.events[..], [WatchdogEvent::BreachStarted(_)]));
+    let started = step(&p, &WatchdogState::default(), 0, over());
+    assert!(matches!(
+        started.events[..],
+        [WatchdogEvent::BreachStarted(_)]
+    ));
     // One of its processes goes unmeasured: nothing is decided, the breach stays.
     let blind = step(
         &p,
-        &over.state,
+        &started.state,
         10,
         vec![proc_(1, 9 * GIB, Some("uid-web")), unknown(2)],
     );
     assert!(blind.events.is_empty(), "{:?}", blind.events);
-    // Judged over again: the same breach (no new start), whose time over leaves out the
-    // time it could not be judged (0 s to 10 s): 21 s at 31 s, a grace period at 40 s.
-    let later = step(
-        &p,
-        &blind.state,
-        31,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
-    assert!(later.events.is_empty(), "{:?}", later.events);
-    let due = step(
-        &p,
-        &later.state,
-        40,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
-    assert!(
-        due.events.iter().any(
-            |e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))
-        ),
-        "{:?}",
-        due.events
-    );
+    judged_over_again_after_10_unjudged_seconds(&p, &blind.state);
 }
 
 #[test]
@@ -729,38 +707,15 @@ fn a_process_list_the_driver_could_not_read_is_not_judged_and_keeps_a_breach() {
     // Regression: a failed process list read as "no processes", so every breach ended (and
     // its grace period started over once the list came back).
     let p = policy(30, WatchdogAction::Report);
-    let over = step(
-        &p,
-        &WatchdogState::default(),
-        0,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
-    assert!(matches!(over.events[..], [WatchdogEvent::BreachStarted(_)]));
-    let blind = step_listing(&p, &over.state, 10, None);
+    let started = step(&p, &WatchdogState::default(), 0, over());
+    assert!(matches!(
+        started.events[..],
+        [WatchdogEvent::BreachStarted(_)]
+    ));
+    let blind = step_listing(&p, &started.state, 10, None);
     assert!(blind.events.is_empty(), "{:?}", blind.events);
     assert!(blind.state.breaches.contains_key(&web_key()));
-    // Judged over again: the same breach (no new start), whose time over leaves out the
-    // time it could not be judged (0 s to 10 s): 21 s at 31 s, a grace period at 40 s.
-    let later = step(
-        &p,
-        &blind.state,
-        31,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
-    assert!(later.events.is_empty(), "{:?}", later.events);
-    let due = step(
-        &p,
-        &later.state,
-        40,
-        vec![proc_(1, 9 * GIB, Some("uid-web"))],
-    );
-    assert!(
-        due.events.iter().any(
-            |e| matches!(e, WatchdogEvent::Act { breach, .. } if breach.over_for == Duration::from_secs(30))
-        ),
-        "{:?}",
-        due.events
-    );
+    judged_over_again_after_10_unjudged_seconds(&p, &blind.state);
 }
 
 #[test]
