@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 use vramslice_api::convert::node_pods::{HeldUnits, held_units, placements, waiting_requests};
 use vramslice_core::node::allocation::{
-    AllocationSettings, ContainerAllocation, InjectionMode, plan_allocation,
+    AllocationSettings, ContainerAllocation, missing_guard_library, plan_allocation,
 };
 use vramslice_core::node::inventory::preferred_units;
 use vramslice_core::{AdvertisedDevice, DeviceId, VramUnit, owed_gpus};
@@ -251,27 +251,16 @@ impl DevicePluginLogic for VramPlugin {
     }
 }
 
-/// With injection on, the guard library must be a file on the node: the runtime mounts whatever
-/// is at its path, and a path with nothing there (a mistyped `injection.guardLibraryHostPath`,
-/// an install that did not finish) becomes a directory the loader skips, so the container would
-/// run without its limit enforced, silently. Refused instead, naming the path.
+/// Refused, naming the path, when injection is on and the guard library is not a file on the
+/// node ([`missing_guard_library`]).
 fn guard_library_present(settings: &AllocationSettings) -> Result<(), PluginError> {
-    if settings.injection == InjectionMode::None {
-        return Ok(());
-    }
-    let path = &settings.guard_library_host_path;
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => Ok(()),
-        found => {
-            let what = match found {
-                Ok(_) => "is not a file".to_string(),
-                Err(e) => format!("cannot be read ({e})"),
-            };
-            tracing::error!(path = %path.display(), what = %what, "guard library missing; allocations refused");
-            Err(PluginError::Internal(format!(
-                "the guard library {} (injection.guardLibraryHostPath) {what} on this node: a container given VRAM would run without its limit enforced, so none is; is the plugin's install step done?",
-                path.display()
-            )))
+    match missing_guard_library(settings, |path| {
+        std::fs::metadata(path).map(|m| m.is_file())
+    }) {
+        None => Ok(()),
+        Some(problem) => {
+            tracing::error!(path = %settings.guard_library_host_path.display(), problem = %problem, "guard library missing; allocations refused");
+            Err(PluginError::Internal(problem))
         }
     }
 }

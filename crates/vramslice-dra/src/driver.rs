@@ -12,7 +12,7 @@ use vramslice_api::convert::dra::{
     ClaimError, admin_access_on, allocated_by_driver, allocated_devices_in, claim_on_node,
 };
 use vramslice_api::convert::pod_claims::containers_sharing;
-use vramslice_core::node::allocation::{AllocationSettings, host_files};
+use vramslice_core::node::allocation::{AllocationSettings, host_files, missing_guard_library};
 use vramslice_core::node::dra::{
     AllocationSeen, ClaimPlanError, ClaimUse, GrantsOnGpu, allocated_again, base_request_name,
     claim_key, device_name, grants_by_gpu, plan_claim,
@@ -99,6 +99,15 @@ pub enum PrepareError {
         path: String,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// Injection is on and the guard library is not a file on this node
+    /// ([`missing_guard_library`]): the container would run without its limit enforced.
+    #[error("claim {claim}: {detail}")]
+    GuardLibrary {
+        /// `namespace/name`.
+        claim: String,
+        /// What is wrong, naming the path and the setting.
+        detail: String,
     },
     /// The CDI spec could not be rendered.
     #[error("claim {claim}: CDI spec: {detail}")]
@@ -289,6 +298,15 @@ impl Driver {
             &on_node.grants,
             &self.config.settings,
         )?;
+        if let Some(detail) = missing_guard_library(&self.config.settings, |path| {
+            std::fs::metadata(path).map(|m| m.is_file())
+        }) {
+            tracing::error!(claim = %claim.label(), problem = %detail, "guard library missing; claim not prepared");
+            return Err(PrepareError::GuardLibrary {
+                claim: claim.label(),
+                detail,
+            });
+        }
         let files = self.files_of(&claim.uid);
         debug_assert_eq!(
             (&files.limit_file, &files.accounting_dir),

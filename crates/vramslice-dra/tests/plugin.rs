@@ -152,11 +152,15 @@ struct Node {
 }
 
 impl Node {
+    /// A node with the guard library installed (a placeholder: only its presence is checked).
     fn new() -> Self {
-        Node {
+        let node = Node {
             root: tempfile::tempdir().unwrap(),
             claims: Arc::new(MemoryClaims::default()),
-        }
+        };
+        std::fs::create_dir_all(node.path("lib")).unwrap();
+        std::fs::write(node.path("lib/libvramslice_guard.so"), b"").unwrap();
+        node
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -739,6 +743,33 @@ async fn each_claim_of_a_call_fails_or_succeeds_on_its_own_with_a_reason() {
     );
     let checkpoint = Checkpoint::load(&node.path("state/checkpoint.json")).unwrap();
     assert_eq!(checkpoint.claims.keys().collect::<Vec<_>>(), ["uid-1"]);
+}
+
+#[tokio::test]
+async fn no_claim_is_prepared_while_the_guard_library_is_not_a_file_on_the_node() {
+    let node = Node::new();
+    let library = node.path("lib/libvramslice_guard.so");
+    // A mistyped host path: the runtime would mount an empty directory the loader skips.
+    std::fs::remove_file(&library).unwrap();
+    std::fs::create_dir(&library).unwrap();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-1", "6Gi")]));
+    let (_stop, _task) = node.start().await;
+    let refused = node.prepare(prepare_llm()).await;
+    let error = &refused.claims["uid-1"].error;
+    assert!(
+        error.contains(&library.display().to_string()) && error.contains("is not a file"),
+        "{error}"
+    );
+    assert!(refused.claims["uid-1"].devices.is_empty());
+    assert!(!node.path("cdi/vramslice.io-claim-uid-1.json").exists());
+    assert!(!node.path("accounting/claim-uid-1").exists());
+
+    // Installed: the kubelet's retry prepares it.
+    std::fs::remove_dir(&library).unwrap();
+    std::fs::write(&library, b"").unwrap();
+    let prepared = node.prepare(prepare_llm()).await;
+    assert_eq!(prepared.claims["uid-1"].error, "");
+    assert!(node.path("cdi/vramslice.io-claim-uid-1.json").exists());
 }
 
 /// A pod in ml whose containers use the given pod claims (entry name = claim name).

@@ -357,6 +357,33 @@ pub fn container_edits(
     }
 }
 
+/// Why nothing may be allocated while injection is on: the guard library is not a plain file
+/// on the node. The runtime mounts whatever is at its path, and a path with nothing there (a
+/// mistyped `injection.guardLibraryHostPath`, an install that did not finish) becomes a
+/// directory the loader skips, so the container would run without its limit enforced, in
+/// silence. `is_file` looks at a path (following links) and says whether it is a plain file.
+///
+/// `None` when injection is off or the library is there; otherwise the refusal's text, naming
+/// the path and the setting.
+pub fn missing_guard_library(
+    settings: &AllocationSettings,
+    is_file: impl FnOnce(&Path) -> std::io::Result<bool>,
+) -> Option<String> {
+    if settings.injection == InjectionMode::None {
+        return None;
+    }
+    let path = &settings.guard_library_host_path;
+    let what = match is_file(path) {
+        Ok(true) => return None,
+        Ok(false) => "is not a file".to_string(),
+        Err(e) => format!("cannot be read ({e})"),
+    };
+    Some(format!(
+        "the guard library {} (injection.guardLibraryHostPath) {what} on this node: a container given VRAM would run without its limit enforced, so none is; is the plugin's install step done?",
+        path.display()
+    ))
+}
+
 /// The content of the host preload file for `ld-so-preload-file` mode: the guard's in-container
 /// path on one line.
 pub fn preload_file_content() -> String {

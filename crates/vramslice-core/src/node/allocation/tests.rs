@@ -336,3 +336,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn missing_guard_library_only_matters_with_injection() {
+    let path = "/var/lib/vramslice/lib/libvramslice_guard.so";
+    let gone = || Err(std::io::Error::from(std::io::ErrorKind::NotFound));
+    let none = settings(InjectionMode::None, DeviceListStrategy::Envvar);
+    assert_eq!(missing_guard_library(&none, |_| gone()), None);
+    for injection in [InjectionMode::LdSoPreloadFile, InjectionMode::LdPreloadEnv] {
+        let on = settings(injection, DeviceListStrategy::Envvar);
+        assert_eq!(missing_guard_library(&on, |_| Ok(true)), None);
+        let looked_at = std::cell::RefCell::new(None);
+        let dir = missing_guard_library(&on, |p| {
+            *looked_at.borrow_mut() = Some(p.to_path_buf());
+            Ok(false)
+        })
+        .expect("a directory at the path is refused");
+        assert_eq!(looked_at.into_inner().as_deref(), Some(Path::new(path)));
+        assert!(dir.contains(path) && dir.contains("is not a file"), "{dir}");
+        assert!(dir.contains("injection.guardLibraryHostPath"), "{dir}");
+        let unread = missing_guard_library(&on, |_| gone()).expect("a missing library is refused");
+        assert!(
+            unread.contains("cannot be read") && unread.contains(path),
+            "{unread}"
+        );
+    }
+}
