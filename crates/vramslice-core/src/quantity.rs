@@ -91,7 +91,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
         return Err(malformed());
     };
     let frac_len = i64::try_from(frac_part.len()).map_err(|_| malformed())?;
-    let exponent = dec_exp - frac_len;
+    let exponent = dec_exp.checked_sub(frac_len).ok_or_else(malformed)?;
     let too_large = || QuantityError::TooLarge(text.to_string());
     let mut value = mantissa.checked_shl(bin_shift).ok_or_else(too_large)?;
     if bin_shift > 0 && value >> bin_shift != mantissa {
@@ -103,7 +103,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
             .ok_or_else(too_large)?;
         value = value.checked_mul(scale).ok_or_else(too_large)?;
     } else {
-        let scale = u32::try_from(-exponent)
+        let scale = u32::try_from(exponent.unsigned_abs())
             .ok()
             .and_then(|e| 10u128.checked_pow(e));
         value = match scale {
@@ -210,6 +210,32 @@ mod tests {
         ));
         let msg = parse_bytes("six gigs").unwrap_err().to_string();
         assert!(msg.contains("six gigs"), "{msg}");
+    }
+
+    #[test]
+    fn extreme_exponents_are_answered_not_overflowed() {
+        // The smallest exponent minus a fraction's length, and its negation.
+        assert!(matches!(
+            parse_bytes("1.5e-9223372036854775808"),
+            Err(QuantityError::Malformed(_))
+        ));
+        assert_eq!(parse_bytes("1e-9223372036854775808"), Ok(1));
+        assert_eq!(parse_bytes("0e-9223372036854775808"), Ok(0));
+        assert!(matches!(
+            parse_bytes("1e9223372036854775807"),
+            Err(QuantityError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_bytes("1e99999999999999999999"),
+            Err(QuantityError::Malformed(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_answered(text in "[-+]?[0-9.]{0,24}([eE][-+]?[0-9]{0,22})?(Ki|Mi|Gi|k|M|G|m)?") {
+            let _ = parse_bytes(&text);
+        }
     }
 
     #[test]
