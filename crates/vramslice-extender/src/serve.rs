@@ -1,5 +1,7 @@
-//! Listening: plain HTTP through axum, or HTTPS with rustls when the config names a certificate
-//! and key. Both stop accepting on `shutdown` and let requests in flight finish.
+//! Listening: plain HTTP, or HTTPS with rustls when the config names a certificate and key,
+//! through the webhook's connection loop ([`vramslice_webhook::listen`]: handshake and
+//! request-head time limits, a cap on connections). Both stop accepting on `shutdown` and let
+//! requests in flight finish.
 
 use std::future::Future;
 use std::io::BufReader;
@@ -7,14 +9,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+use vramslice_webhook::listen::{self, ConnectionLimits};
 
 use crate::config::TlsConfig;
 
@@ -101,56 +101,14 @@ pub async fn serve_on(
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, tls = tls.is_some(), "serving the extender");
-    match tls {
-        None => Ok(axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await?),
-        Some(config) => {
-            serve_tls(
-                listener,
-                router,
-                TlsAcceptor::from(Arc::new(config)),
-                shutdown,
-            )
-            .await
-        }
-    }
-}
-
-async fn serve_tls(
-    listener: TcpListener,
-    router: Router,
-    acceptor: TlsAcceptor,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let stream = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            if let Err(e) = Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
+    let acceptor = tls.map(|config| TlsAcceptor::from(Arc::new(config)));
+    listen::serve(
+        listener,
+        router,
+        acceptor,
+        ConnectionLimits::default(),
+        shutdown,
+    )
+    .await;
+    Ok(())
 }

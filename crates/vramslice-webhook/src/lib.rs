@@ -16,6 +16,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod listen;
 pub mod review;
 pub mod rotation;
 pub mod router;
@@ -59,10 +60,11 @@ pub async fn serve(
         slot,
         metrics.clone(),
     ));
-    tls::serve_tls(
+    listen::serve(
         listener,
-        acceptor,
         router(valid.policy, metrics.clone()),
+        Some(acceptor),
+        listen::ConnectionLimits::default(),
         shutdown,
     )
     .await;

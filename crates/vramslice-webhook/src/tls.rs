@@ -1,13 +1,9 @@
-//! The TLS listener: a rustls acceptor whose certificate can be swapped at run time, serving an
-//! axum router over HTTP/1.1.
+//! The webhook's TLS: a rustls acceptor whose certificate can be swapped at run time, and the
+//! listener it serves on ([`crate::listen`] runs the connections).
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use axum::Router;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -121,43 +117,4 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TlsError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| TlsError::Bind { addr, source })
-}
-
-/// Serve `router` over TLS on `listener` until `shutdown` completes. Connection errors (failed
-/// handshakes, resets) are logged and never end the loop.
-pub async fn serve_tls(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    router: Router,
-    shutdown: impl Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(%err, "webhook: accept failed");
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(err) => {
-                    tracing::debug!(%peer, %err, "webhook: TLS handshake failed");
-                    return;
-                }
-            };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service);
-            if let Err(err) = conn.await {
-                tracing::debug!(%peer, %err, "webhook: connection ended with an error");
-            }
-        });
-    }
 }

@@ -303,10 +303,11 @@ async fn serves_reviews_over_tls_with_its_own_ca() {
     let listener = tls::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tls::serve_tls(
+    let server = tokio::spawn(vramslice_webhook::listen::serve(
         listener,
-        tls::acceptor(slot).unwrap(),
         router(AdmissionPolicy::default(), WebhookMetrics::default()),
+        Some(tls::acceptor(slot).unwrap()),
+        vramslice_webhook::listen::ConnectionLimits::default(),
         async move {
             let _ = stop_rx.await;
         },
