@@ -24,16 +24,25 @@ use crate::extender::Extender;
 /// How long a reservation may wait for the API server to show its pod bound.
 pub const RESERVATION_TTL: Duration = Duration::from_secs(300);
 
+/// What the watches list from: the API server's most recent state, not whatever its cache
+/// holds (`resourceVersion=0`, kube-runtime's default). The ledger a restarted extender
+/// rebuilds from its first list is what it places by once ready; a stale one misses pods
+/// bound just before and promises their room again. (Since 1.31 the API server serves such
+/// lists from its cache once that has caught up, so they cost little more.)
+fn from_latest() -> watcher::Config {
+    watcher::Config::default().list_semantic(watcher::ListSemantic::MostRecent)
+}
+
 /// The watch of every pod in the cluster, with kube-runtime's default backoff.
 pub fn pod_events(client: Client) -> impl Stream<Item = Result<Event<Pod>, watcher::Error>> + Send {
-    watcher::watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff()
+    watcher::watcher(Api::<Pod>::all(client), from_latest()).default_backoff()
 }
 
 /// The watch of every `GpuNode`, with kube-runtime's default backoff.
 pub fn gpunode_events(
     client: Client,
 ) -> impl Stream<Item = Result<Event<GpuNode>, watcher::Error>> + Send {
-    watcher::watcher(Api::<GpuNode>::all(client), watcher::Config::default()).default_backoff()
+    watcher::watcher(Api::<GpuNode>::all(client), from_latest()).default_backoff()
 }
 
 /// Apply pod events to the ledger until the stream ends.
