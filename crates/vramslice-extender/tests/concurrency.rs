@@ -73,7 +73,8 @@ async fn racing_binds_never_overcommit() {
     assert!(per_gpu.values().sum::<u64>() <= 32);
     {
         let ledger = ext.ledger();
-        assert_eq!(ledger.reservation_count(), winners);
+        assert_eq!(ledger.pod_count(), winners, "every winner booked");
+        assert_eq!(ledger.reservation_count(), 0, "confirmed bound");
         for node in ["n0", "n1"] {
             for view in ledger.gpu_views(node).unwrap() {
                 assert!(view.assigned_bytes <= view.advertised_bytes, "{view:?}");

@@ -217,7 +217,10 @@ async fn bind_annotates_binds_and_reserves() {
     );
     assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some("fit"));
     let info = ext.ledger().pod("uid-1").unwrap();
-    assert!(info.reserved);
+    assert!(
+        !info.reserved,
+        "booked as bound: the API server confirmed it, so it never expires"
+    );
     assert_eq!(info.gpu_uuid.as_deref(), Some("GPU-0"));
     // The reservation counts at once: a 12 GiB pod no longer fits on 16 - 6.
     let pod = pod_json("big", "uid-9", Some("12"), json!({}));
@@ -226,11 +229,11 @@ async fn bind_annotates_binds_and_reserves() {
         body["FailedNodes"]["fit"],
         "GPU 0: 10 GiB effective free (live 16 GiB, 6 GiB reserved by pods not yet running), need 12 GiB"
     );
-    // A second bind of the same pod is refused.
+    // A second bind of the same pod is refused: the first took.
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert_eq!(
         body["Error"],
-        "cannot bind pod default/llm to node fit: pod default/llm already has a bind in flight to node fit"
+        "cannot bind pod default/llm to node fit: pod default/llm is already bound to node fit"
     );
 }
 
@@ -255,7 +258,10 @@ async fn a_filtered_pod_binds_with_one_api_call() {
         )]
     );
     assert_eq!(ext.pending_count(), 0);
-    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    assert!(
+        !ext.ledger().pod("uid-1").unwrap().reserved,
+        "booked as bound"
+    );
 }
 
 #[tokio::test]
@@ -564,8 +570,8 @@ async fn a_lost_binding_answer_is_checked_against_the_api_server() {
         "the pod is bound: the bind succeeded"
     );
     assert!(
-        ext.ledger().pod("uid-1").unwrap().reserved,
-        "and the reservation is kept"
+        !ext.ledger().pod("uid-1").unwrap().reserved,
+        "and the pod is booked as bound"
     );
     // A refusal from a conflict where the pod is not bound elsewhere (a UID precondition):
     // read back, definite, released at once.
@@ -645,11 +651,11 @@ async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_ch
     assert_eq!(body, json!({ "Error": "" }));
     let bound = fake.pod("default", "llm").unwrap();
     assert_eq!(bound.spec.unwrap().node_name.as_deref(), Some("fit"));
-    assert_eq!(ext.ledger().reservation_count(), 1);
-    // The first bind's background read-back, due again at 75 s, leaves the new reservation
-    // alone.
+    let booked = |ext: &Extender| ext.ledger().pod("uid-1").is_some_and(|p| !p.reserved);
+    assert!(booked(&ext), "booked as bound");
+    // The first bind's background read-back, due again at 75 s, leaves the booking alone.
     tokio::time::sleep(std::time::Duration::from_secs(100)).await;
-    assert_eq!(ext.ledger().reservation_count(), 1);
+    assert!(booked(&ext));
 }
 
 #[tokio::test(start_paused = true)]
@@ -691,7 +697,10 @@ async fn a_conflict_from_a_retried_binding_that_took_is_a_success() {
     fake.put_pod(pod);
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert_eq!(body, json!({ "Error": "" }));
-    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    assert!(
+        !ext.ledger().pod("uid-1").unwrap().reserved,
+        "booked as bound"
+    );
     // Assigned to another node: a failure, and the reservation goes.
     let mut other = pod_object("other", "uid-2", Some("6"), json!({}));
     other.spec.as_mut().unwrap().node_name = Some("full".into());

@@ -205,6 +205,7 @@ impl Extender {
             .await
         {
             Bound::Yes => {
+                self.ledger_mut().confirm_bound(&uid);
                 tracing::info!(pod = %who, node = %node, gpu = %placement.gpu_uuid,
                     index = ?placement.gpu_indices, bytes = request.bytes(),
                     bytes_per_gpu = request.share_bytes(), "bound");
@@ -278,8 +279,9 @@ impl Extender {
 
     /// Read back, from a minute on and a few times over, whether the pod of the reservation left
     /// unsettled under `token` was bound: not bound releases it (unless a bind took it or left
-    /// it unsettled again since, under a token with its own read-back); bound leaves it to the
-    /// pod watch, which records the pod where it is. A bind of the pod may settle it sooner
+    /// it unsettled again since, under a token with its own read-back); bound where it was
+    /// reserved confirms it ([`vramslice_core::Ledger::confirm_bound`]), bound elsewhere leaves
+    /// it to the pod watch, which records the pod where it is. A bind of the pod may settle it sooner
     /// ([`ReserveError::Unsettled`]); what neither settles expires.
     fn settle_later(self: &Arc<Self>, ns: &str, name: &str, uid: &str, token: Option<u64>) {
         let Some(token) = token else { return };
@@ -298,7 +300,15 @@ impl Extender {
                         }
                         return;
                     }
-                    Some(Some(_)) => return,
+                    Some(Some(bound)) => {
+                        let mut ledger = this.ledger_mut();
+                        if ledger.unsettled_token(&uid) == Some(token)
+                            && ledger.pod(&uid).is_some_and(|p| p.node == bound)
+                        {
+                            ledger.confirm_bound(&uid);
+                        }
+                        return;
+                    }
                     None => {}
                 }
             }

@@ -1,6 +1,6 @@
-//! How a reservation ends when its bind does not confirm it: released (the Binding failed),
-//! left unsettled (nobody knows whether the Binding took), or expired (the API server never
-//! showed the pod bound).
+//! How a reservation ends: confirmed bound (the Binding took), released (it failed), left
+//! unsettled (nobody knows whether it took), or expired (the API server never showed the pod
+//! bound).
 
 use std::time::{Duration, SystemTime};
 
@@ -70,6 +70,22 @@ impl Ledger {
     /// Returns whether it was dropped.
     pub fn release_unsettled(&mut self, uid: &str, token: u64) -> bool {
         self.unsettled_token(uid) == Some(token) && self.forget_pod(uid)
+    }
+
+    /// The API server confirmed the Binding of reservation `uid` (it answered 201, or the pod
+    /// read back bound here): the pod is bound, whether or not the pod watch has shown it yet,
+    /// so its booking no longer expires (a watch stalled past the reservation TTL would
+    /// otherwise drop a bound pod's room and promise it again). A re-list that does not hold
+    /// the pod forgets it as it does any bound pod. Returns whether a reservation was confirmed.
+    pub fn confirm_bound(&mut self, uid: &str) -> bool {
+        match self.pods.get_mut(uid) {
+            Some(e) if e.reserved_since.is_some() => {
+                e.reserved_since = None;
+                e.unsettled = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Drop reservations older than `ttl` that the API server never showed bound; returns their

@@ -358,6 +358,41 @@ fn double_binds_are_refused_with_the_reason() {
 }
 
 #[test]
+fn a_reservation_confirmed_bound_keeps_its_room_past_the_ttl_until_a_relist_lacks_it() {
+    let ttl = Duration::from_secs(300);
+    let mut ledger = Ledger::new(config(0));
+    ledger.set_reading("n1", reading(0, vec![gpu(0, 8, 8)]));
+    for uid in ["a", "b"] {
+        ledger
+            .reserve(want(uid, 4), "n1", Policy::Binpack, at(1))
+            .unwrap();
+    }
+    let token = ledger.unsettle("b", at(2)).unwrap();
+    assert!(ledger.confirm_bound("a") && ledger.confirm_bound("b"));
+    assert!(!ledger.confirm_bound("a"), "already confirmed");
+    assert!(!ledger.confirm_bound("never"));
+    assert_eq!(ledger.reservation_count(), 0);
+    assert_eq!(ledger.unsettled_token("b"), None);
+    // The pod watch has not shown them (stalled): their room stays taken past the TTL.
+    assert!(ledger.expire_reservations(at(1000), ttl).is_empty());
+    assert!(!ledger.release("a") && !ledger.release_unsettled("b", token));
+    assert!(matches!(
+        ledger.reserve(want("c", 1), "n1", Policy::Binpack, at(1000)),
+        Err(ReserveError::NoFit(_))
+    ));
+    assert_eq!(
+        ledger
+            .reserve(want("a", 4), "n1", Policy::Binpack, at(1000))
+            .unwrap_err()
+            .to_string(),
+        "pod ns/a is already bound to node n1"
+    );
+    // A re-list is the API server's word: a pod it lacks is gone.
+    ledger.replace_pods(vec![bound("b", "n1", Some("GPU-0"), 4, 1)]);
+    assert!(ledger.pod("a").is_none() && ledger.pod("b").is_some());
+}
+
+#[test]
 fn an_unsettled_reservation_holds_its_room_and_tells_the_next_bind_so() {
     let settle = Duration::from_secs(3);
     let mut ledger = Ledger::new(config(0));
