@@ -228,23 +228,26 @@ pub struct ClaimHolding {
     pub bytes: u64,
 }
 
-/// Add DRA claims to a report (DRA mode has no device IDs in the kubelet's record): each claim
-/// on a GPU becomes one pod entry named after the first pod it is reserved for (the claim's
-/// name when none is), with the claim's grant as its limit, its grant in whole units as
-/// allocated, and the use of all its pods' processes on that GPU, which then no longer count as
-/// processes without a pod. The summary is recomputed.
+/// Add DRA claims to a report (DRA mode has no device IDs in the kubelet's record). Claims on
+/// a GPU that share a pod are one entry: a pod's processes cannot be told apart by claim, so
+/// each claim alone would be judged (by the watchdog, too) against all its pods' use there
+/// while holding only its own grant, and a pod with two claims on one GPU would read as over
+/// both. The entry is named after the group's first pod (the first claim's name when it has
+/// none), with the group's grants as its limit, the grants in whole units as allocated, and the
+/// use of all its pods' processes on that GPU, which then no longer count as processes without
+/// a pod. The summary is recomputed.
 pub fn add_claim_holdings(
     report: &mut NodeReport,
     samples: &[GpuSample],
     holdings: &[ClaimHolding],
 ) {
-    for holding in holdings {
-        let Some(gpu) = report.gpus.iter_mut().find(|g| g.uuid == holding.gpu_uuid) else {
+    for group in linked_holdings(holdings) {
+        let Some(gpu) = report.gpus.iter_mut().find(|g| g.uuid == group.gpu_uuid) else {
             continue;
         };
-        let uids: BTreeSet<&str> = holding.pods.iter().map(|(_, uid)| uid.as_str()).collect();
+        let uids: BTreeSet<&str> = group.pods.iter().map(|(_, uid)| uid.as_str()).collect();
         let is_theirs = |p: &ProcessSample| p.pod_uid.as_deref().is_some_and(|u| uids.contains(u));
-        let sample = samples.iter().find(|s| s.uuid == holding.gpu_uuid);
+        let sample = samples.iter().find(|s| s.uuid == group.gpu_uuid);
         let used = sample.and_then(|s| s.used_by(is_theirs));
         let claim_pids: BTreeSet<u32> = sample
             .map(GpuSample::listed_processes)
@@ -255,23 +258,72 @@ pub fn add_claim_holdings(
             .collect();
         gpu.processes_without_pod
             .retain(|p| !claim_pids.contains(&p.pid));
-        let units = holding.bytes / report.unit.bytes();
+        let units = group.bytes / report.unit.bytes();
         gpu.allocated_units = gpu.allocated_units.saturating_add(units);
-        let (name, uid) = match holding.pods.first() {
+        let (name, uid) = match group.pods.first() {
             Some((name, uid)) => (name.clone(), Some(uid.clone())),
-            None => (holding.claim.clone(), None),
+            None => (group.claim.clone(), None),
         };
         gpu.pods.push(PodReport {
-            namespace: holding.namespace.clone(),
+            namespace: group.namespace.clone(),
             name,
             uid,
             allocated_units: units,
-            limit_bytes: holding.bytes,
+            limit_bytes: group.bytes,
             used_bytes: used,
             initialising: false,
         });
     }
     report.summary = summarize(report.unit, &report.gpus);
+}
+
+/// Holdings on one GPU that share a pod (directly or through another holding), merged: their
+/// bytes summed, their pods in first-seen order, the first one's claim and namespace. Holdings
+/// reserved for no pod stay alone.
+fn linked_holdings(holdings: &[ClaimHolding]) -> Vec<ClaimHolding> {
+    let mut groups: Vec<ClaimHolding> = Vec::new();
+    for holding in holdings {
+        let linked = |group: &ClaimHolding| {
+            group.gpu_uuid == holding.gpu_uuid
+                && group
+                    .pods
+                    .iter()
+                    .any(|(_, uid)| holding.pods.iter().any(|(_, u)| u == uid))
+        };
+        // Groups are disjoint, so one holding may join several: they become the first one.
+        let mut joined: Option<usize> = None;
+        let mut i = 0;
+        while i < groups.len() {
+            if !linked(&groups[i]) {
+                i += 1;
+                continue;
+            }
+            match joined {
+                None => {
+                    joined = Some(i);
+                    i += 1;
+                }
+                Some(at) => {
+                    let later = groups.remove(i);
+                    absorb(&mut groups[at], later);
+                }
+            }
+        }
+        match joined {
+            Some(at) => absorb(&mut groups[at], holding.clone()),
+            None => groups.push(holding.clone()),
+        }
+    }
+    groups
+}
+
+fn absorb(group: &mut ClaimHolding, other: ClaimHolding) {
+    group.bytes = group.bytes.saturating_add(other.bytes);
+    for pod in other.pods {
+        if !group.pods.contains(&pod) {
+            group.pods.push(pod);
+        }
+    }
 }
 
 fn summarize(unit: VramUnit, gpus: &[GpuReport]) -> SummaryReport {

@@ -429,3 +429,68 @@ fn a_process_list_the_driver_could_not_read_leaves_usage_unknown_not_zero() {
     );
     assert_eq!(report.gpus[0].pods[0].used_bytes, None);
 }
+
+#[test]
+fn dra_claims_on_one_gpu_that_share_a_pod_are_one_entry_with_their_grants_summed() {
+    let mut a = gpu(0, "GPU-a", 80 * GIB, 20 * GIB);
+    a.processes = Some(vec![
+        process(10, 7 * GIB, Some("uid-1")),
+        process(11, 2 * GIB, Some("uid-2")),
+        process(12, 3 * GIB, Some("uid-3")),
+    ]);
+    let mut b = gpu(1, "GPU-b", 80 * GIB, 0);
+    b.processes = Some(Vec::new());
+    let samples = vec![a, b];
+    let holding = |claim: &str, gpu: &str, pods: &[&str], gib: u64| ClaimHolding {
+        namespace: "ml".into(),
+        claim: claim.into(),
+        pods: pods
+            .iter()
+            .map(|uid| (format!("pod-{uid}"), (*uid).to_string()))
+            .collect(),
+        gpu_uuid: gpu.into(),
+        bytes: gib * GIB,
+    };
+    let mut report = build_report(VramUnit::Gib1, &samples, &[]);
+    add_claim_holdings(
+        &mut report,
+        &samples,
+        &[
+            // Two containers of pod uid-1, a claim each, both on GPU-a.
+            holding("first", "GPU-a", &["uid-1"], 4),
+            // A claim shared by uid-2 and uid-3; then one of uid-3 links uid-1's group to it.
+            holding("shared", "GPU-a", &["uid-2", "uid-3"], 2),
+            holding("second", "GPU-a", &["uid-1"], 4),
+            holding("bridge", "GPU-a", &["uid-3", "uid-1"], 1),
+            // The same pod on another GPU is that GPU's entry.
+            holding("other-gpu", "GPU-b", &["uid-1"], 3),
+            // Claims reserved for no pod stay alone.
+            holding("orphan-1", "GPU-a", &[], 1),
+            holding("orphan-2", "GPU-a", &[], 1),
+        ],
+    );
+    let on_a: Vec<(&str, Option<&str>, u64, Option<u64>)> = report.gpus[0]
+        .pods
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.uid.as_deref(),
+                p.limit_bytes / GIB,
+                p.used_bytes.map(|u| u / GIB),
+            )
+        })
+        .collect();
+    assert_eq!(
+        on_a,
+        [
+            ("pod-uid-1", Some("uid-1"), 11, Some(12)),
+            ("orphan-1", None, 1, Some(0)),
+            ("orphan-2", None, 1, Some(0)),
+        ]
+    );
+    assert_eq!(report.gpus[0].allocated_units, 13);
+    assert!(report.gpus[0].processes_without_pod.is_empty());
+    let on_b = &report.gpus[1].pods;
+    assert_eq!((on_b.len(), on_b[0].limit_bytes), (1, 3 * GIB));
+}

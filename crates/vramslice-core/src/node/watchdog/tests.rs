@@ -588,6 +588,38 @@ proptest! {
     }
 }
 
+/// DRA mode: two containers of one pod, a claim each, both on GPU-a (4 GiB + 4 GiB). The pod's
+/// 7 GiB there is within what it holds: no breach (judged claim by claim it was over both).
+#[test]
+fn a_pod_with_two_dra_claims_on_one_gpu_is_judged_against_both_grants() {
+    use crate::node::publish::{ClaimHolding, add_claim_holdings};
+    let samples = vec![GpuSample {
+        uuid: "GPU-a".into(),
+        ..sample(vec![
+            proc_(10, 4 * GIB, Some("uid-pod")),
+            proc_(11, 3 * GIB, Some("uid-pod")),
+        ])
+    }];
+    let mut report = build_report(VramUnit::Gib1, &samples, &[]);
+    let holding = |claim: &str| ClaimHolding {
+        namespace: "ml".into(),
+        claim: claim.into(),
+        pods: vec![("pod".into(), "uid-pod".into())],
+        gpu_uuid: "GPU-a".into(),
+        bytes: 4 * GIB,
+    };
+    add_claim_holdings(&mut report, &samples, &[holding("a"), holding("b")]);
+    let verdict = evaluate(
+        &policy(0, WatchdogAction::EvictPod),
+        &WatchdogState::default(),
+        Duration::from_secs(0),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    );
+    assert!(verdict.events.is_empty(), "{:?}", verdict.events);
+}
+
 /// DRA mode: a prepared claim on two GPUs (6 GiB granted on each) shows in the report through
 /// `add_claim_holdings`; its pod going over on one GPU is a breach there only, with that GPU's
 /// grant as the limit and only that GPU's processes to act on.
