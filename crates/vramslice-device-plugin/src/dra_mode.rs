@@ -90,11 +90,12 @@ pub async fn run(
     } = identity;
     driver.set_gpus(&node.snapshot.borrow().readings);
     driver.learn_admin_access().await;
-    let node_uid = node_uid(&client, &node_name).await;
     let owner = NodeOwner {
         client: client.clone(),
         name: node_name.clone(),
     };
+    // Bounded like the loop's reads: the kubelet is served only after this.
+    let node_uid = owner.uid().await;
     let publisher = SlicePublisher::new(
         KubeSlices::new(client),
         SliceSettings {

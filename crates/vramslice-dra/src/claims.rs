@@ -58,13 +58,10 @@ impl ClaimSource for KubeClaims {
         Box::pin(async move {
             let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
             let claim = format!("{namespace}/{name}");
-            match api.get_opt(name).await {
+            match crate::bounded(api.get_opt(name)).await {
                 Ok(Some(found)) => Ok(found),
                 Ok(None) => Err(FetchError::NotFound(claim)),
-                Err(e) => Err(FetchError::Api {
-                    claim,
-                    detail: e.to_string(),
-                }),
+                Err(detail) => Err(FetchError::Api { claim, detail }),
             }
         })
     }
@@ -73,13 +70,15 @@ impl ClaimSource for KubeClaims {
         Box::pin(async move {
             // Listed by name: the node agent may list pods (it watches them), not get them.
             let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-            api.list(&ListParams::default().fields(&format!("metadata.name={name}")))
-                .await
-                .map(|l| l.items.into_iter().next())
-                .map_err(|e| FetchError::Api {
-                    claim: format!("pod {namespace}/{name}"),
-                    detail: e.to_string(),
-                })
+            crate::bounded(
+                api.list(&ListParams::default().fields(&format!("metadata.name={name}"))),
+            )
+            .await
+            .map(|l| l.items.into_iter().next())
+            .map_err(|detail| FetchError::Api {
+                claim: format!("pod {namespace}/{name}"),
+                detail,
+            })
         })
     }
 }

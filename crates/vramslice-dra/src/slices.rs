@@ -97,13 +97,12 @@ impl KubeSlices {
 impl SliceWriter for KubeSlices {
     fn current_generation<'a>(&'a self, name: &'a str) -> WriteFuture<'a, Option<i64>> {
         Box::pin(async move {
-            self.api
-                .get_opt(name)
+            crate::bounded(self.api.get_opt(name))
                 .await
                 .map(|found| found.map(|s| s.spec.pool.generation))
-                .map_err(|e| WriteError {
+                .map_err(|detail| WriteError {
                     name: name.to_string(),
-                    detail: e.to_string(),
+                    detail,
                 })
         })
     }
@@ -111,21 +110,19 @@ impl SliceWriter for KubeSlices {
     fn write(&self, mut slice: ResourceSlice) -> WriteFuture<'_, ()> {
         Box::pin(async move {
             let name = slice.metadata.name.clone().unwrap_or_default();
-            let err = |e: kube::Error| WriteError {
+            let err = |detail: String| WriteError {
                 name: name.clone(),
-                detail: e.to_string(),
+                detail,
             };
-            match self.api.get_opt(&name).await.map_err(err)? {
+            match crate::bounded(self.api.get_opt(&name)).await.map_err(err)? {
                 Some(existing) => {
                     slice.metadata.resource_version = existing.metadata.resource_version;
-                    self.api
-                        .replace(&name, &PostParams::default(), &slice)
+                    crate::bounded(self.api.replace(&name, &PostParams::default(), &slice))
                         .await
                         .map_err(err)?;
                 }
                 None => {
-                    self.api
-                        .create(&PostParams::default(), &slice)
+                    crate::bounded(self.api.create(&PostParams::default(), &slice))
                         .await
                         .map_err(err)?;
                 }
