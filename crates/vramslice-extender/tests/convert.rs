@@ -226,7 +226,14 @@ fn a_pod_listed_with_no_units_is_not_a_placement() {
     let listed: Vec<String> = r.unwrap().gpus[0]
         .pods
         .iter()
-        .map(|p| p.name.clone())
+        .map(|p| (p.name.clone(), p.limit_bytes >> 30))
         .collect();
-    assert_eq!(listed, ["holds", "small-claim"]);
+    // An initialising pod counts for the units the kubelet recorded there, not its limit raised
+    // for the watchdog: listed for 8 GiB on a GPU one of its containers took from another pod,
+    // it would read as wholly placed there and its units on its own GPU would go uncounted.
+    // A claim keeps its grant.
+    assert_eq!(
+        listed,
+        [("holds".to_string(), 4), ("small-claim".to_string(), 8)]
+    );
 }

@@ -195,10 +195,14 @@ pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingEr
             units: g.units,
             healthy: g.healthy,
             health_reason: g.health_reason.clone(),
-            // An initialising pod listed with no units holds nothing the kubelet recorded: it
-            // is its plain init container's limit alone, on the GPU its annotation names
-            // (`vramslice_core::node::init_limit`). Taken as a placement it would move the pod
-            // in the books.
+            // An initialising pod's limit is raised for its plain init container
+            // (`vramslice_core::node::init_limit`), on every GPU it is listed on, for the
+            // watchdog; the books take what the kubelet recorded there. Listed with no units it
+            // holds nothing the kubelet recorded, and taken as a placement it would move the
+            // pod in the books; listed for its raised limit on a GPU one of its containers took
+            // from another pod, it would read as wholly placed there and the rest of its units
+            // (on the GPU it was given) would go uncounted. Listed for its units, it reads as
+            // partly listed, and the ledger counts the rest where it was assigned.
             pods: g
                 .pods
                 .iter()
@@ -207,7 +211,11 @@ pub fn node_reading(gpunode: &GpuNode) -> (String, Result<NodeReading, ReadingEr
                     uid: p.uid.clone(),
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
-                    limit_bytes: p.limit_bytes.max(unit.bytes_for(p.allocated_units)),
+                    limit_bytes: if p.initialising {
+                        unit.bytes_for(p.allocated_units)
+                    } else {
+                        p.limit_bytes.max(unit.bytes_for(p.allocated_units))
+                    },
                     used_bytes: p.used_bytes,
                 })
                 .collect(),
