@@ -55,9 +55,18 @@ reject() {
 }
 d="$tmp/defaults.yaml"
 expect "$d" 'image: "?registry.k8s.io/kube-scheduler:v1\.37\.2' "scheduler image follows the cluster version"
-expect "$d" 'leaderElect: false' "one replica: no leader election"
+expect "$d" 'leaderElect: true' "one replica: leader election on (scaling up never overlaps an unelected pod)"
+expect "$d" 'vramslice.io/leader-elect: "true"' "the Deployment says whether its pods elect (read back by the next upgrade)"
 expect "$d" '^    percentageOfNodesToScore: 100$' "the extender judges every feasible node, not a sample"
-expect "$d" 'type: Recreate' "one replica: Recreate strategy"
+expect "$d" 'type: RollingUpdate' "electing pods (first install): RollingUpdate"
+expect "$d" '^                seconds: 10$' "the extender serves 10 s after termination starts (preStop sleep)"
+expect "$d" 'reinvocationPolicy: IfNeeded' "the webhook is called again after later mutations"
+expect "$d" 'secretName: vramslice-webhook-tls$' "self-signed webhook Secret name"
+expect "$tmp/cert-manager.yaml" 'secretName: vramslice-webhook-cm-tls$' "cert-manager's webhook Secret has a name of its own"
+reject "$tmp/cert-manager.yaml" 'vramslice-webhook-tls$' "cert-manager mode never names the chart's own Secret"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set scheduler.leaderElection.enabled=false > "$tmp/no-le.yaml"
+expect "$tmp/no-le.yaml" 'type: Recreate' "leader election off: Recreate strategy"
+expect "$tmp/no-le.yaml" 'vramslice.io/leader-elect: "false"' "leader election off: said on the Deployment"
 expect "$d" 'failurePolicy: Fail$' "webhook failurePolicy Fail by default"
 "$HELM" template vramslice "$CHART" "${KV[@]}" --set webhook.failurePolicy=Ignore > "$tmp/wh-ignore.yaml"
 expect "$tmp/wh-ignore.yaml" 'failurePolicy: Ignore$' "webhook.failurePolicy=Ignore passed through"
@@ -123,6 +132,7 @@ reject "$tmp/extender-role.yaml" 'resources: \[[^]]*events' "extender ClusterRol
 h="$tmp/ha.yaml"
 expect "$h" 'leaderElect: true' "replicas > 1: leader election"
 expect "$h" 'kind: PodDisruptionBudget' "replicas > 1: PDB"
+expect "$h" 'unhealthyPodEvictionPolicy: AlwaysAllow' "PDB never blocks evicting a crash-looping replica"
 expect "$h" 'resourceNames: \[vramslice-scheduler\]' "lease RBAC limited to the scheduler's Lease"
 expect "$tmp/spread-512mi.yaml" 'name: vramslice.io/vram-512mib' "512Mi unit renames the resource"
 expect "$tmp/cert-manager.yaml" 'cert-manager.io/inject-ca-from: vramslice-system/[a-z-]*webhook-ca$' \
@@ -180,7 +190,11 @@ expect "$x" '^kind: MutatingWebhookConfiguration$' "dra.deployExtender: webhook 
 expect "$x" '^kind: DeviceClass$' "dra.deployExtender: DeviceClass still rendered"
 expect "$x" 'publishThreshold: 2Gi$' "dra: publishThreshold passed through"
 expect "$x" 'registryDir: /var/lib/k0s/kubelet/plugins_registry$' "dra: plugin directories follow kubeletRootDir"
-reject "$x" '^kind: ValidatingAdmissionPolicy' "dra.slicePolicy=false: no policy"
+reject "$x" 'name: vramslice-device-plugin-resourceslices' "dra.slicePolicy=false: no slice policy"
+expect "$d" 'name: vramslice-device-plugin-gpunodes$' "a ValidatingAdmissionPolicy keeps GpuNode writes on the agent's node"
+expect "$d" 'resources: \[gpunodes, gpunodes/status\]' "the GpuNode policy covers the status subresource"
+"$HELM" template vramslice "$CHART" "${KV[@]}" --set devicePlugin.gpuNodePolicy=false > "$tmp/no-gpunode-policy.yaml"
+reject "$tmp/no-gpunode-policy.yaml" '^kind: ValidatingAdmissionPolicy' "devicePlugin.gpuNodePolicy=false: no policy"
 if "$HELM" template vramslice "$CHART" --kube-version v1.33.5 --set mode=dra > /dev/null 2> "$tmp/err.log"; then
   fail "mode: dra rendered for Kubernetes 1.33 (resource.k8s.io/v1 needs 1.34)"
 fi
@@ -234,6 +248,7 @@ done
 # (otherwise the install succeeds and the extender, or cert-manager, fails at run time).
 refused=(
   "--set scheduler.replicas=2 --set scheduler.leaderElection.enabled=false|would run 2 active schedulers"
+  "--set scheduler.replicas=2 --set scheduler.podDisruptionBudget.minAvailable=2|minAvailable=2 with scheduler.replicas=2 would let no scheduler pod be evicted"
   "--set webhook.caValidity=720h|webhook.certValidity=2160h is longer than webhook.caValidity=720h"
   "--set webhook.certValidity=1h30m500ms --set webhook.caValidity=1h30m|is longer than webhook.caValidity"
   "--set webhook.certValidity=0s|webhook.certValidity=0s is below 1h"

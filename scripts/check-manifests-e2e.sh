@@ -79,9 +79,14 @@ dry_run "$work/small.yaml" "chart with unit=128Mi, no webhook"
 cp -r "$ROOT/charts/vramslice" "$work/chart"
 sed -i '/^kubeVersion:/d' "$work/chart/Chart.yaml"
 hv=(--set scheduler.image.tag=v1.37.2)
-"$HELM" install vs "$work/chart" -n vs-system --create-namespace "${hv[@]}" > "$work/helm.log" 2>&1 \
+# Installed without leader election (one replica), as an install of a chart before it was the
+# default: the upgrade that turns it on must replace those pods, not overlap them.
+"$HELM" install vs "$work/chart" -n vs-system --create-namespace "${hv[@]}" \
+  --set scheduler.leaderElection.enabled=false > "$work/helm.log" 2>&1 \
   || { cat "$work/helm.log"; fail "helm install"; }
 ok "helm install on the e2e API server"
+strategy() { kubectl -n vs-system get deployment vs-vramslice-scheduler -o jsonpath='{.spec.strategy.type}'; }
+[[ "$(strategy)" == Recreate ]] || fail "without leader election the Deployment is not Recreate: $(strategy)"
 "$WEBHOOK_BIN" "$KUBECONFIG" 18444 vs-system vs-vramslice-webhook-tls vs-vramslice-webhook > "$work/webhook-vs.log" 2>&1 &
 webhook_pid=$!
 secret_crt() { kubectl -n vs-system get secret vs-vramslice-webhook-tls -o jsonpath='{.data.tls\.crt}'; }
@@ -96,6 +101,12 @@ crt="$(secret_crt)"; ca="$(ca_bundle)"
 [[ "$(secret_crt)" == "$crt" && "$(ca_bundle)" == "$ca" ]] || fail "helm upgrade lost the webhook certificate"
 kubectl -n vs-system get pdb vs-vramslice-scheduler > /dev/null || fail "no PodDisruptionBudget after scaling to 2"
 ok "helm upgrade keeps the webhook Secret and caBundle, adds the PDB"
+[[ "$(strategy)" == Recreate ]] \
+  || fail "the upgrade turning leader election on overlaps the unelected pods: $(strategy)"
+"$HELM" upgrade vs "$work/chart" -n vs-system "${hv[@]}" --set scheduler.replicas=2 --set extender.policy=spread \
+  > "$work/helm.log" 2>&1 || { cat "$work/helm.log"; fail "helm upgrade (again)"; }
+[[ "$(strategy)" == RollingUpdate ]] || fail "electing pods are not rolled: $(strategy)"
+ok "turning leader election on replaces the unelected pods (Recreate, read back through lookup); the next upgrade rolls"
 "$HELM" uninstall vs -n vs-system > /dev/null || fail "helm uninstall"
 left="$(kubectl get mutatingwebhookconfiguration,clusterrole,clusterrolebinding -o name | grep -c 'vs-vramslice' || true)"
 [[ "$left" == 0 && -z "$(kubectl -n vs-system get secret,configmap,deployment,daemonset -o name 2>/dev/null)" ]] \

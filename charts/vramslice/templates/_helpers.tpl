@@ -58,12 +58,14 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Whether the scheduler runs leader election. More than one replica without it would be as
 many active schedulers, each calling its own extender with its own ledger: they would promise
-one GPU's units twice. */}}
+one GPU's units twice. `auto` is on whatever the replicas: scaling from one replica to more then
+never rolls electing pods out beside one that does not elect (which would schedule on, while a
+new pod took the free lease). */}}
 {{- define "vramslice.leaderElect" -}}
 {{- $le := .Values.scheduler.leaderElection.enabled -}}
 {{- $replicas := int .Values.scheduler.replicas -}}
 {{- if eq (toString $le) "auto" -}}
-{{- if gt $replicas 1 }}true{{ else }}false{{ end -}}
+true
 {{- else if and (eq (toString $le) "false") (gt $replicas 1) -}}
 {{- fail (printf "scheduler.replicas=%d with scheduler.leaderElection.enabled=false would run %d active schedulers, each with its own extender ledger, and double-book GPUs: enable leader election (or leave it auto) or run one replica" $replicas $replicas) -}}
 {{- else -}}
@@ -141,7 +143,16 @@ with (dict "ctx" . "suffix" "device-plugin"). */}}
 {{- define "vramslice.devicePluginName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "device-plugin") }}{{- end -}}
 {{- define "vramslice.schedulerName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "scheduler") }}{{- end -}}
 {{- define "vramslice.webhookName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "webhook") }}{{- end -}}
-{{- define "vramslice.webhookSecretName" -}}{{ include "vramslice.componentName" (dict "ctx" . "suffix" "webhook-tls") }}{{- end -}}
+{{/* The webhook's TLS Secret: one name per certificate source. cert-manager's Secret is not the
+release's (Helm would refuse to adopt it when cert-manager is turned off) and the chart's own
+would be taken over by cert-manager when it is turned on, so switching never finds the other's. */}}
+{{- define "vramslice.webhookSecretName" -}}
+{{- if .Values.webhook.certManager.enabled -}}
+{{ include "vramslice.componentName" (dict "ctx" . "suffix" "webhook-cm-tls") }}
+{{- else -}}
+{{ include "vramslice.componentName" (dict "ctx" . "suffix" "webhook-tls") }}
+{{- end -}}
+{{- end -}}
 
 {{/* "true" in DRA mode (the node agent is a DRA driver), "" in device-plugin mode. */}}
 {{- define "vramslice.dra" -}}
