@@ -33,6 +33,9 @@ const SLICE_VERIFY_INTERVAL: Duration = Duration::from_secs(30);
 const SLICE_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the slice loop waits for the Node when it reads its UID again.
 const NODE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often prepared claims are read again for the pods they are reserved for now
+/// (`Driver::refresh_reserved_pods`): one GET per prepared claim of this node.
+const CLAIM_PODS_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why DRA mode could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +115,11 @@ pub async fn run(
         },
     );
     let (registrations, registered) = watch::channel(0u64);
+    let refresh = tokio::spawn(refresh_claim_pods(
+        Arc::clone(&driver),
+        CLAIM_PODS_REFRESH_INTERVAL,
+        shutdown.clone(),
+    ));
     let slices = tokio::spawn(keep_slice(
         Arc::clone(&driver),
         publisher,
@@ -136,8 +144,25 @@ pub async fn run(
     // Ended by shutdown, or failed (a socket could not be bound): either way the slice loop
     // stops with it, and a failure is reported (the agent exits and is restarted).
     slices.abort();
+    refresh.abort();
     let _ = slices.await;
     served.map_err(DraModeError::from)
+}
+
+/// Every `interval` until `shutdown` fires, record the pods each prepared claim is reserved
+/// for now.
+async fn refresh_claim_pods(
+    driver: Arc<Driver>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        driver.refresh_reserved_pods().await;
+    }
 }
 
 /// The Node's UID (the slice's owner), `None` when it cannot be read.

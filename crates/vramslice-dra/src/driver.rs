@@ -10,6 +10,7 @@ use k8s_openapi::api::resource::v1::ResourceClaim;
 use tokio::sync::Mutex;
 use vramslice_api::convert::dra::{
     ClaimError, admin_access_on, allocated_by_driver, allocated_devices_in, claim_on_node,
+    reserved_pods,
 };
 use vramslice_api::convert::pod_claims::containers_sharing;
 use vramslice_core::node::allocation::{AllocationSettings, host_files, missing_guard_library};
@@ -493,6 +494,66 @@ impl Driver {
         if let Err(e) = state.save(&self.config.checkpoint) {
             tracing::warn!(error = %e, "cannot checkpoint what was learned of prepared claims");
         }
+    }
+
+    /// Read each prepared claim again and record the pods it is reserved for now. The kubelet
+    /// prepares a claim once, for the pods it was reserved for then; pods that share it later
+    /// (a Deployment rolling over one claim) are only in `status.reservedFor`. Without this their
+    /// use would count as use outside every claim, and the claim's whole grant as still to come:
+    /// counted twice, the published capacity shrinks by up to the grant. A claim that cannot be
+    /// read keeps its pods; one gone or made again keeps them until its unprepare. A claim
+    /// prepared anew meanwhile (other devices) is left to that prepare. Returns how many
+    /// claims' pods changed.
+    pub async fn refresh_reserved_pods(&self) -> usize {
+        let prepared: Vec<(String, String, String, Vec<PreparedDevice>)> = self
+            .state
+            .lock()
+            .await
+            .claims
+            .iter()
+            .map(|(uid, c)| {
+                (
+                    uid.clone(),
+                    c.namespace.clone(),
+                    c.name.clone(),
+                    c.devices.clone(),
+                )
+            })
+            .collect();
+        let mut read = Vec::new();
+        for (uid, namespace, name, devices) in prepared {
+            match self.claims.get(&namespace, &name).await {
+                Ok(object) if object.metadata.uid.as_deref() == Some(uid.as_str()) => {
+                    let pods: Vec<PreparedPod> = reserved_pods(&object)
+                        .into_iter()
+                        .map(|(name, uid)| PreparedPod { name, uid })
+                        .collect();
+                    read.push((uid, devices, pods));
+                }
+                Ok(_) | Err(FetchError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::debug!(claim = %format!("{namespace}/{name}"), error = %e, "cannot read a prepared claim to refresh its pods");
+                }
+            }
+        }
+        let mut state = self.state.lock().await;
+        let mut changed = 0;
+        for (uid, devices, pods) in read {
+            if let Some(claim) = state.claims.get_mut(&uid)
+                && claim.devices == devices
+                && claim.pods != pods
+            {
+                tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), before = claim.pods.len(), now = pods.len(), "the pods a prepared claim is reserved for changed");
+                claim.pods = pods;
+                changed += 1;
+            }
+        }
+        if changed > 0
+            && let Err(e) = state.save(&self.config.checkpoint)
+        {
+            tracing::warn!(error = %e, "cannot checkpoint the pods of prepared claims");
+        }
+        changed
     }
 
     /// Unprepare `claim`: remove its files and forget it. A claim this driver never prepared

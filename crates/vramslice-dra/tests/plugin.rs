@@ -636,6 +636,69 @@ async fn a_two_gpu_claim_gets_two_devices_and_one_limit_per_gpu() {
 }
 
 #[tokio::test]
+async fn the_pods_sharing_a_prepared_claim_are_read_again_and_kept_across_restarts() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-1", "6Gi")]));
+    node.claims
+        .put(claim("other", "uid-2", &[("gpu-0", "2Gi")]));
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .prepare(NodePrepareResourcesRequest {
+            claims: vec![
+                kubelet_claim("llm", "uid-1"),
+                kubelet_claim("other", "uid-2"),
+            ],
+        })
+        .await;
+    assert!(answer.claims.values().all(|c| c.error.is_empty()));
+    let driver = Driver::open(node.config(), node.claims.clone()).unwrap();
+    let pods_of = |holdings: Vec<vramslice_core::node::publish::ClaimHolding>, claim: &str| {
+        holdings
+            .into_iter()
+            .find(|h| h.claim == claim)
+            .map(|h| h.pods.into_iter().map(|(name, _)| name).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        pods_of(driver.holdings().await, "llm").unwrap(),
+        ["llm-pod"]
+    );
+    assert_eq!(driver.refresh_reserved_pods().await, 0, "nothing changed");
+
+    // The Deployment rolled: the first pod is gone, two others share the claim. The kubelet
+    // never prepares it again for them.
+    let mut rolled = claim("llm", "uid-1", &[("gpu-1", "6Gi")]);
+    rolled.status.as_mut().unwrap().reserved_for = Some(
+        ["llm-b", "llm-c"]
+            .map(|name| ResourceClaimConsumerReference {
+                resource: "pods".into(),
+                name: name.into(),
+                uid: format!("pod-{name}"),
+                api_group: None,
+            })
+            .to_vec(),
+    );
+    node.claims.put(rolled);
+    // A claim made again under the same name (another UID) is not this prepared one.
+    node.claims
+        .put(claim("other", "uid-remade", &[("gpu-0", "2Gi")]));
+    assert_eq!(driver.refresh_reserved_pods().await, 1);
+    assert_eq!(
+        pods_of(driver.holdings().await, "llm").unwrap(),
+        ["llm-b", "llm-c"]
+    );
+    assert_eq!(
+        pods_of(driver.holdings().await, "other").unwrap(),
+        ["other-pod"]
+    );
+    // Checkpointed: a restarted agent knows them.
+    let reopened = Driver::open(node.config(), node.claims.clone()).unwrap();
+    assert_eq!(
+        pods_of(reopened.holdings().await, "llm").unwrap(),
+        ["llm-b", "llm-c"]
+    );
+}
+
+#[tokio::test]
 async fn an_admin_access_claim_is_prepared_but_its_grant_is_not_added_back() {
     // kube-scheduler counts no consumed capacity for admin-access results, so the capacity the
     // slice publishes must not include their grants (what they may still take is held back).

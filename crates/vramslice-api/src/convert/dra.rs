@@ -172,15 +172,7 @@ pub fn claim_on_node(
         share_ids.push(result.share_id.clone());
         admin_access |= admin_result_on(result, pool);
     }
-    let pods = status
-        .and_then(|s| s.reserved_for.as_ref())
-        .map(|r| {
-            r.iter()
-                .filter(|c| c.resource == "pods")
-                .map(|c| (c.name.clone(), c.uid.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let pods = reserved_pods(claim);
     Ok(ClaimOnNode {
         uid,
         grants,
@@ -188,6 +180,22 @@ pub fn claim_on_node(
         pods,
         admin_access,
     })
+}
+
+/// The pods `claim` is reserved for now (`status.reservedFor` entries of resource `pods`):
+/// (name, UID).
+pub fn reserved_pods(claim: &ResourceClaim) -> Vec<(String, String)> {
+    claim
+        .status
+        .as_ref()
+        .and_then(|s| s.reserved_for.as_ref())
+        .map(|r| {
+            r.iter()
+                .filter(|c| c.resource == "pods")
+                .map(|c| (c.name.clone(), c.uid.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The allocation results of `claim`, of every driver (none while it is not allocated).
