@@ -2,9 +2,12 @@
 # Against the e2e cluster's real kube-apiserver (e2e/bin/vramslice-cluster --control-plane-only):
 #  1. every object of manifests/ (both modes; and of the chart's HA and 128Mi/no-webhook renderings) passes a
 #     server-side dry-run apply, so it is schema-valid there (CEL matchConditions included);
-#  2. helm install, upgrade and uninstall of the chart work there, and an upgrade keeps the
-#     webhook certificate the extender wrote (Secret data and caBundle);
-#  3. the webhook, served by this machine (crates/vramslice-webhook/examples/serve_local.rs) with
+#  2. the GpuNode ValidatingAdmissionPolicy lets the node agent (impersonated with the node-name
+#     extra of a pod-bound token) write its own node's GpuNode and status and refuses others;
+#  3. helm install, upgrade and uninstall of the chart work there, an upgrade keeps the
+#     webhook certificate the extender wrote (Secret data and caBundle), and the upgrade that
+#     turns leader election on replaces unelected pods (Recreate) before later ones roll;
+#  4. the webhook, served by this machine (crates/vramslice-webhook/examples/serve_local.rs) with
 #     the chart's own MutatingWebhookConfiguration pointed at https://localhost, mutates exactly
 #     the pods it should; when it is down (failurePolicy Fail, the default) a VRAM pod is refused
 #     naming the webhook while a pod without VRAM is still admitted (matchConditions skip it).
@@ -72,6 +75,43 @@ dry_run "$work/ha.yaml" "chart with scheduler.replicas=3 and a NetworkPolicy"
 "$HELM" template vramslice "$ROOT/charts/vramslice" -n vramslice-system --kube-version v1.37.2 \
   --set unit=128Mi --set webhook.enabled=false --set devicePlugin.deviceListStrategy=cdi > "$work/small.yaml"
 dry_run "$work/small.yaml" "chart with unit=128Mi, no webhook"
+
+# The GpuNode policy, enforced: the node agent's identity (impersonated, with the node-name extra
+# a pod-bound token carries) writes its own node's GpuNode and status, and nothing else.
+awk 'BEGIN { RS = "\n---\n"; ORS = "\n---\n" }
+  /\n  name: vramslice-device-plugin(-gpunodes)?\n/ && /kind: (ServiceAccount|ClusterRole|ClusterRoleBinding|ValidatingAdmissionPolicy|ValidatingAdmissionPolicyBinding)\n/' \
+  "$ROOT/manifests/vramslice.yaml" > "$work/agent.yaml"
+[[ "$(grep -c '^kind: ValidatingAdmissionPolicy' "$work/agent.yaml")" == 2 ]] || fail "the GpuNode policy is not in manifests/vramslice.yaml"
+kubectl apply -f "$work/agent.yaml" > /dev/null 2>&1
+# kubectl patch reads the object first; the agent itself patches without reading.
+kubectl create clusterrole check-gpunode-status-get --verb=get --resource=gpunodes.vramslice.io/status > /dev/null
+kubectl create clusterrolebinding check-gpunode-status-get --clusterrole=check-gpunode-status-get \
+  --serviceaccount=vramslice-system:vramslice-device-plugin > /dev/null
+as_agent=(--as=system:serviceaccount:vramslice-system:vramslice-device-plugin --as-group=system:serviceaccounts)
+status='{"status":{"unit":"1Gi","resourceName":"vramslice.io/vram-gib","observedAt":"2026-12-07T12:00:00Z"}}'
+gpunode() { printf 'apiVersion: vramslice.io/v1alpha1\nkind: GpuNode\nmetadata: {name: %s}\nspec: {nodeName: %s}\n' "$1" "$1"; }
+denied=""
+for _ in $(seq 1 50); do # the policy takes effect once the API server has compiled it
+  if ! out="$(gpunode node-b | kubectl create "${as_agent[@]}" --as-user-extra=authentication.kubernetes.io/node-name=node-a -f - 2>&1)"; then
+    denied="$out"; break
+  fi
+  kubectl delete gpunode node-b > /dev/null
+  sleep 0.2
+done
+[[ "$denied" == *"may only write the GpuNode of that node, not 'node-b'"* ]] || fail "the agent of node-a wrote node-b's GpuNode: ${denied:-allowed}"
+gpunode node-a | kubectl create "${as_agent[@]}" --as-user-extra=authentication.kubernetes.io/node-name=node-a -f - > /dev/null \
+  || fail "the agent of node-a cannot create its own GpuNode"
+kubectl patch gpunode node-a --subresource=status --type=merge -p "$status" "${as_agent[@]}" \
+  --as-user-extra=authentication.kubernetes.io/node-name=node-a > /dev/null || fail "the agent of node-a cannot write its GpuNode's status"
+out="$(kubectl patch gpunode node-a --subresource=status --type=merge -p "$status" "${as_agent[@]}" \
+  --as-user-extra=authentication.kubernetes.io/node-name=node-b 2>&1)" && fail "the agent of node-b wrote node-a's GpuNode status"
+[[ "$out" == *"may only write the GpuNode of that node"* ]] || fail "unexpected refusal: $out"
+out="$(gpunode node-c | kubectl create "${as_agent[@]}" -f - 2>&1)" && fail "a token without a node wrote a GpuNode"
+[[ "$out" == *"names no node"* ]] || fail "unexpected refusal: $out"
+kubectl delete gpunode node-a > /dev/null
+kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy vramslice-device-plugin-gpunodes > /dev/null
+kubectl delete clusterrolebinding,clusterrole check-gpunode-status-get > /dev/null
+ok "GpuNode policy: the node agent writes its own node's GpuNode and status only (CREATE and status PATCH checked)"
 
 # A real helm install/upgrade/uninstall. The e2e API server is built without version stamps
 # (it reports v0.0.0-master), so the chart's kubeVersion constraint is dropped from a copy; the
