@@ -223,7 +223,7 @@ fn a_pod_listed_with_no_units_is_not_a_placement() {
         ..Default::default()
     });
     let (_, r) = node_reading(&gn);
-    let listed: Vec<String> = r.unwrap().gpus[0]
+    let listed: Vec<(String, u64)> = r.unwrap().gpus[0]
         .pods
         .iter()
         .map(|p| (p.name.clone(), p.limit_bytes >> 30))
