@@ -282,10 +282,14 @@ pub fn containers_request(
     annotations: Option<&BTreeMap<String, String>>,
     read_for: ReadFor,
 ) -> Result<Option<PodRequest>, RequestError> {
+    // A bound pod holds its memory whatever its annotations say: the books count a GPU count
+    // they cannot read, or one its containers do not split over (a pod vramslice did not place),
+    // as one GPU, rather than forget the pod.
     let gpus = match read_for {
         ReadFor::Placement => gpus_of(who, annotations)?,
-        ReadFor::Books => bound_gpu_count(who, annotations)?,
+        ReadFor::Books => bound_gpu_count(who, annotations).unwrap_or(1),
     };
+    let mut uneven = false;
     let mut unit: Option<VramUnit> = None;
     let mut units_of = |c: &ContainerVram<'_>| -> Result<u64, RequestError> {
         let mut total = 0u64;
@@ -328,7 +332,9 @@ pub fn containers_request(
                 value: q.0.clone(),
             };
             let n = parse_bytes(&q.0).map_err(|_| bad())?;
-            if !n.is_multiple_of(u64::from(gpus)) {
+            if !n.is_multiple_of(u64::from(gpus)) && read_for == ReadFor::Books {
+                uneven = true;
+            } else if !n.is_multiple_of(u64::from(gpus)) {
                 return Err(RequestError::UnevenSplit {
                     pod: who.to_string(),
                     container: c.name.to_string(),
@@ -374,6 +380,7 @@ pub fn containers_request(
         });
     }
     let total = pod_units(&app_units, &init_units);
+    let gpus = if uneven { 1 } else { gpus };
     Ok(unit
         .filter(|_| total > 0)
         .map(|u| PodRequest::spanning(u, total, gpus)))

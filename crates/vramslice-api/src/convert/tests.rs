@@ -194,16 +194,22 @@ fn editing_a_bound_pods_gpu_count_does_not_drop_it_from_the_books() {
         // Placement still reads the annotation as written.
         assert!(pod_request(&p, &[VramUnit::Gib1]).is_err() || gpus == "1");
     }
-    // Bound some other way (no assignment): the annotation is all there is.
-    let mut other = bound("3", "");
-    other
-        .metadata
-        .annotations
-        .as_mut()
-        .unwrap()
-        .remove(ANNOTATION_GPU_UUID);
-    assert!(matches!(
-        pod_fate(&other, &[VramUnit::Gib1]),
-        PodFate::Gone(_)
-    ));
+    // Bound some other way (no assignment): the annotation is all there is, and when the
+    // containers do not split over it, or it is no count at all, the pod still holds its
+    // memory: counted as on one GPU, never forgotten.
+    for (gpus, want) in [("3", 1), ("many", 1), ("0", 1), ("2", 2)] {
+        let mut other = bound(gpus, "");
+        other
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(ANNOTATION_GPU_UUID);
+        match pod_fate(&other, &[VramUnit::Gib1]) {
+            PodFate::Bound(record) => {
+                assert_eq!((record.request.units, record.request.gpus), (4, want));
+            }
+            got => panic!("gpus {gpus:?}: {got:?}"),
+        }
+    }
 }
