@@ -121,6 +121,9 @@ struct PodEntry {
     /// A reservation whose bind ended without knowing whether its Binding took
     /// ([`Ledger::unsettle`]).
     unsettled: Option<Unsettled>,
+    /// Bound by a Binding the API server confirmed, not yet shown by the pod watch: the re-list
+    /// count when it was confirmed ([`Ledger::confirm_bound`]).
+    confirmed_in: Option<u64>,
 }
 
 /// When and under which token a reservation was left unsettled.
@@ -195,6 +198,8 @@ pub struct Ledger {
     capacities: BTreeMap<u64, usize>,
     /// Tokens handed out by [`Ledger::unsettle`].
     unsettles: u64,
+    /// Re-lists of the pods so far ([`Ledger::replace_pods`]).
+    relists: u64,
 }
 
 impl Ledger {
@@ -206,6 +211,7 @@ impl Ledger {
             pods: FastMap::default(),
             capacities: BTreeMap::new(),
             unsettles: 0,
+            relists: 0,
         }
     }
 
@@ -289,6 +295,7 @@ impl Ledger {
                 observed_gpu,
                 reserved_since: None,
                 unsettled: None,
+                confirmed_in: None,
             },
         );
         self.node_mut(&node).pods.insert(uid);
@@ -314,13 +321,22 @@ impl Ledger {
         }
     }
 
-    /// Replace every bound pod at once (after a full re-list). Reservations in flight are kept.
+    /// Replace every bound pod at once (after a full re-list). Reservations in flight are kept,
+    /// and so are pods confirmed bound since the last re-list (this list may have been taken
+    /// just before their Binding; the watch after it shows them). A confirmed pod the next
+    /// re-list still lacks is gone.
     pub fn replace_pods(&mut self, records: Vec<PodRecord>) {
         let listed: BTreeSet<&str> = records.iter().map(|r| r.uid.as_str()).collect();
+        let relists = self.relists;
+        self.relists += 1;
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(uid, e)| e.reserved_since.is_none() && !listed.contains(uid.as_str()))
+            .filter(|(uid, e)| {
+                e.reserved_since.is_none()
+                    && e.confirmed_in != Some(relists)
+                    && !listed.contains(uid.as_str())
+            })
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
@@ -388,6 +404,7 @@ impl Ledger {
                 observed_gpu: None,
                 reserved_since: Some(now),
                 unsettled: None,
+                confirmed_in: None,
             },
         );
         self.node_mut(node).pods.insert(request.uid.clone());

@@ -75,13 +75,16 @@ impl Ledger {
     /// The API server confirmed the Binding of reservation `uid` (it answered 201, or the pod
     /// read back bound here): the pod is bound, whether or not the pod watch has shown it yet,
     /// so its booking no longer expires (a watch stalled past the reservation TTL would
-    /// otherwise drop a bound pod's room and promise it again). A re-list that does not hold
-    /// the pod forgets it as it does any bound pod. Returns whether a reservation was confirmed.
+    /// otherwise drop a bound pod's room and promise it again). The next re-list keeps it (it
+    /// may have been listed before the Binding); one after that which does not hold the pod
+    /// forgets it, as any bound pod. Returns whether a reservation was confirmed.
     pub fn confirm_bound(&mut self, uid: &str) -> bool {
+        let relists = self.relists;
         match self.pods.get_mut(uid) {
             Some(e) if e.reserved_since.is_some() => {
                 e.reserved_since = None;
                 e.unsettled = None;
+                e.confirmed_in = Some(relists);
                 true
             }
             _ => false,
