@@ -33,8 +33,9 @@ const SLICE_VERIFY_INTERVAL: Duration = Duration::from_secs(30);
 const SLICE_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the slice loop waits for the Node when it reads its UID again.
 const NODE_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often prepared claims are read again for the pods they are reserved for now
-/// (`Driver::refresh_reserved_pods`): one GET per prepared claim of this node.
+/// How often prepared claims are read again for the pods they are reserved for now, and
+/// released when gone for good (`Driver::reconcile_prepared_claims`): one GET per prepared
+/// claim of this node.
 const CLAIM_PODS_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why DRA mode could not start or stopped.
@@ -115,7 +116,7 @@ pub async fn run(
         },
     );
     let (registrations, registered) = watch::channel(0u64);
-    let refresh = tokio::spawn(refresh_claim_pods(
+    let refresh = tokio::spawn(reconcile_claims(
         Arc::clone(&driver),
         CLAIM_PODS_REFRESH_INTERVAL,
         shutdown.clone(),
@@ -149,9 +150,9 @@ pub async fn run(
     served.map_err(DraModeError::from)
 }
 
-/// Every `interval` until `shutdown` fires, record the pods each prepared claim is reserved
-/// for now.
-async fn refresh_claim_pods(
+/// Every `interval` until `shutdown` fires, reconcile the prepared claims with the API
+/// server (their pods now; claims gone for good released).
+async fn reconcile_claims(
     driver: Arc<Driver>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -161,7 +162,7 @@ async fn refresh_claim_pods(
             _ = shutdown.wait_for(|stop| *stop) => return,
             () = tokio::time::sleep(interval) => {}
         }
-        driver.refresh_reserved_pods().await;
+        driver.reconcile_prepared_claims().await;
     }
 }
 

@@ -160,6 +160,23 @@ pub struct Driver {
     state: Mutex<Checkpoint>,
     /// Claim UID → the lock its prepare and unprepare hold ([`Driver::claim_lock`]).
     claim_locks: std::sync::Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
+    /// Prepared claims the API server no longer has (or has made again), since when
+    /// ([`Driver::reconcile_prepared_claims`]).
+    gone_since: std::sync::Mutex<BTreeMap<String, tokio::time::Instant>>,
+}
+
+/// How long a prepared claim must be gone from the API server before the driver releases it
+/// itself: the kubelet's unprepare normally comes first; one that never comes (the kubelet's
+/// state was lost) would otherwise keep its files and its grant in the books for good.
+pub const GONE_CLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What [`Driver::reconcile_prepared_claims`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Claims whose pods changed.
+    pub pods_changed: usize,
+    /// Claims released (`namespace/name`), gone from the API server for the grace period.
+    pub released: Vec<String>,
 }
 
 impl Driver {
@@ -184,6 +201,7 @@ impl Driver {
             gpus: RwLock::new(BTreeMap::new()),
             state: Mutex::new(checkpoint),
             claim_locks: std::sync::Mutex::new(BTreeMap::new()),
+            gone_since: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -496,15 +514,21 @@ impl Driver {
         }
     }
 
-    /// Read each prepared claim again and record the pods it is reserved for now. The kubelet
-    /// prepares a claim once, for the pods it was reserved for then; pods that share it later
-    /// (a Deployment rolling over one claim) are only in `status.reservedFor`. Without this their
-    /// use would count as use outside every claim, and the claim's whole grant as still to come:
-    /// counted twice, the published capacity shrinks by up to the grant. A claim that cannot be
-    /// read keeps its pods; one gone or made again keeps them until its unprepare. A claim
-    /// prepared anew meanwhile (other devices) is left to that prepare. Returns how many
-    /// claims' pods changed.
-    pub async fn refresh_reserved_pods(&self) -> usize {
+    /// Read each prepared claim again: record the pods it is reserved for now, and release
+    /// one gone from the API server for [`GONE_CLAIM_GRACE`].
+    ///
+    /// The kubelet prepares a claim once, for the pods it was reserved for then; pods that share
+    /// it later (a Deployment rolling over one claim) are only in `status.reservedFor`. Without
+    /// this their use would count as use outside every claim, and the claim's whole grant as
+    /// still to come: counted twice, the published capacity shrinks by up to the grant. A
+    /// claim prepared anew meanwhile (other devices) is left to that prepare; one that cannot
+    /// be read keeps what it had.
+    ///
+    /// A claim is deleted only once no pod is reserved for it, so one gone (or made again
+    /// under its name) has no container left; its unprepare normally follows at once. When it
+    /// has not come after the grace period (the kubelet's own state was lost), the claim is
+    /// unprepared here: its files removed, its grant no longer held.
+    pub async fn reconcile_prepared_claims(&self) -> Reconciled {
         let prepared: Vec<(String, String, String, Vec<PreparedDevice>)> = self
             .state
             .lock()
@@ -521,6 +545,7 @@ impl Driver {
             })
             .collect();
         let mut read = Vec::new();
+        let mut gone = Vec::new();
         for (uid, namespace, name, devices) in prepared {
             match self.claims.get(&namespace, &name).await {
                 Ok(object) if object.metadata.uid.as_deref() == Some(uid.as_str()) => {
@@ -530,30 +555,65 @@ impl Driver {
                         .collect();
                     read.push((uid, devices, pods));
                 }
-                Ok(_) | Err(FetchError::NotFound(_)) => {}
+                Ok(_) | Err(FetchError::NotFound(_)) => gone.push(ClaimRef {
+                    namespace,
+                    name,
+                    uid,
+                }),
                 Err(e) => {
-                    tracing::debug!(claim = %format!("{namespace}/{name}"), error = %e, "cannot read a prepared claim to refresh its pods");
+                    tracing::debug!(claim = %format!("{namespace}/{name}"), error = %e, "cannot read a prepared claim to reconcile it");
                 }
             }
         }
-        let mut state = self.state.lock().await;
-        let mut changed = 0;
-        for (uid, devices, pods) in read {
-            if let Some(claim) = state.claims.get_mut(&uid)
-                && claim.devices == devices
-                && claim.pods != pods
+        let now = tokio::time::Instant::now();
+        let overdue: Vec<ClaimRef> = {
+            let mut since = self
+                .gone_since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            since.retain(|uid, _| gone.iter().any(|c| &c.uid == uid));
+            gone.into_iter()
+                .filter(|c| {
+                    let first = *since.entry(c.uid.clone()).or_insert(now);
+                    now.duration_since(first) >= GONE_CLAIM_GRACE
+                })
+                .collect()
+        };
+        let mut reconciled = Reconciled::default();
+        {
+            let mut state = self.state.lock().await;
+            for (uid, devices, pods) in read {
+                if let Some(claim) = state.claims.get_mut(&uid)
+                    && claim.devices == devices
+                    && claim.pods != pods
+                {
+                    tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), before = claim.pods.len(), now = pods.len(), "the pods a prepared claim is reserved for changed");
+                    claim.pods = pods;
+                    reconciled.pods_changed += 1;
+                }
+            }
+            if reconciled.pods_changed > 0
+                && let Err(e) = state.save(&self.config.checkpoint)
             {
-                tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), before = claim.pods.len(), now = pods.len(), "the pods a prepared claim is reserved for changed");
-                claim.pods = pods;
-                changed += 1;
+                tracing::warn!(error = %e, "cannot checkpoint the pods of prepared claims");
             }
         }
-        if changed > 0
-            && let Err(e) = state.save(&self.config.checkpoint)
-        {
-            tracing::warn!(error = %e, "cannot checkpoint the pods of prepared claims");
+        for claim in overdue {
+            tracing::warn!(claim = %claim.label(), uid = %claim.uid, grace_s = GONE_CLAIM_GRACE.as_secs(), "a prepared claim is gone from the API server and its unprepare never came; releasing it");
+            match self.unprepare(&claim).await {
+                Ok(()) => {
+                    self.gone_since
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&claim.uid);
+                    reconciled.released.push(claim.label());
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %claim.label(), error = %e, "cannot release a prepared claim that is gone; trying again later");
+                }
+            }
         }
-        changed
+        reconciled
     }
 
     /// Unprepare `claim`: remove its files and forget it. A claim this driver never prepared

@@ -23,7 +23,7 @@ use vramslice_core::node::allocation::{AllocationSettings, DeviceListStrategy, I
 use vramslice_core::node::sample::{GpuSample, Health};
 use vramslice_dra::checkpoint::Checkpoint;
 use vramslice_dra::claims::{ClaimFuture, ClaimSource, FetchError, PodFuture};
-use vramslice_dra::driver::{Driver, DriverConfig};
+use vramslice_dra::driver::{ClaimRef, Driver, DriverConfig, GONE_CLAIM_GRACE, Reconciled};
 use vramslice_dra::proto::dra::dra_plugin_client::DraPluginClient;
 use vramslice_dra::proto::dra::{
     Claim, NodePrepareResourcesRequest, NodePrepareResourcesResponse,
@@ -662,7 +662,11 @@ async fn the_pods_sharing_a_prepared_claim_are_read_again_and_kept_across_restar
         pods_of(driver.holdings().await, "llm").unwrap(),
         ["llm-pod"]
     );
-    assert_eq!(driver.refresh_reserved_pods().await, 0, "nothing changed");
+    assert_eq!(
+        driver.reconcile_prepared_claims().await,
+        Reconciled::default(),
+        "nothing changed"
+    );
 
     // The Deployment rolled: the first pod is gone, two others share the claim. The kubelet
     // never prepares it again for them.
@@ -681,7 +685,12 @@ async fn the_pods_sharing_a_prepared_claim_are_read_again_and_kept_across_restar
     // A claim made again under the same name (another UID) is not this prepared one.
     node.claims
         .put(claim("other", "uid-remade", &[("gpu-0", "2Gi")]));
-    assert_eq!(driver.refresh_reserved_pods().await, 1);
+    let reconciled = driver.reconcile_prepared_claims().await;
+    assert_eq!(reconciled.pods_changed, 1);
+    assert!(
+        reconciled.released.is_empty(),
+        "a claim just seen gone waits for its unprepare"
+    );
     assert_eq!(
         pods_of(driver.holdings().await, "llm").unwrap(),
         ["llm-b", "llm-c"]
@@ -696,6 +705,67 @@ async fn the_pods_sharing_a_prepared_claim_are_read_again_and_kept_across_restar
         pods_of(reopened.holdings().await, "llm").unwrap(),
         ["llm-b", "llm-c"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prepared_claim_gone_from_the_api_whose_unprepare_never_comes_is_released_after_the_grace()
+ {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-1", "6Gi")]));
+    node.claims.put(claim("kept", "uid-2", &[("gpu-0", "2Gi")]));
+    let driver = Driver::open(node.config(), node.claims.clone()).unwrap();
+    driver.set_gpus(&samples());
+    for (name, uid) in [("llm", "uid-1"), ("kept", "uid-2")] {
+        let claim = ClaimRef {
+            namespace: "ml".into(),
+            name: name.into(),
+            uid: uid.into(),
+        };
+        driver.prepare(&claim).await.unwrap();
+    }
+    assert!(node.path("cdi/vramslice.io-claim-uid-1.json").exists());
+    // The claim is deleted (its pods are gone) and the kubelet, its state lost, never asks.
+    node.claims
+        .claims
+        .lock()
+        .unwrap()
+        .remove(&("ml".to_string(), "llm".to_string()));
+    assert!(driver.reconcile_prepared_claims().await.released.is_empty());
+    tokio::time::advance(GONE_CLAIM_GRACE / 2).await;
+    assert!(driver.reconcile_prepared_claims().await.released.is_empty());
+    tokio::time::advance(GONE_CLAIM_GRACE / 2).await;
+    assert_eq!(
+        driver.reconcile_prepared_claims().await.released,
+        ["ml/llm"]
+    );
+    assert!(!node.path("cdi/vramslice.io-claim-uid-1.json").exists());
+    assert!(!node.path("accounting/claim-uid-1").exists());
+    let holdings: Vec<String> = driver
+        .holdings()
+        .await
+        .into_iter()
+        .map(|h| h.claim)
+        .collect();
+    assert_eq!(holdings, ["kept"]);
+    let checkpoint = Checkpoint::load(&node.path("state/checkpoint.json")).unwrap();
+    assert_eq!(checkpoint.claims.keys().collect::<Vec<_>>(), ["uid-2"]);
+    // A claim back within the grace is not released: its gone time starts again.
+    node.claims
+        .claims
+        .lock()
+        .unwrap()
+        .remove(&("ml".to_string(), "kept".to_string()));
+    driver.reconcile_prepared_claims().await;
+    tokio::time::advance(GONE_CLAIM_GRACE / 2).await;
+    node.claims.put(claim("kept", "uid-2", &[("gpu-0", "2Gi")]));
+    driver.reconcile_prepared_claims().await;
+    node.claims
+        .claims
+        .lock()
+        .unwrap()
+        .remove(&("ml".to_string(), "kept".to_string()));
+    tokio::time::advance(GONE_CLAIM_GRACE / 2).await;
+    assert!(driver.reconcile_prepared_claims().await.released.is_empty());
 }
 
 #[tokio::test]
