@@ -279,6 +279,10 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
         } else {
             now + SLICE_VERIFY_INTERVAL
         };
+        // A change the pace held back is written when its wait is over, reading or not.
+        let wake = publisher
+            .deferred_until()
+            .map_or(wake, |due| wake.min(Instant::from_std(due)));
         tokio::select! {
             changed = node.snapshot.changed() => if changed.is_err() { return },
             () = tokio::time::sleep_until(wake) => {}
@@ -471,6 +475,27 @@ mod tests {
             "the taint was retried without a new reading"
         );
         assert!(tainted(&stored[1]));
+        l.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_the_pace_held_back_is_written_when_its_wait_ends_without_a_new_reading() {
+        let l = Loop::start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(l.slices.written().len(), 1);
+        // 1 s after the first write, an outside process takes 10 GiB: a fall in capacity,
+        // written once the minimum interval (2 s) since the last write has passed. No reading
+        // comes after this one (a long pollInterval).
+        let mut busy = h100();
+        busy[0].used_bytes = 10 * GIB;
+        busy[0].free_bytes = 70 * GIB;
+        l.readings.apply(busy);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(l.slices.written().len(), 1, "held back by the pace");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stored = l.slices.written();
+        assert_eq!(stored.len(), 2, "written when the wait ended");
+        assert_ne!(stored[0].spec.devices, stored[1].spec.devices);
         l.stop().await;
     }
 

@@ -157,6 +157,8 @@ pub struct SlicePublisher<W: SliceWriter> {
     last_write: Option<Instant>,
     /// When the stored slice was last known to be ours (checked or written).
     verified_at: Option<Instant>,
+    /// When a change held back by the pace may be written ([`SlicePublisher::deferred_until`]).
+    deferred: Option<Instant>,
     writes: u64,
 }
 
@@ -170,6 +172,7 @@ impl<W: SliceWriter> SlicePublisher<W> {
             published: None,
             last_write: None,
             verified_at: None,
+            deferred: None,
             writes: 0,
         }
     }
@@ -177,6 +180,14 @@ impl<W: SliceWriter> SlicePublisher<W> {
     /// Slices written so far.
     pub fn writes(&self) -> u64 {
         self.writes
+    }
+
+    /// When the change the last [`SlicePublisher::observe`] held back (its pace's wait since
+    /// the last write had not passed) may be written: the caller observes again then, even if
+    /// no new reading comes (with a long poll interval the next one could be far later).
+    /// `None` when nothing is held back.
+    pub fn deferred_until(&self) -> Option<Instant> {
+        self.deferred
     }
 
     /// Forget what was published, so the next [`SlicePublisher::observe`] writes the slice
@@ -236,6 +247,7 @@ impl<W: SliceWriter> SlicePublisher<W> {
         now: Instant,
     ) -> Result<Option<SlicePublishReason>, WriteError> {
         self.verify(now).await?;
+        self.deferred = None;
         let Some(reason) = slice_publish_reason(
             self.published.as_deref(),
             &devices,
@@ -244,10 +256,10 @@ impl<W: SliceWriter> SlicePublisher<W> {
             return Ok(None);
         };
         let wait = reason.pace().wait(self.policy.min_interval);
-        if self
-            .last_write
-            .is_some_and(|at| now.saturating_duration_since(at) < wait)
+        if let Some(at) = self.last_write
+            && now.saturating_duration_since(at) < wait
         {
+            self.deferred = Some(at + wait);
             return Ok(None);
         }
         if self.published.is_none() {
