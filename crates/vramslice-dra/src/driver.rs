@@ -160,13 +160,14 @@ pub struct Driver {
     state: Mutex<Checkpoint>,
     /// Claim UID → the lock its prepare and unprepare hold ([`Driver::claim_lock`]).
     claim_locks: std::sync::Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
-    /// Prepared claims the API server no longer has (or has made again), since when
+    /// Prepared claims no longer held here (gone from the API server, made again, deallocated,
+    /// allocated elsewhere), since when, and the devices they were prepared with
     /// ([`Driver::reconcile_prepared_claims`]).
-    gone_since: std::sync::Mutex<BTreeMap<String, tokio::time::Instant>>,
+    gone_since: std::sync::Mutex<BTreeMap<String, (tokio::time::Instant, Vec<PreparedDevice>)>>,
 }
 
-/// How long a prepared claim must be gone from the API server before the driver releases it
-/// itself: the kubelet's unprepare normally comes first; one that never comes (the kubelet's
+/// How long a prepared claim must be no longer held here (gone from the API server, or not
+/// allocated here as prepared) before the driver releases it itself: the kubelet's unprepare normally comes first; one that never comes (the kubelet's
 /// state was lost) would otherwise keep its files and its grant in the books for good.
 pub const GONE_CLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -266,6 +267,17 @@ impl Driver {
     /// # Errors
     /// [`PrepareError`] naming the claim and the cause; nothing is checkpointed then.
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, PrepareError> {
+        // Also before a checkpointed claim's files are written again (after a reboot): its CDI
+        // spec mounts the library as much as a new one's.
+        if let Some(detail) = missing_guard_library(&self.config.settings, |path| {
+            std::fs::metadata(path).map(|m| m.is_file())
+        }) {
+            tracing::error!(claim = %claim.label(), problem = %detail, "guard library missing; claim not prepared");
+            return Err(PrepareError::GuardLibrary {
+                claim: claim.label(),
+                detail,
+            });
+        }
         let _claim = self.claim_lock(&claim.uid).await;
         let checkpointed = self.state.lock().await.claims.get(&claim.uid).cloned();
         let mut read = None;
@@ -317,15 +329,6 @@ impl Driver {
             &on_node.grants,
             &self.config.settings,
         )?;
-        if let Some(detail) = missing_guard_library(&self.config.settings, |path| {
-            std::fs::metadata(path).map(|m| m.is_file())
-        }) {
-            tracing::error!(claim = %claim.label(), problem = %detail, "guard library missing; claim not prepared");
-            return Err(PrepareError::GuardLibrary {
-                claim: claim.label(),
-                detail,
-            });
-        }
         let files = self.files_of(&claim.uid);
         debug_assert_eq!(
             (&files.limit_file, &files.accounting_dir),
@@ -524,58 +527,71 @@ impl Driver {
     /// claim prepared anew meanwhile (other devices) is left to that prepare; one that cannot
     /// be read keeps what it had.
     ///
-    /// A claim is deleted only once no pod is reserved for it, so one gone (or made again
-    /// under its name) has no container left; its unprepare normally follows at once. When it
-    /// has not come after the grace period (the kubelet's own state was lost), the claim is
-    /// unprepared here: its files removed, its grant no longer held.
+    /// A claim is deleted, or deallocated, only once no pod is reserved for it, so one gone,
+    /// made again under its name, no longer allocated here, or allocated here otherwise has no
+    /// container left of what was prepared; its unprepare normally follows at once. When it has
+    /// not come after the grace period (the kubelet's own state was lost), the claim is
+    /// unprepared here, unless a prepare (of a new allocation) came since: its files removed,
+    /// its grant no longer held. A claim that cannot be read keeps its time towards the grace.
     pub async fn reconcile_prepared_claims(&self) -> Reconciled {
-        let prepared: Vec<(String, String, String, Vec<PreparedDevice>)> = self
+        let prepared: Vec<(String, PreparedClaim)> = self
             .state
             .lock()
             .await
             .claims
             .iter()
-            .map(|(uid, c)| {
-                (
-                    uid.clone(),
-                    c.namespace.clone(),
-                    c.name.clone(),
-                    c.devices.clone(),
-                )
-            })
+            .map(|(uid, c)| (uid.clone(), c.clone()))
             .collect();
         let mut read = Vec::new();
-        let mut gone = Vec::new();
-        for (uid, namespace, name, devices) in prepared {
-            match self.claims.get(&namespace, &name).await {
-                Ok(object) if object.metadata.uid.as_deref() == Some(uid.as_str()) => {
+        let mut gone: Vec<(ClaimRef, Vec<PreparedDevice>)> = Vec::new();
+        let mut unread: Vec<String> = Vec::new();
+        for (uid, done) in prepared {
+            let claim = ClaimRef {
+                namespace: done.namespace.clone(),
+                name: done.name.clone(),
+                uid: uid.clone(),
+            };
+            match self.claims.get(&claim.namespace, &claim.name).await {
+                // Still allocated here as it was prepared: its pods now.
+                Ok(object)
+                    if object.metadata.uid.as_deref() == Some(uid.as_str())
+                        && !allocated_devices_in(&object, &self.config.node).is_empty()
+                        && !self.reallocated(&claim, &done, &object) =>
+                {
                     let pods: Vec<PreparedPod> = reserved_pods(&object)
                         .into_iter()
                         .map(|(name, uid)| PreparedPod { name, uid })
                         .collect();
-                    read.push((uid, devices, pods));
+                    read.push((uid, done.devices, pods));
                 }
-                Ok(_) | Err(FetchError::NotFound(_)) => gone.push(ClaimRef {
-                    namespace,
-                    name,
-                    uid,
-                }),
+                // Gone, made again, deallocated (a claim of its own outlives its pods), or
+                // allocated elsewhere or otherwise: what was prepared is held by nobody here.
+                Ok(_) | Err(FetchError::NotFound(_)) => gone.push((claim, done.devices)),
                 Err(e) => {
-                    tracing::debug!(claim = %format!("{namespace}/{name}"), error = %e, "cannot read a prepared claim to reconcile it");
+                    tracing::debug!(claim = %claim.label(), error = %e, "cannot read a prepared claim to reconcile it");
+                    unread.push(uid);
                 }
             }
         }
         let now = tokio::time::Instant::now();
-        let overdue: Vec<ClaimRef> = {
+        let overdue: Vec<(ClaimRef, Vec<PreparedDevice>)> = {
             let mut since = self
                 .gone_since
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            since.retain(|uid, _| gone.iter().any(|c| &c.uid == uid));
+            // A claim that could not be read this time keeps its time: a flaky API server
+            // must not postpone the release for ever.
+            since.retain(|uid, _| unread.contains(uid) || gone.iter().any(|(c, _)| &c.uid == uid));
             gone.into_iter()
-                .filter(|c| {
-                    let first = *since.entry(c.uid.clone()).or_insert(now);
-                    now.duration_since(first) >= GONE_CLAIM_GRACE
+                .filter(|(claim, devices)| {
+                    let entry = since
+                        .entry(claim.uid.clone())
+                        .or_insert_with(|| (now, devices.clone()));
+                    if &entry.1 != devices {
+                        // Prepared anew since (other devices): its own time.
+                        *entry = (now, devices.clone());
+                    }
+                    now.duration_since(entry.0) >= GONE_CLAIM_GRACE
                 })
                 .collect()
         };
@@ -598,9 +614,21 @@ impl Driver {
                 tracing::warn!(error = %e, "cannot checkpoint the pods of prepared claims");
             }
         }
-        for claim in overdue {
-            tracing::warn!(claim = %claim.label(), uid = %claim.uid, grace_s = GONE_CLAIM_GRACE.as_secs(), "a prepared claim is gone from the API server and its unprepare never came; releasing it");
-            match self.unprepare(&claim).await {
+        for (claim, devices) in overdue {
+            let _claim = self.claim_lock(&claim.uid).await;
+            // A prepare since (the kubelet's, for a new allocation) is not this one.
+            let unchanged = self
+                .state
+                .lock()
+                .await
+                .claims
+                .get(&claim.uid)
+                .is_some_and(|c| c.devices == devices);
+            if !unchanged {
+                continue;
+            }
+            tracing::warn!(claim = %claim.label(), uid = %claim.uid, grace_s = GONE_CLAIM_GRACE.as_secs(), "a prepared claim is no longer allocated here (or gone) and its unprepare never came; releasing it");
+            match self.unprepare_held(&claim).await {
                 Ok(()) => {
                     self.gone_since
                         .lock()
@@ -609,7 +637,7 @@ impl Driver {
                     reconciled.released.push(claim.label());
                 }
                 Err(e) => {
-                    tracing::warn!(claim = %claim.label(), error = %e, "cannot release a prepared claim that is gone; trying again later");
+                    tracing::warn!(claim = %claim.label(), error = %e, "cannot release a prepared claim held by nobody here; trying again later");
                 }
             }
         }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +41,8 @@ struct MemoryClaims {
     claims: Mutex<BTreeMap<(String, String), ResourceClaim>>,
     pods: Mutex<BTreeMap<(String, String), Pod>>,
     gets: AtomicUsize,
+    /// Every claim read fails (the API server unreachable).
+    failing: AtomicBool,
 }
 
 impl MemoryClaims {
@@ -76,6 +78,15 @@ impl ClaimSource for MemoryClaims {
 
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> ClaimFuture<'a> {
         self.gets.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            let claim = format!("{namespace}/{name}");
+            return Box::pin(async move {
+                Err(FetchError::Api {
+                    claim,
+                    detail: "connection refused".into(),
+                })
+            });
+        }
         let found = self
             .claims
             .lock()
@@ -749,6 +760,59 @@ async fn a_prepared_claim_gone_from_the_api_whose_unprepare_never_comes_is_relea
     assert_eq!(holdings, ["kept"]);
     let checkpoint = Checkpoint::load(&node.path("state/checkpoint.json")).unwrap();
     assert_eq!(checkpoint.claims.keys().collect::<Vec<_>>(), ["uid-2"]);
+    // A claim of its own outlives its pods: deallocated, then allocated on another node, same
+    // UID. What was prepared here is held by nobody here, so it is released too, and the pods
+    // of the other node are never recorded here.
+    node.claims
+        .put(claim("moved", "uid-3", &[("gpu-0", "1Gi")]));
+    let moved = ClaimRef {
+        namespace: "ml".into(),
+        name: "moved".into(),
+        uid: "uid-3".into(),
+    };
+    driver.prepare(&moved).await.unwrap();
+    let mut elsewhere = claim("moved", "uid-3", &[("gpu-0", "1Gi")]);
+    for result in elsewhere
+        .status
+        .as_mut()
+        .unwrap()
+        .allocation
+        .as_mut()
+        .unwrap()
+        .devices
+        .as_mut()
+        .unwrap()
+        .results
+        .as_mut()
+        .unwrap()
+    {
+        result.pool = "node-b".into();
+    }
+    elsewhere
+        .status
+        .as_mut()
+        .unwrap()
+        .reserved_for
+        .as_mut()
+        .unwrap()[0]
+        .name = "on-b".into();
+    node.claims.put(elsewhere);
+    let first = driver.reconcile_prepared_claims().await;
+    assert_eq!(
+        first.pods_changed, 0,
+        "the other node's pods are not this claim's here"
+    );
+    // A read that fails meanwhile does not restart its time.
+    node.claims.failing.store(true, Ordering::SeqCst);
+    tokio::time::advance(GONE_CLAIM_GRACE / 2).await;
+    assert!(driver.reconcile_prepared_claims().await.released.is_empty());
+    node.claims.failing.store(false, Ordering::SeqCst);
+    tokio::time::advance(GONE_CLAIM_GRACE / 2).await;
+    assert_eq!(
+        driver.reconcile_prepared_claims().await.released,
+        ["ml/moved"]
+    );
+
     // A claim back within the grace is not released: its gone time starts again.
     node.claims
         .claims
@@ -903,6 +967,19 @@ async fn no_claim_is_prepared_while_the_guard_library_is_not_a_file_on_the_node(
     let prepared = node.prepare(prepare_llm()).await;
     assert_eq!(prepared.claims["uid-1"].error, "");
     assert!(node.path("cdi/vramslice.io-claim-uid-1.json").exists());
+
+    // A reboot empties the CDI directory and the library is gone (its install step not run
+    // yet): the checkpointed claim's spec is not written again either.
+    std::fs::remove_file(node.path("cdi/vramslice.io-claim-uid-1.json")).unwrap();
+    std::fs::remove_file(&library).unwrap();
+    let refused = node.prepare(prepare_llm()).await;
+    assert!(
+        refused.claims["uid-1"].error.contains("is not a file")
+            || refused.claims["uid-1"].error.contains("cannot be read"),
+        "{}",
+        refused.claims["uid-1"].error
+    );
+    assert!(!node.path("cdi/vramslice.io-claim-uid-1.json").exists());
 }
 
 /// A pod in ml whose containers use the given pod claims (entry name = claim name).
