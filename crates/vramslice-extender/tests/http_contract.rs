@@ -613,6 +613,36 @@ fn clocked() -> (
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_unsettled_bind_read_back_bound_by_the_next_bind_is_booked_as_bound() {
+    use std::sync::atomic::Ordering;
+    let (ext, fake, seconds) = clocked();
+    // The Binding takes but its answer is lost, and the pod cannot be read back.
+    fake.lose_bind_answers(true);
+    fake.fail_reads_after_bind(true);
+    post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    // A minute on, kube-scheduler's retry reads the pod back: bound where it was reserved.
+    fake.lose_bind_answers(false);
+    fake.fail_reads_after_bind(false);
+    seconds.store(61, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(61)).await;
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    let error = body["Error"].as_str().unwrap();
+    assert!(error.contains("is already bound to node fit"), "{error}");
+    let info = ext.ledger().pod("uid-1").unwrap();
+    assert!(
+        !info.reserved,
+        "booked as bound, not a reservation that expires"
+    );
+    let later = now() + std::time::Duration::from_secs(1000);
+    let expired = ext
+        .ledger_mut()
+        .expire_reservations(later, std::time::Duration::from_secs(300));
+    assert!(expired.is_empty(), "{expired:?}");
+    assert!(ext.ledger().pod("uid-1").is_some());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_bind_whose_outcome_cannot_be_read_back_keeps_its_reservation_until_checked() {
     use std::sync::atomic::Ordering;
     let (ext, fake, seconds) = clocked();

@@ -172,8 +172,15 @@ impl Extender {
                     ledger.reserve(reserve, node, policy, now)
                 }
                 Some(Some(bound)) => {
-                    // The pod watch records it where it is.
-                    self.ledger_mut().unsettle(&uid, now);
+                    let mut ledger = self.ledger_mut();
+                    if ledger.pod(&uid).is_some_and(|p| p.node == bound) {
+                        // Its earlier Binding took: booked as bound where it was reserved.
+                        ledger.confirm_bound(&uid);
+                    } else {
+                        // The pod watch records it where it is.
+                        ledger.unsettle(&uid, now);
+                    }
+                    drop(ledger);
                     Err(ReserveError::AlreadyBound {
                         pod: who.clone(),
                         node: bound,
