@@ -621,11 +621,13 @@ async fn an_unsettled_bind_read_back_bound_by_the_next_bind_is_booked_as_bound()
     fake.fail_reads_after_bind(true);
     post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     assert!(ext.ledger().pod("uid-1").unwrap().reserved);
-    // A minute on, kube-scheduler's retry reads the pod back: bound where it was reserved.
+    // A minute on (the background read-back at 60 s could not read either), kube-scheduler's
+    // retry reads the pod back itself: bound where it was reserved.
     fake.lose_bind_answers(false);
-    fake.fail_reads_after_bind(false);
     seconds.store(61, Ordering::SeqCst);
     tokio::time::sleep(std::time::Duration::from_secs(61)).await;
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    fake.fail_reads_after_bind(false);
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
     let error = body["Error"].as_str().unwrap();
     assert!(error.contains("is already bound to node fit"), "{error}");
