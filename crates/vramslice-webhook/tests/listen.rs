@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use vramslice_webhook::listen::{ConnectionLimits, serve};
@@ -16,7 +16,9 @@ fn limits() -> ConnectionLimits {
     ConnectionLimits {
         handshake: SHORT,
         header_read: SHORT,
+        request: SHORT,
         max_connections: 8,
+        per_peer: 8,
         drain: Duration::from_secs(5),
         accept_error_pause: Duration::from_millis(10),
     }
@@ -31,7 +33,9 @@ struct Server {
 async fn start(tls: Option<tokio_rustls::TlsAcceptor>, limits: ConnectionLimits) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = Router::new().route("/", get(|| async { "ok" }));
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/echo", post(|body: String| async move { body }));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, router, tls, limits, async move {
         let _ = stopped.await;
@@ -91,6 +95,7 @@ async fn connections_past_the_cap_wait_until_one_ends() {
         ConnectionLimits {
             max_connections: 1,
             header_read: Duration::from_secs(30),
+            per_peer: 4,
             ..limits()
         },
     )
@@ -141,4 +146,67 @@ fn limits_with_long_heads() -> ConnectionLimits {
         drain: Duration::from_secs(30),
         ..limits()
     }
+}
+
+#[tokio::test]
+async fn one_address_past_its_own_cap_is_closed_at_once_and_others_are_not_held_up() {
+    let server = start(
+        None,
+        ConnectionLimits {
+            header_read: Duration::from_secs(30),
+            per_peer: 2,
+            ..limits()
+        },
+    )
+    .await;
+    let _first = TcpStream::connect(server.addr).await.unwrap();
+    let _second = TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .ok();
+    // Closed without an answer, long before any timeout (header_read is 30 s).
+    let sent = closed_within(&mut third, Duration::from_secs(2)).await;
+    assert!(sent.is_empty(), "{:?}", String::from_utf8_lossy(&sent));
+    // Once one of the two ends, the address may connect again.
+    drop(_first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = TcpStream::connect(server.addr).await.unwrap();
+    let answer = get_root(&mut again).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_body_sent_too_slowly_is_answered_503_and_frees_its_connection() {
+    let server = start(
+        None,
+        ConnectionLimits {
+            header_read: Duration::from_secs(30),
+            ..limits()
+        },
+    )
+    .await;
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nab")
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&closed_within(&mut slow, SHORT * 10).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("request not finished within"), "{answer}");
+    // A whole body in time is served.
+    let mut quick = TcpStream::connect(server.addr).await.unwrap();
+    quick
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi",
+        )
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&closed_within(&mut quick, Duration::from_secs(5)).await)
+        .into_owned();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hi"),
+        "{answer}"
+    );
 }
