@@ -146,7 +146,12 @@ ok "helm upgrade keeps the webhook Secret and caBundle, adds the PDB"
 "$HELM" upgrade vs "$work/chart" -n vs-system "${hv[@]}" --set scheduler.replicas=2 --set extender.policy=spread \
   > "$work/helm.log" 2>&1 || { cat "$work/helm.log"; fail "helm upgrade (again)"; }
 [[ "$(strategy)" == RollingUpdate ]] || fail "electing pods are not rolled: $(strategy)"
-ok "turning leader election on replaces the unelected pods (Recreate, read back through lookup); the next upgrade rolls"
+# An HA install of a chart before the annotation: its RollingUpdate says its pods elect.
+kubectl -n vs-system annotate deployment vs-vramslice-scheduler vramslice.io/leader-elect- > /dev/null
+"$HELM" upgrade vs "$work/chart" -n vs-system "${hv[@]}" --set scheduler.replicas=2 --set extender.policy=spread \
+  > "$work/helm.log" 2>&1 || { cat "$work/helm.log"; fail "helm upgrade (from an unannotated HA install)"; }
+[[ "$(strategy)" == RollingUpdate ]] || fail "an HA install of an earlier chart is not rolled: $(strategy)"
+ok "turning leader election on replaces the unelected pods (Recreate, read back through lookup); the next upgrade rolls, as does one from an unannotated HA install"
 "$HELM" uninstall vs -n vs-system > /dev/null || fail "helm uninstall"
 left="$(kubectl get mutatingwebhookconfiguration,clusterrole,clusterrolebinding -o name | grep -c 'vs-vramslice' || true)"
 [[ "$left" == 0 && -z "$(kubectl -n vs-system get secret,configmap,deployment,daemonset -o name 2>/dev/null)" ]] \
