@@ -113,6 +113,7 @@ pub fn apply_init_limits(report: &mut NodeReport, samples: &[GpuSample], pods: &
                 limit_bytes: share,
                 used_bytes: pod.uid.as_ref().and(sample).and_then(|s| s.used_by(is_own)),
                 initialising: true,
+                sharing_uids: Vec::new(),
             };
             let at = gpu
                 .pods

@@ -50,6 +50,9 @@ pub struct PodReport {
     /// processes write accounting files the kubelet's record does not name, so the pod's
     /// self-report is not compared with what NVML measures.
     pub initialising: bool,
+    /// Other pods whose use counts against this entry's limit (in DRA mode, pods sharing a claim
+    /// with it on this GPU): their processes are judged, and acted on, together with its own.
+    pub sharing_uids: Vec<String>,
 }
 
 /// A process on a GPU that belongs to no pod holding units of that GPU.
@@ -174,6 +177,7 @@ pub fn build_report(
                         limit_bytes: unit.bytes_for(allocated_units),
                         used_bytes,
                         initialising: false,
+                        sharing_uids: Vec::new(),
                     }
                 })
                 .collect();
@@ -272,6 +276,12 @@ pub fn add_claim_holdings(
             limit_bytes: group.bytes,
             used_bytes: used,
             initialising: false,
+            sharing_uids: group
+                .pods
+                .iter()
+                .skip(1)
+                .map(|(_, uid)| uid.clone())
+                .collect(),
         });
     }
     report.summary = summarize(report.unit, &report.gpus);

@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use crate::node::allocation::UnknownVariant;
 use crate::node::publish::{GpuSample, NodeReport};
+use crate::node::sample::ProcessSample;
 
 /// What the watchdog does once a breach outlasts the grace period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
@@ -261,17 +262,17 @@ pub fn evaluate(
                 gpu_uuid: gpu.uuid.clone(),
                 pod_uid: uid.clone(),
             };
-            let mine = || {
-                processes
-                    .iter()
-                    .filter(|p| p.pod_uid.as_deref() == Some(uid.as_str()))
+            // Its processes, and those of the pods sharing its limit (a DRA claim's).
+            let judged = |p: &ProcessSample| {
+                p.pod_uid
+                    .as_deref()
+                    .is_some_and(|u| u == uid.as_str() || pod.sharing_uids.iter().any(|s| s == u))
             };
+            let mine = || processes.iter().filter(|p| judged(p));
             // A figure the driver did not give (no process list, or no figure for one of the
             // pod's processes) cannot be judged: a breach stays as it was, and the time it could
             // not be judged counts neither as over nor as within.
-            let Some(used) =
-                sample.and_then(|s| s.used_by(|p| p.pod_uid.as_deref() == Some(uid.as_str())))
-            else {
+            let Some(used) = sample.and_then(|s| s.used_by(judged)) else {
                 if let Some(previous) = state.breaches.get(&key) {
                     let mut kept = *previous;
                     // The time since the last judgement is moved out: the within period is

@@ -79,6 +79,7 @@ fn report_carries_readings_allocations_and_usage() {
             limit_bytes: 3 * GIB,
             used_bytes: Some(5 * GIB),
             initialising: false,
+            sharing_uids: Vec::new(),
         }]
     );
     assert_eq!(
@@ -368,6 +369,7 @@ fn dra_claims_show_as_their_pods_with_grant_and_use() {
             limit_bytes: 6 * GIB,
             used_bytes: Some(5 * GIB),
             initialising: false,
+            sharing_uids: Vec::new(),
         }]
     );
     assert_eq!(

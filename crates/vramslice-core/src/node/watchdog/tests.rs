@@ -620,6 +620,52 @@ fn a_pod_with_two_dra_claims_on_one_gpu_is_judged_against_both_grants() {
     assert!(verdict.events.is_empty(), "{:?}", verdict.events);
 }
 
+/// DRA mode: pods A and B share claim S (2 GiB) on GPU-a, and B has claim P (4 GiB) there
+/// too. They are one entry (6 GiB), and all of it is judged: B's processes count, and are
+/// acted on, with A's.
+#[test]
+fn pods_linked_by_a_shared_dra_claim_are_judged_together() {
+    use crate::node::publish::{ClaimHolding, add_claim_holdings};
+    let samples = vec![GpuSample {
+        uuid: "GPU-a".into(),
+        ..sample(vec![
+            proc_(10, GIB, Some("uid-a")),
+            proc_(20, 6 * GIB, Some("uid-b")),
+        ])
+    }];
+    let mut report = build_report(VramUnit::Gib1, &samples, &[]);
+    let holding = |claim: &str, pods: &[&str], gib: u64| ClaimHolding {
+        namespace: "ml".into(),
+        claim: claim.into(),
+        pods: pods
+            .iter()
+            .map(|p| ((*p).to_string(), format!("uid-{p}")))
+            .collect(),
+        gpu_uuid: "GPU-a".into(),
+        bytes: gib * GIB,
+    };
+    add_claim_holdings(
+        &mut report,
+        &samples,
+        &[holding("s", &["a", "b"], 2), holding("p", &["b"], 4)],
+    );
+    assert_eq!(report.gpus[0].pods.len(), 1);
+    assert_eq!(report.gpus[0].pods[0].sharing_uids, ["uid-b"]);
+    let verdict = evaluate(
+        &policy(30, WatchdogAction::KillProcess),
+        &WatchdogState::default(),
+        Duration::from_secs(0),
+        &report,
+        &samples,
+        &BTreeMap::new(),
+    );
+    let [WatchdogEvent::BreachStarted(breach)] = verdict.events.as_slice() else {
+        panic!("want one breach, got {:?}", verdict.events);
+    };
+    assert_eq!((breach.used_bytes, breach.limit_bytes), (7 * GIB, 6 * GIB));
+    assert_eq!(breach.processes, [(10, GIB), (20, 6 * GIB)]);
+}
+
 /// DRA mode: a prepared claim on two GPUs (6 GiB granted on each) shows in the report through
 /// `add_claim_holdings`; its pod going over on one GPU is a breach there only, with that GPU's
 /// grant as the limit and only that GPU's processes to act on.
