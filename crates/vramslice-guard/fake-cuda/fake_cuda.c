@@ -163,6 +163,14 @@ static int valid_device(CUdevice d) { return d >= 0 && d < ndev; }
 CUresult cuInit(unsigned flags) { (void)flags; return OK; }
 CUresult cuDriverGetVersion(int *v) { if (!v) return ERR_INVALID_VALUE; *v = 12040; return OK; }
 CUresult cuDeviceGetCount(int *n) { if (!n) return ERR_INVALID_VALUE; *n = ndev; return OK; }
+/* Only CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT (16), from FAKE_CUDA_SMS; unset, the driver does
+ * not say (as for any other attribute). */
+CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
+    long long sms = env_ll("FAKE_CUDA_SMS", 0);
+    if (!v || !valid_device(d) || attr != 16 || sms <= 0) return ERR_INVALID_VALUE;
+    *v = (int)sms;
+    return OK;
+}
 CUresult cuDeviceGet(CUdevice *d, int ordinal) { if (!d || !valid_device(ordinal)) return ERR_INVALID_VALUE; *d = ordinal; return OK; }
 CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d) { if (!bytes || !valid_device(d)) return ERR_INVALID_VALUE; *bytes = (size_t)device_bytes[d]; return OK; }
 typedef struct { unsigned char bytes[16]; } CUuuid;
@@ -543,7 +551,7 @@ struct entry { const char *name; int min_version; int per_thread; void *fn; };
 #define E(n, v, pt, f) { n, v, pt, (void *)(f) }
 static const struct entry table[] = {
     E("cuInit", 0, 0, cuInit), E("cuDriverGetVersion", 0, 0, cuDriverGetVersion),
-    E("cuDeviceGet", 0, 0, cuDeviceGet), E("cuDeviceGetCount", 0, 0, cuDeviceGetCount),
+    E("cuDeviceGet", 0, 0, cuDeviceGet), E("cuDeviceGetCount", 0, 0, cuDeviceGetCount), E("cuDeviceGetAttribute", 0, 0, cuDeviceGetAttribute),
     E("cuDeviceGetUuid", 11040, 0, cuDeviceGetUuid_v2), E("cuDeviceGetUuid", 0, 0, cuDeviceGetUuid),
     E("cuDeviceTotalMem", 3020, 0, cuDeviceTotalMem_v2), E("cuDeviceTotalMem", 0, 0, cuDeviceTotalMem),
     E("cuCtxCreate", 11040, 0, cuCtxCreate_v3), E("cuCtxCreate", 3020, 0, cuCtxCreate_v2), E("cuCtxCreate", 0, 0, cuCtxCreate),

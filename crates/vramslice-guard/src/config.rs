@@ -27,8 +27,16 @@ pub const FIXED_LIMIT_FILE: &str = LIMIT_FILE_CONTAINER_PATH;
 pub const DEFAULT_REAL_LIBCUDA: &str = "libcuda.so.1";
 /// Default real NVML soname.
 pub const DEFAULT_REAL_LIBNVML: &str = "libnvidia-ml.so.1";
-/// Default context charge when it cannot be measured (no context current before creation).
+/// Default context charge when it cannot be measured (no context current before creation), at
+/// least: [`Config::context_charge`] raises it by the device's multiprocessors.
 pub const DEFAULT_CONTEXT_ESTIMATE: u64 = 256 << 20;
+
+/// What a context takes per multiprocessor, at most: measured bare contexts (lazy module
+/// loading) take about 3 MiB per SM (107 MiB with 34 SMs, 426 MiB with 142, 555 MiB with 188),
+/// most of it the local-memory reserve the driver sizes by the SM count. An H100 or H200 (132
+/// SMs) is charged 528 MiB: a charge below the real size would let a container's processes go
+/// past its limit as NVML (and the watchdog) counts them.
+pub const CONTEXT_BYTES_PER_SM: u64 = 4 << 20;
 
 /// What the guard does, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +62,8 @@ pub struct Config {
     pub virtualize_nvml: bool,
     /// Context charge when it cannot be measured.
     pub context_estimate: u64,
+    /// `context_estimate` came from `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` (else it is the default).
+    pub context_estimate_given: bool,
 }
 
 /// Reads one limit file (at most a few KiB are ever needed; longer files fail to parse).
@@ -108,13 +118,15 @@ impl Config {
         );
         let account = account_dir(&files, get(env::ACCOUNTING_DIR).as_deref());
         msgs.extend(account.note);
-        let mut context_estimate = match get(env::CONTEXT_ESTIMATE_BYTES) {
-            None => DEFAULT_CONTEXT_ESTIMATE,
-            Some(v) => parse_amount(env::CONTEXT_ESTIMATE_BYTES, &v).unwrap_or_else(|e| {
-                msgs.push(format!("{e}; using {DEFAULT_CONTEXT_ESTIMATE}"));
-                DEFAULT_CONTEXT_ESTIMATE
-            }),
-        };
+        let given = get(env::CONTEXT_ESTIMATE_BYTES)
+            .map(|v| parse_amount(env::CONTEXT_ESTIMATE_BYTES, &v))
+            .and_then(|parsed| {
+                parsed
+                    .map_err(|e| msgs.push(format!("{e}; using the default")))
+                    .ok()
+            });
+        let context_estimate_given = given.is_some();
+        let mut context_estimate = given.unwrap_or(DEFAULT_CONTEXT_ESTIMATE);
         let mut count_managed =
             parse_bool(env::COUNT_MANAGED, get(env::COUNT_MANAGED), true, &mut msgs);
         // Under the device plugin's limit file the pod spec may only make the guard stricter,
@@ -159,8 +171,25 @@ impl Config {
                 &mut msgs,
             ),
             context_estimate,
+            context_estimate_given,
         };
         (config, msgs)
+    }
+
+    /// The charge for a context that cannot be measured, on a device with `multiprocessors`
+    /// SMs (`None` when the driver does not say): [`CONTEXT_BYTES_PER_SM`] per SM, at least
+    /// [`DEFAULT_CONTEXT_ESTIMATE`]. `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` replaces it when the
+    /// limit comes from the environment alone, and may only raise it under the device plugin's
+    /// limit file.
+    pub fn context_charge(&self, multiprocessors: Option<u32>) -> u64 {
+        let by_device = multiprocessors
+            .map_or(0, |n| u64::from(n).saturating_mul(CONTEXT_BYTES_PER_SM))
+            .max(DEFAULT_CONTEXT_ESTIMATE);
+        match (self.context_estimate_given, self.shared_account_required) {
+            (false, _) => by_device,
+            (true, false) => self.context_estimate,
+            (true, true) => self.context_estimate.max(by_device),
+        }
     }
 }
 
@@ -296,6 +325,44 @@ mod tests {
         let (c, msgs) = Config::from_lookup(lookup, |_| FileRead::Missing);
         assert_eq!(c.context_estimate, 0);
         assert!(!c.count_managed && msgs.is_empty());
+    }
+
+    #[test]
+    fn a_context_is_charged_by_its_devices_multiprocessors_unless_the_user_says_otherwise() {
+        const H100_SMS: u32 = 132;
+        let hopper = u64::from(H100_SMS) * CONTEXT_BYTES_PER_SM;
+        let fixed = |p: &Path| {
+            if p == Path::new(FIXED_LIMIT_FILE) {
+                file(8 << 30)
+            } else {
+                FileRead::Missing
+            }
+        };
+        let with = |pairs: &[(&str, &str)], read: &dyn Fn(&Path) -> FileRead| {
+            let map: HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            Config::from_lookup(|k| map.get(k).cloned(), read).0
+        };
+        // Nothing said: by the device (528 MiB for an H100), never below the default.
+        let plain = with(&[], &fixed);
+        assert_eq!(plain.context_charge(Some(H100_SMS)), hopper);
+        assert_eq!(plain.context_charge(Some(20)), DEFAULT_CONTEXT_ESTIMATE);
+        assert_eq!(plain.context_charge(None), DEFAULT_CONTEXT_ESTIMATE);
+        // Under the limit file the pod spec may only raise it.
+        let lower = with(&[(env::CONTEXT_ESTIMATE_BYTES, "300Mi")], &fixed);
+        assert_eq!(lower.context_charge(Some(H100_SMS)), hopper);
+        let higher = with(&[(env::CONTEXT_ESTIMATE_BYTES, "1Gi")], &fixed);
+        assert_eq!(higher.context_charge(Some(H100_SMS)), 1 << 30);
+        // A limit from the environment alone: the user's figure, as given.
+        let own = with(&[(env::CONTEXT_ESTIMATE_BYTES, "16Mi")], &|_| {
+            FileRead::Missing
+        });
+        assert_eq!(own.context_charge(Some(H100_SMS)), 16 << 20);
+        // An unreadable figure is the default rule.
+        let bad = with(&[(env::CONTEXT_ESTIMATE_BYTES, "lots")], &fixed);
+        assert_eq!(bad.context_charge(Some(H100_SMS)), hopper);
     }
 
     /// The rule is core's `account_dir` (tested there case by case); here, that the guard

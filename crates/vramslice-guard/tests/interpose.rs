@@ -162,6 +162,31 @@ fn contexts_and_modules_are_measured_and_charged() {
 }
 
 #[test]
+fn a_context_that_cannot_be_measured_is_charged_by_its_devices_multiprocessors() {
+    // A fresh process retains its primary context with none current: unmeasurable. An H100 or
+    // H200 (132 SMs) is charged 528 MiB for it, so 100 MiB more does not fit in 600 MiB; a
+    // device that does not say its SM count is charged the 256 MiB floor, and it fits.
+    let hundred = format!("0:{}", 100 * MIB);
+    for (sms, want) in [
+        (Some("132"), "alloc dev=0 rc=2"),
+        (None, "alloc dev=0 rc=0"),
+    ] {
+        let mut env = vec![
+            ("VRAMSLICE_VRAM_LIMIT_BYTES", (600 * MIB).to_string()),
+            ("FAKE_CUDA_DEVICE_BYTES", (4096 * MIB).to_string()),
+        ];
+        if let Some(sms) = sms {
+            env.push(("FAKE_CUDA_SMS", sms.to_string()));
+        }
+        let (out, so, se) = run(probe(true, &env, &["allocon", &hundred]));
+        assert!(
+            out.status.success() && so.contains(want),
+            "SMs {sms:?}:\n{so}{se}"
+        );
+    }
+}
+
+#[test]
 fn per_process_accounting_is_announced() {
     let (out, so, se) = run(probe(true, &limited_env(), &["alloc", "1024"]));
     assert!(

@@ -4,8 +4,9 @@
 //! drop in the real free memory across the call, and charges it to the account of the device it
 //! is on (the context's device; a module's current context's device). A context created while no
 //! context of its device is current cannot be measured (the driver answers memory queries only
-//! inside a context, for that context's device) and is charged
-//! `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` instead. Under per-GPU limits, a context or module on a
+//! inside a context, for that context's device) and is charged an estimate instead: 4 MiB per
+//! multiprocessor of the device, at least 256 MiB ([`crate::config::Config::context_charge`];
+//! `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` may raise it). Under per-GPU limits, a context or module on a
 //! device without a limit is refused with `CUDA_ERROR_OUT_OF_MEMORY`.
 //!
 //! Memory information (`cuMemGetInfo`, `cuDeviceTotalMem`, NVML) shows the slice of the device
@@ -25,6 +26,20 @@ fn real_free() -> Option<u64> {
     // SAFETY: two out-pointers to live locals.
     let rc = unsafe { f(&raw mut free, &raw mut total) };
     (rc == CUDA_SUCCESS).then_some(free as u64)
+}
+
+/// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
+const MULTIPROCESSOR_COUNT: c_int = 16;
+
+/// The multiprocessors of `dev`, when the driver says (no context needed).
+fn multiprocessors(dev: CUdevice) -> Option<u32> {
+    let f = super::real::real()?.cuDeviceGetAttribute?;
+    let mut count: c_int = 0;
+    // SAFETY: an out-pointer to a live local; the attribute and device are plain values.
+    let rc = unsafe { f(&raw mut count, MULTIPROCESSOR_COUNT, dev) };
+    (rc == CUDA_SUCCESS)
+        .then(|| u32::try_from(count).ok())
+        .flatten()
 }
 
 /// Real free bytes of the device `on` before a call, when they can be measured: a context is
@@ -94,7 +109,7 @@ macro_rules! ctx_create {
         pub unsafe extern "C" fn $name(ctx: *mut Handle, $($arg: $ty),*) -> CUresult {
             boundary(|| {
                 let f = real_fn!($name);
-                let estimate = config().context_estimate;
+                let estimate = config().context_charge(multiprocessors($dev));
                 // SAFETY: arguments forwarded unchanged; ctx read only after success.
                 measured(Kind::Context, estimate, On::Device($dev), || unsafe { f(ctx, $($arg),*) }, || unsafe { read_out(ctx) }.map(|h| h as usize as u64))
             })
@@ -145,7 +160,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: CUdevic
         let rc = call();
         if rc == CUDA_SUCCESS {
             g.primary_retained(dev as u64, a, || {
-                measured_bytes(before, config().context_estimate)
+                measured_bytes(before, config().context_charge(multiprocessors(dev)))
             });
         }
         rc

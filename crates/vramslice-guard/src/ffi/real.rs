@@ -150,6 +150,7 @@ real_table! {
     cuStreamGetCtx: fn(Handle, *mut Handle) -> CUresult;
     cuStreamGetDevice: fn(Handle, *mut CUdevice) -> CUresult;
     cuDeviceGetCount: fn(*mut c_int) -> CUresult;
+    cuDeviceGetAttribute: fn(*mut c_int, c_int, CUdevice) -> CUresult;
     cuDeviceGetUuid: fn(*mut CUuuid, CUdevice) -> CUresult;
     cuDeviceGetUuid_v2: fn(*mut CUuuid, CUdevice) -> CUresult;
     cuDeviceGetMemPool: fn(*mut Handle, CUdevice) -> CUresult;
