@@ -268,7 +268,9 @@ def fill(most: int) -> int:
 
 def share() -> int:
     limit = limit_bytes()
-    held_by_other = int(limit * 0.75)
+    # Half the limit: each process's context is charged too (about 528 MiB on a Hopper part),
+    # so three quarters held by one left no room at all beside two contexts.
+    held_by_other = int(limit * 0.5)
     other = subprocess.Popen([sys.executable, __file__, "hold", str(held_by_other)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:
@@ -278,7 +280,10 @@ def share() -> int:
         rc_big, ptr = drv.alloc(int(limit * 0.5))
         if rc_big == CUDA_SUCCESS:
             drv.free(ptr)
-        rc_small, ptr = drv.alloc(int(limit * 0.1))
+        # What is left after the other's memory and both contexts, sized from what this one
+        # sees, never more than a tenth of the limit.
+        small = max(MIB, min(int(limit * 0.1), free // 2))
+        rc_small, ptr = drv.alloc(small)
         if rc_small == CUDA_SUCCESS:
             drv.free(ptr)
     finally:
@@ -288,8 +293,8 @@ def share() -> int:
     emit("two processes, one account: the other's memory is counted",
          line == "ready rc=0" and rc_big == CUDA_ERROR_OUT_OF_MEMORY and rc_small == CUDA_SUCCESS
          and free <= limit - held_by_other,
-         f"other holds {mib(held_by_other)}: free {mib(free)}, 50% rc {rc_big}, 10% rc {rc_small}",
-         "free <= limit - held, 50% refused, 10% ok", other=line)
+         f"other holds {mib(held_by_other)}: free {mib(free)}, 50% rc {rc_big}, {mib(small)} rc {rc_small}",
+         "free <= limit - held, 50% refused, min(10%, free/2) ok", other=line)
     deadline = time.monotonic() + 5
     rc = -1
     while time.monotonic() < deadline:
