@@ -320,9 +320,9 @@ def throughput(seconds: float = 6.0) -> int:
         plain, guarded = statistics.mean(by["plain"]), statistics.mean(by["guarded"])
         loss = (1 - guarded / plain) * 100
         spread = {label: (max(v) - min(v)) / statistics.mean(v) * 100 for label, v in by.items()}
-        emit(f"torch: {name} throughput with vs without the guard", throughput_loss_ok(loss, spread["plain"]),
+        emit(f"torch: {name} throughput with vs without the guard", throughput_loss_ok(loss, spread["plain"], spread["guarded"]),
              f"{plain:.1f} -> {guarded:.1f} {unit} ({loss:+.2f}% loss)",
-             "<= 1% loss (ABBA means), or within the unguarded runs' own spread",
+             "<= 1% loss (ABBA means), or within the runs' own spread (either side's pair)",
              "runs in order: " + ", ".join(f"{r['label']} {r[key]:.1f}" for r in runs)
              + f"; run-to-run spread: plain {spread['plain']:.2f}%, guarded {spread['guarded']:.2f}%",
              plain=plain, guarded=guarded, loss_percent=loss, plain_spread_percent=spread["plain"],

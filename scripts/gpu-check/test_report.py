@@ -149,6 +149,8 @@ class ThroughputVerdict(unittest.TestCase):
         self.assertFalse(checklib.throughput_loss_ok(1.5, 0.4))
         self.assertTrue(checklib.throughput_loss_ok(1.5, 2.0), "no larger than plain vs plain")
         self.assertFalse(checklib.throughput_loss_ok(5.0, 2.0))
+        self.assertTrue(checklib.throughput_loss_ok(1.5, 0.2, 1.8), "no larger than guarded vs guarded")
+        self.assertFalse(checklib.throughput_loss_ok(2.5, 0.2, 1.8))
 
 
 class ReadlineWithin(unittest.TestCase):
