@@ -142,8 +142,19 @@ class Run:
             self.records.append(r)
         for r in report.program_outcome(group, name, records, problems, proc.returncode, timed_out, expected):
             self.records.append(r)
+        # The guard names every driver entry point it was handed and could not wrap: what goes
+        # through one is not counted, so the program's checks could pass for the wrong reason.
+        unknown = sorted({line.strip() for line in stderr.splitlines() if UNKNOWN_ENTRY_POINT in line})
+        if unknown:
+            self.check(group, f"{name}: every driver entry point the runtime asked for is wrapped", False,
+                       "; ".join(unknown)[:600], "none the guard does not know")
         self.flush()
         return records
+
+
+# What the guard says of a cuGetProcAddress answer it cannot wrap (crates/vramslice-guard,
+# ffi/resolve.rs).
+UNKNOWN_ENTRY_POINT = "returned an entry point the guard does not know"
 
 
 def base_env(bundle: Path, drivers: Dict[str, str]) -> Dict[str, str]:
