@@ -88,12 +88,13 @@ func TestTheChartsSchedulerConfigAndFlagsAreKubeSchedulers(t *testing.T) {
 				t.Errorf("percentageOfNodesToScore %v, want 100: the extender must judge every feasible node",
 					cfg.PercentageOfNodesToScore)
 			}
-			wantLeader := name == "replicas=3"
-			if cfg.LeaderElection.LeaderElect != wantLeader {
-				t.Errorf("leaderElect %v, want %v", cfg.LeaderElection.LeaderElect, wantLeader)
+			// Leader election is on with one replica too: scaling up never rolls electing pods
+			// out beside one that does not elect.
+			if !cfg.LeaderElection.LeaderElect {
+				t.Errorf("leaderElect false, want true")
 			}
-			if wantLeader && (cfg.LeaderElection.ResourceName != "vramslice-scheduler" ||
-				cfg.LeaderElection.ResourceNamespace != "vramslice-system") {
+			if cfg.LeaderElection.ResourceName != "vramslice-scheduler" ||
+				cfg.LeaderElection.ResourceNamespace != "vramslice-system" {
 				t.Errorf("the lease kube-scheduler takes: %s/%s", cfg.LeaderElection.ResourceNamespace,
 					cfg.LeaderElection.ResourceName)
 			}
