@@ -444,15 +444,17 @@ def legacy() -> int:
     drv = Driver()
     lib = drv.lib
     alloc, free = lib.cuMemAlloc, lib.cuMemFree  # the v1 symbols, not the _v2 ones
-    alloc.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_uint]
+    # An 8-byte out-buffer, read as its low 32 bits: v1 writes a 32-bit pointer, but a driver that
+    # wrote a full one must not overwrite ctypes' memory and take the check down with it.
+    alloc.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint]
     free.argtypes = [ctypes.c_uint]
     held, rc = [], CUDA_SUCCESS
     while len(held) < 8:
-        p = ctypes.c_uint()
+        p = ctypes.c_uint64(0)
         rc = alloc(ctypes.byref(p), chunk)
         if rc != CUDA_SUCCESS:
             break
-        held.append(p.value)
+        held.append(p.value & 0xFFFFFFFF)
     for p in held:
         free(p)
     # Held to the limit: refused by the guard past it, or (a driver that no longer serves v1 on
