@@ -257,10 +257,12 @@ impl Watchdog {
     async fn kill(&self, breach: &Breach) {
         let mut killed = Vec::new();
         for &(pid, bytes) in &breach.processes {
-            // Re-check right before the signal: the PID must still be in the offending pod.
+            // Re-check right before the signal: the PID must still be in the offending pod (or
+            // one sharing its limit).
             let owner = self.proc_root.pod_of(pid);
-            if owner.as_ref().map(|o| o.pod_uid.as_str())
-                != Some(breach.target.key.pod_uid.as_str())
+            if !owner
+                .as_ref()
+                .is_some_and(|o| breach.target.judges(&o.pod_uid))
             {
                 tracing::warn!(pid, pod = %breach.target.name, "not killing: the PID is no longer in the offending pod");
                 continue;

@@ -139,6 +139,17 @@ pub struct PodTarget {
     pub name: String,
     /// GPU index.
     pub gpu_index: u32,
+    /// Other pods judged with it (sharing a DRA claim's grant on this GPU): their processes
+    /// are the breach's too.
+    pub sharing_uids: Vec<String>,
+}
+
+impl PodTarget {
+    /// Whether a process of the pod `uid` is one the breach judged (the pod's, or a pod's
+    /// sharing its limit).
+    pub fn judges(&self, uid: &str) -> bool {
+        self.key.pod_uid == uid || self.sharing_uids.iter().any(|s| s == uid)
+    }
 }
 
 /// The numbers of a breach.
@@ -344,6 +355,7 @@ pub fn evaluate(
                     namespace: pod.namespace.clone(),
                     name: pod.name.clone(),
                     gpu_index: gpu.index,
+                    sharing_uids: pod.sharing_uids.clone(),
                 },
                 used_bytes: used,
                 limit_bytes: pod.limit_bytes,

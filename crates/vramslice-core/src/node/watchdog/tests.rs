@@ -664,6 +664,9 @@ fn pods_linked_by_a_shared_dra_claim_are_judged_together() {
     };
     assert_eq!((breach.used_bytes, breach.limit_bytes), (7 * GIB, 6 * GIB));
     assert_eq!(breach.processes, [(10, GIB), (20, 6 * GIB)]);
+    // The kill re-checks each PID's pod against these before the signal.
+    assert!(breach.target.judges("uid-a") && breach.target.judges("uid-b"));
+    assert!(!breach.target.judges("uid-c"));
 }
 
 /// DRA mode: a prepared claim on two GPUs (6 GiB granted on each) shows in the report through
