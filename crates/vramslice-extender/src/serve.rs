@@ -102,13 +102,16 @@ pub async fn serve_on(
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, tls = tls.is_some(), "serving the extender");
     let acceptor = tls.map(|config| TlsAcceptor::from(Arc::new(config)));
-    listen::serve(
-        listener,
-        router,
-        acceptor,
-        ConnectionLimits::default(),
-        shutdown,
-    )
-    .await;
+    // On loopback the one client is kube-scheduler beside it: no address to single out.
+    let limits = ConnectionLimits::default();
+    let limits = if addr.ip().is_loopback() {
+        ConnectionLimits {
+            per_peer: limits.max_connections,
+            ..limits
+        }
+    } else {
+        limits
+    };
+    listen::serve(listener, router, acceptor, limits, shutdown).await;
     Ok(())
 }

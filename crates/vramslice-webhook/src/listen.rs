@@ -56,16 +56,18 @@ impl Default for ConnectionLimits {
     /// 10 s handshakes; 120 s for a request head or an idle keep-alive (longer than the 90 s
     /// client-go's transports keep an idle connection, so the client closes first and never
     /// sends on a connection the server is closing); 30 s a request (the API server waits for
-    /// a webhook 30 s at most, kube-scheduler for an extender less); 1024 connections, 128 of
-    /// one address (each API server, and the kubelet's probes from the node, open a few; one
-    /// pod flooding the port reaches its own cap only).
+    /// a webhook 30 s at most, kube-scheduler for an extender less); 1024 connections, half of
+    /// them from one address at most (an API server sends a burst of pod creations over as many
+    /// HTTP/1.1 connections as it has calls in flight, and all API servers may come through one
+    /// proxy's address; one pod flooding the port still leaves the other half to everyone else,
+    /// the kubelet's probes included).
     fn default() -> Self {
         ConnectionLimits {
             handshake: Duration::from_secs(10),
             header_read: Duration::from_secs(120),
             request: Duration::from_secs(30),
             max_connections: 1024,
-            per_peer: 128,
+            per_peer: 512,
             drain: Duration::from_secs(10),
             accept_error_pause: Duration::from_millis(100),
         }
