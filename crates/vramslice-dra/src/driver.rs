@@ -617,15 +617,34 @@ impl Driver {
         for (claim, devices) in overdue {
             let _claim = self.claim_lock(&claim.uid).await;
             // A prepare since (the kubelet's, for a new allocation) is not this one.
-            let unchanged = self
+            let Some(done) = self
                 .state
                 .lock()
                 .await
                 .claims
                 .get(&claim.uid)
-                .is_some_and(|c| c.devices == devices);
-            if !unchanged {
+                .filter(|c| c.devices == devices)
+                .cloned()
+            else {
                 continue;
+            };
+            // Read again under the claim's lock: a claim allocated back here with the same
+            // devices since the read above may be being prepared (from the checkpoint) for a
+            // container starting now.
+            match self.claims.get(&claim.namespace, &claim.name).await {
+                Ok(object)
+                    if object.metadata.uid.as_deref() == Some(claim.uid.as_str())
+                        && !allocated_devices_in(&object, &self.config.node).is_empty()
+                        && !self.reallocated(&claim, &done, &object) =>
+                {
+                    self.gone_since
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&claim.uid);
+                    continue;
+                }
+                Ok(_) | Err(FetchError::NotFound(_)) => {}
+                Err(_) => continue,
             }
             tracing::warn!(claim = %claim.label(), uid = %claim.uid, grace_s = GONE_CLAIM_GRACE.as_secs(), "a prepared claim is no longer allocated here (or gone) and its unprepare never came; releasing it");
             match self.unprepare_held(&claim).await {
