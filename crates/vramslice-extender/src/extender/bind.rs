@@ -181,6 +181,13 @@ impl Extender {
                         ledger.unsettle(&uid, now);
                     }
                     drop(ledger);
+                    if bound == *node {
+                        // Bound where this bind asks: done, as a Binding answered 409 for a
+                        // pod bound here is (an error would make kube-scheduler unreserve a
+                        // bound pod).
+                        tracing::info!(pod = %who, node = %node, "an unsettled reservation's earlier Binding took");
+                        return Ok(Outcome::Ok);
+                    }
                     Err(ReserveError::AlreadyBound {
                         pod: who.clone(),
                         node: bound,
