@@ -268,7 +268,7 @@ def fill(most: int) -> int:
 
 def share() -> int:
     limit = limit_bytes()
-    # Half the limit: each process's context is charged too (about 528 MiB on a Hopper part),
+    # Half the limit: each process's context is charged too (about 429 MiB on a Hopper part),
     # so three quarters held by one left no room at all beside two contexts.
     held_by_other = int(limit * 0.5)
     other = subprocess.Popen([sys.executable, __file__, "hold", str(held_by_other)], stdin=subprocess.PIPE,

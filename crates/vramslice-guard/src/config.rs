@@ -31,12 +31,14 @@ pub const DEFAULT_REAL_LIBNVML: &str = "libnvidia-ml.so.1";
 /// least: [`Config::context_charge`] raises it by the device's multiprocessors.
 pub const DEFAULT_CONTEXT_ESTIMATE: u64 = 256 << 20;
 
-/// What a context takes per multiprocessor, at most: measured bare contexts (lazy module
-/// loading) take about 3 MiB per SM (107 MiB with 34 SMs, 426 MiB with 142, 555 MiB with 188),
-/// most of it the local-memory reserve the driver sizes by the SM count. An H100 or H200 (132
-/// SMs) is charged 528 MiB: a charge below the real size would let a container's processes go
-/// past its limit as NVML (and the watchdog) counts them.
-pub const CONTEXT_BYTES_PER_SM: u64 = 4 << 20;
+/// What a context takes per multiprocessor: measured bare contexts (lazy module loading) take
+/// about 3 MiB per SM (107 MiB with 34 SMs, 426 MiB with 142, 555 MiB with 188), most of it the
+/// local-memory reserve the driver sizes by the SM count; 3.25 MiB errs a little high. An H100
+/// or H200 (132 SMs) is charged 429 MiB. Too low a charge lets a container's processes go past
+/// its limit as NVML counts them; far too high a one costs every process room, and either way
+/// past the watchdog's tolerance the pod's self-report reads as untrusted. The GPU check
+/// measures the real size (`cuda_context`).
+pub const CONTEXT_BYTES_PER_SM: u64 = (13 << 20) / 4;
 
 /// What the guard does, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,7 +347,7 @@ mod tests {
                 .collect();
             Config::from_lookup(|k| map.get(k).cloned(), read).0
         };
-        // Nothing said: by the device (528 MiB for an H100), never below the default.
+        // Nothing said: by the device (429 MiB for an H100), never below the default.
         let plain = with(&[], &fixed);
         assert_eq!(plain.context_charge(Some(H100_SMS)), hopper);
         assert_eq!(plain.context_charge(Some(20)), DEFAULT_CONTEXT_ESTIMATE);

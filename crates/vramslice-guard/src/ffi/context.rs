@@ -4,8 +4,8 @@
 //! drop in the real free memory across the call, and charges it to the account of the device it
 //! is on (the context's device; a module's current context's device). A context created while no
 //! context of its device is current cannot be measured (the driver answers memory queries only
-//! inside a context, for that context's device) and is charged an estimate instead: 4 MiB per
-//! multiprocessor of the device, at least 256 MiB ([`crate::config::Config::context_charge`];
+//! inside a context, for that context's device) and is charged an estimate instead: 3.25 MiB
+//! per multiprocessor of the device, at least 256 MiB ([`crate::config::Config::context_charge`];
 //! `VRAMSLICE_CONTEXT_ESTIMATE_BYTES` may raise it). Under per-GPU limits, a context or module on a
 //! device without a limit is refused with `CUDA_ERROR_OUT_OF_MEMORY`.
 //!
