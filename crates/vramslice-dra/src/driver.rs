@@ -383,6 +383,14 @@ impl Driver {
         Ok(devices)
     }
 
+    /// Whether `object` (the API server's copy of `claim`) is still allocated here as it was
+    /// prepared (`done`): the same claim, with results in this node's pool, not allocated again.
+    fn held_here(&self, claim: &ClaimRef, done: &PreparedClaim, object: &ResourceClaim) -> bool {
+        object.metadata.uid.as_deref() == Some(claim.uid.as_str())
+            && !allocated_devices_in(object, &self.config.node).is_empty()
+            && !self.reallocated(claim, done, object)
+    }
+
     /// Whether `object`, the claim as the API server has it now, is allocated on this node
     /// otherwise than when `done` was prepared: a claim keeps its UID when it is deallocated and
     /// allocated again, and an unprepare lost meanwhile (the plugin down while the pod went)
@@ -553,11 +561,7 @@ impl Driver {
             };
             match self.claims.get(&claim.namespace, &claim.name).await {
                 // Still allocated here as it was prepared: its pods now.
-                Ok(object)
-                    if object.metadata.uid.as_deref() == Some(uid.as_str())
-                        && !allocated_devices_in(&object, &self.config.node).is_empty()
-                        && !self.reallocated(&claim, &done, &object) =>
-                {
+                Ok(object) if self.held_here(&claim, &done, &object) => {
                     let pods: Vec<PreparedPod> = reserved_pods(&object)
                         .into_iter()
                         .map(|(name, uid)| PreparedPod { name, uid })
@@ -632,11 +636,7 @@ impl Driver {
             // devices since the read above may be being prepared (from the checkpoint) for a
             // container starting now.
             match self.claims.get(&claim.namespace, &claim.name).await {
-                Ok(object)
-                    if object.metadata.uid.as_deref() == Some(claim.uid.as_str())
-                        && !allocated_devices_in(&object, &self.config.node).is_empty()
-                        && !self.reallocated(&claim, &done, &object) =>
-                {
+                Ok(object) if self.held_here(&claim, &done, &object) => {
                     self.gone_since
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
