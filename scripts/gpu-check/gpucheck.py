@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -239,6 +240,41 @@ def start_child(argv: List[str], env: Dict[str, str], log) -> Tuple[subprocess.P
         proc.kill()
         proc.wait()
     return proc, line
+
+
+# One NVML client open for the whole run: without persistence mode (recorded, never set) the
+# driver may tear the GPU's state down whenever its last client closes and set it up again for
+# the next, and the run starts some thirty CUDA processes one after another.
+KEEPALIVE = ("import ctypes, sys\n"
+             "nvml = ctypes.CDLL('libnvidia-ml.so.1')\n"
+             "print('nvml rc=%d' % nvml.nvmlInit_v2(), flush=True)\n"
+             "sys.stdin.read()\n"
+             "nvml.nvmlShutdown()\n")
+_HELD: List[subprocess.Popen] = []
+
+
+def keep_driver_loaded(env: Dict[str, str]) -> str:
+    """Start the NVML client that stays open until the run ends (released by `main`); what it
+    said, for the environment record. It creates no CUDA context and allocates nothing."""
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", KEEPALIVE], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError as e:
+        return f"not started: {e}"
+    _HELD.append(proc)
+    line = wait_line(proc, 15)
+    return line or f"no answer in 15 s (exit {proc.poll()})"
+
+
+def wait_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first line `proc` prints within `timeout` seconds ('' when none)."""
+    if not proc.stdout:
+        return ""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return proc.stdout.readline().strip()
 
 
 def release(proc: subprocess.Popen) -> None:
@@ -644,6 +680,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return checks(args, bundle, work)
     finally:
+        for proc in _HELD:
+            release(proc)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -660,6 +698,7 @@ def checks(args: argparse.Namespace, bundle: Path, work: Path) -> int:
                             "bundle": json.loads(manifest.read_text()) if manifest.exists() else None})
     drivers = fake_drivers(bundle, work) if args.dry_run else {}
     env = base_env(bundle, drivers)
+    run.environment["nvml_keepalive"] = keep_driver_loaded(env)
     if args.dry_run:
         run.environment["nvidia_smi_state"] = "dry run: not queried"
     elif shutil.which("nvidia-smi"):
