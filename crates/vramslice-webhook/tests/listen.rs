@@ -24,6 +24,15 @@ fn limits() -> ConnectionLimits {
     }
 }
 
+/// For tests where only what they do may close a connection (no head deadline in the way).
+fn limits_with_long_heads() -> ConnectionLimits {
+    ConnectionLimits {
+        header_read: Duration::from_secs(30),
+        drain: Duration::from_secs(30),
+        ..limits()
+    }
+}
+
 struct Server {
     addr: std::net::SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -94,9 +103,8 @@ async fn connections_past_the_cap_wait_until_one_ends() {
         None,
         ConnectionLimits {
             max_connections: 1,
-            header_read: Duration::from_secs(30),
             per_peer: 4,
-            ..limits()
+            ..limits_with_long_heads()
         },
     )
     .await;
@@ -140,22 +148,13 @@ async fn shutdown_stops_accepting_and_closes_idle_connections_without_the_drain_
     );
 }
 
-fn limits_with_long_heads() -> ConnectionLimits {
-    ConnectionLimits {
-        header_read: Duration::from_secs(30),
-        drain: Duration::from_secs(30),
-        ..limits()
-    }
-}
-
 #[tokio::test]
 async fn one_address_past_its_own_cap_is_closed_at_once_and_others_are_not_held_up() {
     let server = start(
         None,
         ConnectionLimits {
-            header_read: Duration::from_secs(30),
             per_peer: 2,
-            ..limits()
+            ..limits_with_long_heads()
         },
     )
     .await;
@@ -180,14 +179,7 @@ async fn one_address_past_its_own_cap_is_closed_at_once_and_others_are_not_held_
 
 #[tokio::test]
 async fn a_body_sent_too_slowly_is_answered_503_and_frees_its_connection() {
-    let server = start(
-        None,
-        ConnectionLimits {
-            header_read: Duration::from_secs(30),
-            ..limits()
-        },
-    )
-    .await;
+    let server = start(None, limits_with_long_heads()).await;
     let mut slow = TcpStream::connect(server.addr).await.unwrap();
     slow.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nab")
         .await

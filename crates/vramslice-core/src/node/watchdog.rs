@@ -148,8 +148,14 @@ impl PodTarget {
     /// Whether a process of the pod `uid` is one the breach judged (the pod's, or a pod's
     /// sharing its limit).
     pub fn judges(&self, uid: &str) -> bool {
-        self.key.pod_uid == uid || self.sharing_uids.iter().any(|s| s == uid)
+        judged_with(&self.key.pod_uid, &self.sharing_uids, uid)
     }
+}
+
+/// Whether a process of pod `uid` counts for the entry of pod `own` and the pods sharing its
+/// limit: the one rule the judgement and the kill's re-check both follow.
+fn judged_with(own: &str, sharing: &[String], uid: &str) -> bool {
+    own == uid || sharing.iter().any(|s| s == uid)
 }
 
 /// The numbers of a breach.
@@ -277,7 +283,7 @@ pub fn evaluate(
             let judged = |p: &ProcessSample| {
                 p.pod_uid
                     .as_deref()
-                    .is_some_and(|u| u == uid.as_str() || pod.sharing_uids.iter().any(|s| s == u))
+                    .is_some_and(|u| judged_with(uid, &pod.sharing_uids, u))
             };
             let mine = || processes.iter().filter(|p| judged(p));
             // A figure the driver did not give (no process list, or no figure for one of the
