@@ -143,14 +143,18 @@ class Run:
             self.records.append(r)
         for r in report.program_outcome(group, name, records, problems, proc.returncode, timed_out, expected):
             self.records.append(r)
-        # The guard names every driver entry point it was handed and could not wrap: what goes
-        # through one is not counted, so the program's checks could pass for the wrong reason.
+        self.unwrapped_entry_points(group, name, stderr)
+        self.flush()
+        return records
+
+    def unwrapped_entry_points(self, group: str, name: str, stderr: str) -> None:
+        """A FAIL when a guarded process's stderr names a driver entry point the guard was handed
+        and could not wrap: what goes through one is not counted, so that process's checks could
+        pass for the wrong reason."""
         unknown = sorted({line.strip() for line in stderr.splitlines() if UNKNOWN_ENTRY_POINT in line})
         if unknown:
             self.check(group, f"{name}: every driver entry point the runtime asked for is wrapped", False,
                        "; ".join(unknown)[:600], "none the guard does not know")
-        self.flush()
-        return records
 
 
 # What the guard says of a cuGetProcAddress answer it cannot wrap (crates/vramslice-guard,
@@ -231,10 +235,12 @@ def fake_used(counts: Path) -> int:
         return 0
 
 
-def start_child(argv: List[str], env: Dict[str, str], log) -> Tuple[subprocess.Popen, Optional[str]]:
+def start_child(argv: List[str], env: Dict[str, str], stderr_path: Path) -> Tuple[subprocess.Popen, Optional[str]]:
     """A helper child that prints one line when it is ready; (process, that line or None when it
-    did not answer within INIT_WAIT_S, in which case it has been killed)."""
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    did not answer within INIT_WAIT_S, in which case it has been killed). Its stderr goes to
+    `stderr_path` (see `child_stderr`)."""
+    with open(stderr_path, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
     line = readline_within(proc.stdout, INIT_WAIT_S)
     if line is None:
         proc.kill()
@@ -251,6 +257,16 @@ KEEPALIVE = ("import ctypes, sys\n"
              "sys.stdin.read()\n"
              "nvml.nvmlShutdown()\n")
 _HELD: List[subprocess.Popen] = []
+
+
+def child_stderr(run: "Run", stderr_path: Path) -> str:
+    """What a `start_child` child wrote to stderr, copied into the run's log."""
+    try:
+        text = stderr_path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        text = f"(its stderr could not be read: {e})"
+    run.note(f"--- stderr of the child ({stderr_path.name})\n{text}")
+    return text
 
 
 def keep_driver_loaded(env: Dict[str, str]) -> str:
@@ -300,7 +316,8 @@ def context_size(run: "Run", bundle: Path, env: Dict[str, str]) -> Dict[str, obj
         write_fake_nvml(run.work, [])
         child_env["FAKE_CUDA_SHARED_FILE"] = str(counts)
     before = nvml_read(bundle, env)
-    proc, line = start_child([sys.executable, str(HERE / "guard_driver.py"), "context"], child_env, run.log)
+    stderr_path = run.work / "context.stderr"
+    proc, line = start_child([sys.executable, str(HERE / "guard_driver.py"), "context"], child_env, stderr_path)
     try:
         if line is None or line.strip() != "ready":
             return {"error": f"CUDA init did not answer within {INIT_WAIT_S} s" if line is None
@@ -310,6 +327,7 @@ def context_size(run: "Run", bundle: Path, env: Dict[str, str]) -> Dict[str, obj
         after = nvml_read(bundle, env)
     finally:
         release(proc)
+        child_stderr(run, stderr_path)
         if run.dry_run:
             write_fake_nvml(run.work, [])
     drop = free_of(before) - free_of(after)
@@ -340,10 +358,11 @@ def real_usage(run: "Run", bundle: Path, env: Dict[str, str], guarded: Dict[str,
     counts = run.work / "fake-cuda-fill.counts"
     if run.dry_run:
         fill_env["FAKE_CUDA_SHARED_FILE"] = str(counts)
+    stderr_path = run.work / "fill.stderr"
     proc = None
     try:
         proc, line = start_child([sys.executable, str(HERE / "guard_driver.py"), "fill", str(2 * limit)],
-                                 fill_env, run.log)
+                                 fill_env, stderr_path)
         if line is None:
             run.check(g, REAL_USAGE_CHECK, False, "no answer", f"<= {mib(limit)}",
                       detail=f"CUDA init did not answer within {INIT_WAIT_S} s (the child was killed)")
@@ -392,6 +411,7 @@ def real_usage(run: "Run", bundle: Path, env: Dict[str, str], guarded: Dict[str,
     finally:
         if proc is not None:
             release(proc)
+            run.unwrapped_entry_points(g, "guard_driver.py fill", child_stderr(run, stderr_path))
         if run.dry_run:
             write_fake_nvml(run.work, [])
 

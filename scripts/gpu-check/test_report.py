@@ -153,6 +153,24 @@ class ThroughputVerdict(unittest.TestCase):
         self.assertFalse(checklib.throughput_loss_ok(2.5, 0.2, 1.8))
 
 
+class UnwrappedEntryPoints(unittest.TestCase):
+    def test_a_line_naming_an_unknown_entry_point_is_a_failure_of_its_group(self):
+        import tempfile
+        from pathlib import Path
+
+        import gpucheck
+        with tempfile.TemporaryDirectory() as tmp:
+            run = gpucheck.Run(Path(tmp), Path(tmp), dry_run=True, budget_s=60)
+            run.unwrapped_entry_points("guard", "fill", "cuda init\nall fine\n")
+            self.assertEqual(run.records, [])
+            line = ('vramslice-guard: cuGetProcAddress("cuMemAlloc", version 99000) '
+                    + gpucheck.UNKNOWN_ENTRY_POINT + " (a newer ABI version?)")
+            run.unwrapped_entry_points("guard", "fill", f"x\n{line}\n{line}\n")
+            run.log.close()
+            self.assertEqual([(r["group"], r["status"]) for r in run.records], [("guard", "FAIL")])
+            self.assertIn('"cuMemAlloc", version 99000', run.records[0]["figure"])
+
+
 class ReadlineWithin(unittest.TestCase):
     def test_a_line_or_none_at_the_deadline(self):
         import subprocess
