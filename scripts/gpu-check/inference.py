@@ -304,12 +304,12 @@ def sidecar_server(torch, vramslice, rt, forward, tally: Tally) -> Callable[[Buc
         finally:
             tally.add("retries", max(0, attempts[0] - 1))
             # The guard's account (the sidecar's usage source) counts PyTorch's cached blocks as
-            # used. Left cached, a finished request's memory would look busy to every later
-            # admission, and the next request reusing it would show no growth, so its peak would
-            # be learned as ~0. Emptied here, after the permit ended (whose final reading still
-            # saw this request's blocks, so its peak was measured), live usage is again the
-            # weights plus what running requests hold. (On an OOM, guarded's cleanup also empties
-            # the cache before the retry.)
+            # used. A request that ran alone had them emptied by guarded's `settle` after its
+            # final reading and before the next request was admitted, so that one's growth is
+            # measured from a settled start. One that ran beside others skipped that (nothing is
+            # learned then); emptied here too, live usage is again the weights plus what running
+            # requests hold, so later admissions do not wait on dead cache. (On an OOM, guarded's
+            # cleanup also empties the cache before the retry.)
             torch.cuda.empty_cache()
 
     return serve

@@ -24,6 +24,17 @@ impl NativePermit {
 
 #[pymethods]
 impl NativePermit {
+    /// Take the job's final reading now (its peak is fixed; the memory stays reserved until
+    /// the permit ends): release a cache after this, before ending the permit, so the next job
+    /// starts from what really stays in use. Returns whether another job of the runtime runs.
+    fn end_measurement(&self, py: Python<'_>) -> bool {
+        let guard = self.permit.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(p) => py.detach(|| p.end_measurement()),
+            None => false,
+        }
+    }
+
     /// The job succeeded: give the memory back, record the peak (returned, or None).
     fn complete(&self, py: Python<'_>) -> Option<u64> {
         let p = self.take()?;

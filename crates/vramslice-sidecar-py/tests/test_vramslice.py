@@ -699,3 +699,49 @@ def test_peak_scope_is_a_keyword_and_a_wrong_one_is_named():
     make(peak_scope="process")
     with pytest.raises(ValueError, match=r"peak_scope=\"pod\": expected process or container"):
         make(peak_scope="pod")
+
+
+def test_the_next_job_is_measured_from_the_settled_level():
+    # Regression: the next job was admitted (its start usage read) before the finished job's
+    # cache was emptied, and its peak was learned too low.
+    rt = make()
+    order = []
+    first = vramslice.job("a", need="6Gi", runtime=rt,
+                          settle=lambda: (order.append(("settle", rt.stats()["queued"])), rt.set_usage(0)))
+    first.__enter__()
+    learned = {}
+
+    def second():
+        with vramslice.job("b", runtime=rt, settle=None):
+            order.append(("b admitted", rt.stats()["live"]))
+            rt.set_usage(3 * GIB)
+            wait_until("b sampled", lambda: rt.stats()["live"] == 3 * GIB)
+        learned["b"] = rt.learned_peak("b")
+
+    t = threading.Thread(target=second)
+    t.start()
+    wait_until("b queued", lambda: rt.stats()["queued"] == 1)
+    rt.set_usage(2 * GIB)  # a's blocks, cached when it ends
+    wait_until("a sampled", lambda: rt.stats()["live"] == 2 * GIB)
+    first.__exit__(None, None, None)
+    t.join(10)
+    assert order == [("settle", 1), ("b admitted", 0)]
+    assert rt.learned_peak("a") == 2 * GIB
+    assert learned["b"] == 3 * GIB
+
+
+def test_settle_is_skipped_beside_another_job_and_its_failure_is_a_warning():
+    rt = make()
+    calls = []
+    with vramslice.job("a", need="1Gi", runtime=rt, settle=lambda: calls.append("a")):
+        with vramslice.job("b", need="1Gi", runtime=rt, settle=lambda: calls.append("b")):
+            pass
+    assert calls == ["a"], "b ended beside a; a ended alone"
+
+    def broken():
+        raise ValueError("no cache here")
+
+    with pytest.warns(RuntimeWarning, match="settle callback failed: ValueError"):
+        with vramslice.job("c", need="1Gi", runtime=rt, settle=broken):
+            pass
+    assert rt.stats()["running"] == 0 and rt.stats()["reserved"] == 0

@@ -104,6 +104,15 @@ uint64_t vramslice_permit_reserved(const struct vramslice_permit *permit);
 // `permit` is NULL or a live permit.
 void vramslice_permit_report_peak(const struct vramslice_permit *permit, uint64_t bytes);
 
+// Take the job's final reading now: its peak is fixed and its memory stays reserved until the
+// permit ends. Release a caching allocator's blocks after this and before ending the permit, so
+// the next job starts from what really stays in use. Returns whether another job of the
+// runtime runs (then a release teaches nothing and may be skipped); false for NULL.
+//
+// # Safety
+// `permit` is NULL or a live permit.
+bool vramslice_permit_end_measurement(const struct vramslice_permit *permit);
+
 // The job succeeded: free the permit and record its peak. Returns the recorded peak, 0 when
 // none was recorded.
 //

@@ -689,3 +689,47 @@ fn a_peak_read_from_the_guards_file_is_this_processs_own() {
     write(GIB / 2, 7 * GIB);
     assert_eq!(p.complete(), Some(2 * GIB));
 }
+
+#[test]
+fn a_job_measured_before_its_cache_is_released_leaves_the_next_a_clean_start() {
+    // Regression: the next job in line was admitted (and its start usage read) when the permit
+    // ended, before the embedder emptied the finished job's cache: the next job's growth was
+    // measured from a level that then fell, and its peak learned too low.
+    let (rt, usage) = runtime(10 * GIB, |_| {});
+    let first = rt.admit_blocking(&Job::new("a").need(6 * GIB)).unwrap();
+    let rt2 = rt.clone();
+    let next = std::thread::spawn(move || rt2.admit_blocking(&Job::new("b")).unwrap());
+    wait_until("queued", || rt.stats().queued == 1);
+    usage.add(2 * GIB); // the first job's blocks, still cached when it ends
+    assert!(!first.end_measurement(), "no other job runs");
+    usage.add(5 * GIB); // what happens after the final reading is not the first job's
+    wait_until("sampled", || rt.stats().live == 7 * GIB);
+    usage.set(0); // the embedder empties the cache
+    assert_eq!(
+        rt.stats().queued,
+        1,
+        "the memory stays reserved until the permit ends"
+    );
+    assert_eq!(first.complete(), Some(2 * GIB));
+    let next = next.join().unwrap();
+    usage.add(3 * GIB);
+    assert_eq!(
+        next.complete(),
+        Some(3 * GIB),
+        "measured from the emptied level"
+    );
+}
+
+#[test]
+fn a_job_started_while_another_releases_its_cache_is_not_measured_alone() {
+    let (rt, usage) = runtime(10 * GIB, |_| {});
+    let first = rt.admit_blocking(&Job::new("a").need(GIB)).unwrap();
+    usage.add(GIB);
+    assert!(!first.end_measurement());
+    let second = rt.admit_blocking(&Job::new("b").need(GIB)).unwrap();
+    assert!(second.end_measurement(), "the first still runs beside it");
+    usage.set(0); // the first's cache goes while the second runs
+    assert_eq!(first.complete(), Some(GIB));
+    usage.add(2 * GIB);
+    assert_eq!(second.complete(), None, "its start was not a settled level");
+}

@@ -63,6 +63,7 @@ __all__ = [
     "VramsliceError",
     "configure",
     "default_cleanup",
+    "empty_cache",
     "guarded",
     "is_out_of_memory",
     "job",
@@ -168,13 +169,31 @@ def default_cleanup() -> None:
     """Release cached GPU memory: ``gc.collect()`` and, when PyTorch is loaded,
     ``torch.cuda.empty_cache()``."""
     gc.collect()
+    empty_cache()
+
+
+def empty_cache() -> None:
+    """Give PyTorch's cached, unused GPU blocks back to the driver (``torch.cuda.empty_cache()``,
+    when PyTorch is loaded); the default ``settle`` of :class:`job` and :func:`guarded`."""
     torch = sys.modules.get("torch")
     if torch is not None:
         try:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001 - cleanup must never mask the original error
+        except Exception:  # noqa: BLE001 - settling must never mask the job's outcome
             pass
+
+
+def _settle(permit: Permit, settle: Optional[Callable[[], None]]) -> None:
+    # The job's final reading first, then the cache release, and only then (when the permit
+    # ends) the next job's admission, whose start usage no longer holds this job's cache. Beside
+    # another running job nothing is learned from the release: it is skipped.
+    if settle is None or permit.end_measurement():
+        return
+    try:
+        settle()
+    except Exception as exc:  # noqa: BLE001 - the permit must still end
+        warnings.warn(f"vramslice: the settle callback failed: {exc!r}", RuntimeWarning, stacklevel=3)
 
 
 class job:  # noqa: N801 - reads as a function at the call site
@@ -184,7 +203,13 @@ class job:  # noqa: N801 - reads as a function at the call site
     raised (and the exception propagates: a ``with`` block cannot be re-run, use
     :func:`guarded` for retries); on any other exception the memory is returned and nothing
     recorded. ``classify`` decides what counts as out-of-memory; ``timeout`` (seconds)
-    overrides the runtime's admission timeout for this job. One ``job`` object holds one permit
+    overrides the runtime's admission timeout for this job.
+
+    ``settle`` runs when the block exits while no other job of the runtime runs, after the
+    job's final reading and before its memory goes back to the line: it should give back what
+    the job left cached (default :func:`empty_cache`, PyTorch's cache). A caching allocator's
+    blocks count as used until then, so a next job reusing them would show no growth and its
+    peak would be learned too low. ``settle=None`` skips it. One ``job`` object holds one permit
     at a time: entering it again before it exits (from another thread or task) raises
     ``RuntimeError``; make one ``job(...)`` per use.
     """
@@ -198,9 +223,11 @@ class job:  # noqa: N801 - reads as a function at the call site
         runtime: Optional[Runtime] = None,
         classify: Callable[[BaseException], bool] = is_out_of_memory,
         timeout: Optional[float] = None,
+        settle: Optional[Callable[[], None]] = empty_cache,
     ) -> None:
         self.key = key
         self.timeout = timeout
+        self.settle = settle
         self.need = need
         self.params = dict(params) if params else None
         self._runtime = runtime
@@ -239,7 +266,10 @@ class job:  # noqa: N801 - reads as a function at the call site
         permit, self.permit = self.permit, None
         self._unclaim()
         if permit is not None:
-            getattr(permit, outcome)()
+            try:
+                _settle(permit, self.settle)
+            finally:
+                getattr(permit, outcome)()
 
     def __enter__(self) -> "job":
         self._claim()
@@ -358,6 +388,7 @@ def guarded(
     classify: Callable[[BaseException], bool] = is_out_of_memory,
     runtime: Optional[Runtime] = None,
     timeout: Optional[float] = None,
+    settle: Optional[Callable[[], None]] = empty_cache,
 ) -> Callable:
     """Decorate a function (sync or async) so each call runs under admission with
     out-of-memory retry.
@@ -367,7 +398,7 @@ def guarded(
     qualified name. On out-of-memory: the peak is raised, ``cleanup`` runs, the runtime's
     backoff is waited and the call retried, at most ``retries`` times (default: the runtime's
     ``oom_retries``); then the last error propagates. ``timeout`` (seconds) overrides the
-    runtime's admission timeout for these calls.
+    runtime's admission timeout for these calls; ``settle`` is :class:`job`'s.
 
     When the last attempt fails with out-of-memory, the local variables of the frames it left in
     the error's traceback are cleared (files and lines stay), so that ``cleanup`` frees its
@@ -410,7 +441,7 @@ def guarded(
                 attempt = 0
                 while True:
                     try:
-                        async with job(k, n, p, runtime=rt, classify=classify, timeout=timeout):
+                        async with job(k, n, p, runtime=rt, classify=classify, timeout=timeout, settle=settle):
                             return await fn(*args, **kwargs)
                     except BaseException as exc:  # noqa: BLE001
                         if not classify(exc) or attempt >= limit:
@@ -427,7 +458,7 @@ def guarded(
             attempt = 0
             while True:
                 try:
-                    with job(k, n, p, runtime=rt, classify=classify, timeout=timeout):
+                    with job(k, n, p, runtime=rt, classify=classify, timeout=timeout, settle=settle):
                         return fn(*args, **kwargs)
                 except BaseException as exc:  # noqa: BLE001
                     if not classify(exc) or attempt >= limit:

@@ -312,6 +312,21 @@ pub unsafe extern "C" fn vramslice_permit_report_peak(permit: *const VramslicePe
     })
 }
 
+/// Take the job's final reading now: its peak is fixed and its memory stays reserved until the
+/// permit ends. Release a caching allocator's blocks after this and before ending the permit, so
+/// the next job starts from what really stays in use. Returns whether another job of the
+/// runtime runs (then a release teaches nothing and may be skipped); false for NULL.
+///
+/// # Safety
+/// `permit` is NULL or a live permit.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vramslice_permit_end_measurement(permit: *const VramslicePermit) -> bool {
+    guarded(false, || {
+        // SAFETY: NULL or a live permit, by contract.
+        unsafe { permit.as_ref() }.is_some_and(|p| p.permit.end_measurement())
+    })
+}
+
 /// Take ownership of a permit handle.
 ///
 /// # Safety

@@ -27,6 +27,9 @@ pub(crate) struct Running {
     pub(crate) peak_own: u64,
     pub(crate) overlapped: bool,
     pub(crate) admitted: Instant,
+    /// The measured peak fixed by [`Inner::end_measurement`]: what the process frees or
+    /// allocates after it (the embedder's cache release) is not the job's.
+    pub(crate) final_measured: Option<u64>,
 }
 
 impl Running {
@@ -37,8 +40,16 @@ impl Running {
             .unwrap_or_else(|| self.measured_peak(live, own, scope))
     }
 
+    /// Whether the job's usage is still being sampled ([`Inner::end_measurement`] not called).
+    pub(crate) fn measuring(&self) -> bool {
+        self.final_measured.is_none()
+    }
+
     /// The peak sampled so far ([`Running::peak`] without a report).
     pub(crate) fn measured_peak(&self, live: u64, own: Option<u64>, scope: PeakScope) -> u64 {
+        if let Some(fixed) = self.final_measured {
+            return fixed;
+        }
         let own = self
             .start_own
             .zip(own)
@@ -142,7 +153,7 @@ impl Inner {
         state.last_live = reading.used;
         state.last_own = reading.own;
         let peak = reading.peak.unwrap_or(0).max(reading.used);
-        for job in state.jobs.values_mut() {
+        for job in state.jobs.values_mut().filter(|j| j.measuring()) {
             job.peak_live = job.peak_live.max(peak);
             job.peak_own = job.peak_own.max(reading.own.unwrap_or(0));
         }
@@ -160,8 +171,10 @@ impl Inner {
     }
 
     pub(super) fn start_job(&self, state: &mut State, id: JobId, live: u64) {
+        // A job whose measurement has ended is still a neighbour to the new one (what it frees
+        // now moves the new one's start), but the new one is no longer the ended one's.
         let overlapped = !state.jobs.is_empty();
-        for other in state.jobs.values_mut() {
+        for other in state.jobs.values_mut().filter(|j| j.measuring()) {
             other.overlapped = true;
         }
         state.jobs.insert(
@@ -174,6 +187,7 @@ impl Inner {
                 peak_own: state.last_own.unwrap_or(0),
                 overlapped,
                 admitted: Instant::now(),
+                final_measured: None,
             },
         );
     }
@@ -343,6 +357,22 @@ impl Inner {
             running: state.queue.running(),
             waited,
         }
+    }
+
+    /// Take job `id`'s final reading now and fix its measured peak; its memory stays reserved
+    /// until [`Inner::finish`]. Returns whether another job of this runtime runs beside it (a
+    /// job started meanwhile counts it as a neighbour until it finishes).
+    pub(crate) fn end_measurement(&self, id: JobId) -> bool {
+        let live = self.read_live().ok();
+        let mut state = lock(&self.state);
+        let (live, own) = (live.unwrap_or(state.last_live), state.last_own);
+        let scope = self.config.peak_scope;
+        if let Some(job) = state.jobs.get_mut(&id)
+            && job.measuring()
+        {
+            job.final_measured = Some(job.measured_peak(live, own, scope));
+        }
+        state.jobs.len() > 1
     }
 
     /// End job `id`: give its reservation back and return what was measured.

@@ -110,6 +110,23 @@ impl Permit {
         }
     }
 
+    /// Take the job's final reading now: its peak is fixed, and what the process frees or
+    /// allocates from here on is not counted in it, while its memory stays reserved until
+    /// [`Permit::complete`], [`Permit::out_of_memory`] or a drop gives it back.
+    ///
+    /// For an embedder with a caching allocator (PyTorch): end the measurement, release the
+    /// cache (`torch.cuda.empty_cache()`), then end the permit. The next job is admitted when
+    /// the memory goes back, and its growth is measured from the usage it starts at: with the
+    /// finished job's cached blocks still counted there, a job reusing them shows no growth and
+    /// its peak is learned too low. Returns whether another job of this runtime runs now (the
+    /// release then measures nothing for anyone: peaks of overlapping jobs are not recorded).
+    pub fn end_measurement(&self) -> bool {
+        if self.done {
+            return false;
+        }
+        self.inner.end_measurement(self.id)
+    }
+
     fn end(&mut self) -> Option<(u64, bool)> {
         if self.done {
             return None;

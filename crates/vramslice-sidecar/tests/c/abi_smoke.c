@@ -99,6 +99,9 @@ int main(void) {
     CHECK(vramslice_admit(rt, "whisper", names, values, 1, GIB, &p, err, sizeof err) == VRAMSLICE_STATUS_OK);
     CHECK(vramslice_permit_reserved(p) == GIB);
     CHECK(vramslice_runtime_set_usage(rt, GIB / 2) == VRAMSLICE_STATUS_OK);
+    /* The final reading, then a cache release that is not the job's. */
+    CHECK(!vramslice_permit_end_measurement(p));
+    CHECK(vramslice_runtime_set_usage(rt, 0) == VRAMSLICE_STATUS_OK);
     CHECK(vramslice_permit_complete(p) == GIB / 2);
 
     /* Learned: no declared need now reserves peak x 1.2. */
@@ -123,6 +126,7 @@ int main(void) {
     CHECK(vramslice_admit(rt, NULL, NULL, NULL, 0, 1, &p, NULL, 0) == VRAMSLICE_STATUS_INVALID_ARGUMENT);
     CHECK(vramslice_admit(rt, "x", NULL, NULL, 2, 1, &p, err, sizeof err) == VRAMSLICE_STATUS_INVALID_ARGUMENT);
     vramslice_permit_release(NULL);
+    CHECK(!vramslice_permit_end_measurement(NULL));
     vramslice_runtime_free(NULL);
 
     vramslice_runtime_free(rt);
