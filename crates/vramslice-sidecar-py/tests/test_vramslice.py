@@ -745,3 +745,30 @@ def test_settle_is_skipped_beside_another_job_and_its_failure_is_a_warning():
         with vramslice.job("c", need="1Gi", runtime=rt, settle=broken):
             pass
     assert rt.stats()["running"] == 0 and rt.stats()["reserved"] == 0
+
+
+def test_an_out_of_memory_is_recognised_through_a_wrapping_error_and_library_messages():
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def wrapped(inner, suppress=False):
+        try:
+            raise inner
+        except Exception as exc:  # noqa: BLE001
+            try:
+                if suppress:
+                    raise ValueError("engine failed") from None
+                raise ValueError("engine failed") from exc
+            except ValueError as outer:
+                return outer
+
+    assert vramslice.is_out_of_memory(wrapped(OutOfMemoryError("CUDA out of memory")))
+    assert vramslice.is_out_of_memory(wrapped(RuntimeError("CUDA error: CUDNN_STATUS_ALLOC_FAILED")))
+    assert not vramslice.is_out_of_memory(wrapped(OutOfMemoryError("x"), suppress=True))
+    assert not vramslice.is_out_of_memory(wrapped(KeyError("prompt")))
+    assert vramslice.is_out_of_memory(
+        RuntimeError("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"))
+    loop = RuntimeError("a")
+    loop.__context__ = RuntimeError("b")
+    loop.__context__.__context__ = loop
+    assert not vramslice.is_out_of_memory(loop)

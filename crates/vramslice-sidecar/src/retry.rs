@@ -15,13 +15,18 @@ pub trait OutOfMemory {
     fn is_out_of_memory(&self) -> bool;
 }
 
-/// Whether an error message reads as a GPU out-of-memory error (`CUDA_ERROR_OUT_OF_MEMORY`,
-/// PyTorch's `CUDA out of memory`, cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`).
+/// Whether an error message reads as a GPU out-of-memory error: `CUDA_ERROR_OUT_OF_MEMORY`,
+/// PyTorch's `CUDA out of memory`, a CUDA library's failed allocation (cuBLAS, cuDNN, cuSOLVER,
+/// cuSPARSE `*_STATUS_ALLOC_FAILED`, cuFFT `CUFFT_ALLOC_FAILED`), and the handle cuBLAS could
+/// not create for want of memory (`CUBLAS_STATUS_NOT_INITIALIZED when calling cublasCreate`,
+/// as PyTorch reports it on a thread's first matmul at a full limit).
 pub fn message_is_out_of_memory(message: &str) -> bool {
     let lower = message.to_ascii_lowercase();
     lower.contains("cuda_error_out_of_memory")
         || lower.contains("out of memory")
-        || lower.contains("cublas_status_alloc_failed")
+        || lower.contains("_status_alloc_failed")
+        || lower.contains("cufft_alloc_failed")
+        || (lower.contains("cublas_status_not_initialized") && lower.contains("cublascreate"))
 }
 
 /// A CUDA driver result code as an error.
@@ -257,6 +262,20 @@ mod tests {
             "CUDA out of memory. Tried to allocate 2.00 GiB"
         ));
         assert!(!message_is_out_of_memory("CUDA_ERROR_INVALID_VALUE"));
+        for library in [
+            "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasLtMatmul( ... )`",
+            "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+            "cuFFT error: CUFFT_ALLOC_FAILED",
+            "cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling `cusolverDnCreate(handle)`",
+            "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`",
+        ] {
+            assert!(message_is_out_of_memory(library), "{library}");
+        }
+        // Not initialised for another reason (a bad handle later on) is not a lack of memory.
+        assert!(!message_is_out_of_memory(
+            "CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasSgemm( ... )`"
+        ));
+        assert!(!message_is_out_of_memory("CUBLAS_STATUS_EXECUTION_FAILED"));
         assert!(CudaError(2).is_out_of_memory());
         assert!(!CudaError(1).is_out_of_memory());
         assert!(

@@ -159,10 +159,20 @@ def runtime() -> Runtime:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is a GPU out-of-memory error (PyTorch's ``OutOfMemoryError``,
-    ``CUDA_ERROR_OUT_OF_MEMORY`` in a message, ...)."""
-    if type(exc).__name__ in ("OutOfMemoryError", "CudaOutOfMemoryError"):
-        return True
-    return message_is_out_of_memory(str(exc))
+    ``CUDA_ERROR_OUT_OF_MEMORY`` or a CUDA library's failed allocation in a message, ...), or
+    was raised from one (a framework's own error wrapping it: ``raise X from oom``, or raised
+    while handling it)."""
+    seen = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen and len(seen) < 32:
+        seen.add(id(current))
+        if type(current).__name__ in ("OutOfMemoryError", "CudaOutOfMemoryError"):
+            return True
+        if message_is_out_of_memory(str(current)):
+            return True
+        current = current.__cause__ if current.__cause__ is not None else (
+            None if current.__suppress_context__ else current.__context__)
+    return False
 
 
 def default_cleanup() -> None:
