@@ -450,10 +450,19 @@ def run(args) -> int:
 
     if mode == "sidecar":
         missing = [b.name for b in buckets if counts[b.name] == 0]
-        ok = tally.oom == 0 and completed >= MIN_COMPLETED and not missing
+        # Errors other than OOM reach clients too: a refusal or another error never should here
+        # (no request declares a need; the model works unguarded), and a queue timeout means a
+        # wait of QUEUE_TIMEOUT_S behind jobs of tens of ms, a stall, allowed for 1 in 100.
+        stalls_allowed = total // 100
+        ok = (tally.oom == 0 and completed >= MIN_COMPLETED and not missing and tally.refused == 0
+              and tally.other == 0 and tally.queue_timeouts <= stalls_allowed)
         why = []
         if tally.oom:
             why.append(f"{tally.oom} OOM errors reached clients after {OOM_RETRIES} retries")
+        if tally.refused or tally.other:
+            why.append(f"{tally.refused} refusals and {tally.other} other errors reached clients")
+        if tally.queue_timeouts > stalls_allowed:
+            why.append(f"{tally.queue_timeouts} requests timed out in the queue (at most {stalls_allowed})")
         if completed < MIN_COMPLETED:
             why.append(f"only {completed} requests completed")
         if missing:
@@ -462,7 +471,8 @@ def run(args) -> int:
         if errors > tally.oom:
             figure += f", {errors - tally.oom} other errors"
         report(CHECKS[mode][0], ok, figure,
-               f"0 OOM errors reach clients; >= {MIN_COMPLETED} requests and every size completed",
+               f"0 OOM errors reach clients, nor refusals or other errors, queue timeouts <= 1%; "
+               f">= {MIN_COMPLETED} requests and every size completed",
                ("; ".join(why) + ". " if why else "") + setting
                + f"; {tally.inner_ooms} OOMs inside jobs absorbed by retries; {others}; usage source {rt.usage_kind}",
                **values)
