@@ -142,6 +142,22 @@ struct PollState {
     backoff: Duration,
     /// No write before this.
     retry_at: Option<Instant>,
+    /// The last reading's generation and when this loop first saw it: how old it is, on the
+    /// monotonic clock (the snapshot's `read_at` is wall-clock time, for the GpuNode).
+    reading: Option<(u64, Instant)>,
+}
+
+impl PollState {
+    /// How long ago the reading of `generation` was first seen (0 for a new one).
+    fn reading_age(&mut self, generation: u64) -> Duration {
+        match self.reading {
+            Some((seen, at)) if seen == generation => at.elapsed(),
+            _ => {
+                self.reading = Some((generation, Instant::now()));
+                Duration::ZERO
+            }
+        }
+    }
 }
 
 impl Publisher {
@@ -169,6 +185,7 @@ impl Publisher {
         if snapshot.generation == 0 {
             return;
         }
+        let reading_age = state.reading_age(snapshot.generation);
         // The node's pods, as the watch cache holds them; `None` without a kube client or
         // before the cache has synced.
         let pods = self.kube.as_ref().and_then(NodePods::cached);
@@ -191,7 +208,7 @@ impl Publisher {
         }
         let self_reports = self
             .watchdog
-            .observe(&report, &samples, &state.records)
+            .observe(&report, &samples, &state.records, reading_age)
             .await;
         self.observe_allocated(&report);
         self.publish(state, report, snapshot.read_at, &self_reports)
@@ -363,6 +380,15 @@ fn refresh_uids(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reading_ages_from_when_its_generation_was_first_seen() {
+        let mut state = PollState::default();
+        assert_eq!(state.reading_age(1), Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(state.reading_age(1) >= Duration::from_millis(20));
+        assert_eq!(state.reading_age(2), Duration::ZERO, "a new read is fresh");
+    }
 
     fn pod(name: &str, uid: &str) -> Arc<Pod> {
         Arc::new(Pod {

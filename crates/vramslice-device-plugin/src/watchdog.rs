@@ -22,7 +22,7 @@ use vramslice_core::node::allocation::allocation_key_for_ids;
 use vramslice_core::node::publish::{ContainerAllocationRecord, GpuSample, NodeReport};
 use vramslice_core::node::watchdog::{
     Breach, PodOnGpu, SelfReport, WatchdogAction, WatchdogEvent, WatchdogPolicy, WatchdogState,
-    evaluate,
+    evaluate, reading_too_old,
 };
 use vramslice_gpu::procfs::ProcRoot;
 
@@ -46,6 +46,8 @@ pub struct Watchdog {
     bad_files: BTreeSet<PathBuf>,
     /// Pods already reported untrusted (logged once per episode).
     untrusted: BTreeSet<PodOnGpu>,
+    /// Whether the last reading was too old to judge by (logged once per episode).
+    stale: bool,
 }
 
 impl Watchdog {
@@ -67,6 +69,7 @@ impl Watchdog {
             kube,
             bad_files: BTreeSet::new(),
             untrusted: BTreeSet::new(),
+            stale: false,
         }
     }
 
@@ -164,9 +167,33 @@ impl Watchdog {
         report: &NodeReport,
         samples: &[GpuSample],
         records: &[ContainerAllocationRecord],
+        reading_age: Duration,
     ) -> BTreeMap<PodOnGpu, SelfReport> {
         let self_reported = self.self_reported(records);
         let now = self.epoch.elapsed();
+        let stale = reading_too_old(&self.policy, reading_age);
+        if stale != self.stale {
+            self.stale = stale;
+            if stale {
+                tracing::warn!(age = ?reading_age, "the last GPU reading is too old to judge pods by (the backend's reads fail or hang): no watchdog action until a fresh one");
+            } else {
+                tracing::info!("fresh GPU readings again: the watchdog judges pods");
+            }
+        }
+        // A frozen reading's process lists count as unreadable: no time over, no action.
+        let unreadable: Vec<GpuSample>;
+        let samples = if stale {
+            unreadable = samples
+                .iter()
+                .map(|s| GpuSample {
+                    processes: None,
+                    ..s.clone()
+                })
+                .collect();
+            &unreadable[..]
+        } else {
+            samples
+        };
         let verdict = evaluate(
             &self.policy,
             &self.state,

@@ -93,6 +93,22 @@ impl fmt::Display for WatchdogAction {
 /// 0 acts at once, but must not turn into an Event or a kill attempt per poll).
 pub const MIN_REPEAT: Duration = Duration::from_secs(10);
 
+/// The least age at which a reading is too old to judge by, however short the poll interval
+/// ([`reading_too_old`]).
+pub const STALE_READING_FLOOR: Duration = Duration::from_secs(5);
+
+/// Whether a reading taken `age` ago (the backend's last successful read: its reads failing or
+/// hung since) is too old to judge a pod by: more than three poll intervals, and at least
+/// [`STALE_READING_FLOOR`]. Its process lists are then to be passed as unreadable, so that the
+/// time counts neither as over nor as within, and no action is taken on a frozen figure (nor on
+/// process IDs that may have been reused since).
+pub fn reading_too_old(policy: &WatchdogPolicy, age: Duration) -> bool {
+    age > policy
+        .poll_interval
+        .saturating_mul(3)
+        .max(STALE_READING_FLOOR)
+}
+
 /// The watchdog's configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatchdogPolicy {

@@ -823,3 +823,18 @@ fn strays_reported_once_stay_reported_while_the_process_list_cannot_be_read() {
         back.events
     );
 }
+
+#[test]
+fn a_reading_is_too_old_after_three_poll_intervals_and_never_before_the_floor() {
+    let fast = polled(30, 1);
+    assert!(!reading_too_old(&fast, Duration::from_secs(5)));
+    assert!(reading_too_old(&fast, Duration::from_millis(5001)));
+    let slow = polled(30, 10);
+    assert!(!reading_too_old(&slow, Duration::from_secs(30)));
+    assert!(reading_too_old(&slow, Duration::from_secs(31)));
+    let extreme = WatchdogPolicy {
+        poll_interval: Duration::MAX,
+        ..fast
+    };
+    assert!(!reading_too_old(&extreme, Duration::MAX));
+}
