@@ -165,7 +165,7 @@ fn async_counted(
         unsafe { read_out(dptr) }
     });
     match out.flatten() {
-        Some(p) => g.track_async(p, pool, a, bytes),
+        Some(p) => g.async_made(p, pool, a, bytes, reused),
         None => g.async_failed(pool, a, bytes, reused, true),
     }
     rc

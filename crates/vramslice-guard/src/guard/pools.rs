@@ -3,7 +3,8 @@
 //!
 //! An asynchronous allocation is charged to its pool's account (the pool's device, fixed at
 //! first use). Freed into the pool it stays charged as *retained*: the pool may keep it, and the
-//! next asynchronous allocation from the pool reuses it first. Retained bytes go back when a trim
+//! next asynchronous allocation from the pool reuses it first (and the pool is read right after
+//! such a reuse: the driver may have mapped new memory instead). Retained bytes go back when a trim
 //! or a reconciliation reads that the pool holds less (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`);
 //! a reconciliation that reads it holds more (a pool reserves in chunks larger than the bytes
 //! asked, and rounds each allocation) charges the difference as *slack*, whatever the limit: the
@@ -18,6 +19,7 @@
 //! handle the driver hands out again starts over.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{AccountId, Guard};
 use crate::ledger::OverLimit;
@@ -67,6 +69,9 @@ impl PoolState {
 }
 
 pub(super) type Pools = HashMap<u64, PoolState>;
+
+/// Whether a pool's growth past the credited reuse has taken an account over its limit yet.
+static POOL_OVERRUN_LOGGED: AtomicBool = AtomicBool::new(false);
 
 impl Guard {
     /// A free of pool memory succeeded: retained by its pool, or given back when the pool was
@@ -217,6 +222,29 @@ impl Guard {
         }
         drop(pools);
         self.release(account, retained);
+    }
+
+    /// Records a successful asynchronous allocation of `n` from `pool` charged to account `a`,
+    /// `reused` of it taken from the pool's retained bytes ([`Guard::reserve_async`]). When
+    /// some was, the pool is read again at once: the driver reuses a freed block only when one
+    /// is large enough and safe for the allocating stream, and otherwise maps new memory that
+    /// the credit did not charge. Any such growth is charged now (as slack, whatever the
+    /// limit: the driver has taken it), so that later allocations and `cuMemGetInfo` see it;
+    /// the first time it takes the account past its limit, that is logged.
+    pub fn async_made(&self, handle: u64, pool: u64, a: AccountId, n: u64, reused: u64) {
+        self.track_async(handle, pool, a, n);
+        if reused == 0 {
+            return;
+        }
+        self.reconcile_pool(pool.max(1), None);
+        let account = &self.accounts[a];
+        let used = account.ledger.used();
+        if used > account.limit && !POOL_OVERRUN_LOGGED.swap(true, Ordering::Relaxed) {
+            crate::log!(
+                "vramslice-guard: a memory pool mapped new memory for an allocation of {n} bytes that the guard expected it to serve from {reused} bytes it had freed (another stream's, or too fragmented): the container now uses {used} bytes of its limit {} bytes; later allocations are refused until the pool is trimmed (logged once per process)",
+                account.limit
+            );
+        }
     }
 
     /// Records a successful asynchronous allocation charged to account `a`.

@@ -452,3 +452,39 @@ fn charge_may_exceed_limit_and_then_refuses() {
 fn no_account_no_guard() {
     assert!(Guard::new(Vec::new(), Mapping::PerGpu, probes_with(|_| None)).is_none());
 }
+
+#[test]
+fn a_reuse_the_pool_did_not_make_is_charged_right_after_the_allocation() {
+    // Review: retained bytes were credited to any later allocation from the pool, but the driver
+    // reuses a freed block only when one fits and is safe for the stream; otherwise it maps new
+    // memory, which stayed uncharged until some later reading.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static RESERVED: AtomicU64 = AtomicU64::new(0);
+    let g = guard_reading(100, |_| Some(RESERVED.load(Ordering::SeqCst)));
+    g.pool_created(4, 0);
+    g.reserve_async(0, 4, 60).unwrap();
+    RESERVED.store(60, Ordering::SeqCst);
+    g.async_made(0x1, 4, 0, 60, 0);
+    g.freed(g.untrack(Kind::DevicePtr, 0x1).unwrap());
+    assert_eq!(g.used(0), 60, "60 retained");
+
+    // Reused as expected: the pool did not grow, nothing more is charged.
+    let (a, reused) = g.reserve_async(0, 4, 40).unwrap();
+    assert_eq!(reused, 40);
+    g.async_made(0x2, 4, a, 40, reused);
+    assert_eq!(g.used(0), 60);
+    g.freed(g.untrack(Kind::DevicePtr, 0x2).unwrap());
+
+    // Not reused (another stream's block): the driver mapped 50 more, charged at once.
+    let (a, reused) = g.reserve_async(0, 4, 50).unwrap();
+    assert_eq!(reused, 50);
+    RESERVED.store(110, Ordering::SeqCst);
+    g.async_made(0x3, 4, a, 50, reused);
+    assert_eq!(g.used(0), 110, "what the pool really holds, over the limit");
+    assert!(g.reserve(0, 1).is_err(), "later allocations are refused");
+    // Freed and trimmed back to what is in use: the charge follows the pool.
+    g.freed(g.untrack(Kind::DevicePtr, 0x3).unwrap());
+    RESERVED.store(0, Ordering::SeqCst);
+    g.reconcile_pool(4, Some(0));
+    assert_eq!(g.used(0), 0);
+}
