@@ -15,7 +15,7 @@
 
 use super::types::*;
 use super::{On, account_on, account_or_refuse, boundary, config, guard, read_out, real_fn};
-use crate::guard::Mapping;
+use crate::guard::{AccountId, Guard, Mapping};
 use crate::tracker::Kind;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
@@ -42,20 +42,34 @@ fn multiprocessors(dev: CUdevice) -> Option<u32> {
         .flatten()
 }
 
-/// Real free bytes of the device `on` before a call, when they can be measured: a context is
-/// current and it is on that device.
-fn free_before(on: On) -> Option<u64> {
-    match on {
+/// Real free bytes of the device `on` before a call, when they can be measured (a context is
+/// current and it is on that device), with what account `a` was charged then.
+fn free_before(g: &Guard, a: AccountId, on: On) -> Option<(u64, u64)> {
+    let free = match on {
         On::Current => real_free(),
         On::Device(d) => (super::current_device() == Ok(d)).then(real_free).flatten(),
+    }?;
+    Some((free, g.used(a)))
+}
+
+/// What a call took, measured from `before` ([`free_before`]) to now; `estimate` when it could
+/// not be measured.
+fn measured_bytes(g: &Guard, a: AccountId, before: Option<(u64, u64)>, estimate: u64) -> u64 {
+    match (before, real_free()) {
+        (Some(before), Some(free)) => taken_by_call(before, (free, g.used(a))),
+        _ => estimate,
     }
 }
 
-fn measured_bytes(before: Option<u64>, estimate: u64) -> u64 {
-    match (before, real_free()) {
-        (Some(b), Some(a)) => b.saturating_sub(a),
-        _ => estimate,
-    }
+/// The bytes a call took, from the device's free memory and the account's charge before and
+/// after it, as `(free, charged)`: the drop in free memory, less what the container's other
+/// allocations meanwhile were charged (and plus what its frees meanwhile gave back), so that a
+/// sibling worker allocating during a context creation or module load is not charged twice.
+/// What processes outside the container do meanwhile still counts (the driver cannot tell).
+fn taken_by_call(before: (u64, u64), after: (u64, u64)) -> u64 {
+    let drop = i128::from(before.0) - i128::from(after.0);
+    let charged_meanwhile = i128::from(after.1) - i128::from(before.1);
+    u64::try_from((drop - charged_meanwhile).max(0)).unwrap_or(u64::MAX)
 }
 
 /// Measures what `call` takes on the device `on` and charges it to that device's account and
@@ -73,12 +87,12 @@ fn measured(
         Ok(a) => a,
         Err(rc) => return rc,
     };
-    let before = free_before(on);
+    let before = free_before(g, a, on);
     let rc = call();
     if rc == CUDA_SUCCESS
         && let Some(h) = out()
     {
-        g.charge(kind, h, a, measured_bytes(before, estimate));
+        g.charge(kind, h, a, measured_bytes(g, a, before, estimate));
     }
     rc
 }
@@ -156,11 +170,11 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: CUdevic
             Ok(a) => a,
             Err(rc) => return rc,
         };
-        let before = free_before(On::Device(dev));
+        let before = free_before(g, a, On::Device(dev));
         let rc = call();
         if rc == CUDA_SUCCESS {
             g.primary_retained(dev as u64, a, || {
-                measured_bytes(before, config().context_charge(multiprocessors(dev)))
+                measured_bytes(g, a, before, config().context_charge(multiprocessors(dev)))
             });
         }
         rc
@@ -386,4 +400,23 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
         }
         rc
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::taken_by_call;
+
+    #[test]
+    fn a_call_is_charged_the_drop_in_free_memory_less_the_containers_own_changes_meanwhile() {
+        assert_eq!(taken_by_call((1000, 0), (600, 0)), 400, "alone");
+        // A sibling worker allocated 300 (charged) during the call: not the call's.
+        assert_eq!(taken_by_call((1000, 50), (300, 350)), 400);
+        // A sibling freed 200 meanwhile: the drop hides it; the charge going down shows it.
+        assert_eq!(taken_by_call((1000, 250), (800, 50)), 400);
+        // More charged meanwhile than the drop (a reservation not yet allocated): nothing.
+        assert_eq!(taken_by_call((1000, 0), (900, 500)), 0);
+        // Extremes do not overflow.
+        assert_eq!(taken_by_call((u64::MAX, u64::MAX), (0, 0)), u64::MAX);
+        assert_eq!(taken_by_call((0, 0), (u64::MAX, u64::MAX)), 0);
+    }
 }
