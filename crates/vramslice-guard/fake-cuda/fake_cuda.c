@@ -504,8 +504,18 @@ CUresult cuModuleLoadData(CUmodule *m, const void *img) { (void)img; return modu
 CUresult cuModuleLoadDataEx(CUmodule *m, const void *img, unsigned n, void *o, void **v) { (void)img; (void)n; (void)o; (void)v; return module_new(m); }
 CUresult cuModuleLoadFatBinary(CUmodule *m, const void *img) { (void)img; return module_new(m); }
 CUresult cuModuleUnload(CUmodule m) { return host_free(m) < 0 ? ERR_INVALID_VALUE : OK; }
-CUresult cuLibraryLoadData(CUlibrary *l, const void *c, void *jo, void **jv, unsigned nj, void *lo, void **lv, unsigned nl) { (void)c; (void)jo; (void)jv; (void)nj; (void)lo; (void)lv; (void)nl; return module_new(l); }
-CUresult cuLibraryLoadFromFile(CUlibrary *l, const char *f, void *jo, void **jv, unsigned nj, void *lo, void **lv, unsigned nl) { (void)f; (void)jo; (void)jv; (void)nj; (void)lo; (void)lv; (void)nl; return module_new(l); }
+/* Libraries are context-independent (CUDA 12): with no context current one loads, taking no
+ * device memory until a context uses it (here: nothing at all). */
+static CUresult library_new(void **l) {
+    if (!l) return ERR_INVALID_VALUE;
+    if (current_ctx) return module_new(l);
+    void *p = host_alloc_on(0, 0);
+    if (!p) return ERR_OOM;
+    *l = p;
+    return OK;
+}
+CUresult cuLibraryLoadData(CUlibrary *l, const void *c, void *jo, void **jv, unsigned nj, void *lo, void **lv, unsigned nl) { (void)c; (void)jo; (void)jv; (void)nj; (void)lo; (void)lv; (void)nl; return library_new(l); }
+CUresult cuLibraryLoadFromFile(CUlibrary *l, const char *f, void *jo, void **jv, unsigned nj, void *lo, void **lv, unsigned nl) { (void)f; (void)jo; (void)jv; (void)nj; (void)lo; (void)lv; (void)nl; return library_new(l); }
 CUresult cuLibraryUnload(CUlibrary l) { return host_free(l) < 0 ? ERR_INVALID_VALUE : OK; }
 
 /* Fake NVML in the same library (tests point VRAMSLICE_REAL_LIBNVML here). A device handle

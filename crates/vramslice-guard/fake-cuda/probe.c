@@ -296,9 +296,11 @@ static int entrypoints(const char *mode, int limited, size_t limit, size_t held)
 
 static int contexts(size_t estimate, size_t ctx_bytes, size_t module_bytes) {
     int dev;
-    H c1, c2, m, l;
+    H c1, c2, m, l, l0;
     size_t f, t, u0, u1, u2, u3, u4;
     if (cuInit(0) || cuDeviceGet(&dev, probe_device())) die("init");
+    check(cuLibraryLoadData(&l0, "x", NULL, NULL, 0, NULL, NULL, 0) == 0,
+          "a library loads with no context current (context-independent since CUDA 12)");
     check(cuCtxCreate_v2(&c1, 0, dev) == 0, "first context (none current: charged the estimate)");
     cuMemGetInfo_v2(&f, &t); u0 = t - f;
     check(u0 == estimate, "first context charged VRAMSLICE_CONTEXT_ESTIMATE_BYTES");
@@ -325,6 +327,7 @@ static int contexts(size_t estimate, size_t ctx_bytes, size_t module_bytes) {
     check(cuDevicePrimaryCtxRelease_v2(dev) == 0 && cuDevicePrimaryCtxRelease_v2(dev) == 0, "primary context released twice");
     cuMemGetInfo_v2(&f, &t);
     check(t - f == u4, "last primary release returns the charge");
+    check(cuLibraryUnload(l0) == 0, "the library loaded with no context unloads");
     return finish();
 }
 

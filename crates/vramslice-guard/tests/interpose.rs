@@ -158,7 +158,7 @@ fn contexts_and_modules_are_measured_and_charged() {
     .map(String::from);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (out, so, se) = run(probe(true, &env, &args));
-    assert_checks(&out, &so, &se, 14);
+    assert_checks(&out, &so, &se, 16);
 }
 
 #[test]

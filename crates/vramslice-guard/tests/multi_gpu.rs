@@ -144,7 +144,7 @@ fn contexts_modules_and_primary_contexts_are_charged_to_their_device() {
     let mut cmd = probe(true, &env, &["contexts", &list[0], &list[1], &list[2]]);
     cmd.env("PROBE_DEVICE", "1");
     let (out, so, se) = run(cmd);
-    assert_checks(&out, &so, &se, 14);
+    assert_checks(&out, &so, &se, 16);
 }
 
 #[test]

@@ -56,20 +56,9 @@ fn free_before(g: &Guard, a: AccountId, on: On) -> Option<(u64, u64)> {
 /// not be measured.
 fn measured_bytes(g: &Guard, a: AccountId, before: Option<(u64, u64)>, estimate: u64) -> u64 {
     match (before, real_free()) {
-        (Some(before), Some(free)) => taken_by_call(before, (free, g.used(a))),
+        (Some(before), Some(free)) => crate::sizes::taken_by_call(before, (free, g.used(a))),
         _ => estimate,
     }
-}
-
-/// The bytes a call took, from the device's free memory and the account's charge before and
-/// after it, as `(free, charged)`: the drop in free memory, less what the container's other
-/// allocations meanwhile were charged (and plus what its frees meanwhile gave back), so that a
-/// sibling worker allocating during a context creation or module load is not charged twice.
-/// What processes outside the container do meanwhile still counts (the driver cannot tell).
-fn taken_by_call(before: (u64, u64), after: (u64, u64)) -> u64 {
-    let drop = i128::from(before.0) - i128::from(after.0);
-    let charged_meanwhile = i128::from(after.1) - i128::from(before.1);
-    u64::try_from((drop - charged_meanwhile).max(0)).unwrap_or(u64::MAX)
 }
 
 /// Measures what `call` takes on the device `on` and charges it to that device's account and
@@ -219,9 +208,21 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
     })
 }
 
+/// A library load (`cuLibraryLoad*`, context-independent since CUDA 12): with a context current,
+/// measured and charged like a module; with none, nothing can be measured and the driver takes
+/// no device memory until a context uses the library, so it is passed through uncharged (under
+/// per-GPU limits the current device cannot be known then, which must not fail the load).
+#[inline(always)]
+fn library_load(call: impl FnOnce() -> CUresult, out: impl FnOnce() -> Option<u64>) -> CUresult {
+    if guard().is_some_and(|g| g.mapping() == Mapping::PerGpu) && super::current_device().is_err() {
+        return call();
+    }
+    measured(Kind::Library, 0, On::Current, call, out)
+}
+
 macro_rules! module_load {
-    ($name:ident, $kind:expr, ( $($arg:ident : $ty:ty),* )) => {
-        /// Interposed module/library load: the memory it takes is measured and charged.
+    ($name:ident, Kind::Module, ( $($arg:ident : $ty:ty),* )) => {
+        /// Interposed module load: the memory it takes is measured and charged.
         ///
         /// # Safety
         /// As the CUDA driver API requires.
@@ -230,7 +231,21 @@ macro_rules! module_load {
             boundary(|| {
                 let f = real_fn!($name);
                 // SAFETY: arguments forwarded unchanged; out read only after success.
-                measured($kind, 0, On::Current, || unsafe { f(out, $($arg),*) }, || unsafe { read_out(out) }.map(|h| h as usize as u64))
+                measured(Kind::Module, 0, On::Current, || unsafe { f(out, $($arg),*) }, || unsafe { read_out(out) }.map(|h| h as usize as u64))
+            })
+        }
+    };
+    ($name:ident, Kind::Library, ( $($arg:ident : $ty:ty),* )) => {
+        /// Interposed library load ([`library_load`]).
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(out: *mut Handle, $($arg: $ty),*) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                // SAFETY: arguments forwarded unchanged; out read only after success.
+                library_load(|| unsafe { f(out, $($arg),*) }, || unsafe { read_out(out) }.map(|h| h as usize as u64))
             })
         }
     };
@@ -400,23 +415,4 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
         }
         rc
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::taken_by_call;
-
-    #[test]
-    fn a_call_is_charged_the_drop_in_free_memory_less_the_containers_own_changes_meanwhile() {
-        assert_eq!(taken_by_call((1000, 0), (600, 0)), 400, "alone");
-        // A sibling worker allocated 300 (charged) during the call: not the call's.
-        assert_eq!(taken_by_call((1000, 50), (300, 350)), 400);
-        // A sibling freed 200 meanwhile: the drop hides it; the charge going down shows it.
-        assert_eq!(taken_by_call((1000, 250), (800, 50)), 400);
-        // More charged meanwhile than the drop (a reservation not yet allocated): nothing.
-        assert_eq!(taken_by_call((1000, 0), (900, 500)), 0);
-        // Extremes do not overflow.
-        assert_eq!(taken_by_call((u64::MAX, u64::MAX), (0, 0)), u64::MAX);
-        assert_eq!(taken_by_call((0, 0), (u64::MAX, u64::MAX)), 0);
-    }
 }
