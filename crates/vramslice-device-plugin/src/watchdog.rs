@@ -294,6 +294,10 @@ impl Watchdog {
                 tracing::warn!(pid, pod = %breach.target.name, "not killing: the PID is no longer in the offending pod");
                 continue;
             }
+            if !self.proc_root.signals_reach(pid) {
+                tracing::error!(pid, pod = %breach.target.name, proc_root = %self.proc_root.path().display(), "not killing: procRoot is not this plugin's PID namespace, so the signal would reach another process by that number (kill-process needs the host's PIDs here: hostPID with procRoot /proc)");
+                continue;
+            }
             let result = i32::try_from(pid)
                 .ok()
                 .and_then(rustix::process::Pid::from_raw)

@@ -53,6 +53,25 @@ impl ProcRoot {
         }
     }
 
+    /// The start time of process `pid` (clock ticks since boot, `<root>/<pid>/stat` field 22),
+    /// when its stat file can be read.
+    pub fn start_time(&self, pid: u32) -> Option<u64> {
+        let text = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+        vramslice_core::container::accounting::parse_proc_stat(&text).map(|(start, _)| start)
+    }
+
+    /// Whether a signal this process sends to `pid` reaches the process `<root>/<pid>` describes.
+    /// A signal goes to the PID in this process's own PID namespace; a root that is another
+    /// namespace's proc (`/host/proc` without `hostPID`) names another process by the same
+    /// number. Told by the start times here and there; a root with no stat file for `pid` (a
+    /// test's directory of cgroup files) is taken at its word.
+    pub fn signals_reach(&self, pid: u32) -> bool {
+        let Some(there) = self.start_time(pid) else {
+            return true;
+        };
+        ProcRoot::new(DEFAULT_PROC_ROOT).start_time(pid) == Some(there)
+    }
+
     /// Fill [`crate::ProcessSample::pod_uid`] of every process the backend left unattributed, by
     /// its cgroup. Processes that already name a pod are left alone. Returns how many processes
     /// were newly attributed.
@@ -84,6 +103,28 @@ mod tests {
         let dir = root.join(pid.to_string());
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("cgroup"), text).unwrap();
+    }
+
+    #[test]
+    fn a_signal_reaches_a_process_only_when_the_root_is_this_pid_namespace() {
+        let me = std::process::id();
+        let tmp = tempfile::tempdir().unwrap();
+        let root = ProcRoot::new(tmp.path());
+        assert!(root.signals_reach(me), "no stat file: taken at its word");
+        let own = std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
+        let dir = tmp.path().join(me.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("stat"), &own).unwrap();
+        assert!(root.signals_reach(me), "the same process here and there");
+        let start = root.start_time(me).unwrap();
+        let (name, fields) = own.split_at(own.rfind(')').unwrap() + 1);
+        let mut fields: Vec<String> = fields.split_whitespace().map(String::from).collect();
+        fields[19] = (start + 1).to_string(); // field 22: fields[0] is field 3
+        let other = format!("{name} {}\n", fields.join(" "));
+        std::fs::write(dir.join("stat"), other).unwrap();
+        assert_eq!(root.start_time(me), Some(start + 1));
+        assert!(!root.signals_reach(me), "another process by that number");
+        assert!(ProcRoot::default().signals_reach(me));
     }
 
     fn reading(processes: Vec<ProcessSample>) -> GpuSample {
