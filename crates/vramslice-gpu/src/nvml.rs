@@ -224,8 +224,11 @@ impl NvmlBackend {
             tracing::debug!(index, error = %e, "cannot read GPU name");
             "unknown NVIDIA GPU".to_string()
         });
-        // Either list missing leaves the processes unknown (their usage is not 0); a GPU that
-        // has no graphics engine answers `NotSupported` for the graphics list, which is none.
+        // The compute list missing leaves the processes unknown (their usage is not 0). The
+        // graphics list missing leaves the compute list standing: a GPU without a graphics
+        // engine answers `NotSupported` (none), and a sandbox's NVML may fail it while the
+        // compute list, where CUDA processes are, reads fine; losing that would leave every
+        // pod on the GPU unjudged.
         let mut lists = Some(Vec::with_capacity(2));
         for (kind, list) in [
             ("compute", device.running_compute_processes()),
@@ -237,8 +240,11 @@ impl NvmlBackend {
                         lists.push(l);
                     }
                 }
-                Err(NvmlError::NotSupported) if kind == "graphics" => {}
                 Err(NvmlError::GpuLost) => return broken("processes", NvmlError::GpuLost),
+                Err(NvmlError::NotSupported) if kind == "graphics" => {}
+                Err(e) if kind == "graphics" => {
+                    tracing::debug!(index, error = %e, "cannot list graphics processes; compute processes only");
+                }
                 Err(e) => {
                     tracing::debug!(index, kind, error = %e, "cannot list GPU processes");
                     lists = None;
