@@ -65,7 +65,15 @@ struct State {
     last: HashMap<u32, GpuSample>,
     /// GPUs currently failing queries (to log transitions, not every poll).
     broken: HashSet<u32>,
+    /// Consecutive reads in which a GPU failed a query for a reason that is not sticky: it is
+    /// reported Unhealthy from the [`UNHEALTHY_AFTER_FAILED_READS`]th on.
+    failed_reads: HashMap<u32, u32>,
 }
+
+/// Consecutive failed reads of a GPU (not lost, no critical event) before it is reported
+/// Unhealthy: one transient NVML error must not flip it to the kubelet, which fails the pods
+/// it admits meanwhile (`UnexpectedAdmissionError`).
+pub const UNHEALTHY_AFTER_FAILED_READS: u32 = 3;
 
 /// The outcome of querying one device index.
 enum DeviceRead {
@@ -299,6 +307,7 @@ impl GpuBackend for NvmlBackend {
         for index in 0..count {
             match self.read_device(index) {
                 DeviceRead::Ok(mut reading) => {
+                    state.failed_reads.remove(&index);
                     if state.broken.remove(&index) {
                         tracing::info!(index, uuid = reading.uuid, "GPU answers queries again");
                     }
@@ -330,8 +339,16 @@ impl GpuBackend for NvmlBackend {
                     if sticky {
                         mark_sticky(&mut state.sticky, &last.uuid, reason.clone());
                     }
-                    let reason = state.sticky.get(&last.uuid).cloned().unwrap_or(reason);
-                    last.health = Health::Unhealthy { reason };
+                    let failed = state.failed_reads.entry(index).or_insert(0);
+                    *failed = failed.saturating_add(1);
+                    if sticky
+                        || *failed >= UNHEALTHY_AFTER_FAILED_READS
+                        || state.sticky.contains_key(&last.uuid)
+                    {
+                        let reason = state.sticky.get(&last.uuid).cloned().unwrap_or(reason);
+                        last.health = Health::Unhealthy { reason };
+                    }
+                    // Its figures are the last read; its processes are unknown now.
                     last.processes = None;
                     out.push(last);
                 }

@@ -220,6 +220,33 @@ fn events_before_construction_are_not_replayed() {
 }
 
 #[test]
+fn a_transient_query_error_is_unhealthy_only_after_three_reads_in_a_row() {
+    let driver = Driver::new(&format!("{}proc 0 compute 7 {}\n", two_gpus(), GIB));
+    let backend = driver.backend();
+    assert!(backend.read().unwrap()[0].health.is_healthy());
+    let failing = format!("{}proc 0 compute 7 {}\nmemfail 0\n", two_gpus(), GIB);
+    driver.set(&failing);
+    for read in 1..vramslice_gpu::nvml::UNHEALTHY_AFTER_FAILED_READS {
+        let r = backend.read().unwrap();
+        assert!(r[0].health.is_healthy(), "read {read}: not flipped yet");
+        assert_eq!(r[0].processes, None, "read {read}: processes unknown");
+        assert_eq!(r[0].used_bytes, 10 * GIB, "the last figures");
+    }
+    let r = backend.read().unwrap();
+    assert!(
+        matches!(&r[0].health, Health::Unhealthy { reason } if reason.contains("memory")),
+        "{:?}",
+        r[0].health
+    );
+    assert!(r[1].health.is_healthy(), "GPU 1 unaffected");
+    // Back: healthy at once, and a new failure starts its count again.
+    driver.set(&format!("{}proc 0 compute 7 {}\n", two_gpus(), GIB));
+    assert!(backend.read().unwrap()[0].health.is_healthy());
+    driver.set(&failing);
+    assert!(backend.read().unwrap()[0].health.is_healthy());
+}
+
+#[test]
 fn lost_gpu_is_reported_unhealthy_with_last_known_figures_and_stays_so() {
     let driver = Driver::new(&format!(
         "gpu 0 {UUID0} {} {} H100\ngpu 1 {UUID1} {} {} A100\nproc 1 compute 7 {}\n",

@@ -15,6 +15,7 @@
  *   noevents <index>         the device supports no events
  *   mig <index> on|off|none  MIG mode now (`none`: the GPU does not support MIG, as an L4); a
  *                            GPU with no such line reports MIG off
+ *   memfail <index>          the memory query fails with NVML_ERROR_UNKNOWN (a transient error)
  *   procfail <index> compute|graphics unknown|notsupported
  *                            listing that kind of process fails with NVML_ERROR_UNKNOWN or
  *                            NVML_ERROR_NOT_SUPPORTED
@@ -47,7 +48,7 @@ enum {
 #define MAX_EVENTS 256
 
 struct gpu {
-    int present, lost, gone, noevents;
+    int present, lost, gone, noevents, memfail;
     int mig; /* 0 off, 1 on, -1 not supported */
     nvmlReturn_t procfail[2]; /* listing [compute, graphics] processes fails with this */
     char uuid[96];
@@ -121,6 +122,8 @@ static int load(struct state *s) {
             g->gone = 1;
         } else if (!strcmp(kind, "noevents")) {
             g->noevents = 1;
+        } else if (!strcmp(kind, "memfail")) {
+            g->memfail = 1;
         } else if (!strcmp(kind, "mig")) {
             char mode[8];
             if (sscanf(line, "mig %*d %7s", mode) == 1)
@@ -217,6 +220,7 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(struct nvmlDevice *d, struct nvmlMemory_
     nvmlReturn_t r = gpu_of(d, &s, &g);
     if (r) return r;
     if (!m || m->version != (sizeof *m | (2u << 24))) return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->memfail) return NVML_ERROR_UNKNOWN;
     unsigned long long taken = g->total > g->free ? g->total - g->free : 0;
     /* Like the real driver: some of what is not free is reserved, not "used". */
     m->total = g->total;
