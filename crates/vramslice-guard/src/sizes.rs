@@ -1,5 +1,4 @@
-//! Bytes a CUDA array takes, from its descriptor (the logical size: the driver may pad more), and
-//! what a call whose memory is measured (a context, a module) took.
+//! Bytes a CUDA array takes, from its descriptor (the logical size: the driver may pad more).
 
 /// Bytes of one channel of a `CUarray_format`; unknown formats count 4.
 pub fn format_bytes(format: i32) -> u64 {
@@ -44,17 +43,6 @@ pub fn mipmapped_bytes(
     })
 }
 
-/// The bytes a call took, from the device's free memory and the account's charge before and
-/// after it, as `(free, charged)`: the drop in free memory, less what the container's other
-/// allocations meanwhile were charged (and plus what its frees meanwhile gave back), so that a
-/// sibling worker allocating during a context creation or module load is not charged twice.
-/// What processes outside the container do meanwhile still counts (the driver cannot tell).
-pub fn taken_by_call(before: (u64, u64), after: (u64, u64)) -> u64 {
-    let drop = i128::from(before.0) - i128::from(after.0);
-    let charged_meanwhile = i128::from(after.1) - i128::from(before.1);
-    u64::try_from((drop - charged_meanwhile).max(0)).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,19 +54,5 @@ mod tests {
         assert_eq!(array_bytes(u64::MAX, 2, 1, 0x20, 1), u64::MAX);
         assert_eq!(mipmapped_bytes(8, 8, 0, 0x01, 1, 4), 64 + 16 + 4 + 1);
         assert_eq!(mipmapped_bytes(8, 0, 0, 0x01, 1, 0), 8);
-    }
-
-    #[test]
-    fn a_call_is_charged_the_drop_in_free_memory_less_the_containers_own_changes_meanwhile() {
-        assert_eq!(taken_by_call((1000, 0), (600, 0)), 400, "alone");
-        // A sibling worker allocated 300 (charged) during the call: not the call's.
-        assert_eq!(taken_by_call((1000, 50), (300, 350)), 400);
-        // A sibling freed 200 meanwhile: the drop hides it; the charge going down shows it.
-        assert_eq!(taken_by_call((1000, 250), (800, 50)), 400);
-        // More charged meanwhile than the drop (a reservation not yet allocated): nothing.
-        assert_eq!(taken_by_call((1000, 0), (900, 500)), 0);
-        // Extremes do not overflow.
-        assert_eq!(taken_by_call((u64::MAX, u64::MAX), (0, 0)), u64::MAX);
-        assert_eq!(taken_by_call((0, 0), (u64::MAX, u64::MAX)), 0);
     }
 }

@@ -15,7 +15,7 @@
 
 use super::types::*;
 use super::{On, account_on, account_or_refuse, boundary, config, guard, read_out, real_fn};
-use crate::guard::{AccountId, Guard, Mapping};
+use crate::guard::Mapping;
 use crate::tracker::Kind;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
@@ -42,21 +42,18 @@ fn multiprocessors(dev: CUdevice) -> Option<u32> {
         .flatten()
 }
 
-/// Real free bytes of the device `on` before a call, when they can be measured (a context is
-/// current and it is on that device), with what account `a` was charged then.
-fn free_before(g: &Guard, a: AccountId, on: On) -> Option<(u64, u64)> {
-    let free = match on {
+/// Real free bytes of the device `on` before a call, when they can be measured: a context is
+/// current and it is on that device.
+fn free_before(on: On) -> Option<u64> {
+    match on {
         On::Current => real_free(),
         On::Device(d) => (super::current_device() == Ok(d)).then(real_free).flatten(),
-    }?;
-    Some((free, g.used(a)))
+    }
 }
 
-/// What a call took, measured from `before` ([`free_before`]) to now; `estimate` when it could
-/// not be measured.
-fn measured_bytes(g: &Guard, a: AccountId, before: Option<(u64, u64)>, estimate: u64) -> u64 {
+fn measured_bytes(before: Option<u64>, estimate: u64) -> u64 {
     match (before, real_free()) {
-        (Some(before), Some(free)) => crate::sizes::taken_by_call(before, (free, g.used(a))),
+        (Some(b), Some(a)) => b.saturating_sub(a),
         _ => estimate,
     }
 }
@@ -76,12 +73,12 @@ fn measured(
         Ok(a) => a,
         Err(rc) => return rc,
     };
-    let before = free_before(g, a, on);
+    let before = free_before(on);
     let rc = call();
     if rc == CUDA_SUCCESS
         && let Some(h) = out()
     {
-        g.charge(kind, h, a, measured_bytes(g, a, before, estimate));
+        g.charge(kind, h, a, measured_bytes(before, estimate));
     }
     rc
 }
@@ -159,11 +156,11 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: CUdevic
             Ok(a) => a,
             Err(rc) => return rc,
         };
-        let before = free_before(g, a, On::Device(dev));
+        let before = free_before(On::Device(dev));
         let rc = call();
         if rc == CUDA_SUCCESS {
             g.primary_retained(dev as u64, a, || {
-                measured_bytes(g, a, before, config().context_charge(multiprocessors(dev)))
+                measured_bytes(before, config().context_charge(multiprocessors(dev)))
             });
         }
         rc
