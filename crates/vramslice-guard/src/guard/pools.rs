@@ -236,10 +236,10 @@ impl Guard {
         if reused == 0 {
             return;
         }
-        self.reconcile_pool(pool.max(1), None);
+        let grown = self.reconcile_pool(pool.max(1), None);
         let account = &self.accounts[a];
         let used = account.ledger.used();
-        if used > account.limit && !POOL_OVERRUN_LOGGED.swap(true, Ordering::Relaxed) {
+        if grown > 0 && used > account.limit && !POOL_OVERRUN_LOGGED.swap(true, Ordering::Relaxed) {
             crate::log!(
                 "vramslice-guard: a memory pool mapped new memory for an allocation of {n} bytes that the guard expected it to serve from {reused} bytes it had freed (another stream's, or too fragmented): the container now uses {used} bytes of its limit {} bytes; later allocations are refused until the pool is trimmed (logged once per process)",
                 account.limit
@@ -275,12 +275,12 @@ impl Guard {
     /// more is charged as slack, but only on a reconciliation (a trim only ever gives back). A
     /// pool destroyed, being destroyed or on the host is not read (its handle is no longer
     /// valid, or its memory is never charged).
-    pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) {
+    pub fn reconcile_pool(&self, pool: u64, keep_at_most: Option<u64>) -> u64 {
         let readable = |st: &PoolState| !st.destroyed && !st.closing && !st.host;
         let generation = {
             let mut pools = self.pools();
             let Some(st) = pools.get_mut(&pool).filter(|st| readable(st)) else {
-                return;
+                return 0;
             };
             st.reading += 1;
             st.generation
@@ -289,12 +289,12 @@ impl Guard {
         let reserved = (self.probes.pool_reserved)(pool);
         let mut pools = self.pools();
         let Some(st) = pools.get_mut(&pool) else {
-            return;
+            return 0;
         };
         st.reading = st.reading.saturating_sub(1);
         if !readable(st) || st.generation != generation {
             // Something changed the pool meanwhile: the reading may be stale.
-            return;
+            return 0;
         }
         let before = st.held_beyond_use();
         match (reserved, keep_at_most) {
@@ -303,10 +303,14 @@ impl Guard {
             (Some(reserved), keep) => {
                 let beyond = reserved.saturating_sub(st.in_use);
                 st.retained = st.retained.min(beyond);
-                st.slack = match keep {
-                    // A trim only ever gives back.
-                    Some(_) => st.slack.min(beyond - st.retained),
-                    None => beyond - st.retained,
+                // A trim only ever gives back; so does a reading while another thread's
+                // allocation is under way (the driver may have made it, its bytes not yet in
+                // `in_use`: they would be charged twice as slack).
+                let give_back_only = keep.is_some() || st.pending > 0;
+                st.slack = if give_back_only {
+                    st.slack.min(beyond - st.retained)
+                } else {
+                    beyond - st.retained
                 };
             }
             // Unknown: a trim still keeps at most what it was asked to.
@@ -314,14 +318,16 @@ impl Guard {
                 st.retained = st.retained.min(keep);
                 st.slack = st.slack.min(keep - st.retained);
             }
-            (None, None) => return,
+            (None, None) => return 0,
         }
         let (after, account) = (st.held_beyond_use(), st.account);
         drop(pools);
         if after >= before {
             self.accounts[account].ledger().force_add(after - before);
+            after - before
         } else {
             self.release(account, before - after);
+            0
         }
     }
 
@@ -329,7 +335,7 @@ impl Guard {
     pub fn reconcile_pools(&self) {
         let keys: Vec<u64> = self.pools().keys().copied().collect();
         for pool in keys {
-            self.reconcile_pool(pool, None);
+            let _ = self.reconcile_pool(pool, None);
         }
     }
 }
