@@ -523,4 +523,61 @@ mod tests {
         );
         assert_eq!(read[&key("GPU-a", "uid-tp")], GIB);
     }
+
+    /// A reading too old to trust (the backend's reads failing or hung) is judged as
+    /// unreadable: a pod over its limit in it starts no breach and draws no action.
+    #[tokio::test]
+    async fn a_reading_too_old_to_trust_is_not_judged() {
+        use vramslice_core::VramUnit;
+        use vramslice_core::node::publish::build_report;
+        use vramslice_core::node::sample::{Health, ProcessSample};
+        let root = tempfile::tempdir().unwrap();
+        let mut watchdog = Watchdog::new(
+            WatchdogPolicy {
+                tolerance_bytes: 0,
+                grace: Duration::ZERO,
+                action: WatchdogAction::Report,
+                poll_interval: Duration::from_millis(500),
+            },
+            ProcRoot::new(root.path().join("proc")),
+            root.path().to_path_buf(),
+            Metrics::new(),
+            None,
+        );
+        let samples = [GpuSample {
+            index: 0,
+            uuid: "GPU-a".into(),
+            model: "m".into(),
+            total_bytes: 80 * GIB,
+            used_bytes: 3 * GIB,
+            free_bytes: 77 * GIB,
+            health: Health::Healthy,
+            processes: Some(vec![ProcessSample {
+                pid: 42,
+                used_bytes: Some(3 * GIB),
+                pod_uid: Some("uid-greedy".into()),
+            }]),
+        }];
+        let records = [ContainerAllocationRecord {
+            namespace: "ml".into(),
+            pod: "greedy".into(),
+            pod_uid: Some("uid-greedy".into()),
+            device_ids: vec!["GPU-a::0".into()],
+        }];
+        let report = build_report(VramUnit::Gib1, &samples, &records);
+        watchdog
+            .observe(&report, &samples, &records, Duration::from_secs(6))
+            .await;
+        assert_eq!(watchdog.state.in_breach().count(), 0, "stale: not judged");
+        assert!(watchdog.stale);
+        watchdog
+            .observe(&report, &samples, &records, Duration::from_secs(1))
+            .await;
+        assert_eq!(
+            watchdog.state.in_breach().count(),
+            1,
+            "fresh: 3 GiB over 1 GiB"
+        );
+        assert!(!watchdog.stale);
+    }
 }

@@ -90,9 +90,12 @@ fn sleeper() -> Child {
     Command::new("sleep").arg("600").spawn().unwrap()
 }
 
+/// `pid` in the fake proc root: its cgroup file names pod `uid`; its stat file is the real one,
+/// so the plugin can tell a signal to `pid` reaches that process.
 fn cgroup_of(root: &std::path::Path, pid: u32, uid: &str) {
     let dir = root.join(pid.to_string());
     std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(format!("/proc/{pid}/stat"), dir.join("stat")).unwrap();
     std::fs::write(
         dir.join("cgroup"),
         format!(

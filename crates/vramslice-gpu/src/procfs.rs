@@ -63,13 +63,16 @@ impl ProcRoot {
     /// Whether a signal this process sends to `pid` reaches the process `<root>/<pid>` describes.
     /// A signal goes to the PID in this process's own PID namespace; a root that is another
     /// namespace's proc (`/host/proc` without `hostPID`) names another process by the same
-    /// number. Told by the start times here and there; a root with no stat file for `pid` (a
-    /// test's directory of cgroup files) is taken at its word.
+    /// number. The root `/proc` is this namespace's; any other must show the same start time
+    /// for `pid` as `/proc` does (when either cannot be read, it cannot be told: no).
     pub fn signals_reach(&self, pid: u32) -> bool {
-        let Some(there) = self.start_time(pid) else {
+        if self.root == Path::new(DEFAULT_PROC_ROOT) {
             return true;
-        };
-        ProcRoot::new(DEFAULT_PROC_ROOT).start_time(pid) == Some(there)
+        }
+        match (self.start_time(pid), ProcRoot::default().start_time(pid)) {
+            (Some(there), Some(here)) => there == here,
+            _ => false,
+        }
     }
 
     /// Fill [`crate::ProcessSample::pod_uid`] of every process the backend left unattributed, by
@@ -110,7 +113,7 @@ mod tests {
         let me = std::process::id();
         let tmp = tempfile::tempdir().unwrap();
         let root = ProcRoot::new(tmp.path());
-        assert!(root.signals_reach(me), "no stat file: taken at its word");
+        assert!(!root.signals_reach(me), "no stat file: it cannot be told");
         let own = std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
         let dir = tmp.path().join(me.to_string());
         std::fs::create_dir_all(&dir).unwrap();
