@@ -26,13 +26,18 @@ impl NativePermit {
 impl NativePermit {
     /// Take the job's final reading now (its peak is fixed; the memory stays reserved until
     /// the permit ends): release a cache after this, before ending the permit, so the next job
-    /// starts from what really stays in use. Returns whether another job of the runtime runs.
+    /// starts from what really stays in use. Returns whether another job of the runtime is
+    /// still being measured.
     fn end_measurement(&self, py: Python<'_>) -> bool {
-        let guard = self.permit.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            Some(p) => py.detach(|| p.end_measurement()),
-            None => false,
-        }
+        // The lock is taken without the GIL and let go before it is taken back: a thread that
+        // holds the GIL and waits for this lock (`report_peak`, `active`) must not deadlock.
+        py.detach(|| {
+            self.permit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|p| p.end_measurement())
+        })
     }
 
     /// The job succeeded: give the memory back, record the peak (returned, or None).

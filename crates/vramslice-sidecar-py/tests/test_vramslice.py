@@ -751,24 +751,38 @@ def test_an_out_of_memory_is_recognised_through_a_wrapping_error_and_library_mes
     class OutOfMemoryError(RuntimeError):
         pass
 
-    def wrapped(inner, suppress=False):
+    def wrapped(inner, how="from"):
         try:
             raise inner
         except Exception as exc:  # noqa: BLE001
             try:
-                if suppress:
+                if how == "none":
                     raise ValueError("engine failed") from None
+                if how == "during":  # a fallback's own failure, not caused by the OOM
+                    raise ValueError("bad prompt")
+                if how == "cancel":
+                    raise asyncio.CancelledError()
                 raise ValueError("engine failed") from exc
-            except ValueError as outer:
+            except (ValueError, asyncio.CancelledError) as outer:
                 return outer
 
     assert vramslice.is_out_of_memory(wrapped(OutOfMemoryError("CUDA out of memory")))
     assert vramslice.is_out_of_memory(wrapped(RuntimeError("CUDA error: CUDNN_STATUS_ALLOC_FAILED")))
-    assert not vramslice.is_out_of_memory(wrapped(OutOfMemoryError("x"), suppress=True))
+    assert not vramslice.is_out_of_memory(wrapped(OutOfMemoryError("x"), how="none"))
+    assert not vramslice.is_out_of_memory(wrapped(OutOfMemoryError("x"), how="during"))
+    assert not vramslice.is_out_of_memory(wrapped(OutOfMemoryError("x"), how="cancel"))
     assert not vramslice.is_out_of_memory(wrapped(KeyError("prompt")))
     assert vramslice.is_out_of_memory(
         RuntimeError("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"))
     loop = RuntimeError("a")
-    loop.__context__ = RuntimeError("b")
-    loop.__context__.__context__ = loop
+    loop.__cause__ = RuntimeError("b")
+    loop.__cause__.__cause__ = loop
     assert not vramslice.is_out_of_memory(loop)
+
+
+def test_settle_must_be_a_plain_function():
+    async def settle():
+        pass
+
+    with pytest.raises(TypeError, match="settle must be a plain function"):
+        vramslice.job("a", settle=settle)

@@ -727,9 +727,18 @@ fn a_job_started_while_another_releases_its_cache_is_not_measured_alone() {
     usage.add(GIB);
     assert!(!first.end_measurement());
     let second = rt.admit_blocking(&Job::new("b").need(GIB)).unwrap();
-    assert!(second.end_measurement(), "the first still runs beside it");
     usage.set(0); // the first's cache goes while the second runs
+    assert!(
+        !second.end_measurement(),
+        "the first only settles: the second must settle too"
+    );
     assert_eq!(first.complete(), Some(GIB));
     usage.add(2 * GIB);
     assert_eq!(second.complete(), None, "its start was not a settled level");
+
+    // Two jobs measured together: the first to end leaves the other measuring.
+    let a = rt.admit_blocking(&Job::new("a").need(GIB)).unwrap();
+    let b = rt.admit_blocking(&Job::new("b").need(GIB)).unwrap();
+    assert!(a.end_measurement(), "b is still measured");
+    assert!(!b.end_measurement(), "a no longer is");
 }

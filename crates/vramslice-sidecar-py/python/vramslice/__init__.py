@@ -160,8 +160,12 @@ def runtime() -> Runtime:
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is a GPU out-of-memory error (PyTorch's ``OutOfMemoryError``,
     ``CUDA_ERROR_OUT_OF_MEMORY`` or a CUDA library's failed allocation in a message, ...), or
-    was raised from one (a framework's own error wrapping it: ``raise X from oom``, or raised
-    while handling it)."""
+    an error raised explicitly from one (a framework wrapping it: ``raise X from oom``). An error
+    merely raised while one was handled (``__context__``: a fallback's own failure, a
+    cancellation) is not one, nor is anything that is not an ``Exception`` (cancellation,
+    ``KeyboardInterrupt``, ``SystemExit``)."""
+    if not isinstance(exc, Exception):
+        return False
     seen = set()
     current: Optional[BaseException] = exc
     while current is not None and id(current) not in seen and len(seen) < 32:
@@ -170,8 +174,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
             return True
         if message_is_out_of_memory(str(current)):
             return True
-        current = current.__cause__ if current.__cause__ is not None else (
-            None if current.__suppress_context__ else current.__context__)
+        current = current.__cause__
     return False
 
 
@@ -197,7 +200,7 @@ def empty_cache() -> None:
 def _settle(permit: Permit, settle: Optional[Callable[[], None]]) -> None:
     # The job's final reading first, then the cache release, and only then (when the permit
     # ends) the next job's admission, whose start usage no longer holds this job's cache. Beside
-    # another running job nothing is learned from the release: it is skipped.
+    # another job still being measured nothing is learned from the release: it is skipped.
     if settle is None or permit.end_measurement():
         return
     try:
@@ -215,11 +218,14 @@ class job:  # noqa: N801 - reads as a function at the call site
     recorded. ``classify`` decides what counts as out-of-memory; ``timeout`` (seconds)
     overrides the runtime's admission timeout for this job.
 
-    ``settle`` runs when the block exits while no other job of the runtime runs, after the
+    ``settle`` runs when the block exits while no other job of the runtime is being measured
+    (one that only settles does not count), after the
     job's final reading and before its memory goes back to the line: it should give back what
     the job left cached (default :func:`empty_cache`, PyTorch's cache). A caching allocator's
     blocks count as used until then, so a next job reusing them would show no growth and its
-    peak would be learned too low. ``settle=None`` skips it. One ``job`` object holds one permit
+    peak would be learned too low. With jobs one at a time this costs a device synchronisation
+    and fresh allocations for the next job; ``settle=None`` skips it (for small, frequent jobs
+    whose needs are declared or already learned). One ``job`` object holds one permit
     at a time: entering it again before it exits (from another thread or task) raises
     ``RuntimeError``; make one ``job(...)`` per use.
     """
@@ -235,6 +241,9 @@ class job:  # noqa: N801 - reads as a function at the call site
         timeout: Optional[float] = None,
         settle: Optional[Callable[[], None]] = empty_cache,
     ) -> None:
+        if settle is not None and inspect.iscoroutinefunction(settle):
+            raise TypeError("vramslice.job: settle must be a plain function (it runs on a worker thread), "
+                            "not a coroutine function")
         self.key = key
         self.timeout = timeout
         self.settle = settle

@@ -315,7 +315,8 @@ pub unsafe extern "C" fn vramslice_permit_report_peak(permit: *const VramslicePe
 /// Take the job's final reading now: its peak is fixed and its memory stays reserved until the
 /// permit ends. Release a caching allocator's blocks after this and before ending the permit, so
 /// the next job starts from what really stays in use. Returns whether another job of the
-/// runtime runs (then a release teaches nothing and may be skipped); false for NULL.
+/// runtime is still being measured (then a release teaches nothing and may be skipped); false
+/// for NULL.
 ///
 /// # Safety
 /// `permit` is NULL or a live permit.

@@ -360,8 +360,10 @@ impl Inner {
     }
 
     /// Take job `id`'s final reading now and fix its measured peak; its memory stays reserved
-    /// until [`Inner::finish`]. Returns whether another job of this runtime runs beside it (a
-    /// job started meanwhile counts it as a neighbour until it finishes).
+    /// until [`Inner::finish`]. Returns whether another job of this runtime is still being
+    /// measured beside it (a job started meanwhile counts it as a neighbour until it finishes;
+    /// one that has ended its measurement and only settles does not count: its neighbour must
+    /// settle too, or the next job starts on the neighbour's cache).
     pub(crate) fn end_measurement(&self, id: JobId) -> bool {
         let live = self.read_live().ok();
         let mut state = lock(&self.state);
@@ -372,7 +374,10 @@ impl Inner {
         {
             job.final_measured = Some(job.measured_peak(live, own, scope));
         }
-        state.jobs.len() > 1
+        state
+            .jobs
+            .iter()
+            .any(|(other, j)| *other != id && j.measuring())
     }
 
     /// End job `id`: give its reservation back and return what was measured.

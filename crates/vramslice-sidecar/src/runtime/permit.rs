@@ -118,8 +118,8 @@ impl Permit {
     /// cache (`torch.cuda.empty_cache()`), then end the permit. The next job is admitted when
     /// the memory goes back, and its growth is measured from the usage it starts at: with the
     /// finished job's cached blocks still counted there, a job reusing them shows no growth and
-    /// its peak is learned too low. Returns whether another job of this runtime runs now (the
-    /// release then measures nothing for anyone: peaks of overlapping jobs are not recorded).
+    /// its peak is learned too low. Returns whether another job of this runtime is still being
+    /// measured (the release then teaches nothing: peaks of overlapping jobs are not recorded).
     pub fn end_measurement(&self) -> bool {
         if self.done {
             return false;
