@@ -440,6 +440,23 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
+    /// A report-only watchdog with no tolerance and the `grace` given, over `root` (its
+    /// accounting files; `root/proc` its proc root), polled every 500 ms.
+    fn reporting(root: &std::path::Path, grace: Duration) -> Watchdog {
+        Watchdog::new(
+            WatchdogPolicy {
+                tolerance_bytes: 0,
+                grace,
+                action: WatchdogAction::Report,
+                poll_interval: Duration::from_millis(500),
+            },
+            ProcRoot::new(root.join("proc")),
+            root.to_path_buf(),
+            Metrics::new(),
+            None,
+        )
+    }
+
     fn image(limit: u64, gpu: &str, used: u64) -> Vec<u8> {
         let mut image = initial_image(limit, gpu, 4);
         let at = header::USED * 8;
@@ -453,18 +470,7 @@ mod tests {
     #[test]
     fn self_reports_are_read_per_gpu_for_a_spanning_container() {
         let root = tempfile::tempdir().unwrap();
-        let mut watchdog = Watchdog::new(
-            WatchdogPolicy {
-                tolerance_bytes: 0,
-                grace: Duration::from_secs(30),
-                action: WatchdogAction::Report,
-                poll_interval: Duration::from_millis(500),
-            },
-            ProcRoot::new(root.path().join("proc")),
-            root.path().to_path_buf(),
-            Metrics::new(),
-            None,
-        );
+        let mut watchdog = reporting(root.path(), Duration::from_secs(30));
         let record = |pod: &str, uid: &str, ids: &[&str]| ContainerAllocationRecord {
             namespace: "ml".into(),
             pod: pod.into(),
@@ -532,18 +538,7 @@ mod tests {
         use vramslice_core::node::publish::build_report;
         use vramslice_core::node::sample::{Health, ProcessSample};
         let root = tempfile::tempdir().unwrap();
-        let mut watchdog = Watchdog::new(
-            WatchdogPolicy {
-                tolerance_bytes: 0,
-                grace: Duration::ZERO,
-                action: WatchdogAction::Report,
-                poll_interval: Duration::from_millis(500),
-            },
-            ProcRoot::new(root.path().join("proc")),
-            root.path().to_path_buf(),
-            Metrics::new(),
-            None,
-        );
+        let mut watchdog = reporting(root.path(), Duration::ZERO);
         let samples = [GpuSample {
             index: 0,
             uuid: "GPU-a".into(),
