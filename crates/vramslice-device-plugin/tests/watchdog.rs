@@ -311,6 +311,52 @@ async fn kill_process_mode_kills_exactly_the_offending_process_and_reports_it() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_process_mode_signals_no_pid_its_proc_root_shows_as_another_process() {
+    // procRoot from another PID namespace (/host/proc without hostPID): the same number there
+    // is another process here. Played by a stat file whose start time is not the child's.
+    let mut s = scene("kill-process", "3Gi").await;
+    let stat = s
+        ._proc_root
+        .path()
+        .join(s.greedy.id().to_string())
+        .join("stat");
+    let real = std::fs::read_to_string(&stat).unwrap();
+    let (name, fields) = real.split_at(real.rfind(')').unwrap() + 1);
+    let mut fields: Vec<String> = fields.split_whitespace().map(String::from).collect();
+    fields[19] = (fields[19].parse::<u64>().unwrap() + 1).to_string(); // field 22: start time
+    std::fs::write(&stat, format!("{name} {}\n", fields.join(" "))).unwrap();
+    let kubeconfig = s.api.kubeconfig(s.node.tmp.path());
+    let plugin = Plugin::start(&s.node, &["--kubeconfig", kubeconfig.to_str().unwrap()]);
+    let event = wait_for("the kill Event", Duration::from_secs(20), || {
+        posts(&s.api, "/api/v1/namespaces/ml/events")
+            .into_iter()
+            .find(|e| e["reason"] == "VramWatchdogKilledProcess")
+    })
+    .await;
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap()
+            .contains("killed PIDs []"),
+        "{event}"
+    );
+    assert!(
+        s.greedy.try_wait().unwrap().is_none(),
+        "not signalled\n{}",
+        plugin.log_text()
+    );
+    assert!(
+        plugin
+            .log_text()
+            .contains("procRoot is not this plugin's PID namespace")
+    );
+    for c in [&mut s.greedy, &mut s.calm] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_mode_only_reports_and_evict_mode_calls_the_eviction_api() {
     let mut s = scene("report", "3Gi").await;
     let kubeconfig = s.api.kubeconfig(s.node.tmp.path());
