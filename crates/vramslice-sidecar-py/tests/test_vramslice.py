@@ -786,3 +786,5 @@ def test_settle_must_be_a_plain_function():
 
     with pytest.raises(TypeError, match="settle must be a plain function"):
         vramslice.job("a", settle=settle)
+    with pytest.raises(TypeError, match="settle must be a function or None, not str"):
+        vramslice.job("a", settle="empty_cache")

@@ -241,6 +241,8 @@ class job:  # noqa: N801 - reads as a function at the call site
         timeout: Optional[float] = None,
         settle: Optional[Callable[[], None]] = empty_cache,
     ) -> None:
+        if settle is not None and not callable(settle):
+            raise TypeError(f"vramslice.job: settle must be a function or None, not {type(settle).__name__}")
         if settle is not None and inspect.iscoroutinefunction(settle):
             raise TypeError("vramslice.job: settle must be a plain function (it runs on a worker thread), "
                             "not a coroutine function")
