@@ -160,29 +160,30 @@ pub async fn run(
         Arc::from(vramslice_gpu::open(&settings.backend)?);
     write_preload_file(&settings);
     let metrics = Metrics::new();
-    let (metrics_addr, metrics_server) =
-        crate::metrics::bind(settings.metrics_addr, metrics.clone(), shutdown.clone())
-            .await
-            .map_err(|source| AppError::Metrics {
-                addr: settings.metrics_addr.to_string(),
-                source,
-            })?;
+    let (metrics_addr, metrics_server) = crate::metrics::bind(
+        settings.metrics_addr,
+        metrics.clone(),
+        settings.poll_interval,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| AppError::Metrics {
+        addr: settings.metrics_addr.to_string(),
+        source,
+    })?;
     tracing::info!(addr = %metrics_addr, "serving /metrics and /healthz");
     let metrics_task = tokio::spawn(metrics_server);
 
     let (state, node) = NodeState::new(settings.unit);
     // Read once before serving, so the first ListAndWatch answer has the devices.
-    let first = {
-        let backend = Arc::clone(&backend);
-        tokio::task::spawn_blocking(move || backend.read()).await
-    };
-    match first {
-        Ok(Ok(readings)) => {
+    let mut first_read = shutdown.clone();
+    match crate::poller::read_unless_shutdown(&backend, &mut first_read).await {
+        None => return Ok(()),
+        Some(Ok(readings)) => {
             metrics.observe_readings(&readings);
             state.apply(readings);
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "first GPU read failed"),
-        Err(e) => tracing::warn!(error = %e, "first GPU read task failed"),
+        Some(Err(e)) => tracing::warn!(error = %e, "first GPU read failed"),
     }
     // The driver's version does not change while the driver is loaded: read once (a DRA
     // slice attribute, and a line in the log for whoever reads it).

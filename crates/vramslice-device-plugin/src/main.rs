@@ -43,7 +43,7 @@ fn run(settings: Settings, args: Args) -> i32 {
         kubeconfig: args.kubeconfig,
         no_publish: args.no_publish,
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let signals = tokio::spawn(async move {
             match signal(SignalKind::terminate()) {
@@ -68,5 +68,9 @@ fn run(settings: Settings, args: Args) -> i32 {
                 e.exit_code()
             }
         }
-    })
+    });
+    // A GPU read hung in the driver sits on a blocking thread that nothing can cancel: do not
+    // wait for it (dropping the runtime would, for ever).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

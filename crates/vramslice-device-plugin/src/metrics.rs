@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -16,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use vramslice_core::node::sample::backend_stalled;
 use vramslice_gpu::GpuSample;
 
 /// Labels of per-GPU series.
@@ -73,7 +75,8 @@ struct Inner {
     pod_limit: Family<PodGpuLabels, Gauge>,
     pod_trusted: Family<PodGpuLabels, Gauge>,
     pods_seen: std::sync::Mutex<Vec<PodGpuLabels>>,
-    ready: AtomicBool,
+    /// When the backend was last read successfully (`None`: not yet).
+    last_read: Mutex<Option<Instant>>,
     /// GPUs of the last reading, so vanished GPUs' series can be removed.
     gpus_seen: std::sync::Mutex<Vec<GpuLabels>>,
 }
@@ -194,7 +197,7 @@ impl Metrics {
             backend_errors,
             gpunode_writes,
             publish_errors,
-            ready: AtomicBool::new(false),
+            last_read: Mutex::new(None),
             gpus_seen: std::sync::Mutex::new(Vec::new()),
         }))
     }
@@ -226,7 +229,7 @@ impl Metrics {
             }
             *seen = now;
         }
-        m.ready.store(true, Ordering::Relaxed);
+        self.mark_read_at(Instant::now());
     }
 
     /// Record allocated bytes per GPU (uuid → (index, bytes)).
@@ -318,9 +321,19 @@ impl Metrics {
         self.0.publish_errors.inc();
     }
 
+    fn mark_read_at(&self, at: Instant) {
+        *self.0.last_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+    }
+
+    /// How long ago the backend was last read successfully; `None` before the first read.
+    pub fn since_last_read(&self) -> Option<Duration> {
+        let last = *self.0.last_read.lock().unwrap_or_else(|e| e.into_inner());
+        last.map(|at| at.elapsed())
+    }
+
     /// Whether the backend was read at least once.
     pub fn ready(&self) -> bool {
-        self.0.ready.load(Ordering::Relaxed)
+        self.since_last_read().is_some()
     }
 
     /// The metrics in Prometheus text format.
@@ -343,23 +356,44 @@ async fn metrics_handler(State(metrics): State<Metrics>) -> impl IntoResponse {
     )
 }
 
-async fn healthz(State(metrics): State<Metrics>) -> impl IntoResponse {
-    if metrics.ready() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (
+/// What `/healthz` reads: the metrics (when the backend was last read) and how often it is.
+#[derive(Debug, Clone)]
+struct Probe {
+    metrics: Metrics,
+    poll_interval: Duration,
+}
+
+/// 200 while the backend reads; 503 before the first reading, and once reads have failed or
+/// hung long enough that the backend is stalled ([`backend_stalled`]): the kubelet's liveness
+/// probe then restarts the plugin.
+async fn healthz(State(probe): State<Probe>) -> impl IntoResponse {
+    match probe.metrics.since_last_read() {
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the first GPU reading\n",
-        )
+            "waiting for the first GPU reading\n".to_string(),
+        ),
+        Some(age) if backend_stalled(probe.poll_interval, age) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "GPU backend stalled: no successful reading for {}s (polling every {}ms)\n",
+                age.as_secs(),
+                probe.poll_interval.as_millis()
+            ),
+        ),
+        Some(_) => (StatusCode::OK, "ok\n".to_string()),
     }
 }
 
-/// The HTTP routes.
-pub fn router(metrics: Metrics) -> Router {
+/// The HTTP routes; `/healthz` judges the backend stalled by `poll_interval`.
+pub fn router(metrics: Metrics, poll_interval: Duration) -> Router {
+    let probe = Probe {
+        metrics: metrics.clone(),
+        poll_interval,
+    };
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz))
         .with_state(metrics)
+        .route("/healthz", get(healthz).with_state(probe))
 }
 
 /// Serve `/metrics` and `/healthz` on `addr` until `shutdown` fires. Returns the bound address
@@ -367,6 +401,7 @@ pub fn router(metrics: Metrics) -> Router {
 pub async fn bind(
     addr: SocketAddr,
     metrics: Metrics,
+    poll_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(
     SocketAddr,
@@ -374,9 +409,10 @@ pub async fn bind(
 )> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let serve = axum::serve(listener, router(metrics)).with_graceful_shutdown(async move {
-        let _ = shutdown.changed().await;
-    });
+    let serve =
+        axum::serve(listener, router(metrics, poll_interval)).with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        });
     Ok((local, async move { serve.await }))
 }
 
@@ -422,5 +458,48 @@ mod tests {
             !text.contains("GPU-a"),
             "vanished GPU still exported:\n{text}"
         );
+    }
+
+    fn ago(secs: u64) -> Instant {
+        Instant::now()
+            .checked_sub(Duration::from_secs(secs))
+            .expect("the clock has run that long")
+    }
+
+    async fn probe(metrics: &Metrics) -> (StatusCode, String) {
+        let probe = Probe {
+            metrics: metrics.clone(),
+            poll_interval: Duration::from_millis(500),
+        };
+        let response = healthz(State(probe)).await.into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_before_the_first_reading_and_once_the_backend_stalls() {
+        let m = Metrics::new();
+        let (status, body) = probe(&m).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("first GPU reading"), "{body}");
+        m.observe_readings(&[]);
+        assert_eq!(probe(&m).await.0, StatusCode::OK);
+        // Reads failing since 30 s ago: not yet stalled (the floor is a minute).
+        m.mark_read_at(ago(30));
+        assert_eq!(probe(&m).await.0, StatusCode::OK);
+        m.mark_read_at(ago(90));
+        let (status, body) = probe(&m).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            body.contains("stalled: no successful reading for 90s"),
+            "{body}"
+        );
+        // A successful read makes it healthy again.
+        m.observe_readings(&[]);
+        assert_eq!(probe(&m).await.0, StatusCode::OK);
     }
 }

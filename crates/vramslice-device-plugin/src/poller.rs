@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use vramslice_core::{AdvertisedDevice, GpuInventory, GpuUnitsView, VramUnit};
-use vramslice_gpu::{GpuBackend, GpuSample};
+use vramslice_gpu::{BackendError, GpuBackend, GpuSample};
 
 use crate::metrics::Metrics;
 
@@ -100,6 +100,39 @@ impl NodeState {
     }
 }
 
+/// Why a read of the backend gave no readings.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The backend said why.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The blocking task that read it panicked.
+    #[error("GPU read task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Read `backend` once on a blocking thread; `None` when `shutdown` fires first. A read hung in
+/// the driver is left behind on its thread (nothing can cancel it), so that shutdown is not held
+/// up by it; the process exits without waiting for that thread.
+pub async fn read_unless_shutdown(
+    backend: &Arc<dyn GpuBackend>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Result<Vec<GpuSample>, ReadError>> {
+    if *shutdown.borrow_and_update() {
+        return None;
+    }
+    let reader = Arc::clone(backend);
+    let read = tokio::task::spawn_blocking(move || reader.read());
+    tokio::select! {
+        result = read => Some(match result {
+            Ok(Ok(readings)) => Ok(readings),
+            Ok(Err(e)) => Err(ReadError::Backend(e)),
+            Err(e) => Err(ReadError::Task(e)),
+        }),
+        _ = shutdown.changed() => None,
+    }
+}
+
 /// Poll `backend` every `interval` until `shutdown` fires.
 pub async fn run(
     backend: Arc<dyn GpuBackend>,
@@ -116,10 +149,11 @@ pub async fn run(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let reader = Arc::clone(&backend);
-        let result = tokio::task::spawn_blocking(move || reader.read()).await;
+        let Some(result) = read_unless_shutdown(&backend, &mut shutdown).await else {
+            return;
+        };
         match result {
-            Ok(Ok(readings)) => {
+            Ok(readings) => {
                 if failing {
                     tracing::info!(backend = backend.name(), "GPU backend readable again");
                     failing = false;
@@ -135,16 +169,12 @@ pub async fn run(
                     );
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 metrics.backend_error();
                 if !failing {
                     tracing::warn!(backend = backend.name(), error = %e, "cannot read GPUs; keeping the last reading");
                     failing = true;
                 }
-            }
-            Err(e) => {
-                metrics.backend_error();
-                tracing::error!(error = %e, "GPU read task failed");
             }
         }
     }
@@ -187,5 +217,60 @@ mod tests {
         assert!(watch.devices.borrow().iter().all(|d| !d.healthy));
         assert!(state.apply(vec![]));
         assert!(watch.devices.borrow().is_empty());
+    }
+
+    /// A backend whose reads hang until the test lets them go (by dropping `release`).
+    struct HungBackend {
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl GpuBackend for HungBackend {
+        fn name(&self) -> &'static str {
+            "hung"
+        }
+        fn read(&self) -> Result<Vec<GpuSample>, BackendError> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(release) = self.release.lock() {
+                let _ = release.recv();
+            }
+            Ok(Vec::new())
+        }
+        fn driver_version(&self) -> Result<Option<String>, BackendError> {
+            Ok(None)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_hung_in_the_driver_holds_up_neither_shutdown_nor_starts_a_second_read() {
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let backend = Arc::new(HungBackend {
+            release: std::sync::Mutex::new(hold),
+            reads: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let (state, watch) = NodeState::new(VramUnit::Gib1);
+        let (stop, shutdown) = watch::channel(false);
+        let metrics = Metrics::new();
+        let poller = tokio::spawn(run(
+            backend.clone(),
+            state,
+            Duration::from_millis(10),
+            metrics.clone(),
+            shutdown,
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            backend.reads.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "a poll started while one is hung"
+        );
+        assert!(!metrics.ready());
+        assert_eq!(watch.snapshot.borrow().generation, 0);
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), poller)
+            .await
+            .expect("the poller returns on shutdown while its read hangs")
+            .expect("the poller does not panic");
+        drop(release);
     }
 }

@@ -2,6 +2,8 @@
 //! NVML and fake backends (`vramslice-gpu`) return it, the device plugin's poller keeps it, and
 //! the report ([`crate::node::publish`]), the inventory and the watchdog read it.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 /// A point-in-time reading of one GPU.
@@ -67,6 +69,19 @@ impl Health {
     }
 }
 
+/// The least time without a successful backend read after which the plugin calls itself
+/// unhealthy ([`backend_stalled`]), however short the poll interval.
+pub const BACKEND_STALLED_FLOOR: Duration = Duration::from_secs(60);
+
+/// Whether the GPU backend, last read successfully `since_last_read` ago (its reads failing or
+/// hung since), is stalled: more than ten poll intervals and at least
+/// [`BACKEND_STALLED_FLOOR`]. The plugin's `/healthz` then fails, so the kubelet's liveness
+/// probe restarts it: a fresh process opens the driver library anew, and a read hung in the
+/// driver cannot be got back any other way. A few failed reads (a driver hiccup) are not a stall.
+pub fn backend_stalled(poll_interval: Duration, since_last_read: Duration) -> bool {
+    since_last_read > poll_interval.saturating_mul(10).max(BACKEND_STALLED_FLOOR)
+}
+
 /// The memory `processes` use together: `None` when the driver did not say for one of them
 /// (an unknown figure is not 0); `Some(0)` for none.
 pub fn total_used<'a>(processes: impl IntoIterator<Item = &'a ProcessSample>) -> Option<u64> {
@@ -86,4 +101,21 @@ pub struct ProcessSample {
     /// The pod the process belongs to, when known (the fake backend knows it directly; for
     /// NVML the device plugin maps PIDs to pods through /proc cgroups).
     pub pod_uid: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_is_stalled_after_ten_intervals_and_at_least_a_minute() {
+        let fast = Duration::from_millis(500);
+        assert!(!backend_stalled(fast, Duration::from_secs(60)));
+        assert!(backend_stalled(fast, Duration::from_millis(60_001)));
+        let slow = Duration::from_secs(30);
+        assert!(!backend_stalled(slow, Duration::from_secs(300)));
+        assert!(backend_stalled(slow, Duration::from_secs(301)));
+        assert!(!backend_stalled(Duration::MAX, Duration::MAX));
+        assert!(!backend_stalled(Duration::ZERO, Duration::ZERO));
+    }
 }
