@@ -332,11 +332,14 @@ impl Watchdog {
             return;
         };
         let api: Api<Pod> = Api::namespaced(lister.client().clone(), &breach.target.namespace);
-        // policy/v1 Eviction, written out: kube's `evict` sends no apiVersion/kind.
+        // policy/v1 Eviction, written out: kube's `evict` sends no apiVersion/kind. The UID
+        // precondition makes the API server refuse it (409) when the name now belongs to
+        // another pod (a StatefulSet's replacement), which has breached nothing.
         let body = serde_json::json!({
             "apiVersion": "policy/v1",
             "kind": "Eviction",
             "metadata": {"name": breach.target.name, "namespace": breach.target.namespace},
+            "deleteOptions": {"preconditions": {"uid": breach.target.key.pod_uid}},
         });
         let result = tokio::time::timeout(
             crate::publisher::API_CALL_TIMEOUT,

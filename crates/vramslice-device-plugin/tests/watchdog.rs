@@ -393,6 +393,10 @@ async fn report_mode_only_reports_and_evict_mode_calls_the_eviction_api() {
     assert_eq!(eviction["kind"], "Eviction", "{eviction}");
     assert_eq!(eviction["apiVersion"], "policy/v1", "{eviction}");
     assert_eq!(eviction["metadata"]["name"], "greedy");
+    assert_eq!(
+        eviction["deleteOptions"]["preconditions"]["uid"], UID_GREEDY,
+        "the eviction must not hit a new pod of the same name\n{eviction}"
+    );
     assert!(
         s.greedy.try_wait().unwrap().is_none(),
         "eviction kills nothing itself\n{}",
