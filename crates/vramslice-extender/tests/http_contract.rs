@@ -229,11 +229,33 @@ async fn bind_annotates_binds_and_reserves() {
         body["FailedNodes"]["fit"],
         "GPU 0: 10 GiB effective free (live 16 GiB, 6 GiB reserved by pods not yet running), need 12 GiB"
     );
-    // A second bind of the same pod is refused: the first took.
+    // A retry of the bind (kube-scheduler gave up waiting for the first) succeeds without a
+    // second Binding or booking: an error would make kube-scheduler unreserve a bound pod.
+    let binds = |fake: &FakeCluster| {
+        fake.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Bind(..)))
+            .count()
+    };
     let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(body["Error"], "", "{body}");
+    assert_eq!(binds(&fake), 1, "no second Binding");
+    let (_, body) = post_json(
+        &ext,
+        "/filter",
+        &args_names(pod_json("big", "uid-9", Some("12"), json!({})), &["fit"]),
+    )
+    .await;
+    assert_eq!(
+        body["FailedNodes"]["fit"],
+        "GPU 0: 10 GiB effective free (live 16 GiB, 6 GiB reserved by pods not yet running), need 12 GiB",
+        "booked once"
+    );
+    // A bind of it to another node is refused: it is bound where it is.
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "other")).await;
     assert_eq!(
         body["Error"],
-        "cannot bind pod default/llm to node fit: pod default/llm is already bound to node fit"
+        "cannot bind pod default/llm to node other: pod default/llm is already bound to node fit"
     );
 }
 

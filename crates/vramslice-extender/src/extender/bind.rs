@@ -200,6 +200,14 @@ impl Extender {
                 }
             };
         }
+        if let Err(ReserveError::AlreadyBound { node: bound, .. }) = &placement
+            && bound == node
+        {
+            // A retry of a bind that took (kube-scheduler gave up waiting for it): done, as for
+            // a Binding answered 409 for a pod bound here; nothing is booked twice.
+            tracing::info!(pod = %who, node = %node, "already bound where this bind asks");
+            return Ok(Outcome::Ok);
+        }
         let placement = placement.map_err(|e| {
             let outcome = match e {
                 ReserveError::NoFit(_) => Outcome::Conflict,
