@@ -253,10 +253,7 @@ pub async fn run(
             shutdown,
         )
         .await;
-        for task in [poller, publisher] {
-            let _ = task.await;
-        }
-        let _ = metrics_task.await;
+        finish([poller, publisher], metrics_task, result.is_ok()).await;
         return result.map_err(AppError::from);
     }
     let plugin = Arc::new(VramPlugin::new(
@@ -268,13 +265,30 @@ pub async fn run(
     ));
     let runner_config = RunnerConfig::new(settings.socket_dir.clone(), settings.socket_name());
     let result = crate::runner::run(plugin, runner_config, metrics, shutdown).await;
-    for task in [poller, publisher] {
+    finish([poller, publisher], metrics_task, result.is_ok()).await;
+    result.map_err(AppError::from)
+}
+
+/// Wind down the background tasks once the serving part returned: after a shutdown they are
+/// ending too, and are waited for; after a failure (a socket that cannot be bound) they would
+/// run until a shutdown that never comes, hiding the failure, so they are stopped.
+async fn finish(
+    tasks: [tokio::task::JoinHandle<()>; 2],
+    metrics_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    shut_down: bool,
+) {
+    if !shut_down {
+        for task in &tasks {
+            task.abort();
+        }
+        metrics_task.abort();
+    }
+    for task in tasks {
         let _ = task.await;
     }
     match metrics_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "metrics server failed"),
-        Err(e) => tracing::warn!(error = %e, "metrics task failed"),
-        Ok(Ok(())) => {}
+        Err(e) if !e.is_cancelled() => tracing::warn!(error = %e, "metrics task failed"),
+        _ => {}
     }
-    result.map_err(AppError::from)
 }

@@ -222,3 +222,30 @@ fn configuration_errors_exit_64_naming_the_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("socketDri"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_cannot_be_bound_ends_the_plugin_with_the_error() {
+    let node = Node::new(TWO_GPUS, "");
+    // The socket directory would have to be made inside a plain file.
+    let unbindable = node.fake_file.join("device-plugins");
+    let config = std::fs::read_to_string(&node.config).unwrap().replace(
+        &format!("socketDir: {}", node.socket_dir.display()),
+        &format!("socketDir: {}", unbindable.display()),
+    );
+    std::fs::write(&node.config, config).unwrap();
+    let mut plugin = Plugin::start(&node, &[]);
+    let status = wait_for("the plugin to exit", Duration::from_secs(15), || {
+        plugin.child.try_wait().ok().flatten()
+    })
+    .await;
+    let log = plugin.log_text();
+    assert_ne!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("serving /metrics"),
+        "it got as far as serving:\n{log}"
+    );
+    assert!(
+        log.contains(&unbindable.display().to_string()),
+        "the error names the socket path:\n{log}"
+    );
+}

@@ -77,6 +77,13 @@ fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     UnixListener::bind(path).map_err(err)
 }
 
+/// `server`'s outcome, once it has told the other server to stop too.
+async fn ends_both<T>(server: impl Future<Output = T>, stop: watch::Sender<bool>) -> T {
+    let result = server.await;
+    let _ = stop.send(true);
+    result
+}
+
 /// Serve the DRA service and then the registration socket (so that the kubelet, once it sees
 /// the registration, can reach the endpoint) until `shutdown` turns true. The registration
 /// socket is removed on the way out, so the kubelet deregisters the driver.
@@ -113,21 +120,31 @@ pub async fn serve_with_registrations(
             }
         }
     };
+    // Both servers stop when `shutdown` fires or when either of them ends (a server that
+    // failed must not leave the other serving a driver that cannot be reached, nor hide its
+    // error until a shutdown nobody sends).
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let forward = tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            stop(shutdown).await;
+            let _ = stop_tx.send(true);
+        }
+    });
     let dra = Server::builder()
         .add_service(DraPluginServer::new(DraService::new(driver)))
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(dra_listener),
-            stop(shutdown.clone()),
-        );
+        .serve_with_incoming_shutdown(UnixListenerStream::new(dra_listener), stop(stop_rx.clone()));
     let reg = Server::builder()
         .add_service(RegistrationServer::new(
             RegistrationService::new(DRA_DRIVER, &endpoint.display().to_string())
                 .with_registrations(registrations),
         ))
         // Through the shim: the kubelet's plugin watcher sends the socket path as `:authority`.
-        .serve_with_incoming_shutdown(authority::incoming(reg_listener), stop(shutdown.clone()));
+        .serve_with_incoming_shutdown(authority::incoming(reg_listener), stop(stop_rx));
     tracing::info!(endpoint = %endpoint.display(), registration = %registration.display(), "serving the DRA plugin");
-    let (dra, reg) = tokio::join!(dra, reg);
+    let (dra, reg) = tokio::join!(ends_both(dra, stop_tx.clone()), ends_both(reg, stop_tx));
+    forward.abort();
     let _ = shutdown.borrow_and_update();
     let _ = std::fs::remove_file(&registration);
     dra.map_err(|source| ServeError::Serve {
