@@ -150,10 +150,12 @@ pub fn claim_on_node(
             pool: result.pool.clone(),
             device: result.device.clone(),
         })?;
-        let memory = result
-            .consumed_capacity
-            .as_ref()
-            .and_then(|c| c.get(DRA_CAPACITY_MEMORY));
+        // Keyed as the slice names the capacity (`memory`, in the driver's domain); the
+        // qualified spelling is taken too, should a scheduler write the domain out.
+        let memory = result.consumed_capacity.as_ref().and_then(|c| {
+            c.get(DRA_CAPACITY_MEMORY)
+                .or_else(|| c.get(&format!("{DRA_DRIVER}/{DRA_CAPACITY_MEMORY}")))
+        });
         let memory = memory.ok_or_else(|| ClaimError::NoConsumedMemory {
             claim: name.clone(),
             device: result.device.clone(),

@@ -96,6 +96,18 @@ fn only_this_drivers_results_in_this_pool_are_read() {
 }
 
 #[test]
+fn consumed_memory_is_read_under_its_qualified_name_too() {
+    let mut qualified = result(DRA_DRIVER, "node-a", "gpu-0", None);
+    qualified.consumed_capacity = Some(BTreeMap::from([(
+        format!("{DRA_DRIVER}/{DRA_CAPACITY_MEMORY}"),
+        Quantity("3Gi".into()),
+    )]));
+    let c = claim(vec![qualified]);
+    let on_node = claim_on_node(&c, "uid-1", "node-a", uuid_of).expect("readable");
+    assert_eq!(on_node.grants[0].bytes, 3 * GIB);
+}
+
+#[test]
 fn claims_that_cannot_be_prepared_say_why() {
     let c = claim(vec![result(DRA_DRIVER, "node-a", "gpu-0", Some("6Gi"))]);
     let err = claim_on_node(&c, "other", "node-a", uuid_of).expect_err("uid");
