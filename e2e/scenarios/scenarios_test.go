@@ -412,3 +412,44 @@ func TestScenario8_EveryVRAMContainerOnThePodsGPU(t *testing.T) {
 	}
 	t.Logf("s8-two: containers a and b both on %s (filler on %s)", annotated, filler)
 }
+
+// TestScenario10_SameSizePodsKeepTheirShapes: a one-GPU pod and a pod spanning two GPUs that
+// ask for the same number of units, created together on one node. The device plugin matches
+// the kubelet's requests by size, so it could hand each the other's shape; the extender places
+// the second only once the first has its units. Each ends up with its own shape: one GPU with
+// the whole limit, and two GPUs with half each.
+func TestScenario10_SameSizePodsKeepTheirShapes(t *testing.T) {
+	c := newCluster(t, cluster.Options{}, map[string][]cluster.FakeGPU{
+		"mix": {cluster.GPU("mix", 0, l4, "16Gi"), cluster.GPU("mix", 1, l4, "16Gi")},
+	})
+	spanning := func(p *v1.Pod) { p.Annotations = map[string]string{"vramslice.io/gpus": "2"} }
+	createPod(t, c, vramPod("s10-single", 8))
+	createPod(t, c, vramPod("s10-tp2", 8, spanning))
+	single := waitRunning(t, c, "s10-single")
+	tp := waitRunning(t, c, "s10-tp2")
+
+	env := cluster.ContainerEnv(single, "main")
+	if got := strings.Split(env["NVIDIA_VISIBLE_DEVICES"], ","); len(got) != 1 {
+		t.Fatalf("s10-single (8 GiB on one GPU) sees GPUs %q", env["NVIDIA_VISIBLE_DEVICES"])
+	}
+	if got := env["VRAMSLICE_VRAM_LIMIT_BYTES"]; got != strconv.FormatInt(8<<30, 10) {
+		t.Fatalf("s10-single: VRAMSLICE_VRAM_LIMIT_BYTES=%q, want 8 GiB", got)
+	}
+	env = cluster.ContainerEnv(tp, "main")
+	visible := strings.Split(env["NVIDIA_VISIBLE_DEVICES"], ",")
+	sort.Strings(visible)
+	if strings.Join(visible, ",") != "GPU-mix-0,GPU-mix-1" {
+		t.Fatalf("s10-tp2 (8 GiB over 2 GPUs) sees GPUs %q", env["NVIDIA_VISIBLE_DEVICES"])
+	}
+	share := strconv.FormatInt(4<<30, 10)
+	for _, entry := range strings.Split(env["VRAMSLICE_VRAM_LIMITS"], ",") {
+		if _, bytes, _ := strings.Cut(entry, ":"); bytes != share {
+			t.Fatalf("s10-tp2: VRAMSLICE_VRAM_LIMITS=%q, want 4 GiB on each GPU", env["VRAMSLICE_VRAM_LIMITS"])
+		}
+	}
+	t.Logf("s10-single on %s; s10-tp2 on %s (%s)", single.Annotations[cluster.AnnotationGPUUUID],
+		tp.Annotations[cluster.AnnotationGPUUUID], env["VRAMSLICE_VRAM_LIMITS"])
+	// Whether s10-tp2 had to wait depends on how fast the kubelet allocated s10-single: logged,
+	// not asserted.
+	t.Logf("s10-tp2 events: %q", podEvents(t, c, "s10-tp2"))
+}

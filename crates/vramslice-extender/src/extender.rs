@@ -198,6 +198,9 @@ impl BriefReasons {
                         format!("fewer than {gpus} healthy GPUs with {need}")
                     }
                     RefusalKind::Unhealthy => format!("no healthy GPU with {need}"),
+                    RefusalKind::SameSizeWaiting => format!(
+                        "a pod of this size over another number of GPUs waits for its units (this pod: {gpus} × {need})"
+                    ),
                     RefusalKind::NeverFits if gpus > 1 => format!(
                         "never {gpus} GPUs with {need} each (too few that large, or another unit)"
                     ),

@@ -36,7 +36,9 @@
 //! effective free ≥ the pod's share on each GPU it chooses and there is room on each GPU the pod
 //! would end up booked on besides (after an unpaired swap, a GPU still owed a pod of its size,
 //! where the device plugin may place it: `steering`), and effective free ≤ declared free, so
-//! the ledger never promises a GPU more units than it advertises.
+//! the ledger never promises a GPU more units than it advertises; and no pod of its size but
+//! another GPU count waits for its units on the node (`shape`: the device plugin could swap the
+//! two, and each would start on GPUs of the wrong shape).
 
 mod book;
 mod departed;
@@ -46,6 +48,7 @@ mod probe;
 mod proptests;
 mod reason;
 mod reservations;
+mod shape;
 #[cfg(test)]
 mod spanning_tests;
 mod steering;
@@ -169,6 +172,8 @@ struct NodeState {
     departed: Vec<departed::Departed>,
     /// Sizes one more pod of which would be booked on GPUs besides its own.
     steering: Vec<steering::Steering>,
+    /// Pods waiting for their units, by size and GPU count (`shape`).
+    waiting_shapes: Vec<shape::WaitingShape>,
 }
 
 impl NodeState {
@@ -184,6 +189,7 @@ impl NodeState {
             refusal: RefusalCache::default(),
             departed: Vec::new(),
             steering: Vec::new(),
+            waiting_shapes: Vec::new(),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use super::hash::FastMap;
+use super::shape::{self, WaitingShape};
 use super::steering::{self, Steering};
 use super::{GpuRejection, GpuView, LedgerConfig, NodeState, PodEntry, ReadingState, Rejection};
 use crate::cluster::placement::{Candidate, PodRequest, gpu_uuids};
@@ -14,6 +15,7 @@ use crate::effective_free::{effective_free, unobserved_part};
 pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroom: u64) {
     state.refusal.clear();
     state.steering.clear();
+    state.waiting_shapes.clear();
     state.gpus.clear();
     state.candidates.clear();
     state.best_free = 0;
@@ -117,6 +119,11 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                 Some(placed) => group.allocate(if partly { annotated } else { placed }),
                 None => {
                     group.waiting += 1;
+                    state.waiting_shapes.push(WaitingShape {
+                        limit,
+                        gpus: annotated.len(),
+                        pod: format!("{}/{}", entry.record.namespace, entry.record.name),
+                    });
                     continue;
                 }
             }
@@ -411,6 +418,23 @@ pub(super) fn rejection(
     }
     let (age, ahead) = super::reading_distance(reading.observed_at, now);
     let stale = age > config.staleness;
+    let healthy_large = state
+        .gpus
+        .iter()
+        .filter(|g| g.healthy && g.advertised_bytes >= need)
+        .count();
+    if !stale
+        && healthy_large >= n
+        && let Some(waiting) = shape::conflicting(state, request)
+    {
+        return Rejection::SameSizeWaiting {
+            node: node.to_string(),
+            pod: waiting.pod.clone(),
+            size: waiting.limit,
+            waiting_gpus: waiting.gpus,
+            gpus: n,
+        };
+    }
     let steered = steering::blocking(state, request);
     let gpus = state
         .gpus

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use super::Ledger;
 use super::book;
 use super::reason::{Refusal, RefusalKey, Rejection};
+use super::shape;
 use super::steering;
 use super::table::Hot;
 use super::{NodeState, ReadingState};
@@ -26,6 +27,8 @@ pub enum RefusalKind {
     Stale,
     /// Too few GPUs large enough are healthy.
     Unhealthy,
+    /// A pod of the same size but another GPU count waits for its units there (`shape`).
+    SameSizeWaiting,
     /// Not enough effective free memory now.
     Short,
 }
@@ -149,6 +152,9 @@ impl Probe<'_> {
         if healthy_large < self.gpus {
             return Some(RefusalKind::Unhealthy);
         }
+        if shape::conflicting(state, self.request).is_some() {
+            return Some(RefusalKind::SameSizeWaiting);
+        }
         Some(RefusalKind::Short)
     }
 
@@ -218,8 +224,9 @@ impl Probe<'_> {
     }
 
     /// Whether a node can take the pod: its unit, a fresh reading, as many healthy GPUs as
-    /// the pod spans each with the pod's share effectively free, and room on the GPUs the pod
-    /// would be booked on besides (`steering`).
+    /// the pod spans each with the pod's share effectively free, room on the GPUs the pod
+    /// would be booked on besides (`steering`), and no pod of its size but another GPU count
+    /// waiting there (`shape`).
     fn fits(&self, hot: &Hot, state: &NodeState) -> bool {
         hot.unit == Some(self.request.unit)
             && hot.best_free >= self.need
@@ -232,5 +239,6 @@ impl Probe<'_> {
                     .count()
                     >= self.gpus)
             && steering::blocking(state, self.request).is_none()
+            && shape::conflicting(state, self.request).is_none()
     }
 }

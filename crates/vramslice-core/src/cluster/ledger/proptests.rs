@@ -432,6 +432,15 @@ fn run(ops: Vec<Op>) {
                             let booked = a.assigned_bytes.saturating_sub(b.assigned_bytes);
                             assert!(booked <= b.effective_free, "{b:?} booked {booked} more");
                         }
+                        // No pod of its size over another GPU count waits there for its
+                        // units: the device plugin could swap the two.
+                        assert!(
+                            !world.pods.values().any(|w| w.node == node
+                                && w.gpu.is_none()
+                                && w.units == units
+                                && w.gpus.max(1) != gpus.max(1)),
+                            "a {units}-unit pod over {gpus} GPUs placed beside a waiting one of its size"
+                        );
                         // N distinct GPUs, by index.
                         assert_eq!(p.gpu_uuids.len(), gpus as usize);
                         assert!(p.gpu_indices.windows(2).all(|w| w[0] < w[1]));

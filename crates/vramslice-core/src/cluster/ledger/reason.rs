@@ -90,6 +90,26 @@ pub enum Rejection {
         /// Why each other GPU cannot.
         reasons: Vec<GpuRejection>,
     },
+    /// A pod of the same size but another GPU count waits for its units on the node: the
+    /// device plugin, matching requests by size, could give each the other's GPUs.
+    #[error(
+        "pod {pod} of the same size ({}) waits for its units on node {node} over {waiting_gpus} GPU{}; the device plugin cannot tell pods of one size apart, so this pod over {gpus} GPU{} waits until that one has its units",
+        ByteSize(*size),
+        if *waiting_gpus == 1 { "" } else { "s" },
+        if *gpus == 1 { "" } else { "s" }
+    )]
+    SameSizeWaiting {
+        /// Node name.
+        node: String,
+        /// The waiting pod, `namespace/name`.
+        pod: String,
+        /// The size both pods ask for, bytes.
+        size: u64,
+        /// GPUs the waiting pod spans.
+        waiting_gpus: usize,
+        /// GPUs this pod spans.
+        gpus: usize,
+    },
     /// Each GPU of the node, and why it cannot take the pod. Rendered compactly: a reading age
     /// shared by several GPUs once, unhealthy GPUs each, and of the GPUs short of memory the
     /// one closest to fitting, with a count of the others.
@@ -116,7 +136,8 @@ impl Rejection {
             | Rejection::NoGpus { .. }
             | Rejection::UnitMismatch { .. }
             | Rejection::TooLarge { .. }
-            | Rejection::TooFewGpus { .. } => true,
+            | Rejection::TooFewGpus { .. }
+            | Rejection::SameSizeWaiting { .. } => true,
         }
     }
 }

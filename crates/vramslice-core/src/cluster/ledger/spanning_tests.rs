@@ -190,13 +190,59 @@ fn a_reading_listing_the_pod_on_each_gpu_books_its_share_there() {
 }
 
 #[test]
+fn a_pod_waits_while_one_of_its_size_over_another_gpu_count_waits_for_its_units() {
+    let mut l = ledger();
+    let three = || vec![gpu(0, 40, 40), gpu(1, 40, 40), gpu(2, 40, 40)];
+    l.set_reading("n1", reading(0, three()));
+    l.reserve(want("single", span(40, 1)), "n1", Policy::Binpack, at(1))
+        .unwrap();
+    // 40 GiB over 2 GPUs is the single pod's size: the device plugin could swap them.
+    let err = l.check("n1", span(40, 2), at(2)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pod ns/single of the same size (40 GiB) waits for its units on node n1 over 1 GPU; \
+         the device plugin cannot tell pods of one size apart, so this pod over 2 GPUs waits \
+         until that one has its units"
+    );
+    assert!(err.is_unresolvable(), "evicting pods would not help");
+    assert_eq!(
+        l.refusal("n1", span(40, 2), at(2)),
+        Some(RefusalKind::SameSizeWaiting)
+    );
+    let rendered = l.check_rendered("n1", span(40, 2), at(2)).unwrap_err();
+    assert_eq!(&*rendered.reason, err.to_string());
+    assert_eq!(l.score("n1", span(40, 2), Policy::Binpack, at(2)), 0);
+    assert!(matches!(
+        l.reserve(want("tp", span(40, 2)), "n1", Policy::Binpack, at(2)),
+        Err(ReserveError::NoFit(_))
+    ));
+    // Another pod of its size and GPU count, or of another size over 2 GPUs, may come.
+    assert_eq!(l.check("n1", span(40, 1), at(2)), Ok(()));
+    assert_eq!(l.check("n1", span(20, 2), at(2)), Ok(()));
+    // Once the reading lists the single pod where the kubelet placed it, the spanning pod
+    // fits, and a single pod of its size then waits for it in turn.
+    l.observe_pod(bound("single", "GPU-0", span(40, 1), 1));
+    let mut g0 = gpu(0, 40, 40);
+    g0.pods.push(listed("single", 40, 0));
+    l.set_reading("n1", reading(5, vec![g0, gpu(1, 40, 40), gpu(2, 40, 40)]));
+    assert_eq!(l.check("n1", span(40, 2), at(6)), Ok(()));
+    l.reserve(want("tp", span(40, 2)), "n1", Policy::Binpack, at(6))
+        .unwrap();
+    assert_eq!(
+        l.refusal("n1", span(40, 1), at(7)),
+        Some(RefusalKind::SameSizeWaiting)
+    );
+}
+
+#[test]
 fn same_size_pods_of_different_gpu_counts_may_swap_shapes() {
     let mut l = ledger();
     l.set_reading(
         "n1",
         reading(0, vec![gpu(0, 40, 40), gpu(1, 40, 40), gpu(2, 40, 40)]),
     );
-    // Both 40 GiB: one on GPU 0, one spread over GPU 1 and GPU 2.
+    // Both 40 GiB: one on GPU 0, one spread over GPU 1 and GPU 2, bound together (the extender
+    // no longer binds them so, but pods bound before it was upgraded, or by hand, may be).
     l.observe_pod(bound("single", "GPU-0", span(40, 1), 1));
     l.observe_pod(bound("tp", "GPU-1,GPU-2", span(40, 2), 2));
     assert_eq!(free_gib(&l), vec![0, 20, 20]);
