@@ -437,6 +437,17 @@ impl Extender {
                                 }
                             }
                         }
+                        if passed.is_empty()
+                            && let Some(waiting) = names.iter().find(|name| {
+                                probe.refusal(name) == Some(RefusalKind::SameSizeWaiting)
+                            })
+                            && let Err(why) = probe.check(waiting)
+                        {
+                            // Not unschedulable but not yet: a scheduler error sends the pod to
+                            // the backoff queue (retried within seconds), where a refusal would
+                            // park it until some cluster event kube-scheduler watches for.
+                            result.error = format!("{why}; retried shortly");
+                        }
                     }
                 }
                 if passed.is_empty() {

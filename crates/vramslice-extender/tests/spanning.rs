@@ -152,3 +152,39 @@ async fn a_bad_gpu_count_or_an_uneven_split_is_named() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_pod_beside_a_waiting_one_of_its_size_over_other_gpus_is_retried_not_parked() {
+    let (ext, fake) = cluster();
+    // A one-GPU 20 GiB pod bound to `two`, not yet allocated by the kubelet.
+    let single = pod_json("one", "uid-1", Some("20"), json!({}));
+    fake.put_pod(serde_json::from_value(single.clone()).unwrap());
+    post_json(&ext, "/filter", &args_names(single, &["two"])).await;
+    let (_, body) = post_json(&ext, "/bind", &binding_args("one", "uid-1", "two")).await;
+    assert_eq!(body["Error"], "", "{body}");
+    // 20 GiB over 2 GPUs where only `two` could take it (`single` has one GPU).
+    let (_, body) = post_json(
+        &ext,
+        "/filter",
+        &args_names(tp_pod("uid-2", "20"), &["two", "single"]),
+    )
+    .await;
+    let expected = "pod default/one of the same size (20 GiB) waits for its units on node two over 1 GPU; \
+                    the device plugin cannot tell pods of one size apart, so this pod over 2 GPUs waits \
+                    until that one has its units";
+    assert_eq!(
+        body["FailedAndUnresolvableNodes"]["two"], expected,
+        "{body}"
+    );
+    // No node passes, and one would once that pod has its units: a scheduler error, which
+    // kube-scheduler retries after a backoff of seconds.
+    assert_eq!(
+        body["Error"],
+        format!("{expected}; retried shortly"),
+        "{body}"
+    );
+    // Where another node passes, it is no error: the pod goes there.
+    let (_, body) = post_json(&ext, "/filter", &args_names(tp_pod("uid-3", "20"), &NODES)).await;
+    assert_eq!(body["Error"], "", "{body}");
+    assert_eq!(body["NodeNames"], json!(["one-roomy"]), "{body}");
+}
