@@ -442,8 +442,8 @@ func TestScenario10_SameSizePodsKeepTheirShapes(t *testing.T) {
 		t.Fatalf("s10-tp2 (8 GiB over 2 GPUs) sees GPUs %q", env["NVIDIA_VISIBLE_DEVICES"])
 	}
 	share := strconv.FormatInt(4<<30, 10)
-	if got := env["VRAMSLICE_VRAM_LIMIT_BYTES"]; got != share {
-		t.Fatalf("s10-tp2: VRAMSLICE_VRAM_LIMIT_BYTES=%q, want each GPU's 4 GiB", got)
+	if got := env["VRAMSLICE_VRAM_LIMIT_BYTES"]; got != strconv.FormatInt(8<<30, 10) {
+		t.Fatalf("s10-tp2: VRAMSLICE_VRAM_LIMIT_BYTES=%q, want its 8 units' 8 GiB", got)
 	}
 	for _, entry := range strings.Split(env["VRAMSLICE_VRAM_LIMITS"], ",") {
 		if _, bytes, _ := strings.Cut(entry, ":"); bytes != share {

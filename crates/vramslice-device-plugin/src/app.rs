@@ -189,13 +189,15 @@ pub async fn run(
     // slice attribute, and a line in the log for whoever reads it).
     let driver_version = {
         let backend = Arc::clone(&backend);
-        match tokio::task::spawn_blocking(move || backend.driver_version()).await {
-            Ok(Ok(version)) => version,
-            Ok(Err(e)) => {
+        let call = move || backend.driver_version();
+        match crate::poller::blocking_unless_shutdown(call, &mut first_read).await {
+            None => return Ok(()),
+            Some(Ok(Ok(version))) => version,
+            Some(Ok(Err(e))) => {
                 tracing::warn!(error = %e, "cannot read the GPU driver's version");
                 None
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "GPU driver version task failed");
                 None
             }

@@ -111,26 +111,35 @@ pub enum ReadError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Read `backend` once on a blocking thread; `None` when `shutdown` fires first. A read hung in
-/// the driver is left behind on its thread (nothing can cancel it), so that shutdown is not held
-/// up by it; the process exits without waiting for that thread.
+/// Run `call` (a driver call) on a blocking thread; `None` when `shutdown` fires first. A call
+/// hung in the driver is left behind on its thread (nothing can cancel it), so that shutdown is
+/// not held up by it; the process exits without waiting for that thread.
+pub async fn blocking_unless_shutdown<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    if *shutdown.borrow_and_update() {
+        return None;
+    }
+    let call = tokio::task::spawn_blocking(call);
+    tokio::select! {
+        result = call => Some(result),
+        _ = shutdown.changed() => None,
+    }
+}
+
+/// Read `backend` once ([`blocking_unless_shutdown`]).
 pub async fn read_unless_shutdown(
     backend: &Arc<dyn GpuBackend>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Result<Vec<GpuSample>, ReadError>> {
-    if *shutdown.borrow_and_update() {
-        return None;
-    }
     let reader = Arc::clone(backend);
-    let read = tokio::task::spawn_blocking(move || reader.read());
-    tokio::select! {
-        result = read => Some(match result {
-            Ok(Ok(readings)) => Ok(readings),
-            Ok(Err(e)) => Err(ReadError::Backend(e)),
-            Err(e) => Err(ReadError::Task(e)),
-        }),
-        _ = shutdown.changed() => None,
-    }
+    let result = blocking_unless_shutdown(move || reader.read(), shutdown).await?;
+    Some(match result {
+        Ok(Ok(readings)) => Ok(readings),
+        Ok(Err(e)) => Err(ReadError::Backend(e)),
+        Err(e) => Err(ReadError::Task(e)),
+    })
 }
 
 /// Poll `backend` every `interval` until `shutdown` fires.

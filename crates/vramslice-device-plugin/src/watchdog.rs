@@ -360,7 +360,7 @@ impl Watchdog {
                 self.event(breach, "VramWatchdogEvictedPod", message).await;
             }
             Err(e) => {
-                tracing::error!(namespace = %breach.target.namespace, pod = %breach.target.name, error = %e, "eviction failed (a PodDisruptionBudget may forbid it); retried after the grace period");
+                tracing::error!(namespace = %breach.target.namespace, pod = %breach.target.name, error = %e, "eviction failed (a PodDisruptionBudget may forbid it, or the name now belongs to another pod); retried after the grace period");
             }
         }
     }

@@ -277,7 +277,7 @@ async fn allocate_maps_equal_shares_of_two_gpus_to_per_gpu_limits() {
         Some("GPU-aaaa:2147483648,GPU-bbbb:2147483648")
     );
     assert_eq!(env("NVIDIA_VISIBLE_DEVICES"), Some("GPU-aaaa,GPU-bbbb"));
-    assert_eq!(env("VRAMSLICE_VRAM_LIMIT_BYTES"), Some("2147483648"));
+    assert_eq!(env("VRAMSLICE_VRAM_LIMIT_BYTES"), Some("4294967296"));
     assert_eq!(env("VRAMSLICE_GPU_UUID"), None);
     assert_eq!(
         env("VRAMSLICE_ACCOUNTING_DIR"),

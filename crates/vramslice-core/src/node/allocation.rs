@@ -274,9 +274,9 @@ pub fn host_files(accounting_root: &Path, key: &str) -> (PathBuf, PathBuf) {
 /// The environment, mounts and visible GPUs for a container holding `limits` (one entry per
 /// GPU, in the order the container should see them), with its accounting files under `key` in
 /// the accounting root. One GPU gets `VRAMSLICE_VRAM_LIMIT_BYTES` and `VRAMSLICE_GPU_UUID`;
-/// several get `VRAMSLICE_VRAM_LIMITS` (`<uuid>:<bytes>,...`), and, when every GPU has the same
-/// limit (a pod's equal shares), `VRAMSLICE_VRAM_LIMIT_BYTES` too: each GPU's limit, for whatever
-/// sizes itself from that variable (beside the per-GPU list it only lowers, to the same value).
+/// several get `VRAMSLICE_VRAM_LIMITS` (`<uuid>:<bytes>,...`) and `VRAMSLICE_VRAM_LIMIT_BYTES`
+/// too, as the contract gives every container: units × unit bytes, the sum over its GPUs (beside
+/// the per-GPU list it lowers no GPU's limit: no share exceeds the sum).
 pub fn container_edits(
     limits: &GpuLimits,
     settings: &AllocationSettings,
@@ -291,10 +291,11 @@ pub fn container_edits(
         envs.insert(env::GPU_UUID.to_string(), uuid.to_string());
     } else {
         envs.insert(env::VRAM_LIMITS.to_string(), limits.to_string());
-        let (_, first) = limits.first();
-        if limits.iter().all(|(_, bytes)| bytes == first) {
-            envs.insert(env::VRAM_LIMIT_BYTES.to_string(), first.to_string());
-        }
+        let total = limits
+            .iter()
+            .map(|(_, bytes)| bytes)
+            .fold(0u64, u64::saturating_add);
+        envs.insert(env::VRAM_LIMIT_BYTES.to_string(), total.to_string());
     }
     envs.insert(
         env::ACCOUNTING_DIR.to_string(),

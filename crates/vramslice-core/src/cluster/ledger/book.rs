@@ -123,6 +123,7 @@ pub(super) fn recompute(state: &mut NodeState, pods: &FastMap<PodEntry>, headroo
                         limit,
                         gpus: annotated.len(),
                         pod: format!("{}/{}", entry.record.namespace, entry.record.name),
+                        assigned_at: entry.record.assigned_at,
                     });
                     continue;
                 }
@@ -418,23 +419,6 @@ pub(super) fn rejection(
     }
     let (age, ahead) = super::reading_distance(reading.observed_at, now);
     let stale = age > config.staleness;
-    let healthy_large = state
-        .gpus
-        .iter()
-        .filter(|g| g.healthy && g.advertised_bytes >= need)
-        .count();
-    if !stale
-        && healthy_large >= n
-        && let Some(waiting) = shape::conflicting(state, request)
-    {
-        return Rejection::SameSizeWaiting {
-            node: node.to_string(),
-            pod: waiting.pod.clone(),
-            size: waiting.limit,
-            waiting_gpus: waiting.gpus,
-            gpus: n,
-        };
-    }
     let steered = steering::blocking(state, request);
     let gpus = state
         .gpus
@@ -474,8 +458,21 @@ pub(super) fn rejection(
             }
         })
         .collect::<Vec<_>>();
+    let fitting = state.gpus.len().saturating_sub(gpus.len());
+    // Room enough: only a waiting pod of its size over another GPU count holds it off.
+    if fitting >= n
+        && steered.is_none()
+        && let Some(waiting) = shape::conflicting(state, request, now)
+    {
+        return Rejection::SameSizeWaiting {
+            node: node.to_string(),
+            pod: waiting.pod.clone(),
+            size: waiting.limit,
+            waiting_gpus: waiting.gpus,
+            gpus: n,
+        };
+    }
     if n > 1 {
-        let fitting = state.gpus.len().saturating_sub(gpus.len());
         return Rejection::Spanning {
             gpus: n,
             need,

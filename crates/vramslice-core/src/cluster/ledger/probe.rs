@@ -27,7 +27,8 @@ pub enum RefusalKind {
     Stale,
     /// Too few GPUs large enough are healthy.
     Unhealthy,
-    /// A pod of the same size but another GPU count waits for its units there (`shape`).
+    /// The node has the room, but a pod of the same size over another GPU count waits for its
+    /// units there (`shape`).
     SameSizeWaiting,
     /// Not enough effective free memory now.
     Short,
@@ -152,7 +153,7 @@ impl Probe<'_> {
         if healthy_large < self.gpus {
             return Some(RefusalKind::Unhealthy);
         }
-        if shape::conflicting(state, self.request).is_some() {
+        if self.fits_but_for_shape(hot, state) {
             return Some(RefusalKind::SameSizeWaiting);
         }
         Some(RefusalKind::Short)
@@ -228,6 +229,12 @@ impl Probe<'_> {
     /// would be booked on besides (`steering`), and no pod of its size but another GPU count
     /// waiting there (`shape`).
     fn fits(&self, hot: &Hot, state: &NodeState) -> bool {
+        self.fits_but_for_shape(hot, state)
+            && shape::conflicting(state, self.request, self.now).is_none()
+    }
+
+    /// [`Probe::fits`] but for the `shape` rule: whether the node has the room.
+    fn fits_but_for_shape(&self, hot: &Hot, state: &NodeState) -> bool {
         hot.unit == Some(self.request.unit)
             && hot.best_free >= self.need
             && self.fresh(hot)
@@ -239,6 +246,5 @@ impl Probe<'_> {
                     .count()
                     >= self.gpus)
             && steering::blocking(state, self.request).is_none()
-            && shape::conflicting(state, self.request).is_none()
     }
 }

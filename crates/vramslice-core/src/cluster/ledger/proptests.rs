@@ -433,10 +433,17 @@ fn run(ops: Vec<Op>) {
                             assert!(booked <= b.effective_free, "{b:?} booked {booked} more");
                         }
                         // No pod of its size over another GPU count waits there for its
-                        // units: the device plugin could swap the two.
+                        // units (assigned lately): the device plugin could swap the two.
+                        let lately = |at: SystemTime| {
+                            world
+                                .now
+                                .duration_since(at)
+                                .map_or(true, |age| age <= super::shape::SHAPE_WAIT_LIMIT)
+                        };
                         assert!(
                             !world.pods.values().any(|w| w.node == node
                                 && w.gpu.is_none()
+                                && lately(w.assigned_at)
                                 && w.units == units
                                 && w.gpus.max(1) != gpus.max(1)),
                             "a {units}-unit pod over {gpus} GPUs placed beside a waiting one of its size"

@@ -192,8 +192,15 @@ fn a_reading_listing_the_pod_on_each_gpu_books_its_share_there() {
 #[test]
 fn a_pod_waits_while_one_of_its_size_over_another_gpu_count_waits_for_its_units() {
     let mut l = ledger();
-    let three = || vec![gpu(0, 40, 40), gpu(1, 40, 40), gpu(2, 40, 40)];
-    l.set_reading("n1", reading(0, three()));
+    let four = || {
+        vec![
+            gpu(0, 40, 40),
+            gpu(1, 40, 40),
+            gpu(2, 40, 40),
+            gpu(3, 40, 40),
+        ]
+    };
+    l.set_reading("n1", reading(0, four()));
     l.reserve(want("single", span(40, 1)), "n1", Policy::Binpack, at(1))
         .unwrap();
     // 40 GiB over 2 GPUs is the single pod's size: the device plugin could swap them.
@@ -224,7 +231,9 @@ fn a_pod_waits_while_one_of_its_size_over_another_gpu_count_waits_for_its_units(
     l.observe_pod(bound("single", "GPU-0", span(40, 1), 1));
     let mut g0 = gpu(0, 40, 40);
     g0.pods.push(listed("single", 40, 0));
-    l.set_reading("n1", reading(5, vec![g0, gpu(1, 40, 40), gpu(2, 40, 40)]));
+    let mut gpus = four();
+    gpus[0] = g0;
+    l.set_reading("n1", reading(5, gpus));
     assert_eq!(l.check("n1", span(40, 2), at(6)), Ok(()));
     l.reserve(want("tp", span(40, 2)), "n1", Policy::Binpack, at(6))
         .unwrap();
@@ -232,6 +241,34 @@ fn a_pod_waits_while_one_of_its_size_over_another_gpu_count_waits_for_its_units(
         l.refusal("n1", span(40, 1), at(7)),
         Some(RefusalKind::SameSizeWaiting)
     );
+}
+
+#[test]
+fn a_waiting_pod_holds_off_other_shapes_only_where_there_is_room_and_for_a_while() {
+    let mut l = ledger();
+    l.set_reading("n1", reading(0, vec![gpu(0, 80, 80), gpu(1, 40, 15)]));
+    l.observe_pod(bound("single", "GPU-0", span(40, 1), 1));
+    // 40 GiB over 2 GPUs: GPU 0 has 40 left, GPU 1 15 free, short of the 20 GiB share: the
+    // memory is the reason (preemption may help), not the waiting pod.
+    let err = l.check("n1", span(40, 2), at(2)).unwrap_err();
+    assert!(!err.is_unresolvable(), "{err}");
+    assert!(err.to_string().starts_with("needs 2 GPUs"), "{err}");
+    assert_eq!(
+        l.refusal("n1", span(40, 2), at(2)),
+        Some(RefusalKind::Short)
+    );
+    // With room, the waiting pod is the reason...
+    l.set_reading("n1", reading(3, vec![gpu(0, 80, 80), gpu(1, 40, 40)]));
+    assert_eq!(
+        l.refusal("n1", span(40, 2), at(4)),
+        Some(RefusalKind::SameSizeWaiting)
+    );
+    // ... for SHAPE_WAIT_LIMIT after its assignment: one still not listed long after (its
+    // VRAM in a plain init container, which PodResources never lists) no longer holds the
+    // node off.
+    let late = 1 + super::shape::SHAPE_WAIT_LIMIT.as_secs() + 1;
+    l.set_reading("n1", reading(late, vec![gpu(0, 80, 80), gpu(1, 40, 40)]));
+    assert_eq!(l.check("n1", span(40, 2), at(late)), Ok(()));
 }
 
 #[test]

@@ -143,8 +143,8 @@ fn equal_shares_of_several_gpus_get_per_gpu_limits() {
         Some("GPU-a:2147483648,GPU-b:2147483648")
     );
     assert_eq!(env_of(&a, "NVIDIA_VISIBLE_DEVICES"), Some("GPU-a,GPU-b"));
-    // Each GPU's limit, for what sizes itself from it; no one GPU's UUID.
-    assert_eq!(env_of(&a, "VRAMSLICE_VRAM_LIMIT_BYTES"), Some("2147483648"));
+    // units × unit bytes, as every container gets it (the sum over its GPUs); no one GPU's UUID.
+    assert_eq!(env_of(&a, "VRAMSLICE_VRAM_LIMIT_BYTES"), Some("4294967296"));
     assert_eq!(env_of(&a, "VRAMSLICE_GPU_UUID"), None);
     assert_eq!(
         crate::container::limit::gpu_limits_file_content(&a.limits),

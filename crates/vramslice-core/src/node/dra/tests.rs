@@ -245,7 +245,11 @@ fn a_two_gpu_claim_gets_one_limit_per_gpu() {
         )
     );
     assert_eq!(plan.edits.envs[env::VRAM_LIMITS], text);
-    assert!(!plan.edits.envs.contains_key(env::VRAM_LIMIT_BYTES));
+    assert_eq!(
+        plan.edits.envs[env::VRAM_LIMIT_BYTES],
+        (40 * GIB).to_string(),
+        "the claim's whole memory, as every container gets it"
+    );
     assert_eq!(
         plan.edits.cdi_devices,
         ["nvidia.com/gpu=GPU-0", "nvidia.com/gpu=GPU-1"]
