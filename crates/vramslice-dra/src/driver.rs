@@ -346,6 +346,11 @@ impl Driver {
 
         let mut cdi_device_ids = vec![cdi::device_id(&claim.uid)];
         cdi_device_ids.extend(plan.edits.cdi_devices.iter().cloned());
+        // The CDI IDs cover the whole claim. The kubelet gives a container the IDs of every
+        // device of the requests it names, concatenated: on each device they would reach the
+        // runtime once per device (its hooks run as often). The first device of each request
+        // carries them, so a container naming one request still gets them.
+        let mut requests_with_ids = std::collections::BTreeSet::new();
         let devices: Vec<PreparedDevice> = on_node
             .grants
             .iter()
@@ -354,7 +359,11 @@ impl Driver {
                 request_names: vec![grant.request.clone()],
                 pool: self.config.node.clone(),
                 device: grant.device.clone(),
-                cdi_device_ids: cdi_device_ids.clone(),
+                cdi_device_ids: if requests_with_ids.insert(grant.request.clone()) {
+                    cdi_device_ids.clone()
+                } else {
+                    Vec::new()
+                },
                 share_id: share_id.clone(),
             })
             .collect();

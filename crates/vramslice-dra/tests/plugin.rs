@@ -615,6 +615,15 @@ async fn a_two_gpu_claim_gets_two_devices_and_one_limit_per_gpu() {
         .map(|d| d.device_name.as_str())
         .collect();
     assert_eq!(devices, ["gpu-0", "gpu-1"]);
+    // What the kubelet gives a container naming the request (every device of it, its CDI IDs
+    // concatenated): the claim's IDs once, not once per device.
+    let handed: Vec<&str> = answer.claims["uid-2"]
+        .devices
+        .iter()
+        .filter(|d| d.request_names.iter().any(|r| r == "vram"))
+        .flat_map(|d| d.cdi_device_ids.iter().map(String::as_str))
+        .collect();
+    assert_eq!(handed, ["vramslice.io/claim=uid-2"]);
     let limits = format!("GPU-0:{0},GPU-1:{0}", 20 * GIB);
     assert_eq!(
         std::fs::read_to_string(node.path("accounting/claim-uid-2.limit")).unwrap(),
