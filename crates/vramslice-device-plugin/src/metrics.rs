@@ -331,11 +331,6 @@ impl Metrics {
         last.map(|at| at.elapsed())
     }
 
-    /// Whether the backend was read at least once.
-    pub fn ready(&self) -> bool {
-        self.since_last_read().is_some()
-    }
-
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -451,7 +446,7 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
-        assert!(m.ready());
+        assert!(m.since_last_read().is_some());
         m.observe_readings(&[]);
         let text = m.encode();
         assert!(

@@ -273,7 +273,7 @@ mod tests {
             1,
             "a poll started while one is hung"
         );
-        assert!(!metrics.ready());
+        assert_eq!(metrics.since_last_read(), None);
         assert_eq!(watch.snapshot.borrow().generation, 0);
         stop.send_replace(true);
         tokio::time::timeout(Duration::from_secs(10), poller)

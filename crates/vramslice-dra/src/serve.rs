@@ -124,27 +124,30 @@ pub async fn serve_with_registrations(
     // failed must not leave the other serving a driver that cannot be reached, nor hide its
     // error until a shutdown nobody sends).
     let (stop_tx, stop_rx) = watch::channel(false);
-    let forward = tokio::spawn({
-        let stop_tx = stop_tx.clone();
+    let stopped = |ended: watch::Receiver<bool>| {
         let shutdown = shutdown.clone();
         async move {
-            stop(shutdown).await;
-            let _ = stop_tx.send(true);
+            tokio::select! {
+                () = stop(shutdown) => {}
+                () = stop(ended) => {}
+            }
         }
-    });
+    };
     let dra = Server::builder()
         .add_service(DraPluginServer::new(DraService::new(driver)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(dra_listener), stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(dra_listener),
+            stopped(stop_rx.clone()),
+        );
     let reg = Server::builder()
         .add_service(RegistrationServer::new(
             RegistrationService::new(DRA_DRIVER, &endpoint.display().to_string())
                 .with_registrations(registrations),
         ))
         // Through the shim: the kubelet's plugin watcher sends the socket path as `:authority`.
-        .serve_with_incoming_shutdown(authority::incoming(reg_listener), stop(stop_rx));
+        .serve_with_incoming_shutdown(authority::incoming(reg_listener), stopped(stop_rx));
     tracing::info!(endpoint = %endpoint.display(), registration = %registration.display(), "serving the DRA plugin");
     let (dra, reg) = tokio::join!(ends_both(dra, stop_tx.clone()), ends_both(reg, stop_tx));
-    forward.abort();
     let _ = shutdown.borrow_and_update();
     let _ = std::fs::remove_file(&registration);
     dra.map_err(|source| ServeError::Serve {
