@@ -88,6 +88,8 @@ type Node struct {
 	FakeGPUFile  string
 	PluginConfig string
 	Plugin       *Process
+	// MetricsURL serves the node agent's /metrics and /healthz (its metricsAddr).
+	MetricsURL string
 	// DRA: the node agent runs in mode: dra and the hollow node runs the kubelet's DRA manager.
 	DRA  bool
 	gpus []FakeGPU

@@ -26,6 +26,9 @@ func (c *Cluster) writePluginConfig(n *Node) error {
 	if err != nil {
 		return err
 	}
+	c.mu.Lock()
+	n.MetricsURL = fmt.Sprintf("http://127.0.0.1:%d", port)
+	c.mu.Unlock()
 	cfg := fmt.Sprintf(`backend: fake
 fakeGpuFile: %q
 unit: 1Gi

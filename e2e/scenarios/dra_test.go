@@ -72,6 +72,9 @@ func newDRACluster(t *testing.T, nodes map[string][]cluster.FakeGPU) *cluster.Cl
 	if err := c.WaitDRARegistered(names, 60*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	for _, name := range names {
+		checkMetricsFormat(t, c.Node(name).MetricsURL+"/metrics", "vramslice_backend_errors_total")
+	}
 	t.Logf("DRA cluster up in %s: node(s) %v, each with its ResourceSlice and the driver registered", time.Since(start).Round(100*time.Millisecond), names)
 	return c
 }

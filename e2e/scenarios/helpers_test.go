@@ -1,8 +1,10 @@
 package scenarios
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -12,6 +14,9 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -78,6 +83,10 @@ func newCluster(t *testing.T, opts cluster.Options, nodes map[string][]cluster.F
 		t.Fatal(err)
 	}
 	checkExtenderListeners(t, c)
+	checkMetricsFormat(t, c.ExtenderMetricsURL+"/metrics", "vramslice_extender_bind_conflicts_total")
+	for _, n := range c.Nodes() {
+		checkMetricsFormat(t, n.MetricsURL+"/metrics", "vramslice_backend_errors_total")
+	}
 	t.Logf("cluster up: %d node(s) %v, extender at %s", len(names), names, c.ExtenderURL)
 	return c
 }
@@ -112,6 +121,60 @@ func checkExtenderListeners(t *testing.T, c *cluster.Cluster) {
 		if got := status(check.method, check.url); got != check.want {
 			t.Fatalf("%s %s: status %d, want %d", check.method, check.url, got, check.want)
 		}
+	}
+}
+
+// prometheusAccept is the Accept header Prometheus sends when it scrapes.
+const prometheusAccept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+
+// checkMetricsFormat: a plain GET of url gets the Prometheus text format, which Prometheus'
+// own parser reads with every family named vramslice_*, counters typed as counters under
+// their _total name (wantCounter among them); a scraper preferring OpenMetrics gets that.
+func checkMetricsFormat(t *testing.T, url, wantCounter string) {
+	t.Helper()
+	scrape := func(accept string) (string, []byte) {
+		req, err := http.NewRequest(http.MethodGet, url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if accept != "" {
+			req.Header.Set("Accept", accept)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %s %v", url, resp.Status, err)
+		}
+		return resp.Header.Get("Content-Type"), body
+	}
+	contentType, body := scrape("")
+	if !strings.HasPrefix(contentType, "text/plain; version=0.0.4") {
+		t.Fatalf("GET %s: Content-Type %q, want the Prometheus text format", url, contentType)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("GET %s: Prometheus' text parser refuses the page: %v\n%s", url, err, body)
+	}
+	for name, family := range families {
+		if !strings.HasPrefix(name, "vramslice_") {
+			t.Errorf("GET %s: family %s is not prefixed vramslice_", url, name)
+		}
+		if family.GetType() == dto.MetricType_COUNTER && !strings.HasSuffix(name, "_total") {
+			t.Errorf("GET %s: counter %s is not named by its _total sample", url, name)
+		}
+	}
+	if f := families[wantCounter]; f == nil || f.GetType() != dto.MetricType_COUNTER {
+		t.Fatalf("GET %s: no counter %s in\n%s", url, wantCounter, body)
+	}
+	contentType, body = scrape(prometheusAccept)
+	if !strings.HasPrefix(contentType, "application/openmetrics-text; version=1.0.0") ||
+		!bytes.HasSuffix(body, []byte("# EOF\n")) {
+		t.Fatalf("GET %s as Prometheus asks: Content-Type %q, want OpenMetrics ending in # EOF:\n%s", url, contentType, body)
 	}
 }
 

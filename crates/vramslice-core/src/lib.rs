@@ -9,6 +9,7 @@
 pub mod device_id;
 pub mod duration;
 pub mod effective_free;
+pub mod exposition;
 pub mod names;
 pub mod quantity;
 pub mod units;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use vramslice_core::exposition::Exposition;
 use vramslice_core::node::sample::backend_stalled;
 use vramslice_gpu::GpuSample;
 
@@ -331,7 +332,7 @@ impl Metrics {
         last.map(|at| at.elapsed())
     }
 
-    /// The metrics in Prometheus text format.
+    /// The metrics as OpenMetrics text (`/metrics` serves them as the scraper asks).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.0.registry) {
@@ -341,13 +342,18 @@ impl Metrics {
     }
 }
 
-async fn metrics_handler(State(metrics): State<Metrics>) -> impl IntoResponse {
+/// The metrics in the format the scraper's `Accept` asks for (the Prometheus text format unless
+/// it prefers OpenMetrics).
+async fn metrics_handler(State(metrics): State<Metrics>, headers: HeaderMap) -> impl IntoResponse {
+    let format = Exposition::negotiate(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.encode(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        format.render(metrics.encode()),
     )
 }
 
@@ -453,6 +459,45 @@ mod tests {
             !text.contains("GPU-a"),
             "vanished GPU still exported:\n{text}"
         );
+    }
+
+    /// `/metrics` speaks the Prometheus text format to a plain GET and OpenMetrics to a
+    /// scraper that prefers it.
+    #[tokio::test]
+    async fn metrics_answer_in_the_format_asked_for() {
+        let m = Metrics::new();
+        m.kubelet_restart();
+        for (accept, want_type, want_counter) in [
+            (
+                None,
+                "text/plain; version=0.0.4; charset=utf-8",
+                "# TYPE vramslice_kubelet_restarts_total counter\n",
+            ),
+            (
+                Some("application/openmetrics-text;version=1.0.0,*/*;q=0.1"),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                "# TYPE vramslice_kubelet_restarts counter\n",
+            ),
+        ] {
+            let mut headers = HeaderMap::new();
+            if let Some(accept) = accept {
+                headers.insert(header::ACCEPT, accept.parse().expect("a header value"));
+            }
+            let response = metrics_handler(State(m.clone()), headers)
+                .await
+                .into_response();
+            assert_eq!(response.headers()[header::CONTENT_TYPE], want_type);
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            assert!(body.contains(want_counter), "{accept:?}:\n{body}");
+            assert!(
+                body.contains("vramslice_kubelet_restarts_total 1\n"),
+                "{body}"
+            );
+            assert_eq!(body.contains("# EOF"), accept.is_some(), "{body}");
+        }
     }
 
     fn ago(secs: u64) -> Instant {

@@ -14,9 +14,11 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+use vramslice_core::exposition::Exposition;
 
 use crate::extender::{BadRequest, Extender};
 use crate::metrics::Outcome;
@@ -130,13 +132,18 @@ async fn readyz(State(ext): State<Arc<Extender>>) -> Response {
     }
 }
 
-async fn metrics(State(ext): State<Arc<Extender>>) -> Response {
+/// The metrics in the format the scraper's `Accept` asks for (the Prometheus text format unless
+/// it prefers OpenMetrics).
+async fn metrics(State(ext): State<Arc<Extender>>, headers: HeaderMap) -> Response {
+    let format = Exposition::negotiate(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        ext.render_metrics(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        format.render(ext.render_metrics()),
     )
         .into_response()
 }

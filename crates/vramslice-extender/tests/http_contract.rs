@@ -580,6 +580,61 @@ async fn metrics_count_decisions_and_show_the_ledger() {
     }
 }
 
+/// `/metrics` answers curl and classic parsers in the Prometheus text format, and a scraper
+/// that prefers OpenMetrics (Prometheus itself) in OpenMetrics.
+#[tokio::test]
+async fn metrics_are_prometheus_text_unless_openmetrics_is_preferred() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let (ext, _) = cluster();
+    post_json(&ext, "/bind", &binding_args("ghost", "uid-9", "fit")).await;
+    let scrape = |accept: Option<&'static str>| {
+        let router = vramslice_extender::http::router(ext.clone());
+        async move {
+            let mut request = axum::http::Request::get("/metrics");
+            if let Some(accept) = accept {
+                request = request.header("accept", accept);
+            }
+            let resp = router
+                .oneshot(request.body(axum::body::Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let content_type = resp.headers()["content-type"].to_str().unwrap().to_string();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (content_type, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    for accept in [None, Some("*/*"), Some("text/plain;version=0.0.4")] {
+        let (content_type, text) = scrape(accept).await;
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(
+            text.contains("# TYPE vramslice_extender_decisions_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vramslice_extender_decisions_total{verb=\"bind\",outcome=\"error\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+    }
+    let (content_type, text) = scrape(Some(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(
+        text.contains("# TYPE vramslice_extender_decisions counter\n"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+}
+
 #[tokio::test]
 async fn a_lost_binding_answer_is_checked_against_the_api_server() {
     let (ext, fake) = cluster();

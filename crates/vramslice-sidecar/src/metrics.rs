@@ -12,8 +12,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// The HTTP content type of [`Metrics::render`]'s text: OpenMetrics. Prometheus reads the
-/// counters' `_total` samples as untyped when the same text is served as `text/plain`.
-pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// counters' `_total` samples as untyped when the same text is served as `text/plain`; an
+/// embedder that must answer plain clients in the classic format converts it with
+/// [`Exposition`](vramslice_core::exposition::Exposition), as the runtime's own port does.
+pub const METRICS_CONTENT_TYPE: &str = vramslice_core::exposition::OPENMETRICS_CONTENT_TYPE;
 
 /// Why a job was refused admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,9 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use vramslice_core::exposition::Exposition;
+
 /// Serve `GET /metrics` on `addr` (`127.0.0.1:9400`, `0.0.0.0:0`) until the process exits,
-/// answering with what `render` returns (normally [`Runtime::render_metrics`]); returns the
-/// bound address. Other paths answer 404.
+/// answering with what `render` returns (OpenMetrics text, normally
+/// [`Runtime::render_metrics`]) in the format the scraper's `Accept` asks for: OpenMetrics when
+/// it prefers it, the Prometheus text format otherwise. Returns the bound address. Other paths
+/// answer 404.
 ///
 /// [`Runtime::render_metrics`]: crate::Runtime::render_metrics
 pub fn serve_metrics(
@@ -135,14 +139,22 @@ fn answer(render: &impl Fn() -> String, stream: TcpStream) -> io::Result<()> {
     let mut reader = BufReader::new(head.take(MAX_REQUEST_HEAD));
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
-    // Drain the headers, within the head's size and time.
+    // Read the headers, within the head's size and time; only `Accept` matters.
+    let mut accept = Vec::new();
     let mut line = String::new();
     while reader.read_line(&mut line)? > 2 {
+        if let Some((name, value)) = line.split_once(':')
+            && name.trim().eq_ignore_ascii_case("accept")
+        {
+            accept.push(value.trim().to_string());
+        }
         line.clear();
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("");
+    let target = request_line.split_whitespace().nth(1).unwrap_or("");
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
     let (status, content_type, body) = if request_line.starts_with("GET ") && path == "/metrics" {
-        ("200 OK", crate::metrics::METRICS_CONTENT_TYPE, render())
+        let format = Exposition::negotiate(accept.iter().map(String::as_str));
+        ("200 OK", format.content_type(), format.render(render()))
     } else {
         (
             "404 Not Found",

@@ -9,8 +9,13 @@ use vramslice_sidecar::{Config, Job, ManualUsage, Runtime};
 const GIB: u64 = 1 << 30;
 
 fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    get_accepting(addr, path, "")
+}
+
+/// GET `path` with `headers` (each ending in CRLF) besides `Host`.
+fn get_accepting(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -62,15 +67,41 @@ fn metrics_report_usage_jobs_and_profiles() {
 }
 
 #[test]
-fn metrics_port_serves_prometheus_text() {
+fn metrics_port_serves_prometheus_text_or_openmetrics_as_asked() {
     let addr = served();
-    let ok = get(addr, "/metrics");
-    assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+    let plain = get(addr, "/metrics");
+    assert!(plain.starts_with("HTTP/1.1 200 OK"), "{plain}");
     assert!(
-        ok.contains("vramslice_sidecar_limit_bytes 1073741824"),
-        "{ok}"
+        plain.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{plain}"
     );
-    assert!(ok.trim_end().ends_with("# EOF"));
+    assert!(
+        plain.contains("vramslice_sidecar_limit_bytes 1073741824"),
+        "{plain}"
+    );
+    // Counters are named by their sample in the classic format; no OpenMetrics trailer.
+    assert!(
+        plain.contains("# TYPE vramslice_sidecar_profile_misses_total counter\n"),
+        "{plain}"
+    );
+    assert!(!plain.contains("# EOF"), "{plain}");
+
+    let open = get_accepting(
+        addr,
+        "/metrics?x=1",
+        "accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n",
+    );
+    assert!(
+        open.contains(
+            "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+        ),
+        "{open}"
+    );
+    assert!(
+        open.contains("# TYPE vramslice_sidecar_profile_misses counter\n"),
+        "{open}"
+    );
+    assert!(open.trim_end().ends_with("# EOF"));
     assert!(get(addr, "/").starts_with("HTTP/1.1 404"));
 }
 
