@@ -73,7 +73,13 @@ func newDRACluster(t *testing.T, nodes map[string][]cluster.FakeGPU) *cluster.Cl
 		t.Fatal(err)
 	}
 	for _, name := range names {
-		checkMetricsFormat(t, c.Node(name).MetricsURL+"/metrics", "vramslice_backend_errors_total")
+		// The kubelet's DRA manager confirmed the registration: the agent says so (its
+		// NotifyRegistrationStatus may land just after the manager lists the driver).
+		url := c.Node(name).MetricsURL + "/metrics"
+		until(t, 10*time.Second, "vramslice_plugin_registered 1 on "+name, func() (bool, error) {
+			registered := checkMetricsFormat(t, url, "vramslice_backend_errors_total")["vramslice_plugin_registered"]
+			return registered != nil && len(registered.GetMetric()) == 1 && registered.GetMetric()[0].GetGauge().GetValue() == 1, nil
+		})
 	}
 	t.Logf("DRA cluster up in %s: node(s) %v, each with its ResourceSlice and the driver registered", time.Since(start).Round(100*time.Millisecond), names)
 	return c

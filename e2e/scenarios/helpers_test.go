@@ -130,7 +130,8 @@ const prometheusAccept = "application/openmetrics-text;version=1.0.0,application
 // checkMetricsFormat: a plain GET of url gets the Prometheus text format, which Prometheus'
 // own parser reads with every family named vramslice_*, counters typed as counters under
 // their _total name (wantCounter among them); a scraper preferring OpenMetrics gets that.
-func checkMetricsFormat(t *testing.T, url, wantCounter string) {
+// Returns the families parsed.
+func checkMetricsFormat(t *testing.T, url, wantCounter string) map[string]*dto.MetricFamily {
 	t.Helper()
 	scrape := func(accept string) (string, []byte) {
 		req, err := http.NewRequest(http.MethodGet, url, nil)
@@ -176,6 +177,7 @@ func checkMetricsFormat(t *testing.T, url, wantCounter string) {
 		!bytes.HasSuffix(body, []byte("# EOF\n")) {
 		t.Fatalf("GET %s as Prometheus asks: Content-Type %q, want OpenMetrics ending in # EOF:\n%s", url, contentType, body)
 	}
+	return families
 }
 
 // checkNoForbidden fails the scenario when the extender or a device plugin was

@@ -252,6 +252,7 @@ pub async fn run(
                 driver_version,
             },
             node,
+            metrics,
             shutdown,
         )
         .await;

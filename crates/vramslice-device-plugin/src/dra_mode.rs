@@ -19,11 +19,13 @@ use vramslice_core::node::dra::{
 };
 use vramslice_dra::claims::KubeClaims;
 use vramslice_dra::driver::{Driver, DriverConfig};
+use vramslice_dra::registration::KubeletRegistration;
 use vramslice_dra::serve::{ServeError, Sockets, serve_with_registrations};
 use vramslice_dra::slices::{KubeSlices, SlicePolicy, SlicePublisher, SliceWriter};
 use vramslice_gpu::procfs::ProcRoot;
 
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::poller::NodeWatch;
 
 /// How often the node's ResourceSlice is checked while nothing needs writing (see
@@ -85,6 +87,7 @@ pub async fn run(
     driver: Arc<Driver>,
     identity: NodeIdentity,
     node: NodeWatch,
+    metrics: Metrics,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), DraModeError> {
     let NodeIdentity {
@@ -115,7 +118,8 @@ pub async fn run(
             verify_interval: SLICE_VERIFY_INTERVAL,
         },
     );
-    let (registrations, registered) = watch::channel(0u64);
+    let (registrations, registered) = watch::channel(KubeletRegistration::default());
+    let reported = tokio::spawn(report_registrations(registrations.subscribe(), metrics));
     let refresh = tokio::spawn(reconcile_claims(
         Arc::clone(&driver),
         CLAIM_PODS_REFRESH_INTERVAL,
@@ -146,8 +150,29 @@ pub async fn run(
     // stops with it, and a failure is reported (the agent exits and is restarted).
     slices.abort();
     refresh.abort();
+    reported.abort();
     let _ = slices.await;
     served.map_err(DraModeError::from)
+}
+
+/// Keep the metrics (`vramslice_plugin_registered`, and `/healthz` failing while the kubelet
+/// refuses the plugin: the liveness probe restarts the agent, whose new registration socket
+/// the kubelet's plugin watcher tries again) in step with what the kubelet says.
+async fn report_registrations(
+    mut registrations: watch::Receiver<KubeletRegistration>,
+    metrics: Metrics,
+) {
+    let mut counted = 0;
+    loop {
+        let state = registrations.borrow_and_update().clone();
+        metrics.count_registrations(state.confirmed.saturating_sub(counted));
+        counted = state.confirmed;
+        metrics.set_registered(state.registered());
+        metrics.set_registration_refused(state.refused);
+        if registrations.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Every `interval` until `shutdown` fires, reconcile the prepared claims with the API
@@ -204,7 +229,7 @@ impl NodeUidSource for NodeOwner {
 /// the Node as it is now: a kubelet started after `kubectl delete node` made it again).
 struct SliceTriggers<O> {
     node: NodeWatch,
-    registered: watch::Receiver<u64>,
+    registered: watch::Receiver<KubeletRegistration>,
     owner: O,
 }
 
@@ -234,6 +259,7 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
     let mut reading = (0u64, Instant::now());
     let mut writes_before = 0u64;
     let mut registrations_open = true;
+    let mut confirmed = registered.borrow_and_update().confirmed;
     loop {
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
         if snapshot.generation != reading.0 {
@@ -289,8 +315,12 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
             // Registered (again) with the kubelet, which deleted the node's slices when it
             // started: write ours again.
             changed = registered.changed(), if registrations_open => if changed.is_ok() {
-                let _ = publisher.set_node_uid(owner.uid().await);
-                publisher.republish();
+                let now = registered.borrow_and_update().confirmed;
+                if now != confirmed {
+                    confirmed = now;
+                    let _ = publisher.set_node_uid(owner.uid().await);
+                    publisher.republish();
+                }
             } else {
                 // The server is gone (it failed; `run` ends this loop next): a closed channel
                 // would otherwise answer at once on every turn.
@@ -376,7 +406,7 @@ mod tests {
         readings: NodeState,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
-        _registrations: watch::Sender<u64>,
+        registrations: watch::Sender<KubeletRegistration>,
         _root: tempfile::TempDir,
     }
 
@@ -419,7 +449,7 @@ mod tests {
             );
             let (readings, watch) = NodeState::new(VramUnit::Gib1);
             readings.apply(h100());
-            let (registrations, registered) = watch::channel(0u64);
+            let (registrations, registered) = watch::channel(KubeletRegistration::default());
             let (stop, shutdown) = watch::channel(false);
             let node = NodeNow(Arc::new(std::sync::Mutex::new("node-uid".into())));
             let task = tokio::spawn(keep_slice(
@@ -444,7 +474,7 @@ mod tests {
                 readings,
                 stop,
                 task,
-                _registrations: registrations,
+                registrations,
                 _root: root,
             }
         }
@@ -497,6 +527,66 @@ mod tests {
         assert_eq!(stored.len(), 2, "written when the wait ended");
         assert_ne!(stored[0].spec.devices, stored[1].spec.devices);
         l.stop().await;
+    }
+
+    /// A starting kubelet deletes the node's slices and then confirms the registration: the
+    /// slice is written again on the confirmation, not on a refusal.
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_registration_writes_the_slice_again_and_a_refusal_does_not() {
+        let l = Loop::start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(l.slices.written().len(), 1);
+        l.slices.stored.lock().unwrap().clear();
+        l.registrations.send_modify(|state| {
+            state.refused = Some("version not supported".into());
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(l.slices.written().is_empty(), "a refusal writes nothing");
+        l.registrations.send_modify(|state| {
+            state.confirmed += 1;
+            state.refused = None;
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            l.slices.written().len(),
+            1,
+            "written again on the confirmation"
+        );
+        l.stop().await;
+    }
+
+    /// What the kubelet says reaches the metrics: registered, counted, and `/healthz` failing
+    /// (by the refusal it reports) while the kubelet refuses.
+    #[tokio::test]
+    async fn the_kubelets_verdicts_reach_the_metrics() {
+        let metrics = Metrics::new();
+        let (registrations, watched) = watch::channel(KubeletRegistration::default());
+        let task = tokio::spawn(report_registrations(watched, metrics.clone()));
+        let settle = || tokio::time::sleep(Duration::from_millis(50));
+        let text = |m: &Metrics| m.encode();
+        settle().await;
+        assert!(text(&metrics).contains("vramslice_plugin_registered 0\n"));
+        registrations.send_modify(|s| s.confirmed += 2);
+        settle().await;
+        assert!(text(&metrics).contains("vramslice_plugin_registered 1\n"));
+        assert!(text(&metrics).contains("vramslice_plugin_registrations_total 2\n"));
+        assert_eq!(metrics.registration_refused(), None);
+        registrations.send_modify(|s| s.refused = Some("no such version".into()));
+        settle().await;
+        assert!(text(&metrics).contains("vramslice_plugin_registered 0\n"));
+        assert_eq!(
+            metrics.registration_refused().as_deref(),
+            Some("no such version")
+        );
+        registrations.send_modify(|s| {
+            s.confirmed += 1;
+            s.refused = None;
+        });
+        settle().await;
+        assert!(text(&metrics).contains("vramslice_plugin_registrations_total 3\n"));
+        assert_eq!(metrics.registration_refused(), None);
+        drop(registrations);
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

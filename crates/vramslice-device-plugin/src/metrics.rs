@@ -78,6 +78,8 @@ struct Inner {
     pods_seen: std::sync::Mutex<Vec<PodGpuLabels>>,
     /// When the backend was last read successfully (`None`: not yet).
     last_read: Mutex<Option<Instant>>,
+    /// The kubelet's error while it refuses the plugin's registration (DRA mode).
+    registration_refused: Mutex<Option<String>>,
     /// GPUs of the last reading, so vanished GPUs' series can be removed.
     gpus_seen: std::sync::Mutex<Vec<GpuLabels>>,
 }
@@ -199,6 +201,7 @@ impl Metrics {
             gpunode_writes,
             publish_errors,
             last_read: Mutex::new(None),
+            registration_refused: Mutex::new(None),
             gpus_seen: std::sync::Mutex::new(Vec::new()),
         }))
     }
@@ -292,9 +295,29 @@ impl Metrics {
     /// Registration state.
     pub fn set_registered(&self, registered: bool) {
         self.0.registered.set(i64::from(registered));
-        if registered {
-            self.0.registrations.inc();
-        }
+    }
+
+    /// `count` more registrations the kubelet accepted.
+    pub fn count_registrations(&self, count: u64) {
+        self.0.registrations.inc_by(count);
+    }
+
+    /// The kubelet refuses the plugin's registration, with this error (`None`: it does not);
+    /// `/healthz` fails while it does.
+    pub fn set_registration_refused(&self, refused: Option<String>) {
+        *self
+            .0
+            .registration_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = refused;
+    }
+
+    pub(crate) fn registration_refused(&self) -> Option<String> {
+        self.0
+            .registration_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A kubelet restart (or loss of our socket) was seen.
@@ -364,10 +387,16 @@ struct Probe {
     poll_interval: Duration,
 }
 
-/// 200 while the backend reads; 503 before the first reading, and once reads have failed or
-/// hung long enough that the backend is stalled ([`backend_stalled`]): the kubelet's liveness
-/// probe then restarts the plugin.
+/// 200 while the backend reads; 503 before the first reading, once reads have failed or hung
+/// long enough that the backend is stalled ([`backend_stalled`]), and while the kubelet refuses
+/// the plugin's registration: the kubelet's liveness probe then restarts the plugin.
 async fn healthz(State(probe): State<Probe>) -> impl IntoResponse {
+    if let Some(error) = probe.metrics.registration_refused() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the kubelet refused the plugin's registration: {error}\n"),
+        );
+    }
     match probe.metrics.since_last_read() {
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -540,6 +569,17 @@ mod tests {
         );
         // A successful read makes it healthy again.
         m.observe_readings(&[]);
+        assert_eq!(probe(&m).await.0, StatusCode::OK);
+        // The kubelet refuses the registration (DRA mode): unhealthy whatever the backend does.
+        m.observe_readings(&[]);
+        m.set_registration_refused(Some("unsupported version".into()));
+        let (status, body) = probe(&m).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            body.contains("the kubelet refused the plugin's registration: unsupported version"),
+            "{body}"
+        );
+        m.set_registration_refused(None);
         assert_eq!(probe(&m).await.0, StatusCode::OK);
     }
 }

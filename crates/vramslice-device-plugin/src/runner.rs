@@ -201,6 +201,7 @@ pub async fn run<L: DevicePluginLogic>(
                             tracing::info!(endpoint = %config.socket_name, resource, "registered with the kubelet");
                             registered = Some(now);
                             metrics.set_registered(true);
+                            metrics.count_registrations(1);
                         }
                         Err(e) => {
                             if !warned {

@@ -15,12 +15,28 @@ pub const PLUGIN_TYPE: &str = "DRAPlugin";
 /// The DRA service version served.
 pub const DRA_SERVICE_VERSION: &str = "v1.DRAPlugin";
 
+/// What the kubelet has said of this plugin's registrations so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeletRegistration {
+    /// Registrations the kubelet confirmed.
+    pub confirmed: u64,
+    /// The kubelet's error when it refused the latest registration; cleared by a confirmed one.
+    pub refused: Option<String>,
+}
+
+impl KubeletRegistration {
+    /// Registered now: confirmed at least once, and not refused since.
+    pub fn registered(&self) -> bool {
+        self.confirmed > 0 && self.refused.is_none()
+    }
+}
+
 /// Answers the kubelet's plugin watcher.
 #[derive(Clone)]
 pub struct RegistrationService {
     driver_name: String,
     endpoint: String,
-    registrations: Option<watch::Sender<u64>>,
+    registrations: Option<watch::Sender<KubeletRegistration>>,
 }
 
 impl RegistrationService {
@@ -33,10 +49,11 @@ impl RegistrationService {
         }
     }
 
-    /// Count every successful registration in `registrations`. A (re)starting kubelet deletes
-    /// the node's ResourceSlices before its plugins register again, so the agent publishes its
-    /// slice anew on each registration.
-    pub fn with_registrations(mut self, registrations: watch::Sender<u64>) -> Self {
+    /// Record what the kubelet says in `registrations`: each confirmed registration counted (a
+    /// (re)starting kubelet deletes the node's ResourceSlices before its plugins register again,
+    /// so the agent publishes its slice anew on each), a refusal with the kubelet's error (the
+    /// agent reports itself unhealthy, so that it is restarted and registers again).
+    pub fn with_registrations(mut self, registrations: watch::Sender<KubeletRegistration>) -> Self {
         self.registrations = Some(registrations);
         self
     }
@@ -60,11 +77,20 @@ impl Registration for RegistrationService {
         let status = request.into_inner();
         if status.plugin_registered {
             tracing::info!(driver = %self.driver_name, "registered with the kubelet");
-            if let Some(tx) = &self.registrations {
-                tx.send_modify(|n| *n += 1);
-            }
         } else {
             tracing::error!(driver = %self.driver_name, error = %status.error, "the kubelet refused the registration");
+        }
+        if let Some(tx) = &self.registrations {
+            tx.send_modify(|state| {
+                if status.plugin_registered {
+                    state.confirmed += 1;
+                    state.refused = None;
+                } else if status.error.is_empty() {
+                    state.refused = Some("no reason given".to_string());
+                } else {
+                    state.refused = Some(status.error.clone());
+                }
+            });
         }
         Ok(Response::new(RegistrationStatusResponse {}))
     }

@@ -17,7 +17,7 @@ use crate::driver::Driver;
 use crate::grpc::DraService;
 use crate::proto::dra::dra_plugin_server::DraPluginServer;
 use crate::proto::registration::registration_server::RegistrationServer;
-use crate::registration::RegistrationService;
+use crate::registration::{KubeletRegistration, RegistrationService};
 
 /// Where the plugin's sockets go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,18 +95,20 @@ pub async fn serve(
     sockets: &Sockets,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
-    serve_with_registrations(driver, sockets, watch::channel(0).0, shutdown).await
+    let (registrations, _) = watch::channel(KubeletRegistration::default());
+    serve_with_registrations(driver, sockets, registrations, shutdown).await
 }
 
-/// [`serve`], counting each registration the kubelet confirms in `registrations` (the
-/// ResourceSlice is published again then: a starting kubelet deletes the node's slices).
+/// [`serve`], recording in `registrations` what the kubelet says of each registration (the
+/// ResourceSlice is published again on a confirmed one: a starting kubelet deletes the node's
+/// slices; a refusal makes the agent unhealthy).
 ///
 /// # Errors
 /// [`ServeError`] when a socket cannot be bound or a server fails.
 pub async fn serve_with_registrations(
     driver: Arc<Driver>,
     sockets: &Sockets,
-    registrations: watch::Sender<u64>,
+    registrations: watch::Sender<KubeletRegistration>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
     let endpoint = sockets.endpoint();

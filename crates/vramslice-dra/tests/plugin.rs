@@ -31,6 +31,7 @@ use vramslice_dra::proto::dra::{
 };
 use vramslice_dra::proto::registration::registration_client::RegistrationClient;
 use vramslice_dra::proto::registration::{InfoRequest, RegistrationStatus};
+use vramslice_dra::registration::KubeletRegistration;
 use vramslice_dra::serve::{Sockets, serve, serve_with_registrations};
 
 const GIB: u64 = 1 << 30;
@@ -1072,11 +1073,11 @@ async fn a_container_using_two_vramslice_claims_is_refused_with_the_reason() {
 }
 
 #[tokio::test]
-async fn each_confirmed_registration_is_counted_so_the_slice_is_published_again() {
+async fn each_verdict_of_the_kubelet_is_recorded_confirmations_counted_refusals_kept() {
     let node = Node::new();
     let driver = Arc::new(Driver::open(node.config(), node.claims.clone()).unwrap());
     let (stop, rx) = watch::channel(false);
-    let (registrations, mut registered) = watch::channel(0u64);
+    let (registrations, mut registered) = watch::channel(KubeletRegistration::default());
     let sockets = node.sockets();
     let task = tokio::spawn(async move {
         serve_with_registrations(driver, &sockets, registrations, rx)
@@ -1090,18 +1091,21 @@ async fn each_confirmed_registration_is_counted_so_the_slice_is_published_again(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut reg = RegistrationClient::new(connect(&node.sockets().registration()).await);
-    for (ok, want) in [(true, 1), (false, 1), (true, 2)] {
+    for (ok, confirmed, refused) in [
+        (true, 1, None),
+        (false, 1, Some("refused")),
+        (true, 2, None),
+    ] {
         reg.notify_registration_status(RegistrationStatus {
             plugin_registered: ok,
             error: if ok { String::new() } else { "refused".into() },
         })
         .await
         .unwrap();
-        assert_eq!(
-            *registered.borrow_and_update(),
-            want,
-            "after registered={ok}"
-        );
+        let state = registered.borrow_and_update().clone();
+        assert_eq!(state.confirmed, confirmed, "after registered={ok}");
+        assert_eq!(state.refused.as_deref(), refused, "after registered={ok}");
+        assert_eq!(state.registered(), ok);
     }
     stop.send(true).unwrap();
     task.await.unwrap();
