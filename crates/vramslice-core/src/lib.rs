@@ -22,5 +22,5 @@ pub mod node;
 pub use device_id::{DeviceId, DeviceIdError, GpuSelection};
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use node::inventory::{AdvertisedDevice, GpuInventory, GpuUnitsView, PodPlacement, owed_gpus};
-pub use quantity::{ByteSize, QuantityError, format_bytes, parse_bytes};
+pub use quantity::{ByteSize, QuantityError, format_bytes, parse_bytes, parse_whole};
 pub use units::{RESOURCE_PREFIX, UnitError, VramUnit};

@@ -21,6 +21,9 @@ pub enum QuantityError {
     /// Millis of a byte are not a byte amount.
     #[error("{0:?} uses the milli suffix 'm', which is not a byte amount")]
     Milli(String),
+    /// A count (an extended resource's units) with a fractional part.
+    #[error("{0:?} is not a whole number")]
+    Fraction(String),
 }
 
 const BINARY_SUFFIXES: [(&str, u32); 6] = [
@@ -43,6 +46,28 @@ const DECIMAL_SUFFIXES: [(&str, u32); 6] = [
 /// Parse a Kubernetes quantity into bytes. Fractions of a byte round up, as Kubernetes'
 /// `Quantity.Value()` does.
 pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
+    parse_quantity(text, false).map(|q| q.rounded_up)
+}
+
+/// Parse a Kubernetes quantity that counts whole things (an extended resource's units, as the
+/// API server requires them): `6`, `2k`, `2000m`; a fractional value (`1.5`, `500m`) is
+/// [`QuantityError::Fraction`] rather than rounded.
+pub fn parse_whole(text: &str) -> Result<u64, QuantityError> {
+    let q = parse_quantity(text, true)?;
+    if q.exact {
+        Ok(q.rounded_up)
+    } else {
+        Err(QuantityError::Fraction(text.to_string()))
+    }
+}
+
+/// A quantity's value, rounded up to a whole number, and whether it was one already.
+struct Parsed {
+    rounded_up: u64,
+    exact: bool,
+}
+
+fn parse_quantity(text: &str, milli: bool) -> Result<Parsed, QuantityError> {
     let s = text.trim();
     if s.is_empty() {
         return Err(QuantityError::Empty);
@@ -76,7 +101,10 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
     let (bin_shift, dec_exp): (u32, i64) = if suffix.is_empty() {
         (0, 0)
     } else if suffix == "m" {
-        return Err(QuantityError::Milli(text.to_string()));
+        if !milli {
+            return Err(QuantityError::Milli(text.to_string()));
+        }
+        (0, -3)
     } else if let Some((_, shift)) = BINARY_SUFFIXES.iter().find(|(n, _)| *n == suffix) {
         (*shift, 0)
     } else if let Some((_, exp)) = DECIMAL_SUFFIXES.iter().find(|(n, _)| *n == suffix) {
@@ -94,6 +122,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
     let exponent = dec_exp.checked_sub(frac_len).ok_or_else(malformed)?;
     let too_large = || QuantityError::TooLarge(text.to_string());
     let mut value = mantissa.checked_shl(bin_shift).ok_or_else(too_large)?;
+    let mut exact = true;
     if bin_shift > 0 && value >> bin_shift != mantissa {
         return Err(too_large());
     }
@@ -106,13 +135,14 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
         let scale = u32::try_from(exponent.unsigned_abs())
             .ok()
             .and_then(|e| 10u128.checked_pow(e));
-        value = match scale {
-            Some(scale) => value.div_ceil(scale),
+        (value, exact) = match scale {
+            Some(scale) => (value.div_ceil(scale), value.is_multiple_of(scale)),
             // Dividing by more than 10^38 leaves at most one byte.
-            None => u128::from(value != 0),
+            None => (u128::from(value != 0), value == 0),
         };
     }
-    u64::try_from(value).map_err(|_| too_large())
+    let rounded_up = u64::try_from(value).map_err(|_| too_large())?;
+    Ok(Parsed { rounded_up, exact })
 }
 
 /// Render bytes for people: `6 GiB`, `1.5 GiB`, `512 MiB`, `0 B`. Exact multiples print with no
@@ -231,10 +261,63 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn whole_counts_refuse_fractions_instead_of_rounding() {
+        for (text, want) in [
+            ("6", 6),
+            ("+6", 6),
+            ("2k", 2000),
+            ("2000m", 2),
+            ("1.0", 1),
+            ("0.5k", 500),
+            ("1e3", 1000),
+            ("0", 0),
+            ("0.000m", 0),
+        ] {
+            assert_eq!(parse_whole(text), Ok(want), "{text}");
+        }
+        for text in ["1.5", "500m", "5e-99999999999", "0.001", "1Ki5"] {
+            let err = parse_whole(text).expect_err(text);
+            assert!(
+                matches!(
+                    err,
+                    QuantityError::Fraction(_) | QuantityError::Malformed(_)
+                ),
+                "{text}: {err}"
+            );
+        }
+        assert_eq!(
+            parse_whole("1.5").unwrap_err().to_string(),
+            "\"1.5\" is not a whole number"
+        );
+        assert!(matches!(
+            parse_whole("999999999999999Ei"),
+            Err(QuantityError::TooLarge(_))
+        ));
+        assert!(matches!(parse_whole("-1"), Err(QuantityError::Negative(_))));
+    }
+
     proptest::proptest! {
         #[test]
         fn any_text_is_answered(text in "[-+]?[0-9.]{0,24}([eE][-+]?[0-9]{0,22})?(Ki|Mi|Gi|k|M|G|m)?") {
             let _ = parse_bytes(&text);
+            let _ = parse_whole(&text);
+        }
+
+        /// A whole count is what parse_bytes reads; anything else is refused, never rounded.
+        #[test]
+        fn whole_counts_agree_with_bytes_when_exact(n in 0u64..1_000_000, frac in 0u32..1000) {
+            let text = format!("{n}.{frac:03}");
+            match parse_whole(&text) {
+                Ok(v) => {
+                    proptest::prop_assert_eq!(frac, 0);
+                    proptest::prop_assert_eq!(v, n);
+                }
+                Err(e) => {
+                    proptest::prop_assert!(frac != 0, "{}: {}", text, e);
+                    proptest::prop_assert_eq!(parse_bytes(&text), Ok(n + 1));
+                }
+            }
         }
     }
 

@@ -84,7 +84,7 @@ fn unusable_requests_are_named() {
     );
     assert_eq!(
         pod_request(&p, GIB_ONLY).unwrap_err().to_string(),
-        "pod ns/p container a: vramslice.io/vram-gib = \"lots\" is not a whole number of units"
+        "pod ns/p container a: vramslice.io/vram-gib: \"lots\" is not a quantity: expected a number with an optional suffix (Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P, E); expected a whole number of units"
     );
     let p = pod(
         json!({ "containers": [c("a", json!({ "vramslice.io/vram-512mib": "3" }), json!({}))] }),

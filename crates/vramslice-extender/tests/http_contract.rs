@@ -441,9 +441,13 @@ async fn unusable_pod_requests_make_every_node_unresolvable_with_the_reason() {
     let pod = pod_json("odd", "uid-5", Some("1.5"), json!({}));
     let (status, body) = post_json(&ext, "/filter", &args_names(pod.clone(), &["fit"])).await;
     assert_eq!(status, StatusCode::OK);
-    // 1.5 rounds up to 2 as Kubernetes' Quantity.Value() does; the API server rejects
-    // fractional extended resources before they reach us, so this only proves no panic.
-    assert_eq!(body["NodeNames"], json!(["fit"]));
+    // The API server refuses fractional extended resources; a caller that sends one anyway is
+    // told so (not rounded up to 2 units).
+    assert_eq!(body["NodeNames"], json!([]));
+    assert_eq!(
+        body["FailedAndUnresolvableNodes"]["fit"],
+        "pod default/odd container server: vramslice.io/vram-gib: \"1.5\" is not a whole number; expected a whole number of units"
+    );
     let mut mixed = pod_json("mixed", "uid-6", Some("2"), json!({}));
     mixed["spec"]["containers"][0]["resources"]["limits"]["vramslice.io/vram-512mib"] = json!("4");
     let (_, body) = post_json(&ext, "/filter", &args_names(mixed, &["fit", "full"])).await;
@@ -476,7 +480,7 @@ async fn unusable_pod_requests_make_every_node_unresolvable_with_the_reason() {
     let metrics = ext.render_metrics();
     assert!(
         metrics
-            .contains(r#"vramslice_extender_decisions_total{verb="filter",outcome="invalid"} 2"#),
+            .contains(r#"vramslice_extender_decisions_total{verb="filter",outcome="invalid"} 3"#),
         "{metrics}"
     );
 }

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use vramslice_core::cluster::placement::{
     ContainerAt, InitUnits, MAX_GPUS_PER_POD, PodRequest, Policy, partial_reuse, pod_units,
 };
-use vramslice_core::{RESOURCE_PREFIX, VramUnit, parse_bytes};
+use vramslice_core::{RESOURCE_PREFIX, VramUnit, parse_whole};
 
 use crate::names::{ANNOTATION_GPU_UUID, ANNOTATION_GPUS, ANNOTATION_POLICY};
 
@@ -40,7 +40,7 @@ pub enum RequestError {
     },
     /// The quantity is not a whole number of units.
     #[error(
-        "pod {pod} container {container}: {resource} = {value:?} is not a whole number of units"
+        "pod {pod} container {container}: {resource}: {reason}; expected a whole number of units"
     )]
     BadQuantity {
         /// `namespace/name`.
@@ -49,8 +49,8 @@ pub enum RequestError {
         container: String,
         /// The resource.
         resource: String,
-        /// The value.
-        value: String,
+        /// What is wrong with the value (it names the value).
+        reason: String,
     },
     /// The GPU-count annotation is not a whole number in range.
     #[error(
@@ -153,14 +153,14 @@ pub fn container_vram(c: &Container) -> ContainerVram<'_> {
 }
 
 /// Units of `resource` one container asks for (its limit, else its request), or `None` when it
-/// asks for none or the quantity is not a byte count.
+/// asks for none or the quantity is not a whole number.
 pub fn container_units(c: &Container, resource: &str) -> Option<u64> {
     let c = container_vram(c);
     let quantity = c
         .limits
         .and_then(|l| l.get(resource))
         .or_else(|| c.requests.and_then(|r| r.get(resource)))?;
-    parse_bytes(&quantity.0).ok()
+    parse_whole(&quantity.0).ok()
 }
 
 /// What a pod's request is read for.
@@ -286,7 +286,17 @@ pub fn containers_request(
     // they cannot read, or one its containers do not split over (a pod vramslice did not place),
     // as one GPU, rather than forget the pod.
     let gpus = match read_for {
-        ReadFor::Placement => gpus_of(who, annotations)?,
+        ReadFor::Placement => match gpus_of(who, annotations) {
+            Ok(gpus) => gpus,
+            // The GPU count matters only to a pod that asks for VRAM: one that does not passes
+            // whatever its annotation says.
+            Err(e) => {
+                return match containers_request(who, app, init, accepted, None, read_for) {
+                    Ok(None) => Ok(None),
+                    _ => Err(e),
+                };
+            }
+        },
         ReadFor::Books => bound_gpu_count(who, annotations).unwrap_or(1),
     };
     let mut uneven = false;
@@ -325,13 +335,12 @@ pub fn containers_request(
                 }
                 _ => unit = Some(this),
             }
-            let bad = || RequestError::BadQuantity {
+            let n = parse_whole(&q.0).map_err(|e| RequestError::BadQuantity {
                 pod: who.to_string(),
                 container: c.name.to_string(),
                 resource: name.to_string(),
-                value: q.0.clone(),
-            };
-            let n = parse_bytes(&q.0).map_err(|_| bad())?;
+                reason: e.to_string(),
+            })?;
             if !n.is_multiple_of(u64::from(gpus)) && read_for == ReadFor::Books {
                 uneven = true;
             } else if !n.is_multiple_of(u64::from(gpus)) {

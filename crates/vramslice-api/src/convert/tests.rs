@@ -97,6 +97,46 @@ fn the_gpus_annotation_spreads_the_request_evenly() {
         err.to_string(),
         "pod ns/p container llm: 5 units of vramslice.io/vram-gib do not split evenly over 2 GPUs (vramslice.io/gpus); each container's VRAM must be a multiple of the GPU count"
     );
+    // A pod that asks for no VRAM passes whatever its GPU count says.
+    for units in ["0", "0.0"] {
+        assert_eq!(pod_request(&one(units, Some("two")), &accepted), Ok(None));
+    }
+    let cpu_only = pod(
+        json!({"containers": [{"name": "web", "resources": {"limits": {"cpu": "1"}}}]}),
+        json!({ANNOTATION_GPUS: "two"}),
+    );
+    assert_eq!(pod_request(&cpu_only, &accepted), Ok(None));
+}
+
+#[test]
+fn vram_quantities_are_whole_numbers_of_units_never_rounded() {
+    let k = "vramslice.io/vram-gib";
+    let one = |units: &str| {
+        pod(
+            json!({"containers": [{"name": "llm", "resources": {"limits": {k: units}}}]}),
+            json!({}),
+        )
+    };
+    let accepted = [VramUnit::Gib1];
+    for (units, want) in [("6", 6), ("6000m", 6), ("1k", 1000)] {
+        let r = pod_request(&one(units), &accepted).unwrap().unwrap();
+        assert_eq!(r.units, want, "{units}");
+    }
+    for (units, why) in [
+        ("1.5", "\"1.5\" is not a whole number"),
+        ("500m", "\"500m\" is not a whole number"),
+        ("-1", "\"-1\" is negative"),
+        ("999999999999999Ei", "\"999999999999999Ei\" is too large"),
+    ] {
+        let err = pod_request(&one(units), &accepted).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "pod ns/p container llm: vramslice.io/vram-gib: {why}"
+            )),
+            "{units}: {err}"
+        );
+        assert!(err.ends_with("; expected a whole number of units"), "{err}");
+    }
 }
 
 #[test]
