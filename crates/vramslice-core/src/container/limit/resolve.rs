@@ -291,8 +291,12 @@ fn lower_per_gpu(
     msgs: &mut Vec<String>,
 ) -> GpuLimits {
     let mut out = file.clone();
+    let total = file.iter().fold(0u64, |sum, (_, b)| sum.saturating_add(b));
     match single {
         None => {}
+        // What the plugin gives a container spanning GPUs: the sum of its GPUs' limits, for
+        // readers of the one variable. It lowers nothing.
+        Some(Ok(bytes)) if file.len() > 1 && bytes == total => {}
         Some(Ok(bytes)) => {
             for (uuid, limit) in file.iter().filter(|(_, l)| bytes > *l) {
                 msgs.push(format!(

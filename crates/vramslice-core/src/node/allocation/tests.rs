@@ -170,6 +170,44 @@ fn equal_shares_of_several_gpus_get_per_gpu_limits() {
     );
 }
 
+/// What the plugin gives a container, read back as the guard and the sidecar read it: the
+/// limits stand as planned, with nothing to warn about, on one GPU and spanning two.
+#[test]
+fn a_containers_environment_and_limit_file_read_back_without_a_message() {
+    use crate::container::limit::{
+        FileRead, LimitEnv, Limits, gpu_limits_file_content, resolve_limits,
+    };
+    let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
+    for ids in [
+        &["GPU-b::3", "GPU-b::4"][..],
+        &["GPU-b::0", "GPU-a::5", "GPU-b::1", "GPU-a::6"][..],
+    ] {
+        let a = plan_allocation(&inventory(), &s, ids).unwrap();
+        let files = vec![(
+            "/var/run/vramslice/limit".to_string(),
+            FileRead::Text(gpu_limits_file_content(&a.limits)),
+        )];
+        let mut msgs = Vec::new();
+        let resolved = resolve_limits(
+            LimitEnv {
+                limit_bytes: env_of(&a, "VRAMSLICE_VRAM_LIMIT_BYTES"),
+                limits: env_of(&a, "VRAMSLICE_VRAM_LIMITS"),
+            },
+            &files,
+            &mut msgs,
+        );
+        assert!(msgs.is_empty(), "{ids:?}: {msgs:?}");
+        match resolved.limits {
+            Limits::PerGpu(g) => assert_eq!(g, a.limits, "{ids:?}"),
+            Limits::Single(bytes) => {
+                assert_eq!(a.limits.len(), 1, "{ids:?}");
+                assert_eq!(bytes, a.limit_bytes, "{ids:?}");
+            }
+            other => panic!("{ids:?}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn errors_carry_the_core_text() {
     let s = settings(InjectionMode::LdPreloadEnv, DeviceListStrategy::Envvar);
