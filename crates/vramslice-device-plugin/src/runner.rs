@@ -105,10 +105,20 @@ enum RegisterError {
     Refused(String),
 }
 
+/// How long the kubelet may take to answer `Register`. It answers only after dialling the
+/// plugin back (up to 10 s) and reading its options; a plugin that gave up sooner would
+/// register again while the first registration completes, and the kubelet, replacing its
+/// client, may then drop the endpoint the second one made.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn register(config: &RunnerConfig, resource: &str) -> Result<(), RegisterError> {
-    let channel = crate::uds::connect(&config.kubelet_path(), Duration::from_secs(3))
-        .await
-        .map_err(|e| RegisterError::Connect(crate::uds::error_chain(&e)))?;
+    let channel = crate::uds::connect_with_call_timeout(
+        &config.kubelet_path(),
+        Duration::from_secs(3),
+        REGISTER_TIMEOUT,
+    )
+    .await
+    .map_err(|e| RegisterError::Connect(crate::uds::error_chain(&e)))?;
     RegistrationClient::new(channel)
         .register(RegisterRequest {
             version: API_VERSION.to_string(),

@@ -7,13 +7,24 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Connect a channel to the Unix socket at `path`, failing after `timeout`.
+/// Connect a channel to the Unix socket at `path`; connecting and each call fail after
+/// `timeout`.
 pub async fn connect(path: &Path, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    connect_with_call_timeout(path, timeout, timeout).await
+}
+
+/// [`connect`], with calls allowed `call_timeout` (longer than the connection: the kubelet
+/// answers `Register` only after it has dialled the plugin back and read its options).
+pub async fn connect_with_call_timeout(
+    path: &Path,
+    timeout: Duration,
+    call_timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
     let path: PathBuf = path.to_path_buf();
     // The URI is required by the API but unused: the connector dials the socket.
     Endpoint::from_static("http://localhost")
         .connect_timeout(timeout)
-        .timeout(timeout)
+        .timeout(call_timeout)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {

@@ -161,6 +161,29 @@ async fn kubelet_restart_and_socket_loss_lead_to_re_registration() {
     );
 }
 
+/// A kubelet that takes 5 s to answer Register (it dials the plugin back first; upstream allows
+/// that dial 10 s) gets one registration, not a second one sent while the first completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_kubelet_is_waited_for_not_registered_with_twice() {
+    let node = Node::new(TWO_GPUS, "");
+    let kubelet =
+        TestKubelet::start_answering_after(&node.socket_dir, Duration::from_secs(5)).await;
+    let plugin = Plugin::start(&node, &[]);
+    wait_for("the registration logged", Duration::from_secs(20), || {
+        plugin
+            .log_text()
+            .contains("registered with the kubelet")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(kubelet.registrations().len(), 1, "{}", plugin.log_text());
+    assert!(
+        !plugin.log_text().contains("registration failed"),
+        "{}",
+        plugin.log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_once_the_kubelet_appears_and_exits_cleanly_on_sigterm() {
     let node = Node::new(TWO_GPUS, "");

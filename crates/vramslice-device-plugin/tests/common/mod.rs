@@ -32,6 +32,8 @@ pub struct Seen {
 
 struct KubeletService {
     dir: PathBuf,
+    /// How long Register takes besides the dial-back (a slow kubelet).
+    answer_delay: Duration,
     seen: Arc<Mutex<Seen>>,
     streams: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
@@ -52,6 +54,7 @@ impl Registration for KubeletService {
         let mut client = DevicePluginClient::new(channel);
         client.get_device_plugin_options(Empty {}).await?;
         self.seen.lock().unwrap().options_ok += 1;
+        tokio::time::sleep(self.answer_delay).await;
         let seen = Arc::clone(&self.seen);
         let task = tokio::spawn(async move {
             let Ok(response) = client.list_and_watch(Empty {}).await else {
@@ -81,6 +84,11 @@ pub struct TestKubelet {
 
 impl TestKubelet {
     pub async fn start(dir: &Path) -> TestKubelet {
+        Self::start_answering_after(dir, Duration::ZERO).await
+    }
+
+    /// A kubelet that answers Register `delay` after the dial-back.
+    pub async fn start_answering_after(dir: &Path, delay: Duration) -> TestKubelet {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("kubelet.sock");
         let _ = std::fs::remove_file(&socket);
@@ -89,6 +97,7 @@ impl TestKubelet {
         let streams = Arc::new(Mutex::new(Vec::new()));
         let service = KubeletService {
             dir: dir.to_path_buf(),
+            answer_delay: delay,
             seen: Arc::clone(&seen),
             streams: Arc::clone(&streams),
         };
