@@ -280,21 +280,8 @@ async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
             dir.display()
         ))
     };
-    let gone = |r: std::io::Result<()>| match r {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    };
-    match tokio::fs::symlink_metadata(dir).await {
-        Ok(found) => {
-            if found.is_dir() {
-                gone(tokio::fs::remove_dir_all(dir).await).map_err(fail)?;
-            } else {
-                gone(tokio::fs::remove_file(dir).await).map_err(fail)?;
-            }
-            tracing::debug!(dir = %dir.display(), "removed what an earlier allocation of these units left");
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(e)),
+    if remove_whatever_is_at(dir).await.map_err(fail)? {
+        tracing::debug!(dir = %dir.display(), "removed what an earlier allocation of these units left");
     }
     tokio::fs::create_dir_all(dir).await.map_err(fail)?;
     // Writable by a container running as any user (the guard creates its account there);
@@ -304,8 +291,26 @@ async fn create_accounting_dir(dir: &Path) -> Result<(), PluginError> {
         .map_err(fail)
 }
 
+/// Remove whatever is at `path` (a file, a link, not followed, or a directory with all it
+/// holds); `Ok(false)` when nothing was there.
+pub(crate) async fn remove_whatever_is_at(path: &Path) -> std::io::Result<bool> {
+    let removed = match tokio::fs::symlink_metadata(path).await {
+        Ok(found) if found.is_dir() => tokio::fs::remove_dir_all(path).await,
+        Ok(_) => tokio::fs::remove_file(path).await,
+        Err(e) => Err(e),
+    };
+    match removed {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Write the allocation's limit file (mounted read-only into the container), atomically: a
 /// temporary file renamed over the old one, so a container starting meanwhile never reads half.
+/// A directory in its place (a container runtime makes one where a bind-mount source is missing,
+/// as when a container restarts after the file was swept) is removed first: a rename cannot
+/// replace it, and these units could never be allocated again.
 async fn write_limit_file(
     path: &Path,
     limits: &vramslice_core::container::limit::GpuLimits,
@@ -318,6 +323,14 @@ async fn write_limit_file(
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
     let text = vramslice_core::container::limit::gpu_limits_file_content(limits);
+    for stale in [&tmp, &path.to_path_buf()] {
+        if tokio::fs::symlink_metadata(stale)
+            .await
+            .is_ok_and(|m| m.is_dir())
+        {
+            remove_whatever_is_at(stale).await.map_err(fail)?;
+        }
+    }
     tokio::fs::write(&tmp, text).await.map_err(fail)?;
     tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))
         .await

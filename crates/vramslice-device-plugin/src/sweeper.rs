@@ -157,16 +157,15 @@ fn changed_within(root: &Path, key: &str, within: Duration) -> bool {
     })
 }
 
+/// Remove an allocation's limit file (and its temporary), and its accounting directory, whatever
+/// each has become (a runtime makes a directory where a missing mount source was).
 async fn remove_allocation(root: &Path, key: &str) -> std::io::Result<()> {
-    let ignore_missing = |r: std::io::Result<()>| match r {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    };
     let limit = root.join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}"));
     let tmp = root.join(format!("{key}{LIMIT_FILE_HOST_SUFFIX}.tmp"));
-    ignore_missing(tokio::fs::remove_file(&tmp).await)?;
-    ignore_missing(tokio::fs::remove_file(&limit).await)?;
-    ignore_missing(tokio::fs::remove_dir_all(root.join(key)).await)
+    for path in [tmp, limit, root.join(key)] {
+        crate::logic::remove_whatever_is_at(&path).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -255,6 +254,21 @@ mod tests {
         assert!(sweeper.run(&[], &[]).await.is_empty());
         tokio::time::advance(Duration::from_millis(10)).await;
         assert_eq!(sweeper.run(&[], &[]).await, vec![init.clone()]);
+    }
+
+    /// What a container runtime may have made of a limit file (a directory where a missing
+    /// mount source was) goes like the file would.
+    #[tokio::test]
+    async fn an_allocation_goes_whatever_its_files_have_become() {
+        let root = tempfile::tempdir().unwrap();
+        let key = "k";
+        std::fs::create_dir_all(root.path().join("k.limit/inner")).unwrap();
+        std::fs::write(root.path().join("k.limit.tmp"), "x").unwrap();
+        std::fs::create_dir_all(root.path().join("k/sub")).unwrap();
+        remove_allocation(root.path(), key).await.unwrap();
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        // Nothing there: nothing to do.
+        remove_allocation(root.path(), key).await.unwrap();
     }
 
     #[tokio::test]

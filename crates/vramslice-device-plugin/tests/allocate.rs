@@ -173,6 +173,16 @@ async fn units_allocated_again_get_an_empty_accounting_directory() {
     assert!(left.is_empty(), "{left:?}");
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
     assert_eq!(mode & 0o7777, 0o1777);
+
+    // A container restarted after its limit file was swept: the runtime made a directory
+    // where the mount's source was. The units are allocated again, with a limit file.
+    let key = vramslice_core::node::allocation::allocation_key("GPU-bbbb", &[2, 3]);
+    let limit = node.accounting.join(format!("{key}.limit"));
+    std::fs::create_dir_all(limit.join("made-by-the-runtime")).unwrap();
+    std::fs::create_dir_all(node.accounting.join(format!("{key}.limit.tmp"))).unwrap();
+    allocate(&mut client, ids("GPU-bbbb", 2..4)).await.unwrap();
+    let text = std::fs::read_to_string(&limit).expect("a limit file, not a directory");
+    assert!(text.contains("limit=2147483648"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
