@@ -55,12 +55,17 @@ fn value_err(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// A byte amount written as a quantity (`256Mi`) or plain integer bytes.
+/// A byte amount written as a quantity (`256Mi`) or plain integer bytes. Anything else is read
+/// too, so that [`bytes`] can name the field it is wrong in (serde's own error for an untagged
+/// enum names neither field nor value).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum RawBytes {
     Int(u64),
+    Negative(i64),
+    Float(f64),
     Text(String),
+    Other(serde::de::IgnoredAny),
 }
 
 /// The file as written.
@@ -330,6 +335,21 @@ fn non_empty_path(field: &'static str, value: &str) -> Result<PathBuf, ConfigErr
     Ok(PathBuf::from(value))
 }
 
+/// A path on the host that the kubelet hands to the container runtime (a mount's source): the
+/// runtime would not read a relative one against the plugin's working directory.
+fn host_path(field: &'static str, value: &str) -> Result<PathBuf, ConfigError> {
+    let path = non_empty_path(field, value)?;
+    if path.is_relative() {
+        return Err(value_err(
+            field,
+            format!(
+                "{value:?} must be an absolute path: it is mounted into containers by the container runtime, which does not read it against the plugin's directory"
+            ),
+        ));
+    }
+    Ok(path)
+}
+
 fn duration(field: &'static str, value: &str, min: Duration) -> Result<Duration, ConfigError> {
     let d = parse_duration(value).map_err(|e| value_err(field, e.to_string()))?;
     if d < min {
@@ -344,7 +364,29 @@ fn duration(field: &'static str, value: &str, min: Duration) -> Result<Duration,
 fn bytes(field: &'static str, raw: &RawBytes) -> Result<u64, ConfigError> {
     match raw {
         RawBytes::Int(b) => Ok(*b),
+        RawBytes::Negative(n) => Err(value_err(
+            field,
+            format!("{n} is negative: a byte amount must be zero or more"),
+        )),
+        // 1e9 reads as a float in YAML: a whole number of bytes is still one.
+        RawBytes::Float(f)
+            if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_615.0).contains(f) =>
+        {
+            // The range check makes the conversion exact.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Ok(*f as u64)
+        }
+        RawBytes::Float(f) => Err(value_err(
+            field,
+            format!(
+                "{f} is not a whole number of bytes: write a quantity such as 256Mi or an integer"
+            ),
+        )),
         RawBytes::Text(t) => parse_bytes(t).map_err(|e| value_err(field, e.to_string())),
+        RawBytes::Other(_) => Err(value_err(
+            field,
+            "expected a byte amount: a quantity such as 256Mi, or an integer number of bytes",
+        )),
     }
 }
 
@@ -440,18 +482,8 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
             ),
         ));
     }
-    let threshold_bytes = match &raw.publish.threshold_bytes {
-        RawBytes::Int(b) => *b,
-        RawBytes::Text(t) => {
-            parse_bytes(t).map_err(|e| value_err("publish.thresholdBytes", e.to_string()))?
-        }
-    };
-    let tolerance_bytes = match &raw.watchdog.tolerance {
-        RawBytes::Int(b) => *b,
-        RawBytes::Text(t) => {
-            parse_bytes(t).map_err(|e| value_err("watchdog.tolerance", e.to_string()))?
-        }
-    };
+    let threshold_bytes = bytes("publish.thresholdBytes", &raw.publish.threshold_bytes)?;
+    let tolerance_bytes = bytes("watchdog.tolerance", &raw.watchdog.tolerance)?;
     let watchdog = WatchdogPolicy {
         tolerance_bytes,
         grace: duration("watchdog.grace", &raw.watchdog.grace, Duration::ZERO)?,
@@ -514,15 +546,15 @@ fn validate(raw: RawConfig, env_node_name: Option<String>) -> Result<Settings, C
         allocation: AllocationSettings {
             injection,
             device_list_strategy,
-            guard_library_host_path: non_empty_path(
+            guard_library_host_path: host_path(
                 "injection.guardLibraryHostPath",
                 &raw.injection.guard_library_host_path,
             )?,
-            preload_file_host_path: non_empty_path(
+            preload_file_host_path: host_path(
                 "injection.preloadFileHostPath",
                 &raw.injection.preload_file_host_path,
             )?,
-            accounting_root: non_empty_path("accountingRoot", &raw.accounting_root)?,
+            accounting_root: host_path("accountingRoot", &raw.accounting_root)?,
         },
         metrics_addr,
         proc_root: non_empty_path("procRoot", &raw.proc_root)?,

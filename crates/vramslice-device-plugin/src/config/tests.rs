@@ -121,6 +121,9 @@ watchdog: { tolerance: 1Gi, grace: 0s, action: kill-process }
     assert_eq!(s.watchdog.action, WatchdogAction::EvictPod);
     let s = parse("publish: { thresholdBytes: 1048576 }").unwrap();
     assert_eq!(s.publish.threshold_bytes, 1 << 20);
+    // YAML reads 1e9 as a float: a whole number of bytes all the same.
+    let s = parse("publish: { thresholdBytes: 1e9 }").unwrap();
+    assert_eq!(s.publish.threshold_bytes, 1_000_000_000);
 }
 
 #[test]
@@ -135,7 +138,7 @@ fn error_of(text: &str) -> String {
 
 #[test]
 fn bad_values_are_named() {
-    let cases: [(&str, &str); 19] = [
+    let cases: [(&str, &str); 25] = [
         (
             "accountingSweepAfter: never",
             "config field `accountingSweepAfter`: \"never\" is not a duration",
@@ -195,6 +198,30 @@ fn bad_values_are_named() {
         (
             "publish: { thresholdBytes: lots }",
             "config field `publish.thresholdBytes`: \"lots\" is not a quantity",
+        ),
+        (
+            "publish: { thresholdBytes: -5 }",
+            "config field `publish.thresholdBytes`: -5 is negative",
+        ),
+        (
+            "watchdog: { tolerance: 1.5 }",
+            "config field `watchdog.tolerance`: 1.5 is not a whole number of bytes",
+        ),
+        (
+            "accountingRoot: var/lib/vramslice",
+            "config field `accountingRoot`: \"var/lib/vramslice\" must be an absolute path",
+        ),
+        (
+            "injection: { guardLibraryHostPath: lib/guard.so }",
+            "config field `injection.guardLibraryHostPath`: \"lib/guard.so\" must be an absolute path",
+        ),
+        (
+            "dra: { headroom: true }",
+            "config field `dra.headroom`: expected a byte amount",
+        ),
+        (
+            "dra: { publishThreshold: [1] }",
+            "config field `dra.publishThreshold`: expected a byte amount",
         ),
         (
             "injection: { mode: magic }",
