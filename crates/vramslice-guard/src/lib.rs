@@ -44,6 +44,7 @@ pub mod config;
 pub mod device;
 #[cfg(not(test))]
 mod ffi;
+mod file_lock;
 pub mod guard;
 pub mod ledger;
 mod set_up;

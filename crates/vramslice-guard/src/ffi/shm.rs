@@ -20,13 +20,8 @@ struct Locked<'a>(&'a File);
 
 impl<'a> Locked<'a> {
     fn new(file: &'a File) -> Result<Self, String> {
-        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(format!(
-                "cannot lock the accounting file: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        crate::file_lock::lock_exclusive(file.as_raw_fd())
+            .map_err(|e| format!("cannot lock the accounting file: {e}"))?;
         LOCKED_FD.store(file.as_raw_fd(), Ordering::SeqCst);
         Ok(Locked(file))
     }
