@@ -22,7 +22,14 @@ pub fn array_bytes(width: u64, height: u64, depth: u64, format: i32, channels: u
         .saturating_mul(u64::from(channels.max(1)))
 }
 
-/// Bytes of a mipmapped array: every level halves each non-zero dimension.
+/// `CUDA_ARRAY3D_LAYERED`: the depth counts layers.
+const ARRAY3D_LAYERED: u32 = 0x01;
+/// `CUDA_ARRAY3D_CUBEMAP`: the depth counts faces (6, or 6 × layers).
+const ARRAY3D_CUBEMAP: u32 = 0x04;
+
+/// Bytes of a mipmapped array: every level halves width and height, and the depth too unless
+/// it counts layers or cube faces (`flags` has `CUDA_ARRAY3D_LAYERED` or `_CUBEMAP`), which
+/// every level has in full.
 pub fn mipmapped_bytes(
     width: u64,
     height: u64,
@@ -30,13 +37,20 @@ pub fn mipmapped_bytes(
     format: i32,
     channels: u32,
     levels: u32,
+    flags: u32,
 ) -> u64 {
+    let depth_is_layers = flags & (ARRAY3D_LAYERED | ARRAY3D_CUBEMAP) != 0;
     (0..levels.clamp(1, 64)).fold(0u64, |acc, l| {
         let shrink = |v: u64| if v == 0 { 0 } else { dim(v >> l) };
+        let level_depth = if depth_is_layers {
+            depth
+        } else {
+            shrink(depth)
+        };
         acc.saturating_add(array_bytes(
             shrink(width),
             shrink(height),
-            shrink(depth),
+            level_depth,
             format,
             channels,
         ))
@@ -52,7 +66,22 @@ mod tests {
         assert_eq!(array_bytes(100, 0, 0, 0x20, 4), 1600);
         assert_eq!(array_bytes(10, 10, 10, 0x01, 1), 1000);
         assert_eq!(array_bytes(u64::MAX, 2, 1, 0x20, 1), u64::MAX);
-        assert_eq!(mipmapped_bytes(8, 8, 0, 0x01, 1, 4), 64 + 16 + 4 + 1);
-        assert_eq!(mipmapped_bytes(8, 0, 0, 0x01, 1, 0), 8);
+        assert_eq!(mipmapped_bytes(8, 8, 0, 0x01, 1, 4, 0), 64 + 16 + 4 + 1);
+        assert_eq!(mipmapped_bytes(8, 0, 0, 0x01, 1, 0, 0), 8);
+        // A 3D array's depth halves with each level...
+        assert_eq!(mipmapped_bytes(8, 8, 8, 0x01, 1, 4, 0), 512 + 64 + 8 + 1);
+        // ...a layered one's 4 layers and a cubemap's 6 faces do not.
+        assert_eq!(
+            mipmapped_bytes(8, 8, 4, 0x01, 1, 4, ARRAY3D_LAYERED),
+            (64 + 16 + 4 + 1) * 4
+        );
+        assert_eq!(
+            mipmapped_bytes(8, 8, 6, 0x01, 1, 4, ARRAY3D_CUBEMAP),
+            (64 + 16 + 4 + 1) * 6
+        );
+        assert_eq!(
+            mipmapped_bytes(8, 8, 12, 0x01, 1, 2, ARRAY3D_CUBEMAP | ARRAY3D_LAYERED),
+            (64 + 16) * 12
+        );
     }
 }

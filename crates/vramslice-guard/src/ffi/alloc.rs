@@ -570,6 +570,7 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
             d.format,
             d.num_channels,
             levels,
+            d.flags,
         );
         counted(On::Current, bytes, Kind::Mipmapped, call, || {
             // SAFETY: array is read only after the driver reported success.
