@@ -359,16 +359,21 @@ impl Guard {
         }
     }
 
-    /// `cuMemGetInfo`'s answer for a device of account `a`: (free, total) of its slice. A
-    /// refused device (`None`) shows an empty slice. Dead processes' memory is given back first:
-    /// a server that sizes itself from free memory after a worker was OOM-killed sees it free.
-    pub fn mem_info(&self, a: Option<AccountId>, real_free: u64) -> (u64, u64) {
+    /// `cuMemGetInfo`'s answer for a device of account `a` whose driver says `real_free` of
+    /// `real_total`: (free, total) of its slice, never more than the device has (a limit above
+    /// the card, or one account over devices of different sizes, shows the card). A refused
+    /// device (`None`) shows an empty slice. Dead processes' memory is given back first: a
+    /// server that sizes itself from free memory after a worker was OOM-killed sees it free.
+    pub fn mem_info(&self, a: Option<AccountId>, real_free: u64, real_total: u64) -> (u64, u64) {
         match a {
             None => (0, 0),
             Some(a) => {
                 self.reap_dead();
                 let limit = self.limit(a);
-                (limit.saturating_sub(self.used(a)).min(real_free), limit)
+                (
+                    limit.saturating_sub(self.used(a)).min(real_free),
+                    limit.min(real_total),
+                )
             }
         }
     }

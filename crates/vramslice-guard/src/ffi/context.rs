@@ -300,7 +300,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
             let a = account_on(g, On::Current).ok().flatten();
             // SAFETY: both pointers are non-null and were just written by the driver.
             unsafe {
-                let (fr, to) = g.mem_info(a, *free as u64);
+                let (fr, to) = g.mem_info(a, *free as u64, *total as u64);
                 *free = usize::try_from(fr).unwrap_or(usize::MAX);
                 *total = usize::try_from(to).unwrap_or(usize::MAX);
             }
@@ -351,10 +351,10 @@ fn nvml_uuid(dev: *mut c_void) -> Option<String> {
     std::str::from_utf8(&buf[..end]).ok().map(str::to_owned)
 }
 
-/// (total, free, used) as the slice of NVML device `dev` shows them, from NVML's real free
-/// bytes. Under per-GPU limits the device is found by its UUID; a device without a limit (or
+/// (total, free, used) as the slice of NVML device `dev` shows them, from NVML's real free and
+/// total bytes. Under per-GPU limits the device is found by its UUID; a device without a limit (or
 /// whose UUID NVML does not tell) shows an empty slice.
-fn nvml_view(dev: *mut c_void, real_free: u64) -> Option<(u64, u64, u64)> {
+fn nvml_view(dev: *mut c_void, real_free: u64, real_total: u64) -> Option<(u64, u64, u64)> {
     if !config().virtualize_nvml {
         return None;
     }
@@ -363,7 +363,7 @@ fn nvml_view(dev: *mut c_void, real_free: u64) -> Option<(u64, u64, u64)> {
         Mapping::Container => Some(0),
         Mapping::PerGpu => nvml_uuid(dev).and_then(|u| g.account_of_uuid(&u)),
     };
-    let (free, total) = g.mem_info(a, real_free);
+    let (free, total) = g.mem_info(a, real_free, real_total);
     Some((total, free, a.map_or(0, |a| g.used(a))))
 }
 
@@ -381,7 +381,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(dev: *mut c_void, mem: *mut Nvm
         let rc = unsafe { f(dev, mem) };
         // SAFETY: mem is null or valid, per the API, and was written on success.
         if let (0, Some(m)) = (rc, unsafe { mem.as_mut() })
-            && let Some((total, free, used)) = nvml_view(dev, m.free)
+            && let Some((total, free, used)) = nvml_view(dev, m.free, m.total)
         {
             (m.total, m.free, m.used) = (total, free, used);
         }
@@ -406,7 +406,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
         let rc = unsafe { f(dev, mem) };
         // SAFETY: mem is null or valid, per the API, and was written on success.
         if let (0, Some(m)) = (rc, unsafe { mem.as_mut() })
-            && let Some((total, free, used)) = nvml_view(dev, m.free)
+            && let Some((total, free, used)) = nvml_view(dev, m.free, m.total)
         {
             (m.total, m.free, m.used, m.reserved) = (total, free, used, 0);
         }

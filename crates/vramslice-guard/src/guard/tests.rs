@@ -88,8 +88,10 @@ fn alloc_free_cycle() {
     let e = g.untrack(Kind::DevicePtr, 0xa).unwrap();
     g.freed(e);
     assert_eq!(g.used(0), 0);
-    assert_eq!(g.mem_info(Some(0), 1000), (100, 100));
-    assert_eq!(g.mem_info(Some(0), 30), (30, 100));
+    assert_eq!(g.mem_info(Some(0), 1000, u64::MAX), (100, 100));
+    assert_eq!(g.mem_info(Some(0), 30, u64::MAX), (30, 100));
+    // A limit above the card shows the card.
+    assert_eq!(g.mem_info(Some(0), 70, 80), (70, 80));
 }
 
 #[test]
@@ -120,11 +122,11 @@ fn per_gpu_limits_hold_independently() {
         "freeing on GPU-a does not help GPU-b"
     );
     g.reserve(a, 40).unwrap();
-    assert_eq!(g.mem_info(Some(a), u64::MAX), (0, 100));
+    assert_eq!(g.mem_info(Some(a), u64::MAX, u64::MAX), (0, 100));
     g.release(b, 50);
-    assert_eq!(g.mem_info(Some(b), u64::MAX), (50, 200));
+    assert_eq!(g.mem_info(Some(b), u64::MAX, u64::MAX), (50, 200));
     assert_eq!(
-        g.mem_info(Some(b), 10),
+        g.mem_info(Some(b), 10, u64::MAX),
         (10, 200),
         "the real free still caps"
     );
@@ -189,7 +191,7 @@ fn memory_info_gives_back_what_dead_processes_held() {
         probes,
     )
     .unwrap();
-    assert_eq!(g.mem_info(Some(0), u64::MAX), (1000, 1000));
+    assert_eq!(g.mem_info(Some(0), u64::MAX, u64::MAX), (1000, 1000));
 }
 
 #[test]
@@ -203,7 +205,7 @@ fn per_gpu_device_without_an_entry_is_refused_and_remembered() {
     assert_eq!(g.device_account(-1), Err(101));
     assert_eq!(g.device_account(100_000), Err(101));
     assert_eq!(g.account_of_device(5), None);
-    assert_eq!(g.mem_info(None, 1000), (0, 0));
+    assert_eq!(g.mem_info(None, 1000, u64::MAX), (0, 0));
     assert_eq!(g.account_of_uuid("GPU-b"), Some(1));
     assert_eq!(g.account_of_uuid("GPU-c"), None);
     assert_eq!(g.account_of_device(1), Some(1));
