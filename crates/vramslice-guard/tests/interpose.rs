@@ -140,6 +140,26 @@ fn missing_real_driver_is_an_error_code_not_a_crash() {
     assert!(se.contains("cannot load /nonexistent/libcuda.so.1"), "{se}");
 }
 
+/// VRAMSLICE_REAL_LIBCUDA naming the guard itself: every "real" call would be the guard's own
+/// wrapper calling itself until the stack ran out. An error code and a message instead.
+#[test]
+fn the_guard_named_as_the_real_driver_is_an_error_code_not_a_crash() {
+    let mut cmd = probe(true, &limited_env(), &["alloc", "1024"]);
+    let guard = common::artifacts().guard.clone();
+    cmd.env("VRAMSLICE_REAL_LIBCUDA", &guard)
+        .env("VRAMSLICE_REAL_LIBNVML", &guard);
+    let (out, so, se) = run(cmd);
+    assert!(out.status.success(), "{so}{se}");
+    assert!(
+        so.contains("alloc rc=3"),
+        "CUDA_ERROR_NOT_INITIALIZED:\n{so}"
+    );
+    assert!(
+        se.contains("is the guard library itself, not the real driver"),
+        "{se}"
+    );
+}
+
 #[test]
 fn contexts_and_modules_are_measured_and_charged() {
     let env = vec![

@@ -204,14 +204,43 @@ pub(super) fn forget_unfinished_set_ups() {
 
 /// The real driver, loaded on first use from `VRAMSLICE_REAL_LIBCUDA`.
 pub fn real() -> Option<&'static Real> {
-    REAL.get_or_init(|| match open(&super::config().real_libcuda) {
-        Ok(h) => Some(Real::load(h)),
-        Err(e) => {
-            crate::log!("vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED");
-            None
+    REAL.get_or_init(|| {
+        let path = &super::config().real_libcuda;
+        match open(path).and_then(|h| not_the_guard(h, path, c"cuMemAlloc_v2")) {
+            Ok(h) => Some(Real::load(h)),
+            Err(e) => {
+                crate::log!(
+                    "vramslice-guard: {e}; CUDA calls fail with CUDA_ERROR_NOT_INITIALIZED"
+                );
+                None
+            }
         }
     })
     .as_ref()
+}
+
+/// The base address of the loaded object that holds `addr`, if any.
+fn object_of(addr: *const c_void) -> Option<usize> {
+    // SAFETY: a zeroed Dl_info is valid; dladdr only writes it, and reads nothing but `addr`.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr accepts any address; it answers 0 for one no loaded object holds.
+    let found = unsafe { libc::dladdr(addr, &mut info) } != 0;
+    (found && !info.dli_fbase.is_null()).then_some(info.dli_fbase as usize)
+}
+
+/// `h`, unless the library at `path` is this guard itself (a `VRAMSLICE_REAL_LIBCUDA` or
+/// `_LIBNVML` naming the guard, or a link to it named like the driver): calling "the real"
+/// entry points would then call the guard's own wrappers, each itself, until the stack runs
+/// out and the program dies.
+fn not_the_guard(h: *mut c_void, path: &str, probe: &CStr) -> Result<*mut c_void, String> {
+    let theirs = lookup(h, probe);
+    let ours = object_of(object_of as *const c_void);
+    if !theirs.is_null() && ours.is_some() && object_of(theirs) == ours {
+        return Err(format!(
+            "{path} is the guard library itself, not the real driver (check VRAMSLICE_REAL_LIBCUDA / VRAMSLICE_REAL_LIBNVML)"
+        ));
+    }
+    Ok(h)
 }
 
 /// The real NVML, loaded on first use from `VRAMSLICE_REAL_LIBNVML`.
@@ -220,7 +249,9 @@ pub fn real_nvml() -> Option<&'static RealNvml> {
 }
 
 fn load_real_nvml() -> Option<RealNvml> {
-    let h = open(&super::config().real_libnvml)
+    let path = &super::config().real_libnvml;
+    let h = open(path)
+        .and_then(|h| not_the_guard(h, path, c"nvmlDeviceGetMemoryInfo"))
         .inspect_err(|e| crate::log!("vramslice-guard: {e}"))
         .ok()?;
     let a = lookup(h, c"nvmlDeviceGetMemoryInfo");
