@@ -359,8 +359,10 @@ impl Ledger {
             };
             let liveness = match self.held_by_lock(i, p) {
                 Some(true) => Liveness::Alive,
-                Some(false) => Liveness::Dead,
-                None => probe(pid, start),
+                // Not held: its owner ended, or is alive and closed the lock file's descriptor
+                // (`closefrom`, `close_range`, or opening and closing the file: POSIX drops all
+                // of a process's locks on a file then). Its pid and start time decide.
+                Some(false) | None => probe(pid, start),
             };
             if liveness == Liveness::Dead {
                 reclaimed = reclaimed.saturating_add(self.reap_slot(i, p));

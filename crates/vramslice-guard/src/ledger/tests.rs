@@ -38,9 +38,12 @@ fn a_slot_is_judged_by_its_lock_only_when_the_mark_is_its_owners() {
     own_slot_of(77, layout::slot_lock_mark(99));
     assert_eq!(ledger.reap(|_, _| Liveness::Alive), 0);
     assert_eq!(ledger.used(), 10);
-    // Its own mark and nobody holds the lock: dead, whatever its pid says.
+    // Its own mark and nobody holds the lock: its owner ended, or dropped its lock while alive
+    // (it closed a descriptor of the lock file): its pid decides.
     own_slot_of(77, layout::slot_lock_mark(77));
-    assert_eq!(ledger.reap(|_, _| Liveness::Alive), 10);
+    assert_eq!(ledger.reap(|_, _| Liveness::Alive), 0);
+    assert_eq!(ledger.used(), 10);
+    assert_eq!(ledger.reap(|_, _| Liveness::Dead), 10);
     assert_eq!(ledger.used(), 0);
     // A claim marks the slot with its own pid.
     let i = ledger.claim(5, 1).unwrap();
