@@ -68,6 +68,9 @@ struct DevicePool {
     charged: u64,
     /// Counts trims: a graph mapped in an older epoch may need new memory.
     epoch: u64,
+    /// The ticket of the latest-started reading applied: one started earlier is older, and is
+    /// dropped when it ends after it.
+    applied: u64,
 }
 
 /// What the guard knows of one executable graph.
@@ -87,6 +90,8 @@ pub struct GraphState {
     /// Graph handle → ordinary allocations freed by free nodes captured into it.
     captured_frees: HashMap<u64, Vec<u64>>,
     pools: HashMap<i32, DevicePool>,
+    /// Readings of graph pools started so far: each reading's ticket.
+    readings: u64,
 }
 
 /// Device `dev`'s trim epoch (0 before its pool is first read).
@@ -277,6 +282,7 @@ impl Guard {
                 execs,
                 captured_frees,
                 pools,
+                ..
             } = &mut *guard;
             let Some(record) = execs.get_mut(&exec) else {
                 return;
@@ -361,7 +367,16 @@ impl Guard {
     }
 
     /// Sets device `dev`'s charge to what its pool reserves (an unreadable pool keeps its charge).
+    /// The pool is read outside the lock (a fork handler takes it, and must never wait on the
+    /// driver), so readings of several threads may end in any order: the latest-started one
+    /// stands, and one that ends after it is dropped (every mapping is followed by a reading
+    /// started after it).
     fn reconcile_graph_pool(&self, dev: i32, a: AccountId) {
+        let ticket = {
+            let mut st = self.graphs();
+            st.readings = st.readings.wrapping_add(1);
+            st.readings
+        };
         let Some(reading) = (self.probes.graph_pool)(dev) else {
             return;
         };
@@ -371,7 +386,12 @@ impl Guard {
                 account: a,
                 charged: 0,
                 epoch: 0,
+                applied: 0,
             });
+            if ticket <= pool.applied {
+                return;
+            }
+            pool.applied = ticket;
             let old = pool.charged;
             pool.charged = reading.reserved;
             (pool.account, old)

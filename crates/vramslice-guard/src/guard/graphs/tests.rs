@@ -13,6 +13,12 @@ struct Pool {
     used: AtomicU64,
     trims: AtomicU64,
     trim_works: AtomicBool,
+    /// The next `stall` readings wait, once taken, each until `released` reaches its number
+    /// (1, 2, ... in the order they stalled): threads reading the pool while another changes
+    /// and re-reads it.
+    stall: AtomicU64,
+    stalled: AtomicU64,
+    released: AtomicU64,
 }
 
 impl Pool {
@@ -22,6 +28,30 @@ impl Pool {
             used: AtomicU64::new(0),
             trims: AtomicU64::new(0),
             trim_works: AtomicBool::new(true),
+            stall: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        }
+    }
+    /// What the probe answers: the reading, held back first when a stall was asked for.
+    fn read(&self) -> GraphPoolReading {
+        let r = self.reading();
+        let stall = self
+            .stall
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if stall {
+            let number = self.stalled.fetch_add(1, Ordering::SeqCst) + 1;
+            while self.released.load(Ordering::SeqCst) < number {
+                std::thread::yield_now();
+            }
+        }
+        r
+    }
+    /// Wait until `n` readings in all have stalled.
+    fn wait_stalled(&self, n: u64) {
+        while self.stalled.load(Ordering::SeqCst) < n {
+            std::thread::yield_now();
         }
     }
     fn set(&self, reserved: u64, used: u64) {
@@ -44,7 +74,8 @@ impl Pool {
     }
 }
 
-static POOLS: [Pool; 8] = [
+static POOLS: [Pool; 9] = [
+    Pool::new(),
     Pool::new(),
     Pool::new(),
     Pool::new(),
@@ -57,7 +88,7 @@ static POOLS: [Pool; 8] = [
 
 fn probes_on<const I: usize>() -> Probes {
     let mut p = probes_with(|_| Some(0));
-    p.graph_pool = |dev| (dev == 0).then(|| POOLS[I].reading());
+    p.graph_pool = |dev| (dev == 0).then(|| POOLS[I].read());
     p.graph_trim = |_| POOLS[I].trim();
     p
 }
@@ -321,4 +352,55 @@ fn a_captured_free_runs_once_even_from_two_graphs_of_one_capture() {
     let launch = g.graph_before_launch(52, || Some(0)).unwrap();
     g.graph_after_mapping(launch, true);
     assert_eq!(g.used(0), 40, "the new allocation stays charged");
+}
+
+/// Readings of the pool by several threads end in any order: the latest-started one stands.
+/// A reading taken before a launch mapped more must not give back what is mapped, whether it
+/// ends after the launch's own re-read (dropped) or before it (overtaken).
+#[test]
+fn the_latest_started_reading_of_a_graph_pool_stands() {
+    let g = guard_on::<8>(100);
+    let pool = &POOLS[8];
+    for order in ["stale ends last", "stale ends first"] {
+        pool.stall.store(0, Ordering::SeqCst);
+        pool.stalled.store(0, Ordering::SeqCst);
+        pool.released.store(0, Ordering::SeqCst);
+        let plan = g.graph_before_launch(41, || Some(0)).unwrap();
+        pool.set(10, 10);
+        g.graph_after_mapping(plan, true);
+        assert_eq!(g.used(0), 10, "{order}");
+        std::thread::scope(|scope| {
+            // A cuMemGetInfo on another thread reads the pool (10) and is held there...
+            pool.stall.store(1, Ordering::SeqCst);
+            let stale = scope.spawn(|| g.reconcile_graph_pools());
+            pool.wait_stalled(1);
+            // ...while a launch maps 30 more; its re-read (40) is held too, or not.
+            let plan = g.graph_before_launch(42, || Some(0)).unwrap();
+            pool.set(40, 40);
+            if order == "stale ends last" {
+                g.graph_after_mapping(plan, true);
+                assert_eq!(g.used(0), 40);
+                pool.released.store(1, Ordering::SeqCst);
+                stale.join().unwrap();
+            } else {
+                pool.stall.store(1, Ordering::SeqCst);
+                let launch = scope.spawn(|| g.graph_after_mapping(plan, true));
+                pool.wait_stalled(2);
+                pool.released.store(1, Ordering::SeqCst);
+                stale.join().unwrap();
+                pool.released.store(2, Ordering::SeqCst);
+                launch.join().unwrap();
+            }
+        });
+        assert_eq!(
+            g.used(0),
+            40,
+            "{order}: the stale reading (10) gave back mapped memory"
+        );
+        assert_eq!(g.graph_charged(0), 40, "{order}");
+        // Back to nothing for the next order.
+        pool.set(0, 0);
+        g.graph_trimmed(0);
+        assert_eq!(g.used(0), 0, "{order}");
+    }
 }
