@@ -598,7 +598,7 @@ static const struct entry table[] = {
     E("cuStreamCreate", 0, 0, cuStreamCreate), E("cuStreamGetCtx", 0, 0, cuStreamGetCtx),
     E("cuCtxPushCurrent", 4000, 0, cuCtxPushCurrent_v2), E("cuCtxPopCurrent", 4000, 0, cuCtxPopCurrent_v2), E("cuStreamDestroy", 4000, 0, cuStreamDestroy_v2),
     E("cuStreamSynchronize", 0, 0, cuStreamSynchronize), E("cuStreamBeginCapture", 10010, 0, cuStreamBeginCapture_v2),
-    E("cuStreamEndCapture", 0, 0, cuStreamEndCapture),
+    E("cuStreamEndCapture", 0, 1, cuStreamEndCapture_ptsz), E("cuStreamEndCapture", 0, 0, cuStreamEndCapture),
     E("cuStreamIsCapturing", 0, 1, cuStreamIsCapturing_ptsz), E("cuStreamIsCapturing", 0, 0, cuStreamIsCapturing),
     E("cuStreamGetCaptureInfo", 12030, 1, cuStreamGetCaptureInfo_v3_ptsz),
     E("cuStreamGetCaptureInfo", 12030, 0, cuStreamGetCaptureInfo_v3),

@@ -19,6 +19,7 @@ static CUresult async_free(CUdeviceptr q); /* fake_cuda.c */
 #define NODE_MEM_ALLOC 10
 #define NODE_MEM_FREE 11
 #define ERR_CAPTURE_UNSUPPORTED 900
+#define ERR_CAPTURE_INVALIDATED 901
 
 struct fake_graph;
 typedef struct fake_node { int type; int dev; long long bytes; CUdeviceptr dptr; struct fake_graph *child; } fake_node;
@@ -33,7 +34,10 @@ typedef struct { unsigned long long flags; CUstream hUploadStream; void *hErrNod
 static long long graph_reserved[MAXDEV], graph_used[MAXDEV], graph_reserved_high[MAXDEV], graph_used_high[MAXDEV];
 static fake_exec *execs;
 #define MAXCAPTURE 16
-static struct { CUstream stream; fake_graph *graph; } captures[MAXCAPTURE];
+static struct { CUstream stream; fake_graph *graph; int invalidated; } captures[MAXCAPTURE];
+/* The graph of the last invalidated capture, destroyed by the driver: the next capture gets the
+   same handle back, as a real driver's allocator may. */
+static fake_graph *recycled_graph;
 
 static fake_graph *capture_graph(CUstream s) {
     for (int i = 0; i < MAXCAPTURE; i++)
@@ -89,16 +93,26 @@ static int stream_device(CUstream s) {
     return c ? device_of(c) : current_device();
 }
 CUresult cuStreamDestroy_v2(CUstream s) { free(s); return OK; }
-CUresult cuStreamSynchronize(CUstream s) { (void)s; return OK; }
+/* Synchronizing a capturing stream is illegal during capture: it invalidates the capture. */
+CUresult cuStreamSynchronize(CUstream s) {
+    for (int i = 0; i < MAXCAPTURE; i++)
+        if (s && captures[i].stream == s) {
+            captures[i].invalidated = 1;
+            return ERR_CAPTURE_UNSUPPORTED;
+        }
+    return OK;
+}
 CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
     (void)mode;
     if (!s) return ERR_CAPTURE_UNSUPPORTED; /* the legacy stream cannot capture */
     if (capture_graph(s)) return ERR_INVALID_VALUE;
     for (int i = 0; i < MAXCAPTURE; i++)
         if (!captures[i].stream) {
-            captures[i].graph = calloc(1, sizeof(fake_graph));
+            captures[i].graph = recycled_graph ? recycled_graph : calloc(1, sizeof(fake_graph));
+            recycled_graph = NULL;
             if (!captures[i].graph) return ERR_OOM;
             captures[i].stream = s;
+            captures[i].invalidated = 0;
             return OK;
         }
     return ERR_INVALID_VALUE;
@@ -107,13 +121,25 @@ CUresult cuStreamEndCapture(CUstream s, fake_graph **g) {
     if (!g) return ERR_INVALID_VALUE;
     for (int i = 0; i < MAXCAPTURE; i++)
         if (s && captures[i].stream == s) {
-            *g = captures[i].graph;
+            fake_graph *made = captures[i].graph;
+            int invalidated = captures[i].invalidated;
             captures[i].stream = NULL;
             captures[i].graph = NULL;
+            if (invalidated) {
+                /* No graph: the driver destroys the one it was capturing into. */
+                *g = NULL;
+                for (int k = 0; k < made->n; k++) free(made->nodes[k]);
+                memset(made, 0, sizeof *made);
+                free(recycled_graph);
+                recycled_graph = made;
+                return ERR_CAPTURE_INVALIDATED;
+            }
+            *g = made;
             return OK;
         }
     return ERR_INVALID_VALUE;
 }
+CUresult cuStreamEndCapture_ptsz(CUstream s, fake_graph **g) { return cuStreamEndCapture(s, g); }
 CUresult cuStreamIsCapturing(CUstream s, int *status) { if (!status) return ERR_INVALID_VALUE; *status = capture_graph(s) ? 1 : 0; return OK; }
 CUresult cuStreamIsCapturing_ptsz(CUstream s, int *status) { return cuStreamIsCapturing(s, status); }
 CUresult cuStreamGetCaptureInfo_v2(CUstream s, int *status, unsigned long long *id, fake_graph **g, const void **deps, size_t *n) {

@@ -100,6 +100,7 @@ int next_marker(void);
 CUresult cuStreamCreate(H *, unsigned);
 CUresult cuStreamBeginCapture_v2(H, int);
 CUresult cuStreamEndCapture(H, H *);
+CUresult cuStreamSynchronize(H);
 CUresult cuGraphCreate(H *, unsigned);
 CUresult cuGraphAddMemAllocNode(H *, H, H *, size_t, void *);
 CUresult cuGraphAddMemFreeNode(H *, H, H *, size_t, CUdeviceptr);
@@ -799,6 +800,20 @@ static int graphs(const char *mode, size_t limit) {
     check(a.graph_destroy(gY) == 0 && g_used(&a) == base + c, "a destroyed capture never frees: still charged");
     check(a.free_async(x, s) == 0 && g_used(&a) == base, "freed for real");
     check(a.graph_destroy(gX) == 0, "the first capture's graph destroyed");
+
+    /* A capture the driver invalidates ends without a graph, destroying its own: the free
+       captured into it never runs, nor does a later graph the driver hands the same handle. */
+    H gZ = NULL, gW = NULL, eW = NULL;
+    check(a.alloc_async(&x, c, s) == 0 && g_used(&a) == base + c, "allocated for a capture that fails");
+    if (a.begin(s, 0)) die("cuStreamBeginCapture");
+    check(a.free_async(x, s) == 0, "its stream-ordered free is captured");
+    check(cuStreamSynchronize(s) == 900, "a synchronize inside the capture invalidates it");
+    check(a.end(s, &gZ) == 901 && gZ == NULL, "the invalidated capture ends with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED");
+    if (a.begin(s, 0) || a.end(s, &gW) || !gW) die("an empty capture");
+    check(a.inst(&eW, gW, 0) == 0 && a.launch(eW, s) == 0, "a later empty graph (the destroyed one's handle) launches");
+    check(g_used(&a) == base + c, "the failed capture's free did not run: the allocation stays charged");
+    check(a.exec_destroy(eW) == 0 && a.graph_destroy(gW) == 0, "the empty graph destroyed");
+    check(a.free_async(x, s) == 0 && g_used(&a) == base, "freed for real");
 
     gA = captured(&a, s, 3 * limit, &rc);
     check(rc == 0 && g_used(&a) == base, "capturing an allocation larger than the slice makes a node and charges nothing");

@@ -341,6 +341,38 @@ launch_like!(
     "maps the graph's memory nodes ahead of a launch"
 );
 
+macro_rules! end_capture {
+    ($name:ident, $ptsz:literal) => {
+        #[doc = concat!("Interposed `", stringify!($name), "`: frees captured into the graph the stream was capturing into move to the graph the capture made, or are forgotten when it made none (an invalidated capture: the driver destroys that graph itself, and a later graph may get its handle).")]
+        ///
+        /// # Safety
+        /// As the CUDA driver API requires.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(stream: Handle, graph: *mut Handle) -> CUresult {
+            boundary(|| {
+                let f = real_fn!($name);
+                let capturing = guard().and_then(|_| capture_graph(stream, $ptsz));
+                // SAFETY: arguments forwarded unchanged.
+                let rc = unsafe { f(stream, graph) };
+                if let (Some(g), Some(capturing)) = (guard(), capturing) {
+                    let made = (rc == CUDA_SUCCESS)
+                        // SAFETY: graph is read only after the driver reported success.
+                        .then(|| unsafe { read_out(graph) })
+                        .flatten()
+                        .filter(|h| !h.is_null());
+                    g.graph_capture_ended(
+                        capturing as usize as u64,
+                        made.map(|h| h as usize as u64),
+                    );
+                }
+                rc
+            })
+        }
+    };
+}
+end_capture!(cuStreamEndCapture, false);
+end_capture!(cuStreamEndCapture_ptsz, true);
+
 /// Interposed `cuGraphDestroy`: frees captured into the graph are forgotten.
 ///
 /// # Safety

@@ -160,6 +160,8 @@ real_table! {
     cuMemPoolGetAttribute: fn(Handle, c_int, *mut c_void) -> CUresult;
     cuStreamIsCapturing: fn(Handle, *mut c_int) -> CUresult;
     cuStreamIsCapturing_ptsz: fn(Handle, *mut c_int) -> CUresult;
+    cuStreamEndCapture: fn(Handle, *mut Handle) -> CUresult;
+    cuStreamEndCapture_ptsz: fn(Handle, *mut Handle) -> CUresult;
     cuStreamGetCaptureInfo_v2: fn(Handle, *mut c_int, *mut u64, *mut Handle, *mut *const Handle, *mut usize) -> CUresult;
     cuStreamGetCaptureInfo_v2_ptsz: fn(Handle, *mut c_int, *mut u64, *mut Handle, *mut *const Handle, *mut usize) -> CUresult;
     cuStreamGetCaptureInfo_v3: fn(Handle, *mut c_int, *mut u64, *mut Handle, *mut *const Handle, *mut *const c_void, *mut usize) -> CUresult;

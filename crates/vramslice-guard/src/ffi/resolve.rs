@@ -75,6 +75,8 @@ fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         b"cuGraphInstantiateWithParams_ptsz" => cuGraphInstantiateWithParams_ptsz as *const (),
         b"cuGraphExecDestroy" => cuGraphExecDestroy as *const (),
         b"cuGraphDestroy" => cuGraphDestroy as *const (),
+        b"cuStreamEndCapture" => cuStreamEndCapture as *const (),
+        b"cuStreamEndCapture_ptsz" => cuStreamEndCapture_ptsz as *const (),
         b"cuGraphLaunch" => cuGraphLaunch as *const (),
         b"cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as *const (),
         b"cuGraphUpload" => cuGraphUpload as *const (),

@@ -182,6 +182,17 @@ impl Guard {
         true
     }
 
+    /// A stream capture into graph `capturing` ended: the frees captured into it belong to the
+    /// graph it `made`, or, when it made none (the capture was invalidated, and the driver
+    /// destroyed the graph), are forgotten before another graph gets that handle.
+    pub fn graph_capture_ended(&self, capturing: u64, made: Option<u64>) {
+        let mut st = self.graphs();
+        let frees = st.captured_frees.remove(&capturing);
+        if let (Some(made), Some(frees)) = (made, frees) {
+            st.captured_frees.entry(made).or_default().extend(frees);
+        }
+    }
+
     /// A graph (not an executable one) was destroyed: frees captured into it are forgotten.
     pub fn graph_source_destroyed(&self, graph: u64) {
         self.graphs().captured_frees.remove(&graph);

@@ -74,7 +74,8 @@ impl Pool {
     }
 }
 
-static POOLS: [Pool; 9] = [
+static POOLS: [Pool; 10] = [
+    Pool::new(),
     Pool::new(),
     Pool::new(),
     Pool::new(),
@@ -403,4 +404,32 @@ fn the_latest_started_reading_of_a_graph_pool_stands() {
         g.graph_trimmed(0);
         assert_eq!(g.used(0), 0, "{order}");
     }
+}
+
+/// A capture the driver invalidated made no graph and destroyed its own: the frees captured into
+/// it never run, even from a later graph that gets the same handle; a capture that ends well
+/// hands them to the graph it made.
+#[test]
+fn frees_of_a_capture_that_made_no_graph_are_forgotten() {
+    let g = guard_on::<9>(100);
+    g.reserve(0, 30).unwrap();
+    g.track(Kind::DevicePtr, 0xa, 0, 30);
+    assert!(g.graph_free_captured(0x600, 0xa));
+    g.graph_capture_ended(0x600, None);
+    // The next capture gets handle 0x600 back and frees nothing.
+    g.graph_instantiated(0x700, 0x600, Some(Vec::new()), false);
+    let plan = g.graph_before_launch(0x700, || Some(0)).unwrap();
+    g.graph_after_mapping(plan, true);
+    assert_eq!(g.used(0), 30, "the failed capture's free ran");
+    // A capture that ends well: its graph (here under another handle) carries the free.
+    assert!(g.graph_free_captured(0x800, 0xa));
+    g.graph_capture_ended(0x800, Some(0x900));
+    g.graph_instantiated(0x901, 0x900, Some(Vec::new()), false);
+    let plan = g.graph_before_launch(0x901, || Some(0)).unwrap();
+    g.graph_after_mapping(plan, true);
+    assert_eq!(
+        g.used(0),
+        0,
+        "the graph the capture made frees it when it runs"
+    );
 }
