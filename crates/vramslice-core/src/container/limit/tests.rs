@@ -541,8 +541,21 @@ fn check_case(
                 )
             })
             .collect();
+        // The grant: the GPUs every file lists, each at its lowest limit. A single value equal
+        // to their sum is what the plugin gives a spanning container: it raises nothing.
+        let grant: Vec<u64> = per_gpu_files
+            .first()
+            .map(|f| {
+                f.iter()
+                    .filter(|(u, _)| listed_everywhere(u))
+                    .map(|(u, _)| present.iter().map(|r| file_grants(r, u)).min().unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let grant_total = grant.iter().fold(0u64, |sum, b| sum.saturating_add(*b));
+        let plugins_sum = grant.len() > 1 && s_ok == Some(grant_total);
         let raised = listed.iter().any(|(d, f)| {
-            s_ok.is_some_and(|s| s > *f)
+            (s_ok.is_some_and(|s| s > *f) && !plugins_sum)
                 || p_ok.as_ref().and_then(|p| p.get(d)).is_some_and(|e| e > *f)
         });
         if raised {
