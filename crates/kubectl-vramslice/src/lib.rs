@@ -309,6 +309,8 @@ pub struct Outcome {
     /// For stderr: what the result rests on that the user should know (the extender's
     /// settings could not be read, so its defaults were used).
     pub warnings: Vec<String>,
+    /// For stderr, as it is: what an empty table means (stdout stays empty, as kubectl's).
+    pub note: Option<&'static str>,
 }
 
 impl Outcome {
@@ -317,7 +319,15 @@ impl Outcome {
             text,
             exit,
             warnings: Vec::new(),
+            note: None,
         }
+    }
+
+    /// An outcome of a table of `rows` rows; `empty` is said on stderr when there are none.
+    fn table(text: String, rows: usize, format: Format, empty: &'static str) -> Self {
+        let mut outcome = Outcome::new(text, Exit::Ok);
+        outcome.note = (rows == 0 && format == Format::Table).then_some(empty);
+        outcome
     }
 }
 
@@ -353,7 +363,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
                 Format::Table => render::nodes_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            let mut outcome = Outcome::new(text, Exit::Ok);
+            let mut outcome = Outcome::table(text, rows.len(), cli.output, render::NO_NODES);
             outcome.warnings = warnings;
             Ok(outcome)
         }
@@ -369,7 +379,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
                 Format::Table => render::pods_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            let mut outcome = Outcome::new(text, Exit::Ok);
+            let mut outcome = Outcome::table(text, rows.len(), cli.output, render::NO_PODS);
             outcome.warnings = warnings;
             Ok(outcome)
         }
@@ -389,7 +399,7 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
                 Format::Table => render::claims_table(&rows, style),
                 f => render::structured(&rows, f)?,
             };
-            let mut outcome = Outcome::new(text, Exit::Ok);
+            let mut outcome = Outcome::table(text, rows.len(), cli.output, render::NO_CLAIMS);
             outcome.warnings = warnings;
             Ok(outcome)
         }
@@ -410,9 +420,12 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
             let mut warnings = Vec::from_iter(warning);
             let all_pods = ledger_pods(client, &namespace, &mut warnings).await?;
             let ledger = model::build_ledger(&gns, &all_pods, config);
+            // By UID too: a pod of the same name before this one (a StatefulSet's, a Job's)
+            // left events of its own, as `kubectl describe` knows.
+            let uid = target.metadata.uid.as_deref().unwrap_or_default();
             let events: Vec<Event> = Api::<Event>::namespaced(client.clone(), &namespace)
                 .list(&ListParams::default().fields(&format!(
-                    "involvedObject.kind=Pod,involvedObject.name={pod}"
+                    "involvedObject.kind=Pod,involvedObject.name={pod},involvedObject.uid={uid}"
                 )))
                 .await
                 .map(|l| l.items)
@@ -433,7 +446,12 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
                     }
                     read => read?,
                 };
-                let rooms = dra::device_rooms(&slices(client).await?, &all_claims);
+                let found_slices = or_warn(
+                    slices(client).await,
+                    "without the devices' capacity",
+                    &mut warnings,
+                );
+                let rooms = dra::device_rooms(&found_slices, &all_claims);
                 let (names, _) = dra::pod_claim_names(&target);
                 let pod_claims: Vec<ResourceClaim> = all_claims
                     .into_iter()

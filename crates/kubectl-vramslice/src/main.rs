@@ -33,6 +33,9 @@ async fn main() -> ExitCode {
             for warning in &outcome.warnings {
                 eprintln!("warning: {warning}");
             }
+            if let Some(note) = outcome.note {
+                eprintln!("{note}");
+            }
             let mut out = stdout.lock();
             if out
                 .write_all(outcome.text.as_bytes())

@@ -116,10 +116,18 @@ fn opt_bytes(b: Option<u64>) -> String {
     b.map_or_else(|| "-".to_string(), format_bytes)
 }
 
-/// `kubectl vramslice nodes` as a table: one line per GPU.
+/// What an empty `nodes` table means (for stderr: stdout stays empty, as kubectl keeps it for
+/// "No resources found", so that scripts counting rows count none).
+pub const NO_NODES: &str = "No GpuNode objects found: is the vramslice device plugin running?";
+/// What an empty `pods` table means.
+pub const NO_PODS: &str = "No pods request vramslice memory.";
+/// What an empty `claims` table means.
+pub const NO_CLAIMS: &str = "No claims of vramslice devices.";
+
+/// `kubectl vramslice nodes` as a table: one line per GPU; nothing for no rows ([`NO_NODES`]).
 pub fn nodes_table(rows: &[NodeRow], style: Style) -> String {
     if rows.is_empty() {
-        return "No GpuNode objects found: is the vramslice device plugin running?\n".into();
+        return String::new();
     }
     let mut lines = Vec::new();
     for n in rows {
@@ -190,10 +198,10 @@ pub fn nodes_table(rows: &[NodeRow], style: Style) -> String {
     )
 }
 
-/// `kubectl vramslice pods` as a table.
+/// `kubectl vramslice pods` as a table; nothing for no rows ([`NO_PODS`]).
 pub fn pods_table(rows: &[PodRow], style: Style) -> String {
     if rows.is_empty() {
-        return "No pods request vramslice memory.\n".into();
+        return String::new();
     }
     let lines: Vec<Vec<(String, Tone)>> = rows
         .iter()
@@ -234,10 +242,10 @@ pub fn pods_table(rows: &[PodRow], style: Style) -> String {
     )
 }
 
-/// `kubectl vramslice claims` as a table.
+/// `kubectl vramslice claims` as a table; nothing for no rows ([`NO_CLAIMS`]).
 pub fn claims_table(rows: &[crate::dra::ClaimRow], style: Style) -> String {
     if rows.is_empty() {
-        return "No claims of vramslice devices.\n".into();
+        return String::new();
     }
     let lines: Vec<Vec<(String, Tone)>> = rows
         .iter()

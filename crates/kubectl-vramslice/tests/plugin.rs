@@ -125,14 +125,21 @@ async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
             let list = load(&rec.data, &format!("events-{ns}.json"))
                 .or_else(|| load(&rec.data, "events-empty.json"));
             let decoded = query.replace("%3D", "=").replace("%2C", ",");
-            let name = decoded
-                .split("involvedObject.name=")
-                .nth(1)
-                .map(|s| s.split([',', '&']).next().unwrap_or("").to_string());
+            // The field selector, as the API server reads it: name, and UID when asked.
+            let field = |key: &str| {
+                decoded
+                    .split(&format!("involvedObject.{key}="))
+                    .nth(1)
+                    .map(|s| s.split([',', '&']).next().unwrap_or("").to_string())
+            };
+            let (name, uid) = (field("name"), field("uid"));
             list.map(|l| {
                 filter_items(l, |e| {
                     name.as_deref()
                         .is_none_or(|n| e["involvedObject"]["name"] == n)
+                        && uid
+                            .as_deref()
+                            .is_none_or(|u| e["involvedObject"]["uid"] == u)
                 })
             })
         }
@@ -320,6 +327,16 @@ fn pods_table_json_yaml_and_namespaces() {
     );
     assert!(!t.contains("cpu-only"));
 
+    // None: stdout stays empty (scripts counting rows count none); the hint goes to stderr.
+    let o = s.run(&["pods", "-n", "nobody-here"]);
+    assert_eq!(code(&o), 0);
+    assert_eq!(stdout(&o), "");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("No pods request vramslice memory."),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     // Default namespace comes from the kubeconfig context (team-b).
     let j: Value = serde_json::from_slice(&s.run(&["pods", "-o", "json"]).stdout).unwrap();
     let names: Vec<&str> = j
@@ -443,7 +460,7 @@ fn explain_a_pod_that_can_never_fit() {
     assert!(t.contains("never"), "{t}");
     assert!(
         t.contains("Last scheduler event: FailedScheduling (×7, 2026-11-22T09:59:00Z)"),
-        "newest event first:\n{t}"
+        "newest event of this pod first (not the newer one of an earlier pod of its name):\n{t}"
     );
     assert!(t.contains("it can never fit"), "{t}");
 

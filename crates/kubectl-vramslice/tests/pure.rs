@@ -163,9 +163,7 @@ fn rows_and_tables() {
     );
     let t = pods_table(&prow, Style { color: false });
     assert!(t.contains("6 GiB") && t.contains("n1"), "{t}");
-    assert_eq!(
-        pods_table(&[], Style { color: false }),
-        "No pods request vramslice memory.\n"
-    );
-    assert!(nodes_table(&[], Style { color: false }).starts_with("No GpuNode objects"));
+    // Nothing on stdout for no rows (the hint goes to stderr), as kubectl's "No resources found".
+    assert_eq!(pods_table(&[], Style { color: false }), "");
+    assert_eq!(nodes_table(&[], Style { color: false }), "");
 }
