@@ -788,3 +788,70 @@ def test_settle_must_be_a_plain_function():
         vramslice.job("a", settle=settle)
     with pytest.raises(TypeError, match="settle must be a function or None, not str"):
         vramslice.job("a", settle="empty_cache")
+
+
+def test_a_job_inside_another_job_of_the_runtime_runs_within_its_reservation():
+    # Admitting the inner job would wait for memory only the outer job returns: a queue
+    # timeout every time. It runs within the outer reservation instead, measured with it.
+    rt = make(limit="1Gi", queue_timeout=0.3)
+    with vramslice.job("outer", need="800Mi", runtime=rt) as outer:
+        with vramslice.job("inner", need="800Mi", runtime=rt) as inner:
+            assert inner.nested and inner.reserved == 0
+            assert rt.stats()["running"] == 1
+        assert not outer.nested and outer.reserved == 800 << 20
+    assert rt.stats()["running"] == 0 and rt.stats()["reserved"] == 0
+    # Another runtime is another account: its job is admitted as usual.
+    other = make(limit="1Gi")
+    with vramslice.job("outer", need="800Mi", runtime=rt):
+        with vramslice.job("elsewhere", need="100Mi", runtime=other) as j:
+            assert not j.nested and j.reserved == 100 << 20
+    # A new thread is not inside the job: it waits in line as any other caller.
+    with vramslice.job("outer", need="800Mi", runtime=rt):
+        with ThreadPoolExecutor(1) as pool:
+            with pytest.raises(vramslice.QueueTimeout):
+                pool.submit(lambda: vramslice.job("thread", need="800Mi", runtime=rt).__enter__()).result()
+
+
+def test_guarded_functions_calling_each_other_are_admitted_once():
+    rt = make(limit="1Gi", queue_timeout=0.3)
+    calls = []
+
+    @vramslice.guarded("inner", need="800Mi", runtime=rt)
+    def inner():
+        calls.append(("inner", rt.stats()["running"]))
+        return "done"
+
+    @vramslice.guarded("outer", need="800Mi", runtime=rt)
+    def outer():
+        calls.append(("outer", rt.stats()["running"]))
+        return inner()
+
+    assert outer() == "done"
+    assert calls == [("outer", 1), ("inner", 1)]
+
+    @vramslice.guarded("ainner", need="800Mi", runtime=rt)
+    async def ainner():
+        return rt.stats()["running"]
+
+    @vramslice.guarded("aouter", need="800Mi", runtime=rt)
+    async def aouter():
+        async with vramslice.job("ablock", need="800Mi", runtime=rt) as j:
+            assert j.nested
+        return await ainner()
+
+    assert asyncio.run(aouter()) == 1
+    assert rt.stats()["running"] == 0
+
+
+def test_an_async_job_whose_runtime_cannot_be_made_can_be_entered_again(monkeypatch):
+    # The runtime's error must surface each time, not "already entered" after the first.
+    monkeypatch.setattr(vramslice, "runtime", lambda: (_ for _ in ()).throw(vramslice.ConfigError("bad")))
+    j = vramslice.job("m", need="1Mi")
+
+    async def enter():
+        async with j:
+            pass
+
+    for _ in range(2):
+        with pytest.raises(vramslice.ConfigError, match="bad"):
+            asyncio.run(enter())

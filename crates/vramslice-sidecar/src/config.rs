@@ -197,6 +197,26 @@ impl Config {
             &mut notes,
         );
         (c.limit, c.gpu_uuid) = limit_of_one_gpu(&resolved.limits, get(env::GPU_UUID).as_deref());
+        if c.limit == Some(0) {
+            // Failing closed (an unreadable limit file, a GPU given 0): nothing could ever be
+            // admitted. Said here, with the reason, rather than as jobs that wait and time out.
+            let (var, value) = match files.iter().find(|(_, r)| *r != FileRead::Missing) {
+                Some((path, _)) => (env::LIMIT_FILE, path.clone()),
+                None => (env::VRAM_LIMITS, env_limits.clone().unwrap_or_default()),
+            };
+            let why = if notes.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", notes.join("; "))
+            };
+            return Err(bad(
+                var,
+                &value,
+                format!(
+                    "the container's limit resolves to 0 bytes, so no job could ever be admitted{why}"
+                ),
+            ));
+        }
         for note in notes {
             tracing::warn!(note = %note, "vramslice sidecar limit");
         }
@@ -307,6 +327,14 @@ impl Config {
                 expected,
             ));
         }
+        if self.limit == Some(0) {
+            return Err(bad(
+                "limit",
+                "limit",
+                "0".into(),
+                "expected a limit above 0 bytes (none: the container's)",
+            ));
+        }
         if self.oom_retries > MAX_OOM_RETRIES {
             let expected = format!("expected at most {MAX_OOM_RETRIES} retries");
             return Err(bad(
@@ -408,9 +436,36 @@ mod tests {
             files(Some("limit=4294967296\n"), Some("limit=2147483648\n")),
         );
         assert_eq!(limit(got), Some(2 << 30));
-        // A malformed file fails closed, as the guard does: nothing is admitted.
-        let got = Config::from_lookup(env(&[]), files(Some("limit=lots\n"), None));
-        assert_eq!(limit(got), Some(0));
+        // A malformed file fails closed, as the guard does: nothing could be admitted, which
+        // the runtime says at once, naming the file and why, rather than timing jobs out.
+        let err = Config::from_lookup(env(&[]), files(Some("limit=lots\n"), None)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("VRAMSLICE_LIMIT_FILE=\"/var/run/vramslice/limit\": the container's limit resolves to 0 bytes"),
+            "{text}"
+        );
+        assert!(text.contains("failing closed"), "{text}");
+        // So does a GPU given 0 in the environment.
+        let zero = &[("VRAMSLICE_VRAM_LIMITS", "GPU-a:0")];
+        let err = Config::from_lookup(env(zero), files(None, None)).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "VRAMSLICE_VRAM_LIMITS=\"GPU-a:0\": the container's limit resolves to 0 bytes"
+            ),
+            "{err}"
+        );
+        // And a limit of 0 given in code.
+        let zero_in_code = Config {
+            limit: Some(0),
+            ..Config::default()
+        };
+        assert!(
+            zero_in_code
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("limit above 0")
+        );
         // No file: the environment alone, as before.
         let got = Config::from_lookup(env(raised), files(None, None));
         assert_eq!(limit(got), Some(8 << 30));

@@ -35,7 +35,7 @@ import time
 import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from ._native import (
     METRICS_CONTENT_TYPE,
@@ -197,6 +197,17 @@ def empty_cache() -> None:
             pass
 
 
+# The runtimes that hold a job in the current thread or task (a context variable: a task
+# inherits its creator's, a new thread starts with none). A job entered inside another job of
+# the same runtime runs within that job's reservation: admitting it would wait on memory only
+# the outer job can return, until the queue timeout, every time.
+_HELD: "contextvars.ContextVar[Tuple[Runtime, ...]]" = contextvars.ContextVar("vramslice_held", default=())
+
+
+def _holds(rt: Runtime) -> bool:
+    return any(held is rt for held in _HELD.get())
+
+
 def _settle(permit: Permit, settle: Optional[Callable[[], None]]) -> None:
     # The job's final reading first, then the cache release, and only then (when the permit
     # ends) the next job's admission, whose start usage no longer holds this job's cache. Beside
@@ -228,6 +239,11 @@ class job:  # noqa: N801 - reads as a function at the call site
     whose needs are declared or already learned). One ``job`` object holds one permit
     at a time: entering it again before it exits (from another thread or task) raises
     ``RuntimeError``; make one ``job(...)`` per use.
+
+    A job entered inside another job of the same runtime, in the same thread or task (a
+    :func:`guarded` function calling another), runs within the outer job's reservation: it is
+    not admitted again (``reserved`` is 0, ``nested`` is true) and nothing is measured or
+    learned for it; the outer job's peak includes its memory.
     """
 
     def __init__(
@@ -254,6 +270,8 @@ class job:  # noqa: N801 - reads as a function at the call site
         self._runtime = runtime
         self._classify = classify
         self.permit: Optional[Permit] = None
+        self.nested = False
+        self._held: Optional[contextvars.Token] = None
         self._in_use = False
         self._lock = threading.Lock()
 
@@ -283,6 +301,13 @@ class job:  # noqa: N801 - reads as a function at the call site
             return "complete"
         return "out_of_memory" if self._classify(exc) else "release"
 
+    def _let_go(self) -> None:
+        # In the context the job was entered in (a token resets only there).
+        held, self._held = self._held, None
+        if held is not None:
+            _HELD.reset(held)
+        self.nested = False
+
     def _finish(self, outcome: str) -> None:
         permit, self.permit = self.permit, None
         self._unclaim()
@@ -295,21 +320,30 @@ class job:  # noqa: N801 - reads as a function at the call site
     def __enter__(self) -> "job":
         self._claim()
         try:
-            self.permit = self._rt().admit(self.key, self.need, self.params, self.timeout)
+            rt = self._rt()
+            if _holds(rt):
+                self.nested = True
+                return self
+            self.permit = rt.admit(self.key, self.need, self.params, self.timeout)
+            self._held = _HELD.set(_HELD.get() + (rt,))
         except BaseException:
             self._unclaim()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._let_go()
         self._finish(self._outcome(exc))
         return False
 
     async def __aenter__(self) -> "job":
         self._claim()
-        rt = self._rt()
         cancel = _Cancel()
         try:
+            rt = self._rt()
+            if _holds(rt):
+                self.nested = True
+                return self
             loop = asyncio.get_running_loop()
             # In the task's context, as asyncio.to_thread does: the reclaim hook may run on
             # this thread and read it (a request id, a tracing span).
@@ -331,9 +365,11 @@ class job:  # noqa: N801 - reads as a function at the call site
                 # timeout (a permit it got meanwhile is dropped with it, returning the memory).
                 cancel.set()
             raise
+        self._held = _HELD.set(_HELD.get() + (rt,))
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self._let_go()
         # Giving the memory back reads usage and may write the profile (a lock and an fsync):
         # off the event loop. The error itself stays here: the pool's thread would hold it, and
         # the failed frames in its traceback, past the retry's cleanup.
@@ -459,6 +495,10 @@ def guarded(
             @functools.wraps(fn)
             async def async_wrapper(*args, **kwargs):
                 rt, k, n, p, limit = plan(args, kwargs)
+                if _holds(rt):
+                    # Inside another job of the runtime: its reservation covers this call, and
+                    # its retry (not this one's) handles running out of memory.
+                    return await fn(*args, **kwargs)
                 attempt = 0
                 while True:
                     try:
@@ -476,6 +516,8 @@ def guarded(
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             rt, k, n, p, limit = plan(args, kwargs)
+            if _holds(rt):
+                return fn(*args, **kwargs)
             attempt = 0
             while True:
                 try:
