@@ -129,6 +129,12 @@ impl Runtime {
     /// (`config.backoff`) and the job is admitted again, at most `config.oom_retries` times.
     /// `f` receives the attempt number (0 first).
     ///
+    /// The permit lives as long as this future: dropped early (a client gone, a timeout), it
+    /// returns the memory at once, so work `f` handed to another thread must not outlive it —
+    /// run the whole call on a task of its own (`tokio::spawn`) when the caller may be
+    /// dropped. A job admitted while another permit of this runtime is held on its behalf
+    /// waits for memory only that permit returns: run nested work under the outer permit.
+    ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// use std::sync::atomic::{AtomicU32, Ordering};

@@ -742,3 +742,41 @@ fn a_job_started_while_another_releases_its_cache_is_not_measured_alone() {
     assert!(a.end_measurement(), "b is still measured");
     assert!(!b.end_measurement(), "a no longer is");
 }
+
+/// Under the guard, with no sampler: an allocation this process made and freed during the job
+/// shows only as a rise of its high-water mark in the accounting file, and still counts.
+#[test]
+fn the_guards_high_water_mark_counts_toward_a_jobs_peak() {
+    use vramslice_core::container::accounting::{
+        ACCOUNTING_FILE_NAME, header, initial_image, slot, slot_word,
+    };
+    use vramslice_sidecar::usage::accounting::{AccountingFile, ProcessIdentity};
+    let dir = tempfile::tempdir().unwrap();
+    let me = ProcessIdentity::current();
+    let write = |bytes: u64, peak: u64| {
+        let mut image = initial_image(10 * GIB, "", 4);
+        for (at, value) in [
+            (slot_word(0, slot::PID), u64::from(me.pid)),
+            (slot_word(0, slot::START_TIME), me.start_time.unwrap_or(0)),
+            (slot_word(0, slot::BYTES), bytes),
+            (slot_word(0, slot::PEAK), peak),
+            (header::USED, bytes),
+        ] {
+            image[at * 8..at * 8 + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        std::fs::write(dir.path().join(ACCOUNTING_FILE_NAME), &image).unwrap();
+    };
+    write(GIB, GIB); // a model loaded before the job
+    let rt = Runtime::new(
+        Config {
+            limit: Some(10 * GIB),
+            sample_interval: Duration::ZERO,
+            ..Config::default()
+        },
+        AccountingFile::in_dir(dir.path()),
+    )
+    .unwrap();
+    let p = rt.admit_blocking(&Job::new("spiky").need(GIB)).unwrap();
+    write(GIB, 3 * GIB); // 2 GiB allocated and freed between samples
+    assert_eq!(p.complete(), Some(2 * GIB));
+}

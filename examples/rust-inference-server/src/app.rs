@@ -87,7 +87,11 @@ pub fn build(settings: Settings) -> Result<(Router, AppState), BuildError> {
             let rt = match &settings.runtime.accounting_dir {
                 Some(dir) => Runtime::new(
                     settings.runtime.clone(),
-                    vramslice_sidecar::usage::AccountingFile::in_dir(dir),
+                    // Under per-GPU limits the guard keeps one file per GPU: this GPU's.
+                    vramslice_sidecar::usage::AccountingFile::in_dir_for(
+                        dir,
+                        settings.runtime.gpu_uuid.as_deref(),
+                    ),
                 )?,
                 None => Runtime::new(
                     settings.runtime.clone(),
@@ -194,19 +198,31 @@ async fn infer(
     }
     let x = Arc::new(input(&state.settings.model, req.batch as usize, req.seed));
     let workspace = u64::from(req.batch) * state.settings.workspace_per_item;
-    let attempts = AtomicU32::new(0);
-    let run_once = |_: u32| {
-        attempts.fetch_add(1, Ordering::SeqCst);
-        let (model, x) = (Arc::clone(&state.model), Arc::clone(&x));
-        async move {
-            tokio::task::spawn_blocking(move || model.forward(&x, workspace))
-                .await
-                .unwrap_or_else(|e| Err(DeviceError::Driver(format!("worker failed: {e}"))))
+    let attempts = Arc::new(AtomicU32::new(0));
+    let run_once = {
+        let (model, attempts) = (Arc::clone(&state.model), Arc::clone(&attempts));
+        move |_: u32| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            let (model, x) = (Arc::clone(&model), Arc::clone(&x));
+            async move {
+                tokio::task::spawn_blocking(move || model.forward(&x, workspace))
+                    .await
+                    .unwrap_or_else(|e| Err(DeviceError::Driver(format!("worker failed: {e}"))))
+            }
         }
     };
     let result = if state.settings.admission {
+        // On a task of its own: a client that goes away drops this handler, and the permit
+        // must not go back to the line while the forward pass still runs on its worker.
+        let rt = state.rt.clone();
         let job = Job::new("mlp-forward").param("batch", req.batch);
-        state.rt.run(&job, &Hooks::default(), run_once).await
+        tokio::spawn(async move { rt.run(&job, &Hooks::default(), run_once).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(RunError::Job(DeviceError::Driver(format!(
+                    "job failed: {e}"
+                ))))
+            })
     } else {
         run_once(0).await.map_err(|e| {
             if matches!(e, DeviceError::OutOfMemory(_)) {

@@ -155,7 +155,8 @@ impl Inner {
         let peak = reading.peak.unwrap_or(0).max(reading.used);
         for job in state.jobs.values_mut().filter(|j| j.measuring()) {
             job.peak_live = job.peak_live.max(peak);
-            job.peak_own = job.peak_own.max(reading.own.unwrap_or(0));
+            let own = reading.own_peak.max(reading.own).unwrap_or(0);
+            job.peak_own = job.peak_own.max(own);
         }
         Ok(reading.used)
     }

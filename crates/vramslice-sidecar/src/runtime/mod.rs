@@ -218,7 +218,9 @@ impl Runtime {
     }
 
     /// Admit `job`, waiting (asynchronously) while memory is short. Needs a Tokio runtime with
-    /// its time driver. Dropping the future while it waits gives up its place in line.
+    /// its time driver. Dropping the future while it waits gives up its place in line. Work
+    /// nested in another admitted job runs under that job's permit: admitting it too would
+    /// wait for memory only the outer permit returns.
     pub async fn admit(&self, job: &Job) -> Result<Permit, AdmitError> {
         let mut waiting = match self.inner.enqueue(job)? {
             Enqueued::Now(permit) => return Ok(permit),

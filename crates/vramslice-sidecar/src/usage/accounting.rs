@@ -3,6 +3,8 @@
 //! the guard recorded is the total, and this process's slot is its own usage.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vramslice_core::container::accounting::{AccountingError, parse_proc_stat};
 
@@ -50,18 +52,31 @@ impl ProcessIdentity {
 /// slots hold: 0 before it has one, since the guard claims a slot at the process's first CUDA
 /// call).
 pub fn reading(bytes: &[u8], me: ProcessIdentity) -> Result<UsageReading, AccountingError> {
+    reading_and_high_water(bytes, me).map(|(reading, _)| reading)
+}
+
+/// [`reading`], and the high-water mark of this process's slots (the most each held since it
+/// was claimed, summed): it only ever rises while the process lives.
+fn reading_and_high_water(
+    bytes: &[u8],
+    me: ProcessIdentity,
+) -> Result<(UsageReading, u64), AccountingError> {
     let snapshot = vramslice_core::container::accounting::parse(bytes)?;
-    let own = snapshot
+    let (own, high_water) = snapshot
         .slots
         .iter()
         .filter(|s| me.owns(s))
-        .fold(0u64, |sum, s| sum.saturating_add(s.bytes));
-    Ok(UsageReading {
+        .fold((0u64, 0u64), |(own, high), s| {
+            (own.saturating_add(s.bytes), high.saturating_add(s.peak))
+        });
+    let reading = UsageReading {
         used: snapshot.used_bytes,
         total: (snapshot.limit_bytes > 0).then_some(snapshot.limit_bytes),
         peak: None,
         own: Some(own),
-    })
+        own_peak: None,
+    };
+    Ok((reading, high_water))
 }
 
 /// How often a file caught half-written is read again before it is an error.
@@ -74,6 +89,9 @@ const PARTIAL_READ_TRIES: u32 = 3;
 pub struct AccountingFile {
     path: PathBuf,
     me: ProcessIdentity,
+    /// This process's high-water mark at the previous read: when it has risen since, this
+    /// process held that much in between.
+    high_water: Arc<AtomicU64>,
 }
 
 impl AccountingFile {
@@ -82,6 +100,7 @@ impl AccountingFile {
         Self {
             path: dir.join(FILE_NAME),
             me: ProcessIdentity::current(),
+            high_water: Arc::default(),
         }
     }
 
@@ -93,6 +112,7 @@ impl AccountingFile {
                 path: dir
                     .join(vramslice_core::container::accounting::gpu_accounting_file_name(uuid)),
                 me: ProcessIdentity::current(),
+                high_water: Arc::default(),
             },
             None => Self::in_dir(dir),
         }
@@ -133,15 +153,22 @@ impl UsageSource for AccountingFile {
             } else {
                 ProcessIdentity::current()
             };
-            match reading(&bytes, me) {
+            match reading_and_high_water(&bytes, me) {
                 Err(AccountingError::TooShort { .. } | AccountingError::Truncated { .. })
                     if tries + 1 < PARTIAL_READ_TRIES =>
                 {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
-                read => {
-                    return read.map_err(|source| UsageError::AccountingContent {
+                Ok((mut reading, high_water)) => {
+                    // Risen since the previous read: this process held that much in between
+                    // (an allocation made and freed between two samples).
+                    let before = self.high_water.swap(high_water, Ordering::Relaxed);
+                    reading.own_peak = (high_water > before).then_some(high_water);
+                    return Ok(reading);
+                }
+                Err(source) => {
+                    return Err(UsageError::AccountingContent {
                         path: self.path.clone(),
                         source,
                     });
@@ -229,6 +256,43 @@ mod tests {
         };
         assert_eq!(reading(&image, me(999)).unwrap().own, Some(0));
         assert_eq!(reading(&image, me(1234)).unwrap().own, Some(1 << 30));
+    }
+
+    /// Writes this process's slot (index 0) into the accounting file in `dir`: `bytes` held
+    /// now, `peak` the most held since it was claimed.
+    pub(crate) fn write_own_slot(dir: &Path, bytes: u64, peak: u64) {
+        use vramslice_core::container::accounting::{slot, slot_word};
+        let me = ProcessIdentity::current();
+        let mut image = initial_image(4 << 30, "GPU-1", 4);
+        for (field, value) in [
+            (slot::PID, u64::from(me.pid)),
+            (slot::START_TIME, me.start_time.unwrap_or(0)),
+            (slot::BYTES, bytes),
+            (slot::PEAK, peak),
+        ] {
+            let at = slot_word(0, field) * 8;
+            image[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        let at = header::USED * 8;
+        image[at..at + 8].copy_from_slice(&bytes.to_le_bytes());
+        std::fs::write(dir.join(FILE_NAME), &image).unwrap();
+    }
+
+    /// The guard keeps each process's high-water mark: when it rose between two reads, the
+    /// process held that much in between, though it holds less at both.
+    #[test]
+    fn a_rise_of_the_guards_high_water_mark_is_a_peak_between_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = AccountingFile::in_dir(dir.path());
+        write_own_slot(dir.path(), 1 << 30, 1 << 30);
+        let r = source.read().unwrap();
+        assert_eq!((r.own, r.own_peak), (Some(1 << 30), Some(1 << 30)));
+        assert_eq!(source.read().unwrap().own_peak, None, "no rise: no peak");
+        // 3 GiB allocated and freed between two reads.
+        write_own_slot(dir.path(), 1 << 30, 4 << 30);
+        let r = source.read().unwrap();
+        assert_eq!((r.own, r.own_peak), (Some(1 << 30), Some(4 << 30)));
+        assert_eq!(source.read().unwrap().own_peak, None);
     }
 
     #[test]

@@ -12,6 +12,7 @@ impl UsageSource for CudaMemInfo {
             total: Some(total),
             peak: None,
             own: None,
+            own_peak: None,
         })
     }
 }

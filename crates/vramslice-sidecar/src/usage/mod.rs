@@ -27,6 +27,10 @@ pub struct UsageReading {
     /// A job's peak is measured from it when known ([`crate::config::PeakScope`]), so that
     /// what the container's other processes allocate meanwhile is not counted.
     pub own: Option<u64>,
+    /// The most this process held since the previous read, when the source knows it reached
+    /// more than it holds now (the guard's per-process high-water mark rose meanwhile): an
+    /// allocation made and freed between two samples still counts toward the job's peak.
+    pub own_peak: Option<u64>,
 }
 
 /// A usage source that could not be read.
@@ -120,6 +124,7 @@ impl UsageSource for ManualUsage {
             total: (total > 0).then_some(total),
             peak: Some(peak),
             own: None,
+            own_peak: None,
         })
     }
 }
