@@ -69,9 +69,11 @@ enum vramslice_status vramslice_runtime_set_usage(const struct vramslice_runtime
                                                   uint64_t used_bytes);
 
 // Destroy a runtime. Permits still held stay valid until they are released. NULL is ignored.
+// No other call on `rt` may be in progress (a `vramslice_admit` waiting in line on another
+// thread reads the handle until it returns) or start afterwards.
 //
 // # Safety
-// `rt` is NULL or a handle from this library not yet freed.
+// `rt` is NULL or a handle from this library not yet freed, used by no call in progress.
 void vramslice_runtime_free(struct vramslice_runtime *rt);
 
 // Admit a job, blocking while memory is short (up to the queue timeout). `need_bytes` 0 means

@@ -210,9 +210,11 @@ pub unsafe extern "C" fn vramslice_runtime_set_usage(
 }
 
 /// Destroy a runtime. Permits still held stay valid until they are released. NULL is ignored.
+/// No other call on `rt` may be in progress (a `vramslice_admit` waiting in line on another
+/// thread reads the handle until it returns) or start afterwards.
 ///
 /// # Safety
-/// `rt` is NULL or a handle from this library not yet freed.
+/// `rt` is NULL or a handle from this library not yet freed, used by no call in progress.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vramslice_runtime_free(rt: *mut VramsliceRuntime) {
     guarded((), || {
