@@ -54,6 +54,13 @@ reject() {
   ok "$3"
 }
 d="$tmp/defaults.yaml"
+expect "$d" 'metricsAddr: 0\.0\.0\.0:9400' "listeners on the pod IP bind IPv4 by default"
+"$HELM" template vramslice "$CHART" --namespace vramslice-system --set listenHost=:: "${KV[@]}" > "$tmp/ipv6.yaml" \
+  || fail "helm template (listenHost=::)"
+expect "$tmp/ipv6.yaml" "metricsAddr: '\\[::\\]:9400'" "listenHost=:: binds the node agent's metrics on [::]"
+expect "$tmp/ipv6.yaml" "metricsAddr: '\\[::\\]:8889'" "listenHost=:: binds the extender's metrics on [::]"
+expect "$tmp/ipv6.yaml" "listenAddr: '\\[::\\]:8443'" "listenHost=:: binds the webhook on [::]"
+expect "$tmp/ipv6.yaml" 'listenAddr: 127\.0\.0\.1:8888' "the scheduler API stays on loopback"
 expect "$d" 'image: "?registry.k8s.io/kube-scheduler:v1\.37\.2' "scheduler image follows the cluster version"
 expect "$d" 'leaderElect: true' "one replica: leader election on (scaling up never overlaps an unelected pod)"
 expect "$d" 'vramslice.io/leader-elect: "true"' "the Deployment says whether its pods elect (read back by the next upgrade)"
@@ -234,6 +241,9 @@ bad=(
   "--set webhook.failurePolicy=ignore"
   "--set rbac.gpuNodeReaders[0].kind=Role --set rbac.gpuNodeReaders[0].name=x"
   "--set rbac.gpuNodeReaders[0].kind=ServiceAccount --set rbac.gpuNodeReaders[0].name=ci"
+  "--set webhook.certManager.enabled=true --set webhook.certManager.issuerRef.kind=ClusterIssuer"
+  "--set listenHost=[::]"
+  "--set-string listenHost="
 )
 for b in "${bad[@]}"; do
   # shellcheck disable=SC2086

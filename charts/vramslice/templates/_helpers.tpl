@@ -170,3 +170,14 @@ plugin places claims there). */}}
 {{- define "vramslice.webhookEnabled" -}}
 {{- if and .Values.webhook.enabled (include "vramslice.schedulerEnabled" .) }}true{{ end -}}
 {{- end -}}
+
+{{/* The address a listener on the pod IP binds (metrics, probes, the webhook): `listenHost` and
+`.port`, an IPv6 host in brackets. Call with (dict "root" $ "port" N). */}}
+{{- define "vramslice.podListenAddr" -}}
+{{- $host := .root.Values.listenHost -}}
+{{- if contains ":" $host -}}
+{{- printf "[%s]:%d" $host (int .port) -}}
+{{- else -}}
+{{- printf "%s:%d" $host (int .port) -}}
+{{- end -}}
+{{- end -}}
