@@ -34,6 +34,9 @@ pub enum ClientError {
     /// The configuration did not make a client.
     #[error("cannot build a Kubernetes client: {0}")]
     Build(kube::Error),
+    /// A connection flag cannot be used as given.
+    #[error("{0}")]
+    Flag(String),
 }
 
 /// The kubeconfig files to read, as kubectl picks them: `explicit` (`--kubeconfig`) alone;
@@ -129,9 +132,11 @@ pub fn user_kubeconfig(
 /// # Errors
 /// [`ClientError`] saying which kubeconfig failed and why.
 pub async fn client(cli: &Cli) -> Result<Client, ClientError> {
+    let timeout = request_timeout(cli.request_timeout.as_deref())?;
     let options = KubeConfigOptions {
         context: cli.context.clone(),
-        ..Default::default()
+        cluster: cli.cluster.clone(),
+        user: cli.user.clone(),
     };
     let kubeconfig_env = std::env::var_os("KUBECONFIG");
     let home = std::env::home_dir();
@@ -141,19 +146,35 @@ pub async fn client(cli: &Cli) -> Result<Client, ClientError> {
         home.as_deref(),
     )?;
     let mut config = match found {
-        Some((kc, path)) => kube::Config::from_custom_kubeconfig(kc, &options)
-            .await
-            .map_err(|source| ClientError::Kubeconfig { path, source })?,
+        Some((kc, path)) => {
+            // As kubectl: a user asked for by name must exist (without --user, a context's
+            // missing user means no credentials, as for client-go).
+            if let Some(user) = &cli.user
+                && !kc.auth_infos.iter().any(|a| &a.name == user)
+            {
+                return Err(ClientError::Flag(format!(
+                    "kubeconfig {path}: --user {user}: no such user"
+                )));
+            }
+            kube::Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .map_err(|source| ClientError::Kubeconfig { path, source })?
+        }
         None => {
             let looked = shown(&candidates(
                 None,
                 kubeconfig_env.as_deref(),
                 home.as_deref(),
             ));
-            if let Some(context) = &cli.context {
+            let named = [
+                ("--context", &cli.context),
+                ("--cluster", &cli.cluster),
+                ("--user", &cli.user),
+            ];
+            if let Some((flag, Some(name))) = named.iter().find(|(_, v)| v.is_some()) {
                 return Err(ClientError::NoKubeconfig {
                     looked,
-                    why: format!("--context {context} needs one"),
+                    why: format!("{flag} {name} needs one"),
                 });
             }
             kube::Config::incluster().map_err(|e| ClientError::NoKubeconfig {
@@ -162,13 +183,60 @@ pub async fn client(cli: &Cli) -> Result<Client, ClientError> {
             })?
         }
     };
-    config.read_timeout = Some(Duration::from_secs(30));
+    config.read_timeout = timeout;
+    config.write_timeout = timeout;
+    if let Some(user) = &cli.impersonate {
+        config.auth_info.impersonate = Some(user.clone());
+    }
+    if !cli.impersonate_groups.is_empty() {
+        if cli.impersonate.is_none() {
+            return Err(ClientError::Flag(
+                "--as-group needs --as: the API server impersonates groups only with a user".into(),
+            ));
+        }
+        config.auth_info.impersonate_groups = Some(cli.impersonate_groups.clone());
+    }
     Client::try_from(config).map_err(ClientError::Build)
+}
+
+/// `--request-timeout` as kubectl reads it: a duration (`30s`, `1m`), whole seconds (`30`),
+/// or `0` for none; 30 s when not given.
+fn request_timeout(flag: Option<&str>) -> Result<Option<Duration>, ClientError> {
+    let Some(text) = flag.map(str::trim) else {
+        return Ok(Some(Duration::from_secs(30)));
+    };
+    let bad = |why: String| ClientError::Flag(format!("--request-timeout {text:?}: {why}"));
+    let timeout = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(text.parse().map_err(|_| bad("too large".into()))?)
+    } else {
+        vramslice_core::parse_duration(text).map_err(|e| bad(e.to_string()))?
+    };
+    Ok((!timeout.is_zero()).then_some(timeout))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_timeouts_read_as_kubectls() {
+        let secs = |s: u64| Ok(Some(Duration::from_secs(s)));
+        assert_eq!(request_timeout(None).map_err(|e| e.to_string()), secs(30));
+        assert_eq!(
+            request_timeout(Some("5")).map_err(|e| e.to_string()),
+            secs(5)
+        );
+        assert_eq!(
+            request_timeout(Some("1m")).map_err(|e| e.to_string()),
+            secs(60)
+        );
+        assert_eq!(
+            request_timeout(Some("0")).map_err(|e| e.to_string()),
+            Ok(None)
+        );
+        let err = request_timeout(Some("soon")).unwrap_err().to_string();
+        assert!(err.starts_with("--request-timeout \"soon\": "), "{err}");
+    }
 
     fn write(dir: &Path, name: &str, context: &str) -> PathBuf {
         let path = dir.join(name);

@@ -75,6 +75,22 @@ pub struct Cli {
     /// Namespace (default: the context's).
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
+    /// Kubeconfig cluster to use (default: the context's), as kubectl's --cluster.
+    #[arg(long, global = true)]
+    pub cluster: Option<String>,
+    /// Kubeconfig user to use (default: the context's), as kubectl's --user.
+    #[arg(long, global = true)]
+    pub user: Option<String>,
+    /// User to impersonate, as kubectl's --as.
+    #[arg(long = "as", global = true, value_name = "USER")]
+    pub impersonate: Option<String>,
+    /// Group to impersonate (repeat for several), as kubectl's --as-group.
+    #[arg(long = "as-group", global = true, value_name = "GROUP")]
+    pub impersonate_groups: Vec<String>,
+    /// How long one request may take before it fails ("0": no limit; "30s", "1m", or seconds),
+    /// as kubectl's --request-timeout. Default 30s.
+    #[arg(long, global = true)]
+    pub request_timeout: Option<String>,
     /// Safety margin the extender keeps free per GPU (its `headroom`), for effective free
     /// memory. Default: the extender's own setting, read from its ConfigMap (labelled
     /// app.kubernetes.io/component=scheduler), else 512Mi with a warning.

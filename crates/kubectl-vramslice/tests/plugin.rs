@@ -62,10 +62,16 @@ fn filter_items(mut list: Value, keep: impl Fn(&Value) -> bool) -> Value {
 async fn serve(State(rec): State<Recorded>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
-    rec.log
-        .lock()
-        .unwrap()
-        .push(format!("{} {path}", req.method()));
+    let impersonating: Vec<String> = ["impersonate-user", "impersonate-group"]
+        .iter()
+        .flat_map(|h| req.headers().get_all(*h).iter())
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    rec.log.lock().unwrap().push(if impersonating.is_empty() {
+        format!("{} {path}", req.method())
+    } else {
+        format!("{} {path} as {}", req.method(), impersonating.join(","))
+    });
     if req.method() != axum::http::Method::GET {
         return (StatusCode::METHOD_NOT_ALLOWED, "the plugin must only read").into_response();
     }
@@ -556,6 +562,45 @@ fn colour_only_when_asked_or_on_a_terminal() {
         false,
         false
     ));
+}
+
+/// kubectl's connection flags pass through: impersonation reaches the API server as its
+/// headers; an unknown cluster or user in the kubeconfig is an error naming it; a bad
+/// request timeout is named.
+#[test]
+fn kubectls_connection_flags_are_understood() {
+    let s = start(true);
+    let o = s.run(&[
+        "nodes",
+        "--as",
+        "alice",
+        "--as-group",
+        "sre",
+        "--request-timeout",
+        "5s",
+    ]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let log = s.log.lock().unwrap().clone();
+    assert!(
+        !log.is_empty() && log.iter().all(|l| l.ends_with(" as alice,sre")),
+        "{log:?}"
+    );
+    for (flags, want) in [
+        (&["--cluster", "elsewhere"][..], "elsewhere"),
+        (&["--user", "mallory"][..], "mallory"),
+        (&["--as-group", "sre"][..], "--as-group needs --as"),
+        (
+            &["--request-timeout", "soon"][..],
+            "--request-timeout \"soon\"",
+        ),
+    ] {
+        let mut args = vec!["nodes"];
+        args.extend_from_slice(flags);
+        let o = s.run(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(code(&o), 0, "{flags:?}");
+        assert!(stderr.contains(want), "{flags:?}: {stderr}");
+    }
 }
 
 #[test]
