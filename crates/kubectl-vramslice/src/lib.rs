@@ -390,7 +390,8 @@ pub async fn run(cli: &Cli, client: &Client, style: Style) -> Result<Outcome, Pl
             let shown = pods(client, ns).await?;
             let mut warnings = Vec::new();
             let gns = or_warn(gpunodes(client).await, "without live use", &mut warnings);
-            let rows = model::pod_rows(&gns, &shown);
+            let (rows, unreadable) = model::pod_rows_and_unreadable(&gns, &shown);
+            warnings.extend(unreadable);
             let text = match cli.output {
                 Format::Table => render::pods_table(&rows, style),
                 f => render::structured(&rows, f)?,

@@ -160,10 +160,26 @@ pub struct PodRow {
 
 /// Rows for `kubectl vramslice pods`, sorted by namespace and name.
 pub fn pod_rows(gpunodes: &[GpuNode], pods: &[Pod]) -> Vec<PodRow> {
+    pod_rows_and_unreadable(gpunodes, pods).0
+}
+
+/// [`pod_rows`], and why each pod that asks for VRAM in a way that cannot be read (two VRAM
+/// resources, a quantity that is no whole number of units) has no row: such a pod stays
+/// Pending, and is what a user looks for.
+pub fn pod_rows_and_unreadable(gpunodes: &[GpuNode], pods: &[Pod]) -> (Vec<PodRow>, Vec<String>) {
+    let mut unreadable = Vec::new();
     let mut rows: Vec<PodRow> = pods
         .iter()
         .filter_map(|pod| {
-            let request = bound_pod_request(pod, &VramUnit::ALL).ok().flatten()?;
+            let request = match bound_pod_request(pod, &VramUnit::ALL) {
+                Ok(request) => request?,
+                Err(e) => {
+                    unreadable.push(format!(
+                        "{e}: not listed (kubectl vramslice explain tells more)"
+                    ));
+                    return None;
+                }
+            };
             let namespace = pod.metadata.namespace.clone().unwrap_or_default();
             let name = pod.metadata.name.clone().unwrap_or_default();
             let uid = pod.metadata.uid.clone();
@@ -233,5 +249,5 @@ pub fn pod_rows(gpunodes: &[GpuNode], pods: &[Pod]) -> Vec<PodRow> {
         })
         .collect();
     rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    rows
+    (rows, unreadable)
 }

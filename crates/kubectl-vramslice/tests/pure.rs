@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Pod;
 use kubectl_vramslice::explain::{PodState, explain};
-use kubectl_vramslice::model::{build_ledger, node_rows, pod_rows};
+use kubectl_vramslice::model::{build_ledger, node_rows, pod_rows, pod_rows_and_unreadable};
 use kubectl_vramslice::render::{Style, explanation_text, nodes_table, pods_table};
 use serde_json::json;
 use vramslice_api::GpuNode;
@@ -155,7 +155,7 @@ fn rows_and_tables() {
         .replace("\x1b[0m", "");
     assert_eq!(stripped, plain);
 
-    let prow = pod_rows(std::slice::from_ref(&gn), &[bound]);
+    let prow = pod_rows(std::slice::from_ref(&gn), std::slice::from_ref(&bound));
     assert_eq!(prow[0].limit_bytes, 6 << 30);
     assert_eq!(
         prow[0].gpu_uuid, None,
@@ -166,4 +166,18 @@ fn rows_and_tables() {
     // Nothing on stdout for no rows (the hint goes to stderr), as kubectl's "No resources found".
     assert_eq!(pods_table(&[], Style { color: false }), "");
     assert_eq!(nodes_table(&[], Style { color: false }), "");
+    // A pod asking for VRAM in two units has no row, and is named with the reason.
+    let mixed = pod(
+        json!({"vramslice.io/vram-gib": "2", "vramslice.io/vram-512mib": "4"}),
+        None,
+    );
+    let (rows, unreadable) = pod_rows_and_unreadable(std::slice::from_ref(&gn), &[bound, mixed]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(unreadable.len(), 1, "{unreadable:?}");
+    assert!(
+        unreadable[0].contains("requests both vramslice.io/vram-512mib and vramslice.io/vram-gib")
+            || unreadable[0]
+                .contains("requests both vramslice.io/vram-gib and vramslice.io/vram-512mib"),
+        "{unreadable:?}"
+    );
 }
