@@ -44,6 +44,12 @@ static fake_graph *capture_graph(CUstream s) {
         if (s && captures[i].stream == s) return captures[i].graph;
     return NULL;
 }
+/* CU_STREAM_CAPTURE_STATUS_{NONE,ACTIVE,INVALIDATED} of stream s. */
+static int capture_status(CUstream s) {
+    for (int i = 0; i < MAXCAPTURE; i++)
+        if (s && captures[i].stream == s) return captures[i].invalidated ? 2 : 1;
+    return 0;
+}
 
 static CUresult add_node(fake_graph *g, fake_node **out, int type, int dev, long long bytes, CUdeviceptr dptr, fake_graph *child) {
     if (!g || g->n >= (int)(sizeof g->nodes / sizeof g->nodes[0])) return ERR_INVALID_VALUE;
@@ -140,12 +146,13 @@ CUresult cuStreamEndCapture(CUstream s, fake_graph **g) {
     return ERR_INVALID_VALUE;
 }
 CUresult cuStreamEndCapture_ptsz(CUstream s, fake_graph **g) { return cuStreamEndCapture(s, g); }
-CUresult cuStreamIsCapturing(CUstream s, int *status) { if (!status) return ERR_INVALID_VALUE; *status = capture_graph(s) ? 1 : 0; return OK; }
+CUresult cuStreamIsCapturing(CUstream s, int *status) { if (!status) return ERR_INVALID_VALUE; *status = capture_status(s); return OK; }
 CUresult cuStreamIsCapturing_ptsz(CUstream s, int *status) { return cuStreamIsCapturing(s, status); }
 CUresult cuStreamGetCaptureInfo_v2(CUstream s, int *status, unsigned long long *id, fake_graph **g, const void **deps, size_t *n) {
     if (!status) return ERR_INVALID_VALUE;
-    fake_graph *c = capture_graph(s);
-    *status = c ? 1 : 0;
+    /* As the driver: the graph is told only for a live (active) capture. */
+    *status = capture_status(s);
+    fake_graph *c = *status == 1 ? capture_graph(s) : NULL;
     if (id) *id = (unsigned long long)(uintptr_t)c;
     if (g) *g = c;
     if (deps) *deps = NULL;

@@ -53,13 +53,32 @@ mod tests {
         }
         let done = Arc::new(AtomicBool::new(false));
         let finished = Arc::clone(&done);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let waiter = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
             let file = File::open(&path).unwrap();
             let result = lock_exclusive(file.as_raw_fd()).map_err(|e| e.to_string());
             finished.store(true, Ordering::SeqCst);
             result
         });
-        std::thread::sleep(Duration::from_millis(100));
+        // Signal only once the waiter sleeps in flock (a signal before it would test nothing).
+        let tid = tid_rx.recv().unwrap();
+        let state = || {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
+                .unwrap_or(false)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !state() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never blocked"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
         for _ in 0..3 {
             // SAFETY: the waiter thread is alive (blocked in flock until `holder` is closed).
             unsafe { libc::pthread_kill(waiter.as_pthread_t(), libc::SIGUSR2) };

@@ -106,11 +106,11 @@ pub mod slot {
     /// Update counter (low 32 bits: lowering updates in flight; high 32 bits: completed ones).
     pub const OPS: usize = 5;
     /// [`slot_lock_mark`](super::slot_lock_mark)`(pid)` when the owner holds a read lock (`fcntl`) on byte `<slot index>` of the slot lock
-    /// file ([`SLOT_LOCK_SUFFIX`](super::SLOT_LOCK_SUFFIX)): its liveness is that lock, which the kernel drops when the
-    /// process ends and which every process sharing the file sees, whatever its PID namespace
-    /// (containers sharing a DRA claim share its accounting directory, not their PIDs). 0: judge
-    /// by pid and start time (files of earlier versions, or no lock file), as is a mark that
-    /// names another pid.
+    /// file ([`SLOT_LOCK_SUFFIX`](super::SLOT_LOCK_SUFFIX)): while that lock is held the owner is alive, whatever its
+    /// PID namespace (containers sharing a DRA claim share its accounting directory, not their
+    /// PIDs); the kernel drops it when the process ends. A lock not held is judged by pid and
+    /// start time (an owner that closed a descriptor of the lock file lost its locks alive), as
+    /// is 0 (files of earlier versions, or no lock file) and a mark that names another pid.
     pub const LOCKED: usize = 6;
 }
 

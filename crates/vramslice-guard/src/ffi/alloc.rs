@@ -383,7 +383,11 @@ macro_rules! free_async {
                 if let Some(graph) = capture_graph(stream, $ptsz) {
                     let rc = call();
                     if rc == CUDA_SUCCESS {
-                        g.graph_free_captured(graph as usize as u64, dptr);
+                        g.graph_free_captured(
+                            super::graph::capture_key(stream, $ptsz),
+                            graph as usize as u64,
+                            dptr,
+                        );
                     }
                     return rc;
                 }

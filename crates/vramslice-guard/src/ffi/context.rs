@@ -280,8 +280,8 @@ pub unsafe extern "C" fn cuLibraryUnload(l: Handle) -> CUresult {
     })
 }
 
-/// Interposed `cuMemGetInfo_v2`, for the current context's device: total = its limit, free =
-/// min(limit − used, real free); a refused device shows 0 and 0.
+/// Interposed `cuMemGetInfo_v2`, for the current context's device: total = its limit (at most
+/// the card's), free = min(limit − used, real free); a refused device shows 0 and 0.
 ///
 /// # Safety
 /// As the CUDA driver API requires.

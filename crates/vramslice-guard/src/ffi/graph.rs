@@ -76,6 +76,20 @@ pub(super) fn capture_graph(stream: Handle, ptsz: bool) -> Option<Handle> {
     (capturing && !graph.is_null()).then_some(graph)
 }
 
+/// What names `stream`'s capture between a captured free and `cuStreamEndCapture`: the handle;
+/// for a per-thread default stream (`0` through a `_ptsz` entry point, or
+/// `CU_STREAM_PER_THREAD`), which is each thread's own, the handle with the thread.
+pub(super) fn capture_key(stream: Handle, ptsz: bool) -> u64 {
+    let handle = stream as usize as u64;
+    if (ptsz && handle == 0) || handle == CU_STREAM_PER_THREAD {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        (u64::from(tid.unsigned_abs()) << 32) | CU_STREAM_PER_THREAD
+    } else {
+        handle
+    }
+}
+
 /// The graph memory pool of device `dev` (the `graph_pool` probe).
 pub(super) fn graph_pool(dev: i32) -> Option<GraphPoolReading> {
     let f = super::real::real()?.cuDeviceGetGraphMemAttribute?;
@@ -343,7 +357,7 @@ launch_like!(
 
 macro_rules! end_capture {
     ($name:ident, $ptsz:literal) => {
-        #[doc = concat!("Interposed `", stringify!($name), "`: frees captured into the graph the stream was capturing into move to the graph the capture made, or are forgotten when it made none (an invalidated capture: the driver destroys that graph itself, and a later graph may get its handle).")]
+        #[doc = concat!("Interposed `", stringify!($name), "`: frees captured on the stream move to the graph the capture made, or are forgotten when it made none (an invalidated capture: the driver destroys that graph itself, and a later graph may get its handle).")]
         ///
         /// # Safety
         /// As the CUDA driver API requires.
@@ -351,19 +365,18 @@ macro_rules! end_capture {
         pub unsafe extern "C" fn $name(stream: Handle, graph: *mut Handle) -> CUresult {
             boundary(|| {
                 let f = real_fn!($name);
-                let capturing = guard().and_then(|_| capture_graph(stream, $ptsz));
                 // SAFETY: arguments forwarded unchanged.
                 let rc = unsafe { f(stream, graph) };
-                if let (Some(g), Some(capturing)) = (guard(), capturing) {
+                // The capture is looked up by its stream, as recorded at its captured frees: an
+                // invalidated capture's graph can no longer be asked for (the driver answers
+                // only a live capture's).
+                if let Some(g) = guard() {
                     let made = (rc == CUDA_SUCCESS)
                         // SAFETY: graph is read only after the driver reported success.
                         .then(|| unsafe { read_out(graph) })
                         .flatten()
                         .filter(|h| !h.is_null());
-                    g.graph_capture_ended(
-                        capturing as usize as u64,
-                        made.map(|h| h as usize as u64),
-                    );
+                    g.graph_capture_ended(capture_key(stream, $ptsz), made.map(|h| h as usize as u64));
                 }
                 rc
             })

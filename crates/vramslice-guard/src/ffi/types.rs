@@ -43,6 +43,8 @@ pub const CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT: c_int = 2;
 pub const CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD: u64 = 2;
 /// `CU_STREAM_CAPTURE_STATUS_NONE`.
 pub const CU_STREAM_CAPTURE_STATUS_NONE: c_int = 0;
+/// `CU_STREAM_PER_THREAD`: the calling thread's default stream, as a handle.
+pub const CU_STREAM_PER_THREAD: u64 = 0x2;
 /// `NVML_ERROR_UNINITIALIZED`.
 pub const NVML_ERROR_UNINITIALIZED: c_int = 1;
 /// `NVML_SUCCESS`.

@@ -92,6 +92,10 @@ pub struct GraphState {
     pools: HashMap<i32, DevicePool>,
     /// Readings of graph pools started so far: each reading's ticket.
     readings: u64,
+    /// Capture key (`ffi::graph::capture_key`: the stream) → the graph its capture goes into,
+    /// as seen at a captured free: how `cuStreamEndCapture` finds an invalidated capture's
+    /// graph, which the driver no longer tells.
+    capturing: HashMap<u64, u64>,
 }
 
 /// Device `dev`'s trim epoch (0 before its pool is first read).
@@ -167,26 +171,28 @@ impl Guard {
         self.graphs().execs.remove(&exec);
     }
 
-    /// A stream-ordered free of `ptr` was captured into `graph`. An ordinary allocation the
-    /// guard tracks stays charged until a graph instantiated from `graph` runs; returns whether
-    /// `ptr` is one (anything else, a graph allocation, is not charged).
-    pub fn graph_free_captured(&self, graph: u64, ptr: u64) -> bool {
+    /// A stream-ordered free of `ptr` was captured into `graph` by the capture keyed
+    /// `capture`. An ordinary allocation the guard tracks stays charged until a graph
+    /// instantiated from `graph` runs; returns whether `ptr` is one (anything else, a graph
+    /// allocation, is not charged).
+    pub fn graph_free_captured(&self, capture: u64, graph: u64, ptr: u64) -> bool {
         if !self.tracker.contains(Kind::DevicePtr, ptr) {
             return false;
         }
-        self.graphs()
-            .captured_frees
-            .entry(graph)
-            .or_default()
-            .push(ptr);
+        let mut st = self.graphs();
+        st.capturing.insert(capture, graph);
+        st.captured_frees.entry(graph).or_default().push(ptr);
         true
     }
 
-    /// A stream capture into graph `capturing` ended: the frees captured into it belong to the
-    /// graph it `made`, or, when it made none (the capture was invalidated, and the driver
+    /// The stream capture keyed `capture` ended: the frees captured into its graph belong to
+    /// the graph it `made`, or, when it made none (the capture was invalidated, and the driver
     /// destroyed the graph), are forgotten before another graph gets that handle.
-    pub fn graph_capture_ended(&self, capturing: u64, made: Option<u64>) {
+    pub fn graph_capture_ended(&self, capture: u64, made: Option<u64>) {
         let mut st = self.graphs();
+        let Some(capturing) = st.capturing.remove(&capture) else {
+            return;
+        };
         let frees = st.captured_frees.remove(&capturing);
         if let (Some(made), Some(frees)) = (made, frees) {
             st.captured_frees.entry(made).or_default().extend(frees);

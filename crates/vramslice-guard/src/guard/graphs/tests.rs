@@ -299,9 +299,12 @@ fn a_captured_free_releases_when_a_graph_from_that_capture_first_runs() {
     let g = guard_on::<6>(100);
     g.reserve(0, 30).unwrap();
     g.track(Kind::DevicePtr, 0xa0, 0, 30);
-    assert!(g.graph_free_captured(200, 0xa0), "an ordinary allocation");
     assert!(
-        !g.graph_free_captured(200, 0xb0),
+        g.graph_free_captured(200, 200, 0xa0),
+        "an ordinary allocation"
+    );
+    assert!(
+        !g.graph_free_captured(200, 200, 0xb0),
         "not tracked: a graph allocation"
     );
     assert_eq!(g.used(0), 30, "still charged after the capture");
@@ -318,14 +321,14 @@ fn a_captured_free_releases_when_a_graph_from_that_capture_first_runs() {
     // A capture whose graph is destroyed before it is instantiated frees nothing.
     g.reserve(0, 10).unwrap();
     g.track(Kind::DevicePtr, 0xc0, 0, 10);
-    assert!(g.graph_free_captured(300, 0xc0));
+    assert!(g.graph_free_captured(300, 300, 0xc0));
     g.graph_source_destroyed(300);
     g.graph_instantiated(30, 300, None, false);
     let launch = g.graph_before_launch(30, || Some(0)).unwrap();
     g.graph_after_mapping(launch, true);
     assert_eq!(g.used(0), 10);
     // A failed launch frees nothing either.
-    assert!(g.graph_free_captured(400, 0xc0));
+    assert!(g.graph_free_captured(400, 400, 0xc0));
     g.graph_instantiated(40, 400, None, false);
     let launch = g.graph_before_launch(40, || Some(0)).unwrap();
     g.graph_after_mapping(launch, false);
@@ -337,7 +340,7 @@ fn a_captured_free_runs_once_even_from_two_graphs_of_one_capture() {
     let g = guard_on::<7>(100);
     g.reserve(0, 30).unwrap();
     g.track(Kind::DevicePtr, 0xd0, 0, 30);
-    assert!(g.graph_free_captured(500, 0xd0));
+    assert!(g.graph_free_captured(500, 500, 0xd0));
     g.graph_instantiated(50, 500, Some(Vec::new()), false);
     g.graph_instantiated(51, 500, Some(Vec::new()), false);
     let launch = g.graph_before_launch(50, || Some(0)).unwrap();
@@ -414,16 +417,17 @@ fn frees_of_a_capture_that_made_no_graph_are_forgotten() {
     let g = guard_on::<9>(100);
     g.reserve(0, 30).unwrap();
     g.track(Kind::DevicePtr, 0xa, 0, 30);
-    assert!(g.graph_free_captured(0x600, 0xa));
-    g.graph_capture_ended(0x600, None);
+    // Captured on stream 0x60 into graph 0x600; the capture is invalidated.
+    assert!(g.graph_free_captured(0x60, 0x600, 0xa));
+    g.graph_capture_ended(0x60, None);
     // The next capture gets handle 0x600 back and frees nothing.
     g.graph_instantiated(0x700, 0x600, Some(Vec::new()), false);
     let plan = g.graph_before_launch(0x700, || Some(0)).unwrap();
     g.graph_after_mapping(plan, true);
     assert_eq!(g.used(0), 30, "the failed capture's free ran");
     // A capture that ends well: its graph (here under another handle) carries the free.
-    assert!(g.graph_free_captured(0x800, 0xa));
-    g.graph_capture_ended(0x800, Some(0x900));
+    assert!(g.graph_free_captured(0x80, 0x800, 0xa));
+    g.graph_capture_ended(0x80, Some(0x900));
     g.graph_instantiated(0x901, 0x900, Some(Vec::new()), false);
     let plan = g.graph_before_launch(0x901, || Some(0)).unwrap();
     g.graph_after_mapping(plan, true);
