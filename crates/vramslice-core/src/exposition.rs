@@ -116,19 +116,14 @@ fn descriptor<'a>(line: &'a str, keyword: &str) -> Option<&'a str> {
 
 /// A family's name and type in the classic format, from its OpenMetrics name and type.
 fn classic_family(family: &str, kind: Option<&str>) -> (String, &'static str) {
-    let suffixed = |suffix: &str| {
-        if family.ends_with(suffix) {
-            family.to_string()
-        } else {
-            format!("{family}{suffix}")
-        }
-    };
     match kind.unwrap_or("unknown") {
-        "counter" => (suffixed("_total"), "counter"),
+        // OpenMetrics names a counter family without its `_total` (one registered as `x_total`
+        // has samples `x_total_total`): the classic family is always the sample's name.
+        "counter" => (format!("{family}_total"), "counter"),
         "gauge" => (family.to_string(), "gauge"),
         "histogram" => (family.to_string(), "histogram"),
         "summary" => (family.to_string(), "summary"),
-        "info" => (suffixed("_info"), "gauge"),
+        "info" => (format!("{family}_info"), "gauge"),
         "stateset" => (family.to_string(), "gauge"),
         _ => (family.to_string(), "untyped"),
     }
@@ -257,9 +252,10 @@ mod tests {
     }
 
     #[test]
-    fn a_counter_already_named_total_is_not_suffixed_twice() {
-        let text = to_prometheus_text("# TYPE x_total counter\nx_total 1\n");
-        assert_eq!(text, "# TYPE x_total counter\nx_total 1\n");
+    fn a_counter_registered_as_total_keeps_its_samples_name() {
+        // What prometheus-client writes for a counter registered as `x_total`.
+        let text = to_prometheus_text("# TYPE x_total counter\nx_total_total 1\n# EOF\n");
+        assert_eq!(text, "# TYPE x_total_total counter\nx_total_total 1\n");
         assert_eq!(
             to_prometheus_text("# TYPE y unknown\ny 2\n"),
             "# TYPE y untyped\ny 2\n"
