@@ -189,7 +189,8 @@ pub async fn client(cli: &Cli) -> Result<Client, ClientError> {
         config.auth_info.impersonate = Some(user.clone());
     }
     if !cli.impersonate_groups.is_empty() {
-        if cli.impersonate.is_none() {
+        // A user to impersonate, from --as or the kubeconfig's `as:`.
+        if config.auth_info.impersonate.is_none() {
             return Err(ClientError::Flag(
                 "--as-group needs --as: the API server impersonates groups only with a user".into(),
             ));
