@@ -855,3 +855,34 @@ def test_an_async_job_whose_runtime_cannot_be_made_can_be_entered_again(monkeypa
     for _ in range(2):
         with pytest.raises(vramslice.ConfigError, match="bad"):
             asyncio.run(enter())
+
+
+def test_a_job_exited_in_another_context_still_returns_its_memory():
+    # A framework resuming a generator in a copied context exits the job there: the mark is
+    # dropped in that context and the permit returned, with no error of the context variable.
+    rt = make(limit="1Gi")
+    j = vramslice.job("streamed", need="800Mi", runtime=rt)
+    j.__enter__()
+    contextvars.copy_context().run(j.__exit__, None, None, None)
+    assert rt.stats()["running"] == 0 and rt.stats()["reserved"] == 0
+    with vramslice.job("next", need="800Mi", runtime=rt) as nxt:
+        assert not nxt.nested and nxt.reserved == 800 << 20
+
+
+def test_a_task_that_outlives_its_job_is_admitted_on_its_own():
+    rt = make(limit="1Gi", queue_timeout=2)
+
+    async def main():
+        go = asyncio.Event()
+
+        async def later():
+            await go.wait()
+            async with vramslice.job("later", need="800Mi", runtime=rt) as j:
+                return j.nested, j.reserved
+
+        async with vramslice.job("outer", need="800Mi", runtime=rt):
+            task = asyncio.create_task(later())  # inherits the context, and the mark
+        go.set()
+        return await task
+
+    assert asyncio.run(main()) == (False, 800 << 20)

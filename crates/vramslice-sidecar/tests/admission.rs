@@ -780,3 +780,72 @@ fn the_guards_high_water_mark_counts_toward_a_jobs_peak() {
     write(GIB, 3 * GIB); // 2 GiB allocated and freed between samples
     assert_eq!(p.complete(), Some(2 * GIB));
 }
+
+/// A usage source whose next reading, once armed, is taken and then held until released: a
+/// sampler (or metrics) thread whose reading ends after readings that began later.
+#[derive(Debug, Clone, Default)]
+struct HeldReading {
+    usage: ManualUsage,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    holding: Arc<std::sync::atomic::AtomicBool>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl vramslice_sidecar::UsageSource for HeldReading {
+    fn read(
+        &self,
+    ) -> Result<vramslice_sidecar::UsageReading, vramslice_sidecar::usage::UsageError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let reading = self.usage.read();
+        if self.armed.swap(false, SeqCst) {
+            self.holding.store(true, SeqCst);
+            while !self.release.load(SeqCst) {
+                std::thread::yield_now();
+            }
+        }
+        reading
+    }
+}
+
+/// Regression (a flaky CI run): a reading begun while the finished job's cache was still full,
+/// ending after the next job had started from the emptied level, counted that cache as the next
+/// job's peak. A reading is applied only to jobs that had started when it began.
+#[test]
+fn a_reading_begun_before_a_job_started_is_not_its_peak() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let source = HeldReading::default();
+    let rt = Runtime::new(
+        Config {
+            limit: Some(10 * GIB),
+            sample_interval: Duration::ZERO,
+            ..Config::default()
+        },
+        source.clone(),
+    )
+    .unwrap();
+    let first = rt.admit_blocking(&Job::new("a").need(6 * GIB)).unwrap();
+    let rt2 = rt.clone();
+    let next = std::thread::spawn(move || rt2.admit_blocking(&Job::new("b")).unwrap());
+    wait_until("queued", || rt.stats().queued == 1);
+    source.usage.set(7 * GIB); // the first job's cache
+    assert!(!first.end_measurement());
+    // A metrics scrape reads 7 GiB, and is held before it applies what it read...
+    source.armed.store(true, SeqCst);
+    let rt3 = rt.clone();
+    let scrape = std::thread::spawn(move || rt3.render_metrics());
+    wait_until("the scrape holds its reading", || {
+        source.holding.load(SeqCst)
+    });
+    // ...while the cache is emptied, the first job ends and the next starts from 0.
+    source.usage.set(0);
+    first.complete();
+    let next = next.join().unwrap();
+    source.release.store(true, SeqCst);
+    scrape.join().unwrap();
+    source.usage.add(3 * GIB);
+    assert_eq!(
+        next.complete(),
+        Some(3 * GIB),
+        "the scrape's 7 GiB was not the next job's"
+    );
+}

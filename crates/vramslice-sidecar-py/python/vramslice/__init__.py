@@ -201,11 +201,13 @@ def empty_cache() -> None:
 # inherits its creator's, a new thread starts with none). A job entered inside another job of
 # the same runtime runs within that job's reservation: admitting it would wait on memory only
 # the outer job can return, until the queue timeout, every time.
-_HELD: "contextvars.ContextVar[Tuple[Runtime, ...]]" = contextvars.ContextVar("vramslice_held", default=())
+# It holds the jobs, not their runtimes: a task or thread that inherited the context counts as
+# inside only while the job is (its `_holding` is cleared on exit, in every copy at once).
+_HELD: "contextvars.ContextVar[Tuple[job, ...]]" = contextvars.ContextVar("vramslice_held", default=())
 
 
 def _holds(rt: Runtime) -> bool:
-    return any(held is rt for held in _HELD.get())
+    return any(held._holding is rt for held in _HELD.get())
 
 
 def _settle(permit: Permit, settle: Optional[Callable[[], None]]) -> None:
@@ -271,6 +273,7 @@ class job:  # noqa: N801 - reads as a function at the call site
         self._classify = classify
         self.permit: Optional[Permit] = None
         self.nested = False
+        self._holding: Optional[Runtime] = None
         self._held: Optional[contextvars.Token] = None
         self._in_use = False
         self._lock = threading.Lock()
@@ -301,12 +304,24 @@ class job:  # noqa: N801 - reads as a function at the call site
             return "complete"
         return "out_of_memory" if self._classify(exc) else "release"
 
+    def _hold(self, rt: Runtime) -> None:
+        self._holding = rt
+        self._held = _HELD.set(_HELD.get() + (self,))
+
     def _let_go(self) -> None:
-        # In the context the job was entered in (a token resets only there).
-        held, self._held = self._held, None
-        if held is not None:
-            _HELD.reset(held)
+        # Not inside any more, in every context that inherited the mark; then the mark itself
+        # goes, where the job was entered. Exited in another context (a generator a framework
+        # resumes in a copied context, a teardown on another task) the token cannot be reset
+        # there: this context's copy drops the job instead.
+        self._holding = None
         self.nested = False
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            _HELD.reset(held)
+        except ValueError:
+            _HELD.set(tuple(j for j in _HELD.get() if j is not self))
 
     def _finish(self, outcome: str) -> None:
         permit, self.permit = self.permit, None
@@ -325,15 +340,17 @@ class job:  # noqa: N801 - reads as a function at the call site
                 self.nested = True
                 return self
             self.permit = rt.admit(self.key, self.need, self.params, self.timeout)
-            self._held = _HELD.set(_HELD.get() + (rt,))
+            self._hold(rt)
         except BaseException:
             self._unclaim()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._let_go()
-        self._finish(self._outcome(exc))
+        try:
+            self._let_go()
+        finally:
+            self._finish(self._outcome(exc))
         return False
 
     async def __aenter__(self) -> "job":
@@ -365,7 +382,7 @@ class job:  # noqa: N801 - reads as a function at the call site
                 # timeout (a permit it got meanwhile is dropped with it, returning the memory).
                 cancel.set()
             raise
-        self._held = _HELD.set(_HELD.get() + (rt,))
+        self._hold(rt)
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:

@@ -30,6 +30,9 @@ pub(crate) struct Running {
     /// The measured peak fixed by [`Inner::end_measurement`]: what the process frees or
     /// allocates after it (the embedder's cache release) is not the job's.
     pub(crate) final_measured: Option<u64>,
+    /// Readings begun before the job started (their tickets are at most this): what they saw
+    /// is not the job's, whenever they end.
+    pub(crate) started_after: u64,
 }
 
 impl Running {
@@ -67,6 +70,9 @@ pub(crate) struct State {
     pub(crate) last_own: Option<u64>,
     /// The stalled head the reclaim hook last ran for (it runs once per job).
     pub(crate) reclaimed_for: Option<JobId>,
+    /// The ticket of the reading `last_live` and `last_own` are from: an older one ending later
+    /// does not overwrite them.
+    pub(crate) last_read: u64,
 }
 
 /// What the embedder gives back when a job cannot fit while none runs
@@ -94,6 +100,9 @@ pub(crate) struct Inner {
     pub(super) cond: Condvar,
     pub(super) notify: tokio::sync::Notify,
     pub(super) next_id: AtomicU64,
+    /// Readings begun so far: each reading's ticket. The usage source is read outside the
+    /// state's lock, so readings of several threads end in any order.
+    pub(super) reads: AtomicU64,
     pub(super) reclaim: Reclaim,
     /// The `/metrics` endpoint this runtime opened ([`crate::Runtime::serve_configured_metrics`]);
     /// it stops with the runtime.
@@ -140,6 +149,7 @@ impl Inner {
     }
 
     pub(super) fn read_live(&self) -> Result<u64, UsageError> {
+        let ticket = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         let reading = self.usage.read()?;
         let mut state = lock(&self.state);
         if self.config.limit.is_none()
@@ -150,10 +160,19 @@ impl Inner {
             state.queue.set_limit(total, capacity);
             self.metrics.limit_bytes.set(total);
         }
-        state.last_live = reading.used;
-        state.last_own = reading.own;
+        if ticket > state.last_read {
+            state.last_live = reading.used;
+            state.last_own = reading.own;
+            state.last_read = ticket;
+        }
         let peak = reading.peak.unwrap_or(0).max(reading.used);
-        for job in state.jobs.values_mut().filter(|j| j.measuring()) {
+        // Only jobs that had started when the reading began: one begun before a job started
+        // (a sampler's, ending after the admission's own reading) saw what came before it.
+        for job in state
+            .jobs
+            .values_mut()
+            .filter(|j| j.measuring() && j.started_after < ticket)
+        {
             job.peak_live = job.peak_live.max(peak);
             let own = reading.own_peak.max(reading.own).unwrap_or(0);
             job.peak_own = job.peak_own.max(own);
@@ -189,6 +208,7 @@ impl Inner {
                 overlapped,
                 admitted: Instant::now(),
                 final_measured: None,
+                started_after: self.reads.load(Ordering::SeqCst),
             },
         );
     }

@@ -89,8 +89,8 @@ const PARTIAL_READ_TRIES: u32 = 3;
 pub struct AccountingFile {
     path: PathBuf,
     me: ProcessIdentity,
-    /// This process's high-water mark at the previous read: when it has risen since, this
-    /// process held that much in between.
+    /// The highest high-water mark of this process any read saw: when a read finds it higher,
+    /// this process held that much since.
     high_water: Arc<AtomicU64>,
 }
 
@@ -161,9 +161,11 @@ impl UsageSource for AccountingFile {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Ok((mut reading, high_water)) => {
-                    // Risen since the previous read: this process held that much in between
-                    // (an allocation made and freed between two samples).
-                    let before = self.high_water.swap(high_water, Ordering::Relaxed);
+                    // Risen above what any read saw: this process held that much since
+                    // (an allocation made and freed between two samples). The highest seen is
+                    // kept (reads race from several threads: an older one must not lower it,
+                    // or the next would take the lifetime mark for a new rise).
+                    let before = self.high_water.fetch_max(high_water, Ordering::Relaxed);
                     reading.own_peak = (high_water > before).then_some(high_water);
                     return Ok(reading);
                 }
