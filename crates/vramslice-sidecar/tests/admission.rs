@@ -781,8 +781,8 @@ fn the_guards_high_water_mark_counts_toward_a_jobs_peak() {
     assert_eq!(p.complete(), Some(2 * GIB));
 }
 
-/// A usage source whose next reading, once armed, is taken and then held until released: a
-/// sampler (or metrics) thread whose reading ends after readings that began later.
+/// A usage source whose next reading on the thread named "scrape", once armed, is taken and then
+/// held until released: a metrics thread whose reading ends after readings that began later.
 #[derive(Debug, Clone, Default)]
 struct HeldReading {
     usage: ManualUsage,
@@ -797,7 +797,9 @@ impl vramslice_sidecar::UsageSource for HeldReading {
     ) -> Result<vramslice_sidecar::UsageReading, vramslice_sidecar::usage::UsageError> {
         use std::sync::atomic::Ordering::SeqCst;
         let reading = self.usage.read();
-        if self.armed.swap(false, SeqCst) {
+        // Only the scrape's thread: a waiter's admission loop reads too, and must not be held.
+        let scraping = std::thread::current().name() == Some("scrape");
+        if scraping && self.armed.swap(false, SeqCst) {
             self.holding.store(true, SeqCst);
             while !self.release.load(SeqCst) {
                 std::thread::yield_now();
@@ -832,7 +834,10 @@ fn a_reading_begun_before_a_job_started_is_not_its_peak() {
     // A metrics scrape reads 7 GiB, and is held before it applies what it read...
     source.armed.store(true, SeqCst);
     let rt3 = rt.clone();
-    let scrape = std::thread::spawn(move || rt3.render_metrics());
+    let scrape = std::thread::Builder::new()
+        .name("scrape".into())
+        .spawn(move || rt3.render_metrics())
+        .unwrap();
     wait_until("the scrape holds its reading", || {
         source.holding.load(SeqCst)
     });
