@@ -134,6 +134,9 @@ impl Runtime {
     /// run the whole call on a task of its own (`tokio::spawn`) when the caller may be
     /// dropped. A job admitted while another permit of this runtime is held on its behalf
     /// waits for memory only that permit returns: run nested work under the outer permit.
+    /// Admission and the end of each attempt do their small I/O in place (the usage source,
+    /// the profile file with its lock and fsyncs, the cleanup hook): with a shared profile
+    /// directory under heavy load, run the call on a blocking-capable thread.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
