@@ -110,6 +110,22 @@ pub enum PrepareError {
         /// What is wrong, naming the path and the setting.
         detail: String,
     },
+    /// The claim was prepared on GPUs its devices no longer name: the node's GPUs changed
+    /// since (one gone, or numbered otherwise after a reboot). Preparing it again would put its
+    /// memory on whatever GPU now has the name, beside claims the scheduler counted there.
+    #[error(
+        "claim {claim}: it was prepared on {then}, but its devices {devices} are now {now}: the node's GPUs changed since (a GPU gone or numbered otherwise); it is not prepared again on other GPUs: delete its pod so that the claim is allocated anew"
+    )]
+    GpusChanged {
+        /// `namespace/name`.
+        claim: String,
+        /// The GPUs it was prepared on.
+        then: String,
+        /// Its devices.
+        devices: String,
+        /// What the devices are now.
+        now: String,
+    },
     /// The CDI spec could not be rendered.
     #[error("claim {claim}: CDI spec: {detail}")]
     Spec {
@@ -282,6 +298,10 @@ impl Driver {
         let checkpointed = self.state.lock().await.claims.get(&claim.uid).cloned();
         let mut read = None;
         if let Some(done) = checkpointed {
+            if let Some(changed) = self.gpus_changed(claim, &done) {
+                tracing::error!(claim = %claim.label(), uid = %claim.uid, problem = %changed, "claim not prepared again");
+                return Err(changed);
+            }
             // Bounded: when the API server cannot say, the checkpoint answers (as after a
             // restart with the API server away).
             read = tokio::time::timeout(
@@ -398,6 +418,42 @@ impl Driver {
         object.metadata.uid.as_deref() == Some(claim.uid.as_str())
             && !allocated_devices_in(object, &self.config.node).is_empty()
             && !self.reallocated(claim, done, object)
+    }
+
+    /// [`PrepareError::GpusChanged`] when the GPUs `done`'s devices name now are not those it
+    /// was prepared on; `None` while this node's GPUs are not known yet (nothing to compare).
+    fn gpus_changed(&self, claim: &ClaimRef, done: &PreparedClaim) -> Option<PrepareError> {
+        let known = !self
+            .gpus
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty();
+        let devices: std::collections::BTreeSet<&str> =
+            done.devices.iter().map(|d| d.device.as_str()).collect();
+        let now: Vec<Option<String>> = devices.iter().map(|d| self.uuid_of(d)).collect();
+        let then: std::collections::BTreeSet<&str> =
+            done.limits.iter().map(|(uuid, _)| uuid.as_str()).collect();
+        let same = now.iter().all(Option::is_some)
+            && now
+                .iter()
+                .flatten()
+                .map(String::as_str)
+                .collect::<std::collections::BTreeSet<_>>()
+                == then;
+        if !known || same || done.limits.is_empty() {
+            return None;
+        }
+        let shown = |names: Vec<&str>| names.join(", ");
+        Some(PrepareError::GpusChanged {
+            claim: claim.label(),
+            then: shown(then.into_iter().collect()),
+            devices: shown(devices.iter().copied().collect()),
+            now: shown(
+                now.iter()
+                    .map(|u| u.as_deref().unwrap_or("no GPU"))
+                    .collect(),
+            ),
+        })
     }
 
     /// Whether `object`, the claim as the API server has it now, is allocated on this node

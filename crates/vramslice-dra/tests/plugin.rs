@@ -203,8 +203,16 @@ impl Node {
 
     /// Start the plugin (as after a fresh start or a restart); stop it by sending `true`.
     async fn start(&self) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        self.start_with(&samples()).await
+    }
+
+    /// [`Node::start`] on these GPUs.
+    async fn start_with(
+        &self,
+        gpus: &[GpuSample],
+    ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
         let driver = Arc::new(Driver::open(self.config(), self.claims.clone()).unwrap());
-        driver.set_gpus(&samples());
+        driver.set_gpus(gpus);
         let (stop, rx) = watch::channel(false);
         let sockets = self.sockets();
         let task = tokio::spawn(async move { serve(driver, &sockets, rx).await.unwrap() });
@@ -543,6 +551,44 @@ async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its
         "the limit file is back"
     );
     assert!(node.path("accounting/claim-uid-1").is_dir());
+}
+
+/// After a reboot one GPU is gone and `gpu-0` now names the other: a claim prepared on the old
+/// `gpu-0` is not prepared again there (beside the claims the scheduler counted on it), with a
+/// reason; a claim whose GPU kept its name is.
+#[tokio::test]
+async fn a_claim_whose_gpu_changed_under_its_device_name_is_refused_not_moved() {
+    let node = Node::new();
+    node.claims.put(claim("llm", "uid-1", &[("gpu-0", "4Gi")]));
+    node.claims
+        .put(claim("other", "uid-2", &[("gpu-1", "4Gi")]));
+    let (stop, task) = node.start().await;
+    assert_eq!(node.prepare(prepare_llm()).await.claims["uid-1"].error, "");
+    let other = NodePrepareResourcesRequest {
+        claims: vec![kubelet_claim("other", "uid-2")],
+    };
+    assert_eq!(node.prepare(other.clone()).await.claims["uid-2"].error, "");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+
+    // GPU-0 is gone; GPU-1 is now index 0, so gpu-0 names it.
+    let mut left = samples();
+    left.remove(0);
+    left[0].index = 0;
+    let (_stop, _task) = node.start_with(&left).await;
+    let again = node.prepare(prepare_llm()).await;
+    let error = &again.claims["uid-1"].error;
+    assert!(
+        error.contains("it was prepared on GPU-0, but its devices gpu-0 are now GPU-1")
+            && error.contains("delete its pod"),
+        "{error}"
+    );
+    let again = node.prepare(other).await;
+    let error = &again.claims["uid-2"].error;
+    assert!(
+        error.contains("prepared on GPU-1, but its devices gpu-1 are now no GPU"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
