@@ -334,7 +334,19 @@ pub async fn plugin_client(node: &Node) -> DevicePluginClient<tonic::transport::
         socket.exists().then_some(())
     })
     .await;
-    DevicePluginClient::new(uds::connect(&socket, Duration::from_secs(2)).await.unwrap())
+    // The file can exist a moment before the plugin serves on it (or while it makes it anew):
+    // connect until it answers, as the kubelet retries.
+    let start = Instant::now();
+    let channel = loop {
+        match uds::connect(&socket, Duration::from_secs(2)).await {
+            Ok(channel) => break channel,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                panic!("the plugin never accepted on {}: {e}", socket.display())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    DevicePluginClient::new(channel)
 }
 
 /// One request the fake API server received.
