@@ -367,19 +367,30 @@ impl Driver {
         let mut cdi_device_ids = vec![cdi::device_id(&claim.uid)];
         cdi_device_ids.extend(plan.edits.cdi_devices.iter().cloned());
         // The CDI IDs cover the whole claim. The kubelet gives a container the IDs of every
-        // device of the requests it names, concatenated: on each device they would reach the
-        // runtime once per device (its hooks run as often). The first device of each request
-        // carries them, so a container naming one request still gets them.
-        let mut requests_with_ids = std::collections::BTreeSet::new();
+        // device of the requests it names (all of them for a container naming the claim),
+        // concatenated, and the runtime applies each occurrence (its hooks run as often). So
+        // exactly one device carries them, the first, listed under every request of the claim:
+        // a container naming any request, or the claim, gets them once.
+        let mut every_request: Vec<String> = Vec::new();
+        for grant in &on_node.grants {
+            if !every_request.contains(&grant.request) {
+                every_request.push(grant.request.clone());
+            }
+        }
         let devices: Vec<PreparedDevice> = on_node
             .grants
             .iter()
             .zip(&on_node.share_ids)
-            .map(|(grant, share_id)| PreparedDevice {
-                request_names: vec![grant.request.clone()],
+            .enumerate()
+            .map(|(i, (grant, share_id))| PreparedDevice {
+                request_names: if i == 0 {
+                    every_request.clone()
+                } else {
+                    vec![grant.request.clone()]
+                },
                 pool: self.config.node.clone(),
                 device: grant.device.clone(),
-                cdi_device_ids: if requests_with_ids.insert(grant.request.clone()) {
+                cdi_device_ids: if i == 0 {
                     cdi_device_ids.clone()
                 } else {
                     Vec::new()

@@ -556,6 +556,45 @@ async fn after_a_reboot_emptied_the_cdi_directory_the_claim_is_prepared_with_its
 /// After a reboot one GPU is gone and `gpu-0` now names the other: a claim prepared on the old
 /// `gpu-0` is not prepared again there (beside the claims the scheduler counted on it), with a
 /// reason; a claim whose GPU kept its name is.
+/// A request per GPU (the layout with distinctAttribute): a container naming either request,
+/// or the whole claim, gets the claim's CDI IDs exactly once (the runtime applies each
+/// occurrence, hooks included).
+#[tokio::test]
+async fn a_claim_of_two_requests_hands_its_cdi_ids_once_whichever_a_container_names() {
+    let node = Node::new();
+    let mut two = claim("tp2", "uid-3", &[("gpu-0", "8Gi"), ("gpu-1", "8Gi")]);
+    if let Some(results) = two
+        .status
+        .as_mut()
+        .and_then(|s| s.allocation.as_mut())
+        .and_then(|a| a.devices.as_mut())
+        .and_then(|d| d.results.as_mut())
+    {
+        results[1].request = "second".into();
+    }
+    node.claims.put(two);
+    let (_stop, _task) = node.start().await;
+    let answer = node
+        .prepare(NodePrepareResourcesRequest {
+            claims: vec![kubelet_claim("tp2", "uid-3")],
+        })
+        .await;
+    let prepared = &answer.claims["uid-3"];
+    assert_eq!(prepared.error, "");
+    // As the kubelet collects them: every device listed under the names the container uses.
+    let handed = |names: &[&str]| -> Vec<&str> {
+        prepared
+            .devices
+            .iter()
+            .filter(|d| d.request_names.iter().any(|r| names.contains(&r.as_str())))
+            .flat_map(|d| d.cdi_device_ids.iter().map(String::as_str))
+            .collect()
+    };
+    for names in [&["vram"][..], &["second"][..], &["vram", "second"][..]] {
+        assert_eq!(handed(names), ["vramslice.io/claim=uid-3"], "{names:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_claim_whose_gpu_changed_under_its_device_name_is_refused_not_moved() {
     let node = Node::new();
