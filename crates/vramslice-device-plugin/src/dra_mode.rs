@@ -261,6 +261,11 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
     let mut registrations_open = true;
     let mut confirmed = registered.borrow_and_update().confirmed;
     loop {
+        // The Node could not be read when the agent started: read it again until it is, or
+        // the slice stays without its owner (and outlives a deleted Node).
+        if !publisher.has_owner() {
+            publisher.set_node_uid(owner.uid().await);
+        }
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
         if snapshot.generation != reading.0 {
             reading = (snapshot.generation, Instant::now());
@@ -366,8 +371,9 @@ mod tests {
     struct NodeNow(Arc<std::sync::Mutex<String>>);
 
     impl NodeUidSource for NodeNow {
+        /// `None` while the UID is empty (the Node cannot be read).
         async fn uid(&self) -> Option<String> {
-            Some(self.0.lock().unwrap().clone())
+            Some(self.0.lock().unwrap().clone()).filter(|uid| !uid.is_empty())
         }
     }
 
@@ -412,6 +418,11 @@ mod tests {
 
     impl Loop {
         fn start() -> Loop {
+            Self::start_owned_by(Some("node-uid"))
+        }
+
+        /// The loop, with the Node's UID as read at start (`None`: it could not be read).
+        fn start_owned_by(owner: Option<&str>) -> Loop {
             let root = tempfile::tempdir().unwrap();
             let driver = Arc::new(
                 Driver::open(
@@ -436,7 +447,7 @@ mod tests {
                 slices.clone(),
                 SliceSettings {
                     node: "node-a".into(),
-                    node_uid: Some("node-uid".into()),
+                    node_uid: owner.map(str::to_string),
                     step_bytes: GIB,
                     generation: 0,
                     driver_version: None,
@@ -451,7 +462,9 @@ mod tests {
             readings.apply(h100());
             let (registrations, registered) = watch::channel(KubeletRegistration::default());
             let (stop, shutdown) = watch::channel(false);
-            let node = NodeNow(Arc::new(std::sync::Mutex::new("node-uid".into())));
+            let node = NodeNow(Arc::new(std::sync::Mutex::new(
+                owner.unwrap_or_default().to_string(),
+            )));
             let task = tokio::spawn(keep_slice(
                 driver,
                 publisher,
@@ -587,6 +600,32 @@ mod tests {
         assert_eq!(metrics.registration_refused(), None);
         drop(registrations);
         task.await.unwrap();
+    }
+
+    /// The Node could not be read at start: the slice goes out without an owner, and gets
+    /// one as soon as the Node can be read.
+    #[tokio::test(start_paused = true)]
+    async fn a_slice_written_before_the_node_could_be_read_gets_its_owner_later() {
+        let l = Loop::start_owned_by(None);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(l.slices.written().len(), 1);
+        assert!(
+            l.slices.written()[0]
+                .metadata
+                .owner_references
+                .as_ref()
+                .is_none_or(Vec::is_empty)
+        );
+        *l.node.0.lock().unwrap() = "node-uid".into();
+        l.readings.apply(h100());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let stored = l.slices.written();
+        assert_eq!(
+            stored.last().map(owner).as_deref(),
+            Some("node-uid"),
+            "written again with its owner"
+        );
+        l.stop().await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,6 +43,8 @@ pub struct MemorySlices {
     pub stored: std::sync::Arc<std::sync::Mutex<Vec<ResourceSlice>>>,
     /// Writes fail (as the API server's 503) while set.
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Reads of the stored slice fail while set.
+    pub reads_failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MemorySlices {
@@ -56,7 +58,15 @@ impl MemorySlices {
 }
 
 impl SliceWriter for MemorySlices {
-    fn current_generation<'a>(&'a self, _name: &'a str) -> WriteFuture<'a, Option<i64>> {
+    fn current_generation<'a>(&'a self, name: &'a str) -> WriteFuture<'a, Option<i64>> {
+        if self.reads_failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async move {
+                Err(WriteError {
+                    name: name.to_string(),
+                    detail: "503 Service Unavailable".into(),
+                })
+            });
+        }
         let last = self.written().last().map(|s| s.spec.pool.generation);
         Box::pin(async move { Ok(last) })
     }
@@ -197,6 +207,11 @@ impl<W: SliceWriter> SlicePublisher<W> {
         self.published = None;
     }
 
+    /// Whether the slice has its owner (the Node's UID was read).
+    pub fn has_owner(&self) -> bool {
+        self.settings.node_uid.is_some()
+    }
+
     /// The node's UID for the slice's owner reference, read again (the Node may have been
     /// deleted and made again with a new UID, as a restarted kubelet does after
     /// `kubectl delete node`): a changed UID rewrites the slice at once, since the garbage
@@ -246,7 +261,11 @@ impl<W: SliceWriter> SlicePublisher<W> {
         devices: Vec<SliceDevice>,
         now: Instant,
     ) -> Result<Option<SlicePublishReason>, WriteError> {
-        self.verify(now).await?;
+        // A check that cannot read the stored slice must not hold back what is to be written
+        // (a GPU fallen unhealthy, a stale reading's taint): it is tried again next time.
+        if let Err(e) = self.verify(now).await {
+            tracing::warn!(error = %e, "cannot check the stored ResourceSlice; publishing on what was written");
+        }
         self.deferred = None;
         let Some(reason) = slice_publish_reason(
             self.published.as_deref(),

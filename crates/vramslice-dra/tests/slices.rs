@@ -281,3 +281,25 @@ async fn a_new_node_uid_rewrites_the_slice_with_the_new_owner() {
     assert_eq!(owner(&stored[0]), "uid-1");
     assert_eq!(owner(&stored[1]), "uid-2");
 }
+
+/// The periodic check of the stored slice cannot read it (the API server answers reads with
+/// errors): a GPU fallen unhealthy is still written at once.
+#[tokio::test]
+async fn a_failing_check_read_does_not_hold_back_an_urgent_write() {
+    use std::sync::atomic::Ordering;
+    let memory = Memory::default();
+    let mut publisher = publisher(&memory);
+    let t0 = Instant::now();
+    assert_eq!(
+        one_h100(&mut publisher, t0).await,
+        Some(SlicePublishReason::First)
+    );
+    memory.reads_failing.store(true, Ordering::SeqCst);
+    // Past the verify interval (a check is due) and the minimum interval.
+    let later = t0 + Duration::from_secs(31);
+    let mut sick = device(0, 80 * GIB);
+    sick.unhealthy = Some("XID 79".into());
+    let written = publisher.observe(vec![sick], later).await.unwrap();
+    assert!(written.is_some(), "the unhealthy GPU was held back");
+    assert_eq!(memory.written().len(), 2);
+}
