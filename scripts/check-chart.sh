@@ -55,6 +55,8 @@ reject() {
 }
 d="$tmp/defaults.yaml"
 expect "$d" 'metricsAddr: 0\.0\.0\.0:9400' "listeners on the pod IP bind IPv4 by default"
+expect "$d" '^                path: /drain$' "kube-scheduler keeps its lease until the extender has drained (preStop /drain)"
+expect "$d" '^      terminationGracePeriodSeconds: 120$' "the scheduler pod has time for the drain"
 "$HELM" template vramslice "$CHART" --namespace vramslice-system --set listenHost=:: "${KV[@]}" > "$tmp/ipv6.yaml" \
   || fail "helm template (listenHost=::)"
 expect "$tmp/ipv6.yaml" "metricsAddr: '\\[::\\]:9400'" "listenHost=:: binds the node agent's metrics on [::]"

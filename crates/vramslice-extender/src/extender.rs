@@ -17,6 +17,7 @@ use crate::convert::{RequestError, policy_of, wire_pod_request};
 use crate::metrics::{LedgerFigures, Metrics, Outcome};
 use crate::pending::{PendingPod, PendingPods};
 mod bind;
+pub mod handover;
 
 use crate::wire::{
     ExtenderArgs, ExtenderFilterResult, HostPriority, NodeListOut, NodeName, Reason, WireNodeName,
@@ -94,6 +95,7 @@ pub struct Extender {
     metrics: Metrics,
     ready: Readiness,
     pending: PendingPods,
+    handover: handover::Handover,
 }
 
 /// Candidates of one call, in the form they came in.
@@ -229,6 +231,7 @@ impl Extender {
             metrics: Metrics::new(),
             ready: Readiness::default(),
             pending: PendingPods::new(),
+            handover: handover::Handover::default(),
         }
     }
 

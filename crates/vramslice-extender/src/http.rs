@@ -41,7 +41,8 @@ pub fn verb_router(extender: Arc<Extender>) -> Router {
     verb_routes().with_state(extender)
 }
 
-/// Only `/healthz`, `/readyz` and `/metrics`, for the kubelet's probes and Prometheus.
+/// Only `/healthz`, `/readyz`, `/metrics` and `/drain`, for the kubelet's probes and hooks and
+/// Prometheus.
 pub fn probe_router(extender: Arc<Extender>) -> Router {
     probe_routes().with_state(extender)
 }
@@ -59,6 +60,22 @@ fn probe_routes() -> Router<Arc<Extender>> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/drain", get(drain))
+}
+
+/// Hand over: refuse binds and answer once none is in flight and no reservation is unsettled
+/// (the kube-scheduler container's preStop hook, which keeps its lease until then).
+async fn drain(State(ext): State<Arc<Extender>>) -> Response {
+    tracing::info!("draining: binds refused until the handover");
+    match ext.drain(crate::extender::handover::DRAIN_LIMIT).await {
+        Ok(()) => ([(header::CONTENT_TYPE, TEXT)], "drained\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, TEXT)],
+            format!("not drained: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 fn json(body: String) -> Response {

@@ -148,8 +148,17 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
         ))
     });
     let on_signal = stop_tx.clone();
+    let draining = ext.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
+        // Binds in flight and unsettled reservations settle first: a Binding that lands after
+        // this process is gone would be booked by nobody until the next leader's watch shows it.
+        if let Err(why) = draining
+            .drain(vramslice_extender::extender::handover::DRAIN_LIMIT)
+            .await
+        {
+            tracing::warn!(%why, "stopping before the handover settled");
+        }
         let _ = on_signal.send(true);
     });
     let serving = async {

@@ -949,3 +949,62 @@ async fn refused_nodes_past_the_detailed_limit_share_one_reason_per_kind() {
         );
     }
 }
+
+/// Handing over: `/drain` refuses binds at once and answers when no reservation is unsettled
+/// any more (a Binding that may still land settled); until then it waits, bounded.
+#[tokio::test(start_paused = true)]
+async fn a_drain_refuses_binds_and_waits_for_an_unsettled_reservation() {
+    use std::sync::atomic::Ordering;
+    let (ext, fake, seconds) = clocked();
+    // A Binding whose answer is lost and whose pod cannot be read back: unsettled.
+    fake.lose_bind_answers(true);
+    fake.fail_reads_after_bind(true);
+    post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert!(ext.ledger().pod("uid-1").unwrap().reserved);
+    assert_eq!(ext.ledger().unsettled_count(), 1);
+    // Not settled within a short limit: the drain says what is open.
+    let err = ext
+        .drain(std::time::Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(err.contains("1 reservation(s) unsettled"), "{err}");
+    // Binds are refused meanwhile, with the reason, and reserve nothing.
+    fake.put_pod(pod_object("other", "uid-2", Some("2"), json!({})));
+    let (_, body) = post_json(&ext, "/bind", &binding_args("other", "uid-2", "fit")).await;
+    assert!(
+        body["Error"]
+            .as_str()
+            .unwrap()
+            .contains("handing over to a new leader (draining)"),
+        "{body}"
+    );
+    assert!(ext.ledger().pod("uid-2").is_none());
+    // The pod can be read again: the background read-back settles it and the drain ends.
+    fake.fail_reads_after_bind(false);
+    seconds.store(61, Ordering::SeqCst);
+    let drained = ext.drain(std::time::Duration::from_secs(120)).await;
+    assert_eq!(drained, Ok(()));
+    assert_eq!(ext.ledger().unsettled_count(), 0);
+}
+
+/// A drain nobody follows with a stop (a stray `GET /drain`) refuses binds for a while only.
+#[tokio::test]
+async fn binds_resume_when_no_stop_follows_a_drain() {
+    use std::sync::atomic::Ordering;
+    let (ext, _fake, seconds) = clocked();
+    assert_eq!(ext.drain(std::time::Duration::from_secs(1)).await, Ok(()));
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert!(
+        body["Error"].as_str().unwrap().contains("draining"),
+        "{body}"
+    );
+    // Two minutes on the bind is judged again (here refused by its own verdict: the GPU's
+    // reading is old by then, which the drain is not).
+    seconds.store(121, Ordering::SeqCst);
+    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    let error = body["Error"].as_str().unwrap();
+    assert!(
+        !error.contains("draining") && error.contains("reading"),
+        "{body}"
+    );
+}

@@ -70,9 +70,19 @@ impl Extender {
             }
         }
         let who = format!("{}/{}", args.pod_namespace, args.pod_name);
+        let Some(in_flight) = self.bind_starts() else {
+            self.metrics()
+                .record("bind", Outcome::Error, std::time::Duration::ZERO);
+            return Ok(ExtenderBindingResult {
+                error: format!(
+                    "cannot bind pod {who}: this extender is handing over to a new leader (draining); the pod is scheduled again"
+                ),
+            });
+        };
         let this = Arc::clone(self);
         // Counted in the task, so that a bind that outlives the caller's wait is counted too.
         let task = tokio::spawn(async move {
+            let _in_flight = in_flight;
             let started = std::time::Instant::now();
             let answer = this.bind_checked(&args).await;
             let outcome = match &answer {

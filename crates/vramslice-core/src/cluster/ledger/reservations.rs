@@ -56,6 +56,14 @@ impl Ledger {
         }
     }
 
+    /// How many reservations are unsettled: their Bindings may still land.
+    pub fn unsettled_count(&self) -> usize {
+        self.pods
+            .values()
+            .filter(|e| e.reserved_since.is_some() && e.unsettled.is_some())
+            .count()
+    }
+
     /// The token of the unsettled reservation of `uid`, if it is one.
     pub fn unsettled_token(&self, uid: &str) -> Option<u64> {
         self.pods
