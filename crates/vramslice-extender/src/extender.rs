@@ -96,6 +96,8 @@ pub struct Extender {
     ready: Readiness,
     pending: PendingPods,
     handover: handover::Handover,
+    /// The pod this extender runs in (`POD_NAMESPACE`, `POD_NAME`), when known.
+    own_pod: Option<(String, String)>,
 }
 
 /// Candidates of one call, in the form they came in.
@@ -232,7 +234,14 @@ impl Extender {
             ready: Readiness::default(),
             pending: PendingPods::new(),
             handover: handover::Handover::default(),
+            own_pod: None,
         }
+    }
+
+    /// The pod this extender runs in: `/drain` is honoured only while it is terminating.
+    pub fn with_own_pod(mut self, namespace: String, name: String) -> Self {
+        self.own_pod = Some((namespace, name));
+        self
     }
 
     /// The configuration in force.

@@ -66,6 +66,26 @@ fn probe_routes() -> Router<Arc<Extender>> {
 /// Hand over: refuse binds and answer once none is in flight and no reservation is unsettled
 /// (the kube-scheduler container's preStop hook, which keeps its lease until then).
 async fn drain(State(ext): State<Arc<Extender>>) -> Response {
+    use crate::extender::handover::DrainPermission;
+    let refused = |status: StatusCode, why: String| {
+        tracing::warn!(%why, "drain refused");
+        (status, [(header::CONTENT_TYPE, TEXT)], format!("{why}\n")).into_response()
+    };
+    match ext.drain_permission().await {
+        DrainPermission::Granted => {}
+        DrainPermission::NotTerminating => {
+            return refused(
+                StatusCode::CONFLICT,
+                "not drained: this extender's pod is not terminating (/drain hands over a stopping extender)".into(),
+            );
+        }
+        DrainPermission::Unknown(why) => {
+            return refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not drained: {why}"),
+            );
+        }
+    }
     tracing::info!("draining: binds refused until the handover");
     match ext.drain(crate::extender::handover::DRAIN_LIMIT).await {
         Ok(()) => ([(header::CONTENT_TYPE, TEXT)], "drained\n").into_response(),

@@ -114,11 +114,21 @@ async fn run(config: Config, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> 
         config.tls.clone(),
         config.webhook.clone(),
     );
-    let ext = Arc::new(Extender::new(
+    let ext = Extender::new(
         config,
         Arc::new(KubeCluster::new(client.clone())),
         Arc::new(SystemTime::now),
-    ));
+    );
+    // The chart gives the pod's name (downward API): /drain then hands over only a pod that is
+    // terminating.
+    let ext = Arc::new(
+        match (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME")) {
+            (Ok(namespace), Ok(name)) if !namespace.is_empty() && !name.is_empty() => {
+                ext.with_own_pod(namespace, name)
+            }
+            _ => ext,
+        },
+    );
     tokio::spawn(watch::drive_pods(
         ext.clone(),
         watch::pod_events(client.clone()),

@@ -102,8 +102,15 @@ pub async fn serve_on(
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, tls = tls.is_some(), "serving the extender");
     let acceptor = tls.map(|config| TlsAcceptor::from(Arc::new(config)));
-    // On loopback the one client is kube-scheduler beside it: no address to single out.
-    let limits = ConnectionLimits::default();
+    // On loopback the one client is kube-scheduler beside it: no address to single out. A
+    // request may take as long as a drain (`/drain`, the preStop hook, waits up to 90 s).
+    let defaults = ConnectionLimits::default();
+    let limits = ConnectionLimits {
+        request: defaults
+            .request
+            .max(crate::extender::handover::DRAIN_LIMIT + std::time::Duration::from_secs(15)),
+        ..defaults
+    };
     let limits = if addr.ip().is_loopback() {
         ConnectionLimits {
             per_peer: limits.max_connections,

@@ -987,24 +987,59 @@ async fn a_drain_refuses_binds_and_waits_for_an_unsettled_reservation() {
     assert_eq!(ext.ledger().unsettled_count(), 0);
 }
 
-/// A drain nobody follows with a stop (a stray `GET /drain`) refuses binds for a while only.
+/// `/drain` hands over only a terminating extender: asked while its own pod runs on (anyone who
+/// reaches the probe port), it refuses and binds go on; once the pod is being deleted, it drains.
 #[tokio::test]
-async fn binds_resume_when_no_stop_follows_a_drain() {
-    use std::sync::atomic::Ordering;
-    let (ext, _fake, seconds) = clocked();
-    assert_eq!(ext.drain(std::time::Duration::from_secs(1)).await, Ok(()));
-    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
-    assert!(
-        body["Error"].as_str().unwrap().contains("draining"),
-        "{body}"
+async fn a_drain_is_honoured_only_while_the_extenders_pod_terminates() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let fake = Arc::new(FakeCluster::new());
+    let ext = Arc::new(
+        Arc::try_unwrap(extender_with(config(0), fake.clone()))
+            .ok()
+            .unwrap()
+            .with_own_pod("vramslice-system".into(), "sched-0".into()),
     );
-    // Two minutes on the bind is judged again (here refused by its own verdict: the GPU's
-    // reading is old by then, which the drain is not).
-    seconds.store(121, Ordering::SeqCst);
-    let (_, body) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
-    let error = body["Error"].as_str().unwrap();
+    ext.ledger_mut()
+        .set_reading("fit", reading(5, vec![gpu(0, 16, 16)]));
+    let own = |deleting: bool| {
+        let mut pod = pod_json("sched-0", "uid-sched", None, json!({}));
+        pod["metadata"]["namespace"] = json!("vramslice-system");
+        if deleting {
+            pod["metadata"]["deletionTimestamp"] = json!("2026-12-07T20:00:00Z");
+        }
+        serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(pod).unwrap()
+    };
+    let drain = || {
+        let router = vramslice_extender::http::router(ext.clone());
+        async move {
+            let resp = router
+                .oneshot(
+                    axum::http::Request::get("/drain")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    fake.put_pod(own(false));
+    let (status, body) = drain().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("not terminating"), "{body}");
+    fake.put_pod(pod_object("llm", "uid-1", Some("6"), json!({})));
+    let (_, answer) = post_json(&ext, "/bind", &binding_args("llm", "uid-1", "fit")).await;
+    assert_eq!(answer, json!({ "Error": "" }), "binds go on");
+    fake.put_pod(own(true));
+    let (status, body) = drain().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    fake.put_pod(pod_object("other", "uid-2", Some("2"), json!({})));
+    let (_, answer) = post_json(&ext, "/bind", &binding_args("other", "uid-2", "fit")).await;
     assert!(
-        !error.contains("draining") && error.contains("reading"),
-        "{body}"
+        answer["Error"].as_str().unwrap().contains("draining"),
+        "{answer}"
     );
 }

@@ -3,12 +3,14 @@
 //! leader's extender, whose ledger never held them, cannot promise the same room again.
 //!
 //! The chart's kube-scheduler container calls `GET /drain` from its preStop hook: it keeps its
-//! lease (and so the new leader waits) until this extender is quiet. The extender drains too when
-//! it is told to stop, before its servers go.
+//! lease (and so the new leader waits) until this extender is quiet. `/drain` is honoured only
+//! while the extender's own pod is terminating (read from the API server), so that anyone who
+//! reaches the probe port cannot stop placement. The extender drains too when it is told to
+//! stop, before its servers go.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use super::Extender;
 
@@ -17,15 +19,11 @@ use super::Extender;
 /// read-back that settles it takes a few seconds more.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(90);
 
-/// How long binds stay refused after a drain began, when no stop follows it: a `GET /drain`
-/// from anyone who reaches the probe port, not the pod's own preStop hook, must not stop
-/// placement for good.
-pub const DRAIN_EXPIRY: Duration = Duration::from_secs(120);
-
-/// Binds in flight, and since when the extender is draining.
+/// Binds in flight, and whether the extender is draining (it never stops, once begun: the
+/// process is on its way out).
 #[derive(Debug, Default)]
 pub struct Handover {
-    draining_since: std::sync::Mutex<Option<SystemTime>>,
+    draining: AtomicBool,
     binds: AtomicUsize,
     changed: tokio::sync::Notify,
 }
@@ -41,33 +39,10 @@ impl Drop for BindInFlight {
 }
 
 impl Handover {
-    /// Whether binds are refused at `now`: a drain began less than [`DRAIN_EXPIRY`] before.
-    pub fn draining(&self, now: SystemTime) -> bool {
-        self.since().is_some_and(|since| within(since, now))
+    /// Whether binds are refused (a drain began).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
-
-    fn since(&self) -> Option<SystemTime> {
-        *self
-            .draining_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn begin(&self, now: SystemTime) {
-        let mut since = self
-            .draining_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !since.is_some_and(|at| within(at, now)) {
-            *since = Some(now);
-        }
-    }
-}
-
-/// Whether `now` is less than [`DRAIN_EXPIRY`] after `since` (a clock set back counts as within).
-fn within(since: SystemTime, now: SystemTime) -> bool {
-    now.duration_since(since)
-        .map_or(true, |age| age < DRAIN_EXPIRY)
 }
 
 impl Extender {
@@ -75,7 +50,7 @@ impl Extender {
     pub(super) fn bind_starts(self: &Arc<Self>) -> Option<BindInFlight> {
         self.handover.binds.fetch_add(1, Ordering::SeqCst);
         let counted = BindInFlight(Arc::clone(self));
-        (!self.handover.draining(self.now())).then_some(counted)
+        (!self.handover.draining()).then_some(counted)
     }
 
     /// Stop taking binds, and wait (at most `limit`) until none is in flight and no reservation
@@ -84,7 +59,7 @@ impl Extender {
     /// # Errors
     /// What is still open when `limit` passes.
     pub async fn drain(&self, limit: Duration) -> Result<(), String> {
-        self.handover.begin(self.now());
+        self.handover.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = self.handover.changed.notified();
@@ -101,6 +76,32 @@ impl Extender {
             }
             // Unsettled reservations settle in background tasks: look again now and then.
             let _ = tokio::time::timeout(Duration::from_millis(200), changed).await;
+        }
+    }
+}
+
+/// Whether `/drain` may begin: the extender's own pod is being deleted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DrainPermission {
+    /// It is terminating (or the extender does not know its pod: outside the chart).
+    Granted,
+    /// It is not: the request does not come from its stop.
+    NotTerminating,
+    /// The pod could not be read.
+    Unknown(String),
+}
+
+impl Extender {
+    /// Whether a `/drain` request is for real: the pod this extender runs in
+    /// ([`Extender::with_own_pod`]) is terminating.
+    pub async fn drain_permission(&self) -> DrainPermission {
+        let Some((namespace, name)) = &self.own_pod else {
+            return DrainPermission::Granted;
+        };
+        match self.cluster.get_pod(namespace, name).await {
+            Ok(pod) if pod.metadata.deletion_timestamp.is_some() => DrainPermission::Granted,
+            Ok(_) => DrainPermission::NotTerminating,
+            Err(e) => DrainPermission::Unknown(format!("reading pod {namespace}/{name}: {e}")),
         }
     }
 }
