@@ -260,10 +260,15 @@ async fn keep_slice<W: SliceWriter, O: NodeUidSource>(
     let mut writes_before = 0u64;
     let mut registrations_open = true;
     let mut confirmed = registered.borrow_and_update().confirmed;
+    let mut owner_read: Option<Instant> = None;
     loop {
         // The Node could not be read when the agent started: read it again until it is, or
-        // the slice stays without its owner (and outlives a deleted Node).
-        if !publisher.has_owner() {
+        // the slice stays without its owner (and outlives a deleted Node). At most once per
+        // verify interval: a read that fails slowly must not hold back the slice's writes.
+        if !publisher.has_owner()
+            && owner_read.is_none_or(|at| at.elapsed() >= SLICE_VERIFY_INTERVAL)
+        {
+            owner_read = Some(Instant::now());
             publisher.set_node_uid(owner.uid().await);
         }
         let snapshot = Arc::clone(&node.snapshot.borrow_and_update());
@@ -617,6 +622,11 @@ mod tests {
                 .is_none_or(Vec::is_empty)
         );
         *l.node.0.lock().unwrap() = "node-uid".into();
+        // Read again at the next verify interval, not on every turn.
+        l.readings.apply(h100());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(l.slices.written().len(), 1, "not re-read on every turn");
+        tokio::time::sleep(SLICE_VERIFY_INTERVAL).await;
         l.readings.apply(h100());
         tokio::time::sleep(Duration::from_millis(10)).await;
         let stored = l.slices.written();

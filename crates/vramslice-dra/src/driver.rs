@@ -298,10 +298,6 @@ impl Driver {
         let checkpointed = self.state.lock().await.claims.get(&claim.uid).cloned();
         let mut read = None;
         if let Some(done) = checkpointed {
-            if let Some(changed) = self.gpus_changed(claim, &done) {
-                tracing::error!(claim = %claim.label(), uid = %claim.uid, problem = %changed, "claim not prepared again");
-                return Err(changed);
-            }
             // Bounded: when the API server cannot say, the checkpoint answers (as after a
             // restart with the API server away).
             read = tokio::time::timeout(
@@ -318,6 +314,12 @@ impl Driver {
                 tracing::warn!(claim = %claim.label(), uid = %claim.uid, "the claim was allocated again since it was prepared here (its unprepare never came); preparing its new allocation");
                 self.unprepare_held(claim).await?;
             } else {
+                // The same allocation (or none readable): it stays on the GPUs it was prepared
+                // on, or is refused when its devices now name others.
+                if let Some(changed) = self.gpus_changed(claim, &done) {
+                    tracing::error!(claim = %claim.label(), uid = %claim.uid, problem = %changed, "claim not prepared again");
+                    return Err(changed);
+                }
                 if restore_files(claim, &done)? {
                     return Ok(answered(&done.devices));
                 }
@@ -495,14 +497,22 @@ impl Driver {
                 .ok()
             })
             .map(|plan| plan.limits);
+        // Compared by the bytes granted, not by the GPUs' UUIDs: the same allocation whose
+        // device now names another GPU (renumbered after a reboot) is not a new one (it is
+        // refused at prepare, and kept held meanwhile).
+        let bytes_only = |limits: &[(String, u64)]| -> Vec<(String, u64)> {
+            limits.iter().map(|(_, b)| (String::new(), *b)).collect()
+        };
+        let then_bytes = bytes_only(&done.limits);
+        let now_bytes = limits.as_deref().map(bytes_only);
         allocated_again(
             AllocationSeen {
                 devices: &then,
-                limits: Some(&done.limits),
+                limits: Some(&then_bytes),
             },
             AllocationSeen {
                 devices: &allocated_devices_in(object, &self.config.node),
-                limits: limits.as_deref(),
+                limits: now_bytes.as_deref(),
             },
         )
     }

@@ -628,6 +628,26 @@ async fn a_claim_whose_gpu_changed_under_its_device_name_is_refused_not_moved() 
         error.contains("prepared on GPU-1, but its devices gpu-1 are now no GPU"),
         "{error}"
     );
+    // Allocated again meanwhile (its unprepare lost, a new share of gpu-0): that allocation
+    // was made on the node's GPUs as they are now, and is prepared.
+    let mut reallocated = claim("llm", "uid-1", &[("gpu-0", "4Gi")]);
+    if let Some(results) = reallocated
+        .status
+        .as_mut()
+        .and_then(|s| s.allocation.as_mut())
+        .and_then(|a| a.devices.as_mut())
+        .and_then(|d| d.results.as_mut())
+    {
+        results[0].share_id = Some("share-after-the-reboot".into());
+    }
+    node.claims.put(reallocated);
+    let again = node.prepare(prepare_llm()).await;
+    assert_eq!(
+        again.claims["uid-1"].error, "",
+        "a new allocation is prepared"
+    );
+    let limit = std::fs::read_to_string(node.path("accounting/claim-uid-1.limit")).unwrap();
+    assert!(limit.contains("GPU-1"), "{limit}");
 }
 
 #[tokio::test]
