@@ -69,7 +69,7 @@ async fn drain(State(ext): State<Arc<Extender>>) -> Response {
     use crate::extender::handover::DrainPermission;
     let refused = |status: StatusCode, why: String| {
         tracing::warn!(%why, "drain refused");
-        (status, [(header::CONTENT_TYPE, TEXT)], format!("{why}\n")).into_response()
+        text(status, why)
     };
     match ext.drain_permission().await {
         DrainPermission::Granted => {}
@@ -88,14 +88,17 @@ async fn drain(State(ext): State<Arc<Extender>>) -> Response {
     }
     tracing::info!("draining: binds refused until the handover");
     match ext.drain(crate::extender::handover::DRAIN_LIMIT).await {
-        Ok(()) => ([(header::CONTENT_TYPE, TEXT)], "drained\n").into_response(),
-        Err(why) => (
+        Ok(()) => text(StatusCode::OK, "drained"),
+        Err(why) => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, TEXT)],
-            format!("not drained: {why}\n"),
-        )
-            .into_response(),
+            format!("not drained: {why}"),
+        ),
     }
+}
+
+/// A plain-text answer: `body` and a newline.
+fn text(status: StatusCode, body: impl std::fmt::Display) -> Response {
+    (status, [(header::CONTENT_TYPE, TEXT)], format!("{body}\n")).into_response()
 }
 
 fn json(body: String) -> Response {
@@ -106,12 +109,7 @@ fn bad_request(verb: &'static str, ext: &Extender, started: Instant, err: &BadRe
     ext.metrics()
         .record(verb, Outcome::Error, started.elapsed());
     tracing::warn!(verb, error = %err, "bad request");
-    (
-        StatusCode::BAD_REQUEST,
-        [(header::CONTENT_TYPE, TEXT)],
-        format!("{err}\n"),
-    )
-        .into_response()
+    text(StatusCode::BAD_REQUEST, err)
 }
 
 async fn filter(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
@@ -154,18 +152,13 @@ async fn bind(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
 }
 
 async fn healthz() -> Response {
-    ([(header::CONTENT_TYPE, TEXT)], "ok\n").into_response()
+    text(StatusCode::OK, "ok")
 }
 
 async fn readyz(State(ext): State<Arc<Extender>>) -> Response {
     match ext.probe_readiness() {
-        Ok(()) => ([(header::CONTENT_TYPE, TEXT)], "ready\n").into_response(),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, TEXT)],
-            format!("{why}\n"),
-        )
-            .into_response(),
+        Ok(()) => text(StatusCode::OK, "ready"),
+        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
