@@ -16,7 +16,7 @@ use vramslice_api::convert::pod_claims::containers_sharing;
 use vramslice_core::node::allocation::{AllocationSettings, host_files, missing_guard_library};
 use vramslice_core::node::dra::{
     AllocationSeen, ClaimPlanError, ClaimUse, GrantsOnGpu, allocated_again, base_request_name,
-    claim_key, device_name, grants_by_gpu, plan_claim,
+    claim_key, device_name, gpus_changed, grants_by_gpu, plan_claim,
 };
 use vramslice_core::node::publish::ClaimHolding;
 use vramslice_core::node::sample::GpuSample;
@@ -441,31 +441,22 @@ impl Driver {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .is_empty();
-        let devices: std::collections::BTreeSet<&str> =
-            done.devices.iter().map(|d| d.device.as_str()).collect();
-        let now: Vec<Option<String>> = devices.iter().map(|d| self.uuid_of(d)).collect();
-        let then: std::collections::BTreeSet<&str> =
-            done.limits.iter().map(|(uuid, _)| uuid.as_str()).collect();
-        let same = now.iter().all(Option::is_some)
-            && now
-                .iter()
-                .flatten()
-                .map(String::as_str)
-                .collect::<std::collections::BTreeSet<_>>()
-                == then;
-        if !known || same || done.limits.is_empty() {
-            return None;
-        }
-        let shown = |names: Vec<&str>| names.join(", ");
+        let changed = gpus_changed(
+            done.limits.iter().map(|(uuid, _)| uuid.as_str()),
+            done.devices.iter().map(|d| d.device.as_str()),
+            |d| self.uuid_of(d),
+        )
+        .filter(|_| known)?;
         Some(PrepareError::GpusChanged {
             claim: claim.label(),
-            then: shown(then.into_iter().collect()),
-            devices: shown(devices.iter().copied().collect()),
-            now: shown(
-                now.iter()
-                    .map(|u| u.as_deref().unwrap_or("no GPU"))
-                    .collect(),
-            ),
+            then: changed.then.join(", "),
+            devices: changed.devices.join(", "),
+            now: changed
+                .now
+                .iter()
+                .map(|u| u.as_deref().unwrap_or("no GPU"))
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
@@ -497,22 +488,14 @@ impl Driver {
                 .ok()
             })
             .map(|plan| plan.limits);
-        // Compared by the bytes granted, not by the GPUs' UUIDs: the same allocation whose
-        // device now names another GPU (renumbered after a reboot) is not a new one (it is
-        // refused at prepare, and kept held meanwhile).
-        let bytes_only = |limits: &[(String, u64)]| -> Vec<(String, u64)> {
-            limits.iter().map(|(_, b)| (String::new(), *b)).collect()
-        };
-        let then_bytes = bytes_only(&done.limits);
-        let now_bytes = limits.as_deref().map(bytes_only);
         allocated_again(
             AllocationSeen {
                 devices: &then,
-                limits: Some(&then_bytes),
+                limits: Some(&done.limits),
             },
             AllocationSeen {
                 devices: &allocated_devices_in(object, &self.config.node),
-                limits: now_bytes.as_deref(),
+                limits: limits.as_deref(),
             },
         )
     }

@@ -437,8 +437,10 @@ pub struct AllocationSeen<'a> {
 /// Whether a claim prepared as `prepared` is allocated otherwise `now` (a claim keeps its UID
 /// when it is deallocated and allocated again). Other results (devices or share IDs, in any
 /// order) say so on their own, even when their limits cannot be read; the same results differ
-/// only by limits read otherwise. No results now (not allocated here as far as the API server
-/// says) is not a new allocation: nothing new to prepare.
+/// only by the bytes their limits grant. The GPUs the limits name do not count: the same
+/// allocation whose device names another GPU now (renumbered after a reboot) is not a new one
+/// ([`gpus_changed`] tells that apart). No results now (not allocated here as far as the API
+/// server says) is not a new allocation: nothing new to prepare.
 pub fn allocated_again(prepared: AllocationSeen<'_>, now: AllocationSeen<'_>) -> bool {
     if now.devices.is_empty() {
         return false;
@@ -451,7 +453,48 @@ pub fn allocated_again(prepared: AllocationSeen<'_>, now: AllocationSeen<'_>) ->
     if sorted(prepared.devices) != sorted(now.devices) {
         return true;
     }
-    matches!((prepared.limits, now.limits), (Some(a), Some(b)) if a != b)
+    let bytes = |limits: &[(String, u64)]| limits.iter().map(|(_, b)| *b).collect::<Vec<_>>();
+    matches!((prepared.limits, now.limits), (Some(a), Some(b)) if bytes(a) != bytes(b))
+}
+
+/// The GPUs a prepared claim's devices name now, when they are not those it was prepared on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpusChanged {
+    /// The GPUs (UUIDs) the claim was prepared on, sorted.
+    pub then: Vec<String>,
+    /// Its device names, sorted.
+    pub devices: Vec<String>,
+    /// The GPU each of them names now (`None`: no GPU has the name any more).
+    pub now: Vec<Option<String>>,
+}
+
+/// Whether the claim prepared on GPUs `prepared_on` (UUIDs) with devices `devices` would now
+/// land elsewhere: device names follow the NVML index, so after a reboot that lost a GPU, or
+/// numbered them otherwise, a name can mean another GPU (`uuid_of`: the GPU a device name
+/// means now). `None` when they are the same GPUs, or nothing was prepared.
+pub fn gpus_changed<'a>(
+    prepared_on: impl IntoIterator<Item = &'a str>,
+    devices: impl IntoIterator<Item = &'a str>,
+    uuid_of: impl Fn(&str) -> Option<String>,
+) -> Option<GpusChanged> {
+    let then: std::collections::BTreeSet<&str> = prepared_on.into_iter().collect();
+    let devices: std::collections::BTreeSet<&str> = devices.into_iter().collect();
+    if then.is_empty() {
+        return None;
+    }
+    let now: Vec<Option<String>> = devices.iter().map(|d| uuid_of(d)).collect();
+    let same = now.iter().all(Option::is_some)
+        && now
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>()
+            == then;
+    (!same).then(|| GpusChanged {
+        then: then.iter().map(|u| u.to_string()).collect(),
+        devices: devices.iter().map(|d| d.to_string()).collect(),
+        now,
+    })
 }
 
 /// The accounting key of a claim: `claim-<uid>` with any character unsafe in a path component

@@ -485,4 +485,45 @@ fn a_claim_is_allocated_again_when_its_results_or_its_limits_differ() {
     ));
     // No results now: nothing new to prepare.
     assert!(!allocated_again(seen(&two, Some(&l4)), seen(&[], None)));
+    // Same results and bytes on another GPU (the device renumbered): not a new allocation.
+    let elsewhere = vec![("GPU-9".to_string(), 4 * GIB)];
+    assert!(!allocated_again(
+        seen(&two, Some(&l4)),
+        seen(&two, Some(&elsewhere))
+    ));
+}
+
+#[test]
+fn a_device_that_names_another_gpu_now_is_a_change() {
+    let map = |pairs: &'static [(&'static str, &'static str)]| {
+        move |d: &str| {
+            pairs
+                .iter()
+                .find(|(name, _)| *name == d)
+                .map(|(_, u)| u.to_string())
+        }
+    };
+    let as_prepared = map(&[("gpu-0", "GPU-A"), ("gpu-1", "GPU-B")]);
+    assert_eq!(gpus_changed(["GPU-A"], ["gpu-0"], as_prepared), None);
+    assert_eq!(
+        gpus_changed(["GPU-B", "GPU-A"], ["gpu-1", "gpu-0", "gpu-0"], as_prepared),
+        None,
+        "any order, a device listed twice (two shares)"
+    );
+    // GPU-A gone: gpu-0 is GPU-B now, gpu-1 names nothing.
+    let after = map(&[("gpu-0", "GPU-B")]);
+    assert_eq!(
+        gpus_changed(["GPU-A"], ["gpu-0"], after),
+        Some(GpusChanged {
+            then: vec!["GPU-A".into()],
+            devices: vec!["gpu-0".into()],
+            now: vec![Some("GPU-B".into())],
+        })
+    );
+    assert_eq!(
+        gpus_changed(["GPU-B"], ["gpu-1"], after).map(|c| c.now),
+        Some(vec![None])
+    );
+    // Nothing prepared: nothing to compare.
+    assert_eq!(gpus_changed([], ["gpu-0"], after), None);
 }
